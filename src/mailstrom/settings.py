@@ -899,12 +899,21 @@ def load_settings(
 ) -> Settings:
     """Merge file < environment < ``overrides`` (dotted keys, e.g. from options).
 
-    ``config_path`` (or ``$MAILSTROM_CONFIG``) names the file, which must then exist;
-    otherwise, when ``search`` is true, the first existing file of ``paths`` is read
-    (default: :func:`default_config_paths`).
+    ``config_path`` (or ``$MAILSTROM_CONFIG``) names the file, which must then exist
+    (an empty name is a ConfigError); otherwise, when ``search`` is true, the first
+    existing file of ``paths`` is read (default: :func:`default_config_paths`).
     """
     env = os.environ if env is None else env
     named = config_path if config_path is not None else env.get(CONFIG_PATH_ENV)
+    if named == "":
+        # Set but empty ("$CFG" with CFG unset) names no file: read as unset, the default
+        # files were read instead, silently, and the file meant never was. As ``--config
+        # ""`` and an empty MAILSTROM_STORE are, refused.
+        raise ConfigError(
+            "config_path: expected a configuration file, got ''"
+            if config_path is not None
+            else f"{CONFIG_PATH_ENV} is set but empty: name a configuration file, or unset it"
+        )
     config_file: Path | None = None
     if named:
         config_file = Path(named)

@@ -117,6 +117,22 @@ def test_config_path_from_environment(config_file: Path, tmp_path: Path) -> None
     assert s.config.helo_name == "file.example"
 
 
+def test_an_empty_config_path_in_the_environment_is_refused(tmp_path: Path) -> None:
+    """``MAILSTROM_CONFIG=`` (``MAILSTROM_CONFIG="$CFG"`` with CFG unset) read the default
+    files instead, silently, as ``--config ""`` did before it was refused: the file
+    meant was never read and the user's own (or /etc's) settings applied."""
+    xdg = tmp_path / "xdg"
+    (xdg / "mailstrom").mkdir(parents=True)
+    (xdg / "mailstrom" / "config.toml").write_text('helo_name = "xdg.example"\n')
+    env = {"XDG_CONFIG_HOME": str(xdg), "MAILSTROM_CONFIG": ""}
+    with pytest.raises(ConfigError, match=r"^MAILSTROM_CONFIG is set but empty"):
+        load_settings(env=env)
+    with pytest.raises(ConfigError, match=r"^MAILSTROM_CONFIG is set but empty"):
+        load_settings(env=env, paths=[xdg / "mailstrom" / "config.toml"])  # sendmail's
+    with pytest.raises(ConfigError, match=r"^config_path: expected a configuration file"):
+        load_settings(config_path="", env={"XDG_CONFIG_HOME": str(xdg)})
+
+
 def test_named_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_settings(config_path=tmp_path / "missing.toml", env={})
