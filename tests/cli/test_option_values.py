@@ -82,6 +82,12 @@ def test_bad_option_values_are_usage_errors(cli: CLI, args: list[str], reason: s
         (["worker", "--once", "--no-live", "--metrics", ""], "argument --metrics: expected"),
         (["worker", "--once", "--no-live", "--hook", "ftp://x"], "argument --hook: expected"),
         (["worker", "--once", "--no-live", "--hook", ""], "argument --hook: expected"),
+        # An empty value ("$CONTACT" unset) fell back to the setting or the default without
+        # a word, though the setting refuses an empty one (78).
+        (["tlsrpt", "--contact", ""], "argument --contact: expected a non-empty string"),
+        (["tlsrpt", "--organization", ""], "argument --organization: expected a non-empty"),
+        (["tlsrpt", "--from", ""], "argument --from: expected a non-empty string"),
+        (["tlsrpt", "--out", ""], "argument --out: expected a directory, got ''"),
     ],
 )
 def test_bad_option_values_checked_as_settings_are_usage_errors(

@@ -34,6 +34,16 @@ def test_a_malformed_listen_address_is_a_usage_error(cli: CLI) -> None:
     assert "--listen" in result.err
 
 
+def test_an_empty_listen_address_is_a_usage_error(cli: CLI) -> None:
+    """``--listen "$ADDR"`` with ADDR unset fell back to web.listen (or 127.0.0.1:8025)
+    without a word: the dashboard served somewhere else than the command line said. The
+    setting web.listen refuses an empty value; so does the option (exit 64)."""
+    cli.env["MAILSTROM_WEB_LISTEN"] = "0.0.0.0:0"  # the fall-back would say "needs a token"
+    result = cli("web", "--listen", "")
+    assert result.code == 64, result.err
+    assert result.err_lines == ["mailstrom: argument --listen: expected a non-empty string, got ''"]
+
+
 def test_a_port_in_use_is_reported(cli: CLI) -> None:
     import socket
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, EX_TEMPFAIL, CLIError, UsageError
 from mailstrom.cli.output import echo, print_json
-from mailstrom.cli.parsing import Subparsers, setting_arg
+from mailstrom.cli.parsing import Subparsers, path_arg, setting_arg
 from mailstrom.config import Config
 from mailstrom.errors import MailstromError
 from mailstrom.mtasts.fetch import DNSTrouble, require_httpx, txt_records
@@ -80,15 +80,26 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--date", metavar="YYYY-MM-DD", help="the UTC day to report (default: yesterday)"
     )
-    p.add_argument("--out", metavar="DIR", default=".", help="where to write the reports (.)")
+    # An empty value ("$CONTACT" unset) is refused, as the settings refuse one: it fell
+    # back to the setting or the default without a word (--out to the working directory).
+    p.add_argument(
+        "--out", metavar="DIR", default=".", type=_out_arg, help="where to write the reports (.)"
+    )
     p.add_argument("--send", action="store_true", help="send each report to its rua")
     p.add_argument(
-        "--organization", help="organization-name (tlsrpt.organization, else the HELO name)"
+        "--organization",
+        type=setting_arg("tlsrpt.organization", "--organization"),
+        help="organization-name (tlsrpt.organization, else the HELO name)",
     )
-    p.add_argument("--contact", help="contact-info (tlsrpt.contact, else postmaster@HELO name)")
+    p.add_argument(
+        "--contact",
+        type=setting_arg("tlsrpt.contact", "--contact"),
+        help="contact-info (tlsrpt.contact, else postmaster@HELO name)",
+    )
     p.add_argument(
         "--from",
         dest="sender",
+        type=setting_arg("tlsrpt.from", "--from"),
         metavar="ADDRESS",
         help="From of mailed reports (tlsrpt.from, else the contact)",
     )
@@ -101,6 +112,13 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=tlsrpt_command)
+
+
+def _out_arg(text: str) -> str:
+    """An argparse ``type`` for ``--out``: a directory's path, not empty."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a directory, got ''")
+    return path_arg(text)
 
 
 @dataclass(slots=True, kw_only=True)

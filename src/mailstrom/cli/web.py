@@ -10,7 +10,7 @@ import socket
 from mailstrom.cli.context import settings_from, store_from
 from mailstrom.cli.exits import EX_OK, UsageError
 from mailstrom.cli.logs import configure_logging
-from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.parsing import Subparsers, setting_arg
 from mailstrom.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:8025"
@@ -47,6 +47,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         "--listen",
         metavar="HOST:PORT",
         default=None,
+        # Checked as the setting is: an empty one ("$ADDR" unset) fell back to web.listen.
+        type=setting_arg("web.listen", "--listen"),
         help=f"address to serve on (default {DEFAULT_LISTEN}; the setting web.listen); "
         "port 0 picks a free one",
     )
