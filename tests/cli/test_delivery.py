@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import time
+
+import pytest
 
 from tests.cli.conftest import CLI, MailEnv, ended
 
@@ -175,6 +178,43 @@ def test_send_wait_exit_codes(mail_env: MailEnv) -> None:
     assert pending.code == 75
     assert "deferred" in pending.out
     assert "451" in pending.out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_send_wait_json_interrupted_prints_the_queued_message(
+    mail_env: MailEnv, sig: signal.Signals
+) -> None:
+    """``send --wait --json`` stopped while it waited (Ctrl-C; SIGTERM from a supervisor or
+    timeout(1)) printed nothing: the message was queued, and its id, printed only with
+    the outcome, was lost (SIGTERM killed the process outright). It now prints what is
+    known, the document of ``status --json``, and exits 130; the mail stays queued."""
+    cli = mail_env.cli
+    with socket.socket() as silent:  # an MX that takes the connection and never greets
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        cli.env["MAILSTROM_SMTP_PORT"] = str(silent.getsockname()[1])
+        proc = cli.popen(
+            "send", "--from", "a@client.test", "--to", "bob@example.test", "--text", "x",
+            "--wait", "--json", "--timeout", "600",
+        )  # fmt: skip
+        try:
+            connection, _ = silent.accept()  # the worker is delivering: the wait is on
+            with connection:
+                proc.send_signal(sig)
+                out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err, err.decode()
+    status = json.loads(out)
+    assert cli.queue_ids() == [status["id"]]
+    [bob] = status["recipients"]
+    assert bob["address"] == "bob@example.test"
+    assert bob["state"] in ("queued", "deferred")  # not final: a worker delivers it later
+    assert cli.ok("status", "--json", status["id"]).json()["state"] in ("queued", "deferred")
 
 
 def test_send_wait_returns_once_the_next_retry_is_past_the_timeout(mail_env: MailEnv) -> None:

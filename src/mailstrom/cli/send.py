@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
+import signal
 import stat
 import sys
 from datetime import UTC, datetime, timedelta
@@ -15,6 +17,7 @@ from typing import Any
 from mailstrom.cli.context import open_store, require_lasting_store, settings_from, utc_now
 from mailstrom.cli.exits import (
     EX_DATAERR,
+    EX_INTERRUPTED,
     EX_NOINPUT,
     EX_OK,
     EX_TEMPFAIL,
@@ -25,11 +28,13 @@ from mailstrom.cli.exits import (
 from mailstrom.cli.output import cell, echo, print_json
 from mailstrom.cli.parsing import Subparsers, path_arg, seconds_arg
 from mailstrom.cli.reading import FileBudget, stdin_buffer
+from mailstrom.cli.signals import STOP_SIGNALS, EarlyStops, early_stops
 from mailstrom.cli.views import print_message, status_json
 from mailstrom.config import Config
 from mailstrom.errors import StoreError
 from mailstrom.message import Attachment, Email
 from mailstrom.message.dsn import DSN
+from mailstrom.message.prepared import PreparedMessage
 from mailstrom.runtime.worker import Worker
 from mailstrom.settings import parse_duration
 from mailstrom.status import MessageStatus, RecipientState
@@ -51,7 +56,8 @@ examples:
 Prints the message id. With --wait, runs a worker in this process until every recipient
 is delivered or failed, or until --timeout, then shows each recipient's state.
 
-exit codes with --wait: 0 all delivered, 69 a recipient failed, 75 some still pending.
+exit codes with --wait: 0 all delivered, 69 a recipient failed, 75 some still pending,
+130 stopped while waiting (SIGINT, SIGTERM or SIGHUP: what is known is shown all the same).
 """
 
 
@@ -440,36 +446,58 @@ def send_command(args: argparse.Namespace) -> int:
         )
     store = open_store(settings.store_url)
     try:
-        message_id = store.enqueue(prepared, now=now, hold=args.hold)
-        if not args.wait:
-            if args.json:
-                # What the store holds under the id: a repeat of an idempotency key queues
-                # nothing and gives the first message's id, and its own recipients (never
-                # queued) were printed as if they had been.
-                stored = store.status(message_id)
-                signatures = () if stored.dkim is None else stored.dkim.signatures
-                print_json(
-                    {
-                        "id": message_id,
-                        "recipients": [r.address for r in stored.recipients],
-                        "dkim": [str(signature) for signature in signatures],
-                    }
-                )
-            else:
-                print(message_id)
-            return EX_OK
-        if not args.json:
-            print(message_id, flush=True)
-        asyncio.run(deliver_and_wait(settings.config, store, message_id, wait_for=args.timeout))
-        status = store.status(message_id)
+        # With --wait, the stop signals are handled from when the message is queued (not
+        # before: one while the store opens still stops the command with nothing queued).
+        # One ends the wait (a second stops at once), and what is known is printed, the
+        # id above all. Ctrl-C printed nothing with --json, and SIGTERM (a supervisor's,
+        # or timeout(1)'s) killed the process: the message stayed queued, its id lost.
+        with early_stops() if args.wait else contextlib.nullcontext(None) as early:
+            return _queue_and_report(args, settings.config, store, prepared, now, early)
     finally:
         store.close()
+
+
+def _queue_and_report(
+    args: argparse.Namespace,
+    config: Config,
+    store: Store,
+    prepared: PreparedMessage,
+    now: datetime,
+    early: EarlyStops | None,
+) -> int:
+    message_id = store.enqueue(prepared, now=now, hold=args.hold)
+    if not args.wait:
+        if args.json:
+            # What the store holds under the id: a repeat of an idempotency key queues
+            # nothing and gives the first message's id, and its own recipients (never
+            # queued) were printed as if they had been.
+            stored = store.status(message_id)
+            signatures = () if stored.dkim is None else stored.dkim.signatures
+            print_json(
+                {
+                    "id": message_id,
+                    "recipients": [r.address for r in stored.recipients],
+                    "dkim": [str(signature) for signature in signatures],
+                }
+            )
+        else:
+            print(message_id)
+        return EX_OK
+    if not args.json:
+        print(message_id, flush=True)
+    asyncio.run(deliver_and_wait(config, store, message_id, wait_for=args.timeout, stops=early))
+    status = store.status(message_id)
     if args.json:
         print_json(status_json(status))  # the same document as `mailstrom status --json`
     else:
         print()
         print_message(status, utc_now())
         print_deferred(status)
+    if early is not None and early.count:
+        pending = any(not r.state.is_final for r in status.recipients)
+        rest = "; what is pending stays queued for a worker" if pending else ""
+        sys.stderr.write(f"mailstrom: interrupted while waiting{rest}\n")
+        return EX_INTERRUPTED
     return wait_exit_code(status)
 
 
@@ -489,12 +517,21 @@ def print_deferred(status: MessageStatus) -> None:
 
 
 async def deliver_and_wait(
-    config: Config, store: Store, message_id: str, *, wait_for: float
+    config: Config,
+    store: Store,
+    message_id: str,
+    *,
+    wait_for: float,
+    stops: EarlyStops | None = None,
 ) -> bool:
     """Run a worker until every recipient of ``message_id`` is final or due only after
     the end of the wait (its next retry, its destination's pause, or the message's
     ``--at`` time, falls after ``wait_for`` seconds), or for ``wait_for`` seconds.
-    Whether the wait ended before its time (False: it ran out)."""
+    Whether the wait ended before its time (False: it ran out, or was stopped).
+
+    With ``stops`` (from :func:`~mailstrom.cli.signals.early_stops`), the stop signals
+    are this loop's while it runs, counted there too: the first (or one that came
+    before) ends the wait as its timeout does, a second stops the worker at once."""
     # Loaded here, as prepare_for is: the facade's module is for this command only.
     from mailstrom.client.operations import WAIT_POLL, settled
 
@@ -541,14 +578,60 @@ async def deliver_and_wait(
     running = asyncio.create_task(worker.run())
     waiting = asyncio.create_task(finished.wait())
     looking = asyncio.create_task(look_at_the_store())
-    await asyncio.wait({running, waiting}, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
-    waiting.cancel()
-    over.set()
-    await looking  # a read of the store in its thread ends before the store is closed
-    # Done: let other in-flight work finish briefly. Timed out: give it back now.
-    worker.request_stop(drain_timeout=5.0 if finished.is_set() else 0.0)
-    await running  # re-raises a worker crash; results are recorded before it returns
-    return finished.is_set()
+    stopped = asyncio.Event()
+    previous = _take_stop_signals(stops, stopped, running) if stops is not None else {}
+    halting = asyncio.create_task(stopped.wait())
+    try:
+        await asyncio.wait(
+            {running, waiting, halting}, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED
+        )
+        waiting.cancel()
+        halting.cancel()
+        over.set()
+        await looking  # a read of the store in its thread ends before the store is closed
+        # Done: let other in-flight work finish briefly. Timed out or stopped: give it back.
+        done = finished.is_set() and not stopped.is_set()
+        worker.request_stop(drain_timeout=5.0 if done else 0.0)
+        try:
+            await running  # re-raises a worker crash; results are recorded before it returns
+        except asyncio.CancelledError:
+            if stops is None or stops.count < 2:
+                raise
+        return done
+    finally:
+        # Removing the loop's handlers sets the defaults: early_stops' are put back, or a
+        # signal during the clean-up after the loop killed the process.
+        loop = asyncio.get_running_loop()
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _take_stop_signals(
+    stops: EarlyStops, stopped: asyncio.Event, running: asyncio.Task[None]
+) -> dict[signal.Signals, Any]:
+    """Make the stop signals this loop's, each counted in ``stops``: the first sets
+    ``stopped``, the second cancels ``running`` (the worker). Those ``stops`` counted
+    before count as the first ones. Returns the handlers they had."""
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    cancelled = False
+
+    def on_signal(counted: bool = True) -> None:
+        nonlocal cancelled
+        if counted:
+            stops.count += 1
+        if stops.count >= 1:
+            stopped.set()
+        if stops.count >= 2 and not cancelled:
+            cancelled = True  # once: a further cancel cut short the worker's give-back
+            running.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal)
+    on_signal(counted=False)
+    return previous
 
 
 def wait_exit_code(status: MessageStatus) -> int:
