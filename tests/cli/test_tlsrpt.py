@@ -4,6 +4,7 @@ daily TLS reports, against loopback DNS, HTTPS and SMTP servers."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import gzip
 import json
 import os
@@ -764,3 +765,32 @@ def test_a_rerun_sends_only_to_the_uris_not_done_with_the_same_report(
     assert damaged.code == 66, damaged.err
     assert "damaged" in damaged.err
     assert mail_env.cli.queue_ids() == [queued]
+
+
+def test_a_second_run_for_the_same_day_does_not_send_while_one_is_sending(
+    mail_env: MailEnv,
+) -> None:
+    """Two ``tlsrpt --send`` runs of one day at once (a cron run and one by hand, or a
+    timer's run still posting the next time it fires) each read the record of sent
+    reports before the other wrote it: both sent every report, and the collectors
+    counted the day twice. A run now holds the day's lock file in --out while it sends;
+    another finds it held, says so and exits 75 without sending anything."""
+    seed(mail_env.workdir)
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+    run = ("tlsrpt", "--date", DAY.isoformat(), "--out", str(out), "--send")
+    with open(out / f"tlsrpt-{DAY.isoformat()}.lock", "a") as other_run:
+        fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = mail_env.cli(*run)
+    assert busy.code == 75, busy.err
+    assert busy.err_lines == [
+        f"mailstrom: another tlsrpt --send run is sending the reports of {DAY.isoformat()} "
+        f"(it holds {out}/tlsrpt-{DAY.isoformat()}.lock); nothing sent"
+    ]
+    assert mail_env.cli.queue_ids() == []
+    assert not (out / f"tlsrpt-{DAY.isoformat()}.sent").exists()
+
+    done = mail_env.cli(*run)  # the lock is free: the run sends
+    assert done.code == 0, done.err
+    assert len(mail_env.cli.queue_ids()) == 1

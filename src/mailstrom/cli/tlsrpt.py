@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -52,9 +53,10 @@ examples:
 
 exit code: 0 when every report was written (and sent, with --send), 64 for a bad
 option, 66 when the record of earlier runs' sending in --out cannot be read, 73 when a
-report (or that record) could not be written to --out (disk full, no access; the
-other domains' are written and sent), 75 when a report could not be sent for now or a
-DNS lookup failed (run it again: what was sent is not sent twice). A
+report (or that record, or the day's lock file) could not be written to --out (disk
+full, no access; the other domains' are written and sent), 75 when a report could not
+be sent for now or a DNS lookup failed (run it again: what was sent is not sent twice),
+or another --send run of the same day is sending (nothing sent). A
 domain whose _smtp._tls record is unusable (two TLSRPTv1 records, no rua) gets no
 report, as one without a record: no failure of the run (RFC 8460 section 3); nor is
 a rua URI that fails for good (no valid address or URL, only refused addresses, a 4xx
@@ -237,7 +239,8 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
     if args.send:
         require_httpx()
     # With --send it queues the mailto: reports: a store that outlasts the command.
-    with store_from(settings, read_only=not args.send) as store:
+    sending = _day_lock(out, day) if args.send else contextlib.nullcontext()
+    with sending, store_from(settings, read_only=not args.send) as store:
         job = _Job(
             config=config,
             store=store,
@@ -454,6 +457,35 @@ def _print(day: date, results: list[DomainReport]) -> None:
         for d in r.sent:
             outcome = "ok" if d.ok else "FAILED for good" if d.permanent else "FAILED"
             echo(f"  {d.uri}: {outcome}: {d.detail}")
+
+
+@contextlib.contextmanager
+def _day_lock(out: Path, day: date) -> Iterator[None]:
+    """Hold ``tlsrpt-DAY.lock`` in ``out`` (an exclusive ``flock``) while the day's
+    reports are sent: two runs at once (a cron run and one by hand) each read the record
+    of sent reports before the other wrote it, and both sent every report. A second run
+    is refused (CLIError, EX_TEMPFAIL: the first sends, and a later run sends only what
+    it did not); a lock file that cannot be made, EX_CANTCREAT. The file stays: removing
+    it while another run opens it would let a third take a lock of its own."""
+    path = out / f"tlsrpt-{day.isoformat()}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise CLIError(f"cannot create {path}: {exc.strerror or exc}", EX_CANTCREAT) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CLIError(
+                f"another tlsrpt --send run is sending the reports of {day.isoformat()} "
+                f"(it holds {path}); nothing sent",
+                EX_TEMPFAIL,
+            ) from None
+        except OSError as exc:  # a file system without locks
+            raise CLIError(f"cannot lock {path}: {exc.strerror or exc}", EX_CANTCREAT) from None
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 MAX_LEDGER = 16 << 20
