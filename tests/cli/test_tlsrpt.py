@@ -11,7 +11,7 @@ import os
 import resource
 import subprocess
 import sys
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
@@ -794,3 +794,28 @@ def test_a_second_run_for_the_same_day_does_not_send_while_one_is_sending(
     done = mail_env.cli(*run)  # the lock is free: the run sends
     assert done.code == 0, done.err
     assert len(mail_env.cli.queue_ids()) == 1
+
+
+def test_a_sending_run_prunes_the_records_of_days_long_past(mail_env: MailEnv) -> None:
+    """Every day's ``--send`` run left its record of sent reports (and now its lock file)
+    in --out, for ever: a file a day, never removed. A sending run now removes those of
+    days older than the workers keep the day's counters (31 days: past that a rerun has
+    nothing to send); its own day's, newer days' and other files stay."""
+    seed(mail_env.workdir)
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+    recent = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+    old = ["tlsrpt-2020-01-01.sent", "tlsrpt-2020-01-01.lock", "tlsrpt-2019-12-31.sent"]
+    kept = [f"tlsrpt-{recent}.sent", f"tlsrpt-{recent}.lock", "tlsrpt-notes.sent", "a.json"]
+    for name in old + kept:
+        (out / name).write_text('{"domains": {}}')
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--out", str(out), "--send")
+    assert result.code == 0, result.err
+    names = {p.name for p in out.iterdir() if p.suffix != ".json" or p.name == "a.json"}
+    day = DAY.isoformat()
+    assert names == {*kept, f"tlsrpt-{day}.sent", f"tlsrpt-{day}.lock"}
+    # Without --send nothing is written, so nothing is removed either.
+    (out / old[0]).write_text('{"domains": {}}')
+    mail_env.cli.ok("tlsrpt", "--date", DAY.isoformat(), "--out", str(out))
+    assert (out / old[0]).exists()

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -253,6 +254,8 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
         )
         # One event loop for the lookups and the POSTs, which share one resolver.
         outcome = asyncio.run(_report_day(job))
+        if args.send:
+            _prune_records(out, day)
     results = outcome.results
     if args.json:
         print_json({"date": day.isoformat(), "domains": results})
@@ -486,6 +489,40 @@ def _day_lock(out: Path, day: date) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # and with it the lock
+
+
+_RECORD_NAME = re.compile(r"tlsrpt-(\d{4}-\d{2}-\d{2})\.(?:sent|lock)", re.ASCII)
+"""The record of a day's sent reports and its lock file (see :class:`_Ledger`)."""
+
+
+def _prune_records(out: Path, day: date) -> None:
+    """Remove from ``out`` the records and lock files of days older than the workers keep
+    the day's counters (:data:`~mailstrom.tlsrpt.recorder.RETENTION`): a rerun of such a
+    day has nothing to send, and each day's run left its files there for ever. ``day``'s
+    own stay. What cannot be removed is left, said on stderr: no failure of the run."""
+    from mailstrom.tlsrpt.recorder import RETENTION
+
+    oldest = utc_now().date() - RETENTION
+    try:
+        names = [entry.name for entry in os.scandir(out) if entry.is_file(follow_symlinks=False)]
+    except OSError:
+        return  # the run's own writes said what is wrong with the directory
+    for name in names:
+        match = _RECORD_NAME.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            of = date.fromisoformat(match[1])
+        except ValueError:
+            continue
+        if of >= oldest or of == day:
+            continue
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            sys.stderr.write(f"mailstrom: cannot remove {out / name}: {exc.strerror or exc}\n")
 
 
 MAX_LEDGER = 16 << 20
