@@ -495,6 +495,19 @@ def test_suspend_stops_one_destination_without_touching_its_messages(mail_env: M
     assert cli.ok("queue", "--suspended", "--json").json() == []
 
 
+def test_a_suspension_without_an_end_is_listed_as_lasting_until_resumed(cli: CLI) -> None:
+    """`queue --suspended` showed "resumed" for a suspension with no end, the word `resume`
+    prints once a destination is delivered to again: the one list of what is suspended
+    read as if it had been lifted. It now says "until resumed", as `suspend` and the
+    dashboard do."""
+    cli.ok("suspend", "example.test")
+    cli.ok("suspend", "other.test", "--for", "2h")
+    header, indefinite, timed = cli.ok("queue", "--suspended").out.splitlines()
+    assert header.split() == ["DOMAIN", "SUSPENDED", "UNTIL"]
+    assert indefinite.startswith("example.test ") and indefinite.endswith(" until resumed")
+    assert timed.startswith("other.test ") and "resumed" not in timed
+
+
 def test_suspending_for_no_time_is_a_usage_error(cli: CLI) -> None:
     """`suspend example.org --for 0s` was accepted ("suspended until <now>", exit 0) and
     suspended nothing: a suspension that has ended as it is written. Like a duration that

@@ -496,7 +496,9 @@ def print_suspensions(found: list[Suspension], now: datetime, *, json: bool) -> 
         return
     print_table(
         ["DOMAIN", "SUSPENDED", "UNTIL"],
-        [[s.domain, s.suspended_at, s.until or "resumed"] for s in found],
+        # No end: "until resumed", as `suspend` says it; "resumed", the word of `resume`,
+        # read as if the suspension had been lifted.
+        [[s.domain, s.suspended_at, s.until or "until resumed"] for s in found],
     )
 
 
