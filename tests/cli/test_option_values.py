@@ -53,6 +53,18 @@ SEND = ["send", "--from", "a@client.test", "--to", "b@example.test", "--text", "
         (["--store", "postgresql://u@db:99999/mail", "queue"], "argument --store: malformed"),
         # "--config $CFG" with CFG unset read ~/.config/mailstrom/config.toml instead.
         (["--config", "", "queue"], "argument --config: expected a configuration file"),
+        # An empty value ("$AUDIT" unset) was dropped without a word: the message went
+        # without its Bcc, its Cc or its HTML part, with the server's default NOTIFY.
+        ([*SEND, "--bcc", ""], "argument --bcc: expected an address, got ''"),
+        ([*SEND, "--cc", ""], "argument --cc: expected an address, got ''"),
+        ([*SEND, "--reply-to", ""], "argument --reply-to: expected an address, got ''"),
+        ([*SEND, "--html-file", ""], "argument --html-file: expected a file name, got ''"),
+        ([*SEND, "--attach", ""], "argument --attach: expected a file name, got ''"),
+        ([*SEND, "--notify", ""], "argument --notify: expected never, or success, failure"),
+        (
+            ["dkim", "keygen", "--domain", "example.org", "--selector", "s", "--out", ""],
+            "argument --out: expected a file name, got ''",
+        ),
         # "[::1]5353": the port was dropped, and port 53 queried.
         (["--dns-server", "[::1]5353", "queue"], "argument --dns-server: expected [HOST]:PORT"),
         (["queue", "--dns-server", "[::1]x"], "argument --dns-server: expected [HOST]:PORT"),

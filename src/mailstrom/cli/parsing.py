@@ -205,7 +205,11 @@ def dns_server_arg(text: str) -> str:
 
 def path_arg(text: str) -> str:
     """An argparse ``type`` for a file path. No file name holds a NUL character (and with
-    one, ``open()`` raises ValueError rather than the OSError the commands report)."""
+    one, ``open()`` raises ValueError rather than the OSError the commands report), nor
+    is empty: ``--html-file "$F"`` with F unset sent the message without its HTML part,
+    and ``dkim keygen --out ""`` wrote the default file, without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got ''")
     if "\0" in text:
         raise argparse.ArgumentTypeError(
             f"a file name cannot hold a NUL character: {shorten(text)}"

@@ -73,12 +73,11 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     )
     build = p.add_argument_group("building the message")
     build.add_argument("--from", dest="from_", metavar="ADDR", help="From header")
-    build.add_argument("--to", action="append", default=[], metavar="ADDR", help="repeatable")
-    build.add_argument("--cc", action="append", default=[], metavar="ADDR", help="repeatable")
-    build.add_argument(
-        "--bcc", action="append", default=[], metavar="ADDR", help="repeatable; never shown"
-    )
-    build.add_argument("--reply-to", action="append", default=[], metavar="ADDR")
+    addresses: dict[str, Any] = {"action": "append", "default": [], "type": address_arg}
+    build.add_argument("--to", **addresses, metavar="ADDR", help="repeatable")
+    build.add_argument("--cc", **addresses, metavar="ADDR", help="repeatable")
+    build.add_argument("--bcc", **addresses, metavar="ADDR", help="repeatable; never shown")
+    build.add_argument("--reply-to", **addresses, metavar="ADDR")
     build.add_argument("--subject", default="", help="Subject header")
     body = build.add_mutually_exclusive_group()
     body.add_argument("--text", help="plain-text body")
@@ -172,6 +171,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     dsn.add_argument(
         "--notify",
         metavar="WHEN",
+        type=notify_arg,
         help="never, or a comma-separated list of success, failure, delay",
     )
     dsn.add_argument("--ret", choices=["full", "hdrs"], help="what a failure report returns")
@@ -195,6 +195,25 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 
 # --- option values -----------------------------------------------------------------------
+
+
+def address_arg(text: str) -> str:
+    """An argparse ``type`` for ``--to``, ``--cc``, ``--bcc`` and ``--reply-to``: not
+    empty. An empty one ("$AUDIT" unset) was no address to the message builder: the
+    message went without that Bcc or Cc, without a word. (The builder checks the rest.)"""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected an address, got {text!r}")
+    return text
+
+
+def notify_arg(text: str) -> str:
+    """An argparse ``type`` for ``--notify``: at least one word (checked further with the
+    rest of the DSN). An empty one asked for nothing, and the server's default applied."""
+    if not any(word.strip() for word in text.split(",")):
+        raise argparse.ArgumentTypeError(
+            f"expected never, or success, failure, delay separated by commas, got {text!r}"
+        )
+    return text
 
 
 def meta_arg(text: str) -> tuple[str, str]:
