@@ -1524,3 +1524,27 @@ def test_spf_that_names_its_senders_is_no_warning(rsa_key: Path) -> None:
     ipv6 = {(DOMAIN, "TXT"): ["v=spf1 ip6:2001:db8::/32 -all"]}
     check, _ = check_spf(FakeResolver(ipv6), domain=DOMAIN, ip="2001:db8::1", helo=HELO)
     assert check.status is Status.PASS
+
+
+def test_run_doctor_does_not_count_an_ed25519_signature_alone_for_dmarc(
+    rsa_key: Path,
+) -> None:
+    # Microsoft's and Yahoo's receivers (and others) do not verify Ed25519 (RFC 8463): to
+    # them mail signed by Ed25519 keys alone is unsigned, and with SPF failing it fails
+    # DMARC (p=reject: refused). The doctor passed both the DKIM and the DMARC check.
+    ed_pem = generate_private_key(DKIMAlgorithm.ED25519_SHA256)
+    ed_key = DKIMKey(domain=DOMAIN, selector="ed", private_key=ed_pem, algorithm="ed25519")
+    zone = good_zone(rsa_key)
+    zone[(DOMAIN, "TXT")] = ["v=spf1 ip4:198.51.100.1 -all"]  # not this address
+    zone[(ed_key.record_name, "TXT")] = [record_for(public_key(ed_pem))]
+    report = run_doctor(setup(rsa_key, dkim_keys=(ed_key,)), FakeResolver(zone), FakeNetwork())
+    [dmarc] = report.find("dmarc")
+    assert dmarc.status is Status.FAIL, dmarc
+    warned = [c for c in report.find("dkim") if c.status is Status.WARN]
+    assert len(warned) == 1 and "Ed25519" in warned[0].summary, report.find("dkim")
+    assert "RSA" in (warned[0].fix or "")
+    # Signed with an RSA key as well, the mail passes everywhere: no warning.
+    both = (ed_key, DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key)))
+    report = run_doctor(setup(rsa_key, dkim_keys=both), FakeResolver(zone), FakeNetwork())
+    assert [c.status for c in report.find("dkim")] == [Status.PASS, Status.PASS]
+    assert report.find("dmarc")[0].status is Status.PASS

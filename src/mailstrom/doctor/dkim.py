@@ -55,6 +55,12 @@ class DKIMKey:
         return f"{self.selector}._domainkey.{self.domain}"
 
     @property
+    def kind(self) -> str | None:
+        """``rsa`` or ``ed25519`` (the ``k=`` its record needs); None for an unknown
+        algorithm."""
+        return _wanted_kind(self.algorithm)
+
+    @property
     def source(self) -> str:
         """Where the private key comes from, as reports name it (never the key itself)."""
         if isinstance(self.private_key, bytes):

@@ -130,16 +130,33 @@ def run_doctor(
     # picks them (DKIMConfig.keys_for): a verifying key of any other domain signs none of
     # it, and counting it would pass DMARC for mail that goes out unsigned.
     signer = signing_domain_for(setup.domain, {key.domain for key in setup.dkim_keys})
-    signing: list[str] = []
+    verified: list[DKIMKey] = []
     for key in setup.dkim_keys:
         check, verifies = check_dkim(resolver, key)
         report.add(check)
         if verifies and key.domain == signer:
-            signing.append(key.domain)
+            verified.append(key)
+    # Only RSA signatures count for DMARC here: Microsoft's and Yahoo's receivers, among
+    # others, do not verify Ed25519 (RFC 8463), and to them mail signed by Ed25519 keys
+    # alone is unsigned. Counting it passed DMARC for mail they refuse.
+    signing = [key.domain for key in verified if key.kind == "rsa"]
     # Gmail and Yahoo require bulk senders to sign with DKIM as well as pass SPF, and
     # Gmail blocks their unsigned mail ("5.7.26 ... Gmail requires all bulk senders to
     # authenticate with both SPF and DKIM") whatever SPF and DMARC say.
     unsigned = Status.FAIL if setup.bulk else Status.WARN
+    if verified and not signing:
+        report.add(
+            Check(
+                name="dkim",
+                subject=setup.domain,
+                status=unsigned,
+                summary=f"mail From {setup.domain} is signed with Ed25519 keys only, which "
+                "many receivers (Microsoft's, Yahoo's) do not verify: to them it is unsigned",
+                fix=f"sign with an RSA key for d={verified[0].domain} as well: mailstrom dkim "
+                f"keygen --domain {verified[0].domain} --selector NEW --algorithm rsa, and "
+                "publish its record: receivers that verify Ed25519 then check both",
+            )
+        )
     if setup.dkim_keys and signer is None:
         domains = sorted({key.domain for key in setup.dkim_keys})
         report.add(
