@@ -963,6 +963,38 @@ def test_dmarc_pass_warn_fail(rsa_key: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("rua", "published", "refused"),
+    [
+        # Another organization's address takes reports only when it says so, at
+        # example.com._report._dmarc.<its host> (RFC 7489 §7.1).
+        ("mailto:d@reports.example.net", None, ["reports.example.net"]),
+        ("mailto:d@reports.example.net!10m", "v=DMARC1", []),
+        ("mailto:d@reports.example.net", "v=spf1 -all", ["reports.example.net"]),
+        # The domain's own organization needs no such record.
+        ("mailto:d@example.com, mailto:e@mail.example.com", None, []),
+        ("mailto:d@example.com,mailto:x@other.example", None, ["other.example"]),
+    ],
+)
+def test_dmarc_reports_to_another_domain_need_its_consent(
+    dns_server: LoopbackDNS, rua: str, published: str | None, refused: list[str]
+) -> None:
+    # Receivers send no aggregate report to a destination outside the policy domain's
+    # organization that has not published its consent; the doctor said nothing of it.
+    dns_server.txt(f"_dmarc.{DOMAIN}", f"v=DMARC1; p=reject; rua={rua}")
+    if published is not None:
+        dns_server.txt(f"{DOMAIN}._report._dmarc.reports.example.net", published)
+    check = check_dmarc(
+        DNSResolver(dns_server.dns_config), domain=DOMAIN, spf_result="pass", dkim_domains=[DOMAIN]
+    )
+    assert check.status is Status.PASS
+    notes = [line for line in check.details if "_report._dmarc" in line]
+    assert [host for host in refused if any(host in line for line in notes)] == refused
+    assert len(notes) == len(refused), check.details
+    for line in notes:
+        assert "receivers send no reports" in line
+
+
+@pytest.mark.parametrize(
     "record",
     [
         "v=DMARC1; p=rejekt; rua=mailto:d@example.com",

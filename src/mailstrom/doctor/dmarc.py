@@ -234,6 +234,8 @@ def check_dmarc(
             f"rua= holds no URI ({piece(', '.join(record.rua))}: mailto: is missing): you get "
             "no aggregate reports of who sends as you"
         )
+    policy_domain = (found.name or f"_dmarc.{domain}").removeprefix("_dmarc.")
+    details.extend(_unconsenting(resolver, policy_domain, record.rua))
     if record.pct < 100:
         details.append(f"pct={record.pct}: the policy applies to part of failing mail only")
 
@@ -279,6 +281,45 @@ def check_dmarc(
             Status.WARN, f"{verdict}, but {'; '.join(problems)}", "; ".join(fixes), details
         )
     return check(Status.PASS, verdict, None, details)
+
+
+MOST_REPORT_URIS = 5
+"""rua= URIs whose consent is looked up at most: receivers need send to two only (RFC 7489
+§6.2), and each is a lookup of a name the record's publisher chose."""
+
+
+def _unconsenting(resolver: Resolver, policy_domain: str, uris: Sequence[str]) -> list[str]:
+    """A note for each ``mailto:`` report URI of ``uris`` (the first few) outside the
+    organization of ``policy_domain`` whose host has not agreed to take its reports:
+    receivers check for a ``v=DMARC1`` TXT record at
+    ``<policy domain>._report._dmarc.<host>`` and send none without it (RFC 7489 §7.1)."""
+    notes: list[str] = []
+    own = organizational_domain(policy_domain)
+    asked: set[str] = set()
+    for uri in uris[:MOST_REPORT_URIS]:
+        if uri[:7].lower() != "mailto:":
+            continue
+        # mailto:addr!10m: a size limit may follow the address (§6.2), headers after a "?".
+        address = uri[7:].partition("!")[0].partition("?")[0]
+        local, at, host = address.rpartition("@")
+        host = normal_name(host)
+        if not at or not local or not host or host in asked or organizational_domain(host) == own:
+            continue
+        asked.add(host)
+        name = f"{policy_domain}._report._dmarc.{host}"
+        answer = resolver.lookup(name, "TXT")
+        if answer.outcome is Outcome.ERROR:
+            notes.append(
+                f"rua={piece(uri)}: could not check that {piece(host)} takes reports for "
+                f"{policy_domain} ({answer.error})"
+            )
+        elif not any(is_dmarc(r) for r in answer.records):
+            notes.append(
+                f"rua={piece(uri)}: {piece(host)} has not agreed to take reports for "
+                f'{policy_domain} (no "v=DMARC1" TXT record at {piece(name, 120)}, RFC 7489 '
+                "§7.1): receivers send no reports there"
+            )
+    return notes
 
 
 def _with_policy(record: str, tag: str, policy: str) -> str:
