@@ -177,7 +177,9 @@ def test_misconfigured_domain_names_the_records_to_publish(
     assert checks["spf"][0]["fix"].startswith(
         'publish TXT at bad.test: "v=spf1 ip4:127.0.0.2 ~all"'
     )
-    assert checks["dkim"][0]["fix"] == f'publish TXT at s1._domainkey.bad.test: "{good_record}"'
+    assert checks["dkim"][0]["fix"] == (
+        f'replace the TXT record at s1._domainkey.bad.test by "{good_record}"'
+    )
     assert "not the public half" in checks["dkim"][0]["summary"]
     assert checks["dmarc"][0]["fix"].startswith(
         'publish TXT at _dmarc.bad.test: "v=DMARC1; p=none; rua=mailto:dmarc@bad.test"'
@@ -192,7 +194,7 @@ def test_misconfigured_domain_names_the_records_to_publish(
     assert text.code == 2
     assert "How to fix:" in text.out
     assert 'publish TXT at bad.test: "v=spf1 ip4:127.0.0.2 ~all"' in text.out
-    assert f'publish TXT at s1._domainkey.bad.test: "{good_record}"' in text.out
+    assert f'replace the TXT record at s1._domainkey.bad.test by "{good_record}"' in text.out
     assert "publish A record client.test → 127.0.0.2" in text.out
     assert "Verdict: receivers will reject or junk this mail" in text.out
 

@@ -543,7 +543,8 @@ def test_dkim_pass_and_mismatch(rsa_key: Path, tmp_path: Path) -> None:
     check, verifies = check_dkim(FakeResolver(zone), key)
     assert (check.status, verifies) == (Status.FAIL, False)
     assert check.fix == (
-        f'publish TXT at {key.record_name}: "{record_for(public_key(rsa_key.read_bytes()))}"'
+        f"replace the TXT record at {key.record_name} by "
+        f'"{record_for(public_key(rsa_key.read_bytes()))}"'
     )
 
 
@@ -641,6 +642,34 @@ def test_dkim_key_split_by_other_white_space_than_fws_fails(rsa_key: Path, space
     for fws in (" ", "\t", "\r\n "):
         zone = {(key.record_name, "TXT"): [f"v=DKIM1; k=rsa; p={p[:40]}{fws}{p[40:]}"]}
         assert check_dkim(FakeResolver(zone), key)[0].status is Status.PASS
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        # The key of before a rotation, left in DNS when the key file was replaced.
+        ("{old}", "not the public half of the configured private key"),
+        # Tag names are case-sensitive (RFC 6376 §3.2): P= is no p=, and the record is
+        # there all the same; it is not "no key published".
+        ("v=DKIM1; k=rsa; P={p}", "no p= tag"),
+        ("v=DKIM1; k=rsa; p=", "revoked"),
+        ("v=DKIM1; k=rsa; t=y; p={p}", "testing"),
+    ],
+)
+def test_dkim_record_found_wrong_is_to_be_replaced_not_joined(
+    rsa_key: Path, tmp_path: Path, record: str, words: str
+) -> None:
+    # A selector holds one TXT record (RFC 6376 §3.6.2.2): "publish" the right one beside
+    # the wrong one, as the fix said, and receivers use either at random.
+    ours = public_key(rsa_key.read_bytes())
+    old = record_for(public_key(rsa_pem(tmp_path, name="old.pem").read_bytes()))
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key))
+    zone = {(key.record_name, "TXT"): [record.format(p=ours.p, old=old)]}
+    check, _ = check_dkim(FakeResolver(zone), key)
+    assert words in check.summary
+    replace = f'replace the TXT record at {key.record_name} by "{record_for(ours)}"'
+    assert check.fix is not None and check.fix.endswith(replace), check.fix
+    assert "publish" not in check.fix
 
 
 def test_dkim_several_records_at_the_selector_fail(rsa_key: Path, tmp_path: Path) -> None:

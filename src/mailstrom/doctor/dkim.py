@@ -80,6 +80,9 @@ _P_TAG = re.compile(r"p[ \t\r\n]*=")
 """What makes a TXT record look like a key record: a ``p`` and its ``=``, with any folding
 white space between them that RFC 6376 §3.2 allows (a tab too: verifiers take it), not
 spaces only."""
+_DKIM_VERSION = re.compile(r"[ \t\r\n]*v[ \t\r\n]*=[ \t\r\n]*DKIM1[ \t\r\n]*(?:;|\Z)")
+"""A record starting with ``v=DKIM1`` (the tag must come first, RFC 6376 §3.6.1): a key
+record, even one whose p= is missing or misspelt (``P=``, tag names are case-sensitive)."""
 
 
 def parse_tags(text: str) -> dict[str, str]:
@@ -266,7 +269,7 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
     answer = resolver.lookup(name, "TXT")
     if answer.outcome is Outcome.ERROR:
         return result(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
-    candidates = [r for r in answer.records if _P_TAG.search(r)]
+    candidates = [r for r in answer.records if _P_TAG.search(r) or _DKIM_VERSION.match(r)]
     shown = tuple(f"TXT {name}: {r}" for r in candidates)
     if not candidates:
         return result(Status.FAIL, f"no DKIM key published at {name}", publish)
@@ -282,6 +285,9 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
             f'keep one TXT record at {name}: "{record_for(ours)}"; remove the others',
             tuple(f"TXT {name}: {r}" for r in answer.records),
         )
+    # A selector holds one record (RFC 6376 §3.6.2.2): the right one published beside a
+    # wrong one would make two, which receivers pick from at random. It takes its place.
+    replace = f'replace the TXT record at {name} by "{record_for(ours)}"'
     problems: list[str] = []
     for text in candidates:
         try:
@@ -310,13 +316,13 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
             fix = (
                 f"generate a {GOOD_RSA_BITS}-bit key and publish its record under a new selector"
                 if ours.bits < GOOD_RSA_BITS
-                else f'drop t=y: publish TXT at {name}: "{record_for(ours)}"'
+                else f"drop t=y: {replace}"
             )
             return result(Status.WARN, "; ".join(warnings), fix, shown)
         return result(
             Status.PASS, f"published key matches {key.source} ({_size(ours)})", None, shown
         )
-    return result(Status.FAIL, listed(problems, 3, "; "), publish, shown)
+    return result(Status.FAIL, listed(problems, 3, "; "), replace, shown)
 
 
 def _size(key: PublicKey) -> str:
