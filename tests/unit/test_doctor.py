@@ -672,6 +672,37 @@ def test_dkim_record_found_wrong_is_to_be_replaced_not_joined(
     assert "publish" not in check.fix
 
 
+RSA_512 = b"""-----BEGIN PRIVATE KEY-----
+MIIBUwIBADANBgkqhkiG9w0BAQEFAASCAT0wggE5AgEAAkEAsM7pxKBD/zA+g0OC
+kNF6yT2z2INMi6fQk1iF2MFeZ69151xFOemvgHVpm6L8rHN9XEnUlwulbsL244ot
+voA+BwIDAQABAkBaY21e+A/LBf7vXDQDlRQQjVrD9VvMiZ43tam3hiOdHVwhgh59
+jSkCZB8m2V+1CT4Ekgpl+CpuafTLXtNg5n4BAiEA5YPgpgKKfpa5cF2FKTggL7QY
+fy0abI8vmUWJy9U2ajkCIQDFNgSL5xWLQx+4m9H6dzDtNxt1Qs0ndoagcxAKYSTq
+PwIgUbiGObX36CD0wDycWFPiqfmfK1E88mB9Wz62VLyDFokCIFgIZ/knu4dB/HwF
+GrOq1y1dJyWuHzRZhXlEQ8nOWZMzAiAgOSGVIaoFFmNlirO+VgonPgTjSnW9+qR/
+ctBe3wBoyA==
+-----END PRIVATE KEY-----
+"""
+"""A 512-bit RSA key (openssl genpkey): cryptography makes none under 1024 bits."""
+
+
+@pytest.mark.parametrize("published", ["none", "other", "ours"])
+def test_dkim_key_under_1024_bits_fails_whatever_is_published(published: str) -> None:
+    # RFC 8301 §3.2: receivers ignore signatures by such keys, and the signer refuses
+    # them. Unpublished (or with another key published), the fix said to publish it.
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=RSA_512)
+    records = {
+        "none": [],
+        "other": ["v=DKIM1; k=rsa; p=MIIB"],
+        "ours": [record_for(public_key(RSA_512))],
+    }[published]
+    check, verifies = check_dkim(FakeResolver({(key.record_name, "TXT"): records}), key)
+    assert (check.status, verifies) == (Status.FAIL, False)
+    assert "RSA key of 512 bits" in check.summary, check.summary
+    assert check.fix is not None and check.fix.startswith("generate a 2048-bit key")
+    assert public_key(RSA_512).p not in check.fix
+
+
 def test_dkim_several_records_at_the_selector_fail(rsa_key: Path, tmp_path: Path) -> None:
     """RFC 6376 §3.6.2.2: a selector's TXT records must be unique, else the result is
     undefined; verifiers use one (dkimpy and Mail::DKIM the first, as DNS orders them),

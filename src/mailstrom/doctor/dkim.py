@@ -266,6 +266,15 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
             f"{signer_keys.MAX_RSA_BITS} bits, the largest receivers must verify (RFC 8301)",
             f"generate a {GOOD_RSA_BITS}-bit key and publish its record under a new selector",
         )
+    # Below the least verifiers must accept (and the signer takes): whatever DNS holds,
+    # publishing this key's record is no fix, a new key is.
+    if ours.kind == "rsa" and ours.bits < MIN_RSA_BITS:
+        return result(
+            Status.FAIL,
+            f"RSA key of {ours.bits} bits: receivers ignore signatures by keys under "
+            f"{MIN_RSA_BITS} bits (RFC 8301), and mailstrom does not sign with one",
+            f"generate a {GOOD_RSA_BITS}-bit key and publish its record under a new selector",
+        )
     answer = resolver.lookup(name, "TXT")
     if answer.outcome is Outcome.ERROR:
         return result(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
@@ -300,14 +309,6 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
             problems.append(problem)
             continue
         warnings = []
-        if ours.kind == "rsa" and ours.bits < MIN_RSA_BITS:
-            return result(
-                Status.FAIL,
-                f"RSA key of {ours.bits} bits: receivers ignore signatures by keys under "
-                f"{MIN_RSA_BITS} bits (RFC 8301)",
-                f"generate a {GOOD_RSA_BITS}-bit key and publish its record",
-                shown,
-            )
         if ours.kind == "rsa" and ours.bits < GOOD_RSA_BITS:
             warnings.append(f"RSA key of {ours.bits} bits; use {GOOD_RSA_BITS} (RFC 8301)")
         if "y" in tags.get("t", "").split(":"):
