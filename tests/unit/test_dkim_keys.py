@@ -264,6 +264,25 @@ def test_key_material_never_shows(tmp_path: Path) -> None:
     assert "'<PEM>'" in repr(from_bytes) and str(tmp_path) in repr(from_file)
 
 
+def test_pem_given_as_a_bytearray_is_kept_as_bytes() -> None:
+    # Accepted beside bytes (a secret store's buffer), a bytearray stayed in the frozen
+    # key: hashing it raised TypeError (unhashable), the doctor's view of the
+    # configuration (SenderSetup.from_config) raised TypeError from os.fspath(), and
+    # zeroing the buffer afterwards, as callers of secret stores do, changed the key.
+    from mailstrom.config import Config
+    from mailstrom.dkim import DKIMConfig
+    from mailstrom.doctor import SenderSetup
+
+    buffer = bytearray(pem(RSA))
+    key = DKIMKey(domain="example.com", selector="s", private_key=buffer)
+    buffer[:] = bytes(len(buffer))
+    assert type(key.private_key) is bytes and key.private_key == pem(RSA)
+    assert key == DKIMKey(domain="example.com", selector="s", private_key=pem(RSA))
+    assert hash(key) == hash(DKIMKey(domain="example.com", selector="s", private_key=pem(RSA)))
+    setup = SenderSetup.from_config(Config(dkim=DKIMConfig(keys=(key,))), domain="example.com")
+    assert [k.private_key for k in setup.dkim_keys] == [pem(RSA)]
+
+
 def test_keys_pickle_and_copy_without_reading_the_file_again(tmp_path: Path) -> None:
     path = key_file(tmp_path, pem(RSA))
     key = DKIMKey(domain="example.com", selector="s", private_key=path)

@@ -88,12 +88,13 @@ class DKIMKey:
 
     ``private_key`` is the path of a PEM file (PKCS#8 or the traditional RSA form, not
     encrypted) that only its owner may access, or the PEM itself as ``bytes`` (from a
-    secret store, say); PEM text or a key's base64 as a ``str`` is refused, without
-    being shown, as no path. The key is loaded and checked here: a missing or unreadable
-    file, a file others can access, a key of the wrong type for ``algorithm``, or an RSA
-    key under 1024 or over 4096 bits raises :class:`ConfigError`; an RSA key under 2048
-    bits is logged as a warning (``mailstrom.dkim``). The domain is kept as a
-    lower-case A-label. ``repr`` never shows key material.
+    secret store, say; a ``bytearray`` is kept as a ``bytes`` copy); PEM text or a
+    key's base64 as a ``str`` is refused, without being shown, as no path. The key is
+    loaded and checked here: a missing or unreadable file, a file others can access, a
+    key of the wrong type for ``algorithm``, or an RSA key under 1024 or over 4096 bits
+    raises :class:`ConfigError`; an RSA key under 2048 bits is logged as a warning
+    (``mailstrom.dkim``). The domain is kept as a lower-case A-label. ``repr`` never
+    shows key material.
     """
 
     domain: str
@@ -119,7 +120,10 @@ class DKIMKey:
                 f"{label}: algorithm must be one of {choices}, got {self.algorithm!r}"
             ) from None
         if isinstance(self.private_key, bytes | bytearray):
+            # Kept as an immutable copy: a bytearray made the frozen key unhashable, met
+            # os.fspath() in the doctor, and changed when its owner zeroed it.
             pem = bytes(self.private_key)
+            set_(self, "private_key", pem)
         elif isinstance(self.private_key, str | os.PathLike):
             _refuse_pem_text(self.private_key, label)
             pem = read_private_file(Path(self.private_key), what=label)
