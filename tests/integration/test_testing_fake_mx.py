@@ -18,7 +18,7 @@ import dns.name
 import dns.resolver
 import pytest
 
-from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState, TLSPolicy
+from mailstrom import AsyncMailstrom, Email, InvalidAddress, Mailstrom, RecipientState, TLSPolicy
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.testing import FakeMX, capture
 from mailstrom.testing import smtp as smtp_kit
@@ -70,6 +70,22 @@ def test_a_script_names_an_address_as_it_was_sent_to(fake_mx: FakeMX) -> None:
             ms.send_email(mail(address))
         results.wait_final(stored)
     assert results.states() == dict.fromkeys(stored, FAILED)
+
+
+def test_a_script_takes_an_address_as_send_email_does(fake_mx: FakeMX) -> None:
+    # A script keyed the text as given: "Bob <bob@example.org>" (a To entry, as send_email
+    # takes it) scripted nobody and the recipient was delivered, and text that is no
+    # address at all ("bob") was taken without a word: the test then checked nothing.
+    fake_mx.reject("Bob <Bob@Example.org>")
+    fake_mx.defer(" ann@example.org ", times=1)
+    for wrong in ["bob", "", "a@b@example.org", "Ann <ann@example.org>, b@example.org"]:
+        with pytest.raises(InvalidAddress):
+            fake_mx.reject(wrong)
+    results = Results()
+    with Mailstrom(fake_mx.config, store=MemoryStore(), on_result=results) as ms:
+        ms.send_email(mail("Bob <bob@example.org>", "ann@example.org"))
+        results.wait_final({"bob@example.org", "ann@example.org"})
+    assert results.states() == {"bob@example.org": FAILED, "ann@example.org": DEFERRED}
 
 
 def test_every_script_per_address(fake_mx: FakeMX) -> None:
