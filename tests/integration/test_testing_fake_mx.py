@@ -500,3 +500,28 @@ async def test_a_blocking_wait_in_async_code_says_to_await(fake_mx: FakeMX) -> N
             fake_mx.wait_for(1, timeout=0.5)
         [got] = await fake_mx.wait_for_async(1)
     assert got.envelope_to == ["bob@example.org"]
+
+
+def test_a_failed_wait_says_what_the_server_saw(fake_mx: FakeMX) -> None:
+    # A wait that timed out said only "received 0 messages, expected 1 within 10s": not
+    # that the client came and had its recipient deferred at RCPT, nor which messages
+    # did arrive, the first thing a test's author then has to find out.
+    fake_mx.defer("busy@example.org", "451 4.2.1 Mailbox busy")
+    fake_mx.server.data_reply = "554 5.6.0 Content refused"
+    results = Results()
+    with Mailstrom(fake_mx.config, store=MemoryStore(), on_result=results) as ms:
+        ms.send_email(mail("busy@example.org"))
+        ms.send_email(mail("bob@example.org", subject="Refused"))
+        results.wait_final({"busy@example.org", "bob@example.org"})
+    with pytest.raises(AssertionError) as failed:
+        fake_mx.server.wait_for_messages(1, timeout=0.05)
+    said = str(failed.value)
+    assert "accepted 0 messages, expected 1" in said
+    assert "busy@example.org: '451 4.2.1 Mailbox busy'" in said  # the RCPT reply
+    # What arrived, with the reply it got.
+    assert "['bob@example.org']" in said and "'554 5.6.0 Content refused'" in said
+
+
+def test_a_failed_wait_says_when_no_client_came() -> None:
+    with FakeMX() as mx, pytest.raises(AssertionError, match="no client connected"):
+        mx.wait_for(1, timeout=0.05)

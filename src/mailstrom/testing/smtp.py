@@ -78,7 +78,9 @@ What a server records
     ``open_connections`` and ``peak_connections``: connections open now and at most at
     once; ``arrivals``: the wall-clock time of each ``received`` message's final dot.
     ``wait_for_messages(n, timeout)`` blocks on a condition until ``n`` messages are in
-    (raises AssertionError on timeout); ``await_messages(n, within)`` is its asyncio form;
+    (raises AssertionError on timeout, saying what the server saw: connections, the
+    reply to each RCPT, what arrived and how it was answered);
+    ``await_messages(n, within)`` is its asyncio form;
     ``wait_for_received(n, timeout)`` and ``await_received(n, within)`` wait on
     ``received`` instead.
 """
@@ -91,7 +93,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any, AnyStr, cast
@@ -229,6 +231,8 @@ class ReceivingServer:
         self.commands: list[str] = []
         self._messages: list[ReceivedMessage] = []
         self._received: list[ReceivedMessage] = []
+        self._rcpt_answers: list[tuple[str, str]] = []
+        """(address, reply) of every RCPT answered, for the message of a failed wait."""
         self._condition = threading.Condition()
         self._awaiting: list[Callable[[], None]] = []  # wakes each async wait, on its loop
         self._stopped = False
@@ -384,8 +388,36 @@ class ReceivingServer:
             raise AssertionError(
                 f"{self.host}:{self.port} {what} {len(items)} messages, expected {count}"
                 + (" before it was stopped" if self._stopped else f" within {timeout}s")
+                + self._seen()
             )
         return list(items)
+
+    def _seen(self) -> str:
+        """What the server saw, for a failed wait's message (call under the condition):
+        whether a client came, how its recipients were answered, what arrived and with
+        which reply. The count alone left a test's author to find all that out."""
+        if not self.connections:
+            return "; no client connected"
+        notes = [f"{self.connections} connection(s)"]
+        if self._rcpt_answers:
+            notes.append(
+                "RCPT answered: "
+                + _last(f"{address}: {reply!r}" for address, reply in self._rcpt_answers)
+            )
+        if self._received:
+            notes.append(
+                "arrived: "
+                + _last(
+                    f"from {m.envelope_from!r} to {m.envelope_to} "
+                    f"{m.message['Subject']!r}, answered {m.reply!r}"
+                    for m in self._received
+                )
+            )
+        return "; " + "; ".join(notes)
+
+    def _note_rcpt(self, address: str, reply: str) -> None:
+        with self._condition:
+            self._rcpt_answers.append((address, reply))
 
     def _notify_waits(self) -> None:
         """Wake every wait, blocking and async (call under the condition)."""
@@ -411,6 +443,13 @@ class ReceivingServer:
 
     def __repr__(self) -> str:
         return f"<ReceivingServer {self.host}:{self.port}>"
+
+
+def _last(lines: Iterable[str], shown: int = 10) -> str:
+    """The last ``shown`` of ``lines``, joined, saying how many came before them."""
+    items = list(lines)
+    kept = ", ".join(items[-shown:])
+    return kept if len(items) <= shown else f"({len(items) - shown} earlier), {kept}"
 
 
 def _stall_point(value: str | None) -> str | None:
@@ -476,11 +515,13 @@ class _Handler:
             await _forever()
         limit = self.fixture.rcpt_limit
         if limit is not None and len(envelope.rcpt_tos) >= limit:
-            return "452 4.5.3 Too many recipients"
-        reply = self.fixture.rcpt_rule(address) or "250 2.1.5 OK"
+            reply = "452 4.5.3 Too many recipients"
+        else:
+            reply = self.fixture.rcpt_rule(address) or "250 2.1.5 OK"
         if reply.startswith("2"):
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
+        self.fixture._note_rcpt(address, reply)
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
