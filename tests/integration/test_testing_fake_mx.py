@@ -449,6 +449,22 @@ def test_records_set_on_an_alias_end_the_alias(fake_mx: FakeMX) -> None:
         resolver.resolve("mx.example.org", "CNAME")
 
 
+@pytest.mark.parametrize("failure", ["nxdomain", "servfail", "drop"])
+def test_an_alias_set_on_a_failing_name_ends_the_failure(fake_mx: FakeMX, failure: str) -> None:
+    # Records set on a name made to fail end the failure, as a zone fixed by its owner
+    # does; cname() kept it: the name fixed by making it an alias still answered NXDOMAIN,
+    # SERVFAIL or nothing at all, and the test saw an outage it had ended.
+    zone = fake_mx.dns
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers, resolver.port, resolver.lifetime = [zone.address], zone.port, 2.0
+    zone.a("host.example.net", "127.0.0.2")
+    getattr(zone, failure)("www.example.org")
+    zone.cname("www.example.org", "host.example.net")
+    answer = resolver.resolve("www.example.org", "A")
+    assert answer.canonical_name == dns.name.from_text("host.example.net")
+    assert [r.to_text() for r in answer] == ["127.0.0.2"]
+
+
 def test_a_reply_list_given_to_several_rules_is_taken_by_each(fake_mx: FakeMX) -> None:
     # A list rule was used up in place: one greylisting list given to two addresses (or
     # a test module's constant, to two servers) deferred the first address only, and

@@ -440,10 +440,13 @@ class LoopbackDNS:
         self._set(reverse, "PTR", [PTR(_label(_key(n))) for n in names], ttl)
 
     def cname(self, name: str, target: str, *, ttl: int = _DEFAULT_TTL) -> None:
-        """Make ``name`` an alias of ``target`` (answers follow it within the zone)."""
+        """Make ``name`` an alias of ``target`` (answers follow it within the zone). As
+        other records do, it ends a :meth:`servfail` (for every type), :meth:`drop` or
+        :meth:`nxdomain` of ``name``: kept, they answered in its place."""
         key = _key(name)
         with self._zone.lock:
             node = self._zone.nodes.setdefault(key, _Node())
+            node.servfail = node.drop = node.nxdomain = False
             node.cname = _key(target)
             rdata = CNAME(_label(node.cname))
             node.records = {"CNAME": [RR(_label(key), QTYPE.CNAME, rdata=rdata, ttl=ttl)]}
