@@ -150,6 +150,20 @@ def test_scripts_need_the_right_kind_of_reply(fake_mx: FakeMX) -> None:
         fake_mx.reject("a@example.org", "5501 too long a code")
 
 
+@pytest.mark.parametrize(
+    "reply", ["550 5.1.1 No such user\n", "550 5.1.1 No\r\n550 such user", "550 5.1.1 No\x00"]
+)
+def test_a_script_reply_is_one_line(fake_mx: FakeMX, reply: str) -> None:
+    # A reply with a line break (a triple-quoted string's last one, say) was sent as is:
+    # the client read the rest as the reply to its next command, and another recipient
+    # of the transaction was deferred for a "malformed reply line".
+    with pytest.raises(ValueError, match="one reply line"):
+        fake_mx.reject("a@example.org", reply)
+    with pytest.raises(ValueError, match="one reply line"):
+        fake_mx.defer("a@example.org", "4" + reply[1:])
+    assert "a@example.org" not in fake_mx.server.rcpt_replies
+
+
 def test_any_domain_goes_to_the_fake_unless_its_records_are_set(fake_mx: FakeMX) -> None:
     fake_mx.dns.null_mx("no-mail.test")
     fake_mx.dns.nxdomain("typo.test")

@@ -61,6 +61,10 @@ def _check(reply: str, first: str, what: str) -> str:
     code = reply[:3]
     if not (code.isdigit() and code[0] == first and reply[3:4] in ("", " ")):
         raise ValueError(f"{what} needs a {first}xx reply line, got {reply!r}")
+    # Sent as is, a line break (or a stray CR, NUL) ends the reply early: the client
+    # then reads the rest as the reply to its next command, and fails another recipient.
+    if any(c < " " or c == "\x7f" for c in reply):
+        raise ValueError(f"{what} needs one reply line, without control characters, got {reply!r}")
     return reply
 
 
