@@ -27,6 +27,7 @@ from mailstrom.stores.sqlite_queue import (
     next_due_sql,
 )
 from mailstrom.stores.sqlite_schema import from_us, migrations, to_us
+from tests.support.deadline import hang_guard
 
 from .support import LEASE_FOR, NOW, lease_all, message
 
@@ -467,4 +468,67 @@ def test_a_lease_of_many_lanes_binds_no_value_per_suspended_domain(
             f"u{i}@example.org" for i in range(10)
         ]
     finally:
+        store.close()
+
+
+class _GatheringTwo(SQLiteStore):
+    """A leader that gathers until a second caller's enqueue is pending: one commit then
+    carries a follower for sure."""
+
+    def _gather(self, me: int, now: float) -> bool:
+        while len(self._pending) < 2:
+            self._group.wait(0.01)
+        return True
+
+
+class _InterruptedAfterCommit(sqlite3.Connection):
+    """What Ctrl-C during a COMMIT's fsync does: CPython runs the signal handler as soon
+    as the call returns, so the KeyboardInterrupt comes with the transaction written."""
+
+    armed = False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        cursor = super().execute(sql, *args)
+        if sql == "COMMIT" and _InterruptedAfterCommit.armed:
+            _InterruptedAfterCommit.armed = False
+            raise KeyboardInterrupt
+        return cursor
+
+
+def test_a_leader_interrupted_after_its_commit_gives_its_followers_their_ids(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's thread is interrupted (Ctrl-C on the main thread) right after the
+    COMMIT that carried a follower's message returned. The follower was told "enqueue
+    interrupted before it was committed" (its ids thrown away as rolled back) while its
+    message was queued: a caller that retries sends it twice."""
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *a, **k: connect(*a, **k, factory=_InterruptedAfterCommit)
+    )
+    store = _GatheringTwo(db)
+    outcome: list[str | Exception] = []
+
+    def follow() -> None:
+        while not store._leader:
+            time.sleep(0.001)
+        try:
+            outcome.append(store.enqueue(message("follower@example.org"), now=NOW))
+        except Exception as exc:
+            outcome.append(exc)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    try:
+        with hang_guard(20):
+            _InterruptedAfterCommit.armed = True
+            with pytest.raises(KeyboardInterrupt):
+                store.enqueue(message("leader@example.org"), now=NOW)
+            follower.join()
+        assert store.stats().messages == 2  # both were committed
+        assert len(outcome) == 1 and isinstance(outcome[0], str), outcome
+        assert store.status(outcome[0]).recipients[0].address == "follower@example.org"
+    finally:
+        _InterruptedAfterCommit.armed = False
+        follower.join(10)
         store.close()

@@ -1111,14 +1111,22 @@ class SQLiteStore:
     def _commit_requests(self, batch: list[_Enqueue], deadline: float) -> None:
         with self._connection() as conn:
             self._begin_immediate(conn, deadline)
+            committing = False
             try:
                 for request in batch:
                     request.ids.clear()
                     request.ids.extend(
                         insert_messages(conn, request.messages, now=request.now, hold=request.hold)
                     )
+                committing = True
                 conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
+                if committing and not conn.in_transaction and not isinstance(exc, sqlite3.Error):
+                    # The COMMIT returned, then a signal's handler raised (Ctrl-C during
+                    # its fsync: CPython runs the handler as the call returns). The
+                    # messages are queued: their callers get their ids, not an error
+                    # that a retry answers with a second copy.
+                    raise
                 if conn.in_transaction:  # as in _write
                     with suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
