@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import signal
 import sqlite3
 import threading
 import time
@@ -531,4 +532,67 @@ def test_a_leader_interrupted_after_its_commit_gives_its_followers_their_ids(
     finally:
         _InterruptedAfterCommit.armed = False
         follower.join(10)
+        store.close()
+
+
+class _Interrupt(Exception):
+    """What a signal handler of the application raises (as Ctrl-C raises
+    KeyboardInterrupt)."""
+
+
+class _PausedCommit(SQLiteStore):
+    """A leader that waits in its commit until told to go on."""
+
+    committing = threading.Event()
+    go = threading.Event()
+
+    def _commit_batch(self, batch: list[Any], deadline: float) -> None:
+        self.committing.set()
+        self.go.wait(20)
+        super()._commit_batch(batch, deadline)
+
+
+def test_a_follower_interrupted_while_it_waits_leaves_the_group_commit_working(
+    db: Path,
+) -> None:
+    """The main thread waits in a group commit as a follower; a signal's handler raises
+    there. The leader then handed the lead to that caller, gone: the store led for
+    nobody, and every later enqueue of the process waited busy_timeout for its turn and
+    failed with StoreLocked."""
+    store = _PausedCommit(db)
+    store.committing, store.go = threading.Event(), threading.Event()
+    main = threading.get_ident()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupt
+
+    def lead() -> None:
+        store.enqueue(message("leader@example.org"), now=NOW)
+
+    def poke() -> None:
+        while not store._pending:  # the main thread's request waits its turn
+            time.sleep(0.001)
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    leader = threading.Thread(target=lead)
+    poker = threading.Thread(target=poke)
+    before = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with hang_guard(10):
+            leader.start()
+            assert store.committing.wait(10)
+            poker.start()
+            with pytest.raises(_Interrupt):
+                store.enqueue(message("interrupted@example.org"), now=NOW)
+            store.go.set()
+            leader.join()
+            after = store.enqueue(message("after@example.org"), now=NOW)
+        assert store.status(after).recipients[0].address == "after@example.org"
+        # The interrupted caller's message was not taken by a commit: nothing written.
+        assert store.stats().messages == 2
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+        store.go.set()
+        leader.join(10)
+        poker.join(10)
         store.close()

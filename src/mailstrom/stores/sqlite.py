@@ -444,6 +444,9 @@ class _Enqueue:
     turn: threading.Lock | None = None
     """A follower's own lock, held until its request is done or it leads the next commit:
     the leader wakes exactly the callers it concerns, never every waiter."""
+    led: bool = False
+    """Its caller has the lead, taken or handed to it (set under the group's condition):
+    one that leaves before its request is done hands it on (``SQLiteStore._abandon``)."""
 
 
 def _held_lock() -> threading.Lock:
@@ -967,22 +970,26 @@ class SQLiteStore:
                     insert_messages(conn, request.messages, now=request.now, hold=request.hold)
                 )
         else:
-            with self._group:
-                self._pending.append(request)
-                me, now = threading.get_ident(), time.monotonic()
-                request.deadline = now + self._busy_timeout
-                self._seen[me] = now
-                if self._leader:
-                    # Another caller leads: ours goes into its commit or the next one.
-                    request.turn = _held_lock()
-                    if self._gathering:
-                        self._group.notify()  # only the gathering leader waits here
-                else:
-                    self._leader = True
-            if request.turn is not None:
-                self._await_turn(request)  # our request is done, or we lead the next commit
-            if not request.done:
-                self._lead(request, me, now)
+            try:
+                with self._group:
+                    me, now = threading.get_ident(), time.monotonic()
+                    request.deadline = now + self._busy_timeout
+                    self._seen[me] = now
+                    if self._leader:
+                        # Another caller leads: ours goes into its commit or the next one.
+                        request.turn = _held_lock()
+                        if self._gathering:
+                            self._group.notify()  # only the gathering leader waits here
+                    else:
+                        self._leader = request.led = True
+                    self._pending.append(request)  # last: in line only with its turn set
+                if request.turn is not None:
+                    self._await_turn(request)  # our request is done, or we lead the next
+                if not request.done:
+                    self._lead(request, me, now)
+            except BaseException:
+                self._abandon(request)  # a signal's handler raised: the lead is not lost
+                raise
             if request.error is not None:
                 raise request.error
         if not request.hold:
@@ -1007,6 +1014,32 @@ class SQLiteStore:
                 return
             request.gave_up = True
         request.turn.acquire()
+
+    def _abandon(self, request: _Enqueue) -> None:
+        """Its caller leaves before its request is done (a signal's handler raised while
+        it waited its turn). A request no leader has taken yet leaves the queue (nothing
+        of it is written); one being committed is not handed back to the queue should
+        that commit find the database locked; and the lead, if this caller has it but
+        has not led with it, goes on to the next in line. Left with the caller, it led
+        nobody's commit: every later enqueue of the process waited ``busy_timeout`` for
+        its turn and failed with StoreLocked."""
+        with self._group:
+            if request in self._pending:
+                self._pending.remove(request)
+            request.gave_up = True
+            if request.led and not request.done:
+                self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Give the lead to the first caller waiting, or leave it free. Called with
+        ``self._group`` held, where a caller whose time is up looks (_await_turn)."""
+        successor = self._pending[0] if self._pending else None
+        if successor is None:
+            self._leader = False
+        else:
+            assert successor.turn is not None  # it came while another led
+            successor.led = True
+            successor.turn.release()
 
     def _lead(self, mine: _Enqueue, me: int, now: float) -> None:
         """Commit everything pending (ours first in line) after a moment for the other
@@ -1033,12 +1066,7 @@ class SQLiteStore:
                 raise  # KeyboardInterrupt and the like reach the caller as they are
         finally:
             with self._group:
-                successor = self._pending[0] if self._pending else None
-                if successor is None:
-                    self._leader = False
-                else:  # under _group, where a caller whose time is up looks (_await_turn)
-                    assert successor.turn is not None  # it came while we led
-                    successor.turn.release()
+                self._hand_on()
             for request in batch:
                 if request.done and request.turn is not None:
                     request.turn.release()
