@@ -596,3 +596,56 @@ def test_a_follower_interrupted_while_it_waits_leaves_the_group_commit_working(
         leader.join(10)
         poker.join(10)
         store.close()
+
+
+class _InterruptedAtThirdBegin(sqlite3.Connection):
+    """Ctrl-C while a transaction waits to begin: the third BEGIN IMMEDIATE of the test
+    (the first two: a shared commit that fails, then its first caller's own) raises."""
+
+    begun = 0
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "BEGIN IMMEDIATE":
+            _InterruptedAtThirdBegin.begun += 1
+            if _InterruptedAtThirdBegin.begun == 3:
+                raise KeyboardInterrupt
+        return super().execute(sql, *args)
+
+
+def test_an_interrupt_while_a_failed_commit_is_retried_one_by_one_fails_the_rest(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared commit fails (one caller's message breaks a key) and is retried one
+    request at a time; the leader is interrupted before it reaches a follower's. That
+    follower was marked done without ids or an error: enqueue raised ValueError ("not
+    enough values to unpack") and enqueue_many returned [], nothing queued."""
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *a, **k: connect(*a, **k, factory=_InterruptedAtThirdBegin)
+    )
+    store = _GatheringTwo(db)
+    _InterruptedAtThirdBegin.begun = 0
+    outcome: list[object] = []
+
+    def follow() -> None:
+        while not store._leader:
+            time.sleep(0.001)
+        try:
+            outcome.append(store.enqueue(message("follower@example.org"), now=NOW))
+        except Exception as exc:
+            outcome.append(exc)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    try:
+        with hang_guard(20):
+            with pytest.raises(KeyboardInterrupt):
+                # A recipient listed twice breaks the (message, address) key.
+                store.enqueue(message("x@example.org", "x@example.org"), now=NOW)
+            follower.join()
+        assert store.stats().messages == 0
+        assert len(outcome) == 1 and type(outcome[0]) is StoreError, outcome
+        assert "interrupted before it was committed" in str(outcome[0])
+    finally:
+        follower.join(10)
+        store.close()

@@ -1126,14 +1126,14 @@ class SQLiteStore:
                         self._commit_requests([request], deadline)
                     except Exception as single:
                         request.error = single
-        except BaseException:
-            for request in batch:
-                if not request.ids and request.error is None:
-                    request.error = StoreError("enqueue interrupted before it was committed")
-            raise
         finally:
             if not locked:
                 for request in batch:
+                    # Neither ids nor an error: interrupted (a signal's handler raised)
+                    # before its commit, whether in the shared one or in the one-by-one
+                    # retry after it (where it left the others done with nothing).
+                    if not request.ids and request.error is None:
+                        request.error = StoreError("enqueue interrupted before it was committed")
                     request.done = True
 
     def _commit_requests(self, batch: list[_Enqueue], deadline: float) -> None:
