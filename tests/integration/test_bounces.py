@@ -601,3 +601,39 @@ def test_a_redacted_complaint_names_no_recipient_of_another_domain(
     [outcome] = apply(ms, data, clock)
     assert outcome.action is BounceAction.UNMATCHED
     assert ms.suppressed("carol@mailbox.test") is None
+
+
+def test_our_own_delay_warning_to_a_verp_sender_changes_nothing(
+    dns_server: LoopbackDNS, mx: Any, results: Results, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The worker's delay warning about a recipient it still retries goes to that
+    recipient's VERP address, which is delivered to `mailstrom bounce`. The recipient is
+    deferred (no server has accepted it), and the report was taken for a bounce of mail no
+    server accepted: unmatched, exit 66, and the MTA returned the warning to the
+    postmaster. An ``Action: delayed`` says nothing final whatever the recipient's state."""
+    dns_server.mx("sender.test", [(10, "mx.test")])
+    mx.rcpt_replies["busy@receiver.test"] = "451 4.2.1 Mailbox busy"
+    store = SQLiteStore(tmp_path / "n.db")
+    config = loopback_config(
+        dns_server, mx.port, bounce_notices=True, delay_warning=timedelta(hours=1)
+    )
+    with Mailstrom(config, store=store, clock=clock, on_result=results) as ms:
+        mid = ms.send_email(hello("busy@receiver.test"), envelope_from=VERP)
+        results.wait_count(1)  # deferred at once: no warning yet
+        clock.advance(timedelta(hours=2))
+        ms.wake()
+        results.wait_count(3)  # deferred past the hour, and the warning delivered
+        [warning] = mx.wait_for_messages(1)
+        assert warning.rcpt_tos[0].startswith("bounces+")
+        [outcome] = apply(ms, warning.content, clock, envelope_recipient=warning.rcpt_tos[0])
+        assert (outcome.action, outcome.message_id, outcome.address) == (
+            BounceAction.IGNORED,
+            mid,
+            "busy@receiver.test",
+        )
+        assert outcome.reason == "action delayed: nothing final to record"
+        assert ms.query_status(mid).recipient("busy@receiver.test").state is (
+            RecipientState.DEFERRED
+        )
+        assert ms.suppressions() == []
+    store.close()

@@ -26,7 +26,10 @@ its tokens only, and a token names its own recipient only.
 
 A report is applied only to a recipient a server has accepted (DELIVERED; a FAILED one
 has failed already): a bounce after acceptance, or a complaint, about mail still queued or
-deferred is no such thing, and is reported as unmatched with the reason.
+deferred is no such thing, and is reported as unmatched with the reason. A DSN block that
+says nothing final (``delayed``, ``delivered``, ``relayed``, ``expanded``) is ignored
+whatever the recipient's state: the worker's own delay warning about a recipient it still
+retries reaches a VERP sender's address too.
 """
 
 from __future__ import annotations
@@ -247,6 +250,11 @@ def apply_report(
             )
             continue
         message, recipient = match
+        if report.kind is ReportKind.DSN and entry.action != "failed":
+            # Before the state: a delay warning (the worker's own, which a VERP sender
+            # gets at this very address) is about a recipient no server has accepted yet.
+            outcomes.append(_nothing_final(entry, message, recipient))
+            continue
         if recipient.state not in _REPORTABLE:
             outcomes.append(_not_accepted(entry, message, recipient))
             continue
@@ -254,6 +262,20 @@ def apply_report(
             _apply_one(store, report, entry, message, recipient, now, suppress_on, suppress_for)
         )
     return outcomes
+
+
+def _nothing_final(
+    entry: ReportedRecipient, message: MessageStatus, recipient: RecipientStatus
+) -> BounceOutcome:
+    """A DSN block that is no failure (``delayed``, ``delivered``, ``relayed``,
+    ``expanded``): nothing to record, whatever the recipient's state."""
+    return BounceOutcome(
+        action=BounceAction.IGNORED,
+        address=recipient.address,
+        message_id=message.id,
+        status=entry.status,
+        reason=f"action {entry.action or 'missing'}: nothing final to record",
+    )
 
 
 def _not_accepted(
@@ -301,14 +323,6 @@ def _apply_one(
             message_id=message.id,
             reason=reason,
             suppressed=entry_,
-        )
-    if entry.action != "failed":
-        return BounceOutcome(
-            action=BounceAction.IGNORED,
-            address=recipient.address,
-            message_id=message.id,
-            status=entry.status,
-            reason=f"action {entry.action or 'missing'}: nothing final to record",
         )
     status = _status(entry)
     detail = " ".join(p for p in (entry.status, entry.diagnostic) if p) or "no details"
