@@ -324,8 +324,11 @@ def _arf(parts: list[Message], senders: list[str]) -> Report:
 _QMAIL_START = "Hi. This is the"
 """How a qmail bounce's body begins (QSBMF §2)."""
 _QMAIL_HOST = re.compile(r"\AHi\. This is the [^\n]*? at (\S+?)\.?(?:\s|\Z)")
-_QMAIL_BREAK = re.compile(r"\n\n+(?=-)")
-"""Where the break paragraph starts: the first paragraph that begins with "-"."""
+_QMAIL_BREAK = re.compile(r"(?<!\n)\n\n+(?=-)")
+"""Where the break paragraph starts: the first paragraph that begins with "-". Tried at
+the first line end of a run only: tried at each, a run of empty lines not followed by "-"
+was read again from each of its lines (time quadratic in its length, and a part in base64
+holds millions of them within the bounds on what is parsed)."""
 _QMAIL_RECIPIENT = re.compile(r"<([^<>\n]*)>:[ \t]*")
 """The first line of a recipient paragraph: ``<address>:``."""
 _QMAIL_STATUS = re.compile(r"\(#([0-9]\.[0-9]{1,3}\.[0-9]{1,3})\)\s*\Z")
