@@ -6,6 +6,7 @@ import base64
 import hashlib
 import quopri
 import re
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -216,6 +217,32 @@ def test_a_run_of_empty_lines_before_a_qmail_bounces_break_is_read_once() -> Non
     assert report is not None
     [r] = report.recipients
     assert (r.final_recipient, r.status) == ("nosuchuser@receiver.test", "5.1.1")
+
+
+def test_a_global_delivery_status_decoded_by_its_block_is_bounded() -> None:
+    """A message/global-delivery-status part is read as one message: its per-message
+    block the header, the recipient blocks the body. A Content-Transfer-Encoding field in
+    that block (whoever sends the report writes it) had the body decoded whole, past the
+    bound on lines parsed (MAX_LINES): megabytes of base64 on one line made a header
+    field of every three octets, a hundred megabytes and more to parse. What is decoded
+    is now bounded as an encoded part's text is."""
+    data = global_dsn(utf8=False)
+    head = b"Content-Type: message/global-delivery-status\r\n\r\n"
+    start = data.index(head) + len(head)
+    end = data.index(b"\r\n--", start)
+    message_block, _, recipients = data[start:end].partition(b"\r\n\r\n")
+    lines = base64.b64encode(recipients + b"\r\n" + b"a:\n" * 800_000)
+    body = message_block + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + lines
+    tracemalloc.start()
+    try:
+        report = parse_report(data[:start] + body + data[end:])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report is not None
+    [r] = report.recipients
+    assert (r.final_recipient, r.status) == ("nosuchuser@receiver.test", "5.1.1")
+    assert peak < 60_000_000  # 3.2 MB of input; decoded whole, 120 MB
 
 
 def test_arf_complaint() -> None:

@@ -452,6 +452,11 @@ def _all_blocks(part: Message, *, white: bool) -> list[Message]:
     body = inner.get_payload(decode=True)  # its octets as they came, 8-bit ones too
     if not isinstance(body, bytes) or not body.strip():
         return blocks  # one block indeed (a feedback report)
+    if inner.get("Content-Transfer-Encoding") is not None:
+        # Decoded by a field of the per-message block (the part's own is read by
+        # _encoded): as much as of an encoded part, since what is decoded escapes
+        # MAX_LINES (ten megabytes of base64 on one line made millions of fields).
+        body = body[:_MAX_ENCODED]
     return [inner, *_text_blocks(body.decode("utf-8", "surrogateescape"), white)]
 
 
