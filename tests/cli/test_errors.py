@@ -405,3 +405,39 @@ def test_send_reads_standard_input_once_by_path(cli: CLI) -> None:
         stdin=b"data\n",
     )
     assert len(cli.queue_ids()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["status", "--store", "bogus://x"], 64),  # a usage error
+        (["worker", "--no-live", "--store", "memory:"], 78),  # the command refuses
+        (["worker", "--once", "--no-live", "--store", "postgresql://u@127.0.0.1:1/x"], 75),
+    ],
+)
+def test_the_exit_code_stands_when_standard_error_is_a_broken_pipe(
+    cli: CLI, args: list[str], code: int
+) -> None:
+    """A service's standard error is a pipe or a socket to its logger (journald, a
+    collector), which breaks when that logger restarts. Writing the error line then
+    failed and the command ended with Python's exit 1: a supervisor told to leave 74 and
+    78 alone (``RestartPreventExitStatus=``) or to retry on 75 read a crash instead."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before a byte is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mailstrom", *args],
+            cwd=cli.cwd,
+            env=cli.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == code

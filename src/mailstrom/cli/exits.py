@@ -6,6 +6,7 @@ the code below — never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -128,8 +129,23 @@ def reason_for(exc: BaseException) -> str:
 
 def fail(exc: BaseException, prog: str = "mailstrom") -> int:
     """Print ``prog: reason`` on stderr and return the exit code."""
-    sys.stderr.write(f"{prog}: {reason_for(exc)}\n")
+    say(f"{prog}: {reason_for(exc)}")
     return exit_code_for(exc)
+
+
+def say(line: str) -> None:
+    """Write ``line`` on stderr, if stderr can be written: a service's is a pipe or a
+    socket to its logger (journald, a collector), which breaks when that restarts. The
+    write then failed and the command exited 1 instead of its code, which a supervisor
+    acts on (74 and 78: do not restart; 75: try again). What cannot be written is lost,
+    as a line to a closed stderr is; the interpreter's last flush is pointed at
+    /dev/null so that it does not fail again."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 def reader_gone() -> int:

@@ -24,6 +24,7 @@ try:
         fail,
         reader_gone,
         reason_for,
+        say,
     )
     from mailstrom.cli.parsing import ArgumentParser
 except KeyboardInterrupt:
@@ -168,7 +169,7 @@ def _main(argv: list[str] | None) -> int:
         at = _command_index(argv)
         args = build_parser(None if at is None else argv[at]).parse_args(argv)
     except UsageError as exc:
-        sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
+        say(f"mailstrom: {reason_for(exc)}")
         return EX_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EX_OK
