@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -80,3 +81,38 @@ def test_a_worker_started_from_a_thread_blocking_sigterm_still_stops_on_it(
     code, err = ended(proc)
     assert code == 0, err
     assert "worker stopped" in err
+
+
+def test_a_stop_signal_ignored_by_whoever_started_the_worker_stays_ignored(
+    mail_env: MailEnv,
+) -> None:
+    """``nohup mailstrom worker &`` starts it with SIGHUP ignored, so that the ssh
+    session's end does not stop it (and a shell script's ``&`` with SIGINT ignored, so
+    that Ctrl-C on the script does not): the worker handled every stop signal all the
+    same, and stopped when the session closed. Python keeps an ignored SIGINT too."""
+    cli = mail_env.cli
+
+    def as_nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", cli.module, "worker", "--no-live"],
+        cwd=cli.cwd,
+        env=cli.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=as_nohup,
+    )
+    assert proc.stderr is not None
+    while b"worker started" not in (line := proc.stderr.readline()):
+        assert line, "the worker ended before it started"
+    proc.send_signal(signal.SIGHUP)  # the session closed
+    proc.send_signal(signal.SIGINT)  # Ctrl-C on the script that started it
+    send(cli, "--text", "Hi")
+    mail_env.mx.wait_for_messages(1, timeout=30)  # it still delivers
+    assert proc.poll() is None
+    code, err = ended(proc)
+    assert code == 0, err
+    assert err.count("event=stopping") == 1, err

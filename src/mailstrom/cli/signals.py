@@ -18,6 +18,15 @@ and by default SIGHUP (a closed terminal or ssh session, ``kill -HUP``) killed i
 middle of a delivery, its leases kept and its last log lines lost."""
 
 
+def handled_stop_signals() -> list[signal.Signals]:
+    """:data:`STOP_SIGNALS` but those this process was started with ignored: ``nohup``
+    ignores SIGHUP (the session's end must not stop the command), a shell script's ``&``
+    SIGINT (Ctrl-C on the script must not reach it). Handled all the same,
+    they stopped a worker that whoever started it meant to keep running; an ignored one
+    stays ignored, as Python leaves an ignored SIGINT."""
+    return [sig for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+
+
 class EarlyStops:
     """The stop signals that came before an event loop handles them (from
     :func:`early_stops`): counted, for :func:`run_until_signalled` to act on as if they
@@ -47,12 +56,13 @@ class EarlyStops:
 
 @contextlib.contextmanager
 def early_stops() -> Iterator[EarlyStops]:
-    """Handle :data:`STOP_SIGNALS` from now on (the previous handlers back at the end).
+    """Handle :data:`STOP_SIGNALS` from now on (the previous handlers back at the end),
+    but those ignored (:func:`handled_stop_signals`).
     Until the worker's loop handled them, SIGTERM and SIGHUP took their default action:
     one while the store opened killed the process by the signal (not "stopped", exit 0),
     and the log lines it still buffered were lost."""
     stops = EarlyStops()
-    previous = {sig: signal.signal(sig, stops._received) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, stops._received) for sig in handled_stop_signals()}
     try:
         yield stops
     finally:
@@ -68,8 +78,8 @@ async def run_until_signalled(
     on_started: Callable[[], None] | None = None,
     early: EarlyStops | None = None,
 ) -> None:
-    """Run ``worker``; the first of :data:`STOP_SIGNALS` stops it gracefully, a second at
-    once. Those ``early`` counted before this took over count as the first ones."""
+    """Run ``worker``; the first of :func:`handled_stop_signals` stops it gracefully, a
+    second at once. Those ``early`` counted before this took over count as the first ones."""
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -89,8 +99,8 @@ async def run_until_signalled(
     # Removing the loop's handlers sets the defaults, not what was there before: put that
     # back (early_stops' handlers), or a signal during the clean-up after the loop killed
     # the process.
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    for sig in STOP_SIGNALS:
+    previous = {sig: signal.getsignal(sig) for sig in handled_stop_signals()}
+    for sig in previous:
         loop.add_signal_handler(sig, on_signal)
     task = asyncio.create_task(worker.run(once=once, on_started=on_started))
     # Counted after the loop took over: a signal from now on is the loop's, never both.
