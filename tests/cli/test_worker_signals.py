@@ -116,3 +116,35 @@ def test_a_stop_signal_ignored_by_whoever_started_the_worker_stays_ignored(
     code, err = ended(proc)
     assert code == 0, err
     assert err.count("event=stopping") == 1, err
+
+
+def test_a_worker_whose_terminal_went_away_still_stops_cleanly(mail_env: MailEnv) -> None:
+    """A closed terminal window or ssh session hangs the terminal up and sends SIGHUP: the
+    worker drained and gave back as it should, and then, writing the live view's last
+    frame to the terminal (EIO once hung up), ended with "internal error: OSError" and
+    exit 70 instead of 0. The view only shows; a terminal gone ends the view, not the
+    worker."""
+    import os
+    import pty
+
+    cli = mail_env.cli
+    screen, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", cli.module, "worker"],
+        cwd=cli.cwd,
+        env={**cli.env, "TERM": "xterm"},
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+    )
+    os.close(terminal)
+    try:
+        shown = b""
+        while b"Recent attempts" not in shown:  # the live view is on the terminal
+            chunk = os.read(screen, 4096)
+            assert chunk, "the worker ended before it showed its view"
+            shown += chunk
+    finally:
+        os.close(screen)  # the terminal goes away: writing to it fails from now on
+    code, err = ended(proc, signal.SIGHUP)
+    assert (code, "internal error" in err) == (0, False), err

@@ -165,6 +165,27 @@ def logs_above(console: Console, logger_name: str = "mailstrom") -> Iterator[Non
             logger.addHandler(original)
 
 
+@contextlib.contextmanager
+def _shown(live: Live) -> Iterator[Live]:
+    """``live`` started and stopped, whatever became of the terminal meanwhile: one hung up
+    (a closed window or ssh session, whose SIGHUP stops the worker) fails every write with
+    EIO, and the last frame's failing made a worker that had drained and given back all
+    it should exit 70, "internal error". The view only shows: it ends with the terminal."""
+    with contextlib.suppress(OSError):
+        live.start(refresh=True)
+    try:
+        yield live
+    finally:
+        with contextlib.suppress(OSError):
+            live.stop()  # puts back what start() changed before it writes, whatever comes
+
+
+def _paint(live: Live, frame: Group) -> None:
+    """Show ``frame``, unless the terminal is gone (see :func:`_shown`)."""
+    with contextlib.suppress(OSError):
+        live.update(frame, refresh=True)
+
+
 async def run_with_live_view(
     worker: Worker,
     store: Store,
@@ -181,8 +202,10 @@ async def run_with_live_view(
     output)."""
     stats: QueueStats | None = None
     with (
-        Live(
-            render(worker, stats, recent), console=console, auto_refresh=False, transient=False
+        _shown(
+            Live(
+                render(worker, stats, recent), console=console, auto_refresh=False, transient=False
+            )
         ) as live,
         logs_above(live.console),
     ):
@@ -192,7 +215,7 @@ async def run_with_live_view(
             while True:
                 with contextlib.suppress(Exception):  # a view glitch must not stop delivery
                     stats = await asyncio.to_thread(store.stats)
-                live.update(render(worker, stats, recent), refresh=True)
+                _paint(live, render(worker, stats, recent))
                 await asyncio.sleep(REFRESH_SECONDS)
 
         painter = asyncio.create_task(paint())
@@ -205,4 +228,4 @@ async def run_with_live_view(
             await asyncio.gather(painter, return_exceptions=True)
             with contextlib.suppress(Exception):  # the final counts, after the last record
                 stats = await asyncio.to_thread(store.stats)
-            live.update(render(worker, stats, recent), refresh=True)
+            _paint(live, render(worker, stats, recent))
