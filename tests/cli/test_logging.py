@@ -261,3 +261,46 @@ def test_json_lines_stay_json_on_a_stream_that_is_not_utf8() -> None:
         logger.handlers[:] = [logging.NullHandler()]
         logger.propagate = True
         logger.setLevel(logging.NOTSET)
+
+
+async def test_library_warnings_go_through_the_live_view_console_too() -> None:
+    """The warnings of the libraries the worker drives (psycopg's pool, asyncio) are
+    logged by the root logger's handler, the worker's own: while the view drew, only the
+    handler of mailstrom's logger printed above it, and a library's line was written
+    straight to the terminal, inside a frame, to be painted over by the next refresh."""
+    from mailstrom.cli.live import run_with_live_view
+    from mailstrom.config import Config
+    from mailstrom.runtime.worker import Worker
+    from mailstrom.stores import MemoryStore
+
+    top = logging.getLogger()
+    theirs = top.handlers[:]  # pytest's: the worker's root has none of its own
+    top.handlers[:] = []
+    terminal_stderr = _TTY()
+    screen = _TTY()
+    handler = configure_logging("text", level=logging.WARNING, stream=terminal_stderr)
+    logger = logging.getLogger("mailstrom")
+    store = MemoryStore()
+    try:
+        assert top.handlers == [handler]
+        worker = Worker(Config(helo_name="client.test"), store)
+
+        def on_started() -> None:
+            logging.getLogger("psycopg.pool").warning("error connecting in 'mailstrom'")
+
+        console = Console(file=screen, force_terminal=True, width=200)
+        await run_with_live_view(
+            worker, store, [], once=True, drain_timeout=0, on_started=on_started, console=console
+        )
+        assert terminal_stderr.getvalue() == ""
+        assert "error connecting in 'mailstrom'" in screen.getvalue()
+        # The terminal handler is back on both once the view is gone.
+        assert logger.handlers == [handler]
+        assert top.handlers == [handler]
+    finally:
+        store.close()
+        handler.close()
+        top.handlers[:] = theirs
+        logger.handlers[:] = [logging.NullHandler()]
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)

@@ -143,26 +143,32 @@ class ConsoleLogHandler(logging.Handler):
 
 @contextlib.contextmanager
 def logs_above(console: Console, logger_name: str = "mailstrom") -> Iterator[None]:
-    """While inside, the logger's handlers that write to a terminal print through
-    ``console`` instead (same format and level); handlers writing to files or pipes are
-    left alone."""
-    logger = logging.getLogger(logger_name)
-    swapped: list[tuple[logging.Handler, logging.Handler]] = []
-    for handler in list(logger.handlers):
-        if isinstance(handler, logging.StreamHandler) and is_tty(handler.stream):
-            handler.flush()  # lines it holds come before the view
-            replacement = ConsoleLogHandler(console)
-            replacement.setFormatter(handler.formatter)
-            replacement.setLevel(handler.level)
-            logger.removeHandler(handler)
-            logger.addHandler(replacement)
-            swapped.append((handler, replacement))
+    """While inside, the handlers of the logger and of the root logger that write to a
+    terminal print through ``console`` instead (same format and level); handlers writing
+    to files or pipes are left alone. The root's too: the worker's handler is also the
+    root's (:func:`~mailstrom.cli.logs.configure_logging`), for the warnings of the
+    libraries it drives, which were written straight into the view's frame."""
+    replacements: dict[logging.Handler, logging.Handler] = {}
+    swapped: list[tuple[logging.Logger, logging.Handler, logging.Handler]] = []
+    for logger in (logging.getLogger(logger_name), logging.getLogger()):
+        for handler in list(logger.handlers):
+            if not (isinstance(handler, logging.StreamHandler) and is_tty(handler.stream)):
+                continue
+            replacement = replacements.get(handler)
+            if replacement is None:
+                handler.flush()  # lines it holds come before the view
+                replacement = replacements[handler] = ConsoleLogHandler(console)
+                replacement.setFormatter(handler.formatter)
+                replacement.setLevel(handler.level)
+            # In place: the order of a logger's handlers stays as it was.
+            logger.handlers[logger.handlers.index(handler)] = replacement
+            swapped.append((logger, handler, replacement))
     try:
         yield
     finally:
-        for original, console_handler in swapped:
-            logger.removeHandler(console_handler)
-            logger.addHandler(original)
+        for logger, original, replacement in reversed(swapped):
+            if replacement in logger.handlers:
+                logger.handlers[logger.handlers.index(replacement)] = original
 
 
 @contextlib.contextmanager
