@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from tests.cli.conftest import MailEnv, ended
 from tests.cli.test_delivery import send
 
@@ -148,3 +150,74 @@ def test_a_worker_whose_terminal_went_away_still_stops_cleanly(mail_env: MailEnv
         os.close(screen)  # the terminal goes away: writing to it fails from now on
     code, err = ended(proc, signal.SIGHUP)
     assert (code, "internal error" in err) == (0, False), err
+
+
+@pytest.mark.parametrize("buffer", [[], ["--no-log-buffer"]])
+def test_a_worker_whose_standard_error_is_a_broken_pipe_delivers_and_stops(
+    mail_env: MailEnv, buffer: list[str]
+) -> None:
+    """A service's standard error is a pipe or a socket to its logger (journald, a
+    collector), which breaks when that restarts. Writing "worker started" then raised
+    BrokenPipeError out of the worker's start: it delivered nothing and, its store loop
+    left waiting, did not stop on SIGTERM either. A log line that cannot be written is
+    lost; the mail is not."""
+    import os
+
+    cli = mail_env.cli
+    send(cli, "--text", "Hi")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the logger is gone
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", cli.module, "worker", "--no-live", *buffer],
+            cwd=cli.cwd,
+            env=cli.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+        )
+    finally:
+        os.close(write_end)
+    try:
+        mail_env.mx.wait_for_messages(1, timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_worker_whose_standard_error_is_a_broken_pipe_keeps_its_exit_code(
+    mail_env: MailEnv,
+) -> None:
+    """The log lines still held are written as the worker ends: their BrokenPipeError
+    replaced the error it ended on, and a worker whose store was deleted exited 0 (the
+    code for a reader gone) rather than 74, which tells a supervisor not to restart it."""
+    import os
+
+    cli = mail_env.cli
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the logger is gone
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", cli.module, "worker", "--no-live"],
+            cwd=cli.cwd,
+            env=cli.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+        )
+    finally:
+        os.close(write_end)
+    try:
+        database = cli.cwd / "queue.db"
+        assert _until(database.exists)
+        send(cli, "--text", "Hi")
+        mail_env.mx.wait_for_messages(1, timeout=30)  # it runs
+        database.unlink()
+        assert proc.wait(timeout=30) == 74
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

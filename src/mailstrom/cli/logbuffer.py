@@ -29,6 +29,7 @@ from typing import TextIO
 
 MAX_CHARS = 64 * 1024
 INTERVAL = 0.1
+_FLUSHING = logging.makeLogRecord({"msg": "writing held log lines", "name": __name__})
 
 
 class BufferedStreamHandler(logging.StreamHandler[TextIO]):
@@ -69,9 +70,16 @@ class BufferedStreamHandler(logging.StreamHandler[TextIO]):
             self.handleError(record)
 
     def flush(self) -> None:
+        """Write what is held. A stream that cannot take it (a pipe to a logger that
+        restarted: BrokenPipeError; a full disk) loses the lines, reported as
+        :meth:`emit` reports them, and raises nothing: the worker flushes as it starts and
+        as it ends, and the error failed its start (it delivered nothing) or replaced
+        its exit code."""
         self.acquire()
         try:
             self._write_held()
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.handleError(_FLUSHING)
         finally:
             self.release()
 
@@ -124,6 +132,4 @@ class BufferedStreamHandler(logging.StreamHandler[TextIO]):
             try:
                 self.flush()
             except Exception:
-                self.handleError(
-                    logging.makeLogRecord({"msg": "writing held log lines", "name": __name__})
-                )
+                self.handleError(_FLUSHING)
