@@ -301,6 +301,38 @@ async def test_library_warnings_go_through_the_live_view_console_too() -> None:
         store.close()
         handler.close()
         top.handlers[:] = theirs
+        logging.captureWarnings(False)
         logger.handlers[:] = [logging.NullHandler()]
         logger.propagate = True
         logger.setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_python_warnings_are_log_lines_of_the_format_too(fmt: str) -> None:
+    """A library's warning through Python's ``warnings`` (a UserWarning, a RuntimeWarning
+    such as "coroutine ... was never awaited") was printed by Python itself: two lines of
+    bare text, its source line indented, among the JSON lines, which the collector could
+    not parse. Once the worker configures logging, they are records of the format."""
+    script = (
+        "import warnings\n"
+        "from mailstrom.cli.logs import configure_logging\n"
+        f"configure_logging({fmt!r})\n"
+        "warnings.warn('the peer said\\nlevel=error forged', UserWarning)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=clean_env(Path.cwd()),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    [line] = lines
+    if fmt == "json":
+        record = json.loads(line)
+        assert (record["level"], record["logger"]) == ("warning", "py.warnings")
+        assert "the peer said\nlevel=error forged" in record["event"]
+    else:
+        assert line.startswith("ts=") and "level=warning logger=py.warnings" in line

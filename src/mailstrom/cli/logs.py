@@ -237,6 +237,11 @@ def configure_logging(
         # line each among the JSON lines. Only when nobody else configured the root (an
         # application running the Django command keeps its own).
         top.handlers[:] = [handler]
+        # The warnings of Python's ``warnings`` (a library's UserWarning, a coroutine
+        # never awaited) too: Python printed them as bare text, a source line indented
+        # below, among the JSON lines; as records (logger py.warnings) they are lines of
+        # the format, their newlines escaped.
+        logging.captureWarnings(True)
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
