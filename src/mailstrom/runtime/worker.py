@@ -552,6 +552,12 @@ class Worker(
                     pauses,
                     return_exceptions=True,
                 )
+                if self._clock_checked is not None:
+                    # The clock loop says so itself when cancelled, but not one cancelled
+                    # before it ever ran (``on_started`` raised at once): the store loop
+                    # waited for it, and the stop for the store loop, until the last
+                    # records' time ran out.
+                    self._clock_checked.set()
                 if unwatch is not None:
                     unwatch()
                 if unwatch_cancels is not None:
