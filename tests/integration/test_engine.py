@@ -25,10 +25,12 @@ from mailstrom.message import prepare
 from mailstrom.runtime import worker as worker_module
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
+from mailstrom.stores.base import LeasedRecipient, WorkItem
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory
 from tests.support.delivery import LOOPS, Results, loopback_config
+from tests.support.scripted import NOW, scripted_dispatcher
 from tests.support.stopped_writer import stopped_writer
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
@@ -151,6 +153,75 @@ def test_an_item_loses_at_most_mx_session_limit_sessions(
     assert result.state is RecipientState.DEFERRED
     assert status.attempts == 1
     assert [h.commands.count("MAIL") for h in hosts] == [1] * limit + [0] * (3 - limit)
+
+
+def limited_per_connection(how: bytes) -> Callable[..., Any]:
+    """A peer that takes one message per connection and answers the next MAIL with
+    ``how`` (nothing: it just closes), offering PIPELINING."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 one.test ESMTP\r\n")
+        taken = 0
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-one.test\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL" and taken:
+                writer.write(how)
+                await writer.drain()
+                return
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                taken += 1
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    return handle
+
+
+@pytest.mark.parametrize("how", [b"421 4.7.0 too many messages in this connection\r\n", b""])
+async def test_a_limit_of_messages_per_connection_costs_no_session(
+    dns_server: LoopbackDNS, how: bytes
+) -> None:
+    """A server that takes one message per connection (Exim's "421 too many messages in
+    this connection", or a close without a word) ends each connection on the message
+    behind the one it took, which was not tried: every message goes, one per connection.
+    Before, each such connection counted against ``mx_session_limit`` for every item it
+    cut, and the third message, cut twice, was deferred."""
+    domain = "one.example"
+    items = [
+        WorkItem(
+            message_id=f"m{n}",
+            lease_token=f"lease-{n}",
+            domain=domain,
+            envelope_from="a@sender.test",
+            recipients=(
+                LeasedRecipient(
+                    address=f"r{n}@{domain}", attempts=0, first_attempt_at=None, created_at=NOW
+                ),
+            ),
+            data=b"Subject: hi\r\n\r\nhello\r\n",
+            smtputf8=False,
+            eightbit=False,
+        )
+        for n in range(4)
+    ]
+    async with scripted_dispatcher(
+        dns_server, limited_per_connection(how), domain, max_per_destination=1
+    ) as (dispatcher, done):
+        for work in items:
+            dispatcher.submit(work)
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
+    assert sorted((r.address, r.state) for r in done) == [
+        (f"r{n}@{domain}", RecipientState.DELIVERED) for n in range(4)
+    ]
 
 
 # --- no head-of-line blocking ------------------------------------------------------------------

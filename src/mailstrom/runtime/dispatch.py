@@ -722,6 +722,9 @@ class Dispatcher:
         where = Where.of(conn, need)
         error: DeliveryError | None = None
         answered = False
+        # The server said it takes no more messages on this connection (a 421 to MAIL
+        # for its limit per connection): what it cut was not tried (see below).
+        limited = False
         reset = reused  # an idle connection gets an RSET (free when pipelined)
         while True:
             while (
@@ -806,6 +809,7 @@ class Dispatcher:
                 inflight.popleft()
                 assert result.mail is not None
                 error = error or failure(result.mail, host=conn.host, what="MAIL")
+                limited = True
                 retry.append(work)
                 continue
             answered = answered or result.final is not None
@@ -841,7 +845,13 @@ class Dispatcher:
             # idle cache was opened for earlier mail, and one the server dropped while it
             # sat there (its idle timeout, a restart) must not use up the item's sessions
             # before a new connection was even tried. The cache is finite: this ends.
-            if not reused and not paused:
+            # Nor does a connection that took messages before it ended, or refused one
+            # for its limit of messages per connection, count against the work it cut:
+            # that server takes so many per connection (Exim's "421 too many messages
+            # in this connection", or a close without a word), and the work behind them
+            # was not tried. Each such connection finished an item or the server named
+            # its limit, and the work cut goes first on the next: this ends too.
+            if not reused and not paused and not answered and not limited:
                 work.broken_sessions += 1
             if work.broken_sessions >= self._config.mx_session_limit:
                 assert error is not None
