@@ -31,6 +31,7 @@ from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory
 from tests.support.delivery import LOOPS, Results, loopback_config
 from tests.support.scripted import NOW, scripted_dispatcher
+from tests.support.skew import eventually
 from tests.support.stopped_writer import stopped_writer
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
@@ -222,6 +223,85 @@ async def test_a_limit_of_messages_per_connection_costs_no_session(
     assert sorted((r.address, r.state) for r in done) == [
         (f"r{n}@{domain}", RecipientState.DELIVERED) for n in range(4)
     ]
+
+
+async def test_a_destination_gets_its_sessions_back_once_mail_goes_again(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A session that finds no address to deliver to while another of its destination
+    still runs leaves the queue to it, and the destination runs with fewer sessions
+    (Postfix's concurrency feedback). Once a connection took mail the sessions come back:
+    before, the lowered limit stayed for as long as the destination had work, and a busy
+    domain was held to one session for good after one failed connection."""
+    domain = "feedback.example"
+    connections = 0
+    first = asyncio.Event()  # the first connection's reply may go
+    release = asyncio.Event()  # and the later ones'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        if number == 2:
+            writer.write(b"554 5.7.1 not now\r\n")  # the second session finds no host
+            await writer.drain()
+            return
+        writer.write(b"220 feedback.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-feedback.test\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                await (first if number == 1 else release).wait()
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    def work(n: int) -> WorkItem:
+        address = f"r{n}@{domain}"
+        return WorkItem(
+            message_id=f"m{n}",
+            lease_token=f"lease-{n}",
+            domain=domain,
+            envelope_from="a@sender.test",
+            recipients=(
+                LeasedRecipient(address=address, attempts=0, first_attempt_at=None, created_at=NOW),
+            ),
+            data=b"Subject: hi\r\n\r\nhello\r\n",
+            smtputf8=False,
+            eightbit=False,
+        )
+
+    # One message per connection, so that the first session's connection ends with one
+    # delivered; held replies must not time out meanwhile.
+    timeouts = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_end=60)
+    async with scripted_dispatcher(
+        dns_server,
+        handle,
+        domain,
+        max_per_destination=2,
+        max_messages_per_connection=1,
+        timeouts=timeouts,
+    ) as (dispatcher, done):
+        for n in range(4):  # enough queued for a second session
+            dispatcher.submit(work(n))
+        await eventually(lambda: connections == 2 and dispatcher.sessions == 1, "one session")
+        first.set()
+        await eventually(lambda: len(done) == 1, "the first message delivered")
+        for n in range(4, 12):  # a backlog while the first session still runs
+            dispatcher.submit(work(n))
+        # Before, the one session left carried the whole backlog alone.
+        await eventually(lambda: dispatcher.sessions == 2, "a second session again")
+        release.set()
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
+    assert [r.state for r in done] == [RecipientState.DELIVERED] * 12
 
 
 # --- no head-of-line blocking ------------------------------------------------------------------

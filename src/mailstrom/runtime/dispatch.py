@@ -19,8 +19,8 @@ moves on to the next address; a connection that breaks before a transaction's fi
 puts that item back for the next address, at most ``Config.mx_session_limit`` sessions per
 item (as Postfix's ``smtp_mx_session_limit``); once every address was tried the items left are
 deferred with the last error — unless other sessions of the destination are still
-connected, in which case the destination just runs with fewer sessions (Postfix's
-concurrency feedback).
+connected, in which case the destination just runs with fewer sessions until mail goes
+again (Postfix's concurrency feedback).
 An address that could not be reached goes after the others for a while
 (:mod:`mailstrom.runtime.unreachable`).
 
@@ -608,6 +608,8 @@ class Dispatcher:
                 raise
             finally:
                 dest.connected -= 1
+            if answered:
+                self._recover(dest, shape)
             if shape is not None and self._held_back(dest, shape):
                 opener.close_later(conn)  # paused meanwhile: the queue went back to the store
                 return
@@ -637,7 +639,7 @@ class Dispatcher:
             return
         if dest.sessions > 1:
             # Others of this destination are still at it: leave the queue to them and
-            # run with fewer sessions from now on.
+            # run with fewer sessions, until mail goes again (see _recover).
             dest.limit = max(1, dest.sessions - 1)
             return
         if isinstance(last_error, RequireTLSFailure) and unasked is not None:
@@ -657,6 +659,20 @@ class Dispatcher:
                 reply=last_error.reply,
             )
         self._fail_queue(dest, last_error, last_where)
+
+    def _recover(self, dest: _Destination, shape: Shape | None) -> None:
+        """A connection of ``dest`` took mail: one session given up while others ran (see
+        :meth:`_deliver`) comes back, as Postfix's concurrency feedback raises the window
+        again after it lowered it. Lowered for good, a busy domain was held to one session
+        for as long as it had work after a single failed connection. One per connection,
+        not per message: a server that takes one connection at a time refuses the extra
+        one once per connection, not once per message."""
+        ceiling = self._config.max_per_destination
+        if shape is not None and shape.max_connections is not None:
+            ceiling = min(ceiling, shape.max_connections)
+        if dest.limit < ceiling:
+            dest.limit += 1
+            self._start_sessions(dest)
 
     async def _open(
         self,
