@@ -10,6 +10,7 @@ peer is a raw asyncio server on 127.0.0.1; the dispatcher is the worker's own.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import LeasedRecipient, WorkItem
@@ -83,3 +84,58 @@ async def test_stale_idle_connections_do_not_use_up_the_session_limit(
     assert last.address == "r8@stale.example"
     assert last.state is RecipientState.DELIVERED
     assert connections - before == 1  # one new connection, after the stale ones
+
+
+async def test_a_message_refused_before_the_wire_does_not_spend_the_reset(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A connection taken from the idle cache starts with RSET, which finds out whether
+    the server still holds it: a ``421`` to it (the server's idle timeout) sends the work
+    to a new connection, unattempted. When the first message for it was refused before
+    anything was sent (over the server's SIZE), the next one went without that RSET, and
+    the server's ``421`` to its MAIL deferred its recipient as if it had been tried."""
+    stale = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stale.test ESMTP\r\n")
+        idle = False  # past its idle time: the next command gets 421
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if idle:
+                # Exim's words when its idle timeout strikes.
+                writer.write(b"421 stale.test: SMTP command timeout - closing connection\r\n")
+                await writer.drain()
+                return
+            if verb == b"EHLO":
+                writer.write(b"250-stale.test\r\n250-PIPELINING\r\n250 SIZE 1000\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+                idle = stale.is_set()
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    too_big = replace(item(1), data=b"Subject: big\r\n\r\n" + b"x" * 2000 + b"\r\n")
+    async with scripted_dispatcher(dns_server, handle, "stale.example", connection_idle=60.0) as (
+        dispatcher,
+        done,
+    ):
+        stale.set()  # the connection goes stale once it has taken this message
+        dispatcher.submit(item(0))
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
+        assert dispatcher.idle_connections == 1
+        dispatcher.submit(too_big)
+        dispatcher.submit(item(2))
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
+    states = {r.address: r.state for r in done}
+    assert states == {
+        "r0@stale.example": RecipientState.DELIVERED,
+        "r1@stale.example": RecipientState.FAILED,  # 552 5.3.4, over SIZE
+        "r2@stale.example": RecipientState.DELIVERED,
+    }

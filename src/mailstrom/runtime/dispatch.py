@@ -788,8 +788,12 @@ class Dispatcher:
                     error = exc
                     retry.append(work)
                     break
-                reset = False
                 if future is not None:
+                    # The RSET went with it. Not before: one decided without the wire
+                    # (over the server's SIZE, say) sent nothing, and the next would go
+                    # without it, so that a server done with the idle connection
+                    # answered its MAIL with the 421, which defers the recipients.
+                    reset = False
                     inflight.append((work, future))
             if not inflight:
                 break
