@@ -124,6 +124,29 @@ def test_an_uncertain_attempt_is_a_connection_failure(outcomes: Outcomes) -> Non
     assert r.attempt.reason_class is ReasonClass.CONNECTION
 
 
+def test_an_uncertain_attempt_says_the_reply_timed_out(outcomes: Outcomes) -> None:
+    """A server that kept the final dot's reply past ``timeouts.data_end`` did not drop
+    the connection: the attempt says it timed out (and how long was waited), where it
+    said "connection lost" as for a peer that hung up."""
+    work = item("a@example.org")
+    cause = SMTPTimeout("mx.example.org did not reply to the end of data within 600s")
+    result = TransactionResult(
+        mail=OK,
+        rcpt=(("a@example.org", OK),),
+        data=GO,
+        final=None,
+        uncertain=True,
+        cause=cause,
+    )
+    [r] = outcomes.from_transaction(work, result, time.monotonic(), Where())
+    assert r.attempt.uncertain
+    assert r.attempt.reason_class is ReasonClass.CONNECTION
+    assert r.attempt.error is not None
+    assert "connection lost" not in r.attempt.error
+    assert "did not reply to the end of data within 600s" in r.attempt.error
+    assert r.attempt.error.endswith("delivery uncertain")
+
+
 @pytest.mark.parametrize(
     ("error", "expected"),
     [

@@ -122,18 +122,23 @@ def _limit_reached(reply: SMTPReply) -> bool:
 
 def _uncertain_reason(cause: DeliveryError | None) -> tuple[str, ReasonClass]:
     """The reason of a delivery left uncertain by ``cause``: a reply that broke the
-    protocol is named (what the peer sent is worth knowing), anything else is a lost
-    connection, or the worker's own stop."""
+    protocol is named (what the peer sent is worth knowing), as is a reply that did not
+    come in time; anything else is a lost connection, or the worker's own stop."""
     if isinstance(cause, Abandoned):
         return (
             "the worker stopped after the final dot, before the reply; delivery uncertain",
             ReasonClass.CONNECTION,
         )
-    if isinstance(cause, SMTPProtocolError):
+    if isinstance(cause, SMTPProtocolError | SMTPTimeout):
         text = cause.text
         quoted = "".join(c if c.isprintable() else "?" for c in text[:_MAX_QUOTED])
         if len(text) > _MAX_QUOTED:
             quoted += f"… ({len(text) - _MAX_QUOTED} more characters)"
+        if isinstance(cause, SMTPTimeout):
+            # The server held the connection and never answered: no connection was lost,
+            # and how long it was given is worth knowing (timeouts.data_end).
+            why = f"no reply to the final dot: {quoted}; delivery uncertain"
+            return why, ReasonClass.CONNECTION
         return (
             f"protocol error after the final dot: {quoted}; delivery uncertain",
             ReasonClass.PROTOCOL,
