@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -215,6 +216,54 @@ def test_send_wait_json_interrupted_prints_the_queued_message(
     assert bob["address"] == "bob@example.test"
     assert bob["state"] in ("queued", "deferred")  # not final: a worker delivers it later
     assert cli.ok("status", "--json", status["id"]).json()["state"] in ("queued", "deferred")
+
+
+def test_send_wait_started_with_sighup_ignored_leaves_it_ignored(mail_env: MailEnv) -> None:
+    """Under ``nohup`` (SIGHUP ignored) the session's end must not stop ``send --wait``,
+    as it does not stop ``mailstrom worker``: the wait took SIGHUP for a stop all the same,
+    gave the message back and exited 130. It now waits on, and the message is delivered."""
+    cli = mail_env.cli
+    with socket.socket() as mx:  # an MX the test answers by hand, once SIGHUP was sent
+        mx.bind(("127.0.0.1", 0))
+        mx.listen()
+        mx.settimeout(60)
+        cli.env["MAILSTROM_SMTP_PORT"] = str(mx.getsockname()[1])
+        ignored = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited through exec
+        try:
+            proc = cli.popen(
+                "send", "--from", "a@client.test", "--to", "bob@example.test", "--text", "x",
+                "--wait", "--json", "--timeout", "600",
+            )  # fmt: skip
+        finally:
+            signal.signal(signal.SIGHUP, ignored)
+        try:
+            connection, _ = mx.accept()  # the worker is delivering: the wait is on
+            # (A wait stopped by the signal hangs up: the exit code tells.)
+            with connection, connection.makefile("rb") as lines, contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGHUP)
+                connection.sendall(b"220 mx.test ESMTP\r\n")
+                while line := lines.readline():
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        connection.sendall(b"250-mx.test\r\n250 PIPELINING\r\n")
+                    elif verb == b"DATA":
+                        connection.sendall(b"354 go on\r\n")
+                        while lines.readline() not in (b".\r\n", b""):
+                            pass
+                        connection.sendall(b"250 2.0.0 queued\r\n")
+                    elif verb == b"QUIT":
+                        connection.sendall(b"221 bye\r\n")
+                        break
+                    else:
+                        connection.sendall(b"250 ok\r\n")
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    [bob] = json.loads(out)["recipients"]
+    assert bob["state"] == "delivered"
 
 
 def test_send_wait_returns_once_the_next_retry_is_past_the_timeout(mail_env: MailEnv) -> None:

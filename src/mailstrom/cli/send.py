@@ -28,7 +28,7 @@ from mailstrom.cli.exits import (
 from mailstrom.cli.output import cell, echo, print_json
 from mailstrom.cli.parsing import Subparsers, path_arg, seconds_arg
 from mailstrom.cli.reading import FileBudget, stdin_buffer
-from mailstrom.cli.signals import STOP_SIGNALS, EarlyStops, early_stops
+from mailstrom.cli.signals import EarlyStops, early_stops, handled_stop_signals
 from mailstrom.cli.views import print_message, status_json
 from mailstrom.config import Config
 from mailstrom.errors import StoreError
@@ -632,9 +632,10 @@ def _take_stop_signals(
 ) -> dict[signal.Signals, Any]:
     """Make the stop signals this loop's, each counted in ``stops``: the first sets
     ``stopped``, the second cancels ``running`` (the worker). Those ``stops`` counted
-    before count as the first ones. Returns the handlers they had."""
+    before count as the first ones. Returns the handlers they had. Not those this process
+    was started with ignored (``nohup``'s SIGHUP), as ``mailstrom worker`` leaves them."""
     loop = asyncio.get_running_loop()
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in handled_stop_signals()}
     cancelled = False
 
     def on_signal(counted: bool = True) -> None:
@@ -647,7 +648,7 @@ def _take_stop_signals(
             cancelled = True  # once: a further cancel cut short the worker's give-back
             running.cancel()
 
-    for sig in STOP_SIGNALS:
+    for sig in previous:
         loop.add_signal_handler(sig, on_signal)
     on_signal(counted=False)
     return previous
