@@ -96,9 +96,15 @@ filenames = st.one_of(
 files = st.builds(
     Attachment,
     filename=filenames,
-    content=st.binary(max_size=3000),
+    content=st.one_of(st.text(max_size=300).map(str.encode), st.binary(max_size=3000)),
     content_type=st.sampled_from(
-        ["application/octet-stream", "application/pdf", "text/csv", "text/plain; charset=utf-8"]
+        [
+            "application/octet-stream",
+            "application/pdf",
+            "text/csv",
+            "text/plain",
+            "text/plain; charset=utf-8",
+        ]
     ),
 )
 images = st.builds(
@@ -216,6 +222,14 @@ def leaves(message: EmailMessage) -> list[tuple[str, str | None, bytes]]:
     return out
 
 
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[^?\s]*\?[^?\s]*\?=")
 VALID_WORD = re.compile(r"=\?utf-8\?(?:q\?[A-Za-z0-9!*+\-/=_]*|b\?[A-Za-z0-9+/]*={0,2})\?=")
 BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
@@ -307,6 +321,13 @@ def test_direct_rendering_matches_the_stdlib(
         assert (mine is None) == (other is None)
         if mine is not None and other is not None:
             assert mine.get_content() == other.get_content()
+    # Text attachments read back as their text: the stdlib sends UTF-8 octets without a
+    # charset (so as US-ASCII, RFC 2046 §4.1.2), the renderer says charset=utf-8.
+    for part in ours.iter_attachments():
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        if part.get_content_maintype() == "text" and is_utf8(payload):
+            assert part.get_content() == payload.decode("utf-8")
     for mine, other in zip(ours.walk(), theirs.walk(), strict=True):
         assert mine.get("Content-ID") == other.get("Content-ID")
         assert mine.get_content_disposition() == other.get_content_disposition()

@@ -310,3 +310,33 @@ def test_naive_now_is_taken_as_utc() -> None:
     email = Email(from_="a@example.com", to="b@example.org")
     data = prepare(email, now=datetime(2024, 5, 6, 7, 8, 9)).data
     assert parsed(data)["Date"].datetime == NOW
+
+
+@pytest.mark.parametrize(
+    ("content_type", "content", "charset"),
+    [
+        ("text/plain", "Grüße aus Köln\n".encode(), "utf-8"),
+        ("text/csv", "name,city\nZoë,Zürich\n".encode(), "utf-8"),
+        ("text/plain", b"plain ASCII\n", None),  # US-ASCII, the default, is right
+        ("text/plain", "Grüße\n".encode("latin-1"), None),  # not UTF-8: nothing guessed
+        ("text/plain; charset=iso-8859-1", "Grüße\n".encode("latin-1"), "iso-8859-1"),
+        ("application/octet-stream", "Grüße\n".encode(), None),
+    ],
+)
+def test_a_text_attachment_given_as_utf8_bytes_says_its_charset(
+    content_type: str, content: bytes, charset: str | None
+) -> None:
+    # Without a charset parameter text is US-ASCII (RFC 2046 §4.1.2): a UTF-8 attachment
+    # was shown as "Gr����e" by readers and by get_content() of the received copy.
+    email = Email(
+        from_="a@example.com",
+        to="b@example.org",
+        text="See the file.",
+        attachments=[Attachment(filename="f.txt", content=content, content_type=content_type)],
+    )
+    part = next(parsed(prepare(email, now=NOW).data).iter_attachments())
+    assert part.get_param("charset") == charset
+    assert part.get_payload(decode=True) == content
+    assert str(part["Content-Type"]).count("charset") == (charset is not None)
+    if charset is not None:
+        assert part.get_content() == content.decode(charset)

@@ -199,7 +199,7 @@ class _Builder:
             cte, body = "7bit", _seven_bit(part)
         else:
             cte, body = "base64", _base64(part.content)
-        params = [piece for name, value in part.params for piece in parameter(name, value)]
+        params = [piece for name, value in _params(part) for piece in parameter(name, value)]
         disposition = "inline" if part.inline else "attachment"
         fields = [
             _with_params("Content-Type", content_type, params),
@@ -210,6 +210,26 @@ class _Builder:
             fields.append(f"Content-ID: {part.content_id}")
         _check_sizes(fields)
         return _Node(fields, body)
+
+
+def _params(part: Part) -> tuple[tuple[str, str], ...]:
+    """The Content-Type parameters of ``part``: the caller's, and for text whose octets
+    are UTF-8 but not ASCII and whose charset is not given, ``charset=utf-8``.
+
+    Text without a charset is US-ASCII (RFC 2046 §4.1.2), so readers (and the stdlib's
+    ``get_content()``) showed such an attachment garbled. Octets that are not UTF-8 get
+    no charset: it cannot be known, and a wrong one is no better than none.
+    """
+    params = part.params
+    if part.maintype != "text" or part.content.isascii():
+        return params
+    if any(name == "charset" for name, _ in params):
+        return params
+    try:
+        part.content.decode("utf-8")
+    except UnicodeDecodeError:
+        return params
+    return (*params, ("charset", "utf-8"))
 
 
 def _with_params(name: str, value: str, params: list[str]) -> str:
