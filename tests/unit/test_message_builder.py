@@ -160,6 +160,23 @@ def test_content_type_parameters_are_kept() -> None:
     assert part.get_param("charset") == "us-ascii"
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain; charset=utf-8; charset=iso-8859-1",
+        'text/plain; Charset="utf-8"; CHARSET=koi8-r',
+        "application/pdf; name=a.pdf; x=1; NAME=b.exe",
+    ],
+)
+def test_a_content_type_naming_a_parameter_twice_is_refused(content_type: str) -> None:
+    # RFC 6838 §4.3: a parameter given more than once is an error. Readers differ on
+    # which one counts (the stdlib takes the first, others the last): both were sent, so
+    # the text was decoded in a charset, or saved under a name, other than the one meant.
+    attachment = Attachment(filename="x.txt", content=b"x", content_type=content_type)
+    with pytest.raises(InvalidAttachment, match="more than once"):
+        prepare(Email(from_=FROM, to=TO, attachments=[attachment]))
+
+
 @pytest.mark.timeout(20)  # the fault was a hang: 40 s of CPU, growing as the square
 @pytest.mark.parametrize("tail", ["", "; charset=utf-8", ";", '; name="a b"'])
 def test_a_content_type_with_long_white_space_is_read_in_linear_work(tail: str) -> None:

@@ -500,4 +500,11 @@ def _content_type(value: object, filename: str) -> tuple[str, tuple[tuple[str, s
         # RFC 2231 extended or continued parameters are percent-encoded: sent as given, a
         # value could decode to CR LF or anything else. Plain values are encoded here.
         raise invalid("parameter names with '*' (RFC 2231) are not taken; give the plain value")
+    seen: set[str] = set()
+    for name, _ in params:
+        if name in seen:
+            # RFC 6838 §4.3. Readers differ on which one counts (the stdlib takes the
+            # first): the text would be read in another charset, or saved under another name.
+            raise invalid(f"parameter {name!r} is given more than once (RFC 6838 §4.3)")
+        seen.add(name)
     return content_type, params
