@@ -6,6 +6,7 @@ fix it covers.
 
 from __future__ import annotations
 
+import base64
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from mailstrom.errors import (
     InvalidAttachment,
     InvalidHeaderValue,
     InvalidMessage,
+    LineTooLong,
     NestingTooDeep,
     TooManyHeaderFields,
     TooManyParts,
@@ -428,6 +430,39 @@ def test_message_rfc822_attachment_with_long_lines_is_encoded_inside() -> None:
     forwarded = part.get_payload()[0]
     assert forwarded["Subject"] == subject
     assert forwarded.get_content() == html.replace("\n", "\r\n")
+
+
+def test_an_attached_message_with_unwrapped_base64_is_wrapped_inside() -> None:
+    """A message whose attachment is base64 on one line (PHP's base64_encode() without
+    chunk_split(), which Postfix passes on), forwarded as message/rfc822, was refused
+    with LineTooLong telling the application to "encode the body as quoted-printable or
+    base64": it was base64, and a message/rfc822 may not be encoded (RFC 2046 §5.2.1).
+    Its lines are now 76 characters (RFC 2045 §6.8); decoders ignore line breaks, so the
+    attachment decodes to the same octets."""
+    pdf = bytes(range(256)) * 8
+    inner = (
+        b"From: c@example.net\nSubject: report\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/mixed; boundary="b1"\n\n--b1\n'
+        b"Content-Type: text/plain\n\nSee the file.\n--b1\n"
+        b"Content-Type: application/pdf\nContent-Transfer-Encoding: base64\n\n"
+        + base64.b64encode(pdf)
+        + b"\n--b1--\n"
+    )
+    attachment = Attachment(filename="fwd.eml", content=inner, content_type="message/rfc822")
+    prepared = prepare(email(text="see attached", attachments=[attachment]), now=NOW)
+    assert max(map(len, prepared.data.split(b"\r\n"))) <= 76
+    part = next(p for p in parsed(prepared.data).walk() if p.get_content_type() == "message/rfc822")
+    assert part["Content-Transfer-Encoding"] == "7bit"
+    forwarded = part.get_payload()[0]
+    assert forwarded["Subject"] == "report"
+    file = next(p for p in forwarded.walk() if p.get_content_type() == "application/pdf")
+    assert file.get_payload(decode=True) == pdf
+    assert not file.defects
+    # A "-" is no base64: wrapped, "--b1--" could start a line and close the multipart.
+    broken = inner.replace(b"\n--b1--", b"x" * 1000 + b"--b1--\n--b1--")
+    attachment = Attachment(filename="fwd.eml", content=broken, content_type="message/rfc822")
+    with pytest.raises(LineTooLong):
+        prepare(email(text="see attached", attachments=[attachment]), now=NOW)
 
 
 # --- #10 the 7-bit downgrade --------------------------------------------------------------

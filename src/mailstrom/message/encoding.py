@@ -327,9 +327,9 @@ def encode_long_lines(data: bytes) -> bytes:
     (:func:`fold_line`). Programs hand sendmail such mail as it is (PHP's mail() with its
     HTML on one line, cron and logwatch with a long log line, a forwarded message),
     Postfix and Sendmail send it on, and prepare() refused it (exit 65: the mail was
-    lost). The content is unchanged: a reader unfolds and decodes it. Anything else (a
-    preamble, a header line without white space to fold at) is left as it was, for
-    prepare() to judge."""
+    lost). A base64 body with such a line is put in lines of 76 characters. The content
+    is unchanged: a reader unfolds and decodes it. Anything else (a preamble, a header
+    line without white space to fold at) is left as it was, for prepare() to judge."""
     if len(data) <= MAX_LINE:
         return data
     crlf = to_crlf(data)
@@ -404,6 +404,17 @@ def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
                 cte, encoded = "base64", base64_lines(raw)
             out += (_with_field(head, "Content-Transfer-Encoding", cte), encoded)
             return done | _ENCODED
+        if leaf and item.cte == "base64" and not item.repeated:
+            # Base64 on one line (PHP's base64_encode() without chunk_split()): in lines
+            # of 76 characters (RFC 2045 §6.8). Decoders skip line breaks, so the content
+            # is the same. With a "-", which is no base64, a new line could start with a
+            # delimiter: left as it was.
+            chars = b"".join(data[item.body : item.end].split())
+            if b"-" not in chars:
+                size = ENCODED_LINE
+                lines = [chars[i : i + size] for i in range(0, len(chars), size)]
+                out += (head, b"\r\n".join(lines) + b"\r\n")
+                return done | _FOLDED
     out += (head, data[item.body : item.end])
     return done
 
