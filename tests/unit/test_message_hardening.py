@@ -7,6 +7,7 @@ fix it covers.
 from __future__ import annotations
 
 import base64
+import quopri
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -463,6 +464,31 @@ def test_an_attached_message_with_unwrapped_base64_is_wrapped_inside() -> None:
     attachment = Attachment(filename="fwd.eml", content=broken, content_type="message/rfc822")
     with pytest.raises(LineTooLong):
         prepare(email(text="see attached", attachments=[attachment]), now=NOW)
+
+
+def test_an_attached_message_with_unwrapped_quoted_printable_is_wrapped_inside() -> None:
+    """A forwarded message whose HTML is quoted-printable without soft line breaks (a
+    2,000-octet line, "=3D" and "=C3=A9" escapes in it) was refused with LineTooLong
+    telling the application to "encode the body as quoted-printable or base64", which
+    it was; an attached message/rfc822 may not be encoded itself (RFC 2046 §5.2.1). Its
+    lines now end by 76 characters with soft line breaks (RFC 2045 §6.7), never inside
+    an escape nor before a "--", so it decodes to the same text."""
+    html = '<p class="x">' + "Grüße -- " * 200 + "</p>"
+    body = quopri.encodestring(html.encode()).replace(b"=\n", b"")
+    assert max(map(len, body.split(b"\n"))) > 998
+    inner = (
+        b"From: c@example.net\nSubject: fwd\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/alternative; boundary="b1"\n\n--b1\n'
+        b"Content-Type: text/html; charset=utf-8\n"
+        b"Content-Transfer-Encoding: quoted-printable\n\n" + body + b"\n--b1--\n"
+    )
+    attachment = Attachment(filename="fwd.eml", content=inner, content_type="message/rfc822")
+    prepared = prepare(email(text="see attached", attachments=[attachment]), now=NOW)
+    assert max(map(len, prepared.data.split(b"\r\n"))) <= 76
+    part = next(p for p in parsed(prepared.data).walk() if p.get_content_type() == "message/rfc822")
+    forwarded = part.get_payload()[0]
+    [html_part] = forwarded.get_payload()
+    assert html_part.get_content() == html
 
 
 # --- #10 the 7-bit downgrade --------------------------------------------------------------

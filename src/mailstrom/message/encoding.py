@@ -327,9 +327,10 @@ def encode_long_lines(data: bytes) -> bytes:
     (:func:`fold_line`). Programs hand sendmail such mail as it is (PHP's mail() with its
     HTML on one line, cron and logwatch with a long log line, a forwarded message),
     Postfix and Sendmail send it on, and prepare() refused it (exit 65: the mail was
-    lost). A base64 body with such a line is put in lines of 76 characters. The content
-    is unchanged: a reader unfolds and decodes it. Anything else (a preamble, a header
-    line without white space to fold at) is left as it was, for prepare() to judge."""
+    lost). A base64 or quoted-printable body with such a line is put in lines of 76
+    characters. The content is unchanged: a reader unfolds and decodes it. Anything else
+    (a preamble, a header line without white space to fold at) is left as it was, for
+    prepare() to judge."""
     if len(data) <= MAX_LINE:
         return data
     crlf = to_crlf(data)
@@ -404,6 +405,13 @@ def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
                 cte, encoded = "base64", base64_lines(raw)
             out += (_with_field(head, "Content-Transfer-Encoding", cte), encoded)
             return done | _ENCODED
+        if leaf and item.cte == "quoted-printable" and not item.repeated:
+            # Quoted-printable without soft line breaks: they are added (RFC 2045 §6.7),
+            # so the text decodes the same.
+            wrapped = _soft_breaks(data[item.body : item.end])
+            if wrapped is not None:
+                out += (head, wrapped)
+                return done | _FOLDED
         if leaf and item.cte == "base64" and not item.repeated:
             # Base64 on one line (PHP's base64_encode() without chunk_split()): in lines
             # of 76 characters (RFC 2045 §6.8). Decoders skip line breaks, so the content
@@ -417,6 +425,28 @@ def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
                 return done | _FOLDED
     out += (head, data[item.body : item.end])
     return done
+
+
+def _soft_breaks(body: bytes) -> bytes | None:
+    """The quoted-printable ``body`` (CRLF lines) with each line over 76 characters
+    broken by soft line breaks (``=`` CRLF, RFC 2045 §6.7 rule 5), never inside an
+    ``=XX`` escape nor before ``--`` (a new line starting so could be a delimiter); None
+    when a line cannot be broken so (a run of "-")."""
+    out: list[bytes] = []
+    for line in body.split(b"\r\n"):
+        start = 0  # offsets, not slices: a 10 MB line is not copied for every cut
+        while len(line) - start > ENCODED_LINE:
+            cut = start + ENCODED_LINE - 1  # room for the "="
+            while cut > start and (
+                line.find(b"=", max(cut - 2, start), cut) >= 0 or line.startswith(b"--", cut)
+            ):
+                cut -= 1
+            if cut == start:
+                return None
+            out.append(line[start:cut] + b"=")
+            start = cut
+        out.append(line[start:])
+    return b"\r\n".join(out)
 
 
 def _fold_head(head: bytes) -> bytes:
