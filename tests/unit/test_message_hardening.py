@@ -679,6 +679,29 @@ def test_delivery_status_attachment_is_sent_7bit() -> None:
         prepare(email(attachments=[bad]), now=NOW)
 
 
+@pytest.mark.parametrize(
+    "content_type", ["message/delivery-status", "message/disposition-notification"]
+)
+def test_a_status_attachment_with_a_long_field_is_folded(content_type: str) -> None:
+    """A bounce built as an Email with a message/delivery-status part quoting the remote
+    server's reply (a Diagnostic-Code of 1,500 octets: Gmail's and Microsoft's replies run
+    long) was refused with LineTooLong, telling to encode a part that must be 7bit text
+    (RFC 3464 §2: its fields are header fields). Such a line is now folded at white space,
+    as a header line is (RFC 5322 §2.2.3); unfolded, the field reads the same."""
+    reply = "smtp; 550-5.7.1 " + " ".join(f"word{i}" for i in range(250))
+    status = (
+        "Reporting-MTA: dns; mx.example.org\n\nFinal-Recipient: rfc822; b@example.org\n"
+        f"Action: failed\nStatus: 5.7.1\nDiagnostic-Code: {reply}\n"
+    ).encode()
+    assert len(reply) > 998
+    attachment = Attachment(filename="s", content=status, content_type=content_type)
+    prepared = prepare(email(text="undeliverable", attachments=[attachment]), now=NOW)
+    assert max(map(len, prepared.data.split(b"\r\n"))) <= 998
+    body = prepared.data.partition(b"Reporting-MTA:")[2]
+    unfolded = (b"Reporting-MTA:" + body).replace(b"\r\n ", b" ")
+    assert b"Diagnostic-Code: " + reply.encode() + b"\r\n" in unfolded
+
+
 @pytest.mark.parametrize("address", ["bob@", "bob@@", "@", "<bob@>", "a@b@"])
 def test_malformed_address_reason_is_plain(address: str) -> None:
     """Hardening #12: `bob@` leaked IndexError('string index out of range') into the

@@ -34,8 +34,10 @@ from mailstrom.message.bounds import MAX_PARTS, check_header_section, too_many_p
 from mailstrom.message.builder import Draft, Part
 from mailstrom.message.chars import shorten
 from mailstrom.message.encoding import (
+    MAX_LINE,
     downgrade_to_7bit,
     encode_long_lines,
+    fold_line,
     quoted_printable,
     to_crlf,
 )
@@ -349,4 +351,16 @@ def _seven_bit(part: Part) -> bytes:
             "text without NUL (RFC 2046 §5.2); use its message/global-* form for UTF-8",
             filename=part.filename,
         )
+    if part.content_type in _FIELDS_ONLY and len(content) > MAX_LINE:
+        # A Diagnostic-Code quoting a remote server's long reply: folded as a header
+        # line is (RFC 5322 §2.2.3), since the part may not be encoded.
+        lines = content.split(b"\r\n")
+        content = b"\r\n".join(piece for line in lines for piece in fold_line(line))
     return content
+
+
+_FIELDS_ONLY = frozenset(
+    {"message/delivery-status", "message/disposition-notification", "message/feedback-report"}
+)
+"""message/* types whose body is groups of header fields (RFC 3464 §2, RFC 8098 §3.1,
+RFC 5965 §3), so a long line may be folded."""
