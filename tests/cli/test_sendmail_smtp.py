@@ -4,11 +4,13 @@ as ``sendmail`` queues one, with the envelope of MAIL and RCPT."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import smtplib
 import socket
 import subprocess
 import sys
+import threading
 from email.message import EmailMessage
 from io import BytesIO
 
@@ -151,18 +153,22 @@ def run_script(script: bytes) -> tuple[int, list[bytes]]:
         return f"id{len(queued)}"
 
     read, write = os.pipe()
+
+    def feed() -> None:
+        # From a thread: a script larger than the pipe's buffer is read while written.
+        with contextlib.suppress(BrokenPipeError), open(write, "wb") as pipe:
+            pipe.write(script)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
     try:
-        os.write(write, script)
-        os.close(write)
-        write = -1
         source = LineSource(read, timeout=60.0)
         out = BytesIO()
         session = Session(source=source, out=out, helo_name="h.test", max_size=10_000, queue=queue)
         return session.run(), queued
     finally:
-        os.close(read)
-        if write >= 0:
-            os.close(write)
+        os.close(read)  # a writer still writing gets EPIPE and ends
+        writer.join()
 
 
 def test_the_end_of_input_with_a_message_unfinished_exits_non_zero() -> None:
@@ -390,3 +396,24 @@ def test_an_alias_going_nowhere_usable_is_550_or_553_not_a_syntax_error(cli: CLI
     assert lines[5].startswith("501 5.1.3 ")
     [message] = cli.ok("queue", "--json").json()
     assert [r["address"] for r in message["recipients"]] == ["bob@example.test"]
+
+
+def test_a_dot_inside_a_long_line_of_a_too_large_message_does_not_end_data() -> None:
+    """A message over the limit is read on to its end in pieces; a piece that happened to
+    start a long line's tail with ``.`` CRLF was taken for the end of DATA, and the rest of
+    the message was read as commands: a MAIL, RCPT and DATA inside the body were obeyed
+    and their message queued (SMTP smuggling through the session)."""
+    header = b"Subject: big\r\n\r\n"
+    # The first read of the line stops one octet past the limit (10,000 octets); the rest
+    # is read 64 KiB at a time, so that this line's final ".\r\n" arrives as a piece.
+    cut = 10_000 - len(header) + 1
+    line = b"y" * (cut + 65536) + b".\r\n"
+    injected = transaction(b"evil@example.test", [b"victim@example.test"], b"Subject: x\r\n\r\n")
+    script = (
+        b"EHLO c\r\n"
+        + transaction(b"a@example.test", [b"b@example.test"], header + line + injected)
+        + b"QUIT\r\n"
+    )
+    code, queued = run_script(script)
+    assert queued == []
+    assert code == 65

@@ -304,6 +304,7 @@ class Session:
         limit (read on to its end) or the input ends before that line."""
         lines: list[bytes] = []
         size = 0
+        start = True  # the piece read begins a line (the one before ended one)
         while True:
             # Bounded as sendmail's read_until_dot() bounds it: a line over 998 octets is
             # read whole (build() encodes its body), never past the size limit.
@@ -311,11 +312,15 @@ class Session:
             line = self.source.readline(bound)
             if not line:
                 return None
-            if line.rstrip(b"\r\n") == b"." and line.endswith(b"\n"):
+            # Only a whole line is the end of data or dot-stuffed: a piece of a longer
+            # line that starts with a dot (".\r\n" at the end of a 64 KiB piece of a
+            # too large message) is message text, never commands to read after it.
+            at_start, start = start, line.endswith(b"\n")
+            if at_start and line.rstrip(b"\r\n") == b"." and line.endswith(b"\n"):
                 return b"".join(lines) if size >= 0 else None
             if size < 0:
                 continue  # too large already: read to the end, keep nothing
-            if line.startswith(b"."):
+            if at_start and line.startswith(b"."):
                 line = line[1:]
             size += len(line)
             if size > self.max_size:
