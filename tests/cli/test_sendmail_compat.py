@@ -11,6 +11,7 @@ import email.policy
 import fcntl
 import getpass
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -423,3 +424,48 @@ def test_a_long_line_in_a_part_header_or_an_attached_message_is_not_refused(cli:
     assert inner["Content-Transfer-Encoding"] == "quoted-printable"
     assert inner["MIME-Version"] == "1.0"
     assert inner.get_payload(decode=True) == line.encode()  # the CRLF is the delimiter's
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or os.geteuid() != 0, reason="needs root")
+def test_a_user_without_a_name_is_told_to_give_a_sender() -> None:
+    """A container run with a uid of no passwd entry (OpenShift's, ``docker run -u``) and
+    no LOGNAME or USER: a message without From and without -f has no author to sign with,
+    and getpass's KeyError was an "internal error" (70), a bug to report. It is a message
+    that needs a From or -f (65), and the error says so; with -f it is signed by that."""
+    from mailstrom.cli.exits import exit_code_for, reason_for
+    from mailstrom.cli.sendmail import SendmailArgs, build
+
+    uid = 54321
+    assert all(entry.pw_uid != uid for entry in pwd.getpwall())
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(read)
+        answer = "?"
+        try:
+            for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+                os.environ.pop(name, None)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            message = b"Subject: x\n\nbody\n"
+            results = []
+            for sender in (None, "app@example.test"):
+                args = SendmailArgs(sender=sender, recipients=["bob@example.test"])
+                try:
+                    data, _ = build(message, args, default_domain="host.example.test")
+                    results.append(f"ok {data.splitlines()[0].decode()}")
+                except Exception as exc:
+                    results.append(f"{exit_code_for(exc)} {reason_for(exc)}")
+            answer = "\n".join(results)
+        finally:
+            os.write(write, answer.encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        refused, signed = pipe.read().decode().split("\n")
+    os.waitpid(child, 0)
+    assert refused.startswith("65 "), refused
+    assert "internal error" not in refused
+    assert "-f" in refused and "From" in refused
+    assert signed == "ok From: app@example.test"

@@ -19,6 +19,7 @@ import argparse
 import codecs
 import dataclasses
 import getpass
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -334,7 +335,7 @@ def build(
     for name, missing in (("From", True), ("Resent-From", resending)):
         if missing and not section.values(name):
             named = args.sender if envelope_sender(args.sender, default_domain) else None
-            text = named or getpass.getuser()
+            text = named or _user_name(name)
             box = _bare_mailbox(text, default_domain)
             # The name of ``root (Cron Daemon)`` is its comment, as qualify_headers()
             # reads ``From: root (Cron Daemon)``.
@@ -368,6 +369,22 @@ def build(
         )
         raise UsageError(hint)
     return data, recipients
+
+
+def _user_name(field: str) -> str:
+    """The invoking user's login name, the author of a message without ``field`` (From or
+    Resent-From) and without -f; CLIError (65) when there is none: a uid of no passwd
+    entry (a container run as an arbitrary uid) without LOGNAME or USER made getpass
+    raise KeyError (OSError on newer Pythons), reported as an internal error (70)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        raise CLIError(
+            f"the message has no {field} header and there is no -f, and user id "
+            f"{os.getuid()} has no name (no passwd entry, LOGNAME and USER unset) to sign "
+            f"it with: give -f ADDRESS or a {field} header",
+            EX_DATAERR,
+        ) from None
 
 
 def utf8_header_section(data: bytes) -> bytes:
