@@ -417,3 +417,26 @@ def test_a_dot_inside_a_long_line_of_a_too_large_message_does_not_end_data() -> 
     code, queued = run_script(script)
     assert queued == []
     assert code == 65
+
+
+def test_an_address_that_is_no_utf8_is_refused_not_mangled(cli: CLI) -> None:
+    """An ISO-8859-1 ``ü`` in MAIL or RCPT was decoded with U+FFFD in its place and
+    taken: the message was queued from and to ``b\ufffdb@example.test``, an address no one
+    gave, which fails at delivery or reaches a mailbox of that name. RFC 6531 addresses
+    are UTF-8; these get 501, as the plain ``sendmail`` path refuses them (65)."""
+    script = (
+        b"EHLO c\r\n"
+        b"MAIL FROM:<j\xfcrgen@example.test>\r\n"
+        b"MAIL FROM:<a@example.test>\r\n"
+        b"RCPT TO:<b\xfcb@example.test>\r\n"
+        b"RCPT TO:<carol@example.test>\r\n"
+        b"DATA\r\n" + MESSAGE + b".\r\nQUIT\r\n"
+    )
+    result = session(cli, script)
+    assert codes(result) == ["220", "250", "501", "250", "501", "250", "354", "250", "221"]
+    lines = [line for line in replies(result) if line[3:4] != "-"]
+    assert lines[2].startswith("501 5.1.7 ")
+    assert lines[4].startswith("501 5.1.3 ")
+    [message] = cli.ok("queue", "--json").json()
+    assert message["envelope_from"] == "a@example.test"
+    assert [r["address"] for r in message["recipients"]] == ["carol@example.test"]

@@ -194,7 +194,9 @@ class Session:
                     return self.lost("inside a command line")
                 discarded += len(line)
             return self.error("500 5.5.2 Error: line too long")
-        text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+        # Octets that are no UTF-8 are kept as surrogates, never replaced by U+FFFD: an
+        # address holding them is refused at its MAIL or RCPT (501), not queued mangled.
+        text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         handler = _COMMANDS.get(verb)
