@@ -469,3 +469,24 @@ def test_a_user_without_a_name_is_told_to_give_a_sender() -> None:
     assert "internal error" not in refused
     assert "-f" in refused and "From" in refused
     assert signed == "ok From: app@example.test"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bob@example.test", "-oi"],
+        ["bob@example.test", "-f", "app@example.test"],
+        ["-i", "bob", "-t"],
+    ],
+)
+def test_an_option_after_a_recipient_is_refused_not_mailed_to(cli: CLI, argv: list[str]) -> None:
+    """Options end at the first recipient, so ``sendmail bob@example.test -oi`` queued the
+    message for ``-oi@origin`` too, and ``... -f app@example.test`` for ``-f@origin`` and
+    for the would-be sender as a recipient (exit 0). Sendmail on glibc reads such options
+    as options and Postfix bounces the ``-`` addresses (allow_min_user=no); no user name
+    starts with ``-``: it is a misplaced option, 64, and nothing is queued."""
+    _origin(cli)
+    result = cli("sendmail", *argv, stdin=b"Subject: x\n\nbody\n")
+    assert result.code == 64, result.err
+    assert "option" in result.err and "before" in result.err
+    assert cli.queue_ids() == []

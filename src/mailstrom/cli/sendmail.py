@@ -578,6 +578,7 @@ def _enqueue(args: SendmailArgs) -> int:
     # message still carries a DSN request (NOTIFY left to the server), as an MTA's mail
     # does: the worker then bounces final failures to the sender (docs/guide.md).
     dsn = args.dsn() or DSN()
+    _refuse_misplaced_options(args.recipients)
     settings = sendmail_settings()
     require_lasting_store(settings)  # before the message is read: the caller keeps it
     message = read_message(
@@ -585,6 +586,22 @@ def _enqueue(args: SendmailArgs) -> int:
     )
     queue_message(settings, message, args, dsn)
     return EX_OK
+
+
+def _refuse_misplaced_options(recipients: Sequence[str]) -> None:
+    """UsageError for a recipient argument that is a bare name starting with ``-``.
+
+    Options end at the first recipient, so ``sendmail bob@example.org -oi`` named
+    ``-oi`` as a recipient, which the origin made ``-oi@origin``, and ``... -f
+    app@example.org`` mailed the would-be sender. No user name starts with ``-``
+    (Postfix bounces such addresses, allow_min_user; Sendmail on glibc reads them as
+    options): it is an option given too late. An address with a domain is taken."""
+    for text in recipients:
+        if text.startswith("-") and is_bare(text.strip()):
+            raise UsageError(
+                f"recipient {shorten(text, 40)} looks like an option: options go before "
+                "the recipients"
+            )
 
 
 def queue_message(settings: Settings, message: bytes, args: SendmailArgs, dsn: DSN) -> str:
