@@ -440,3 +440,23 @@ def test_an_address_that_is_no_utf8_is_refused_not_mangled(cli: CLI) -> None:
     [message] = cli.ok("queue", "--json").json()
     assert message["envelope_from"] == "a@example.test"
     assert [r["address"] for r in message["recipients"]] == ["carol@example.test"]
+
+
+def test_one_rcpt_names_one_recipient(cli: CLI) -> None:
+    """RCPT takes one forward-path (RFC 5321 §4.1.1.3). A comma-separated list in it was
+    read as the command-line arguments are and queued as several recipients for one
+    "250 2.1.5 Ok": the 1,000-RCPT bound (452, after which a client sends the rest in
+    another transaction) counted commands, not recipients. It is a syntax error now."""
+    script = (
+        b"EHLO c\r\n"
+        b"MAIL FROM:<a@example.test>\r\n"
+        b"RCPT TO:<b@example.test,c@example.test>\r\n"
+        b"RCPT TO:<d@example.test>\r\n"
+        b"DATA\r\n" + MESSAGE + b".\r\nQUIT\r\n"
+    )
+    result = session(cli, script)
+    assert codes(result) == ["220", "250", "250", "501", "250", "354", "250", "221"]
+    lines = [line for line in replies(result) if line[3:4] != "-"]
+    assert lines[3].startswith("501 5.1.3 ")
+    [message] = cli.ok("queue", "--json").json()
+    assert [r["address"] for r in message["recipients"]] == ["d@example.test"]

@@ -672,7 +672,14 @@ def _serve_smtp(args: SendmailArgs) -> int:
         if not aliases:
             path = aliases_path(settings.values.get("sendmail.aliases"))
             aliases.append(read_aliases(path) if path else {})
-        for address in _argument_addresses(recipient, origin):
+        addresses = _argument_addresses(recipient, origin)
+        if len(addresses) > 1:
+            # A list is for the command line: RCPT takes one forward-path (RFC 5321
+            # §4.1.1.3), and MAX_RECIPIENTS counts RCPT commands.
+            raise InvalidMessage(
+                f"{shorten(recipient, 100)} is {len(addresses)} addresses; RCPT names one"
+            )
+        for address in addresses:
             targets = expand(address, aliases[0], origin)
             if not (is_bare(address) and address.lower() in aliases[0]):
                 if not targets:  # a program, file or include named in RCPT itself
