@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
 import json
 import re
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
 from tests.cli.conftest import CLI, MailEnv, ended
+from tests.fixtures.smtp_server import ReceivingServer
 
 
 def send(cli: CLI, *extra: str, to: str = "bob@example.test") -> str:
@@ -388,3 +392,33 @@ def test_sigterm_leaves_every_attempt_line_written(mail_env: MailEnv) -> None:
     assert "stopping" in events  # SIGTERM came while it ran (deliveries may still finish)
     assert events[-1] == "worker stopped"
     assert next(line for line in lines if line["event"] == "worker stopped")["delivered"] == 5
+
+
+def test_sendmail_latin1_from_name_reaches_a_server_without_smtputf8(
+    mail_env: MailEnv, smtp_server: Callable[..., ReceivingServer]
+) -> None:
+    """A PHP site kept in ISO-8859-1 writes ``From: Jörg Müller <shop@...>`` and declares
+    the charset; sendmail reads the header section in it and wrote the Subject as encoded
+    words (so that no SMTPUTF8 is needed), but the From name as raw UTF-8: the message
+    then needed SMTPUTF8, and every server without it refused it for good (553 5.6.7),
+    where Postfix delivers it. Address fields' names are encoded words too now."""
+    cli = mail_env.cli
+    mx = smtp_server(smtputf8=False)
+    cli.env["MAILSTROM_SMTP_PORT"] = str(mx.port)
+    message = (
+        "From: Jörg Müller <shop@client.test>\n"
+        "To: Bob Bäcker <bob@example.test>\n"
+        "Subject: Bestätigung\n"
+        "Content-Type: text/plain; charset=ISO-8859-1\n"
+        "\n"
+        "Vielen Dank\n"
+    ).encode("latin-1")
+    cli.ok("sendmail", "-t", "-i", stdin=message)
+    cli.ok("worker", "--once", "--no-live")
+
+    [received] = mx.messages
+    assert received.content.partition(b"\r\n\r\n")[0].isascii()
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert str(parsed["From"]) == "Jörg Müller <shop@client.test>"
+    assert str(parsed["To"]) == "Bob Bäcker <bob@example.test>"
+    assert str(parsed["Subject"]) == "Bestätigung"

@@ -215,6 +215,22 @@ def qualify_headers(data: bytes, origin: str) -> bytes:
     return b"".join(out) + body if changed else data
 
 
+def address_field(name: str, value: str, origin: str) -> str:
+    """The address field ``name: value`` written again, folded with CRLF: each mailbox as
+    :func:`format_address` writes it (a display name that is not ASCII as encoded words),
+    bare names given the origin, groups kept; InvalidMessage when ``value`` is no address
+    list (the caller leaves the field for prepare() to refuse with its reason)."""
+    unfolded = " ".join(value.split())
+    pairs = getaddresses([unfolded])
+    groups = parse_local_address_list(name, unfolded, origin)
+    items = [
+        item.encode("utf-8", "surrogateescape")
+        for item in _list_items(groups, [p for p in pairs if p[1]], origin)
+    ]
+    start = name.encode("utf-8", "surrogateescape") + b": "
+    return _folded(start, items, b"\r\n").decode("utf-8", "surrogateescape")
+
+
 def _list_items(
     groups: Sequence[Group], pairs: Sequence[tuple[str, str]], origin: str
 ) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import dataclasses
 import getpass
 import os
@@ -41,6 +42,8 @@ from mailstrom.cli.exits import (
     reason_for,
 )
 from mailstrom.cli.localnames import (
+    REWRITTEN_HEADERS,
+    address_field,
     aliases_path,
     default_origin,
     expand,
@@ -325,7 +328,7 @@ def build(
     :mod:`mailstrom.cli.localnames`)."""
     if not data.strip():
         raise CLIError("no message on standard input", EX_NOINPUT)
-    data = utf8_header_section(end_header_section(data))
+    data = utf8_header_section(end_header_section(data), default_domain)
     # prepare()'s parser (which bounds the section first): what it reads, -t reads.
     section = split_header_section(data)
     resending = any(field.name in _RESENT_RECIPIENTS for field in section.fields)
@@ -387,7 +390,7 @@ def _user_name(field: str) -> str:
         ) from None
 
 
-def utf8_header_section(data: bytes) -> bytes:
+def utf8_header_section(data: bytes, origin: str) -> bytes:
     """``data`` with a header section that is not UTF-8 transcoded to UTF-8 from the
     charset its Content-Type declares, when the octets are text in that charset.
 
@@ -396,7 +399,8 @@ def utf8_header_section(data: bytes) -> bytes:
     send such a header on, and prepare() refused it (exit 65, raw 8-bit headers must be
     UTF-8, RFC 6532). In UTF-8 it reads the same and is what prepare() takes. Without a
     declared charset, or octets that are no text in it, nothing is guessed: the message
-    is left for prepare() to refuse with its reason."""
+    is left for prepare() to refuse with its reason. Bare names in its address fields
+    get ``origin``, as :func:`~mailstrom.cli.localnames.qualify_headers` gives them."""
     crlf = to_crlf(data)
     body = mime.body_start(crlf, 0, len(crlf))
     head = crlf[:body]
@@ -415,7 +419,7 @@ def utf8_header_section(data: bytes) -> bytes:
         return data
     if _ASCII.decode(codec.name, "replace") != _ASCII.decode("ascii"):
         return data  # not a superset of ASCII (UTF-16...): field names would change
-    return _words_for_text(text).encode("utf-8") + crlf[body:]
+    return _words_for_text(text, origin).encode("utf-8", "surrogateescape") + crlf[body:]
 
 
 _ASCII = bytes(range(128))
@@ -425,9 +429,12 @@ are not ASCII: raw UTF-8 in them needs a server offering SMTPUTF8, which the ISO
 mail of old scripts never did."""
 
 
-def _words_for_text(head: str) -> str:
+def _words_for_text(head: str, origin: str) -> str:
     """``head`` (a header section, CRLF lines) with each field of :data:`_TEXT_FIELDS`
-    that is not ASCII written as encoded words; the other fields as they were."""
+    that is not ASCII written as encoded words, and the display names of each address
+    field that is not ASCII too (the names of ``From: Jörg <shop@example.org>`` as raw
+    UTF-8 made the message need SMTPUTF8, refused for good by servers without it); the
+    other fields as they were."""
     fields: list[list[str]] = []
     for line in head.split("\r\n"):
         if line[:1] in (" ", "\t") and fields:
@@ -442,6 +449,9 @@ def _words_for_text(head: str) -> str:
             # Unfolded (the line breaks removed only, RFC 5322 §2.2.3) and written again.
             text = value.replace("\r\n", "").strip(" \t")
             raw = unstructured_field(name.strip(), text, utf8=False)
+        elif colon and name.strip().lower() in REWRITTEN_HEADERS and not raw.isascii():
+            with contextlib.suppress(InvalidMessage):  # prepare() refuses it, saying why
+                raw = address_field(name.strip(), value, origin)
         out.append(raw)
     return "\r\n".join(out)
 
