@@ -188,7 +188,7 @@ def test_sqlite_dashboard_pages_and_the_cli_show_rows_whose_times_are_no_time(
     env["MAILSTROM_STORE"] = f"sqlite:///{sqlite_store.path}"
     listed = CLI(cwd=tmp_path, env=env).ok("queue", "--suspended").out.splitlines()
     assert listed[1].split()[0] == GOOD_DOMAIN
-    assert listed[2].split() == [VICTIM_DOMAIN, "-", "resumed"]
+    assert listed[2].split() == [VICTIM_DOMAIN, "-", "until", "resumed"]
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------
