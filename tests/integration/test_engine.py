@@ -25,12 +25,11 @@ from mailstrom.message import prepare
 from mailstrom.runtime import worker as worker_module
 from mailstrom.runtime.connection import SMTPConnection, StartTLS
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
-from mailstrom.stores.base import LeasedRecipient, WorkItem
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory
 from tests.support.delivery import LOOPS, Results, loopback_config
-from tests.support.scripted import NOW, scripted_dispatcher
+from tests.support.scripted import scripted_dispatcher, work_item
 from tests.support.skew import eventually
 from tests.support.stopped_writer import stopped_writer
 
@@ -197,23 +196,7 @@ async def test_a_limit_of_messages_per_connection_costs_no_session(
     Before, each such connection counted against ``mx_session_limit`` for every item it
     cut, and the third message, cut twice, was deferred."""
     domain = "one.example"
-    items = [
-        WorkItem(
-            message_id=f"m{n}",
-            lease_token=f"lease-{n}",
-            domain=domain,
-            envelope_from="a@sender.test",
-            recipients=(
-                LeasedRecipient(
-                    address=f"r{n}@{domain}", attempts=0, first_attempt_at=None, created_at=NOW
-                ),
-            ),
-            data=b"Subject: hi\r\n\r\nhello\r\n",
-            smtputf8=False,
-            eightbit=False,
-        )
-        for n in range(4)
-    ]
+    items = [work_item(n, domain) for n in range(4)]
     async with scripted_dispatcher(
         dns_server, limited_per_connection(how), domain, max_per_destination=1
     ) as (dispatcher, done):
@@ -264,21 +247,6 @@ async def test_a_destination_gets_its_sessions_back_once_mail_goes_again(
                 writer.write(b"250 ok\r\n")
             await writer.drain()
 
-    def work(n: int) -> WorkItem:
-        address = f"r{n}@{domain}"
-        return WorkItem(
-            message_id=f"m{n}",
-            lease_token=f"lease-{n}",
-            domain=domain,
-            envelope_from="a@sender.test",
-            recipients=(
-                LeasedRecipient(address=address, attempts=0, first_attempt_at=None, created_at=NOW),
-            ),
-            data=b"Subject: hi\r\n\r\nhello\r\n",
-            smtputf8=False,
-            eightbit=False,
-        )
-
     # One message per connection, so that the first session's connection ends with one
     # delivered; held replies must not time out meanwhile.
     timeouts = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_end=60)
@@ -291,12 +259,12 @@ async def test_a_destination_gets_its_sessions_back_once_mail_goes_again(
         timeouts=timeouts,
     ) as (dispatcher, done):
         for n in range(4):  # enough queued for a second session
-            dispatcher.submit(work(n))
+            dispatcher.submit(work_item(n, domain))
         await eventually(lambda: connections == 2 and dispatcher.sessions == 1, "one session")
         first.set()
         await eventually(lambda: len(done) == 1, "the first message delivered")
         for n in range(4, 12):  # a backlog while the first session still runs
-            dispatcher.submit(work(n))
+            dispatcher.submit(work_item(n, domain))
         # Before, the one session left carried the whole backlog alone.
         await eventually(lambda: dispatcher.sessions == 2, "a second session again")
         release.set()

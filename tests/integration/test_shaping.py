@@ -25,13 +25,13 @@ from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
-from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
+from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.testing import smtp as smtp_testing
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_hostile_peers import peer
 from tests.support.delivery import FakeClock, Results, loopback_config
-from tests.support.scripted import NOW
+from tests.support.scripted import NOW, work_item
 
 DELIVERED = RecipientState.DELIVERED
 DEFERRED = RecipientState.DEFERRED
@@ -856,7 +856,7 @@ async def test_tokens_that_lapsed_while_the_session_connected_are_not_sent(
         )
         try:
             for n in range(10):
-                dispatcher.submit(_work_item(f"m{n}", "rate.example"))
+                dispatcher.submit(work_item(n, "rate.example", address="to@rate.example"))
             await asyncio.wait_for(connected.wait(), 10)
             clock.advance(timedelta(seconds=2))  # the greeting took longer than they last
             greet.set()
@@ -875,20 +875,3 @@ async def test_tokens_that_lapsed_while_the_session_connected_are_not_sent(
 
 async def _direct(method: Any, *args: Any, **kwargs: Any) -> Any:
     return method(*args, **kwargs)
-
-
-def _work_item(message_id: str, domain: str) -> WorkItem:
-    return WorkItem(
-        message_id=message_id,
-        lease_token=f"lease-{message_id}",
-        domain=domain,
-        envelope_from="a@sender.test",
-        recipients=(
-            LeasedRecipient(
-                address=f"to@{domain}", attempts=0, first_attempt_at=None, created_at=NOW
-            ),
-        ),
-        data=b"Subject: hi\r\n\r\nhello\r\n",
-        smtputf8=False,
-        eightbit=False,
-    )

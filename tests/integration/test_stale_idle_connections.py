@@ -13,26 +13,13 @@ import asyncio
 from dataclasses import replace
 
 from mailstrom.status import RecipientState
-from mailstrom.stores.base import LeasedRecipient, WorkItem
+from mailstrom.stores.base import WorkItem
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.scripted import NOW, scripted_dispatcher
+from tests.support.scripted import scripted_dispatcher, work_item
 
 
 def item(n: int) -> WorkItem:
-    return WorkItem(
-        message_id=f"m{n}",
-        lease_token=f"lease-{n}",
-        domain="stale.example",
-        envelope_from="a@sender.test",
-        recipients=(
-            LeasedRecipient(
-                address=f"r{n}@stale.example", attempts=0, first_attempt_at=None, created_at=NOW
-            ),
-        ),
-        data=b"Subject: hi\r\n\r\nhello\r\n",
-        smtputf8=False,
-        eightbit=False,
-    )
+    return work_item(n, "stale.example")
 
 
 async def test_stale_idle_connections_do_not_use_up_the_session_limit(

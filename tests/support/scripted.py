@@ -11,13 +11,35 @@ from typing import Any
 from mailstrom.routing import Router
 from mailstrom.runtime.dispatch import Dispatcher, Postpone
 from mailstrom.runtime.outcomes import Outcomes
-from mailstrom.stores.base import RecipientResult
+from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_hostile_peers import Handler, peer
 from tests.support.delivery import loopback_config
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 """The time the dispatcher's outcomes are read at."""
+
+
+def work_item(n: int | str, domain: str, *, address: str | None = None) -> WorkItem:
+    """A one-recipient message ``m{n}`` to ``r{n}@domain`` (or ``address``), leased under
+    ``lease-{n}``, never attempted."""
+    return WorkItem(
+        message_id=f"m{n}",
+        lease_token=f"lease-{n}",
+        domain=domain,
+        envelope_from="a@sender.test",
+        recipients=(
+            LeasedRecipient(
+                address=address or f"r{n}@{domain}",
+                attempts=0,
+                first_attempt_at=None,
+                created_at=NOW,
+            ),
+        ),
+        data=b"Subject: hi\r\n\r\nhello\r\n",
+        smtputf8=False,
+        eightbit=False,
+    )
 
 
 @asynccontextmanager
