@@ -258,7 +258,10 @@ def _merged(records: list[str], mechanism: str) -> str:
     A record's ``redirect=`` (taken only when it has no ``all``, §6.1) becomes an
     ``include:`` of the same domain: the senders it names pass the merged record too,
     whatever the other records' ``all`` (a redirect= kept last lost to their -all)."""
-    terms: list[str] = []
+    # A dict keeps the terms in their first order and finds a repeat in constant time: a
+    # list searched for each term made the advice quadratic in the records' terms (a 64
+    # KiB answer holds some 30,000), seconds of CPU for one check.
+    terms: dict[str, None] = {}
     tail: list[str] = []
     explanation: list[str] = []
     for record in records:
@@ -270,17 +273,15 @@ def _merged(records: list[str], mechanism: str) -> str:
                 if not tail:
                     tail.append(term)
             elif lowered.startswith("redirect="):
-                include = "include:" + term[len("redirect=") :]
-                if not has_all and include not in terms:
-                    terms.append(include)
+                if not has_all:
+                    terms.setdefault("include:" + term[len("redirect=") :])
             elif lowered.startswith("exp="):
                 if not explanation:
                     explanation.append(term)
-            elif term not in terms:
-                terms.append(term)
-    if mechanism not in terms:
-        terms.insert(0, mechanism)
-    return " ".join(["v=spf1", *terms, *(tail or ["~all"]), *explanation])
+            else:
+                terms.setdefault(term)
+    first = [] if mechanism in terms else [mechanism]
+    return " ".join(["v=spf1", *first, *terms, *(tail or ["~all"]), *explanation])
 
 
 def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
