@@ -44,6 +44,7 @@ from mailstrom.doctor import (
     extras,
     run_doctor,
 )
+from mailstrom.doctor import spf as spf_module
 from mailstrom.doctor.dkim import check_dkim, parse_tags, public_key, record_for
 from mailstrom.doctor.dmarc import (
     aligned,
@@ -359,6 +360,50 @@ def test_spf_evaluation_has_a_time_limit_in_all() -> None:
     assert result == "temperror", explanation
     assert len(resolver.asked) < 30
     assert SPF_TIME_LIMIT == 20.0  # what RFC 7208 §4.6.4 lets receivers stop after
+
+
+class SlowDNS(DNSResolver):
+    """The loopback server's answers, each ``delay`` seconds late (slow DNS); the names
+    asked, in order."""
+
+    def __init__(self, server: LoopbackDNS, delay: float) -> None:
+        super().__init__(server.dns_config)
+        self.delay = delay
+        self.asked: list[str] = []
+
+    def lookup(self, name: str, rdtype: str) -> Answer:
+        self.asked.append(name)
+        time.sleep(self.delay)
+        return super().lookup(name, rdtype)
+
+
+def test_spf_checks_of_one_run_share_one_time_budget(
+    dns_server: LoopbackDNS, rsa_key: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each SPF evaluation had its own 20 s: the domain's, the HELO name's and the two of
+    # each that ask whether the record passes every address, five in all, held a run for
+    # nearly two minutes when DNS was slow. They share one budget now (twice one
+    # evaluation's limit, the domain's first); what is left when it is spent is not
+    # checked, and says so.
+    assert spf_module.BUDGET == 2 * SPF_TIME_LIMIT
+    many = " ".join(f"mx:m{i}.example.net" for i in range(10))  # 110 lookups to the end
+    dns_server.txt(DOMAIN, f"v=spf1 {many} ip4:{IP} -all")
+    dns_server.txt(HELO, f"v=spf1 {many} a -all")
+    dns_server.a(HELO, IP)
+    for i in range(10):
+        hosts = [f"h{i}-{j}.example.net" for j in range(10)]
+        dns_server.mx(f"m{i}.example.net", [(10, host) for host in hosts])
+        for host in hosts:
+            dns_server.a(host, "198.51.100.1")
+    monkeypatch.setattr(spf_module, "TIME_LIMIT", 0.3)
+    monkeypatch.setattr(spf_module, "BUDGET", 0.3, raising=False)
+    resolver = SlowDNS(dns_server, delay=0.01)
+    report = run_doctor(setup(rsa_key, dnsbls=()), resolver, FakeNetwork())
+    [spf], [helo] = report.find("spf"), report.find("spf-helo")
+    assert spf.status is Status.UNKNOWN, spf.summary
+    assert (helo.status, helo.summary) == (Status.UNKNOWN, "not checked: time budget spent")
+    # Every lookup takes 0.01 s: in 0.3 s, some 30 (fewer on a slow machine).
+    assert sum(name.endswith(".example.net") for name in resolver.asked) < 40
 
 
 def test_spf_ipv6_mechanism_goes_first() -> None:

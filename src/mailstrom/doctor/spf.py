@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
+import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -38,6 +39,25 @@ TIME_LIMIT = 20.0
 after at least 20 s, and do). The record's publisher chooses how many lookups there
 are (up to about 110: 10 terms, 10 MX or PTR names each) and its servers how long each
 takes: without a bound, slow answers held the doctor for minutes."""
+BUDGET = 2 * TIME_LIMIT
+"""Seconds all the SPF evaluations of one doctor run may take together: the domain's
+(which gets its full :data:`TIME_LIMIT` first, as a receiver would give it), the HELO
+name's, and those that ask whether a record passes every address. Each had its own 20 s,
+and slow DNS held one run for two minutes; checks left when it is spent say "not
+checked: time budget spent"."""
+NOT_CHECKED = "not checked: time budget spent"
+
+
+class Budget:
+    """The seconds left for the SPF evaluations of one run (a monotonic deadline)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self._deadline - time.monotonic()
+
+
 _resolver: ContextVar[Resolver | None] = ContextVar("mailstrom_spf_resolver", default=None)
 
 
@@ -131,6 +151,17 @@ def evaluate(
     return str(result), str(explanation)
 
 
+def _evaluate_within(
+    budget: Budget, resolver: Resolver, *, ip: str, sender: str, helo: str
+) -> tuple[str, str] | None:
+    """:func:`evaluate` in what is left of ``budget`` (at most :data:`TIME_LIMIT`); None,
+    without a lookup, when nothing is left."""
+    left = budget.left()
+    if left <= 0:  # pyspf takes a querytime of 0 for "no limit"
+        return None
+    return evaluate(resolver, ip=ip, sender=sender, helo=helo, time_limit=min(TIME_LIMIT, left))
+
+
 def spf_records(resolver: Resolver, name: str) -> tuple[list[str], str | None]:
     """The ``v=spf1`` TXT records at ``name``, and the lookup error if it failed."""
     answer = resolver.lookup(name, "TXT")
@@ -156,11 +187,19 @@ def _terms(record: str) -> list[str]:
     return [term for term in record.split(" ") if term]
 
 
-def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[Check, str]:
+def check_spf(
+    resolver: Resolver, *, domain: str, ip: str, helo: str, budget: Budget | None = None
+) -> tuple[Check, str]:
     """SPF for mail whose envelope sender is in ``domain`` (mailstrom's default envelope
-    sender is the From address), sent by ``ip``. Returns the check and pyspf's result."""
+    sender is the From address), sent by ``ip``. Returns the check and pyspf's result
+    (``temperror`` when ``budget``, default :data:`BUDGET`, was spent before it)."""
+    budget = Budget(BUDGET) if budget is None else budget
+    if budget.left() <= 0:
+        spent = Check(name="spf", subject=domain, status=Status.UNKNOWN, summary=NOT_CHECKED)
+        return spent, "temperror"
     records, error = spf_records(resolver, domain)
-    result, explanation = evaluate(resolver, ip=ip, sender=f"postmaster@{domain}", helo=helo)
+    evaluated = _evaluate_within(budget, resolver, ip=ip, sender=f"postmaster@{domain}", helo=helo)
+    result, explanation = evaluated or ("temperror", NOT_CHECKED)
     explanation = piece(explanation, _EXPLAINED)
     mechanism = mechanism_for(ip)
     shown = tuple(f"TXT {domain}: {r}" for r in records)
@@ -179,7 +218,10 @@ def check_spf(resolver: Resolver, *, domain: str, ip: str, helo: str) -> tuple[C
         )
 
     if result == "pass":
-        if _passes_anyone(resolver, sender=f"postmaster@{domain}", helo=helo):
+        opened = _passes_anyone(resolver, sender=f"postmaster@{domain}", helo=helo, budget=budget)
+        if opened is None:
+            shown = (*shown, _NOT_ASKED)
+        if opened:
             return check(
                 Status.WARN,
                 f"pass, but {domain}'s SPF record authorizes every address: anyone can send "
@@ -224,16 +266,27 @@ prefix 100::/64, RFC 6666): a record that authorizes one authorizes every addres
 family."""
 
 
-def _passes_anyone(resolver: Resolver, *, sender: str, helo: str) -> bool:
+_NOT_ASKED = (
+    "whether the record authorizes every address was not checked: a lookup failed or the "
+    "time budget was spent"
+)
+
+
+def _passes_anyone(resolver: Resolver, *, sender: str, helo: str, budget: Budget) -> bool | None:
     """Whether the record checked for ``sender`` (the HELO's, for ``""``) passes any sender
-    at all: ``+all`` (also in an ``include:``d record), ``ip4:0.0.0.0/0`` or ``ip6:::/0``.
-    Such a record lets anyone with an envelope sender in the domain (or, for the HELO's,
-    anyone sending a bounce) pass SPF, and with it DMARC (its alignment is on that domain).
+    at all: ``+all`` (also in an ``include:``d record), ``ip4:0.0.0.0/0`` or ``ip6:::/0``;
+    None when that is not known (a temporary error, or ``budget`` spent). Such a record
+    lets anyone with an envelope sender in the domain (or, for the HELO's, anyone sending
+    a bounce) pass SPF, and with it DMARC (its alignment is on that domain).
     Both families are asked whatever the outgoing address's: a receiver takes mail over
     either, so an IPv6 sender's ``ip4:0.0.0.0/0`` opens the domain just the same."""
-    return any(
-        evaluate(resolver, ip=nobody, sender=sender, helo=helo)[0] == "pass" for nobody in _NOBODY
-    )
+    known = True
+    for nobody in _NOBODY:
+        evaluated = _evaluate_within(budget, resolver, ip=nobody, sender=sender, helo=helo)
+        if evaluated is not None and evaluated[0] == "pass":
+            return True
+        known = known and evaluated is not None and evaluated[0] != "temperror"
+    return False if known else None
 
 
 def _narrowing_fix(domain: str, records: list[str], mechanism: str) -> str:
@@ -284,9 +337,13 @@ def _merged(records: list[str], mechanism: str) -> str:
     return " ".join(["v=spf1", *first, *terms, *(tail or ["~all"]), *explanation])
 
 
-def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
+def check_spf_helo(
+    resolver: Resolver, *, helo: str, ip: str, budget: Budget | None = None
+) -> Check:
     """SPF of the HELO identity (RFC 7208 §2.3): what receivers check for bounces, whose
-    envelope sender is empty. Worth a warning, not a failure: most mail has a sender."""
+    envelope sender is empty. Worth a warning, not a failure: most mail has a sender.
+    Unknown, unchecked, when ``budget`` (default :data:`BUDGET`) was spent before it."""
+    budget = Budget(BUDGET) if budget is None else budget
     if literal_address(helo) is not None:
         # "This SPF check can only be performed when the HELO identity is a valid domain
         # name" (RFC 7208 §2.3): a literal has no record, and none can be published at it.
@@ -298,13 +355,21 @@ def check_spf_helo(resolver: Resolver, *, helo: str, ip: str) -> Check:
             fix="set helo_name to a host name that resolves to the address, and publish TXT "
             'at it: "v=spf1 a -all" (the host may send as itself)',
         )
+    if budget.left() <= 0:
+        return Check(name="spf-helo", subject=helo, status=Status.UNKNOWN, summary=NOT_CHECKED)
     records, error = spf_records(resolver, helo)
-    result, explanation = evaluate(resolver, ip=ip, sender="", helo=helo)
+    evaluated = _evaluate_within(budget, resolver, ip=ip, sender="", helo=helo)
+    result, explanation = evaluated or ("temperror", NOT_CHECKED)
     explanation = piece(explanation, _EXPLAINED)
     shown = tuple(f"TXT {helo}: {r}" for r in records)
     own = '"v=spf1 a -all" (the host may send as itself)'
     fix = f"publish TXT at {helo}: {own}"
-    if result == "pass" and _passes_anyone(resolver, sender="", helo=helo):
+    opened = (
+        _passes_anyone(resolver, sender="", helo=helo, budget=budget) if result == "pass" else False
+    )
+    if opened is None:
+        shown = (*shown, _NOT_ASKED)
+    if opened:
         # Receivers check the HELO identity for mail with an empty envelope sender, and
         # DMARC takes it then: its relaxed alignment makes mail.example.com count for
         # From: ...@example.com.
