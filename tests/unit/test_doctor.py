@@ -1184,9 +1184,13 @@ def test_dmarc_reports_to_another_domain_need_its_consent(
 @pytest.mark.parametrize(
     "record",
     [
-        "v=DMARC1; p=rejekt; rua=mailto:d@example.com",
-        "v=DMARC1; rua=mailto:d@example.com",
+        "v=DMARC1; p=rejekt",
+        "v=DMARC1; adkim=s",
+        # Without a report URI, receivers apply no DMARC to a record without a valid p=.
+        "v=DMARC1; p=rejekt; rua=d@example.com",
         "v=DMARC1; p=reject; pct=abc",
+        # A rua= URI makes receivers read p= as none (RFC 7489 §6.6.3), not another error.
+        "v=DMARC1; rua=mailto:d@example.com; pct=abc",
     ],
 )
 def test_dmarc_invalid_record_fix_replaces_it(record: str) -> None:
@@ -1204,6 +1208,51 @@ def test_dmarc_invalid_record_fix_replaces_it(record: str) -> None:
         FakeResolver(zone), domain=f"news.{DOMAIN}", spf_result="pass", dkim_domains=[]
     )
     assert (check.fix or "").startswith(f'publish TXT at _dmarc.news.{DOMAIN}: "v=DMARC1;')
+
+
+@pytest.mark.parametrize(
+    ("record", "fixed"),
+    [
+        ("v=DMARC1; rua=mailto:d@example.com", "v=DMARC1; p=none; rua=mailto:d@example.com"),
+        (
+            "v=DMARC1; p=rejekt; rua=mailto:d@example.com",
+            "v=DMARC1; p=none; rua=mailto:d@example.com",
+        ),
+        (
+            "v=DMARC1;p=reject;sp=all;rua=mailto:d@example.com",
+            "v=DMARC1;p=reject;rua=mailto:d@example.com",
+        ),
+        # Only the first of a tag counts: a second, left in, would count once it is gone.
+        (
+            "v=DMARC1; p=x; sp=all; p=y; sp=all; rua=mailto:d@example.com",
+            "v=DMARC1; p=none; rua=mailto:d@example.com",
+        ),
+    ],
+)
+def test_dmarc_record_without_a_valid_policy_but_with_reports_is_read_as_p_none(
+    dns_server: LoopbackDNS, record: str, fixed: str
+) -> None:
+    # RFC 7489 §6.6.3, step 6: a record without a valid p= (or with an invalid sp=) whose
+    # rua= holds a report URI is applied as if it said p=none. The doctor failed it as
+    # invalid, as if receivers ignored it: mail that passes DMARC is a warning, with the
+    # record that says what receivers read.
+    dns_server.txt(f"_dmarc.{DOMAIN}", record)
+    resolver = DNSResolver(dns_server.dns_config)
+    check = check_dmarc(resolver, domain=DOMAIN, spf_result="pass", dkim_domains=[DOMAIN])
+    assert check.status is Status.WARN, check.summary
+    assert "receivers read it as p=none" in check.summary
+    assert "(p=none)" in check.summary
+    assert check.fix == f'replace the TXT record at _dmarc.{DOMAIN} by "{fixed}"'
+    assert any("RFC 7489 §6.6.3" in line for line in check.details)
+    # Mail that fails it still fails (p=none asks for nothing, but it is a DMARC fail).
+    check = check_dmarc(resolver, domain=DOMAIN, spf_result="fail", dkim_domains=[])
+    assert check.status is Status.FAIL
+    assert check.summary.startswith(f"mail From {DOMAIN} from this setup would fail DMARC")
+    # The fix, published, is a valid record with the same reports.
+    dns_server.txt(f"_dmarc.{DOMAIN}", fixed)
+    check = check_dmarc(resolver, domain=DOMAIN, spf_result="pass", dkim_domains=[DOMAIN])
+    assert "p=none" not in check.summary or "(p=none)" in check.summary
+    assert "invalid" not in check.summary, check.summary
 
 
 def test_dmarc_subdomain_uses_the_organizational_record() -> None:

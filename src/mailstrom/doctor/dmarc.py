@@ -60,6 +60,14 @@ def parse_dmarc(text: str) -> DMARCRecord:
     >>> parse_dmarc("v=DMARC1; p=reject; rua=mailto:d@example.com").p
     'reject'
     """
+    tags = _tags(text)
+    if "p" not in tags:
+        raise ValueError("the required p= tag is missing")
+    return _record(tags)
+
+
+def _tags(text: str) -> dict[str, str]:
+    """The tags of a DMARC record by lower-case name, the first of a name only."""
     if not is_dmarc(text):
         raise ValueError("the record does not start with v=DMARC1")
     tags: dict[str, str] = {}
@@ -70,9 +78,10 @@ def parse_dmarc(text: str) -> DMARCRecord:
         if not eq:
             raise ValueError(f"not a tag=value pair: {piece(part.strip(_WSP))!r}")
         tags.setdefault(name.strip(_WSP).lower(), value.strip(_WSP))
-    if "p" not in tags:
-        raise ValueError("the required p= tag is missing")
+    return tags
 
+
+def _record(tags: dict[str, str]) -> DMARCRecord:
     def choice(tag: str, allowed: Sequence[str], default: str | None) -> Any:
         value = tags.get(tag)
         if value is None:
@@ -93,6 +102,59 @@ def parse_dmarc(text: str) -> DMARCRecord:
         rua=_uris(tags.get("rua")),
         ruf=_uris(tags.get("ruf")),
     )
+
+
+def _valid_policy(tags: dict[str, str]) -> bool:
+    """Whether ``tags`` have a valid p= and, if any, a valid sp=."""
+    return tags.get("p", "").lower() in _POLICIES and tags.get("sp", "none").lower() in _POLICIES
+
+
+def read_as_receivers(text: str) -> tuple[DMARCRecord, str | None]:
+    """The record as receivers apply it, and None; or, for a record whose p= is missing
+    or invalid (or its sp=) but whose rua= holds a report URI, the record receivers act
+    on instead, ``p=none`` (RFC 7489 §6.6.3, step 6: they "SHOULD act as if a record
+    containing a valid "v" tag and "p=none" was retrieved"), and what is wrong with it.
+    Raises ValueError, as :func:`parse_dmarc`, for any other invalid record.
+
+    >>> read_as_receivers("v=DMARC1; rua=mailto:d@example.com")[0].p
+    'none'
+    """
+    try:
+        return parse_dmarc(text), None
+    except ValueError as exc:
+        tags = _tags(text)
+        if _valid_policy(tags):
+            raise
+        kept = {name: value for name, value in tags.items() if name not in ("p", "sp")}
+        record = _record({**kept, "p": "none"})  # still ValueError for another bad tag
+        if not any(_URI_SCHEME.match(uri) for uri in record.rua):
+            raise  # "otherwise, the Mail Receiver applies no DMARC processing"
+        return record, str(exc)
+
+
+def with_valid_policy(text: str) -> str:
+    """``text`` (a record :func:`read_as_receivers` reads as ``p=none``) made valid: its
+    first p=, if invalid, set to ``none`` (or ``p=none`` put right after ``v=DMARC1``),
+    its first sp=, if invalid, left out, and later ones of either left out. Its other
+    tags stay as they were written."""
+    version, *parts = text.split(";")
+    kept: list[str] = []
+    seen: set[str] = set()
+    for part in parts:
+        name = part.partition("=")[0].strip(_WSP).lower()
+        first = name not in seen
+        seen.add(name)
+        valid = part.partition("=")[2].strip(_WSP).lower() in _POLICIES
+        if name in ("p", "sp") and not first:
+            continue  # read by nobody, but the first once that one is gone
+        if name == "p" and not valid:
+            part = part.partition("=")[0] + "=none"
+        elif name == "sp" and not valid:
+            continue
+        kept.append(part)
+    if "p" not in seen:
+        kept.insert(0, " p=none")
+    return ";".join([version, *kept])
 
 
 def _uris(value: str | None) -> tuple[str, ...]:
@@ -196,7 +258,7 @@ def check_dmarc(
             shown,
         )
     try:
-        record = parse_dmarc(found.records[0])
+        record, broken = read_as_receivers(found.records[0])
     except ValueError as exc:
         fix = starter
         if found.name == f"_dmarc.{normal_name(domain)}":
@@ -227,6 +289,13 @@ def check_dmarc(
             else "no aligned signature that verifies"
         ),
     ]
+    published = found.records[0]
+    if broken is not None:
+        published = with_valid_policy(published)
+        details.append(
+            f"{broken}: receivers act as if the record said p=none, as it has a rua= URI "
+            "(RFC 7489 §6.6.3)"
+        )
     if not record.rua:
         details.append("no rua=: you get no aggregate reports of who sends as you")
     elif not any(_URI_SCHEME.match(uri) for uri in record.rua):
@@ -265,6 +334,9 @@ def check_dmarc(
         )
     problems: list[str] = []
     fixes: list[str] = []
+    if broken is not None:
+        problems.append(f"the record is invalid ({broken}): receivers read it as p=none")
+        fixes.append(f'replace the TXT record at {found.name} by "{published}"')
     if not dkim_ok:
         problems.append("passes by SPF alone, which forwarding breaks")
         fixes.append(f"sign with a DKIM key for d={domain} and publish it (see the dkim check)")
@@ -273,7 +345,7 @@ def check_dmarc(
         problems.append(f"{tag}=none asks receivers to do nothing with mail that fails")
         fixes.append(
             f"once the reports show your mail passes, publish at {found.name}: "
-            f'"{_with_policy(found.records[0], tag, "quarantine")}"'
+            f'"{_with_policy(published, tag, "quarantine")}"'
         )
     verdict = f"mail From {domain} would pass DMARC (p={policy})"
     if problems:
