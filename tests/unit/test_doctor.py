@@ -1816,3 +1816,33 @@ def test_run_doctor_does_not_count_an_ed25519_signature_alone_for_dmarc(
     report = run_doctor(setup(rsa_key, dkim_keys=both), FakeResolver(zone), FakeNetwork())
     assert [c.status for c in report.find("dkim")] == [Status.PASS, Status.PASS]
     assert report.find("dmarc")[0].status is Status.PASS
+
+
+def test_run_doctor_does_not_let_a_dkim_key_in_testing_mode_pass_dmarc_quietly(
+    dns_server: LoopbackDNS, rsa_key: Path
+) -> None:
+    # RFC 6376 §3.6.1: "Verifiers MUST NOT treat messages from Signers in testing mode
+    # differently from unsigned email". A key whose record says t=y was counted as an
+    # aligned signature, and DMARC passed (p=reject) for mail such receivers fail.
+    published = record_for(public_key(rsa_key.read_bytes()))
+    dns_server.txt(f"s1._domainkey.{DOMAIN}", f"{published}; t=y")
+    dns_server.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=reject; rua=mailto:d@example.com")
+    dns_server.txt(DOMAIN, "v=spf1 ip4:198.51.100.1 -all")  # not this address
+    resolver = DNSResolver(dns_server.dns_config)
+    run = setup(rsa_key, ip=IP, dnsbls=())
+    report = run_doctor(run, resolver, FakeNetwork())
+    [dkim], [dmarc] = report.find("dkim"), report.find("dmarc")
+    assert dkim.status is Status.WARN and "t=y" in dkim.summary, dkim.summary
+    assert dmarc.status is Status.WARN, dmarc.summary
+    assert "only by a DKIM key in testing mode (t=y)" in dmarc.summary
+    assert (dmarc.fix or "").startswith("drop t=y")
+    # SPF passing for the address, DMARC passes by SPF alone: a warning too.
+    dns_server.txt(DOMAIN, f"v=spf1 ip4:{IP} -all")
+    [dmarc] = run_doctor(run, resolver, FakeNetwork()).find("dmarc")
+    assert dmarc.status is Status.WARN, dmarc.summary
+    assert "passes by SPF alone where a DKIM key in testing mode" in dmarc.summary
+    # Without t=y the key counts, and DMARC passes.
+    dns_server.txt(f"s1._domainkey.{DOMAIN}", published)
+    report = run_doctor(run, resolver, FakeNetwork())
+    assert [c.status for c in report.find("dkim")] == [Status.PASS]
+    assert report.find("dmarc")[0].status is Status.PASS, report.find("dmarc")[0].summary

@@ -201,18 +201,43 @@ def _read_pem(private_key: str | bytes) -> bytes:
     return read_key_file(private_key, owner_only=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What :func:`judge_dkim` found for one key."""
+
+    check: Check
+    verifies: bool
+    """Whether a signature made with the key would verify."""
+    testing: bool = False
+    """Whether its record says ``t=y``: "Verifiers MUST NOT treat messages from Signers in
+    testing mode differently from unsigned email" (RFC 6376 §3.6.1), so a DMARC pass
+    that rests on it is one such receivers do not grant."""
+
+
 def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
     """The check for one key, and whether a signature made with it would verify."""
+    verdict = judge_dkim(resolver, key)
+    return verdict.check, verdict.verifies
+
+
+def judge_dkim(resolver: Resolver, key: DKIMKey) -> Verdict:
+    """The check for one key, whether a signature made with it would verify, and whether
+    its record puts it in testing mode (``t=y``)."""
     name = key.record_name
 
     def result(
-        status: Status, summary: str, fix: str | None = None, details: tuple[str, ...] = ()
-    ) -> tuple[Check, bool]:
+        status: Status,
+        summary: str,
+        fix: str | None = None,
+        details: tuple[str, ...] = (),
+        *,
+        testing: bool = False,
+    ) -> Verdict:
         verifies = status in (Status.PASS, Status.WARN)
         check = Check(
             name="dkim", subject=name, status=status, summary=summary, details=details, fix=fix
         )
-        return check, verifies
+        return Verdict(check, verifies, testing)
 
     wanted = _wanted_kind(key.algorithm)
     if wanted is None:
@@ -311,15 +336,19 @@ def check_dkim(resolver: Resolver, key: DKIMKey) -> tuple[Check, bool]:
         warnings = []
         if ours.kind == "rsa" and ours.bits < GOOD_RSA_BITS:
             warnings.append(f"RSA key of {ours.bits} bits; use {GOOD_RSA_BITS} (RFC 8301)")
-        if "y" in tags.get("t", "").split(":"):
-            warnings.append("t=y: receivers treat the domain as testing DKIM")
+        testing = "y" in tags.get("t", "").split(":")
+        if testing:
+            warnings.append(
+                "t=y: the domain is testing DKIM, and verifiers are to treat its mail as "
+                "unsigned (RFC 6376 §3.6.1)"
+            )
         if warnings:
             fix = (
                 f"generate a {GOOD_RSA_BITS}-bit key and publish its record under a new selector"
                 if ours.bits < GOOD_RSA_BITS
                 else f"drop t=y: {replace}"
             )
-            return result(Status.WARN, "; ".join(warnings), fix, shown)
+            return result(Status.WARN, "; ".join(warnings), fix, shown, testing=testing)
         return result(
             Status.PASS, f"published key matches {key.source} ({_size(ours)})", None, shown
         )

@@ -218,11 +218,14 @@ def check_dmarc(
     dkim_domains: Sequence[str],
     bulk: bool = False,
     envelope_domain: str | None = None,
+    testing_domains: Sequence[str] = (),
 ) -> Check:
     """The policy, and whether mail From ``domain`` would pass it, given the SPF result
     for ``envelope_domain`` (default: ``domain``, mailstrom's default envelope sender;
     None when SPF was not judged, for want of an outgoing address) and the ``d=``
-    domains of the configured keys whose DKIM check passed."""
+    domains of the configured keys whose DKIM check passed. ``testing_domains`` are
+    those of keys that verify but whose records say ``t=y``: verifiers are to treat
+    their mail as unsigned (RFC 6376 §3.6.1), so a pass that needs them is a warning."""
     envelope_domain = envelope_domain or domain
     found = discover(resolver, domain)
     first_record = f'"v=DMARC1; p=none; rua=mailto:dmarc@{domain}"'
@@ -274,6 +277,12 @@ def check_dmarc(
     policy = (record.sp or record.p) if at_org else record.p
     spf_ok = spf_result == "pass" and aligned(envelope_domain, domain, record.aspf)
     dkim_ok = [d for d in dkim_domains if aligned(d, domain, record.adkim)]
+    in_tests = [d for d in testing_domains if aligned(d, domain, record.adkim)]
+    testing_note = (
+        f"a DKIM key in testing mode (t=y) for d={', '.join(in_tests)}, which verifiers "
+        "are to treat as unsigned (RFC 6376 §3.6.1)"
+    )
+    drop_testing = "drop t=y from the key's record (see the dkim check)"
     details = [
         *shown,
         f"policy for {domain}: p={policy}"
@@ -286,6 +295,8 @@ def check_dmarc(
         + (
             f"aligned signature by d={', '.join(dkim_ok)}"
             if dkim_ok
+            else f"aligned signature only by {testing_note}"
+            if in_tests
             else "no aligned signature that verifies"
         ),
     ]
@@ -319,6 +330,14 @@ def check_dmarc(
             f"a DKIM key for d={domain} (see the dkim checks)",
             details,
         )
+    if not spf_ok and not dkim_ok and in_tests:
+        return check(
+            Status.WARN,
+            f"mail From {domain} passes DMARC (p={policy}) only by {testing_note}: "
+            "receivers that do so fail it",
+            f"{drop_testing}, or make SPF pass for this address (see the spf check)",
+            details,
+        )
     if not spf_ok and not dkim_ok:
         return check(
             Status.FAIL,
@@ -337,7 +356,13 @@ def check_dmarc(
     if broken is not None:
         problems.append(f"the record is invalid ({broken}): receivers read it as p=none")
         fixes.append(f'replace the TXT record at {found.name} by "{published}"')
-    if not dkim_ok:
+    if not dkim_ok and in_tests:
+        problems.append(
+            f"passes by SPF alone where {testing_note} counts for nothing, and forwarding "
+            "breaks SPF"
+        )
+        fixes.append(drop_testing)
+    elif not dkim_ok:
         problems.append("passes by SPF alone, which forwarding breaks")
         fixes.append(f"sign with a DKIM key for d={domain} and publish it (see the dkim check)")
     if policy == "none" and bulk:

@@ -12,7 +12,7 @@ from mailstrom.config import Config
 from mailstrom.dkim.config import DKIMConfig, signing_domain_for
 from mailstrom.doctor import extras
 from mailstrom.doctor import spf as spf_checks
-from mailstrom.doctor.dkim import DKIMKey, check_dkim
+from mailstrom.doctor.dkim import DKIMKey, judge_dkim
 from mailstrom.doctor.dmarc import check_dmarc
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS, check_dnsbl
 from mailstrom.doctor.fcrdns import check_fcrdns
@@ -136,20 +136,27 @@ def run_doctor(
     # it, and counting it would pass DMARC for mail that goes out unsigned.
     signer = signing_domain_for(setup.domain, {key.domain for key in setup.dkim_keys})
     verified: list[DKIMKey] = []
+    testing: list[DKIMKey] = []
     for key in setup.dkim_keys:
-        check, verifies = check_dkim(resolver, key)
-        report.add(check)
-        if verifies and key.domain == signer:
+        verdict = judge_dkim(resolver, key)
+        report.add(verdict.check)
+        if verdict.verifies and key.domain == signer:
             verified.append(key)
+            if verdict.testing:
+                testing.append(key)
     # Only RSA signatures count for DMARC here: Microsoft's and Yahoo's receivers, among
     # others, do not verify Ed25519 (RFC 8463), and to them mail signed by Ed25519 keys
-    # alone is unsigned. Counting it passed DMARC for mail they refuse.
-    signing = [key.domain for key in verified if key.kind == "rsa"]
+    # alone is unsigned. Counting it passed DMARC for mail they refuse. Nor do keys in
+    # testing mode (t=y), whose mail verifiers are to treat as unsigned (RFC 6376 §3.6.1):
+    # DMARC is told of them apart, and warns when its pass rests on them.
+    rsa = [key for key in verified if key.kind == "rsa"]
+    signing = [key.domain for key in rsa if key not in testing]
+    signing_in_tests = [key.domain for key in rsa if key in testing]
     # Gmail and Yahoo require bulk senders to sign with DKIM as well as pass SPF, and
     # Gmail blocks their unsigned mail ("5.7.26 ... Gmail requires all bulk senders to
     # authenticate with both SPF and DKIM") whatever SPF and DMARC say.
     unsigned = Status.FAIL if setup.bulk else Status.WARN
-    if verified and not signing:
+    if verified and not rsa:
         report.add(
             Check(
                 name="dkim",
@@ -193,6 +200,7 @@ def run_doctor(
             domain=setup.domain,
             spf_result=spf_result,
             dkim_domains=signing,
+            testing_domains=signing_in_tests,
             bulk=setup.bulk,
         )
     )
