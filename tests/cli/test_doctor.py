@@ -549,6 +549,31 @@ def test_a_dkim_option_with_names_dkim_cannot_use_is_a_usage_error(mail_env: Mai
     assert "not a letter-digit-hyphen domain name" in bad.err
 
 
+def test_a_dkim_key_file_whose_path_holds_a_colon(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]], tmp_path: Path
+) -> None:
+    # DOMAIN:SELECTOR:KEYFILE[:ALGORITHM] was split at every ":": /srv/a:b/k.pem became
+    # the key file /srv/a with the "algorithm" b/k.pem, and the check failed an unknown
+    # algorithm for a key published right.
+    good_env(mail_env, keys)
+    pem = keys["good"][0].read_bytes()
+    folder = tmp_path / "a:b"
+    folder.mkdir()
+    paths = [folder / "k.pem", tmp_path / "C:\\keys\\k.pem"]  # the latter one file name
+    for path in paths:
+        path.write_bytes(pem)
+        for given in (f"{path}", f"{path}:rsa-sha256", f"{path}:RSA"):
+            code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{given}", GOOD)
+            [dkim] = by_name(report)["dkim"]
+            assert (code, dkim["status"]) == (0, "pass"), (given, dkim)
+        # A final ":ALGORITHM" is still one.
+        code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{path}:ed25519", GOOD)
+        [dkim] = by_name(report)["dkim"]
+        assert dkim["summary"] == "the key is rsa but the algorithm is ed25519", dkim
+    bad = mail_env.cli("doctor", "--dkim", f"{GOOD}:s1:{paths[0]}:", GOOD)
+    assert bad.code == 64, bad.err
+
+
 def test_an_address_or_a_u_label_names_the_domain(
     mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
 ) -> None:

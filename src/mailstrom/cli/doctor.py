@@ -92,7 +92,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         action="append",
         type=_dkim_arg,
         help="check this DKIM key instead of the configured ones (repeatable; ALG "
-        "rsa-sha256 or ed25519-sha256)",
+        "rsa-sha256 or ed25519-sha256; KEYFILE may hold ':')",
     )
     p.add_argument(
         "--dnsbl",
@@ -153,19 +153,32 @@ def _dkim_arg(text: str) -> DKIMKey:
     from mailstrom.dkim.keys import check_selector, record_name, signing_domain
     from mailstrom.doctor import DKIMKey
 
-    parts = text.split(":")
-    if len(parts) not in (3, 4) or not all(parts):
+    # A domain and a selector hold no ":", a key file's path may (/srv/a:b/k.pem, or
+    # C:\keys\k.pem): split from the left twice, and take what follows the path's last
+    # ":" as the algorithm only when it names one. Split at every ":", such paths were
+    # cut, their tail read as an unknown algorithm.
+    parts = text.split(":", 2)
+    if len(parts) != 3 or not all(parts) or parts[2].endswith(":"):
         raise argparse.ArgumentTypeError(
             f"expected DOMAIN:SELECTOR:KEYFILE[:ALGORITHM], got {shown(text)}"
         )
-    algorithm = parts[3] if len(parts) == 4 else "rsa-sha256"
+    path, colon, last = parts[2].rpartition(":")
+    algorithm = "rsa-sha256"
+    if colon and path and last.strip().lower() in ALGORITHMS:
+        algorithm = last
+    else:
+        path = parts[2]
     try:  # the checks the signer makes of a configured key's names
         domain = signing_domain(parts[0], label="DOMAIN")
         check_selector(parts[1], label="SELECTOR")
         record_name(domain, parts[1], label="SELECTOR")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return DKIMKey(domain=domain, selector=parts[1], private_key=parts[2], algorithm=algorithm)
+    return DKIMKey(domain=domain, selector=parts[1], private_key=path, algorithm=algorithm)
+
+
+ALGORITHMS = ("rsa-sha256", "ed25519-sha256", "rsa", "ed25519")
+"""The names ``--dkim``'s ALGORITHM takes, in any case (those the doctor's check takes)."""
 
 
 def _setting(values: Any, key: str) -> Any:
