@@ -547,6 +547,48 @@ def test_spf_macro_reversal_in_any_case(dns_server: LoopbackDNS, record: str) ->
     assert dns_server.queries("10.2.0.192.list.example.net", "A") == 1
 
 
+def test_spf_redirect_counts_against_the_lookup_limit_only_when_followed(
+    dns_server: LoopbackDNS,
+) -> None:
+    # RFC 7208 §4.6.4: the terms that cause lookups count against the limit of 10 as
+    # they are evaluated, and redirect= is evaluated only when no mechanism matched
+    # (§6.1). pyspf counts redirect= as it reads the record, before the mechanisms: the
+    # tenth "a" was an eleventh lookup, and a record receivers pass was a permerror.
+    names = [f"a{i}.example.net" for i in range(10)]
+    mechanisms = " ".join(f"a:{name}" for name in names)
+    dns_server.txt(DOMAIN, f"v=spf1 {mechanisms} redirect=_spf.example.net")
+    for name in names[:-1]:
+        dns_server.a(name, "198.51.100.1")
+    dns_server.a(names[-1], IP)
+    dns_server.txt("_spf.example.net", "v=spf1 ip4:203.0.113.0/24 -all")
+    resolver = DNSResolver(dns_server.dns_config)
+    check, result = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert (check.status, result) == (Status.PASS, "pass"), check.summary
+    # Followed, the redirect is the eleventh lookup: a permerror, as receivers find it.
+    result, explanation = evaluate(
+        resolver, ip="203.0.113.5", sender=f"postmaster@{DOMAIN}", helo=HELO
+    )
+    assert result == "permerror", explanation
+    assert "lookups" in explanation.lower(), explanation
+    # Nine mechanisms and the redirect are ten: its record decides.
+    dns_server.txt(DOMAIN, f"v=spf1 {mechanisms.rpartition(' ')[0]} redirect=_spf.example.net")
+    for ip, expected in (("203.0.113.5", "pass"), ("192.0.2.99", "fail")):
+        result, _ = evaluate(resolver, ip=ip, sender=f"postmaster@{DOMAIN}", helo=HELO)
+        assert result == expected, ip
+    # A redirect in an included record counts in the same way, and so does a redirect
+    # followed from a redirected record.
+    dns_server.txt(
+        DOMAIN, f"v=spf1 {' '.join(mechanisms.split()[:8])} include:inc.example.net -all"
+    )
+    dns_server.txt("inc.example.net", f"v=spf1 a:{names[-1]} redirect=_spf.example.net")
+    check, result = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert result == "pass", check.summary  # 8 + include + a = 10
+    result, explanation = evaluate(
+        resolver, ip="203.0.113.5", sender=f"postmaster@{DOMAIN}", helo=HELO
+    )
+    assert result == "permerror", explanation  # and the redirect: 11
+
+
 # --- FCrDNS ------------------------------------------------------------------------------
 
 

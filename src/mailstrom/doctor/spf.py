@@ -71,6 +71,57 @@ def _pyspf() -> Any:
     return spf
 
 
+_query_class: Any = None
+
+
+def _query(spf: Any) -> Any:
+    """pyspf's ``query``, counting a ``redirect=`` against the 10-lookup limit when it is
+    followed, not when its record is read.
+
+    RFC 7208 §4.6.4: the terms that cause DNS queries count "when they are evaluated", and
+    ``redirect=`` is evaluated only when no mechanism matched (§6.1). pyspf counts it as
+    it reads the modifiers, before the mechanisms: a record of ten lookup mechanisms
+    and a redirect= failed (permerror, "Too many DNS lookups") at the tenth, which
+    receivers that follow the RFC pass. pyspf is not changed: its count is undone for a
+    record with a redirect= before it is read, and made again when the redirect is
+    followed (pyspf evaluates the target at the level of the record that redirects;
+    an include: at the level below)."""
+    global _query_class
+    if _query_class is not None:
+        return _query_class
+
+    class Query(spf.query):  # type: ignore[misc]
+        def check1(self, record: Any, domain: str, recursion: int) -> Any:
+            levels: list[int] = self.__dict__.setdefault("_mailstrom_levels", [])
+            if recursion in levels:  # the redirect= of the record at this level, taken
+                self.check_lookups()
+            if _redirects(spf, record):
+                self.lookups -= 1  # pyspf counts it as it reads the record
+            levels.append(recursion)
+            try:
+                return super().check1(record, domain, recursion)
+            finally:
+                levels.pop()
+
+    _query_class = Query
+    return Query
+
+
+def _redirects(spf: Any, record: Any) -> bool:
+    """Whether pyspf, reading ``record``, counts a ``redirect=`` (as its ``check0`` finds
+    modifiers: terms split at SP, names matched as written)."""
+    if not isinstance(record, str):
+        return False
+    terms = record.split(" ")
+    if terms[0].lower() != "v=spf1":
+        return False
+    for term in terms[1:]:
+        named = spf.RE_MODIFIER.split(term)[1:]
+        if len(named) == 2 and named[0] == "redirect":
+            return True
+    return False
+
+
 def _lookup_through(spf: Any, original: Any) -> Any:
     def lookup(name: str, qtype: str, strict: Any = True, timeout: Any = 30) -> list[Any]:
         resolver = _resolver.get()
@@ -145,7 +196,7 @@ def evaluate(
     softfail, neutral, none, permerror, temperror (also when the lookups took longer
     than ``time_limit`` seconds in all)."""
     spf = _pyspf()
-    query = spf.query(i=ip, s=sender, h=helo, querytime=time_limit)
+    query = _query(spf)(i=ip, s=sender, h=helo, querytime=time_limit)
     with _using(resolver):
         result, _code, explanation = query.check()
     return str(result), str(explanation)
