@@ -1888,3 +1888,39 @@ def test_run_doctor_does_not_let_a_dkim_key_in_testing_mode_pass_dmarc_quietly(
     report = run_doctor(run, resolver, FakeNetwork())
     assert [c.status for c in report.find("dkim")] == [Status.PASS]
     assert report.find("dmarc")[0].status is Status.PASS, report.find("dmarc")[0].summary
+
+
+def test_a_lookup_that_failed_for_now_leaves_dmarc_unknown_not_failed(
+    dns_server: LoopbackDNS, rsa_key: Path
+) -> None:
+    # The SPF record's lookup failed for now (SERVFAIL): SPF was "temporary error"
+    # (unknown), but DMARC said "would fail DMARC" with a fix to publish, and the run
+    # failed (exit 2: "receivers will reject or junk this mail") over a transient error.
+    dns_server.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=reject; rua=mailto:d@example.com")
+    dns_server.mx(DOMAIN, [(10, "mx.example.com")])
+    dns_server.ptr(IP, HELO)
+    dns_server.a(HELO, IP)
+    dns_server.txt(HELO, "v=spf1 a -all")
+    dns_server.servfail(DOMAIN, "TXT")
+    resolver = DNSResolver(dns_server.dns_config)
+    report = run_doctor(setup(rsa_key, ip=IP, dnsbls=(), dkim_keys=()), resolver, FakeNetwork())
+    [spf], [dmarc] = report.find("spf"), report.find("dmarc")
+    assert spf.status is Status.UNKNOWN, spf.summary
+    assert dmarc.status is Status.UNKNOWN, dmarc.summary
+    assert "not known now: SPF could not be evaluated" in dmarc.summary
+    assert exit_code(report) == 75  # a lookup failed, nothing failed: run again later
+    # The DKIM record's lookup failing, with SPF failing for the address: unknown too.
+    dns_server.delete(DOMAIN)  # ends the SERVFAIL of its TXT records
+    dns_server.mx(DOMAIN, [(10, "mx.example.com")])
+    dns_server.txt(DOMAIN, "v=spf1 ip4:198.51.100.1 -all")
+    dns_server.servfail(f"s1._domainkey.{DOMAIN}")
+    report = run_doctor(setup(rsa_key, ip=IP, dnsbls=()), resolver, FakeNetwork())
+    [spf], [dkim], [dmarc] = report.find("spf"), report.find("dkim"), report.find("dmarc")
+    assert spf.status is Status.FAIL, spf.summary
+    assert dkim.status is Status.UNKNOWN, dkim.summary
+    assert dmarc.status is Status.UNKNOWN, dmarc.summary
+    assert dmarc.summary.endswith(f"now: the DKIM record of d={DOMAIN} could not be looked up")
+    # Once it answers, and holds no key, the mail fails DMARC.
+    dns_server.txt(f"s1._domainkey.{DOMAIN}", "v=spf1 -all")
+    report = run_doctor(setup(rsa_key, ip=IP, dnsbls=()), resolver, FakeNetwork())
+    assert report.find("dmarc")[0].status is Status.FAIL

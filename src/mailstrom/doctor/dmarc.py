@@ -219,13 +219,17 @@ def check_dmarc(
     bulk: bool = False,
     envelope_domain: str | None = None,
     testing_domains: Sequence[str] = (),
+    unknown_domains: Sequence[str] = (),
 ) -> Check:
     """The policy, and whether mail From ``domain`` would pass it, given the SPF result
     for ``envelope_domain`` (default: ``domain``, mailstrom's default envelope sender;
     None when SPF was not judged, for want of an outgoing address) and the ``d=``
     domains of the configured keys whose DKIM check passed. ``testing_domains`` are
     those of keys that verify but whose records say ``t=y``: verifiers are to treat
-    their mail as unsigned (RFC 6376 §3.6.1), so a pass that needs them is a warning."""
+    their mail as unsigned (RFC 6376 §3.6.1), so a pass that needs them is a warning.
+    ``unknown_domains`` are those of keys whose check could not be decided now (a lookup
+    failed): mail that could pass by them, or by an SPF result of ``temperror``, neither
+    passes nor fails here, but is unknown."""
     envelope_domain = envelope_domain or domain
     found = discover(resolver, domain)
     first_record = f'"v=DMARC1; p=none; rua=mailto:dmarc@{domain}"'
@@ -283,6 +287,11 @@ def check_dmarc(
         "are to treat as unsigned (RFC 6376 §3.6.1)"
     )
     drop_testing = "drop t=y from the key's record (see the dkim check)"
+    pending = [d for d in unknown_domains if aligned(d, domain, record.adkim)]
+    not_known = [
+        *(["SPF could not be evaluated (see the spf check)"] if spf_result == "temperror" else []),
+        *([f"the DKIM record of d={', '.join(pending)} could not be looked up"] if pending else []),
+    ]
     details = [
         *shown,
         f"policy for {domain}: p={policy}"
@@ -328,6 +337,16 @@ def check_dmarc(
             "address receivers see, which was not checked: no aligned DKIM signature",
             "give the address receivers see with --ip to check SPF for it, and sign with "
             f"a DKIM key for d={domain} (see the dkim checks)",
+            details,
+        )
+    if not spf_ok and not dkim_ok and not_known:
+        # A lookup that failed for now decides nothing: the mail may pass once it works,
+        # and "would fail DMARC" (exit 2, with a fix to publish) was no verdict to give.
+        return check(
+            Status.UNKNOWN,
+            f"whether mail From {domain} passes DMARC (p={policy}) is not known now: "
+            + "; ".join(not_known),
+            None,
             details,
         )
     if not spf_ok and not dkim_ok and in_tests:

@@ -137,9 +137,12 @@ def run_doctor(
     signer = signing_domain_for(setup.domain, {key.domain for key in setup.dkim_keys})
     verified: list[DKIMKey] = []
     testing: list[DKIMKey] = []
+    unknown: list[str] = []  # a lookup failed: whether they verify is not known
     for key in setup.dkim_keys:
         verdict = judge_dkim(resolver, key)
         report.add(verdict.check)
+        if verdict.check.status is Status.UNKNOWN and key.domain == signer and key.kind == "rsa":
+            unknown.append(key.domain)
         if verdict.verifies and key.domain == signer:
             verified.append(key)
             if verdict.testing:
@@ -201,6 +204,7 @@ def run_doctor(
             spf_result=spf_result,
             dkim_domains=signing,
             testing_domains=signing_in_tests,
+            unknown_domains=unknown,
             bulk=setup.bulk,
         )
     )
