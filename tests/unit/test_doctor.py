@@ -10,7 +10,7 @@ import base64
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hypothesis
@@ -360,6 +360,22 @@ def test_spf_evaluation_has_a_time_limit_in_all() -> None:
     assert result == "temperror", explanation
     assert len(resolver.asked) < 30
     assert SPF_TIME_LIMIT == 20.0  # what RFC 7208 §4.6.4 lets receivers stop after
+
+
+@pytest.mark.timeout(20)  # the fault was a wait of the whole DNS timeout, here 60 s
+def test_spf_evaluation_time_limit_bounds_a_lookup_that_never_returns(
+    dns_server: LoopbackDNS,
+) -> None:
+    # pyspf gives each lookup what is left of the evaluation's time, but the adapter
+    # asked the resolver with its own timeout (dns.timeout, 10 s by default): a lookup
+    # that got no answer held an evaluation with 0.3 s left for the whole of it.
+    dns_server.txt(DOMAIN, "v=spf1 a:silent.example.net -all")
+    dns_server.drop("silent.example.net")
+    config = replace(dns_server.dns_config, timeout=60.0)
+    result, explanation = evaluate(
+        DNSResolver(config), ip=IP, sender=f"postmaster@{DOMAIN}", helo=HELO, time_limit=0.3
+    )
+    assert result == "temperror", explanation
 
 
 class SlowDNS(DNSResolver):

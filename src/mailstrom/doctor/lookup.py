@@ -67,9 +67,14 @@ class DNSResolver:
             self._resolver.nameservers = list(config.nameservers)
         self._resolver.lifetime = config.timeout
 
-    def lookup(self, name: str, rdtype: str) -> Answer:
+    def lookup(self, name: str, rdtype: str, *, timeout: float | None = None) -> Answer:
+        """The answer, waited for ``config.timeout`` seconds, or ``timeout`` when shorter
+        (what is left of a larger bound, such as an SPF evaluation's)."""
+        lifetime = self._resolver.lifetime
+        if timeout is not None and 0 < timeout < lifetime:
+            lifetime = timeout
         try:
-            answer = self._resolver.resolve(name, rdtype, search=False)
+            answer = self._resolver.resolve(name, rdtype, search=False, lifetime=lifetime)
         except dns.resolver.NXDOMAIN:
             return Answer(name=name, rdtype=rdtype, outcome=Outcome.NXDOMAIN)
         except dns.resolver.NoAnswer:

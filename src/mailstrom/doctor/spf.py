@@ -20,7 +20,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from mailstrom.doctor.extras import MissingExtra
-from mailstrom.doctor.lookup import Outcome, Resolver
+from mailstrom.doctor.lookup import DNSResolver, Outcome, Resolver
 from mailstrom.doctor.report import Check, Status, piece
 from mailstrom.domains import literal_address
 
@@ -127,7 +127,15 @@ def _lookup_through(spf: Any, original: Any) -> Any:
         resolver = _resolver.get()
         if resolver is None:
             return list(original(name, qtype, strict, timeout))
-        answer = resolver.lookup(name, qtype)
+        # pyspf's timeout is what is left of the evaluation's time: the resolver's own
+        # (dns.timeout) let one unanswered query run past it by up to that long. Only
+        # DNSResolver's own lookup() takes it: another Resolver, or a subclass that
+        # overrides lookup(name, rdtype), is asked as the protocol says.
+        ours = type(resolver).lookup is DNSResolver.lookup
+        if ours and isinstance(resolver, DNSResolver) and isinstance(timeout, int | float):
+            answer = resolver.lookup(name, qtype, timeout=float(timeout))
+        else:
+            answer = resolver.lookup(name, qtype)
         if answer.failed:
             raise spf.TempError(f"DNS {answer.error}")
         rows: list[Any] = []
