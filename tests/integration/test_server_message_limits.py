@@ -58,14 +58,12 @@ def test_the_queue_goes_on_after_a_server_ends_a_connection_at_its_limit(
         if status.state is not RecipientState.DELIVERED:
             assert status.state is RecipientState.DEFERRED, status
             assert status.reply is not None and status.reply.code == 421, status
-    if reply is None:
-        # A MAIL the server never answered is tried again on the next connection.
-        assert delivered == COUNT, states
-        assert mx.connections == COUNT // LIMIT
-    else:
-        # The 421 to MAIL defers its own message (a reply after the transaction began).
-        assert delivered == COUNT - COUNT // (LIMIT + 1), states
-        assert mx.connections == COUNT // (LIMIT + 1)
+    # A MAIL the server never answered, or answered with a 421 that closes a connection
+    # which took messages, is tried again on the next connection (RFC 5321 §3.8: the
+    # server closes the channel; it did not refuse the message). Was, for the 421: the
+    # message was deferred with an attempt counted, one in every LIMIT + 1.
+    assert delivered == COUNT, states
+    assert mx.connections == COUNT // LIMIT
 
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
@@ -171,16 +169,28 @@ def test_exims_message_limit_reply_does_not_pause_the_destination(
 
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+@pytest.mark.parametrize(
+    "over_limit_reply",
+    [
+        "421 too many messages in this connection",
+        "421 4.3.2 Service shutting down, closing transmission channel",
+        "421 4.7.0 Message limit of this connection reached, closing",
+    ],
+    ids=["exim", "generic", "unknown-limit"],
+)
 def test_a_message_refused_at_the_servers_limit_goes_on_the_next_connection_uncounted(
-    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool
+    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool, over_limit_reply: str
 ) -> None:
     # Was: the message whose MAIL got Exim's "421 too many messages in this connection"
     # was deferred with an attempt counted (a backoff of 5 minutes; with max_attempts=1
     # it failed, never tried), where one the server closed on without a word went on the
     # next connection. The reply asks for a new connection, nothing more (reasons.toml).
+    # So does any 421 to MAIL on a connection that took messages (RFC 5321 §3.8: the
+    # server closes the channel): was, one the reasons do not name (a shutdown, a limit
+    # in other words) failed its message, never tried, with max_attempts=1.
     mx = smtp_server(pipelining=pipelining)
     mx.messages_per_connection = LIMIT
-    mx.over_limit_reply = "421 too many messages in this connection"
+    mx.over_limit_reply = over_limit_reply
     dns_server.mx("example.org", [(10, "mx.test")])
     dns_server.a("mx.test", mx.host)
     config = loopback_config(
@@ -202,3 +212,55 @@ def test_a_message_refused_at_the_servers_limit_goes_on_the_next_connection_unco
     assert all(s.attempts == 1 for s in statuses)
     assert len(mx.messages) == COUNT
     assert mx.connections == COUNT // LIMIT
+
+
+def test_a_421_to_the_first_mail_of_a_new_connection_counts_as_an_attempt(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    # A 421 to MAIL goes on the next connection uncounted only on a connection that took
+    # messages (or was reused): the first MAIL of a new one refused is an attempt, or a
+    # server that says 421 to every MAIL would be connected to without end.
+    mx = smtp_server()
+    mx.mail_reply = "421 4.3.2 Service shutting down, closing transmission channel"
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(
+        dns_server, mx.port, retry=RetryPolicy(max_attempts=1), max_per_destination=1
+    )
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(Email(from_="a@sender.test", to=["u@example.org"], text="Hi"))
+        results.wait_final({"u@example.org"})
+        status = ms.query_status(mid).recipients[0]
+    assert status.state is RecipientState.FAILED, status
+    assert status.attempts == 1
+    assert status.reply is not None and status.reply.code == 421
+    assert mx.connections == 1
+
+
+def test_a_throttling_421_to_mail_still_defers_its_message(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    # A throttle (Yahoo's TSS04) is no connection's end: the message it refused is
+    # deferred (and, with shaping, its destination paused), not sent again at once.
+    mx = smtp_server()
+    mx.messages_per_connection = LIMIT
+    mx.over_limit_reply = "421 4.7.0 [TSS04] Messages from 127.0.0.1 deferred for now"
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(dns_server, mx.port, max_per_destination=1)
+    store = MemoryStore()
+    results = Results()
+    with Mailstrom(config, store=store, worker=None) as queue_only:
+        queue_only.send_emails(
+            [
+                Email(from_="a@sender.test", to=[f"u{i}@example.org"], subject="Hi", text="Hi")
+                for i in range(COUNT)
+            ]
+        )
+    with Mailstrom(config, store=store, on_result=results):
+        first = results.wait_count(LIMIT + 1)[: LIMIT + 1]
+    assert [r.state for r in first] == [RecipientState.DELIVERED] * LIMIT + [
+        RecipientState.DEFERRED
+    ]
+    assert first[-1].attempt.reply is not None and first[-1].attempt.reply.code == 421

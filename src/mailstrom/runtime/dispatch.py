@@ -739,7 +739,8 @@ class Dispatcher:
         error: DeliveryError | None = None
         answered = False
         # The server said it takes no more messages on this connection (a 421 to MAIL
-        # for its limit per connection): what it cut was not tried (see below).
+        # for its limit per connection, or any 421 to MAIL once the connection took
+        # messages or was reused): what it cut was not tried (see below).
         limited = False
         reset = reused  # an idle connection gets an RSET (free when pipelined)
         while True:
@@ -823,9 +824,13 @@ class Dispatcher:
                     await self._throttled_session(shape, exc)
                 retry.append(rest)
                 continue
-            if at_connection_limit(result):
+            if at_connection_limit(result) or ((reused or answered) and _closing_at_mail(result)):
                 # Not tried: first on the next connection (see _deliver), and the session
-                # ends here, as the server closes.
+                # ends here, as the server closes. So for any 421 to MAIL on a connection
+                # that took messages (or was kept for reuse): RFC 5321 §3.8, the server
+                # closes the channel, as one that closes without a word does (a limit in
+                # words the reasons do not know, a shutdown), and the message was not
+                # refused. On a new connection, its first MAIL refused counts.
                 inflight.popleft()
                 assert result.mail is not None
                 error = error or failure(result.mail, host=conn.host, what="MAIL")
@@ -1397,6 +1402,14 @@ def _until_pause(
                 r = replace(r, next_attempt_at=until)
         out.append(r)
     return out
+
+
+def _closing_at_mail(result: TransactionResult) -> bool:
+    """Whether the server answered ``result``'s MAIL with a ``421`` that closes the
+    connection and is no throttle (a throttle pauses the destination, see
+    :meth:`Dispatcher._heed_throttle`, and defers what it refused)."""
+    mail = result.mail
+    return mail is not None and mail.code == 421 and not is_throttling(mail)
 
 
 def _first_due(item: WorkItem) -> datetime:
