@@ -9,7 +9,7 @@ from mailstrom import Config, Email, RecipientState, Timeouts
 from mailstrom.client import Mailstrom
 from mailstrom.stores import MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.delivery import Results
+from tests.support.delivery import Results, loopback_config
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
 
@@ -61,3 +61,63 @@ def test_allow_loopback_delivers_there(smtp_server: Any, dns_server: LoopbackDNS
         results.wait_final({"bob@example.org"})
         assert ms.query_status(mid).state is RecipientState.DELIVERED
     assert len(mx.wait_for_messages(1)) == 1
+
+
+def test_an_address_source_address_cannot_reach_is_skipped(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """An IPv4 ``source_address`` cannot reach an MX host's IPv6 address: that address is
+    no outcome of the destination. Was: it was tried after the IPv4 one, and its error
+    ("cannot connect to ::1 port 25: no matching local address with family=AF_INET6
+    found") was the recipient's reason, hiding what the server had said, and the address
+    was remembered as unreachable."""
+    refusing = smtp_server(greeting="554 5.7.1 No service for you")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", refusing.host)
+    dns_server.aaaa("mx.test", "::1")
+    config = loopback_config(dns_server, refusing.port, source_address="127.0.0.1")
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(Email(from_="app@sender.test", to=["bob@example.org"], text="Hi"))
+        results.wait_final({"bob@example.org"})
+        bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.DEFERRED, bob
+    assert (bob.ip, bob.reply and bob.reply.code) == ("127.0.0.1", 554), bob
+    assert [a.ip for a in bob.history] == ["127.0.0.1"]
+
+
+def test_a_route_without_an_address_of_source_addresss_family_says_so(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """An MX host with IPv6 addresses alone, and an IPv4 ``source_address``: nothing is
+    tried, and the reason names the setting rather than an address it never went to."""
+    mx = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.aaaa("mx.test", "::1")
+    config = loopback_config(dns_server, mx.port, source_address="127.0.0.1")
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(Email(from_="app@sender.test", to=["bob@example.org"], text="Hi"))
+        results.wait_final({"bob@example.org"})
+        bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.DEFERRED, bob
+    assert "source_address" in bob.reason and "IPv4" in bob.reason, bob.reason
+    assert mx.connections == 0
+
+
+def test_an_address_literal_of_the_other_ip_version_says_so(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """An address literal is its own route, with no lookup to leave the address out:
+    the dispatcher skips it, and the reason names ``source_address`` rather than the
+    error of a connection that could not be made ("no matching local address")."""
+    mx = smtp_server()
+    config = loopback_config(dns_server, mx.port, source_address="127.0.0.1")
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(Email(from_="app@sender.test", to=["bob@[IPv6:::1]"], text="Hi"))
+        results.wait_final({"bob@[ipv6:::1]"})
+        [bob] = ms.query_status(mid).recipients
+    assert bob.state is RecipientState.DEFERRED, bob
+    assert "source_address" in bob.reason and "IPv4" in bob.reason, bob.reason
+    assert bob.history[0].ip is None, bob.history

@@ -35,6 +35,7 @@ pauses the destination: its queue is given back to the store due at the end of t
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import time
@@ -203,6 +204,9 @@ class Dispatcher:
         self._observe_tls = observe_tls
         self._opener = Opener(config, on_tls_broken=self._tls.broken.note)
         self._unreachable = UnreachableAddresses(config.remember_unreachable.total_seconds())
+        source = config.source_address
+        self._source_family = None if source is None else ipaddress.ip_address(source).version
+        """The IP version of ``source_address``: addresses of the other cannot be reached."""
         self._destinations: dict[str, _Destination] = {}
         self._waiting: deque[_Destination] = deque()
         self._sessions = 0
@@ -500,12 +504,26 @@ class Dispatcher:
     ) -> None:
         targets = [(host, ip) for host in route.hosts for ip in host.addresses]
         unreachable = self._unreachable
-        unreachable.demote(targets)
         last_error: DeliveryError = TemporaryFailure(
             "no MX host could be reached",
             enhanced="4.4.4",  # RFC 3463: unable to route
             host=route.hosts[0].name if route.hosts else None,
         )
+        family = self._source_family
+        if family is not None:
+            # A socket bound to source_address cannot reach an address of the other IP
+            # version: skipped, as an MTA limited to one protocol never looks them up.
+            # Tried, its error ("no matching local address") was the recipients' reason
+            # in place of what a server had said, and it was remembered as unreachable.
+            targets = [t for t in targets if _of_family(t[1], family)]
+            if not targets:
+                last_error = TemporaryFailure(
+                    f"no MX host of {dest.domain} has an IPv{family} address, which "
+                    f"source_address {self._config.source_address} needs",
+                    enhanced="4.4.4",
+                    host=last_error.host,
+                )
+        unreachable.demote(targets)
         # Where the attempt that ended in last_error went, for the recipients' history.
         last_where = Where(host=last_error.host)
         # The last failure that says nothing about REQUIRETLS (a host not reached, a
@@ -1410,6 +1428,15 @@ def _closing_at_mail(result: TransactionResult) -> bool:
     :meth:`Dispatcher._heed_throttle`, and defers what it refused)."""
     mail = result.mail
     return mail is not None and mail.code == 421 and not is_throttling(mail)
+
+
+def _of_family(ip: str, family: int) -> bool:
+    """Whether ``ip`` is of IP version ``family``; True for a name (a relay's host name,
+    whose lookup finds the addresses a socket bound to ``source_address`` can reach)."""
+    try:
+        return ipaddress.ip_address(ip).version == family
+    except ValueError:
+        return True
 
 
 def _first_due(item: WorkItem) -> datetime:
