@@ -122,3 +122,57 @@ def test_a_shuffled_route_keeps_everything_but_its_hosts_order(limit: int) -> No
     }
     assert {h.name for h in finished.hosts} <= {h.name for h in hosts}
     assert len(finished.addresses) == min(limit, 6)
+
+
+async def test_a_full_cache_drops_expired_routes_then_the_oldest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the limit, a new domain takes the place of an expired route first, and only
+    when none has expired the place of the oldest one."""
+    monkeypatch.setattr(router_module, "MAX_CACHED", 4)
+    resolver = ScriptedResolver()
+    for i in range(7):
+        resolver.mx(f"d{i}.test", [(10, "mx.test")])
+    resolver.a("mx.test", "192.0.2.1")
+    router = make_router(resolver)
+    for name in ("d0.test", "d1.test"):
+        await router.route(name)
+    resolver.clock.now += 200
+    for name in ("d2.test", "d3.test"):
+        await router.route(name)
+    resolver.clock.now += 150  # d0 and d1 (TTL 300) have expired, d2 and d3 have not
+    for name in ("d4.test", "d5.test", "d6.test"):
+        await router.route(name)
+    cached = [f"d{i}.test" for i in range(7) if router.cached(f"d{i}.test") is not None]
+    assert cached == ["d3.test", "d4.test", "d5.test", "d6.test"]  # d2 was the oldest
+    mx_queries = [q.name for q in resolver.queries if q.rdtype == "MX"]
+    assert len(mx_queries) == 7  # nothing was looked up twice
+
+
+def test_a_full_cache_takes_a_new_domain_without_reading_every_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the cache is full, each new domain read the expiry of every cached route (a
+    scan of 10,000 entries per new domain, on the event loop) to find an expired one.
+    The cost of a new domain must not grow with the size of the cache."""
+    size = 1000
+    monkeypatch.setattr(router_module, "MAX_CACHED", size)
+    slot = router_module._Entry.__dict__["expires"]
+    reads = 0
+
+    def read(entry: object) -> float:
+        nonlocal reads
+        reads += 1
+        return slot.__get__(entry)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(
+        router_module._Entry, "expires", property(read, lambda e, v: slot.__set__(e, v))
+    )
+    router = make_router(ScriptedResolver())
+    for i in range(size):  # address literals: cached without DNS, never expiring
+        assert router.cached(f"[10.0.{i // 256}.{i % 256}]") is not None
+    reads = 0
+    extra = 200
+    for i in range(extra):
+        assert router.cached(f"[10.1.{i // 256}.{i % 256}]") is not None
+    assert reads <= 10 * extra, reads

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -176,7 +179,12 @@ class Router:
         self._resolver = resolver if resolver is not None else make_resolver(dns)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
-        self._cache: dict[str, _Entry] = {}
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        """Oldest first: the first to drop at the limit when none has expired."""
+        self._expiries: list[tuple[float, int, str, _Entry]] = []
+        """A heap of (expiry, order, key, entry) of every cached entry, and of some no
+        longer cached (skipped when met): finds an expired entry without a scan."""
+        self._order = itertools.count()
         self._inflight: dict[str, _Flight] = {}
 
     @classmethod
@@ -235,6 +243,7 @@ class Router:
         """Drop the cached route of ``domain`` (every spelling of it), or of every domain."""
         if domain is None:
             self._cache.clear()
+            self._expiries.clear()
             return
         key = cache_key(domain)
         canonical = key if is_literal(key) else to_qname(domain).to_text(omit_final_dot=True)
@@ -297,13 +306,38 @@ class Router:
         return entry
 
     def _remember(self, key: str, entry: _Entry) -> None:
-        if len(self._cache) >= MAX_CACHED and key not in self._cache:
-            now = self._clock()
-            for stale in [k for k, e in self._cache.items() if e.expires <= now]:
-                del self._cache[stale]
-            while len(self._cache) >= MAX_CACHED:
-                del self._cache[next(iter(self._cache))]
-        self._cache[key] = entry
+        """Cache ``entry`` under ``key``; at the limit, an expired entry makes room, or
+        the oldest when none has expired. Amortised O(log n): a scan of every entry for
+        each new domain (10,000 of them) held the event loop up once the cache was full."""
+        cache = self._cache
+        if key not in cache:
+            while len(cache) >= MAX_CACHED:
+                self._drop_one()
+        cache[key] = entry
+        expiries = self._expiries
+        heapq.heappush(expiries, (entry.expires, next(self._order), key, entry))
+        if len(expiries) > 2 * len(cache) + 64:
+            # Mostly entries no longer cached (looked up again, forgotten): rebuilt, at a
+            # cost the pushes since the last rebuild have paid for.
+            expiries[:] = [(e.expires, next(self._order), k, e) for k, e in cache.items()]
+            heapq.heapify(expiries)
+
+    def _drop_one(self) -> None:
+        """Drop an expired entry, else the oldest one."""
+        cache = self._cache
+        expiries = self._expiries
+        now = self._clock()
+        while expiries:
+            expires, _, key, entry = expiries[0]
+            if cache.get(key) is not entry:
+                heapq.heappop(expiries)  # no longer cached under that key
+            elif expires <= now:
+                heapq.heappop(expiries)
+                del cache[key]
+                return
+            else:
+                break  # the soonest to expire has not: none has
+        cache.popitem(last=False)
 
     def _landed(self, key: str, task: asyncio.Task[_Entry]) -> None:
         if self._inflight.get(key) is not None and self._inflight[key].task is task:
