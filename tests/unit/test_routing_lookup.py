@@ -208,3 +208,44 @@ async def test_cached_route_shuffles_equal_preferences_then_applies_the_limit() 
         orders.add(tuple(hosts_in(route)))
     assert len(orders) == 6  # every order of the three hosts turns up
     assert len([q for q in resolver.queries if q.rdtype == "MX"]) == 1
+
+
+# --- source_address: addresses of its IP version only ---------------------------------
+
+
+def _router_from(resolver: ScriptedResolver, source: str, **overrides: object) -> Router:
+    from mailstrom.config import Config
+
+    config = Config(helo_name="client.test", source_address=source, **overrides)  # type: ignore[arg-type]
+    return Router.for_config(config, resolver=resolver, clock=resolver.clock)  # type: ignore[arg-type]
+
+
+async def test_addresses_source_address_cannot_reach_take_no_place_in_a_route() -> None:
+    """With an IPv4 ``source_address`` an IPv6 address is never tried, so it must not
+    fill one of the ``mx_address_limit`` places (Postfix drops them at the lookup, by
+    ``inet_protocols``). Was: Google's five MX hosts, an A and an AAAA record each, made a
+    route of three hosts, the backups pushed out by addresses that could not be reached."""
+    resolver = ScriptedResolver()
+    resolver.mx("example.test", [(10 * i, f"mx{i}.example.test") for i in range(1, 6)])
+    for i in range(1, 6):
+        resolver.a(f"mx{i}.example.test", f"192.0.2.{i}")
+        resolver.aaaa(f"mx{i}.example.test", f"2001:db8::{i}")
+    route = await _router_from(resolver, "198.51.100.7").route("example.test")
+    assert route.addresses == tuple(f"192.0.2.{i}" for i in range(1, 6))
+    route = await _router_from(resolver, "2001:db8:ff::7").route("example.test")
+    assert route.addresses == tuple(f"2001:db8::{i}" for i in range(1, 6))
+
+
+async def test_a_domain_with_addresses_only_of_the_other_ip_version_is_deferred() -> None:
+    """Nothing to try is a temporary failure naming the reason, for MX hosts and for the
+    domain's own addresses (no MX) alike: not "no MX and no address records", which
+    would fail the mail for good although another source_address reaches it."""
+    resolver = ScriptedResolver()
+    resolver.mx("mx6.test", [(10, "mx.mx6.test")])
+    resolver.aaaa("mx.mx6.test", "2001:db8::1")
+    resolver.aaaa("implicit6.test", "2001:db8::2")
+    router = _router_from(resolver, "198.51.100.7")
+    for domain in ("mx6.test", "implicit6.test"):
+        with pytest.raises(TemporaryFailure, match="IPv4") as raised:
+            await router.route(domain)
+        assert raised.value.enhanced == "4.4.4"

@@ -212,6 +212,8 @@ class _Addresses:
     """Every answer found carried the AD bit (DNSSEC-validated by the resolver)."""
     canonical: str | None = None
     """The CNAME-expanded name the answers came from, when the name is an alias."""
+    skipped: int = 0
+    """Addresses of the IP version the policy does not keep (``RoutePolicy.ip_version``)."""
 
 
 def expanded_name(answers: list[dns.resolver.Answer]) -> str | None:
@@ -319,6 +321,9 @@ class _Resolution:
         address = numeric_exchange(name)
         if address is None:
             return await self.addresses(name)
+        version = self.policy.ip_version
+        if version is not None and ipaddress.ip_address(address).version != version:
+            return _Addresses(addresses=(), skipped=1)
         kind = self.policy.refused(address)
         if kind is not None:
             return _Addresses(addresses=(), refused=((address, kind),))
@@ -346,6 +351,8 @@ class _Resolution:
         # the limit over all hosts), and a hostile zone can answer with thousands: keep
         # that many usable (and as many refused, for the reason) per family, no more.
         limit = self.policy.mx_address_limit
+        version = self.policy.ip_version
+        skipped = 0
         for result in results:
             if isinstance(result, TemporaryFailure):
                 temporary = result
@@ -354,6 +361,11 @@ class _Resolution:
             elif isinstance(result, dns.resolver.Answer):
                 secure = secure and authenticated(result)
                 ttls.append(result.chaining_result.minimum_ttl)
+                if version is not None and version != (
+                    4 if result.rdtype == dns.rdatatype.A else 6
+                ):
+                    skipped += len(result)  # unreachable from source_address: no place
+                    continue
                 kept: dict[str, None] = {}  # insertion-ordered, and no quadratic "in" test
                 refused_here = 0
                 for rdata in result:
@@ -374,6 +386,7 @@ class _Resolution:
             temporary=temporary,
             secure=secure,
             canonical=expanded_name(answers),
+            skipped=skipped,
         )
 
 
@@ -473,6 +486,7 @@ async def _mx_route(
     ttls = [mx_ttl]
     refused: list[tuple[str | None, str, str]] = []
     addressless: list[str] = []  # hosts with no address records at all
+    skipped = False  # some of them have addresses of the IP version not kept
     temporary: TemporaryFailure | None = None
     found: set[str] = set()  # distinct: an address two hosts share fills one place
     next_host = 0
@@ -494,7 +508,12 @@ async def _mx_route(
                 ttls.append(result.ttl)
             refused.extend((host_name, address, kind) for address, kind in result.refused)
             if not result.addresses:
-                if not result.refused and result.temporary is None:
+                if result.skipped:
+                    # Its addresses are of the other IP version: as a host without any,
+                    # not one refused (another source_address reaches it).
+                    addressless.append(host_name)
+                    skipped = True
+                elif not result.refused and result.temporary is None:
                     addressless.append(host_name)
                 continue  # a host without usable addresses cannot be tried; others can
             hosts.append(
@@ -522,6 +541,8 @@ async def _mx_route(
         # in progress, and the retry policy's max_age bounds the wait. (Postfix bounces
         # here by default; this is its smtp_defer_if_no_mx_address_found = yes.) So is a
         # domain whose other hosts' addresses are refused: the next look may find one.
+        if skipped:
+            raise _other_version(f"no MX host of {domain} has an", policy)
         if refused:
             raise TemporaryFailure(
                 f"no MX host of {domain} has a usable address: none found for "
@@ -538,12 +559,25 @@ async def _mx_route(
     return Lookup(route=route, ttl=None if temporary else min(ttls))
 
 
+def _other_version(text: str, policy: RoutePolicy) -> TemporaryFailure:
+    """The failure of a route whose addresses are all of the IP version that
+    ``source_address`` cannot reach (``text``, the words before the version it can):
+    temporary (4.4.4), as for hosts without addresses, since the setting, not the domain,
+    is in the way."""
+    return TemporaryFailure(
+        f"{text} IPv{policy.ip_version} address (the IP version of source_address)",
+        enhanced=_NO_ROUTE,
+    )
+
+
 async def _implicit(resolution: _Resolution, qname: dns.name.Name, domain: str) -> Lookup:
     """No MX records: the domain itself is the mail host (RFC 5321 §5.1)."""
     result = await resolution.addresses(qname)
     if not result.addresses:
         if result.temporary is not None:
             raise result.temporary
+        if result.skipped:
+            raise _other_version(f"domain {domain} has no MX and no", resolution.policy)
         if result.refused:
             refused: list[tuple[str | None, str, str]] = [
                 (None, address, kind) for address, kind in result.refused

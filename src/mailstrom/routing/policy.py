@@ -183,6 +183,11 @@ class RoutePolicy:
     None: :data:`MX_HOSTS_PER_ADDRESS` times ``mx_address_limit``."""
     max_dns_queries: int = MAX_DNS_QUERIES
     """DNS queries in flight at once for one route (at least 2: a host's A and AAAA)."""
+    ip_version: int | None = None
+    """Keep only addresses of this IP version (4 or 6): that of ``Config.source_address``,
+    as a socket bound there reaches no other. The others are skipped before the cut to
+    ``mx_address_limit``, as Postfix's ``inet_protocols`` leaves them out of the lookup.
+    None: both."""
 
     def __post_init__(self) -> None:
         for name in ("mx_address_limit", "mx_host_limit"):
@@ -191,6 +196,8 @@ class RoutePolicy:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.max_dns_queries < 2:
             raise ConfigError(f"max_dns_queries must be at least 2, got {self.max_dns_queries}")
+        if self.ip_version not in (None, 4, 6):
+            raise ConfigError(f"ip_version must be 4, 6 or None, got {self.ip_version!r}")
 
     @property
     def hosts_considered(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import ipaddress
 import itertools
 import random
 import time
@@ -148,8 +149,9 @@ class Router:
     cached.
 
     Every route holds at most ``mx_address_limit`` addresses (Postfix's
-    ``smtp_mx_address_limit``) and no loopback, unspecified or link-local address unless
-    ``allow_loopback`` (see :class:`~mailstrom.routing.policy.RoutePolicy`). One lookup
+    ``smtp_mx_address_limit``), only of ``ip_version`` when given (4 or 6), and no
+    loopback, unspecified or link-local address unless ``allow_loopback`` (see
+    :class:`~mailstrom.routing.policy.RoutePolicy`). One lookup
     considers at most ``mx_host_limit`` MX hosts (default: twice the address limit), keeps
     at most ``max_dns_queries`` queries in flight, and spends at most ``dns.timeout``
     seconds in all.
@@ -169,12 +171,14 @@ class Router:
         resolver: dns.asyncresolver.Resolver | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        ip_version: int | None = None,
     ) -> None:
         self.policy = RoutePolicy(
             allow_loopback=allow_loopback,
             mx_address_limit=mx_address_limit,
             mx_host_limit=mx_host_limit,
             max_dns_queries=max_dns_queries,
+            ip_version=ip_version,
         )
         self._resolver = resolver if resolver is not None else make_resolver(dns)
         self._clock = clock
@@ -196,8 +200,10 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> Router:
-        """The router ``config`` asks for: its DNS settings, ``allow_loopback`` and
-        ``mx_address_limit``. This is how the worker and the command line build theirs."""
+        """The router ``config`` asks for: its DNS settings, ``allow_loopback``,
+        ``mx_address_limit``, and the IP version of ``source_address`` (routes hold no
+        address of the other). This is how the worker and the command line build theirs."""
+        source = config.source_address
         return cls(
             config.dns,
             allow_loopback=config.allow_loopback,
@@ -205,6 +211,7 @@ class Router:
             resolver=resolver,
             clock=clock,
             rng=rng,
+            ip_version=None if source is None else ipaddress.ip_address(source).version,
         )
 
     def cached(self, domain: str) -> Route | None:
