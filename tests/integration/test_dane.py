@@ -480,4 +480,5 @@ def test_an_mx_host_too_long_for_a_tlsa_name_is_not_held_back_by_dane(
     bob = deliver(mx.port)
     assert bob.state is RecipientState.DELIVERED, bob.reason
     assert bob.history[-1].tls_policy == "opportunistic"
-    assert len(mx.wait_for_messages(1)) == 1
+    mx.wait_for_messages(1)
+    assert len(mx.messages) == 1

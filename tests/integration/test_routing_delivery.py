@@ -60,7 +60,8 @@ def test_allow_loopback_delivers_there(smtp_server: Any, dns_server: LoopbackDNS
         )
         results.wait_final({"bob@example.org"})
         assert ms.query_status(mid).state is RecipientState.DELIVERED
-    assert len(mx.wait_for_messages(1)) == 1
+    mx.wait_for_messages(1)
+    assert len(mx.messages) == 1
 
 
 def test_an_address_source_address_cannot_reach_is_skipped(

@@ -555,3 +555,23 @@ def test_a_failed_wait_says_what_the_server_saw(fake_mx: FakeMX) -> None:
 def test_a_failed_wait_says_when_no_client_came() -> None:
     with FakeMX() as mx, pytest.raises(AssertionError, match="no client connected"):
         mx.wait_for(1, timeout=0.05)
+
+
+async def test_a_wait_returns_the_first_count_messages_however_many_arrived(
+    fake_mx: FakeMX,
+) -> None:
+    """``[got] = fake_mx.wait_for(1)``, as the docs write it, failed with "too many values
+    to unpack" once a second message had arrived too: every wait returned all that had."""
+    with Mailstrom(fake_mx.config, store=MemoryStore()) as ms:
+        ms.send_email(mail("bob@example.org", subject="one"))
+        fake_mx.wait_for(1)
+        ms.send_email(mail("carol@example.org", subject="two"))
+        both = fake_mx.wait_for(2)
+    first, second = fake_mx.received
+    assert both == [first, second]
+    [got] = fake_mx.wait_for(1)
+    assert got is first
+    assert await fake_mx.wait_for_async(1) == [first]
+    assert fake_mx.server.wait_for_messages(1) == [first]
+    assert await fake_mx.server.await_messages(1) == [first]
+    assert fake_mx.wait_for(0) == []

@@ -208,8 +208,10 @@ class FakeMX:
         return self.server.received
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
-        """Block until ``count`` transactions' content arrived; AssertionError after
-        ``timeout`` seconds. In async tests use :meth:`wait_for_async`."""
+        """Block until ``count`` transactions' content arrived, and return the first
+        ``count`` of them in arrival order (however many more came: ``[got] =
+        wait_for(1)`` holds with two in); AssertionError after ``timeout`` seconds. In
+        async tests use :meth:`wait_for_async`."""
         try:
             return self.server.wait_for_received(count, timeout)
         except AssertionError as exc:

@@ -78,8 +78,9 @@ What a server records
     ``open_connections`` and ``peak_connections``: connections open now and at most at
     once; ``arrivals``: the wall-clock time of each ``received`` message's final dot.
     ``wait_for_messages(n, timeout)`` blocks on a condition until ``n`` messages are in
-    (raises AssertionError on timeout, saying what the server saw: connections, the
-    reply to each RCPT, what arrived and how it was answered);
+    and returns the first ``n`` of them, however many more arrived (raises AssertionError
+    on timeout, saying what the server saw: connections, the reply to each RCPT, what
+    arrived and how it was answered);
     ``await_messages(n, within)`` is its asyncio form;
     ``wait_for_received(n, timeout)`` and ``await_received(n, within)`` wait on
     ``received`` instead.
@@ -340,6 +341,7 @@ class ReceivingServer:
     def _wait(
         self, items: list[ReceivedMessage], count: int, timeout: float, what: str
     ) -> list[ReceivedMessage]:
+        _check_count(count)
         with self._condition:
             self._condition.wait_for(lambda: self._waited(items, count), timeout)
             return self._outcome(items, count, timeout, what)
@@ -350,6 +352,7 @@ class ReceivingServer:
         """:meth:`_wait` on the running loop. No thread blocks for it (one did, in the
         loop's executor: cancelled, it waited out the timeout, and so did closing the
         loop), so a cancelled wait leaves nothing behind."""
+        _check_count(count)
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
 
@@ -383,14 +386,16 @@ class ReceivingServer:
     def _outcome(
         self, items: list[ReceivedMessage], count: int, timeout: float, what: str
     ) -> list[ReceivedMessage]:
-        """What a finished wait returns, or raises (call under the condition)."""
+        """What a finished wait returns, or raises (call under the condition): the first
+        ``count`` items, however many arrived (all of them made ``[got] = wait_for(1)``
+        fail once a second message was in too)."""
         if len(items) < count:
             raise AssertionError(
                 f"{self.host}:{self.port} {what} {len(items)} messages, expected {count}"
                 + (" before it was stopped" if self._stopped else f" within {timeout}s")
                 + self._seen()
             )
-        return list(items)
+        return items[:count]
 
     def _seen(self) -> str:
         """What the server saw, for a failed wait's message (call under the condition):
@@ -443,6 +448,13 @@ class ReceivingServer:
 
     def __repr__(self) -> str:
         return f"<ReceivingServer {self.host}:{self.port}>"
+
+
+def _check_count(count: int) -> None:
+    """ValueError unless ``count`` is a whole number of messages (``-1`` waited for
+    nothing and returned all but the last)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"a wait needs a count of at least 0 messages, got {count!r}")
 
 
 def _last(lines: Iterable[str], shown: int = 10) -> str:
