@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -375,3 +376,25 @@ def test_messages_of_two_stores_with_the_same_id_are_both_captured() -> None:
         ("1", ["a@x.test"], first),
         ("1", ["b@x.test"], second),
     ]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_captured_message_can_be_deep_copied(kind: str, tmp_path: Path) -> None:
+    """copy.deepcopy of a captured message (a test keeping a snapshot, a fixture handing
+    out copies) raised "cannot pickle '_thread.lock' object": it copied the store, locks
+    and connection included. A copy names the same store and has its own parsed message."""
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "q.db")
+    try:
+        with capture() as outbox, Mailstrom(CONFIG, store=store) as ms:
+            ms.send_email(welcome())
+        [mail] = outbox
+        copied = copy.deepcopy(mail)
+        assert copied == mail
+        assert copied.store is store
+        assert copied.message is not mail.message
+        copied.message.replace_header("Subject", "Changed")
+        assert (mail.subject, copied.subject) == ("Welcome", "Changed")
+        assert copied.status().held
+        assert copy.deepcopy([mail, mail]) == [mail, mail]
+    finally:
+        store.close()

@@ -20,6 +20,8 @@ it held; releasing it would deliver it).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import email
 import email.policy
 import threading
@@ -87,6 +89,12 @@ class CapturedMessage:
         """Its status read from the store now: ``queued`` and ``held`` unless the test
         cancelled or released it. The store must still be open."""
         return self.store.status(self.message_id)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CapturedMessage:
+        """A copy with its own parsed ``message``, naming the same store: the store is
+        where the message is held, not part of it, and holds locks and connections that
+        cannot be copied (``copy.deepcopy`` raised "cannot pickle '_thread.lock'")."""
+        return dataclasses.replace(self, message=copy.deepcopy(self.message, memo))
 
 
 class Outbox(Sequence[CapturedMessage]):
