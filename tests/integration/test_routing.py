@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 
 import dns.asyncquery
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
@@ -401,6 +402,36 @@ async def test_fixture_answers_over_tcp_on_the_same_port(dns_server: LoopbackDNS
     assert response.rcode() == dns.rcode.NOERROR
     assert [r.address for r in response.answer[0]] == ["127.0.0.1"]
     assert dns_server.queries("tcp.example", "A") == 1
+
+
+async def test_loopback_dns_truncates_udp_answers_as_a_real_server_does(
+    dns_server: LoopbackDNS,
+) -> None:
+    """An answer over UDP longer than 512 octets, or than the EDNS payload size the query
+    offers (RFC 6891 §6.2.5), comes back truncated: no records, the TC bit set, the
+    question kept (RFC 2181 §9). It came back whole, so a client's fall-back to TCP, which
+    every real server makes it take for such an answer, was never exercised."""
+    hosts = [(10, f"mx{i:02}-{'x' * 40}.big.test") for i in range(20)]
+    dns_server.mx("big.test", hosts)
+    plain = dns.message.make_query("big.test", "MX")
+    udp = await dns.asyncquery.udp(plain, "127.0.0.1", port=dns_server.port, timeout=2)
+    assert udp.flags & dns.flags.TC
+    assert udp.answer == [] and udp.question == plain.question
+    assert plain.is_response(udp)
+    roomy = dns.message.make_query("big.test", "MX", use_edns=0, payload=4096)
+    whole = await dns.asyncquery.udp(roomy, "127.0.0.1", port=dns_server.port, timeout=2)
+    assert not whole.flags & dns.flags.TC
+    assert len(whole.answer[0]) == 20
+    small = dns.message.make_query("big.test", "MX", use_edns=0, payload=600)
+    cut = await dns.asyncquery.udp(small, "127.0.0.1", port=dns_server.port, timeout=2)
+    assert cut.flags & dns.flags.TC
+    # The router's resolver takes the truncated answer and asks again over TCP.
+    dns_server.reset_counts()
+    for _, host in hosts:
+        dns_server.a(host, "127.0.0.1")
+    route = await Router(dns_server.dns_config, allow_loopback=True).route("big.test")
+    assert route.hosts and {h.name for h in route.hosts} <= {name for _, name in hosts}
+    assert dns_server.queries("big.test", "MX") == 2  # over UDP, truncated; then TCP
 
 
 def test_loopback_dns_outside_pytest_fixtures() -> None:

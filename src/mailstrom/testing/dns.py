@@ -49,10 +49,14 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
 * A name not in the zone → NXDOMAIN (unless ``wildcard_mx``); a name in the zone without
   the asked type → NOERROR with an empty answer (dnspython's ``NoAnswer``).
 * ``queries(name, rtype) -> int`` counts the queries received for (name, type), e.g.
-  ``queries("example.org", "MX")``; ``query_counts()`` gives them all as a dict
+  ``queries("example.org", "MX")`` (over UDP and TCP: a query asked again over TCP after
+  a truncated answer counts twice); ``query_counts()`` gives them all as a dict
   ``{(name, type): count}``; ``reset_counts()`` zeroes them.
 * ``reset()`` — forget the whole zone and the counts (one server for many
   hypothesis examples).
+* Over UDP, an answer longer than 512 octets, or than the payload size an EDNS query
+  offers, is sent truncated (TC bit, no records), as real servers send it: the client
+  asks again over TCP, where it gets the whole answer.
 * Names are served octet for octet, odd labels included (``\\000.example.org``,
   ``-.example.org``, ``a\\.b.example.org``: a label holding a dot). A query for a name
   with a label that is not UTF-8 is never answered (dnslib cannot parse it).
@@ -90,6 +94,7 @@ try:
         TXT,
         A,
         DNSError,
+        DNSHeader,
         DNSLabel,
         DNSRecord,
     )
@@ -103,6 +108,9 @@ _LOCALHOST = "127.0.0.1"
 _DEFAULT_TTL = 300
 _MAX_CHAIN = 8
 _BIND_ATTEMPTS = 20
+_UDP_LIMIT = 512
+"""Octets of a UDP answer to a query without EDNS (RFC 1035 §4.2.1), and the least
+payload size an EDNS query may offer (RFC 6891 §6.2.5: a smaller one counts as 512)."""
 
 
 def _key(name: str) -> str:
@@ -249,7 +257,30 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 client.shutdown(socket.SHUT_RDWR)
 
 
+def _udp_limit(request: DNSRecord) -> int:
+    """The longest UDP answer ``request`` takes: the payload size of its EDNS OPT record
+    (at least 512), or 512 without one."""
+    for rr in request.ar:
+        if rr.rtype == QTYPE.OPT:
+            return max(_UDP_LIMIT, int(rr.rclass))
+    return _UDP_LIMIT
+
+
 class _Handler(DNSHandler):  # type: ignore[misc]  # dnslib has no type hints
+    def get_reply(self, data: bytes) -> bytes:
+        """The answer to the query ``data``; over UDP, truncated as a real server does
+        when it is longer than the query takes (:func:`_udp_limit`): no records, the TC
+        bit set and the question kept (RFC 2181 §9), so that the client asks again over
+        TCP. dnslib's own truncation, off by default, drops the question too, and a
+        client that checks an answer against its query ignores such a message."""
+        request = DNSRecord.parse(data)
+        reply = self.server.resolver.resolve(request, self)
+        wire: bytes = reply.pack()
+        if self.protocol == "udp" and len(wire) > _udp_limit(request):
+            header = DNSHeader(id=reply.header.id, bitmap=reply.header.bitmap, tc=1)
+            wire = DNSRecord(header, questions=reply.questions).pack()
+        return wire
+
     def setup(self) -> None:
         # A TCP client that connects and says nothing must not stall server_close().
         if isinstance(self.request, socket.socket):
