@@ -887,3 +887,41 @@ def test_a_2xx_whose_body_is_cut_short_is_a_sent_batch(raw_endpoint: RawEndpoint
 
     raw_endpoint.answer = short
     assert post(raw_endpoint.url, b"{}", {}, timeout=5.0) is None
+
+
+def test_an_event_given_up_that_the_store_was_locked_to_mark_is_not_posted_again(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """The endpoint refused an event alone as too large (413), and the store was locked
+    when the sender marked it given up: the sender went on, and the event stayed leased,
+    to be POSTed (and refused) once more when its lease ran out. The endpoint's answer
+    was final: the mark is tried again first, as a sent batch's is."""
+    store = SQLiteStore(tmp_path / "q.db", busy_timeout=0.2)
+    store.enable_events()
+    _deferred_events(store, ["big@example.org", "small@example.org"])
+    locking = _lock_store_while_answering(tmp_path / "q.db", hold=1.0)
+
+    def too_large(body: bytes) -> bool:
+        if b"big@" not in body:
+            return False
+        locking(0)  # as the endpoint answers 413, the store is locked for a while
+        return True
+
+    endpoint.too_large = too_large
+    hook = HookConfig(
+        url=endpoint.url, secret=SECRET, batch=1, timeout=0.5, retry_min=0.05, retry_max=0.1
+    )
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 1)
+        ids = {e.address: e.id for e in store.read_events()}
+        # Past any lease: nothing is left to send, the given-up event included.
+        later = datetime.now(UTC) + timedelta(hours=1)
+        assert store.lease_events(now=later, limit=10, lease_for=timedelta(minutes=1)) is None
+    finally:
+        store.close()
+    assert [(r.ids, r.answered) for r in endpoint.requests] == [
+        ([ids["big@example.org"]], 413),
+        ([ids["small@example.org"]], 200),
+    ]
+    assert metrics.hook_events_sent == 1

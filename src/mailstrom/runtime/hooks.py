@@ -18,7 +18,8 @@ A 413 (Content Too Large) is no failure to wait out: the same batch would be ref
 ever, and no event after it sent. The batch goes back and the sender leases half as many
 events at once (down to one), growing back by doubling with each batch the endpoint takes.
 An event refused on its own can never be sent: it is given up (marked sent, with an error
-in the log naming it) and the sender goes on with the next.
+in the log naming it) and the sender goes on with the next; a mark the store fails is
+tried again first, as a sent batch's is (the endpoint's answer was final).
 
 HTTP goes through the standard library (``urllib.request``) on a thread: one request per
 batch of up to ``hook.batch`` events makes the thread hand-off and the missing connection
@@ -131,7 +132,10 @@ class HookSender:
         """Events leased at once: less than ``hook.batch`` after a 413."""
         self._last_prune = -PRUNE_EVERY
         self._unacked: EventBatch | None = None
-        """A batch the endpoint took that could not be marked sent yet."""
+        """A batch the endpoint answered for good (took it, or refused one event alone as
+        too large) that could not be marked sent yet."""
+        self._unacked_given_up = False
+        """Whether :attr:`_unacked` is an event given up (not counted as sent)."""
         self._unreleased: EventBatch | None = None
         """A batch the endpoint did not take that could not be given back yet."""
 
@@ -152,7 +156,7 @@ class HookSender:
         while True:
             if self._unacked is not None:
                 # Before anything else, a stop included: the endpoint has these events.
-                if not await self._ack(self._unacked):
+                if not await self._ack(self._unacked, given_up=self._unacked_given_up):
                     if self._stopping:
                         return
                     wait = await self._back_off(wait)
@@ -241,22 +245,32 @@ class HookSender:
         await self._release(batch)
         return False
 
-    async def _ack(self, batch: EventBatch) -> bool:
-        """Mark ``batch``, which the endpoint took, sent; False when the store failed:
-        it is kept to try again (see :meth:`run`), not sent again."""
+    async def _ack(self, batch: EventBatch, *, given_up: bool = False) -> bool:
+        """Mark ``batch``, which the endpoint took (or, ``given_up``, refused for good),
+        sent; False when the store failed: it is kept to try again (see :meth:`run`),
+        not sent again."""
         try:
             acked = await self._store_call(self._store.ack_events, batch, now=self._clock())
         except StoreError as exc:
             if self._unacked is None:
-                log.warning(
-                    "hook: sent %d events, cannot mark them sent yet: %s", len(batch.events), exc
-                )
+                if given_up:
+                    log.warning(
+                        "hook: cannot mark event %d given up yet: %s", batch.events[0].id, exc
+                    )
+                else:
+                    log.warning(
+                        "hook: sent %d events, cannot mark them sent yet: %s",
+                        len(batch.events),
+                        exc,
+                    )
             self._unacked = batch
+            self._unacked_given_up = given_up
             return False
         # Those still under the batch's lease: if it ran out and another sender took them,
         # that one sends them again (at least once).
         self._unacked = None
-        self._metrics.hook_events_sent += acked
+        if not given_up:
+            self._metrics.hook_events_sent += acked
         return True
 
     async def _release(self, batch: EventBatch) -> bool:
@@ -297,12 +311,8 @@ class HookSender:
             event.address,
             size,
         )
-        try:
-            await self._store_call(self._store.ack_events, batch, now=self._clock())
-        except StoreError as exc:
-            log.warning("hook: cannot mark event %d given up: %s", event.id, exc)
-            return False
-        return True
+        # Left leased, the event went again (and was refused again) once the lease ran out.
+        return await self._ack(batch, given_up=True)
 
     async def _prune(self) -> None:
         now = time.monotonic()
