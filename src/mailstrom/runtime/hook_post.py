@@ -6,7 +6,8 @@ with it the thread it runs on (which the worker's loop waits for when it closes)
 request has a deadline instead. Its sockets are made by :class:`_Deadline` (so connecting
 to a name with several addresses is bounded too), and a timer shuts them down when the
 deadline passes: a thread blocked reading or writing one returns at once, and the request
-counts as failed, whatever arrived by then.
+counts as failed, unless the answer's status line and header had arrived by then (the
+endpoint answered; only its body was cut short).
 
 urllib still does the rest, so everything it honours stays as it was: the system trust
 store and ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` for HTTPS, the ``https_proxy`` /
@@ -247,8 +248,10 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str 
     :class:`HTTPFailure` when that is the endpoint's answer.
 
     Connecting, sending and the whole answer take ``timeout`` seconds at most (plus the
-    name lookup, which nothing can interrupt); an answer not complete by then is a failure.
-    At most :data:`BODY_READ_LIMIT` bytes of the answer's body are read.
+    name lookup, which nothing can interrupt); an answer whose status line and header are
+    not complete by then is a failure, while one whose body is not is the endpoint's
+    answer (only the status counts). At most :data:`BODY_READ_LIMIT` bytes of the
+    answer's body are read.
     """
     try:
         # HookConfig admits only http:// and https:// URLs.
@@ -261,30 +264,41 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str 
         opener = urllib.request.build_opener(
             _NoRedirects(), _HTTPHandler(deadline), _HTTPSHandler(deadline)
         )
-        failure = _exchange(opener, request, timeout)
-    if deadline.expired:
-        # Checked whatever the exchange returned: a connection shut down mid-header can
-        # still parse as a complete 2xx answer.
-        return f"no complete answer within {timeout:g} s (hook.timeout)"
-    return failure
+        return _exchange(opener, request, deadline, timeout)
 
 
 def _exchange(
-    opener: urllib.request.OpenerDirector, request: urllib.request.Request, timeout: float
+    opener: urllib.request.OpenerDirector,
+    request: urllib.request.Request,
+    deadline: _Deadline,
+    timeout: float,
 ) -> str | None:
+    late = f"no complete answer within {timeout:g} s (hook.timeout)"
     try:
         with opener.open(request, timeout=timeout) as response:
+            # Whether the status line and header arrived in time, looked at before the
+            # body is read: a connection the deadline shut down mid-header can still parse
+            # as a complete 2xx answer, while one whose header arrived in time is the
+            # endpoint's word, whatever its body does after. Looked at after the body, a
+            # 200 whose body dripped past the deadline failed the request, and the batch
+            # the endpoint had taken went again.
+            if deadline.expired:
+                return late
             status = int(response.status)
             # Read to let the connection close cleanly, not used: only the status counts.
-            # A body that breaks off (a chunk cut short, a reset) changes nothing the
-            # endpoint said: failing the request sent the batch again, every time if the
-            # endpoint always answers so. One the deadline cut short is failed in post().
+            # A body that breaks off (a chunk cut short, a reset, the deadline) changes
+            # nothing the endpoint said: failing the request sent the batch again, every
+            # time if the endpoint always answers so.
             with contextlib.suppress(OSError, http.client.HTTPException):
                 response.read(BODY_READ_LIMIT)
     except urllib.error.HTTPError as exc:
         with exc:
+            if deadline.expired:
+                return late
             return HTTPFailure(exc.code, f"HTTP {exc.code} {exc.reason}")
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        if deadline.expired:
+            return late
         reason = getattr(exc, "reason", None) or exc
         return f"{type(exc).__name__}: {reason}"
     return None if 200 <= status < 300 else HTTPFailure(status, f"HTTP {status}")
