@@ -1089,3 +1089,45 @@ def test_a_suspension_from_a_clock_in_a_zone_with_summer_time_lasts_its_length(
         client.get(_suspend(client, "two.example", "2h"))
     [suspension] = store.suspensions(now=now)
     assert suspension.until == datetime(2026, 3, 29, 2, 50, tzinfo=UTC)
+
+
+class _StatusFailsAfterRetry(MemoryStore):
+    """A store whose first read after a retry fails, as one whose connection drops (or a
+    lock times out) between the two calls does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next_read = False
+
+    def retry(self, message_id: str, **kwargs: Any) -> int:
+        done = super().retry(message_id, **kwargs)
+        self.fail_next_read = True
+        return done
+
+    def status(self, message_id: str) -> Any:
+        if self.fail_next_read:
+            self.fail_next_read = False
+            raise StoreError("the connection was lost")
+        return super().status(message_id)
+
+
+def test_a_retry_done_whose_outcome_cannot_be_read_says_it_was_done(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The retry was made, and the read of the message's status after it failed: the
+    page was a 503 "The queue cannot be read right now", and the user believed the retry
+    had failed, and tried again, or gave up on it. It says the recipients were made due."""
+    store = _StatusFailsAfterRetry()
+    mid = store.enqueue(message("a@one.example"), now=NOW)
+    lease = lease_all(store)
+    store.record(
+        results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW + timedelta(hours=1))
+    )
+    for client in _client(store):
+        token = _csrf(client.get(f"/action/retry/{mid}").text)
+        with caplog.at_level(logging.WARNING, logger="mailstrom.web"):
+            done = client.post(f"/action/retry/{mid}", data={"csrf": token})
+        assert done.status_code == 200, done.text
+        assert 'id="done">Retry now: 1 recipient made due<' in done.text
+    assert store.status(mid).recipients[0].next_attempt_at == NOW + timedelta(minutes=1)
+    assert any("the connection was lost" in r.getMessage() for r in caplog.records)

@@ -7,15 +7,18 @@ destination actions those of ``mailstrom suspend/resume``.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from mailstrom.errors import MailstromError
+from mailstrom.errors import MailstromError, StoreError, UnknownMessage
 from mailstrom.stores.base import Store
 from mailstrom.stores.operator import PENDING_STATES, count_recipients, normalize_domain
+
+log = logging.getLogger("mailstrom.web")
 
 
 class InvalidTarget(MailstromError, ValueError):
@@ -98,12 +101,18 @@ def _retry(store: Store, message_id: str, now: datetime, _: timedelta | None) ->
     which go now: no worker leases a held message's until it is released, nor those at a
     destination suspended now until it is resumed; those whose destination is paused
     after a throttling reply (their status shows the pause) a worker leases and gives
-    back, due at the pause's end."""
+    back, due at the pause's end. The retry is done once ``store.retry`` returns: when
+    the reads that sort its recipients fail after it, it says so much (the page was the
+    503 of a queue that cannot be read, and the user took the retry for failed)."""
     n = store.retry(message_id, now=now)
-    status = store.status(message_id)
+    try:
+        status = store.status(message_id)
+        suspended = {s.domain for s in store.suspensions(now=now)}
+    except (StoreError, UnknownMessage) as exc:
+        log.warning("retry %s: done, but what became of it cannot be read: %s", message_id, exc)
+        return f"{_recipients(n)} made due"
     if status.held:
         return f"{_recipients(n)} due once released"
-    suspended = {s.domain for s in store.suspensions(now=now)}
     # Counted after the retry: no worker takes these meanwhile, so none has gone.
     paused = min(count_recipients([status], PENDING_STATES, at=suspended), n)
     throttled = min(
