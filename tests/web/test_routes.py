@@ -1131,3 +1131,25 @@ def test_a_retry_done_whose_outcome_cannot_be_read_says_it_was_done(
         assert 'id="done">Retry now: 1 recipient made due<' in done.text
     assert store.status(mid).recipients[0].next_attempt_at == NOW + timedelta(minutes=1)
     assert any("the connection was lost" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("case", ["upper", "mixed"])
+def test_a_message_id_in_upper_case_finds_its_message(
+    client: TestClient, store: Store, ids: dict[str, str], case: str
+) -> None:
+    """Ids are hex, taken in any case by ``query_status`` and ``mailstrom status``; the
+    dashboard answered 404 "no such message" to an id copied in upper case (as some tools
+    and people write hex)."""
+    mid = ids["queued"]
+    typed = mid.upper() if case == "upper" else mid[:16].upper() + mid[16:]
+    page = client.get(f"/message/{typed}")
+    assert page.status_code == 200, page.text
+    assert f"/action/hold/{mid}" in page.text
+    confirm = client.get(f"/action/hold/{typed}")
+    assert confirm.status_code == 200, confirm.text
+    done = client.post(
+        f"/action/hold/{typed}", data={"csrf": _csrf(confirm.text)}, follow_redirects=False
+    )
+    assert done.status_code == 303
+    assert done.headers["location"].startswith(f"/message/{mid}?done=")
+    assert store.status(mid).held

@@ -83,7 +83,9 @@ MAX_OFFSET = 10**9
 """The largest ``offset`` of the destinations page (a store's integers end at 2**63)."""
 _DIGITS = re.compile(r"[0-9]{1,12}")
 """A number as a query string or header gives it (not str.isdigit, which takes "²")."""
-_MESSAGE_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: "$" would let a final "\n" in
+_MESSAGE_ID = re.compile(r"[0-9a-fA-F]{32}")  # fullmatch: "$" would let a final "\n" in
+"""A message id as the API and ``mailstrom status`` take it: 32 hex digits in any case,
+stored in lower case (an id copied in upper case was a 404)."""
 _DOMAIN = re.compile(r"^[^\s/\x00-\x1f\x7f]{1,253}$")  # NUL: PostgreSQL refuses it
 
 
@@ -239,6 +241,7 @@ def create_app(
         mid = request.path_params["id"]
         if not _MESSAGE_ID.fullmatch(mid):
             return problem(request, 404, "no such message")
+        mid = mid.lower()
         show_body = request.query_params.get("body") == "1"
         try:
             status = await run_in_threadpool(store.status, mid)
@@ -337,7 +340,7 @@ def create_app(
         if action.target is Target.MESSAGE:
             if not _MESSAGE_ID.fullmatch(target):
                 return problem(request, 404, f"no such {action.target.value}")
-            return action, target
+            return action, target.lower()
         try:
             return action, action.target_of(target)
         except InvalidTarget as exc:
