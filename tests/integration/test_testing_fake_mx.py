@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+import tracemalloc
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -130,6 +131,24 @@ def test_defer_a_number_of_times_then_accept(fake_mx: FakeMX) -> None:
         fake_mx.wait_for(1)
         results.wait_count(2)
         assert ms.query_status(mid).state is DELIVERED
+
+
+def test_defer_a_great_number_of_times_holds_a_count_not_a_list(fake_mx: FakeMX) -> None:
+    """defer(times=n) built a list of n + 1 replies: 8 MB for a million, MemoryError (or
+    the machine's memory) for "as good as always", OverflowError for more."""
+    tracemalloc.start()
+    try:
+        fake_mx.defer("many@example.org", "451 4.7.1 Later", times=10**6)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000
+    fake_mx.defer("always@example.org", "451 4.7.1 Later", times=2**70)
+    server = fake_mx.server
+    assert [server.rcpt_rule("always@example.org") for _ in range(3)] == ["451 4.7.1 Later"] * 3
+    fake_mx.defer("twice@example.org", "450 4.7.1 Greylisted", times=2)
+    replies = [server.rcpt_rule("twice@example.org") for _ in range(4)]
+    assert replies == ["450 4.7.1 Greylisted"] * 2 + ["250 2.1.5 OK"] * 2
 
 
 @pytest.mark.parametrize("times", [-1, 0, 1.5, True, "2"])

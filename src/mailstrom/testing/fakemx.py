@@ -37,6 +37,7 @@ from mailstrom.testing.outbox import capture_active
 from mailstrom.testing.smtp import (
     ReceivedMessage,
     ReceivingServer,
+    Repeated,
     start_receiving_server,
     tls_contexts,
 )
@@ -179,7 +180,9 @@ class FakeMX:
         if times is None:
             self.server.rcpt_replies[_key(address)] = reply
         else:
-            self.server.rcpt_replies[_key(address)] = [reply] * times + ["250 2.1.5 OK"]
+            # A count, not a list of ``times`` replies: ``times=10**9`` is "as good as
+            # always", and built a list of 8 GB.
+            self.server.rcpt_replies[_key(address)] = Repeated(reply, times, "250 2.1.5 OK")
 
     def reject(self, address: str, reply: str = "550 5.1.1 No such user here") -> None:
         """Answer RCPT TO for ``address`` with the 5xx ``reply``."""

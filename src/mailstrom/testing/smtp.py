@@ -43,7 +43,8 @@ Options of ``start_receiving_server(tls_context, ...)`` (all keyword-only)
 Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     ``rcpt_replies[address]``, ``mail_reply``, ``data_reply``: a reply line such as
     ``"451 4.7.1 Try later"``, or a list of them used one per command, the last one
-    repeating (greylisting: ``["451 ...", "250 ..."]``). A 2xx rule accepts.
+    repeating (greylisting: ``["451 ...", "250 ..."]``; ``Repeated("451 ...", n, "250
+    ...")`` for one reply ``n`` times over, however large ``n``). A 2xx rule accepts.
     ``starttls_reply``: a reply line to STARTTLS instead of going ahead (None: go ahead);
     after a ``421`` the server closes the connection.
     ``stall_on``: a command name (``"greeting"``, ``"ehlo"``, ``"starttls"``, ``"mail"``,
@@ -92,12 +93,13 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any, AnyStr, cast
+from typing import Any, AnyStr, cast, overload
 
 from mailstrom.testing._extra import missing_extra
 from mailstrom.testing.outbox import parse_message
@@ -113,6 +115,7 @@ __all__ = [
     "DEFAULT_SIZE_LIMIT",
     "ReceivedMessage",
     "ReceivingServer",
+    "Repeated",
     "Rule",
     "ServerFactory",
     "free_loopback_port",
@@ -126,8 +129,45 @@ mailstrom sends with its default configuration (``Config.max_message_size``, 35 
 bounce notice returning such a message in base64), yet bounded, as a server holds each
 message in memory; without one, a test could make it hold gigabytes."""
 
-Rule = str | list[str]
-"""A reply line, or replies used one per command with the last one repeating."""
+Rule = str | Sequence[str]
+"""A reply line, or replies used one per command with the last one repeating (a list;
+:class:`Repeated` for one reply many times over)."""
+
+
+class Repeated(Sequence[str]):
+    """``reply`` ``times`` over, then ``then``: the rule ``[reply] * times + [then]`` in
+    constant memory (``FakeMX.defer(address, times=n)`` builds one; the list took 8 MB
+    for a million, and failed for more). Read-only, as a rule in use should be."""
+
+    __slots__ = ("reply", "then", "times")
+
+    def __init__(self, reply: str, times: int, then: str) -> None:
+        self.reply = reply
+        self.times = times
+        self.then = then
+
+    def __len__(self) -> int:
+        # len() must fit an index: past that many turns, it is ``reply`` for ever anyway.
+        return min(self.times, sys.maxsize - 1) + 1
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        size = len(self)
+        position = index + size if index < 0 else index
+        if not 0 <= position < size:
+            raise IndexError("Repeated index out of range")
+        return self.reply if position < self.times else self.then
+
+    def __repr__(self) -> str:
+        return f"[{self.reply!r}] * {self.times} + [{self.then!r}]"
+
 
 _STALL_NAMES = frozenset(
     {"greeting", "ehlo", "helo", "starttls", "auth", "mail", "rcpt", "data", "rset"}
@@ -218,7 +258,7 @@ class ReceivingServer:
         self.over_limit_reply: str | None = (
             "421 4.7.0 Message limit of this connection reached, closing"
         )
-        self._turns: dict[str, tuple[list[str], int]] = {}
+        self._turns: dict[str, tuple[Sequence[str], int]] = {}
         """Per place a list rule is used: the list, and how many of its replies it gave."""
         self.stall_rcpts: set[str] = set()
         self.drop_after_dot_rcpts: set[str] = set()
