@@ -434,6 +434,25 @@ async def test_loopback_dns_truncates_udp_answers_as_a_real_server_does(
     assert dns_server.queries("big.test", "MX") == 2  # over UDP, truncated; then TCP
 
 
+@pytest.mark.parametrize(
+    ("hosts", "ttl"),
+    [([(70000, "mx.test")], 300), ([(10, "mx.test")], -1), ([(10, "mx.test")], 2**32)],
+)
+async def test_a_wildcard_mx_no_answer_can_hold_is_refused_when_set(
+    dns_server: LoopbackDNS, hosts: list[tuple[int, str]], ttl: int
+) -> None:
+    """The other record methods refuse a preference or TTL DNS cannot carry at once;
+    wildcard_mx took one, and every MX query of a name it covers then went unanswered
+    (a traceback on the server's thread, a timeout and a deferral in the test). It is
+    refused now, and the wildcard set before stays."""
+    dns_server.wildcard_mx([(10, "good.test")])
+    with pytest.raises(ValueError, match="must be between"):
+        dns_server.wildcard_mx(hosts, ttl=ttl)
+    query = dns.message.make_query("any.test", "MX")
+    answer = await dns.asyncquery.udp(query, "127.0.0.1", port=dns_server.port, timeout=2)
+    assert [r.exchange.to_text() for r in answer.answer[0]] == ["good.test."]
+
+
 def test_loopback_dns_outside_pytest_fixtures() -> None:
     server = LoopbackDNS().start()
     try:

@@ -160,7 +160,8 @@ class _ZoneResolver:
         self.lock = threading.Lock()
         self.nodes: dict[str, _Node] = {}
         self.counts: Counter[tuple[str, str]] = Counter()
-        self.wildcard_mx: list[tuple[int, str]] = []
+        self.wildcard_mx: list[MX] = []
+        """The MX records' data every name the zone does not hold answers with."""
         self.wildcard_ttl = _DEFAULT_TTL
         self.authenticated: set[str] = set()
         self.all_authenticated = False
@@ -203,8 +204,8 @@ class _ZoneResolver:
 
     def _wildcard_answer(self, name: str) -> list[RR]:
         return [
-            RR(_label(name), QTYPE.MX, rdata=MX(_label(host), pref), ttl=self.wildcard_ttl)
-            for pref, host in self.wildcard_mx
+            RR(_label(name), QTYPE.MX, rdata=rdata, ttl=self.wildcard_ttl)
+            for rdata in self.wildcard_mx
         ]
 
 
@@ -411,8 +412,13 @@ class LoopbackDNS:
         """Answer MX with ``[(preference, host), ...]`` for every name the zone does not
         hold (other types: an empty answer), so that mail to any domain goes to ``hosts``.
         An empty list turns this off again."""
+        # Built (and so checked) now, as the other record methods build theirs: built
+        # per query, a preference or TTL DNS cannot carry failed every MX query it
+        # answered, on the server's thread, and the client timed out.
+        rdatas = [MX(_label(_key(h)), pref) for pref, h in hosts]
+        RR(_label("wildcard.test"), QTYPE.MX, rdata=MX(_label("wildcard.test")), ttl=ttl)
         with self._zone.lock:
-            self._zone.wildcard_mx = [(pref, _key(h)) for pref, h in hosts]
+            self._zone.wildcard_mx = rdatas
             self._zone.wildcard_ttl = ttl
 
     def a(self, name: str, *ips: str, ttl: int = _DEFAULT_TTL) -> None:
