@@ -398,3 +398,21 @@ def test_a_captured_message_can_be_deep_copied(kind: str, tmp_path: Path) -> Non
         assert copy.deepcopy([mail, mail]) == [mail, mail]
     finally:
         store.close()
+
+
+def test_a_copy_of_the_outbox_is_a_snapshot_of_its_own() -> None:
+    """copy.copy(outbox) shared the original's list and lock: the "snapshot" grew with
+    every message captured after it, and clearing it cleared the capture's outbox too.
+    copy.deepcopy(outbox) raised "cannot pickle '_thread.lock' object"."""
+    store = MemoryStore()
+    with capture() as outbox:
+        store.enqueue(prepared("a@x.test"), now=NOW)
+        shallow, deep = copy.copy(outbox), copy.deepcopy(outbox)
+        store.enqueue(prepared("b@x.test"), now=NOW)
+        assert [m.envelope_to for m in shallow] == [["a@x.test"]]
+        assert deep == shallow and shallow[0] is outbox[0] and deep[0] is not outbox[0]
+        shallow.clear()
+        assert len(outbox) == 2
+        store.enqueue(prepared("c@x.test"), now=NOW)
+    assert [m.envelope_to[0] for m in outbox] == ["a@x.test", "b@x.test", "c@x.test"]
+    assert shallow == [] and len(deep) == 1

@@ -143,6 +143,24 @@ class Outbox(Sequence[CapturedMessage]):
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by content
 
+    def __copy__(self) -> Outbox:
+        """A snapshot: an outbox of its own holding what this one holds now, which no
+        capture adds to. Copied attribute by attribute, it shared this one's list and
+        lock: it grew with every message captured after, and clearing it cleared this."""
+        copied = Outbox()
+        with self._lock:
+            copied._messages = list(self._messages)
+            copied._ids = set(self._ids)
+            copied._stores = dict(self._stores)
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Outbox:
+        """A snapshot (as :meth:`__copy__`) of copies of the messages (which name the same
+        stores); it raised "cannot pickle '_thread.lock' object"."""
+        copied = copy.copy(self)
+        copied._messages = copy.deepcopy(copied._messages, memo)
+        return copied
+
     def clear(self) -> None:
         """Forget what was collected so far (the store keeps it)."""
         with self._lock:
