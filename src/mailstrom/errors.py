@@ -147,6 +147,16 @@ class InvalidAttachment(InvalidMessage):
         self.filename = filename
 
 
+class UnknownContentID(InvalidMessage):
+    """The HTML body refers to ``cid:<content_id>`` (in a ``src`` or ``href``) and no
+    attachment has that ``content_id``: readers would show a broken image or link (RFC
+    2392). ``content_id`` is the id the HTML names, percent-decoded."""
+
+    def __init__(self, reason: str, *, content_id: str) -> None:
+        super().__init__(reason)
+        self.content_id = content_id
+
+
 class InvalidHeaderValue(InvalidMessage):
     """A header value is malformed: one a builder field produces (an unsubscribe URI that
     is not https or mailto, an Auto-Submitted keyword RFC 3834 does not define, a

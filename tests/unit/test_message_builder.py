@@ -8,7 +8,12 @@ from email.message import EmailMessage
 
 import pytest
 
-from mailstrom.errors import InvalidAttachment, InvalidHeaderValue, InvalidMessage
+from mailstrom.errors import (
+    InvalidAttachment,
+    InvalidHeaderValue,
+    InvalidMessage,
+    UnknownContentID,
+)
 from mailstrom.message import Attachment, Email, prepare
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -300,3 +305,42 @@ def test_an_attachment_with_a_blank_filename_is_refused(filename: str) -> None:
     with pytest.raises(InvalidAttachment, match="filename is blank") as caught:
         build(text="t", attachments=[attachment])
     assert caught.value.filename == filename
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        '<img src="cid:logo@app">',
+        "<p><IMG SRC = 'CID:logo@app' alt=logo></p>",
+        "<img src=cid:logo@app>",
+        '<a href="cid:logo%40app">logo</a>',
+        '<img src="cid:other@app"><img src="cid:logo@app">',
+    ],
+)
+def test_html_naming_a_content_id_no_attachment_has_is_refused(html: str) -> None:
+    """``<img src="cid:logo@app">`` without an attachment of Content-ID ``logo@app``
+    (forgotten, or given another id) was sent as is: every reader showed a broken image.
+    A mistake of the caller's, refused with the id it names, as other bad input is."""
+    other = Attachment(filename="o.png", content=b"\x89PNG", inline=True, content_id="other@app")
+    with pytest.raises(UnknownContentID, match=r"'cid:logo@app'") as caught:
+        build(text="t", html=html, attachments=[other])
+    assert caught.value.content_id == "logo@app"
+    assert isinstance(caught.value, InvalidMessage)
+
+
+@pytest.mark.parametrize(
+    "html",
+    [
+        '<img src="cid:logo@app">',
+        '<img src="cid:logo%40app">',
+        "<img src='cid:LOGO@APP'>",
+        '<img src="cid:logo@app"><img src="cid:50%25@app">',
+        '<p>write cid:nothing in text, or <a href="https://x.example/cid:y">here</a></p>',
+    ],
+)
+def test_html_naming_only_attached_content_ids_is_sent(html: str) -> None:
+    logo = Attachment(filename="logo.png", content=b"\x89PNG", inline=True, content_id="logo@app")
+    # An id holding "%", named as written (not percent-encoded) by the HTML.
+    other = Attachment(filename="o.png", content=b"\x89PNG", inline=True, content_id="50%25@app")
+    message = build(text="t", html=html, attachments=[logo, other])
+    assert message.get_content_type() == "multipart/alternative"

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import html as html_text
 import re
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -14,6 +16,7 @@ from mailstrom.errors import (
     InvalidAttachment,
     InvalidHeaderValue,
     InvalidMessage,
+    UnknownContentID,
 )
 from mailstrom.message.addresses import Group, parse_address_list
 from mailstrom.message.chars import check_encodable, check_header_text, shorten
@@ -75,6 +78,10 @@ same values match either way, and backtracking tried every split of a long run o
 spaces between two such runs (a parameter's last and the final one): its square in
 work, 40 s for 60,000 spaces."""
 _PARAMETER = re.compile(rf";\s*({_TOKEN})\s*=\s*(?:({_TOKEN})|\"((?:[^\"\\]|\\.)*)\")", re.DOTALL)
+_CID_REFERENCE = re.compile(r"""\b(?:src|href)\s*+=\s*+["']?\s*+cid:([^"'\s>]*+)""", re.I)
+"""A ``src`` or ``href`` attribute whose value is a ``cid:`` URL (RFC 2392), the URL's id
+(percent-encoded, perhaps with character references) in group 1. Each run is possessive
+and ends where the next cannot start, so a search is linear in the HTML."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +89,8 @@ class Attachment:
     """A file attached to an :class:`Email`.
 
     ``inline=True`` with a ``content_id`` lets the HTML body refer to it as
-    ``cid:<content_id>`` (the attachment then goes in a multipart/related part).
+    ``cid:<content_id>`` (the attachment then goes in a multipart/related part); HTML
+    naming a ``cid:`` that no attachment has raises :class:`UnknownContentID`.
     The filename is sent as the literal text given (RFC 2231 encoded when needed); it
     may not be empty or blank.
     """
@@ -233,17 +241,43 @@ def check(email: Email) -> Draft:
         or email.auto_submitted is not None
     ):
         provided = _provided(email, headers)
+    attachments = _parts(email.attachments)
+    if email.html is not None:
+        _check_cid_references(email.html, attachments)
     return Draft(
         fields=fields,
         subject=subject,
         headers=headers,
         text=email.text,
         html=email.html,
-        attachments=_parts(email.attachments),
+        attachments=attachments,
         date=date,
         message_id=message_id,
         provided=provided,
     )
+
+
+def _check_cid_references(html: str, attachments: tuple[Part, ...]) -> None:
+    """Refuse ``html`` if a ``src`` or ``href`` in it names ``cid:`` an id that no attachment
+    has (:class:`UnknownContentID`): sent as is, it showed as a broken image or link.
+
+    The URL's id is percent-decoded (RFC 2392) after its character references (HTML);
+    ids are compared without regard to case, and as written too, so only an id that no
+    reader could match is refused."""
+    if "cid:" not in html and "cid:" not in html.lower():
+        return
+    ids = {part.content_id[1:-1].lower() for part in attachments if part.content_id}
+    for match in _CID_REFERENCE.finditer(html):
+        written = html_text.unescape(match[1])
+        named = urllib.parse.unquote(written)
+        # A reader that does not percent-decode matches the id as written.
+        if named.lower() not in ids and written.lower() not in ids:
+            raise UnknownContentID(
+                f"the html refers to {shorten('cid:' + named)}, and no attachment has that "
+                f"content_id: attach the part it names with Attachment(..., inline=True, "
+                f"content_id={shorten(named)})",
+                content_id=named,
+            )
 
 
 def _provided(email: Email, headers: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
