@@ -344,3 +344,49 @@ def test_html_naming_only_attached_content_ids_is_sent(html: str) -> None:
     other = Attachment(filename="o.png", content=b"\x89PNG", inline=True, content_id="50%25@app")
     message = build(text="t", html=html, attachments=[logo, other])
     assert message.get_content_type() == "multipart/alternative"
+
+
+def test_an_inline_attachment_without_content_id_goes_among_the_attachments() -> None:
+    """``inline=True`` without a ``content_id`` went into multipart/related, where nothing
+    can refer to it (RFC 2387: its parts are there to be named by the root's cid: URLs):
+    readers that show only what the HTML names hid it. It belongs in multipart/mixed,
+    shown inline after the body (Content-Disposition: inline, RFC 2183)."""
+    message = build(
+        text="t",
+        html='<img src="cid:logo@app">',
+        attachments=[
+            Attachment(
+                filename="logo.png",
+                content=b"\x89PNG",
+                content_type="image/png",
+                inline=True,
+                content_id="logo@app",
+            ),
+            Attachment(
+                filename="chart.png", content=b"\x89PNG1", content_type="image/png", inline=True
+            ),
+        ],
+    )
+    structure = [(part.get_content_type(), part.get_filename()) for part in message.walk()]
+    assert structure == [
+        ("multipart/mixed", None),
+        ("multipart/alternative", None),
+        ("text/plain", None),
+        ("multipart/related", None),
+        ("text/html", None),
+        ("image/png", "logo.png"),
+        ("image/png", "chart.png"),
+    ]
+    chart = next(p for p in message.walk() if p.get_filename() == "chart.png")
+    assert chart.get_content_disposition() == "inline"
+    assert "Content-ID" not in chart
+    assert chart.get_content() == b"\x89PNG1"
+
+
+def test_an_html_message_with_only_inline_parts_without_content_id_is_mixed() -> None:
+    message = build(
+        html="<p>see below</p>",
+        attachments=[Attachment(filename="a.png", content=b"\x89PNG", inline=True)],
+    )
+    types = [part.get_content_type() for part in message.walk()]
+    assert types == ["multipart/mixed", "text/html", "application/octet-stream"]

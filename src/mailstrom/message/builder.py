@@ -91,6 +91,8 @@ class Attachment:
     ``inline=True`` with a ``content_id`` lets the HTML body refer to it as
     ``cid:<content_id>`` (the attachment then goes in a multipart/related part); HTML
     naming a ``cid:`` that no attachment has raises :class:`UnknownContentID`.
+    ``inline=True`` alone shows the attachment after the body (Content-Disposition
+    inline, in multipart/mixed).
     The filename is sent as the literal text given (RFC 2231 encoded when needed); it
     may not be empty or blank.
     """
