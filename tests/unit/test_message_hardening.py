@@ -491,6 +491,42 @@ def test_an_attached_message_with_unwrapped_quoted_printable_is_wrapped_inside()
     assert html_part.get_content() == html
 
 
+def test_an_attached_message_with_a_long_preamble_or_epilogue_line_is_sent() -> None:
+    """A forwarded multipart message whose preamble (or epilogue) has a line over 998
+    octets ("This is a multi-part message in MIME format." followed by a long note) was
+    refused with LineTooLong telling the application to "encode the body as
+    quoted-printable or base64", which a message/rfc822 may not be (RFC 2046 §5.2.1), and
+    a preamble cannot be. Readers ignore the preamble and epilogue (RFC 2046 §5.1.1): the
+    line is broken into lines of at most 998 octets, each after the first starting with a
+    space (so none is a delimiter), and the parts read the same."""
+    note = b"This is a multi-part message in MIME format. " + b"x-" * 600
+    for preamble, epilogue in ((note, b""), (b"", note + b"\n" + b"-" * 1200 + b"y")):
+        inner = (
+            b"From: c@example.net\nSubject: report\nMIME-Version: 1.0\n"
+            b'Content-Type: multipart/mixed; boundary="b1"\n\n'
+            + preamble
+            + b"\n--b1\nContent-Type: text/plain\n\nSee the file.\n--b1--\n"
+            + epilogue
+        )
+        attachment = Attachment(filename="fwd.eml", content=inner, content_type="message/rfc822")
+        prepared = prepare(email(text="see attached", attachments=[attachment]), now=NOW)
+        lines = prepared.data.split(b"\r\n")
+        assert max(map(len, lines)) <= 998
+        # The text is all there, in lines that continue with a space, as Postfix breaks
+        # them (smtp_line_length_limit): such a line is no delimiter.
+        assert (preamble + epilogue).replace(b"\n", b"\r\n") in prepared.data.replace(b"\r\n ", b"")
+        part = next(
+            p for p in parsed(prepared.data).walk() if p.get_content_type() == "message/rfc822"
+        )
+        forwarded = part.get_payload()[0]
+        assert [p.get_content_type() for p in forwarded.walk()] == [
+            "multipart/mixed",
+            "text/plain",
+        ]
+        assert forwarded.get_payload()[0].get_content() == "See the file."
+        assert not forwarded.defects
+
+
 # --- #10 the 7-bit downgrade --------------------------------------------------------------
 
 

@@ -328,9 +328,10 @@ def encode_long_lines(data: bytes) -> bytes:
     HTML on one line, cron and logwatch with a long log line, a forwarded message),
     Postfix and Sendmail send it on, and prepare() refused it (exit 65: the mail was
     lost). A base64 or quoted-printable body with such a line is put in lines of 76
-    characters. The content is unchanged: a reader unfolds and decodes it. Anything else
-    (a preamble, a header line without white space to fold at) is left as it was, for
-    prepare() to judge."""
+    characters, and such a line of a multipart's preamble or epilogue, which readers
+    ignore, is broken (:func:`_break_ignored`). The content is unchanged: a reader
+    unfolds and decodes it. Anything else (a header line without white space to fold
+    at) is left as it was, for prepare() to judge."""
     if len(data) <= MAX_LINE:
         return data
     crlf = to_crlf(data)
@@ -378,16 +379,25 @@ def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
         found = mime.layout(item) if item.maintype == "multipart" else None
         if found is not None:
             out.append(head)
-            position = item.body
+            # Readers ignore the preamble and the epilogue (RFC 2046 §5.1.1), which no
+            # encoding can be given: a long line of theirs is broken.
+            preamble = _break_ignored(data[found.preamble[0] : found.preamble[1]])
+            out.append(preamble)
+            done |= _FOLDED if len(preamble) != found.preamble[1] - found.preamble[0] else 0
+            position = found.preamble[1]
             for start, end in found.parts:
                 if start > end:
                     continue  # no part between two delimiter lines (see mime.layout)
-                out.append(data[position:start])  # the delimiter line (the preamble first)
+                out.append(data[position:start])  # the delimiter line
                 part = mime.entity(data, start, end, default=_part_default(item))
                 done |= _encode_entity(part, depth=depth + 1, out=out)
                 position = end
-            out.append(data[position : item.end])  # the close delimiter and the epilogue
-            return done
+            if found.epilogue is None:
+                out.append(data[position : item.end])
+                return done
+            epilogue = _break_ignored(data[found.epilogue[0] : found.epilogue[1]])
+            out += (data[position : found.epilogue[0]], epilogue)  # the close delimiter
+            return done | (_FOLDED if len(epilogue) != item.end - found.epilogue[0] else 0)
         if item.nested:  # message/rfc822 (RFC 2046 §5.2.1 allows it no encoding itself)
             out.append(head)
             attached = mime.entity(data, item.body, item.end)
@@ -425,6 +435,21 @@ def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
                 return done | _FOLDED
     out += (head, data[item.body : item.end])
     return done
+
+
+def _break_ignored(text: bytes) -> bytes:
+    """``text``, a preamble or an epilogue (CRLF lines), with each line over
+    :data:`MAX_LINE` broken as Postfix breaks one (``smtp_line_length_limit``): by CRLF and
+    a space, so that no new line can be a delimiter line; ``text`` itself when none is
+    that long. Readers ignore the text (RFC 2046 §5.1.1); a line may not be longer."""
+    if len(text) <= MAX_LINE or not _LONG_LINE.search(text):
+        return text
+    out: list[bytes] = []
+    for line in text.split(b"\r\n"):
+        out.append(line[:MAX_LINE])
+        size = MAX_LINE - 1  # after the space
+        out.extend(b" " + line[i : i + size] for i in range(MAX_LINE, len(line), size))
+    return b"\r\n".join(out)
 
 
 def _soft_breaks(body: bytes) -> bytes | None:
