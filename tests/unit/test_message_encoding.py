@@ -385,3 +385,31 @@ def test_finding_long_lines_costs_one_pass() -> None:
         assert encode_long_lines(data) is data
         longer = encode_long_lines(data + b"y" * 999 + b"\r\n")
     assert longer != data and max(map(len, longer.split(b"\r\n"))) <= 998
+
+
+def test_a_long_line_in_a_preamble_or_epilogue_is_not_told_to_be_encoded() -> None:
+    """A raw multipart whose preamble or epilogue has a line over 998 octets was refused
+    with "encode the body as quoted-printable or base64", which a preamble cannot be (it
+    belongs to no part, and carries no encoding). The advice names it now; a line of a
+    part's body still gets the advice to encode it."""
+    top = (
+        b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+    )
+    long = b"x" * 1000
+    part = b"--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n--B--\r\n"
+    for data, where in (
+        (top + long + b"\r\n" + part, "preamble"),
+        (top + part + b"\r\n" + long + b"\r\n", "epilogue"),
+        (top + part + long, "epilogue"),
+    ):
+        with pytest.raises(LineTooLong) as caught:
+            prepare(data)
+        assert f"in the {where} of a multipart" in str(caught.value)
+        assert "encode" not in str(caught.value)
+    inner = top.replace(b"=B", b"=C") + long + b"\r\n--C\r\n\r\nx\r\n--C--\r\n"
+    nested = top + b"--B\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--B--\r\n"
+    with pytest.raises(LineTooLong, match="in the preamble of a multipart"):
+        prepare(nested)
+    with pytest.raises(LineTooLong, match="encode the body"):
+        prepare(top + part.replace(b"hi", long))

@@ -69,6 +69,9 @@ def check_line_lengths(data: bytes) -> None:
             elif mime.in_part_header_section(data, offset):
                 where = f"the header field {name} of a MIME part"
                 advice = _header_advice(line, where, sections)
+            elif (ignored := mime.ignored_text(data, offset)) is not None:
+                # Readers ignore it (RFC 2046 §5.1.1), and it can carry no encoding.
+                advice = f"in the {ignored} of a multipart, which readers ignore; shorten it"
             else:
                 advice = "encode the body as quoted-printable or base64"
             raise LineTooLong(

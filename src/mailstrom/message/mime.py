@@ -330,6 +330,31 @@ def in_part_header_section(data: bytes, offset: int) -> bool:
     return False
 
 
+def ignored_text(data: bytes, offset: int) -> str | None:
+    """``"preamble"`` or ``"epilogue"`` when ``data[offset]`` is in that text of a
+    multipart (at any level), which readers ignore (RFC 2046 §5.1.1); None otherwise."""
+    item = entity(data)
+    for _ in range(MAX_DEPTH + 1):  # check_structure has bounded the nesting
+        if offset < item.body:
+            return None
+        if item.maintype == "multipart":
+            found = layout(item)
+            if found is None:
+                return None
+            if found.preamble[0] <= offset < found.preamble[1]:
+                return "preamble"
+            if found.epilogue is not None and found.epilogue[0] <= offset < found.epilogue[1]:
+                return "epilogue"
+        elif not item.nested:
+            return None
+        span = next((s for s in _child_spans(item) if s[0] <= offset < s[1]), None)
+        if span is None:
+            return None  # a delimiter line
+        start, end, default = span
+        item = entity(data, start, end, default=default)
+    return None
+
+
 def _spaced_field_name(name: str, where: str) -> InvalidHeaderValue:
     """The error for a field of ``where`` with white space between its name and colon."""
     # RFC 5322 §4.5 obsolete syntax, which §4 says must not be generated. Postfix and
