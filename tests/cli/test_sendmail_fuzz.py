@@ -376,6 +376,24 @@ def test_t_sends_a_resent_message_to_its_resent_recipients() -> None:
     assert b"\r\nTo: first@example.test\r\n" in data
 
 
+def test_t_sends_a_message_resent_twice_to_its_newest_block_only() -> None:
+    """Each resend prepends its own resent block (RFC 5322 §3.6.6); the older block names
+    who got the earlier resend. -t queued the message for the recipients of every
+    block, so next@ got it a second time; prepare() reads the newest block alone."""
+    message = (
+        b"Resent-Date: Tue, 02 Jan 2024 00:00:00 +0000\nResent-From: desk@example.test\n"
+        b"Resent-To: again@example.test\nResent-Bcc: root\n"
+        b"Resent-Date: Mon, 01 Jan 2024 00:00:00 +0000\nResent-From: ops@example.test\n"
+        b"Resent-To: next@example.test\nResent-Bcc: hidden@example.test\n"
+        b"From: app@example.test\nTo: first@example.test\n\nbody\n"
+    )
+    code, err, [(data, recipients)] = sendmail_once(["-t", "-i"], message)
+    assert code == EX_OK, err
+    assert recipients == ["again@example.test", f"root@{ORIGIN}"]
+    assert b"hidden" not in data
+    assert b"\r\nResent-To: next@example.test\r\n" in data
+
+
 def test_a_resent_message_without_resent_from_gets_one() -> None:
     """As Postfix's cleanup does with From: a message resent without Resent-From (RFC
     5322 §3.6.6 requires one, and prepare() now refuses a resent message without it)

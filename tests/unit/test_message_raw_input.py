@@ -17,6 +17,7 @@ from mailstrom.errors import (
     MessageTooLarge,
     MissingFrom,
     MultipleFromWithoutSender,
+    NoRecipients,
     UnencodableHeader,
 )
 from mailstrom.message import preparation, prepare
@@ -182,7 +183,10 @@ def test_a_resender_is_not_taken_from_an_older_resent_block() -> None:
     newest = b"Resent-From: second@example.net\r\nResent-To: other@example.net\r\n"
     assert prepare(newest + older, now=NOW).envelope_from == "second@example.net"
     # Its own Resent-Sender still counts, wherever in its block it stands.
-    own = b"Resent-From: second@example.net\r\nResent-Sender: me@example.net\r\n"
+    own = (
+        b"Resent-From: second@example.net\r\nResent-Sender: me@example.net\r\n"
+        b"Resent-To: other@example.net\r\n"
+    )
     assert prepare(own + older, now=NOW).envelope_from == "me@example.net"
     several = b"Resent-From: a@x.example, b@x.example\r\nResent-To: other@example.net\r\n"
     with pytest.raises(MultipleFromWithoutSender, match="Resent-Sender"):
@@ -205,6 +209,40 @@ def test_a_resent_message_without_a_resender_is_refused() -> None:
     # Not being resent (no Resent-To, -Cc or -Bcc): no Resent-From needed.
     plain = without.replace(b"Resent-To: agent@example.net\r\n", b"")
     assert prepare(plain, now=NOW).envelope_from == "customer@example.com"
+
+
+def test_a_message_resent_twice_goes_to_its_newest_block_s_recipients_only() -> None:
+    """Each resend prepends a resent block naming its own recipients (RFC 5322 §3.6.6);
+    the older block's recipients got the message from the earlier resend. A message
+    resent a second time went to the recipients of every block: the agent of the first
+    resend got it again (a duplicate, perhaps with the second resender's private note).
+    Only the newest block's Resent-To, Resent-Cc and Resent-Bcc count now; the older
+    block stays in the header, as it was, and its Resent-Bcc is still removed."""
+    older = RESENT.replace(
+        b"Resent-To:",
+        b"Resent-Date: Mon, 01 Jan 2024 01:00:00 +0000\r\n"
+        b"Resent-Bcc: hidden@example.net\r\nResent-To:",
+    )
+    newest = (
+        b"Resent-Date: Tue, 02 Jan 2024 00:00:00 +0000\r\n"
+        b"Resent-From: second@example.net\r\nResent-To: other@example.net\r\n"
+        b"Resent-Cc: third@example.net\r\n"
+    )
+    prepared = prepare(newest + older, now=NOW)
+    assert prepared.recipients == ("other@example.net", "third@example.net")
+    assert prepared.envelope_from == "second@example.net"
+    assert _fields(prepared.data, b"Resent-To") == [
+        b"Resent-To: other@example.net",
+        b"Resent-To: agent@example.net",
+    ]
+    assert not _fields(prepared.data, b"Resent-Bcc")
+    # A newest block naming no recipient is no resend to the older block's.
+    bare = b"Resent-Date: Tue, 02 Jan 2024 00:00:00 +0000\r\nResent-From: second@example.net\r\n"
+    with pytest.raises(NoRecipients, match="newest resent block"):
+        prepare(bare + older, now=NOW)
+    assert prepare(bare + older, envelope_to=["x@example.org"], now=NOW).recipients == (
+        "x@example.org",
+    )
 
 
 @pytest.mark.parametrize("name", ["To", "Cc", "Reply-To"])

@@ -63,6 +63,7 @@ from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.message.encoding import MAX_LINE, encode_long_lines, fold_line, to_crlf
+from mailstrom.message.envelope import newest_block_end
 from mailstrom.message.headers import HeaderSection, split_header_section
 from mailstrom.message.words import unstructured_field
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
@@ -301,17 +302,22 @@ def _newline(data: bytes) -> bytes:
 
 def header_recipients(section: HeaderSection) -> list[str]:
     """Addresses in the To, Cc and Bcc headers (for -t); in the Resent-To, Resent-Cc and
-    Resent-Bcc headers instead when the message has any, as Postfix does and ``prepare``
-    does for a message without envelope recipients: a resent message goes to its new
-    recipients, not again to its first ones (RFC 5322 §3.6.6).
+    Resent-Bcc headers of the newest resent block instead when the message has any, as
+    Postfix does and ``prepare`` does for a message without envelope recipients: a resent
+    message goes to its new recipients, not again to its first ones, nor to an earlier
+    resend's (RFC 5322 §3.6.6).
 
     ``section`` is read by prepare()'s own parser, so that -t sees the fields prepare()
     sees: the stdlib's ended the header section at an obsolete ``Bcc : x`` (white space
     before the colon, RFC 5322 §4.5.3), which prepare() then dropped from the message
     without its address ever becoming a recipient."""
     resent = any(field.name in _RESENT_RECIPIENTS for field in section.fields)
-    names = _RESENT_RECIPIENTS if resent else ("to", "cc", "bcc")
-    values = [value for name in names for value in section.values(name)]
+    if not resent:
+        values = [value for name in ("to", "cc", "bcc") for value in section.values(name)]
+        return [addr for _, addr in getaddresses(values) if addr]
+    # The newest resent block's alone: an older one's named an earlier resend's.
+    newest = dataclasses.replace(section, fields=section.fields[: newest_block_end(section)])
+    values = [value for name in _RESENT_RECIPIENTS for value in newest.values(name)]
     return [addr for _, addr in getaddresses(values) if addr]
 
 

@@ -29,7 +29,7 @@ from mailstrom.message.addresses import (
     parse_mailbox,
 )
 from mailstrom.message.addrspec import ValidAddress
-from mailstrom.message.headers import HeaderSection
+from mailstrom.message.headers import Field, HeaderSection
 
 DEFAULT_MAX_RECIPIENTS = 1000
 
@@ -38,8 +38,9 @@ DEFAULT_MAX_RECIPIENTS = 1000
 class AddressFields:
     """The address headers of a message, parsed and validated (``None`` = header absent).
 
-    ``resent`` holds the Resent-To/Cc/Bcc fields of raw input (RFC 5322 §3.6.6); when any
-    is present the message is being resent and they name its recipients, and
+    ``resent`` holds the Resent-To/Cc/Bcc fields of raw input's newest resent block (RFC
+    5322 §3.6.6); when any is present the message is being resent and they name its
+    recipients, and
     ``resent_from`` and ``resent_sender`` hold the newest resent block's Resent-From and
     Resent-Sender (the first of each: a block is prepended at each resend; a Resent-Sender
     past the block's end, an older block's, does not count), which name who resends it.
@@ -105,11 +106,19 @@ def fields_from_section(
     """
     reader = _AddressReader(section, max_recipients)
     count = recipients_from_headers
-    # Read first: when a message has any Resent- recipient field, those are its recipients.
-    resent = [
-        reader.groups(name, recipients=count) for name in ("Resent-To", "Resent-Cc", "Resent-Bcc")
-    ]
-    resending = any(found is not None for found in resent)
+    # Read first: when a message has any Resent- recipient field, those of its newest
+    # resent block are its recipients; an older block's were the recipients of an
+    # earlier resend (RFC 5322 §3.6.6), read and checked but not sent to again.
+    newest = newest_block_end(section)
+    resent: list[Group] = []
+    resending = False
+    for name in ("Resent-To", "Resent-Cc", "Resent-Bcc"):
+        key = name.lower()
+        for index, field in enumerate(section.fields):
+            if field.name == key:
+                resending = True
+                groups = reader.parse(name, _unfolded(field), recipients=count and index < newest)
+                resent.extend(groups if index < newest else ())
     count = count and not resending
     # RFC 5322 §3.6 allows one of each field sent but the Resent- ones (a block per
     # resend): Gmail refuses a message with two To, Cc or Reply-To fields at the end of
@@ -121,7 +130,7 @@ def fields_from_section(
         to=reader.groups("To", single=True, recipients=count) or (),
         cc=reader.groups("Cc", single=True, recipients=count) or (),
         bcc=reader.groups("Bcc", recipients=count) or (),
-        resent=tuple(group for found in resent for group in found or ()) if resending else None,
+        resent=tuple(resent) if resending else None,
         resent_from=reader.groups("Resent-From", first=True) if resending else None,
         resent_sender=(
             reader.groups("Resent-Sender", first=True)
@@ -134,6 +143,25 @@ def fields_from_section(
 _ONCE_PER_BLOCK = frozenset({"resent-date", "resent-from", "resent-sender", "resent-message-id"})
 """Resent- fields a resent block holds at most once (RFC 5322 §3.6): a second one starts
 the block of an older resend."""
+
+
+def newest_block_end(section: HeaderSection) -> int:
+    """Where the newest resent block of ``section`` ends: the index of the first field of
+    an older block (a repeat of a field a block holds once), or the number of fields;
+    the block is the Resent- fields from the first on (see :func:`_in_newest_block`)."""
+    seen: set[str] = set()
+    for index, field in enumerate(section.fields):
+        if field.name in _ONCE_PER_BLOCK:
+            if field.name in seen:
+                return index
+            seen.add(field.name)
+    return len(section.fields)
+
+
+def _unfolded(field: Field) -> str:
+    """The value of ``field``, unfolded (the line breaks removed only, RFC 5322 §2.2.3),
+    as :meth:`HeaderSection.values` reads it."""
+    return b"".join(field.lines).decode("utf-8").partition(":")[2].strip(" \t")
 
 
 def _in_newest_block(section: HeaderSection, name: str) -> bool:
@@ -179,10 +207,14 @@ class _AddressReader:
             return None
         found: list[Group] = []
         for value in values:
-            parsed = parse_address_list(name, value)
-            found.extend(parsed)
-            self._count(name, parsed, recipients=recipients)
+            found.extend(self.parse(name, value, recipients=recipients))
         return tuple(found)
+
+    def parse(self, name: str, value: str, *, recipients: bool) -> tuple[Group, ...]:
+        """The groups of one ``name`` field's ``value``, counted (see :meth:`groups`)."""
+        parsed = parse_address_list(name, value)
+        self._count(name, parsed, recipients=recipients)
+        return parsed
 
     def _count(self, name: str, groups: tuple[Group, ...], *, recipients: bool) -> None:
         for group in groups:
@@ -247,8 +279,9 @@ def decide(
       responsible (RFC 5322 §3.6.6): its newest Resent-Sender, else its Resent-From,
       checked as Sender and From are (a resent message without Resent-From is
       :class:`MissingFrom`).
-    - Forward-paths: ``envelope_to``, else Resent-To + Resent-Cc + Resent-Bcc when the
-      message has any of them (as Postfix's cleanup does for ``sendmail -t``), else
+    - Forward-paths: ``envelope_to``, else Resent-To + Resent-Cc + Resent-Bcc of the
+      newest resent block when the message has any of them (as Postfix's cleanup does
+      for ``sendmail -t``; an older block's named an earlier resend's), else
       To + Cc + Bcc; de-duplicated, at most ``max_recipients`` (:class:`TooManyRecipients`).
     """
     author, from_boxes = _responsible(fields.from_, fields.sender, "")
@@ -273,7 +306,7 @@ def decide(
     if envelope_to is None:
         if fields.resent is not None:
             boxes = mailboxes(fields.resent)
-            where = "Resent-To, Resent-Cc or Resent-Bcc"
+            where = "the newest resent block's Resent-To, Resent-Cc or Resent-Bcc"
         else:
             boxes = mailboxes((*fields.to, *fields.cc, *fields.bcc))
             where = "To, Cc or Bcc"
