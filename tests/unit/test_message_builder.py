@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 
 import pytest
@@ -390,3 +391,38 @@ def test_an_html_message_with_only_inline_parts_without_content_id_is_mixed() ->
     )
     types = [part.get_content_type() for part in message.walk()]
     assert types == ["multipart/mixed", "text/html", "application/octet-stream"]
+
+
+def _keywords(data: bytes) -> list[str]:
+    """The Keywords of a message, read as RFC 5322 §3.6.5 reads them: a comma-separated
+    list of phrases, each decoded on its own (RFC 2047 §5(3))."""
+    head = data.partition(b"\r\n\r\n")[0].replace(b"\r\n ", b" ").decode("ascii")
+    [value] = [line[9:] for line in head.split("\r\n") if line.startswith("Keywords:")]
+    return [str(make_header(decode_header(item.strip()))) for item in value.split(",")]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Grüße, Köln, plain", "Grüße,Köln", "naïve , café ,tea", "München, " + "Straße " * 20],
+)
+def test_non_ascii_keywords_are_encoded_one_by_one(value: str) -> None:
+    """Keywords is a comma-separated list of phrases (RFC 5322 §3.6.5). Written as
+    unstructured text, "Grüße, Köln" became one encoded word holding the comma, which a
+    reader splitting at commas took for one keyword; each phrase is encoded on its own
+    now, and the commas stay between them."""
+    expected = [item.strip() for item in value.split(",")]
+    built = prepare(Email(**BASE, text="t", headers={"Keywords": value}), now=NOW)  # type: ignore[arg-type]
+    assert _keywords(built.data) == expected
+    message = EmailMessage()
+    message["From"], message["To"], message["Keywords"] = FROM, TO, value
+    message.set_content("t")
+    assert _keywords(prepare(message, now=NOW).data) == expected
+    assert max(map(len, built.data.split(b"\r\n"))) <= 78
+
+
+def test_keywords_that_look_like_an_encoded_word_are_kept_literally() -> None:
+    """Text that a reader would decode as an encoded word is encoded itself, so it reads
+    back literally; split at its comma, neither half looked like one."""
+    for value in ("=?utf-8?q?a,b?=", "x =?utf-8?q?a,b?= ü"):
+        built = prepare(Email(**BASE, text="t", headers={"Keywords": value}), now=NOW)  # type: ignore[arg-type]
+        assert message_from_bytes(built.data, policy=policy.default)["Keywords"] == value

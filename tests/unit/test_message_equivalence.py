@@ -134,6 +134,11 @@ def text(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8")
 
 
+def keywords(value: str) -> list[str]:
+    """The phrases of a Keywords value, without the white space around them."""
+    return [item.strip() for item in value.split(",")]
+
+
 def stdlib_rendering(email: Email) -> EmailMessage:
     """The parts of ``email`` composed and serialised by the stdlib, as the old path did."""
     message = EmailMessage(policy=policy.SMTP.clone(cte_type="7bit"))
@@ -309,7 +314,12 @@ def test_direct_rendering_matches_the_stdlib(
     assert text(ours["Subject"] or "") == subject
     assert not subject or stdlib_agrees(theirs, "Subject", subject)
     for name, value in headers.items():
-        assert text(ours[name]) == value
+        if name == "Keywords":
+            # A list of phrases (RFC 5322 §3.6.5), each encoded on its own: a space may
+            # part an encoded word from a comma (RFC 2047 §5(3)), which decoding keeps.
+            assert keywords(text(ours[name])) == keywords(value)
+        else:
+            assert text(ours[name]) == value
         assert stdlib_agrees(theirs, name, value)
     # Structure, bodies and attachments.
     assert [p.get_content_type() for p in ours.walk()] == [

@@ -60,6 +60,11 @@ _PLAIN_TEXT = re.compile(r"[\t -~]*")
 _LOOKS_ENCODED = re.compile(r"=\?[^?]*\?[^?]*\?[^?]*\?=")
 MAX_LINE = 998
 _WORDS = re.compile(r"[ \t]+|[^ \t]+")
+_LIST_WORDS = re.compile(r"[ \t]+|,|[^ \t,]+")
+""":data:`_WORDS` of a phrase list (Keywords), its commas tokens of their own."""
+PHRASE_LIST_FIELDS = frozenset({"keywords"})
+"""Fields of comma-separated phrases (RFC 5322 §3.6.5), lower-case: each phrase is
+encoded on its own, the commas between them left as they are."""
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
 _PLAIN_PHRASE = re.compile(rf"{_ATEXT}(?: {_ATEXT})*")
 _PRINTABLE = re.compile(r"[ -~]*")
@@ -142,6 +147,10 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     own if need be: the stdlib would encode it, which breaks structured headers, and 78 is
     only what RFC 5322 §2.1.1 prefers.
 
+    Keywords and the other :data:`PHRASE_LIST_FIELDS` are comma-separated phrases (RFC
+    5322 §3.6.5): without ``utf8`` each phrase is encoded on its own, so the commas stay
+    between them (an encoded word holding one joined two keywords into one).
+
     In-Reply-To, References and the other :data:`MSG_ID_FIELDS` hold msg-ids, where RFC
     2047 words may not stand (RFC 2047 §5): a non-ASCII one raises
     :class:`~mailstrom.errors.UnencodableHeader` unless ``utf8``, as no reader would take
@@ -170,7 +179,18 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     if len(name) + 2 + len(value) <= FOLD_AT and _PLAIN_TEXT.fullmatch(value) and "=?" not in value:
         return f"{name}: {value}"
     longest = MAX_LINE - len(name) - 2
+    # Encoded together with its neighbours, a comma would join two phrases into one. A
+    # word that looks like an encoded word with a comma in it is encoded whole, as
+    # elsewhere (split at the comma, neither half would look like one, and readers
+    # would decode it).
     tokens = _WORDS.findall(value)
+    phrases = (
+        not utf8
+        and key in PHRASE_LIST_FIELDS
+        and not any("," in word and _LOOKS_ENCODED.search(word) for word in tokens)
+    )
+    if phrases:
+        tokens = _LIST_WORDS.findall(value)
     trailing = tokens[-1] if tokens and tokens[-1][0] in " \t" else ""
     # Whitespace after the last word may not fold away from it (RFC 5322 §3.2.5: the
     # field ends in *WSP), so a short run counts against the word's line: "x" * 989 + " "
@@ -183,6 +203,15 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     for index, token in enumerate(tokens):
         if token[0] in " \t":
             space = token
+            continue
+        if phrases and token.startswith(","):  # a token of its own
+            if run:
+                _flush(pieces, run_space, run)
+                run = []
+                # RFC 2047 §5(3): white space parts an encoded word from a special.
+                space = space or " "
+            pieces.append((space, token))
+            space = ""
             continue
         limit = longest - len(trailing) if index == last and len(trailing) <= FOLD_AT else longest
         if literal and _octets(token) > limit:
@@ -198,7 +227,8 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
             if run:
                 run.append(space)
             else:
-                run_space = space
+                after_comma = phrases and not space and pieces and pieces[-1][1] == ","
+                run_space = " " if after_comma else space
             run.append(token)
         else:
             if run:
