@@ -738,6 +738,29 @@ def test_a_status_attachment_with_a_long_field_is_folded(content_type: str) -> N
     assert b"Diagnostic-Code: " + reply.encode() + b"\r\n" in unfolded
 
 
+@pytest.mark.parametrize(
+    ("content_type", "content"),
+    [
+        ("message/external-body", b"Content-Type: text/plain\n\n" + b"x" * 1200 + b"\n"),
+        ("message/delivery-status", b"Reporting-MTA: dns; " + b"m" * 1200 + b"\n"),
+    ],
+)
+def test_a_7bit_message_attachment_with_a_line_too_long_names_it(
+    content_type: str, content: bytes
+) -> None:
+    """A message/* attachment sent as 7-bit text (RFC 2046 §5.2 allows it no encoding)
+    with a line over 998 octets that folding cannot shorten was refused with
+    LineTooLong telling to "encode the body as quoted-printable or base64", which that
+    part may not be, and without naming the attachment. It is InvalidAttachment now, as
+    the guide says errors about such attachments are, naming the file and the line,
+    with advice that can be followed."""
+    attachment = Attachment(filename="part.txt", content=content, content_type=content_type)
+    with pytest.raises(InvalidAttachment, match=r"may not be encoded.*shorten") as caught:
+        prepare(email(text="t", attachments=[attachment]), now=NOW)
+    assert caught.value.filename == "part.txt"
+    assert "encode the body" not in caught.value.reason
+
+
 @pytest.mark.parametrize("address", ["bob@", "bob@@", "@", "<bob@>", "a@b@"])
 def test_malformed_address_reason_is_plain(address: str) -> None:
     """Hardening #12: `bob@` leaked IndexError('string index out of range') into the

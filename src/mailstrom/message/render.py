@@ -364,7 +364,23 @@ def _seven_bit(part: Part) -> bytes:
         # line is (RFC 5322 §2.2.3), since the part may not be encoded.
         lines = content.split(b"\r\n")
         content = b"\r\n".join(piece for line in lines for piece in fold_line(line))
+    if len(content) > MAX_LINE:
+        _check_seven_bit_lines(part, content)
     return content
+
+
+def _check_seven_bit_lines(part: Part, content: bytes) -> None:
+    """:class:`InvalidAttachment` when a line of ``content``, a message/* part sent as it
+    is, is over :data:`MAX_LINE` octets: no encoding may shorten it (RFC 2046 §5.2)."""
+    for number, line in enumerate(content.split(b"\r\n"), start=1):
+        if len(line) > MAX_LINE:
+            raise InvalidAttachment(
+                f"attachment {shorten(part.filename)} is {part.content_type}, which may not "
+                f"be encoded (RFC 2046 §5.2), and its line {number} is {len(line)} octets "
+                f"long; RFC 5322 §2.1.1 allows at most {MAX_LINE}: shorten it, or attach "
+                "it as application/octet-stream",
+                filename=part.filename,
+            )
 
 
 _FIELDS_ONLY = frozenset(
