@@ -3,6 +3,7 @@ unsubscription (RFC 2369, RFC 8058), Feedback-ID, Auto-Submitted (RFC 3834)."""
 
 from __future__ import annotations
 
+import urllib.parse
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -55,6 +56,27 @@ def test_mailto_address_domain_becomes_an_a_label() -> None:
     assert headers(unsubscribe_mailto="Stop@Bücher.example")["List-Unsubscribe"] == (
         "<mailto:Stop@xn--bcher-kva.example>"
     )
+
+
+@pytest.mark.parametrize(
+    ("address", "uri"),
+    [
+        ("stop?list=a@example.com", "mailto:stop%3Flist=a@example.com"),
+        ("stop#1@example.com", "mailto:stop%231@example.com"),
+        ("100%off@example.com", "mailto:100%25off@example.com"),
+        ("{stop}|^`@example.com", "mailto:%7Bstop%7D%7C%5E%60@example.com"),
+        ("bounce+bob=example.org@example.com", "mailto:bounce+bob=example.org@example.com"),
+    ],
+)
+def test_a_mailto_address_is_percent_encoded_where_a_uri_needs_it(address: str, uri: str) -> None:
+    """An address given as ``unsubscribe_mailto`` was written after "mailto:" as it is: a
+    "?" in its local part started the URI's header fields and a "#" its fragment, so the
+    URI named another address ("stop"), and the unsubscribe mail went nowhere; "%" read
+    as an escape, and "{" or "|" (atext, RFC 5322 §3.2.3) made the valid address refused
+    as "not a valid URI". Such characters are percent-encoded (RFC 6068 §2) now; the
+    others are left as they are, since some clients do not decode the address."""
+    assert headers(unsubscribe_mailto=address)["List-Unsubscribe"] == f"<{uri}>"
+    assert urllib.parse.unquote(uri.removeprefix("mailto:")) == address
 
 
 def test_long_urls_are_folded_between_uris_never_inside() -> None:

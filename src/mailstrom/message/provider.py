@@ -18,7 +18,7 @@ it holds a character RFC 3986 does not allow, and an identifier when it holds wh
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from mailstrom.errors import HeaderTooLong, InvalidAddress, InvalidHeaderValue
 from mailstrom.message.addrspec import validate_address
@@ -155,9 +155,19 @@ def _mailto(value: str) -> str:
             "mailto: URI with the local part percent-encoded (RFC 6068 §2)",
             header="List-Unsubscribe",
         )
-    uri = f"mailto:{valid.envelope}"
+    local, _, domain = valid.envelope.rpartition("@")
+    # RFC 6068 §2: what a URI would read otherwise is percent-encoded ("?" starts its
+    # header fields, "#" its fragment, "%" an escape; "{", "|", a quoted local part's
+    # '"' and space may not stand in one at all). Other delimiters are left as they are:
+    # a client that does not decode the address still reads it right.
+    uri = f"mailto:{quote(local, safe=_MAILTO_SAFE)}@{domain}"
     _check_uri("unsubscribe_mailto", uri)
     return uri
+
+
+_MAILTO_SAFE = "!$&'()*+,;=:/"
+"""Characters of a local part left as they are in a mailto URI (with letters, digits and
+``-._~``): the ones RFC 3986 allows in a URI that do not end or escape its address."""
 
 
 def _feedback_id(value: str) -> str:
