@@ -460,3 +460,25 @@ def test_one_rcpt_names_one_recipient(cli: CLI) -> None:
     assert lines[3].startswith("501 5.1.3 ")
     [message] = cli.ok("queue", "--json").json()
     assert [r["address"] for r in message["recipients"]] == ["d@example.test"]
+
+
+def test_an_empty_message_is_queued_as_postfix_queues_it(cli: CLI) -> None:
+    """DATA ended at once (or after blank lines only) was refused with 554 and the
+    wording of the stdin path ("no message on standard input"), no SMTP reply a client
+    can make sense of. Postfix's ``sendmail -bs`` (smtpd, then cleanup adding the From
+    header) queues such a message: so does this session, the From of MAIL added."""
+    script = (
+        b"EHLO c\r\n"
+        + transaction(b"a@example.test", [b"b@example.test"], b"")
+        + transaction(b"a@example.test", [b"c@example.test"], b"\r\n")
+        + b"QUIT\r\n"
+    )
+    result = session(cli, script)
+    assert result.code == 0, result.err
+    assert codes(result) == ["220", "250", *["250", "250", "354", "250"] * 2, "221"]
+    assert "standard input" not in result.out
+    messages = cli.ok("queue", "--json").json()
+    assert len(messages) == 2
+    for message in messages:
+        raw = cli.ok("show", "--raw", message["id"]).out
+        assert "From: a@example.test" in raw

@@ -331,9 +331,9 @@ def build(
     """The message bytes (with a From header added if missing, bare local names in its
     address fields given ``default_domain``, the origin) and the envelope recipients
     (bare names through ``aliases``, then given the origin; see
-    :mod:`mailstrom.cli.localnames`)."""
-    if not data.strip():
-        raise CLIError("no message on standard input", EX_NOINPUT)
+    :mod:`mailstrom.cli.localnames`). Empty ``data`` is a message of the From header
+    alone, as Postfix's cleanup makes it (``-bs``: DATA ended at once); standard input
+    holding nothing is refused before, by :func:`_enqueue`."""
     data = utf8_header_section(end_header_section(data), default_domain)
     # prepare()'s parser (which bounds the section first): what it reads, -t reads.
     section = split_header_section(data)
@@ -600,6 +600,8 @@ def _enqueue(args: SendmailArgs) -> int:
     message = read_message(
         stdin_buffer(), ignore_dots=args.ignore_dots, limit=settings.config.max_message_size
     )
+    if not message.strip():
+        raise CLIError("no message on standard input", EX_NOINPUT)
     queue_message(settings, message, args, dsn)
     return EX_OK
 
