@@ -482,3 +482,17 @@ def test_an_empty_message_is_queued_as_postfix_queues_it(cli: CLI) -> None:
     for message in messages:
         raw = cli.ok("show", "--raw", message["id"]).out
         assert "From: a@example.test" in raw
+
+
+def test_t_outside_delivery_mode_and_recipients_of_bp_are_usage_errors(cli: CLI) -> None:
+    """``-t`` with ``-bs`` or ``-bp``, and recipient arguments with ``-bp``, were ignored
+    in silence: the caller believed its recipients were used. Postfix's sendmail refuses
+    them ("-t can be used only in delivery mode", "display queue mode requires no
+    recipient"), exit 64; so does this one, before any session or listing."""
+    for argv in (["-bs", "-t"], ["-tbs"], ["-t", "-bp"], ["-bp", "bob@example.test"]):
+        result = cli("sendmail", *argv, stdin=b"EHLO c\r\nQUIT\r\n")
+        assert result.code == 64, (argv, result.out, result.err)
+        assert result.out == ""
+        assert result.err.startswith("mailstrom: "), result.err
+    laravel = session(cli, b"QUIT\r\n", "-i")
+    assert codes(laravel) == ["220", "221"]

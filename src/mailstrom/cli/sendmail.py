@@ -100,7 +100,8 @@ refused here, before or after "sendmail".
 Options may be clustered as getopt reads them: -ti, -tif ADDR (the last may take a value).
   -bs             speak SMTP on standard input and output (as Laravel and Symfony
                   Mailer call it): each message is queued with the envelope of MAIL
-                  FROM and RCPT TO; -f, -t, -i are then ignored
+                  FROM and RCPT TO; -f and -i are then ignored, -t and
+                  recipient arguments refused (as with -bp)
   -bm             queue the message (the default); of -bm, -bp, -bs the last one wins
 Other modes (-bd, -bi, -bt, -bv, -q...) are refused.
 Accepted and ignored, for compatibility: -odb -odi -oem -oee -om -o* -v -U -G -n
@@ -571,6 +572,7 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
         if args.help:
             sys.stdout.write(HELP)
             return EX_OK
+        _refuse_mode_conflicts(args)
         if args.smtp:
             return _serve_smtp(args)
         if args.list_queue:
@@ -585,6 +587,20 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
         return EX_INTERRUPTED
     except Exception as exc:
         return fail(exc)
+
+
+def _refuse_mode_conflicts(args: SendmailArgs) -> None:
+    """UsageError for what the mode given would ignore, as Postfix's sendmail refuses
+    it: ``-t`` outside delivery mode (``-bm``), recipients with ``-bp`` or ``-bs``. The
+    caller meant them, and believed them used."""
+    mode = "-bs" if args.smtp else "-bp" if args.list_queue else None
+    if mode is None:
+        return
+    if args.extract:
+        raise UsageError(f"-t can be used only in delivery mode (-bm), not with {mode}")
+    if args.recipients:
+        where = "RCPT, not as arguments" if args.smtp else "nowhere: it lists the queue"
+        raise UsageError(f"{mode} takes no recipient arguments ({where})")
 
 
 def _enqueue(args: SendmailArgs) -> int:
@@ -656,13 +672,11 @@ def _origin(settings: Settings) -> str:
 
 def _serve_smtp(args: SendmailArgs) -> int:
     """-bs: an SMTP session on standard input and output, each message queued as
-    :func:`_enqueue` queues one but with the envelope of MAIL and RCPT: -f, -t and -i
-    mean nothing there (Laravel runs ``sendmail -bs -i``), recipient arguments are
-    refused."""
+    :func:`_enqueue` queues one but with the envelope of MAIL and RCPT: -f and -i
+    mean nothing there (Laravel runs ``sendmail -bs -i``); -t and recipient arguments
+    were refused (:func:`_refuse_mode_conflicts`)."""
     from mailstrom.cli.sendmail_smtp import Unusable, serve
 
-    if args.recipients:
-        raise UsageError("-bs takes its recipients from RCPT, not as arguments")
     dsn = args.dsn() or DSN()
     settings = sendmail_settings()
     require_lasting_store(settings)
