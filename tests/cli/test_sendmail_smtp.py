@@ -496,3 +496,44 @@ def test_t_outside_delivery_mode_and_recipients_of_bp_are_usage_errors(cli: CLI)
         assert result.err.startswith("mailstrom: "), result.err
     laravel = session(cli, b"QUIT\r\n", "-i")
     assert codes(laravel) == ["220", "221"]
+
+
+def test_a_unicode_address_needs_smtputf8_on_mail(cli: CLI) -> None:
+    """A non-ASCII address in MAIL or RCPT of a transaction whose MAIL did not say
+    SMTPUTF8 was taken; RFC 6531 §3.4 has the server refuse it, and Postfix's smtpd says
+    ``553 5.6.7 Must declare SMTPUTF8 to send unicode address``. With SMTPUTF8 on MAIL
+    the same addresses are queued."""
+    script = (
+        (
+            "EHLO c\r\n"
+            "MAIL FROM:<jürgen@example.test>\r\n"
+            "MAIL FROM:<a@example.test>\r\n"
+            "RCPT TO:<bøb@example.test>\r\n"
+            "RCPT TO:<carol@example.test>\r\n"
+            "DATA\r\n"
+        ).encode()
+        + MESSAGE
+        + b".\r\n"
+    )
+    script += (
+        (
+            "MAIL FROM:<jürgen@example.test> SMTPUTF8\r\nRCPT TO:<bøb@example.test>\r\nDATA\r\n"
+        ).encode()
+        + MESSAGE
+        + b".\r\nQUIT\r\n"
+    )
+    result = session(cli, script)
+    assert codes(result) == [
+        "220", "250", "553", "250", "553", "250", "354", "250", "250", "250", "354", "250", "221"
+    ]  # fmt: skip
+    lines = [line for line in replies(result) if line[3:4] != "-"]
+    assert lines[2].startswith("553 5.6.7 ") and "SMTPUTF8" in lines[2]
+    assert lines[4].startswith("553 5.6.7 ")
+    messages = cli.ok("queue", "--json").json()
+    by_sender = {m["envelope_from"]: m for m in messages}
+    assert [r["address"] for r in by_sender["a@example.test"]["recipients"]] == [
+        "carol@example.test"
+    ]
+    assert [r["address"] for r in by_sender["jürgen@example.test"]["recipients"]] == [
+        "bøb@example.test"
+    ]

@@ -97,6 +97,8 @@ class LineSource:
 @dataclass
 class _Transaction:
     sender: str
+    utf8: bool = False
+    """MAIL said SMTPUTF8: its addresses may be non-ASCII (RFC 6531)."""
     recipients: list[str] = field(default_factory=list)
 
 
@@ -238,6 +240,7 @@ class Session:
         if parsed is None:
             return self.error("501 5.5.4 Syntax: MAIL FROM:<address>")
         sender, params = parsed
+        utf8 = False
         for param in params:
             key, _, value = param.partition("=")
             key = key.upper()
@@ -246,10 +249,11 @@ class Session:
                     return self.error("552 5.3.4 Message size exceeds fixed limit")
             elif (key, value.upper()) not in _KNOWN_PARAMETERS:
                 return self.error(f"555 5.5.4 Unsupported option: {param[:64]}")
+            utf8 = utf8 or key == "SMTPUTF8"
         refusal = _refusal(self.check_sender, sender, "501 5.1.7 Bad sender address syntax")
-        if refusal:
-            return self.error(refusal)
-        self.transaction = _Transaction(sender)
+        if refusal or not (utf8 or sender.isascii()):
+            return self.error(refusal or _NEEDS_SMTPUTF8)
+        self.transaction = _Transaction(sender, utf8)
         self.reply("250 2.1.0 Ok")
         return True
 
@@ -266,8 +270,8 @@ class Session:
             return self.error("452 4.5.3 Error: too many recipients")
         bad = "501 5.1.3 Bad recipient address syntax"
         refusal = _refusal(self.check_recipient, address, bad)
-        if refusal:
-            return self.error(refusal)
+        if refusal or not (self.transaction.utf8 or address.isascii()):
+            return self.error(refusal or _NEEDS_SMTPUTF8)
         self.transaction.recipients.append(address)
         self.reply("250 2.1.5 Ok")
         return True
@@ -365,6 +369,9 @@ _COMMANDS: dict[str, Callable[[Session, str], bool]] = {
 
 _KNOWN_PARAMETERS = frozenset({("BODY", "7BIT"), ("BODY", "8BITMIME"), ("SMTPUTF8", "")})
 """The MAIL parameters taken besides SIZE (RFC 6152, RFC 6531): any other is 555."""
+_NEEDS_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
+"""A non-ASCII address in a transaction whose MAIL did not say SMTPUTF8 (RFC 6531
+§3.4), refused as Postfix's smtpd refuses it; one that is no UTF-8 is 501 before."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
