@@ -424,6 +424,16 @@ def test_tlsrpt_bad_date(mail_env: MailEnv) -> None:
     assert "YYYY-MM-DD" in result.err
 
 
+@pytest.mark.parametrize("value", ["20300102", "2030-W01-3", "2030-002", "\uff12030-01-02"])
+def test_tlsrpt_date_is_an_iso_calendar_date_only(cli: CLI, value: str) -> None:
+    """``--date 20300102`` (and ISO week or ordinal dates, or non-ASCII digits) were
+    taken, as Python 3.11's date.fromisoformat() reads them, though --date promises
+    YYYY-MM-DD: a typo reported some other day's sessions or none."""
+    result = cli("tlsrpt", "--date", value)
+    assert result.code == 64, (value, result.err)
+    assert "YYYY-MM-DD" in result.err
+
+
 def deliver_and_report(mail_env: MailEnv) -> dict[str, Any]:
     """Queue a message to bob@example.test, let a worker that counts TLS sessions deliver
     it, and return the report ``mailstrom tlsrpt`` writes for example.test that day."""

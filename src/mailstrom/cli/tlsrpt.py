@@ -145,12 +145,19 @@ class DomainReport:
 
 
 def _day(text: str | None) -> date:
+    """The day of ``--date``: YYYY-MM-DD only, not the basic (``20300102``) or week
+    (``2030-W01-3``) forms date.fromisoformat() also reads since Python 3.11."""
     if text is None:
         return utc_now().date() - timedelta(days=1)
     try:
+        if not _ISO_DATE.fullmatch(text):
+            raise ValueError(text)
         return date.fromisoformat(text)
     except ValueError:
         raise UsageError(f"--date: expected YYYY-MM-DD, got {text!r}") from None
+
+
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 @dataclass(frozen=True, slots=True)
