@@ -777,6 +777,25 @@ def test_a_rerun_sends_only_to_the_uris_not_done_with_the_same_report(
     assert mail_env.cli.queue_ids() == [queued]
 
 
+def test_a_deeply_nested_record_of_sent_reports_is_damaged_not_an_internal_error(
+    mail_env: MailEnv,
+) -> None:
+    """A record (``tlsrpt-DAY.sent``) damaged into deeply nested JSON made json.loads()
+    raise RecursionError, which the run reported as an internal error (70) with no word
+    of the file. It is a damaged record like any other: 66, naming the file."""
+    seed(mail_env.workdir)
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+    record = out / f"tlsrpt-{DAY.isoformat()}.sent"
+    record.write_text('{"domains": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--out", str(out), "--send")
+    assert result.code == 66, result.err
+    assert str(record) in result.err and "damaged" in result.err
+    assert "internal error" not in result.err
+    assert mail_env.cli.queue_ids() == []
+
+
 def test_a_second_run_for_the_same_day_does_not_send_while_one_is_sending(
     mail_env: MailEnv,
 ) -> None:

@@ -578,7 +578,8 @@ class _Ledger:
                 for d, s in domains.items()
             ):
                 raise ValueError("not a record of sent reports")
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # RecursionError: JSON nested deeper than the parser's stack (a damaged file).
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             raise CLIError(
                 f"{path} is damaged ({type(exc).__name__}: {exc}); remove it to send the "
                 "day's reports to every rua URI again",
