@@ -90,3 +90,18 @@ def test_an_absolute_form_target_naming_another_host_is_refused_on_loopback(
 def test_a_malformed_absolute_form_target_is_a_404(server: OpsServer) -> None:
     status, _, _ = _ask(server, "GET", "http://[::1/healthz")
     assert status.startswith(b"HTTP/1.0 404 "), status
+
+
+@pytest.mark.parametrize("line", [b"GET /metrics\r\n", b"GET\r\n"])
+def test_a_request_line_without_a_version_is_a_400_at_once(server: OpsServer, line: bytes) -> None:
+    """``GET /metrics`` CRLF with no HTTP version is an HTTP/0.9 request, which this
+    server does not speak (RFC 9112 §2.3 has a server answer HTTP/1.x). The stdlib then
+    read on for header lines that never come, holding the connection and a slot until
+    the 10 s request deadline (a lone method got a 400 without a status line); it is a
+    400, with a status line, and closed at once."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(line)  # and nothing more, the socket left open
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]

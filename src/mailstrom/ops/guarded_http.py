@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -193,6 +194,21 @@ class GuardedRequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(_TOO_LARGE)
 
     def parse_request(self) -> bool:
+        # As the stdlib sets them before it refuses a request line (send_error reads them).
+        self.command = ""
+        raw: bytes = self.raw_requestline  # type: ignore[attr-defined]  # not in typeshed
+        self.requestline = str(raw, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) in (1, 2):
+            # No HTTP version: an HTTP/0.9 request (or none), which the stdlib takes and
+            # then reads header lines for that never come, to the request deadline, and
+            # answers without a status line. A 400 in HTTP/1.0 at once, and close.
+            self.request_version = "HTTP/1.0"
+            self.close_connection = True
+            if self.server.request_arrived(self.connection):
+                self.connection.settimeout(self.server.request_timeout)
+                self.send_error(HTTPStatus.BAD_REQUEST, "expected METHOD TARGET HTTP/1.x")
+            return False
         if not super().parse_request():
             return False
         if not self.server.request_arrived(self.connection):
