@@ -874,6 +874,14 @@ def _parse_toml(text: str, path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: an integer too long to read") from None
 
 
+_EMPTY_REFUSED = frozenset(
+    {"retry.max_age", "retry.max_attempts", "dkim.expire", "suppress_for", "delay_warning"}
+)
+"""The limits that ``none`` turns off, whose parsers read an empty value as ``none`` too:
+an empty environment variable for one is refused (:func:`read_env`). A file's ``""`` is
+written there on purpose; an empty variable is most often one that was never set."""
+
+
 def read_env(env: Mapping[str, str]) -> dict[str, Any]:
     """The ``MAILSTROM_*`` variables by dotted key; unknown names raise ConfigError."""
     values: dict[str, Any] = {}
@@ -885,6 +893,13 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
             close = difflib.get_close_matches(name, _ENV_KEYS, n=1) if len(name) <= 100 else []
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown environment variable {name}{hint}")
+        if key in _EMPTY_REFUSED and not value.strip():
+            # ``MAILSTROM_RETRY_MAX_AGE="$AGE"`` with AGE unset read as "none": the limit
+            # turned off in silence. Refused, as an empty MAILSTROM_CONFIG or STORE is.
+            raise ConfigError(
+                f'{name} is set but empty: write "none" for no {key} limit, or unset it '
+                "for the default"
+            )
         values[key] = value
     return values
 

@@ -133,6 +133,29 @@ def test_an_empty_config_path_in_the_environment_is_refused(tmp_path: Path) -> N
         load_settings(config_path="", env={"XDG_CONFIG_HOME": str(xdg)})
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MAILSTROM_RETRY_MAX_AGE",
+        "MAILSTROM_RETRY_MAX_ATTEMPTS",
+        "MAILSTROM_DKIM_EXPIRE",
+        "MAILSTROM_SUPPRESS_FOR",
+        "MAILSTROM_DELAY_WARNING",
+    ],
+)
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_limit_in_the_environment_is_refused_naming_it(name: str, value: str) -> None:
+    """``MAILSTROM_RETRY_MAX_AGE=`` (``="$AGE"`` with AGE unset) meant "none": mail was
+    retried for ever, signatures never expired, and nothing said so. An empty value is
+    refused as an empty MAILSTROM_CONFIG or MAILSTROM_STORE is, naming the variable;
+    ``none`` still turns the limit off."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={name: value}, search=False)
+    assert name in str(info.value)
+    assert "none" in str(info.value)
+    load_settings(env={name: "none"}, search=False)
+
+
 def test_named_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_settings(config_path=tmp_path / "missing.toml", env={})
