@@ -19,7 +19,7 @@ import pytest
 from tests.contract.support import NOW, message
 
 from mailstrom.errors import InvalidArgument, StoreCorrupt, StoreError
-from mailstrom.runtime.store_opening import worth_waiting
+from mailstrom.runtime.store_opening import StoreOpener, worth_waiting
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.sqlite_schema import migrations
 
@@ -371,7 +371,47 @@ def test_a_store_its_user_may_not_write_says_why(
     finally:
         folder.chmod(0o755)
         shutil.rmtree(folder)
-    assert said.startswith("StoreError: ")
+    assert said.startswith("StoreAccessDenied: ")
+    assert named.format(folder=folder, db=db) in said
+
+
+@pytest.mark.parametrize(
+    ("folder_mode", "file_mode", "named"),
+    [
+        (0o555, 0o600, "may not create files in {folder}"),
+        (0o755, 0o000, "may not read {db}"),
+        (0o555, None, "may not create {db}"),
+    ],
+    ids=["directory", "unreadable", "missing"],
+)
+def test_a_store_its_user_may_not_use_is_not_waited_for(
+    folder_mode: int, file_mode: int | None, named: str
+) -> None:
+    """A worker starting on a store its user may not read or write (a spool made by
+    root, a file another user's 0600) waited for it for ever, a warning every 5 s: the
+    error was a plain StoreError, worth trying again. Permissions do not change by
+    waiting: it is StoreAccessDenied, which the worker exits on (78), naming the path and
+    the permission missing."""
+    folder = Path(tempfile.mkdtemp(prefix="mailstrom-spool-"))
+    try:
+        db = folder / "queue.db"
+        if file_mode is not None:
+            SQLiteStore(db).close()
+            db.chmod(file_mode)
+
+        def open_it() -> str:
+            opener = StoreOpener(lambda: SQLiteStore(db), on_change=lambda: opener.stop())
+            store = opener.open()  # the first failure worth waiting for stops the wait
+            if store is None:
+                return "waited"
+            store.close()
+            return "opened"
+
+        said = _as_another_user(folder, folder_mode, open_it)
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+    assert said.startswith("StoreAccessDenied: "), said
     assert named.format(folder=folder, db=db) in said
 
 

@@ -74,6 +74,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailstrom.arguments import check_timeout, member_of, row_limit, shown
 from mailstrom.errors import (
+    StoreAccessDenied,
     StoreCorrupt,
     StoreError,
     StoreLocked,
@@ -213,7 +214,11 @@ def _store_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> StoreErr
         return StoreRefusedData(f"SQLite store {path} refused a value: {exc}")
     denied = _denied(code, path)
     if denied is not None:
-        return StoreError(f"{denied} (SQLite: {exc}); its permissions decide who may use it")
+        text = f"{denied} (SQLite: {exc}); its permissions decide who may use it"
+        if _on_read_only_mount(path):
+            return StoreError(text)  # a mount, which may be made writable again
+        # Permanent: waiting does not change permissions (a starting worker exits, 78).
+        return StoreAccessDenied(text)
     if _disk_full(code, path):
         # SQLite's own words ("database or disk is full", "disk I/O error") leave an
         # operator guessing which, and whether mail was lost: the failed transaction was
@@ -281,6 +286,16 @@ def _denied(code: object, path: str) -> str | None:
         if not allowed and os.path.exists(path):
             return f"this user may not {what} {path}"
     return None
+
+
+def _on_read_only_mount(path: str) -> bool:
+    """Whether the file system holding ``path`` is mounted read-only (os.access() then
+    says no write for anyone: no permission of this user's)."""
+    try:
+        flags = os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag
+    except OSError:
+        return False
+    return bool(flags & os.ST_RDONLY)
 
 
 def _no_shm(exc: sqlite3.Error) -> bool:
@@ -660,6 +675,11 @@ class SQLiteStore:
             fd = os.open(self._path, flags, 0o600)
         except FileExistsError:
             return False
+        except PermissionError as exc:
+            raise StoreAccessDenied(
+                f"this user may not create {self._path} ({exc.strerror or exc}); the"
+                " permissions of its directory decide who may"
+            ) from None
         except OSError as exc:
             raise StoreError(f"cannot create {self._path}: {exc.strerror or exc}") from None
         os.close(fd)
