@@ -3,8 +3,13 @@ asked over raw sockets on loopback as a probe, a load balancer or a scraper woul
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +110,63 @@ def test_a_request_line_without_a_version_is_a_400_at_once(server: OpsServer, li
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
+
+
+_IN_NAMESPACE = """
+import socket, sys
+from mailstrom.ops.server import Health, OpsServer
+from mailstrom.status import MetricsSnapshot, WorkerStatus
+server = OpsServer(
+    "v6only.test",
+    0,
+    snapshot=lambda: MetricsSnapshot(worker=WorkerStatus(running=True)),
+    health=lambda: Health(ok=True, details={}),
+)
+server.start()
+try:
+    print(server.url)
+    with socket.create_connection(("v6only.test", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.0\\r\\nHost: [::1]\\r\\n\\r\\n")
+        print(sock.recv(100).split(b"\\r\\n")[0].decode())
+finally:
+    server.close()
+"""
+
+
+def _private_mounts() -> bool:
+    try:
+        probe = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "true"],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0 and shutil.which("mount") is not None
+
+
+@pytest.mark.skipif(not _private_mounts(), reason="needs unshare(1) and mount(8)")
+def test_a_name_resolving_to_ipv6_only_is_listened_on_there(tmp_path: Path) -> None:
+    """``--metrics ip6-localhost:9466`` (Debian's /etc/hosts: ``::1 ip6-localhost``):
+    the server bound an IPv4 socket to the name, which glibc answers for IPv4 with
+    127.0.0.1, so a scraper resolving the name (to ::1) found nothing listening. A name
+    with IPv6 addresses only is bound to them. Run with a private /etc/hosts naming
+    ``v6only.test`` ::1 only, in a mount namespace of its own."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 v6only.test\n")
+    script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
+    proc = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"),
+            *(str(hosts), sys.executable, "-c", _IN_NAMESPACE),
+        ],
+        env=os.environ.copy(),
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    url, status = proc.stdout.decode().splitlines()
+    assert url.startswith("http://[::1]:"), url
+    assert status.startswith("HTTP/1.0 200 "), status

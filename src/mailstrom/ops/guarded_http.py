@@ -90,8 +90,7 @@ class GuardedHTTPServer(ThreadingHTTPServer):
     ) -> None:
         # The stdlib's servers are IPv4 (a class attribute): "::1" or "::" would fail to
         # bind ("Address family for hostname not supported").
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        self.address_family = listen_family(address[0])
         self.max_connections = max_connections
         self.request_timeout = request_timeout
         self._slots = threading.Condition()
@@ -243,6 +242,24 @@ class _DeadlineReader(io.RawIOBase):
             received = self._sock.recv_into(view[: self._left])
         self._left -= received
         return received
+
+
+def listen_family(host: str) -> socket.AddressFamily:
+    """The address family to listen on ``host`` with: IPv6 for an IPv6 address, and for
+    a name that resolves to IPv6 addresses only (Debian's ``::1 ip6-localhost``); IPv4
+    otherwise. An IPv4 socket bound to such a name got, from glibc, 127.0.0.1 for its
+    ``::1``: the server listened where the name does not lead. A name that does not
+    resolve is left for bind() to refuse."""
+    if ":" in host:
+        return socket.AF_INET6
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return socket.AF_INET
+    families = {info[0] for info in found}
+    if socket.AF_INET6 in families and socket.AF_INET not in families:
+        return socket.AF_INET6
+    return socket.AF_INET
 
 
 def _hang_up(sock: socket.socket) -> None:
