@@ -10,6 +10,7 @@ import pytest
 from mailstrom.cli.web import check_access
 from mailstrom.errors import ConfigError
 from mailstrom.settings import load_settings
+from tests.support.private_hosts import private_mounts, run_with_hosts
 
 from .conftest import CLI
 
@@ -84,3 +85,22 @@ def test_a_token_a_header_cannot_carry_is_refused_at_start(cli: CLI) -> None:
     result = cli("web", "--listen", "127.0.0.1:0", timeout=20)
     assert result.code == 78
     assert "web.token" in result.err and "white space" in result.err
+
+
+def test_the_dashboard_listens_over_ipv6_on_a_name_that_has_only_ipv6(tmp_path: Path) -> None:
+    """``web --listen ip6-localhost:8025`` bound an IPv4 socket, which glibc gives
+    127.0.0.1 for a name /etc/hosts maps to ``::1`` only: a browser resolving the name
+    found nothing listening. Bound in a mount namespace with a private /etc/hosts."""
+    if not private_mounts():
+        pytest.skip("needs unshare(1) and mount(8)")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 v6only.test\n")
+    code = (
+        "from mailstrom.cli.web import _bind\n"
+        "sock = _bind('v6only.test', 0)\n"
+        "print(sock.getsockname()[0])\n"
+        "sock.close()\n"
+    )
+    proc = run_with_hosts(hosts, code)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().strip() == "::1"

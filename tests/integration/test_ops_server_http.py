@@ -3,11 +3,7 @@ asked over raw sockets on loopback as a probe, a load balancer or a scraper woul
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import pytest
 
 from mailstrom.ops.server import Health, OpsServer
 from mailstrom.status import MetricsSnapshot, WorkerStatus
+from tests.support.private_hosts import private_mounts, run_with_hosts
 
 
 @pytest.fixture
@@ -133,20 +130,7 @@ finally:
 """
 
 
-def _private_mounts() -> bool:
-    try:
-        probe = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "true"],
-            capture_output=True,
-            check=False,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0 and shutil.which("mount") is not None
-
-
-@pytest.mark.skipif(not _private_mounts(), reason="needs unshare(1) and mount(8)")
+@pytest.mark.skipif(not private_mounts(), reason="needs unshare(1) and mount(8)")
 def test_a_name_resolving_to_ipv6_only_is_listened_on_there(tmp_path: Path) -> None:
     """``--metrics ip6-localhost:9466`` (Debian's /etc/hosts: ``::1 ip6-localhost``):
     the server bound an IPv4 socket to the name, which glibc answers for IPv4 with
@@ -155,17 +139,7 @@ def test_a_name_resolving_to_ipv6_only_is_listened_on_there(tmp_path: Path) -> N
     ``v6only.test`` ::1 only, in a mount namespace of its own."""
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n::1 v6only.test\n")
-    script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
-    proc = subprocess.run(
-        [
-            *("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"),
-            *(str(hosts), sys.executable, "-c", _IN_NAMESPACE),
-        ],
-        env=os.environ.copy(),
-        capture_output=True,
-        check=False,
-        timeout=60,
-    )
+    proc = run_with_hosts(hosts, _IN_NAMESPACE)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     url, status = proc.stdout.decode().splitlines()
     assert url.startswith("http://[::1]:"), url

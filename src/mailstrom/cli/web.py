@@ -125,7 +125,11 @@ def check_access(host: str, token: str | None, *, public_url: str | None = None)
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    from mailstrom.ops.guarded_http import listen_family
+
+    # What the name resolves to: an IPv4 socket bound to ``ip6-localhost`` (::1 only)
+    # listened on 127.0.0.1, where a browser resolving the name does not go.
+    family = listen_family(host)
     try:
         return socket.create_server((host, port), family=family, reuse_port=False)
     except OSError as exc:
