@@ -415,6 +415,34 @@ def test_a_store_its_user_may_not_use_is_not_waited_for(
     assert named.format(folder=folder, db=db) in said
 
 
+def test_a_default_store_whose_directory_cannot_be_made_is_not_waited_for() -> None:
+    """The default store's directories (``$XDG_STATE_HOME/mailstrom``) are made at its
+    first open; a user who may not make them (a state directory of another user's, or
+    read-only to this one) got a plain StoreError, and a starting worker waited for it
+    for ever. It is StoreAccessDenied, naming the directory."""
+    from mailstrom.stores.url import open_sqlite
+
+    folder = Path(tempfile.mkdtemp(prefix="mailstrom-state-"))
+
+    def open_it() -> str:
+        os.environ["XDG_STATE_HOME"] = str(folder)  # in the forked child only
+        path = str(folder / "mailstrom" / "queue.db")
+        opener = StoreOpener(lambda: open_sqlite(path), on_change=lambda: opener.stop())
+        store = opener.open()
+        if store is None:
+            return "waited"
+        store.close()
+        return "opened"
+
+    try:
+        said = _as_another_user(folder, 0o555, open_it)
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+    assert said.startswith("StoreAccessDenied: "), said
+    assert str(folder / "mailstrom") in said
+
+
 def _as_another_user(folder: Path, mode: int, action: Callable[[], str]) -> str:
     """What ``action`` returns (or raises, as "Type: message") in a forked process of a
     user who owns ``folder`` and its files, ``folder`` being given ``mode``: nobody's

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mailstrom.errors import ConfigError, InvalidStoreURL, StoreError
+from mailstrom.errors import ConfigError, InvalidStoreURL, StoreAccessDenied, StoreError
 from mailstrom.message.chars import shorten
 from mailstrom.stores.base import Store
 
@@ -109,6 +109,12 @@ def make_private_parents(path: str | os.PathLike[str]) -> None:
             os.mkdir(directory, 0o700)
         except FileExistsError:
             continue
+        except PermissionError as exc:
+            # Permanent: a worker starting on it exits (78) rather than wait for ever.
+            raise StoreAccessDenied(
+                f"this user may not create {directory} ({exc.strerror or exc}), the"
+                " directory of its default store"
+            ) from None
         except OSError as exc:
             raise StoreError(f"cannot create {directory}: {exc.strerror or exc}") from None
         os.chmod(directory, 0o700)  # exactly, whatever the umask
