@@ -109,6 +109,29 @@ def test_a_request_line_without_a_version_is_a_400_at_once(server: OpsServer, li
     assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /healthz FOO/1.0\r\n\r\n",
+        b"GET /healthz HTTP/0.9\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /healthz HTTP/1\r\n\r\n",
+    ],
+)
+def test_a_bad_or_pre_1_0_version_is_a_400_with_a_status_line(
+    server: OpsServer, request_bytes: bytes
+) -> None:
+    """A request line whose version is no HTTP/1.x (``FOO/1.0``, ``HTTP/1``) got the
+    stdlib's 400 page without a status line or headers, as HTTP/0.9 answers, and an
+    explicit ``HTTP/0.9`` got the page itself so: bytes no HTTP/1.x client or proxy can
+    read as an answer. Both are a 400 in HTTP/1.0."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
+
+
 _IN_NAMESPACE = """
 import socket, sys
 from mailstrom.ops.server import Health, OpsServer

@@ -192,30 +192,40 @@ class GuardedRequestHandler(BaseHTTPRequestHandler):
             self.connection.settimeout(self.server.request_timeout)
             self.wfile.write(_TOO_LARGE)
 
+    # Errors found before the request's version is read (``FOO/1.0``) are answered in
+    # HTTP/1.0: the stdlib's default, HTTP/0.9, writes the error page without a status
+    # line, bytes no HTTP/1.x client reads as an answer.
+    default_request_version = "HTTP/1.0"
+
     def parse_request(self) -> bool:
         # As the stdlib sets them before it refuses a request line (send_error reads them).
         self.command = ""
         raw: bytes = self.raw_requestline  # type: ignore[attr-defined]  # not in typeshed
         self.requestline = str(raw, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) in (1, 2):
+        if len(self.requestline.split()) in (1, 2):
             # No HTTP version: an HTTP/0.9 request (or none), which the stdlib takes and
-            # then reads header lines for that never come, to the request deadline, and
-            # answers without a status line. A 400 in HTTP/1.0 at once, and close.
-            self.request_version = "HTTP/1.0"
-            self.close_connection = True
-            if self.server.request_arrived(self.connection):
-                self.connection.settimeout(self.server.request_timeout)
-                self.send_error(HTTPStatus.BAD_REQUEST, "expected METHOD TARGET HTTP/1.x")
-            return False
+            # then reads header lines for that never come, to the request deadline.
+            return self._refuse("expected METHOD TARGET HTTP/1.x")
         if not super().parse_request():
             return False
+        if self.request_version < "HTTP/1.0":
+            # An explicit HTTP/0.x, which the stdlib answers without a status line.
+            return self._refuse("HTTP/1.0 or HTTP/1.1 only")
         if not self.server.request_arrived(self.connection):
             self.close_connection = True
             return False
         # From here the answer is written, with a deadline of its own.
         self.connection.settimeout(self.server.request_timeout)
         return True
+
+    def _refuse(self, why: str) -> bool:
+        """Answer 400 in HTTP/1.0 (unless the connection was displaced) and close; False."""
+        self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        if self.server.request_arrived(self.connection):
+            self.connection.settimeout(self.server.request_timeout)
+            self.send_error(HTTPStatus.BAD_REQUEST, why)
+        return False
 
 
 class _DeadlineReader(io.RawIOBase):
