@@ -582,3 +582,21 @@ def test_the_held_view_lists_the_held_messages_the_overview_counts(
     assert _ids(model, view=QueueView.HELD) == []
     # Listed under its derived state still, flag and all.
     assert queue.held in _ids(model, view=QueueView.FAILED)
+
+
+def test_an_address_literal_is_found_as_typed(model: ReadModel, store: Store) -> None:
+    """prepare() stores ``bob@[IPv6:::1]`` with its domain in lower case, as every domain;
+    status.recipient() and the search looked for the literal's tag as typed ("IPv6"):
+    KeyError, and an empty page, for the address the mail was sent to."""
+    from mailstrom.message.preparation import prepare
+
+    raw = b"From: a@example.org\r\nTo: bob@[IPv6:::1]\r\nSubject: Hi\r\n\r\nHi\r\n"
+    stored = store.enqueue(prepare(raw, now=START), now=START)
+    status = store.status(stored)
+    for typed in ("bob@[IPv6:::1]", "bob@[ipv6:::1]", "bob@[IPV6:0::1]"):
+        assert status.recipient(typed) is status.recipients[0], typed
+        found = _ids(model, view=QueueView.ALL, search=Search.parse(typed))
+        assert found == [stored], typed
+        assert _ids(model, view=QueueView.ALL, search=Search(address=typed)) == [stored]
+    with pytest.raises(KeyError):
+        status.recipient("Bob@[IPv6:::1]")  # a local part is what it was typed as

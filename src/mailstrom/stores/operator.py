@@ -172,16 +172,21 @@ def filter_domain(text: str) -> str:
 def filter_address(text: str) -> str:
     """An address typed into a lookup or a filter as recipients are stored (what prepare()
     put into the envelope): a UTF-8 local part in NFC, a role name such as ``Postmaster``
-    in lower case, needless quotes dropped, the domain in lower-case A-labels. Text that is
-    no valid address keeps its local part as typed, its domain as :func:`filter_domain`
-    makes it: it finds nothing, or what was stored as written."""
+    in lower case, needless quotes dropped, the domain in lower-case A-labels (an address
+    literal's tag too: prepare() stores ``bob@[ipv6:::1]``). Text that is no valid address
+    keeps its local part as typed, its domain as :func:`filter_domain` makes it: it finds
+    nothing, or what was stored as written."""
     from mailstrom.message.addrspec import validate_address
 
     try:
-        return validate_address(text).envelope
+        envelope = validate_address(text).envelope
     except InvalidAddress:
         local, _, domain = text.rpartition("@")
         return f"{local}@{filter_domain(domain)}"
+    # validate_address() keeps a literal's tag as written ("IPv6"); dedupe() in prepare()
+    # lower-cases every domain, so that is the form the recipient is stored in.
+    local, _, domain = envelope.rpartition("@")
+    return f"{local}@{domain.lower()}"
 
 
 def earliest(*times: datetime | None) -> datetime | None:
