@@ -1940,3 +1940,23 @@ def test_a_lookup_that_failed_for_now_leaves_dmarc_unknown_not_failed(
     dns_server.txt(f"s1._domainkey.{DOMAIN}", "v=spf1 -all")
     report = run_doctor(setup(rsa_key, ip=IP, dnsbls=()), resolver, FakeNetwork())
     assert report.find("dmarc")[0].status is Status.FAIL
+
+
+def test_a_null_mx_among_other_mx_records_is_a_warning(dns_server: LoopbackDNS) -> None:
+    """RFC 7505 §3 forbids a null MX beside other MX records, but a sender seeing the mix
+    can only deliver to the real hosts (our router drops the null MX and uses them): the
+    domain takes mail and gets its bounces. Was: FAIL "publishes a null MX: it takes no
+    mail", telling the operator to publish the MX records already published."""
+    import asyncio
+
+    from mailstrom.doctor.mx import check_mx
+    from mailstrom.routing import Router
+
+    dns_server.mx(DOMAIN, [(0, "."), (10, "mx.example.com")])
+    dns_server.a("mx.example.com", "192.0.2.25")
+    route = asyncio.run(Router(dns_server.dns_config).route(DOMAIN))
+    assert [h.name for h in route.hosts] == ["mx.example.com"]  # raises for a null MX
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.WARN, check.summary
+    assert "mx.example.com" in check.summary and "null MX" in check.summary, check.summary
+    assert check.fix is not None and "remove the null MX" in check.fix, check.fix

@@ -17,7 +17,8 @@ from mailstrom.doctor.report import Check, Status, listed, piece
 
 def check_mx(resolver: Resolver, *, domain: str) -> Check:
     """The ``mx`` check: ``domain`` has MX records (or, without any, an address that
-    stands in for them, RFC 5321 §5.1), and no null MX."""
+    stands in for them, RFC 5321 §5.1), and no null MX (a warning beside other MX
+    records, which take its mail as the router sees it)."""
 
     def check(status: Status, summary: str, fix: str | None = None, *details: str) -> Check:
         return Check(
@@ -29,6 +30,20 @@ def check_mx(resolver: Resolver, *, domain: str) -> Check:
         return check(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
     shown = tuple(f"MX {domain}: {record}" for record in answer.records[:10])
     hosts = [record.partition(" ")[2].strip() for record in answer.records]
+    real = [host for host in hosts if host not in ("", ".")]
+    if real and len(real) < len(hosts):
+        # RFC 7505 §3: a domain with a null MX MUST NOT publish other MX records. Senders
+        # seeing both deliver to the real hosts (mailstrom's router drops the null MX),
+        # but a receiver checking the sender's domain may take it as "no mail here".
+        at = listed([piece(host) for host in real], 3)
+        return check(
+            Status.WARN,
+            f"{domain} publishes a null MX (RFC 7505) beside other MX records, which RFC "
+            f"7505 §3 forbids: senders deliver its mail to {at}, but receivers may read the "
+            "null MX as taking no mail and refuse mail from it",
+            f"remove the null MX of {domain}: its other MX records take its mail",
+            *shown,
+        )
     if any(host in ("", ".") for host in hosts):
         return check(
             Status.FAIL,
