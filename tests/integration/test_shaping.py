@@ -32,6 +32,7 @@ from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_hostile_peers import peer
 from tests.support.delivery import FakeClock, Results, loopback_config
 from tests.support.scripted import NOW, work_item
+from tests.support.skew import eventually
 
 DELIVERED = RecipientState.DELIVERED
 DEFERRED = RecipientState.DEFERRED
@@ -875,3 +876,87 @@ async def test_tokens_that_lapsed_while_the_session_connected_are_not_sent(
 
 async def _direct(method: Any, *args: Any, **kwargs: Any) -> Any:
     return method(*args, **kwargs)
+
+
+@pytest.mark.parametrize("takes_no_slot", ["route fails", "paused"])
+async def test_a_woken_destination_that_takes_no_slot_wakes_the_next(
+    dns_server: LoopbackDNS, takes_no_slot: str
+) -> None:
+    """Three domains under one rule of one connection: b and c park while a holds the
+    slot, and a's end wakes b alone (its session takes the slot once its route is known).
+    When b's session took no slot (its route failed, or the rule was paused meanwhile),
+    c was woken by nobody: its mail stayed in the worker, leased, for as long as no other
+    session of the rule ran. Now c's session starts: it delivers, or is given back."""
+    rule = DestinationRule(match="*.shared.example", max_connections=1)
+    store = MemoryStore()
+    clock = FakeClock(NOW)
+    monotonic = [1000.0]  # the router's clock: moved past b's cached route below
+    connected = asyncio.Event()
+    greet = asyncio.Event()
+    throttle = takes_no_slot == "paused"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await greet.wait()  # b and c park first
+        writer.write(b"220 mx.shared.example ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-mx.shared.example\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL" and throttle:
+                writer.write(b"451 4.7.650 temporarily rate limited due to IP reputation\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    for domain in ("a.example", "b.example", "c.example"):
+        dns_server.mx(domain, [(10, "mx.shared.example")], ttl=60)
+    dns_server.a("mx.shared.example", "127.0.0.1")
+    done: list[RecipientResult] = []
+    postponed: list[str] = []
+    async with peer(handle) as port:
+        config = loopback_config(dns_server, port, shaping=shaping(rule))
+        shaper = Shaper(config, store, store_call=_direct, clock=clock)
+        dispatcher = Dispatcher(
+            config,
+            router=Router(config.dns, allow_loopback=True, clock=lambda: monotonic[0]),
+            outcomes=Outcomes(config, clock=clock, rng=random.Random(1)),
+            on_done=done.extend,
+            shaper=shaper,
+            on_postpone=lambda items, _until, _dest: postponed.extend(
+                i.recipients[0].address for i in items
+            ),
+        )
+        shape = shaper.for_route("a.example", ["mx.shared.example"])
+        try:
+            dispatcher.submit(work_item(0, "a.example"))
+            await asyncio.wait_for(connected.wait(), 10)
+            dispatcher.submit(work_item(1, "b.example"))
+            dispatcher.submit(work_item(2, "c.example"))
+            await eventually(lambda: len(shape.parked) == 2, "b and c to park")
+            if not throttle:
+                dns_server.servfail("b.example", "MX")
+                monotonic[0] += 120  # b's route is looked up again: SERVFAIL
+            greet.set()
+            await asyncio.wait_for(dispatcher.idle.wait(), 10)
+        finally:
+            await dispatcher.close()
+    states = {r.address: r.state for r in done}
+    if throttle:
+        assert states == {"r0@a.example": DEFERRED}
+        assert sorted(postponed) == ["r1@b.example", "r2@c.example"]
+    else:
+        assert states == {
+            "r0@a.example": DELIVERED,
+            "r1@b.example": DEFERRED,
+            "r2@c.example": DELIVERED,
+        }
+        assert postponed == []

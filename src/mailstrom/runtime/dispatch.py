@@ -147,6 +147,9 @@ class _Destination:
     """In ``shared.held``: the destination's other queues have all its sessions."""
     parked: bool = False
     """Waiting for a connection slot of its shaping rule (shared with other domains)."""
+    woken_by: Shape | None = None
+    """The shape whose free slot :meth:`Dispatcher._unpark` started it for, until its
+    next session begins: that session passes the slot on if it does not take it."""
     require_tls: bool = False
     """Its messages ask for REQUIRETLS (they get a queue of their own)."""
     tls_optional: bool = False
@@ -393,6 +396,10 @@ class Dispatcher:
 
     async def _session(self, dest: _Destination, rank: int) -> None:
         lane = _Lane(rank)
+        # Woken for a free slot of its rule, alone (see _unpark): a session that does not
+        # take it (no route, the rule paused) must wake the next parked destination, or
+        # that one waits, its mail leased, until some other session of the rule ends.
+        woken_by, dest.woken_by = dest.woken_by, None
         try:
             await self._run(dest, lane)
         except asyncio.CancelledError:
@@ -413,6 +420,8 @@ class Dispatcher:
                 self._start_sessions(dest)
             elif dest.sessions == 0 and self._destinations.get(dest.key) is dest:
                 del self._destinations[dest.key]
+            if woken_by is not None:
+                self._unpark(woken_by)  # nothing to do if the slot was taken and is held
             self._start_waiting()
 
     def _start_held(self, shared: _Sessions) -> None:
@@ -1145,6 +1154,7 @@ class Dispatcher:
             dest: _Destination = shape.parked.popleft()
             dest.parked = False
             if dest.queue:
+                dest.woken_by = shape
                 self._start_sessions(dest)
                 break  # its session takes the slot once its route is known
             if dest.sessions == 0 and self._destinations.get(dest.key) is dest:
