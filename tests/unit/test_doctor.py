@@ -1501,6 +1501,20 @@ def test_probe_domain_with_a_null_mx_is_no_target(null: str) -> None:
     assert "null MX" in found.summary
 
 
+def test_probe_domain_with_a_null_mx_beside_others_is_probed_at_those() -> None:
+    # RFC 7505 §3 forbids the mix, but mail goes to the real MX hosts (the router drops
+    # the null MX): they are the probe target. Was: "accepts no mail (null MX)", FAIL,
+    # because the null MX (preference 0) sorted first.
+    resolver = FakeResolver(
+        {
+            ("mixed.example", "MX"): ["0 .", "10 mx.mixed.example"],
+            ("mx.mixed.example", "A"): ["198.51.100.25"],
+        }
+    )
+    found = find_target(resolver, "mixed.example", 25)
+    assert found == Target(name="mx.mixed.example", address="198.51.100.25", port=25), found
+
+
 def test_an_ipv4_mapped_address_is_judged_as_the_ipv4_address(rsa_key: Path) -> None:
     # "::ffff:192.0.2.10" is how a dual-stack socket shows an IPv4 peer; on the wire, and
     # to receivers, it is 192.0.2.10: its PTR, A record and blocklist entries are IPv4's.

@@ -80,7 +80,12 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
         )
     if mx.outcome is Outcome.ANSWER:
         ranked = sorted((int(p), h) for p, _, h in (r.partition(" ") for r in mx.records))
-        if ranked and ranked[0][1] in (".", ""):
+        real = [(p, h) for p, h in ranked if h not in (".", "")]
+        if real:
+            # A null MX beside other MX records (RFC 7505 §3 forbids the mix) is dropped,
+            # as the router drops it: the mail goes to the others, so they are probed.
+            ranked = real
+        elif ranked:
             # RFC 7505: the domain takes no mail, and its own address is no SMTP server
             # (implicit MX is for a domain without MX records): a probe there would be
             # refused, and blamed on this machine's port 25.
