@@ -960,3 +960,53 @@ async def test_a_woken_destination_that_takes_no_slot_wakes_the_next(
             "r2@c.example": DELIVERED,
         }
         assert postponed == []
+
+
+async def test_relief_gives_back_the_mail_parked_behind_a_stalled_session(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A server that never greets holds a rule's only connection slot; the rule's other
+    domains wait parked behind it. The worker, full, gives back the work waiting behind a
+    destination that does not move (Dispatcher.relieve), but took only the stalled
+    domain's queue: a parked domain has no session, so its mail went on holding the
+    worker's room for as long as the stalled server's timeouts."""
+    rule = DestinationRule(match="*.shared.example", max_connections=1)
+    store = MemoryStore()
+    clock = FakeClock(NOW)
+    connected = asyncio.Event()
+    released = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await released.wait()  # never greets
+
+    for domain in ("a.example", "b.example"):
+        dns_server.mx(domain, [(10, "mx.shared.example")])
+    dns_server.a("mx.shared.example", "127.0.0.1")
+    postponed: list[str] = []
+    async with peer(handle) as port:
+        config = loopback_config(dns_server, port, shaping=shaping(rule))
+        shaper = Shaper(config, store, store_call=_direct, clock=clock)
+        dispatcher = Dispatcher(
+            config,
+            router=Router(config.dns, allow_loopback=True),
+            outcomes=Outcomes(config, clock=clock, rng=random.Random(1)),
+            on_done=lambda results: None,
+            shaper=shaper,
+            on_postpone=lambda items, _until, _dest: postponed.extend(
+                i.recipients[0].address for i in items
+            ),
+        )
+        shape = shaper.for_route("a.example", ["mx.shared.example"])
+        try:
+            dispatcher.submit(work_item(0, "a.example"))
+            dispatcher.submit(work_item(1, "a.example"))  # waits behind the one connecting
+            await asyncio.wait_for(connected.wait(), 10)
+            dispatcher.submit(work_item(2, "b.example"))
+            await eventually(lambda: len(shape.parked) == 1, "b to park")
+            assert dispatcher.relieve(0.0, timedelta(seconds=60)) == 3
+            assert sorted(postponed) == ["r0@a.example", "r1@a.example", "r2@b.example"]
+            assert dispatcher.in_flight == 0
+        finally:
+            released.set()
+            await dispatcher.close()

@@ -1338,11 +1338,14 @@ class Dispatcher:
         that never greets, a transaction that never ends); returns how many recipients
         went back. The worker asks when it can lease no more: work waiting behind a server
         that does not move held the worker's room, and mail to every other destination
-        waited for that server's timeouts. The sessions keep what they started."""
+        waited for that server's timeouts. The sessions keep what they started. A
+        destination parked for its shaping rule's connection slot (see :meth:`_run`)
+        waits behind the rule's sessions the same way, without one of its own: its queue
+        goes back too."""
         now = time.monotonic()
         stalled: list[_Work] = []
         for dest in self._destinations.values():
-            if dest.queue and dest.sessions and now - dest.moved >= stalled_for:
+            if dest.queue and (dest.sessions or dest.parked) and now - dest.moved >= stalled_for:
                 stalled.extend(dest.queue)
                 dest.queue.clear()  # in place: its sessions read it through their own reference
         if not stalled:
