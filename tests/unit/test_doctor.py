@@ -6,6 +6,7 @@ checks through the command against the loopback DNS server.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import time
@@ -1974,3 +1975,23 @@ def test_a_null_mx_among_other_mx_records_is_a_warning(dns_server: LoopbackDNS) 
     assert check.status is Status.WARN, check.summary
     assert "mx.example.com" in check.summary and "null MX" in check.summary, check.summary
     assert check.fix is not None and "remove the null MX" in check.fix, check.fix
+
+
+def test_mx_records_naming_address_literals_alone_take_no_mail(dns_server: LoopbackDNS) -> None:
+    """An MX record's exchange is a host name (RFC 5321 §5.1), and "[192.0.2.25]." is
+    none: our router skips such records, as Postfix does, and bounces a domain left with
+    no other (5.4.4), so the domain gets no bounces. The doctor passed it: "takes mail at
+    [192.0.2.25]"."""
+    from mailstrom.doctor.mx import check_mx
+    from mailstrom.errors import PermanentFailure
+    from mailstrom.routing import Router
+
+    dns_server.mx(DOMAIN, [(10, "[192.0.2.25]")])
+    with pytest.raises(PermanentFailure):
+        asyncio.run(Router(dns_server.dns_config).route(DOMAIN))
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.FAIL, check.summary
+    assert "address literal" in check.summary and "[192.0.2.25]" in check.summary, check
+    dns_server.mx(DOMAIN, [(10, "[192.0.2.25]"), (20, "mx.example.com")])
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.PASS and "mx.example.com" in check.summary, check.summary

@@ -30,8 +30,12 @@ def check_mx(resolver: Resolver, *, domain: str) -> Check:
         return check(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
     shown = tuple(f"MX {domain}: {record}" for record in answer.records[:10])
     hosts = [record.partition(" ")[2].strip() for record in answer.records]
-    real = [host for host in hosts if host not in ("", ".")]
-    if real and len(real) < len(hosts):
+    null = any(host in ("", ".") for host in hosts)
+    # An exchange written as an address literal ("[192.0.2.25]") names no host (RFC 5321
+    # §5.1): the router skips it, as Postfix does, and bounces a domain left without one.
+    literals = [host for host in hosts if host.startswith("[") and host.endswith("]")]
+    real = [host for host in hosts if host not in ("", ".") and host not in literals]
+    if real and null:
         # RFC 7505 §3: a domain with a null MX MUST NOT publish other MX records. Senders
         # seeing both deliver to the real hosts (mailstrom's router drops the null MX),
         # but a receiver checking the sender's domain may take it as "no mail here".
@@ -44,7 +48,7 @@ def check_mx(resolver: Resolver, *, domain: str) -> Check:
             f"remove the null MX of {domain}: its other MX records take its mail",
             *shown,
         )
-    if any(host in ("", ".") for host in hosts):
+    if null:
         return check(
             Status.FAIL,
             f"{domain} publishes a null MX (RFC 7505): it takes no mail, so its mail gets no "
@@ -53,9 +57,20 @@ def check_mx(resolver: Resolver, *, domain: str) -> Check:
             "take its mail (bounces and replies come back there)",
             *shown,
         )
-    if hosts:
+    if literals and not real:
+        at = listed([piece(host) for host in literals], 3)
+        return check(
+            Status.FAIL,
+            f"{domain}'s MX records name only address literals ({at}), which are no host "
+            "names (RFC 5321 §5.1): senders skip them, so it takes no mail and its mail "
+            "gets no bounces",
+            f"publish MX records at {domain} naming the servers that take its mail by their "
+            "host names",
+            *shown,
+        )
+    if real:
         # A summary is one line: a few names, each cut short (DNS names run to 253).
-        at = listed([piece(host) for host in hosts], 3)
+        at = listed([piece(host) for host in real], 3)
         return check(Status.PASS, f"{domain} takes mail at {at}", None, *shown)
     failed: str | None = None
     for rtype in ("A", "AAAA"):
