@@ -1010,3 +1010,69 @@ async def test_relief_gives_back_the_mail_parked_behind_a_stalled_session(
         finally:
             released.set()
             await dispatcher.close()
+
+
+async def test_a_stop_does_not_count_a_421_to_mail_behind_an_answered_message(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A 421 to MAIL (not a throttle) on a connection that had answered a message closes
+    the channel without refusing the message (RFC 5321 §3.8): the session sends it on a
+    new connection, uncounted. A stop that cut the session while it paused the rule for
+    the message ahead (a store call) reported it as an attempt, deferred."""
+    rule = DestinationRule(match="*.shared.example", max_connections=1)
+    store = MemoryStore()
+    clock = FakeClock(NOW)
+    pausing = asyncio.Event()
+    never = asyncio.Event()
+
+    async def store_call(method: Any, *args: Any, **kwargs: Any) -> Any:
+        if method.__name__ == "throttle":
+            pausing.set()
+            await never.wait()  # the stop comes while the pause is being made
+        return method(*args, **kwargs)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.shared.example ESMTP\r\n")
+        dotted = False
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-mx.shared.example\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL" and dotted:
+                # The first message's reply (a throttle) and this one's, at once.
+                writer.write(
+                    b"451 4.7.650 temporarily rate limited due to IP reputation\r\n"
+                    b"421 4.3.2 Service shutting down\r\n"
+                )
+                await writer.drain()
+                writer.close()
+                return
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                dotted = True  # answered with the next MAIL's reply
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    dns_server.mx("a.example", [(10, "mx.shared.example")])
+    dns_server.a("mx.shared.example", "127.0.0.1")
+    done: list[RecipientResult] = []
+    async with peer(handle) as port:
+        config = loopback_config(dns_server, port, shaping=shaping(rule))
+        dispatcher = Dispatcher(
+            config,
+            router=Router(config.dns, allow_loopback=True),
+            outcomes=Outcomes(config, clock=clock, rng=random.Random(1)),
+            on_done=done.extend,
+            shaper=Shaper(config, store, store_call=store_call, clock=clock),
+            on_postpone=lambda items, _until, _dest: None,
+        )
+        try:
+            dispatcher.submit(work_item(0, "a.example"))
+            dispatcher.submit(work_item(1, "a.example"))
+            await asyncio.wait_for(pausing.wait(), 10)
+        finally:
+            await dispatcher.close()  # the worker stops
+    assert [(r.address, r.state) for r in done] == [("r0@a.example", DEFERRED)], done

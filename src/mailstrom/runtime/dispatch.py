@@ -627,7 +627,7 @@ class Dispatcher:
                 # Cancelled (the worker stops with this delivery in flight): the socket
                 # must not outlive the session, nor its timers fire into nobody.
                 opener.abandon(conn)
-                left = self._report_cut_off(inflight, Where.of(conn, need))
+                left = self._report_cut_off(inflight, Where.of(conn, need), reused=reused)
                 if not isinstance(exc, asyncio.CancelledError):
                     # A bug: what it left without a result is deferred with the queue
                     # (see _session), not left leased for as long as the worker runs.
@@ -916,7 +916,9 @@ class Dispatcher:
             )
         return error, answered
 
-    def _report_cut_off(self, inflight: _InFlight, where: Where) -> list[_Work]:
+    def _report_cut_off(
+        self, inflight: _InFlight, where: Where, *, reused: bool = False
+    ) -> list[_Work]:
         """A session cancelled (the worker stops) or ended by a bug with ``inflight``
         transactions on its connection, which is dropped now: each settled with what it
         came to. One whose content went and whose reply did not come is uncertain (RFC
@@ -925,8 +927,13 @@ class Dispatcher:
         ends). Given back with the lease instead, as if never sent, such a message went
         out again at once. Returns the rest (not tried, cut before the content went, or
         whose results the bug kept from being made), which a stop gives back with the
-        lease."""
+        lease. As in :meth:`_stream`, a 421 to MAIL on a connection that was ``reused``
+        or answered a message ahead of it is no attempt: not tried."""
         left: list[_Work] = []
+        # Whether the connection took a message, as _stream's ``answered``: reused, or a
+        # transaction ahead here was answered (a settled 421 is cut off only behind one
+        # still here: the session was awaiting it, or the store for its throttle).
+        used = reused
         for work, future in inflight:
             settled: TransactionResult | BaseException | None = None
             if future.cancelled():
@@ -939,9 +946,10 @@ class Dispatcher:
                 left.append(work)
                 continue
             result = settled
-            if at_connection_limit(result):
+            if at_connection_limit(result) or (used and _closing_at_mail(result)):
                 left.append(work)  # not tried
                 continue
+            used = used or result.final is not None
             over = over_recipient_limit(result)
             if over:
                 # Not tried: left (unless queued for a next transaction already, then
