@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+import pytest
+
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
@@ -312,6 +314,23 @@ def test_max_bytes_still_leases_one_message_larger_than_it(store: Store) -> None
     assert [item.message_id for item in lease.items] == [big]
     assert leased_addresses(store.lease(now=now, limit=100, lease_for=LEASE_FOR, max_bytes=1))
     assert store.lease(now=now, limit=100, lease_for=LEASE_FOR) is None
+
+
+@pytest.mark.parametrize("huge", [2**63 - 1, 2**63, 2**64], ids=["bigint", "past", "huge"])
+def test_a_max_bytes_past_any_store_size_is_no_bound(store: Store, huge: int) -> None:
+    """Was: a budget past a bigint (``max_bytes=2**64``: "as much as you like") failed
+    every lease on PostgreSQL as StoreRefusedData (bigint out of range) and leased as
+    no bound in the others; no store holds that much, so it is no bound in every one,
+    with lanes too."""
+    ids = [store.enqueue(_sized(1000, f"a{i}@example.org"), now=NOW) for i in range(3)]
+    lease = store.lease(now=NOW, limit=100, lease_for=LEASE_FOR, max_bytes=huge)
+    assert lease is not None
+    assert sorted(item.message_id for item in lease.items) == sorted(ids)
+    store.release(lease)
+    lanes = [("high", 1), ("normal", 1)]
+    lease = store.lease(now=NOW, limit=100, lease_for=LEASE_FOR, lanes=lanes, max_bytes=huge)
+    assert lease is not None
+    assert sorted(item.message_id for item in lease.items) == sorted(ids)
 
 
 def test_max_bytes_applies_across_lanes(store: Store) -> None:

@@ -24,6 +24,7 @@ from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from mailstrom.arguments import check_age, check_key, check_limit, member_of, row_limit, shown
+from mailstrom.bounds import MAX_INTEGER
 from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
 from mailstrom.message.dsn import DSN
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
@@ -253,6 +254,17 @@ def messages_within(sizes: Iterable[tuple[K, int]], max_bytes: int) -> list[K]:
             break
         kept.append(message)
     return kept
+
+
+def byte_budget(max_bytes: int | None) -> int | None:
+    """``max_bytes`` as a lease takes it (see :meth:`Store.lease`): None, no bound, for
+    one of :data:`~mailstrom.bounds.MAX_INTEGER` or more, which no store holds (900 MiB
+    a message, see :data:`MAX_STORED_SIZE`). Every store reads it so: PostgreSQL
+    refused one past a bigint (StoreRefusedData, failing every lease), the others took
+    it for no bound."""
+    if max_bytes is not None and max_bytes >= MAX_INTEGER:
+        return None
+    return max_bytes
 
 
 def with_throttles(status: MessageStatus, paused: dict[str, DestinationThrottle]) -> MessageStatus:

@@ -29,6 +29,7 @@ from mailstrom.stores.base import (
     LeasedRecipient,
     RecipientResult,
     WorkItem,
+    byte_budget,
     check_storable,
     domain_of,
     holder_range,
@@ -255,6 +256,7 @@ class MemoryStore(
             if lanes is not None:
                 due = _by_lanes(due, lanes, limit)
             due = due[:limit]
+            max_bytes = byte_budget(max_bytes)
             if max_bytes is not None:
                 sizes = {t[3].id: t[3].prepared.size for t in due}
                 kept = set(messages_within(sizes.items(), max_bytes))

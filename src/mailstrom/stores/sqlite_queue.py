@@ -30,6 +30,7 @@ from mailstrom.stores.base import (
     LeasedRecipient,
     RecipientResult,
     bounded_attempt,
+    byte_budget,
     domain_of,
     holder_range,
     lease_token,
@@ -252,6 +253,7 @@ def lease_rows(
             named = {lane for lane, _ in lanes}
             others = [lane for lane in pending_lanes(conn, rename=True) if lane not in named]
             rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped)
+    max_bytes = byte_budget(max_bytes)
     if rows and max_bytes is not None:
         rows = _within_bytes(conn, rows, max_bytes)
     if not rows:

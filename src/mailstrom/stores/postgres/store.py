@@ -60,6 +60,7 @@ from mailstrom.stores.base import (
     RecipientResult,
     WorkItem,
     bounded_attempt,
+    byte_budget,
     check_storable,
     holder_range,
     lease_token,
@@ -532,6 +533,7 @@ class PostgresStore:
         max_bytes: int | None,
     ) -> Lease | None:
         expires_at = after(now, lease_for)
+        max_bytes = byte_budget(max_bytes)
         params: dict[str, Any] = {
             "now": now,
             "limit": limit,
