@@ -124,6 +124,27 @@ def test_a_message_larger_than_every_store_holds_is_refused_alike(
     store.enqueue(prepared, now=NOW)  # at the bound: queued
 
 
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [("a@example.org", "a@example.org"), ("a@example.org", "a@EXAMPLE.Org")],
+    ids=["same", "domain-case"],
+)
+def test_a_recipient_named_twice_is_refused_alike(store: Store, first: str, again: str) -> None:
+    """A direct enqueue naming one recipient twice (domains compare case-insensitively,
+    as a message's recipients are de-duplicated: PreparedMessage) was StoreRefusedData
+    from a SQL store's key, and the memory store merged the two, or (for the domain's
+    case) queued both, as the SQL stores did too: one mailbox got the message twice.
+    Every store refuses it, before writing anything; local parts stay case-sensitive."""
+    with pytest.raises(InvalidArgument, match=r"recipients: .* named twice") as raised:
+        store.enqueue(message(first, "b@example.net", again), now=NOW)
+    assert raised.value.argument == "recipients"
+    with pytest.raises(InvalidArgument, match="named twice"):
+        store.enqueue_many([message(), message(first, again)], now=NOW)
+    assert store.recent() == []
+    mid = store.enqueue(message("a@example.org", "A@example.org"), now=NOW)
+    assert [r.address for r in store.status(mid).recipients] == ["a@example.org", "A@example.org"]
+
+
 def test_ids_are_fresh_32_hex_digits(store: Store) -> None:
     ids = {store.enqueue(message(), now=NOW) for _ in range(5)}
     assert len(ids) == 5

@@ -211,7 +211,9 @@ def test_group_commit_reports_a_failure_only_to_its_caller(db: Path) -> None:
 def test_enqueue_raises_store_error_and_stores_nothing(db: Path) -> None:
     store = SQLiteStore(db)
     with pytest.raises(StoreError):
-        store.enqueue(message("x@example.org", "x@example.org"), now=NOW)
+        # Refused at the second recipient's row, after the message's (a duplicate
+        # recipient did so until every store refused it before writing).
+        store.enqueue(message("x@example.org", "y\udc80@example.org"), now=NOW)
     assert store.stats().messages == 0
     store.close()
 
@@ -640,8 +642,8 @@ def test_an_interrupt_while_a_failed_commit_is_retried_one_by_one_fails_the_rest
     try:
         with hang_guard(20):
             with pytest.raises(KeyboardInterrupt):
-                # A recipient listed twice breaks the (message, address) key.
-                store.enqueue(message("x@example.org", "x@example.org"), now=NOW)
+                # A recipient the driver cannot encode fails its batch at its row.
+                store.enqueue(message("x@example.org", "y\udc80@example.org"), now=NOW)
             follower.join()
         assert store.stats().messages == 0
         assert len(outcome) == 1 and type(outcome[0]) is StoreError, outcome

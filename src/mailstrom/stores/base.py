@@ -67,13 +67,37 @@ parameters (1 GiB in all), with room for the row's other columns.
 def check_storable(messages: Iterable[PreparedMessage]) -> None:
     """StoreRefusedData for a message past :data:`MAX_STORED_SIZE`, before a store sends
     anything. Without it, one past 1 GiB made PostgreSQL drop the connection, which read
-    as a passing trouble (StoreUnreachable) and was retried for ever."""
+    as a passing trouble (StoreUnreachable) and was retried for ever.
+
+    :class:`~mailstrom.errors.InvalidArgument` (``recipients``) for a message naming one
+    recipient twice (the domain compared case-insensitively, as a message's recipients
+    are de-duplicated: :class:`~mailstrom.message.prepared.PreparedMessage`), which only
+    a direct caller can give: a SQL store's key refused an exact repeat
+    (StoreRefusedData), the memory store merged it, and a repeat with its domain in
+    another case was queued twice by all three, to be delivered twice."""
     for message in messages:
+        _check_recipients(message.recipients)
         if message.size > MAX_STORED_SIZE:
             raise StoreRefusedData(
                 f"a message of {message.size} octets cannot be queued: a store holds at most"
                 f" {MAX_STORED_SIZE} octets of one message; set max_message_size below that"
             )
+
+
+def _check_recipients(recipients: Sequence[str]) -> None:
+    if len(recipients) < 2:
+        return
+    seen: set[tuple[str, str]] = set()
+    for address in recipients:
+        local, _, domain = address.rpartition("@")
+        key = (local, domain.lower())
+        if key in seen:
+            raise InvalidArgument(
+                f"recipients: {shown(address)} is named twice (a domain's case does not"
+                " tell two recipients apart); name each recipient once",
+                argument="recipients",
+            )
+        seen.add(key)
 
 
 MAX_TLS_BROKEN = 10_000
