@@ -4,8 +4,12 @@ events and filtered on."""
 from __future__ import annotations
 
 import dataclasses
+from zoneinfo import ZoneInfo
+
+import pytest
 
 from mailstrom.bounds import EARLIEST_TIME
+from mailstrom.errors import InvalidArgument
 from mailstrom.message.attributes import QueueAttributes, queue_attributes
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
@@ -161,6 +165,51 @@ def test_the_earliest_times_a_caller_may_give_read_back_on_every_store(store: St
     assert [m.id for m in store.query(now=NOW)] == [mid]
     [item] = lease_all(store).items
     assert item.expires_at == EARLIEST_TIME + SECOND
+
+
+@pytest.mark.parametrize("field", ["send_at", "expires_at", "idempotency_until"])
+def test_a_naive_attribute_time_is_refused_alike(store: Store, field: str) -> None:
+    """A direct enqueue with a naive ``send_at``, ``expires_at`` or
+    ``idempotency_until`` (QueueAttributes built by hand: queue_attributes() takes a
+    naive one as UTC) is refused by the SQL stores as naive; the memory store raised a
+    bare TypeError for ``send_at`` and queued the others, whose expiry every lease and
+    listing then compared with aware times. Every store refuses it, queueing nothing."""
+    later = (NOW + 60 * SECOND).replace(tzinfo=None)
+    key = {"idempotency_key": "k"} if field == "idempotency_until" else {}
+    prepared = with_attributes(message(), **{field: later}, **key)
+    with pytest.raises(InvalidArgument, match=f"{field}: naive datetime"):
+        store.enqueue(prepared, now=NOW)
+    with pytest.raises(InvalidArgument, match=f"{field}: naive datetime"):
+        store.enqueue_many([message(), prepared], now=NOW)
+    assert store.recent() == []
+
+
+def test_attribute_times_in_another_zone_read_back_in_utc(store: Store) -> None:
+    """The memory store kept a ``ZoneInfo`` send_at and expires_at as given and showed
+    them in that zone, where the SQL stores show UTC (as the contract says): the same
+    message read back different per store."""
+    zone = ZoneInfo("America/New_York")
+    send_at, expires_at = NOW + 60 * SECOND, NOW + 120 * SECOND
+    prepared = with_attributes(
+        message(),
+        send_at=send_at.astimezone(zone),
+        expires_at=expires_at.astimezone(zone),
+        idempotency_key="k",
+        idempotency_until=expires_at.astimezone(zone),
+    )
+    mid = store.enqueue(prepared, now=NOW)
+    status = store.status(mid)
+    shown = [status.send_at, status.expires_at, status.recipients[0].next_attempt_at]
+    assert [when.isoformat() if when else None for when in shown] == [
+        send_at.isoformat(),
+        expires_at.isoformat(),
+        send_at.isoformat(),
+    ]
+    [listed] = store.query(now=NOW)
+    assert (listed.send_at, listed.expires_at) == (send_at, expires_at)
+    assert str(listed.send_at.tzinfo) == "UTC" and str(listed.expires_at.tzinfo) == "UTC"
+    [item] = lease_all(store, now=send_at).items
+    assert item.expires_at is not None and item.expires_at.isoformat() == expires_at.isoformat()
 
 
 def test_a_scheduled_messages_retry_window_starts_at_its_send_at(store: Store) -> None:

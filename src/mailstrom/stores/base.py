@@ -37,12 +37,14 @@ from mailstrom.status import (
     ReasonClass,
     RecipientState,
 )
+from mailstrom.stores.clock import aware_utc
 from mailstrom.stores.operator import ShapeRow, Suspension, filter_domain
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
     # Only named in signatures: a worker, which neither enqueues (but for a bounce
     # notice) nor uses MTA-STS or TLS-RPT without their settings, does not load them.
+    from mailstrom.message.attributes import QueueAttributes
     from mailstrom.message.prepared import PreparedMessage
     from mailstrom.mtasts.policy import CachedPolicy
     from mailstrom.tlsrpt.sessions import TLSSessions
@@ -74,9 +76,14 @@ def check_storable(messages: Iterable[PreparedMessage]) -> None:
     are de-duplicated: :class:`~mailstrom.message.prepared.PreparedMessage`), which only
     a direct caller can give: a SQL store's key refused an exact repeat
     (StoreRefusedData), the memory store merged it, and a repeat with its domain in
-    another case was queued twice by all three, to be delivered twice."""
+    another case was queued twice by all three, to be delivered twice.
+
+    InvalidArgument too for a naive ``send_at``, ``expires_at`` or ``idempotency_until``
+    (:class:`~mailstrom.message.attributes.QueueAttributes` built by hand), named: the
+    SQL stores refused one without saying which, the memory store queued it."""
     for message in messages:
         _check_recipients(message.recipients)
+        _check_times(message.attributes)
         if message.size > MAX_STORED_SIZE:
             raise StoreRefusedData(
                 f"a message of {message.size} octets cannot be queued: a store holds at most"
@@ -98,6 +105,13 @@ def _check_recipients(recipients: Sequence[str]) -> None:
                 argument="recipients",
             )
         seen.add(key)
+
+
+def _check_times(attributes: QueueAttributes) -> None:
+    for name in ("send_at", "expires_at", "idempotency_until"):
+        when = getattr(attributes, name)
+        if when is not None:
+            aware_utc(when, name)
 
 
 MAX_TLS_BROKEN = 10_000

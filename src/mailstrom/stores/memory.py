@@ -14,7 +14,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from mailstrom.arguments import row_limit
@@ -194,6 +194,16 @@ class MemoryStore(
                     # A copy of its own, as the durable stores write theirs: the caller's
                     # dict, changed after this, changed the queued message's metadata.
                     attrs = replace(attrs, metadata=dict(attrs.metadata))
+                    prepared = replace(prepared, attributes=attrs)
+                if attrs.send_at or attrs.expires_at or attrs.idempotency_until:
+                    # In UTC, as the durable stores keep and show them (checked aware
+                    # by check_storable): one in its own zone was shown in that zone.
+                    attrs = replace(
+                        attrs,
+                        send_at=_utc(attrs.send_at),
+                        expires_at=_utc(attrs.expires_at),
+                        idempotency_until=_utc(attrs.idempotency_until),
+                    )
                     prepared = replace(prepared, attributes=attrs)
                 key = attrs.idempotency_key
                 if key is not None:
@@ -558,6 +568,10 @@ class MemoryStore(
 
     def _newest_first(self) -> list[_Message]:
         return sorted(self._messages.values(), key=lambda m: (m.created_at, m.seq), reverse=True)
+
+
+def _utc(when: datetime | None) -> datetime | None:
+    return None if when is None else when.astimezone(UTC)
 
 
 def _first_due(m: _Message) -> datetime:
