@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from mailstrom.errors import InvalidArgument, StoreRefusedData, UnknownMessage
+from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.preparation import prepare
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store, new_message_id
@@ -143,6 +144,55 @@ def test_a_recipient_named_twice_is_refused_alike(store: Store, first: str, agai
     assert store.recent() == []
     mid = store.enqueue(message("a@example.org", "A@example.org"), now=NOW)
     assert [r.address for r in store.status(mid).recipients] == ["a@example.org", "A@example.org"]
+
+
+FAR = datetime(9999, 12, 31, tzinfo=UTC)
+"""Past :data:`~mailstrom.bounds.LATEST_TIME` (9000): no store reads it back."""
+LONG_AGO = datetime(1800, 1, 1, tzinfo=UTC)
+"""Before :data:`~mailstrom.bounds.EARLIEST_TIME` (1900), likewise."""
+
+
+@pytest.mark.parametrize("when", [FAR, LONG_AGO], ids=["far", "long-ago"])
+def test_a_time_no_store_reads_back_is_refused_at_the_queue_alike(
+    store: Store, when: datetime
+) -> None:
+    """Was: a time past year 9000 (or before 1900) given to a direct store call was
+    kept by the memory store and PostgreSQL, while SQLite wrote a row it could not read
+    back: its status raised UnreadableRow and its next lease failed the recipient as
+    "queue row unreadable"; a lease for ``timedelta(days=10**8)`` was a bare
+    OverflowError in two stores and StoreRefusedData in the third. Every store refuses
+    such a time (InvalidArgument, naming it) before writing anything."""
+    attributes = [
+        {"send_at": when},
+        {"expires_at": when},
+        {"idempotency_key": "k", "idempotency_until": when},
+    ]
+    for given in attributes:
+        prepared = replace(message(), attributes=QueueAttributes(**given))  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match=rf"{[*given][-1]}: .* keeps"):
+            store.enqueue(prepared, now=NOW)
+    with pytest.raises(InvalidArgument, match=r"now: .* keeps"):
+        store.enqueue(message(), now=when)
+    assert store.recent() == []
+
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    for lease_for in (timedelta(days=10**8), FAR - NOW):
+        with pytest.raises(InvalidArgument, match=r"lease_for: .* keeps"):
+            store.lease(now=NOW, limit=10, lease_for=lease_for)
+    lease = lease_all(store)
+    with pytest.raises(InvalidArgument, match=r"until: .* keeps"):
+        store.extend(lease, until=when)
+    with pytest.raises(InvalidArgument, match=r"until: .* keeps"):
+        store.postpone(lease.items, until=when)
+    deferred = results_for(lease, RecipientState.DEFERRED, next_attempt_at=when)
+    with pytest.raises(InvalidArgument, match=r"next_attempt_at: .* keeps"):
+        store.record(deferred)
+    with pytest.raises(InvalidArgument, match=r"attempt.at: .* keeps"):
+        store.record(results_for(lease, RecipientState.DELIVERED, at=when))
+    [recipient] = store.status(mid).recipients
+    assert (recipient.state, recipient.attempts) == (RecipientState.QUEUED, 0)
+    assert store.record(results_for(lease, RecipientState.DELIVERED))
+    assert store.status(mid).recipients[0].state is RecipientState.DELIVERED
 
 
 def test_ids_are_fresh_32_hex_digits(store: Store) -> None:

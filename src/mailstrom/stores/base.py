@@ -37,7 +37,7 @@ from mailstrom.status import (
     ReasonClass,
     RecipientState,
 )
-from mailstrom.stores.clock import aware_utc
+from mailstrom.stores.clock import kept_time
 from mailstrom.stores.operator import ShapeRow, Suspension, filter_domain
 from mailstrom.suppression import Suppression
 
@@ -66,7 +66,7 @@ parameters (1 GiB in all), with room for the row's other columns.
 ``Config.max_message_size`` may be set past it (see :func:`check_storable`)."""
 
 
-def check_storable(messages: Iterable[PreparedMessage]) -> None:
+def check_storable(messages: Iterable[PreparedMessage], *, now: datetime | None = None) -> None:
     """StoreRefusedData for a message past :data:`MAX_STORED_SIZE`, before a store sends
     anything. Without it, one past 1 GiB made PostgreSQL drop the connection, which read
     as a passing trouble (StoreUnreachable) and was retried for ever.
@@ -80,7 +80,11 @@ def check_storable(messages: Iterable[PreparedMessage]) -> None:
 
     InvalidArgument too for a naive ``send_at``, ``expires_at`` or ``idempotency_until``
     (:class:`~mailstrom.message.attributes.QueueAttributes` built by hand), named: the
-    SQL stores refused one without saying which, the memory store queued it."""
+    SQL stores refused one without saying which, the memory store queued it. And for
+    one of them, or ``now``, outside the times every store reads back
+    (:func:`~mailstrom.stores.clock.kept_time`)."""
+    if now is not None:
+        kept_time(now, "now")
     for message in messages:
         _check_recipients(message.recipients)
         _check_times(message.attributes)
@@ -111,7 +115,17 @@ def _check_times(attributes: QueueAttributes) -> None:
     for name in ("send_at", "expires_at", "idempotency_until"):
         when = getattr(attributes, name)
         if when is not None:
-            aware_utc(when, name)
+            kept_time(when, name)
+
+
+def check_result_times(results: Iterable[RecipientResult]) -> None:
+    """InvalidArgument for a result whose attempt time or ``next_attempt_at`` is naive or
+    outside the times every store reads back (:func:`~mailstrom.stores.clock.kept_time`),
+    before a store records any of them."""
+    for result in results:
+        kept_time(result.attempt.at, "attempt.at")
+        if result.next_attempt_at is not None:
+            kept_time(result.next_attempt_at, "next_attempt_at")
 
 
 MAX_TLS_BROKEN = 10_000

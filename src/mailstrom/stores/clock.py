@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
+from mailstrom.bounds import EARLIEST_TIME, LATEST_TIME
 from mailstrom.errors import ConfigError, InvalidArgument
 
 
@@ -120,11 +121,40 @@ def before(now: datetime, age: timedelta) -> datetime:
     return now.astimezone(UTC) - age
 
 
-def after(now: datetime, span: timedelta) -> datetime:
+def after(now: datetime, span: timedelta, argument: str = "lease_for") -> datetime:
     """The time ``span`` after ``now``, reckoned in UTC (see :func:`in_utc`): a lease
     taken at 01:50 CET for two hours ended at 03:50 CEST, one hour on, when added on a
-    ``ZoneInfo`` time's wall clock."""
-    return now.astimezone(UTC) + span
+    ``ZoneInfo`` time's wall clock. InvalidArgument (naming ``argument``) when that is
+    no time a store keeps (:func:`kept_time`): a lease for ``timedelta(days=10**8)``
+    was a bare OverflowError, or StoreRefusedData, depending on the store."""
+    try:
+        end = now.astimezone(UTC) + span
+    except OverflowError:
+        end = None
+    if end is None or not EARLIEST_TIME <= end < LATEST_TIME:
+        raise InvalidArgument(
+            f"{argument}: {span!r} after {now.isoformat()} is {_outside}",
+            argument=argument,
+        )
+    return end
+
+
+_outside = (
+    f"outside the years {EARLIEST_TIME.year} to {LATEST_TIME.year - 1}, the times a store keeps"
+)
+
+
+def kept_time(when: datetime, argument: str) -> datetime:
+    """``when`` in UTC (:func:`aware_utc`), as a store writes it: InvalidArgument when it
+    lies outside :data:`~mailstrom.bounds.EARLIEST_TIME` to
+    :data:`~mailstrom.bounds.LATEST_TIME`, the times every store reads back. SQLite
+    wrote one past them into a row it could not read again (its status raised
+    UnreadableRow, and its next lease failed the recipient as unreadable), where the
+    memory store and PostgreSQL kept it."""
+    utc = aware_utc(when, argument)
+    if not EARLIEST_TIME <= utc < LATEST_TIME:
+        raise InvalidArgument(f"{argument}: {when.isoformat()} is {_outside}", argument=argument)
+    return utc
 
 
 def aware_utc(when: datetime, argument: str) -> datetime:

@@ -39,7 +39,7 @@ from mailstrom.stores.base import (
     record_then_lease,
     with_throttles,
 )
-from mailstrom.stores.clock import after, aware_utc
+from mailstrom.stores.clock import after, aware_utc, kept_time
 from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import MemoryOperatorMixin
@@ -179,7 +179,7 @@ class MemoryStore(
         return self._add(messages, now=now, hold=False)
 
     def _add(self, messages: Sequence[PreparedMessage], *, now: datetime, hold: bool) -> list[str]:
-        check_storable(messages)
+        check_storable(messages, now=now)
         ids = []
         with self._lock:
             if self._closed:
@@ -389,6 +389,7 @@ class MemoryStore(
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``; how many,
         those of held messages left out (see :meth:`Store.extend`)."""
+        until = kept_time(until, "until")
         with self._lock:
             held = self._still_held(lease)
             for _, r in held:

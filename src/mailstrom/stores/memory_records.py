@@ -23,7 +23,7 @@ from mailstrom.status import (
     derive_message_state,
 )
 from mailstrom.stores.base import MAX_HISTORY, bounded_attempt
-from mailstrom.stores.clock import aware_utc
+from mailstrom.stores.clock import kept_time
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
 
@@ -169,7 +169,7 @@ def utc_attempt(
     it: kept as given, the next lease compared it with an aware ``now`` (TypeError), and
     a time in another zone was shown back in that zone, where the others show UTC."""
     attempt = bounded_attempt(attempt)
-    at = aware_utc(attempt.at, "attempt.at")
+    at = kept_time(attempt.at, "attempt.at")
     if at is not attempt.at:
         attempt = replace(attempt, at=at)
-    return attempt, None if next_at is None else aware_utc(next_at, "next_attempt_at")
+    return attempt, None if next_at is None else kept_time(next_at, "next_attempt_at")

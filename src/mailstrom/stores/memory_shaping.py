@@ -17,6 +17,7 @@ from mailstrom.policy.throttle import (
 )
 from mailstrom.status import DestinationThrottle
 from mailstrom.stores.base import WorkItem
+from mailstrom.stores.clock import kept_time
 from mailstrom.stores.memory_records import _Message
 
 _FORGET_AFTER = timedelta(days=1)
@@ -86,6 +87,7 @@ class MemoryShapingMixin:
         self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
     ) -> int:
         """Give back the items' still-held recipients, due at ``until``, no attempt counted."""
+        until = kept_time(until, "until")
         postponed = 0
         with self._lock:
             for item in items:

@@ -99,12 +99,13 @@ from mailstrom.stores.base import (
     QueueFilter,
     RecipientResult,
     WorkItem,
+    check_result_times,
     check_storable,
     storable_text,
     with_pauses,
     with_throttles,
 )
-from mailstrom.stores.clock import aware_utc
+from mailstrom.stores.clock import aware_utc, kept_time
 from mailstrom.stores.dead_holders import HolderInfo, oldest_first
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import (
@@ -972,7 +973,7 @@ class SQLiteStore:
 
     def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
         """Store ``message`` durably (committed, WAL fsynced) and return its new id."""
-        check_storable([message])
+        check_storable([message], now=now)
         (mid,) = self._submit(_Enqueue(messages=[message], now=to_us(now), hold=hold))
         return mid
 
@@ -980,7 +981,7 @@ class SQLiteStore:
         """Store several messages in one transaction; ids in the same order."""
         if not messages:
             return []
-        check_storable(messages)
+        check_storable(messages, now=now)
         return self._submit(_Enqueue(messages=messages, now=to_us(now), hold=False))
 
     def _submit(self, request: _Enqueue) -> list[str]:
@@ -1227,6 +1228,7 @@ class SQLiteStore:
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
         row_limit(limit)  # refused before anything is recorded
+        check_result_times(results)
         self._holders.hold(holder)
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
@@ -1255,6 +1257,7 @@ class SQLiteStore:
         history. Returns the results recorded."""
         if not results:
             return []
+        check_result_times(results)
         recorded: list[RecipientResult] = []
         with self._write(fsync=False) as conn:
             self._refuse_newer_schema(conn)
@@ -1266,6 +1269,7 @@ class SQLiteStore:
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``; how many,
         those of held messages left out (see :meth:`Store.extend`)."""
+        until = kept_time(until, "until")
         with self._write(fsync=False) as conn:
             extended = update_leased(conn, lease, [to_us(until)], "lease_expires_at = ?")
             return extended - held_of_lease(conn, lease) if extended else 0
@@ -1795,6 +1799,7 @@ class SQLiteStore:
         """Give back the items' still-held recipients, due at ``until``, no attempt counted."""
         if not items:
             return 0
+        until = kept_time(until, "until")
         with self._write(fsync=False) as conn:
             return sqlite_shaping.postpone(conn, items, until=until, destination=destination)
 

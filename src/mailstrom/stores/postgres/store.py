@@ -61,6 +61,7 @@ from mailstrom.stores.base import (
     WorkItem,
     bounded_attempt,
     byte_budget,
+    check_result_times,
     check_storable,
     holder_range,
     lease_token,
@@ -70,7 +71,14 @@ from mailstrom.stores.base import (
     with_pauses,
     with_throttles,
 )
-from mailstrom.stores.clock import ClockReading, after, aware_utc, before, reading_between
+from mailstrom.stores.clock import (
+    ClockReading,
+    after,
+    aware_utc,
+    before,
+    kept_time,
+    reading_between,
+)
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
@@ -364,7 +372,7 @@ class PostgresStore:
     def _enqueue(
         self, messages: Sequence[PreparedMessage], *, now: datetime, held: bool
     ) -> list[str]:
-        check_storable(messages)
+        check_storable(messages, now=now)
         ids = [new_message_id() for _ in messages]
         try:
             ids = self._write(messages, ids, now=now, held=held)
@@ -649,6 +657,7 @@ class PostgresStore:
         second statement then looks again at those it did not find)."""
         if not results:
             return []
+        check_result_times(results)
         once = rows.once_per_lease(results)
         keys = [(r.message_id, r.address, r.lease_token) for r in once]
         marks = self._unanswered.marks(keys)
@@ -726,6 +735,7 @@ class PostgresStore:
         pairs = [(i.message_id, r.address) for i in lease.items for r in i.recipients]
         if not pairs:
             return 0
+        until = kept_time(until, "until")
         [(held,)] = self._fetch(
             "extend",
             {
@@ -1336,6 +1346,7 @@ class PostgresStore:
         triples = [(i.message_id, r.address, i.lease_token) for i in items for r in i.recipients]
         if not triples:
             return 0
+        until = kept_time(until, "until")
         [(count,)] = self._fetch(
             "postpone",
             {
