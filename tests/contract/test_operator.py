@@ -499,3 +499,23 @@ def test_a_count_cap_no_store_can_take_is_refused_alike(store: Store, cap: int) 
             store.count(now=NOW, where=where, cap=cap)
         assert store.count(now=NOW, where=where, cap=-1) == 0
         assert store.count(now=NOW, where=where, cap=MAX_INTEGER) == 1
+
+
+@pytest.mark.parametrize(
+    "until",
+    [datetime(9999, 12, 31, tzinfo=UTC), datetime(1800, 1, 1, tzinfo=UTC)],
+    ids=["far", "long-ago"],
+)
+def test_a_suspension_or_broken_tls_to_a_time_no_store_keeps_is_refused_alike(
+    store: Store, until: datetime
+) -> None:
+    """Was: a suspension until year 9999 (a direct store call: the facades allow 100
+    years) was shown until then by the memory store and PostgreSQL and as without end by
+    SQLite; a host's TLS remembered broken until then was listed by the memory store
+    alone. Every store refuses such a time (InvalidArgument) and keeps nothing."""
+    with pytest.raises(InvalidArgument, match=r"until: .* keeps"):
+        store.suspend("example.org", now=NOW, until=until)
+    assert store.suspensions(now=NOW) == []
+    with pytest.raises(InvalidArgument, match=r"until: .* keeps"):
+        store.note_tls_broken("mx.example.org", until=until, reason="handshake", now=NOW)
+    assert store.tls_broken(now=NOW) == {}

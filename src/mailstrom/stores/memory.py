@@ -525,6 +525,7 @@ class MemoryStore(
 
     def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
         """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        until = kept_time(until, "until")
         with self._lock:
             known = self._tls_broken.get(host)
             self._tls_broken[host] = until if known is None else max(known, until)

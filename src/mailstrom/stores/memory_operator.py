@@ -15,7 +15,7 @@ from mailstrom.arguments import row_limit
 from mailstrom.errors import UnknownMessage
 from mailstrom.status import DestinationThrottle, MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, with_throttles
-from mailstrom.stores.clock import before
+from mailstrom.stores.clock import before, kept_time
 from mailstrom.stores.memory_records import _PENDING, _Message, _Recipient
 from mailstrom.stores.operator import (
     ShapeRow,
@@ -218,6 +218,7 @@ class MemoryOperatorMixin:
 
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
         """Stop delivery to ``domain`` until ``until`` or resume."""
+        until = None if until is None else kept_time(until, "until")
         with self._lock:
             self._suspended[domain] = Suspension(domain=domain, suspended_at=now, until=until)
 

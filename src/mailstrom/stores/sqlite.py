@@ -1582,6 +1582,7 @@ class SQLiteStore:
 
     def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
         """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        until = kept_time(until, "until")
         with self._write(fsync=False) as conn:
             conn.execute(
                 "INSERT INTO tls_broken (host, until, reason, noted_at) VALUES (?, ?, ?, ?)"
@@ -1744,6 +1745,7 @@ class SQLiteStore:
 
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
         """Stop delivery to ``domain`` until ``until`` or resume."""
+        until = None if until is None else kept_time(until, "until")
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO suspensions (domain, suspended_at, until) VALUES (?, ?, ?)"

@@ -1067,6 +1067,7 @@ class PostgresStore:
 
     def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
         """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        until = kept_time(until, "until")
         params = {"host": host, "until": until, "reason": storable_text(reason), "now": now}
         self._fetch("note_tls_broken", params)
 
@@ -1261,6 +1262,7 @@ class PostgresStore:
 
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
         """Stop delivery to ``domain`` until ``until`` or resume."""
+        until = None if until is None else kept_time(until, "until")
         self._fetch("suspend", {"domain": domain, "now": now, "until": until})
 
     def resume(self, domain: str, *, now: datetime) -> bool:
