@@ -363,6 +363,25 @@ def test_a_header_section_in_the_declared_charset_is_read_as_such(cli: CLI) -> N
     assert "not UTF-8" in undeclared.err
 
 
+def test_a_keywords_field_in_8bit_is_written_as_encoded_phrases(cli: CLI) -> None:
+    """Keywords is plain text too (RFC 5322 §3.6.5, a list of phrases): in ISO-8859-1
+    from a script it was made raw UTF-8, so the message needed SMTPUTF8 and servers without it
+    refused it for good, while Subject and Comments beside it were encoded. Each
+    phrase is encoded on its own, so readers still split the list at its commas."""
+    _origin(cli)
+    head = "To: bob@example.test\nSubject: Grüße\nKeywords: Grüße, Köln, plain\n"
+    declared = b"Content-Type: text/plain; charset=ISO-8859-1\n\n"
+    cli.ok("sendmail", "-t", "-i", stdin=head.encode("latin-1") + declared + b"Hello\n")
+    [queued] = cli.ok("queue", "--json").json()
+    raw = cli.ok("show", "--raw", queued["id"]).out.encode()
+    fields = raw.partition(b"\r\n\r\n")[0].decode("utf-8").splitlines()
+    [keywords] = [f for f in fields if f.startswith("Keywords:")]
+    assert keywords.isascii(), keywords
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    phrases = [p.strip() for p in str(parsed["Keywords"]).split(",")]
+    assert phrases == ["Grüße", "Köln", "plain"]
+
+
 @pytest.mark.parametrize(
     ("args", "code"),
     [(["-x", "bob@example.test"], 64), (["bob@@example.test"], 65), (["bob@example.test"], 75)],

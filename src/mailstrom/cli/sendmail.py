@@ -430,10 +430,11 @@ def utf8_header_section(data: bytes, origin: str) -> bytes:
 
 
 _ASCII = bytes(range(128))
-_TEXT_FIELDS = frozenset({"subject", "comments"})
+_TEXT_FIELDS = frozenset({"subject", "comments", "keywords"})
 """Fields of plain text (RFC 5322 §3.6.5), written as RFC 2047 encoded words when they
 are not ASCII: raw UTF-8 in them needs a server offering SMTPUTF8, which the ISO-8859-1
-mail of old scripts never did."""
+mail of old scripts never did. Keywords, a list of phrases, is encoded phrase by phrase
+(:data:`~mailstrom.message.words.PHRASE_LIST_FIELDS`)."""
 
 
 def _words_for_text(head: str, origin: str) -> str:
