@@ -176,6 +176,12 @@ class RecipientStatus:
     throttle: DestinationThrottle | None = None
     """The pause of this recipient's destination, while one holds it back (see
     :meth:`throttle_note`); None otherwise."""
+    leased: bool = False
+    """Whether a worker holds it under a lease (in delivery): a server may have accepted
+    it already, the result not yet recorded (its state stays queued or deferred until
+    then). False once the result is recorded or the lease given back; a lease that ran
+    out counts until another worker leases the recipient (the first may still record
+    it) or the dead worker's leases are given back."""
 
     @property
     def throttle_note(self) -> str | None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from mailstrom.bounces import recipient_token, verp_address
-from mailstrom.stores import SQLiteStore
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
+from mailstrom.stores import RecipientResult, SQLiteStore
 from tests.cli.conftest import CLI, MailEnv
 
 SAMPLES = Path(__file__).parents[1] / "samples" / "bounces"
@@ -118,6 +119,80 @@ def test_a_complaint(mail_env: MailEnv) -> None:
     [outcome] = cli.ok("bounce", "--json", stdin=data).json()["outcomes"]
     assert (outcome["action"], outcome["suppressed"]) == ("complaint", "carol@mailbox.test")
     assert recipient(cli, mid)["state"] == "delivered"
+
+
+def dsn(message_id: str, address: str) -> bytes:
+    """A DSN that names ``message_id`` by its ENVID and ``address`` failed (5.1.1)."""
+    return (
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; mx.receiver.test\r\nOriginal-Envelope-Id: {message_id}\r\n\r\n"
+        f"Final-Recipient: rfc822; {address}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n\r\n--b--\r\n"
+    ).encode()
+
+
+def test_a_bounce_about_a_recipient_in_delivery_is_tried_again_later(cli: CLI) -> None:
+    """A receiving system may bounce between accepting the message and the worker
+    recording that it did (a fast local bounce, a worker slow to write). Was: the
+    recipient, leased and still "queued", was reported unmatched with exit 66, which the
+    MTA piping the bounce takes as permanent: the bounce was returned, the late failure
+    never recorded and the address never suppressed. Exit 75 has the MTA try again."""
+    mid = cli.ok("send", "--from", "app@sender.test", "--to", "bob@receiver.test", "--text", "x")
+    mid = mid.out.strip()
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        # What a worker does: lease, and (the server having accepted) record later.
+        now = datetime.now(UTC)
+        lease = store.lease(now=now, limit=10, lease_for=timedelta(minutes=5))
+        assert lease is not None
+        assert recipient(cli, mid)["leased"] is True
+        early = cli("bounce", "--json", stdin=dsn(mid, "bob@receiver.test"))
+        assert early.code == 75, early.err
+        [outcome] = early.json()["outcomes"]
+        assert (outcome["action"], outcome["message_id"], outcome["suppressed"]) == (
+            "in_flight",
+            mid,
+            None,
+        )
+        assert "in delivery" in outcome["reason"]
+        assert cli.ok("suppress", "list", "--json").json() == []
+        [item] = lease.items
+        store.record(
+            [
+                RecipientResult(
+                    message_id=mid,
+                    address=r.address,
+                    state=RecipientState.DELIVERED,
+                    lease_token=item.lease_token,
+                    ref=r.ref,
+                    attempt=Attempt(
+                        at=now,
+                        outcome=AttemptOutcome.DELIVERED,
+                        mx_host="mx.receiver.test",
+                        reply=SMTPReply(code=250, text="ok"),
+                    ),
+                )
+                for r in item.recipients
+            ]
+        )
+    finally:
+        store.close()
+    assert recipient(cli, mid)["leased"] is False
+    # The MTA's retry: now applied.
+    [again] = cli.ok("bounce", "--json", stdin=dsn(mid, "bob@receiver.test")).json()["outcomes"]
+    assert (again["action"], again["suppressed"]) == ("failed", "bob@receiver.test")
+    assert recipient(cli, mid)["state"] == "failed"
+
+
+def test_a_bounce_about_mail_no_worker_has_taken_stays_unmatched(cli: CLI) -> None:
+    mid = cli.ok("send", "--from", "app@sender.test", "--to", "bob@receiver.test", "--text", "x")
+    mid = mid.out.strip()
+    result = cli("bounce", "--json", stdin=dsn(mid, "bob@receiver.test"))
+    assert result.code == 66
+    [outcome] = result.json()["outcomes"]
+    assert outcome["action"] == "unmatched"
+    assert "no server has accepted this recipient (it is queued)" in outcome["reason"]
 
 
 def test_what_is_no_report_is_ignored_and_errors_are_typed(cli: CLI) -> None:

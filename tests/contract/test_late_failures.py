@@ -117,6 +117,23 @@ def test_only_a_delivered_recipient_fails_late(store: Store) -> None:
     assert store.lease(now=LATER, limit=10, lease_for=LEASE_FOR) is not None
 
 
+def test_the_status_says_which_recipients_are_leased(store: Store) -> None:
+    """A leased recipient may have been accepted by a server already, its result not yet
+    recorded: a bounce about it is early, not about mail nobody accepted. Was: the status
+    showed it as queued or deferred like any other, and ``mailstrom bounce`` reported such
+    a bounce as unmatched (exit 66, so the MTA returned it), losing the late failure."""
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    assert [r.leased for r in store.status(mid).recipients] == [False, False]
+    lease = lease_all(store)
+    assert [r.leased for r in store.status(mid).recipients] == [True, True]
+    [listed] = store.query(now=NOW)
+    assert [r.leased for r in listed.recipients] == [True, True]
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    assert [r.leased for r in store.status(mid).recipients] == [False, True]
+    store.release(lease)
+    assert [r.leased for r in store.status(mid).recipients] == [False, False]
+
+
 def test_a_late_failure_is_an_event_when_events_are_on(store: Store) -> None:
     store.enable_events()
     mid = store.enqueue(message("a@example.org"), now=NOW)

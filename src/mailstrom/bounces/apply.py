@@ -26,7 +26,10 @@ its tokens only, and a token names its own recipient only.
 
 A report is applied only to a recipient a server has accepted (DELIVERED; a FAILED one
 has failed already): a bounce after acceptance, or a complaint, about mail still queued or
-deferred is no such thing, and is reported as unmatched with the reason. A DSN block that
+deferred is no such thing, and is reported as unmatched with the reason. One about a
+recipient in delivery (leased by a worker: the server may have accepted it, its result not
+yet recorded) is reported as in flight, to be applied again later (``mailstrom bounce``
+exits 75, so the MTA that pipes it tries again). A DSN block that
 says nothing final (``delayed``, ``delivered``, ``relayed``, ``expanded``) is ignored
 whatever the recipient's state: the worker's own delay warning about a recipient it still
 retries reaches a VERP sender's address too.
@@ -94,6 +97,9 @@ class BounceAction(StrEnum):
     UNMATCHED = "unmatched"
     """No queued message and recipient fit the report, or the recipient it names has not
     been accepted by any server (the reason says which)."""
+    IN_FLIGHT = "in_flight"
+    """The recipient is in delivery (leased): a server may have accepted it, its result
+    not yet recorded. Nothing was changed; apply the report again later."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -281,6 +287,19 @@ def _nothing_final(
 def _not_accepted(
     entry: ReportedRecipient, message: MessageStatus, recipient: RecipientStatus
 ) -> BounceOutcome:
+    if recipient.leased:
+        # A server may have accepted it a moment ago and bounced it at once; the worker
+        # records the delivery when the transaction ends. Unmatched, the report was lost.
+        return BounceOutcome(
+            action=BounceAction.IN_FLIGHT,
+            address=recipient.address,
+            message_id=message.id,
+            status=entry.status,
+            reason=(
+                f"not applied yet: this recipient is in delivery (it is {recipient.state}, "
+                "leased by a worker), so its result is not recorded; apply the report again later"
+            ),
+        )
     return BounceOutcome(
         action=BounceAction.UNMATCHED,
         address=recipient.address,

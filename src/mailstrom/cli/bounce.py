@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from mailstrom.bounces.reports import MAX_REPORT
 from mailstrom.cli.context import settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_NOINPUT, EX_OK
+from mailstrom.cli.exits import EX_NOINPUT, EX_OK, EX_TEMPFAIL
 from mailstrom.cli.output import echo, print_json
 from mailstrom.cli.parsing import Subparsers, count_arg
 from mailstrom.cli.reading import stdin_buffer
@@ -32,7 +32,8 @@ $ORIGINAL_RECIPIENT or $RECIPIENT as Postfix's local and Exim's pipe set them, e
 report's own headers), then, for mail sent without VERP only, the report's
 Original-Envelope-Id and the returned Message-ID (which every recipient sees), with
 Original-Recipient and Final-Recipient naming the recipient. Only a recipient a server
-accepted (delivered) fails late.
+accepted (delivered) fails late; one a worker is delivering right now (leased) is
+reported in_flight with exit 75, so that the MTA delivers the report again later.
 
 Input that is no report (an auto-reply, a plain message) is ignored with exit 0. At most
 --max-size octets are parsed; a report's status part comes before the returned message,
@@ -103,6 +104,10 @@ def bounce_command(args: argparse.Namespace) -> int:
     else:
         for o in outcomes:
             echo(_line(o))
+    if any(o.action is BounceAction.IN_FLIGHT for o in outcomes):
+        # A recipient in delivery: the same report, applied again, finds its result (what
+        # was applied now is not applied twice).
+        return EX_TEMPFAIL
     if any(o.action is BounceAction.UNMATCHED for o in outcomes):
         return EX_NOINPUT
     return EX_OK

@@ -213,7 +213,9 @@ def print_message(
         [
             [
                 r.address,
-                r.state.value + (" (uncertain)" if r.uncertain else ""),
+                r.state.value
+                + (" (uncertain)" if r.uncertain else "")
+                + (" (in delivery)" if r.leased else ""),
                 r.attempts,
                 r.mx_host,
                 r.ip,

@@ -70,7 +70,8 @@ _STATUS_COLUMNS = (
     " m.tags, m.metadata, m.priority, m.send_at, m.expires_at, m.idempotency_key,"
     " r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,"
     " r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,"
-    " r.next_attempt_at, r.reason_class, r.finished_at"
+    " r.next_attempt_at, r.reason_class, r.finished_at,"
+    " (r.lease_token IS NOT NULL AND r.state IN ('queued', 'deferred')) AS leased"
 )
 
 

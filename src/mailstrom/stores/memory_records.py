@@ -103,6 +103,7 @@ class _Recipient:
             next_attempt_at=self.next_attempt_at,
             finished_at=self.finished_at,
             history=tuple(self.history) if with_history else (),
+            leased=self.state in _PENDING and self.lease_token is not None,
         )
 
 

@@ -232,8 +232,13 @@ def lease_rows(
     marks = (token, to_us(expires_at), to_us(now))
     skip = f"{SUSPENDED_SQL} AND " if skip_suspended else ""
     skipped: list[object] = [to_us(now)] if skip_suspended else []
+    max_bytes = byte_budget(max_bytes)
+    # With max_bytes, what the rows left out had (an expired lease) is put back.
+    before: dict[int, tuple[object, object]] | None = None if max_bytes is None else {}
     if lanes is None:
-        rows = _mark_lanes(conn, marks, limit, pending_lanes(conn, rename=True), skip, skipped)
+        rows = _mark_lanes(
+            conn, marks, limit, pending_lanes(conn, rename=True), skip, skipped, before
+        )
     else:
         rows = []
         exhausted = True
@@ -246,16 +251,15 @@ def lease_rows(
             if take <= 0:
                 exhausted = False
                 continue
-            found = _mark_lanes(conn, marks, take, [lane], skip, skipped)
+            found = _mark_lanes(conn, marks, take, [lane], skip, skipped, before)
             exhausted = exhausted and len(found) < take
             rows += found
         if exhausted and len(rows) < limit:
             named = {lane for lane, _ in lanes}
             others = [lane for lane in pending_lanes(conn, rename=True) if lane not in named]
-            rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped)
-    max_bytes = byte_budget(max_bytes)
+            rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped, before)
     if rows and max_bytes is not None:
-        rows = _within_bytes(conn, rows, max_bytes)
+        rows = _within_bytes(conn, rows, max_bytes, before or {})
     if not rows:
         return None
     seqs = sorted({row[1] for row in rows})
@@ -317,11 +321,18 @@ def lease_rows(
 _MISSING = UnreadableRow("its message row is missing")
 
 
-def _within_bytes(conn: sqlite3.Connection, rows: list[Any], max_bytes: int) -> list[Any]:
+def _within_bytes(
+    conn: sqlite3.Connection,
+    rows: list[Any],
+    max_bytes: int,
+    before: dict[int, tuple[object, object]],
+) -> list[Any]:
     """The leased ``rows`` (in the lease's order) of the messages whose data fits in
-    ``max_bytes`` (``messages_within``); the rest are unmarked again, due as they were
-    (a lease they carried had expired, or they were not due), and their data never
-    read. Sizes are read first, apart from the data: one more statement per lease."""
+    ``max_bytes`` (``messages_within``); the rest get back the lease they had, ``before``
+    (one that had expired, or none), due as they were, and their data never read. Sizes
+    are read first, apart from the data: one more statement per lease. Unmarked instead,
+    such a row lost its expired lease, which PostgreSQL and the memory store keep: the
+    worker that held it could no longer record it, and its status differed."""
     order = list(dict.fromkeys(row[1] for row in rows))
     if len(order) == 1:
         return rows  # the first message is kept however large: nothing to read
@@ -336,10 +347,9 @@ def _within_bytes(conn: sqlite3.Connection, rows: list[Any], max_bytes: int) -> 
     kept = set(messages_within(((seq, sizes.get(seq, 0)) for seq in order), max_bytes))
     if len(kept) == len(order):
         return rows
-    conn.execute(
-        "UPDATE recipients SET lease_token = NULL, lease_expires_at = NULL"
-        " WHERE id IN (SELECT value FROM json_each(?))",
-        (json.dumps([row[0] for row in rows if row[1] not in kept]),),
+    conn.executemany(
+        "UPDATE recipients SET lease_token = ?, lease_expires_at = ? WHERE id = ?",
+        [(*before.get(row[0], (None, None)), row[0]) for row in rows if row[1] not in kept],
     )
     return [row for row in rows if row[1] in kept]
 
@@ -579,10 +589,12 @@ def _mark_lanes(
     lanes: Sequence[str],
     skip: str,
     skipped: Sequence[object],
+    before: dict[int, tuple[object, object]] | None = None,
 ) -> list[Any]:
     """Stamp up to ``limit`` due recipients of ``lanes`` with the lease (token, expiry) of
     ``marks``, earliest due first across them, and return them in that order.
-    ``skip`` is a constant fragment ending in AND, ``skipped`` its values.
+    ``skip`` is a constant fragment ending in AND, ``skipped`` its values. ``before``, if
+    given, gets the (token, expiry) each row had, by id.
 
     Two statements: an UPDATE's RETURNING comes in the table's order, not its subquery's,
     and after the update a row no longer shows the lease expiry it was due by, so the
@@ -604,6 +616,15 @@ def _mark_lanes(
     order = {rid: n for n, (_, rid) in enumerate(found)}
     if not order:
         return []
+    if before is not None:
+        before.update(
+            (rid, (old_token, old_expiry))
+            for rid, old_token, old_expiry in conn.execute(
+                "SELECT id, lease_token, lease_expires_at FROM recipients"
+                " WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(order)),),
+            )
+        )
     rows = conn.execute(
         "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
         " WHERE id IN (SELECT value FROM json_each(?))"
@@ -818,7 +839,8 @@ def read_messages(
         for row in conn.execute(
             "SELECT message_seq, id, address, state, attempts, reply_code, reply_enhanced,"
             " reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,"
-            " last_attempt_at, next_attempt_at, reason_class, finished_at FROM recipients"
+            " last_attempt_at, next_attempt_at, reason_class, finished_at,"
+            " lease_token IS NOT NULL AND state IN ('queued', 'deferred') FROM recipients"
             f" WHERE message_seq IN ({marks}) ORDER BY message_seq, position",
             chunk,
         ):

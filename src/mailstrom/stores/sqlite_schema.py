@@ -230,7 +230,7 @@ def attempt_from_row(row: Any) -> Attempt:
 def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatus:
     """A recipient status from (message_seq, id, address, state, attempts, reply_code,
     reply_enhanced, reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,
-    last_attempt_at, next_attempt_at, reason_class[, finished_at])."""
+    last_attempt_at, next_attempt_at, reason_class[, finished_at[, leased]])."""
     return RecipientStatus(
         # Shown too: an address that is not UTF-8 is set aside when leased, not sent, but
         # its status still lists it (a lone surrogate failed the dashboard's queue page).
@@ -250,4 +250,5 @@ def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatu
         next_attempt_at=opt_time_at(row[15], "next_attempt_at"),
         finished_at=opt_time_at(row[17], "finished_at") if len(row) > 17 else None,
         history=history,
+        leased=bool(row[18]) if len(row) > 18 else False,
     )

@@ -442,6 +442,7 @@ def _recipient(row: Row, history: tuple[Attempt, ...]) -> RecipientStatus:
         next_attempt_at=row["next_attempt_at"],
         finished_at=row.get("finished_at"),
         history=history,
+        leased=bool(row.get("leased")),
     )
 
 

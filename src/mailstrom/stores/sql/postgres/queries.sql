@@ -544,6 +544,7 @@ SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subje
        r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
        r.next_attempt_at, r.reason_class, r.finished_at,
+       (r.lease_token IS NOT NULL AND r.state IN ('queued', 'deferred')) AS leased,
        a.at AS a_at, a.outcome AS a_outcome, a.duration AS a_duration,
        a.mx_host AS a_mx_host, a.ip AS a_ip, a.port AS a_port,
        a.tls_version AS a_tls_version, a.tls_cipher AS a_tls_cipher,
@@ -595,7 +596,8 @@ SELECT s.id, s.envelope_from, s.created_at, s.size, s.header_message_id, s.subje
        s.dkim, s.tags, s.metadata, s.priority, s.send_at, s.expires_at, s.idempotency_key,
        r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
-       r.next_attempt_at, r.reason_class, r.finished_at
+       r.next_attempt_at, r.reason_class, r.finished_at,
+       (r.lease_token IS NOT NULL AND r.state IN ('queued', 'deferred')) AS leased
 FROM selected s
 LEFT JOIN recipients r ON r.message_id = s.id
 ORDER BY s.created_at DESC, s.seq DESC, r.position;
