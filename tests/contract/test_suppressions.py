@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta, timezone
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
 from mailstrom import Email
+from mailstrom.bounces import Report, ReportedRecipient, ReportKind, apply_report
 from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
 from mailstrom.message.preparation import prepare
 from mailstrom.runtime.suppressing import lease_targets
+from mailstrom.status import RecipientState
 from mailstrom.stores import Store
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.store import SUPPRESS_CHUNK
@@ -24,7 +28,7 @@ from tests.support.refusing import REASON as REFUSED
 from tests.support.refusing import refuse_suppression, stop_refusing
 
 from .conftest import Backend
-from .support import NOW, at_once, lease_all, message
+from .support import NOW, at_once, lease_all, message, results_for
 
 DAY = timedelta(days=1)
 
@@ -328,3 +332,109 @@ def test_an_entry_with_a_naive_time_is_refused_and_one_elsewhere_is_kept_in_utc(
     assert kept.created_at is not None and kept.created_at.utcoffset() == timedelta(0)
     assert kept.expires_at is not None and kept.expires_at.utcoffset() == timedelta(0)
     assert store.suppressions_for(["d@example.org"], now=NOW) == {"d@example.org": kept}
+
+
+class _Interleaved:
+    """``store``, but its first ``suppressions_for`` (the read a report's entry is judged
+    by) returns only after ``meanwhile`` ran: two ``mailstrom bounce`` runs at once, the
+    other one's whole run falling between this one's read and its write."""
+
+    def __init__(self, store: Store, meanwhile: Callable[[], object]) -> None:
+        self._store = store
+        self._meanwhile: Callable[[], object] | None = meanwhile
+
+    def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
+        found = self._store.suppressions_for(targets, now=now)
+        if self._meanwhile is not None:
+            meanwhile, self._meanwhile = self._meanwhile, None
+            meanwhile()
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def _bounce(mid: str) -> Report:
+    """A hard bounce (5.1.1) after acceptance of a@example.org."""
+    return Report(
+        kind=ReportKind.DSN,
+        reporting_mta="mx.example.org",
+        envelope_id=mid,
+        recipients=(
+            ReportedRecipient(
+                final_recipient="a@example.org",
+                action="failed",
+                status="5.1.1",
+                diagnostic="550 5.1.1 no such user",
+                diagnostic_type="smtp",
+                diagnostic_code=550,
+                diagnostic_status="5.1.1",
+                remote_mta="mx.example.org",
+            ),
+        ),
+    )
+
+
+def _complaint(mid: str) -> Report:
+    return Report(
+        kind=ReportKind.COMPLAINT,
+        reporting_mta="fbl.example.org",
+        envelope_id=mid,
+        feedback_type="abuse",
+        recipients=(ReportedRecipient(final_recipient="a@example.org"),),
+    )
+
+
+@pytest.mark.parametrize("first", ["bounce", "complaint"])
+def test_two_reports_at_once_leave_the_longer_entry(store_backend: Backend, first: str) -> None:
+    """A hard bounce (suppressed for ``suppress_for``) and a complaint (for good) about
+    one address, applied by two runs at once. Was: each run read the entry in force and
+    then wrote its own; the bounce's run, reading before the complaint was written and
+    writing after, replaced the complaint's entry by one that ran out, and the address got
+    mail again. The store's write now keeps the longer entry itself."""
+    store = store_backend.open()
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    other = store_backend.open()  # the other run's own store (the same one in memory)
+    reports = {"bounce": _bounce(mid), "complaint": _complaint(mid)}
+    second = "complaint" if first == "bounce" else "bounce"
+    later = NOW + DAY
+
+    def run(on: Any, kind: str, at: datetime) -> None:
+        apply_report(on, reports[kind], now=at, suppress_for=timedelta(days=30))
+
+    run(_Interleaved(store, lambda: run(other, second, later)), first, later)
+    [kept] = store.list_suppressions()
+    assert (kept.source, kept.expires_at) == (SuppressionSource.COMPLAINT, None)
+    assert store.status(mid).recipient("a@example.org").state is RecipientState.FAILED
+
+
+def test_keep_longer_writes_only_over_an_entry_that_ends_sooner(store: Store) -> None:
+    forever = entry("a@example.org", source=SuppressionSource.COMPLAINT, reply="abuse")
+    week = entry("b@example.org", expires_at=NOW + 7 * DAY, reply="week")
+    store.suppress([forever, week, entry("c@example.org", expires_at=NOW - DAY)])
+    day = NOW + DAY
+    bounces = [entry(t, expires_at=day, reply="bounce") for t in ("a", "b", "c", "d")]
+    store.suppress(
+        [dataclasses.replace(e, target=f"{e.target}@example.org") for e in bounces],
+        keep_longer=True,
+    )
+    kept = {e.target: e.reply for e in store.list_suppressions()}
+    assert kept == {
+        "a@example.org": "abuse",
+        "b@example.org": "week",
+        "c@example.org": "bounce",  # ran out before the new one ends
+        "d@example.org": "bounce",
+    }
+    # An entry without end replaces one with an end; of duplicates the longest stands.
+    store.suppress(
+        [
+            entry("b@example.org", reply="for good"),
+            entry("b@example.org", expires_at=day, reply="shorter, later"),
+        ],
+        keep_longer=True,
+    )
+    assert store.suppressions_for(["b@example.org"], now=NOW)["b@example.org"].reply == "for good"
+    # Without it, the newest wins as before (an operator's change).
+    store.suppress([entry("a@example.org", expires_at=day, reply="operator")])
+    assert store.suppressions_for(["a@example.org"], now=NOW)["a@example.org"].reply == "operator"

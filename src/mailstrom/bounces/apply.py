@@ -437,7 +437,9 @@ def _suppress(
     current = store.suppressions_for([target], now=now).get(target)
     if current is not None and (current.outlasts(entry) or _same_failure(current, entry)):
         return current
-    store.suppress([entry])
+    # Judged again by the write: another run (a complaint about the same address, a
+    # worker's hard bounce) may have written a longer entry since the read above.
+    store.suppress([entry], keep_longer=True)
     return entry
 
 

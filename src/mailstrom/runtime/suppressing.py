@@ -94,14 +94,3 @@ def hard_bounce_entries(
             message_id=result.message_id,
         )
     return list(entries.values())
-
-
-def not_shortening(
-    entries: Iterable[Suppression], current: Mapping[str, Suppression]
-) -> list[Suppression]:
-    """``entries`` but those whose target has an entry in ``current`` (those in force)
-    that lasts as long (:meth:`~mailstrom.suppression.Suppression.outlasts`). An entry
-    added while the message was on its way (a complaint, which has no end, or an
-    operator's) was replaced by the hard bounce's of ``suppress_for``, and the address
-    got mail again when that ran out."""
-    return [e for e in entries if (c := current.get(e.target)) is None or not c.outlasts(e)]

@@ -15,7 +15,6 @@ from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
 from mailstrom.runtime.suppressing import (
     hard_bounce_entries,
     lease_targets,
-    not_shortening,
     screen,
 )
 from mailstrom.runtime.worker_store import WorkerStore
@@ -184,19 +183,17 @@ class WorkerScreening(WorkerStore):
 
     async def _suppress_hard_bounces(self, recorded: list[RecipientResult]) -> None:
         """Put the addresses of recorded hard bounces on the suppression list, but for
-        those whose entry in force lasts as long already (:func:`not_shortening`). If the
-        store fails here the entries are lost (logged): the next message to such an
-        address is refused again and adds it then."""
+        those whose entry lasts as long already (``keep_longer``: an entry added while the
+        message was on its way, a complaint's without end or an operator's, was replaced
+        by the hard bounce's of ``suppress_for``, and the address got mail again when that
+        ran out; decided in the write, as a complaint may be written at the same time).
+        If the store fails here the entries are lost (logged): the next message to such
+        an address is refused again and adds it then."""
         entries = hard_bounce_entries(recorded, expire_after=self.config.suppress_for)
         if not entries:
             return
         try:
-            current = await self._store_call(
-                self.store.suppressions_for, [e.target for e in entries], now=self._clock()
-            )
-            entries = not_shortening(entries, current)
-            if entries:
-                await self._store_call(self.store.suppress, entries)
+            await self._store_call(self.store.suppress, entries, keep_longer=True)
         except StoreCorrupt:
             raise
         except StoreError as exc:

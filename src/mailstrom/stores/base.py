@@ -952,11 +952,18 @@ class Store(Protocol):
 
     # --- the suppression list (schema version 6) -------------------------------------------
 
-    def suppress(self, entries: Sequence[Suppression]) -> int:
+    def suppress(self, entries: Sequence[Suppression], *, keep_longer: bool = False) -> int:
         """Add ``entries`` in one transaction, all or none however many there are (``mailstrom
         suppress import`` gives a whole file, up to a million); an entry replaces the one its
         target had (newest wins, also within ``entries``). Targets must be normalized
-        (:func:`~mailstrom.suppression.normalize_target`). Returns how many were written."""
+        (:func:`~mailstrom.suppression.normalize_target`). Returns how many were given.
+
+        With ``keep_longer`` (the entries of bounces and complaints), an entry is not
+        written where its target's entry lasts at least as long
+        (:meth:`~mailstrom.suppression.Suppression.outlasts`; also the first of such
+        entries within ``entries`` stays): decided in the write itself, so that of two
+        writers at once (a bounce's entry of ``suppress_for`` and a complaint's without
+        end) the longer entry stands whichever writes last."""
         ...
 
     def unsuppress(self, targets: Sequence[str]) -> int:

@@ -35,10 +35,11 @@ class MemorySuppressionsMixin:
             self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
         ) -> None: ...
 
-    def suppress(self, entries: Sequence[Suppression]) -> int:
-        """Add or replace entries, all or none; returns how many were written. An entry
-        whose source or time is unknown (read back from a row that cannot be read) is
-        refused, as the durable stores' columns refuse it, rather than kept."""
+    def suppress(self, entries: Sequence[Suppression], *, keep_longer: bool = False) -> int:
+        """Add or replace entries, all or none (with ``keep_longer``, not one where the
+        target's entry lasts as long: see Store.suppress); returns how many were given. An
+        entry whose source or time is unknown (read back from a row that cannot be read)
+        is refused, as the durable stores' columns refuse it, rather than kept."""
         for entry in entries:
             if entry.source is None or entry.created_at is None:
                 raise StoreRefusedData(
@@ -48,6 +49,9 @@ class MemorySuppressionsMixin:
         kept = [_in_utc(entry) for entry in entries]  # a naive time refused before any is kept
         with self._lock:
             for entry in kept:
+                current = self._suppressions.get(entry.target)
+                if keep_longer and current is not None and current.outlasts(entry):
+                    continue
                 self._suppressions[entry.target] = entry
         return len(kept)
 

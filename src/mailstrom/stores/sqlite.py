@@ -1860,13 +1860,14 @@ class SQLiteStore:
 
     # --- the suppression list -----------------------------------------------------------
 
-    def suppress(self, entries: Sequence[Suppression]) -> int:
+    def suppress(self, entries: Sequence[Suppression], *, keep_longer: bool = False) -> int:
         """Add or replace entries in one transaction (fsynced: an operator's or a
-        bounce's entry must not vanish); returns how many were written."""
+        bounce's entry must not vanish; with ``keep_longer``, not over one that lasts as
+        long: see Store.suppress); returns how many were given."""
         if not entries:
             return 0
         with self._write() as conn:
-            return sqlite_suppressions.insert_suppressions(conn, entries)
+            return sqlite_suppressions.insert_suppressions(conn, entries, keep_longer=keep_longer)
 
     def unsuppress(self, targets: Sequence[str]) -> int:
         """Remove the entries of ``targets``; returns how many existed."""

@@ -71,14 +71,26 @@ def _damaged_entry(row: Any, exc: Exception) -> Suppression:
     )
 
 
-def insert_suppressions(conn: sqlite3.Connection, entries: Sequence[Suppression]) -> int:
+_OUTLASTED = (
+    " WHERE NOT (suppressions.expires_at IS NULL OR (excluded.expires_at IS NOT NULL"
+    " AND suppressions.expires_at >= excluded.expires_at))"
+)
+"""Replace a row only when it does not last as long as the new entry (Suppression.outlasts:
+no end lasts longest; an expiry that is no time, stored as text or a blob, sorts after
+every number and so does not expire, as :data:`_IN_FORCE` reads it)."""
+
+
+def insert_suppressions(
+    conn: sqlite3.Connection, entries: Sequence[Suppression], *, keep_longer: bool = False
+) -> int:
     """Add or replace ``entries`` (their rows made one at a time: an import hands a
-    million at once)."""
+    million at once); with ``keep_longer``, not over a row that lasts as long."""
     conn.executemany(
         f"INSERT INTO suppressions ({_COLUMNS}) VALUES (?,?,?,?,?,?)"
         " ON CONFLICT (target) DO UPDATE SET source = excluded.source,"
         " reply = excluded.reply, created_at = excluded.created_at,"
-        " expires_at = excluded.expires_at, message_id = excluded.message_id",
+        " expires_at = excluded.expires_at, message_id = excluded.message_id"
+        + (_OUTLASTED if keep_longer else ""),
         (
             (
                 e.target,

@@ -396,6 +396,18 @@ def suppression_arrays(entries: Sequence[Suppression]) -> dict[str, list[Any]]:
     }
 
 
+def longest_per_target(entries: Sequence[Suppression]) -> list[Suppression]:
+    """``entries`` with one per target: the first that lasts longest
+    (:meth:`~mailstrom.suppression.Suppression.outlasts`), as writing them one by one with
+    ``keep_longer`` leaves it (the memory and SQLite stores do)."""
+    kept: dict[str, Suppression] = {}
+    for entry in entries:
+        current = kept.get(entry.target)
+        if current is None or not current.outlasts(entry):
+            kept[entry.target] = entry
+    return list(kept.values())
+
+
 def _aware(when: datetime | None, argument: str) -> datetime | None:
     """``when`` (None passed through); InvalidArgument when it is naive."""
     return None if when is None else aware_utc(when, argument)

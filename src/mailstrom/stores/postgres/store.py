@@ -1396,9 +1396,12 @@ class PostgresStore:
 
     # --- the suppression list -----------------------------------------------------------
 
-    def suppress(self, entries: Sequence[Suppression]) -> int:
+    def suppress(self, entries: Sequence[Suppression], *, keep_longer: bool = False) -> int:
         """Add or replace entries in one transaction, one statement per
         :data:`SUPPRESS_CHUNK` of them, in target order; returns how many were given.
+        With ``keep_longer`` (see Store.suppress) the statement leaves a row that lasts as
+        long as it is, decided on the row it locked (so on the latest committed entry),
+        and of duplicates in ``entries`` the first that lasts longest is written.
 
         An entry's row waits for a concurrent write of its target to commit: written in
         the callers' orders, two imports sharing targets locked them in different orders,
@@ -1406,6 +1409,9 @@ class PostgresStore:
         still comes last, and wins), every write locks in the order of the primary key."""
         if not entries:
             return 0
+        given = len(entries)
+        if keep_longer:
+            entries = rows.longest_per_target(entries)
         entries = sorted(entries, key=lambda e: e.target)
         with (
             self._translating("suppress"),
@@ -1414,8 +1420,11 @@ class PostgresStore:
         ):
             for start in range(0, len(entries), SUPPRESS_CHUNK):
                 chunk = entries[start : start + SUPPRESS_CHUNK]
-                conn.execute(self._queries["suppress"], rows.suppression_arrays(chunk))
-        return len(entries)
+                conn.execute(
+                    self._queries["suppress"],
+                    {**rows.suppression_arrays(chunk), "keep_longer": keep_longer},
+                )
+        return given
 
     def unsuppress(self, targets: Sequence[str]) -> int:
         """Remove the entries of ``targets``; returns how many existed."""

@@ -1136,7 +1136,8 @@ LIMIT %(limit)s;
 
 -- name: suppress
 -- Add or replace suppression entries given as parallel arrays (the newest entry for a
--- target wins).
+-- target wins). With keep_longer, a row that lasts as long as the new entry stays
+-- (Suppression.outlasts: no end lasts longest), judged on the row the conflict locked.
 INSERT INTO suppressions (target, source, reply, created_at, expires_at, message_id)
 SELECT DISTINCT ON (target) target, source, reply, created_at, expires_at, message_id
 FROM unnest(%(targets)s::text[], %(sources)s::text[], %(replies)s::text[],
@@ -1145,7 +1146,11 @@ FROM unnest(%(targets)s::text[], %(sources)s::text[], %(replies)s::text[],
 ORDER BY target, n DESC
 ON CONFLICT (target) DO UPDATE
 SET source = excluded.source, reply = excluded.reply, created_at = excluded.created_at,
-    expires_at = excluded.expires_at, message_id = excluded.message_id;
+    expires_at = excluded.expires_at, message_id = excluded.message_id
+WHERE NOT (%(keep_longer)s::boolean
+           AND (suppressions.expires_at IS NULL
+                OR (excluded.expires_at IS NOT NULL
+                    AND suppressions.expires_at >= excluded.expires_at)));
 
 -- name: unsuppress
 WITH removed AS (
