@@ -182,6 +182,34 @@ def test_a_verp_sender_gets_the_notice_at_its_own_address(
     )
 
 
+class _RefusingVERP(dict[str, Any]):
+    """``rcpt_replies`` that refuse every VERP address (``bounces+...@``) as unknown: a
+    sender whose own server was never set up to take its bounces."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return NO_SUCH_USER if key.startswith("bounces+") else super().get(key, default)
+
+
+def test_a_refused_notice_to_a_verp_address_suppresses_no_throwaway_address(
+    mailstrom: Make, mx: Any, results: Results
+) -> None:
+    """Was: the notice's refusal (550 5.1.1 from the sender's own server) put the VERP
+    address it went to on the suppression list, with no end without ``suppress_for``:
+    an address made for one message and recipient, never mailed again, one more entry
+    on the list for every failure. Only the recipient that failed is suppressed."""
+    mx.rcpt_replies = _RefusingVERP(mx.rcpt_replies)
+    ms = mailstrom(bounce_notices=True)
+    template = "bounces+{token}@sender.test"
+    mid = ms.send_email(hello("nobody@example.org"), envelope_from=template)
+    results.wait_count(2)  # nobody refused, then the notice about it refused
+    address = verp_address(template, mid, "nobody@example.org", key=ms.store.verp_key())
+    assert {r.address: r.state for r in results.all} == {
+        "nobody@example.org": RecipientState.FAILED,
+        address: RecipientState.FAILED,
+    }
+    assert [e.target for e in ms.store.list_suppressions()] == ["nobody@example.org"]
+
+
 def test_a_suppressed_recipient_is_reported_too(mailstrom: Make, mx: Any, results: Results) -> None:
     ms = mailstrom(bounce_notices=True)
     ms.suppress("gone@example.org", "550 5.1.1 earlier")
