@@ -423,6 +423,74 @@ def test_spf_checks_of_one_run_share_one_time_budget(
     assert sum(name.endswith(".example.net") for name in resolver.asked) < 40
 
 
+class SteppedClock:
+    """Stands in for pyspf's ``time`` module: the real wall clock plus ``offset`` seconds
+    (an operator or NTP may step it either way)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+
+class SteppingDNS(SlowDNS):
+    """:class:`SlowDNS` whose first lookup steps ``clock`` by ``step`` seconds, while the
+    evaluation waits for its answer."""
+
+    def __init__(self, server: LoopbackDNS, delay: float, clock: SteppedClock, step: float):
+        super().__init__(server, delay)
+        self.clock = clock
+        self.step = step
+
+    def lookup(self, name: str, rdtype: str) -> Answer:
+        if not self.asked:
+            self.clock.offset += self.step
+        return super().lookup(name, rdtype)
+
+
+def _stepping(
+    dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch, *, delay: float, step: float
+) -> SteppingDNS:
+    import spf  # type: ignore[import-untyped]
+
+    clock = SteppedClock()
+    monkeypatch.setattr(spf, "time", clock)  # pyspf's clock: time.time() from its module
+    return SteppingDNS(dns_server, delay, clock, step)
+
+
+@pytest.mark.timeout(30)
+def test_spf_evaluation_time_limit_holds_when_the_clock_steps_back(
+    dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pyspf took each lookup's time from the wall clock: stepped back an hour during the
+    # first lookup, the evaluation had an hour more, and slow DNS held it past its limit
+    # (to its last lookup). Its limit is measured on the monotonic clock now.
+    includes = " ".join(f"include:s{i}.example.net" for i in range(8))
+    dns_server.txt(DOMAIN, f"v=spf1 {includes} ip4:{IP} -all")
+    for i in range(8):
+        dns_server.txt(f"s{i}.example.net", "v=spf1 -all")
+    resolver = _stepping(dns_server, monkeypatch, delay=0.1, step=-3600.0)
+    result, explanation = evaluate(
+        resolver, ip=IP, sender=f"postmaster@{DOMAIN}", helo=HELO, time_limit=0.3
+    )
+    assert result == "temperror", explanation
+    assert len(resolver.asked) < 9  # the nine lookups take 0.9 s: it stopped before
+
+
+def test_spf_evaluation_is_not_cut_short_when_the_clock_steps_forward(
+    dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wall clock stepped forward an hour during the first lookup: pyspf counted the
+    # hour against the evaluation's 20 s, and its next lookup was a temperror.
+    dns_server.txt(DOMAIN, f"v=spf1 include:s0.example.net ip4:{IP} -all")
+    dns_server.txt("s0.example.net", "v=spf1 -all")
+    resolver = _stepping(dns_server, monkeypatch, delay=0.0, step=3600.0)
+    result, explanation = evaluate(resolver, ip=IP, sender=f"postmaster@{DOMAIN}", helo=HELO)
+    assert (result, explanation) == ("pass", "sender SPF authorized")
+    assert resolver.asked == [DOMAIN, "s0.example.net"]
+
+
 def test_spf_ipv6_mechanism_goes_first() -> None:
     assert with_mechanism("v=spf1 redirect=_spf.example.net", "ip6:2001:db8::1") == (
         "v=spf1 ip6:2001:db8::1 redirect=_spf.example.net"

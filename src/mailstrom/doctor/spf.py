@@ -85,12 +85,35 @@ def _query(spf: Any) -> Any:
     receivers that follow the RFC pass. pyspf is not changed: its count is undone for a
     record with a redirect= before it is read, and made again when the redirect is
     followed (pyspf evaluates the target at the level of the record that redirects;
-    an include: at the level below)."""
+    an include: at the level below).
+
+    Its time limit (``querytime``) is kept on the monotonic clock, not pyspf's wall
+    clock, which an operator or NTP may step during an evaluation."""
     global _query_class
     if _query_class is not None:
         return _query_class
 
     class Query(spf.query):  # type: ignore[misc]
+        querytime: float  # pyspf's: the seconds of lookups left, 0 for no limit
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            limit = self.querytime
+            self._mailstrom_deadline = time.monotonic() + limit if limit > 0 else None
+
+        def dns(self, *args: Any, **kwargs: Any) -> Any:
+            # pyspf takes what is left of its querytime from the wall clock (time.time()
+            # before and after each lookup): a clock stepped back during a lookup gave
+            # the evaluation as much more time (an hour's step, an hour of slow DNS), one
+            # stepped forward cut it short. What is left is set from a monotonic deadline
+            # before each of its lookups instead; pyspf's own arithmetic after one is
+            # overwritten before the next. pyspf reads a querytime of 0 as "no limit",
+            # and raises its TempError for one below 0: none is left then.
+            if self._mailstrom_deadline is not None:
+                left = self._mailstrom_deadline - time.monotonic()
+                self.querytime = left if left > 0 else -1.0
+            return super().dns(*args, **kwargs)
+
         def check1(self, record: Any, domain: str, recursion: int) -> Any:
             levels: list[int] = self.__dict__.setdefault("_mailstrom_levels", [])
             if recursion in levels:  # the redirect= of the record at this level, taken
