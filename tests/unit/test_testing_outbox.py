@@ -13,7 +13,16 @@ from typing import Any
 import pytest
 
 import mailstrom.testing.outbox
-from mailstrom import AsyncMailstrom, Config, Email, InvalidAddress, Mailstrom, RecipientState
+from mailstrom import (
+    AsyncMailstrom,
+    Config,
+    Email,
+    InvalidAddress,
+    Mailstrom,
+    MessageStatus,
+    RecipientState,
+    StoreError,
+)
 from mailstrom.message import PreparedMessage
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.testing import CapturedMessage, Outbox, capture
@@ -416,3 +425,33 @@ def test_a_copy_of_the_outbox_is_a_snapshot_of_its_own() -> None:
         store.enqueue(prepared("c@x.test"), now=NOW)
     assert [m.envelope_to[0] for m in outbox] == ["a@x.test", "b@x.test", "c@x.test"]
     assert shallow == [] and len(deep) == 1
+
+
+class StatusFailsOnce(MemoryStore):
+    """A store whose first ``status()`` fails, as a database connection lost between two
+    calls makes it: the enqueue before it was written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def status(self, message_id: str) -> MessageStatus:
+        if not self.failed:
+            self.failed = True
+            raise StoreError("connection lost")
+        return super().status(message_id)
+
+
+def test_a_keyed_send_is_captured_when_the_store_cannot_say_it_is_new() -> None:
+    # With an idempotency key the capture asks the store whether the id is a new message;
+    # when that status() failed, send_email raised though the message was queued (held),
+    # and a retry with the same key returned its id as an old one: never captured.
+    store = StatusFailsOnce()
+    ticks = iter(range(100))
+    ms = Mailstrom(CONFIG, store=store, worker=None, clock=lambda: NOW.replace(second=next(ticks)))
+    with capture() as outbox:
+        mid = ms.send_email(welcome(), idempotency_key="signup")
+        assert ms.send_email(welcome(), idempotency_key="signup") == mid
+    assert store.failed
+    assert [m.message_id for m in outbox] == [mid]
+    assert outbox[0].status().held

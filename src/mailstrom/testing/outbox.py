@@ -31,6 +31,7 @@ from datetime import datetime
 from email.message import EmailMessage
 from typing import Any, cast, overload
 
+from mailstrom.errors import StoreError
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import MessageStatus
 from mailstrom.stores.base import Store
@@ -209,10 +210,20 @@ def _queued_now(store: Store, message_id: str, prepared: PreparedMessage, now: d
     """Whether the store queued ``prepared`` as a new message. With an idempotency key it
     may instead return the id of the message queued before under that key (before the
     capture, when it is not even held, or earlier in it): nothing was queued, and a test
-    that sends twice to prove that one mail goes out must see one."""
+    that sends twice to prove that one mail goes out must see one.
+
+    A store that cannot answer (its ``status()`` raises StoreError: a connection lost
+    right after the write) leaves it taken as new: the id is real and the enqueue went
+    through, held. Raising made ``send_email`` fail under the capture alone, for a message
+    that was queued, and a retry with the key got that id back as an old one: it was
+    never captured. Only a key used before the capture is then taken once too many (the
+    outbox keeps each id once)."""
     if prepared.attributes.idempotency_key is None:
         return True
-    status = store.status(message_id)
+    try:
+        status = store.status(message_id)
+    except StoreError:
+        return True
     return status.held and status.created_at == now
 
 
