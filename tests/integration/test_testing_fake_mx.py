@@ -594,3 +594,27 @@ async def test_a_wait_returns_the_first_count_messages_however_many_arrived(
     assert fake_mx.server.wait_for_messages(1) == [first]
     assert await fake_mx.server.await_messages(1) == [first]
     assert fake_mx.wait_for(0) == []
+
+
+def test_an_empty_reply_list_is_refused_when_set(fake_mx: FakeMX) -> None:
+    # An empty list of replies gives no reply: the server took it, and the RCPT (or MAIL,
+    # or DATA) it was for failed inside aiosmtpd with an IndexError, a 500 to the client.
+    server = fake_mx.server
+    with pytest.raises(ValueError, match=r"rcpt_replies\[.nobody@example\.org.\]"):
+        server.rcpt_replies["nobody@example.org"] = []
+    with pytest.raises(ValueError, match=r"rcpt_replies\[.nobody@example\.org.\]"):
+        server.rcpt_replies.update({"nobody@example.org": ()})
+    with pytest.raises(ValueError, match=r"rcpt_replies\[.nobody@example\.org.\]"):
+        server.rcpt_replies.setdefault("nobody@example.org", [])
+    with pytest.raises(ValueError, match=r"rcpt_replies\[.nobody@example\.org.\]"):
+        server.rcpt_replies |= {"nobody@example.org": []}
+    with pytest.raises(ValueError, match="mail_reply"):
+        server.mail_reply = []
+    with pytest.raises(ValueError, match="data_reply"):
+        server.data_reply = []
+    assert server.rcpt_replies == {}
+    assert (server.mail_reply, server.data_reply) == (None, None)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("client.test")
+        assert client.mail("app@shop.test")[0] == 250
+        assert client.rcpt("nobody@example.org")[0] == 250

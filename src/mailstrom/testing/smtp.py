@@ -44,7 +44,8 @@ Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     ``rcpt_replies[address]``, ``mail_reply``, ``data_reply``: a reply line such as
     ``"451 4.7.1 Try later"``, or a list of them used one per command, the last one
     repeating (greylisting: ``["451 ...", "250 ..."]``; ``Repeated("451 ...", n, "250
-    ...")`` for one reply ``n`` times over, however large ``n``). A 2xx rule accepts.
+    ...")`` for one reply ``n`` times over, however large ``n``; an empty list is
+    refused with ValueError when set). A 2xx rule accepts.
     ``starttls_reply``: a reply line to STARTTLS instead of going ahead (None: go ahead);
     after a ``421`` the server closes the connection.
     ``stall_on``: a command name (``"greeting"``, ``"ehlo"``, ``"starttls"``, ``"mail"``,
@@ -169,6 +170,39 @@ class Repeated(Sequence[str]):
         return f"[{self.reply!r}] * {self.times} + [{self.then!r}]"
 
 
+def _rule(rule: Rule | None, where: str) -> Rule | None:
+    """``rule``, checked where it is set: an empty list gives no reply, and the command it
+    was for failed inside aiosmtpd (an IndexError, a 500 to the client)."""
+    if rule is None or isinstance(rule, str):
+        return rule
+    if not isinstance(rule, Sequence):
+        raise TypeError(f"{where}: a reply line or a list of them, not {rule!r}")
+    if len(rule) == 0:
+        raise ValueError(f"{where}: an empty list of replies gives no reply; give one at least")
+    return rule
+
+
+class _Rules(dict[str, Rule]):
+    """``rcpt_replies``: a dict whose rules are checked as they are set (:func:`_rule`)."""
+
+    def __setitem__(self, address: str, rule: Rule) -> None:
+        # None (which reads as no rule, so accept) is kept as it always was.
+        super().__setitem__(address, cast(Rule, _rule(rule, f"rcpt_replies[{address!r}]")))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for address, rule in dict(*args, **kwargs).items():
+            self[address] = rule
+
+    def setdefault(self, address: str, rule: Rule) -> Rule:
+        if address not in self:
+            self[address] = rule
+        return self[address]
+
+    def __ior__(self, other: Any) -> _Rules:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+
 _STALL_NAMES = frozenset(
     {"greeting", "ehlo", "helo", "starttls", "auth", "mail", "rcpt", "data", "rset"}
     | {"noop", "quit", "dot"}
@@ -245,9 +279,9 @@ class ReceivingServer:
         self.dsn_params: list[tuple[str, str, tuple[str, ...]]] = []
         """With ``dsn=True``: (``"MAIL"`` or ``"RCPT"``, address, its RFC 3461 parameters)
         for every command that carried some, in arrival order."""
-        self.rcpt_replies: dict[str, Rule] = {}
-        self.mail_reply: Rule | None = None
-        self.data_reply: Rule | None = None
+        self.rcpt_replies: dict[str, Rule] = _Rules()
+        self._mail_reply: Rule | None = None
+        self._data_reply: Rule | None = None
         self.starttls_reply: str | None = None
         self._stall_on: str | None = None
         self._drop_on: str | None = None
@@ -298,6 +332,24 @@ class ReceivingServer:
     @drop_on.setter
     def drop_on(self, value: str | None) -> None:
         self._drop_on = _stall_point(value)
+
+    @property
+    def mail_reply(self) -> Rule | None:
+        """The rule for MAIL FROM (None: accept)."""
+        return self._mail_reply
+
+    @mail_reply.setter
+    def mail_reply(self, value: Rule | None) -> None:
+        self._mail_reply = _rule(value, "mail_reply")
+
+    @property
+    def data_reply(self) -> Rule | None:
+        """The rule for the reply after the content (None: accept)."""
+        return self._data_reply
+
+    @data_reply.setter
+    def data_reply(self, value: Rule | None) -> None:
+        self._data_reply = _rule(value, "data_reply")
 
     @property
     def drop_on_data(self) -> bool:
