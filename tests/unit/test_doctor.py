@@ -1584,6 +1584,26 @@ def test_probe_domain_with_a_null_mx_beside_others_is_probed_at_those() -> None:
     assert found == Target(name="mx.mixed.example", address="198.51.100.25", port=25), found
 
 
+def test_probe_domain_whose_mx_records_name_only_address_literals_is_no_target(
+    dns_server: LoopbackDNS,
+) -> None:
+    # An exchange written as an address literal names no host (RFC 5321 §5.1): the router
+    # skips it, as Postfix does, so such a domain takes no mail. The probe looked up the
+    # name "[192.0.2.25]" and failed with "no MX or address record", which the domain has.
+    dns_server.mx("literal.example", [(10, "[192.0.2.25]")])
+    found = find_target(DNSResolver(dns_server.dns_config), "literal.example", 25)
+    assert isinstance(found, Check), found
+    assert found.status is Status.FAIL
+    assert "accepts no mail" in found.summary, found.summary
+    assert "address literal" in found.summary and "[192.0.2.25]" in found.summary, found
+    # Beside a host name, the literal is skipped, as the router skips it, however
+    # preferred: the host is the target.
+    dns_server.mx("literal.example", [(5, "[192.0.2.25]"), (10, "mx.literal.example")])
+    dns_server.a("mx.literal.example", "127.0.0.25")
+    found = find_target(DNSResolver(dns_server.dns_config), "literal.example", 25)
+    assert found == Target(name="mx.literal.example", address="127.0.0.25", port=25), found
+
+
 def test_an_ipv4_mapped_address_is_judged_as_the_ipv4_address(rsa_key: Path) -> None:
     # "::ffff:192.0.2.10" is how a dual-stack socket shows an IPv4 peer; on the wire, and
     # to receivers, it is 192.0.2.10: its PTR, A record and blocklist entries are IPv4's.

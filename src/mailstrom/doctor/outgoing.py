@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from mailstrom.doctor.lookup import Outcome, Resolver, normal_name, public_form
 from mailstrom.doctor.network import Network
-from mailstrom.doctor.report import Check, Status
+from mailstrom.doctor.report import Check, Status, listed, piece
 
 DEFAULT_PROBE = "gmail.com"
 
@@ -80,11 +80,25 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
         )
     if mx.outcome is Outcome.ANSWER:
         ranked = sorted((int(p), h) for p, _, h in (r.partition(" ") for r in mx.records))
-        real = [(p, h) for p, h in ranked if h not in (".", "")]
+        # An exchange written as an address literal ("[192.0.2.25]") names no host (RFC
+        # 5321 §5.1): the router skips it, as Postfix does; looked up as a name, it was
+        # "no MX or address record" for a domain that has MX records.
+        literals = [h for _, h in ranked if h.startswith("[") and h.endswith("]")]
+        real = [(p, h) for p, h in ranked if h not in (".", "") and h not in literals]
         if real:
             # A null MX beside other MX records (RFC 7505 §3 forbids the mix) is dropped,
             # as the router drops it: the mail goes to the others, so they are probed.
             ranked = real
+        elif literals and len(literals) == len(ranked):
+            at = listed([piece(host) for host in literals], 3)
+            return Check(
+                name="port-25",
+                subject=spec,
+                status=Status.FAIL,
+                summary=f"cannot probe {spec}: {name} accepts no mail (its MX records name "
+                f"only address literals, {at}, which are no host names: RFC 5321 §5.1)",
+                fix=_NAME_A_PROBE,
+            )
         elif ranked:
             # RFC 7505: the domain takes no mail, and its own address is no SMTP server
             # (implicit MX is for a domain without MX records): a probe there would be
