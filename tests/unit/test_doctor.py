@@ -1604,6 +1604,17 @@ def test_probe_domain_whose_mx_records_name_only_address_literals_is_no_target(
     assert found == Target(name="mx.literal.example", address="127.0.0.25", port=25), found
 
 
+def test_probe_domain_whose_mx_record_names_an_address_is_probed_there(
+    dns_server: LoopbackDNS,
+) -> None:
+    # "MX 10 192.0.2.25" spells an address where a name belongs (RFC 5321 §5.1), but the
+    # router delivers there, as Postfix does: it is the probe target. Looked up as a name,
+    # it was "cannot find the probe target: no MX or address record".
+    dns_server.mx("numeric.example", [(10, "127.0.0.25")])
+    found = find_target(DNSResolver(dns_server.dns_config), "numeric.example", 25)
+    assert found == Target(name="127.0.0.25", address="127.0.0.25", port=25), found
+
+
 def test_an_ipv4_mapped_address_is_judged_as_the_ipv4_address(rsa_key: Path) -> None:
     # "::ffff:192.0.2.10" is how a dual-stack socket shows an IPv4 peer; on the wire, and
     # to receivers, it is 192.0.2.10: its PTR, A record and blocklist entries are IPv4's.

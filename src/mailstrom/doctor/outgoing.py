@@ -11,6 +11,7 @@ receiver.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from dataclasses import dataclass
 
@@ -112,6 +113,14 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
             )
         if ranked:
             name = normal_name(ranked[0][1])
+            # An exchange that spells an address ("MX 10 192.0.2.25"; RFC 5321 §5.1 wants
+            # a name) is where the router delivers, as Postfix does: probed there, not
+            # looked up as a name that has no address records. A zone index means
+            # nothing to another host, as to the router.
+            if "%" not in name:
+                with contextlib.suppress(ValueError):
+                    address = str(ipaddress.ip_address(name))
+                    return Target(name=address, address=address, port=port)
     failed: str | None = None
     for rtype in ("A", "AAAA"):
         answer = resolver.lookup(name, rtype)
