@@ -1500,6 +1500,26 @@ def test_probe_target_is_the_best_mx() -> None:
     assert isinstance(missing, Check) and missing.status is Status.FAIL
 
 
+def test_probe_target_is_the_best_mx_host_with_an_address() -> None:
+    # The router tries the next MX host when one has no address: so does the probe. The
+    # doctor gave up at the first and said "no MX or address record" of a domain that has
+    # both, a failure of port 25 that was none.
+    resolver = FakeResolver(
+        {
+            ("gmail.com", "MX"): ["5 gone.mx.example", "10 backup.mx.example"],
+            ("backup.mx.example", "A"): ["198.51.100.26"],
+        }
+    )
+    target = find_target(resolver, "gmail.com", 25)
+    assert target == Target(name="backup.mx.example", address="198.51.100.26", port=25)
+    # With none that has an address, the summary says so, not that there is no MX record.
+    resolver = FakeResolver({("gmail.com", "MX"): ["5 gone.mx.example", "10 gone2.mx.example"]})
+    found = find_target(resolver, "gmail.com", 25)
+    assert isinstance(found, Check) and found.status is Status.FAIL, found
+    assert "no MX or address record" not in found.summary, found.summary
+    assert "gone.mx.example, gone2.mx.example" in found.summary, found.summary
+
+
 def test_probe_domain_whose_mx_lookup_failed_is_not_probed_at_its_address() -> None:
     # Only a domain without MX records has its own address stand in (RFC 5321 §5.1); one
     # whose MX lookup failed has an MX host, unknown for now: gmail.com's web server is

@@ -28,6 +28,9 @@ RELAY_FIX = (
 )
 _NAME_A_PROBE = "name a reachable SMTP server with --probe HOST[:PORT]"
 """The fix when the probe target cannot be found or takes no mail."""
+_MOST_HOSTS = 5
+"""MX hosts of a probe domain looked up at most (two queries each) for one with an
+address."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,6 +82,7 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
             summary=f"cannot find the probe target {spec}: {mx.error}",
             fix=_NAME_A_PROBE,
         )
+    ranked: list[tuple[int, str]] = []
     if mx.outcome is Outcome.ANSWER:
         ranked = sorted((int(p), h) for p, _, h in (r.partition(" ") for r in mx.records))
         # An exchange written as an address literal ("[192.0.2.25]") names no host (RFC
@@ -111,27 +115,35 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
                 summary=f"cannot probe {spec}: {name} accepts no mail (null MX, RFC 7505)",
                 fix=_NAME_A_PROBE,
             )
-        if ranked:
-            name = normal_name(ranked[0][1])
-            # An exchange that spells an address ("MX 10 192.0.2.25"; RFC 5321 §5.1 wants
-            # a name) is where the router delivers, as Postfix does: probed there, not
-            # looked up as a name that has no address records. A zone index means
-            # nothing to another host, as to the router.
-            if "%" not in name:
-                with contextlib.suppress(ValueError):
-                    address = str(ipaddress.ip_address(name))
-                    return Target(name=address, address=address, port=port)
+    # The MX hosts, best first, tried in turn as the router tries them (a host without
+    # an address is passed over); without MX records, the domain's own name (implicit MX,
+    # RFC 5321 §5.1). Bounded: an RRset holds as many records as its publisher likes.
+    hosts = list(dict.fromkeys(normal_name(h) for _, h in ranked))[:_MOST_HOSTS] or [name]
     failed: str | None = None
-    for rtype in ("A", "AAAA"):
-        answer = resolver.lookup(name, rtype)
-        if answer.records:
-            return Target(name=name, address=answer.records[0], port=port)
-        failed = failed or answer.error
+    for host in hosts:
+        # An exchange that spells an address ("MX 10 192.0.2.25"; RFC 5321 §5.1 wants a
+        # name) is where the router delivers, as Postfix does: probed there, not looked
+        # up as a name that has no address records. A zone index means nothing to
+        # another host, as to the router.
+        if "%" not in host:
+            with contextlib.suppress(ValueError):
+                address = str(ipaddress.ip_address(host))
+                return Target(name=address, address=address, port=port)
+        for rtype in ("A", "AAAA"):
+            answer = resolver.lookup(host, rtype)
+            if answer.records:
+                return Target(name=host, address=answer.records[0], port=port)
+            failed = failed or answer.error
+    missing = (
+        "no MX or address record"
+        if not ranked
+        else f"no address record for its MX hosts ({listed([piece(h) for h in hosts], 3)})"
+    )
     return Check(
         name="port-25",
         subject=spec,
         status=Status.FAIL if failed is None else Status.UNKNOWN,
-        summary=f"cannot find the probe target {spec}: {failed or 'no MX or address record'}",
+        summary=f"cannot find the probe target {spec}: {failed or missing}",
         fix=_NAME_A_PROBE,
     )
 
