@@ -248,3 +248,41 @@ def test_a_naive_now_is_refused_and_leaves_the_bucket_as_it_was(store: Store) ->
     with pytest.raises(InvalidArgument):
         store.take_tokens([bucket], want=1, now=naive)
     assert store.take_tokens([bucket], want=5, now=NOW).granted == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "maximum", "named"),
+    [
+        (timedelta(days=10**8), timedelta(days=10**8), "first"),
+        (MINUTE, timedelta(days=10**8), "maximum"),
+        (MINUTE, timedelta(days=365 * 7000), "maximum"),
+    ],
+    ids=["huge-first", "huge-maximum", "maximum-past-9000"],
+)
+def test_a_pause_no_store_reads_back_is_refused_alike(
+    store: Store, first: timedelta, maximum: timedelta, named: str
+) -> None:
+    """Was: a throttle whose ``first`` or ``maximum`` ends past the times a store keeps
+    (``timedelta(days=10**8)``) was a bare OverflowError in the memory store and
+    PostgreSQL and StoreRefusedData in SQLite. Every store refuses it (InvalidArgument,
+    naming the argument) before writing anything, as it refuses such a lease; a
+    ``maximum`` of 5000 years was an OverflowError in every store."""
+    mid = store.enqueue(message(), now=NOW)
+    recipients = [(mid, "alice@example.org")]
+    with pytest.raises(InvalidArgument, match=rf"{named}: .* keeps"):
+        store.throttle(
+            "example.org",
+            now=NOW,
+            reply=REPLY,
+            first=first,
+            maximum=maximum,
+            recipients=recipients,
+        )
+    assert store.throttles(now=NOW) == []
+    assert all(r.throttle is None for r in store.status(mid).recipients)
+    # A maximum of thousands of years that still ends before 9000 is kept (forgetting
+    # old pauses reached back before year 1: OverflowError).
+    long = timedelta(days=365 * 5000)
+    pause = store.throttle("example.org", now=NOW, reply=REPLY, first=MINUTE, maximum=long)
+    assert (pause.until, pause.strikes) == (NOW + MINUTE, 1)
+    assert store.throttles(now=NOW) == [pause]

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from mailstrom.bounds import EARLIEST_TIME
 from mailstrom.policy.reasons import classify_reply
 from mailstrom.status import DestinationThrottle, ReasonClass, SMTPReply
 
@@ -55,8 +56,13 @@ def forget_before(now: datetime, maximum: timedelta, kept: timedelta) -> datetim
     """A pause that ended before this can be deleted at ``now``: it ended ``kept`` ago
     (a store's own margin) and longer ago than ``maximum``, after which :func:`next_pause`
     starts over at the first delay as if it never was. Deleted after ``kept`` alone, a
-    pause of a ``maximum`` above it was forgotten while it still counted."""
-    return now - max(maximum, kept)
+    pause of a ``maximum`` above it was forgotten while it still counted. No earlier than
+    :data:`~mailstrom.bounds.EARLIEST_TIME` (no store keeps a pause ending before it): a
+    ``maximum`` of thousands of years reached before year 1 (OverflowError)."""
+    try:
+        return max(EARLIEST_TIME, now - max(maximum, kept))
+    except OverflowError:
+        return EARLIEST_TIME
 
 
 def next_pause(

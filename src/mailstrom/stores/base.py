@@ -37,7 +37,7 @@ from mailstrom.status import (
     ReasonClass,
     RecipientState,
 )
-from mailstrom.stores.clock import kept_time
+from mailstrom.stores.clock import after, kept_time
 from mailstrom.stores.operator import ShapeRow, Suspension, filter_domain
 from mailstrom.suppression import Suppression
 
@@ -126,6 +126,17 @@ def check_result_times(results: Iterable[RecipientResult]) -> None:
         kept_time(result.attempt.at, "attempt.at")
         if result.next_attempt_at is not None:
             kept_time(result.next_attempt_at, "next_attempt_at")
+
+
+def check_pause_times(now: datetime, first: timedelta, maximum: timedelta) -> None:
+    """InvalidArgument for a throttle (:meth:`Store.throttle`) whose ``now``, or whose
+    pause of ``first`` or ``maximum`` from it, is no time every store reads back
+    (:func:`~mailstrom.stores.clock.after`), before a store marks or writes anything: a
+    ``timedelta(days=10**8)`` was a bare OverflowError in two stores and StoreRefusedData
+    in SQLite."""
+    kept_time(now, "now")
+    after(now, first, "first")
+    after(now, maximum, "maximum")
 
 
 MAX_TLS_BROKEN = 10_000

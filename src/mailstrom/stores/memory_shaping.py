@@ -16,7 +16,7 @@ from mailstrom.policy.throttle import (
     take_tokens,
 )
 from mailstrom.status import DestinationThrottle
-from mailstrom.stores.base import WorkItem
+from mailstrom.stores.base import WorkItem, check_pause_times
 from mailstrom.stores.clock import kept_time
 from mailstrom.stores.memory_records import _Message
 
@@ -53,6 +53,7 @@ class MemoryShapingMixin:
         recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`)."""
+        check_pause_times(now, first, maximum)
         with self._lock:
             for message_id, address in recipients:
                 m = self._messages.get(message_id)

@@ -99,6 +99,7 @@ from mailstrom.stores.base import (
     QueueFilter,
     RecipientResult,
     WorkItem,
+    check_pause_times,
     check_result_times,
     check_storable,
     storable_text,
@@ -1784,6 +1785,7 @@ class SQLiteStore:
         recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`); one write transaction."""
+        check_pause_times(now, first, maximum)
         with self._write(fsync=False) as conn:
             sqlite_shaping.mark(conn, recipients, destination)
             return sqlite_shaping.throttle(

@@ -61,6 +61,7 @@ from mailstrom.stores.base import (
     WorkItem,
     bounded_attempt,
     byte_budget,
+    check_pause_times,
     check_result_times,
     check_storable,
     holder_range,
@@ -1294,6 +1295,7 @@ class PostgresStore:
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`): one transaction under an advisory
         lock on the destination, so workers reporting at once count one throttle."""
+        check_pause_times(now, first, maximum)
         q = self._queries
         with (
             self._translating("throttle"),
