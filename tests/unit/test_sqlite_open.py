@@ -415,6 +415,54 @@ def test_a_store_its_user_may_not_use_is_not_waited_for(
     assert named.format(folder=folder, db=db) in said
 
 
+@pytest.mark.parametrize("theirs", [False, True], ids=["read-only-mode", "another-users-0644"])
+def test_a_store_file_its_user_may_read_but_not_write_is_not_waited_for(theirs: bool) -> None:
+    """A queue file its user may read but not write (its own at 0400, or another user's
+    at 0644) in a directory it may write: SQLite opened it read-only without a word, the
+    store opened, and only each write then failed ("attempt to write a readonly
+    database"): a started worker, past the opener, retried its leases for ever. A missing
+    write permission is permanent: opening it to write is StoreAccessDenied naming the
+    file (the opener does not wait, the worker exits 78); opening it read-only (the
+    views) still reads it."""
+    if theirs and os.geteuid() != 0:
+        pytest.skip("another user's file needs root to make")
+    folder = Path(tempfile.mkdtemp(prefix="mailstrom-spool-"))
+    try:
+        db = folder / "queue.db"
+        store = SQLiteStore(db)
+        mid = store.enqueue(message(), now=NOW)
+        store.close()
+        db.chmod(0o644 if theirs else 0o400)
+
+        def open_it() -> str:
+            reader = SQLiteStore(db, read_only=True)
+            try:
+                seen = f"{reader.status(mid).id} {reader.stats().messages}"
+            finally:
+                reader.close()
+            opener = StoreOpener(lambda: SQLiteStore(db), on_change=lambda: opener.stop())
+            try:
+                writer = opener.open()  # the first failure worth waiting for stops the wait
+            except StoreError as exc:
+                return f"{seen}; {type(exc).__name__}: {exc}"
+            if writer is None:
+                return f"{seen}; waited"
+            try:
+                writer.enqueue(message(), now=NOW)
+                return f"{seen}; opened and wrote"
+            except StoreError as exc:
+                return f"{seen}; opened, then {type(exc).__name__}: {exc}"
+            finally:
+                writer.close()
+
+        said = _as_another_user(folder, 0o755, open_it, theirs=(db,) if theirs else ())
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+    assert said.startswith(f"{mid} 1; StoreAccessDenied: "), said
+    assert f"may not write {db}" in said
+
+
 def test_a_default_store_whose_directory_cannot_be_made_is_not_waited_for() -> None:
     """The default store's directories (``$XDG_STATE_HOME/mailstrom``) are made at its
     first open; a user who may not make them (a state directory of another user's, or
@@ -443,12 +491,14 @@ def test_a_default_store_whose_directory_cannot_be_made_is_not_waited_for() -> N
     assert str(folder / "mailstrom") in said
 
 
-def _as_another_user(folder: Path, mode: int, action: Callable[[], str]) -> str:
+def _as_another_user(
+    folder: Path, mode: int, action: Callable[[], str], *, theirs: tuple[Path, ...] = ()
+) -> str:
     """What ``action`` returns (or raises, as "Type: message") in a forked process of a
     user who owns ``folder`` and its files, ``folder`` being given ``mode``: nobody's
     when run as root (who may write any directory), the test's own otherwise. Whatever
     ``action`` imports must have been imported already (root's Python may be out of
-    nobody's reach)."""
+    nobody's reach). Files in ``theirs`` keep their owner (root's: another user's)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -456,7 +506,8 @@ def _as_another_user(folder: Path, mode: int, action: Callable[[], str]) -> str:
         try:
             if os.geteuid() == 0:
                 for path in (folder, *folder.iterdir()):
-                    os.chown(path, 65534, 65534)
+                    if path not in theirs:
+                        os.chown(path, 65534, 65534)
                 os.setgid(65534)
                 os.setuid(65534)
             folder.chmod(mode)

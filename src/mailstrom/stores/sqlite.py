@@ -280,6 +280,13 @@ def _denied(code: object, path: str) -> str | None:
         )
     if code & 0xFF not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
         return None
+    return _not_allowed(path)
+
+
+def _not_allowed(path: str) -> str | None:
+    """What this user may not do to the existing file ``path`` ("this user may not write
+    ..."), reading first; None when it may read and write it, or when that cannot be
+    told (a missing file, an error of os.access())."""
     for access, what in ((os.R_OK, "read"), (os.W_OK, "write")):
         try:
             allowed = os.access(path, access)
@@ -569,6 +576,13 @@ class SQLiteStore:
         if not self._create_private():
             _check_not_emptied(self._path)
         _check_regular(self._path)
+        denied = _not_allowed(self._path)
+        if denied is not None and not _on_read_only_mount(self._path):
+            # SQLite opens a file it may not write read-only without a word (mode=rw),
+            # and every write then failed, a worker retrying them for ever. Permanent,
+            # as when SQLite refuses (_store_error); a read-only mount stays a StoreError
+            # SQLite raises below (it may be made writable again).
+            raise StoreAccessDenied(f"{denied}; its permissions decide who may use it")
         # The file exists now: SQLite must never create one (mode=rw), not in place of a
         # store deleted later, nor with its default 0644 at the end of a dangling symlink.
         self._uri = _file_uri(self._path, "mode=rw")
