@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mailstrom.bounds import MAX_DURATION
+from mailstrom.errors import InvalidArgument
 from mailstrom.policy.throttle import (
     BucketState,
     TokenBucket,
@@ -131,3 +132,25 @@ def test_a_clock_behind_never_moves_the_stamp_back() -> None:
             states = {**states, **new}
     assert granted <= 61  # 10 minutes at 6/min, and the new bucket full
     assert states["k"].at == NOW + timedelta(seconds=659)  # the clock ahead's
+
+
+@pytest.mark.parametrize(
+    ("rate", "capacity", "named"),
+    [
+        (0.0, 1.0, "rate"),
+        (-1.0, 1.0, "rate"),
+        (float("nan"), 1.0, "rate"),
+        (float("inf"), 1.0, "rate"),
+        (1.0, float("nan"), "capacity"),
+        (1.0, float("inf"), "capacity"),
+        (1.0, 0.5, "capacity"),
+    ],
+)
+def test_a_bucket_no_take_can_use_is_refused(rate: float, capacity: float, named: str) -> None:
+    """Was: a bucket of rate 0 granted its capacity and then raised ZeroDivisionError in
+    every store; a NaN rate or capacity ValueError, an infinite one OverflowError (the
+    memory store and PostgreSQL) or StoreRefusedData (SQLite); one holding less than a
+    token never granted one. Such a bucket is refused where it is made."""
+    with pytest.raises(InvalidArgument, match=rf"^{named}: ") as raised:
+        TokenBucket(key="example.org messages/minute", rate=rate, capacity=capacity)
+    assert raised.value.argument == named

@@ -28,7 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from mailstrom.arguments import shown
 from mailstrom.bounds import EARLIEST_TIME
+from mailstrom.errors import InvalidArgument
 from mailstrom.policy.reasons import classify_reply
 from mailstrom.status import DestinationThrottle, ReasonClass, SMTPReply
 
@@ -105,6 +107,24 @@ class TokenBucket:
     key: str
     rate: float
     capacity: float
+
+    def __post_init__(self) -> None:
+        # Checked where made, as every store then takes alike: a rate of 0 divided by
+        # zero at the second take, a NaN or infinite one raised ValueError, OverflowError
+        # or StoreRefusedData by store, and a capacity under one token never granted any.
+        for name, least in (("rate", "above 0"), ("capacity", "of at least 1")):
+            value = getattr(self, name)
+            try:
+                number = float(value) if not isinstance(value, bool | str) else math.nan
+            except (TypeError, ValueError, OverflowError):
+                number = math.nan
+            low = number > 0 if name == "rate" else number >= 1
+            if not (low and math.isfinite(number)):
+                raise InvalidArgument(
+                    f"{name}: expected a finite number {least}, got {shown(value)}",
+                    argument=name,
+                )
+            object.__setattr__(self, name, number)
 
     @classmethod
     def per_second(cls, key: str, rate: float) -> TokenBucket:
