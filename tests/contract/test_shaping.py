@@ -286,3 +286,15 @@ def test_a_pause_no_store_reads_back_is_refused_alike(
     pause = store.throttle("example.org", now=NOW, reply=REPLY, first=MINUTE, maximum=long)
     assert (pause.until, pause.strikes) == (NOW + MINUTE, 1)
     assert store.throttles(now=NOW) == [pause]
+
+
+@pytest.mark.parametrize("want", [1.5, True, "3", None, float("nan")])
+def test_a_want_that_is_no_whole_number_is_refused_alike(store: Store, want: object) -> None:
+    """Was: every store granted ``want=1.5`` one and a half tokens (a TokenGrant whose
+    ``granted`` is no int, the bucket left at a fraction) and ``True`` as a token; a NaN
+    granted none with no wait (a caller looping at once); a string or None was a
+    TypeError. Every store refuses it (InvalidArgument) and leaves the bucket as it was."""
+    bucket = TokenBucket(key="example.org messages/minute", rate=0.1, capacity=3.0)
+    with pytest.raises(InvalidArgument, match=r"^want: "):
+        store.take_tokens([bucket], want=want, now=NOW)  # type: ignore[arg-type]
+    assert store.take_tokens([bucket], want=5, now=NOW).granted == 3

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from mailstrom.arguments import shown
+from mailstrom.arguments import row_limit, shown
 from mailstrom.bounds import EARLIEST_TIME
 from mailstrom.errors import InvalidArgument
 from mailstrom.policy.reasons import classify_reply
@@ -155,7 +155,10 @@ def take_tokens(
     now: datetime,
 ) -> tuple[TokenGrant, dict[str, BucketState]]:
     """Take up to ``want`` tokens from every bucket of ``buckets`` (their saved
-    ``states``; a missing one is full); returns the grant and the buckets' new states."""
+    ``states``; a missing one is full); returns the grant and the buckets' new states.
+    InvalidArgument for a ``want`` that is no whole number (a negative one takes none):
+    1.5 was granted, a fraction of a token, and NaN granted none with no wait."""
+    want = row_limit(want, "want")
     levels: dict[str, float] = {}
     stamps: dict[str, datetime] = {}
     for bucket in buckets:
