@@ -298,3 +298,14 @@ def test_a_want_that_is_no_whole_number_is_refused_alike(store: Store, want: obj
     with pytest.raises(InvalidArgument, match=r"^want: "):
         store.take_tokens([bucket], want=want, now=NOW)  # type: ignore[arg-type]
     assert store.take_tokens([bucket], want=5, now=NOW).granted == 3
+
+
+def test_a_reply_no_store_can_write_is_kept_with_replacements_alike(store: Store) -> None:
+    """Was: a throttling reply with a NUL or a lone surrogate given to ``throttle`` was
+    kept as it was by the memory store, made SQLite refuse the pause for the surrogate
+    (StoreRefusedData) and PostgreSQL for either: the pause was lost there. Every store
+    now keeps such a reply as recorded replies are kept, those characters as U+FFFD."""
+    reply = "421 4.7.0 slow\x00 down \udcff now"
+    pause = store.throttle("example.org", now=NOW, reply=reply, first=MINUTE, maximum=HOUR)
+    assert pause.reply == "421 4.7.0 slow\ufffd down \ufffd now"
+    assert store.throttles(now=NOW) == [pause]

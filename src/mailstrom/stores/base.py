@@ -128,6 +128,14 @@ def check_result_times(results: Iterable[RecipientResult]) -> None:
             kept_time(result.next_attempt_at, "next_attempt_at")
 
 
+def pause_reply(reply: str) -> str:
+    """A throttling ``reply`` as every store keeps it with a pause: NUL and lone
+    surrogates as U+FFFD (:func:`storable_text`), as recorded replies are kept. The
+    memory store kept them, SQLite refused a surrogate and PostgreSQL either, losing the
+    pause."""
+    return storable_text(reply)
+
+
 def check_pause_times(now: datetime, first: timedelta, maximum: timedelta) -> None:
     """InvalidArgument for a throttle (:meth:`Store.throttle`) whose ``now``, or whose
     pause of ``first`` or ``maximum`` from it, is no time every store reads back

@@ -16,7 +16,7 @@ from mailstrom.policy.throttle import (
     take_tokens,
 )
 from mailstrom.status import DestinationThrottle
-from mailstrom.stores.base import WorkItem, check_pause_times
+from mailstrom.stores.base import WorkItem, check_pause_times, pause_reply
 from mailstrom.stores.clock import kept_time
 from mailstrom.stores.memory_records import _Message
 
@@ -54,6 +54,7 @@ class MemoryShapingMixin:
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`)."""
         check_pause_times(now, first, maximum)
+        reply = pause_reply(reply)
         with self._lock:
             for message_id, address in recipients:
                 m = self._messages.get(message_id)

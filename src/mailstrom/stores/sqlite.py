@@ -102,6 +102,7 @@ from mailstrom.stores.base import (
     check_pause_times,
     check_result_times,
     check_storable,
+    pause_reply,
     storable_text,
     with_pauses,
     with_throttles,
@@ -1800,6 +1801,7 @@ class SQLiteStore:
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`); one write transaction."""
         check_pause_times(now, first, maximum)
+        reply = pause_reply(reply)
         with self._write(fsync=False) as conn:
             sqlite_shaping.mark(conn, recipients, destination)
             return sqlite_shaping.throttle(

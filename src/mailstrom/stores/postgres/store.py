@@ -67,6 +67,7 @@ from mailstrom.stores.base import (
     holder_range,
     lease_token,
     new_message_id,
+    pause_reply,
     record_then_lease,
     storable_text,
     with_pauses,
@@ -1296,6 +1297,7 @@ class PostgresStore:
         """Pause ``destination`` (see :class:`Store`): one transaction under an advisory
         lock on the destination, so workers reporting at once count one throttle."""
         check_pause_times(now, first, maximum)
+        reply = pause_reply(reply)
         q = self._queries
         with (
             self._translating("throttle"),
