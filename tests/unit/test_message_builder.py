@@ -316,6 +316,10 @@ def test_an_attachment_with_a_blank_filename_is_refused(filename: str) -> None:
         "<img src=cid:logo@app>",
         '<a href="cid:logo%40app">logo</a>',
         '<img src="cid:other@app"><img src="cid:logo@app">',
+        # A "cid:" that is no attribute's URL ahead of one that is; text whose lower-case
+        # form is longer ("İ" becomes two characters), searched another way.
+        '<img alt=cid:x title="see cid:y" src="cid:logo@app">',
+        '<p>İstanbul</p><img src="CID:logo@app">',
     ],
 )
 def test_html_naming_a_content_id_no_attachment_has_is_refused(html: str) -> None:
@@ -337,6 +341,7 @@ def test_html_naming_a_content_id_no_attachment_has_is_refused(html: str) -> Non
         "<img src='cid:LOGO@APP'>",
         '<img src="cid:logo@app"><img src="cid:50%25@app">',
         '<p>write cid:nothing in text, or <a href="https://x.example/cid:y">here</a></p>',
+        '<p>İ data-src=x cid:nothing</p><img src="cid:logo@app">',
     ],
 )
 def test_html_naming_only_attached_content_ids_is_sent(html: str) -> None:
