@@ -29,9 +29,9 @@ from mailstrom.stores.sqlite_schema import migrations
 from mailstrom.testing.smtp import ReceivedMessage
 from tests.cli.conftest import CLI, MailEnv, Result
 from tests.cli.test_errors import assert_one_line_error
-from tests.cli.test_store_errors import _read_only_namespace_available
 from tests.contract.support import NOW, message
 from tests.support.disk_full import MARKER_VARIABLE
+from tests.support.private_hosts import private_mounts
 
 ROOT = Path(__file__).parents[2]
 BIG_TEXT = "x" * 40_000
@@ -152,7 +152,7 @@ def test_the_worker_command_rides_out_a_full_disk(
 # --- a real full disk ----------------------------------------------------------------------
 
 needs_mount_namespace = pytest.mark.skipif(
-    not _read_only_namespace_available(),
+    not private_mounts(),
     reason="needs unshare(1) and mount(8) with the right to make a mount namespace",
 )
 

@@ -18,6 +18,7 @@ from mailstrom.stores import SQLiteStore
 from tests.cli.conftest import CLI, MailEnv, Result
 from tests.cli.test_delivery import send as send_to_bob
 from tests.cli.test_errors import assert_one_line_error
+from tests.support.private_hosts import private_mounts
 from tests.unit.test_sqlite_open import corrupt
 
 MESSAGE = b"From: a@client.test\nSubject: x\n\nbody\n"
@@ -102,19 +103,6 @@ def test_views_never_create_a_store(cli: CLI) -> None:
 # --- read-only media -----------------------------------------------------------------------
 
 
-def _read_only_namespace_available() -> bool:
-    try:
-        probe = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "true"],
-            capture_output=True,
-            check=False,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0 and shutil.which("mount") is not None
-
-
 def on_read_only_mount(cli: CLI, *args: str) -> Result:
     """Run the command with its working directory (the store's) bind-mounted read-only
     onto itself, in a private mount namespace that ends with the process."""
@@ -134,7 +122,7 @@ def on_read_only_mount(cli: CLI, *args: str) -> Result:
 
 
 needs_ro_mount = pytest.mark.skipif(
-    not _read_only_namespace_available(),
+    not private_mounts(),
     reason="needs unshare(1) and mount(8) with the right to make a mount namespace",
 )
 
