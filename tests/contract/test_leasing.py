@@ -316,6 +316,27 @@ def test_max_bytes_still_leases_one_message_larger_than_it(store: Store) -> None
     assert store.lease(now=now, limit=100, lease_for=LEASE_FOR) is None
 
 
+def test_a_message_max_bytes_leaves_out_keeps_the_lease_it_had(store: Store) -> None:
+    """A recipient whose lease ran out, due again but left out of a new lease by
+    max_bytes, keeps that lease: the worker that held it may still record its result,
+    and its status still says leased. A budget applied after marking has to put the old
+    lease back; one applied before marking never touches it."""
+    ids = {
+        store.enqueue(_sized(1000, "a@example.org"), now=NOW): "a@example.org",
+        store.enqueue(_sized(1000, "b@example.org"), now=NOW + SECOND): "b@example.org",
+    }
+    old = lease_all(store)
+    later = NOW + LEASE_FOR + 10 * SECOND
+    new = store.lease(now=later, limit=100, lease_for=LEASE_FOR, max_bytes=1500)
+    assert new is not None
+    [taken] = {item.message_id for item in new.items}
+    [(left, address)] = [(mid, a) for mid, a in ids.items() if mid != taken]
+    assert [r.leased for r in store.status(left).recipients] == [True]
+    recorded = store.record(results_for(old, RecipientState.DELIVERED, only=[address]))
+    assert [r.address for r in recorded] == [address]
+    assert store.status(left).recipients[0].state is RecipientState.DELIVERED
+
+
 @pytest.mark.parametrize("huge", [2**63 - 1, 2**63, 2**64], ids=["bigint", "past", "huge"])
 def test_a_max_bytes_past_any_store_size_is_no_bound(store: Store, huge: int) -> None:
     """Was: a budget past a bigint (``max_bytes=2**64``: "as much as you like") failed

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 from mailstrom.arguments import check_age, check_key, check_limit, member_of, row_limit, shown
 from mailstrom.bounds import MAX_INTEGER
@@ -312,16 +312,39 @@ def record_then_lease(
 K = TypeVar("K")
 
 
+class ByteBudget(Generic[K]):
+    """What a lease of ``max_bytes`` keeps so far (see :meth:`Store.lease`), offered its
+    messages in the lease's order: the longest run from the first whose sizes add up to
+    at most ``max_bytes``; the first message always, however large. A message already
+    kept is kept again at no cost (another of its recipients); once one does not fit,
+    no new one is."""
+
+    __slots__ = ("full", "kept", "left")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes
+        self.kept: set[K] = set()
+        self.full = False
+
+    def keeps(self, message: K, size: int) -> bool:
+        """Whether the lease keeps ``message`` (its stored size ``size``)."""
+        if message in self.kept:
+            return True
+        if self.full or (self.kept and size > self.left):
+            self.full = True
+            return False
+        self.kept.add(message)
+        self.left -= size
+        return True
+
+
 def messages_within(sizes: Iterable[tuple[K, int]], max_bytes: int) -> list[K]:
-    """The messages a lease of ``max_bytes`` keeps (see :meth:`Store.lease`), of
-    ``sizes``: (message, its stored size) in the lease's order, each message once. The
-    longest run from the first whose sizes add up to at most ``max_bytes``; the first
-    message always, however large."""
+    """The messages a lease of ``max_bytes`` keeps (:class:`ByteBudget`), of ``sizes``:
+    (message, its stored size) in the lease's order, each message once."""
+    budget: ByteBudget[K] = ByteBudget(max_bytes)
     kept: list[K] = []
-    total = 0
     for message, size in sizes:
-        total += size
-        if kept and total > max_bytes:
+        if not budget.keeps(message, size):
             break
         kept.append(message)
     return kept

@@ -26,6 +26,7 @@ from mailstrom.status import (
 from mailstrom.stores.attributes import metadata_from, metadata_json, tags_from, tags_json
 from mailstrom.stores.base import (
     MAX_HISTORY,
+    ByteBudget,
     Lease,
     LeasedRecipient,
     RecipientResult,
@@ -34,7 +35,6 @@ from mailstrom.stores.base import (
     domain_of,
     holder_range,
     lease_token,
-    messages_within,
     new_message_id,
 )
 from mailstrom.stores.clock import after
@@ -233,17 +233,18 @@ def lease_rows(
     skip = f"{SUSPENDED_SQL} AND " if skip_suspended else ""
     skipped: list[object] = [to_us(now)] if skip_suspended else []
     max_bytes = byte_budget(max_bytes)
-    # With max_bytes, what the rows left out had (an expired lease) is put back.
-    before: dict[int, tuple[object, object]] | None = None if max_bytes is None else {}
+    budget: ByteBudget[int] | None = None if max_bytes is None else ByteBudget(max_bytes)
     if lanes is None:
         rows = _mark_lanes(
-            conn, marks, limit, pending_lanes(conn, rename=True), skip, skipped, before
+            conn, marks, limit, pending_lanes(conn, rename=True), skip, skipped, budget
         )
     else:
         rows = []
         exhausted = True
         seen: set[str] = set()
         for lane, most in lanes:
+            if budget is not None and budget.full:
+                break  # no further message fits: nothing more to walk
             if lane in seen:
                 continue  # a lane named twice counts once, with its first number
             seen.add(lane)
@@ -251,15 +252,13 @@ def lease_rows(
             if take <= 0:
                 exhausted = False
                 continue
-            found = _mark_lanes(conn, marks, take, [lane], skip, skipped, before)
+            found = _mark_lanes(conn, marks, take, [lane], skip, skipped, budget)
             exhausted = exhausted and len(found) < take
             rows += found
-        if exhausted and len(rows) < limit:
+        if exhausted and len(rows) < limit and not (budget is not None and budget.full):
             named = {lane for lane, _ in lanes}
             others = [lane for lane in pending_lanes(conn, rename=True) if lane not in named]
-            rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped, before)
-    if rows and max_bytes is not None:
-        rows = _within_bytes(conn, rows, max_bytes, before or {})
+            rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped, budget)
     if not rows:
         return None
     seqs = sorted({row[1] for row in rows})
@@ -321,37 +320,30 @@ def lease_rows(
 _MISSING = UnreadableRow("its message row is missing")
 
 
-def _within_bytes(
-    conn: sqlite3.Connection,
-    rows: list[Any],
-    max_bytes: int,
-    before: dict[int, tuple[object, object]],
-) -> list[Any]:
-    """The leased ``rows`` (in the lease's order) of the messages whose data fits in
-    ``max_bytes`` (``messages_within``); the rest get back the lease they had, ``before``
-    (one that had expired, or none), due as they were, and their data never read. Sizes
-    are read first, apart from the data: one more statement per lease. Unmarked instead,
-    such a row lost its expired lease, which PostgreSQL and the memory store keep: the
-    worker that held it could no longer record it, and its status differed."""
-    order = list(dict.fromkeys(row[1] for row in rows))
-    if len(order) == 1:
-        return rows  # the first message is kept however large: nothing to read
-    sizes: dict[int, int] = {}
-    for chunk in chunks(order):
-        found = conn.execute(
-            f"SELECT seq, size FROM messages WHERE seq IN ({qmarks(len(chunk))})", chunk
+def _within_budget(
+    conn: sqlite3.Connection, found: list[tuple[int, int]], ids: str, budget: ByteBudget[int]
+) -> list[tuple[int, int]]:
+    """The walked recipients ``found`` ((due, id) in the lease's order; ``ids`` their ids
+    as a JSON list) that ``budget`` keeps, read before any is stamped: the others keep
+    whatever lease they had (one that had expired, or none), due as they were, and their
+    data is never read. One statement per walk reads their messages' sizes. A size that
+    is not a count (a row changed by hand), or a missing message row, counts as nothing
+    here: the lease sets such a recipient aside as unreadable (checked_data)."""
+    sizes = {
+        rid: (seq, size if type(size) is int and size > 0 else 0)
+        for rid, seq, size in conn.execute(
+            "SELECT r.id, r.message_seq, m.size FROM recipients r"
+            " LEFT JOIN messages m ON m.seq = r.message_seq"
+            " WHERE r.id IN (SELECT value FROM json_each(?))",
+            (ids,),
         )
-        # A size that is not a count (a row changed by hand) counts as nothing here:
-        # the lease sets such a message aside as unreadable (checked_data).
-        sizes.update((seq, size) for seq, size in found if type(size) is int and size > 0)
-    kept = set(messages_within(((seq, sizes.get(seq, 0)) for seq in order), max_bytes))
-    if len(kept) == len(order):
-        return rows
-    conn.executemany(
-        "UPDATE recipients SET lease_token = ?, lease_expires_at = ? WHERE id = ?",
-        [(*before.get(row[0], (None, None)), row[0]) for row in rows if row[1] not in kept],
-    )
-    return [row for row in rows if row[1] in kept]
+    }
+    kept = []
+    for due, rid in found:
+        seq, size = sizes.get(rid, (None, 0))
+        if seq is None or budget.keeps(seq, size):
+            kept.append((due, rid))
+    return kept
 
 
 def _head(row: Any) -> MessageHead | UnreadableRow:
@@ -589,12 +581,12 @@ def _mark_lanes(
     lanes: Sequence[str],
     skip: str,
     skipped: Sequence[object],
-    before: dict[int, tuple[object, object]] | None = None,
+    budget: ByteBudget[int] | None = None,
 ) -> list[Any]:
     """Stamp up to ``limit`` due recipients of ``lanes`` with the lease (token, expiry) of
     ``marks``, earliest due first across them, and return them in that order.
-    ``skip`` is a constant fragment ending in AND, ``skipped`` its values. ``before``, if
-    given, gets the (token, expiry) each row had, by id.
+    ``skip`` is a constant fragment ending in AND, ``skipped`` its values. With
+    ``budget``, only the rows of the messages it keeps (:func:`_within_budget`).
 
     Two statements: an UPDATE's RETURNING comes in the table's order, not its subquery's,
     and after the update a row no longer shows the lease expiry it was due by, so the
@@ -613,24 +605,21 @@ def _mark_lanes(
         found += [(due, rid) for rid, due in conn.execute(lanes_walk_sql(len(group), skip), params)]
     if len(lanes) > _LANES_PER_WALK:
         found = sorted(found)[:limit]  # the groups' walks merged in due order
-    order = {rid: n for n, (_, rid) in enumerate(found)}
-    if not order:
+    if not found:
         return []
-    if before is not None:
-        before.update(
-            (rid, (old_token, old_expiry))
-            for rid, old_token, old_expiry in conn.execute(
-                "SELECT id, lease_token, lease_expires_at FROM recipients"
-                " WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps(list(order)),),
-            )
-        )
+    ids = json.dumps([rid for _, rid in found])
+    if budget is not None:
+        found = _within_budget(conn, found, ids, budget)
+        if not found:
+            return []
+        ids = json.dumps([rid for _, rid in found])
+    order = {rid: n for n, (_, rid) in enumerate(found)}
     rows = conn.execute(
         "UPDATE recipients SET lease_token = ?, lease_expires_at = ?"
         " WHERE id IN (SELECT value FROM json_each(?))"
         " RETURNING id, message_seq, position, address, domain, attempts,"
         " first_attempt_at, last_attempt_at",
-        (token, expires, json.dumps(list(order))),
+        (token, expires, ids),
     ).fetchall()
     rows.sort(key=lambda row: order[row[0]])
     return rows
