@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from email.header import decode_header
 
 from mailstrom.errors import InvalidAddress, UnencodableHeader
-from mailstrom.message.addrspec import ValidAddress, validate
+from mailstrom.message.addrspec import ValidAddress, envelope_key, validate
 from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.words import fold, phrase, unstructured_field
 
@@ -443,9 +443,8 @@ def dedupe(addresses: Iterable[str]) -> tuple[str, ...]:
     seen: set[tuple[str, str]] = set()
     kept: list[str] = []
     for address in addresses:
-        local, _, domain = address.rpartition("@")
-        key = (local, domain.lower())
+        key = envelope_key(address)
         if key not in seen:
             seen.add(key)
-            kept.append(f"{local}@{domain.lower()}")
+            kept.append("@".join(key))
     return tuple(kept)

@@ -70,6 +70,13 @@ class ValidAddress:
     """``local@domain`` as it was given."""
 
 
+def envelope_key(address: str) -> tuple[str, str]:
+    """What tells two envelope addresses apart: the local part exactly, the domain
+    without case (RFC 5321 §2.4)."""
+    local, _, domain = address.rpartition("@")
+    return local, domain.lower()
+
+
 def validate_address(text: str) -> ValidAddress:
     """Validate ``local@domain`` (no display name, no comments).
 

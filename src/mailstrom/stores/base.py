@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 from mailstrom.arguments import check_age, check_key, check_limit, member_of, row_limit, shown
 from mailstrom.bounds import MAX_INTEGER
 from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
+from mailstrom.message.addrspec import envelope_key
 from mailstrom.message.dsn import DSN
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
@@ -100,8 +101,7 @@ def _check_recipients(recipients: Sequence[str]) -> None:
         return
     seen: set[tuple[str, str]] = set()
     for address in recipients:
-        local, _, domain = address.rpartition("@")
-        key = (local, domain.lower())
+        key = envelope_key(address)
         if key in seen:
             raise InvalidArgument(
                 f"recipients: {shown(address)} is named twice (a domain's case does not"
