@@ -455,3 +455,30 @@ def test_a_keyed_send_is_captured_when_the_store_cannot_say_it_is_new() -> None:
     assert store.failed
     assert [m.message_id for m in outbox] == [mid]
     assert outbox[0].status().held
+
+
+class FullAfterOne(MemoryStore):
+    """A store that takes one message and refuses the next, as a disk filling up in the
+    middle of a batch does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken = 0
+
+    def enqueue(self, message: PreparedMessage, *, now: datetime, hold: bool = False) -> str:
+        if self.taken == 1:
+            raise StoreError("disk full")
+        self.taken += 1
+        return super().enqueue(message, now=now, hold=hold)
+
+
+def test_a_batch_the_store_takes_part_of_is_captured_as_far_as_it_was_taken() -> None:
+    # Under a capture a batch is queued one held message at a time; when the store failed
+    # on the second, the first was in the store (held, its id real) but not in the outbox.
+    store = FullAfterOne()
+    ms = Mailstrom(CONFIG, store=store, worker=None)
+    with capture() as outbox, pytest.raises(StoreError, match="disk full"):
+        ms.send_emails([welcome("a@example.org"), welcome("b@example.org")])
+    [kept] = store.recent()
+    assert [(m.message_id, m.envelope_to) for m in outbox] == [(kept.id, ["a@example.org"])]
+    assert outbox[0].status().held

@@ -349,16 +349,21 @@ class _Interceptor:
             # The Store protocol holds single messages only: a batch becomes one held
             # enqueue per message (never a batch that a worker could lease before it is
             # held). All of it is validated before this point, so only a failing store
-            # can leave part of a batch queued.
-            with self._inside():
-                ids = [store.enqueue(m, now=now, hold=True) for m in messages]
-            self._deliver(
-                [
-                    _captured(store, i, m)
-                    for i, m in zip(ids, messages, strict=True)
-                    if _queued_now(store, i, m, now)
-                ]
-            )
+            # can leave part of a batch queued: what it took is captured all the same
+            # (it is in the store, held, with a real id), and the error goes on.
+            ids: list[str] = []
+            try:
+                with self._inside():
+                    for m in messages:
+                        ids.append(store.enqueue(m, now=now, hold=True))
+            finally:
+                self._deliver(
+                    [
+                        _captured(store, i, m)
+                        for i, m in zip(ids, messages, strict=False)
+                        if _queued_now(store, i, m, now)
+                    ]
+                )
             return ids
 
         return enqueue_many
