@@ -517,6 +517,27 @@ def test_a_reply_list_given_to_several_rules_is_taken_by_each(fake_mx: FakeMX) -
     assert greylist == ["451 4.7.1 Greylisted", "250 2.1.5 OK"]  # the test's own list
 
 
+def test_a_reply_list_set_again_starts_over(fake_mx: FakeMX) -> None:
+    # A rule's turn was kept per list object: the same greylisting list (a test module's
+    # constant, a tuple literal) set again for an address (or in a new rcpt_replies), or
+    # as mail_reply, went on from where it was and accepted at once, where the test had
+    # just greylisted it anew.
+    greylist = ("451 4.7.1 Greylisted", "250 2.1.5 OK")
+    server = fake_mx.server
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("client.test")
+        for setting in ("item", "item", "whole"):
+            if setting == "item":
+                server.rcpt_replies["a@example.org"] = greylist
+            else:
+                server.rcpt_replies = {"a@example.org": greylist}
+            server.mail_reply = greylist
+            assert client.mail("app@shop.test")[0] == 451
+            assert client.mail("app@shop.test")[0] == 250
+            assert [client.rcpt("a@example.org")[0] for _ in range(3)] == [451, 250, 250]
+            client.rset()
+
+
 def test_a_closed_connection_is_not_kept_by_its_server() -> None:
     # The controller kept every connection's protocol object until the server stopped,
     # with its TLS state (a few hundred kB each): a server used across a long session

@@ -45,7 +45,8 @@ Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     ``"451 4.7.1 Try later"``, or a list of them used one per command, the last one
     repeating (greylisting: ``["451 ...", "250 ..."]``; ``Repeated("451 ...", n, "250
     ...")`` for one reply ``n`` times over, however large ``n``; an empty list is
-    refused with ValueError when set). A 2xx rule accepts.
+    refused with ValueError when set; a list set again, the same one too, starts from
+    its first reply). A 2xx rule accepts.
     ``starttls_reply``: a reply line to STARTTLS instead of going ahead (None: go ahead);
     after a ``421`` the server closes the connection.
     ``stall_on``: a command name (``"greeting"``, ``"ehlo"``, ``"starttls"``, ``"mail"``,
@@ -183,11 +184,17 @@ def _rule(rule: Rule | None, where: str) -> Rule | None:
 
 
 class _Rules(dict[str, Rule]):
-    """``rcpt_replies``: a dict whose rules are checked as they are set (:func:`_rule`)."""
+    """``rcpt_replies``: a dict whose rules are checked as they are set (:func:`_rule`),
+    each starting from its first reply (``restart``, given the address)."""
+
+    def __init__(self, restart: Callable[[str], None]) -> None:
+        super().__init__()
+        self._restart = restart
 
     def __setitem__(self, address: str, rule: Rule) -> None:
         # None (which reads as no rule, so accept) is kept as it always was.
         super().__setitem__(address, cast(Rule, _rule(rule, f"rcpt_replies[{address!r}]")))
+        self._restart(address)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for address, rule in dict(*args, **kwargs).items():
@@ -279,7 +286,7 @@ class ReceivingServer:
         self.dsn_params: list[tuple[str, str, tuple[str, ...]]] = []
         """With ``dsn=True``: (``"MAIL"`` or ``"RCPT"``, address, its RFC 3461 parameters)
         for every command that carried some, in arrival order."""
-        self.rcpt_replies: dict[str, Rule] = _Rules()
+        self._rcpt_replies: dict[str, Rule] = _Rules(self._restart_rcpt)
         self._mail_reply: Rule | None = None
         self._data_reply: Rule | None = None
         self.starttls_reply: str | None = None
@@ -333,6 +340,23 @@ class ReceivingServer:
     def drop_on(self, value: str | None) -> None:
         self._drop_on = _stall_point(value)
 
+    # A rule set (again) starts from its first reply: its turn was kept per list object,
+    # so the same list (a module's constant, a tuple literal) set anew went on where it
+    # was, and a test that greylisted an address again saw it accepted at once.
+
+    @property
+    def rcpt_replies(self) -> dict[str, Rule]:
+        """The rules for RCPT TO, per address (none: accept)."""
+        return self._rcpt_replies
+
+    @rcpt_replies.setter
+    def rcpt_replies(self, value: dict[str, Rule]) -> None:
+        # Kept as given (a test may go on editing its own dict, or subclass one): every
+        # rule in it starts from its first reply.
+        with self._condition:
+            self._rcpt_replies = value
+            self._turns = {k: v for k, v in self._turns.items() if not k.startswith("rcpt ")}
+
     @property
     def mail_reply(self) -> Rule | None:
         """The rule for MAIL FROM (None: accept)."""
@@ -341,6 +365,7 @@ class ReceivingServer:
     @mail_reply.setter
     def mail_reply(self, value: Rule | None) -> None:
         self._mail_reply = _rule(value, "mail_reply")
+        self._restart("mail")
 
     @property
     def data_reply(self) -> Rule | None:
@@ -350,6 +375,15 @@ class ReceivingServer:
     @data_reply.setter
     def data_reply(self, value: Rule | None) -> None:
         self._data_reply = _rule(value, "data_reply")
+        self._restart("data")
+
+    def _restart(self, where: str) -> None:
+        """Forget how far the rule used at ``where`` (a key of :meth:`take`) has gone."""
+        with self._condition:
+            self._turns.pop(where, None)
+
+    def _restart_rcpt(self, address: str) -> None:
+        self._restart(f"rcpt {address}")
 
     @property
     def drop_on_data(self) -> bool:
