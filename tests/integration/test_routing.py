@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import random
+import select
 import socket
+import struct
+import termios
 import threading
+import time
 from dataclasses import replace
 
 import dns.asyncquery
@@ -17,6 +22,7 @@ import pytest
 
 from mailstrom.errors import PermanentFailure, TemporaryFailure
 from mailstrom.routing import Route, Router
+from mailstrom.testing.dns import _TCPServer
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.deadline import Hang, hang_guard
 
@@ -510,6 +516,55 @@ def test_loopback_dns_stop_closes_the_tcp_clients_still_connected() -> None:
         slow.close()
         idle.close()
         server.stop()
+
+
+def _consumed(server: LoopbackDNS, client: socket.socket) -> None:
+    """Wait until the server has read all that its one TCP client sent (or has closed
+    the connection)."""
+    tcp = next(s.server for s in server._servers if isinstance(s.server, _TCPServer))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with tcp._clients_lock:
+            clients = list(tcp._clients)
+        if clients and all(_unread(c) == 0 for c in clients):
+            return
+        if select.select([client], [], [], 0.001)[0]:
+            return  # closed (or answered) already
+    raise AssertionError("the server did not read what was sent")
+
+
+def _unread(sock: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"closed after {len(data)} of {size} octets"
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_loopback_dns_takes_a_tcp_query_in_pieces(cut: int) -> None:
+    """dnslib read the 2-octet length and the query in one recv(): a query whose length
+    came split (its first octet alone) was dropped, the connection closed unanswered.
+    The length is read whole, then the query, however the octets arrive."""
+    with LoopbackDNS() as server:
+        server.a("tcp.example", "127.0.0.1")
+        query = dns.message.make_query("tcp.example", "A")
+        wire = query.to_wire()
+        framed = struct.pack("!H", len(wire)) + wire
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.sendall(framed[:cut])
+            _consumed(server, client)
+            client.sendall(framed[cut:])
+            (length,) = struct.unpack("!H", _read_exactly(client, 2))
+            answer = dns.message.from_wire(_read_exactly(client, length))
+        assert query.is_response(answer)
+        assert [r.address for r in answer.answer[0]] == ["127.0.0.1"]
 
 
 # --- hardening #6: bounded fan-out, refused targets (the default policy) --------------

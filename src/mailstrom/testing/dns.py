@@ -69,7 +69,9 @@ import errno
 import ipaddress
 import socket
 import socketserver
+import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -111,6 +113,8 @@ _BIND_ATTEMPTS = 20
 _UDP_LIMIT = 512
 """Octets of a UDP answer to a query without EDNS (RFC 1035 §4.2.1), and the least
 payload size an EDNS query may offer (RFC 6891 §6.2.5: a smaller one counts as 512)."""
+_TCP_QUERY_TIMEOUT = 5.0
+"""Seconds a TCP client has from connecting to the last octet of its query."""
 
 
 def _key(name: str) -> str:
@@ -224,8 +228,9 @@ class _UDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
 
 class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """Knows its open connections, so that :meth:`LoopbackDNS.stop` can end them: the
-    request threads it joins read with a timeout per read, which a client that sends an
-    octet now and then, or a query that never ends, renews for as long as it goes on."""
+    request threads it joins would otherwise wait out what is left of each client's
+    :data:`_TCP_QUERY_TIMEOUT` (a client that sends an octet now and then, or a query
+    that never ends)."""
 
     daemon_threads = False
     block_on_close = True
@@ -282,18 +287,58 @@ class _Handler(DNSHandler):  # type: ignore[misc]  # dnslib has no type hints
             wire = DNSRecord(header, questions=reply.questions).pack()
         return wire
 
-    def setup(self) -> None:
-        # A TCP client that connects and says nothing must not stall server_close().
-        if isinstance(self.request, socket.socket):
-            self.request.settimeout(5.0)
-
     def handle(self) -> None:
         try:
-            super().handle()
+            if self.server.socket_type == socket.SOCK_STREAM:
+                self._handle_tcp()
+            else:
+                super().handle()
         except OSError:
             # The answer to a connection stop() ended cannot be sent: nothing to report.
             if not getattr(self.server, "closing", False):
                 raise
+
+    def _handle_tcp(self) -> None:
+        """Answer one query over TCP: its 2-octet length (RFC 1035 §4.2.2), then exactly
+        that many octets, however the client's writes split them. dnslib read the length
+        and the query from one recv(): a length whose first octet came alone was taken
+        for a truncated request and the connection closed unanswered. A client has
+        :data:`_TCP_QUERY_TIMEOUT` seconds for the whole query (a client that connects and
+        says nothing must not stall ``server_close()``); one that is late, or closes
+        first, gets no answer."""
+        self.protocol = "tcp"
+        deadline = time.monotonic() + _TCP_QUERY_TIMEOUT
+        prefix = self._read_exactly(2, deadline)
+        if prefix is None:
+            return
+        (length,) = struct.unpack("!H", prefix)  # at most 65535: the bound is the format's
+        data = self._read_exactly(length, deadline)
+        if data is None:
+            return
+        try:
+            wire = self.get_reply(data)
+        except DNSError:
+            return  # a query dnslib cannot parse, or a dropped name: no answer, as before
+        self.request.settimeout(_TCP_QUERY_TIMEOUT)  # not what was left of the query's
+        self.request.sendall(struct.pack("!H", len(wire)) + wire)
+
+    def _read_exactly(self, size: int, deadline: float) -> bytes | None:
+        """``size`` octets from the connection, or None when it ends or the deadline
+        passes first."""
+        data = bytearray()
+        while len(data) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.request.settimeout(remaining)
+            try:
+                chunk = self.request.recv(size - len(data))
+            except TimeoutError:
+                return None
+            if not chunk:
+                return None
+            data += chunk
+        return bytes(data)
 
 
 class LoopbackDNS:
