@@ -567,6 +567,22 @@ def test_loopback_dns_takes_a_tcp_query_in_pieces(cut: int) -> None:
         assert [r.address for r in answer.answer[0]] == ["127.0.0.1"]
 
 
+def test_loopback_dns_truncates_a_tcp_answer_no_tcp_message_can_hold() -> None:
+    """An answer longer than the 65535 octets a TCP message can hold failed to be framed
+    (struct.error, a traceback on the server's thread) and the connection was closed
+    unanswered. It comes back truncated, as over UDP: the TC bit, no records, the
+    question kept."""
+    with LoopbackDNS() as server:
+        server.a("huge.test", *(f"10.{i // 256 % 256}.{i % 256}.1" for i in range(4200)))
+        query = dns.message.make_query("huge.test", "A")
+        answer = dns.query.tcp(query, "127.0.0.1", port=server.port, timeout=5)
+        assert answer.flags & dns.flags.TC
+        assert answer.answer == [] and answer.question == query.question
+        server.a("huge.test", "10.0.0.1")
+        answer = dns.query.tcp(query, "127.0.0.1", port=server.port, timeout=5)
+        assert [r.address for r in answer.answer[0]] == ["10.0.0.1"]
+
+
 # --- hardening #6: bounded fan-out, refused targets (the default policy) --------------
 
 

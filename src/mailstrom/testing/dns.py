@@ -113,6 +113,8 @@ _BIND_ATTEMPTS = 20
 _UDP_LIMIT = 512
 """Octets of a UDP answer to a query without EDNS (RFC 1035 §4.2.1), and the least
 payload size an EDNS query may offer (RFC 6891 §6.2.5: a smaller one counts as 512)."""
+_TCP_LIMIT = 65535
+"""Octets of the longest DNS message over TCP: its 2-octet length (RFC 1035 §4.2.2)."""
 _TCP_QUERY_TIMEOUT = 5.0
 """Seconds a TCP client has from connecting to the last octet of its query."""
 
@@ -278,11 +280,14 @@ class _Handler(DNSHandler):  # type: ignore[misc]  # dnslib has no type hints
         when it is longer than the query takes (:func:`_udp_limit`): no records, the TC
         bit set and the question kept (RFC 2181 §9), so that the client asks again over
         TCP. dnslib's own truncation, off by default, drops the question too, and a
-        client that checks an answer against its query ignores such a message."""
+        client that checks an answer against its query ignores such a message. Over TCP,
+        truncated alike when longer than a TCP message holds (its length did not fit
+        the 2-octet prefix, and the connection closed unanswered)."""
         request = DNSRecord.parse(data)
         reply = self.server.resolver.resolve(request, self)
         wire: bytes = reply.pack()
-        if self.protocol == "udp" and len(wire) > _udp_limit(request):
+        limit = _udp_limit(request) if self.protocol == "udp" else _TCP_LIMIT
+        if len(wire) > limit:
             header = DNSHeader(id=reply.header.id, bitmap=reply.header.bitmap, tc=1)
             wire = DNSRecord(header, questions=reply.questions).pack()
         return wire
