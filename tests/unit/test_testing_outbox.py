@@ -18,6 +18,7 @@ from mailstrom import (
     Config,
     Email,
     InvalidAddress,
+    InvalidArgument,
     Mailstrom,
     MessageStatus,
     RecipientState,
@@ -482,3 +483,26 @@ def test_a_batch_the_store_takes_part_of_is_captured_as_far_as_it_was_taken() ->
     [kept] = store.recent()
     assert [(m.message_id, m.envelope_to) for m in outbox] == [(kept.id, ["a@example.org"])]
     assert outbox[0].status().held
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_batch_with_a_message_no_store_takes_is_queued_and_captured_not_at_all(
+    kind: str, tmp_path: Path
+) -> None:
+    # A store checks a whole batch before it writes any of it; under a capture the batch
+    # went one message at a time, so the messages before the invalid one were queued
+    # (held) and captured, where the store alone queues none and the docs promise that
+    # invalid input captures nothing.
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "q.db")
+    twice = PreparedMessage(
+        data=b"Subject: x\r\n\r\nHi\r\n",
+        envelope_from="a@shop.test",
+        recipients=("b@x.test", "b@X.TEST"),
+    )
+    try:
+        with capture() as outbox, pytest.raises(InvalidArgument, match="named twice"):
+            store.enqueue_many([prepared("a@x.test"), twice], now=NOW)
+        assert len(outbox) == 0
+        assert store.recent() == []
+    finally:
+        store.close()

@@ -34,7 +34,7 @@ from typing import Any, cast, overload
 from mailstrom.errors import StoreError
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import MessageStatus
-from mailstrom.stores.base import Store
+from mailstrom.stores.base import Store, check_storable
 
 __all__ = ["CapturedMessage", "Outbox", "capture", "capture_active", "parse_message"]
 
@@ -348,9 +348,14 @@ class _Interceptor:
                 return original(store, messages, now=now)
             # The Store protocol holds single messages only: a batch becomes one held
             # enqueue per message (never a batch that a worker could lease before it is
-            # held). All of it is validated before this point, so only a failing store
-            # can leave part of a batch queued: what it took is captured all the same
-            # (it is in the store, held, with a real id), and the error goes on.
+            # held). A shipped store checks the whole batch before it writes any of it;
+            # so is it checked here (else the messages before one it refuses were queued
+            # and captured, where the store alone queues none). A store of the user's
+            # own keeps its own rules. Only a failing store can then leave part of a
+            # batch queued: what it took is captured all the same (it is in the store,
+            # held, with a real id), and the error goes on.
+            if messages and isinstance(store, tuple(shipped_store_types())):
+                check_storable(messages, now=now)
             ids: list[str] = []
             try:
                 with self._inside():
