@@ -555,3 +555,25 @@ def test_a_notice_the_store_refuses_for_good_does_not_hold_the_others(
         ("nobody@example.org", "failed"),
     ]
     assert any("bounce message to app@sender.test dropped" in r.message for r in caplog.records)
+
+
+def test_a_notice_under_dkim_required_comes_from_a_domain_a_key_signs(
+    mailstrom: Make, mx: Any, results: Results, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: the notice was from MAILER-DAEMON at the host's name, which no key of the
+    application's aligns with (a hosting provider's name): with ``dkim.required`` it was
+    refused (NoDKIMKey), logged and dropped, for every failure. Of the names it may be
+    from, one a key signs is taken first."""
+    from mailstrom.dkim import DKIMConfig
+    from tests.support.dkim import ED25519, key
+
+    dkim = DKIMConfig(keys=(key("sender.test", "ed", ED25519),), required=True)
+    ms = mailstrom(bounce_notices=True, helo_name="mta.hosting.test", dkim=dkim)
+    ms.send_email(hello("nobody@example.org"))
+    results.wait_count(2)  # nobody failed, the notice delivered
+    assert "no bounce message" not in caplog.text
+    [notice] = mx.wait_for_messages(1)
+    assert b"\r\nFrom: Mail Delivery System <MAILER-DAEMON@sender.test>\r\n" in notice.content
+    assert notice.content.startswith(b"DKIM-Signature: ") and b"d=sender.test;" in notice.content
+    report = parse_report(notice.content)
+    assert report is not None and report.reporting_mta == "mta.hosting.test"

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
+from mailstrom.dkim.config import DKIMConfig
 from mailstrom.domains import a_label
 from mailstrom.errors import InvalidAddress
 from mailstrom.message.addrspec import validate_address
@@ -86,19 +87,37 @@ def status_of(
     return "5.0.0" if outcome is AttemptOutcome.PERMANENT else "4.4.7"
 
 
-def mailer_daemon_domain(candidates: Iterable[str | None]) -> str | None:
+def mailer_daemon_domain(
+    candidates: Iterable[str | None], *, prefer: Callable[[str], bool] | None = None
+) -> str | None:
     """The first of ``candidates`` that an address can have as its domain (in A-label
     form), or None. The host's name comes first, but it may be one no address can have
     (``localhost``, the default on a host without a usable name, or ``mac.local``): a
-    notice from ``MAILER-DAEMON@localhost`` would be refused by ``prepare`` and lost."""
+    notice from ``MAILER-DAEMON@localhost`` would be refused by ``prepare`` and lost.
+    With ``prefer``, the first such domain it accepts comes before the others (one a
+    DKIM key signs: see :func:`signable_by`)."""
+    usable: list[str] = []
     for domain in candidates:
         if not domain:
             continue
         try:
-            return validate_address(f"MAILER-DAEMON@{domain}").envelope.partition("@")[2]
+            usable.append(validate_address(f"MAILER-DAEMON@{domain}").envelope.partition("@")[2])
         except InvalidAddress:
             continue
-    return None
+    if prefer is not None:
+        for domain in usable:
+            if prefer(domain):
+                return domain
+    return usable[0] if usable else None
+
+
+def signable_by(dkim: DKIMConfig | None) -> Callable[[str], bool] | None:
+    """Whether a key of ``dkim`` signs mail from a domain (None: no key signs any). A
+    notice from a domain no key aligns with goes out unsigned, and with ``dkim.required``
+    not at all (``prepare`` refuses it): the sender never heard of the failure."""
+    if dkim is None or not dkim.keys:
+        return None
+    return lambda domain: bool(dkim.keys_for((domain.lower(),)))
 
 
 def render_notice(

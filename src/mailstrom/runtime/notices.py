@@ -13,6 +13,7 @@ from mailstrom.bounces.notice import (
     FailedRecipient,
     mailer_daemon_domain,
     render_notice,
+    signable_by,
     status_of,
     wants_notice,
 )
@@ -206,9 +207,11 @@ class _Notice:
             now=self.now,
             delayed=delayed,
             retry_until=retry_until,
-            # The sender's own domain last: its MTA is the one reporting.
+            # The sender's own domain last: its MTA is the one reporting. But one a DKIM
+            # key signs first: unsigned, a notice dkim.required refuses is lost.
             from_domain=mailer_daemon_domain(
-                (config.helo_name, config.message_id_domain, domain_of(self.sender))
+                (config.helo_name, config.message_id_domain, domain_of(self.sender)),
+                prefer=signable_by(config.dkim),
             ),
         )
         return prepare(
