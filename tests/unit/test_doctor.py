@@ -491,6 +491,40 @@ def test_spf_evaluation_is_not_cut_short_when_the_clock_steps_forward(
     assert resolver.asked == [DOMAIN, "s0.example.net"]
 
 
+class WallClockSteppedOnQuery:
+    """Stands in for dnspython's resolver's ``time`` module: the real clocks, with the
+    wall clock stepped by ``step`` seconds once ``server`` has had a query for ``name``
+    (NTP or an operator stepping it while the resolver waits for that answer)."""
+
+    def __init__(self, server: LoopbackDNS, name: str, step: float) -> None:
+        self.server, self.name, self.step = server, name, step
+
+    def time(self) -> float:
+        stepped = self.server.queries(self.name, "TXT") > 0
+        return time.time() + (self.step if stepped else 0.0)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+def test_a_lookup_is_not_failed_by_a_wall_clock_step(
+    dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch, step: float
+) -> None:
+    # dnspython measures a lookup's lifetime on the wall clock: stepped during the first
+    # query of a lookup that needs a second one (here the TCP query after a truncated UDP
+    # answer, as for a long SPF record), the lookup failed at once with "The resolution
+    # lifetime expired", and the check was a temporary error.
+    import dns.resolver
+
+    record = "v=spf1 " + " ".join(f"ip4:192.0.2.{i}" for i in range(60)) + " -all"
+    dns_server.txt(DOMAIN, record)
+    monkeypatch.setattr(dns.resolver, "time", WallClockSteppedOnQuery(dns_server, DOMAIN, step))
+    answer = DNSResolver(dns_server.dns_config).lookup(DOMAIN, "TXT")
+    assert (answer.outcome, answer.records, answer.error) == (Outcome.ANSWER, (record,), None)
+    assert dns_server.queries(DOMAIN, "TXT") >= 2  # over UDP, then over TCP
+
+
 def test_spf_ipv6_mechanism_goes_first() -> None:
     assert with_mechanism("v=spf1 redirect=_spf.example.net", "ip6:2001:db8::1") == (
         "v=spf1 ip6:2001:db8::1 redirect=_spf.example.net"
