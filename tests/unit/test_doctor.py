@@ -379,6 +379,24 @@ def test_spf_evaluation_time_limit_bounds_a_lookup_that_never_returns(
     assert result == "temperror", explanation
 
 
+@pytest.mark.timeout(20)  # the fault was a wait of the whole DNS timeout, here 60 s
+def test_spf_record_lookups_are_bounded_by_the_runs_budget(dns_server: LoopbackDNS) -> None:
+    # The TXT lookups that read the domain's and the HELO name's records for the report
+    # ran outside the run's SPF budget: each waited the resolver's whole timeout
+    # (dns.timeout, 10 s by default), whatever was left of the budget.
+    dns_server.drop(DOMAIN)
+    dns_server.drop(HELO)
+    resolver = DNSResolver(replace(dns_server.dns_config, timeout=60.0))
+    spf, result = check_spf(
+        resolver, domain=DOMAIN, ip=IP, helo=HELO, budget=spf_module.Budget(0.3)
+    )
+    assert (spf.status, result) == (Status.UNKNOWN, "temperror"), spf.summary
+    assert spf.summary.startswith("temporary error: "), spf.summary
+    helo = check_spf_helo(resolver, helo=HELO, ip=IP, budget=spf_module.Budget(0.3))
+    assert helo.status is Status.UNKNOWN, helo.summary
+    assert helo.summary.startswith("temporary error: "), helo.summary
+
+
 class SlowDNS(DNSResolver):
     """The loopback server's answers, each ``delay`` seconds late (slow DNS); the names
     asked, in order."""

@@ -20,7 +20,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from mailstrom.doctor.extras import MissingExtra
-from mailstrom.doctor.lookup import DNSResolver, Outcome, Resolver
+from mailstrom.doctor.lookup import Answer, DNSResolver, Outcome, Resolver
 from mailstrom.doctor.report import Check, Status, piece
 from mailstrom.domains import literal_address
 
@@ -151,14 +151,9 @@ def _lookup_through(spf: Any, original: Any) -> Any:
         if resolver is None:
             return list(original(name, qtype, strict, timeout))
         # pyspf's timeout is what is left of the evaluation's time: the resolver's own
-        # (dns.timeout) let one unanswered query run past it by up to that long. Only
-        # DNSResolver's own lookup() takes it: another Resolver, or a subclass that
-        # overrides lookup(name, rdtype), is asked as the protocol says.
-        ours = type(resolver).lookup is DNSResolver.lookup
-        if ours and isinstance(resolver, DNSResolver) and isinstance(timeout, int | float):
-            answer = resolver.lookup(name, qtype, timeout=float(timeout))
-        else:
-            answer = resolver.lookup(name, qtype)
+        # (dns.timeout) let one unanswered query run past it by up to that long.
+        bound = float(timeout) if isinstance(timeout, int | float) else None
+        answer = _lookup_within(resolver, name, qtype, bound)
         if answer.failed:
             raise spf.TempError(f"DNS {answer.error}")
         rows: list[Any] = []
@@ -174,6 +169,16 @@ def _lookup_through(spf: Any, original: Any) -> Any:
 
     lookup.mailstrom = True  # type: ignore[attr-defined]
     return lookup
+
+
+def _lookup_within(resolver: Resolver, name: str, rdtype: str, timeout: float | None) -> Answer:
+    """``resolver``'s answer, waited for at most ``timeout`` seconds when it can be told
+    so. Only DNSResolver's own lookup() takes a timeout: another Resolver, or a subclass
+    that overrides lookup(name, rdtype), is asked as the protocol says."""
+    ours = type(resolver).lookup is DNSResolver.lookup
+    if ours and isinstance(resolver, DNSResolver) and timeout is not None:
+        return resolver.lookup(name, rdtype, timeout=timeout)
+    return resolver.lookup(name, rdtype)
 
 
 _MODIFIER_NAME = re.compile(r"\A[A-Za-z][A-Za-z0-9_.-]*(?==)")
@@ -244,9 +249,16 @@ def _evaluate_within(
     return evaluate(resolver, ip=ip, sender=sender, helo=helo, time_limit=min(TIME_LIMIT, left))
 
 
-def spf_records(resolver: Resolver, name: str) -> tuple[list[str], str | None]:
-    """The ``v=spf1`` TXT records at ``name``, and the lookup error if it failed."""
-    answer = resolver.lookup(name, "TXT")
+def spf_records(
+    resolver: Resolver, name: str, *, budget: Budget | None = None
+) -> tuple[list[str], str | None]:
+    """The ``v=spf1`` TXT records at ``name``, and the lookup error if it failed; the
+    lookup waits no longer than what is left of ``budget``, when one is given (none is
+    made when nothing is left)."""
+    left = None if budget is None else budget.left()
+    if left is not None and left <= 0:  # DNSResolver takes a timeout of 0 for its own
+        return [], NOT_CHECKED
+    answer = _lookup_within(resolver, name, "TXT", left)
     if answer.outcome is Outcome.ERROR:
         return [], answer.error
     return [r for r in answer.records if _SPF.match(r)], None
@@ -279,7 +291,7 @@ def check_spf(
     if budget.left() <= 0:
         spent = Check(name="spf", subject=domain, status=Status.UNKNOWN, summary=NOT_CHECKED)
         return spent, "temperror"
-    records, error = spf_records(resolver, domain)
+    records, error = spf_records(resolver, domain, budget=budget)
     evaluated = _evaluate_within(budget, resolver, ip=ip, sender=f"postmaster@{domain}", helo=helo)
     result, explanation = evaluated or ("temperror", NOT_CHECKED)
     explanation = piece(explanation, _EXPLAINED)
@@ -439,7 +451,7 @@ def check_spf_helo(
         )
     if budget.left() <= 0:
         return Check(name="spf-helo", subject=helo, status=Status.UNKNOWN, summary=NOT_CHECKED)
-    records, error = spf_records(resolver, helo)
+    records, error = spf_records(resolver, helo, budget=budget)
     evaluated = _evaluate_within(budget, resolver, ip=ip, sender="", helo=helo)
     result, explanation = evaluated or ("temperror", NOT_CHECKED)
     explanation = piece(explanation, _EXPLAINED)
