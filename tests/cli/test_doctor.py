@@ -574,6 +574,33 @@ def test_a_dkim_key_file_whose_path_holds_a_colon(
     assert bad.code == 64, bad.err
 
 
+def test_a_dkim_option_with_a_mistyped_algorithm_names_it(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]], tmp_path: Path
+) -> None:
+    # Since a key file's path may hold ":", a final ":ALGORITHM" that named no algorithm
+    # was read as part of the path: a mistyped "rsa-sha265" ran the doctor, which failed
+    # the key for a file it could not read ("...pem:rsa-sha265"), not for the typo.
+    good_env(mail_env, keys)
+    closed = free_loopback_port("127.0.0.1")
+    args = ["--no-dnsbl", "--ip", "127.0.0.1", "--probe", f"127.0.0.1:{closed}"]
+    for path in (keys["good"][0], tmp_path / "absent.pem"):
+        bad = mail_env.cli("doctor", *args, "--dkim", f"{GOOD}:s1:{path}:rsa-sha265", GOOD)
+        assert (bad.code, bad.out) == (64, ""), bad.out  # refused before any check
+        assert "unknown algorithm 'rsa-sha265'" in bad.err, bad.err
+        assert "rsa-sha256 or ed25519-sha256" in bad.err, bad.err
+    # A missing key file in a folder whose name holds ":" is no algorithm, even where
+    # the part before the ":" exists (as a folder).
+    (tmp_path / "a").mkdir()
+    missing = mail_env.cli("doctor", *args, "--dkim", f"{GOOD}:s1:{tmp_path}/a:b/k.pem", GOOD)
+    assert "unknown algorithm" not in missing.err, missing.err
+    # A key file whose name ends in ":" and letters is still the key file it names.
+    named = tmp_path / "k.pem:s2025"
+    named.write_bytes(keys["good"][0].read_bytes())
+    code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{named}", GOOD)
+    [dkim] = by_name(report)["dkim"]
+    assert (code, dkim["status"]) == (0, "pass"), dkim
+
+
 def test_an_address_or_a_u_label_names_the_domain(
     mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
 ) -> None:

@@ -15,6 +15,8 @@ not installed, 64 usage, 78 configuration.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -166,6 +168,13 @@ def _dkim_arg(text: str) -> DKIMKey:
     algorithm = "rsa-sha256"
     if colon and path and last.strip().lower() in ALGORITHMS:
         algorithm = last
+    elif colon and path and _meant_as_algorithm(parts[2], path, last):
+        # Read as part of the path, a mistyped algorithm ("rsa-sha265") ran every check
+        # and failed the key for a file that could not be read, not for the typo.
+        raise argparse.ArgumentTypeError(
+            f"unknown algorithm {shown(last)} in {shown(text)}: expected rsa-sha256 or "
+            f"ed25519-sha256 (and there is no key file {shown(parts[2])})"
+        )
     else:
         path = parts[2]
     try:  # the checks the signer makes of a configured key's names
@@ -179,6 +188,19 @@ def _dkim_arg(text: str) -> DKIMKey:
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256", "rsa", "ed25519")
 """The names ``--dkim``'s ALGORITHM takes, in any case (those the doctor's check takes)."""
+_NAME_LIKE = re.compile(r"[A-Za-z0-9-]{1,40}\Z")
+"""What an ALGORITHM typed wrong looks like: a name, not the tail of a path (``b/k.pem``,
+``\\keys\\k.pem``)."""
+
+
+def _meant_as_algorithm(whole: str, path: str, last: str) -> bool:
+    """Whether ``last``, after ``whole``'s final ":", was meant as an ALGORITHM that names
+    none: ``whole`` is no file, and ``path`` before it is one or ``last`` reads as a name.
+    A key file whose name holds ":" is kept whole when it exists (and a folder's, such as
+    ``/srv/a:b/k.pem`` with a folder ``/srv/a``, is a path whatever exists)."""
+    if os.path.lexists(whole):
+        return False
+    return os.path.isfile(path) or _NAME_LIKE.match(last) is not None
 
 
 def _setting(values: Any, key: str) -> Any:
