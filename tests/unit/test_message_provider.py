@@ -79,6 +79,20 @@ def test_a_mailto_address_is_percent_encoded_where_a_uri_needs_it(address: str, 
     assert urllib.parse.unquote(uri.removeprefix("mailto:")) == address
 
 
+@pytest.mark.parametrize(
+    ("address", "uri"),
+    [
+        ("unsub@[192.0.2.1]", "mailto:unsub@%5B192.0.2.1%5D"),
+        ("unsub@[IPv6:2001:db8::1]", "mailto:unsub@%5BIPv6:2001:db8::1%5D"),
+    ],
+)
+def test_a_mailto_domain_literal_has_its_brackets_percent_encoded(address: str, uri: str) -> None:
+    """RFC 6068 §2: "[" and "]" (gen-delims, like "/", "?" and "#") MUST be
+    percent-encoded in a mailto URI's addr-spec; a domain literal kept its brackets."""
+    assert headers(unsubscribe_mailto=address)["List-Unsubscribe"] == f"<{uri}>"
+    assert urllib.parse.unquote(uri.removeprefix("mailto:")) == address
+
+
 def test_long_urls_are_folded_between_uris_never_inside() -> None:
     url = "https://example.com/unsubscribe?token=" + "a1" * 300
     data = prepare(

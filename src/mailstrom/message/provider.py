@@ -159,8 +159,10 @@ def _mailto(value: str) -> str:
     # RFC 6068 §2: what a URI would read otherwise is percent-encoded ("?" starts its
     # header fields, "#" its fragment, "%" an escape; "{", "|", a quoted local part's
     # '"' and space may not stand in one at all). Other delimiters are left as they are:
-    # a client that does not decode the address still reads it right.
-    uri = f"mailto:{quote(local, safe=_MAILTO_SAFE)}@{domain}"
+    # a client that does not decode the address still reads it right. A domain literal's
+    # brackets are gen-delims, which §2 has percent-encoded ("[" and "]", as "/" and "?"):
+    # of a domain only its letters, digits, "-._~" and an address literal's ":" stay.
+    uri = f"mailto:{quote(local, safe=_MAILTO_SAFE)}@{quote(domain, safe=':')}"
     _check_uri("unsubscribe_mailto", uri)
     return uri
 
