@@ -66,6 +66,8 @@ def test_mailto_address_domain_becomes_an_a_label() -> None:
         ("100%off@example.com", "mailto:100%25off@example.com"),
         ("{stop}|^`@example.com", "mailto:%7Bstop%7D%7C%5E%60@example.com"),
         ("bounce+bob=example.org@example.com", "mailto:bounce+bob=example.org@example.com"),
+        # RFC 6068 §2: "/" is a gen-delim, which MUST be percent-encoded (it was left).
+        ("~a/b@example.com", "mailto:~a%2Fb@example.com"),
     ],
 )
 def test_a_mailto_address_is_percent_encoded_where_a_uri_needs_it(address: str, uri: str) -> None:

@@ -158,8 +158,9 @@ def _mailto(value: str) -> str:
     local, _, domain = valid.envelope.rpartition("@")
     # RFC 6068 §2: what a URI would read otherwise is percent-encoded ("?" starts its
     # header fields, "#" its fragment, "%" an escape; "{", "|", a quoted local part's
-    # '"' and space may not stand in one at all). Other delimiters are left as they are:
-    # a client that does not decode the address still reads it right. A domain literal's
+    # '"' and space may not stand in one at all), and so is "/", a gen-delim, which §2
+    # has percent-encoded as well. Other delimiters (sub-delims, ":") are left as they
+    # are: a client that does not decode the address still reads it right. A domain literal's
     # brackets are gen-delims, which §2 has percent-encoded ("[" and "]", as "/" and "?"):
     # of a domain only its letters, digits, "-._~" and an address literal's ":" stay.
     uri = f"mailto:{quote(local, safe=_MAILTO_SAFE)}@{quote(domain, safe=':')}"
@@ -167,9 +168,10 @@ def _mailto(value: str) -> str:
     return uri
 
 
-_MAILTO_SAFE = "!$&'()*+,;=:/"
+_MAILTO_SAFE = "!$&'()*+,;=:"
 """Characters of a local part left as they are in a mailto URI (with letters, digits and
-``-._~``): the ones RFC 3986 allows in a URI that do not end or escape its address."""
+``-._~``): the ones RFC 3986 allows in a URI that do not end or escape its address, but
+the gen-delims RFC 6068 §2 has percent-encoded (``/``; ``?``, ``#``, ``[``, ``]``)."""
 
 
 def _feedback_id(value: str) -> str:
