@@ -5,6 +5,8 @@ passing and failing case."""
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from tests.cli.conftest import CLI, MailEnv
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ReceivingServer, free_loopback_port
 from tests.support.dkim import EC_SECP112R1, EC_SECP112R1_SPKI
+from tests.support.private_hosts import private_mounts
 
 GOOD = "sender.test"
 BAD = "bad.test"
@@ -599,6 +602,34 @@ def test_a_dkim_option_with_a_mistyped_algorithm_names_it(
     code, report = doctor(mail_env, "--dkim", f"{GOOD}:s1:{named}", GOOD)
     [dkim] = by_name(report)["dkim"]
     assert (code, dkim["status"]) == (0, "pass"), dkim
+
+
+def test_no_nameserver_at_all_is_a_configuration_error(cli: CLI, tmp_path: Path) -> None:
+    # Without dns.nameservers and with a resolv.conf that names none (or none at all),
+    # every lookup failed at once ("All nameservers failed to answer the query"): each
+    # DNS check was unknown and the verdict "run again later" (exit 75), which no
+    # waiting could change. Run in a mount namespace with an empty /etc/resolv.conf.
+    if not private_mounts():
+        pytest.skip("needs unshare(1) and mount(8)")
+    empty = tmp_path / "resolv.conf"
+    empty.write_text("")
+    script = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
+    args = ["doctor", "--ip", "192.0.2.1", "--no-dnsbl", "--probe", "127.0.0.1:1", "example.com"]
+    proc = subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"),
+            *(str(empty), sys.executable, "-m", "mailstrom", *args),
+        ],
+        cwd=cli.cwd,
+        env=cli.env,
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    err = proc.stderr.decode()
+    assert (proc.returncode, proc.stdout) == (78, b""), (proc.returncode, err)
+    assert "no DNS server to ask" in err, err
+    assert "dns.nameservers" in err, err
 
 
 def test_an_address_or_a_u_label_names_the_domain(

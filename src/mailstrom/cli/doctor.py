@@ -236,8 +236,17 @@ def doctor_command(args: argparse.Namespace) -> int:
         dnsbls=() if args.no_dnsbl else (tuple(dnsbls) if dnsbls is not None else None),
         bulk=args.bulk,
     )
+    resolver = DNSResolver(config.dns)
+    if not resolver.nameservers:
+        # Every lookup would fail at once, each check be "unknown" and the verdict "run
+        # again later" (75), which no wait changes: the setup is what is wrong.
+        raise ConfigError(
+            "the doctor has no DNS server to ask: dns.nameservers is not set and the "
+            "system names none (/etc/resolv.conf); set dns.nameservers "
+            "(MAILSTROM_DNS_NAMESERVERS)"
+        )
     try:
-        report = run_doctor(setup, DNSResolver(config.dns))
+        report = run_doctor(setup, resolver)
     except MissingExtra as exc:
         raise CLIError(str(exc), EX_UNAVAILABLE) from None
     if args.json:

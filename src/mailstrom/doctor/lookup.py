@@ -68,6 +68,12 @@ class DNSResolver:
             self._resolver.nameservers = list(config.nameservers)
         self._resolver.lifetime = config.timeout
 
+    @property
+    def nameservers(self) -> tuple[str, ...]:
+        """The servers asked: ``config.nameservers``, else the system's (resolv.conf);
+        empty when neither names one, and every lookup then fails."""
+        return tuple(str(server) for server in self._resolver.nameservers)
+
     def lookup(self, name: str, rdtype: str, *, timeout: float | None = None) -> Answer:
         """The answer, waited for ``config.timeout`` seconds, or ``timeout`` when shorter
         (what is left of a larger bound, such as an SPF evaluation's)."""
