@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 
 from mailstrom.status import RecipientState
@@ -137,6 +139,38 @@ def test_retrying_held_messages_says_they_wait_to_be_released(cli: CLI) -> None:
     }
     assert cli.ok("retry", held).out.strip() == "1 recipient due once released (1 held message)"
     assert cli.ok("status", "--json", held).json()["held"] is True
+
+
+def test_retrying_free_and_held_messages_is_all_or_nothing(cli: CLI) -> None:
+    """The held messages of a selection were retried in a second transaction: a store
+    failing between the two (a lock timeout, a full disk) left the free ones due now and
+    the held ones not, under an error that said nothing had been done. One transaction
+    now: nothing changes, and running it again does it all."""
+    free = send(cli, "bob@example.test")
+    held = send(cli, "carol@example.test", "--hold")
+
+    def due() -> list[tuple[str, int]]:
+        with closing(sqlite3.connect(cli.cwd / "queue.db")) as conn:
+            rows = conn.execute("SELECT address, next_attempt_at FROM recipients ORDER BY 1")
+            return rows.fetchall()
+
+    with closing(sqlite3.connect(cli.cwd / "queue.db")) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF next_attempt_at ON recipients"
+            " WHEN OLD.address = 'carol@example.test' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        conn.commit()
+    before = due()
+    failed = cli("retry", free, held)
+    assert failed.code == 75 and "refused" in failed.err
+    assert due() == before
+    with closing(sqlite3.connect(cli.cwd / "queue.db")) as conn:
+        conn.execute("DROP TRIGGER refuse")
+        conn.commit()
+    assert cli.ok("retry", free, held).out.strip() == (
+        "1 recipient due now (1 message); 1 recipient due once released (1 held message)"
+    )
+    assert all(after > was for (_, after), (_, was) in zip(due(), before, strict=True))
 
 
 def test_retrying_mail_to_a_suspended_destination_says_it_waits_for_it(cli: CLI) -> None:
