@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -217,6 +219,38 @@ def test_remove_counts_targets_not_the_rows_of_each(cli: CLI, workdir: Path) -> 
     assert cli.ok("suppress", "list", "--json").json() == []
     cli.ok("suppress", "add", "bob@Bücher.example")
     assert cli.ok("suppress", "remove", "--json", *asked).json() == {"removed": 1}
+
+
+def test_remove_says_what_it_removed_before_the_store_failed(cli: CLI, workdir: Path) -> None:
+    """A target stored in two forms is removed in a call of its own, after the others: a
+    store failing then (a lock timeout, a full disk) left those others removed under an
+    error that read as if nothing had been. The error says how many were removed."""
+    cli.ok("suppress", "add", "bob@Bücher.example", "ann@example.test")
+    store = open_store(f"sqlite:///{workdir / 'queue.db'}")
+    try:
+        legacy = Suppression(
+            target="bob@bücher.example",
+            source=SuppressionSource.MANUAL,
+            reply="",
+            created_at=datetime.now(UTC),
+        )
+        store.suppress([legacy])
+    finally:
+        store.close()
+    with closing(sqlite3.connect(workdir / "queue.db")) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE DELETE ON suppressions"
+            " WHEN OLD.target = 'bob@bücher.example' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        conn.commit()
+    failed = cli("suppress", "remove", "bob@Bücher.example", "ann@example.test")
+    assert failed.code == 75
+    [line] = failed.err_lines
+    assert line.startswith("mailstrom: 1 of 2 removed before the store failed: ")
+    assert "refused" in line
+    assert failed.out == ""
+    listed = [e["target"] for e in cli.ok("suppress", "list", "--json").json()]
+    assert listed == ["bob@bücher.example", "bob@xn--bcher-kva.example"]
 
 
 def test_a_suppressed_recipient_fails_without_a_connection(mail_env: MailEnv) -> None:

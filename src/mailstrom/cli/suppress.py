@@ -246,11 +246,20 @@ def remove_command(args: argparse.Namespace) -> int:
         forms.setdefault(target, {target}).update(older)
     # A target of one form is one row: those are removed and counted in one call.
     single = [target for target, each in forms.items() if len(each) == 1]
-    with store_from(settings_from(args)) as store:
-        removed = store.unsuppress(single) if single else 0
-        removed += sum(
-            store.unsuppress(sorted(each)) > 0 for each in forms.values() if len(each) > 1
-        )
+    removed = 0
+    try:
+        with store_from(settings_from(args)) as store:
+            removed = store.unsuppress(single) if single else 0
+            # Each target of more forms in a call of its own, to count it once: a store
+            # failing midway leaves those before removed, and the error says how many.
+            for each in forms.values():
+                if len(each) > 1:
+                    removed += store.unsuppress(sorted(each)) > 0
+    except StoreError as exc:
+        done = f"{removed} of {len(forms)} removed before the store failed"
+        raise CLIError(
+            f"{done if removed else 'nothing was removed'}: {exc}", exit_code_for(exc)
+        ) from exc
     if args.json:
         print_json({"removed": removed})
     else:
