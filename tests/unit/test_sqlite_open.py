@@ -201,6 +201,31 @@ def test_a_deleted_database_file_is_corrupt(db: Path) -> None:
         store.close()
 
 
+def test_a_wal_file_deleted_under_an_open_store_is_named(db: Path) -> None:
+    """The -wal file deleted while a store has the database open (a clean-up of "stray"
+    files, a backup moving it away): a new store opening it got SQLite's bare "disk I/O
+    error", exit 75, tried again for ever. StoreCorrupt now names the file and says what
+    to do; once every process holding it has closed it, the database opens again with
+    all its mail (the last to close writes what the deleted file held into it)."""
+    running = SQLiteStore(db)
+    try:
+        running.enqueue(message(), now=NOW)
+        Path(f"{db}-wal").unlink()
+        for read_only in (False, True):
+            with pytest.raises(StoreCorrupt) as failed:
+                SQLiteStore(db, read_only=read_only)
+            text = str(failed.value)
+            assert f"{db}-wal" in text and "deleted" in text and "Stop every process" in text
+        running.enqueue(message(), now=NOW)
+    finally:
+        running.close()
+    store = SQLiteStore(db)
+    try:
+        assert store.stats().messages == 2
+    finally:
+        store.close()
+
+
 def test_a_queue_file_truncated_to_nothing_is_corrupt_not_an_empty_queue(db: Path) -> None:
     """A queue file cut to 0 bytes (a restore from an empty copy, ``: > queue.db``) opened
     as a new, empty queue: its mail was gone without a word, and a ``-wal`` file still

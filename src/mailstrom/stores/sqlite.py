@@ -213,6 +213,14 @@ def _store_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> StoreErr
         return StoreCorrupt(f"{path} is damaged or is not a mailstrom database: {exc}")
     if isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_BUSY:
         return _locked(path, busy_timeout, sqlite_said=str(exc))
+    if code == sqlite3.SQLITE_IOERR_SHORT_READ and _wal_deleted(path):
+        return StoreCorrupt(
+            f"the -wal file {path}-wal was deleted while the database was in use (SQLite:"
+            f" {exc}): the transactions it held are not in {path} yet, and no new"
+            f" connection can open it until they are. Stop every process that uses {path}"
+            " (the last one to close it writes them into the database), then start again;"
+            " never delete the -wal or -shm file of a database in use"
+        )
     if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
         return StoreRefusedData(f"SQLite store {path} refused a value: {exc}")
     denied = _denied(code, path)
@@ -319,6 +327,13 @@ def _no_shm(exc: sqlite3.Error) -> bool:
         sqlite3.SQLITE_IOERR_SHMSIZE,
         sqlite3.SQLITE_READONLY_DIRECTORY,
     )
+
+
+def _wal_deleted(path: str) -> bool:
+    """Whether the ``-wal`` file of ``path`` looks deleted under processes that have the
+    database open: their ``-shm`` file (the WAL's index) is there, the ``-wal`` file is
+    gone or empty (a new opener makes an empty one), and SQLite read short from it."""
+    return os.path.exists(path + "-shm") and not _wal_holds_frames(path)
 
 
 def _wal_holds_frames(path: str) -> bool:
