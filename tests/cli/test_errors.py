@@ -331,20 +331,30 @@ def test_a_reader_that_went_away_is_no_internal_error(cli: CLI, args: list[str])
     assert (proc.returncode, "error" in err, "Traceback" in err) == (0, False, False), err
 
 
-@pytest.mark.parametrize("entry", ["script", "module"])
 @pytest.mark.parametrize(
-    "at",
+    ("entry", "at"),
     [
-        "mailstrom.settings",  # importing mailstrom.cli.main (the console script's import)
-        "mailstrom.cli.views",  # parsing: the command's module, loaded for its options
-        "mailstrom.stores.memory",  # running the command (a store not created yet)
+        *[
+            (entry, at)
+            for entry in ("script", "module")
+            for at in (
+                "mailstrom.settings",  # importing mailstrom.cli.main (the script's import)
+                "mailstrom.cli.views",  # parsing: the command's module, for its options
+                "mailstrom.stores.memory",  # running the command (a store not created yet)
+            )
+        ],
+        # The console script's first import: the package's __init__ (logging, ~20 ms).
+        # (``python -m mailstrom`` imports the package before any code of the command.)
+        ("script", "logging"),
+        ("script", "mailstrom._lazy"),
     ],
 )
 def test_ctrl_c_while_the_command_starts_exits_130(cli: CLI, at: str, entry: str) -> None:
     """A Ctrl-C while the command was still importing or parsing (a good part of its
     start-up: mailstrom.cli.main alone takes ~0.1 s) printed Python's traceback of
     KeyboardInterrupt; once the command ran, it exited 130 silently, as it does now
-    from any moment the command's code has begun."""
+    from any moment the command's code has begun. The console script imported the
+    package (its ``__init__``) before any of it could catch one: a traceback still."""
     from tests.support.interrupting import AT_VARIABLE, ENTRY_VARIABLE
 
     env = {**cli.env, AT_VARIABLE: at, ENTRY_VARIABLE: entry}

@@ -3,20 +3,24 @@
 Run ``python -m tests.support.interrupting ARGS...`` (the command line of ``mailstrom``)
 with :data:`AT_VARIABLE` naming a module: this process raises SIGINT at itself (as a
 terminal's Ctrl-C would send it) when that module is first imported, which is the same
-moment on every run. The command starts as its console script does (``from
-mailstrom.cli.main import main``), or as ``python -m mailstrom`` does with
-:data:`ENTRY_VARIABLE` set to ``module``. Nothing of mailstrom is imported before.
+moment on every run. The command starts as its console script does (``from MODULE import
+main``, as ``[project.scripts]`` in pyproject.toml names them), or as ``python -m
+mailstrom`` does with :data:`ENTRY_VARIABLE` set to ``module``. Nothing of mailstrom is
+imported before.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import os
 import runpy
 import signal
 import sys
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import ModuleType
 
 AT_VARIABLE = "TEST_INTERRUPT_AT"
@@ -49,9 +53,17 @@ def run() -> None:
     if os.environ.get(ENTRY_VARIABLE) == "module":
         runpy.run_module("mailstrom", run_name="__main__", alter_sys=True)
     else:
-        from mailstrom.cli.main import main
+        sys.exit(console_script()())
 
-        sys.exit(main())
+
+def console_script() -> Callable[[], int]:
+    """The function the ``mailstrom`` console script calls, imported as that script
+    imports it (its module is the first import; pip writes ``from MODULE import main``)."""
+    pyproject = Path(__file__).parents[2] / "pyproject.toml"
+    target = tomllib.loads(pyproject.read_text())["project"]["scripts"]["mailstrom"]
+    module, _, attribute = target.partition(":")
+    function: Callable[[], int] = getattr(importlib.import_module(module), attribute)
+    return function
 
 
 if __name__ == "__main__":
