@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import resource
 import sqlite3
+import subprocess
+import sys
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +77,38 @@ def test_export_import_round_trip(cli: CLI, workdir: Path, tmp_path: Path) -> No
         "bob@example.test": "complaint",
         "example.org": "manual",
     }
+
+
+def test_an_export_that_fails_midway_leaves_the_file_as_it_was(cli: CLI, workdir: Path) -> None:
+    """The file was truncated as the export began and written page by page: a write or
+    a store read failing midway (a full disk, a restarted server) left it cut short, the
+    earlier export in it gone, and a CSV that imports without a word. The export is
+    written beside it and takes its place once whole."""
+    rows = [f"u{i:04d}@example.test" for i in range(3000)]
+    cli.ok("suppress", "import", stdin="\n".join(rows).encode())
+    cli.ok("suppress", "export", "list.csv")
+    before = (workdir / "list.csv").read_bytes()
+    assert len(before) > 100_000
+    cli.ok("suppress", "add", "late@example.test")
+
+    def small_files() -> None:  # as a full disk: writes past 64 KiB fail (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailstrom", "suppress", "export", "list.csv"],
+        cwd=workdir,
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        check=False,
+    )
+    assert proc.returncode == 73, proc.stderr
+    assert "cannot write list.csv" in proc.stderr
+    assert (workdir / "list.csv").read_bytes() == before
+    assert sorted(p.name for p in workdir.iterdir() if "list" in p.name) == ["list.csv"]
+    cli.ok("suppress", "export", "list.csv")
+    assert (workdir / "list.csv").read_text().count("@example.test") == 3001
 
 
 def test_an_export_to_stdout_is_utf_8_whatever_the_locale(cli: CLI, workdir: Path) -> None:

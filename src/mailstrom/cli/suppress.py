@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import os
 import shlex
+import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -302,21 +306,67 @@ def _every(store: Store, *, now: datetime | None) -> Iterator[Suppression]:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from mailstrom.suppression_csv import write_csv
-
     now = None if args.all else utc_now()
     with store_from(settings_from(args), read_only=True) as store:
         if args.file == "-":
             _export_to_stdout(_every(store, now=now))
         else:
             try:
-                with open(args.file, "w", encoding="utf-8", newline="") as stream:
-                    write_csv(_every(store, now=now), stream)
+                _export_to_file(args.file, _every(store, now=now))
             except OSError as exc:
                 raise CLIError(
                     f"cannot write {args.file}: {exc.strerror or exc}", EX_CANTCREAT
                 ) from None
     return EX_OK
+
+
+def _export_to_file(path: str, entries: Iterator[Suppression]) -> None:
+    """Write the CSV to a file beside ``path`` and put it in its place once whole. Written
+    in place (truncated first, then page by page), a store or a disk failing midway left
+    ``path`` cut short, the earlier export in it gone, and a CSV that imports without a
+    word. What is no regular file is written in place as before: a symbolic link
+    (``/dev/stdout`` among them), a FIFO, and a file in a directory this user may not
+    create files in."""
+    from mailstrom.suppression_csv import write_csv
+
+    try:
+        st: os.stat_result | None = os.lstat(path)
+    except OSError:
+        st = None  # none yet (or open() below says what is wrong with it)
+    temp = None
+    if st is None or stat.S_ISREG(st.st_mode):
+        folder, name = os.path.split(os.path.abspath(path))
+        with contextlib.suppress(OSError):
+            fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    if temp is None:
+        with open(path, "w", encoding="utf-8", newline="") as stream:
+            write_csv(entries, stream)
+        return
+    try:
+        _take_mode(fd, st)
+        with open(fd, "w", encoding="utf-8", newline="") as stream:
+            write_csv(entries, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _take_mode(fd: int, st: os.stat_result | None) -> None:
+    """Give the file ``fd`` the mode (and, where allowed, owner) of the file it replaces
+    (``st``), or for a new one the mode ``open()`` would have made (0666 less the umask):
+    mkstemp makes it 0600."""
+    if st is None:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        return
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(OSError):
+        os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def _export_to_stdout(entries: Iterator[Suppression]) -> None:
