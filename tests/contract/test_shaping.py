@@ -309,3 +309,33 @@ def test_a_reply_no_store_can_write_is_kept_with_replacements_alike(store: Store
     pause = store.throttle("example.org", now=NOW, reply=reply, first=MINUTE, maximum=HOUR)
     assert pause.reply == "421 4.7.0 slow\ufffd down \ufffd now"
     assert store.throttles(now=NOW) == [pause]
+
+
+@pytest.mark.parametrize(
+    "destination",
+    ["example\x00.org", "example\udcff.org", "x" * 2000, 5],
+    ids=["nul", "surrogate", "too-long", "no-string"],
+)
+def test_a_destination_no_store_can_key_is_refused_alike(store: Store, destination: str) -> None:
+    """Was: a destination with a NUL given to ``throttle`` or ``postpone`` was kept by the
+    memory store and SQLite and refused by PostgreSQL (StoreRefusedData), one with a lone
+    surrogate refused by the SQL stores only, and one of thousands of characters was a
+    StoreError in PostgreSQL (its index keeps no such key). Every store refuses it
+    (InvalidArgument, named) before it marks or postpones anything."""
+    mid = store.enqueue(message(), now=NOW)
+    lease = lease_all(store)
+    with pytest.raises(InvalidArgument, match=r"^destination: "):
+        store.throttle(
+            destination,
+            now=NOW,
+            reply=REPLY,
+            first=MINUTE,
+            maximum=HOUR,
+            recipients=[(mid, "alice@example.org")],
+        )
+    with pytest.raises(InvalidArgument, match=r"^destination: "):
+        store.postpone(lease.items, until=NOW + HOUR, destination=destination)
+    assert store.throttles(now=NOW) == []
+    assert all(r.throttle is None for r in store.status(mid).recipients)
+    # The recipients are still held by the lease: postponed now, they are given back.
+    assert store.postpone(lease.items, until=NOW + HOUR, destination="example.org") == 2

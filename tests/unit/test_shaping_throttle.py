@@ -154,3 +154,15 @@ def test_a_bucket_no_take_can_use_is_refused(rate: float, capacity: float, named
     with pytest.raises(InvalidArgument, match=rf"^{named}: ") as raised:
         TokenBucket(key="example.org messages/minute", rate=rate, capacity=capacity)
     assert raised.value.argument == named
+
+
+@pytest.mark.parametrize(
+    "key", ["k\x00ey", "k\udcffey", "k" * 2000, None], ids=["nul", "surrogate", "too-long", "none"]
+)
+def test_a_bucket_key_no_store_can_key_is_refused_where_it_is_made(key: str) -> None:
+    """Was: a token bucket keyed with a NUL was taken from by the memory store and SQLite
+    and refused by PostgreSQL, one with a lone surrogate by both SQL stores, and one of
+    thousands of characters was a StoreError in PostgreSQL. It is refused where it is
+    made (InvalidArgument), as a rate no store can use is."""
+    with pytest.raises(InvalidArgument, match=r"^key: "):
+        TokenBucket(key=key, rate=1.0, capacity=3.0)

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from mailstrom.arguments import row_limit, shown
+from mailstrom.arguments import check_key, row_limit, shown
 from mailstrom.bounds import EARLIEST_TIME
 from mailstrom.errors import InvalidArgument
 from mailstrom.policy.reasons import classify_reply
@@ -41,6 +41,10 @@ RATE_LIMIT_CODES = frozenset({"4.7.28", "4.7.650", "4.7.651"})
 cause, and still ask for the whole destination to slow down."""
 MAX_THROTTLE_REPLY = 512
 """Characters of the throttling reply kept with a pause."""
+MAX_SHAPING_KEY = 1024
+"""Octets of a paused destination or a bucket's key: a shaping rule's pattern or a
+recipient domain (at most 253) and the rate's name. Every store keys its pauses and
+buckets by them; PostgreSQL's index keeps no key of several thousand octets."""
 
 
 def is_throttling(reply: SMTPReply | None, *, connecting: bool = False) -> bool:
@@ -109,6 +113,7 @@ class TokenBucket:
     capacity: float
 
     def __post_init__(self) -> None:
+        check_key(self.key, "key", limit=MAX_SHAPING_KEY)
         # Checked where made, as every store then takes alike: a rate of 0 divided by
         # zero at the second take, a NaN or infinite one raised ValueError, OverflowError
         # or StoreRefusedData by store, and a capacity under one token never granted any.

@@ -28,7 +28,7 @@ from mailstrom.bounds import MAX_INTEGER
 from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
 from mailstrom.message.addrspec import envelope_key
 from mailstrom.message.dsn import DSN
-from mailstrom.policy.throttle import TokenBucket, TokenGrant
+from mailstrom.policy.throttle import MAX_SHAPING_KEY, TokenBucket, TokenGrant
 from mailstrom.status import (
     Attempt,
     DeliveryEvent,
@@ -136,12 +136,26 @@ def pause_reply(reply: str) -> str:
     return storable_text(reply)
 
 
-def check_pause_times(now: datetime, first: timedelta, maximum: timedelta) -> None:
-    """InvalidArgument for a throttle (:meth:`Store.throttle`) whose ``now``, or whose
-    pause of ``first`` or ``maximum`` from it, is no time every store reads back
+def check_destination(destination: str | None) -> None:
+    """InvalidArgument for a paused ``destination`` (:meth:`Store.throttle`,
+    :meth:`Store.postpone`) that not every store can key a pause by: no string, a NUL
+    (kept by the memory store and SQLite, refused by PostgreSQL), a lone surrogate
+    (refused by both SQL stores) or more than :data:`MAX_SHAPING_KEY` octets (a
+    StoreError from PostgreSQL's index). None (postpone without a pause) passes."""
+    if destination is not None:
+        check_key(destination, "destination", limit=MAX_SHAPING_KEY)
+
+
+def check_pause_times(
+    destination: str, now: datetime, first: timedelta, maximum: timedelta
+) -> None:
+    """InvalidArgument for a throttle (:meth:`Store.throttle`) whose ``destination`` no
+    store can key (:func:`check_destination`), or whose ``now``, or whose pause of
+    ``first`` or ``maximum`` from it, is no time every store reads back
     (:func:`~mailstrom.stores.clock.after`), before a store marks or writes anything: a
     ``timedelta(days=10**8)`` was a bare OverflowError in two stores and StoreRefusedData
     in SQLite."""
+    check_destination(destination)
     kept_time(now, "now")
     after(now, first, "first")
     after(now, maximum, "maximum")

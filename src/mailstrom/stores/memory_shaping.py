@@ -16,7 +16,7 @@ from mailstrom.policy.throttle import (
     take_tokens,
 )
 from mailstrom.status import DestinationThrottle
-from mailstrom.stores.base import WorkItem, check_pause_times, pause_reply
+from mailstrom.stores.base import WorkItem, check_destination, check_pause_times, pause_reply
 from mailstrom.stores.clock import kept_time
 from mailstrom.stores.memory_records import _Message
 
@@ -53,7 +53,7 @@ class MemoryShapingMixin:
         recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`)."""
-        check_pause_times(now, first, maximum)
+        check_pause_times(destination, now, first, maximum)
         reply = pause_reply(reply)
         with self._lock:
             for message_id, address in recipients:
@@ -90,6 +90,7 @@ class MemoryShapingMixin:
     ) -> int:
         """Give back the items' still-held recipients, due at ``until``, no attempt counted."""
         until = kept_time(until, "until")
+        check_destination(destination)
         postponed = 0
         with self._lock:
             for item in items:

@@ -99,6 +99,7 @@ from mailstrom.stores.base import (
     QueueFilter,
     RecipientResult,
     WorkItem,
+    check_destination,
     check_pause_times,
     check_result_times,
     check_storable,
@@ -1815,7 +1816,7 @@ class SQLiteStore:
         recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`); one write transaction."""
-        check_pause_times(now, first, maximum)
+        check_pause_times(destination, now, first, maximum)
         reply = pause_reply(reply)
         with self._write(fsync=False) as conn:
             sqlite_shaping.mark(conn, recipients, destination)
@@ -1835,6 +1836,7 @@ class SQLiteStore:
         if not items:
             return 0
         until = kept_time(until, "until")
+        check_destination(destination)
         with self._write(fsync=False) as conn:
             return sqlite_shaping.postpone(conn, items, until=until, destination=destination)
 

@@ -61,6 +61,7 @@ from mailstrom.stores.base import (
     WorkItem,
     bounded_attempt,
     byte_budget,
+    check_destination,
     check_pause_times,
     check_result_times,
     check_storable,
@@ -1296,7 +1297,7 @@ class PostgresStore:
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`): one transaction under an advisory
         lock on the destination, so workers reporting at once count one throttle."""
-        check_pause_times(now, first, maximum)
+        check_pause_times(destination, now, first, maximum)
         reply = pause_reply(reply)
         q = self._queries
         with (
@@ -1353,6 +1354,7 @@ class PostgresStore:
         if not triples:
             return 0
         until = kept_time(until, "until")
+        check_destination(destination)
         [(count,)] = self._fetch(
             "postpone",
             {
