@@ -339,3 +339,21 @@ def test_a_destination_no_store_can_key_is_refused_alike(store: Store, destinati
     assert all(r.throttle is None for r in store.status(mid).recipients)
     # The recipients are still held by the lease: postponed now, they are given back.
     assert store.postpone(lease.items, until=NOW + HOUR, destination="example.org") == 2
+
+
+@pytest.mark.parametrize(
+    "when",
+    [datetime(9999, 1, 1, tzinfo=UTC), datetime(1, 1, 2, tzinfo=UTC)],
+    ids=["year-9999", "year-1"],
+)
+def test_a_now_no_store_reads_back_is_refused_at_a_take_alike(store: Store, when: datetime) -> None:
+    """Was: ``take_tokens`` at a ``now`` past the times a store keeps (year 9999) took the
+    tokens and stamped the bucket then: every later take, at the real time, is behind the
+    stamp and refills nothing, so the rate sent nothing again (and SQLite, which reads no
+    such stamp back, kept it full instead). Every store refuses it (InvalidArgument, as
+    a throttle's ``now``) and leaves the bucket as it was."""
+    bucket = TokenBucket(key="example.org messages/minute", rate=1.0, capacity=3.0)
+    assert store.take_tokens([bucket], want=3, now=NOW).granted == 3
+    with pytest.raises(InvalidArgument, match=r"^now: .* keeps"):
+        store.take_tokens([bucket], want=1, now=when)
+    assert store.take_tokens([bucket], want=3, now=NOW + 2 * SECOND).granted == 2

@@ -111,6 +111,7 @@ class MemoryShapingMixin:
         self, buckets: Sequence[TokenBucket], *, want: int, now: datetime
     ) -> TokenGrant:
         """Take up to ``want`` tokens from every bucket at once."""
+        now = kept_time(now, "now")  # as the durable stores
         with self._lock:
             grant, states = take_tokens(buckets, self._buckets, want=want, now=now)
             self._buckets.update(states)

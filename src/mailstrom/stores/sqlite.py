@@ -1845,7 +1845,9 @@ class SQLiteStore:
     ) -> TokenGrant:
         """Take up to ``want`` tokens from every bucket at once, shared by every process
         of this database (the write lock serialises them)."""
-        now = aware_utc(now, "now")  # a naive one less a bucket's time was a TypeError
+        # A naive one less a bucket's time was a TypeError; one past the times a store
+        # keeps stamped the bucket then, and it never refilled at the real time.
+        now = kept_time(now, "now")
         with self._write(fsync=False) as conn:
             return sqlite_shaping.take(conn, buckets, want=want, now=now)
 

@@ -1372,7 +1372,9 @@ class PostgresStore:
     ) -> TokenGrant:
         """Take up to ``want`` tokens from every bucket at once: one transaction holding an
         advisory lock per bucket (taken in key order, so two workers never deadlock)."""
-        now = aware_utc(now, "now")  # a naive one less a bucket's time was a TypeError
+        # A naive one less a bucket's time was a TypeError; one past the times a store
+        # keeps stamped the bucket then, and it never refilled at the real time.
+        now = kept_time(now, "now")
         q = self._queries
         keys = sorted({b.key for b in buckets})
         with (
