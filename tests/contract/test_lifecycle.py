@@ -146,6 +146,21 @@ def test_a_recipient_named_twice_is_refused_alike(store: Store, first: str, agai
     assert [r.address for r in store.status(mid).recipients] == ["a@example.org", "A@example.org"]
 
 
+def test_a_message_with_no_recipient_is_refused_alike(store: Store) -> None:
+    """Was: a direct enqueue of a message naming no recipient (the facades refuse one,
+    NoRecipients) was queued by every store, failed at once with nothing to deliver:
+    the memory store purged it at any cutoff, even one before it was queued, PostgreSQL
+    likewise but not when purging failed mail, and SQLite never. Every store refuses it,
+    before writing anything."""
+    empty = replace(message(), recipients=())
+    with pytest.raises(InvalidArgument, match=r"^recipients: ") as raised:
+        store.enqueue(empty, now=NOW)
+    assert raised.value.argument == "recipients"
+    with pytest.raises(InvalidArgument, match=r"^recipients: "):
+        store.enqueue_many([message(), empty], now=NOW)
+    assert store.recent() == []
+
+
 FAR = datetime(9999, 12, 31, tzinfo=UTC)
 """Past :data:`~mailstrom.bounds.LATEST_TIME` (9000): no store reads it back."""
 LONG_AGO = datetime(1800, 1, 1, tzinfo=UTC)

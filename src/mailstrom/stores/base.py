@@ -77,7 +77,9 @@ def check_storable(messages: Iterable[PreparedMessage], *, now: datetime | None 
     are de-duplicated: :class:`~mailstrom.message.prepared.PreparedMessage`), which only
     a direct caller can give: a SQL store's key refused an exact repeat
     (StoreRefusedData), the memory store merged it, and a repeat with its domain in
-    another case was queued twice by all three, to be delivered twice.
+    another case was queued twice by all three, to be delivered twice. Likewise for one
+    naming no recipient (the facades raise NoRecipients): every store queued it, failed
+    with nothing to deliver, and each purged it in its own way (SQLite never).
 
     InvalidArgument too for a naive ``send_at``, ``expires_at`` or ``idempotency_until``
     (:class:`~mailstrom.message.attributes.QueueAttributes` built by hand), named: the
@@ -97,6 +99,13 @@ def check_storable(messages: Iterable[PreparedMessage], *, now: datetime | None 
 
 
 def _check_recipients(recipients: Sequence[str]) -> None:
+    if not recipients:
+        # The facades refuse one (NoRecipients); a store given one queued a message with
+        # nothing to deliver, failed at once, that the stores purged each in its own way.
+        raise InvalidArgument(
+            "recipients: the message names no recipient; name at least one",
+            argument="recipients",
+        )
     if len(recipients) < 2:
         return
     seen: set[tuple[str, str]] = set()
