@@ -24,7 +24,7 @@ import pytest
 from mailstrom.status import RecipientState
 from mailstrom.stores.dead_holders import DeadHolderReaper
 from mailstrom.stores.postgres import PostgresStore
-from mailstrom.stores.postgres.holders import QUIET_EVERY, STOP_WAIT
+from mailstrom.stores.postgres.holders import BEAT_AT_LEAST_EVERY, STOP_WAIT
 
 from .children import lease_in_child
 from .support import LEASE_FOR, NOW, leased_addresses, message, results_for
@@ -164,7 +164,7 @@ def test_a_holder_taken_for_dead_that_comes_back_says_so_and_its_results_are_ign
 
 def test_dead_after_0_judges_nobody(postgres_url: str, stores: list[PostgresStore]) -> None:
     judge = _open(stores, f"{postgres_url}?dead_after=0")
-    assert judge.reap_every == QUIET_EVERY
+    assert judge.reap_every == BEAT_AT_LEAST_EVERY  # the others judge it
     gone = _open(stores, f"{postgres_url}?dead_after=1s")
     gone.enqueue(message("a@example.org"), now=NOW)
     gone.release_dead_holders(X)

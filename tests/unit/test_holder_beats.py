@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mailstrom.stores.postgres.holders import QUIET_EVERY, HolderBeats
+from mailstrom.stores.postgres.holders import BEAT_AT_LEAST_EVERY, QUIET_EVERY, HolderBeats
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -62,7 +62,7 @@ def test_a_missed_beat_starts_the_run_again() -> None:
 def test_judging_off_never_judges() -> None:
     clock = Clock()
     beats = HolderBeats(None, monotonic=clock.monotonic)
-    assert beats.beat_every == QUIET_EVERY
+    assert beats.beat_every == BEAT_AT_LEAST_EVERY  # the others judge it
     for _ in range(100):
         assert beats.looked(clock.server()) is None
         clock.seconds += QUIET_EVERY
@@ -151,3 +151,24 @@ def test_a_worker_with_a_longer_dead_after_lives_for_one_with_the_default(theirs
             assert since is None or seen >= since, f"taken for dead at {clock.seconds} s"
             next_look += judge.beat_every
         clock.seconds += 1
+
+
+@pytest.mark.parametrize("judging", [30.0, 45.0])
+def test_a_worker_with_judging_off_beats_as_often_as_a_judge_needs(judging: float) -> None:
+    """Was: a worker whose URL says ``dead_after=0`` (judging off, rolled out host by
+    host) beat only every minute, and a worker judging with a ``dead_after`` under about
+    that took it for dead between two beats, every time, and gave back what it leased
+    (delivered twice). It beats at least every :data:`BEAT_AT_LEAST_EVERY` seconds, as
+    a worker with a long ``dead_after`` does."""
+    quiet = HolderBeats(None)
+    assert quiet.beat_every <= BEAT_AT_LEAST_EVERY
+    clock = Clock()
+    judge = HolderBeats(judging, monotonic=clock.monotonic)
+    seen = clock.server()  # the quiet worker's first beat
+    next_beat = quiet.beat_every
+    while clock.seconds < 10 * QUIET_EVERY:
+        if clock.seconds >= next_beat:
+            seen, next_beat = clock.server(), next_beat + quiet.beat_every
+        dead_before = judge.looked(clock.server())
+        assert dead_before is None or seen >= dead_before, clock.seconds
+        clock.seconds += judge.beat_every

@@ -47,14 +47,19 @@ from datetime import datetime, timedelta
 log = logging.getLogger("mailstrom.stores.postgres")
 
 QUIET_EVERY = 60.0
-"""Seconds between two looks when judging is off (``dead_after=0``): the beats then only
-keep the rows current for whoever reads them."""
+"""The eighth of ``dead_after`` when judging is off (``dead_after=0``): a look longer
+than two of them after the last starts a new run. Such a worker still beats every
+:data:`BEAT_AT_LEAST_EVERY` seconds, since the others judge it."""
 BEAT_AT_LEAST_EVERY = 15.0
 """Seconds between two beats at most, whatever ``dead_after`` (an eighth of the default
-two minutes). Workers judge each other by their own URL's ``dead_after``: one given a
-longer one than another's (``dead_after=30m`` rolled out host by host, or in the workers'
-URL and not the web application's) beat every eighth of it, 225 s, and the worker with
-two minutes took it for dead between any two of its beats."""
+two minutes), judging off included. Workers judge each other by their own URL's
+``dead_after``: one given a longer one than another's (``dead_after=30m`` rolled out host
+by host, or in the workers' URL and not the web application's) beat every eighth of it,
+225 s, and the worker with two minutes took it for dead between any two of its beats; one
+with ``dead_after=0`` beat every minute, taken for dead by a worker judging with 30 s.
+A judge with a ``dead_after`` under two of these beats can still take a live worker with
+a longer one for dead (each judges by its own URL's ``dead_after``): give every worker
+of a store the same one."""
 STOP_WAIT = 2.0
 """Seconds a closing store waits for a connection to mark its holders stopped."""
 LIST_AT_MOST = 1000
@@ -71,10 +76,10 @@ class HolderBeats:
     ) -> None:
         self.dead_after = dead_after
         eighth = QUIET_EVERY if dead_after is None else dead_after / 8
-        self.beat_every = eighth if dead_after is None else min(eighth, BEAT_AT_LEAST_EVERY)
+        self.beat_every = min(eighth, BEAT_AT_LEAST_EVERY)
         """Seconds between two looks of a worker: an eighth of ``dead_after``, and at most
-        :data:`BEAT_AT_LEAST_EVERY`, so that a worker whose ``dead_after`` is shorter does
-        not take this one for dead between two beats."""
+        :data:`BEAT_AT_LEAST_EVERY` (judging off too), so that a worker whose
+        ``dead_after`` is shorter does not take this one for dead between two beats."""
         self.break_after = 2 * eighth
         """A look this long after the last one starts a new run: one missed beat (of an
         eighth of ``dead_after``)."""
