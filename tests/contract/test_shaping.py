@@ -357,3 +357,20 @@ def test_a_now_no_store_reads_back_is_refused_at_a_take_alike(store: Store, when
     with pytest.raises(InvalidArgument, match=r"^now: .* keeps"):
         store.take_tokens([bucket], want=1, now=when)
     assert store.take_tokens([bucket], want=3, now=NOW + 2 * SECOND).granted == 2
+
+
+def test_recipients_that_name_nothing_stored_leave_the_pause_alike(store: Store) -> None:
+    """Was: a throttle whose ``recipients`` held a message id or address with a NUL (or
+    a lone surrogate) lost the pause in PostgreSQL, which refused the whole call
+    (StoreRefusedData), and SQLite for the surrogate, while the memory store skipped the
+    pair, as it skips any unknown one. Such a pair names no stored recipient: every store
+    skips it, and pauses the destination and marks the recipients it does name."""
+    now = datetime.now(UTC)
+    mid = store.enqueue(message(), now=now)
+    pairs = [("nope\x00", "a@example.org"), (mid, "b\udcff@example.org"), (mid, "bob@example.org")]
+    pause = store.throttle(
+        "example.org", now=now, reply=REPLY, first=HOUR, maximum=HOUR, recipients=pairs
+    )
+    assert store.throttles(now=now) == [pause]
+    shown = {r.address: r.throttle for r in store.status(mid).recipients}
+    assert shown == {"alice@example.org": None, "bob@example.org": pause}

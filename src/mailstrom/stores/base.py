@@ -39,7 +39,7 @@ from mailstrom.status import (
     RecipientState,
 )
 from mailstrom.stores.clock import after, kept_time
-from mailstrom.stores.operator import ShapeRow, Suspension, filter_domain
+from mailstrom.stores.operator import ShapeRow, Suspension, comparable, filter_domain
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
@@ -153,6 +153,15 @@ def check_destination(destination: str | None) -> None:
     StoreError from PostgreSQL's index). None (postpone without a pause) passes."""
     if destination is not None:
         check_key(destination, "destination", limit=MAX_SHAPING_KEY)
+
+
+def named_recipients(recipients: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (message id, address) pairs of a throttle's ``recipients`` that may name a
+    stored recipient: a NUL or a lone surrogate in either (:func:`~.operator.comparable`)
+    names none. Given to a SQL store, one made it refuse the whole throttle
+    (StoreRefusedData) and the pause was lost, where the memory store skipped the pair
+    as it skips any unknown one."""
+    return [(m, a) for m, a in recipients if comparable(m) and comparable(a)]
 
 
 def check_pause_times(

@@ -16,7 +16,13 @@ from mailstrom.policy.throttle import (
     take_tokens,
 )
 from mailstrom.status import DestinationThrottle
-from mailstrom.stores.base import WorkItem, check_destination, check_pause_times, pause_reply
+from mailstrom.stores.base import (
+    WorkItem,
+    check_destination,
+    check_pause_times,
+    named_recipients,
+    pause_reply,
+)
 from mailstrom.stores.clock import kept_time
 from mailstrom.stores.memory_records import _Message
 
@@ -55,6 +61,7 @@ class MemoryShapingMixin:
         """Pause ``destination`` (see :class:`Store`)."""
         check_pause_times(destination, now, first, maximum)
         reply = pause_reply(reply)
+        recipients = named_recipients(recipients)
         with self._lock:
             for message_id, address in recipients:
                 m = self._messages.get(message_id)

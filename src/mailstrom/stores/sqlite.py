@@ -103,6 +103,7 @@ from mailstrom.stores.base import (
     check_pause_times,
     check_result_times,
     check_storable,
+    named_recipients,
     pause_reply,
     storable_text,
     with_pauses,
@@ -1818,6 +1819,7 @@ class SQLiteStore:
         """Pause ``destination`` (see :class:`Store`); one write transaction."""
         check_pause_times(destination, now, first, maximum)
         reply = pause_reply(reply)
+        recipients = named_recipients(recipients)
         with self._write(fsync=False) as conn:
             sqlite_shaping.mark(conn, recipients, destination)
             return sqlite_shaping.throttle(

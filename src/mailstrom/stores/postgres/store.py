@@ -67,6 +67,7 @@ from mailstrom.stores.base import (
     check_storable,
     holder_range,
     lease_token,
+    named_recipients,
     new_message_id,
     pause_reply,
     record_then_lease,
@@ -1299,6 +1300,7 @@ class PostgresStore:
         lock on the destination, so workers reporting at once count one throttle."""
         check_pause_times(destination, now, first, maximum)
         reply = pause_reply(reply)
+        recipients = named_recipients(recipients)
         q = self._queries
         with (
             self._translating("throttle"),
