@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
+
+from mailstrom.errors import InvalidArgument
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store
 
@@ -21,6 +24,22 @@ def test_a_noted_host_is_broken_until_its_time(store: Store) -> None:
     assert store.tls_broken(now=NOW) == {"mx.example.org": NOW + MINUTE}
     assert store.tls_broken(now=NOW + MINUTE) == {}
     # Expired entries are gone for good, not hidden.
+    assert store.tls_broken(now=NOW) == {}
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["mx\x00.example.org", "mx\udcff.example.org", "m" * 2000, None],
+    ids=["nul", "surrogate", "too-long", "none"],
+)
+def test_a_host_no_store_can_key_is_refused_alike(store: Store, host: str) -> None:
+    """Was: a host with a NUL given to ``note_tls_broken`` was kept by the memory store and
+    SQLite and refused by PostgreSQL (StoreRefusedData), one with a lone surrogate by both
+    SQL stores, one of thousands of characters was a StoreError in PostgreSQL (its index
+    keeps no such key), and None was kept by the memory store and SQLite. Every store
+    refuses it (InvalidArgument, named) and remembers nothing."""
+    with pytest.raises(InvalidArgument, match=r"^host: "):
+        store.note_tls_broken(host, until=NOW + MINUTE, reason="handshake", now=NOW)
     assert store.tls_broken(now=NOW) == {}
 
 

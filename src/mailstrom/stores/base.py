@@ -181,6 +181,17 @@ def check_pause_times(
 
 MAX_TLS_BROKEN = 10_000
 """Hosts with remembered broken TLS that a worker reads at most."""
+MAX_TLS_HOST = 1024
+"""Octets of a host whose broken TLS a store remembers: far above any host name (253)
+or address literal, and a key PostgreSQL's index keeps."""
+
+
+def check_tls_host(host: str) -> None:
+    """InvalidArgument for a ``host`` given to :meth:`Store.note_tls_broken` that not
+    every store can key: no string (None was kept by the memory store and SQLite), a NUL
+    (refused by PostgreSQL alone), a lone surrogate (by both SQL stores) or more than
+    :data:`MAX_TLS_HOST` octets (a StoreError from PostgreSQL's index)."""
+    check_key(host, "host", limit=MAX_TLS_HOST)
 
 
 def bounded_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:

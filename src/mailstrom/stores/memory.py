@@ -31,6 +31,7 @@ from mailstrom.stores.base import (
     WorkItem,
     byte_budget,
     check_storable,
+    check_tls_host,
     domain_of,
     holder_range,
     lease_token,
@@ -525,6 +526,7 @@ class MemoryStore(
 
     def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
         """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        check_tls_host(host)
         until = kept_time(until, "until")
         with self._lock:
             known = self._tls_broken.get(host)

@@ -103,6 +103,7 @@ from mailstrom.stores.base import (
     check_pause_times,
     check_result_times,
     check_storable,
+    check_tls_host,
     named_recipients,
     pause_reply,
     storable_text,
@@ -1615,6 +1616,7 @@ class SQLiteStore:
 
     def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
         """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        check_tls_host(host)
         until = kept_time(until, "until")
         with self._write(fsync=False) as conn:
             conn.execute(

@@ -65,6 +65,7 @@ from mailstrom.stores.base import (
     check_pause_times,
     check_result_times,
     check_storable,
+    check_tls_host,
     holder_range,
     lease_token,
     named_recipients,
@@ -1071,6 +1072,7 @@ class PostgresStore:
 
     def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
         """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
+        check_tls_host(host)
         until = kept_time(until, "until")
         params = {"host": host, "until": until, "reason": storable_text(reason), "now": now}
         self._fetch("note_tls_broken", params)
