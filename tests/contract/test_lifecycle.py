@@ -161,6 +161,30 @@ def test_a_message_with_no_recipient_is_refused_alike(store: Store) -> None:
     assert store.recent() == []
 
 
+@pytest.mark.parametrize("bad", ["a\x00b", "a\udcffb"], ids=["nul", "surrogate"])
+@pytest.mark.parametrize(
+    "field", ["recipients", "envelope_from", "header_message_id", "subject", "dkim_unsigned"]
+)
+def test_a_message_text_no_store_can_write_is_refused_alike(
+    store: Store, field: str, bad: str
+) -> None:
+    """Was: a message built by hand (``prepare`` refuses these characters) whose
+    addresses, Message-ID, subject or unsigned reason held a NUL was queued by the
+    memory store and SQLite and refused by PostgreSQL (StoreRefusedData), and one with
+    a lone surrogate was queued by the memory store alone. Every store refuses it
+    (InvalidArgument naming the field) before writing anything."""
+    if field == "recipients":
+        made = message(f"{bad}@example.org")
+    elif field == "envelope_from":
+        made = replace(message(), envelope_from=f"{bad}@example.com")
+    else:
+        made = replace(message(), **{field: bad})
+    with pytest.raises(InvalidArgument, match=rf"^{field}: ") as raised:
+        store.enqueue(made, now=NOW)
+    assert raised.value.argument == field
+    assert store.recent() == []
+
+
 FAR = datetime(9999, 12, 31, tzinfo=UTC)
 """Past :data:`~mailstrom.bounds.LATEST_TIME` (9000): no store reads it back."""
 LONG_AGO = datetime(1800, 1, 1, tzinfo=UTC)

@@ -20,6 +20,7 @@ import mailstrom.stores.sqlite as sqlite_module
 from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.stores import SQLiteStore
+from mailstrom.stores import base as stores_base
 from mailstrom.stores.sqlite import _Enqueue
 from mailstrom.stores.sqlite_queue import (
     PENDING_LANES_SQL,
@@ -208,7 +209,16 @@ def test_group_commit_reports_a_failure_only_to_its_caller(db: Path) -> None:
     store.close()
 
 
-def test_enqueue_raises_store_error_and_stores_nothing(db: Path) -> None:
+def _write_unwritable_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let a recipient no driver can encode through to the write, as a message failing
+    at its row: every store refuses one before writing now (stores.base._check_texts)."""
+    monkeypatch.setattr(stores_base, "_check_texts", lambda message: None)
+
+
+def test_enqueue_raises_store_error_and_stores_nothing(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_unwritable_texts(monkeypatch)
     store = SQLiteStore(db)
     with pytest.raises(StoreError):
         # Refused at the second recipient's row, after the message's (a duplicate
@@ -621,6 +631,7 @@ def test_an_interrupt_while_a_failed_commit_is_retried_one_by_one_fails_the_rest
     request at a time; the leader is interrupted before it reaches a follower's. That
     follower was marked done without ids or an error: enqueue raised ValueError ("not
     enough values to unpack") and enqueue_many returned [], nothing queued."""
+    _write_unwritable_texts(monkeypatch)
     connect = sqlite3.connect
     monkeypatch.setattr(
         sqlite3, "connect", lambda *a, **k: connect(*a, **k, factory=_InterruptedAtThirdBegin)

@@ -79,7 +79,9 @@ def check_storable(messages: Iterable[PreparedMessage], *, now: datetime | None 
     (StoreRefusedData), the memory store merged it, and a repeat with its domain in
     another case was queued twice by all three, to be delivered twice. Likewise for one
     naming no recipient (the facades raise NoRecipients): every store queued it, failed
-    with nothing to deliver, and each purged it in its own way (SQLite never).
+    with nothing to deliver, and each purged it in its own way (SQLite never). And for
+    an address, Message-ID, subject or unsigned reason with a NUL or a lone surrogate
+    (``prepare`` makes none): queued by some stores, refused by others.
 
     InvalidArgument too for a naive ``send_at``, ``expires_at`` or ``idempotency_until``
     (:class:`~mailstrom.message.attributes.QueueAttributes` built by hand), named: the
@@ -90,6 +92,7 @@ def check_storable(messages: Iterable[PreparedMessage], *, now: datetime | None 
         kept_time(now, "now")
     for message in messages:
         _check_recipients(message.recipients)
+        _check_texts(message)
         _check_times(message.attributes)
         if message.size > MAX_STORED_SIZE:
             raise StoreRefusedData(
@@ -118,6 +121,26 @@ def _check_recipients(recipients: Sequence[str]) -> None:
                 argument="recipients",
             )
         seen.add(key)
+
+
+def _check_texts(message: PreparedMessage) -> None:
+    """InvalidArgument for a text of ``message`` with a NUL (PostgreSQL refused it, the
+    others kept it) or a lone surrogate (the SQL stores refused it): ``prepare`` never
+    makes one, and only a message built by hand can hold them."""
+    texts: list[tuple[str, Sequence[str | None]]] = [
+        ("recipients", message.recipients),
+        ("envelope_from", [message.envelope_from]),
+        ("header_message_id", [message.header_message_id]),
+        ("subject", [message.subject]),
+        ("dkim_unsigned", [message.dkim_unsigned]),
+    ]
+    for name, values in texts:
+        for value in values:
+            if isinstance(value, str) and not comparable(value):
+                raise InvalidArgument(
+                    f"{name}: {shown(value)} holds a NUL or a lone surrogate, which no store keeps",
+                    argument=name,
+                )
 
 
 def _check_times(attributes: QueueAttributes) -> None:
