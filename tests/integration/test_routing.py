@@ -797,3 +797,43 @@ async def test_records_set_for_a_name_made_to_fail_are_served(
     dns_server.a("fixed.test", "127.0.0.1")
     with pytest.raises(TemporaryFailure):
         await Router(dns_server.dns_config, allow_loopback=True).route("fixed.test")
+
+
+class WallClockSteppedOnQuery:
+    """Stands in for the ``time`` module of dnspython's resolvers: the real clocks, with
+    the wall clock stepped by ``step`` seconds once ``server`` has had a ``rdtype`` query
+    for ``name`` (NTP or an operator stepping it while the resolver waits for that
+    answer)."""
+
+    def __init__(self, server: LoopbackDNS, name: str, rdtype: str, step: float) -> None:
+        self.server, self.name, self.rdtype, self.step = server, name, rdtype, step
+
+    def time(self) -> float:
+        stepped = self.server.queries(self.name, self.rdtype) > 0
+        return time.time() + (self.step if stepped else 0.0)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+async def test_a_route_is_not_failed_by_a_wall_clock_step(
+    dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch, step: float
+) -> None:
+    # dnspython measures a lookup's lifetime on the wall clock: stepped during the first
+    # query of a lookup that needs a second one (here the TCP query after a truncated UDP
+    # answer, as for a domain with many MX hosts), the lookup failed at once with "The
+    # resolution lifetime expired", and the recipients were deferred ("timed out").
+    import dns.asyncresolver
+    import dns.resolver
+
+    hosts = [(10, f"mx{i:02}-{'x' * 40}.big.test") for i in range(20)]
+    dns_server.mx("big.test", hosts)
+    for _, host in hosts:
+        dns_server.a(host, "127.0.0.1")
+    stepped = WallClockSteppedOnQuery(dns_server, "big.test", "MX", step)
+    monkeypatch.setattr(dns.resolver, "time", stepped)
+    monkeypatch.setattr(dns.asyncresolver, "time", stepped)
+    route = await Router(dns_server.dns_config, allow_loopback=True).route("big.test")
+    assert route.hosts and {h.name for h in route.hosts} <= {name for _, name in hosts}
+    assert dns_server.queries("big.test", "MX") >= 2  # over UDP, then over TCP

@@ -10,7 +10,6 @@ without the final dot, and each TXT record's character-strings joined into one s
 from __future__ import annotations
 
 import ipaddress
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -22,6 +21,7 @@ import dns.resolver
 import dns.reversename
 
 from mailstrom.config import DNSConfig
+from mailstrom.dnsclock import Deadline
 
 
 class Outcome(StrEnum):
@@ -102,30 +102,18 @@ class DNSResolver:
         )
 
     def _resolve(self, name: str, rdtype: str, lifetime: float) -> dns.resolver.Answer:
-        """dnspython's answer in ``lifetime`` seconds, kept on the monotonic clock.
-
-        dnspython measures a lookup's lifetime on the wall clock, and offers no other:
-        stepped forward (NTP, an operator) while a lookup waits, or back by more than a
-        second, its next query (the TCP one after a truncated answer, the next server's,
-        a retry) found the lifetime spent and the lookup failed at once, a temporary
-        error the doctor reported. When it says so while the monotonic clock has time
-        left, the lookup is asked again in what is left: a real timeout leaves none."""
-        deadline = time.monotonic() + lifetime
-        for _ in range(_CLOCK_RETRIES):
+        """dnspython's answer in ``lifetime`` seconds, kept on the monotonic clock: asked
+        again in what is left when a wall clock step made dnspython give up early
+        (:mod:`mailstrom.dnsclock`)."""
+        deadline = Deadline.after(lifetime)
+        while True:
             try:
                 return self._resolver.resolve(name, rdtype, search=False, lifetime=lifetime)
             except dns.resolver.LifetimeTimeout:
-                lifetime = deadline - time.monotonic()
-                if lifetime < _LEAST_LIFETIME:
+                left = deadline.ask_again()
+                if left is None:
                     raise
-        return self._resolver.resolve(name, rdtype, search=False, lifetime=lifetime)
-
-
-_CLOCK_RETRIES = 2
-"""Times a lookup is asked again because the wall clock was stepped under it."""
-_LEAST_LIFETIME = 0.05
-"""Seconds left worth asking again in: what the wall and monotonic clocks may drift
-apart in a lookup's lifetime (NTP slews by at most 500 ppm) is far less."""
+                lifetime = left
 
 
 def _text(rdata: object) -> str:

@@ -33,6 +33,7 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
+from mailstrom.dnsclock import Deadline
 from mailstrom.domains import literal_address
 from mailstrom.errors import PermanentFailure, TemporaryFailure
 from mailstrom.routing.policy import RoutePolicy
@@ -299,7 +300,7 @@ class _Resolution:
             # dnspython looks at lifetime only between its rounds of queries, after a
             # pause of up to 2 s: the route's budget would be overrun by that much.
             async with asyncio.timeout(remaining):
-                return await self.resolver.resolve(name, rdtype, search=False, lifetime=remaining)
+                return await self._resolve(name, rdtype, remaining)
         except TimeoutError as exc:
             raise self.timed_out(f"{name} {rdtype.name}") from exc
         except dns.resolver.NXDOMAIN:
@@ -313,6 +314,23 @@ class _Resolution:
             raise TemporaryFailure(
                 f"DNS lookup of {name} {rdtype.name} failed: {exc}", enhanced=_TEMPORARY_DNS
             ) from exc
+
+    async def _resolve(
+        self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType, lifetime: float
+    ) -> dns.resolver.Answer:
+        """dnspython's answer in ``lifetime`` seconds, kept on the route's clock: asked
+        again in what is left of the route's deadline when a wall clock step made
+        dnspython give up early (:mod:`mailstrom.dnsclock`): its ``LifetimeTimeout``
+        deferred the recipients of DNS that answered."""
+        deadline = Deadline(self.deadline, clock=self.clock)
+        while True:
+            try:
+                return await self.resolver.resolve(name, rdtype, search=False, lifetime=lifetime)
+            except dns.resolver.LifetimeTimeout:
+                left = deadline.ask_again()
+                if left is None:
+                    raise
+                lifetime = left
 
     async def exchange_addresses(self, name: dns.name.Name) -> _Addresses:
         """The addresses of MX host ``name``: the one it spells when it is an IP address
