@@ -837,3 +837,19 @@ async def test_a_route_is_not_failed_by_a_wall_clock_step(
     route = await Router(dns_server.dns_config, allow_loopback=True).route("big.test")
     assert route.hosts and {h.name for h in route.hosts} <= {name for _, name in hosts}
     assert dns_server.queries("big.test", "MX") >= 2  # over UDP, then over TCP
+
+
+async def test_a_better_host_without_addresses_is_looked_at_again_soon(
+    dns_server: LoopbackDNS, router: Router, clock: FakeClock
+) -> None:
+    # A route that skipped a better MX host for want of addresses ("usually a DNS change
+    # in progress") was cached for the TTLs of the answers it used, up to a day: once the
+    # host had its addresses, mail still went to the backup until then.
+    dns_server.mx("example.org", [(10, "new.example.org"), (20, "backup.example.org")],
+                  ttl=3600)  # fmt: skip
+    dns_server.a("backup.example.org", "127.0.0.9", ttl=3600)
+    assert names(await router.route("example.org")) == ["backup.example.org"]
+    dns_server.a("new.example.org", "127.0.0.1", ttl=3600)  # the change is done
+    clock.now += 61  # as long as a name found without addresses is remembered (NEGATIVE_TTL)
+    route = await router.route("example.org")
+    assert names(route) == ["new.example.org", "backup.example.org"]

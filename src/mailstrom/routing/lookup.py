@@ -533,6 +533,9 @@ async def _mx_route(
                     skipped = True
                 elif not result.refused and result.temporary is None:
                     addressless.append(host_name)
+                    # A negative answer: remembered only briefly, and so is a route
+                    # without this host, which may have its addresses in a minute.
+                    ttls.append(NEGATIVE_TTL)
                 continue  # a host without usable addresses cannot be tried; others can
             hosts.append(
                 MXHost(
