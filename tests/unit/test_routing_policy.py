@@ -136,6 +136,25 @@ def test_policy_limits_are_validated(options: dict[str, int]) -> None:
         RoutePolicy(**options)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mx_address_limit": float("nan")},
+        {"mx_address_limit": 1.5},
+        {"mx_address_limit": True},
+        {"mx_host_limit": float("inf")},
+        {"max_dns_queries": 2.5},
+        {"max_dns_queries": float("nan")},
+    ],
+)
+def test_policy_limits_that_are_no_whole_numbers_are_refused(options: dict[str, object]) -> None:
+    # ``value < 1`` is false for NaN and passes 1.5 or True: NaN took every address out
+    # of every route ("no MX host of ... has an address", deferred until max_age), and a
+    # float limit raised TypeError in the lookup (a slice by a float), not at Router(...).
+    with pytest.raises(ConfigError, match=next(iter(options))):
+        RoutePolicy(**options)  # type: ignore[arg-type]
+
+
 def test_policy_defaults() -> None:
     policy = RoutePolicy()
     assert not policy.allow_loopback

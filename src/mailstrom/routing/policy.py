@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from mailstrom.bounds import check_int
 from mailstrom.errors import ConfigError
 
 MX_ADDRESS_LIMIT = 5
@@ -190,12 +191,12 @@ class RoutePolicy:
     None: both."""
 
     def __post_init__(self) -> None:
-        for name in ("mx_address_limit", "mx_host_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
-        if self.max_dns_queries < 2:
-            raise ConfigError(f"max_dns_queries must be at least 2, got {self.max_dns_queries}")
+        # Whole numbers (bounds.check_int): ``value < 1`` is false for NaN, which took
+        # every address out of every route, and passes 1.5, which failed each lookup.
+        check_int(self.mx_address_limit, "mx_address_limit")
+        if self.mx_host_limit is not None:
+            check_int(self.mx_host_limit, "mx_host_limit")
+        check_int(self.max_dns_queries, "max_dns_queries", minimum=2)
         if self.ip_version not in (None, 4, 6):
             raise ConfigError(f"ip_version must be 4, 6 or None, got {self.ip_version!r}")
 
