@@ -945,3 +945,38 @@ def test_an_event_given_up_that_the_store_was_locked_to_mark_is_not_posted_again
         ([ids["small@example.org"]], 200),
     ]
     assert metrics.hook_events_sent == 1
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 102 Processing\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n",
+    ],
+)
+def test_interim_1xx_answers_before_the_final_one_are_skipped(
+    raw_endpoint: RawEndpoint, interim: bytes
+) -> None:
+    """RFC 9110 §15.2: a client parses 1xx answers before the final one, expected or not.
+    http.client skipped only a 100 and took a 102 (Processing, from a server working on a
+    long request) or a 103 (Early Hints, from a proxy or CDN) for the answer: a failure,
+    so a batch the endpoint then took with 200 was POSTed again, for ever."""
+
+    def answer(wfile: Any, stop: threading.Event) -> None:
+        wfile.write(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    raw_endpoint.answer = answer
+    assert post(raw_endpoint.url, b"{}", {"Content-Type": "application/json"}, 5.0) is None
+
+
+def test_a_101_answer_to_a_hook_request_is_a_failure(raw_endpoint: RawEndpoint) -> None:
+    """101 (Switching Protocols) ends HTTP on the connection: no interim answer to skip."""
+
+    def answer(wfile: Any, stop: threading.Event) -> None:
+        wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n")
+        wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    raw_endpoint.answer = answer
+    failure = post(raw_endpoint.url, b"{}", {"Content-Type": "application/json"}, 5.0)
+    assert isinstance(failure, HTTPFailure) and failure.status == 101, failure

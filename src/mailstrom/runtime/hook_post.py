@@ -113,6 +113,25 @@ class _Deadline:
             self._watched.clear()
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """An answer read past the interim (1xx) answers before it.
+
+    RFC 9110 §15.2: a client must parse any number of 1xx answers before the final one,
+    expected or not. http.client skips only 100 (Continue): it took a 102 (Processing, from
+    a server working on a long request) or a 103 (Early Hints, which proxies and CDNs send)
+    for the answer, a failure, and the batch the endpoint then took with a 2xx went again,
+    every time. 101 (Switching Protocols) is final: HTTP ends on the connection. Each
+    interim header is bounded as any header is, and their number by the deadline."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            read: tuple[str, int, str] = super()._read_status()  # type: ignore[misc]
+            status = read[1]
+            if not 100 <= status < 200 or status == http.client.SWITCHING_PROTOCOLS:
+                return read
+            http.client.parse_headers(self.fp)  # the interim answer's header, dropped
+
+
 class _DeadlineConnection(http.client.HTTPConnection):
     """An HTTP connection whose socket comes from a :class:`_Deadline`, and which reads
     the endpoint's answer even when the endpoint closed before taking the whole request.
@@ -124,6 +143,8 @@ class _DeadlineConnection(http.client.HTTPConnection):
     fewer events at once. The rest of the request is dropped instead, and the answer read:
     one that is not 2xx is the endpoint's word; a 2xx (or none) is the write's error, since
     an endpoint that did not read the whole body cannot have taken the batch."""
+
+    response_class = _FinalResponse
 
     def __init__(self, host: str, *, deadline: _Deadline, **kwargs: Any) -> None:
         super().__init__(host, **kwargs)
