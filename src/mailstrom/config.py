@@ -425,7 +425,14 @@ def _host_problem(host: str) -> str | None:
     """Why no name lookup can find ``host`` (a URL's host, as ``urlsplit`` gives it), or
     None: a label empty or of more than 63 octets in the IDNA form the socket module
     encodes it to, or more than :data:`MAX_DOMAIN` characters in all (RFC 1035 §2.3.4).
-    An address literal passes (it has no empty label and is shorter)."""
+    An address literal passes (it has no empty label and is shorter). A name that is not
+    ASCII is taken in the A-labels the sender requests it by (:func:`a_label`, IDNA 2008):
+    one that has none is refused."""
+    if not host.isascii():
+        try:
+            host = a_label(host)
+        except ValueError:
+            return "has no IDNA 2008 form (a label empty, too long, or disallowed)"
     try:
         encoded = host.encode("idna")  # what socket.getaddrinfo() does with a str host
     except UnicodeError:

@@ -593,6 +593,39 @@ def test_a_hook_url_whose_host_is_not_ascii_is_requested_by_its_a_labels(
 
 
 @pytest.mark.parametrize(
+    ("host", "a_labels"),
+    [("stra\u00dfe.test", "xn--strae-oqa.test"), ("\u03c2.test", "xn--3xa.test")],
+)
+def test_a_hook_url_whose_host_is_not_ascii_goes_to_that_host_not_another(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, host: str, a_labels: str
+) -> None:
+    """The A-labels of IDNA 2008 (UTS #46), as browsers and the rest of mailstrom
+    (``domains.a_label``) write the name. The standard library's "idna" codec is IDNA
+    2003, which maps "\u00df" to "ss" and "\u03c2" to "\u03c3": the signed events (recipient
+    addresses, metadata) went to strasse.test, a host someone else may own."""
+    for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", endpoint.url.removesuffix("/mail-events"))
+    url = f"http://{host}/mail-events"
+    HookConfig(url=url, secret=SECRET)
+    assert post(url, b"{}", {}, 5.0) is None
+    assert [(r.path, r.host) for r in endpoint.requests] == [
+        (f"http://{a_labels}/mail-events", a_labels)
+    ]
+
+
+@pytest.mark.parametrize("host", ["\u2603.test", "\u0661\u0662\u0663.test"])
+def test_a_hook_url_whose_host_has_no_idna_2008_form_is_refused_at_configuration(
+    host: str,
+) -> None:
+    # IDNA 2003 has a form for each (the request went to it), IDNA 2008 none (a symbol;
+    # a label of digits only, right to left): every request would fail, for ever.
+    with pytest.raises(ConfigError, match=r"hook\.url"):
+        HookConfig(url=f"https://{host}/x", secret=SECRET)
+    assert post(f"https://{host}/x", b"{}", {}, 1.0) is not None  # a failure, not a raise
+
+
+@pytest.mark.parametrize(
     "host",
     ["a" * 64 + ".test", "app..test", ".app.test", "\u00fc" * 60 + ".test", "a.b" * 85],
     ids=["long-label", "empty-label", "leading-dot", "long-u-label", "long-name"],

@@ -30,6 +30,8 @@ import urllib.request
 from types import TracebackType
 from typing import Any
 
+from mailstrom.domains import a_label
+
 BODY_READ_LIMIT = 65536
 """Bytes of an answer's body read at most (then discarded): the status is the answer."""
 
@@ -215,14 +217,16 @@ _NOT_ASCII = re.compile(r"[^\x00-\x7f]+")
 def _ascii_url(url: str) -> str:
     """``url`` with the characters that are not ASCII in its path, query and fragment
     percent-encoded as UTF-8 (RFC 3987 §3.1, as browsers send an IRI), and a host name of
-    U-labels written as its A-labels (the IDNA form the socket module looks it up by).
+    U-labels written as its A-labels (IDNA 2008, :func:`~mailstrom.domains.a_label`).
     http.client writes the request line in ASCII: a hook URL like
     ``https://app.example/événements``, which ``HookConfig`` accepts, failed every request
     with UnicodeEncodeError, and no event ever went. So did one like
     ``https://例え.jp/events`` (its Host header, which http.client writes in Latin-1; a
     Latin-1 name went as a Host no server knows), and either through a proxy (its name in
-    the request line, or in CONNECT). UnicodeError (a ValueError) for a host that has no
-    IDNA form, which ``HookConfig`` refuses."""
+    the request line, or in CONNECT). Not the socket module's IDNA 2003, which maps "ß" to
+    "ss" and drops a zero-width joiner: ``https://straße.example/`` went to
+    strasse.example, another domain, with every event. ValueError for a host that has no
+    IDNA 2008 form, which ``HookConfig`` refuses."""
     if url.isascii():
         return url
 
@@ -236,7 +240,7 @@ def _ascii_url(url: str) -> str:
         # which HookConfig refuses anyway, starts the port.
         userinfo, at, host_port = netloc.rpartition("@")
         host, colon, port = host_port.partition(":")
-        netloc = userinfo + at + host.encode("idna").decode("ascii") + colon + port
+        netloc = userinfo + at + a_label(host) + colon + port
     return urllib.parse.urlunsplit(
         parts._replace(
             netloc=netloc,
