@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -1013,3 +1014,36 @@ def test_a_101_answer_to_a_hook_request_is_a_failure(raw_endpoint: RawEndpoint) 
     raw_endpoint.answer = answer
     failure = post(raw_endpoint.url, b"{}", {"Content-Type": "application/json"}, 5.0)
     assert isinstance(failure, HTTPFailure) and failure.status == 101, failure
+
+
+def _blackhole(host: str, port: int = 0) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener on ``host`` whose backlog is full, and the connections filling it: the
+    kernel drops further SYNs, so connecting to it hangs as connecting to an address a
+    firewall filters does. Close them all after."""
+    listener = socket.socket()
+    listener.bind((host, port))
+    listener.listen(0)
+    filling = []
+    for _ in range(3):
+        client = socket.socket()
+        client.settimeout(0.2)
+        with contextlib.suppress(OSError):
+            client.connect(listener.getsockname())
+        filling.append(client)
+    return listener, filling
+
+
+def test_a_connection_the_deadline_cuts_short_is_a_failed_request() -> None:
+    """An endpoint whose address drops connection attempts (a firewall): when the
+    deadline shut the connecting socket down before its own timeout ran out, the error
+    was taken for the endpoint closing mid-request, and post() raised AttributeError
+    reading an answer on no connection. The sender logged it as a bug, with a traceback,
+    and left the batch leased, so the events after it went first."""
+    listener, filling = _blackhole("127.0.0.2")
+    url = f"http://127.0.0.2:{listener.getsockname()[1]}/mail-events"
+    try:
+        failures = [post(url, b"{}", {}, timeout=0.3) for _ in range(3)]
+    finally:
+        for sock in [listener, *filling]:
+            sock.close()
+    assert all(isinstance(f, str) and not isinstance(f, HTTPFailure) for f in failures)

@@ -160,6 +160,13 @@ class _DeadlineConnection(http.client.HTTPConnection):
     def send(self, data: Any) -> None:
         if self._cut_short is not None:
             return  # the endpoint closed: the rest of the request goes nowhere
+        if self.sock is None:
+            # Connecting (and the TLS handshake, a proxy's CONNECT) outside the guard
+            # below: an error there is no endpoint that closed mid-request, and there is
+            # no answer to read. A connection the deadline shut down while connecting
+            # failed with a broken pipe or a reset, was taken for one, and reading the
+            # answer on no socket raised AttributeError out of post().
+            self.connect()
         try:
             super().send(data)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as exc:
