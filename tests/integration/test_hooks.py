@@ -1047,3 +1047,35 @@ def test_a_connection_the_deadline_cuts_short_is_a_failed_request() -> None:
         for sock in [listener, *filling]:
             sock.close()
     assert all(isinstance(f, str) and not isinstance(f, HTTPFailure) for f in failures)
+
+
+def test_an_address_that_never_answers_leaves_time_for_the_hosts_next_one(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hook host with two addresses, the first of which drops connection attempts (an
+    AAAA record where IPv6 is filtered): the first took the request's whole deadline and
+    every request failed, for ever, though the second answers at once (urllib alone
+    gets there, giving each address the whole timeout). Each address now gets its share
+    of what is left, as Go's dialer gives it."""
+    port = int(endpoint.url.split(":")[2].split("/")[0])
+    listener, filling = _blackhole("127.0.0.2", port)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "dual.test":
+            return real_getaddrinfo(host, *args, **kwargs)
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        failure = post(f"http://dual.test:{port}/mail-events", b"{}", {}, timeout=4.0)
+    finally:
+        for sock in [listener, *filling]:
+            sock.close()
+    assert failure is None
+    assert len(endpoint.requests) == 1

@@ -34,6 +34,12 @@ from mailstrom.domains import a_label
 
 BODY_READ_LIMIT = 65536
 """Bytes of an answer's body read at most (then discarded): the status is the answer."""
+CONNECT_SHARE_MIN = 2.0
+"""Seconds an address of the endpoint's host gets to connect at least (when the deadline
+leaves that much), however many addresses come after it."""
+_LEAST_TIMEOUT = 0.001
+"""A positive socket timeout (0 would make the socket non-blocking): the deadline's
+timer shuts the socket down anyway."""
 
 
 class _Deadline:
@@ -57,22 +63,29 @@ class _Deadline:
     ) -> socket.socket:
         """A TCP connection to ``address``, trying each of its addresses within what is
         left of the deadline (``socket.create_connection`` gives each one the whole
-        timeout). The socket is watched from before it connects."""
+        timeout). The socket is watched from before it connects.
+
+        Each address gets its share of what is left (at least :data:`CONNECT_SHARE_MIN`
+        seconds, if that much is left), as Go's dialer shares its deadline: one that
+        drops connection attempts (an AAAA record where IPv6 is filtered) took the whole
+        deadline, and every request failed though the next address answered."""
         host, port = address
         error: OSError = TimeoutError(f"{host}:{port}: deadline passed before connecting")
-        for family, kind, proto, _, sockaddr in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM
-        ):
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for index, (family, kind, proto, _, sockaddr) in enumerate(found):
             left = self._end - time.monotonic()
             if self._expired or left <= 0:
                 break
+            share = max(left / (len(found) - index), min(CONNECT_SHARE_MIN, left))
             sock = socket.socket(family, kind, proto)
             try:
                 self._watch(sock)
-                sock.settimeout(left)
+                sock.settimeout(share)
                 if source_address:
                     sock.bind(source_address)
                 sock.connect(sockaddr)
+                # Reading and writing are bounded by the deadline, not by the share.
+                sock.settimeout(max(self._end - time.monotonic(), _LEAST_TIMEOUT))
             except OSError as exc:
                 sock.close()
                 error = exc
