@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class Request:
     answered: int
     path: str = ""
     host: str = ""
+    at: float = 0.0
+    """When it arrived (``time.monotonic()``)."""
 
     @property
     def ids(self) -> list[int]:
@@ -73,6 +76,8 @@ class Endpoint:
     the body, and closes the connection, as servers with a size limit do."""
     early: int = 413
     refused_unread: int = 0
+    headers: Callable[[int], dict[str, str]] = lambda n: {}
+    """Header fields the answer to the n-th request carries."""
     requests: list[Request] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
     url: str = ""
@@ -116,8 +121,10 @@ def endpoint() -> Iterator[Endpoint]:
             status = 413 if ep.too_large(body) else ep.answer(n)
             signature = self.headers.get(SIGNATURE_HEADER, "")
             host = self.headers.get("Host", "")
-            ep.record(Request(body, signature, status, self.path, host))
+            ep.record(Request(body, signature, status, self.path, host, time.monotonic()))
             self.send_response(status)
+            for name, value in ep.headers(n).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -1079,3 +1086,61 @@ def test_an_address_that_never_answers_leaves_time_for_the_hosts_next_one(
             sock.close()
     assert failure is None
     assert len(endpoint.requests) == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_the_sender_waits_as_long_as_retry_after_asks(
+    endpoint: Endpoint, tmp_path: Path, status: int
+) -> None:
+    """RFC 9110 §10.2.3, RFC 6585 §4: a 429 (Too Many Requests) or 503 with Retry-After
+    says when to come back. The sender took no notice and came back after its own backoff
+    (from ``hook.retry_min``, 1 s), again and again, into the window the endpoint asked
+    it to keep out of. It now waits at least that long (at most ``hook.retry_max``)."""
+    endpoint.answer = lambda n: status if n == 0 else 200
+    endpoint.headers = lambda n: {"Retry-After": "1"} if n == 0 else {}
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    _deferred_events(store, ["u0@example.org"])
+    hook = HookConfig(url=endpoint.url, secret=SECRET, retry_min=0.05, retry_max=5.0)
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 1)
+    finally:
+        store.close()
+    assert [r.answered for r in endpoint.requests] == [status, 200]
+    assert endpoint.requests[1].at - endpoint.requests[0].at >= 1.0
+
+
+def test_post_reads_retry_after_in_seconds_or_as_a_date(endpoint: Endpoint) -> None:
+    later = datetime.now(UTC) + timedelta(seconds=90)
+    given = ["120", format_datetime(later, usegmt=True), "soon", "1" * 40, "-5"]
+    endpoint.answer = lambda n: 503
+    endpoint.headers = lambda n: {"Retry-After": given[n]}
+    failures = [post(endpoint.url, b"{}", {}, 5.0) for _ in given]
+    assert all(isinstance(f, HTTPFailure) and f.status == 503 for f in failures), failures
+    waits = [f.retry_after if isinstance(f, HTTPFailure) else "?" for f in failures]
+    assert waits[0] == 120.0
+    assert isinstance(waits[1], float) and 80 <= waits[1] <= 90
+    assert waits[2:] == [None, None, None]
+
+
+def test_a_413_with_retry_after_is_waited_out_not_given_up(
+    endpoint: Endpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 9110 §15.5.14: a 413 with Retry-After says the condition is temporary. The
+    sender gave up an event refused so on its own, marking it sent: lost, though the
+    endpoint asked for it again a second later."""
+    endpoint.answer = lambda n: 413 if n == 0 else 200
+    endpoint.headers = lambda n: {"Retry-After": "1"} if n == 0 else {}
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    _deferred_events(store, ["u0@example.org"])
+    hook = HookConfig(url=endpoint.url, secret=SECRET, retry_min=0.05, retry_max=5.0)
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 1)
+    finally:
+        store.close()
+    assert [r.answered for r in endpoint.requests] == [413, 200]
+    assert endpoint.requests[1].ids == endpoint.requests[0].ids
+    assert not any("given up" in r.getMessage() for r in caplog.records)

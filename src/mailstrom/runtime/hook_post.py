@@ -17,6 +17,7 @@ store and ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` for HTTPS, the ``https_proxy`` /
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import functools
 import http.client
 import re
@@ -27,6 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -273,14 +275,42 @@ def _ascii_url(url: str) -> str:
 
 class HTTPFailure(str):
     """A failure that is the endpoint's answer: the text :func:`post` gives (``"HTTP 503
-    Service Unavailable"``), with the status, for a sender that acts on it."""
+    Service Unavailable"``), with the status and the seconds its ``Retry-After`` asks the
+    client to wait (None without one), for a sender that acts on them."""
 
     status: int
+    retry_after: float | None
 
-    def __new__(cls, status: int, text: str) -> HTTPFailure:
+    def __new__(cls, status: int, text: str, retry_after: float | None = None) -> HTTPFailure:
         failure = super().__new__(cls, text)
         failure.status = status
+        failure.retry_after = retry_after
         return failure
+
+
+_RETRY_AFTER_DIGITS = 9
+"""Digits of a ``Retry-After`` in seconds read at most (more than 30 years)."""
+
+
+def retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """The seconds a ``Retry-After`` value asks for (RFC 9110 §10.2.3: delay-seconds, or
+    an HTTP-date, 0 once it has passed); None for no value or one that is neither.
+
+    >>> retry_after("120"), retry_after("soon")
+    (120.0, None)
+    """
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    if value.isascii() and value.isdigit():
+        return float(value) if len(value) <= _RETRY_AFTER_DIGITS else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": RFC 5322 §3.3 makes it UTC too
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -340,7 +370,8 @@ def _exchange(
         with exc:
             if deadline.expired:
                 return late
-            return HTTPFailure(exc.code, f"HTTP {exc.code} {exc.reason}")
+            asked = retry_after(exc.headers.get("Retry-After"))
+            return HTTPFailure(exc.code, f"HTTP {exc.code} {exc.reason}", asked)
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
         if deadline.expired:
             return late

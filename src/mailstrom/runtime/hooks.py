@@ -4,7 +4,8 @@ It runs as a task on the worker's loop. Each turn it leases a batch of unsent ev
 (oldest first; other workers' senders never get the same ones), POSTs them signed
 (:mod:`mailstrom.webhooks`) and marks them sent once the endpoint answers 2xx. A failed
 request (an error status, a redirect, a timeout, no connection) gives the batch back and
-waits, doubling the wait from ``hook.retry_min`` (1 s) up to ``retry_max`` (5 min); the
+waits, doubling the wait from ``hook.retry_min`` (1 s) up to ``retry_max`` (5 min), or
+longer when the endpoint's ``Retry-After`` asks for longer (``retry_max`` at most); the
 events wait in the store, so an endpoint that is down loses nothing and a restart resends
 exactly the events that were never acknowledged. A sender killed between the POST and the
 acknowledgement leaves that batch leased until ``lease_for`` passes, then it is sent again:
@@ -14,9 +15,11 @@ before it leases anything else: the endpoint has the batch, and leasing on would
 next events first and the batch again once its lease ran out. So does one that cannot give
 a failed batch back: the next lease would skip it, and the events after it go first.
 
-A 413 (Content Too Large) is no failure to wait out: the same batch would be refused for
-ever, and no event after it sent. The batch goes back and the sender leases half as many
-events at once (down to one), growing back by doubling with each batch the endpoint takes.
+A 413 (Content Too Large) without ``Retry-After`` (with one, the endpoint says the
+condition is temporary: a failure like any other) is no failure to wait out: the same
+batch would be refused for ever, and no event after it sent. The batch goes back and the
+sender leases half as many events at once (down to one), growing back by doubling with
+each batch the endpoint takes.
 An event refused on its own can never be sent: it is given up (marked sent, with an error
 in the log naming it) and the sender goes on with the next; a mark the store fails is
 tried again first, as a sent batch's is (the endpoint's answer was final).
@@ -138,6 +141,8 @@ class HookSender:
         """Whether :attr:`_unacked` is an event given up (not counted as sent)."""
         self._unreleased: EventBatch | None = None
         """A batch the endpoint did not take that could not be given back yet."""
+        self._retry_after: float | None = None
+        """Seconds the endpoint's last failed answer asked to wait (``Retry-After``)."""
 
     def wake(self) -> None:
         """New events may be in the outbox (called on the loop)."""
@@ -212,10 +217,15 @@ class HookSender:
             wait = await self._back_off(wait)
 
     async def _back_off(self, wait: float) -> float:
-        """Wait about ``wait`` seconds (±20 %), or until a stop; the next wait, doubled up
-        to ``retry_max``. New events do not cut it short (the endpoint or the store is
-        failing); a stop does."""
-        await self._sleep(wait * self._rng.uniform(0.8, 1.2), self._stop)
+        """Wait about ``wait`` seconds (±20 %), or as long as the endpoint's last
+        ``Retry-After`` asked if that is longer (``retry_max`` at most), or until a stop;
+        the next wait, doubled up to ``retry_max``. New events do not cut it short (the
+        endpoint or the store is failing); a stop does."""
+        pause = wait * self._rng.uniform(0.8, 1.2)
+        asked, self._retry_after = self._retry_after, None
+        if asked is not None:
+            pause = max(pause, min(asked, self._hook.retry_max))
+        await self._sleep(pause, self._stop)
         return min(wait * 2, self._hook.retry_max)
 
     async def _send(self, batch: EventBatch) -> bool:
@@ -226,7 +236,10 @@ class HookSender:
             SIGNATURE_HEADER: sign(self._hook.secret, body),
         }
         failure = await post_off_loop(self._hook.url, body, headers, self._hook.timeout)
-        if isinstance(failure, HTTPFailure) and failure.status == TOO_LARGE:
+        asked = failure.retry_after if isinstance(failure, HTTPFailure) else None
+        if isinstance(failure, HTTPFailure) and failure.status == TOO_LARGE and asked is None:
+            # With Retry-After, the condition is temporary (RFC 9110 §15.5.14): a failure
+            # to wait out as any other, not a batch too large for good.
             return await self._too_large(batch, len(body))
         if failure is None:
             if not await self._ack(batch):
@@ -242,6 +255,7 @@ class HookSender:
                 "hook: POST to %s failed (%s); retrying with backoff", self._hook.url, failure
             )
         self._failing = True
+        self._retry_after = asked
         await self._release(batch)
         return False
 
