@@ -639,3 +639,33 @@ def test_an_empty_reply_list_is_refused_when_set(fake_mx: FakeMX) -> None:
         client.ehlo("client.test")
         assert client.mail("app@shop.test")[0] == 250
         assert client.rcpt("nobody@example.org")[0] == 250
+
+
+def test_the_dns_server_stops_when_the_smtp_server_fails_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # FakeMX.stop() stopped the SMTP server first: when that raised (its 10 s wait for the
+    # connections to close timed out), the DNS server's threads and sockets stayed behind.
+    threads = threads_started_from_here(monkeypatch)
+    mx = FakeMX().start()
+    port = mx.dns.port
+    controller = mx.server._controller
+    assert controller is not None
+
+    def timing_out(no_assert: bool = False) -> None:
+        raise TimeoutError("the connections did not close in time")
+
+    monkeypatch.setattr(controller, "stop", timing_out)
+    with pytest.raises(TimeoutError, match="did not close"):
+        mx.stop()
+    dns_threads = [t for t in threads if t.name == f"loopback-dns-{port}"]
+    assert dns_threads and not [t for t in dns_threads if t.is_alive()]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    # The SMTP server's stop failed: stop() tries it again, and then it is stopped.
+    monkeypatch.delattr(controller, "stop")
+    smtp_port = mx.server.port
+    mx.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", smtp_port), timeout=5).close()
+    mx.stop()  # nothing left to stop: harmless

@@ -120,11 +120,16 @@ class FakeMX:
 
     def stop(self) -> None:
         """Stop both servers. Idempotent. What arrived stays readable (:attr:`received`,
-        :attr:`server`), as a test reads it after its ``with`` block."""
-        if self._running:
-            self.server.stop()
-            self._running = False
-        self.dns.stop()
+        :attr:`server`), as a test reads it after its ``with`` block. The DNS server
+        stops also when the SMTP server's stop raises (its wait for the connections to
+        close timed out): it was left serving, its threads and sockets for the process's
+        life. Such a stop is tried again by the next call."""
+        try:
+            if self._running:
+                self.server.stop()
+                self._running = False
+        finally:
+            self.dns.stop()
 
     def __enter__(self) -> FakeMX:
         return self.start()
