@@ -669,3 +669,38 @@ def test_the_dns_server_stops_when_the_smtp_server_fails_to(
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", smtp_port), timeout=5).close()
     mx.stop()  # nothing left to stop: harmless
+
+
+def test_a_wait_ends_when_the_server_stop_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ReceivingServer.stop() marked itself stopped (and woke the waits) only after its
+    # controller's stop returned: when that raised (the 10 s wait for the connections
+    # timed out), a wait in another thread went on for its whole timeout.
+    server_context, _ = tls_contexts("mx.test")
+    outcome: list[str] = []
+    server = start_receiving_server(server_context)
+    controller = server._controller
+    assert controller is not None
+
+    def timing_out(no_assert: bool = False) -> None:
+        raise TimeoutError("the connections did not close in time")
+
+    def wait() -> None:
+        try:
+            server.wait_for_received(1, timeout=600)
+        except AssertionError as exc:
+            outcome.append(str(exc))
+
+    monkeypatch.setattr(controller, "stop", timing_out)
+    waiter = threading.Thread(target=wait, daemon=True)  # not left to hold up the run
+    waiter.start()
+    with pytest.raises(TimeoutError, match="did not close"):
+        server.stop()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert len(outcome) == 1 and "before it was stopped" in outcome[0]
+    # The failed stop is tried again, and then the server is stopped.
+    monkeypatch.delattr(controller, "stop")
+    server.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    server.stop()  # nothing left to stop: harmless

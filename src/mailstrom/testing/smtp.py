@@ -559,12 +559,17 @@ class ReceivingServer:
     # --- lifecycle ---------------------------------------------------------------------
 
     def stop(self) -> None:
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
-        with self._condition:
-            self._stopped = True
-            self._notify_waits()
+        """Stop serving; idempotent. The waits end even when the controller's stop raises
+        (its wait for the connections timed out): they waited out their whole timeout.
+        Such a stop is tried again by the next call."""
+        try:
+            if self._controller is not None:
+                self._controller.stop()
+                self._controller = None
+        finally:
+            with self._condition:
+                self._stopped = True
+                self._notify_waits()
 
     def __enter__(self) -> ReceivingServer:
         return self
