@@ -584,3 +584,62 @@ def test_a_requiretls_message_waits_for_a_policy_that_could_not_be_fetched(
     assert status.state is RecipientState.DELIVERED
     mx.wait_for_messages(1)
     assert len(mx.messages) == 1
+
+
+def test_a_table_entry_keeps_the_mta_sts_policy_vouching_for_a_requiretls_mx(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    """The MX records are not DNSSEC-validated, and the domain's enforce policy lists
+    mx1.test: that vouches for it (RFC 8689 §4.2.1), and the message went. With a
+    ``tls.domains`` entry for the domain (``verify``, stricter than the default), the
+    policy was never asked, and the message failed for good (5.7.30)."""
+    mx = smtp_server(name="mx1.test", requiretls=True)
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+        tls_domains={"example.org": "verify"},
+    )
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
+        mid = ms.send_email(
+            Email(from_="app@sender.test", to=[BOB], subject="Hi", text="Hi", require_tls=True)
+        )
+        results.wait_final({BOB})
+        status = ms.query_status(mid).recipient(BOB)
+    assert status.state is RecipientState.DELIVERED, status.reason
+    assert status.history[-1].tls_policy == "verify"  # the table's level, as it was
+    [received] = mx.wait_for_messages(1)
+    assert received.tls and "REQUIRETLS" in received.mail_options
+
+
+def test_a_table_entry_keeps_a_requiretls_message_waiting_for_an_unfetched_policy(
+    zone: LoopbackDNS,
+    https_server: HTTPSFactory,
+    smtp_server: Any,
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    """As without the entry: the policy that could vouch for mx1.test is not to be had
+    now, so the message waits for it rather than failing for good."""
+    mx = smtp_server(name="mx1.test", requiretls=True)
+    down = https_server()
+    down.policy(policy("enforce", "mx1.test"))
+    down.stop()
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=down.port, tls_context=client_tls_context, recheck=0),
+        tls_domains={"example.org": "verify"},
+    )
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
+        mid = ms.send_email(
+            Email(from_="app@sender.test", to=[BOB], subject="Hi", text="Hi", require_tls=True)
+        )
+        results.wait_final({BOB})
+        status = ms.query_status(mid).recipient(BOB)
+    assert status.state is RecipientState.DEFERRED
+    assert "was not fetched" in status.reason
+    assert mx.received == []

@@ -118,6 +118,20 @@ class MTASTSHook:
             fallback=None if destination.require_tls else default.mode,
         )
 
+    async def lists_mx_host(self, destination: Destination) -> bool:
+        """Whether the domain's policy (enforce or testing) lists its MX host: it vouches
+        for the host for REQUIRETLS (RFC 8689 §4.2.1), also when a ``tls.domains`` entry
+        decided the connection's TLS and this source was not asked. Counts nothing: the
+        policy does not decide the connection."""
+        known, cached = self._source.known(destination.domain)
+        if not known:
+            cached = await self._source.policy(destination.domain)
+        return (
+            cached is not None
+            and cached.policy.mode is not Mode.NONE
+            and cached.policy.allows(destination.mx_host)
+        )
+
     def policy_unknown(self, domain: str) -> str | None:
         """Why ``domain``'s policy is not known now, when a lookup or fetch failed (see
         :meth:`PolicySource.unknown`): the decider then defers a REQUIRETLS message that

@@ -42,6 +42,10 @@ if no source answers, and returns:
   must not be used now (MTA-STS enforce and the MX matches no pattern); the engine moves
   on to the next MX host and, when none is left, defers with that error's text.
 
+A source may also have an async ``lists_mx_host(destination)``: whether its published
+policy lists the MX host, which vouches for the host for REQUIRETLS (RFC 8689 §4.2.1)
+also where the source did not decide (a ``tls.domains`` entry asks no source).
+
 Give it as ``TLSDecider.for_config(config, mta_sts=source)`` (it goes after DANE), or
 as ``sources=`` for full control of the order. A :class:`VERIFY
 <mailstrom.tls.requirement.TLSMode>` requirement is checked against the MX host name with
@@ -52,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -247,7 +251,7 @@ class TLSDecider:
                 enhanced="5.7.30",
                 host=destination.mx_host,
             )
-        if not self._mx_vouched_for(destination, chosen):
+        if not self._mx_vouched_for(destination, chosen) and not await self._listed(destination):
             self._defer_while_unknown(destination)
             raise RequireTLSFailure(
                 f"REQUIRETLS: MX host {destination.mx_host} of {destination.domain} comes "
@@ -267,6 +271,20 @@ class TLSDecider:
             f"(instead of {chosen.label}: {chosen.reason})",
             detail=chosen.detail,
         )
+
+    async def _listed(self, destination: Destination) -> bool:
+        """Whether a source's published policy lists the MX host (``lists_mx_host``: the
+        MTA-STS source's, enforce or testing), whatever decided the connection's TLS. A
+        ``tls.domains`` entry asks no source: its level stays, but the domain's policy
+        still vouches for the host (RFC 8689 §4.2.1), as it does without the entry; else
+        a REQUIRETLS message to a domain given a stricter level failed for good."""
+        for source in self._sources:
+            lists: Callable[[Destination], Awaitable[bool]] | None = getattr(
+                source, "lists_mx_host", None
+            )
+            if lists is not None and await lists(destination):
+                return True
+        return False
 
     def _defer_while_unknown(self, destination: Destination) -> None:
         """TemporaryFailure when a source could not learn whether it vouches for the MX
