@@ -205,3 +205,47 @@ async def test_a_peers_control_characters_keep_no_counter_from_postgresql(
     assert len(counters) == 2
     [failed] = [c for c in counters if c.result_type]
     assert is_safe(failed.failure_code) and "evil" in failed.failure_code
+
+
+def test_a_tlsa_lookup_that_fails_counts_as_dnssec_invalid(
+    dns_server: LoopbackDNS, client_tls_context: ssl.SSLContext, tmp_path: Path
+) -> None:
+    # Validated MX and address records, and a TLSA lookup the validating resolver answers
+    # with SERVFAIL (a bogus signature, say): the host is not used (RFC 7672 §2.2) and the
+    # mail waits. Nothing was counted, so the domain's report never said why its mail
+    # stopped coming; it is a "dnssec-invalid" failure of its DANE policy (RFC 8460
+    # §4.3.2: no valid records were returned from the recursive resolver).
+    cert, key = self_signed("mx.test")
+    mx = start_receiving_server(server_context(tmp_path, cert, key))
+    try:
+        route(dns_server, mx.host, "example.org")
+        dns_server.authenticated("example.org", "mx.test", "_25._tcp.mx.test")
+        dns_server.servfail("_25._tcp.mx.test", "TLSA")
+        config = Config(
+            helo_name="client.test",
+            smtp_port=mx.port,
+            dns=dataclasses.replace(dns_server.dns_config, dnssec=True),
+            allow_loopback=True,
+            timeouts=FAST,
+            poll_interval=0.5,
+            tls_context=client_tls_context,
+            tlsrpt_record=True,
+        )
+        store, results = MemoryStore(), Results()
+        ms = Mailstrom(config, store=store, clock=CLOCK, on_result=results)
+        ms.start()
+        try:
+            ms.send_email(
+                Email(from_="a@sender.test", to=["a@example.org"], subject="Hi", text="Hi")
+            )
+            results.wait_final({"a@example.org"})
+            assert results.states() == {"a@example.org": RecipientState.DEFERRED}
+        finally:
+            ms.stop(timeout=5)  # the worker writes its counters when it stops
+    finally:
+        mx.stop()
+    assert mx.connections == 0
+    [counter] = store.tls_sessions(DAY)
+    assert counter.policy_type is PolicyType.TLSA and counter.result_type == "dnssec-invalid"
+    assert counter.policy_domain == "example.org" and counter.receiving_mx == "mx.test"
+    assert counter.failure_code == "tlsa-lookup-failed" and counter.count == 1

@@ -20,8 +20,10 @@ from mailstrom.stores.base import Store
 if TYPE_CHECKING:
     # Loaded by tls_reporting() only for the features the config turns on: a worker
     # without MTA-STS or TLS reporting imports neither package.
+    from mailstrom.errors import TemporaryFailure
     from mailstrom.mtasts.hook import MTASTSHook
     from mailstrom.mtasts.source import StoreCall
+    from mailstrom.tls.decide import Destination
     from mailstrom.tlsrpt.recorder import SessionRecorder
 
 
@@ -32,6 +34,9 @@ class TLSReporting(NamedTuple):
     """The session counters to write to the store in batches, when recording is on."""
     observe: TLSObserver | None
     """What the engine tells about each connection, when recording is on."""
+    dane_failed: Callable[[Destination, TemporaryFailure], None] | None
+    """What DANE tells about each host whose TLSA lookup failed (no connection is made),
+    when recording is on."""
 
 
 def tls_reporting(
@@ -55,9 +60,9 @@ def tls_reporting(
         from mailstrom.mtasts.hook import for_worker
 
         hook = for_worker(config, store, recorder, store_call=store_call, clock=clock)
-    observe = None
-    if recorder is not None:
-        from mailstrom.tlsrpt.observer import SessionObserver
+    if recorder is None:
+        return TLSReporting(hook, None, None, None)
+    from mailstrom.tlsrpt.observer import SessionObserver
 
-        observe = SessionObserver(recorder, mta_sts=hook)
-    return TLSReporting(hook, recorder, observe)
+    observer = SessionObserver(recorder, mta_sts=hook)
+    return TLSReporting(hook, recorder, observer, observer.dane_failed)

@@ -459,10 +459,10 @@ class Worker(
         shaper = self._shaper = Shaper(
             self.config, self.store, store_call=self._store_call, clock=self._clock
         )
-        hook, tls_sessions, observe_tls = tls_reporting(
+        hook, tls_sessions, observe_tls, dane_failed = tls_reporting(
             self.config, self.store, store_call=self._store_call, clock=self._clock
         )
-        tls = self._tls_decider(mta_sts=hook)
+        tls = self._tls_decider(mta_sts=hook, dane_failed=dane_failed)
         dispatcher = self._dispatcher = Dispatcher(
             self.config,
             router=self._router,

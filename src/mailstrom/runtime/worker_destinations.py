@@ -12,11 +12,11 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from mailstrom.config import Config
-from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.errors import StoreCorrupt, StoreError, TemporaryFailure
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
 from mailstrom.stores.base import WorkItem
-from mailstrom.tls.decide import BrokenTLS, PolicySourceHook, TLSDecider
+from mailstrom.tls.decide import BrokenTLS, Destination, PolicySourceHook, TLSDecider
 
 if TYPE_CHECKING:
     from mailstrom.runtime.worker import _LeaseState
@@ -146,14 +146,25 @@ class WorkerDestinations(WorkerStore):
 
     # --- the TLS decision and its shared memory ------------------------------------------
 
-    def _tls_decider(self, *, mta_sts: PolicySourceHook | None = None) -> TLSDecider:
+    def _tls_decider(
+        self,
+        *,
+        mta_sts: PolicySourceHook | None = None,
+        dane_failed: Callable[[Destination, TemporaryFailure], None] | None = None,
+    ) -> TLSDecider:
         """The per-destination TLS decision (see :mod:`mailstrom.tls.decide`), with the
-        memory of broken TLS written to the store so that every worker shares it, and
-        ``mta_sts`` as a policy source when MTA-STS is on."""
+        memory of broken TLS written to the store so that every worker shares it,
+        ``mta_sts`` as a policy source when MTA-STS is on, and DANE (``dns.dnssec``)
+        telling ``dane_failed`` of each host whose TLSA lookup failed (TLS reports)."""
         broken = BrokenTLS(
             self.config.tls_remember_broken.total_seconds(), on_note=self._note_tls_broken
         )
-        return TLSDecider.for_config(self.config, broken=broken, mta_sts=mta_sts)
+        dane = None
+        if self.config.dns.dnssec and dane_failed is not None:
+            from mailstrom.tls.dane import DaneSource
+
+            dane = DaneSource.for_config(self.config, on_failure=dane_failed)
+        return TLSDecider.for_config(self.config, broken=broken, mta_sts=mta_sts, dane=dane)
 
     def _note_tls_broken(self, host: str, seconds: float, reason: str) -> None:
         if self._loop is None or not hasattr(self.store, "note_tls_broken"):

@@ -353,16 +353,25 @@ class DaneSource:
         resolver: dns.asyncresolver.Resolver,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[Destination, TemporaryFailure], None] | None = None,
     ) -> None:
         self._resolver = resolver
         self._clock = clock
+        self.on_failure = on_failure
+        """Told of each destination whose TLSA (or alias) lookup failed, which makes its
+        host unusable: for TLS reports, RFC 8460's ``dnssec-invalid``."""
         self._cache: dict[str, tuple[float, TLSALookup]] = {}
         self._aliases: dict[str, tuple[float, bool]] = {}
 
     @classmethod
-    def for_config(cls, config: Config) -> DaneSource:
+    def for_config(
+        cls,
+        config: Config,
+        *,
+        on_failure: Callable[[Destination, TemporaryFailure], None] | None = None,
+    ) -> DaneSource:
         """A source asking the resolver ``config.dns`` names, with DNSSEC answers asked
-        for (the DO and AD bits)."""
+        for (the DO and AD bits); ``on_failure`` as :attr:`on_failure`."""
         from mailstrom.routing import make_resolver
         from mailstrom.tls.danematch import available
 
@@ -370,7 +379,7 @@ class DaneSource:
             raise ConfigError(
                 "dns.dnssec (DANE) needs the cryptography package: pip install 'mailstrom[dane]'"
             )
-        return cls(make_resolver(config.dns))
+        return cls(make_resolver(config.dns), on_failure=on_failure)
 
     async def lookup(self, host: str) -> TLSALookup:
         """``host``'s TLSA records, cached (see the module docstring)."""
@@ -410,6 +419,16 @@ class DaneSource:
     ) -> TLSRequirement | None:
         if not destination.mx_secure:
             return None  # RFC 7672 §2.2.1: insecure MX records
+        try:
+            return await self._requirement(destination)
+        except TemporaryFailure as exc:
+            # The host is not used (RFC 7672 §2.2), and no connection says why: the
+            # failure is this session's, as an MTA-STS policy's refusal of a host is.
+            if self.on_failure is not None:
+                self.on_failure(destination, exc)
+            raise
+
+    async def _requirement(self, destination: Destination) -> TLSRequirement | None:
         host, canonical = destination.mx_host, destination.mx_canonical
         chain_secure = destination.host_secure
         alias_secure = False

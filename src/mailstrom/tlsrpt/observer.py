@@ -17,7 +17,9 @@ A session counts as successful when TLS was established, and as a failure of an 
 a handshake or certificate check failed (the types of
 :func:`~mailstrom.tlsrpt.recorder.classify`), or TLS was skipped because the host's
 handshake failed recently; under a host's validated TLSA records none of which is usable
-for SMTP, an established session is a ``tlsa-invalid`` failure of that DANE policy.
+for SMTP, an established session is a ``tlsa-invalid`` failure of that DANE policy; and
+a host not used because its TLSA lookup failed is a ``dnssec-invalid`` one
+(:meth:`SessionObserver.dane_failed`).
 Connections through a relay, and those the operator asked to
 be plaintext (``none``), are no TLS session with the recipient's MX and are not counted;
 neither are failures with nothing to do with TLS (refused, timed out before STARTTLS).
@@ -36,12 +38,17 @@ from mailstrom.tlsrpt.sessions import MAX_FIELD, PolicyType, ResultType
 if TYPE_CHECKING:
     from mailstrom.mtasts.hook import MTASTSHook
     from mailstrom.runtime.connection import SMTPConnection
+    from mailstrom.tls.decide import Destination
 
 REMEMBERED_CODE = "tls-handshake-failed-recently"
 """The ``failure-reason-code`` of a session sent in plaintext at once because the host's
 TLS handshake failed recently (``tls.remember_broken``)."""
 REFUSED_CODE = "starttls-refused"
 """The ``failure-reason-code`` of a server that offered STARTTLS and then refused it."""
+TLSA_LOOKUP_CODE = "tlsa-lookup-failed"
+"""The ``failure-reason-code`` of a host not used because its TLSA lookup failed: one code
+for every such failure, as the lookup's own error names a port, a time taken, and would
+make each attempt a counter (and a failure detail) of its own."""
 NO_USABLE_TLSA_CODE = "no-usable-tlsa-records"
 """The ``failure-reason-code`` of a session under validated TLSA records none of which is
 usable for SMTP (RFC 7672 §2.2: TLS is mandatory then, but unauthenticated)."""
@@ -111,6 +118,23 @@ class SessionObserver:
             return
         kind, code = found
         self._recorder.failure(name, policy_type, policy, kind, mx=host, ip=ip, code=code)
+
+    def dane_failed(self, destination: Destination, error: DeliveryError) -> None:
+        """Count a TLSA lookup that failed for ``destination`` (SERVFAIL: a bogus
+        signature, or no answer): its host is not used (RFC 7672 §2.2), and RFC 8460
+        §4.3.2 names the failure ``dnssec-invalid``, under the domain's DANE policy, whose
+        records are not known (:attr:`~mailstrom.tls.dane.DaneSource.on_failure`)."""
+        name = a_label(destination.domain)
+        if name is None:
+            return
+        self._recorder.failure(
+            name,
+            PolicyType.TLSA,
+            "",
+            ResultType.DNSSEC_INVALID,
+            mx=destination.mx_host,
+            code=TLSA_LOOKUP_CODE,
+        )
 
 
 def _mx(policy_type: PolicyType, host: str) -> str:
