@@ -609,7 +609,9 @@ class Config:
     """SMTP sessions open at once to one destination: a recipient domain (or the relay),
     per worker, its mail that asks for REQUIRETLS or carries ``TLS-Required: No``
     included. Two domains served by the same MX hosts are two destinations, each with
-    this many; a shaping rule's ``max_connections`` caps what its domains open together."""
+    this many; a shaping rule's ``max_connections`` caps what its domains open together.
+    Also the most connections being opened (connect, greeting, EHLO, STARTTLS) to one
+    address at once, over all domains: an MX host that never greets holds no more."""
     max_messages_per_connection: int = 100
     """Messages sent over one connection before it is closed."""
     connection_idle: float = 5.0

@@ -348,6 +348,34 @@ def test_an_unreachable_address_is_not_tried_again_under_another_mx_name(
     assert silent.connections == 1
 
 
+def test_a_host_that_never_greets_for_many_domains_leaves_room_for_others(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    """Was: each domain is its own destination, so one MX host that accepts connections
+    and never greets (a hosting provider's, for many customer domains) took a session of
+    every domain it serves until max_connections were all waiting for its greeting, and
+    mail to every healthy host waited for the greeting timeout (300 s by default)."""
+    silent = smtp_server(host="127.0.0.2", port=mx.port, stall_on="greeting")
+    domains = [f"hosted{n}.test" for n in range(4)]
+    for domain in domains:
+        dns_server.mx(domain, [(10, "shared-mx.test")])
+    dns_server.a("shared-mx.test", silent.host)
+    ms = mailstrom(timeouts=replace(FAST, greeting=120), max_connections=4, max_per_destination=2)
+    for domain in domains:
+        ms.send_email(hello(f"user@{domain}"))
+    deadline = time.monotonic() + 10
+    while silent.connections < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert silent.connections >= 2
+    mid = ms.send_email(hello("bob@example.org"))
+    results.wait_final({"bob@example.org"})
+    assert ms.query_status(mid).recipient("bob@example.org").state is DELIVERED
+    # Still waiting for the greeting: no more connections to it at once than one
+    # destination may have.
+    assert silent.connections == 2
+    assert not {f"user@{domain}" for domain in domains} & set(results.states())
+
+
 def test_implicit_mx(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
 ) -> None:

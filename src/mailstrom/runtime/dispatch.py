@@ -10,6 +10,9 @@ they carry. A session resolves the route, connects to the first address that ans
 transactions over that connection, keeping three submitted so that one is on the wire
 while another is answered. A session does not hold anything but its own
 connection: a stalled server ties up its own sessions only, never the other destinations.
+Nor do the domains of one MX host together: at most ``max_per_destination`` connections
+are being opened to one address at once, and a destination that finds that many waits
+for one of them to end without a session (:meth:`Dispatcher._park_at`).
 ``max_connections`` bounds the sockets as well as the sessions — idle and closing ones
 count, and a session at the limit waits for a slot while idle connections are closed to
 make room: see :mod:`mailstrom.runtime.opener` for the rule.
@@ -146,7 +149,8 @@ class _Destination:
     held: bool = False
     """In ``shared.held``: the destination's other queues have all its sessions."""
     parked: bool = False
-    """Waiting for a connection slot of its shaping rule (shared with other domains)."""
+    """Waiting for a connection slot of its shaping rule (shared with other domains), or
+    for a connection being opened to an address to end (see Dispatcher._opening)."""
     woken_by: Shape | None = None
     """The shape whose free slot :meth:`Dispatcher._unpark` started it for, until its
     next session begins: that session passes the slot on if it does not take it."""
@@ -212,6 +216,14 @@ class Dispatcher:
         """The IP version of ``source_address``: addresses of the other cannot be reached."""
         self._destinations: dict[str, _Destination] = {}
         self._waiting: deque[_Destination] = deque()
+        self._opening: dict[str, int] = {}
+        """Connections being opened (connect, greeting, EHLO, STARTTLS) per address: at
+        most ``max_per_destination`` over all destinations. Many domains share one MX
+        host; without the bound one that accepts and never greets took a session of each
+        until all ``max_connections`` waited for its greeting, and every other
+        destination's mail with them."""
+        self._parked_at: dict[str, deque[_Destination]] = {}
+        """Destinations waiting for a connection being opened to an address to end."""
         self._sessions = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -578,7 +590,17 @@ class Dispatcher:
                 try:
                     if shape is not None and not await self._may_connect(dest, shape):
                         return
-                    conn, need = await self._open(dest, host, ip, need, budget)
+                    if self._opening.get(ip, 0) >= self._config.max_per_destination:
+                        # Other destinations' sessions wait for this address to greet
+                        # (one MX host of many domains): wait for one of them to end
+                        # without a session, which other destinations may use meanwhile.
+                        self._park_at(dest, ip)
+                        return
+                    self._opening[ip] = self._opening.get(ip, 0) + 1
+                    try:
+                        conn, need = await self._open(dest, host, ip, need, budget)
+                    finally:
+                        self._opened(ip)
                     key = opener.key(
                         host, ip, need, via_next_hop=conn.dane_via_next_hop, budget=budget
                     )
@@ -726,6 +748,36 @@ class Dispatcher:
         if observe is not None:
             observe(dest.domain, need, host, ip, conn)
         return conn, need
+
+    def _park_at(self, dest: _Destination, ip: str) -> None:
+        """Let ``dest`` wait, without a session, until a connection being opened to
+        ``ip`` is made or fails (see :meth:`_opened`)."""
+        if dest.parked:
+            return  # its other session parked it already (here, or for its rule's slot)
+        dest.parked = True
+        self._parked_at.setdefault(ip, deque()).append(dest)
+
+    def _opened(self, ip: str) -> None:
+        """A connection to ``ip`` was made, or failed: one fewer being opened, and every
+        destination parked at ``ip`` tries again. All, not one: a destination woken that
+        does not open to ``ip`` (its queue withdrawn, the address now tried after the
+        others) would leave those behind it parked with nothing left to wake them; those
+        that find the address still at its bound park again."""
+        left = self._opening[ip] - 1
+        if left:
+            self._opening[ip] = left
+        else:
+            del self._opening[ip]
+        parked = self._parked_at.pop(ip, None)
+        if not parked:
+            return
+        for dest in parked:
+            dest.parked = False
+        for dest in parked:
+            if dest.queue:
+                self._start_sessions(dest)
+            elif dest.sessions == 0 and self._destinations.get(dest.key) is dest:
+                del self._destinations[dest.key]
 
     def _destination(self, dest: _Destination, route: Route, mx: MXHost) -> Destination:
         return Destination(
@@ -1392,6 +1444,7 @@ class Dispatcher:
             dest.queue.clear()
         self._destinations.clear()
         self._waiting.clear()
+        self._parked_at.clear()
         # Nothing is in flight any more: what was is the caller's to give back (the
         # worker releases its leases), and a status read after the stop says so.
         self.in_flight = 0
