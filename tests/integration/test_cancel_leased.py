@@ -10,12 +10,13 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from mailstrom import AsyncMailstrom, Email, RecipientState, Timeouts
-from mailstrom.stores import SQLiteStore
+from mailstrom.stores import SQLiteStore, open_store
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.integration.test_hostile_peers import peer
+from tests.integration.test_hostile_peers import Handler, peer
 from tests.support.delivery import loopback_config
 
 SLOW = Timeouts(connect=30, greeting=30, command=30, data_init=30, data_block=30, data_end=30)
@@ -178,3 +179,90 @@ async def test_a_held_message_leased_but_not_started_is_not_sent(
         ms.store.close()
     assert released.state is RecipientState.DELIVERED
     assert len(mails) == 2, mails
+
+
+def answering(
+    lines: list[bytes], ehlo_in: asyncio.Event, go_on: asyncio.Event | None = None
+) -> Handler:
+    """A pipelining peer that takes every message and keeps every line it reads in
+    ``lines``; it sets ``ehlo_in`` once EHLO has arrived, and answers it once ``go_on``
+    is set (at once when None)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 peer.test ESMTP\r\n")
+        while line := await reader.readline():
+            lines.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                ehlo_in.set()
+                if go_on is not None:
+                    await go_on.wait()
+                writer.write(b"250-peer.test\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    return handle
+
+
+@pytest.mark.postgres
+async def test_a_message_cancelled_is_not_started_while_the_store_confirms_it(
+    dns_server: LoopbackDNS, caplog: pytest.LogCaptureFixture, postgres_url: str
+) -> None:
+    """Was: ``cancel()`` returned, and the worker went on starting transactions until its
+    heartbeat, told of the cancel, had asked the store which leased recipients were still
+    its own (a NOTIFY and a round trip per lease on PostgreSQL, longer when the store is
+    busy): a session that reached the cancelled message meanwhile sent it. Here the
+    store is slow to extend the lease (a lock is held on a row of it, another message's),
+    and the cancelled message's session, whose server was slow to answer EHLO, is ready
+    to send just after the cancel has returned."""
+    ehlo_in = asyncio.Event()
+    go_on = asyncio.Event()
+    lines: list[bytes] = []
+    other_lines: list[bytes] = []
+    for n, host in (("two", "127.0.0.2"), ("three", "127.0.0.3")):
+        dns_server.mx(f"{n}.example", [(10, f"mx.{n}.test")])
+        dns_server.a(f"mx.{n}.test", host)
+    caplog.set_level(logging.WARNING, logger="mailstrom")
+    async with (
+        peer(answering(lines, ehlo_in, go_on), "127.0.0.2") as port,
+        peer(answering(other_lines, asyncio.Event()), "127.0.0.3", port),
+    ):
+        config = loopback_config(
+            dns_server, port, timeouts=SLOW, max_connections=1, poll_interval=30
+        )
+        store = open_store(postgres_url)
+        ms = AsyncMailstrom(config, store=store, worker=None)
+        cancelled = await ms.send_email(hello("b@two.example"))
+        other = await ms.send_email(hello("c@three.example"))
+        # In this process: a worker process hears of the cancel through the store's
+        # NOTIFY, which may come after the cancel returned, however the worker heeds it.
+        async with AsyncMailstrom(config, store=store, worker="task") as running:
+            await asyncio.wait_for(ehlo_in.wait(), 20)
+            with psycopg.connect(postgres_url) as lock:
+                # The heartbeat's extension of the lease waits for this.
+                lock.execute("SELECT 1 FROM recipients WHERE message_id = %s FOR UPDATE", [other])
+                assert await running.cancel(cancelled) == 1
+                go_on.set()  # EHLO answered: the next command would be the MAIL
+                for _ in range(50):
+                    await asyncio.sleep(0)  # its reply read, a MAIL would come
+            for _ in range(500):
+                if "not yet started given back" in caplog.text:
+                    break
+                await asyncio.sleep(0.01)
+            status = await running.wait(other, timeout=20)
+            assert status.state is RecipientState.DELIVERED
+        gone = store.status(cancelled)
+        store.close()
+    assert [line[:4] for line in lines] == [b"EHLO", b"QUIT"], lines
+    assert gone.recipients[0].state is RecipientState.FAILED
+    assert gone.recipients[0].attempts == 0

@@ -290,6 +290,12 @@ class Worker(
         self._beating = False  # the heartbeat is extending leases
         self._beat_now = asyncio.Event()  # asks the heartbeat for a beat at once
         self._confirming: asyncio.Future[None] | None = None  # see _may_start
+        self._cancels_unchecked = False
+        """Set (from any thread) by :meth:`check_leases` until a beat begins to ask the
+        store what the leases still hold; ``_cancels_checking`` then, until that beat
+        ends. No transaction starts meanwhile (:meth:`_may_start`)."""
+        self._cancels_checking = False
+        self._cancels_lock = threading.Lock()  # a cancel told while a beat takes the flag
         self._screenings: set[asyncio.Task[None]] = set()  # see _screen_again
         self._leases: dict[str, _LeaseState] = {}
         self._held_bytes = _HeldBytes()
@@ -354,7 +360,13 @@ class Worker(
         was cancelled meanwhile is then given back, not started. Called when the store
         says leased recipients were cancelled (``Store.watch_cancels``), by any process;
         unasked, the heartbeat found it only at its next beat (every third of
-        ``lease_for``), and the work went out before."""
+        ``lease_for``), and the work went out before. Until that beat has asked, no
+        transaction starts (:meth:`_may_start`): set here, before the store's cancel
+        returns (the store calls this from it), a session that started the cancelled
+        mail in the beat's round trip sent it after ``cancel()`` had said it would not
+        go."""
+        with self._cancels_lock:
+            self._cancels_unchecked = True
         self._call_soon(self._beat_now.set)
 
     def _watch(self) -> Callable[[], None] | None:
@@ -447,6 +459,7 @@ class Worker(
         self._stop_event = asyncio.Event()
         self._beat_now = asyncio.Event()
         self._confirming = None
+        self._cancels_unchecked = self._cancels_checking = False  # no lease is held yet
         if self._stopping:
             self._stop_event.set()
         self._running = True
@@ -1095,6 +1108,10 @@ class Worker(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), interval)
             self._beat_now.clear()
+            # This beat asks for every lease: a cancel told from now on needs another.
+            with self._cancels_lock:
+                self._cancels_checking = self._cancels_unchecked
+                self._cancels_unchecked = False
             beat = loop.time()
             until = self._clock() + lease_for + lease_margin(self._clock_reading)
             self._beating = True
@@ -1127,7 +1144,7 @@ class Worker(
                         # it before this worker counted them: those are not missing.)
                         self._withdraw(state.lease, f"has {held} of {state.unrecorded} left")
             finally:
-                self._beating = False
+                self._beating = self._cancels_checking = False
                 self._confirmed()
 
     async def _fence_loop(self) -> None:
@@ -1198,13 +1215,24 @@ class Worker(
         if self._may_be_taken_for_dead(now, wall):
             self._fence(state, "may be given back: this worker was not seen for dead_after")
             return False
+        if self._cancels_unchecked or self._cancels_checking:
+            # Mail was cancelled or held, perhaps of this lease: not started before the
+            # store has said what the lease still holds (see check_leases), in a beat
+            # asked for now unless one asks already.
+            return self._confirmation(beat=self._cancels_unchecked)
         if state.screened_at is not None and wall - state.screened_at >= RESCREEN_AFTER:
             # Its work waited (for a connection, a rate, a lane): an entry added to the
             # suppression list meanwhile applies to it too, as the guide promises.
             return self._screen_again(state)
         if now < state.held_until - danger_skew(self.config.lease_for):
             return True
-        self._beat_now.set()
+        return self._confirmation()
+
+    def _confirmation(self, *, beat: bool = True) -> asyncio.Future[None]:
+        """A beat asked for at once (with ``beat``), and a future done once the beat (or
+        the fencing's next look) has ended: :meth:`_may_start`'s "ask again then"."""
+        if beat:
+            self._beat_now.set()
         if self._confirming is None:
             self._confirming = asyncio.get_running_loop().create_future()
         return self._confirming

@@ -944,18 +944,20 @@ class PostgresStore:
         """Fail the message's pending recipients with the reason "cancelled"."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
-        found, changed, _ = self._fetch("cancel", {"id": message_id, "now": now})[0]
+        found, changed, told = self._fetch("cancel", {"id": message_id, "now": now})[0]
         if not found:
             raise UnknownMessage(message_id)
+        self._told_cancelled(told)
         return int(changed)
 
     def set_held(self, message_id: str, held: bool) -> None:
         """Hold (not leased) or release a message."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
-        found, _, _ = self._fetch("set_held", {"id": message_id, "held": held})[0]
+        found, _, told = self._fetch("set_held", {"id": message_id, "held": held})[0]
         if not found:
             raise UnknownMessage(message_id)
+        self._told_cancelled(told)
 
     def purge(self, *, finished_before: datetime) -> int:
         """Delete finished messages whose last recipient finished before the cutoff."""
@@ -1140,6 +1142,15 @@ class PostgresStore:
         if payload is None or payload == CANCELLED:
             self._cancel_watchers.notify()
 
+    def _told_cancelled(self, told: str | None) -> None:
+        """A write that NOTIFYed ``cancelled`` (``told`` not None: leased recipients were
+        cancelled or held) tells this object's ``watch_cancels`` callbacks too, before it
+        returns, as the memory and SQLite stores do. Left to the NOTIFY, which comes back
+        through the listener thread, a worker of this process went on starting
+        transactions after ``cancel()`` had returned, the cancelled mail among them."""
+        if told is not None:
+            self._cancel_watchers.notify()
+
     def close(self) -> None:
         """Stop every watcher thread and close the pool. Idempotent."""
         with self._lock:
@@ -1219,12 +1230,15 @@ class PostgresStore:
 
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Fail the listed messages' pending recipients as "cancelled"."""
-        changed, _ = self._fetch("cancel_many", {"ids": listed_ids(message_ids), "now": now})[0]
+        changed, told = self._fetch("cancel_many", {"ids": listed_ids(message_ids), "now": now})[0]
+        self._told_cancelled(told)
         return int(changed)
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages; returns how many changed."""
-        changed, _, _ = self._fetch("hold_many", {"ids": listed_ids(message_ids), "held": held})[0]
+        params = {"ids": listed_ids(message_ids), "held": held}
+        changed, _, told = self._fetch("hold_many", params)[0]
+        self._told_cancelled(told)
         return int(changed)
 
     def purge_many(
