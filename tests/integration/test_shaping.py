@@ -1076,3 +1076,97 @@ async def test_a_stop_does_not_count_a_421_to_mail_behind_an_answered_message(
         finally:
             await dispatcher.close()  # the worker stops
     assert [(r.address, r.state) for r in done] == [("r0@a.example", DEFERRED)], done
+
+
+async def test_a_woken_destination_withdrawn_while_it_waits_for_a_session_wakes_the_next(
+    dns_server: LoopbackDNS,
+) -> None:
+    """b and c park behind a, the only connection of their rule; a's end wakes b alone,
+    and b waits for a session (the worker's connections are all in use, y's next). Its
+    lease was taken over meanwhile (withdrawn: its queue is empty): its turn came and
+    was skipped, and the slot it was woken for passed to nobody. c stayed parked, its
+    mail leased in the worker, for as long as no other session of the rule ran."""
+    rule = DestinationRule(match="*.shared.example", max_connections=1)
+    store = MemoryStore()
+    clock = FakeClock(NOW)
+    rule_connected = asyncio.Event()
+    greet = asyncio.Event()
+    others_connected: list[int] = []
+    release_others = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-mx\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    async def rule_mx(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        rule_connected.set()
+        await greet.wait()
+        await answer(reader, writer)
+
+    async def other_mx(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        others_connected.append(1)
+        await release_others.wait()
+        await answer(reader, writer)
+
+    for domain in ("a.example", "b.example", "c.example"):
+        dns_server.mx(domain, [(10, "mx.shared.example")])
+    dns_server.a("mx.shared.example", "127.0.0.1")
+    for domain in ("x.example", "z.example", "y.example"):
+        dns_server.mx(domain, [(10, "mx.other.test")])
+    dns_server.a("mx.other.test", "127.0.0.2")
+    done: list[RecipientResult] = []
+    postponed: list[str] = []
+    async with peer(rule_mx) as port, peer(other_mx, "127.0.0.2", port):
+        config = loopback_config(dns_server, port, shaping=shaping(rule), max_connections=3)
+        shaper = Shaper(config, store, store_call=_direct, clock=clock)
+        dispatcher = Dispatcher(
+            config,
+            router=Router(config.dns, allow_loopback=True),
+            outcomes=Outcomes(config, clock=clock, rng=random.Random(1)),
+            on_done=done.extend,
+            shaper=shaper,
+            on_postpone=lambda items, _until, _dest: postponed.extend(
+                i.recipients[0].address for i in items
+            ),
+        )
+        shape = shaper.for_route("a.example", ["mx.shared.example"])
+        try:
+            dispatcher.submit(work_item(0, "a.example"))
+            await asyncio.wait_for(rule_connected.wait(), 10)
+            dispatcher.submit(work_item(1, "b.example"))
+            dispatcher.submit(work_item(2, "c.example"))
+            await eventually(lambda: len(shape.parked) == 2, "b and c to park")
+            dispatcher.submit(work_item(3, "x.example"))
+            dispatcher.submit(work_item(4, "z.example"))
+            await eventually(lambda: len(others_connected) == 2, "x and z to connect")
+            dispatcher.submit(work_item(5, "y.example"))  # waits for a session
+            greet.set()  # a goes; its end wakes b, which waits behind y
+            await eventually(lambda: len(others_connected) == 3, "y to connect")
+            assert [r.address for r in done] == ["r0@a.example"]
+            assert dispatcher.withdraw("lease-1") == 1  # b's lease taken over
+            release_others.set()
+            await asyncio.wait_for(dispatcher.idle.wait(), 10)
+        finally:
+            await dispatcher.close()
+    assert postponed == ["r1@b.example"]
+    assert {r.address: r.state for r in done} == {
+        "r0@a.example": DELIVERED,
+        "r2@c.example": DELIVERED,
+        "r3@x.example": DELIVERED,
+        "r4@z.example": DELIVERED,
+        "r5@y.example": DELIVERED,
+    }

@@ -446,6 +446,8 @@ class Dispatcher:
             dest.held = False
             if dest.queue:
                 self._start_sessions(dest)
+            else:
+                self._pass_on(dest)
 
     def _start_waiting(self) -> None:
         """Give free connections to waiting destinations, highest lane first; one whose
@@ -458,6 +460,18 @@ class Dispatcher:
             dest.waiting = False
             if dest.queue:
                 self._start_sessions(dest)
+            else:
+                self._pass_on(dest)
+
+    def _pass_on(self, dest: _Destination) -> None:
+        """``dest``, its turn come, has nothing left to start a session for (its work was
+        withdrawn, screened out or relieved while it waited): a free slot of its shaping
+        rule it was woken for (see :meth:`_unpark`) goes to the next parked destination,
+        or that one waits, its mail leased, until some other session of the rule ends."""
+        woken_by = dest.woken_by
+        if woken_by is not None:
+            dest.woken_by = None
+            self._unpark(woken_by)
 
     @staticmethod
     def _others_wait(dest: _Destination) -> bool:
