@@ -1170,3 +1170,82 @@ async def test_a_woken_destination_withdrawn_while_it_waits_for_a_session_wakes_
         "r4@z.example": DELIVERED,
         "r5@y.example": DELIVERED,
     }
+
+
+async def test_a_stop_does_not_count_a_421_to_mail_once_the_connection_took_a_message(
+    dns_server: LoopbackDNS,
+) -> None:
+    """As above, but the message ahead of the 421 was refused at MAIL (a throttle, no
+    reply to content) and the one answered came earlier, its results reported already:
+    the stop's count of what the connection took saw only the transactions still in
+    flight, and reported the 421 as an attempt, deferred with its backoff."""
+    rule = DestinationRule(match="*.shared.example", max_connections=1)
+    store = MemoryStore()
+    clock = FakeClock(NOW)
+    pausing = asyncio.Event()
+    closed = asyncio.Event()
+    never = asyncio.Event()
+
+    async def store_call(method: Any, *args: Any, **kwargs: Any) -> Any:
+        if method.__name__ == "throttle":
+            pausing.set()
+            await never.wait()  # the stop comes while the pause is being made
+        return method(*args, **kwargs)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mx.shared.example ESMTP\r\n")
+        mails = 0
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-mx.shared.example\r\n250 PIPELINING\r\n")
+            elif verb == b"MAIL":
+                mails += 1
+                if mails == 3:
+                    writer.write(b"421 4.3.2 Service shutting down\r\n")
+                    await writer.drain()
+                    writer.close()
+                    closed.set()
+                    return
+                if mails == 2:
+                    writer.write(b"451 4.7.650 temporarily rate limited due to IP reputation\r\n")
+                else:
+                    writer.write(b"250 ok\r\n")
+            elif verb in (b"RCPT", b"DATA") and mails == 2:
+                writer.write(b"503 5.5.1 Error: need MAIL command\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    dns_server.mx("a.example", [(10, "mx.shared.example")])
+    dns_server.a("mx.shared.example", "127.0.0.1")
+    done: list[RecipientResult] = []
+    async with peer(handle) as port:
+        config = loopback_config(dns_server, port, shaping=shaping(rule))
+        dispatcher = Dispatcher(
+            config,
+            router=Router(config.dns, allow_loopback=True),
+            outcomes=Outcomes(config, clock=clock, rng=random.Random(1)),
+            on_done=done.extend,
+            shaper=Shaper(config, store, store_call=store_call, clock=clock),
+            on_postpone=lambda items, _until, _dest: None,
+        )
+        try:
+            for n in range(3):
+                dispatcher.submit(work_item(n, "a.example"))
+            await asyncio.wait_for(pausing.wait(), 10)
+            await asyncio.wait_for(closed.wait(), 10)
+            for _ in range(20):
+                await asyncio.sleep(0)  # the 421 read
+        finally:
+            await dispatcher.close()  # the worker stops
+    assert [(r.address, r.state) for r in done] == [
+        ("r0@a.example", DELIVERED),
+        ("r1@a.example", DEFERRED),
+    ], done

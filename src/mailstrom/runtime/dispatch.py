@@ -163,6 +163,14 @@ class _Destination:
     has not moved for long waits behind a server that does not (see :meth:`Dispatcher.relieve`)."""
 
 
+@dataclass(slots=True)
+class _Took:
+    """Whether a connection took a message (a reply to its content came), as
+    :meth:`Dispatcher._stream` goes (private, mutable)."""
+
+    answered: bool = False
+
+
 _InFlight = deque[tuple[_Work, "asyncio.Future[TransactionResult]"]]
 """Transactions submitted on a connection, oldest first, with what each will come to."""
 
@@ -655,15 +663,18 @@ class Dispatcher:
             dest.connected += 1
             inflight: _InFlight = deque()
             retry: list[_Work] = []
+            took = _Took()
             try:
                 broke, answered = await self._stream(
-                    dest, conn, reused, need, lane, inflight, retry, shape
+                    dest, conn, reused, need, lane, inflight, retry, shape, took
                 )
             except BaseException as exc:
                 # Cancelled (the worker stops with this delivery in flight): the socket
                 # must not outlive the session, nor its timers fire into nobody.
                 opener.abandon(conn)
-                left = self._report_cut_off(inflight, Where.of(conn, need), reused=reused)
+                left = self._report_cut_off(
+                    inflight, Where.of(conn, need), reused=reused or took.answered
+                )
                 if not isinstance(exc, asyncio.CancelledError):
                     # A bug: what it left without a result is deferred with the queue
                     # (see _session), not left leased for as long as the worker runs.
@@ -816,6 +827,7 @@ class Dispatcher:
         inflight: _InFlight,
         retry: list[_Work],
         shape: Shape | None = None,
+        took: _Took | None = None,
     ) -> tuple[DeliveryError | None, bool]:
         """Send the destination's items over ``conn`` until none is left, the connection
         reaches its message cap, it breaks, or the next item is of a lower lane that has
@@ -823,7 +835,8 @@ class Dispatcher:
         rate allows no more now or it is paused. Returns the error it broke with (None if
         it did not), and whether any transaction on it got a reply to its content.
         ``inflight``: where the transactions submitted and not yet answered are kept;
-        ``retry``: the work of those that broke, for another session."""
+        ``retry``: the work of those that broke, for another session; ``took``: told once
+        a transaction got a reply to its content, for a stop that cuts this short."""
         cap = self._config.max_messages_per_connection
         if shape is not None and shape.messages_per_connection is not None:
             cap = min(cap, shape.messages_per_connection)
@@ -930,7 +943,12 @@ class Dispatcher:
                 limited = True
                 retry.append(work)
                 continue
-            answered = answered or result.final is not None
+            if result.final is not None and not answered:
+                answered = True
+                if took is not None:
+                    # Its results are out: a stop that cuts this session short sees the
+                    # transactions still in flight only (see _report_cut_off).
+                    took.answered = True
             over = over_recipient_limit(result)
             if over:
                 later, work, result = _split_off(work, result, over)
@@ -994,7 +1012,9 @@ class Dispatcher:
         out again at once. Returns the rest (not tried, cut before the content went, or
         whose results the bug kept from being made), which a stop gives back with the
         lease. As in :meth:`_stream`, a 421 to MAIL on a connection that was ``reused``
-        or answered a message ahead of it is no attempt: not tried."""
+        or answered a message ahead of it is no attempt: not tried. ``reused`` says so
+        too of a connection that answered a message whose results are out already (the
+        transactions here cannot tell)."""
         left: list[_Work] = []
         # Whether the connection took a message, as _stream's ``answered``: reused, or a
         # transaction ahead here was answered (a settled 421 is cut off only behind one
