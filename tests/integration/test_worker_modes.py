@@ -1120,6 +1120,67 @@ async def test_a_stop_that_is_cancelled_leaves_the_store_to_the_worker_until_it_
         ms.store.recent()
 
 
+@pytest.mark.parametrize("mode", ["task", "process"])
+async def test_a_cancelled_stop_closes_the_store_off_the_event_loop(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path, mode: str
+) -> None:
+    """A cancelled stop() left the store it had opened to be closed as the worker ended,
+    by a callback on the event loop: the loop was held for the close (a SQLite
+    checkpoint and fsync, a PostgreSQL session's goodbye), as the plain stop() never
+    holds it. It is closed in a thread now, as stop() closes it."""
+    slow = _slow_mx(smtp_server, dns_server)
+    path = tmp_path / "q.db"
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=path, worker=mode)  # type: ignore[arg-type]
+    closed_on: list[threading.Thread] = []
+    close = ms.store.close
+
+    def recording_close() -> None:
+        closed_on.append(threading.current_thread())
+        close()
+
+    ms.store.close = recording_close  # type: ignore[method-assign]
+    await ms.start()
+    await ms.send_email(hello("bob@example.org"))
+    assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await ms.stop(timeout=5)
+    assert await asyncio.to_thread(_wait_until, lambda: ms._store_closed, 10)
+    assert await asyncio.to_thread(_wait_until, lambda: len(closed_on) == 1, 10)
+    assert closed_on == [closed_on[0]] and closed_on[0] is not threading.current_thread()
+    assert _recorded_once(path)
+
+
+@pytest.mark.parametrize("mode", ["task", "process"])
+def test_a_cancelled_stop_as_asyncio_run_ends_leaves_nothing_open(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path, mode: str
+) -> None:
+    """A stop() given up on (a shutdown's timeout) just before asyncio.run() returns:
+    the store the facade opened is closed, and no thread of ours is left, once run()
+    has returned."""
+    slow = _slow_mx(smtp_server, dns_server)
+    path = tmp_path / "q.db"
+    before = set(threading.enumerate())
+
+    async def main() -> AsyncMailstrom:
+        ms = AsyncMailstrom(config(dns_server, slow.port), store=path, worker=mode)  # type: ignore[arg-type]
+        await ms.start()
+        await ms.send_email(hello("bob@example.org"))
+        assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await ms.stop(timeout=5)
+        return ms
+
+    ms = asyncio.run(main())
+    assert ms._store_closed
+    with pytest.raises(StoreError, match="closed"):
+        ms.store.recent()
+    assert ms.worker is not None and ms.worker.wait_stopped(0)
+    left = [t for t in set(threading.enumerate()) - before if t.name.startswith("mailstrom")]
+    assert left == []
+
+
 @pytest.mark.parametrize("bad", [float("inf"), 1e10, float("nan"), "5", True])
 def test_stop_with_a_timeout_it_cannot_wait_refuses_it_before_anything(
     smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path, bad: Any

@@ -124,6 +124,12 @@ async def _stop_once_started(worker: WorkerProcess, starting: asyncio.Future[Non
     await asyncio.to_thread(worker.stop, 0)
 
 
+def _log_release_error(released: asyncio.Future[None]) -> None:
+    """Log what closing the store after a cancelled stop() raised: nobody awaits it."""
+    if not released.cancelled() and (error := released.exception()) is not None:
+        log.error("the store could not be closed after a cancelled stop()", exc_info=error)
+
+
 class _LoopsLock:
     """An asyncio lock for any event loop, and several at once (each run by a thread of
     its own): :meth:`AsyncMailstrom.start` and :meth:`AsyncMailstrom.stop` one at a time.
@@ -320,7 +326,11 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         try:
             if isinstance(worker, WorkerProcess):
                 if ending is None:
-                    ending = asyncio.ensure_future(asyncio.to_thread(worker.stop, timeout))
+                    # A future of the executor, not a task: a loop that ends (asyncio.run)
+                    # cancels its tasks, and a task running it ended (releasing the
+                    # store) while the stop went on in its thread.
+                    loop = asyncio.get_running_loop()
+                    ending = loop.run_in_executor(None, worker.stop, timeout)
                 else:
                     ending = _followed_here(ending)  # a cancelled stop()'s, of any loop
                 await asyncio.shield(ending)
@@ -366,10 +376,18 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 await write_in_thread(self._release_store)
 
     def _ended(self, ending: asyncio.Future[None]) -> None:
-        """What a cancelled stop() left ending has ended: the store may go."""
+        """What a cancelled stop() left ending has ended: the store may go, in a thread
+        as stop() closes it (not on the loop, held for a SQLite checkpoint and fsync or a
+        PostgreSQL session's end). A loop that is ending, its executor shut down, has
+        nothing else to run: it is closed here then."""
         if not ending.cancelled() and ending.exception() is not None:
             log.error("the worker ended on %r after its stop() was cancelled", ending.exception())
-        self._release_store()
+        try:
+            released = ending.get_loop().run_in_executor(None, self._release_store)
+        except RuntimeError:  # its executor is shut down (the loop ends)
+            self._release_store()
+            return
+        released.add_done_callback(_log_release_error)
 
     def _release_store(self) -> None:
         self._unwatch_store()
