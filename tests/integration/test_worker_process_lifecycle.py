@@ -521,6 +521,40 @@ def test_a_child_stop_from_on_result_had_to_kill_leaves_nothing_in_flight(
     store.close()
 
 
+def test_a_slow_on_result_does_not_hold_the_worker_processs_deliveries(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The reader thread called on_result itself and read no frame meanwhile: once a
+    slow callback (a webhook) had let a pipe's worth of results pile up (a hundred or
+    so), the child's event loop waited to write the next ones, and every delivery of the
+    worker waited with it. The results now wait for the callback in this process, up to
+    a bound far above that, and the worker delivers on."""
+    store = SQLiteStore(tmp_path / "q.db")
+    go = threading.Event()
+    results = Results()
+
+    def on_result(result: Any) -> None:
+        go.wait(60)  # busy until the test lets it go
+        results(result)
+
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=on_result)
+    ms.start()
+    try:
+        ids = [ms.send_email(hello(f"u{i}@example.org", i)) for i in range(400)]
+
+        def delivered() -> int:
+            return sum(store.status(i).state is RecipientState.DELIVERED for i in ids)
+
+        assert _wait_until(lambda: delivered() == len(ids), 60), delivered()
+        assert len(mx.received) == len(ids)
+        assert ms.worker_status.running
+    finally:
+        go.set()
+        ms.stop()
+    assert len(results.all) == len(ids)  # every one passed on, none dropped
+    store.close()
+
+
 def test_stop_with_a_slow_on_result_passes_on_every_result_the_child_recorded(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -528,8 +562,11 @@ def test_stop_with_a_slow_on_result_passes_on_every_result_the_child_recorded(
     results, and cannot end before the callback has taken them. stop() killed it past the
     grace all the same, as if it hung, and the results it had recorded but not yet sent
     never reached on_result. The time the callback takes no longer counts against the
-    child: it ends by itself, and every result it recorded is passed on."""
+    child: it ends by itself, and every result it recorded is passed on. (With the
+    results waiting here at their bound, as with a callback slower than the worker for
+    long enough.)"""
     monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    monkeypatch.setattr(process, "RESULTS_WAITING", 50)
     store = SQLiteStore(tmp_path / "q.db")
     go = threading.Event()
     results = Results()

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import IO, Any
@@ -52,6 +53,12 @@ _FORWARDED_LOGGERS = ("mailstrom", "mailstrom.attempts", "mailstrom.worker", "ma
 STOP_GRACE = 10.0
 """Seconds past the drain timeout that ``stop()`` waits for a worker to end: a child is
 then killed, a worker thread or task left to end by itself."""
+RESULTS_WAITING = 10_000
+"""How many results of a worker process wait here for a slow ``on_result`` at most (a
+few megabytes). Past it the reader waits for the callback to take some: the child then
+waits to write its next frames (a pipe holds a hundred results or so), and its
+deliveries with it, until the callback catches up; nothing is dropped (each result is
+recorded in the store before it is sent)."""
 
 
 def _forget_after_fork() -> None:
@@ -274,6 +281,8 @@ class WorkerProcess:
         self._stdin: IO[bytes] | None = None
         self._write_lock = threading.Lock()
         self._reader: threading.Thread | None = None
+        self._passer: threading.Thread | None = None
+        """The current reader's thread that calls ``on_result`` (None without one)."""
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -333,7 +342,7 @@ class WorkerProcess:
                 raise WorkerError("already started")
             last = self._reader
         if last is not None:
-            if last is threading.current_thread():
+            if self.reading_on(threading.current_thread()):
                 raise WorkerError(
                     "start() from on_result: this thread is still passing on the results "
                     "of the last worker process"
@@ -407,15 +416,33 @@ class WorkerProcess:
             self._proc, self._stdin = proc, proc.stdin
             _LIVE.add(self)
         self._holder = holder
+        handoff = _Handoff(RESULTS_WAITING) if self._on_result is not None else None
         self._reader = threading.Thread(
             target=self._read,
-            args=(proc, frame.getvalue()),
+            args=(proc, frame.getvalue(), handoff),
             name="mailstrom-worker-reader",
             daemon=True,
         )
+        self._passer = None
+        if handoff is not None:
+            passer = threading.Thread(
+                target=self._pass_results,
+                args=(handoff,),
+                name="mailstrom-worker-results",
+                daemon=True,
+            )
+            try:
+                passer.start()
+            except RuntimeError:
+                # No thread left: the reader passes the results on itself, as it did.
+                handoff.end()
+            else:
+                self._passer = handoff.taker = passer
         try:
             self._reader.start()
         except RuntimeError as exc:
+            if handoff is not None:
+                handoff.close()  # its taker ends at once: nothing comes
             # No thread left ("can't start new thread": a container's pids limit, which
             # the fork just reached): nothing would send the child its spec nor read its
             # frames. It is not left waiting for them, and the failure is the OSError
@@ -446,6 +473,7 @@ class WorkerProcess:
         results still in the pipe follow on that thread after the callback returns (a
         child with more to send than the pipe holds cannot exit meanwhile: it is killed
         past the grace)."""
+        own = self.reading_on(threading.current_thread())  # called from on_result
         with self._lock:
             self._stopping = True
             self._halt.set()
@@ -488,7 +516,7 @@ class WorkerProcess:
                 if holder is not None:
                     self._give_back(holder)  # it had no time to give them back itself
                     given_back = True
-        if reader is not None and reader is not threading.current_thread():
+        if reader is not None and not own:
             # Unbounded: the child has exited, so only the frames it left in the pipe
             # remain, and each result among them reaches on_result before we return.
             reader.join()
@@ -499,7 +527,7 @@ class WorkerProcess:
                 # not once its leases expire.
                 self._give_back(holder)
         with self._lock:
-            if self._proc is proc and reader is not threading.current_thread():
+            if self._proc is proc and not own:
                 # Called from on_result, the child stays the current one until its
                 # reader (this thread, once the callback returns) reaches its end: that
                 # end puts its last snapshot at rest, deliveries in flight and all, and
@@ -521,7 +549,7 @@ class WorkerProcess:
         if limit is None:
             proc.wait()
             return
-        own = self._reader is threading.current_thread()
+        own = self.reading_on(threading.current_thread())
         busy = self._busy_for()
         while True:
             try:
@@ -695,9 +723,9 @@ class WorkerProcess:
             log.info("the dead worker process had leased nothing")
 
     def reading_on(self, thread: threading.Thread) -> bool:
-        """Whether ``thread`` is the one passing on the current child's results (where
-        ``on_result`` runs)."""
-        return thread is self._reader
+        """Whether ``thread`` is one passing on the current child's results: its reader,
+        or the thread it hands them to (where ``on_result`` runs)."""
+        return thread is self._reader or (thread is self._passer and thread is not None)
 
     @property
     def pid(self) -> int | None:
@@ -758,7 +786,7 @@ class WorkerProcess:
         with self._write_lock, contextlib.suppress(OSError, ValueError):
             os.write(stream.fileno(), frame.getvalue())
 
-    def _read(self, proc: subprocess.Popen[bytes], spec: bytes) -> None:
+    def _read(self, proc: subprocess.Popen[bytes], spec: bytes, handoff: _Handoff | None) -> None:
         stdin, stdout = proc.stdin, proc.stdout
         assert stdin is not None and stdout is not None
         followed = False
@@ -778,7 +806,7 @@ class WorkerProcess:
             while (frame := read_frame(stdout)) is not None:
                 kind, payload = frame
                 try:
-                    self._handle(kind, payload)
+                    self._handle(kind, payload, handoff)
                 except Exception:
                     # A forwarded record the application's logging raises on (a filter,
                     # a handler): one frame is lost, not every later result and status.
@@ -797,6 +825,11 @@ class WorkerProcess:
             proc.wait()
             with self._write_lock, contextlib.suppress(OSError):
                 stdin.close()  # of no use now; and a fork must not take its number for ours
+            if handoff is not None:
+                # Every result reaches on_result before the child's end is judged (and
+                # stop(), which joins this thread, returns).
+                handoff.close()
+                self._pass_on(handoff.wait_taken())
             with self._lock:
                 if proc is self._proc:  # not a child stop() or start() has let go of
                     self._end_of(proc)
@@ -824,22 +857,17 @@ class WorkerProcess:
             self._stopped.set()
             self._ready.set()  # wake a start() still waiting: it sees the error
 
-    def _handle(self, kind: str, payload: Any) -> None:
+    def _handle(self, kind: str, payload: Any, handoff: _Handoff | None = None) -> None:
         if kind == "results":
-            on_result = self._on_result
             started = time.monotonic()
             self._busy = (self._busy[0], started)
             try:
-                for wire in payload:
-                    result = result_from_wire(wire)
-                    self._counts[result.state] += 1
-                    if on_result is not None:
-                        try:
-                            on_result(result)
-                        except BaseException as exc:  # on a thread of ours: see the function
-                            if ends_the_program(exc):
-                                raise
-                            log.exception("on_result callback failed")
+                batch = [result_from_wire(wire) for wire in payload]
+                # Handed to the thread calling on_result: read here, a slow callback
+                # left the frames in the pipe, and the child's loop (every delivery of
+                # it) waited to write the next ones once a hundred or so piled up.
+                if handoff is None or not handoff.put(batch):
+                    self._pass_on(batch)
             finally:
                 self._busy = (self._busy[0] + time.monotonic() - started, None)
         elif kind == "status":
@@ -868,6 +896,27 @@ class WorkerProcess:
             self._stopped_by = payload if isinstance(payload, str) else None
             self._said_stopped = True
 
+    def _pass_on(self, batch: list[RecipientResult]) -> None:
+        """Count each result of ``batch`` and hand it to ``on_result``."""
+        on_result = self._on_result
+        for result in batch:
+            self._counts[result.state] += 1
+            if on_result is not None:
+                try:
+                    on_result(result)
+                except BaseException as exc:  # on a thread of ours: see the function
+                    if ends_the_program(exc):
+                        raise
+                    log.exception("on_result callback failed")
+
+    def _pass_results(self, handoff: _Handoff) -> None:
+        """The thread calling ``on_result`` with what the reader hands it, in order."""
+        try:
+            while (batch := handoff.take()) is not None:
+                self._pass_on(batch)
+        finally:
+            handoff.end()
+
     def _came_up(self) -> None:
         # Under _lock: a restart sets _coming_back and its error after the spawn, and
         # the new child's "ready" may arrive before that (the reader starts in _spawn).
@@ -884,6 +933,80 @@ class WorkerProcess:
                 "" if self._restarts == 1 else "s",
             )
         self._ready.set()
+
+
+class _Handoff:
+    """Results from a reader to the thread that calls ``on_result``: at most ``bound``
+    wait (a batch is never split), past which :meth:`put` waits for room."""
+
+    def __init__(self, bound: int) -> None:
+        self._bound = bound
+        self._changed = threading.Condition()
+        self._batches: deque[list[RecipientResult]] = deque()
+        self._waiting = 0
+        self._closed = False
+        """The reader has put its last batch."""
+        self._ended = False
+        """The taker is gone (or never came): nothing more is taken."""
+        self._warned = False
+        self.taker: threading.Thread | None = None
+
+    def put(self, batch: list[RecipientResult]) -> bool:
+        """Hand ``batch`` on, once there is room; False when nothing takes it any more
+        (the caller passes it on itself)."""
+        with self._changed:
+            while self._waiting >= self._bound and not self._ended:
+                if not self._warned:
+                    self._warned = True
+                    log.warning(
+                        "on_result is %d results behind: the worker process waits for it"
+                        " to take some before it delivers more",
+                        self._waiting,
+                    )
+                self._changed.wait()
+            if self._ended:
+                return False
+            self._batches.append(batch)
+            self._waiting += len(batch)
+            self._changed.notify_all()
+            return True
+
+    def take(self) -> list[RecipientResult] | None:
+        """The next batch; None once the reader closed and all were taken."""
+        with self._changed:
+            while not self._batches and not self._closed:
+                self._changed.wait()
+            if not self._batches:
+                return None
+            batch = self._batches.popleft()
+            self._waiting -= len(batch)
+            self._changed.notify_all()
+            return batch
+
+    def close(self) -> None:
+        """The reader has no more: the taker ends once it has taken every batch."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def end(self) -> None:
+        """The taker has ended (or never started): nothing waits for it any more."""
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_taken(self) -> list[RecipientResult]:
+        """Wait until the taker has ended (after :meth:`close`), every batch passed on;
+        what it left, should it have ended early, is returned."""
+        with self._changed:
+            while not self._ended:
+                self._changed.wait()
+            left = [result for batch in self._batches for result in batch]
+            self._batches.clear()
+        taker = self.taker
+        if taker is not None and taker is not threading.current_thread():
+            taker.join()  # ending now: no thread of ours outlives its reader
+        return left
 
 
 def _at_rest(status: WorkerStatus) -> WorkerStatus:
