@@ -552,6 +552,60 @@ class _Interrupt(Exception):
     KeyboardInterrupt)."""
 
 
+class _SignalledAfterCommit(sqlite3.Connection):
+    """A signal's handler of the application that raises an Exception (a SIGALRM
+    request timeout, say) as the COMMIT's call returns, the transaction written."""
+
+    armed = False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        cursor = super().execute(sql, *args)
+        if sql == "COMMIT" and _SignalledAfterCommit.armed:
+            _SignalledAfterCommit.armed = False
+            raise _Interrupt("request timed out")
+        return cursor
+
+
+def test_a_leader_interrupted_by_an_exception_after_its_commit_queues_nothing_twice(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with Ctrl-C, but the handler raises an Exception: taken for a failed shared
+    commit, it had every message of the batch inserted again one by one (each queued
+    twice) and the leader told of the handler's exception; with a batch of one, its
+    caller was told of it while its message was queued. The commit stands: the
+    followers get their ids, and the leader's caller the handler's exception."""
+    connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *a, **k: connect(*a, **k, factory=_SignalledAfterCommit)
+    )
+    store = _GatheringTwo(db)
+    outcome: list[str | Exception] = []
+
+    def follow() -> None:
+        while not store._leader:
+            time.sleep(0.001)
+        try:
+            outcome.append(store.enqueue(message("follower@example.org"), now=NOW))
+        except Exception as exc:
+            outcome.append(exc)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    try:
+        with hang_guard(20):
+            _SignalledAfterCommit.armed = True
+            with pytest.raises(_Interrupt):
+                store.enqueue(message("leader@example.org"), now=NOW)
+            follower.join()
+        assert store.stats().messages == 2  # both were committed, once
+        assert len(outcome) == 1 and isinstance(outcome[0], str), outcome
+        assert store.status(outcome[0]).recipients[0].address == "follower@example.org"
+    finally:
+        _SignalledAfterCommit.armed = False
+        follower.join(10)
+        store.close()
+
+
 class _PausedCommit(SQLiteStore):
     """A leader that waits in its commit until told to go on."""
 

@@ -492,6 +492,12 @@ class _Enqueue:
     one that leaves before its request is done hands it on (``SQLiteStore._abandon``)."""
 
 
+def _committed(requests: Sequence[_Enqueue]) -> bool:
+    """Whether every one of ``requests`` was committed: each has its ids (a rolled-back
+    commit clears them, and no request is without messages)."""
+    return all(request.ids and request.error is None for request in requests)
+
+
 def _held_lock() -> threading.Lock:
     lock = threading.Lock()
     lock.acquire()
@@ -1117,8 +1123,11 @@ class SQLiteStore:
                     request.error = StoreError(f"enqueue not committed: {exc!r}")
                     request.error.__cause__ = exc
                     request.done = True
-            if not isinstance(exc, Exception):
-                raise  # KeyboardInterrupt and the like reach the caller as they are
+            if not isinstance(exc, Exception) or _committed([mine]):
+                # KeyboardInterrupt and the like reach the caller as they are, and so
+                # does what a signal's handler raised once our message was committed:
+                # raised a moment later, it would have met enqueue() returning.
+                raise
         finally:
             with self._group:
                 self._hand_on()
@@ -1172,6 +1181,12 @@ class SQLiteStore:
             locked = True  # not one by one: each would wait for the lock again
             raise
         except Exception as exc:
+            if _committed(batch):
+                # Raised as the COMMIT returned, by a signal's handler of the application
+                # (a SIGALRM timeout): the batch is queued. Taken for a failed commit,
+                # each message was inserted again one by one (queued twice), or a batch
+                # of one's caller told of a failure with its message queued.
+                raise
             if len(batch) == 1:
                 batch[0].error = exc
             else:
@@ -1180,6 +1195,8 @@ class SQLiteStore:
                     try:
                         self._commit_requests([request], deadline)
                     except Exception as single:
+                        if _committed([request]):
+                            raise  # queued, then a signal's handler raised (as above)
                         request.error = single
         finally:
             if not locked:
