@@ -606,6 +606,66 @@ def test_a_leader_interrupted_by_an_exception_after_its_commit_queues_nothing_tw
         store.close()
 
 
+class _InterruptedHandingOn(SQLiteStore):
+    """A leader interrupted (Ctrl-C on the main thread) as it hands the lead on, after
+    the commit that carried a follower (the first commit gathers two for sure)."""
+
+    armed = True
+
+    def _gather(self, me: int, now: float) -> bool:
+        while self.armed and len(self._pending) < 2:
+            self._group.wait(0.01)
+        return True
+
+    def _hand_on(self) -> None:
+        if self.armed and threading.current_thread() is threading.main_thread():
+            self.armed = False
+            raise KeyboardInterrupt
+        super()._hand_on()
+
+
+def test_a_leader_interrupted_as_it_hands_on_leaves_nobody_waiting(db: Path) -> None:
+    """The leader's turn releases came after its hand-on in the same ``finally``: a
+    KeyboardInterrupt there left the follower its commit carried waiting for its turn
+    for ever (a program Ctrl-C'd then hung at exit, joining that thread), and the lead
+    with nobody: every later enqueue waited ``busy_timeout`` and failed StoreLocked."""
+    store = _InterruptedHandingOn(db, busy_timeout=2)
+    outcome: list[str | Exception] = []
+
+    def follow() -> None:
+        while not store._leader:
+            time.sleep(0.001)
+        try:
+            outcome.append(store.enqueue(message("follower@example.org"), now=NOW))
+        except Exception as exc:
+            outcome.append(exc)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        with hang_guard(20):
+            with pytest.raises(KeyboardInterrupt):
+                store.enqueue(message("leader@example.org"), now=NOW)
+            follower.join(10)
+            assert not follower.is_alive(), "the follower still waits for its turn"
+            assert len(outcome) == 1 and isinstance(outcome[0], str), outcome
+            later: list[str | Exception] = []
+
+            def enqueue_later() -> None:
+                try:
+                    later.append(store.enqueue(message("later@example.org"), now=NOW))
+                except Exception as exc:
+                    later.append(exc)
+
+            other = threading.Thread(target=enqueue_later)
+            other.start()
+            other.join(10)
+            assert len(later) == 1 and isinstance(later[0], str), later
+        assert store.stats().messages == 3
+    finally:
+        store.close()
+
+
 class _PausedCommit(SQLiteStore):
     """A leader that waits in its commit until told to go on."""
 

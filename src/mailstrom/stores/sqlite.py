@@ -1097,7 +1097,7 @@ class SQLiteStore:
         successor = self._pending[0] if self._pending else None
         if successor is None:
             self._leader = False
-        else:
+        elif not successor.led:  # (not handed it already: by an interrupted _pass_lead)
             assert successor.turn is not None  # it came while another led
             successor.led = True
             successor.turn.release()
@@ -1129,11 +1129,30 @@ class SQLiteStore:
                 # raised a moment later, it would have met enqueue() returning.
                 raise
         finally:
-            with self._group:
-                self._hand_on()
-            for request in batch:
-                if request.done and request.turn is not None:
-                    request.turn.release()
+            # Both, whatever a signal's handler raises meanwhile: a caller whose request
+            # is done but whose turn never comes waits for ever (a program Ctrl-C'd hung
+            # at exit, joining its thread), and a lead left with nobody had every later
+            # enqueue wait busy_timeout and fail StoreLocked.
+            try:
+                self._pass_lead()
+            finally:
+                for request in batch:
+                    if request.done and request.turn is not None:
+                        request.turn.release()
+
+    def _pass_lead(self) -> None:
+        """:meth:`_hand_on` under ``self._group``, done even when a signal's handler
+        raises meanwhile (again, until it is done); what it raised is raised then."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                with self._group:
+                    self._hand_on()
+                break
+            except BaseException as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def _requeue_or_fail(self, batch: list[_Enqueue], mine: _Enqueue, exc: StoreLocked) -> None:
         """The lock stayed held until our deadline, nothing written: our request fails, and
