@@ -1133,6 +1133,50 @@ async def test_an_async_start_that_is_cancelled_does_not_leave_its_process_runni
     store.close()
 
 
+def test_an_async_start_given_up_as_asyncio_run_ends_leaves_no_process_running(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start() given up (``asyncio.wait_for`` around it) just before asyncio.run()
+    returns: the task that was to stop its process once up was cancelled with the loop,
+    the start went on in its thread, and the process delivered on after run() returned,
+    behind a start() that had never returned (the next start() said "already
+    started"). It is stopped before run() returns now."""
+    gate = tmp_path / "go"
+    _in_each_child(
+        tmp_path,
+        monkeypatch,
+        "gate",
+        f"""
+        import os, time
+        for _ in range(3000):  # until the test lets it go on (30 s at most)
+            if os.path.exists({str(gate)!r}):
+                break
+            time.sleep(0.01)
+        """,
+    )
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = AsyncMailstrom(config(dns_server, mx.port), store=store, worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+
+    async def main() -> None:
+        starting = asyncio.create_task(ms.start())
+        assert await asyncio.to_thread(_wait_until, lambda: worker.pid is not None, 10)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        # The child comes up as the loop ends.
+        threading.Timer(0.2, gate.touch).start()
+
+    try:
+        asyncio.run(main())
+        assert worker.pid is None, "the process of the start() given up runs on"
+    finally:
+        gate.touch()
+        asyncio.run(ms.stop())
+    store.close()
+
+
 BESIDE = """
 import sys
 site = sys.argv[1]

@@ -110,18 +110,45 @@ def _cancel(task: asyncio.Future[None]) -> None:
         there.call_soon_threadsafe(task.cancel)
 
 
-async def _stop_once_started(worker: WorkerProcess, starting: asyncio.Future[None]) -> None:
-    """Stop the process ``starting`` (a start() whose caller was cancelled) starts, once
-    it has: it is not left delivering behind a start() that never returned, the next
-    start() saying "already started". Nothing to do when it failed to start."""
-    try:
-        await starting
-    except WorkerError:
-        return  # nothing runs (its error is in worker_status)
-    except Exception:  # nobody awaits start() any more to hear of it
-        log.exception("the worker process of a cancelled start() failed to start")
-        return
-    await asyncio.to_thread(worker.stop, 0)
+class _UndoableStart:
+    """A worker process's start, in a thread, that stops the process again once up when
+    its start() was given up (cancelled) meanwhile: it is not left delivering behind a
+    start() that never returned, the next start() saying "already started"."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self._worker = worker
+        self._lock = threading.Lock()
+        self._started = False
+        self._abandoned = False
+
+    def run(self) -> None:
+        try:
+            self._worker.start()
+        except WorkerError:
+            if self._given_up():
+                return  # nothing runs (its error is in worker_status)
+            raise
+        except Exception:
+            if self._given_up():  # nobody awaits start() any more to hear of it
+                log.exception("the worker process of a cancelled start() failed to start")
+                return
+            raise
+        with self._lock:
+            self._started = True
+            undo = self._abandoned
+        if undo:
+            self._worker.stop(0)
+
+    def _given_up(self) -> bool:
+        with self._lock:
+            return self._abandoned
+
+    def give_up(self) -> bool:
+        """The start() was cancelled: True when its process is up already (the caller
+        stops it); otherwise :meth:`run` stops it once up."""
+        with self._lock:
+            self._abandoned = True
+            return self._started
 
 
 def _log_release_error(released: asyncio.Future[None]) -> None:
@@ -261,15 +288,23 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         if isinstance(worker, WorkerProcess):
             if self._has_worker_process():  # (one to be started again included)
                 raise AlreadyStarted("already started")
-            starting = asyncio.ensure_future(asyncio.to_thread(worker.start))
+            start = _UndoableStart(worker)
+            # A future of the executor, not a task: a loop that ends (asyncio.run) cancels
+            # its tasks, and a task that was to stop the process once up was cancelled
+            # with it while the start went on in its thread: the process delivered on.
+            starting = asyncio.get_running_loop().run_in_executor(None, start.run)
             try:
                 await asyncio.shield(starting)
             except asyncio.CancelledError:
                 # The start goes on in its thread (bounded by its timeout): its process,
                 # if it comes up, is stopped then, as a stop() that was cancelled leaves
                 # it (the next start() refuses until then, stop() waits for it).
-                if not (starting.done() and starting.exception() is not None):
-                    self._ending = asyncio.ensure_future(_stop_once_started(worker, starting))
+                if start.give_up():
+                    # It came up as this was cancelled: stopped in a thread of its own.
+                    loop = asyncio.get_running_loop()
+                    self._ending = loop.run_in_executor(None, worker.stop, 0)
+                elif not (starting.done() and starting.exception() is not None):
+                    self._ending = starting
                 raise
             return
         if worker is None:
