@@ -4,9 +4,11 @@ dnspython measures a lookup's lifetime on the wall clock (``time.time()``) and o
 other. Stepped forward (NTP, an operator) while a lookup waits, or back by more than a
 second, its next query (the TCP one after a truncated answer, the next server's, a retry)
 finds the lifetime spent and the lookup fails at once with ``LifetimeTimeout``: a
-temporary failure for DNS that answers. The doctor's lookups and the router's both ask
-again, in what is left of their deadline on the monotonic clock, when dnspython says so
-early; a real timeout leaves nothing, and is raised as before.
+temporary failure for DNS that answers. The doctor's lookups, the router's, and every
+lookup of a resolver :func:`~mailstrom.routing.make_resolver` makes (:class:`SteadyResolver`:
+DANE's TLSA lookups, MTA-STS's, the command line's checks) ask again, in what is left of
+their deadline on the monotonic clock, when dnspython says so early; a real timeout
+leaves nothing, and is raised as before.
 
 A leaf module (it imports nothing of mailstrom), for synchronous and asyncio code alike:
 
@@ -22,7 +24,13 @@ True
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import dns.asyncresolver
+import dns.resolver
+
+T = TypeVar("T")
 
 CLOCK_RETRIES = 2
 """Times a lookup is asked again because the wall clock was stepped under it."""
@@ -55,3 +63,40 @@ class Deadline:
             return None
         self.retries -= 1
         return left
+
+
+async def resolve_steadily(
+    ask: Callable[[float], Awaitable[T]], lifetime: float, deadline: Deadline
+) -> T:
+    """``ask(lifetime)`` (a dnspython lookup given that lifetime), asked again in what is
+    left of ``deadline`` when it raises ``LifetimeTimeout`` early (:meth:`Deadline.ask_again`)."""
+    while True:
+        try:
+            return await ask(lifetime)
+        except dns.resolver.LifetimeTimeout:
+            left = deadline.ask_again()
+            if left is None:
+                raise
+            lifetime = left
+
+
+_LIFETIME_AT = 7
+"""Where ``lifetime`` stands among the arguments of dnspython's ``Resolver.resolve``."""
+
+
+class SteadyResolver(dns.asyncresolver.Resolver):
+    """dnspython's async resolver, each lookup's lifetime kept on the monotonic clock
+    (:func:`resolve_steadily`): DANE's TLSA lookups failed by a wall clock step made a
+    host unusable and deferred its mail, MTA-STS's made a policy unknown."""
+
+    async def resolve(self, *args: Any, **kwargs: Any) -> dns.resolver.Answer:
+        ask = super().resolve
+        if len(args) > _LIFETIME_AT:  # the lifetime given by position: as dnspython takes it
+            return await ask(*args, **kwargs)
+        given = kwargs.pop("lifetime", None)
+        lifetime = float(self.lifetime if given is None else given)
+        return await resolve_steadily(
+            lambda left: ask(*args, **{**kwargs, "lifetime": left}),
+            lifetime,
+            Deadline.after(lifetime),
+        )

@@ -839,6 +839,30 @@ async def test_a_route_is_not_failed_by_a_wall_clock_step(
     assert dns_server.queries("big.test", "MX") >= 2  # over UDP, then over TCP
 
 
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+async def test_every_resolver_mailstrom_makes_keeps_its_lifetime_on_a_steady_clock(
+    dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch, step: float
+) -> None:
+    # The router asked again when dnspython gave up early, but DANE's TLSA lookups, the
+    # MTA-STS TXT and HTTPS host lookups and the command line's checks call the resolver
+    # make_resolver builds directly: a wall clock step while such a lookup needed a second
+    # query failed it at once (a DANE host unusable, its mail deferred).
+    import dns.asyncresolver
+    import dns.resolver
+
+    from mailstrom.routing import make_resolver
+
+    dns_server.txt("_mta-sts.big.test", "v=STSv1; id=" + "x" * 600)  # too long for UDP
+    stepped = WallClockSteppedOnQuery(dns_server, "_mta-sts.big.test", "TXT", step)
+    monkeypatch.setattr(dns.resolver, "time", stepped)
+    monkeypatch.setattr(dns.asyncresolver, "time", stepped)
+    answer = await make_resolver(dns_server.dns_config).resolve(
+        "_mta-sts.big.test", "TXT", search=False
+    )
+    assert b"".join(answer[0].strings).startswith(b"v=STSv1; id=xxx")
+    assert dns_server.queries("_mta-sts.big.test", "TXT") >= 2  # over UDP, then over TCP
+
+
 async def test_a_better_host_without_addresses_is_looked_at_again_soon(
     dns_server: LoopbackDNS, router: Router, clock: FakeClock
 ) -> None:

@@ -33,7 +33,7 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
-from mailstrom.dnsclock import Deadline
+from mailstrom.dnsclock import Deadline, resolve_steadily
 from mailstrom.domains import literal_address
 from mailstrom.errors import PermanentFailure, TemporaryFailure
 from mailstrom.routing.policy import RoutePolicy
@@ -322,15 +322,11 @@ class _Resolution:
         again in what is left of the route's deadline when a wall clock step made
         dnspython give up early (:mod:`mailstrom.dnsclock`): its ``LifetimeTimeout``
         deferred the recipients of DNS that answered."""
-        deadline = Deadline(self.deadline, clock=self.clock)
-        while True:
-            try:
-                return await self.resolver.resolve(name, rdtype, search=False, lifetime=lifetime)
-            except dns.resolver.LifetimeTimeout:
-                left = deadline.ask_again()
-                if left is None:
-                    raise
-                lifetime = left
+        return await resolve_steadily(
+            lambda left: self.resolver.resolve(name, rdtype, search=False, lifetime=left),
+            lifetime,
+            Deadline(self.deadline, clock=self.clock),
+        )
 
     async def exchange_addresses(self, name: dns.name.Name) -> _Addresses:
         """The addresses of MX host ``name``: the one it spells when it is an IP address

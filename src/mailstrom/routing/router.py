@@ -18,6 +18,7 @@ import dns.name
 import dns.resolver
 
 from mailstrom.config import Config, DNSConfig
+from mailstrom.dnsclock import SteadyResolver
 from mailstrom.routing.lookup import (
     FOREVER,
     MAX_TTL,
@@ -46,13 +47,14 @@ MAX_CACHED = 10_000
 def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
     """A dnspython async resolver as ``config`` says: its nameservers, or the system's
     (resolv.conf) when it names none, on its port. ``config.timeout`` becomes its ``lifetime``,
-    which the router spends on each route as a whole (every query of one lookup)."""
+    which the router spends on each route as a whole (every query of one lookup), kept on
+    the monotonic clock (:class:`~mailstrom.dnsclock.SteadyResolver`)."""
     try:
-        resolver = dns.asyncresolver.Resolver(configure=not config.nameservers)
+        resolver = SteadyResolver(configure=not config.nameservers)
     except dns.resolver.NoResolverConfiguration:
         # No resolv.conf: start anyway; every lookup then fails temporarily ("no
         # nameservers"), which is visible in each recipient's status and retried.
-        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver = SteadyResolver(configure=False)
     # The port applies to resolv.conf's servers too: set alone, it was silently ignored.
     resolver.port = config.port
     if config.nameservers:
