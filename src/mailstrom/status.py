@@ -401,6 +401,15 @@ class Histogram:
         return pairs
 
 
+QUEUE_SECONDS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 5 * 86400.0)
+"""Bucket bounds of the queue-delay histogram: seconds when the first attempt succeeds,
+then the retry schedule's minutes and hours, up to the default maximum age of 5 days."""
+
+
+def _no_queue_delay() -> Histogram:
+    return Histogram(bounds=QUEUE_SECONDS, counts=(0,) * (len(QUEUE_SECONDS) + 1))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerMetrics:
     """What a worker counted since it started: the numbers behind its Prometheus metrics.
@@ -417,8 +426,11 @@ class WorkerMetrics:
     """Recorded results by (destination domain, new state), for the configured domains."""
     attempt_duration: Mapping[str, Histogram] = field(default_factory=dict)
     """Seconds per attempt (connection, or its share of one, to the last reply) by outcome."""
-    queue_delay: Histogram | None = None
-    """Seconds from queueing to delivery, for each delivered recipient."""
+    queue_delay: Histogram | None = field(default_factory=_no_queue_delay)
+    """Seconds from queueing to delivery, for each delivered recipient: empty (never None)
+    until a worker has counted one, as the other counters are, so that
+    ``metrics.queue_delay.count`` reads 0 before a worker (or a queue-only facade's
+    none) has reported."""
     store_errors: int = 0
     """Store calls that failed (and were retried) since the worker started."""
     ignored_results: int = 0

@@ -342,3 +342,24 @@ def test_every_exported_family_is_in_the_guides_table_and_every_one_there_is_exp
     documented = set(re.findall(r"`(mailstrom_[a-z_]+)`", table))
     assert exported - documented == set()
     assert documented - exported == set()
+
+
+def test_the_guides_metrics_example_runs_before_any_worker_has_counted() -> None:
+    """docs/guide.md reads ``snap.worker.metrics.queue_delay.count`` straight off
+    ``ms.metrics()``. Before a worker had reported (a queue-only facade, ``worker=None``,
+    or a worker process in its first half second) ``queue_delay`` was None, where every
+    other counter was empty, and the example failed with AttributeError."""
+    from prometheus_client import CollectorRegistry
+
+    from mailstrom.ops.exporter import MailstromCollector
+
+    config = Config(helo_name="mail.example.com")
+    with Mailstrom(config, store=MemoryStore(), worker=None) as ms:
+        snap = ms.metrics()
+        assert snap.worker.metrics.queue_delay is not None
+        assert snap.worker.metrics.queue_delay.count == 0
+        assert snap.worker.metrics.queue_delay.cumulative()[-1] == (float("inf"), 0)
+        # The same family a worker exports, with nothing counted in it yet.
+        registry = CollectorRegistry()
+        registry.register(MailstromCollector(ms.metrics))
+        assert registry.get_sample_value("mailstrom_queue_delay_seconds_count") == 0

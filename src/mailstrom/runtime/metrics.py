@@ -19,16 +19,20 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from mailstrom.errors import StoreError
-from mailstrom.status import AttemptOutcome, Histogram, QueueStats, RecipientState, WorkerMetrics
+from mailstrom.status import (
+    QUEUE_SECONDS,
+    AttemptOutcome,
+    Histogram,
+    QueueStats,
+    RecipientState,
+    WorkerMetrics,
+)
 from mailstrom.stores.base import RecipientResult, Store, domain_of
 from mailstrom.stores.dead_holders import live_workers
 
 ATTEMPT_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 """Bucket bounds of the attempt-duration histogram: a loopback delivery takes
 milliseconds, a distant server a second or two, a stalled one up to the RFC timeouts."""
-QUEUE_SECONDS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 5 * 86400.0)
-"""Bucket bounds of the queue-delay histogram: seconds when the first attempt succeeds,
-then the retry schedule's minutes and hours, up to the default maximum age of 5 days."""
 OTHER = "other"
 """The label value that stands for everything outside a bounded set."""
 NO_REASON = "none"
