@@ -420,3 +420,30 @@ async def test_the_async_facade_refuses_such_a_clock_too(
     with pytest.raises(ConfigError, match="clock returned"):
         await ams.send_email(Email(from_="a@example.com", to=["b@example.org"], text="x"))
     assert store.stats().messages == 0
+
+
+@pytest.mark.parametrize("facade", [Mailstrom, AsyncMailstrom])
+def test_a_facades_worker_hint_names_the_modes_it_takes_and_no_other(
+    facade: type[Mailstrom] | type[AsyncMailstrom], tmp_path: Path
+) -> None:
+    """Both facades' ``worker`` was typed with every mode of either ("thread" and "task"),
+    so a type checker passed ``AsyncMailstrom(worker="thread")`` and ``Mailstrom(worker=
+    "task")``, which raise ConfigError when run. The hint names each facade's own."""
+    import typing
+
+    hint = typing.get_type_hints(facade.__init__)["worker"]
+    hinted = {
+        value
+        for arg in typing.get_args(hint)
+        for value in (typing.get_args(arg) if typing.get_origin(arg) is typing.Literal else [arg])
+    }
+    config = Config(helo_name="mail.example.com")
+    store = SQLiteStore(tmp_path / "queue.db")  # one a worker process can open too
+    for mode in ("auto", "thread", "task", "process", None):
+        try:
+            facade(config, store=store, worker=mode)  # type: ignore[arg-type]
+        except ConfigError:
+            assert mode not in hinted, mode
+        else:
+            assert (type(None) if mode is None else mode) in hinted, mode
+    store.close()

@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TypeVar
@@ -16,8 +17,10 @@ from typing import TypeVar
 from mailstrom.arguments import check_limit
 from mailstrom.client.common import (
     AlreadyStarted,
+    AsyncWorkerMode,
     FacadeBase,
     MessageInput,
+    StoreArgument,
     batch_of,
     stop_timeout,
     suppression_entry,
@@ -30,11 +33,13 @@ from mailstrom.client.operations import (
     write_in_thread,
 )
 from mailstrom.client.process import STOP_GRACE, WorkerProcess
+from mailstrom.config import Config
 from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
-from mailstrom.runtime.worker import Worker
+from mailstrom.routing import Router
+from mailstrom.runtime.worker import Worker, utc_now
 from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
-from mailstrom.stores.base import QueueFilter
+from mailstrom.stores.base import QueueFilter, RecipientResult
 from mailstrom.suppression import Suppression, SuppressionSource, stored_forms
 
 log = logging.getLogger("mailstrom")
@@ -235,6 +240,29 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     when it was cancelled itself, the task or a worker process's stop in a thread. The
     next stop() waits for it, start() refuses until it has ended, and the store this
     facade opened is closed once a cancelled stop()'s has ended, not under it."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        store: StoreArgument = None,
+        router: Router | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        rng: random.Random | None = None,
+        on_result: Callable[[RecipientResult], None] | None = None,
+        worker: AsyncWorkerMode = "auto",
+    ) -> None:
+        """See :meth:`FacadeBase.__init__ <mailstrom.client.common.FacadeBase.__init__>`;
+        ``worker`` is ``"auto"``, ``"process"``, ``"task"`` or None."""
+        super().__init__(
+            config,
+            store=store,
+            router=router,
+            clock=clock,
+            rng=rng,
+            on_result=on_result,
+            worker=worker,
+        )
 
     def _after_fork(self) -> None:
         super()._after_fork()

@@ -130,6 +130,10 @@ os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 WorkerMode = Literal["auto", "thread", "task", "process"] | None
 """Where a facade's worker runs: see :class:`FacadeBase`."""
+SyncWorkerMode = Literal["auto", "thread", "process"] | None
+"""What :class:`~mailstrom.Mailstrom` takes: ``"task"`` is the async facade's."""
+AsyncWorkerMode = Literal["auto", "task", "process"] | None
+"""What :class:`~mailstrom.AsyncMailstrom` takes: ``"thread"`` is the sync facade's."""
 
 
 class AlreadyStarted(WorkerError):

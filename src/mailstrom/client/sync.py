@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -19,6 +20,8 @@ from mailstrom.client.common import (
     AlreadyStarted,
     FacadeBase,
     MessageInput,
+    StoreArgument,
+    SyncWorkerMode,
     batch_of,
     stop_timeout,
     suppression_entry,
@@ -30,12 +33,14 @@ from mailstrom.client.operations import (
     resolve,
 )
 from mailstrom.client.process import STOP_GRACE, WorkerProcess
+from mailstrom.config import Config
 from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
+from mailstrom.routing import Router
 from mailstrom.runtime.loops import run as run_loop
-from mailstrom.runtime.worker import Worker
+from mailstrom.runtime.worker import Worker, utc_now
 from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
-from mailstrom.stores.base import QueueFilter
+from mailstrom.stores.base import QueueFilter, RecipientResult
 from mailstrom.suppression import Suppression, SuppressionSource, stored_forms
 
 log = logging.getLogger("mailstrom")
@@ -102,6 +107,29 @@ class Mailstrom(FacadeBase, QueueOperations):
     """stop() was called on the worker's thread (from on_result): the thread closes what
     stop() would have closed as it ends."""
     """A worker thread that did not end within ``stop()``'s bound, while it lives."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        store: StoreArgument = None,
+        router: Router | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        rng: random.Random | None = None,
+        on_result: Callable[[RecipientResult], None] | None = None,
+        worker: SyncWorkerMode = "auto",
+    ) -> None:
+        """See :meth:`FacadeBase.__init__ <mailstrom.client.common.FacadeBase.__init__>`;
+        ``worker`` is ``"auto"``, ``"process"``, ``"thread"`` or None."""
+        super().__init__(
+            config,
+            store=store,
+            router=router,
+            clock=clock,
+            rng=rng,
+            on_result=on_result,
+            worker=worker,
+        )
 
     def _after_fork(self) -> None:
         super()._after_fork()
