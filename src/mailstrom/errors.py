@@ -8,7 +8,7 @@ later) and :class:`PermanentFailure` (give up now).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mailstrom.status import SMTPReply
@@ -16,6 +16,21 @@ if TYPE_CHECKING:
 
 class MailstromError(Exception):
     """Base class of every error raised by mailstrom."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its class, ``args`` and attributes, rebuilt without calling
+        ``__init__``: an error with keyword-only fields (``InvalidAddress(reason,
+        address=...)``) was pickled as ``args`` alone, the default, and could not be
+        unpickled, so one raised in a process pool's worker broke the pool instead of
+        reaching the caller (and ``copy.copy`` failed alike)."""
+        return (_rebuilt, (type(self), self.args), self.__dict__ or None)
+
+
+def _rebuilt(cls: type[MailstromError], args: tuple[Any, ...]) -> MailstromError:
+    """An error of ``cls`` holding ``args``; pickle then restores its attributes."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
 
 
 # --- bad input at submission -------------------------------------------------------------

@@ -447,3 +447,63 @@ def test_a_facades_worker_hint_names_the_modes_it_takes_and_no_other(
         else:
             assert (type(None) if mode is None else mode) in hinted, mode
     store.close()
+
+
+def _raised(call: Callable[[], object]) -> MailstromError:
+    with pytest.raises(MailstromError) as raised:
+        call()
+    return raised.value
+
+
+def test_a_typed_error_survives_pickling_as_a_process_pool_sends_it_back(tmp_path: Path) -> None:
+    """An error raised in a worker of ``multiprocessing`` or ``concurrent.futures`` comes
+    back pickled. Errors with keyword-only fields (``InvalidAddress(reason, address=)``)
+    pickled as their ``args`` alone and failed to unpickle ("missing 1 required
+    keyword-only argument: 'address'"): a ProcessPoolExecutor broke with
+    BrokenProcessPool and a multiprocessing.Pool's result never came, instead of the
+    caller catching InvalidAddress. ``copy.copy`` failed alike."""
+    import copy
+    import pickle
+
+    from mailstrom import Attachment, DestinationRule, ShapingConfig
+
+    config = Config(helo_name="mail.example.com", max_message_size=2000, max_recipients=2)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config, store=store, worker=None)
+    first = ms.send_email(Email(from_="a@example.com", to=["b@example.org"], text="x"))
+    second = ms.send_email(Email(from_="a@example.com", to=["b@example.org"], text="x"))
+    # Their common start: AmbiguousMessageId.
+    prefix = next(first[:n] for n in range(len(first)) if first[n] != second[n])
+
+    def email(**fields: object) -> Email:
+        return Email(**{"from_": "a@example.com", "to": ["b@example.org"], "text": "x", **fields})  # type: ignore[arg-type]
+
+    calls: list[Callable[[], object]] = [
+        lambda: ms.send_email(email(to=["not an address"])),
+        lambda: ms.send_email(email(subject="a\nb")),
+        lambda: ms.send_email(email(text="x" * 5000)),
+        lambda: ms.send_email(email(to=[f"r{n}@example.org" for n in range(3)])),
+        lambda: ms.send_email(email(headers={"X-A": "a " * 40_000})),
+        lambda: ms.send_email(email(subject="a\x00b")),
+        lambda: ms.send_email(email(attachments=[Attachment(filename=" ", content=b"x")])),
+        lambda: ms.send_email(email(html='<img src="cid:logo">')),
+        lambda: ms.send_email(email(unsubscribe_url="http://example.com/u")),
+        lambda: ms.send_email(email(tags=["-bad"])),
+        lambda: ms.send_email(email(), priority="nope"),
+        lambda: ms.count(cap=-1),
+        lambda: ms.query_status("ffff"),
+        lambda: ms.query_status(prefix),
+        lambda: Config(
+            shaping=ShapingConfig(rules=(DestinationRule(match="", max_connections=1),))
+        ),
+    ]
+    try:
+        for call in calls:
+            error = _raised(call)
+            for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+                assert type(again) is type(error)
+                assert str(again) == str(error) and again.args == error.args
+                assert vars(again) == vars(error), type(error).__name__
+    finally:
+        ms.stop()
+        store.close()
