@@ -64,7 +64,7 @@ SELF_CONTAINED = [
     ("README.md", "timeouts=Timeouts(connect=30, greeting=300, command=300, data_end=600),"),
     ("docs/guide.md", 'unsubscribe_url="https://example.com/unsubscribe?u=42&t=4f9c",'),
     ("docs/guide.md", "shaping=ShapingConfig("),
-    ("docs/guide.md", 'Config(tls="opportunistic"'),
+    ("docs/guide.md", "Config(tls=TLSPolicy.OPPORTUNISTIC"),
     ("docs/guide.md", 'config = Config(helo_name="mail.example.com", mta_sts=MTASTSConfig())'),
 ]
 
@@ -125,3 +125,58 @@ def test_the_guide_says_which_letters_a_tag_may_have() -> None:
     assert check_tags(["Az09._:/@+-"]) == ("Az09._:/@+-",)
     with pytest.raises(mailstrom.InvalidTag):
         check_tags(["é"])
+
+
+def _accepts(hint: object, value: object) -> bool:
+    """Whether a type checker takes the literal ``value`` for a parameter typed ``hint``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:  # int is acceptable where float is expected
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    target = origin if origin is not None else hint
+    return not isinstance(target, type) or isinstance(value, target)
+
+
+def test_a_literal_an_example_passes_has_the_type_its_parameter_is_typed_with() -> None:
+    """An example is what a reader copies into typed code: the guide wrote
+    ``Config(tls="opportunistic")`` and ``DKIMKey(algorithm="ed25519-sha256")``, which run
+    (the values are converted) but which ``mypy --strict`` refuses, as ``tls`` is typed
+    ``TLSPolicy`` and ``algorithm`` ``DKIMAlgorithm``: examples give the enum members."""
+    import dataclasses
+    import typing
+
+    wrong = []
+    for where, code in EXAMPLES:
+        tree = compile(
+            code, where, "exec", flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+        )
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+                continue
+            target = (
+                getattr(mailstrom, node.func.id, None)
+                if node.func.id in mailstrom.__all__
+                else None
+            )
+            if not (isinstance(target, type) and dataclasses.is_dataclass(target)):
+                continue
+            hints = typing.get_type_hints(target)
+            for keyword in node.keywords:
+                value = keyword.value
+                if (
+                    keyword.arg in hints
+                    and isinstance(value, ast.Constant)
+                    and not _accepts(hints[keyword.arg], value.value)
+                ):
+                    wrong.append(f"{where}: {node.func.id}({keyword.arg}={value.value!r})")
+    assert wrong == []
