@@ -134,3 +134,32 @@ def test_stepwise_rcpt_and_malformed_parameters() -> None:
     assert fresh.extensions == {}
     with pytest.raises(ValueError, match="malformed"):
         ready(EHLO_DSN).mail("a@example.com", dsn=b" RET=FULL\r\nRSET")
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"notify": ("bogus",)}, "SUCCESS, FAILURE, DELAY, NEVER"),
+        ({"notify": (5,)}, "SUCCESS, FAILURE, DELAY, NEVER"),
+        ({"notify": ("x" * 100_000,)}, "SUCCESS, FAILURE, DELAY, NEVER"),
+        ({"ret": "bogus"}, "FULL, HDRS"),
+        ({"ret": 5}, "FULL, HDRS"),
+    ],
+)
+def test_a_bad_notify_or_ret_names_the_words_it_takes(
+    fields: dict[str, object], words: str
+) -> None:
+    """The enum's own ValueError was passed on: "dsn: 'BOGUS' is not a valid Notify" (the
+    value upper-cased, quoted whole however long, and "Notify" no word a ``send --notify``
+    user knows) never said what is taken."""
+    with pytest.raises(InvalidMessage) as raised:
+        DSN(**fields)  # type: ignore[arg-type]
+    assert words in str(raised.value)
+    assert len(str(raised.value)) < 200
+    assert "valid Notify" not in str(raised.value) and "valid Return" not in str(raised.value)
+    with pytest.raises(InvalidMessage) as raised:
+        DSN.from_options(
+            str(fields.get("notify", ("failure",))[0]),  # type: ignore[index]
+            str(fields["ret"]) if "ret" in fields else None,
+        )
+    assert words in str(raised.value) and len(str(raised.value)) < 200

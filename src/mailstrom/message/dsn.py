@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 from mailstrom.arguments import shown
 from mailstrom.errors import InvalidMessage
@@ -36,6 +37,22 @@ class Return(StrEnum):
 
     FULL = "FULL"
     HEADERS = "HDRS"
+
+
+_Word = TypeVar("_Word", Notify, Return)
+
+
+def _word(kind: type[_Word], value: object, what: str) -> _Word:
+    """``value`` (a member, or its value in any case) as a member of ``kind``;
+    InvalidMessage naming the words taken otherwise, where the enum's own ValueError said
+    "'BOGUS' is not a valid Notify", the value quoted whole."""
+    try:
+        return kind(str(value).upper())
+    except ValueError:
+        words = ", ".join(member.value for member in kind)
+        raise InvalidMessage(
+            f"dsn: {what} takes {words} (in any case), not {shown(value)}"
+        ) from None
 
 
 def xtext(text: str) -> bytes:
@@ -79,11 +96,8 @@ class DSN:
             raise InvalidMessage(f"dsn: orcpt must be True or False, not {shown(self.orcpt)}")
         if self.envid is not None and not isinstance(self.envid, str):
             raise InvalidMessage(f"dsn: envid must be a str, not {shown(self.envid)}")
-        try:
-            notify = tuple(dict.fromkeys(Notify(str(n).upper()) for n in self.notify))
-            ret = None if self.ret is None else Return(str(self.ret).upper())
-        except ValueError as exc:
-            raise InvalidMessage(f"dsn: {exc}") from None
+        notify = tuple(dict.fromkeys(_word(Notify, n, "notify") for n in self.notify))
+        ret = None if self.ret is None else _word(Return, self.ret, "ret")
         if Notify.NEVER in notify and len(notify) > 1:
             raise InvalidMessage("dsn: notify NEVER cannot be combined with other values")
         if self.envid is not None and (
@@ -131,11 +145,10 @@ class DSN:
         or ``hdrs``; an envid), None when none is given; InvalidMessage when invalid."""
         if notify is None and ret is None and envid is None:
             return None
-        try:
-            words = tuple(Notify(w.strip().upper()) for w in (notify or "").split(",") if w.strip())
-            kind = Return(ret.upper()) if ret else None
-        except ValueError as exc:
-            raise InvalidMessage(f"dsn: {exc}") from None
+        words = tuple(
+            _word(Notify, w.strip(), "notify") for w in (notify or "").split(",") if w.strip()
+        )
+        kind = _word(Return, ret, "ret") if ret else None
         return cls(notify=words, ret=kind, envid=envid)
 
     @classmethod
