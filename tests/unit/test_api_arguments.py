@@ -507,3 +507,31 @@ def test_a_typed_error_survives_pickling_as_a_process_pool_sends_it_back(tmp_pat
     finally:
         ms.stop()
         store.close()
+
+
+def test_a_batch_error_says_which_message_of_the_batch_it_is_about(tmp_path: Path) -> None:
+    """``send_emails`` of many messages raised the error of the one at fault in its own
+    words ("the encoded message is at least 5000 octets"), which do not say which one of
+    the batch it was: a caller of a thousand had to check them again one by one. The
+    error now carries a note naming its place in the batch, on both facades."""
+    import asyncio
+
+    config = Config(helo_name="mail.example.com", max_message_size=2000)
+    good = Email(from_="a@example.com", to=["b@example.org"], text="x")
+    large = Email(from_="a@example.com", to=["b@example.org"], text="x" * 5000)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config, store=store, worker=None)
+    with pytest.raises(MailstromError) as raised:
+        ms.send_emails([good, good, large, good])
+    assert "message 2 of 4" in "\n".join(getattr(raised.value, "__notes__", []))
+
+    async def batch() -> None:
+        async with AsyncMailstrom(config, store=store, worker=None) as ams:
+            await ams.send_emails([large, good])
+
+    with pytest.raises(MailstromError) as raised:
+        asyncio.run(batch())
+    assert "message 0 of 2" in "\n".join(getattr(raised.value, "__notes__", []))
+    assert ms.count() == 0  # all or nothing, as before
+    ms.stop()
+    store.close()

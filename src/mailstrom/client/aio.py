@@ -547,7 +547,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         batch = batch_of(messages)  # on the loop: a generator is the caller's to read
 
         def queue() -> list[str]:  # off the loop, as in send_email
-            prepared = [self._prepare(m, None, None) for m in batch]
+            prepared = self._prepare_batch(batch)
             return self.store.enqueue_many(prepared, now=self._clock())
 
         return await write_in_thread(queue)

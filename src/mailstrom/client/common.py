@@ -393,6 +393,22 @@ class FacadeBase:
         found = self.store.suppressions_for(lookup_targets([target]), now=self._clock())
         return match(target, found)
 
+    def _prepare_batch(self, batch: Sequence[MessageInput]) -> list[PreparedMessage]:
+        """``send_emails``'s messages prepared. The error about one of them is noted with
+        its place in the batch, which its own words do not give ("the encoded message is
+        at least 5000 octets"), so a caller of many knows which to mend."""
+        prepared = []
+        for index, message in enumerate(batch):
+            try:
+                prepared.append(self._prepare(message, None, None))
+            except InvalidMessage as exc:
+                exc.add_note(
+                    f"send_emails: message {index} of {len(batch)} (counting from 0); "
+                    "none of the batch was queued"
+                )
+                raise
+        return prepared
+
     def _prepare(
         self,
         message: MessageInput,

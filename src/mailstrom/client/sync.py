@@ -397,7 +397,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         All or nothing: every message is validated first, and if one is invalid its
         :class:`~mailstrom.errors.InvalidMessage` is raised and none is queued.
         """
-        prepared = [self._prepare(m, None, None) for m in batch_of(messages)]
+        prepared = self._prepare_batch(batch_of(messages))
         return self.store.enqueue_many(prepared, now=self._clock())
 
     def query_status(self, message_id: str) -> MessageStatus:
