@@ -666,6 +666,27 @@ def test_a_leader_interrupted_as_it_hands_on_leaves_nobody_waiting(db: Path) -> 
         store.close()
 
 
+class _BrokenHandOn(SQLiteStore):
+    """A store whose hand-on of the group commit's lead fails every time (a fault of
+    its own, not a signal's handler): the caller must hear of it."""
+
+    def _hand_on(self) -> None:
+        raise RuntimeError("hand-on is broken")
+
+
+def test_a_hand_on_that_fails_every_time_reaches_the_caller(db: Path) -> None:
+    """The hand-on is tried again when a signal's handler interrupts it, but only a few
+    times: tried until done, a fault of its own spun for ever under the group's lock (a
+    Hang raised there was caught as one more interruption)."""
+    store = _BrokenHandOn(db, busy_timeout=2)
+    try:
+        with hang_guard(20), pytest.raises(RuntimeError, match="hand-on is broken"):
+            store.enqueue(message("a@example.org"), now=NOW)
+    finally:
+        store._hand_on = lambda: None  # type: ignore[method-assign]
+        store.close()
+
+
 class _PausedCommit(SQLiteStore):
     """A leader that waits in its commit until told to go on."""
 

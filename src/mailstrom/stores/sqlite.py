@@ -498,6 +498,11 @@ def _committed(requests: Sequence[_Enqueue]) -> bool:
     return all(request.ids and request.error is None for request in requests)
 
 
+_HAND_ON_TRIES = 5
+"""Tries to hand a group commit's lead on when signal handlers raise meanwhile: each
+try is a few statements, so a second interruption is rare and a fifth one unheard of."""
+
+
 def _held_lock() -> threading.Lock:
     lock = threading.Lock()
     lock.acquire()
@@ -1142,9 +1147,11 @@ class SQLiteStore:
 
     def _pass_lead(self) -> None:
         """:meth:`_hand_on` under ``self._group``, done even when a signal's handler
-        raises meanwhile (again, until it is done); what it raised is raised then."""
+        raises meanwhile (tried again, up to :data:`_HAND_ON_TRIES` times in all); what it
+        raised is raised then. Bounded: a fault of ``_hand_on`` itself, raised on every
+        try, must reach the caller, not spin for ever under the group's lock."""
         interrupted: BaseException | None = None
-        while True:
+        for _ in range(_HAND_ON_TRIES):
             try:
                 with self._group:
                     self._hand_on()
