@@ -140,6 +140,26 @@ def test_dane_mismatch_defers_and_sends_nothing(
     assert mx.messages == []
 
 
+def test_a_usable_tlsa_record_behind_many_unusable_ones_is_still_checked(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    """Only the first MAX_RECORDS records of an RRset were read, unusable ones (PKIX
+    usages, RFC 7672 §3.1.3) counted: a usable record behind them was never seen, and
+    the host was taken for one with "none usable", delivered to over unauthenticated
+    TLS whatever certificate it showed. Usable records are now read first."""
+    from mailstrom.tls.dane import MAX_RECORDS
+
+    cert, key = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    unusable = [(1, 1, 1, bytes([n]) * 32) for n in range(MAX_RECORDS + 1)]
+    signed_zone(dns_server, mx.host, *unusable, (3, 1, 1, spki_sha256(other)))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert "DANE" in bob.reason and "TLSA" in bob.reason
+    assert mx.messages == []
+
+
 def test_tlsa_present_and_starttls_not_offered_defers(
     dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
 ) -> None:

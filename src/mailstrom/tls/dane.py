@@ -165,12 +165,18 @@ def _found(host: str, answer: dns.resolver.Answer, malformed: Malformed) -> TLSA
             matching=int(rdata.mtype),
             data=bytes(rdata.cert),
         )
-        for rdata in list(answer)[:MAX_RECORDS]
+        for rdata in answer
     ]
     # dnspython before 2.9.1 reads a digest of the wrong size, which later versions refuse
     # (ask_leniently then leaves it out): set it aside here just the same.
-    records = tuple(record for record in read if record.fits_matching_type)
-    left_out = malformed.count + len(read) - len(records)
+    fitting = [record for record in read if record.fits_matching_type]
+    left_out = malformed.count + len(read) - len(fitting)
+    # At most MAX_RECORDS are kept, the usable ones first: cut in the answer's order, a
+    # usable record behind as many unusable ones was never seen, and the host was used
+    # over unauthenticated TLS ("none usable") whatever certificate it showed. (An
+    # answer holds a few thousand records at most: a DNS message is 64 KiB.)
+    fitting.sort(key=lambda record: not record.usable)  # stable: the answer's order
+    records = tuple(fitting[:MAX_RECORDS])
     ttl = _ttl(answer)
     if malformed.ttl is not None:
         ttl = min(malformed.ttl, ttl if answer.rrset is not None else _aliases_ttl(answer))
