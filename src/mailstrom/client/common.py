@@ -186,7 +186,7 @@ class FacadeBase:
         facade closes a store it opened on stop, and when its construction fails; a
         :class:`Store` passed in stays open for the caller (see :func:`facade_store`).
         ``on_result`` is called with each result once recorded: on the worker's loop in
-        this process, or on a reader thread for a worker process. A ``config`` that is
+        this process, or on a thread of its own for a worker process. A ``config`` that is
         no :class:`Config`, a ``clock`` or ``on_result`` that cannot be called, or an
         unknown ``worker`` raise :class:`~mailstrom.errors.ConfigError`; so does each
         call that reads a ``clock`` returning no timezone-aware datetime (it is not

@@ -4,7 +4,8 @@ Delivery then has an interpreter, and a GIL, of its own: the application's ``sen
 never waits behind the worker's protocol code, and the worker never waits behind the
 application. The child opens the same store from its URL and is woken across the process
 boundary by the store itself (a datagram socket for SQLite, NOTIFY for PostgreSQL). Its
-results come back over a pipe and reach ``on_result`` on a reader thread of this process;
+results come back over a pipe, read by a reader thread of this process, and reach
+``on_result`` on a second thread, in order (a slow callback does not hold the pipe);
 its log records are re-emitted here at the levels the ``mailstrom`` loggers had when it
 started. A child that dies without being asked or saying why is started again after a
 backoff (:mod:`mailstrom.client.supervision`). See :mod:`mailstrom.runtime.child` for the
@@ -538,7 +539,7 @@ class WorkerProcess:
 
     def _wait_ended(self, proc: subprocess.Popen[bytes], limit: float | None) -> None:
         """Wait for ``proc`` to exit, ``limit`` seconds at most (``TimeoutExpired``), not
-        counting the time ``on_result`` takes meanwhile on the reader thread.
+        counting the time the reader spends meanwhile passing results to ``on_result``.
 
         A slow callback (a webhook) leaves the child's frames in the pipe, and once the
         pipe is full the child waits to write its next results: it cannot end before the
@@ -562,8 +563,8 @@ class WorkerProcess:
                     raise
 
     def _busy_for(self) -> float:
-        """Seconds ``on_result`` has taken on reader threads so far, the current call's
-        included."""
+        """Seconds the readers have spent passing results to ``on_result`` so far (a
+        full hand-off waits for the callback), the current batch's included."""
         total, since = self._busy
         return total if since is None else total + time.monotonic() - since
 
