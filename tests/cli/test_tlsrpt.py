@@ -65,6 +65,18 @@ def test_check_reports_the_mta_sts_policy(mail_env: MailEnv, https_server: HTTPS
     assert "policy:      id 20300101, mode enforce, max_age 86400" in text
 
 
+def test_check_shows_the_mx_lines_a_policy_ignores(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    # ".example.test" is no pattern (RFC 8461 §3.2): it allows no host, and the policy
+    # applies with the rest; check says which lines that was, as the worker logs it.
+    with_mta_sts(mail_env, https_server, mx="mx.test\nmx: .example.test")
+    sts = mail_env.cli.ok("check", "--json", "example.test").json()["mta_sts"]
+    assert (sts["mx"], sts["ignored_mx"], sts["error"]) == (["mx.test"], [".example.test"], None)
+    text = mail_env.cli.ok("check", "example.test").out
+    assert "mx ignored:  '.example.test' (not a host name or *.name" in text
+
+
 def test_check_enforce_policy_not_listing_the_mx(
     mail_env: MailEnv, https_server: HTTPSFactory
 ) -> None:

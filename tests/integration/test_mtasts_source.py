@@ -406,3 +406,31 @@ async def test_a_policy_host_on_a_private_network_is_refused_without_connecting(
         assert await source.policy("evil.test") is None
     [(_, error, _)] = failures
     assert f"{address} (private)" in error.reason, error.reason
+
+
+async def test_a_policy_with_a_bom_a_long_max_age_and_a_bad_mx_line_still_applies(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    client_tls_context: ssl.SSLContext,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each of these refused the whole policy: the domain had none, so mail went to any
+    # MX host over any TLS. What is lenient now loosens nothing: the BOM means nothing,
+    # the lifetime is capped at the RFC's largest, and the bad pattern allows no host.
+    https.policy(
+        b"\xef\xbb\xbfversion: STSv1\r\nmode: enforce\r\nmx: .example.org\r\n"
+        b"mx: mx1.test\r\nmax_age: 99999999\r\n"
+    )
+    store = MemoryStore()
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] = []
+    source = make_source(zone, https, client_tls_context, clock, store, failures)
+    with caplog.at_level(logging.WARNING, logger="mailstrom.mtasts"):
+        cached = await source.policy("example.org")
+    assert failures == []
+    assert cached is not None and cached.policy.mode is Mode.ENFORCE
+    assert cached.policy.mx == ("mx1.test",)
+    assert cached.policy.allows("mx1.test") and not cached.policy.allows("mx.example.org")
+    assert cached.expires_at == clock.now + timedelta(seconds=31_557_600)
+    assert store.mta_sts_policy("example.org") == cached
+    assert "ignored" in caplog.text and "'.example.org'" in caplog.text

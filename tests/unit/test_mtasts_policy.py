@@ -63,10 +63,9 @@ def test_mode_none_needs_no_mx() -> None:
         (b"version: STSv1\nmode: enforce\nmx: a.example\n", "max_age"),
         (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: -5\n", "max_age"),
         (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 12345678901\n", "max_age"),
-        (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 31557601\n", "limit"),
-        (b"version: STSv1\nmode: enforce\nmx: a..example\nmax_age: 1\n", "mx pattern"),
-        (b"version: STSv1\nmode: enforce\nmx: *.*.example\nmax_age: 1\n", "mx pattern"),
-        (b"version: STSv1\nmode: enforce\nmx: a b\nmax_age: 1\n", "mx pattern"),
+        (b"version: STSv1\nmode: enforce\nmx: a..example\nmax_age: 1\n", "1 ignored, not a host"),
+        (b"version: STSv1\nmode: enforce\nmx: *.*.example\nmax_age: 1\n", "1 ignored, not a host"),
+        (b"version: STSv1\nmode: enforce\nmx: a b\nmax_age: 1\n", "1 ignored, not a host"),
         (b"<html>version: STSv1</html>\n", "key: value"),
         (b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 1\n\xff\n", "UTF-8"),
         # RFC 8461 §3.2 allows no control character in a value; a NUL could not be stored.
@@ -281,3 +280,43 @@ def test_white_space_before_a_key_or_colon_breaks_the_policy(line: str) -> None:
     body = f"version: STSv1\n{line}\nmx: a.example\nmax_age: 1\n"
     with pytest.raises(PolicyError, match="line 2 has white space before its key or colon"):
         parse_policy(body.encode())
+
+
+def test_a_byte_order_mark_before_the_policy_is_dropped() -> None:
+    """Editors on Windows save UTF-8 with a BOM: the first line then read as the key
+    "\\ufeffversion" and the whole policy was refused, leaving the domain unprotected.
+    A BOM says nothing about the policy: it is dropped, and only at the very start."""
+    policy = parse_policy(b"\xef\xbb\xbf" + GOOD)
+    assert policy.mode is Mode.ENFORCE and policy.mx == ("mail.example.com", "*.example.net")
+    assert policy.lines[0] == "version: STSv1"
+    with pytest.raises(PolicyError, match="line 2"):
+        parse_policy(b"version: STSv1\n\xef\xbb\xbfmode: enforce\nmx: a.example\nmax_age: 1\n")
+
+
+def test_a_max_age_above_the_limit_is_capped() -> None:
+    """RFC 8461 §3.2's grammar takes up to ten digits and gives 31557600 as the largest
+    value: a larger one is read as that largest, not taken for a broken policy (which
+    would leave the domain without the protection it asked for a long time)."""
+    body = b"version: STSv1\nmode: enforce\nmx: a.example\nmax_age: 9999999999\n"
+    policy = parse_policy(body)
+    assert policy.max_age == MAX_AGE_LIMIT and policy.mode is Mode.ENFORCE
+    assert "max_age: 9999999999" in policy.lines  # the text stays as published
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [".example.com", "a..example", "*.*.example", "a b", "mx.example.com:25", "\u212aelvin.x"],
+)
+def test_an_invalid_mx_pattern_is_ignored_not_the_policy(bad: str) -> None:
+    """One bad ``mx`` line refused the whole policy, so the domain had none: mail went to
+    any MX, over any TLS. Ignored, the pattern allows nothing: the allowed set only
+    shrinks (the patterns left, or none at all, which is refused as before)."""
+    body = f"version: STSv1\nmode: enforce\nmx: {bad}\nmx: mail.example.com\nmax_age: 60\n"
+    policy = parse_policy(body.encode())
+    assert policy.mode is Mode.ENFORCE
+    assert policy.mx == ("mail.example.com",)
+    assert policy.ignored == (bad,)
+    assert policy.allows("mail.example.com")
+    assert not policy.allows("www.example.com") and not policy.allows("example.com")
+    with pytest.raises(PolicyError, match="without any valid mx line"):
+        parse_policy(f"version: STSv1\nmode: enforce\nmx: {bad}\nmax_age: 60\n".encode())

@@ -37,6 +37,8 @@ class MTASTSReport:
     policy_id: str | None = None
     mode: str | None = None
     mx: list[str] = field(default_factory=list)
+    ignored_mx: list[str] = field(default_factory=list)
+    """``mx`` values of the policy that are no pattern: they allow no host."""
     max_age: int | None = None
     policy: list[str] = field(default_factory=list)
     """The policy file's lines."""
@@ -82,6 +84,7 @@ async def check_mta_sts(config: Config, domain: str) -> MTASTSReport:
         return report
     report.mode = policy.mode.value
     report.mx = list(policy.mx)
+    report.ignored_mx = list(policy.ignored)
     report.max_age = policy.max_age
     report.policy = policy.lines
     return report
@@ -149,3 +152,5 @@ def print_mta_sts(sts: MTASTSReport) -> None:
     echo(f"  policy:      id {sts.policy_id}, mode {sts.mode}, max_age {sts.max_age}")
     for pattern in sts.mx:
         echo(f"  mx:          {pattern}")
+    for value in sts.ignored_mx:
+        echo(f"  mx ignored:  {value!r} (not a host name or *.name: it allows no host)")

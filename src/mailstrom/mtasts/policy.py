@@ -21,6 +21,7 @@ caller can log it and treat the domain as having no (new) policy.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,7 +38,8 @@ MAX_LINE = 1024
 MAX_MX_PATTERNS = 100
 """``mx`` lines kept at most; no real policy lists more than a handful."""
 MAX_AGE_LIMIT = 31_557_600
-"""The largest ``max_age`` RFC 8461 §3.2 allows (about one year), in seconds."""
+"""The largest ``max_age`` RFC 8461 §3.2 allows (about one year), in seconds; a larger one
+(the grammar takes ten digits) is read as this."""
 MIN_CACHE = 60
 """Seconds a policy is kept at least, whatever its ``max_age`` says, so that a domain
 publishing ``max_age: 0`` does not cost one HTTPS fetch per message."""
@@ -92,6 +94,9 @@ class Policy:
     """Seconds the policy may be cached (0 to :data:`MAX_AGE_LIMIT`)."""
     text: str
     """The policy as fetched (normalised to LF), for ``check`` and TLS reports."""
+    ignored: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    """``mx`` values that are no pattern, as published: they allow no host. Known when the
+    policy is fetched (for logs and ``check``); not stored, as they change nothing."""
 
     def allows(self, host: str) -> bool:
         """Whether MX ``host`` matches one of the patterns (RFC 8461 §4.1)."""
@@ -225,6 +230,12 @@ def parse_policy(body: bytes) -> Policy:
     white space (a no-break space, say) is trimmed from a value. Blank lines, which the
     grammar does not have, are skipped: a file ending in two line breaks is common and
     harmless.
+
+    Leniency goes only where it cannot loosen what the policy asks: a UTF-8 byte order
+    mark before the first line is dropped; a ``max_age`` above :data:`MAX_AGE_LIMIT` is
+    read as that limit (§3.2 names it the largest value); an ``mx`` value that is no host
+    name or ``*.`` and one (``.example.com``) is ignored and listed in ``ignored``, as it
+    can only take hosts away from the allowed set (a policy left with none is refused).
     """
     if len(body) > MAX_POLICY_SIZE:
         raise PolicyError(f"policy larger than {MAX_POLICY_SIZE} octets")
@@ -232,7 +243,9 @@ def parse_policy(body: bytes) -> Policy:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PolicyError(f"policy is not UTF-8: {exc.reason} at octet {exc.start}") from None
-    text = text.replace("\r\n", "\n")
+    # A BOM is no character of the grammar, and means nothing in UTF-8: Windows editors
+    # write one, and it made the first key "\ufeffversion".
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
     control = _CONTROL.search(text)
     if control is not None:
         # RFC 8461 §3.2 allows none in a value; and a NUL could not even be stored.
@@ -240,6 +253,7 @@ def parse_policy(body: bytes) -> Policy:
         raise PolicyError(f"line {where} holds a control character (U+{ord(control[0]):04X})")
     fields: dict[str, str] = {}
     patterns: list[str] = []
+    ignored: list[str] = []
     for number, raw in enumerate(text.split("\n"), start=1):
         if len(raw.encode()) > MAX_LINE:
             raise PolicyError(f"line {number} longer than {MAX_LINE} octets")
@@ -256,14 +270,18 @@ def parse_policy(body: bytes) -> Policy:
         if not colon or not _KEY.match(key):
             raise PolicyError(f"line {number} is not 'key: value': {shorten(line, 60)}")
         if key == "mx":
-            if len(patterns) >= MAX_MX_PATTERNS:
+            if len(patterns) + len(ignored) >= MAX_MX_PATTERNS:
                 raise PolicyError(f"more than {MAX_MX_PATTERNS} mx lines")
             pattern = normalize_host(value)
             # ASCII before lower-casing: the KELVIN SIGN lower-cases to "k", and a pattern
             # is the name the text shows (RFC 8461 §3.2: a Domain, LDH labels).
-            if not value.isascii() or not _valid_pattern(pattern):
-                raise PolicyError(f"mx pattern {shorten(value, 60)} is not a host name or *.name")
-            patterns.append(pattern)
+            if value.isascii() and _valid_pattern(pattern):
+                patterns.append(pattern)
+            else:
+                # Ignored, not fatal: it matches no host, so the policy allows fewer MX
+                # hosts than its author meant, never more. Refusing the whole policy for
+                # it left the domain with none, so any MX went, over any TLS.
+                ignored.append(value)
         else:
             fields.setdefault(key, value)
     # Compared as they are, not folded: %s"STSv1" and %s"enforce" (see the docstring).
@@ -279,9 +297,20 @@ def parse_policy(body: bytes) -> Policy:
     max_age_text = fields.get("max_age")
     if max_age_text is None or not _MAX_AGE.match(max_age_text):
         raise PolicyError(f"max_age is {_quote(max_age_text)}, not 0 to 10 digits of seconds")
-    max_age = int(max_age_text)
-    if max_age > MAX_AGE_LIMIT:
-        raise PolicyError(f"max_age {max_age} is above the limit of {MAX_AGE_LIMIT} seconds")
+    # Capped, not refused: a longer lifetime than the RFC's largest asks for more
+    # protection, and refusing it left the domain with none at all.
+    max_age = min(int(max_age_text), MAX_AGE_LIMIT)
     if mode is not Mode.NONE and not patterns:
+        if ignored:
+            raise PolicyError(
+                f"mode {mode} without any valid mx line ({len(ignored)} ignored, not a host "
+                f"name or *.name: {shorten(ignored[0], 60)})"
+            )
         raise PolicyError(f"mode {mode} without any mx line")
-    return Policy(mode=mode, mx=tuple(patterns), max_age=max_age, text=text.strip("\n"))
+    return Policy(
+        mode=mode,
+        mx=tuple(patterns),
+        max_age=max_age,
+        text=text.strip("\n"),
+        ignored=tuple(ignored),
+    )

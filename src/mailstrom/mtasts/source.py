@@ -212,5 +212,12 @@ class PolicySource:
             log.warning("MTA-STS policy of %s not cached: %s", domain, exc)
         if policy.mode is not Mode.NONE:
             log.info("MTA-STS policy of %s (id %s): mode %s", domain, policy_id, policy.mode)
+        if policy.ignored:
+            log.warning(
+                "MTA-STS policy of %s (id %s): mx lines ignored, not a host name or *.name: %s",
+                domain,
+                policy_id,
+                ", ".join(repr(value[:60]) for value in policy.ignored[:5]),
+            )
         self._remember(domain, new, min(recheck, ttl))
         return new
