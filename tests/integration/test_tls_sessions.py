@@ -5,12 +5,14 @@ every connection to a recipient's MX counts under its policy type (``tlsa`` unde
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from mailstrom import Config, Email, RecipientState, TLSPolicy
 from mailstrom.client import Mailstrom
@@ -24,7 +26,7 @@ from mailstrom.tlsrpt import PolicyType, TLSSessions
 from mailstrom.tlsrpt.observer import REMEMBERED_CODE, SessionObserver
 from mailstrom.tlsrpt.recorder import SessionRecorder
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.certs import self_signed, server_context, spki_sha256
+from tests.support.certs import chain_with_anchor, der, self_signed, server_context, spki_sha256
 from tests.support.delivery import FAST, FakeClock, Results
 
 CLOCK = FakeClock()
@@ -249,3 +251,84 @@ def test_a_tlsa_lookup_that_fails_counts_as_dnssec_invalid(
     assert counter.policy_type is PolicyType.TLSA and counter.result_type == "dnssec-invalid"
     assert counter.policy_domain == "example.org" and counter.receiving_mx == "mx.test"
     assert counter.failure_code == "tlsa-lookup-failed" and counter.count == 1
+
+
+def deferred_under_dane(
+    dns_server: LoopbackDNS,
+    client_tls_context: ssl.SSLContext,
+    server: ssl.SSLContext,
+    tlsa: tuple[int, int, int, bytes],
+) -> list[TLSSessions]:
+    """Deliver one message to a DANE host with validated ``tlsa`` that its ``server``
+    certificate fails; return the day's counters once the message is deferred."""
+    mx = start_receiving_server(server)
+    try:
+        route(dns_server, mx.host, "example.org")
+        dns_server.tlsa("_25._tcp.mx.test", tlsa)
+        dns_server.authenticated("example.org", "mx.test", "_25._tcp.mx.test")
+        config = Config(
+            helo_name="client.test",
+            smtp_port=mx.port,
+            dns=dataclasses.replace(dns_server.dns_config, dnssec=True),
+            allow_loopback=True,
+            timeouts=FAST,
+            poll_interval=0.5,
+            tls_context=client_tls_context,
+            tlsrpt_record=True,
+        )
+        store, results = MemoryStore(), Results()
+        ms = Mailstrom(config, store=store, clock=CLOCK, on_result=results)
+        ms.start()
+        try:
+            ms.send_email(
+                Email(from_="a@sender.test", to=["a@example.org"], subject="Hi", text="Hi")
+            )
+            results.wait_final({"a@example.org"})
+            assert results.states() == {"a@example.org": RecipientState.DEFERRED}
+        finally:
+            ms.stop(timeout=5)  # the worker writes its counters when it stops
+    finally:
+        mx.stop()
+    assert mx.messages == []
+    return store.tls_sessions(DAY)
+
+
+def test_a_certificate_matching_no_tlsa_record_counts_as_tlsa_invalid(
+    dns_server: LoopbackDNS, client_tls_context: ssl.SSLContext, tmp_path: Path
+) -> None:
+    # The server's certificate matches none of the host's (usable) TLSA records: RFC 8460
+    # §4.3.2.1's "tlsa-invalid", none of the records in the RRset was found valid for it.
+    # It was counted as "validation-failure", the type for a failure "not matching a
+    # category above", which hid from the domain that its TLSA records were the trouble.
+    cert, key = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    counters = deferred_under_dane(
+        dns_server,
+        client_tls_context,
+        server_context(tmp_path, cert, key),
+        (3, 1, 1, spki_sha256(other)),
+    )
+    [counter] = counters
+    assert counter.policy_type is PolicyType.TLSA
+    assert counter.policy_string == f"3 1 1 {spki_sha256(other).hex()}"
+    assert counter.result_type == "tlsa-invalid"
+    assert "matches none of its TLSA records" in counter.failure_code
+    assert counter.receiving_mx == "mx.test" and counter.count == 1
+
+
+def test_a_dane_ta_leaf_for_another_name_counts_as_certificate_host_mismatch(
+    dns_server: LoopbackDNS, client_tls_context: ssl.SSLContext, tmp_path: Path
+) -> None:
+    # The chain leads to the trust anchor the TLSA record names, but the leaf is issued
+    # for another name: RFC 8460 §4.3.1's "certificate-host-mismatch", a certificate that
+    # does not adhere to the DANE policy's constraints because of its names.
+    ca = trustme.CA()
+    chain, key = chain_with_anchor(ca, "elsewhere.example")
+    anchor = hashlib.sha256(der(ca.cert_pem.bytes())).digest()
+    counters = deferred_under_dane(
+        dns_server, client_tls_context, server_context(tmp_path, chain, key), (2, 0, 1, anchor)
+    )
+    [counter] = counters
+    assert counter.policy_type is PolicyType.TLSA
+    assert counter.result_type == "certificate-host-mismatch"
+    assert "not valid for mx.test" in counter.failure_code

@@ -249,3 +249,25 @@ def test_dane_ta_takes_the_common_name_of_a_leaf_without_dns_names() -> None:
         check_chain([named, anchor], tlsa, host="mx.test")
     with pytest.raises(DaneMismatch, match=r"not valid for mx\.test"):
         check_chain([_issued(ca, None), anchor], tlsa, host="mx.test")
+
+
+def test_a_mismatch_says_whether_it_is_the_leafs_name() -> None:
+    """A DANE-TA chain that reaches its anchor with a leaf for another name is a
+    certificate for the wrong host (TLS reports: certificate-host-mismatch); any other
+    mismatch is records none of which the chain satisfies (tlsa-invalid)."""
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    tlsa = [record(2, 0, 1, hashlib.sha256(anchor).digest())]
+    good = der(ca.issue_cert("mx.test").cert_chain_pems[0].bytes())
+    with pytest.raises(DaneMismatch, match="not valid for") as caught:
+        check_chain([good, anchor], tlsa, host="other.test")
+    assert caught.value.host_mismatch
+    forged = der(trustme.CA().issue_cert("mx.test").cert_chain_pems[0].bytes())
+    with pytest.raises(DaneMismatch, match="does not verify") as caught:
+        check_chain([forged, anchor], tlsa, host="mx.test")
+    assert not caught.value.host_mismatch
+    cert, _ = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    with pytest.raises(DaneMismatch, match="matches none") as caught:
+        check_chain([der(cert)], [record(3, 1, 1, spki_sha256(other))], host="mx.test")
+    assert not caught.value.host_mismatch

@@ -10,6 +10,7 @@ import pytest
 from mailstrom.errors import DeliveryError, SMTPConnectError, TLSRequiredError
 from mailstrom.runtime.connection import TLSVerifyError
 from mailstrom.stores import MemoryStore
+from mailstrom.tls.danematch import DaneMismatch
 from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
 from mailstrom.tlsrpt import PolicyType
 from mailstrom.tlsrpt.observer import SessionObserver
@@ -51,9 +52,11 @@ async def test_without_a_published_policy_a_failure_counts_as_no_policy_found(
 
 
 async def test_under_dane_a_failure_counts_with_the_tlsa_records() -> None:
-    error = TLSVerifyError("DANE: no TLSA record matches", host="mx.example.org")
+    mismatch = DaneMismatch("certificate of mx.example.org matches none of its TLSA records")
+    error = TLSVerifyError(f"DANE: {mismatch}", host="mx.example.org")
+    error.__cause__ = mismatch  # as the connection raises it
     assert await counted(PolicySource.DANE, error, mode=TLSMode.DANE) == [
-        ("example.org", PolicyType.TLSA.value, "3 1 1 ab12", "validation-failure", "192.0.2.7")
+        ("example.org", PolicyType.TLSA.value, "3 1 1 ab12", "tlsa-invalid", "192.0.2.7")
     ]
 
 

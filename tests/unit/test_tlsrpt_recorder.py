@@ -12,6 +12,7 @@ import pytest
 from mailstrom.errors import SMTPConnectError, StoreError, TLSRequiredError
 from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
 from mailstrom.stores import MemoryStore
+from mailstrom.tls.danematch import DaneMismatch
 from mailstrom.tlsrpt import PolicyType, ResultType, TLSSessions
 from mailstrom.tlsrpt.recorder import SessionRecorder, classify
 
@@ -70,6 +71,15 @@ def verify_error(code: int, message: str) -> TLSVerifyError:
     return error
 
 
+def dane_error(*, host_mismatch: bool) -> TLSVerifyError:
+    """As the connection raises it when the chain fails the host's TLSA records."""
+    cause = DaneMismatch("certificate of mx matches none of its TLSA records (3 1 1)")
+    cause.host_mismatch = host_mismatch
+    error = TLSVerifyError(f"DANE: {cause}", host="mx")
+    error.__cause__ = cause
+    return error
+
+
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
@@ -80,6 +90,8 @@ def verify_error(code: int, message: str) -> TLSVerifyError:
         (verify_error(62, "Hostname mismatch"), ResultType.CERTIFICATE_HOST_MISMATCH),
         (verify_error(50, "something else"), ResultType.VALIDATION_FAILURE),
         (TLSHandshakeError("handshake failed"), ResultType.VALIDATION_FAILURE),
+        (dane_error(host_mismatch=False), ResultType.TLSA_INVALID),
+        (dane_error(host_mismatch=True), ResultType.CERTIFICATE_HOST_MISMATCH),
     ],
 )
 def test_classify(error: TLSRequiredError | TLSHandshakeError, expected: ResultType) -> None:

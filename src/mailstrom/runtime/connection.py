@@ -571,7 +571,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             match = match_chain(chain, tlsa, host=self.host, names=(*names, *next_hops))
         except DaneMismatch as exc:
             self._drop()
-            raise TLSVerifyError(f"DANE: {exc}", host=self.host) from None
+            # The cause says which RFC 8460 failure it is (tlsrpt.recorder.classify).
+            raise TLSVerifyError(f"DANE: {exc}", host=self.host) from exc
         self.dane_match = match.record
         self.dane_via_next_hop = match.name in next_hops
 

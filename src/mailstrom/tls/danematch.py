@@ -35,7 +35,16 @@ MAX_CHAIN = 10
 
 
 class DaneMismatch(Exception):
-    """No usable TLSA record matches the chain; ``str`` says what was tried."""
+    """No usable TLSA record matches the chain; ``str`` says what was tried.
+
+    ``host_mismatch`` when what it names is a DANE-TA(2) chain that reached its anchor
+    with a leaf valid for none of the reference names: a certificate for another host
+    (RFC 8460's ``certificate-host-mismatch``), rather than TLSA records none of which
+    the chain satisfies (its ``tlsa-invalid``)."""
+
+    def __init__(self, reason: str, *, host_mismatch: bool = False) -> None:
+        super().__init__(reason)
+        self.host_mismatch = host_mismatch
 
 
 def available() -> bool:
@@ -191,7 +200,7 @@ def match_chain(
     for record in usable:
         if record.usage == 3 and record_matches(record, leaf):
             return DaneMatch(f"DANE-EE {record.selector} {record.matching}")
-    problems: list[str] = []
+    problems: list[DaneMismatch] = []
     for record in usable:
         if record.usage != 2:
             continue
@@ -207,7 +216,7 @@ def match_chain(
             try:
                 name = _verify_to_anchor(chain, index, reference=wanted, now=now)
             except DaneMismatch as trouble:
-                problems.append(str(trouble))
+                problems.append(trouble)
                 continue
             return DaneMatch(f"DANE-TA {record.selector} {record.matching}", name)
         if not matched and record.selector == 0 and record.matching == 0:
@@ -218,13 +227,15 @@ def match_chain(
                     [*chain, record.data], len(chain), reference=wanted, now=now
                 )
             except DaneMismatch as trouble:
-                problems.append(str(trouble))
+                problems.append(trouble)
                 continue
             return DaneMatch("DANE-TA 0 0", name)
     kinds = sorted({f"{r.usage} {r.selector} {r.matching}" for r in usable})
     detail = f"; {problems[0]}" if problems else ""
     raise DaneMismatch(
-        f"certificate of {host} matches none of its TLSA records ({', '.join(kinds)}){detail}"
+        f"certificate of {host} matches none of its TLSA records ({', '.join(kinds)}){detail}",
+        # The kind of the problem the reason names: the two always agree.
+        host_mismatch=bool(problems) and problems[0].host_mismatch,
     )
 
 
@@ -273,7 +284,8 @@ def _verify_to_anchor(
         # reason goes to logs, the recipient's status and TLS reports.
         names_shown = ", ".join(safe_text(name[:100]) for name in dns_names[:5])
         raise DaneMismatch(
-            f"the certificate is not valid for {' or '.join(reference)} (names: {names_shown})"
+            f"the certificate is not valid for {' or '.join(reference)} (names: {names_shown})",
+            host_mismatch=True,
         )
     # Path validation up to the anchor: signatures, validity, CA constraints. The leaf's
     # extensions are not held to the Web PKI's profile (private DANE-TA CAs seldom follow

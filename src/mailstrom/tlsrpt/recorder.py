@@ -53,11 +53,24 @@ def classify(error: DeliveryError) -> tuple[ResultType, str] | None:
     """The RFC 8460 failure type and reason code of a failed connection, or None when the
     failure had nothing to do with TLS (refused, timed out before STARTTLS...)."""
     from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
+    from mailstrom.tls.danematch import DaneMismatch
 
     if isinstance(error, TLSRequiredError):
         return ResultType.STARTTLS_NOT_SUPPORTED, ""
     if isinstance(error, TLSVerifyError):
         cause = error.__cause__
+        if isinstance(cause, DaneMismatch):
+            # RFC 8460 §4.3.2.1: a chain that satisfies none of the TLSA records is the
+            # DANE policy's "tlsa-invalid" (none of the records was found valid), not the
+            # catch-all "validation-failure"; a DANE-TA chain whose leaf is for another
+            # name is §4.3.1's "certificate-host-mismatch" (a certificate that does not
+            # adhere to the DANE policy's constraints, the MX host not among its names).
+            kind = (
+                ResultType.CERTIFICATE_HOST_MISMATCH
+                if cause.host_mismatch
+                else ResultType.TLSA_INVALID
+            )
+            return kind, error.text[:MAX_FIELD]
         if isinstance(cause, ssl.SSLCertVerificationError):
             code = cause.verify_code
             kind = _VERIFY_TYPES.get(code, ResultType.VALIDATION_FAILURE)
