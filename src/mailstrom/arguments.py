@@ -55,6 +55,22 @@ def member_of(kind: type[_Member], value: object) -> _Member | None:
     return None
 
 
+def word_of(kind: type[_Member], value: object) -> _Member | None:
+    """``value`` as a member of the string enum ``kind`` the way the configuration reads
+    its words (``tls``, ``tls_domains``, ``relay.tls``, ``event_loop``, in ``Config`` as
+    in the TOML and environment settings): a member, or a member's value in any case,
+    with white space around it; None for anything else, for the caller to raise its own
+    error. Unlike :func:`member_of`, which takes a value exactly as a store writes it.
+
+    >>> from mailstrom.status import RecipientState
+    >>> word_of(RecipientState, " Failed "), word_of(RecipientState, 3)
+    (<RecipientState.FAILED: 'failed'>, None)
+    """
+    if isinstance(value, str):
+        return member_of(kind, value.strip().lower())
+    return None
+
+
 def check_limit(value: object, argument: str) -> int:
     """``value`` when it is an ``int`` (not a bool) from 0 to :data:`MAX_INTEGER`, the
     largest number every store takes as a LIMIT."""

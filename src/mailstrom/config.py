@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
 
+from mailstrom.arguments import word_of
 from mailstrom.bounds import (
     check_bool,
     check_duration,
@@ -282,13 +283,13 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
     password."""
 
     def __post_init__(self) -> None:
-        try:
-            # A plain string ("implicit") is taken for the member it names, as Config's
-            # tls is: the checks below and the worker compare members.
-            object.__setattr__(self, "tls", RelayTLS(self.tls))
-        except ValueError:
+        # A plain string ("implicit", in any case) is taken for the member it names, as
+        # Config's tls is: the checks below and the worker compare members.
+        tls = word_of(RelayTLS, self.tls)
+        if tls is None:
             choices = ", ".join(t.value for t in RelayTLS)
-            raise ConfigError(f"relay.tls must be one of {choices}, got {self.tls!r}") from None
+            raise ConfigError(f"relay.tls must be one of {choices}, got {self.tls!r}")
+        object.__setattr__(self, "tls", tls)
         if (
             not isinstance(self.host, str)
             or not self.host
@@ -753,14 +754,12 @@ class Config:
         return self.events or self.hook is not None
 
     def __post_init__(self) -> None:
-        try:
-            # A plain string ("uvloop") is taken for the enum member it names.
-            object.__setattr__(self, "event_loop", EventLoop(self.event_loop))
-        except ValueError:
+        # A plain string ("uvloop", in any case) is taken for the enum member it names.
+        event_loop = word_of(EventLoop, self.event_loop)
+        if event_loop is None:
             choices = ", ".join(e.value for e in EventLoop)
-            raise ConfigError(
-                f"event_loop must be one of {choices}, got {self.event_loop!r}"
-            ) from None
+            raise ConfigError(f"event_loop must be one of {choices}, got {self.event_loop!r}")
+        object.__setattr__(self, "event_loop", event_loop)
         if self.event_loop is EventLoop.UVLOOP and not uvloop_available():
             raise ConfigError(
                 "event_loop = uvloop, but uvloop is not installed: pip install 'mailstrom[fast]'"
@@ -864,11 +863,12 @@ class Config:
         object.__setattr__(self, "lanes", lanes)
 
     def _check_tls(self) -> None:
-        try:
-            object.__setattr__(self, "tls", TLSPolicy(self.tls))
-        except ValueError:
+        # In any case, as tls_domains' levels and every word of the TOML settings.
+        tls = word_of(TLSPolicy, self.tls)
+        if tls is None:
             choices = ", ".join(p.value for p in TLSPolicy)
-            raise ConfigError(f"tls must be one of {choices}, got {self.tls!r}") from None
+            raise ConfigError(f"tls must be one of {choices}, got {self.tls!r}")
+        object.__setattr__(self, "tls", tls)
         table = self.tls_domains
         if not isinstance(table, PolicyTable):
             table = PolicyTable.parse(table)

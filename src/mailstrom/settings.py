@@ -36,6 +36,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mailstrom.arguments import word_of
 from mailstrom.bounds import MAX_DURATION, safe_repr
 from mailstrom.bounds import MAX_INTEGER as MAX_INTEGER  # re-exported: its old home
 from mailstrom.config import (
@@ -335,11 +336,11 @@ def _max_age(key: str, value: Any) -> timedelta | None:
 
 def _choice(enum: type[TLSPolicy] | type[RelayTLS] | type[EventLoop]) -> Parser:
     def parse(key: str, value: Any) -> Any:
-        try:
-            return enum(str(value).strip().lower())
-        except ValueError:
+        member = word_of(enum, value)  # in any case, as Config reads these words
+        if member is None:
             choices = ", ".join(e.value for e in enum)
-            raise ConfigError(f"{key}: expected one of {choices}, got {_quoted(value)}") from None
+            raise ConfigError(f"{key}: expected one of {choices}, got {_quoted(value)}")
+        return member
 
     return parse
 

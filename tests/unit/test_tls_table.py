@@ -99,3 +99,25 @@ def test_dane_levels_need_a_trusted_resolver() -> None:
 def test_unknown_global_level_is_refused() -> None:
     with pytest.raises(ConfigError, match="tls must be one of"):
         Config(helo_name="mx.test", tls="maybe")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("tls", "relay", "loop"),
+    [
+        ("Verify", "Implicit", "Asyncio"),
+        ("VERIFY", "IMPLICIT", "ASYNCIO"),
+        (" verify\t", " implicit\t", " asyncio\t"),
+    ],
+)
+def test_tls_words_are_read_in_any_case_in_every_place(tls: str, relay: str, loop: str) -> None:
+    """``tls_domains`` values were folded to lower case and ``tls`` itself was not, so
+    ``Config(tls="Verify")`` was refused while ``tls_domains={"x": "Verify"}`` was taken;
+    the TOML and environment settings fold every such word. All are read alike now."""
+    from mailstrom import RelayConfig
+    from mailstrom.config import EventLoop, RelayTLS
+
+    config = Config(helo_name="mx.test", tls=tls, tls_domains={"example.org": tls})  # type: ignore[arg-type]
+    assert config.tls is TLSPolicy.VERIFY
+    assert config.tls_table.match("example.org") == ("example.org", TLSPolicy.VERIFY)
+    assert RelayConfig(host="smtp.example.net", tls=relay).tls is RelayTLS.IMPLICIT  # type: ignore[arg-type]
+    assert Config(helo_name="mx.test", event_loop=loop).event_loop is EventLoop.ASYNCIO  # type: ignore[arg-type]

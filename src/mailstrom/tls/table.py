@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from mailstrom.arguments import word_of
 from mailstrom.domains import a_label
 from mailstrom.errors import ConfigError
 from mailstrom.tls.levels import TLSPolicy
@@ -68,13 +69,10 @@ class PolicyTable:
         parsed: dict[str, TLSPolicy] = {}
         for key, value in entries.items():
             pattern = _pattern(key)
-            try:
-                level = TLSPolicy(value.strip().lower() if isinstance(value, str) else "")
-            except ValueError:
+            level = word_of(TLSPolicy, value)
+            if level is None:
                 choices = ", ".join(p.value for p in TLSPolicy)
-                raise ConfigError(
-                    f"tls.domains: {key!r} = {value!r}: expected one of {choices}"
-                ) from None
+                raise ConfigError(f"tls.domains: {key!r} = {value!r}: expected one of {choices}")
             if pattern in parsed and parsed[pattern] is not level:
                 raise ConfigError(f"tls.domains: {key!r} given twice with different levels")
             parsed[pattern] = level
