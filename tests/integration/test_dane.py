@@ -281,6 +281,32 @@ def test_dane_ta_trust_anchor_in_the_chain_delivers(
     assert bob.history[-1].tls_policy == "dane"
 
 
+def test_a_key_matching_only_the_weaker_digest_defers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    # RFC 7671 §9: beside a "3 1 2" record, a "3 1 1" one is not used; a server whose key
+    # matches only the SHA-256 record (one forged against a broken SHA-256, say) is not
+    # the host the domain vouches for. It was delivered to.
+    cert, key = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    spki = (
+        x509.load_pem_x509_certificate(other)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(
+        dns_server,
+        mx.host,
+        (3, 1, 1, spki_sha256(cert)),
+        (3, 1, 2, hashlib.sha512(spki).digest()),
+    )
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert "matches none of its TLSA records (3 1 2)" in bob.reason
+    assert mx.messages == []
+
+
 def test_dane_ta_with_a_leaf_for_another_name_defers(
     dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
 ) -> None:

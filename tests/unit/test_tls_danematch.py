@@ -271,3 +271,45 @@ def test_a_mismatch_says_whether_it_is_the_leafs_name() -> None:
     with pytest.raises(DaneMismatch, match="matches none") as caught:
         check_chain([der(cert)], [record(3, 1, 1, spki_sha256(other))], host="mx.test")
     assert not caught.value.host_mismatch
+
+
+def _spki_sha512(pem: bytes) -> bytes:
+    key = x509.load_pem_x509_certificate(pem).public_key()
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha512(spki).digest()
+
+
+def test_only_the_strongest_digest_of_a_usage_and_selector_is_used() -> None:
+    """RFC 7671 §9 (digest algorithm agility): with "3 1 1" and "3 1 2" records published,
+    a key matching only the weaker "3 1 1" is not accepted, so a broken SHA-256 cannot
+    stand in for the SHA-512 the domain moved to. It was: any record that matched did."""
+    cert, _ = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    leaf = der(cert)
+    weak = record(3, 1, 1, spki_sha256(cert))
+    with pytest.raises(DaneMismatch, match=r"matches none of its TLSA records \(3 1 2\)"):
+        check_chain([leaf], [weak, record(3, 1, 2, _spki_sha512(other))], host="mx.test")
+    strong = record(3, 1, 2, _spki_sha512(cert))
+    assert check_chain([leaf], [record(3, 1, 1, spki_sha256(other)), strong], host="mx.test")
+    # Full(0) is no digest: it is used beside the strongest one ("3 1 0" or "3 1 2").
+    full = (
+        x509.load_pem_x509_certificate(cert)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    both = [record(3, 1, 0, full), weak, record(3, 1, 2, _spki_sha512(other))]
+    assert check_chain([leaf], both, host="mx.test") == "DANE-EE 1 0"
+
+
+def test_digest_agility_is_per_usage_and_selector() -> None:
+    cert, _ = self_signed("mx.test")
+    other, _ = self_signed("mx.test")
+    weak = record(3, 1, 1, spki_sha256(cert))
+    # A SHA-512 record of another selector, or another usage, leaves "3 1 1" in use.
+    for stronger in (
+        record(3, 0, 2, hashlib.sha512(der(other)).digest()),
+        record(2, 1, 2, _spki_sha512(other)),
+    ):
+        assert check_chain([der(cert)], [stronger, weak], host="mx.test") == "DANE-EE 1 1"

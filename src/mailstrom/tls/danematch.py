@@ -14,7 +14,8 @@ RFC 7672 §3), a pure function of the DER certificates the server sent.
 * PKIX usages (0, 1) are never usable for SMTP (RFC 7672 §3.1.3) and are ignored.
 
 Selectors: 0 full certificate, 1 SubjectPublicKeyInfo (as the certificate holds it);
-matching types: 0 exact, 1 SHA-256, 2 SHA-512.
+matching types: 0 exact, 1 SHA-256, 2 SHA-512, of which only the strongest published for a
+usage and selector is used (RFC 7671 §9, :func:`strongest_digests`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from mailstrom.tls.requirement import TLSARecord
 
 MAX_CHAIN = 10
 """Certificates of a server's chain looked at; more is no legitimate chain."""
+_DIGEST_ORDER = {1: 1, 2: 2}
+"""Digest matching types, weakest first: SHA-256(1), SHA-512(2) (RFC 7671 §9)."""
 
 
 class DaneMismatch(Exception):
@@ -148,6 +151,34 @@ def record_matches(record: TLSARecord, der: bytes) -> bool:
     return _digest(selected, record.matching) == record.data
 
 
+def strongest_digests(records: Sequence[TLSARecord]) -> list[TLSARecord]:
+    """``records`` without those whose digest is weaker than another of the same usage
+    and selector (RFC 7671 §9, digest algorithm agility): with "3 1 1" and "3 1 2"
+    published, a key matching only the SHA-256 one is not accepted, so that a domain
+    moving to SHA-512 is not held to SHA-256's strength. Full(0) is no digest and is
+    kept ("3 1 0" or "3 1 2" is accepted). A digest of the wrong size counts for none.
+
+    >>> from mailstrom.tls.requirement import TLSARecord as R
+    >>> sizes = {0: 9, 1: 32, 2: 64}
+    >>> kept = strongest_digests([R(usage=3, selector=1, matching=m, data=bytes(n))
+    ...                           for m, n in sizes.items()])
+    >>> [(r.usage, r.selector, r.matching) for r in kept]
+    [(3, 1, 0), (3, 1, 2)]
+    """
+    strongest: dict[tuple[int, int], int] = {}
+    for r in records:
+        if r.matching in _DIGEST_ORDER and r.fits_matching_type:
+            key = (r.usage, r.selector)
+            best = strongest.get(key)
+            if best is None or _DIGEST_ORDER[r.matching] > _DIGEST_ORDER[best]:
+                strongest[key] = r.matching
+    return [
+        r
+        for r in records
+        if r.matching not in _DIGEST_ORDER or r.matching == strongest.get((r.usage, r.selector))
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class DaneMatch:
     """What a certificate chain matched."""
@@ -189,7 +220,7 @@ def match_chain(
     """:func:`check_chain`, saying also which reference name a DANE-TA(2) leaf was
     accepted for (names are tried in the order given)."""
     _require_cryptography()
-    usable = [r for r in records if r.usable]
+    usable = strongest_digests([r for r in records if r.usable])
     if not chain:
         raise DaneMismatch("the server sent no certificate")
     if not usable:
