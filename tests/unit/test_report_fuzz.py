@@ -586,6 +586,27 @@ def test_nested_comments_in_an_address_field_are_read_without_recursion() -> Non
     assert len(report.recipients) == 1
 
 
+def test_nested_groups_in_address_fields_are_read_without_recursion() -> None:
+    # Was: RecursionError out of email.utils.getaddresses, which reads a group
+    # ("name: a@b, c@d;") by recursion, one frame per colon after a phrase, over all the
+    # fields joined: three To fields of "a:a:a:..." and `mailstrom bounce` exited 70.
+    nested = b"".join(b"\nTo: " + b"a:" * 495 for _ in range(3))
+    data = sample("exim-dsn.eml").replace(b"\nTo: ", nested + b"\nTo: ", 1)
+    report = parse_report(data)
+    assert report is not None
+    assert PLACEHOLDER.decode() in " ".join(report.envelope_senders)
+    assert len(report.recipients) == 1
+    # A group's members are its addresses, as getaddresses reads them; its name is not.
+    grouped = sample("exim-dsn.eml").replace(
+        b"\nTo: bounces+", b'\nTo: "Our: list" <x@y>, Bounces: <a@[IPv6:1::2]>, bounces+', 1
+    )
+    report = parse_report(grouped)
+    assert report is not None
+    [mailbox, literal, token, *_] = report.envelope_senders
+    assert (mailbox, literal) == ("x@y", "a@[IPv6:1::2]")
+    assert PLACEHOLDER.decode() in token
+
+
 def test_lines_past_max_lines_are_not_parsed(monkeypatch: Any) -> None:
     # Was: every line parsed into objects: ten megabytes of empty parts or header blocks
     # took 16 s and 0.9 GB. Cut at MAX_LINES lines (CRLF, CR or LF), a report still

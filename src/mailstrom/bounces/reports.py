@@ -604,10 +604,44 @@ def _addresses(message: Message) -> list[str]:
     values: list[str] = []
     for name in _ADDRESS_HEADERS:
         values += [
-            _without_comments(_field(v))
+            _without_groups(_without_comments(_field(v)))
             for v in (message.get_all(name) or [])[:_MAX_ADDRESS_HEADERS]
         ]
     return [addr for _, addr in getaddresses(values) if addr][:_MAX_ADDRESS_HEADERS]
+
+
+def _without_groups(text: str) -> str:
+    """``text``, an address list without comments, with each group (RFC 5322 §3.4:
+    ``name: a@b, c@d;``) as its members (``, a@b, c@d,``), which is what ``getaddresses``
+    returns of one, its name left out. It reads a group by recursion, one level per colon
+    that follows a phrase, over all the fields joined, so a few To fields of
+    ``a:a:a:...`` raised RecursionError. A colon in a quoted string, an angle address
+    (a route, ``<@a:b@c>``) or a domain literal (``[IPv6:...]``) is no group's."""
+    if ":" not in text:
+        return text
+    kept: list[str] = []
+    start = 0  # where the list element being read begins in kept
+    closing = ""  # the character that ends the quoted string, <...> or [...] we are in
+    escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif closing:
+            closing = "" if char == closing else closing
+        elif char in '"<[':
+            closing = {'"': '"', "<": ">", "[": "]"}[char]
+        elif char in ":;":
+            if char == ":":
+                del kept[start:]  # the group's name
+            kept.append(",")
+            start = len(kept)
+            continue
+        elif char == ",":
+            start = len(kept) + 1
+        kept.append(char)
+    return "".join(kept)
 
 
 def _without_comments(text: str) -> str:
