@@ -126,6 +126,9 @@ class _Matcher:
     """Messages whose recipients the report may name by address."""
     verp_skipped: bool = False
     """Whether a message sent with VERP was left out of ``candidates``."""
+    by_address: dict[str, list[tuple[MessageStatus, RecipientStatus]]] | None = None
+    """The recipients of ``candidates`` by :func:`address_key`, made at the first
+    :meth:`find` (every candidate is known by then)."""
 
     def load(self, message_id: str) -> MessageStatus | None:
         if message_id not in self.loaded:
@@ -174,13 +177,17 @@ class _Matcher:
                 return message, recipient
         if len(self.report.recipients) <= 1 and len(self.tokens) == 1:
             return self.tokens[0]  # the token names the recipient, whatever the report says
+        if self.by_address is None:
+            # Keyed once per report: keyed again for every address the report names, a
+            # report naming a thousand others about a message of a thousand recipients
+            # at an IDN domain (an IDNA conversion each) took half a minute.
+            self.by_address = {}
+            for message in self.candidates:
+                for recipient in message.recipients:
+                    key = address_key(recipient.address)
+                    self.by_address.setdefault(key, []).append((message, recipient))
         for address in wanted:  # Original-Recipient first
-            found = [
-                (message, recipient)
-                for message in self.candidates
-                for recipient in message.recipients
-                if address_key(recipient.address) == address
-            ]
+            found = self.by_address.get(address)
             if found:
                 # Messages may share a Message-ID (one resent, RFC 5322 §3.6.6, or sent
                 # again): the report is about a copy a server accepted (the one its ENVID
