@@ -46,3 +46,27 @@ def test_each_recipient_of_a_message_is_keyed_once_per_report(
     outcomes = apply_report(store, report, now=NOW)
     assert [o.action for o in outcomes] == [BounceAction.UNMATCHED] * 200 + [BounceAction.FAILED]
     assert keyed <= 2 * (len(recipients) + len(report.recipients)), keyed
+
+
+def test_a_bounce_about_the_copy_in_delivery_is_in_flight_not_unmatched() -> None:
+    """Two messages share a Message-ID (one sent again: an application's retry after a
+    timeout). The first is in delivery (leased): its server accepted it and bounced at
+    once. Was: the report, naming no ENVID (the server bounced itself), was matched to
+    the newer copy, still queued, and reported unmatched (exit 66: the MTA returned it,
+    the late failure was lost), where the copy in delivery makes it in flight (exit 75:
+    applied when the worker has recorded the delivery)."""
+    store = MemoryStore()
+    first = store.enqueue(message("bob@example.org"), now=NOW)
+    lease = lease_all(store)
+    again = store.enqueue(message("bob@example.org"), now=NOW)
+    assert [store.status(m).recipients[0].leased for m in (first, again)] == [True, False]
+    report = Report(
+        kind=ReportKind.DSN,
+        recipients=(failed("bob@example.org"),),
+        original_message_id="<m1@example.com>",
+    )
+    [outcome] = apply_report(store, report, now=NOW)
+    assert (outcome.action, outcome.message_id) == (BounceAction.IN_FLIGHT, first)
+    store.record(results_for(lease, RecipientState.DELIVERED))
+    [outcome] = apply_report(store, report, now=NOW)
+    assert (outcome.action, outcome.message_id) == (BounceAction.FAILED, first)

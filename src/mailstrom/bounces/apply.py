@@ -191,9 +191,10 @@ class _Matcher:
             if found:
                 # Messages may share a Message-ID (one resent, RFC 5322 §3.6.6, or sent
                 # again): the report is about a copy a server accepted (the one its ENVID
-                # names, else the newest), not a newer one still queued, which was taken
+                # names, else the newest), else one a server may have accepted (in
+                # delivery: in flight), not a newer one still queued, which was taken
                 # first and left the bounce unmatched.
-                return min(found, key=lambda match: match[1].state not in _REPORTABLE)
+                return min(found, key=_acceptance)
         if len(self.candidates) == 1 and len(self.candidates[0].recipients) == 1:
             message = self.candidates[0]
             only = message.recipients[0]
@@ -203,6 +204,13 @@ class _Matcher:
             ):
                 return message, only
         return None
+
+
+def _acceptance(match: tuple[MessageStatus, RecipientStatus]) -> int:
+    """How surely a server has accepted the recipient of ``match``: 0 it has (or it
+    failed since), 1 it may have (it is in delivery), 2 it has not."""
+    recipient = match[1]
+    return 0 if recipient.state in _REPORTABLE else 1 if recipient.leased else 2
 
 
 def _redacted(reported: str, address: str) -> bool:
