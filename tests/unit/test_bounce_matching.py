@@ -4,6 +4,7 @@ real in-memory store."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from tests.contract.support import NOW, lease_all, message, results_for
@@ -70,3 +71,36 @@ def test_a_bounce_about_the_copy_in_delivery_is_in_flight_not_unmatched() -> Non
     store.record(results_for(lease, RecipientState.DELIVERED))
     [outcome] = apply_report(store, report, now=NOW)
     assert (outcome.action, outcome.message_id) == (BounceAction.FAILED, first)
+
+
+def test_a_bounce_about_an_uncertain_delivery_is_in_flight() -> None:
+    """The connection was lost after the final dot: the server may have accepted the
+    message (RFC 5321 §4.5.3.2.6), and the worker, retrying it (``retry_uncertain``),
+    keeps the recipient deferred. Was: a bounce about it, which shows that the server did
+    accept it, was unmatched ("no server has accepted this recipient", exit 66) and lost;
+    it is in flight (exit 75) until the retry is recorded, and then applies."""
+    store = MemoryStore()
+    mid = store.enqueue(message("bob@example.org"), now=NOW)
+    lease = lease_all(store)
+    [deferred] = results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW)
+    lost = replace(deferred.attempt, reply=None, error="connection lost after the dot")
+    store.record([replace(deferred, attempt=replace(lost, uncertain=True))])
+    bob = store.status(mid).recipients[0]
+    assert (bob.state, bob.uncertain, bob.leased) == (RecipientState.DEFERRED, True, False)
+    report = Report(kind=ReportKind.DSN, recipients=(failed("bob@example.org"),), envelope_id=mid)
+    [outcome] = apply_report(store, report, now=NOW)
+    assert outcome.action is BounceAction.IN_FLIGHT, outcome.reason
+    assert "may have accepted" in outcome.reason
+    store.record(results_for(lease_all(store, now=NOW), RecipientState.DELIVERED))
+    [outcome] = apply_report(store, report, now=NOW)
+    assert outcome.action is BounceAction.FAILED
+
+
+def test_a_bounce_about_a_recipient_deferred_before_any_acceptance_stays_unmatched() -> None:
+    store = MemoryStore()
+    mid = store.enqueue(message("bob@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DEFERRED, next_attempt_at=NOW))
+    report = Report(kind=ReportKind.DSN, recipients=(failed("bob@example.org"),), envelope_id=mid)
+    [outcome] = apply_report(store, report, now=NOW)
+    assert outcome.action is BounceAction.UNMATCHED
+    assert "no server has accepted this recipient (it is deferred)" in outcome.reason

@@ -28,8 +28,10 @@ A report is applied only to a recipient a server has accepted (DELIVERED; a FAIL
 has failed already): a bounce after acceptance, or a complaint, about mail still queued or
 deferred is no such thing, and is reported as unmatched with the reason. One about a
 recipient in delivery (leased by a worker: the server may have accepted it, its result not
-yet recorded) is reported as in flight, to be applied again later (``mailstrom bounce``
-exits 75, so the MTA that pipes it tries again). A DSN block that
+yet recorded), or deferred after an uncertain attempt (the connection lost after the final
+dot: the server may have accepted it, and the worker tries again), is reported as in
+flight, to be applied again later (``mailstrom bounce`` exits 75, so the MTA that pipes
+it tries again). A DSN block that
 says nothing final (``delayed``, ``delivered``, ``relayed``, ``expanded``) is ignored
 whatever the recipient's state: the worker's own delay warning about a recipient it still
 retries reaches a VERP sender's address too.
@@ -98,8 +100,9 @@ class BounceAction(StrEnum):
     """No queued message and recipient fit the report, or the recipient it names has not
     been accepted by any server (the reason says which)."""
     IN_FLIGHT = "in_flight"
-    """The recipient is in delivery (leased): a server may have accepted it, its result
-    not yet recorded. Nothing was changed; apply the report again later."""
+    """The recipient is in delivery (leased), or deferred after an uncertain attempt (its
+    connection lost after the final dot): a server may have accepted it, its result not
+    yet recorded. Nothing was changed; apply the report again later."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,9 +211,11 @@ class _Matcher:
 
 def _acceptance(match: tuple[MessageStatus, RecipientStatus]) -> int:
     """How surely a server has accepted the recipient of ``match``: 0 it has (or it
-    failed since), 1 it may have (it is in delivery), 2 it has not."""
+    failed since), 1 it may have (in delivery, or uncertain), 2 it has not."""
     recipient = match[1]
-    return 0 if recipient.state in _REPORTABLE else 1 if recipient.leased else 2
+    if recipient.state in _REPORTABLE:
+        return 0
+    return 1 if recipient.leased or recipient.uncertain else 2
 
 
 def _redacted(reported: str, address: str) -> bool:
@@ -302,17 +307,26 @@ def _nothing_final(
 def _not_accepted(
     entry: ReportedRecipient, message: MessageStatus, recipient: RecipientStatus
 ) -> BounceOutcome:
-    if recipient.leased:
+    if recipient.leased or recipient.uncertain:
         # A server may have accepted it a moment ago and bounced it at once; the worker
-        # records the delivery when the transaction ends. Unmatched, the report was lost.
+        # records the delivery when the transaction ends. Or it may have accepted it
+        # before the connection was lost after the final dot: the worker tries again
+        # (retry_uncertain), and records what the server says then. Unmatched, the
+        # report was lost.
+        why = (
+            "in delivery (leased by a worker)"
+            if recipient.leased
+            else "to be tried again: the connection was lost after the final dot, so a "
+            "server may have accepted it"
+        )
         return BounceOutcome(
             action=BounceAction.IN_FLIGHT,
             address=recipient.address,
             message_id=message.id,
             status=entry.status,
             reason=(
-                f"not applied yet: this recipient is in delivery (it is {recipient.state}, "
-                "leased by a worker), so its result is not recorded; apply the report again later"
+                f"not applied yet: this recipient is {recipient.state} and {why}, so its "
+                "result is not recorded; apply the report again later"
             ),
         )
     return BounceOutcome(
