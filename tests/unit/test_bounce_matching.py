@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from tests.contract.support import NOW, lease_all, message, results_for
 
-from mailstrom.bounces import Report, ReportedRecipient, ReportKind, apply_report
+from mailstrom.bounces import Report, ReportedRecipient, ReportKind, apply_report, recipient_token
 from mailstrom.bounces import apply as applying
 from mailstrom.bounces.apply import BounceAction
 from mailstrom.status import RecipientState
@@ -104,3 +104,30 @@ def test_a_bounce_about_a_recipient_deferred_before_any_acceptance_stays_unmatch
     [outcome] = apply_report(store, report, now=NOW)
     assert outcome.action is BounceAction.UNMATCHED
     assert "no server has accepted this recipient (it is deferred)" in outcome.reason
+
+
+def test_a_report_about_a_notice_to_a_verp_address_suppresses_no_throwaway_address() -> None:
+    """A bounce notice goes to the return path of one recipient of a VERP message
+    (``bounces+<token>@...``), an address made for that message and recipient and never
+    mailed again. Was: a complaint about the notice (its reader marked it as spam), or a
+    DSN about it, suppressed that address, with no end (a complaint's, or a bounce's
+    without ``suppress_for``): one more useless entry for each, never pruned. The worker
+    adds no entry for such an address when the sender's server refuses the notice; a
+    report adds none either. The notice's own state is recorded as before."""
+    store = MemoryStore()
+    token = recipient_token("0" * 32, "bob@example.org", key=store.verp_key())
+    verp = f"bounces+{token}@sender.test"
+    notice = store.enqueue(message(verp, envelope_from=""), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    complaint = Report(
+        kind=ReportKind.COMPLAINT,
+        recipients=(ReportedRecipient(final_recipient=verp),),
+        original_message_id="<m1@example.com>",
+    )
+    [outcome] = apply_report(store, complaint, now=NOW)
+    assert (outcome.action, outcome.message_id) == (BounceAction.COMPLAINT, notice)
+    assert outcome.suppressed is None
+    bounce = Report(kind=ReportKind.DSN, recipients=(failed(verp),), envelope_id=notice)
+    [outcome] = apply_report(store, bounce, now=NOW)
+    assert (outcome.action, outcome.suppressed) == (BounceAction.FAILED, None)
+    assert store.list_suppressions() == []

@@ -46,7 +46,12 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from mailstrom.bounces.reports import Report, ReportedRecipient, ReportKind
-from mailstrom.bounces.verp import address_digest, find_tokens, is_verp_template
+from mailstrom.bounces.verp import (
+    address_digest,
+    find_tokens,
+    is_verp_address,
+    is_verp_template,
+)
 from mailstrom.errors import InvalidSuppression, UnknownMessage
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, is_late_hard_bounce
 from mailstrom.policy.reasons import classify_reply
@@ -247,7 +252,9 @@ def apply_report(
     nothing. An entry in force for the address that lasts at least as long (a complaint's,
     an operator's) is kept as it is: a report never shortens a suppression. A failure a
     mailstrom worker reports for a reason of its own (an ``X-Mailstrom`` diagnostic) does
-    not suppress: that worker applied ``suppress_on`` to it already.
+    not suppress: that worker applied ``suppress_on`` to it already; nor is a VERP address
+    (a bounce notice's recipient, :func:`~mailstrom.bounces.verp.is_verp_address`) ever
+    suppressed.
     """
     matcher = _Matcher(store=store, report=report)
     matcher.add_tokens([envelope_recipient or "", *report.envelope_senders])
@@ -448,6 +455,11 @@ def _suppress(
     now: datetime,
     expires_at: datetime | None = None,
 ) -> Suppression | None:
+    if is_verp_address(address):
+        # A bounce notice's recipient (a complaint about the notice, a DSN about it): the
+        # return path of one message's recipient, never mailed again (see the worker's
+        # hard_bounce_entries). Its entry, without an end, was one more for each report.
+        return None
     try:
         target = normalize_target(address)
     except InvalidSuppression:

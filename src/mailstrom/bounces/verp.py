@@ -117,6 +117,14 @@ def per_recipient(item: WorkItem, *, key: bytes) -> list[WorkItem]:
     ]
 
 
+def is_verp_address(address: str) -> bool:
+    """Whether ``address`` holds a token: the return path of one recipient of one message
+    (a bounce notice goes there), which nothing is sent to again. Suppressing it, as a
+    hard bounce of a notice or a report about one would, only adds an entry that
+    suppresses nothing and, without an end, is never pruned."""
+    return _TOKEN.search(address.lower()) is not None
+
+
 def find_tokens(texts: Iterable[str]) -> Iterator[tuple[str, str]]:
     """Every (message id, address digest) a token in ``texts`` names, in order, once."""
     seen: set[tuple[str, str]] = set()

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from mailstrom.bounces.verp import find_tokens
+from mailstrom.bounces.verp import is_verp_address
 from mailstrom.errors import InvalidSuppression
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState
 from mailstrom.stores.base import Lease, LeasedRecipient, RecipientResult, WorkItem, storable_text
@@ -76,14 +76,13 @@ def hard_bounce_entries(
 ) -> list[Suppression]:
     """The entries that the hard bounces among ``results`` add: one per address, with the
     refusal that caused it. An address that cannot be a target (never from a prepared
-    message, but stored data is not trusted) is skipped, and so is a VERP address (one
-    holding a token, :mod:`~mailstrom.bounces.verp`): the return path of one message's
-    recipient, which a bounce notice goes to and nothing is sent to again. Its entry
-    (the sender's own server refusing its bounces) was kept for good without
-    ``suppress_for``, one more for every failure, and suppressed nothing."""
+    message, but stored data is not trusted) is skipped, and so is a VERP address
+    (:func:`~mailstrom.bounces.verp.is_verp_address`): its entry (the sender's own server
+    refusing a bounce notice) was kept for good without ``suppress_for``, one more for
+    every failure, and suppressed nothing."""
     entries: dict[str, Suppression] = {}
     for result in results:
-        if not result.hard_bounce or any(find_tokens([result.address])):
+        if not result.hard_bounce or is_verp_address(result.address):
             continue
         try:
             target = normalize_target(result.address)
