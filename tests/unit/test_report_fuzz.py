@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -605,6 +606,21 @@ def test_nested_groups_in_address_fields_are_read_without_recursion() -> None:
     [mailbox, literal, token, *_] = report.envelope_senders
     assert (mailbox, literal) == ("x@y", "a@[IPv6:1::2]")
     assert PLACEHOLDER.decode() in token
+
+
+@pytest.mark.parametrize("nesting", ["(", "a:", ":"])
+@pytest.mark.parametrize("start", ["", '"', "<", "[", "<a@", 'x "'])
+def test_address_fields_nest_nothing_past_a_bound(start: str, nesting: str) -> None:
+    # Was: comments and groups were taken out of each field apart, with quoted strings
+    # left as they were, but getaddresses read the fields joined: a quote left open in
+    # one field closed in the next, whose "((((" or "a:a:a:" it then read by recursion
+    # (RecursionError, exit 70). Nor does it read an angle address as a scanner would.
+    field = (start + nesting * 1000)[:990].encode()
+    nested = b"".join(b"\nTo: " + field for _ in range(5))
+    data = sample("exim-dsn.eml").replace(b"\nTo: ", nested + b"\nTo: ", 1)
+    report = parse_report(data)
+    assert report is not None
+    assert PLACEHOLDER.decode() in " ".join(report.envelope_senders)
 
 
 def test_lines_past_max_lines_are_not_parsed(monkeypatch: Any) -> None:

@@ -612,47 +612,25 @@ def _returned_paths(parts: list[Message]) -> list[str]:
 
 def _addresses(message: Message) -> list[str]:
     """The addresses the report itself was sent to (bounded)."""
-    values: list[str] = []
+    found: list[str] = []
     for name in _ADDRESS_HEADERS:
-        values += [
-            _without_groups(_without_comments(_field(v)))
-            for v in (message.get_all(name) or [])[:_MAX_ADDRESS_HEADERS]
-        ]
-    return [addr for _, addr in getaddresses(values) if addr][:_MAX_ADDRESS_HEADERS]
+        for value in (message.get_all(name) or [])[:_MAX_ADDRESS_HEADERS]:
+            text = _without_comments(_field(value))
+            if text.count(":") + text.count("(") > _MAX_NESTING:
+                text = text.translate(_NO_NESTING)
+            # One field at a time: joined, a quote left open in one closes in the next.
+            found += [addr for _, addr in getaddresses([text]) if addr]
+    return found[:_MAX_ADDRESS_HEADERS]
 
 
-def _without_groups(text: str) -> str:
-    """``text``, an address list without comments, with each group (RFC 5322 §3.4:
-    ``name: a@b, c@d;``) as its members (``, a@b, c@d,``), which is what ``getaddresses``
-    returns of one, its name left out. It reads a group by recursion, one level per colon
-    that follows a phrase, over all the fields joined, so a few To fields of
-    ``a:a:a:...`` raised RecursionError. A colon in a quoted string, an angle address
-    (a route, ``<@a:b@c>``) or a domain literal (``[IPv6:...]``) is no group's."""
-    if ":" not in text:
-        return text
-    kept: list[str] = []
-    start = 0  # where the list element being read begins in kept
-    closing = ""  # the character that ends the quoted string, <...> or [...] we are in
-    escaped = False
-    for char in text:
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif closing:
-            closing = "" if char == closing else closing
-        elif char in '"<[':
-            closing = {'"': '"', "<": ">", "[": "]"}[char]
-        elif char in ":;":
-            if char == ":":
-                del kept[start:]  # the group's name
-            kept.append(",")
-            start = len(kept)
-            continue
-        elif char == ",":
-            start = len(kept) + 1
-        kept.append(char)
-    return "".join(kept)
+_MAX_NESTING = 100
+"""Colons and opening parentheses in an address field given to ``getaddresses``, at most.
+It reads a group (``name: a@b, c@d;``) by recursion, one level per colon, and a comment
+one level per parenthesis: a few fields of ``a:a:a:...`` or ``((((...``, read joined (a
+quote left open in one field closed in the next, out of the reach of
+:func:`_without_comments`), raised RecursionError. A real field has a handful; one with
+more is garbage, read with them as spaces (a token in it is still found)."""
+_NO_NESTING = str.maketrans(":()", "   ")
 
 
 def _without_comments(text: str) -> str:
