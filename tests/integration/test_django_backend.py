@@ -22,7 +22,7 @@ configure()
 from django.core import mail  # noqa: E402  (Django must be configured first)
 from django.core.mail import BadHeaderError  # noqa: E402
 from django.test import override_settings  # noqa: E402
-from django.utils.functional import lazy  # noqa: E402
+from django.utils.functional import Promise, lazy  # noqa: E402
 
 from mailstrom import (  # noqa: E402
     HeaderInjection,
@@ -563,6 +563,28 @@ def test_lazy_addresses_are_sent_as_django_sends_them(project: None, mx: Receivi
     [received] = mx.wait_for_messages(1)
     assert received.mail_from == "app@sender.test"
     assert received.rcpt_tos == ("bob@example.org",)
+
+
+def test_a_lazy_header_name_is_sent_as_django_sends_it(project: None, mx: ReceivingServer) -> None:
+    """A header whose name is a lazy string (``gettext_lazy``, as the values may be) was
+    refused: InvalidMessage("the EmailMessage cannot be read: TypeError(...__proxy__)"),
+    where Django's SMTP backend writes it as its text. It is that text, and checked as any
+    name is."""
+    as_lazy = lazy(lambda text: text, str)
+    message = mail.EmailMessage(
+        "Hi", "x", to=["bob@example.org"], headers={as_lazy("X-Campaign"): as_lazy("spring")}
+    )
+    assert message.send() == 1
+    [ours] = mx.wait_for_messages(1)
+    assert b"\r\nX-Campaign: spring\r\n" in ours.content
+    theirs = django_smtp_would_send(message, mx)
+    assert without_volatile_parts(ours.content) == without_volatile_parts(theirs.content)
+    assert isinstance(next(iter(message.extra_headers)), Promise)  # the message is as it was
+    injected = mail.EmailMessage(
+        "Hi", "x", to=["bob@example.org"], headers={as_lazy("X-A: v\r\nBcc: x@evil.example"): "v"}
+    )
+    with pytest.raises(BadHeaderError):
+        injected.send()
 
 
 def test_messages_without_recipients_are_skipped_as_django_skips_them(project: None) -> None:

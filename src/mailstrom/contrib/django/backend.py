@@ -17,6 +17,7 @@ sent it, with mailstrom's Message-ID.
 from __future__ import annotations
 
 import contextlib
+import copy
 import email.errors
 import email.policy
 import warnings
@@ -146,6 +147,7 @@ def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> 
 
 
 def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> PreparedMessage:
+    message = _with_text_header_names(message)
     for name in message.extra_headers:
         # Django checks header values only: a line break in a name wrote the text after it
         # as header lines of their own (or as the start of the body). Email(headers=...)
@@ -188,6 +190,22 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
         envelope_to=[str(address) for address in message.recipients()],
         now=now,
     )
+
+
+def _with_text_header_names(message: EmailMessage) -> EmailMessage:
+    """``message``, or a shallow copy of it whose ``headers`` names that are lazy strings
+    (``gettext_lazy``) are their text, as Django's SMTP backend writes them. Django turns
+    a lazy value into text, not a name: the message it built held the lazy object as the
+    field's name, which the checks of the built message could not read (InvalidMessage
+    for a valid field). The application's message is left as it was."""
+    headers = message.extra_headers
+    if not any(isinstance(name, Promise) for name in headers):
+        return message
+    text = copy.copy(message)
+    text.extra_headers = {
+        str(name) if isinstance(name, Promise) else name: value for name, value in headers.items()
+    }
+    return text
 
 
 def _serialised(message: EmailMessage) -> bytes:
