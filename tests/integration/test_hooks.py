@@ -711,20 +711,23 @@ def test_sent_events_are_pruned_while_the_outbox_never_empties(
         store.close()
 
 
-def _deferred_events(store: SQLiteStore, addresses: list[str], now: datetime | None = None) -> None:
+def _deferred_events(
+    store: SQLiteStore, addresses: list[str], now: datetime | None = None, *, together: bool = False
+) -> None:
     """One deferred-delivery event in the outbox of ``store`` per address, in order, at
-    ``now`` (the present by default)."""
+    ``now`` (the present by default); ``together``: all in one transaction, for a sender
+    to find at once."""
     now = now or datetime.now(UTC)
-    for address in addresses:
+    for group in [addresses] if together else [[address] for address in addresses]:
         store.enqueue(
             PreparedMessage(
                 data=b"From: a@sender.test\r\nSubject: hi\r\n\r\nhi\r\n",
                 envelope_from="a@sender.test",
-                recipients=(address,),
+                recipients=tuple(group),
             ),
             now=now,
         )
-        lease = store.lease(now=now, limit=1, lease_for=timedelta(minutes=5))
+        lease = store.lease(now=now, limit=len(group), lease_for=timedelta(minutes=5))
         assert lease is not None
         attempt = Attempt(at=now, outcome=AttemptOutcome.TEMPORARY, error="try later")
         store.record(
@@ -797,6 +800,70 @@ def test_a_413_shrinks_the_batch_and_an_event_too_large_alone_is_given_up(
     assert metrics.hook_events_sent == 7
     given_up = [r.getMessage() for r in caplog.records if "given up" in r.getMessage()]
     assert len(given_up) == 1 and f"event {ids['big@example.org']}" in given_up[0]
+
+
+def test_a_413_limit_between_a_batch_and_its_half_is_not_hit_again_and_again(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """After a 413 the sender halved its batch, and doubled it again with the next batch
+    the endpoint took: an endpoint taking five events at most was sent eight, then four,
+    then eight..., a 413 every other request for as long as events came. The size refused
+    is remembered now (for an hour, by the sender's clock): the batch grows back only
+    below it, so a few 413s find the endpoint's limit, and none follow. Past the hour,
+    full batches are tried again (the endpoint may take them now)."""
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    shift = [timedelta(0)]
+
+    def clock() -> datetime:
+        return datetime.now(UTC) + shift[0]
+
+    _deferred_events(store, [f"u{n}@example.org" for n in range(60)])
+    limit = [5]
+    endpoint.too_large = lambda body: body.count(b'"id":') > limit[0]
+    hook = HookConfig(url=endpoint.url, secret=SECRET, batch=8, retry_min=0.05, retry_max=0.1)
+
+    async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    async def run() -> None:
+        sender = HookSender(
+            hook,
+            store,
+            store_call=call,
+            clock=clock,
+            metrics=MetricsRecorder(),
+            poll_interval=0.05,
+        )
+        task = asyncio.create_task(sender.run())
+        try:
+            await asyncio.to_thread(endpoint.wait_for, lambda _: len(endpoint.acked_ids()) >= 60)
+            # An hour on, the endpoint takes any batch: the sender finds out.
+            limit[0] = 1000
+            shift[0] = timedelta(hours=1, minutes=1)
+            later = [f"v{n}@example.org" for n in range(16)]
+            # Recorded at the present: by the sender's clock, the queue's mail is all due.
+            await asyncio.to_thread(_deferred_events, store, later, together=True)
+            sender.wake()
+            await asyncio.to_thread(endpoint.wait_for, lambda _: len(endpoint.acked_ids()) >= 76)
+        finally:
+            sender.stop(0)
+            await asyncio.wait_for(task, 10)
+
+    try:
+        asyncio.run(run())
+        ids = [e.id for e in store.read_events()]
+    finally:
+        store.close()
+    acked = endpoint.acked_ids()
+    assert sorted(acked) == ids and len(acked) == len(set(acked))
+    first = [r for r in endpoint.requests if r.ids[0] in ids[:60]]
+    refused = [len(r.ids) for r in first if r.answered == 413]
+    # 8 refused, then 6 (halfway between the 4 taken and the 8 refused): 5 from then on.
+    assert len(refused) <= 3, [(len(r.ids), r.answered) for r in first]
+    assert all(r.answered == 200 for r in first[-5:])
+    later = [len(r.ids) for r in endpoint.requests if r.ids[0] in ids[60:]]
+    assert 8 in later, later
 
 
 UNREAD = 16 << 20

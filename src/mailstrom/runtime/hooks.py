@@ -18,8 +18,12 @@ a failed batch back: the next lease would skip it, and the events after it go fi
 A 413 (Content Too Large) without ``Retry-After`` (with one, the endpoint says the
 condition is temporary: a failure like any other) is no failure to wait out: the same
 batch would be refused for ever, and no event after it sent. The batch goes back and the
-sender leases half as many events at once (down to one), growing back by doubling with
-each batch the endpoint takes.
+sender leases half as many events at once (down to one). It grows back with each batch the
+endpoint takes, by doubling, but not to the number of events refused: for
+:data:`TOO_LARGE_FOR` (an hour) it grows halfway towards that number at a time, so that an
+endpoint whose limit lies between a batch and its half gets a few 413s while the sender
+finds it, not one every other request. Past that hour full batches are tried again (the
+endpoint's limit may have been raised, or the events that were too many be smaller).
 An event refused on its own can never be sent: it is given up (marked sent, with an error
 in the log naming it) and the sender goes on with the next; a mark the store fails is
 tried again first, as a sent batch's is (the endpoint's answer was final).
@@ -67,6 +71,9 @@ PRUNE_EVERY = 600.0
 
 TOO_LARGE = 413
 """The status of an endpoint that takes no body this large (RFC 9110 §15.5.14)."""
+
+TOO_LARGE_FOR = timedelta(hours=1)
+"""How long a number of events the endpoint refused as too large (413) bounds the batch."""
 
 POST_GRACE = 1.0
 """Seconds the sender waits for a request past ``hook.timeout`` before counting it failed
@@ -133,6 +140,9 @@ class HookSender:
         self._failing = False
         self._limit = hook.batch
         """Events leased at once: less than ``hook.batch`` after a 413."""
+        self._refused: tuple[int, datetime] | None = None
+        """The fewest events the endpoint refused at once as too large (413), and when:
+        for :data:`TOO_LARGE_FOR`, the batch grows back only below that number."""
         self._last_prune = -PRUNE_EVERY
         self._unacked: EventBatch | None = None
         """A batch the endpoint answered for good (took it, or refused one event alone as
@@ -244,7 +254,7 @@ class HookSender:
         if failure is None:
             if not await self._ack(batch):
                 return False
-            self._limit = min(self._limit * 2, self._hook.batch)
+            self._limit = self._grown()
             if self._failing:
                 log.warning("hook: %s answers again", self._hook.url)
             self._failing = False
@@ -258,6 +268,18 @@ class HookSender:
         self._retry_after = asked
         await self._release(batch)
         return False
+
+    def _grown(self) -> int:
+        """The batch after one the endpoint took: twice as large (``hook.batch`` at most),
+        or, while a number of events refused as too large is remembered, halfway towards
+        it. Doubling back to that number had the endpoint refuse every other batch when
+        its limit lay between it and its half."""
+        if self._refused is not None:
+            refused, at = self._refused
+            if timedelta(0) <= self._clock() - at < TOO_LARGE_FOR:
+                return max(self._limit, (self._limit + refused) // 2)
+            self._refused = None  # an hour on (or the clock set back): try full batches
+        return min(self._limit * 2, self._hook.batch)
 
     async def _ack(self, batch: EventBatch, *, given_up: bool = False) -> bool:
         """Mark ``batch``, which the endpoint took (or, ``given_up``, refused for good),
@@ -306,6 +328,7 @@ class HookSender:
         count = len(batch.events)
         if count > 1:
             self._limit = max(1, count // 2)
+            self._refused = (count, self._clock())
             log.info(
                 "hook: %s refused %d events (%d bytes) as too large; sending %d at a time",
                 self._hook.url,
