@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import shutil
 import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from mailstrom.status import RecipientState
 from mailstrom.stores import open_store
-from tests.cli.conftest import MailEnv
+from tests.cli.conftest import CLI, MailEnv
 
 
 def send(env: MailEnv, to: str) -> str:
@@ -203,3 +207,98 @@ def test_the_last_events_across_a_gap_in_the_ids(cli: object, workdir: Path) -> 
     assert [json.loads(line)["id"] for line in lines] == kept
     lines = cli.ok("events", "--limit", "1", "--json").out.splitlines()
     assert [json.loads(line)["id"] for line in lines] == kept[1:]
+
+
+def _record_delivered(url: str, *addresses: str) -> None:
+    """A delivered-recipient event in the outbox of the store at ``url`` per address."""
+    from tests.contract.support import NOW, lease_all, message, results_for
+
+    store = open_store(url)
+    try:
+        store.enable_events()
+        store.enqueue(message(*addresses), now=NOW)
+        store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    finally:
+        store.close()
+
+
+class Follower:
+    """``mailstrom events --follow --json`` running, its output read line by line."""
+
+    def __init__(self, cli: CLI, *args: str) -> None:
+        self.proc = cli.popen("events", "--follow", "--json", "--interval", "0.05", *args)
+        self.out: queue.Queue[str] = queue.Queue()
+        self.err: queue.Queue[str] = queue.Queue()
+        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(stream, lines), daemon=True).start()
+
+    @staticmethod
+    def _pump(stream: Any, lines: queue.Queue[str]) -> None:
+        for line in stream:
+            lines.put(line.decode())
+        lines.put("")  # the end: the follower exited
+
+    def recipient(self) -> str:
+        """The recipient of the next event printed (within 30 s)."""
+        line = self.out.get(timeout=30)
+        assert line, f"the follower exited ({self.proc.wait()})"
+        recipient: str = json.loads(line)["recipient"]
+        return recipient
+
+    def said(self, text: str) -> str:
+        """The next line on stderr holding ``text`` (within 30 s)."""
+        seen = []
+        deadline = time.monotonic() + 30
+        while (left := deadline - time.monotonic()) > 0:
+            line = self.err.get(timeout=left)
+            if text in line:
+                return line
+            assert line, f"the follower exited ({self.proc.wait()}): {''.join(seen)}"
+            seen.append(line)
+        raise AssertionError(f"not said: {text!r}; said: {''.join(seen)}")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.mark.postgres
+def test_follow_goes_on_past_a_store_that_fails_for_a_while(postgres_url: str, cli: CLI) -> None:
+    """``events --follow`` ended at the first failed read (exit 75): a lock held past the
+    store's wait for it (PostgreSQL's ``lock_timeout``, SQLite's busy timeout), a
+    database restarting, a lost connection ended a follower meant to run for as long as
+    the workers do. It says so on stderr, tries again with backoff, and goes on printing
+    once the store answers."""
+    _record_delivered(postgres_url, "ann@example.test")
+    follow = Follower(cli, "--store", f"{postgres_url}?lock_timeout=100ms")
+    try:
+        assert follow.recipient() == "ann@example.test"
+        with psycopg.connect(postgres_url) as operator:
+            operator.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")  # until the end
+            follow.said("cannot read the events, trying again")
+            time.sleep(0.5)  # the lock held a while: a few more tries fail
+            assert follow.proc.poll() is None
+        _record_delivered(postgres_url, "bob@example.test")
+        assert follow.recipient() == "bob@example.test"
+        assert "after" in follow.said("reading the events again")
+        assert follow.proc.poll() is None
+    finally:
+        follow.close()
+
+
+def test_follow_ends_on_a_store_that_waiting_cannot_mend(cli: CLI, workdir: Path) -> None:
+    """A store file replaced while in use (a restore under a running follower) is no
+    failure to wait out: the follower ends, exit 74, as a worker does."""
+    _record_delivered(f"sqlite:///{workdir / 'queue.db'}", "ann@example.test")
+    follow = Follower(cli)
+    try:
+        assert follow.recipient() == "ann@example.test"
+        shutil.copy(workdir / "queue.db", workdir / "copy.db")
+        os.replace(workdir / "copy.db", workdir / "queue.db")
+        assert "was replaced while in use" in follow.said("mailstrom: ")
+        assert follow.proc.wait(10) == 74
+    finally:
+        follow.close()

@@ -17,7 +17,7 @@ import time
 
 from mailstrom.bounds import MAX_INTEGER
 from mailstrom.cli.context import open_store, settings_from, store_from, utc_now
-from mailstrom.cli.exits import EX_OK, UsageError
+from mailstrom.cli.exits import EX_OK, UsageError, reason_for, say
 from mailstrom.cli.output import json_for, visible
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg, seconds_arg
 from mailstrom.errors import StoreCorrupt, StoreError
@@ -184,12 +184,41 @@ def _follow(store: Store, after: int, *, as_json: bool, interval: float) -> None
     """Print the events after ``after`` as they appear until interrupted (Ctrl-C ends the
     command). Every store makes its events visible in id order (PostgreSQL draws their
     ids under a lock, see its ``append_events``), so the highest id printed is the place
-    to go on from."""
+    to go on from.
+
+    A read that fails with a passing trouble (a database restarting, a connection lost,
+    a lock held past the store's wait) is tried again, as a worker tries its store again:
+    the waits grow from ``interval`` up to 5 s (or stay at a longer ``interval``), and
+    stderr says when the reads fail and when they work again. A follower runs for as
+    long as the workers do; ended by the first such failure, it left a script reading
+    it with nothing. Only a store that waiting cannot mend (damaged, a newer schema,
+    access refused) ends the command, with its exit code."""
+    from mailstrom.runtime.store_opening import worth_waiting
+    from mailstrom.runtime.worker_store import _Backoff
+
+    backoff = _Backoff()
+    wait = interval
+    failures = 0
     while True:
         # Polling: events come from other processes, and a SQLite reader has nothing to
         # wait on. Each look is one indexed range read of the ids above the last.
-        time.sleep(interval)
-        for event in store.read_events(after=after, limit=10_000):
+        time.sleep(wait)
+        try:
+            events = store.read_events(after=after, limit=10_000)
+        except StoreError as exc:
+            if not worth_waiting(exc):
+                raise
+            wait = max(interval, backoff.take())
+            failures += 1
+            if failures == 1:
+                say(f"mailstrom: warning: cannot read the events, trying again: {reason_for(exc)}")
+            continue
+        if failures:
+            say(f"mailstrom: warning: reading the events again after {failures} failed tries")
+            failures = 0
+            backoff.reset()
+            wait = interval
+        for event in events:
             _print(event, as_json=as_json)
             after = event.id
 

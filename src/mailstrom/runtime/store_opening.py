@@ -43,7 +43,8 @@ _STOP = object()
 
 
 def worth_waiting(exc: BaseException) -> TypeGuard[StoreError]:
-    """Whether a store that failed to open with ``exc`` may open if asked again later."""
+    """Whether a store that failed with ``exc`` (to open, or a call of an open store's)
+    may work if asked again later."""
     return isinstance(exc, StoreError) and not isinstance(exc, StoreCorrupt | StoreAccessDenied)
 
 
