@@ -16,7 +16,7 @@ import pytest
 from mailstrom.bounds import MAX_INTEGER
 from mailstrom.cli.reading import FileBudget, read_limited
 from mailstrom.cli.sendmail import SendmailArgs, build, read_message
-from mailstrom.errors import MessageTooLarge
+from mailstrom.errors import InvalidMessage, MessageTooLarge
 from tests.cli.conftest import CLI
 
 LIMIT = 1000
@@ -232,3 +232,16 @@ def test_an_alias_named_many_times_is_expanded_once() -> None:
     )
     assert staff.walked == 1
     assert recipients == [*addresses, "root@host.example.test"]
+
+
+@pytest.mark.parametrize("shape", ["a:", "(", "a:(b"])
+@pytest.mark.parametrize("extract", [True, False])
+def test_deeply_nested_address_fields_are_refused_not_a_crash(shape: str, extract: bool) -> None:
+    # The stdlib's getaddresses reads a group by recursion, one level per colon, and a
+    # comment one per parenthesis: such To fields crashed -t and the bare-name rewrite
+    # with RecursionError (an internal error, exit 70) instead of the typed refusal.
+    garbage = (shape * 3000).encode()
+    data = b"To: " + garbage + b'\nTo: "x\nTo: ' + garbage + b"\nSubject: s\n\nbody\n"
+    args = SendmailArgs(extract=extract, recipients=[] if extract else ["bob@example.org"])
+    with pytest.raises(InvalidMessage):
+        build(data, args, default_domain="example.org")

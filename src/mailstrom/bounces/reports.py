@@ -27,11 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import Message
-from email.utils import getaddresses
 from enum import StrEnum
 
 from mailstrom.errors import InvalidReport
 from mailstrom.message.mime import MAX_DEPTH as MAX_MESSAGE_DEPTH
+from mailstrom.message.stdlib_addresses import address_pairs
 from mailstrom.safetext import safe_text
 
 MAX_REPORT = 10 * 1024 * 1024
@@ -612,25 +612,12 @@ def _returned_paths(parts: list[Message]) -> list[str]:
 
 def _addresses(message: Message) -> list[str]:
     """The addresses the report itself was sent to (bounded)."""
-    found: list[str] = []
-    for name in _ADDRESS_HEADERS:
-        for value in (message.get_all(name) or [])[:_MAX_ADDRESS_HEADERS]:
-            text = _without_comments(_field(value))
-            if text.count(":") + text.count("(") > _MAX_NESTING:
-                text = text.translate(_NO_NESTING)
-            # One field at a time: joined, a quote left open in one closes in the next.
-            found += [addr for _, addr in getaddresses([text]) if addr]
-    return found[:_MAX_ADDRESS_HEADERS]
-
-
-_MAX_NESTING = 100
-"""Colons and opening parentheses in an address field given to ``getaddresses``, at most.
-It reads a group (``name: a@b, c@d;``) by recursion, one level per colon, and a comment
-one level per parenthesis: a few fields of ``a:a:a:...`` or ``((((...``, read joined (a
-quote left open in one field closed in the next, out of the reach of
-:func:`_without_comments`), raised RecursionError. A real field has a handful; one with
-more is garbage, read with them as spaces (a token in it is still found)."""
-_NO_NESTING = str.maketrans(":()", "   ")
+    values = [
+        _without_comments(_field(value))
+        for name in _ADDRESS_HEADERS
+        for value in (message.get_all(name) or [])[:_MAX_ADDRESS_HEADERS]
+    ]
+    return [addr for _, addr in address_pairs(values) if addr][:_MAX_ADDRESS_HEADERS]
 
 
 def _without_comments(text: str) -> str:

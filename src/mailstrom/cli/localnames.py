@@ -18,10 +18,11 @@ import os
 import socket
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from email.utils import formataddr, getaddresses, quote
+from email.utils import formataddr, quote
 
 from mailstrom.errors import ConfigError
 from mailstrom.message.addresses import Group, parse_local_address_list
+from mailstrom.message.stdlib_addresses import address_pairs
 
 DEFAULT_ALIASES = "/etc/aliases"
 MAX_ALIASES_SIZE = 1 << 20
@@ -198,7 +199,7 @@ def qualify_headers(data: bytes, origin: str) -> bytes:
         if colon and name.strip().lower().decode("ascii", "replace") in REWRITTEN_HEADERS:
             text = value.decode("utf-8", "surrogateescape")
             unfolded = " ".join(text.split())
-            pairs = getaddresses([unfolded])
+            pairs = address_pairs([unfolded])
             if any(is_bare(addr) for _, addr in pairs):
                 # getaddresses() keeps only the first word of "Bob Smith": refused here
                 # (InvalidAddress, exit 65) rather than rewritten to another mailbox.
@@ -221,7 +222,7 @@ def address_field(name: str, value: str, origin: str) -> str:
     bare names given the origin, groups kept; InvalidMessage when ``value`` is no address
     list (the caller leaves the field for prepare() to refuse with its reason)."""
     unfolded = " ".join(value.split())
-    pairs = getaddresses([unfolded])
+    pairs = address_pairs([unfolded])
     groups = parse_local_address_list(name, unfolded, origin)
     items = [
         item.encode("utf-8", "surrogateescape")

@@ -26,7 +26,6 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
-from email.utils import getaddresses
 
 from mailstrom.cli.context import report, require_lasting_store, store_from, utc_now
 from mailstrom.cli.exits import (
@@ -65,6 +64,7 @@ from mailstrom.message.dsn import DSN
 from mailstrom.message.encoding import MAX_LINE, encode_long_lines, fold_line, to_crlf
 from mailstrom.message.envelope import newest_block_end
 from mailstrom.message.headers import HeaderSection, split_header_section
+from mailstrom.message.stdlib_addresses import address_pairs
 from mailstrom.message.words import unstructured_field
 from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
 
@@ -315,11 +315,11 @@ def header_recipients(section: HeaderSection) -> list[str]:
     resent = any(field.name in _RESENT_RECIPIENTS for field in section.fields)
     if not resent:
         values = [value for name in ("to", "cc", "bcc") for value in section.values(name)]
-        return [addr for _, addr in getaddresses(values) if addr]
+        return [addr for _, addr in address_pairs(values) if addr]
     # The newest resent block's alone: an older one's named an earlier resend's.
     newest = dataclasses.replace(section, fields=section.fields[: newest_block_end(section)])
     values = [value for name in _RESENT_RECIPIENTS for value in newest.values(name)]
-    return [addr for _, addr in getaddresses(values) if addr]
+    return [addr for _, addr in address_pairs(values) if addr]
 
 
 def build(
@@ -349,7 +349,7 @@ def build(
             box = _bare_mailbox(text, default_domain)
             # The name of ``root (Cron Daemon)`` is its comment, as qualify_headers()
             # reads ``From: root (Cron Daemon)``.
-            comment = next(iter(getaddresses([text])), ("", ""))[0]
+            comment = next(iter(address_pairs([text])), ("", ""))[0]
             address = (
                 format_address(box.name or comment, box.address.written)
                 if box
@@ -547,7 +547,7 @@ def _argument_addresses(text: str, origin: str) -> list[str]:
     reason. The list is checked with mailstrom's parser (a bare name there taking the
     origin), since getaddresses() guesses: it reads ``Bob Smith`` as ``Bob``, another
     mailbox."""
-    pairs = [pair for pair in getaddresses([text]) if pair != ("", "")]
+    pairs = [pair for pair in address_pairs([text]) if pair != ("", "")]
     try:
         groups = parse_local_address_list("recipient", text, origin)
     except InvalidMessage:
