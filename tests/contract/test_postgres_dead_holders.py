@@ -24,7 +24,9 @@ import pytest
 from mailstrom.status import RecipientState
 from mailstrom.stores.dead_holders import DeadHolderReaper
 from mailstrom.stores.postgres import PostgresStore
+from mailstrom.stores.postgres.connect import DEFAULT_DEAD_AFTER
 from mailstrom.stores.postgres.holders import BEAT_AT_LEAST_EVERY, STOP_WAIT
+from tests.support.pg_tables import schema_at
 
 from .children import lease_in_child
 from .support import LEASE_FOR, NOW, leased_addresses, message, results_for
@@ -278,3 +280,65 @@ def test_a_worker_that_dies_while_the_judge_has_long_been_looking_is_found(
     assert when - killed < 2 * DEAD_AFTER  # once unseen for dead_after, not its lease_for
     gaps = [b - a for (a, _), (b, _) in itertools.pairwise(released)]
     assert max(gaps) < judge.reap_every * 2  # never a break: one run all along
+
+
+def test_a_judge_with_a_shorter_dead_after_waits_for_the_holders_own(
+    postgres_url: str, stores: list[PostgresStore]
+) -> None:
+    """Workers of one store with different ``dead_after``: each judged the others by its
+    own, and a worker with ``dead_after=1s`` took one with 16 s (a beat every 2 s) for
+    dead a second after any of its beats, while it delivered. A holder is now judged by
+    the longer of the judge's ``dead_after`` and its own, which its row records."""
+    judge = _open(stores, f"{postgres_url}?dead_after=1s")
+    slow = _open(stores, f"{postgres_url}?dead_after=16s")
+    assert slow.reap_every == 2.0
+    slow.enqueue(message("a@example.org"), now=NOW)
+    slow.release_dead_holders(X)
+    assert slow.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X) is not None
+    next_beat = time.monotonic() + slow.reap_every
+    end = time.monotonic() + 5.0
+    while time.monotonic() < end:
+        assert judge.release_dead_holders(Y) == 0
+        if time.monotonic() >= next_beat:
+            assert slow.release_dead_holders(X) == 0
+            next_beat += slow.reap_every
+        time.sleep(judge.reap_every)
+    assert judge.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=Y) is None
+
+
+def test_a_holder_that_stops_beating_is_judged_by_its_own_dead_after(
+    postgres_url: str, stores: list[PostgresStore]
+) -> None:
+    """A holder whose ``dead_after`` is longer than the judge's is taken for dead once
+    unseen for its own (it fences itself by that one), not before and not much later."""
+    judge = _open(stores, f"{postgres_url}?dead_after=1s")
+    gone = _open(stores, f"{postgres_url}?dead_after=3s")
+    gone.enqueue(message("a@example.org"), now=NOW)
+    gone.release_dead_holders(X)
+    assert gone.lease(now=NOW, limit=10, lease_for=LEASE_FOR, holder=X) is not None
+    released, after = _look_until_released(judge, Y, within=4 * 3.0)
+    assert released == 1
+    assert 3.0 <= after < 3 * 3.0
+
+
+def test_holder_rows_of_an_older_schema_get_the_default_dead_after(postgres_url: str) -> None:
+    """An older mailstrom's ``lease_holders`` has no ``dead_after``: the upgrade gives its
+    rows the default two minutes, which a judge with a shorter one then waits for."""
+    schema_at(postgres_url, 14)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO lease_holders (holder, host, pid, started_at, seen_at)"
+            " VALUES (%s, 'old', 1, now() - interval '1 minute', now() - interval '5 s')",
+            (X,),
+        )
+    with PostgresStore(f"{postgres_url}?dead_after=1s") as store:
+        with psycopg.connect(postgres_url) as conn:
+            rows = conn.execute("SELECT holder, dead_after FROM lease_holders").fetchall()
+        assert rows == [(X, DEFAULT_DEAD_AFTER)]
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            assert store.release_dead_holders(Y) == 0
+            time.sleep(store.reap_every)
+        assert [h.holder for h in store.live_holders(leases=False)] == [X, Y]
+        store.release_dead_holders(Y)
+        assert sorted(_holders(postgres_url)) == [X, Y]

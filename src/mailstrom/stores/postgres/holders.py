@@ -6,15 +6,20 @@ down, used to hold its leases until they expired (``Config.lease_for``, 15 minut
 default). So each worker says it lives: at every look for dead holders
 (:meth:`~mailstrom.stores.postgres.store.PostgresStore.release_dead_holders`, called by
 the worker every :attr:`HolderBeats.beat_every` seconds) its row in ``lease_holders``
-gets the server's clock as ``seen_at``. A holder whose row was not moved for
-``dead_after`` (the store URL's parameter, 2 minutes by default: eight beats) is taken
-for dead by the next look of another worker, which deletes the row and gives back every
-recipient the holder still leases, due at once, in one statement.
+gets the server's clock as ``seen_at``, and the worker's own ``dead_after`` (the store
+URL's parameter, 2 minutes by default: eight beats). A holder whose row was not moved for
+that long, and for the judge's own ``dead_after`` if that is longer, is taken for dead by
+the next look of another worker, which deletes the row and gives back every recipient the
+holder still leases, due at once, in one statement. So workers whose URLs say different
+``dead_after`` (one rolled out host by host, a short one in tests or in the web
+application's URL) never take each other for dead before the holder's own time, by which
+it has stopped itself (runtime/worker_reaping.py).
 
 Only the server's clock is compared with itself, so the hosts' clocks do not matter.
 And a worker judges only by a window its own looks covered without a break (each look
 within :attr:`HolderBeats.break_after` of the one before): a holder is dead when it was
-not seen for the last ``dead_after``, and the judge looked all through that time. A
+not seen for the last ``dead_after`` (the longer one), and the judge looked all
+through that time. A
 server restart, a failover or a network cut that stopped everyone's beats breaks every
 judge's run as well, so nobody is taken for dead for the time the server could not be
 reached: after one, a worker judges again once it has looked for ``dead_after``. So
@@ -52,14 +57,10 @@ than two of them after the last starts a new run. Such a worker still beats ever
 :data:`BEAT_AT_LEAST_EVERY` seconds, since the others judge it."""
 BEAT_AT_LEAST_EVERY = 15.0
 """Seconds between two beats at most, whatever ``dead_after`` (an eighth of the default
-two minutes), judging off included. Workers judge each other by their own URL's
-``dead_after``: one given a longer one than another's (``dead_after=30m`` rolled out host
-by host, or in the workers' URL and not the web application's) beat every eighth of it,
-225 s, and the worker with two minutes took it for dead between any two of its beats; one
-with ``dead_after=0`` beat every minute, taken for dead by a worker judging with 30 s.
-A judge with a ``dead_after`` under two of these beats can still take a live worker with
-a longer one for dead (each judges by its own URL's ``dead_after``): give every worker
-of a store the same one."""
+two minutes), judging off included, so that a holder's row says it lives often (the
+living :meth:`~mailstrom.stores.postgres.store.PostgresStore.live_holders` lists, a
+judge's run that starts soon after its beat). Judges wait for the longer of their own
+``dead_after`` and the holder's (its row's), so a longer beat is no danger to it."""
 STOP_WAIT = 2.0
 """Seconds a closing store waits for a connection to mark its holders stopped."""
 LIST_AT_MOST = 1000
@@ -84,7 +85,12 @@ class HolderBeats:
         """A look this long after the last one starts a new run: one missed beat (of an
         eighth of ``dead_after``)."""
         self.alive_within = dead_after if dead_after is not None else 4 * QUIET_EVERY
-        """Seconds since its last beat within which a holder counts among the living."""
+        """Seconds since its last beat within which a holder counts among the living (or
+        its own :attr:`promise`, when longer)."""
+        self.promise = dead_after if dead_after is not None else 8 * self.beat_every
+        """The ``dead_after`` this store's holders record in their rows: seconds unseen
+        after which other workers may take them for dead (the URL's; judging off, eight
+        beats, as the default two minutes)."""
         self.host = socket.gethostname()[:255]
         self._monotonic = monotonic
         self._run_since: datetime | None = None
@@ -94,7 +100,12 @@ class HolderBeats:
 
     def identity(self, holder: str) -> dict[str, object]:
         """The parameters of ``beat_holder`` for ``holder``."""
-        return {"holder": holder, "host": self.host, "pid": os.getpid()}
+        return {
+            "holder": holder,
+            "host": self.host,
+            "pid": os.getpid(),
+            "dead_after": self.promise,
+        }
 
     def beaten(self, holder: str, *, made: bool) -> None:
         """Note a beat of ``holder``; ``made``: its row had to be made. Made again after
@@ -119,7 +130,10 @@ class HolderBeats:
         Returns the time before which a holder not seen since is dead: ``dead_after``
         before ``server_now``, a window this store's unbroken run of looks covers whole
         (so the server could be reached all along). None while this store may not judge:
-        judging is off, or its run is shorter than ``dead_after``.
+        judging is off, or its run is shorter than ``dead_after``. A holder whose own
+        ``dead_after`` (its row's) is longer is dead only when unseen for that long, a
+        window the run (:attr:`run_since`) covers whole too: the statement
+        ``reap_holders`` judges each holder by its row.
 
         A look whose server clock moved more than :attr:`break_after` away from this
         process's monotonic one since the last look starts a new run too: the server's
@@ -144,6 +158,12 @@ class HolderBeats:
             return None
         threshold = server_now - timedelta(seconds=self.dead_after)
         return threshold if self._run_since <= threshold else None
+
+    @property
+    def run_since(self) -> datetime | None:
+        """The server's clock at the first look of this store's unbroken run of looks
+        (None before its first look)."""
+        return self._run_since
 
 
 def log_reaped(

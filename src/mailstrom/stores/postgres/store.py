@@ -787,7 +787,8 @@ class PostgresStore:
 
     def release_dead_holders(self, alive: str | None = None) -> int:
         """Say that ``alive`` (the caller's holder) lives, then give back, due at once,
-        what every holder not seen for the store URL's ``dead_after`` still leases
+        what every holder not seen for the store URL's ``dead_after``, or its own (its
+        row's) when longer, still leases
         (:class:`~mailstrom.stores.dead_holders.DeadHolderReaper`), once this store has
         looked without a break for that long (see :mod:`.holders`). Each dead holder's row
         goes with its leases, in one statement. Returns how many recipients."""
@@ -800,10 +801,15 @@ class PostgresStore:
             # within a beat, that a newer mailstrom migrated the database (a lease or
             # record of its own would cost a round trip more).
             self._refuse_newer_schema(version)
-        since = self._beats.looked(server_now)  # None: only stopped holders go
+        judging = {
+            "since": self._beats.looked(server_now),  # None: only stopped holders go
+            "run_since": self._beats.run_since,
+            "judge": self._beats.dead_after or 0.0,
+            "own": alive,
+        }
         total = 0
         for holder, host, pid, seen_at, stopped, released, _ in self._fetch(
-            "reap_holders", {"since": since, "own": alive}
+            "reap_holders", judging
         ):
             log_reaped(holder, host, pid, seen_at, stopped=stopped, released=int(released))
             total += int(released)
@@ -811,7 +817,8 @@ class PostgresStore:
 
     def live_holders(self, *, leases: bool = True) -> list[HolderInfo]:
         """The holders seen within the store URL's ``dead_after`` (four minutes when it is
-        0), oldest first, at most a thousand, with how many recipients each leases (see
+        0) or their own when longer, oldest first, at most a thousand, with how many
+        recipients each leases (see
         :meth:`~mailstrom.stores.dead_holders.DeadHolderReaper.live_holders`)."""
         found = self._fetch_dicts(
             "live_holders",

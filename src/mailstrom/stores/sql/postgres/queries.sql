@@ -464,22 +464,23 @@ SELECT (SELECT count(*) FROM released) AS released,
         WHERE EXISTS (SELECT 1 FROM released))::text AS notified;
 
 -- name: beat_holder
--- One lease holder says it lives: its row's seen_at becomes the server's clock (the row is
--- made, with its host and process, when it has none: the first beat, or one after others
+-- One lease holder says it lives: its row's seen_at becomes the server's clock, and its
+-- dead_after its own store URL's (the row is made, with its host and process, when it has none: the first beat, or one after others
 -- took the holder for dead). Returns that time, whether the row was made, and the schema
 -- version: a newer mailstrom that migrated the database meanwhile is noticed at each beat,
 -- at no round trip of its own (see PostgresStore.release_dead_holders).
 WITH seen AS (
     UPDATE lease_holders
-    SET seen_at = pg_catalog.clock_timestamp(), stopped = false
+    SET seen_at = pg_catalog.clock_timestamp(), stopped = false, dead_after = %(dead_after)s
     WHERE holder = %(holder)s
     RETURNING seen_at
 ), made AS (
-    INSERT INTO lease_holders (holder, host, pid, started_at, seen_at)
+    INSERT INTO lease_holders (holder, host, pid, started_at, seen_at, dead_after)
     SELECT %(holder)s, %(host)s, %(pid)s,
-           pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp()
+           pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp(), %(dead_after)s
     WHERE NOT EXISTS (SELECT 1 FROM seen)
-    ON CONFLICT (holder) DO UPDATE SET seen_at = EXCLUDED.seen_at, stopped = false
+    ON CONFLICT (holder) DO UPDATE
+        SET seen_at = EXCLUDED.seen_at, stopped = false, dead_after = EXCLUDED.dead_after
     RETURNING seen_at
 )
 SELECT seen_at, false, (SELECT max(version) FROM schema_version) FROM seen
@@ -487,7 +488,10 @@ UNION ALL
 SELECT seen_at, true, (SELECT max(version) FROM schema_version) FROM made;
 
 -- name: reap_holders
--- The holders that stopped, and (unless %(since)s is NULL) those not seen since it, other
+-- The holders that stopped, and (unless %(since)s is NULL) those not seen since it, nor
+-- (a holder whose own dead_after is longer than the judge's, %(judge)s seconds; since is
+-- that long before the server's clock) for their own dead_after, a window the judge's
+-- unbroken run of looks since %(run_since)s covers whole too, other
 -- than the caller's own, are gone: their rows go, and every pending recipient one of them
 -- still leases is given back, due at once (the token range of release_holder, per holder).
 -- A concurrent reaper waits for the rows this one deletes and then finds them gone: each
@@ -495,7 +499,10 @@ SELECT seen_at, true, (SELECT max(version) FROM schema_version) FROM made;
 -- was last seen, and how many recipients it gave back.
 WITH dead AS (
     DELETE FROM lease_holders
-    WHERE (stopped OR seen_at < %(since)s)
+    WHERE (stopped
+           OR greatest(seen_at, %(run_since)s::timestamptz)
+              < %(since)s::timestamptz
+                - make_interval(secs => greatest(dead_after - %(judge)s::float8, 0)))
       AND holder IS DISTINCT FROM %(own)s
     RETURNING holder, host, pid, seen_at, stopped
 ), released AS (
@@ -521,7 +528,8 @@ ORDER BY d.holder;
 UPDATE lease_holders SET stopped = true WHERE holder = ANY(%(holders)s);
 
 -- name: live_holders
--- The holders seen within %(within)s seconds by the server's clock, oldest first, each
+-- The holders seen within %(within)s seconds by the server's clock, or their own
+-- dead_after when it is longer (others do not take them for dead before), oldest first, each
 -- with how many pending recipients it leases (the token range of release_holder), when
 -- %(leases)s asks (0 otherwise).
 SELECT h.holder, h.host, h.pid, h.started_at, h.seen_at,
@@ -533,7 +541,8 @@ SELECT h.holder, h.host, h.pid, h.started_at, h.seen_at,
        ELSE 0 END AS leased
 FROM lease_holders h
 WHERE NOT h.stopped
-  AND h.seen_at >= pg_catalog.clock_timestamp() - make_interval(secs => %(within)s)
+  AND h.seen_at >= pg_catalog.clock_timestamp()
+                   - make_interval(secs => greatest(%(within)s::float8, h.dead_after))
 ORDER BY h.started_at, h.holder
 LIMIT %(limit)s;
 
