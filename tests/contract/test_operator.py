@@ -519,3 +519,32 @@ def test_a_suspension_or_broken_tls_to_a_time_no_store_keeps_is_refused_alike(
     with pytest.raises(InvalidArgument, match=r"until: .* keeps"):
         store.note_tls_broken("mx.example.org", until=until, reason="handshake", now=NOW)
     assert store.tls_broken(now=NOW) == {}
+
+
+@pytest.mark.parametrize(
+    "edges",
+    [
+        (MINUTE, timedelta(days=10**8)),
+        (MINUTE, timedelta.max),
+        (-MINUTE, HOUR),
+        (HOUR, MINUTE),
+    ],
+    ids=["huge", "max", "negative", "descending"],
+)
+def test_age_edges_no_clock_can_reach_are_refused_alike(
+    store: Store, edges: tuple[timedelta, ...]
+) -> None:
+    """Was: an edge of the queue's shape past any age (``timedelta(days=10**8)``) was
+    StoreRefusedData in SQLite and an empty bucket in the others; a negative one, or
+    edges out of order, gave each store's own buckets. Every store refuses them as it
+    refuses such an ``older_than`` (InvalidArgument, naming ``edges``)."""
+    store.enqueue(message("a@example.org"), now=NOW - 2 * HOUR)
+    with pytest.raises(InvalidArgument, match=r"^edges") as raised:
+        store.shape(now=NOW, edges=edges)
+    assert raised.value.argument == "edges"
+    assert store.shape(now=NOW, edges=(HOUR, HOUR, timedelta(days=36525)))[0].counts == (
+        0,
+        0,
+        1,
+        0,
+    )

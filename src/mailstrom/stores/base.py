@@ -991,8 +991,9 @@ class Store(Protocol):
 
     def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
         """Pending recipients (held ones included) per destination domain and age of their
-        message, bucketed at ``edges`` (ascending), largest domain first; one aggregate
-        query."""
+        message, bucketed at ``edges`` (ascending ages up to 100 years, else
+        InvalidArgument: :func:`~mailstrom.stores.operator.age_edges`), largest domain
+        first; one aggregate query."""
         ...
 
     def message_data(self, message_id: str) -> bytes:

@@ -20,6 +20,7 @@ from mailstrom.stores.memory_records import _PENDING, _Message, _Recipient
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
+    age_edges,
     bucket_of,
     earliest,
     normalize_prefix,
@@ -201,6 +202,7 @@ class MemoryOperatorMixin:
 
     def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
         """Pending recipients per domain and message age, largest domain first."""
+        edges = age_edges(edges)
         counts: dict[tuple[str, int], int] = {}
         with self._lock:
             for m in self._messages.values():

@@ -12,9 +12,10 @@ import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
-from mailstrom.arguments import shown
+from mailstrom.arguments import check_age, shown
 from mailstrom.domains import a_label
 from mailstrom.errors import AmbiguousMessageId, InvalidAddress, InvalidArgument, UnknownMessage
 from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
@@ -252,6 +253,21 @@ class ShapeRow:
     @property
     def total(self) -> int:
         return sum(self.counts)
+
+
+def age_edges(edges: Sequence[timedelta]) -> tuple[timedelta, ...]:
+    """``edges`` as :meth:`~mailstrom.stores.base.Store.shape` takes them in every store:
+    ages from 0 to 100 years (:func:`~mailstrom.arguments.check_age`, as ``older_than``),
+    ascending; InvalidArgument naming ``edges`` otherwise. An edge past any age
+    (``timedelta(days=10**8)``) was StoreRefusedData in SQLite, which reckons ``now -
+    edge``, and an empty bucket in the others; a negative edge, or edges out of order,
+    gave each store's own buckets."""
+    checked = tuple(check_age(edge, "edges") for edge in edges)
+    if any(later < earlier for earlier, later in pairwise(checked)):
+        raise InvalidArgument(
+            f"edges: expected ages in ascending order, got {shown(edges)}", argument="edges"
+        )
+    return checked
 
 
 def bucket_of(age: timedelta, edges: Sequence[timedelta] = AGE_EDGES) -> int:

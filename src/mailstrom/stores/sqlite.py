@@ -116,6 +116,7 @@ from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
+    age_edges,
     comparable,
     earliest,
     normalize_prefix,
@@ -1808,6 +1809,7 @@ class SQLiteStore:
         """Pending recipients per domain and message age (see
         :func:`~mailstrom.stores.sqlite_operator.shape_rows_sql`)."""
         now = aware_utc(now, "now")
+        edges = age_edges(edges)
         with self._read() as conn:
             return shape_rows_sql(conn, now, edges)
 

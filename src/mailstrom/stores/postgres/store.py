@@ -91,6 +91,7 @@ from mailstrom.stores.operator import (
     PENDING_STATES,
     ShapeRow,
     Suspension,
+    age_edges,
     comparable,
     effective_states,
     listed_ids,
@@ -1274,7 +1275,8 @@ class PostgresStore:
 
     def shape(self, *, now: datetime, edges: Sequence[timedelta]) -> list[ShapeRow]:
         """Pending recipients per domain and message age, in one aggregate query."""
-        found = self._fetch("shape", {"now": now, "edges": [e.total_seconds() for e in edges]})
+        seconds = [edge.total_seconds() for edge in age_edges(edges)]
+        found = self._fetch("shape", {"now": now, "edges": seconds})
         counts = {(domain, int(bucket)): int(n) for domain, bucket, n in found}
         return shape_rows(counts, len(edges) + 1)
 
