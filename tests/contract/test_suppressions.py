@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -407,6 +408,42 @@ def test_two_reports_at_once_leave_the_longer_entry(store_backend: Backend, firs
     [kept] = store.list_suppressions()
     assert (kept.source, kept.expires_at) == (SuppressionSource.COMPLAINT, None)
     assert store.status(mid).recipient("a@example.org").state is RecipientState.FAILED
+
+
+def test_writers_at_once_with_keep_longer_leave_the_longer_entries(store_backend: Backend) -> None:
+    """Two writers on stores of their own (connections of their own), at the same time:
+    one writes bounces' entries (30 days) and one complaints' (for good) for the same
+    targets, each in its own order and transaction by transaction. However their writes
+    interleave, every target ends with the complaint's entry: the store keeps the longer
+    one in the write itself (an upsert judged on the row it locked), not by a read before."""
+    first = store_backend.open()
+    others = [store_backend.open() for _ in range(2)]
+    targets = [f"u{i}@example.org" for i in range(120)]
+    bounce = [entry(t, expires_at=NOW + 30 * DAY, reply="bounce") for t in targets]
+    complaint = [entry(t, source=SuppressionSource.COMPLAINT, reply="abuse") for t in targets]
+    start = threading.Barrier(2, timeout=30)
+    failed: list[BaseException] = []
+
+    def write(on: Store, entries: list[Suppression]) -> None:
+        try:
+            start.wait()
+            for one in entries:
+                on.suppress([one], keep_longer=True)
+        except BaseException as exc:  # reported by the test's thread
+            failed.append(exc)
+
+    writers = [
+        threading.Thread(target=write, args=(others[0], bounce)),
+        threading.Thread(target=write, args=(others[1], complaint[::-1])),
+    ]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert not any(w.is_alive() for w in writers)
+    assert failed == []
+    kept = {e.target: (e.source, e.expires_at) for e in first.list_suppressions(limit=1000)}
+    assert kept == dict.fromkeys(targets, (SuppressionSource.COMPLAINT, None))
 
 
 def test_keep_longer_writes_only_over_an_entry_that_ends_sooner(store: Store) -> None:
