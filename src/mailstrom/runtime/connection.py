@@ -56,7 +56,13 @@ from mailstrom.errors import (
     TemporaryFailure,
     TLSRequiredError,
 )
-from mailstrom.runtime.transactions import Handler, TransactionsMixin, cut_short, failure
+from mailstrom.runtime.transactions import (
+    Handler,
+    TransactionsMixin,
+    cut_short,
+    failure,
+    not_written,
+)
 from mailstrom.runtime.transactions import TransactionResult as TransactionResult
 from mailstrom.smtp import ClientSession, Command, Reply
 from mailstrom.smtp.session import State
@@ -896,9 +902,10 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         ``error`` goes to whatever was waiting before its content was sent; a transaction
         whose final dot was on the wire is uncertain instead, and one its replies decided
         already (MAIL or every RCPT refused) gets them; one that got some RCPT replies gets
-        its own copy of ``error`` keeping them (:func:`cut_short`). With ``error`` None (a
-        421, or 354 without recipients), transactions not yet answered fail as "not
-        usable".
+        its own copy of ``error`` keeping them (:func:`cut_short`), and one still queued
+        behind them a copy saying that none of its commands went (:func:`not_written`).
+        With ``error`` None (a 421, or 354 without recipients), transactions not yet
+        answered fail as "not usable".
         """
         if self._aborted:
             return
@@ -933,8 +940,14 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 txn.settle(cut_short(error, txn.result()))
             else:
                 txn.settle(error)
-        for txn in queued:
-            txn.settle(error)
+        if queued:
+            # None of their commands went: the session broke on a transaction ahead of
+            # them (one of this connection's was written: messages_sent counts those
+            # queued too), whose failure is not theirs (dispatch gives them back untried).
+            # Should none ever have gone, the session's failure is theirs as it is.
+            unsent = not_written(error) if self.messages_sent > len(queued) else error
+            for txn in queued:
+                txn.settle(unsent)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)

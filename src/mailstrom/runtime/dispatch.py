@@ -23,7 +23,9 @@ puts that item back for the next address, at most ``Config.mx_session_limit`` se
 item (as Postfix's ``smtp_mx_session_limit``); once every address was tried the items left are
 deferred with the last error — unless other sessions of the destination are still
 connected, in which case the destination just runs with fewer sessions until mail goes
-again (Postfix's concurrency feedback).
+again (Postfix's concurrency feedback). What a session never sent, as it broke on a
+transaction ahead (a stall at one recipient's RCPT), was not tried: it goes back to the
+store due at once, no attempt counted, not deferred with that transaction's failure.
 An address that could not be reached goes after the others for a while
 (:mod:`mailstrom.runtime.unreachable`).
 
@@ -76,6 +78,7 @@ from mailstrom.runtime.transactions import (
     TransactionResult,
     answered_before,
     failure,
+    was_written,
 )
 from mailstrom.runtime.unreachable import UnreachableAddresses
 from mailstrom.smtp import encode_path
@@ -113,6 +116,10 @@ class _Work:
     broken_sessions: int = 0
     seven_bit: bytes | None = None  # the 7-bit downgrade, made at most once
     rank: int = 0  # the item's lane, 0 the highest (see Dispatcher._rank)
+    unsent: DeliveryError | None = None
+    """What broke the last session it waited on with none of its commands on the wire,
+    behind a transaction that was (None once a session wrote them): it was not tried, and
+    goes back untried rather than be deferred with another's failure (see _give_up)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -732,7 +739,7 @@ class Dispatcher:
                 host=last_error.host,
                 reply=last_error.reply,
             )
-        self._fail_queue(dest, last_error, last_where)
+        self._give_up(dest, last_error, last_where)
 
     def _recover(self, dest: _Destination, shape: Shape | None) -> None:
         """A connection of ``dest`` took mail: one session given up while others ran (see
@@ -848,6 +855,8 @@ class Dispatcher:
         # for its limit per connection, or any 421 to MAIL once the connection took
         # messages or was reused): what it cut was not tried (see below).
         limited = False
+        # A transaction failed on the wire (cut), and others never went on it (unwritten).
+        cut = unwritten = False
         reset = reused  # an idle connection gets an RSET (free when pipelined)
         while True:
             while (
@@ -914,6 +923,18 @@ class Dispatcher:
             except DeliveryError as exc:
                 exc.host = exc.host or conn.host
                 error = error or exc
+                if not was_written(exc):
+                    # Queued behind the transaction the session broke on, none of its
+                    # commands sent: not tried, nor is what waits behind it (see below).
+                    inflight.popleft()
+                    work.unsent = exc
+                    unwritten = True
+                    if shape is not None:
+                        await self._throttled_session(shape, exc)
+                    retry.append(work)
+                    continue
+                cut = True
+                work.unsent = None
                 before = answered_before(exc)  # cut by a 421 to RCPT, a hang-up, a timeout
                 rest = work if before is None else self._decide_refused(work, before, where)
                 inflight.popleft()
@@ -941,6 +962,7 @@ class Dispatcher:
                 assert result.mail is not None
                 error = error or failure(result.mail, host=conn.host, what="MAIL")
                 limited = True
+                work.unsent = None  # its MAIL went: deferred with the session, as before
                 retry.append(work)
                 continue
             if result.final is not None and not answered:
@@ -976,6 +998,14 @@ class Dispatcher:
         # deferred with a backoff of its own for that session.
         shaper = self._shaper
         paused = shape is not None and shaper is not None and shaper.pause_of(shape) is not None
+        if (cut or unwritten) and queue:
+            # The session broke on a transaction on the wire: the work still waiting
+            # for it here was not tried either (a stall at one recipient's RCPT must not
+            # defer the mail queued behind it, see _give_up).
+            assert error is not None
+            for work in queue:
+                if work.unsent is None:
+                    work.unsent = error
         for work in reversed(retry):
             # mx_session_limit bounds the sessions an attempt opens: a connection from the
             # idle cache was opened for earlier mail, and one the server dropped while it
@@ -987,6 +1017,9 @@ class Dispatcher:
             # in this connection", or a close without a word), and the work behind them
             # was not tried. Each such connection finished an item or the server named
             # its limit, and the work cut goes first on the next: this ends too.
+            if work.unsent is not None:
+                queue.appendleft(work)  # not tried: no session counts against it
+                continue
             if not reused and not paused and not answered and not limited:
                 work.broken_sessions += 1
             if work.broken_sessions >= self._config.mx_session_limit:
@@ -1352,6 +1385,29 @@ class Dispatcher:
             await self._shaper.throttled(shape, str(reply))
         except Exception:
             log.exception("could not pause %s after a throttling reply", shape.key)
+
+    def _give_up(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
+        """Every address tried: the queue's work deferred with the last ``error``, but
+        for what a session never sent, behind a transaction it broke on (``_Work.unsent``).
+        That goes back to the store due at once, no attempt counted, as work given back at
+        a stop does: another's stall is not its failure. Each such session tried, or
+        failed, some work of its own, which is deferred or decided: the round ends."""
+        queue = dest.queue
+        if any(work.unsent is not None for work in queue):
+            unsent = [work for work in queue if work.unsent is not None]
+            kept = [work for work in queue if work.unsent is None]
+            queue.clear()
+            queue.extend(kept)  # in place: other sessions read it through their reference
+            reason = unsent[0].unsent
+            assert reason is not None
+            log.info(
+                "%d item(s) to %s back to the queue, due now: not sent: %s",
+                len(unsent),
+                dest.domain,
+                reason.text,
+            )
+            self._give_back(unsent)
+        self._fail_queue(dest, error, where)
 
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
         now = time.monotonic()

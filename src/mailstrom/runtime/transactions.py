@@ -96,6 +96,22 @@ def cut_short(error: DeliveryError, answered: TransactionResult) -> DeliveryErro
     return own
 
 
+def not_written(error: DeliveryError) -> DeliveryError:
+    """``error`` (what ended the session) as the failure of the transactions that were
+    still waiting to go when it struck: a copy, of the same type and words, that says
+    none of their commands went on the wire (see :func:`was_written`). Their recipients
+    were not tried, and the session's failure is not theirs to carry."""
+    own = copy.copy(error)
+    vars(own)["unwritten"] = True
+    return own
+
+
+def was_written(exc: BaseException) -> bool:
+    """Whether the transaction ``exc`` ended had put any command on the wire: False only
+    for one that waited behind the transaction the session broke on (:func:`not_written`)."""
+    return vars(exc).get("unwritten") is not True
+
+
 def failure(reply: SMTPReply, *, host: str, what: str) -> DeliveryError:
     """A Temporary/PermanentFailure carrying ``reply``, by its class (5xx permanent)."""
     cls = PermanentFailure if reply.code >= 500 else TemporaryFailure
