@@ -158,6 +158,10 @@ class _Destination:
     parked: bool = False
     """Waiting for a connection slot of its shaping rule (shared with other domains), or
     for a connection being opened to an address to end (see Dispatcher._opening)."""
+    connect_tokens: int = 0
+    """Connection-rate tokens its sessions took for connections they then did not open
+    (the address reached its opening cap while they waited for the rate, see
+    :meth:`Dispatcher._may_connect`): its next connections use them before taking more."""
     woken_by: Shape | None = None
     """The shape whose free slot :meth:`Dispatcher._unpark` started it for, until its
     next session begins: that session passes the slot on if it does not take it."""
@@ -617,12 +621,21 @@ class Dispatcher:
             reused = conn is not None
             if conn is None:
                 try:
-                    if shape is not None and not await self._may_connect(dest, shape):
-                        return
-                    if self._opening.get(ip, 0) >= self._config.max_per_destination:
+                    opening_cap = self._config.max_per_destination
+                    if self._opening.get(ip, 0) >= opening_cap:
                         # Other destinations' sessions wait for this address to greet
                         # (one MX host of many domains): wait for one of them to end
                         # without a session, which other destinations may use meanwhile.
+                        # Before the connection rate: a token is a connection made.
+                        self._park_at(dest, ip)
+                        return
+                    if shape is not None and not await self._may_connect(dest, shape):
+                        return
+                    if self._opening.get(ip, 0) >= opening_cap:
+                        # Reached while it waited for the rate: the token it took is
+                        # kept for the connection it makes once woken.
+                        if shape is not None:
+                            dest.connect_tokens += 1
                         self._park_at(dest, ip)
                         return
                     self._opening[ip] = self._opening.get(ip, 0) + 1
@@ -1185,8 +1198,15 @@ class Dispatcher:
         return False
 
     async def _may_connect(self, dest: _Destination, shape: Shape) -> bool:
+        """Wait for the connection rate to allow a new connection (one token, or one
+        ``dest`` kept from a connection it did not make); False (queue given back) when
+        the destination is paused meanwhile."""
         assert self._shaper is not None
-        if await self._shaper.wait_to_connect(shape):
+        if dest.connect_tokens:
+            if self._shaper.pause_of(shape) is None:
+                dest.connect_tokens -= 1
+                return True
+        elif await self._shaper.wait_to_connect(shape):
             return True
         self._held_back(dest, shape)
         return False
