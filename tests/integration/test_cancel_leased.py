@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import psycopg
 import pytest
 
 from mailstrom import AsyncMailstrom, Email, RecipientState, Timeouts
-from mailstrom.stores import SQLiteStore, open_store
+from mailstrom.stores import MemoryStore, SQLiteStore, open_store
+from mailstrom.stores.base import Lease, RecipientResult
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_hostile_peers import Handler, peer
 from tests.support.delivery import loopback_config
@@ -264,5 +266,84 @@ async def test_a_message_cancelled_is_not_started_while_the_store_confirms_it(
         gone = store.status(cancelled)
         store.close()
     assert [line[:4] for line in lines] == [b"EHLO", b"QUIT"], lines
+    assert gone.recipients[0].state is RecipientState.FAILED
+    assert gone.recipients[0].attempts == 0
+
+
+class WritingSlowly(MemoryStore):
+    """A memory store called from threads, as PostgreSQL is, whose write of the results of
+    ``slow_for`` waits for ``go_write`` before it changes anything (a write under way)."""
+
+    in_process = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow_for: str | None = None
+        self.writing = threading.Event()
+        self.go_write = threading.Event()
+        self.extended = threading.Event()
+
+    def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
+        if any(r.message_id == self.slow_for for r in results):
+            self.writing.set()
+            assert self.go_write.wait(20)
+        return super().record(results)
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        held = super().extend(lease, until=until)
+        if self.writing.is_set():
+            self.extended.set()
+        return held
+
+
+async def test_a_cancel_while_the_lease_writes_results_stops_its_other_mail(
+    dns_server: LoopbackDNS, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One lease of two messages: the first is delivered and its result being written (the
+    store slow to commit it) when the second, its server slow to greet, is cancelled. The
+    heartbeat asked at once found one recipient fewer held than it counted: the cancel, or
+    the result being written, which it could not tell apart; it took it for the write and
+    withdrew nothing, and the cancelled message went out once its server greeted, after
+    ``cancel()`` had said it would not."""
+    caplog.set_level(logging.WARNING, logger="mailstrom")
+    greet = asyncio.Event()
+    lines: list[bytes] = []
+    ehlo_in = asyncio.Event()
+
+    async def greeting_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await greet.wait()
+        await answering(lines, ehlo_in)(reader, writer)
+
+    for n, host in (("one", "127.0.0.1"), ("two", "127.0.0.2")):
+        dns_server.mx(f"{n}.example", [(10, f"mx.{n}.test")])
+        dns_server.a(f"mx.{n}.test", host)
+    store = WritingSlowly()
+    async with (
+        peer(answering([], asyncio.Event())) as port,
+        peer(greeting_late, "127.0.0.2", port),
+    ):
+        config = loopback_config(dns_server, port, timeouts=SLOW, poll_interval=30)
+        ms = AsyncMailstrom(config, store=store, worker=None)
+        first = await ms.send_email(hello("a@one.example"))
+        second = await ms.send_email(hello("b@two.example"))
+        store.slow_for = first
+        async with AsyncMailstrom(config, store=store, worker="task") as running:
+            try:
+                assert await asyncio.to_thread(store.writing.wait, 20)
+                assert await running.cancel(second) == 1
+                # The heartbeat the cancel asked for has asked the store (and judged).
+                assert await asyncio.to_thread(store.extended.wait, 20)
+                for _ in range(50):
+                    await asyncio.sleep(0)
+                greet.set()
+                await asyncio.wait_for(ehlo_in.wait(), 20)
+                for _ in range(50):
+                    await asyncio.sleep(0)  # EHLO answered: a MAIL would come now
+            finally:
+                store.go_write.set()
+            status = await running.wait(first, timeout=20)
+            assert status.state is RecipientState.DELIVERED
+    assert [line[:4] for line in lines] == [b"EHLO", b"QUIT"], lines
+    gone = store.status(second)
     assert gone.recipients[0].state is RecipientState.FAILED
     assert gone.recipients[0].attempts == 0

@@ -1110,7 +1110,7 @@ class Worker(
             self._beat_now.clear()
             # This beat asks for every lease: a cancel told from now on needs another.
             with self._cancels_lock:
-                self._cancels_checking = self._cancels_unchecked
+                checking = self._cancels_checking = self._cancels_unchecked
                 self._cancels_unchecked = False
             beat = loop.time()
             until = self._clock() + lease_for + lease_margin(self._clock_reading)
@@ -1143,6 +1143,18 @@ class Worker(
                         # cancelled or held. (A write under way may have committed some of
                         # it before this worker counted them: those are not missing.)
                         self._withdraw(state.lease, f"has {held} of {state.unrecorded} left")
+                    elif checking and held < state.unrecorded:
+                        # Fewer held, no more than a write under way may have committed:
+                        # the count cannot tell its results from mail cancelled or held
+                        # meanwhile, and this beat is asked for by such a change. Taken
+                        # for the write, a cancelled message not yet started went out
+                        # after cancel() had returned. Its unstarted work goes back (the
+                        # store keeps only what the lease still holds, due at once).
+                        self._withdraw(
+                            state.lease,
+                            f"has {held} of {state.unrecorded} left, "
+                            f"{state.writing} being written (perhaps cancelled)",
+                        )
             finally:
                 self._beating = self._cancels_checking = False
                 self._confirmed()
