@@ -27,6 +27,7 @@ from mailstrom.runtime.connection import (
     TLSVerifyError,
     TransactionResult,
 )
+from mailstrom.runtime.transactions import was_written
 from mailstrom.smtp import LocalProtocolError
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory, free_loopback_port
 
@@ -331,6 +332,37 @@ async def test_stall_before_the_content_times_out(
     finally:
         await conn.close()
     assert mx.received == []
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_stall_says_which_transactions_it_kept_off_the_wire(
+    smtp_server: ServerFactory, pipelining: bool
+) -> None:
+    # The first transaction's RCPT gets no reply; the two submitted behind it never went.
+    # All fail with the same timeout, but only the first as one whose commands were sent
+    # (dispatch gives the others back untried).
+    mx = smtp_server(stall_on="rcpt", pipelining=pipelining)
+    conn = await connect(mx, timeouts=STALL)
+    try:
+        futures = [
+            conn.submit(
+                envelope_from="a@a.test",
+                recipients=[f"b{n}@b.test"],
+                data=CONTENT,
+                smtputf8=False,
+                eightbit=False,
+            )
+            for n in range(3)
+        ]
+        errors = []
+        for future in futures:
+            with pytest.raises(SMTPTimeout, match="RCPT") as caught:
+                await future
+            errors.append(caught.value)
+    finally:
+        await conn.close()
+    assert [was_written(e) for e in errors] == [True, False, False]
+    assert len({str(e) for e in errors}) == 1
 
 
 async def test_stall_on_greeting_times_out(smtp_server: ServerFactory) -> None:
