@@ -1206,6 +1206,8 @@ class Dispatcher:
             if self._shaper.pause_of(shape) is None:
                 dest.connect_tokens -= 1
                 return True
+            # Taken before the pause: void, as message tokens are (see Shape.tokens).
+            dest.connect_tokens = 0
         elif await self._shaper.wait_to_connect(shape):
             return True
         self._held_back(dest, shape)
