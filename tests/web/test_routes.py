@@ -331,6 +331,41 @@ def test_without_a_token_a_rebound_name_gets_nothing(store: Store, ids: dict[str
     assert store.status(mid).state is RecipientState.QUEUED
 
 
+@pytest.mark.parametrize("peer", ["192.0.2.7", "2001:db8::7", "::ffff:192.0.2.7"])
+def test_without_a_token_a_client_from_elsewhere_gets_nothing(
+    store: Store, ids: dict[str, str], peer: str
+) -> None:
+    """The Host check stops a page that rebinds its name, not a client that names the
+    dashboard as it likes: an application serving ``create_app(store)`` (no token) on
+    a public address, as the guide shows it mounted, answered anyone on the network who
+    sent ``Host: 127.0.0.1``, the queue and its actions included (no Origin, the CSRF
+    cookie its own). Without a token only a client on this host is answered."""
+    mid = ids["queued"]
+
+    def app() -> Any:  # one each: a client's end closes its app's read model
+        return create_app(store, clock=lambda: NOW + timedelta(minutes=1))
+
+    with TestClient(app(), base_url="http://127.0.0.1:8025", client=(peer, 4000)) as remote:
+        for path in ("/", "/queue", f"/message/{mid}", f"/action/cancel/{mid}", "/login"):
+            page = remote.get(path)
+            assert page.status_code == 403, (path, page.status_code)
+            assert mid not in page.text and "csrf" not in page.text
+            assert "mailstrom_csrf" not in page.headers.get("set-cookie", "")
+        remote.cookies.set("mailstrom_csrf", "c" * 43)
+        refused = remote.post(f"/action/cancel/{mid}", data={"csrf": "c" * 43})
+        assert refused.status_code == 403
+    assert store.status(mid).state is RecipientState.QUEUED
+    # A client on this host (any 127/8 or ::1 address, or no address at all: a Unix
+    # socket) is served as before; with a token, anyone who gives it.
+    for local in ("127.0.0.2", "::1", "::ffff:127.0.0.1", "testclient"):
+        with TestClient(app(), base_url="http://127.0.0.1:8025", client=(local, 1)) as client:
+            assert client.get(f"/message/{mid}").status_code == 200, local
+    with_token = create_app(store, token="s3cret-token")
+    with TestClient(with_token, base_url="http://127.0.0.1:8025", client=(peer, 1)) as client:
+        bearer = {"Authorization": "Bearer s3cret-token"}
+        assert client.get(f"/message/{mid}", headers=bearer).status_code == 200
+
+
 @pytest.mark.parametrize(
     "host", ["127.0.0.1:8025", "localhost:8025", "LOCALHOST", "localhost.:80", "[::1]:8025"]
 )

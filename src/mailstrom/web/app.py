@@ -14,6 +14,7 @@ CSRF-checked and logged on the ``mailstrom.web`` logger.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import re
 import urllib.parse
@@ -36,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailstrom.cli.output import age
 from mailstrom.errors import MailstromError, UnknownMessage, UnreadableRow
-from mailstrom.loopback import names_loopback
+from mailstrom.loopback import is_loopback, names_loopback
 from mailstrom.policy.reasons import advice_for
 from mailstrom.readmodel import (
     InvalidQuery,
@@ -117,7 +118,8 @@ def create_app(
     """The dashboard over ``store`` (the caller keeps ownership of ``store``; the read model
     made here, if none is given, is closed with the application).
 
-    ``token`` makes every page require it (see :mod:`mailstrom.web.security`);
+    ``token`` makes every page require it (see :mod:`mailstrom.web.security`); without
+    one, only clients on this host that name it by a loopback name are answered;
     ``cache_seconds`` is how old the overview's and destinations' numbers may be;
     ``secure_cookies`` marks cookies ``Secure`` (behind an HTTPS proxy);
     ``public_origin`` is the dashboard's address as browsers reach it through a proxy
@@ -464,6 +466,21 @@ def create_app(
             # one ("[::1") fails to parse; later versions fall back to the socket's address.
             return PlainTextResponse("malformed Host header", 400)
         host_header = request.headers.get("host")
+        if not access.required and _from_elsewhere(_client(request)):
+            # The Host check below stops a page that rebinds its own name, not a client
+            # that names the dashboard as it likes: served on another address (an
+            # application mounting create_app() without a token), anyone sending "Host:
+            # 127.0.0.1" had the queue and its actions.
+            log.warning(
+                "refused %s %s from %s: no token, and not on this host",
+                request.method,
+                _shown(path),
+                _client(request),
+            )
+            return PlainTextResponse(
+                "Without a token (web.token) this dashboard answers only clients on this host.",
+                403,
+            )
         if not access.required and not names_loopback(host_header):
             # Without a token, being reachable only on loopback is the protection; a
             # rebound name would make the dashboard another site's (see security.py).
@@ -778,3 +795,13 @@ def _too_many_guesses(client: str, wait: float) -> Response:
 
 def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
+
+
+def _from_elsewhere(client: str) -> bool:
+    """Whether a client is at a network address other than this host's loopback. One with
+    no address (a Unix socket's; "unknown") is on this host."""
+    try:
+        ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return not is_loopback(client)

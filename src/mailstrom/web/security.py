@@ -11,7 +11,8 @@ and stops working when the server restarts or the token changes.
 Host: without a token, only requests that name the dashboard by a loopback name or
 address (``Host: localhost:8025``, ``127.0.0.1``, ``[::1]``) are answered, so that a page
 on another site cannot reach it by rebinding its own name to 127.0.0.1
-(:mod:`mailstrom.loopback`).
+(:mod:`mailstrom.loopback`); and only from a client on this host (a loopback address, or
+none: a Unix socket), since any other client can send whatever Host it likes.
 
 Guesses: a client (by its address; an IPv6 one by its /64) whose tries at the token,
 through the login form or as a bearer token, failed :data:`MAX_GUESSES` times within
