@@ -3,6 +3,7 @@ shows, the action flow, CSRF and token checks, and bad input."""
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import re
@@ -839,6 +840,37 @@ def test_a_suspension_an_earlier_version_stored_can_be_resumed(store: Store) -> 
         assert store.suspensions(now=NOW) == []
         refused = client.get("/action/suspend/%2A.example.test")
         assert refused.status_code == 400 and "not a domain name" in refused.text
+
+
+@pytest.mark.parametrize("name", ["a%41.example.test", "x?y.example.test", "p#q.example.test"])
+def test_a_stored_suspension_with_url_syntax_in_its_name_is_the_one_resumed(
+    tmp_path: Path, name: str
+) -> None:
+    """The confirmation form posted to its target as written into the URL path: a stored
+    name holding ``%41``, ``?`` or ``#`` was posted as ``aa.example.test``, ``x`` or
+    ``p``, which "was not suspended", and the suspension stayed. (A real server:
+    Starlette's test client decodes a path twice.)"""
+    with served(tmp_path, request_timeout=30.0) as server:
+        writer = SQLiteStore(tmp_path / "queue.db")
+        try:
+            writer.suspend(name, now=NOW)
+            with httpx.Client(base_url=f"http://127.0.0.1:{server.port}") as client:
+                page = client.get("/destinations").text
+                offered = re.findall(r'href="(/action/resume/[^"]+)"', page)
+                confirm = client.get(offered[0])
+                assert f"Resume delivery to {name}?" in confirm.text
+                found = re.search(r'<form method="post" action="([^"]+)"', confirm.text)
+                assert found is not None
+                done = client.post(
+                    html.unescape(found[1]),
+                    data={"csrf": _csrf(confirm.text)},
+                    headers={"Origin": f"http://127.0.0.1:{server.port}"},
+                    follow_redirects=True,
+                )
+                assert 'id="done">Resume: resumed<' in done.text
+            assert writer.suspensions(now=NOW) == []
+        finally:
+            writer.close()
 
 
 def test_every_action_the_destinations_page_offers_can_be_confirmed(store: Store) -> None:
