@@ -57,6 +57,37 @@ def test_envelope_sender_prefers_sender_header_over_from() -> None:
     assert parsed(p.data)["From"] == "Ann <ann@example.com>, Bo <bo@example.com>"
 
 
+@pytest.mark.parametrize(
+    "sender",
+    ["app@example.com", "Application <app@EXAMPLE.com>", "  app@Example.Com  "],
+)
+def test_a_sender_that_is_the_one_from_mailbox_is_not_written(sender: str) -> None:
+    """RFC 5322 §3.6.2: Sender SHOULD NOT be used when it would be identical to From.
+    The builder wrote it anyway; the same mailbox (the domain in any case, a display
+    name or none) is left out now, and the envelope is what it was."""
+    email = Email(from_="App <app@example.com>", sender=sender, to="b@example.org")
+    p = prepare(email, now=NOW)
+    assert "Sender" not in parsed(p.data)
+    assert p.envelope_from == "app@example.com"
+
+
+@pytest.mark.parametrize(
+    ("from_", "sender"),
+    [
+        ("App <app@example.com>", "App@example.com"),  # a local part is compared exactly
+        ("App <app@example.com>", "desk@example.com"),
+        (["app@example.com", "b@example.com"], "app@example.com"),  # several authors
+        ("Team: app@example.com;", "app@example.com"),  # a group
+    ],
+)
+def test_a_sender_other_than_the_one_from_mailbox_is_written(
+    from_: str | list[str], sender: str
+) -> None:
+    p = prepare(Email(from_=from_, sender=sender, to="b@example.org"), now=NOW)
+    assert parsed(p.data)["Sender"] == sender
+    assert p.envelope_from == sender
+
+
 def test_explicit_envelope_from_wins_and_loses_display_name() -> None:
     email = Email(from_="a@example.com", to="b@example.org")
     assert prepare(email, envelope_from="Bounce <bounce@example.net>").envelope_from == (

@@ -116,8 +116,10 @@ class Email:
     Email(...)
 
     ``from_`` is the From header; ``sender`` is the RFC 5322 Sender header, needed only
-    when From has several mailboxes or is a group. Address fields accept one string or a
-    sequence; each string may carry a display name (``"Bob <bob@example.org>"``).
+    when From has several mailboxes or is a group (a ``sender`` that is the one From
+    mailbox, the domain in any case, is not written: RFC 5322 §3.6.2). Address fields
+    accept one string or a sequence; each string may carry a display name
+    (``"Bob <bob@example.org>"``).
     ``bcc`` recipients get the message but never appear in it.
     """
 
@@ -219,9 +221,16 @@ def check(email: Email) -> Draft:
     :class:`HeaderTooLong` for a field over the limit, :class:`InvalidAttachment` and
     :class:`InvalidMessage` for the rest.
     """
+    from_ = _groups("From", email.from_)
     sender = None if email.sender is None else _groups("Sender", email.sender)
+    if sender is not None:
+        # RFC 5322 §3.6.2: Sender SHOULD NOT be used when it would be identical to From
+        # (the one author's mailbox): the envelope sender is that address either way.
+        author = _one_mailbox(from_)
+        if author is not None and _one_mailbox(sender) == author:
+            sender = None
     fields = AddressFields(
-        from_=_groups("From", email.from_),
+        from_=from_,
         sender=sender,
         reply_to=_groups("Reply-To", email.reply_to),
         to=_groups("To", email.to),
@@ -260,6 +269,14 @@ def check(email: Email) -> Draft:
         message_id=message_id,
         provided=provided,
     )
+
+
+def _one_mailbox(groups: tuple[Group, ...]) -> str | None:
+    """The envelope form of the one mailbox ``groups`` hold outside any group (its local
+    part as given, its domain a lower-case A-label), or None for anything else."""
+    if len(groups) != 1 or groups[0].name is not None or len(groups[0].mailboxes) != 1:
+        return None
+    return groups[0].mailboxes[0].address.envelope
 
 
 def _check_cid_references(html: str, attachments: tuple[Part, ...]) -> None:
