@@ -389,6 +389,31 @@ def test_an_inline_attachment_without_content_id_goes_among_the_attachments() ->
     assert chart.get_content() == b"\x89PNG1"
 
 
+@pytest.mark.parametrize("text", [None, "t"])
+def test_an_attachment_the_html_refers_to_goes_with_the_html(text: str | None) -> None:
+    """A part the HTML names by ``cid:`` but given without ``inline=True`` went in
+    multipart/mixed, beside the body: readers that look for what the HTML names among
+    its multipart/related parts showed a broken image. It goes in multipart/related with
+    the HTML now; its Content-Disposition stays ``attachment``, as given, and an
+    attachment with a Content-ID that the HTML does not name stays among the others."""
+    logo = Attachment(
+        filename="logo.png", content=b"\x89PNG", content_type="image/png", content_id="logo@app"
+    )
+    spare = Attachment(
+        filename="spare.png", content=b"\x89PNG2", content_type="image/png", content_id="spare@app"
+    )
+    message = build(text=text, html='<img src="CID:Logo@App">', attachments=[logo, spare])
+    structure = [(part.get_content_type(), part.get_filename()) for part in message.walk()]
+    html = [("multipart/related", None), ("text/html", None), ("image/png", "logo.png")]
+    if text is not None:
+        html = [("multipart/alternative", None), ("text/plain", None), *html]
+    assert structure == [("multipart/mixed", None), *html, ("image/png", "spare.png")]
+    shown = next(p for p in message.walk() if p.get_filename() == "logo.png")
+    assert shown["Content-ID"] == "<logo@app>"
+    assert shown.get_content_disposition() == "attachment"
+    assert shown.get_content() == b"\x89PNG"
+
+
 def test_an_html_message_with_only_inline_parts_without_content_id_is_mixed() -> None:
     message = build(
         html="<p>see below</p>",

@@ -108,15 +108,16 @@ files = st.builds(
     ),
 )
 images = st.builds(
-    lambda n, data: Attachment(
+    lambda n, data, inline: Attachment(
         filename=f"img{n}.png",
         content=data,
         content_type="image/png",
-        inline=True,
+        inline=inline,
         content_id=f"img{n}@example.com",
     ),
     st.integers(0, 99),
     st.binary(max_size=2000),
+    st.booleans(),  # one the HTML names goes with it either way
 )
 header_values = st.one_of(phrases(6), st.text(PRINTABLE, max_size=100)).map(
     lambda s: " ".join(s.replace("=?", "=").split())
@@ -140,7 +141,9 @@ def keywords(value: str) -> list[str]:
 
 
 def stdlib_rendering(email: Email) -> EmailMessage:
-    """The parts of ``email`` composed and serialised by the stdlib, as the old path did."""
+    """The parts of ``email`` composed and serialised by the stdlib, as the old path did:
+    beside the HTML (``add_related``) go the parts it names by ``cid:`` and the inline
+    ones with a Content-ID; the rest are attached (``add_attachment``)."""
     message = EmailMessage(policy=policy.SMTP.clone(cte_type="7bit"))
     if email.subject:
         message["Subject"] = email.subject
@@ -158,8 +161,8 @@ def stdlib_rendering(email: Email) -> EmailMessage:
     html = None
     if email.html is not None:
         html = next(p for p in message.walk() if p.get_content_type() == "text/html")
-    related = [a for a in email.attachments if a.inline and html is not None]
-    others = [a for a in email.attachments if not (a.inline and html is not None)]
+    related = [a for a in email.attachments if html is not None and beside_html(email, a)]
+    others = [a for a in email.attachments if a not in related]
     for attachment in (*related, *others):
         maintype, _, subtype = attachment.content_type.partition(";")[0].partition("/")
         params = {}
@@ -178,6 +181,14 @@ def stdlib_rendering(email: Email) -> EmailMessage:
             params=params,
         )
     return parse(message.as_bytes(policy=policy.SMTP))
+
+
+def beside_html(email: Email, attachment: Attachment) -> bool:
+    """Whether ``attachment`` goes with the HTML in multipart/related: it has a Content-ID
+    and is inline, or the HTML names it (as the tests' HTML does, ``src="cid:<id>"``)."""
+    if attachment.content_id is None:
+        return False
+    return attachment.inline or f'src="cid:{attachment.content_id}"' in (email.html or "")
 
 
 def display_names(data: bytes, field: str) -> list[str]:
@@ -281,6 +292,7 @@ def check_wire_rules(data: bytes) -> None:
         unique_by=lambda a: a.content_id or id(a),
     ),
     headers=st.dictionaries(st.sampled_from(["X-Tag", "X-Note", "Keywords"]), header_values),
+    named=st.lists(st.booleans(), min_size=3, max_size=3),
 )
 def test_direct_rendering_matches_the_stdlib(
     sender: tuple[str, str, str],
@@ -291,7 +303,15 @@ def test_direct_rendering_matches_the_stdlib(
     html: str | None,
     attachments: list[Attachment],
     headers: dict[str, str],
+    named: list[bool],
 ) -> None:
+    if html is not None:
+        # The HTML names some of the attachments with a Content-ID, inline or not.
+        html += "".join(
+            f'<img src="cid:{a.content_id}">'
+            for i, a in enumerate(attachments)
+            if named[i] and a.content_id is not None
+        )
     email = Email(
         from_=sender[0],
         to=[box[0] for box in to],

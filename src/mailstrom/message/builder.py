@@ -7,7 +7,7 @@ import html as html_text
 import re
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from mailstrom.arguments import shown
@@ -93,7 +93,10 @@ class Attachment:
 
     ``inline=True`` with a ``content_id`` lets the HTML body refer to it as
     ``cid:<content_id>`` (the attachment then goes in a multipart/related part); HTML
-    naming a ``cid:`` that no attachment has raises :class:`UnknownContentID`.
+    naming a ``cid:`` that no attachment has raises :class:`UnknownContentID`. An
+    attachment the HTML names goes with it in multipart/related even without
+    ``inline=True`` (keeping Content-Disposition attachment): elsewhere, readers showed
+    a broken image.
     ``inline=True`` alone shows the attachment after the body (Content-Disposition
     inline, in multipart/mixed).
     The filename is sent as the literal text given (RFC 2231 encoded when needed); it
@@ -189,6 +192,14 @@ class Part:
     inline: bool
     content_id: str | None
     """In angle brackets."""
+    referenced: bool = False
+    """The HTML names it by its ``cid:`` URL."""
+
+    @property
+    def related(self) -> bool:
+        """Whether it goes with the HTML in its multipart/related (RFC 2387): the HTML
+        names it, or it is inline with a Content-ID for it to name."""
+        return self.content_id is not None and (self.inline or self.referenced)
 
     @property
     def maintype(self) -> str:
@@ -257,7 +268,14 @@ def check(email: Email) -> Draft:
         provided = _provided(email, headers)
     attachments = _parts(email.attachments)
     if email.html is not None:
-        _check_cid_references(email.html, attachments)
+        named = _check_cid_references(email.html, attachments)
+        if named:
+            attachments = tuple(
+                replace(part, referenced=True)
+                if part.content_id is not None and part.content_id[1:-1].lower() in named
+                else part
+                for part in attachments
+            )
     return Draft(
         fields=fields,
         subject=subject,
@@ -279,25 +297,30 @@ def _one_mailbox(groups: tuple[Group, ...]) -> str | None:
     return groups[0].mailboxes[0].address.envelope
 
 
-def _check_cid_references(html: str, attachments: tuple[Part, ...]) -> None:
-    """Refuse ``html`` if a ``src`` or ``href`` in it names ``cid:`` an id that no attachment
-    has (:class:`UnknownContentID`): sent as is, it showed as a broken image or link.
+def _check_cid_references(html: str, attachments: tuple[Part, ...]) -> set[str]:
+    """The ids (lower case, without angle brackets) of the attachments that a ``src`` or
+    ``href`` in ``html`` names by ``cid:``; :class:`UnknownContentID` if one names an id
+    that no attachment has: sent as is, it showed as a broken image or link.
 
     The URL's id is percent-decoded (RFC 2392) after its character references (HTML);
     ids are compared without regard to case, and as written too, so only an id that no
     reader could match is refused."""
     ids = {part.content_id[1:-1].lower() for part in attachments if part.content_id}
+    found: set[str] = set()
     for url_id in _cid_urls(html):
         written = html_text.unescape(url_id)
         named = urllib.parse.unquote(written)
         # A reader that does not percent-decode matches the id as written.
-        if named.lower() not in ids and written.lower() not in ids:
+        matched = {named.lower(), written.lower()} & ids
+        if not matched:
             raise UnknownContentID(
                 f"the html refers to {shorten('cid:' + named)}, and no attachment has that "
                 f"content_id: attach the part it names with Attachment(..., inline=True, "
                 f"content_id={shorten(named)})",
                 content_id=named,
             )
+        found |= matched
+    return found
 
 
 def _cid_urls(html: str) -> Iterator[str]:

@@ -142,11 +142,12 @@ class _Builder:
     def tree(self, draft: Draft) -> _Node:
         text = None if draft.text is None else _text_part("plain", draft.text)
         html = None if draft.html is None else _text_part("html", draft.html)
-        # multipart/related holds what the HTML refers to by cid: (RFC 2387); an inline
-        # part without a Content-ID cannot be referred to, and is shown among the
-        # attachments (Content-Disposition: inline, RFC 2183).
-        related = [a for a in draft.attachments if _referable(a) and html is not None]
-        others = [a for a in draft.attachments if not (_referable(a) and html is not None)]
+        # multipart/related holds what the HTML refers to by cid: (RFC 2387), inline or
+        # not (in multipart/mixed, readers that look among the related parts showed a
+        # broken image); an inline part without a Content-ID cannot be referred to, and
+        # is shown among the attachments (Content-Disposition: inline, RFC 2183).
+        related = [a for a in draft.attachments if a.related and html is not None]
+        others = [a for a in draft.attachments if not (a.related and html is not None)]
         # Every entity counts against the bound raw input has, the multiparts and the
         # top one included: the leaves, related, alternative, mixed, or an empty text.
         entities = (
@@ -215,11 +216,6 @@ class _Builder:
             fields.append(f"Content-ID: {part.content_id}")
         _check_sizes(fields)
         return _Node(fields, body)
-
-
-def _referable(part: Part) -> bool:
-    """Whether ``part`` goes with the HTML in its multipart/related: inline, with an id."""
-    return part.inline and part.content_id is not None
 
 
 def _params(part: Part) -> tuple[tuple[str, str], ...]:
