@@ -479,7 +479,7 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 def test_loopback_dns_stop_closes_the_tcp_clients_still_connected() -> None:
     """A TCP client that never finishes its query (one octet a second, each within the
-    handler's 5 s read timeout) held its request thread, and stop(), which joins them,
+    handler's 5 s idle timeout) held its request thread, and stop(), which joins them,
     waited as long as it went on: stop() ends such connections itself."""
     server = LoopbackDNS().start()
     server.a("tcp.example", "127.0.0.1")
@@ -565,6 +565,59 @@ def test_loopback_dns_takes_a_tcp_query_in_pieces(cut: int) -> None:
             answer = dns.message.from_wire(_read_exactly(client, length))
         assert query.is_response(answer)
         assert [r.address for r in answer.answer[0]] == ["127.0.0.1"]
+
+
+def _tcp_answer(client: socket.socket) -> dns.message.Message:
+    (length,) = struct.unpack("!H", _read_exactly(client, 2))
+    return dns.message.from_wire(_read_exactly(client, length))
+
+
+def _framed(query: dns.message.Message) -> bytes:
+    wire = query.to_wire()
+    return struct.pack("!H", len(wire)) + wire
+
+
+def test_loopback_dns_answers_several_queries_on_one_tcp_connection() -> None:
+    """RFC 7766 §6.2.1: a server should process several queries on one TCP connection,
+    sent one after another or pipelined. The server answered the first and closed the
+    connection, so a client reusing it (dnspython may) got no second answer."""
+    with LoopbackDNS() as server:
+        server.a("one.example", "127.0.0.1")
+        server.a("two.example", "127.0.0.2")
+        first = dns.message.make_query("one.example", "A")
+        second = dns.message.make_query("two.example", "A")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+            client.sendall(_framed(first))
+            assert first.is_response(_tcp_answer(client))
+            client.sendall(_framed(second))
+            answer = _tcp_answer(client)
+            assert second.is_response(answer)
+            assert [r.address for r in answer.answer[0]] == ["127.0.0.2"]
+            # Pipelined: both sent before either answer is read; answered in turn.
+            client.sendall(_framed(second) + _framed(first))
+            assert second.is_response(_tcp_answer(client))
+            assert first.is_response(_tcp_answer(client))
+        assert server.queries("one.example", "A") == 2
+        assert server.queries("two.example", "A") == 2
+
+
+def test_loopback_dns_bounds_a_tcp_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection kept for several queries is bounded (RFC 7766 §6.2.3): it is closed
+    after so many queries, and when the client says nothing for the idle time."""
+    monkeypatch.setattr("mailstrom.testing.dns._TCP_MAX_QUERIES", 2)
+    monkeypatch.setattr("mailstrom.testing.dns._TCP_IDLE_TIMEOUT", 0.2)
+    with LoopbackDNS() as server:
+        server.a("one.example", "127.0.0.1")
+        query = dns.message.make_query("one.example", "A")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+            client.sendall(_framed(query) * 3)
+            assert query.is_response(_tcp_answer(client))
+            assert query.is_response(_tcp_answer(client))
+            assert _closed_by_peer(client)  # the third is not answered
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+            client.sendall(_framed(query))
+            assert query.is_response(_tcp_answer(client))
+            assert _closed_by_peer(client)  # idle after its answer: closed
 
 
 def test_loopback_dns_truncates_a_tcp_answer_no_tcp_message_can_hold() -> None:

@@ -54,6 +54,9 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
   ``{(name, type): count}``; ``reset_counts()`` zeroes them.
 * ``reset()`` — forget the whole zone and the counts (one server for many
   hypothesis examples).
+* Over TCP, one connection takes several queries, one after another or pipelined
+  (RFC 7766 §6.2.1): up to 100, each within 5 s of the connection or of the answer
+  before it; then the server closes it.
 * Over UDP, an answer longer than 512 octets, or than the payload size an EDNS query
   offers, is sent truncated (TC bit, no records), as real servers send it: the client
   asks again over TCP, where it gets the whole answer.
@@ -115,8 +118,11 @@ _UDP_LIMIT = 512
 payload size an EDNS query may offer (RFC 6891 §6.2.5: a smaller one counts as 512)."""
 _TCP_LIMIT = 65535
 """Octets of the longest DNS message over TCP: its 2-octet length (RFC 1035 §4.2.2)."""
-_TCP_QUERY_TIMEOUT = 5.0
-"""Seconds a TCP client has from connecting to the last octet of its query."""
+_TCP_IDLE_TIMEOUT = 5.0
+"""Seconds a TCP client has, from connecting or from its last answer, to the last octet
+of its next query; the connection is closed after that (RFC 7766 §6.2.3)."""
+_TCP_MAX_QUERIES = 100
+"""Queries answered on one TCP connection before the server closes it."""
 
 
 def _key(name: str) -> str:
@@ -231,8 +237,8 @@ class _UDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
 class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """Knows its open connections, so that :meth:`LoopbackDNS.stop` can end them: the
     request threads it joins would otherwise wait out what is left of each client's
-    :data:`_TCP_QUERY_TIMEOUT` (a client that sends an octet now and then, or a query
-    that never ends)."""
+    :data:`_TCP_IDLE_TIMEOUT` (a client that sends an octet now and then, a query that
+    never ends, or a connection kept open for more queries)."""
 
     daemon_threads = False
     block_on_close = True
@@ -304,28 +310,35 @@ class _Handler(DNSHandler):  # type: ignore[misc]  # dnslib has no type hints
                 raise
 
     def _handle_tcp(self) -> None:
-        """Answer one query over TCP: its 2-octet length (RFC 1035 §4.2.2), then exactly
-        that many octets, however the client's writes split them. dnslib read the length
-        and the query from one recv(): a length whose first octet came alone was taken
-        for a truncated request and the connection closed unanswered. A client has
-        :data:`_TCP_QUERY_TIMEOUT` seconds for the whole query (a client that connects and
-        says nothing must not stall ``server_close()``); one that is late, or closes
-        first, gets no answer."""
+        """Answer the queries of one TCP connection in turn, sent one after another or
+        pipelined, as RFC 7766 §6.2.1 asks of a server (one answered per connection, a
+        client that reused it got no second answer). Each query is its 2-octet length
+        (RFC 1035 §4.2.2, so at most 65535 octets), then exactly that many octets,
+        however the client's writes split them (dnslib read both from one recv(): a
+        length whose first octet came alone was taken for a truncated request).
+
+        Bounded: a client has :data:`_TCP_IDLE_TIMEOUT` seconds, from connecting or from
+        its last answer, for the whole of its next query (a client that says nothing must
+        not hold a thread, nor stall ``server_close()``), and the connection closes after
+        :data:`_TCP_MAX_QUERIES` answers. A query that is late, or cut short by the client
+        closing, gets no answer; nor does one dnslib cannot parse, or for a dropped name,
+        which ends the connection, as it always did."""
         self.protocol = "tcp"
-        deadline = time.monotonic() + _TCP_QUERY_TIMEOUT
-        prefix = self._read_exactly(2, deadline)
-        if prefix is None:
-            return
-        (length,) = struct.unpack("!H", prefix)  # at most 65535: the bound is the format's
-        data = self._read_exactly(length, deadline)
-        if data is None:
-            return
-        try:
-            wire = self.get_reply(data)
-        except DNSError:
-            return  # a query dnslib cannot parse, or a dropped name: no answer, as before
-        self.request.settimeout(_TCP_QUERY_TIMEOUT)  # not what was left of the query's
-        self.request.sendall(struct.pack("!H", len(wire)) + wire)
+        for _ in range(_TCP_MAX_QUERIES):
+            deadline = time.monotonic() + _TCP_IDLE_TIMEOUT
+            prefix = self._read_exactly(2, deadline)
+            if prefix is None:
+                return
+            (length,) = struct.unpack("!H", prefix)
+            data = self._read_exactly(length, deadline)
+            if data is None:
+                return
+            try:
+                wire = self.get_reply(data)
+            except DNSError:
+                return
+            self.request.settimeout(_TCP_IDLE_TIMEOUT)  # not what was left of the query's
+            self.request.sendall(struct.pack("!H", len(wire)) + wire)
 
     def _read_exactly(self, size: int, deadline: float) -> bytes | None:
         """``size`` octets from the connection, or None when it ends or the deadline
