@@ -538,6 +538,32 @@ def test_a_reply_list_set_again_starts_over(fake_mx: FakeMX) -> None:
             client.rset()
 
 
+def test_a_rules_mapping_shared_by_two_servers_starts_over_on_both() -> None:
+    # Two MX hosts given one rcpt_replies (mx2.rcpt_replies = mx1.rcpt_replies): a rule
+    # set again through it started over on the first server only, which that mapping
+    # told; the second went on where it was and accepted an address greylisted anew.
+    greylist = ("451 4.7.1 Greylisted", "250 2.1.5 OK")
+    server_context, _ = tls_contexts("mx.test")
+    with (
+        start_receiving_server(server_context) as one,
+        start_receiving_server(server_context) as two,
+    ):
+        two.rcpt_replies = one.rcpt_replies
+        clients = [smtplib.SMTP("127.0.0.1", s.port, timeout=10) for s in (one, two)]
+        try:
+            for client in clients:
+                client.ehlo("client.test")
+            for _ in range(2):
+                two.rcpt_replies["a@example.org"] = greylist  # through either server
+                for client in clients:
+                    assert client.mail("app@shop.test")[0] == 250
+                    assert [client.rcpt("a@example.org")[0] for _ in range(3)] == [451, 250, 250]
+                    client.rset()
+        finally:
+            for client in clients:
+                client.close()
+
+
 def test_a_closed_connection_is_not_kept_by_its_server() -> None:
     # The controller kept every connection's protocol object until the server stopped,
     # with its TLS state (a few hundred kB each): a server used across a long session

@@ -46,7 +46,9 @@ Rules on a :class:`ReceivingServer`, changeable while it runs (from any thread)
     repeating (greylisting: ``["451 ...", "250 ..."]``; ``Repeated("451 ...", n, "250
     ...")`` for one reply ``n`` times over, however large ``n``; an empty list is
     refused with ValueError when set; a list set again, the same one too, starts from
-    its first reply). A 2xx rule accepts.
+    its first reply, on every server given that ``rcpt_replies``: ``mx2.rcpt_replies =
+    mx1.rcpt_replies`` shares the rules, each server keeping its own turn in them). A 2xx
+    rule accepts.
     ``starttls_reply``: a reply line to STARTTLS instead of going ahead (None: go ahead);
     after a ``421`` the server closes the connection.
     ``stall_on``: a command name (``"greeting"``, ``"ehlo"``, ``"starttls"``, ``"mail"``,
@@ -93,6 +95,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 import ssl
 import sys
@@ -185,16 +188,24 @@ def _rule(rule: Rule | None, where: str) -> Rule | None:
 
 class _Rules(dict[str, Rule]):
     """``rcpt_replies``: a dict whose rules are checked as they are set (:func:`_rule`),
-    each starting from its first reply (``restart``, given the address)."""
+    each starting from its first reply. Every setting gets a new :meth:`stamp`, which a
+    server compares with the one its turn in the rule began at: so every server using
+    the dict starts over, where a restart told to the server that made it left another
+    (``mx2.rcpt_replies = mx1.rcpt_replies``) going on where it was."""
 
-    def __init__(self, restart: Callable[[str], None]) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._restart = restart
+        self._stamps: dict[str, int] = {}
+        self._settings = itertools.count(1)
 
     def __setitem__(self, address: str, rule: Rule) -> None:
         # None (which reads as no rule, so accept) is kept as it always was.
         super().__setitem__(address, cast(Rule, _rule(rule, f"rcpt_replies[{address!r}]")))
-        self._restart(address)
+        self._stamps[address] = next(self._settings)
+
+    def stamp(self, address: str) -> int:
+        """Which setting of ``address``'s rule is in force (0: none through this dict)."""
+        return self._stamps.get(address, 0)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
         for address, rule in dict(*args, **kwargs).items():
@@ -286,7 +297,7 @@ class ReceivingServer:
         self.dsn_params: list[tuple[str, str, tuple[str, ...]]] = []
         """With ``dsn=True``: (``"MAIL"`` or ``"RCPT"``, address, its RFC 3461 parameters)
         for every command that carried some, in arrival order."""
-        self._rcpt_replies: dict[str, Rule] = _Rules(self._restart_rcpt)
+        self._rcpt_replies: dict[str, Rule] = _Rules()
         self._mail_reply: Rule | None = None
         self._data_reply: Rule | None = None
         self.starttls_reply: str | None = None
@@ -299,8 +310,9 @@ class ReceivingServer:
         self.over_limit_reply: str | None = (
             "421 4.7.0 Message limit of this connection reached, closing"
         )
-        self._turns: dict[str, tuple[Sequence[str], int]] = {}
-        """Per place a list rule is used: the list, and how many of its replies it gave."""
+        self._turns: dict[str, tuple[Sequence[str], int, int]] = {}
+        """Per place a list rule is used: the list, the stamp of its setting (see
+        :meth:`_Rules.stamp`), and how many of its replies it gave."""
         self.stall_rcpts: set[str] = set()
         self.drop_after_dot_rcpts: set[str] = set()
         self.connections = 0
@@ -382,9 +394,6 @@ class ReceivingServer:
         with self._condition:
             self._turns.pop(where, None)
 
-    def _restart_rcpt(self, address: str) -> None:
-        self._restart(f"rcpt {address}")
-
     @property
     def drop_on_data(self) -> bool:
         return self.drop_on == "data"
@@ -401,29 +410,33 @@ class ReceivingServer:
     def drop_after_dot(self, value: bool) -> None:
         self.drop_on = "dot" if value else None
 
-    def take(self, rule: Rule | None, *, key: str | None = None) -> str | None:
+    def take(self, rule: Rule | None, *, key: str | None = None, stamp: int = 0) -> str | None:
         """The reply a rule gives now; a list yields its replies in turn, the last sticks.
 
         Where the list is in use (``key``: ``"mail"``, ``"data"``, ``"rcpt <address>"``)
         has its own turn in it, and the list is left as given: one list set for two
         addresses (or a test module's constant, on two servers) greylists each of them,
-        where taking its replies out of it deferred the first address only."""
+        where taking its replies out of it deferred the first address only. A turn
+        starts over when the rule's ``stamp`` (which setting of it this is) changes."""
         if rule is None or isinstance(rule, str):
             return rule
         where = key if key is not None else f"id {id(rule)}"
         with self._condition:
             previous = self._turns.get(where)
-            turn = previous[1] if previous is not None and previous[0] is rule else 0
-            self._turns[where] = (rule, turn + 1)
+            same = previous is not None and previous[0] is rule and previous[1] == stamp
+            turn = previous[2] if previous is not None and same else 0
+            self._turns[where] = (rule, stamp, turn + 1)
             return rule[min(turn, len(rule) - 1)]
 
     def rcpt_rule(self, address: str) -> str | None:
+        rules = self.rcpt_replies
         key = address
-        rule = self.rcpt_replies.get(key)
+        rule = rules.get(key)
         if rule is None:
             key = address.lower()
-            rule = self.rcpt_replies.get(key)
-        return self.take(rule, key=f"rcpt {key}")
+            rule = rules.get(key)
+        stamp = rules.stamp(key) if isinstance(rules, _Rules) else 0
+        return self.take(rule, key=f"rcpt {key}", stamp=stamp)
 
     # --- what arrived ------------------------------------------------------------------
 
