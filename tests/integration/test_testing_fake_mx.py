@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import smtplib
 import socket
@@ -14,6 +15,7 @@ import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import dns.name
 import dns.resolver
@@ -695,6 +697,61 @@ def test_the_dns_server_stops_when_the_smtp_server_fails_to(
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", smtp_port), timeout=5).close()
     mx.stop()  # nothing left to stop: harmless
+
+
+class _BlockingRules(dict[str, str]):
+    """``rcpt_replies`` whose lookup blocks the server's event loop until released: a
+    handler that does not return to the loop."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        super().__init__()
+        self.entered = entered
+        self.release = release
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.entered.set()
+        self.release.wait(30)
+        return default
+
+
+def test_a_stop_that_times_out_still_stops_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The controller's stop waited (10 s) for the connections to close on the server's
+    # loop, and when that timed out (a handler blocking the loop) it raised before it
+    # called aiosmtpd's stop: the loop went on running in its thread for the process's
+    # life, unless the test called stop() again. The stop still raises, and aiosmtpd's
+    # stop follows once the loop is free: the thread ends and the port is freed.
+    monkeypatch.setattr(smtp_kit, "_STOP_TIMEOUT", 0.5)
+    server_context, _ = tls_contexts("mx.test")
+    server = start_receiving_server(server_context)
+    assert server._controller is not None
+    thread = server._controller._thread
+    assert thread is not None
+    entered, release = threading.Event(), threading.Event()
+    server.rcpt_replies = _BlockingRules(entered, release)
+    client = smtplib.SMTP("127.0.0.1", server.port, timeout=10)
+
+    def rcpt() -> None:
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            client.rcpt("a@example.org")
+
+    asking = threading.Thread(target=rcpt, daemon=True)
+    try:
+        client.ehlo("client.test")
+        assert client.mail("app@shop.test")[0] == 250
+        asking.start()
+        assert entered.wait(10)
+        with pytest.raises(TimeoutError, match="blocked"):
+            server.stop()
+    finally:
+        release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+    server.stop()  # what is left of the stop is over: harmless
+    asking.join(10)
+    assert not asking.is_alive()
+    client.close()
 
 
 def test_a_wait_ends_when_the_server_stop_raises(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,9 +121,9 @@ class FakeMX:
     def stop(self) -> None:
         """Stop both servers. Idempotent. What arrived stays readable (:attr:`received`,
         :attr:`server`), as a test reads it after its ``with`` block. The DNS server
-        stops also when the SMTP server's stop raises (its wait for the connections to
-        close timed out): it was left serving, its threads and sockets for the process's
-        life. Such a stop is tried again by the next call."""
+        stops also when the SMTP server's stop raises (its event loop blocked by a
+        handler: it stops once the loop is free): it was left serving, its threads and
+        sockets for the process's life. The next call waits for such a stop to end."""
         try:
             if self._running:
                 self.server.stop()

@@ -94,6 +94,7 @@ What a server records
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import socket
@@ -133,6 +134,10 @@ DEFAULT_SIZE_LIMIT = 64 * 1024 * 1024
 mailstrom sends with its default configuration (``Config.max_message_size``, 35 MiB; a
 bounce notice returning such a message in base64), yet bounded, as a server holds each
 message in memory; without one, a test could make it hold gigabytes."""
+
+_STOP_TIMEOUT = 10.0
+"""Seconds a server's stop waits for its loop to close the connections (and, once that
+timed out, for the rest of the stop on each later call)."""
 
 Rule = str | Sequence[str]
 """A reply line, or replies used one per command with the last one repeating (a list;
@@ -572,9 +577,10 @@ class ReceivingServer:
     # --- lifecycle ---------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop serving; idempotent. The waits end even when the controller's stop raises
-        (its wait for the connections timed out): they waited out their whole timeout.
-        Such a stop is tried again by the next call."""
+        """Stop serving; idempotent. TimeoutError when the server's event loop is blocked
+        (a handler that does not return to it) for 10 s: the server then stops, and frees
+        its port, as soon as the loop is free, and the next call waits for that. The
+        waits end even when the stop raises: they waited out their whole timeout."""
         try:
             if self._controller is not None:
                 self._controller.stop()
@@ -864,6 +870,8 @@ class _Controller(Controller):
         super().__init__(_Handler(fixture), **kwargs)
         self._fixture = fixture
         self._live: set[_SMTP] = set()
+        self._stopping: threading.Thread | None = None
+        """Finishes a stop whose wait timed out, once the loop is free (see :meth:`stop`)."""
 
     def factory(self) -> SMTP:
         smtp = _SMTP(self.handler, fixture=self._fixture, loop=self.loop, **self.SMTP_kwargs)
@@ -913,10 +921,44 @@ class _Controller(Controller):
                 await asyncio.wait(tasks, timeout=5.0)
             await asyncio.sleep(0)
 
+        if self._stopping is not None:  # a stop that timed out, finishing on its own
+            self._stopping.join(_STOP_TIMEOUT)
+            if self._stopping.is_alive():
+                raise self._blocked()
+            self._stopping = None
+            return
         if self._thread is not None and self.loop.is_running():
             future = asyncio.run_coroutine_threadsafe(close_connections(), self.loop)
-            future.result(timeout=10.0)
+            try:
+                future.result(timeout=_STOP_TIMEOUT)
+            except TimeoutError:
+                # The loop is blocked (a handler that does not return to it). Raising
+                # here, aiosmtpd's stop was never called: the loop ran on in its thread,
+                # holding the port, unless the test called stop() again. It is called
+                # now on a thread of its own, once the connections are closed.
+                self._stopping = threading.Thread(
+                    target=self._stop_when_free,
+                    args=(future, no_assert),
+                    name=f"stopping-smtp-{self.port}",
+                    daemon=True,
+                )
+                self._stopping.start()
+                raise self._blocked() from None
         super().stop(no_assert=no_assert)
+
+    def _stop_when_free(self, closing: concurrent.futures.Future[None], no_assert: bool) -> None:
+        """aiosmtpd's stop (its loop stopped, its thread joined, the port freed), once
+        ``closing``, the connections' closing that waits for the blocked loop, is over."""
+        with contextlib.suppress(Exception):
+            closing.result()
+        super().stop(no_assert=no_assert)
+
+    def _blocked(self) -> TimeoutError:
+        return TimeoutError(
+            f"the SMTP server on port {self.port} did not stop within {_STOP_TIMEOUT} s: its "
+            "event loop is blocked (a handler that does not return to it); it stops, and "
+            "frees its port, as soon as the loop is free"
+        )
 
 
 # --- starting servers ----------------------------------------------------------------------
