@@ -81,6 +81,23 @@ def test_a_text_sent_in_base64_reads_back_with_lf_line_ends(text: str) -> None:
     assert mail.text == mail.html == text + "\n"
 
 
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [("Hello", "Hello\n"), ("Hello\n", "Hello\n"), ("Hello\n\n", "Hello\n\n"), ("", "\n")],
+)
+def test_text_and_html_end_with_a_line_end(given: str, read: str) -> None:
+    # Documented, not stripped: a message ends its text with a line end, so "Hello" and
+    # "Hello\n" are the same bytes and cannot read back apart; .text is what the message
+    # holds (as mail.message's body and a FakeMX's message read), and the docs' example,
+    # which sends and asserts "Thanks for signing up.\n", keeps passing.
+    with capture() as outbox, Mailstrom(CONFIG, store=MemoryStore()) as ms:
+        ms.send_email(Email(from_="a@shop.test", to="b@example.org", text=given, html=given))
+    [mail] = outbox
+    assert mail.text == mail.html == read
+    body = mail.message.get_body(preferencelist=("plain",))
+    assert body is not None and body.get_content() == read
+
+
 def test_utf8_header_fields_are_parsed_as_utf8() -> None:
     # An address with a UTF-8 local part makes the header fields raw UTF-8 (RFC 6532);
     # parsed as bytes, their addresses came out as surrogate escapes ("j\udcc3\udcb6rg").

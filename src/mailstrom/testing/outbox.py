@@ -70,12 +70,15 @@ class CapturedMessage:
 
     @property
     def text(self) -> str | None:
-        """The text/plain body (the one a reader would show), or None."""
+        """The text/plain body (the one a reader would show), or None: LF line ends, and
+        a line end last, as the message holds it. A message ends its text with one, so
+        ``text="Hello"`` and ``text="Hello\n"`` are sent alike and both read back as
+        ``"Hello\n"`` (compare with that, or with ``mail.text.rstrip("\n")``)."""
         return self._body("plain")
 
     @property
     def html(self) -> str | None:
-        """The text/html body, or None."""
+        """The text/html body, or None; like :attr:`text`, with a line end last."""
         return self._body("html")
 
     def _body(self, subtype: str) -> str | None:
