@@ -7,7 +7,7 @@ import html as html_text
 import re
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from mailstrom.arguments import shown
@@ -192,14 +192,6 @@ class Part:
     inline: bool
     content_id: str | None
     """In angle brackets."""
-    referenced: bool = False
-    """The HTML names it by its ``cid:`` URL."""
-
-    @property
-    def related(self) -> bool:
-        """Whether it goes with the HTML in its multipart/related (RFC 2387): the HTML
-        names it, or it is inline with a Content-ID for it to name."""
-        return self.content_id is not None and (self.inline or self.referenced)
 
     @property
     def maintype(self) -> str:
@@ -222,6 +214,8 @@ class Draft:
     """In angle brackets."""
     provided: tuple[str, ...] = ()
     """Header fields from the fields for mailbox providers, written as they are."""
+    named: frozenset[str] = frozenset()
+    """The Content-IDs (lower case, without angle brackets) the HTML names by ``cid:``."""
 
 
 def check(email: Email) -> Draft:
@@ -267,15 +261,9 @@ def check(email: Email) -> Draft:
     ):
         provided = _provided(email, headers)
     attachments = _parts(email.attachments)
+    named: frozenset[str] = frozenset()
     if email.html is not None:
         named = _check_cid_references(email.html, attachments)
-        if named:
-            attachments = tuple(
-                replace(part, referenced=True)
-                if part.content_id is not None and part.content_id[1:-1].lower() in named
-                else part
-                for part in attachments
-            )
     return Draft(
         fields=fields,
         subject=subject,
@@ -286,6 +274,7 @@ def check(email: Email) -> Draft:
         date=date,
         message_id=message_id,
         provided=provided,
+        named=named,
     )
 
 
@@ -297,7 +286,7 @@ def _one_mailbox(groups: tuple[Group, ...]) -> str | None:
     return groups[0].mailboxes[0].address.envelope
 
 
-def _check_cid_references(html: str, attachments: tuple[Part, ...]) -> set[str]:
+def _check_cid_references(html: str, attachments: tuple[Part, ...]) -> frozenset[str]:
     """The ids (lower case, without angle brackets) of the attachments that a ``src`` or
     ``href`` in ``html`` names by ``cid:``; :class:`UnknownContentID` if one names an id
     that no attachment has: sent as is, it showed as a broken image or link.
@@ -320,7 +309,7 @@ def _check_cid_references(html: str, attachments: tuple[Part, ...]) -> set[str]:
                 content_id=named,
             )
         found |= matched
-    return found
+    return frozenset(found)
 
 
 def _cid_urls(html: str) -> Iterator[str]:

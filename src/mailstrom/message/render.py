@@ -146,8 +146,11 @@ class _Builder:
         # not (in multipart/mixed, readers that look among the related parts showed a
         # broken image); an inline part without a Content-ID cannot be referred to, and
         # is shown among the attachments (Content-Disposition: inline, RFC 2183).
-        related = [a for a in draft.attachments if a.related and html is not None]
-        others = [a for a in draft.attachments if not (a.related and html is not None)]
+        related: list[Part] = []
+        others: list[Part] = []
+        for part in draft.attachments:
+            beside = html is not None and _related(part, draft.named)
+            (related if beside else others).append(part)
         # Every entity counts against the bound raw input has, the multiparts and the
         # top one included: the leaves, related, alternative, mixed, or an empty text.
         entities = (
@@ -216,6 +219,13 @@ class _Builder:
             fields.append(f"Content-ID: {part.content_id}")
         _check_sizes(fields)
         return _Node(fields, body)
+
+
+def _related(part: Part, named: frozenset[str]) -> bool:
+    """Whether ``part`` goes with the HTML in its multipart/related: it has a Content-ID,
+    and is inline or the HTML names it (``named``: :attr:`Draft.named`)."""
+    cid = part.content_id
+    return cid is not None and (part.inline or cid[1:-1].lower() in named)
 
 
 def _params(part: Part) -> tuple[tuple[str, str], ...]:
