@@ -389,6 +389,32 @@ def test_key_material_given_as_a_path_is_refused_without_showing_it(
     assert not [piece for piece in _secret_pieces(text) if piece in str(caught.value)]
 
 
+@pytest.mark.parametrize("with_public", [False, True], ids=["seed", "seed+public"])
+def test_a_raw_ed25519_key_given_as_a_path_is_refused_without_showing_it(
+    with_public: bool,
+) -> None:
+    # dkimpy's dknewkey keeps an Ed25519 key as the base64 of its 32-octet seed (libsodium
+    # and rspamd as 64 octets, the public half appended): 44 or 88 characters, too short
+    # or no DER, so the error said the "file" could not be read, naming the key.
+    key = ed25519.Ed25519PrivateKey.generate()
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    if with_public:
+        raw += key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    given = base64.b64encode(raw).decode("ascii")
+    with pytest.raises(ConfigError, match="not a file path") as caught:
+        DKIMKey(domain="example.com", selector="s", private_key=given, algorithm=ED25519)
+    pieces = [given[i : i + 12] for i in range(0, len(given) - 11, 4)]
+    assert not [piece for piece in pieces if piece in str(caught.value)], caught.value
+    # The doctor reads a key file through the same reader.
+    with pytest.raises(ConfigError, match="not a file path") as caught:
+        keys_module.read_key_file(given, owner_only=False)
+    assert not [piece for piece in pieces if piece in str(caught.value)], caught.value
+
+
 def test_a_path_that_is_no_key_is_named_in_the_error(tmp_path: Path) -> None:
     # Paths of base64 characters that decode to no key are named as they are.
     for name in ("MIIEvQIBADANBgkqhkiG", "keys/M2026/dkimkeyfile1"):

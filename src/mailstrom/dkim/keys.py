@@ -208,20 +208,31 @@ def _refuse_pem_text(path: str | os.PathLike[str], label: str) -> None:
 _MIN_KEY_BASE64 = 64
 """Characters of base64 the smallest DKIM private key takes in DER: an Ed25519 key's
 48 octets (PKCS#8). An RSA key takes 800 and more."""
+_RAW_ED25519 = frozenset({32, 64})
+"""Octets of an Ed25519 private key kept raw, as dkimpy's ``dknewkey`` keeps it (the
+32-octet seed) or libsodium and rspamd (the seed and the public key): its base64 is 44
+or 88 characters ending in ``=``, which a file name hardly does."""
+_MIN_RAW_BASE64 = 44
+"""Characters of base64 the shortest key takes: a raw Ed25519 seed's 32 octets."""
 
 
 def _key_text(name: str) -> str | None:
     """What private key ``name`` holds instead of naming a file: ``"PEM text"`` (also
-    with its first line missing), ``"a key in base64"`` (its DER: how secret stores and
-    environment variables often hold one), or None. Such a name must never be shown."""
+    with its first line missing), ``"a key in base64"`` (its DER, or a raw Ed25519 key:
+    how secret stores and environment variables often hold one), or None. Such a name
+    must never be shown."""
     if "-----BEGIN" in name or "PRIVATE KEY-----" in name:
         return "PEM text"
     compact = "".join(name.split())
-    if len(compact) < _MIN_KEY_BASE64:
+    if len(compact) < _MIN_RAW_BASE64:
         return None
     try:
         der = base64.b64decode(compact, validate=True)
     except ValueError:  # binascii.Error: "/etc/dkim/key.pem" is no base64
+        return None
+    if len(der) in _RAW_ED25519:  # no key in DER is that short
+        return "a key in base64"
+    if len(compact) < _MIN_KEY_BASE64:
         return None
     return "a key in base64" if _is_private_der(der) else None
 
