@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 
@@ -105,6 +107,32 @@ def test_expiry_counts_from_send_at() -> None:
         [tags, _] = signature_tags(p.data)
         assert tags["t"] == str(int(NOW.timestamp()))  # the signing time stays the time
         assert int(tags["x"]) == int((start + timedelta(days=1)).timestamp()), send_at
+
+
+@pytest.fixture
+def zone_west_of_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone five hours behind UTC (four in summer)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("zone_west_of_utc")
+def test_sign_takes_naive_times_as_utc_as_prepare_does() -> None:
+    """sign() took a naive ``now`` or ``send_at`` as local time (``datetime.timestamp``),
+    where prepare() and Email.date take it as UTC: five hours west of UTC its t= lay in
+    the future and x= five hours late; east of UTC, x= came that much early."""
+    data = prepare(email(), now=NOW).data
+    naive = NOW.replace(tzinfo=None)
+    later = NOW + timedelta(days=2)
+    signed, _ = sign(
+        data, DKIM.keys, now=naive, expire=timedelta(days=1), send_at=later.replace(tzinfo=None)
+    )
+    for tags in signature_tags(signed):
+        assert tags["t"] == str(int(NOW.timestamp()))
+        assert tags["x"] == str(int((later + timedelta(days=1)).timestamp()))
 
 
 def test_headers_for_providers_are_signed_and_absent_ones_are_signed_as_absent() -> None:

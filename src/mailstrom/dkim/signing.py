@@ -23,7 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from mailstrom.dkim.canon import relaxed_body, relaxed_header, split_fields
 from mailstrom.dkim.config import DKIMConfig as DKIMConfig  # re-exported
@@ -83,7 +83,7 @@ def sign(
     ``DKIM-Signature`` field per key put in front, and what was signed.
 
     ``now`` is the signing time (``t=``); ``x=`` is ``expire`` after ``now`` or after
-    ``send_at``, whichever is later.
+    ``send_at``, whichever is later. A naive time is taken as UTC, as ``prepare`` takes it.
 
     The same bytes must reach the receiver: sign last, after every change to the message.
     """
@@ -94,12 +94,12 @@ def sign(
         head, body = data[: blank + 2], data[blank + 4 :]
     body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode("ascii")
     names, signed = _signed_headers(head)
-    timestamp = int(now.timestamp())
+    timestamp = _seconds(now)
     tags = [f"t={timestamp}"]
     if expire is not None:
         # A scheduled message leaves at send_at with these very bytes: an x= counted from
         # queueing would expire before its first attempt (RFC 6376 §3.5).
-        first = timestamp if send_at is None else max(timestamp, int(send_at.timestamp()))
+        first = timestamp if send_at is None else max(timestamp, _seconds(send_at))
         tags.append(f"x={first + max(1, int(expire.total_seconds()))}")
     fields: list[bytes] = []
     for key in keys:
@@ -121,6 +121,12 @@ def sign(
         DKIMSignature(domain=k.domain, selector=k.selector, algorithm=k.algorithm) for k in keys
     )
     return b"".join(fields) + data, signatures
+
+
+def _seconds(when: datetime) -> int:
+    """``when`` as a Unix time; naive is UTC (``datetime.timestamp`` would take it as
+    local time, putting t= in the future west of UTC and x= early east of it)."""
+    return int((when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp())
 
 
 def _signed_headers(head: bytes) -> tuple[list[str], bytes]:
