@@ -91,6 +91,38 @@ def test_an_expired_signature_fails(dns: LoopbackDNS) -> None:
     assert_all_fail(p.data, dns)
 
 
+# --- canonicalisation edges --------------------------------------------------------------
+
+_HEAD = b"From: shop@example.com\r\nTo: bob@example.org\r\nSubject: edges\r\n"
+EDGES = {
+    "no body at all": _HEAD,
+    "body of only line ends": _HEAD + b"\r\n\r\n\r\n\r\n",
+    "lines of only white space": _HEAD + b"\r\n \t\r\n  \r\nx\r\n \r\n\t\r\n",
+    "body of only white space, no line end": _HEAD + b"\r\n \t ",
+    "last line with white space, no line end": _HEAD + b"\r\nhello \t",
+    "white space after the last line end": _HEAD + b"\r\nabc\r\n  ",
+    "folded field with an empty continuation": (
+        b"From: shop@example.com\r\nTo: bob@example.org,\r\n \t\r\n carol@example.org\r\n"
+        b"Subject:\t  spaced \t out  \r\n\r\nbody\r\n"
+    ),
+    "repeated List-Unsubscribe, signed bottom-up": (
+        _HEAD + b"List-Unsubscribe: <mailto:u@example.com>\r\n"
+        b"List-Unsubscribe: <https://example.com/u>\r\n\r\nbody\r\n"
+    ),
+    "long 8-bit lines": Email(
+        from_="shop@example.com", to="bob@example.org", subject="s", text="Grüße " * 400
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EDGES))
+def test_canonicalisation_edges_verify_as_sent(dns: LoopbackDNS, name: str) -> None:
+    """Relaxed canonicalisation's corners (RFC 6376 §3.4.2, §3.4.4), checked on the bytes
+    a receiver gets: the SMTP session ends a last line that has no line end."""
+    data = prepare(EDGES[name], now=NOW, dkim=DKIM).data  # type: ignore[arg-type]
+    assert_all_pass(data if data.endswith(b"\r\n") else data + b"\r\n", dns)
+
+
 # --- random messages ---------------------------------------------------------------------
 
 WORDS = st.text("abcxyzäö€ \t", min_size=0, max_size=12)
