@@ -227,6 +227,26 @@ def test_a_from_group_cannot_be_signed_for() -> None:
         prepare(message, now=NOW, dkim=dual("example.com", required=True))
 
 
+def test_a_domain_with_ed25519_keys_only_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    """RFC 8301 obliges verifiers to rsa-sha256 alone, and Ed25519 (RFC 8463) is not
+    verified everywhere: mail signed by Ed25519 only is unsigned to such a receiver and
+    fails DMARC there. Such a configuration loaded without a word (as a small RSA key
+    does not), and the most specific domain's keys sign alone, so a subdomain's lone
+    Ed25519 key displaced its parent's RSA one."""
+    with caplog.at_level("WARNING", logger="mailstrom.dkim"):
+        DKIMConfig(
+            keys=(
+                key("example.com", "r"),
+                key("example.com", "e", ED25519),
+                key("news.example.com", "e", ED25519),
+                key("example.org", "r"),
+            )
+        )
+    warned = [r.getMessage() for r in caplog.records if r.name == "mailstrom.dkim"]
+    assert len(warned) == 1 and "news.example.com" in warned[0], warned
+    assert "RSA" in warned[0] and "mailstrom dkim keygen" in warned[0]
+
+
 def test_required_needs_keys() -> None:
     with pytest.raises(ConfigError, match=r"no dkim\.keys"):
         DKIMConfig(required=True)

@@ -7,13 +7,17 @@ signer; ``cryptography`` is still imported only when a key is loaded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from mailstrom.bounds import check_bool, check_duration
 from mailstrom.dkim.keys import DKIMKey
+from mailstrom.dkim.signature import DKIMAlgorithm
 from mailstrom.errors import ConfigError
+
+log = logging.getLogger("mailstrom.dkim")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,7 +35,8 @@ class DKIMConfig:
     with keys for ``example.com`` and ``news.example.com``, mail from
     ``a@news.example.com`` is signed by the ``news.example.com`` keys only, mail from
     ``a@shop.example.com`` by the ``example.com`` keys. Keys of one domain are typically
-    an RSA and an Ed25519 key (RFC 8463 §4 suggests signing with both). A message no key
+    an RSA and an Ed25519 key (RFC 8463 §4 suggests signing with both); a domain with
+    Ed25519 keys only is logged as a warning (``mailstrom.dkim``). A message no key
     matches is sent unsigned, or refused with
     :class:`~mailstrom.errors.NoDKIMKey` when ``required`` is true.
     """
@@ -72,6 +77,19 @@ class DKIMConfig:
                 )
             seen.add(name)
             self._by_domain[key.domain] = (*self._by_domain.get(key.domain, ()), key)
+        for domain, found in self._by_domain.items():
+            if all(k.algorithm is DKIMAlgorithm.ED25519_SHA256 for k in found):
+                # Said where it is configured, as a small RSA key is: the mail goes out
+                # signed, and only the DMARC reports of the receivers that drop it tell.
+                log.warning(
+                    "dkim keys for %s are Ed25519 only: RFC 8301 obliges verifiers to "
+                    "rsa-sha256 alone, and a receiver that does not verify Ed25519 (RFC "
+                    "8463) sees mail from %s and its subdomains as unsigned, which fails "
+                    "DMARC there; add an RSA key for it (mailstrom dkim keygen --domain %s)",
+                    domain,
+                    domain,
+                    domain,
+                )
         if self.expire is not None:
             check_duration(self.expire, "dkim.expire")
         check_bool(self.required, "dkim.required")
