@@ -20,7 +20,7 @@ from mailstrom.errors import (
     NoRecipients,
     UnencodableHeader,
 )
-from mailstrom.message import preparation, prepare
+from mailstrom.message import Attachment, Email, preparation, prepare
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 
@@ -309,3 +309,70 @@ def test_a_second_mime_version_field_is_refused() -> None:
         prepare(data, now=NOW)
     assert prepare(TOP + b"\r\nbody\r\n", now=NOW)
     assert prepare(_multipart(b"MIME-Version: 1.0\r\nContent-Type: text/plain"), now=NOW)
+
+
+_OCTETS = b"\x01\x02\r\x03\n\x04\r\n\x05"
+"""Binary content: a bare CR, a bare LF and a CRLF among other octets."""
+_BINARY_PART = (
+    b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n" + _OCTETS
+)
+
+
+def _binary_email_message() -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message.set_content("see the attachment\n")
+    message.add_attachment(_OCTETS, "application", "octet-stream", cte="binary")
+    return message
+
+
+BARE_LINE_ENDS_IN_BINARY = {
+    "raw": TOP + _BINARY_PART + b"\r\n",
+    "raw part": (
+        TOP + b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n--B\r\n'
+        b"Content-Type: text/plain\r\n\r\nhello\r\n--B\r\n" + _BINARY_PART + b"\r\n--B--\r\n"
+    ),
+}
+
+
+def _email_forwarding(attached: bytes) -> Email:
+    forwarded = Attachment(filename="m.eml", content=attached, content_type="message/rfc822")
+    return Email(from_="a@example.com", to="b@example.org", text="hi", attachments=[forwarded])
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        *BARE_LINE_ENDS_IN_BINARY.values(),
+        _binary_email_message(),
+        _email_forwarding(BARE_LINE_ENDS_IN_BINARY["raw"]),
+    ],
+    ids=[*BARE_LINE_ENDS_IN_BINARY, "EmailMessage", "attached to an Email"],
+)
+def test_a_binary_part_with_a_bare_line_end_is_refused_not_altered(
+    message: bytes | EmailMessage | Email,
+) -> None:
+    """A part labelled Content-Transfer-Encoding: binary holds octets, not lines (RFC 2045
+    §2.9), so its bare CR and LF are content; every bare CR and LF of the message was made
+    CRLF all the same, and the attachment arrived with other octets than it was given
+    (``\\r\\x03\\n`` as ``\\r\\n\\x03\\r\\n``). Such content cannot be sent unchanged without
+    BINARYMIME (RFC 3030), which is not used: it is refused, naming base64."""
+    with pytest.raises(ForbiddenCharacter, match=r"binary.*bare CR or LF.*base64"):
+        prepare(message, now=NOW)
+
+
+def test_bare_line_ends_outside_a_binary_part_are_still_made_crlf() -> None:
+    """What the refusal above leaves alone: LF line ends in a text part beside a binary
+    part whose own line ends are CRLF, and a binary part without any line end."""
+    data = (
+        TOP + b'Content-Type: multipart/mixed; boundary="B"\n\n--B\n'
+        b"Content-Type: text/plain\n\nhello\n--B\n"
+        b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: binary\n\n"
+        b"\x01\x02\r\n\x03\n--B--\n"
+    )
+    prepared = prepare(data, now=NOW)
+    assert b"\r\n\r\nhello\r\n--B\r\n" in prepared.data
+    assert b"\r\n\r\n\x01\x02\r\n\x03\r\n--B--\r\n" in prepared.data
+    single = TOP.replace(b"\r\n", b"\n") + _BINARY_PART.replace(_OCTETS, b"\x01\x02")
+    assert prepare(single.replace(b"\r\n", b"\n"), now=NOW).data.endswith(b"\r\n\r\n\x01\x02\r\n")

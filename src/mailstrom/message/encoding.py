@@ -14,7 +14,13 @@ from email.message import Message
 from email.policy import EmailPolicy
 from typing import Any
 
-from mailstrom.errors import InvalidMessage, LineTooLong, MailstromError, UnencodableHeader
+from mailstrom.errors import (
+    ForbiddenCharacter,
+    InvalidMessage,
+    LineTooLong,
+    MailstromError,
+    UnencodableHeader,
+)
 from mailstrom.message import mime
 from mailstrom.message.addresses import (
     ADDRESS_FIELDS,
@@ -41,11 +47,46 @@ def to_crlf(data: bytes) -> bytes:
 
     SMTP forbids bare CR and LF in content (RFC 5321 §2.3.8), so both become line ends.
     """
-    crlf = data.count(b"\r\n")
     # Counting is several times cheaper than rewriting, and most input is already right.
-    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+    if not has_bare_line_end(data):
         return data
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+def has_bare_line_end(data: bytes) -> bool:
+    """Whether ``data`` holds a CR or an LF that is not part of a CRLF."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
+
+
+def check_binary_line_ends(data: bytes) -> None:
+    """Raise :class:`ForbiddenCharacter` if :func:`to_crlf` would change the body of a
+    part of ``data`` labelled ``Content-Transfer-Encoding: binary``.
+
+    Binary data is octets, not lines (RFC 2045 §2.9): a bare CR or LF in it is content,
+    which only BINARYMIME (RFC 3030) can carry, and made CRLF it arrived as other octets.
+    Elsewhere a bare line end is a line end, and CRLF is its form on the wire.
+    """
+    if not has_bare_line_end(data):
+        return
+    crlf = to_crlf(data)
+    # Laid over ``crlf`` octet for octet: a CRLF that was one already reads as two NULs,
+    # so a CRLF here is a bare CR or LF made one.
+    bare = data.replace(b"\r\n", b"\0\0").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    for item in mime.entities(crlf):
+        leaf = item.maintype != "multipart" and not item.nested
+        if leaf and item.cte == "binary" and bare.find(b"\r\n", item.body, item.end) >= 0:
+            raise binary_line_end(item.content_type)
+
+
+def binary_line_end(content_type: str) -> ForbiddenCharacter:
+    """The error for a ``content_type`` part labelled binary that holds a bare CR or LF."""
+    return ForbiddenCharacter(
+        f"a {content_type} part labelled Content-Transfer-Encoding: binary holds a bare CR "
+        "or LF, which cannot be sent unchanged without BINARYMIME (RFC 3030) and would be "
+        "made CRLF; encode that part as base64",
+        where=content_type,
+    )
 
 
 def check_line_lengths(data: bytes) -> None:

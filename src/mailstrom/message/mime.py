@@ -313,6 +313,23 @@ def _child_spans(item: Entity) -> Iterator[tuple[int, int, str]]:
         yield part_start, item.end, default
 
 
+def entities(data: bytes) -> Iterator[Entity]:
+    """Every entity of ``data``, the message itself first, depth first; no deeper than
+    :data:`MAX_DEPTH` levels below it (:func:`check_structure` refuses deeper ones)."""
+    pending = [(iter([(0, len(data), "text/plain")]), 0)]
+    while pending:
+        spans, depth = pending[-1]
+        span = next(spans, None)
+        if span is None:
+            pending.pop()
+            continue
+        start, end, default = span
+        item = entity(data, start, end, default=default)
+        yield item
+        if item.maintype in ("multipart", "message") and depth < MAX_DEPTH:
+            pending.append((_child_spans(item), depth + 1))
+
+
 def in_part_header_section(data: bytes, offset: int) -> bool:
     """Whether ``data[offset]`` is in the header section of an entity below the top level
     (a MIME part, an attached message): only the entities around it are read."""

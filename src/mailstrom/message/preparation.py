@@ -41,6 +41,7 @@ from mailstrom.message import builder, mime
 from mailstrom.message.builder import Email
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.encoding import (
+    check_binary_line_ends,
     check_line_lengths,
     downgrade_to_7bit,
     serialise,
@@ -60,6 +61,7 @@ from mailstrom.message.identification import check_date, check_message_id, forma
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
 from mailstrom.message.trees import (
+    check_binary_payloads,
     check_entity_headers,
     check_written_tree,
     least_written_size,
@@ -296,6 +298,7 @@ def _prepare_bytes(
             where="body",
         )
     part_utf8 = mime.check_structure(out)
+    check_binary_line_ends(data)
     # Read from what is sent: a UTF-8 name in a Bcc field that was dropped needs no
     # SMTPUTF8 (its address, if UTF-8, makes the envelope need it).
     end = out.find(b"\r\n\r\n")
@@ -456,6 +459,7 @@ def _serialise(message: Message, max_size: int) -> bytes:
     the tree does (:func:`~mailstrom.message.trees.check_written_tree`).
     """
     utf8 = check_entity_headers(message)
+    check_binary_payloads(message)
     least = least_written_size(message)
     if least > max_size:
         # Refused before it is written, as an Email is before it is rendered: a 60 MB

@@ -35,6 +35,7 @@ from mailstrom.message.builder import Draft, Part
 from mailstrom.message.chars import shorten
 from mailstrom.message.encoding import (
     MAX_LINE,
+    check_binary_line_ends,
     downgrade_to_7bit,
     encode_long_lines,
     fold_line,
@@ -340,6 +341,7 @@ def _attached_message(part: Part) -> bytes:
     # body, an unfolded Subject), which it may not be sent with: each such body is
     # encoded and each such header line folded, as for sendmail input; the content reads
     # the same.
+    check_binary_line_ends(part.content)
     content = downgrade_to_7bit(encode_long_lines(to_crlf(part.content)))
     if b"\0" in content:
         raise ForbiddenCharacter(

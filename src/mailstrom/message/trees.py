@@ -47,6 +47,7 @@ from mailstrom.message.bounds import (
     too_many_parts,
 )
 from mailstrom.message.chars import check_header_text, check_other_line_breaks, shorten
+from mailstrom.message.encoding import binary_line_end, has_bare_line_end
 from mailstrom.message.headers import check_field_name, check_field_size
 from mailstrom.message.identification import check_message_id
 from mailstrom.message.policies import HEADER_FACTORY
@@ -133,6 +134,23 @@ def least_written_size(message: Message) -> int:
             if isinstance(payload, str | bytes):
                 size += len(payload)
     return size
+
+
+def check_binary_payloads(message: Message) -> None:
+    """Refuse a leaf of ``message`` labelled ``Content-Transfer-Encoding: binary`` whose
+    content holds a bare CR or LF: the stdlib writes each as a line end, CRLF, and the
+    part arrived with other octets than it was given (see
+    :func:`~mailstrom.message.encoding.check_binary_line_ends`, raw input's check).
+    ``message`` has been walked by :func:`check_entity_headers`, which bounds the tree."""
+    for part in _entities(message):
+        if (
+            part.is_multipart()
+            or str(part.get("Content-Transfer-Encoding", "")).strip().lower() != "binary"
+        ):
+            continue
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes) and has_bare_line_end(payload):
+            raise binary_line_end(part.get_content_type())
 
 
 def _entities(message: Message) -> Iterator[Message]:
