@@ -376,3 +376,36 @@ def test_bare_line_ends_outside_a_binary_part_are_still_made_crlf() -> None:
     assert b"\r\n\r\n\x01\x02\r\n\x03\r\n--B--\r\n" in prepared.data
     single = TOP.replace(b"\r\n", b"\n") + _BINARY_PART.replace(_OCTETS, b"\x01\x02")
     assert prepare(single.replace(b"\r\n", b"\n"), now=NOW).data.endswith(b"\r\n\r\n\x01\x02\r\n")
+
+
+def _compat32_with_subject(subject: str) -> email.message.Message:
+    message = email.message.Message()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message["Subject"] = subject
+    message["Content-Type"] = "text/html"
+    message.set_payload("<p>hi</p>")
+    return message
+
+
+WHITE_SPACE_LINES = {
+    "raw": TOP + b"Subject: hi\r\n \r\nContent-Type: text/html\r\n\r\n<p>hi</p>\r\n",
+    "raw tab": TOP + b"Subject: hi\r\n\t \r\nContent-Type: text/html\r\n\r\n<p>hi</p>\r\n",
+    "part": _multipart(b"X-Note: a\r\n \r\nContent-Type: text/html"),
+    "compat32": _compat32_with_subject("hi\n "),
+}
+
+
+@pytest.mark.parametrize("message", WHITE_SPACE_LINES.values(), ids=WHITE_SPACE_LINES)
+def test_a_header_line_of_only_white_space_is_refused(
+    message: bytes | email.message.Message,
+) -> None:
+    """A folded line of only white space is obsolete syntax that RFC 5322 §4.2 and §4 say
+    must not be generated, and readers differ on it: Ruby's mail gem and vmime end the
+    header section there. It was sent as it came (a compat32 Subject "hi\\n " too), so
+    such a reader saw the fields below it, Content-Type and the Date and Message-ID added
+    here, as body text. It is refused, with the field it is in."""
+    with pytest.raises(InvalidMessage, match=r"only white space.*X-Note|only white space.*Subj"):
+        prepare(message, now=NOW)
+    # White space after text on a continuation line is folding as ever.
+    assert prepare(TOP + b"Subject: hi\r\n there \r\n\r\nbody\r\n", now=NOW)

@@ -57,6 +57,8 @@ _SPACED_FIELD_NAME = re.compile(rb"(?<![^\n])([!-9;-~]+)[ \t]+:")
 """A field line with white space before its colon, at a line start (an entity starts at
 one: after a CRLF, or at the start of the message)."""
 _IDENTITY = frozenset({"7bit", "8bit", "binary"})
+_WHITE_LINE = re.compile(rb"\n[ \t]+(?:\r\n|\Z)")
+"""A line of only white space after the first (a continuation line, to this module)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +387,19 @@ def _spaced_field_name(name: str, where: str) -> InvalidHeaderValue:
     )
 
 
+def _white_line(before: bytes, where: str) -> InvalidMessage:
+    """The error for a line of only white space in ``where``, after the octets ``before``."""
+    field = next((f for f in reversed(before.split(b"\r\n")) if f[:1] not in (b" ", b"\t")), b"")
+    name = shorten(field.partition(b":")[0].decode("ascii", "replace"), 60)
+    # Obsolete syntax (RFC 5322 §4.2) that §4 says must not be generated; Ruby's mail
+    # gem and vmime end the header section at such a line, so the fields below it (the
+    # Content-Type, the Date and Message-ID prepare() adds) were body text to them.
+    return InvalidMessage(
+        f"{where} has a line of only white space in the field {name}; readers differ on "
+        "whether it ends the header section (RFC 5322 §4.2 obsolete syntax), so remove it"
+    )
+
+
 def nesting_too_deep(limit: int = MAX_DEPTH) -> NestingTooDeep:
     """The error for a message whose entities nest deeper than ``limit``."""
     return NestingTooDeep(
@@ -440,8 +455,8 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     :class:`HeaderTooLong` for a header section over the bounds of
     :mod:`~mailstrom.message.bounds`, and :class:`InvalidMessage` for an entity with two
     Content-Type or Content-Transfer-Encoding fields, a multipart boundary named where
-    readers differ on it (after a comment, in RFC 2231 form), a continuation line first, or
-    an mbox ``From`` line after the first;
+    readers differ on it (after a comment, in RFC 2231 form), a continuation line first, a
+    line of only white space, or an mbox ``From`` line after the first;
     :class:`InvalidHeaderValue` for a field with white space before its colon;
     :class:`UnencodableHeader` for a part's 8-bit header section that is not UTF-8;
     :class:`ForbiddenCharacter` for a control character in a part's header section (the
@@ -477,6 +492,9 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
         check_header_section(data, start, body, where=where)
         if depth:
             _check_head_octets(data, start, body, where)
+        white = _WHITE_LINE.search(data, start, body)
+        if white is not None:
+            raise _white_line(data[start : white.start()], where)
         spaced = _SPACED_FIELD_NAME.search(data, start, body)
         if spaced is not None:
             raise _spaced_field_name(spaced[1].decode("ascii"), where)
