@@ -408,6 +408,10 @@ BAD_DATES = [
     "Tue, 02 Jan 2024 \uff10\uff13:04:05 +0000",
     "Tue,\u300002 Jan 2024 03:04:05 +0000",
     "Tue, 02\u00a0Jan 2024 03:04:05 +0000",
+    # No zone, which RFC 5322 §3.3 requires: parsedate_tz() took each for UTC.
+    "Sat Dec  5 23:35:25 2026",  # time.ctime()
+    "Tue, 02 Jan 2024 03:04:05",
+    "Tue, 02 Jan 2024 03:04:05 (CET)",  # a comment where the zone belongs
 ]
 GOOD_DATES = [
     "Mon, 01 Jan 2024 00:00:00 +0000",
@@ -416,6 +420,9 @@ GOOD_DATES = [
     "Mon, 01 Jan 24 00:00:00 EST",  # two-digit year
     "Tue, 02 Jan 2024 03:04:05 +0100 (CET)",  # a comment after it
     "Sat, 31 Dec 2016 23:59:60 +0000",  # a leap second (§3.3)
+    "Tue, 02 Jan 2024 03:04:05 -0000",  # a UTC time, its local zone unknown (§3.3)
+    "Tue, 02 Jan 2024 03:04:05 CET",  # a zone name readers may not know (§4.3)
+    "Tue, 2 jan 2024 03:04 +0100 (a (nested) comment)",  # no seconds, lower case
 ]
 
 

@@ -22,6 +22,19 @@ _CFWS = r"[ \t]*(?:\((?:[^()\\]|\\.)*\)[ \t]*)*"
 _MSG_ID = re.compile(rf"{_CFWS}(<{_ID_LEFT}@{_ID_RIGHT}>){_CFWS}", re.DOTALL)
 """msg-id (RFC 5322 §3.6.4): id-left a dot-atom-text or (obs-id-left) a quoted string,
 id-right a dot-atom-text or a no-fold-literal, with comments and white space around."""
+_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)", re.DOTALL)
+"""A comment without one inside it (RFC 5322 §3.2.2)."""
+_DATE_TIME = re.compile(
+    r"[ \t]*(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)[ \t]*,[ \t]*)?"
+    r"[0-9]{1,2}[ \t]+(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[ \t]+[0-9]{2,}[ \t]+"
+    r"[0-9]{2}[ \t]*:[ \t]*[0-9]{2}(?:[ \t]*:[ \t]*[0-9]{2})?"
+    r"[ \t]*(?:[+-][0-9]{4}|[A-Za-z]{1,5})[ \t]*",
+    re.IGNORECASE,
+)
+"""A date-time (RFC 5322 §3.3) with its comments made spaces: a day, month and year, a
+time, and a zone, which may not be left out. White space may stand around every token
+(§4.3 obsolete syntax), and a zone may be any name of up to five letters: one a reader
+does not know stands for ``-0000`` (§4.3)."""
 _FOREIGN_DIGIT_OR_SPACE = re.compile(r"[^\D0-9]|[^\S\x00-\x7f]")
 """A digit or white space that is not ASCII: parsedate_tz() reads the date with int() and
 str.split(), which take both ("\u0660\u0662 Jan" is the 2nd), yet a date-time has
@@ -83,12 +96,18 @@ def check_date(value: str) -> None:
     """Raise :class:`InvalidHeaderValue` unless ``value`` is a readable RFC 5322 date.
 
     Obsolete forms stay valid (RFC 5322 §4.3): two-digit years, zone names such as
-    ``GMT`` or ``EST``, a trailing comment. A second of 60 is a leap second (§3.3).
+    ``GMT`` or ``EST``, comments and white space around the tokens. A second of 60 is a
+    leap second (§3.3). A date without a zone is refused (§3.3 requires one).
     """
     # isascii() first: one C-level pass, true for almost every Date. A comment may still
     # hold UTF-8 (RFC 6532), so only the characters parsedate_tz() misreads are refused.
     foreign = not value.isascii() and _FOREIGN_DIGIT_OR_SPACE.search(value) is not None
-    parts = None if foreign else parsedate_tz(value)
+    # parsedate_tz() takes a date without a zone (time.ctime()'s "Sat Dec  5 23:35:25
+    # 2026", or a comment where the zone belongs) for UTC; readers may take it for their
+    # own local time, or not read it. The grammar first, comments two deep at most.
+    bare = _COMMENT.sub(" ", _COMMENT.sub(" ", value)) if "(" in value else value
+    shaped = not foreign and _DATE_TIME.fullmatch(bare) is not None
+    parts = parsedate_tz(value) if shaped else None
     try:
         if parts is None:
             raise ValueError("unreadable")
