@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailstrom.errors import ForbiddenCharacter, HeaderInjection
+from mailstrom.errors import ForbiddenCharacter, HeaderInjection, InvalidMessage
 from mailstrom.message import Attachment, Email, prepare
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -233,3 +233,27 @@ def test_raw_body_is_kept_except_line_endings(body: bytes, ending: bytes) -> Non
     assert prepared.eightbit == (not expected.isascii())
     assert prepared.recipients == ("b@example.org", "c@example.net")
     assert b"c@example.net" not in prepared.data
+
+
+@SETTINGS
+@given(
+    content=st.binary(max_size=400).map(lambda b: b.replace(b"\0", b"")),
+    line_ends=st.sampled_from([b"\r\n", b"\n"]),
+)
+def test_a_binary_part_arrives_as_given_or_is_refused(content: bytes, line_ends: bytes) -> None:
+    """Whatever octets a part labelled ``Content-Transfer-Encoding: binary`` holds, and
+    whatever line ends the rest of the message has, prepare() either refuses it or sends
+    its content octet for octet; it never makes another attachment of it."""
+    head = (
+        b"From: a@example.com\nTo: b@example.org\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/mixed; boundary="=_B"\n\n--=_B\n'
+        b"Content-Type: text/plain\n\nhello\n--=_B\n"
+        b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: binary\n\n"
+    ).replace(b"\n", line_ends)
+    data = head + content + line_ends + b"--=_B--" + line_ends
+    try:
+        prepared = prepare(data, now=NOW)
+    except InvalidMessage:
+        return
+    start = prepared.data.index(b"binary\r\n\r\n") + len(b"binary\r\n\r\n")
+    assert prepared.data[start:].startswith(content + b"\r\n--=_B--\r\n")
