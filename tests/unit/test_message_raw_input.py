@@ -409,3 +409,24 @@ def test_a_header_line_of_only_white_space_is_refused(
         prepare(message, now=NOW)
     # White space after text on a continuation line is folding as ever.
     assert prepare(TOP + b"Subject: hi\r\n there \r\n\r\nbody\r\n", now=NOW)
+
+
+def _compat32_body(text: str) -> email.message.Message:
+    message = email.message.Message()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message["Subject"] = "Grüße"
+    message.set_payload(text)
+    return message
+
+
+def test_a_body_of_unencoded_non_ascii_text_is_refused_as_such() -> None:
+    """A stdlib message whose payload is a str with non-ASCII characters and no charset
+    (``set_payload("hé")`` without one) cannot be written; the stdlib's 'ascii' codec
+    error came back as UnencodableHeader, "the message cannot be encoded", so that the
+    caller looked for a bad header (here the Subject, which is fine). It is refused as
+    the body it is, naming what encodes it."""
+    with pytest.raises(InvalidMessage, match=r"text/plain part's body.*set_content") as caught:
+        prepare(_compat32_body("h\u00e9"), now=NOW)
+    assert not isinstance(caught.value, UnencodableHeader)
+    assert prepare(_compat32_body("he"), now=NOW).data.endswith(b"\r\n\r\nhe\r\n")

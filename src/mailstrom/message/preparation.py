@@ -61,8 +61,8 @@ from mailstrom.message.identification import check_date, check_message_id, forma
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.message.render import render
 from mailstrom.message.trees import (
-    check_binary_payloads,
     check_entity_headers,
+    check_payloads,
     check_written_tree,
     least_written_size,
 )
@@ -459,7 +459,7 @@ def _serialise(message: Message, max_size: int) -> bytes:
     the tree does (:func:`~mailstrom.message.trees.check_written_tree`).
     """
     utf8 = check_entity_headers(message)
-    check_binary_payloads(message)
+    check_payloads(message)
     least = least_written_size(message)
     if least > max_size:
         # Refused before it is written, as an Email is before it is rendered: a 60 MB

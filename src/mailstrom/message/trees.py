@@ -136,21 +136,43 @@ def least_written_size(message: Message) -> int:
     return size
 
 
-def check_binary_payloads(message: Message) -> None:
-    """Refuse a leaf of ``message`` labelled ``Content-Transfer-Encoding: binary`` whose
-    content holds a bare CR or LF: the stdlib writes each as a line end, CRLF, and the
-    part arrived with other octets than it was given (see
-    :func:`~mailstrom.message.encoding.check_binary_line_ends`, raw input's check).
+def check_payloads(message: Message) -> None:
+    """Refuse a leaf payload of ``message`` that the stdlib cannot write as it is given:
+
+    - one labelled ``Content-Transfer-Encoding: binary`` whose content holds a bare CR or
+      LF: the stdlib writes each as a line end, CRLF, and the part arrived with other
+      octets than it was given (see
+      :func:`~mailstrom.message.encoding.check_binary_line_ends`, raw input's check);
+    - a str with non-ASCII characters and no charset to encode them in
+      (``set_payload("hé")``): the stdlib's 'ascii' codec error read as a header's.
+
     ``message`` has been walked by :func:`check_entity_headers`, which bounds the tree."""
     for part in _entities(message):
-        if (
-            part.is_multipart()
-            or str(part.get("Content-Transfer-Encoding", "")).strip().lower() != "binary"
-        ):
+        if part.is_multipart():
+            continue
+        raw = part.get_payload()
+        if isinstance(raw, str) and not raw.isascii() and not _surrogates(raw):
+            # What set_payload(text, charset) and set_content() hold is encoded already,
+            # or octets carried as surrogates, which the stdlib writes as they are.
+            raise InvalidMessage(
+                f"a {part.get_content_type()} part's body is text with non-ASCII "
+                f"characters ({shorten(raw, 40)}) but no charset to encode them in; set it "
+                "with set_content(text) or set_payload(text, 'utf-8')"
+            )
+        if str(part.get("Content-Transfer-Encoding", "")).strip().lower() != "binary":
             continue
         payload = part.get_payload(decode=True)
         if isinstance(payload, bytes) and has_bare_line_end(payload):
             raise binary_line_end(part.get_content_type())
+
+
+def _surrogates(text: str) -> bool:
+    """Whether ``text`` carries octets as lone surrogates (``surrogateescape``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _entities(message: Message) -> Iterator[Message]:
