@@ -142,7 +142,16 @@ def split_header_section(data: bytes) -> HeaderSection:
             break
         _check_line(line, fields)
         if line[0] in b" \t":
-            fields[-1][1].append(line)
+            lines = fields[-1][1]
+            if line.strip(b" \t"):
+                lines.append(line)
+            else:
+                # A line of only white space (RFC 5322 §4.2 obsolete syntax, which the
+                # stdlib's folder writes for a long run of spaces in a display name):
+                # Ruby's mail gem and vmime end the header section there, so the fields
+                # below it were body text to them. Joined to the line before, the field
+                # unfolds to the same value (§2.2.3: unfolding removes the CRLF only).
+                lines[-1] += line
         else:
             match = _FIELD_LINE.match(line)
             assert match is not None

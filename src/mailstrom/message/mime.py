@@ -393,7 +393,7 @@ def _white_line(before: bytes, where: str) -> InvalidMessage:
     name = shorten(field.partition(b":")[0].decode("ascii", "replace"), 60)
     # Obsolete syntax (RFC 5322 §4.2) that §4 says must not be generated; Ruby's mail
     # gem and vmime end the header section at such a line, so the fields below it (the
-    # Content-Type, the Date and Message-ID prepare() adds) were body text to them.
+    # part's Content-Type) were body text to them.
     return InvalidMessage(
         f"{where} has a line of only white space in the field {name}; readers differ on "
         "whether it ends the header section (RFC 5322 §4.2 obsolete syntax), so remove it"
@@ -456,7 +456,8 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     :mod:`~mailstrom.message.bounds`, and :class:`InvalidMessage` for an entity with two
     Content-Type or Content-Transfer-Encoding fields, a multipart boundary named where
     readers differ on it (after a comment, in RFC 2231 form), a continuation line first, a
-    line of only white space, or an mbox ``From`` line after the first;
+    line of only white space in a part's header section, or an mbox ``From`` line after
+    the first;
     :class:`InvalidHeaderValue` for a field with white space before its colon;
     :class:`UnencodableHeader` for a part's 8-bit header section that is not UTF-8;
     :class:`ForbiddenCharacter` for a control character in a part's header section (the
@@ -492,8 +493,10 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
         check_header_section(data, start, body, where=where)
         if depth:
             _check_head_octets(data, start, body, where)
-        white = _WHITE_LINE.search(data, start, body)
+        white = _WHITE_LINE.search(data, start, body) if depth else None
         if white is not None:
+            # The top one's such lines are joined to the line before as it is read
+            # (split_header_section); a part's are in a body, which is sent as it came.
             raise _white_line(data[start : white.start()], where)
         spaced = _SPACED_FIELD_NAME.search(data, start, body)
         if spaced is not None:
