@@ -151,7 +151,12 @@ def check_payloads(message: Message) -> None:
         if part.is_multipart():
             continue
         raw = part.get_payload()
-        if isinstance(raw, str) and not raw.isascii() and not _surrogates(raw):
+        if (
+            isinstance(raw, str)
+            and not raw.isascii()
+            and part.get_content_charset() is None
+            and not _surrogates(raw)
+        ):
             # What set_payload(text, charset) and set_content() hold is encoded already,
             # or octets carried as surrogates, which the stdlib writes as they are.
             raise InvalidMessage(
