@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_a_notice_that_cannot_be_made_stops_no_delivery(
     def broken(*args: Any, **kwargs: Any) -> list[Any]:
         raise RuntimeError("a bug in the notice renderer")
 
-    monkeypatch.setattr(notices, "notices_for", broken)
+    monkeypatch.setattr(notices, "notices_owed", broken)
     ms = mailstrom(bounce_notices=True)
     ms.send_email(hello("nobody@example.org"))
     ms.send_email(hello("ann@example.org"))
@@ -118,8 +119,12 @@ def test_a_notice_that_cannot_be_made_stops_no_delivery(
         "nobody@example.org": RecipientState.FAILED,
         "ann@example.org": RecipientState.DELIVERED,
     }
-    assert ms.worker_status.running
+    for _ in range(500):  # made after the record that on_result heard of
+        if "bounce messages could not be made" in caplog.text:
+            break
+        time.sleep(0.01)
     assert "bounce messages could not be made" in caplog.text
+    assert ms.worker_status.running
 
 
 def test_off_by_default_in_the_library(mailstrom: Make, mx: Any, results: Results) -> None:
@@ -447,17 +452,17 @@ def test_a_notice_the_store_could_not_take_is_queued_at_the_next_write(
 ) -> None:
     """The store failed for a moment just as the notices were queued (a lock held past
     busy_timeout, a full disk that had room for the results only): the notices were
-    logged and dropped, and the sender never heard that the mail failed. They wait in
-    memory as results do, and go with the next write that works."""
+    logged and dropped, and the sender never heard that the mail failed. Their marks stay
+    in the store, and the worker looks for them again soon."""
 
     class NoticesFailOnce(MemoryStore):
         failed = False
 
-        def enqueue_many(self, messages: Any, *, now: Any) -> list[str]:
+        def queue_notices(self, owed: Any, notices: Any, *, now: Any) -> list[str]:
             if not self.failed:
                 self.failed = True
                 raise StoreLocked("database is locked (another process holds its write lock)")
-            return super().enqueue_many(messages, now=now)
+            return super().queue_notices(owed, notices, now=now)
 
     store = NoticesFailOnce()
     ms = Mailstrom(
@@ -476,28 +481,29 @@ def test_a_notice_the_store_could_not_take_is_queued_at_the_next_write(
     }
 
 
-async def test_a_notice_left_unqueued_is_queued_when_the_worker_stops(
+async def test_a_notice_left_unqueued_is_queued_by_the_next_worker(
     dns_server: LoopbackDNS, mx: Any, tmp_path: Path
 ) -> None:
     """The store failed just as a notice was queued, and the worker was stopped before
-    its next write: the notice waited in memory for a write that never came, and the stop
-    dropped it without a word (the sender never heard that the mail failed). A stopping
-    worker queues what waits, as it records the results it holds."""
+    it could try again: the notice waited in the worker's memory and the stop dropped it
+    (the sender never heard that the mail failed). Its mark stays in the store with the
+    failure's record, the stop tries once more, and a worker started later queues it."""
 
     class NoticesFail(SQLiteStore):
         failing = True
         tried = 0
         queued = 0
 
-        def enqueue_many(self, messages: Any, *, now: Any) -> list[str]:
-            if any(m.envelope_from == "" for m in messages):
-                self.tried += 1
-                if self.failing:
-                    raise StoreLocked("database is locked (another process holds its lock)")
-                self.queued += len(messages)
-            return super().enqueue_many(messages, now=now)
+        def queue_notices(self, owed: Any, notices: Any, *, now: Any) -> list[str]:
+            self.tried += 1
+            if self.failing:
+                raise StoreLocked("database is locked (another process holds its lock)")
+            ids = super().queue_notices(owed, notices, now=now)
+            self.queued += len(ids)
+            return ids
 
-    store = NoticesFail(tmp_path / "q.db")
+    path = tmp_path / "q.db"
+    store = NoticesFail(path)
     try:
         store.enqueue(
             prepare(hello("nobody@example.org"), envelope_from="app@sender.test"),
@@ -510,12 +516,33 @@ async def test_a_notice_left_unqueued_is_queued_when_the_worker_stops(
                 break
             await asyncio.sleep(0.02)
         assert store.tried
-        store.failing = False  # the store works again, and the worker is stopped at once
         worker.request_stop(drain_timeout=5)
         await asyncio.wait_for(run, 30)
+        assert store.queued == 0
+        [owed] = store.owed_notices()
+        assert owed.address == "nobody@example.org"
     finally:
         store.close()
-    assert store.queued == 1
+    again = NoticesFail(path)
+    again.failing = False
+    try:
+        worker = Worker(loopback_config(dns_server, mx.port, bounce_notices=True), again)
+        run = asyncio.create_task(worker.run())
+        for _ in range(500):
+            if again.queued:
+                break
+            await asyncio.sleep(0.02)
+        worker.request_stop(drain_timeout=5)
+        await asyncio.wait_for(run, 30)
+        assert again.queued == 1
+        assert again.owed_notices() == []
+    finally:
+        again.close()
+    [notice] = mx.wait_for_messages(1)
+    report = parse_report(notice.content)
+    assert report is not None and [r.final_recipient for r in report.recipients] == [
+        "nobody@example.org"
+    ]
 
 
 def test_a_notice_the_store_refuses_for_good_does_not_hold_the_others(
@@ -528,11 +555,11 @@ def test_a_notice_the_store_refuses_for_good_does_not_hold_the_others(
     class RefusesOneNotice(MemoryStore):
         refused = 0
 
-        def enqueue_many(self, messages: Any, *, now: Any) -> list[str]:
-            if any(b"Subject: poison" in m.data for m in messages):
+        def queue_notices(self, owed: Any, notices: Any, *, now: Any) -> list[str]:
+            if any(b"Subject: poison" in m.data for ms in notices.values() for m in ms):
                 self.refused += 1
                 raise StoreRefusedData("a value the store cannot hold")
-            return super().enqueue_many(messages, now=now)
+            return super().queue_notices(owed, notices, now=now)
 
     store = RefusesOneNotice()
     config = loopback_config(dns_server, mx.port, bounce_notices=True, poll_interval=0.2)
@@ -577,3 +604,41 @@ def test_a_notice_under_dkim_required_comes_from_a_domain_a_key_signs(
     assert notice.content.startswith(b"DKIM-Signature: ") and b"d=sender.test;" in notice.content
     report = parse_report(notice.content)
     assert report is not None and report.reporting_mta == "mta.hosting.test"
+
+
+class CountingWrites(MemoryStore):
+    """Counts its writes that record a failure."""
+
+    writes = 0
+
+    def record(self, results: Any) -> Any:
+        if any(r.state is RecipientState.FAILED for r in results):
+            self.writes += 1
+        return super().record(results)
+
+
+def test_one_notice_for_a_message_failing_in_two_domains(
+    dns_server: LoopbackDNS, mx: Any, results: Results
+) -> None:
+    """A message whose recipients fail in two destination domains (two transactions,
+    recorded in two writes) got a notice per write: its sender got two bounces for one
+    message. The failures are marked in the store with their record, and one notice
+    per message is queued from the marks once no recipient of it is still on its way,
+    as Postfix bounces once per queue file."""
+    dns_server.mx("example.net", [(10, "mx.test")])
+    mx.rcpt_replies["gone@example.net"] = NO_SUCH_USER
+    mx.data_delay = 0.5  # example.net's results come after example.org's are written
+    store = CountingWrites()
+    config = loopback_config(dns_server, mx.port, bounce_notices=True)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        ms.send_email(hello("nobody@example.org", "gone@example.net", "ann@example.net"))
+        results.wait_count(4)  # two failed, ann delivered, one notice delivered
+        notice = next(m for m in mx.wait_for_messages(2) if m.rcpt_tos == ("app@sender.test",))
+        assert store.writes == 2
+        report = parse_report(notice.content)
+        assert report is not None
+        assert sorted(r.final_recipient for r in report.recipients) == [
+            "gone@example.net",
+            "nobody@example.org",
+        ]
+        assert len(ms.query_recent()) == 2  # the message, and one notice

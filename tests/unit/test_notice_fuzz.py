@@ -1,9 +1,11 @@
 """Fuzzing the bounce notices the worker sends: whatever a failed message, its sender, its
 recipients, the peer's reply, the remote MTA's name, the DSN request and the host's name
-hold, ``notices_for`` returns notices or logs why it could not (InvalidMessage) and never
-raises, and each notice it renders is ASCII (but for the To field of a sender whose local
-part is UTF-8), with CRLF line ends, lines of at most 998 octets and an RFC 2046
-boundary, is accepted by ``prepare`` and reads back with ``parse_report``.
+hold, the notices made (a final failure's through its mark "notice owed": ``owed_notice``
+then ``notices_owed``; a delay warning by ``notices_for``) come out or are logged with why
+they could not (InvalidMessage), never raised, and each notice rendered is ASCII (but
+for the To field of a sender whose local part is UTF-8), with CRLF line ends, lines of at
+most 998 octets and an RFC 2046 boundary, is accepted by ``prepare`` and reads back
+with ``parse_report``.
 
 Every input that reaches ``render_notice`` gets its notice: the only inputs that
 legitimately get none are decided before rendering (the null sender; NOTIFY without
@@ -34,10 +36,17 @@ from mailstrom.errors import InvalidMessage
 from mailstrom.message import prepare
 from mailstrom.message.addrspec import validate_address
 from mailstrom.message.dsn import DSN, Notify, Return
+from mailstrom.message.prepared import PreparedMessage
 from mailstrom.runtime import notices as notices_module
-from mailstrom.runtime.notices import notices_for
+from mailstrom.runtime.notices import notices_for, notices_owed, owed_notice
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
-from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem, domain_of
+from mailstrom.stores.base import (
+    LeasedRecipient,
+    OwedNotice,
+    RecipientResult,
+    WorkItem,
+    domain_of,
+)
 
 # RFC 2046 §5.1.1: 1 to 70 of these, not ending in a space.
 BCHARS = re.compile(rb"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")
@@ -266,6 +275,30 @@ def worker_inputs(
     return results, items
 
 
+def made(
+    results: list[RecipientResult], items: dict[tuple[str, str], WorkItem], config: Config
+) -> list[PreparedMessage]:
+    """The notices the worker makes of ``results``: delay warnings at once, a failure's
+    notice from the mark its record leaves in the store."""
+    notices = notices_for(results, items, config=config, now=NOW, verp_key=KEY)
+    owed = []
+    data = {}
+    for result in results:
+        if result.state is not RecipientState.FAILED:
+            continue
+        item = items[(result.message_id, domain_of(result.address))]
+        text = owed_notice(result, item, config=config, verp_key=KEY)
+        if text is not None:
+            assert text.isascii()
+            owed.append(
+                OwedNotice(message_id=result.message_id, address=result.address, notice=text)
+            )
+            data[result.message_id] = item.data
+    for listed in notices_owed(owed, data, config=config, now=NOW).values():
+        notices += listed
+    return notices
+
+
 def check_notice(raw: bytes) -> None:
     """What every rendered notice must be: ASCII, but for the To field of a sender with a
     UTF-8 local part (RFC 6532), which needs SMTPUTF8 to be reached at all."""
@@ -296,7 +329,7 @@ def test_notices_never_raise_and_are_safe_to_send(case: dict[str, Any]) -> None:
         return raw
 
     with mock.patch.object(notices_module, "render_notice", recording):
-        notices = notices_for(results, items, config=case["config"], now=NOW, verp_key=KEY)
+        notices = made(results, items, case["config"])
     event(f"{len(rendered)} rendered")
     for raw in rendered:
         check_notice(raw)
@@ -344,7 +377,7 @@ def one_notice(
         return rendered[-1]
 
     with mock.patch.object(notices_module, "render_notice", recording):
-        notices = notices_for(results, items, config=case["config"], now=NOW, verp_key=KEY)
+        notices = made(results, items, case["config"])
     [raw] = rendered
     check_notice(raw)
     return raw, [n.data for n in notices]

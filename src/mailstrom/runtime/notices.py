@@ -1,13 +1,24 @@
-"""The worker's bounce messages: final failures of a batch of results turned into RFC 3464
-notices to the senders who asked for them (:mod:`mailstrom.bounces.notice` decides and
-renders; this module gathers per message and sender, and prepares them for the queue)."""
+"""The worker's bounce messages: final failures turned into RFC 3464 notices to the
+senders who asked for them (:mod:`mailstrom.bounces.notice` decides and renders; this
+module gathers per message and sender, and prepares them for the queue).
+
+A final failure is not bounced at once: its result carries what the notice will say of
+it (:func:`owed_notice`), which the store keeps with the recipient in the write that
+records it, the mark "notice owed". Once none of the message's recipients is on its way
+any more, one notice per message and sender is made from the marks (:func:`notices_owed`)
+and queued in the transaction that clears them. A message failing in several domains, or
+in several writes, gets one notice, and a crash between the record and the notice loses
+none: the marks wait in the store for the next worker. Delay warnings are still made from
+the batch of results that crosses ``Config.delay_warning`` (:func:`notices_for`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from mailstrom.bounces.notice import (
     FailedRecipient,
@@ -25,9 +36,111 @@ from mailstrom.message.dsn import DSN, Return
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.policy.backoff import last_attempt_by
 from mailstrom.status import ReasonClass, RecipientState
-from mailstrom.stores.base import RecipientResult, WorkItem, domain_of
+from mailstrom.stores.base import OwedNotice, RecipientResult, WorkItem, domain_of
 
 log = logging.getLogger("mailstrom.worker")
+
+
+def owed_notice(
+    result: RecipientResult, item: WorkItem, *, config: Config, verp_key: bytes
+) -> str | None:
+    """What the notice owed for ``result``, a final failure of ``item``, will say of it:
+    the text the store keeps with the recipient (see :attr:`RecipientResult.notice`), or
+    None when its sender asks for no notice. Everything the notice needs but the message's
+    bytes is in it, so that a worker that never saw the message (one started after a
+    crash) makes the same notice."""
+    sender = result.envelope_from or item.envelope_from
+    if is_verp_template(sender):
+        sender = verp_address(sender, result.message_id, result.address, key=verp_key)
+    if not wants_notice(sender, item.dsn, default=config.bounce_notices):
+        return None
+    entry = _entry(result, item, delayed=False)
+    # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
+    arrival = item.queued_at or result.queued_at or result.attempt.at
+    owed = {
+        "v": 1,
+        "sender": sender,
+        "status": entry.status,
+        "diagnostic": entry.diagnostic,
+        "own": entry.own,
+        "remote_mta": entry.remote_mta,
+        "at": None if entry.at is None else entry.at.isoformat(),
+        "dsn": None if item.dsn is None else item.dsn.encode(),
+        "require_tls": item.require_tls,
+        "arrival": arrival.isoformat(),
+    }
+    # ASCII: a store keeps it as it is, whatever the reply held.
+    return json.dumps(owed, ensure_ascii=True, separators=(",", ":"))
+
+
+def notices_owed(
+    owed: Sequence[OwedNotice], data: Mapping[str, bytes], *, config: Config, now: datetime
+) -> dict[str, list[PreparedMessage]]:
+    """One prepared notice per message and sender of the marks ``owed`` (the store's
+    :meth:`~mailstrom.stores.base.Store.owed_notices`), by message id; ``data`` holds the
+    messages' bytes (one missing: purged, no notice). A mark that cannot be read (changed
+    by hand, written by a newer mailstrom) is logged and left out."""
+    groups: dict[tuple[str, str], list[tuple[FailedRecipient, dict[str, Any]]]] = {}
+    for entry in owed:
+        try:
+            fields = _fields(entry.notice)
+            failed = FailedRecipient(
+                address=entry.address,
+                status=str(fields["status"]),
+                diagnostic=str(fields["diagnostic"]),
+                own=bool(fields["own"]),
+                remote_mta=_text_or_none(fields["remote_mta"]),
+                at=None if fields["at"] is None else datetime.fromisoformat(fields["at"]),
+            )
+            sender = str(fields["sender"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "no bounce message for %s of %s: its mark cannot be read (%s)",
+                entry.address,
+                entry.message_id,
+                exc,
+            )
+            continue
+        groups.setdefault((entry.message_id, sender), []).append((failed, fields))
+    made: dict[str, list[PreparedMessage]] = {}
+    for (message_id, sender), entries in groups.items():
+        original = data.get(message_id)
+        if original is None:
+            continue
+        _, first = entries[0]
+        try:
+            dsn = None if first["dsn"] is None else DSN.decode(str(first["dsn"]))
+            arrival = datetime.fromisoformat(str(first["arrival"]))
+        except (ValueError, InvalidMessage) as exc:
+            log.warning("no bounce message for %s to %s: %s", message_id, sender, exc)
+            continue
+        notice = _Notice(
+            config=config,
+            now=now,
+            message_id=message_id,
+            sender=sender,
+            delayed=False,
+            data=original,
+            arrival=arrival,
+            due=arrival,
+            expires_at=None,
+            entries=[failed for failed, _ in entries],
+        )
+        prepared = _made(notice, dsn, require_tls=bool(first["require_tls"]))
+        if prepared is not None:
+            made.setdefault(message_id, []).append(prepared)
+    return made
+
+
+def _fields(text: str) -> dict[str, Any]:
+    fields = json.loads(text)
+    if not isinstance(fields, dict) or fields.get("v") != 1:
+        raise ValueError("not a notice this mailstrom writes")
+    return fields
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def notices_for(
@@ -38,16 +151,19 @@ def notices_for(
     now: datetime,
     verp_key: bytes,
 ) -> list[PreparedMessage]:
-    """One prepared notice per (message, envelope sender, kind) for the final failures,
-    and the deferrals that cross ``Config.delay_warning``, among ``results`` whose
-    message asks for one; ``items`` are the leased work items by (message id, domain)."""
-    groups: dict[tuple[str, str, bool], tuple[WorkItem, datetime, list[FailedRecipient]]] = {}
-    # Per delay warning: when the last attempt retry.max_attempts allows may come, the
-    # latest of its recipients' (None: no end by count for one of them).
-    last_attempts: dict[tuple[str, str, bool], datetime | None] = {}
+    """One prepared delay warning per (message, envelope sender) for the deferrals among
+    ``results`` that cross ``Config.delay_warning`` and whose message asks for one;
+    ``items`` are the leased work items by (message id, domain). Final failures are not
+    bounced from here: see :func:`owed_notice`."""
+    delay = config.delay_warning
+    if delay is None:
+        return []
+    groups: dict[tuple[str, str], tuple[WorkItem, datetime, list[FailedRecipient]]] = {}
+    # Per warning: when the last attempt retry.max_attempts allows may come, the latest
+    # of its recipients' (None: no end by count for one of them).
+    last_attempts: dict[tuple[str, str], datetime | None] = {}
     for result in results:
-        delayed = result.state is RecipientState.DEFERRED
-        if not delayed and result.state is not RecipientState.FAILED:
+        if result.state is not RecipientState.DEFERRED:
             continue
         item = items.get((result.message_id, domain_of(result.address)))
         if item is None:
@@ -55,65 +171,84 @@ def notices_for(
         # When the message could first go (its send_at when later): the delay warning
         # and the retry policy's max_age count from there.
         due = result.queued_at or now
-        if delayed and not _crosses_delay(result, item, due, config.delay_warning):
+        if not _crosses_delay(result, item, due, delay):
             continue
         sender = result.envelope_from or item.envelope_from
         if is_verp_template(sender):
             sender = verp_address(sender, result.message_id, result.address, key=verp_key)
-        if not wants_notice(sender, item.dsn, default=config.bounce_notices, delay=delayed):
+        if not wants_notice(sender, item.dsn, default=config.bounce_notices, delay=True):
             continue
-        attempt = result.attempt
-        reply = attempt.reply
-        entry = FailedRecipient(
-            address=result.address,
-            status=status_of(
-                attempt.outcome,
-                reply.enhanced if reply else None,
-                delayed=delayed,
-                expired=attempt.reason_class is ReasonClass.EXPIRED,
-            ),
-            diagnostic=attempt.reason,
-            own=result.own_reply,
-            remote_mta=attempt.mx_host,
-            at=_last_attempt(result, item),
-        )
-        key = (result.message_id, sender, delayed)
-        groups.setdefault(key, (item, due, []))[2].append(entry)
-        if delayed:
-            last = _last_attempt_allowed(result, item, config)
-            known = last_attempts.get(key, last)
-            last_attempts[key] = None if last is None or known is None else max(known, last)
-    if not groups:
-        return []
+        key = (result.message_id, sender)
+        groups.setdefault(key, (item, due, []))[2].append(_entry(result, item, delayed=True))
+        last = _last_attempt_allowed(result, item, config)
+        known = last_attempts.get(key, last)
+        last_attempts[key] = None if last is None or known is None else max(known, last)
     notices = []
-    # In the default lane like the application's own mail (a message without a lane would
-    # wait until every configured lane had nothing due).
-    attributes = QueueAttributes(priority=config.default_priority)
-    for (message_id, sender, delayed), (item, due, entries) in groups.items():
-        last = last_attempts.get((message_id, sender, delayed))
-        notice = _Notice(config, now, message_id, sender, delayed, item, due, entries, last)
-        dsn = item.dsn
-        if item.require_tls and dsn is not None and dsn.ret is Return.FULL:
-            # RFC 8689 §5: a REQUIRETLS message is bounced as if RET=HDRS was asked for.
-            dsn = dataclasses.replace(dsn, ret=Return.HEADERS)
-        try:
-            try:
-                prepared = notice.prepared(dsn)
-            except InvalidMessage:
-                if dsn is None or dsn.ret is not Return.FULL:
-                    raise
-                # The message returned whole took the notice past a bound the original
-                # was just within (its parts and the notice's own four): return its
-                # headers, as for a message over MAX_RETURNED, rather than no notice.
-                prepared = notice.prepared(dataclasses.replace(dsn, ret=Return.HEADERS))
-            # RFC 8689 §5: the notice about a REQUIRETLS message carries its headers and
-            # is protected as it was: it goes with REQUIRETLS too.
-            notices.append(
-                dataclasses.replace(prepared, attributes=attributes, require_tls=item.require_tls)
-            )
-        except InvalidMessage as exc:
-            log.warning("no bounce message for %s to %s: %s", message_id, sender, exc)
+    for (message_id, sender), (item, due, entries) in groups.items():
+        notice = _Notice(
+            config=config,
+            now=now,
+            message_id=message_id,
+            sender=sender,
+            delayed=True,
+            data=item.data,
+            # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
+            arrival=item.queued_at or due,
+            due=due,
+            expires_at=item.expires_at,
+            entries=entries,
+            last_attempt=last_attempts.get((message_id, sender)),
+        )
+        prepared = _made(notice, item.dsn, require_tls=item.require_tls)
+        if prepared is not None:
+            notices.append(prepared)
     return notices
+
+
+def _entry(result: RecipientResult, item: WorkItem, *, delayed: bool) -> FailedRecipient:
+    """What a notice says of ``result``'s recipient."""
+    attempt = result.attempt
+    reply = attempt.reply
+    return FailedRecipient(
+        address=result.address,
+        status=status_of(
+            attempt.outcome,
+            reply.enhanced if reply else None,
+            delayed=delayed,
+            expired=attempt.reason_class is ReasonClass.EXPIRED,
+        ),
+        diagnostic=attempt.reason,
+        own=result.own_reply,
+        remote_mta=attempt.mx_host,
+        at=_last_attempt(result, item),
+    )
+
+
+def _made(notice: _Notice, dsn: DSN | None, *, require_tls: bool) -> PreparedMessage | None:
+    """``notice`` prepared for the queue as ``dsn`` asks, or None (logged) when it cannot
+    be made."""
+    if require_tls and dsn is not None and dsn.ret is Return.FULL:
+        # RFC 8689 §5: a REQUIRETLS message is bounced as if RET=HDRS was asked for.
+        dsn = dataclasses.replace(dsn, ret=Return.HEADERS)
+    try:
+        try:
+            prepared = notice.prepared(dsn)
+        except InvalidMessage:
+            if dsn is None or dsn.ret is not Return.FULL:
+                raise
+            # The message returned whole took the notice past a bound the original was
+            # just within (its parts and the notice's own four): return its headers, as
+            # for a message over MAX_RETURNED, rather than no notice.
+            prepared = notice.prepared(dataclasses.replace(dsn, ret=Return.HEADERS))
+    except InvalidMessage as exc:
+        log.warning("no bounce message for %s to %s: %s", notice.message_id, notice.sender, exc)
+        return None
+    # In the default lane like the application's own mail (a message without a lane would
+    # wait until every configured lane had nothing due). RFC 8689 §5: the notice about a
+    # REQUIRETLS message carries its headers and is protected as it was: it goes with
+    # REQUIRETLS too.
+    attributes = QueueAttributes(priority=notice.config.default_priority)
+    return dataclasses.replace(prepared, attributes=attributes, require_tls=require_tls)
 
 
 _NOT_TRIED = (ReasonClass.SUPPRESSED, ReasonClass.EXPIRED)
@@ -159,7 +294,7 @@ def _crosses_delay(
     return previous is None or previous < threshold
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class _Notice:
     """One notice to make: to ``sender`` about ``entries`` of message ``message_id``."""
 
@@ -168,9 +303,14 @@ class _Notice:
     message_id: str
     sender: str
     delayed: bool
-    item: WorkItem
+    data: bytes
+    """The message as stored."""
+    arrival: datetime
+    """When it was queued."""
     due: datetime
     """When the message could first go: queued, or its send_at when later."""
+    expires_at: datetime | None
+    """The expiry its sender set (a delay warning's), or None."""
     entries: list[FailedRecipient]
     last_attempt: datetime | None = None
     """When the last attempt ``retry.max_attempts`` allows may come (a delay warning's),
@@ -190,8 +330,8 @@ class _Notice:
             # max_attempts, or the expiry the message's sender set (past it the recipient
             # fails as "expired").
             ends = [self.due + max_age] if max_age is not None else []
-            if self.item.expires_at is not None:
-                ends.append(self.item.expires_at)
+            if self.expires_at is not None:
+                ends.append(self.expires_at)
             if self.last_attempt is not None:
                 ends.append(self.last_attempt)
             retry_until = min(ends, default=None)
@@ -199,9 +339,8 @@ class _Notice:
             reporting_mta=config.helo_name,
             sender=self.sender,
             message_id=self.message_id,
-            original=self.item.data,
-            # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
-            arrival=self.item.queued_at or self.due,
+            original=self.data,
+            arrival=self.arrival,
             failed=self.entries,
             dsn=dsn,
             now=self.now,

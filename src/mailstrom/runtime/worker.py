@@ -62,6 +62,7 @@ from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
 from mailstrom.runtime.worker_screening import RESCREEN_AFTER, WorkerScreening
 from mailstrom.runtime.worker_stopping import WorkerStopping
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
+from mailstrom.status import RecipientState
 from mailstrom.stores.base import (
     Lease,
     RecipientResult,
@@ -326,7 +327,12 @@ class Worker(
         """Whether the last lease left out a lane that had used up its share: its due
         work is not worth another lease until a delivery ends."""
         self._unsent_notices: list[PreparedMessage] = []
-        """Bounce messages a store failure left unqueued: queued with the next write."""
+        """Delay warnings a store failure left unqueued: queued with the next write."""
+        self._owing: dict[str, None] = {}
+        """Ids of the messages this worker marked "notice owed" for whose notice it has
+        not queued yet (oldest first; see worker_screening.MAX_OWING)."""
+        self._owed_failed: asyncio.Event | None = None
+        """Set when queueing owed notices failed: the look for them comes again soon."""
         self._verp_key: bytes | None = None
         """The store's VERP key: the tokens of VERP envelope senders are made with it.
         Read when the first VERP message is leased, so that a store failing while the
@@ -501,7 +507,8 @@ class Worker(
             self._tls_memory_loop(tls.broken), name="mailstrom-tls-memory"
         )
         pauses = asyncio.create_task(self._pauses_loop(shaper), name="mailstrom-pauses")
-        for task in (heartbeat, fencing, clock_check, reaping, tls_memory, pauses):
+        owed = asyncio.create_task(self._owed_loop(), name="mailstrom-notices")
+        for task in (heartbeat, fencing, clock_check, reaping, tls_memory, pauses, owed):
             task.add_done_callback(self._loop_ended)
         store_loop: asyncio.Task[None] | None = None
         hooks: asyncio.Task[None] | None = None
@@ -554,6 +561,7 @@ class Worker(
             reaping.cancel()
             tls_memory.cancel()
             pauses.cancel()
+            owed.cancel()
             self._stopping = True
             try:
                 await asyncio.gather(
@@ -563,6 +571,7 @@ class Worker(
                     reaping,
                     tls_memory,
                     pauses,
+                    owed,
                     return_exceptions=True,
                 )
                 if self._clock_checked is not None:
@@ -768,7 +777,12 @@ class Worker(
         """Before the store loop ends: queue the bounce messages a store failure left
         unqueued (they wait for the next write, and an ending loop makes none). True when
         they still wait and the store is to be asked again (``again``: a stop's, until
-        its drain timeout is spent, as for results; a ``once`` run asks once)."""
+        its drain timeout is spent, as for results; a ``once`` run asks once). Notices
+        owed whose queueing failed are asked for once more (their marks stay in the store
+        if that fails too: the next worker queues them)."""
+        if self._owed_failed is not None and self._owed_failed.is_set():
+            self._owed_failed.clear()
+            await self._send_owed(None)
         if not self._unsent_notices:
             return False
         await self._send_notices([])
@@ -989,10 +1003,13 @@ class Worker(
         return count
 
     def _on_done(self, results: list[RecipientResult]) -> None:
-        """An item's results: to the store loop at once (the duplicate window starts)."""
+        """An item's results: to the store loop at once (the duplicate window starts). A
+        final failure goes with what its notice will say, for the store to mark."""
         if not self._pending and self._loop is not None:
             self._pending_since = self._loop.time()
         if results:
+            if any(r.state is RecipientState.FAILED for r in results):
+                results = self._with_notices(results)
             first = results[0]
             key = (first.lease_token, first.message_id, domain_of(first.address))
             left = self._items.get(key)
@@ -1042,6 +1059,7 @@ class Worker(
             self._hooks.wake()
         if notices:
             await self._send_notices(notices)
+        await self._queue_owed(recorded)
 
     def _report_set_aside(self, failed: tuple[RecipientResult, ...]) -> None:
         """Report the recipients the store set aside in the lease (:attr:`Lease.failed`:

@@ -1,25 +1,36 @@
 """Suppression and bounces around the worker's writes: the suppression entries of a
 lease the store did not read with it, the hard bounces just recorded put on the list,
-and the bounce notices of final failures queued as mail."""
+and the bounce notices of final failures queued as mail: one per message, from the marks
+"notice owed" its failures' records left in the store (see :mod:`mailstrom.runtime.notices`),
+once the message is done for this pass; and the delay warnings."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from mailstrom.config import Config
-from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
+from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData, UnknownMessage
 from mailstrom.runtime.suppressing import (
     hard_bounce_entries,
     lease_targets,
     screen,
 )
-from mailstrom.runtime.worker_store import WorkerStore
+from mailstrom.runtime.worker_store import WorkerStore, _Backoff
 from mailstrom.status import RecipientState
-from mailstrom.stores.base import Lease, RecipientResult
+from mailstrom.stores.base import (
+    MAX_OWED_MESSAGES,
+    Lease,
+    OwedNotice,
+    RecipientResult,
+    WorkItem,
+    domain_of,
+)
 from mailstrom.suppression import Suppression, lookup_targets
 
 if TYPE_CHECKING:
@@ -31,7 +42,15 @@ log = logging.getLogger("mailstrom.worker")
 
 
 MAX_UNSENT_NOTICES = 10_000
-"""Bounce messages a worker keeps in memory at most while the store takes none."""
+"""Delay warnings a worker keeps in memory at most while the store takes none."""
+MAX_OWING = 10_000
+"""Messages a worker remembers it marked "notice owed" for, at most: it looks for their
+notices after each write that records one of their recipients. Those it forgot (or
+another worker marked) are found by the look every :data:`OWED_EVERY`."""
+OWED_EVERY = 60.0
+"""Seconds between a worker's looks for notices owed by messages it does not know of (a
+worker that died between a record and its notice, a message whose last recipient another
+worker recorded); the first look is at its start."""
 RESCREEN_AFTER = timedelta(minutes=1)
 """How long leased work may wait in the worker (for a busy destination's connection, a
 rate, a lane) before the suppression list is looked at again for it, as its next
@@ -47,6 +66,8 @@ class WorkerScreening(WorkerStore):
     _lease_wanted: bool
     _verp_key: bytes | None
     _unsent_notices: list[PreparedMessage]
+    _owing: dict[str, None]
+    _owed_failed: asyncio.Event | None
     _dispatcher: Dispatcher | None
     _screenings: set[asyncio.Task[None]]
 
@@ -100,36 +121,173 @@ class WorkerScreening(WorkerStore):
                 done.set_result(None)  # the sessions waiting for it ask again
 
     def _notices(self, recorded: list[RecipientResult]) -> list[PreparedMessage]:
-        """Bounce messages for the final failures among ``recorded`` that ask for one."""
-        wanted = self.config.delay_warning is not None
-        failed = [
-            r
-            for r in recorded
-            if r.state is RecipientState.FAILED or (wanted and r.state is RecipientState.DEFERRED)
-        ]
-        if not failed:
+        """Delay warnings for the deferrals among ``recorded`` that ask for one."""
+        if self.config.delay_warning is None:
+            return []
+        deferred = [r for r in recorded if r.state is RecipientState.DEFERRED]
+        if not deferred:
             return []
         items = {
             (item.message_id, item.domain): item
-            for token in {r.lease_token for r in failed}
+            for token in {r.lease_token for r in deferred}
             if (state := self._leases.get(token)) is not None
             for held in state.messages.values()
             for item in held.items
         }
-        # Loaded at the first failure: the notices' renderer and the message model.
+        # Loaded at the first deferral: the notices' renderer and the message model.
         from mailstrom.runtime.notices import notices_for
 
         return notices_for(
-            failed,
+            deferred,
             items,
             config=self.config,
             now=self._clock(),
-            # Read when the failed VERP message was leased.
+            # Read when the deferred VERP message was leased.
             verp_key=self._verp_key or b"",
         )
 
+    def _with_notices(self, results: list[RecipientResult]) -> list[RecipientResult]:
+        """``results`` (of one work item) with what the notice owed for each final failure
+        will say of it, for the store to keep with the record (the mark "notice owed")."""
+        first = results[0]
+        state = self._leases.get(first.lease_token)
+        held = state.messages.get(first.message_id) if state is not None else None
+        domain = domain_of(first.address)
+        item: WorkItem | None = None
+        if held is not None:
+            item = next((i for i in held.items if i.domain == domain), None)
+        if item is None:
+            return results
+        # Loaded at the first failure: the notices' renderer and the message model.
+        from mailstrom.runtime.notices import owed_notice
+
+        marked = []
+        for result in results:
+            if result.state is RecipientState.FAILED and result.notice is None:
+                try:
+                    notice = owed_notice(
+                        result,
+                        item,
+                        config=self.config,
+                        # Read when the failed VERP message was leased.
+                        verp_key=self._verp_key or b"",
+                    )
+                except Exception:
+                    # The result is what counts: a notice that cannot be made must not
+                    # stop its delivery being recorded.
+                    log.exception(
+                        "no bounce message for %s of %s", result.address, first.message_id
+                    )
+                    notice = None
+                if notice is not None:
+                    result = dataclasses.replace(result, notice=notice)
+            marked.append(result)
+        return marked
+
+    async def _queue_owed(self, recorded: list[RecipientResult]) -> None:
+        """After a write: the notices of the messages among ``recorded`` this worker marked
+        "notice owed" for, those done for this pass (the store tells)."""
+        owing = self._owing
+        for result in recorded:
+            if result.notice is not None and result.state is RecipientState.FAILED:
+                owing[result.message_id] = None
+        if not owing:
+            return
+        while len(owing) > MAX_OWING:
+            del owing[next(iter(owing))]  # the oldest: the look every OWED_EVERY finds it
+        wanted = list(dict.fromkeys(r.message_id for r in recorded if r.message_id in owing))
+        if wanted:
+            await self._send_owed(wanted)
+
+    async def _owed_loop(self) -> None:
+        """Look for every notice owed at once (a task started with the worker), then
+        every :data:`OWED_EVERY` seconds: a worker that died between a record and its
+        notice, or stopped before it, left the marks for this one. After a store failure
+        (here or in the look after a write), again with backoff."""
+        failed = self._owed_failed = asyncio.Event()
+        backoff = _Backoff()
+        while True:
+            failed.clear()
+            found = await self._send_owed(None)
+            if found >= MAX_OWED_MESSAGES:
+                continue  # more may wait
+            if failed.is_set():
+                await asyncio.sleep(min(backoff.take(), OWED_EVERY))
+                continue
+            backoff.reset()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(failed.wait(), OWED_EVERY)  # a timer, or a failure
+
+    async def _send_owed(self, message_ids: list[str] | None) -> int:
+        """Queue the notices owed by messages done for this pass (of ``message_ids``
+        only, when given), clearing their marks in the same transaction; returns how many
+        messages the store found owing. A store failure leaves the marks: the next look
+        makes the notices again."""
+        try:
+            owed = await self._store_call(self.store.owed_notices, message_ids=message_ids)
+            if not owed:
+                return 0
+            by_message: dict[str, list[OwedNotice]] = {}
+            for entry in owed:
+                by_message.setdefault(entry.message_id, []).append(entry)
+            data: dict[str, bytes] = {}
+            for message_id in by_message:
+                with contextlib.suppress(UnknownMessage):  # purged, its marks with it
+                    data[message_id] = await self._store_call(self.store.message_data, message_id)
+            # Loaded at the first notice: the notices' renderer and the message model.
+            from mailstrom.runtime.notices import notices_owed
+
+            try:
+                made = notices_owed(owed, data, config=self.config, now=self._clock())
+            except Exception:
+                # A bug in the renderer: the marks stay, to be tried again, and the worker
+                # goes on (the results are recorded).
+                log.exception("bounce messages could not be made (%d messages)", len(by_message))
+                return 0
+            try:
+                queued = await self._store_call(
+                    self.store.queue_notices, owed, made, now=self._clock()
+                )
+            except StoreRefusedData:
+                # A value of one the store cannot hold: asked again with it, the store would
+                # refuse them all for ever.
+                queued = await self._queue_one_by_one(by_message, made)
+        except StoreCorrupt:
+            raise
+        except StoreError as exc:
+            self._store_trouble("bounce notices", exc)
+            if self._owed_failed is not None:
+                self._owed_failed.set()  # the marks stay: looked for again soon
+            return 0
+        for message_id in by_message:
+            self._owing.pop(message_id, None)
+        if queued:
+            self._lease_wanted = True
+        return len(by_message)
+
+    async def _queue_one_by_one(
+        self, by_message: dict[str, list[OwedNotice]], made: dict[str, list[PreparedMessage]]
+    ) -> list[str]:
+        """Queue the notices of each message on its own; a message whose notice the store
+        refuses has its marks cleared without one (logged): asked again it would be
+        refused again. Another store failure is raised."""
+        queued: list[str] = []
+        for message_id, owed in by_message.items():
+            notices = made.get(message_id, [])
+            try:
+                queued += await self._store_call(
+                    self.store.queue_notices, owed, {message_id: notices}, now=self._clock()
+                )
+            except StoreRefusedData as exc:
+                for notice in notices:
+                    log.error(
+                        "a bounce message to %s dropped: %s", ", ".join(notice.recipients), exc
+                    )
+                await self._store_call(self.store.queue_notices, owed, {}, now=self._clock())
+        return queued
+
     async def _send_notices(self, notices: list[PreparedMessage]) -> None:
-        """Queue bounce messages like any other mail (they go out with the null sender,
+        """Queue delay warnings like any other mail (they go out with the null sender,
         so they are never bounced themselves), with those a store failure left unqueued
         before. Those a store failure leaves unqueued now wait in memory, as results do,
         for the next write that works (the store loop asks again): dropped, the sender

@@ -84,7 +84,7 @@ class WorkerStopping(WorkerStore):
             )
         if self._unsent_notices:
             log.error(
-                "%d bounce messages could not be queued before stopping: dropped",
+                "%d delay warnings could not be queued before stopping: dropped",
                 len(self._unsent_notices),
             )
             self._unsent_notices = []

@@ -606,6 +606,26 @@ class RecipientResult:
     """The failure puts the address on the suppression list (a permanent refusal of a
     class in ``Config.suppress_on``); the worker adds it once the result is recorded.
     Stores do not read it."""
+    notice: str | None = None
+    """For a FAILED result whose sender is owed a bounce notice: what the notice will say
+    of it (the worker's own text, see :mod:`mailstrom.runtime.notices`). The store keeps it
+    with the recipient in the same write that records the failure (the mark "notice
+    owed"), until :meth:`Store.queue_notices` clears it; recording any other result clears
+    it too. Ignored for any other state."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwedNotice:
+    """A recipient whose sender is owed a bounce notice for its failure (the mark a record
+    left, see :attr:`RecipientResult.notice`), as :meth:`Store.owed_notices` finds it."""
+
+    message_id: str
+    address: str
+    notice: str
+
+
+MAX_OWED_MESSAGES = 100
+"""Messages :meth:`Store.owed_notices` returns the marks of, at most, in one call."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -763,6 +783,32 @@ class Store(Protocol):
         the results that were recorded, in order. A store may commit results without
         waiting for the disk (SQLite does): they survive any process crash, and a power
         failure at worst makes a recipient be delivered once more, never lost."""
+        ...
+
+    def owed_notices(
+        self, *, message_ids: Sequence[str] | None = None, limit: int = MAX_OWED_MESSAGES
+    ) -> list[OwedNotice]:
+        """The recipients marked "notice owed" (see :attr:`RecipientResult.notice`) of up
+        to ``limit`` messages (of ``message_ids`` only, when given) that are done for this
+        pass: none of their recipients is leased or still queued for a first attempt. A
+        recipient deferred for a later retry does not hold the notice of the others back
+        (Postfix bounces a queue file's failed recipients once the file is done with, its
+        deferred ones staying queued). All the marks of a message come together, ordered
+        by message."""
+        ...
+
+    def queue_notices(
+        self,
+        owed: Sequence[OwedNotice],
+        notices: Mapping[str, Sequence[PreparedMessage]],
+        *,
+        now: datetime,
+    ) -> list[str]:
+        """Clear the marks of ``owed`` and :meth:`enqueue_many` the ``notices`` made from
+        them (by message id; a message with none just has its marks cleared), in one
+        transaction: a crash leaves either both done or the marks, and the notice is made
+        again. The notices of a message some of whose marks in ``owed`` are gone (another
+        worker queued its notice meanwhile) are not queued. Returns the queued ids."""
         ...
 
     def record_and_lease(

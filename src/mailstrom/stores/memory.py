@@ -12,7 +12,7 @@ import inspect
 import itertools
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -23,10 +23,12 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.policy.throttle import BucketState
 from mailstrom.status import DestinationThrottle, MessageStatus, RecipientState
 from mailstrom.stores.base import (
+    MAX_OWED_MESSAGES,
     MAX_TLS_BROKEN,
     VERP_KEY_SIZE,
     Lease,
     LeasedRecipient,
+    OwedNotice,
     RecipientResult,
     WorkItem,
     byte_budget,
@@ -167,6 +169,8 @@ class MemoryStore(
         """Idempotency key -> (message id, until when it holds)."""
         self._suppressions: dict[str, Suppression] = {}
         self._verp_key = secrets.token_bytes(VERP_KEY_SIZE)
+        self._owed: dict[str, None] = {}
+        """Ids of the messages with a recipient marked "notice owed", oldest mark first."""
 
     # --- writing ----------------------------------------------------------------------
 
@@ -343,12 +347,72 @@ class MemoryStore(
                     next_attempt_at=(next_at or attempt.at) if pending else None,
                     uncertain=attempt.uncertain,
                 )
+                notice = result.notice if result.state is RecipientState.FAILED else None
+                r.notice = notice
+                if notice is not None:
+                    self._owed[result.message_id] = None
                 recorded.append(result)
                 if self._events_on and m is not None:
                     reason = getattr(attempt, "reason_class", None)
                     reason = reason or getattr(result, "reason_class", None)
                     self._append_event(m, r, attempt, reason)
         return recorded
+
+    def owed_notices(
+        self, *, message_ids: Sequence[str] | None = None, limit: int = MAX_OWED_MESSAGES
+    ) -> list[OwedNotice]:
+        """The marked recipients of messages done for this pass (see :class:`Store`)."""
+        row_limit(limit)
+        owed: list[OwedNotice] = []
+        with self._lock:
+            wanted = self._owed if message_ids is None else dict.fromkeys(message_ids)
+            found = 0
+            for mid in list(wanted):
+                if found >= limit:
+                    break
+                m = self._messages.get(mid)
+                marked = [] if m is None else [r for r in m.recipients.values() if r.notice]
+                if m is None or not marked:
+                    self._owed.pop(mid, None)  # purged, or its marks cleared
+                    continue
+                if any(
+                    r.state is RecipientState.QUEUED or r.lease_token is not None
+                    for r in m.recipients.values()
+                    if r.state in _PENDING
+                ):
+                    continue
+                found += 1
+                owed += (
+                    OwedNotice(message_id=mid, address=r.address, notice=r.notice)
+                    for r in marked
+                    if r.notice is not None
+                )
+        return owed
+
+    def queue_notices(
+        self,
+        owed: Sequence[OwedNotice],
+        notices: Mapping[str, Sequence[PreparedMessage]],
+        *,
+        now: datetime,
+    ) -> list[str]:
+        """Clear the marks of ``owed`` and queue the notices of the messages whose marks
+        were all still there (see :class:`Store`)."""
+        check_storable([n for listed in notices.values() for n in listed], now=now)
+        with self._lock:
+            gone: set[str] = set()
+            marked: list[_Recipient] = []
+            for entry in owed:
+                m = self._messages.get(entry.message_id)
+                r = m.recipients.get(entry.address) if m is not None else None
+                if r is None or r.notice is None:
+                    gone.add(entry.message_id)
+                else:
+                    marked.append(r)
+            for r in marked:
+                r.notice = None
+        wanted = [n for mid, listed in notices.items() if mid not in gone for n in listed]
+        return self._add(wanted, now=now, hold=False) if wanted else []
 
     def _still_held(self, lease: Lease) -> list[tuple[_Message, _Recipient]]:
         """The lease's recipients not yet recorded nor taken over, each with its message

@@ -51,6 +51,8 @@ class _Recipient:
     reason_class: ReasonClass | None = None
     history: list[Attempt] = field(default_factory=list)
     throttled_by: str | None = None
+    notice: str | None = None
+    """What the bounce notice owed for its failure says of it (the mark), or None."""
 
     def take(
         self,

@@ -66,7 +66,7 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -91,11 +91,18 @@ from mailstrom.status import (
     QueueStats,
     RecipientState,
 )
-from mailstrom.stores import sqlite_events, sqlite_shaping, sqlite_suppressions
+from mailstrom.stores import (
+    sqlite_events,
+    sqlite_notices,
+    sqlite_shaping,
+    sqlite_suppressions,
+)
 from mailstrom.stores.base import (
+    MAX_OWED_MESSAGES,
     MAX_TLS_BROKEN,
     EventBatch,
     Lease,
+    OwedNotice,
     QueueFilter,
     RecipientResult,
     WorkItem,
@@ -1343,6 +1350,35 @@ class SQLiteStore:
             if self._events and recorded:
                 sqlite_events.append_events(conn, recorded)
         return recorded
+
+    def owed_notices(
+        self, *, message_ids: Sequence[str] | None = None, limit: int = MAX_OWED_MESSAGES
+    ) -> list[OwedNotice]:
+        """The marked recipients of messages done for this pass (see :class:`Store`):
+        one read, on the partial index of the marks."""
+        row_limit(limit)
+        with self._read() as conn:
+            return sqlite_notices.owed_notices(conn, message_ids, limit)
+
+    def queue_notices(
+        self,
+        owed: Sequence[OwedNotice],
+        notices: Mapping[str, Sequence[PreparedMessage]],
+        *,
+        now: datetime,
+    ) -> list[str]:
+        """Clear the marks of ``owed`` and queue the notices of the messages whose marks
+        were all still there, in one transaction (committed, WAL fsynced, as
+        :meth:`enqueue`)."""
+        check_storable([n for listed in notices.values() for n in listed], now=now)
+        with self._write() as conn:
+            self._refuse_newer_schema(conn)
+            gone = sqlite_notices.clear_marks(conn, owed)
+            wanted = [n for mid, listed in notices.items() if mid not in gone for n in listed]
+            ids = insert_messages(conn, wanted, now=to_us(now), hold=False) if wanted else []
+        if ids:
+            self._notify()
+        return ids
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``; how many,

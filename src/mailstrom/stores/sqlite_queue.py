@@ -88,7 +88,6 @@ MESSAGE_STATE_SQL = """(
 _RECORD_CHUNK = 1000
 """Results per statement when recording: 15 values each, well under SQLite's limit of
 32,766 bound parameters."""
-_ROW15 = "(" + ",".join("?" * 15) + ")"
 _ROW16 = "(" + ",".join("?" * 16) + ")"
 SUSPENDED_SQL = "domain NOT IN (SELECT domain FROM suspensions WHERE until IS NULL OR until > ?)"
 """A recipient not at a destination suspended at the bound time. The suspensions are read
@@ -708,10 +707,11 @@ def _record_chunk(
         next_at = None if final else opt_us(result.next_attempt_at) or at
         reply_cols = (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
         reason = a.reason_class.value if a.reason_class is not None else None
+        notice = result.notice if result.state is RecipientState.FAILED else None
         values += (
             *(rid, result.lease_token, result.state.value, at, next_at),
             *(at if final else None, *reply_cols, a.error, a.mx_host, a.ip),
-            *(a.tls, a.uncertain, reason),
+            *(a.tls, a.uncertain, reason, notice),
         )
         history = (
             *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
@@ -723,15 +723,15 @@ def _record_chunk(
         return []
     updated = conn.execute(
         "WITH res (id, token, state, at, next_at, finished, code, enhanced, text, error,"
-        " mx_host, ip, tls, uncertain, reason_class) AS (VALUES "
-        + ",".join([_ROW15] * len(by_rid))
+        " mx_host, ip, tls, uncertain, reason_class, notice) AS (VALUES "
+        + ",".join([_ROW16] * len(by_rid))
         + ") UPDATE recipients SET state = res.state, attempts = attempts + 1,"
         " first_attempt_at = coalesce(first_attempt_at, res.at),"
         " last_attempt_at = res.at, next_attempt_at = res.next_at,"
         " finished_at = res.finished, lease_token = NULL, lease_expires_at = NULL,"
         " reply_code = res.code, reply_enhanced = res.enhanced, reply_text = res.text,"
         " error = res.error, mx_host = res.mx_host, ip = res.ip, tls = res.tls,"
-        " uncertain = res.uncertain, reason_class = res.reason_class"
+        " uncertain = res.uncertain, reason_class = res.reason_class, notice = res.notice"
         " FROM res WHERE recipients.id = res.id AND recipients.lease_token = res.token"
         " RETURNING recipients.id, recipients.attempts",
         values,

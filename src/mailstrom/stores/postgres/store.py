@@ -13,7 +13,7 @@ import secrets
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
@@ -52,10 +52,12 @@ from mailstrom.status import (
 from mailstrom.stores import tls_rows
 from mailstrom.stores.base import (
     MAX_HISTORY,
+    MAX_OWED_MESSAGES,
     MAX_TLS_BROKEN,
     VERP_KEY_SIZE,
     EventBatch,
     Lease,
+    OwedNotice,
     QueueFilter,
     RecipientResult,
     WorkItem,
@@ -712,6 +714,56 @@ class PostgresStore:
                     {"message_ids": [m for m, _ in pairs], "addresses": [a for _, a in pairs]},
                 )
         return replayed
+
+    def owed_notices(
+        self, *, message_ids: Sequence[str] | None = None, limit: int = MAX_OWED_MESSAGES
+    ) -> list[OwedNotice]:
+        """The marked recipients of messages done for this pass (see :class:`Store`): one
+        statement, on the partial index of the marks."""
+        row_limit(limit)
+        wanted = None if message_ids is None else list(dict.fromkeys(message_ids))
+        found = self._fetch("owed_notices", {"message_ids": wanted, "limit": limit})
+        return [
+            OwedNotice(message_id=mid, address=address, notice=notice)
+            for mid, address, notice in found
+        ]
+
+    def queue_notices(
+        self,
+        owed: Sequence[OwedNotice],
+        notices: Mapping[str, Sequence[PreparedMessage]],
+        *,
+        now: datetime,
+    ) -> list[str]:
+        """Clear the marks of ``owed`` and queue the notices of the messages whose marks
+        were all still there, in one transaction. A call that failed (a stop that
+        cancelled it, a broken connection) left the marks, or queued the notices and
+        cleared them: asked again, nothing is lost, and nothing is queued twice."""
+        check_storable([n for listed in notices.values() for n in listed], now=now)
+        ordered = sorted(owed, key=lambda e: (e.message_id, e.address))
+        with (
+            self._translating("queue_notices"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            cleared = conn.execute(
+                self._queries["clear_notices"],
+                {
+                    "message_ids": [e.message_id for e in ordered],
+                    "addresses": [e.address for e in ordered],
+                },
+            ).fetchall()
+            counts = Counter(mid for (mid,) in cleared)
+            expected = Counter(e.message_id for e in ordered)
+            wanted = [
+                n for mid, listed in notices.items() if counts[mid] == expected[mid] for n in listed
+            ]
+            ids = [new_message_id() for _ in wanted]
+            if wanted:
+                self._insert(conn, wanted, ids, now=now, held=False)
+        if ids:
+            self._notifier.poke()
+        return ids
 
     def record_and_lease(
         self,

@@ -328,10 +328,10 @@ WITH res AS (
                 %(reply_codes)s::integer[], %(reply_enhanced)s::text[],
                 %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[],
                 %(reason_classes)s::text[], %(tls_policies)s::text[],
-                %(unanswered)s::boolean[])
+                %(unanswered)s::boolean[], %(notices)s::text[])
          AS t(token, message_id, address, state, next_attempt_at, at, outcome, duration,
               mx_host, ip, port, tls_version, tls_cipher, reply_code, reply_enhanced,
-              reply_text, error, uncertain, reason_class, tls_policy, unanswered)
+              reply_text, error, uncertain, reason_class, tls_policy, unanswered, notice)
 ), updated AS (
     UPDATE recipients r
     SET state = res.state,
@@ -351,7 +351,8 @@ WITH res AS (
         ip = res.ip,
         tls = res.tls_version IS NOT NULL,
         uncertain = res.uncertain,
-        reason_class = res.reason_class
+        reason_class = res.reason_class,
+        notice = CASE WHEN res.state = 'failed' THEN res.notice END
     FROM res
     WHERE r.message_id = res.message_id
       AND r.address = res.address
@@ -394,6 +395,41 @@ WITH res AS (
 SELECT message_id, address, token, false FROM updated
 UNION ALL
 SELECT message_id, address, token, true FROM replayed;
+
+-- name: owed_notices
+-- The recipients marked "notice owed" (the record of their failure wrote the mark) of up
+-- to LIMIT messages (of message_ids only, when not NULL) none of whose recipients is
+-- leased or queued for a first attempt: one notice per message is made from them. A
+-- recipient deferred for a later retry holds none back. Read on the partial index of
+-- the marks, and recipients_pending_message for the rest of each message.
+WITH done AS (
+    SELECT DISTINCT o.seq
+    FROM recipients o
+    WHERE o.notice IS NOT NULL
+      AND (%(message_ids)s::text[] IS NULL OR o.message_id = ANY (%(message_ids)s::text[]))
+      AND NOT EXISTS (SELECT 1 FROM recipients p
+                      WHERE p.seq = o.seq AND p.state IN ('queued', 'deferred')
+                        AND (p.state = 'queued' OR p.lease_token IS NOT NULL))
+    ORDER BY o.seq
+    LIMIT %(limit)s
+)
+SELECT r.message_id, r.address, r.notice
+FROM recipients r
+JOIN done USING (seq)
+WHERE r.notice IS NOT NULL
+ORDER BY r.seq, r.position;
+
+-- name: clear_notices
+-- Clear the marks of the recipients whose notice is queued in this same transaction;
+-- returns the message of each mark cleared (one cleared by another worker meanwhile is
+-- not: that worker queued the notice).
+UPDATE recipients r
+SET notice = NULL
+FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS c(message_id, address)
+WHERE r.message_id = c.message_id
+  AND r.address = c.address
+  AND r.notice IS NOT NULL
+RETURNING r.message_id;
 
 -- name: extend
 -- Counted without the recipients of held messages (still extended): the worker gives

@@ -1,0 +1,220 @@
+"""Contract: the mark "bounce notice owed". The write that records a recipient's final
+failure keeps the notice text the result carries; :meth:`Store.owed_notices` hands the
+marks of a message out once none of its recipients is leased or queued for a first
+attempt; :meth:`Store.queue_notices` queues the notice and clears the marks in one
+transaction. The marks outlive the store object (a worker killed between the record and
+the notice), and a database from before them (SQLite schema 13, PostgreSQL 14) upgrades."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from contextlib import closing
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+
+from mailstrom.status import RecipientState
+from mailstrom.stores import RecipientResult, SQLiteStore, Store
+from mailstrom.stores.base import OwedNotice
+from mailstrom.stores.postgres import PostgresStore
+from mailstrom.stores.sqlite_schema import _statements, to_us
+from mailstrom.stores.sqlite_schema import migrations as sqlite_migrations
+from tests.support.pg_tables import schema_at
+
+from .conftest import Backend
+from .support import LEASE_FOR, NOW, SECOND, lease_all, message, results_for
+
+
+def bounce() -> object:
+    from mailstrom.message.prepared import PreparedMessage
+
+    return PreparedMessage(
+        data=b"Subject: Undelivered\r\n\r\nSorry.\r\n",
+        envelope_from="",
+        recipients=("sender@example.com",),
+        smtputf8=False,
+        eightbit=False,
+    )
+
+
+def marked(results: list[RecipientResult]) -> list[RecipientResult]:
+    """``results`` with a notice text on each failure (as the worker writes them)."""
+    return [
+        dataclasses.replace(r, notice=f'{{"about":"{r.address}"}}')
+        if r.state is RecipientState.FAILED
+        else r
+        for r in results
+    ]
+
+
+def owed_of(store: Store, **kw: object) -> list[tuple[str, str]]:
+    return [(o.address, o.notice) for o in store.owed_notices(**kw)]  # type: ignore[arg-type]
+
+
+def test_one_notice_for_failures_recorded_in_two_writes(store: Store) -> None:
+    mid = store.enqueue(message("ann@example.org", "bob@example.net"), now=NOW)
+    first = store.lease(now=NOW, limit=1, lease_for=LEASE_FOR)
+    assert first is not None
+    store.record(marked(results_for(first, RecipientState.FAILED)))
+    # bob is still queued for his first attempt: the message is not done yet.
+    assert store.owed_notices() == []
+    assert store.owed_notices(message_ids=[mid]) == []
+    second = lease_all(store)
+    # Leased, not yet recorded: not done either.
+    assert store.owed_notices() == []
+    store.record(marked(results_for(second, RecipientState.FAILED)))
+    owed = store.owed_notices()
+    assert [(o.message_id, o.address) for o in owed] == [
+        (mid, "ann@example.org"),
+        (mid, "bob@example.net"),
+    ]
+    assert owed[1].notice == '{"about":"bob@example.net"}'
+    assert store.owed_notices(message_ids=[mid, "nosuchid"]) == owed
+    [notice_id] = store.queue_notices(owed, {mid: [bounce()]}, now=NOW)  # type: ignore[list-item]
+    assert store.owed_notices() == []
+    assert store.status(notice_id).envelope_from == ""
+    assert [m.id for m in store.recent()] == [notice_id, mid]
+
+
+def test_a_deferred_recipient_holds_no_notice_back(store: Store) -> None:
+    """As Postfix bounces a queue file's failed recipients once the file is done with,
+    its deferred ones staying queued."""
+    mid = store.enqueue(message("ann@example.org", "bob@example.net"), now=NOW)
+    lease = lease_all(store)
+    results = results_for(lease, RecipientState.FAILED, only=["ann@example.org"])
+    results += results_for(
+        lease, RecipientState.DEFERRED, only=["bob@example.net"], next_attempt_at=NOW + SECOND
+    )
+    store.record(marked(results))
+    assert owed_of(store) == [("ann@example.org", '{"about":"ann@example.org"}')]
+    store.queue_notices(store.owed_notices(), {mid: []}, now=NOW)
+    assert store.owed_notices() == []
+
+
+def test_no_mark_without_a_notice_nor_for_a_delivered_recipient(store: Store) -> None:
+    store.enqueue(message("ann@example.org", "bob@example.org", "cy@example.org"), now=NOW)
+    lease = lease_all(store)
+    results = results_for(lease, RecipientState.DELIVERED, only=["ann@example.org"])
+    # A notice text on a delivered result is not kept.
+    results = [dataclasses.replace(r, notice="{}") for r in results]
+    results += results_for(lease, RecipientState.FAILED, only=["bob@example.org"])
+    results += marked(results_for(lease, RecipientState.FAILED, only=["cy@example.org"]))
+    store.record(results)
+    assert owed_of(store) == [("cy@example.org", '{"about":"cy@example.org"}')]
+
+
+def test_the_notice_waits_for_the_last_recipient_delivered_or_cancelled(store: Store) -> None:
+    done = store.enqueue(message("ann@example.org", "bob@example.net"), now=NOW)
+    cancelled = store.enqueue(message("cy@example.org", "dan@example.net"), now=NOW)
+    lease = lease_all(store)
+    failed = ["ann@example.org", "cy@example.org"]
+    store.record(marked(results_for(lease, RecipientState.FAILED, only=failed)))
+    assert store.owed_notices() == []  # bob and dan are still leased
+    store.record(results_for(lease, RecipientState.DELIVERED, only=["bob@example.net"]))
+    assert [(o.message_id, o.address) for o in store.owed_notices()] == [(done, "ann@example.org")]
+    store.cancel(cancelled, now=NOW)
+    assert [(o.message_id, o.address) for o in store.owed_notices()] == [
+        (done, "ann@example.org"),
+        (cancelled, "cy@example.org"),
+    ]
+
+
+def test_a_notice_another_store_object_queued_is_not_queued_twice(
+    store_backend: Backend,
+) -> None:
+    """Two workers found the same marks: the one that clears them second queues nothing."""
+    one = store_backend.open()
+    two = store_backend.open()
+    mid = one.enqueue(message("ann@example.org"), now=NOW)
+    one.record(marked(results_for(lease_all(one), RecipientState.FAILED)))
+    seen_one, seen_two = one.owed_notices(), two.owed_notices()
+    assert len(seen_one) == len(seen_two) == 1
+    assert len(one.queue_notices(seen_one, {mid: [bounce()]}, now=NOW)) == 1  # type: ignore[list-item]
+    assert two.queue_notices(seen_two, {mid: [bounce()]}, now=NOW) == []  # type: ignore[list-item]
+    assert len(two.recent()) == 2
+
+
+def test_the_marks_outlive_the_store_object(store_backend: Backend) -> None:
+    """A worker killed between the record of a failure and the queueing of its notice:
+    the next store object (a restarted worker's) finds the mark."""
+    store_backend.require_durable()
+    first = store_backend.open()
+    mid = first.enqueue(message("ann@example.org"), now=NOW)
+    first.record(marked(results_for(lease_all(first), RecipientState.FAILED)))
+    first.close()
+    again = store_backend.open()
+    assert [(o.message_id, o.address) for o in again.owed_notices()] == [(mid, "ann@example.org")]
+
+
+def test_owed_notices_hands_out_whole_messages_up_to_the_limit(store: Store) -> None:
+    ids = [store.enqueue(message("ann@example.org", "bob@example.org"), now=NOW) for _ in range(3)]
+    store.record(marked(results_for(lease_all(store), RecipientState.FAILED)))
+    owed = store.owed_notices(limit=2)
+    assert [o.message_id for o in owed] == [ids[0], ids[0], ids[1], ids[1]]
+
+
+# --- upgrading a database from before the marks ------------------------------------------
+
+
+def test_sqlite_at_schema_13_upgrades(tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    with closing(sqlite3.connect(db)) as conn, conn:
+        for number, script in sqlite_migrations():
+            if number <= 13:
+                for statement in _statements(script):
+                    conn.execute(statement)
+        conn.execute("PRAGMA user_version = 13")
+        cursor = conn.execute(
+            "INSERT INTO messages (id, envelope_from, created_at, subject, size, data)"
+            " VALUES ('old1', 'a@sender.test', ?, 'Old', 4, x'41424344')",
+            (to_us(NOW),),
+        )
+        conn.execute(
+            "INSERT INTO recipients (message_seq, position, address, domain, state,"
+            " next_attempt_at) VALUES (?, 0, 'alice@example.org', 'example.org', 'queued', ?)",
+            (cursor.lastrowid, to_us(NOW)),
+        )
+    conn.close()
+    store = SQLiteStore(db)
+    try:
+        assert store.owed_notices() == []
+        lease = lease_all(store)
+        store.record(marked(results_for(lease, RecipientState.FAILED)))
+        [owed] = store.owed_notices()
+        assert (owed.message_id, owed.address) == ("old1", "alice@example.org")
+        store.queue_notices([owed], {}, now=NOW + timedelta(seconds=1))
+        assert store.owed_notices() == []
+    finally:
+        store.close()
+    with closing(sqlite3.connect(db)) as check, check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] >= 14
+    check.close()
+
+
+def test_postgres_at_schema_14_upgrades(postgres_url: str) -> None:
+    schema_at(postgres_url, 14)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        seq = conn.execute(
+            "INSERT INTO messages (id, data, envelope_from, created_at, subject, size)"
+            " VALUES ('old1', 'ABCD', 'a@sender.test', %s, 'Old', 4) RETURNING seq",
+            (NOW,),
+        ).fetchone()
+        assert seq is not None
+        conn.execute(
+            "INSERT INTO recipients (message_id, address, seq, position, domain, state,"
+            " next_attempt_at, lane) VALUES ('old1', 'alice@example.org', %s, 0,"
+            " 'example.org', 'queued', %s, '')",
+            (seq[0], NOW),
+        )
+    with PostgresStore(postgres_url) as store:
+        assert store.owed_notices() == []
+        store.record(marked(results_for(lease_all(store), RecipientState.FAILED)))
+        assert store.owed_notices() == [
+            OwedNotice(
+                message_id="old1",
+                address="alice@example.org",
+                notice='{"about":"alice@example.org"}',
+            )
+        ]
