@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ import pytest
 from mailstrom import DSN, Email, Notify, RecipientState, Return
 from mailstrom.bounces import parse_report, verp_address
 from mailstrom.client import Mailstrom
-from mailstrom.errors import StoreLocked, StoreRefusedData
+from mailstrom.errors import StoreError, StoreLocked, StoreRefusedData
 from mailstrom.message import prepare
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores import MemoryStore, SQLiteStore
@@ -642,3 +643,59 @@ def test_one_notice_for_a_message_failing_in_two_domains(
             "nobody@example.org",
         ]
         assert len(ms.query_recent()) == 2  # the message, and one notice
+
+
+async def test_a_notice_whose_postgres_call_a_stop_cut_off_is_queued_later(
+    dns_server: LoopbackDNS, mx: Any, postgres_url: str
+) -> None:
+    """The worker was stopped at once while the notice's write ran in its thread: the
+    stop left that call behind, and the store's close ended it with an error nobody
+    heard. The notice vanished without a log line. Its mark, written with the failure's
+    record, was rolled back with it: a worker started later queues the notice."""
+    from mailstrom.stores.postgres import PostgresStore
+
+    class CutOff(PostgresStore):
+        cutting = True
+        entered = threading.Event()
+        release = threading.Event()
+
+        def _insert(self, conn: Any, messages: Any, ids: Any, *, now: Any, held: bool) -> None:
+            if self.cutting and any(m.envelope_from == "" for m in messages):
+                self.entered.set()
+                self.release.wait(30)
+                self.cutting = False
+                raise StoreError("PostgreSQL store is closed")
+            super()._insert(conn, messages, ids, now=now, held=held)
+
+    config = loopback_config(dns_server, mx.port, bounce_notices=True)
+    store = CutOff(postgres_url)
+    try:
+        store.enqueue(
+            prepare(hello("nobody@example.org"), envelope_from="app@sender.test"),
+            now=datetime.now(UTC),
+        )
+        worker = Worker(config, store)
+        run = asyncio.create_task(worker.run())
+        assert await asyncio.to_thread(store.entered.wait, 30)
+        # A stop, then a second signal's stop at once: the call in its thread is left
+        # behind, and the store's close cuts it off.
+        run.cancel()
+        await asyncio.sleep(0.2)
+        run.cancel()
+        await asyncio.sleep(0.2)
+        store.release.set()
+        await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 30)
+    finally:
+        store.close()
+    with PostgresStore(postgres_url) as again:
+        worker = Worker(config, again)
+        run = asyncio.create_task(worker.run())
+        try:
+            [notice] = await asyncio.to_thread(mx.wait_for_messages, 1)
+        finally:
+            worker.request_stop(drain_timeout=5)
+            await asyncio.wait_for(run, 30)
+        report = parse_report(notice.content)
+        assert report is not None
+        assert [r.final_recipient for r in report.recipients] == ["nobody@example.org"]
+        assert [m.envelope_from for m in again.recent()].count("") == 1
