@@ -370,8 +370,14 @@ class StoresAgree(RuleBasedStateMachine):
         addresses = [r.address for item in leases["memory"].items for r in item.recipients]
         chosen = {a for a, pick in zip(addresses, itertools.cycle(picks), strict=False) if pick}
         later = self.now + retry_in if state is RecipientState.DEFERRED else None
+        # A failure carries its notice text (the worker's, for the mark "notice owed").
         return {
-            name: results_for(lease, state, at=self.now, next_attempt_at=later, only=chosen)
+            name: [
+                replace(r, notice=f"notice for {r.address}")
+                if state is RecipientState.FAILED
+                else r
+                for r in results_for(lease, state, at=self.now, next_attempt_at=later, only=chosen)
+            ]
             for name, lease in leases.items()
         }
 
@@ -780,6 +786,21 @@ class StoresAgree(RuleBasedStateMachine):
                 },
                 f"TLS sessions of {day}",
             )
+
+    @rule(limit=st.integers(1, 3), clear=st.booleans())
+    def notices_owed(self, limit: int, clear: bool) -> None:
+        """The marks "notice owed" of the messages done for this pass, cleared (as the
+        worker does when it queues their notice) or not."""
+        owed = self.each(lambda s: s.owed_notices(limit=limit))
+        self.agree(
+            {
+                n: [(self.index[n][o.message_id], o.address, o.notice) for o in got]
+                for n, got in owed.items()
+            },
+            "owed_notices",
+        )
+        if clear:
+            self.each(lambda s: s.queue_notices(owed[self.name_of(s)], {}, now=self.now))
 
     @rule(second=st.booleans())
     def switch(self, second: bool) -> None:

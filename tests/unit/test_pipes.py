@@ -92,6 +92,7 @@ def test_every_field_of_a_result_crosses_the_pipe() -> None:
         envelope_from="app@example.com",
         own_reply=True,
         hard_bounce=True,
+        notice='{"v":1}',
         attempt=Attempt(
             at=AT,
             outcome=AttemptOutcome.PERMANENT,

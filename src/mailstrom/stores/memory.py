@@ -367,7 +367,8 @@ class MemoryStore(
         with self._lock:
             wanted = self._owed if message_ids is None else dict.fromkeys(message_ids)
             found = 0
-            for mid in list(wanted):
+            # In queue order, as the durable stores hand them out.
+            for mid in sorted(wanted, key=self._queue_order):
                 if found >= limit:
                     break
                 m = self._messages.get(mid)
@@ -388,6 +389,10 @@ class MemoryStore(
                     if r.notice is not None
                 )
         return owed
+
+    def _queue_order(self, message_id: str) -> int:
+        m = self._messages.get(message_id)
+        return -1 if m is None else m.seq
 
     def queue_notices(
         self,
