@@ -335,7 +335,7 @@ def test_dane_sessions_are_counted_for_tls_reports(
     assert counter.policy_type is PolicyType.TLSA
     assert counter.policy_string.startswith("3 1 1 ")
     assert counter.receiving_mx == "mx.test"
-    assert counter.result_type == ("" if match else "validation-failure")
+    assert counter.result_type == ("" if match else "tlsa-invalid")
 
 
 @pytest.mark.parametrize(

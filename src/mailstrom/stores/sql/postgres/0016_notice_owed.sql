@@ -1,4 +1,4 @@
--- mailstrom PostgreSQL schema, version 15: the mark "bounce notice owed".
+-- mailstrom PostgreSQL schema, version 16: the mark "bounce notice owed".
 --
 -- The statement that records a recipient's final failure keeps there what the notice to
 -- its sender will say of it (NULL: none owed); the transaction that queues the notice
