@@ -28,6 +28,7 @@ from mailstrom.errors import (
     SMTPProtocolError,
     SMTPTimeout,
     TemporaryFailure,
+    TLSRequiredError,
 )
 from mailstrom.runtime import connection
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TransactionResult
@@ -178,6 +179,7 @@ async def open_to(
     *,
     starttls: StartTLS = StartTLS.OPPORTUNISTIC,
     auth: tuple[str, str] | None = None,
+    plaintext_auth: bool = False,
 ) -> SMTPConnection:
     return await SMTPConnection.open(
         host="hostile.test",
@@ -187,6 +189,7 @@ async def open_to(
         timeouts=timeouts,
         starttls=starttls,
         auth=auth,
+        plaintext_auth=plaintext_auth,
     )
 
 
@@ -628,9 +631,55 @@ async def test_a_server_that_asks_on_after_auth_was_cancelled_is_a_protocol_erro
     async with peer(handle) as port:
         started = time.monotonic()
         with pytest.raises(SMTPProtocolError, match="after AUTH was cancelled"):
-            await open_to(port, starttls=StartTLS.NEVER, auth=("user", "secret"))
+            await open_to(
+                port, starttls=StartTLS.NEVER, auth=("user", "secret"), plaintext_auth=True
+            )
         assert time.monotonic() - started < WITHIN
     assert [x.split()[0] for x in lines[1:3]] == [b"AUTH", b"*"]
+
+
+@pytest.mark.parametrize(
+    ("ehlo", "starttls"),
+    [
+        (b"250-hostile.test\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n", b"454 4.7.0 no\r\n"),
+        (b"250-hostile.test\r\n250 AUTH PLAIN LOGIN\r\n", b"502 5.5.1 what?\r\n"),
+    ],
+    ids=["starttls refused", "starttls not offered"],
+)
+async def test_opportunistic_tls_never_sends_the_password_in_cleartext(
+    ehlo: bytes, starttls: bytes
+) -> None:
+    """With opportunistic TLS and credentials, a server that refuses STARTTLS (or does not
+    offer it) got AUTH PLAIN with the password in base64 over plaintext. Credentials go
+    in cleartext only when the caller says so (``plaintext_auth``, the relay's
+    ``allow_plaintext_auth``): the opening fails before AUTH."""
+    lines: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            lines.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(ehlo)
+            elif verb == b"STAR":
+                writer.write(starttls)
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+            else:
+                writer.write(b"235 2.7.0 ok\r\n")
+            await writer.drain()
+
+    async with peer(handle) as port:
+        with pytest.raises(TLSRequiredError, match="cleartext"):
+            await open_to(port, starttls=StartTLS.OPPORTUNISTIC, auth=("user", "secret"))
+        assert not [line for line in lines if line[:4].upper() == b"AUTH"], lines
+        # Said explicitly, it is allowed.
+        conn = await open_to(
+            port, starttls=StartTLS.OPPORTUNISTIC, auth=("user", "secret"), plaintext_auth=True
+        )
+        await conn.close()
+    assert [line for line in lines if line[:4].upper() == b"AUTH"]
 
 
 async def test_a_peer_that_hangs_up_instead_of_answering_is_named_in_plain_words() -> None:

@@ -532,6 +532,7 @@ async def converse(plan: Plan, port: int, offers_auth: bool) -> Run:
             timeouts=QUICK,
             starttls=plan.starttls,
             auth=("user", "secret") if plan.auth and offers_auth else None,
+            plaintext_auth=True,  # the scripted peer has no TLS; its AUTH replies are fuzzed
         )
     except DeliveryError as exc:
         run.open_error = exc

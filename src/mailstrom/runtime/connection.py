@@ -229,6 +229,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         """The MX host name (for TLS verification and records)."""
         self.ip = ip
         self.port = port
+        self.encrypted = False
+        """TLS is up (implicit or after STARTTLS): what follows goes encrypted."""
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
         self.dane_match: str | None = None
@@ -329,6 +331,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         implicit_tls: bool = False,
         source_address: str | None = None,
         auth: tuple[str, str] | None = None,
+        plaintext_auth: bool = False,
         tlsa: tuple[TLSARecord, ...] = (),
         dane_names: tuple[str, ...] = (),
         dane_next_hops: tuple[str, ...] = (),
@@ -344,7 +347,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
 
         ``implicit_tls`` (RFC 8314, port 465) wraps the connection in TLS from the start,
         verified against ``host`` unless ``starttls`` is OPPORTUNISTIC or REQUIRED; STARTTLS
-        is then not attempted. ``auth`` is (username, password) for AUTH PLAIN or LOGIN.
+        is then not attempted. ``auth`` is (username, password) for AUTH PLAIN or LOGIN, sent
+        only over TLS unless ``plaintext_auth`` (else ``TLSRequiredError`` before AUTH).
         """
         conn = cls(
             session=ClientSession(helo_name=helo_name),
@@ -369,6 +373,12 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             if not implicit_tls and starttls is not StartTLS.NEVER:
                 await conn._starttls(starttls, tls_context, tlsa)
             if auth is not None:
+                if not conn.encrypted and not plaintext_auth:
+                    # STARTTLS refused or not offered (opportunistic): the password stays home.
+                    raise TLSRequiredError(
+                        f"{host} offers no TLS: AUTH would send the password in cleartext",
+                        host=host,
+                    )
                 await conn._authenticate(*auth)
             # Lines the peer sent after the last reply of the handshake (replies to
             # commands never sent) broke the session: a failure to set it up, as any.
@@ -584,6 +594,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
 
     def _record_tls(self) -> None:
         assert self._transport is not None
+        self.encrypted = True
         ssl_object = self._transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.tls_version = ssl_object.version()

@@ -262,6 +262,7 @@ class Opener:
             auth=(relay.username, relay.password or "")
             if relay is not None and relay.username
             else None,
+            plaintext_auth=relay is not None and relay.allow_plaintext_auth,
         )
 
     def release(self, key: ConnectionKey, conn: SMTPConnection) -> None:
