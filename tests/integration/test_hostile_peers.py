@@ -24,6 +24,7 @@ from mailstrom import AsyncMailstrom, Config, Email, RecipientState, Timeouts
 from mailstrom.errors import (
     DeliveryError,
     PermanentFailure,
+    RequireTLSFailure,
     SMTPConnectError,
     SMTPProtocolError,
     SMTPTimeout,
@@ -680,6 +681,44 @@ async def test_opportunistic_tls_never_sends_the_password_in_cleartext(
         )
         await conn.close()
     assert [line for line in lines if line[:4].upper() == b"AUTH"]
+
+
+async def test_a_requiretls_transaction_never_goes_over_plaintext() -> None:
+    """RFC 8689: a REQUIRETLS message travels over TLS on every hop. A server that
+    advertises REQUIRETLS without offering STARTTLS got ``MAIL FROM:<...> REQUIRETLS`` and
+    the message in cleartext, as only the keyword was checked. The transaction now fails
+    (550 5.7.30) before MAIL is sent."""
+    lines: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            lines.append(line)
+            if line[:4].upper() == b"EHLO":
+                writer.write(b"250-hostile.test\r\n250 REQUIRETLS\r\n")
+            elif line[:4].upper() == b"QUIT":
+                writer.write(b"221 bye\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    async with peer(handle) as port:
+        conn = await open_to(port)
+        try:
+            assert "REQUIRETLS" in conn.extensions and not conn.encrypted
+            with pytest.raises(RequireTLSFailure) as caught:
+                conn.submit(
+                    envelope_from="a@a.test",
+                    recipients=["b@b.test"],
+                    data=b"Subject: hi\r\n\r\nhello\r\n",
+                    smtputf8=False,
+                    eightbit=False,
+                    requiretls=True,
+                )
+            assert (caught.value.code, caught.value.enhanced) == (550, "5.7.30")
+        finally:
+            await conn.close()
+    assert not [line for line in lines if line[:4].upper() == b"MAIL"], lines
 
 
 async def test_a_peer_that_hangs_up_instead_of_answering_is_named_in_plain_words() -> None:

@@ -240,6 +240,7 @@ class TransactionsMixin:
     # Supplied by the connection:
     _written: int  # octets handed to the transport so far
     host: str
+    encrypted: bool  # TLS is up
     _loop: asyncio.AbstractEventLoop
     _session: ClientSession
     _handlers: deque[Handler]
@@ -328,15 +329,16 @@ class TransactionsMixin:
 
         Checked here, before anything is sent: a message larger than the server's SIZE
         raises ``PermanentFailure`` (552 5.3.4), one needing SMTPUTF8 the server lacks
-        raises ``PermanentFailure`` (553 5.6.7, RFC 6531 §3.4), ``eightbit`` without
-        8BITMIME raises ``ValueError`` (the caller must downgrade to 7 bit first), and so
-        does an address that cannot be put on the wire. A rejected MAIL or RCPT is in the
-        result, not raised. Losing the connection or timing out before the final dot sets
-        ``SMTPConnectError``/``SMTPTimeout`` on the future (nothing was delivered; the RCPT
-        replies that came are kept, see :func:`answered_before`); after
-        the final dot the result says ``uncertain=True``. If the server answers 354 to DATA
-        although no recipient was accepted, the connection is closed rather than an empty
-        message sent.
+        raises ``PermanentFailure`` (553 5.6.7, RFC 6531 §3.4), ``requiretls`` on a server
+        without REQUIRETLS or a connection without TLS raises ``RequireTLSFailure`` (550
+        5.7.30, RFC 8689), ``eightbit`` without 8BITMIME raises ``ValueError`` (the caller
+        must downgrade to 7 bit first), and so does an address that cannot be put on the
+        wire. A rejected MAIL or RCPT is in the result, not raised. Losing the connection
+        or timing out before the final dot sets ``SMTPConnectError``/``SMTPTimeout`` on the
+        future (nothing was delivered; the RCPT replies that came are kept, see
+        :func:`answered_before`); after the final dot the result says ``uncertain=True``.
+        If the server answers 354 to DATA although no recipient was accepted, the
+        connection is closed rather than an empty message sent.
 
         ``dsn_mail`` and ``dsn_rcpt`` (one per recipient) are RFC 3461 parameters
         (:class:`~mailstrom.message.dsn.DSN`); given to a server without DSN they raise
@@ -381,6 +383,15 @@ class TransactionsMixin:
             # RFC 8689 §4.2.1: such a message must not go to a server without REQUIRETLS.
             raise RequireTLSFailure(
                 f"message requires TLS (REQUIRETLS), which {self.host} does not support",
+                code=550,
+                enhanced="5.7.30",
+                host=self.host,
+            )
+        if requiretls and not self.encrypted:
+            # RFC 8689 §4.2.1: the whole path is TLS; MAIL ... REQUIRETLS never goes in clear.
+            raise RequireTLSFailure(
+                f"message requires TLS (REQUIRETLS), and the connection to {self.host} "
+                "is not encrypted",
                 code=550,
                 enhanced="5.7.30",
                 host=self.host,
