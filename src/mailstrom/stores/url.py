@@ -35,9 +35,14 @@ from mailstrom.message.chars import shorten
 from mailstrom.stores.base import Store
 
 # The password runs to the last "@" before the path, "#" and "?" included (libpq's reading
-# of user information: see escape_userinfo).
-_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/?#@\s]*):[^/\s]*@")
-_PASSWORD_PARAMETER = re.compile(r"(?i)(?P<head>\b(?:ssl)?password\s*=\s*)(?:'[^']*'|[^\s&;#']+)")
+# of user information: see escape_userinfo), and spaces too: a passphrase written unencoded
+# is refused by libpq, in an error that quotes the URL.
+_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/?#@\s]*):[^/\r\n]*@")
+# A value ends at a space in a conninfo string (``password=x dbname=m``), where the next
+# word is a ``name=value``; words after it without "=" are the rest of the passphrase.
+_PASSWORD_PARAMETER = re.compile(
+    r"(?i)(?P<head>\b(?:ssl)?password\s*=\s*)(?:'[^']*'|[^\s&;#']+(?:[ \t]+[^\s&;#'=]+)*)"
+)
 
 
 def redact_url(text: str) -> str:
@@ -246,7 +251,7 @@ def _check_url_syntax(url: str) -> None:
         raise InvalidStoreURL(f"malformed store URL {_shown_malformed(url)}: port 0")
 
 
-_ANY_USERINFO = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://)\S*@")
+_ANY_USERINFO = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://)[^\r\n]*@")
 
 
 def _shown_malformed(url: str) -> str:
