@@ -304,6 +304,17 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"relay.{name}: expected a string, not {type(value).__name__}")
+        # AUTH PLAIN has no empty password (RFC 4616 §2): a username alone is a password
+        # missing from the environment; a password alone would never be sent.
+        if self.username and not self.password:
+            raise ConfigError(
+                "relay.password: required with relay.username (set it in the file or "
+                "MAILSTROM_RELAY_PASSWORD)"
+            )
+        if self.password and not self.username:
+            raise ConfigError(
+                "relay.username: required with relay.password, which is sent only with one"
+            )
         check_port(self.port, "relay.port")
         check_bool(self.verify, "relay.verify")
         check_bool(self.allow_plaintext_auth, "relay.allow_plaintext_auth")

@@ -314,7 +314,9 @@ def test_a_config_file_warning_shows_control_characters_as_escapes(cli: CLI) -> 
     a line break cleared or recoloured the terminal, or forged a line of its own, where
     every error quoting the same path shows them as escapes."""
     config = cli.cwd / "c\x1b[2J\nmailstrom: all fine\u202e.toml"
-    config.write_text(f'[relay]\nhost = "smtp.example.net"\npassword = "{SECRET}"\n')
+    config.write_text(
+        f'[relay]\nhost = "smtp.example.net"\nusername = "app"\npassword = "{SECRET}"\n'
+    )
     config.chmod(0o644)
     result = cli("--config", str(config), "queue")
     assert result.code == 0, result.err

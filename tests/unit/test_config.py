@@ -322,6 +322,33 @@ def test_metrics_domains_takes_any_sequence_of_names() -> None:
 @pytest.mark.parametrize(
     ("options", "named"),
     [
+        ({"username": "app"}, "relay.password: required with relay.username"),
+        ({"username": "app", "password": ""}, "relay.password: required with relay.username"),
+        ({"password": "s3cret"}, "relay.username: required with relay.password"),
+    ],
+)
+def test_relay_credentials_come_in_pairs(options: dict[str, str], named: str) -> None:
+    """A username without a password authenticated with an empty one (which AUTH PLAIN
+    cannot carry, RFC 4616 §2): a MAILSTROM_RELAY_PASSWORD missing from the worker's
+    environment, the file holding the username, deferred every message at the relay for
+    days. A password without a username was never sent, and mail went unauthenticated.
+    Both are refused where the relay is configured, in Python and in the settings."""
+    from mailstrom import RelayConfig
+    from mailstrom.settings import env_name, load_settings
+
+    with pytest.raises(ConfigError, match=named) as caught:
+        RelayConfig(host="smtp.example.net", **options)
+    assert "s3cret" not in str(caught.value)
+    env = {env_name(f"relay.{k}"): v for k, v in options.items() if v}
+    with pytest.raises(ConfigError, match=named.partition(":")[0]):
+        load_settings(
+            env={"HOME": "/nonexistent", "MAILSTROM_RELAY_HOST": "r.example", **env}, search=False
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
         ({"host": ""}, "relay.host"),
         ({"host": " "}, "relay.host"),
         ({"host": "smtp.example.net "}, "relay.host"),
