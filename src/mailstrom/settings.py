@@ -1050,15 +1050,15 @@ def _exposed_secrets(path: Path, document: Mapping[str, Any]) -> list[str]:
     except OSError:
         return []
     store = document.get("store")
-    holds_secret = any(k in document for k in SECRET_KEYS) or (
-        isinstance(store, str) and redact_url(store) != store
-    )
-    if not holds_secret or not mode & 0o077:
+    # Each secret's own variable: a web token was sent to MAILSTROM_RELAY_PASSWORD.
+    variables = [env_name(k) for k in KEYS if k in SECRET_KEYS and k in document]
+    if isinstance(store, str) and redact_url(store) != store:
+        variables.append(f"the store URL in {env_name('store')}")
+    if not variables or not mode & 0o077:
         return []
     return [
         f"{path} holds a password and other users can access it (mode {mode:04o}); "
-        f"chmod 600 it, or give the password in the environment "
-        f"({env_name('relay.password')}, or the store URL in {env_name('store')})"
+        f"chmod 600 it, or give the password in the environment ({', '.join(variables)})"
     ]
 
 

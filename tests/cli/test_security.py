@@ -303,7 +303,7 @@ def test_a_readable_config_file_with_a_password_is_warned_about(
         assert result.err_lines == [
             f"mailstrom: warning: {config} holds a password and other users can access it "
             f"(mode {file_mode:04o}); chmod 600 it, or give the password in the environment "
-            "(MAILSTROM_RELAY_PASSWORD, or the store URL in MAILSTROM_STORE)"
+            "(MAILSTROM_RELAY_PASSWORD)"
         ]
     else:
         assert result.err == ""
@@ -324,7 +324,7 @@ def test_a_config_file_warning_shows_control_characters_as_escapes(cli: CLI) -> 
     assert result.err_lines == [
         f"mailstrom: warning: {shown} holds a password and other users can access it "
         "(mode 0644); chmod 600 it, or give the password in the environment "
-        "(MAILSTROM_RELAY_PASSWORD, or the store URL in MAILSTROM_STORE)"
+        "(MAILSTROM_RELAY_PASSWORD)"
     ]
 
 

@@ -539,3 +539,29 @@ def test_an_unquoted_domain_in_tls_domains_says_to_quote_it(tmp_path: Path) -> N
         ConfigError, match=rf"^tls\.domains: write 'mail\.example\.com' in quotes {quoted}"
     ):
         load_settings(config_path=path, env={})
+
+
+@pytest.mark.parametrize(
+    ("secret", "variable"),
+    [
+        ('[web]\ntoken = "t0ken-t0ken-t0ken-t0ken"\n', "MAILSTROM_WEB_TOKEN"),
+        (
+            '[hook]\nurl = "https://hooks.example/in"\nsecret = "s3cret-s3cret-s3cret-s3"\n',
+            "MAILSTROM_HOOK_SECRET",
+        ),
+        ('store = "postgresql://app:s3cret@db.example/mail"\n', "MAILSTROM_STORE"),
+    ],
+)
+def test_the_readable_secret_warning_names_the_variable_for_that_secret(
+    tmp_path: Path, secret: str, variable: str
+) -> None:
+    """A dashboard token or a hook secret in a file others can read was warned about
+    with the advice to move "the password" to MAILSTROM_RELAY_PASSWORD, a variable that
+    holds neither: the warning now names the variables of the secrets the file holds."""
+    config = tmp_path / "c.toml"
+    config.write_text(secret)
+    config.chmod(0o644)
+    (warning,) = load_settings(config_path=config, env={"HOME": str(tmp_path)}).warnings
+    assert variable in warning
+    if variable != "MAILSTROM_RELAY_PASSWORD":
+        assert "MAILSTROM_RELAY_PASSWORD" not in warning
