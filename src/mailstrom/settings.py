@@ -318,20 +318,36 @@ def _optional(parser: Parser) -> Parser:
     return parse
 
 
-def _max_age(key: str, value: Any) -> timedelta | None:
-    """``retry.max_age``: a duration above zero, or ``"none"``/``"off"``/``false`` for
-    retrying without an age limit. Zero is refused in every form: ``0`` read as "none"
-    (never give up), ``"0s"`` as a limit that gives up at the first temporary failure,
-    and Postfix's ``maximal_queue_lifetime = 0`` means a single attempt."""
-    if value is False or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
-        return None
-    age = _duration(key, value)
-    if age <= timedelta(0):
-        raise ConfigError(
-            f'{key}: 0 is ambiguous; write "none" to retry without an age limit, or '
-            "retry.max_attempts = 1 to give up at the first temporary failure"
-        )
-    return age
+def _limit_or_none(instead: str) -> Parser:
+    """A duration above zero, or ``"none"``/``"off"``/``false`` for no limit. Zero is
+    refused in every form, ``instead`` saying what to write: through :func:`_optional`,
+    ``0`` read as "none" and ``"0s"`` as a limit of nothing, opposite meanings."""
+
+    def parse(key: str, value: Any) -> timedelta | None:
+        if value is False or (
+            isinstance(value, str) and value.strip().lower() in ("", "none", "off")
+        ):
+            return None
+        limit = _duration(key, value)
+        if limit <= timedelta(0):
+            raise ConfigError(f"{key}: 0 is ambiguous; {instead}")
+        return limit
+
+    return parse
+
+
+_max_age = _limit_or_none(
+    'write "none" to retry without an age limit, or retry.max_attempts = 1 to give up at '
+    "the first temporary failure"
+)
+"""``retry.max_age``: ``0`` read as "none" (never give up), ``"0s"`` as a limit that gives
+up at the first temporary failure, and Postfix's ``maximal_queue_lifetime = 0`` means a
+single attempt."""
+_suppress_for = _limit_or_none(
+    'write "none" to keep entries until they are removed, or suppress_on = [] to add none'
+)
+"""``suppress_for``: ``0`` read as "none" kept a hard bounce's entry for ever, where it
+reads as "not at all"."""
 
 
 def _choice(enum: type[TLSPolicy] | type[RelayTLS] | type[EventLoop]) -> Parser:
@@ -718,7 +734,7 @@ KEYS: dict[str, Parser] = {
     "default_priority": _str,
     "idempotency_window": _duration,
     "suppress_on": _str_list,
-    "suppress_for": _optional(_duration),
+    "suppress_for": _suppress_for,
     "bounce_notices": _bool,
     "delay_warning": _optional(_duration),
 }

@@ -565,3 +565,18 @@ def test_the_readable_secret_warning_names_the_variable_for_that_secret(
     assert variable in warning
     if variable != "MAILSTROM_RELAY_PASSWORD":
         assert "MAILSTROM_RELAY_PASSWORD" not in warning
+
+
+@pytest.mark.parametrize("text", ["0", '"0"', "0.0", '"0s"'])
+def test_suppress_for_of_zero_is_refused(tmp_path: Path, text: str) -> None:
+    """``suppress_for = 0`` read as "none": a hard bounce then suppressed its address for
+    ever, where zero reads as "not at all"; ``"0s"`` was refused, as
+    ``Config(suppress_for=timedelta(0))`` is. Every zero is refused, naming "none"."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"suppress_for = {text}\n")
+    with pytest.raises(ConfigError, match=r"^suppress_for: .*none"):
+        load_settings(config_path=path, env={})
+    with pytest.raises(ConfigError, match=r"^suppress_for: .*none"):
+        load_settings(env={"MAILSTROM_SUPPRESS_FOR": text.strip('"')}, search=False)
+    path.write_text('suppress_for = "none"\n')
+    assert load_settings(config_path=path, env={}).config.suppress_for is None
