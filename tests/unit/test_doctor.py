@@ -726,6 +726,47 @@ def test_spf_redirect_counts_against_the_lookup_limit_only_when_followed(
     assert result == "permerror", explanation  # and the redirect: 11
 
 
+@pytest.mark.parametrize(
+    ("record", "included"),
+    [
+        ("v=spf1 ptr -all", None),
+        ("v=spf1 ptr:example.com ~all", None),
+        ("v=spf1 include:_spf.example.net -all", "v=spf1 ptr:example.com -all"),
+        ("v=spf1 exists:%{p}.allowed.example.net -all", None),
+    ],
+)
+def test_spf_pass_that_rests_on_reverse_dns_is_a_warning(
+    dns_server: LoopbackDNS, record: str, included: str | None
+) -> None:
+    # RFC 7208 §5.5: the ptr mechanism "SHOULD NOT be published" (slow, a load on the
+    # .arpa servers, and no match when the PTR lookup fails), and §7.3 says the same of
+    # the %{p} macro: a pass that needs the address's PTR name is one some receivers do
+    # not grant. It was a plain pass.
+    dns_server.txt(DOMAIN, record)
+    if included is not None:
+        dns_server.txt("_spf.example.net", included)
+    dns_server.ptr(IP, HELO)
+    dns_server.a(HELO, IP)
+    dns_server.a(f"{HELO}.allowed.example.net", "127.0.0.2")
+    resolver = DNSResolver(dns_server.dns_config)
+    check, result = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert (check.status, result) == (Status.WARN, "pass"), check.summary
+    assert "RFC 7208 §5.5" in check.summary, check.summary
+    assert check.fix == (
+        f'replace TXT at {DOMAIN} "{record}" by "{with_mechanism(record, "ip4:" + IP)}"'
+        ", then remove its ptr terms once the hosts they stand for are named so"
+    )
+    # Where the address is named, a ptr term beside it decides nothing: a pass.
+    dns_server.txt(DOMAIN, f"v=spf1 ip4:{IP} ptr -all")
+    check, _ = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert check.status is Status.PASS, check.summary
+    # The HELO identity's record is judged alike.
+    dns_server.txt(HELO, "v=spf1 ptr -all")
+    helo_check = check_spf_helo(resolver, helo=HELO, ip=IP)
+    assert helo_check.status is Status.WARN, helo_check.summary
+    assert "RFC 7208 §5.5" in helo_check.summary
+
+
 # --- FCrDNS ------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from mailstrom.doctor.extras import MissingExtra
@@ -59,6 +60,21 @@ class Budget:
 
 
 _resolver: ContextVar[Resolver | None] = ContextVar("mailstrom_spf_resolver", default=None)
+
+
+@dataclass(slots=True)
+class _ReverseDNS:
+    """What an evaluation did with the address's PTR names (the ``ptr`` mechanism's and
+    the ``%{p}`` macro's, the only terms that ask for them)."""
+
+    blind: bool = False
+    """Answer its PTR queries with no name: what a receiver that skips ``ptr``, or whose
+    PTR lookup fails, finds (RFC 7208 §5.5: then the mechanism does not match)."""
+    asked: bool = False
+    """Whether it asked for them."""
+
+
+_reverse: ContextVar[_ReverseDNS | None] = ContextVar("mailstrom_spf_reverse", default=None)
 
 
 def _pyspf() -> Any:
@@ -152,6 +168,11 @@ def _lookup_through(spf: Any, original: Any) -> Any:
             return list(original(name, qtype, strict, timeout))
         # pyspf's timeout is what is left of the evaluation's time: the resolver's own
         # (dns.timeout) let one unanswered query run past it by up to that long.
+        reverse = _reverse.get() if qtype == "PTR" else None
+        if reverse is not None:
+            reverse.asked = True
+            if reverse.blind:
+                return []
         bound = float(timeout) if isinstance(timeout, int | float) else None
         answer = _lookup_within(resolver, name, qtype, bound)
         if answer.failed:
@@ -211,11 +232,13 @@ def _as_pyspf_reads(record: str) -> str:
 
 
 @contextlib.contextmanager
-def _using(resolver: Resolver) -> Iterator[None]:
+def _using(resolver: Resolver, reverse: _ReverseDNS | None = None) -> Iterator[None]:
     token = _resolver.set(resolver)
+    reverse_token = _reverse.set(reverse)
     try:
         yield
     finally:
+        _reverse.reset(reverse_token)
         _resolver.reset(token)
 
 
@@ -226,27 +249,66 @@ def evaluate(
     sender: str,
     helo: str,
     time_limit: float = TIME_LIMIT,
+    reverse: _ReverseDNS | None = None,
 ) -> tuple[str, str]:
     """pyspf's verdict for mail from ``sender`` (``postmaster@HELO`` checks the HELO
     identity) sent by ``ip``: (result, explanation); result is one of pass, fail,
     softfail, neutral, none, permerror, temperror (also when the lookups took longer
-    than ``time_limit`` seconds in all)."""
+    than ``time_limit`` seconds in all). ``reverse``, when given, notes whether the
+    address's PTR names were asked for, and may hide them."""
     spf = _pyspf()
     query = _query(spf)(i=ip, s=sender, h=helo, querytime=time_limit)
-    with _using(resolver):
+    with _using(resolver, reverse):
         result, _code, explanation = query.check()
     return str(result), str(explanation)
 
 
 def _evaluate_within(
-    budget: Budget, resolver: Resolver, *, ip: str, sender: str, helo: str
+    budget: Budget,
+    resolver: Resolver,
+    *,
+    ip: str,
+    sender: str,
+    helo: str,
+    reverse: _ReverseDNS | None = None,
 ) -> tuple[str, str] | None:
     """:func:`evaluate` in what is left of ``budget`` (at most :data:`TIME_LIMIT`); None,
     without a lookup, when nothing is left."""
     left = budget.left()
     if left <= 0:  # pyspf takes a querytime of 0 for "no limit"
         return None
-    return evaluate(resolver, ip=ip, sender=sender, helo=helo, time_limit=min(TIME_LIMIT, left))
+    limit = min(TIME_LIMIT, left)
+    return evaluate(resolver, ip=ip, sender=sender, helo=helo, time_limit=limit, reverse=reverse)
+
+
+_BY_REVERSE_DNS = (
+    "only by the address's reverse DNS (the ptr mechanism or the %{p} macro), which RFC "
+    "7208 §5.5 says not to publish: it is slow, and does not match when the PTR lookup "
+    "fails, so receivers that skip it, or whose lookup fails, do not pass the mail"
+)
+
+
+def _rests_on_reverse_dns(
+    budget: Budget, resolver: Resolver, *, ip: str, sender: str, helo: str, asked: bool
+) -> bool:
+    """Whether a pass (whose evaluation ``asked`` for the address's PTR names) is lost
+    when they are not found; False when that is not known (``budget`` spent, or a
+    temporary error). Evaluated again only when the names were asked for: rarely."""
+    if not asked:
+        return False
+    blind = _ReverseDNS(blind=True)
+    evaluated = _evaluate_within(budget, resolver, ip=ip, sender=sender, helo=helo, reverse=blind)
+    return evaluated is not None and evaluated[0] not in ("pass", "temperror")
+
+
+def _naming_fix(name: str, records: list[str], mechanism: str) -> str:
+    """The fix for a pass that rests on reverse DNS: the address named first."""
+    if len(records) != 1:
+        return f"name the address ({mechanism}) in the SPF record at {name} instead of its PTR name"
+    return (
+        f'replace TXT at {name} "{records[0]}" by "{with_mechanism(records[0], mechanism)}"'
+        ", then remove its ptr terms once the hosts they stand for are named so"
+    )
 
 
 def spf_records(
@@ -292,7 +354,9 @@ def check_spf(
         spent = Check(name="spf", subject=domain, status=Status.UNKNOWN, summary=NOT_CHECKED)
         return spent, "temperror"
     records, error = spf_records(resolver, domain, budget=budget)
-    evaluated = _evaluate_within(budget, resolver, ip=ip, sender=f"postmaster@{domain}", helo=helo)
+    reverse = _ReverseDNS()
+    sender = f"postmaster@{domain}"
+    evaluated = _evaluate_within(budget, resolver, ip=ip, sender=sender, helo=helo, reverse=reverse)
     result, explanation = evaluated or ("temperror", NOT_CHECKED)
     explanation = piece(explanation, _EXPLAINED)
     mechanism = mechanism_for(ip)
@@ -321,6 +385,14 @@ def check_spf(
                 f"pass, but {domain}'s SPF record authorizes every address: anyone can send "
                 f"mail as {domain} and pass SPF",
                 _narrowing_fix(domain, records, mechanism),
+            )
+        if _rests_on_reverse_dns(
+            budget, resolver, ip=ip, sender=sender, helo=helo, asked=reverse.asked
+        ):
+            return check(
+                Status.WARN,
+                f"pass, but {_BY_REVERSE_DNS}",
+                _naming_fix(domain, records, mechanism),
             )
         return check(Status.PASS, f"pass: {domain}'s SPF record authorizes {ip}")
     if result == "temperror" or error is not None:
@@ -452,7 +524,8 @@ def check_spf_helo(
     if budget.left() <= 0:
         return Check(name="spf-helo", subject=helo, status=Status.UNKNOWN, summary=NOT_CHECKED)
     records, error = spf_records(resolver, helo, budget=budget)
-    evaluated = _evaluate_within(budget, resolver, ip=ip, sender="", helo=helo)
+    reverse = _ReverseDNS()
+    evaluated = _evaluate_within(budget, resolver, ip=ip, sender="", helo=helo, reverse=reverse)
     result, explanation = evaluated or ("temperror", NOT_CHECKED)
     explanation = piece(explanation, _EXPLAINED)
     shown = tuple(f"TXT {helo}: {r}" for r in records)
@@ -472,6 +545,14 @@ def check_spf_helo(
             f"pass, but {helo}'s SPF record authorizes every address: anyone can send "
             f"mail with an empty envelope sender (a bounce) as {helo} and pass SPF",
             _narrowing_fix(helo, records, mechanism_for(ip)),
+        )
+    elif result == "pass" and _rests_on_reverse_dns(
+        budget, resolver, ip=ip, sender="", helo=helo, asked=reverse.asked
+    ):
+        status, summary, fix_or_none = (
+            Status.WARN,
+            f"pass, but {_BY_REVERSE_DNS}",
+            _naming_fix(helo, records, mechanism_for(ip)),
         )
     elif result == "pass":
         status, summary, fix_or_none = Status.PASS, f"pass: {helo} authorizes {ip}", None
