@@ -1981,6 +1981,63 @@ def test_setup_from_config() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("settings", "bulk", "status", "named", "fix"),
+    [
+        ({}, False, None, "", ""),
+        ({"tls": "none"}, False, Status.WARN, "gmail.com", 'tls = "opportunistic"'),
+        ({"tls": "none"}, True, Status.FAIL, "yahoo.com", 'tls = "opportunistic"'),
+        ({"tls_domains": {"gmail.com": "none"}}, False, Status.WARN, "gmail.com",
+         'remove tls.domains entry "gmail.com"'),
+        ({"tls_domains": {"*.com": "none"}}, True, Status.FAIL, "yahoo.com",
+         'tls.domains "gmail.com" = "opportunistic", tls.domains "yahoo.com"'),
+        # The operator's word for a domain wins over the global level, either way.
+        ({"tls": "none", "tls_domains": {"*.com": "verify"}}, False, None, "", ""),
+        ({"tls_domains": {"gmail.com": "required", "yahoo.com": "none"}}, False, Status.WARN,
+         "yahoo.com", "yahoo.com"),
+    ],
+)  # fmt: skip
+def test_mail_to_the_big_providers_in_plaintext_is_reported(
+    rsa_key: Path,
+    settings: dict[str, object],
+    bulk: bool,
+    status: Status | None,
+    named: str,
+    fix: str,
+) -> None:
+    # Gmail's and Yahoo's sender requirements (Feb 2024) ask every sender to use TLS; a
+    # setup whose tls level (or tls_domains entry) is "none" for their domains sends
+    # them plaintext, and the doctor said "every check passed".
+    config = Config(helo_name=HELO, **settings)  # type: ignore[arg-type]
+    given = setup(rsa_key, bulk=bulk)
+    sender = SenderSetup.from_config(
+        config,
+        domain=DOMAIN,
+        probe=given.probe,
+        dkim_keys=given.dkim_keys,
+        dnsbls=given.dnsbls,
+        bulk=bulk,
+    )
+    report = run_doctor(sender, FakeResolver(good_zone(rsa_key)), FakeNetwork())
+    found = report.find("tls")
+    if status is None:
+        assert found == [], found
+        assert report.worst is Status.PASS, [c for c in report.checks if c.status != "pass"]
+        return
+    [check] = found
+    assert check.status is status, check
+    assert named in check.summary, check.summary
+    assert "TLS" in check.summary, check.summary
+    assert fix in (check.fix or ""), check.fix
+    # In relay mode the relay talks to receivers: its TLS is not this machine's to judge.
+    relayed = run_doctor(
+        replace(sender, relay="smtp.example.net:587"),
+        FakeResolver(good_zone(rsa_key)),
+        FakeNetwork(),
+    )
+    assert relayed.find("tls") == []
+
+
 @pytest.mark.parametrize("domain", ["", "user@", "..", "ex;ample.com", "a" * 64 + ".com", "com"])
 def test_setup_refuses_what_is_no_sending_domain(domain: str) -> None:
     with pytest.raises(ValueError, match="domain name"):

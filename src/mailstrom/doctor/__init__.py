@@ -4,7 +4,8 @@ It checks, each with pass / warn / fail and the fix: the outgoing address and wh
 outbound port 25 is open, forward-confirmed reverse DNS of the address and the HELO
 name, SPF (RFC 7208, evaluated by pyspf), that the domain takes mail (MX, no null MX),
 the published DKIM keys against the configured private keys, DMARC (RFC 7489) policy
-and alignment, and DNS blocklists. Every lookup
+and alignment, DNS blocklists, and that mail to the big mailbox providers is not
+configured to go out without TLS. Every lookup
 goes through an injected :class:`Resolver` (the configured nameservers in the CLI), every
 connection through an injected :class:`Network`.
 

@@ -60,7 +60,7 @@ class Check:
 
     name: str
     """Which check: ``outgoing-ip``, ``port-25``, ``ptr``, ``helo``, ``spf``,
-    ``spf-helo``, ``mx``, ``dkim``, ``dmarc``, ``dnsbl``."""
+    ``spf-helo``, ``mx``, ``dkim``, ``dmarc``, ``dnsbl``, ``tls``."""
     subject: str
     """What was looked at: an address, a DNS name, a blocklist zone."""
     status: Status

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mailstrom.config import Config
@@ -27,7 +27,10 @@ from mailstrom.doctor.outgoing import (
     find_target,
 )
 from mailstrom.doctor.report import Check, DoctorReport, Status, listed
+from mailstrom.doctor.tls import check_tls
 from mailstrom.domains import a_label, ldh_domain_name
+from mailstrom.tls.levels import TLSPolicy
+from mailstrom.tls.table import PolicyTable
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +61,12 @@ class SenderSetup:
     relay: str | None = None
     """``host:port`` of the configured relay: then the relay, not this machine, talks to
     receivers, and the IP checks judge an address only when one is given."""
+    tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC
+    """The global TLS level (``Config.tls``) of deliveries to MX hosts."""
+    tls_domains: PolicyTable = field(default_factory=PolicyTable)
+    """The per-domain TLS levels (``Config.tls_domains``), which override ``tls``."""
+    mta_sts: bool = False
+    """Whether receivers' MTA-STS policies are applied (``Config.mta_sts``)."""
 
     def __post_init__(self) -> None:
         # The checks compare the domain with names from DNS and the keys' domains, which
@@ -83,6 +92,9 @@ class SenderSetup:
             "timeout": config.timeouts.connect,
             "dkim_keys": dkim_keys(config.dkim),
             "relay": f"{config.relay.host}:{config.relay.port}" if config.relay else None,
+            "tls": config.tls,
+            "tls_domains": config.tls_table,
+            "mta_sts": config.mta_sts is not None,
         }
         values.update({k: v for k, v in given.items() if v is not None})
         return cls(domain=domain, **values)
@@ -115,6 +127,12 @@ def run_doctor(
 
     ip = _outgoing(setup, resolver, network, report)
     report.ip = ip
+    if setup.relay is None:  # else the relay talks to receivers, with its own TLS
+        plaintext = check_tls(
+            tls=setup.tls, tls_domains=setup.tls_domains, mta_sts=setup.mta_sts, bulk=setup.bulk
+        )
+        if plaintext is not None:
+            report.add(plaintext)
     spf_result: str | None = None  # not judged: no outgoing address
     if ip is None:
         report.add(_skipped(setup, ("ptr", "helo", "spf", "spf-helo")))
