@@ -21,7 +21,7 @@ from mailstrom.dkim import keys as signer_keys
 from mailstrom.dkim.keys import read_key_file
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver
-from mailstrom.doctor.report import Check, Status, listed, piece
+from mailstrom.doctor.report import Check, Status, capped, listed, piece
 from mailstrom.domains import ldh_domain_name
 from mailstrom.errors import ConfigError
 
@@ -304,7 +304,7 @@ def judge_dkim(resolver: Resolver, key: DKIMKey) -> Verdict:
     if answer.outcome is Outcome.ERROR:
         return result(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
     candidates = [r for r in answer.records if _P_TAG.search(r) or _DKIM_VERSION.match(r)]
-    shown = tuple(f"TXT {name}: {r}" for r in candidates)
+    shown = capped([f"TXT {name}: {r}" for r in candidates])
     if not candidates:
         return result(Status.FAIL, f"no DKIM key published at {name}", publish)
     if len(answer.records) > 1:
@@ -317,7 +317,7 @@ def judge_dkim(resolver: Resolver, key: DKIMKey) -> Verdict:
             f"{len(answer.records)} TXT records at {name}: receivers use one of them "
             "at random (RFC 6376 §3.6.2.2)",
             f'keep one TXT record at {name}: "{record_for(ours)}"; remove the others',
-            tuple(f"TXT {name}: {r}" for r in answer.records),
+            capped([f"TXT {name}: {r}" for r in answer.records]),
         )
     # A selector holds one record (RFC 6376 §3.6.2.2): the right one published beside a
     # wrong one would make two, which receivers pick from at random. It takes its place.

@@ -17,7 +17,7 @@ from typing import Any
 
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver, normal_name
-from mailstrom.doctor.report import Check, Status, piece
+from mailstrom.doctor.report import Check, Status, capped, piece
 
 _WSP = " \t"
 r"""The only white space RFC 7489's grammar allows (§6.4: ``*WSP`` around ``=``, ``;`` and
@@ -247,7 +247,7 @@ def check_dmarc(
 
     if found.error is not None:
         return check(Status.UNKNOWN, f"temporary DNS error: {found.error}", None, [])
-    shown = [f"TXT {found.name}: {r}" for r in found.records]
+    shown = capped([f"TXT {found.name}: {r}" for r in found.records])
     if not found.records:
         status = Status.FAIL if bulk else Status.WARN
         why = " (Gmail and Yahoo require one of bulk senders)" if bulk else ""

@@ -17,7 +17,7 @@ from mailstrom.doctor.lookup import (
     reverse_name,
     same_address,
 )
-from mailstrom.doctor.report import Check, Status, listed
+from mailstrom.doctor.report import Check, Status, capped, listed
 from mailstrom.domains import literal_address
 
 MAX_PTR_NAMES = 10
@@ -147,7 +147,7 @@ def _check_helo(resolver: Resolver, *, ip: str, helo: str, ptr_names: list[str])
             f'{helo}.example.com" (MAILSTROM_HELO_NAME, --helo-name)',
         )
     answer = resolver.lookup(helo, rtype)
-    shown = tuple(f"{rtype} {helo}: {r}" for r in answer.records)
+    shown = capped([f"{rtype} {helo}: {r}" for r in answer.records])
     if answer.outcome is Outcome.ERROR:
         return check(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
     if not any(same_address(ip, r) for r in answer.records):

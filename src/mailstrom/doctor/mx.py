@@ -12,7 +12,7 @@ is the From address by default, so the From domain is the one asked about.
 from __future__ import annotations
 
 from mailstrom.doctor.lookup import Outcome, Resolver
-from mailstrom.doctor.report import Check, Status, listed, piece
+from mailstrom.doctor.report import Check, Status, capped, listed, piece
 
 
 def check_mx(resolver: Resolver, *, domain: str) -> Check:
@@ -28,7 +28,7 @@ def check_mx(resolver: Resolver, *, domain: str) -> Check:
     answer = resolver.lookup(domain, "MX")
     if answer.outcome is Outcome.ERROR:
         return check(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
-    shown = tuple(f"MX {domain}: {record}" for record in answer.records[:10])
+    shown = capped([f"MX {domain}: {record}" for record in answer.records])
     hosts = [record.partition(" ")[2].strip() for record in answer.records]
     null = any(host in ("", ".") for host in hosts)
     # An exchange written as an address literal ("[192.0.2.25]") names no host (RFC 5321

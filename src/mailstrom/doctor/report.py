@@ -35,6 +35,23 @@ def listed(items: Sequence[str], most: int = 5, sep: str = ", ") -> str:
     return sep.join(items[:most]) + (f" and {more} more" if more > 0 else "")
 
 
+MOST_SHOWN = 10
+"""Records of one answer a check's details show at most: an RRset holds as many as its
+publisher likes (thousands of short TXT records fit in 64 KiB), and the text report
+prints each detail under the fix."""
+
+
+def capped(lines: Sequence[str], most: int = MOST_SHOWN) -> tuple[str, ...]:
+    """The first ``most`` of ``lines`` (records, one a line) for a check's details, and
+    a line counting the others.
+
+    >>> capped(["TXT a: 1", "TXT a: 2", "TXT a: 3"], 2)
+    ('TXT a: 1', 'TXT a: 2', '… and 1 more')
+    """
+    more = len(lines) - most
+    return tuple(lines[:most]) + ((f"… and {more} more",) if more > 0 else ())
+
+
 class Status(StrEnum):
     """The verdict of one check, from best to worst for the exit code's purposes."""
 

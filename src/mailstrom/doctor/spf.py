@@ -22,7 +22,7 @@ from typing import Any
 
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Answer, DNSResolver, Outcome, Resolver
-from mailstrom.doctor.report import Check, Status, piece
+from mailstrom.doctor.report import Check, Status, capped, piece
 from mailstrom.domains import literal_address
 
 # RFC 7208 §4.5 and §12: record = version terms *SP, version = "v=spf1" (a quoted ABNF
@@ -360,7 +360,7 @@ def check_spf(
     result, explanation = evaluated or ("temperror", NOT_CHECKED)
     explanation = piece(explanation, _EXPLAINED)
     mechanism = mechanism_for(ip)
-    shown = tuple(f"TXT {domain}: {r}" for r in records)
+    shown = capped([f"TXT {domain}: {r}" for r in records])
 
     def check(status: Status, summary: str, fix: str | None = None) -> tuple[Check, str]:
         return (
@@ -528,7 +528,7 @@ def check_spf_helo(
     evaluated = _evaluate_within(budget, resolver, ip=ip, sender="", helo=helo, reverse=reverse)
     result, explanation = evaluated or ("temperror", NOT_CHECKED)
     explanation = piece(explanation, _EXPLAINED)
-    shown = tuple(f"TXT {helo}: {r}" for r in records)
+    shown = capped([f"TXT {helo}: {r}" for r in records])
     own = '"v=spf1 a -all" (the host may send as itself)'
     fix = f"publish TXT at {helo}: {own}"
     opened = (
