@@ -1019,6 +1019,28 @@ def test_dkim_record_found_wrong_is_to_be_replaced_not_joined(
     assert "publish" not in check.fix
 
 
+def test_dkim_selector_holding_another_record_is_to_be_replaced_not_joined(
+    dns_server: LoopbackDNS, rsa_key: Path
+) -> None:
+    # A TXT record that is no key (a verification token, a wildcard's SPF record) at the
+    # selector: "publish" the key beside it, as the fix said, and the selector held two
+    # TXT records, which this same check then failed (receivers use one at random).
+    ours = public_key(rsa_key.read_bytes())
+    key = DKIMKey(domain=DOMAIN, selector="s1", private_key=str(rsa_key))
+    dns_server.txt(key.record_name, "google-site-verification=abc123")
+    resolver = DNSResolver(dns_server.dns_config)
+    check, _ = check_dkim(resolver, key)
+    assert check.status is Status.FAIL, check.summary
+    assert "no DKIM key published" in check.summary
+    assert check.fix is not None and "publish" not in check.fix, check.fix
+    assert check.fix.startswith(f"replace the TXT record at {key.record_name}"), check.fix
+    assert f'by "{record_for(ours)}"' in check.fix, check.fix
+    assert check.details == (f"TXT {key.record_name}: google-site-verification=abc123",)
+    # Done as it says, the key passes.
+    dns_server.txt(key.record_name, record_for(ours))
+    assert check_dkim(resolver, key)[0].status is Status.PASS
+
+
 RSA_512 = b"""-----BEGIN PRIVATE KEY-----
 MIIBUwIBADANBgkqhkiG9w0BAQEFAASCAT0wggE5AgEAAkEAsM7pxKBD/zA+g0OC
 kNF6yT2z2INMi6fQk1iF2MFeZ69151xFOemvgHVpm6L8rHN9XEnUlwulbsL244ot

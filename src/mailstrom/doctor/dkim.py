@@ -305,6 +305,20 @@ def judge_dkim(resolver: Resolver, key: DKIMKey) -> Verdict:
         return result(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
     candidates = [r for r in answer.records if _P_TAG.search(r) or _DKIM_VERSION.match(r)]
     shown = capped([f"TXT {name}: {r}" for r in candidates])
+    if not candidates and answer.records:
+        # A selector holds one TXT record (RFC 6376 §3.6.2.2): the key published beside
+        # another one (a verification token, a wildcard's record) would make two, which
+        # receivers pick from at random. It takes their place.
+        one = len(answer.records) == 1
+        found = "its TXT record holds none" if one else "its TXT records hold none"
+        return result(
+            Status.FAIL,
+            f"no DKIM key published at {name}: {found}",
+            f"replace the TXT record{'' if one else 's'} at {name} by "
+            f'"{record_for(ours)}" (a selector holds '
+            "one record: RFC 6376 §3.6.2.2)",
+            capped([f"TXT {name}: {r}" for r in answer.records]),
+        )
     if not candidates:
         return result(Status.FAIL, f"no DKIM key published at {name}", publish)
     if len(answer.records) > 1:
