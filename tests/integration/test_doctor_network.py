@@ -5,10 +5,12 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
-from mailstrom.doctor import SocketNetwork
+from mailstrom.doctor import DNSResolver, SenderSetup, SocketNetwork, Status, run_doctor
+from mailstrom.testing.dns import LoopbackDNS
 from tests.fixtures.smtp_server import ReceivingServer, ServerFactory, free_loopback_port
 
 
@@ -101,3 +103,62 @@ def test_probe_closed_without_a_greeting_is_no_greeting(hanging_up: int) -> None
     probe = SocketNetwork().probe("127.0.0.1", hanging_up, None, 5)
     assert probe.connected and probe.greeting is None and not probe.timed_out
     assert "closed" in (probe.error or "")
+
+
+@pytest.fixture
+def greeting_on_ipv6() -> Iterator[int]:
+    """A port on ::1 whose server greets each connection, then closes it."""
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.bind(("::1", 0))
+        listener.listen()
+        stop = threading.Event()
+
+        def serve() -> None:
+            listener.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.sendall(b"220 mx.probe.test ESMTP\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+        stop.set()
+        thread.join()
+
+
+def test_an_ipv6_source_address_is_probed_over_ipv6(
+    dns_server: LoopbackDNS, greeting_on_ipv6: int
+) -> None:
+    # Delivery bound to an IPv6 source_address reaches MX hosts over IPv6 only (an IPv4
+    # address is skipped, as an MTA limited to one protocol skips it). The doctor took
+    # the probe target's IPv4 address all the same, could not bind the IPv6 source to
+    # it, and failed "no route", with every check of the address skipped.
+    dns_server.a("mx.probe.test", "127.0.0.1")
+    dns_server.aaaa("mx.probe.test", "::1")
+    setup = SenderSetup(
+        domain="example.com",
+        helo_name="mail.example.com",
+        source_address="::1",
+        probe=f"mx.probe.test:{greeting_on_ipv6}",
+        dnsbls=(),
+    )
+    report = run_doctor(setup, DNSResolver(dns_server.dns_config), SocketNetwork())
+    [outgoing] = report.find("outgoing-ip")
+    assert report.ip == "::1", outgoing.summary
+    [port25] = report.find("port-25")
+    assert port25.status is Status.PASS, port25.summary
+    assert "::1" in port25.subject, port25.subject
+    # A target without an address of that version is none to probe.
+    dns_server.a("v4only.probe.test", "127.0.0.1")
+    report = run_doctor(
+        replace(setup, probe="v4only.probe.test"),
+        DNSResolver(dns_server.dns_config),
+        SocketNetwork(),
+    )
+    [port25] = report.find("port-25")
+    assert port25.status is Status.FAIL, port25.summary
+    assert "AAAA record" in port25.summary and "source_address ::1" in port25.summary

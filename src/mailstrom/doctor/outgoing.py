@@ -15,7 +15,7 @@ import contextlib
 import ipaddress
 from dataclasses import dataclass
 
-from mailstrom.doctor.lookup import Outcome, Resolver, normal_name, public_form
+from mailstrom.doctor.lookup import Outcome, Resolver, address_family, normal_name, public_form
 from mailstrom.doctor.network import Network
 from mailstrom.doctor.report import Check, Status, listed, piece
 
@@ -62,8 +62,12 @@ def split_probe(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
-def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Check:
-    """The probe target ``spec`` names, or a check saying why there is none."""
+def find_target(
+    resolver: Resolver, spec: str, default_port: int, *, source: str | None = None
+) -> Target | Check:
+    """The probe target ``spec`` names, or a check saying why there is none. With a
+    ``source`` address (the ``source_address`` setting), an MX host's addresses of its IP
+    version only: delivery bound to it skips the others, which it cannot reach."""
     host, port = split_probe(spec, default_port)
     try:
         return Target(name=host, address=str(ipaddress.ip_address(host)), port=port)
@@ -119,6 +123,7 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
     # an address is passed over); without MX records, the domain's own name (implicit MX,
     # RFC 5321 §5.1). Bounded: an RRset holds as many records as its publisher likes.
     hosts = list(dict.fromkeys(normal_name(h) for _, h in ranked))[:_MOST_HOSTS] or [name]
+    rtypes = ("A", "AAAA") if source is None else (address_family(source),)
     failed: str | None = None
     for host in hosts:
         # An exchange that spells an address ("MX 10 192.0.2.25"; RFC 5321 §5.1 wants a
@@ -128,17 +133,20 @@ def find_target(resolver: Resolver, spec: str, default_port: int) -> Target | Ch
         if "%" not in host:
             with contextlib.suppress(ValueError):
                 address = str(ipaddress.ip_address(host))
-                return Target(name=address, address=address, port=port)
-        for rtype in ("A", "AAAA"):
+                if address_family(address) in rtypes:
+                    return Target(name=address, address=address, port=port)
+                continue
+        for rtype in rtypes:
             answer = resolver.lookup(host, rtype)
             if answer.records:
                 return Target(name=host, address=answer.records[0], port=port)
             failed = failed or answer.error
+    record = "address record" if source is None else f"{rtypes[0]} record"
     missing = (
-        "no MX or address record"
+        f"no MX or {record}"
         if not ranked
-        else f"no address record for its MX hosts ({listed([piece(h) for h in hosts], 3)})"
-    )
+        else f"no {record} for its MX hosts ({listed([piece(h) for h in hosts], 3)})"
+    ) + ("" if source is None else f", which source_address {source} needs")
     return Check(
         name="port-25",
         subject=spec,

@@ -257,7 +257,7 @@ def _outgoing(
         check, ip = check_outgoing(network, None, given=setup.ip, source=None)
         report.add(check)
         return ip
-    found = find_target(resolver, setup.probe, setup.smtp_port)
+    found = find_target(resolver, setup.probe, setup.smtp_port, source=setup.source_address)
     target = found if isinstance(found, Target) else None
     check, ip = check_outgoing(network, target, given=setup.ip, source=setup.source_address)
     if ip is None and isinstance(found, Check) and found.status is Status.UNKNOWN:
