@@ -283,9 +283,15 @@ class StoreAccessDenied(StoreError):
 class UnknownMessage(MailstromError, KeyError):
     """No message with this id is in the store."""
 
-    def __init__(self, message_id: str) -> None:
+    def __init__(self, message_id: object) -> None:
+        if not isinstance(message_id, str):
+            # None, 5 or b"..." name no message: say what was given, briefly, as text
+            # (len() of one failed str(), and with it every log of the error).
+            from mailstrom.arguments import shown  # it imports this module
+
+            message_id = f"<{type(message_id).__name__} {shown(message_id)}>"
         super().__init__(message_id)
-        self.message_id = message_id
+        self.message_id: str = message_id
 
     def __str__(self) -> str:
         return f"unknown message id: {self.shown_id!r}"

@@ -12,6 +12,7 @@ import pytest
 from mailstrom.errors import InvalidArgument, StoreRefusedData, UnknownMessage
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.preparation import prepare
+from mailstrom.readmodel import open_read_model
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store, new_message_id
 from mailstrom.stores import base as stores_base
@@ -274,6 +275,30 @@ def test_unknown_id_raises_unknown_message(store: Store, method: str) -> None:
         calls[method]()
     assert info.value.message_id == missing
     assert isinstance(info.value, KeyError)
+
+
+@pytest.mark.parametrize("odd", [None, 5, b"0" * 32, ["0" * 32]], ids=repr)
+@pytest.mark.parametrize("method", ["status", "message_data", "read_model"])
+def test_an_id_that_is_no_string_is_an_unknown_message_alike(
+    store: Store, method: str, odd: object
+) -> None:
+    """What is no string names no message, as resolve_id() says: SQLite and PostgreSQL
+    raised a bare TypeError from their check of the text, and the memory store an
+    UnknownMessage whose str() itself raised TypeError (an error no log could show)."""
+    store.enqueue(message(), now=NOW)
+    model = open_read_model(store)
+    calls: dict[str, Callable[[], object]] = {
+        "status": lambda: store.status(odd),  # type: ignore[arg-type]
+        "message_data": lambda: store.message_data(odd),  # type: ignore[arg-type]
+        "read_model": lambda: model.message_data(odd),  # type: ignore[arg-type]
+    }
+    try:
+        with pytest.raises(UnknownMessage) as info:
+            calls[method]()
+    finally:
+        model.close()
+    assert info.value.message_id == f"<{type(odd).__name__} {odd!r}>"
+    assert str(info.value) == f"unknown message id: {info.value.message_id!r}"
 
 
 def test_close_is_idempotent(store_backend: Backend) -> None:

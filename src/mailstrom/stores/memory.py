@@ -636,7 +636,7 @@ class MemoryStore(
     def _get(self, message_id: str) -> _Message:
         try:
             return self._messages[message_id]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: unhashable, so no id (a list)
             raise UnknownMessage(message_id) from None
 
     def _newest_first(self) -> list[_Message]:

@@ -74,19 +74,21 @@ def normalize_prefix(prefix: str) -> str:
     """``prefix`` lower-cased, or :class:`UnknownMessage` when it cannot start any id
     (not a string of 1 to 32 hex digits)."""
     if not isinstance(prefix, str):
-        # None, 5 or b"..." name no message; say what was given, briefly.
-        raise UnknownMessage(f"<{type(prefix).__name__} {shown(prefix)}>")
+        raise UnknownMessage(prefix)  # None, 5 or b"..." name no message
     text = prefix.strip().lower()
     if not _HEX.fullmatch(text):
         raise UnknownMessage(prefix)
     return text
 
 
-def comparable(text: str) -> bool:
+def comparable(text: object) -> bool:
     """Whether SQLite and PostgreSQL can compare ``text`` with what they hold: text with a
     NUL (PostgreSQL refuses it) or a lone surrogate (no driver can encode it) names nothing
     stored. A lookup of one finds nothing, as in the memory store, instead of raising
-    StoreRefusedData."""
+    StoreRefusedData; nor does what is no string (None, bytes), where the check itself
+    raised a bare TypeError."""
+    if not isinstance(text, str):
+        return False
     if "\x00" in text:
         return False
     try:
