@@ -18,7 +18,7 @@ import pytest
 from mailstrom import Email, Mailstrom, RecipientState
 from mailstrom.errors import StoreLocked
 from mailstrom.message import prepare
-from mailstrom.readmodel.base import Overview
+from mailstrom.readmodel.base import Overview, QueuePage, QueueQuery, QueueView
 from mailstrom.readmodel.postgres import PostgresReadModel
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -251,3 +251,40 @@ def test_the_dashboards_overview_reads_one_snapshot(postgres_url: str) -> None:
     [overview] = seen
     queued = overview.by_state[RecipientState.QUEUED]
     assert (queued, overview.oldest_pending is not None) in {(1, True), (0, False)}, overview
+
+
+def test_a_dashboard_page_and_its_messages_are_read_from_one_snapshot(
+    postgres_url: str,
+) -> None:
+    """A page is chosen by one SELECT and its messages read by another, at READ COMMITTED
+    each seeing what was committed when it began: a message purged between the two left
+    a hole in the page (here an empty page with a cursor to the next one), where SQLite
+    reads the page and its messages in one snapshot. Here the second SELECT waits on a
+    lock of the recipients table, which the first does not read, while the page's only
+    message is purged."""
+    with PostgresStore(postgres_url) as store:
+        store.enqueue(small_message("a@example.org"), now=T0)
+        newest = store.enqueue(small_message("b@example.org"), now=T0 + timedelta(seconds=1))
+        model = PostgresReadModel(postgres_url)
+        holder = psycopg.connect(postgres_url.partition("?")[0])
+        watcher = psycopg.connect(postgres_url.partition("?")[0], autocommit=True)
+        seen: list[QueuePage] = []
+        query = QueueQuery(view=QueueView.ALL, limit=1)
+        try:
+            holder.execute("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
+            reading = threading.Thread(target=lambda: seen.append(model.queue_page(query, now=T0)))
+            reading.start()
+            waits = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass"
+            blocked = ("recipients",)
+            assert wait_until(lambda: watcher.execute(waits, blocked).fetchone() == (1,), 10)
+            holder.execute("DELETE FROM recipients WHERE message_id = %s", (newest,))
+            holder.execute("DELETE FROM messages WHERE id = %s", (newest,))
+            holder.commit()
+            reading.join(30)
+        finally:
+            holder.close()
+            watcher.close()
+            model.close()
+    [page] = seen
+    assert [m.id for m in page.messages] == [newest], page
+    assert page.next is not None

@@ -223,7 +223,8 @@ class PostgresReadModel:
             now = check_aware(now, "now")
         if domain is not None and not comparable(domain):
             return []  # no stored domain holds a NUL or a lone surrogate
-        with self._reading("destinations") as conn:
+        # One snapshot: the counts and each destination's last reply are read apart.
+        with self._reading("destinations", snapshot=True) as conn:
             rows = conn.execute(
                 b"SELECT domain, count(*) FILTER (WHERE state = 'deferred'), count(*)"
                 b" FROM recipients WHERE state IN ('queued', 'deferred')"
@@ -286,7 +287,9 @@ class PostgresReadModel:
             conditions.append("m.id BETWEEN %s AND %s")
             params += list(id_range(search.id_prefix))
         direction = "DESC" if newest else "ASC"
-        with self._reading("queue page") as conn:
+        # One snapshot, as SQLite reads a page: the page is chosen by one SELECT and its
+        # messages read by another, and one purged (or changed) between them left a hole.
+        with self._reading("queue page", snapshot=True) as conn:
             # A creation time that reads as None (see _reading) leaves its message out
             # with a warning, and `late` tells the page cursor which end it sorts at.
             with conn.cursor() as cur:
