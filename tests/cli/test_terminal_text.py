@@ -250,6 +250,21 @@ def test_output_to_a_stream_that_is_not_utf8(cli: CLI) -> None:
     assert listed.isascii() and json.loads(listed)[0]["subject"] == "café 😀"
 
 
+def test_output_in_the_c_locale_without_utf8_mode(cli: CLI) -> None:
+    """In the C (POSIX) locale with UTF-8 mode off (``PYTHONUTF8=0``), Python writes
+    standard output in ASCII with ``surrogateescape``, not ``strict``: the escapes
+    tolerant_stdout() asks for were not set, and an "é" in a Subject ended `status` as an
+    internal error (70), its lines cut off. It shows as an escape, as in any other
+    locale that is not UTF-8."""
+    message_id = cli.ok("send", "--file", "-", stdin=NON_ASCII_MESSAGE).out.strip()
+    env = {k: v for k, v in cli.env.items() if k not in ("PYTHONIOENCODING", "LANG")}
+    c_locale = CLI(cwd=cli.cwd, env=env | {"LC_ALL": "C", "PYTHONUTF8": "0"})
+    out = c_locale.ok("status", message_id).out
+    assert r"Subject:     caf\xe9 \U0001f600" in out.splitlines()
+    text = c_locale.ok("status", "--json", message_id).out
+    assert text.isascii() and json.loads(text)["subject"] == "café 😀"
+
+
 def test_json_for_a_stream_that_is_not_utf8() -> None:
     latin = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
     print_json({"s": "é 😀\u202e"}, latin)

@@ -172,7 +172,14 @@ def tolerant_stdout() -> None:
         # had read the store or a command had acted. Nothing to write to: written away.
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
         return
-    if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+    if not isinstance(stream, io.TextIOWrapper):
+        return
+    # In the C locale without UTF-8 mode (PYTHONUTF8=0) Python writes ASCII with
+    # surrogateescape, which fails on an "é" as strict does; in UTF-8 it holds every
+    # character the views write (they escape lone surrogates), and is left as it is.
+    if stream.errors == "strict" or (
+        stream.errors == "surrogateescape" and not writes_utf8(stream)
+    ):
         stream.reconfigure(errors="backslashreplace")
 
 
