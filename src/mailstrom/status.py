@@ -157,22 +157,38 @@ class RecipientStatus:
     address: str
     state: RecipientState
     attempts: int = 0
+    """Attempts recorded for it, every one (:attr:`history` keeps the latest 50)."""
     reply: SMTPReply | None = None
+    """The reply that decided its latest attempt (text cut to 2,048 octets); None when
+    that attempt had none, before any attempt, and once cancelled."""
     error: str | None = None
+    """The local error of its latest attempt when there was no reply (DNS, a refused
+    connection, a timeout), or ``"cancelled"``."""
     mx_host: str | None = None
+    """The MX host its latest attempt went to (with :attr:`ip` and :attr:`tls`)."""
     ip: str | None = None
     tls: bool = False
     uncertain: bool = False
+    """Whether its latest attempt lost the connection after the final dot, before the
+    reply: the message may or may not have been delivered (RFC 5321 §4.5.3.2.6)."""
     reason_class: ReasonClass | None = None
     """The class of the latest attempt's failure (None after an accepted delivery, before
     any attempt, and once cancelled)."""
     first_attempt_at: datetime | None = None
+    """When its first attempt ended (None before any)."""
     last_attempt_at: datetime | None = None
+    """When its latest attempt ended (None before any)."""
     next_attempt_at: datetime | None = None
+    """While pending, when it is due: a deferred one's retry, a queued one's first try
+    (its ``send_at``, else when it was queued); None once final. A held message, or a
+    suspended or throttled destination, may keep it waiting longer."""
     finished_at: datetime | None = None
     """When the recipient became final: its last attempt, or when it was cancelled (None
     while pending). Purges choose by it."""
     history: tuple[Attempt, ...] = ()
+    """Its attempts, oldest first: the latest 50 (``MAX_HISTORY``; :attr:`attempts`
+    counts them all). Empty in lists (``query``, ``query_recent``, the dashboard's
+    pages), which read no history."""
     throttle: DestinationThrottle | None = None
     """The pause of this recipient's destination, while one holds it back (see
     :meth:`throttle_note`); None otherwise."""
