@@ -303,13 +303,16 @@ def _positive_duration(key: str, value: Any) -> timedelta:
     return duration
 
 
-def _optional(parser: Parser) -> Parser:
-    """``"none"``/``"off"``/``false`` (or 0 for numbers) turn a limit off."""
+def _optional(parser: Parser, *, integer: bool = False) -> Parser:
+    """``"none"``/``"off"``/``false`` (or 0 for numbers) turn a limit off. For an
+    ``integer`` setting only the integer 0 does: ``0.0`` is a float, which ``parser``
+    refuses as it refuses ``1.0``, not "no limit" where every other float is an error."""
 
     def parse(key: str, value: Any) -> Any:
+        zero = value == 0 and (isinstance(value, int) or not integer)
         if (
             value is False
-            or value == 0
+            or zero
             or (isinstance(value, str) and value.strip().lower() in ("", "none", "off", "0"))
         ):
             return None
@@ -679,7 +682,7 @@ KEYS: dict[str, Parser] = {
     "retry.multiplier": _float(1.0),
     "retry.jitter": _float(0.0),
     "retry.max_age": _max_age,
-    "retry.max_attempts": _optional(_int(1)),
+    "retry.max_attempts": _optional(_int(1), integer=True),
     "relay.host": _str,
     "relay.port": _port,
     "relay.tls": _choice(RelayTLS),

@@ -580,3 +580,16 @@ def test_suppress_for_of_zero_is_refused(tmp_path: Path, text: str) -> None:
         load_settings(env={"MAILSTROM_SUPPRESS_FOR": text.strip('"')}, search=False)
     path.write_text('suppress_for = "none"\n')
     assert load_settings(config_path=path, env={}).config.suppress_for is None
+
+
+@pytest.mark.parametrize("text", ["0.0", "1.0", "3.5"])
+def test_max_attempts_as_a_float_is_refused_zero_included(tmp_path: Path, text: str) -> None:
+    """``retry.max_attempts = 0.0`` was read as "none" (retry without a count limit), where
+    ``1.0`` and every other float is refused as no integer: 0.0 is refused the same way."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"[retry]\nmax_attempts = {text}\n")
+    with pytest.raises(ConfigError, match=r"^retry\.max_attempts: expected an integer"):
+        load_settings(config_path=path, env={})
+    for off in ("0", '"none"', "false"):
+        path.write_text(f"[retry]\nmax_attempts = {off}\n")
+        assert load_settings(config_path=path, env={}).config.retry.max_attempts is None
