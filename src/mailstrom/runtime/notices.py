@@ -49,9 +49,7 @@ def owed_notice(
     None when its sender asks for no notice. Everything the notice needs but the message's
     bytes is in it, so that a worker that never saw the message (one started after a
     crash) makes the same notice."""
-    sender = result.envelope_from or item.envelope_from
-    if is_verp_template(sender):
-        sender = verp_address(sender, result.message_id, result.address, key=verp_key)
+    sender = _notice_sender(result, item, verp_key)
     if not wants_notice(sender, item.dsn, default=config.bounce_notices):
         return None
     entry = _entry(result, item, delayed=False)
@@ -173,9 +171,7 @@ def notices_for(
         due = result.queued_at or now
         if not _crosses_delay(result, item, due, delay):
             continue
-        sender = result.envelope_from or item.envelope_from
-        if is_verp_template(sender):
-            sender = verp_address(sender, result.message_id, result.address, key=verp_key)
+        sender = _notice_sender(result, item, verp_key)
         if not wants_notice(sender, item.dsn, default=config.bounce_notices, delay=True):
             continue
         key = (result.message_id, sender)
@@ -203,6 +199,15 @@ def notices_for(
         if prepared is not None:
             notices.append(prepared)
     return notices
+
+
+def _notice_sender(result: RecipientResult, item: WorkItem, verp_key: bytes) -> str:
+    """Where a notice about ``result``'s recipient goes: its envelope sender, the VERP
+    address of that recipient when the sender is a VERP template."""
+    sender = result.envelope_from or item.envelope_from
+    if is_verp_template(sender):
+        sender = verp_address(sender, result.message_id, result.address, key=verp_key)
+    return sender
 
 
 def _entry(result: RecipientResult, item: WorkItem, *, delayed: bool) -> FailedRecipient:
