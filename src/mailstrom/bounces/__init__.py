@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from mailstrom._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from mailstrom.bounces.apply import BounceOutcome, apply_report
+    from mailstrom.bounces.apply import BounceAction, BounceOutcome, apply_report
     from mailstrom.bounces.reports import (
         MAX_REPORT,
         Report,
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_REPORT",
+    "BounceAction",
     "BounceOutcome",
     "Report",
     "ReportKind",
@@ -38,6 +39,7 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "mailstrom.bounces.apply": (
+            "BounceAction",
             "BounceOutcome",
             "apply_report",
         ),
