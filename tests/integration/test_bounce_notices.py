@@ -699,3 +699,65 @@ async def test_a_notice_whose_postgres_call_a_stop_cut_off_is_queued_later(
         assert report is not None
         assert [r.final_recipient for r in report.recipients] == ["nobody@example.org"]
         assert [m.envelope_from for m in again.recent()].count("") == 1
+
+
+SCHEMA_BEFORE_VERP_CLEANUP = 14
+"""The SQLite schema of the mailstroms that put VERP addresses on the suppression list."""
+
+
+def test_a_verp_entry_an_older_mailstrom_made_suppresses_no_later_notice(
+    dns_server: LoopbackDNS, mx: Any, results: Results, tmp_path: Path
+) -> None:
+    """Older mailstroms put a VERP address on the suppression list when a notice to it
+    was refused (or a report came about one), with no end. A recipient's delay warning
+    and its failure notice go to the same VERP address, so such an entry, kept after the
+    upgrade, failed the failure notice as "suppressed" unsent. The upgrade drops those
+    entries (an operator's own stays)."""
+    import sqlite3
+    from contextlib import closing
+    from datetime import timedelta
+
+    from mailstrom.stores.sqlite_schema import to_us
+    from tests.support.delivery import FakeClock
+
+    clock = FakeClock()
+    db = tmp_path / "queue.db"
+    mx.rcpt_replies["busy@example.org"] = "451 4.2.1 Mailbox busy"
+    config = loopback_config(
+        dns_server, mx.port, bounce_notices=True, delay_warning=timedelta(hours=1)
+    )
+    template = "bounces+{token}@sender.test"
+    with Mailstrom(config, store=SQLiteStore(db), clock=clock, on_result=results) as ms:
+        mid = ms.send_email(hello("busy@example.org"), envelope_from=template)
+        results.wait_count(1)
+        clock.advance(timedelta(hours=2))
+        ms.wake()
+        results.wait_count(3)  # deferred past the hour, and the warning delivered
+        [warning] = mx.wait_for_messages(1)
+        address = verp_address(template, mid, "busy@example.org", key=ms.store.verp_key())
+    assert warning.rcpt_tos == (address,)
+    # What an older mailstrom left had its server refused that warning: the VERP address
+    # suppressed for good; an operator's entry for another VERP address and a bounce's
+    # for an address whose local part only looks hex-ish stay.
+    kept_manual = address.replace("bounces+", "hand+")
+    kept_plain = "cafe-0190f3a2c4e1b7d08a4f2c6e9b1d3f57@sender.test"
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO suppressions (target, source, reply, created_at) VALUES (?, ?, ?, ?)",
+            [
+                (address.lower(), "hard_bounce", NO_SUCH_USER, to_us(clock())),
+                (kept_manual.lower(), "manual", "", to_us(clock())),
+                (kept_plain, "hard_bounce", NO_SUCH_USER, to_us(clock())),
+            ],
+        )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_BEFORE_VERP_CLEANUP}")
+    mx.rcpt_replies["busy@example.org"] = "550 5.2.1 Mailbox disabled"
+    clock.advance(timedelta(hours=3))
+    with Mailstrom(config, store=SQLiteStore(db), clock=clock, on_result=results) as ms:
+        ms.wake()
+        results.wait_count(5)  # busy failed for good, and the notice about it
+        states = {r.address: (r.state, r.attempt.reason) for r in results.all[3:]}
+        assert states[address][0] is RecipientState.DELIVERED, states[address]
+        targets = {e.target for e in ms.store.list_suppressions()}
+    assert targets == {"busy@example.org", kept_manual.lower(), kept_plain}
+    assert len(mx.wait_for_messages(2)) == 2

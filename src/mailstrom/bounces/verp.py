@@ -119,9 +119,11 @@ def per_recipient(item: WorkItem, *, key: bytes) -> list[WorkItem]:
 
 def is_verp_address(address: str) -> bool:
     """Whether ``address`` holds a token: the return path of one recipient of one message
-    (a bounce notice goes there), which nothing is sent to again. Suppressing it, as a
-    hard bounce of a notice or a report about one would, only adds an entry that
-    suppresses nothing and, without an end, is never pruned."""
+    (a bounce notice goes there). Suppressing it, as a hard bounce of a notice or a
+    report about one would, adds an entry without an end, never pruned, that fails the
+    next notice to it unsent (a recipient's delay warning and its failure notice go to
+    the same address). Older versions wrote such entries; the upgrade to SQLite schema
+    15 (PostgreSQL 17) drops them."""
     return _TOKEN.search(address.lower()) is not None
 
 

@@ -79,7 +79,8 @@ def hard_bounce_entries(
     message, but stored data is not trusted) is skipped, and so is a VERP address
     (:func:`~mailstrom.bounces.verp.is_verp_address`): its entry (the sender's own server
     refusing a bounce notice) was kept for good without ``suppress_for``, one more for
-    every failure, and suppressed nothing."""
+    every failure, and failed the next notice to that address (the failure notice after
+    a delay warning) unsent."""
     entries: dict[str, Suppression] = {}
     for result in results:
         if not result.hard_bounce or is_verp_address(result.address):
