@@ -152,6 +152,24 @@ def test_qmail_bounce() -> None:
     assert (MID, "5d41402abc") in set(find_tokens(report.envelope_senders))
 
 
+@pytest.mark.parametrize("inner", [b"\r", b"\n", b"\r\n"], ids=["CR", "LF", "CRLF"])
+def test_an_encoded_qmail_bounce_is_read_whatever_its_line_ends(inner: bytes) -> None:
+    """As a status part (see below): its body in base64 with a CR alone ending each
+    line read as no bounce, its paragraphs never split."""
+    head, _, body = sample("qmail-bounce.eml").partition(b"\r\n\r\n")
+    body = re.sub(rb"\r\n|\r|\n", inner, body)
+    data = (
+        head
+        + b"\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(body).replace(b"\n", b"\r\n")
+    )
+    report = parse_report(data)
+    assert report is not None and report.reporting_mta == "mx.receiver.test"
+    assert report.original_message_id == "<sample-5@sender.test>"
+    [r] = report.recipients
+    assert (r.final_recipient, r.status) == ("nosuchuser@receiver.test", "5.1.1")
+
+
 def test_a_qmail_bounce_relaying_a_reply_gives_its_codes() -> None:
     remote = (
         b"<ann@receiver.test>:\r\n"
@@ -887,6 +905,47 @@ def test_a_blank_line_before_the_feedback_fields_loses_nothing(blank: bytes, enc
     assert report.reporting_mta == "fbl.mailbox.test"
     assert [r.final_recipient for r in report.recipients] == ["carol@mailbox.test"]
     assert f"bounces+{MID}-5d41402abc@sender.test" in report.envelope_senders
+
+
+def _encoded_with_line_ends(data: bytes, part_type: bytes, line_end: bytes, inner: bytes) -> bytes:
+    """``data`` with the body of its ``part_type`` part in base64, its lines ended with
+    ``inner`` before they were encoded (``line_end`` is the report's own)."""
+    head = b"Content-Type: " + part_type + line_end * 2
+    start = data.index(head) + len(head)
+    end = data.index(line_end + b"--", start)
+    body = re.sub(rb"\r\n|\r|\n", inner, data[start:end]) + inner
+    encoded = base64.encodebytes(body).replace(b"\n", line_end)
+    return (
+        data[: start - len(line_end)]
+        + b"Content-Transfer-Encoding: base64"
+        + line_end * 2
+        + encoded
+        + data[end:]
+    )
+
+
+@pytest.mark.parametrize("inner", [b"\r", b"\n", b"\r\n"], ids=["CR", "LF", "CRLF"])
+@pytest.mark.parametrize(
+    "part_type", [b"message/delivery-status", b"message/global-delivery-status"]
+)
+def test_an_encoded_status_part_is_read_whatever_its_line_ends(
+    part_type: bytes, inner: bytes
+) -> None:
+    """Was: with its lines ended by a CR alone inside the base64 (as old Mac software, or
+    a gateway that turned every CRLF into CR, writes them) the decoded part was one
+    block: the parser ended its header at the first empty line, the recipient blocks
+    became a body nobody read, and the report named no recipient, so the bounce was
+    left unmatched. The parser ends a line at a CR alone too; so does the decoded part."""
+    data = sample("postfix-dsn-headers.eml")
+    if part_type != b"message/delivery-status":
+        data = data.replace(b"Content-Type: message/delivery-status", b"Content-Type: " + part_type)
+    report = parse_report(_encoded_with_line_ends(data, part_type, b"\r\n", inner))
+    assert report is not None
+    assert (report.reporting_mta, report.envelope_id) == ("mx.receiver.test", MID)
+    assert [(r.final_recipient, r.action, r.status) for r in report.recipients] == [
+        ("nosuchuser@receiver.test", "failed", "5.1.1")
+    ]
+    assert report.recipients[0].diagnostic == 'unknown user: "nosuchuser"'
 
 
 @pytest.mark.parametrize("per_message", ["left out", "run into the first recipient's"])

@@ -204,6 +204,14 @@ _LINE_END = re.compile(rb"\r\n?|\n")
 """Where the parser ends a line: CRLF, CR or LF."""
 
 
+def _lf_lines(text: str) -> str:
+    """``text`` with each line ended by an LF, where the parser ends a line: a decoded
+    part's or body's text is split into blocks and paragraphs here, at LFs. A CR alone
+    ending each line (in base64 nothing says the lines are CRLF) made the part one
+    line: a status part's recipient blocks, a qmail bounce's paragraphs went unread."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _first_lines(data: bytes) -> bytes:
     """``data`` up to the end of its :data:`MAX_LINES`-th line."""
     if data.count(b"\n") + data.count(b"\r") <= MAX_LINES:
@@ -361,7 +369,7 @@ def _qmail(message: Message, senders: list[str]) -> Report | None:
     so, without a break or a recipient paragraph, is no bounce."""
     if message.is_multipart() or message.get_content_type() != "text/plain":
         return None
-    text = _LEADING_BLANK_LINES.sub("", _text(message).replace("\r\n", "\n"))
+    text = _LEADING_BLANK_LINES.sub("", _lf_lines(_text(message)))
     if not text.startswith(_QMAIL_START):
         return None
     cut = _QMAIL_BREAK.search(text)
@@ -476,7 +484,7 @@ def _text_blocks(text: str, white: bool) -> list[Message]:
     tabs), each read as a message of headers."""
     # Blank lines first would make the first block one without fields (see _blocks),
     # the fields that follow them its body.
-    text = _LEADING_BLANK_LINES.sub("", text.replace("\r\n", "\n"))
+    text = _LEADING_BLANK_LINES.sub("", _lf_lines(text))
     _check_content_types(text)  # a decoded part is new text
     # Read with the depth guard (_Part): a block that says it is multipart is parsed as
     # MIME, one recursion per level, and a few thousand levels (no blank line needed
