@@ -415,6 +415,89 @@ def test_a_raw_ed25519_key_given_as_a_path_is_refused_without_showing_it(
     assert not [piece for piece in pieces if piece in str(caught.value)], caught.value
 
 
+def dknewkey_seed() -> tuple[bytes, str]:
+    """An Ed25519 key file's content as dkimpy's ``dknewkey --ktype ed25519`` writes it
+    (the base64 of the 32-octet seed, one line, no line end), and its public key in
+    base64, both made by PyNaCl as dkimpy makes them."""
+    import nacl.encoding
+    import nacl.signing
+
+    signing = nacl.signing.SigningKey.generate()
+    public = signing.verify_key.encode(encoder=nacl.encoding.Base64Encoder).decode("ascii")
+    return signing.encode(encoder=nacl.encoding.Base64Encoder), public
+
+
+@pytest.mark.parametrize("line_end", [b"", b"\n"])
+def test_a_raw_ed25519_seed_file_is_loaded_as_dkimpy_reads_it(
+    tmp_path: Path, line_end: bytes
+) -> None:
+    """dkimpy-milter signs with the seed file ``dknewkey`` writes; loading it said "not
+    a PEM private key (Unable to load PEM file. See https://cryptography.io/...
+    MalformedFraming)". It signs here too, with the key dkimpy reads from it."""
+    seed, public = dknewkey_seed()
+    path = key_file(tmp_path, seed + line_end, name="example.com.s.key")
+    key = DKIMKey(domain="example.com", selector="s", private_key=path, algorithm=ED25519)
+    assert key.bits == 256
+    assert key.dns_record().value == f"v=DKIM1; k=ed25519; p={public}"
+    from_bytes = DKIMKey(domain="example.com", selector="s", private_key=seed, algorithm=ED25519)
+    assert from_bytes.sign(b"data") == key.sign(b"data")  # Ed25519 is deterministic
+    clone = pickle.loads(pickle.dumps(key))  # a worker process loads it from the content
+    assert clone.sign(b"data") == key.sign(b"data")
+    assert "'<PEM>'" in repr(from_bytes) and seed.decode() not in repr(from_bytes)
+    # The doctor reads it as the signer does.
+    from mailstrom.doctor.dkim import public_key
+
+    assert (public_key(seed).kind, public_key(seed).p) == ("ed25519", public)
+
+
+def test_a_raw_ed25519_seed_needs_the_ed25519_algorithm(tmp_path: Path) -> None:
+    seed, _ = dknewkey_seed()
+    with pytest.raises(ConfigError, match="rsa-sha256 needs an RSA key, got Ed25519 key"):
+        DKIMKey(domain="example.com", selector="s", private_key=key_file(tmp_path, seed))
+
+
+def test_a_raw_ed25519_key_with_its_public_half_is_refused_naming_the_form(
+    tmp_path: Path,
+) -> None:
+    # libsodium and rspamd keep the seed and the public key, 64 octets; dkimpy (PyNaCl's
+    # SigningKey) refuses that too, so mailstrom says which form to give, not showing it.
+    key = ed25519.Ed25519PrivateKey.generate()
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    ) + key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    given = base64.b64encode(raw)
+    with pytest.raises(ConfigError, match=r"64 octets.*base64 of its first 32 octets") as caught:
+        DKIMKey(
+            domain="example.com",
+            selector="s",
+            private_key=key_file(tmp_path, given + b"\n"),
+            algorithm=ED25519,
+        )
+    text = given.decode()
+    pieces = [text[i : i + 12] for i in range(0, len(text) - 11, 4)]
+    assert not [piece for piece in pieces if piece in str(caught.value)], caught.value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not a key at all\n", base64.b64encode(b"x" * 31), b"\x30\x82\x01\x02binary"],
+    ids=["text", "31 octets", "binary"],
+)
+def test_a_file_that_is_neither_pem_nor_a_raw_seed_names_the_forms_expected(
+    tmp_path: Path, data: bytes
+) -> None:
+    with pytest.raises(
+        ConfigError, match=r"not a PEM private key, nor an Ed25519 key in base64 \(its 32-octet"
+    ) as caught:
+        DKIMKey(
+            domain="example.com",
+            selector="s",
+            private_key=key_file(tmp_path, data),
+            algorithm=ED25519,
+        )
+    assert "cryptography.io" not in str(caught.value)
+
+
 def test_a_path_that_is_no_key_is_named_in_the_error(tmp_path: Path) -> None:
     # Paths of base64 characters that decode to no key are named as they are.
     for name in ("MIIEvQIBADANBgkqhkiG", "keys/M2026/dkimkeyfile1"):

@@ -35,6 +35,7 @@ from mailstrom.errors import ConfigError
 from mailstrom.message.chars import shorten
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 log = logging.getLogger("mailstrom.dkim")
@@ -87,8 +88,10 @@ class DKIMKey:
     ...         private_key="/etc/mailstrom/dkim/example.com.s2026.pem")  # doctest: +SKIP
 
     ``private_key`` is the path of a PEM file (PKCS#8 or the traditional RSA form, not
-    encrypted) that only its owner may access, or the PEM itself as ``bytes`` (from a
-    secret store, say; a ``bytearray`` is kept as a ``bytes`` copy); PEM text or a
+    encrypted; or, for Ed25519, the base64 of the key's 32-octet seed on one line, as
+    dkimpy's ``dknewkey`` writes it) that only its owner may access, or the file's
+    content as ``bytes`` (from a secret store, say; a ``bytearray`` is kept as a
+    ``bytes`` copy); PEM text or a
     key's base64 as a ``str`` is refused, without being shown, as no path. The key is
     loaded and checked here: a missing or unreadable file, a file others can access, a
     key of the wrong type for ``algorithm``, or an RSA key under 1024 or over 4096 bits
@@ -212,6 +215,8 @@ _RAW_ED25519 = frozenset({32, 64})
 """Octets of an Ed25519 private key kept raw, as dkimpy's ``dknewkey`` keeps it (the
 32-octet seed) or libsodium and rspamd (the seed and the public key): its base64 is 44
 or 88 characters ending in ``=``, which a file name hardly does."""
+_ED25519_SEED = 32
+"""Octets of an Ed25519 seed: the raw form a key file may hold (:func:`raw_ed25519_key`)."""
 _MIN_RAW_BASE64 = 44
 """Characters of base64 the shortest key takes: a raw Ed25519 seed's 32 octets."""
 
@@ -371,6 +376,38 @@ _FILE_KINDS = {
 }
 
 
+_RAW_KEY_MAX = 200
+"""Octets a raw Ed25519 key file may hold: its 88 characters of base64 at most, and some
+white space around them. Anything longer is read as PEM."""
+
+
+def raw_ed25519_key(data: bytes) -> Ed25519PrivateKey | None:
+    """The Ed25519 key in ``data`` when it is kept raw, as dkimpy's ``dknewkey`` and
+    dkimpy-milter keep it: the base64 of its 32-octet seed on one line, no PEM armour
+    (white space around it is ignored, as dkimpy ignores it); None when ``data`` is no
+    such thing (PEM, say). :class:`ValueError` for the 64-octet form of libsodium and
+    rspamd (seed, then public key), which dkimpy does not sign with either. The signer
+    and ``mailstrom doctor`` both read keys through it; no error shows the key."""
+    compact = data.strip()
+    if len(compact) > _RAW_KEY_MAX or b"-----" in compact:
+        return None
+    try:
+        raw = base64.b64decode(compact, validate=True)
+    except ValueError:  # binascii.Error: no base64 (also inner white space, as dkimpy's)
+        return None
+    if len(raw) not in _RAW_ED25519:
+        return None
+    if len(raw) != _ED25519_SEED:
+        raise ValueError(
+            "a raw Ed25519 key of 64 octets (seed and public key), which dkimpy-milter "
+            "cannot use either; give the base64 of its first 32 octets (the seed, as "
+            "dknewkey writes it) or the key in PEM"
+        )
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+
+
 def _load_pem(pem: bytes, label: str) -> PrivateKeyTypes:
     try:
         from cryptography.exceptions import UnsupportedAlgorithm
@@ -381,6 +418,19 @@ def _load_pem(pem: bytes, label: str) -> PrivateKeyTypes:
         ) from None
     from cryptography.hazmat.primitives.asymmetric import rsa
 
+    try:
+        raw = raw_ed25519_key(pem)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: the private key is {exc}") from None
+    if raw is not None:
+        return raw
+    if b"-----BEGIN" not in pem:
+        # cryptography's own words ("Unable to load PEM file ... MalformedFraming") do
+        # not say what would do.
+        raise ConfigError(
+            f"{label}: not a PEM private key, nor an Ed25519 key in base64 (its 32-octet "
+            "seed on one line, as dkimpy's dknewkey writes it)"
+        )
     try:
         # Checking an RSA key tests its primes, in time growing with the cube of their
         # size: a 64 KiB file holds a key of some 60,000 bits, which would take many

@@ -122,20 +122,24 @@ class PublicKey:
 
 
 def public_key(pem: bytes) -> PublicKey:
-    """The public half of a PEM private key, as a DKIM record publishes it."""
+    """The public half of a private key (PEM, or an Ed25519 seed in base64 as the signer
+    takes it), as a DKIM record publishes it."""
     try:
         from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
     except ImportError:
         raise MissingExtra(["cryptography"]) from None
+    # The signer's reading of dknewkey's form (ValueError for libsodium's, as for bad PEM).
+    key: Any = signer_keys.raw_ed25519_key(pem)
     try:
         # Checking an RSA key tests its primes, which takes minutes for the largest key a
         # 64 KiB file holds: one over the signer's bound fails by its size (check_dkim)
         # and is not checked; the others are, as the signer checks them.
-        key = serialization.load_pem_private_key(
-            pem, password=None, unsafe_skip_rsa_key_validation=True
-        )
+        if key is None:
+            key = serialization.load_pem_private_key(
+                pem, password=None, unsafe_skip_rsa_key_validation=True
+            )
         if isinstance(key, rsa.RSAPrivateKey) and key.key_size <= signer_keys.MAX_RSA_BITS:
             key = serialization.load_pem_private_key(pem, password=None)
     except UnsupportedAlgorithm as exc:  # e.g. EC on a curve OpenSSL does not know
