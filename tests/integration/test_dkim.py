@@ -203,6 +203,35 @@ def test_a_field_added_after_signing_breaks_the_signatures(
     assert_all_fail(add_field(data, field, where), dns)
 
 
+BARE = b"From: shop@example.com\r\nTo: bob@example.org\r\nSubject: bare\r\n\r\nPGI+aGk8L2I+\r\n"
+"""A raw message without MIME fields: its body is read as US-ASCII text (RFC 2045 §5.2)."""
+FIELDS_A_BARE_MESSAGE_LACKS = [
+    b"Content-Type: text/html\r\n",
+    b"Content-Transfer-Encoding: base64\r\n",  # the body above becomes "<b>hi</b>"
+    b"MIME-Version: 1.0\r\n",
+    b"Cc: victim@example.org\r\n",
+    b"Reply-To: thief@attacker.example\r\n",
+    b"In-Reply-To: <thread@example.org>\r\n",
+    b"References: <thread@example.org>\r\n",
+]
+
+
+@pytest.mark.parametrize(
+    "field", FIELDS_A_BARE_MESSAGE_LACKS, ids=lambda f: f.split(b":")[0].decode()
+)
+@pytest.mark.parametrize("where", ["above", "below"])
+def test_a_field_the_message_lacked_breaks_the_signatures_when_added(
+    dns: LoopbackDNS, field: bytes, where: str
+) -> None:
+    """A raw message without Content-Type, Content-Transfer-Encoding or MIME-Version
+    was signed without naming them in h=, so a relay could add them, changing how the
+    body is read (as HTML, as base64), and the signature still verified: absent, each is
+    listed once (RFC 6376 §8.15, §5.4.2), so that an added one breaks it."""
+    data = prepare(BARE, now=NOW, dkim=DKIM).data
+    assert_all_pass(data, dns)
+    assert_all_fail(add_field(data, field, where), dns)
+
+
 def test_what_a_mailing_list_adds_keeps_the_signatures(dns: LoopbackDNS) -> None:
     """A list that passes a message on unchanged adds List-* fields and often a Sender:
     the signature must survive them."""

@@ -62,7 +62,7 @@ def test_the_tags() -> None:
     assert (tags["d"], tags["s"]) == ("example.com", "rsa")
     assert tags["t"] == str(int(NOW.timestamp()))
     assert "l" not in tags and "x" not in tags and "i" not in tags
-    # Once more than present; From, To, Cc, Subject and Reply-To even when absent.
+    # Once more than present, and once when absent: none can be added.
     assert tags["h"].split(":") == [
         "from",
         "from",
@@ -77,6 +77,8 @@ def test_the_tags() -> None:
         "message-id",
         "message-id",
         "reply-to",
+        "in-reply-to",
+        "references",
         "mime-version",
         "mime-version",
         "content-type",

@@ -4,14 +4,15 @@
 sent: ``c=relaxed/relaxed``, no ``l=`` (a body length would let anyone append content),
 ``t=`` always and ``x=`` when :attr:`DKIMConfig.expire` is set, counted from when the
 message may first be sent (a message queued with ``send_at`` is signed at once but
-delivered later). The signed header fields
-are those of :data:`SIGNED_HEADERS` that the message has. Most are listed once more than
-they occur ("over-signed", RFC 6376 §8.15), so that a second one added on the way (a
-second From, To or Date) breaks the signature instead of being shown to the reader as the
-real one; From, To, Cc, Subject and Reply-To are listed even when absent
-(:data:`ALWAYS_OVERSIGNED`), so that nobody holding a signed message can add a Reply-To
-that takes the answers, or recipients the reader sees. What mailing lists add to mail
-they pass on unchanged (List-* fields, a Sender) may be added without breaking it.
+delivered later). The signed header fields are those of :data:`SIGNED_HEADERS` that the
+message has. Most are listed once more than they occur ("over-signed", RFC 6376 §8.15),
+so that a second one added on the way (a second From, To or Date) breaks the signature
+instead of being shown to the reader as the real one; these, but a Sender, are listed
+even when absent (:data:`ALWAYS_OVERSIGNED`), so that nobody holding a signed message
+can add a Reply-To that takes the answers, recipients the reader sees, or a Content-Type
+or Content-Transfer-Encoding that changes how the body is read. What mailing lists add
+to mail they pass on unchanged (List-* fields, a Sender) may be added without breaking
+it.
 
 The caller (``prepare``) makes the body 7-bit first, so no server along the way has a
 reason to re-encode it; the signature then holds whether or not the receiver offers
@@ -50,13 +51,17 @@ SIGNED_HEADERS = (
 )
 """Header fields signed when present, in the order of the ``h=`` tag: those of RFC 6376
 §5.4.1 that mailstrom's messages carry, and those providers read (RFC 8058, Feedback-ID)."""
-ALWAYS_OVERSIGNED = frozenset({"from", "to", "cc", "subject", "reply-to"})
-"""Listed in ``h=`` once more than they occur, even when absent (RFC 6376 §8.15): none can
-be added to the signed message."""
 NOT_OVERSIGNED = frozenset({"list-unsubscribe", "list-unsubscribe-post", "feedback-id"})
 """Listed as often as they occur; every other field of :data:`SIGNED_HEADERS` that the
 message has is listed once more. A mailing list that passes the message on adds its own
 List-Unsubscribe (RFC 2369), which should not break the signature."""
+ALWAYS_OVERSIGNED = frozenset(SIGNED_HEADERS) - NOT_OVERSIGNED - {"sender"}
+"""Listed in ``h=`` once more than they occur, even when absent (RFC 6376 §8.15, §5.4.2):
+none can be added to the signed message. Each changes what the reader sees, where the
+answer goes, or how the body is read: a raw message without MIME-Version, Content-Type
+and Content-Transfer-Encoding is US-ASCII text (RFC 2045 §5.2), and one who adds
+``Content-Type: text/html`` or ``Content-Transfer-Encoding: base64`` would show another
+body under a valid signature. Not a Sender, which mailing lists add."""
 
 _SIGNED = tuple(
     (
