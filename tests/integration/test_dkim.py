@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from mailstrom import Attachment, Email
 from mailstrom.dkim import DKIMConfig, DKIMKey
+from mailstrom.dkim.signing import resign_expiring
 from mailstrom.message import prepare
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.dkim import (
@@ -289,3 +290,21 @@ def test_a_dknewkey_seed_file_signs_what_dkimpy_verifies(dns: LoopbackDNS, tmp_p
         include_headers=[b"from", b"to", b"subject"],
     )
     assert_all_pass(theirs + data, dns, signatures=2)
+
+
+def test_an_expired_signature_made_anew_verifies(dns: LoopbackDNS) -> None:
+    """What the worker sends for a message whose x= has passed (resign_expiring): the
+    signatures made anew verify, a raw message's own signature of another domain kept."""
+    foreign = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.net; s=x; c=relaxed/relaxed;\r\n"
+        b" t=1; x=2; h=from; bh=AAAA; b=AAAA\r\n"
+    )
+    raw = foreign + b"From: shop@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+    for message in (FIXED["text"], raw):
+        stored = prepare(message, now=NOW - timedelta(days=4), dkim=DKIM).data  # type: ignore[arg-type]
+        assert_all_fail(stored, dns)
+        fresh = resign_expiring(stored, DKIM, now=NOW)
+        assert fresh is not None
+        verdicts = verify_dkimpy(fresh, dns)
+        assert [v.result for v in verdicts[:2]] == ["pass", "pass"], verdicts
+        assert len(verdicts) == (3 if message is raw else 2)

@@ -10,6 +10,7 @@ an 8-bit body if the signer had not made it 7-bit first).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,18 @@ import pytest
 
 from mailstrom import Attachment, DKIMAlgorithm, DKIMSignature, DKIMStatus, Email, RecipientState
 from mailstrom.client import Mailstrom
+from mailstrom.policy.retry import RetryPolicy
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.support.delivery import Results, loopback_config
-from tests.support.dkim import assert_all_fail, assert_all_pass, dual, publish, verify_dkimpy
+from tests.support.delivery import FakeClock, Results, loopback_config
+from tests.support.dkim import (
+    assert_all_fail,
+    assert_all_pass,
+    dual,
+    publish,
+    signature_tags,
+    verify_dkimpy,
+)
 
 CONFIG = dual("sender.test")
 
@@ -196,7 +205,8 @@ def test_unpublished_key_fails(
 def test_a_worker_process_delivers_signed_mail(
     tmp_path: Path, dns_server: LoopbackDNS, receivers: dict[bool, Any]
 ) -> None:
-    """The Config, keys included, crosses to the worker process (which never signs)."""
+    """The Config, keys included, crosses to the worker process (which signs only a
+    message whose signature is about to expire)."""
     config = loopback_config(dns_server, receivers[True].port, dkim=CONFIG)
     store = SQLiteStore(tmp_path / "queue.db")
     try:
@@ -244,3 +254,36 @@ def test_status_says_whether_each_message_was_signed(
     by_rcpt = {m.rcpt_tos[0]: m.content for m in receivers[True].wait_for_messages(2)}
     assert_all_pass(by_rcpt["bob@modern.test"], dns_server)
     assert b"DKIM-Signature" not in by_rcpt["carol@modern.test"]
+
+
+def test_a_retry_after_the_signature_expired_goes_out_signed_anew(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """``retry(id)`` of a message deferred for days sent the bytes signed at send_email,
+    whose ``x=`` had passed: receivers treat such a signature as invalid (RFC 6376 §3.5,
+    §6.1.1), so DMARC failed. The worker signs it again as it sends it. The worker's
+    clock starts three days back (dkimpy checks x= by the real one)."""
+    mx = receivers[True]
+    clock = FakeClock(datetime.now(UTC).replace(microsecond=0) - timedelta(days=3))
+    results = Results()
+    dkim = dual("sender.test", expire=timedelta(days=1))
+    config = loopback_config(
+        dns_server, mx.port, dkim=dkim, retry=RetryPolicy(max_age=timedelta(days=5))
+    )
+    mx.rcpt_replies["bob@modern.test"] = ["451 4.3.0 Try later", "250 2.1.5 OK"]
+    with Mailstrom(config, store=MemoryStore(), clock=clock, on_result=results) as ms:
+        mid = ms.send_email(text_message("bob@modern.test"))
+        results.wait_count(1)
+        assert ms.query_status(mid).state is RecipientState.DEFERRED
+        stored = signature_tags(ms.message_data(mid))
+        clock.advance(timedelta(days=3))  # x= passed two days ago
+        assert ms.retry(mid) == 1
+        results.wait_count(2)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    assert_all_pass(received.content, dns_server)
+    tags = signature_tags(received.content)
+    assert [(t["d"], t["s"]) for t in tags] == [(t["d"], t["s"]) for t in stored]
+    now = int(clock().timestamp())
+    assert all((int(t["t"]), int(t["x"])) == (now, now + 86400) for t in tags), tags
+    assert all(int(t["x"]) < now for t in stored)

@@ -6,7 +6,6 @@ loopback DNS server) in tests/integration/test_dkim.py and test_dkim_delivery.py
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Iterator
@@ -16,15 +15,12 @@ from email.message import EmailMessage
 import pytest
 from tests.support.dkim import ED25519, RSA, dual, key, signature_tags
 
-from mailstrom import Mailstrom
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.dkim import DKIMConfig
-from mailstrom.dkim.signing import sign
+from mailstrom.dkim.signing import resign_expiring, sign
 from mailstrom.errors import ConfigError, MessageTooLarge, NoDKIMKey
 from mailstrom.message import Email, downgrade_to_7bit, prepare
-from mailstrom.policy.retry import RetryPolicy
-from mailstrom.stores import MemoryStore
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 DKIM = dual("example.com")
@@ -313,29 +309,85 @@ def test_the_size_limit_counts_the_signatures() -> None:
         prepare(email(message_id="<x@example.com>"), now=NOW, dkim=DKIM, max_size=size + 100)
 
 
+# --- signing again as the message goes out ------------------------------------------------
+
+EXPIRING = dual("example.com", expire=timedelta(days=1))
+
+
 @pytest.mark.parametrize(
-    ("expire", "max_age", "warned"),
+    ("later", "resigned"),
     [
-        (timedelta(days=1), timedelta(days=5), True),
-        (timedelta(days=5), timedelta(days=5), False),
-        (timedelta(days=1), None, True),
-        (timedelta(days=7), timedelta(days=5), False),
+        (timedelta(0), False),
+        (timedelta(hours=22, minutes=59), False),  # x= more than RESIGN_BEFORE ahead
+        (timedelta(hours=23, minutes=1), True),  # x= within it: the attempt may outlast it
+        (timedelta(days=3), True),  # a retry long after x=
     ],
 )
-def test_a_facade_warns_when_signatures_expire_before_retries_end(
-    caplog: pytest.LogCaptureFixture,
-    expire: timedelta,
-    max_age: timedelta | None,
-    warned: bool,
+def test_a_signature_expiring_before_it_is_checked_is_made_anew(
+    later: timedelta, resigned: bool
 ) -> None:
-    """Retries send the signed bytes as they were: with ``dkim.expire`` shorter than
-    ``retry.max_age``, every retry after the expiry carries a signature receivers treat
-    as invalid (RFC 6376 §3.5), so DMARC fails and strict receivers refuse it. Nothing
-    said so: the docstring's advice was the only place it showed."""
-    config = Config(dkim=dual("example.com", expire=expire), retry=RetryPolicy(max_age=max_age))
-    caplog.set_level(logging.WARNING, logger="mailstrom.dkim")
-    Mailstrom(config, store=MemoryStore(), worker=None)
-    said = [r.getMessage() for r in caplog.records if r.name == "mailstrom.dkim"]
-    assert bool(said) is warned, said
-    if warned:
-        assert "dkim.expire" in said[0] and "retry.max_age" in said[0], said
+    stored = prepare(email(), now=NOW, dkim=EXPIRING).data
+    now = NOW + later
+    out = resign_expiring(stored, EXPIRING, now=now)
+    if not resigned:
+        assert out is None
+        return
+    assert out is not None
+    old, new = signature_tags(stored), signature_tags(out)
+    assert [(t["d"], t["s"], t["a"]) for t in new] == [(t["d"], t["s"], t["a"]) for t in old]
+    stamp = int(now.timestamp())
+    assert all((int(t["t"]), int(t["x"])) == (stamp, stamp + 86400) for t in new)
+    assert new[0]["h"] == old[0]["h"] and new[0]["bh"] == old[0]["bh"]
+    # Only the signatures changed: the message under them is the one stored.
+    assert out.split(b"\r\nFrom: ", 1)[1] == stored.split(b"\r\nFrom: ", 1)[1]
+    assert resign_expiring(out, EXPIRING, now=now) is None  # fresh now
+
+
+def test_nothing_is_signed_again_without_an_expiring_signature() -> None:
+    later = NOW + timedelta(days=30)
+    unsigned = prepare(email(), now=NOW).data
+    no_expiry = prepare(email(), now=NOW, dkim=DKIM).data
+    assert resign_expiring(unsigned, EXPIRING, now=later) is None
+    assert resign_expiring(no_expiry, EXPIRING, now=later) is None
+    # A signature of a domain this configuration has no key for stays as it is.
+    other = prepare(email(), now=NOW, dkim=dual("example.com", expire=timedelta(hours=1))).data
+    assert resign_expiring(other, DKIMConfig(keys=(key("example.net", "n"),)), now=later) is None
+
+
+def test_only_the_expiring_signatures_of_our_domains_are_replaced() -> None:
+    """A signature that came with a raw message (another domain's) stays; ours, made with
+    a selector since rotated away, is replaced by the domain's keys now configured."""
+    foreign = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.net; s=x; c=relaxed/relaxed;\r\n"
+        b" t=1; x=2; h=from; bh=AAAA; b=AAAA\r\n"
+    )
+    raw = foreign + b"From: shop@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+    old = DKIMConfig(keys=(key("example.com", "old"),), expire=timedelta(days=1))
+    stored = prepare(raw, now=NOW, dkim=old).data
+    assert [t["d"] for t in signature_tags(stored)] == ["example.com", "example.net"]
+    out = resign_expiring(stored, EXPIRING, now=NOW + timedelta(days=2))
+    assert out is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
+        ("example.com", "rsa"),
+        ("example.com", "ed"),
+        ("example.net", "x"),
+    ]
+    assert foreign in out
+    # Without an expiry configured now, the new signatures have none.
+    unexpiring = resign_expiring(stored, DKIM, now=NOW + timedelta(days=2))
+    assert unexpiring is not None
+    assert ["x" in t for t in signature_tags(unexpiring)] == [False, False, True]
+
+
+def test_an_absurd_expiry_in_a_stored_signature_is_no_error() -> None:
+    stored = prepare(email(), now=NOW, dkim=EXPIRING).data
+    later = NOW + timedelta(days=3)
+    huge = re.sub(rb"; x=[0-9]+", b"; x=" + b"9" * 5000, stored)
+    assert resign_expiring(huge, EXPIRING, now=later) is None  # far ahead: kept
+    # The first signature's x= is past, the second's far ahead: the domain's two
+    # signatures are made anew, none is kept twice.
+    at = stored.index(b"; x=", stored.index(b"DKIM-Signature:", 1))
+    second = stored[:at] + b"; x=" + b"9" * 5000 + stored[at + 14 :]
+    out = resign_expiring(second, EXPIRING, now=later)
+    assert out is not None and [t["s"] for t in signature_tags(out)] == ["rsa", "ed"]
+    assert b"9" * 30 not in out

@@ -69,7 +69,8 @@ WORKER_FEATURES = (
     "mailstrom.message.envelope",
     "mailstrom.message.encoding",
     "mailstrom.message.render",
-    # DKIM signs at submission; a store reads its outcomes only for a message's status.
+    # DKIM signs at submission (a worker again only a message whose signature expires);
+    # a store reads its outcomes only for a message's status.
     # (Its settings types, dkim.config and dkim.keys, come with the configuration.)
     "mailstrom.dkim.signing",
     # Event hooks (HTTP), MTA-STS and TLS reporting: only when the config turns them on.

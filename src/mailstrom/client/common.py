@@ -455,27 +455,7 @@ def facade_config(config: object) -> Config:
         raise ConfigError(
             f"config must be a mailstrom.Config or None, not {type(config).__name__}{hint}"
         )
-    _warn_of_expiring_signatures(config)
     return config
-
-
-def _warn_of_expiring_signatures(config: Config) -> None:
-    """A warning when retries may outlast the DKIM signatures the facade adds: retries
-    send the signed bytes as they are, and receivers treat a signature past its ``x=`` as
-    invalid (RFC 6376 §3.5), so that mail fails DMARC. Said, not refused: a short expiry
-    may be meant (a key about to be rotated), and configs in use have one."""
-    dkim, max_age = config.dkim, config.retry.max_age
-    if dkim is None or dkim.expire is None or not dkim.keys:
-        return
-    if max_age is not None and dkim.expire >= max_age:
-        return
-    _dkim_log.warning(
-        "dkim.expire (%s) is shorter than retry.max_age (%s): retries after it carry "
-        "expired DKIM signatures, which receivers treat as invalid; make dkim.expire at "
-        "least as long",
-        dkim.expire,
-        "no limit" if max_age is None else max_age,
-    )
 
 
 def check_callables(*, clock: object, on_result: object) -> None:

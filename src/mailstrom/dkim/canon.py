@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 
 _WSP_RUN = re.compile(rb"[ \t]+")
-_FIELD_END = re.compile(rb"\r\n(?![ \t])")
+FIELD_END = re.compile(rb"\r\n(?![ \t])")
+"""A line end that ends a header field: one not followed by WSP."""
 
 
 def split_fields(head: bytes) -> list[tuple[bytes, bytes]]:
@@ -29,7 +30,7 @@ def split_fields(head: bytes) -> list[tuple[bytes, bytes]]:
     # one-word lines).
     return [
         (raw.partition(b":")[0].rstrip(b" \t").lower(), raw + b"\r\n")
-        for raw in _FIELD_END.split(head)
+        for raw in FIELD_END.split(head)
     ]
 
 

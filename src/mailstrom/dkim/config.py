@@ -48,8 +48,9 @@ class DKIMConfig:
     expire: timedelta | None = None
     """Signatures carry ``x=`` this long after the message may first be sent (its ``t=``,
     or its ``send_at`` when later); receivers treat a signature past it as invalid (RFC
-    6376 §3.5). Retries send the same signed bytes, so keep it longer than
-    ``retry.max_age``. ``None``: no expiry."""
+    6376 §3.5). An attempt sends the bytes signed at queueing unless their ``x=`` passes
+    within the hour: the worker then signs the message again with these keys
+    (:func:`~mailstrom.dkim.signing.resign_expiring`). ``None``: no expiry."""
     _by_domain: dict[str, tuple[DKIMKey, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )

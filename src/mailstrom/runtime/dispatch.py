@@ -48,6 +48,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from mailstrom.config import Config
 from mailstrom.errors import (
@@ -87,6 +88,9 @@ from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.tls.decide import Destination, TLSDecider
 from mailstrom.tls.headers import tls_required_no
 from mailstrom.tls.requirement import TLSRequirement
+
+if TYPE_CHECKING:
+    from mailstrom.dkim.config import DKIMConfig
 
 log = logging.getLogger("mailstrom.delivery")
 
@@ -1120,6 +1124,8 @@ class Dispatcher:
         """Hand ``work`` to ``conn``; None when it was decided without the wire."""
         if work.item.smtputf8 and "SMTPUTF8" not in conn.extensions:
             self._fail_utf8_recipients(conn, work, where)
+        if self._config.dkim is not None and work.item.data.startswith(b"DKIM-Signature:"):
+            self._resign_expiring(work, self._config.dkim)
         item = work.item
         data, eightbit = item.data, item.eightbit
         try:
@@ -1157,6 +1163,25 @@ class Dispatcher:
             error = TemporaryFailure(f"internal error: {type(exc).__name__}: {exc}")
             self._done(self._outcomes.from_error(item, error, work.started, where))
             return None
+
+    def _resign_expiring(self, work: _Work, dkim: DKIMConfig) -> None:
+        """Sign ``work``'s message again when its signature would have expired by the
+        time a receiver checks it (a retry days later, a released hold): the stored
+        bytes keep the ``x=`` of when it was queued (see :func:`resign_expiring`)."""
+        # Loaded here: a worker signs nothing else (the keys came with the config).
+        from mailstrom.dkim.signing import resign_expiring
+
+        item = work.item
+        try:
+            signed = resign_expiring(item.data, dkim, now=self._outcomes.now())
+        except Exception:
+            # A bug here must not hold the mail back: an expired signature is no worse
+            # than none, which is what receivers make of it.
+            log.exception("signing %s again failed; it goes as it was", item.message_id)
+            return
+        if signed is not None:
+            work.item = replace(item, data=signed)
+            work.seven_bit = None  # of the bytes before
 
     def _fail_utf8_recipients(self, conn: SMTPConnection, work: _Work, where: Where) -> None:
         """At ``conn``, a server without SMTPUTF8, fail the recipients of ``work`` whose own
