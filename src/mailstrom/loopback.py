@@ -37,10 +37,18 @@ def is_loopback(host: str) -> bool:
 def names_loopback(host_header: str | None) -> bool:
     """Whether a request's ``Host`` header names this host by a loopback name or address
     (``localhost``, ``127.0.0.1:8025``, ``[::1]:8025``)."""
+    host = host_of(host_header)
+    return host is not None and is_loopback(host)
+
+
+def host_of(host_header: str | None) -> str | None:
+    """The host a ``Host`` header (or a URL's authority) names, without its port or an
+    IPv6 address's brackets, in lower case and without a final dot (``"Dash.Example.:80"``
+    → ``"dash.example"``); None when there is none."""
     if not host_header:
-        return False
+        return None
     if host_header.startswith("["):  # [::1] or [::1]:8025
         host = host_header[1 : host_header.find("]")] if "]" in host_header else ""
     else:
         host = host_header.rpartition(":")[0] if ":" in host_header else host_header
-    return is_loopback(host.lower().removesuffix("."))
+    return host.lower().removesuffix(".")

@@ -26,8 +26,10 @@ def store(tmp_path: Path) -> Iterator[SQLiteStore]:
     opened.close()
 
 
-def _client(store: Store, token: str | None = None) -> Iterator[TestClient]:
-    app = create_app(store, clock=lambda: NOW, token=token)
+def _client(
+    store: Store, token: str | None = None, hosts: tuple[str, ...] = ()
+) -> Iterator[TestClient]:
+    app = create_app(store, clock=lambda: NOW, token=token, hosts=hosts)
     with TestClient(app, base_url="http://127.0.0.1:8025") as client:
         yield client
 
@@ -75,7 +77,7 @@ def test_an_error_quotes_a_short_piece_of_a_long_value(client: TestClient) -> No
 
 def test_a_trailing_slash_is_not_a_redirect_to_the_host_header(store: Store) -> None:
     """Starlette answered "/queue/" with a 307 to http://<Host header>/queue."""
-    for client in _client(store, token="s3cret"):
+    for client in _client(store, token="s3cret", hosts=("evil.example",)):
         page = client.get(
             "/queue/",
             headers={"Host": "evil.example", "Authorization": "Bearer s3cret"},

@@ -383,13 +383,50 @@ def test_names_loopback_refuses_every_other_host(host: str) -> None:
     assert not names_loopback(host)
 
 
-def test_with_a_token_any_name_may_ask(store: Store, ids: dict[str, str]) -> None:
-    """A token is the protection then (a rebound page does not have it), and a proxy may
-    pass its own public name."""
+def test_with_a_token_a_rebound_name_cannot_spend_the_tries_at_the_token(
+    store: Store, ids: dict[str, str]
+) -> None:
+    """DNS rebinding with a token: the rebound page cannot read the pages, but its
+    bearer tokens and logins counted as wrong guesses from the operator's own address
+    (127.0.0.1, the browser's), and 10 of them locked the operator out for 10 minutes.
+    A name the dashboard does not answer to is refused before its token is looked at."""
     app = create_app(store, clock=lambda: NOW + timedelta(minutes=1), token="s3cret-token")
-    with TestClient(app, base_url="https://mail.example.com") as client:
-        ok = client.get("/", headers={"Authorization": "Bearer s3cret-token"})
-        assert ok.status_code == 200
+    browser = ("127.0.0.1", 50000)
+    with TestClient(app, base_url="http://evil.example:8025", client=browser) as rebound:
+        for n in range(MAX_GUESSES + 1):
+            tried = rebound.get(
+                "/", headers={"Authorization": f"Bearer try{n}"}, follow_redirects=False
+            )
+            assert tried.status_code == 400, (n, tried.status_code)
+        login = rebound.get("/login")
+        assert login.status_code == 400 and "csrf" not in login.text
+        operator = TestClient(app, base_url="http://127.0.0.1:8025", client=browser)
+        bearer = {"Authorization": "Bearer s3cret-token"}
+        assert operator.get("/", headers=bearer).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("base_url", "options", "status"),
+    [
+        ("https://mail.example.com", {}, 400),
+        ("https://mail.example.com", {"hosts": ["Mail.Example.COM."]}, 200),
+        ("https://mail.example.com", {"public_origin": "https://mail.example.com"}, 200),
+        ("http://localhost:8025", {}, 200),
+        ("http://192.0.2.7:8025", {}, 200),  # an address: no other site's name
+        ("http://[2001:db8::7]:8025", {}, 200),
+    ],
+)
+def test_with_a_token_the_names_it_has_are_served(
+    store: Store, ids: dict[str, str], base_url: str, options: dict[str, Any], status: int
+) -> None:
+    """A name must be one the dashboard was given (a proxy passing its public name needs
+    it as ``hosts`` or ``public_origin``); an address or a loopback name always is."""
+    app = create_app(
+        store, clock=lambda: NOW + timedelta(minutes=1), token="s3cret-token", **options
+    )
+    with TestClient(app, base_url=base_url) as client:
+        page = client.get("/", headers={"Authorization": "Bearer s3cret-token"})
+        assert page.status_code == status
 
 
 def test_with_a_token_every_page_needs_it(store: Store, ids: dict[str, str]) -> None:

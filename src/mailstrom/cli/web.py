@@ -23,9 +23,11 @@ examples:
 
 On loopback anyone on this host may use the dashboard (as anyone who can read the queue
 can run `mailstrom queue`). Any other address needs the setting web.token (or
-MAILSTROM_WEB_TOKEN); every page then asks for it. Behind a proxy that terminates TLS,
-set web.public_url (MAILSTROM_WEB_PUBLIC_URL) to the address browsers use, such as
-https://dash.example.org: forms posted from there are accepted and cookies are Secure.
+MAILSTROM_WEB_TOKEN); every page then asks for it. With a token, a browser may name the
+dashboard by an address, a loopback name or the name given to --listen; behind a proxy
+that terminates TLS, or by another name, set web.public_url (MAILSTROM_WEB_PUBLIC_URL)
+to the address browsers use, such as https://dash.example.org: requests naming it are
+answered, forms posted from there accepted, and an https one makes cookies Secure.
 Actions (retry, hold, release, cancel a message; suspend, resume a destination) are
 confirmed, POSTed with a CSRF token, and logged on stderr.
 """
@@ -95,7 +97,13 @@ def web_command(args: argparse.Namespace) -> int:
         # Opened to write (its actions change it), so never a memory store: one new in
         # this process is empty, no other process fills it, and every change ends here.
         with store_from(settings) as store:
-            app = create_app(store, token=settings.web_token, public_origin=settings.web_public_url)
+            app = create_app(
+                store,
+                token=settings.web_token,
+                public_origin=settings.web_public_url,
+                # The name it listens on is its own (an IPv6 address needs no naming).
+                hosts=() if ":" in host else (host,),
+            )
             bound = sock.getsockname()
             shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
             # The first line on stdout: scripts (and the tests) read the address from it.

@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailstrom.cli.output import age
 from mailstrom.errors import MailstromError, UnknownMessage, UnreadableRow
-from mailstrom.loopback import is_loopback, names_loopback
+from mailstrom.loopback import host_of, is_loopback, names_loopback
 from mailstrom.policy.reasons import advice_for
 from mailstrom.readmodel import (
     InvalidQuery,
@@ -73,6 +73,7 @@ from mailstrom.web.security import (
     made_here,
     new_csrf_token,
     same_origin,
+    serves_host,
     session_cookie,
     unsendable,
 )
@@ -114,6 +115,7 @@ def create_app(
     secure_cookies: bool = False,
     public_origin: str | None = None,
     guesses: Guesses | None = None,
+    hosts: Iterable[str] = (),
 ) -> Starlette:
     """The dashboard over ``store`` (the caller keeps ownership of ``store``; the read model
     made here, if none is given, is closed with the application).
@@ -130,6 +132,10 @@ def create_app(
     (white space at either end, a control character), is a ValueError.
     ``guesses`` bounds the failed tries at the token per client address (default:
     ``Guesses()``, 10 in 10 minutes; see :mod:`mailstrom.web.security`).
+    ``hosts`` are the names (``"dash.example.org"``) besides loopback ones, address
+    literals and ``public_origin``'s under which a dashboard with a token answers: a
+    request naming another is refused (400) before its token counts as a guess
+    (:func:`~mailstrom.web.security.serves_host`).
     """
     clock = in_utc(clock)  # a suspension's end is reckoned from it
     if token is not None and not token:
@@ -158,6 +164,8 @@ def create_app(
     )
     owns_model = read_model is None
     access = Access(token)
+    given = (*hosts, *([public_origin.partition("://")[2]] if public_origin else []))
+    names = frozenset(host for name in given if (host := host_of(name)) is not None)
     guesses = Guesses() if guesses is None else guesses
     cache: TTLCache[Any] = TTLCache(cache_seconds)
     env = jinja2.Environment(
@@ -490,6 +498,17 @@ def create_app(
             return PlainTextResponse(
                 "This dashboard answers only to localhost, 127.0.0.1 or [::1] unless it has "
                 "a token (web.token).",
+                400,
+            )
+        if access.required and not serves_host(host_header, names):
+            # Before the token is looked at: a page rebinding its name to this address
+            # spent the tries at the token, and locked the operator's address out.
+            log.warning(
+                "refused %s %s for Host %s", request.method, _shown(path), _shown(host_header)
+            )
+            return PlainTextResponse(
+                "This dashboard answers to a loopback name, an address, the name it listens "
+                "on or the host of web.public_url; not to this one.",
                 400,
             )
         fresh = not made_here(request.cookies.get(CSRF_COOKIE))

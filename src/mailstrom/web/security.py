@@ -12,7 +12,12 @@ Host: without a token, only requests that name the dashboard by a loopback name 
 address (``Host: localhost:8025``, ``127.0.0.1``, ``[::1]``) are answered, so that a page
 on another site cannot reach it by rebinding its own name to 127.0.0.1
 (:mod:`mailstrom.loopback`); and only from a client on this host (a loopback address, or
-none: a Unix socket), since any other client can send whatever Host it likes.
+none: a Unix socket), since any other client can send whatever Host it likes. With a
+token, a request must name the dashboard by one of those, by any address literal, or by
+a name it is told it has (the address it listens on, its public address behind a proxy:
+:func:`serves_host`); any other name is refused before its token is looked at. A
+rebound page cannot read the pages without the token, but its tries at the token would
+count as guesses from the operator's own address and lock the operator out.
 
 Guesses: a client (by its address; an IPv6 one by its /64) whose tries at the token,
 through the login form or as a bearer token, failed :data:`MAX_GUESSES` times within
@@ -38,6 +43,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from mailstrom.loopback import host_of, is_loopback
 
 SESSION_COOKIE = "mailstrom_session"
 """The session cookie's name, followed by the dashboard's port (:func:`session_cookie`)."""
@@ -193,6 +200,27 @@ def same_origin(
     if public is not None and origin == public:
         return True
     return host is not None and origin == f"{scheme}://{host}"
+
+
+def serves_host(host_header: str | None, names: frozenset[str]) -> bool:
+    """Whether a dashboard with a token answers a request naming ``host_header``: a
+    loopback name or address, any address literal, or one of ``names`` (in lower case,
+    with no final dot or port); the port is not looked at.
+
+    DNS rebinding needs a name: a page's origin that is an address literal is the server
+    at that address, no other site's, so every address is served (a dashboard listening
+    on 0.0.0.0 is reached by any of the host's). A name the dashboard was not told it
+    has is another site's, rebound to the dashboard's address."""
+    host = host_of(host_header)
+    if host is None:
+        return False
+    if host in names or is_loopback(host):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 MAX_GUESSES = 10
