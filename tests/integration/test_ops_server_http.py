@@ -132,6 +132,51 @@ def test_a_bad_or_pre_1_0_version_is_a_400_with_a_status_line(
     assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
 
 
+def _raw(server: OpsServer, request: bytes) -> dict[str, str]:
+    """The headers (lower-case names) of the answer to ``request``, sent as it is."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    assert head.startswith("HTTP/1.0 "), head[:200]
+    return {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in head.split("\r\n")[1:])
+    }
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # 200, a text page
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # 503, JSON
+        b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # 404
+        b"POST /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # 405
+        b"GET /metrics HTTP/1.1\r\nHost: rebound.example\r\n\r\n",  # 400
+        b"BREW /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # the stdlib's 501
+        b"GET /healthz FOO/1.0\r\n\r\n",  # the stdlib's 400 page (HTML)
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+    ],
+)
+def test_every_answer_carries_the_headers_the_dashboards_do(
+    server: OpsServer, request_bytes: bytes
+) -> None:
+    """The dashboard's answers say nosniff, forbid framing, load nothing, send no
+    referrer and are not cached; the metrics server's said only no-store (and its
+    refusals not even that), so a browser could sniff a reply, its HTML error pages
+    (the stdlib's) included, as another type, and another site could frame them."""
+    headers = _raw(server, request_bytes)
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert "default-src 'none'" in headers["content-security-policy"]
+    assert headers["referrer-policy"] == "no-referrer"
+    assert headers["cache-control"] == "no-store"
+
+
 _IN_NAMESPACE = """
 import socket, sys
 from mailstrom.ops.server import Health, OpsServer

@@ -18,6 +18,7 @@ delivers the mail. Here:
   answers GET, and HTTP/1.0 closes the connection after one answer.
 - writing the answer has ``request_timeout`` seconds too: a client that does not read
   it cannot hold its thread.
+- every answer, the stdlib's error pages included, carries :data:`SECURITY_HEADERS`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,24 @@ EVICTION_WAIT = 1.0
 A displaced thread's socket is shut down, so its read returns at once; this only bounds
 the wait should it not."""
 
+SECURITY_HEADERS = {
+    # What the dashboard's answers say (mailstrom.web.security), for pages that are
+    # text, JSON and the stdlib's HTML error pages: nothing to load, frame or sniff.
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+"""Headers on every answer, an error the stdlib writes included (a browser may be
+shown any of them)."""
+_SECURITY_LINES = "".join(f"{name}: {value}\r\n" for name, value in SECURITY_HEADERS.items())
+
 _TOO_LARGE = (
     b"HTTP/1.0 431 Request Header Fields Too Large\r\n"
-    b"Content-Type: text/plain\r\nConnection: close\r\n\r\n"
+    b"Content-Type: text/plain\r\nConnection: close\r\n"
+    + _SECURITY_LINES.encode()
+    + b"\r\n"
     + f"the request line and headers are over {MAX_REQUEST_HEAD} bytes\n".encode()
 )
 
@@ -191,6 +207,12 @@ class GuardedRequestHandler(BaseHTTPRequestHandler):
         except _HeadTooLarge:
             self.connection.settimeout(self.server.request_timeout)
             self.wfile.write(_TOO_LARGE)
+
+    def end_headers(self) -> None:
+        # Here rather than in each answer: the stdlib's own errors (send_error) pass here.
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        super().end_headers()
 
     # Errors found before the request's version is read (``FOO/1.0``) are answered in
     # HTTP/1.0: the stdlib's default, HTTP/0.9, writes the error page without a status

@@ -255,7 +255,6 @@ class OpsServer:
                     self.send_header("Allow", allow)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
