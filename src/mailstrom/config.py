@@ -67,6 +67,12 @@ MIN_LEASE_FOR = timedelta(milliseconds=100)
 fencing looks every twelfth: below this those timers crowd the loop, and a lease runs out
 within one store round trip and one SMTP reply, so every transaction risked being taken
 over by another worker while on the wire, and sent twice."""
+MIN_SECRET = 16
+"""Characters a shared secret (``hook.secret``, the dashboard's ``web.token``) has at
+least. 16 random ones are 64 bits as hex digits and 96 in base64, which neither the
+dashboard's 10 tries per address in 10 minutes nor an offline search of one signed hook
+request gets through; a word or a 6-character one falls to either. ``openssl rand
+-base64 24`` makes 32."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -348,9 +354,9 @@ class HookConfig:
     :func:`mailstrom.webhooks.verify_signature`); a request that fails or times out after
     ``timeout`` seconds is retried with backoff, and its events stay in the store's outbox
     until the endpoint answers 2xx. At most ``batch`` events go in one request. The secret
-    never appears in ``repr``.
+    (at least :data:`MIN_SECRET` characters) never appears in ``repr``.
 
-    >>> HookConfig(url="https://app.example/mail-events", secret="whsec")
+    >>> HookConfig(url="https://app.example/mail-events", secret="whsec-0123456789abcdef")
     HookConfig(url='https://app.example/mail-events', secret='***', timeout=10.0, batch=100, \
 retry_min=1.0, retry_max=300.0)
     """
@@ -378,6 +384,12 @@ retry_min=1.0, retry_max=300.0)
             raise ConfigError(
                 "hook.secret: holds octets that are not UTF-8 (or a lone surrogate); the "
                 "signing key is the secret's UTF-8"
+            )
+        if len(self.secret) < MIN_SECRET:
+            raise ConfigError(
+                f"hook.secret: must be at least {MIN_SECRET} characters (it is "
+                f"{len(self.secret)}): anyone with one signed request could try every "
+                "shorter key; `openssl rand -base64 24` makes a good one"
             )
         check_seconds(self.timeout, "hook.timeout", maximum=300)
         check_int(self.batch, "hook.batch", maximum=10_000)

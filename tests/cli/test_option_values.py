@@ -108,7 +108,7 @@ def test_bad_option_values_checked_as_settings_are_usage_errors(
     """docs/cli.md: a bad value given as an option is a usage error naming the option
     (exit 64); 78 is for the file and the environment."""
     (cli.cwd / "notes.txt").write_text("not a certificate\n")
-    cli.env["MAILSTROM_HOOK_SECRET"] = "s3cret"
+    cli.env["MAILSTROM_HOOK_SECRET"] = "s3cret-s3cret-s3cret"
     result = cli(*args, timeout=30)
     assert result.code == 64, result.err
     assert result.err_lines[-1].startswith("mailstrom: "), result.err

@@ -150,7 +150,7 @@ def _nested() -> list[tuple[Callable[..., object], dict[str, object], str]]:
     from mailstrom.dkim import DKIMConfig
     from mailstrom.policy.shaping import ShapingConfig
 
-    hook = {"url": "https://app.example/h", "secret": "s"}
+    hook = {"url": "https://app.example/h", "secret": "s" * 16}
     cases: list[tuple[Callable[..., object], dict[str, object], str]] = []
     for name in ("connect", "greeting", "command", "data_init", "data_block", "data_end"):
         cases += [(Timeouts, {name: v}, name) for v in (NAN, INF, 0, "30")]
@@ -399,7 +399,7 @@ def test_a_hook_secret_with_octets_that_are_not_utf8_is_refused() -> None:
     from mailstrom import HookConfig
     from mailstrom.settings import load_settings
 
-    secret = os.fsdecode(b"whsec\xff")
+    secret = os.fsdecode(b"whsec-0123456789\xff")
     with pytest.raises(ConfigError, match=r"hook\.secret") as caught:
         HookConfig(url="https://app.example/h", secret=secret)
     assert "whsec" not in str(caught.value)
@@ -630,3 +630,15 @@ def test_a_relay_host_may_be_any_host_name_or_address(host: str) -> None:
     from mailstrom import RelayConfig
 
     assert RelayConfig(host=host).host == host
+
+
+@pytest.mark.parametrize("secret", ["s", "whsec", "x" * 15])
+def test_a_hook_secret_shorter_than_16_characters_is_refused(secret: str) -> None:
+    """An HMAC key of one character was taken: a receiver's check of the signature
+    then proves little, since the key is guessed offline from one signed request."""
+    from mailstrom import HookConfig
+
+    with pytest.raises(ConfigError, match=r"hook\.secret.*16") as caught:
+        HookConfig(url="https://app.example/h", secret=secret)
+    assert len(secret) < 5 or secret not in str(caught.value)
+    HookConfig(url="https://app.example/h", secret="x" * 16)  # the shortest taken

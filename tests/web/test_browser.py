@@ -211,14 +211,14 @@ def test_with_a_token_the_browser_must_log_in(
     from selenium.webdriver.common.by import By
 
     path, _ = queue_db
-    with web_server(f"sqlite:///{path}", tmp_path, token="correct horse") as url:
+    with web_server(f"sqlite:///{path}", tmp_path, token="correct horse battery") as url:
         browser.get(url + "/queue")
         _title(browser, "Log in · mailstrom")
         _shoot(browser, shots, "login")
         browser.find_element(By.ID, "token").send_keys("wrong")
         _click(browser, css="#login")
         assert _text(browser, "#login-failed") == "That is not the token."
-        browser.find_element(By.ID, "token").send_keys("correct horse")
+        browser.find_element(By.ID, "token").send_keys("correct horse battery")
         _click(browser, css="#login")
         _title(browser, "Queue · mailstrom")  # back where it was going
         _click(browser, css=".logout button")

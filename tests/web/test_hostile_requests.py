@@ -46,7 +46,7 @@ def test_a_session_cookie_with_latin_1_octets_is_refused_not_a_crash(
     store: Store, cookie: bytes
 ) -> None:
     """hmac.compare_digest raised TypeError for a str with non-ASCII characters."""
-    for client in _client(store, token="s3cret"):
+    for client in _client(store, token="s3cret-s3cret-s3cret"):
         page = client.get("/queue", headers={"Cookie": cookie}, follow_redirects=False)
         assert page.status_code == 303 and page.headers["location"].startswith("/login?")
 
@@ -77,10 +77,10 @@ def test_an_error_quotes_a_short_piece_of_a_long_value(client: TestClient) -> No
 
 def test_a_trailing_slash_is_not_a_redirect_to_the_host_header(store: Store) -> None:
     """Starlette answered "/queue/" with a 307 to http://<Host header>/queue."""
-    for client in _client(store, token="s3cret", hosts=("evil.example",)):
+    for client in _client(store, token="s3cret-s3cret-s3cret", hosts=("evil.example",)):
         page = client.get(
             "/queue/",
-            headers={"Host": "evil.example", "Authorization": "Bearer s3cret"},
+            headers={"Host": "evil.example", "Authorization": "Bearer s3cret-s3cret-s3cret"},
             follow_redirects=False,
         )
         assert page.status_code == 404 and "location" not in page.headers
@@ -89,10 +89,10 @@ def test_a_trailing_slash_is_not_a_redirect_to_the_host_header(store: Store) -> 
 def test_a_malformed_host_header_is_a_deliberate_answer(store: Store) -> None:
     """Starlette before 1.1 raised ValueError building request.url from Host "[::1" (a
     500); later versions use the socket's address instead, and the request goes on."""
-    for client in _client(store, token="s3cret"):
+    for client in _client(store, token="s3cret-s3cret-s3cret"):
         page = client.get(
             "/queue",
-            headers={"Host": "[::1", "Authorization": "Bearer s3cret"},
+            headers={"Host": "[::1", "Authorization": "Bearer s3cret-s3cret-s3cret"},
             follow_redirects=False,
         )
         assert page.status_code in (200, 400), page.status_code
@@ -163,7 +163,7 @@ def test_a_body_framed_by_transfer_encoding_is_refused_whatever_its_length_says(
 ) -> None:
     """With Transfer-Encoding the server frames the body by it and ignores Content-Length
     (RFC 9112 §6.1): a short length would let any size through to the login form."""
-    app = create_app(store, token="t", clock=lambda: NOW)
+    app = create_app(store, token="t0ken-t0ken-t0ken", clock=lambda: NOW)
     sent = _post_login(
         app, [(b"content-length", b"10"), (b"transfer-encoding", encoding)], b"x" * 100_000
     )

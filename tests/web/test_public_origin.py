@@ -26,7 +26,7 @@ from mailstrom.settings import load_settings
 from mailstrom.stores import MemoryStore
 from mailstrom.web import create_app
 
-TOKEN = "secret-token"
+TOKEN = "secret-token-0123"
 PUBLIC = "https://dash.example.org"
 
 
@@ -184,7 +184,10 @@ def test_the_command_refuses_a_public_url_that_is_malformed_or_without_a_token(
     for extra, said in [
         ({"MAILSTROM_WEB_PUBLIC_URL": PUBLIC}, "needs a token"),
         (
-            {"MAILSTROM_WEB_PUBLIC_URL": "https://dash.example.org/x", "MAILSTROM_WEB_TOKEN": "t"},
+            {
+                "MAILSTROM_WEB_PUBLIC_URL": "https://dash.example.org/x",
+                "MAILSTROM_WEB_TOKEN": "t0ken-t0ken-t0ken",
+            },
             "expected scheme://host[:port]",
         ),
     ]:

@@ -39,7 +39,7 @@ from mailstrom.web.security import Guesses, session_cookie
 from tests.contract.support import NOW, lease_all, message, results_for
 
 EXAMPLES = int(os.environ.get("MAILSTROM_FUZZ_EXAMPLES", "150"))
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123"
 CSRF = "the-browsers-csrf-token"
 MARK = "<x-evil"
 """Markup no page may show as it was given (inputs carry it; stored messages too)."""

@@ -11,6 +11,7 @@ from mailstrom.cli.context import settings_from, store_from
 from mailstrom.cli.exits import EX_OK, UsageError
 from mailstrom.cli.logs import configure_logging
 from mailstrom.cli.parsing import Subparsers, setting_arg
+from mailstrom.config import MIN_SECRET
 from mailstrom.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:8025"
@@ -79,6 +80,13 @@ def web_command(args: argparse.Namespace) -> int:
             f"mailstrom web needs the web extra ({exc.name} is missing): "
             "pip install 'mailstrom[web]'"
         ) from None
+    if settings.web_token is not None and len(settings.web_token) < MIN_SECRET:
+        # Never shown: a secret (its length says little).
+        raise ConfigError(
+            f"web.token is {len(settings.web_token)} characters long; the dashboard takes "
+            f"at least {MIN_SECRET}, which its 10 tries per address in 10 minutes do not "
+            "guess: set a longer one (`openssl rand -base64 24` makes one)"
+        )
     if settings.web_token is not None and len(settings.web_token) > MAX_TOKEN:
         # Tries at the token are read up to MAX_TOKEN characters: every login would fail.
         raise ConfigError(

@@ -36,6 +36,7 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailstrom.cli.output import age
+from mailstrom.config import MIN_SECRET
 from mailstrom.errors import MailstromError, UnknownMessage, UnreadableRow
 from mailstrom.loopback import host_of, is_loopback, names_loopback
 from mailstrom.policy.reasons import advice_for
@@ -127,7 +128,8 @@ def create_app(
     ``public_origin`` is the dashboard's address as browsers reach it through a proxy
     (``"https://dash.example.org"``): forms posted from there are accepted (with their
     CSRF token, as always); it needs a token, and an ``https`` one makes cookies
-    ``Secure``. A malformed ``public_origin``, or a ``token`` empty or over
+    ``Secure``. A malformed ``public_origin``, or a ``token`` under
+    :data:`~mailstrom.config.MIN_SECRET` (16) or over
     :data:`~mailstrom.web.security.MAX_TOKEN` characters or one no header can carry
     (white space at either end, a control character), is a ValueError.
     ``guesses`` bounds the failed tries at the token per client address (default:
@@ -141,6 +143,8 @@ def create_app(
     if token is not None and not token:
         # An empty token would be "required" and matched by an empty one.
         raise ValueError("token must not be empty (None lets everyone in)")
+    if token is not None and len(token) < MIN_SECRET:
+        raise ValueError(f"token must be at least {MIN_SECRET} characters")
     if token is not None and len(token) > MAX_TOKEN:
         # Tries are read up to MAX_TOKEN (longer ones refused unread): none would match.
         raise ValueError(f"token must be at most {MAX_TOKEN} characters")
