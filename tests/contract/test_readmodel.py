@@ -280,6 +280,15 @@ def test_message_data_is_the_stored_message(model: ReadModel, queue: Queue) -> N
         model.message_data("0" * 32)
 
 
+def test_message_data_reads_only_the_first_octets_asked_for(model: ReadModel, queue: Queue) -> None:
+    """A page shows the headers and a bounded part of a message: it read the whole of
+    it, tens of megabytes for a large one, on every view."""
+    for limit in (0, 1, 10, len(queue.data), len(queue.data) + 5):
+        assert model.message_data(queue.deferred, limit=limit) == queue.data[:limit]
+    with pytest.raises(UnknownMessage):
+        model.message_data("0" * 32, limit=10)
+
+
 @pytest.mark.parametrize("odd", ["\x00", "\ud800"], ids=["nul", "lone-surrogate"])
 def test_text_no_store_can_hold_finds_nothing(model: ReadModel, queue: Queue, odd: str) -> None:
     """An id or domain with a NUL or a lone surrogate names nothing any store holds: the

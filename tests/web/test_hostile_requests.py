@@ -204,3 +204,47 @@ def test_a_header_field_with_a_broken_encoded_word_is_shown_as_written(
     page = client.get(f"/message/{mid}")
     assert page.status_code == 200
     assert html.escape(field.decode().partition(": ")[2], quote=False) in page.text
+
+
+class _Reads:
+    """A read model that keeps the size of each message it handed out."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.sizes: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def message_data(self, message_id: str, **options: Any) -> bytes:
+        data: bytes = self.model.message_data(message_id, **options)
+        self.sizes.append(len(data))
+        return data
+
+
+def test_a_large_message_is_read_only_as_far_as_its_page_shows_it(tmp_path: Path) -> None:
+    """The message's page shows the header section (64 KiB at most) and, asked for, the
+    first 1 MiB of the message; it read the whole message from the store each time, all
+    of a 50 MB one, for a page that showed a part of it."""
+    from mailstrom.readmodel import open_read_model
+    from mailstrom.web.headers import MAX_BODY_BYTES, MAX_HEADER_BYTES
+
+    store = SQLiteStore(tmp_path / "q.db")
+    line = b"x" * 998 + b"\r\n"
+    data = b"Subject: Big\r\n\r\n" + line * (6 * 1024 * 1024 // len(line))
+    mid = store.enqueue(message("a@one.example", data=data), now=NOW)
+    reads = _Reads(open_read_model(store))
+    try:
+        app = create_app(store, read_model=reads, clock=lambda: NOW)  # type: ignore[arg-type]
+        with TestClient(app, base_url="http://127.0.0.1:8025") as client:
+            page = client.get(f"/message/{mid}")
+            assert page.status_code == 200 and "Big" in page.text
+            assert f"{len(data):,} bytes" in page.text
+            raw = client.get(f"/message/{mid}", params={"body": "1"})
+            assert raw.status_code == 200 and "Subject: Big" in raw.text
+            assert "Only the first megabyte is shown" in raw.text
+        assert reads.sizes[0] <= MAX_HEADER_BYTES
+        assert MAX_BODY_BYTES <= reads.sizes[1] <= MAX_BODY_BYTES + 1
+    finally:
+        reads.model.close()
+        store.close()

@@ -342,8 +342,10 @@ class ReadModel(Protocol):
         :meth:`~mailstrom.stores.base.Store.suspensions`; the list is small)."""
         ...
 
-    def message_data(self, message_id: str) -> bytes:
-        """The message as stored (the bytes the worker transmits)."""
+    def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
+        """The message as stored (the bytes the worker transmits); with ``limit``, only
+        its first ``limit`` octets, which is all the store reads of a large one (a page
+        shows the headers and a part: ``MessageStatus.size`` says how large it is)."""
         ...
 
     def close(self) -> None:

@@ -184,11 +184,12 @@ class MemoryReadModel:
             cursor = PageCursor(created_at=last.created_at, seq=last.seq)
         return QueuePage(messages=statuses, next=cursor)
 
-    def message_data(self, message_id: str) -> bytes:
+    def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""
         self._check_open()
         with self._store._lock:
-            return self._store._get(message_id).prepared.data
+            data = self._store._get(message_id).prepared.data
+        return data if limit is None else data[:limit]
 
 
 def _matches(m: _Message, query: QueueQuery) -> bool:

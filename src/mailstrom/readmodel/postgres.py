@@ -333,12 +333,21 @@ class PostgresReadModel:
         page = with_pauses([found[mid] for mid in ids if mid in found], paused)
         return QueuePage(messages=tuple(page), next=cursor)
 
-    def message_data(self, message_id: str) -> bytes:
+    def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""
         if not comparable(message_id):  # names nothing stored, as in the memory store
             raise UnknownMessage(message_id)
         with self._reading("reading a message") as conn:
-            row = conn.execute(b"SELECT data FROM messages WHERE id = %s", (message_id,)).fetchone()
+            if limit is None:
+                row = conn.execute(
+                    b"SELECT data FROM messages WHERE id = %s", (message_id,)
+                ).fetchone()
+            else:
+                # A TOASTed value is fetched (and decompressed) only as far as the slice.
+                row = conn.execute(
+                    b"SELECT substring(data FROM 1 FOR %s) FROM messages WHERE id = %s",
+                    (max(limit, 0), message_id),
+                ).fetchone()
         if row is None:
             raise UnknownMessage(message_id)
         return bytes(row[0])

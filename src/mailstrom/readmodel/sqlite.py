@@ -397,15 +397,28 @@ class SQLiteReadModel:
                 best = (n, f)
         return None if best is None else best[1]
 
-    def message_data(self, message_id: str) -> bytes:
+    def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""
         if not comparable(message_id):  # names nothing stored, as in the memory store
             raise UnknownMessage(message_id)
         with self._read() as conn:
-            row = conn.execute("SELECT data FROM messages WHERE id = ?", (message_id,)).fetchone()
-        if row is None:
-            raise UnknownMessage(message_id)
-        return bytes(row[0])
+            if limit is None:
+                row = conn.execute(
+                    "SELECT data FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+                if row is None:
+                    raise UnknownMessage(message_id)
+                return bytes(row[0])
+            # length() of a blob reads no content; substr() would load all of it (every
+            # overflow page) before cutting. A blob handle reads the pages asked for.
+            row = conn.execute(
+                "SELECT seq, length(data) FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownMessage(message_id)
+            seq, size = row
+            with conn.blobopen("messages", "data", seq, readonly=True) as blob:
+                return blob.read(max(0, min(limit, size)))
 
 
 def _shown(value: object) -> str | None:

@@ -61,7 +61,7 @@ from mailstrom.stores.dead_holders import HolderInfo, live_workers
 from mailstrom.stores.operator import Suspension, filter_domain, next_due
 from mailstrom.web.actions import ACTIONS, InvalidTarget, Target, destination_domain
 from mailstrom.web.chart import throughput_chart
-from mailstrom.web.headers import header_fields, shown_body
+from mailstrom.web.headers import MAX_BODY_BYTES, MAX_HEADER_BYTES, header_fields, shown_body
 from mailstrom.web.security import (
     CSRF_COOKIE,
     CSRF_FIELD,
@@ -259,7 +259,9 @@ def create_app(
         show_body = request.query_params.get("body") == "1"
         try:
             status = await run_in_threadpool(store.status, mid)
-            data = await run_in_threadpool(model.message_data, mid)
+            # What the page shows and no more: a message may be tens of megabytes.
+            limit = MAX_BODY_BYTES + 1 if show_body else MAX_HEADER_BYTES
+            data = await run_in_threadpool(lambda: model.message_data(mid, limit=limit))
         except UnknownMessage:
             return problem(request, 404, f"no message {mid} in the queue")
         except UnreadableRow as exc:
