@@ -289,3 +289,25 @@ def test_access_and_csrf_compare_any_text_a_client_sends() -> None:
     assert access.allows(cookie=None, authorization="Bearer tøken")
     assert not csrf_matches("\xe9", "\xe8")
     assert csrf_matches("\xe9", "\xe9")
+
+
+def test_ended_sessions_are_remembered_up_to_a_bound_then_every_session_ends() -> None:
+    """Logging out ends a session at the server; the ids kept for that are bounded (a
+    client with the token could log in and out for ever): past the bound a new key ends
+    every session, which then need not be remembered."""
+    from mailstrom.web.security import MAX_REVOKED
+
+    access = Access("s3cret-s3cret-s3cret")
+    kept = access.session_value()
+    ended = access.session_value()
+    access.end_session(ended)
+    assert not access.allows(cookie=ended, authorization=None)
+    assert access.allows(cookie=kept, authorization=None)
+    access.end_session("forged.value")  # not a session: nothing to remember
+    for _ in range(MAX_REVOKED - 1):
+        access.end_session(access.session_value())
+    assert access.allows(cookie=kept, authorization=None)
+    assert len(access._revoked) == MAX_REVOKED
+    access.end_session(access.session_value())
+    assert not access.allows(cookie=kept, authorization=None)  # a new key
+    assert not access._revoked

@@ -481,6 +481,32 @@ def test_two_dashboards_on_one_host_keep_their_own_sessions(
         assert one.get("/queue", follow_redirects=False).status_code == 200
 
 
+def test_logging_out_ends_the_session_for_a_copy_of_its_cookie_too(store: Store) -> None:
+    """The session cookie was the same value for every login, valid until the server
+    restarted: logging out only asked the browser to forget it, and a copy (taken from
+    a shared machine, a proxy's log) kept working. Now each login has a session of its
+    own, which logging out ends at the server, and another login's is left alone."""
+    for browser in _client(store, token="s3cret-token-0123"):
+        other = TestClient(browser.app, base_url="http://127.0.0.1:8025")
+        for client in (browser, other):
+            login = client.get("/login")
+            done = client.post(
+                "/login",
+                data={"csrf": _csrf(login.text), "token": "s3cret-token-0123"},
+                follow_redirects=False,
+            )
+            assert done.status_code == 303
+        name = "mailstrom_session_8025"
+        copied = browser.cookies[name]
+        assert copied != other.cookies[name]  # a session each
+        out = browser.post("/logout", data={"csrf": _csrf(browser.get("/").text)})
+        assert out.status_code == 200  # the login form, followed to
+        thief = TestClient(browser.app, base_url="http://127.0.0.1:8025")
+        thief.cookies.set(name, copied)
+        assert thief.get("/queue", follow_redirects=False).status_code == 303
+        assert other.get("/queue", follow_redirects=False).status_code == 200
+
+
 def test_a_401_names_the_scheme_that_would_let_the_client_in(
     store: Store, ids: dict[str, str]
 ) -> None:

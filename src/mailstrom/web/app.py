@@ -457,6 +457,8 @@ def create_app(
         form = await request.form(max_files=0, max_fields=8)
         if not csrf_matches(request.cookies.get(CSRF_COOKIE), _str(form.get(CSRF_FIELD))):
             return problem(request, 403, "This form expired; reload the page and try again.")
+        # Ended here, not only forgotten by this browser: a copy of it is refused too.
+        access.end_session(request.cookies.get(request.state.session_cookie))
         response = RedirectResponse("/login", 303)
         response.delete_cookie(request.state.session_cookie)
         return response

@@ -5,8 +5,11 @@ queue``, which needs only read access to the store file). With a token (``web.to
 required for any other address), every page needs it: once through the login form,
 which sets a session cookie (named by the dashboard's port, so that dashboards on other
 ports of the same host keep theirs), or on each request as ``Authorization: Bearer <token>``.
-The cookie holds an HMAC of the token under a key made at start, so it carries no secret
-and stops working when the server restarts or the token changes.
+The cookie holds a random session id and an HMAC of it and the token under a key made at
+start, so it carries no secret and stops working when the server restarts or the token
+changes. Logging out ends that session at the server (its id is kept among the revoked
+ones, :data:`MAX_REVOKED` at most; past that a new key ends every session), so a copy of
+the cookie stops working too. Sessions live in the serving process, as its key does.
 
 Host: without a token, only requests that name the dashboard by a loopback name or
 address (``Host: localhost:8025``, ``127.0.0.1``, ``[::1]``) are answered, so that a page
@@ -66,22 +69,55 @@ SECURITY_HEADERS = {
 (:mod:`mailstrom.web.server`)."""
 
 
-@dataclass(frozen=True, slots=True)
+MAX_REVOKED = 10_000
+"""Sessions ended by logging out that are remembered; one more makes a new key, which
+ends every session (each browser logs in again) and forgets them all."""
+
+
+@dataclass(slots=True)
 class Access:
     """The dashboard's access rule: ``token`` None lets everyone in."""
 
     token: str | None
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     """Signs session cookies; new at every start."""
+    _revoked: set[str] = field(default_factory=set)
+    """Session ids ended by logging out, until the key changes."""
 
     @property
     def required(self) -> bool:
         return self.token is not None
 
     def session_value(self) -> str:
-        """The session cookie's value for a browser that gave the right token."""
+        """A new session's cookie value, for a browser that gave the right token."""
+        session = secrets.token_urlsafe(16)
+        return f"{session}.{self._signature(session)}"
+
+    def _signature(self, session: str) -> str:
         assert self.token is not None
-        return hmac.new(self.key, self.token.encode(), hashlib.sha256).hexdigest()
+        signed = f"{session}\x00{self.token}".encode("utf-8", "surrogatepass")
+        return hmac.new(self.key, signed, hashlib.sha256).hexdigest()
+
+    def _session(self, cookie: str | None) -> str | None:
+        """The id of the live session ``cookie`` holds, if it holds one."""
+        if cookie is None or self.token is None or len(cookie) > MAX_TOKEN:
+            return None
+        session, _, signature = cookie.partition(".")
+        if not session or not _equal(signature, self._signature(session)):
+            return None
+        return None if session in self._revoked else session
+
+    def end_session(self, cookie: str | None) -> None:
+        """End the session ``cookie`` holds (logging out): a copy of it is refused too."""
+        session = self._session(cookie)
+        if session is None:
+            return
+        if len(self._revoked) >= MAX_REVOKED:
+            # Bounded: every session ends now, none need remembering.
+            self.key = secrets.token_bytes(32)
+            self._revoked.clear()
+        else:
+            self._revoked.add(session)
 
     def token_matches(self, given: str | None) -> bool:
         """Whether ``given`` is the token (compared in constant time)."""
@@ -93,7 +129,7 @@ class Access:
         """Whether a request with this session cookie and Authorization header may in."""
         if self.token is None:
             return True
-        if cookie is not None and _equal(cookie, self.session_value()):
+        if self._session(cookie) is not None:
             return True
         if not is_bearer(authorization):
             return False
