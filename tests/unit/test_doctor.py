@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -70,6 +71,7 @@ from mailstrom.doctor.spf import (
     check_spf,
     check_spf_helo,
     evaluate,
+    publishable,
     spf_records,
     with_mechanism,
 )
@@ -251,6 +253,66 @@ def test_spf_merged_record_keeps_the_senders_of_each(records: list[str]) -> None
         FakeResolver(zone), ip="192.0.2.99", sender=f"postmaster@{DOMAIN}", helo=HELO
     )
     assert result != "pass", merged
+
+
+def _strings(fix: str, after: str) -> list[str]:
+    """The quoted character-strings of the record a fix shows after ``after``."""
+    shown = fix.split(after, 1)[1]
+    return re.findall(r'"([^"]*)"', shown.split(" (", 1)[0])
+
+
+def test_spf_merged_record_is_shown_as_strings_a_txt_record_holds() -> None:
+    # Two records of 14 addresses each merge into one of some 520 octets: shown as one
+    # quoted string, it could not be published (a TXT character-string holds 255 octets,
+    # RFC 1035 §3.3), and its answer passes the 450 octets RFC 7208 §3.4 advises.
+    records = [
+        "v=spf1 " + " ".join(f"ip4:198.51.100.{i}" for i in range(1, 15)) + " -all",
+        "v=spf1 " + " ".join(f"ip4:203.0.113.{i}" for i in range(1, 15)) + " -all",
+    ]
+    zone: dict[tuple[str, str], list[str] | str] = {(DOMAIN, "TXT"): records}
+    check, _ = check_spf(FakeResolver(zone), domain=DOMAIN, ip=IP, helo=HELO)
+    assert check.fix is not None
+    strings = _strings(check.fix, "e.g. ")
+    assert len(strings) > 1, check.fix
+    assert all(len(s.encode()) <= 255 for s in strings), strings
+    # Receivers join the strings without a separator (RFC 7208 §3.3): the record is the
+    # merged one, cut between terms.
+    merged = "".join(strings)
+    assert merged == _merged(records, f"ip4:{IP}")
+    assert all(s.endswith(" ") for s in strings[:-1]), strings
+    assert "over the 450" in check.fix and "RFC 7208 §3.4" in check.fix
+    zone[(DOMAIN, "TXT")] = [merged]
+    check, result = check_spf(FakeResolver(zone), domain=DOMAIN, ip=IP, helo=HELO)
+    assert (check.status, result) == (Status.PASS, "pass"), check.summary
+
+
+def test_spf_record_with_the_address_added_is_shown_as_strings_too() -> None:
+    # A published record near 255 octets grows past it with the mechanism put first.
+    record = "v=spf1 " + " ".join(f"ip4:198.51.100.{i}" for i in range(100, 112)) + " a mx -all"
+    assert 240 < len(record) <= 255
+    resolver = FakeResolver({(DOMAIN, "TXT"): [record]})
+    check, _ = check_spf(resolver, domain=DOMAIN, ip=IP, helo=HELO)
+    assert check.fix is not None
+    strings = _strings(check.fix, " by ")
+    assert [len(s) <= 255 for s in strings] == [True, True], strings
+    assert "".join(strings) == with_mechanism(record, f"ip4:{IP}")
+    assert "450" not in check.fix  # 250-odd octets with the name: within RFC 7208 §3.4
+
+
+@pytest.mark.parametrize(
+    ("record", "lengths"),
+    [
+        ("v=spf1 a -all", [13]),
+        ("v=spf1 " + "a" * 300, [7, 255, 45]),  # a term longer than a string is cut
+        # ... but never inside a character (é is two octets in UTF-8)
+        ("v=spf1 " + "a" * 254 + "é" * 3, [7, 254, 6]),
+    ],
+)
+def test_spf_publishable_strings(record: str, lengths: list[int]) -> None:
+    shown = publishable("example.com", record)
+    strings = re.findall(r'"([^"]*)"', shown.split(" (", 1)[0])
+    assert [len(s.encode()) for s in strings] == lengths, strings
+    assert "".join(strings) == record
 
 
 def _merged_as_before(records: list[str], mechanism: str) -> str:

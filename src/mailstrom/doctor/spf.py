@@ -47,6 +47,13 @@ name's, and those that ask whether a record passes every address. Each had its o
 and slow DNS held one run for two minutes; checks left when it is spent say "not
 checked: time budget spent"."""
 NOT_CHECKED = "not checked: time budget spent"
+TXT_STRING = 255
+"""Octets one character-string of a TXT record holds (RFC 1035 §3.3): a longer record
+is published as several, which receivers join without a separator (RFC 7208 §3.3)."""
+ANSWER_OCTETS = 450
+"""RFC 7208 §3.4: when the name and the text of all its records of the type come to less
+than 450 octets, "DNS answers ought to fit in UDP packets"; a larger SPF answer may be
+truncated, and a receiver that cannot fall back to TCP gets a temperror."""
 
 
 class Budget:
@@ -306,7 +313,8 @@ def _naming_fix(name: str, records: list[str], mechanism: str) -> str:
     if len(records) != 1:
         return f"name the address ({mechanism}) in the SPF record at {name} instead of its PTR name"
     return (
-        f'replace TXT at {name} "{records[0]}" by "{with_mechanism(records[0], mechanism)}"'
+        f'replace TXT at {name} "{records[0]}" by '
+        f"{publishable(name, with_mechanism(records[0], mechanism))}"
         ", then remove its ptr terms once the hosts they stand for are named so"
     )
 
@@ -336,6 +344,43 @@ def with_mechanism(record: str, mechanism: str) -> str:
     evaluation (``-all``, ``redirect=``): ``v=spf1 ip4:192.0.2.1 include:… -all``."""
     terms = _terms(record)
     return " ".join([terms[0], mechanism, *terms[1:]])
+
+
+def publishable(name: str, record: str) -> str:
+    """``record``, to be published at ``name``, as a fix shows it: one quoted
+    character-string of at most :data:`TXT_STRING` octets each, cut after a space where one
+    is in the string (between terms; receivers join the strings without a separator), and
+    a warning when ``name`` and ``record`` pass :data:`ANSWER_OCTETS`.
+
+    A merged record, or one with a mechanism added, is as long as its publisher's terms
+    make it: shown as one string, it could not be published as it was shown (a zone file
+    refuses it, and a DNS console either refuses it or cuts it where it likes).
+
+    >>> publishable("example.com", "v=spf1 a -all")
+    '"v=spf1 a -all"'
+    """
+    data = record.encode("utf-8", "surrogateescape")
+    strings: list[bytes] = []
+    start = 0  # an index, not a slice taken off: linear in a 64 KiB record's octets
+    while len(data) - start > TXT_STRING:
+        cut = data.rfind(b" ", start, start + TXT_STRING) + 1
+        if cut <= start:  # a term longer than a string: cut in it, not in a character
+            cut = start + TXT_STRING
+            while cut > start + 1 and 0x80 <= data[cut] < 0xC0:  # a UTF-8 continuation
+                cut -= 1
+        strings.append(data[start:cut])
+        start = cut
+    strings.append(data[start:])
+    quoted = " ".join(f'"{s.decode("utf-8", "surrogateescape")}"' for s in strings)
+    size = len(name.encode("utf-8", "surrogateescape")) + sum(map(len, strings))
+    if size <= ANSWER_OCTETS:
+        return quoted
+    return (
+        f"{quoted} (with its name {size} octets, over the {ANSWER_OCTETS} within which RFC "
+        "7208 §3.4 says an answer fits a UDP packet: some receivers may not get it; "
+        f"shorten it, e.g. by moving senders into a record at a name of yours such as "
+        f"_spf.{name}, included with include:_spf.{name})"
+    )
 
 
 def _terms(record: str) -> list[str]:
@@ -410,7 +455,7 @@ def check_spf(
                 Status.FAIL,
                 f"permerror: {domain} has {len(records)} SPF records; receivers then ignore all",
                 f"publish exactly one TXT at {domain} starting with v=spf1: merge their "
-                f'mechanisms, e.g. "{_merged(records, mechanism)}"',
+                f"mechanisms, e.g. {publishable(domain, _merged(records, mechanism))}",
             )
         return check(
             Status.FAIL,
@@ -422,7 +467,8 @@ def check_spf(
     return check(
         Status.FAIL,
         f"{result}: {domain}'s SPF record does not authorize {ip}",
-        f'replace TXT at {domain} "{records[0]}" by "{with_mechanism(records[0], mechanism)}"',
+        f'replace TXT at {domain} "{records[0]}" by '
+        f"{publishable(domain, with_mechanism(records[0], mechanism))}",
     )
 
 
@@ -461,7 +507,8 @@ def _narrowing_fix(domain: str, records: list[str], mechanism: str) -> str:
         narrowed = ["~all" if term.lower() in ("all", "+all") else term for term in terms]
         if mechanism not in narrowed:
             narrowed.insert(1, mechanism)
-        return f'replace TXT at {domain} "{records[0]}" by "{" ".join(narrowed)}"'
+        shown = publishable(domain, " ".join(narrowed))
+        return f'replace TXT at {domain} "{records[0]}" by {shown}'
     return (
         f"remove from TXT at {domain} the term that matches every address (an ip4: or ip6: "
         "range such as 0.0.0.0/0, or an include: of a record ending in +all), and name "
@@ -583,7 +630,7 @@ def check_spf_helo(
         else:
             fix_or_none = (
                 f'replace TXT at {helo} "{records[0]}" by '
-                f'"{with_mechanism(records[0], mechanism_for(ip))}"'
+                f"{publishable(helo, with_mechanism(records[0], mechanism_for(ip)))}"
             )
     return Check(
         name="spf-helo",
