@@ -693,6 +693,7 @@ KEYS: dict[str, Parser] = {
     # Read by ``mailstrom doctor`` only (not part of Config: delivery never uses them).
     "doctor.probe": _str,
     "doctor.dnsbls": _str_list,
+    "doctor.time_limit": _seconds(0.001),
     "events": _bool,
     "hook.url": _hook_url,
     "hook.secret": _str,

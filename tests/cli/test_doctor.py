@@ -509,6 +509,33 @@ def test_usage_errors(cli: CLI) -> None:
     assert "doctor.probe" in bad.err
 
 
+def test_time_limit_from_the_option_and_the_setting(
+    mail_env: MailEnv, keys: dict[str, tuple[Path, str]]
+) -> None:
+    # A silent DMARC server: the run ends by the limit, the check says it was cut short,
+    # and the verdict is a warning (1), not "run again later" (75).
+    good_env(mail_env, keys)
+    mail_env.dns.drop(f"_dmarc.{GOOD}")
+    mail_env.cli.env["MAILSTROM_DNS_TIMEOUT"] = "30"
+    dkim = ("--dkim", f"{GOOD}:s1:{keys['good'][0]}")
+    for given in (("--time-limit", "1.5"), ()):
+        mail_env.cli.env["MAILSTROM_DOCTOR_TIME_LIMIT"] = "1500ms" if not given else "1h"
+        code, report = doctor(mail_env, *given, *dkim, GOOD)
+        [dmarc] = by_name(report)["dmarc"]
+        assert (dmarc["status"], dmarc["summary"]) == ("warn", "not finished (time limit)")
+        assert code == 1, report
+        assert by_name(report)["spf"][0]["status"] == "pass"
+    del mail_env.cli.env["MAILSTROM_DOCTOR_TIME_LIMIT"]
+    for bad in ("0", "-1", "soon"):
+        refused = mail_env.cli("doctor", "--time-limit", bad, GOOD)
+        assert (refused.code, refused.out) == (64, ""), refused.err
+        assert "--time-limit" in refused.err
+    mail_env.cli.env["MAILSTROM_DOCTOR_TIME_LIMIT"] = "soon"
+    refused = mail_env.cli("doctor", GOOD)
+    assert (refused.code, refused.out) == (78, ""), refused.err
+    assert "doctor.time_limit" in refused.err
+
+
 @pytest.mark.parametrize("zone", ["zen..spamhaus.org", "zen spamhaus.org", "bl.test;x"])
 def test_a_blocklist_zone_that_is_no_domain_name_is_refused(mail_env: MailEnv, zone: str) -> None:
     """Such a zone was queried: a lookup error ("temporary", exit 75, again on every run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -162,3 +163,90 @@ def test_an_ipv6_source_address_is_probed_over_ipv6(
     [port25] = report.find("port-25")
     assert port25.status is Status.FAIL, port25.summary
     assert "AAAA record" in port25.summary and "source_address ::1" in port25.summary
+
+
+def _silent_zone(dns: LoopbackDNS) -> None:
+    """A zone whose server answers for the outgoing address and the HELO name, and never
+    for the sending domain, its DMARC record or the blocklist's query name."""
+    dns.ptr("127.0.0.1", "mail.example.com")
+    dns.a("mail.example.com", "127.0.0.1")
+    dns.txt("mail.example.com", "v=spf1 a -all")
+    for name in ("example.com", "_dmarc.example.com", "1.0.0.127.bl.test"):
+        dns.drop(name)
+
+
+def test_a_run_ends_by_its_time_limit(dns_server: LoopbackDNS, smtp_server: ServerFactory) -> None:
+    # Each lookup was bounded (dns.timeout), the run not: the domain's SPF record (read,
+    # then evaluated), its MX, its DMARC record and the blocklist each waited out a
+    # silent server, 25 s here with a 5 s dns.timeout (minutes with the default). The
+    # checks the limit cuts short, or leaves unstarted, are warnings that say so; those
+    # finished before it keep their verdict.
+    _silent_zone(dns_server)
+    server: ReceivingServer = smtp_server()
+    setup = SenderSetup(
+        domain="example.com",
+        helo_name="mail.example.com",
+        probe=f"127.0.0.1:{server.port}",
+        dnsbls=("bl.test",),
+        time_limit=1.5,
+    )
+    config = replace(dns_server.dns_config, timeout=5.0)
+    started = time.monotonic()
+    report = run_doctor(setup, DNSResolver(config), SocketNetwork())
+    took = time.monotonic() - started
+    statuses = {(c.name, c.subject): (c.status, c.summary) for c in report.checks}
+    unfinished = (Status.WARN, "not finished (time limit)")
+    assert statuses[("spf", "example.com")] == unfinished
+    assert statuses[("mx", "example.com")] == unfinished
+    assert statuses[("dmarc", "_dmarc.example.com")] == unfinished
+    assert statuses[("dnsbl", "bl.test")] == unfinished
+    for check in report.checks:
+        if check.summary == "not finished (time limit)":
+            assert check.fix is not None and "--time-limit" in check.fix
+    assert statuses[("ptr", "127.0.0.1")][0] is Status.PASS
+    assert statuses[("port-25", f"127.0.0.1:{server.port}")][0] is Status.PASS
+    assert report.worst is Status.WARN  # a verdict (exit 1), not "run again" or a crash
+    # The bound itself, far from any scheduling noise: one dropped lookup alone is 5 s.
+    assert took < 5.0, took
+
+
+def test_the_port_25_probe_ends_by_the_time_limit(silent: int) -> None:
+    # A probe waits its timeout for the connection and again for the greeting: within
+    # what is left of the run, a silent receiver is no finding about port 25 (the probe
+    # was cut short, not timed out at its own 10 s).
+    setup = SenderSetup(
+        domain="example.com",
+        helo_name="mail.example.com",
+        ip="127.0.0.1",
+        probe=f"127.0.0.1:{silent}",
+        dnsbls=(),
+        time_limit=1.0,
+    )
+    with LoopbackDNS() as dns:
+        report = run_doctor(setup, DNSResolver(dns.dns_config), SocketNetwork())
+    [port25] = report.find("port-25")
+    assert (port25.status, port25.summary) == (Status.WARN, "not finished (time limit)")
+
+
+def test_a_probe_target_the_time_limit_leaves_unfound(dns_server: LoopbackDNS) -> None:
+    # The address is found by routing towards the probe target: a target whose lookup
+    # the limit cut short leaves the address, and the checks of it, not finished.
+    dns_server.drop("probe.test")
+    setup = SenderSetup(
+        domain="example.com",
+        helo_name="mail.example.com",
+        probe="probe.test",
+        dnsbls=(),
+        time_limit=1.0,
+    )
+    resolver = DNSResolver(dns_server.dns_config)
+    report = run_doctor(setup, resolver, SocketNetwork())
+    for name in ("outgoing-ip", "port-25", "ptr", "helo", "spf", "spf-helo"):
+        [check] = report.find(name)
+        assert (check.status, check.summary) == (Status.WARN, "not finished (time limit)"), name
+    # An address given with --ip is known all the same.
+    report = run_doctor(replace(setup, ip="127.0.0.1"), resolver, SocketNetwork())
+    [outgoing] = report.find("outgoing-ip")
+    assert outgoing.status is Status.PASS, outgoing.summary
+    [port25] = report.find("port-25")
+    assert port25.summary == "not finished (time limit)"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from mailstrom.cli.context import settings_from
 from mailstrom.cli.exits import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, CLIError
 from mailstrom.cli.output import echo, print_json, print_table, to_jsonable
-from mailstrom.cli.parsing import Subparsers
+from mailstrom.cli.parsing import Subparsers, setting_arg
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS
 from mailstrom.doctor.lookup import public_form
 from mailstrom.doctor.outgoing import DEFAULT_PROBE, split_probe
@@ -110,6 +110,13 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="judge as a bulk sender (Gmail: over 5,000 messages a day): DKIM and DMARC "
         "required, p=none warned about",
+    )
+    p.add_argument(
+        "--time-limit",
+        metavar="SECONDS",
+        type=setting_arg("doctor.time_limit", "--time-limit"),
+        help="how long the whole run may take (seconds or a duration such as 2m; default: "
+        "doctor.time_limit, else 60): checks not finished by then warn",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=doctor_command)
@@ -227,6 +234,11 @@ def doctor_command(args: argparse.Namespace) -> int:
             dnsbls = None if dnsbls is None else [_zone_arg(zone) for zone in dnsbls]
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"doctor.dnsbls: {exc}") from None
+    time_limit = (
+        KEYS["doctor.time_limit"]("--time-limit", args.time_limit)
+        if args.time_limit is not None
+        else _setting(settings.values, "doctor.time_limit")
+    )
     setup = SenderSetup.from_config(
         config,
         domain=args.domain,
@@ -235,6 +247,7 @@ def doctor_command(args: argparse.Namespace) -> int:
         dkim_keys=tuple(args.dkim) if args.dkim else None,
         dnsbls=() if args.no_dnsbl else (tuple(dnsbls) if dnsbls is not None else None),
         bulk=args.bulk,
+        time_limit=time_limit,
     )
     resolver = DNSResolver(config.dns)
     if not resolver.nameservers:

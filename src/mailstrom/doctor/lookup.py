@@ -10,6 +10,7 @@ without the final dot, and each TXT record's character-strings joined into one s
 from __future__ import annotations
 
 import ipaddress
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -114,6 +115,57 @@ class DNSResolver:
                 if left is None:
                     raise
                 lifetime = left
+
+
+NOT_FINISHED = "not finished (time limit)"
+"""What a check cut short by the run's time limit says (and a lookup asked after it)."""
+
+
+class TimeLimited:
+    """A :class:`Resolver` whose lookups all end by one deadline, ``seconds`` from now:
+    the doctor's run bound as a whole. Each lookup waits no longer than what is left
+    (and, asked with a ``timeout``, no longer than that); one asked when nothing is left
+    fails at once, without a query. :meth:`ran_out` tells whether a lookup failed so
+    (unanswered because the time ran out), for the run to tell a check cut short from
+    one whose lookups failed of themselves."""
+
+    def __init__(self, resolver: Resolver, seconds: float) -> None:
+        self._resolver = resolver
+        self._deadline = time.monotonic() + seconds
+        self._ran_out = False
+
+    def left(self) -> float:
+        """Seconds left before the deadline (0 or less: none)."""
+        return self._deadline - time.monotonic()
+
+    def ran_out(self) -> bool:
+        """Whether a lookup was left unanswered because the deadline came first, since
+        the last call: each check of the run asks after it is made."""
+        ran_out, self._ran_out = self._ran_out, False
+        return ran_out
+
+    def lookup(self, name: str, rdtype: str, *, timeout: float | None = None) -> Answer:
+        left = self.left()
+        if left <= 0:
+            self._ran_out = True
+            return Answer(name=name, rdtype=rdtype, outcome=Outcome.ERROR, error=NOT_FINISHED)
+        answer = lookup_within(
+            self._resolver, name, rdtype, left if timeout is None else min(timeout, left)
+        )
+        if answer.failed and self.left() <= 0:
+            self._ran_out = True
+        return answer
+
+
+def lookup_within(resolver: Resolver, name: str, rdtype: str, timeout: float | None) -> Answer:
+    """``resolver``'s answer, waited for at most ``timeout`` seconds when it can be told
+    so. Only DNSResolver's and TimeLimited's own lookup() take a timeout: another
+    Resolver, or a subclass that overrides lookup(name, rdtype), is asked as the protocol
+    says."""
+    ours = type(resolver).lookup in (DNSResolver.lookup, TimeLimited.lookup)
+    if ours and isinstance(resolver, DNSResolver | TimeLimited) and timeout is not None:
+        return resolver.lookup(name, rdtype, timeout=timeout)
+    return resolver.lookup(name, rdtype)
 
 
 def _text(rdata: object) -> str:

@@ -40,6 +40,14 @@ class Target:
     address: str
     port: int
 
+    @property
+    def shown(self) -> str:
+        """``name (address):port``, or ``address:port`` when the name is the address: the
+        subject of the port 25 check."""
+        if self.name == self.address:
+            return f"{self.name}:{self.port}"
+        return f"{self.name} ({self.address}):{self.port}"
+
 
 def split_probe(text: str, default_port: int) -> tuple[str, int]:
     """``HOST[:PORT]`` (IPv6 with a port as ``[::1]:25``) → (host, port); ValueError if
@@ -223,11 +231,7 @@ def _private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 def check_port25(network: Network, target: Target, *, source: str | None, timeout: float) -> Check:
     """Whether an SMTP server on the target answers: outbound port 25 is open."""
-    where = (
-        f"{target.name}:{target.port}"
-        if target.name == target.address
-        else (f"{target.name} ({target.address}):{target.port}")
-    )
+    where = target.shown
     probe = network.probe(target.address, target.port, source, timeout)
 
     def check(status: Status, summary: str, fix: str | None = None) -> Check:

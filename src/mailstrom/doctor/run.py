@@ -4,10 +4,12 @@ that address and the domain (FCrDNS, SPF, DKIM, DMARC, blocklists)."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mailstrom.bounds import check_seconds
 from mailstrom.config import Config
 from mailstrom.dkim.config import DKIMConfig, signing_domain_for
 from mailstrom.doctor import extras
@@ -16,7 +18,7 @@ from mailstrom.doctor.dkim import DKIMKey, judge_dkim
 from mailstrom.doctor.dmarc import check_dmarc
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS, check_dnsbl
 from mailstrom.doctor.fcrdns import check_fcrdns
-from mailstrom.doctor.lookup import Resolver, public_form
+from mailstrom.doctor.lookup import NOT_FINISHED, Resolver, TimeLimited, public_form
 from mailstrom.doctor.mx import check_mx
 from mailstrom.doctor.network import Network, SocketNetwork
 from mailstrom.doctor.outgoing import (
@@ -31,6 +33,16 @@ from mailstrom.doctor.tls import check_tls
 from mailstrom.domains import a_label, ldh_domain_name
 from mailstrom.tls.levels import TLSPolicy
 from mailstrom.tls.table import PolicyTable
+
+TIME_LIMIT = 60.0
+"""Seconds a doctor run may take in all (``doctor.time_limit``, ``--time-limit``). Each
+lookup is bounded (``dns.timeout``) and so are the SPF evaluations together (40 s), but a
+run asks for dozens of names, and slow or silent servers held it for minutes; checks the
+limit leaves unfinished say so, as a warning."""
+TIME_FIX = (
+    "run the doctor again (its DNS servers were slow), or give it more time with "
+    "--time-limit SECONDS (doctor.time_limit)"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +79,9 @@ class SenderSetup:
     """The per-domain TLS levels (``Config.tls_domains``), which override ``tls``."""
     mta_sts: bool = False
     """Whether receivers' MTA-STS policies are applied (``Config.mta_sts``)."""
+    time_limit: float = TIME_LIMIT
+    """Seconds the whole run may take; checks not finished by then warn "not finished
+    (time limit)". :class:`~mailstrom.errors.ConfigError` when it is no positive number."""
 
     def __post_init__(self) -> None:
         # The checks compare the domain with names from DNS and the keys' domains, which
@@ -74,6 +89,7 @@ class SenderSetup:
         # written found no DKIM key for it, and took its own DMARC record for its
         # organizational domain's (with the sp= policy).
         object.__setattr__(self, "domain", ldh_domain_name(self.domain))
+        check_seconds(self.time_limit, "time_limit")
         if self.ip is not None:
             object.__setattr__(self, "ip", public_form(self.ip))
         # Judged as EHLO sends it (smtp.session): a U-label as its A-label, the only form
@@ -120,12 +136,20 @@ def dkim_keys(setting: DKIMConfig | None) -> tuple[DKIMKey, ...]:
 def run_doctor(
     setup: SenderSetup, resolver: Resolver, network: Network | None = None
 ) -> DoctorReport:
-    """Every check, in order; lookups go to ``resolver``, connections to ``network``."""
+    """Every check, in order; lookups go to ``resolver``, connections to ``network``,
+    all within ``setup.time_limit`` seconds: a check the limit cuts short, or leaves
+    unstarted, warns "not finished (time limit)"."""
     extras.require()
     network = SocketNetwork() if network is None else network
     report = DoctorReport(domain=setup.domain, helo_name=setup.helo_name, relay=setup.relay)
+    # Every lookup of the run goes through one deadline: each waits no longer than what
+    # is left, and one asked after it fails at once, so the checks after it cost nothing
+    # and the run ends in time whatever the servers do.
+    timed = TimeLimited(resolver, setup.time_limit)
+    resolver = timed
 
-    ip = _outgoing(setup, resolver, network, report)
+    checks, ip, outgoing_cut = _outgoing(setup, timed, network)
+    report.add(checks)
     report.ip = ip
     if setup.relay is None:  # else the relay talks to receivers, with its own TLS
         plaintext = check_tls(
@@ -134,20 +158,23 @@ def run_doctor(
         if plaintext is not None:
             report.add(plaintext)
     spf_result: str | None = None  # not judged: no outgoing address
+    inputs_cut = False  # whether DMARC's verdict rests on a check cut short
     if ip is None:
-        report.add(_skipped(setup, ("ptr", "helo", "spf", "spf-helo")))
+        report.add(_finished(_skipped(setup, ("ptr", "helo", "spf", "spf-helo")), outgoing_cut))
     else:
-        report.add(check_fcrdns(resolver, ip=ip, helo=setup.helo_name))
+        report.add(_finished(check_fcrdns(resolver, ip=ip, helo=setup.helo_name), timed.ran_out()))
         # One time budget for all SPF evaluations: each has its own limit too (the
         # receivers' 20 s), and five of them at their limits held a run for minutes.
         budget = spf_checks.Budget(spf_checks.BUDGET)
         spf, spf_result = spf_checks.check_spf(
             resolver, domain=setup.domain, ip=ip, helo=setup.helo_name, budget=budget
         )
-        report.add(spf)
-        report.add(spf_checks.check_spf_helo(resolver, helo=setup.helo_name, ip=ip, budget=budget))
+        inputs_cut = timed.ran_out()
+        report.add(_finished(spf, inputs_cut))
+        helo_spf = spf_checks.check_spf_helo(resolver, helo=setup.helo_name, ip=ip, budget=budget)
+        report.add(_finished(helo_spf, timed.ran_out()))
 
-    report.add(check_mx(resolver, domain=setup.domain))
+    report.add(_finished(check_mx(resolver, domain=setup.domain), timed.ran_out()))
 
     # Mail From the domain is signed by the keys of one key domain only, as the signer
     # picks them (DKIMConfig.keys_for): a verifying key of any other domain signs none of
@@ -158,9 +185,11 @@ def run_doctor(
     unknown: list[str] = []  # a lookup failed: whether they verify is not known
     for key in setup.dkim_keys:
         verdict = judge_dkim(resolver, key)
-        report.add(verdict.check)
+        key_cut = timed.ran_out()
+        report.add(_finished(verdict.check, key_cut))
         if verdict.check.status is Status.UNKNOWN and key.domain == signer and key.kind == "rsa":
             unknown.append(key.domain)
+            inputs_cut = inputs_cut or key_cut
         if verdict.verifies and key.domain == signer:
             verified.append(key)
             if verdict.testing:
@@ -215,36 +244,55 @@ def run_doctor(
                 "--dkim DOMAIN:SELECTOR:KEYFILE) and publish its record",
             )
         )
-    report.add(
-        check_dmarc(
-            resolver,
-            domain=setup.domain,
-            spf_result=spf_result,
-            dkim_domains=signing,
-            testing_domains=signing_in_tests,
-            unknown_domains=unknown,
-            bulk=setup.bulk,
-        )
+    dmarc = check_dmarc(
+        resolver,
+        domain=setup.domain,
+        spf_result=spf_result,
+        dkim_domains=signing,
+        testing_domains=signing_in_tests,
+        unknown_domains=unknown,
+        bulk=setup.bulk,
     )
+    # Undecided for want of an SPF result or a key's record the time limit cut short,
+    # DMARC is as unfinished as they are.
+    cut = timed.ran_out() or (inputs_cut and dmarc.status is Status.UNKNOWN)
+    report.add(_finished(dmarc, cut))
     if ip is not None:
-        report.add([check_dnsbl(resolver, ip=ip, zone=zone) for zone in setup.dnsbls])
+        for zone in setup.dnsbls:
+            report.add(_finished(check_dnsbl(resolver, ip=ip, zone=zone), timed.ran_out()))
     return report
 
 
+def _finished(checks: Check | Sequence[Check], cut: bool) -> list[Check]:
+    """``checks``, each made "not finished (time limit)" when ``cut``: the run's time
+    limit cut short a lookup they made. A warning with the fix, not what the lookups that
+    failed would have made of it (unknown, "run again later", or a verdict on half the
+    answers)."""
+    checks = [checks] if isinstance(checks, Check) else list(checks)
+    if not cut:
+        return checks
+    return [
+        replace(c, status=Status.WARN, summary=NOT_FINISHED, details=(), fix=TIME_FIX)
+        for c in checks
+    ]
+
+
 def _outgoing(
-    setup: SenderSetup, resolver: Resolver, network: Network, report: DoctorReport
-) -> str | None:
+    setup: SenderSetup, resolver: TimeLimited, network: Network
+) -> tuple[list[Check], str | None, bool]:
+    """The outgoing address and port 25 checks, the address (None: none found), and
+    whether the time limit cut finding the probe target short."""
     if setup.relay is not None:
-        report.add(
+        checks = [
             Check(
                 name="port-25",
                 subject=setup.relay,
                 status=Status.SKIP,
                 summary=f"relay mode: mail leaves through {setup.relay}, not port 25",
             )
-        )
+        ]
         if setup.ip is None:
-            report.add(
+            checks.append(
                 Check(
                     name="outgoing-ip",
                     subject=setup.relay,
@@ -253,11 +301,11 @@ def _outgoing(
                     "--ip to check its reverse DNS, SPF and listings",
                 )
             )
-            return None
+            return checks, None, False
         check, ip = check_outgoing(network, None, given=setup.ip, source=None)
-        report.add(check)
-        return ip
+        return [*checks, check], ip, False
     found = find_target(resolver, setup.probe, setup.smtp_port, source=setup.source_address)
+    cut = resolver.ran_out()
     target = found if isinstance(found, Target) else None
     check, ip = check_outgoing(network, target, given=setup.ip, source=setup.source_address)
     if ip is None and isinstance(found, Check) and found.status is Status.UNKNOWN:
@@ -269,14 +317,29 @@ def _outgoing(
             summary=f"{check.summary}: its lookup failed for now",
             fix=None,
         )
-    report.add(check)
+    # An address given with --ip is no less known for the probe target's lookup.
+    checks = _finished(check, cut and ip is None)
     if isinstance(found, Check):
-        report.add(found)
+        checks.extend(_finished(found, cut))
     elif target is not None:
-        report.add(
-            check_port25(network, target, source=setup.source_address, timeout=setup.timeout)
-        )
-    return ip
+        checks.append(_port25(setup, resolver, network, target))
+    return checks, ip, cut
+
+
+def _port25(setup: SenderSetup, timed: TimeLimited, network: Network, target: Target) -> Check:
+    """The port 25 probe, within what is left of the run's time: it waits its timeout for
+    the connection and again for the greeting, so half of what is left at most. A probe
+    that timed out only for being given less than its own timeout is not finished: the
+    receiver may just be slow, no sign of a blocked port."""
+    left = timed.left()
+    timeout = min(setup.timeout, left / 2)
+    if timeout <= 0:
+        unmade = Check(name="port-25", subject=target.shown, status=Status.UNKNOWN, summary="")
+        return _finished(unmade, True)[0]
+    started = time.monotonic()
+    check = check_port25(network, target, source=setup.source_address, timeout=timeout)
+    shortened = timeout < setup.timeout and time.monotonic() - started >= timeout
+    return _finished(check, shortened and check.status is not Status.PASS)[0]
 
 
 def _skipped(setup: SenderSetup, names: Sequence[str]) -> list[Check]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailstrom.doctor.extras import MissingExtra
-from mailstrom.doctor.lookup import Answer, DNSResolver, Outcome, Resolver
+from mailstrom.doctor.lookup import Outcome, Resolver, lookup_within
 from mailstrom.doctor.report import Check, Status, capped, piece
 from mailstrom.domains import literal_address
 
@@ -181,7 +181,7 @@ def _lookup_through(spf: Any, original: Any) -> Any:
             if reverse.blind:
                 return []
         bound = float(timeout) if isinstance(timeout, int | float) else None
-        answer = _lookup_within(resolver, name, qtype, bound)
+        answer = lookup_within(resolver, name, qtype, bound)
         if answer.failed:
             raise spf.TempError(f"DNS {answer.error}")
         rows: list[Any] = []
@@ -197,16 +197,6 @@ def _lookup_through(spf: Any, original: Any) -> Any:
 
     lookup.mailstrom = True  # type: ignore[attr-defined]
     return lookup
-
-
-def _lookup_within(resolver: Resolver, name: str, rdtype: str, timeout: float | None) -> Answer:
-    """``resolver``'s answer, waited for at most ``timeout`` seconds when it can be told
-    so. Only DNSResolver's own lookup() takes a timeout: another Resolver, or a subclass
-    that overrides lookup(name, rdtype), is asked as the protocol says."""
-    ours = type(resolver).lookup is DNSResolver.lookup
-    if ours and isinstance(resolver, DNSResolver) and timeout is not None:
-        return resolver.lookup(name, rdtype, timeout=timeout)
-    return resolver.lookup(name, rdtype)
 
 
 _MODIFIER_NAME = re.compile(r"\A[A-Za-z][A-Za-z0-9_.-]*(?==)")
@@ -328,7 +318,7 @@ def spf_records(
     left = None if budget is None else budget.left()
     if left is not None and left <= 0:  # DNSResolver takes a timeout of 0 for its own
         return [], NOT_CHECKED
-    answer = _lookup_within(resolver, name, "TXT", left)
+    answer = lookup_within(resolver, name, "TXT", left)
     if answer.outcome is Outcome.ERROR:
         return [], answer.error
     return [r for r in answer.records if _SPF.match(r)], None
