@@ -250,3 +250,97 @@ def test_a_probe_target_the_time_limit_leaves_unfound(dns_server: LoopbackDNS) -
     assert outgoing.status is Status.PASS, outgoing.summary
     [port25] = report.find("port-25")
     assert port25.summary == "not finished (time limit)"
+
+
+@pytest.fixture
+def greeting_on_both() -> Iterator[int]:
+    """A port on both 127.0.0.1 and ::1 whose servers greet each connection, then close
+    it: a receiver with an IPv4 and an IPv6 address."""
+    listeners: list[socket.socket] = []
+    for _ in range(20):  # the IPv4 port may be taken on ::1 by another test's socket
+        v4 = socket.socket()
+        v4.bind(("127.0.0.1", 0))
+        v6 = socket.socket(socket.AF_INET6)
+        try:
+            v6.bind(("::1", v4.getsockname()[1]))
+        except OSError:
+            v4.close()
+            v6.close()
+            continue
+        listeners = [v4, v6]
+        break
+    assert listeners, "no port free on both 127.0.0.1 and ::1"
+    stop = threading.Event()
+
+    def serve(listener: socket.socket) -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"220 mx.probe.test ESMTP\r\n")
+
+    threads = []
+    for listener in listeners:
+        listener.listen()
+        threads.append(threading.Thread(target=serve, args=(listener,), daemon=True))
+        threads[-1].start()
+    yield listeners[0].getsockname()[1]
+    stop.set()
+    for thread in threads:
+        thread.join()
+    for listener in listeners:
+        listener.close()
+
+
+def test_a_dual_stack_host_is_judged_by_each_address(
+    dns_server: LoopbackDNS, greeting_on_both: int
+) -> None:
+    # Without source_address, delivery reaches a receiver over IPv4 or IPv6 (IPv6 when
+    # IPv4 fails, or is all the receiver has), and receivers judge each address by
+    # itself: Gmail refuses IPv6 mail from an address without PTR. The doctor judged the
+    # IPv4 address only, and passed a host whose IPv6 mail is refused.
+    dns_server.a("mx.probe.test", "127.0.0.1")
+    dns_server.aaaa("mx.probe.test", "::1")
+    dns_server.ptr("127.0.0.1", "mail.example.com")  # ::1 has no PTR
+    dns_server.a("mail.example.com", "127.0.0.1")
+    dns_server.aaaa("mail.example.com", "::1")
+    dns_server.txt("mail.example.com", "v=spf1 a -all")
+    dns_server.txt("example.com", "v=spf1 ip4:127.0.0.1 -all")
+    dns_server.a(
+        "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.bl.test", "127.0.0.2"
+    )
+    setup = SenderSetup(
+        domain="example.com",
+        helo_name="mail.example.com",
+        probe=f"mx.probe.test:{greeting_on_both}",
+        dnsbls=("bl.test",),
+    )
+    report = run_doctor(setup, DNSResolver(dns_server.dns_config), SocketNetwork())
+    outgoing = {c.subject: c.status for c in report.find("outgoing-ip")}
+    assert outgoing == {"127.0.0.1": Status.WARN, "::1": Status.WARN}  # loopback: NAT?
+    ports = {c.subject: c.status for c in report.find("port-25")}
+    assert ports == {
+        f"mx.probe.test (127.0.0.1):{greeting_on_both}": Status.PASS,
+        f"mx.probe.test (::1):{greeting_on_both}": Status.PASS,
+    }, report.find("port-25")
+    ptr = {c.subject: c.status for c in report.find("ptr")}
+    assert ptr == {"127.0.0.1": Status.PASS, "::1": Status.FAIL}, report.find("ptr")
+    [v4, v6] = report.find("spf")
+    assert v4.status is Status.PASS, v4.summary
+    assert v6.status is Status.FAIL and "::1" in v6.summary, v6.summary
+    assert v6.fix is not None and "ip6:::1" in v6.fix
+    listed = {c.summary.split()[0]: c.status for c in report.find("dnsbl")}
+    assert listed == {"127.0.0.1": Status.PASS, "::1": Status.FAIL}, report.find("dnsbl")
+    assert report.ips == ("127.0.0.1", "::1")
+    # Bound to one address, delivery leaves over its IP version only: judged alone.
+    for source in ("127.0.0.1", "::1"):
+        report = run_doctor(
+            replace(setup, source_address=source),
+            DNSResolver(dns_server.dns_config),
+            SocketNetwork(),
+        )
+        assert [c.subject for c in report.find("ptr")] == [source]
+        assert report.ips == (source,)

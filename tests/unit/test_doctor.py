@@ -2375,3 +2375,87 @@ def test_mx_records_naming_address_literals_alone_take_no_mail(dns_server: Loopb
     dns_server.mx(DOMAIN, [(10, "[192.0.2.25]"), (20, "mx.example.com")])
     check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
     assert check.status is Status.PASS and "mx.example.com" in check.summary, check.summary
+
+
+@dataclass
+class DualStackNetwork(FakeNetwork):
+    """Routes from 192.0.2.10 over IPv4 and 2001:db8::10 over IPv6 (``v6`` None: no
+    IPv6 route); the port 25 probe of each version answers as ``probes`` says."""
+
+    v6: str | None = "2001:db8::10"
+    probes: dict[int, Probe] = field(default_factory=dict)
+
+    def local_address(self, host: str, port: int, source: str | None) -> str:
+        if ":" not in host:
+            return source or self.local
+        if self.v6 is None:
+            raise OSError(101, "Network is unreachable")
+        return source or self.v6
+
+    def probe(self, host: str, port: int, source: str | None, timeout: float) -> Probe:
+        self.probed.append((host, port, source))
+        return self.probes.get(6 if ":" in host else 4, self.probe_result)
+
+
+def dual_zone(rsa_key: Path) -> dict[tuple[str, str], list[str] | str]:
+    zone = good_zone(rsa_key)
+    zone[("mx.probe.example", "A")] = ["198.51.100.25"]
+    zone[("mx.probe.example", "AAAA")] = ["2001:db8::25"]
+    zone[(HELO, "AAAA")] = ["2001:db8::10"]
+    zone[(DOMAIN, "TXT")] = ["v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::/64 -all"]
+    return zone
+
+
+def test_a_dual_stack_host_is_judged_by_each_address(rsa_key: Path) -> None:
+    zone = dual_zone(rsa_key)
+    network = DualStackNetwork()
+    report = run_doctor(setup(rsa_key, probe="mx.probe.example"), FakeResolver(zone), network)
+    assert report.ips == (IP, "2001:db8::10") and report.ip == IP
+    assert [c.subject for c in report.find("ptr")] == [IP, "2001:db8::10"]
+    assert [p[0] for p in network.probed] == ["198.51.100.25", "2001:db8::25"]
+    assert len(report.find("spf")) == len(report.find("dnsbl")) == 2
+    # 2001:db8::10 has no PTR: Gmail refuses its IPv6 mail.
+    ptr = {c.subject: c.status for c in report.find("ptr")}
+    assert ptr == {IP: Status.PASS, "2001:db8::10": Status.FAIL}
+    [v6] = [c for c in report.find("ptr") if c.status is Status.FAIL]
+    assert v6.fix is not None and v6.fix.endswith(
+        f'or send from {IP} only: source_address = "{IP}"'
+    )
+    # DMARC by the worst SPF result of the two: mail over IPv6 fails SPF here.
+    zone[(DOMAIN, "TXT")] = ["v=spf1 ip4:192.0.2.0/24 -all"]
+    report = run_doctor(
+        setup(rsa_key, probe="mx.probe.example", dkim_keys=()), FakeResolver(zone), network
+    )
+    [dmarc] = report.find("dmarc")
+    assert "SPF: fail" in " ".join(dmarc.details), dmarc.details
+
+
+def test_a_dual_stack_target_without_an_ipv6_route_is_judged_over_ipv4(rsa_key: Path) -> None:
+    # No IPv6 route: the mail goes out over IPv4 only, no failure of the setup.
+    network = DualStackNetwork(v6=None)
+    report = run_doctor(
+        setup(rsa_key, probe="mx.probe.example"), FakeResolver(dual_zone(rsa_key)), network
+    )
+    assert report.ips == (IP,)
+    statuses = [c.status for c in report.find("outgoing-ip")]
+    assert statuses == [Status.PASS, Status.SKIP], report.find("outgoing-ip")
+    [skipped] = [c for c in report.find("outgoing-ip") if c.status is Status.SKIP]
+    assert "no IPv6 mail leaves this machine" in skipped.summary
+    assert exit_code(report) == 0, report.checks
+
+
+def test_port_25_blocked_over_one_ip_version_is_a_warning(rsa_key: Path) -> None:
+    # Delivery falls back to the version that answers: mail flows, a warning.
+    blocked = Probe(connected=False, timed_out=True, error="no answer within 10 s")
+    for version in (4, 6):
+        network = DualStackNetwork(probes={version: blocked})
+        report = run_doctor(
+            setup(rsa_key, probe="mx.probe.example"), FakeResolver(dual_zone(rsa_key)), network
+        )
+        statuses = sorted(c.status for c in report.find("port-25"))
+        assert statuses == [Status.PASS, Status.WARN], report.find("port-25")
+    network = DualStackNetwork(probes={4: blocked, 6: blocked})
+    report = run_doctor(
+        setup(rsa_key, probe="mx.probe.example"), FakeResolver(dual_zone(rsa_key)), network
+    )
+    assert {c.status for c in report.find("port-25")} == {Status.FAIL}

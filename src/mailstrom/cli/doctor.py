@@ -284,7 +284,7 @@ def print_report(r: DoctorReport) -> None:
     out = sys.stdout
     echo(f"Sender doctor for {r.domain}", out)
     echo(f"  HELO name:        {r.helo_name}", out)
-    echo(f"  outgoing address: {r.ip or '-'}", out)
+    echo(f"  outgoing address: {', '.join(r.ips) or r.ip or '-'}", out)
     if r.relay:
         echo(f"  relay:            {r.relay} (receivers see the relay's address)", out)
     out.write("\n")

@@ -73,12 +73,24 @@ def split_probe(text: str, default_port: int) -> tuple[str, int]:
 def find_target(
     resolver: Resolver, spec: str, default_port: int, *, source: str | None = None
 ) -> Target | Check:
-    """The probe target ``spec`` names, or a check saying why there is none. With a
-    ``source`` address (the ``source_address`` setting), an MX host's addresses of its IP
-    version only: delivery bound to it skips the others, which it cannot reach."""
+    """The probe target ``spec`` names (the first of :func:`find_targets`), or a check
+    saying why there is none."""
+    found = find_targets(resolver, spec, default_port, source=source)
+    return found[0] if isinstance(found, list) else found
+
+
+def find_targets(
+    resolver: Resolver, spec: str, default_port: int, *, source: str | None = None
+) -> list[Target] | Check:
+    """The probe targets ``spec`` names, one for each IP version it has an address of
+    (the first MX host with one), in the order found; or a check saying why there is
+    none. A host that sends over IPv4 and IPv6 alike (no ``source_address``) reaches a
+    receiver over either, and is judged by each address it sends from. With a ``source``
+    address (the ``source_address`` setting), an MX host's addresses of its IP version
+    only: delivery bound to it skips the others, which it cannot reach."""
     host, port = split_probe(spec, default_port)
     try:
-        return Target(name=host, address=str(ipaddress.ip_address(host)), port=port)
+        return [Target(name=host, address=str(ipaddress.ip_address(host)), port=port)]
     except ValueError:
         pass
     name = normal_name(host)
@@ -132,8 +144,11 @@ def find_target(
     # RFC 5321 §5.1). Bounded: an RRset holds as many records as its publisher likes.
     hosts = list(dict.fromkeys(normal_name(h) for _, h in ranked))[:_MOST_HOSTS] or [name]
     rtypes = ("A", "AAAA") if source is None else (address_family(source),)
+    found: dict[str, Target] = {}  # by record type, in the order found
     failed: str | None = None
     for host in hosts:
+        if len(found) == len(rtypes):
+            break
         # An exchange that spells an address ("MX 10 192.0.2.25"; RFC 5321 §5.1 wants a
         # name) is where the router delivers, as Postfix does: probed there, not looked
         # up as a name that has no address records. A zone index means nothing to
@@ -142,13 +157,19 @@ def find_target(
             with contextlib.suppress(ValueError):
                 address = str(ipaddress.ip_address(host))
                 if address_family(address) in rtypes:
-                    return Target(name=address, address=address, port=port)
+                    found.setdefault(
+                        address_family(address), Target(name=address, address=address, port=port)
+                    )
                 continue
         for rtype in rtypes:
+            if rtype in found:
+                continue
             answer = resolver.lookup(host, rtype)
             if answer.records:
-                return Target(name=host, address=answer.records[0], port=port)
+                found[rtype] = Target(name=host, address=answer.records[0], port=port)
             failed = failed or answer.error
+    if found:
+        return list(found.values())
     record = "address record" if source is None else f"{rtypes[0]} record"
     missing = (
         f"no MX or {record}"

@@ -95,7 +95,11 @@ class DoctorReport:
     domain: str
     helo_name: str
     ip: str | None = None
-    """The outgoing address the IP-based checks used (None: none could be found)."""
+    """The outgoing address the IP-based checks used (None: none could be found); the
+    first of :attr:`ips`."""
+    ips: tuple[str, ...] = ()
+    """Every outgoing address the IP-based checks judged: on a host that sends over IPv4
+    and IPv6 (no ``source_address``, no ``--ip``), one of each, in the order found."""
     relay: str | None = None
     checks: list[Check] = field(default_factory=list)
 

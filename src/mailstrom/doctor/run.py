@@ -18,7 +18,13 @@ from mailstrom.doctor.dkim import DKIMKey, judge_dkim
 from mailstrom.doctor.dmarc import check_dmarc
 from mailstrom.doctor.dnsbl import DEFAULT_DNSBLS, check_dnsbl
 from mailstrom.doctor.fcrdns import check_fcrdns
-from mailstrom.doctor.lookup import NOT_FINISHED, Resolver, TimeLimited, public_form
+from mailstrom.doctor.lookup import (
+    NOT_FINISHED,
+    Resolver,
+    TimeLimited,
+    address_family,
+    public_form,
+)
 from mailstrom.doctor.mx import check_mx
 from mailstrom.doctor.network import Network, SocketNetwork
 from mailstrom.doctor.outgoing import (
@@ -26,7 +32,7 @@ from mailstrom.doctor.outgoing import (
     Target,
     check_outgoing,
     check_port25,
-    find_target,
+    find_targets,
 )
 from mailstrom.doctor.report import Check, DoctorReport, Status, listed
 from mailstrom.doctor.tls import check_tls
@@ -148,29 +154,33 @@ def run_doctor(
     timed = TimeLimited(resolver, setup.time_limit)
     resolver = timed
 
-    checks, ip, outgoing_cut = _outgoing(setup, timed, network)
+    checks, ips, outgoing_cut = _outgoing(setup, timed, network)
     report.add(checks)
-    report.ip = ip
+    report.ip = ips[0] if ips else None
+    report.ips = tuple(ips)
     if setup.relay is None:  # else the relay talks to receivers, with its own TLS
         plaintext = check_tls(
             tls=setup.tls, tls_domains=setup.tls_domains, mta_sts=setup.mta_sts, bulk=setup.bulk
         )
         if plaintext is not None:
             report.add(plaintext)
-    spf_result: str | None = None  # not judged: no outgoing address
+    spf_results: list[str] = []  # none judged: no outgoing address
     inputs_cut = False  # whether DMARC's verdict rests on a check cut short
-    if ip is None:
+    if not ips:
         report.add(_finished(_skipped(setup, ("ptr", "helo", "spf", "spf-helo")), outgoing_cut))
-    else:
-        report.add(_finished(check_fcrdns(resolver, ip=ip, helo=setup.helo_name), timed.ran_out()))
-        # One time budget for all SPF evaluations: each has its own limit too (the
-        # receivers' 20 s), and five of them at their limits held a run for minutes.
-        budget = spf_checks.Budget(spf_checks.BUDGET)
+    # One time budget for all SPF evaluations: each has its own limit too (the receivers'
+    # 20 s), and five of them at their limits held a run for minutes.
+    budget = spf_checks.Budget(spf_checks.BUDGET)
+    for ip in ips:  # each address receivers may see: IPv4's and IPv6's on a dual-stack host
+        fcrdns = _finished(check_fcrdns(resolver, ip=ip, helo=setup.helo_name), timed.ran_out())
+        report.add([_or_only(c, ips) for c in fcrdns])
         spf, spf_result = spf_checks.check_spf(
             resolver, domain=setup.domain, ip=ip, helo=setup.helo_name, budget=budget
         )
-        inputs_cut = timed.ran_out()
-        report.add(_finished(spf, inputs_cut))
+        spf_results.append(spf_result)
+        spf_cut = timed.ran_out()
+        inputs_cut = inputs_cut or spf_cut
+        report.add(_finished(spf, spf_cut))
         helo_spf = spf_checks.check_spf_helo(resolver, helo=setup.helo_name, ip=ip, budget=budget)
         report.add(_finished(helo_spf, timed.ran_out()))
 
@@ -247,7 +257,7 @@ def run_doctor(
     dmarc = check_dmarc(
         resolver,
         domain=setup.domain,
-        spf_result=spf_result,
+        spf_result=_worst_spf(spf_results),
         dkim_domains=signing,
         testing_domains=signing_in_tests,
         unknown_domains=unknown,
@@ -257,10 +267,33 @@ def run_doctor(
     # DMARC is as unfinished as they are.
     cut = timed.ran_out() or (inputs_cut and dmarc.status is Status.UNKNOWN)
     report.add(_finished(dmarc, cut))
-    if ip is not None:
+    for ip in ips:
         for zone in setup.dnsbls:
             report.add(_finished(check_dnsbl(resolver, ip=ip, zone=zone), timed.ran_out()))
     return report
+
+
+def _or_only(check: Check, ips: Sequence[str]) -> Check:
+    """``check`` of one address of several (a dual-stack host's), its fix offering the
+    other way out when it fails: sending from the others only (``source_address``)."""
+    if len(ips) < 2 or check.status is not Status.FAIL or check.fix is None:
+        return check
+    others = [ip for ip in ips if ip != check.subject]
+    if len(others) != 1:  # the helo check's subject is the name, not the address
+        return check
+    fix = f'{check.fix}; or send from {others[0]} only: source_address = "{others[0]}"'
+    return replace(check, fix=fix)
+
+
+def _worst_spf(results: Sequence[str]) -> str | None:
+    """The SPF result DMARC is judged by when mail leaves from several addresses: a
+    result other than pass for any of them (its mail fails SPF), one that is certain
+    (fail, softfail...) before a temporary error; None when none was judged."""
+    if not results:
+        return None
+    failing = [r for r in results if r != "pass"]
+    certain = [r for r in failing if r != "temperror"]
+    return (certain or failing or ["pass"])[0]
 
 
 def _finished(checks: Check | Sequence[Check], cut: bool) -> list[Check]:
@@ -279,9 +312,9 @@ def _finished(checks: Check | Sequence[Check], cut: bool) -> list[Check]:
 
 def _outgoing(
     setup: SenderSetup, resolver: TimeLimited, network: Network
-) -> tuple[list[Check], str | None, bool]:
-    """The outgoing address and port 25 checks, the address (None: none found), and
-    whether the time limit cut finding the probe target short."""
+) -> tuple[list[Check], list[str], bool]:
+    """The outgoing address and port 25 checks, the addresses receivers may see (none
+    found: empty), and whether the time limit cut finding the probe target short."""
     if setup.relay is not None:
         checks = [
             Check(
@@ -301,29 +334,75 @@ def _outgoing(
                     "--ip to check its reverse DNS, SPF and listings",
                 )
             )
-            return checks, None, False
+            return checks, [], False
         check, ip = check_outgoing(network, None, given=setup.ip, source=None)
-        return [*checks, check], ip, False
-    found = find_target(resolver, setup.probe, setup.smtp_port, source=setup.source_address)
+        return [*checks, check], [ip] if ip else [], False
+    found = find_targets(resolver, setup.probe, setup.smtp_port, source=setup.source_address)
     cut = resolver.ran_out()
-    target = found if isinstance(found, Target) else None
-    check, ip = check_outgoing(network, target, given=setup.ip, source=setup.source_address)
-    if ip is None and isinstance(found, Check) and found.status is Status.UNKNOWN:
-        # The address is found by routing towards the target, whose lookup failed for
-        # now: so did finding the address, which is no failure of the setup (exit 75).
-        check = replace(
-            check,
-            status=Status.UNKNOWN,
-            summary=f"{check.summary}: its lookup failed for now",
-            fix=None,
-        )
-    # An address given with --ip is no less known for the probe target's lookup.
-    checks = _finished(check, cut and ip is None)
-    if isinstance(found, Check):
-        checks.extend(_finished(found, cut))
-    elif target is not None:
-        checks.append(_port25(setup, resolver, network, target))
-    return checks, ip, cut
+    if isinstance(found, Check) or setup.ip is not None:
+        # One address: the one given with --ip, or none (no target to route towards).
+        target = found[0] if isinstance(found, list) else None
+        check, ip = check_outgoing(network, target, given=setup.ip, source=setup.source_address)
+        if ip is None and isinstance(found, Check) and found.status is Status.UNKNOWN:
+            # The address is found by routing towards the target, whose lookup failed for
+            # now: so did finding the address, which is no failure of the setup (exit 75).
+            check = replace(
+                check,
+                status=Status.UNKNOWN,
+                summary=f"{check.summary}: its lookup failed for now",
+                fix=None,
+            )
+        # An address given with --ip is no less known for the probe target's lookup.
+        checks = _finished(check, cut and ip is None)
+        if isinstance(found, Check):
+            checks.extend(_finished(found, cut))
+        elif target is not None:
+            checks.append(_port25(setup, resolver, network, target))
+        return checks, [ip] if ip else [], cut
+    # The address of each IP version the target has: delivery (without source_address)
+    # reaches a receiver over either, IPv4 first and IPv6 when that fails or is all the
+    # receiver has, and receivers judge each address by itself (Gmail refuses IPv6 mail
+    # from an address without PTR). Only the IPv4 one was judged.
+    routes: dict[str, Target] = {}
+    outgoing: list[Check] = []
+    unrouted: list[tuple[Target, Check]] = []
+    for target in found:
+        check, ip = check_outgoing(network, target, given=None, source=setup.source_address)
+        if ip is None:
+            unrouted.append((target, check))
+        elif ip not in routes:
+            routes[ip] = target
+            outgoing.append(check)
+    for target, check in unrouted:
+        if routes:  # no route of that version: the mail goes out over the other
+            version = _version(target.address)
+            check = replace(
+                check,
+                status=Status.SKIP,
+                summary=f"{check.summary}: no {version} mail leaves this machine",
+                fix=None,
+            )
+        outgoing.append(check)
+    probes = [_port25(setup, resolver, network, target) for target in routes.values()]
+    if len(probes) > 1 and any(p.status is Status.PASS for p in probes):
+        # Delivery falls back to the version that answers: mail flows, late where it
+        # waits for the other to fail first.
+        probes = [
+            replace(
+                p,
+                status=Status.WARN,
+                summary=f"{p.summary} (port 25 answers over the other IP version, which "
+                "delivery falls back to)",
+            )
+            if p.status is Status.FAIL
+            else p
+            for p in probes
+        ]
+    return [*outgoing, *probes], list(routes), cut
+
+
+def _version(ip: str) -> str:
+    return "IPv4" if address_family(ip) == "A" else "IPv6"
 
 
 def _port25(setup: SenderSetup, timed: TimeLimited, network: Network, target: Target) -> Check:
