@@ -15,7 +15,6 @@ from email.policy import EmailPolicy
 from typing import Any
 
 from mailstrom.errors import (
-    ForbiddenCharacter,
     InvalidMessage,
     LineTooLong,
     MailstromError,
@@ -59,34 +58,34 @@ def has_bare_line_end(data: bytes) -> bool:
     return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 
 
+def bare_line_ends(data: bytes, offset: int = 0) -> bytes | None:
+    """Where :func:`to_crlf` makes a bare CR or LF of ``data`` a CRLF: None when it holds
+    none, else octets laid over ``to_crlf(data)`` (placed at ``offset`` of a buffer, with
+    the ``offset`` octets before it NUL) with a CRLF exactly there and nowhere else, for
+    :func:`~mailstrom.message.mime.check_structure`'s check of binary parts."""
+    if not has_bare_line_end(data):
+        return None
+    # A CRLF that was one already reads as two NULs; then the bare ones are made CRLF.
+    bare = data.replace(b"\r\n", b"\0\0").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return b"\0" * offset + bare if offset else bare
+
+
 def check_binary_line_ends(data: bytes) -> None:
     """Raise :class:`ForbiddenCharacter` if :func:`to_crlf` would change the body of a
-    part of ``data`` labelled ``Content-Transfer-Encoding: binary``.
+    part of ``data`` labelled ``Content-Transfer-Encoding: binary``: for content whose
+    structure is checked later, as part of a whole (an attached message); a whole message
+    has this checked by :func:`~mailstrom.message.mime.check_structure`.
 
     Binary data is octets, not lines (RFC 2045 §2.9): a bare CR or LF in it is content,
     which only BINARYMIME (RFC 3030) can carry, and made CRLF it arrived as other octets.
     Elsewhere a bare line end is a line end, and CRLF is its form on the wire.
     """
-    if not has_bare_line_end(data):
+    bare = bare_line_ends(data)
+    if bare is None:
         return
-    crlf = to_crlf(data)
-    # Laid over ``crlf`` octet for octet: a CRLF that was one already reads as two NULs,
-    # so a CRLF here is a bare CR or LF made one.
-    bare = data.replace(b"\r\n", b"\0\0").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    for item in mime.entities(crlf):
-        leaf = item.maintype != "multipart" and not item.nested
-        if leaf and item.cte == "binary" and bare.find(b"\r\n", item.body, item.end) >= 0:
-            raise binary_line_end(item.content_type)
-
-
-def binary_line_end(content_type: str) -> ForbiddenCharacter:
-    """The error for a ``content_type`` part labelled binary that holds a bare CR or LF."""
-    return ForbiddenCharacter(
-        f"a {content_type} part labelled Content-Transfer-Encoding: binary holds a bare CR "
-        "or LF, which cannot be sent unchanged without BINARYMIME (RFC 3030) and would be "
-        "made CRLF; encode that part as base64",
-        where=content_type,
-    )
+    content_type = mime.binary_with_bare_line_end(to_crlf(data), bare)
+    if content_type is not None:
+        raise mime.binary_line_end(content_type)
 
 
 def check_line_lengths(data: bytes) -> None:

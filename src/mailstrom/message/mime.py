@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mailstrom.errors import (
@@ -315,9 +315,12 @@ def _child_spans(item: Entity) -> Iterator[tuple[int, int, str]]:
         yield part_start, item.end, default
 
 
-def entities(data: bytes) -> Iterator[Entity]:
-    """Every entity of ``data``, the message itself first, depth first; no deeper than
-    :data:`MAX_DEPTH` levels below it (:func:`check_structure` refuses deeper ones)."""
+def _walk(data: bytes, visit: Callable[[int, int, str, int], Entity | None]) -> None:
+    """Call ``visit(start, end, default, depth)`` for every entity of ``data``, the message
+    itself first (depth 0), depth first, each one found only when the one before has been
+    visited. ``default`` is its type without Content-Type; the entities inside the
+    :class:`Entity` that ``visit`` returns (a multipart or message) are visited next, none
+    when it returns None. The one walk every reader of the whole tree here makes."""
     pending = [(iter([(0, len(data), "text/plain")]), 0)]
     while pending:
         spans, depth = pending[-1]
@@ -326,10 +329,47 @@ def entities(data: bytes) -> Iterator[Entity]:
             pending.pop()
             continue
         start, end, default = span
-        item = entity(data, start, end, default=default)
-        yield item
-        if item.maintype in ("multipart", "message") and depth < MAX_DEPTH:
+        item = visit(start, end, default, depth)
+        if item is not None and item.maintype in ("multipart", "message"):
             pending.append((_child_spans(item), depth + 1))
+
+
+def _bare_in_binary(item: Entity, bare: bytes) -> bool:
+    """Whether ``item`` is a leaf labelled ``Content-Transfer-Encoding: binary`` whose body
+    holds a CRLF that was a bare CR or LF: ``bare`` is laid over its buffer octet for
+    octet (see :func:`~mailstrom.message.encoding.bare_line_ends`)."""
+    leaf = item.maintype != "multipart" and not item.nested
+    return leaf and item.cte == "binary" and bare.find(b"\r\n", item.body, item.end) >= 0
+
+
+def binary_with_bare_line_end(data: bytes, bare: bytes) -> str | None:
+    """The content type of the first leaf of ``data`` labelled binary that holds a CRLF
+    which was a bare CR or LF (``bare`` as for :func:`check_structure`), or None. Read as
+    tolerantly as the rest of this module, no deeper than :data:`MAX_DEPTH` levels; for
+    content whose structure is checked later, once it is part of a whole."""
+    found: str | None = None
+
+    def visit(start: int, end: int, default: str, depth: int) -> Entity | None:
+        nonlocal found
+        if found is not None:
+            return None
+        item = entity(data, start, end, default=default)
+        if _bare_in_binary(item, bare):
+            found = item.content_type
+        return item if depth < MAX_DEPTH else None
+
+    _walk(data, visit)
+    return found
+
+
+def binary_line_end(content_type: str) -> ForbiddenCharacter:
+    """The error for a ``content_type`` part labelled binary that holds a bare CR or LF."""
+    return ForbiddenCharacter(
+        f"a {content_type} part labelled Content-Transfer-Encoding: binary holds a bare CR "
+        "or LF, which cannot be sent unchanged without BINARYMIME (RFC 3030) and would be "
+        "made CRLF; encode that part as base64",
+        where=content_type,
+    )
 
 
 def in_part_header_section(data: bytes, offset: int) -> bool:
@@ -445,7 +485,9 @@ def _control_character(where: str, described: str) -> ForbiddenCharacter:
     )
 
 
-def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX_PARTS) -> bool:
+def check_structure(
+    data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX_PARTS, bare: bytes | None = None
+) -> bool:
     """Walk every entity of ``data``; return True if a part's own header section (below
     the top level) holds 8-bit octets, which only RFC 6532 allows, so the message then
     needs SMTPUTF8.
@@ -464,22 +506,24 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
     top one's are checked by :func:`~mailstrom.message.headers.split_header_section`).
     Entities are read one at a time, each bound checked before the next is, so refusing
     costs no more than the limits allow.
+
+    ``bare``, when ``data`` was made CRLF from input with bare CR or LF line ends, is laid
+    over ``data`` octet for octet with a CRLF exactly where one was made of a bare CR or
+    LF (:func:`~mailstrom.message.encoding.bare_line_ends`): a part labelled
+    ``Content-Transfer-Encoding: binary`` with one in its body is then refused
+    (:func:`binary_line_end`), once the whole structure has passed, in the same walk.
     """
     utf8 = False
     count = 0
-    pending = [(iter([(0, len(data), "text/plain")]), 0)]
-    while pending:
-        spans, depth = pending[-1]
-        span = next(spans, None)
-        if span is None:
-            pending.pop()
-            continue
+    binary: str | None = None
+
+    def visit(start: int, end: int, default: str, depth: int) -> Entity:
+        nonlocal utf8, count, binary
         count += 1
         if count > max_parts:
             raise too_many_parts(max_parts)
         if depth > limit:
             raise nesting_too_deep(limit)
-        start, end, default = span
         where = "the header section of a MIME part" if depth else "the header section"
         if data.startswith((b" ", b"\t"), start, end):
             # The stdlib reads such a line as a header line (and drops it, with the fields
@@ -528,6 +572,11 @@ def check_structure(data: bytes, *, limit: int = MAX_DEPTH, max_parts: int = MAX
         if depth and not item.head.isascii():
             _check_utf8_head(item.head, where)
             utf8 = True
-        if item.maintype in ("multipart", "message"):
-            pending.append((_child_spans(item), depth + 1))
+        if bare is not None and binary is None and _bare_in_binary(item, bare):
+            binary = item.content_type
+        return item
+
+    _walk(data, visit)
+    if binary is not None:
+        raise binary_line_end(binary)
     return utf8

@@ -41,7 +41,7 @@ from mailstrom.message import builder, mime
 from mailstrom.message.builder import Email
 from mailstrom.message.chars import check_header_text
 from mailstrom.message.encoding import (
-    check_binary_line_ends,
+    bare_line_ends,
     check_line_lengths,
     downgrade_to_7bit,
     serialise,
@@ -297,11 +297,12 @@ def _prepare_bytes(
             "(RFC 2045 §2.7, §2.8); encode that part as base64",
             where="body",
         )
-    part_utf8 = mime.check_structure(out)
-    check_binary_line_ends(data)
+    end = out.find(b"\r\n\r\n")
+    # One walk of the tree, on what is sent; the body was made CRLF once, by rewrite(),
+    # and where that changed a binary part is read from the body as it came.
+    part_utf8 = mime.check_structure(out, bare=bare_line_ends(section.body, end + 4))
     # Read from what is sent: a UTF-8 name in a Bcc field that was dropped needs no
     # SMTPUTF8 (its address, if UTF-8, makes the envelope need it).
-    end = out.find(b"\r\n\r\n")
     head_utf8 = section.utf8 and not (out if end < 0 else out[:end]).isascii()
     return _finish(
         out,

@@ -47,7 +47,7 @@ from mailstrom.message.bounds import (
     too_many_parts,
 )
 from mailstrom.message.chars import check_header_text, check_other_line_breaks, shorten
-from mailstrom.message.encoding import binary_line_end, has_bare_line_end
+from mailstrom.message.encoding import has_bare_line_end
 from mailstrom.message.headers import check_field_name, check_field_size
 from mailstrom.message.identification import check_message_id
 from mailstrom.message.policies import HEADER_FACTORY
@@ -168,7 +168,7 @@ def check_payloads(message: Message) -> None:
             continue
         payload = part.get_payload(decode=True)
         if isinstance(payload, bytes) and has_bare_line_end(payload):
-            raise binary_line_end(part.get_content_type())
+            raise mime.binary_line_end(part.get_content_type())
 
 
 def _surrogates(text: str) -> bool:
