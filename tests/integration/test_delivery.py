@@ -20,6 +20,7 @@ from mailstrom import (
     Config,
     Email,
     InvalidAddress,
+    InvalidMessage,
     ReasonClass,
     RecipientState,
     RetryPolicy,
@@ -616,6 +617,53 @@ def test_a_utf8_bcc_does_not_make_an_8bit_body_need_smtputf8(
     [received] = ascii_mx.wait_for_messages(1)
     assert list(received.rcpt_tos) == ["ann@ascii.test"]
     assert "SMTPUTF8" not in received.mail_options
+    assert "Gr\u00fc\u00dfe".encode() in received.content
+
+
+def test_a_stored_message_is_not_judged_again_by_newer_input_rules(
+    smtp_server: Any,
+    dns_server: LoopbackDNS,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    mx: Any,
+    clock: FakeClock,
+) -> None:
+    """The SMTPUTF8 need of a queued message marked for it (a UTF-8 Bcc address) is read
+    from its 8-bit header octets alone: one queued by an older version with a line of only
+    white space in a part's header section, which prepare() now refuses, went only to
+    servers with SMTPUTF8 ("message needs SMTPUTF8" elsewhere), as dispatch took the
+    refusal of its whole structure check to mean a UTF-8 part header."""
+    ascii_mx = smtp_server(host="127.0.0.7", port=mx.port, smtputf8=False)
+    for domain in ("ascii.test", "other.test"):
+        dns_server.mx(domain, [(10, "mx.ascii.test")])
+    dns_server.a("mx.ascii.test", "127.0.0.7")
+    data = (
+        "From: app@sender.test\r\nTo: ann@ascii.test\r\nSubject: Hi\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        "Content-Type: text/plain; charset=utf-8\r\n \r\nContent-Transfer-Encoding: 8bit\r\n"
+        "\r\nGr\u00fc\u00dfe\r\n--b--\r\n"
+    ).encode()
+    with pytest.raises(InvalidMessage, match="only white space"):
+        prepare(data)
+    store = MemoryStore()
+    queued = PreparedMessage(  # as an older version queued it
+        data=data,
+        envelope_from="app@sender.test",
+        recipients=("ann@ascii.test", "jos\u00e9@other.test"),
+        smtputf8=True,
+        eightbit=True,
+    )
+    mid = store.enqueue(queued, now=clock())
+    mailstrom(store=store)
+    results.wait_final({"ann@ascii.test", "jos\u00e9@other.test"})
+    status = store.status(mid)
+    assert status.recipient("jos\u00e9@other.test").state is FAILED
+    ann = status.recipient("ann@ascii.test")
+    assert ann.state is DELIVERED, ann.reason
+    [received] = ascii_mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["ann@ascii.test"]
+    assert "SMTPUTF8" not in received.mail_options
+    assert b"charset=utf-8\r\n \r\nContent-Transfer-Encoding" in received.content
     assert "Gr\u00fc\u00dfe".encode() in received.content
 
 

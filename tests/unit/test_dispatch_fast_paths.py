@@ -79,3 +79,28 @@ def test_utf8_header_fields_or_addresses_need_smtputf8() -> None:
     multipart = _HEAD + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + part
     assert needs_smtputf8(_marked(multipart)) is True
     assert needs_smtputf8(_marked(b"Subject: x\r\n\r\nx\r\n", sender="jos\u00e9@example.com"))
+
+
+def _multipart(part: bytes, content_type: bytes = b'multipart/mixed; boundary="b"') -> bytes:
+    return _HEAD + b"Content-Type: " + content_type + b"\r\n\r\n--b\r\n" + part + b"\r\n--b--\r\n"
+
+
+def test_a_part_refused_today_is_read_not_judged_for_smtputf8() -> None:
+    """A stored message is read for 8-bit header octets only: a line of only white space
+    in a part's header section (refused by prepare() since, not by older versions) made
+    the check fail, and the failure was taken for a UTF-8 header."""
+    white = b"Content-Type: text/plain; charset=utf-8\r\n \r\nX-A: b\r\n\r\nGr\xc3\xbc\xc3\x9fe"
+    assert needs_smtputf8(_marked(_multipart(white))) is False
+    assert needs_smtputf8(_marked(_multipart(white.replace(b"X-A: b", b"X-A: \xc3\xbc"))))
+
+
+def test_where_readers_differ_on_a_part_header_its_8bit_octets_count() -> None:
+    """Structure readers take differently (which check_structure refuses, so prepare()
+    never queues it today) keeps the SMTPUTF8 mark if its body has 8-bit octets: they may
+    be in a part's header section to the receiver."""
+    text = b"Content-Type: text/plain\r\n\r\nGr\xc3\xbc\xc3\x9fe"
+    repeated = _multipart(text).replace(b"MIME-Version", b"Content-Type: text/plain\r\nMIME")
+    unread = _multipart(text, b"multipart/mixed; (c) boundary=b")
+    first = _multipart(b" x\r\nContent-Type: text/plain\r\n\r\nGr\xc3\xbc\xc3\x9fe")
+    for data in (repeated, unread, first):
+        assert needs_smtputf8(_marked(data)) is True

@@ -57,6 +57,7 @@ _SPACED_FIELD_NAME = re.compile(rb"(?<![^\n])([!-9;-~]+)[ \t]+:")
 """A field line with white space before its colon, at a line start (an entity starts at
 one: after a CRLF, or at the start of the message)."""
 _IDENTITY = frozenset({"7bit", "8bit", "binary"})
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _WHITE_LINE = re.compile(rb"\n[ \t]+(?:\r\n|\Z)")
 """A line of only white space after the first (a continuation line, to this module)."""
 
@@ -357,6 +358,42 @@ def binary_with_bare_line_end(data: bytes, bare: bytes) -> str | None:
         if _bare_in_binary(item, bare):
             found = item.content_type
         return item if depth < MAX_DEPTH else None
+
+    _walk(data, visit)
+    return found
+
+
+def eight_bit_part_header(data: bytes) -> bool:
+    """Whether a header section below the top level of ``data`` holds 8-bit octets, which
+    only RFC 6532 allows (the message then needs SMTPUTF8), read as tolerantly as the rest
+    of this module: for a message already accepted, which is not judged again here, so one
+    queued under older input rules reads the same as when it was queued.
+
+    Where readers may differ on which lines are a part's header section (a multipart
+    boundary or Content-Type they read differently, a continuation line first, nesting
+    past :data:`MAX_DEPTH`), 8-bit octets anywhere in that entity's body count, as the
+    check that refused such structure counted them; :func:`check_structure` gives the
+    same answer for every message it accepts."""
+    found = False
+
+    def visit(start: int, end: int, default: str, depth: int) -> Entity | None:
+        nonlocal found
+        if found:
+            return None
+        item = entity(data, start, end, default=default)
+        if depth and not item.head.isascii():
+            found = True
+            return None
+        deeper = depth >= MAX_DEPTH and item.maintype in ("multipart", "message")
+        unclear = (
+            item.unread_boundary
+            or item.repeated is not None
+            or data.startswith((b" ", b"\t"), start, end)
+            or (deeper and next(_child_spans(item), None) is not None)
+        )
+        if unclear and _EIGHT_BIT.search(data, item.body, item.end) is not None:
+            found = True
+        return None if found or depth >= MAX_DEPTH else item
 
     _walk(data, visit)
     return found

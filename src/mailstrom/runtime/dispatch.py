@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING
 from mailstrom.config import Config
 from mailstrom.errors import (
     DeliveryError,
-    MailstromError,
     PermanentFailure,
     RequireTLSFailure,
     SMTPConnectError,
@@ -1689,13 +1688,12 @@ def needs_smtputf8(item: WorkItem) -> bool:
     if end < 0 or not data[:end].isascii():
         return True
     # Loaded here, as the 7-bit downgrade is: only such a message (a UTF-8 address in
-    # another transaction, an 8-bit body) is walked.
-    from mailstrom.message.mime import check_structure
+    # another transaction, an 8-bit body) is walked. Read, not judged: prepare() accepted
+    # it, perhaps under older input rules, and a part it would refuse today is no reason
+    # to need SMTPUTF8 (it sent such a message only to servers offering it).
+    from mailstrom.message.mime import eight_bit_part_header
 
-    try:
-        return check_structure(data)
-    except MailstromError:  # prepare() walked it already; keep the mark if it cannot be
-        return True
+    return eight_bit_part_header(data)
 
 
 def dsn_params(item: WorkItem) -> tuple[bytes, tuple[bytes, ...]]:
