@@ -13,6 +13,7 @@ import pytest
 
 from mailstrom.errors import (
     ForbiddenCharacter,
+    InvalidHeaderValue,
     InvalidMessage,
     MessageTooLarge,
     MissingFrom,
@@ -191,6 +192,38 @@ def test_a_resender_is_not_taken_from_an_older_resent_block() -> None:
     several = b"Resent-From: a@x.example, b@x.example\r\nResent-To: other@example.net\r\n"
     with pytest.raises(MultipleFromWithoutSender, match="Resent-Sender"):
         prepare(several + older, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("Resent-Date", "2024-01-02 03:04:05"),  # str(datetime), as Date was given too
+        ("Resent-Date", "Tue, 02 Jan 2024 03:04:05"),  # no zone
+        ("Resent-Message-ID", "again@example.net"),
+        ("Resent-Message-ID", "<a@b>, <c@d>"),
+    ],
+)
+def test_the_resend_s_own_resent_date_and_message_id_are_checked(field: str, value: str) -> None:
+    """A message being resent got a missing Resent-Date and Resent-Message-ID, but one
+    given that no reader can take (``str(datetime)``, a msg-id without angle brackets)
+    was sent as it came, where the same Date or Message-ID is refused: the resent block
+    this call makes then had none usable, which RFC 5322 §3.6.6 requires (Resent-Date)
+    or asks for (Resent-Message-ID). They are checked as Date and Message-ID are. An
+    older block's are history, carried as they came, as its Received fields are; so are
+    the fields of a message not being resent."""
+    bad = f"{field}: {value}\r\n".encode()
+    with pytest.raises(InvalidHeaderValue, match=f"invalid {field} ") as caught:
+        prepare(bad + RESENT, now=NOW)
+    assert caught.value.header == field
+    older = RESENT.replace(b"Resent-To:", bad + b"Resent-To:")
+    newest = b"Resent-From: second@example.net\r\nResent-To: other@example.net\r\n"
+    assert bad in prepare(newest + older, now=NOW).data
+    # Not being resent (no Resent-To, -Cc or -Bcc): every Resent- field is history.
+    plain = RESENT.replace(b"Resent-To: agent@example.net\r\n", b"")
+    assert bad in prepare(bad + plain, now=NOW).data
+    # Obsolete but readable forms pass, as they do in Date and Message-ID (§4.3, §4.5.4).
+    ok = b'Resent-Date: 2 Jan 24 03:04 EST (a comment)\r\nResent-Message-ID: <"q"@x> (c)\r\n'
+    assert ok in prepare(ok + RESENT, now=NOW).data
 
 
 def test_a_resent_message_without_a_resender_is_refused() -> None:

@@ -158,6 +158,15 @@ def newest_block_end(section: HeaderSection) -> int:
     return len(section.fields)
 
 
+def newest_block_value(section: HeaderSection, name: str) -> str | None:
+    """The unfolded value of the ``name`` field (lower-case, one a block holds once) of the
+    newest resent block of ``section``, None when that block has none."""
+    for field in section.fields[: newest_block_end(section)]:
+        if field.name == name:
+            return _unfolded(field)
+    return None
+
+
 def _unfolded(field: Field) -> str:
     """The value of ``field``, unfolded (the line breaks removed only, RFC 5322 §2.2.3),
     as :meth:`HeaderSection.values` reads it."""

@@ -92,8 +92,9 @@ def format_date(when: datetime) -> str:
     return format_datetime(when)
 
 
-def check_date(value: str) -> None:
-    """Raise :class:`InvalidHeaderValue` unless ``value`` is a readable RFC 5322 date.
+def check_date(value: str, *, field: str = "Date") -> None:
+    """Raise :class:`InvalidHeaderValue` unless ``value``, a ``field`` value, is a readable
+    RFC 5322 date.
 
     Obsolete forms stay valid (RFC 5322 §4.3): two-digit years, zone names such as
     ``GMT`` or ``EST``, comments and white space around the tokens. A second of 60 is a
@@ -118,7 +119,7 @@ def check_date(value: str) -> None:
         datetime(year, month, day, hour, minute, min(second, 59), tzinfo=timezone(offset))
     except (ValueError, OverflowError):
         raise InvalidHeaderValue(
-            f"invalid Date {shorten(value)}: expected an RFC 5322 date-time (§3.3) such as "
-            "'Tue, 02 Jan 2024 03:04:05 +0000'",
-            header="Date",
+            f"invalid {field} {shorten(value)}: expected an RFC 5322 date-time (§3.3) such "
+            "as 'Tue, 02 Jan 2024 03:04:05 +0000'",
+            header=field,
         ) from None

@@ -52,6 +52,7 @@ from mailstrom.message.envelope import (
     Envelope,
     decide,
     fields_from_section,
+    newest_block_value,
 )
 from mailstrom.message.headers import (
     decode_text,
@@ -108,7 +109,8 @@ def prepare(
     ``mailstrom.invalid`` — never ``localhost``, an address literal or a name private to
     one network (see :func:`~mailstrom.domains.is_public_name`). A raw message being
     resent (it has Resent-To, Resent-Cc or Resent-Bcc) also gets a missing Resent-Date
-    (``now``) and Resent-Message-ID (the same way), as RFC 5322 §3.6.6 asks.
+    (``now``) and Resent-Message-ID (the same way), as RFC 5322 §3.6.6 asks; those of
+    its newest resent block, when given, are checked as Date and Message-ID are.
 
     ``dkim`` signs the message with the keys aligned with its From domain (see
     :class:`~mailstrom.dkim.DKIMConfig`); the signatures made are in the result's
@@ -273,6 +275,15 @@ def _prepare_bytes(
         message_id = _new_message_id(new_id_domain)
         add.append(("Message-ID", message_id))
     if fields.resent is not None:
+        # The resend this call makes: its own Resent-Date and Resent-Message-ID are
+        # checked as Date and Message-ID are. An older block's are history, carried as
+        # they came (as Received fields are), and so are those of a message not resent.
+        resent_date = newest_block_value(section, "resent-date")
+        if resent_date is not None:
+            check_date(resent_date, field="Resent-Date")
+        resent_id = newest_block_value(section, "resent-message-id")
+        if resent_id is not None:
+            check_message_id(resent_id, field="Resent-Message-ID")
         # Being resent: its resent block needs a Resent-Date and should have a
         # Resent-Message-ID (RFC 5322 §3.6.6), which Postfix's cleanup adds as it adds
         # Date and Message-ID. One from an earlier resend counts, as it does there.
