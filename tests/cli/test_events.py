@@ -245,17 +245,21 @@ class Follower:
         recipient: str = json.loads(line)["recipient"]
         return recipient
 
-    def said(self, text: str) -> str:
-        """The next line on stderr holding ``text`` (within 30 s)."""
-        seen = []
-        deadline = time.monotonic() + 30
+    def said(self, text: str, within: float = 30) -> str:
+        """The next line on stderr holding ``text`` (within ``within`` seconds); the lines
+        before it are kept in :attr:`skipped`."""
+        self.skipped: list[str] = []
+        deadline = time.monotonic() + within
         while (left := deadline - time.monotonic()) > 0:
-            line = self.err.get(timeout=left)
+            try:
+                line = self.err.get(timeout=left)
+            except queue.Empty:
+                break
             if text in line:
                 return line
-            assert line, f"the follower exited ({self.proc.wait()}): {''.join(seen)}"
-            seen.append(line)
-        raise AssertionError(f"not said: {text!r}; said: {''.join(seen)}")
+            assert line, f"the follower exited ({self.proc.wait()}): {''.join(self.skipped)}"
+            self.skipped.append(line)
+        raise AssertionError(f"not said: {text!r}; said: {''.join(self.skipped)}")
 
     def close(self) -> None:
         self.proc.terminate()
@@ -302,3 +306,29 @@ def test_follow_ends_on_a_store_that_waiting_cannot_mend(cli: CLI, workdir: Path
         assert follow.proc.wait(10) == 74
     finally:
         follow.close()
+
+
+@pytest.mark.postgres
+def test_follow_says_the_pool_warnings_as_its_own(own_postgres: Any, cli: CLI) -> None:
+    """While PostgreSQL is down, psycopg's pool logs each failed connection attempt
+    (logger ``psycopg.pool``). Nobody had configured logging in ``events``, so Python's
+    last resort wrote them raw among the command's lines: "error connecting in
+    'mailstrom': ..." and a tab-indented half line. They are the command's warnings now,
+    one line each, as its own are."""
+    url = own_postgres.create_database()
+    _record_delivered(url, "ann@example.test")
+    follow = Follower(cli, "--store", url)
+    try:
+        assert follow.recipient() == "ann@example.test"
+        own_postgres.take_down()
+        line = follow.said("Connection refused")
+        assert line.startswith("mailstrom: warning: error connecting in 'mailstrom': ")
+        assert line.endswith(
+            "failed: Connection refused Is the server running on that host"
+            " and accepting TCP/IP connections?\n"
+        )
+        assert all(seen.startswith("mailstrom: warning: ") for seen in follow.skipped)
+    finally:
+        own_postgres.bring_up()
+        follow.close()
+        own_postgres.drop_database(url.rsplit("/", 1)[1])

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from mailstrom.cli.exits import EX_CONFIG, CLIError, UsageError
+from mailstrom.cli.exits import EX_CONFIG, CLIError, UsageError, one_line, say
 from mailstrom.errors import ConfigError
 from mailstrom.settings import Settings, load_settings, parse_dns_servers
 from mailstrom.stores.base import Store
@@ -194,14 +195,53 @@ def require_lasting_store(settings: Settings) -> None:
 @contextlib.contextmanager
 def store_from(settings: Settings, *, read_only: bool = False) -> Iterator[Store]:
     """The store, for one command; one opened to write must outlast the command
-    (:func:`require_lasting_store`): only a command that changes it opens it so."""
+    (:func:`require_lasting_store`): only a command that changes it opens it so. What
+    the store and its driver log meanwhile goes out as :func:`warning_lines`."""
     if not read_only:
         require_lasting_store(settings)
-    store = open_store(settings.store_url, read_only=read_only)
+    with warning_lines():
+        store = open_store(settings.store_url, read_only=read_only)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+class WarningLines(logging.Handler):
+    """Log records as the command's own warnings: ``mailstrom: warning: <message>``, one
+    line each (see :func:`~mailstrom.cli.exits.one_line`), an exception a record carries
+    as its type and text after the message, never its traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            exc = record.exc_info[1] if record.exc_info else None
+            if exc is not None:
+                text = f"{text}: {type(exc).__name__}: {exc}"
+        except Exception:
+            self.handleError(record)
+            return
+        say(f"mailstrom: warning: {one_line(text)}")
+
+
+@contextlib.contextmanager
+def warning_lines() -> Iterator[None]:
+    """Warnings logged meanwhile (the store's, a message left out of a list; its
+    driver's, psycopg's pool failing to connect) on stderr as the command's own, when
+    nobody configured logging (``mailstrom worker`` and ``web`` do; so may an
+    application that runs a command). Python's last resort wrote them raw: psycopg's
+    "error connecting in 'mailstrom': ..." and a tab-indented half line, every second
+    while PostgreSQL was down, among the command's lines."""
+    top = logging.getLogger()
+    if top.handlers:
+        yield
+        return
+    handler = WarningLines(logging.WARNING)
+    top.addHandler(handler)
     try:
-        yield store
+        yield
     finally:
-        store.close()
+        top.removeHandler(handler)
 
 
 def utc_now() -> datetime:

@@ -16,7 +16,7 @@ import sys
 import time
 
 from mailstrom.bounds import MAX_INTEGER
-from mailstrom.cli.context import open_store, settings_from, store_from, utc_now
+from mailstrom.cli.context import open_store, settings_from, store_from, utc_now, warning_lines
 from mailstrom.cli.exits import EX_OK, UsageError, reason_for, say
 from mailstrom.cli.output import json_for, visible
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg, seconds_arg
@@ -123,7 +123,10 @@ def events_command(args: argparse.Namespace) -> int:
         if args.follow and created:
             _follow(store, after, as_json=args.json, interval=args.interval)
     if args.follow:
-        with contextlib.closing(_once_created(settings.store_url, args.interval)) as store:
+        with (
+            warning_lines(),
+            contextlib.closing(_once_created(settings.store_url, args.interval)) as store,
+        ):
             _follow(store, after, as_json=args.json, interval=args.interval)
     return EX_OK
 

@@ -111,7 +111,6 @@ def reason_for(exc: BaseException) -> str:
     """One line saying what went wrong (a password in a URL it quotes shown as ``***``,
     control characters it quotes, from a server's reply say, as escapes)."""
     from mailstrom.cli.output import visible
-    from mailstrom.stores.url import redact_url
 
     if isinstance(exc, AmbiguousMessageId):
         # With the candidates: ids as the store gives them back, escaped like the rest.
@@ -124,7 +123,16 @@ def reason_for(exc: BaseException) -> str:
         text = str(exc)
     else:
         text = f"internal error: {type(exc).__name__}: {exc}"
-    return visible(redact_url(" ".join(text.split()))) or type(exc).__name__
+    return one_line(text) or type(exc).__name__
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line of stderr: its line breaks and runs of space as one space, a
+    password in a URL it quotes as ``***``, its control characters as escapes."""
+    from mailstrom.cli.output import visible
+    from mailstrom.stores.url import redact_url
+
+    return visible(redact_url(" ".join(text.split())))
 
 
 def fail(exc: BaseException, prog: str = "mailstrom") -> int:

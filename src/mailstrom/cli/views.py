@@ -9,10 +9,8 @@ a well-known one; the advice is looked up when shown, never stored.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -331,22 +329,6 @@ def print_throttles(recipients: tuple[RecipientStatus, ...]) -> None:
 # --- queue -------------------------------------------------------------------------------
 
 
-@contextmanager
-def store_warnings() -> Iterator[None]:
-    """The store's warnings on stderr while a view reads (the library logs to no handler
-    of its own): a message left out of a list because its queue row cannot be read back
-    is named, not silently missing."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("mailstrom: warning: %(message)s"))
-    logger = logging.getLogger("mailstrom.stores")
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-
-
 LIMIT = 100
 """Messages ``queue`` lists without ``--limit``."""
 
@@ -358,7 +340,7 @@ def queue_command(args: argparse.Namespace) -> int:
         # They cover the whole queue: a filter would be dropped without a word.
         raise UsageError(f"{summary} takes no filters or --limit")
     limit: int = args.limit or LIMIT
-    with store_warnings(), store_from(settings_from(args), read_only=True) as store:
+    with store_from(settings_from(args), read_only=True) as store:
         if args.counts:
             stats = store.stats()
             if args.json:

@@ -15,7 +15,7 @@ from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_OK, EX_UNAVAILABLE
 from mailstrom.cli.output import age, print_json, print_table
 from mailstrom.cli.parsing import Subparsers
-from mailstrom.cli.views import NOBODY, store_warnings
+from mailstrom.cli.views import NOBODY
 from mailstrom.stores.dead_holders import DeadHolderReaper, HolderInfo
 
 
@@ -38,7 +38,7 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
 
 def workers_command(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    with store_warnings(), store_from(settings, read_only=True) as store:
+    with store_from(settings, read_only=True) as store:
         # The command only looks, so a memory store is an empty queue, as for every
         # command that only looks: one made for this command has no worker. An SQLite
         # file that does not exist yet is read as such an empty store: no worker has
