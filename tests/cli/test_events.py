@@ -329,6 +329,25 @@ def test_follow_says_the_pool_warnings_as_its_own(own_postgres: Any, cli: CLI) -
         )
         assert all(seen.startswith("mailstrom: warning: ") for seen in follow.skipped)
     finally:
-        own_postgres.bring_up()
         follow.close()
-        own_postgres.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.mark.postgres
+def test_follow_warns_soon_after_postgres_goes_down(own_postgres: Any, cli: CLI) -> None:
+    """Each read waited up to the store's 30 s for a pooled connection: with PostgreSQL
+    down, the follower said it could not read the events half a minute after the fact.
+    A command that only reads waits a few seconds; it warns within them, and reads on
+    once the server is back."""
+    url = own_postgres.create_database()
+    _record_delivered(url, "ann@example.test")
+    follow = Follower(cli, "--store", url)
+    try:
+        assert follow.recipient() == "ann@example.test"
+        own_postgres.take_down()
+        follow.said("cannot read the events, trying again", within=15)
+        own_postgres.bring_up()
+        follow.said("reading the events again")
+        _record_delivered(url, "bob@example.test")
+        assert follow.recipient() == "bob@example.test"
+    finally:
+        follow.close()

@@ -277,11 +277,13 @@ def _shown(url: str) -> str:
     return shorten(redact_url(url))
 
 
-def open_store(url: str, *, read_only: bool = False) -> Store:
+def open_store(url: str, *, read_only: bool = False, timeout: float | None = None) -> Store:
     """Open the store ``url`` names (see the module docstring for the forms).
 
     ``read_only`` opens a SQLite store for reading only (nothing created, migrated or
-    written); other stores ignore it.
+    written); other stores ignore it. ``timeout``, given, is a PostgreSQL store's wait
+    for the database when opening and for a pooled connection per call (its own
+    default otherwise); other stores ignore it.
 
     >>> store = open_store("sqlite:////var/lib/mailstrom/queue.db")  # doctest: +SKIP
     """
@@ -292,7 +294,11 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
         return MemoryStore()
     if parsed.kind is StoreKind.SQLITE:
         return open_sqlite(parsed.target, read_only=read_only)
-    store: Store = postgres_module().PostgresStore(parsed.target)
+    postgres = postgres_module()
+    if timeout is None:
+        store: Store = postgres.PostgresStore(parsed.target)
+    else:
+        store = postgres.PostgresStore(parsed.target, timeout=timeout)
     return store
 
 
