@@ -351,3 +351,24 @@ def test_follow_warns_soon_after_postgres_goes_down(own_postgres: Any, cli: CLI)
         assert follow.recipient() == "bob@example.test"
     finally:
         follow.close()
+
+
+@pytest.mark.postgres
+def test_follow_started_while_postgres_is_down_waits_for_it(own_postgres: Any, cli: CLI) -> None:
+    """``events --follow`` reads what is there, then follows. A passing trouble while
+    following is waited out; the same trouble in the first part (PostgreSQL restarting
+    as the follower starts at boot) ended it, exit 75. It waits there too, saying so."""
+    url = own_postgres.create_database()
+    _record_delivered(url, "ann@example.test")
+    own_postgres.take_down()
+    follow = Follower(cli, "--store", url)
+    try:
+        follow.said("cannot read the events, trying again")
+        assert follow.proc.poll() is None
+        own_postgres.bring_up()
+        assert follow.recipient() == "ann@example.test"
+        follow.said("reading the events again")
+        _record_delivered(url, "bob@example.test")
+        assert follow.recipient() == "bob@example.test"
+    finally:
+        follow.close()

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from mailstrom.bounds import MAX_INTEGER
 from mailstrom.cli.context import open_store, settings_from, store_from, utc_now, warning_lines
@@ -26,6 +29,9 @@ from mailstrom.status import DeliveryEvent
 from mailstrom.stores.base import Store
 from mailstrom.stores.url import StoreKind, parse_store_url
 from mailstrom.webhooks import event_json
+
+if TYPE_CHECKING:
+    from mailstrom.runtime.worker_store import _Backoff
 
 EPILOG = """\
 examples:
@@ -110,26 +116,31 @@ def events_command(args: argparse.Namespace) -> int:
     # Looked at before the store is opened: a queue not created yet is read as an empty
     # stand-in, which nothing a worker records ever reaches.
     created = _created(settings.store_url)
-    with store_from(settings, read_only=True) as store:
-        if args.after is None:
-            after = store.last_event_id()
-            shown = _last_events(store, after, max(args.limit, 0))
-        else:
-            after = args.after
-            shown = store.read_events(after=after, limit=max(args.limit, 0))
-        for event in shown:
-            after = event.id
-            _print(event, as_json=args.json)
-        if args.follow and created:
-            _follow(store, after, as_json=args.json, interval=args.interval)
-    if args.follow:
-        with (
-            warning_lines(),
-            contextlib.closing(_once_created(settings.store_url, args.interval)) as store,
-        ):
-            _follow(store, after, as_json=args.json, interval=args.interval)
+    # A follower waits out a passing trouble from the start, not only once following: it
+    # runs for as long as the workers do, and may start while the store restarts.
+    patience = _Patience(args.interval, waiting=args.follow)
+    limit = max(args.limit, 0)
+    with warning_lines():
+        store = patience.call(lambda: open_store(settings.store_url, read_only=True))
+        with contextlib.closing(store):
+            if args.after is None:
+                after = patience.call(store.last_event_id)
+                shown = patience.call(lambda: _last_events(store, after, limit))
+            else:
+                after = args.after
+                shown = patience.call(lambda: store.read_events(after=after, limit=limit))
+            for event in shown:
+                after = event.id
+                _print(event, as_json=args.json)
+            if args.follow and created:
+                _follow(store, after, patience, as_json=args.json)
+        if args.follow:
+            with contextlib.closing(_once_created(settings.store_url, args.interval)) as store:
+                _follow(store, after, patience, as_json=args.json)
     return EX_OK
 
+
+_T = TypeVar("_T")
 
 _PAGE = 1000
 """Events read at once while looking for the last ones."""
@@ -183,45 +194,68 @@ def _once_created(url: str, interval: float) -> Store:
             continue  # being created: its schema comes in its writer's transactions
 
 
-def _follow(store: Store, after: int, *, as_json: bool, interval: float) -> None:
+class _Patience:
+    """Store calls tried again while they fail with a passing trouble (a database
+    restarting, a connection lost, a lock held past the store's wait), as a worker tries
+    its store again: the waits grow from ``interval`` up to 5 s (or stay at a longer
+    ``interval``), and stderr says when the calls fail and when they work again. Only a
+    store that waiting cannot mend (damaged, a newer schema, access refused) raises, for
+    its exit code. Not ``waiting``, the first failure raises (a listing: exit 75)."""
+
+    def __init__(self, interval: float, *, waiting: bool = True) -> None:
+        self.interval = interval
+        self._waiting = waiting
+        self._backoff: _Backoff | None = None
+        self._failures = 0
+
+    def call(self, read: Callable[[], _T]) -> _T:
+        """What ``read()`` returns, once it works."""
+        while True:
+            try:
+                result = read()
+            except StoreError as exc:
+                self._failed(exc)
+                continue
+            if self._failures:
+                say(
+                    "mailstrom: warning: reading the events again after "
+                    f"{self._failures} failed tries"
+                )
+                self._failures = 0
+                self._backoff = None
+            return result
+
+    def _failed(self, exc: StoreError) -> None:
+        """Raise ``exc``, or wait before the next try. (The worker's modules are loaded
+        only then: a listing that works never pays for them.)"""
+        from mailstrom.runtime.store_opening import worth_waiting
+        from mailstrom.runtime.worker_store import _Backoff
+
+        if not (self._waiting and worth_waiting(exc)):
+            raise exc
+        self._failures += 1
+        if self._failures == 1:
+            say(f"mailstrom: warning: cannot read the events, trying again: {reason_for(exc)}")
+        if self._backoff is None:
+            self._backoff = _Backoff()
+        time.sleep(max(self.interval, self._backoff.take()))
+
+
+def _follow(store: Store, after: int, patience: _Patience, *, as_json: bool) -> None:
     """Print the events after ``after`` as they appear until interrupted (Ctrl-C ends the
-    command). Every store makes its events visible in id order (PostgreSQL draws their
-    ids under a lock, see its ``append_events``), so the highest id printed is the place
-    to go on from.
+    command), looking every ``patience.interval`` seconds. Every store makes its events
+    visible in id order (PostgreSQL draws their ids under a lock, see its
+    ``append_events``), so the highest id printed is the place to go on from.
 
-    A read that fails with a passing trouble (a database restarting, a connection lost,
-    a lock held past the store's wait) is tried again, as a worker tries its store again:
-    the waits grow from ``interval`` up to 5 s (or stay at a longer ``interval``), and
-    stderr says when the reads fail and when they work again. A follower runs for as
-    long as the workers do; ended by the first such failure, it left a script reading
-    it with nothing. Only a store that waiting cannot mend (damaged, a newer schema,
-    access refused) ends the command, with its exit code."""
-    from mailstrom.runtime.store_opening import worth_waiting
-    from mailstrom.runtime.worker_store import _Backoff
-
-    backoff = _Backoff()
-    wait = interval
-    failures = 0
+    A read that fails with a passing trouble is tried again (:class:`_Patience`): a
+    follower runs for as long as the workers do; ended by the first such failure, it
+    left a script reading it with nothing."""
     while True:
         # Polling: events come from other processes, and a SQLite reader has nothing to
         # wait on. Each look is one indexed range read of the ids above the last.
-        time.sleep(wait)
-        try:
-            events = store.read_events(after=after, limit=10_000)
-        except StoreError as exc:
-            if not worth_waiting(exc):
-                raise
-            wait = max(interval, backoff.take())
-            failures += 1
-            if failures == 1:
-                say(f"mailstrom: warning: cannot read the events, trying again: {reason_for(exc)}")
-            continue
-        if failures:
-            say(f"mailstrom: warning: reading the events again after {failures} failed tries")
-            failures = 0
-            backoff.reset()
-            wait = interval
-        for event in events:
+        time.sleep(patience.interval)
+        read = functools.partial(store.read_events, after=after, limit=10_000)
+        for event in patience.call(read):
             _print(event, as_json=as_json)
             after = event.id
 
