@@ -274,7 +274,9 @@ class StoreAccessDenied(StoreError):
     """The database server answered and would not let this store in: a wrong password,
     a role or database that does not exist, no ``pg_hba.conf`` entry, or a role that may
     not create the tables this mailstrom needs; or a SQLite store's file or directory
-    that this user may not read or write. Trying again will not help until an
+    that this user may not read or write, or a path that can never be its file as it
+    is (a component that is a file, a symlink loop: see
+    :data:`~mailstrom.stores.url.PERMANENT_ERRNOS`). Trying again will not help until an
     operator changes the configuration or the database, so a worker that is starting
     fails on it (the command line exits 78) where it waits out a database that does not
     answer at all."""

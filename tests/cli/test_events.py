@@ -372,3 +372,49 @@ def test_follow_started_while_postgres_is_down_waits_for_it(own_postgres: Any, c
         assert follow.recipient() == "bob@example.test"
     finally:
         follow.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "said"),
+    [
+        (lambda spool: spool.write_text("a file\n"), 78, "Not a directory"),
+        (lambda spool: (spool / "queue.db").mkdir(), 74, "not a regular file"),
+    ],
+    ids=["a file in place of its directory", "a directory in place of the file"],
+)
+def test_follow_waiting_for_the_store_file_ends_on_a_path_that_cannot_be_one(
+    cli: CLI, workdir: Path, make: Any, code: int, said: str
+) -> None:
+    """``events --follow`` on a SQLite store not created yet waits for its first writer.
+    A path that can never be the store ends that wait: its directory became a file (a
+    lookup fails ENOTDIR, as it fails EACCES for a user who may not search it, which
+    root cannot be shown), or a directory stands where the file goes. The lookup's
+    failure read as "no file yet", and the follower waited for ever, saying nothing."""
+    if not os.path.exists(f"/proc/{os.getpid()}/wchan"):
+        pytest.skip("needs /proc/PID/wchan to see the follower wait between looks")
+    spool = workdir / "spool"
+    spool.mkdir()
+    follow = Follower(cli, "--store", f"sqlite:///{spool / 'queue.db'}")
+    try:
+        deadline = time.monotonic() + 60
+        while not _sleeping(follow.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling the kernel's state of the process; nothing to wait on
+        assert _sleeping(follow.proc.pid), "the follower never started waiting"
+        if code == 78:
+            spool.rmdir()
+        make(spool)
+        line = follow.said("mailstrom: ", within=10)
+        assert said in line and "spool" in line
+        assert follow.proc.wait(10) == code
+    finally:
+        follow.close()
+
+
+def test_follow_on_a_store_path_through_a_file_ends_at_once(cli: CLI, workdir: Path) -> None:
+    """Started on such a path, the follower ends at once as the views do (78), rather
+    than wait, as it waits out a passing trouble of its first reads."""
+    (workdir / "file").write_text("not a directory\n")
+    cli.env["MAILSTROM_STORE"] = "sqlite:///file/queue.db"
+    result = cli("events", "--follow", timeout=30)
+    assert result.code == 78, result.err
+    assert "Not a directory" in result.err

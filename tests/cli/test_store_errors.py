@@ -328,13 +328,23 @@ def test_a_command_that_only_looks_reads_a_memory_store(cli: CLI, argv: list[str
     assert cli(*argv).code == 0
 
 
-@pytest.mark.parametrize("where", ["missing/queue.db", "file/queue.db"])
-def test_views_of_a_store_in_no_directory_say_so(cli: CLI, where: str) -> None:
+@pytest.mark.parametrize(("where", "code"), [("missing/queue.db", 75), ("file/queue.db", 78)])
+def test_views_of_a_store_in_no_directory_say_so(cli: CLI, where: str, code: int) -> None:
     """A configured store whose directory is missing (a typo, an unmounted volume) or is
     no directory: the views showed an empty queue (exit 0), and `status` said the message
-    did not exist, where the writers refuse the path (75). The views refuse it too."""
+    did not exist, where the writers refuse the path. The views refuse it too: 75 for a
+    directory that may yet be mounted, 78 for a path that never can be a store as it is
+    (a worker waited for ever on it, a follower too)."""
     (cli.cwd / "file").write_text("not a directory\n")
     cli.env["MAILSTROM_STORE"] = f"sqlite:///{where}"
     for args in (["queue"], ["queue", "--counts"], ["status", "0123456789abcdef"], ["events"]):
-        assert_one_line_error(cli(*args), 75, "cannot open", where)
-    assert_one_line_error(cli("hold", "--all"), 75, "cannot create", where)
+        assert_one_line_error(cli(*args), code, "cannot open", where)
+    assert_one_line_error(cli("hold", "--all"), code, "cannot create", where)
+
+
+def test_a_worker_on_a_store_path_through_a_file_ends(cli: CLI) -> None:
+    """Creating the store failed ENOTDIR, a StoreError worth waiting for: the worker
+    tried again every 5 s for ever. It ends, 78, as on a directory it may not write."""
+    (cli.cwd / "file").write_text("not a directory\n")
+    cli.env["MAILSTROM_STORE"] = "sqlite:///file/queue.db"
+    assert_one_line_error(cli("worker", "--no-live", timeout=30), 78, "Not a directory")

@@ -148,7 +148,7 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
 
     if read_only:
         parsed = parse_store_url(url)
-        if parsed.kind is StoreKind.SQLITE and _not_created(parsed.target):
+        if parsed.kind is StoreKind.SQLITE and not_created(parsed.target):
             # Nothing was ever queued there: an empty queue, and no file created to show it.
             from mailstrom.stores.memory import MemoryStore
 
@@ -157,16 +157,18 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
     return open_url(url)
 
 
-def _not_created(path: str) -> bool:
+def not_created(path: str) -> bool:
     """Whether the SQLite store at ``path`` was never created: its file is missing from a
     directory that exists, or from the default store's, which the first writer makes.
 
     StoreError (75, as the writers give) when the path cannot be looked up: its directory
-    is missing (a typo, an unmounted volume), or unsearchable, or no directory. Read as
-    "no file", such a path showed an empty queue, exit 0, where the queue was only out of
-    sight, and ``status ID`` said the message did not exist."""
+    is missing (a typo, an unmounted volume); StoreAccessDenied (78, as the writers give)
+    when it never can be as it is: unsearchable, or no directory (see
+    :func:`~mailstrom.stores.url.path_error`). Read as "no file", such a path showed an
+    empty queue, exit 0, where the queue was only out of sight, and ``status ID`` said
+    the message did not exist."""
     from mailstrom.errors import StoreError
-    from mailstrom.stores.url import default_store_path
+    from mailstrom.stores.url import default_store_path, path_error
 
     try:
         os.stat(path)
@@ -180,7 +182,7 @@ def _not_created(path: str) -> bool:
             return True
         raise StoreError(f"cannot open {path}: no directory {directory}") from None
     except OSError as exc:
-        raise StoreError(f"cannot open {path}: {exc.strerror or exc}") from None
+        raise path_error(f"cannot open {path}", exc) from None
     except ValueError:  # a NUL in the path: for the store to refuse as it does
         return False
     return False

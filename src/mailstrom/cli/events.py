@@ -12,18 +12,24 @@ import collections
 import contextlib
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from mailstrom.bounds import MAX_INTEGER
-from mailstrom.cli.context import open_store, settings_from, store_from, utc_now, warning_lines
+from mailstrom.cli.context import (
+    not_created,
+    open_store,
+    settings_from,
+    store_from,
+    utc_now,
+    warning_lines,
+)
 from mailstrom.cli.exits import EX_OK, UsageError, reason_for, say
 from mailstrom.cli.output import json_for, visible
 from mailstrom.cli.parsing import Subparsers, count_arg, duration_arg, seconds_arg
-from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.errors import StoreError
 from mailstrom.safetext import escaped_json
 from mailstrom.status import DeliveryEvent
 from mailstrom.stores.base import Store
@@ -113,14 +119,14 @@ def events_command(args: argparse.Namespace) -> int:
             )
         print(json.dumps({"pruned": pruned}) if args.json else f"pruned {pruned} events")
         return EX_OK
-    # Looked at before the store is opened: a queue not created yet is read as an empty
-    # stand-in, which nothing a worker records ever reaches.
-    created = _created(settings.store_url)
     # A follower waits out a passing trouble from the start, not only once following: it
     # runs for as long as the workers do, and may start while the store restarts.
     patience = _Patience(args.interval, waiting=args.follow)
     limit = max(args.limit, 0)
     with warning_lines():
+        # Looked at before the store is opened: a queue not created yet is read as an
+        # empty stand-in, which nothing a worker records ever reaches.
+        created = patience.call(lambda: _created(settings.store_url))
         store = patience.call(lambda: open_store(settings.store_url, read_only=True))
         with contextlib.closing(store):
             if args.after is None:
@@ -173,25 +179,29 @@ def _last_events(store: Store, last: int, limit: int) -> list[DeliveryEvent]:
 
 def _created(url: str) -> bool:
     """Whether the store ``url`` names exists: an SQLite file is made by the first
-    command that writes to it; the other stores always are."""
+    command that writes to it; the other stores always are. StoreError when the file's
+    path cannot be looked up (see :func:`~mailstrom.cli.context.not_created`)."""
     parsed = parse_store_url(url)
-    return parsed.kind is not StoreKind.SQLITE or os.path.exists(parsed.target)
+    return parsed.kind is not StoreKind.SQLITE or not not_created(parsed.target)
 
 
 def _once_created(url: str, interval: float) -> Store:
     """The store ``url`` names, opened read-only once a writer has made it: looked for
-    every ``interval`` seconds. A file just made may hold no schema yet, or part of it:
-    that is looked at again too; a damaged store or another program's file is not."""
+    every ``interval`` seconds. A file just made may hold no schema yet, or part of it,
+    and a directory may be missing (a volume not mounted yet): those are looked at again
+    too; a path that can never be the store (a file where its directory goes, one this
+    user may not search), a damaged store or another program's file is not."""
+    from mailstrom.runtime.store_opening import worth_waiting
+
     while True:
         time.sleep(interval)
-        if not _created(url):
-            continue
         try:
-            return open_store(url, read_only=True)
-        except StoreCorrupt:
-            raise
-        except StoreError:
-            continue  # being created: its schema comes in its writer's transactions
+            if _created(url):
+                return open_store(url, read_only=True)
+        except StoreError as exc:
+            if not worth_waiting(exc):
+                raise
+            # Being created: its schema comes in its writer's transactions.
 
 
 class _Patience:

@@ -735,7 +735,9 @@ class SQLiteStore:
                 " permissions of its directory decide who may"
             ) from None
         except OSError as exc:
-            raise StoreError(f"cannot create {self._path}: {exc.strerror or exc}") from None
+            from mailstrom.stores.url import path_error
+
+            raise path_error(f"cannot create {self._path}", exc) from None
         os.close(fd)
         return True
 

@@ -20,6 +20,7 @@ application would otherwise drop the queue into the application's directory).
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import re
@@ -121,8 +122,28 @@ def make_private_parents(path: str | os.PathLike[str]) -> None:
                 " directory of its default store"
             ) from None
         except OSError as exc:
-            raise StoreError(f"cannot create {directory}: {exc.strerror or exc}") from None
+            raise path_error(f"cannot create {directory}", exc) from None
         os.chmod(directory, 0o700)  # exactly, whatever the umask
+
+
+PERMANENT_ERRNOS = frozenset(
+    [errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG]
+)
+"""What a store's path failing with one of these errors says does not change by
+waiting: this user may not search or open it, a component of it is a file (or the file
+a directory), a symlink loop, a name too long. Only someone changing the file system or
+the store setting mends it. (A missing directory may be an unmounted volume; a
+read-only mount may be made writable: those are worth waiting for.)"""
+
+
+def path_error(doing: str, exc: OSError) -> StoreError:
+    """The store error for ``exc``, an OSError of looking up or creating a store's path
+    while ``doing`` (``"cannot open PATH"``): StoreAccessDenied (permanent: a worker or
+    a follower ends, 78) for :data:`PERMANENT_ERRNOS`, else StoreError (75)."""
+    text = f"{doing}: {exc.strerror or exc}"
+    if exc.errno in PERMANENT_ERRNOS:
+        return StoreAccessDenied(text)
+    return StoreError(text)
 
 
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
