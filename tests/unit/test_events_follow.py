@@ -9,7 +9,7 @@ import contextlib
 import io
 from datetime import UTC, datetime
 
-from mailstrom.cli.events import _follow
+from mailstrom.cli.events import _follow, _Patience
 from mailstrom.status import DeliveryEvent, RecipientState
 
 
@@ -47,7 +47,7 @@ def test_each_look_prints_the_new_events_once_in_order() -> None:
     store = _Growing()
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(_Stop):
-        _follow(store, 5, as_json=False, interval=0)  # type: ignore[arg-type]
+        _follow(store, 5, _Patience(0), as_json=False)  # type: ignore[arg-type]
     assert [line.split()[1] for line in out.getvalue().splitlines()] == [
         f"#{i}" for i in range(6, 12)
     ]
