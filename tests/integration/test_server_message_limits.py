@@ -218,8 +218,9 @@ def test_a_421_to_the_first_mail_of_a_new_connection_counts_as_an_attempt(
     smtp_server: Any, dns_server: LoopbackDNS
 ) -> None:
     # A 421 to MAIL goes on the next connection uncounted only on a connection that took
-    # messages (or was reused): the first MAIL of a new one refused is an attempt, or a
-    # server that says 421 to every MAIL would be connected to without end.
+    # messages (or was reused): the first MAIL of a new one refused refuses the
+    # connection, and with no other address the queue is deferred, an attempt each (see
+    # below), or a server that says 421 to every MAIL would be connected to without end.
     mx = smtp_server()
     mx.mail_reply = "421 4.3.2 Service shutting down, closing transmission channel"
     dns_server.mx("example.org", [(10, "mx.test")])
@@ -264,3 +265,72 @@ def test_a_throttling_421_to_mail_still_defers_its_message(
         RecipientState.DEFERRED
     ]
     assert first[-1].attempt.reply is not None and first[-1].attempt.reply.code == 421
+
+
+def _queue(config: Any, store: MemoryStore) -> list[str]:
+    with Mailstrom(config, store=store, worker=None) as queue_only:
+        return queue_only.send_emails(
+            [
+                Email(from_="a@sender.test", to=[f"u{i}@example.org"], subject="Hi", text="Hi")
+                for i in range(COUNT)
+            ]
+        )
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+@pytest.mark.parametrize("where", ["mail", "greeting"])
+def test_a_server_refusing_its_first_mail_with_421_is_a_refused_connection(
+    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool, where: str
+) -> None:
+    # Was: a 421 to the first MAIL of a new connection deferred that one message, and the
+    # rest of the queue, never sent, went back to the store due at once: leased again,
+    # a new connection, the next message deferred... a server refusing every MAIL was
+    # connected to once per message queued (12 here), the work handed back each time.
+    # It refuses the connection (RFC 5321 §3.8), as a 421 greeting does: one connection,
+    # and the queue deferred with its reply, one attempt each, the same as the greeting.
+    reply = "421 4.3.2 Service shutting down, closing transmission channel"
+    if where == "greeting":
+        mx = smtp_server(pipelining=pipelining, greeting=reply)
+    else:
+        mx = smtp_server(pipelining=pipelining)
+        mx.mail_reply = reply
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(dns_server, mx.port, max_per_destination=1)
+    store = MemoryStore()
+    ids = _queue(config, store)
+    results = Results()
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(COUNT)
+        statuses = [ms.query_status(i).recipients[0] for i in ids]
+    assert mx.connections == 1
+    for status in statuses:
+        assert status.state is RecipientState.DEFERRED, status
+        assert status.attempts == 1, status
+        assert status.reply is not None and str(status.reply) == reply, status
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+def test_work_refused_at_the_first_mail_goes_on_to_the_next_mx_host(
+    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool
+) -> None:
+    # Was: the message whose MAIL got the 421 was deferred at the first host, never tried
+    # at the second, which took the rest (Postfix too keeps a soft MAIL refusal's
+    # recipients for the next server, smtp_trouble.c).
+    refusing = smtp_server(pipelining=pipelining)
+    refusing.mail_reply = "421 4.3.2 Service shutting down, closing transmission channel"
+    backup = smtp_server(host="127.0.0.21", port=refusing.port, pipelining=pipelining)
+    dns_server.mx("example.org", [(10, "mx1.test"), (20, "mx2.test")])
+    dns_server.a("mx1.test", refusing.host)
+    dns_server.a("mx2.test", backup.host)
+    config = loopback_config(dns_server, refusing.port, max_per_destination=1)
+    store = MemoryStore()
+    ids = _queue(config, store)
+    results = Results()
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(COUNT)
+        statuses = [ms.query_status(i).recipients[0] for i in ids]
+    assert Counter(s.state for s in statuses) == {RecipientState.DELIVERED: COUNT}
+    assert all(s.attempts == 1 for s in statuses)
+    assert len(backup.messages) == COUNT
+    assert refusing.connections == 1

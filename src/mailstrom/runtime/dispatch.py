@@ -17,15 +17,16 @@ for one of them to end without a session (:meth:`Dispatcher._park_at`).
 count, and a session at the limit waits for a slot while idle connections are closed to
 make room: see :mod:`mailstrom.runtime.opener` for the rule.
 
-Failures follow the delivery rules: a connection that cannot be made, or a refused greeting,
-moves on to the next address; a connection that breaks before a transaction's final dot
-puts that item back for the next address, at most ``Config.mx_session_limit`` sessions per
-item (as Postfix's ``smtp_mx_session_limit``); once every address was tried the items left are
-deferred with the last error — unless other sessions of the destination are still
-connected, in which case the destination just runs with fewer sessions until mail goes
-again (Postfix's concurrency feedback). What a session never sent, as it broke on a
-transaction ahead (a stall at one recipient's RCPT), was not tried: it goes back to the
-store due at once, no attempt counted, not deferred with that transaction's failure.
+Failures follow the delivery rules: a connection that cannot be made, or a refused greeting
+(or a 421 to MAIL before the connection took a message), moves on to the next address; a
+connection that breaks before a transaction's final dot puts that item back for the next
+address, at most ``Config.mx_session_limit`` sessions per item (as Postfix's
+``smtp_mx_session_limit``); once every address was tried the items left are deferred with
+the last error — unless other sessions of the destination are still connected, in which
+case the destination just runs with fewer sessions until mail goes again (Postfix's
+concurrency feedback). What a session never sent, as it broke on a transaction ahead (a
+stall at one recipient's RCPT), was not tried: it goes back to the store due at once, no
+attempt counted, not deferred with that transaction's failure.
 An address that could not be reached goes after the others for a while
 (:mod:`mailstrom.runtime.unreachable`).
 
@@ -871,6 +872,9 @@ class Dispatcher:
         # for its limit per connection, or any 421 to MAIL once the connection took
         # messages or was reused): what it cut was not tried (see below).
         limited = False
+        # The server refused the connection at a MAIL before it took any message (see
+        # below): what the session held goes on with the queue, no session counted.
+        refused = False
         # A transaction failed on the wire (cut), and others never went on it (unwritten).
         cut = unwritten = False
         reset = reused  # an idle connection gets an RSET (free when pipelined)
@@ -943,6 +947,9 @@ class Dispatcher:
                     # Queued behind the transaction the session broke on, none of its
                     # commands sent: not tried, nor is what waits behind it (see below).
                     inflight.popleft()
+                    if refused:
+                        retry.append(work)  # the connection's refusal is the queue's too
+                        continue
                     work.unsent = exc
                     unwritten = True
                     if shape is not None:
@@ -967,13 +974,27 @@ class Dispatcher:
                     await self._throttled_session(shape, exc)
                 retry.append(rest)
                 continue
+            if not (reused or answered) and _refused_at_mail(result, shaping=shape is not None):
+                # RFC 5321 §3.8: a 421 to MAIL on a connection that took no message is
+                # the server refusing the connection ("service not available"), as a 421
+                # to its greeting or EHLO is, not this message: the session ends, and the
+                # work goes on with the queue to the next address, none of it counted.
+                # With every address tried the queue is deferred with this reply (an
+                # attempt each, as after a refused greeting), not handed back due at once
+                # to be refused again on a new connection, one message per connection.
+                inflight.popleft()
+                assert result.mail is not None
+                error = failure(result.mail, host=conn.host, what="MAIL")
+                refused = True
+                retry.append(work)
+                continue
             if at_connection_limit(result) or ((reused or answered) and _closing_at_mail(result)):
                 # Not tried: first on the next connection (see _deliver), and the session
                 # ends here, as the server closes. So for any 421 to MAIL on a connection
                 # that took messages (or was kept for reuse): RFC 5321 §3.8, the server
                 # closes the channel, as one that closes without a word does (a limit in
                 # words the reasons do not know, a shutdown), and the message was not
-                # refused. On a new connection, its first MAIL refused counts.
+                # refused. On a connection that took none, see above.
                 inflight.popleft()
                 assert result.mail is not None
                 error = error or failure(result.mail, host=conn.host, what="MAIL")
@@ -1033,8 +1054,10 @@ class Dispatcher:
             # in this connection", or a close without a word), and the work behind them
             # was not tried. Each such connection finished an item or the server named
             # its limit, and the work cut goes first on the next: this ends too.
-            if work.unsent is not None:
-                queue.appendleft(work)  # not tried: no session counts against it
+            if work.unsent is not None or refused:
+                # Not tried, or refused with the connection (as by its greeting): no
+                # session counts against it.
+                queue.appendleft(work)
                 continue
             if not reused and not paused and not answered and not limited:
                 work.broken_sessions += 1
@@ -1638,6 +1661,14 @@ def _closing_at_mail(result: TransactionResult) -> bool:
     :meth:`Dispatcher._heed_throttle`, and defers what it refused)."""
     mail = result.mail
     return mail is not None and mail.code == 421 and not is_throttling(mail)
+
+
+def _refused_at_mail(result: TransactionResult, *, shaping: bool) -> bool:
+    """Whether the server answered ``result``'s MAIL with a ``421``, which on a connection
+    that took no message refuses the connection. Under traffic ``shaping`` a throttle is
+    left to pause the destination (:meth:`Dispatcher._heed_throttle`)."""
+    mail = result.mail
+    return mail is not None and mail.code == 421 and not (shaping and is_throttling(mail))
 
 
 def _of_family(ip: str, family: int) -> bool:
