@@ -531,6 +531,12 @@ class Dispatcher:
         try:
             route = await self._route(dest)
         except DeliveryError as exc:
+            # A DNS server failing (SERVFAIL, a timeout) while another session of the
+            # destination is at it, its route still good: that one carries the queue, as
+            # after a connection that cannot be made (see _deliver). Alone, the session
+            # defers the queue, as Postfix defers a nexthop it cannot look up.
+            if isinstance(exc, TemporaryFailure) and self._leave_to_others(dest):
+                return
             self._fail_queue(dest, exc, Where(host=exc.host))
             return
         if self._shaper is None:
@@ -733,12 +739,7 @@ class Dispatcher:
             # idle connection a reason to give up the host.
             if not reused and not answered:
                 index += 1
-        if not dest.queue:
-            return
-        if dest.sessions > 1:
-            # Others of this destination are still at it: leave the queue to them and
-            # run with fewer sessions, until mail goes again (see _recover).
-            dest.limit = max(1, dest.sessions - 1)
+        if not dest.queue or self._leave_to_others(dest):
             return
         if isinstance(last_error, RequireTLSFailure) and unasked is not None:
             # 5.7.30 only when no MX host offers REQUIRETLS: one that could not be asked
@@ -757,6 +758,16 @@ class Dispatcher:
                 reply=last_error.reply,
             )
         self._give_up(dest, last_error, last_where)
+
+    @staticmethod
+    def _leave_to_others(dest: _Destination) -> bool:
+        """Whether other sessions of ``dest`` are still at it, for a session that failed:
+        it then leaves the queue to them, and the destination runs with fewer sessions
+        until mail goes again (see :meth:`_recover`)."""
+        if dest.sessions <= 1:
+            return False
+        dest.limit = max(1, dest.sessions - 1)
+        return True
 
     def _recover(self, dest: _Destination, shape: Shape | None) -> None:
         """A connection of ``dest`` took mail: one session given up while others ran (see
