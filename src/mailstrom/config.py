@@ -92,9 +92,10 @@ class Timeouts:
     data_init: float = 120.0
     """Reply to DATA (2 min)."""
     data_block: float = 180.0
-    """Writing one block of the body (3 min)."""
+    """Writing one block of the body (3 min): the peer taking some of what this process
+    still holds of it, to its final dot."""
     data_end: float = 600.0
-    """Reply to the final dot (10 min)."""
+    """Reply to the final dot (10 min), from when the dot has left this process."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

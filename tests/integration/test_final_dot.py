@@ -370,3 +370,92 @@ def test_a_new_transaction_does_not_extend_the_wait_for_the_last_reply(
         await conn.close()
 
     run(loop, client)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_peer_that_reads_none_of_the_content_gets_the_data_block_timeout(
+    loop: str, peer: Callable[[Script], ThreadPeer]
+) -> None:
+    """RFC 5321 §4.5.3.2: the content's writes each get ``data_block`` (3 minutes) to be
+    taken, the reply ``data_end`` (10 minutes) once the final dot has gone. Was: content
+    under the write buffer's high-water mark never paused the writer, so the deadline was
+    ``data_end`` at once, with the content's tail and final dot still in this process: a
+    peer that answered 354 and read nothing held the session for ``data_end``, which then
+    named a reply to a dot the peer never got."""
+    ended = threading.Event()
+
+    def script(p: Peer) -> None:
+        p.hello()
+        p.envelope()
+        ended.wait(WAIT)  # reads nothing more
+
+    server = peer(script)
+
+    async def client() -> None:
+        conn = await open_to(server.port, timeouts=replace(TIMEOUTS, data_block=0.3, data_end=5))
+        transport = conn._transport
+        assert transport is not None
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        # More than the kernel buffers of both ends take, less than the high-water mark.
+        pending = asyncio.ensure_future(submit(conn, 60 * 1024))
+        try:
+            for _ in range(int(WAIT / 0.001)):
+                if transport.get_write_buffer_size():
+                    break
+                await asyncio.sleep(0.001)
+            assert not conn._write_paused
+            with pytest.raises(SMTPTimeout, match=r"did not take the message within 0\.3s"):
+                await asyncio.wait_for(pending, WAIT)
+        finally:
+            ended.set()
+            await conn.close()
+
+    run(loop, client)
+
+
+def test_a_peer_that_stops_reading_the_contents_tail_gets_the_data_block_timeout(
+    peer: Callable[[Script], ThreadPeer],
+) -> None:
+    """As above, once the transport resumed the writer (its buffer under the low-water
+    mark) with the tail of the content still in it: the deadline became ``data_end``
+    there, and a peer that stopped reading held the session that long. (asyncio's loop
+    alone: uvloop resumes the writer with its buffer empty.)"""
+    stop = threading.Event()
+    ended = threading.Event()
+
+    def script(p: Peer) -> None:
+        p.hello()
+        p.envelope()
+        time.sleep(0.2)  # the client's buffer fills past its high-water mark
+        while not stop.is_set():  # a slow reader, until the client's writer is resumed
+            if not p.sock.recv(2000):
+                raise ConnectionError("client went away")
+            time.sleep(0.005)
+        ended.wait(WAIT)  # reads nothing more
+
+    server = peer(script)
+
+    async def client() -> None:
+        conn = await open_to(server.port, timeouts=replace(TIMEOUTS, data_block=0.3, data_end=5))
+        transport = conn._transport
+        assert transport is not None
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        pending = asyncio.ensure_future(submit(conn, 200 * 1024))
+        try:
+            paused = False
+            for _ in range(int(WAIT / 0.001)):
+                paused = paused or conn._write_paused
+                if paused and not conn._write_paused and transport.get_write_buffer_size() > 8192:
+                    break  # resumed, with the tail and its final dot still here
+                await asyncio.sleep(0.001)
+            else:
+                raise AssertionError("the writer was never resumed with content left to write")
+            stop.set()
+            with pytest.raises(SMTPTimeout, match=r"did not take the message within 0\.3s"):
+                await asyncio.wait_for(pending, WAIT)
+        finally:
+            stop.set()
+            ended.set()
+            await conn.close()
+
+    run("asyncio", client)

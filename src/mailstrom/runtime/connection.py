@@ -78,6 +78,9 @@ _CLOSE_TIMEOUT = 2.0
 _DOT_CHECK = 0.005
 """Seconds between looks at a final dot still in the write buffer: a connection lost
 after it left is uncertain, one lost before it left has delivered nothing."""
+_TAKING = "take the message"
+"""What the peer is waited for while content is still in this process, paused or not:
+to take it, each write within ``data_block`` (RFC 5321 §4.5.3.2.5)."""
 
 
 class StartTLS(StrEnum):
@@ -759,10 +762,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        assert self._transport is not None
-        self._write_mark = self._transport.get_write_buffer_size()
         if self._handlers:
-            self._arm(self._timeouts.data_block, "take the message")
+            self._arm_taking()
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -828,6 +829,22 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
     def _on_dot_check(self) -> None:
         self._dot_timer = None
         self._watch_dots()
+        if self._dot_timer is None and self._deadline_what == _TAKING and not self._write_paused:
+            self._arm_next()  # the final dot has gone: the wait for its reply starts now
+
+    def _dot_waiting(self) -> bool:
+        """Whether a final dot written is still in this process (as last looked at)."""
+        return any(txn.dot_pending for txn in self._active)
+
+    def _buffered(self) -> int:
+        """Octets written and still in this process: under TLS, the ciphertext below too,
+        so that a peer reading ciphertext out of the transport below shows progress."""
+        transport = self._transport
+        if transport is None:
+            return 0
+        raw = self._raw_transport
+        size = transport.get_write_buffer_size()
+        return size if raw is None else size + raw.get_write_buffer_size()
 
     def _arm_if_idle(self) -> None:
         """Arm the deadline for new commands unless a reply is already due: the reply
@@ -839,10 +856,15 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         """Move the deadline to the reply now due (RFC 5321 §4.5.3.2 per command)."""
         if self._receiving:
             return  # data_received moves it once every reply at hand has been handled
-        if self._write_paused:
-            self._arm(self._timeouts.data_block, "take the message")
-            return
         command = self._session.awaiting
+        if self._write_paused or (command is Command.BODY and self._dot_waiting()):
+            # Content not all written, or its tail with the final dot still in this
+            # process (the transport resumed the writer under its low-water mark, or
+            # never paused it): the peer is to take it, within data_block. The reply's
+            # data_end counts once the dot has gone (see _on_dot_check): counted from
+            # here, a peer that stopped reading held the session for data_end.
+            self._arm_taking()
+            return
         if command is None:
             self._disarm()
             return
@@ -853,6 +875,12 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             self._arm_next()
         else:
             self._disarm()
+
+    def _arm_taking(self) -> None:
+        """The deadline for the peer to take what is still written here; each write
+        taken moves it on (see _on_deadline)."""
+        self._write_mark = self._buffered()
+        self._arm(self._timeouts.data_block, _TAKING)
 
     def _arm(self, seconds: float, what: str) -> None:
         # Moving a deadline costs a float store; the timer is only rescheduled when it
@@ -875,11 +903,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         if self._lost or (self._closed and not self._handlers):
             return
         now = self._loop.time()
-        if self._write_paused and self._transport is not None:
-            size = self._transport.get_write_buffer_size()
+        if self._deadline_what == _TAKING:
+            size = self._buffered()
             if size < self._write_mark:  # the peer is still taking the message
                 self._write_mark = size
-                self._arm(self._timeouts.data_block, "take the message")
+                self._arm(self._timeouts.data_block, _TAKING)
                 return
         if now < self._deadline:
             if self._deadline != math.inf:
