@@ -257,6 +257,21 @@ def test_size_limit_is_ascii_digits_only(value: str, limit: int | None) -> None:
     assert session.max_size == limit
 
 
+@pytest.mark.parametrize("space", ["\t", " \t", "\t\t"], ids=["tab", "space-tab", "tabs"])
+def test_an_ehlo_line_split_by_a_tab_is_read(space: str) -> None:
+    """RFC 5321 §4.1.1.1 puts SP between an ehlo-keyword and its parameters; a server that
+    puts HTAB there still means them, and Postfix's client (smtp_proto.c, keyword split at
+    SP, HTAB or "=") and smtplib read them. Was: "SIZE<HTAB>1000" was one keyword, so the
+    limit went unread and a message over it was sent whole, to be refused after its dot."""
+    session = ready(
+        f"250-mx.test\r\n250-SIZE{space}1000\r\n250 AUTH{space}PLAIN{space}LOGIN\r\n".encode()
+    )
+    assert session.max_size == 1000
+    assert session.auth_mechanisms == {"PLAIN", "LOGIN"}
+    assert set(session.extensions) == {"SIZE", "AUTH"}
+    assert session.mail("a@a.test", size=10) == b"MAIL FROM:<a@a.test> SIZE=10\r\n"
+
+
 def test_starttls_forgets_extensions_and_needs_ehlo_again() -> None:
     session = ready()
     assert session.starttls() == b"STARTTLS\r\n"

@@ -257,7 +257,10 @@ def parse_ehlo(reply: SMTPReply) -> dict[str, str]:
             # it is not: str.strip() takes U+3000 ("SIZE 1000\u3000" was a limit),
             # str.upper() makes "\u017ftarttls" STARTTLS and "PLA\u0131N" PLAIN.
             continue
-        keyword, _, params = line.strip().partition(" ")
+        # SP separates the keyword and its parameters (RFC 5321 §4.1.1.1); HTAB is read
+        # as one too, as Postfix's client and smtplib read it: taken for a part of the
+        # keyword, it hid the SIZE limit or AUTH mechanisms after it.
+        keyword, _, params = line.replace("\t", " ").strip().partition(" ")
         keyword = keyword.upper()
         if not keyword:
             continue
