@@ -552,6 +552,43 @@ def test_smtp_options_the_backend_cannot_use_are_warned_of(
         assert sent == 1
 
 
+def test_a_domain_idna_2003_writes_otherwise_is_written_as_it_is_delivered(
+    project: None, mx: ReceivingServer, dns_server: LoopbackDNS
+) -> None:
+    """Django 5.2 writes a domain with the standard library's IDNA 2003 codec, which maps
+    ``ß`` to ``ss`` and so names another domain (``faß.example`` is
+    ``xn--fa-hia.example``, not ``fass.example``): mailstrom delivered to the domain given
+    while To said ``fass.example``, and the Reply-To and a From given in ``headers`` sent
+    the replies there. Each header names the domain the envelope goes to."""
+    dns_server.mx("xn--fa-hia.example", [(10, "mx.test")])
+    message = mail.EmailMessage(
+        "Hi",
+        "x",
+        "Shop <shop@faß.example>",
+        ["Bob <bob@faß.example>", "Ärger <c@faß.example>"],
+        cc=["carol@example.org"],
+        reply_to=["Hilfe <hilfe@faß.example>"],
+        headers={"Cc": "Carol <carol@Faß.example>", "Sender": "Büro <s@faß.example>"},
+    )
+    assert message.send() == 1
+    received = mx.wait_for_messages(2)
+    assert {m.mail_from for m in received} == {"shop@xn--fa-hia.example"}
+    assert sorted(r for m in received for r in m.rcpt_tos) == [
+        "bob@xn--fa-hia.example",
+        "c@xn--fa-hia.example",
+        "carol@example.org",
+    ]
+    headers = email.message_from_bytes(received[0].content, policy=email.policy.default)
+    assert headers["From"] == "Shop <shop@xn--fa-hia.example>"
+    assert headers["To"] == "Bob <bob@xn--fa-hia.example>, Ärger <c@xn--fa-hia.example>"
+    assert headers["Cc"] == "Carol <carol@xn--fa-hia.example>"
+    assert headers["Reply-To"] == "Hilfe <hilfe@xn--fa-hia.example>"
+    assert headers["Sender"] == "Büro <s@xn--fa-hia.example>"
+    assert b"fass" not in received[0].content
+    # The application's message is left as it was.
+    assert message.to == ["Bob <bob@faß.example>", "Ärger <c@faß.example>"]
+
+
 def test_lazy_addresses_are_sent_as_django_sends_them(project: None, mx: ReceivingServer) -> None:
     """The envelope took the lazy objects themselves: InvalidAddress("envelope_from must be
     a str, not __proxy__") for a valid address."""

@@ -10,8 +10,10 @@ name, which is left out for mailstrom to make as for any message (one given in
 smtplib does too, and folds a MIME part's Content-Type or Content-Disposition that
 Django 5.2 writes past SMTP's 998-octet line (a long filename) with RFC 2231
 continuations, and a Subject it writes so (a word that long) in RFC 2047 encoded words,
-as Django 6 does. So the receiving server gets what Django's SMTP backend would have
-sent it, with mailstrom's Message-ID.
+as Django 6 does. A domain Django 5.2 would write as another domain (IDNA 2003 maps
+``ß`` to ``ss``) is given to it as its A-label, as mailstrom delivers to it. So the
+receiving server gets what Django's SMTP backend would have sent it, with mailstrom's
+Message-ID.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from mailstrom.contrib.django.conf import UNUSED_CREDENTIALS, UNUSED_TIMEOUT
 from mailstrom.contrib.django.shared import get_mailstrom
 from mailstrom.errors import HeaderInjection, InvalidAddress, InvalidMessage, MailstromError
 from mailstrom.message import PreparedMessage
-from mailstrom.message.addresses import Mailbox, parse_mailbox
+from mailstrom.message.addresses import Mailbox, mailboxes, parse_address_list, parse_mailbox
 from mailstrom.message.chars import ASCII_LINE_BREAKS, check_header_text, shorten
 from mailstrom.message.encoding import MAX_LINE
 from mailstrom.message.headers import check_field_name
@@ -182,6 +184,7 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
         raise InvalidMessage(
             f"body must be text (str), got {type(message.body).__name__}: decode it first"
         )
+    message = _with_a_label_domains(message)
     return prepare_for(
         config,
         _serialised(message),
@@ -206,6 +209,92 @@ def _with_text_header_names(message: EmailMessage) -> EmailMessage:
         str(name) if isinstance(name, Promise) else name: value for name, value in headers.items()
     }
     return text
+
+
+_ADDRESS_FIELDS = frozenset(
+    {
+        "from",
+        "sender",
+        "reply-to",
+        "to",
+        "cc",
+        "bcc",
+        "resent-from",
+        "resent-sender",
+        "resent-to",
+        "resent-cc",
+        "resent-bcc",
+    }
+)
+"""The fields Django 5.2 writes as addresses (its ``ADDRESS_HEADERS``), a domain in them
+with the standard library's IDNA 2003 codec."""
+
+
+def _with_a_label_domains(message: EmailMessage) -> EmailMessage:
+    """``message``, or a shallow copy of it in whose addresses each domain that Django
+    would write as another domain is its A-label, as mailstrom delivers to it.
+
+    Django 5.2 writes a domain that is not ASCII with the standard library's ``"idna"``
+    codec, IDNA 2003, which maps ``ß`` to ``ss`` (a final sigma to sigma, and drops the
+    joiners): ``bob@faß.example`` was sent to ``xn--fa-hia.example`` (IDNA 2008, see
+    :func:`mailstrom.domains.a_label`) under a To naming ``fass.example``, another
+    domain, whose owner then got the replies to all; a Reply-To or a From named it alone.
+    A domain the codec refuses (Unicode newer than IDNA 2003) made Django raise. Written
+    as its A-label, each header names the domain the envelope goes to; every other
+    address is left as given. The application's message is left as it was."""
+    changes: dict[str, Any] = {}
+    for attribute in ("to", "cc", "reply_to"):
+        addresses = getattr(message, attribute)
+        written = [_a_label_domains(attribute, address) for address in addresses]
+        if any(new is not old for new, old in zip(written, addresses, strict=True)):
+            changes[attribute] = written
+    from_email = _a_label_domains("from_email", message.from_email)
+    if from_email is not message.from_email:
+        changes["from_email"] = from_email
+    headers = {
+        name: _a_label_domains(str(name), value) if str(name).lower() in _ADDRESS_FIELDS else value
+        for name, value in message.extra_headers.items()
+    }
+    if any(headers[name] is not value for name, value in message.extra_headers.items()):
+        changes["extra_headers"] = headers
+    if not changes:
+        return message
+    copied = copy.copy(message)
+    for attribute, value in changes.items():
+        setattr(copied, attribute, value)
+    return copied
+
+
+def _a_label_domains(field: str, value: Any) -> Any:
+    """``value`` (one address or a list of them, as text), with each domain Django would
+    write as another domain written as its A-label; ``value`` itself when there is none.
+    A value mailstrom cannot read is left as it is, for the checks to refuse."""
+    if not isinstance(value, str | Promise):
+        return value
+    text = str(value)
+    if text.isascii():
+        return value
+    try:
+        found = mailboxes(parse_address_list(field, text))
+    except InvalidMessage:
+        return value
+    written = text
+    for mailbox in found:
+        domain = mailbox.address.written.rpartition("@")[2]
+        a_label = mailbox.address.envelope.rpartition("@")[2]
+        if domain.isascii() or _django_domain(domain) == a_label:
+            continue
+        written = written.replace(f"@{domain}", f"@{a_label}")
+    return value if written == text else written
+
+
+def _django_domain(domain: str) -> str | None:
+    """``domain`` as Django 5.2 writes it (``django.utils.encoding.punycode``), in lower
+    case; None when it cannot."""
+    try:
+        return domain.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
 
 
 def _serialised(message: EmailMessage) -> bytes:
