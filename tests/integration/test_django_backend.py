@@ -9,6 +9,7 @@ import email.policy
 import re
 import threading
 from collections.abc import Callable, Iterator
+from email.header import decode_header, make_header
 from email.mime.base import MIMEBase
 from email.mime.image import MIMEImage
 from pathlib import Path
@@ -518,6 +519,30 @@ def test_a_subject_with_a_word_past_the_line_limit_is_sent_folded(
     parsed = email.message_from_bytes(received.content, policy=email.policy.default)
     assert parsed["Subject"] == "[Django] " + subject
     assert parsed.get_content().startswith("Traceback ...")  # type: ignore[attr-defined]
+
+
+def test_a_subject_folded_anew_keeps_the_fields_django_folded_beside_it(
+    project: None, mx: ReceivingServer
+) -> None:
+    """Django 5.2 folds an encoded From name or header value past 76 characters itself
+    (a line break in the value it keeps), and the fields of the part whose Subject was
+    written afresh were added back through Django's part, which refuses a line break: an
+    error report from a ``SERVER_EMAIL`` with a long name that is not ASCII was refused
+    (InvalidMessage: BadHeaderError) and, failing silently as Django's reports do, lost."""
+    subject = "Internal Server Error: /" + "a/" * 600
+    server_email = "Übersicht der Fehlerberichte aus der Produktion in München <errors@sender.test>"
+    with override_settings(ADMINS=[("Ops", "ops@example.org")], SERVER_EMAIL=server_email):
+        mail.mail_admins(subject, "Traceback ...", **silently())
+    [received] = mx.wait_for_messages(1)
+    # The From as Django folds it (a line of 79), the Subject as Django 6 does.
+    subject_lines = re.search(rb"\r\nSubject:.*?\r\n(?=\S)", received.content, re.S)
+    assert subject_lines is not None
+    assert max(len(line) for line in subject_lines[0].split(b"\r\n")) <= 78
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert parsed["Subject"] == "[Django] " + subject
+    # Decoded as RFC 2047 says (policy.default puts a space between its two words).
+    raw_from = email.message_from_bytes(received.content)["From"]
+    assert str(make_header(decode_header(raw_from))) == server_email
 
 
 @pytest.mark.parametrize(

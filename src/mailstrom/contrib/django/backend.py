@@ -354,16 +354,18 @@ def _fold_long_parameters(built: Message) -> None:
         for name in {name for name, _ in fields}:
             del part[name]
         # Added back in their order, each field that was too long written afresh: the
-        # parameter split in pieces (the Subject in encoded words), on one line (Django's
-        # parts refuse a line break in a value), which compat32 then folds between them,
-        # at each "; " (each space).
+        # parameter split in pieces (the Subject in encoded words), on one line, which
+        # compat32 then folds between them, at each "; " (each space). Added as the
+        # email package adds them, not through Django's part: each value is one Django
+        # took already, and it refuses a line break, which is in each it folded itself
+        # (an encoded From name or header value past 76 characters).
         for name, value in fields:
             if _too_long(part, name, value):
                 folded = email.policy.SMTP.fold(name, str(value))
                 # Unfolded (RFC 5322 §2.2.3: the line breaks taken out, white space
                 # kept, a quoted value's own too) and without the name.
                 value = folded.partition(":")[2].replace("\r\n", "").strip(" ")
-            part[name] = value
+            Message.__setitem__(part, name, value)
 
 
 def _too_long(part: Message, name: str, value: Any) -> bool:
