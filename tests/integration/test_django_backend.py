@@ -545,6 +545,25 @@ def test_a_subject_folded_anew_keeps_the_fields_django_folded_beside_it(
     assert str(make_header(decode_header(raw_from))) == server_email
 
 
+@pytest.mark.parametrize("control", ["\x00", "\x08", "\x1b", "\x7f"])
+def test_a_subject_holding_a_control_character_is_sent_in_encoded_words(
+    project: None, mx: ReceivingServer, control: str
+) -> None:
+    """Django writes an ASCII subject as it is, control characters and all (one that is
+    not ASCII in encoded words, which carry them): mailstrom refused it
+    (ForbiddenCharacter), and the subject of Django's error report holds the request's
+    path, decoded (a bot's ``/blog/%1B`` that ended in a 500), so the report of that
+    error, failing silently, was lost. It is written in
+    encoded words, as Django writes a subject that is not ASCII."""
+    subject = f"Internal Server Error: /blog/{control}x"
+    with override_settings(ADMINS=[("Ops", "ops@example.org")]):
+        mail.mail_admins(subject, "Traceback ...", **silently())
+    [received] = mx.wait_for_messages(1)
+    assert re.search(rb"\r\nSubject: =\?utf-8\?q\?", received.content)
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert parsed["Subject"] == "[Django] " + subject
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

@@ -10,10 +10,10 @@ name, which is left out for mailstrom to make as for any message (one given in
 smtplib does too, and folds a MIME part's Content-Type or Content-Disposition that
 Django 5.2 writes past SMTP's 998-octet line (a long filename) with RFC 2231
 continuations, and a Subject it writes so (a word that long) in RFC 2047 encoded words,
-as Django 6 does. A domain Django 5.2 would write as another domain (IDNA 2003 maps
-``ß`` to ``ss``) is given to it as its A-label, as mailstrom delivers to it. So the
-receiving server gets what Django's SMTP backend would have sent it, with mailstrom's
-Message-ID.
+as Django 6 does, and so an ASCII Subject holding a control character (NUL, ESC...). A
+domain Django 5.2 would write as another domain (IDNA 2003 maps ``ß`` to ``ss``) is
+given to it as its A-label, as mailstrom delivers to it. So the receiving server gets
+what Django's SMTP backend would have sent it, with mailstrom's Message-ID.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import email.policy
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
+from email.header import Header
 from email.message import Message
 from typing import Any, cast
 
@@ -40,7 +41,12 @@ from mailstrom.contrib.django.shared import get_mailstrom
 from mailstrom.errors import HeaderInjection, InvalidAddress, InvalidMessage, MailstromError
 from mailstrom.message import PreparedMessage
 from mailstrom.message.addresses import Mailbox, mailboxes, parse_address_list, parse_mailbox
-from mailstrom.message.chars import ASCII_LINE_BREAKS, check_header_text, shorten
+from mailstrom.message.chars import (
+    ASCII_LINE_BREAKS,
+    bad_header_octet,
+    check_header_text,
+    shorten,
+)
 from mailstrom.message.encoding import MAX_LINE
 from mailstrom.message.headers import check_field_name
 from mailstrom.message.trees import check_entity_headers
@@ -345,27 +351,48 @@ def _fold_long_parameters(built: Message) -> None:
 
     The Subject, folded only at white space by Django 5.2: one word of ~990 characters
     (an error report to ADMINS for a long URL path) was refused, and silently, since
-    Django's error reports fail silently.
+    Django's error reports fail silently. A Subject holding a control character is
+    written afresh too (:func:`_afresh`).
     """
     for part in built.walk():
         fields = part.items()
-        if not any(_too_long(part, name, value) for name, value in fields):
+        top = part is built
+        if not any(_afresh(part, name, value, top=top) is not None for name, value in fields):
             continue
         for name in {name for name, _ in fields}:
             del part[name]
-        # Added back in their order, each field that was too long written afresh: the
+        # Added back in their order, each field _afresh() names written afresh: the
         # parameter split in pieces (the Subject in encoded words), on one line, which
         # compat32 then folds between them, at each "; " (each space). Added as the
         # email package adds them, not through Django's part: each value is one Django
         # took already, and it refuses a line break, which is in each it folded itself
         # (an encoded From name or header value past 76 characters).
         for name, value in fields:
-            if _too_long(part, name, value):
-                folded = email.policy.SMTP.fold(name, str(value))
-                # Unfolded (RFC 5322 §2.2.3: the line breaks taken out, white space
-                # kept, a quoted value's own too) and without the name.
-                value = folded.partition(":")[2].replace("\r\n", "").strip(" ")
-            Message.__setitem__(part, name, value)
+            afresh = _afresh(part, name, value, top=top)
+            Message.__setitem__(part, name, value if afresh is None else afresh)
+
+
+def _afresh(part: Message, name: str, value: Any, *, top: bool) -> str | None:
+    """The value ``name`` is written with instead of ``value``, or None to keep it.
+
+    Besides a field too long (see :func:`_fold_long_parameters`), the message's own
+    Subject when it holds a control character mailstrom refuses in a header (NUL, ESC,
+    DEL...): Django writes an ASCII subject as it is, and one that is not ASCII in RFC
+    2047 encoded words, which carry them. The subject of Django's error report holds the
+    request's path, decoded (a bot's ``/blog/%1B`` that ended in a 500): that report,
+    failing silently, was lost. It is written in encoded words
+    as the one that is not ASCII is. The line breaks (VT, FF...) are refused before, as
+    header injections, like Django's own CR and LF."""
+    if top and name.lower() == "subject":
+        text = str(value)
+        if text.isascii() and bad_header_octet(text.encode("ascii"), 0, len(text)) >= 0:
+            return str(Header(text, "utf-8", header_name=name).encode())
+    if _too_long(part, name, value):
+        folded: str = email.policy.SMTP.fold(name, str(value))
+        # Unfolded (RFC 5322 §2.2.3: the line breaks taken out, white space kept, a
+        # quoted value's own too) and without the name.
+        return folded.partition(":")[2].replace("\r\n", "").strip(" ")
+    return None
 
 
 def _too_long(part: Message, name: str, value: Any) -> bool:
