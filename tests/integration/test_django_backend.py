@@ -564,6 +564,29 @@ def test_a_subject_holding_a_control_character_is_sent_in_encoded_words(
     assert parsed["Subject"] == "[Django] " + subject
 
 
+def test_a_body_holding_a_nul_is_sent_quoted_printable(project: None, mx: ReceivingServer) -> None:
+    """Django writes a text part as 7bit or 8bit data, which may not hold a NUL (RFC 2045
+    §2.7, §2.8): mailstrom refused the message (ForbiddenCharacter), and Django's error
+    report for a bot's ``/blog/%00`` (a 500 where the path reaches PostgreSQL, which
+    refuses a NUL) holds the path in its text and HTML, so that report, failing silently,
+    was lost. Such a part is written quoted-printable, which carries it as ``=00``."""
+    text = "Internal Server Error: /blog/\x00x\n\nTraceback ...\n"
+    html = "<p>Internal Server Error: /blog/\x00x</p>"
+    with override_settings(ADMINS=[("Ops", "ops@example.org")]):
+        mail.mail_admins(
+            "Internal Server Error: /blog/\x00x", text, html_message=html, **silently()
+        )
+    [received] = mx.wait_for_messages(1)
+    assert b"\0" not in received.content
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    parts = {part.get_content_type(): part for part in parsed.walk() if not part.is_multipart()}
+    assert parts["text/plain"]["Content-Transfer-Encoding"] == "quoted-printable"
+    # As a reader reads them: quoted-printable's line breaks are CRLF.
+    assert parts["text/plain"].get_content().replace("\r\n", "\n") == text
+    assert parts["text/html"].get_content().rstrip("\r\n") == html
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

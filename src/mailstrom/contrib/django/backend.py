@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import email.charset
 import email.errors
 import email.policy
 import warnings
@@ -324,8 +325,37 @@ def _serialised(message: EmailMessage) -> bytes:
         del built["Message-ID"]
     check_entity_headers(built)
     with _typed("Django cannot serialise the message"):
+        _quote_nul_text(built)
         _fold_long_parameters(built)
         return _as_bytes(built)
+
+
+def _quote_nul_text(built: Message) -> None:
+    """Write quoted-printable each text part Django writes as 7bit or 8bit data that holds
+    a NUL, which such data may not carry (RFC 2045 §2.7, §2.8) and mailstrom refuses
+    (ForbiddenCharacter); quoted-printable carries it as ``=00``, and a reader decodes
+    the same text.
+
+    Django forms refuse a NUL, but not a URL: Django's error report for a bot's
+    ``/blog/%00`` (a 500 where the path reaches PostgreSQL, which refuses a NUL) holds
+    the path, decoded, in its text and HTML, so that report, failing silently, was lost.
+    Every other part is left as Django writes it; a ``message/rfc822`` part cannot be
+    quoted-printable (RFC 2046 §5.2.1) and is still refused.
+    """
+    for part in built.walk():
+        payload = part.get_payload()
+        if not isinstance(payload, str) or "\0" not in payload:
+            continue  # (a multipart's payload is its parts)
+        encoding = str(part.get("Content-Transfer-Encoding", "7bit")).lower()
+        if part.get_content_maintype() != "text" or encoding not in ("7bit", "8bit"):
+            continue
+        name = part.get_content_charset() or "us-ascii"
+        charset = email.charset.Charset(name)
+        charset.body_encoding = email.charset.QP
+        text = cast(bytes, part.get_payload(decode=True)).decode(name)
+        del part["Content-Transfer-Encoding"]
+        # As the email package sets it, not through Django's part (as below).
+        Message.set_payload(part, text, charset)
 
 
 _REFOLDED_FIELDS = frozenset({"content-type", "content-disposition", "subject"})
