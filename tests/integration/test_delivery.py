@@ -459,6 +459,30 @@ def test_gives_up_after_max_age(
     assert 2 <= r.attempts <= 3
 
 
+def test_the_last_retry_comes_at_max_age_not_a_backoff_before_it(
+    mailstrom: MakeMailstrom, mx: Any, results: Results, clock: FakeClock
+) -> None:
+    """A backoff that would pass ``max_age`` brings the last attempt to it: with 30 minutes
+    to retry, attempts at 0, 5, 15 and 30 minutes. Given up at the third (the next backoff,
+    20 minutes, ended past it), the recipient failed with half its window unused."""
+    mx.rcpt_replies["stuck@example.org"] = "451 4.3.0 Not today"
+    policy = RetryPolicy(min_delay=timedelta(minutes=5), jitter=0.0, max_age=timedelta(minutes=30))
+    ms = mailstrom(retry=policy)
+    queued = clock()
+    mid = ms.send_email(hello("stuck@example.org"))
+    for n in range(1, 10):
+        results.wait_count(n)
+        r = ms.query_status(mid).recipient("stuck@example.org")
+        if r.state is FAILED:
+            break
+        assert r.state is DEFERRED and r.next_attempt_at is not None
+        clock.advance(r.next_attempt_at - clock())
+        ms.wake()
+    assert r.state is FAILED
+    assert r.reply is not None and r.reply.code == 451  # the last reason is kept
+    assert [a.at - queued for a in r.history] == [timedelta(minutes=m) for m in (0, 5, 15, 30)]
+
+
 @pytest.mark.parametrize("worker_loop", LOOPS)
 def test_tls_handshake_failure_opportunistic_falls_back_to_plaintext(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any

@@ -94,9 +94,11 @@ def next_attempt(
     """When to try again after a temporary failure, or None to give up.
 
     ``attempts`` counts the attempts made so far, including the one that just failed.
-    Gives up when ``policy.max_attempts`` attempts have been made, or when the next attempt
-    would fall after ``queued_at + policy.max_age`` (then the recipient fails with the last
-    reason rather than waiting for an attempt that may not come).
+    Gives up when ``policy.max_attempts`` attempts have been made, or when not even
+    ``policy.min_delay`` is left before ``queued_at + policy.max_age``. A backoff that
+    would pass that end brings the last attempt to it: given up there, a recipient failed
+    up to ``max_delay`` early (half the window of ``max_age = 30m``: attempts at 0, 5
+    and 15 minutes), where Postfix tries until its queue lifetime is over.
 
     >>> import random
     >>> from datetime import UTC
@@ -108,6 +110,9 @@ def next_attempt(
     if policy.max_attempts is not None and attempts >= policy.max_attempts:
         return None
     when = now + backoff_delay(attempts=attempts, rng=rng, policy=policy)
-    if policy.max_age is not None and when > queued_at + policy.max_age:
-        return None
+    if policy.max_age is not None:
+        end = queued_at + policy.max_age
+        if when > end:
+            # Never two attempts closer than min_delay, nor one past the end.
+            return None if now + policy.min_delay > end else end
     return when

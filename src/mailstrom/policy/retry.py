@@ -31,8 +31,8 @@ class RetryPolicy:
     jitter: float = 0.2
     """Fraction of the delay drawn at random (±), so retries of many messages spread out."""
     max_age: timedelta | None = timedelta(days=5)
-    """Give up when the next attempt would fall after ``queued_at + max_age`` (above zero;
-    None: no limit)."""
+    """Retry until ``queued_at + max_age``, the last attempt at that time at the latest,
+    then give up (above zero; None: no limit)."""
     max_attempts: int | None = None
     """Give up after this many attempts (None: only ``max_age`` limits)."""
 
