@@ -716,6 +716,30 @@ async def test_refused_addresses_are_dropped_and_others_kept(dns_server: Loopbac
     assert route.addresses == ("192.0.2.2", "192.0.2.3")
 
 
+@pytest.mark.parametrize("exchange", ["localhost", "mail.LOCALHOST"])
+async def test_an_mx_host_named_under_localhost_is_loopback_whatever_dns_says(
+    dns_server: LoopbackDNS, exchange: str
+) -> None:
+    """RFC 6761 §6.3: a localhost name is the loopback address, and resolution libraries
+    should not ask DNS about it. "MX 0 localhost." is the old way to say "no mail here"
+    (before the null MX), still published; resolvers disagree on it: 8.8.8.8 answers
+    NXDOMAIN, 1.1.1.1 127.0.0.1, and a forwarder may answer anything. Asked, the domain
+    bounced on one resolver, was deferred until max_age on the other ("no MX host has an
+    address"), and went to whatever address a third gave. It is refused as loopback now,
+    without a query; where loopback is allowed (tests, demos) it is this host."""
+    dns_server.mx("nomail.test", [(0, exchange)])
+    dns_server.nxdomain("localhost")  # as Google Public DNS answers
+    dns_server.a("mail.localhost", "192.0.2.25")  # a forwarder's answer
+    router = Router(dns_server.dns_config)
+    with pytest.raises(PermanentFailure) as info:
+        await router.route("nomail.test")
+    assert info.value.enhanced == "5.4.4"
+    assert f"127.0.0.1 (loopback, MX {exchange.lower()})" in info.value.text, info.value.text
+    assert dns_server.queries(exchange, "A") == dns_server.queries(exchange, "AAAA") == 0
+    allowed = await Router(dns_server.dns_config, allow_loopback=True).route("nomail.test")
+    assert allowed.addresses == ("127.0.0.1", "::1")
+
+
 @pytest.mark.parametrize(
     ("rtype", "address"),
     [("A", "127.0.0.2"), ("AAAA", "::1"), ("AAAA", "::ffff:127.0.0.1"), ("A", "0.0.0.0"),

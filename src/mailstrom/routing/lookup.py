@@ -54,6 +54,10 @@ the worker restarts. One day is what recursive resolvers cap their caches to (Un
 FOREVER = float("inf")
 """The TTL of what no DNS answer can change (address literals)."""
 
+LOCALHOST = dns.name.from_text("localhost.")
+LOOPBACK = ("127.0.0.1", "::1")
+"""What a name under :data:`LOCALHOST` resolves to (RFC 6761 §6.3), without a query."""
+
 _TEMPORARY_DNS = "4.4.3"  # RFC 3463: directory server failure
 _NO_ROUTE = "4.4.4"  # RFC 3463: unable to route
 _REFUSED_TARGET = "5.4.4"  # RFC 3463: unable to route (see _refused below)
@@ -335,13 +339,24 @@ class _Resolution:
         address = numeric_exchange(name)
         if address is None:
             return await self.addresses(name)
+        return self.judged((address,))
+
+    def judged(self, addresses: tuple[str, ...]) -> _Addresses:
+        """``addresses``, known without a query, as the policy keeps, refuses or skips
+        them (another IP version than ``ip_version``)."""
+        kept: list[str] = []
+        refused: list[tuple[str, str]] = []
+        skipped = 0
         version = self.policy.ip_version
-        if version is not None and ipaddress.ip_address(address).version != version:
-            return _Addresses(addresses=(), skipped=1)
-        kind = self.policy.refused(address)
-        if kind is not None:
-            return _Addresses(addresses=(), refused=((address, kind),))
-        return _Addresses(addresses=(address,))
+        for address in addresses:
+            kind = self.policy.refused(address)
+            if kind is not None:
+                refused.append((address, kind))
+            elif version is not None and ipaddress.ip_address(address).version != version:
+                skipped += 1
+            else:
+                kept.append(address)
+        return _Addresses(addresses=tuple(kept), refused=tuple(refused), skipped=skipped)
 
     async def addresses(self, name: dns.name.Name) -> _Addresses:
         """IPv4 then IPv6 addresses of ``name``, looked up concurrently.
@@ -349,7 +364,13 @@ class _Resolution:
         IPv4 comes first because many networks that have IPv6 addresses cannot route IPv6
         mail well (missing reverse DNS, stricter receiver policies, broken paths); IPv6
         addresses are still tried when every IPv4 address fails.
+
+        A localhost name (``localhost.`` and the names under it) is the loopback address,
+        asked of no server (RFC 6761 §6.3): resolvers disagree on it (NXDOMAIN, 127.0.0.1,
+        or what a forwarder makes of it), and "MX 0 localhost." says "no mail here".
         """
+        if name.is_subdomain(LOCALHOST):
+            return self.judged(LOOPBACK)
         results = await asyncio.gather(
             self.query(name, dns.rdatatype.A),
             self.query(name, dns.rdatatype.AAAA),
