@@ -401,6 +401,22 @@ async def test_address_literal_needs_no_dns(dns_server: LoopbackDNS, router: Rou
     assert dns_server.queries("[127.0.0.1]", "MX") == 0
 
 
+@pytest.mark.parametrize("spelling", ["[192.0.2.7].", " [192.0.2.7] "])
+async def test_an_address_literal_with_a_final_dot_is_that_literal_not_a_dns_name(
+    dns_server: LoopbackDNS, router: Router, spelling: str
+) -> None:
+    """A final dot or white space is taken off a domain before it is looked up, and so
+    off a literal: "[192.0.2.7]." was looked up in DNS as a name, and what DNS said of it
+    was cached under "[192.0.2.7]", the literal's own key, then served for the literal
+    itself (here: another host). It is the literal, asked of no server."""
+    dns_server.mx("[192.0.2.7]", [(10, "mx.elsewhere.test")])
+    dns_server.a("mx.elsewhere.test", "192.0.2.66")
+    route = await router.route(spelling)
+    assert route.addresses == ("192.0.2.7",)
+    assert (await router.route("[192.0.2.7]")).addresses == ("192.0.2.7",)
+    assert dns_server.queries("[192.0.2.7]", "MX") == 0
+
+
 async def test_fixture_answers_over_tcp_on_the_same_port(dns_server: LoopbackDNS) -> None:
     dns_server.a("tcp.example", "127.0.0.1")
     query = dns.message.make_query("tcp.example", "A")

@@ -273,6 +273,12 @@ class Router:
         self._cache.pop(key, None)
         qname = to_qname(domain)
         canonical = qname.to_text(omit_final_dot=True)
+        if is_literal(canonical):
+            # A literal with a final dot or white space, which to_qname takes off: that
+            # literal, not a DNS name, whose answers were cached under the literal's key.
+            literal = self._literal(canonical)
+            self._remember(key, literal)
+            return literal
         entry = self._cache.get(canonical)
         if entry is not None and entry.expires > self._clock():
             self._remember(key, entry)  # another spelling of a cached domain
