@@ -1341,7 +1341,7 @@ def test_a_fork_while_another_thread_stops_the_facade_can_stop_it_too(
     assert _wait_until(lambda: len(slow.received) == 1, 10)  # in flight: stop() waits
     stopping = threading.Thread(target=ms.stop)
     stopping.start()
-    assert _wait_until(lambda: ms._lifecycle.locked(), 10)
+    assert _wait_until(lambda: ms._under_way == "stop", 10)  # it holds the lock
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the forked process
         ms.stop(timeout=0)

@@ -225,8 +225,10 @@ class FacadeBase:
         """Told of each result of a worker in this process, and (once a ``wait`` started
         it) of the store's wake-ups: ``wait`` listens."""
         self._store_watch: weakref.finalize[[], FacadeBase] | None = None
-        self._store_watch_lock = threading.Lock()
-        self._lifecycle = threading.Lock()
+        # Re-entrant, as is _lifecycle: a signal handler calling stop() runs on the main
+        # thread wherever it was, perhaps holding them (see Mailstrom.stop).
+        self._store_watch_lock = threading.RLock()
+        self._lifecycle = threading.RLock()
         """Held by a facade's start() and stop() (but one called from on_result): one at
         a time, so that two starts do not start two workers, nor a stop() close the store
         under the worker another one is still waiting for. New in a fork (see
@@ -248,8 +250,8 @@ class FacadeBase:
 
     def _after_fork(self) -> None:
         """In a process forked from this one (see :func:`_new_locks_after_fork`)."""
-        self._lifecycle = threading.Lock()
-        self._store_watch_lock = threading.Lock()
+        self._lifecycle = threading.RLock()
+        self._store_watch_lock = threading.RLock()
 
     _make_worker: Callable[[], Worker] | None = None
     """Makes the in-process worker ("thread"/"task" mode): one for each start."""

@@ -280,7 +280,9 @@ class WorkerProcess:
         self._on_result = on_result
         self._proc: subprocess.Popen[bytes] | None = None
         self._stdin: IO[bytes] | None = None
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()
+        """Re-entrant: a signal handler's stop() may come while this thread's wake()
+        holds it (the main thread's send_email), and must send its own frame."""
         self._reader: threading.Thread | None = None
         self._passer: threading.Thread | None = None
         """The current reader's thread that calls ``on_result`` (None without one)."""
@@ -589,7 +591,7 @@ class WorkerProcess:
         # thread may have held at the fork: this process's own stop() could not send its
         # child "stop" (nor any wake() reach it), and waited for ever.
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()
         self._stopping = True
         self._halt.set()
         self._supervisor = None
@@ -824,8 +826,16 @@ class WorkerProcess:
                     proc.kill()
             stdout.close()
             proc.wait()
-            with self._write_lock, contextlib.suppress(OSError):
-                stdin.close()  # of no use now; and a fork must not take its number for ours
+            # Of no use now; and a fork must not take its number for ours. Unless stop()
+            # closed it first: from a signal handler, it closes it and waits for this
+            # thread while the thread it interrupted holds the lock (in wake()).
+            while not stdin.closed:
+                if self._write_lock.acquire(timeout=0.1):
+                    try:
+                        with contextlib.suppress(OSError):
+                            stdin.close()
+                    finally:
+                        self._write_lock.release()
             if handoff is not None:
                 # Every result reaches on_result before the child's end is judged (and
                 # stop(), which joins this thread, returns).

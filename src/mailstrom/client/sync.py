@@ -103,6 +103,10 @@ class Mailstrom(FacadeBase, QueueOperations):
     _stuck: _WorkerThread | None = None
     _ended: _WorkerThread | None = None
     """The last worker thread that has ended, or is past releasing the store (_run)."""
+    _under_way: str | None = None
+    """"start" or "stop" while one holds ``_lifecycle`` (see :meth:`stop`)."""
+    _stop_after_start: tuple[float | None] | None = None
+    """The timeout of a stop() that a signal handler called while start() ran."""
     _stopped_from_within = False
     """stop() was called on the worker's thread (from on_result): the thread closes what
     stop() would have closed as it ends."""
@@ -134,6 +138,7 @@ class Mailstrom(FacadeBase, QueueOperations):
     def _after_fork(self) -> None:
         super()._after_fork()
         self._stuck = None  # a thread of the parent's, which does not exist here
+        self._under_way = self._stop_after_start = None  # (another thread's, at the fork)
         thread = self._thread
         if thread is None or thread is threading.current_thread():
             return  # none started, or the fork came from the worker's own thread
@@ -162,7 +167,18 @@ class Mailstrom(FacadeBase, QueueOperations):
         if self._on_worker_thread():
             raise WorkerError("start() from on_result: the worker it runs on has not ended")
         with self._lifecycle:
-            self._start(timeout)
+            if self._under_way is not None:
+                raise WorkerError(
+                    f"start() from a signal handler that interrupted {self._under_way}()"
+                )
+            self._under_way, self._stop_after_start = "start", None
+            try:
+                self._start(timeout)
+            finally:
+                self._under_way = None
+                asked, self._stop_after_start = self._stop_after_start, None
+                if asked is not None:
+                    self._stop(asked[0])  # a signal handler's, which came meanwhile
 
     def _start(self, timeout: float) -> None:
         self._check_startable()
@@ -253,13 +269,29 @@ class Mailstrom(FacadeBase, QueueOperations):
         expire. Called from ``on_result`` in a worker thread (which cannot wait for
         itself) it returns at once; the worker ends, and closes the store this facade
         opened, once the deliveries in flight are recorded. Called from several threads
-        at once, each returns once the worker has ended (or the bound has passed)."""
+        at once, each returns once the worker has ended (or the bound has passed).
+
+        Called from a signal handler (a SIGTERM handler) that interrupted a start() or
+        stop() of the same thread, it returns at once: the stop() under way goes on, and
+        the start() under way stops the worker once it has started (or failed to)."""
         timeout = stop_timeout(timeout)
         if self._on_worker_thread():
             self._stop(timeout)  # a stop() elsewhere may hold the lock, waiting for us
             return
         with self._lifecycle:
-            self._stop(timeout)
+            # Held by another thread, this waits; held here, a start() or stop() of this
+            # very thread is under way, interrupted by the signal handler calling us, and
+            # cannot end before we return: waiting for it was a deadlock.
+            if self._under_way == "stop":
+                return
+            if self._under_way == "start":
+                self._stop_after_start = (timeout,)
+                return
+            self._under_way = "stop"
+            try:
+                self._stop(timeout)
+            finally:
+                self._under_way = None
 
     def _stop(self, timeout: float | None) -> None:
         worker = self.worker

@@ -1,0 +1,107 @@
+"""``stop()`` called from a signal handler (a SIGTERM handler of the application's, the
+usual way a service shuts down): the handler runs on the main thread, between two of its
+bytecodes, wherever that thread was. Each scenario runs in a program of its own, bounded,
+so that a deadlock fails the test instead of hanging the run; the worker delivers to a
+loopback SMTP server, its queue is a SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.integration import test_worker_modes
+from tests.integration.test_worker_modes import config
+
+mx = test_worker_modes.mx
+"""A server that answers everything (the same fixture: pytest finds it by this name)."""
+
+_PROGRAM = """\
+import faulthandler, os, pickle, signal, sys, threading, time
+faulthandler.dump_traceback_later(20, exit=True)  # a deadlock: where each thread waits
+from mailstrom import Email, Mailstrom
+from mailstrom.client.process import WorkerProcess
+
+cfg = pickle.loads(open(sys.argv[1], "rb").read())
+entered = threading.Event()
+
+def on_result(result):
+    entered.set()
+    time.sleep(1.0)  # a slow callback: the main thread's stop() waits for it
+
+ms = Mailstrom(cfg, store=sys.argv[2], on_result=on_result, worker=sys.argv[3])
+signal.signal(signal.SIGUSR1, lambda *_: (ms.stop(), print("handler stopped", flush=True)))
+ms.start()
+"""
+
+
+def _run(tmp_path: Path, cfg: Any, mode: str, body: str) -> str:
+    path = tmp_path / "config.pickle"
+    path.write_bytes(pickle.dumps(cfg))
+    program = _PROGRAM + textwrap.dedent(body)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", program, str(path), str(tmp_path / "q.db"), mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired as exc:  # pragma: no cover - faulthandler ends it
+        pytest.fail(f"deadlocked: {exc.stdout!r} {exc.stderr!r}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_stop_from_a_signal_handler_during_stop_returns(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, mode: str
+) -> None:
+    """A SIGTERM handler calling stop() while the main thread is in stop() already (the
+    ``with`` block's, draining): the handler waited for the lock that the stop() it
+    interrupted holds, on the same thread, for ever. It now leaves the stop to the one
+    under way, which then ends as it would have."""
+    out = _run(
+        tmp_path,
+        config(dns_server, mx.port),
+        mode,
+        """
+        ms.send_email(Email(from_="a@sender.test", to=["b@example.org"], subject="s", text="t"))
+        assert entered.wait(30)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        ms.stop()
+        print("stopped", ms.worker_status.running)
+        """,
+    )
+    assert out == "handler stopped\nstopped False\n"
+
+
+def test_stop_from_a_signal_handler_while_a_wake_writes_to_the_child(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """send_email() wakes a worker process with a frame written under a lock; a signal
+    handler's stop() that came while the main thread held it (right after its write)
+    waited for it to send "stop", for ever."""
+    out = _run(
+        tmp_path,
+        config(dns_server, mx.port),
+        "process",
+        """
+        worker = ms.worker
+        assert isinstance(worker, WorkerProcess)
+        with worker._write_lock:  # where the main thread is as wake() writes
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)  # the handler runs here, at once
+        print("stopped", ms.worker_status.running)
+        """,
+    )
+    assert out == "handler stopped\nstopped False\n"
