@@ -105,3 +105,34 @@ def test_stop_from_a_signal_handler_while_a_wake_writes_to_the_child(
         """,
     )
     assert out == "handler stopped\nstopped False\n"
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_stop_from_a_signal_handler_during_start_stops_once_started(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, mode: str
+) -> None:
+    """A SIGTERM handler calling stop() while the main thread waits in start() for its
+    worker: it waited for the lock that start() holds, for ever. The start() goes on
+    and stops the worker as it ends."""
+    out = _run(
+        tmp_path,
+        config(dns_server, mx.port),
+        mode,
+        """
+        from mailstrom.stores import SQLiteStore
+        ms.stop()
+        store = SQLiteStore(sys.argv[2])
+        ms = Mailstrom(cfg, store=store, worker=sys.argv[3])
+        original = ms._start
+
+        def start(timeout):
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs at once, in start()
+            original(timeout)
+
+        ms._start = start
+        ms.start()
+        print("started", ms.worker_status.running)
+        store.close()
+        """,
+    )
+    assert out == "handler stopped\nstarted False\n"
