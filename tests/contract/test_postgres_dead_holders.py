@@ -342,3 +342,18 @@ def test_holder_rows_of_an_older_schema_get_the_default_dead_after(postgres_url:
         assert [h.holder for h in store.live_holders(leases=False)] == [X, Y]
         store.release_dead_holders(Y)
         assert sorted(_holders(postgres_url)) == [X, Y]
+
+
+@pytest.mark.parametrize("dead_after", ["0", "1s", "2m"])
+def test_a_holder_honours_the_dead_after_its_row_promises(
+    postgres_url: str, stores: list[PostgresStore], dead_after: str
+) -> None:
+    """The other workers take a holder for dead once unseen for what its row says; the
+    worker stops itself by what its store's ``dead_after`` says (runtime/worker_reaping.py).
+    With ``dead_after=0`` the row said two minutes while the worker, told None, never
+    stopped itself when cut off, and what it leased went out twice."""
+    store = _open(stores, f"{postgres_url}?dead_after={dead_after}")
+    store.release_dead_holders(X)
+    with psycopg.connect(postgres_url) as conn:
+        [(promised,)] = conn.execute("SELECT dead_after FROM lease_holders WHERE holder = %s", [X])
+    assert store.dead_after == promised

@@ -51,7 +51,7 @@ class WorkerReaping(WorkerStore):
     _beat_until: float | None = None
     """Loop time from which other workers may take this one for dead: the start of its
     last look that worked plus the store's ``dead_after``. None while that cannot happen
-    (a store that does not judge by beats, judging off, or no look has worked yet: this
+    (a store that does not judge by beats, or no look has worked yet: this
     worker has no row to be judged by)."""
     _beat_wall_until: datetime | None = None
     """The same by this worker's clock: the loop's stops while the host is suspended, and

@@ -74,7 +74,7 @@ class DeadHolderReaper(Protocol):
         """Seconds after the start of a holder's last look that worked (its beat) from
         which other workers may take it for dead, though it lives but cannot reach the
         store; None where a live holder is never taken for dead (SQLite: its lock is
-        held while its process lives) or judging is off."""
+        held while its process lives)."""
         ...
 
     def release_dead_holders(self, alive: str | None = None) -> int:

@@ -33,7 +33,10 @@ when recorded. So a worker cut off for three quarters of ``dead_after`` starts n
 its leased work (runtime/worker_reaping.py): only what it had under way, or delivered
 without recording, goes out twice. Its next beat finds its row gone, makes it again and
 logs an error that says so. ``dead_after=0`` in the URL turns
-the judging off (beats still run): leases then expire as before.
+this store's judging off: the leases of dead holders it alone would judge expire as
+before. Its own holders still beat, and their rows promise two minutes (eight beats), by
+which the other workers judge them and which their worker honours (it stops itself when
+cut off, as any other).
 
 A store that closes marks its holders stopped, and the next look of any worker (judging
 or not: a ``mailstrom worker --once`` from cron, say) removes their rows, giving back

@@ -834,9 +834,11 @@ class PostgresStore:
 
     @property
     def dead_after(self) -> float | None:
-        """The store URL's ``dead_after`` (None when it is 0): how long after its last beat
-        a holder may be taken for dead by the other workers' looks."""
-        return self._beats.dead_after
+        """How long after its last beat a holder of this store may be taken for dead by
+        the other workers' looks: what its row promises, the store URL's ``dead_after``
+        (two minutes when it is 0, which turns only this store's judging off), so that
+        its worker stops itself in time when cut off (runtime/worker_reaping.py)."""
+        return self._beats.promise
 
     def release_dead_holders(self, alive: str | None = None) -> int:
         """Say that ``alive`` (the caller's holder) lives, then give back, due at once,
