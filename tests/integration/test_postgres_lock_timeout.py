@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from mailstrom import Email, Mailstrom, RecipientState
+from mailstrom import Email, Mailstrom, MessageStatus, RecipientState
 from mailstrom.errors import StoreLocked
 from mailstrom.message import prepare
 from mailstrom.readmodel.base import Overview, QueuePage, QueueQuery, QueueView
@@ -288,3 +288,55 @@ def test_a_dashboard_page_and_its_messages_are_read_from_one_snapshot(
     [page] = seen
     assert [m.id for m in page.messages] == [newest], page
     assert page.next is not None
+
+
+# --- a message's status and its destination's pause ---------------------------------------
+
+
+@pytest.mark.parametrize("reader", ["status", "recent"])
+def test_a_status_and_its_destinations_pause_are_read_from_one_snapshot(
+    postgres_url: str, reader: str
+) -> None:
+    """``status()`` (and ``query()``/``recent()``) read the recipients by one SELECT and
+    their destinations' pauses by another, each at READ COMMITTED: a throttle committed
+    between the two showed the recipient paused with the due time it had before the
+    pause (and a resume, due at the pause's end and paused by nothing). Here the second
+    SELECT waits on a lock of ``destination_throttles``, which the first does not read,
+    while a worker's throttle is committed."""
+    due = datetime.now(UTC).replace(microsecond=0)
+    until = due + timedelta(hours=1)
+    with PostgresStore(postgres_url) as store:
+        mid = store.enqueue(small_message("a@example.org"), now=due)
+        holder = psycopg.connect(postgres_url.partition("?")[0])
+        watcher = psycopg.connect(postgres_url.partition("?")[0], autocommit=True)
+        seen: list[object] = []
+        read = (lambda: store.status(mid)) if reader == "status" else (lambda: store.recent()[0])
+        try:
+            holder.execute("LOCK TABLE destination_throttles IN ACCESS EXCLUSIVE MODE")
+            reading = threading.Thread(target=lambda: seen.append(read()))
+            reading.start()
+            waits = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass"
+            blocked = ("destination_throttles",)
+            assert wait_until(lambda: watcher.execute(waits, blocked).fetchone() == (1,), 10)
+            holder.execute(
+                "INSERT INTO destination_throttles (destination, until, strikes, reply, since)"
+                " VALUES ('example.org', %s, 1, '421 slow down', %s)",
+                (until, due),
+            )
+            holder.execute(
+                "UPDATE recipients SET state = 'deferred', next_attempt_at = %s,"
+                " throttled_by = 'example.org'",
+                (until,),
+            )
+            holder.commit()
+            reading.join(30)
+        finally:
+            holder.close()
+            watcher.close()
+    [status] = seen
+    assert isinstance(status, MessageStatus)
+    [r] = status.recipients
+    assert (r.state, r.next_attempt_at, r.throttle is not None) in {
+        (RecipientState.QUEUED, due, False),
+        (RecipientState.DEFERRED, until, True),
+    }, r

@@ -901,22 +901,20 @@ class PostgresStore:
         """The message's status with every recipient's history."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
-        found = rows.messages_from_rows(
-            self._fetch_dicts("status", {"id": message_id}), strict=True
-        )
+        # One statement: the pauses read apart (at READ COMMITTED) could contradict the
+        # recipients, a recipient shown paused with the due time it had before the pause.
+        read = self._fetch_dicts("status", {"id": message_id, "now": datetime.now(UTC)})
+        found = rows.messages_from_rows(read, strict=True)
         if not found:
             raise UnknownMessage(message_id)
-        found_paused = self._fetch_side(
-            "paused_recipients", {"id": message_id, "now": datetime.now(UTC)}
-        )
-        paused = {row[0]: pause for row in found_paused if (pause := _throttle(row[1:]))}
-        return with_throttles(found[0], paused)
+        return with_throttles(found[0], _pauses_in(read).get(message_id, {}))
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without attempt history."""
         where = where or QueueFilter()
         now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
         params = {
+            "now": datetime.now(UTC),  # a pause lasts by the clock, as status() reads it
             "held": where.held,
             "created_before": None if where.older_than is None else before(now, where.older_than),
             "domain": None if where.domain is None else where.domain.lower(),
@@ -925,11 +923,12 @@ class PostgresStore:
             "tag": where.tag,
             "states": _state_values(where),
         }
-        return self._with_pauses(rows.messages_from_rows(self._fetch_dicts("query", params)))
+        return _listed(self._fetch_dicts("query", params))
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""
         params = {
+            "now": datetime.now(UTC),
             "held": None,
             "created_before": None,
             "domain": None,
@@ -938,16 +937,7 @@ class PostgresStore:
             "tag": None,
             "states": None,
         }
-        return self._with_pauses(rows.messages_from_rows(self._fetch_dicts("query", params)))
-
-    def _with_pauses(self, listed: list[MessageStatus]) -> list[MessageStatus]:
-        """``listed`` with the destination pauses their status shows (the clock's now, as
-        :meth:`status` reads them)."""
-        ids = [m.id for m in listed if any(not r.state.is_final for r in m.recipients)]
-        if not ids:
-            return listed
-        found = self._fetch_side("paused_in", {"ids": ids, "now": datetime.now(UTC)})
-        return with_pauses(listed, pauses_by_message(found))
+        return _listed(self._fetch_dicts("query", params))
 
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due (lease expiry counts).
@@ -1639,6 +1629,30 @@ def pauses_by_message(found: Sequence[Sequence[Any]]) -> dict[str, dict[str, Des
         if (pause := _throttle(row[2:])) is not None:
             paused.setdefault(row[0], {})[row[1]] = pause
     return paused
+
+
+def _pauses_in(found: Sequence[dict[str, Any]]) -> dict[str, dict[str, DestinationThrottle]]:
+    """Message id → address → pause, from the ``t_*`` columns of the rows of the
+    ``status`` or ``query`` query (each recipient's first row: ``status`` repeats them on
+    every row of its history)."""
+    paused: dict[str, dict[str, DestinationThrottle]] = {}
+    last: tuple[str, str] | None = None
+    for row in found:
+        if row["t_destination"] is None or (row["id"], row["address"]) == last:
+            continue
+        last = row["id"], row["address"]
+        pause = pause_of(
+            row["t_destination"], row["t_until"], row["t_strikes"], row["t_reply"], row["t_since"]
+        )
+        if pause is not None:
+            paused.setdefault(row["id"], {})[row["address"]] = pause
+    return paused
+
+
+def _listed(found: list[dict[str, Any]]) -> list[MessageStatus]:
+    """The messages of the rows of the ``query`` query, each pending recipient with its
+    destination's pause, read in the same statement (see :meth:`PostgresStore.status`)."""
+    return with_pauses(rows.messages_from_rows(found), _pauses_in(found))
 
 
 def _throttle(row: Sequence[Any]) -> DestinationThrottle | None:

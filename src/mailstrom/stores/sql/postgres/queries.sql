@@ -583,13 +583,16 @@ ORDER BY h.started_at, h.holder
 LIMIT %(limit)s;
 
 -- name: status
--- One statement, so the recipients and their history come from one snapshot.
+-- One statement, so the recipients, their history and the pause of each pending one's
+-- destination (t_*, while it lasts at %(now)s) come from one snapshot.
 SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held,
        m.dkim, m.tags, m.metadata, m.priority, m.send_at, m.expires_at, m.idempotency_key,
        r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
        r.next_attempt_at, r.reason_class, r.finished_at,
        (r.lease_token IS NOT NULL AND r.state IN ('queued', 'deferred')) AS leased,
+       t.destination AS t_destination, t.until AS t_until, t.strikes AS t_strikes,
+       t.reply AS t_reply, t.since AS t_since,
        a.at AS a_at, a.outcome AS a_outcome, a.duration AS a_duration,
        a.mx_host AS a_mx_host, a.ip AS a_ip, a.port AS a_port,
        a.tls_version AS a_tls_version, a.tls_cipher AS a_tls_cipher,
@@ -598,6 +601,9 @@ SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subje
        a.reason_class AS a_reason_class, a.tls_policy AS a_tls_policy
 FROM messages m
 LEFT JOIN recipients r ON r.message_id = m.id
+LEFT JOIN destination_throttles t
+       ON t.destination = r.throttled_by AND r.state IN ('queued', 'deferred')
+      AND t.until > %(now)s
 LEFT JOIN attempts a ON a.message_id = r.message_id AND a.address = r.address
 WHERE m.id = %(id)s
 ORDER BY r.position, a.id;
@@ -605,7 +611,8 @@ ORDER BY r.position, a.id;
 -- name: query
 -- Walks messages newest first (index messages_newest) and stops at the limit; each
 -- condition is skipped when its parameter is NULL. The derived state mirrors
--- mailstrom.status.derive_message_state.
+-- mailstrom.status.derive_message_state. Each pending recipient's pause (t_*) is read in
+-- the same snapshot, as status reads it.
 WITH selected AS (
     SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject,
            m.held, m.seq, m.dkim, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,
@@ -642,9 +649,14 @@ SELECT s.id, s.envelope_from, s.created_at, s.size, s.header_message_id, s.subje
        r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,
        r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,
        r.next_attempt_at, r.reason_class, r.finished_at,
-       (r.lease_token IS NOT NULL AND r.state IN ('queued', 'deferred')) AS leased
+       (r.lease_token IS NOT NULL AND r.state IN ('queued', 'deferred')) AS leased,
+       t.destination AS t_destination, t.until AS t_until, t.strikes AS t_strikes,
+       t.reply AS t_reply, t.since AS t_since
 FROM selected s
 LEFT JOIN recipients r ON r.message_id = s.id
+LEFT JOIN destination_throttles t
+       ON t.destination = r.throttled_by AND r.state IN ('queued', 'deferred')
+      AND t.until > %(now)s
 ORDER BY s.created_at DESC, s.seq DESC, r.position;
 
 -- name: retry
@@ -1079,14 +1091,6 @@ SELECT destination, until, strikes, reply, since
 FROM destination_throttles
 WHERE until > %(now)s
 ORDER BY until, destination COLLATE "C";
-
--- name: paused_recipients
-SELECT r.address, t.destination, t.until, t.strikes, t.reply, t.since
-FROM recipients r
-JOIN destination_throttles t ON t.destination = r.throttled_by
-WHERE r.message_id = %(id)s
-  AND r.state IN ('queued', 'deferred')
-  AND t.until > %(now)s;
 
 -- name: paused_in
 SELECT r.message_id, r.address, t.destination, t.until, t.strikes, t.reply, t.since
