@@ -4,7 +4,7 @@ destination pauses, postponed recipients, rate buckets."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -37,6 +37,18 @@ def test_a_throttle_during_the_pause_changes_nothing(store: Store) -> None:
     first = _throttle(store, NOW)
     again = _throttle(store, NOW + 10 * SECOND)
     assert again == first
+
+
+def test_a_throttle_at_a_zoned_now_answers_in_utc_alike(store: Store) -> None:
+    # The SQL stores answered a new pause in the zone of ``now`` and one read back in UTC;
+    # every time a store returns is in UTC, as the memory store's pauses are.
+    zoned = NOW.astimezone(timezone(timedelta(hours=-5)))
+    pauses = [_throttle(store, zoned), _throttle(store, zoned + SECOND)]
+    pauses += store.throttles(now=zoned)
+    for pause in pauses:
+        assert pause == pauses[0]
+        assert pause.until.tzinfo is UTC and pause.since.tzinfo is UTC, pause
+    assert (pauses[0].since, pauses[0].until) == (NOW, NOW + MINUTE)
 
 
 def test_repeats_double_the_pause_up_to_the_maximum_and_a_quiet_spell_resets(

@@ -189,17 +189,19 @@ def named_recipients(recipients: Sequence[tuple[str, str]]) -> list[tuple[str, s
 
 def check_pause_times(
     destination: str, now: datetime, first: timedelta, maximum: timedelta
-) -> None:
+) -> datetime:
     """InvalidArgument for a throttle (:meth:`Store.throttle`) whose ``destination`` no
     store can key (:func:`check_destination`), or whose ``now``, or whose pause of
     ``first`` or ``maximum`` from it, is no time every store reads back
     (:func:`~mailstrom.stores.clock.after`), before a store marks or writes anything: a
     ``timedelta(days=10**8)`` was a bare OverflowError in two stores and StoreRefusedData
-    in SQLite."""
+    in SQLite. Returns ``now`` in UTC, which the pause is reckoned from: the SQL stores
+    answered a new pause in the zone of ``now``, one read back in UTC."""
     check_destination(destination)
-    kept_time(now, "now")
+    utc = kept_time(now, "now")
     after(now, first, "first")
     after(now, maximum, "maximum")
+    return utc
 
 
 MAX_TLS_BROKEN = 10_000
@@ -1080,7 +1082,8 @@ class Store(Protocol):
         doubling on repeats up to ``maximum``) or, while one runs, that one unchanged. In
         one transaction, so workers reporting at once count one throttle. ``recipients``
         ((message id, address) pairs: those the throttling reply deferred) show the pause
-        in their status while they are pending, as postponed ones do."""
+        in their status while they are pending, as postponed ones do. Its times are in
+        UTC, whatever the zone of ``now``."""
         ...
 
     def throttles(self, *, now: datetime) -> list[DestinationThrottle]:

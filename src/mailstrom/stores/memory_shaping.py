@@ -59,7 +59,7 @@ class MemoryShapingMixin:
         recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`)."""
-        check_pause_times(destination, now, first, maximum)
+        now = check_pause_times(destination, now, first, maximum)
         reply = pause_reply(reply)
         recipients = named_recipients(recipients)
         with self._lock:

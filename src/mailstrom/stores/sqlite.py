@@ -1902,7 +1902,7 @@ class SQLiteStore:
         recipients: Sequence[tuple[str, str]] = (),
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`); one write transaction."""
-        check_pause_times(destination, now, first, maximum)
+        now = check_pause_times(destination, now, first, maximum)
         reply = pause_reply(reply)
         recipients = named_recipients(recipients)
         with self._write(fsync=False) as conn:

@@ -1367,7 +1367,7 @@ class PostgresStore:
     ) -> DestinationThrottle:
         """Pause ``destination`` (see :class:`Store`): one transaction under an advisory
         lock on the destination, so workers reporting at once count one throttle."""
-        check_pause_times(destination, now, first, maximum)
+        now = check_pause_times(destination, now, first, maximum)
         reply = pause_reply(reply)
         recipients = named_recipients(recipients)
         q = self._queries
