@@ -243,9 +243,7 @@ def test_a_password_with_spaces_is_never_shown(url: str) -> None:
 
     with pytest.raises(InvalidStoreURL) as caught:
         check_store_url(url)
-    shown = [str(caught.value)]
-    if "/battery" not in url:  # redact_url reads the user information as libpq does
-        shown += [redact_url(url), redact_url(f"lost {url}: why")]
+    shown = [str(caught.value), redact_url(url), redact_url(f"lost {url}: why")]
     for text in shown:
         assert not [word for word in ("correct", "horse", "battery") if word in text], text
 
@@ -315,3 +313,43 @@ def test_a_store_given_such_a_url_refuses_it_without_showing_the_password() -> N
         PostgresStore("postgresql://mail:s3cr/Et9x@127.0.0.1:5432/mail", timeout=2)
     assert "s3cr" not in str(raised.value)
     assert "Et9x" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # A user name holding what libpq takes in it: "?", "#", "@" (escaped by split_url).
+        ("postgresql://a?b:s3cret@db/m", "postgresql://a?b:***@db/m"),
+        ("postgresql://a#b:s3cret@db/m", "postgresql://a#b:***@db/m"),
+        ("postgresql://a@b:s3cret@db/m", "postgresql://a@b:***@db/m"),
+        # A quoted conninfo value holding an escaped quote.
+        (r"host=db password='s3\'cret' user=x", "host=db password=*** user=x"),
+        # A raw "/" (to be written %2F): libpq reads "app" as the host, the password's
+        # start as its port, and fails; the password is no less a secret.
+        ("postgresql://app:s3/cret@db/mail", "postgresql://app:***@db/mail"),
+        (
+            "lost postgresql://app:s3/c/ret@db/m?user=x@y: why",
+            "lost postgresql://app:***@db/m?user=x@y: why",
+        ),
+        ("postgresql://app:s3/c@et@db:5432/m", "postgresql://app:***@db:5432/m"),
+        # Nothing hidden where there is no password: a port before the path.
+        ("postgresql://db:5432/m?user=x@y", "postgresql://db:5432/m?user=x@y"),
+        ("postgresql://h1:5432,h2:5433/m?user=x@y", "postgresql://h1:5432,h2:5433/m?user=x@y"),
+        ("postgresql://[::1]:5432/m?user=x@y", "postgresql://[::1]:5432/m?user=x@y"),
+        (
+            "postgresql://app@db:5432/m to bob@example.org",
+            "postgresql://app@db:5432/m to bob@example.org",
+        ),
+    ],
+)
+def test_redact_url_hides_every_password_libpq_would_parse(text: str, shown: str) -> None:
+    """redact_url read a user name as ending at "?", "#" or "@" and a quoted value as
+    ending at its first quote, escaped or not, so a password after them was shown (or its
+    end); and a password holding a raw "/" was shown whole."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from mailstrom.stores.url import escape_userinfo, redact_url
+
+    assert redact_url(text) == shown
+    if "s3cret@" in text:  # the user names libpq takes, with the password after them
+        assert conninfo_to_dict(escape_userinfo(text))["password"] == "s3cret"

@@ -35,14 +35,25 @@ from mailstrom.errors import ConfigError, InvalidStoreURL, StoreAccessDenied, St
 from mailstrom.message.chars import shorten
 from mailstrom.stores.base import Store
 
-# The password runs to the last "@" before the path, "#" and "?" included (libpq's reading
-# of user information: see escape_userinfo), and spaces too: a passphrase written unencoded
-# is refused by libpq, in an error that quotes the URL.
-_USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/?#@\s]*):[^/\r\n]*@")
+# The user name runs to the first ":", "?", "#" and "@" included, and the password on to
+# the last "@" before the path, "#" and "?" included (libpq's reading of user information:
+# see escape_userinfo), and spaces too: a passphrase written unencoded is refused by libpq,
+# in an error that quotes the URL. Digits alone before the path (or a "," of another host,
+# a space, the end) are a port, not a password. A raw "/" in a password (to be written %2F)
+# makes libpq read the user as a host and the password's start as a port, and fail; the
+# password is no less a secret, so it runs past the "/" to the first "@" that a host
+# follows (a user name holding "[" or "]" is an IPv6 host's start, not taken so).
+_USERINFO_PASSWORD = re.compile(
+    r"(?P<head>[A-Za-z][\w+.-]*://(?:(?P<plain>[^:/\s\[\]]*)|[^:/\s]*)):"
+    r"(?!\d*(?:[,/\s]|$))"
+    r"(?:[^/\r\n]*@|(?(plain)[^/@\r\n]*/[^\r\n]*?@(?=[^@/\s]*(?:[/?#\s'\"]|$))|(?!)))"
+)
 # A value ends at a space in a conninfo string (``password=x dbname=m``), where the next
-# word is a ``name=value``; words after it without "=" are the rest of the passphrase.
+# word is a ``name=value``; words after it without "=" are the rest of the passphrase. A
+# quoted value ends at a quote no backslash escapes (``password='it\\'s'``).
 _PASSWORD_PARAMETER = re.compile(
-    r"(?i)(?P<head>\b(?:ssl)?password\s*=\s*)(?:'[^']*'|[^\s&;#']+(?:[ \t]+[^\s&;#'=]+)*)"
+    r"(?i)(?P<head>\b(?:ssl)?password\s*=\s*)"
+    r"(?:'(?:[^'\\]|\\.)*'?|[^\s&;#']+(?:[ \t]+[^\s&;#'=]+)*)"
 )
 
 
