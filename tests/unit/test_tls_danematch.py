@@ -313,3 +313,43 @@ def test_digest_agility_is_per_usage_and_selector() -> None:
         record(2, 1, 2, _spki_sha512(other)),
     ):
         assert check_chain([der(cert)], [stronger, weak], host="mx.test") == "DANE-EE 1 1"
+
+
+def test_a_dane_ta_chain_that_fails_only_for_expiry_says_so() -> None:
+    """A DANE-TA chain whose leaf has expired failed as any chain that does not verify,
+    reported as tlsa-invalid; one that would verify but for a certificate outside its
+    validity is now marked expired (TLS reports: certificate-expired). A forged one that
+    has expired too is not."""
+    from mailstrom.errors import DeliveryError
+    from mailstrom.runtime.connection import TLSVerifyError
+    from mailstrom.tlsrpt import ResultType
+    from mailstrom.tlsrpt.recorder import classify
+
+    now = datetime.now(UTC)
+    ca = trustme.CA()
+    anchor = der(ca.cert_pem.bytes())
+    tlsa = [record(2, 0, 1, hashlib.sha256(anchor).digest())]
+    past = {"not_before": now - timedelta(days=30), "not_after": now - timedelta(days=1)}
+    expired = der(ca.issue_cert("mx.test", **past).cert_chain_pems[0].bytes())
+    forged = der(trustme.CA().issue_cert("mx.test", **past).cert_chain_pems[0].bytes())
+
+    def reported(chain: list[bytes]) -> tuple[DaneMismatch, ResultType | None]:
+        with pytest.raises(DaneMismatch, match="does not verify") as caught:
+            check_chain(chain, tlsa, host="mx.test", now=now)
+        error: DeliveryError = TLSVerifyError(f"DANE: {caught.value}", host="mx.test")
+        error.__cause__ = caught.value
+        found = classify(error)
+        return caught.value, None if found is None else found[0]
+
+    mismatch, kind = reported([expired, anchor])
+    assert mismatch.expired and not mismatch.host_mismatch
+    assert kind is ResultType.CERTIFICATE_EXPIRED
+    assert "expired" in str(mismatch)
+    # Not yet valid is outside its validity too, as OpenSSL's CERT_NOT_YET_VALID.
+    future = {"not_before": now + timedelta(days=1), "not_after": now + timedelta(days=30)}
+    early = der(ca.issue_cert("mx.test", **future).cert_chain_pems[0].bytes())
+    assert reported([early, anchor])[1] is ResultType.CERTIFICATE_EXPIRED
+    mismatch, kind = reported([forged, anchor])
+    assert not mismatch.expired
+    assert kind is ResultType.TLSA_INVALID
+    assert check_chain([expired, anchor], tlsa, host="mx.test", now=now - timedelta(days=2))

@@ -21,9 +21,10 @@ usage and selector is used (RFC 7671 §9, :func:`strongest_digests`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from mailstrom.safetext import safe_text
 from mailstrom.tls.requirement import TLSARecord
@@ -43,11 +44,14 @@ class DaneMismatch(Exception):
     ``host_mismatch`` when what it names is a DANE-TA(2) chain that reached its anchor
     with a leaf valid for none of the reference names: a certificate for another host
     (RFC 8460's ``certificate-host-mismatch``), rather than TLSA records none of which
-    the chain satisfies (its ``tlsa-invalid``)."""
+    the chain satisfies (its ``tlsa-invalid``). ``expired`` when it is a DANE-TA(2) chain
+    that would verify to its anchor but for a certificate outside its validity period
+    (``certificate-expired``)."""
 
-    def __init__(self, reason: str, *, host_mismatch: bool = False) -> None:
+    def __init__(self, reason: str, *, host_mismatch: bool = False, expired: bool = False) -> None:
         super().__init__(reason)
         self.host_mismatch = host_mismatch
+        self.expired = expired
 
 
 def available() -> bool:
@@ -267,6 +271,7 @@ def match_chain(
         f"certificate of {host} matches none of its TLSA records ({', '.join(kinds)}){detail}",
         # The kind of the problem the reason names: the two always agree.
         host_mismatch=bool(problems) and problems[0].host_mismatch,
+        expired=bool(problems) and problems[0].expired,
     )
 
 
@@ -327,26 +332,30 @@ def _verify_to_anchor(
         ee_policy = ee_policy.require_present(
             x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
         )
-    builder = (
-        PolicyBuilder()
-        .store(Store([certs[anchor]]))
-        .time(now or datetime.now(UTC))
-        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy)
-    )
-    verifier: ServerVerifier | ClientVerifier
-    if by_common_name:
-        # The server verifier matches names in a subjectAltName only, which this leaf does
-        # not have: the path alone is checked, by the verifier that checks no name (its
-        # extended key usage is not asked for either: the leaf's extensions are permitted).
-        verifier = builder.build_client_verifier()
-    else:
+    policies = {"ca_policy": ExtensionPolicy.webpki_defaults_ca(), "ee_policy": ee_policy}
+
+    def verifier_at(when: datetime) -> ServerVerifier | ClientVerifier:
+        builder = (
+            PolicyBuilder().store(Store([certs[anchor]])).time(when).extension_policies(**policies)
+        )
+        if by_common_name:
+            # The server verifier matches names in a subjectAltName only, which this leaf
+            # does not have: the path alone is checked, by the verifier that checks no
+            # name (its extended key usage is not asked for either: the leaf's extensions
+            # are permitted).
+            return builder.build_client_verifier()
         try:
             # cryptography takes host names only (letters, digits, hyphens): DNS serves
             # others (an underscore), which a wildcard or a certificate's own name may
             # match above.
-            verifier = builder.build_server_verifier(x509.DNSName(host))
+            return builder.build_server_verifier(x509.DNSName(host))
         except ValueError as exc:
             raise DaneMismatch(f"cannot check a certificate chain for {host}: {exc}") from None
+
+    now = datetime.now(UTC) if now is None else now
+    if now.tzinfo is None:  # cryptography reads a naive time as UTC
+        now = now.replace(tzinfo=UTC)
+    verifier = verifier_at(now)
     # The other certificates sent, before the anchor and after it: TLS 1.3 lets a server
     # send them in any order (RFC 8446 §4.4.2), and the path is built from them.
     intermediates = certs[1:anchor] + certs[anchor + 1 :]
@@ -354,8 +363,40 @@ def _verify_to_anchor(
     try:
         verifier.verify(leaf, intermediates)
     except refused as exc:
+        if _verifies_but_for_validity(
+            certs, now, lambda when: verifier_at(when).verify(leaf, intermediates), refused
+        ):
+            raise DaneMismatch(
+                "chain to the TLSA trust anchor does not verify: a certificate of it has "
+                f"expired or is not yet valid ({exc})",
+                expired=True,
+            ) from None
         raise DaneMismatch(f"chain to the TLSA trust anchor does not verify: {exc}") from None
     return host
+
+
+def _verifies_but_for_validity(
+    certs: Sequence[Any],
+    now: datetime,
+    verify: Callable[[datetime], object],
+    refused: tuple[type[Exception], ...],
+) -> bool:
+    """Whether a chain that failed to verify at ``now`` fails only for a certificate
+    outside its validity period then (RFC 8460's ``certificate-expired`` rather than
+    ``tlsa-invalid``): one of ``certs`` (those sent, and the anchor) is, and ``verify``
+    passes at a time all of them are valid. Asked only when verification failed."""
+    starts = [c.not_valid_before_utc for c in certs]
+    ends = [c.not_valid_after_utc for c in certs]
+    if all(start <= now <= end for start, end in zip(starts, ends, strict=True)):
+        return False
+    when = max(starts)
+    if when > min(ends):
+        return False  # never all valid at once
+    try:
+        verify(when)
+    except refused:
+        return False
+    return True
 
 
 def _name_matches(host: str, names: Sequence[str]) -> bool:

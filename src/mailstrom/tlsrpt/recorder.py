@@ -65,11 +65,14 @@ def classify(error: DeliveryError) -> tuple[ResultType, str] | None:
             # catch-all "validation-failure"; a DANE-TA chain whose leaf is for another
             # name is §4.3.1's "certificate-host-mismatch" (a certificate that does not
             # adhere to the DANE policy's constraints, the MX host not among its names).
-            kind = (
-                ResultType.CERTIFICATE_HOST_MISMATCH
-                if cause.host_mismatch
-                else ResultType.TLSA_INVALID
-            )
+            # A DANE-TA chain that verifies but for a certificate outside its validity
+            # is §4.3.1's "certificate-expired", as OpenSSL's verdict is without DANE.
+            if cause.host_mismatch:
+                kind = ResultType.CERTIFICATE_HOST_MISMATCH
+            elif cause.expired:
+                kind = ResultType.CERTIFICATE_EXPIRED
+            else:
+                kind = ResultType.TLSA_INVALID
             return kind, error.text[:MAX_FIELD]
         if isinstance(cause, ssl.SSLCertVerificationError):
             code = cause.verify_code
