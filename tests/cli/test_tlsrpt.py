@@ -479,6 +479,30 @@ def test_tlsrpt_reports_opportunistic_sessions_as_no_policy_found(mail_env: Mail
     }
 
 
+def test_a_mailed_reports_own_delivery_is_no_session_of_the_next_report(
+    mail_env: MailEnv,
+) -> None:
+    # RFC 8460 §3: a report sent by SMTP is delivered despite TLS failures and its session
+    # SHOULD NOT be in the next report. It was counted (no-policy-found, as TLS-Required:
+    # No mail is): each day's report to a domain made one about the day's report mail.
+    cli, workdir = mail_env.cli, mail_env.workdir
+    seed(workdir)
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    cli.ok("tlsrpt", "--date", DAY.isoformat(), "--send")
+    cli.env["MAILSTROM_TLSRPT_RECORD"] = "true"
+    before = datetime.now(UTC).date()
+    cli.ok("worker", "--once")
+    [received] = mail_env.mx.wait_for_messages(1)
+    assert received.tls
+    assert "TLS-Report-Domain: example.test" in received.content.decode()
+    store = SQLiteStore(workdir / "queue.db")
+    try:
+        counted = [s for day in {before, datetime.now(UTC).date()} for s in store.tls_sessions(day)]
+    finally:
+        store.close()
+    assert counted == []
+
+
 def test_tlsrpt_reports_dane_sessions_without_mta_sts(mail_env: MailEnv, tmp_path: Path) -> None:
     cert, key = self_signed("mx.test")
     mx = start_receiving_server(server_context(tmp_path, cert, key))

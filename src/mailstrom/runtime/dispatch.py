@@ -2,7 +2,8 @@
 
 A destination is a recipient domain (or the relay, when one is configured). Its work items
 wait in one queue — its mail that asks for REQUIRETLS, or carries ``TLS-Required: No``, in
-one of its own, as such mail may need other connections — and up to
+one of its own, as such mail may need other connections (and TLS reports in another, since
+their sessions are not counted for the next report) — and up to
 ``max_per_destination`` session tasks over all its queues (``max_connections`` over all
 destinations) take them in turn: a server counts a client's connections whatever TLS
 they carry. A session resolves the route, connects to the first address that answers
@@ -86,7 +87,7 @@ from mailstrom.smtp import encode_path
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.tls.decide import Destination, TLSDecider
-from mailstrom.tls.headers import tls_required_no
+from mailstrom.tls.headers import tls_report, tls_required_no
 from mailstrom.tls.requirement import TLSRequirement
 
 if TYPE_CHECKING:
@@ -173,6 +174,10 @@ class _Destination:
     """Its messages ask for REQUIRETLS (they get a queue of their own)."""
     tls_optional: bool = False
     """Its messages carry ``TLS-Required: No`` (they get a queue of their own)."""
+    tls_report: bool = False
+    """Its messages are TLS reports (also ``tls_optional``; a queue of their own): RFC
+    8460 §3 leaves a report's own session out of the next report, so its connections are
+    not told to ``observe_tls``."""
     moved: float = field(default_factory=time.monotonic)
     """When a session last took work from the queue (or the queue was made): a queue that
     has not moved for long waits behind a server that does not (see :meth:`Dispatcher.relieve`)."""
@@ -191,6 +196,7 @@ _InFlight = deque[tuple[_Work, "asyncio.Future[TransactionResult]"]]
 
 _REQUIRE_TLS = "\0requiretls"
 _TLS_OPTIONAL = "\0tls-optional"
+_TLS_REPORT = "\0tls-report"
 """Suffixes of the queue keys of a destination's mail that changes the TLS decision."""
 
 
@@ -311,8 +317,11 @@ class Dispatcher:
         # Messages that change the TLS decision (RFC 8689) travel apart from the others.
         require_tls = checked.item.require_tls
         tls_optional = not require_tls and tls_required_no(checked.item.data)
+        report = tls_optional and tls_report(checked.item.data)
         if require_tls:
             key += _REQUIRE_TLS
+        elif report:
+            key += _TLS_REPORT
         elif tls_optional:
             key += _TLS_OPTIONAL
         dest = self._destinations.get(key)
@@ -325,6 +334,7 @@ class Dispatcher:
                 shared=self._sessions_of(shaping_key),
                 require_tls=require_tls,
                 tls_optional=tls_optional,
+                tls_report=report,
             )
         if shape is not None and shape.message_buckets:
             shape.queues[key] = dest.queue
@@ -335,7 +345,8 @@ class Dispatcher:
         """The session count of ``destination`` (a domain, or the relay), shared by its
         queues: a queue with sessions running is never forgotten, so the count is found
         through any of them."""
-        for key in (destination, destination + _REQUIRE_TLS, destination + _TLS_OPTIONAL):
+        for suffix in ("", _REQUIRE_TLS, _TLS_OPTIONAL, _TLS_REPORT):
+            key = destination + suffix
             dest = self._destinations.get(key)
             if dest is not None:
                 return dest.shared
@@ -795,7 +806,7 @@ class Dispatcher:
         rule's), and the requirement it was opened under: when TLS fails and ``need`` has
         a fallback (MTA-STS testing), the connection made again in the fallback mode.
         ``observe_tls`` hears how the first connection went."""
-        observe = self._observe_tls
+        observe = None if dest.tls_report else self._observe_tls
         try:
             conn = await self._opener.open(host, ip, need, budget)
         except DeliveryError as exc:

@@ -22,7 +22,9 @@ a host not used because its TLSA lookup failed is a ``dnssec-invalid`` one
 (:meth:`SessionObserver.dane_failed`).
 Connections through a relay, and those the operator asked to
 be plaintext (``none``), are no TLS session with the recipient's MX and are not counted;
-neither are failures with nothing to do with TLS (refused, timed out before STARTTLS).
+neither are failures with nothing to do with TLS (refused, timed out before STARTTLS),
+nor the connections that carry a mailed TLS report (RFC 8460 §3: they SHOULD NOT be in
+the next report), which the dispatcher does not tell of.
 """
 
 from __future__ import annotations
