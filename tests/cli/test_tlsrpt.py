@@ -832,6 +832,32 @@ def test_a_deeply_nested_record_of_sent_reports_is_damaged_not_an_internal_error
     assert mail_env.cli.queue_ids() == []
 
 
+def test_runs_of_one_day_on_two_hosts_of_one_store_queue_its_mailed_report_once(
+    mail_env: MailEnv,
+) -> None:
+    # The lock and the record of sent reports live in --out, a host's own directory:
+    # every host of a shared store running the daily timer queued the day's report mail
+    # again, each with a new report id, and the domain counted the sessions as often.
+    cli, workdir = mail_env.cli, mail_env.workdir
+    seed(workdir)
+    mail_env.dns.txt("_smtp._tls.example.test", "v=TLSRPTv1; rua=mailto:tls@example.test")
+    ids = []
+    for host in ("a", "b"):
+        out = workdir / host
+        out.mkdir()
+        result = cli.ok("tlsrpt", "--date", DAY.isoformat(), "--send", "--out", str(out), "--json")
+        [delivery] = result.json()["domains"][0]["sent"]
+        assert delivery["ok"], delivery
+        ids.append(delivery["detail"].split()[2])
+    store = SQLiteStore(workdir / "queue.db")
+    try:
+        queued = store.recent()
+    finally:
+        store.close()
+    assert len(queued) == 1
+    assert ids == [queued[0].id, queued[0].id]
+
+
 def test_a_second_run_for_the_same_day_does_not_send_while_one_is_sending(
     mail_env: MailEnv,
 ) -> None:

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -408,7 +409,14 @@ def _queue(job: _Job, report: Report, uri: str) -> Delivery:
     try:
         msg = report_message(report, sender=job.sender, to=to, submitter=job.reporter.submitter)
         now = utc_now()
-        prepared = prepare_for(job.config, msg, envelope_from=None, envelope_to=None, now=now)
+        prepared = prepare_for(
+            job.config,
+            msg,
+            envelope_from=None,
+            envelope_to=None,
+            now=now,
+            idempotency_key=_mail_key(job.day, report.policy_domain, to),
+        )
         message_id = job.store.enqueue(prepared, now=now)
     except MailstromError as exc:
         return Delivery(uri=uri, ok=False, detail=str(exc))
@@ -419,6 +427,16 @@ def _queue(job: _Job, report: Report, uri: str) -> Delivery:
         # added before it goes), but said, rather than an "ok" that means nothing.
         detail += " (NOT DKIM-signed: receivers ignore unsigned reports; see dkim.keys)"
     return Delivery(uri=uri, ok=True, detail=detail)
+
+
+def _mail_key(day: date, domain: str, to: str) -> str:
+    """The idempotency key of ``domain``'s report of ``day`` mailed to ``to``: the store
+    queues it once (for ``Config.idempotency_window``), whichever run asks. The record
+    of sent reports and the day's lock are in ``--out``, one host's: every host of a
+    shared store that runs the daily timer queued the report again, a copy with its own
+    report id, and the domain counted the day's sessions as many times."""
+    digest = hashlib.sha256(f"{domain}\0{to}".encode("utf-8", "surrogatepass")).hexdigest()
+    return f"tlsrpt-{day.isoformat()}-{digest[:40]}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
