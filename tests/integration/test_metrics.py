@@ -11,11 +11,12 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailstrom import Config, Email, Mailstrom, RecipientState
+from mailstrom.message.prepared import PreparedMessage
 from mailstrom.ops.exporter import MailstromCollector
 from mailstrom.ops.server import Health, HealthCheck, OpsServer
 from mailstrom.runtime.metrics import QueueStatsCache
@@ -31,6 +33,7 @@ from mailstrom.runtime.worker import Worker
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.dead_holders import live_workers
+from mailstrom.stores.operator import Suspension
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.integration.test_worker_modes import _wait_until
@@ -379,9 +382,9 @@ def test_a_domain_named_other_counts_with_the_rest_not_as_a_second_series(
 class _DistantStore(SQLiteStore):
     """A store whose database takes a while to answer (PostgreSQL across a network)."""
 
-    def next_due(self, *, now: datetime) -> datetime | None:
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
         time.sleep(0.5)
-        return super().next_due(now=now)
+        return super().suspensions(now=now)
 
 
 def test_healthz_is_503_while_the_worker_cannot_record(tmp_path: Path) -> None:
@@ -532,3 +535,67 @@ def test_workers_are_left_out_with_the_queue_counts_when_the_store_does_not_answ
         assert "mailstrom_worker_up" in families  # the scrape itself answered
     finally:
         ms.stop()
+
+
+class _CountingStore(SQLiteStore):
+    """An SQLite store that counts, per thread name, the thousands of SQLite VM steps its
+    statements take: what a query costs, without timing it."""
+
+    def __init__(self, path: Path) -> None:
+        self.steps: dict[str, int] = {}
+        super().__init__(path)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = super()._connect()
+
+        def step() -> int:
+            name = threading.current_thread().name
+            self.steps[name] = self.steps.get(name, 0) + 1
+            return 0
+
+        conn.set_progress_handler(step, 1000)
+        return conn
+
+
+def test_a_health_check_costs_the_same_whatever_the_queue_holds(
+    dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The store check asked for the next due time, which walks the due index past every
+    recipient of a suspended domain (and, on PostgreSQL, of a held message): with a big
+    destination suspended, each probe, every second, scanned its whole backlog, and at a
+    million recipients took near the 3 s that fail the check."""
+    store = _CountingStore(tmp_path / "q.db")
+    now = datetime.now(UTC)
+    store.suspend("big.test", now=now)
+    body = b"Subject: x\r\n\r\nx\r\n"
+    for part in range(4):
+        store.enqueue_many(
+            [
+                PreparedMessage(
+                    data=body,
+                    envelope_from="app@sender.test",
+                    recipients=(f"a{i}@big.test", f"b{i}@big.test"),
+                )
+                for i in range(part * 2500, (part + 1) * 2500)
+            ],
+            now=now,
+        )
+    config = loopback_config(dns_server, 25)
+    with Mailstrom(config, store=store, worker="thread") as ms:
+        worker = ms.worker
+        assert isinstance(worker, Worker)
+        health = HealthCheck(
+            status=lambda: ms.worker_status, responsive=worker.responsive, store=store
+        )
+        server = OpsServer("127.0.0.1", 0, snapshot=ms.metrics, health=health)
+        server.start()
+        try:
+            for _ in range(3):
+                code, answer = healthz(server.url)
+                assert code == 200, answer
+        finally:
+            server.close()
+    store.close()
+    # Three checks of a store holding 20,000 suspended recipients: a few thousand steps
+    # read the suspensions; walking the backlog takes hundreds of thousands.
+    assert store.steps.get("mailstrom-health", 0) < 30, store.steps
