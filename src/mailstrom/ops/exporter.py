@@ -170,7 +170,7 @@ class MailstromCollector(Collector):
             (
                 "mailstrom_leasing_paused",
                 "1 while the running worker takes no new work (its clock is too far from the "
-                "store server's)",
+                "store server's, or it has not reached its store for most of dead_after)",
                 # Only while it runs: the reason stays in ``paused`` once the worker
                 # ended (``--once`` exits 75 by it), and a stopped worker is not paused.
                 int(status.running and status.paused is not None),
