@@ -510,3 +510,38 @@ def test_an_option_after_a_recipient_is_refused_not_mailed_to(cli: CLI, argv: li
     assert result.code == 64, result.err
     assert "option" in result.err and "before" in result.err
     assert cli.queue_ids() == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["sendmail", "bob@example.test"], ["send", "--file", "-", "--to", "bob@example.test"]],
+)
+def test_a_warning_that_cannot_be_written_does_not_stop_the_queueing(
+    cli: CLI, argv: list[str]
+) -> None:
+    """A configuration file others may change is warned of on stderr before the message is
+    read. With stderr a pipe whose reader has gone (a daemon whose logger restarted), that
+    write was a BrokenPipeError, taken for a reader of the output gone: exit 0, and
+    nothing was queued. The warning is lost; the message is queued."""
+    _origin(cli)
+    config = cli.cwd / "config.toml"
+    config.write_text("")
+    config.chmod(0o666)
+    cli.env["MAILSTROM_CONFIG"] = str(config)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mailstrom", *argv],
+            cwd=cli.cwd,
+            env=cli.env,
+            input=b"From: app@example.test\nSubject: x\n\nbody\n",
+            stdout=subprocess.PIPE,
+            stderr=write,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 0
+    assert len(cli.queue_ids()) == 1

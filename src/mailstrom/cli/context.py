@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -124,11 +123,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def report(settings: Settings) -> Settings:
     """Print the settings' warnings on stderr (e.g. a password in a file others can read),
-    control characters they quote (a file's path) as escapes, as an error's are."""
+    control characters they quote (a file's path) as escapes, as an error's are.
+
+    Written as :func:`~mailstrom.cli.exits.say` writes: a stderr that cannot be written
+    (a pipe whose reader has gone) loses the warning, never the command's work. The
+    BrokenPipeError ended ``sendmail`` as if a reader of ``-bp`` had gone, exit 0, with
+    the message never queued."""
     from mailstrom.cli.output import visible
 
     for warning in settings.warnings:
-        sys.stderr.write(f"mailstrom: warning: {visible(warning)}\n")
+        say(f"mailstrom: warning: {visible(warning)}")
     return settings
 
 

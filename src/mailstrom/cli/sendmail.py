@@ -39,6 +39,7 @@ from mailstrom.cli.exits import (
     fail,
     reader_gone,
     reason_for,
+    say,
 )
 from mailstrom.cli.localnames import (
     REWRITTEN_HEADERS,
@@ -563,6 +564,7 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
     ``mailstrom_options`` are global options given before ``sendmail``
     (``mailstrom --store X sendmail``): refused, as the same options after it are.
     """
+    writes_out = False  # --help and -bp: their reader may go away (`| head`)
     try:
         if mailstrom_options:
             raise UsageError(
@@ -570,6 +572,7 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
                 f"); set them in {SYSTEM_CONFIG_PATH} or a file named by {CONFIG_PATH_ENV}"
             )
         args = parse_args(argv)
+        writes_out = args.help or args.list_queue
         if args.help:
             sys.stdout.write(HELP)
             return EX_OK
@@ -580,10 +583,13 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
             return _list_queue()
         return _enqueue(args)
     except UsageError as exc:
-        sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
+        say(f"mailstrom: {reason_for(exc)}")
         return EX_USAGE
-    except BrokenPipeError:  # -bp or --help read by `head`, which went away
-        return reader_gone()
+    except BrokenPipeError as exc:
+        if writes_out:  # -bp or --help read by `head`, which went away
+            return reader_gone()
+        # Anywhere else it is a failure: exit 0 said "queued" of a message that was not.
+        return fail(exc)
     except KeyboardInterrupt:  # Ctrl-C while the message is typed: nothing is queued
         return EX_INTERRUPTED
     except Exception as exc:

@@ -31,6 +31,7 @@ from mailstrom.cli.exits import (
     exit_code_for,
     reader_gone,
     reason_for,
+    say,
 )
 from mailstrom.errors import InvalidMessage, MessageTooLarge, StoreError
 from mailstrom.settings import Settings
@@ -163,7 +164,7 @@ class Session:
     def lost(self, where: str) -> bool:
         """The input ended with a message under way (``where``): it is not queued, and
         the exit code says so, EX_PROTOCOL, for a client that reads only that. False."""
-        sys.stderr.write(f"mailstrom: the input ended {where} without QUIT: not queued\n")
+        say(f"mailstrom: the input ended {where} without QUIT: not queued")
         self.code = EX_PROTOCOL
         return False
 
@@ -300,7 +301,7 @@ class Session:
         except Exception as exc:  # the store unavailable, damaged, or a bug: try later
             self.code = exit_code_for(exc)
             kind = "queue unavailable" if isinstance(exc, StoreError) else "local error"
-            sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
+            say(f"mailstrom: {reason_for(exc)}")
             return self.error(f"451 4.3.0 Error: {kind}, try again later")
         self.reply(f"250 2.0.0 Ok: queued as {queue_id}")
         return True
@@ -412,7 +413,7 @@ def _refusal(check: Check, address: str, bad: str) -> str | None:
     except InvalidMessage as exc:
         return f"{bad}: {_one_line(reason_for(exc))}"
     except Exception as exc:
-        sys.stderr.write(f"mailstrom: {reason_for(exc)}\n")
+        say(f"mailstrom: {reason_for(exc)}")
         return "451 4.3.0 Error: local error, try again later"
     return None
 
