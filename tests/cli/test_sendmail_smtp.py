@@ -241,6 +241,23 @@ def test_a_session_ended_by_the_server_exits_non_zero(cli: CLI) -> None:
         assert result.code == 76, result.err
 
 
+def test_a_queued_message_forgives_the_errors_and_junk_before_it(cli: CLI) -> None:
+    """Symfony's transport keeps one ``sendmail -bs`` for up to 100 messages, pinging it
+    with NOOP when idle and sending RSET after a refusal. The error and junk-command
+    counts ran over the whole session, so its 20th refused recipient (or 100th NOOP or
+    RSET) across all its messages ended it with 421 and failed the next good message.
+    Postfix's smtpd forgives both once a message is received, and so does this."""
+    good = transaction(b"app@example.test", [b"bob@example.test"], MESSAGE)
+    refused = b"MAIL FROM:<app@example.test>\r\nRCPT TO:<a b>\r\nRSET\r\n"
+    for between in (refused * 15, b"NOOP\r\n" * 60):
+        script = b"EHLO c\r\n" + between + good + between + good + b"QUIT\r\n"
+        result = session(cli, script)
+        assert "421" not in codes(result), result.out[-300:]
+        assert codes(result).count("354") == 2
+        assert result.code == 0, result.err
+    assert len(cli.queue_ids()) == 4
+
+
 def test_smtplib_sends_through_a_socket_pair(cli: CLI) -> None:
     """The stdlib's SMTP client, waiting for each reply as Symfony's does, talks to the
     session over a socket pair that is the subprocess's standard input and output."""

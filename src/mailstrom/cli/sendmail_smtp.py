@@ -47,10 +47,12 @@ otherwise hold it, reading, for as long as it sends within :data:`READ_TIMEOUT`.
 MAX_RECIPIENTS = 1000
 """RCPTs per transaction (Postfix's smtpd_recipient_limit): more get 452 4.5.3."""
 MAX_ERRORS = 20
-"""Error replies in one session before it is ended with 421 (Postfix's hard limit)."""
+"""Error replies in one session, since its last message queued, before it is ended with
+421 (Postfix's hard limit)."""
 MAX_JUNK = 100
-"""NOOP, RSET, VRFY, HELO and EHLO commands in one session before 421 (Postfix's
-smtpd_junk_command_limit): a client looping on them would never end the session."""
+"""NOOP, RSET, VRFY, HELO and EHLO commands in one session, since its last message
+queued, before 421 (Postfix's smtpd_junk_command_limit): a client looping on them would
+never end the session."""
 _PIECE = 65536
 
 
@@ -303,6 +305,10 @@ class Session:
             kind = "queue unavailable" if isinstance(exc, StoreError) else "local error"
             say(f"mailstrom: {reason_for(exc)}")
             return self.error(f"451 4.3.0 Error: {kind}, try again later")
+        # A message received forgives what came before it, as Postfix's smtpd does: the
+        # bounds are for a client that never gets anywhere, and one that keeps a session
+        # for many messages (Symfony's, up to 100) made them count across all of them.
+        self.errors = self.junk = 0
         self.reply(f"250 2.0.0 Ok: queued as {queue_id}")
         return True
 
