@@ -3,6 +3,7 @@ the headers providers require — through the real command in a subprocess."""
 
 from __future__ import annotations
 
+import os
 import resource
 import stat
 import subprocess
@@ -181,6 +182,33 @@ def test_unsigned_mail_is_reported(mail_env: MailEnv) -> None:
         "--text", "x",
     )  # fmt: skip
     assert sent.code == 0 and "not DKIM-signed" in sent.err
+
+
+def test_unsigned_mail_is_queued_when_the_warning_cannot_be_written(mail_env: MailEnv) -> None:
+    """The "not DKIM-signed" warning is written before the message is queued. With stderr
+    a pipe whose reader had gone, the BrokenPipeError was taken for a reader of the
+    output gone: exit 0, and nothing queued. The warning is lost; the message is queued."""
+    cli = mail_env.cli
+    config = dkim_config(cli)
+    argv = ["--config", str(config), "send", "--from", "app@other.test"]
+    argv += ["--to", "bob@example.test", "--text", "x"]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mailstrom", *argv],
+            cwd=cli.cwd,
+            env=cli.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=write,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 0
+    assert len(cli.queue_ids()) == 1
 
 
 def test_required_refuses_unsigned_mail(mail_env: MailEnv) -> None:

@@ -24,6 +24,7 @@ from mailstrom.cli.exits import (
     EX_UNAVAILABLE,
     CLIError,
     UsageError,
+    say,
 )
 from mailstrom.cli.output import cell, echo, print_json
 from mailstrom.cli.parsing import Subparsers, path_arg, seconds_arg
@@ -459,9 +460,11 @@ def send_command(args: argparse.Namespace) -> int:
     if args.require_tls:
         prepared = dataclasses.replace(prepared, require_tls=True)
     if settings.config.dkim is not None and not prepared.dkim:
-        sys.stderr.write(
+        # Written as errors are (say): a stderr that cannot take it loses the warning,
+        # never the message it warns of, which is queued after it.
+        say(
             f"mailstrom: warning: the message is not DKIM-signed: {prepared.dkim_unsigned}; "
-            "add a [[dkim.keys]] entry for it or a parent domain\n"
+            "add a [[dkim.keys]] entry for it or a parent domain"
         )
     store = open_store(settings.store_url)
     try:
