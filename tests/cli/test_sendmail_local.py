@@ -45,6 +45,38 @@ def test_cron_mail_to_root_reaches_the_alias(cli: CLI) -> None:
     assert "Subject: Cron <root@host> run-parts /etc/cron.daily" in headers
 
 
+def test_a_name_at_localhost_is_a_local_name(cli: CLI) -> None:
+    """fail2ban mails ``destemail = root@localhost`` (its default) as ``sendmail -f
+    root@<host> root@localhost`` with that address in To, and many a script writes
+    ``MAILTO=root@localhost``. Postfix delivers it locally, through the aliases
+    (localhost is in its default mydestination); here it was refused as a special-use
+    name (exit 65), the report lost. A name at localhost (or a name under it, RFC 6761
+    §6.3) is now a local name: through the aliases, else given the origin, in the
+    envelope and in the header fields alike."""
+    local_names(cli, "root: ops@example.test\n")
+    message = (
+        b"Subject: [Fail2Ban] sshd: banned 192.0.2.1\n"
+        b"From: Fail2Ban <root@localhost>\nTo: root@localhost, www-data@LocalHost\n\nbanned\n"
+    )
+    cli.ok(
+        "sendmail", "-f", "root@localhost", "root@localhost", "nobody@ip6.localhost", stdin=message
+    )
+    cli.ok("sendmail", "-t", "-i", stdin=message)
+    first, second = sorted(cli.ok("queue", "--json").json(), key=lambda m: m["created_at"])
+    assert first["envelope_from"] == "root@host.example.test"
+    assert [r["address"] for r in first["recipients"]] == [
+        "ops@example.test",
+        "nobody@host.example.test",
+    ]
+    assert [r["address"] for r in second["recipients"]] == [
+        "ops@example.test",
+        "www-data@host.example.test",
+    ]
+    headers = cli.ok("show", "--headers", first["id"]).out
+    assert "From: Fail2Ban <root@host.example.test>" in headers
+    assert "To: root@host.example.test, www-data@host.example.test" in headers
+
+
 def test_bare_names_get_the_origin_without_aliases(cli: CLI) -> None:
     local_names(cli, None)
     message = b"Subject: disk\n\nfull\n"

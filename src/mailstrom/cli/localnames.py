@@ -1,5 +1,6 @@
 """Bare local names in mail from local programs: ``root``, ``www-data``, ``From: root (Cron
-Daemon)``. cron, at, mdadm and smartd address mail to a user name and sign it with one;
+Daemon)``. cron, at, mdadm and smartd address mail to a user name and sign it with one
+(fail2ban, and many scripts, to ``root@localhost``: the same local name);
 a mail server gives such a name its origin domain (Postfix's ``myorigin``, by default the
 host's name) and looks it up in ``/etc/aliases`` first. The sendmail personality does the
 same, so their mail reaches a real mailbox instead of being refused.
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from email.utils import formataddr, quote
 
 from mailstrom.errors import ConfigError
-from mailstrom.message.addresses import Group, parse_local_address_list
+from mailstrom.message.addresses import Group, is_localhost, parse_local_address_list
 from mailstrom.message.stdlib_addresses import address_pairs
 
 DEFAULT_ALIASES = "/etc/aliases"
@@ -51,8 +52,18 @@ def is_bare(address: str) -> bool:
     return bool(address) and "@" not in address and not address.startswith(("|", "/", ":"))
 
 
+def unlocal(address: str) -> str:
+    """``address`` as a bare name when its domain is localhost (``root@localhost``, as
+    fail2ban and many scripts address mail to root: Postfix delivers it locally, through
+    the aliases); else ``address`` itself."""
+    local, at, domain = address.rpartition("@")
+    return local if at and local and is_localhost(domain) else address
+
+
 def qualify(address: str, origin: str) -> str:
-    """``address`` with ``@origin`` appended when it is a bare name."""
+    """``address`` with ``@origin`` appended when it is a bare name, in place of the
+    domain when that is localhost."""
+    address = unlocal(address)
     return f"{address}@{origin}" if is_bare(address) else address
 
 
@@ -139,6 +150,7 @@ def expand(address: str, aliases: Mapping[str, Sequence[str]], origin: str) -> l
     seen: set[str] = set()
 
     def walk(name: str, depth: int) -> None:
+        name = unlocal(name)
         if name.startswith("\\") and is_bare(name[1:]):
             # \root: root itself, not aliased again (aliases(5) of Sendmail and Postfix;
             # "root: \root, ops@..." keeps a copy for root).
@@ -171,7 +183,8 @@ def expand_all(
     expanded: set[str] = set()
     for address in addresses:
         # Aliases match case-insensitively, so Staff and STAFF go where staff goes.
-        key = address.lower() if is_bare(address) and address.lower() in aliases else address
+        name = unlocal(address)
+        key = name.lower() if is_bare(name) and name.lower() in aliases else address
         if key not in expanded:
             expanded.add(key)
             found.update(dict.fromkeys(expand(address, aliases, origin)))
@@ -200,7 +213,7 @@ def qualify_headers(data: bytes, origin: str) -> bytes:
             text = value.decode("utf-8", "surrogateescape")
             unfolded = " ".join(text.split())
             pairs = address_pairs([unfolded])
-            if any(is_bare(addr) for _, addr in pairs):
+            if any(is_bare(unlocal(addr)) for _, addr in pairs):
                 # getaddresses() keeps only the first word of "Bob Smith": refused here
                 # (InvalidAddress, exit 65) rather than rewritten to another mailbox.
                 field = name.strip().decode("ascii", "replace")

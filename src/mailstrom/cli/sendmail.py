@@ -53,6 +53,7 @@ from mailstrom.cli.localnames import (
     qualify,
     qualify_headers,
     read_aliases,
+    unlocal,
 )
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
@@ -720,7 +721,8 @@ def _serve_smtp(args: SendmailArgs) -> int:
             )
         for address in addresses:
             targets = expand(address, aliases[0], origin)
-            if not (is_bare(address) and address.lower() in aliases[0]):
+            name = unlocal(address)
+            if not (is_bare(name) and name.lower() in aliases[0]):
                 if not targets:  # a program, file or include named in RCPT itself
                     raise InvalidMessage(f"{address!r} is no mail address")
                 for target in targets:

@@ -131,9 +131,17 @@ def _parse_address_list(field: str, value: str) -> tuple[Group, ...]:
 _parse_cached = functools.lru_cache(maxsize=4096)(_parse_address_list)
 
 
+def is_localhost(domain: str) -> bool:
+    """Whether ``domain`` is ``localhost`` or a name under it (RFC 6761 §6.3: always this
+    machine), which no mail can be sent to: a name there is a local name."""
+    domain = domain.lower()
+    return domain == "localhost" or domain.endswith(".localhost")
+
+
 def parse_local_address_list(field: str, value: str, origin: str) -> tuple[Group, ...]:
     """:func:`parse_address_list`, but an addr-spec without a domain (a bare local name
-    such as ``root``, as local programs write them) gets ``origin`` as its domain. The
+    such as ``root``, as local programs write them), or at :func:`is_localhost`
+    (``root@localhost``, fail2ban's default), gets ``origin`` as its domain. The
     sendmail personality checks its fields with this: the stdlib parser it qualifies
     them with keeps only the first word of ``To: Bob Smith`` (``Bob``), another mailbox.
     """
@@ -316,6 +324,8 @@ class _Parser:
             raise self.fail("an address starts with '@' (source routes are not supported)")
         local = self._dot_atom(tokens[:at], "the part before the @-sign", quoted_ok=True)
         domain = self._dot_atom(tokens[at + 1 :], "the part after the @-sign", quoted_ok=False)
+        if self.origin is not None and is_localhost(domain):
+            domain = self.origin  # a local name, as a bare one is
         return _validate(self.field, self.value, local, domain)
 
     def _dot_atom(self, tokens: Sequence[_Token], what: str, *, quoted_ok: bool) -> str:
