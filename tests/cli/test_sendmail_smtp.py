@@ -297,6 +297,42 @@ def test_smtplib_sends_through_a_socket_pair(cli: CLI) -> None:
     assert "line one\n.\n..two\n" in body
 
 
+def test_a_client_that_resets_the_socket_is_a_client_gone(cli: CLI) -> None:
+    """A client on a socket that closes it with replies unread resets it: the next read
+    was a ConnectionResetError, reported as an internal error (70, "a bug in
+    mailstrom"). It is the end of input, as on a pipe: nothing lost between
+    transactions (0), a message under way lost (76)."""
+    for script, expected, code in [
+        (b"EHLO c\r\nMAIL FROM:<a@example.test>\r\n", b"250 2.1.0", 76),
+        (b"EHLO c\r\n", b"250 ENHANCED", 0),
+    ]:
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailstrom", "sendmail", "-bs"],
+            cwd=cli.cwd,
+            env=cli.env,
+            stdin=theirs.fileno(),
+            stdout=theirs.fileno(),
+            stderr=subprocess.PIPE,
+        )
+        theirs.close()
+        try:
+            ours.settimeout(60)
+            ours.sendall(script)
+            # Every reply there, none read: closing now resets the connection.
+            while expected not in ours.recv(65536, socket.MSG_PEEK):
+                pass
+            ours.close()
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+            ours.close()
+        assert proc.returncode == code, err
+        assert b"internal error" not in err
+
+
 def test_a_silent_client_times_out_with_421() -> None:
     from mailstrom.cli.sendmail_smtp import LineSource, Session
 

@@ -91,6 +91,10 @@ class LineSource:
                 data = os.read(self._fd, _PIECE)
             except BlockingIOError:
                 continue
+            except ConnectionResetError:
+                # A client on a socket that closed it with replies unread: gone, as at
+                # the end of input (it was an "internal error", 70).
+                data = b""
             if not data:
                 self.eof = True
             self._buffer += data
@@ -178,7 +182,7 @@ class Session:
         except _Timeout:
             self.reply(f"421 4.4.2 {self.helo_name} Error: timeout exceeded")
             self.code = EX_TEMPFAIL  # the client may try again, as after any 4xx
-        except BrokenPipeError:  # the client went away
+        except (BrokenPipeError, ConnectionResetError):  # the client went away
             reader_gone()
         return self.code
 
