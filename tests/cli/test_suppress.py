@@ -65,7 +65,10 @@ def test_export_import_round_trip(cli: CLI, workdir: Path, tmp_path: Path) -> No
     (workdir / "list.csv").write_text(exported)
 
     other = CLI(cwd=workdir, env=cli.env | {"MAILSTROM_STORE": "sqlite:///other.db"})
-    assert other.ok("suppress", "import", "--json", "list.csv").json() == {"imported": 3}
+    assert other.ok("suppress", "import", "--json", "list.csv").json() == {
+        "imported": 3,
+        "expired": 0,
+    }
     assert other.ok("suppress", "export").out == exported
     # From stdin, a bare list of addresses.
     out = other.ok("suppress", "import", "--source", "async_bounce", stdin=b"ann@example.test\n")
@@ -122,7 +125,10 @@ def test_an_export_to_stdout_is_utf_8_whatever_the_locale(cli: CLI, workdir: Pat
     assert result.out == cli.ok("suppress", "export").out
     (workdir / "list.csv").write_text(result.out, encoding="utf-8")
     other = CLI(cwd=workdir, env=cli.env | {"MAILSTROM_STORE": "sqlite:///other.db"})
-    assert other.ok("suppress", "import", "--json", "list.csv").json() == {"imported": 3}
+    assert other.ok("suppress", "import", "--json", "list.csv").json() == {
+        "imported": 3,
+        "expired": 0,
+    }
     assert [r["target"] for r in other.ok("suppress", "list", "--json").json()] == [
         "ann@example.test",
         "jörg@example.test",
@@ -344,3 +350,29 @@ def test_an_import_the_store_fails_midway_writes_nothing_and_can_be_run_again(
     assert cli.ok("suppress", "import", "list.csv").out == "2000 entries imported\n"
     header = "target,source,reply,created_at,expires_at,message_id\n"
     assert cli.ok("suppress", "export").out == header + "".join(f"{r},,\n" for r in rows)
+
+
+def test_an_import_leaves_out_entries_that_have_expired(cli: CLI, workdir: Path) -> None:
+    """An import wrote a row that had expired as any other, in the place of the entry
+    its target had: ``export --all`` of a backup or another store imported over a
+    complaint's entry (no end) left the address unsuppressed, mail going to it again.
+    ``add`` and the library refuse an expiry that is not in the future for that reason;
+    an import leaves such rows out, says how many, and writes the rest."""
+    cli.ok("suppress", "add", "bob@example.test", "--source", "complaint", "--reason", "spam")
+    csv_text = (
+        "target,source,reply,created_at,expires_at,message_id\n"
+        "bob@example.test,hard_bounce,550 5.1.1 gone,"
+        "2025-01-01T00:00:00+00:00,2025-07-01T00:00:00+00:00,\n"
+        "old@example.test,hard_bounce,550 5.1.1 gone,"
+        "2025-01-01T00:00:00+00:00,2025-07-01T00:00:00+00:00,\n"
+        "new@example.test,manual,,,,\n"
+    )
+    result = cli.ok("suppress", "import", "--json", stdin=csv_text.encode()).json()
+    assert result == {"imported": 1, "expired": 2}
+    rows = cli.ok("suppress", "list", "--all", "--json").json()
+    assert [(r["target"], r["source"], r["reply"], r["expires_at"]) for r in rows] == [
+        ("bob@example.test", "complaint", "spam", None),
+        ("new@example.test", "manual", "", None),
+    ]
+    text = cli.ok("suppress", "import", stdin=csv_text.encode()).out
+    assert text == "1 entries imported; 2 that had expired left out\n"
