@@ -304,6 +304,34 @@ def test_exchange_onlines_refusal_of_an_address_it_does_not_have_suppresses(
     assert [e.target for e in ms.suppressions()] == ["gone@example.org"]
 
 
+def test_yahoos_refusal_of_an_account_it_does_not_have_suppresses(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    """Yahoo and AOL refuse an address they have no account for with a 554 and no
+    enhanced code, at the end of DATA ("554 delivery error: dd This user doesn't have a
+    yahoo.com account"): the reply table knew it as "no such account: remove the
+    address", and the address was never suppressed, getting every later message."""
+    mx.enhancedstatuscodes = False
+    mx.data_reply = (
+        "554 delivery error: dd This user doesn't have a yahoo.com account"
+        " (gone@example.org) [0] - mta1234.mail.ne1.yahoo.com"
+    )
+    mx.rcpt_replies["aol@example.org"] = (
+        "554 delivery error: dd This user doesn't have a aol.com account (aol@example.org)"
+    )
+    mx.rcpt_replies["policy@example.org"] = "554 Message not accepted for policy reasons"
+    ms = mailstrom()
+    for to in ("gone@example.org", "aol@example.org", "policy@example.org"):
+        ms.send_email(hello(to))
+    done = results.wait_count(3)
+    assert {r.address: r.state for r in done} == {
+        "gone@example.org": FAILED,
+        "aol@example.org": FAILED,
+        "policy@example.org": FAILED,
+    }
+    assert [e.target for e in ms.suppressions()] == ["aol@example.org", "gone@example.org"]
+
+
 def test_a_null_mx_domain_suppresses_the_address(
     mailstrom: MakeMailstrom, dns_server: LoopbackDNS, results: Results
 ) -> None:

@@ -11,7 +11,11 @@ from mailstrom.client.common import suppression_entry
 from mailstrom.config import Config
 from mailstrom.errors import ConfigError, InvalidSuppression
 from mailstrom.message.addrspec import validate_address
-from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, is_hard_bounce
+from mailstrom.policy.hardbounce import (
+    DEFAULT_SUPPRESS_ON,
+    is_hard_bounce,
+    is_late_hard_bounce,
+)
 from mailstrom.status import AttemptOutcome
 from mailstrom.suppression import (
     Suppression,
@@ -209,6 +213,35 @@ def test_exchange_onlines_unknown_recipient_is_a_hard_bounce(
         AttemptOutcome.PERMANENT, code=code, enhanced=enhanced, codes=DEFAULT_SUPPRESS_ON, text=text
     )
     assert hard is expected
+
+
+_YAHOO = "delivery error: dd This user doesn't have a yahoo.com account (a@yahoo.com) [0]"
+
+
+@pytest.mark.parametrize(
+    ("code", "enhanced", "text", "expected"),
+    [
+        (554, None, _YAHOO, True),
+        (554, None, "delivery error: dd This user doesn't have a aol.com account", True),
+        (554, None, "delivery error: dd This user doesn't have a\n  YAHOO.COM account", True),
+        (554, None, "Message not accepted for policy reasons", False),
+        (550, None, _YAHOO, False),  # the rule is Yahoo's 554 alone
+    ],
+)
+def test_yahoos_unknown_account_is_a_hard_bounce(
+    code: int, enhanced: str | None, text: str, expected: bool
+) -> None:
+    """Yahoo and AOL say "no such account" with a 554 and no enhanced code; the reply
+    table knew it, suppression did not."""
+    hard = is_hard_bounce(
+        AttemptOutcome.PERMANENT, code=code, enhanced=enhanced, codes=DEFAULT_SUPPRESS_ON, text=text
+    )
+    assert hard is expected
+    # Relayed in a bounce that came later (Exim's and Postfix's Status 5.0.0).
+    late = is_late_hard_bounce(
+        "5.0.0", code=code, codes=DEFAULT_SUPPRESS_ON, diagnostic=f"{code} {text}"
+    )
+    assert late is expected
 
 
 def test_suppress_on_is_checked_by_config() -> None:

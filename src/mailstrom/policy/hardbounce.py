@@ -11,11 +11,13 @@ the address, and is left out.
 
 A refusal is judged by its enhanced code, and a reply without one at its start by the
 one qmail ends its text with ("550 sorry, no mailbox here by that name. (#5.1.1)"), as
-:mod:`mailstrom.policy.reasons` reads it. One provider's words are read as the code they
-stand for: Exchange Online's directory-based edge blocking refuses an address its
-organisation does not have with ``550 5.4.1 Recipient address rejected: Access denied``,
-which is "the mailbox does not exist" (``5.1.1``); 5.4.1 in general, "no answer from host"
-(RFC 3463), says nothing about the address and stays as it is.
+:mod:`mailstrom.policy.reasons` reads it. A provider's words are read as the code they
+stand for where the reply table (``reasons.toml``) gives a rule for them a ``status``:
+Exchange Online's directory-based edge blocking refuses an address its organisation does
+not have with ``550 5.4.1 Recipient address rejected: Access denied``, and Yahoo and AOL
+with ``554 delivery error: dd This user doesn't have a yahoo.com account`` (no enhanced
+code), each "the mailbox does not exist" (``5.1.1``); 5.4.1 in general, "no answer from
+host" (RFC 3463), says nothing about the address and stays as it is.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from mailstrom.policy.reasons import qmail_status
-from mailstrom.status import AttemptOutcome
+from mailstrom.policy.reasons import qmail_status, stands_for
+from mailstrom.status import AttemptOutcome, SMTPReply
 
 DEFAULT_SUPPRESS_ON = ("5.1.1", "5.1.2", "5.1.10", "5.2.1", "556")
 """The codes that suppress an address unless configured otherwise."""
@@ -32,9 +34,6 @@ DEFAULT_SUPPRESS_ON = ("5.1.1", "5.1.2", "5.1.10", "5.2.1", "556")
 # re.ASCII: a reply's codes are ASCII digits (smtp/replies.py), so "5.\u0661.1" (a str
 # pattern's \d takes it) would be a configured code that never matches anything.
 _CODE = re.compile(r"^5(?:\.\d{1,3}\.\d{1,3}|\d\d)$", re.ASCII)
-_NO_SUCH_RECIPIENT = "recipient address rejected: access denied"
-"""Exchange Online's words for an address its organisation does not have (with 550 5.4.1,
-"AS(201806281)": directory-based edge blocking)."""
 
 
 def check_codes(codes: Iterable[str]) -> tuple[str, ...]:
@@ -80,8 +79,10 @@ def is_hard_bounce(
 
 def refusal_status(code: int | None, enhanced: str | None, text: str | None) -> str | None:
     """The enhanced code a refusal (``code``, its own ``enhanced`` code, its ``text``) is
-    judged by: its own, or without one qmail's "(#5.1.1)" ending the text; Exchange
-    Online's ``550 5.4.1 Recipient address rejected: Access denied`` as ``5.1.1``.
+    judged by: the one the reply table says its words stand for (Exchange Online's ``550
+    5.4.1 Recipient address rejected: Access denied`` and Yahoo's ``554 ... doesn't have a
+    yahoo.com account`` as ``5.1.1``), else its own, or without one qmail's "(#5.1.1)"
+    ending the text.
 
     >>> refusal_status(550, None, "sorry, no mailbox here by that name. (#5.1.1)")
     '5.1.1'
@@ -90,16 +91,15 @@ def refusal_status(code: int | None, enhanced: str | None, text: str | None) -> 
     '5.1.1'
     >>> refusal_status(550, "5.4.1", "No answer from host")
     '5.4.1'
+    >>> refusal_status(554, None, "delivery error: dd This user doesn't have a yahoo.com account")
+    '5.1.1'
     """
-    if enhanced is None and code is not None and text:
-        enhanced = qmail_status(code, text)
-    if (
-        code == 550
-        and enhanced == "5.4.1"
-        and text
-        and _NO_SUCH_RECIPIENT in " ".join(text.lower().split())
-    ):
-        return "5.1.1"
+    if code is not None and text:
+        status = stands_for(SMTPReply(code=code, enhanced=enhanced, text=text))
+        if status is not None:
+            return status
+        if enhanced is None:
+            enhanced = qmail_status(code, text)
     return enhanced
 
 

@@ -35,7 +35,18 @@ DATA_FILE = "reasons.toml"
 """The data file, package data of :mod:`mailstrom.policy`."""
 
 _RULE_KEYS = frozenset(
-    {"provider", "code", "enhanced", "text", "pattern", "class", "help", "action", "example"}
+    {
+        "provider",
+        "code",
+        "enhanced",
+        "text",
+        "pattern",
+        "class",
+        "status",
+        "help",
+        "action",
+        "example",
+    }
 )
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _ENHANCED_RANGE = re.compile(r"([245]\.\d{1,3})\.(\d{1,3})-(\d{1,3})")
@@ -71,6 +82,10 @@ class ReplyRule:
     text: tuple[str, ...] = ()
     """Lower-case phrases that must all appear."""
     pattern: re.Pattern[str] | None = None
+    status: str | None = None
+    """The enhanced code the reply stands for, when its own says otherwise or it has none
+    (Exchange Online's 550 5.4.1 "Access denied" for an address it does not have: 5.1.1):
+    what :mod:`mailstrom.policy.hardbounce` judges it by."""
     provider: str | None = None
     help: str | None = None
     action: str
@@ -333,6 +348,9 @@ def _rule(index: int, entry: Mapping[str, Any]) -> ReplyRule:
             pattern = re.compile(str(entry["pattern"]))
         except re.error as exc:
             raise ValueError(f"{DATA_FILE}: {where}: bad pattern: {exc}") from None
+    status = entry.get("status")
+    if status is not None and not (isinstance(status, str) and _ENHANCED.fullmatch(status)):
+        raise ValueError(f"{DATA_FILE}: {where}: status {status!r} is no enhanced code")
     help_url = entry.get("help")
     if help_url is not None and not str(help_url).startswith("https://"):
         raise ValueError(f"{DATA_FILE}: {where}: help must be an https:// link")
@@ -343,6 +361,7 @@ def _rule(index: int, entry: Mapping[str, Any]) -> ReplyRule:
         enhanced=tuple(enhanced),
         text=text,
         pattern=pattern,
+        status=status,
         provider=str(entry["provider"]) if "provider" in entry else None,
         help=str(help_url) if help_url is not None else None,
         action=str(entry["action"]),
@@ -366,6 +385,19 @@ def classify_reply(reply: SMTPReply) -> ReasonClass:
     <ReasonClass.GREYLISTED: 'greylisted'>
     """
     return table().classify(reply)
+
+
+def stands_for(reply: SMTPReply) -> str | None:
+    """The enhanced code a rule of the table says ``reply`` stands for (its ``status``),
+    or None: a provider's words for "no such mailbox" under another code, or none.
+
+    >>> stands_for(SMTPReply(code=554, enhanced=None,
+    ...                      text="delivery error: dd This user doesn't have a yahoo.com account"))
+    '5.1.1'
+    >>> stands_for(SMTPReply(code=550, enhanced="5.1.1", text="No such user"))
+    """
+    rule = table().match(reply)
+    return None if rule is None else rule.status
 
 
 def classify_local(enhanced: str | None) -> ReasonClass:
