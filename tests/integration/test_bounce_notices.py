@@ -761,3 +761,91 @@ def test_a_verp_entry_an_older_mailstrom_made_suppresses_no_later_notice(
         targets = {e.target for e in ms.store.list_suppressions()}
     assert targets == {"busy@example.org", kept_manual.lower(), kept_plain}
     assert len(mx.wait_for_messages(2)) == 2
+
+
+class _Held(bytes):
+    """Message data as a store hands it out, counting the copies alive at once."""
+
+    alive = 0
+    most = 0
+
+    def __new__(cls, data: bytes) -> _Held:
+        held = super().__new__(cls, data)
+        _Held.alive += 1
+        _Held.most = max(_Held.most, _Held.alive)
+        return held
+
+    def __del__(self) -> None:
+        _Held.alive -= 1
+
+
+async def test_notices_owed_by_many_messages_hold_one_message_at_a_time(
+    dns_server: LoopbackDNS, mx: Any, tmp_path: Path
+) -> None:
+    """A look for notices owed finds up to MAX_OWED_MESSAGES (100) messages, each up to
+    ``max_message_size`` (35 MiB): it read every one of them whole before making any
+    notice, 3.5 GB held at once past ``max_leased_bytes``, though a notice keeps at most
+    MAX_RETURNED octets of its message. Each message is read, its notice made and its
+    data let go before the next is read."""
+    from email import message_from_bytes, policy
+
+    class Owing(SQLiteStore):
+        failing = True
+        queued = 0
+
+        def queue_notices(self, owed: Any, notices: Any, *, now: Any) -> list[str]:
+            if self.failing:
+                raise StoreLocked("database is locked (another process holds its lock)")
+            ids = super().queue_notices(owed, notices, now=now)
+            self.queued += len(ids)
+            return ids
+
+        def message_data(self, message_id: str) -> bytes:
+            data = super().message_data(message_id)
+            return data if self.failing else _Held(data)
+
+    path = tmp_path / "q.db"
+    config = loopback_config(dns_server, mx.port, bounce_notices=True)
+    store = Owing(path)
+    try:
+        for _ in range(3):
+            message = prepare(hello("nobody@example.org"), envelope_from="app@sender.test")
+            store.enqueue(message, now=datetime.now(UTC))
+        worker = Worker(config, store)
+        run = asyncio.create_task(worker.run())
+        for _ in range(500):  # each failure marked "notice owed", no notice queued
+            if len({o.message_id for o in store.owed_notices()}) == 3:
+                break
+            await asyncio.sleep(0.02)
+        worker.request_stop(drain_timeout=5)
+        await asyncio.wait_for(run, 30)
+        assert len({o.message_id for o in store.owed_notices()}) == 3
+    finally:
+        store.close()
+    again = Owing(path)
+    again.failing = False
+    try:
+        worker = Worker(config, again)
+        run = asyncio.create_task(worker.run())
+        try:
+            notices = await asyncio.to_thread(mx.wait_for_messages, 3)
+        finally:
+            worker.request_stop(drain_timeout=5)
+            await asyncio.wait_for(run, 30)
+        assert again.queued == 3 and again.owed_notices() == []
+    finally:
+        again.close()
+    assert _Held.most == 1
+    for notice in notices:
+        assert notice.mail_from == "<>" and notice.rcpt_tos == ("app@sender.test",)
+        parsed = message_from_bytes(notice.content, policy=policy.default)
+        assert parsed.get_content_type() == "multipart/report"
+        assert parsed.get_param("report-type") == "delivery-status"
+        _, status, returned = parsed.iter_parts()
+        per_message, per_recipient = status.get_payload()
+        assert per_message["Reporting-MTA"] == "dns; client.test"
+        assert per_recipient["Final-Recipient"] == "rfc822; nobody@example.org"
+        assert (per_recipient["Action"], per_recipient["Status"]) == ("failed", "5.1.1")
+        assert per_recipient["Diagnostic-Code"] == f"smtp; {NO_SUCH_USER}"
+        assert returned.get_content_type() == "text/rfc822-headers"
+        assert b"Hello" not in notice.content

@@ -230,20 +230,19 @@ class WorkerScreening(WorkerStore):
             by_message: dict[str, list[OwedNotice]] = {}
             for entry in owed:
                 by_message.setdefault(entry.message_id, []).append(entry)
-            data: dict[str, bytes] = {}
-            for message_id in by_message:
-                with contextlib.suppress(UnknownMessage):  # purged, its marks with it
-                    data[message_id] = await self._store_call(self.store.message_data, message_id)
-            # Loaded at the first notice: the notices' renderer and the message model.
-            from mailstrom.runtime.notices import notices_owed
-
-            try:
-                made = notices_owed(owed, data, config=self.config, now=self._clock())
-            except Exception:
-                # A bug in the renderer: the marks stay, to be tried again, and the worker
-                # goes on (the results are recorded).
-                log.exception("bounce messages could not be made (%d messages)", len(by_message))
-                return 0
+            made: dict[str, list[PreparedMessage]] = {}
+            for message_id, entries in by_message.items():
+                try:
+                    made |= await self._made_owed(message_id, entries)
+                except StoreError:
+                    raise  # below: the marks stay, looked for again soon
+                except Exception:
+                    # A bug in the renderer: the marks stay, to be tried again, and the
+                    # worker goes on (the results are recorded).
+                    log.exception(
+                        "bounce messages could not be made (%d messages)", len(by_message)
+                    )
+                    return 0
             try:
                 queued = await self._store_call(
                     self.store.queue_notices, owed, made, now=self._clock()
@@ -264,6 +263,22 @@ class WorkerScreening(WorkerStore):
         if queued:
             self._lease_wanted = True
         return len(by_message)
+
+    async def _made_owed(
+        self, message_id: str, owed: list[OwedNotice]
+    ) -> dict[str, list[PreparedMessage]]:
+        """The notices of one message's marks ``owed``, made from its data read here and
+        let go on return (none when it was purged, its marks with it). One message at a
+        time: a look finds up to MAX_OWED_MESSAGES messages of up to ``max_message_size``
+        each, and a notice keeps at most ``MAX_RETURNED`` octets of one."""
+        try:
+            data = await self._store_call(self.store.message_data, message_id)
+        except UnknownMessage:
+            return {}
+        # Loaded at the first notice: the notices' renderer and the message model.
+        from mailstrom.runtime.notices import notices_owed
+
+        return notices_owed(owed, {message_id: data}, config=self.config, now=self._clock())
 
     async def _queue_one_by_one(
         self, by_message: dict[str, list[OwedNotice]], made: dict[str, list[PreparedMessage]]
