@@ -467,6 +467,7 @@ def test_a_naive_time_is_refused(model: ReadModel, queue: Queue) -> None:
         lambda: model.queue_page(QueueQuery(view=QueueView.ALL, older_than=SECOND), now=naive),
         lambda: model.destinations(now=naive),
         lambda: model.suspensions(now=naive),
+        lambda: model.throttles(now=naive),
         lambda: model.queue_page(
             QueueQuery(view=QueueView.ALL, after=PageCursor(created_at=naive, seq=1)), now=NOW
         ),
@@ -584,6 +585,7 @@ def test_a_closed_read_model_refuses_every_view_with_a_store_error(
         lambda: model.queue_page(QueueQuery(view=QueueView.ALL), now=NOW),
         lambda: model.destinations(),
         lambda: model.suspensions(now=NOW),
+        lambda: model.throttles(now=NOW),
         lambda: model.message_data(queue.deferred),
     ):
         with pytest.raises(StoreError, match="closed") as raised:

@@ -208,6 +208,36 @@ def test_a_message_page_shows_a_throttled_destinations_pause(
     assert "throttled until" in row.group(0) and "421 4.7.28 Our system" in row.group(0)
 
 
+def test_the_destinations_page_lists_the_throttled_destinations(any_store: Store) -> None:
+    """A throttling reply pauses a destination for every worker (here "*.google.com",
+    the rule every Gmail and Google Workspace domain shares): the destinations page
+    listed suspensions only, and a backlog waiting out a pause looked stuck, with a
+    Suspend button and no word of the pause, its end or the reply that started it."""
+    any_store.enqueue(message("b@two.example"), now=NOW)
+    pause = any_store.throttle(
+        "*.google.com",
+        now=NOW,
+        reply="421 4.7.28 Our system has detected an unusual rate",
+        first=timedelta(hours=1),
+        maximum=timedelta(hours=4),
+    )
+    any_store.throttle(
+        "ended.example",
+        now=NOW - timedelta(hours=3),
+        reply="421 slow down",
+        first=timedelta(hours=1),
+        maximum=timedelta(hours=4),
+    )  # over before the dashboard's time: not listed
+    for client in _client(any_store):
+        page = client.get("/destinations").text
+    section = re.search(r'<section id="throttled".*?</section>', page, re.S)
+    assert section is not None, page
+    assert "*.google.com" in section.group(0)
+    assert pause.until.strftime("%Y-%m-%d %H:%M:%S") in section.group(0)
+    assert "421 4.7.28 Our system" in section.group(0)
+    assert "ended.example" not in page
+
+
 def test_a_retried_throttled_recipient_shows_the_pauses_end_as_its_next_attempt(
     any_store: Store,
 ) -> None:

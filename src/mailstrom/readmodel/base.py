@@ -20,7 +20,7 @@ from typing import Protocol
 from mailstrom.arguments import shown
 from mailstrom.bounds import MAX_DURATION
 from mailstrom.errors import MailstromError
-from mailstrom.status import MessageStatus, ReasonClass, RecipientState
+from mailstrom.status import DestinationThrottle, MessageStatus, ReasonClass, RecipientState
 from mailstrom.stores.operator import Suspension, comparable, filter_address, filter_domain
 
 MAX_PAGE = 500
@@ -340,6 +340,11 @@ class ReadModel(Protocol):
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """The suspended destinations at ``now``, by domain (as
         :meth:`~mailstrom.stores.base.Store.suspensions`; the list is small)."""
+        ...
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """The destinations a throttling reply paused, the pause running at ``now``,
+        soonest end first (as :meth:`~mailstrom.stores.base.Store.throttles`)."""
         ...
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:

@@ -28,7 +28,7 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
-from mailstrom.status import RecipientState
+from mailstrom.status import DestinationThrottle, RecipientState
 from mailstrom.stores.memory import MemoryStore
 from mailstrom.stores.memory_records import _Message, _Recipient
 from mailstrom.stores.operator import Suspension, filter_domain
@@ -156,6 +156,12 @@ class MemoryReadModel:
         now = check_aware(now, "now")
         self._check_open()
         return self._store.suspensions(now=now)
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """See :meth:`ReadModel.throttles`."""
+        now = check_aware(now, "now")
+        self._check_open()
+        return self._store.throttles(now=now)
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
         """See :meth:`ReadModel.queue_page`."""

@@ -35,7 +35,7 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
-from mailstrom.status import RecipientState, SMTPReply
+from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.postgres.connect import ProcessPool, connection_pool
@@ -43,6 +43,7 @@ from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.stores.postgres.store import pauses_by_message
+from mailstrom.stores.side_rows import pause_of
 
 _HAS_PENDING = (
     "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id"
@@ -78,6 +79,7 @@ _STATUS_COLUMNS = (
 # The store's own query (the list is short: no paging).
 _SUSPENSIONS = queries()["suspensions"].encode()
 _PAUSED_IN = queries()["paused_in"].encode()
+_THROTTLES = queries()["throttles"].encode()
 
 
 class PostgresReadModel:
@@ -250,6 +252,13 @@ class PostgresReadModel:
         now = check_aware(now, "now")
         with self._reading("suspensions") as conn:
             return self._suspensions(conn, now)
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """See :meth:`ReadModel.throttles`."""
+        now = check_aware(now, "now")
+        with self._reading("throttles") as conn:
+            found = conn.execute(_THROTTLES, {"now": now}).fetchall()
+        return [pause for row in found if (pause := pause_of(*row)) is not None]
 
     @staticmethod
     def _suspensions(conn: psycopg.Connection[Any], now: datetime) -> list[Suspension]:

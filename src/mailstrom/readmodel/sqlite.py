@@ -40,7 +40,7 @@ from mailstrom.readmodel.base import (
     with_suspensions,
 )
 from mailstrom.readmodel.ttl import TTLCache
-from mailstrom.status import RecipientState
+from mailstrom.status import DestinationThrottle, RecipientState
 from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
@@ -49,7 +49,7 @@ from mailstrom.stores.sqlite import _file_uri, _no_shm, _wal_holds_frames
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import HELD_WAITING_SQL, read_messages
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
-from mailstrom.stores.sqlite_shaping import paused_in
+from mailstrom.stores.sqlite_shaping import paused_in, throttles
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,12 @@ class SQLiteReadModel:
         now = check_aware(now, "now")
         with self._read() as conn:
             return active_suspensions(conn, now)
+
+    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+        """See :meth:`ReadModel.throttles`."""
+        now = check_aware(now, "now")
+        with self._read() as conn:
+            return throttles(conn, now=now)
 
     # --- the queue ------------------------------------------------------------------------
 

@@ -327,6 +327,9 @@ def create_app(
         suspended = await run_in_threadpool(
             cache.get, "suspensions", lambda: model.suspensions(now=now)
         )
+        throttled = await run_in_threadpool(
+            cache.get, "throttles", lambda: model.throttles(now=now)
+        )
         try:
             # A domain typed into the filter can be suspended even with nothing pending.
             actionable = destination_domain(domain) if domain else None
@@ -340,6 +343,7 @@ def create_app(
             domain=domain or "",
             actionable=actionable,
             suspensions=suspended,
+            throttles=throttled,
             suspended_domains={s.domain for s in suspended},
             next_offset=offset + size if len(found) > size else None,
             offset=offset,
