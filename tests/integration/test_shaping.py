@@ -146,6 +146,41 @@ def test_a_throttling_greeting_pauses_the_destination_and_not_the_others(
     assert backup.connections == 0
 
 
+def test_a_backup_mx_at_a_provider_does_not_put_the_domain_under_its_rule(
+    smtp_server: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A domain that receives on its own server and keeps a backup MX at a provider
+    (legacy, or a migration half done) was matched by that backup host to the provider's
+    rule: a 421 from its own server's greeting paused the provider's whole shape, and
+    every other domain hosted there (Gmail, each Google Workspace domain) waited out a
+    pause the provider never asked for. The rule comes from the preferred MX hosts."""
+    own = smtp_server(host="127.0.0.24", greeting="421 4.3.2 Service not available")
+    provider = smtp_server(host="127.0.0.25", port=own.port)
+    dns_server.mx("mixed.test", [(10, "mail.mixed.test"), (20, "mx.provider.test")])
+    dns_server.a("mail.mixed.test", own.host)
+    dns_server.mx("hosted.test", [(10, "mx.provider.test")])
+    dns_server.a("mx.provider.test", provider.host)
+    config = loopback_config(
+        dns_server, own.port, shaping=shaping(DestinationRule(match="*.provider.test"))
+    )
+    results = Results()
+    store = SQLiteStore(str(tmp_path / "queue.db"))
+    ms = start(config, store, results)
+    try:
+        ms.send_email(hello("a@mixed.test"))
+        results.wait_final({"a@mixed.test"})
+        [pause] = ms.throttled_destinations()
+        assert pause.destination == "mixed.test"  # its own server said 421, not the provider
+        ms.send_email(hello("b@hosted.test"))
+        results.wait_for(
+            lambda rs: any(r.address == "b@hosted.test" and r.state is DELIVERED for r in rs)
+        )
+        assert time.time() < pause.until.timestamp()  # the provider's domains went on
+    finally:
+        ms.stop(timeout=5)
+        store.close()
+
+
 def test_a_421_to_starttls_moves_on_to_the_next_host_without_a_pause(
     smtp_server: Any, dns_server: LoopbackDNS
 ) -> None:

@@ -2,9 +2,11 @@
 
 A :class:`DestinationRule` is keyed by a pattern: ``"example.org"`` names one recipient
 domain (or one MX host) exactly, ``"*.google.com"`` every name below ``google.com``. A
-domain is matched first by its own name, then by the names of its MX hosts in preference
-order, so ``"*.google.com"`` governs ``gmail.com`` and every Google Workspace domain alike,
-and they share that rule's limits: the provider throttles by the sending IP, not by the
+domain is matched first by its own name, then by the names of its most preferred MX hosts
+(the worker passes those of the best preference: a backup MX at a provider does not make a
+domain the provider's, whose pause a 421 from the domain's own server then set), so
+``"*.google.com"`` governs ``gmail.com`` and every Google Workspace domain alike, and they
+share that rule's limits: the provider throttles by the sending IP, not by the
 recipient domain. Of several rules matching one name the most specific (longest pattern,
 an exact name before a wildcard) wins.
 

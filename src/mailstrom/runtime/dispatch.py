@@ -554,7 +554,7 @@ class Dispatcher:
             await self._deliver(dest, route, None, lane)
             return
         name = self._relay_route.domain if self._relay_route is not None else dest.domain
-        shape = self._shaper.for_route(name, [host.name for host in route.hosts])
+        shape = self._shaper.for_route(name, _preferred(route))
         if shape.message_buckets:
             shape.queues[dest.key] = dest.queue  # a rule found through the MX hosts
         if self._held_back(dest, shape):
@@ -1700,6 +1700,15 @@ def _of_family(ip: str, family: int) -> bool:
         return ipaddress.ip_address(ip).version == family
     except ValueError:
         return True
+
+
+def _preferred(route: Route) -> list[str]:
+    """The names of ``route``'s most preferred MX hosts (those of the first host's
+    preference): the hosts its mail goes to, whose shaping rule it takes. A backup MX at a
+    provider must not put a domain under the provider's rule: a 421 from the domain's own
+    server then paused every domain the provider hosts."""
+    hosts = route.hosts
+    return [host.name for host in hosts if host.preference == hosts[0].preference]
 
 
 def _first_due(item: WorkItem) -> datetime:

@@ -198,7 +198,8 @@ class Shaper:
         return None
 
     def for_route(self, domain: str, hosts: Sequence[str]) -> Shape:
-        """The shape of ``domain`` whose MX hosts are ``hosts``, best first. Matched again
+        """The shape of ``domain`` whose most preferred MX hosts are ``hosts`` (a backup
+        MX at a provider does not make the domain the provider's). Matched again
         on each route (once a session, not per message): a domain whose MX hosts moved to
         another provider while the worker runs takes the rule of its new hosts."""
         rule = self._book.match(domain, hosts) if self._book else None
