@@ -70,6 +70,17 @@ def test_provider_defaults_cover_the_big_providers_and_user_rules_replace_them()
     assert not RuleBook.of(ShapingConfig(provider_defaults=False))
 
 
+def test_microsoft_365_domains_on_the_dnssec_mx_names_are_microsoft_s() -> None:
+    """Exchange Online gives a domain with inbound SMTP DANE an MX host below
+    ``mx.microsoft`` (``contoso-com.p-v1.mx.microsoft``), not below
+    ``protection.outlook.com``: such domains escaped every Microsoft default and were
+    sent to with the global limits alone."""
+    rules = RuleBook.of(ShapingConfig())
+    found = rules.match("contoso.com", ("contoso-com.p-v1.mx.microsoft",))
+    assert found is not None and found.match == "*.mx.microsoft"
+    assert (found.max_connections, found.messages_per_connection) == (5, 50)
+
+
 @pytest.mark.parametrize(
     ("fields", "bad"),
     [
