@@ -486,6 +486,7 @@ def command_lines(draw: Any, ids: dict[str, str]) -> list[str]:
                     ("--counts", None),
                     ("--shape", None),
                     ("--suspended", None),
+                    ("--throttled", None),
                 ]
             )
         ),

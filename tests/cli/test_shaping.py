@@ -27,6 +27,14 @@ def test_status_says_the_destination_is_throttled(mail_env: MailEnv) -> None:
         text = cli.ok("status", message_id).out
         assert "bob@example.test: destination example.test throttled until " in text
 
+    # The pauses running, as the dashboard's destinations page lists them: status alone
+    # showed one only through a message it held back.
+    [pause] = cli.ok("queue", "--throttled", "--json").json()
+    assert (pause["destination"], pause["strikes"]) == ("example.test", 1)
+    assert "4.7.28" in pause["reply"]
+    listed = cli.ok("queue", "--throttled").out
+    assert "example.test" in listed and "4.7.28" in listed
+
 
 def test_a_bad_rule_is_a_configuration_error(cli: CLI) -> None:
     cli.env["MAILSTROM_SHAPING_RULES"] = "mail.*.example max_connections=2"

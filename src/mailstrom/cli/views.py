@@ -32,6 +32,7 @@ from mailstrom.cli.selection import add_filter_options, has_filters, queue_filte
 from mailstrom.policy.reasons import advice_for
 from mailstrom.status import (
     Attempt,
+    DestinationThrottle,
     DKIMStatus,
     MessageStatus,
     QueueStats,
@@ -114,6 +115,11 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     )
     view.add_argument(
         "--suspended", action="store_true", help="destinations suspended with `suspend`"
+    )
+    view.add_argument(
+        "--throttled",
+        action="store_true",
+        help="destinations a throttling reply paused, until when and why",
     )
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(handler=queue_command)
@@ -335,7 +341,10 @@ LIMIT = 100
 
 def queue_command(args: argparse.Namespace) -> int:
     now = utc_now()
-    summary = next((f"--{v}" for v in ("counts", "shape", "suspended") if getattr(args, v)), None)
+    summary = next(
+        (f"--{v}" for v in ("counts", "shape", "suspended", "throttled") if getattr(args, v)),
+        None,
+    )
     if summary and (has_filters(args) or args.held is not None or args.limit is not None):
         # They cover the whole queue: a filter would be dropped without a word.
         raise UsageError(f"{summary} takes no filters or --limit")
@@ -353,6 +362,9 @@ def queue_command(args: argparse.Namespace) -> int:
             return EX_OK
         if args.suspended:
             print_suspensions(store.suspensions(now=now), now, json=args.json)
+            return EX_OK
+        if args.throttled:
+            print_throttled(store.throttles(now=now), json=args.json)
             return EX_OK
         where = queue_filter(args, default_state="pending", limit=limit, held=args.held)
         messages = store.query(now=now, where=where)
@@ -483,6 +495,18 @@ def print_suspensions(found: list[Suspension], now: datetime, *, json: bool) -> 
         # No end: "until resumed", as `suspend` says it; "resumed", the word of `resume`,
         # read as if the suspension had been lifted.
         [[s.domain, s.suspended_at, s.until or "until resumed"] for s in found],
+    )
+
+
+def print_throttled(found: list[DestinationThrottle], *, json: bool) -> None:
+    """The running pauses: the destination (a shaping rule's pattern, or a recipient
+    domain), its end, how many throttles in a row, and the reply that started it."""
+    if json:
+        print_json(found)
+        return
+    print_table(
+        ["DESTINATION", "UNTIL", "STRIKES", "REPLY"],
+        [[t.destination, t.until, t.strikes, t.reply] for t in found],
     )
 
 
