@@ -159,6 +159,30 @@ def test_text_that_looks_encoded_reaches_the_reader_literally() -> None:
     assert message["Subject"] == subject
 
 
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "=?utf-8?q?a b?=",
+        "Sale: =?utf-8?q?50% off?= today",
+        "=?us-ascii?q?Evil Corp?=",
+        "x =?utf-8?b?aGk gaGk=?= y",
+        "=?a =?b?q?c d?=",
+    ],
+)
+@pytest.mark.parametrize("field", ["Subject", "X-Note", "Keywords"])
+def test_text_that_looks_encoded_across_a_space_reaches_the_reader_literally(
+    subject: str, field: str
+) -> None:
+    """Readers take an encoded word from "=?" to the first "?=" after it, white space
+    inside included (the stdlib does): written as is, "=?utf-8?q?a b?=" was read as "a b"."""
+    email = (
+        Email(from_="a@example.com", to="b@example.org", subject=subject)
+        if field == "Subject"
+        else Email(from_="a@example.com", to="b@example.org", headers={field: subject})
+    )
+    assert parsed(prepare(email).data)[field] == subject
+
+
 def test_encoded_words_never_split_a_character() -> None:
     for word in encoded_words("😀é" * 100):
         assert len(word) <= 75

@@ -138,10 +138,11 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     """``Name: value`` (no final CRLF) folded near 78 characters at the value's own spaces.
 
     A word is RFC 2047 encoded when it is not ASCII (unless ``utf8``: RFC 6532 raw UTF-8),
-    when a decoder could take part of it for an encoded word (the text must reach the
-    reader literally), or when it would not fit in a 998-octet line. Neighbouring words
-    that need encoding are encoded together with the spaces between them, which keeps
-    those spaces (they would be dropped between two encoded words).
+    when a decoder could take part of it for an encoded word, also one that runs on over
+    white space to a ``?=`` in a later word (the text must reach the reader literally),
+    or when it would not fit in a 998-octet line. Neighbouring words that need encoding
+    are encoded together with the spaces between them, which keeps those spaces (they
+    would be dropped between two encoded words).
 
     A long plain word (a URL in List-Unsubscribe, say) stays as it is, on a line of its
     own if need be: the stdlib would encode it, which breaks structured headers, and 78 is
@@ -200,10 +201,19 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     run: list[str] = []  # words (and inner whitespace) waiting to be encoded together
     run_space = ""
     space = ""
+    # Where a decoder may start an encoded word that reaches over white space, and how far
+    # the tokens have come (each one's end), to find the word each such start lies in.
+    starts = _decodable_starts(value) if "=?" in value else []
+    first = 0  # the first of starts not yet passed
+    end = 0
     for index, token in enumerate(tokens):
+        end += len(token)
         if token[0] in " \t":
             space = token
             continue
+        decodable = first < len(starts) and starts[first] < end
+        while first < len(starts) and starts[first] < end:
+            first += 1
         if phrases and token.startswith(","):  # a token of its own
             if run:
                 _flush(pieces, run_space, run)
@@ -223,7 +233,7 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
                 f"field's name a line holds at most {MAX_LINE} octets (RFC 5322 §2.1.1)"
             )
         # Nor one that looks like an encoded word: readers do not decode one here.
-        if not literal and _needs_encoding(token, utf8, limit):
+        if not literal and (decodable or _needs_encoding(token, utf8, limit)):
             if run:
                 run.append(space)
             else:
@@ -241,6 +251,20 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
     # With no word the whole value is leading whitespace, which readers drop (the
     # stdlib strips it from the first line) and fold() drops before a first word.
     return fold(f"{name}:", pieces, trailing=trailing if pieces else "")
+
+
+def _decodable_starts(value: str) -> list[int]:
+    """The offsets of each ``=?`` in ``value`` from which a decoder may read an encoded
+    word: readers (the stdlib's among them) take one from ``=?`` to the first ``?=``
+    after it, white space inside included, so ``=?utf-8?q?a b?=`` was read as ``a b``.
+    Linear: a try from one ``=?`` reads no further than the fourth ``?`` from it."""
+    starts = []
+    at = value.find("=?")
+    while at != -1:
+        if _LOOKS_ENCODED.match(value, at):
+            starts.append(at)
+        at = value.find("=?", at + 1)
+    return starts
 
 
 def _needs_encoding(word: str, utf8: bool, longest: int) -> bool:
