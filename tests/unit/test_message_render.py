@@ -183,6 +183,16 @@ def test_text_that_looks_encoded_across_a_space_reaches_the_reader_literally(
     assert parsed(prepare(email).data)[field] == subject
 
 
+@pytest.mark.parametrize("subject", ["=??q?=41", "Total =?utf-8?q?=20 off"])
+def test_text_the_stdlib_reads_as_an_unclosed_encoded_word_reaches_it_literally(
+    subject: str,
+) -> None:
+    """The stdlib takes a "?=" followed by two hex digits for an =XX of the word's text
+    and reads on to the next "?=" or the end: "=??q?=41", never closed, was read as "A"."""
+    email = Email(from_="a@example.com", to="b@example.org", subject=subject)
+    assert parsed(prepare(email).data)["Subject"] == subject
+
+
 def test_encoded_words_never_split_a_character() -> None:
     for word in encoded_words("😀é" * 100):
         assert len(word) <= 75

@@ -56,8 +56,10 @@ _Q_COST = [quoprimime.header_length(bytes([octet])) for octet in range(256)]
 _Q_SAFE = bytes(octet for octet in range(256) if _Q_COST[octet] == 1)
 
 _PLAIN_TEXT = re.compile(r"[\t -~]*")
-# What some reader might decode: =?charset?encoding?text?= anywhere in a word.
-_LOOKS_ENCODED = re.compile(r"=\?[^?]*\?[^?]*\?[^?]*\?=")
+# What some reader might decode: =?charset?encoding?text?= anywhere in a word, or
+# =?charset?encoding?=XX: the stdlib takes a "?=" before two hex digits for an =XX of the
+# text, and reads on to the next "?=", or to the end ("=??q?=41" is "A").
+_LOOKS_ENCODED = re.compile(r"=\?[^?]*\?[^?]*\?(?:[^?]*\?=|=[0-9A-Fa-f]{2})")
 MAX_LINE = 998
 _WORDS = re.compile(r"[ \t]+|[^ \t]+")
 _LIST_WORDS = re.compile(r"[ \t]+|,|[^ \t,]+")
@@ -256,7 +258,8 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
 def _decodable_starts(value: str) -> list[int]:
     """The offsets of each ``=?`` in ``value`` from which a decoder may read an encoded
     word: readers (the stdlib's among them) take one from ``=?`` to the first ``?=``
-    after it, white space inside included, so ``=?utf-8?q?a b?=`` was read as ``a b``.
+    after it (see :data:`_LOOKS_ENCODED`), white space inside included, so
+    ``=?utf-8?q?a b?=`` was read as ``a b``.
     Linear: a try from one ``=?`` reads no further than the fourth ``?`` from it."""
     starts = []
     at = value.find("=?")
