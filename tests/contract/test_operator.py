@@ -339,6 +339,36 @@ def test_a_timed_suspension_ends_by_itself(store: Store) -> None:
     assert leased_addresses(lease_all(store, now=NOW + 2 * HOUR)) == ["a@example.org"]
 
 
+def test_mail_queued_held_or_released_during_a_suspension_waits_for_its_end(
+    store: Store,
+) -> None:
+    """A store may keep a suspended destination's recipients out of its due index (the
+    SQLite store does): what is queued, held and released meanwhile waits all the same,
+    and all of it is due again when the suspension is resumed or runs out."""
+    store.suspend("example.org", now=NOW)
+    store.suspend("timed.org", now=NOW, until=NOW + HOUR)
+    first = store.enqueue(message("a@example.org", "b@other.org"), now=NOW)
+    second = store.enqueue(message("c@example.org", "d@timed.org"), now=NOW)
+    store.set_held(first, True)
+    store.set_held(first, False)
+    assert store.hold_many([second], True) == 1
+    assert store.hold_many([second], False) == 1
+    lease = lease_all(store)
+    assert leased_addresses(lease) == ["b@other.org"]
+    store.record(results_for(lease, RecipientState.DELIVERED))
+    assert store.lease(now=NOW + MINUTE, limit=10, lease_for=LEASE_FOR) is None
+    assert store.next_due(now=NOW + MINUTE) == NOW + HOUR
+    later = NOW + HOUR
+    assert store.next_due(now=later) == NOW  # due since it was queued: the end is past
+    assert leased_addresses(lease_all(store, now=later)) == ["d@timed.org"]
+    store.set_held(second, True)  # held now: stays out after the resume
+    assert store.resume("example.org", now=later) is True
+    assert store.next_due(now=later) == NOW
+    assert leased_addresses(lease_all(store, now=later)) == ["a@example.org"]
+    store.set_held(second, False)
+    assert leased_addresses(lease_all(store, now=later)) == ["c@example.org"]
+
+
 def test_a_suspension_that_has_ended_is_not_resumed(store: Store) -> None:
     """resume() said True for a timed suspension past its end, one no longer listed or
     heeded: `mailstrom resume` printed "resumed" where its docs promise exit 66."""

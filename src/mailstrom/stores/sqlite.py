@@ -136,9 +136,10 @@ from mailstrom.stores.sqlite_lock import ProcessLock
 from mailstrom.stores.sqlite_operator import (
     PURGE_BATCH,
     active_suspensions,
-    any_suspended,
+    any_ended,
     cancel_seqs,
     count_matching,
+    end_ended,
     filter_sql,
     hold_seqs,
     ids_with_prefix,
@@ -150,11 +151,14 @@ from mailstrom.stores.sqlite_operator import (
     purgeable_seqs,
     retry_seqs,
     seqs_of,
+    set_aside,
     shape_rows_sql,
+    suspensions_at_lease,
 )
 from mailstrom.stores.sqlite_queue import (
     HELD_WAITING_SQL,
     PENDING_SQL,
+    SET_ASIDE,
     SUSPENDED_SQL,
     chunks,
     date_undated,
@@ -1499,7 +1503,10 @@ class SQLiteStore:
         with self._write() as conn:
             seq = self._seq(conn, message_id)
             conn.execute("UPDATE messages SET held = ? WHERE seq = ?", (held, seq))
-            conn.execute("UPDATE recipients SET held = ? WHERE message_seq = ?", (held, seq))
+            conn.execute(
+                f"UPDATE recipients SET held = held & {SET_ASIDE} | ? WHERE message_seq = ?",
+                (held, seq),
+            )
             leased = held and leased_pending(conn, [seq])
         if not held:
             self._notify()
@@ -1596,7 +1603,13 @@ class SQLiteStore:
 
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due (from the due index).
-        Recipients without a due time (a row changed by hand) are made due now."""
+        Recipients without a due time (a row changed by hand) are made due now, and
+        those of a timed suspension that has ended are brought back into the due index."""
+        with self._connection() as conn:
+            ended = any_ended(conn, now)
+        if ended:
+            with self._write(fsync=False) as conn:
+                end_ended(conn, now)
         with self._connection() as conn:
             suspended = active_suspensions(conn, now)
             where = f" AND {SUSPENDED_SQL}" if suspended else ""
@@ -1871,6 +1884,7 @@ class SQLiteStore:
                 " until = excluded.until",
                 (domain, to_us(now), opt_us(until)),
             )
+            set_aside(conn, domain, True)
 
     def resume(self, domain: str, *, now: datetime) -> bool:
         """End the suspension of ``domain``; False when none was in force at ``now``;
@@ -1880,6 +1894,7 @@ class SQLiteStore:
         with self._write() as conn:
             found = is_suspended(conn, domain, now)
             conn.execute("DELETE FROM suspensions WHERE domain = ?", (domain,))
+            set_aside(conn, domain, False)
         if found:
             self._notify()
         return found
@@ -2075,7 +2090,7 @@ def _lease_in(
         limit=limit,
         lease_for=lease_for,
         lanes=lanes,
-        skip_suspended=any_suspended(conn, now),
+        skip_suspended=suspensions_at_lease(conn, now),
         holder=holder,
         max_bytes=max_bytes,
     )

@@ -27,7 +27,13 @@ from mailstrom.stores.operator import (
     prefix_upper_bound,
     shape_rows,
 )
-from mailstrom.stores.sqlite_queue import MESSAGE_STATE_SQL, PENDING_SQL, chunks, qmarks
+from mailstrom.stores.sqlite_queue import (
+    MESSAGE_STATE_SQL,
+    PENDING_SQL,
+    SET_ASIDE,
+    chunks,
+    qmarks,
+)
 from mailstrom.stores.sqlite_schema import shown_time, to_us
 
 # --- ids -----------------------------------------------------------------------------------
@@ -278,7 +284,8 @@ def hold_seqs(conn: sqlite3.Connection, seqs: Sequence[int], held: bool) -> int:
             [held, *chunk, held],
         ).rowcount
         conn.execute(
-            f"UPDATE recipients SET held = ? WHERE message_seq IN ({marks})", [held, *chunk]
+            f"UPDATE recipients SET held = held & {SET_ASIDE} | ? WHERE message_seq IN ({marks})",
+            [held, *chunk],
         )
     return changed
 
@@ -395,17 +402,57 @@ def active_suspensions(conn: sqlite3.Connection, now: datetime) -> list[Suspensi
     ]
 
 
-def any_suspended(conn: sqlite3.Connection, now: datetime) -> bool:
+def suspensions_at_lease(conn: sqlite3.Connection, now: datetime) -> bool:
     """Whether a destination is suspended at ``now`` (a lease then leaves out
-    :data:`~mailstrom.stores.sqlite_queue.SUSPENDED_SQL`)."""
+    :data:`~mailstrom.stores.sqlite_queue.SUSPENDED_SQL`). Inside a write transaction:
+    the timed suspensions that have ended by ``now`` are ended (:func:`end_ended`)."""
+    active, ended = conn.execute(
+        "SELECT max(until IS NULL OR until > ?1), max(until <= ?1) FROM suspensions",
+        (to_us(now),),
+    ).fetchone()
+    if ended:
+        end_ended(conn, now)
+    return bool(active)
+
+
+def any_ended(conn: sqlite3.Connection, now: datetime) -> bool:
+    """Whether a timed suspension has ended by ``now`` and still has its row (its
+    recipients out of the due index until :func:`end_ended`)."""
     found = conn.execute(
-        "SELECT 1 FROM suspensions WHERE until IS NULL OR until > ? LIMIT 1", (to_us(now),)
+        "SELECT 1 FROM suspensions WHERE until <= ? LIMIT 1", (to_us(now),)
     ).fetchone()
     return found is not None
 
 
+def end_ended(conn: sqlite3.Connection, now: datetime) -> None:
+    """Bring the recipients of the timed suspensions that have ended by ``now`` back into
+    the due index, and delete those suspensions (they suspend nothing any more)."""
+    conn.execute(
+        f"UPDATE recipients SET held = held & ~{SET_ASIDE} WHERE {PENDING_SQL}"
+        " AND domain IN (SELECT domain FROM suspensions WHERE until <= ?)"
+        f" AND held & {SET_ASIDE}",
+        (to_us(now),),
+    )
+    conn.execute("DELETE FROM suspensions WHERE until <= ?", (to_us(now),))
+
+
+def set_aside(conn: sqlite3.Connection, domain: str, aside: bool) -> None:
+    """Take the pending recipients of ``domain`` out of the due index (a suspension
+    began) or bring them back (it ended); see
+    :data:`~mailstrom.stores.sqlite_queue.SET_ASIDE`. Final rows are left as they are: no
+    row becomes pending again."""
+    if aside:
+        change, which = f"held | {SET_ASIDE}", f"held & {SET_ASIDE} = 0"
+    else:
+        change, which = f"held & ~{SET_ASIDE}", f"held & {SET_ASIDE}"
+    conn.execute(
+        f"UPDATE recipients SET held = {change} WHERE {PENDING_SQL} AND domain = ? AND {which}",
+        (domain,),
+    )
+
+
 def is_suspended(conn: sqlite3.Connection, domain: str, now: datetime) -> bool:
-    """Whether ``domain`` is suspended at ``now`` (as :func:`any_suspended` reads it: a
+    """Whether ``domain`` is suspended at ``now`` (as :func:`suspensions_at_lease` reads it: a
     timed suspension that has ended is none)."""
     found = conn.execute(
         "SELECT 1 FROM suspensions WHERE domain = ? AND (until IS NULL OR until > ?)",

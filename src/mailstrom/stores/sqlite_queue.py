@@ -89,6 +89,15 @@ _RECORD_CHUNK = 1000
 """Results per statement when recording: 15 values each, well under SQLite's limit of
 32,766 bound parameters."""
 _ROW16 = "(" + ",".join("?" * 16) + ")"
+HELD = 1
+"""The bit of ``recipients.held`` that copies ``messages.held`` (the message is held)."""
+SET_ASIDE = 2
+"""The bit of ``recipients.held`` set on the pending recipients of a suspended destination
+(one with a row in ``suspensions``), so that recipients_lane_due (``held = 0``) leaves them
+out: leasing and next_due walked the index past every one of them, on every call. Set by
+suspend and by enqueue, cleared by resume and, once a timed suspension has ended, by the
+next lease or next_due (:func:`~mailstrom.stores.sqlite_operator.end_ended`). SUSPENDED_SQL
+still filters what a lease reads: a row is never leased early, whatever its bits."""
 SUSPENDED_SQL = "domain NOT IN (SELECT domain FROM suspensions WHERE until IS NULL OR until > ?)"
 """A recipient not at a destination suspended at the bound time. The suspensions are read
 by the statement itself: bound one by one, as they were, a lease of many lanes bound each
@@ -170,9 +179,11 @@ def insert_messages(
             for i, address in enumerate(message.recipients)
         )
         ids.append(mid)
+    # A recipient at a suspended destination is set aside at once (SET_ASIDE).
     conn.executemany(
         "INSERT INTO recipients (message_seq, position, address, domain, state, held,"
-        " next_attempt_at, lane) VALUES (?,?,?,?,'queued',?,?,?)",
+        " next_attempt_at, lane) VALUES (?1,?2,?3,?4,'queued',"
+        f" ?5 | (EXISTS (SELECT 1 FROM suspensions WHERE domain = ?4) * {SET_ASIDE}),?6,?7)",
         recipients,
     )
     if dkims:
@@ -645,7 +656,7 @@ def held_of_lease(conn: sqlite3.Connection, lease: Lease) -> int:
     for chunk in chunks(refs):
         (count,) = conn.execute(
             f"SELECT count(*) FROM recipients WHERE id IN ({qmarks(len(chunk))})"
-            " AND lease_token = ? AND held",
+            f" AND lease_token = ? AND held & {HELD}",
             [*chunk, lease.token],
         ).fetchone()
         held += int(count)
