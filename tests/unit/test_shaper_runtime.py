@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from mailstrom import Config, DestinationRule, ShapingConfig, StoreError
 from mailstrom.bounds import MAX_DURATION
 from mailstrom.policy.throttle import TokenBucket
 from mailstrom.runtime.shaper import Shaper
-from mailstrom.stores import MemoryStore
+from mailstrom.stores import MemoryStore, SQLiteStore
+from mailstrom.stores.base import Store
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 REPLY = "421 4.7.28 slow down - gsmtp"
@@ -29,7 +31,7 @@ async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return method(*args, **kwargs)
 
 
-def make(*rules: DestinationRule, store: MemoryStore | None = None) -> tuple[Shaper, Clock]:
+def make(*rules: DestinationRule, store: Store | None = None) -> tuple[Shaper, Clock]:
     clock = Clock()
     config = Config(
         helo_name="client.test",
@@ -145,6 +147,30 @@ def test_mail_the_retry_policy_gives_up_on_books_no_place_in_the_schedule() -> N
     assert late == NOW + timedelta(seconds=11)  # past ``latest``: the caller fails it
     assert shaper.spread(shape, 10, latest=NOW + timedelta(seconds=11)) == late  # its place
     assert shaper.spread(shape, 10) == NOW + timedelta(seconds=12)
+
+
+async def test_a_schedule_of_mail_gone_from_the_store_lapses(tmp_path: Path) -> None:
+    """The schedule of mail given back was never reset: a campaign cancelled once given
+    back left it 80 minutes ahead at 120 a minute, and the next campaign's overflow was
+    booked behind mail that was gone, until the worker restarted."""
+    rule = DestinationRule(match="example.org", messages_per_minute=120)
+    store = SQLiteStore(tmp_path / "q.db")
+    try:
+        shaper, clock = make(rule, store=store)
+        shape = shaper.for_route("example.org", [])
+        first = [shaper.spread(shape, 20) for _ in range(10_000)]
+        assert first[-1] == NOW + timedelta(seconds=5010)  # 83 minutes of the rate
+        # Cancelled in the store: none of it comes back, nothing goes out.
+        clock.now += timedelta(minutes=5)
+        second = [shaper.spread(shape, 20) for _ in range(1000)]
+        assert second[0] == clock.now + timedelta(seconds=11)  # its own queue's place
+        # Mail that does come back and go out keeps its schedule.
+        clock.now += timedelta(seconds=30)
+        assert await shaper.wait_to_send(shape)
+        clock.now += timedelta(minutes=1)
+        assert shaper.spread(shape, 20) == NOW + timedelta(minutes=5, seconds=511)
+    finally:
+        store.close()
 
 
 def test_the_schedule_of_a_slow_rate_ends_within_the_longest_duration() -> None:

@@ -43,6 +43,11 @@ _HORIZON = 10.0
 """Seconds of a destination's message rate a worker keeps queued in memory; what would
 wait longer goes back to the store, due about when the rate allows it, so that it holds
 no room other destinations could use."""
+_STALE = 60.0
+"""Seconds a destination's schedule of mail given back may have mail due (past its first
+place) while this worker sends the destination nothing, before the schedule is taken for
+stale (see :attr:`Shape.booked`); the poll interval, twice, and a token grant's worth of
+the rate come on top."""
 _MAX_DOMAINS = 100_000
 """Domains whose rule is remembered; past this the memory is cleared and rebuilt."""
 
@@ -52,6 +57,7 @@ class Shape:
 
     __slots__ = (
         "booked",
+        "booked_since",
         "connect_buckets",
         "connections",
         "key",
@@ -59,6 +65,7 @@ class Shape:
         "parked",
         "queues",
         "rule",
+        "sent_at",
         "sockets",
         "tokens",
         "tokens_until",
@@ -97,7 +104,20 @@ class Shape:
         self.booked: dict[int, datetime] = {}
         """By lane rank (0 the highest): the next free place in the rate's schedule for a
         message of that lane given back. A message books after its own lane's and the
-        higher lanes' places, never behind a lower lane's backlog."""
+        higher lanes' places, never behind a lower lane's backlog.
+
+        The store may lose what was given back (cancelled, purged, delivered by
+        another worker's retry): the schedule then runs ahead of the mail it stands for,
+        and new mail would wait behind mail that is gone. Mail given back comes back and
+        goes out at the rate from its first place on; a schedule that has had mail due
+        for a while (``booked_since``) while this worker sent the destination nothing
+        (``sent_at``) is dropped, and the next message books from its own queue again
+        (mail still there that comes back at once with it is spread again: the rate's
+        tokens hold either way)."""
+        self.booked_since: datetime | None = None
+        """The first place booked in the current schedule (None without one)."""
+        self.sent_at: datetime | None = None
+        """When this worker last took message tokens for this destination."""
         if rule is None:
             return
         if rule.max_connections is not None:
@@ -164,6 +184,7 @@ class Shaper:
         """Domains known to have no rule of their own (those may still match by MX)."""
         self._shapes: dict[str, Shape] = {}
         self._pauses: dict[str, DestinationThrottle] = {}
+        self._stale = _STALE + 2 * config.poll_interval
 
     # --- which shape ---------------------------------------------------------------------
 
@@ -303,13 +324,30 @@ class Shaper:
         end = now + MAX_DURATION
         due = now + timedelta(seconds=min(waiting / rate, MAX_SECONDS))
         booked = max((at for lane, at in shape.booked.items() if lane <= rank), default=None)
+        if booked is not None and booked > due and self._stale_schedule(shape, rate, now):
+            shape.booked.clear()
+            booked = None
         if booked is not None and booked > due:
             due = min(booked, end)
         # Whole seconds, so that one lease's overflow is given back in a few writes.
         at = due.replace(microsecond=0) + timedelta(seconds=1)
         if latest is None or at <= latest:
+            if shape.booked_since is None or max(shape.booked.values(), default=now) <= now:
+                shape.booked_since = at  # a new schedule: nothing booked is still ahead
             shape.booked[rank] = min(due + timedelta(seconds=min(1 / rate, MAX_SECONDS)), end)
         return at
+
+    def _stale_schedule(self, shape: Shape, rate: float, now: datetime) -> bool:
+        """Whether ``shape``'s schedule has had mail due for longer than the mail it
+        stands for takes to come back and go out, with nothing sent meanwhile."""
+        since = shape.booked_since
+        if since is None:
+            return True
+        sent = shape.sent_at
+        if sent is not None and sent > since:
+            since = sent
+        grace = self._stale + min(shape.want / rate, MAX_SECONDS)
+        return (now - since).total_seconds() > grace
 
     async def _take(self, buckets: Sequence[TokenBucket], want: int) -> TokenGrant:
         try:
@@ -356,7 +394,8 @@ class Shaper:
                 shape.tokens += grant.granted
                 rate = min(bucket.rate for bucket in shape.message_buckets)
                 lasts = min(grant.granted / rate, MAX_SECONDS)
-                shape.tokens_until = self._clock() + timedelta(seconds=lasts)
+                shape.sent_at = self._clock()
+                shape.tokens_until = shape.sent_at + timedelta(seconds=lasts)
                 continue
             # Look at the pauses again at least every refresh interval while waiting.
             await asyncio.sleep(min(grant.wait, self._settings.refresh))  # a rate, not a poll
