@@ -3,12 +3,15 @@ store, rate tokens, and the schedule of mail given back for later."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mailstrom import Config, DestinationRule, ShapingConfig, StoreError
+import pytest
+
+from mailstrom import Config, DestinationRule, RetryPolicy, ShapingConfig, StoreError
 from mailstrom.bounds import MAX_DURATION
 from mailstrom.policy.throttle import TokenBucket
 from mailstrom.runtime.shaper import Shaper
@@ -171,6 +174,29 @@ async def test_a_schedule_of_mail_gone_from_the_store_lapses(tmp_path: Path) -> 
         assert shaper.spread(shape, 20) == NOW + timedelta(minutes=5, seconds=511)
     finally:
         store.close()
+
+
+def test_a_pause_as_long_as_the_retries_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    """A full-length throttle pause no shorter than ``retry.max_age`` fails every message
+    pending for the destination as expired, at once; nothing said so."""
+
+    def shaper(pause_max: timedelta, max_age: timedelta | None) -> None:
+        config = Config(
+            helo_name="client.test",
+            retry=RetryPolicy(max_age=max_age),
+            shaping=ShapingConfig(pause_max=pause_max),
+        )
+        Shaper(config, MemoryStore(), store_call=call, clock=Clock())
+
+    with caplog.at_level(logging.WARNING, logger="mailstrom.shaping"):
+        shaper(timedelta(hours=1), timedelta(days=5))
+        shaper(timedelta(hours=1), None)
+        assert not caplog.records
+        shaper(timedelta(hours=1), timedelta(minutes=30))
+    assert [r.getMessage() for r in caplog.records] == [
+        "shaping.pause_max (1:00:00) is not shorter than retry.max_age (0:30:00): a "
+        "destination throttled that long fails all its pending mail as expired at once"
+    ]
 
 
 def test_the_schedule_of_a_slow_rate_ends_within_the_longest_duration() -> None:

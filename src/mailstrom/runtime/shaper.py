@@ -185,6 +185,15 @@ class Shaper:
         self._shapes: dict[str, Shape] = {}
         self._pauses: dict[str, DestinationThrottle] = {}
         self._stale = _STALE + 2 * config.poll_interval
+        max_age = config.retry.max_age
+        if max_age is not None and config.shaping.pause_max >= max_age:
+            # Not refused: short-lived mail (a login code) may rather fail than wait.
+            log.warning(
+                "shaping.pause_max (%s) is not shorter than retry.max_age (%s): a destination "
+                "throttled that long fails all its pending mail as expired at once",
+                config.shaping.pause_max,
+                max_age,
+            )
 
     # --- which shape ---------------------------------------------------------------------
 
