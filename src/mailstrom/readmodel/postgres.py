@@ -8,6 +8,7 @@ pending recipients.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -43,7 +44,10 @@ from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.stores.postgres.store import pauses_by_message
+from mailstrom.stores.row_checks import counted_state
 from mailstrom.stores.side_rows import pause_of
+
+log = logging.getLogger(__name__)
 
 _HAS_PENDING = (
     "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id"
@@ -130,7 +134,9 @@ class PostgresReadModel:
         start, starts = throughput_window(now)
         with self._reading("overview", snapshot=True) as conn:
             for state, n in conn.execute(b"SELECT state, count(*) FROM recipients GROUP BY state"):
-                by_state[RecipientState(state)] = int(n)
+                known = counted_state(state, n, log)
+                if known is not None:
+                    by_state[known] = int(n)
             row = conn.execute(
                 # Held and still waiting, as the store's stats() counts them.
                 b"SELECT count(*), count(*) FILTER (WHERE held AND EXISTS (SELECT 1"

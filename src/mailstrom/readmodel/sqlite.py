@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from mailstrom.arguments import member_of, shown
 from mailstrom.errors import StoreError, UnknownMessage, UnreadableRow
 from mailstrom.readmodel.base import (
     BUCKET,
@@ -44,7 +43,7 @@ from mailstrom.status import DestinationThrottle, RecipientState
 from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
-from mailstrom.stores.row_checks import shown_text
+from mailstrom.stores.row_checks import counted_state, shown_text
 from mailstrom.stores.sqlite import _file_uri, _no_shm, _wal_holds_frames
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import HELD_WAITING_SQL, read_messages
@@ -207,9 +206,8 @@ class SQLiteReadModel:
         start, starts = throughput_window(now)
         with self._read() as conn:
             for state, n in conn.execute("SELECT state, count(*) FROM recipients GROUP BY state"):
-                known = member_of(RecipientState, state)
-                if known is None:  # a row changed by hand (the CHECK constraint was off)
-                    log.warning("%d recipients in the unknown state %s left out", n, shown(state))
+                known = counted_state(state, n, log)
+                if known is None:
                     continue
                 by_state[known] = n
             (messages,) = conn.execute("SELECT count(*) FROM messages").fetchone()

@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from mailstrom.arguments import check_timeout, member_of, row_limit, shown
+from mailstrom.arguments import check_timeout, row_limit
 from mailstrom.errors import (
     StoreAccessDenied,
     StoreCorrupt,
@@ -129,7 +129,7 @@ from mailstrom.stores.operator import (
     normalize_prefix,
     pick_one,
 )
-from mailstrom.stores.row_checks import made_due, shown_text
+from mailstrom.stores.row_checks import counted_state, made_due, shown_text
 from mailstrom.stores.side_rows import broken_until
 from mailstrom.stores.sqlite_holders import HolderLocks
 from mailstrom.stores.sqlite_lock import ProcessLock
@@ -1648,9 +1648,8 @@ class SQLiteStore:
             for state, domain, n in conn.execute(
                 "SELECT state, domain, count(*) FROM recipients GROUP BY state, domain"
             ):
-                known = member_of(RecipientState, state)
-                if known is None:  # a row changed by hand (the CHECK constraint was off)
-                    log.warning("%d recipients in the unknown state %s left out", n, shown(state))
+                known = counted_state(state, n, log)
+                if known is None:
                     continue
                 by_state[known] += n
                 if state in ("queued", "deferred"):

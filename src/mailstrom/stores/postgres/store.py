@@ -127,7 +127,7 @@ from mailstrom.stores.postgres.migrate import (
 from mailstrom.stores.postgres.notifier import Notifier
 from mailstrom.stores.postgres.sql import CANCELLED, queries, translate_errors
 from mailstrom.stores.postgres.statistics import PlannerStatistics
-from mailstrom.stores.row_checks import UNREADABLE, made_due
+from mailstrom.stores.row_checks import UNREADABLE, counted_state, made_due
 from mailstrom.stores.side_rows import (
     EVENT_SKIPPED,
     broken_until,
@@ -965,7 +965,10 @@ class PostgresStore:
         messages = held = 0
         for kind, key, n in self._fetch("stats", {}):
             if kind == "state":
-                by_state[RecipientState(key)] = int(n)
+                known = counted_state(key, n, log)
+                if known is None:
+                    continue
+                by_state[known] = int(n)
             elif kind == "domain":
                 by_domain[key] = int(n)
             elif kind == "messages":
