@@ -4,11 +4,13 @@ worker with ``settings.MAILSTROM``), and the in-process worker across fork and e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +300,68 @@ def test_the_system_check_finds_mailstrom_among_the_mailers() -> None:
     assert warning.id == "mailstrom.W001"
 
 
+def test_mail_is_queued_while_the_worker_cannot_start_and_goes_out_once_it_can(
+    dns_server: LoopbackDNS,
+    mx: ReceivingServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Under uWSGI or mod_wsgi sys.executable is the server's own program, and a worker
+    # process cannot be started. The store works: queueing must not depend on the worker
+    # (with fail_silently, as Django's error reports send, the mail was lost without a
+    # word), the failure is said once, and the start is tried again off the request path.
+    python = sys.executable
+    monkeypatch.setattr(sys, "executable", "/usr/local/bin/uwsgi")
+    setting = mailstrom_setting(dns_server, mx, tmp_path, worker="process")
+    with (
+        caplog.at_level(logging.ERROR, logger="mailstrom.django"),
+        override_settings(MAILSTROM=setting),
+    ):
+        assert mail.send_mail("one", "x", None, ["bob@example.org"], **silently()) == 1
+        message = mail.EmailMessage("two", "x", to=["ann@example.org"])
+        assert message.send() == 1
+        ms = get_mailstrom()
+        assert ms.query_status(message.mailstrom_id).state is RecipientState.QUEUED  # type: ignore[attr-defined]
+        for _ in range(500):  # the first attempt runs on a thread of its own
+            if ms.worker_status.error is not None:
+                break
+            threading.Event().wait(0.02)
+        assert "no Python interpreter" in (ms.worker_status.error or "")
+        assert not ms.worker_status.running
+        monkeypatch.setattr(sys, "executable", python)  # the interpreter is back
+        received = mx.wait_for_messages(2)
+        assert sorted(r for m in received for r in m.rcpt_tos) == [
+            "ann@example.org",
+            "bob@example.org",
+        ]
+    said = [r.getMessage() for r in caplog.records if "did not start" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "uwsgi" in said[0]
+
+
+def test_a_send_does_not_wait_for_the_worker_to_start(
+    dns_server: LoopbackDNS, mx: ReceivingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker process that is slow to answer (a loaded host, a slow disk) held the
+    # request that sent first for up to 30 s, and each later send tried again. Here the
+    # interpreter waits for the test to let it go, which it does once the send returned.
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    interpreter = tmp_path / "bin" / "python3"
+    interpreter.parent.mkdir()
+    interpreter.write_text(f'#!/bin/sh\nread line < "{go}"\nexec "{sys.executable}" "$@"\n')
+    interpreter.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(interpreter))
+    setting = mailstrom_setting(dns_server, mx, tmp_path, worker="process")
+    with override_settings(MAILSTROM=setting):
+        assert mail.send_mail("one", "x", None, ["bob@example.org"]) == 1
+        with open(go, "w") as release:  # (waits for the child to be there to read it)
+            release.write("go\n")
+        mx.wait_for_messages(1)
+        assert get_mailstrom().worker_status.error is None
+
+
 FORK_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
@@ -323,6 +387,11 @@ FORK_SCRIPT = textwrap.dedent(
         # A forked child (a gunicorn worker, say) gets its own facade on first use.
         send("child", "c@example.org")
         mine = get_mailstrom()
+        deadline = time.monotonic() + 20
+        while not mine.worker_status.running:  # it starts on a thread of its own
+            if time.monotonic() > deadline:
+                sys.exit(f"the child's worker did not start: {mine.worker_status.error}")
+            time.sleep(0.02)
         print("child-worker", getattr(mine.worker, "pid", None), flush=True)
         # A normal exit runs atexit: it must stop the child's worker, not the parent's.
         sys.exit(0 if mine is not parent and mine.worker_status.running else 1)

@@ -3,12 +3,16 @@
 It is made on first use, from ``settings.MAILSTROM`` (:mod:`.conf`): the store opened, and
 the worker started where the ``worker`` key says. Nothing is started at import or at
 ``django.setup()``, so ``manage.py migrate``, a shell or the autoreloader's watching
-process never starts a worker; the first ``send_mail`` does.
+process never starts a worker; the first ``send_mail`` (or ``get_mailstrom()``) does.
 
 Lifetimes, and why:
 
-- **Started by whichever thread sends first**, often a request thread that ends a moment
-  later: the worker (a thread, or a child process) does not depend on it.
+- **Started on a thread of its own at the first send**, which does not wait for it: the
+  backend queues into the store whatever the worker's state. A worker that cannot start
+  (no interpreter for a worker process, no thread left, a crash in ``start()``) is
+  logged once per reason and tried again on that thread, after 1 s and then less often
+  (up to a minute apart), until it starts; ``worker_status`` says why meanwhile. The
+  worker (a thread, or a child process) does not depend on the thread that started it.
 - **Stopped at exit** by :mod:`atexit` (in-flight deliveries get up to
   :data:`STOP_TIMEOUT` seconds, the rest goes back to the queue). The autoreloader of
   ``runserver`` restarts its serving process by exiting it, so each reload stops the
@@ -23,9 +27,11 @@ Lifetimes, and why:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from django.conf import settings
@@ -33,8 +39,11 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 
 from mailstrom.client import Mailstrom
+from mailstrom.client.common import AlreadyStarted
+from mailstrom.client.supervision import RestartBackoff
 from mailstrom.contrib.django.conf import SETTING, DjangoSettings, load
-from mailstrom.errors import ConfigError, InvalidStoreURL
+from mailstrom.errors import ConfigError, InvalidStoreURL, WorkerError
+from mailstrom.status import WorkerStatus
 from mailstrom.stores.url import open_store
 
 log = logging.getLogger("mailstrom.django")
@@ -44,8 +53,24 @@ STOP_TIMEOUT = 30.0
 --drain-timeout``); what does not finish is given back to the queue, due at once."""
 
 
+class _Facade(Mailstrom):
+    """The facade, whose ``worker_status`` also says why its worker could not start
+    when the worker's own status does not (a thread that could not be started)."""
+
+    start_error: str | None = None
+    """Why the last attempt to start the worker failed; None once one succeeded."""
+
+    @property
+    def worker_status(self) -> WorkerStatus:
+        status = super().worker_status
+        failed = self.start_error
+        if failed is None or status.running or status.error is not None:
+            return status
+        return dataclasses.replace(status, error=f"the worker did not start: {failed}")
+
+
 class _Running:
-    """A started facade and its store."""
+    """A facade, its store, and the thread that starts its worker."""
 
     def __init__(self, conf: DjangoSettings) -> None:
         try:
@@ -55,26 +80,76 @@ class _Running:
             # MailstromError, which fail_silently swallows (every message lost).
             raise ImproperlyConfigured(f"{SETTING}: store: {exc}") from exc
         try:
-            self.ms = Mailstrom(conf.settings.config, store=self.store, worker=conf.worker)
+            self.ms = _Facade(conf.settings.config, store=self.store, worker=conf.worker)
         except BaseException:
             self.store.close()
             raise
+        self._halt = threading.Event()
+        self._attempt = threading.Lock()
+        """Held by a start attempt: stop() waits for it, and no attempt follows stop()."""
+        self.to_start = self.ms.worker is not None
+        """Whether the thread that starts the worker is still to be started."""
+        self._said_no_thread = False
 
-    def start(self) -> None:
-        """Start the worker (if any); raise what stopped it."""
+    def start_in_background(self) -> None:
+        """Start the worker on a thread of its own, so that no send waits for it (a
+        worker process's start takes up to 30 s); one that fails is tried again there."""
+        starter = threading.Thread(
+            target=self._keep_starting, name="mailstrom-django-start", daemon=True
+        )
         try:
-            self.ms.start()
-        except BaseException:
-            self.store.close()
-            raise
+            starter.start()
+        except RuntimeError as exc:
+            # No thread left (a pids limit): the next send tries again; mail is queued.
+            if not self._said_no_thread:
+                log.error("the mailstrom worker cannot be started yet: %s", exc)
+                self._said_no_thread = True
+            return
+        self.to_start = False
+
+    def _keep_starting(self) -> None:
+        """Start the worker; after a failure, log it (once per reason) and try again
+        after a backoff (1 s, doubling up to a minute) until it starts or stop()."""
+        backoff = RestartBackoff()
+        said: str | None = None
+        while True:
+            with self._attempt:
+                if self._halt.is_set():
+                    return
+                try:
+                    self.ms.start()
+                except AlreadyStarted:
+                    return
+                except Exception as exc:
+                    reason, unexpected = str(exc) or type(exc).__name__, exc
+                    self.ms.start_error = reason
+                else:
+                    self.ms.start_error = None
+                    if said is not None:
+                        log.warning("the mailstrom worker started; the queued mail goes out")
+                    return
+            delay = backoff.next_delay(now=time.monotonic())
+            if reason != said:
+                log.error(
+                    "the mailstrom worker did not start: %s; mail is still queued, and is "
+                    "delivered once a worker runs (trying again in %g s, then less often)",
+                    reason,
+                    delay,
+                    exc_info=None if isinstance(unexpected, WorkerError) else unexpected,
+                )
+                said = reason
+            if self._halt.wait(delay):
+                return
 
     def stop(self, timeout: float | None) -> None:
-        try:
-            self.ms.stop(timeout)
-        except Exception:
-            log.exception("stopping the mailstrom worker failed")
-        # The store was handed to the facade, so closing it is ours to do.
-        self.store.close()
+        self._halt.set()
+        with self._attempt:  # a start under way ends first (within its own bound)
+            try:
+                self.ms.stop(timeout)
+            except Exception:
+                log.exception("stopping the mailstrom worker failed")
+            # The store was handed to the facade, so closing it is ours to do.
+            self.store.close()
 
 
 _lock = threading.Lock()
@@ -85,7 +160,7 @@ closes a store connection the parent still uses (SQLite forbids using one across
 
 
 def get_mailstrom() -> Mailstrom:
-    """The process's facade, made and started on first use (see the module docstring).
+    """The process's facade, made on first use (see the module docstring).
 
     Use it to ask about what the backend queued::
 
@@ -95,16 +170,19 @@ def get_mailstrom() -> Mailstrom:
 
     Raises :class:`~django.core.exceptions.ImproperlyConfigured` for a bad
     ``settings.MAILSTROM`` (a store URL the store refuses included), and mailstrom's
-    errors when the store cannot be opened or the worker does not start (nothing is kept
-    then; the next call tries again).
+    errors when the store cannot be opened (nothing is kept then; the next call tries
+    again). The worker is started on a thread of its own, and whether it starts does not
+    change what is queued: a failure is logged, tried again with a backoff, and in
+    ``get_mailstrom().worker_status``.
     """
     global _running
     with _lock:
-        if _running is None:
-            running = _Running(load(getattr(settings, SETTING, None)))
-            running.start()
-            _running = running
-        return _running.ms
+        running = _running
+        if running is None:
+            running = _running = _Running(load(getattr(settings, SETTING, None)))
+        if running.to_start:
+            running.start_in_background()
+        return running.ms
 
 
 def shutdown(timeout: float | None = STOP_TIMEOUT) -> None:
