@@ -362,6 +362,36 @@ def test_a_send_does_not_wait_for_the_worker_to_start(
         assert get_mailstrom().worker_status.error is None
 
 
+def test_a_worker_thread_that_cannot_be_started_is_reported_and_started_later(
+    dns_server: LoopbackDNS,
+    mx: ReceivingServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No thread left for the worker (a container's pids limit): the mail is queued, the
+    # reason is in worker_status, and the worker starts once a thread can.
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name == "mailstrom-worker":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+    setting = mailstrom_setting(dns_server, mx, tmp_path, worker="thread")
+    with override_settings(MAILSTROM=setting):
+        assert mail.send_mail("one", "x", None, ["bob@example.org"]) == 1
+        ms = get_mailstrom()
+        for _ in range(500):  # the first attempt runs on a thread of its own
+            if ms.worker_status.error is not None:
+                break
+            threading.Event().wait(0.02)
+        assert "can't start new thread" in (ms.worker_status.error or "")
+        monkeypatch.setattr(threading.Thread, "start", start)
+        mx.wait_for_messages(1)
+        assert ms.worker_status.running and ms.worker_status.error is None
+
+
 FORK_SCRIPT = textwrap.dedent(
     """
     import os, sys, time

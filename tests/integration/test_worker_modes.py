@@ -215,6 +215,35 @@ def test_a_worker_thread_started_again_after_stop_delivers(
         store.close()
 
 
+def test_a_worker_thread_that_cannot_be_started_fails_start_and_the_next_start_runs(
+    mx: Any, dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No thread left (a container's pids limit): start() raised the bare RuntimeError,
+    # where it promises a WorkerError, and kept the thread that never ran as its worker:
+    # every later start() said "already started", and nothing was ever delivered.
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name == "mailstrom-worker":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+    store = MemoryStore()
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="thread")
+    try:
+        with pytest.raises(WorkerError, match="can't start new thread"):
+            ms.start()
+        assert not ms.worker_status.running
+        monkeypatch.setattr(threading.Thread, "start", start)
+        ms.start()
+        mid = ms.send_email(hello("bob@example.org"))
+        assert ms.wait(mid, timeout=10).state is RecipientState.DELIVERED
+    finally:
+        ms.stop()
+        store.close()
+
+
 async def test_a_worker_task_started_again_after_stop_delivers(
     mx: Any, dns_server: LoopbackDNS
 ) -> None:

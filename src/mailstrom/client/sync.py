@@ -203,8 +203,16 @@ class Mailstrom(FacadeBase, QueueOperations):
         self._stopped_from_within = False
         self._ready = threading.Event()
         self._start_error = None
+        last = self._worker_thread
         self._thread = self._worker_thread = _WorkerThread(functools.partial(self._run, worker))
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as exc:
+            # No thread left (a container's pids limit): no worker runs, and the next
+            # start() starts one. Kept as the worker, the thread that never ran made each
+            # start() say "already started", and stop() wait for its end in vain.
+            self._thread, self._worker_thread = None, last
+            raise WorkerError(f"worker failed to start: {exc}") from exc
         if not self._ready.wait(timeout):
             # Not left to come up behind a start() that said it failed (a worker
             # process is killed here): it ends as soon as it can, as after stop().
