@@ -392,6 +392,37 @@ def test_a_worker_thread_that_cannot_be_started_is_reported_and_started_later(
         assert ms.worker_status.running and ms.worker_status.error is None
 
 
+def test_no_thread_to_start_the_worker_queues_and_the_next_send_tries_again(
+    dns_server: LoopbackDNS,
+    mx: ReceivingServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    start = threading.Thread.start
+
+    def refusing(thread: threading.Thread) -> None:
+        if thread.name == "mailstrom-django-start":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+    setting = mailstrom_setting(dns_server, mx, tmp_path, worker="thread")
+    with (
+        caplog.at_level(logging.ERROR, logger="mailstrom.django"),
+        override_settings(MAILSTROM=setting),
+    ):
+        assert mail.send_mail("one", "x", None, ["bob@example.org"]) == 1
+        assert mail.send_mail("two", "x", None, ["ann@example.org"]) == 1
+        assert [r.getMessage() for r in caplog.records if r.name == "mailstrom.django"] == [
+            "the mailstrom worker cannot be started yet: can't start new thread"
+        ]
+        assert not get_mailstrom().worker_status.running
+        monkeypatch.setattr(threading.Thread, "start", start)
+        assert mail.send_mail("three", "x", None, ["eve@example.org"]) == 1
+        assert len(mx.wait_for_messages(3)) == 3
+
+
 FORK_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
