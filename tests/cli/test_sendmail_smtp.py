@@ -355,14 +355,17 @@ def test_a_silent_client_times_out_with_421() -> None:
     )
 
 
-def test_an_unavailable_store_is_451_and_exit_75(cli: CLI) -> None:
+def test_a_store_path_through_a_file_is_451_and_exit_78(cli: CLI) -> None:
+    """The client is told to try again later (451: the mail stays with it until an
+    operator mends the path), and the exit code says what is wrong: the store's path runs
+    through a file, which waiting never mends (EX_CONFIG, as every command says it)."""
     (cli.cwd / "afile").write_text("")
     cli.env["MAILSTROM_STORE"] = "sqlite:///afile/queue.db"
     script = b"EHLO c\r\n" + transaction(b"a@example.test", [b"b@example.test"], MESSAGE)
     result = session(cli, script + b"QUIT\r\n")
     assert codes(result)[-2:] == ["451", "221"]
     assert replies(result)[-2].startswith("451 4.3.0 ")
-    assert result.code == 75
+    assert result.code == 78
     assert "afile" in result.err
 
 
