@@ -189,6 +189,17 @@ def test_the_end_of_input_with_a_message_unfinished_exits_non_zero() -> None:
     assert run_script(b"EHLO c\r\n" + one + b"QUIT\r\n") == (0, [MESSAGE])
 
 
+def test_a_final_quit_without_its_line_end_ends_as_quit() -> None:
+    """Input whose last line is QUIT (any case) without its CRLF, every message queued,
+    ends as QUIT does: exit 0. It exited 76 and said "not queued" of messages that were,
+    and a caller retrying on 76 queued them twice. Any other cut line still exits 76."""
+    one = transaction(b"a@example.test", [b"b@example.test"], MESSAGE)
+    for quit in (b"QUIT", b"quit", b"Quit\r"):
+        assert run_script(b"EHLO c\r\n" + one + quit) == (0, [MESSAGE]), quit
+    for cut in (b"QUI", b"QUIT x", b"NOOP", b"MAIL FROM:<a@example.test>\r\nQUIT"):
+        assert run_script(b"EHLO c\r\n" + one + cut)[0] == 76, cut
+
+
 def test_a_refused_message_gets_a_5xx_and_the_exit_code_says_so(cli: CLI) -> None:
     script = b"EHLO c\r\n" + transaction(
         b"a@example.test", [b"b@example.test"], b"Subject: bad\r\n\x00\r\n\r\nx\r\n"

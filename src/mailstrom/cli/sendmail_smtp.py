@@ -193,6 +193,10 @@ class Session:
             return False if self.transaction is None else self.lost("after MAIL")
         if not line.endswith(b"\n"):
             if len(line) < MAX_COMMAND_LINE:
+                # A last QUIT without its CRLF, every message queued, ends as QUIT: a
+                # caller retrying on 76 queued those messages again.
+                if self.transaction is None and line.rstrip(b"\r").upper() == b"QUIT":
+                    return self.quit("")
                 return self.lost("inside a command line")
             discarded = len(line)
             while not line.endswith(b"\n"):
