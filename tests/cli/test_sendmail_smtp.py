@@ -5,6 +5,7 @@ as ``sendmail`` queues one, with the envelope of MAIL and RCPT."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import smtplib
 import socket
@@ -364,6 +365,45 @@ def test_a_silent_client_times_out_with_421() -> None:
     assert out.getvalue() == (
         b"220 h.test ESMTP mailstrom\r\n421 4.4.2 h.test Error: timeout exceeded\r\n"
     )
+
+
+def stalled_session(script: bytes) -> tuple[int, bytes]:
+    """(exit code, replies written) of a session fed ``script`` whose replies go to a
+    pipe of two pages that no one reads, with writes bounded at 0.2 s."""
+    from mailstrom.cli.sendmail_smtp import LineSource, ReplySink, Session
+
+    read, write = os.pipe()
+    out_read, out_write = os.pipe()
+    fcntl.fcntl(out_write, fcntl.F_SETPIPE_SZ, 8192)
+    try:
+        os.write(write, script)  # smaller than the input pipe's buffer
+        os.close(write)
+        session = Session(
+            source=LineSource(read, timeout=60.0),
+            out=ReplySink(out_write, timeout=0.2),
+            helo_name="h.test",
+            max_size=10_000,
+            queue=lambda data, sender, recipients: "never",
+        )
+        code = session.run()
+        os.set_blocking(out_read, False)
+        return code, os.read(out_read, 65536)
+    finally:
+        for fd in (read, out_read, out_write):
+            os.close(fd)
+
+
+def test_a_client_that_reads_no_reply_ends_the_session() -> None:
+    """A client that stops reading (its pipe full of replies) held the session for ever:
+    writes were unbounded. Each now has the read's bound; the session ends as for a client
+    gone: 76 with a message under way, else the code so far."""
+    rcpts = b"".join(b"RCPT TO:<r%d@example.test>\r\n" % n for n in range(900))
+    code, written = stalled_session(b"EHLO c\r\nMAIL FROM:<a@example.test>\r\n" + rcpts)
+    assert code == 76
+    assert 4096 <= len(written) < 900 * 14  # stalled among the RCPT replies
+    code, written = stalled_session(b"EHLO c\r\n" + b"VRFY x\r\n" * 99)
+    assert code == 0
+    assert written.endswith(b"\r\n")
 
 
 def test_a_store_path_through_a_file_is_451_and_exit_78(cli: CLI) -> None:

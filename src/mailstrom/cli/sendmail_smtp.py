@@ -7,8 +7,8 @@ as ``sendmail`` queues one (:func:`mailstrom.cli.sendmail.queue_message`), with 
 envelope of MAIL and RCPT (never ``-t`` or ``-f``).
 
 Every octet from the client is hostile: command lines, recipients per transaction, the
-message, the errors and the commands that do nothing, and the wait for the next line are
-all bounded (the constants below).
+message, the errors and the commands that do nothing, and the waits for the next line and
+for room to write a reply are all bounded (the constants below).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import select
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Protocol
 
 from mailstrom.cli.exits import (
     EX_DATAERR,
@@ -37,7 +37,9 @@ from mailstrom.errors import InvalidMessage, MessageTooLarge, StoreError
 from mailstrom.settings import Settings
 
 READ_TIMEOUT = 300.0
-"""Seconds to wait for the client's next line (Postfix's smtpd_timeout): then 421."""
+"""Seconds to wait for the client's next line (Postfix's smtpd_timeout): then 421; and
+for room to write a reply (a client that reads none): then the session ends, the client
+gone."""
 MAX_COMMAND_LINE = 512
 """Octets in a command line with its CRLF (RFC 5321 §4.5.3.1.4): longer is 500 5.5.2."""
 MAX_DISCARDED = 8 * MAX_COMMAND_LINE
@@ -54,10 +56,17 @@ MAX_JUNK = 100
 queued, before 421 (Postfix's smtpd_junk_command_limit): a client looping on them would
 never end the session."""
 _PIECE = 65536
+_ATOMIC = 512
+"""Octets written at most once the output is writable: no more than a pipe's PIPE_BUF
+(POSIX: at least 512), so that the write cannot block after select said it would not."""
 
 
 class _Timeout(Exception):
     pass
+
+
+class _Stalled(Exception):
+    """The client read none of our replies for the timeout: it is gone."""
 
 
 class LineSource:
@@ -101,6 +110,32 @@ class LineSource:
             return
 
 
+class ReplySink:
+    """Replies written to the descriptor ``fd``, each piece within ``timeout`` seconds
+    (:data:`READ_TIMEOUT`), as Postfix's smtpd bounds its writes: a client that reads
+    none, its pipe or socket full, held the session for ever."""
+
+    def __init__(self, fd: int, timeout: float = READ_TIMEOUT) -> None:
+        self._fd = fd
+        self._timeout = timeout
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            _, ready, _ = select.select([], [self._fd], [], self._timeout)
+            if not ready:
+                raise _Stalled
+            view = view[os.write(self._fd, view[:_ATOMIC]) :]
+
+    def flush(self) -> None:
+        pass
+
+
+class Output(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+    def flush(self) -> None: ...
+
+
 @dataclass
 class _Transaction:
     sender: str
@@ -134,7 +169,7 @@ def _accept(address: str) -> None:
 @dataclass
 class Session:
     source: LineSource
-    out: BinaryIO
+    out: Output
     helo_name: str
     max_size: int
     queue: Queue
@@ -175,15 +210,19 @@ class Session:
         return False
 
     def run(self) -> int:
-        self.reply(f"220 {self.helo_name} ESMTP mailstrom")
         try:
-            while self._step():
-                pass
-        except _Timeout:
-            self.reply(f"421 4.4.2 {self.helo_name} Error: timeout exceeded")
-            self.code = EX_TEMPFAIL  # the client may try again, as after any 4xx
-        except (BrokenPipeError, ConnectionResetError):  # the client went away
+            try:
+                self.reply(f"220 {self.helo_name} ESMTP mailstrom")
+                while self._step():
+                    pass
+            except _Timeout:
+                self.code = EX_TEMPFAIL  # the client may try again, as after any 4xx
+                self.reply(f"421 4.4.2 {self.helo_name} Error: timeout exceeded")
+        except (_Stalled, BrokenPipeError, ConnectionResetError):  # the client went away
             reader_gone()
+            if self.transaction is not None:
+                say("mailstrom: the client went away with a message under way: not queued")
+                self.code = EX_PROTOCOL
         return self.code
 
     def _step(self) -> bool:
@@ -448,7 +487,7 @@ def serve(
         raise CLIError("-bs needs standard input and output", EX_NOINPUT)
     session = Session(
         source=LineSource(sys.stdin.fileno()),
-        out=sys.stdout.buffer,
+        out=ReplySink(sys.stdout.fileno()),
         helo_name=settings.config.helo_name,
         max_size=settings.config.max_message_size,
         queue=queue,
