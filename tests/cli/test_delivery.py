@@ -6,9 +6,12 @@ import contextlib
 import email
 import email.policy
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -183,6 +186,37 @@ def test_send_wait_exit_codes(mail_env: MailEnv) -> None:
     assert pending.code == 75
     assert "deferred" in pending.out
     assert "451" in pending.out
+
+
+def test_send_wait_whose_output_reader_is_gone_still_says_what_happened(
+    mail_env: MailEnv,
+) -> None:
+    """``send --wait`` prints the id before it waits. With standard output a pipe whose
+    reader had gone, that BrokenPipeError ended it as a listing read by ``head``: exit 0,
+    "delivered", with nothing delivered or tried. The output is lost; the exit code is
+    the delivery's (69: refused)."""
+    cli, mx = mail_env.cli, mail_env.mx
+    mx.rcpt_replies["gone@example.test"] = "550 5.1.1 No such user"
+    argv = ["send", "--from", "a@client.test", "--to", "gone@example.test", "--text", "x"]
+    argv += ["--wait", "--timeout", "60"]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mailstrom", *argv],
+            cwd=cli.cwd,
+            env=cli.env,
+            stdin=subprocess.DEVNULL,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=90,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 69, proc.stderr.decode()
+    [message] = cli.ok("queue", "--json", "--state", "any").json()
+    assert message["recipients"][0]["state"] == "failed"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

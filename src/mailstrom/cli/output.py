@@ -31,7 +31,10 @@ import sys
 import unicodedata
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 # C0, DEL and C1 controls (ESC, CSI, OSC start terminal commands; CR, BS, VT rewrite
 # what is shown), the Unicode line and paragraph separators, and the bidirectional
@@ -181,6 +184,64 @@ def tolerant_stdout() -> None:
         stream.errors == "surrogateescape" and not writes_utf8(stream)
     ):
         stream.reconfigure(errors="backslashreplace")
+
+
+class _ReaderMayGo(io.RawIOBase):
+    """The descriptor ``fd``, written until its reader has gone (a pipe to a ``head``
+    that exited, a logger restarted): from then on it is /dev/null, and what is written
+    is lost, never the command's work nor its exit code."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self._fd)
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        try:
+            return os.write(self._fd, data)
+        except BrokenPipeError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._fd)
+            os.close(null)
+            return memoryview(data).nbytes
+
+
+def outlive_readers() -> None:
+    """Standard output and error of a command that acts (queues, changes the store,
+    delivers) from now on outlive their readers: a BrokenPipeError out of a line it
+    printed ended the command as a listing read by ``head`` ends, exit 0, whether its
+    work was done or not (``send --wait`` printed the id, then neither delivered nor
+    said it had not). Now the line is lost and the command goes on to its own code."""
+    sys.stdout = _outliving(sys.stdout)
+    sys.stderr = _outliving(sys.stderr)
+
+
+def _outliving(stream: TextIO) -> TextIO:
+    if not isinstance(stream, io.TextIOWrapper):
+        return stream
+    try:
+        fd = stream.fileno()
+        stream.flush()
+    except (OSError, ValueError):  # no descriptor (a test's capture), or already broken
+        return stream
+    raw = _ReaderMayGo(fd)
+    # Buffered as it was: unbuffered (``python -u``) over the descriptor itself.
+    binary: Any = io.BufferedWriter(raw) if isinstance(stream.buffer, io.BufferedWriter) else raw
+    return io.TextIOWrapper(
+        binary,
+        encoding=stream.encoding,
+        errors=stream.errors,
+        line_buffering=stream.line_buffering,
+        write_through=stream.write_through,
+    )
 
 
 def cell(value: Any) -> str:
