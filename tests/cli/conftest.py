@@ -80,6 +80,28 @@ class CLI:
             stderr=subprocess.PIPE,
         )
 
+    def gone_reader(
+        self, *args: str, stream: str, stdin: bytes = b"", timeout: float = 60
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run with ``stream`` ("stdout" or "stderr") a pipe whose reader has gone (a
+        restarted logger, a ``head`` that exited): each write to it fails with EPIPE. The
+        other stream is captured."""
+        read, write = os.pipe()
+        os.close(read)
+        other = "stderr" if stream == "stdout" else "stdout"
+        try:
+            return subprocess.run(
+                [sys.executable, "-m", self.module, *args],
+                cwd=self.cwd,
+                env=self.env,
+                input=stdin,
+                timeout=timeout,
+                check=False,
+                **{stream: write, other: subprocess.PIPE},  # type: ignore[arg-type]
+            )
+        finally:
+            os.close(write)
+
     def queue_ids(self) -> list[str]:
         return [m["id"] for m in self.ok("queue", "--json", "--state", "any").json()]
 

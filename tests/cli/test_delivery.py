@@ -6,12 +6,9 @@ import contextlib
 import email
 import email.policy
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -199,21 +196,7 @@ def test_send_wait_whose_output_reader_is_gone_still_says_what_happened(
     mx.rcpt_replies["gone@example.test"] = "550 5.1.1 No such user"
     argv = ["send", "--from", "a@client.test", "--to", "gone@example.test", "--text", "x"]
     argv += ["--wait", "--timeout", "60"]
-    read, write = os.pipe()
-    os.close(read)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "mailstrom", *argv],
-            cwd=cli.cwd,
-            env=cli.env,
-            stdin=subprocess.DEVNULL,
-            stdout=write,
-            stderr=subprocess.PIPE,
-            timeout=90,
-            check=False,
-        )
-    finally:
-        os.close(write)
+    proc = cli.gone_reader(*argv, stream="stdout", timeout=90)
     assert proc.returncode == 69, proc.stderr.decode()
     [message] = cli.ok("queue", "--json", "--state", "any").json()
     assert message["recipients"][0]["state"] == "failed"

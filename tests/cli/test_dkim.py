@@ -3,7 +3,6 @@ the headers providers require — through the real command in a subprocess."""
 
 from __future__ import annotations
 
-import os
 import resource
 import stat
 import subprocess
@@ -192,21 +191,7 @@ def test_unsigned_mail_is_queued_when_the_warning_cannot_be_written(mail_env: Ma
     config = dkim_config(cli)
     argv = ["--config", str(config), "send", "--from", "app@other.test"]
     argv += ["--to", "bob@example.test", "--text", "x"]
-    read, write = os.pipe()
-    os.close(read)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "mailstrom", *argv],
-            cwd=cli.cwd,
-            env=cli.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=write,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        os.close(write)
+    proc = cli.gone_reader(*argv, stream="stderr")
     assert proc.returncode == 0
     assert len(cli.queue_ids()) == 1
 

@@ -528,20 +528,8 @@ def test_a_warning_that_cannot_be_written_does_not_stop_the_queueing(
     config.write_text("")
     config.chmod(0o666)
     cli.env["MAILSTROM_CONFIG"] = str(config)
-    read, write = os.pipe()
-    os.close(read)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "mailstrom", *argv],
-            cwd=cli.cwd,
-            env=cli.env,
-            input=b"From: app@example.test\nSubject: x\n\nbody\n",
-            stdout=subprocess.PIPE,
-            stderr=write,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        os.close(write)
+    proc = cli.gone_reader(
+        *argv, stream="stderr", stdin=b"From: app@example.test\nSubject: x\n\nbody\n"
+    )
     assert proc.returncode == 0
     assert len(cli.queue_ids()) == 1
