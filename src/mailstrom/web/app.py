@@ -501,28 +501,27 @@ def create_app(
                 "Without a token (web.token) this dashboard answers only clients on this host.",
                 403,
             )
-        if not access.required and not names_loopback(host_header):
-            # Without a token, being reachable only on loopback is the protection; a
-            # rebound name would make the dashboard another site's (see security.py).
-            log.warning(
-                "refused %s %s for Host %s", request.method, _shown(path), _shown(host_header)
-            )
-            return PlainTextResponse(
-                "This dashboard answers only to localhost, 127.0.0.1 or [::1] unless it has "
-                "a token (web.token).",
-                400,
-            )
-        if access.required and not serves_host(host_header, names):
+        if access.required:
             # Before the token is looked at: a page rebinding its name to this address
             # spent the tries at the token, and locked the operator's address out.
+            wrong_host = not serves_host(host_header, names)
+            refusal = (
+                "This dashboard answers to a loopback name, an address, the name it "
+                "listens on or the host of web.public_url; not to this one."
+            )
+        else:
+            # Without a token, being reachable only on loopback is the protection; a
+            # rebound name would make the dashboard another site's (see security.py).
+            wrong_host = not names_loopback(host_header)
+            refusal = (
+                "This dashboard answers only to localhost, 127.0.0.1 or [::1] unless it "
+                "has a token (web.token)."
+            )
+        if wrong_host:
             log.warning(
                 "refused %s %s for Host %s", request.method, _shown(path), _shown(host_header)
             )
-            return PlainTextResponse(
-                "This dashboard answers to a loopback name, an address, the name it listens "
-                "on or the host of web.public_url; not to this one.",
-                400,
-            )
+            return PlainTextResponse(refusal, 400)
         fresh = not made_here(request.cookies.get(CSRF_COOKIE))
         request.state.csrf = new_csrf_token() if fresh else request.cookies[CSRF_COOKIE]
         if request.method == "POST" and (
