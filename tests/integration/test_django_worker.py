@@ -37,6 +37,7 @@ from tests.support.django import (  # noqa: E402
     mailstrom_setting,
     silently,
 )
+from tests.support.threads import refuse_thread  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
 MANAGE = ROOT / "tests" / "django_project" / "manage.py"
@@ -370,14 +371,7 @@ def test_a_worker_thread_that_cannot_be_started_is_reported_and_started_later(
 ) -> None:
     # No thread left for the worker (a container's pids limit): the mail is queued, the
     # reason is in worker_status, and the worker starts once a thread can.
-    start = threading.Thread.start
-
-    def refusing(thread: threading.Thread) -> None:
-        if thread.name == "mailstrom-worker":
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", refusing)
+    restore = refuse_thread(monkeypatch, "mailstrom-worker")
     setting = mailstrom_setting(dns_server, mx, tmp_path, worker="thread")
     with override_settings(MAILSTROM=setting):
         assert mail.send_mail("one", "x", None, ["bob@example.org"]) == 1
@@ -387,7 +381,7 @@ def test_a_worker_thread_that_cannot_be_started_is_reported_and_started_later(
                 break
             threading.Event().wait(0.02)
         assert "can't start new thread" in (ms.worker_status.error or "")
-        monkeypatch.setattr(threading.Thread, "start", start)
+        restore()
         mx.wait_for_messages(1)
         assert ms.worker_status.running and ms.worker_status.error is None
 
@@ -399,14 +393,7 @@ def test_no_thread_to_start_the_worker_queues_and_the_next_send_tries_again(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    start = threading.Thread.start
-
-    def refusing(thread: threading.Thread) -> None:
-        if thread.name == "mailstrom-django-start":
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", refusing)
+    restore = refuse_thread(monkeypatch, "mailstrom-django-start")
     setting = mailstrom_setting(dns_server, mx, tmp_path, worker="thread")
     with (
         caplog.at_level(logging.ERROR, logger="mailstrom.django"),
@@ -418,7 +405,7 @@ def test_no_thread_to_start_the_worker_queues_and_the_next_send_tries_again(
             "the mailstrom worker cannot be started yet: can't start new thread"
         ]
         assert not get_mailstrom().worker_status.running
-        monkeypatch.setattr(threading.Thread, "start", start)
+        restore()
         assert mail.send_mail("three", "x", None, ["eve@example.org"]) == 1
         assert len(mx.wait_for_messages(3)) == 3
 

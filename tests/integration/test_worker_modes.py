@@ -41,6 +41,7 @@ from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
 from tests.support.delivery import FakeClock, Results, loopback_config
+from tests.support.threads import refuse_thread
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
 ROOT = Path(__file__).parents[2]
@@ -221,21 +222,14 @@ def test_a_worker_thread_that_cannot_be_started_fails_start_and_the_next_start_r
     # No thread left (a container's pids limit): start() raised the bare RuntimeError,
     # where it promises a WorkerError, and kept the thread that never ran as its worker:
     # every later start() said "already started", and nothing was ever delivered.
-    start = threading.Thread.start
-
-    def refusing(thread: threading.Thread) -> None:
-        if thread.name == "mailstrom-worker":
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", refusing)
+    restore = refuse_thread(monkeypatch, "mailstrom-worker")
     store = MemoryStore()
     ms = Mailstrom(config(dns_server, mx.port), store=store, worker="thread")
     try:
         with pytest.raises(WorkerError, match="can't start new thread"):
             ms.start()
         assert not ms.worker_status.running
-        monkeypatch.setattr(threading.Thread, "start", start)
+        restore()
         ms.start()
         mid = ms.send_email(hello("bob@example.org"))
         assert ms.wait(mid, timeout=10).state is RecipientState.DELIVERED
