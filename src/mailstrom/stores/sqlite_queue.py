@@ -105,10 +105,10 @@ lane's list again, past SQLite's limit on bound values with enough suspensions (
 many SQL variables", every lease failed), and a suspension row whose domain is not UTF-8
 (changed by hand) could not be bound at all (StoreRefusedData: nothing was leased)."""
 _IN_CHUNK = 500
+"""Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
 _LANES_PER_WALK = 100
 """Lanes walked by one statement: SQLite allows 500 terms in a compound SELECT, and each
 lane binds its skipped domains again."""
-"""Values per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
 
 
 def chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
