@@ -505,6 +505,10 @@ class WorkerStatus:
     gone; but a worker cut off from a PostgreSQL store that other workers share
     (``"store: not reached for ..."``) gives back what it has not started, which they may
     deliver. None while it leases."""
+    stopping: bool = False
+    """Whether the running worker was asked to stop and is draining: it leases nothing
+    new, lets its deliveries in flight finish (up to its drain timeout) and gives the rest
+    back. False while it runs on, and once it stopped (:attr:`running` False)."""
     holder: str | None = None
     """The worker's lease holder: the start of its lease tokens, and its name in
     ``mailstrom workers``. None until the worker is built (a worker process starting)."""

@@ -59,9 +59,10 @@ class StderrLines:
 
 
 class WorkerProcess:
-    """``mailstrom worker --metrics 127.0.0.1:0`` on ``url``, once it said where it serves."""
+    """``mailstrom worker --metrics 127.0.0.1:0`` on ``url`` (and ``options``), once it
+    said where it serves."""
 
-    def __init__(self, cli: CLI, url: str) -> None:
+    def __init__(self, cli: CLI, url: str, *options: str) -> None:
         self.proc = cli.popen(
             "worker",
             "--no-live",
@@ -71,6 +72,7 @@ class WorkerProcess:
             url,
             "--metrics",
             "127.0.0.1:0",
+            *options,
         )
         assert self.proc.stderr is not None
         self.stderr = StderrLines(self.proc.stderr)

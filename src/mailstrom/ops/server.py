@@ -8,7 +8,9 @@ say how much mail goes where, which is nobody else's business.
 
 ``/healthz`` answers 200 with ``{"status": "ok", ...}`` while the worker runs, its event loop
 answers within two seconds, the store answers a cheap query and the worker's own store
-calls succeed; otherwise 503 with ``"status": "fail"`` and what failed. ``mailstrom
+calls succeed; otherwise 503 with ``"status": "fail"`` and what failed. From the stop
+signal on, while the worker drains (it takes no new work), 503 with ``"status":
+"draining"``: a readiness check, which fails as the worker goes away. ``mailstrom
 worker`` serves before its store opens: while it waits for it, 503 with ``"status":
 "waiting"`` (:mod:`mailstrom.ops.sources`).
 """
@@ -93,6 +95,12 @@ class HealthCheck:
             worker["error"] = status.error
         if status.paused is not None:
             worker["paused"] = status.paused  # alive and answering: not a failure of health
+        # Asked to stop (SIGTERM): it finishes what it holds and goes, taking no new work.
+        # A readiness check fails from now on, so that whoever routes to it or counts on
+        # it (a load balancer, a rolling update) learns it now, not once it is gone.
+        draining = status.running and status.stopping
+        if draining:
+            worker["draining"] = True
         store: dict[str, Any] = {"ok": store_error is None}
         if store_error is not None:
             store["error"] = store_error
@@ -102,11 +110,12 @@ class HealthCheck:
         # reads go on while writes fail (a write lock held elsewhere, a full disk, a
         # read-only database), so a worker that could neither lease nor record answered
         # "ok". It retries by itself; this says it is not doing its work meanwhile.
-        ok = loop_ok and store_error is None and status.store_error is None
+        healthy = loop_ok and store_error is None and status.store_error is None
+        ok = healthy and not draining
         return Health(
             ok=ok,
             details={
-                "status": "ok" if ok else "fail",
+                "status": "ok" if ok else "draining" if healthy else "fail",
                 "time": datetime.now(UTC).isoformat(),
                 "worker": worker,
                 "store": store,

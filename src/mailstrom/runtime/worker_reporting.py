@@ -45,6 +45,7 @@ class WorkerReporting:
     holder: str
     _counters: _Counters
     _running: bool
+    _stopping: bool
     _dispatcher: Dispatcher | None
     _pending: list[RecipientResult]
     _items: dict[tuple[str, str, str], int]
@@ -76,6 +77,7 @@ class WorkerReporting:
             clock_skew=c.clock_skew,
             clock_warning=c.clock_warning,
             paused=c.paused or self._cut_off,
+            stopping=self._running and self._stopping,
             holder=self.holder,
             metrics=self.metrics.snapshot(),
         )
