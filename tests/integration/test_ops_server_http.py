@@ -7,7 +7,11 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
 from mailstrom.ops.server import Health, OpsServer
 from mailstrom.status import MetricsSnapshot, WorkerStatus
@@ -53,6 +57,37 @@ def test_head_answers_as_get_does_without_the_body(server: OpsServer, path: str)
     assert head_headers["content-type"] == get_headers["content-type"]
     assert head_headers["content-length"] == str(len(get_body))
     assert head_body == b""
+
+
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+"""What Prometheus (2.x, 3.x) sends by default when it scrapes."""
+
+
+def test_metrics_are_openmetrics_to_a_scraper_that_asks_for_them(server: OpsServer) -> None:
+    """Prometheus asks for OpenMetrics first (``Accept`` above); the page was always the
+    classic text format, whatever was asked. prometheus-client's own negotiation picks
+    the format now: OpenMetrics for who asks for it, the text format otherwise."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        openmetrics = client.get("/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+        text = client.get("/metrics", headers={"Accept": "text/plain"})
+        bare = client.get("/metrics", headers={"Accept": ""})
+        head = client.head("/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+    assert openmetrics.status_code == 200
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text;")
+    assert openmetrics.text.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_families(openmetrics.text)}
+    assert families["mailstrom_worker_up"].samples[0].value == 1
+    assert families["mailstrom_results"].type == "counter"
+    assert head.headers["content-type"] == openmetrics.headers["content-type"]
+    assert head.headers["content-length"] == str(len(openmetrics.content))
+    for classic in (text, bare):
+        assert classic.status_code == 200
+        assert classic.headers["content-type"].startswith("text/plain; version=")
+        assert "# EOF" not in classic.text
+        assert "mailstrom_worker_up 1.0" in classic.text.splitlines()
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])

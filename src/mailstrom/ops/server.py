@@ -161,8 +161,8 @@ class _Ping:
 
 
 class OpsServer:
-    """Serves ``/metrics`` (Prometheus text format) and ``/healthz`` (JSON) on a thread,
-    to GET and HEAD.
+    """Serves ``/metrics`` (Prometheus text format, or OpenMetrics to a scraper whose
+    ``Accept`` asks for it) and ``/healthz`` (JSON) on a thread, to GET and HEAD.
 
     >>> server = OpsServer("127.0.0.1", 9466, snapshot=ms.metrics, health=check)  # doctest: +SKIP
     >>> server.start(); ...; server.close()  # doctest: +SKIP
@@ -196,7 +196,7 @@ class OpsServer:
         request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         try:
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            from prometheus_client.exposition import choose_encoder
 
             from mailstrom.ops.exporter import registry_for
         except ImportError as exc:
@@ -205,10 +205,13 @@ class OpsServer:
             ) from None
         registry = registry_for(snapshot, store_wait=store_wait)
 
-        def metrics() -> tuple[int, str, bytes]:
-            return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+        def metrics(accept: str) -> tuple[int, str, bytes]:
+            # The library's negotiation, as its own server has it: OpenMetrics for a
+            # scraper that asks for it (Prometheus does, first), the text format otherwise.
+            encoder, content_type = choose_encoder(accept)
+            return 200, content_type, encoder(registry)
 
-        def healthz() -> tuple[int, str, bytes]:
+        def healthz(accept: str) -> tuple[int, str, bytes]:
             result = health()
             body = json.dumps(result.details).encode() + b"\n"
             return (200 if result.ok else 503), "application/json", body
@@ -253,7 +256,7 @@ class OpsServer:
                     self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
                     return
                 try:
-                    code, content_type, body = route()
+                    code, content_type, body = route(self.headers.get("Accept", ""))
                 except Exception:
                     log.exception("serving %s failed", self.path)
                     code, content_type, body = 500, "text/plain", b"internal error\n"
