@@ -87,6 +87,9 @@ class Settings:
     """Problems worth telling the user that do not stop the command (the CLI prints them)."""
     metrics_listen: str | None = None
     """``HOST:PORT`` where ``mailstrom worker`` serves /metrics and /healthz, if anywhere."""
+    metrics_queue: bool = True
+    """Whether those metrics hold the store's counts (``mailstrom_queue_*``,
+    ``mailstrom_workers``), alike from every worker on the store: one exporter is enough."""
     web_listen: str | None = None
     """``HOST:PORT`` where ``mailstrom web`` serves the dashboard (default 127.0.0.1:8025)."""
     web_token: str | None = dataclasses.field(default=None, repr=False)
@@ -700,6 +703,7 @@ KEYS: dict[str, Parser] = {
     "hook.timeout": _seconds(0.001),
     "hook.batch": _int(1),
     "metrics.listen": _listen,
+    "metrics.queue": _bool,
     "metrics.domains": _str_list,
     "message_id_domain": _str,
     "dkim.keys": _dkim_keys,
@@ -992,6 +996,7 @@ def load_settings(
         values=values,
         warnings=tuple(warnings),
         metrics_listen=parsed.get("metrics.listen"),
+        metrics_queue=parsed.get("metrics.queue", True),
         web_listen=parsed.get("web.listen"),
         web_token=parsed.get("web.token"),
         web_public_url=parsed.get("web.public_url"),

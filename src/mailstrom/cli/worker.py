@@ -168,7 +168,7 @@ def _deliver(settings: Settings, args: argparse.Namespace, early: EarlyStops) ->
         worker = Worker(settings.config, store, on_result=recent.appendleft)
         if ops is not None:
             server, sources = ops
-            sources.attach(worker, store)
+            sources.attach(worker, store, queue=settings.metrics_queue)
             # Closed (again: close() is idempotent) before the store, so that no scrape
             # or health check reads a closed store.
             stack.callback(server.close)

@@ -38,6 +38,9 @@ from mailstrom.status import Histogram, MetricsSnapshot, RecipientState
 if TYPE_CHECKING:
     from mailstrom.ops.sources import StoreWait
 
+_STORE_WIDE = "; the whole store's, alike from every worker on it (aggregate with max)"
+"""Said by the help of each family that counts the store rather than the worker: a
+``sum()`` over the workers on one store counted the queue once per worker."""
 TOP_DOMAINS = 10
 """Destination domains with the most pending recipients shown by name in
 ``mailstrom_queue_pending_recipients``; the rest add up under ``other``."""
@@ -203,7 +206,7 @@ class MailstromCollector(Collector):
         if snap.workers is not None:
             yield GaugeMetricFamily(
                 "mailstrom_workers",
-                "Workers running on the store, as mailstrom workers lists them",
+                f"Workers running on the store, as mailstrom workers lists them{_STORE_WIDE}",
                 value=snap.workers,
             )
         yield from self._queue(snap)
@@ -213,7 +216,9 @@ class MailstromCollector(Collector):
         if queue is None:
             return
         by_state = GaugeMetricFamily(
-            "mailstrom_queue_recipients", "Recipients in the store by state", labels=["state"]
+            "mailstrom_queue_recipients",
+            f"Recipients in the store by state{_STORE_WIDE}",
+            labels=["state"],
         )
         for state in RecipientState:
             by_state.add_metric([state.value], queue.by_state.get(state, 0))
@@ -221,7 +226,7 @@ class MailstromCollector(Collector):
         pending = GaugeMetricFamily(
             "mailstrom_queue_pending_recipients",
             f"Queued or deferred recipients of the {self._top} busiest destination domains "
-            "(the rest: other)",
+            f"(the rest: other){_STORE_WIDE}",
             labels=["domain"],
         )
         # A recipient's domain may be "other" itself (a single label, as an address such as
@@ -238,12 +243,16 @@ class MailstromCollector(Collector):
         if rest:
             pending.add_metric([OTHER], rest)
         yield pending
-        yield GaugeMetricFamily("mailstrom_queue_messages", "Messages in the store", queue.messages)
-        yield GaugeMetricFamily("mailstrom_queue_held_messages", "Messages on hold", queue.held)
+        yield GaugeMetricFamily(
+            "mailstrom_queue_messages", f"Messages in the store{_STORE_WIDE}", queue.messages
+        )
+        yield GaugeMetricFamily(
+            "mailstrom_queue_held_messages", f"Messages on hold{_STORE_WIDE}", queue.held
+        )
         if snap.queue_read_at is not None:
             yield GaugeMetricFamily(
                 "mailstrom_queue_read_time_seconds",
-                "When the queue counts were read from the store (Unix time)",
+                f"When the queue counts were read from the store (Unix time){_STORE_WIDE}",
                 value=snap.queue_read_at.timestamp(),
             )
 

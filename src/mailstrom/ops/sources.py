@@ -62,11 +62,15 @@ class WorkerSources:
         self._opener = opener
         self._attached: tuple[Callable[[], MetricsSnapshot], HealthCheck] | None = None
 
-    def attach(self, worker: Worker, store: Store) -> None:
-        """Serve ``worker`` and ``store`` from now on."""
-        cache = QueueStatsCache(store)
+    def attach(self, worker: Worker, store: Store, *, queue: bool = True) -> None:
+        """Serve ``worker`` and ``store`` from now on; without ``queue``, none of the
+        store's counts (every worker on the store has the same: one may export them, and
+        the others need not count the queue for each scrape)."""
+        cache = QueueStatsCache(store) if queue else None
 
         def snapshot() -> MetricsSnapshot:
+            if cache is None:
+                return MetricsSnapshot(worker=worker.status)
             stats, read_at, workers = cache.reading()
             return MetricsSnapshot(
                 worker=worker.status, queue=stats, queue_read_at=read_at, workers=workers
