@@ -38,6 +38,6 @@ def test_healthz_is_503_draining_from_the_stop_signal_until_the_worker_ends(
         assert body["worker"]["in_flight"] == 1  # still finishing what it holds
         assert body["store"] == {"ok": True}
     finally:
-        code, err = worker.stopped()  # the second signal: stop at once
+        code, err = worker.stopped(timeout=30)  # the second signal: stop at once
     assert code == 0, err
     assert err.count('"stopping"') == 1, err

@@ -92,11 +92,11 @@ class WorkerProcess:
         """The samples without labels, by name."""
         return {name: sample for (name, labels), sample in scrape(self.url).items() if not labels}
 
-    def stopped(self) -> tuple[int, str]:
-        """SIGTERM; the exit code (within 5 s) and the whole of stderr."""
+    def stopped(self, timeout: float = 5) -> tuple[int, str]:
+        """SIGTERM; the exit code (within ``timeout`` seconds) and the whole of stderr."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=timeout)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()

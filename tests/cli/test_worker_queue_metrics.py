@@ -33,5 +33,5 @@ def test_only_the_worker_that_exports_the_store_counts_has_them(mail_env: MailEn
     finally:
         for worker in (exporting, quiet):
             if worker is not None:
-                code, err = worker.stopped()
+                code, err = worker.stopped(timeout=30)
                 assert code == 0, err
