@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import difflib
 import ipaddress
 import math
 import os
@@ -861,6 +860,8 @@ def _meant(key: str) -> str:
             f"; {name!r} goes before the first [table] of the file (a key belongs to the "
             f"table above it, here [{section}])"
         )
+    import difflib  # here: only a misspelt key needs it, never a start that reads none
+
     close = difflib.get_close_matches(key, KEYS, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -915,6 +916,8 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
             continue
         key = _ENV_KEYS.get(name)
         if key is None:
+            import difflib  # here: only a misspelt name needs it
+
             close = difflib.get_close_matches(name, _ENV_KEYS, n=1) if len(name) <= 100 else []
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown environment variable {name}{hint}")

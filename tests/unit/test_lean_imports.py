@@ -89,8 +89,15 @@ WORKER_FEATURES = (
 )
 """mailstrom's own modules a SQLite worker without those features has no use for."""
 
-WORKER_STDLIB = ("urllib.request", "http.client", "email.headerregistry", "email.generator")
-"""The standard library's modules that only those features bring in."""
+WORKER_STDLIB = (
+    "urllib.request",
+    "http.client",
+    "email.headerregistry",
+    "email.generator",
+    # Only to suggest a setting's name for a misspelt one.
+    "difflib",
+)
+"""The standard library's modules that only those features (or errors) bring in."""
 
 BUILD_WORKER = """
 from mailstrom.cli.main import build_parser
