@@ -9,16 +9,21 @@ on loopback, the only address of its domain.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import pytest
 
 from mailstrom import Email, RecipientState, RetryPolicy
 from mailstrom.client import Mailstrom
+from mailstrom.status import SMTPReply
 from mailstrom.stores import MemoryStore
+from mailstrom.stores.base import WorkItem
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import Results, loopback_config
+from tests.support.scripted import scripted_dispatcher, work_item
 
 LIMIT = 3
 COUNT = 12
@@ -278,7 +283,7 @@ def _queue(config: Any, store: MemoryStore) -> list[str]:
 
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
-@pytest.mark.parametrize("where", ["mail", "greeting"])
+@pytest.mark.parametrize("where", ["mail", "greeting", "rcpt", "dot"])
 def test_a_server_refusing_its_first_mail_with_421_is_a_refused_connection(
     smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool, where: str
 ) -> None:
@@ -288,12 +293,19 @@ def test_a_server_refusing_its_first_mail_with_421_is_a_refused_connection(
     # connected to once per message queued (12 here), the work handed back each time.
     # It refuses the connection (RFC 5321 §3.8), as a 421 greeting does: one connection,
     # and the queue deferred with its reply, one attempt each, the same as the greeting.
+    # So does a 421 to the first RCPT or final dot of a new connection (Postfix: a site
+    # failure, which defers the destination): was one connection per message too.
     reply = "421 4.3.2 Service shutting down, closing transmission channel"
     if where == "greeting":
         mx = smtp_server(pipelining=pipelining, greeting=reply)
     else:
         mx = smtp_server(pipelining=pipelining)
-        mx.mail_reply = reply
+        if where == "mail":
+            mx.mail_reply = reply
+        elif where == "rcpt":
+            mx.rcpt_replies.update({f"u{i}@example.org": reply for i in range(COUNT)})
+        else:
+            mx.data_reply = reply
     dns_server.mx("example.org", [(10, "mx.test")])
     dns_server.a("mx.test", mx.host)
     config = loopback_config(dns_server, mx.port, max_per_destination=1)
@@ -311,14 +323,71 @@ def test_a_server_refusing_its_first_mail_with_421_is_a_refused_connection(
 
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+async def test_a_421_to_the_data_command_of_a_new_connection_refuses_the_connection(
+    dns_server: LoopbackDNS, pipelining: bool
+) -> None:
+    # aiosmtpd answers DATA itself, so the server here is a raw one: it takes MAIL and
+    # RCPT, and closes with a 421 to DATA. Was: the first message was deferred, and the
+    # four queued behind it, never sent, went back to the store due at once, to be leased
+    # again and refused on a new connection each, one connection per message.
+    reply = b"421 4.3.2 Service shutting down, closing transmission channel"
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.write(b"220 busy.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-busy.test\r\n250 PIPELINING\r\n" if pipelining else b"250 x\r\n")
+            elif verb == b"DATA":
+                writer.write(reply + b"\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+
+    postponed: list[WorkItem] = []
+
+    def postpone(items: list[WorkItem], until: datetime, destination: str | None) -> None:
+        postponed.extend(items)
+
+    async with scripted_dispatcher(
+        dns_server, handle, "busy.example", on_postpone=postpone, max_per_destination=1
+    ) as (dispatcher, done):
+        for n in range(5):
+            dispatcher.submit(work_item(n, "busy.example"))
+        await asyncio.wait_for(dispatcher.idle.wait(), 10)
+    assert connections == 1
+    assert postponed == []  # none handed back to be tried again at once
+    assert sorted(r.address for r in done) == [f"r{n}@busy.example" for n in range(5)]
+    for result in done:
+        assert result.state is RecipientState.DEFERRED, result
+        assert result.attempt.reply == SMTPReply(
+            code=421, enhanced="4.3.2", text="Service shutting down, closing transmission channel"
+        ), result
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+@pytest.mark.parametrize("where", ["mail", "rcpt", "dot"])
 def test_work_refused_at_the_first_mail_goes_on_to_the_next_mx_host(
-    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool
+    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool, where: str
 ) -> None:
     # Was: the message whose MAIL got the 421 was deferred at the first host, never tried
     # at the second, which took the rest (Postfix too keeps a soft MAIL refusal's
-    # recipients for the next server, smtp_trouble.c).
+    # recipients for the next server, smtp_trouble.c). So for a 421 to its RCPT or its
+    # final dot: the rest of the queue went back to the store, each message to be
+    # refused once by the first host on a connection of its own.
     refusing = smtp_server(pipelining=pipelining)
-    refusing.mail_reply = "421 4.3.2 Service shutting down, closing transmission channel"
+    reply = "421 4.3.2 Service shutting down, closing transmission channel"
+    if where == "mail":
+        refusing.mail_reply = reply
+    elif where == "rcpt":
+        refusing.rcpt_replies.update({f"u{i}@example.org": reply for i in range(COUNT)})
+    else:
+        refusing.data_reply = reply
     backup = smtp_server(host="127.0.0.21", port=refusing.port, pipelining=pipelining)
     dns_server.mx("example.org", [(10, "mx1.test"), (20, "mx2.test")])
     dns_server.a("mx1.test", refusing.host)

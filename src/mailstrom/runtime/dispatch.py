@@ -19,15 +19,15 @@ count, and a session at the limit waits for a slot while idle connections are cl
 make room: see :mod:`mailstrom.runtime.opener` for the rule.
 
 Failures follow the delivery rules: a connection that cannot be made, or a refused greeting
-(or a 421 to MAIL before the connection took a message), moves on to the next address; a
-connection that breaks before a transaction's final dot puts that item back for the next
-address, at most ``Config.mx_session_limit`` sessions per item (as Postfix's
-``smtp_mx_session_limit``); once every address was tried the items left are deferred with
-the last error — unless other sessions of the destination are still connected, in which
-case the destination just runs with fewer sessions until mail goes again (Postfix's
-concurrency feedback). What a session never sent, as it broke on a transaction ahead (a
-stall at one recipient's RCPT), was not tried: it goes back to the store due at once, no
-attempt counted, not deferred with that transaction's failure.
+(or a 421 to MAIL, RCPT, DATA or the final dot before the connection took a message),
+moves on to the next address; a connection that breaks before a transaction's final dot
+puts that item back for the next address, at most ``Config.mx_session_limit`` sessions
+per item (as Postfix's ``smtp_mx_session_limit``); once every address was tried the items
+left are deferred with the last error — unless other sessions of the destination are still
+connected, in which case the destination just runs with fewer sessions until mail goes
+again (Postfix's concurrency feedback). What a session never sent, as it broke on a
+transaction ahead (a stall at one recipient's RCPT), was not tried: it goes back to the
+store due at once, no attempt counted, not deferred with that transaction's failure.
 An address that could not be reached goes after the others for a while
 (:mod:`mailstrom.runtime.unreachable`).
 
@@ -894,8 +894,9 @@ class Dispatcher:
         # for its limit per connection, or any 421 to MAIL once the connection took
         # messages or was reused): what it cut was not tried (see below).
         limited = False
-        # The server refused the connection at a MAIL before it took any message (see
-        # below): what the session held goes on with the queue, no session counted.
+        # The server refused the connection with a 421 (to MAIL, RCPT, DATA or the final
+        # dot) before it took any message (see below): what the session held goes on
+        # with the queue, no session counted.
         refused = False
         # A transaction failed on the wire (cut), and others never went on it (unwritten).
         cut = unwritten = False
@@ -978,37 +979,49 @@ class Dispatcher:
                         await self._throttled_session(shape, exc)
                     retry.append(work)
                     continue
-                cut = True
                 work.unsent = None
                 before = answered_before(exc)  # cut by a 421 to RCPT, a hang-up, a timeout
                 rest = work if before is None else self._decide_refused(work, before, where)
                 inflight.popleft()
-                if rest is None:
-                    continue
-                if shape is not None:
+                if rest is not None and shape is not None:
                     if isinstance(exc, EnvelopeCut) and await self._throttled_cut(
                         shape, rest, exc, where
                     ):
+                        cut = True
                         continue
                     # Not this transaction's own reply (a 421 4.7.28 to RSET, the session
                     # aborted by one): the destination is paused all the same, and the
                     # work goes back unattempted with the rest of its queue.
                     await self._throttled_session(shape, exc)
-                retry.append(rest)
+                if refused or (isinstance(exc, EnvelopeCut) and not (reused or answered)):
+                    # A 421 to RCPT on a connection that took no message refuses the
+                    # connection, as one to MAIL does (see below); a transaction cut by
+                    # such a refusal ahead of it (its envelope went with the content the
+                    # server refused) is refused with the connection.
+                    refused = True
+                else:
+                    cut = True
+                if rest is not None:
+                    retry.append(rest)
                 continue
-            if not (reused or answered) and _refused_at_mail(result, shaping=shape is not None):
-                # RFC 5321 §3.8: a 421 to MAIL on a connection that took no message is
-                # the server refusing the connection ("service not available"), as a 421
-                # to its greeting or EHLO is, not this message: the session ends, and the
-                # work goes on with the queue to the next address, none of it counted.
-                # With every address tried the queue is deferred with this reply (an
-                # attempt each, as after a refused greeting), not handed back due at once
-                # to be refused again on a new connection, one message per connection.
+            closing = None if reused or answered else _refusal(result, shaping=shape is not None)
+            if closing is not None:
+                # RFC 5321 §3.8: a 421 to MAIL (to RCPT above, to DATA or the final dot) on
+                # a connection that took no message is the server refusing the connection
+                # ("service not available", closing the channel), as a 421 to its greeting
+                # or EHLO is, not this message: the session ends, and the work goes on
+                # with the queue to the next address, none of it counted (Postfix: a site
+                # failure). With every address tried the queue is deferred with this reply
+                # (an attempt each, as after a refused greeting), not handed back due at
+                # once to be refused again on a new connection, one message per
+                # connection. A recipient the server refused by its own RCPT reply is
+                # decided by it, as when a 421 to RCPT cuts the envelope.
                 inflight.popleft()
-                assert result.mail is not None
-                error = failure(result.mail, host=conn.host, what="MAIL")
+                error = failure(closing[1], host=conn.host, what=closing[0])
                 refused = True
-                retry.append(work)
+                rest = self._decide_refused(work, result, where)
+                if rest is not None:
+                    retry.append(rest)
                 continue
             if at_connection_limit(result) or ((reused or answered) and _closing_at_mail(result)):
                 # Not tried: first on the next connection (see _deliver), and the session
@@ -1685,12 +1698,20 @@ def _closing_at_mail(result: TransactionResult) -> bool:
     return mail is not None and mail.code == 421 and not is_throttling(mail)
 
 
-def _refused_at_mail(result: TransactionResult, *, shaping: bool) -> bool:
-    """Whether the server answered ``result``'s MAIL with a ``421``, which on a connection
-    that took no message refuses the connection. Under traffic ``shaping`` a throttle is
-    left to pause the destination (:meth:`Dispatcher._heed_throttle`)."""
-    mail = result.mail
-    return mail is not None and mail.code == 421 and not (shaping and is_throttling(mail))
+def _refusal(result: TransactionResult, *, shaping: bool) -> tuple[str, SMTPReply] | None:
+    """The ``421`` that ended ``result`` at MAIL, DATA or the final dot, and the command it
+    answered, which on a connection that took no message refuses the connection (a 421 to
+    RCPT ends it with :class:`EnvelopeCut` instead); None for another end. Under traffic
+    ``shaping`` a throttle is left to pause the destination
+    (:meth:`Dispatcher._heed_throttle`)."""
+    for what, reply in (
+        ("MAIL", result.mail),
+        ("DATA", result.data),
+        ("the message", result.final),
+    ):
+        if reply is not None and reply.code == 421:
+            return None if shaping and is_throttling(reply) else (what, reply)
+    return None
 
 
 def _of_family(ip: str, family: int) -> bool:
