@@ -169,6 +169,41 @@ def test_fallbacks_by_enhanced_code_then_basic_code(wire: str, expected: str) ->
     assert classify_reply(parse(wire)) is ReasonClass(expected)
 
 
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        (
+            "451 4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77719)",
+            "rate_limited",
+        ),
+        (
+            "421 4.7.500 Server busy. Please try again later from [192.0.2.1]. (S77719)",
+            "rate_limited",
+        ),
+        ("421 4.7.500 Server busy, please try again later.", "rate_limited"),
+        (
+            "421 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP"
+            " reputation. For e-mail delivery information, see https://postmaster.live.com (S775)",
+            "reputation",
+        ),
+        (
+            "421 4.7.651 The mail server [192.0.2.1] has been temporarily rate limited due to IP"
+            " reputation. For e-mail delivery information, see https://postmaster.live.com (S3114)",
+            "reputation",
+        ),
+    ],
+)
+def test_microsoft_s_rate_limits_are_known_with_a_421_as_with_a_451(
+    wire: str, expected: str
+) -> None:
+    # Was: only "451 4.7.500-699" was Microsoft's; the same codes with a 421, which
+    # Exchange Online sends too ("421 4.7.500 Server busy"), fell through to the subject
+    # of 4.7.x and were "policy", so a 421 4.7.500 to MAIL or RCPT paused nothing.
+    reply = parse(wire)
+    assert classify_reply(reply) is ReasonClass(expected)
+    assert advice(ReasonClass(expected), reply).provider == "Microsoft"
+
+
 def test_a_telling_enhanced_code_beats_the_text_heuristics() -> None:
     assert classify_reply(parse("550 5.1.1 Unknown user; looks like spam")) is ReasonClass.MAILBOX
     # A vague one (X.7.1) leaves it to the text.

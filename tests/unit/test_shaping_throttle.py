@@ -31,6 +31,8 @@ def reply(code: int, enhanced: str | None, text: str) -> SMTPReply:
         reply(421, "4.7.28", "Too much unsolicited mail seen from your sending domain. - gsmtp"),
         reply(451, "4.7.650", "The mail server [192.0.2.1] has been temporarily rate limited"),
         reply(451, "4.7.500", "Server busy, try again later from [192.0.2.1]. (AS761)"),
+        reply(421, "4.7.500", "Server busy. Please try again later from [192.0.2.1]. (S77719)"),
+        reply(421, "4.7.650", "The mail server [192.0.2.1] has been temporarily rate limited"),
         reply(421, "4.7.0", "[TSS04] Messages from 192.0.2.1 deferred for now"),
         reply(421, None, "Too many connections from your IP, slow down"),
     ],
