@@ -146,6 +146,63 @@ def test_the_message_dsn_request_decides(mailstrom: Make, mx: Any, results: Resu
     assert report is not None and report.recipients[0].original_recipient == "nobody@example.org"
 
 
+def test_a_success_report_asked_of_a_server_without_dsn_is_a_relayed_notice(
+    mailstrom: Make, mx: Any, results: Results
+) -> None:
+    """RFC 3461 §5.2.2: NOTIFY=SUCCESS cannot be passed on to a server that does not
+    offer DSN (aiosmtpd does not), so the MTA that relays it there owes the sender a
+    "relayed" notice (RFC 3464 §2.3.3) for each recipient that asked. Was: nothing, and
+    the sender, who asked to hear of the delivery, heard nothing."""
+    ms = mailstrom(helo_name="mx.client.test")
+    dsn = DSN(notify=(Notify.SUCCESS, Notify.FAILURE), ret=Return.FULL)
+    mid = ms.send_email(hello("ann@example.org", "bob@example.org", dsn=dsn))
+    ms.send_email(hello("cal@example.org", dsn=DSN(notify=(Notify.FAILURE,))))  # no report
+    results.wait_count(4)  # ann, bob and cal delivered, and the notice
+    assert {r.address: r.state for r in results.all} == {
+        "ann@example.org": RecipientState.DELIVERED,
+        "bob@example.org": RecipientState.DELIVERED,
+        "cal@example.org": RecipientState.DELIVERED,
+        "app@sender.test": RecipientState.DELIVERED,
+    }
+    [notice] = [m for m in mx.wait_for_messages(3) if m.rcpt_tos == ("app@sender.test",)]
+    assert notice.mail_from == "<>"
+    assert b"Subject: Successful Mail Relay Report" in notice.content
+    report = parse_report(notice.content)
+    assert report is not None
+    assert report.reporting_mta == "mx.client.test"
+    assert report.original_message_id == ms.query_status(mid).header_message_id
+    rows = sorted((r.final_recipient, r.action, r.status) for r in report.recipients)
+    assert rows == [
+        ("ann@example.org", "relayed", "2.0.0"),
+        ("bob@example.org", "relayed", "2.0.0"),
+    ]
+    for r in report.recipients:
+        assert r.remote_mta == "mx.test"
+        assert (r.diagnostic_type, r.diagnostic) == ("smtp", "250 2.0.0 OK queued")
+    # Headers only: RET asks for the message in a failure's notice (RFC 3461 §4.3).
+    assert b"Subject: Quarterly" in notice.content and b"Hello" not in notice.content
+    assert b"text/rfc822-headers" in notice.content
+
+
+def test_a_success_report_is_left_to_a_server_that_offers_dsn(
+    smtp_server: Any, dns_server: LoopbackDNS, results: Results
+) -> None:
+    """A server that offers DSN takes NOTIFY=SUCCESS with the recipient and reports the
+    delivery itself: no notice of mailstrom's (it would be a second one)."""
+    mx = smtp_server(dsn=True)
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.mx("sender.test", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(dns_server, mx.port)
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        ms.send_email(hello("ann@example.org", dsn=DSN(notify=(Notify.SUCCESS,))))
+        results.wait_count(1)
+        ms.stop(timeout=5)
+        assert len(ms.query_recent()) == 1  # no notice queued
+    assert [m.rcpt_tos for m in mx.messages] == [("ann@example.org",)]
+    assert any(b"NOTIFY=SUCCESS" in " ".join(p).encode() for _, _, p in mx.dsn_params)
+
+
 def test_a_message_too_big_to_return_whole_gets_a_notice_with_its_headers(
     mailstrom: Make, mx: Any, results: Results
 ) -> None:

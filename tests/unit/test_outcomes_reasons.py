@@ -220,3 +220,38 @@ def test_a_limit_refusal_with_nothing_accepted_is_an_ordinary_refusal() -> None:
     limit = SMTPReply(code=452, enhanced="4.5.3", text="Too many recipients")
     assert over_recipient_limit(_rcpts(limit, limit)) == set()
     assert over_recipient_limit(_rcpts(limit)) == set()
+
+
+@pytest.mark.parametrize(
+    ("notify", "offered", "uncertain", "owed"),
+    [
+        (("SUCCESS",), False, False, True),  # the server cannot be asked: ours to report
+        (("SUCCESS", "FAILURE"), False, False, True),
+        (("SUCCESS",), True, False, False),  # NOTIFY went with RCPT: the server reports
+        (("FAILURE",), False, False, False),  # no report of a delivery asked for
+        ((), False, False, False),  # left to the server: failures only (RFC 3461 §4.1)
+        (("SUCCESS",), False, True, False),  # no reply to the dot: nothing known to report
+    ],
+)
+def test_a_delivery_owes_a_relayed_notice_only_for_success_to_a_server_without_dsn(
+    outcomes: Outcomes, notify: tuple[str, ...], offered: bool, uncertain: bool, owed: bool
+) -> None:
+    from dataclasses import replace
+
+    from mailstrom.message.dsn import DSN
+
+    work = replace(item("ann@example.org", "bob@example.org"), dsn=DSN(notify=notify))
+    result = TransactionResult(
+        mail=OK,
+        rcpt=(
+            ("ann@example.org", OK),
+            ("bob@example.org", reply("550 5.1.1 No such user")),
+        ),
+        data=GO,
+        final=None if uncertain else OK,
+        uncertain=uncertain,
+    )
+    where = Where(host="mx", dsn=offered)
+    got = {r.address: r for r in outcomes.from_transaction(work, result, time.monotonic(), where)}
+    assert got["ann@example.org"].relayed is owed
+    assert got["bob@example.org"].relayed is False  # refused: its failure is reported

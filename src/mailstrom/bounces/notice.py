@@ -1,5 +1,7 @@
 """Bounce messages: the delivery status notification (RFC 3464) mailstrom sends to a
-message's envelope sender when it gives up on recipients itself.
+message's envelope sender when it gives up on recipients itself, and the "relayed" one
+owed when a message asking to hear of its delivery (NOTIFY=SUCCESS) goes to a server that
+does not offer DSN, which could not be asked to report it (RFC 3461 §5.2.2).
 
 Which messages get one (:func:`wants_notice`): never one with the null sender (a bounce
 is never bounced: RFC 5321 §4.5.5); one that carries a DSN request (RFC 3461) when its
@@ -56,12 +58,20 @@ class FailedRecipient:
 
 
 def wants_notice(
-    envelope_from: str, dsn: DSN | None, *, default: bool, delay: bool = False
+    envelope_from: str,
+    dsn: DSN | None,
+    *,
+    default: bool,
+    delay: bool = False,
+    success: bool = False,
 ) -> bool:
-    """Whether a final failure (``delay``: a delay) of a message is reported to its
-    envelope sender."""
+    """Whether a final failure (``delay``: a delay; ``success``: a delivery) of a message
+    is reported to its envelope sender. A delivery only when the message asks for it
+    (NOTIFY=SUCCESS): RFC 3461 §4.1 reports none by default."""
     if not envelope_from:
         return False
+    if success:
+        return dsn is not None and Notify.SUCCESS in dsn.notify
     if dsn is None:
         return default
     return not dsn.notify or (Notify.DELAY if delay else Notify.FAILURE) in dsn.notify
@@ -77,7 +87,10 @@ def status_of(
     """The DSN ``Status`` of a failure: the enhanced code when it is a permanent one,
     else 5.0.0 (a refusal without one) or 4.4.7 (retries ran out, or ``expired``: the
     message passed the expiry its sender set; both "delivery time expired", RFC 3463);
-    of a delay, the temporary enhanced code or 4.0.0."""
+    of a delay, the temporary enhanced code or 4.0.0; of a delivery, the success code or
+    2.0.0."""
+    if outcome is AttemptOutcome.DELIVERED:
+        return enhanced if enhanced and enhanced.startswith("2.") else "2.0.0"
     if delayed:
         return enhanced if enhanced and enhanced.startswith("4.") else "4.0.0"
     if expired:
@@ -133,11 +146,14 @@ def render_notice(
     delayed: bool = False,
     retry_until: datetime | None = None,
     from_domain: str | None = None,
+    relayed: bool = False,
 ) -> bytes:
     """The notice to ``sender`` about ``failed`` recipients of message ``message_id``;
     ``delayed``: a delay warning about recipients still being retried (``Action:
-    delayed``, RFC 3464 §2.3.3), until ``retry_until`` if known. It is from
-    ``MAILER-DAEMON@<from_domain>`` (default: the reporting MTA's name; see
+    delayed``, RFC 3464 §2.3.3), until ``retry_until`` if known; ``relayed``: a report
+    that ``failed`` were delivered to servers that do not report deliveries (``Action:
+    relayed``), with the message's headers only (RET is about failures, RFC 3461 §4.3).
+    It is from ``MAILER-DAEMON@<from_domain>`` (default: the reporting MTA's name; see
     :func:`mailer_daemon_domain`)."""
     reporting_mta = _host_name(reporting_mta)
     message_id = _line(message_id)
@@ -148,8 +164,12 @@ def render_notice(
     boundary = f"{queue_id}.{os.urandom(6).hex()}"
     head = original.partition(b"\r\n\r\n")[0] + b"\r\n"
     full = (
-        not delayed and dsn is not None and dsn.ret is Return.FULL and len(original) <= MAX_RETURNED
+        not (delayed or relayed)
+        and dsn is not None
+        and dsn.ret is Return.FULL
+        and len(original) <= MAX_RETURNED
     )
+    action = "relayed" if relayed else "delayed" if delayed else "failed"
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{from_domain}>",
         # A UTF-8 local part stays UTF-8 (RFC 6532): the notice needs SMTPUTF8 to reach
@@ -157,7 +177,9 @@ def render_notice(
         f"To: <{_verbatim(sender, unicode=True)}>",
         "Subject: "
         + (
-            "Delayed Mail (still being retried)"
+            "Successful Mail Relay Report"
+            if relayed
+            else "Delayed Mail (still being retried)"
             if delayed
             else "Undelivered Mail Returned to Sender"
         ),
@@ -176,7 +198,10 @@ def render_notice(
         f"This is the mail system at host {reporting_mta}.",
         "",
         (
-            "Your message has not been delivered yet to one or more recipients; delivery"
+            "Your message was relayed to the recipients below. Their mail servers do not"
+            " report deliveries: you may get no further notice of it."
+            if relayed
+            else "Your message has not been delivered yet to one or more recipients; delivery"
             " is still being tried"
             + (f", until {format_datetime(retry_until)} at the latest." if retry_until else ".")
             if delayed
@@ -211,7 +236,7 @@ def render_notice(
                 else []
             ),
             f"Final-Recipient: {_address_type(r.address)}; {_address(r.address)}",
-            f"Action: {'delayed' if delayed else 'failed'}",
+            f"Action: {action}",
             f"Status: {_line(r.status)}",
             *([f"Remote-MTA: dns; {_line(r.remote_mta)}"] if r.remote_mta else []),
             f"Diagnostic-Code: {_diagnostic(r.diagnostic, own=r.own)}",
@@ -225,7 +250,13 @@ def render_notice(
         "",
         f"--{boundary}",
         "Content-Description: "
-        + ("Undelivered Message" if full else "Undelivered Message Headers"),
+        + (
+            "Undelivered Message"
+            if full
+            else "Message Headers"
+            if relayed
+            else "Undelivered Message Headers"
+        ),
         *_returned_type(returned, full=full),
         "",
     ]

@@ -9,7 +9,9 @@ any more, one notice per message and sender is made from the marks (:func:`notic
 and queued in the transaction that clears them. A message failing in several domains, or
 in several writes, gets one notice, and a crash between the record and the notice loses
 none: the marks wait in the store for the next worker. Delay warnings are still made from
-the batch of results that crosses ``Config.delay_warning`` (:func:`notices_for`)."""
+the batch of results that crosses ``Config.delay_warning`` (:func:`notices_for`), and so
+are "relayed" notices from the deliveries of messages that asked to hear of them to
+servers that could not be asked to (:func:`relayed_notices`)."""
 
 from __future__ import annotations
 
@@ -201,6 +203,53 @@ def notices_for(
     return notices
 
 
+def relayed_notices(
+    results: Sequence[RecipientResult],
+    items: Mapping[tuple[str, str], WorkItem],
+    *,
+    config: Config,
+    now: datetime,
+    verp_key: bytes,
+) -> list[PreparedMessage]:
+    """One prepared "relayed" notice per (message, envelope sender) for the deliveries
+    among ``results`` that owe one (:attr:`RecipientResult.relayed`: NOTIFY=SUCCESS, and
+    a server without DSN, which RFC 3461 §5.2.2 has the relaying MTA report for);
+    ``items`` are the leased work items by (message id, domain)."""
+    groups: dict[tuple[str, str], tuple[WorkItem, datetime, list[FailedRecipient]]] = {}
+    for result in results:
+        if not result.relayed or result.state is not RecipientState.DELIVERED:
+            continue
+        item = items.get((result.message_id, domain_of(result.address)))
+        if item is None:
+            continue
+        sender = _notice_sender(result, item, verp_key)
+        if not wants_notice(sender, item.dsn, default=False, success=True):
+            continue
+        # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
+        arrival = item.queued_at or result.queued_at or result.attempt.at
+        entry = _entry(result, item, delayed=False)
+        groups.setdefault((result.message_id, sender), (item, arrival, []))[2].append(entry)
+    notices = []
+    for (message_id, sender), (item, arrival, entries) in groups.items():
+        notice = _Notice(
+            config=config,
+            now=now,
+            message_id=message_id,
+            sender=sender,
+            delayed=False,
+            relayed=True,
+            data=item.data,
+            arrival=arrival,
+            due=arrival,
+            expires_at=None,
+            entries=entries,
+        )
+        prepared = _made(notice, item.dsn, require_tls=item.require_tls)
+        if prepared is not None:
+            notices.append(prepared)
+    return notices
+
+
 def _notice_sender(result: RecipientResult, item: WorkItem, verp_key: bytes) -> str:
     """Where a notice about ``result``'s recipient goes: its envelope sender, the VERP
     address of that recipient when the sender is a VERP template."""
@@ -320,6 +369,8 @@ class _Notice:
     last_attempt: datetime | None = None
     """When the last attempt ``retry.max_attempts`` allows may come (a delay warning's),
     or None when it sets no end."""
+    relayed: bool = False
+    """A "relayed" notice about deliveries (see :func:`relayed_notices`)."""
 
     def prepared(self, dsn: DSN | None) -> PreparedMessage:
         """The notice rendered as ``dsn`` asks (RET=FULL: the message whole) and prepared
@@ -350,6 +401,7 @@ class _Notice:
             dsn=dsn,
             now=self.now,
             delayed=delayed,
+            relayed=self.relayed,
             retry_until=retry_until,
             # The sender's own domain last: its MTA is the one reporting. But one a DKIM
             # key signs first: unsigned, a notice dkim.required refuses is lost.

@@ -29,6 +29,7 @@ from mailstrom.errors import (
     SMTPTimeout,
     TLSRequiredError,
 )
+from mailstrom.message.dsn import Notify
 from mailstrom.policy import Stage, classify, is_positive, next_attempt
 from mailstrom.policy.hardbounce import is_hard_bounce
 from mailstrom.policy.reasons import classify_local, classify_reply, table
@@ -84,6 +85,12 @@ def over_recipient_limit(result: TransactionResult) -> frozenset[str]:
     if not over or len(over) == len(rcpt) or not result.accepted:
         return frozenset()
     return over
+
+
+def asks_success(item: WorkItem) -> bool:
+    """Whether ``item``'s message asks to hear of its delivery (RFC 3461 NOTIFY=SUCCESS)."""
+    dsn = item.dsn
+    return dsn is not None and Notify.SUCCESS in dsn.notify
 
 
 def at_connection_limit(result: TransactionResult) -> bool:
@@ -149,7 +156,7 @@ def _uncertain_reason(cause: DeliveryError | None) -> tuple[str, ReasonClass]:
 class Where:
     """Where an attempt went, for the history (a connection's or just a host's)."""
 
-    __slots__ = ("host", "ip", "port", "tls_cipher", "tls_policy", "tls_version")
+    __slots__ = ("dsn", "host", "ip", "port", "tls_cipher", "tls_policy", "tls_version")
 
     def __init__(
         self,
@@ -159,6 +166,7 @@ class Where:
         tls_version: str | None = None,
         tls_cipher: str | None = None,
         tls_policy: str | None = None,
+        dsn: bool = True,
     ) -> None:
         self.host = host
         self.ip = ip
@@ -166,6 +174,9 @@ class Where:
         self.tls_version = tls_version
         self.tls_cipher = tls_cipher
         self.tls_policy = tls_policy
+        self.dsn = dsn
+        """Whether the server offers DSN (RFC 3461), so that a message's request went with
+        it; True where no connection says otherwise (no notice of ours is then owed)."""
 
     @classmethod
     def of(cls, conn: SMTPConnection, requirement: TLSRequirement | None = None) -> Where:
@@ -177,6 +188,7 @@ class Where:
             conn.tls_version,
             conn.tls_cipher,
             requirement.label if requirement is not None else None,
+            "DSN" in conn.extensions,
         )
 
 
@@ -266,8 +278,19 @@ class Outcomes:
             and len(accepted) == 1
             and self._hard(outcome, decisive.code, decisive.enhanced, decisive.text)
         )
+        relayed = outcome is AttemptOutcome.DELIVERED and not where.dsn and asks_success(item)
         results.extend(
-            self._result(item, r, outcome, started, where, reply=decisive, reason=reason, hard=hard)
+            self._result(
+                item,
+                r,
+                outcome,
+                started,
+                where,
+                reply=decisive,
+                reason=reason,
+                hard=hard,
+                relayed=relayed,
+            )
             for r in accepted
         )
         return results
@@ -366,6 +389,7 @@ class Outcomes:
         reason: ReasonClass | None = None,
         hard: bool = False,
         own_reply: bool = False,
+        relayed: bool = False,
     ) -> RecipientResult:
         now = self._clock()
         # A peer's reply may be a megabyte (and a protocol error quotes one): cut here as
@@ -409,6 +433,7 @@ class Outcomes:
             envelope_from=item.envelope_from,
             hard_bounce=hard and state is RecipientState.FAILED,
             own_reply=own_reply,
+            relayed=relayed,
         )
 
     def _decide(

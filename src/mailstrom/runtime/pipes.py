@@ -112,7 +112,7 @@ def result_to_wire(r: RecipientResult) -> ResultWire:
         *(a.at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port, a.tls_version),
         *(a.tls_cipher, reply, a.error, a.uncertain, reason),
         *(r.queued_at, r.size, r.envelope_from),
-        *(a.tls_policy, r.own_reply, r.hard_bounce, r.notice),
+        *(a.tls_policy, r.own_reply, r.hard_bounce, r.notice, r.relayed),
     )
 
 
@@ -120,7 +120,7 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
     (message_id, address, state, token, next_at, ref, at, outcome, duration) = w[:9]
     (mx_host, ip, port, tls_version, tls_cipher, reply, error, uncertain, reason) = w[9:18]
     (queued_at, size, envelope_from) = w[18:21]
-    (tls_policy, own_reply, hard_bounce, notice) = w[21:25]
+    (tls_policy, own_reply, hard_bounce, notice, relayed) = w[21:26]
     smtp_reply = (
         None if reply is None else SMTPReply(code=reply[0], text=reply[1], enhanced=reply[2])
     )
@@ -137,6 +137,7 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
         own_reply=own_reply,
         hard_bounce=hard_bounce,
         notice=notice,
+        relayed=relayed,
         attempt=Attempt(
             at=at,
             outcome=AttemptOutcome(outcome),

@@ -2,7 +2,7 @@
 lease the store did not read with it, the hard bounces just recorded put on the list,
 and the bounce notices of final failures queued as mail: one per message, from the marks
 "notice owed" its failures' records left in the store (see :mod:`mailstrom.runtime.notices`),
-once the message is done for this pass; and the delay warnings."""
+once the message is done for this pass; and the delay warnings and "relayed" notices."""
 
 from __future__ import annotations
 
@@ -121,30 +121,35 @@ class WorkerScreening(WorkerStore):
                 done.set_result(None)  # the sessions waiting for it ask again
 
     def _notices(self, recorded: list[RecipientResult]) -> list[PreparedMessage]:
-        """Delay warnings for the deferrals among ``recorded`` that ask for one."""
-        if self.config.delay_warning is None:
-            return []
-        deferred = [r for r in recorded if r.state is RecipientState.DEFERRED]
-        if not deferred:
+        """Delay warnings for the deferrals among ``recorded`` that ask for one, and the
+        "relayed" notices its deliveries owe (:attr:`RecipientResult.relayed`)."""
+        deferred = []
+        if self.config.delay_warning is not None:
+            deferred = [r for r in recorded if r.state is RecipientState.DEFERRED]
+        relayed = [r for r in recorded if r.relayed]
+        if not deferred and not relayed:
             return []
         items = {
             (item.message_id, item.domain): item
-            for token in {r.lease_token for r in deferred}
+            for token in {r.lease_token for r in (*deferred, *relayed)}
             if (state := self._leases.get(token)) is not None
             for held in state.messages.values()
             for item in held.items
         }
-        # Loaded at the first deferral: the notices' renderer and the message model.
-        from mailstrom.runtime.notices import notices_for
+        # Loaded at the first such result: the notices' renderer and the message model.
+        from mailstrom.runtime.notices import notices_for, relayed_notices
 
-        return notices_for(
-            deferred,
-            items,
-            config=self.config,
-            now=self._clock(),
-            # Read when the deferred VERP message was leased.
-            verp_key=self._verp_key or b"",
-        )
+        now = self._clock()
+        # Read when the message was leased (a VERP sender's).
+        verp_key = self._verp_key or b""
+        notices = []
+        if deferred:
+            notices += notices_for(deferred, items, config=self.config, now=now, verp_key=verp_key)
+        if relayed:
+            notices += relayed_notices(
+                relayed, items, config=self.config, now=now, verp_key=verp_key
+            )
+        return notices
 
     def _with_notices(self, results: list[RecipientResult]) -> list[RecipientResult]:
         """``results`` (of one work item) with what the notice owed for each final failure

@@ -614,6 +614,10 @@ class RecipientResult:
     with the recipient in the same write that records the failure (the mark "notice
     owed"), until :meth:`Store.queue_notices` clears it; recording any other result clears
     it too. Ignored for any other state."""
+    relayed: bool = False
+    """A DELIVERED result whose message asked to hear of its delivery (NOTIFY=SUCCESS) from
+    a server that does not offer DSN, which could not be asked to report it: the sender is
+    owed a "relayed" notice (RFC 3461 §5.2.2). Stores do not read it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
