@@ -332,3 +332,53 @@ def test_a_dane_ta_leaf_for_another_name_counts_as_certificate_host_mismatch(
     assert counter.policy_type is PolicyType.TLSA
     assert counter.result_type == "certificate-host-mismatch"
     assert "not valid for mx.test" in counter.failure_code
+
+
+def test_a_report_mails_failed_tlsa_lookup_is_not_counted(
+    dns_server: LoopbackDNS, client_tls_context: ssl.SSLContext, tmp_path: Path
+) -> None:
+    # A mailed TLS report travels with TLS-Required: No, which "dane-only" (the operator's
+    # own demand) does not lift: its host's TLSA lookup is made, and when it fails the
+    # host is not used. RFC 8460 §3: the report's own session SHOULD NOT be in the next
+    # report, which its connections keep to; its failed lookup was counted all the same,
+    # a "dnssec-invalid" failure of example.org made by mail about example.org.
+    from mailstrom.tlsrpt.deliver import report_message
+    from mailstrom.tlsrpt.report import Reporter, build_report
+
+    cert, key = self_signed("mx.test")
+    mx = start_receiving_server(server_context(tmp_path, cert, key))
+    try:
+        route(dns_server, mx.host, "example.org")
+        dns_server.authenticated("example.org", "mx.test", "_25._tcp.mx.test")
+        dns_server.servfail("_25._tcp.mx.test", "TLSA")
+        config = Config(
+            helo_name="client.test",
+            smtp_port=mx.port,
+            dns=dataclasses.replace(dns_server.dns_config, dnssec=True),
+            allow_loopback=True,
+            timeouts=FAST,
+            poll_interval=0.5,
+            tls_context=client_tls_context,
+            tls_domains={"example.org": "dane-only"},
+            tlsrpt_record=True,
+        )
+        reporter = Reporter(
+            organization="Client", contact="tls@client.test", submitter="client.test"
+        )
+        report = build_report("example.org", DAY, [], reporter)
+        mail = report_message(
+            report, sender="tls@client.test", to="tls@example.org", submitter="client.test"
+        )
+        store, results = MemoryStore(), Results()
+        ms = Mailstrom(config, store=store, clock=CLOCK, on_result=results)
+        ms.start()
+        try:
+            ms.send_email(mail)
+            results.wait_final({"tls@example.org"})
+            assert results.states() == {"tls@example.org": RecipientState.DEFERRED}
+        finally:
+            ms.stop(timeout=5)  # the worker writes its counters when it stops
+    finally:
+        mx.stop()
+    assert mx.connections == 0
+    assert store.tls_sessions(DAY) == []

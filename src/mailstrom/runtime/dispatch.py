@@ -857,6 +857,7 @@ class Dispatcher:
             mx_secure=route.secure,
             host_secure=mx.secure,
             tls_optional=dest.tls_optional,
+            tls_report=dest.tls_report,
             require_tls=dest.require_tls,
             mx_canonical=mx.canonical,
             # The names the MX records were asked for: none for an implicit MX or a relay.

@@ -93,6 +93,9 @@ class Destination:
     """The host's address records were DNSSEC-validated."""
     tls_optional: bool = False
     """The message carries ``TLS-Required: No`` (RFC 8689 §4)."""
+    tls_report: bool = False
+    """The message is a mailed TLS report (also ``tls_optional``): RFC 8460 §3 leaves
+    its own sessions out of the next report, a failed TLSA lookup of its host too."""
     require_tls: bool = False
     """The message asks for REQUIRETLS (RFC 8689): only authenticated TLS will do."""
     mx_canonical: str | None = None

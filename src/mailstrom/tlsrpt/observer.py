@@ -24,7 +24,8 @@ Connections through a relay, and those the operator asked to
 be plaintext (``none``), are no TLS session with the recipient's MX and are not counted;
 neither are failures with nothing to do with TLS (refused, timed out before STARTTLS),
 nor the connections that carry a mailed TLS report (RFC 8460 §3: they SHOULD NOT be in
-the next report), which the dispatcher does not tell of.
+the next report), which the dispatcher does not tell of, nor their hosts' failed TLSA
+lookups.
 """
 
 from __future__ import annotations
@@ -125,9 +126,11 @@ class SessionObserver:
         """Count a TLSA lookup that failed for ``destination`` (SERVFAIL: a bogus
         signature, or no answer): its host is not used (RFC 7672 §2.2), and RFC 8460
         §4.3.2 names the failure ``dnssec-invalid``, under the domain's DANE policy, whose
-        records are not known (:attr:`~mailstrom.tls.dane.DaneSource.on_failure`)."""
+        records are not known (:attr:`~mailstrom.tls.dane.DaneSource.on_failure`). Not
+        for a mailed report (``dane-only`` looks its host's TLSA records up all the same):
+        RFC 8460 §3 leaves its sessions out of the next report, as its connections are."""
         name = a_label(destination.domain)
-        if name is None:
+        if name is None or destination.tls_report:
             return
         self._recorder.failure(
             name,
