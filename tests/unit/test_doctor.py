@@ -1797,7 +1797,8 @@ def test_probe_domain_whose_mx_records_name_only_address_literals_is_no_target(
     # preferred: the host is the target.
     dns_server.mx("literal.example", [(5, "[192.0.2.25]"), (10, "mx.literal.example")])
     dns_server.a("mx.literal.example", "127.0.0.25")
-    found = find_target(DNSResolver(dns_server.dns_config), "literal.example", 25)
+    resolver = DNSResolver(dns_server.dns_config)
+    found = find_target(resolver, "literal.example", 25, allow_loopback=True)  # as a router's
     assert found == Target(name="mx.literal.example", address="127.0.0.25", port=25), found
 
 
@@ -1808,8 +1809,12 @@ def test_probe_domain_whose_mx_record_names_an_address_is_probed_there(
     # router delivers there, as Postfix does: it is the probe target. Looked up as a name,
     # it was "cannot find the probe target: no MX or address record".
     dns_server.mx("numeric.example", [(10, "127.0.0.25")])
-    found = find_target(DNSResolver(dns_server.dns_config), "numeric.example", 25)
+    resolver = DNSResolver(dns_server.dns_config)
+    found = find_target(resolver, "numeric.example", 25, allow_loopback=True)  # as a router's
     assert found == Target(name="127.0.0.25", address="127.0.0.25", port=25), found
+    # Without allow_loopback, the router delivers no mail to it, nor is it probed.
+    refused = find_target(resolver, "numeric.example", 25)
+    assert isinstance(refused, Check) and "127.0.0.25 (loopback)" in refused.summary, refused
 
 
 def test_an_ipv4_mapped_address_is_judged_as_the_ipv4_address(rsa_key: Path) -> None:
@@ -2459,3 +2464,50 @@ def test_port_25_blocked_over_one_ip_version_is_a_warning(rsa_key: Path) -> None
         setup(rsa_key, probe="mx.probe.example"), FakeResolver(dual_zone(rsa_key)), network
     )
     assert {c.status for c in report.find("port-25")} == {Status.FAIL}
+
+
+@pytest.mark.parametrize(
+    "zone",
+    [
+        {("probe.example", "MX"): ["5 localhost", "10 backup.mx.example"]},
+        {("probe.example", "MX"): ["5 mail.localhost", "10 backup.mx.example"]},
+        {
+            ("probe.example", "MX"): ["5 first.mx.example", "10 backup.mx.example"],
+            ("first.mx.example", "A"): ["127.0.0.1"],
+            ("first.mx.example", "AAAA"): ["::1"],
+        },
+    ],
+)
+def test_probe_domain_mx_hosts_of_this_host_are_passed_over(zone: Zone) -> None:
+    # The router takes "localhost" (and names under it) as 127.0.0.1 and ::1 without a
+    # query (RFC 6761 §6.3), and refuses loopback targets: a probe there tested this
+    # host's own port 25, and blamed or passed it for the Internet's.
+    zone = {**zone, ("backup.mx.example", "A"): ["198.51.100.26"], ("localhost", "A"): ["10.9.9.9"]}
+    target = find_target(FakeResolver(zone), "probe.example", 25)
+    assert target == Target(name="backup.mx.example", address="198.51.100.26", port=25), target
+    near = find_target(FakeResolver(zone), "probe.example", 25, allow_loopback=True)
+    assert isinstance(near, Target) and near.address in ("127.0.0.1", "::1"), near
+
+
+@pytest.mark.parametrize(
+    ("zone", "shown"),
+    [
+        ({(DOMAIN, "MX"): ["10 localhost"]}, "localhost"),
+        ({(DOMAIN, "MX"): ["10 mx.localhost."]}, "mx.localhost"),
+        (
+            {(DOMAIN, "MX"): ["10 mx.example.com"], ("mx.example.com", "A"): ["127.0.0.2"]},
+            "127.0.0.2",
+        ),
+        ({(DOMAIN, "A"): ["127.0.0.1"]}, "127.0.0.1"),
+    ],
+)
+def test_mx_hosts_on_this_host_take_no_mail(zone: Zone, shown: str) -> None:
+    """ "MX 10 localhost." (an old way of saying "no mail here") or an MX host at
+    127.0.0.2 is one senders' routers do not deliver to, as ours does not (RFC 6761 §6.3,
+    loopback targets refused): the domain gets no bounces. The doctor passed it."""
+    from mailstrom.doctor.mx import check_mx
+
+    check = check_mx(FakeResolver(zone), domain=DOMAIN)
+    assert check.status is Status.FAIL, check.summary
+    assert shown in check.summary and "loopback" in check.summary, check.summary
+    assert check_mx(FakeResolver(zone), domain=DOMAIN, allow_loopback=True).status is Status.PASS

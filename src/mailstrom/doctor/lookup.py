@@ -9,6 +9,7 @@ without the final dot, and each TXT record's character-strings joined into one s
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import dns.reversename
 
 from mailstrom.config import DNSConfig
 from mailstrom.dnsclock import Deadline
+from mailstrom.routing.lookup import localhost_addresses
+from mailstrom.routing.policy import RoutePolicy
 
 
 class Outcome(StrEnum):
@@ -227,6 +230,63 @@ def public_form(ip: str) -> str:
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
     return str(address)
+
+
+MOST_MX_HOSTS = 5
+"""MX hosts of a domain whose addresses are looked up at most (two queries each), for one
+with an address mail goes to."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostAddresses:
+    """A mail host's addresses as the router judges them (:func:`host_addresses`)."""
+
+    kept: dict[str, str]
+    """Usable addresses, each with its record type, in the order found."""
+    refused: tuple[str, ...] = ()
+    """Addresses the router refuses, each as ``address (kind)``."""
+    error: str | None = None
+    """Why a lookup failed, if one did."""
+
+
+def host_addresses(
+    resolver: Resolver, host: str, rtypes: tuple[str, ...], policy: RoutePolicy
+) -> HostAddresses:
+    """The addresses of MX host ``host`` (a name in :func:`normal_name` form, or an
+    address where the exchange spells one) of the record types ``rtypes``, judged as the
+    router judges them: a localhost name is the loopback address without a query
+    (:func:`~mailstrom.routing.lookup.localhost_addresses`), and an address ``policy``
+    refuses (loopback, unless ``allow_loopback``) is no place mail goes. At most the first
+    usable one of each type is kept."""
+    spelled: tuple[str, ...] | None = None
+    # A zone index means nothing to another host, as to the router.
+    if "%" not in host:
+        with contextlib.suppress(ValueError):
+            spelled = (str(ipaddress.ip_address(host)),)
+    if spelled is None:
+        spelled = localhost_addresses(host)
+    answers: list[tuple[str, tuple[str, ...]]]
+    error = None
+    if spelled is not None:
+        answers = [(address_family(a), (a,)) for a in spelled]
+    else:
+        answers = []
+        for rtype in rtypes:
+            answer = resolver.lookup(host, rtype)
+            answers.append((rtype, answer.records))
+            error = error or answer.error
+    kept: dict[str, str] = {}
+    refused: list[str] = []
+    for rtype, records in answers:
+        if rtype not in rtypes:
+            continue
+        for address in records:
+            kind = policy.refused(address)
+            if kind is not None:
+                refused.append(f"{address} ({kind})")
+            elif rtype not in kept.values():
+                kept[address] = rtype
+    return HostAddresses(kept=kept, refused=tuple(refused), error=error)
 
 
 def same_address(a: str, b: str) -> bool:

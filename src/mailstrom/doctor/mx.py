@@ -11,14 +11,19 @@ is the From address by default, so the From domain is the one asked about.
 
 from __future__ import annotations
 
-from mailstrom.doctor.lookup import Outcome, Resolver
+from mailstrom.doctor.lookup import MOST_MX_HOSTS, Outcome, Resolver, host_addresses, normal_name
 from mailstrom.doctor.report import Check, Status, capped, listed, piece
+from mailstrom.routing.policy import RoutePolicy
 
 
-def check_mx(resolver: Resolver, *, domain: str) -> Check:
+def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -> Check:
     """The ``mx`` check: ``domain`` has MX records (or, without any, an address that
     stands in for them, RFC 5321 §5.1), and no null MX (a warning beside other MX
-    records, which take its mail as the router sees it)."""
+    records, which take its mail as the router sees it). Its mail hosts' addresses are
+    judged as the router judges them (:func:`~mailstrom.doctor.lookup.host_addresses`):
+    a domain whose hosts are only ``localhost`` or loopback addresses takes no mail
+    (unless ``allow_loopback``, for tests and demos)."""
+    policy = RoutePolicy(allow_loopback=allow_loopback)
 
     def check(status: Status, summary: str, fix: str | None = None, *details: str) -> Check:
         return Check(
@@ -71,22 +76,50 @@ def check_mx(resolver: Resolver, *, domain: str) -> Check:
     if real:
         # A summary is one line: a few names, each cut short (DNS names run to 253).
         at = listed([piece(host) for host in real], 3)
-        return check(Status.PASS, f"{domain} takes mail at {at}", None, *shown)
-    failed: str | None = None
-    for rtype in ("A", "AAAA"):
-        address = resolver.lookup(domain, rtype)
-        if address.records:
+        refused = _only_refused(resolver, real, policy)
+        if refused:
             return check(
-                Status.PASS,
-                f"{domain} has no MX record: its address {address.records[0]} takes its mail "
-                "(implicit MX, RFC 5321 §5.1)",
+                Status.FAIL,
+                f"{domain}'s MX hosts ({at}) are loopback, this host's own: senders do not "
+                f"deliver there ({listed(refused, 3)}), so it takes no mail and its mail "
+                "gets no bounces",
+                f"publish MX records at {domain} naming the servers that take its mail",
+                *shown,
             )
-        failed = failed or address.error
-    if failed is not None:
-        return check(Status.UNKNOWN, f"temporary DNS error: {failed}")
+        return check(Status.PASS, f"{domain} takes mail at {at}", None, *shown)
+    addresses = host_addresses(resolver, domain, ("A", "AAAA"), policy)
+    if addresses.kept:
+        return check(
+            Status.PASS,
+            f"{domain} has no MX record: its address {next(iter(addresses.kept))} takes its "
+            "mail (implicit MX, RFC 5321 §5.1)",
+        )
+    if addresses.error is not None:
+        return check(Status.UNKNOWN, f"temporary DNS error: {addresses.error}")
+    if addresses.refused:
+        return check(
+            Status.FAIL,
+            f"{domain} has no MX record, and its own address stands in for one (RFC 5321 "
+            f"§5.1): {listed(list(addresses.refused), 3)}, loopback, where senders do not "
+            "deliver, so it takes no mail and its mail gets no bounces",
+            f"publish MX records at {domain} naming the servers that take its mail",
+        )
     return check(
         Status.FAIL,
         f"{domain} has no MX or address record: it takes no mail, so its mail gets no "
         "bounces, and receivers that check the sender's domain refuse it (Domain not found)",
         f"publish MX records at {domain} naming the servers that take its mail",
     )
+
+
+def _only_refused(resolver: Resolver, hosts: list[str], policy: RoutePolicy) -> list[str]:
+    """The refused addresses (``address (kind)``) of the first :data:`MOST_MX_HOSTS` of
+    ``hosts`` when none of them has an address the router delivers to and no lookup
+    failed, else ``[]``: the first host with a usable address ends the lookups."""
+    refused: list[str] = []
+    for host in list(dict.fromkeys(normal_name(h) for h in hosts))[:MOST_MX_HOSTS]:
+        addresses = host_addresses(resolver, host, ("A", "AAAA"), policy)
+        if addresses.kept or addresses.error is not None:
+            return []
+        refused.extend(addresses.refused)
+    return refused

@@ -11,13 +11,21 @@ receiver.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 from dataclasses import dataclass
 
-from mailstrom.doctor.lookup import Outcome, Resolver, address_family, normal_name, public_form
+from mailstrom.doctor.lookup import (
+    MOST_MX_HOSTS,
+    Outcome,
+    Resolver,
+    address_family,
+    host_addresses,
+    normal_name,
+    public_form,
+)
 from mailstrom.doctor.network import Network
 from mailstrom.doctor.report import Check, Status, listed, piece
+from mailstrom.routing.policy import RoutePolicy
 
 DEFAULT_PROBE = "gmail.com"
 
@@ -28,9 +36,6 @@ RELAY_FIX = (
 )
 _NAME_A_PROBE = "name a reachable SMTP server with --probe HOST[:PORT]"
 """The fix when the probe target cannot be found or takes no mail."""
-_MOST_HOSTS = 5
-"""MX hosts of a probe domain looked up at most (two queries each) for one with an
-address."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,16 +76,26 @@ def split_probe(text: str, default_port: int) -> tuple[str, int]:
 
 
 def find_target(
-    resolver: Resolver, spec: str, default_port: int, *, source: str | None = None
+    resolver: Resolver,
+    spec: str,
+    default_port: int,
+    *,
+    source: str | None = None,
+    allow_loopback: bool = False,
 ) -> Target | Check:
     """The probe target ``spec`` names (the first of :func:`find_targets`), or a check
     saying why there is none."""
-    found = find_targets(resolver, spec, default_port, source=source)
+    found = find_targets(resolver, spec, default_port, source=source, allow_loopback=allow_loopback)
     return found[0] if isinstance(found, list) else found
 
 
 def find_targets(
-    resolver: Resolver, spec: str, default_port: int, *, source: str | None = None
+    resolver: Resolver,
+    spec: str,
+    default_port: int,
+    *,
+    source: str | None = None,
+    allow_loopback: bool = False,
 ) -> list[Target] | Check:
     """The probe targets ``spec`` names, one for each IP version it has an address of
     (the first MX host with one), in the order found; or a check saying why there is
@@ -142,34 +157,40 @@ def find_targets(
     # The MX hosts, best first, tried in turn as the router tries them (a host without
     # an address is passed over); without MX records, the domain's own name (implicit MX,
     # RFC 5321 §5.1). Bounded: an RRset holds as many records as its publisher likes.
-    hosts = list(dict.fromkeys(normal_name(h) for _, h in ranked))[:_MOST_HOSTS] or [name]
+    hosts = list(dict.fromkeys(normal_name(h) for _, h in ranked))[:MOST_MX_HOSTS] or [name]
     rtypes = ("A", "AAAA") if source is None else (address_family(source),)
+    # Judged as the router judges them: "localhost" is this host, and so is an MX host
+    # at 127.0.0.1; the router delivers to neither (unless allow_loopback), and a probe
+    # there tests this host's own port 25, not the way out.
+    policy = RoutePolicy(allow_loopback=allow_loopback)
     found: dict[str, Target] = {}  # by record type, in the order found
     failed: str | None = None
+    refused: list[str] = []
     for host in hosts:
         if len(found) == len(rtypes):
             break
         # An exchange that spells an address ("MX 10 192.0.2.25"; RFC 5321 §5.1 wants a
         # name) is where the router delivers, as Postfix does: probed there, not looked
-        # up as a name that has no address records. A zone index means nothing to
-        # another host, as to the router.
-        if "%" not in host:
-            with contextlib.suppress(ValueError):
-                address = str(ipaddress.ip_address(host))
-                if address_family(address) in rtypes:
-                    found.setdefault(
-                        address_family(address), Target(name=address, address=address, port=port)
-                    )
-                continue
-        for rtype in rtypes:
-            if rtype in found:
-                continue
-            answer = resolver.lookup(host, rtype)
-            if answer.records:
-                found[rtype] = Target(name=host, address=answer.records[0], port=port)
-            failed = failed or answer.error
+        # up as a name that has no address records.
+        wanted = tuple(rtype for rtype in rtypes if rtype not in found)
+        addresses = host_addresses(resolver, host, wanted, policy)
+        for address, rtype in addresses.kept.items():
+            name = address if _spells(host, address) else host
+            found.setdefault(rtype, Target(name=name, address=address, port=port))
+        refused.extend(addresses.refused)
+        failed = failed or addresses.error
     if found:
         return list(found.values())
+    if refused and failed is None:
+        at = listed([piece(host) for host in hosts], 3)
+        return Check(
+            name="port-25",
+            subject=spec,
+            status=Status.FAIL,
+            summary=f"cannot probe {spec}: its mail hosts ({at}) have only addresses "
+            f"mail is not sent to ({listed(refused, 3)}): this host's own, not the way out",
+            fix=_NAME_A_PROBE,
+        )
     record = "address record" if source is None else f"{rtypes[0]} record"
     missing = (
         f"no MX or {record}"
@@ -183,6 +204,14 @@ def find_targets(
         summary=f"cannot find the probe target {spec}: {failed or missing}",
         fix=_NAME_A_PROBE,
     )
+
+
+def _spells(host: str, address: str) -> bool:
+    """Whether MX host ``host`` is written as ``address`` (not a name looked up)."""
+    try:
+        return ipaddress.ip_address(host) == ipaddress.ip_address(address)
+    except ValueError:
+        return False
 
 
 def check_outgoing(

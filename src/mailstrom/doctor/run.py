@@ -85,6 +85,10 @@ class SenderSetup:
     """The per-domain TLS levels (``Config.tls_domains``), which override ``tls``."""
     mta_sts: bool = False
     """Whether receivers' MTA-STS policies are applied (``Config.mta_sts``)."""
+    allow_loopback: bool = False
+    """Whether mail may go to this host (``Config.allow_loopback``, tests and demos): an
+    MX host ``localhost`` or on a loopback address is then a mail host, as the router
+    takes it, for the ``mx`` check and the probe target."""
     time_limit: float = TIME_LIMIT
     """Seconds the whole run may take; checks not finished by then warn "not finished
     (time limit)". :class:`~mailstrom.errors.ConfigError` when it is no positive number."""
@@ -117,6 +121,7 @@ class SenderSetup:
             "tls": config.tls,
             "tls_domains": config.tls_table,
             "mta_sts": config.mta_sts is not None,
+            "allow_loopback": config.allow_loopback,
         }
         values.update({k: v for k, v in given.items() if v is not None})
         return cls(domain=domain, **values)
@@ -184,7 +189,8 @@ def run_doctor(
         helo_spf = spf_checks.check_spf_helo(resolver, helo=setup.helo_name, ip=ip, budget=budget)
         report.add(_finished(helo_spf, timed.ran_out()))
 
-    report.add(_finished(check_mx(resolver, domain=setup.domain), timed.ran_out()))
+    mx = check_mx(resolver, domain=setup.domain, allow_loopback=setup.allow_loopback)
+    report.add(_finished(mx, timed.ran_out()))
 
     # Mail From the domain is signed by the keys of one key domain only, as the signer
     # picks them (DKIMConfig.keys_for): a verifying key of any other domain signs none of
@@ -337,7 +343,13 @@ def _outgoing(
             return checks, [], False
         check, ip = check_outgoing(network, None, given=setup.ip, source=None)
         return [*checks, check], [ip] if ip else [], False
-    found = find_targets(resolver, setup.probe, setup.smtp_port, source=setup.source_address)
+    found = find_targets(
+        resolver,
+        setup.probe,
+        setup.smtp_port,
+        source=setup.source_address,
+        allow_loopback=setup.allow_loopback,
+    )
     cut = resolver.ran_out()
     if isinstance(found, Check) or setup.ip is not None:
         # One address: the one given with --ip, or none (no target to route towards).

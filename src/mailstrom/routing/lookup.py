@@ -58,6 +58,24 @@ LOCALHOST = dns.name.from_text("localhost.")
 LOOPBACK = ("127.0.0.1", "::1")
 """What a name under :data:`LOCALHOST` resolves to (RFC 6761 §6.3), without a query."""
 
+
+def localhost_addresses(name: dns.name.Name | str) -> tuple[str, ...] | None:
+    """:data:`LOOPBACK` when ``name`` is ``localhost`` or a name under it, which are this
+    host's own, asked of no server (RFC 6761 §6.3): resolvers disagree on them (NXDOMAIN,
+    127.0.0.1, or what a forwarder makes of them), and "MX 0 localhost." says "no mail
+    here". None for any other name. The router and the doctor both ask this.
+
+    >>> localhost_addresses("Mail.LocalHost."), localhost_addresses("localhost.example")
+    (('127.0.0.1', '::1'), None)
+    """
+    if isinstance(name, str):
+        try:
+            name = dns.name.from_text(name)
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            return None
+    return LOOPBACK if name.is_subdomain(LOCALHOST) else None
+
+
 _TEMPORARY_DNS = "4.4.3"  # RFC 3463: directory server failure
 _NO_ROUTE = "4.4.4"  # RFC 3463: unable to route
 _REFUSED_TARGET = "5.4.4"  # RFC 3463: unable to route (see _refused below)
@@ -365,12 +383,12 @@ class _Resolution:
         mail well (missing reverse DNS, stricter receiver policies, broken paths); IPv6
         addresses are still tried when every IPv4 address fails.
 
-        A localhost name (``localhost.`` and the names under it) is the loopback address,
-        asked of no server (RFC 6761 §6.3): resolvers disagree on it (NXDOMAIN, 127.0.0.1,
-        or what a forwarder makes of it), and "MX 0 localhost." says "no mail here".
+        A localhost name is the loopback address, asked of no server
+        (:func:`localhost_addresses`).
         """
-        if name.is_subdomain(LOCALHOST):
-            return self.judged(LOOPBACK)
+        local = localhost_addresses(name)
+        if local is not None:
+            return self.judged(local)
         results = await asyncio.gather(
             self.query(name, dns.rdatatype.A),
             self.query(name, dns.rdatatype.AAAA),
