@@ -1841,6 +1841,16 @@ def test_a_routed_address_is_judged_without_its_zone_index() -> None:
     assert [c.status for c in report.find("ptr")] == [Status.FAIL]
 
 
+@pytest.mark.parametrize("local", ["198.18.0.5", "fec0::5", "64:ff9b:1::5", "::ffff:10.0.0.5"])
+def test_outgoing_addresses_behind_a_translator_are_warned_of(local: str) -> None:
+    # The doctor kept a copy of the route policy's private networks that lacked the
+    # NAT64 local-use prefix, and neither knew benchmarking nor site-local addresses,
+    # which networks number their own hosts from: receivers see another address.
+    target = Target(name="mx", address="198.51.100.25", port=25)
+    check, _ = check_outgoing(FakeNetwork(local=local), target, given=None, source=None)
+    assert check.status is Status.WARN, check.summary
+
+
 def test_outgoing_address() -> None:
     target = Target(name="mx", address="198.51.100.25", port=25)
     check, ip = check_outgoing(FakeNetwork(), target, given=None, source=None)

@@ -85,7 +85,7 @@ def test_private_targets_are_refused_only_when_asked(address: str) -> None:
 
 @pytest.mark.parametrize(
     "address", ["172.15.255.255", "172.32.0.1", "100.63.255.255", "100.128.0.1", "fe00::1",
-                "192.169.0.1", "11.0.0.1", "2001:db8::1", "8.8.8.8"],
+                "192.169.0.1", "11.0.0.1", "2001:db9::1", "8.8.8.8"],
 )  # fmt: skip
 def test_addresses_next_to_private_networks_are_kept(address: str) -> None:
     assert RoutePolicy(refuse_private=True).refused(address) is None
@@ -221,8 +221,8 @@ def test_ipv6_forms_carrying_a_private_ipv4_address_are_private(address: str) ->
 
 @pytest.mark.parametrize(
     "address",
-    ["64:ff9b::808:808", "64:ff9b::c000:201", "2002:808:808::1", "::8.8.8.8",
-     "2001:0:4136:e378:8000:63bf:f7f7:f7f7", "2001:db8::7f00:1", "2003::7f00:1",
+    ["64:ff9b::808:808", "64:ff9b::c000:301", "2002:808:808::1", "::8.8.8.8",
+     "2001:0:4136:e378:8000:63bf:f7f7:f7f7", "2001:1::7f00:1", "2003::7f00:1",
      "64:ff9b:2::7f00:1", "::2:0:7f00:1", "::ffff:0:7f00:1:0"],
 )  # fmt: skip
 def test_ipv6_forms_carrying_a_public_ipv4_address_are_kept(address: str) -> None:
@@ -236,3 +236,53 @@ def test_ipv6_unspecified_and_loopback_are_not_ipv4_compatible() -> None:
     """:: and ::1 lie in ::/96 but are IPv6's own, not 0.0.0.0 and 0.0.0.1."""
     assert target_kind(ipaddress.ip_address("::")) == "unspecified"
     assert target_kind(ipaddress.ip_address("::1")) == "loopback"
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("198.18.0.1", "benchmarking"),
+        ("198.19.255.254", "benchmarking"),
+        ("2001:2::1", "benchmarking"),
+        ("fec0::1", "site-local"),
+        ("feff:ffff::1", "site-local"),
+        ("192.0.0.8", "special-purpose"),
+        ("192.0.0.170", "special-purpose"),
+        ("192.0.2.1", "documentation"),
+        ("198.51.100.7", "documentation"),
+        ("203.0.113.9", "documentation"),
+        ("2001:db8::1", "documentation"),
+        ("3fff::1", "documentation"),
+        ("100::1", "special-purpose"),
+        ("100:0:0:1::1", "special-purpose"),
+        ("2001:10::1", "special-purpose"),
+        ("5f00::1", "special-purpose"),
+        ("::ffff:198.18.0.1", "benchmarking"),
+        ("64:ff9b::c000:201", "documentation"),  # NAT64 of 192.0.2.1
+        ("2002:c612:1::", "benchmarking"),  # 6to4 of 198.18.0.1
+        ("2001:db8::7f00:1", "documentation"),
+    ],
+)
+def test_networks_no_internet_host_is_in_are_refused_only_when_asked(
+    address: str, kind: str
+) -> None:
+    """The MTA-STS fetch and the TLS report POST refused the private networks but went to
+    198.18.0.0/15 (benchmarking, often a lab or a provider's own network), fec0::/10
+    (site-local, still routed inside sites) and the rest of the IANA special-purpose
+    registries' networks that are not globally reachable. Mail routes keep them, and
+    ``allow_loopback`` lifts the refusal, as for the private networks."""
+    assert RoutePolicy().refused(address) is None
+    assert RoutePolicy(refuse_private=True).refused(address) == kind
+    assert RoutePolicy(refuse_private=True, allow_loopback=True).refused(address) is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["192.0.0.9", "192.0.0.10", "192.0.1.1", "198.17.255.255", "198.20.0.1", "192.0.3.1",
+     "198.51.99.255", "203.0.114.1", "2001:db9::1", "3fff:1000::1", "fe7f::1", "2001:3::1",
+     "2001:4:112::1", "2620:4f:8000::1", "100:0:0:2::1", "5eff::1", "2001:20::1"],
+)  # fmt: skip
+def test_globally_reachable_addresses_beside_those_networks_are_kept(address: str) -> None:
+    """What the registries call globally reachable (PCP and TURN anycast inside
+    192.0.0.0/24, AMT, AS112, ORCHIDv2) and the edges of each refused network."""
+    assert RoutePolicy(refuse_private=True).refused(address) is None

@@ -356,6 +356,9 @@ async def test_post_to_a_host_that_is_no_host_name_is_refused(host: str) -> None
         ("192.168.1.1", "private"),
         ("100.64.0.1", "private"),
         ("[fd00::1]", "private"),
+        ("198.18.0.1", "benchmarking"),
+        ("[fec0::1]", "site-local"),
+        ("192.0.2.1", "documentation"),
         ("224.0.0.1", "multicast"),
     ],
 )

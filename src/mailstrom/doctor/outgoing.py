@@ -25,7 +25,7 @@ from mailstrom.doctor.lookup import (
 )
 from mailstrom.doctor.network import Network
 from mailstrom.doctor.report import Check, Status, listed, piece
-from mailstrom.routing.policy import RoutePolicy
+from mailstrom.routing.policy import RoutePolicy, not_global_kind
 
 DEFAULT_PROBE = "gmail.com"
 
@@ -254,8 +254,14 @@ def check_outgoing(
         else (f"the route towards {target.name} ({target.address})")
     )
     address = ipaddress.ip_address(ip)
-    if not source and (address.is_loopback or address.is_link_local or _private(address)):
-        kind = "loopback" if address.is_loopback else "private"
+    kind = (
+        "loopback"
+        if address.is_loopback
+        else "link-local"
+        if address.is_link_local
+        else not_global_kind(address)
+    )
+    if not source and kind in _BEHIND_A_TRANSLATOR:
         return Check(
             name="outgoing-ip",
             subject=ip,
@@ -267,16 +273,14 @@ def check_outgoing(
     return Check(name="outgoing-ip", subject=ip, status=Status.PASS, summary=f"{ip} ({how})"), ip
 
 
-_PRIVATE = tuple(
-    ipaddress.ip_network(n)
-    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+_BEHIND_A_TRANSLATOR = frozenset(
+    {"loopback", "link-local", "private", "site-local", "benchmarking"}
 )
-"""RFC 1918, carrier-grade NAT (RFC 6598) and unique local IPv6 (RFC 4193): addresses
-that reach the Internet only through a translator."""
-
-
-def _private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return any(address in net for net in _PRIVATE if net.version == address.version)
+"""Kinds of address (:func:`~mailstrom.routing.policy.not_global_kind`, the route
+policy's networks) a network numbers its own hosts from, which reach the Internet only
+through a translator: private use (RFC 1918, RFC 6598, RFC 4193, the NAT64 local-use
+prefix), the deprecated site-local prefix, and the benchmarking one that labs and some
+networks use. Not the documentation prefixes, which number no host."""
 
 
 def check_port25(network: Network, target: Target, *, source: str | None, timeout: float) -> Check:

@@ -58,18 +58,56 @@ IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 ``::`` and ``::1`` are not: those are the unspecified and loopback addresses."""
 
 
-PRIVATE_NETWORKS = tuple(
-    ipaddress.ip_network(n)
-    for n in (
-        "10.0.0.0/8",  # RFC 1918
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "100.64.0.0/10",  # shared address space (carrier-grade NAT), RFC 6598
-        "fc00::/7",  # unique local addresses, RFC 4193
-        str(NAT64_LOCAL_USE),  # a translator of the sender's own network, RFC 8215
+NOT_GLOBAL_NETWORKS = tuple(
+    (ipaddress.ip_network(network), kind)
+    for network, kind in (
+        # IANA IPv4 Special-Purpose Address Registry (RFC 6890), "Globally Reachable:
+        # False", but for those target_kind() names already (0/8, 127/8, 169.254/16,
+        # 240/4 and the broadcast address).
+        ("10.0.0.0/8", "private"),  # RFC 1918
+        ("172.16.0.0/12", "private"),
+        ("192.168.0.0/16", "private"),
+        ("100.64.0.0/10", "private"),  # shared address space (carrier-grade NAT), RFC 6598
+        ("192.0.0.0/24", "special-purpose"),  # IETF protocol assignments, RFC 6890
+        ("192.0.2.0/24", "documentation"),  # TEST-NET-1, RFC 5737
+        ("198.51.100.0/24", "documentation"),  # TEST-NET-2
+        ("203.0.113.0/24", "documentation"),  # TEST-NET-3
+        ("198.18.0.0/15", "benchmarking"),  # RFC 2544
+        # The IPv6 registry likewise; ::1, ::, fe80::/10 and the forms carrying an IPv4
+        # address are target_kind()'s and embedded_ipv4()'s.
+        ("fc00::/7", "private"),  # unique local addresses, RFC 4193
+        (str(NAT64_LOCAL_USE), "private"),  # a translator of the sender's own network
+        ("fec0::/10", "site-local"),  # deprecated, RFC 3879: still routed inside sites
+        ("2001:db8::/32", "documentation"),  # RFC 3849
+        ("3fff::/20", "documentation"),  # RFC 9637
+        ("2001:2::/48", "benchmarking"),  # RFC 5180
+        ("100::/64", "special-purpose"),  # discard-only, RFC 6666
+        ("100:0:0:1::/64", "special-purpose"),  # dummy prefix, RFC 9780
+        ("2001:10::/28", "special-purpose"),  # deprecated ORCHID, RFC 4843
+        ("5f00::/16", "special-purpose"),  # SRv6 SIDs, RFC 9602
     )
 )
-"""Networks of private use, which :attr:`RoutePolicy.refuse_private` refuses."""
+"""Networks no host on the Internet has an address in, which
+:attr:`RoutePolicy.refuse_private` refuses, each with the kind it is refused as: the
+IANA special-purpose registries' entries that are not globally reachable, and the
+deprecated site-local prefix. A hand list rather than ``ipaddress``'s ``is_global``, whose
+tables change between Python releases (3.11.7's calls ``fec0::1``, ``3fff::1`` and
+``5f00::1`` global, and no Teredo address), so that one policy holds on every Python
+mailstrom runs on. Not the registry's few globally reachable addresses inside these
+(:data:`GLOBAL_INSIDE`)."""
+
+GLOBAL_INSIDE = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "192.0.0.9/32",  # Port Control Protocol anycast, RFC 7723
+        "192.0.0.10/32",  # TURN anycast, RFC 8155
+    )
+)
+"""Globally reachable addresses in a :data:`NOT_GLOBAL_NETWORKS` network (IANA)."""
+
+PRIVATE_NETWORKS = tuple(network for network, kind in NOT_GLOBAL_NETWORKS if kind == "private")
+"""The networks of private use among :data:`NOT_GLOBAL_NETWORKS`: behind a translator of
+the sender's own network."""
 
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -150,13 +188,30 @@ def _own_kind(ip: Address) -> str | None:
     return None
 
 
-def is_private(ip: Address) -> bool:
-    """Whether ``ip`` is in one of the :data:`PRIVATE_NETWORKS`, or carries an IPv4
-    address that is (see :func:`embedded_ipv4`)."""
+def not_global_kind(ip: Address) -> str | None:
+    """The kind of the :data:`NOT_GLOBAL_NETWORKS` network ``ip`` is in (``"private"``,
+    ``"documentation"``...), also when it carries an IPv4 address that is (see
+    :func:`embedded_ipv4`); None for an address of the Internet.
+
+    >>> not_global_kind(ipaddress.ip_address("198.18.0.1"))
+    'benchmarking'
+    """
     candidates: tuple[Address, ...] = (ip,)
     if isinstance(ip, ipaddress.IPv6Address):
         candidates += embedded_ipv4(ip)
-    return any(c in network for c in candidates for network in PRIVATE_NETWORKS)
+    for candidate in candidates:
+        if any(candidate in network for network in GLOBAL_INSIDE):
+            continue
+        for network, kind in NOT_GLOBAL_NETWORKS:
+            if candidate in network:
+                return kind
+    return None
+
+
+def is_private(ip: Address) -> bool:
+    """Whether ``ip`` is in one of the :data:`PRIVATE_NETWORKS`, or carries an IPv4
+    address that is (see :func:`embedded_ipv4`)."""
+    return not_global_kind(ip) == "private"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,7 +226,9 @@ class RoutePolicy:
     """Keep loopback, unspecified and link-local targets (see :func:`target_kind`);
     multicast and reserved ones are refused all the same."""
     refuse_private: bool = False
-    """Refuse :data:`PRIVATE_NETWORKS` addresses too (as ``"private"``). Not for mail
+    """Refuse :data:`NOT_GLOBAL_NETWORKS` addresses too (as their kind: ``"private"``,
+    ``"documentation"``, ``"benchmarking"``...): the sender's own network, or one no host
+    on the Internet is in. Not for mail
     routes (an MX on 10.0.0.0/8 is a normal internal relay) but for requests a remote
     domain chooses the target of, like TLS report POSTs: a collector for a public domain
     has no business on the sender's own network. ``allow_loopback`` lifts this refusal
@@ -211,8 +268,8 @@ class RoutePolicy:
         """Why mail must not go to ``address`` (its :func:`target_kind`), or None."""
         ip = ipaddress.ip_address(address)
         kind = target_kind(ip)
-        if kind is None and self.refuse_private and is_private(ip):
-            kind = "private"
+        if kind is None and self.refuse_private:
+            kind = not_global_kind(ip)
         if self.allow_loopback and kind not in NEVER_A_SERVER:
             return None
         return kind

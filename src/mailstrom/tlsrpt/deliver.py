@@ -113,8 +113,9 @@ async def post_report(
 
     ``url`` comes from the policy domain's DNS, so it may point anywhere: a host that is
     neither an address nor a host name (letters, digits, inner hyphens) is refused; the
-    host's addresses come from ``resolver``, and loopback, link-local and private ones
-    (see :data:`~mailstrom.routing.policy.PRIVATE_NETWORKS`) are refused unless
+    host's addresses come from ``resolver``, and loopback, link-local, private and other
+    not globally reachable ones
+    (see :data:`~mailstrom.routing.policy.NOT_GLOBAL_NETWORKS`) are refused unless
     ``allow_loopback`` (for tests), multicast and reserved ones always. Looking up the
     name, connecting, TLS, sending and the answer's head take ``timeout`` seconds in all.
     An address where connecting or TLS stalls is given up before that (see
