@@ -662,8 +662,9 @@ class Config:
     poll_interval: float = 5.0
     """Longest idle sleep between store checks when no wake-up arrives."""
     source_address: str | None = None
-    """Local IP address to bind outgoing connections to. MX addresses of the other IP
-    version are skipped: a socket bound to it cannot reach them."""
+    """Local IP address to bind outgoing connections to (SMTP, the MTA-STS policy fetch,
+    TLS report POSTs). MX, policy host and collector addresses of the other IP version
+    are skipped: a socket bound to it cannot reach them."""
     allow_loopback: bool = False
     """Deliver to loopback (127.0.0.0/8, ::1), unspecified (0.0.0.0/8, ::) and link-local
     (169.254.0.0/16, fe80::/10) addresses, IPv4-mapped IPv6 forms included, when MX or

@@ -58,7 +58,9 @@ class FirstAddressTimesOut:
             200, headers={"Content-Type": "text/plain"}, stream=httpx.ByteStream(POLICY)
         )
 
-    def client(self, verify: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
+    def client(
+        self, verify: ssl.SSLContext, timeout: float, source_address: str | None = None
+    ) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.MockTransport(self.handle))
 
 
@@ -145,6 +147,10 @@ class CountingPolicy:
     def __init__(self) -> None:
         self.policy = RoutePolicy(allow_loopback=True)
         self.asked = 0
+
+    @property
+    def ip_version(self) -> int | None:
+        return self.policy.ip_version
 
     def refused(self, address: str) -> str | None:
         self.asked += 1

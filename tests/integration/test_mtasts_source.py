@@ -434,3 +434,46 @@ async def test_a_policy_with_a_bom_a_long_max_age_and_a_bad_mx_line_still_applie
     assert cached.expires_at == clock.now + timedelta(seconds=31_557_600)
     assert store.mta_sts_policy("example.org") == cached
     assert "ignored" in caplog.text and "'.example.org'" in caplog.text
+
+
+def source_for(
+    dns: LoopbackDNS,
+    port: int,
+    context: ssl.SSLContext,
+    clock: Clock,
+    source_address: str | None = None,
+) -> PolicySource:
+    settings = MTASTSConfig(port=port, tls_context=context, recheck=0)
+    config = Config(
+        dns=dns.dns_config, allow_loopback=True, mta_sts=settings, source_address=source_address
+    )
+    return PolicySource(config, MemoryStore(), resolver=make_resolver(config.dns), clock=clock)
+
+
+async def test_the_fetch_keeps_to_the_source_address_and_its_ip_version(
+    dns_server: LoopbackDNS,
+    https_server: HTTPSFactory,
+    client_tls_context: ssl.SSLContext,
+    clock: Clock,
+) -> None:
+    # source_address binds every outgoing connection, and routes keep to its IP version.
+    # The policy fetch did neither: with source_address ::1 it fetched from the policy
+    # host's IPv4 address, over a route (and from an address) the operator did not give.
+    ipv6 = https_server(host="::1")
+    ipv6.policy(POLICY)
+    ipv4 = https_server(port=ipv6.port)
+    ipv4.policy(POLICY.replace("enforce", "testing"))
+    dns_server.txt("_mta-sts.example.org", "v=STSv1; id=one;")
+    dns_server.a("mta-sts.example.org", "127.0.0.1")
+    dns_server.aaaa("mta-sts.example.org", "::1")
+    source = source_for(dns_server, ipv6.port, client_tls_context, clock, source_address="::1")
+    found = await source.policy("example.org")
+    assert found is not None and found.policy.mode is Mode.ENFORCE
+    assert (ipv4.count(), ipv6.count()) == (0, 1)
+    # Bound to it: the server sees the request come from the source address.
+    ipv4.policy(POLICY)
+    dns_server.txt("_mta-sts.example.org", "v=STSv1; id=two;")
+    source = source_for(dns_server, ipv4.port, client_tls_context, clock, "127.0.0.5")
+    found = await source.policy("example.org")
+    assert found is not None and found.policy.mode is Mode.ENFORCE
+    assert [r.client for r in ipv4.requests] == ["127.0.0.5"]

@@ -322,3 +322,25 @@ async def test_a_url_with_port_0_is_refused_not_posted_to_443(
         REPORT, "https://127.0.0.1:0/tlsrpt", resolver=resolver, allow_loopback=True
     )
     assert problem == "invalid URL: ValueError: port 0 out of range"
+
+
+async def test_a_post_keeps_to_the_source_address_and_its_ip_version(
+    https_server: HTTPSFactory,
+    dns_server: LoopbackDNS,
+    resolver: dns.asyncresolver.Resolver,
+    client_tls_context: ssl.SSLContext,
+) -> None:
+    # As the MTA-STS fetch (mtasts/https.py is shared): bound to source_address, and to
+    # the collector's addresses of its IP version only.
+    ipv6 = https_server(names=("collector.example.test",), host="::1")
+    ipv4 = https_server(names=("collector.example.test",), port=ipv6.port)
+    for server in (ipv4, ipv6):
+        server.routes["/tlsrpt"] = Answer(status=202)
+    dns_server.a("collector.example.test", "127.0.0.1")
+    dns_server.aaaa("collector.example.test", "::1")
+    url = f"https://collector.example.test:{ipv6.port}/tlsrpt"
+    options = {"resolver": resolver, "allow_loopback": True, "context": client_tls_context}
+    assert await post_report(REPORT, url, source_address="::1", **options) is None  # type: ignore[arg-type]
+    assert (len(ipv4.requests), len(ipv6.requests)) == (0, 1)
+    assert await post_report(REPORT, url, source_address="127.0.0.5", **options) is None  # type: ignore[arg-type]
+    assert [r.client for r in ipv4.requests] == ["127.0.0.5"]

@@ -18,8 +18,9 @@ from mailstrom.mtasts.fetch import (
     require_httpx,
     txt_records,
 )
+from mailstrom.mtasts.https import route_policy_for
 from mailstrom.mtasts.policy import Mode, PolicyError, parse_sts_record
-from mailstrom.routing import RoutePolicy, make_resolver
+from mailstrom.routing import make_resolver
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
 
 if TYPE_CHECKING:
@@ -74,7 +75,10 @@ async def check_mta_sts(config: Config, domain: str) -> MTASTSReport:
             resolver=resolver,
             config=settings,
             # As the worker fetches it (mtasts/source.py): never from a private network.
-            route_policy=RoutePolicy(allow_loopback=config.allow_loopback, refuse_private=True),
+            route_policy=route_policy_for(
+                allow_loopback=config.allow_loopback, source_address=config.source_address
+            ),
+            source_address=config.source_address,
         )
     except ConfigError as exc:
         report.error = str(exc)

@@ -462,6 +462,7 @@ async def _post_all(job: _Job, resolver: dns.asyncresolver.Resolver, posts: list
         allow_loopback=job.config.allow_loopback,
         context=job.config.tls_context,
         timeout=job.post_timeout,
+        source_address=job.config.source_address,
     )
     for post, problem in zip(posts, problems, strict=True):
         if problem is None:

@@ -103,11 +103,13 @@ async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[
     return records, float(answer.chaining_result.minimum_ttl if answer.rrset is not None else 0)
 
 
-async def _get(host: str, ip: str, config: MTASTSConfig, timeouts: httpx.Timeout) -> bytes:
+async def _get(
+    host: str, ip: str, config: MTASTSConfig, timeouts: httpx.Timeout, source: str | None
+) -> bytes:
     body = bytearray()
     async with (
         https.client(
-            config.tls_context or https.default_context(config.ca_file), config.timeout
+            config.tls_context or https.default_context(config.ca_file), config.timeout, source
         ) as http,
         https.stream_at(
             http,
@@ -158,10 +160,16 @@ async def fetch_policy(
     resolver: dns.asyncresolver.Resolver,
     config: MTASTSConfig,
     route_policy: RoutePolicy,
+    source_address: str | None = None,
 ) -> Policy:
     """Fetch and validate the policy of ``domain`` (lower-case A-label); raise
     :class:`~mailstrom.mtasts.policy.PolicyError` with the reason and its RFC 8460 failure
-    type when it cannot be had."""
+    type when it cannot be had.
+
+    The addresses of ``mta-sts.<domain>`` that ``route_policy`` admits are tried in
+    turn, each connection bound to ``source_address`` when given (use
+    :func:`~mailstrom.mtasts.https.route_policy_for` to keep to its IP version): the
+    next one after a failed connection."""
     require_httpx()
     import httpx
 
@@ -176,7 +184,7 @@ async def fetch_policy(
             for ip in addresses:
                 timeouts = https.timeouts_before(deadline)  # what is left, for this one
                 try:
-                    return parse_policy(await _get(host, ip, config, timeouts))
+                    return parse_policy(await _get(host, ip, config, timeouts, source_address))
                 except httpx.ConnectTimeout:
                     # Connecting or the handshake stalled, and was ended well before the
                     # deadline (https.CONNECT_SHARE): the next address gets the time left,

@@ -71,6 +71,16 @@ def is_address(host: str) -> bool:
     return True
 
 
+def route_policy_for(*, allow_loopback: bool, source_address: str | None) -> RoutePolicy:
+    """The route policy of a request to a host a remote domain names (the MTA-STS policy
+    host, a TLS report collector), from the ``Config`` fields of those names: never this
+    host, its link or a network no Internet host is in (unless ``allow_loopback``), and
+    only addresses of ``source_address``'s IP version, which a connection bound to it
+    reaches (:func:`client`), as routes do."""
+    version = None if source_address is None else ipaddress.ip_address(source_address).version
+    return RoutePolicy(allow_loopback=allow_loopback, refuse_private=True, ip_version=version)
+
+
 def _refused(address: str, route_policy: RoutePolicy) -> str | None:
     kind = route_policy.refused(address)
     return None if kind is None else f"{address} ({kind})"
@@ -84,11 +94,16 @@ async def usable_addresses(
     addresses of the name it admits. Raises :class:`NoUsableAddress`.
 
     One family's lookup failing (SERVFAIL, a timeout) leaves the other's addresses to
-    try, as for an MX host: the failure is the reason only when nothing else was found."""
+    try, as for an MX host: the failure is the reason only when nothing else was found.
+    With the policy's ``ip_version`` (``source_address``'s), only that family is looked
+    up: a connection bound to the source address reaches no other."""
+    version = route_policy.ip_version
     if is_address(host):
         kind = route_policy.refused(host)
         if kind is not None:
             raise NoUsableAddress(f"refused {kind} address {host}")
+        if version is not None and ipaddress.ip_address(host).version != version:
+            raise NoUsableAddress(f"{host} is no IPv{version} address, which source_address is")
         return [host]
     # A zone may answer with thousands of addresses (a 64 KB answer over TCP): only the
     # first MAX_ADDRESSES usable ones are kept, and the first few refused ones for the
@@ -96,7 +111,8 @@ async def usable_addresses(
     found: dict[str, None] = {}
     refused_ones: list[str] = []
     failed: Exception | None = None
-    for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+    a, aaaa = dns.rdatatype.A, dns.rdatatype.AAAA
+    for rdtype in (a, aaaa) if version is None else (a,) if version == 4 else (aaaa,):
         if len(found) >= MAX_ADDRESSES:
             break  # IPv4 filled every place: the IPv6 addresses would never be tried
         try:
@@ -123,6 +139,8 @@ async def usable_addresses(
         ) from failed
     if not found:
         why = f"only refused addresses: {', '.join(refused_ones)}" if refused_ones else "no address"
+        if version is not None:
+            why = why.replace("address", f"IPv{version} address", 1) + " (source_address is one)"
         raise NoUsableAddress(f"{host} has {why}")
     return list(found)
 
@@ -171,14 +189,21 @@ def connect_timed_out(ip: str, timeouts: httpx.Timeout) -> str:
     return f"{ip}: connecting took more than {timeouts.connect:.3g} s"
 
 
-def client(verify: ssl.SSLContext, timeout: float) -> httpx.AsyncClient:
+def client(
+    verify: ssl.SSLContext, timeout: float, source_address: str | None = None
+) -> httpx.AsyncClient:
     """A client for one request (see the module docstring). ``timeout`` is per operation:
-    :func:`stream_at` replaces it with the timeouts its caller's deadline leaves."""
+    :func:`stream_at` replaces it with the timeouts its caller's deadline leaves. Its
+    connections are bound to ``source_address`` (``Config.source_address``) when given,
+    as every outgoing connection is."""
     import httpcore
     import httpx
 
     transport = httpx.AsyncHTTPTransport(
-        verify=verify, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+        verify=verify,
+        trust_env=False,
+        limits=httpx.Limits(max_keepalive_connections=0),
+        local_address=source_address,
     )
     # httpx takes no network backend of its own; its pool's is the one it connects with.
     # (Private to httpx and httpcore: a release that moves it gets the plain backend, and

@@ -32,8 +32,8 @@ import dns.asyncresolver
 from mailstrom.config import Config, MTASTSConfig
 from mailstrom.errors import StoreError
 from mailstrom.mtasts.fetch import DNSTrouble, a_label, fetch_policy, txt_records
+from mailstrom.mtasts.https import route_policy_for
 from mailstrom.mtasts.policy import CachedPolicy, Mode, PolicyError, parse_sts_record
-from mailstrom.routing.policy import RoutePolicy
 from mailstrom.stores.base import Store
 
 log = logging.getLogger("mailstrom.mtasts")
@@ -75,8 +75,11 @@ class PolicySource:
         self._monotonic = monotonic
         self._on_failure = on_failure
         # The policy host is the domain's choice, as a TLS report collector is: never one on
-        # the sender's own network (mtasts/https.py).
-        self._route_policy = RoutePolicy(allow_loopback=config.allow_loopback, refuse_private=True)
+        # the sender's own network (mtasts/https.py); reached from source_address.
+        self._route_policy = route_policy_for(
+            allow_loopback=config.allow_loopback, source_address=config.source_address
+        )
+        self._source_address = config.source_address
         # domain -> (until, policy, why none is known: a failed lookup or fetch, or None)
         self._known: dict[str, tuple[float, CachedPolicy | None, str | None]] = {}
         self._flights: dict[str, asyncio.Task[CachedPolicy | None]] = {}
@@ -194,6 +197,7 @@ class PolicySource:
                 resolver=self._resolver,
                 config=self._settings,
                 route_policy=self._route_policy,
+                source_address=self._source_address,
             )
         except PolicyError as exc:
             self._failed(domain, exc, fresh)

@@ -22,7 +22,6 @@ from mailstrom.message.addresses import parse_mailbox
 from mailstrom.message.addrspec import validate_address
 from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
-from mailstrom.routing.policy import RoutePolicy
 from mailstrom.tlsrpt.report import MEDIA_TYPE, Report
 
 POST_TIMEOUT = 30.0
@@ -105,6 +104,7 @@ async def post_report(
     allow_loopback: bool = False,
     context: ssl.SSLContext | None = None,
     timeout: float = POST_TIMEOUT,
+    source_address: str | None = None,
 ) -> PostProblem | None:
     """POST ``report`` (gzipped) to the https ``url``; None when the endpoint answered
     2xx, else why not (a :class:`PostProblem`, which says whether it failed for good).
@@ -122,6 +122,8 @@ async def post_report(
     :data:`~mailstrom.mtasts.https.CONNECT_SHARE`) and the host's next one gets the time
     left; once the report is sent, no other address is tried (it would count twice).
     The certificate is checked against ``context``, else the system's trust store.
+    Connections are bound to ``source_address`` (``Config.source_address``) when given,
+    and only the host's addresses of its IP version are tried.
     """
     import httpx  # the mta-sts extra; checked by the caller
 
@@ -132,12 +134,14 @@ async def post_report(
         # problem, not a crash of the command.
         text = f"invalid URL: {type(exc).__name__}: {https.quoted(exc)}"
         return PostProblem(text, permanent=True)
-    route_policy = RoutePolicy(allow_loopback=allow_loopback, refuse_private=True)
+    route_policy = https.route_policy_for(
+        allow_loopback=allow_loopback, source_address=source_address
+    )
     try:
         async with asyncio.timeout(timeout) as deadline:
             addresses = await https.usable_addresses(resolver, host, route_policy)
             return await _post_to_one_of(
-                addresses, report, host, port, path, context, timeout, deadline
+                addresses, report, host, port, path, context, timeout, deadline, source_address
             )
     except https.NoUsableAddress as exc:
         return PostProblem(f"not posted: {exc}", permanent=not exc.temporary)
@@ -154,6 +158,7 @@ async def post_reports(
     context: ssl.SSLContext | None = None,
     timeout: float = POST_TIMEOUT,
     at_once: int = MAX_POSTS,
+    source_address: str | None = None,
 ) -> list[PostProblem | None]:
     """:func:`post_report` for each ``(report, url)`` of ``posts``, ``at_once`` of them at
     a time; what each returned, in the order of ``posts`` (not the order they finished
@@ -172,6 +177,7 @@ async def post_reports(
                 allow_loopback=allow_loopback,
                 context=context,
                 timeout=timeout,
+                source_address=source_address,
             )
 
     # gather keeps the order of its arguments, and lets an unexpected exception out as
@@ -212,6 +218,7 @@ async def _post_to_one_of(
     context: ssl.SSLContext | None,
     timeout: float,
     deadline: asyncio.Timeout,
+    source_address: str | None,
 ) -> PostProblem | None:
     import httpx
 
@@ -220,7 +227,7 @@ async def _post_to_one_of(
         timeouts = https.timeouts_before(deadline)  # what is left, for this address
         try:
             async with (
-                https.client(context or https.default_context(), timeout) as http,
+                https.client(context or https.default_context(), timeout, source_address) as http,
                 https.stream_at(
                     http,
                     "POST",
