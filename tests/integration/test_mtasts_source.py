@@ -450,6 +450,65 @@ def source_for(
     return PolicySource(config, MemoryStore(), resolver=make_resolver(config.dns), clock=clock)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer(status=404, body=b"not here"),
+        Answer(status=503, body=b"maintenance"),
+        Answer(status=301, headers={"Location": "https://elsewhere.example/"}),
+    ],
+)
+async def test_a_non_200_answer_at_one_address_leaves_the_next_to_fetch_from(
+    dns_server: LoopbackDNS,
+    https_server: HTTPSFactory,
+    client_tls_context: ssl.SSLContext,
+    clock: Clock,
+    answer: Answer,
+) -> None:
+    # RFC 8461 §3.3: a non-200 answer is no policy from that server, a failed fetch.
+    # Failed connections went on to the host's next address, but a node that answered
+    # 404 or 503 (one of a load-balanced pair in maintenance, say) ended the fetch: the
+    # domain had no policy for this worker (enforce skipped) while its other node served one.
+    good = https_server()
+    good.policy(POLICY)
+    bad = https_server(host="127.0.0.2", port=good.port)
+    bad.routes["/.well-known/mta-sts.txt"] = answer
+    dns_server.txt("_mta-sts.example.org", "v=STSv1; id=one;")
+    dns_server.a("mta-sts.example.org", "127.0.0.2", "127.0.0.1")
+    source = source_for(dns_server, good.port, client_tls_context, clock)
+    found = await source.policy("example.org")
+    assert found is not None and found.policy.mode is Mode.ENFORCE
+    assert (bad.count(), good.count()) == (1, 1)
+
+
+async def test_every_non_200_answer_is_a_fetch_error_naming_the_last(
+    dns_server: LoopbackDNS,
+    https_server: HTTPSFactory,
+    client_tls_context: ssl.SSLContext,
+    clock: Clock,
+) -> None:
+    first = https_server()
+    first.routes["/.well-known/mta-sts.txt"] = Answer(status=503)
+    second = https_server(host="127.0.0.2", port=first.port)  # 404 for every path
+    dns_server.txt("_mta-sts.example.org", "v=STSv1; id=one;")
+    dns_server.a("mta-sts.example.org", "127.0.0.1", "127.0.0.2")
+    failures: list[PolicyError] = []
+    settings = MTASTSConfig(port=first.port, tls_context=client_tls_context, recheck=0)
+    config = Config(dns=dns_server.dns_config, allow_loopback=True, mta_sts=settings)
+    source = PolicySource(
+        config,
+        MemoryStore(),
+        resolver=make_resolver(config.dns),
+        clock=clock,
+        on_failure=lambda _, error, __: failures.append(error),
+    )
+    assert await source.policy("example.org") is None
+    [error] = failures
+    assert error.result_type == "sts-policy-fetch-error"
+    assert "HTTP 404" in error.reason, error.reason
+    assert (first.count(), second.count()) == (1, 1)
+
+
 async def test_the_fetch_keeps_to_the_source_address_and_its_ip_version(
     dns_server: LoopbackDNS,
     https_server: HTTPSFactory,

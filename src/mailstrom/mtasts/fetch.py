@@ -42,6 +42,15 @@ FETCH_ERROR = "sts-policy-fetch-error"
 WEBPKI_INVALID = "sts-webpki-invalid"
 
 
+class NotServed(PolicyError):
+    """An answer that is no policy (RFC 8461 §3.3: a policy comes with HTTP 200, and
+    redirects are not followed): a fetch error at this address, which leaves the host's
+    next address to fetch from."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, result_type=FETCH_ERROR)
+
+
 class DNSTrouble(Exception):
     """A lookup that failed for a reason other than "no such record": try again later."""
 
@@ -125,15 +134,12 @@ async def _get(
         status = response.status_code
         if 300 <= status < 400:
             location = response.headers.get("location", "")[:200]
-            raise PolicyError(
-                f"https://{host}{WELL_KNOWN} redirects ({status}) to {location!r}; redirects "
-                "are not followed (RFC 8461 §3.3)",
-                result_type=FETCH_ERROR,
+            raise NotServed(
+                f"{ip}: redirects ({status}) to {location!r}; redirects are not followed "
+                "(RFC 8461 §3.3)"
             )
         if status != 200:
-            raise PolicyError(
-                f"https://{host}{WELL_KNOWN} answered HTTP {status}", result_type=FETCH_ERROR
-            )
+            raise NotServed(f"{ip}: answered HTTP {status}")
         # Trimmed of HTTP's white space only (SP, HTAB): str.strip() would also take the
         # U+00A0 or U+0085 that a header's obs-text octets decode to.
         media = response.headers.get("content-type", "").split(";")[0].strip(" \t").lower()
@@ -169,7 +175,9 @@ async def fetch_policy(
     The addresses of ``mta-sts.<domain>`` that ``route_policy`` admits are tried in
     turn, each connection bound to ``source_address`` when given (use
     :func:`~mailstrom.mtasts.https.route_policy_for` to keep to its IP version): the
-    next one after a failed connection."""
+    next one after a failed connection and after an answer that is no policy (not 200,
+    :class:`NotServed`: one server of several may be down or behind), not after a
+    certificate refused or a policy served that is invalid."""
     require_httpx()
     import httpx
 
@@ -185,6 +193,8 @@ async def fetch_policy(
                 timeouts = https.timeouts_before(deadline)  # what is left, for this one
                 try:
                     return parse_policy(await _get(host, ip, config, timeouts, source_address))
+                except NotServed as exc:
+                    last = exc.reason
                 except httpx.ConnectTimeout:
                     # Connecting or the handshake stalled, and was ended well before the
                     # deadline (https.CONNECT_SHARE): the next address gets the time left,
