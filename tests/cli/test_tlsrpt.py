@@ -858,6 +858,52 @@ def test_runs_of_one_day_on_two_hosts_of_one_store_queue_its_mailed_report_once(
     assert ids == [queued[0].id, queued[0].id]
 
 
+def test_runs_of_one_day_on_two_hosts_of_one_store_post_its_report_once(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    # As for the mailed report: the record of what was posted lived in --out alone, so
+    # every host of a shared store running the daily timer posted the day's report to
+    # each https: URI again, each copy with its own report id, and the domain counted
+    # the sessions once per host. The store now holds the claim every host sees.
+    cli, workdir = mail_env.cli, mail_env.workdir
+    seed(workdir)
+    collector = https_server(names=("collector.example.test",))
+    collector.routes["/tlsrpt"] = Answer(status=202)
+    mail_env.dns.a("collector.example.test", "127.0.0.1")
+    url = f"https://collector.example.test:{collector.port}/tlsrpt"
+    mail_env.dns.txt("_smtp._tls.example.test", f"v=TLSRPTv1; rua={url}")
+    details = []
+    for host in ("a", "b"):
+        out = workdir / host
+        out.mkdir()
+        result = cli.ok("tlsrpt", "--date", DAY.isoformat(), "--send", "--out", str(out), "--json")
+        [delivery] = result.json()["domains"][0]["sent"]
+        assert delivery["ok"], delivery
+        details.append(delivery["detail"])
+    assert len(collector.requests) == 1, details
+    assert details[0] == "posted" and "not posted again" in details[1], details
+
+
+def test_a_post_that_failed_is_made_by_the_next_run_of_any_host(
+    mail_env: MailEnv, https_server: HTTPSFactory
+) -> None:
+    # The claim is let go when the POST fails: the next run (here another host's) posts.
+    cli, workdir = mail_env.cli, mail_env.workdir
+    seed(workdir)
+    collector = https_server(names=("collector.example.test",))
+    collector.routes["/tlsrpt"] = Answer(status=503)
+    mail_env.dns.a("collector.example.test", "127.0.0.1")
+    url = f"https://collector.example.test:{collector.port}/tlsrpt"
+    mail_env.dns.txt("_smtp._tls.example.test", f"v=TLSRPTv1; rua={url}")
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    args = ("tlsrpt", "--date", DAY.isoformat(), "--send", "--out")
+    assert cli(*args, str(workdir / "a")).code == 75
+    collector.routes["/tlsrpt"] = Answer(status=202)
+    assert f"{url}: ok: posted" in cli.ok(*args, str(workdir / "b")).out
+    assert len(collector.requests) == 2
+
+
 def test_a_second_run_for_the_same_day_does_not_send_while_one_is_sending(
     mail_env: MailEnv,
 ) -> None:

@@ -133,3 +133,37 @@ def test_pruning_drops_old_days_only(store: Store) -> None:
     assert store.prune_tls_sessions(before=DAY - timedelta(days=30)) == 1
     assert [s.day for s in store.tls_sessions(DAY)] == [DAY]
     assert store.tls_sessions(DAY - timedelta(days=40)) == []
+
+
+def test_a_tls_report_post_is_claimed_by_one_run_until_its_hold_ends(store: Store) -> None:
+    # Every host of a shared store that runs the daily tlsrpt --send posted the day's
+    # report to each https: rua URI again (a copy with its own id: the domain counted the
+    # sessions as often); the store now says which run posts it, as it does for mail.
+    key, until = "tlsrpt-2030-01-01-abc", NOW + timedelta(hours=24)
+    assert store.claim_tls_report(key, now=NOW, until=until)
+    assert not store.claim_tls_report(key, now=NOW, until=until)
+    assert not store.claim_tls_report(key, now=until - timedelta(microseconds=1), until=until)
+    assert store.claim_tls_report("tlsrpt-2030-01-01-def", now=NOW, until=until)
+    # The hold ends: another run may post it (a later day's run, a window elapsed).
+    assert store.claim_tls_report(key, now=until, until=until + timedelta(hours=1))
+    # A run whose POST went holds it longer; one whose POST failed lets it go, for
+    # another (or itself) to try again.
+    later = until + timedelta(hours=2)
+    store.hold_tls_report(key, until=later)
+    assert not store.claim_tls_report(key, now=until + timedelta(hours=1), until=later)
+    store.hold_tls_report(key, until=until)
+    assert store.claim_tls_report(key, now=until, until=later)
+    store.hold_tls_report("never-claimed", until=later)
+    assert not store.claim_tls_report("never-claimed", now=until, until=later)
+
+
+def test_one_of_two_store_objects_claiming_at_once_gets_a_report(store_backend: Backend) -> None:
+    store_backend.require_durable()
+    first, second = store_backend.open(), store_backend.open()
+    until = NOW + timedelta(hours=24)
+    won: list[bool] = []
+    at_once(
+        lambda: won.append(first.claim_tls_report("k", now=NOW, until=until)),
+        lambda: won.append(second.claim_tls_report("k", now=NOW, until=until)),
+    )
+    assert sorted(won) == [False, True]

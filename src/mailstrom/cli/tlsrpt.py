@@ -353,11 +353,13 @@ async def _report_day(job: _Job) -> _Outcome:
     # between sends again only what it had not sent.
     if ledger is not None and not ledger.save():
         unwritten = True
+    posts = _claimed(job, posts)
     if posts:
         await _post_all(job, resolver, posts)
         for post in posts:
             if post.entry.sent[post.slot].ok and ledger is not None:
                 ledger.domains[post.entry.domain].sent[post.uri] = None
+        _settle(job, posts)
         if ledger is not None and not ledger.save():
             unwritten = True
     lookups_failed = any(isinstance(found, _LookupFailed) for found in rua.values())
@@ -437,6 +439,63 @@ def _mail_key(day: date, domain: str, to: str) -> str:
     report id, and the domain counted the day's sessions as many times."""
     digest = hashlib.sha256(f"{domain}\0{to}".encode("utf-8", "surrogatepass")).hexdigest()
     return f"tlsrpt-{day.isoformat()}-{digest[:40]}"
+
+
+def _post_key(day: date, domain: str, uri: str) -> str:
+    """The key :func:`_claim` takes in the store for ``domain``'s report of ``day``
+    POSTed to ``uri``, as :func:`_mail_key` for a mailed one."""
+    digest = hashlib.sha256(f"{domain}\0{uri}".encode("utf-8", "surrogatepass")).hexdigest()
+    return f"tlsrpt-post-{day.isoformat()}-{digest[:40]}"
+
+
+def _claimed(job: _Job, posts: list[_Post]) -> list[_Post]:
+    """The POSTs this run is to make: those whose key (:func:`_post_key`) it took in the
+    store (``Store.claim_tls_report``), held while the POSTs may last; the others' say
+    why not: another run holds the key (the POST is done, or under way there), or the
+    store failed (the next run tries again). The record of sent reports and the day's
+    lock are in ``--out``, one host's: every host of a shared store that runs the daily
+    timer POSTed the report again, a copy with its own report id, and the domain
+    counted the day's sessions as many times."""
+    if not posts:
+        return []
+    from mailstrom.tlsrpt.deliver import MAX_POSTS
+
+    now = utc_now()
+    # The POST phase's longest: every POST its whole deadline, MAX_POSTS at a time; and as
+    # long again, for the settling after it. A run cut off holds its keys no longer.
+    rounds = -(-len(posts) // MAX_POSTS)
+    until = now + timedelta(seconds=2 * rounds * job.post_timeout + 60)
+    mine: list[_Post] = []
+    for post in posts:
+        key = _post_key(job.day, post.entry.domain, post.uri)
+        try:
+            taken = job.store.claim_tls_report(key, now=now, until=until)
+        except MailstromError as exc:
+            post.entry.sent[post.slot] = Delivery(
+                uri=post.uri, ok=False, detail=f"not posted: {exc}"
+            )
+            continue
+        if taken:
+            mine.append(post)
+        else:
+            detail = "posted by another run (of this or another host); not posted again"
+            post.entry.sent[post.slot] = Delivery(uri=post.uri, ok=True, detail=detail)
+    return mine
+
+
+def _settle(job: _Job, posts: list[_Post]) -> None:
+    """Hold the key of each POST made for ``Config.idempotency_window`` (as a mailed
+    report's idempotency key is held), and let go of each that failed, for the next run
+    of any host to make it. A store that fails is said on stderr: the key's hold then
+    ends when :func:`_claimed` said."""
+    now = utc_now()
+    for post in posts:
+        done = post.entry.sent[post.slot].ok
+        until = now + job.config.idempotency_window if done else now
+        try:
+            job.store.hold_tls_report(_post_key(job.day, post.entry.domain, post.uri), until=until)
+        except MailstromError as exc:
+            sys.stderr.write(f"mailstrom: {post.uri}: the store kept no record of it: {exc}\n")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

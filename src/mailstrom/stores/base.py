@@ -1195,3 +1195,17 @@ class Store(Protocol):
     def prune_tls_sessions(self, *, before: date) -> int:
         """Delete the counters of days before ``before``; returns how many."""
         ...
+
+    def claim_tls_report(self, key: str, *, now: datetime, until: datetime) -> bool:
+        """Take ``key`` (a TLS report's POST: its day, policy domain and URI) until
+        ``until``: True when no run of any host sharing the store holds it (none did, or
+        its hold ended by ``now``), False when one does. The report is POSTed by the run
+        that took it, and once: its hold is made longer after a success and ended after a
+        failure (:meth:`hold_tls_report`). Holds ended are deleted on the way."""
+        ...
+
+    def hold_tls_report(self, key: str, *, until: datetime) -> None:
+        """Hold ``key`` (see :meth:`claim_tls_report`) until ``until``, whoever held it,
+        and whether or not one did: an ``until`` not after the next claim's ``now`` lets
+        it go."""
+        ...

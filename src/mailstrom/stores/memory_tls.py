@@ -1,13 +1,15 @@
-"""The memory store's MTA-STS policy cache and TLS session counters (schema version 9)."""
+"""The memory store's MTA-STS policy cache, TLS session counters (schema version 9) and
+TLS report claims (version 17 of SQLite, 18 of PostgreSQL)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import date
+from datetime import date, datetime
 
 from mailstrom.mtasts.policy import CachedPolicy
+from mailstrom.stores.clock import aware_utc, kept_time
 from mailstrom.tlsrpt.sessions import TLSSessions
 
 
@@ -17,11 +19,13 @@ class MemoryTLSMixin:
     _tls_lock: threading.Lock
     _mta_sts: dict[str, CachedPolicy]
     _tls_sessions: dict[tuple[str, ...], TLSSessions]
+    _tls_report_claims: dict[str, datetime]
 
     def _init_tls(self) -> None:
         self._tls_lock = threading.Lock()
         self._mta_sts = {}
         self._tls_sessions = {}
+        self._tls_report_claims = {}
 
     def mta_sts_policy(self, domain: str) -> CachedPolicy | None:
         """The cached MTA-STS policy of ``domain`` (expired or not), or None."""
@@ -55,3 +59,21 @@ class MemoryTLSMixin:
             for key in doomed:
                 del self._tls_sessions[key]
         return len(doomed)
+
+    def claim_tls_report(self, key: str, *, now: datetime, until: datetime) -> bool:
+        """Take ``key`` until ``until`` unless another holds it past ``now``."""
+        now, until = aware_utc(now, "now"), kept_time(until, "until")
+        with self._tls_lock:
+            claims = self._tls_report_claims
+            for ended in [k for k, held in claims.items() if held <= now]:
+                del claims[ended]
+            if key in claims:
+                return False
+            claims[key] = until
+            return True
+
+    def hold_tls_report(self, key: str, *, until: datetime) -> None:
+        """Hold ``key`` until ``until``."""
+        until = kept_time(until, "until")
+        with self._tls_lock:
+            self._tls_report_claims[key] = until

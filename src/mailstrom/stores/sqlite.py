@@ -1996,6 +1996,23 @@ class SQLiteStore:
         with self._write(fsync=False) as conn:
             return sqlite_tls.prune_sessions(conn, before)
 
+    def claim_tls_report(self, key: str, *, now: datetime, until: datetime) -> bool:
+        """Take ``key`` until ``until`` unless another run holds it past ``now`` (schema
+        version 17; fsynced: a claim lost to a power failure posts a report twice)."""
+        from mailstrom.stores import sqlite_tls
+
+        now, until = aware_utc(now, "now"), kept_time(until, "until")
+        with self._write() as conn:
+            return sqlite_tls.claim_report(conn, key, to_us(now), to_us(until))
+
+    def hold_tls_report(self, key: str, *, until: datetime) -> None:
+        """Hold ``key`` until ``until`` (fsynced, as a claim)."""
+        from mailstrom.stores import sqlite_tls
+
+        until = kept_time(until, "until")
+        with self._write() as conn:
+            sqlite_tls.hold_report(conn, key, to_us(until))
+
     # --- the suppression list -----------------------------------------------------------
 
     def suppress(self, entries: Sequence[Suppression], *, keep_longer: bool = False) -> int:

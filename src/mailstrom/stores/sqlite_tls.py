@@ -1,4 +1,5 @@
-"""The SQLite store's MTA-STS policy cache and TLS session counters (schema version 9)."""
+"""The SQLite store's MTA-STS policy cache and TLS session counters (schema version 9),
+and its TLS report claims (version 17)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,23 @@ def read_sessions(conn: sqlite3.Connection, day: date) -> list[TLSSessions]:
 
 def prune_sessions(conn: sqlite3.Connection, before: date) -> int:
     return conn.execute("DELETE FROM tls_sessions WHERE day < ?", (before.isoformat(),)).rowcount
+
+
+def claim_report(conn: sqlite3.Connection, key: str, now: int, until: int) -> bool:
+    """:meth:`~mailstrom.stores.base.Store.claim_tls_report`, times in microseconds."""
+    conn.execute("DELETE FROM tls_report_claims WHERE until_us <= ? AND key <> ?", (now, key))
+    taken = conn.execute(
+        "INSERT INTO tls_report_claims (key, until_us) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET until_us = excluded.until_us "
+        "WHERE tls_report_claims.until_us <= ?",
+        (key, until, now),
+    ).rowcount
+    return taken == 1
+
+
+def hold_report(conn: sqlite3.Connection, key: str, until: int) -> None:
+    conn.execute(
+        "INSERT INTO tls_report_claims (key, until_us) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET until_us = excluded.until_us",
+        (key, until),
+    )

@@ -1125,6 +1125,18 @@ class PostgresStore:
         [(count,)] = self._fetch("prune_tls_sessions", {"before": before})
         return int(count)
 
+    def claim_tls_report(self, key: str, *, now: datetime, until: datetime) -> bool:
+        """Take ``key`` until ``until`` unless another run holds it past ``now`` (schema
+        version 18)."""
+        now, until = aware_utc(now, "now"), kept_time(until, "until")
+        params = {"key": key, "now": now, "until": until}
+        return bool(self._fetch("claim_tls_report", params))
+
+    def hold_tls_report(self, key: str, *, until: datetime) -> None:
+        """Hold ``key`` until ``until``."""
+        until = kept_time(until, "until")
+        self._fetch_none("hold_tls_report", {"key": key, "until": until})
+
     # --- remembered broken TLS ----------------------------------------------------------
 
     def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:

@@ -1163,6 +1163,20 @@ WITH pruned AS (
 )
 SELECT count(*) FROM pruned;
 
+-- name: claim_tls_report
+-- A row back when the key was free (or its hold had ended) and is now this run's; none
+-- when another run holds it. Other holds ended are deleted on the way.
+WITH pruned AS (
+    DELETE FROM tls_report_claims WHERE until <= %(now)s AND key <> %(key)s
+)
+INSERT INTO tls_report_claims AS c (key, until) VALUES (%(key)s, %(until)s)
+ON CONFLICT (key) DO UPDATE SET until = excluded.until WHERE c.until <= %(now)s
+RETURNING 1;
+
+-- name: hold_tls_report
+INSERT INTO tls_report_claims (key, until) VALUES (%(key)s, %(until)s)
+ON CONFLICT (key) DO UPDATE SET until = excluded.until;
+
 -- name: note_tls_broken
 INSERT INTO tls_broken (host, until, reason, noted_at)
 VALUES (%(host)s, %(until)s, %(reason)s, %(now)s)
