@@ -80,9 +80,8 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
         if refused:
             return check(
                 Status.FAIL,
-                f"{domain}'s MX hosts ({at}) are loopback, this host's own: senders do not "
-                f"deliver there ({listed(refused, 3)}), so it takes no mail and its mail "
-                "gets no bounces",
+                f"{domain}'s MX hosts ({at}) have only addresses senders do not deliver to "
+                f"({listed(refused, 3)}), so it takes no mail and its mail gets no bounces",
                 f"publish MX records at {domain} naming the servers that take its mail",
                 *shown,
             )
@@ -100,8 +99,8 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
         return check(
             Status.FAIL,
             f"{domain} has no MX record, and its own address stands in for one (RFC 5321 "
-            f"§5.1): {listed(list(addresses.refused), 3)}, loopback, where senders do not "
-            "deliver, so it takes no mail and its mail gets no bounces",
+            f"§5.1): {listed(list(addresses.refused), 3)}, where senders do not deliver, so "
+            "it takes no mail and its mail gets no bounces",
             f"publish MX records at {domain} naming the servers that take its mail",
         )
     return check(
