@@ -758,8 +758,8 @@ async def test_a_notice_whose_postgres_call_a_stop_cut_off_is_queued_later(
         assert [m.envelope_from for m in again.recent()].count("") == 1
 
 
-SCHEMA_BEFORE_VERP_CLEANUP = 14
-"""The SQLite schema of the mailstroms that put VERP addresses on the suppression list."""
+VERP_CLEANUP = 15
+"""The SQLite migration that drops what older mailstroms put on the suppression list."""
 
 
 def test_a_verp_entry_an_older_mailstrom_made_suppresses_no_later_notice(
@@ -774,7 +774,7 @@ def test_a_verp_entry_an_older_mailstrom_made_suppresses_no_later_notice(
     from contextlib import closing
     from datetime import timedelta
 
-    from mailstrom.stores.sqlite_schema import to_us
+    from mailstrom.stores.sqlite_schema import _statements, migrations, to_us
     from tests.support.delivery import FakeClock
 
     clock = FakeClock()
@@ -807,7 +807,12 @@ def test_a_verp_entry_an_older_mailstrom_made_suppresses_no_later_notice(
                 (kept_plain, "hard_bounce", NO_SUCH_USER, to_us(clock())),
             ],
         )
-        conn.execute(f"PRAGMA user_version = {SCHEMA_BEFORE_VERP_CLEANUP}")
+        # The upgrade's cleanup, as opening an older database runs it (the contract test
+        # test_verp_suppression_upgrade opens one): run here by itself, since winding the
+        # schema version back would run again later migrations that are not repeatable.
+        [script] = [script for number, script in migrations() if number == VERP_CLEANUP]
+        for statement in _statements(script):
+            conn.execute(statement)
     mx.rcpt_replies["busy@example.org"] = "550 5.2.1 Mailbox disabled"
     clock.advance(timedelta(hours=3))
     with Mailstrom(config, store=SQLiteStore(db), clock=clock, on_result=results) as ms:
