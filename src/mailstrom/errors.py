@@ -403,6 +403,17 @@ class TLSRequiredError(TemporaryFailure):
     """The TLS policy requires STARTTLS but the peer did not offer it or it failed."""
 
 
+class DaneRequired(TemporaryFailure):
+    """The TLS policy ``dane-only`` refused an MX host without usable DNSSEC-validated
+    TLSA records (4.7.5): none were found (``unusable`` False: no records, or records or
+    MX records DNSSEC did not validate), or all those found are unusable for SMTP
+    (``unusable`` True). TLS reports count it as RFC 8460's ``dane-required``."""
+
+    def __init__(self, text: str, *, unusable: bool, host: str | None = None) -> None:
+        super().__init__(text, enhanced="4.7.5", host=host)  # RFC 3463: cryptographic
+        self.unusable = unusable
+
+
 class InvalidShapingRule(ConfigError):
     """A traffic shaping rule or setting is invalid: ``pattern`` names the rule (empty for
     a setting of no one rule), ``field`` the offending key, ``reason`` says why."""

@@ -334,14 +334,16 @@ def test_a_dane_ta_leaf_for_another_name_counts_as_certificate_host_mismatch(
     assert "not valid for mx.test" in counter.failure_code
 
 
+@pytest.mark.parametrize("servfail", [True, False], ids=["lookup-failed", "no-tlsa"])
 def test_a_report_mails_failed_tlsa_lookup_is_not_counted(
-    dns_server: LoopbackDNS, client_tls_context: ssl.SSLContext, tmp_path: Path
+    dns_server: LoopbackDNS, client_tls_context: ssl.SSLContext, tmp_path: Path, servfail: bool
 ) -> None:
     # A mailed TLS report travels with TLS-Required: No, which "dane-only" (the operator's
     # own demand) does not lift: its host's TLSA lookup is made, and when it fails the
     # host is not used. RFC 8460 §3: the report's own session SHOULD NOT be in the next
     # report, which its connections keep to; its failed lookup was counted all the same,
-    # a "dnssec-invalid" failure of example.org made by mail about example.org.
+    # a "dnssec-invalid" failure of example.org made by mail about example.org. Nor is
+    # "dane-only"'s refusal of its host for want of TLSA records ("dane-required").
     from mailstrom.tlsrpt.deliver import report_message
     from mailstrom.tlsrpt.report import Reporter, build_report
 
@@ -350,7 +352,8 @@ def test_a_report_mails_failed_tlsa_lookup_is_not_counted(
     try:
         route(dns_server, mx.host, "example.org")
         dns_server.authenticated("example.org", "mx.test", "_25._tcp.mx.test")
-        dns_server.servfail("_25._tcp.mx.test", "TLSA")
+        if servfail:
+            dns_server.servfail("_25._tcp.mx.test", "TLSA")
         config = Config(
             helo_name="client.test",
             smtp_port=mx.port,
@@ -382,3 +385,46 @@ def test_a_report_mails_failed_tlsa_lookup_is_not_counted(
         mx.stop()
     assert mx.connections == 0
     assert store.tls_sessions(DAY) == []
+
+
+@pytest.mark.parametrize("unusable", [False, True], ids=["no-tlsa", "none-usable"])
+def test_a_host_dane_only_refuses_counts_as_dane_required(
+    smtp_server: Any, dns_server: LoopbackDNS, client_tls_context: ssl.SSLContext, unusable: bool
+) -> None:
+    # "dane-only" refuses an MX host without usable DNSSEC-validated TLSA records (none
+    # at all, or only PKIX-TA ones, which RFC 7672 §3.1.3 rules out): the mail waits and
+    # no connection is made. Nothing was counted, so the domain's report never said why
+    # its mail stopped coming; RFC 8460 §4.3.2.1 names this "dane-required" (the sender
+    # requires DANE TLSA records for the domain's MX hosts, and none were present).
+    mx = smtp_server()
+    route(dns_server, mx.host, "example.org")
+    if unusable:
+        dns_server.tlsa("_25._tcp.mx.test", (0, 1, 1, b"\x01" * 32))
+    dns_server.authenticated("example.org", "mx.test", "_25._tcp.mx.test")
+    config = Config(
+        helo_name="client.test",
+        smtp_port=mx.port,
+        dns=dataclasses.replace(dns_server.dns_config, dnssec=True),
+        allow_loopback=True,
+        timeouts=FAST,
+        poll_interval=0.5,
+        tls_context=client_tls_context,
+        tls_domains={"example.org": "dane-only"},
+        tlsrpt_record=True,
+    )
+    store, results = MemoryStore(), Results()
+    ms = Mailstrom(config, store=store, clock=CLOCK, on_result=results)
+    ms.start()
+    try:
+        ms.send_email(Email(from_="a@sender.test", to=["a@example.org"], subject="Hi", text="Hi"))
+        results.wait_final({"a@example.org"})
+        assert results.states() == {"a@example.org": RecipientState.DEFERRED}
+    finally:
+        ms.stop(timeout=5)  # the worker writes its counters when it stops
+    assert mx.connections == 0
+    [counter] = store.tls_sessions(DAY)
+    assert counter.policy_type is PolicyType.TLSA and counter.result_type == "dane-required"
+    assert counter.policy_domain == "example.org" and counter.receiving_mx == "mx.test"
+    assert counter.receiving_ip == "" and counter.count == 1
+    code = "no-usable-tlsa-records" if unusable else "no-validated-tlsa-records"
+    assert counter.failure_code == code

@@ -35,8 +35,9 @@ class TLSReporting(NamedTuple):
     observe: TLSObserver | None
     """What the engine tells about each connection, when recording is on."""
     dane_failed: Callable[[Destination, TemporaryFailure], None] | None
-    """What DANE tells about each host whose TLSA lookup failed (no connection is made),
-    when recording is on."""
+    """What DANE tells about each host whose TLSA lookup failed, or that ``dane-only``
+    refused for want of usable TLSA records (no connection is made), when recording is
+    on."""
 
 
 def tls_reporting(

@@ -155,7 +155,8 @@ class WorkerDestinations(WorkerStore):
         """The per-destination TLS decision (see :mod:`mailstrom.tls.decide`), with the
         memory of broken TLS written to the store so that every worker shares it,
         ``mta_sts`` as a policy source when MTA-STS is on, and DANE (``dns.dnssec``)
-        telling ``dane_failed`` of each host whose TLSA lookup failed (TLS reports)."""
+        telling ``dane_failed`` of each host whose TLSA lookup failed or that ``dane-only``
+        refused (TLS reports)."""
         broken = BrokenTLS(
             self.config.tls_remember_broken.total_seconds(), on_note=self._note_tls_broken
         )

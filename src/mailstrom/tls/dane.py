@@ -365,7 +365,10 @@ class DaneSource:
         self._clock = clock
         self.on_failure = on_failure
         """Told of each destination whose TLSA (or alias) lookup failed, which makes its
-        host unusable: for TLS reports, RFC 8460's ``dnssec-invalid``."""
+        host unusable: for TLS reports, RFC 8460's ``dnssec-invalid``; and, by
+        :class:`~mailstrom.tls.decide.TLSDecider`, of each host ``dane-only`` refused for
+        want of usable validated TLSA records (:class:`~mailstrom.errors.DaneRequired`,
+        RFC 8460's ``dane-required``)."""
         self._cache: dict[str, tuple[float, TLSALookup]] = {}
         self._aliases: dict[str, tuple[float, bool]] = {}
 

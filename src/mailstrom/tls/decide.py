@@ -61,7 +61,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from mailstrom.config import Config, RelayTLS
-from mailstrom.errors import RequireTLSFailure, TemporaryFailure
+from mailstrom.errors import DaneRequired, RequireTLSFailure, TemporaryFailure
 from mailstrom.tls.levels import TLSPolicy
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
 
@@ -229,7 +229,8 @@ class TLSDecider:
     async def requirement(self, destination: Destination) -> TLSRequirement:
         """What a connection to ``destination`` requires. Raises
         :class:`~mailstrom.errors.TemporaryFailure` when the host must not be used now
-        (a TLSA lookup failed, ``dane-only`` without usable TLSA records, a source's
+        (a TLSA lookup failed, ``dane-only`` without usable TLSA records: a
+        :class:`~mailstrom.errors.DaneRequired` DANE's ``on_failure`` is told of, a source's
         refusal), and :class:`~mailstrom.errors.RequireTLSFailure` (5.7.30) for a
         REQUIRETLS message to a destination whose policy is ``none``.
 
@@ -381,11 +382,19 @@ class TLSDecider:
             if answer is not None
             else "has no usable DNSSEC-validated TLSA records"
         )
-        raise TemporaryFailure(
+        refused = DaneRequired(
             f"TLS policy dane-only ({chosen.reason}): {destination.mx_host} {what}",
-            enhanced="4.7.5",  # RFC 7672 §2.2 / RFC 3463: cryptographic failure
+            unusable=answer is not None,
             host=destination.mx_host,
         )
+        # No connection says why the host was not used: DANE's failure hook (TLS reports)
+        # is told, as of a failed TLSA lookup (RFC 8460 §4.3.2.1: "dane-required").
+        told: Callable[[Destination, TemporaryFailure], None] | None = getattr(
+            self._dane, "on_failure", None
+        )
+        if told is not None:
+            told(destination, refused)
+        raise refused
 
     def fallback(self, need: TLSRequirement, host: str, why: str) -> TLSRequirement:
         """What to connect to ``host`` again with when a connection under ``need``, which

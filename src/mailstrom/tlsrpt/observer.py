@@ -18,7 +18,8 @@ a handshake or certificate check failed (the types of
 :func:`~mailstrom.tlsrpt.recorder.classify`), or TLS was skipped because the host's
 handshake failed recently; under a host's validated TLSA records none of which is usable
 for SMTP, an established session is a ``tlsa-invalid`` failure of that DANE policy; and
-a host not used because its TLSA lookup failed is a ``dnssec-invalid`` one
+a host not used because its TLSA lookup failed is a ``dnssec-invalid`` one, and one
+``dane-only`` refused for want of usable validated TLSA records a ``dane-required`` one
 (:meth:`SessionObserver.dane_failed`).
 Connections through a relay, and those the operator asked to
 be plaintext (``none``), are no TLS session with the recipient's MX and are not counted;
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mailstrom.errors import DeliveryError
+from mailstrom.errors import DaneRequired, DeliveryError
 from mailstrom.mtasts.fetch import a_label
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
 from mailstrom.tlsrpt.recorder import SessionRecorder, classify
@@ -54,7 +55,11 @@ for every such failure, as the lookup's own error names a port, a time taken, an
 make each attempt a counter (and a failure detail) of its own."""
 NO_USABLE_TLSA_CODE = "no-usable-tlsa-records"
 """The ``failure-reason-code`` of a session under validated TLSA records none of which is
-usable for SMTP (RFC 7672 §2.2: TLS is mandatory then, but unauthenticated)."""
+usable for SMTP (RFC 7672 §2.2: TLS is mandatory then, but unauthenticated), and of a
+host ``dane-only`` refused for such records."""
+NO_VALIDATED_TLSA_CODE = "no-validated-tlsa-records"
+"""The ``failure-reason-code`` of a host ``dane-only`` refused because it has no
+DNSSEC-validated TLSA records (none at all, or records or MX records not validated)."""
 
 _NOT_COUNTED = frozenset({PolicySource.RELAY})
 """Sources whose connections do not go to the recipient domain's MX."""
@@ -123,23 +128,24 @@ class SessionObserver:
         self._recorder.failure(name, policy_type, policy, kind, mx=host, ip=ip, code=code)
 
     def dane_failed(self, destination: Destination, error: DeliveryError) -> None:
-        """Count a TLSA lookup that failed for ``destination`` (SERVFAIL: a bogus
-        signature, or no answer): its host is not used (RFC 7672 §2.2), and RFC 8460
-        §4.3.2 names the failure ``dnssec-invalid``, under the domain's DANE policy, whose
-        records are not known (:attr:`~mailstrom.tls.dane.DaneSource.on_failure`). Not
-        for a mailed report (``dane-only`` looks its host's TLSA records up all the same):
-        RFC 8460 §3 leaves its sessions out of the next report, as its connections are."""
+        """Count a host of ``destination`` that DANE left unused, under the domain's DANE
+        policy, whose records are not known or of no use
+        (:attr:`~mailstrom.tls.dane.DaneSource.on_failure`): a TLSA lookup that failed
+        (SERVFAIL: a bogus signature, or no answer; RFC 7672 §2.2), which RFC 8460 §4.3.2
+        names ``dnssec-invalid``, or ``dane-only``'s refusal of a host without usable
+        validated TLSA records (:class:`~mailstrom.errors.DaneRequired`), its
+        ``dane-required``. Not for a mailed report (``dane-only`` looks its host's TLSA
+        records up all the same): RFC 8460 §3 leaves its sessions out of the next report,
+        as its connections are."""
         name = a_label(destination.domain)
         if name is None or destination.tls_report:
             return
-        self._recorder.failure(
-            name,
-            PolicyType.TLSA,
-            "",
-            ResultType.DNSSEC_INVALID,
-            mx=destination.mx_host,
-            code=TLSA_LOOKUP_CODE,
-        )
+        if isinstance(error, DaneRequired):
+            kind = ResultType.DANE_REQUIRED
+            code = NO_USABLE_TLSA_CODE if error.unusable else NO_VALIDATED_TLSA_CODE
+        else:
+            kind, code = ResultType.DNSSEC_INVALID, TLSA_LOOKUP_CODE
+        self._recorder.failure(name, PolicyType.TLSA, "", kind, mx=destination.mx_host, code=code)
 
 
 def _mx(policy_type: PolicyType, host: str) -> str:
