@@ -486,6 +486,22 @@ def test_live_view_says_the_worker_is_paused_and_why() -> None:
     assert lines[2].startswith("Recent attempts")
 
 
+def test_live_view_says_the_worker_is_draining() -> None:
+    # Told to stop (SIGTERM), the worker leases nothing new and finishes what it holds,
+    # up to its drain timeout; the head line said "running" all the while.
+    lines = _frame_lines(WorkerStatus(running=True, stopping=True, in_flight=3))
+    assert lines[0] == (
+        "mailstrom worker draining   in flight: 3   delivered: 0   deferred: 0   failed: 0"
+    )
+    assert lines[1].startswith("Recent attempts")
+    # Draining outranks a pause (no new work either way, and none will come); a failing
+    # store, which still holds the results being drained, outranks draining.
+    paused = WorkerStatus(running=True, stopping=True, paused="store: not reached for 60 s")
+    assert _frame_lines(paused)[0].startswith("mailstrom worker draining   in flight: 0")
+    failing = WorkerStatus(running=True, stopping=True, store_error="disk I/O error")
+    assert _frame_lines(failing)[0].startswith("mailstrom worker store trouble   in flight")
+
+
 @pytest.mark.parametrize(("skew", "words"), [(45.0, "45.0 s ahead of"), (-45.0, "45.0 s behind")])
 def test_live_view_warns_of_a_clock_the_worker_judges_off(skew: float, words: str) -> None:
     lines = _frame_lines(WorkerStatus(running=True, clock_skew=skew, clock_warning=True))

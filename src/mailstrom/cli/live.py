@@ -1,7 +1,8 @@
 """The worker's live view on a terminal: totals, work in flight, queue counts, recent attempts.
 
 The head line's state word says how the worker is, not only whether it runs: "store
-trouble" while the store keeps failing, "paused" while it takes no new work; below it, one
+trouble" while the store keeps failing, "draining" once asked to stop (it finishes what it
+holds), "paused" while it takes no new work; below it, one
 line per problem in the status's own words (the store's error, the pause's reason, a clock
 the worker judges off by more than :data:`~mailstrom.runtime.worker_clock.WARN_SKEW`, the
 error it stopped on). A healthy worker's view has no such line.
@@ -48,6 +49,9 @@ def _state_word(s: WorkerStatus) -> tuple[str, str]:
         return "stopped", "red"
     if s.store_error is not None:
         return "store trouble", "red"
+    if s.stopping:
+        # Asked to stop: it finishes what it holds and takes no new work, paused or not.
+        return "draining", "yellow"
     if s.paused is not None:
         return "paused", "yellow"
     return "running", "green"
