@@ -27,6 +27,7 @@ def test_healthz_is_503_draining_from_the_stop_signal_until_the_worker_ends(
         code, body = worker.healthz()
         assert (code, body["status"]) == (200, "ok"), body
         assert body["worker"]["in_flight"] == 1
+        assert worker.metrics()["mailstrom_worker_draining"] == 0
 
         worker.proc.send_signal(signal.SIGTERM)  # the first: drain
         worker.stderr.wait_for('"stopping"')
@@ -37,6 +38,8 @@ def test_healthz_is_503_draining_from_the_stop_signal_until_the_worker_ends(
         assert body["worker"]["running"] is True and body["worker"]["draining"] is True
         assert body["worker"]["in_flight"] == 1  # still finishing what it holds
         assert body["store"] == {"ok": True}
+        samples = worker.metrics()  # up until it ends, and saying it drains meanwhile
+        assert (samples["mailstrom_worker_up"], samples["mailstrom_worker_draining"]) == (1, 1)
     finally:
         code, err = worker.stopped(timeout=30)  # the second signal: stop at once
     assert code == 0, err

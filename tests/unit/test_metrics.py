@@ -19,7 +19,7 @@ from mailstrom.errors import ConfigError
 from mailstrom.ops.server import parse_listen
 from mailstrom.runtime.metrics import MAX_REASON_CLASSES, MetricsRecorder
 from mailstrom.settings import load_settings
-from mailstrom.status import Attempt, AttemptOutcome, RecipientState
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState, WorkerStatus
 from mailstrom.stores import MemoryStore
 from mailstrom.stores.base import RecipientResult
 from mailstrom.stores.dead_holders import DeadHolderReaper, HolderInfo
@@ -363,3 +363,24 @@ def test_the_guides_metrics_example_runs_before_any_worker_has_counted() -> None
         registry = CollectorRegistry()
         registry.register(MailstromCollector(ms.metrics))
         assert registry.get_sample_value("mailstrom_queue_delay_seconds_count") == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "draining"),
+    [
+        (WorkerStatus(running=True), 0),
+        (WorkerStatus(running=True, stopping=True), 1),
+        (WorkerStatus(running=False), 0),
+    ],
+    ids=["running", "draining", "stopped"],
+)
+def test_the_exporter_says_whether_the_worker_drains(status: WorkerStatus, draining: int) -> None:
+    """``mailstrom_worker_up`` stays 1 until a worker told to stop has drained, and no
+    family said it was going away: ``mailstrom_worker_draining`` is 1 meanwhile, from the
+    ``stopping`` that makes /healthz answer 503 "draining"."""
+    from mailstrom.ops.exporter import registry_for
+    from mailstrom.status import MetricsSnapshot
+
+    registry = registry_for(lambda: MetricsSnapshot(worker=status))
+    assert registry.get_sample_value("mailstrom_worker_draining") == draining
+    assert registry.get_sample_value("mailstrom_worker_up") == int(status.running)

@@ -80,6 +80,12 @@ class MailstromCollector(Collector):
         yield GaugeMetricFamily(
             "mailstrom_worker_up", "1 while the worker runs", value=int(status.running)
         )
+        yield GaugeMetricFamily(
+            "mailstrom_worker_draining",
+            "1 while the running worker was asked to stop and finishes what it holds "
+            "(it takes no new work; /healthz answers 503 draining)",
+            value=int(status.running and status.stopping),
+        )
         if status.started_at is not None:
             yield GaugeMetricFamily(
                 "mailstrom_worker_start_time_seconds",
