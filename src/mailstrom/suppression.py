@@ -14,7 +14,10 @@ no large mailbox provider treats them so, and a list that missed ``Bob@`` after 
 for ``bob@`` would be no list at all. A UTF-8 local part is kept in NFC, as ``prepare()``
 stores it. A domain is kept as its A-labels
 (``xn--bcher-kva.example`` for ``bücher.example``), the form ``prepare()`` stores
-recipients in, since the lookup compares strings.
+recipients in, since the lookup compares strings. A quoted local part is kept as
+``prepare()`` stores it too: quoted only where it must be (``"john doe"@example.com``,
+``"a@b"@example.org``), so ``"john"@example.com`` is ``john@example.com`` (RFC 5321
+§4.1.2 makes them one mailbox).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from enum import StrEnum
 
 from mailstrom.bounds import EARLIEST_TIME, LATEST_TIME
 from mailstrom.domains import a_label
-from mailstrom.errors import InvalidSuppression
+from mailstrom.errors import InvalidAddress, InvalidSuppression
 from mailstrom.safetext import is_safe
 
 MAX_TARGET = 320
@@ -103,8 +106,15 @@ def normalize_target(text: str) -> str:
         raise InvalidSuppression("an empty address or domain")
     if len(target.encode("utf-8", "surrogatepass")) > MAX_TARGET:
         raise InvalidSuppression(f"longer than {MAX_TARGET} octets: {target[:40]!r}...")
-    # Quoted local parts are left out on purpose: no mailbox provider issues them, and
-    # their quoting rules would make "the same address" a parsing question.
+    if target.startswith('"'):
+        target = _unquoted_form(target)
+        if target.startswith('"'):
+            # Its local part needs its quotes (a space, an "@", a quoted-pair):
+            # message.addrspec checked it as it checks a recipient, so the checks of
+            # unquoted text below, which refuse those characters, do not apply.
+            if not is_safe(target):
+                raise InvalidSuppression(f"not an address or a domain: {target!r}")
+            return target
     # Unsafe characters (C1 controls, bidirectional overrides: safetext) as for a reply:
     # no address holds one, and the list is shown to operators.
     if not is_safe(target) or any(c.isspace() or c in '<>,;"' for c in target):
@@ -140,6 +150,22 @@ def normalize_target(text: str) -> str:
         if len(target.encode("utf-8", "surrogatepass")) > MAX_TARGET:
             raise InvalidSuppression(f"longer than {MAX_TARGET} octets: {target[:40]!r}...")
     return target
+
+
+def _unquoted_form(target: str) -> str:
+    """``target``, an address whose local part starts with a quote, as ``prepare()``
+    stores the recipient (:func:`~mailstrom.message.addrspec.validate_address`: quotes
+    and quoted-pairs kept only where the local part needs them, ``"john"@x`` being
+    ``john@x``, RFC 5321 §4.1.2; the domain as A-labels), folded as every target is;
+    InvalidSuppression for an address that is not one."""
+    # Imported here: only a quoted local part needs the address checks.
+    from mailstrom.message.addrspec import validate_address
+
+    try:
+        envelope = validate_address(target).envelope
+    except InvalidAddress as exc:
+        raise InvalidSuppression(f"not an address or a domain: {exc}") from None
+    return _folded(envelope)
 
 
 def stored_forms(text: str) -> list[str]:
@@ -183,6 +209,13 @@ def address_key(address: str) -> str:
     >>> address_key("Bob@Bücher.example")
     'bob@xn--bcher-kva.example'
     """
+    if address.startswith('"'):
+        # A quoted local part as normalize_target keeps it: what prepare() stores, so a
+        # report naming "john"@x finds the recipient john@x.
+        try:
+            return _unquoted_form(address)
+        except InvalidSuppression:
+            pass  # stored data, not an address prepare() made: as written, it matches none
     if address.isascii():
         return address.lower()
     local, at, domain = address.rpartition("@")

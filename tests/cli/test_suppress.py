@@ -43,6 +43,26 @@ def test_add_list_remove(cli: CLI) -> None:
     assert [r["target"] for r in cli.ok("suppress", "list", "--json").json()] == ["other.test"]
 
 
+def test_a_quoted_local_part_is_added_exported_imported_and_removed(
+    cli: CLI, workdir: Path
+) -> None:
+    """Was refused as "not an address or a domain"; kept as prepare() stores it."""
+    out = cli.ok("suppress", "add", '"John Doe"@Example.test', '"john"@example.test').out
+    assert out.splitlines() == [
+        '"john doe"@example.test: suppressed',
+        "john@example.test: suppressed",
+    ]
+    (workdir / "list.csv").write_text(cli.ok("suppress", "export").out)
+    other = CLI(cwd=workdir, env=cli.env | {"MAILSTROM_STORE": "sqlite:///other.db"})
+    assert other.ok("suppress", "import", "--json", "list.csv").json()["imported"] == 2
+    listed = [r["target"] for r in other.ok("suppress", "list", "--json").json()]
+    assert listed == ['"john doe"@example.test', "john@example.test"]
+    removed = other.ok(
+        "suppress", "remove", "--json", '"JOHN DOE"@example.test', '"john"@example.test'
+    )
+    assert removed.json() == {"removed": 2}
+
+
 def test_expiring_entries(cli: CLI) -> None:
     row = cli.ok("suppress", "add", "--json", "bob@example.test", "--expires", "2d").json()
     assert row["added"][0]["expires_at"] is not None

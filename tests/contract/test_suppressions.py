@@ -24,6 +24,7 @@ from mailstrom.suppression import (
     SuppressionSource,
     match,
     normalize_target,
+    stored_forms,
 )
 from tests.support.refusing import REASON as REFUSED
 from tests.support.refusing import refuse_suppression, stop_refusing
@@ -475,3 +476,39 @@ def test_keep_longer_writes_only_over_an_entry_that_ends_sooner(store: Store) ->
     # Without it, the newest wins as before (an operator's change).
     store.suppress([entry("a@example.org", expires_at=day, reply="operator")])
     assert store.suppressions_for(["a@example.org"], now=NOW)["a@example.org"].reply == "operator"
+
+
+def test_a_quoted_local_part_is_suppressed_in_the_form_prepare_stores(store: Store) -> None:
+    """Was: an entry for ``"john doe"@example.com`` or ``"a@b"@x.org`` was refused (not
+    an address), so neither an operator nor a hard bounce could put it on the list, and
+    mail to it went on. The entry is kept as prepare() stores the recipient (needless
+    quotes off: ``"john"@x`` is ``john@x``, RFC 5321 §4.1.2), lower-cased like any."""
+    prepared = prepare(
+        Email(
+            from_="app@example.com",
+            to=['"John Doe"@example.com', '"john"@example.org', '"a@b"@x.org', "ann@x.org"],
+            subject="s",
+            text="t",
+        )
+    )
+    store.enqueue(prepared, now=NOW)
+    typed = ['"JOHN DOE"@Example.com', "John@example.org", '"a@b"@X.org']
+    store.suppress([entry(normalize_target(t)) for t in typed])
+    assert [e.target for e in store.list_suppressions()] == [
+        '"a@b"@x.org',
+        '"john doe"@example.com',
+        "john@example.org",
+    ]
+    lease = lease_all(store)
+    found = store.suppressions_for(lease_targets(lease), now=NOW)
+    if lease.suppressions is not None:
+        assert lease.suppressions == found
+    screened = {r.address: match(r.address, found) for item in lease.items for r in item.recipients}
+    assert {a: e and e.target for a, e in screened.items()} == {
+        '"John Doe"@example.com': '"john doe"@example.com',
+        "john@example.org": "john@example.org",
+        '"a@b"@x.org': '"a@b"@x.org',
+        "ann@x.org": None,
+    }
+    assert store.unsuppress(stored_forms('"john doe"@EXAMPLE.com')) == 1
+    assert store.unsuppress(stored_forms('"john"@example.org')) == 1

@@ -16,7 +16,9 @@ from mailstrom.policy.hardbounce import (
     is_hard_bounce,
     is_late_hard_bounce,
 )
-from mailstrom.status import AttemptOutcome
+from mailstrom.runtime.suppressing import hard_bounce_entries
+from mailstrom.status import Attempt, AttemptOutcome, RecipientState
+from mailstrom.stores.base import RecipientResult
 from mailstrom.suppression import (
     Suppression,
     SuppressionSource,
@@ -73,7 +75,9 @@ def test_targets_are_normalized(text: str, target: str) -> None:
         "bob@example.org.",
         "x\x00@example.org",
         "a,b@example.org",
-        '"a@b"@example.org',
+        '"a b"example.org',  # no @ after the quotes
+        '"a<b"@example.org',  # SMTP cannot carry it (message.addrspec)
+        '"a b@example.org',  # the quote never closed
         "x" * 321,
         "bob@bü_cher.example",  # no A-label form
         "bob@" + "ü" * 70 + ".example",  # a label over 63 octets once encoded
@@ -82,6 +86,56 @@ def test_targets_are_normalized(text: str, target: str) -> None:
 def test_bad_targets_are_refused(text: str) -> None:
     with pytest.raises(InvalidSuppression):
         normalize_target(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [
+        ('"john doe"@example.com', '"john doe"@example.com'),
+        ('"John Doe"@Example.COM', '"john doe"@example.com'),
+        ('<"a@b"@x.org>', '"a@b"@x.org'),
+        # Needless quotes and quoted-pairs off (RFC 5321 §4.1.2: the same mailbox).
+        ('"john"@x.org', "john@x.org"),
+        ('"jo\\hn"@x.org', "john@x.org"),
+        ('"a.b"@x.org', "a.b@x.org"),
+        ('"a\\"b"@x.org', '"a\\"b"@x.org'),
+        ('"jörg  x"@bücher.example', '"jörg  x"@xn--bcher-kva.example'),
+    ],
+)
+def test_a_quoted_local_part_is_kept_as_prepare_stores_it(text: str, target: str) -> None:
+    """Was refused; now the form prepare() stores the recipient in, lower-cased, and
+    every way in (the key a recipient is looked up by, removal) agrees with it."""
+    assert normalize_target(text) == target
+    assert address_key(validate_address(text.strip("<>")).envelope) == target
+    assert address_key(text.strip("<>")) == target
+    assert stored_forms(text)[0] == target
+
+
+def test_a_hard_bounce_of_a_quoted_local_part_is_suppressed() -> None:
+    """Was: hard_bounce_entries skipped the address (normalize_target refused it)."""
+    attempt = Attempt(at=NOW, outcome=AttemptOutcome.PERMANENT, error="550 5.1.1 no such user")
+    bounced = RecipientResult(
+        message_id="m1",
+        address='"John Doe"@example.com',
+        state=RecipientState.FAILED,
+        attempt=attempt,
+        lease_token="t",
+        hard_bounce=True,
+    )
+    [made] = hard_bounce_entries([bounced], expire_after=None)
+    assert made.target == '"john doe"@example.com'
+    assert match('"John Doe"@example.com', {made.target: made}) is made
+
+
+def test_a_quoted_local_part_is_exported_and_imported_again() -> None:
+    entries = [entry('"john doe"@example.com'), entry('"a@b"@x.org', reply="a, b")]
+    out = io.StringIO()
+    write_csv(entries, out)
+    assert parse_csv(out.getvalue(), now=NOW) == entries
+    # A file written by hand quotes the cell as CSV does.
+    assert [e.target for e in parse_csv('"""John Doe""@example.com"\n', now=NOW)] == [
+        '"john doe"@example.com'
+    ]
 
 
 def test_an_address_entry_wins_over_its_domain() -> None:
