@@ -512,3 +512,31 @@ def test_a_quoted_local_part_is_suppressed_in_the_form_prepare_stores(store: Sto
     }
     assert store.unsuppress(stored_forms('"john doe"@EXAMPLE.com')) == 1
     assert store.unsuppress(stored_forms('"john"@example.org')) == 1
+
+
+def test_pruning_deletes_expired_entries_a_bounded_batch_at_a_time(store: Store) -> None:
+    """Was: nothing deleted an entry once it expired; a list fed by ``suppress_for``
+    grew for ever. Entries expired at or before the time go, soonest expired first and at
+    most ``limit`` a call (one short write each); others stay."""
+    store.suppress(
+        [
+            entry("a@example.org", expires_at=NOW - 3 * DAY),
+            entry("b@example.org", expires_at=NOW - 2 * DAY),
+            entry("c@example.org", expires_at=NOW - DAY),
+            entry("d@example.org", expires_at=NOW + DAY),
+            entry("e@example.org"),
+        ]
+    )
+    assert store.prune_suppressions(expired_before=NOW - DAY, limit=2) == 2
+    assert [e.target for e in store.list_suppressions()] == [
+        "c@example.org",
+        "d@example.org",
+        "e@example.org",
+    ]
+    assert store.prune_suppressions(expired_before=NOW - DAY, limit=2) == 1
+    assert store.prune_suppressions(expired_before=NOW - DAY, limit=2) == 0
+    assert store.prune_suppressions(expired_before=NOW + 2 * DAY, limit=0) == 0
+    assert store.prune_suppressions(expired_before=NOW + 2 * DAY, limit=10) == 1
+    assert [e.target for e in store.list_suppressions()] == ["e@example.org"]
+    with pytest.raises(InvalidArgument):
+        store.prune_suppressions(expired_before=NOW.replace(tzinfo=None), limit=10)

@@ -22,11 +22,13 @@ from mailstrom import (
     SuppressionSource,
 )
 from mailstrom.client import AsyncMailstrom, Mailstrom
+from mailstrom.runtime.worker_screening import PRUNE_BATCH, SUPPRESSION_KEPT
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Store
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import FakeClock, Results, loopback_config
+from tests.support.waiting import eventually
 
 DELIVERED = RecipientState.DELIVERED
 FAILED = RecipientState.FAILED
@@ -207,6 +209,33 @@ def test_an_expired_entry_no_longer_applies(
     ms.send_email(hello("bob@example.org"))
     results.wait_count(1)
     assert results.all[0].state is DELIVERED
+
+
+def test_a_worker_prunes_entries_expired_long_ago_a_batch_a_write(
+    mailstrom: MakeMailstrom, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Was: an expired entry stayed in the store for ever. A worker deletes those that
+    expired over SUPPRESSION_KEPT ago at its start (here more than one write's worth),
+    and keeps the rest: those in force, and recently expired ones ``list --all`` shows."""
+    store = SQLiteStore(tmp_path / "queue.db")
+    old = clock() - SUPPRESSION_KEPT - timedelta(seconds=1)
+
+    def made(target: str, expires_at: datetime | None) -> Suppression:
+        return Suppression(
+            target=target,
+            source=SuppressionSource.HARD_BOUNCE,
+            reply=NO_SUCH_USER,
+            created_at=old - timedelta(days=180),
+            expires_at=expires_at,
+        )
+
+    store.suppress([made(f"u{i:05d}@example.org", old) for i in range(PRUNE_BATCH + 5)])
+    recent = made("recent@example.org", clock() - timedelta(days=1))
+    kept = [made("forever@example.org", None), recent, made("soon@example.org", clock())]
+    store.suppress(kept)
+    mailstrom(store)
+    assert eventually(lambda: len(store.list_suppressions(limit=10_000)) == 3, within=10)
+    assert store.list_suppressions() == sorted(kept, key=lambda e: e.target)
 
 
 def test_hard_bounce_entries_expire_when_configured(

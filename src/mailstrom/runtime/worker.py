@@ -508,7 +508,9 @@ class Worker(
         )
         pauses = asyncio.create_task(self._pauses_loop(shaper), name="mailstrom-pauses")
         owed = asyncio.create_task(self._owed_loop(), name="mailstrom-notices")
-        for task in (heartbeat, fencing, clock_check, reaping, tls_memory, pauses, owed):
+        pruning = asyncio.create_task(self._prune_loop(), name="mailstrom-pruning")
+        loops = (heartbeat, fencing, clock_check, reaping, tls_memory, pauses, owed, pruning)
+        for task in loops:
             task.add_done_callback(self._loop_ended)
         store_loop: asyncio.Task[None] | None = None
         hooks: asyncio.Task[None] | None = None
@@ -562,18 +564,10 @@ class Worker(
             tls_memory.cancel()
             pauses.cancel()
             owed.cancel()
+            pruning.cancel()
             self._stopping = True
             try:
-                await asyncio.gather(
-                    heartbeat,
-                    fencing,
-                    clock_check,
-                    reaping,
-                    tls_memory,
-                    pauses,
-                    owed,
-                    return_exceptions=True,
-                )
+                await asyncio.gather(*loops, return_exceptions=True)
                 if self._clock_checked is not None:
                     # The clock loop says so itself when cancelled, but not one cancelled
                     # before it ever ran (``on_started`` raised at once): the store loop

@@ -55,6 +55,15 @@ RESCREEN_AFTER = timedelta(minutes=1)
 """How long leased work may wait in the worker (for a busy destination's connection, a
 rate, a lane) before the suppression list is looked at again for it, as its next
 transaction is about to start: one lookup per lease and minute at most."""
+SUPPRESSION_KEPT = timedelta(days=30)
+"""How long an expired suppression entry is kept (``mailstrom suppress list --all`` shows
+it) before a worker deletes it."""
+PRUNE_EVERY = 6 * 3600.0
+"""Seconds between a worker's prunings of expired suppression entries; the first is at
+its start."""
+PRUNE_BATCH = 1000
+"""Entries one write of a pruning deletes at most: a short write, between which the
+worker's own leases and records (and other processes' writes) go on."""
 
 
 class WorkerScreening(WorkerStore):
@@ -222,6 +231,35 @@ class WorkerScreening(WorkerStore):
             backoff.reset()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(failed.wait(), OWED_EVERY)  # a timer, or a failure
+
+    async def _prune_loop(self) -> None:
+        """Delete the suppression entries that expired over :data:`SUPPRESSION_KEPT`
+        ago, at once (a task started with the worker) and then every
+        :data:`PRUNE_EVERY` seconds."""
+        prune = getattr(self.store, "prune_suppressions", None)  # a store older than it
+        if prune is None:
+            return
+        while True:
+            before = self._clock() - SUPPRESSION_KEPT
+            pruned = 0
+            try:
+                while True:
+                    count = await self._store_call(prune, expired_before=before, limit=PRUNE_BATCH)
+                    pruned += count
+                    if count < PRUNE_BATCH:
+                        break
+                    # A SQLite store's calls run on this loop: let the rest of the
+                    # worker run between two writes.
+                    await asyncio.sleep(0)
+            except StoreError as exc:
+                log.warning(
+                    "expired suppression entries not pruned (tried again in %g s): %s",
+                    PRUNE_EVERY,
+                    exc,
+                )
+            if pruned:
+                log.info("pruned %d suppression entries expired before %s", pruned, before)
+            await asyncio.sleep(PRUNE_EVERY)  # a timer, not synchronisation
 
     async def _send_owed(self, message_ids: list[str] | None) -> int:
         """Queue the notices owed by messages done for this pass (of ``message_ids``

@@ -1146,6 +1146,15 @@ class Store(Protocol):
         with the last target seen); with ``now``, only those that apply then."""
         ...
 
+    def prune_suppressions(self, *, expired_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` entries that expired at or before ``expired_before``
+        (those soonest expired first), in one short write found by an index on the
+        expiry; returns how many. Call it again while it returns ``limit``, so that no
+        write holds the store long (the worker prunes so: ``SUPPRESSION_KEPT`` in
+        :mod:`~mailstrom.runtime.worker_screening`). An entry whose expiry is no time
+        (a damaged row) does not expire, and stays."""
+        ...
+
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a DELIVERED recipient FAILED after the fact (a bounce that came back after
         the server had accepted the message): its state, reason and finish time become

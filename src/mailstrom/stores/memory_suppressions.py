@@ -3,6 +3,7 @@ a recipient failed late, and the messages that carry a Message-ID header."""
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
@@ -78,6 +79,22 @@ class MemorySuppressionsMixin:
         if now is not None:
             entries = [e for e in entries if e.active(now)]
         return entries[: row_limit(limit)]
+
+    def prune_suppressions(self, *, expired_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` entries expired at or before ``expired_before``, soonest
+        expired first; returns how many."""
+        cutoff = aware_utc(expired_before, "expired_before")
+        limit = row_limit(limit)
+        with self._lock:
+            expired = [
+                (e.expires_at, t)
+                for t, e in self._suppressions.items()
+                if e.expires_at is not None and e.expires_at <= cutoff
+            ]
+            doomed = heapq.nsmallest(limit, expired)
+            for _, target in doomed:
+                del self._suppressions[target]
+        return len(doomed)
 
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a recipient FAILED after the fact (see Store.fail_late)."""

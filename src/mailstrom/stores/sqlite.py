@@ -2047,6 +2047,15 @@ class SQLiteStore:
         with self._read() as conn:
             return sqlite_suppressions.page_suppressions(conn, now=now, after=after, limit=limit)
 
+    def prune_suppressions(self, *, expired_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` entries expired at or before ``expired_before`` in one
+        write (not fsynced, as pruning events: an entry back after a crash applies to
+        nobody); returns how many."""
+        with self._write(fsync=False) as conn:
+            return sqlite_suppressions.prune_expired(
+                conn, expired_before=expired_before, limit=limit
+            )
+
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction."""
         with self._write() as conn:

@@ -118,6 +118,20 @@ def delete_suppressions(conn: sqlite3.Connection, targets: Sequence[str]) -> int
     return removed
 
 
+def prune_expired(conn: sqlite3.Connection, *, expired_before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` entries expired at or before ``expired_before``, soonest
+    first, found on ``suppressions_expiry`` (schema version 18); how many. An expiry that
+    is no time (text, a blob, a number before any time) is outside the range: it does
+    not expire (:data:`_IN_FORCE`)."""
+    return int(
+        conn.execute(
+            "DELETE FROM suppressions WHERE target IN (SELECT target FROM suppressions"
+            " WHERE expires_at >= ? AND expires_at <= ? ORDER BY expires_at LIMIT ?)",
+            (READABLE_FROM, to_us(expired_before), row_limit(limit)),
+        ).rowcount
+    )
+
+
 def find_suppressions(
     conn: sqlite3.Connection, targets: Sequence[str], *, now: datetime
 ) -> dict[str, Suppression]:

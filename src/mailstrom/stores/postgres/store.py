@@ -1545,6 +1545,16 @@ class PostgresStore:
         )
         return [rows.suppression_from_row(row) for row in found]
 
+    def prune_suppressions(self, *, expired_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` entries expired at or before ``expired_before`` in one
+        statement (rows another session holds are left for the next call); how many."""
+        params = {
+            "expired_before": aware_utc(expired_before, "expired_before"),
+            "limit": row_limit(limit),
+        }
+        [(count,)] = self._fetch("prune_suppressions", params)
+        return int(count)
+
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction
         (two statements with events enabled)."""

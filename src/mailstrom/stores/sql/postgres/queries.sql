@@ -1245,6 +1245,22 @@ WHERE target > %(after)s
 ORDER BY target
 LIMIT %(limit)s;
 
+-- name: prune_suppressions
+-- Entries expired at or before expired_before, soonest first, found on
+-- suppressions_expiry (schema version 19); a row another session is writing is skipped
+-- (its entry may be in force again) and left for a later call. An expiry out of range
+-- (changed by hand) does not expire, as in suppressions_for.
+WITH doomed AS (
+    SELECT target FROM suppressions
+    WHERE expires_at >= '1900-01-01Z' AND expires_at <= %(expired_before)s
+    ORDER BY expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), pruned AS (
+    DELETE FROM suppressions s USING doomed WHERE s.target = doomed.target RETURNING 1
+)
+SELECT count(*) FROM pruned;
+
 -- name: fail_late
 -- A delivered recipient failed after the fact (a late bounce): the attempt becomes its
 -- last reply and joins the history without counting as a delivery attempt. Only a
