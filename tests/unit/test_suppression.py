@@ -16,8 +16,9 @@ from mailstrom.policy.hardbounce import (
     is_hard_bounce,
     is_late_hard_bounce,
 )
+from mailstrom.policy.reasons import classify_reply
 from mailstrom.runtime.suppressing import hard_bounce_entries
-from mailstrom.status import Attempt, AttemptOutcome, RecipientState
+from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
 from mailstrom.suppression import (
     Suppression,
@@ -292,6 +293,36 @@ def test_yahoos_unknown_account_is_a_hard_bounce(
     )
     assert hard is expected
     # Relayed in a bounce that came later (Exim's and Postfix's Status 5.0.0).
+    late = is_late_hard_bounce(
+        "5.0.0", code=code, codes=DEFAULT_SUPPRESS_ON, diagnostic=f"{code} {text}"
+    )
+    assert late is expected
+
+
+_YAHOO_DISABLED = (
+    "delivery error: dd Sorry your message to a@yahoo.com cannot be delivered. This account"
+    " has been disabled or discontinued [#102]. - mta1047.mail.gq1.yahoo.com"
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "expected"),
+    [
+        (554, _YAHOO_DISABLED, True),
+        (554, _YAHOO_DISABLED.replace(" This", "\n  THIS"), True),
+        (550, _YAHOO_DISABLED, False),  # the rule is Yahoo's 554 alone
+    ],
+)
+def test_yahoos_disabled_account_is_a_hard_bounce(code: int, text: str, expected: bool) -> None:
+    """Yahoo and AOL refuse an account that was closed with a 554, no enhanced code and
+    "[#102]"; it was class "other" and never suppressed. It is a disabled mailbox
+    (5.2.1, in the default ``suppress_on``)."""
+    if expected:
+        assert classify_reply(SMTPReply(code=code, text=text)) is ReasonClass.MAILBOX
+    hard = is_hard_bounce(
+        AttemptOutcome.PERMANENT, code=code, enhanced=None, codes=DEFAULT_SUPPRESS_ON, text=text
+    )
+    assert hard is expected
     late = is_late_hard_bounce(
         "5.0.0", code=code, codes=DEFAULT_SUPPRESS_ON, diagnostic=f"{code} {text}"
     )
