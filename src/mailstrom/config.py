@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from enum import StrEnum
 
-from mailstrom.arguments import word_of
+from mailstrom.arguments import member_of, word_of
 from mailstrom.bounds import (
     check_bool,
     check_duration,
@@ -37,6 +37,7 @@ from mailstrom.message.chars import shorten
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, check_codes
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import ShapingConfig
+from mailstrom.suppression import BYPASSABLE, SuppressionSource
 from mailstrom.tls.levels import TLSPolicy as TLSPolicy  # re-exported: its old home
 from mailstrom.tls.table import PolicyTable
 
@@ -543,12 +544,22 @@ class Lane:
     (``max_connections``) and of the recipients it holds in flight that this lane may
     take, so that bulk mail cannot occupy every connection while transactional mail waits.
 
+    ``bypass_suppression`` names the suppression entries this lane's mail is sent past:
+    those of bounces only (``hard_bounce``, ``async_bounce``). A lane for the few
+    messages a user asks for (a password reset to an address that bounced and that the
+    user says works again) goes out where the list would stop it, while every other lane's
+    mail to the address stays suppressed. A complaint's or an operator's entry (an
+    unsubscribe, a block) stops every lane's mail.
+
     >>> Lane(name="bulk", share=0.5)
-    Lane(name='bulk', share=0.5)
+    Lane(name='bulk', share=0.5, bypass_suppression=())
     """
 
     name: str
     share: float = 1.0
+    bypass_suppression: tuple[SuppressionSource, ...] = ()
+    """Sources of the entries that do not stop this lane's mail (of
+    :data:`~mailstrom.suppression.BYPASSABLE`; their values are taken too)."""
 
     def __post_init__(self) -> None:
         from mailstrom.message.attributes import check_lane_name
@@ -558,6 +569,25 @@ class Lane:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         check_number(self.share, f"lane {self.name!r}: share", maximum=1)
+        object.__setattr__(self, "bypass_suppression", self._bypassed())
+
+    def _bypassed(self) -> tuple[SuppressionSource, ...]:
+        given = self.bypass_suppression
+        what = f"lane {self.name!r}: bypass_suppression"
+        if isinstance(given, str) or not isinstance(given, Iterable):
+            raise ConfigError(f"{what}: expected a list of sources, got {type(given).__name__}")
+        sources: dict[SuppressionSource, None] = {}
+        allowed = ", ".join(sorted(BYPASSABLE))
+        for value in given:
+            source = member_of(SuppressionSource, value)
+            if source not in BYPASSABLE:
+                shown = repr(value[:40]) if isinstance(value, str) else type(value).__name__
+                raise ConfigError(
+                    f"{what}: {shown} cannot be bypassed (only {allowed}: a complaint or "
+                    "an operator's entry stops every lane's mail)"
+                )
+            sources[source] = None
+        return tuple(sources)
 
 
 _COUNT_FIELDS = (

@@ -554,7 +554,8 @@ def _tls_domains(key: str, value: Any) -> PolicyTable:
 
 
 def _lanes(key: str, value: Any) -> tuple[Lane, ...]:
-    """``[[lanes]]`` tables (``name``, optional ``share``), highest first; in the
+    """``[[lanes]]`` tables (``name``, optional ``share`` and ``bypass_suppression``),
+    highest first; in the
     environment ``name[:share]`` entries separated by commas (``transactional,bulk:0.75``)."""
     if isinstance(value, str):
         entries: list[Any] = []
@@ -569,12 +570,14 @@ def _lanes(key: str, value: Any) -> tuple[Lane, ...]:
         where = f"{key}[{index}]"
         if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"{where}: expected a table with a name (and a share)")
-        unknown = sorted(set(entry) - {"name", "share"})
+        unknown = sorted(set(entry) - {"name", "share", "bypass_suppression"})
         if unknown:
             raise ConfigError(f"{where}: unknown setting {_quoted(unknown[0])}")
         share = _float(0.0)(f"{where}.share", entry.get("share", 1.0))
+        bypass = entry.get("bypass_suppression", ())
         try:
-            lanes.append(Lane(name=_str(f"{where}.name", entry["name"]), share=share))
+            name = _str(f"{where}.name", entry["name"])
+            lanes.append(Lane(name=name, share=share, bypass_suppression=bypass))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return tuple(lanes)

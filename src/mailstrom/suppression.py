@@ -52,6 +52,13 @@ class SuppressionSource(StrEnum):
     """An operator or the application added it."""
 
 
+BYPASSABLE = frozenset({SuppressionSource.HARD_BOUNCE, SuppressionSource.ASYNC_BOUNCE})
+"""The sources whose entries a lane may send past
+(:attr:`~mailstrom.config.Lane.bypass_suppression`): bounces, which say the address did
+not work then, never a complaint or an operator's entry (an unsubscribe, a block), which
+say that the recipient or the operator wants no mail."""
+
+
 def check_reply(reply: str, *, what: str = "the reply", line: int | None = None) -> str:
     """``reply``, an entry's reason as someone gave it, when it is at most
     :data:`MAX_REPLY` characters of text without control characters but TAB and LF (it is
@@ -303,7 +310,19 @@ def lookup_targets(addresses: Iterable[str]) -> list[str]:
     return list(seen)
 
 
-def match(address: str, found: Mapping[str, Suppression]) -> Suppression | None:
+def match(
+    address: str,
+    found: Mapping[str, Suppression],
+    *,
+    bypass: frozenset[SuppressionSource] = frozenset(),
+) -> Suppression | None:
     """The entry that suppresses ``address`` among ``found`` (an address entry before
-    its domain's), or None."""
-    return found.get(address_key(address)) or found.get(domain_of_target(address))
+    its domain's), or None; an entry of a source in ``bypass`` suppresses nothing, so
+    the domain's entry is looked at after an address's bypassed one."""
+    if not bypass:
+        return found.get(address_key(address)) or found.get(domain_of_target(address))
+    for target in (address_key(address), domain_of_target(address)):
+        entry = found.get(target)
+        if entry is not None and entry.source not in bypass:
+            return entry
+    return None

@@ -23,6 +23,7 @@ from mailstrom.settings import (
     parse_duration,
 )
 from mailstrom.stores.url import default_store_url
+from mailstrom.suppression import SuppressionSource
 
 FILE = """
 store = "sqlite:///from-file.db"
@@ -435,6 +436,23 @@ def test_lanes_default_priority_and_idempotency_window_load(tmp_path: Path) -> N
             _ = load_settings(env={"MAILSTROM_LANES": bad}, search=False).config
     with pytest.raises(ConfigError):
         _ = load_settings(env={"MAILSTROM_DEFAULT_PRIORITY": "urgent"}, search=False).config
+
+
+def test_a_lane_bypassing_bounce_suppressions_loads(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[[lanes]]\nname = "account"\nbypass_suppression = ["hard_bounce", "async_bounce"]\n'
+        '[[lanes]]\nname = "transactional"\n'
+    )
+    lanes = load_settings(config_path=path, env={}).config.lanes
+    assert lanes[0].bypass_suppression == (
+        SuppressionSource.HARD_BOUNCE,
+        SuppressionSource.ASYNC_BOUNCE,
+    )
+    assert lanes[1].bypass_suppression == ()
+    path.write_text('[[lanes]]\nname = "account"\nbypass_suppression = ["complaint"]\n')
+    with pytest.raises(ConfigError, match=r"lanes\[0\]: .*'complaint' cannot be bypassed"):
+        _ = load_settings(config_path=path, env={}).config
 
 
 def test_mta_sts_ca_file_must_hold_certificates(tmp_path: Path) -> None:

@@ -12,14 +12,17 @@ import pytest
 
 from mailstrom import Email
 from mailstrom.bounces import Report, ReportedRecipient, ReportKind, apply_report
+from mailstrom.config import Lane
 from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
+from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.preparation import prepare
-from mailstrom.runtime.suppressing import lease_targets
+from mailstrom.runtime.suppressing import lane_bypass, lease_targets, screen
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.store import SUPPRESS_CHUNK
 from mailstrom.suppression import (
+    BYPASSABLE,
     Suppression,
     SuppressionSource,
     match,
@@ -540,3 +543,43 @@ def test_pruning_deletes_expired_entries_a_bounded_batch_at_a_time(store: Store)
     assert [e.target for e in store.list_suppressions()] == ["e@example.org"]
     with pytest.raises(InvalidArgument):
         store.prune_suppressions(expired_before=NOW.replace(tzinfo=None), limit=10)
+
+
+def test_a_lane_that_bypasses_bounces_is_sent_past_them_and_only_them(store: Store) -> None:
+    """A password reset to an address that bounced, sent in a lane whose
+    ``bypass_suppression`` names bounces, goes out; the same mail in another lane, or to
+    an address with a complaint's, an operator's or its domain's manual entry, does not.
+    The lane comes back with the lease from every store."""
+    addresses = ["bounced@example.org", "late@example.org", "complained@example.org"]
+    addresses += ["manual@example.org", "bounced@blocked.test"]
+    for lane in ("account", "transactional"):
+        store.enqueue(
+            dataclasses.replace(message(*addresses), attributes=QueueAttributes(priority=lane)),
+            now=NOW,
+        )
+    store.suppress(
+        [
+            entry("bounced@example.org"),
+            entry("late@example.org", source=SuppressionSource.ASYNC_BOUNCE),
+            entry("complained@example.org", source=SuppressionSource.COMPLAINT),
+            entry("manual@example.org", source=SuppressionSource.MANUAL),
+            entry("bounced@blocked.test"),
+            entry("blocked.test", source=SuppressionSource.MANUAL),
+        ]
+    )
+    lanes = (
+        Lane(name="account", bypass_suppression=tuple(BYPASSABLE)),
+        Lane(name="transactional"),
+    )
+    bypass = lane_bypass(lanes)
+    lease = lease_all(store)
+    found = store.suppressions_for(lease_targets(lease), now=NOW)
+    sent: dict[str, list[str]] = {}
+    for item in lease.items:
+        rest, _ = screen(item, found, now=NOW, bypass=bypass)
+        kept = [] if rest is None else [r.address for r in rest.recipients]
+        sent.setdefault(item.priority, []).extend(kept)
+    assert {lane: sorted(kept) for lane, kept in sent.items()} == {
+        "account": ["bounced@example.org", "late@example.org"],
+        "transactional": [],
+    }

@@ -22,6 +22,7 @@ from mailstrom import (
     SuppressionSource,
 )
 from mailstrom.client import AsyncMailstrom, Mailstrom
+from mailstrom.config import Lane
 from mailstrom.runtime.worker_screening import PRUNE_BATCH, SUPPRESSION_KEPT
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Store
@@ -125,6 +126,32 @@ def test_other_recipients_of_the_message_go_on(
     nobody = status.recipient("nobody@example.org")
     assert nobody.state is FAILED
     assert nobody.reason.endswith(": 550 5.1.1 earlier bounce")
+
+
+def test_a_lane_that_bypasses_bounces_delivers_past_a_bounce_only(
+    mailstrom: MakeMailstrom, mx: Any, results: Results
+) -> None:
+    """A password reset to an address suppressed after a bounce, which its user says
+    works again: sent in a lane with ``bypass_suppression``, it goes out, and mail of
+    other lanes to it stays suppressed; a complaint stops every lane's mail."""
+    lanes = (
+        Lane(name="account", bypass_suppression=(SuppressionSource.HARD_BOUNCE,)),
+        Lane(name="transactional"),
+    )
+    ms = mailstrom(lanes=lanes)
+    ms.suppress("fixed@example.org", NO_SUCH_USER, source=SuppressionSource.HARD_BOUNCE)
+    ms.suppress("angry@example.org", "abuse report", source=SuppressionSource.COMPLAINT)
+    reset = ms.send_email(hello("fixed@example.org", "angry@example.org"), priority="account")
+    news = ms.send_email(hello("fixed@example.org"))
+    results.wait_count(3)
+    [received] = mx.wait_for_messages(1)
+    assert list(received.rcpt_tos) == ["fixed@example.org"]
+    status = ms.query_status(reset)
+    assert status.recipient("fixed@example.org").state is DELIVERED
+    angry = status.recipient("angry@example.org")
+    assert (angry.state, angry.reason_class) == (FAILED, ReasonClass.SUPPRESSED)
+    fixed = ms.query_status(news).recipient("fixed@example.org")
+    assert (fixed.state, fixed.reason_class) == (FAILED, ReasonClass.SUPPRESSED)
 
 
 class CountingPostgresStore(PostgresStore):

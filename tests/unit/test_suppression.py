@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from mailstrom.client.common import suppression_entry
-from mailstrom.config import Config
+from mailstrom.config import Config, Lane
 from mailstrom.errors import ConfigError, InvalidSuppression
 from mailstrom.message.addrspec import validate_address
 from mailstrom.policy.hardbounce import (
@@ -513,3 +513,21 @@ def test_a_reason_given_by_hand_holds_no_control_characters(reply: str) -> None:
         )
     kept = "550 5.1.1 gone\tfor good,\nGrüße"  # TAB, and LF between a reply's lines
     assert check_reply(kept) == kept
+
+
+def test_a_lane_may_bypass_bounces_only() -> None:
+    """A complaint or an operator's entry (an unsubscribe, a block) stops every lane."""
+    lane = Lane(name="account", bypass_suppression=("hard_bounce", SuppressionSource.HARD_BOUNCE))
+    assert lane.bypass_suppression == (SuppressionSource.HARD_BOUNCE,)
+    for bad in (["complaint"], ["manual"], ["bogus"], "hard_bounce", [None]):
+        with pytest.raises(ConfigError, match="bypass_suppression"):
+            Lane(name="account", bypass_suppression=bad)  # type: ignore[arg-type]
+    found = {
+        "bob@example.org": entry("bob@example.org", source=SuppressionSource.HARD_BOUNCE),
+        "example.org": entry("example.org"),
+    }
+    bounces = frozenset({SuppressionSource.HARD_BOUNCE})
+    assert match("bob@example.org", found, bypass=bounces) is found["example.org"]
+    del found["example.org"]
+    assert match("bob@example.org", found, bypass=bounces) is None
+    assert match("bob@example.org", found) is found["bob@example.org"]

@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from mailstrom.bounces.verp import is_verp_address
+from mailstrom.config import Lane
 from mailstrom.errors import InvalidSuppression
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState
 from mailstrom.stores.base import Lease, LeasedRecipient, RecipientResult, WorkItem, storable_text
@@ -28,17 +29,31 @@ def lease_targets(lease: Lease) -> list[str]:
     return lookup_targets(r.address for item in lease.items for r in item.recipients)
 
 
+def lane_bypass(lanes: Iterable[Lane]) -> dict[str, frozenset[SuppressionSource]]:
+    """The sources each lane's mail is sent past (:attr:`Lane.bypass_suppression`), for
+    the lanes that name any."""
+    return {
+        lane.name: frozenset(lane.bypass_suppression) for lane in lanes if lane.bypass_suppression
+    }
+
+
 def screen(
-    item: WorkItem, found: Mapping[str, Suppression], *, now: datetime
+    item: WorkItem,
+    found: Mapping[str, Suppression],
+    *,
+    now: datetime,
+    bypass: Mapping[str, frozenset[SuppressionSource]] | None = None,
 ) -> tuple[WorkItem | None, list[RecipientResult]]:
     """Split ``item`` into what may be delivered (None when nothing) and a FAILED result
-    for each suppressed recipient, whose reason is the entry's."""
+    for each suppressed recipient, whose reason is the entry's. ``bypass`` (of
+    :func:`lane_bypass`) names the entries that do not stop the mail of a lane."""
     if not found:
         return item, []
+    skip = bypass.get(item.priority, frozenset()) if bypass else frozenset()
     keep: list[LeasedRecipient] = []
     refused: list[RecipientResult] = []
     for recipient in item.recipients:
-        entry = match(recipient.address, found)
+        entry = match(recipient.address, found, bypass=skip)
         if entry is None:
             keep.append(recipient)
         else:

@@ -53,7 +53,7 @@ from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outbox_others import warn_if_others_write_events
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
-from mailstrom.runtime.suppressing import screen
+from mailstrom.runtime.suppressing import lane_bypass, screen
 from mailstrom.runtime.tls_reporting import tls_reporting
 from mailstrom.runtime.worker_clock import ClockVerdict, WorkerClock, danger_skew, lease_margin
 from mailstrom.runtime.worker_destinations import WorkerDestinations
@@ -318,6 +318,7 @@ class Worker(
         self._lane_load: dict[str, int] = {}
         """Recipients leased and not yet delivered (or failed) per lane."""
         self._item_lanes: dict[tuple[str, str, str], str] = {}
+        self._bypass = lane_bypass(config.lanes)
         """The lane of each work item in delivery, by the key of ``_items``."""
         self._empty_at: datetime | None = None
         """When a lease last found nothing to take: work due by then that it did not take
@@ -985,7 +986,7 @@ class Worker(
             items[key] = len(item.recipients)
             self._item_lanes[key] = item.priority
             load[item.priority] = load.get(item.priority, 0) + len(item.recipients)
-            rest, refused = screen(item, suppressed, now=now)
+            rest, refused = screen(item, suppressed, now=now, bypass=self._bypass)
             if refused:
                 self._on_done(refused)  # failed at once, recorded with the next write
             if rest is not None:

@@ -31,7 +31,7 @@ from mailstrom.stores.base import (
     WorkItem,
     domain_of,
 )
-from mailstrom.suppression import Suppression, lookup_targets
+from mailstrom.suppression import Suppression, SuppressionSource, lookup_targets
 
 if TYPE_CHECKING:
     from mailstrom.message.prepared import PreparedMessage
@@ -79,6 +79,7 @@ class WorkerScreening(WorkerStore):
     _owed_failed: asyncio.Event | None
     _dispatcher: Dispatcher | None
     _screenings: set[asyncio.Task[None]]
+    _bypass: dict[str, frozenset[SuppressionSource]]
 
     async def _suppressed_in(self, lease: Lease) -> dict[str, Suppression] | None:
         """The suppression entries that apply to the lease's recipients (one store call
@@ -122,7 +123,9 @@ class WorkerScreening(WorkerStore):
                 except StoreError as exc:
                     self._store_trouble("suppressions", exc)
             if found and dispatcher is not None:
-                dispatcher.screen(state.token, lambda item: screen(item, found, now=now))
+                dispatcher.screen(
+                    state.token, lambda item: screen(item, found, now=now, bypass=self._bypass)
+                )
             state.screened_at = now
         finally:
             state.screening = None
