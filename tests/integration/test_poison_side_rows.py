@@ -238,6 +238,10 @@ def test_the_suppression_lists_show_an_entry_that_cannot_be_read(side: Side, dam
         unknown["source"] = shown.source
         assert unknown[column] is None
         assert by_target["a@example.org"] == entry("a@example.org", now)
+    # Pruned once expired, but for an expiry that is no time: that does not expire.
+    side.store.prune_suppressions(expired_before=now + timedelta(days=60), limit=9)
+    kept = [e.target for e in side.store.list_suppressions()]
+    assert kept == ([VICTIM] if column == "expires_at" else [])
 
 
 # --- destination pauses ----------------------------------------------------------------------

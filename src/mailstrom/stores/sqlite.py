@@ -2050,7 +2050,11 @@ class SQLiteStore:
     def prune_suppressions(self, *, expired_before: datetime, limit: int) -> int:
         """Delete up to ``limit`` entries expired at or before ``expired_before`` in one
         write (not fsynced, as pruning events: an entry back after a crash applies to
-        nobody); returns how many."""
+        nobody); returns how many. A read on the index first: with nothing to delete, the
+        usual case, no write waits for the lock or takes it from others."""
+        with self._read() as conn:
+            if not sqlite_suppressions.any_expired(conn, expired_before=expired_before):
+                return 0
         with self._write(fsync=False) as conn:
             return sqlite_suppressions.prune_expired(
                 conn, expired_before=expired_before, limit=limit

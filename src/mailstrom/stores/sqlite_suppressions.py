@@ -118,15 +118,28 @@ def delete_suppressions(conn: sqlite3.Connection, targets: Sequence[str]) -> int
     return removed
 
 
+_EXPIRED = "expires_at >= ? AND expires_at <= ?"
+"""An entry expired at or before the second parameter, the first being READABLE_FROM: an
+expiry that is no time (text, a blob, a number before any time) is outside the range and
+does not expire (:data:`_IN_FORCE`). Found on ``suppressions_expiry`` (schema version 18)."""
+
+
+def any_expired(conn: sqlite3.Connection, *, expired_before: datetime) -> bool:
+    """Whether an entry expired at or before ``expired_before`` (one probe of the index)."""
+    row = conn.execute(
+        f"SELECT 1 FROM suppressions WHERE {_EXPIRED} LIMIT 1",
+        (READABLE_FROM, to_us(expired_before)),
+    ).fetchone()
+    return row is not None
+
+
 def prune_expired(conn: sqlite3.Connection, *, expired_before: datetime, limit: int) -> int:
-    """Delete up to ``limit`` entries expired at or before ``expired_before``, soonest
-    first, found on ``suppressions_expiry`` (schema version 18); how many. An expiry that
-    is no time (text, a blob, a number before any time) is outside the range: it does
-    not expire (:data:`_IN_FORCE`)."""
+    """Delete up to ``limit`` entries expired at or before ``expired_before`` (see
+    :data:`_EXPIRED`), soonest first; how many."""
     return int(
         conn.execute(
             "DELETE FROM suppressions WHERE target IN (SELECT target FROM suppressions"
-            " WHERE expires_at >= ? AND expires_at <= ? ORDER BY expires_at LIMIT ?)",
+            f" WHERE {_EXPIRED} ORDER BY expires_at LIMIT ?)",
             (READABLE_FROM, to_us(expired_before), row_limit(limit)),
         ).rowcount
     )
