@@ -159,10 +159,11 @@ def mta_sts_usage() -> None:
 def queue_attribute_usage() -> None:
     from datetime import UTC, datetime
 
-    from mailstrom import InvalidQueueAttribute, Lane, QueueFilter
+    from mailstrom import InvalidQueueAttribute, Lane, QueueFilter, SuppressionSource
 
+    account = Lane(name="account", bypass_suppression=(SuppressionSource.HARD_BOUNCE,))
     config = Config(
-        lanes=(Lane(name="transactional"), Lane(name="bulk", share=0.5)),
+        lanes=(account, Lane(name="transactional"), Lane(name="bulk", share=0.5)),
         default_priority="transactional",
         idempotency_window=timedelta(hours=6),
     )
