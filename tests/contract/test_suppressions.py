@@ -583,3 +583,31 @@ def test_a_lane_that_bypasses_bounces_is_sent_past_them_and_only_them(store: Sto
         "account": ["bounced@example.org", "late@example.org"],
         "transactional": [],
     }
+
+
+def test_a_late_bounce_of_a_quoted_local_part_finds_and_suppresses_it(store: Store) -> None:
+    """A report naming ``"John Doe"@example.org`` (or needlessly quoted ``"ann"@...``)
+    finds the recipient prepare() queued and puts it on the list in the same form."""
+    prepared = prepare(
+        Email(
+            from_="app@example.com",
+            to=['"John Doe"@example.org', "ann@example.org"],
+            subject="s",
+            text="t",
+        )
+    )
+    mid = store.enqueue(prepared, now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    reported = [
+        dataclasses.replace(_bounce(mid).recipients[0], final_recipient=address)
+        for address in ('"john doe"@Example.org', '"ann"@example.org')
+    ]
+    report = dataclasses.replace(_bounce(mid), recipients=tuple(reported))
+    apply_report(store, report, now=NOW + DAY)
+    status = store.status(mid)
+    assert status.recipient('"John Doe"@example.org').state is RecipientState.FAILED
+    assert status.recipient("ann@example.org").state is RecipientState.FAILED
+    assert [(e.target, e.source) for e in store.list_suppressions()] == [
+        ('"john doe"@example.org', SuppressionSource.ASYNC_BOUNCE),
+        ("ann@example.org", SuppressionSource.ASYNC_BOUNCE),
+    ]
