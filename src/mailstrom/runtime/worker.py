@@ -318,8 +318,9 @@ class Worker(
         self._lane_load: dict[str, int] = {}
         """Recipients leased and not yet delivered (or failed) per lane."""
         self._item_lanes: dict[tuple[str, str, str], str] = {}
-        self._bypass = lane_bypass(config.lanes)
         """The lane of each work item in delivery, by the key of ``_items``."""
+        self._bypass = lane_bypass(config.lanes)
+        """The suppression sources each lane's mail is sent past, for the lanes naming any."""
         self._empty_at: datetime | None = None
         """When a lease last found nothing to take: work due by then that it did not take
         (locked by another worker, in a lane without room) is no reason to lease again
