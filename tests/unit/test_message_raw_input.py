@@ -22,6 +22,7 @@ from mailstrom.errors import (
     UnencodableHeader,
 )
 from mailstrom.message import Attachment, Email, preparation, prepare
+from mailstrom.message.encoding import to_crlf
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
 
@@ -409,6 +410,34 @@ def test_bare_line_ends_outside_a_binary_part_are_still_made_crlf() -> None:
     assert b"\r\n\r\n\x01\x02\r\n\x03\r\n--B--\r\n" in prepared.data
     single = TOP.replace(b"\r\n", b"\n") + _BINARY_PART.replace(_OCTETS, b"\x01\x02")
     assert prepare(single.replace(b"\r\n", b"\n"), now=NOW).data.endswith(b"\r\n\r\n\x01\x02\r\n")
+
+
+_ENDS_IN_CR = (
+    b"From: a@example.com\nTo: b@example.org\nMIME-Version: 1.0\n"
+    b'Content-Type: multipart/mixed; boundary="B"\n\n--B\n'
+    b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: binary\n\n"
+    b"\x01\x02\r\n--B--\n"
+)
+"""A message whose line ends are LF with a binary part whose last octet is a CR."""
+
+
+@pytest.mark.parametrize(
+    "message",
+    [_ENDS_IN_CR, _email_forwarding(_ENDS_IN_CR)],
+    ids=["raw", "attached to an Email"],
+)
+def test_a_binary_part_ending_in_cr_in_an_lf_message_is_refused_not_cut(
+    message: bytes | Email,
+) -> None:
+    """In a message whose line ends are LF, the CR before the LF that starts a
+    delimiter line is the binary part's last octet; CR LF was read as one CRLF line end,
+    so the part arrived one octet short (``\\x01\\x02`` for ``\\x01\\x02\\r``), as the
+    property test of binary parts found. Sent unchanged, the CR would be a bare CR, which
+    needs BINARYMIME (RFC 3030): it is refused, naming base64."""
+    with pytest.raises(ForbiddenCharacter, match=r"binary.*bare CR or LF.*base64"):
+        prepare(message, now=NOW)
+    # In a message whose line ends are CRLF, that CR LF is the delimiter's line end.
+    assert b"\r\n\r\n\x01\x02\r\n--B--\r\n" in prepare(to_crlf(_ENDS_IN_CR), now=NOW).data
 
 
 def _compat32_with_subject(subject: str) -> email.message.Message:

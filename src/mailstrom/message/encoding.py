@@ -45,6 +45,13 @@ def to_crlf(data: bytes) -> bytes:
     """Return ``data`` with every line ending (CRLF, bare LF, bare CR) made CRLF.
 
     SMTP forbids bare CR and LF in content (RFC 5321 §2.3.8), so both become line ends.
+    A CR right before an LF is read as part of one CRLF line end whatever the rest of the
+    message's line ends are, as Postfix's sendmail reads it by default
+    (``sendmail_fix_line_endings = always``): a text file with CRLF line ends in a message
+    written with LF ones keeps its lines, not one empty line more after each. That reading
+    is a guess only where the octets are not lines, in a binary part: its last octet
+    being a CR before the LF that starts a delimiter line, in a message with a bare LF,
+    is refused (:func:`bare_line_ends`), not cut off.
     """
     # Counting is several times cheaper than rewriting, and most input is already right.
     if not has_bare_line_end(data):
@@ -62,11 +69,20 @@ def bare_line_ends(data: bytes, offset: int = 0) -> bytes | None:
     """Where :func:`to_crlf` makes a bare CR or LF of ``data`` a CRLF: None when it holds
     none, else octets laid over ``to_crlf(data)`` (placed at ``offset`` of a buffer, with
     the ``offset`` octets before it NUL) with a CRLF exactly there and nowhere else, for
-    :func:`~mailstrom.message.mime.check_structure`'s check of binary parts."""
+    :func:`~mailstrom.message.mime.check_structure`'s check of binary parts.
+
+    Where ``data`` holds a bare LF, its line ends are LF (some of them at least), so a CR
+    before an LF may be content, not part of a line end: each CRLF it held reads CR NUL.
+    Inside a binary part's body both readings send the same octets; right after one,
+    where a delimiter line starts, the CR would be cut off the part as it is read."""
     if not has_bare_line_end(data):
         return None
-    # A CRLF that was one already reads as two NULs; then the bare ones are made CRLF.
-    bare = data.replace(b"\r\n", b"\0\0").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    # A CRLF that was one already reads as two NULs (CR NUL if it may hold a CR that is
+    # content); the bare CRs and LFs between them are made CRLF.
+    kept = b"\0\0" if data.count(b"\n") == data.count(b"\r\n") else b"\r\0"
+    bare = kept.join(
+        piece.replace(b"\r", b"\n").replace(b"\n", b"\r\n") for piece in data.split(b"\r\n")
+    )
     return b"\0" * offset + bare if offset else bare
 
 

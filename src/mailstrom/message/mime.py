@@ -337,10 +337,12 @@ def _walk(data: bytes, visit: Callable[[int, int, str, int], Entity | None]) -> 
 
 def _bare_in_binary(item: Entity, bare: bytes) -> bool:
     """Whether ``item`` is a leaf labelled ``Content-Transfer-Encoding: binary`` whose body
-    holds a CRLF that was a bare CR or LF: ``bare`` is laid over its buffer octet for
-    octet (see :func:`~mailstrom.message.encoding.bare_line_ends`)."""
-    leaf = item.maintype != "multipart" and not item.nested
-    return leaf and item.cte == "binary" and bare.find(b"\r\n", item.body, item.end) >= 0
+    holds a CRLF that was a bare CR or LF, or is followed by a CRLF whose CR may be its
+    last octet (CR NUL): ``bare`` is laid over its buffer octet for octet (see
+    :func:`~mailstrom.message.encoding.bare_line_ends`)."""
+    if item.maintype == "multipart" or item.nested or item.cte != "binary":
+        return False
+    return bare.find(b"\r\n", item.body, item.end) >= 0 or bare.startswith(b"\r\0", item.end)
 
 
 def binary_with_bare_line_end(data: bytes, bare: bytes) -> str | None:
@@ -403,8 +405,9 @@ def binary_line_end(content_type: str) -> ForbiddenCharacter:
     """The error for a ``content_type`` part labelled binary that holds a bare CR or LF."""
     return ForbiddenCharacter(
         f"a {content_type} part labelled Content-Transfer-Encoding: binary holds a bare CR "
-        "or LF, which cannot be sent unchanged without BINARYMIME (RFC 3030) and would be "
-        "made CRLF; encode that part as base64",
+        "or LF (a CR last, before a line end, in a message with LF line ends), which cannot "
+        "be sent unchanged without BINARYMIME (RFC 3030) and would be made CRLF or cut off; "
+        "encode that part as base64",
         where=content_type,
     )
 
