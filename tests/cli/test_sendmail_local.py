@@ -77,6 +77,29 @@ def test_a_name_at_localhost_is_a_local_name(cli: CLI) -> None:
     assert "To: root@host.example.test, www-data@host.example.test" in headers
 
 
+@pytest.mark.parametrize("has_from", [True, False])
+def test_f_with_a_display_name_at_localhost_is_a_local_name(cli: CLI, has_from: bool) -> None:
+    """``sendmail -f 'Fail2Ban <root@localhost>'``: Postfix takes the address of such a
+    sender, and root@localhost is a local name as ``-f root@localhost`` is; it was refused
+    as a special-use name (exit 65). Two addresses or a line break are still refused."""
+    local_names(cli, None)
+    head = b"From: app@example.test\n" if has_from else b""
+    message = head + b"Subject: banned\n\nbanned\n"
+    cli.ok("sendmail", "-i", "-f", "Fail2Ban <root@localhost>", "bob@example.test", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    assert queued["envelope_from"] == "root@host.example.test"
+    fields = cli.ok("show", "--headers", queued["id"]).out.splitlines()
+    author = "app@example.test" if has_from else "Fail2Ban <root@host.example.test>"
+    assert f"From: {author}" in fields
+    for sender in [
+        "Fail2Ban <root@localhost>, a@example.test",
+        "A <a@example.test>\nBcc: b@x.test",
+    ]:
+        result = cli("sendmail", "-i", "-f", sender, "bob@example.test", stdin=message)
+        assert result.code == 65, result.err
+    assert len(cli.ok("queue", "--json").json()) == 1
+
+
 def test_bare_names_get_the_origin_without_aliases(cli: CLI) -> None:
     local_names(cli, None)
     message = b"Subject: disk\n\nfull\n"

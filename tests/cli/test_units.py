@@ -154,6 +154,39 @@ def test_read_message_keeps_a_from_field_written_the_obsolete_way(line: bytes) -
     assert sendmail.read_message(io.BytesIO(data), ignore_dots=True, limit=1000) == data
 
 
+@pytest.mark.parametrize(
+    ("sender", "expected"),
+    [
+        ("Name <root@localhost>", "root@host.example.test"),
+        ("Name <Root@LocalHost>", "Root@host.example.test"),
+        ('"Cron Daemon" <ann@example.test>', "ann@example.test"),
+        ("ann@example.test (Ann)", "ann@example.test"),
+        ("root@localhost", "root@host.example.test"),
+        ("Cron <root>", "root@host.example.test"),
+    ],
+)
+def test_sendmail_f_with_a_display_name_is_its_address(sender: str, expected: str) -> None:
+    """``-f 'Name <root@localhost>'``: Postfix's sendmail takes the address of such a
+    sender (tok822 parsing, the phrase dropped), and a name at localhost is a local name
+    there as it is written alone; it was passed on as written, and prepare() refused
+    localhost as a special-use name (exit 65)."""
+    assert sendmail.envelope_sender(sender, "host.example.test") == expected
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "a@example.test, b@example.test",
+        "Name <a@example.test>\nBcc: x@example.test",
+        "G: a@x.test;",
+    ],
+)
+def test_sendmail_f_naming_more_than_one_mailbox_is_left_for_prepare(sender: str) -> None:
+    """Two addresses, a line break or a group are no envelope sender: passed on as
+    written, for prepare() to refuse with its reason (see the CLI test)."""
+    assert sendmail.envelope_sender(sender, "host.example.test") == sender
+
+
 def test_build_adds_from_and_collects_recipients() -> None:
     args = sendmail.parse_args(["-t", "-F", "Zoë", "-f", "me@x.test", "extra@x.test"])
     data, rcpts = sendmail.build(

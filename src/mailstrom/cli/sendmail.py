@@ -492,12 +492,14 @@ def envelope_sender(sender: str | None, origin: str) -> str | None:
     Sender/From), ``""`` for ``-f ''`` or ``-f '<>'``, the null reverse-path, as Sendmail
     and Postfix read them (vacation programs and bounce generators send with it, so
     that nothing answers them: an address there would get the auto-replies back), else
-    the address with a bare name given the origin."""
+    the address of the one mailbox it names, a display name or comment dropped as
+    Postfix's sendmail drops them (``Fail2Ban <root@localhost>``), a local name given the
+    origin; text naming no single mailbox is passed on, for prepare() to refuse."""
     if sender is None:
         return None
     if sender.strip() in ("", "<>"):
         return ""
-    box = _bare_mailbox(sender, origin)
+    box = _one_mailbox(sender, origin)
     return box.address.written if box else qualify(sender, origin)
 
 
@@ -507,8 +509,13 @@ def _bare_mailbox(text: str, origin: str) -> Mailbox | None:
     took for a name of its own (``<root>@origin``, refused as malformed, exit 65). None
     for an address with a domain, or text that is no single mailbox (qualify() then
     decides, and prepare() reads it or refuses it with a precise reason)."""
-    if "@" in text:
-        return None
+    return None if "@" in text else _one_mailbox(text, origin)
+
+
+def _one_mailbox(text: str, origin: str) -> Mailbox | None:
+    """The one mailbox ``text`` names, a bare name or one at localhost given the origin
+    (:func:`~mailstrom.message.addresses.parse_local_address_list`); None for text that
+    is no single mailbox: two, a group, a line break, no address at all."""
     try:
         groups = parse_local_address_list("-f", text, origin)
     except InvalidMessage:
