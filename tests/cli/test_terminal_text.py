@@ -289,3 +289,22 @@ def test_commands_with_standard_output_closed(cli: CLI) -> None:
         )
         assert proc.returncode == 0, (args, proc.stderr.decode())
         assert b"internal error" not in proc.stderr
+
+
+def test_a_command_that_acts_with_standard_output_closed(cli: CLI) -> None:
+    """`mailstrom send ... >&-`: the /dev/null put in place of the closed standard output
+    was wrapped so that it outlives its reader, and the wrapper kept only its descriptor:
+    the stream was collected and closed it, and printing the id failed with EBADF. The
+    message was queued, yet the command exited 120, a failure to its caller."""
+    argv = ["send", "--from", "a@example.test", "--to", "b@example.test", "--text", "x"]
+    for stream in (">&-", "2>&-"):
+        proc = subprocess.run(
+            ["sh", "-c", f'exec "$@" {stream}', "sh", sys.executable, "-m", "mailstrom", *argv],
+            cwd=cli.cwd,
+            env=cli.env,
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+        assert proc.returncode == 0, (stream, proc.stderr.decode())
+    assert len(cli.queue_ids()) == 2

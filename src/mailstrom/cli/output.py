@@ -191,9 +191,12 @@ class _ReaderMayGo(io.RawIOBase):
     that exited, a logger restarted): from then on it is /dev/null, and what is written
     is lost, never the command's work nor its exit code."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, stream: TextIO, fd: int) -> None:
         super().__init__()
         self._fd = fd
+        # The stream whose descriptor this writes: collected, it would close it (the
+        # /dev/null standing in for a closed standard output, which nothing else holds).
+        self._stream = stream
 
     def writable(self) -> bool:
         return True
@@ -232,7 +235,7 @@ def _outliving(stream: TextIO) -> TextIO:
         stream.flush()
     except (OSError, ValueError):  # no descriptor (a test's capture), or already broken
         return stream
-    raw = _ReaderMayGo(fd)
+    raw = _ReaderMayGo(stream, fd)
     # Buffered as it was: unbuffered (``python -u``) over the descriptor itself.
     binary: Any = io.BufferedWriter(raw) if isinstance(stream.buffer, io.BufferedWriter) else raw
     return io.TextIOWrapper(
