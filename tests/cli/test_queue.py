@@ -337,3 +337,18 @@ def test_retrying_mail_held_back_by_a_destination_pause_says_it_waits_for_it(cli
         "151 recipients due now (151 messages); "
         "1 recipient at a throttled destination, due once its pause ends"
     )
+
+
+def test_a_listing_whose_stderr_reader_is_gone_still_lists(cli: CLI) -> None:
+    """A listing ended as a listing read by ``head`` ends (exit 0) on a BrokenPipeError
+    from any descriptor: with its standard error a pipe whose reader had gone (a logger
+    restarted), the note that no worker runs made ``queue`` print no table and exit 0, an
+    empty queue to whoever read it. Only standard output's reader ends a listing; a note
+    on standard error is lost, and the table is printed."""
+    first = send(cli, "bob@example.test")
+    proc = cli.gone_reader("queue", stream="stderr")
+    assert proc.returncode == 0
+    assert first in proc.stdout.decode()
+    proc = cli.gone_reader("status", first, stream="stderr")
+    assert proc.returncode == 0
+    assert first in proc.stdout.decode()

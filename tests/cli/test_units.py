@@ -6,6 +6,8 @@ import argparse
 import io
 import json
 import logging
+import socket
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -576,3 +578,25 @@ def test_an_unknown_command_gets_the_whole_tree_in_its_error(
     assert main(["--store", "memory://", "sendmial"]) == 64
     err = capsys.readouterr().err
     assert "invalid choice: 'sendmial'" in err and "'worker'" in err and "'bounce'" in err
+
+
+def test_a_listing_s_broken_pipe_elsewhere_than_its_output_is_a_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A listing ended as a listing read by ``head`` ends, exit 0, on a BrokenPipeError
+    from any descriptor: one from a socket whose peer had gone said the listing had
+    worked. Only its standard output's reader ends a listing so."""
+    from mailstrom.cli import views
+
+    def broken(args: argparse.Namespace) -> int:
+        ours, theirs = socket.socketpair()
+        with ours:
+            theirs.close()
+            ours.send(b"x")  # EPIPE: a broken pipe, not standard output's
+        return 0
+
+    monkeypatch.setattr(views, "queue_command", broken)
+    # The command points them at wrappers; the test's are put back after it.
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    assert main(["--store", "memory://", "queue"]) == 70  # as in a command that acts

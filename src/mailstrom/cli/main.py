@@ -101,9 +101,10 @@ replaced (retrying will not help), 75 try again later
 """
 
 LISTINGS = frozenset({"status", "queue", "show", "workers", "events", "check", "doctor"})
-"""The commands that only print what they find: a reader of their output that goes
-(``| head``) ends them, exit 0. Every other command acts, and its output outlives its
-readers (:func:`~mailstrom.cli.output.outlive_readers`): the exit code is its work's."""
+"""The commands that only print what they find: a reader of their standard output that
+goes (``| head``) ends them, exit 0 (:func:`~mailstrom.cli.output.end_with_reader`).
+Every other command acts, and its output outlives its readers
+(:func:`~mailstrom.cli.output.outlive_readers`): the exit code is its work's."""
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from mailstrom.cli.output import outlive_readers, tolerant_stdout
+    from mailstrom.cli.output import ReaderGone, end_with_reader, outlive_readers, tolerant_stdout
 
     tolerant_stdout()
     if argv is None:
@@ -181,15 +182,16 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:  # a bug in parsing: still one line, not a traceback
         return fail(exc)
     handler: Handler = args.handler
-    listing = args.command in LISTINGS
-    if not listing:
+    if args.command in LISTINGS:
+        end_with_reader()
+    else:
         outlive_readers()
     try:
         return handler(args)
+    except ReaderGone:  # `mailstrom queue | head -1`: the reader had what it wanted
+        return reader_gone()
     except BrokenPipeError as exc:
-        if listing:  # `mailstrom queue | head -1`: the reader had what it wanted
-            return reader_gone()
-        return fail(exc)  # not its output's (that outlives readers): a failure
+        return fail(exc)  # not its standard output's (a socket's): a failure
     except Exception as exc:
         code = fail(exc)
         if code == EX_SOFTWARE and getattr(args, "traceback", False):

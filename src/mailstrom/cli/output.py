@@ -186,17 +186,25 @@ def tolerant_stdout() -> None:
         stream.reconfigure(errors="backslashreplace")
 
 
+class ReaderGone(BrokenPipeError):
+    """The reader of a listing's standard output has gone (``mailstrom queue | head -1``):
+    raised by a write to that output only (:func:`end_with_reader`), so that a broken
+    pipe elsewhere (a socket, standard error) is not taken for it."""
+
+
 class _ReaderMayGo(io.RawIOBase):
     """The descriptor ``fd``, written until its reader has gone (a pipe to a ``head``
     that exited, a logger restarted): from then on it is /dev/null, and what is written
-    is lost, never the command's work nor its exit code."""
+    is lost, never the command's work nor its exit code; or, ``ends``, the write raises
+    :class:`ReaderGone`, which ends a listing."""
 
-    def __init__(self, stream: TextIO, fd: int) -> None:
+    def __init__(self, stream: TextIO, fd: int, *, ends: bool = False) -> None:
         super().__init__()
         self._fd = fd
         # The stream whose descriptor this writes: collected, it would close it (the
         # /dev/null standing in for a closed standard output, which nothing else holds).
         self._stream = stream
+        self._ends = ends
 
     def writable(self) -> bool:
         return True
@@ -210,7 +218,9 @@ class _ReaderMayGo(io.RawIOBase):
     def write(self, data: ReadableBuffer, /) -> int:
         try:
             return os.write(self._fd, data)
-        except BrokenPipeError:
+        except BrokenPipeError as exc:
+            if self._ends:
+                raise ReaderGone(exc.errno, exc.strerror) from None
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, self._fd)
             os.close(null)
@@ -227,7 +237,17 @@ def outlive_readers() -> None:
     sys.stderr = _outliving(sys.stderr)
 
 
-def _outliving(stream: TextIO) -> TextIO:
+def end_with_reader() -> None:
+    """A listing's standard output ends it once its reader has gone (:class:`ReaderGone`,
+    which ``| head`` makes exit 0); its standard error outlives its reader as every
+    command's does. Any BrokenPipeError ended a listing so, exit 0: with standard error
+    a pipe whose reader had gone, the note that no worker runs ended ``queue`` before
+    its table, an empty queue to its reader; one from a socket said it had worked."""
+    sys.stdout = _outliving(sys.stdout, ends=True)
+    sys.stderr = _outliving(sys.stderr)
+
+
+def _outliving(stream: TextIO, *, ends: bool = False) -> TextIO:
     if not isinstance(stream, io.TextIOWrapper):
         return stream
     try:
@@ -235,7 +255,7 @@ def _outliving(stream: TextIO) -> TextIO:
         stream.flush()
     except (OSError, ValueError):  # no descriptor (a test's capture), or already broken
         return stream
-    raw = _ReaderMayGo(stream, fd)
+    raw = _ReaderMayGo(stream, fd, ends=ends)
     # Buffered as it was: unbuffered (``python -u``) over the descriptor itself.
     binary: Any = io.BufferedWriter(raw) if isinstance(stream.buffer, io.BufferedWriter) else raw
     return io.TextIOWrapper(

@@ -55,6 +55,7 @@ from mailstrom.cli.localnames import (
     read_aliases,
     unlocal,
 )
+from mailstrom.cli.output import ReaderGone, end_with_reader
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
 from mailstrom.errors import InvalidMessage
@@ -572,7 +573,6 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
     ``mailstrom_options`` are global options given before ``sendmail``
     (``mailstrom --store X sendmail``): refused, as the same options after it are.
     """
-    writes_out = False  # --help and -bp: their reader may go away (`| head`)
     try:
         if mailstrom_options:
             raise UsageError(
@@ -580,7 +580,8 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
                 f"); set them in {SYSTEM_CONFIG_PATH} or a file named by {CONFIG_PATH_ENV}"
             )
         args = parse_args(argv)
-        writes_out = args.help or args.list_queue
+        if args.help or args.list_queue:
+            end_with_reader()  # a listing's: its reader may go away (`| head`)
         if args.help:
             sys.stdout.write(HELP)
             return EX_OK
@@ -593,9 +594,9 @@ def main(argv: Sequence[str], *, mailstrom_options: Sequence[str] = ()) -> int:
     except UsageError as exc:
         say(f"mailstrom: {reason_for(exc)}")
         return EX_USAGE
+    except ReaderGone:  # -bp or --help read by `head`, which went away
+        return reader_gone()
     except BrokenPipeError as exc:
-        if writes_out:  # -bp or --help read by `head`, which went away
-            return reader_gone()
         # Anywhere else it is a failure: exit 0 said "queued" of a message that was not.
         return fail(exc)
     except KeyboardInterrupt:  # Ctrl-C while the message is typed: nothing is queued
