@@ -100,6 +100,23 @@ def test_f_with_a_display_name_at_localhost_is_a_local_name(cli: CLI, has_from: 
     assert len(cli.ok("queue", "--json").json()) == 1
 
 
+def test_a_name_at_localhost_localdomain_is_a_local_name(cli: CLI) -> None:
+    """Red Hat's /etc/hosts names 127.0.0.1 ``localhost.localdomain`` too, and Postfix's
+    default mydestination holds ``localhost.$mydomain``, which is that name on a host
+    without a domain (``mydomain`` is then ``localdomain``): scripts there write
+    ``root@localhost.localdomain``. It was queued as it was written, for a domain no
+    mail can be sent to, and root's mail was lost; it is now a local name."""
+    local_names(cli, "root: ops@example.test\n")
+    message = b"From: root@localhost.localdomain\nTo: root@LocalHost.LocalDomain\n\nfull\n"
+    cli.ok("sendmail", "-t", "-i", "-f", "cron@localhost.localdomain", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    assert queued["envelope_from"] == "cron@host.example.test"
+    assert [r["address"] for r in queued["recipients"]] == ["ops@example.test"]
+    fields = cli.ok("show", "--headers", queued["id"]).out.splitlines()
+    assert "From: root@host.example.test" in fields
+    assert "To: root@host.example.test" in fields
+
+
 def test_bare_names_get_the_origin_without_aliases(cli: CLI) -> None:
     local_names(cli, None)
     message = b"Subject: disk\n\nfull\n"

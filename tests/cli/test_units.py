@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mailstrom.cli import sendmail
+from mailstrom.cli import localnames, sendmail
 from mailstrom.cli.exits import UsageError
 from mailstrom.cli.logs import JSONFormatter, KeyValueFormatter
 from mailstrom.cli.main import COMMAND_MODULES, _split_sendmail, build_parser, main
@@ -187,6 +187,30 @@ def test_sendmail_f_naming_more_than_one_mailbox_is_left_for_prepare(sender: str
     """Two addresses, a line break or a group are no envelope sender: passed on as
     written, for prepare() to refuse with its reason (see the CLI test)."""
     assert sendmail.envelope_sender(sender, "host.example.test") == sender
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("root@localhost.localdomain", "root@host.example.test"),
+        ("root@LocalHost.LocalDomain", "root@host.example.test"),
+        ("root@db.localdomain", "root@db.localdomain"),  # another machine, maybe
+        ("root@localhost.localdomain.example.test", "root@localhost.localdomain.example.test"),
+    ],
+)
+def test_localhost_localdomain_is_a_local_name(address: str, expected: str) -> None:
+    """This machine by Red Hat's /etc/hosts and Postfix's default mydestination on a host
+    without a domain; other names under ``localdomain`` are left as they are."""
+    assert localnames.qualify(address, "host.example.test") == expected
+
+
+@pytest.mark.parametrize("fqdn", ["localhost.localdomain", "ip6.localhost"])
+def test_no_default_origin_at_localhost(monkeypatch: pytest.MonkeyPatch, fqdn: str) -> None:
+    """A host without a name of its own has ``localhost.localdomain`` for its fully
+    qualified name (Red Hat's /etc/hosts), which was the origin bare names got: a domain
+    no mail can be sent to. ``helo_name`` is the origin then, as for a name without a dot."""
+    monkeypatch.setattr(localnames.socket, "getfqdn", lambda: fqdn)
+    assert localnames.default_origin("mail.example.test") == "mail.example.test"
 
 
 def test_build_adds_from_and_collects_recipients() -> None:

@@ -42,9 +42,10 @@ REWRITTEN_HEADERS = frozenset(
 
 
 def default_origin(helo_name: str) -> str:
-    """The host's fully qualified name, or ``helo_name`` when it has none (no dot)."""
+    """The host's fully qualified name, or ``helo_name`` when it has none (no dot, or a
+    name of localhost such as Red Hat's ``localhost.localdomain``: a local name's)."""
     fqdn = socket.getfqdn().rstrip(".").lower()
-    return fqdn if "." in fqdn else helo_name
+    return fqdn if "." in fqdn and not is_localhost(fqdn) else helo_name
 
 
 def is_bare(address: str) -> bool:

@@ -131,11 +131,18 @@ def _parse_address_list(field: str, value: str) -> tuple[Group, ...]:
 _parse_cached = functools.lru_cache(maxsize=4096)(_parse_address_list)
 
 
+_LOCALHOSTS = frozenset({"localhost", "localhost.localdomain"})
+
+
 def is_localhost(domain: str) -> bool:
     """Whether ``domain`` is ``localhost`` or a name under it (RFC 6761 §6.3: always this
-    machine), which no mail can be sent to: a name there is a local name."""
+    machine), or ``localhost.localdomain``, which no mail can be sent to: a name there is
+    a local name. The last is this machine in Red Hat's /etc/hosts, and in Postfix's
+    default mydestination (``localhost.$mydomain``) on a host without a domain, whose
+    mydomain is then ``localdomain``; other names under ``localdomain`` may be other
+    machines of a network, and are not."""
     domain = domain.lower()
-    return domain == "localhost" or domain.endswith(".localhost")
+    return domain in _LOCALHOSTS or domain.endswith(".localhost")
 
 
 def parse_local_address_list(field: str, value: str, origin: str) -> tuple[Group, ...]:
