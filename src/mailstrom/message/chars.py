@@ -25,8 +25,9 @@ _BAD_OCTETS = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 ASCII_LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e"
 """The ASCII characters ``str.splitlines`` breaks a line at: CR, LF, VT, FF, FS, GS, RS."""
-# What str.splitlines breaks lines at besides CR and LF.
-_OTHER_LINE_BREAKS = re.compile(f"[{ASCII_LINE_BREAKS[2:]}\x85\u2028\u2029]")
+OTHER_LINE_BREAKS = re.compile(f"[{ASCII_LINE_BREAKS[2:]}\x85\u2028\u2029]")
+"""What ``str.splitlines`` breaks lines at besides CR and LF: VT, FF, FS, GS, RS, NEL,
+U+2028, U+2029."""
 
 _NAMES = {"\0": "NUL", "\x0b": "VT", "\x0c": "FF", "\x7f": "DEL", "\x85": "NEL"}
 
@@ -70,7 +71,7 @@ def check_other_line_breaks(where: str, value: str) -> None:
     a line of its own, so ``"v\\x0bX-Injected: 1"`` became a header field; the octets it
     writes hold no trace of the character for the raw path's checks to see.
     """
-    match = _OTHER_LINE_BREAKS.search(value)
+    match = OTHER_LINE_BREAKS.search(value)
     if match is not None:
         char = match.group()
         raise ForbiddenCharacter(

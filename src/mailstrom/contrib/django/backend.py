@@ -10,7 +10,9 @@ name, which is left out for mailstrom to make as for any message (one given in
 smtplib does too, and folds a MIME part's Content-Type or Content-Disposition that
 Django 5.2 writes past SMTP's 998-octet line (a long filename) with RFC 2231
 continuations, and a Subject it writes so (a word that long) in RFC 2047 encoded words,
-as Django 6 does, and so an ASCII Subject holding a control character (NUL, ESC...). A
+as Django 6 does, and so an ASCII Subject holding a control character (NUL, ESC...); a
+line break other than CR and LF (VT, U+2028...) in a Subject is a space, which is what a
+reader reads where Django 5.2 folds the Subject at it. A
 domain Django 5.2 would write as another domain (IDNA 2003 maps ``ß`` to ``ss``) is
 given to it as its A-label, as mailstrom delivers to it. So the receiving server gets
 what Django's SMTP backend would have sent it, with mailstrom's Message-ID.
@@ -44,6 +46,7 @@ from mailstrom.message import PreparedMessage
 from mailstrom.message.addresses import Mailbox, mailboxes, parse_address_list, parse_mailbox
 from mailstrom.message.chars import (
     ASCII_LINE_BREAKS,
+    OTHER_LINE_BREAKS,
     bad_header_octet,
     check_header_text,
     shorten,
@@ -156,7 +159,7 @@ def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> 
 
 
 def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> PreparedMessage:
-    message = _with_text_header_names(message)
+    message = _with_subject_line_breaks_as_spaces(_with_text_header_names(message))
     for name in message.extra_headers:
         # Django checks header values only: a line break in a name wrote the text after it
         # as header lines of their own (or as the start of the body). Email(headers=...)
@@ -168,6 +171,7 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
             # refusal, typed. The email package splits a header's text at the other ASCII
             # line breaks too (Hi<VT>Bcc: ... wrote two lines); the non-ASCII ones
             # (U+0085, U+2028, U+2029) it writes inside encoded words, breaking no line.
+            # (The Subject's are spaces by now: _with_subject_line_breaks_as_spaces.)
             raise HeaderInjection(
                 f"{name} header value contains a line break: {shorten(value)}", header=name
             )
@@ -200,6 +204,31 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
         envelope_to=[str(address) for address in message.recipients()],
         now=now,
     )
+
+
+def _with_subject_line_breaks_as_spaces(message: EmailMessage) -> EmailMessage:
+    """``message``, or a shallow copy of it whose subject has a space for each line break
+    ``str.splitlines`` sees other than CR and LF (VT, FF, FS, GS, RS, NEL, U+2028,
+    U+2029), as Django's SMTP backend sends it. The application's message is left as it
+    was; a CR or LF is left for the check that refuses it, as Django refuses it.
+
+    Django's error reports (``mail_admins``, ``AdminEmailHandler``) put an exception's
+    text in the subject, replacing only its CR and LF, and fail silently: a VT, FF, FS,
+    GS or RS in it was refused as a header injection, and the report lost without a
+    trace. Django 5.2 writes the subject in ``email.header.Header``, which folds it at
+    each of them (each piece an encoded word when the subject is not ASCII), and a
+    reader unfolds a fold to a space; a space breaks no line, so nothing after it can
+    become a header field of its own. Django's own backend raises, past
+    ``fail_silently``, where Django 5.2 finds that the text after the break reads as a
+    header field (``HeaderParseError``) and under Django 6 for any of them (its email
+    policy's ``ValueError``): written with a space, that subject is sent too. A line
+    break in another header is still refused (the application wrote that header)."""
+    subject = str(message.subject)
+    if OTHER_LINE_BREAKS.search(subject) is None:
+        return message
+    spaced = copy.copy(message)
+    spaced.subject = OTHER_LINE_BREAKS.sub(" ", subject)
+    return spaced
 
 
 def _with_text_header_names(message: EmailMessage) -> EmailMessage:
@@ -411,8 +440,8 @@ def _afresh(part: Message, name: str, value: Any, *, top: bool) -> str | None:
     2047 encoded words, which carry them. The subject of Django's error report holds the
     request's path, decoded (a bot's ``/blog/%1B`` that ended in a 500): that report,
     failing silently, was lost. It is written in encoded words
-    as the one that is not ASCII is. The line breaks (VT, FF...) are refused before, as
-    header injections, like Django's own CR and LF."""
+    as the one that is not ASCII is. The line breaks (VT, FF...) are spaces by now
+    (:func:`_with_subject_line_breaks_as_spaces`)."""
     if top and name.lower() == "subject":
         text = str(value)
         if text.isascii() and bad_header_octet(text.encode("ascii"), 0, len(text)) >= 0:
