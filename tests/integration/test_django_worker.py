@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.django_project import configure
 
@@ -201,6 +203,45 @@ def test_the_system_check_reports_a_local_part_django_cannot_write() -> None:
     assert server.msg.startswith("SERVER_EMAIL = 'jörg@sender.test' is refused")
     assert "'jörg@example.org'" in admin.msg and "ADMINS" in admin.msg
     assert "not ASCII" in admin.msg
+
+
+def test_the_system_check_reports_a_sender_no_required_dkim_key_signs(tmp_path: Path) -> None:
+    """With ``dkim.required`` mailstrom refuses (NoDKIMKey) a message from a domain no
+    key aligns with: every error report from such a ``SERVER_EMAIL`` was refused, and
+    since Django's error reports fail silently, lost, while the check said nothing."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "example.org.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    dkim = {"keys": [{"domain": "example.org", "selector": "s1", "private_key": str(path)}]}
+    setting = {"store": "memory:", "worker": None, "dkim": {**dkim, "required": True}}
+    with override_settings(
+        MAILSTROM=setting,
+        DEFAULT_FROM_EMAIL="Shop <shop@news.example.org>",
+        SERVER_EMAIL="errors@sender.test",
+        ADMINS=[("Ops", "ops@example.org")],
+    ):
+        [warning] = checks.run_checks(tags=["mailstrom"])
+        assert mail.mail_admins("Boom", "Traceback ...", **silently()) is None
+        assert get_mailstrom().query_recent() == []
+    assert warning.id == "mailstrom.W001"
+    assert warning.msg.startswith("SERVER_EMAIL = 'errors@sender.test' is refused by mailstrom")
+    assert "DKIM" in warning.msg and "sender.test" in warning.msg
+    for required, server_email in (
+        (True, "errors@shop.example.org"),
+        (False, "errors@sender.test"),
+    ):
+        setting = {"store": "memory:", "worker": None, "dkim": {**dkim, "required": required}}
+        with override_settings(
+            MAILSTROM=setting, DEFAULT_FROM_EMAIL="shop@example.org", SERVER_EMAIL=server_email
+        ):
+            assert checks.run_checks(tags=["mailstrom"]) == []
 
 
 @pytest.mark.skipif(HAS_MAILERS, reason="with MAILERS, a mailer's OPTIONS hold them")

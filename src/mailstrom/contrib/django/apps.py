@@ -5,7 +5,7 @@ backend works without it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import django
 from django.apps import AppConfig, apps
@@ -15,7 +15,10 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from mailstrom.contrib.django.conf import SETTING, UNUSED_CREDENTIALS, UNUSED_TIMEOUT, load
-from mailstrom.errors import InvalidMessage
+from mailstrom.errors import InvalidMessage, NoDKIMKey
+
+if TYPE_CHECKING:
+    from mailstrom.dkim.config import DKIMConfig
 
 BACKEND = "mailstrom.contrib.django.EmailBackend"
 
@@ -36,7 +39,7 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
     if app_configs is not None and apps.get_app_config("mailstrom") not in app_configs:
         return []
     try:
-        load(getattr(settings, SETTING, None))
+        conf = load(getattr(settings, SETTING, None))
     except ImproperlyConfigured as exc:
         return [checks.Error(str(exc), hint="See docs/django.md.", id="mailstrom.E001")]
     if not _mailstrom_sends_mail():
@@ -46,7 +49,7 @@ def check_settings(app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
         ("DEFAULT_FROM_EMAIL", "it is the From of mail sent without from_email"),
         ("SERVER_EMAIL", "error reports to ADMINS come from it, and fail silently"),
     ):
-        refusal = _refusal(str(getattr(settings, name)))
+        refusal = _refusal(str(getattr(settings, name)), dkim=conf.settings.config.dkim)
         if refusal is not None:
             warnings.append(
                 checks.Warning(
@@ -157,13 +160,24 @@ def _is_ours(path: object) -> bool:
     return isinstance(backend, type) and issubclass(backend, EmailBackend)
 
 
-def _refusal(address: str) -> InvalidMessage | None:
+def _refusal(address: str, *, dkim: DKIMConfig | None = None) -> InvalidMessage | None:
+    """Why mailstrom refuses ``address`` in a message, or None; with ``dkim``, as the
+    From of a message: ``dkim.required`` refuses a From domain no key aligns with
+    (NoDKIMKey), so every error report from such a ``SERVER_EMAIL`` was lost."""
     # Here, not at the top: see _is_ours. As the backend checks it, so that an address
     # Django cannot write (a local part that is not ASCII) is reported too.
     from mailstrom.contrib.django.backend import parse_django_mailbox
 
     try:
-        parse_django_mailbox("from_email", address)
+        mailbox = parse_django_mailbox("from_email", address)
     except InvalidMessage as exc:
         return exc
+    # The domain as the signer looks it up (Envelope.from_domains).
+    domain = mailbox.address.envelope.rpartition("@")[2]
+    if dkim is not None and dkim.required and not dkim.keys_for([domain]):
+        return NoDKIMKey(
+            f"dkim.required is set and no DKIM key is configured for {domain}, so every "
+            "message from it is refused",
+            domains=(domain,),
+        )
     return None
