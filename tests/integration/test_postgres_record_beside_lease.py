@@ -6,8 +6,9 @@ lease ran waited for that lease to end before its own write began. A held-up lea
 loaded server, a lock) so kept delivered recipients unrecorded, the window in which a
 killed worker's mail goes out again, for as long as it took: in one run of the chaos
 test, leases took up to 35 ms and results waited up to 38 ms for their commit (p99 29
-ms; on SQLite 15 ms, p99 11 ms). Here a lock held on ``suspensions``, which every lease
-reads and no record touches, holds the lease for as long as the test likes.
+ms; on SQLite 15 ms, p99 11 ms). Here a lock held on ``suppressions``, which every lease
+reads and no record or enqueue touches (an enqueue reads ``suspensions``), holds the
+lease for as long as the test likes.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ HOLD_AT_MOST = 30.0
 
 @contextmanager
 def leases_held(url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
-    """Another session holds ``suspensions`` (read by every lease, by no record) until
-    the block ends; the yielded connection watches the server."""
+    """Another session holds ``suppressions`` (read by every lease, by no record or
+    enqueue) until the block ends; the yielded connection watches the server."""
     holder = psycopg.connect(url)
-    holder.execute("LOCK TABLE suspensions IN ACCESS EXCLUSIVE MODE")
+    holder.execute("LOCK TABLE suppressions IN ACCESS EXCLUSIVE MODE")
     release = threading.Timer(HOLD_AT_MOST, holder.rollback)
     release.daemon = True
     release.start()
@@ -77,10 +78,10 @@ def lease_waits(watcher: psycopg.Connection[tuple[object, ...]]) -> bool:
 
 
 def waiting(watcher: psycopg.Connection[tuple[object, ...]]) -> list[str]:
-    """The statements waiting for the lock on ``suspensions``."""
+    """The statements waiting for the lock on ``suppressions``."""
     found = watcher.execute(
         "SELECT a.query FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-        " WHERE NOT l.granted AND l.relation = 'suspensions'::regclass"
+        " WHERE NOT l.granted AND l.relation = 'suppressions'::regclass"
     ).fetchall()
     return [str(query) for (query,) in found]
 
@@ -95,8 +96,7 @@ def test_a_result_is_recorded_while_a_lease_waits(
     results = Results()
     with PostgresStore(postgres_url + "?lock_timeout=60s") as store:
         first = store.enqueue(small_message("a@example.org"), now=datetime.now(UTC))
-        # No poll: after one, the worker's empty lease is followed by a look at the next
-        # due time, which reads suspensions too, and locked there it holds up the loop.
+        # No poll: only the wake-up below leases while the lock is held.
         config = loopback_config(dns_server, mx.port, poll_interval=60.0)
         with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
             mx.wait_for_received(1)  # a@ is on the wire: its content sent, no reply yet

@@ -29,11 +29,6 @@ LEASE = timedelta(minutes=5)
 BACKLOG = 10_000
 """Messages of two recipients each at the destination set aside: 20,000 recipients."""
 
-_REASON = (
-    "PostgreSQL's next_due and lease still walk the due index past every suspended and "
-    "every held recipient: its recipients have no flag to leave them out of the index yet"
-)
-
 
 def backlog(domain: str, count: int = BACKLOG) -> list[PreparedMessage]:
     return [
@@ -140,7 +135,6 @@ def pg_store(postgres_url: str) -> Iterator[PostgresStore]:
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=_REASON)
 @pytest.mark.parametrize("aside", ["suspended", "held"])
 def test_postgres_next_due_and_lease_cost_the_same_whatever_is_set_aside(
     postgres_url: str, pg_store: PostgresStore, aside: str

@@ -150,9 +150,8 @@ class _Ping:
 
     def run(self, store: Store) -> None:
         try:
-            # Not next_due: it walks the due index past every recipient of a suspended
-            # domain (on PostgreSQL of a held message too), a backlog of a million for a
-            # big destination suspended, and it may write (it dates undated rows).
+            # Not next_due: it may write (it dates undated rows, and brings back the
+            # recipients of a timed suspension that has ended).
             store.suspensions(now=datetime.now(UTC))
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"

@@ -200,6 +200,9 @@ class LeaseRow(NamedTuple):
     """The times of this row that are out of range (sent as NULL), or None."""
     cut: bool
     """Whether the lease's ``max_bytes`` left due rows out of it (the same on every row)."""
+    ended: bool
+    """Whether a timed suspension has ended by the lease's ``now`` with its recipients
+    still set aside (the same on every row): the store brings them back."""
 
     @property
     def lane(self) -> str:

@@ -102,7 +102,7 @@ from mailstrom.stores.operator import (
     prefix_upper_bound,
     shape_rows,
 )
-from mailstrom.stores.postgres import rows, unanswered
+from mailstrom.stores.postgres import aside, rows, unanswered
 from mailstrom.stores.postgres.connect import (
     ProcessPool,
     check_conninfo,
@@ -208,6 +208,9 @@ class PostgresStore:
         self._unanswered_leases = unanswered.UnansweredLeases()
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
+        self._ended_seen = False
+        """Whether the last lease saw a timed suspension ended with its recipients still
+        aside (:mod:`.aside`): the next one ends it first."""
         self._verp_key: bytes | None = None
         self._lock_bound = params.lock_bound
         self._beats = HolderBeats(params.dead_after)
@@ -495,13 +498,46 @@ class PostgresStore:
         """Lease up to ``limit`` due recipients in one statement (see Store.lease), with
         the suppression entries that apply to them; with ``lanes``, one statement for the
         named lanes and, when they had room left and nothing more due, one for the
-        others."""
+        others. A timed suspension that has ended brings its recipients back into the due
+        indexes (:mod:`.aside`) before the lease after one that saw it, or before a second
+        try of a lease that found nothing: one more statement, on empty leases only."""
         if row_limit(limit) == 0:
             return None
         if self._statistics.due():
             self._gather_statistics()
         self._give_back_unanswered_leases(now)
-        token = lease_token(holder)
+        if self._ended_seen:
+            # The last lease saw a timed suspension ended: its recipients come back first.
+            self._end_ended(now)
+        take = functools.partial(
+            self._lease_as,
+            lease_token(holder),
+            now=now,
+            limit=limit,
+            lease_for=lease_for,
+            lanes=lanes,
+            max_bytes=max_bytes,
+        )
+        found = take()
+        if found is None and self._fetch("ended_suspensions", {"now": now})[0][0]:
+            # Nothing else was due (so no row said so): the ended suspension's recipients
+            # are still aside. Back in the due index, they are leased now.
+            self._end_ended(now)
+            found = take()
+        return found
+
+    def _lease_as(
+        self,
+        token: str,
+        *,
+        now: datetime,
+        limit: int,
+        lease_for: timedelta,
+        lanes: Sequence[tuple[str, int]] | None,
+        max_bytes: int | None,
+    ) -> Lease | None:
+        """The lease under ``token``: a call that fails leaves it to the next lease's
+        give-back."""
         expires_at = after(now, lease_for)
         backends: list[int] = []
         try:
@@ -588,6 +624,8 @@ class PostgresStore:
                 found += rows.lease_rows(self._fetch_on(backends, "lease_other_lanes", params))
         if not found:
             return None
+        if found[0].ended:
+            self._ended_seen = True
         lease, unreadable = rows.lease_from_rows(token, expires_at, found)
         if not unreadable:
             return lease
@@ -646,6 +684,17 @@ class PostgresStore:
                 reasons[message_id],
             )
         return failed
+
+    def _end_ended(self, now: datetime) -> None:
+        """Bring back the recipients of the timed suspensions that have ended by ``now``
+        and delete those suspensions, in one transaction (:func:`.aside.end_ended`)."""
+        self._ended_seen = False
+        with (
+            self._translating("end_suspensions"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            aside.end_ended(conn, self._queries, now)
 
     def _gather_statistics(self) -> None:
         """Analyse the queue's tables if they have no planner statistics yet (a new
@@ -942,7 +991,11 @@ class PostgresStore:
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due (lease expiry counts).
         Recipients without a due time (a row changed by hand) are made due now."""
-        due, undated = self._fetch("next_due", {"now": now})[0]
+        due, undated, ended = self._fetch("next_due", {"now": now})[0]
+        if ended:
+            # A timed suspension has ended, its recipients still aside: back, then asked.
+            self._end_ended(now)
+            due, undated, _ = self._fetch("next_due", {"now": now})[0]
         if undated and self._date_undated(now):
             return now
         return cast("datetime | None", due)
@@ -1009,10 +1062,20 @@ class PostgresStore:
         """Hold (not leased) or release a message."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
-        found, _, told = self._fetch("set_held", {"id": message_id, "held": held})[0]
+        found, _, told = self._hold("set_held", {"id": message_id, "held": held}, [message_id])
         if not found:
             raise UnknownMessage(message_id)
         self._told_cancelled(told)
+
+    def _hold(self, name: str, params: dict[str, Any], ids: Sequence[str]) -> tuple[Any, ...]:
+        """The row of ``set_held`` or ``hold_many``; a release first locks the suspensions
+        of its destinations, in the same transaction (:func:`.aside.lock_for_release`)."""
+        if params["held"]:
+            return self._fetch(name, params)[0]
+        with self._translating(name), self._pool.connection() as conn, conn.transaction():
+            aside.lock_for_release(conn, self._queries, ids)
+            row: tuple[Any, ...] = conn.execute(self._queries[name], params).fetchall()[0]
+        return row
 
     def purge(self, *, finished_before: datetime) -> int:
         """Delete finished messages whose last recipient finished before the cutoff."""
@@ -1303,8 +1366,8 @@ class PostgresStore:
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages; returns how many changed."""
-        params = {"ids": listed_ids(message_ids), "held": held}
-        changed, _, told = self._fetch("hold_many", params)[0]
+        ids = listed_ids(message_ids)
+        changed, _, told = self._hold("hold_many", {"ids": ids, "held": held}, ids)
         self._told_cancelled(told)
         return int(changed)
 
@@ -1358,8 +1421,8 @@ class PostgresStore:
         wakes workers (NOTIFY)."""
         if not comparable(domain):
             return False
-        found, _ = self._fetch("resume", {"domain": domain, "now": now})[0]
-        return bool(found)
+        with self._translating("resume"), self._pool.connection() as conn, conn.transaction():
+            return aside.resume(conn, self._queries, domain, now)
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:
         """The suspensions in force at ``now``, by domain."""

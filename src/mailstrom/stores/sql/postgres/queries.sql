@@ -34,11 +34,22 @@ WITH new_messages AS (
     ORDER BY t.n  -- seq follows the caller's order
     ON CONFLICT (id) DO NOTHING  -- written again after its answer was lost: once
     RETURNING id, seq, send_at, priority
+), suspended AS (
+    -- The suspensions of these domains, whatever their end: a recipient there (or of a
+    -- held message) is set aside (schema version 20). FOR KEY SHARE holds off a resume
+    -- (or the end of a timed suspension: end_suspensions) until this commits, so that it
+    -- then finds these rows; one that went first is read as gone. In domain order, as
+    -- lock_ended locks them: the other way round, each could wait for the other.
+    SELECT domain FROM suspensions
+    WHERE domain = ANY (%(r_domains)s::text[])
+    ORDER BY domain
+    FOR KEY SHARE
 ), new_recipients AS (
     INSERT INTO recipients (message_id, seq, address, position, domain, state,
-                            next_attempt_at, lane)
+                            next_attempt_at, lane, aside)
     SELECT t.message_id, nm.seq, t.address, t.position, t.domain, 'queued',
-           GREATEST(%(now)s, nm.send_at), COALESCE(nm.priority, '')
+           GREATEST(%(now)s, nm.send_at), COALESCE(nm.priority, ''),
+           %(held)s OR t.domain IN (SELECT domain FROM suspended)
     FROM unnest(%(r_ids)s::text[], %(r_addresses)s::text[], %(r_positions)s::integer[],
                 %(r_domains)s::text[]) AS t(message_id, address, position, domain)
     JOIN new_messages nm ON nm.id = t.message_id
@@ -64,7 +75,8 @@ SELECT message_id FROM idempotency_keys WHERE key = %(key)s;
 -- Lock due recipients (skipping rows other workers are locking right now), stamp them
 -- with our token, and return them with their message (see _lease_rest).
 -- The ORDER BY is exactly the index recipients_due, so this reads LIMIT index entries
--- (plus any of held messages) and sorts nothing once the table has statistics.
+-- (plus any of a message held or a destination suspended as this began: the others are
+-- aside, out of the index) and sorts nothing once the table has statistics.
 -- The message is locked FOR SHARE too: a hold committed after this statement's snapshot
 -- only locks the recipients (READ COMMITTED rechecks a row only when a row it locks was
 -- updated), so with the recipient alone the held message read as not held and was
@@ -76,10 +88,12 @@ WITH due AS MATERIALIZED (
            GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at, r.seq, r.position
     FROM recipients r
     JOIN messages m ON m.id = r.message_id
-    WHERE r.state IN ('queued', 'deferred')
+    WHERE r.state IN ('queued', 'deferred') AND NOT r.aside
       AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
       AND NOT m.held
-      -- Suspended destinations (schema version 10) wait, unattempted.
+      -- Suspended destinations (schema version 10) wait, unattempted. Their recipients
+      -- are aside (schema version 20), out of the index, but one queued as the
+      -- suspension began may not be: these filters, not the flag, decide.
       AND NOT EXISTS (SELECT 1 FROM suspensions s
                       WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
     ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
@@ -103,7 +117,7 @@ WITH picked AS MATERIALIZED (
         FROM recipients r
         JOIN messages m ON m.id = r.message_id
         WHERE r.lane = l.lane
-          AND r.state IN ('queued', 'deferred')
+          AND r.state IN ('queued', 'deferred') AND NOT r.aside
           AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
           AND NOT m.held
           AND NOT EXISTS (SELECT 1 FROM suspensions s
@@ -129,7 +143,7 @@ WITH due AS MATERIALIZED (
            GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at, r.seq, r.position
     FROM recipients r
     JOIN messages m ON m.id = r.message_id
-    WHERE r.state IN ('queued', 'deferred')
+    WHERE r.state IN ('queued', 'deferred') AND NOT r.aside
       AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
       AND NOT m.held
       AND r.lane <> ALL (%(lanes)s::text[])
@@ -248,7 +262,10 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts,
            CASE WHEN NOT l.last_attempt_at BETWEEN '1900-01-01Z' AND '9000-01-01Z'
                 THEN 'last_attempt_at ' || l.last_attempt_at END), '') AS bad_times,
        -- Whether max_bytes left rows out: then nothing more is leased after these.
-       (SELECT count(*) FROM due) > (SELECT count(*) FROM leased) AS cut
+       (SELECT count(*) FROM due) > (SELECT count(*) FROM leased) AS cut,
+       -- Whether a timed suspension has ended with its recipients still aside: the store
+       -- then brings them back (end_suspensions) for the next lease.
+       EXISTS (SELECT 1 FROM suspensions WHERE until <= %(now)s) AS ended
 FROM screened l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
 JOIN leased_messages m ON m.id = l.message_id
@@ -726,19 +743,28 @@ SELECT (SELECT count(*) FROM found) AS found,
 -- A worker that leased a message now held is told, as of a cancel: it gives back what it
 -- has not started. Judged from the rows as locked, as cancel does: a lease being
 -- committed is waited for and seen, and a later one skips the rows until this commits.
+-- The pending recipients are set aside (schema version 20) while it is held; released,
+-- they are back unless their destination is suspended (its row locked FOR KEY SHARE
+-- before, by lock_suspensions_of in the same transaction: see there).
 WITH changed AS (
     UPDATE messages SET held = %(held)s WHERE id = %(id)s RETURNING 1
 ), locked AS (
-    SELECT lease_token FROM recipients
-    WHERE %(held)s AND message_id = %(id)s AND state IN ('queued', 'deferred')
+    SELECT address, lease_token FROM recipients
+    WHERE message_id = %(id)s AND state IN ('queued', 'deferred')
     ORDER BY address
     FOR UPDATE
+), moved AS (
+    UPDATE recipients r
+    SET aside = CASE WHEN %(held)s THEN true
+                     ELSE EXISTS (SELECT 1 FROM suspensions s WHERE s.domain = r.domain) END
+    FROM locked l
+    WHERE r.message_id = %(id)s AND r.address = l.address AND r.aside <> %(held)s
 )
 SELECT (SELECT count(*) FROM changed) AS found,
        (SELECT pg_notify('mailstrom_work', '')
         WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
-        WHERE EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
+        WHERE %(held)s AND EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
           AND EXISTS (SELECT 1 FROM changed))::text AS told;
 
 -- name: purge
@@ -757,15 +783,19 @@ SELECT count(*) FROM purged;
 
 -- name: next_due
 -- Suspended destinations are left out; the end of a timed suspension counts as a due
--- time (LEAST ignores NULLs). A pending recipient without a due time (no next attempt
--- and no lease: a row changed by hand) sorts last in recipients_due and is never leased:
--- `undated` says there is one (a probe of the index's NULL entries), and the store makes
--- it due (date_undated).
+-- time (LEAST ignores NULLs). The recipients of a suspended destination or a held message
+-- are aside (schema version 20), out of recipients_due: this reads the first entry of
+-- that index (the filters stay for a row queued as a suspension began, not yet aside).
+-- `ended` says a timed suspension has ended with its recipients still aside: the store
+-- brings them back (end_suspensions) and asks again. A pending recipient without a due
+-- time (no next attempt and no lease: a row changed by hand) sorts last in
+-- recipients_due and is never leased: `undated` says there is one (a probe of the index's
+-- NULL entries), and the store makes it due (date_undated).
 SELECT LEAST(
     (SELECT GREATEST(r.next_attempt_at, r.lease_expires_at)
      FROM recipients r
      JOIN messages m ON m.id = r.message_id
-     WHERE r.state IN ('queued', 'deferred') AND NOT m.held
+     WHERE r.state IN ('queued', 'deferred') AND NOT r.aside AND NOT m.held
        AND NOT EXISTS (SELECT 1 FROM suspensions s
                        WHERE s.domain = r.domain
                          AND (s.until IS NULL OR s.until > %(now)s))
@@ -773,14 +803,15 @@ SELECT LEAST(
      LIMIT 1),
     (SELECT min(until) FROM suspensions WHERE until > %(now)s)) AS due_at,
     EXISTS (SELECT 1 FROM recipients r
-            WHERE r.state IN ('queued', 'deferred')
-              AND GREATEST(r.next_attempt_at, r.lease_expires_at) IS NULL) AS undated;
+            WHERE r.state IN ('queued', 'deferred') AND NOT r.aside
+              AND GREATEST(r.next_attempt_at, r.lease_expires_at) IS NULL) AS undated,
+    EXISTS (SELECT 1 FROM suspensions WHERE until <= %(now)s) AS ended;
 
 -- name: date_undated
 -- Pending recipients without a due time (see next_due) made due now: nothing else is
--- wrong with them, and the next lease delivers them.
+-- wrong with them, and the next lease delivers them. Those aside are dated once back.
 UPDATE recipients SET next_attempt_at = %(now)s
-WHERE state IN ('queued', 'deferred')
+WHERE state IN ('queued', 'deferred') AND NOT aside
   AND GREATEST(next_attempt_at, lease_expires_at) IS NULL;
 
 -- name: stats
@@ -966,23 +997,29 @@ SELECT (SELECT count(*) FROM cancelled) AS changed,
 
 -- name: hold_many
 -- As set_held: a worker that leased a message now held is told (judged from the rows as
--- locked).
+-- locked), and the pending recipients are set aside or brought back.
 WITH changed AS (
     UPDATE messages SET held = %(held)s
     WHERE id = ANY (%(ids)s::text[]) AND held <> %(held)s
     RETURNING id
 ), locked AS (
-    SELECT lease_token FROM recipients
-    WHERE %(held)s AND message_id = ANY (%(ids)s::text[])
+    SELECT message_id, address, lease_token FROM recipients
+    WHERE message_id = ANY (%(ids)s::text[])
       AND state IN ('queued', 'deferred')
     ORDER BY message_id, address
     FOR UPDATE
+), moved AS (
+    UPDATE recipients r
+    SET aside = CASE WHEN %(held)s THEN true
+                     ELSE EXISTS (SELECT 1 FROM suspensions s WHERE s.domain = r.domain) END
+    FROM locked l
+    WHERE r.message_id = l.message_id AND r.address = l.address AND r.aside <> %(held)s
 )
 SELECT (SELECT count(*) FROM changed) AS changed,
        (SELECT pg_notify('mailstrom_work', '')
         WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
-        WHERE EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
+        WHERE %(held)s AND EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
           AND EXISTS (SELECT 1 FROM changed))::text AS told;
 
 -- name: purge_many
@@ -1042,22 +1079,99 @@ GROUP BY 1, 2;
 SELECT data FROM messages WHERE id = %(id)s;
 
 -- name: suspend
-INSERT INTO suspensions (domain, suspended_at, until)
-VALUES (%(domain)s, %(now)s, %(until)s)
-ON CONFLICT (domain) DO UPDATE SET suspended_at = excluded.suspended_at,
-                                   until = excluded.until
-RETURNING 1;
-
--- name: resume
--- A timed suspension that has ended is deleted too, but was no suspension: not found.
-WITH ended AS (
-    DELETE FROM suspensions WHERE domain = %(domain)s RETURNING until
-), resumed AS (
-    SELECT 1 FROM ended WHERE until IS NULL OR until > %(now)s
+-- The destination's pending recipients are set aside (schema version 20): out of the due
+-- indexes, so that no lease or next_due walks past them. Locked in the order cancel and
+-- hold lock recipients. One queued as this runs may stay in the index (its enqueue read
+-- no suspension yet, and this statement's snapshot has no such row): the lease's filters
+-- keep it waiting all the same, and resume finds nothing of it to bring back.
+WITH suspended AS (
+    INSERT INTO suspensions (domain, suspended_at, until)
+    VALUES (%(domain)s, %(now)s, %(until)s)
+    ON CONFLICT (domain) DO UPDATE SET suspended_at = excluded.suspended_at,
+                                       until = excluded.until
+    RETURNING 1
+), locked AS (
+    SELECT message_id, address FROM recipients
+    WHERE domain = %(domain)s AND state IN ('queued', 'deferred') AND NOT aside
+    ORDER BY message_id, address
+    FOR UPDATE
+), set_aside AS (
+    UPDATE recipients r SET aside = true
+    FROM locked l
+    WHERE r.message_id = l.message_id AND r.address = l.address AND NOT r.aside
+    RETURNING 1
 )
-SELECT (SELECT count(*) FROM resumed) AS found,
+SELECT (SELECT count(*) FROM suspended), (SELECT count(*) FROM set_aside);
+
+-- name: lock_suspension
+-- The first statement of resume's transaction: its suspension locked (FOR UPDATE waits
+-- for every enqueue and release that read it FOR KEY SHARE to commit; those that come
+-- after wait for this transaction, and then find the row gone), and whether it was in
+-- force at now (a timed suspension that has ended was no suspension: not found).
+-- end_suspensions follows.
+SELECT until IS NULL OR until > %(now)s FROM suspensions
+WHERE domain = %(domain)s
+FOR UPDATE;
+
+-- name: lock_ended
+-- The first statement of the transaction that ends the timed suspensions that have ended
+-- by now (and still have their rows): locked as lock_suspension locks one, in domain
+-- order. A suspension given a later end meanwhile is rechecked and left alone.
+-- end_suspensions follows.
+SELECT domain FROM suspensions
+WHERE until <= %(now)s
+ORDER BY domain
+FOR UPDATE;
+
+-- name: ended_suspensions
+-- Whether a timed suspension has ended by now with its row (and its recipients aside)
+-- still there: an empty lease asks, so that it takes them once they are back.
+SELECT EXISTS (SELECT 1 FROM suspensions WHERE until <= %(now)s);
+
+-- name: end_suspensions
+-- Delete the suspensions of domains (locked by lock_suspension or lock_ended, the
+-- previous statement of this transaction) and bring their pending recipients back into
+-- the due indexes, but for those of held messages. A statement of its own, after the
+-- lock: its snapshot holds every recipient that the enqueues the lock waited for queued
+-- there (set aside, having read the suspension), which a snapshot taken before the lock
+-- missed, leaving them aside for good. Recipients are locked in the order cancel and
+-- hold lock them. Wakes the workers (NOTIFY) when wake is true or recipients came back.
+-- A release locks the suspension FOR KEY SHARE before any recipient (lock_suspensions_of):
+-- one under way was waited for, and its recipients are read here as released and aside;
+-- one that comes later waits for this transaction and then finds no suspension.
+WITH ended AS (
+    DELETE FROM suspensions WHERE domain = ANY (%(domains)s::text[])
+), locked AS (
+    SELECT r.message_id, r.address FROM recipients r
+    WHERE r.domain = ANY (%(domains)s::text[])
+      AND r.state IN ('queued', 'deferred') AND r.aside
+      AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = r.message_id AND m.held)
+    ORDER BY r.message_id, r.address
+    FOR UPDATE OF r
+), back AS (
+    UPDATE recipients r SET aside = false
+    FROM locked l
+    WHERE r.message_id = l.message_id AND r.address = l.address AND r.aside
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM back) AS back,
        (SELECT pg_notify('mailstrom_work', '')
-        WHERE EXISTS (SELECT 1 FROM resumed))::text AS notified;
+        WHERE %(wake)s OR EXISTS (SELECT 1 FROM back))::text AS notified;
+
+-- name: lock_suspensions_of
+-- The first statement of a release's transaction (set_held, hold_many with held false):
+-- the suspensions of the destinations of these messages' pending recipients, locked FOR
+-- KEY SHARE in domain order. A resume or an end then waits for the release to commit,
+-- and finds its recipients left aside (their destination was suspended) to bring back;
+-- one that went first has deleted the row, and the release brings them back itself.
+-- Taken before the release locks any recipient, as resume takes its lock before its
+-- recipients': the other way round, each could wait for the other.
+SELECT s.domain FROM suspensions s
+WHERE s.domain IN (SELECT r.domain FROM recipients r
+                   WHERE r.message_id = ANY (%(ids)s::text[])
+                     AND r.state IN ('queued', 'deferred'))
+ORDER BY s.domain
+FOR KEY SHARE OF s;
 
 -- name: suspensions
 -- By code point, as the other stores list them, whatever the database's collation (one
