@@ -93,9 +93,13 @@ WITH due AS MATERIALIZED (
       AND NOT m.held
       -- Suspended destinations (schema version 10) wait, unattempted. Their recipients
       -- are aside (schema version 20), out of the index, but one queued as the
-      -- suspension began may not be: these filters, not the flag, decide.
-      AND NOT EXISTS (SELECT 1 FROM suspensions s
-                      WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
+      -- suspension began may not be: these filters, not the flag, decide. NOT IN (a
+      -- hashed set of the suspended domains, tested on each row read; domain is never
+      -- NULL), not NOT EXISTS: the planner made that a hash anti join, and with any
+      -- suspension in force read and sorted every due recipient instead of the index's
+      -- first LIMIT entries (0.5 s a lease at 50,000 due).
+      AND r.domain NOT IN (SELECT s.domain FROM suspensions s
+                           WHERE s.until IS NULL OR s.until > %(now)s)
     ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
     LIMIT %(limit)s
     FOR UPDATE OF r SKIP LOCKED FOR SHARE OF m SKIP LOCKED
@@ -120,8 +124,8 @@ WITH picked AS MATERIALIZED (
           AND r.state IN ('queued', 'deferred') AND NOT r.aside
           AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
           AND NOT m.held
-          AND NOT EXISTS (SELECT 1 FROM suspensions s
-                          WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
+          AND r.domain NOT IN (SELECT s.domain FROM suspensions s
+                               WHERE s.until IS NULL OR s.until > %(now)s)
         ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
         LIMIT l.most
         FOR UPDATE OF r SKIP LOCKED FOR SHARE OF m SKIP LOCKED
@@ -147,8 +151,8 @@ WITH due AS MATERIALIZED (
       AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
       AND NOT m.held
       AND r.lane <> ALL (%(lanes)s::text[])
-      AND NOT EXISTS (SELECT 1 FROM suspensions s
-                      WHERE s.domain = r.domain AND (s.until IS NULL OR s.until > %(now)s))
+      AND r.domain NOT IN (SELECT s.domain FROM suspensions s
+                           WHERE s.until IS NULL OR s.until > %(now)s)
     ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
     LIMIT %(limit)s
     FOR UPDATE OF r SKIP LOCKED FOR SHARE OF m SKIP LOCKED
@@ -785,7 +789,8 @@ SELECT count(*) FROM purged;
 -- Suspended destinations are left out; the end of a timed suspension counts as a due
 -- time (LEAST ignores NULLs). The recipients of a suspended destination or a held message
 -- are aside (schema version 20), out of recipients_due: this reads the first entry of
--- that index (the filters stay for a row queued as a suspension began, not yet aside).
+-- that index (the filters stay for a row queued as a suspension began, not yet aside;
+-- NOT IN for the reason the lease gives).
 -- `ended` says a timed suspension has ended with its recipients still aside: the store
 -- brings them back (end_suspensions) and asks again. A pending recipient without a due
 -- time (no next attempt and no lease: a row changed by hand) sorts last in
@@ -796,9 +801,8 @@ SELECT LEAST(
      FROM recipients r
      JOIN messages m ON m.id = r.message_id
      WHERE r.state IN ('queued', 'deferred') AND NOT r.aside AND NOT m.held
-       AND NOT EXISTS (SELECT 1 FROM suspensions s
-                       WHERE s.domain = r.domain
-                         AND (s.until IS NULL OR s.until > %(now)s))
+       AND r.domain NOT IN (SELECT s.domain FROM suspensions s
+                            WHERE s.until IS NULL OR s.until > %(now)s)
      ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at)
      LIMIT 1),
     (SELECT min(until) FROM suspensions WHERE until > %(now)s)) AS due_at,
