@@ -197,3 +197,36 @@ def test_an_upgraded_postgres_queue_sets_its_suspended_and_held_backlog_aside(
         assert store.resume("big.test", now=T0) is True
         store.set_held("m2", False)
         assert sorted(leased(store, T0)) == ["a@big.test", "c@ok.test"]
+
+
+def test_a_lease_whose_rows_say_a_suspension_ended_brings_it_back_for_the_next(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    """This store knows the end of no suspension it did not make: a lease whose rows say
+    one has ended brings its recipients back before the next lease."""
+    store.suspend("big.test", now=T0, until=T0 + HOUR)
+    store.suspend("late.test", now=T0, until=T0 + HOUR)
+    for address in ("a@big.test", "b@ok.test", "c@ok.test", "d@late.test"):
+        store.enqueue(message(address), now=T0)
+    later = T0 + HOUR
+    with PostgresStore(postgres_url, max_size=2) as other:
+        first = other.lease(now=later, limit=1, lease_for=LEASE)
+        assert first is not None
+        assert [r.address for i in first.items for r in i.recipients] == ["b@ok.test"]
+        assert leased(other, later) == ["a@big.test", "c@ok.test", "d@late.test"]
+    assert aside_count(postgres_url) == 0
+
+
+def test_with_nothing_else_due_next_due_brings_back_what_another_process_suspended(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    """An empty lease asks only after the ends of the suspensions its own store made;
+    next_due, which the worker asks after each empty lease, finds any."""
+    store.suspend("big.test", now=T0, until=T0 + HOUR)
+    store.enqueue(message("a@big.test"), now=T0)
+    later = T0 + HOUR
+    with PostgresStore(postgres_url, max_size=2) as other:
+        assert leased(other, later) == []
+        assert other.next_due(now=later) == T0
+        assert leased(other, later) == ["a@big.test"]
+    assert aside_count(postgres_url) == 0

@@ -211,6 +211,10 @@ class PostgresStore:
         self._ended_seen = False
         """Whether the last lease saw a timed suspension ended with its recipients still
         aside (:mod:`.aside`): the next one ends it first."""
+        self._ends: frozenset[datetime] = frozenset()
+        """The ends of the timed suspensions made through this store that no empty lease
+        has yet looked past: one that finds nothing at or after such an end asks whether
+        it has ended (another process's is seen by next_due or a lease's rows)."""
         self._verp_key: bytes | None = None
         self._lock_bound = params.lock_bound
         self._beats = HolderBeats(params.dead_after)
@@ -499,8 +503,10 @@ class PostgresStore:
         the suppression entries that apply to them; with ``lanes``, one statement for the
         named lanes and, when they had room left and nothing more due, one for the
         others. A timed suspension that has ended brings its recipients back into the due
-        indexes (:mod:`.aside`) before the lease after one that saw it, or before a second
-        try of a lease that found nothing: one more statement, on empty leases only."""
+        indexes (:mod:`.aside`) before the lease after one whose rows said so, or, made
+        through this store, before a second try of a lease that found nothing; another
+        process's, which no lease saw, is brought back by :meth:`next_due` (the worker asks
+        it after each empty lease)."""
         if row_limit(limit) == 0:
             return None
         if self._statistics.due():
@@ -519,11 +525,15 @@ class PostgresStore:
             max_bytes=max_bytes,
         )
         found = take()
-        if found is None and self._fetch("ended_suspensions", {"now": now})[0][0]:
-            # Nothing else was due (so no row said so): the ended suspension's recipients
-            # are still aside. Back in the due index, they are leased now.
-            self._end_ended(now)
-            found = take()
+        ends = self._ends
+        if found is None and ends and min(ends) <= now.astimezone(UTC):
+            # Nothing else was due (so no row said so), and a suspension made here may have
+            # ended, its recipients still aside: if so, back in the due index, they are
+            # leased now. Asked once per end, not on every empty lease.
+            self._ends = frozenset(end for end in ends if end > now.astimezone(UTC))
+            if self._fetch("ended_suspensions", {"now": now})[0][0]:
+                self._end_ended(now)
+                found = take()
         return found
 
     def _lease_as(
@@ -1415,6 +1425,8 @@ class PostgresStore:
         """Stop delivery to ``domain`` until ``until`` or resume."""
         until = None if until is None else kept_time(until, "until")
         self._fetch("suspend", {"domain": domain, "now": now, "until": until})
+        if until is not None:
+            self._ends |= {until}
 
     def resume(self, domain: str, *, now: datetime) -> bool:
         """End the suspension of ``domain``; False when none was in force at ``now``;
