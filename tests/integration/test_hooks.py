@@ -1211,3 +1211,22 @@ def test_a_413_with_retry_after_is_waited_out_not_given_up(
     assert [r.answered for r in endpoint.requests] == [413, 200]
     assert endpoint.requests[1].ids == endpoint.requests[0].ids
     assert not any("given up" in r.getMessage() for r in caplog.records)
+
+
+def test_a_receiver_de_duplicating_on_id_gets_a_restarted_memory_stores_events(
+    mx: Any, dns_server: LoopbackDNS, endpoint: Endpoint
+) -> None:
+    """Was: a memory store numbered its events from 1, so the same process started again
+    (a deploy, a crash) sent ids its endpoint already had, for other recipients; a receiver
+    that de-duplicates on ``id``, as the guide says to, dropped every one of them."""
+    config = hook_config(dns_server, mx.port, endpoint.url)
+    for run in range(2):
+        results = Results()
+        with Mailstrom(config, store="memory:", worker="thread", on_result=results) as ms:
+            ms.send_email(hello(f"run{run}@example.org", run))
+            results.wait_count(1)
+            endpoint.wait_for(lambda _, n=run + 1: len(endpoint.acked_ids()) >= n)
+    events = [e for r in endpoint.requests if r.answered == 200 for e in r.events]
+    kept = {e["id"]: e["recipient"] for e in events}  # what a de-duplicating receiver keeps
+    assert sorted(kept.values()) == ["run0@example.org", "run1@example.org"]
+    assert [e["id"] for e in events] == sorted(kept)  # increasing across the restart too

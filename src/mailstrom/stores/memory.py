@@ -12,6 +12,7 @@ import inspect
 import itertools
 import secrets
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -159,7 +160,13 @@ class MemoryStore(
         self._cancel_watchers = Watchers()
         self._events_on = False
         self._events: dict[int, _Event] = {}
-        self._event_ids = itertools.count(1)
+        # Numbered on from the clock (microseconds since 1970), not from 1: a process started
+        # again starts a new memory store, and its events went to the same hook endpoint
+        # with ids it already had, which a receiver that de-duplicates on the id (as the
+        # guide says to) dropped. Fewer than a million events a second of uptime keep the
+        # next run's ids above this one's; JSON readers take them exactly (below 2**53)
+        # until the year 2255.
+        self._event_ids = itertools.count(time.time_ns() // 1000)
         self._suspended: dict[str, Suspension] = {}
         self._throttles: dict[str, DestinationThrottle] = {}
         self._buckets: dict[str, BucketState] = {}
