@@ -109,8 +109,11 @@ def verify_signature(
 ) -> bool:
     """Whether ``header`` (the ``Mailstrom-Signature`` value) signs ``body`` under
     ``secret`` with a timestamp within ``tolerance`` seconds of ``now`` (default: the
-    clock). Several ``v1=`` values are accepted (one may match), so a secret can be
-    rotated by signing with both for a while. ``None`` (a request without the header, as
+    clock). Several ``v1=`` values are accepted (one may match), as other senders of
+    this scheme sign with an old and a new secret at once; a worker signs with its one
+    ``hook.secret``, so rotate it on the receiving side: accept either secret
+    (``verify_signature(new, ...) or verify_signature(old, ...)``) while every worker
+    is given the new one, then drop the old. ``None`` (a request without the header, as
     ``request.headers.get()`` gives it) signs nothing: False. Raises ValueError for an
     empty ``secret`` (``HookConfig`` refuses one): anybody can sign with the empty key.
 
