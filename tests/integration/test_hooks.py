@@ -1230,3 +1230,36 @@ def test_a_receiver_de_duplicating_on_id_gets_a_restarted_memory_stores_events(
     kept = {e["id"]: e["recipient"] for e in events}  # what a de-duplicating receiver keeps
     assert sorted(kept.values()) == ["run0@example.org", "run1@example.org"]
     assert [e["id"] for e in events] == sorted(kept)  # increasing across the restart too
+
+
+def test_a_hook_request_checks_the_endpoints_certificate_and_name(
+    https_server: Any, tls_ca: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signed events go to the endpoint named, over TLS, or nowhere: a certificate no
+    trusted CA issued, or one for another name, fails the request before any body goes."""
+    server = https_server(names=("localhost",))
+    server.routes["/h"] = Answer(status=200)
+    url = f"https://localhost:{server.port}/h"
+    untrusted = post(url, b"{}", {}, timeout=5.0)  # the session's CA is not trusted yet
+    assert untrusted is not None and "CERTIFICATE_VERIFY_FAILED" in untrusted, untrusted
+    pem = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(pem))
+    monkeypatch.setenv("SSL_CERT_FILE", str(pem))
+    other_name = post(f"https://127.0.0.1:{server.port}/h", b"{}", {}, timeout=5.0)
+    assert other_name is not None and "CERTIFICATE_VERIFY_FAILED" in other_name, other_name
+    assert [r for r in server.requests if r.path == "/h"] == []
+    assert post(url, b"{}", {}, timeout=5.0) is None
+    assert [r.body for r in server.requests if r.path == "/h"] == [b"{}"]
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_a_failed_request_and_the_body_goes_nowhere_else(
+    endpoint: Endpoint, status: int
+) -> None:
+    """Not followed: a hook URL that moved is a configuration error to see in the log, and
+    following it would send the signed events wherever the answer points."""
+    endpoint.answer = lambda n: status if n == 0 else 200
+    endpoint.headers = lambda n: {"Location": f"{endpoint.url}/moved"}
+    failure = post(endpoint.url, b'{"events":[]}', {}, timeout=5.0)
+    assert isinstance(failure, HTTPFailure) and failure.status == status, failure
+    assert [r.path for r in endpoint.requests] == ["/mail-events"]
