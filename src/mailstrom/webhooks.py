@@ -11,7 +11,8 @@ recorded result, oldest first::
      "tags": ["receipt"], "metadata": {"order": "42"}}
 
 ``id`` is unique and increasing per store: a request that timed out may arrive again, so
-receivers de-duplicate on it. The ``Mailstrom-Signature`` header reads
+receivers de-duplicate on it (and on the URL it came to, where several stores post to
+one endpoint: each store numbers its own). The ``Mailstrom-Signature`` header reads
 ``t=<unix seconds>,v1=<hex>``: the hex is HMAC-SHA256 under the shared secret over the
 timestamp, a full stop, and the exact body bytes (the scheme Stripe and Svix use), so a
 receiver can reject forged requests and, by the timestamp, replayed ones::
