@@ -7,6 +7,7 @@ import contextlib
 import gc
 import smtplib
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -206,6 +207,24 @@ def test_the_config_verifies_the_fakes_certificate(fake_mx: FakeMX) -> None:
         ms.send_email(mail("bob@example.org"))
         [got] = fake_mx.wait_for(1)
     assert got.tls
+
+
+def test_a_tls_context_changed_by_one_test_is_not_the_next_fakes() -> None:
+    """Every FakeMX of a process handed out the same client context: a test that made
+    its fake's context stricter (or trust nothing) changed it for every later test."""
+    with FakeMX() as first:
+        changed = first.config.tls_context
+        assert changed is not None
+        changed.maximum_version = ssl.TLSVersion.TLSv1_2
+        changed.verify_flags |= ssl.VERIFY_X509_STRICT
+    with FakeMX() as second:
+        context = second.config.tls_context
+        assert context is not None and context is not changed
+        assert context.maximum_version is not ssl.TLSVersion.TLSv1_2
+        with Mailstrom(replace(second.config, tls=TLSPolicy.VERIFY), store=MemoryStore()) as ms:
+            ms.send_email(mail("bob@example.org"))
+            [got] = second.wait_for(1)
+    assert got.tls and got.tls_version == "TLSv1.3"
 
 
 def test_a_worker_process_on_sqlite(fake_mx: FakeMX, tmp_path: Path) -> None:

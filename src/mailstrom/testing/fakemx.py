@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+from typing import TYPE_CHECKING
 
 from mailstrom.config import Config, Timeouts
 from mailstrom.message.addresses import parse_mailbox
@@ -38,9 +39,12 @@ from mailstrom.testing.smtp import (
     ReceivedMessage,
     ReceivingServer,
     Repeated,
+    contexts_for,
     start_receiving_server,
-    tls_contexts,
 )
+
+if TYPE_CHECKING:
+    import trustme
 
 __all__ = ["MX_HOST", "FakeMX"]
 
@@ -53,9 +57,19 @@ while a loaded machine still answers a loopback command well within it."""
 
 
 @functools.cache
-def _tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+def _certificate() -> tuple[trustme.CA, trustme.LeafCert]:
     # One throwaway CA per process: issuing it takes longer than starting the servers.
-    return tls_contexts(MX_HOST, "localhost", "127.0.0.1")
+    import trustme  # here: importing smtp said what to install when it is missing
+
+    ca = trustme.CA()
+    return ca, ca.issue_cert(MX_HOST, "localhost", "127.0.0.1")
+
+
+def _tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """Contexts of this fake's own. Cached with the certificate, one client context went
+    into every fake's :attr:`FakeMX.config`: a test that changed it (a TLS version, the
+    CAs it trusts) changed it for every later test of the process."""
+    return contexts_for(*_certificate())
 
 
 def _check(reply: str, first: str, what: str) -> str:

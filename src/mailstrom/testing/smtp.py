@@ -124,6 +124,7 @@ __all__ = [
     "Repeated",
     "Rule",
     "ServerFactory",
+    "contexts_for",
     "free_loopback_port",
     "start_receiving_server",
     "tls_contexts",
@@ -968,11 +969,20 @@ def tls_contexts(
     *names: str, ca: trustme.CA | None = None
 ) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """A server context holding a certificate for ``names``, issued by ``ca`` (a new
-    throwaway CA by default), and a client context trusting that CA."""
+    throwaway CA by default), and a client context trusting that CA alone."""
     ca = ca or trustme.CA()
+    return contexts_for(ca, ca.issue_cert(*names))
+
+
+def contexts_for(ca: trustme.CA, cert: trustme.LeafCert) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """New contexts for a certificate issued already: a server context holding ``cert``,
+    and a client context trusting ``ca`` alone (host names checked, as in
+    :func:`ssl.create_default_context`, whose loading of the system's CAs took most of the
+    time). Each call gives contexts of their own, which a test may change without
+    changing another's."""
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(*names).configure_cert(server)
-    client = ssl.create_default_context()
+    cert.configure_cert(server)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ca.configure_trust(client)
     return server, client
 
