@@ -201,6 +201,21 @@ def test_any_domain_goes_to_the_fake_unless_its_records_are_set(fake_mx: FakeMX)
     }
 
 
+def test_resetting_the_zone_keeps_the_fakes_routing(fake_mx: FakeMX) -> None:
+    """reset() (one fake for many hypothesis examples) forgot the records of the
+    example before, and the fake's own too: every domain was NXDOMAIN after it, and
+    every recipient failed as though the address did not exist."""
+    fake_mx.dns.null_mx("no-mail.test")
+    fake_mx.dns.reset()
+    results = Results()
+    to = {"x@anything.example", "y@no-mail.test"}
+    with Mailstrom(fake_mx.config, store=MemoryStore(), on_result=results) as ms:
+        ms.send_email(mail(*sorted(to)))
+        results.wait_final(to)
+    assert results.states() == {"x@anything.example": DELIVERED, "y@no-mail.test": DELIVERED}
+    assert fake_mx.dns.query_counts()  # the counts were reset, and count again
+
+
 def test_the_config_verifies_the_fakes_certificate(fake_mx: FakeMX) -> None:
     config = replace(fake_mx.config, tls=TLSPolicy.VERIFY)
     with Mailstrom(config, store=MemoryStore()) as ms:

@@ -92,14 +92,34 @@ def _key(address: str) -> str:
     return parse_mailbox("address", address).address.envelope.lower()
 
 
+def _route(dns: LoopbackDNS) -> None:
+    """Send every domain's mail to :data:`MX_HOST` (127.0.0.1)."""
+    dns.wildcard_mx([(10, MX_HOST)])
+    dns.a(MX_HOST, "127.0.0.1")
+
+
+class _FakeMXDNS(LoopbackDNS):
+    """A FakeMX's zone: every domain routed to the fake. :meth:`reset` gives back the
+    zone the fake started with, as :meth:`LoopbackDNS.reset` gives back the empty one
+    a plain server starts with: the fake's own records went too, and every domain was
+    NXDOMAIN from then on, every recipient failed."""
+
+    def reset(self) -> None:
+        """Forget the records, AD settings and query counts the test set; keep the
+        fake's routing."""
+        super().reset()
+        _route(self)
+
+
 class FakeMX:
     """A loopback DNS zone routing every domain to one scripted SMTP server."""
 
     host = MX_HOST
 
     def __init__(self) -> None:
-        self.dns = LoopbackDNS()
-        """The DNS server; edit its zone to give a domain other records."""
+        self.dns: LoopbackDNS = _FakeMXDNS()
+        """The DNS server; edit its zone to give a domain other records (its ``reset()``
+        forgets them, and keeps the fake's routing)."""
         self._server: ReceivingServer | None = None
         """The last server started: after :meth:`stop`, still there to read what arrived."""
         self._running = False
@@ -120,8 +140,7 @@ class FakeMX:
             self.dns.stop()
             raise
         self._running = True
-        self.dns.wildcard_mx([(10, MX_HOST)])
-        self.dns.a(MX_HOST, "127.0.0.1")
+        _route(self.dns)
         self._config = Config(
             helo_name="client.fake-mx.test",
             smtp_port=self._server.port,
