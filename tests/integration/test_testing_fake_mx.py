@@ -22,7 +22,15 @@ import dns.name
 import dns.resolver
 import pytest
 
-from mailstrom import AsyncMailstrom, Email, InvalidAddress, Mailstrom, RecipientState, TLSPolicy
+from mailstrom import (
+    AsyncMailstrom,
+    Email,
+    InvalidAddress,
+    Mailstrom,
+    RecipientState,
+    RelayConfig,
+    TLSPolicy,
+)
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.testing import FakeMX, capture
 from mailstrom.testing import smtp as smtp_kit
@@ -500,6 +508,30 @@ def test_a_server_with_implicit_tls_treats_its_connections_as_tls() -> None:
             client.quit()
         [got] = mx.wait_for_messages(1)
     assert got.tls and got.mail_options == ("REQUIRETLS",)
+
+
+def test_a_server_without_auth_offers_no_auth(fake_mx: FakeMX) -> None:
+    """Without ``auth`` a server offered AUTH LOGIN PLAIN once over TLS (aiosmtpd's
+    default), and refused every login with 535: a client with credentials, sent to a
+    relay that has no AUTH, saw "credentials invalid" where it meets no AUTH at all."""
+    import smtplib
+
+    client = smtplib.SMTP("127.0.0.1", fake_mx.server.port, timeout=10)
+    try:
+        client.starttls(context=fake_mx.config.tls_context)
+        client.ehlo("client.test")
+        assert not client.has_extn("auth")
+        assert client.docmd("AUTH PLAIN AGFwcABwdw==")[0] == 502
+    finally:
+        client.quit()
+    relay = RelayConfig(host="127.0.0.1", port=fake_mx.server.port, username="app", password="pw")
+    results = Results()
+    config = replace(fake_mx.config, relay=relay)
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(mail("bob@example.org"))
+        results.wait_count(1)
+        [bob] = ms.query_status(mid).recipients
+    assert "offers no AUTH mechanism" in (bob.reason or ""), bob
 
 
 def test_a_stall_or_drop_point_set_on_the_server_is_checked(fake_mx: FakeMX) -> None:

@@ -29,7 +29,8 @@ Options of ``start_receiving_server(tls_context, ...)`` (all keyword-only)
     ``smtputf8=True``, ``eightbitmime=True``, ``pipelining=True``,
     ``enhancedstatuscodes=True`` (advertise the keywords), ``size_limit=DEFAULT_SIZE_LIMIT``
     (advertised as SIZE, RFC 1870; a MAIL with a larger SIZE, or content past it, gets
-    552; None: no limit, nothing advertised), ``auth=None`` (``(user, password)``: AUTH PLAIN and
+    552; None: no limit, nothing advertised), ``auth=None`` (no AUTH offered, over TLS
+    either, and AUTH answered 502; ``(user, password)``: AUTH PLAIN and
     LOGIN offered even without TLS, only these credentials pass), ``auth_mechanisms=("PLAIN",
     "LOGIN")`` (which of the two to offer),
     ``requiretls=False`` (offer REQUIRETLS, RFC 8689, after STARTTLS, and accept it on
@@ -650,7 +651,13 @@ class _Handler:
         if fixture.ehlo_reply is not None:
             return [fixture.ehlo_reply]
         session.host_name = hostname
-        lines = [r for r in responses if fixture.eightbitmime or r != "250-8BITMIME"]
+        # Without ``auth``, aiosmtpd still offered AUTH over TLS (and refused every login).
+        lines = [
+            r
+            for r in responses
+            if (fixture.eightbitmime or r != "250-8BITMIME")
+            and (fixture.auth is not None or not r.startswith("250-AUTH"))
+        ]
         extra = []
         if fixture.pipelining:
             extra.append("250-PIPELINING")
@@ -830,6 +837,12 @@ class _SMTP(SMTP):
 
     async def smtp_RCPT(self, arg: str) -> None:
         await super().smtp_RCPT(self._take_dsn("RCPT", arg))
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self._fixture.auth is None:  # a server without AUTH, as it advertises none
+            await self.push("502 5.5.1 AUTH not available")
+            return
+        await super().smtp_AUTH(arg)
 
     def _take_dsn(self, command: str, arg: str) -> str:
         """With ``dsn=True``, record the RFC 3461 parameters of ``arg`` and hand aiosmtpd
