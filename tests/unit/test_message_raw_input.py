@@ -440,6 +440,37 @@ def test_a_binary_part_ending_in_cr_in_an_lf_message_is_refused_not_cut(
     assert b"\r\n\r\n\x01\x02\r\n--B--\r\n" in prepare(to_crlf(_ENDS_IN_CR), now=NOW).data
 
 
+_CR_BEFORE_BOUNDARY = (
+    b"From: a@example.com\nTo: b@example.org\nMIME-Version: 1.0\n"
+    b'Content-Type: multipart/mixed; boundary="B"\n\n--B\n'
+    b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: binary\n\n"
+    b"\x01\r--B\n\x02\n--B--\n"
+)
+"""A binary part holding its own boundary right after a bare CR: one part to a reader of
+LF line ends, whose CR is content."""
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        _CR_BEFORE_BOUNDARY,
+        _CR_BEFORE_BOUNDARY.replace(b"\n", b"\r\n"),
+        _email_forwarding(_CR_BEFORE_BOUNDARY),
+    ],
+    ids=["LF line ends", "CRLF line ends", "attached to an Email"],
+)
+def test_a_bare_cr_in_a_binary_part_making_a_delimiter_is_refused(
+    message: bytes | Email,
+) -> None:
+    """The bare CR in ``\\x01\\r--B`` was made a CRLF, which made ``--B`` a delimiter line:
+    the part ended there, its CR was cut off, and ``\\x02`` was sent as another part (of
+    text), a MIME structure other than the one given. A bare CR inside a binary part was
+    refused already, but the part's end was found after the CR had become a line end, so
+    it was no longer inside. It is refused now, naming base64."""
+    with pytest.raises(ForbiddenCharacter, match=r"binary.*bare CR or LF.*base64"):
+        prepare(message, now=NOW)
+
+
 def _compat32_with_subject(subject: str) -> email.message.Message:
     message = email.message.Message()
     message["From"] = "a@example.com"

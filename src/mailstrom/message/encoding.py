@@ -68,20 +68,23 @@ def has_bare_line_end(data: bytes) -> bool:
 def bare_line_ends(data: bytes, offset: int = 0) -> bytes | None:
     """Where :func:`to_crlf` makes a bare CR or LF of ``data`` a CRLF: None when it holds
     none, else octets laid over ``to_crlf(data)`` (placed at ``offset`` of a buffer, with
-    the ``offset`` octets before it NUL) with a CRLF exactly there and nowhere else, for
-    :func:`~mailstrom.message.mime.check_structure`'s check of binary parts.
+    the ``offset`` octets before it NUL), for :func:`~mailstrom.message.mime.check_structure`'s
+    check of binary parts: an LF at each line end made of a bare CR or LF and nowhere else,
+    and a CR first in each line end whose CR may be content.
 
-    Where ``data`` holds a bare LF, its line ends are LF (some of them at least), so a CR
-    before an LF may be content, not part of a line end: each CRLF it held reads CR NUL.
-    Inside a binary part's body both readings send the same octets; right after one,
-    where a delimiter line starts, the CR would be cut off the part as it is read."""
+    A bare CR is content to a reader of lines that end in LF (Postfix's), and a line end to
+    :func:`to_crlf` (and the stdlib): made CRLF it reads CR LF, and NUL LF where a bare LF
+    was. Where ``data`` holds a bare LF, its line ends are LF (some of them at least), so a
+    CR before an LF may be content too: each CRLF it held reads CR NUL, else NUL NUL.
+    Inside a binary part's body a CR that is content is sent as it came in a CRLF; right
+    after one, where a delimiter line starts, it would be cut off the part, or (a bare CR)
+    have made that delimiter line of content."""
     if not has_bare_line_end(data):
         return None
-    # A CRLF that was one already reads as two NULs (CR NUL if it may hold a CR that is
-    # content); the bare CRs and LFs between them are made CRLF.
     kept = b"\0\0" if data.count(b"\n") == data.count(b"\r\n") else b"\r\0"
+    # Bare LFs first: the NUL LF they become holds no CR for the bare CRs' replace.
     bare = kept.join(
-        piece.replace(b"\r", b"\n").replace(b"\n", b"\r\n") for piece in data.split(b"\r\n")
+        piece.replace(b"\n", b"\0\n").replace(b"\r", b"\r\n") for piece in data.split(b"\r\n")
     )
     return b"\0" * offset + bare if offset else bare
 

@@ -337,12 +337,13 @@ def _walk(data: bytes, visit: Callable[[int, int, str, int], Entity | None]) -> 
 
 def _bare_in_binary(item: Entity, bare: bytes) -> bool:
     """Whether ``item`` is a leaf labelled ``Content-Transfer-Encoding: binary`` whose body
-    holds a CRLF that was a bare CR or LF, or is followed by a CRLF whose CR may be its
-    last octet (CR NUL): ``bare`` is laid over its buffer octet for octet (see
-    :func:`~mailstrom.message.encoding.bare_line_ends`)."""
+    holds a CRLF that was a bare CR or LF (an LF in ``bare``), or is followed by a CRLF
+    whose CR may be its last octet (a CR in ``bare``: a CR before an LF in a message with
+    LF line ends, or a bare CR, which made the delimiter line after it): ``bare`` is laid
+    over its buffer octet for octet (see :func:`~mailstrom.message.encoding.bare_line_ends`)."""
     if item.maintype == "multipart" or item.nested or item.cte != "binary":
         return False
-    return bare.find(b"\r\n", item.body, item.end) >= 0 or bare.startswith(b"\r\0", item.end)
+    return bare.find(b"\n", item.body, item.end) >= 0 or bare.startswith(b"\r", item.end)
 
 
 def binary_with_bare_line_end(data: bytes, bare: bytes) -> str | None:
