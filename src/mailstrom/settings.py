@@ -597,11 +597,7 @@ def _mail_domain(key: str, value: Any) -> str:
     name (U-labels allowed) or an address literal. Anything else made every such address
     invalid, each message then refused as malformed (exit 65) instead of the setting."""
     text = _str(key, value)
-    problem = helo_name_problem(text)
-    if problem is None and "." not in text and not text.startswith("["):
-        problem = "a single label, not a fully qualified name"
-    if problem is None:
-        problem = _mail_domain_problem(text)
+    problem = mail_domain_problem(text)
     if problem is not None:
         raise ConfigError(
             f"{key}: {problem}: {shorten(text, 80)} (expected a domain like example.com)"
@@ -609,7 +605,16 @@ def _mail_domain(key: str, value: Any) -> str:
     return text
 
 
-def _mail_domain_problem(domain: str) -> str | None:
+def mail_domain_problem(text: str) -> str | None:
+    """Why ``text`` cannot be the domain of addresses made from bare names (not a fully
+    qualified name or an address literal, or a name no address may have), or None."""
+    problem = helo_name_problem(text)
+    if problem is None and "." not in text and not text.startswith("["):
+        problem = "a single label, not a fully qualified name"
+    return problem if problem is not None else _address_domain_problem(text)
+
+
+def _address_domain_problem(domain: str) -> str | None:
     """Why no address may have ``domain``, as the addresses made with it are validated
     (an A-label that is no IDNA, a special-use name such as ``printer.local``), or None.
     Letters, digits and hyphens are not enough: every message with a bare name would be

@@ -213,6 +213,36 @@ def test_no_default_origin_at_localhost(monkeypatch: pytest.MonkeyPatch, fqdn: s
     assert localnames.default_origin("mail.example.test") == "mail.example.test"
 
 
+@pytest.mark.parametrize(
+    "fqdn",
+    [
+        "host.localdomain",  # an installer's name for a host without a domain
+        "Host.LocalDomain.",
+        "host.local",  # mDNS (RFC 6762): no address may have it
+        "printer.home.arpa",  # a home network's (RFC 8375): nor this
+        "host.invalid",  # RFC 6761 §6.4
+        "db.internal",  # private use (ICANN, 2024)
+        "nas.lan",  # a home router's
+        "my_laptop.example.com",  # no address may have an underscore in its domain
+    ],
+)
+def test_no_default_origin_at_a_private_or_unusable_name(
+    monkeypatch: pytest.MonkeyPatch, fqdn: str
+) -> None:
+    """The host's fully qualified name was the origin of bare names whenever it had a dot:
+    ``root`` became ``root@host.localdomain``, a domain no mail reaches from outside the
+    host's network, and ``root@host.local`` or ``root@printer.home.arpa``, which no
+    address may have, so every message with a bare name was refused (exit 65) on such a
+    host. ``helo_name``, the name the host gives itself to the world, is the origin then."""
+    monkeypatch.setattr(localnames.socket, "getfqdn", lambda: fqdn)
+    assert localnames.default_origin("mail.example.test") == "mail.example.test"
+
+
+def test_default_origin_is_a_public_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(localnames.socket, "getfqdn", lambda: "Web1.Example.COM.")
+    assert localnames.default_origin("mail.example.test") == "web1.example.com"
+
+
 def test_build_adds_from_and_collects_recipients() -> None:
     args = sendmail.parse_args(["-t", "-F", "Zoë", "-f", "me@x.test", "extra@x.test"])
     data, rcpts = sendmail.build(

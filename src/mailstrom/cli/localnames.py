@@ -5,12 +5,12 @@ a mail server gives such a name its origin domain (Postfix's ``myorigin``, by de
 host's name) and looks it up in ``/etc/aliases`` first. The sendmail personality does the
 same, so their mail reaches a real mailbox instead of being refused.
 
-``sendmail.origin`` names the domain (default: the host's fully qualified name, else
-``helo_name``); ``sendmail.aliases`` the aliases file (default ``/etc/aliases`` when it
-exists; an empty value turns aliases off). Aliases map bare names only, recursively
-(a bounded depth, loops stopped; a name after a backslash, ``\\root``, is not aliased
-again); targets that are programs, files or includes (``|cmd``, ``/path``,
-``:include:``) are skipped: mailstrom delivers no local mail.
+``sendmail.origin`` names the domain (default: the host's fully qualified name when it
+is a public one, else ``helo_name``); ``sendmail.aliases`` the aliases file (default
+``/etc/aliases`` when it exists; an empty value turns aliases off). Aliases map bare
+names only, recursively (a bounded depth, loops stopped; a name after a backslash,
+``\\root``, is not aliased again); targets that are programs, files or includes
+(``|cmd``, ``/path``, ``:include:``) are skipped: mailstrom delivers no local mail.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from email.utils import formataddr, quote
 
+from mailstrom.domains import is_public_name
 from mailstrom.errors import ConfigError
 from mailstrom.message.addresses import Group, is_localhost, parse_local_address_list
 from mailstrom.message.stdlib_addresses import address_pairs
+from mailstrom.settings import mail_domain_problem
 
 DEFAULT_ALIASES = "/etc/aliases"
 MAX_ALIASES_SIZE = 1 << 20
@@ -42,10 +44,16 @@ REWRITTEN_HEADERS = frozenset(
 
 
 def default_origin(helo_name: str) -> str:
-    """The host's fully qualified name, or ``helo_name`` when it has none (no dot, or a
-    name of localhost such as Red Hat's ``localhost.localdomain``: a local name's)."""
+    """The host's fully qualified name, or ``helo_name`` when it has none that mail can be
+    sent to from elsewhere: no dot, a name private to the host or its network
+    (:func:`~mailstrom.domains.is_public_name`: Red Hat's ``localhost.localdomain``, an
+    installer's ``host.localdomain``, mDNS's ``host.local`` of RFC 6762, RFC 8375's
+    ``home.arpa``, ``internal``, ``lan``), or one no address may have (``my_laptop.example``).
+    Bare names are mostly cron's and daemons' reports to ``root``, and in From, which a
+    receiver checks: the name the host gives itself in EHLO serves them both."""
     fqdn = socket.getfqdn().rstrip(".").lower()
-    return fqdn if "." in fqdn and not is_localhost(fqdn) else helo_name
+    usable = is_public_name(fqdn) and mail_domain_problem(fqdn) is None
+    return fqdn if usable else helo_name
 
 
 def is_bare(address: str) -> bool:
