@@ -405,7 +405,7 @@ def eight_bit_part_header(data: bytes) -> bool:
 def binary_line_end(content_type: str) -> ForbiddenCharacter:
     """The error for a ``content_type`` part labelled binary that holds a bare CR or LF."""
     return ForbiddenCharacter(
-        f"a {content_type} part labelled Content-Transfer-Encoding: binary holds a bare CR "
+        f"the {content_type} part labelled Content-Transfer-Encoding: binary holds a bare CR "
         "or LF (a CR last, before a line end, in a message with LF line ends), which cannot "
         "be sent unchanged without BINARYMIME (RFC 3030) and would be made CRLF or cut off; "
         "encode that part as base64",
