@@ -608,6 +608,27 @@ def test_a_body_holding_a_nul_is_sent_quoted_printable(project: None, mx: Receiv
     assert parts["text/html"].get_content().rstrip("\r\n") == html
 
 
+def test_a_body_line_past_the_line_limit_is_sent_quoted_printable_in_any_charset(
+    project: None, mx: ReceivingServer
+) -> None:
+    """Django writes a text part quoted-printable when a line passes 998 octets (its
+    ticket #22561) only for UTF-8: with ``encoding = "us-ascii"`` (or ``DEFAULT_CHARSET``
+    so) the line went out 7bit as it was, which its SMTP backend sends and the server
+    refuses (aiosmtpd: ``500 Line too long``), and mailstrom refused (LineTooLong). Such a
+    part is written quoted-printable as Django writes it in UTF-8, and arrives."""
+    body = "x" * 1200 + "\nshort line\n"
+    message = mail.EmailMessage("Hi", body, to=["bob@example.org"])
+    message.encoding = "us-ascii"
+    assert EmailBackend(fail_silently=True).send_messages([message]) == 1
+    [received] = mx.wait_for_messages(1)
+    assert max(len(line) for line in received.content.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    assert parsed["Content-Transfer-Encoding"] == "quoted-printable"
+    assert parsed.get_content_charset() == "us-ascii"
+    assert parsed.get_content().replace("\r\n", "\n") == body
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

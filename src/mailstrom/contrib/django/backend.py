@@ -25,6 +25,7 @@ import copy
 import email.charset
 import email.errors
 import email.policy
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -354,26 +355,37 @@ def _serialised(message: EmailMessage) -> bytes:
         del built["Message-ID"]
     check_entity_headers(built)
     with _typed("Django cannot serialise the message"):
-        _quote_nul_text(built)
+        _quote_unsendable_text(built)
         _fold_long_parameters(built)
         return _as_bytes(built)
 
 
-def _quote_nul_text(built: Message) -> None:
+_UNSENDABLE_DATA = re.compile(rf"\0|(?<![^\r\n])[^\r\n]{{{MAX_LINE + 1}}}")
+"""What 7bit or 8bit data may not carry (RFC 2045 §2.7, §2.8): a NUL, or a line past 998
+octets (a payload written 7bit or 8bit holds one character per octet). A long line is
+looked for from line starts only: tried at every offset, a megabyte of 900-character
+lines took 3 s."""
+
+
+def _quote_unsendable_text(built: Message) -> None:
     """Write quoted-printable each text part Django writes as 7bit or 8bit data that holds
-    a NUL, which such data may not carry (RFC 2045 §2.7, §2.8) and mailstrom refuses
-    (ForbiddenCharacter); quoted-printable carries it as ``=00``, and a reader decodes
-    the same text.
+    a NUL or a line past 998 octets, which such data may not carry (RFC 2045 §2.7, §2.8)
+    and mailstrom refuses (ForbiddenCharacter, LineTooLong); quoted-printable carries a
+    NUL as ``=00`` and breaks a long line with soft line breaks, and a reader decodes the
+    same text.
 
     Django forms refuse a NUL, but not a URL: Django's error report for a bot's
     ``/blog/%00`` (a 500 where the path reaches PostgreSQL, which refuses a NUL) holds
     the path, decoded, in its text and HTML, so that report, failing silently, was lost.
-    Every other part is left as Django writes it; a ``message/rfc822`` part cannot be
+    Django writes a long line quoted-printable itself (its ticket #22561), but only in
+    UTF-8: with ``encoding = "us-ascii"`` it wrote the line as it was, which its SMTP
+    backend sends and a server refuses (aiosmtpd: ``500 Line too long``). Every other
+    part is left as Django writes it; a ``message/rfc822`` part cannot be
     quoted-printable (RFC 2046 §5.2.1) and is still refused.
     """
     for part in built.walk():
         payload = part.get_payload()
-        if not isinstance(payload, str) or "\0" not in payload:
+        if not isinstance(payload, str) or _UNSENDABLE_DATA.search(payload) is None:
             continue  # (a multipart's payload is its parts)
         encoding = str(part.get("Content-Transfer-Encoding", "7bit")).lower()
         if part.get_content_maintype() != "text" or encoding not in ("7bit", "8bit"):
