@@ -501,6 +501,36 @@ def test_a_long_attachment_filename_is_sent_folded_with_rfc_2231_continuations(
     assert attachment.get_content() == content
 
 
+@pytest.mark.parametrize(
+    ("filename", "sent_as"),
+    [
+        ("ü\x01.txt", "ü_.txt"),  # Django writes filename*=utf-8''%C3%BC%01.txt
+        ("report\x1b[2J\x7f.txt", "report_[2J_.txt"),  # Django writes them raw
+        ("a\x0bb\x85c\u2028.txt", "a_b_c_.txt"),  # line breaks the email package splits at
+        ("tab\there.txt", "tab\there.txt"),  # a TAB is left as Django writes it
+    ],
+)
+def test_a_control_character_in_an_attachment_filename_is_sent_as_an_underscore(
+    project: None, mx: ReceivingServer, filename: str, sent_as: str
+) -> None:
+    """A control character in a filename (one taken from an upload or a URL) made
+    mailstrom refuse the message (ForbiddenCharacter), lost under ``fail_silently``,
+    where Django writes it (RFC 2231 ``%01`` when the name is not ASCII, else raw, which
+    no header may hold). It is hostile to the receiver's file system and terminal, so
+    it is sent as ``_``, as mail clients and libraries save such a name (Thunderbird,
+    go-mail); a CR or LF is still a header injection."""
+    message = mail.EmailMessage("Hi", "x", to=["bob@example.org"])
+    message.attach(filename, b"%PDF-", "application/pdf")
+    assert EmailBackend(fail_silently=True).send_messages([message]) == 1
+    assert message.attachments[0][0] == filename  # the application's message is as it was
+    [received] = mx.wait_for_messages(1)
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    assert isinstance(parsed, email.message.EmailMessage)
+    [attachment] = parsed.iter_attachments()
+    assert attachment.get_filename() == sent_as
+    assert attachment.get_content() == b"%PDF-"
+
+
 def test_a_subject_with_a_word_past_the_line_limit_is_sent_folded(
     project: None, mx: ReceivingServer
 ) -> None:

@@ -20,6 +20,8 @@ from mailstrom.errors import ForbiddenCharacter, HeaderInjection
 
 # C0 controls but TAB; DEL and C1; line and paragraph separators; lone surrogates.
 _BAD_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# _BAD_TEXT but CR and LF (a header injection, refused) and lone surrogates (no text).
+_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
 # The same for raw header octets (TAB allowed; CR and LF are handled by the line splitter).
 _BAD_OCTETS = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -60,6 +62,13 @@ def check_header_text(where: str, value: str) -> None:
         f"{match.start()}; header values may not hold control characters other than TAB",
         where=where,
     )
+
+
+def replace_controls(value: str, replacement: str) -> str:
+    """``value`` with ``replacement`` for each control character :func:`check_header_text`
+    refuses but CR and LF, which it refuses as a header injection (and a lone surrogate,
+    which is no text): NUL, ESC, DEL, C1, VT, FF, U+2028... TAB is kept."""
+    return _CONTROLS.sub(replacement, value)
 
 
 def check_other_line_breaks(where: str, value: str) -> None:

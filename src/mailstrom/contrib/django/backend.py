@@ -50,6 +50,7 @@ from mailstrom.message.chars import (
     OTHER_LINE_BREAKS,
     bad_header_octet,
     check_header_text,
+    replace_controls,
     shorten,
 )
 from mailstrom.message.encoding import MAX_LINE
@@ -161,6 +162,7 @@ def prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> 
 
 def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) -> PreparedMessage:
     message = _with_subject_line_breaks_as_spaces(_with_text_header_names(message))
+    message = _with_filename_controls_as_underscores(message)
     for name in message.extra_headers:
         # Django checks header values only: a line break in a name wrote the text after it
         # as header lines of their own (or as the start of the body). Email(headers=...)
@@ -205,6 +207,44 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
         envelope_to=[str(address) for address in message.recipients()],
         now=now,
     )
+
+
+def _with_filename_controls_as_underscores(message: EmailMessage) -> EmailMessage:
+    """``message``, or a shallow copy of it in which each attachment's filename has an
+    ``_`` for each control character mailstrom refuses in a header (NUL, ESC, DEL, VT,
+    U+2028...; see :func:`~mailstrom.message.chars.replace_controls`). The application's
+    message is left as it was; a CR or LF is left for the check that refuses it, a
+    header injection, as Django refuses it.
+
+    Django writes such a filename as RFC 2231 ``%01`` when it is not ASCII and raw (which
+    no header may hold) when it is, and mailstrom refused the message, lost under
+    ``fail_silently``. A name taken from an upload or a URL may hold one, and in a file
+    name it is hostile to the receiver's file system and terminal: mail clients and
+    libraries save it as ``_`` (Thunderbird, go-mail's filename sanitising), so it is
+    sent so. A ``MIMEBase`` part the application built is left as it is (and refused)."""
+    attachments = message.attachments
+    written = [_with_filename_controls_replaced(attachment) for attachment in attachments]
+    if all(new is old for new, old in zip(written, attachments, strict=True)):
+        return message
+    copied = copy.copy(message)
+    copied.attachments = written
+    return copied
+
+
+def _with_filename_controls_replaced(attachment: Any) -> Any:
+    """One entry of ``attachments``: a ``(filename, content, mimetype)`` whose filename has
+    a control character becomes one with ``_`` for it; anything else is itself."""
+    if not (isinstance(attachment, tuple) and len(attachment) == 3):
+        return attachment  # a MIME part, or an entry of another shape, for Django to refuse
+    filename = attachment[0]
+    if not isinstance(filename, str | Promise):
+        return attachment
+    safe = replace_controls(str(filename), "_")
+    if safe == str(filename):
+        return attachment
+    replaced = (safe, *attachment[1:])
+    # Django 5.2 and 6 make an EmailAttachment (a named tuple); a plain tuple stays one.
+    return attachment._make(replaced) if hasattr(attachment, "_make") else replaced
 
 
 def _with_subject_line_breaks_as_spaces(message: EmailMessage) -> EmailMessage:
