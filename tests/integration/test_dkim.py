@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from mailstrom import Attachment, Email
 from mailstrom.dkim import DKIMConfig, DKIMKey
-from mailstrom.dkim.signing import resign_expiring
+from mailstrom.dkim.signing import resign_stale
 from mailstrom.message import prepare
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.dkim import (
@@ -293,7 +293,7 @@ def test_a_dknewkey_seed_file_signs_what_dkimpy_verifies(dns: LoopbackDNS, tmp_p
 
 
 def test_an_expired_signature_made_anew_verifies(dns: LoopbackDNS) -> None:
-    """What the worker sends for a message whose x= has passed (resign_expiring): the
+    """What the worker sends for a message whose x= has passed (resign_stale): the
     signatures made anew verify, a raw message's own signature of another domain kept."""
     foreign = (
         b"DKIM-Signature: v=1; a=rsa-sha256; d=example.net; s=x; c=relaxed/relaxed;\r\n"
@@ -303,7 +303,7 @@ def test_an_expired_signature_made_anew_verifies(dns: LoopbackDNS) -> None:
     for message in (FIXED["text"], raw):
         stored = prepare(message, now=NOW - timedelta(days=4), dkim=DKIM).data  # type: ignore[arg-type]
         assert_all_fail(stored, dns)
-        fresh = resign_expiring(stored, DKIM, now=NOW)
+        fresh = resign_stale(stored, DKIM, now=NOW)
         assert fresh is not None
         verdicts = verify_dkimpy(fresh, dns)
         assert [v.result for v in verdicts[:2]] == ["pass", "pass"], verdicts

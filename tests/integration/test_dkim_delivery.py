@@ -18,11 +18,14 @@ import pytest
 
 from mailstrom import Attachment, DKIMAlgorithm, DKIMSignature, DKIMStatus, Email, RecipientState
 from mailstrom.client import Mailstrom
+from mailstrom.dkim import DKIMConfig, DKIMKey, generate_private_key
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import FakeClock, Results, loopback_config
 from tests.support.dkim import (
+    ED25519,
+    RSA,
     assert_all_fail,
     assert_all_pass,
     dual,
@@ -287,3 +290,50 @@ def test_a_retry_after_the_signature_expired_goes_out_signed_anew(
     now = int(clock().timestamp())
     assert all((int(t["t"]), int(t["x"])) == (now, now + 86400) for t in tags), tags
     assert all(int(t["x"]) < now for t in stored)
+
+
+def rotated(domain: str = "sender.test") -> DKIMConfig:
+    """New keys of their own (not ``dual``'s) under new selectors: the rotation done."""
+    return DKIMConfig(
+        keys=tuple(
+            DKIMKey(domain=domain, selector=s, private_key=generate_private_key(a), algorithm=a)
+            for s, a in (("rsa2027", RSA), ("ed2027", ED25519))
+        )
+    )
+
+
+def test_a_message_queued_before_a_key_rotation_goes_out_signed_by_the_new_keys(
+    tmp_path: Path, dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """Keys rotated while a message waits (deferred, held, scheduled): new selectors in
+    dkim.keys, the old ones removed from it and from DNS. The message went out with the
+    signatures of the keys it was queued with, which no receiver could verify any more
+    (no x= to make the worker sign it again); it is signed by the keys now configured."""
+    mx = receivers[True]
+    mx.rcpt_replies["bob@modern.test"] = ["451 4.3.0 Try later", "250 2.1.5 OK"]
+    store = SQLiteStore(tmp_path / "queue.db")
+    try:
+        results = Results()
+        config = loopback_config(dns_server, mx.port, dkim=CONFIG)
+        with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+            mid = ms.send_email(text_message("bob@modern.test"))
+            results.wait_count(1)
+            assert ms.query_status(mid).state is RecipientState.DEFERRED
+        new = rotated()
+        publish(dns_server, new)
+        for old in CONFIG.keys:
+            dns_server.delete(old.dns_record().name)
+        results = Results()
+        config = loopback_config(dns_server, mx.port, dkim=new)
+        with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+            assert ms.retry(mid) == 1
+            results.wait_count(1)
+            assert ms.query_status(mid).state is RecipientState.DELIVERED
+    finally:
+        store.close()
+    [received] = mx.wait_for_messages(1)
+    assert [(t["d"], t["s"]) for t in signature_tags(received.content)] == [
+        ("sender.test", "rsa2027"),
+        ("sender.test", "ed2027"),
+    ]
+    assert_all_pass(received.content, dns_server)

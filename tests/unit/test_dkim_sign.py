@@ -18,7 +18,7 @@ from tests.support.dkim import ED25519, RSA, dual, key, signature_tags
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.dkim import DKIMConfig
-from mailstrom.dkim.signing import resign_expiring, sign
+from mailstrom.dkim.signing import resign_stale, sign
 from mailstrom.errors import ConfigError, MessageTooLarge, NoDKIMKey
 from mailstrom.message import Email, downgrade_to_7bit, prepare
 
@@ -328,7 +328,7 @@ def test_a_signature_expiring_before_it_is_checked_is_made_anew(
 ) -> None:
     stored = prepare(email(), now=NOW, dkim=EXPIRING).data
     now = NOW + later
-    out = resign_expiring(stored, EXPIRING, now=now)
+    out = resign_stale(stored, EXPIRING, now=now)
     if not resigned:
         assert out is None
         return
@@ -340,18 +340,18 @@ def test_a_signature_expiring_before_it_is_checked_is_made_anew(
     assert new[0]["h"] == old[0]["h"] and new[0]["bh"] == old[0]["bh"]
     # Only the signatures changed: the message under them is the one stored.
     assert out.split(b"\r\nFrom: ", 1)[1] == stored.split(b"\r\nFrom: ", 1)[1]
-    assert resign_expiring(out, EXPIRING, now=now) is None  # fresh now
+    assert resign_stale(out, EXPIRING, now=now) is None  # fresh now
 
 
 def test_nothing_is_signed_again_without_an_expiring_signature() -> None:
     later = NOW + timedelta(days=30)
     unsigned = prepare(email(), now=NOW).data
     no_expiry = prepare(email(), now=NOW, dkim=DKIM).data
-    assert resign_expiring(unsigned, EXPIRING, now=later) is None
-    assert resign_expiring(no_expiry, EXPIRING, now=later) is None
+    assert resign_stale(unsigned, EXPIRING, now=later) is None
+    assert resign_stale(no_expiry, EXPIRING, now=later) is None
     # A signature of a domain this configuration has no key for stays as it is.
     other = prepare(email(), now=NOW, dkim=dual("example.com", expire=timedelta(hours=1))).data
-    assert resign_expiring(other, DKIMConfig(keys=(key("example.net", "n"),)), now=later) is None
+    assert resign_stale(other, DKIMConfig(keys=(key("example.net", "n"),)), now=later) is None
 
 
 def test_only_the_expiring_signatures_of_our_domains_are_replaced() -> None:
@@ -365,7 +365,7 @@ def test_only_the_expiring_signatures_of_our_domains_are_replaced() -> None:
     old = DKIMConfig(keys=(key("example.com", "old"),), expire=timedelta(days=1))
     stored = prepare(raw, now=NOW, dkim=old).data
     assert [t["d"] for t in signature_tags(stored)] == ["example.com", "example.net"]
-    out = resign_expiring(stored, EXPIRING, now=NOW + timedelta(days=2))
+    out = resign_stale(stored, EXPIRING, now=NOW + timedelta(days=2))
     assert out is not None
     assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
         ("example.com", "rsa"),
@@ -374,20 +374,42 @@ def test_only_the_expiring_signatures_of_our_domains_are_replaced() -> None:
     ]
     assert foreign in out
     # Without an expiry configured now, the new signatures have none.
-    unexpiring = resign_expiring(stored, DKIM, now=NOW + timedelta(days=2))
+    unexpiring = resign_stale(stored, DKIM, now=NOW + timedelta(days=2))
     assert unexpiring is not None
     assert ["x" in t for t in signature_tags(unexpiring)] == [False, False, True]
+
+
+def test_a_signature_by_a_key_rotated_away_is_made_anew() -> None:
+    """Keys rotated while the message was queued, no x= at all: the domain's signatures
+    are made by its keys now configured (a selector's case is no rotation); a domain
+    whose keys are all gone keeps its signature, there being nothing to sign it with."""
+    later = NOW + timedelta(days=30)
+    stored = prepare(email(), now=NOW, dkim=DKIM).data
+    assert resign_stale(stored, DKIM, now=later) is None
+    same = DKIMConfig(keys=(key("example.com", "RSA", RSA), key("example.com", "Ed", ED25519)))
+    assert resign_stale(stored, same, now=later) is None
+    # Only the Ed25519 key rotated: both signatures are made anew, by the keys now there.
+    new = DKIMConfig(keys=(key("example.com", "rsa", RSA), key("example.com", "ed2", ED25519)))
+    out = resign_stale(stored, new, now=later)
+    assert out is not None
+    assert [(t["d"], t["s"], "x" in t) for t in signature_tags(out)] == [
+        ("example.com", "rsa", False),
+        ("example.com", "ed2", False),
+    ]
+    assert out.split(b"\r\nFrom: ", 1)[1] == stored.split(b"\r\nFrom: ", 1)[1]
+    assert resign_stale(out, new, now=later) is None
+    assert resign_stale(stored, DKIMConfig(keys=(key("example.net", "n"),)), now=later) is None
 
 
 def test_an_absurd_expiry_in_a_stored_signature_is_no_error() -> None:
     stored = prepare(email(), now=NOW, dkim=EXPIRING).data
     later = NOW + timedelta(days=3)
     huge = re.sub(rb"; x=[0-9]+", b"; x=" + b"9" * 5000, stored)
-    assert resign_expiring(huge, EXPIRING, now=later) is None  # far ahead: kept
+    assert resign_stale(huge, EXPIRING, now=later) is None  # far ahead: kept
     # The first signature's x= is past, the second's far ahead: the domain's two
     # signatures are made anew, none is kept twice.
     at = stored.index(b"; x=", stored.index(b"DKIM-Signature:", 1))
     second = stored[:at] + b"; x=" + b"9" * 5000 + stored[at + 14 :]
-    out = resign_expiring(second, EXPIRING, now=later)
+    out = resign_stale(second, EXPIRING, now=later)
     assert out is not None and [t["s"] for t in signature_tags(out)] == ["rsa", "ed"]
     assert b"9" * 30 not in out

@@ -39,6 +39,10 @@ class DKIMConfig:
     Ed25519 keys only is logged as a warning (``mailstrom.dkim``). A message no key
     matches is sent unsigned, or refused with
     :class:`~mailstrom.errors.NoDKIMKey` when ``required`` is true.
+
+    The worker signs a queued message again with these keys when a selector of a domain
+    they sign for is not among them any more (keys rotated while it waited), or its
+    signature's ``x=`` is about to pass (:func:`~mailstrom.dkim.signing.resign_stale`).
     """
 
     keys: Sequence[DKIMKey] = ()
@@ -50,8 +54,11 @@ class DKIMConfig:
     or its ``send_at`` when later); receivers treat a signature past it as invalid (RFC
     6376 §3.5). An attempt sends the bytes signed at queueing unless their ``x=`` passes
     within the hour: the worker then signs the message again with these keys
-    (:func:`~mailstrom.dkim.signing.resign_expiring`). ``None``: no expiry."""
+    (:func:`~mailstrom.dkim.signing.resign_stale`). ``None``: no expiry."""
     _by_domain: dict[str, tuple[DKIMKey, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    _selectors: dict[str, frozenset[str]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
 
@@ -79,6 +86,7 @@ class DKIMConfig:
             seen.add(name)
             self._by_domain[key.domain] = (*self._by_domain.get(key.domain, ()), key)
         for domain, found in self._by_domain.items():
+            self._selectors[domain] = frozenset(k.selector.lower() for k in found)
             if all(k.algorithm is DKIMAlgorithm.ED25519_SHA256 for k in found):
                 # Said where it is configured, as a small RSA key is: the mail goes out
                 # signed, and only the DMARC reports of the receivers that drop it tell.
@@ -96,6 +104,12 @@ class DKIMConfig:
         check_bool(self.required, "dkim.required")
         if self.required and not keys:
             raise ConfigError("dkim.required is set but no dkim.keys are configured")
+
+    def selectors(self, domain: str) -> frozenset[str]:
+        """The selectors (lower-case) of the keys of ``domain`` (a lower-case A-label,
+        the ``d=`` of a signature) itself, not of a parent; empty when it has none. A
+        signature of ``domain`` by another selector was made by a key rotated away."""
+        return self._selectors.get(domain, frozenset())
 
     def keys_for(self, domains: Iterable[str]) -> tuple[DKIMKey, ...]:
         """The keys that sign mail from ``domains`` (lower-case A-labels, the From

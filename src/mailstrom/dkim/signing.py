@@ -78,12 +78,21 @@ _B64_LINE = 72
 
 RESIGN_BEFORE = timedelta(hours=1)
 """How long before its ``x=`` a signature is made anew as the message goes out
-(:func:`resign_expiring`): longer than the longest transaction the default timeouts
+(:func:`resign_stale`): longer than the longest transaction the default timeouts
 allow (some 20 minutes, RFC 5321 §4.5.3.2), with room for a receiver that verifies
 after it queued the message."""
 _SIGNATURE = b"DKIM-Signature:"
 """How :func:`sign` begins each field it puts in front."""
 _FWS = b" \t\r\n"
+_MADE = re.compile(
+    rb"DKIM-Signature: v=1; a=[a-z0-9-]{1,32}; c=relaxed/relaxed;[ \t\r\n]{1,3}"
+    rb"d=([^; \t\r\n]{1,255});[ \t\r\n]{1,3}s=([^; \t\r\n]{1,255});[ \t\r\n]{1,3}"
+    rb"t=[0-9]{1,20};(?:[ \t\r\n]{1,3}x=([0-9]{1,20});)?"
+    rb"[^\r]*(?:\r\n[ \t][^\r]*)*\r\n(?![ \t])"
+)
+"""A whole field :func:`sign` made (its tags in its order, folded where it folds them):
+its ``d=``, ``s=`` and ``x=``, and where it ends, in one match. Other fields' tags are
+looked up one by one (:func:`_tag`)."""
 _VALUE = re.compile(rb"[ \t\r\n]*([^; \t\r\n]{1,255})")
 """A tag's value after its ``=``: up to the next ``;`` or FWS (``x=`` and ``d=`` hold
 none), at most 255 octets (a domain name's limit; int() refuses some thousand digits)."""
@@ -141,41 +150,51 @@ def sign(
     return b"".join(fields) + data, signatures
 
 
-def resign_expiring(
+def resign_stale(
     data: bytes, dkim: DKIMConfig, *, now: datetime, before: timedelta = RESIGN_BEFORE
 ) -> bytes | None:
-    """``data`` (a message as stored: signed at ``send_email``) signed again now, when the
-    signature :func:`sign` put on top of it expires (``x=``) before ``now + before``, so
-    that no receiver gets a signature it must treat as invalid (RFC 6376 §3.5, §6.1.1):
-    a retry days later, a held message released, a long deferral. None when it does not,
-    which is the case of almost every message, found by a look at its first field: the
-    signatures :func:`sign` makes share their ``x=``.
+    """``data`` (a message as stored: signed at ``send_email``) signed again now when a
+    signature :func:`sign` put on top of it, of a domain ``dkim`` has keys for, is stale:
 
-    The signatures on top of a domain ``dkim`` has keys for, one of them expiring, go,
-    and that domain's keys now configured (a rotated selector's successor, too) sign in
-    their place, with ``dkim.expire``; the signatures of other domains stay as they are.
+    - it expires (``x=``) before ``now + before``: no receiver may get a signature it must
+      treat as invalid (RFC 6376 §3.5, §6.1.1), as a retry days later, a held message
+      released or a long deferral would carry;
+    - or its selector is none of that domain's keys now: the key was rotated away while
+      the message was queued (a scheduled one may wait for weeks), and its DNS record,
+      once removed, would fail the signature when the new key could make a valid one.
+
+    None when none is, the case of almost every message: its signatures name the keys
+    configured and expire later.
+
+    All the signatures on top of a domain with a stale one go, and that domain's keys
+    now configured sign in their place, with ``dkim.expire``; the signatures of other
+    domains (one whose keys are all gone, too) stay as they are.
     """
     if not data.startswith(_SIGNATURE):
         return None
-    first = _field_end(data, 0)
-    expiry = _tag(data, b"x=", 0, first)
-    if expiry is None or not expiry.isdigit():
-        return None
-    deadline = _seconds(now) + int(before.total_seconds())
-    if int(expiry) > deadline:
-        return None
-    ours = {key.domain for key in dkim.keys}
+    deadline: int | None = None
     fields: list[tuple[int, int, str | None]] = []
-    domains: list[str] = []  # those with a signature expiring: all of theirs are made anew
+    domains: list[str] = []  # those with a stale signature: all of theirs are made anew
     at = 0
     while data.startswith(_SIGNATURE, at):
-        end = first if at == 0 else _field_end(data, at)
-        found = _tag(data, b"d=", at, end)
+        made = _MADE.match(data, at)
+        if made is not None:  # sign()'s layout: its d=, s=, x= and end in one match
+            found, selector, expiry = made.groups()
+            end = made.end()
+        else:
+            end = _field_end(data, at)
+            found = _tag(data, b"d=", at, end)
+            selector, expiry = _tag(data, b"s=", at, end), _tag(data, b"x=", at, end)
         name = found.decode("ascii", "replace").lower() if found is not None else None
         fields.append((at, end, name))
-        expiry = _tag(data, b"x=", at, end)
-        if name in ours and expiry is not None and expiry.isdigit() and int(expiry) <= deadline:
-            domains.append(name)
+        if name is not None and name not in domains and (current := dkim.selectors(name)):
+            if selector is None or selector.decode("ascii", "replace").lower() not in current:
+                domains.append(name)  # rotated away
+            elif expiry is not None and expiry.isdigit():
+                if deadline is None:
+                    deadline = _seconds(now) + int(before.total_seconds())
+                if int(expiry) <= deadline:
+                    domains.append(name)
         at = end
     if not domains:
         return None

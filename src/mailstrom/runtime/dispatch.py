@@ -1183,7 +1183,7 @@ class Dispatcher:
         if work.item.smtputf8 and "SMTPUTF8" not in conn.extensions:
             self._fail_utf8_recipients(conn, work, where)
         if self._config.dkim is not None and work.item.data.startswith(b"DKIM-Signature:"):
-            self._resign_expiring(work, self._config.dkim)
+            self._resign_stale(work, self._config.dkim)
         item = work.item
         data, eightbit = item.data, item.eightbit
         try:
@@ -1222,16 +1222,16 @@ class Dispatcher:
             self._done(self._outcomes.from_error(item, error, work.started, where))
             return None
 
-    def _resign_expiring(self, work: _Work, dkim: DKIMConfig) -> None:
-        """Sign ``work``'s message again when its signature would have expired by the
-        time a receiver checks it (a retry days later, a released hold): the stored
-        bytes keep the ``x=`` of when it was queued (see :func:`resign_expiring`)."""
+    def _resign_stale(self, work: _Work, dkim: DKIMConfig) -> None:
+        """Sign ``work``'s message again when a signature it was queued with would have
+        expired by the time a receiver checks it (a retry days later, a released hold),
+        or was made by a key since rotated away (see :func:`resign_stale`)."""
         # Loaded here: a worker signs nothing else (the keys came with the config).
-        from mailstrom.dkim.signing import resign_expiring
+        from mailstrom.dkim.signing import resign_stale
 
         item = work.item
         try:
-            signed = resign_expiring(item.data, dkim, now=self._outcomes.now())
+            signed = resign_stale(item.data, dkim, now=self._outcomes.now())
         except Exception:
             # A bug here must not hold the mail back: an expired signature is no worse
             # than none, which is what receivers make of it.
