@@ -224,7 +224,9 @@ class RecipientStatus:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DKIMStatus:
-    """Whether a message was DKIM-signed when it was queued, and how.
+    """Whether a message was DKIM-signed when it was queued, and how; for a message the
+    worker signed anew as it sent it (its key rotated away, its ``x=`` about to pass),
+    the signatures of that attempt, what the receiver got.
 
     Signed: ``signatures`` lists one :class:`~mailstrom.dkim.DKIMSignature` (domain,
     selector, algorithm) per key that signed it and ``reason`` is None. Unsigned although
@@ -305,9 +307,9 @@ class MessageStatus:
     subject: str | None = None
     held: bool = False
     dkim: DKIMStatus | None = None
-    """Whether the message was DKIM-signed when queued (see :class:`DKIMStatus`); None
-    when DKIM was not configured, or the message was queued by a mailstrom that did not
-    record it."""
+    """Whether the message was DKIM-signed when queued, or as last signed anew by the
+    worker (see :class:`DKIMStatus`); None when DKIM was not configured, or the message
+    was queued by a mailstrom that did not record it."""
     tags: tuple[str, ...] = ()
     """The labels given at submission (``Email.tags`` or ``send_email(tags=...)``)."""
     metadata: Mapping[str, str] = field(default_factory=dict)

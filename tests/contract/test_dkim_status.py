@@ -54,6 +54,35 @@ def test_a_signed_message_lists_its_signatures(store: Store) -> None:
     assert store.status(mid).dkim == st.dkim
 
 
+def test_a_message_signed_anew_as_it_went_shows_the_new_signatures(store: Store) -> None:
+    """The worker signs a message again as it sends it (its key rotated away, its x=
+    about to pass) and its results carry the new signatures: the store records them as
+    the message's DKIM status, which then names what the receiver got. A result that
+    was not recorded (its lease gone) changes nothing."""
+    mid = store.enqueue(prepare(email("shop@sender.test"), now=NOW, dkim=DKIM), now=NOW)
+    rotated = DKIMStatus(
+        signatures=(
+            replace(SIGNED_BY[0], selector="rsa2027"),
+            replace(SIGNED_BY[1], selector="ed2027"),
+        )
+    )
+    lease = lease_all(store)
+    stale = [
+        replace(r, dkim=rotated, lease_token="gone")
+        for r in results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW)
+    ]
+    assert store.record(stale) == []
+    assert store.status(mid).dkim == DKIMStatus(signatures=SIGNED_BY)
+    results = [replace(r, dkim=rotated) for r in results_for(lease, RecipientState.DELIVERED)]
+    assert len(store.record(results)) == 1
+    st = store.status(mid)
+    assert st.dkim == rotated and st.state is RecipientState.DELIVERED
+    assert [m.dkim for m in store.recent()] == [rotated]
+    assert [m.dkim for m in store.query(now=NOW, where=QueueFilter(domain="example.org"))] == [
+        rotated
+    ]
+
+
 def test_an_unsigned_message_says_why(store: Store) -> None:
     prepared = prepare(email("app@other.test"), now=NOW, dkim=DKIM)
     mid = store.enqueue(prepared, now=NOW)

@@ -303,8 +303,9 @@ def test_an_expired_signature_made_anew_verifies(dns: LoopbackDNS) -> None:
     for message in (FIXED["text"], raw):
         stored = prepare(message, now=NOW - timedelta(days=4), dkim=DKIM).data  # type: ignore[arg-type]
         assert_all_fail(stored, dns)
-        fresh = resign_stale(stored, DKIM, now=NOW)
-        assert fresh is not None
+        found = resign_stale(stored, DKIM, now=NOW)
+        assert found is not None
+        fresh, _ = found
         verdicts = verify_dkimpy(fresh, dns)
         assert [v.result for v in verdicts[:2]] == ["pass", "pass"], verdicts
         assert len(verdicts) == (3 if message is raw else 2)

@@ -328,12 +328,19 @@ def test_a_message_queued_before_a_key_rotation_goes_out_signed_by_the_new_keys(
         with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
             assert ms.retry(mid) == 1
             results.wait_count(1)
-            assert ms.query_status(mid).state is RecipientState.DELIVERED
+            status = ms.query_status(mid)
+            recent = {m.id: m.dkim for m in ms.query_recent()}
     finally:
         store.close()
+    assert status.state is RecipientState.DELIVERED
     [received] = mx.wait_for_messages(1)
-    assert [(t["d"], t["s"]) for t in signature_tags(received.content)] == [
-        ("sender.test", "rsa2027"),
-        ("sender.test", "ed2027"),
+    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    assert sent == [
+        ("sender.test", "rsa2027", "rsa-sha256"),
+        ("sender.test", "ed2027", "ed25519-sha256"),
     ]
     assert_all_pass(received.content, dns_server)
+    # The status names the signatures the receiver got, not those made at queueing.
+    assert status.dkim is not None
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
+    assert recent[mid] == status.dkim

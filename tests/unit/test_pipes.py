@@ -11,8 +11,16 @@ from datetime import UTC, datetime
 
 import pytest
 
+from mailstrom.dkim import DKIMAlgorithm, DKIMSignature
 from mailstrom.runtime.pipes import read_frame, result_from_wire, result_to_wire, write_frame
-from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
+from mailstrom.status import (
+    Attempt,
+    AttemptOutcome,
+    DKIMStatus,
+    ReasonClass,
+    RecipientState,
+    SMTPReply,
+)
 from mailstrom.stores.base import RecipientResult
 
 AT = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -94,6 +102,13 @@ def test_every_field_of_a_result_crosses_the_pipe() -> None:
         hard_bounce=True,
         notice='{"v":1}',
         relayed=True,  # of a delivery only: here every field is set, to see it cross
+        dkim=DKIMStatus(
+            signatures=(
+                DKIMSignature(
+                    domain="example.com", selector="s2027", algorithm=DKIMAlgorithm.RSA_SHA256
+                ),
+            )
+        ),
         attempt=Attempt(
             at=AT,
             outcome=AttemptOutcome.PERMANENT,

@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from mailstrom.dkim.canon import FIELD_END, relaxed_body, relaxed_header, split_fields
 from mailstrom.dkim.config import DKIMConfig as DKIMConfig  # re-exported
 from mailstrom.dkim.keys import DKIMKey
+from mailstrom.dkim.signature import DKIMAlgorithm
 from mailstrom.dkim.signature import DKIMSignature as DKIMSignature  # re-exported
 
 SIGNED_HEADERS = (
@@ -85,13 +86,13 @@ _SIGNATURE = b"DKIM-Signature:"
 """How :func:`sign` begins each field it puts in front."""
 _FWS = b" \t\r\n"
 _MADE = re.compile(
-    rb"DKIM-Signature: v=1; a=[a-z0-9-]{1,32}; c=relaxed/relaxed;[ \t\r\n]{1,3}"
+    rb"DKIM-Signature: v=1; a=([a-z0-9-]{1,32}); c=relaxed/relaxed;[ \t\r\n]{1,3}"
     rb"d=([^; \t\r\n]{1,255});[ \t\r\n]{1,3}s=([^; \t\r\n]{1,255});[ \t\r\n]{1,3}"
     rb"t=[0-9]{1,20};(?:[ \t\r\n]{1,3}x=([0-9]{1,20});)?"
     rb"[^\r]*(?:\r\n[ \t][^\r]*)*\r\n(?![ \t])"
 )
 """A whole field :func:`sign` made (its tags in its order, folded where it folds them):
-its ``d=``, ``s=`` and ``x=``, and where it ends, in one match. Other fields' tags are
+its ``a=``, ``d=``, ``s=`` and ``x=``, and where it ends, in one match. Other fields' tags are
 looked up one by one (:func:`_tag`)."""
 _VALUE = re.compile(rb"[ \t\r\n]*([^; \t\r\n]{1,255})")
 """A tag's value after its ``=``: up to the next ``;`` or FWS (``x=`` and ``d=`` hold
@@ -152,7 +153,7 @@ def sign(
 
 def resign_stale(
     data: bytes, dkim: DKIMConfig, *, now: datetime, before: timedelta = RESIGN_BEFORE
-) -> bytes | None:
+) -> tuple[bytes, tuple[DKIMSignature, ...]] | None:
     """``data`` (a message as stored: signed at ``send_email``) signed again now when a
     signature :func:`sign` put on top of it, of a domain ``dkim`` has keys for, is stale:
 
@@ -168,25 +169,29 @@ def resign_stale(
 
     All the signatures on top of a domain with a stale one go, and that domain's keys
     now configured sign in their place, with ``dkim.expire``; the signatures of other
-    domains (one whose keys are all gone, too) stay as they are.
+    domains (one whose keys are all gone, too) stay as they are. Returned with the bytes:
+    the signatures they carry of the domains ``dkim`` has keys for (those made now, then
+    those kept), what the message's DKIM status is to say, as ``sign`` says it of the
+    signatures it makes.
     """
     if not data.startswith(_SIGNATURE):
         return None
     deadline: int | None = None
-    fields: list[tuple[int, int, str | None]] = []
+    # (start, end, d=, s=, a=) of each field: signatures named only when signing anew.
+    fields: list[tuple[int, int, str | None, bytes | None, bytes | None]] = []
     domains: list[str] = []  # those with a stale signature: all of theirs are made anew
     at = 0
     while data.startswith(_SIGNATURE, at):
         made = _MADE.match(data, at)
-        if made is not None:  # sign()'s layout: its d=, s=, x= and end in one match
-            found, selector, expiry = made.groups()
+        if made is not None:  # sign()'s layout: its a=, d=, s=, x= and end in one match
+            algorithm, found, selector, expiry = made.groups()
             end = made.end()
         else:
             end = _field_end(data, at)
-            found = _tag(data, b"d=", at, end)
+            found, algorithm = _tag(data, b"d=", at, end), _tag(data, b"a=", at, end)
             selector, expiry = _tag(data, b"s=", at, end), _tag(data, b"x=", at, end)
         name = found.decode("ascii", "replace").lower() if found is not None else None
-        fields.append((at, end, name))
+        fields.append((at, end, name, selector, algorithm))
         if name is not None and name not in domains and (current := dkim.selectors(name)):
             if selector is None or selector.decode("ascii", "replace").lower() not in current:
                 domains.append(name)  # rotated away
@@ -198,11 +203,31 @@ def resign_stale(
         at = end
     if not domains:
         return None
-    kept = [data[start:end] for start, end, name in fields if name not in domains]
-    signed, _ = sign(
-        b"".join(kept) + data[at:], dkim.keys_for(domains), now=now, expire=dkim.expire
+    kept = [field for field in fields if field[2] not in domains]
+    signed, signatures = sign(
+        b"".join(data[start:end] for start, end, *_ in kept) + data[at:],
+        dkim.keys_for(domains),
+        now=now,
+        expire=dkim.expire,
     )
-    return signed
+    named = (_named(name, selector, a) for _, _, name, selector, a in kept)
+    ours = (*signatures, *(s for s in named if s is not None and dkim.selectors(s.domain)))
+    return signed, ours
+
+
+def _named(
+    domain: str | None, selector: bytes | None, algorithm: bytes | None
+) -> DKIMSignature | None:
+    """The signature these tag values name; None when one is missing or unknown."""
+    if domain is None or selector is None or algorithm is None:
+        return None
+    try:
+        named = DKIMAlgorithm(algorithm.decode("ascii", "replace"))
+    except ValueError:
+        return None
+    return DKIMSignature(
+        domain=domain, selector=selector.decode("ascii", "replace"), algorithm=named
+    )
 
 
 def _field_end(data: bytes, start: int) -> int:

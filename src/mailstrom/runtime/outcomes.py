@@ -371,6 +371,7 @@ class Outcomes:
                 queued_at=r.created_at,
                 size=len(item.data),
                 envelope_from=item.envelope_from,
+                dkim=item.dkim,
             )
             for r in item.recipients
         ]
@@ -434,6 +435,7 @@ class Outcomes:
             hard_bounce=hard and state is RecipientState.FAILED,
             own_reply=own_reply,
             relayed=relayed,
+            dkim=item.dkim,
         )
 
     def _decide(

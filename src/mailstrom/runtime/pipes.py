@@ -112,7 +112,7 @@ def result_to_wire(r: RecipientResult) -> ResultWire:
         *(a.at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port, a.tls_version),
         *(a.tls_cipher, reply, a.error, a.uncertain, reason),
         *(r.queued_at, r.size, r.envelope_from),
-        *(a.tls_policy, r.own_reply, r.hard_bounce, r.notice, r.relayed),
+        *(a.tls_policy, r.own_reply, r.hard_bounce, r.notice, r.relayed, r.dkim),
     )
 
 
@@ -120,7 +120,7 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
     (message_id, address, state, token, next_at, ref, at, outcome, duration) = w[:9]
     (mx_host, ip, port, tls_version, tls_cipher, reply, error, uncertain, reason) = w[9:18]
     (queued_at, size, envelope_from) = w[18:21]
-    (tls_policy, own_reply, hard_bounce, notice, relayed) = w[21:26]
+    (tls_policy, own_reply, hard_bounce, notice, relayed, dkim) = w[21:27]
     smtp_reply = (
         None if reply is None else SMTPReply(code=reply[0], text=reply[1], enhanced=reply[2])
     )
@@ -138,6 +138,7 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
         hard_bounce=hard_bounce,
         notice=notice,
         relayed=relayed,
+        dkim=dkim,
         attempt=Attempt(
             at=at,
             outcome=AttemptOutcome(outcome),

@@ -33,6 +33,7 @@ from mailstrom.status import (
     Attempt,
     DeliveryEvent,
     DestinationThrottle,
+    DKIMStatus,
     MessageStatus,
     QueueStats,
     ReasonClass,
@@ -553,6 +554,10 @@ class WorkItem:
     """When the message was enqueued, even if its ``send_at`` is later (the recipients'
     ``created_at`` is when it could first go): the ``Arrival-Date`` of its notices (RFC
     3464 §2.2.5). None from a store that does not say."""
+    dkim: DKIMStatus | None = None
+    """Set by the worker, never by a store: the signatures of ``data`` when the worker
+    signed it anew for this attempt (a key rotated away, an ``x=`` about to pass; see
+    :func:`~mailstrom.dkim.signing.resign_stale`). Its results carry them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -618,6 +623,11 @@ class RecipientResult:
     """A DELIVERED result whose message asked to hear of its delivery (NOTIFY=SUCCESS) from
     a server that does not offer DSN, which could not be asked to report it: the sender is
     owed a "relayed" notice (RFC 3461 §5.2.2). Stores do not read it."""
+    dkim: DKIMStatus | None = None
+    """The message's DKIM outcome as this attempt sent it, when the worker signed it anew
+    (:attr:`WorkItem.dkim`); None when it went as queued. The store records it as the
+    message's DKIM status with the result, so that status shows the signatures a
+    receiver last got."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

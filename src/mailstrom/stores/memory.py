@@ -357,6 +357,8 @@ class MemoryStore(
                 )
                 notice = result.notice if result.state is RecipientState.FAILED else None
                 r.notice = notice
+                if result.dkim is not None and m is not None:
+                    m.dkim = bounded_dkim(result.dkim)  # signed anew as it went
                 if notice is not None:
                     self._owed[result.message_id] = None
                 recorded.append(result)

@@ -702,6 +702,13 @@ def record_rows(
     recorded: list[RecipientResult] = []
     for start in range(0, len(results), _RECORD_CHUNK):
         recorded += _record_chunk(conn, results[start : start + _RECORD_CHUNK])
+    resigned = {r.message_id: r.dkim for r in recorded if r.dkim is not None}
+    if resigned:  # signed anew as they went (rare): their status says what was sent
+        conn.executemany(
+            "INSERT OR REPLACE INTO message_dkim (message_seq, dkim)"
+            " SELECT seq, ? FROM messages WHERE id = ?",
+            [(dkim_to_column(dkim), mid) for mid, dkim in resigned.items()],
+        )
     return recorded
 
 

@@ -87,6 +87,7 @@ from mailstrom.stores.clock import (
     reading_between,
 )
 from mailstrom.stores.dead_holders import HolderInfo
+from mailstrom.stores.dkim_column import dkim_to_column
 from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
@@ -750,7 +751,17 @@ class PostgresStore:
             self._unanswered.failed(keys)
             raise
         self._unanswered.answered(keys)
-        return [r for r, key in zip(once, keys, strict=True) if key in replayed]
+        recorded = [r for r, key in zip(once, keys, strict=True) if key in replayed]
+        resigned = {r.message_id: r.dkim for r in recorded if r.dkim is not None}
+        if resigned:  # signed anew as they went (rare): their status says what was sent
+            self._fetch_none(
+                "set_dkim",
+                {
+                    "message_ids": list(resigned),
+                    "dkims": [dkim_to_column(d) for d in resigned.values()],
+                },
+            )
+        return recorded
 
     def _record_with_events(
         self, params: dict[str, Any], keys: list[unanswered.Key]

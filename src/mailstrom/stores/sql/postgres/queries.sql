@@ -417,6 +417,15 @@ SELECT message_id, address, token, false FROM updated
 UNION ALL
 SELECT message_id, address, token, true FROM replayed;
 
+-- name: set_dkim
+-- The DKIM outcome of messages the worker signed anew as it sent them (a key rotated away,
+-- an x= about to pass), in place of the one recorded at enqueue: status then names the
+-- signatures a receiver last got. One array element per message; rare, so a statement
+-- of its own after the record that carried them.
+UPDATE messages SET dkim = d.dkim
+FROM unnest(%(message_ids)s::text[], %(dkims)s::text[]) AS d (id, dkim)
+WHERE messages.id = d.id;
+
 -- name: owed_notices
 -- The recipients marked "notice owed" (the record of their failure wrote the mark) of up
 -- to LIMIT messages (of message_ids only, when not NULL) none of whose recipients is
