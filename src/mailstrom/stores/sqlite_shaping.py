@@ -94,10 +94,12 @@ def paused_in(
     found: dict[str, dict[str, DestinationThrottle]] = {}
     for start in range(0, len(message_ids), _IDS_PER_QUERY):
         chunk = message_ids[start : start + _IDS_PER_QUERY]
+        # CROSS JOIN keeps this order: left to itself the planner read every pending
+        # recipient of the queue from the (state, domain) index for each list.
         rows = conn.execute(
             f"SELECT m.id, r.address, {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))}"
-            " FROM messages m JOIN recipients r ON r.message_seq = m.seq"
-            " JOIN destination_throttles t ON t.destination = r.throttled_by"
+            " FROM messages m CROSS JOIN recipients r ON r.message_seq = m.seq"
+            " CROSS JOIN destination_throttles t ON t.destination = r.throttled_by"
             f" WHERE m.id IN ({','.join('?' * len(chunk))})"
             " AND r.state IN ('queued', 'deferred') AND t.until > ?",
             (*chunk, to_us(now)),

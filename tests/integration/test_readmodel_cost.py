@@ -1,0 +1,93 @@
+"""What one dashboard page costs on SQLite, counted as work (VM steps), never timed: a page
+reads an index range as long as the page, whatever the queue holds."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.readmodel import QueueQuery, QueueView
+from mailstrom.readmodel.sqlite import SQLiteReadModel
+from mailstrom.stores.sqlite import SQLiteStore
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+BACKLOG = 10_000
+"""Messages of two recipients each: 20,000 pending recipients."""
+
+
+def _messages(start: int, count: int) -> list[PreparedMessage]:
+    return [
+        PreparedMessage(
+            data=b"Subject: x\r\n\r\nx\r\n",
+            envelope_from="app@sender.test",
+            recipients=(f"a{i}@bulk.test", f"b{i}@bulk.test"),
+        )
+        for i in range(start, start + count)
+    ]
+
+
+class _Counting(SQLiteReadModel):
+    """A read model counting the thousands of VM steps its statements take."""
+
+    steps = 0
+
+    def _connect(self) -> tuple[sqlite3.Connection, bool]:
+        conn, pool = super()._connect()
+
+        def step() -> int:
+            self.steps += 1
+            return 0
+
+        conn.set_progress_handler(step, 1000)
+        return conn, pool
+
+
+class _CountingStore(SQLiteStore):
+    """A store counting the thousands of VM steps its statements take."""
+
+    def __init__(self, path: Path) -> None:
+        self.steps = 0
+        super().__init__(path)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = super()._connect()
+
+        def step() -> int:
+            self.steps += 1
+            return 0
+
+        conn.set_progress_handler(step, 1000)
+        return conn
+
+
+def _costs(path: Path, messages: int) -> tuple[int, int]:
+    """(steps of the dashboard's first page, steps of the store's list of the newest 50)
+    with ``messages`` pending messages queued."""
+    store = _CountingStore(path)
+    model = _Counting(str(path), cache_seconds=0)
+    try:
+        for start in range(0, messages, 2500):
+            store.enqueue_many(_messages(start, min(2500, messages - start)), now=T0)
+        newest = store.enqueue(_messages(messages, 1)[0], now=T0 + timedelta(seconds=1))
+        page = model.queue_page(QueueQuery(view=QueueView.ALL), now=T0)
+        assert page.messages[0].id == newest
+        page_steps = model.steps
+        before = store.steps
+        assert store.recent(50)[0].id == newest
+        return page_steps, store.steps - before
+    finally:
+        model.close()
+        store.close()
+
+
+def test_a_page_costs_the_same_whatever_is_pending(tmp_path: Path) -> None:
+    """The destination pauses a page (the dashboard's, or the store's list) shows were
+    looked up from the index of recipients by state: every pending recipient in the queue
+    was read for each page, 100,000 steps at 20,000 recipients, where the page's own take
+    a few thousand."""
+    small = _costs(tmp_path / "small.db", 100)
+    big = _costs(tmp_path / "big.db", BACKLOG)
+    assert big[0] <= small[0] + 5, (small, big)
+    assert big[1] <= small[1] + 5, (small, big)
