@@ -7,14 +7,18 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import QueueQuery, QueueView
+from mailstrom.readmodel import sqlite as sqlite_model
 from mailstrom.readmodel.sqlite import SQLiteReadModel
 from mailstrom.stores.sqlite import SQLiteStore
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 BACKLOG = 10_000
 """Messages of two recipients each: 20,000 pending recipients."""
+ALL = QueueQuery(view=QueueView.ALL)
 
 
 def _messages(start: int, count: int) -> list[PreparedMessage]:
@@ -62,16 +66,16 @@ class _CountingStore(SQLiteStore):
         return conn
 
 
-def _costs(path: Path, messages: int) -> tuple[int, int]:
-    """(steps of the dashboard's first page, steps of the store's list of the newest 50)
-    with ``messages`` pending messages queued."""
+def _costs(path: Path, messages: int, query: QueueQuery = ALL) -> tuple[int, int]:
+    """(steps of the dashboard's page for ``query``, steps of the store's list of the
+    newest 50) with ``messages`` pending messages queued."""
     store = _CountingStore(path)
     model = _Counting(str(path), cache_seconds=0)
     try:
         for start in range(0, messages, 2500):
             store.enqueue_many(_messages(start, min(2500, messages - start)), now=T0)
         newest = store.enqueue(_messages(messages, 1)[0], now=T0 + timedelta(seconds=1))
-        page = model.queue_page(QueueQuery(view=QueueView.ALL), now=T0)
+        page = model.queue_page(query, now=T0)
         assert page.messages[0].id == newest
         page_steps = model.steps
         before = store.steps
@@ -91,3 +95,16 @@ def test_a_page_costs_the_same_whatever_is_pending(tmp_path: Path) -> None:
     big = _costs(tmp_path / "big.db", BACKLOG)
     assert big[0] <= small[0] + 5, (small, big)
     assert big[1] <= small[1] + 5, (small, big)
+
+
+def test_choosing_a_plan_counts_no_further_than_it_must(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a filter is applied through its index or by walking the messages depends
+    only on whether more than SET_LIMIT rows match; every page counted all of them (a
+    million index entries for the pending page of a million pending recipients)."""
+    monkeypatch.setattr(sqlite_model, "SET_LIMIT", 1000)
+    pending = QueueQuery(view=QueueView.PENDING)
+    just_over = _costs(tmp_path / "small.db", 1000, pending)
+    big = _costs(tmp_path / "big.db", BACKLOG, pending)
+    assert big[0] <= just_over[0] + 5, (just_over, big)
