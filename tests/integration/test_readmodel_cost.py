@@ -13,7 +13,10 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import QueueQuery, QueueView
 from mailstrom.readmodel import sqlite as sqlite_model
 from mailstrom.readmodel.sqlite import SQLiteReadModel
+from mailstrom.status import RecipientState
 from mailstrom.stores.sqlite import SQLiteStore
+
+from ..contract.support import results_for
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 BACKLOG = 10_000
@@ -108,3 +111,45 @@ def test_choosing_a_plan_counts_no_further_than_it_must(
     just_over = _costs(tmp_path / "small.db", 1000, pending)
     big = _costs(tmp_path / "big.db", BACKLOG, pending)
     assert big[0] <= just_over[0] + 5, (just_over, big)
+
+
+def _finish(store: SQLiteStore, state: RecipientState) -> None:
+    """Every recipient of the queue leased and recorded ``state``."""
+    while (lease := store.lease(now=T0, limit=1000, lease_for=timedelta(minutes=5))) is not None:
+        store.record(results_for(lease, state, at=T0, next_attempt_at=T0 + timedelta(days=1)))
+
+
+def _view_steps(path: Path, messages: int, view: QueueView, bulk: RecipientState | None) -> int:
+    """Steps of the first page of ``view`` (which lists nothing) with ``messages`` messages
+    queued and, unless ``bulk`` is None, each recipient recorded so."""
+    store = SQLiteStore(path)
+    model = _Counting(str(path), cache_seconds=0)
+    try:
+        for start in range(0, messages, 2500):
+            store.enqueue_many(_messages(start, min(2500, messages - start)), now=T0)
+        if bulk is not None:
+            _finish(store, bulk)
+        assert model.queue_page(QueueQuery(view=view), now=T0).messages == ()
+        return model.steps
+    finally:
+        model.close()
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("view", "bulk"),
+    [
+        (QueueView.DELIVERED, None),
+        (QueueView.QUEUED, RecipientState.DEFERRED),
+        (QueueView.QUEUED, RecipientState.DELIVERED),
+    ],
+)
+def test_a_view_matching_few_messages_is_read_from_an_index(
+    tmp_path: Path, view: QueueView, bulk: RecipientState | None
+) -> None:
+    """The queued and delivered views walked every message of the queue newest first and
+    probed each: with nothing delivered yet, or nothing queued among deferred or
+    finished mail, a page that lists nothing read all of them."""
+    small = _view_steps(tmp_path / "small.db", 100, view, bulk)
+    big = _view_steps(tmp_path / "big.db", BACKLOG // 2, view, bulk)
+    assert big <= small + 5, (small, big)

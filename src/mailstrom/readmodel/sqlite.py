@@ -462,9 +462,26 @@ def _filters(query: QueueQuery) -> list[_Filter]:
             )
         )
     elif view is QueueView.QUEUED:
-        filters.append(_Filter(f"{_HAS_PENDING} AND NOT {_HAS_DEFERRED}"))
+        # A few queued among many deferred or finished: from the (state, domain) index,
+        # where walking probed every message of the queue to find none.
+        filters.append(
+            _Filter(
+                f"{_HAS_PENDING} AND NOT {_HAS_DEFERRED}",
+                members=f"m.seq IN (SELECT message_seq FROM recipients WHERE state = 'queued')"
+                f" AND NOT {_HAS_DEFERRED}",
+                count="SELECT count(*) FROM recipients WHERE state = 'queued'",
+            )
+        )
     elif view is QueueView.DELIVERED:
-        filters.append(_Filter(_IS_DELIVERED))
+        # Every delivered message has a delivered recipient (one with none is failed).
+        filters.append(
+            _Filter(
+                _IS_DELIVERED,
+                members="m.seq IN (SELECT message_seq FROM recipients WHERE state = 'delivered')"
+                f" AND NOT {_HAS_PENDING} AND NOT {_HAS_FAILED}",
+                count="SELECT count(*) FROM recipients WHERE state = 'delivered'",
+            )
+        )
     elif view is QueueView.FAILED:
         filters.append(_Filter(_IS_FAILED))
     elif view is QueueView.HELD:
