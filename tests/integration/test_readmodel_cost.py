@@ -6,15 +6,20 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import QueueQuery, QueueView
 from mailstrom.readmodel import sqlite as sqlite_model
+from mailstrom.readmodel.postgres import PostgresReadModel
 from mailstrom.readmodel.sqlite import SQLiteReadModel
 from mailstrom.status import RecipientState
+from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.sqlite import SQLiteStore
+from tests.fixtures.postgres import ThrowawayPostgres
 
 from ..contract.support import results_for
 
@@ -153,3 +158,53 @@ def test_a_view_matching_few_messages_is_read_from_an_index(
     small = _view_steps(tmp_path / "small.db", 100, view, bulk)
     big = _view_steps(tmp_path / "big.db", BACKLOG // 2, view, bulk)
     assert big <= small + 5, (small, big)
+
+
+def _rows_touched(plan: dict[str, Any]) -> int:
+    """Rows every node of an EXPLAIN ANALYZE plan produced or filtered out, all loops."""
+    loops = plan.get("Actual Loops", 1)
+    own = (plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)) * loops
+    return own + sum(_rows_touched(child) for child in plan.get("Plans", ()))
+
+
+def _page_rows(url: str, messages: int, held: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Rows PostgreSQL's plan of the Held view's page query touched, with ``messages``
+    messages queued of which the first ``held`` are held."""
+    with PostgresStore(url, max_size=2) as store:
+        for start in range(0, messages, 2500):
+            store.enqueue_many(_messages(start, min(2500, messages - start)), now=T0)
+        listed = store.recent(held)
+        assert store.hold_many([s.id for s in listed], True) == held
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(b"ANALYZE")
+    seen: list[tuple[bytes, Any]] = []
+    execute = psycopg.Cursor.execute
+
+    def noting(cur: psycopg.Cursor[Any], query: Any, params: Any = None, **kw: Any) -> Any:
+        if isinstance(query, bytes) and query.startswith(b"SELECT m.id, m.seq"):
+            seen.append((query, params))
+        return execute(cur, query, params, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(psycopg.Cursor, "execute", noting)
+        model = PostgresReadModel(url)
+        try:
+            page = model.queue_page(QueueQuery(view=QueueView.HELD), now=T0)
+        finally:
+            model.close()
+    assert {m.id for m in page.messages} == {s.id for s in listed}
+    ((query, params),) = seen
+    with psycopg.connect(url) as conn:
+        ((plan,),) = conn.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + query, params).fetchall()
+    return _rows_touched(plan[0]["Plan"])
+
+
+@pytest.mark.postgres
+def test_postgres_reads_the_held_view_from_an_index(
+    postgres_server: ThrowawayPostgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No index had the held flag: the Held view's page read every message of the
+    queue to list the few held ones."""
+    small = _page_rows(postgres_server.create_database(), 100, 3, monkeypatch)
+    big = _page_rows(postgres_server.create_database(), BACKLOG, 3, monkeypatch)
+    assert big <= small + 50, (small, big)
