@@ -670,13 +670,20 @@ def test_sqlite_a_deferred_reply_not_utf8_is_shown_with_a_replacement_character(
         store.close()
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    [f"{NOT_UTF8} || domain", f"CAST({NOT_UTF8} || domain AS BLOB)"],
+    ids=["text", "blob"],
+)
 def test_sqlite_a_destination_not_utf8_is_shown_with_a_replacement_character(
-    sqlite_path: Path,
+    sqlite_path: Path, damaged: str
 ) -> None:
     """The dashboard's destinations page lists the domains of pending recipients as the
     SQLite read model reads them from their rows. A domain holding octets that are not
     UTF-8 (set aside by the next lease, SQLITE["domain not UTF-8"], but listed until then)
-    came back as lone surrogates: the page answered 500 as a whole for that one row."""
+    came back as lone surrogates: the page answered 500 as a whole for that one row. One
+    written as a BLOB (``X'...'`` in the sqlite3 shell) came back as bytes, and the
+    overview and the destinations page answered 500 (an AttributeError)."""
     from starlette.testclient import TestClient
 
     from mailstrom.web import create_app
@@ -703,7 +710,7 @@ def test_sqlite_a_destination_not_utf8_is_shown_with_a_replacement_character(
         damage_sqlite(
             sqlite_path,
             Damage(
-                f"UPDATE recipients SET domain = {NOT_UTF8} || domain WHERE message_seq = {SEQ}",
+                f"UPDATE recipients SET domain = {damaged} WHERE message_seq = {SEQ}",
                 SET_ASIDE,
             ),
             victim,

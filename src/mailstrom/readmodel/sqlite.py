@@ -257,14 +257,19 @@ class SQLiteReadModel:
 
     @staticmethod
     def _destination(
-        conn: sqlite3.Connection, domain: str, *, deferred: int, pending: int | None = None
+        conn: sqlite3.Connection,
+        domain: str | bytes,
+        *,
+        deferred: int,
+        pending: int | None = None,
     ) -> Destination:
         key: str | bytes
         # A domain read back from a row with octets that are not UTF-8 (see
         # sqlite_schema.decode_text) holds lone surrogates, which the driver cannot bind:
-        # such a one is looked up by its octets, and shown with U+FFFD for them.
+        # such a one is looked up by its octets, and shown with U+FFFD for them. One
+        # written as a BLOB by hand is read back as bytes, and matches them as bound.
         match, key = "domain = ?", domain
-        if not comparable(domain):
+        if isinstance(domain, str) and not comparable(domain):
             match = "domain = CAST(? AS TEXT)"
             key = domain.encode("utf-8", "surrogateescape")
         shown = _shown(domain) or ""
