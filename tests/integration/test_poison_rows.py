@@ -671,6 +671,65 @@ def test_sqlite_a_deferred_reply_not_utf8_is_shown_with_a_replacement_character(
 
 
 @pytest.mark.parametrize(
+    "code", [NOT_UTF8, "'soon'", "X'ff'", "4.5"], ids=["not-utf8", "text", "blob", "real"]
+)
+def test_sqlite_a_reply_code_that_is_no_number_leaves_the_reply_out(
+    code: str, sqlite_path: Path
+) -> None:
+    """A reply's code is read back as the SMTPReply's number: one changed by hand to text
+    holding octets that are not UTF-8 came back as a lone surrogate, and the overview,
+    the queue, the destinations and the message's page all answered 500 (a text or a
+    blob was shown as the code). The reply is left out, as a summary leaves out a reply
+    column that is no text; the recipient's error still shows."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    store = SQLiteStore(sqlite_path)
+    try:
+        now = datetime.now(UTC)
+        victim = store.enqueue(message(VICTIM), now=now)
+        lease = store.lease(now=now, limit=10, lease_for=timedelta(minutes=5))
+        assert lease is not None
+        store.record(
+            [
+                RecipientResult(
+                    message_id=victim,
+                    address=VICTIM,
+                    lease_token=lease.token,
+                    state=RecipientState.DEFERRED,
+                    attempt=Attempt(at=now, outcome=AttemptOutcome.TEMPORARY, error="later"),
+                    next_attempt_at=now + timedelta(hours=1),
+                )
+            ]
+        )
+        damage_sqlite(
+            sqlite_path,
+            Damage(
+                f"UPDATE recipients SET reply_code = {code}, reply_text = 'try later'"
+                f" WHERE message_seq = {SEQ}",
+                ATTEMPTED,
+            ),
+            victim,
+        )
+        (recipient,) = store.status(victim).recipients
+        assert (recipient.reply, recipient.error) == (None, "later")
+        model = open_read_model(store, cache_seconds=0)
+        try:
+            (shown,) = model.destinations()
+            (page,) = model.queue_page(QueueQuery(view=QueueView.ALL), now=now).messages
+        finally:
+            model.close()
+        assert shown.last_reply == "later"
+        assert page.recipients[0].reply is None
+        with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
+            for path in ("/", "/queue", "/destinations", f"/message/{victim}"):
+                assert client.get(path).status_code == 200, path
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
     "damaged",
     [f"{NOT_UTF8} || domain", f"CAST({NOT_UTF8} || domain AS BLOB)"],
     ids=["text", "blob"],

@@ -94,9 +94,11 @@ def opt_us(when: datetime | None) -> int | None:
     return None if when is None else to_us(when)
 
 
-def reply_from(code: int | None, enhanced: str | None, text: str | None) -> SMTPReply | None:
-    """The reply stored in three columns, or None when there was none."""
-    if code is None:
+def reply_from(code: object, enhanced: str | None, text: str | None) -> SMTPReply | None:
+    """The reply stored in three columns, or None when there was none, or when its code
+    is no number (a row changed by hand: a text, a blob), which is only shown and would
+    be shown as the code (a lone surrogate of one not UTF-8 failed every page)."""
+    if type(code) is not int:
         return None
     return SMTPReply(code=code, enhanced=enhanced, text=text or "")
 
