@@ -26,13 +26,15 @@ character class body: U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069 (cli.
 shows them escaped)."""
 
 _UNSAFE = re.compile(f"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}\ud800-\udfff]")
-_BIDI = re.compile(f"[{BIDI_CONTROLS}]")
+_BIDI = re.compile(f"[{BIDI_CONTROLS}\ud800-\udfff]")
 
 
 def bidi_escaped(text: str) -> str:
     r"""``text`` with each bidirectional control as a ``\uXXXX`` escape: for a page,
     where they would show the text around them in another order than it reads
-    (CVE-2021-42574), while other control characters change nothing a reader sees.
+    (CVE-2021-42574), while other control characters change nothing a reader sees. A
+    lone surrogate (an octet of a stored value that was not UTF-8) too: no page can
+    encode one, and it failed the page as a whole.
 
     >>> bidi_escaped("invoice\u202efdp.exe")
     'invoice\\u202efdp.exe'

@@ -729,6 +729,33 @@ def test_sqlite_a_reply_code_that_is_no_number_leaves_the_reply_out(
         store.close()
 
 
+def test_sqlite_a_count_not_utf8_is_shown_escaped_on_the_message_page(sqlite_path: Path) -> None:
+    """A column the status read passes on as it is (a recipient's attempts: a text
+    there is set aside by the next lease, SQLITE["attempts text"], but shown until then)
+    holding octets that are not UTF-8 came back as a lone surrogate, which no page can
+    encode: the message's page answered 500. A page shows one as a ``\\uXXXX`` escape."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    store = SQLiteStore(sqlite_path)
+    try:
+        victim = store.enqueue(message(VICTIM), now=datetime.now(UTC))
+        damage_sqlite(
+            sqlite_path,
+            Damage(
+                f"UPDATE recipients SET attempts = {NOT_UTF8} WHERE message_seq = {SEQ}", SET_ASIDE
+            ),
+            victim,
+        )
+        with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
+            page = client.get(f"/message/{victim}")
+            assert page.status_code == 200
+            assert "\\udcff" in page.text
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(
     "damaged",
     [f"{NOT_UTF8} || domain", f"CAST({NOT_UTF8} || domain AS BLOB)"],

@@ -791,9 +791,10 @@ MAX_FORM_BYTES = 16 * 1024
 
 
 def _shown_in_order(value: Any) -> Any:
-    """Every value a page shows, with its bidirectional controls as escapes: a subject,
-    an address, a reply or a tag (what applications and servers wrote) holding U+202E
-    showed the text after it reversed, ``invoice\u202efdp.exe`` as ``invoiceexe.pdf``.
+    """Every value a page shows, with its bidirectional controls (and lone surrogates) as
+    escapes: a subject, an address, a reply or a tag (what applications and servers wrote)
+    holding U+202E showed the text after it reversed, ``invoice\u202efdp.exe`` as
+    ``invoiceexe.pdf``.
     Markup the app built itself (the chart; it has ``__html__``) is left as it is."""
     if isinstance(value, str) and not hasattr(value, "__html__"):
         return bidi_escaped(value)
