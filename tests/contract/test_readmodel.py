@@ -634,3 +634,54 @@ def test_an_address_literal_is_found_as_typed(model: ReadModel, store: Store) ->
         assert _ids(model, view=QueueView.ALL, search=Search(address=typed)) == [stored]
     with pytest.raises(KeyError):
         status.recipient("Bob@[IPv6:::1]")  # a local part is what it was typed as
+
+
+@pytest.mark.parametrize("order", list(SortOrder))
+@pytest.mark.parametrize("view", list(QueueView))
+def test_an_empty_queue_lists_nothing_in_any_view(
+    model: ReadModel, view: QueueView, order: SortOrder
+) -> None:
+    page = model.queue_page(QueueQuery(view=view, order=order), now=NOW)
+    assert (page.messages, page.next) == ((), None)
+    assert model.destinations(now=NOW) == []
+
+
+@pytest.mark.parametrize("order", list(SortOrder))
+def test_a_page_that_ends_the_queue_exactly_is_the_last(
+    model: ReadModel, queue: Queue, order: SortOrder
+) -> None:
+    """Five messages: a page of five is the only one, and a page of four is followed by
+    one of one with no page after it (never by an empty page)."""
+    whole = model.queue_page(QueueQuery(view=QueueView.ALL, order=order, limit=5), now=NOW)
+    assert (len(whole.messages), whole.next) == (5, None)
+    first = model.queue_page(QueueQuery(view=QueueView.ALL, order=order, limit=4), now=NOW)
+    assert len(first.messages) == 4 and first.next is not None
+    rest = model.queue_page(
+        QueueQuery(view=QueueView.ALL, order=order, limit=4, after=first.next), now=NOW
+    )
+    assert (len(rest.messages), rest.next) == (1, None)
+    assert [m.id for m in first.messages + rest.messages] == [m.id for m in whole.messages]
+
+
+def test_a_message_changing_state_between_pages_moves_no_other(
+    model: ReadModel, store: Store, queue: Queue
+) -> None:
+    """The cursor is a message's creation time and insertion number, which no delivery
+    changes: a message delivered between two pages leaves the pending view without
+    another one being skipped or shown twice, and stays in its place in the whole queue."""
+    first = model.queue_page(QueueQuery(view=QueueView.PENDING, limit=2), now=NOW)
+    assert [m.id for m in first.messages] == [queue.held, queue.queued]
+    whole = model.queue_page(QueueQuery(view=QueueView.ALL, limit=2), now=NOW)
+    later = NOW + timedelta(hours=2)
+    lease = lease_all(store, now=later)  # the deferred one is due again, the queued one too
+    store.record(results_for(lease, RecipientState.DELIVERED, at=later, only=["b@two.example"]))
+    rest = model.queue_page(QueueQuery(view=QueueView.PENDING, limit=2, after=first.next), now=NOW)
+    assert (rest.messages, rest.next) == ((), None)
+    seen = [m.id for m in whole.messages]
+    after = whole.next
+    while after is not None:
+        page = model.queue_page(QueueQuery(view=QueueView.ALL, limit=2, after=after), now=NOW)
+        seen += [m.id for m in page.messages]
+        after = page.next
+    assert seen == [queue.held, queue.queued, queue.failed, queue.delivered, queue.deferred]
+    assert _ids(model, view=QueueView.DELIVERED) == [queue.delivered, queue.deferred]
