@@ -729,6 +729,63 @@ def test_sqlite_a_reply_code_that_is_no_number_leaves_the_reply_out(
         store.close()
 
 
+@pytest.mark.parametrize(
+    ("data", "octets"),
+    [
+        ("5", None),
+        ("-1", None),
+        ("4.5", None),
+        ("'caf\u00e9'", "café".encode()),
+        (NOT_UTF8, b"\xff"),
+    ],
+    ids=["five", "negative", "real", "text", "text-not-utf8"],
+)
+def test_sqlite_message_data_that_is_no_octets_is_unreadable(
+    data: str, octets: bytes | None, sqlite_path: Path
+) -> None:
+    """A message's data changed by hand to a number was read as ``bytes(n)``: five NULs
+    for 5, a bare ValueError for -1 and a TypeError for 4.5 (``mailstrom show``), and the
+    message's page said the queue could not be read right now (503, the blob handle
+    refusing the value). Text was a TypeError without a limit, and read with one as only
+    its first octets. A number is an unreadable row now, and text its octets."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    store = SQLiteStore(sqlite_path)
+    try:
+        victim = store.enqueue(message(VICTIM), now=datetime.now(UTC))
+        damage_sqlite(
+            sqlite_path,
+            Damage(f"UPDATE messages SET data = {data} WHERE seq = {SEQ}", SET_ASIDE),
+            victim,
+        )
+        model = open_read_model(store, cache_seconds=0)
+        try:
+            reads = [
+                lambda: store.message_data(victim),
+                lambda: model.message_data(victim),
+                lambda: model.message_data(victim, limit=100),
+                lambda: model.message_data(victim, limit=2),
+            ]
+            if octets is None:
+                for read in reads:
+                    with pytest.raises(UnreadableRow):
+                        read()
+            else:
+                assert [read() for read in reads] == [octets, octets, octets, octets[:2]]
+        finally:
+            model.close()
+        with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
+            page = client.get(f"/message/{victim}")
+        if octets is None:
+            assert (page.status_code, "cannot be shown" in page.text) == (500, True)
+        else:
+            assert page.status_code == 200
+    finally:
+        store.close()
+
+
 def test_sqlite_a_count_not_utf8_is_shown_escaped_on_the_message_page(sqlite_path: Path) -> None:
     """A column the status read passes on as it is (a recipient's attempts: a text
     there is set aside by the next lease, SQLITE["attempts text"], but shown until then)

@@ -43,7 +43,7 @@ from mailstrom.status import DestinationThrottle, RecipientState
 from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
-from mailstrom.stores.row_checks import counted_state, shown_text
+from mailstrom.stores.row_checks import counted_state, shown_text, stored_octets
 from mailstrom.stores.sqlite import _file_uri, _no_shm, _wal_holds_frames
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import HELD_WAITING_SQL, read_messages
@@ -423,17 +423,20 @@ class SQLiteReadModel:
                 ).fetchone()
                 if row is None:
                     raise UnknownMessage(message_id)
-                return bytes(row[0])
-            # length() of a blob reads no content; substr() would load all of it (every
-            # overflow page) before cutting. A blob handle reads the pages asked for.
+                return stored_octets(row[0])
+            # substr() would load all of the data (every overflow page) before cutting.
+            # A blob handle reads the pages asked for, of a TEXT too (its octets), and
+            # knows their number (length() counts a TEXT's characters).
             row = conn.execute(
-                "SELECT seq, length(data) FROM messages WHERE id = ?", (message_id,)
+                "SELECT seq, typeof(data) FROM messages WHERE id = ?", (message_id,)
             ).fetchone()
             if row is None:
                 raise UnknownMessage(message_id)
-            seq, size = row
+            seq, kind = row
+            if kind not in ("blob", "text"):  # which no blob handle opens
+                raise UnreadableRow(f"the message data is {kind}, not octets")
             with conn.blobopen("messages", "data", seq, readonly=True) as blob:
-                return blob.read(max(0, min(limit, size)))
+                return blob.read(max(0, min(limit, len(blob))))
 
 
 def _shown(value: object) -> str | None:

@@ -100,6 +100,17 @@ def checked_data(value: object, size: object) -> bytes:
     return value
 
 
+def stored_octets(value: object) -> bytes:
+    """``value``, a message's data, as the octets to show: a BLOB as it is, a TEXT (one
+    changed by hand) as its octets. :class:`UnreadableRow` for anything else: a number
+    was read as ``bytes(n)``, five NULs for 5 and a bare error for -1 or 4.5."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):  # octets that are not UTF-8 as they were (decode_text)
+        return value.encode("utf-8", "surrogateescape")
+    raise UnreadableRow(f"the message data is {type(value).__name__}, not octets")
+
+
 def checked_dsn(value: object) -> DSN | None:
     """The DSN request stored as ``value`` (None for none)."""
     if value is None or value == "":

@@ -129,7 +129,7 @@ from mailstrom.stores.operator import (
     normalize_prefix,
     pick_one,
 )
-from mailstrom.stores.row_checks import counted_state, made_due, shown_text
+from mailstrom.stores.row_checks import counted_state, made_due, shown_text, stored_octets
 from mailstrom.stores.side_rows import broken_until
 from mailstrom.stores.sqlite_holders import HolderLocks
 from mailstrom.stores.sqlite_lock import ProcessLock
@@ -1871,7 +1871,7 @@ class SQLiteStore:
             row = conn.execute("SELECT data FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
             raise UnknownMessage(message_id)
-        return bytes(row[0])
+        return stored_octets(row[0])
 
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
         """Stop delivery to ``domain`` until ``until`` or resume."""
