@@ -704,6 +704,57 @@ def test_a_failed_wait_says_what_the_server_saw(fake_mx: FakeMX) -> None:
     assert "['bob@example.org']" in said and "'554 5.6.0 Content refused'" in said
 
 
+def test_a_failed_wait_says_how_far_each_connection_got() -> None:
+    # A wait that timed out listed the connections, RCPT replies and what arrived, and
+    # nothing of a connection that failed before RCPT: a refused MAIL, a failed TLS
+    # handshake, a refusing greeting, a client that left after EHLO all read "1
+    # connection(s)", though the server had the commands and its replies.
+    server_context, _ = tls_contexts("mx.test", "127.0.0.1")
+    with start_receiving_server(server_context) as mx:
+        mx.mail_reply = "550 5.7.1 Sender refused"
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as client:
+            client.ehlo("one.test")
+            assert client.mail("app@shop.test")[0] == 550
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as client:
+            client.ehlo("two.test")
+            with pytest.raises(ssl.SSLError):  # the default context trusts no throwaway CA
+                client.starttls(context=ssl.create_default_context())
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as client:
+            client.ehlo("three.test")  # and leaves without a MAIL
+        mx.greeting = "421 4.3.2 Go away"
+        with pytest.raises(smtplib.SMTPConnectError, match="Go away"):
+            smtplib.SMTP("127.0.0.1", mx.port, timeout=10)
+        deadline = time.monotonic() + 10
+        while mx.open_connections and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server's loop thread sees each close soon after
+        with pytest.raises(AssertionError) as failed:
+            mx.wait_for_received(1, timeout=0.05)
+    said = str(failed.value)
+    first, second, third, fourth = said.split("; connection ")[1:]
+    assert "MAIL FROM:<app@shop.test>" in first and "'550 5.7.1 Sender refused'" in first
+    assert "STARTTLS" in second and "TLS handshake not completed" in second
+    assert "EHLO three.test" in third and "closed" in third and "MAIL" not in third
+    assert "'421 4.3.2 Go away'" in fourth and "closed" in fourth
+
+
+def test_a_failed_wait_bounds_what_it_says_of_connections() -> None:
+    server_context, _ = tls_contexts("mx.test", "127.0.0.1")
+    with start_receiving_server(server_context) as mx:
+        for n in range(8):
+            with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as client:
+                client.ehlo(f"client{n}.test")
+                for _ in range(30):
+                    client.noop()
+                client.mail("x" * 500 + "@shop.test")
+        with pytest.raises(AssertionError) as failed:
+            mx.wait_for_received(1, timeout=0.05)
+    said = str(failed.value)
+    assert "(3 earlier connection(s) not shown)" in said
+    assert "connection 3 from" not in said and "connection 8 from" in said
+    assert "(21 earlier commands) NOOP" in said and "x" * 200 not in said
+    assert len(said) < 3000  # a few lines per connection, each line cut short
+
+
 def test_a_failed_wait_says_when_no_client_came() -> None:
     with FakeMX() as mx, pytest.raises(AssertionError, match="no client connected"):
         mx.wait_for(1, timeout=0.05)

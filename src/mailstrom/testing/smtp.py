@@ -85,8 +85,9 @@ What a server records
     once; ``arrivals``: the wall-clock time of each ``received`` message's final dot.
     ``wait_for_messages(n, timeout)`` blocks on a condition until ``n`` messages are in
     and returns the first ``n`` of them, however many more arrived (raises AssertionError
-    on timeout, saying what the server saw: connections, the reply to each RCPT, what
-    arrived and how it was answered);
+    on timeout, saying what the server saw: connections, how far each of the last five
+    got (its commands, the last three with their replies, a TLS handshake not completed),
+    the reply to each RCPT, what arrived and how it was answered);
     ``await_messages(n, within)`` is its asyncio form;
     ``wait_for_received(n, timeout)`` and ``await_received(n, within)`` wait on
     ``received`` instead.
@@ -103,11 +104,14 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any, AnyStr, cast, overload
 
+from mailstrom.testing import _conversation
+from mailstrom.testing._conversation import Conversation
 from mailstrom.testing._extra import missing_extra
 from mailstrom.testing.outbox import parse_message
 
@@ -334,6 +338,8 @@ class ReceivingServer:
         self._received: list[ReceivedMessage] = []
         self._rcpt_answers: list[tuple[str, str]] = []
         """(address, reply) of every RCPT answered, for the message of a failed wait."""
+        self._conversations: deque[Conversation] = deque(maxlen=_conversation.KEPT)
+        """The last connections, how far each got, for the message of a failed wait."""
         self._condition = threading.Condition()
         self._awaiting: list[Callable[[], None]] = []  # wakes each async wait, on its loop
         self._stopped = False
@@ -550,6 +556,8 @@ class ReceivingServer:
         if not self.connections:
             return "; no client connected"
         notes = [f"{self.connections} connection(s)"]
+        if self._conversations:
+            notes.append(_conversation.describe(self._conversations, self.connections))
         if self._rcpt_answers:
             notes.append(
                 "RCPT answered: "
@@ -755,6 +763,8 @@ class _SMTP(SMTP):
         self._fixture = fixture
         self._greeted = False
         self._counted_in: int | None = None
+        self._conversation: Conversation | None = None
+        """What the server keeps of this connection for a failed wait's message."""
         self._mails = 0  # MAIL commands this connection has given
         self._on_lost: Callable[[_SMTP], None] | None = None
         """Called once the connection is closed (the controller forgets it)."""
@@ -766,6 +776,8 @@ class _SMTP(SMTP):
         async def wrapped(arg: str) -> None:
             fixture = self._fixture
             fixture.commands.append(name)
+            if self._conversation is not None:
+                self._conversation.said(name, arg)
             if self._reader._buffer:  # type: ignore[attr-defined]
                 fixture.pipelined += 1
             if fixture.drop_on == name.lower():
@@ -786,9 +798,18 @@ class _SMTP(SMTP):
             fixture.open_connections += 1
             fixture.peak_connections = max(fixture.peak_connections, fixture.open_connections)
             self._counted_in = fixture.generation
+            self._conversation = Conversation(
+                fixture.connections, transport.get_extra_info("peername")
+            )
+            with fixture._condition:  # a failed wait reads them on another thread
+                fixture._conversations.append(self._conversation)
+        elif self._conversation is not None:
+            self._conversation.tls = True  # the handshake after STARTTLS is done
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._conversation is not None:
+            self._conversation.lost(exc)
         if self._on_lost is not None:
             self._on_lost(self)  # before the count: a test sees 0 open once it is forgotten
         # Only connections counted since the last reset (not the start-up probe's).
@@ -807,11 +828,18 @@ class _SMTP(SMTP):
             if fixture.stall_on == "greeting":
                 await _forever()
             if fixture.greeting is not None:
+                self._answered(fixture.greeting)
                 await super().push(fixture.greeting.replace("\n", "\r\n").replace("\r\r", "\r"))
                 if not fixture.greeting.startswith("2") and self.transport is not None:
                     self.transport.close()
                 return
+        self._answered(status)
         await super().push(status)
+
+    def _answered(self, status: str | bytes) -> None:
+        if self._conversation is not None:
+            line = status if isinstance(status, str) else status.decode("utf-8", "replace")
+            self._conversation.answered(line.partition("\n")[0].rstrip("\r"))
 
     async def smtp_MAIL(self, arg: str) -> None:
         fixture = self._fixture
@@ -1075,6 +1103,8 @@ def start_receiving_server(
     fixture.open_connections = fixture.peak_connections = 0
     fixture.generation += 1
     fixture.commands.clear()
+    with fixture._condition:
+        fixture._conversations.clear()
     fixture.stall_on = stall_on
     fixture.drop_on = drop_on
     fixture.dsn = dsn
