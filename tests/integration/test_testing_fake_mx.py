@@ -303,6 +303,29 @@ def test_starting_twice_is_starting_once() -> None:
     assert mx.dns.port == port  # stopped: nothing left to wait for
 
 
+def test_a_restarted_fake_keeps_its_scripts() -> None:
+    # The scripts lived on the server a start made: after stop(); start() the new server
+    # had none, and an address scripted to be refused was delivered.
+    mx = FakeMX()
+    mx.reject("early@example.org")  # scripts may come before the start, too
+    with mx:
+        mx.defer("busy@example.org", "451 4.2.1 Mailbox busy")
+        mx.drop_after_dot("flaky@example.org")
+    with mx:  # started again
+        assert mx.server.drop_after_dot_rcpts == {"flaky@example.org"}
+        with smtplib.SMTP("127.0.0.1", mx.server.port, timeout=10) as client:
+            client.ehlo("client.test")
+            client.mail("app@shop.test")
+            assert client.rcpt("busy@example.org") == (451, b"4.2.1 Mailbox busy")
+            assert client.rcpt("early@example.org")[0] == 550
+            assert client.rcpt("bob@example.org")[0] == 250
+        mx.accept("busy@example.org")
+        with Mailstrom(mx.config, store=MemoryStore()) as ms:
+            ms.send_email(mail("busy@example.org"))
+            [got] = mx.wait_for(1)
+    assert got.envelope_to == ["busy@example.org"]
+
+
 def test_a_null_sender_is_an_empty_envelope_from(fake_mx: FakeMX) -> None:
     with Mailstrom(fake_mx.config, store=MemoryStore()) as ms:
         ms.send_email(mail("bob@example.org"), envelope_from="")

@@ -8,7 +8,8 @@ timeouts. Needs the ``testing`` extra (``pip install 'mailstrom[testing]'``).
 
 Recipients are accepted unless scripted otherwise, per address (case-insensitive; as
 ``send_email`` was given it, ``bob@bücher.example`` scripting what arrives as
-``bob@xn--bcher-kva.example``)::
+``bob@xn--bcher-kva.example``). The scripts are the fake's: set before it starts, or
+while it runs, they hold for every server it starts (``stop(); start()`` keeps them)::
 
     with FakeMX() as mx:                     # or the ``fake_mx`` pytest fixture
         mx.defer("busy@example.org", "451 4.2.1 Mailbox busy")
@@ -39,6 +40,8 @@ from mailstrom.testing.smtp import (
     ReceivedMessage,
     ReceivingServer,
     Repeated,
+    Rule,
+    _Rules,
     contexts_for,
     start_receiving_server,
 )
@@ -124,21 +127,34 @@ class FakeMX:
         """The last server started: after :meth:`stop`, still there to read what arrived."""
         self._running = False
         self._config: Config | None = None
+        # The per-address scripts are the fake's, handed to every server it starts: kept
+        # on the server, they were gone after ``stop(); start()``, and an address scripted
+        # to be refused was delivered.
+        self._rcpt_replies: dict[str, Rule] = _Rules()
+        self._stall_rcpts: set[str] = set()
+        self._drop_after_dot_rcpts: set[str] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> FakeMX:
         """Start the DNS and SMTP servers; returns self (at once when started already,
-        as in ``with FakeMX().start() as mx``)."""
+        as in ``with FakeMX().start() as mx``). Started again after :meth:`stop`, the
+        fake has a new SMTP server: its per-address scripts go on (each from its first
+        reply), while what the old server recorded and the whole-server settings made on
+        :attr:`server` stay with the old one."""
         if self._running:
             return self
         server_context, client_context = _tls()
         self.dns.start()
         try:
-            self._server = start_receiving_server(server_context, name=MX_HOST)
+            server = start_receiving_server(server_context, name=MX_HOST)
         except BaseException:
             self.dns.stop()
             raise
+        server.rcpt_replies = self._rcpt_replies
+        server.stall_rcpts = self._stall_rcpts
+        server.drop_after_dot_rcpts = self._drop_after_dot_rcpts
+        self._server = server
         self._running = True
         _route(self.dns)
         self._config = Config(
@@ -189,15 +205,14 @@ class FakeMX:
     def __repr__(self) -> str:
         return f"<FakeMX dns=127.0.0.1:{self.dns.port} smtp={self._server!r}>"
 
-    # --- scripting, per recipient address -------------------------------------------------
+    # --- scripting, per recipient address (the fake's, see :meth:`start`) ------------------
 
     def accept(self, address: str) -> None:
         """Accept ``address`` (the default): forget what was scripted for it."""
         key = _key(address)
-        server = self.server
-        server.rcpt_replies.pop(key, None)
-        server.stall_rcpts.discard(key)
-        server.drop_after_dot_rcpts.discard(key)
+        self._rcpt_replies.pop(key, None)
+        self._stall_rcpts.discard(key)
+        self._drop_after_dot_rcpts.discard(key)
 
     def defer(
         self,
@@ -216,29 +231,29 @@ class FakeMX:
             raise ValueError(f"defer(times=...) must be an int of at least 1, got {times!r}")
         self.accept(address)
         if times is None:
-            self.server.rcpt_replies[_key(address)] = reply
+            self._rcpt_replies[_key(address)] = reply
         else:
             # A count, not a list of ``times`` replies: ``times=10**9`` is "as good as
             # always", and built a list of 8 GB.
-            self.server.rcpt_replies[_key(address)] = Repeated(reply, times, "250 2.1.5 OK")
+            self._rcpt_replies[_key(address)] = Repeated(reply, times, "250 2.1.5 OK")
 
     def reject(self, address: str, reply: str = "550 5.1.1 No such user here") -> None:
         """Answer RCPT TO for ``address`` with the 5xx ``reply``."""
         _check(reply, "5", "reject")
         self.accept(address)
-        self.server.rcpt_replies[_key(address)] = reply
+        self._rcpt_replies[_key(address)] = reply
 
     def drop_after_dot(self, address: str) -> None:
         """Take the content of a transaction that includes ``address``, then close the
         connection without a reply: the client cannot know whether it was accepted."""
         self.accept(address)
-        self.server.drop_after_dot_rcpts.add(_key(address))
+        self._drop_after_dot_rcpts.add(_key(address))
 
     def stall(self, address: str) -> None:
         """Stop answering at RCPT TO for ``address``: the client's command timeout (2 s
         in :attr:`config`) decides the whole transaction."""
         self.accept(address)
-        self.server.stall_rcpts.add(_key(address))
+        self._stall_rcpts.add(_key(address))
 
     # --- what arrived ----------------------------------------------------------------------
 
