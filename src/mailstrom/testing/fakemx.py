@@ -275,7 +275,9 @@ class FakeMX:
             raise _explained(exc, blocked=blocked, count=count) from None
 
     async def wait_for_async(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
-        """:meth:`wait_for` without blocking the event loop (where the worker may run)."""
+        """:meth:`wait_for` without blocking the event loop (where the worker may run).
+        asyncio only, as :class:`~mailstrom.AsyncMailstrom` is: under trio it raises
+        RuntimeError (no running event loop); call :meth:`wait_for` in a thread there."""
         try:
             return await self.server.await_received(count, timeout)
         except AssertionError as exc:

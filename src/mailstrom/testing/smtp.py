@@ -88,7 +88,8 @@ What a server records
     on timeout, saying what the server saw: connections, how far each of the last five
     got (its commands, the last three with their replies, a TLS handshake not completed),
     the reply to each RCPT, what arrived and how it was answered);
-    ``await_messages(n, within)`` is its asyncio form;
+    ``await_messages(n, within)`` is its asyncio form (asyncio only: under trio,
+    RuntimeError, no running event loop; call the blocking form in a thread there);
     ``wait_for_received(n, timeout)`` and ``await_received(n, within)`` wait on
     ``received`` instead.
 """
