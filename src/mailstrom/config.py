@@ -402,7 +402,7 @@ retry_min=1.0, retry_max=300.0)
 
     def __repr__(self) -> str:
         return (
-            f"HookConfig(url={self.url!r}, secret='***', timeout={self.timeout!r}, "
+            f"HookConfig(url={shown_hook_url(self.url)!r}, secret='***', timeout={self.timeout!r}, "
             f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r})"
         )
 
@@ -420,8 +420,8 @@ def check_hook_url(url: object, where: str = "hook.url") -> None:
     host, no credentials (they are not sent, and would be shown), no white space."""
     if not isinstance(url, str):
         raise ConfigError(f"{where}: expected a string, not {type(url).__name__}")
-    shown = _without_userinfo(url)
-    if shown != url:
+    shown = shown_hook_url(url)
+    if "@" in _url_parts(url)[2]:
         # urllib sends no credentials from a URL: it took "user:password@host" for
         # the host's name, every request failed, and the warning showed the password.
         raise ConfigError(
@@ -430,16 +430,16 @@ def check_hook_url(url: object, where: str = "hook.url") -> None:
         )
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
-        raise ConfigError(f"{where}: expected an http:// or https:// URL, got {url!r}")
+        raise ConfigError(f"{where}: expected an http:// or https:// URL, got {shown!r}")
     try:
         # What the sender's urllib reads (an IPv6 literal without its "]", a port
         # that is no port): refused here rather than by every request.
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}: {url!r}") from None
+        raise ConfigError(f"{where}: {exc}: {shown!r}") from None
     if not parts.hostname or any(c.isspace() or not c.isprintable() for c in url):
-        raise ConfigError(f"{where}: expected a host and no white space: {url!r}")
+        raise ConfigError(f"{where}: expected a host and no white space: {shown!r}")
     problem = _host_problem(parts.hostname)
     if problem is not None:
         # The sender's socket looks the host up by its IDNA form, which such a name
@@ -468,16 +468,38 @@ def _host_problem(host: str) -> str | None:
     return None
 
 
-def _without_userinfo(url: str) -> str:
-    """``url`` with the user information of its authority (``user:password@``, RFC 3986
-    §3.2.1) replaced by ``***@``; unchanged when it has none (or is no URL)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:  # a malformed [IPv6] host: the URL check that follows says so
-        return url
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+def _url_parts(url: str) -> tuple[str, str, str, str, str, str, str, str, str]:
+    """``url`` cut at its delimiters as ``urlsplit`` cuts it (the authority ends at the
+    first ``/``, ``?`` or ``#``), without raising: scheme, ``://``, authority, ``/``,
+    path, ``?``, query, ``#``, fragment (a delimiter that is missing as "")."""
+    rest, hash_, fragment = url.partition("#")
+    rest, mark, query = rest.partition("?")
+    scheme, sep, rest = rest.partition("://") if "://" in rest else ("", "", rest)
+    authority, slash, path = rest.partition("/") if sep else ("", "", rest)
+    return scheme, sep, authority, slash, path, mark, query, hash_, fragment
+
+
+def shown_hook_url(url: str) -> str:
+    """``url`` as logs and messages show it: the user information of its authority
+    (``user:password@``, RFC 3986 §3.2.1) as ``***@``, each query value (``?token=...``)
+    and the fragment as ``***``. Logs are read by more people than the configuration, and
+    an endpoint's credentials often travel in its query. Never raises, also for a string
+    that is no URL.
+
+    >>> shown_hook_url("https://u:pw@app.example/events?token=s3cret&v=2#x")
+    'https://***@app.example/events?token=***&v=***#***'
+    >>> shown_hook_url("https://app.example/events")
+    'https://app.example/events'
+    """
+    scheme, sep, authority, slash, path, mark, query, hash_, fragment = _url_parts(url)
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    if query:
+        query = "&".join(
+            f"{key}={'***' if value else ''}" if eq else ("***" if key else "")
+            for key, eq, value in (part.partition("=") for part in query.split("&"))
+        )
+    return f"{scheme}{sep}{authority}{slash}{path}{mark}{query}{hash_}{'***' if fragment else ''}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -52,6 +52,7 @@ from mailstrom.config import (
     check_ca_file,
     check_hook_url,
     check_nameserver,
+    shown_hook_url,
 )
 from mailstrom.dkim.config import DKIMConfig
 from mailstrom.domains import helo_name_problem
@@ -101,6 +102,8 @@ class Settings:
         values = {k: "***" if k in SECRET_KEYS else v for k, v in self.values.items()}
         if isinstance(values.get("store"), str):
             values["store"] = redact_url(values["store"])
+        if isinstance(values.get("hook.url"), str):
+            values["hook.url"] = shown_hook_url(values["hook.url"])
         return (
             f"Settings(config={self.config!r}, store_url={redact_url(self.store_url)!r}, "
             f"config_file={self.config_file!r}, values={values!r}, "

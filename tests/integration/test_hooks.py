@@ -1263,3 +1263,31 @@ def test_a_redirect_is_a_failed_request_and_the_body_goes_nowhere_else(
     failure = post(endpoint.url, b'{"events":[]}', {}, timeout=5.0)
     assert isinstance(failure, HTTPFailure) and failure.status == status, failure
     assert [r.path for r in endpoint.requests] == ["/mail-events"]
+
+
+def test_log_lines_and_errors_show_the_hook_url_without_its_credentials(
+    endpoint: Endpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Endpoints often take a token in the query: the warnings about a failing endpoint
+    # showed it to everyone who reads the logs, who are more than those who read the
+    # configuration.
+    endpoint.answer = lambda n: 503 if n == 0 else 200
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    _deferred_events(store, ["u0@example.org"])
+    hook = HookConfig(url=f"{endpoint.url}?token=s3cret&v=2", secret=SECRET, retry_min=0.05)
+    metrics = MetricsRecorder()
+    try:
+        with caplog.at_level("INFO", logger="mailstrom.hooks"):
+            _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 1)
+    finally:
+        store.close()
+    assert [r.answered for r in endpoint.requests] == [503, 200]
+    assert endpoint.requests[1].path == "/mail-events?token=s3cret&v=2"  # sent as it is
+    shown = [r.getMessage() for r in caplog.records if r.name == "mailstrom.hooks"]
+    assert any("mail-events?token=***&v=***" in line for line in shown), shown
+    assert not any("s3cret" in line for line in shown), shown
+    assert "s3cret" not in repr(hook)
+    with pytest.raises(ConfigError, match=r"hook\.url") as refused:
+        HookConfig(url="http://h.test:port/x?token=s3cret", secret=SECRET)
+    assert "s3cret" not in str(refused.value) and "token=***" in str(refused.value)

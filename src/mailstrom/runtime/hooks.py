@@ -51,7 +51,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from mailstrom._version import __version__
-from mailstrom.config import HookConfig
+from mailstrom.config import HookConfig, shown_hook_url
 from mailstrom.errors import StoreError
 from mailstrom.runtime.hook_post import HTTPFailure, post
 from mailstrom.runtime.metrics import MetricsRecorder
@@ -125,6 +125,8 @@ class HookSender:
         rng: random.Random | None = None,
     ) -> None:
         self._hook = hook
+        self._shown_url = shown_hook_url(hook.url)
+        """The URL as log lines show it: credentials in its query are not for them."""
         self._store = store
         self._store_call = store_call
         self._clock = clock
@@ -256,13 +258,15 @@ class HookSender:
                 return False
             self._limit = self._grown()
             if self._failing:
-                log.warning("hook: %s answers again", self._hook.url)
+                log.warning("hook: %s answers again", self._shown_url)
             self._failing = False
             return True
         self._metrics.hook_failures += 1
         if not self._failing:
             log.warning(
-                "hook: POST to %s failed (%s); retrying with backoff", self._hook.url, failure
+                "hook: POST to %s failed (%s); retrying with backoff",
+                self._shown_url,
+                failure.replace(self._hook.url, self._shown_url),  # an error quoting it
             )
         self._failing = True
         self._retry_after = asked
@@ -331,7 +335,7 @@ class HookSender:
             self._refused = (count, self._clock())
             log.info(
                 "hook: %s refused %d events (%d bytes) as too large; sending %d at a time",
-                self._hook.url,
+                self._shown_url,
                 count,
                 size,
                 self._limit,
@@ -342,7 +346,7 @@ class HookSender:
         log.error(
             "hook: %s refused event %d alone (%s for %s, %d bytes) as too large; "
             "it is given up, not sent",
-            self._hook.url,
+            self._shown_url,
             event.id,
             event.state.value,
             event.address,
