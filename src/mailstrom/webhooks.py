@@ -42,6 +42,11 @@ _MAX_TIMESTAMP_DIGITS = 12
 """Digits of a ``t=`` value read at most (Unix seconds have 10 until the year 2286): a
 longer one would only make ``int()`` (past 4,300 digits) or the clock comparison (past a
 float's range) raise instead of answering False."""
+MAX_HEADER = 4096
+"""Characters of a ``Mailstrom-Signature`` value read at most: :func:`sign` writes about 80,
+a receiver accepting several ``v1=`` values some hundreds. A longer one (whoever sent the
+request chose it) is no signature, so that the work it costs (a split, a comparison per
+``v1=`` value) stays bounded."""
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _OWS = " \t"
 """HTTP's optional white space (RFC 9110 §5.6.3); ``str.strip()`` would also take a
@@ -102,7 +107,7 @@ def sign(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
 
 def verify_signature(
     secret: str,
-    header: str | None,
+    header: str | bytes | None,
     body: bytes,
     *,
     now: float | None = None,
@@ -115,7 +120,10 @@ def verify_signature(
     ``hook.secret``, so rotate it on the receiving side: accept either secret
     (``verify_signature(new, ...) or verify_signature(old, ...)``) while every worker
     is given the new one, then drop the old. ``None`` (a request without the header, as
-    ``request.headers.get()`` gives it) signs nothing: False. Raises ValueError for an
+    ``request.headers.get()`` gives it) signs nothing: False. A ``bytes`` header, as raw
+    ASGI and WSGI headers are, is read as ASCII (one that is not ASCII is False), and so is
+    one longer than :data:`MAX_HEADER` characters; ``body`` is the request's exact bytes.
+    Whatever the header holds, the answer is True or False. Raises ValueError for an
     empty ``secret`` (``HookConfig`` refuses one): anybody can sign with the empty key.
 
     >>> body = b'{"events":[]}'
@@ -132,6 +140,14 @@ def verify_signature(
         # A request without the header: a receiver's headers.get() gives None for it, and
         # header.split() raised AttributeError instead of answering False.
         return False
+    if len(header) > MAX_HEADER:
+        return False
+    if not isinstance(header, str):
+        if not header.isascii():
+            return False
+        # A raw header (ASGI's, or bytes a WSGI server left undecoded): header.split(",")
+        # raised TypeError, a str separator for bytes.
+        header = header.decode("ascii")
     timestamp: int | None = None
     signatures: list[str] = []
     for part in header.split(","):

@@ -132,3 +132,40 @@ def test_an_empty_secret_verifies_nothing() -> None:
     forged = sign("", BODY, timestamp=NOW)
     with pytest.raises(ValueError, match="secret"):
         verify_signature("", forged, BODY, now=NOW)
+
+
+def test_a_raw_header_in_bytes_is_read_as_ascii() -> None:
+    """Raw ASGI (and some WSGI) headers are bytes: ``header.split(",")`` raised TypeError."""
+    header = sign(SECRET, BODY, timestamp=NOW)
+    assert verify_signature(SECRET, header.encode(), BODY, now=NOW) is True
+    assert verify_signature("other-secret", header.encode(), BODY, now=NOW) is False
+    assert verify_signature(SECRET, header.encode() + b"\xe9", BODY, now=NOW) is False
+    assert verify_signature(SECRET, b"t=\xff,v1=\x00", BODY, now=NOW) is False
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_header_past_the_bound_is_no_signature_whatever_it_holds(raw: bool) -> None:
+    """Whoever sends the request chooses the header: a megabyte of ``v1=`` values cost a
+    comparison each. Past MAX_HEADER characters it is not read at all, so a valid
+    signature hidden at its end does not verify."""
+    good = sign(SECRET, BODY, timestamp=NOW)
+    header = ",".join(["v1=" + "f" * 64] * 20_000 + [good])
+    assert verify_signature(SECRET, header.encode() if raw else header, BODY, now=NOW) is False
+    assert verify_signature(SECRET, "t=" + "9" * 10**6, BODY, now=NOW) is False
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"t={NOW},v1=not-hex-at-all",
+        f"t={NOW},v1=",
+        f"t={NOW},v1={'z' * 64}",
+        f"t={NOW}," + ",".join(["v1=x"] * 500),
+        f"t={NOW},v1={'0' * 3000}",
+        ",,,===,t,v1",
+        "",
+    ],
+)
+def test_a_malformed_header_is_false_and_never_raises(header: str) -> None:
+    assert verify_signature(SECRET, header, BODY, now=NOW) is False
+    assert verify_signature(SECRET, header.encode(), BODY, now=NOW) is False
