@@ -390,6 +390,10 @@ class QueueStats:
     pending_by_domain: dict[str, int] = field(default_factory=dict)
     messages: int = 0
     held: int = 0
+    unsent_events: int | None = None
+    """Events in the outbox not acknowledged yet (a hook's backlog); None when not read
+    (only a reader for a worker with a hook counts them, see
+    :class:`~mailstrom.runtime.metrics.QueueStatsCache`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -235,3 +235,23 @@ def test_concurrent_senders_never_share_an_event(store_backend: Backend) -> None
         t.join(60)
     every = [i for ids in taken for i in ids]
     assert len(every) == len(set(every)) == 40
+
+
+def test_unsent_events_counts_what_no_sender_acknowledged(store: Store) -> None:
+    """A hook's backlog (``mailstrom_hook_backlog_events``): leased or not, an event counts
+    until acknowledged, a released one again; acknowledged ones do not, pruned or kept."""
+    assert store.unsent_events() == 0
+    store.enable_events()
+    for i in range(4):
+        store.enqueue(message(f"u{i}@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    assert store.unsent_events() == 4
+    batch = store.lease_events(now=NOW, limit=3, lease_for=LEASE_FOR)
+    assert batch is not None
+    assert store.unsent_events() == 4  # leased is not sent
+    store.ack_events(dataclasses.replace(batch, events=batch.events[:2]), now=NOW)
+    assert store.unsent_events() == 2
+    store.release_events(batch)
+    assert store.unsent_events() == 2
+    store.prune_events(sent_before=NOW + SECOND)
+    assert store.unsent_events() == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -1291,3 +1292,48 @@ def test_log_lines_and_errors_show_the_hook_url_without_its_credentials(
     with pytest.raises(ConfigError, match=r"hook\.url") as refused:
         HookConfig(url="http://h.test:port/x?token=s3cret", secret=SECRET)
     assert "s3cret" not in str(refused.value) and "token=***" in str(refused.value)
+
+
+def _exported(ms: Mailstrom) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mailstrom.ops.exporter import MailstromCollector
+
+    registry = CollectorRegistry()
+    registry.register(MailstromCollector(ms.metrics))
+    text = generate_latest(registry).decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_the_hook_backlog_is_exported_while_the_endpoint_fails(
+    mx: Any, dns_server: LoopbackDNS, endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """While an endpoint is down the outbox grows, and only hook_failures_total said so,
+    which grows as fast with one event waiting as with a million."""
+    endpoint.answer = lambda n: 503
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    config = hook_config(dns_server, mx.port, endpoint.url)
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        for i in range(3):
+            ms.send_email(hello(f"u{i}@example.org", i))
+        results.wait_count(3)
+        endpoint.wait_for(lambda requests: len(requests) >= 1)
+        exported = _exported(ms)
+    store.close()
+    assert exported["mailstrom_hook_backlog_events"] == 3
+
+
+def test_no_hook_no_backlog_family(mx: Any, dns_server: LoopbackDNS, tmp_path: Path) -> None:
+    # With events on alone no hook sends them: unsent events are no backlog.
+    config = dataclasses.replace(loopback_config(dns_server, mx.port), events=True)
+    results = Results()
+    with Mailstrom(config, store=SQLiteStore(tmp_path / "q.db"), on_result=results) as ms:
+        ms.send_email(hello("u0@example.org"))
+        results.wait_count(1)
+        exported = _exported(ms)
+        assert ms.store.unsent_events() == 1
+    assert "mailstrom_hook_backlog_events" not in exported
+    assert exported["mailstrom_queue_messages"] == 1

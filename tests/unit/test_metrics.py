@@ -322,10 +322,13 @@ def test_every_exported_family_is_in_the_guides_table_and_every_one_there_is_exp
         attempt_duration={"delivered": Histogram(bounds=(1.0,), counts=(1, 0), sum=0.5)},
         queue_delay=Histogram(bounds=(1.0,), counts=(1, 0), sum=0.5),
     )
-    # Every family at once: the optional ones need a start, a skew, the queue and workers.
+    # Every family at once: the optional ones need a start, a skew, the queue (with a
+    # hook's backlog) and workers.
     snapshot = MetricsSnapshot(
         worker=Status(running=True, started_at=AT, clock_skew=0.5, metrics=metrics),
-        queue=QueueStats(by_state={}, pending_by_domain={"example.org": 1}, messages=1),
+        queue=QueueStats(
+            by_state={}, pending_by_domain={"example.org": 1}, messages=1, unsent_events=2
+        ),
         queue_read_at=AT,
         workers=1,
     )

@@ -378,7 +378,8 @@ class FacadeBase:
         at most every 5 seconds, shared by every caller)."""
         cache = self._queue_stats
         if cache is None:
-            cache = self._queue_stats = QueueStatsCache(self.store)
+            hook = self.config.hook is not None
+            cache = self._queue_stats = QueueStatsCache(self.store, hook_backlog=hook)
         stats, read_at, workers = cache.reading()
         return MetricsSnapshot(
             worker=self.worker_status, queue=stats, queue_read_at=read_at, workers=workers

@@ -255,6 +255,12 @@ class MailstromCollector(Collector):
         yield GaugeMetricFamily(
             "mailstrom_queue_held_messages", f"Messages on hold{_STORE_WIDE}", queue.held
         )
+        if queue.unsent_events is not None:
+            yield GaugeMetricFamily(
+                "mailstrom_hook_backlog_events",
+                f"Events in the store's outbox the hook has not sent yet{_STORE_WIDE}",
+                queue.unsent_events,
+            )
         if snap.queue_read_at is not None:
             yield GaugeMetricFamily(
                 "mailstrom_queue_read_time_seconds",

@@ -66,7 +66,8 @@ class WorkerSources:
         """Serve ``worker`` and ``store`` from now on; without ``queue``, none of the
         store's counts (every worker on the store has the same: one may export them, and
         the others need not count the queue for each scrape)."""
-        cache = QueueStatsCache(store) if queue else None
+        hook = worker.config.hook is not None
+        cache = QueueStatsCache(store, hook_backlog=hook) if queue else None
 
         def snapshot() -> MetricsSnapshot:
             if cache is None:

@@ -15,6 +15,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -149,11 +150,17 @@ class QueueStatsCache:
     not answer (a PostgreSQL server cut off by the network holds a read up to TCP's
     timeout, a minute) then holds the one reader, not every scrape behind it, which
     took every thread of the metrics server and refused ``/healthz`` with them.
+
+    With ``hook_backlog`` (a worker with a hook) each reading also counts the events its
+    outbox has not sent (:attr:`QueueStats.unsent_events`, an index read as long as the
+    backlog); without, it stays None: with ``events`` on alone no hook sends them, and they
+    are no backlog.
     """
 
-    def __init__(self, store: Store, *, max_age: float = 5.0) -> None:
+    def __init__(self, store: Store, *, max_age: float = 5.0, hook_backlog: bool = False) -> None:
         self._store = store
         self._max_age = max_age
+        self._hook_backlog = hook_backlog
         self._lock = threading.Lock()
         # The counts with their time and the workers, one value set once all are read: a
         # caller that does not wait for the reader sees the last reading or the new one,
@@ -193,7 +200,10 @@ class QueueStatsCache:
     def _read(self) -> None:
         self._read_mono = time.monotonic()
         try:
-            stats, read_at = self._store.stats(), datetime.now(UTC)
+            stats = self._store.stats()
+            if self._hook_backlog:
+                stats = replace(stats, unsent_events=self._store.unsent_events())
+            read_at = datetime.now(UTC)
         except StoreError as exc:
             self._reading = (None, None, None)
             self.error = str(exc)

@@ -963,6 +963,12 @@ class Store(Protocol):
         """The highest event id so far (0 when there are none)."""
         ...
 
+    def unsent_events(self) -> int:
+        """How many events are not acknowledged yet: a hook's backlog. A read of the
+        outbox's index of unsent events (``events_unsent``), as long as the backlog, not
+        as the events kept."""
+        ...
+
     def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
         """Delete events acknowledged before ``sent_before``; returns how many. Events not
         yet acknowledged are kept, however old, unless ``unsent_before`` is given: then

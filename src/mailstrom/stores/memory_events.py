@@ -109,6 +109,11 @@ class MemoryEventsMixin:
         with self._lock:
             return max(self._events, default=0)
 
+    def unsent_events(self) -> int:
+        """How many events are not acknowledged yet."""
+        with self._lock:
+            return len(self._unsent)
+
     def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
         """Delete events acknowledged before ``sent_before`` (and, given ``unsent_before``,
         unacknowledged ones attempted before it)."""

@@ -1698,6 +1698,12 @@ class SQLiteStore:
             (last,) = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
         return int(last)
 
+    def unsent_events(self) -> int:
+        """How many events are not acknowledged yet (a scan of the events_unsent index)."""
+        with self._read() as conn:
+            (count,) = conn.execute("SELECT count(*) FROM events WHERE sent_at IS NULL").fetchone()
+        return int(count)
+
     def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
         """Delete events acknowledged before ``sent_before`` (and, given ``unsent_before``,
         unacknowledged ones attempted before it)."""

@@ -1151,6 +1151,11 @@ class PostgresStore:
         [(last,)] = self._fetch("last_event_id", {})
         return int(last)
 
+    def unsent_events(self) -> int:
+        """How many events are not acknowledged yet (the events_unsent index)."""
+        [(count,)] = self._fetch("unsent_events", {})
+        return int(count)
+
     def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
         """Delete events acknowledged before ``sent_before`` (and, given ``unsent_before``,
         unacknowledged ones attempted before it)."""

@@ -923,6 +923,10 @@ LIMIT %(limit)s;
 -- name: last_event_id
 SELECT coalesce(max(id), 0) FROM events;
 
+-- name: unsent_events
+-- A hook's backlog: the partial index events_unsent holds exactly these rows.
+SELECT count(*) FROM events WHERE sent_at IS NULL;
+
 -- name: prune_events
 WITH pruned AS (
     DELETE FROM events
