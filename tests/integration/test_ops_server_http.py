@@ -82,12 +82,35 @@ def test_metrics_are_openmetrics_to_a_scraper_that_asks_for_them(server: OpsServ
     assert families["mailstrom_worker_up"].samples[0].value == 1
     assert families["mailstrom_results"].type == "counter"
     assert head.headers["content-type"] == openmetrics.headers["content-type"]
-    assert head.headers["content-length"] == str(len(openmetrics.content))
+    assert head.headers["content-length"] == openmetrics.headers["content-length"]
     for classic in (text, bare):
         assert classic.status_code == 200
         assert classic.headers["content-type"].startswith("text/plain; version=")
         assert "# EOF" not in classic.text
         assert "mailstrom_worker_up 1.0" in classic.text.splitlines()
+
+
+@pytest.mark.parametrize("accept", [PROMETHEUS_ACCEPT, "text/plain"])
+def test_metrics_are_gzipped_to_a_scraper_that_accepts_gzip(server: OpsServer, accept: str) -> None:
+    """Prometheus sends ``Accept-Encoding: gzip`` and prometheus-client's own server
+    compresses then; the page was always sent as it is. It is gzipped now for a client
+    that accepts gzip (HEAD says so too, without a body), and sent as it is otherwise."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        gzipped = client.get("/metrics", headers={"Accept": accept, "Accept-Encoding": "gzip"})
+        head = client.head("/metrics", headers={"Accept": accept, "Accept-Encoding": "gzip"})
+        plain = client.get("/metrics", headers={"Accept": accept, "Accept-Encoding": "identity"})
+        refused = client.get("/metrics", headers={"Accept": accept, "Accept-Encoding": "gzip;q=0"})
+    assert gzipped.status_code == 200
+    assert gzipped.headers["content-encoding"] == "gzip"
+    assert int(gzipped.headers["content-length"]) == gzipped.num_bytes_downloaded
+    assert gzipped.text == plain.text  # httpx inflated it
+    assert "mailstrom_worker_up" in gzipped.text
+    assert head.headers["content-encoding"] == "gzip"
+    assert head.headers["content-type"] == gzipped.headers["content-type"]
+    assert head.content == b""
+    for unzipped in (plain, refused):
+        assert "content-encoding" not in unzipped.headers
+        assert int(unzipped.headers["content-length"]) == len(unzipped.content)
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])

@@ -17,13 +17,15 @@ worker`` serves before its store opens: while it waits for it, 503 with ``"statu
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.message import Message
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -49,6 +51,9 @@ STORE_TIMEOUT = 3.0
 """Seconds the store has to answer a health check (a stopped PostgreSQL server can
 otherwise hold a connection attempt for the pool's whole timeout)."""
 METRICS_EXTRA = "pip install 'mailstrom[metrics]'"
+
+_Answer = tuple[int, str, bytes, Mapping[str, str]]
+"""A page's status, Content-Type, body and further headers."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,16 +209,20 @@ class OpsServer:
             ) from None
         registry = registry_for(snapshot, store_wait=store_wait)
 
-        def metrics(accept: str) -> tuple[int, str, bytes]:
+        def metrics(request: Message) -> _Answer:
             # The library's negotiation, as its own server has it: OpenMetrics for a
-            # scraper that asks for it (Prometheus does, first), the text format otherwise.
-            encoder, content_type = choose_encoder(accept)
-            return 200, content_type, encoder(registry)
+            # scraper that asks for it (Prometheus does, first), the text format otherwise;
+            # gzipped for one that accepts gzip (Prometheus does), as that server does.
+            encoder, content_type = choose_encoder(request.get("Accept", ""))
+            body = encoder(registry)
+            if accepts_gzip(", ".join(request.get_all("Accept-Encoding") or ())):
+                return 200, content_type, gzip.compress(body), {"Content-Encoding": "gzip"}
+            return 200, content_type, body, {}
 
-        def healthz(accept: str) -> tuple[int, str, bytes]:
+        def healthz(request: Message) -> _Answer:
             result = health()
             body = json.dumps(result.details).encode() + b"\n"
-            return (200 if result.ok else 503), "application/json", body
+            return (200 if result.ok else 503), "application/json", body, {}
 
         routes = {"/metrics": metrics, "/healthz": healthz}
 
@@ -233,7 +242,7 @@ class OpsServer:
             def _not_allowed(self) -> None:
                 # A method HTTP defines but these pages do not take: 405 and what they
                 # take (RFC 9110 §15.5.6), not the stdlib's 501 "no such method".
-                self._send(405, "text/plain", b"only GET and HEAD\n", allow="GET, HEAD")
+                self._send(405, "text/plain", b"only GET and HEAD\n", {"Allow": "GET, HEAD"})
 
             do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed
             do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
@@ -255,18 +264,22 @@ class OpsServer:
                     self._send(404, "text/plain", b"not found: try /metrics or /healthz\n")
                     return
                 try:
-                    code, content_type, body = route(self.headers.get("Accept", ""))
+                    code, content_type, body, headers = route(self.headers)
                 except Exception:
                     log.exception("serving %s failed", self.path)
-                    code, content_type, body = 500, "text/plain", b"internal error\n"
-                self._send(code, content_type, body)
+                    code, content_type, body, headers = 500, "text/plain", b"internal error\n", {}
+                self._send(code, content_type, body, headers)
 
             def _send(
-                self, code: int, content_type: str, body: bytes, allow: str | None = None
+                self,
+                code: int,
+                content_type: str,
+                body: bytes,
+                headers: Mapping[str, str] | None = None,
             ) -> None:
                 self.send_response(code)
-                if allow is not None:
-                    self.send_header("Allow", allow)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -326,6 +339,28 @@ def split_target(target: str) -> tuple[str | None, str]:
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         return None, target  # "*" or a stranger form: no such page
     return parts.netloc, parts.path or "/"
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` header value takes gzip: prometheus-client's rule
+    (``gzip`` among the codings listed, in any case), except that ``gzip;q=0`` says
+    "not gzip" (RFC 9110 §12.5.3, a weight of 0 is "not acceptable").
+
+    >>> [accepts_gzip(v) for v in ("gzip, deflate", "br, GZIP;q=0.5", "gzip;q=0", "")]
+    [True, True, False, False]
+    """
+    for coding in accept_encoding.split(","):
+        name, *params = coding.split(";")
+        if name.strip().lower() != "gzip":
+            continue
+        weights = [v for k, _, v in (p.partition("=") for p in params) if k.strip().lower() == "q"]
+        try:
+            if weights and float(weights[0]) == 0:
+                continue
+        except ValueError:
+            pass  # a weight that is no number: gzip is named, as the library reads it
+        return True
+    return False
 
 
 def parse_listen(text: str) -> tuple[str, int]:
