@@ -113,6 +113,22 @@ def test_metrics_are_gzipped_to_a_scraper_that_accepts_gzip(server: OpsServer, a
         assert int(unzipped.headers["content-length"]) == len(unzipped.content)
 
 
+def test_metrics_answers_name_the_headers_they_vary_by(server: OpsServer) -> None:
+    """The page's format follows ``Accept`` and its coding ``Accept-Encoding``, but the
+    answers sent no ``Vary`` (RFC 9110 §12.5.5), so a cache between scraper and worker
+    could hand a gzipped OpenMetrics page to a client that asked for neither."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        answers = [
+            client.request(method, "/metrics", headers={"Accept": accept, **encoding})
+            for method in ("GET", "HEAD")
+            for accept in (PROMETHEUS_ACCEPT, "text/plain")
+            for encoding in ({"Accept-Encoding": "gzip"}, {"Accept-Encoding": "identity"})
+        ]
+    for answer in answers:
+        assert answer.status_code == 200
+        assert answer.headers["vary"] == "Accept, Accept-Encoding"
+
+
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
 def test_a_method_it_knows_but_does_not_serve_is_a_405_naming_get_and_head(
     server: OpsServer, method: str

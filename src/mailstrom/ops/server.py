@@ -215,9 +215,12 @@ class OpsServer:
             # gzipped for one that accepts gzip (Prometheus does), as that server does.
             encoder, content_type = choose_encoder(request.get("Accept", ""))
             body = encoder(registry)
+            # What the answer was chosen by, for a cache between scraper and worker.
+            headers = {"Vary": "Accept, Accept-Encoding"}
             if accepts_gzip(", ".join(request.get_all("Accept-Encoding") or ())):
-                return 200, content_type, gzip.compress(body), {"Content-Encoding": "gzip"}
-            return 200, content_type, body, {}
+                body = gzip.compress(body)
+                headers["Content-Encoding"] = "gzip"
+            return 200, content_type, body, headers
 
         def healthz(request: Message) -> _Answer:
             result = health()
