@@ -233,6 +233,36 @@ def test_an_origin_no_address_may_have_is_a_configuration_error(cli: CLI, origin
     assert origin in result.err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["root"], b"From: app@example.test\nSubject: x\n\ny\n"),  # a bare recipient
+        (["-t"], b"From: root (Cron Daemon)\nTo: ops@example.test\nSubject: x\n\ny\n"),
+        (["-f", "root", "ops@example.test"], b"From: app@example.test\n\ny\n"),
+    ],
+)
+def test_no_usable_default_origin_says_what_to_set(
+    cli: CLI, args: list[str], message: bytes
+) -> None:
+    """With no sendmail.origin, a host whose name is private or special-use (``host.local``)
+    has no default origin but ``helo_name``, itself that name unless configured: every
+    message with a bare name was refused as malformed (exit 65, "invalid address
+    'root@host.local': The part after the @-sign is a special-use or reserved name"),
+    blaming the message and naming no setting. It is the configuration's fault, as with
+    such a sendmail.origin: exit 78, saying what to set; mail without bare names goes."""
+    cli.env["MAILSTROM_HELO_NAME"] = "host.local"
+    cli.env["MAILSTROM_SENDMAIL_ALIASES"] = ""
+    cli.env.pop("MAILSTROM_SENDMAIL_ORIGIN", None)
+    result = cli("sendmail", "-i", *args, stdin=message)
+    assert result.code == 78, result.err
+    assert "root: no domain to qualify a local name with" in result.err
+    assert "helo_name host.local" in result.err
+    assert "set sendmail.origin (MAILSTROM_SENDMAIL_ORIGIN) or helo_name" in result.err
+    assert cli.queue_ids() == []
+    cli.ok("sendmail", "-i", "ops@example.test", stdin=b"From: app@example.test\n\ny\n")
+    assert len(cli.queue_ids()) == 1
+
+
 def test_a_long_folded_field_with_a_bare_name_stays_folded(cli: CLI) -> None:
     """Giving ``root`` the origin rewrote the whole To field on one line: 80 addresses
     folded one a line became a line of 1,700 octets, and the message was refused as

@@ -420,6 +420,21 @@ def test_a_store_path_through_a_file_is_451_and_exit_78(cli: CLI) -> None:
     assert "afile" in result.err
 
 
+def test_a_bare_name_without_a_usable_origin_is_451_saying_what_to_set(cli: CLI) -> None:
+    """With no sendmail.origin and helo_name a special-use name (``host.local``, a host's
+    default), MAIL FROM:<root> and RCPT TO:<root> were refused as bad syntax (501, 553)
+    with the validator's reason: the client's fault, naming no setting. It is the
+    configuration's (451, as for any), and the log says what to set."""
+    cli.env["MAILSTROM_HELO_NAME"] = "host.local"
+    cli.env["MAILSTROM_SENDMAIL_ALIASES"] = ""
+    script = b"EHLO c\r\nMAIL FROM:<root>\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<root>\r\n"
+    script += b"RCPT TO:<b@example.test>\r\nDATA\r\n" + MESSAGE + b".\r\nQUIT\r\n"
+    result = session(cli, script)
+    assert codes(result) == ["220", "250", "451", "250", "451", "250", "354", "250", "221"]
+    assert result.err.count("set sendmail.origin (MAILSTROM_SENDMAIL_ORIGIN)") == 2
+    assert len(cli.queue_ids()) == 1
+
+
 def test_the_last_b_mode_wins(cli: CLI) -> None:
     """As Postfix's sendmail reads them: ``-bs -bm`` queues the message on standard
     input, ``-bm -bs`` speaks SMTP, ``-bs -bp`` lists the queue."""

@@ -23,7 +23,7 @@ import getpass
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 
@@ -58,7 +58,7 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.output import ReaderGone, end_with_reader
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
-from mailstrom.errors import InvalidMessage
+from mailstrom.errors import ConfigError, InvalidAddress, InvalidMessage
 from mailstrom.message import mime
 from mailstrom.message.addresses import Mailbox, parse_local_address_list, parse_mailbox
 from mailstrom.message.bounds import MAX_HEADER_SECTION
@@ -69,7 +69,13 @@ from mailstrom.message.envelope import newest_block_end
 from mailstrom.message.headers import HeaderSection, split_header_section
 from mailstrom.message.stdlib_addresses import address_pairs
 from mailstrom.message.words import unstructured_field
-from mailstrom.settings import CONFIG_PATH_ENV, SYSTEM_CONFIG_PATH, Settings, load_settings
+from mailstrom.settings import (
+    CONFIG_PATH_ENV,
+    SYSTEM_CONFIG_PATH,
+    Settings,
+    load_settings,
+    mail_domain_problem,
+)
 
 HELP = """\
 usage: mailstrom sendmail [-t] [-i] [-f ADDR] [-F NAME] [options] [RECIPIENT ...]
@@ -661,22 +667,23 @@ def queue_message(settings: Settings, message: bytes, args: SendmailArgs, dsn: D
 
     origin = _origin(settings)
     path = aliases_path(settings.values.get("sendmail.aliases"))
-    data, recipients = build(
-        message,
-        args,
-        default_domain=origin,
-        aliases=read_aliases(path) if path else None,
-    )
-    now = utc_now()
-    sender = envelope_sender(args.sender, origin)
-    prepared = prepare_for(
-        settings.config,
-        data,
-        envelope_from=sender,
-        envelope_to=recipients,
-        now=now,
-        dsn=dsn,
-    )
+    with _origin_at_fault(settings, origin):
+        data, recipients = build(
+            message,
+            args,
+            default_domain=origin,
+            aliases=read_aliases(path) if path else None,
+        )
+        now = utc_now()
+        sender = envelope_sender(args.sender, origin)
+        prepared = prepare_for(
+            settings.config,
+            data,
+            envelope_from=sender,
+            envelope_to=recipients,
+            now=now,
+            dsn=dsn,
+        )
     with store_from(settings) as store:
         return store.enqueue(prepared, now=now)
 
@@ -684,6 +691,33 @@ def queue_message(settings: Settings, message: bytes, args: SendmailArgs, dsn: D
 def _origin(settings: Settings) -> str:
     """The domain bare names are given (setting sendmail.origin)."""
     return settings.values.get("sendmail.origin") or default_origin(settings.config.helo_name)
+
+
+@contextlib.contextmanager
+def _origin_at_fault(settings: Settings, origin: str) -> Iterator[None]:
+    """ConfigError, saying what to set, for an address refused because it was given an
+    origin no address may have; other errors as they are.
+
+    Without sendmail.origin (which is checked when read) the origin of a host whose name
+    is private or special-use (``host.local``) is ``helo_name``, itself that name unless
+    configured: every message with a bare name was refused as malformed (exit 65, "invalid
+    address 'root@host.local'"), which blamed the message and named no setting. Only
+    refused addresses are looked at, so a host without a usable origin still sends mail
+    naming no bare name. An address written at that name itself is a local name there
+    (Postfix's mydestination holds $myhostname), so its refusal is the same fault."""
+    try:
+        yield
+    except InvalidAddress as exc:
+        local, _, domain = exc.address.rpartition("@")
+        if domain.lower() != origin.lower() or mail_domain_problem(origin) is None:
+            raise
+        name = local if local.isprintable() and len(local) <= 64 else shorten(local, 64)
+        source = "helo_name" if settings.values.get("helo_name") else "this host's name"
+        raise ConfigError(
+            f"{name}: no domain to qualify a local name with ({source} {origin} is not "
+            "a public mail domain); set sendmail.origin (MAILSTROM_SENDMAIL_ORIGIN) "
+            "or helo_name"
+        ) from None
 
 
 def _serve_smtp(args: SendmailArgs) -> int:
@@ -709,11 +743,16 @@ def _serve_smtp(args: SendmailArgs) -> int:
     aliases: list[Mapping[str, Sequence[str]]] = []
 
     def check_sender(sender: str) -> None:
-        address = envelope_sender(sender, origin)
-        if address:
-            parse_mailbox("envelope_from", address)
+        with _origin_at_fault(settings, origin):
+            address = envelope_sender(sender, origin)
+            if address:
+                parse_mailbox("envelope_from", address)
 
     def check_recipient(recipient: str) -> None:
+        with _origin_at_fault(settings, origin):
+            check_one(recipient)
+
+    def check_one(recipient: str) -> None:
         # The client's own address badly written is its syntax error (501); an alias
         # of it going nowhere usable is a mailbox refused (550, 553), as sendmail's
         # plain path reads it as a bad address (65), not a bad command line.
@@ -744,7 +783,8 @@ def _serve_smtp(args: SendmailArgs) -> int:
                 )
             for target in targets:
                 try:
-                    parse_mailbox("envelope_to", target)
+                    with _origin_at_fault(settings, origin):  # its ConfigError passes
+                        parse_mailbox("envelope_to", target)
                 except InvalidMessage as exc:
                     raise Unusable(
                         "553 5.1.3", f"the alias {address!r} names a bad address: {reason_for(exc)}"
