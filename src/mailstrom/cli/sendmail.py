@@ -98,9 +98,10 @@ Read one RFC 5322 message on standard input and queue it for delivery; a running
   --help          show this help
 
 Bare local names (root, www-data, "From: root (Cron Daemon)") get the origin domain
-(setting sendmail.origin, default the host's fully qualified name); recipients that are
-bare names are first looked up in the aliases file (sendmail.aliases, default
-/etc/aliases when it exists; "name: address, address" lines).
+(setting sendmail.origin, default the host's fully qualified name, or helo_name when
+that name is no public mail domain); recipients that are bare names are first looked
+up in the aliases file (sendmail.aliases, default /etc/aliases when it exists; "name:
+address, address" lines).
 
 Configuration comes only from $MAILSTROM_CONFIG or /etc/mailstrom/config.toml and the
 MAILSTROM_* environment variables; mailstrom's own options (--store, --config, ...) are
