@@ -401,17 +401,47 @@ def test_a_signature_by_a_key_rotated_away_is_made_anew() -> None:
     assert resign_stale(stored, DKIM, now=later) is None
     same = DKIMConfig(keys=(key("example.com", "RSA", RSA), key("example.com", "Ed", ED25519)))
     assert resign_stale(stored, same, now=later) is None
-    # Only the Ed25519 key rotated: both signatures are made anew, by the keys now there.
-    new = DKIMConfig(keys=(key("example.com", "rsa", RSA), key("example.com", "ed2", ED25519)))
+    # Only the Ed25519 key rotated: the RSA signature is still by a key configured, and
+    # valid; one is enough, so the message goes as it is.
+    partly = DKIMConfig(keys=(key("example.com", "rsa", RSA), key("example.com", "ed2", ED25519)))
+    assert resign_stale(stored, partly, now=later) is None
+    # Both rotated: both signatures are made anew, by the keys now there.
+    new = DKIMConfig(keys=(key("example.com", "rsa2", RSA), key("example.com", "ed2", ED25519)))
     out = as_sent(stored, new, now=later)
     assert out is not None
     assert [(t["d"], t["s"], "x" in t) for t in signature_tags(out)] == [
-        ("example.com", "rsa", False),
+        ("example.com", "rsa2", False),
         ("example.com", "ed2", False),
     ]
     assert out.split(b"\r\nFrom: ", 1)[1] == stored.split(b"\r\nFrom: ", 1)[1]
     assert resign_stale(out, new, now=later) is None
     assert resign_stale(stored, DKIMConfig(keys=(key("example.net", "n"),)), now=later) is None
+
+
+def test_the_application_s_own_signature_of_the_domain_is_no_rotation() -> None:
+    """A raw message the application signed itself, with a selector of its own for the
+    domain mailstrom signs too: its signature is below the ones ``sign()`` puts on top,
+    and is no key rotated away. It goes out as queued, not stripped and signed anew at
+    every attempt."""
+    raw = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=app1; c=relaxed/relaxed;"
+        b" h=from; bh=abc=; b=xyz=\r\n"
+        b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n"
+        b"Date: Mon, 05 Jan 2026 12:00:00 +0000\r\nMessage-ID: <1@example.com>\r\n\r\nbody\r\n"
+    )
+    stored = prepare_for(
+        Config(dkim=DKIM),
+        raw,
+        envelope_from="a@example.com",
+        envelope_to=["b@example.org"],
+        now=NOW,
+    ).data
+    assert [(t["d"], t["s"]) for t in signature_tags(stored)] == [
+        ("example.com", "rsa"),
+        ("example.com", "ed"),
+        ("example.com", "app1"),
+    ]
+    assert resign_stale(stored, DKIM, now=NOW + timedelta(minutes=5)) is None
 
 
 def test_an_absurd_expiry_in_a_stored_signature_is_no_error() -> None:

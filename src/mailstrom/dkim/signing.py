@@ -160,9 +160,11 @@ def resign_stale(
     - it expires (``x=``) before ``now + before``: no receiver may get a signature it must
       treat as invalid (RFC 6376 §3.5, §6.1.1), as a retry days later, a held message
       released or a long deferral would carry;
-    - or its selector is none of that domain's keys now: the key was rotated away while
-      the message was queued (a scheduled one may wait for weeks), and its DNS record,
-      once removed, would fail the signature when the new key could make a valid one.
+    - or none of that domain's signatures is by one of its keys now: the keys were
+      rotated away while the message was queued (a scheduled one may wait for weeks), and
+      their DNS records, once removed, would fail the signatures when the new keys could
+      make valid ones. A domain with one signature by a key still configured keeps them
+      all (a valid one is enough; another may be the application's own).
 
     None when none is, the case of almost every message: its signatures name the keys
     configured and expire later.
@@ -180,6 +182,8 @@ def resign_stale(
     # (start, end, d=, s=, a=) of each field: signatures named only when signing anew.
     fields: list[tuple[int, int, str | None, bytes | None, bytes | None]] = []
     domains: list[str] = []  # those with a stale signature: all of theirs are made anew
+    current_keys: set[str] = set()  # those with a signature by a key configured now
+    rotated: list[str] = []  # those with a signature by a key no longer configured
     at = 0
     while data.startswith(_SIGNATURE, at):
         made = _MADE.match(data, at)
@@ -194,13 +198,21 @@ def resign_stale(
         fields.append((at, end, name, selector, algorithm))
         if name is not None and name not in domains and (current := dkim.selectors(name)):
             if selector is None or selector.decode("ascii", "replace").lower() not in current:
-                domains.append(name)  # rotated away
-            elif expiry is not None and expiry.isdigit():
-                if deadline is None:
-                    deadline = _seconds(now) + int(before.total_seconds())
-                if int(expiry) <= deadline:
-                    domains.append(name)
+                if name not in rotated:
+                    rotated.append(name)
+            else:
+                current_keys.add(name)
+                if expiry is not None and expiry.isdigit():
+                    if deadline is None:
+                        deadline = _seconds(now) + int(before.total_seconds())
+                    if int(expiry) <= deadline:
+                        domains.append(name)
         at = end
+    # Rotated away only when no signature of the domain is by a key configured now: one
+    # the application made with a selector of its own (a raw message signed before
+    # send_email, below the signatures sign() put on top) is no rotation, and was stripped
+    # and made anew at every attempt.
+    domains += [name for name in rotated if name not in current_keys and name not in domains]
     if not domains:
         return None
     kept = [field for field in fields if field[2] not in domains]
