@@ -89,7 +89,9 @@ class _Filter:
     params: tuple[object, ...] = ()
     members: str | None = None
     count: str | None = None
-    """The matching rows of an index (a SELECT that :meth:`SQLiteReadModel._count` counts)."""
+    """The matching rows of an index, one row each (a SELECT that
+    :meth:`SQLiteReadModel._count` counts, bounded): never an aggregate, which is one row
+    whatever it counts."""
 
 
 class SQLiteReadModel:
@@ -477,7 +479,7 @@ def _filters(query: QueueQuery) -> list[_Filter]:
                 f"{_HAS_PENDING} AND NOT {_HAS_DEFERRED}",
                 members=f"m.seq IN (SELECT message_seq FROM recipients WHERE state = 'queued')"
                 f" AND NOT {_HAS_DEFERRED}",
-                count="SELECT count(*) FROM recipients WHERE state = 'queued'",
+                count="SELECT 1 FROM recipients WHERE state = 'queued'",
             )
         )
     elif view is QueueView.DELIVERED:
@@ -487,7 +489,7 @@ def _filters(query: QueueQuery) -> list[_Filter]:
                 _IS_DELIVERED,
                 members="m.seq IN (SELECT message_seq FROM recipients WHERE state = 'delivered')"
                 f" AND NOT {_HAS_PENDING} AND NOT {_HAS_FAILED}",
-                count="SELECT count(*) FROM recipients WHERE state = 'delivered'",
+                count="SELECT 1 FROM recipients WHERE state = 'delivered'",
             )
         )
     elif view is QueueView.FAILED:
