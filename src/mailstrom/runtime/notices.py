@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -181,26 +181,26 @@ def notices_for(
         last = _last_attempt_allowed(result, item, config)
         known = last_attempts.get(key, last)
         last_attempts[key] = None if last is None or known is None else max(known, last)
-    notices = []
-    for (message_id, sender), (item, due, entries) in groups.items():
-        notice = _Notice(
-            config=config,
-            now=now,
-            message_id=message_id,
-            sender=sender,
-            delayed=True,
-            data=item.data,
-            # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
-            arrival=item.queued_at or due,
-            due=due,
-            expires_at=item.expires_at,
-            entries=entries,
-            last_attempt=last_attempts.get((message_id, sender)),
+    return _prepared(
+        (
+            _Notice(
+                config=config,
+                now=now,
+                message_id=message_id,
+                sender=sender,
+                delayed=True,
+                data=item.data,
+                # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
+                arrival=item.queued_at or due,
+                due=due,
+                expires_at=item.expires_at,
+                entries=entries,
+                last_attempt=last_attempts.get((message_id, sender)),
+            ),
+            item,
         )
-        prepared = _made(notice, item.dsn, require_tls=item.require_tls)
-        if prepared is not None:
-            notices.append(prepared)
-    return notices
+        for (message_id, sender), (item, due, entries) in groups.items()
+    )
 
 
 def relayed_notices(
@@ -229,25 +229,25 @@ def relayed_notices(
         arrival = item.queued_at or result.queued_at or result.attempt.at
         entry = _entry(result, item, delayed=False)
         groups.setdefault((result.message_id, sender), (item, arrival, []))[2].append(entry)
-    notices = []
-    for (message_id, sender), (item, arrival, entries) in groups.items():
-        notice = _Notice(
-            config=config,
-            now=now,
-            message_id=message_id,
-            sender=sender,
-            delayed=False,
-            relayed=True,
-            data=item.data,
-            arrival=arrival,
-            due=arrival,
-            expires_at=None,
-            entries=entries,
+    return _prepared(
+        (
+            _Notice(
+                config=config,
+                now=now,
+                message_id=message_id,
+                sender=sender,
+                delayed=False,
+                relayed=True,
+                data=item.data,
+                arrival=arrival,
+                due=arrival,
+                expires_at=None,
+                entries=entries,
+            ),
+            item,
         )
-        prepared = _made(notice, item.dsn, require_tls=item.require_tls)
-        if prepared is not None:
-            notices.append(prepared)
-    return notices
+        for (message_id, sender), (item, arrival, entries) in groups.items()
+    )
 
 
 def _notice_sender(result: RecipientResult, item: WorkItem, verp_key: bytes) -> str:
@@ -276,6 +276,13 @@ def _entry(result: RecipientResult, item: WorkItem, *, delayed: bool) -> FailedR
         remote_mta=attempt.mx_host,
         at=_last_attempt(result, item),
     )
+
+
+def _prepared(notices: Iterable[tuple[_Notice, WorkItem]]) -> list[PreparedMessage]:
+    """Each notice about a leased work item prepared as its message's DSN asks, but those
+    that cannot be made (:func:`_made`)."""
+    made = (_made(notice, item.dsn, require_tls=item.require_tls) for notice, item in notices)
+    return [prepared for prepared in made if prepared is not None]
 
 
 def _made(notice: _Notice, dsn: DSN | None, *, require_tls: bool) -> PreparedMessage | None:
