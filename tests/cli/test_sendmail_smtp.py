@@ -433,6 +433,28 @@ def test_a_bare_name_without_a_usable_origin_is_451_saying_what_to_set(cli: CLI)
     assert codes(result) == ["220", "250", "451", "250", "451", "250", "354", "250", "221"]
     assert result.err.count("set sendmail.origin (MAILSTROM_SENDMAIL_ORIGIN)") == 2
     assert len(cli.queue_ids()) == 1
+    # A local failure, as a 451 at the end of DATA is: the exit code names the
+    # configuration (78) for a caller that reads only that, where it exited 0.
+    assert result.code == 78, result.err
+
+
+def test_a_local_failure_at_rcpt_sets_the_exit_code_a_refused_address_does_not(
+    cli: CLI,
+) -> None:
+    """An aliases file that cannot be used (too large) is a 451 at RCPT and exit 78;
+    a recipient the client wrote badly is its own 501, and the exit code stays 0."""
+    (cli.cwd / "aliases").write_bytes(b"# x\n" * 400_000)
+    cli.env["MAILSTROM_SENDMAIL_ALIASES"] = str(cli.cwd / "aliases")
+    script = b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<ops>\r\nRSET\r\nQUIT\r\n"
+    result = session(cli, script)
+    assert codes(result) == ["220", "250", "250", "451", "250", "221"]
+    assert result.code == 78, result.err
+    assert "sendmail.aliases" in result.err
+    script = b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<bad address@>\r\nQUIT\r\n"
+    del cli.env["MAILSTROM_SENDMAIL_ALIASES"]
+    result = session(cli, script)
+    assert codes(result) == ["220", "250", "250", "501", "221"]
+    assert result.code == 0, result.err
 
 
 def test_the_last_b_mode_wins(cli: CLI) -> None:

@@ -180,8 +180,8 @@ class Session:
     errors: int = 0
     junk: int = 0
     code: int = EX_OK
-    """The exit code: that of the last failure (a transaction that was not queued, the
-    session ended with 421), else 0."""
+    """The exit code: that of the last failure (a transaction that was not queued, a
+    local failure at MAIL or RCPT, the session ended with 421), else 0."""
 
     def reply(self, text: str) -> None:
         self.out.write(text.encode("utf-8", "replace") + b"\r\n")
@@ -300,7 +300,7 @@ class Session:
             elif (key, value.upper()) not in _KNOWN_PARAMETERS:
                 return self.error(f"555 5.5.4 Unsupported option: {param[:64]}")
             utf8 = utf8 or key == "SMTPUTF8"
-        refusal = _refusal(self.check_sender, sender, "501 5.1.7 Bad sender address syntax")
+        refusal = self._refusal(self.check_sender, sender, "501 5.1.7 Bad sender address syntax")
         if refusal or not (utf8 or sender.isascii()):
             return self.error(refusal or _NEEDS_SMTPUTF8)
         self.transaction = _Transaction(sender, utf8)
@@ -319,12 +319,30 @@ class Session:
         if len(self.transaction.recipients) >= MAX_RECIPIENTS:
             return self.error("452 4.5.3 Error: too many recipients")
         bad = "501 5.1.3 Bad recipient address syntax"
-        refusal = _refusal(self.check_recipient, address, bad)
+        refusal = self._refusal(self.check_recipient, address, bad)
         if refusal or not (self.transaction.utf8 or address.isascii()):
             return self.error(refusal or _NEEDS_SMTPUTF8)
         self.transaction.recipients.append(address)
         self.reply("250 2.1.5 Ok")
         return True
+
+    def _refusal(self, check: Check, address: str, bad: str) -> str | None:
+        """The error reply when ``check`` refuses ``address`` (``bad`` and the reason),
+        None when it takes it; 451 when it cannot tell (no usable origin, the aliases
+        file unreadable, a bug). That one is a local failure, as a 451 at the end of DATA
+        is: the exit code says which (78 for the configuration), for a caller that reads
+        only that, where a refused address is the client's to handle from the reply."""
+        try:
+            check(address)
+        except Unusable as exc:
+            return f"{exc.reply} {_one_line(str(exc))}"
+        except InvalidMessage as exc:
+            return f"{bad}: {_one_line(reason_for(exc))}"
+        except Exception as exc:
+            say(f"mailstrom: {reason_for(exc)}")
+            self.code = exit_code_for(exc)
+            return "451 4.3.0 Error: local error, try again later"
+        return None
 
     def data(self, arg: str) -> bool:
         if arg:
@@ -454,21 +472,6 @@ def _path(arg: str, prefix: str) -> tuple[str, list[str]] | None:
     if (tail and not tail.startswith(" ")) or _CONTROL.search(address):
         return None
     return address, tail.split()
-
-
-def _refusal(check: Check, address: str, bad: str) -> str | None:
-    """The error reply when ``check`` refuses ``address`` (``bad`` and the reason), None
-    when it takes it; 451 when it cannot tell (the aliases file unreadable, a bug)."""
-    try:
-        check(address)
-    except Unusable as exc:
-        return f"{exc.reply} {_one_line(str(exc))}"
-    except InvalidMessage as exc:
-        return f"{bad}: {_one_line(reason_for(exc))}"
-    except Exception as exc:
-        say(f"mailstrom: {reason_for(exc)}")
-        return "451 4.3.0 Error: local error, try again later"
-    return None
 
 
 def _one_line(text: str) -> str:
