@@ -654,3 +654,26 @@ def test_a_listing_s_broken_pipe_elsewhere_than_its_output_is_a_failure(
     monkeypatch.setattr(sys, "stdout", sys.stdout)
     monkeypatch.setattr(sys, "stderr", sys.stderr)
     assert main(["--store", "memory://", "queue"]) == 70  # as in a command that acts
+
+
+@pytest.mark.parametrize(
+    ("fqdn", "shown"), [("my_laptop", "my_laptop"), ("host.local.", "host.local")]
+)
+def test_no_usable_origin_names_the_host_name_not_the_fallback(
+    monkeypatch: pytest.MonkeyPatch, fqdn: str, shown: str
+) -> None:
+    """On a host whose name no domain may be (``my_laptop``), helo_name falls back to
+    ``localhost``, and the message said "this host's name localhost is not a public mail
+    domain": a name the host does not have. It names the host's own name."""
+    from mailstrom.config import Config
+    from mailstrom.errors import ConfigError, InvalidAddress
+    from mailstrom.settings import Settings
+
+    monkeypatch.setattr(localnames.socket, "getfqdn", lambda: fqdn)
+    monkeypatch.setattr(socket, "getfqdn", lambda: fqdn)
+    settings = Settings(config=Config(), store_url="memory://")
+    origin = localnames.default_origin(settings.config.helo_name)
+    with pytest.raises(ConfigError) as raised, sendmail._origin_at_fault(settings, origin):
+        raise InvalidAddress("invalid", address=f"root@{origin}")
+    assert f"(this host's name {shown} is not a public mail domain)" in str(raised.value)
+    assert "localhost" not in str(raised.value)

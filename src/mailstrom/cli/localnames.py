@@ -43,6 +43,11 @@ REWRITTEN_HEADERS = frozenset(
 """Header fields whose bare names get the origin domain."""
 
 
+def host_name() -> str:
+    """This host's fully qualified name, as the resolver gives it (without a final dot)."""
+    return socket.getfqdn().rstrip(".")
+
+
 def default_origin(helo_name: str) -> str:
     """The host's fully qualified name, or ``helo_name`` when it has none that mail can be
     sent to from elsewhere: no dot, a name private to the host or its network
@@ -51,7 +56,7 @@ def default_origin(helo_name: str) -> str:
     ``home.arpa``, ``internal``, ``lan``), or one no address may have (``my_laptop.example``).
     Bare names are mostly cron's and daemons' reports to ``root``, and in From, which a
     receiver checks: the name the host gives itself in EHLO serves them both."""
-    fqdn = socket.getfqdn().rstrip(".").lower()
+    fqdn = host_name().lower()
     usable = is_public_name(fqdn) and mail_domain_problem(fqdn) is None
     return fqdn if usable else helo_name
 

@@ -49,6 +49,7 @@ from mailstrom.cli.localnames import (
     expand,
     expand_all,
     format_address,
+    host_name,
     is_bare,
     qualify,
     qualify_headers,
@@ -713,9 +714,16 @@ def _origin_at_fault(settings: Settings, origin: str) -> Iterator[None]:
         if domain.lower() != origin.lower() or mail_domain_problem(origin) is None:
             raise
         name = local if local.isprintable() and len(local) <= 64 else shorten(local, 64)
-        source = "helo_name" if settings.values.get("helo_name") else "this host's name"
+        # Unconfigured, helo_name falls back to localhost for a host name no domain may
+        # be (``my_laptop``): the name to mend is the host's, not the fallback's.
+        if settings.values.get("helo_name"):
+            source = f"helo_name {origin}"
+        else:
+            host = host_name()
+            shown = host if host.isprintable() and len(host) <= 100 else shorten(host, 100)
+            source = f"this host's name {shown}"
         raise ConfigError(
-            f"{name}: no domain to qualify a local name with ({source} {origin} is not "
+            f"{name}: no domain to qualify a local name with ({source} is not "
             "a public mail domain); set sendmail.origin (MAILSTROM_SENDMAIL_ORIGIN) "
             "or helo_name"
         ) from None
