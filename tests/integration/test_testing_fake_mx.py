@@ -326,6 +326,31 @@ def test_a_restarted_fake_keeps_its_scripts() -> None:
     assert got.envelope_to == ["busy@example.org"]
 
 
+def test_scripts_set_on_the_server_stay_the_fakes() -> None:
+    # ``mx.server.rcpt_replies = {...}`` replaced the dict the server reads, and the
+    # fake's methods went on editing the old one: a reject() after it was never applied,
+    # and the next start() handed the new server the old scripts.
+    mx = FakeMX()
+    with mx:
+        mx.server.rcpt_replies = {"set@example.org": "550 5.1.1 Set on the server"}
+        mx.reject("later@example.org", "550 5.1.1 Rejected later")
+        mx.server.stall_rcpts = set()
+        mx.drop_after_dot("flaky@example.org")
+        assert mx.server.drop_after_dot_rcpts == {"flaky@example.org"}
+        with smtplib.SMTP("127.0.0.1", mx.server.port, timeout=10) as client:
+            client.ehlo("client.test")
+            client.mail("app@shop.test")
+            assert client.rcpt("set@example.org") == (550, b"5.1.1 Set on the server")
+            assert client.rcpt("later@example.org") == (550, b"5.1.1 Rejected later")
+    with mx:  # started again: the same scripts
+        with smtplib.SMTP("127.0.0.1", mx.server.port, timeout=10) as client:
+            client.ehlo("client.test")
+            client.mail("app@shop.test")
+            assert client.rcpt("set@example.org")[0] == 550
+            assert client.rcpt("later@example.org")[0] == 550
+        assert mx.server.drop_after_dot_rcpts == {"flaky@example.org"}
+
+
 def test_a_null_sender_is_an_empty_envelope_from(fake_mx: FakeMX) -> None:
     with Mailstrom(fake_mx.config, store=MemoryStore()) as ms:
         ms.send_email(mail("bob@example.org"), envelope_from="")
@@ -941,3 +966,4 @@ def test_a_wait_ends_when_the_server_stop_raises(monkeypatch: pytest.MonkeyPatch
     server.stop()
     assert nothing_listens(server.port)
     server.stop()  # nothing left to stop: harmless
+

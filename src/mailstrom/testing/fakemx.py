@@ -151,6 +151,7 @@ class FakeMX:
         except BaseException:
             self.dns.stop()
             raise
+        self._adopt()
         server.rcpt_replies = self._rcpt_replies
         server.stall_rcpts = self._stall_rcpts
         server.drop_after_dot_rcpts = self._drop_after_dot_rcpts
@@ -207,8 +208,18 @@ class FakeMX:
 
     # --- scripting, per recipient address (the fake's, see :meth:`start`) ------------------
 
+    def _adopt(self) -> None:
+        """Take up the scripts the server has now: a test may have replaced them there
+        (``mx.server.rcpt_replies = {...}``), and the fake's methods then edited, and
+        its next server got, the ones the server no longer read."""
+        if self._server is not None:
+            self._rcpt_replies = self._server.rcpt_replies
+            self._stall_rcpts = self._server.stall_rcpts
+            self._drop_after_dot_rcpts = self._server.drop_after_dot_rcpts
+
     def accept(self, address: str) -> None:
         """Accept ``address`` (the default): forget what was scripted for it."""
+        self._adopt()
         key = _key(address)
         self._rcpt_replies.pop(key, None)
         self._stall_rcpts.discard(key)
