@@ -967,3 +967,37 @@ def test_a_wait_ends_when_the_server_stop_raises(monkeypatch: pytest.MonkeyPatch
     assert nothing_listens(server.port)
     server.stop()  # nothing left to stop: harmless
 
+
+def test_a_client_breaking_off_the_tls_handshake_logs_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiosmtpd logged "SMTP session exception" at ERROR with a traceback whenever a
+    # client broke off the handshake after STARTTLS, which tests of failing TLS do.
+    server_context, _ = tls_contexts("mx.test")
+    server = start_receiving_server(server_context, name="mx.test")
+
+    def told() -> bool:
+        return any("TLS handshake failed" in r.getMessage() for r in caplog.records)
+
+    try:
+        with (
+            caplog.at_level("INFO", logger="mail.log"),
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock,
+            sock.makefile("rb") as reader,
+        ):
+            assert reader.readline().startswith(b"220 ")
+            sock.sendall(b"EHLO client.test\r\n")
+            while reader.readline()[3:4] != b" ":
+                pass
+            sock.sendall(b"STARTTLS\r\n")
+            assert reader.readline().startswith(b"220 ")
+            sock.sendall(b"\x16\x03\x01\x00\x05hello")  # no ClientHello
+            assert reader.read() == b""  # the server hangs up
+            # The line comes from the server's thread, maybe after the hang-up.
+            deadline = time.monotonic() + 10
+            while not told() and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        server.stop()
+    assert [r for r in caplog.records if r.levelno >= 40] == []
+    assert told()

@@ -100,6 +100,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import logging
 import socket
 import ssl
 import sys
@@ -119,7 +120,7 @@ from mailstrom.testing.outbox import parse_message
 try:
     import trustme
     from aiosmtpd.controller import Controller
-    from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+    from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 except ImportError as exc:
     raise missing_extra(exc) from exc
 
@@ -747,6 +748,8 @@ class _Handler:
 
 
 _DSN_PARAMS = frozenset({"RET", "ENVID", "NOTIFY", "ORCPT"})
+_mail_log = logging.getLogger("mail.log")
+"""aiosmtpd's logger, which the server's own lines join."""
 
 
 def _over_tls(server: SMTP) -> bool:
@@ -790,6 +793,15 @@ class _SMTP(SMTP):
             await method(arg)
 
         return wrapped
+
+    async def handle_exception(self, error: Exception) -> str:
+        # A client breaking off the TLS handshake (what many tests do on purpose) made
+        # aiosmtpd log an ERROR and a traceback: the client's doing, told in one line.
+        if isinstance(error, TLSSetupException) and self.session is not None:
+            why = error.__cause__ or error
+            _mail_log.info("%r TLS handshake failed: %r", self.session.peer, why)
+            return "421 4.7.0 TLS handshake failed"  # not sent: aiosmtpd hangs up
+        return await super().handle_exception(error)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None:  # not the switch to TLS after STARTTLS
