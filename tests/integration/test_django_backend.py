@@ -659,6 +659,38 @@ def test_a_body_line_past_the_line_limit_is_sent_quoted_printable_in_any_charset
     assert parsed.get_content().replace("\r\n", "\n") == body
 
 
+def test_an_attached_message_with_a_long_line_is_sent_encoded_inside(
+    project: None, mx: ReceivingServer
+) -> None:
+    """A message attached as ``message/rfc822`` (Django's ``attach(None, saved_mail,
+    "message/rfc822")``, a forwarded mail) may not be encoded itself (RFC 2046 §5.2.1),
+    and Django keeps its parts as it parsed them: a JSON body on one line past 998 octets
+    made the whole send fail (LineTooLong, silently with ``fail_silently``). Such a part
+    is written base64 inside it, as Django writes its own attachments, and reads the
+    same; its text parts were quoted-printable already."""
+    document = '{"items": [' + ", ".join(f'{{"n": {i}}}' for i in range(200)) + "]}"
+    saved = (
+        "From: carol@example.org\nTo: dave@example.org\nSubject: Forwarded\n"
+        "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n"
+        "--b\nContent-Type: text/plain\n\n" + "x" * 1200 + "\n"
+        "--b\nContent-Type: application/json\n\n" + document + "\n--b--\n"
+    )
+    outer = mail.EmailMessage("Fwd", "See attached.\n", to=["bob@example.org"])
+    outer.attach(None, saved, "message/rfc822")  # Django parses it (message_from_string)
+    assert EmailBackend(fail_silently=False).send_messages([outer]) == 1
+    [received] = mx.wait_for_messages(1)
+    assert max(len(line) for line in received.content.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(received.content, policy=email.policy.default)
+    [attached] = [p for p in parsed.walk() if p.get_content_type() == "message/rfc822"]
+    assert attached.get("Content-Transfer-Encoding") is None
+    [forwarded] = attached.get_payload()
+    assert forwarded["Subject"] == "Forwarded"
+    text, json_part = forwarded.get_payload()
+    assert text.get_content().rstrip("\r\n") == "x" * 1200
+    assert json_part["Content-Transfer-Encoding"] == "base64"
+    assert json_part.get_payload(decode=True).decode() == document
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

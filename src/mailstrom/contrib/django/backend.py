@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import email.charset
+import email.encoders
 import email.errors
 import email.policy
 import re
@@ -412,7 +413,9 @@ def _quote_unsendable_text(built: Message) -> None:
     a NUL or a line past 998 octets, which such data may not carry (RFC 2045 §2.7, §2.8)
     and mailstrom refuses (ForbiddenCharacter, LineTooLong); quoted-printable carries a
     NUL as ``=00`` and breaks a long line with soft line breaks, and a reader decodes the
-    same text.
+    same text. Any other such leaf part is written base64: Django encodes its own
+    attachments so, but keeps the parts of a message it attaches as ``message/rfc822``
+    as it parsed them (a saved mail whose JSON or XML body is one long line).
 
     Django forms refuse a NUL, but not a URL: Django's error report for a bot's
     ``/blog/%00`` (a 500 where the path reaches PostgreSQL, which refuses a NUL) holds
@@ -428,7 +431,14 @@ def _quote_unsendable_text(built: Message) -> None:
         if not isinstance(payload, str) or _UNSENDABLE_DATA.search(payload) is None:
             continue  # (a multipart's payload is its parts)
         encoding = str(part.get("Content-Transfer-Encoding", "7bit")).lower()
-        if part.get_content_maintype() != "text" or encoding not in ("7bit", "8bit"):
+        maintype = part.get_content_maintype()
+        if encoding not in ("7bit", "8bit") or maintype in ("multipart", "message"):
+            continue  # (a message/rfc822 part may not be encoded: RFC 2046 §5.2.1)
+        if maintype != "text":
+            data = cast(bytes, part.get_payload(decode=True))
+            del part["Content-Transfer-Encoding"]
+            Message.set_payload(part, data)
+            email.encoders.encode_base64(part)
             continue
         name = part.get_content_charset() or "us-ascii"
         charset = email.charset.Charset(name)
