@@ -444,12 +444,19 @@ def test_a_message_django_cannot_serialise_safely_raises_a_typed_error(
 
 @pytest.mark.parametrize(("make", "error"), BAD_MESSAGE_CASES)
 def test_fail_silently_leaves_out_only_the_message_django_cannot_serialise(
-    project: None, make: Callable[[], mail.EmailMessage], error: type[InvalidMessage]
+    project: None,
+    make: Callable[[], mail.EmailMessage],
+    error: type[InvalidMessage],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     first = mail.EmailMessage("one", "x", to=["carol@example.org"])
     bad = make()
     last = mail.EmailMessage("two", "x", to=["dave@example.org"])
-    assert EmailBackend(fail_silently=True).send_messages([first, bad, last]) == 2
+    with caplog.at_level("WARNING", logger="mailstrom.contrib.django"):
+        assert EmailBackend(fail_silently=True).send_messages([first, bad, last]) == 2
+    # Silent to the caller, not to the operator: the message left out leaves a line.
+    [line] = [r for r in caplog.records if r.name.startswith("mailstrom.contrib.django")]
+    assert line.levelname == "WARNING" and "not queued (fail_silently)" in line.getMessage()
     assert not hasattr(bad, "mailstrom_id")
     queued = {status.id for status in get_mailstrom().query_recent()}
     assert queued == {first.mailstrom_id, last.mailstrom_id}  # type: ignore[attr-defined]

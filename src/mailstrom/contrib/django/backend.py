@@ -26,6 +26,7 @@ import email.charset
 import email.encoders
 import email.errors
 import email.policy
+import logging
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,6 +58,8 @@ from mailstrom.message.chars import (
 from mailstrom.message.encoding import MAX_LINE
 from mailstrom.message.headers import check_field_name
 from mailstrom.message.trees import check_entity_headers
+
+log = logging.getLogger(__name__)
 
 
 class EmailBackend(BaseEmailBackend):
@@ -108,15 +111,19 @@ class EmailBackend(BaseEmailBackend):
             for message in messages:
                 try:
                     queued.append((message, prepare_message(message, ms.config, now=now)))
-                except MailstromError:
+                except MailstromError as exc:
                     if not self.fail_silently:
                         raise
+                    # Silent to the caller (Django's AdminEmailHandler sends so), not to
+                    # the operator: mail left out leaves a line saying why.
+                    log.warning("a message was not queued (fail_silently): %s", exc)
             if not queued:
                 return 0
             ids = ms.store.enqueue_many([prepared for _, prepared in queued], now=now)
-        except MailstromError:
+        except MailstromError as exc:
             if not self.fail_silently:
                 raise
+            log.warning("%d message(s) were not queued (fail_silently): %s", len(messages), exc)
             return 0
         for (message, _), message_id in zip(queued, ids, strict=True):
             message.mailstrom_id = message_id  # type: ignore[attr-defined]
