@@ -19,6 +19,7 @@ import pytest
 from mailstrom import Attachment, DKIMAlgorithm, DKIMSignature, DKIMStatus, Email, RecipientState
 from mailstrom.client import Mailstrom
 from mailstrom.dkim import DKIMConfig, DKIMKey, generate_private_key
+from mailstrom.message import prepare
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -344,3 +345,46 @@ def test_a_message_queued_before_a_key_rotation_goes_out_signed_by_the_new_keys(
     assert status.dkim is not None
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
     assert recent[mid] == status.dkim
+
+
+def test_a_message_signed_anew_is_signed_once_however_often_it_is_deferred(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """A message queued before a key rotation, deferred again and again at DATA: it was
+    signed anew at every attempt (an RSA signature and the body hash each time), each
+    with the time of that attempt. The worker keeps what it made: every attempt sends
+    the bytes of the first, which verify, and each result names their signatures."""
+    mx = receivers[True]
+    mx.data_reply = ["451 4.3.0 Try later", "451 4.3.0 Try later", "250 2.0.0 OK"]
+    clock = FakeClock(datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3))
+    store = MemoryStore()
+    old = prepare(text_message("bob@modern.test"), now=clock(), dkim=CONFIG)
+    mid = store.enqueue(old, now=clock())
+    new = rotated()
+    publish(dns_server, new)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=new)
+    with Mailstrom(config, store=store, clock=clock, on_result=results) as ms:
+        for attempt in (1, 2):
+            results.wait_count(attempt)
+            assert ms.query_status(mid).state is RecipientState.DEFERRED
+            clock.advance(timedelta(hours=1))
+            assert ms.retry(mid) == 1
+        results.wait_count(3)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+    sent = [m.content for m in mx.wait_for_received(3)]
+    assert sent[0] == sent[1] == sent[2]
+    tags = signature_tags(sent[0])
+    assert [(t["d"], t["s"]) for t in tags] == [
+        ("sender.test", "rsa2027"),
+        ("sender.test", "ed2027"),
+    ]
+    assert {int(t["t"]) for t in tags} == {int(clock().timestamp()) - 2 * 3600}
+    assert_all_pass(sent[0], dns_server)
+    made = DKIMStatus(
+        signatures=tuple(
+            DKIMSignature(domain=k.domain, selector=k.selector, algorithm=k.algorithm)
+            for k in new.keys
+        )
+    )
+    assert [r.dkim for r in results.all] == [made] * 3

@@ -18,6 +18,7 @@ from tests.support.dkim import ED25519, RSA, dual, key, signature_tags
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.dkim import DKIMConfig
+from mailstrom.dkim.resigned import ResignedMessages
 from mailstrom.dkim.signing import resign_stale, sign
 from mailstrom.errors import ConfigError, MessageTooLarge, NoDKIMKey
 from mailstrom.message import Email, downgrade_to_7bit, prepare
@@ -456,3 +457,46 @@ def test_an_absurd_expiry_in_a_stored_signature_is_no_error() -> None:
     out = as_sent(second, EXPIRING, now=later)
     assert out is not None and [t["s"] for t in signature_tags(out)] == ["rsa", "ed"]
     assert b"9" * 30 not in out
+
+
+# --- what a worker keeps of a message it signed anew ---------------------------------------
+
+
+def test_a_message_signed_anew_is_sent_again_as_made_until_it_is_stale() -> None:
+    """Each attempt of a message signed anew sends the bytes of the first (same t=, no
+    new signature), until their own x= comes near: then it is signed again, once."""
+    stored = prepare(email(), now=NOW, dkim=EXPIRING).data
+    resigned = ResignedMessages(EXPIRING)
+    first_at = NOW + timedelta(days=2)
+    first = resigned.sign("m1", stored, now=first_at)
+    assert first is not None and first == resign_stale(stored, EXPIRING, now=first_at)
+    for later in (timedelta(minutes=5), timedelta(hours=22, minutes=59)):
+        assert resigned.sign("m1", stored, now=first_at + later) == first
+    # Within RESIGN_BEFORE of the x= made at the first: made anew, and kept in its place.
+    again_at = first_at + timedelta(hours=23, minutes=1)
+    again = resigned.sign("m1", stored, now=again_at)
+    assert again is not None and again != first
+    assert {t["t"] for t in signature_tags(again[0])} == {str(int(again_at.timestamp()))}
+    assert resigned.sign("m1", stored, now=again_at + timedelta(hours=1)) == again
+    # Fresh bytes are not kept: nothing to sign again.
+    assert (
+        resigned.sign("m2", prepare(email(), now=again_at, dkim=EXPIRING).data, now=again_at)
+        is None
+    )
+    assert len(resigned) == 1
+
+
+def test_what_is_kept_is_bounded_and_taken_only_for_its_own_bytes() -> None:
+    rotated = DKIMConfig(keys=(key("example.com", "rsa2", RSA), key("example.com", "ed2", ED25519)))
+    stored = [prepare(email(subject=f"n{n}"), now=NOW, dkim=DKIM).data for n in range(3)]
+    resigned = ResignedMessages(rotated, size=2)
+    made = [resigned.sign(f"m{n}", data, now=NOW) for n, data in enumerate(stored)]
+    assert all(m is not None for m in made) and len(resigned) == 2
+    later = NOW + timedelta(hours=1)
+    assert resigned.sign("m2", stored[2], now=later) == made[2]
+    # m0 went first: signed anew (another t=).
+    m0 = resigned.sign("m0", stored[0], now=later)
+    assert m0 is not None and m0 != made[0]
+    # Other bytes under a kept id are signed for themselves, not sent as the kept ones.
+    other = resigned.sign("m2", stored[1], now=later)
+    assert other is not None and other == resign_stale(stored[1], rotated, now=later)

@@ -176,6 +176,17 @@ def resign_stale(
     those kept), what the message's DKIM status is to say, as ``sign`` says it of the
     signatures it makes.
     """
+    found = resign_stale_in_place(data, dkim, now=now, before=before)
+    return None if found is None else (found[0], found[1])
+
+
+def resign_stale_in_place(
+    data: bytes, dkim: DKIMConfig, *, now: datetime, before: timedelta = RESIGN_BEFORE
+) -> tuple[bytes, tuple[DKIMSignature, ...], int] | None:
+    """:func:`resign_stale`, with how many octets at the start of ``data`` (the signature
+    fields on top) the start of the bytes returned replaces: the rest, ``data[n:]``, ends
+    them unchanged. What a worker keeps to send the same bytes again
+    (:class:`~mailstrom.dkim.resigned.ResignedMessages`)."""
     if not data.startswith(_SIGNATURE):
         return None
     deadline: int | None = None
@@ -224,7 +235,7 @@ def resign_stale(
     )
     named = (_named(name, selector, a) for _, _, name, selector, a in kept)
     ours = (*signatures, *(s for s in named if s is not None and dkim.selectors(s.domain)))
-    return signed, ours
+    return signed, ours, at
 
 
 def _named(

@@ -92,6 +92,7 @@ from mailstrom.tls.requirement import TLSRequirement
 
 if TYPE_CHECKING:
     from mailstrom.dkim.config import DKIMConfig
+    from mailstrom.dkim.resigned import ResignedMessages
 
 log = logging.getLogger("mailstrom.delivery")
 
@@ -257,6 +258,8 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         """Set by :meth:`close`: no session starts from then on."""
+        self._resigned: ResignedMessages | None = None
+        """The messages this worker signed anew as it sent them, made at first need."""
         self._relay_route: Route | None = None
         if config.relay is not None:
             host = MXHost(name=config.relay.host, preference=0, addresses=(config.relay.host,))
@@ -1225,13 +1228,17 @@ class Dispatcher:
     def _resign_stale(self, work: _Work, dkim: DKIMConfig) -> None:
         """Sign ``work``'s message again when a signature it was queued with would have
         expired by the time a receiver checks it (a retry days later, a released hold),
-        or was made by a key since rotated away (see :func:`resign_stale`)."""
-        # Loaded here: a worker signs nothing else (the keys came with the config).
-        from mailstrom.dkim.signing import resign_stale
+        or was made by a key since rotated away (see :func:`resign_stale`): once per
+        message, its later attempts send the bytes made then while they are good."""
+        resigned = self._resigned
+        if resigned is None:
+            # Loaded here: a worker signs nothing else (the keys came with the config).
+            from mailstrom.dkim.resigned import ResignedMessages
 
+            resigned = self._resigned = ResignedMessages(dkim)
         item = work.item
         try:
-            signed = resign_stale(item.data, dkim, now=self._outcomes.now())
+            signed = resigned.sign(item.message_id, item.data, now=self._outcomes.now())
         except Exception:
             # A bug here must not hold the mail back: an expired signature is no worse
             # than none, which is what receivers make of it.
