@@ -388,3 +388,41 @@ def test_a_message_signed_anew_is_signed_once_however_often_it_is_deferred(
         )
     )
     assert [r.dkim for r in results.all] == [made] * 3
+
+
+def test_an_expired_signature_whose_keys_are_all_gone_is_not_sent(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """Every key of the signing domain removed from the configuration while a message
+    with an x= waited: nothing can sign it anew, and its signatures, past their x= when
+    it goes, are invalid to every receiver (RFC 6376 §3.5, §6.1.1), only a failure in
+    its reports. It goes without them, and its status says so. A signature not expired
+    (no x=) is kept: its record may still be published, and a failed one counts as none."""
+    mx = receivers[True]
+    clock = FakeClock(datetime.now(UTC).replace(microsecond=0) - timedelta(days=3))
+    store = MemoryStore()
+    expiring = dual("sender.test", expire=timedelta(days=1))
+    queued = prepare(text_message("bob@modern.test"), now=clock(), dkim=expiring)
+    lasting = prepare(text_message("carol@modern.test"), now=clock(), dkim=CONFIG)
+    mids = [store.enqueue(p, now=clock(), hold=True) for p in (queued, lasting)]
+    clock.advance(timedelta(days=3))  # x= passed two days ago
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=rotated("other.test"))
+    with Mailstrom(config, store=store, clock=clock, on_result=results) as ms:
+        for mid in mids:
+            assert ms.release(mid) == 1
+        results.wait_count(2)
+        status = {mid: ms.query_status(mid) for mid in mids}
+    by_rcpt = {m.rcpt_tos[0]: m.content for m in mx.wait_for_messages(2)}
+    assert all(s.state is RecipientState.DELIVERED for s in status.values())
+    sent = by_rcpt["bob@modern.test"]
+    assert b"DKIM-Signature" not in sent
+    assert queued.data.endswith(sent)  # the signature fields on top gone, nothing else
+    assert status[mids[0]].dkim == DKIMStatus(
+        reason="its signatures had expired (x=) and no key of sender.test is configured now"
+    )
+    assert {r.address: r.dkim for r in results.all}["bob@modern.test"] == status[mids[0]].dkim
+    # No x=: sent as queued, and it verifies (the old records are still published).
+    assert by_rcpt["carol@modern.test"] == lasting.data
+    assert_all_pass(lasting.data, dns_server)
+    assert status[mids[1]].dkim == lasting.dkim_status

@@ -22,6 +22,7 @@ from mailstrom.dkim.resigned import ResignedMessages
 from mailstrom.dkim.signing import resign_stale, sign
 from mailstrom.errors import ConfigError, MessageTooLarge, NoDKIMKey
 from mailstrom.message import Email, downgrade_to_7bit, prepare
+from mailstrom.status import DKIMStatus
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 DKIM = dual("example.com")
@@ -320,9 +321,9 @@ def as_sent(data: bytes, dkim: DKIMConfig, *, now: datetime) -> bytes | None:
     found = resign_stale(data, dkim, now=now)
     if found is None:
         return None
-    out, signatures = found
+    out, status = found
     ours = [t for t in signature_tags(out) if dkim.selectors(t["d"])]
-    assert [(s.domain, s.selector, s.algorithm.value) for s in signatures] == [
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.signatures] == [
         (t["d"], t["s"], t["a"]) for t in ours
     ]
     return out
@@ -363,17 +364,75 @@ def test_nothing_is_signed_again_without_an_expiring_signature() -> None:
     no_expiry = prepare(email(), now=NOW, dkim=DKIM).data
     assert resign_stale(unsigned, EXPIRING, now=later) is None
     assert resign_stale(no_expiry, EXPIRING, now=later) is None
-    # A signature of a domain this configuration has no key for stays as it is.
-    other = prepare(email(), now=NOW, dkim=dual("example.com", expire=timedelta(hours=1))).data
+    # A signature of a domain this configuration has no key for stays as it is, while
+    # its x= has not passed.
+    other = prepare(email(), now=NOW, dkim=dual("example.com", expire=timedelta(days=60))).data
     assert resign_stale(other, DKIMConfig(keys=(key("example.net", "n"),)), now=later) is None
 
 
+def test_an_expired_signature_no_key_configured_can_make_anew_goes() -> None:
+    """Every key of the signing domain removed from the configuration while the message
+    waited: once their x= has passed, its signatures are invalid to every receiver (RFC
+    6376 §3.5, §6.1.1) and nothing can make them anew. They go, and the status says why
+    the message is unsigned; before their x= they stay (they may still verify)."""
+    stored = prepare(email(), now=NOW, dkim=dual("example.com", expire=timedelta(hours=1))).data
+    gone = DKIMConfig(keys=(key("example.net", "n"),))
+    assert resign_stale(stored, gone, now=NOW + timedelta(minutes=59)) is None
+    found = resign_stale(stored, gone, now=NOW + timedelta(hours=1))
+    assert found is not None
+    out, status = found
+    assert b"DKIM-Signature" not in out and stored.endswith(out)
+    assert status == DKIMStatus(
+        reason="its signatures had expired (x=) and no key of example.com is configured now"
+    )
+
+
+def test_an_expired_signature_goes_the_others_stay_and_are_named() -> None:
+    """Of the signatures no key configured now made, those past their x= go: another
+    domain's that came with a raw message, and the application's own of a domain
+    mailstrom signs too (its signature by a key configured now stays, valid). One
+    without x= stays, and is named when no key configured now made one."""
+    theirs = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.net; s=x; c=relaxed/relaxed;\r\n"
+        b" t=1; h=from; bh=AAAA; b=AAAA\r\n"
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=y; c=relaxed/relaxed;\r\n"
+        b" t=1; x=2; h=from; bh=AAAA; b=AAAA\r\n"
+        b"DKIM-Signature: v=1; a=ed25519-sha256; d=example.com; s=app1; t=1; x=2;\r\n"
+        b" h=from; bh=AAAA; b=AAAA\r\n"
+    )
+    raw = theirs + b"From: shop@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+    stored = prepare(raw, now=NOW, dkim=DKIM).data
+    later = NOW + timedelta(days=1)
+    out = as_sent(stored, DKIM, now=later)
+    assert out is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
+        ("example.com", "rsa"),
+        ("example.com", "ed"),
+        ("example.net", "x"),
+    ]
+    assert stored.startswith(out[: out.index(b"DKIM-Signature: v=1; a=rsa-sha256; d=example.net")])
+    # No key configured for the domain: the one left is named in the status.
+    found = resign_stale(stored, DKIMConfig(keys=(key("example.edu", "e"),)), now=later)
+    assert found is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(found[0])] == [
+        ("example.com", "rsa"),
+        ("example.com", "ed"),
+        ("example.net", "x"),
+    ]
+    assert [(s.domain, s.selector) for s in found[1].signatures] == [
+        ("example.com", "rsa"),
+        ("example.com", "ed"),
+        ("example.net", "x"),
+    ]
+
+
 def test_only_the_expiring_signatures_of_our_domains_are_replaced() -> None:
-    """A signature that came with a raw message (another domain's) stays; ours, made with
-    a selector since rotated away, is replaced by the domain's keys now configured."""
+    """A signature that came with a raw message (another domain's, not expired) stays;
+    ours, made with a selector since rotated away, is replaced by the domain's keys now
+    configured."""
     foreign = (
         b"DKIM-Signature: v=1; a=rsa-sha256; d=example.net; s=x; c=relaxed/relaxed;\r\n"
-        b" t=1; x=2; h=from; bh=AAAA; b=AAAA\r\n"
+        b" t=1; h=from; bh=AAAA; b=AAAA\r\n"
     )
     raw = foreign + b"From: shop@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\nbody\r\n"
     old = DKIMConfig(keys=(key("example.com", "old"),), expire=timedelta(days=1))
@@ -390,7 +449,7 @@ def test_only_the_expiring_signatures_of_our_domains_are_replaced() -> None:
     # Without an expiry configured now, the new signatures have none.
     unexpiring = as_sent(stored, DKIM, now=NOW + timedelta(days=2))
     assert unexpiring is not None
-    assert ["x" in t for t in signature_tags(unexpiring)] == [False, False, True]
+    assert ["x" in t for t in signature_tags(unexpiring)] == [False, False, False]
 
 
 def test_a_signature_by_a_key_rotated_away_is_made_anew() -> None:

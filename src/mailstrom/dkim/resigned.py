@@ -20,8 +20,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from mailstrom.dkim.config import DKIMConfig
-from mailstrom.dkim.signature import DKIMSignature
 from mailstrom.dkim.signing import resign_stale_in_place
+from mailstrom.status import DKIMStatus
 
 KEPT = 1024
 """Messages kept per worker, the last signed anew or sent again first out."""
@@ -39,8 +39,8 @@ class ResignedMessages:
     def __init__(self, dkim: DKIMConfig, *, size: int = KEPT) -> None:
         self._dkim = dkim
         self._size = size
-        self._kept: dict[str, tuple[bytes, bytes, tuple[DKIMSignature, ...]]] = {}
-        """By message id: (the fields replaced, those put in their place, the signatures
+        self._kept: dict[str, tuple[bytes, bytes, DKIMStatus]] = {}
+        """By message id: (the fields replaced, those put in their place, the DKIM status
         of the result), oldest first."""
 
     def __len__(self) -> int:
@@ -48,27 +48,27 @@ class ResignedMessages:
 
     def sign(
         self, message_id: str, data: bytes, *, now: datetime
-    ) -> tuple[bytes, tuple[DKIMSignature, ...]] | None:
+    ) -> tuple[bytes, DKIMStatus] | None:
         """What :func:`~mailstrom.dkim.signing.resign_stale` makes of ``data`` (the stored
         bytes of ``message_id``) now: the bytes made at an earlier attempt when they are
         still good, else signed anew (and kept); None when ``data`` goes as it is."""
         kept = self._kept.pop(message_id, None)
         if kept is not None:
-            replaced, made, signatures = kept
+            replaced, made, status = kept
             # The replaced fields hold their body hash and signature: other bytes under
             # this id (none should be) are not taken for the message signed.
             if data.startswith(replaced):
                 again = made + data[len(replaced) :]
                 if resign_stale_in_place(again, self._dkim, now=now) is None:
                     self._kept[message_id] = kept  # the last used goes out last
-                    return again, signatures
+                    return again, status
         found = resign_stale_in_place(data, self._dkim, now=now)
         if found is None:
             return None
-        signed, signatures, replaced_octets = found
+        signed, status, replaced_octets = found
         made_octets = len(signed) - (len(data) - replaced_octets)
         if replaced_octets + made_octets <= MAX_KEPT_OCTETS:
-            self._kept[message_id] = (data[:replaced_octets], signed[:made_octets], signatures)
+            self._kept[message_id] = (data[:replaced_octets], signed[:made_octets], status)
             if len(self._kept) > self._size:
                 del self._kept[next(iter(self._kept))]
-        return signed, signatures
+        return signed, status

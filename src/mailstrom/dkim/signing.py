@@ -32,6 +32,7 @@ from mailstrom.dkim.config import DKIMConfig as DKIMConfig  # re-exported
 from mailstrom.dkim.keys import DKIMKey
 from mailstrom.dkim.signature import DKIMAlgorithm
 from mailstrom.dkim.signature import DKIMSignature as DKIMSignature  # re-exported
+from mailstrom.status import DKIMStatus
 
 SIGNED_HEADERS = (
     "from",
@@ -153,7 +154,7 @@ def sign(
 
 def resign_stale(
     data: bytes, dkim: DKIMConfig, *, now: datetime, before: timedelta = RESIGN_BEFORE
-) -> tuple[bytes, tuple[DKIMSignature, ...]] | None:
+) -> tuple[bytes, DKIMStatus] | None:
     """``data`` (a message as stored: signed at ``send_email``) signed again now when a
     signature :func:`sign` put on top of it, of a domain ``dkim`` has keys for, is stale:
 
@@ -166,15 +167,19 @@ def resign_stale(
       make valid ones. A domain with one signature by a key still configured keeps them
       all (a valid one is enough; another may be the application's own).
 
-    None when none is, the case of almost every message: its signatures name the keys
-    configured and expire later.
+    None when none is, and none has expired, the case of almost every message: its
+    signatures name the keys configured and expire later.
 
     All the signatures on top of a domain with a stale one go, and that domain's keys
-    now configured sign in their place, with ``dkim.expire``; the signatures of other
-    domains (one whose keys are all gone, too) stay as they are. Returned with the bytes:
-    the signatures they carry of the domains ``dkim`` has keys for (those made now, then
-    those kept), what the message's DKIM status is to say, as ``sign`` says it of the
-    signatures it makes.
+    now configured sign in their place, with ``dkim.expire``. Of the other signatures,
+    those whose ``x=`` has passed by ``now`` go too: every receiver treats them as invalid,
+    and nothing can sign them anew when no key of their domain is configured any more
+    (all removed while the message waited); one without ``x=``, or not expired yet, stays
+    as it is, as its DNS record may still be published (a signature that fails counts
+    for no more than none at all, at DMARC). Returned with the bytes: the message's DKIM
+    status as sent, the signatures they carry of the domains ``dkim`` has keys for (those
+    made now, then those kept), as ``sign`` says it of those it makes; failing those, all
+    the signatures kept, or why none is left.
     """
     found = resign_stale_in_place(data, dkim, now=now, before=before)
     return None if found is None else (found[0], found[1])
@@ -182,7 +187,7 @@ def resign_stale(
 
 def resign_stale_in_place(
     data: bytes, dkim: DKIMConfig, *, now: datetime, before: timedelta = RESIGN_BEFORE
-) -> tuple[bytes, tuple[DKIMSignature, ...], int] | None:
+) -> tuple[bytes, DKIMStatus, int] | None:
     """:func:`resign_stale`, with how many octets at the start of ``data`` (the signature
     fields on top) the start of the bytes returned replaces: the rest, ``data[n:]``, ends
     them unchanged. What a worker keeps to send the same bytes again
@@ -190,11 +195,13 @@ def resign_stale_in_place(
     if not data.startswith(_SIGNATURE):
         return None
     deadline: int | None = None
+    stamp: int | None = None
     # (start, end, d=, s=, a=) of each field: signatures named only when signing anew.
     fields: list[tuple[int, int, str | None, bytes | None, bytes | None]] = []
     domains: list[str] = []  # those with a stale signature: all of theirs are made anew
     current_keys: set[str] = set()  # those with a signature by a key configured now
     rotated: list[str] = []  # those with a signature by a key no longer configured
+    expired: set[int] = set()  # where a signature by no key configured now, x= past, is
     at = 0
     while data.startswith(_SIGNATURE, at):
         made = _MADE.match(data, at)
@@ -207,35 +214,50 @@ def resign_stale_in_place(
             selector, expiry = _tag(data, b"s=", at, end), _tag(data, b"x=", at, end)
         name = found.decode("ascii", "replace").lower() if found is not None else None
         fields.append((at, end, name, selector, algorithm))
-        if name is not None and name not in domains and (current := dkim.selectors(name)):
-            if selector is None or selector.decode("ascii", "replace").lower() not in current:
-                if name not in rotated:
-                    rotated.append(name)
-            else:
+        current = dkim.selectors(name) if name is not None else frozenset()
+        if (
+            current
+            and name is not None
+            and selector is not None
+            and selector.decode("ascii", "replace").lower() in current
+        ):
+            if name not in domains:
                 current_keys.add(name)
                 if expiry is not None and expiry.isdigit():
                     if deadline is None:
                         deadline = _seconds(now) + int(before.total_seconds())
                     if int(expiry) <= deadline:
                         domains.append(name)
+        else:  # by no key configured now
+            if current and name is not None and name not in rotated:
+                rotated.append(name)
+            if expiry is not None and expiry.isdigit():
+                if stamp is None:
+                    stamp = _seconds(now)
+                if int(expiry) <= stamp:
+                    expired.add(at)
         at = end
     # Rotated away only when no signature of the domain is by a key configured now: one
     # the application made with a selector of its own (a raw message signed before
     # send_email, below the signatures sign() put on top) is no rotation, and was stripped
     # and made anew at every attempt.
     domains += [name for name in rotated if name not in current_keys and name not in domains]
-    if not domains:
+    if not domains and not expired:
         return None
-    kept = [field for field in fields if field[2] not in domains]
-    signed, signatures = sign(
-        b"".join(data[start:end] for start, end, *_ in kept) + data[at:],
-        dkim.keys_for(domains),
-        now=now,
-        expire=dkim.expire,
+    kept = [field for field in fields if field[2] not in domains and field[0] not in expired]
+    rest = b"".join(data[start:end] for start, end, *_ in kept) + data[at:]
+    signed, signatures = (
+        sign(rest, dkim.keys_for(domains), now=now, expire=dkim.expire) if domains else (rest, ())
     )
-    named = (_named(name, selector, a) for _, _, name, selector, a in kept)
-    ours = (*signatures, *(s for s in named if s is not None and dkim.selectors(s.domain)))
-    return signed, ours, at
+    named = [s for s in (_named(n, sel, a) for _, _, n, sel, a in kept) if s is not None]
+    ours = (*signatures, *(s for s in named if dkim.selectors(s.domain)))
+    if ours or named:
+        return signed, DKIMStatus(signatures=ours or tuple(named)), at
+    gone = sorted({name for start, _, name, *_ in fields if start in expired and name})
+    reason = "its signatures had expired (x=)"
+    if gone:
+        reason += f" and no key of {', '.join(gone)} is configured now"
+    return signed, DKIMStatus(reason=reason), at
 
 
 def _named(

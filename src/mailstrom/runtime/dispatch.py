@@ -84,7 +84,7 @@ from mailstrom.runtime.transactions import (
 )
 from mailstrom.runtime.unreachable import UnreachableAddresses
 from mailstrom.smtp import encode_path
-from mailstrom.status import DestinationThrottle, DKIMStatus, RecipientState, SMTPReply
+from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.tls.decide import Destination, TLSDecider
 from mailstrom.tls.headers import tls_report, tls_required_no
@@ -1245,8 +1245,8 @@ class Dispatcher:
             log.exception("signing %s again failed; it goes as it was", item.message_id)
             return
         if signed is not None:
-            data, signatures = signed
-            work.item = replace(item, data=data, dkim=DKIMStatus(signatures=signatures))
+            data, status = signed
+            work.item = replace(item, data=data, dkim=status)
             work.seven_bit = None  # of the bytes before
 
     def _fail_utf8_recipients(self, conn: SMTPConnection, work: _Work, where: Where) -> None:
