@@ -191,6 +191,44 @@ def test_postgres_at_schema_3_upgrades_and_old_messages_read_none(postgres_url: 
         }
 
 
+@pytest.mark.parametrize("events", [False, True], ids=["plain", "events"])
+def test_postgres_writes_a_new_outcome_in_the_record_s_transaction(
+    postgres_url: str, events: bool
+) -> None:
+    """The DKIM outcome a result carries is written in the transaction that records it
+    (one commit, not a second statement after it): the recipient's and the message's
+    rows are written by one transaction (their xmin). The same outcome again (each
+    attempt of a message signed anew carries it) leaves the message row as it is."""
+    rotated = DKIMStatus(signatures=(replace(SIGNED_BY[0], selector="rsa2027"),))
+    with PostgresStore(postgres_url) as store:
+        if events:
+            store.enable_events()
+        mid = store.enqueue(prepare(email("shop@sender.test"), now=NOW, dkim=DKIM), now=NOW)
+
+        def written() -> tuple[int, int]:
+            with psycopg.connect(postgres_url, autocommit=True) as conn:
+                found = conn.execute(
+                    "SELECT r.xmin::text::bigint, m.xmin::text::bigint FROM recipients r"
+                    " JOIN messages m ON m.id = r.message_id WHERE m.id = %s",
+                    (mid,),
+                ).fetchone()
+            assert found is not None
+            return found[0], found[1]
+
+        for attempt in range(2):
+            at = NOW + timedelta(hours=attempt)
+            lease = lease_all(store, now=at)
+            results = results_for(lease, RecipientState.DEFERRED, at=at, next_attempt_at=at)
+            assert len(store.record([replace(r, dkim=rotated) for r in results])) == 1
+            assert store.status(mid).dkim == rotated
+            recipient, message_row = written()
+            if attempt == 0:
+                assert recipient == message_row
+                first = message_row
+            else:
+                assert recipient != message_row == first
+
+
 @pytest.mark.parametrize(
     "stored",
     [

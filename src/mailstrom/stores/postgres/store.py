@@ -45,6 +45,7 @@ from mailstrom.status import (
     Attempt,
     DeliveryEvent,
     DestinationThrottle,
+    DKIMStatus,
     MessageStatus,
     QueueStats,
     RecipientState,
@@ -730,9 +731,11 @@ class PostgresStore:
         keys = [(r.message_id, r.address, r.lease_token) for r in once]
         marks = self._unanswered.marks(keys)
         params = rows.record_params(once, marks)
+        # A result carrying a DKIM outcome (its message signed anew as it went: rare) has
+        # it written in the record's transaction; the others stay one statement.
         try:
-            if self._events:
-                replayed = self._record_with_events(params, keys)
+            if self._events or any(r.dkim is not None for r in once):
+                replayed = self._record_in_transaction(params, keys, [r.dkim for r in once])
             else:
                 replayed = {(m, a, t): again for m, a, t, again in self._fetch("record", params)}
             # A statement of the failed call may have been still running on the server,
@@ -751,24 +754,19 @@ class PostgresStore:
             self._unanswered.failed(keys)
             raise
         self._unanswered.answered(keys)
-        recorded = [r for r, key in zip(once, keys, strict=True) if key in replayed]
-        resigned = {r.message_id: r.dkim for r in recorded if r.dkim is not None}
-        if resigned:  # signed anew as they went (rare): their status says what was sent
-            self._fetch_none(
-                "set_dkim",
-                {
-                    "message_ids": list(resigned),
-                    "dkims": [dkim_to_column(d) for d in resigned.values()],
-                },
-            )
-        return recorded
+        return [r for r, key in zip(once, keys, strict=True) if key in replayed]
 
-    def _record_with_events(
-        self, params: dict[str, Any], keys: list[unanswered.Key]
+    def _record_in_transaction(
+        self,
+        params: dict[str, Any],
+        keys: list[unanswered.Key],
+        dkims: Sequence[DKIMStatus | None],
     ) -> dict[unanswered.Key, bool]:
-        """Record, then append the outbox rows of what was recorded, in one transaction
-        (two round trips; only with events enabled). Returns the recorded keys, each with
-        whether it was recorded already (its outbox row was written with it)."""
+        """Record, then in the same transaction append the outbox rows of what was
+        recorded (with events enabled) and write the DKIM outcomes the recorded results
+        carry (``dkims``, one per key: a message signed anew as it went). Returns the
+        recorded keys, each with whether it was recorded already (by a call whose
+        transaction wrote its outbox row and outcome with it)."""
         with (
             self._translating("record"),
             self._pool.connection() as conn,
@@ -776,12 +774,28 @@ class PostgresStore:
         ):
             found = conn.execute(self._queries["record"], params)
             replayed = {(m, a, t): again for m, a, t, again in found.fetchall()}
-            written = [key for key in keys if replayed.get(key) is False]
-            pairs = list(dict.fromkeys((m, a) for m, a, _ in written))
-            if pairs:
+            written = [replayed.get(key) is False for key in keys]
+            if self._events:
+                pairs = list(
+                    dict.fromkeys((m, a) for (m, a, _), w in zip(keys, written, strict=True) if w)
+                )
+                if pairs:
+                    conn.execute(
+                        self._queries["append_events"],
+                        {"message_ids": [m for m, _ in pairs], "addresses": [a for _, a in pairs]},
+                    )
+            outcomes = {
+                m: dkim
+                for (m, _, _), dkim, w in zip(keys, dkims, written, strict=True)
+                if w and dkim is not None
+            }
+            if outcomes:
                 conn.execute(
-                    self._queries["append_events"],
-                    {"message_ids": [m for m, _ in pairs], "addresses": [a for _, a in pairs]},
+                    self._queries["set_dkim"],
+                    {
+                        "message_ids": list(outcomes),
+                        "dkims": [dkim_to_column(d) for d in outcomes.values()],
+                    },
                 )
         return replayed
 

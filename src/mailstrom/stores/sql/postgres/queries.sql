@@ -421,10 +421,12 @@ SELECT message_id, address, token, true FROM replayed;
 -- The DKIM outcome of messages the worker signed anew as it sent them (a key rotated away,
 -- an x= about to pass), in place of the one recorded at enqueue: status then names the
 -- signatures a receiver last got. One array element per message; rare, so a statement
--- of its own after the record that carried them.
+-- of its own, in the transaction of the record that carried them (the record alone
+-- stays one statement for the rest). Every attempt of such a message carries its
+-- outcome: the same one again leaves the row as it is.
 UPDATE messages SET dkim = d.dkim
 FROM unnest(%(message_ids)s::text[], %(dkims)s::text[]) AS d (id, dkim)
-WHERE messages.id = d.id;
+WHERE messages.id = d.id AND messages.dkim IS DISTINCT FROM d.dkim;
 
 -- name: owed_notices
 -- The recipients marked "notice owed" (the record of their failure wrote the mark) of up
