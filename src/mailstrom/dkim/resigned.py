@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from mailstrom.dkim.config import DKIMConfig
-from mailstrom.dkim.signing import resign_stale_in_place
+from mailstrom.dkim.signing import resign_stale_top
 from mailstrom.status import DKIMStatus
 
 KEPT = 1024
@@ -59,10 +59,10 @@ class ResignedMessages:
             # this id (none should be) are not taken for the message signed.
             if data.startswith(replaced):
                 again = made + data[len(replaced) :]
-                if resign_stale_in_place(again, self._dkim, now=now) is None:
+                if resign_stale_top(again, self._dkim, now=now) is None:
                     self._kept[message_id] = kept  # the last used goes out last
                     return again, status
-        found = resign_stale_in_place(data, self._dkim, now=now)
+        found = resign_stale_top(data, self._dkim, now=now)
         if found is None:
             return None
         signed, status, replaced_octets = found

@@ -181,11 +181,11 @@ def resign_stale(
     made now, then those kept), as ``sign`` says it of those it makes; failing those, all
     the signatures kept, or why none is left.
     """
-    found = resign_stale_in_place(data, dkim, now=now, before=before)
+    found = resign_stale_top(data, dkim, now=now, before=before)
     return None if found is None else (found[0], found[1])
 
 
-def resign_stale_in_place(
+def resign_stale_top(
     data: bytes, dkim: DKIMConfig, *, now: datetime, before: timedelta = RESIGN_BEFORE
 ) -> tuple[bytes, DKIMStatus, int] | None:
     """:func:`resign_stale`, with how many octets at the start of ``data`` (the signature
