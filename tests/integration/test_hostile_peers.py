@@ -555,11 +555,11 @@ async def test_a_size_that_is_not_ascii_digits_sets_no_limit(value: str) -> None
     ehlo = b"250-hostile.test\r\n250-SIZE " + value.encode() + b"\r\n250 PIPELINING\r\n"
     async with peer(session(ehlo=ehlo)) as port:
         conn = await open_to(port)
-        if value.isascii():
+        assert conn._session.max_size is None
+        if value.isascii() and len(f"SIZE {value}") <= replies.MAX_EHLO_LINE:
             assert conn.extensions["SIZE"] == value
-            assert conn._session.max_size is None
-        else:  # an ehlo-line is ASCII (RFC 5321 §4.1.1.1): any other is skipped whole
-            assert "SIZE" not in conn.extensions
+        else:  # an ehlo-line is ASCII (RFC 5321 §4.1.1.1) and one reply line (§4.5.3.1.5):
+            assert "SIZE" not in conn.extensions  # any other is skipped whole
         result = await send(conn)
         await conn.close()
     assert result.final is not None
@@ -1012,3 +1012,26 @@ async def test_huge_replies_to_pipelined_rcpts_are_each_kept_short() -> None:
         assert (reply.code, reply.enhanced) == (450, "4.2.1")
         assert len(reply.text) <= replies.MAX_TEXT, len(reply.text)
         assert reply.text.startswith("x" * 100)
+
+
+async def test_a_huge_ehlo_reply_leaves_the_connection_holding_little() -> None:
+    """A connection keeps the server's EHLO keywords for as long as it lives, idle in the
+    cache included, and the parser takes an EHLO reply of up to a megabyte: kept whole,
+    every connection to a server announcing thousands of long keywords held more than a
+    megabyte (each of ``max_connections`` of them). What a server announces is read from
+    its first replies.MAX_EHLO_KEYWORDS keywords, each of lines no longer than an RFC 5321
+    reply line; the keywords read still count, in whatever order they come."""
+    junk = b"".join(b"250-X%05d %s\r\n" % (i, b"v" * 200) for i in range(4000))
+    ehlo = b"250-hostile.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n" + junk + b"250 8BITMIME\r\n"
+
+    async with peer(session(ehlo=ehlo)) as port:
+        conn = await open_to(port, starttls=StartTLS.NEVER)
+        try:
+            extensions = dict(conn.extensions)
+            result = await send(conn)
+        finally:
+            await conn.close()
+    assert result.final is not None and result.final.code == 250
+    held = sum(len(keyword) + len(params) for keyword, params in extensions.items())
+    assert held < len(ehlo) // 10, held
+    assert extensions["PIPELINING"] == "" and extensions["SIZE"] == "1000"

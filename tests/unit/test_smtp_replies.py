@@ -149,6 +149,15 @@ def test_an_ehlo_line_that_is_not_ascii_announces_nothing(line: str) -> None:
     assert extensions == {"PIPELINING": ""}
 
 
+def test_an_ehlo_line_longer_than_a_reply_line_announces_nothing() -> None:
+    """An ehlo-line is one reply line (RFC 5321 §4.5.3.1.5: 512 octets); a longer one is
+    ignored, as the session keeps what is read for as long as the connection lives."""
+    long_auth = "AUTH " + " ".join(f"X-MECH-{i}" for i in range(100))
+    text = f"mx\nPIPELINING\n{long_auth}\nSIZE 1000"
+    assert len(long_auth) > replies.MAX_EHLO_LINE
+    assert parse_ehlo(SMTPReply(code=250, text=text)) == {"PIPELINING": "", "SIZE": "1000"}
+
+
 # --- the fast path agrees with the regex-only parser it replaced ----------------------
 
 _REF_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?", re.DOTALL)

@@ -31,6 +31,16 @@ its RCPTs until it ends, up to ``max_recipients`` (1,000) of them: whole, a serv
 answered each with a reply of :data:`MAX_REPLY` octets had the worker hold a gigabyte.
 RFC 5321 §4.5.3.1.5 allows 512 octets a line; stores keep 2,048 octets of a reply
 (:data:`~mailstrom.stores.base.MAX_REPLY_TEXT`), as Postfix does."""
+MAX_EHLO_KEYWORDS = 64
+"""EHLO keywords read at most (:func:`parse_ehlo`); those after are ignored. A session
+keeps the keywords for as long as its connection lives, idle in the cache included: read
+whole from an EHLO reply of :data:`MAX_REPLY` octets, a server announcing thousands of
+long keywords had each connection to it hold more than a megabyte. The SMTP service
+extensions IANA registers number about fifty; servers announce a dozen."""
+MAX_EHLO_LINE = 512
+"""Characters of an EHLO line read at most: RFC 5321 §4.5.3.1.5's reply line. A longer
+one (an ehlo-line is a keyword and its parameters) is ignored, as a line that is not
+ASCII is."""
 MAX_QUOTED = 200
 """Characters of a reply's text that an error about it quotes (:func:`quote_reply`)."""
 
@@ -244,7 +254,9 @@ def parse_ehlo(reply: SMTPReply) -> dict[str, str]:
     """EHLO keywords (upper-cased) mapped to their parameters, per RFC 5321 §4.1.1.1.
 
     The first line is the server's name and is skipped. The pre-standard ``AUTH=LOGIN``
-    form is read as ``AUTH`` when no proper ``AUTH`` line is present.
+    form is read as ``AUTH`` when no proper ``AUTH`` line is present. At most
+    :data:`MAX_EHLO_KEYWORDS` keywords are read, from lines of at most
+    :data:`MAX_EHLO_LINE` characters.
 
     >>> parse_ehlo(SMTPReply(code=250, text="mx\\nSIZE 1000\\nAUTH PLAIN LOGIN\\n8BITMIME"))
     {'SIZE': '1000', 'AUTH': 'PLAIN LOGIN', '8BITMIME': ''}
@@ -252,7 +264,7 @@ def parse_ehlo(reply: SMTPReply) -> dict[str, str]:
     extensions: dict[str, str] = {}
     legacy_auth: str | None = None
     for line in reply.text.split("\n")[1:]:
-        if not line.isascii():
+        if not line.isascii() or len(line) > MAX_EHLO_LINE:
             # An ehlo-line is ASCII (RFC 5321 §4.1.1.1). Other text would be read as what
             # it is not: str.strip() takes U+3000 ("SIZE 1000\u3000" was a limit),
             # str.upper() makes "\u017ftarttls" STARTTLS and "PLA\u0131N" PLAIN.
@@ -266,6 +278,8 @@ def parse_ehlo(reply: SMTPReply) -> dict[str, str]:
             continue
         if keyword.startswith("AUTH="):
             legacy_auth = " ".join(filter(None, (keyword[5:], params.strip())))
+            continue
+        if len(extensions) >= MAX_EHLO_KEYWORDS and keyword not in extensions:
             continue
         extensions[keyword] = params.strip()
     if legacy_auth is not None and "AUTH" not in extensions:
