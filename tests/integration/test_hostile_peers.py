@@ -798,6 +798,34 @@ async def test_a_refused_ehlo_then_a_hang_up_is_the_refusal_not_an_unreachable_h
     assert info.value.reply.text == "Client host rejected: listed"
 
 
+async def test_a_refused_ehlo_then_silence_is_the_refusal_not_a_timeout() -> None:
+    """The same server, but one that keeps the connection open and answers nothing more
+    (it ignores every command after its refusal, until it drops the client): its refusal
+    was its last word all the same. The HELO's timeout was the failure, "did not reply to
+    HELO": the address noted as unreachable, the recipients' reason a timeout without the
+    server's reply or code."""
+
+    async def refuse_then_ignore(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"554 5.7.1 Client host rejected: listed\r\n")
+        await writer.drain()
+        while await reader.readline():
+            pass  # HELO, QUIT: no answer
+
+    async with peer(refuse_then_ignore) as port:
+        started = time.monotonic()
+        with pytest.raises(DeliveryError) as info:
+            await open_to(port, starttls=StartTLS.NEVER)
+    assert time.monotonic() - started < WITHIN + QUICK.command  # HELO's wait, then QUIT's
+    assert isinstance(info.value, PermanentFailure), repr(info.value)
+    assert (info.value.code, info.value.enhanced) == (554, "5.7.1")
+    assert info.value.reply is not None
+    assert info.value.reply.text == "Client host rejected: listed"
+
+
 def refusing_then_hanging_up(pipelining: bool, at: bytes) -> Handler:
     """A peer that refuses the sender (``at`` MAIL) or the recipient (``at`` RCPT) and
     hangs up at once, without answering what was pipelined after it."""

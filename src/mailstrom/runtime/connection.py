@@ -467,9 +467,10 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             # RFC 5321 §3.2: a server that does not know EHLO gets HELO.
             try:
                 helo = await self._request(self._session.helo, "HELO")
-            except SMTPConnectError:
-                # It hung up after refusing EHLO (a block list's "554 5.7.1 rejected"):
-                # its refusal was its last word, not a host that could not be reached.
+            except (SMTPConnectError, SMTPTimeout):
+                # It hung up after refusing EHLO (a block list's "554 5.7.1 rejected"), or
+                # ignores all that follows its refusal: that was its last word, not a
+                # host that could not be reached.
                 raise _refused_setup(ehlo.reply, host=self.host, what="EHLO") from None
             if helo.ok:
                 return
