@@ -214,6 +214,23 @@ async def test_servfail_is_temporary(dns_server: LoopbackDNS, router: Router) ->
     assert info.value.enhanced == "4.4.3"
 
 
+async def test_a_referral_is_no_answer_and_is_temporary(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    """A server that does not resolve recursively (Windows DNS with recursion off, an
+    authoritative-only server) answers with a referral: NOERROR, no records, NS records
+    in the authority section. That is no NODATA (RFC 2308 §2.2), but dnspython raises
+    NoAnswer for it: taken for "no MX", then for "no address", every recipient of every
+    domain failed at once with 5.4.4 "no MX and no address records"."""
+    dns_server.referral("example.org")
+    with pytest.raises(TemporaryFailure, match="referral") as info:
+        await router.route("example.org")
+    assert info.value.enhanced == "4.4.3"
+    dns_server.mx("example.org", [(10, "mx.example.org")])
+    dns_server.a("mx.example.org", "192.0.2.25")
+    assert names(await router.route("example.org")) == ["mx.example.org"]  # not cached
+
+
 async def test_timeout_is_temporary_and_not_cached(
     dns_server: LoopbackDNS, clock: FakeClock
 ) -> None:

@@ -28,6 +28,7 @@ from itertools import groupby
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.message
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -144,6 +145,21 @@ def authenticated(answer: dns.resolver.Answer) -> bool:
     """Whether the resolver set the AD bit on ``answer`` (RFC 4035 §3.2.3: it validated
     it). Believe it only from a resolver trusted to validate (``DNSConfig.dnssec``)."""
     return bool(answer.response.flags & dns.flags.AD)
+
+
+def is_referral(response: dns.message.Message) -> bool:
+    """Whether ``response``, NOERROR without the records asked for, is a referral: NS
+    records and no SOA in its authority section, not authoritative (RFC 2308 §2.2). A
+    server that does not resolve recursively answers so (Windows DNS with recursion off,
+    an authoritative server asked about another zone): "ask these servers", which says
+    nothing of whether the records exist. NODATA carries an SOA, or no NS records.
+
+    dnspython raises NoAnswer for both; taken for NODATA, a referral made every domain
+    one without MX records, then one without addresses: a permanent failure (5.4.4)."""
+    if response.flags & dns.flags.AA:
+        return False
+    types = {rrset.rdtype for rrset in response.authority}
+    return dns.rdatatype.NS in types and dns.rdatatype.SOA not in types
 
 
 def is_literal(domain: str) -> bool:
@@ -327,7 +343,14 @@ class _Resolution:
             raise self.timed_out(f"{name} {rdtype.name}") from exc
         except dns.resolver.NXDOMAIN:
             return _Missing.NXDOMAIN
-        except dns.resolver.NoAnswer:
+        except dns.resolver.NoAnswer as exc:
+            response = exc.kwargs.get("response")  # absent when raised by hand
+            if isinstance(response, dns.message.Message) and is_referral(response):
+                raise TemporaryFailure(
+                    f"DNS lookup of {name} {rdtype.name} failed: the DNS server answered "
+                    "with a referral, not an answer (it does not resolve recursively)",
+                    enhanced=_TEMPORARY_DNS,
+                ) from exc
             return _Missing.NO_ANSWER
         except dns.exception.Timeout as exc:
             raise self.timed_out(f"{name} {rdtype.name}") from exc

@@ -44,6 +44,9 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
   only the queries for that type).
 * ``drop(name)`` — queries for ``name`` are never answered (the client times out; give
   it a small ``timeout``).
+* ``referral(name)`` — queries for ``name`` get a referral to the root servers (NOERROR,
+  no answer, their NS records, neither AA nor RA), as a server that does not resolve
+  recursively answers: no proof that ``name`` lacks the records (RFC 2308 §2.2).
 * ``delete(name)`` — forget everything about ``name`` (it becomes NXDOMAIN, or falls
   under ``wildcard_mx``).
 * A name not in the zone → NXDOMAIN (unless ``wildcard_mx``); a name in the zone without
@@ -91,6 +94,7 @@ try:
         AAAA,
         CNAME,
         MX,
+        NS,
         PTR,
         QTYPE,
         RCODE,
@@ -123,6 +127,8 @@ _TCP_IDLE_TIMEOUT = 5.0
 of its next query; the connection is closed after that (RFC 7766 §6.2.3)."""
 _TCP_MAX_QUERIES = 100
 """Queries answered on one TCP connection before the server closes it."""
+_ROOT_REFERRAL = RR(DNSLabel("."), QTYPE.NS, rdata=NS(DNSLabel("a.root-servers.net")), ttl=518400)
+"""The authority record of :meth:`LoopbackDNS.referral`'s answers."""
 
 
 def _key(name: str) -> str:
@@ -161,6 +167,7 @@ class _Node:
     servfail: bool = False
     servfail_types: set[str] = field(default_factory=set)
     drop: bool = False
+    referral: bool = False
     nxdomain: bool = False
     authenticated: bool = False
 
@@ -202,6 +209,11 @@ class _ZoneResolver:
                     raise DNSError(f"dropping query for {name}")
                 if node.servfail or qtype in node.servfail_types:
                     reply.header.rcode = RCODE.SERVFAIL
+                    break
+                if node.referral:
+                    # As a server that does not recurse answers: "ask the root servers".
+                    reply.header.aa = reply.header.ra = 0
+                    reply.add_auth(_ROOT_REFERRAL)
                     break
                 if node.cname is not None and qtype != "CNAME":
                     reply.add_answer(*node.records["CNAME"])
@@ -459,7 +471,7 @@ class LoopbackDNS:
             # one type (servfail(name, rtype)) is that type's alone and stays. An alias
             # has no other records (RFC 1034 §3.6.2), so they end it, as cname() ends
             # them: else the CNAME kept answering and these were never served.
-            node.servfail = node.drop = node.nxdomain = False
+            node.servfail = node.drop = node.referral = node.nxdomain = False
             node.cname = None
             node.records.pop("CNAME", None)
 
@@ -546,7 +558,7 @@ class LoopbackDNS:
         key = _key(name)
         with self._zone.lock:
             node = self._zone.nodes.setdefault(key, _Node())
-            node.servfail = node.drop = node.nxdomain = False
+            node.servfail = node.drop = node.referral = node.nxdomain = False
             node.cname = _key(target)
             rdata = CNAME(_label(node.cname))
             node.records = {"CNAME": [RR(_label(key), QTYPE.CNAME, rdata=rdata, ttl=ttl)]}
@@ -568,6 +580,14 @@ class LoopbackDNS:
         """Never answer queries for ``name`` (the client times out)."""
         with self._zone.lock:
             self._zone.nodes.setdefault(_key(name), _Node()).drop = True
+
+    def referral(self, name: str) -> None:
+        """Answer queries for ``name`` with a referral to the root servers, as a server
+        that does not resolve recursively does (Windows DNS with recursion off, an
+        authoritative-only server): NOERROR, no answer, NS records in the authority
+        section, neither AA nor RA. Records set for ``name`` afterwards end it."""
+        with self._zone.lock:
+            self._zone.nodes.setdefault(_key(name), _Node()).referral = True
 
     def nxdomain(self, name: str) -> None:
         """Make ``name`` not exist (NXDOMAIN), even under :meth:`wildcard_mx`."""
