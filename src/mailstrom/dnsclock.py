@@ -23,6 +23,7 @@ True
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -87,7 +88,8 @@ _LIFETIME_AT = 7
 class SteadyResolver(dns.asyncresolver.Resolver):
     """dnspython's async resolver, each lookup's lifetime kept on the monotonic clock
     (:func:`resolve_steadily`): DANE's TLSA lookups failed by a wall clock step made a
-    host unusable and deferred its mail, MTA-STS's made a policy unknown."""
+    host unusable and deferred its mail, MTA-STS's made a policy unknown. A lookup ends
+    when its lifetime is spent (``LifetimeTimeout``), not at dnspython's next look at it."""
 
     async def resolve(self, *args: Any, **kwargs: Any) -> dns.resolver.Answer:
         ask = super().resolve
@@ -95,8 +97,19 @@ class SteadyResolver(dns.asyncresolver.Resolver):
             return await ask(*args, **kwargs)
         given = kwargs.pop("lifetime", None)
         lifetime = float(self.lifetime if given is None else given)
-        return await resolve_steadily(
-            lambda left: ask(*args, **{**kwargs, "lifetime": left}),
-            lifetime,
-            Deadline.after(lifetime),
-        )
+        # dnspython looks at the lifetime only between its rounds of queries, after a
+        # back-off of up to 2 s: the lookup would end that much past it.
+        timeout = asyncio.timeout(lifetime)
+        try:
+            async with timeout:
+                return await resolve_steadily(
+                    lambda left: ask(*args, **{**kwargs, "lifetime": left}),
+                    lifetime,
+                    Deadline.after(lifetime),
+                )
+        except TimeoutError as exc:
+            if not timeout.expired():
+                raise
+            # What dnspython raises when the lifetime is spent, which callers expect.
+            spent = dns.resolver.LifetimeTimeout(timeout=lifetime, errors=[])  # type: ignore[no-untyped-call]
+            raise spent from exc

@@ -973,6 +973,27 @@ async def test_every_resolver_mailstrom_makes_keeps_its_lifetime_on_a_steady_clo
     assert dns_server.queries("_mta-sts.big.test", "TXT") >= 2  # over UDP, then over TCP
 
 
+async def test_a_lookup_of_a_resolver_mailstrom_makes_ends_at_its_lifetime(
+    dns_server: LoopbackDNS,
+) -> None:
+    """dnspython looks at a lookup's lifetime only between rounds of queries, after a
+    back-off that doubles up to 2 s: a lookup of the resolver make_resolver builds (DANE's
+    alias lookups, MTA-STS's TXT ones) ran that far past its lifetime, ``dns.timeout``.
+    Here rounds of 0.05 s make the back-off 0.8 s when the lifetime of 1 s is nearly
+    spent: the lookup ended at about 1.7 s."""
+    import dns.resolver
+
+    from mailstrom.routing import make_resolver
+
+    dns_server.drop("_mta-sts.slow.test")
+    resolver = make_resolver(replace(dns_server.dns_config, timeout=1.0))
+    resolver.timeout = 0.05  # one query's wait: many short rounds
+    started = time.monotonic()
+    with pytest.raises(dns.resolver.LifetimeTimeout):
+        await resolver.resolve("_mta-sts.slow.test", "TXT", search=False)
+    assert time.monotonic() - started < 1.4
+
+
 async def test_a_better_host_without_addresses_is_looked_at_again_soon(
     dns_server: LoopbackDNS, router: Router, clock: FakeClock
 ) -> None:
