@@ -351,6 +351,28 @@ async def test_nxdomain_is_cached_briefly(
     assert dns_server.queries("nowhere.example", "MX") == 2
 
 
+async def test_a_negative_answer_is_believed_no_longer_than_its_zone_says(
+    dns_server: LoopbackDNS, router: Router, clock: FakeClock
+) -> None:
+    """NXDOMAIN, and "no MX records", were remembered for NEGATIVE_TTL (60 s) whatever
+    the zone's negative TTL (RFC 2308 §5: the smaller of its SOA's TTL and MINIMUM): a
+    domain created just after it was asked about had its mail bounced (5.1.2) for a
+    minute, and one given MX records had its mail go to its own address meanwhile."""
+    dns_server.soa("example.org", minimum=5)
+    with pytest.raises(PermanentFailure, match="NXDOMAIN"):
+        await router.route("new.example.org")
+    dns_server.mx("new.example.org", [(10, "mx.example.org")])
+    dns_server.a("mx.example.org", "127.0.0.25")
+    clock.now += 6
+    assert names(await router.route("new.example.org")) == ["mx.example.org"]
+
+    dns_server.a("plain.example.org", "127.0.0.26")  # no MX: the implicit MX
+    assert (await router.route("plain.example.org")).implicit
+    dns_server.mx("plain.example.org", [(10, "mx.example.org")])
+    clock.now += 6
+    assert names(await router.route("plain.example.org")) == ["mx.example.org"]
+
+
 async def test_forget_drops_the_cached_route(dns_server: LoopbackDNS, router: Router) -> None:
     dns_server.a("example.org", "127.0.0.1")
     await router.route("example.org")

@@ -22,7 +22,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from itertools import groupby
 
 import dns.asyncresolver
@@ -41,9 +40,10 @@ from mailstrom.routing.policy import RoutePolicy
 from mailstrom.routing.route import MXHost, Route
 
 NEGATIVE_TTL = 60.0
-"""Seconds a nonexistent domain, a null MX or a domain without MX records is remembered.
-Short, so a domain whose owner fixes its DNS gets mail again soon; long enough that a
-burst of mail to one bad domain costs one lookup."""
+"""Seconds a nonexistent domain, a null MX or a domain without MX records is remembered
+at most; less when the zone says so (:func:`negative_ttl`). Short, so a domain whose
+owner fixes its DNS gets mail again soon; long enough that a burst of mail to one bad
+domain costs one lookup."""
 
 MAX_TTL = 86_400.0
 """Seconds any route found through DNS is remembered at most, whatever TTL its answers
@@ -118,11 +118,28 @@ class Lookup:
         return self.route
 
 
-class _Missing(Enum):
-    """Why a query gave no records."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Missing:
+    """A query that gave no records: the name does not exist (NXDOMAIN) or has none of
+    the type (NODATA)."""
 
-    NXDOMAIN = "nxdomain"
-    NO_ANSWER = "no answer"
+    nxdomain: bool
+    ttl: float
+    """How long that may be believed (:func:`negative_ttl`)."""
+
+
+def negative_ttl(response: object) -> float:
+    """How long the negative answer ``response`` (NXDOMAIN or NODATA) may be believed:
+    its negative TTL (RFC 2308 §5: the smaller of its SOA record's TTL and MINIMUM, and
+    of any CNAME on the way), at most :data:`NEGATIVE_TTL`, which is also what an answer
+    without an SOA record gets. Remembered for NEGATIVE_TTL whatever the zone said, a
+    domain created just after it was asked about had its mail bounced for that long."""
+    if isinstance(response, dns.message.QueryMessage):
+        try:
+            return min(NEGATIVE_TTL, float(response.resolve_chaining().minimum_ttl))
+        except dns.exception.DNSException:
+            pass
+    return NEGATIVE_TTL
 
 
 def to_qname(domain: str) -> dns.name.Name:
@@ -253,6 +270,8 @@ class _Addresses:
     """The CNAME-expanded name the answers came from, when the name is an alias."""
     skipped: int = 0
     """Addresses of the IP version the policy does not keep (``RoutePolicy.ip_version``)."""
+    negative_ttl: float | None = None
+    """The smallest :attr:`_Missing.ttl` of the families that had no records, if any."""
 
 
 def expanded_name(answers: list[dns.resolver.Answer]) -> str | None:
@@ -341,8 +360,9 @@ class _Resolution:
                 return await self._resolve(name, rdtype, remaining)
         except TimeoutError as exc:
             raise self.timed_out(f"{name} {rdtype.name}") from exc
-        except dns.resolver.NXDOMAIN:
-            return _Missing.NXDOMAIN
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.kwargs.get("responses") or {}
+            return _Missing(nxdomain=True, ttl=negative_ttl(next(iter(responses.values()), None)))
         except dns.resolver.NoAnswer as exc:
             response = exc.kwargs.get("response")  # absent when raised by hand
             if isinstance(response, dns.message.Message) and is_referral(response):
@@ -351,7 +371,7 @@ class _Resolution:
                     "with a referral, not an answer (it does not resolve recursively)",
                     enhanced=_TEMPORARY_DNS,
                 ) from exc
-            return _Missing.NO_ANSWER
+            return _Missing(nxdomain=False, ttl=negative_ttl(response))
         except dns.exception.Timeout as exc:
             raise self.timed_out(f"{name} {rdtype.name}") from exc
         except (dns.exception.DNSException, OSError) as exc:
@@ -422,6 +442,7 @@ class _Resolution:
         ttls: list[float] = []
         temporary: TemporaryFailure | None = None
         answers = [r for r in results if isinstance(r, dns.resolver.Answer)]
+        missing = [r.ttl for r in results if isinstance(r, _Missing)]
         secure = bool(answers)
         # A route never uses more than the limit of one family's addresses (it is cut to
         # the limit over all hosts), and a hostile zone can answer with thousands: keep
@@ -463,6 +484,7 @@ class _Resolution:
             secure=secure,
             canonical=expanded_name(answers),
             skipped=skipped,
+            negative_ttl=min(missing) if missing else None,
         )
 
 
@@ -482,11 +504,11 @@ async def lookup_route(
     resolution = _Resolution(resolver, policy, clock)
     domain = qname.to_text(omit_final_dot=True)
     answer = await resolution.query(qname, dns.rdatatype.MX)
-    if answer is _Missing.NXDOMAIN:
-        refusal = Refusal(text=f"domain {domain} does not exist (NXDOMAIN)", enhanced="5.1.2")
-        return Lookup(refusal=refusal, ttl=NEGATIVE_TTL)
-    if answer is _Missing.NO_ANSWER:
-        return await _implicit(resolution, qname, domain)
+    if isinstance(answer, _Missing):
+        if answer.nxdomain:
+            refusal = Refusal(text=f"domain {domain} does not exist (NXDOMAIN)", enhanced="5.1.2")
+            return Lookup(refusal=refusal, ttl=answer.ttl)
+        return await _implicit(resolution, qname, domain, answer.ttl)
     assert isinstance(answer, dns.resolver.Answer)
     records = [rdata for rdata in answer if isinstance(rdata, MX)]
     if any(r.exchange == dns.name.root for r in records):
@@ -593,7 +615,9 @@ async def _mx_route(
                     addressless.append(host_name)
                     # A negative answer: remembered only briefly, and so is a route
                     # without this host, which may have its addresses in a minute.
-                    ttls.append(NEGATIVE_TTL)
+                    ttls.append(
+                        NEGATIVE_TTL if result.negative_ttl is None else result.negative_ttl
+                    )
                 continue  # a host without usable addresses cannot be tried; others can
             hosts.append(
                 MXHost(
@@ -649,8 +673,11 @@ def _other_version(text: str, policy: RoutePolicy) -> TemporaryFailure:
     )
 
 
-async def _implicit(resolution: _Resolution, qname: dns.name.Name, domain: str) -> Lookup:
-    """No MX records: the domain itself is the mail host (RFC 5321 §5.1)."""
+async def _implicit(
+    resolution: _Resolution, qname: dns.name.Name, domain: str, no_mx_ttl: float
+) -> Lookup:
+    """No MX records (an answer to be believed for ``no_mx_ttl`` seconds): the domain
+    itself is the mail host (RFC 5321 §5.1)."""
     result = await resolution.addresses(qname)
     if not result.addresses:
         if result.temporary is not None:
@@ -661,12 +688,13 @@ async def _implicit(resolution: _Resolution, qname: dns.name.Name, domain: str) 
             refused: list[tuple[str | None, str, str]] = [
                 (None, address, kind) for address, kind in result.refused
             ]
-            ttl = min(result.ttl, NEGATIVE_TTL) if result.ttl is not None else NEGATIVE_TTL
+            ttl = no_mx_ttl if result.ttl is None else min(result.ttl, no_mx_ttl)
             return Lookup(refusal=_refused(domain, refused), ttl=ttl)
         refusal = Refusal(
             text=f"domain {domain} has no MX and no address records", enhanced="5.4.4"
         )
-        return Lookup(refusal=refusal, ttl=NEGATIVE_TTL)
+        ttl = no_mx_ttl if result.negative_ttl is None else min(result.negative_ttl, no_mx_ttl)
+        return Lookup(refusal=refusal, ttl=ttl)
     host = MXHost(
         name=domain,
         preference=0,
@@ -678,5 +706,5 @@ async def _implicit(resolution: _Resolution, qname: dns.name.Name, domain: str) 
     if result.temporary is not None:
         return Lookup(route=route, ttl=None)
     # The absence of MX records is a negative answer: remember it only briefly.
-    ttl = min(result.ttl, NEGATIVE_TTL) if result.ttl is not None else NEGATIVE_TTL
+    ttl = no_mx_ttl if result.ttl is None else min(result.ttl, no_mx_ttl)
     return Lookup(route=route, ttl=ttl)

@@ -37,6 +37,10 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
   the AD bit, as a validating resolver's answers about signed data do; ``authenticated()``
   with ``everything=True`` sets it on every answer. ``unauthenticated(*names)`` undoes it.
 * ``null_mx(domain)`` — the RFC 7505 ``MX 0 .``.
+* ``soa(zone, minimum=...)`` — an SOA record for ``zone``, which negative answers
+  (NXDOMAIN, NODATA) for names at or under it then carry (RFC 2308 §3): their negative
+  TTL is the smaller of its TTL and ``minimum``. Without one, negative answers carry no
+  SOA and no negative TTL.
 * ``wildcard_mx([(preference, host), ...])`` — every name the zone does not hold answers
   MX with these hosts (and has no other records), so mail to any domain goes there.
 * ``nxdomain(name)`` — ``name`` does not exist, whatever ``wildcard_mx`` says.
@@ -99,6 +103,7 @@ try:
         QTYPE,
         RCODE,
         RR,
+        SOA,
         TLSA,
         TXT,
         A,
@@ -222,9 +227,27 @@ class _ZoneResolver:
                     continue
                 reply.add_answer(*node.records.get(qtype, []))
                 break
+            if reply.header.rcode == RCODE.NXDOMAIN or (
+                reply.header.rcode == RCODE.NOERROR
+                and not reply.auth
+                and not any(rr.rtype == request.q.qtype for rr in reply.rr)
+            ):
+                reply.add_auth(*self._soa(name))  # a negative answer (RFC 2308 §3)
             # dnslib's reply() copies the query's flags, AD included: set it ourselves.
             reply.header.ad = int(secure and reply.header.rcode in (RCODE.NOERROR, RCODE.NXDOMAIN))
         return reply
+
+    def _soa(self, name: str) -> list[RR]:
+        """The SOA record of the closest zone set with :meth:`LoopbackDNS.soa` that holds
+        ``name``, or none."""
+        owner = dns.name.from_text(name or ".")
+        while True:
+            node = self.nodes.get(_key(owner.to_text()))
+            if node is not None and "SOA" in node.records:
+                return node.records["SOA"]
+            if owner == dns.name.root:
+                return []
+            owner = owner.parent()
 
     def _wildcard_answer(self, name: str) -> list[RR]:
         return [
@@ -482,6 +505,16 @@ class LoopbackDNS:
     def null_mx(self, domain: str, *, ttl: int = _DEFAULT_TTL) -> None:
         """Declare that ``domain`` accepts no mail (RFC 7505 ``MX 0 .``)."""
         self._set(domain, "MX", [MX(".", 0)], ttl)
+
+    def soa(self, zone: str, *, minimum: int = _DEFAULT_TTL, ttl: int = _DEFAULT_TTL) -> None:
+        """Give ``zone`` an SOA record: negative answers (NXDOMAIN, NODATA) for names at
+        or under it carry it in their authority section, as an authoritative server's do
+        (RFC 2308 §3), so that they may be believed for the smaller of ``ttl`` and
+        ``minimum`` seconds (§5). It is one of ``zone``'s records, as :meth:`a` sets one."""
+        key = _key(zone)
+        times = (1, 3600, 600, 86400, minimum)
+        rdata = SOA(_label(f"ns.{key}"), _label(f"hostmaster.{key}"), times)
+        self._set(zone, "SOA", [rdata], ttl)
 
     def wildcard_mx(self, hosts: Iterable[tuple[int, str]], *, ttl: int = _DEFAULT_TTL) -> None:
         """Answer MX with ``[(preference, host), ...]`` for every name the zone does not
