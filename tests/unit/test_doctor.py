@@ -58,6 +58,7 @@ from mailstrom.doctor.dmarc import (
 from mailstrom.doctor.dnsbl import check_dnsbl, query_name
 from mailstrom.doctor.fcrdns import check_fcrdns
 from mailstrom.doctor.lookup import normal_name
+from mailstrom.doctor.mx import check_mx
 from mailstrom.doctor.outgoing import (
     Target,
     check_outgoing,
@@ -457,6 +458,23 @@ def test_spf_record_lookups_are_bounded_by_the_runs_budget(dns_server: LoopbackD
     helo = check_spf_helo(resolver, helo=HELO, ip=IP, budget=spf_module.Budget(0.3))
     assert helo.status is Status.UNKNOWN, helo.summary
     assert helo.summary.startswith("temporary error: "), helo.summary
+
+
+def test_a_referral_is_a_dns_error_not_a_domain_without_records(
+    dns_server: LoopbackDNS,
+) -> None:
+    # A resolver that does not recurse answers with a referral (NOERROR, no records, NS
+    # records in the authority section, RFC 2308 §2.2), which dnspython raises NoAnswer
+    # for: the doctor took it for NODATA and failed the domain, "no MX or address record:
+    # it takes no mail", when its records were unknown.
+    dns_server.referral(DOMAIN)
+    resolver = DNSResolver(dns_server.dns_config)
+    answer = resolver.lookup(DOMAIN, "MX")
+    assert answer.outcome is Outcome.ERROR and "referral" in (answer.error or "")
+    mx = check_mx(resolver, domain=DOMAIN)
+    assert mx.status is Status.UNKNOWN, mx.summary
+    dns_server.mx(DOMAIN, [])  # NODATA: no MX records, and no address either
+    assert resolver.lookup(DOMAIN, "MX").outcome is Outcome.NODATA
 
 
 class SlowDNS(DNSResolver):

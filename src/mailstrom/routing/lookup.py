@@ -164,16 +164,22 @@ def authenticated(answer: dns.resolver.Answer) -> bool:
     return bool(answer.response.flags & dns.flags.AD)
 
 
-def is_referral(response: dns.message.Message) -> bool:
-    """Whether ``response``, NOERROR without the records asked for, is a referral: NS
-    records and no SOA in its authority section, not authoritative (RFC 2308 §2.2). A
-    server that does not resolve recursively answers so (Windows DNS with recursion off,
-    an authoritative server asked about another zone): "ask these servers", which says
-    nothing of whether the records exist. NODATA carries an SOA, or no NS records.
+REFERRAL = "the DNS server answered with a referral (it does not resolve recursively)"
+"""What a lookup :func:`is_referral` tells of failed with."""
+
+
+def is_referral(no_answer: dns.resolver.NoAnswer) -> bool:
+    """Whether the response dnspython raised ``no_answer`` for (NOERROR without the
+    records asked for) is a referral: NS records and no SOA in its authority section, not
+    authoritative (RFC 2308 §2.2). A server that does not resolve recursively answers so
+    (Windows DNS with recursion off, an authoritative server asked about another zone):
+    "ask these servers", which says nothing of whether the records exist. NODATA carries
+    an SOA, or no NS records.
 
     dnspython raises NoAnswer for both; taken for NODATA, a referral made every domain
     one without MX records, then one without addresses: a permanent failure (5.4.4)."""
-    if response.flags & dns.flags.AA:
+    response = no_answer.kwargs.get("response")  # absent when raised by hand
+    if not isinstance(response, dns.message.Message) or response.flags & dns.flags.AA:
         return False
     types = {rrset.rdtype for rrset in response.authority}
     return dns.rdatatype.NS in types and dns.rdatatype.SOA not in types
@@ -364,14 +370,12 @@ class _Resolution:
             responses = exc.kwargs.get("responses") or {}
             return _Missing(nxdomain=True, ttl=negative_ttl(next(iter(responses.values()), None)))
         except dns.resolver.NoAnswer as exc:
-            response = exc.kwargs.get("response")  # absent when raised by hand
-            if isinstance(response, dns.message.Message) and is_referral(response):
+            if is_referral(exc):
                 raise TemporaryFailure(
-                    f"DNS lookup of {name} {rdtype.name} failed: the DNS server answered "
-                    "with a referral, not an answer (it does not resolve recursively)",
+                    f"DNS lookup of {name} {rdtype.name} failed: {REFERRAL}",
                     enhanced=_TEMPORARY_DNS,
                 ) from exc
-            return _Missing(nxdomain=False, ttl=negative_ttl(response))
+            return _Missing(nxdomain=False, ttl=negative_ttl(exc.kwargs.get("response")))
         except dns.exception.Timeout as exc:
             raise self.timed_out(f"{name} {rdtype.name}") from exc
         except (dns.exception.DNSException, OSError) as exc:
