@@ -99,6 +99,18 @@ def test_check_null_mx_and_unreachable(mail_env: MailEnv) -> None:
     assert address["error"]
 
 
+def test_check_resolves_as_the_worker_does_with_a_source_address(mail_env: MailEnv) -> None:
+    # "It resolves the domain as the worker does", but its router left out the IP version
+    # of source_address: it showed, and probed from that address, MX hosts the worker
+    # skips (an IPv6-only one for an IPv4 source_address), each a "would defer".
+    cli = mail_env.cli
+    cli.env["MAILSTROM_SOURCE_ADDRESS"] = "127.0.0.1"
+    mail_env.dns.mx("six.test", [(10, "mx6.six.test"), (20, "mx.test")])
+    mail_env.dns.aaaa("mx6.six.test", "::1")
+    report = cli.ok("check", "--json", "six.test").json()
+    assert [host["name"] for host in report["hosts"]] == ["mx.test"]
+
+
 def test_check_helo_name_with_a_u_label_is_forward_confirmed_by_its_a_label(
     mail_env: MailEnv,
 ) -> None:

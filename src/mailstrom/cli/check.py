@@ -396,9 +396,8 @@ async def run_check(config: Config, domain: str) -> CheckReport:
     route: Route | None = None
     sts_asked: set[str] = set()  # the hosts whose decision would go on to MTA-STS
     try:
-        route = await Router(
-            asking, allow_loopback=config.allow_loopback, mx_address_limit=config.mx_address_limit
-        ).route(domain)
+        # As the worker builds its router: source_address's IP version included.
+        route = await Router.for_config(dataclasses.replace(config, dns=asking)).route(domain)
     except DeliveryError as exc:
         report.dns_error = str(exc)
         report.dns_permanent = isinstance(exc, PermanentFailure)
