@@ -68,6 +68,9 @@ MIN_LEASE_FOR = timedelta(milliseconds=100)
 fencing looks every twelfth: below this those timers crowd the loop, and a lease runs out
 within one store round trip and one SMTP reply, so every transaction risked being taken
 over by another worker while on the wire, and sent twice."""
+MAX_HOOK_CONCURRENCY = 64
+"""Hook requests in flight at once at most (``hook.concurrency``): each is a thread and a
+connection of its own while it lasts."""
 MIN_SECRET = 16
 """Characters a shared secret (``hook.secret``, the dashboard's ``web.token``) has at
 least. 16 random ones are 64 bits as hex digits and 96 in base64, which neither the
@@ -355,12 +358,13 @@ class HookConfig:
     Every request is signed with HMAC-SHA256 under ``secret`` (the receiver checks it with
     :func:`mailstrom.webhooks.verify_signature`); a request that fails or times out after
     ``timeout`` seconds is retried with backoff, and its events stay in the store's outbox
-    until the endpoint answers 2xx. At most ``batch`` events go in one request. The secret
-    (at least :data:`MIN_SECRET` characters) never appears in ``repr``.
+    until the endpoint answers 2xx. At most ``batch`` events go in one request, and at most
+    ``concurrency`` requests (each with a batch of its own) are in flight at once. The
+    secret (at least :data:`MIN_SECRET` characters) never appears in ``repr``.
 
     >>> HookConfig(url="https://app.example/mail-events", secret="whsec-0123456789abcdef")
     HookConfig(url='https://app.example/mail-events', secret='***', timeout=10.0, batch=100, \
-retry_min=1.0, retry_max=300.0)
+retry_min=1.0, retry_max=300.0, concurrency=4)
     """
 
     url: str
@@ -371,6 +375,9 @@ retry_min=1.0, retry_max=300.0)
     retry_max: float = 300.0
     """Seconds to wait after a failed request: ``retry_min`` at first, doubling (±20 %)
     up to ``retry_max`` while the endpoint keeps failing."""
+    concurrency: int = 4
+    """Requests in flight at once, each with a batch of its own: an endpoint that takes
+    a while to answer gets more events a second. One at a time while it fails."""
 
     def __post_init__(self) -> None:
         check_hook_url(self.url)
@@ -395,6 +402,7 @@ retry_min=1.0, retry_max=300.0)
             )
         check_seconds(self.timeout, "hook.timeout", maximum=300)
         check_int(self.batch, "hook.batch", maximum=10_000)
+        check_int(self.concurrency, "hook.concurrency", maximum=MAX_HOOK_CONCURRENCY)
         check_seconds(self.retry_min, "hook.retry_min")
         check_seconds(self.retry_max, "hook.retry_max")
         if self.retry_min > self.retry_max:
@@ -403,7 +411,8 @@ retry_min=1.0, retry_max=300.0)
     def __repr__(self) -> str:
         return (
             f"HookConfig(url={shown_hook_url(self.url)!r}, secret='***', timeout={self.timeout!r}, "
-            f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r})"
+            f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r}, "
+            f"concurrency={self.concurrency!r})"
         )
 
 

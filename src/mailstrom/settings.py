@@ -712,6 +712,7 @@ KEYS: dict[str, Parser] = {
     "hook.secret": _str,
     "hook.timeout": _seconds(0.001),
     "hook.batch": _int(1),
+    "hook.concurrency": _int(1),
     "metrics.listen": _listen,
     "metrics.queue": _bool,
     "metrics.domains": _str_list,

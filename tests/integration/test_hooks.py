@@ -306,8 +306,17 @@ def test_worker_killed_mid_batch_resends_only_unacknowledged_events(
         return 200
 
     endpoint.answer = answer
+    # One request at a time: the endpoint's answers then say which batches were
+    # acknowledged when the worker was killed (with several in flight, one answered 200
+    # may not be marked sent yet, and goes again: at least once).
     hook_env = cli_env(
-        tmp_path, mx, dns_server, hook_secret=SECRET, hook_batch="2", hook_timeout="2"
+        tmp_path,
+        mx,
+        dns_server,
+        hook_secret=SECRET,
+        hook_batch="2",
+        hook_timeout="2",
+        hook_concurrency="1",
     )
     first = start_worker(hook_env, "--hook", endpoint.url)
     try:
@@ -822,7 +831,16 @@ def test_a_413_limit_between_a_batch_and_its_half_is_not_hit_again_and_again(
     _deferred_events(store, [f"u{n}@example.org" for n in range(60)])
     limit = [5]
     endpoint.too_large = lambda body: body.count(b'"id":') > limit[0]
-    hook = HookConfig(url=endpoint.url, secret=SECRET, batch=8, retry_min=0.05, retry_max=0.1)
+    # The 413s of one request at a time are counted: requests in flight together were
+    # leased with the same limit, and are refused together.
+    hook = HookConfig(
+        url=endpoint.url,
+        secret=SECRET,
+        batch=8,
+        retry_min=0.05,
+        retry_max=0.1,
+        concurrency=1,
+    )
 
     async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return method(*args, **kwargs)
@@ -971,7 +989,8 @@ def test_a_batch_the_store_was_locked_to_acknowledge_is_not_posted_again(
         ids = [e.id for e in store.read_events()]
     finally:
         store.close()
-    assert [r.ids for r in endpoint.requests] == [ids[:2], ids[2:]]
+    # Both batches may be in flight at once, and answered in either order: each once.
+    assert sorted(r.ids for r in endpoint.requests) == [ids[:2], ids[2:]]
     assert all(r.answered == 200 for r in endpoint.requests)
 
 
@@ -992,8 +1011,15 @@ def test_a_batch_the_store_was_locked_to_give_back_goes_before_later_events(
         return 500 if n == 0 else 200
 
     endpoint.answer = answer
+    # The order of one request at a time (requests in flight together end in any order).
     hook = HookConfig(
-        url=endpoint.url, secret=SECRET, batch=2, timeout=0.5, retry_min=0.05, retry_max=0.1
+        url=endpoint.url,
+        secret=SECRET,
+        batch=2,
+        timeout=0.5,
+        retry_min=0.05,
+        retry_max=0.1,
+        concurrency=1,
     )
     metrics = MetricsRecorder()
     try:
@@ -1042,14 +1068,16 @@ def test_an_event_given_up_that_the_store_was_locked_to_mark_is_not_posted_again
     )
     metrics = MetricsRecorder()
     try:
-        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 1)
+        # Until both are marked (the given-up one is not counted as sent).
+        _run_sender(store, hook, metrics, lambda: store.unsent_events() == 0)
         ids = {e.address: e.id for e in store.read_events()}
         # Past any lease: nothing is left to send, the given-up event included.
         later = datetime.now(UTC) + timedelta(hours=1)
         assert store.lease_events(now=later, limit=10, lease_for=timedelta(minutes=1)) is None
     finally:
         store.close()
-    assert [(r.ids, r.answered) for r in endpoint.requests] == [
+    # Both events may be in flight at once, and answered in either order: each once.
+    assert sorted((r.ids, r.answered) for r in endpoint.requests) == [
         ([ids["big@example.org"]], 413),
         ([ids["small@example.org"]], 200),
     ]
@@ -1337,3 +1365,93 @@ def test_no_hook_no_backlog_family(mx: Any, dns_server: LoopbackDNS, tmp_path: P
         assert ms.store.unsent_events() == 1
     assert "mailstrom_hook_backlog_events" not in exported
     assert exported["mailstrom_queue_messages"] == 1
+
+
+def test_a_slow_endpoint_gets_up_to_hook_concurrency_requests_at_once(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """Hook requests went one at a time: an endpoint taking 50 ms a request took 20 of them
+    a second, however fast the worker recorded, and the outbox's backlog never drained.
+    Up to ``hook.concurrency`` requests are in flight now, each with a batch of its own
+    (oldest first within it), never more, and every event is acknowledged once."""
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    _deferred_events(store, [f"u{n}@example.org" for n in range(12)])
+    # Each answer waits for two more requests to be in flight (5 s at most: then it
+    # answers anyway, and the answers after it no longer wait).
+    together = threading.Barrier(3, timeout=5)
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, most at once
+
+    def answer(n: int) -> int:
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:
+            pass
+        finally:
+            with lock:
+                in_flight[0] -= 1
+        return 200
+
+    endpoint.answer = answer
+    hook = HookConfig(
+        url=endpoint.url, secret=SECRET, batch=2, concurrency=3, retry_min=0.05, retry_max=0.1
+    )
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 12)
+        ids = [e.id for e in store.read_events()]
+        assert store.unsent_events() == 0
+    finally:
+        store.close()
+    assert not together.broken, "the requests never were three in flight at once"
+    assert in_flight[1] == 3
+    acked = endpoint.acked_ids()
+    assert sorted(acked) == ids and len(acked) == len(set(acked)) == 12
+    assert all(len(r.ids) == 2 and r.ids == sorted(r.ids) for r in endpoint.requests)
+    assert metrics.hook_events_sent == 12 and metrics.hook_failures == 0
+
+
+def test_an_endpoint_that_fails_gets_one_request_at_a_time(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """With several requests in flight, an endpoint that is down must not get several
+    requests after each wait: once the requests in flight have failed, one at a time goes
+    (after the backoff) until the endpoint takes one, and no event is lost."""
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    _deferred_events(store, [f"u{n}@example.org" for n in range(12)])
+    cond = threading.Condition()
+    in_flight = [0]
+    alone: list[bool] = []
+
+    def answer(n: int) -> int:
+        if n < 3:  # the first requests, sent together
+            return 503
+        if n >= 6:
+            return 200
+        # A retry: it stays in flight a while, long enough for another to arrive.
+        with cond:
+            in_flight[0] += 1
+            cond.notify_all()
+            alone.append(not cond.wait_for(lambda: in_flight[0] > 1, timeout=0.3))
+            in_flight[0] -= 1
+        return 503
+
+    endpoint.answer = answer
+    hook = HookConfig(
+        url=endpoint.url, secret=SECRET, batch=2, concurrency=3, retry_min=0.05, retry_max=0.1
+    )
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 12)
+        ids = [e.id for e in store.read_events()]
+    finally:
+        store.close()
+    assert alone == [True, True, True]
+    acked = endpoint.acked_ids()
+    assert sorted(acked) == ids and len(acked) == len(set(acked)) == 12
+    assert metrics.hook_failures == 6

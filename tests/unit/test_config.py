@@ -160,6 +160,8 @@ def _nested() -> list[tuple[Callable[..., object], dict[str, object], str]]:
     cases += [(HookConfig, {**hook, "timeout": v}, "hook.timeout") for v in (NAN, INF, 301)]
     cases += [(HookConfig, {**hook, "batch": v}, "hook.batch") for v in (NAN, 5.5, True)]
     cases += [(HookConfig, {**hook, "retry_max": v}, "hook.retry_max") for v in (NAN, INF)]
+    concurrency = (0, 65, 2.0, True)
+    cases += [(HookConfig, {**hook, "concurrency": v}, "hook.concurrency") for v in concurrency]
     cases += [(MTASTSConfig, {"port": v}, "mta_sts.port") for v in (NAN, 443.0)]
     cases += [(MTASTSConfig, {"timeout": v}, "mta_sts.timeout") for v in (NAN, INF)]
     cases += [(MTASTSConfig, {"recheck": v}, "mta_sts.recheck") for v in (NAN, INF, True)]

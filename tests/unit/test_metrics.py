@@ -161,12 +161,16 @@ def test_settings_for_hooks_and_metrics() -> None:
         "MAILSTROM_HOOK_URL": "https://app.example/mail-events",
         "MAILSTROM_HOOK_SECRET": "s3cret-s3cret-s3cret",
         "MAILSTROM_HOOK_BATCH": "20",
+        "MAILSTROM_HOOK_CONCURRENCY": "8",
         "MAILSTROM_METRICS_LISTEN": "127.0.0.1:9466",
         "MAILSTROM_METRICS_DOMAINS": "gmail.com, outlook.com",
     }
     s = load_settings(env=env, search=False)
     assert s.config.hook == HookConfig(
-        url="https://app.example/mail-events", secret="s3cret-s3cret-s3cret", batch=20
+        url="https://app.example/mail-events",
+        secret="s3cret-s3cret-s3cret",
+        batch=20,
+        concurrency=8,
     )
     assert s.config.outbox
     assert s.metrics_listen == "127.0.0.1:9466"

@@ -2,12 +2,19 @@
 
 It runs as a task on the worker's loop. Each turn it leases a batch of unsent events
 (oldest first; other workers' senders never get the same ones), POSTs them signed
-(:mod:`mailstrom.webhooks`) and marks them sent once the endpoint answers 2xx. A failed
-request (an error status, a redirect, a timeout, no connection) gives the batch back and
-waits, doubling the wait from ``hook.retry_min`` (1 s) up to ``retry_max`` (5 min), or
-longer when the endpoint's ``Retry-After`` asks for longer (``retry_max`` at most); the
-events wait in the store, so an endpoint that is down loses nothing and a restart resends
-exactly the events that were never acknowledged. A sender killed between the POST and the
+(:mod:`mailstrom.webhooks`) and marks them sent once the endpoint answers 2xx. Up to
+``hook.concurrency`` (4) requests are in flight at once, each with a batch of its own, so
+an endpoint that takes 50 ms to answer is not held to 20 requests a second while the
+outbox grows: batches are leased, and their requests started, in id order, but requests
+in flight together may be answered in any order (receivers keep the highest id per
+recipient; ``hook.concurrency = 1`` sends one at a time, in order). A failed request (an
+error status, a redirect, a timeout, no connection) gives the batch back; once the others
+in flight have ended the sender waits, doubling the wait from ``hook.retry_min`` (1 s) up
+to ``retry_max`` (5 min), or longer when the endpoint's ``Retry-After`` asks for longer
+(``retry_max`` at most), and sends one request at a time until one succeeds, so an
+endpoint that is down gets no more requests than from a sender of one. The events wait in
+the store, so an endpoint that is down loses nothing and a restart resends exactly the
+events that were never acknowledged. A sender killed between the POST and the
 acknowledgement leaves that batch leased until ``lease_for`` passes, then it is sent again:
 at-least-once, which is why each event carries an id to de-duplicate on. A sender that
 cannot mark a batch sent (the store locked, or unreachable) tries that again, with backoff,
@@ -146,13 +153,12 @@ class HookSender:
         """The fewest events the endpoint refused at once as too large (413), and when:
         for :data:`TOO_LARGE_FOR`, the batch grows back only below that number."""
         self._last_prune = -PRUNE_EVERY
-        self._unacked: EventBatch | None = None
-        """A batch the endpoint answered for good (took it, or refused one event alone as
-        too large) that could not be marked sent yet."""
-        self._unacked_given_up = False
-        """Whether :attr:`_unacked` is an event given up (not counted as sent)."""
-        self._unreleased: EventBatch | None = None
-        """A batch the endpoint did not take that could not be given back yet."""
+        self._unacked: list[tuple[EventBatch, bool]] = []
+        """Batches the endpoint answered for good (took them, or refused one event alone as
+        too large) that could not be marked sent yet; with each, whether it is an event
+        given up (not counted as sent)."""
+        self._unreleased: list[EventBatch] = []
+        """Batches the endpoint did not take that could not be given back yet."""
         self._retry_after: float | None = None
         """Seconds the endpoint's last failed answer asked to wait (``Retry-After``)."""
 
@@ -162,18 +168,57 @@ class HookSender:
 
     def stop(self, within: float) -> None:
         """Send what is in the outbox for at most ``within`` seconds more, then end: the
-        batch in flight is finished and acknowledged rather than left to expire."""
+        batches in flight are finished and acknowledged rather than left to expire."""
         self._stopping = True
         self._deadline = time.monotonic() + within
         self._wake.set()
         self._stop.set()
 
     async def run(self) -> None:
+        sending: set[asyncio.Task[bool]] = set()
+        try:
+            await self._lease_and_send(sending)
+            # The requests in flight end within hook.timeout (and POST_GRACE), and are
+            # acknowledged: left, their events would go again once their lease ran out.
+            if sending:
+                await asyncio.wait(sending)
+            if self._unacked:
+                await self._ack_again()
+        finally:
+            for task in sending:
+                task.cancel()  # only when this task was cancelled: a stop that ran out
+            await asyncio.gather(*sending, return_exceptions=True)
+
+    def _slots(self) -> int:
+        """Requests in flight at most: ``hook.concurrency``, or one (a probe) while the
+        endpoint fails, so that one that is down gets no more requests than before."""
+        return 1 if self._failing else self._hook.concurrency
+
+    async def _lease_and_send(self, sending: set[asyncio.Task[bool]]) -> None:
+        """Lease batches and start a request for each, up to :meth:`_slots` at once, until
+        a stop; ``sending`` holds the requests in flight. Batches are leased (and their
+        requests started) oldest first, so a request's events are oldest first; requests
+        in flight together may be answered in any order (see ``docs/guide.md``)."""
         wait = self._hook.retry_min
         while True:
-            if self._unacked is not None:
+            ended = [task for task in sending if task.done()]
+            if ended:
+                sending.difference_update(ended)
+                if all(task.result() for task in ended):
+                    wait = self._hook.retry_min
+                else:
+                    if self._stopping:
+                        return
+                    # The endpoint (or the store) fails: what is in flight ends first, and
+                    # the wait is counted once for all of them.
+                    if sending:
+                        await asyncio.wait(sending)
+                        sending.clear()
+                    wait = await self._back_off(wait)
+                    continue
+            if self._unacked:
                 # Before anything else, a stop included: the endpoint has these events.
-                if not await self._ack(self._unacked, given_up=self._unacked_given_up):
+                if not await self._ack_again():
                     if self._stopping:
                         return
                     wait = await self._back_off(wait)
@@ -181,16 +226,14 @@ class HookSender:
                 wait = self._hook.retry_min
             # Leased on, the next events would go first, and these only once their lease
             # ran out: a recipient's earlier state after its later one.
-            unreleased = self._unreleased
-            if (
-                unreleased is not None
-                and not self._stopping
-                and not await self._release(unreleased)
-            ):
+            if self._unreleased and not self._stopping and not await self._release_again():
                 wait = await self._back_off(wait)
                 continue
             if self._stopping and (self._failing or time.monotonic() >= self._deadline):
                 return
+            if len(sending) >= self._slots():
+                await asyncio.wait(sending, return_when=asyncio.FIRST_COMPLETED)
+                continue
             # Every turn, not only when the outbox is empty: with an endpoint failing, or
             # events coming faster than they go, it may never be (at most every PRUNE_EVERY).
             await self._prune()
@@ -211,22 +254,32 @@ class HookSender:
             if batch is None:
                 if self._stopping:
                     return
-                await self._sleep(self._poll, self._wake)
+                await self._idle(sending)
                 continue
-            try:
-                sent = await self._send(batch)
-            except Exception:
-                # Whatever a bug does here, the sender goes on (with backoff): ended, it
-                # would leave events piling up unsent with nothing said.
-                log.exception("hook: sending a batch failed")
-                self._metrics.hook_failures += 1
-                sent = False
-            if sent:
-                wait = self._hook.retry_min
-                continue
-            if self._stopping:
-                return
-            wait = await self._back_off(wait)
+            sending.add(asyncio.create_task(self._send_batch(batch), name="mailstrom-hook-post"))
+
+    async def _idle(self, sending: set[asyncio.Task[bool]]) -> None:
+        """Wait for new events (a wake-up, or the poll interval) or a request's end."""
+        if not sending:
+            await self._sleep(self._poll, self._wake)
+            return
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait(
+                {woken, *sending}, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            woken.cancel()
+
+    async def _send_batch(self, batch: EventBatch) -> bool:
+        """:meth:`_send`, and False for whatever a bug raises there: the sender goes on
+        (with backoff), as ended it would leave events piling up unsent with nothing said."""
+        try:
+            return await self._send(batch)
+        except Exception:
+            log.exception("hook: sending a batch failed")
+            self._metrics.hook_failures += 1
+            return False
 
     async def _back_off(self, wait: float) -> float:
         """Wait about ``wait`` seconds (±20 %), or as long as the endpoint's last
@@ -280,19 +333,24 @@ class HookSender:
         its limit lay between it and its half."""
         if self._refused is not None:
             refused, at = self._refused
-            if timedelta(0) <= self._clock() - at < TOO_LARGE_FOR:
+            if self._recent(at, self._clock()):
                 return max(self._limit, (self._limit + refused) // 2)
             self._refused = None  # an hour on (or the clock set back): try full batches
         return min(self._limit * 2, self._hook.batch)
 
+    @staticmethod
+    def _recent(refused_at: datetime, now: datetime) -> bool:
+        """Whether a 413 at ``refused_at`` still bounds the batch (:data:`TOO_LARGE_FOR`)."""
+        return timedelta(0) <= now - refused_at < TOO_LARGE_FOR
+
     async def _ack(self, batch: EventBatch, *, given_up: bool = False) -> bool:
         """Mark ``batch``, which the endpoint took (or, ``given_up``, refused for good),
-        sent; False when the store failed: it is kept to try again (see :meth:`run`),
-        not sent again."""
+        sent; False when the store failed: it is kept to try again (see
+        :meth:`_lease_and_send`), not sent again."""
         try:
             acked = await self._store_call(self._store.ack_events, batch, now=self._clock())
         except StoreError as exc:
-            if self._unacked is None:
+            if not any(kept is batch for kept, _ in self._unacked):
                 if given_up:
                     log.warning(
                         "hook: cannot mark event %d given up yet: %s", batch.events[0].id, exc
@@ -303,26 +361,41 @@ class HookSender:
                         len(batch.events),
                         exc,
                     )
-            self._unacked = batch
-            self._unacked_given_up = given_up
+                self._unacked.append((batch, given_up))
             return False
         # Those still under the batch's lease: if it ran out and another sender took them,
         # that one sends them again (at least once).
-        self._unacked = None
+        self._unacked = [kept for kept in self._unacked if kept[0] is not batch]
         if not given_up:
             self._metrics.hook_events_sent += acked
         return True
 
+    async def _ack_again(self) -> bool:
+        """Mark the batches kept by :meth:`_ack` sent; False at the first the store fails."""
+        for batch, given_up in list(self._unacked):
+            if not await self._ack(batch, given_up=given_up):
+                return False
+        return True
+
     async def _release(self, batch: EventBatch) -> bool:
         """Give ``batch`` back to the outbox; False when the store failed: it is kept to
-        try again before the next lease (see :meth:`run`), or left to expire at a stop."""
+        try again before the next lease (see :meth:`_lease_and_send`), or left to expire
+        at a stop."""
         try:
             await self._store_call(self._store.release_events, batch)
         except StoreError as exc:
-            log.debug("hook: cannot give %d events back yet: %s", len(batch.events), exc)
-            self._unreleased = batch
+            if not any(kept is batch for kept in self._unreleased):
+                log.debug("hook: cannot give %d events back yet: %s", len(batch.events), exc)
+                self._unreleased.append(batch)
             return False
-        self._unreleased = None
+        self._unreleased = [kept for kept in self._unreleased if kept is not batch]
+        return True
+
+    async def _release_again(self) -> bool:
+        """Give the batches kept by :meth:`_release` back; False at the first that fails."""
+        for batch in list(self._unreleased):
+            if not await self._release(batch):
+                return False
         return True
 
     async def _too_large(self, batch: EventBatch, size: int) -> bool:
@@ -331,8 +404,12 @@ class HookSender:
         self._metrics.hook_failures += 1
         count = len(batch.events)
         if count > 1:
-            self._limit = max(1, count // 2)
-            self._refused = (count, self._clock())
+            # The fewest refused, and the smallest batch: a request in flight beside this
+            # one was leased before it, with as many events or more.
+            self._limit = min(self._limit, max(1, count // 2))
+            now, refused = self._clock(), self._refused
+            if refused is None or count < refused[0] or not self._recent(refused[1], now):
+                self._refused = (count, now)
             log.info(
                 "hook: %s refused %d events (%d bytes) as too large; sending %d at a time",
                 self._shown_url,
