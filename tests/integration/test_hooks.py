@@ -1455,3 +1455,72 @@ def test_an_endpoint_that_fails_gets_one_request_at_a_time(
     acked = endpoint.acked_ids()
     assert sorted(acked) == ids and len(acked) == len(set(acked)) == 12
     assert metrics.hook_failures == 6
+
+
+@pytest.mark.postgres
+def test_senders_of_two_workers_sharing_a_postgres_outbox_send_each_event_once(
+    endpoint: Endpoint, postgres_url: str
+) -> None:
+    """Two workers' senders on one PostgreSQL outbox, each with several requests in flight:
+    every request's batch is a lease of its own, so no event goes in two requests (the
+    endpoint takes every one), and every event goes."""
+    from mailstrom.stores.postgres import PostgresStore
+    from tests.contract.support import NOW, lease_all, message, results_for
+
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, most at once
+
+    def answer(n: int) -> int:
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+        time.sleep(0.02)  # an endpoint that takes a while: the requests overlap
+        with lock:
+            in_flight[0] -= 1
+        return 200
+
+    endpoint.answer = answer
+    hook = HookConfig(
+        url=endpoint.url, secret=SECRET, batch=2, concurrency=3, retry_min=0.05, retry_max=0.1
+    )
+    metrics = [MetricsRecorder(), MetricsRecorder()]
+
+    async def call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(method, *args, **kwargs)  # as a worker calls PostgreSQL
+
+    async def run(stores: list[PostgresStore]) -> None:
+        senders = [
+            HookSender(
+                hook,
+                store,
+                store_call=call,
+                clock=lambda: datetime.now(UTC),
+                metrics=counted,
+                poll_interval=0.05,
+            )
+            for store, counted in zip(stores, metrics, strict=True)
+        ]
+        tasks = [asyncio.create_task(sender.run()) for sender in senders]
+        try:
+            for _ in range(400):
+                if await asyncio.to_thread(stores[0].unsent_events) == 0:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            for sender in senders:
+                sender.stop(0)
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    with PostgresStore(postgres_url) as first, PostgresStore(postgres_url) as second:
+        first.enable_events()
+        recipients = [f"u{n}@example.org" for n in range(40)]
+        first.enqueue(message(*recipients), now=NOW)
+        first.record(results_for(lease_all(first), RecipientState.DELIVERED))
+        asyncio.run(run([first, second]))
+        ids = [e.id for e in first.read_events(limit=100)]
+        assert first.unsent_events() == 0
+    acked = endpoint.acked_ids()
+    assert len(ids) == 40 and sorted(acked) == ids, (len(acked), len(set(acked)))
+    assert all(r.ids == sorted(r.ids) for r in endpoint.requests)
+    assert sum(m.hook_events_sent for m in metrics) == 40
+    assert in_flight[1] > 1
