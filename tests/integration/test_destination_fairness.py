@@ -57,13 +57,22 @@ def open_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Sto
     return PostgresStore(request.getfixturevalue("postgres_url"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leases take due work oldest first whatever its destination: a slow"
-    " destination's backlog fills the worker's leased recipients, and work for another"
-    " destination queued after it waits until all but the last lease of it is delivered",
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "memory",
+        "sqlite",
+        pytest.param(
+            "postgres",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the PostgreSQL store does not heed a fair lease's busy and"
+                " per_destination yet: its leases take the oldest due whatever their"
+                " destination, so a slow destination's backlog fills the worker's leases",
+            ),
+        ),
+    ],
 )
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])
 def test_a_slow_destination_backlog_does_not_hold_back_another_destination(
     kind: str,
     request: pytest.FixtureRequest,

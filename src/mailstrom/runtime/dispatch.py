@@ -101,6 +101,20 @@ _DEPTH = 3
 and one more waiting, so that the content of the next leaves with the envelope after it
 even when the replies of both arrive in one segment."""
 
+
+def lease_share(config: Config, high_water: int) -> int | None:
+    """The most recipients of one destination a worker's lease takes (``high_water`` the
+    most it holds in flight): a quarter of that, and at least enough to keep the
+    destination's connections busy twice over (:data:`_DEPTH` transactions each), so
+    that one destination's backlog does not fill the worker, while a backlog within a
+    quarter of it is leased whole (its mail asking for REQUIRETLS, or a password reset
+    queued after it, has its own queue here and need not wait for its turn in the
+    store). None (no bound) with a relay, the one destination."""
+    if config.relay is not None:
+        return None
+    return max(config.max_per_destination * _DEPTH * 2, high_water // 4)
+
+
 Done = Callable[[list[RecipientResult]], None]
 Postpone = Callable[[list[WorkItem], datetime, str | None], None]
 """Give items back to the store, due at a time, naming the paused destination (or None)."""
@@ -1594,6 +1608,19 @@ class Dispatcher:
                 del self._destinations[key]
         for results in refused:
             self._done(results)
+
+    def busy(self, enough: int) -> list[str]:
+        """The domains with ``enough`` items or more waiting here (not started): the
+        worker's next lease takes none of theirs (see :mod:`mailstrom.stores.fairness`),
+        so that a slow destination's backlog does not fill the worker while mail to
+        others waits behind it. None with a relay: it is the one destination."""
+        if self._relay_route is not None or not self._destinations:
+            return []
+        waiting: dict[str, int] = {}
+        for dest in self._destinations.values():
+            if dest.queue:
+                waiting[dest.domain] = waiting.get(dest.domain, 0) + len(dest.queue)
+        return [domain for domain, n in waiting.items() if n >= enough]
 
     def relieve(self, stalled_for: float, back_in: timedelta) -> int:
         """Give back, due ``back_in`` from now, the queued work of every destination whose

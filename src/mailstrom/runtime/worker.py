@@ -48,7 +48,7 @@ from mailstrom.bounces.verp import per_recipient, wants_verp_key
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError, StoreLocked, StoreRefusedData
 from mailstrom.routing import Router
-from mailstrom.runtime.dispatch import Dispatcher
+from mailstrom.runtime.dispatch import Dispatcher, lease_share
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.runtime.outbox_others import warn_if_others_write_events
 from mailstrom.runtime.outcomes import Outcomes
@@ -121,6 +121,10 @@ class _LeaseCall:
     """:attr:`Worker._wakeups` when it asked: one since may be for work it did not see."""
     max_bytes: int
     """The message data it may read (``Config.max_leased_bytes`` less what is held)."""
+    busy: list[str]
+    """The destinations whose work waiting in the dispatcher is enough (none leased)."""
+    per_destination: int | None
+    """The most recipients of one destination it takes (see :func:`lease_share`)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -326,8 +330,9 @@ class Worker(
         (locked by another worker, in a lane without room) is no reason to lease again
         before a wake-up, a delivery ending or the poll."""
         self._capped = False
-        """Whether the last lease left out a lane that had used up its share: its due
-        work is not worth another lease until a delivery ends."""
+        """Whether the last lease left out a lane that had used up its share, or busy
+        destinations (see :meth:`Dispatcher.busy`): their due work is not worth another
+        lease until a delivery ends."""
         self._unsent_notices: list[PreparedMessage] = []
         """Delay warnings a store failure left unqueued: queued with the next write."""
         self._owing: dict[str, None] = {}
@@ -621,6 +626,11 @@ class Worker(
         # Each lane may hold its share of the recipients in flight (bulk cannot fill the
         # worker and leave no room for transactional mail leased after it).
         lane_caps = [(lane.name, max(1, int(lane.share * high_water))) for lane in config.lanes]
+        # And no more than a share of one destination, none of one with half that waiting:
+        # a slow destination's backlog filled the worker, and mail to every other
+        # destination queued after it waited for most of that backlog.
+        share = lease_share(config, high_water)
+        enough = high_water if share is None else max(1, share // 2)
         backoff = _Backoff()
         lease_backoff = _Backoff()
         not_before = 0.0  # no lease before this loop time (gathering a batch)
@@ -708,6 +718,8 @@ class Worker(
                     now=self._clock(),
                     wakeups=self._wakeups,
                     max_bytes=byte_room,
+                    busy=dispatcher.busy(enough) if leasing else [],
+                    per_destination=share,
                 )
                 if leasing and not self._inline:
                     beside = (self._lease_beside(call), call)
@@ -725,6 +737,8 @@ class Worker(
                         lanes=lanes,
                         holder=self.holder,
                         max_bytes=call.max_bytes,
+                        busy=call.busy,
+                        per_destination=call.per_destination,
                     )
                 except StoreCorrupt:
                     self._unwritten(batch)
@@ -811,6 +825,8 @@ class Worker(
             lanes=call.lanes,
             holder=self.holder,
             max_bytes=call.max_bytes,
+            busy=call.busy,
+            per_destination=call.per_destination,
         )
         return lease
 
@@ -820,7 +836,8 @@ class Worker(
         """Start the work of a lease ``call`` made (None: it found nothing due). True when
         it was small while deliveries are in flight: the next lease waits a moment for
         more work to come due."""
-        self._capped = any(most == 0 for _, most in call.lanes)
+        # Passed over busy destinations too: their due work waits for a delivery to end.
+        self._capped = bool(call.busy) or any(most == 0 for _, most in call.lanes)
         if lease is None:
             if self._wakeups == call.wakeups:  # else lease again: new work may have come
                 self._lease_wanted = False  # nothing due: wait for a wake-up or due time

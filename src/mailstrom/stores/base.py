@@ -18,7 +18,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
@@ -354,6 +354,8 @@ def record_then_lease(
     lanes: Sequence[tuple[str, int]] | None = None,
     holder: str | None = None,
     max_bytes: int | None = None,
+    busy: Collection[str] = (),
+    per_destination: int | None = None,
 ) -> tuple[list[RecipientResult], Lease | None]:
     """``Store.record_and_lease`` for a store that cannot do both in one transaction. A
     lease that fails once the record is committed raises :class:`RecordedNotLeased`: the
@@ -370,6 +372,8 @@ def record_then_lease(
             lanes=lanes,
             holder=holder,
             max_bytes=max_bytes,
+            busy=busy,
+            per_destination=per_destination,
         )
     except StoreError as exc:
         if not results:
@@ -763,6 +767,8 @@ class Store(Protocol):
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
         max_bytes: int | None = None,
+        busy: Collection[str] = (),
+        per_destination: int | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients (QUEUED or DEFERRED, next attempt ≤ now,
         not held, not under an unexpired lease), oldest due first, grouped into work
@@ -787,7 +793,14 @@ class Store(Protocol):
         longest run, in the lease's order, whose sizes add up to at most ``max_bytes``,
         but never none: the first comes alone when larger. The recipients of the messages
         left out stay due, unleased. The data of those is not read at all, so that a
-        queue of large messages cannot make one lease hold ``limit`` of them in memory."""
+        queue of large messages cannot make one lease hold ``limit`` of them in memory.
+
+        ``busy`` (domains) and ``per_destination`` make the lease fair between
+        destinations (:mod:`~mailstrom.stores.fairness`): no recipient at a busy domain,
+        and at most ``per_destination`` recipients of one domain in each lane. The oldest
+        due that pass come first; when the ``limit`` oldest due of a lane left room, the
+        lease also takes the oldest due of other domains of the lane queued after them,
+        however many recipients of busy or full domains are due before those."""
         ...
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
@@ -837,10 +850,12 @@ class Store(Protocol):
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
         max_bytes: int | None = None,
+        busy: Collection[str] = (),
+        per_destination: int | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` ``results``, then :meth:`lease` up to ``limit`` recipients
         (none when ``limit`` is 0) of ``lanes`` for ``holder``, up to ``max_bytes`` of
-        message data; in one transaction where
+        message data, fair with ``busy`` and ``per_destination``; in one transaction where
         the store can (SQLite: one commit, one fsync, for the worker's whole turn)."""
         ...
 

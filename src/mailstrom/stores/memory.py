@@ -13,7 +13,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -45,6 +45,7 @@ from mailstrom.stores.base import (
 )
 from mailstrom.stores.clock import after, aware_utc, kept_time
 from mailstrom.stores.dkim_column import bounded_dkim
+from mailstrom.stores.fairness import Fairness, Turns, fairness
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import MemoryOperatorMixin
 from mailstrom.stores.memory_records import (
@@ -100,6 +101,23 @@ def _in_utc(method: Callable[..., Any], times: tuple[str, ...]) -> Callable[...,
         return method(self, *args, **kwargs)
 
     return in_utc
+
+
+def _fair(due: list[_Due], fair: Fairness) -> list[_Due]:
+    """The due recipients (earliest first) a fair lease may take: none at a busy
+    destination, at most ``fair.share`` of one destination in each lane."""
+    counts: dict[tuple[str, str], int] = {}
+    kept = []
+    for entry in due:
+        domain = entry[4].domain
+        if domain in fair.busy:
+            continue
+        key = (entry[3].prepared.attributes.priority or "", domain)
+        held = counts.get(key, 0)
+        if held < fair.share:
+            counts[key] = held + 1
+            kept.append(entry)
+    return kept
 
 
 def _by_lanes(due: list[_Due], lanes: Sequence[tuple[str, int]], limit: int) -> list[_Due]:
@@ -258,10 +276,12 @@ class MemoryStore(
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
         max_bytes: int | None = None,
+        busy: Collection[str] = (),
+        per_destination: int | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients, grouped per (message, domain); with
-        ``lanes``, each lane's in turn; up to ``max_bytes`` of message data (see
-        :meth:`Store.lease`)."""
+        ``lanes``, each lane's in turn; up to ``max_bytes`` of message data; fair with
+        ``busy`` and ``per_destination`` (see :meth:`Store.lease`)."""
         if row_limit(limit) == 0:
             return None
         token = lease_token(holder)
@@ -276,6 +296,9 @@ class MemoryStore(
                 if r.state in _PENDING and r.due_at() <= now and r.domain not in suspended
             ]
             due.sort(key=lambda t: t[:3])
+            fair = fairness(Turns(), busy, per_destination, limit)
+            if fair is not None:
+                due = _fair(due, fair)
             if lanes is not None:
                 due = _by_lanes(due, lanes, limit)
             due = due[:limit]
@@ -453,6 +476,8 @@ class MemoryStore(
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
         max_bytes: int | None = None,
+        busy: Collection[str] = (),
+        per_destination: int | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease (each under the store's lock; nothing to commit)."""
         return record_then_lease(
@@ -464,6 +489,8 @@ class MemoryStore(
             lanes=lanes,
             holder=holder,
             max_bytes=max_bytes,
+            busy=busy,
+            per_destination=per_destination,
         )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:

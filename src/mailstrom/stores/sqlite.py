@@ -66,7 +66,7 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -119,6 +119,7 @@ from mailstrom.stores.base import (
 )
 from mailstrom.stores.clock import aware_utc, kept_time
 from mailstrom.stores.dead_holders import HolderInfo, oldest_first
+from mailstrom.stores.fairness import Fairness, Turns, fairness
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import (
     ShapeRow,
@@ -561,6 +562,7 @@ class SQLiteStore:
         # process changes its working directory (a daemon's chdir("/")), and the store
         # would take its file for deleted, or a worker process open another queue.
         self._path = os.path.abspath(given)
+        self._turns = Turns()
         busy_timeout = check_timeout(busy_timeout, "busy_timeout")
         self._busy_timeout = busy_timeout
         # Checked here, not where a group commit's leader first waits with it: there it
@@ -1285,6 +1287,8 @@ class SQLiteStore:
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
         max_bytes: int | None = None,
+        busy: Collection[str] = (),
+        per_destination: int | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients, oldest due first (per lane, highest lane
         first, with ``lanes``), grouped per (message, domain), up to ``max_bytes`` of
@@ -1304,6 +1308,7 @@ class SQLiteStore:
                 events=self._events,
                 holder=holder,
                 max_bytes=max_bytes,
+                fair=fairness(self._turns, busy, per_destination, limit),
             )
 
     def record_and_lease(
@@ -1316,6 +1321,8 @@ class SQLiteStore:
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
         max_bytes: int | None = None,
+        busy: Collection[str] = (),
+        per_destination: int | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """:meth:`record` and :meth:`lease` in one transaction: one fsync for both."""
         row_limit(limit)  # refused before anything is recorded
@@ -1338,6 +1345,7 @@ class SQLiteStore:
                     events=self._events,
                     holder=holder,
                     max_bytes=max_bytes,
+                    fair=fairness(self._turns, busy, per_destination, limit),
                 )
         return recorded, lease
 
@@ -2114,6 +2122,7 @@ def _lease_in(
     events: bool,
     holder: str | None = None,
     max_bytes: int | None = None,
+    fair: Fairness | None = None,
 ) -> Lease | None:
     """Lease inside the caller's write transaction: suspended destinations skipped, and
     the suppression entries of what was leased read in the same snapshot (one store
@@ -2128,6 +2137,7 @@ def _lease_in(
         skip_suspended=suspensions_at_lease(conn, now),
         holder=holder,
         max_bytes=max_bytes,
+        fair=fair,
     )
     if lease is None:
         return None

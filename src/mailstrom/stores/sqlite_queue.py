@@ -39,6 +39,7 @@ from mailstrom.stores.base import (
 )
 from mailstrom.stores.clock import after
 from mailstrom.stores.dkim_column import dkim_from_column, dkim_to_column
+from mailstrom.stores.fairness import DESTINATIONS, Fairness
 from mailstrom.stores.row_checks import (
     UNREADABLE,
     MessageHead,
@@ -226,9 +227,11 @@ def lease_rows(
     skip_suspended: bool = False,
     holder: str | None = None,
     max_bytes: int | None = None,
+    fair: Fairness | None = None,
 ) -> Lease | None:
     """Lease up to ``limit`` due recipients inside the caller's write transaction, under a
-    token of ``holder`` when given (see ``Store.lease``).
+    token of ``holder`` when given (see ``Store.lease``); with ``fair``, none at its busy
+    destinations and at most its share of one destination (see :func:`_fair_walk`).
 
     Without ``lanes``, the earliest due of every lane. With them ((name, at most), highest
     first), each lane's earliest due in turn, walking that lane's range of
@@ -246,7 +249,7 @@ def lease_rows(
     budget: ByteBudget[int] | None = None if max_bytes is None else ByteBudget(max_bytes)
     if lanes is None:
         rows = _mark_lanes(
-            conn, marks, limit, pending_lanes(conn, rename=True), skip, skipped, budget
+            conn, marks, limit, pending_lanes(conn, rename=True), skip, skipped, budget, fair
         )
     else:
         rows = []
@@ -262,13 +265,13 @@ def lease_rows(
             if take <= 0:
                 exhausted = False
                 continue
-            found = _mark_lanes(conn, marks, take, [lane], skip, skipped, budget)
+            found = _mark_lanes(conn, marks, take, [lane], skip, skipped, budget, fair)
             exhausted = exhausted and len(found) < take
             rows += found
         if exhausted and len(rows) < limit and not (budget is not None and budget.full):
             named = {lane for lane, _ in lanes}
             others = [lane for lane in pending_lanes(conn, rename=True) if lane not in named]
-            rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped, budget)
+            rows += _mark_lanes(conn, marks, limit - len(rows), others, skip, skipped, budget, fair)
     if not rows:
         return None
     seqs = sorted({row[1] for row in rows})
@@ -592,6 +595,7 @@ def _mark_lanes(
     skip: str,
     skipped: Sequence[object],
     budget: ByteBudget[int] | None = None,
+    fair: Fairness | None = None,
 ) -> list[Any]:
     """Stamp up to ``limit`` due recipients of ``lanes`` with the lease (token, expiry) of
     ``marks``, earliest due first across them, and return them in that order.
@@ -605,7 +609,12 @@ def _mark_lanes(
         return []
     token, expires, now = marks
     found: list[tuple[int, int]] = []
-    for start in range(0, len(lanes), _LANES_PER_WALK):
+    if fair is not None:
+        for lane in lanes:
+            found += _fair_walk(conn, lane, now, limit - len(found), skip, skipped, fair)
+            if len(found) >= limit:
+                break
+    for start in range(0, len(lanes), _LANES_PER_WALK) if fair is None else ():
         group = lanes[start : start + _LANES_PER_WALK]
         params: list[object] = []
         for lane in group:
@@ -633,6 +642,120 @@ def _mark_lanes(
     ).fetchall()
     rows.sort(key=lambda row: order[row[0]])
     return rows
+
+
+DESTINATIONS_SQL = (
+    "WITH RECURSIVE d (domain) AS ("
+    " SELECT (SELECT domain FROM recipients INDEXED BY recipients_destination_due"
+    f" WHERE lane = ?1 AND {PENDING_SQL} AND held = 0 AND domain > ?2 ORDER BY domain LIMIT 1)"
+    " UNION ALL"
+    " SELECT (SELECT r.domain FROM recipients r INDEXED BY recipients_destination_due"
+    f" WHERE r.lane = ?1 AND {PENDING_SQL} AND held = 0 AND r.domain > d.domain"
+    " ORDER BY r.domain LIMIT 1)"
+    " FROM d WHERE d.domain IS NOT NULL LIMIT ?3)"
+    " SELECT domain FROM d WHERE domain IS NOT NULL"
+)
+"""Up to ?3 domains with pending, unheld recipients in the lane ?1, after the domain ?2, in
+name order: a walk of recipients_destination_due that seeks from each domain to the next
+(one probe per domain, however many recipients each holds)."""
+
+
+def destination_walk_sql(skip: str) -> str:
+    """The ids and due times of one destination's due recipients in one lane, earliest
+    first, up to a limit: a range of recipients_destination_due. Binds (*skipped, lane,
+    domain, now, limit)."""
+    return (
+        f"SELECT id, {DUE_SQL} FROM recipients INDEXED BY recipients_destination_due"
+        f" WHERE {skip}lane = ? AND domain = ? AND {PENDING_SQL} AND held = 0"
+        f" AND {DUE_SQL} <= ? ORDER BY {DUE_SQL}, id LIMIT ?"
+    )
+
+
+def _first_read_sql(skip: str) -> str:
+    """A fair lease's first read: one lane's ``limit`` earliest due (as a plain lease
+    reads them), with their domains. Binds (*skipped, lane, now, limit)."""
+    return (
+        f"SELECT id, {DUE_SQL} AS due, domain FROM recipients INDEXED BY recipients_lane_due"
+        f" WHERE {skip}lane = ? AND {PENDING_SQL} AND held = 0 AND {DUE_SQL} <= ?"
+        f" ORDER BY {DUE_SQL}, id LIMIT ?"
+    )
+
+
+def _fair_walk(
+    conn: sqlite3.Connection,
+    lane: str,
+    now: int,
+    limit: int,
+    skip: str,
+    skipped: Sequence[object],
+    fair: Fairness,
+) -> list[tuple[int, int]]:
+    """(due, id) of up to ``limit`` due recipients of ``lane`` a fair lease takes: none at
+    a busy destination, at most ``fair.share`` of one destination. First those of the
+    lane's ``limit`` earliest due that pass (the read a plain lease makes); when that read
+    was full and left room, the earliest due of other destinations, one seek each, up to
+    :data:`.fairness.DESTINATIONS` of them a lease, taking turns from where the last lease
+    stopped (:attr:`Fairness.turns`): a deep backlog at a busy destination is never walked.
+    """
+    busy, share = fair.busy, fair.share
+    counts: dict[str, int] = {}
+    taken: list[tuple[int, int]] = []
+    walked = 0
+    first = _first_read_sql(skip)
+    params: list[object] = [*skipped, lane, now, limit]
+    if busy:
+        # The busy domains' rows left out by the statement itself, the rows it read
+        # counted in a last row (id NULL): a backlog's are not handed over one by one.
+        first = (
+            f"WITH w AS MATERIALIZED ({first}) SELECT id, due, domain, 0 FROM w"
+            " WHERE domain NOT IN (SELECT value FROM json_each(?))"
+            " UNION ALL SELECT NULL, count(*), NULL, 1 FROM w ORDER BY 4, 2, 1"
+        )
+        params.append(json.dumps(sorted(busy)))
+    for rid, due, domain, *_ in conn.execute(first, params):
+        if rid is None:
+            walked = due
+            continue
+        if not busy:
+            walked += 1
+        held = counts.get(domain, 0)
+        if held < share and domain not in busy:
+            counts[domain] = held + 1
+            taken.append((due, rid))
+    if walked < limit or len(taken) >= limit:
+        return taken  # everything due was read, or the lease is full
+    ids = {rid for _, rid in taken}
+    start = fair.turns.get(lane, "")
+    sql = destination_walk_sql(skip)
+    seen = 0
+    for around in (False, True):
+        if around and (start == "" or seen >= DESTINATIONS):
+            break
+        domains = [
+            domain
+            for (domain,) in conn.execute(
+                DESTINATIONS_SQL, [lane, "" if around else start, DESTINATIONS - seen]
+            )
+        ]
+        seen += len(domains)
+        for domain in domains:
+            if not isinstance(domain, str) or not_utf8(domain):
+                continue  # not to be bound back (a row changed by hand): first reads take it
+            if around and domain > start:
+                break
+            fair.turns[lane] = domain
+            held = counts.get(domain, 0)
+            if domain in busy or held >= share:
+                continue
+            # Its earliest: those the first read took (counted in held), then more.
+            most = held + min(share - held, limit - len(taken))
+            for rid, due in conn.execute(sql, [*skipped, lane, domain, now, most]):
+                if rid not in ids:
+                    counts[domain] = counts.get(domain, 0) + 1
+                    taken.append((due, rid))
+            if len(taken) >= limit:
+                return taken
+    return taken
 
 
 def update_leased(

@@ -13,7 +13,7 @@ import secrets
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
@@ -500,6 +500,8 @@ class PostgresStore:
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
         max_bytes: int | None = None,
+        busy: Collection[str] = (),
+        per_destination: int | None = None,
     ) -> Lease | None:
         """Lease up to ``limit`` due recipients in one statement (see Store.lease), with
         the suppression entries that apply to them; with ``lanes``, one statement for the
@@ -508,7 +510,9 @@ class PostgresStore:
         indexes (:mod:`.aside`) before the lease after one whose rows said so, or, made
         through this store, before a second try of a lease that found nothing; another
         process's, which no lease saw, is brought back by :meth:`next_due` (the worker asks
-        it after each empty lease)."""
+        it after each empty lease). Not fair yet: ``busy`` and ``per_destination`` are
+        taken and not heeded (the oldest due are leased whatever their destination)."""
+        del busy, per_destination
         if row_limit(limit) == 0:
             return None
         if self._statistics.due():
@@ -859,6 +863,8 @@ class PostgresStore:
         lanes: Sequence[tuple[str, int]] | None = None,
         holder: str | None = None,
         max_bytes: int | None = None,
+        busy: Collection[str] = (),
+        per_destination: int | None = None,
     ) -> tuple[list[RecipientResult], Lease | None]:
         """Record, then lease: two statements, each its own transaction (one round trip each)."""
         return record_then_lease(
@@ -870,6 +876,8 @@ class PostgresStore:
             lanes=lanes,
             holder=holder,
             max_bytes=max_bytes,
+            busy=busy,
+            per_destination=per_destination,
         )
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
