@@ -150,14 +150,16 @@ def _view_steps(path: Path, messages: int, view: QueueView, bulk: RecipientState
         (QueueView.DELIVERED, None),
         (QueueView.QUEUED, RecipientState.DEFERRED),
         (QueueView.QUEUED, RecipientState.DELIVERED),
+        (QueueView.FAILED, None),
+        (QueueView.FAILED, RecipientState.DELIVERED),
     ],
 )
 def test_a_view_matching_few_messages_is_read_from_an_index(
     tmp_path: Path, view: QueueView, bulk: RecipientState | None
 ) -> None:
-    """The queued and delivered views walked every message of the queue newest first and
-    probed each: with nothing delivered yet, or nothing queued among deferred or
-    finished mail, a page that lists nothing read all of them."""
+    """The queued, delivered and failed views walked every message of the queue newest
+    first and probed each: with nothing delivered or failed yet, or nothing queued or
+    failed among deferred or finished mail, a page that lists nothing read all of them."""
     small = _view_steps(tmp_path / "small.db", 100, view, bulk)
     big = _view_steps(tmp_path / "big.db", BACKLOG // 2, view, bulk)
     assert big <= small + 5, (small, big)

@@ -57,6 +57,10 @@ class QueueView(StrEnum):
     DEFERRED = "deferred"
     DELIVERED = "delivered"
     FAILED = "failed"
+    """Finished with a recipient failed. A message stored with no recipient at all (its
+    status says failed; no store queues one now, an older build did) is listed under
+    :attr:`ALL` only: no index of the failed recipients holds it, and finding it meant
+    walking every message of the queue for each page of this view."""
     HELD = "held"
     """Held messages still waiting (a recipient queued or deferred), those the overview
     counts: one cancelled or finished while held keeps its flag, and is listed under its

@@ -211,6 +211,8 @@ def _matches(m: _Message, query: QueueQuery) -> bool:
             return False
     elif view is not QueueView.ALL and m.state().value != view.value:
         return False
+    elif view is QueueView.FAILED and not m.recipients:
+        return False  # as the SQL stores' index of failed recipients (see QueueView.FAILED)
     search = query.search
     domains = [d.lower() for d in (query.domain, search and search.domain) if d]
     for domain in domains:

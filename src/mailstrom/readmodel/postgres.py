@@ -63,9 +63,9 @@ _VIEWS = {
     QueueView.PENDING: _HAS_PENDING,
     QueueView.DEFERRED: _HAS_DEFERRED,
     QueueView.QUEUED: f"{_HAS_PENDING} AND NOT {_HAS_DEFERRED}",
-    # As derive_message_state(): a message with no recipient at all is failed.
+    # A message with no recipient at all is in neither (see QueueView.FAILED).
     QueueView.DELIVERED: f"NOT {_HAS_PENDING} AND NOT {_HAS_FAILED} AND {_HAS_ANY}",
-    QueueView.FAILED: f"NOT {_HAS_PENDING} AND ({_HAS_FAILED} OR NOT {_HAS_ANY})",
+    QueueView.FAILED: f"NOT {_HAS_PENDING} AND {_HAS_FAILED}",
     # Held and still waiting, as the overview (and stats()) count them: a message
     # cancelled or finished while held keeps its flag, and is no mail on hold.
     QueueView.HELD: f"m.held AND {_HAS_PENDING}",

@@ -73,10 +73,10 @@ _HAS_FAILED = (
     "EXISTS (SELECT 1 FROM recipients f WHERE f.message_seq = m.seq AND f.state = 'failed')"
 )
 _HAS_ANY = "EXISTS (SELECT 1 FROM recipients x WHERE x.message_seq = m.seq)"
-# A message's state as derive_message_state() gives it: one with no recipient at all
-# (nothing pending, nothing failed) is failed, not delivered.
+# A message's state as derive_message_state() gives it; one with no recipient at all is
+# in neither view (see QueueView.FAILED).
 _IS_DELIVERED = f"NOT {_HAS_PENDING} AND NOT {_HAS_FAILED} AND {_HAS_ANY}"
-_IS_FAILED = f"NOT {_HAS_PENDING} AND ({_HAS_FAILED} OR NOT {_HAS_ANY})"
+_IS_FAILED = f"NOT {_HAS_PENDING} AND {_HAS_FAILED}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,7 +493,16 @@ def _filters(query: QueueQuery) -> list[_Filter]:
             )
         )
     elif view is QueueView.FAILED:
-        filters.append(_Filter(_IS_FAILED))
+        # A few failed among much delivered or pending mail: from the failed index, where
+        # walking probed every message of the queue to find none.
+        filters.append(
+            _Filter(
+                _IS_FAILED,
+                members="m.seq IN (SELECT message_seq FROM recipients WHERE state = 'failed')"
+                f" AND NOT {_HAS_PENDING}",
+                count="SELECT 1 FROM recipients WHERE state = 'failed'",
+            )
+        )
     elif view is QueueView.HELD:
         # Held and still waiting, as the overview (and stats()) count them: a message
         # cancelled or finished while held keeps its flag, and is no mail on hold.
