@@ -95,6 +95,13 @@ def test_postgres_lease_benchmark_runs() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_web_indexes_benchmark_runs() -> None:
+    out = run_benchmark("web_indexes_postgres", ["--messages", "300", "--rounds", "1"])
+    assert "lease+record" in out
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(bool(missing_tools()), reason="Postfix's smtp-sink/smtp-source missing")
 def test_e2e_benchmark_runs() -> None:
     out = run_benchmark(

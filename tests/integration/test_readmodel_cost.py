@@ -4,6 +4,7 @@ reads an index range as long as the page, whatever the queue holds."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from mailstrom.readmodel import sqlite as sqlite_model
 from mailstrom.readmodel.postgres import PostgresReadModel
 from mailstrom.readmodel.sqlite import SQLiteReadModel
 from mailstrom.status import RecipientState
+from mailstrom.stores import Store
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.sqlite import SQLiteStore
 from tests.fixtures.postgres import ThrowawayPostgres
@@ -121,7 +123,7 @@ def test_choosing_a_plan_counts_no_further_than_it_must(
     assert big[0] <= just_over[0] + 5, (just_over, big)
 
 
-def _finish(store: SQLiteStore, state: RecipientState) -> None:
+def _finish(store: Store, state: RecipientState) -> None:
     """Every recipient of the queue leased and recorded ``state``."""
     while (lease := store.lease(now=T0, limit=1000, lease_for=timedelta(minutes=5))) is not None:
         store.record(results_for(lease, state, at=T0, next_attempt_at=T0 + timedelta(days=1)))
@@ -172,14 +174,19 @@ def _rows_touched(plan: dict[str, Any]) -> int:
     return own + sum(_rows_touched(child) for child in plan.get("Plans", ()))
 
 
-def _page_rows(url: str, messages: int, held: int, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Rows PostgreSQL's plan of the Held view's page query touched, with ``messages``
-    messages queued of which the first ``held`` are held."""
+def _page_rows(
+    url: str,
+    messages: int,
+    monkeypatch: pytest.MonkeyPatch,
+    query: QueueQuery,
+    setup: Callable[[PostgresStore], set[str]],
+) -> int:
+    """Rows PostgreSQL's plan of ``query``'s page touched, with ``messages`` messages
+    queued and then ``setup`` run (which returns the ids the page must list)."""
     with PostgresStore(url, max_size=2) as store:
         for start in range(0, messages, 2500):
             store.enqueue_many(_messages(start, min(2500, messages - start)), now=T0)
-        listed = store.recent(held)
-        assert store.hold_many([s.id for s in listed], True) == held
+        expected = setup(store)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(b"ANALYZE")
     seen: list[tuple[bytes, Any]] = []
@@ -194,14 +201,23 @@ def _page_rows(url: str, messages: int, held: int, monkeypatch: pytest.MonkeyPat
         patch.setattr(psycopg.Cursor, "execute", noting)
         model = PostgresReadModel(url)
         try:
-            page = model.queue_page(QueueQuery(view=QueueView.HELD), now=T0)
+            page = model.queue_page(query, now=T0)
         finally:
             model.close()
-    assert {m.id for m in page.messages} == {s.id for s in listed}
-    ((query, params),) = seen
+    assert {m.id for m in page.messages} == expected
+    ((sql, params),) = seen
     with psycopg.connect(url) as conn:
-        ((plan,),) = conn.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + query, params).fetchall()
+        ((plan,),) = conn.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchall()
     return _rows_touched(plan[0]["Plan"])
+
+
+def _hold_first(held: int) -> Callable[[PostgresStore], set[str]]:
+    def setup(store: PostgresStore) -> set[str]:
+        listed = store.recent(held)
+        assert store.hold_many([s.id for s in listed], True) == held
+        return {s.id for s in listed}
+
+    return setup
 
 
 @pytest.mark.postgres
@@ -210,6 +226,69 @@ def test_postgres_reads_the_held_view_from_an_index(
 ) -> None:
     """No index had the held flag: the Held view's page read every message of the
     queue to list the few held ones."""
-    small = _page_rows(postgres_server.create_database(), 100, 3, monkeypatch)
-    big = _page_rows(postgres_server.create_database(), BACKLOG, 3, monkeypatch)
+    held = QueueQuery(view=QueueView.HELD)
+    small = _page_rows(postgres_server.create_database(), 100, monkeypatch, held, _hold_first(3))
+    big = _page_rows(postgres_server.create_database(), BACKLOG, monkeypatch, held, _hold_first(3))
+    assert big <= small + 50, (small, big)
+
+
+def _newest_alone(
+    state: RecipientState, rest: RecipientState | None
+) -> Callable[[PostgresStore], set[str]]:
+    """The newest message's recipients recorded ``state`` (or left queued), every other
+    message's ``rest`` (or left queued)."""
+
+    def setup(store: PostgresStore) -> set[str]:
+        (newest, *others) = [s.id for s in store.recent(100_000)]
+        if state is not RecipientState.QUEUED:
+            store.hold_many(others, True)  # out of the leases
+            _finish(store, state)
+            store.hold_many(others, False)
+        if rest is not None:
+            store.hold_many([newest], True)
+            _finish(store, rest)
+            store.hold_many([newest], False)
+        return {newest}
+
+    return setup
+
+
+_FEW = {
+    # A few queued among deferred, or among finished mail.
+    "queued-among-deferred": (QueueView.QUEUED, RecipientState.QUEUED, RecipientState.DEFERRED),
+    "queued-among-delivered": (QueueView.QUEUED, RecipientState.QUEUED, RecipientState.DELIVERED),
+    "pending-among-delivered": (
+        QueueView.PENDING,
+        RecipientState.DEFERRED,
+        RecipientState.DELIVERED,
+    ),
+    # A few deferred among queued mail; a few failed among delivered or queued mail.
+    "deferred-among-queued": (QueueView.DEFERRED, RecipientState.DEFERRED, None),
+    "failed-among-delivered": (QueueView.FAILED, RecipientState.FAILED, RecipientState.DELIVERED),
+    "failed-among-queued": (QueueView.FAILED, RecipientState.FAILED, None),
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("case", list(_FEW))
+def test_postgres_reads_a_view_matching_few_messages_from_an_index(
+    postgres_server: ThrowawayPostgres, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """The Queued, Deferred and Failed views walked every message of the queue newest
+    first and probed each (or read all of them at once): with one message queued among
+    deferred mail, deferred among queued mail or failed among delivered or queued mail,
+    the page listing it read the whole queue. Each reads the few from the index of
+    recipients by state now, the way the Pending view already could."""
+    view, state, rest = _FEW[case]
+    query = QueueQuery(view=view)
+    small = _page_rows(
+        postgres_server.create_database(), 100, monkeypatch, query, _newest_alone(state, rest)
+    )
+    big = _page_rows(
+        postgres_server.create_database(),
+        BACKLOG // 2,
+        monkeypatch,
+        query,
+        _newest_alone(state, rest),
+    )
     assert big <= small + 50, (small, big)

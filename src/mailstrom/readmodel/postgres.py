@@ -1,9 +1,10 @@
 """The dashboard's queries on a PostgreSQL store, on a small connection pool of its own.
 
 Pages walk the index ``messages_newest`` in keyset order and probe each message's
-recipients by primary key, stopping at the page's limit; PostgreSQL's planner picks a
-semi-join instead when a filter is selective. Counts come from the partial index of
-pending recipients.
+recipients by primary key, stopping at the page's limit; PostgreSQL's planner drives the
+page from an index of the matching rows instead when a filter is selective (the held
+messages, recipients by state but delivered: migrations 0021 and 0022). Counts come from
+the partial index of pending recipients.
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ from mailstrom.stores.side_rows import pause_of
 
 log = logging.getLogger(__name__)
 
+# Each a semi-join the planner either probes per message (walking messages_newest, when
+# many match) or drives from the index recipients_state_seq and sorts (when few do).
 _HAS_PENDING = (
     "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id"
     " AND p.state IN ('queued', 'deferred'))"
 )
+_HAS_QUEUED = "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id AND p.state = 'queued')"
 _HAS_DEFERRED = (
     "EXISTS (SELECT 1 FROM recipients p WHERE p.message_id = m.id AND p.state = 'deferred')"
 )
@@ -62,7 +66,9 @@ _VIEWS = {
     QueueView.ALL: "true",
     QueueView.PENDING: _HAS_PENDING,
     QueueView.DEFERRED: _HAS_DEFERRED,
-    QueueView.QUEUED: f"{_HAS_PENDING} AND NOT {_HAS_DEFERRED}",
+    # A queued recipient rather than a pending one: the few queued among many deferred
+    # are a range of the index, the pending ones are not.
+    QueueView.QUEUED: f"{_HAS_QUEUED} AND NOT {_HAS_DEFERRED}",
     # A message with no recipient at all is in neither (see QueueView.FAILED).
     QueueView.DELIVERED: f"NOT {_HAS_PENDING} AND NOT {_HAS_FAILED} AND {_HAS_ANY}",
     QueueView.FAILED: f"NOT {_HAS_PENDING} AND {_HAS_FAILED}",
