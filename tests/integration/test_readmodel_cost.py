@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.readmodel import QueueQuery, QueueView
+from mailstrom.readmodel import PageCursor, QueueQuery, QueueView, SortOrder
 from mailstrom.readmodel import sqlite as sqlite_model
 from mailstrom.readmodel.postgres import PostgresReadModel
 from mailstrom.readmodel.sqlite import SQLiteReadModel
@@ -292,3 +292,79 @@ def test_postgres_reads_a_view_matching_few_messages_from_an_index(
         _newest_alone(state, rest),
     )
     assert big <= small + 50, (small, big)
+
+
+_SPREAD = (7, 400, 401, 1200, 1999)
+"""The messages a view lists among 2,000, spread so that pages and their cursors fall
+between the others."""
+_MIXES = {
+    QueueView.FAILED: (RecipientState.FAILED, RecipientState.DELIVERED),
+    QueueView.QUEUED: (RecipientState.QUEUED, RecipientState.DEFERRED),
+    QueueView.DEFERRED: (RecipientState.DEFERRED, None),
+}
+
+
+def _spread_store(kind: str, tmp_path: Path, postgres_server: ThrowawayPostgres) -> Store:
+    if kind == "sqlite":
+        return SQLiteStore(tmp_path / "spread.db")
+    return PostgresStore(postgres_server.create_database(), max_size=2)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@pytest.mark.parametrize("view", list(_MIXES))
+def test_pages_read_from_an_index_keep_the_order_and_the_cursor(
+    kind: str,
+    view: QueueView,
+    tmp_path: Path,
+    postgres_server: ThrowawayPostgres,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A view matching a few messages among many is read from an index and sorted (not
+    walked): its pages, two messages each, newest or oldest first, list exactly those,
+    in the order of the whole queue, though all of them were queued at one instant
+    (the cursor's seq decides); on SQLite the walk's pages (a set too large for the
+    index) list them alike."""
+    state, rest = _MIXES[view]
+    store = _spread_store(kind, tmp_path, postgres_server)
+    try:
+        ids = store.enqueue_many(_messages(0, 2000), now=T0)
+        chosen = [ids[i] for i in _SPREAD]
+        others = [mid for mid in ids if mid not in set(chosen)]
+        if state is not RecipientState.QUEUED:
+            store.hold_many(others, True)
+            _finish(store, state)
+            store.hold_many(others, False)
+        if rest is not None:
+            store.hold_many(chosen, True)
+            _finish(store, rest)
+            store.hold_many(chosen, False)
+        if isinstance(store, PostgresStore):
+            with psycopg.connect(store.url, autocommit=True) as conn:
+                conn.execute(b"ANALYZE")
+            model: Any = PostgresReadModel(store.url)
+        else:
+            model = SQLiteReadModel(str(tmp_path / "spread.db"), cache_seconds=0)
+        try:
+            for walk in (False, True) if kind == "sqlite" else (False,):
+                if walk:
+                    monkeypatch.setattr(sqlite_model, "SET_LIMIT", -1)
+                for order in SortOrder:
+                    expected = chosen if order is SortOrder.OLDEST else chosen[::-1]
+                    assert _paged(model, view, order) == expected, (order, walk)
+        finally:
+            model.close()
+    finally:
+        store.close()
+
+
+def _paged(model: Any, view: QueueView, order: SortOrder) -> list[str]:
+    """The ids of every page of ``view``, two a page, each from the last one's cursor."""
+    seen: list[str] = []
+    after: PageCursor | None = None
+    while True:
+        page = model.queue_page(QueueQuery(view=view, order=order, limit=2, after=after), now=T0)
+        seen += [m.id for m in page.messages]
+        if page.next is None:
+            return seen
+        after = PageCursor.decode(page.next.encode())
