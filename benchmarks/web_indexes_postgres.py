@@ -8,7 +8,9 @@ failure. This fills two databases of one throwaway cluster alike, one with the i
 of schema 21 put back, alternating ``--rounds`` times: ``enqueue_many`` of ``--messages``
 one-recipient messages in batches of 1,000, then leasing 500 at a time and recording each
 recipient (``record_and_lease``, as the worker does) delivered, but every 20th deferred
-and every 33rd failed. Prints the medians; figures only.
+and every 33rd failed. Prints the medians, and the WAL each phase wrote (the same in
+every round: a measure of the index writes that the machine's load does not move);
+figures only.
 
     .venv/bin/python benchmarks/web_indexes_postgres.py [--messages 20000] [--rounds 5]
 """
@@ -21,6 +23,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -61,14 +64,25 @@ def _state(i: int) -> RecipientState:
     return RecipientState.DELIVERED
 
 
-def one_run(pg: ThrowawayPostgres, messages: int, *, schema_21: bool) -> tuple[float, float]:
-    """(messages enqueued per second, recipients leased and recorded per second)."""
+def _wal(conn: psycopg.Connection[Any]) -> int:
+    """Bytes of WAL the cluster has written so far."""
+    row = conn.execute(b"SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def one_run(
+    pg: ThrowawayPostgres, messages: int, *, schema_21: bool
+) -> tuple[float, float, float, float]:
+    """(messages enqueued per second, recipients leased and recorded per second, WAL
+    bytes per message enqueued, WAL bytes per recipient leased and recorded)."""
     url = pg.create_database()
     PostgresStore(url).close()
     if schema_21:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(SCHEMA_21)
     store = PostgresStore(url)
+    watch = psycopg.connect(url, autocommit=True)
     try:
         now = datetime.now(UTC)
         batch = [
@@ -79,10 +93,12 @@ def one_run(pg: ThrowawayPostgres, messages: int, *, schema_21: bool) -> tuple[f
             )
             for i in range(messages)
         ]
+        wal = _wal(watch)
         started = time.perf_counter()
         for i in range(0, messages, 1000):
             store.enqueue_many(batch[i : i + 1000], now=now)
         enqueued = time.perf_counter() - started
+        enqueue_wal, wal = _wal(watch) - wal, _wal(watch)
         started = time.perf_counter()
         results: list[RecipientResult] = []
         n = 0
@@ -109,8 +125,10 @@ def one_run(pg: ThrowawayPostgres, messages: int, *, schema_21: bool) -> tuple[f
                         )
                     )
         recorded = time.perf_counter() - started
-        return messages / enqueued, n / recorded
+        record_wal = _wal(watch) - wal
+        return messages / enqueued, n / recorded, enqueue_wal / messages, record_wal / n
     finally:
+        watch.close()
         store.close()
         pg.drop_database(url.rpartition("/")[2])
 
@@ -120,19 +138,21 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    figures: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    figures: dict[bool, list[tuple[float, float, float, float]]] = {True: [], False: []}
     with ThrowawayPostgres() as pg:
         for _ in range(args.rounds):
             for schema_21 in (True, False):
                 figures[schema_21].append(one_run(pg, args.messages, schema_21=schema_21))
-    print(f"{'':28} {'enqueue_many msg/s':>20} {'lease+record rcpt/s':>20}")
-    for schema_21, label in (
-        (True, "recipients_pending_seq (21)"),
-        (False, "recipients_state_seq (22)"),
-    ):
-        enq = statistics.median(e for e, _ in figures[schema_21])
-        rec = statistics.median(r for _, r in figures[schema_21])
-        print(f"{label:28} {enq:20,.0f} {rec:20,.0f}")
+    print(
+        f"{'':28} {'enqueue_many msg/s':>19} {'lease+record rcpt/s':>20}"
+        f" {'WAL B/msg':>10} {'WAL B/rcpt':>11}"
+    )
+    labels = ((True, "recipients_pending_seq (21)"), (False, "recipients_state_seq (22)"))
+    for schema_21, label in labels:
+        enq, rec, enq_wal, rec_wal = (
+            statistics.median(f[i] for f in figures[schema_21]) for i in range(4)
+        )
+        print(f"{label:28} {enq:19,.0f} {rec:20,.0f} {enq_wal:10,.0f} {rec_wal:11,.0f}")
     base, new = figures[True], figures[False]
     for i, name in ((0, "enqueue_many"), (1, "lease+record")):
         ratio = statistics.median(x[i] for x in new) / statistics.median(x[i] for x in base)
