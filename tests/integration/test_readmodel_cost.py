@@ -167,6 +167,45 @@ def test_a_view_matching_few_messages_is_read_from_an_index(
     assert big <= small + 5, (small, big)
 
 
+def _fifth_failed(store: Store) -> None:
+    """Every recipient of the queue leased and recorded: those of every fifth message
+    failed, the others delivered."""
+    while (lease := store.lease(now=T0, limit=1000, lease_for=timedelta(minutes=5))) is not None:
+        failing = [r.address for item in lease.items[::5] for r in item.recipients]
+        rest = [r.address for item in lease.items for r in item.recipients]
+        store.record(
+            results_for(lease, RecipientState.FAILED, at=T0, only=failing)
+            + results_for(lease, RecipientState.DELIVERED, at=T0, only=set(rest) - set(failing))
+        )
+
+
+def _failed_page_steps(path: Path, messages: int) -> int:
+    store = SQLiteStore(path)
+    model = _Counting(str(path), cache_seconds=0)
+    try:
+        for start in range(0, messages, 2500):
+            store.enqueue_many(_messages(start, min(2500, messages - start)), now=T0)
+        _fifth_failed(store)
+        assert len(model.queue_page(QueueQuery(view=QueueView.FAILED), now=T0).messages) == 50
+        return model.steps
+    finally:
+        model.close()
+        store.close()
+
+
+def test_a_view_matching_many_messages_walks_them(tmp_path: Path) -> None:
+    """A view was read from its index whenever at most SET_LIMIT recipients matched,
+    every one of them counted, collected and sorted, though walking the queue finds a
+    page after a few probes when that many match: with one failed message in five, the
+    Failed page took 59,000 VM steps at 5,000 messages against 18,000 at 1,000 (at
+    200,000 messages, 3 % failed, 100 ms where the walk takes 10). The index is used
+    now when it is the cheaper of the two, and the count goes no further than that
+    decision needs."""
+    small = _failed_page_steps(tmp_path / "small.db", 1000)
+    big = _failed_page_steps(tmp_path / "big.db", 5000)
+    assert big <= small + 5, (small, big)
+
+
 def _rows_touched(plan: dict[str, Any]) -> int:
     """Rows every node of an EXPLAIN ANALYZE plan produced or filtered out, all loops."""
     loops = plan.get("Actual Loops", 1)
