@@ -225,6 +225,41 @@ def test_purge_by_age_reaches_old_mail_behind_more_than_a_run_of_recent_mail(cli
     assert cli.ok("purge", *flags, "--json").json() == {"purged": 1}
 
 
+def test_a_bulk_command_says_when_its_filters_match_more_than_a_run_takes(cli: CLI) -> None:
+    """A run takes the newest MAX_BULK messages its filters match: ``hold --all`` on a
+    larger queue said "100,000 messages held" and nothing of the older ones, which went
+    on being delivered (retry's, run again, took the same newest ones again)."""
+    now = datetime.now(UTC)
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        old = store.enqueue(message("a@example.test"), now=now - timedelta(days=2))
+        recent: list[str] = []
+        while len(recent) < MAX_BULK:
+            recent += store.enqueue_many([message("b@example.test")] * 10_000, now=now)
+    finally:
+        store.close()
+    note = (
+        f"mailstrom: note: only the newest {MAX_BULK:,} of {MAX_BULK + 1:,} messages the"
+        f" filters match were selected (at most {MAX_BULK:,} a run): the others are left"
+        " as they are"
+    )
+    held = cli.ok("hold", "--all")
+    assert (held.out.strip(), held.err_lines) == (f"{MAX_BULK:,} messages held", [note])
+    assert cli.ok("status", "--json", old).json()["held"] is False
+    # Exactly as many as a run takes: nothing left out, nothing said (a dry run too).
+    dry = cli.ok("release", "--domain", "example.test", "--dry-run", "--json")
+    assert (dry.json()["selected"], dry.err_lines) == (MAX_BULK, [])
+
+    store = SQLiteStore(cli.cwd / "queue.db")
+    try:
+        store.cancel_many([old, *recent], now=now)
+    finally:
+        store.close()
+    purge = cli.ok("purge", "--all", "--json")
+    assert (purge.json(), purge.err_lines) == ({"purged": MAX_BULK}, [note])
+    assert cli.queue_ids() == [old]
+
+
 def test_a_dry_run_purge_by_age_judges_a_cancelled_message_by_when_it_was_cancelled(
     cli: CLI,
 ) -> None:

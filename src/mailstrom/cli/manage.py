@@ -24,6 +24,7 @@ from mailstrom.cli.selection import (
     add_id_arguments,
     given_ids,
     has_filters,
+    note_left_out,
     plural,
     print_ids,
     queue_filter,
@@ -124,8 +125,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
             parents=parents,
             help=action.help,
             description=action.description
-            + f" At most {MAX_BULK:,} messages per run. Prints how many {action.unit}s "
-            "changed.",
+            + f" At most {MAX_BULK:,} messages per run, the newest (a note on stderr says "
+            f"when the filters match more). Prints how many {action.unit}s changed.",
             epilog=BULK_EPILOG.format(name=action.name),
         )
         add_id_arguments(p, what="messages")
@@ -473,8 +474,11 @@ def purge_command(args: argparse.Namespace) -> int:
             where = purge_candidates(where, before, state)
             found = store.query(now=now, where=where)
             ids = [m.id for m in found if _purgeable(m, state, cutoff)]
-            # By age alone, purge deletes every message old enough, not only those listed.
+            # By age alone, purge deletes every message old enough, not only those listed;
+            # by filters, only those selected.
             more = len(found) >= MAX_BULK and not has_filters(args) and not args.all
+            if not more:
+                note_left_out(store, where, len(found), now=now)
         if args.dry_run:
             return _dry_run(args, "purge", ids, more=more)
         # The flag says what it deletes, of ids as of filters (--state any included):

@@ -15,7 +15,7 @@ from itertools import chain
 from typing import BinaryIO
 
 from mailstrom.arguments import check_key
-from mailstrom.cli.exits import EX_DATAERR, CLIError, UsageError
+from mailstrom.cli.exits import EX_DATAERR, CLIError, UsageError, say
 from mailstrom.cli.parsing import duration_arg
 from mailstrom.cli.reading import stdin_buffer
 from mailstrom.errors import InvalidArgument
@@ -27,6 +27,9 @@ from mailstrom.stores.operator import PENDING_STATES, filter_domain
 MAX_BULK = 100_000
 """Messages one bulk command changes at most (and ids read from standard input): the ids
 are held in memory and changed in one transaction."""
+COUNT_CAP = 1_000_000
+"""Messages a count of those a selection matches reads at most: the queue view's footer
+("showing 100 of 1,000,000+") and the bulk commands' note on a selection cut short."""
 MAX_ID_LINE = 200
 """Octets of one line of ids on standard input, its end (LF or CRLF) not counted (an id
 is 32)."""
@@ -196,7 +199,31 @@ def select_messages(
         return resolve_all(store, ids), None
     where = queue_filter(args, default_state=default_state, limit=MAX_BULK, held=held)
     found = store.query(now=now, where=where)
+    note_left_out(store, where, len(found), now=now)
     return [m.id for m in found], found
+
+
+def note_left_out(store: Store, where: QueueFilter, selected: int, *, now: datetime) -> None:
+    """Say on stderr when ``where`` matches more messages than the ``selected`` its limit
+    let through (a bulk command takes the newest :data:`MAX_BULK` a run): its report
+    counts only those, and said nothing of the older ones, left as they were (``hold
+    --all`` went on delivering them; ``retry``, run again, took the same newest ones).
+    Counted only when the limit was reached."""
+    if selected < where.limit:
+        return
+    total = store.count(now=now, where=where, cap=COUNT_CAP)
+    if total > selected:
+        say(
+            f"mailstrom: note: only the newest {of_total(selected, total)} messages the filters"
+            f" match were selected (at most {MAX_BULK:,} a run): the others are left as they are"
+        )
+
+
+def of_total(listed: int, total: int) -> str:
+    """What a cut selection holds: "100 of 151", or "100 of 1,000,000+" when ``total``
+    reached :data:`COUNT_CAP`."""
+    more = f"{total:,}+" if total >= COUNT_CAP else f"{total:,}"
+    return f"{listed:,} of {more}"
 
 
 def plural(n: int, word: str) -> str:

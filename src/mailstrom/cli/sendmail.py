@@ -804,7 +804,8 @@ def _serve_smtp(args: SendmailArgs) -> int:
 
 def _list_queue() -> int:
     """-bp: the pending queue, as ``mailq`` (``mailstrom queue``) prints it."""
-    from mailstrom.cli.views import COUNT_CAP, print_queue, suspended_domains
+    from mailstrom.cli.selection import COUNT_CAP
+    from mailstrom.cli.views import print_queue, suspended_domains
     from mailstrom.stores.base import QueueFilter
     from mailstrom.stores.operator import PENDING_STATES
 

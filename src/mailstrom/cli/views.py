@@ -28,7 +28,13 @@ from mailstrom.cli.output import (
     visible_lines,
 )
 from mailstrom.cli.parsing import Subparsers, count_arg
-from mailstrom.cli.selection import add_filter_options, has_filters, queue_filter
+from mailstrom.cli.selection import (
+    COUNT_CAP,
+    add_filter_options,
+    has_filters,
+    of_total,
+    queue_filter,
+)
 from mailstrom.policy.reasons import advice_for
 from mailstrom.status import (
     Attempt,
@@ -382,7 +388,7 @@ def queue_command(args: argparse.Namespace) -> int:
             # stdout stays the list scripts parse; a pipeline into a bulk command (`| jq
             # -r '.[].id' | mailstrom retry -`) would otherwise act on the newest page only
             # and nobody would learn that more matched.
-            note = f"showing {_shown(len(messages), total)} messages (use --limit for more)"
+            note = f"showing {of_total(len(messages), total)} messages (use --limit for more)"
             print(f"mailstrom: note: {note}", file=sys.stderr)
         return EX_OK
     print_queue(messages, now, total=total, suspended=suspended)
@@ -406,10 +412,6 @@ def _nobody_delivers(store: Store) -> bool:
     """Whether ``store`` can tell that no worker runs on it, and does (a note: when it
     cannot tell, nothing is said)."""
     return live_workers(store) == []
-
-
-COUNT_CAP = 1_000_000
-"""Messages the queue view's footer counts at most ("showing 100 of 1,000,000+")."""
 
 
 def print_queue(
@@ -438,14 +440,7 @@ def print_queue(
         ],
     )
     if total > len(messages):
-        print(f"\nshowing {_shown(len(messages), total)} (use --limit)")
-
-
-def _shown(listed: int, total: int) -> str:
-    """What a cut listing shows: "100 of 151", or "100 of 1,000,000+" when ``total``
-    reached :data:`COUNT_CAP`."""
-    more = f"{total:,}+" if total >= COUNT_CAP else f"{total:,}"
-    return f"{listed:,} of {more}"
+        print(f"\nshowing {of_total(len(messages), total)} (use --limit)")
 
 
 def _next_attempt(
