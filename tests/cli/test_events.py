@@ -8,7 +8,7 @@ import queue
 import shutil
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,30 @@ def test_events_prune_unsent_removes_what_no_hook_sends(mail_env: MailEnv) -> No
     refused = cli("events", "--unsent")
     assert refused.code == 64
     assert "--unsent goes with --prune" in refused.err
+
+
+def test_prune_refuses_the_listing_options_it_would_ignore(cli: CLI, workdir: Path) -> None:
+    """``--prune`` deletes every event old enough: ``--after``, ``--limit`` and
+    ``--follow`` beside it were ignored without a word, and ``events --prune 0s --unsent
+    --after ID`` deleted the events up to ID too. A usage error now, as the queue's
+    summaries refuse the filters they would drop; nothing is deleted."""
+    from tests.contract.support import lease_all, message, results_for
+
+    at = datetime.now(UTC) - timedelta(hours=1)
+    store = open_store(f"sqlite:///{workdir / 'queue.db'}")
+    try:
+        store.enable_events()
+        store.enqueue(message("a@x.test", "b@x.test"), now=at)
+        store.record(results_for(lease_all(store, now=at), RecipientState.DELIVERED, at=at))
+        first = store.read_events()[0].id
+    finally:
+        store.close()
+    for extra in (["--after", str(first)], ["--after", "0"], ["--limit", "1"], ["--follow"]):
+        refused = cli("events", "--prune", "0s", "--unsent", *extra, timeout=30)
+        assert refused.code == 64, (extra, refused.err)
+        assert refused.err_lines == [f"mailstrom: --prune takes no {extra[0]}"]
+    assert len(cli.ok("events").out.splitlines()) == 2
+    assert cli.ok("events", "--prune", "0s", "--unsent", "--json").json() == {"pruned": 2}
 
 
 def test_events_json_escapes_what_a_terminal_would_obey(mail_env: MailEnv) -> None:

@@ -51,6 +51,9 @@ Events are written while a worker runs with a hook (--hook, hook.url) or with th
 setting (MAILSTROM_EVENTS=1); each is one recorded attempt's result.
 """
 
+LIMIT = 20
+"""Events listed without ``--limit``."""
+
 
 def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -69,9 +72,9 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--limit",
         type=count_arg,
-        default=20,
+        default=None,
         metavar="N",
-        help="without --after: the last N events (default 20); with it: at most N",
+        help=f"without --after: the last N events (default {LIMIT}); with it: at most N",
     )
     p.add_argument(
         "--interval",
@@ -85,7 +88,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
         type=duration_arg,
         default=None,
         metavar="AGE",
-        help="delete events sent (acknowledged by the hook) more than AGE ago, and exit",
+        help="delete events sent (acknowledged by the hook) more than AGE ago, and exit "
+        "(without --after, --limit or --follow)",
     )
     p.add_argument(
         "--unsent",
@@ -112,6 +116,19 @@ def events_command(args: argparse.Namespace) -> int:
     if args.unsent and args.prune is None:
         raise UsageError("--unsent goes with --prune AGE")
     if args.prune is not None:
+        # It deletes every event old enough: a listing's option beside it was dropped
+        # without a word, and `--prune 0s --unsent --after ID` deleted those up to ID too.
+        given = [
+            option
+            for option, there in (
+                ("--after", args.after is not None),  # --after 0 too
+                ("--limit", args.limit is not None),
+                ("--follow", args.follow),
+            )
+            if there
+        ]
+        if given:
+            raise UsageError(f"--prune takes no {given[0]}")
         before = utc_now() - args.prune
         with store_from(settings) as store:
             pruned = store.prune_events(
@@ -122,7 +139,7 @@ def events_command(args: argparse.Namespace) -> int:
     # A follower waits out a passing trouble from the start, not only once following: it
     # runs for as long as the workers do, and may start while the store restarts.
     patience = _Patience(args.interval, waiting=args.follow)
-    limit = max(args.limit, 0)
+    limit = LIMIT if args.limit is None else args.limit
     with warning_lines():
         # Looked at before the store is opened: a queue not created yet is read as an
         # empty stand-in, which nothing a worker records ever reaches.
