@@ -105,6 +105,29 @@ def test_no_mark_without_a_notice_nor_for_a_delivered_recipient(store: Store) ->
     assert owed_of(store) == [("cy@example.org", '{"about":"cy@example.org"}')]
 
 
+def test_no_mark_cleared_of_a_message_another_worker_queued_a_part_of(store: Store) -> None:
+    """One worker read a message's marks before its deferred recipient failed, another
+    after: the first clears the mark it read and queues its notice; the second, finding
+    that mark gone, leaves the new one for a notice of its own (it was cleared with the
+    first's, and its bounce lost)."""
+    mid = store.enqueue(message("ann@example.org", "bob@example.org"), now=NOW)
+    lease = lease_all(store)
+    later = NOW + SECOND
+    results = marked(results_for(lease, RecipientState.FAILED, only=["ann@example.org"]))
+    results += results_for(
+        lease, RecipientState.DEFERRED, only=["bob@example.org"], next_attempt_at=later
+    )
+    store.record(results)
+    early = store.owed_notices()
+    store.record(marked(results_for(lease_all(store, now=later), RecipientState.FAILED)))
+    late = store.owed_notices()
+    assert [o.address for o in early] == ["ann@example.org"]
+    assert [o.address for o in late] == ["ann@example.org", "bob@example.org"]
+    assert len(store.queue_notices(early, {mid: [bounce()]}, now=NOW)) == 1  # type: ignore[list-item]
+    assert store.queue_notices(late, {mid: [bounce()]}, now=NOW) == []  # type: ignore[list-item]
+    assert owed_of(store) == [("bob@example.org", '{"about":"bob@example.org"}')]
+
+
 def test_the_notice_waits_for_the_last_recipient_delivered_or_cancelled(store: Store) -> None:
     done = store.enqueue(message("ann@example.org", "bob@example.net"), now=NOW)
     cancelled = store.enqueue(message("cy@example.org", "dan@example.net"), now=NOW)

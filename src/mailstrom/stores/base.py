@@ -836,8 +836,10 @@ class Store(Protocol):
         """Clear the marks of ``owed`` and :meth:`enqueue_many` the ``notices`` made from
         them (by message id; a message with none just has its marks cleared), in one
         transaction: a crash leaves either both done or the marks, and the notice is made
-        again. The notices of a message some of whose marks in ``owed`` are gone (another
-        worker queued its notice meanwhile) are not queued. Returns the queued ids."""
+        again. A message some of whose marks in ``owed`` are gone or changed since they
+        were read (another worker queued its notice, or one about some of them, meanwhile)
+        has none of its marks cleared and none of its notices queued: the marks it has are
+        handed out again. Returns the queued ids."""
         ...
 
     def record_and_lease(

@@ -435,20 +435,21 @@ class MemoryStore(
         now: datetime,
     ) -> list[str]:
         """Clear the marks of ``owed`` and queue the notices of the messages whose marks
-        were all still there (see :class:`Store`)."""
+        were all still there as read (see :class:`Store`)."""
         check_storable([n for listed in notices.values() for n in listed], now=now)
         with self._lock:
             gone: set[str] = set()
-            marked: list[_Recipient] = []
+            marked: list[tuple[str, _Recipient]] = []
             for entry in owed:
                 m = self._messages.get(entry.message_id)
                 r = m.recipients.get(entry.address) if m is not None else None
-                if r is None or r.notice is None:
+                if r is None or r.notice != entry.notice:
                     gone.add(entry.message_id)
                 else:
-                    marked.append(r)
-            for r in marked:
-                r.notice = None
+                    marked.append((entry.message_id, r))
+            for mid, r in marked:
+                if mid not in gone:  # a message's marks are cleared all, or none
+                    r.notice = None
         wanted = [n for mid, listed in notices.items() if mid not in gone for n in listed]
         return self._add(wanted, now=now, hold=False) if wanted else []
 

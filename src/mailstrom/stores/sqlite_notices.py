@@ -59,28 +59,44 @@ def owed_notices(
             chunk,
         ).fetchall()
         owed += (
-            # Passed on as it reads: a mark changed by hand is a notice the worker cannot
-            # read, which it logs and clears rather than stop at.
-            OwedNotice(
-                message_id=str(mid),
-                address=str(address),
-                notice=notice if isinstance(notice, str) else "",
-            )
+            OwedNotice(message_id=str(mid), address=str(address), notice=_as_read(notice))
             for mid, address, notice in rows
         )
     return owed
 
 
+def _as_read(notice: object) -> str:
+    """A mark as handed out: passed on as it reads, a mark changed by hand being a notice
+    the worker cannot read, which it logs and clears rather than stop at."""
+    return notice if isinstance(notice, str) else ""
+
+
 def clear_marks(conn: sqlite3.Connection, owed: Sequence[OwedNotice]) -> set[str]:
-    """Clear the marks of ``owed``, inside the caller's write transaction; returns the
-    ids of the messages some of whose marks were gone already."""
-    gone: set[str] = set()
+    """Clear the marks of ``owed``, inside the caller's write transaction, but those of
+    a message some of whose marks are gone or changed since they were read (another
+    worker queued its notice, or a recipient's new result replaced its mark): returns
+    the ids of those messages, whose marks left are handed out again."""
+    by_message: dict[str, list[OwedNotice]] = {}
     for entry in owed:
-        cleared = conn.execute(
-            "UPDATE recipients SET notice = NULL WHERE notice IS NOT NULL AND address = ?"
-            " AND message_seq = (SELECT seq FROM messages WHERE id = ?)",
-            (entry.address, entry.message_id),
-        ).rowcount
-        if cleared != 1:
-            gone.add(entry.message_id)
+        by_message.setdefault(entry.message_id, []).append(entry)
+    gone: set[str] = set()
+    cleared: list[tuple[int]] = []
+    for message_id, entries in by_message.items():
+        marks = [_still_marked(conn, entry) for entry in entries]
+        if None in marks:
+            gone.add(message_id)
+        else:
+            cleared += ((rid,) for rid in marks if rid is not None)
+    # The write transaction holds the database: nothing changed since the look.
+    conn.executemany("UPDATE recipients SET notice = NULL WHERE id = ?", cleared)
     return gone
+
+
+def _still_marked(conn: sqlite3.Connection, entry: OwedNotice) -> int | None:
+    """The row id of ``entry``'s recipient when its mark is still as it was read."""
+    row = conn.execute(
+        "SELECT r.id, r.notice FROM messages m JOIN recipients r ON r.message_seq = m.seq"
+        " WHERE m.id = ? AND r.address = ? AND r.notice IS NOT NULL",
+        (entry.message_id, entry.address),
+    ).fetchone()
+    return int(row[0]) if row is not None and _as_read(row[1]) == entry.notice else None

@@ -824,28 +824,36 @@ class PostgresStore:
         now: datetime,
     ) -> list[str]:
         """Clear the marks of ``owed`` and queue the notices of the messages whose marks
-        were all still there, in one transaction. A call that failed (a stop that
+        were all still there as read, in one transaction. A call that failed (a stop that
         cancelled it, a broken connection) left the marks, or queued the notices and
         cleared them: asked again, nothing is lost, and nothing is queued twice."""
         check_storable([n for listed in notices.values() for n in listed], now=now)
-        ordered = sorted(owed, key=lambda e: (e.message_id, e.address))
+        pairs = {
+            "message_ids": [e.message_id for e in owed],
+            "addresses": [e.address for e in owed],
+        }
         with (
             self._translating("queue_notices"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
-            cleared = conn.execute(
-                self._queries["clear_notices"],
-                {
-                    "message_ids": [e.message_id for e in ordered],
-                    "addresses": [e.address for e in ordered],
-                },
-            ).fetchall()
-            counts = Counter(mid for (mid,) in cleared)
-            expected = Counter(e.message_id for e in ordered)
-            wanted = [
-                n for mid, listed in notices.items() if counts[mid] == expected[mid] for n in listed
-            ]
+            now_marked = {
+                (mid, address): notice
+                for mid, address, notice in conn.execute(self._queries["lock_notices"], pairs)
+            }
+            gone = {
+                e.message_id for e in owed if now_marked.get((e.message_id, e.address)) != e.notice
+            }
+            kept = [e for e in owed if e.message_id not in gone]
+            if kept:
+                conn.execute(
+                    self._queries["clear_notices"],
+                    {
+                        "message_ids": [e.message_id for e in kept],
+                        "addresses": [e.address for e in kept],
+                    },
+                )
+            wanted = [n for mid, listed in notices.items() if mid not in gone for n in listed]
             ids = [new_message_id() for _ in wanted]
             if wanted:
                 self._insert(conn, wanted, ids, now=now, held=False)

@@ -451,17 +451,27 @@ JOIN done USING (seq)
 WHERE r.notice IS NOT NULL
 ORDER BY r.seq, r.position;
 
+-- name: lock_notices
+-- The marks about to be cleared as they are now, their rows locked until the transaction
+-- ends (in one order, so two workers clearing the same marks wait rather than deadlock):
+-- those of a message some of whose marks are gone or changed since they were read are
+-- left as they are.
+SELECT r.message_id, r.address, r.notice
+FROM recipients r
+JOIN unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS c(message_id, address)
+  ON r.message_id = c.message_id AND r.address = c.address
+WHERE r.notice IS NOT NULL
+ORDER BY r.message_id, r.address
+FOR UPDATE OF r;
+
 -- name: clear_notices
--- Clear the marks of the recipients whose notice is queued in this same transaction;
--- returns the message of each mark cleared (one cleared by another worker meanwhile is
--- not: that worker queued the notice).
+-- Clear the marks of the recipients whose notice is queued in this same transaction
+-- (locked by lock_notices, as they were read).
 UPDATE recipients r
 SET notice = NULL
 FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS c(message_id, address)
 WHERE r.message_id = c.message_id
-  AND r.address = c.address
-  AND r.notice IS NOT NULL
-RETURNING r.message_id;
+  AND r.address = c.address;
 
 -- name: extend
 -- Counted without the recipients of held messages (still extended): the worker gives
