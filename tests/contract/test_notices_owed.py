@@ -1,9 +1,11 @@
-"""Contract: the mark "bounce notice owed". The write that records a recipient's final
-failure keeps the notice text the result carries; :meth:`Store.owed_notices` hands the
-marks of a message out once none of its recipients is leased or queued for a first
-attempt; :meth:`Store.queue_notices` queues the notice and clears the marks in one
-transaction. The marks outlive the store object (a worker killed between the record and
-the notice), and a database from before them (SQLite schema 13, PostgreSQL 14) upgrades."""
+"""Contract: the mark "notice owed". The write that records a recipient's result keeps
+the notice text the result carries (a failure's bounce, a deferral's delay warning, a
+delivery's "relayed" notice); :meth:`Store.owed_notices` hands the marks of a message out
+once none of its recipients is leased or queued for a first attempt;
+:meth:`Store.queue_notices` queues the notice and clears the marks in one transaction,
+none of a message some of whose marks changed since they were read. The marks outlive
+the store object (a worker killed between the record and the notice), and a database
+from before them (SQLite schema 13, PostgreSQL 14) upgrades."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from mailstrom.status import RecipientState
 from mailstrom.stores import RecipientResult, SQLiteStore, Store
@@ -93,16 +96,88 @@ def test_a_deferred_recipient_holds_no_notice_back(store: Store) -> None:
     assert store.owed_notices() == []
 
 
-def test_no_mark_without_a_notice_nor_for_a_delivered_recipient(store: Store) -> None:
-    store.enqueue(message("ann@example.org", "bob@example.org", "cy@example.org"), now=NOW)
+def test_a_mark_on_any_result_but_only_with_a_notice(store: Store) -> None:
+    """A deferral's delay warning and a delivery's "relayed" notice are owed in the store
+    as a failure's bounce is: a worker killed after the record loses none."""
+    mid = store.enqueue(
+        message("ann@example.org", "bob@example.org", "cy@example.org", "dan@example.org"),
+        now=NOW,
+    )
     lease = lease_all(store)
     results = results_for(lease, RecipientState.DELIVERED, only=["ann@example.org"])
-    # A notice text on a delivered result is not kept.
-    results = [dataclasses.replace(r, notice="{}") for r in results]
+    results = [dataclasses.replace(r, notice="relayed ann") for r in results]
     results += results_for(lease, RecipientState.FAILED, only=["bob@example.org"])
     results += marked(results_for(lease, RecipientState.FAILED, only=["cy@example.org"]))
+    later = NOW + SECOND
+    deferred = results_for(
+        lease, RecipientState.DEFERRED, only=["dan@example.org"], next_attempt_at=later
+    )
+    results += [dataclasses.replace(r, notice="delayed dan") for r in deferred]
     store.record(results)
-    assert owed_of(store) == [("cy@example.org", '{"about":"cy@example.org"}')]
+    assert owed_of(store) == [
+        ("ann@example.org", "relayed ann"),
+        ("cy@example.org", '{"about":"cy@example.org"}'),
+        ("dan@example.org", "delayed dan"),
+    ]
+    store.queue_notices(store.owed_notices(), {mid: [bounce()]}, now=NOW)  # type: ignore[list-item]
+    assert store.owed_notices() == []
+    assert len(store.recent()) == 2
+
+
+def test_a_recipient_on_its_way_keeps_its_mark_until_a_final_result(store: Store) -> None:
+    """A deferral's delay warning not queued yet (its message was not done) is not lost
+    to the recipient's next attempt: a result without a mark of its own leaves it, while
+    the recipient is still on its way; a final one replaces it (a failure's bounce says
+    more, and a delivered recipient is no longer delayed)."""
+    mid = store.enqueue(message("ann@example.org", "bob@example.net"), now=NOW)
+    first = store.lease(now=NOW, limit=1, lease_for=LEASE_FOR)
+    assert first is not None
+    later = NOW + SECOND
+    deferred = results_for(first, RecipientState.DEFERRED, next_attempt_at=later)
+    store.record([dataclasses.replace(r, notice="delayed ann") for r in deferred])
+    assert store.owed_notices() == []  # bob is still queued for his first attempt
+    again = lease_all(store, now=later)  # ann's next attempt, and bob's first
+    store.record(
+        results_for(
+            again, RecipientState.DEFERRED, only=["ann@example.org"], next_attempt_at=later + SECOND
+        )
+        + results_for(again, RecipientState.DELIVERED, only=["bob@example.net"])
+    )
+    assert owed_of(store) == [("ann@example.org", "delayed ann")]
+    # A final result without a mark clears it (as a new mark would replace it).
+    store.record(results_for(lease_all(store, now=later + SECOND), RecipientState.DELIVERED))
+    assert store.owed_notices() == []
+    assert store.status(mid).recipients[0].state is RecipientState.DELIVERED
+
+
+def test_no_notice_for_marks_changed_since_they_were_read(store: Store) -> None:
+    """A delay warning's mark read, and the recipient's next attempt failed and marked
+    its bounce before the notice was queued: clearing the new mark would lose the bounce.
+    None of the message's marks is cleared, nor its notice queued; the marks left are
+    handed out again."""
+    mid = store.enqueue(message("ann@example.org", "bob@example.org"), now=NOW)
+    lease = lease_all(store)
+    later = NOW + SECOND
+    results = marked(results_for(lease, RecipientState.FAILED, only=["ann@example.org"]))
+    deferred = results_for(
+        lease, RecipientState.DEFERRED, only=["bob@example.org"], next_attempt_at=later
+    )
+    results += [dataclasses.replace(r, notice="delayed bob") for r in deferred]
+    store.record(results)
+    seen = store.owed_notices()
+    assert [(o.address, o.notice) for o in seen] == [
+        ("ann@example.org", '{"about":"ann@example.org"}'),
+        ("bob@example.org", "delayed bob"),
+    ]
+    store.record(marked(results_for(lease_all(store, now=later), RecipientState.FAILED)))
+    assert store.queue_notices(seen, {mid: [bounce()]}, now=NOW) == []  # type: ignore[list-item]
+    now_owed = store.owed_notices()
+    assert [(o.address, o.notice) for o in now_owed] == [
+        ("ann@example.org", '{"about":"ann@example.org"}'),
+        ("bob@example.org", '{"about":"bob@example.org"}'),
+    ]
+    assert len(store.queue_notices(now_owed, {mid: [bounce()]}, now=NOW)) == 1  # type: ignore[list-item]
+    assert store.owed_notices() == []
 
 
 def test_no_mark_cleared_of_a_message_another_worker_queued_a_part_of(store: Store) -> None:
@@ -159,16 +234,28 @@ def test_a_notice_another_store_object_queued_is_not_queued_twice(
     assert len(two.recent()) == 2
 
 
-def test_the_marks_outlive_the_store_object(store_backend: Backend) -> None:
-    """A worker killed between the record of a failure and the queueing of its notice:
-    the next store object (a restarted worker's) finds the mark."""
+@pytest.mark.parametrize(
+    "state", [RecipientState.FAILED, RecipientState.DEFERRED, RecipientState.DELIVERED]
+)
+def test_the_marks_outlive_the_store_object(store_backend: Backend, state: RecipientState) -> None:
+    """A worker killed between the record of a result and the queueing of its notice (a
+    bounce, a delay warning, a "relayed" notice): the next store object (a restarted
+    worker's) finds the mark, and queues the notice once."""
     store_backend.require_durable()
     first = store_backend.open()
     mid = first.enqueue(message("ann@example.org"), now=NOW)
-    first.record(marked(results_for(lease_all(first), RecipientState.FAILED)))
+    later = NOW + SECOND if state is RecipientState.DEFERRED else None
+    results = results_for(lease_all(first), state, next_attempt_at=later)
+    first.record([dataclasses.replace(r, notice=f"{state} ann") for r in results])
     first.close()
     again = store_backend.open()
-    assert [(o.message_id, o.address) for o in again.owed_notices()] == [(mid, "ann@example.org")]
+    owed = again.owed_notices()
+    assert [(o.message_id, o.address, o.notice) for o in owed] == [
+        (mid, "ann@example.org", f"{state} ann")
+    ]
+    assert len(again.queue_notices(owed, {mid: [bounce()]}, now=NOW)) == 1  # type: ignore[list-item]
+    assert again.queue_notices(owed, {mid: [bounce()]}, now=NOW) == []  # type: ignore[list-item]
+    assert again.owed_notices() == []
 
 
 def test_owed_notices_hands_out_whole_messages_up_to_the_limit(store: Store) -> None:

@@ -377,12 +377,13 @@ class StoresAgree(RuleBasedStateMachine):
         addresses = [r.address for item in leases["memory"].items for r in item.recipients]
         chosen = {a for a, pick in zip(addresses, itertools.cycle(picks), strict=False) if pick}
         later = self.now + retry_in if state is RecipientState.DEFERRED else None
-        # A failure carries its notice text (the worker's, for the mark "notice owed").
+        # A failure carries its notice text (the worker's, for the mark "notice owed"), and
+        # so do the deferrals (a delay warning) and deliveries ("relayed") of every other
+        # lease: a deferral without one leaves the mark of one before it.
+        marks = state is RecipientState.FAILED or n % 2 == 0
         return {
             name: [
-                replace(r, notice=f"notice for {r.address}")
-                if state is RecipientState.FAILED
-                else r
+                replace(r, notice=f"{state} notice {n} for {r.address}") if marks else r
                 for r in results_for(lease, state, at=self.now, next_attempt_at=later, only=chosen)
             ]
             for name, lease in leases.items()

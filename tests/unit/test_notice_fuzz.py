@@ -1,7 +1,7 @@
 """Fuzzing the bounce notices the worker sends: whatever a failed message, its sender, its
 recipients, the peer's reply, the remote MTA's name, the DSN request and the host's name
-hold, the notices made (a final failure's through its mark "notice owed": ``owed_notice``
-then ``notices_owed``; a delay warning by ``notices_for``) come out or are logged with why
+hold, the notices made (a final failure's or a delay warning, through its mark "notice
+owed": ``owed_notice`` then ``notices_owed``) come out or are logged with why
 they could not (InvalidMessage), never raised, and each notice rendered is ASCII (but
 for the To field of a sender whose local part is UTF-8), with CRLF line ends, lines of at
 most 998 octets and an RFC 2046 boundary, is accepted by ``prepare`` and reads back
@@ -38,7 +38,7 @@ from mailstrom.message.addrspec import validate_address
 from mailstrom.message.dsn import DSN, Notify, Return
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.runtime import notices as notices_module
-from mailstrom.runtime.notices import notices_for, notices_owed, owed_notice
+from mailstrom.runtime.notices import notices_owed, owed_notice
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import (
     LeasedRecipient,
@@ -228,7 +228,7 @@ def mostly(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.Sear
 def worker_inputs(
     case: dict[str, Any],
 ) -> tuple[list[RecipientResult], dict[tuple[str, str], WorkItem]]:
-    """The results and leased items as the worker hands them to ``notices_for``."""
+    """The results and leased items as the worker hands them to ``owed_notice``."""
     mid = "0190f3a2c4e1b7d08a4f2c6e9b1d3f57"
     queued = NOW - timedelta(hours=2)
     by_domain: dict[str, list[LeasedRecipient]] = {}
@@ -278,14 +278,12 @@ def worker_inputs(
 def made(
     results: list[RecipientResult], items: dict[tuple[str, str], WorkItem], config: Config
 ) -> list[PreparedMessage]:
-    """The notices the worker makes of ``results``: delay warnings at once, a failure's
-    notice from the mark its record leaves in the store."""
-    notices = notices_for(results, items, config=config, now=NOW, verp_key=KEY)
+    """The notices the worker makes of ``results``: from the marks their records leave
+    in the store."""
+    notices: list[PreparedMessage] = []
     owed = []
     data = {}
     for result in results:
-        if result.state is not RecipientState.FAILED:
-            continue
         item = items[(result.message_id, domain_of(result.address))]
         text = owed_notice(result, item, config=config, verp_key=KEY)
         if text is not None:

@@ -1,24 +1,26 @@
-"""The worker's bounce messages: final failures turned into RFC 3464 notices to the
-senders who asked for them (:mod:`mailstrom.bounces.notice` decides and renders; this
-module gathers per message and sender, and prepares them for the queue).
+"""The worker's notices to senders: final failures turned into RFC 3464 bounces, and the
+delay warnings and "relayed" notices the senders asked for (:mod:`mailstrom.bounces.notice`
+decides and renders; this module gathers per message and sender, and prepares them for
+the queue).
 
-A final failure is not bounced at once: its result carries what the notice will say of
-it (:func:`owed_notice`), which the store keeps with the recipient in the write that
-records it, the mark "notice owed". Once none of the message's recipients is on its way
-any more, one notice per message and sender is made from the marks (:func:`notices_owed`)
-and queued in the transaction that clears them. A message failing in several domains, or
-in several writes, gets one notice, and a crash between the record and the notice loses
-none: the marks wait in the store for the next worker. Delay warnings are still made from
-the batch of results that crosses ``Config.delay_warning`` (:func:`notices_for`), and so
-are "relayed" notices from the deliveries of messages that asked to hear of them to
-servers that could not be asked to (:func:`relayed_notices`)."""
+No notice is queued from the worker's memory. A result that owes one carries what the
+notice will say of it (:func:`owed_notice`): a final failure's bounce, the deferral that
+crosses ``Config.delay_warning``'s warning, a delivery's "relayed" notice (to a server
+that could not be asked to report it). The store keeps it with the recipient in the write
+that records it, the mark "notice owed". Once none of the message's recipients is on its
+way any more, one notice per message, sender and kind is made from the marks
+(:func:`notices_owed`) and queued in the transaction that clears them, as Postfix sends a
+queue file's bounces, delay warnings and success reports once the file is done with. A
+message failing in several domains, or in several writes, gets one notice, and a crash
+between the record and the notice loses none and sends none twice: the marks wait in the
+store for the next worker."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,44 +45,89 @@ from mailstrom.stores.base import OwedNotice, RecipientResult, WorkItem, domain_
 log = logging.getLogger("mailstrom.worker")
 
 
+_DELAYED = "delayed"
+_RELAYED = "relayed"
+_KINDS = (_DELAYED, _RELAYED)
+"""The kinds of a mark other than a bounce's (which, from before them, names none)."""
+
+
 def owed_notice(
     result: RecipientResult, item: WorkItem, *, config: Config, verp_key: bytes
 ) -> str | None:
-    """What the notice owed for ``result``, a final failure of ``item``, will say of it:
-    the text the store keeps with the recipient (see :attr:`RecipientResult.notice`), or
-    None when its sender asks for no notice. Everything the notice needs but the message's
-    bytes is in it, so that a worker that never saw the message (one started after a
-    crash) makes the same notice."""
-    sender = _notice_sender(result, item, verp_key)
-    if not wants_notice(sender, item.dsn, default=config.bounce_notices):
+    """What the notice ``result`` of ``item`` owes its sender will say of it: the text
+    the store keeps with the recipient (see :attr:`RecipientResult.notice`), or None when
+    it owes none. A final failure owes a bounce, the deferral that is the first attempt
+    past ``Config.delay_warning`` a delay warning, a delivery the server could not be
+    asked to report (:attr:`RecipientResult.relayed`) a "relayed" notice; each only to a
+    sender who asks for it. Everything the notice needs but the message's bytes is in
+    it, so that a worker that never saw the message (one started after a crash) makes
+    the same notice."""
+    state = result.state
+    if state is RecipientState.FAILED:
+        kind = None
+    elif state is RecipientState.DEFERRED:
+        kind = _DELAYED
+    elif state is RecipientState.DELIVERED and result.relayed:
+        kind = _RELAYED
+    else:
         return None
-    entry = _entry(result, item, delayed=False)
+    # When the message could first go (its send_at when later): the delay warning and
+    # the retry policy's max_age count from there.
+    due = result.queued_at or result.attempt.at
+    if kind == _DELAYED and not _crosses_delay(result, item, due, config.delay_warning):
+        return None
+    sender = _notice_sender(result, item, verp_key)
+    default = config.bounce_notices
+    if not wants_notice(
+        sender, item.dsn, default=default, delay=kind == _DELAYED, success=kind == _RELAYED
+    ):
+        return None
+    entry = _entry(result, item, delayed=kind == _DELAYED)
     # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
     arrival = item.queued_at or result.queued_at or result.attempt.at
-    owed = {
-        "v": 1,
+    owed: dict[str, Any] = {
+        "v": 1 if kind is None else 2,
         "sender": sender,
         "status": entry.status,
         "diagnostic": entry.diagnostic,
         "own": entry.own,
         "remote_mta": entry.remote_mta,
-        "at": None if entry.at is None else entry.at.isoformat(),
+        "at": _iso(entry.at),
         "dsn": None if item.dsn is None else item.dsn.encode(),
         "require_tls": item.require_tls,
         "arrival": arrival.isoformat(),
     }
+    if kind is not None:
+        # A bounce's mark is as it was before the other kinds (v 1, no kind): a worker
+        # of then reads it, and leaves out (logged) the ones it would misread.
+        owed["kind"] = kind
+    if kind == _DELAYED:
+        owed |= {
+            "due": due.isoformat(),
+            "expires_at": _iso(item.expires_at),
+            "last_attempt": _iso(_last_attempt_allowed(result, item, config)),
+        }
     # ASCII: a store keeps it as it is, whatever the reply held.
     return json.dumps(owed, ensure_ascii=True, separators=(",", ":"))
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat()
+
+
+def _time_or_none(value: object) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(str(value))
 
 
 def notices_owed(
     owed: Sequence[OwedNotice], data: Mapping[str, bytes], *, config: Config, now: datetime
 ) -> dict[str, list[PreparedMessage]]:
-    """One prepared notice per message and sender of the marks ``owed`` (the store's
-    :meth:`~mailstrom.stores.base.Store.owed_notices`), by message id; ``data`` holds the
-    messages' bytes (one missing: purged, no notice). A mark that cannot be read (changed
-    by hand, written by a newer mailstrom) is logged and left out."""
-    groups: dict[tuple[str, str], list[tuple[FailedRecipient, dict[str, Any]]]] = {}
+    """One prepared notice per message, sender and kind (bounce, delay warning, "relayed")
+    of the marks ``owed`` (the store's :meth:`~mailstrom.stores.base.Store.owed_notices`),
+    by message id; ``data`` holds the messages' bytes (one missing: purged, no notice). A
+    mark that cannot be read (changed by hand, written by a newer mailstrom) is logged and
+    left out."""
+    groups: dict[tuple[str, str, str | None], list[tuple[FailedRecipient, dict[str, Any]]]] = {}
     for entry in owed:
         try:
             fields = _fields(entry.notice)
@@ -90,9 +137,10 @@ def notices_owed(
                 diagnostic=str(fields["diagnostic"]),
                 own=bool(fields["own"]),
                 remote_mta=_text_or_none(fields["remote_mta"]),
-                at=None if fields["at"] is None else datetime.fromisoformat(fields["at"]),
+                at=_time_or_none(fields["at"]),
             )
             sender = str(fields["sender"])
+            kind = _kind(fields)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning(
                 "no bounce message for %s of %s: its mark cannot be read (%s)",
@@ -101,9 +149,9 @@ def notices_owed(
                 exc,
             )
             continue
-        groups.setdefault((entry.message_id, sender), []).append((failed, fields))
+        groups.setdefault((entry.message_id, sender, kind), []).append((failed, fields))
     made: dict[str, list[PreparedMessage]] = {}
-    for (message_id, sender), entries in groups.items():
+    for (message_id, sender, kind), entries in groups.items():
         original = data.get(message_id)
         if original is None:
             continue
@@ -111,21 +159,21 @@ def notices_owed(
         try:
             dsn = None if first["dsn"] is None else DSN.decode(str(first["dsn"]))
             arrival = datetime.fromisoformat(str(first["arrival"]))
-        except (ValueError, InvalidMessage) as exc:
+            notice = _Notice(
+                config=config,
+                now=now,
+                message_id=message_id,
+                sender=sender,
+                delayed=kind == _DELAYED,
+                relayed=kind == _RELAYED,
+                data=original,
+                arrival=arrival,
+                entries=[failed for failed, _ in entries],
+                **(_delay_of(entries) if kind == _DELAYED else {"due": arrival}),
+            )
+        except (ValueError, KeyError, TypeError, InvalidMessage) as exc:
             log.warning("no bounce message for %s to %s: %s", message_id, sender, exc)
             continue
-        notice = _Notice(
-            config=config,
-            now=now,
-            message_id=message_id,
-            sender=sender,
-            delayed=False,
-            data=original,
-            arrival=arrival,
-            due=arrival,
-            expires_at=None,
-            entries=[failed for failed, _ in entries],
-        )
         prepared = _made(notice, dsn, require_tls=bool(first["require_tls"]))
         if prepared is not None:
             made.setdefault(message_id, []).append(prepared)
@@ -134,120 +182,36 @@ def notices_owed(
 
 def _fields(text: str) -> dict[str, Any]:
     fields = json.loads(text)
-    if not isinstance(fields, dict) or fields.get("v") != 1:
+    if not isinstance(fields, dict) or fields.get("v") not in (1, 2):
         raise ValueError("not a notice this mailstrom writes")
     return fields
 
 
+def _kind(fields: dict[str, Any]) -> str | None:
+    """The kind of notice a mark is for: None for a bounce, else one of :data:`_KINDS`."""
+    if fields["v"] == 1:
+        return None
+    kind = fields["kind"]
+    if kind not in _KINDS:
+        raise ValueError(f"a notice of an unknown kind {kind!r}")
+    return str(kind)
+
+
+def _delay_of(entries: list[tuple[FailedRecipient, dict[str, Any]]]) -> dict[str, Any]:
+    """What a delay warning about ``entries`` promises: retries from when the message
+    could first go until its expiry, or the latest last attempt ``retry.max_attempts``
+    allows of its recipients (none when one of them has no end by count)."""
+    _, first = entries[0]
+    lasts = [_time_or_none(fields["last_attempt"]) for _, fields in entries]
+    return {
+        "due": datetime.fromisoformat(str(first["due"])),
+        "expires_at": _time_or_none(first["expires_at"]),
+        "last_attempt": None if None in lasts else max(t for t in lasts if t is not None),
+    }
+
+
 def _text_or_none(value: object) -> str | None:
     return None if value is None else str(value)
-
-
-def notices_for(
-    results: Sequence[RecipientResult],
-    items: Mapping[tuple[str, str], WorkItem],
-    *,
-    config: Config,
-    now: datetime,
-    verp_key: bytes,
-) -> list[PreparedMessage]:
-    """One prepared delay warning per (message, envelope sender) for the deferrals among
-    ``results`` that cross ``Config.delay_warning`` and whose message asks for one;
-    ``items`` are the leased work items by (message id, domain). Final failures are not
-    bounced from here: see :func:`owed_notice`."""
-    delay = config.delay_warning
-    if delay is None:
-        return []
-    groups: dict[tuple[str, str], tuple[WorkItem, datetime, list[FailedRecipient]]] = {}
-    # Per warning: when the last attempt retry.max_attempts allows may come, the latest
-    # of its recipients' (None: no end by count for one of them).
-    last_attempts: dict[tuple[str, str], datetime | None] = {}
-    for result in results:
-        if result.state is not RecipientState.DEFERRED:
-            continue
-        item = items.get((result.message_id, domain_of(result.address)))
-        if item is None:
-            continue
-        # When the message could first go (its send_at when later): the delay warning
-        # and the retry policy's max_age count from there.
-        due = result.queued_at or now
-        if not _crosses_delay(result, item, due, delay):
-            continue
-        sender = _notice_sender(result, item, verp_key)
-        if not wants_notice(sender, item.dsn, default=config.bounce_notices, delay=True):
-            continue
-        key = (result.message_id, sender)
-        groups.setdefault(key, (item, due, []))[2].append(_entry(result, item, delayed=True))
-        last = _last_attempt_allowed(result, item, config)
-        known = last_attempts.get(key, last)
-        last_attempts[key] = None if last is None or known is None else max(known, last)
-    return _prepared(
-        (
-            _Notice(
-                config=config,
-                now=now,
-                message_id=message_id,
-                sender=sender,
-                delayed=True,
-                data=item.data,
-                # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
-                arrival=item.queued_at or due,
-                due=due,
-                expires_at=item.expires_at,
-                entries=entries,
-                last_attempt=last_attempts.get((message_id, sender)),
-            ),
-            item,
-        )
-        for (message_id, sender), (item, due, entries) in groups.items()
-    )
-
-
-def relayed_notices(
-    results: Sequence[RecipientResult],
-    items: Mapping[tuple[str, str], WorkItem],
-    *,
-    config: Config,
-    now: datetime,
-    verp_key: bytes,
-) -> list[PreparedMessage]:
-    """One prepared "relayed" notice per (message, envelope sender) for the deliveries
-    among ``results`` that owe one (:attr:`RecipientResult.relayed`: NOTIFY=SUCCESS, and
-    a server without DSN, which RFC 3461 §5.2.2 has the relaying MTA report for);
-    ``items`` are the leased work items by (message id, domain)."""
-    groups: dict[tuple[str, str], tuple[WorkItem, datetime, list[FailedRecipient]]] = {}
-    for result in results:
-        if not result.relayed or result.state is not RecipientState.DELIVERED:
-            continue
-        item = items.get((result.message_id, domain_of(result.address)))
-        if item is None:
-            continue
-        sender = _notice_sender(result, item, verp_key)
-        if not wants_notice(sender, item.dsn, default=False, success=True):
-            continue
-        # When it arrived, i.e. was queued (RFC 3464 §2.2.5), not its send_at.
-        arrival = item.queued_at or result.queued_at or result.attempt.at
-        entry = _entry(result, item, delayed=False)
-        groups.setdefault((result.message_id, sender), (item, arrival, []))[2].append(entry)
-    return _prepared(
-        (
-            _Notice(
-                config=config,
-                now=now,
-                message_id=message_id,
-                sender=sender,
-                delayed=False,
-                relayed=True,
-                data=item.data,
-                arrival=arrival,
-                due=arrival,
-                expires_at=None,
-                entries=entries,
-            ),
-            item,
-        )
-        for (message_id, sender), (item, arrival, entries) in groups.items()
-    )
 
 
 def _notice_sender(result: RecipientResult, item: WorkItem, verp_key: bytes) -> str:
@@ -276,13 +240,6 @@ def _entry(result: RecipientResult, item: WorkItem, *, delayed: bool) -> FailedR
         remote_mta=attempt.mx_host,
         at=_last_attempt(result, item),
     )
-
-
-def _prepared(notices: Iterable[tuple[_Notice, WorkItem]]) -> list[PreparedMessage]:
-    """Each notice about a leased work item prepared as its message's DSN asks, but those
-    that cannot be made (:func:`_made`)."""
-    made = (_made(notice, item.dsn, require_tls=item.require_tls) for notice, item in notices)
-    return [prepared for prepared in made if prepared is not None]
 
 
 def _made(notice: _Notice, dsn: DSN | None, *, require_tls: bool) -> PreparedMessage | None:
@@ -370,14 +327,14 @@ class _Notice:
     """When it was queued."""
     due: datetime
     """When the message could first go: queued, or its send_at when later."""
-    expires_at: datetime | None
+    expires_at: datetime | None = None
     """The expiry its sender set (a delay warning's), or None."""
     entries: list[FailedRecipient]
     last_attempt: datetime | None = None
     """When the last attempt ``retry.max_attempts`` allows may come (a delay warning's),
     or None when it sets no end."""
     relayed: bool = False
-    """A "relayed" notice about deliveries (see :func:`relayed_notices`)."""
+    """A "relayed" notice about deliveries (see :func:`owed_notice`)."""
 
     def prepared(self, dsn: DSN | None) -> PreparedMessage:
         """The notice rendered as ``dsn`` asks (RET=FULL: the message whole) and prepared

@@ -62,7 +62,6 @@ from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
 from mailstrom.runtime.worker_screening import RESCREEN_AFTER, WorkerScreening
 from mailstrom.runtime.worker_stopping import WorkerStopping
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
-from mailstrom.status import RecipientState
 from mailstrom.stores.base import (
     Lease,
     RecipientResult,
@@ -77,7 +76,6 @@ from mailstrom.stores.clock import ClockReading, in_utc
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
-    from mailstrom.message.prepared import PreparedMessage
     from mailstrom.runtime.hooks import HookSender
 
 log = logging.getLogger("mailstrom.worker")
@@ -333,8 +331,6 @@ class Worker(
         """Whether the last lease left out a lane that had used up its share, or busy
         destinations (see :meth:`Dispatcher.busy`): their due work is not worth another
         lease until a delivery ends."""
-        self._unsent_notices: list[PreparedMessage] = []
-        """Delay warnings a store failure left unqueued: queued with the next write."""
         self._owing: dict[str, None] = {}
         """Ids of the messages this worker marked "notice owed" for whose notice it has
         not queued yet (oldest first; see worker_screening.MAX_OWING)."""
@@ -701,11 +697,10 @@ class Worker(
                         await self._sleep(config.poll_interval)  # its end wakes us
                         continue
                     if self._closing or (self._stopping and dispatcher.idle.is_set()):
-                        if await self._notices_wait(backoff):
-                            continue
+                        await self._owed_once_more()
                         return
                     if await self._idle(dispatcher, once=once):
-                        await self._notices_wait(backoff, again=False)
+                        await self._owed_once_more()
                         return
                     continue
                 batch, self._pending = self._pending, []
@@ -773,8 +768,6 @@ class Worker(
                 backoff.reset()
                 self._store_fine(but=None if self._inline else "lease")
                 await self._after_record(batch, recorded)
-                if self._unsent_notices:  # the store answers again: what it could not take
-                    await self._send_notices([])
                 if leasing and await self._took(lease, call, dispatcher, backoff):
                     not_before = loop.time() + _COALESCE
         finally:
@@ -783,27 +776,13 @@ class Worker(
             if beside is not None and not beside[0].cancel() and not beside[0].cancelled():
                 beside[0].exception()  # ended meanwhile: its outcome goes with it
 
-    async def _notices_wait(self, backoff: _Backoff, *, again: bool = True) -> bool:
-        """Before the store loop ends: queue the bounce messages a store failure left
-        unqueued (they wait for the next write, and an ending loop makes none). True when
-        they still wait and the store is to be asked again (``again``: a stop's, until
-        its drain timeout is spent, as for results; a ``once`` run asks once). Notices
-        owed whose queueing failed are asked for once more (their marks stay in the store
-        if that fails too: the next worker queues them)."""
+    async def _owed_once_more(self) -> None:
+        """Before the store loop ends: notices owed whose queueing failed are asked for
+        once more (their marks stay in the store if that fails too: the next worker
+        queues them)."""
         if self._owed_failed is not None and self._owed_failed.is_set():
             self._owed_failed.clear()
             await self._send_owed(None)
-        if not self._unsent_notices:
-            return False
-        await self._send_notices([])
-        if (
-            not again
-            or not self._unsent_notices
-            or (self._closing and asyncio.get_running_loop().time() >= self._retry_until)
-        ):
-            return False
-        await self._sleep(backoff.take())
-        return True
 
     def _lease_beside(self, call: _LeaseCall) -> asyncio.Future[Lease | None]:
         """Start ``call``'s lease in a task of its own; its end wakes the store loop."""
@@ -1017,11 +996,12 @@ class Worker(
 
     def _on_done(self, results: list[RecipientResult]) -> None:
         """An item's results: to the store loop at once (the duplicate window starts). A
-        final failure goes with what its notice will say, for the store to mark."""
+        result owing its sender a notice (a bounce, a delay warning, a "relayed" notice)
+        goes with what the notice will say, for the store to mark."""
         if not self._pending and self._loop is not None:
             self._pending_since = self._loop.time()
         if results:
-            if any(r.state is RecipientState.FAILED for r in results):
+            if any(self._may_owe_notice(r) for r in results):
                 results = self._with_notices(results)
             first = results[0]
             key = (first.lease_token, first.message_id, domain_of(first.address))
@@ -1060,18 +1040,9 @@ class Worker(
             return
         # Before on_result hears of a hard bounce, its address is on the list.
         await self._suppress_hard_bounces(recorded)
-        try:
-            notices = self._notices(recorded)  # before _recorded forgets the leases
-        except Exception:
-            # The results are recorded: a notice that cannot be made must not stop every
-            # delivery (a restarted worker would not make it either).
-            log.exception("bounce messages could not be made (%d results)", len(recorded))
-            notices = []
         self._recorded(batch, recorded)
         if recorded and self._hooks is not None:
             self._hooks.wake()
-        if notices:
-            await self._send_notices(notices)
         await self._queue_owed(recorded)
 
     def _report_set_aside(self, failed: tuple[RecipientResult, ...]) -> None:

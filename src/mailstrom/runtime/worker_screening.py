@@ -1,8 +1,9 @@
 """Suppression and bounces around the worker's writes: the suppression entries of a
 lease the store did not read with it, the hard bounces just recorded put on the list,
-and the bounce notices of final failures queued as mail: one per message, from the marks
-"notice owed" its failures' records left in the store (see :mod:`mailstrom.runtime.notices`),
-once the message is done for this pass; and the delay warnings and "relayed" notices."""
+and the notices to senders (bounces, delay warnings, "relayed" notices) queued as mail:
+one per message, sender and kind, from the marks "notice owed" the records of its
+results left in the store (see :mod:`mailstrom.runtime.notices`), once the message is
+done for this pass."""
 
 from __future__ import annotations
 
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailstrom.worker")
 
 
-MAX_UNSENT_NOTICES = 10_000
-"""Delay warnings a worker keeps in memory at most while the store takes none."""
 MAX_OWING = 10_000
 """Messages a worker remembers it marked "notice owed" for, at most: it looks for their
 notices after each write that records one of their recipients. Those it forgot (or
@@ -74,7 +73,6 @@ class WorkerScreening(WorkerStore):
     _leases: dict[str, _LeaseState]
     _lease_wanted: bool
     _verp_key: bytes | None
-    _unsent_notices: list[PreparedMessage]
     _owing: dict[str, None]
     _owed_failed: asyncio.Event | None
     _dispatcher: Dispatcher | None
@@ -132,40 +130,19 @@ class WorkerScreening(WorkerStore):
             if not done.done():
                 done.set_result(None)  # the sessions waiting for it ask again
 
-    def _notices(self, recorded: list[RecipientResult]) -> list[PreparedMessage]:
-        """Delay warnings for the deferrals among ``recorded`` that ask for one, and the
-        "relayed" notices its deliveries owe (:attr:`RecipientResult.relayed`)."""
-        deferred = []
-        if self.config.delay_warning is not None:
-            deferred = [r for r in recorded if r.state is RecipientState.DEFERRED]
-        relayed = [r for r in recorded if r.relayed]
-        if not deferred and not relayed:
-            return []
-        items = {
-            (item.message_id, item.domain): item
-            for token in {r.lease_token for r in (*deferred, *relayed)}
-            if (state := self._leases.get(token)) is not None
-            for held in state.messages.values()
-            for item in held.items
-        }
-        # Loaded at the first such result: the notices' renderer and the message model.
-        from mailstrom.runtime.notices import notices_for, relayed_notices
-
-        now = self._clock()
-        # Read when the message was leased (a VERP sender's).
-        verp_key = self._verp_key or b""
-        notices = []
-        if deferred:
-            notices += notices_for(deferred, items, config=self.config, now=now, verp_key=verp_key)
-        if relayed:
-            notices += relayed_notices(
-                relayed, items, config=self.config, now=now, verp_key=verp_key
-            )
-        return notices
+    def _may_owe_notice(self, result: RecipientResult) -> bool:
+        """Whether ``result`` may owe its sender a notice (:func:`owed_notice` decides):
+        a final failure, a deferral when delay warnings are on, a "relayed" delivery."""
+        state = result.state
+        return (
+            state is RecipientState.FAILED
+            or result.relayed
+            or (state is RecipientState.DEFERRED and self.config.delay_warning is not None)
+        )
 
     def _with_notices(self, results: list[RecipientResult]) -> list[RecipientResult]:
-        """``results`` (of one work item) with what the notice owed for each final failure
-        will say of it, for the store to keep with the record (the mark "notice owed")."""
+        """``results`` (of one work item) with what the notice each owes will say of it,
+        for the store to keep with the record (the mark "notice owed")."""
         first = results[0]
         state = self._leases.get(first.lease_token)
         held = state.messages.get(first.message_id) if state is not None else None
@@ -175,18 +152,18 @@ class WorkerScreening(WorkerStore):
             item = next((i for i in held.items if i.domain == domain), None)
         if item is None:
             return results
-        # Loaded at the first failure: the notices' renderer and the message model.
+        # Loaded at the first result owing one: the notices' renderer and the message model.
         from mailstrom.runtime.notices import owed_notice
 
         marked = []
         for result in results:
-            if result.state is RecipientState.FAILED and result.notice is None:
+            if result.notice is None and self._may_owe_notice(result):
                 try:
                     notice = owed_notice(
                         result,
                         item,
                         config=self.config,
-                        # Read when the failed VERP message was leased.
+                        # Read when the VERP message was leased.
                         verp_key=self._verp_key or b"",
                     )
                 except Exception:
@@ -206,7 +183,7 @@ class WorkerScreening(WorkerStore):
         "notice owed" for, those done for this pass (the store tells)."""
         owing = self._owing
         for result in recorded:
-            if result.notice is not None and result.state is RecipientState.FAILED:
+            if result.notice is not None:
                 owing[result.message_id] = None
         if not owing:
             return
@@ -346,59 +323,6 @@ class WorkerScreening(WorkerStore):
                     )
                 await self._store_call(self.store.queue_notices, owed, {}, now=self._clock())
         return queued
-
-    async def _send_notices(self, notices: list[PreparedMessage]) -> None:
-        """Queue delay warnings like any other mail (they go out with the null sender,
-        so they are never bounced themselves), with those a store failure left unqueued
-        before. Those a store failure leaves unqueued now wait in memory, as results do,
-        for the next write that works (the store loop asks again): dropped, the sender
-        never heard that the mail failed, since nothing makes a notice again."""
-        waiting = self._unsent_notices + notices
-        if not waiting:
-            return
-        try:
-            await self._store_call(self.store.enqueue_many, waiting, now=self._clock())
-        except StoreCorrupt:
-            raise
-        except StoreRefusedData:
-            # A value of one the store cannot hold: asked again with it, the store would
-            # refuse them all for ever (and say it troubles the worker all that time).
-            await self._send_notices_one_by_one(waiting)
-        except StoreError as exc:
-            self._store_trouble("bounce notices", exc)
-            if not self._unsent_notices:
-                log.warning("%d bounce messages not queued yet: %s", len(waiting), exc)
-            self._keep_unsent(waiting)
-        else:
-            self._unsent_notices = []
-            self._lease_wanted = True
-
-    async def _send_notices_one_by_one(self, waiting: list[PreparedMessage]) -> None:
-        """Queue each of ``waiting`` on its own; one the store refuses is dropped (logged),
-        and on another store failure the rest wait for the next write."""
-        for index, notice in enumerate(waiting):
-            try:
-                await self._store_call(self.store.enqueue_many, [notice], now=self._clock())
-            except StoreCorrupt:
-                raise
-            except StoreRefusedData as exc:
-                log.error("a bounce message to %s dropped: %s", ", ".join(notice.recipients), exc)
-            except StoreError as exc:
-                self._store_trouble("bounce notices", exc)
-                self._keep_unsent(waiting[index:])
-                return
-            else:
-                self._lease_wanted = True
-        self._unsent_notices = []
-
-    def _keep_unsent(self, waiting: list[PreparedMessage]) -> None:
-        """Keep ``waiting`` for the next write, :data:`MAX_UNSENT_NOTICES` at most (the
-        newest): a store that refuses for days must not take the worker's memory."""
-        dropped = len(waiting) - MAX_UNSENT_NOTICES
-        if dropped > 0:
-            log.error("%d bounce messages dropped: the store has taken none for too long", dropped)
-            waiting = waiting[dropped:]
-        self._unsent_notices = waiting
 
     async def _suppress_hard_bounces(self, recorded: list[RecipientResult]) -> None:
         """Put the addresses of recorded hard bounces on the suppression list, but for

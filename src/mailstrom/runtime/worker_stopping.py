@@ -15,7 +15,6 @@ from mailstrom.runtime.worker_store import WorkerStore
 from mailstrom.stores.base import RecipientResult
 
 if TYPE_CHECKING:
-    from mailstrom.message.prepared import PreparedMessage
     from mailstrom.runtime.hooks import HookSender
     from mailstrom.runtime.worker import _LeaseState
 
@@ -41,7 +40,6 @@ class WorkerStopping(WorkerStore):
     _drain_timeout: float | None
     _retry_until: float
     _pending: list[RecipientResult]
-    _unsent_notices: list[PreparedMessage]
     _hooks: HookSender | None
     _leases: dict[str, _LeaseState]
     _items: dict[tuple[str, str, str], int]
@@ -82,12 +80,6 @@ class WorkerStopping(WorkerStore):
                 "tried again when their lease expires",
                 len(self._pending),
             )
-        if self._unsent_notices:
-            log.error(
-                "%d delay warnings could not be queued before stopping: dropped",
-                len(self._unsent_notices),
-            )
-            self._unsent_notices = []
 
     async def _stop_hooks(self, task: asyncio.Task[None], *, flush: bool) -> None:
         """Let the hook sender finish the request in flight and, after a clean stop, send

@@ -618,15 +618,18 @@ class RecipientResult:
     class in ``Config.suppress_on``); the worker adds it once the result is recorded.
     Stores do not read it."""
     notice: str | None = None
-    """For a FAILED result whose sender is owed a bounce notice: what the notice will say
-    of it (the worker's own text, see :mod:`mailstrom.runtime.notices`). The store keeps it
-    with the recipient in the same write that records the failure (the mark "notice
-    owed"), until :meth:`Store.queue_notices` clears it; recording any other result clears
-    it too. Ignored for any other state."""
+    """For a result whose sender is owed a notice (a FAILED one's bounce, a DEFERRED one's
+    delay warning, a DELIVERED one's "relayed" notice): what the notice will say of it
+    (the worker's own text, see :mod:`mailstrom.runtime.notices`). The store keeps it
+    with the recipient in the same write that records the result (the mark "notice
+    owed"), until :meth:`Store.queue_notices` clears it. Recording another result replaces
+    it, but for a recipient still on its way (QUEUED or DEFERRED) a result without one
+    leaves the mark as it is: a delay warning owed is not lost to the next attempt."""
     relayed: bool = False
     """A DELIVERED result whose message asked to hear of its delivery (NOTIFY=SUCCESS) from
     a server that does not offer DSN, which could not be asked to report it: the sender is
-    owed a "relayed" notice (RFC 3461 §5.2.2). Stores do not read it."""
+    owed a "relayed" notice (RFC 3461 §5.2.2), which the worker gives it as its
+    :attr:`notice`. Stores do not read it."""
     dkim: DKIMStatus | None = None
     """The message's DKIM outcome as this attempt sent it, when the worker signed it anew
     (:attr:`WorkItem.dkim`); None when it went as queued. The store records it as the
@@ -636,8 +639,8 @@ class RecipientResult:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OwedNotice:
-    """A recipient whose sender is owed a bounce notice for its failure (the mark a record
-    left, see :attr:`RecipientResult.notice`), as :meth:`Store.owed_notices` finds it."""
+    """A recipient whose sender is owed a notice for its result (the mark a record left,
+    see :attr:`RecipientResult.notice`), as :meth:`Store.owed_notices` finds it."""
 
     message_id: str
     address: str
@@ -837,9 +840,9 @@ class Store(Protocol):
         them (by message id; a message with none just has its marks cleared), in one
         transaction: a crash leaves either both done or the marks, and the notice is made
         again. A message some of whose marks in ``owed`` are gone or changed since they
-        were read (another worker queued its notice, or one about some of them, meanwhile)
-        has none of its marks cleared and none of its notices queued: the marks it has are
-        handed out again. Returns the queued ids."""
+        were read (another worker queued its notice meanwhile, a recipient's new result
+        replaced its mark) has none of its marks cleared and none of its notices queued:
+        the marks it has are handed out again. Returns the queued ids."""
         ...
 
     def record_and_lease(

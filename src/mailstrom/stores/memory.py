@@ -378,11 +378,13 @@ class MemoryStore(
                     next_attempt_at=(next_at or attempt.at) if pending else None,
                     uncertain=attempt.uncertain,
                 )
-                notice = result.notice if result.state is RecipientState.FAILED else None
-                r.notice = notice
+                if result.notice is not None or not pending:
+                    # One still on its way keeps a mark its result does not replace (a
+                    # delay warning not queued yet: its message was not done).
+                    r.notice = result.notice
                 if result.dkim is not None and m is not None:
                     m.dkim = bounded_dkim(result.dkim)  # signed anew as it went
-                if notice is not None:
+                if result.notice is not None:
                     self._owed[result.message_id] = None
                 recorded.append(result)
                 if self._events_on and m is not None:

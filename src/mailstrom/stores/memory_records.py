@@ -52,7 +52,7 @@ class _Recipient:
     history: list[Attempt] = field(default_factory=list)
     throttled_by: str | None = None
     notice: str | None = None
-    """What the bounce notice owed for its failure says of it (the mark), or None."""
+    """What the notice owed its sender for its result says of it (the mark), or None."""
 
     def take(
         self,

@@ -848,11 +848,10 @@ def _record_chunk(
         next_at = None if final else opt_us(result.next_attempt_at) or at
         reply_cols = (reply.code, reply.enhanced, reply.text) if reply else (None, None, None)
         reason = a.reason_class.value if a.reason_class is not None else None
-        notice = result.notice if result.state is RecipientState.FAILED else None
         values += (
             *(rid, result.lease_token, result.state.value, at, next_at),
             *(at if final else None, *reply_cols, a.error, a.mx_host, a.ip),
-            *(a.tls, a.uncertain, reason, notice),
+            *(a.tls, a.uncertain, reason, result.notice),
         )
         history = (
             *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
@@ -872,7 +871,11 @@ def _record_chunk(
         " finished_at = res.finished, lease_token = NULL, lease_expires_at = NULL,"
         " reply_code = res.code, reply_enhanced = res.enhanced, reply_text = res.text,"
         " error = res.error, mx_host = res.mx_host, ip = res.ip, tls = res.tls,"
-        " uncertain = res.uncertain, reason_class = res.reason_class, notice = res.notice"
+        " uncertain = res.uncertain, reason_class = res.reason_class,"
+        # A recipient still on its way keeps the mark a result of its own has not
+        # replaced (a delay warning not queued yet: its message was not done).
+        " notice = CASE WHEN res.finished IS NULL"
+        " THEN coalesce(res.notice, recipients.notice) ELSE res.notice END"
         " FROM res WHERE recipients.id = res.id AND recipients.lease_token = res.token"
         " RETURNING recipients.id, recipients.attempts",
         values,

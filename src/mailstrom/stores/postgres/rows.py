@@ -155,7 +155,7 @@ def record_params(rs: Sequence[RecipientResult], unanswered: Sequence[bool]) -> 
         "reason_classes": [a.reason_class.value if a.reason_class else None for a in attempts],
         "tls_policies": [a.tls_policy for a in attempts],
         "unanswered": list(unanswered),
-        "notices": [r.notice if r.state is RecipientState.FAILED else None for r in rs],
+        "notices": [r.notice for r in rs],
     }
 
 

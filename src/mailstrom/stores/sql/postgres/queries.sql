@@ -373,7 +373,10 @@ WITH res AS (
         tls = res.tls_version IS NOT NULL,
         uncertain = res.uncertain,
         reason_class = res.reason_class,
-        notice = CASE WHEN res.state = 'failed' THEN res.notice END
+        -- One still on its way keeps a mark its result does not replace (a delay
+        -- warning not queued yet: its message was not done).
+        notice = CASE WHEN res.state IN ('queued', 'deferred')
+                      THEN COALESCE(res.notice, r.notice) ELSE res.notice END
     FROM res
     WHERE r.message_id = res.message_id
       AND r.address = res.address
@@ -429,7 +432,7 @@ FROM unnest(%(message_ids)s::text[], %(dkims)s::text[]) AS d (id, dkim)
 WHERE messages.id = d.id AND messages.dkim IS DISTINCT FROM d.dkim;
 
 -- name: owed_notices
--- The recipients marked "notice owed" (the record of their failure wrote the mark) of up
+-- The recipients marked "notice owed" (the record of their result wrote the mark) of up
 -- to LIMIT messages (of message_ids only, when not NULL) none of whose recipients is
 -- leased or queued for a first attempt: one notice per message is made from them. A
 -- recipient deferred for a later retry holds none back. Read on the partial index of
