@@ -136,3 +136,40 @@ def test_stop_from_a_signal_handler_during_start_stops_once_started(
         """,
     )
     assert out == "handler stopped\nstarted False\n"
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_stop_from_a_signal_handler_during_send_email_returns(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, mode: str
+) -> None:
+    """A SIGTERM handler calling stop() while the main thread is in send_email(), in the
+    store's write (where a sending program spends its time): closing the store the
+    facade opened waited for the write lock that the interrupted write holds, on the
+    same thread, for ever. The write now ends, the store closes behind it, and the next
+    send_email() hears that it is closed."""
+    out = _run(
+        tmp_path,
+        config(dns_server, mx.port),
+        mode,
+        """
+        from mailstrom.errors import StoreError
+        store = ms.store
+        begin = store._begin_immediate
+
+        def begin_interrupted(conn, deadline):  # under the write lock of send_email
+            if threading.current_thread() is threading.main_thread():  # not the worker's
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.01)  # the handler runs here, at once
+            begin(conn, deadline)
+
+        store._begin_immediate = begin_interrupted
+        message = Email(from_="a@sender.test", to=["b@example.org"], subject="s", text="t")
+        message_id = ms.send_email(message)
+        print("queued", len(message_id) > 0)
+        try:
+            ms.send_email(message)
+        except StoreError as exc:
+            print("then", exc)
+        """,
+    )
+    assert out == "handler stopped\nqueued True\nthen the store is closed\n"

@@ -8,11 +8,13 @@ import inspect
 import logging
 import os
 import random
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from email.message import EmailMessage
+from types import FrameType
 from typing import Any, Literal
 
 from mailstrom.arguments import check_timeout, member_of
@@ -114,6 +116,18 @@ def sqlite_path(path: os.PathLike[str]) -> str:
     if text != text.strip():
         raise InvalidStoreURL(f"SQLite path begins or ends with whitespace: {shorten(text)}")
     return os.path.abspath(text)
+
+
+def _in_a_call_on(store: Store) -> bool:
+    """Whether a frame of this thread, below the caller's, is one of a method of
+    ``store``: a signal handler (whose frames come on top of the ones it interrupted)
+    reached the caller in the middle of that call."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_locals.get("self") is store:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _new_locks_after_fork() -> None:
@@ -303,8 +317,21 @@ class FacadeBase:
         with self._store_watch_lock:
             closing = self._owns_store and not self._store_closed
             self._store_closed = self._store_closed or closing
-        if closing:
+        if not closing:
+            return
+        if not _in_a_call_on(self.store):
             self.store.close()
+            return
+        # A signal handler's stop() (SIGTERM's) that interrupted this very thread in a
+        # call on the store, send_email's write above all: closing it here waited for
+        # ever for the lock that call holds, which it cannot let go of before the
+        # handler returns. Closed on a thread of its own, behind that call, which ends
+        # as if the stop() had come after it; the next call hears the store is closed.
+        closer = threading.Thread(target=self.store.close, name="mailstrom-store-close")
+        try:
+            closer.start()
+        except RuntimeError as exc:  # no thread left: it stays open until this process ends
+            logging.getLogger("mailstrom").error("the store could not be closed: %s", exc)
 
     def _result_hook(
         self, on_result: Callable[[RecipientResult], None] | None

@@ -281,7 +281,9 @@ class Mailstrom(FacadeBase, QueueOperations):
 
         Called from a signal handler (a SIGTERM handler) that interrupted a start() or
         stop() of the same thread, it returns at once: the stop() under way goes on, and
-        the start() under way stops the worker once it has started (or failed to)."""
+        the start() under way stops the worker once it has started (or failed to). One
+        that interrupted a call on the store (``send_email``'s write) stops the worker,
+        and the store this facade opened closes once that call has ended."""
         timeout = stop_timeout(timeout)
         if self._on_worker_thread():
             self._stop(timeout)  # a stop() elsewhere may hold the lock, waiting for us
