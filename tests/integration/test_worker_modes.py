@@ -147,6 +147,37 @@ def test_thread_mode_and_custom_clocks_stay_in_this_process(
     store.close()
 
 
+class RecordsSeen(SQLiteStore):
+    """A store of the application's, whose own code runs where the worker records."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.recorded: list[str] = []
+
+    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
+        self.recorded.extend(result.address for result in results)
+        return super().record_and_lease(results, **kwargs)
+
+
+def test_a_store_of_the_applications_own_class_delivers_with_its_own_code(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A subclass of a store, with methods of its own, pickles as the store it derives
+    from: by default the worker ran in a process on that base class, and not one of its
+    methods was ever called there. It stays in this process, as a custom router or
+    clock does; asked for, a worker process still runs the base class."""
+    results = Results()
+    store = RecordsSeen(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store, on_result=results) as ms:
+        ms.send_email(hello("bob@example.org"))
+        results.wait_count(1)
+    assert store.recorded == ["bob@example.org"]
+    assert ms.worker_mode == "thread"
+    asked = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    assert asked.worker_mode == "process"
+    store.close()
+
+
 @pytest.mark.parametrize("worker", ["thread", "process"])
 def test_an_on_result_that_raises_stops_no_delivery(
     mx: Any,

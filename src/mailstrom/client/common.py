@@ -118,6 +118,19 @@ def sqlite_path(path: os.PathLike[str]) -> str:
     return os.path.abspath(text)
 
 
+def reopens_as_itself(store: Store) -> bool:
+    """Whether a worker process would open ``store`` as the class it is: a store pickles
+    as the way to open it again (its ``__reduce__``), which names the class of the
+    store it derives from for a subclass of the application's (``class
+    AuditedStore(SQLiteStore)``). A worker process then ran the base class's methods,
+    and not one of the subclass's own, silently."""
+    try:
+        reopen = store.__reduce__()[0]
+    except Exception:  # a store that cannot say cannot cross either
+        return False
+    return getattr(reopen, "func", reopen) is type(store)
+
+
 def _in_a_call_on(store: Store) -> bool:
     """Whether a frame of this thread, below the caller's, is one of a method of
     ``store``: a signal handler (whose frames come on top of the ones it interrupted)
@@ -164,8 +177,9 @@ class FacadeBase:
 
     * ``"process"``: a child process of this one (:mod:`mailstrom.client.process`), with
       an interpreter of its own, so delivery and the application never wait for each
-      other's GIL; it opens the store by its URL, dies with its parent, and is started
-      again when it dies on its own (see :class:`WorkerProcess`);
+      other's GIL; it opens the store by its URL (as the class a subclass of the
+      application's derives from), dies with its parent, and is started again when it
+      dies on its own (see :class:`WorkerProcess`);
     * ``"thread"`` (:class:`~mailstrom.Mailstrom`) or ``"task"``
       (:class:`~mailstrom.AsyncMailstrom`): in this process, on a background thread or
       as a task on the running loop;
@@ -173,7 +187,9 @@ class FacadeBase:
       delivers;
     * ``"auto"`` (the default): a process for a store another process can open (SQLite,
       PostgreSQL), in this process otherwise (the memory store), or when a custom
-      ``router``, ``clock`` or ``rng`` is given, since those cannot cross to a child, or
+      ``router``, ``clock`` or ``rng`` is given, or the store is of a subclass of the
+      application's (a child would open it as its base class), since those cannot cross
+      to a child, or
       when there is no interpreter to start (``sys.executable`` empty or None, a frozen
       program: see :func:`~mailstrom.client.process.no_interpreter`).
     """
@@ -231,7 +247,9 @@ class FacadeBase:
         self._clock = in_utc(clock)
         store_url: str | None = getattr(self.store, "url", None)
         custom = router is not None or clock is not utc_now or rng is not None
-        mode = self._mode(worker, store_url=store_url, custom=custom)
+        mode = self._mode(
+            worker, store_url=store_url, custom=custom, reopened=reopens_as_itself(self.store)
+        )
         self.worker_mode: str | None = mode
         """Where this facade's worker runs ("process", "thread"/"task", or None)."""
         self.worker: Worker | WorkerProcess | None = None
@@ -368,13 +386,16 @@ class FacadeBase:
         if unwatch is not None:
             unwatch()
 
-    def _mode(self, worker: WorkerMode, *, store_url: str | None, custom: bool) -> str | None:
+    def _mode(
+        self, worker: WorkerMode, *, store_url: str | None, custom: bool, reopened: bool = True
+    ) -> str | None:
         if worker is None or worker == self._LOCAL:
             return worker
         if worker == "auto":
             # A program without an interpreter to start (an empty sys.executable, a
-            # frozen program) keeps delivery in this process, as for the memory store.
-            child = store_url is not None and not custom and no_interpreter() is None
+            # frozen program) keeps delivery in this process, as for the memory store;
+            # so does a store a child would open as another class (see reopens_as_itself).
+            child = store_url is not None and reopened and not custom and no_interpreter() is None
             return "process" if child else self._LOCAL
         if worker != "process":
             raise ConfigError(f"worker must be {self._LOCAL!r}, 'process', 'auto' or None")
