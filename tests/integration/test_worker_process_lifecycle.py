@@ -480,6 +480,33 @@ def test_a_child_stop_had_to_kill_leaves_nothing_in_flight_in_the_status(
     store.close()
 
 
+def test_a_child_stop_had_to_kill_as_it_drained_does_not_read_as_stopping(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed past the grace by stop() once it had said it drains: the status kept its
+    last snapshot's ``stopping``, True for good, where a worker that has stopped is not
+    stopping (as a worker thread's status says)."""
+    monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    mx.stall_on = "dot"
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store)
+    ms.start()
+    ms.send_email(hello("u@example.org"))
+    assert _wait_until(lambda: ms.worker_status.in_flight == 1, 30)
+    pid = ms.worker.pid  # type: ignore[union-attr]
+    assert pid is not None
+    stopping = threading.Thread(target=ms.stop, kwargs={"timeout": 3.0})
+    stopping.start()
+    assert _wait_until(lambda: ms.worker_status.stopping, 30)  # its snapshot says so
+    os.kill(pid, signal.SIGSTOP)  # it cannot end its drain by itself
+    stopping.join(30)
+    assert _gone(pid)
+    status = ms.worker_status
+    assert not status.running
+    assert not status.stopping, status
+    store.close()
+
+
 def test_a_child_stop_from_on_result_had_to_kill_leaves_nothing_in_flight(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1021,9 +1021,11 @@ class _Handoff:
 
 
 def _at_rest(status: WorkerStatus) -> WorkerStatus:
-    """``status`` of a child that has ended: its counts, with nothing in its hands."""
+    """``status`` of a child that has ended: its counts, with nothing in its hands, and
+    no longer stopping (a child killed as it drained last said it was)."""
     return replace(
         status,
+        stopping=False,
         in_flight=0,
         unrecorded=0,
         sessions=0,
