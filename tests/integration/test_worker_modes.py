@@ -1381,6 +1381,33 @@ async def test_no_task_is_started_while_the_one_stop_gave_up_on_lives(
     store.close()
 
 
+async def test_a_worker_task_stop_had_to_cancel_does_not_read_as_dead(
+    smtp_server: ServerFactory,
+    dns_server: LoopbackDNS,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stop() past its bound cancels the worker task, as it kills a worker process: that
+    task's status read "CancelledError: " and dead, as if the worker had died of an
+    error, where a worker process killed so reads as stopped."""
+    from mailstrom.client import aio
+
+    monkeypatch.setattr(aio, "STOP_GRACE", 0.0)
+    slow = _slow_mx(smtp_server, dns_server)
+    store = MemoryStore()
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=store, worker="task")
+    await ms.start()
+    await ms.send_email(hello("bob@example.org"))
+    assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+    await ms.stop(timeout=0)  # gives up at once, the delivery's reply still to come
+    ending = ms._ending
+    assert ending is not None
+    await asyncio.wait({ending}, timeout=10)
+    status = ms.worker_status
+    assert not status.running
+    assert status.error is None and not status.dead, status
+    store.close()
+
+
 def test_a_fork_while_another_thread_stops_the_facade_can_stop_it_too(
     smtp_server: ServerFactory, dns_server: LoopbackDNS
 ) -> None:

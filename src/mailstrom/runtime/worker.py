@@ -555,7 +555,12 @@ class Worker(
             await self._drain(dispatcher, store_loop)
             failed = False
         except BaseException as exc:
-            self._counters.error = f"{type(exc).__name__}: {exc}"
+            if not (isinstance(exc, asyncio.CancelledError) and self._stopping):
+                # A cancel after a stop was asked for is that stop's own end (a facade's
+                # stop() past its bound, the command's second signal), no error: the
+                # worker read as dead of "CancelledError", where a worker process a stop
+                # killed reads as stopped.
+                self._counters.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             for screening in self._screenings:
