@@ -147,6 +147,20 @@ def test_thread_mode_and_custom_clocks_stay_in_this_process(
     store.close()
 
 
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_the_status_once_started_says_since_when(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, worker: str
+) -> None:
+    """A worker process answered "ready" before its first status snapshot: start()
+    returned with a status running since nobody knew when (``started_at`` None, as
+    every other field of the snapshot at its default) for up to half a second."""
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store, worker=worker) as ms:  # type: ignore[arg-type]
+        status = ms.worker_status
+        assert status.running and status.started_at is not None, status
+    store.close()
+
+
 class RecordsSeen(SQLiteStore):
     """A store of the application's, whose own code runs where the worker records."""
 

@@ -280,13 +280,17 @@ def _deliver(
     async def run() -> None:
         async def report() -> None:
             while True:
-                outbox.send("status", worker.status)
                 await asyncio.sleep(_STATUS_EVERY)  # a timer: periodic snapshots
+                outbox.send("status", worker.status)
 
         reporter: asyncio.Task[None] | None = None
 
         def started() -> None:
             nonlocal reporter
+            # The status first, as while waiting for the store: the parent's start()
+            # returns at "ready", and its status then said running since nobody knew
+            # when (started_at None, every other field at its default) until the next.
+            outbox.send("status", worker.status)
             reporter = asyncio.get_running_loop().create_task(report())
             outbox.send("ready")
 
