@@ -115,3 +115,23 @@ def test_e2e_benchmark_runs() -> None:
 def test_e2e_split_runs() -> None:
     out = run_benchmark("e2e", ["-n", "100", "--split"])
     assert "write lock wait" in out
+
+
+@pytest.mark.slow
+def test_soak_script_runs() -> None:
+    """``scripts/soak.py`` (the crash soak beyond test_chaos.py's size) at a tiny size:
+    its own checks must pass (exit 0), so an API change that breaks it shows here."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    args = ["--store", "sqlite", "--messages", "200", "--workers", "2"]
+    args += ["--kill-min", "0.5", "--kill-max", "1.5", "--term-every", "3", "--seed", "1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "soak.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    assert '"late_suppressed_received"' in done.stdout
