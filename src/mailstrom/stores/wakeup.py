@@ -218,11 +218,11 @@ class WakeupDirectory:
             if stopping.is_set():
                 return
             stopping.set()
-            with (
-                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as poke,
-                contextlib.suppress(OSError),
-            ):
-                poke.sendto(_STOP, address)
+            # Sent from the listening socket itself: a socket made for it failed when the
+            # process was out of descriptors (EMFILE), and the worker's stop ended there,
+            # before it recorded the results it held.
+            with contextlib.suppress(OSError):
+                sock.sendto(_STOP, address)
             if threading.current_thread() is not thread:
                 thread.join(5.0)
             unbind()

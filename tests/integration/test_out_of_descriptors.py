@@ -1,0 +1,75 @@
+"""A worker process that runs out of file descriptors (``RLIMIT_NOFILE`` lowered under it
+with ``prlimit``, as a busy host or a low ``ulimit -n`` does): it degrades, deferring what
+it cannot reach, and stops cleanly, never crashing; once descriptors return it delivers.
+
+The limit is set on the worker's child process only: pytest and its servers keep theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+from mailstrom import Mailstrom, RecipientState
+from mailstrom.client.process import WorkerProcess
+from mailstrom.stores import SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.integration.test_worker_modes import config, hello, mx
+from tests.support.delivery import Results
+
+__all__ = ["mx"]  # the fixture, found by pytest under this name
+
+DOMAINS = ["a.example", "b.example", "c.example"]
+
+
+def _child(ms: Mailstrom) -> int:
+    assert isinstance(ms.worker, WorkerProcess)
+    pid = ms.worker.pid
+    assert pid is not None
+    return pid
+
+
+def _no_descriptor_left(pid: int) -> None:
+    """Let process ``pid`` open no file nor socket until one of those it holds now is
+    closed: a new descriptor takes the lowest free number, and Linux refuses it (EMFILE)
+    when that number is at the limit."""
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(held) + 1)) - held)
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+
+
+def test_a_worker_out_of_descriptors_stops_cleanly_and_records_what_it_delivered(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Stopping the listener for other processes' wake-ups made a socket to wake its
+    thread: out of descriptors that raised EMFILE, and the worker's stop ended there
+    ("OSError: [Errno 24] Too many open files", the child exiting 1), before it closed
+    its connections and wrote the results it still held."""
+    for domain in DOMAINS:
+        dns_server.mx(domain, [(10, "mx.test")])
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    cfg = config(dns_server, mx.port, connection_idle=60)
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        # Three connections (each delivery waits for its reply: none is reused), idle
+        # then, and the routes known; the worker may open nothing more from there on.
+        mx.data_delay = 0.2
+        ids = [ms.send_email(hello(f"first@{domain}")) for domain in DOMAINS]
+        results.wait_count(len(DOMAINS))
+        _no_descriptor_left(_child(ms))
+        ids += [ms.send_email(hello(f"u{i}@{DOMAINS[i % 3]}", i)) for i in range(6)]
+        results.wait_count(len(DOMAINS) + 1)  # stopped with deliveries in flight
+    finally:
+        ms.stop()
+    status = ms.worker_status
+    assert status.error is None
+    assert not status.running
+    assert status.unrecorded == 0
+    assert [ms.query_status(i).state for i in ids] == [RecipientState.DELIVERED] * len(ids)
+    assert len(mx.messages) == len(ids)
+    store.close()
