@@ -61,6 +61,7 @@ import functools
 import itertools
 import logging
 import os
+import resource
 import sqlite3
 import stat
 import threading
@@ -254,6 +255,13 @@ def _store_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> StoreErr
             f"the disk holding {path} is full (SQLite: {exc}); free space on it and try"
             " again (queued mail is kept)"
         )
+    limit = _file_size_limit(code, path)
+    if limit is not None:
+        return StoreError(
+            f"{path} or its -wal file reached this process's file size limit of {limit}"
+            f" bytes (RLIMIT_FSIZE, `ulimit -f`; SQLite: {exc}); raise the limit and try"
+            " again (queued mail is kept)"
+        )
     return StoreError(f"SQLite error on {path}: {exc}")
 
 
@@ -288,6 +296,26 @@ def _disk_full(code: object, path: str) -> bool:
     except OSError:
         return False
     return disk.f_bavail * disk.f_frsize < _LOW_SPACE
+
+
+def _file_size_limit(code: object, path: str) -> int | None:
+    """This process's file size limit (``RLIMIT_FSIZE``) when SQLite's error ``code`` on
+    ``path`` is a write refused for it: the kernel's EFBIG, which SQLite reports as any
+    failed write (SQLITE_IOERR_WRITE, "disk I/O error"), and the database or its ``-wal``
+    file at the limit (a write that crosses it stops there) or past it (the limit was
+    lowered); else None."""
+    if code != sqlite3.SQLITE_IOERR_WRITE:
+        return None
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit == resource.RLIM_INFINITY:
+        return None
+    for name in (path, path + "-wal"):
+        try:
+            if os.path.getsize(name) >= limit:
+                return limit
+        except OSError:
+            continue
+    return None
 
 
 def _denied(code: object, path: str) -> str | None:
