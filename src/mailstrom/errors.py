@@ -229,8 +229,8 @@ class StoreError(MailstromError):
 class StoreCorrupt(StoreError):
     """The store cannot be used and trying again will not help: its file is damaged or
     is no database, its schema is from a newer mailstrom, or the database file was deleted
-    or replaced while in use. Workers stop on it (the command line exits 74) instead of
-    retrying forever."""
+    or replaced while in use (or its ``-shm`` file deleted). Workers stop on it (the
+    command line exits 74) instead of retrying forever."""
 
 
 class StoreRefusedData(StoreError):

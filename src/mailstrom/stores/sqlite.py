@@ -43,8 +43,10 @@ Errors: SQLite errors become :class:`StoreError` (try again later), except those
 retrying cannot fix, which become :class:`StoreCorrupt`: a damaged file or one that is no
 database, a schema newer than this mailstrom knows (found at open, or by the worker's next
 lease or record once a newer mailstrom migrated the database meanwhile: every call fails
-from then on), and a database file deleted or replaced while the store has it open;
-"database is locked" is :class:`StoreLocked`.
+from then on), a database file deleted or replaced while the store has it open, and its
+``-shm`` file deleted meanwhile (found by the next write: the store then refuses every
+call, and leaves the WAL to the next process that opens the database rather than write it
+into the database by a stale index); "database is locked" is :class:`StoreLocked`.
 
 ``read_only=True`` opens the file for reading only (``mode=ro``): no pragma that writes, no
 migration, so views work on a read-only mount. A WAL database whose ``-wal`` file does not
@@ -409,6 +411,16 @@ def _identity(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _shm_identity(shm: str) -> tuple[int, int] | None:
+    """(device, inode) of the ``-shm`` file ``shm``, None when there is none; OSError
+    when that cannot be told."""
+    try:
+        st = os.stat(shm)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _check_regular(path: str) -> None:
     """StoreCorrupt when ``path`` (followed through symlinks) is there but no regular
     file: SQLite failed on a directory with "disk I/O error", which reads as worth
@@ -612,7 +624,14 @@ class SQLiteStore:
         """The schema version this mailstrom knows, and the database's once opened."""
         self._newer: str | None = None
         """Why every call fails, once a newer mailstrom migrated the database under this
-        store (see :meth:`_refuse_newer_schema`)."""
+        store (see :meth:`_refuse_newer_schema`), or its ``-shm`` file was deleted or
+        replaced under it (see :meth:`_check_shm`)."""
+        self._shm_path = ""
+        self._held_back = False
+        """Whether this process holds back its checkpoint (:meth:`_keep_from_checkpointing`)."""
+        self._shm: tuple[int, int] | None = None
+        """(device, inode) of the ``-shm`` file this process's connections share, once
+        known (see :meth:`_check_shm`)."""
         self._busy_ms = min(int(busy_timeout * 1000), _MAX_BUSY_MS)
         """``busy_timeout`` as SQLite takes it (what ``sqlite3.connect`` sets), within the
         range it takes: a longer wait is SQLite's longest, not none."""
@@ -675,6 +694,9 @@ class SQLiteStore:
                 # must not wait for (nor fail behind) another process's long write.
                 migrate(conn)
         self._file = _identity(self._path)  # checked on every checkout from now on
+        # Named once: beside() resolves symlinks, a few system calls per write.
+        self._shm_path = beside(self._path, "-shm")
+        self._shm = _shm_identity(self._shm_path)  # checked by every write (_check_shm)
         self._process_lock = self._open_lock_file()
 
     def _open_lock_file(self) -> ProcessLock | None:
@@ -743,12 +765,18 @@ class SQLiteStore:
         left = min(int(_left(deadline) * 1000), self._busy_ms)
         if left >= self._busy_ms - _BUSY_SLACK_MS:
             conn.execute("BEGIN IMMEDIATE")  # the uncontended path: no statement added
-            return
-        conn.execute(f"PRAGMA busy_timeout={left}")
+        else:
+            conn.execute(f"PRAGMA busy_timeout={left}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        finally:
-            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+            self._check_shm()
+        except BaseException:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
 
     def _create_private(self) -> bool:
         """Create a missing database file readable and writable by its owner only (0600);
@@ -873,6 +901,12 @@ class SQLiteStore:
             if self._file is not None and _identity(self._path) != self._file:
                 raise StoreCorrupt(f"database file {self._path} was replaced while in use")
             if conn is None:
+                with self._pool_lock:
+                    first = not self._idle and self._out == 1
+                if first:
+                    # No connection of this process is open: this one may make a new
+                    # -shm file, rightly (the last process to close removed it).
+                    self._shm = None
                 conn = self._connect()
             yield conn
         except sqlite3.Error as exc:
@@ -926,6 +960,61 @@ class SQLiteStore:
         except sqlite3.Error:
             return None
         return self._schema_moved_on(version) if version > self._latest else None
+
+    def _check_shm(self) -> None:
+        """StoreCorrupt, and for every call from now on, when the ``-shm`` file (SQLite's
+        index of the WAL, shared by every process that has the database open) is no
+        longer the one this process's connections use: it was deleted, and a process
+        that opened the database since made a new one. Each side then wrote to the WAL
+        by its own index, over the other's commits, and the last to close checkpointed
+        its own view over the other's: mail acknowledged to ``send_email`` (in another
+        process, or in this one) was lost without a word.
+
+        Called at the start of every write transaction (one ``stat``), inside it
+        (:meth:`_begin_immediate`): the ``-shm`` file exists while this process has the
+        database open."""
+        try:
+            found = _shm_identity(self._shm_path)
+        except OSError:
+            return  # cannot be told: the write decides
+        if self._shm is None and found is not None:
+            self._shm = found
+            return
+        if found == self._shm:
+            return
+        why = (
+            f"the -shm file {self._shm_path} was deleted while the database was in use"
+            " (SQLite's index of the -wal file, which every process using it shares): this"
+            " process and"
+            " those that opened the database since would write over each other's"
+            f" transactions. Stop every process that uses {self._path}, then start them"
+            " again; never delete the -wal or -shm file of a database in use"
+        )
+        self._newer = why
+        self._keep_from_checkpointing()
+        raise StoreCorrupt(why)
+
+    def _keep_from_checkpointing(self) -> None:
+        """Keep this process from writing the WAL into the database by its stale index
+        when its connections close (SQLite's checkpoint on close): that wrote older
+        copies of pages over the transactions of the processes using the new ``-shm``.
+        A connection held in a read transaction keeps the shared lock on the database
+        file that the checkpoint on close must find free; it is never closed (not even
+        by the interpreter's exit, which closed it last and checkpointed), so the WAL
+        stays for the next process to open it, which reads it whole."""
+        if self._held_back:
+            return
+        try:
+            guard = self._connect()
+            guard.execute("BEGIN")
+            guard.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            log.error("cannot hold back the checkpoint of %s: %s", self._path, exc)
+            return
+        self._held_back = True
+        import ctypes  # here only: a store that is never broken does without it
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(guard))  # never freed, so never closed
 
     def _schema_moved_on(self, version: int) -> StoreCorrupt:
         """The error of a store whose database a newer mailstrom migrated (``version``),
@@ -986,6 +1075,10 @@ class SQLiteStore:
         with self._pool_lock:
             self._closed = True
             idle, self._idle = self._idle, []
+        if idle and not self._read_only:
+            # The last connection to close checkpoints: not by an index that is stale.
+            with suppress(StoreCorrupt):
+                self._check_shm()
         for conn in idle:
             conn.close()
         with self._listen_lock:
