@@ -7,8 +7,12 @@ The limit is set on the worker's child process only: pytest and its servers keep
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from tests.support.delivery import Results
 __all__ = ["mx"]  # the fixture, found by pytest under this name
 
 DOMAINS = ["a.example", "b.example", "c.example"]
+ROOT = Path(__file__).parents[2]
 
 
 def _child(ms: Mailstrom) -> int:
@@ -73,3 +78,47 @@ def test_a_worker_out_of_descriptors_stops_cleanly_and_records_what_it_delivered
     assert [ms.query_status(i).state for i in ids] == [RecipientState.DELIVERED] * len(ids)
     assert len(mx.messages) == len(ids)
     store.close()
+
+
+WAIT_FOR_THE_FLOCK_WITHOUT_DESCRIPTORS = textwrap.dedent(
+    """
+    import fcntl, json, os, resource, sys, threading
+    from datetime import UTC, datetime
+    from mailstrom.stores import SQLiteStore
+    from tests.contract.support import message
+
+    path = sys.argv[1]
+    store = SQLiteStore(path)
+    store.enqueue(message("a@example.org"), now=datetime.now(UTC))
+    # Another open file: its flock conflicts with the store's own, in this process too.
+    other = os.open(path + "-lock", os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    threading.Timer(0.05, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    store.enqueue(message("b@example.org"), now=datetime.now(UTC))  # waits for the flock
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    lock = store._process_lock
+    print(json.dumps({"refused": lock._refused, "messages": store.stats().messages}))
+    store.close()
+    """
+)
+
+
+def test_a_wait_for_the_write_lock_out_of_descriptors_keeps_the_flock(tmp_path: Path) -> None:
+    """The first wait for another writer's ``flock`` imports ctypes (for precise
+    sleeps), which opens files: out of descriptors that raised EMFILE, taken for a file
+    system that refuses ``flock``, and the store never asked for it again: its writes
+    waited in SQLite's busy handler (sleeps of milliseconds) until it was closed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", WAIT_FOR_THE_FLOCK_WITHOUT_DESCRIPTORS, str(tmp_path / "q.db")],
+        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout) == {"refused": False, "messages": 2}
+    assert b"cannot flock" not in proc.stderr

@@ -64,15 +64,21 @@ class _PreciseSleeps:
     def _find(self) -> Any:
         """libc's ``prctl``, looked up at the first wait (ctypes is not worth importing for
         a store that is never contended)."""
-        self._looked = True
         if sys.platform != "linux":
+            self._looked = True
             return None
-        import ctypes
-
         try:
+            import ctypes
+
             self._prctl = ctypes.CDLL(None).prctl  # the C library the interpreter runs on
-        except (OSError, AttributeError):
+        except OSError:
+            # Out of descriptors (EMFILE: the import opens files): looked for again at the
+            # next wait. Raised here it was taken for a file system that refuses flock,
+            # and the store never took its flock again.
+            return None
+        except (ImportError, AttributeError):
             self._prctl = None
+        self._looked = True
         return self._prctl
 
     @contextmanager
