@@ -80,6 +80,43 @@ def test_a_worker_out_of_descriptors_stops_cleanly_and_records_what_it_delivered
     store.close()
 
 
+def test_a_worker_out_of_descriptors_defers_once_and_delivers_when_they_return(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Many destinations and no descriptor to open a socket with (DNS queries, SMTP
+    connections): each recipient is deferred once, with the reason, and the worker goes
+    on (no crash, no retry loop); once descriptors return, everything is delivered, once."""
+    domains = [f"d{i}.example" for i in range(20)]
+    for domain in domains:
+        dns_server.mx(domain, [(10, "mx.test")])
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        pid = _child(ms)
+        _no_descriptor_left(pid)
+        ids = [ms.send_email(hello(f"u@{domain}")) for domain in domains]
+        results.wait_count(len(ids))
+        status = ms.worker_status
+        assert status.running and status.error is None
+        recipients = [ms.query_status(i).recipients[0] for i in ids]
+        assert {(r.state, r.attempts) for r in recipients} == {(RecipientState.DEFERRED, 1)}
+        assert any("Too many open files" in (r.error or "") for r in recipients)
+        assert mx.messages == []
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        for message_id in ids:
+            ms.retry(message_id)
+        results.wait_count(2 * len(ids))
+    finally:
+        ms.stop()
+    assert ms.worker_status.error is None
+    assert {ms.query_status(i).state for i in ids} == {RecipientState.DELIVERED}
+    assert sorted(m.rcpt_tos[0] for m in mx.messages) == sorted(f"u@{d}" for d in domains)
+    store.close()
+
+
 WAIT_FOR_THE_FLOCK_WITHOUT_DESCRIPTORS = textwrap.dedent(
     """
     import fcntl, json, os, resource, sys, threading
