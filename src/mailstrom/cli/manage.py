@@ -253,9 +253,9 @@ def _retry(args: argparse.Namespace, store: Store, ids: list[str], now: datetime
     throttled = _throttled_among(store, free, now) if free else 0
     # Counted a moment before the retry: one finished meanwhile may still be among them.
     waiting = count_recipients(held.values(), PENDING_STATES)
-    # One transaction for held and free alike (retried in two, a store failing between
-    # them left the free ones due and the held ones not, under an error that said
-    # nothing of it); the held ones' share is the count above.
+    # One call for held and free alike (retried in two, a store failing between them
+    # left the free ones due and the held ones not, under an error that said nothing of
+    # it); the held ones' share is the count above.
     changed = store.retry_many(ids, now=now) if ids else 0
     due = max(changed - waiting - paused - throttled, 0)
     waiting = min(waiting, changed)

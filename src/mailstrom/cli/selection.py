@@ -26,7 +26,7 @@ from mailstrom.stores.operator import PENDING_STATES, filter_domain
 
 MAX_BULK = 100_000
 """Messages one bulk command changes at most (and ids read from standard input): the ids
-are held in memory and changed in one transaction."""
+are held in memory (the SQLite store changes them 500 a transaction)."""
 COUNT_CAP = 1_000_000
 """Messages a count of those a selection matches reads at most: the queue view's footer
 ("showing 100 of 1,000,000+") and the bulk commands' note on a selection cut short."""

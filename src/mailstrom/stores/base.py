@@ -1044,19 +1044,24 @@ class Store(Protocol):
         ...
 
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
-        """:meth:`retry` for each listed message in one transaction; unknown ids are
-        skipped. Returns how many recipients were rescheduled."""
+        """:meth:`retry` for each listed message; unknown ids are skipped. Returns how
+        many recipients were rescheduled. Each message changes whole, but a long list may
+        be changed in several transactions (SQLite: 500 messages each, so that enqueues
+        and the workers' writes are not held up for the whole list); a failure may leave
+        the messages before it changed, and the call repeated changes the rest (as for
+        :meth:`cancel_many`, :meth:`hold_many` and :meth:`purge_many`)."""
         ...
 
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
-        """:meth:`cancel` for each listed message in one transaction; unknown ids are
-        skipped. Returns how many recipients were cancelled."""
+        """:meth:`cancel` for each listed message (in batches, as :meth:`retry_many`);
+        unknown ids are skipped. Returns how many recipients were cancelled."""
         ...
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
-        """Hold or release the listed messages in one transaction; returns how many
-        messages changed (those already so, and unknown ids, are not counted). Holding
-        one under a lease tells the :meth:`watch_cancels` callbacks, as a cancel does."""
+        """Hold or release the listed messages (in batches, as :meth:`retry_many`);
+        returns how many messages changed (those already so, and unknown ids, are not
+        counted). Holding one under a lease tells the :meth:`watch_cancels` callbacks,
+        as a cancel does."""
         ...
 
     def purge_many(
@@ -1069,7 +1074,8 @@ class Store(Protocol):
         """Delete the listed messages all of whose recipients are final (and, with
         ``finished_before``, whose last recipient finished before it; with ``state``,
         whose derived state it is, as for :meth:`purge_state`); pending messages are
-        never deleted. Returns how many were deleted."""
+        never deleted. Returns how many were deleted (in batches, as
+        :meth:`retry_many`)."""
         ...
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:

@@ -130,6 +130,7 @@ from mailstrom.stores.operator import (
     age_edges,
     comparable,
     earliest,
+    listed_ids,
     normalize_prefix,
     pick_one,
 )
@@ -138,6 +139,7 @@ from mailstrom.stores.side_rows import broken_until
 from mailstrom.stores.sqlite_holders import HolderLocks
 from mailstrom.stores.sqlite_lock import ProcessLock
 from mailstrom.stores.sqlite_operator import (
+    BULK_BATCH,
     PURGE_BATCH,
     active_suspensions,
     any_ended,
@@ -209,9 +211,10 @@ wraps, to no wait at all."""
 _SIBLING_WINDOW = 0.005
 """A thread that enqueued within this many seconds counts as enqueueing concurrently."""
 
-_PURGE_PAUSE = 0.01
-"""Seconds a purge leaves the write lock free between two batches: twice the longest
-sleep of a process waiting for it (``sqlite_lock``), so that a waiter gets in."""
+_BATCH_PAUSE = 0.01
+"""Seconds a purge or a bulk change leaves the write lock free between two batches:
+twice the longest sleep of a process waiting for it (``sqlite_lock``), so that a waiter
+gets in."""
 
 # --- opening -------------------------------------------------------------------------------
 
@@ -1664,7 +1667,7 @@ class SQLiteStore:
             if len(seqs) < PURGE_BATCH:
                 return deleted
             after = seqs[-1]
-            time.sleep(_PURGE_PAUSE)
+            time.sleep(_BATCH_PAUSE)
 
     @staticmethod
     def _seq(conn: sqlite3.Connection, message_id: str) -> int:
@@ -1944,34 +1947,73 @@ class SQLiteStore:
         with self._read() as conn:
             return count_matching(conn, now, where, cap)
 
+    def _in_batches(
+        self, message_ids: Sequence[str], change: Callable[[sqlite3.Connection, list[int]], None]
+    ) -> None:
+        """Call ``change`` with the row numbers of the listed messages that exist,
+        :data:`BULK_BATCH` listed ids (each once) per write transaction, leaving the lock
+        free for :data:`_BATCH_PAUSE` between two: an enqueue or a worker's write waits
+        for one batch, not for the whole list (as :meth:`_purge_in_batches`). Each
+        message is changed whole in one transaction; a failure leaves the batches
+        before it changed, and the same call again changes the rest."""
+        unique = listed_ids(message_ids)
+        for start in range(0, len(unique), BULK_BATCH):
+            if start:
+                time.sleep(_BATCH_PAUSE)
+            with self._write() as conn:
+                change(conn, seqs_of(conn, unique[start : start + BULK_BATCH]))
+
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
-        """Make the listed messages' pending recipients due at ``now``."""
-        with self._write() as conn:
-            changed = retry_seqs(conn, seqs_of(conn, message_ids), now)
-        if changed:
-            self._notify()
+        """Make the listed messages' pending recipients due at ``now`` (in batches:
+        :meth:`_in_batches`)."""
+        changed = 0
+
+        def batch(conn: sqlite3.Connection, seqs: list[int]) -> None:
+            nonlocal changed
+            changed += retry_seqs(conn, seqs, now)
+
+        try:
+            self._in_batches(message_ids, batch)
+        finally:
+            if changed:
+                self._notify()
         return changed
 
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
-        """Fail the listed messages' pending recipients as "cancelled"."""
-        with self._write() as conn:
-            seqs = seqs_of(conn, message_ids)
-            leased = leased_pending(conn, seqs)
-            changed = cancel_seqs(conn, seqs, now)
-        if leased:
-            self._notify_cancelled()
+        """Fail the listed messages' pending recipients as "cancelled" (in batches:
+        :meth:`_in_batches`)."""
+        changed, leased = 0, False
+
+        def batch(conn: sqlite3.Connection, seqs: list[int]) -> None:
+            nonlocal changed, leased
+            leased = leased_pending(conn, seqs) or leased
+            changed += cancel_seqs(conn, seqs, now)
+
+        try:
+            self._in_batches(message_ids, batch)
+        finally:
+            if leased:
+                self._notify_cancelled()
         return changed
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
-        """Hold or release the listed messages; returns how many changed."""
-        with self._write() as conn:
-            seqs = seqs_of(conn, message_ids)
-            changed = hold_seqs(conn, seqs, held)
-            leased = held and changed > 0 and leased_pending(conn, seqs)
-        if changed and not held:
-            self._notify()
-        if leased:
-            self._notify_cancelled()  # a worker gives back what it has not started
+        """Hold or release the listed messages (in batches: :meth:`_in_batches`);
+        returns how many changed."""
+        changed, leased = 0, False
+
+        def batch(conn: sqlite3.Connection, seqs: list[int]) -> None:
+            nonlocal changed, leased
+            now_changed = hold_seqs(conn, seqs, held)
+            changed += now_changed
+            leased = leased or (held and now_changed > 0 and leased_pending(conn, seqs))
+
+        try:
+            self._in_batches(message_ids, batch)
+        finally:
+            if changed and not held:
+                self._notify()
+            if leased:
+                self._notify_cancelled()  # a worker gives back what it has not started
         return changed
 
     def purge_many(
@@ -1982,9 +2024,15 @@ class SQLiteStore:
         state: RecipientState | None = None,
     ) -> int:
         """Delete the listed messages that are final (finished before the cutoff, in
-        ``state``)."""
-        with self._write() as conn:
-            return purge_seqs(conn, seqs_of(conn, message_ids), finished_before, state)
+        ``state``), in batches (:meth:`_in_batches`)."""
+        deleted = 0
+
+        def batch(conn: sqlite3.Connection, seqs: list[int]) -> None:
+            nonlocal deleted
+            deleted += purge_seqs(conn, seqs, finished_before, state)
+
+        self._in_batches(message_ids, batch)
+        return deleted
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
         """Delete finished messages in ``state`` finished before the cutoff."""

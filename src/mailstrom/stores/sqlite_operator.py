@@ -329,6 +329,15 @@ well under a tenth of a second; one transaction for the whole queue held it 12 s
 100,000 messages, and ``send_email`` waited that long, or failed after ``busy_timeout``."""
 
 
+BULK_BATCH = PURGE_BATCH
+"""Listed messages a bulk change (``retry_many``, ``cancel_many``, ``hold_many``,
+``purge_many``) changes per write transaction at most, each message whole in one of
+them. One transaction for the 100,000 a command takes held the write lock 34 s on a
+loaded machine (``cancel --all``), past the 30 s ``busy_timeout`` of the applications'
+``send_email``, which failed with StoreLocked; a batch holds it for about
+:data:`PURGE_BATCH`'s deletes (a change costs less than a delete)."""
+
+
 def purgeable_seqs(
     conn: sqlite3.Connection,
     after: int,
