@@ -9,6 +9,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -20,6 +21,7 @@ from mailstrom.cli.output import (
     echo,
     print_fields,
     print_json,
+    print_json_list,
     print_table,
     visible,
     visible_lines,
@@ -308,3 +310,41 @@ def test_a_command_that_acts_with_standard_output_closed(cli: CLI) -> None:
         )
         assert proc.returncode == 0, (stream, proc.stderr.decode())
     assert len(cli.queue_ids()) == 2
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "iso-8859-1"])
+@pytest.mark.parametrize(
+    "items",
+    [
+        [],
+        [{}],
+        [[]],
+        ["a\nb", 1, None],
+        [{"subject": HOSTILE, "tags": ["x", "y\n"], "n": {"deep": [1, {"k": UNDECODED}]}}] * 3,
+        [{"fine": "é 😀", "empty": {}, "list": []}, {"other": "\ud800"}],
+    ],
+)
+def test_a_list_written_element_by_element_is_the_text_print_json_writes(
+    items: list[object], encoding: str
+) -> None:
+    """``queue --json`` writes its list one element at a time (the whole text of 100,000
+    messages took 800 MB before its first octet was written): the same text, octet for
+    octet, in any output encoding."""
+    whole, each = (io.TextIOWrapper(io.BytesIO(), encoding=encoding) for _ in range(2))
+    print_json(items, whole)
+    print_json_list(iter(items), each)
+    for stream in (whole, each):
+        stream.flush()
+    assert each.buffer.getvalue() == whole.buffer.getvalue()  # type: ignore[attr-defined]
+
+
+def test_a_list_is_written_before_its_last_element_is_made() -> None:
+    out = io.StringIO()
+
+    def elements() -> Iterator[dict[str, int]]:
+        yield {"first": 1}
+        assert '"first": 1' in out.getvalue(), "nothing written before the whole list"
+        yield {"second": 2}
+
+    print_json_list(elements(), out)
+    assert json.loads(out.getvalue()) == [{"first": 1}, {"second": 2}]

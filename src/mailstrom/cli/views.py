@@ -23,6 +23,7 @@ from mailstrom.cli.output import (
     is_tty,
     print_fields,
     print_json,
+    print_json_list,
     print_table,
     to_jsonable,
     visible_lines,
@@ -383,7 +384,7 @@ def queue_command(args: argparse.Namespace) -> int:
     if nobody:
         print(f"mailstrom: note: {NOBODY}", file=sys.stderr)
     if args.json:
-        print_json(messages)
+        print_json_list(messages)
         if total > len(messages):
             # stdout stays the list scripts parse; a pipeline into a bulk command (`| jq
             # -r '.[].id' | mailstrom retry -`) would otherwise act on the newest page only
