@@ -219,6 +219,29 @@ def test_the_notice_waits_for_the_last_recipient_delivered_or_cancelled(store: S
     ]
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["cancel", "cancel_many"])
+def test_a_cancel_drops_the_delay_warning_owed_for_what_it_cancels(
+    store: Store, many: bool
+) -> None:
+    """The operator cancelled the mail: its sender is not told it is "delayed" (a
+    cancelled recipient is owed no notice, as one cancelled before any attempt is not),
+    while a bounce owed for a recipient's own failure before the cancel stays owed."""
+    mid = store.enqueue(message("ann@example.org", "bob@example.net", "cy@example.com"), now=NOW)
+    lease = lease_all(store)
+    later = NOW + SECOND
+    deferred = results_for(
+        lease, RecipientState.DEFERRED, only=["bob@example.net"], next_attempt_at=later
+    )
+    failed = results_for(lease, RecipientState.FAILED, only=["ann@example.org"])
+    store.record(marked(failed) + [dataclasses.replace(r, notice="delayed bob") for r in deferred])
+    assert store.owed_notices() == []  # cy is still leased: the message is not done
+    if many:
+        assert store.cancel_many([mid], now=NOW) == 2
+    else:
+        assert store.cancel(mid, now=NOW) == 2
+    assert owed_of(store) == [("ann@example.org", '{"about":"ann@example.org"}')]
+
+
 def test_a_notice_another_store_object_queued_is_not_queued_twice(
     store_backend: Backend,
 ) -> None:

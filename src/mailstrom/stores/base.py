@@ -919,7 +919,8 @@ class Store(Protocol):
     def cancel(self, message_id: str, *, now: datetime) -> int:
         """Fail the message's pending recipients with the reason "cancelled"; returns how
         many. Recipients under a lease are cancelled too; a later record for them is
-        ignored."""
+        ignored. A cancelled recipient is owed no notice: a delay warning owed for it
+        (its mark, see :attr:`RecipientResult.notice`) is dropped."""
         ...
 
     def set_held(self, message_id: str, held: bool) -> None:

@@ -575,6 +575,8 @@ class MemoryStore(
                     r.next_attempt_at = None
                     r.finished_at = now
                     r.lease_token = r.lease_expires_at = None
+                    # The operator stopped it: no delay warning owed for it is sent.
+                    r.notice = None
                     changed += 1
         if leased:
             self._cancel_watchers.notify()

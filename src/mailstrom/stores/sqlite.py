@@ -1613,19 +1613,7 @@ class SQLiteStore:
         with self._write() as conn:
             seq = self._seq(conn, message_id)
             leased = leased_pending(conn, [seq])
-            # The last reply is cleared so the reason reads "cancelled"; the history keeps
-            # it. Clearing the lease makes a later record for these recipients a no-op.
-            changed = int(
-                conn.execute(
-                    "UPDATE recipients SET state = 'failed', error = 'cancelled',"
-                    " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL,"
-                    " reason_class = NULL, uncertain = 0, next_attempt_at = NULL,"
-                    " finished_at = ?,"
-                    " lease_token = NULL, lease_expires_at = NULL"
-                    f" WHERE message_seq = ? AND {PENDING_SQL}",
-                    (to_us(now), seq),
-                ).rowcount
-            )
+            changed = cancel_seqs(conn, [seq], now)
         if leased:
             self._notify_cancelled()
         return changed

@@ -246,15 +246,16 @@ def retry_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) -> 
 
 
 def cancel_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) -> int:
-    # As SQLiteStore.cancel: the last reply is cleared so the reason reads "cancelled",
-    # and the lease too, so a later record for these recipients is a no-op.
+    # The last reply is cleared so the reason reads "cancelled" (the history keeps it),
+    # and the lease too, so a later record for these recipients is a no-op. A delay
+    # warning owed for one (its mark) goes: the operator stopped the mail.
     changed = 0
     for chunk in chunks(seqs):
         changed += conn.execute(
             "UPDATE recipients SET state = 'failed', error = 'cancelled',"
             " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL,"
             " reason_class = NULL, uncertain = 0, next_attempt_at = NULL,"
-            " finished_at = ?, lease_token = NULL, lease_expires_at = NULL"
+            " finished_at = ?, lease_token = NULL, lease_expires_at = NULL, notice = NULL"
             f" WHERE message_seq IN ({qmarks(len(chunk))}) AND {PENDING_SQL}",
             [to_us(now), *chunk],
         ).rowcount

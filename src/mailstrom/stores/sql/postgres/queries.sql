@@ -732,7 +732,8 @@ SELECT (SELECT count(*) FROM rescheduled) AS changed,
 -- name: cancel
 -- The lease is cleared too, so a worker still holding these recipients records nothing.
 -- The last reply and its class are cleared so the recipient's reason reads "cancelled";
--- the history keeps every earlier reply. A worker that holds some of them is told: judged
+-- the history keeps every earlier reply. A delay warning owed for one (its mark) goes:
+-- the operator stopped the mail. A worker that holds some of them is told: judged
 -- from the rows as locked (FOR UPDATE waits for a lease being committed and reads its
 -- row then), not from the statement's snapshot, which missed such a lease, so the worker
 -- sent the cancelled mail.
@@ -755,7 +756,8 @@ WITH found AS (
         next_attempt_at = NULL,
         finished_at = %(now)s,
         lease_token = NULL,
-        lease_expires_at = NULL
+        lease_expires_at = NULL,
+        notice = NULL
     FROM locked l
     WHERE r.message_id = %(id)s AND r.address = l.address
       AND r.state IN ('queued', 'deferred')
@@ -997,7 +999,7 @@ SELECT (SELECT count(*) FROM rescheduled) AS changed,
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
 -- name: cancel_many
--- As cancel: the lease and the last reply are cleared, and workers told of leased ones
+-- As cancel: the lease, the last reply and the mark are cleared, and workers told of leased ones
 -- (judged from the rows as locked).
 WITH locked AS (
     SELECT message_id, address, lease_token FROM recipients
@@ -1016,7 +1018,8 @@ WITH locked AS (
         next_attempt_at = NULL,
         finished_at = %(now)s,
         lease_token = NULL,
-        lease_expires_at = NULL
+        lease_expires_at = NULL,
+        notice = NULL
     FROM locked l
     WHERE r.message_id = l.message_id AND r.address = l.address
       AND r.state IN ('queued', 'deferred')
