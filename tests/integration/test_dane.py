@@ -15,10 +15,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mailstrom import RecipientState
+from mailstrom.errors import TemporaryFailure
 from mailstrom.routing import make_resolver
 from mailstrom.status import ReasonClass, RecipientStatus
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
-from mailstrom.tls.dane import DaneSource
+from mailstrom.tls.dane import DaneSource, lookup_alias_secure, lookup_tlsa
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.certs import (
     COMPRESSED_POINT_CERTIFICATE,
@@ -212,6 +213,39 @@ def test_tlsa_lookup_servfail_defers(
     assert bob.state is RecipientState.DEFERRED
     assert "TLSA lookup" in bob.reason
     assert mx.messages == [] and mx.connections == 0
+
+
+def test_a_tlsa_lookup_answered_with_a_referral_defers(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    """A server that does not resolve recursively answers with a referral (NOERROR, no
+    records, NS records in the authority section), which says nothing of whether TLSA
+    records exist: read as "no TLSA records", the host was used without DANE. It is a
+    failed lookup, as SERVFAIL is."""
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    signed_zone(dns_server, mx.host)
+    dns_server.referral(TLSA_OWNER)
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DEFERRED
+    assert "TLSA lookup" in bob.reason and "referral" in bob.reason, bob.reason
+    assert mx.messages == [] and mx.connections == 0
+
+
+async def test_a_referral_for_a_tlsa_or_the_aliass_own_record_is_a_failed_lookup(
+    dns_server: LoopbackDNS,
+) -> None:
+    """Whether an alias's CNAME validated decides whether DANE applies to it: a referral
+    is no answer, so the lookup fails (TemporaryFailure) instead of calling the alias
+    insecure, which would send without DANE."""
+    dns_server.a("mx.test", "192.0.2.25")
+    dns_server.referral("mx.test")
+    dns_server.referral(TLSA_OWNER)
+    resolver = make_resolver(dns_server.dns_config)
+    with pytest.raises(TemporaryFailure, match="referral"):
+        await lookup_alias_secure(resolver, "mx.test")
+    with pytest.raises(TemporaryFailure, match="referral"):
+        await lookup_tlsa(resolver, "mx.test")
 
 
 def test_validated_absence_of_tlsa_leaves_the_default(

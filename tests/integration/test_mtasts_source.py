@@ -193,6 +193,38 @@ async def test_a_failed_address_lookup_with_nothing_else_found_says_so(
     assert https.count() == 0
 
 
+async def test_a_referral_for_the_record_is_a_failed_lookup(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    """A server that does not resolve recursively answers with a referral (NOERROR, no
+    records, NS records in the authority section), which says nothing of whether the
+    record exists: read as "no _mta-sts record", the domain had no policy, and a
+    REQUIRETLS message to it went without waiting for the one it may have (RFC 8689
+    §4.2.1). It is a failed lookup, as SERVFAIL is."""
+    zone.referral("_mta-sts.example.org")
+    source = make_source(zone, https, client_tls_context, clock, MemoryStore())
+    assert await source.policy("example.org") is None
+    unknown = source.unknown("example.org")
+    assert unknown is not None and "referral" in unknown, unknown
+    assert https.count() == 0
+
+
+async def test_a_referral_for_the_policy_hosts_addresses_is_a_failed_lookup(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    """As for the record: a referral for mta-sts.<domain> is no "no address" but a
+    lookup that failed, and the fetch says so."""
+    zone.delete("mta-sts.example.org")
+    zone.referral("mta-sts.example.org")
+    failures: list[tuple[str, PolicyError, CachedPolicy | None]] = []
+    source = make_source(zone, https, client_tls_context, clock, MemoryStore(), failures)
+    assert await source.policy("example.org") is None
+    [(_, error, _)] = failures
+    assert "address lookup of mta-sts.example.org failed" in error.reason, error.reason
+    assert "referral" in error.reason, error.reason
+    assert https.count() == 0
+
+
 @pytest.mark.parametrize(
     ("answer", "result_type", "reason"),
     [

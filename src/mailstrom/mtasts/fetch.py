@@ -32,6 +32,7 @@ from mailstrom.errors import ConfigError
 from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
 from mailstrom.mtasts.policy import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy
+from mailstrom.routing.lookup import REFERRAL, is_referral
 from mailstrom.routing.policy import RoutePolicy
 
 if TYPE_CHECKING:
@@ -100,7 +101,11 @@ async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[
         return [], NO_RECORD_TTL
     try:
         answer = await resolver.resolve(qname, dns.rdatatype.TXT, search=False)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+    except dns.resolver.NoAnswer as exc:
+        if is_referral(exc):  # no NODATA: a server that does not recurse
+            raise DNSTrouble(f"TXT lookup of {name} failed: {REFERRAL}") from exc
+        return [], NO_RECORD_TTL
+    except dns.resolver.NXDOMAIN:
         return [], NO_RECORD_TTL
     except (dns.exception.DNSException, OSError) as exc:
         raise DNSTrouble(f"TXT lookup of {name} failed: {exc}") from exc

@@ -36,6 +36,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailstrom._version import __version__
+from mailstrom.routing.lookup import REFERRAL, is_referral
 from mailstrom.routing.policy import RoutePolicy
 from mailstrom.safetext import safe_text
 
@@ -93,8 +94,9 @@ async def usable_addresses(
     ``host`` itself when it is an address the route policy admits, else the A and AAAA
     addresses of the name it admits. Raises :class:`NoUsableAddress`.
 
-    One family's lookup failing (SERVFAIL, a timeout) leaves the other's addresses to
-    try, as for an MX host: the failure is the reason only when nothing else was found.
+    One family's lookup failing (SERVFAIL, a timeout, a referral) leaves the other's
+    addresses to try, as for an MX host: the failure is the reason only when nothing else
+    was found.
     With the policy's ``ip_version`` (``source_address``'s), only that family is looked
     up: a connection bound to the source address reaches no other."""
     version = route_policy.ip_version
@@ -117,7 +119,11 @@ async def usable_addresses(
             break  # IPv4 filled every place: the IPv6 addresses would never be tried
         try:
             answer = await resolver.resolve(dns.name.from_text(host), rdtype, search=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        except dns.resolver.NoAnswer as exc:
+            if is_referral(exc):  # no NODATA: a server that does not recurse
+                failed = failed or LookupError(REFERRAL)
+            continue
+        except dns.resolver.NXDOMAIN:
             continue
         except (dns.exception.DNSException, OSError) as exc:
             failed = failed or exc

@@ -177,8 +177,15 @@ def is_referral(no_answer: dns.resolver.NoAnswer) -> bool:
     an SOA, or no NS records.
 
     dnspython raises NoAnswer for both; taken for NODATA, a referral made every domain
-    one without MX records, then one without addresses: a permanent failure (5.4.4)."""
-    response = no_answer.kwargs.get("response")  # absent when raised by hand
+    one without MX records, then one without addresses: a permanent failure (5.4.4).
+    Every lookup that reads NoAnswer as "no such records" asks this first (DANE's TLSA,
+    MTA-STS's record and policy host), and fails as for SERVFAIL when it is one."""
+    return is_referral_response(no_answer.kwargs.get("response"))  # absent when by hand
+
+
+def is_referral_response(response: object) -> bool:
+    """:func:`is_referral` of a response read without dnspython's NoAnswer (a NOERROR
+    response with no records for the question)."""
     if not isinstance(response, dns.message.Message) or response.flags & dns.flags.AA:
         return False
     types = {rrset.rdtype for rrset in response.authority}

@@ -58,6 +58,7 @@ import dns.resolver
 
 from mailstrom.config import Config
 from mailstrom.errors import ConfigError, TemporaryFailure
+from mailstrom.routing.lookup import REFERRAL, is_referral, is_referral_response
 from mailstrom.tls.decide import Destination
 from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
 from mailstrom.tls.tlsa_lenient import Malformed, ask_leniently
@@ -112,7 +113,11 @@ async def _ask(
     TemporaryFailure (RFC 7672 §2.2: such a host is unusable, never plaintext)."""
     try:
         return await resolver.resolve(name, rdtype, search=False)
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+    except dns.resolver.NoAnswer as exc:
+        if is_referral(exc):  # no NODATA: a server that does not recurse
+            raise _failure(name, host, REFERRAL, what=dns.rdatatype.to_text(rdtype)) from exc
+        return None
+    except dns.resolver.NXDOMAIN:
         return None
     except (dns.exception.DNSException, OSError) as exc:
         raise _failure(name, host, exc, what=dns.rdatatype.to_text(rdtype)) from exc
@@ -218,6 +223,8 @@ async def _ask_again(
     except dns.exception.DNSException as exc:
         raise _failure(name, host, exc) from exc
     if answer.rrset is None and not malformed.count:
+        if is_referral_response(response):
+            raise _failure(name, host, REFERRAL)
         return TLSALookup(host=host)  # NODATA
     return _found(host, answer, malformed)
 
@@ -246,7 +253,11 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALo
             answer = await resolver.resolve(
                 name, dns.rdatatype.TLSA, search=False, lifetime=first_try
             )
-    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+    except dns.resolver.NoAnswer as exc:
+        if is_referral(exc):  # no NODATA: a server that does not recurse
+            raise _failure(name, host, REFERRAL) from exc
+        return TLSALookup(host=host)
+    except dns.resolver.NXDOMAIN:
         return TLSALookup(host=host)
     except (dns.exception.DNSException, OSError) as exc:
         if not _may_have_refused(exc):
