@@ -347,6 +347,41 @@ def test_a_message_queued_before_a_key_rotation_goes_out_signed_by_the_new_keys(
     assert recent[mid] == status.dkim
 
 
+def test_a_message_queued_before_only_its_rsa_key_rotated_goes_out_rsa_signed_anew(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """The RSA key rotated while the message waited, the Ed25519 key did not. One valid
+    signature (the Ed25519 one) stopped the re-sign, so the message went out with an RSA
+    signature whose record was gone: a receiver that verifies RSA alone (RFC 8301 obliges
+    verifiers to it, RFC 8463's Ed25519 is optional) saw it unsigned. A domain with RSA
+    keys configured and no RSA signature by one of them is signed anew."""
+    mx = receivers[True]
+    store = MemoryStore()
+    old = prepare(text_message("bob@modern.test"), now=datetime.now(UTC), dkim=CONFIG)
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    [ed] = [k for k in CONFIG.keys if k.algorithm is ED25519]
+    new_rsa = DKIMKey(
+        domain="sender.test", selector="rsa2027", private_key=generate_private_key(RSA)
+    )
+    new = DKIMConfig(keys=(new_rsa, ed))
+    publish(dns_server, new)
+    for gone in CONFIG.keys:
+        if gone.algorithm is RSA:
+            dns_server.delete(gone.dns_record().name)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=new)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    assert sent == [
+        ("sender.test", "rsa2027", "rsa-sha256"),
+        ("sender.test", "ed", "ed25519-sha256"),
+    ]
+    assert_all_pass(received.content, dns_server)
+
+
 def test_a_message_signed_anew_is_signed_once_however_often_it_is_deferred(
     dns_server: LoopbackDNS, receivers: dict[bool, Any]
 ) -> None:

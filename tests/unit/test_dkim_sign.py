@@ -465,6 +465,19 @@ def test_a_signature_by_a_key_rotated_away_is_made_anew() -> None:
     # valid; one is enough, so the message goes as it is.
     partly = DKIMConfig(keys=(key("example.com", "rsa", RSA), key("example.com", "ed2", ED25519)))
     assert resign_stale(stored, partly, now=later) is None
+    # Only the RSA key rotated: the Ed25519 signature is valid, but a receiver that
+    # verifies RSA alone would see none; both are made anew, by the keys now there.
+    rsa_only = DKIMConfig(keys=(key("example.com", "rsa2", RSA), key("example.com", "ed", ED25519)))
+    out = as_sent(stored, rsa_only, now=later)
+    assert out is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
+        ("example.com", "rsa2"),
+        ("example.com", "ed"),
+    ]
+    assert resign_stale(out, rsa_only, now=later) is None
+    # A domain with Ed25519 keys only has no RSA signature to miss.
+    ed_only = DKIMConfig(keys=(key("example.com", "ed", ED25519),))
+    assert resign_stale(stored, ed_only, now=later) is None
     # Both rotated: both signatures are made anew, by the keys now there.
     new = DKIMConfig(keys=(key("example.com", "rsa2", RSA), key("example.com", "ed2", ED25519)))
     out = as_sent(stored, new, now=later)

@@ -40,9 +40,10 @@ class DKIMConfig:
     matches is sent unsigned, or refused with
     :class:`~mailstrom.errors.NoDKIMKey` when ``required`` is true.
 
-    The worker signs a queued message again with these keys when a selector of a domain
-    they sign for is not among them any more (keys rotated while it waited), or its
-    signature's ``x=`` is about to pass (:func:`~mailstrom.dkim.signing.resign_stale`).
+    The worker signs a queued message again with these keys when no signature of a
+    domain they sign for is by one of them any more, or none of its RSA signatures is
+    while the domain has an RSA key (keys rotated while it waited), or its signature's
+    ``x=`` is about to pass (:func:`~mailstrom.dkim.signing.resign_stale`).
     """
 
     keys: Sequence[DKIMKey] = ()
@@ -61,6 +62,7 @@ class DKIMConfig:
     _selectors: dict[str, frozenset[str]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    _rsa: set[str] = field(init=False, repr=False, compare=False, default_factory=set)
 
     def __post_init__(self) -> None:
         given = self.keys
@@ -87,6 +89,8 @@ class DKIMConfig:
             self._by_domain[key.domain] = (*self._by_domain.get(key.domain, ()), key)
         for domain, found in self._by_domain.items():
             self._selectors[domain] = frozenset(k.selector.lower() for k in found)
+            if any(k.algorithm is DKIMAlgorithm.RSA_SHA256 for k in found):
+                self._rsa.add(domain)
             if all(k.algorithm is DKIMAlgorithm.ED25519_SHA256 for k in found):
                 # Said where it is configured, as a small RSA key is: the mail goes out
                 # signed, and only the DMARC reports of the receivers that drop it tell.
@@ -110,6 +114,11 @@ class DKIMConfig:
         the ``d=`` of a signature) itself, not of a parent; empty when it has none. A
         signature of ``domain`` by another selector was made by a key rotated away."""
         return self._selectors.get(domain, frozenset())
+
+    def has_rsa(self, domain: str) -> bool:
+        """Whether ``domain`` (a lower-case A-label, the ``d=`` of a signature) itself
+        has an RSA key: the signature every verifier checks (RFC 8301)."""
+        return domain in self._rsa
 
     def keys_for(self, domains: Iterable[str]) -> tuple[DKIMKey, ...]:
         """The keys that sign mail from ``domains`` (lower-case A-labels, the From

@@ -84,6 +84,7 @@ RESIGN_BEFORE = timedelta(hours=1)
 allow (some 20 minutes, RFC 5321 §4.5.3.2), with room for a receiver that verifies
 after it queued the message."""
 _SIGNATURE = b"DKIM-Signature:"
+_RSA = DKIMAlgorithm.RSA_SHA256.value.encode("ascii")
 """How :func:`sign` begins each field it puts in front."""
 _FWS = b" \t\r\n"
 _MADE = re.compile(
@@ -165,7 +166,9 @@ def resign_stale(
       rotated away while the message was queued (a scheduled one may wait for weeks), and
       their DNS records, once removed, would fail the signatures when the new keys could
       make valid ones. A domain with one signature by a key still configured keeps them
-      all (a valid one is enough; another may be the application's own).
+      all (a valid one is enough; another may be the application's own), but for one
+      with an RSA key configured and no RSA signature by one: its RSA key rotated and its
+      Ed25519 key did not, and a receiver that verifies RSA alone would see it unsigned.
 
     None when none is, and none has expired, the case of almost every message: its
     signatures name the keys configured and expire later.
@@ -199,7 +202,8 @@ def resign_stale_top(
     # (start, end, d=, s=, a=) of each field: signatures named only when signing anew.
     fields: list[tuple[int, int, str | None, bytes | None, bytes | None]] = []
     domains: list[str] = []  # those with a stale signature: all of theirs are made anew
-    current_keys: set[str] = set()  # those with a signature by a key configured now
+    current_keys: dict[str, None] = {}  # those with a signature by a key configured now
+    current_rsa: set[str] = set()  # those with an RSA signature by a key configured now
     rotated: list[str] = []  # those with a signature by a key no longer configured
     expired: set[int] = set()  # where a signature by no key configured now, x= past, is
     at = 0
@@ -222,7 +226,9 @@ def resign_stale_top(
             and selector.decode("ascii", "replace").lower() in current
         ):
             if name not in domains:
-                current_keys.add(name)
+                current_keys[name] = None
+                if algorithm is not None and algorithm.lower() == _RSA:
+                    current_rsa.add(name)
                 if expiry is not None and expiry.isdigit():
                     if deadline is None:
                         deadline = _seconds(now) + int(before.total_seconds())
@@ -240,8 +246,16 @@ def resign_stale_top(
     # Rotated away only when no signature of the domain is by a key configured now: one
     # the application made with a selector of its own (a raw message signed before
     # send_email, below the signatures sign() put on top) is no rotation, and was stripped
-    # and made anew at every attempt.
+    # and made anew at every attempt. Or when none of its RSA signatures is while it has
+    # an RSA key: its RSA key rotated, its Ed25519 one not. Many receivers verify RSA
+    # alone (RFC 8301 obliges them to it, RFC 8463 to nothing), and the mail reached them
+    # with one failing signature: unsigned, to DMARC.
     domains += [name for name in rotated if name not in current_keys and name not in domains]
+    domains += [
+        name
+        for name in current_keys
+        if name not in current_rsa and name not in domains and dkim.has_rsa(name)
+    ]
     if not domains and not expired:
         return None
     kept = [field for field in fields if field[2] not in domains and field[0] not in expired]
