@@ -434,6 +434,32 @@ def test_a_suspended_destination_shows_no_next_attempt_before_its_end(
     assert _column(status, "grey@example.test", "NEXT RETRY") == retry_shown
 
 
+def test_status_says_when_a_queued_recipient_is_next_tried_as_queue_does(
+    mail_env: MailEnv,
+) -> None:
+    """A queued recipient that waits for its send_at, or for its suspended destination's
+    end: the queue said "in 1h" for it, but status showed NEXT RETRY "-", as if no
+    attempt were due; it now shows when it is next tried, as it does a deferred one's."""
+    cli = mail_env.cli
+    send_at = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    later = send(cli, "ann@other.test", "--at", send_at.isoformat())
+    assert _column(cli.ok("queue").out.splitlines(), later, "NEXT ATTEMPT").startswith("in ")
+    status = cli.ok("status", later).out.splitlines()
+    assert _column(status, "ann@other.test", "NEXT RETRY") == f"{send_at:%Y-%m-%d %H:%M:%S}"
+
+    waiting = send(cli, "bob@example.test")
+    cli.ok("suspend", "example.test", "--for", "3h")
+    assert _column(cli.ok("queue").out.splitlines(), waiting, "NEXT ATTEMPT") == "in 2h"
+    status = cli.ok("status", waiting).out.splitlines()
+    until = cli.ok("status", "--json", waiting).json()["recipients"][0]["next_attempt_at"]
+    shown = _column(status, "bob@example.test", "NEXT RETRY")
+    assert shown != "-"
+    assert shown > datetime.fromisoformat(until).strftime("%Y-%m-%d %H:%M:%S")
+    cli.ok("suspend", "example.test")  # without an end: no attempt is due
+    status = cli.ok("status", waiting).out.splitlines()
+    assert _column(status, "bob@example.test", "NEXT RETRY") == "-"
+
+
 def test_queue_shape_counts_pending_recipients_by_domain_and_age(cli: CLI) -> None:
     send(cli, "a@example.test")
     send(cli, "b@other.test")

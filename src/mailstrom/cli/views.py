@@ -49,7 +49,7 @@ from mailstrom.status import (
 )
 from mailstrom.stores.base import Store
 from mailstrom.stores.dead_holders import live_workers
-from mailstrom.stores.operator import AGE_EDGES, ShapeRow, Suspension, next_due
+from mailstrom.stores.operator import AGE_EDGES, ShapeRow, Suspension, next_try
 
 STATUS_EPILOG = """\
 examples:
@@ -231,7 +231,7 @@ def print_message(
                 r.mx_host,
                 r.ip,
                 r.tls if r.attempts else None,
-                _next_retry(st, r, suspended or {}),
+                next_try(st, r, suspended or {}),
                 r.reason_class,
                 r.reason,
             ]
@@ -266,17 +266,6 @@ def print_message(
             ],
             title=f"Attempts for {r.address}",
         )
-
-
-def _next_retry(
-    st: MessageStatus, r: RecipientStatus, suspended: Mapping[str, Suspension]
-) -> datetime | None:
-    """When ``r`` is tried again: a deferred or throttled recipient's next attempt (or its
-    suspended destination's end); none while its message is held, which no worker leases
-    until it is released."""
-    if st.held or not (r.state is RecipientState.DEFERRED or r.throttle is not None):
-        return None
-    return next_due(r, suspended)
 
 
 def dkim_text(dkim: DKIMStatus | None) -> str:
@@ -447,10 +436,7 @@ def print_queue(
 def _next_attempt(
     m: MessageStatus, now: datetime, suspended: Mapping[str, Suspension]
 ) -> str | None:
-    if m.held:
-        return None  # never leased while held: no attempt is due, now or later
-    pending = (next_due(r, suspended) for r in m.recipients if not r.state.is_final)
-    due = [when for when in pending if when is not None]
+    due = [when for r in m.recipients if (when := next_try(m, r, suspended)) is not None]
     if not due:
         return None
     first = min(due)
@@ -572,7 +558,7 @@ def envelope_text(
     ]
     for r in st.recipients:
         line = f"recipient: {cell(r.address)}  {r.state.value}  attempts={r.attempts}"
-        due = None if r.state.is_final or st.held else next_due(r, suspended or {})
+        due = next_try(st, r, suspended or {})
         if due is not None:
             line += f"  next={due:%Y-%m-%d %H:%M:%S}"
         if r.reason:

@@ -225,6 +225,19 @@ def next_due(r: RecipientStatus, suspended: Mapping[str, Suspension]) -> datetim
     return None if pause.until is None else max(due, pause.until)
 
 
+def next_try(
+    st: MessageStatus, r: RecipientStatus, suspended: Mapping[str, Suspension]
+) -> datetime | None:
+    """When recipient ``r`` of ``st`` is next tried, as every view says it (``queue``
+    the earliest of a message's, ``status``, ``show`` and the dashboard each one's):
+    :func:`next_due` of a pending one, whether deferred or queued (for its ``send_at``,
+    say); None for a final one, and while its message is held (no worker leases it until
+    it is released)."""
+    if st.held or r.state.is_final:
+        return None
+    return next_due(r, suspended)
+
+
 def count_recipients(
     messages: Iterable[MessageStatus],
     states: Collection[RecipientState],

@@ -58,7 +58,7 @@ from mailstrom.status import RecipientState, state_reason
 from mailstrom.stores.base import Store
 from mailstrom.stores.clock import in_utc
 from mailstrom.stores.dead_holders import HolderInfo, live_workers
-from mailstrom.stores.operator import Suspension, filter_domain, next_due
+from mailstrom.stores.operator import Suspension, filter_domain, next_try
 from mailstrom.web.actions import ACTIONS, InvalidTarget, Target, destination_domain
 from mailstrom.web.chart import throughput_chart
 from mailstrom.web.headers import MAX_BODY_BYTES, MAX_HEADER_BYTES, header_fields, shown_body
@@ -290,15 +290,10 @@ def create_app(
             body=body if show_body else None,
             cut=cut,
             advice={r.address: advice_for(r) for r in status.recipients},
-            # As `mailstrom status` says it: a deferred recipient's next attempt, or a
-            # throttled one's (its destination's pause ends then), not before its
-            # suspended destination's end; none while held.
-            due={
-                r.address: None
-                if status.held or not (r.state is RecipientState.DEFERRED or r.throttle is not None)
-                else next_due(r, suspended)
-                for r in status.recipients
-            },
+            # As `mailstrom status` says it: a pending recipient's next attempt (its
+            # send_at, its destination's pause's end, not before its suspended
+            # destination's end); none while held.
+            due={r.address: next_try(status, r, suspended) for r in status.recipients},
             actions=[
                 a
                 for a in ACTIONS.values()
