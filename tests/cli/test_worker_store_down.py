@@ -201,3 +201,40 @@ class _StderrLines:
         while (line := self._lines.get_nowait() if not self._lines.empty() else None) is not None:
             self._seen.append(line)
         return self._seen
+
+
+def test_a_worker_stopped_while_postgresql_is_down_exits_without_waiting_out_the_pool(
+    own_postgres: ThrowawayPostgres, mail_env: MailEnv
+) -> None:
+    """PostgreSQL going down under a running worker, then SIGTERM: the worker stopped in
+    a few seconds, but the process did not exit. Its store calls run in threads, and
+    those it had left waiting for a pooled connection (a lease, a beat) went on waiting,
+    for the store's whole timeout (30 s), and the event loop's end and the interpreter's
+    exit wait for every such thread: past a supervisor's stop timeout (the guide's
+    ``TimeoutStopSec=45`` with ``--drain-timeout`` 30), and a second signal, "stop at
+    once", did not hurry it. The store is closed as soon as the worker has stopped, which
+    ends those waits at once."""
+    url = own_postgres.create_database()
+    mail_env.cli.env["MAILSTROM_POLL_INTERVAL"] = "0.2"  # a lease waits on the pool soon
+    proc = mail_env.cli.popen(
+        "worker", "--no-live", "--log-format", "json", "--drain-timeout", "0", "--store", url
+    )
+    lines = _StderrLines(proc)
+    try:
+        lines.wait_for("worker started")
+        own_postgres.take_down()
+        lines.wait_for("error connecting in 'mailstrom'")  # a call waits for a connection
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        lines.all()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert code == 0
+    # The stop's own bounded waits: the last write (2 s), marking the holder stopped (2 s).
+    assert took < 15, f"exited {took:.1f} s after SIGTERM"

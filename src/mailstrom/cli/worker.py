@@ -162,7 +162,10 @@ def _deliver(settings: Settings, args: argparse.Namespace, early: EarlyStops) ->
         if store is None:  # stopped while waiting for the store: nothing was leased
             logging.getLogger("mailstrom.worker").info("worker stopped before its store opened")
             return EX_OK
-        stack.callback(store.close)
+        # Closed as soon as the worker has stopped, before the loop ends (see
+        # runtime.loops.run), and here should the loop never run.
+        closing = stack.enter_context(contextlib.ExitStack())
+        closing.callback(store.close)
         recent: deque[RecipientResult] = deque(maxlen=12)
 
         worker = Worker(settings.config, store, on_result=recent.appendleft)
@@ -171,7 +174,7 @@ def _deliver(settings: Settings, args: argparse.Namespace, early: EarlyStops) ->
             sources.attach(worker, store, queue=settings.metrics_queue)
             # Closed (again: close() is idempotent) before the store, so that no scrape
             # or health check reads a closed store.
-            stack.callback(server.close)
+            closing.callback(server.close)
 
         def on_started() -> None:
             # Logged once signals are handled, so a supervisor seeing it can stop us cleanly.
@@ -194,6 +197,7 @@ def _deliver(settings: Settings, args: argparse.Namespace, early: EarlyStops) ->
                     early=early,
                 ),
                 settings.config.event_loop,
+                then=closing.close,
             )
         else:
             run_loop(
@@ -205,6 +209,7 @@ def _deliver(settings: Settings, args: argparse.Namespace, early: EarlyStops) ->
                     early=early,
                 ),
                 settings.config.event_loop,
+                then=closing.close,
             )
         s = worker.status
         logging.getLogger("mailstrom.worker").info(

@@ -301,7 +301,7 @@ def _deliver(
                 reporter.cancel()
 
     try:
-        run_loop(run(), config.event_loop)
+        run_loop(run(), config.event_loop, then=store.close)  # closed again by the caller
     except BaseException as exc:
         outbox.send("status", worker.status)
         outbox.send("error", "".join(traceback.format_exception_only(exc)).strip())

@@ -85,7 +85,22 @@ class _Made(asyncio.DatagramProtocol):
             transport.close()  # connection_lost follows, as asyncio's loop has it
 
 
-def run(main: Coroutine[Any, Any, T], kind: EventLoop) -> T:
-    """``asyncio.run(main)`` on the loop ``kind`` names."""
+def run(
+    main: Coroutine[Any, Any, T], kind: EventLoop, *, then: Callable[[], None] | None = None
+) -> T:
+    """``asyncio.run(main)`` on the loop ``kind`` names; ``then`` (closing a worker's
+    store) is called once ``main`` ends, before the loop's end waits for the threads of
+    its default executor.
+
+    A worker's store calls run in those threads, and one it stopped waiting for goes
+    on: a PostgreSQL call waiting for a pooled connection while the server is down
+    waits out the store's timeout (30 s). The loop's end, and the interpreter's exit,
+    wait for every such thread, so a process outlived its worker's stop by that much
+    (past a supervisor's stop timeout, and a second signal's "at once"). A store
+    closed ends those waits at once."""
     with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
-        return runner.run(main)
+        try:
+            return runner.run(main)
+        finally:
+            if then is not None:
+                then()
