@@ -183,3 +183,29 @@ async def test_an_async_wait_rides_out_a_postgresql_outage(
     finally:
         await ms.stop(timeout=2)
         store.close()
+
+
+def test_a_worker_process_stopped_while_postgresql_is_down_ends_within_its_grace(
+    own_postgres: ThrowawayPostgres, dns_server: LoopbackDNS
+) -> None:
+    """PostgreSQL going down under a running worker process, then ``stop(timeout=1)``:
+    the worker stopped at once, but its process lived on while the store calls it had
+    left waiting for a pooled connection (a lease every poll) waited out the store's
+    timeout (30 s), which the event loop's end and the interpreter's exit wait for;
+    stop() took 41 s, not the ``timeout + STOP_GRACE`` (11 s) it promises. The child
+    closes its store once the worker stops, which ends those waits."""
+    store = PostgresStore(own_postgres.create_database())
+    ms = Mailstrom(
+        loopback_config(dns_server, 25, poll_interval=0.2), store=store, worker="process"
+    )
+    try:
+        ms.start()
+        own_postgres.take_down()
+        time.sleep(0.5)  # the outage under test: a lease waits for a connection
+        began = time.monotonic()
+        ms.stop(timeout=1)
+        took = time.monotonic() - began
+        assert not ms.worker_status.running
+        assert took < 11, f"stop() took {took:.1f} s"
+    finally:
+        store.close()
