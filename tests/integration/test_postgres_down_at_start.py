@@ -9,6 +9,8 @@ These tests stop a server: one of the module's own (``own_postgres``).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -24,6 +26,8 @@ from mailstrom import (
     RecipientState,
     StoreAccessDenied,
 )
+from mailstrom.client import process
+from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import WorkerError
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -207,5 +211,31 @@ def test_a_worker_process_stopped_while_postgresql_is_down_ends_within_its_grace
         took = time.monotonic() - began
         assert not ms.worker_status.running
         assert took < 11, f"stop() took {took:.1f} s"
+    finally:
+        store.close()
+
+
+def test_a_worker_process_killed_at_stop_while_postgresql_is_down_ends_in_time(
+    own_postgres: ThrowawayPostgres, dns_server: LoopbackDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process that does not end within ``timeout + STOP_GRACE`` (here frozen)
+    is killed, and stop() gives back what it leased, a store call in this process. With
+    PostgreSQL down that call waited for a pooled connection for the store's timeout
+    (30 s), past the bound stop() promises. The give-back is waited for briefly; its
+    leases otherwise come back when they expire, as a dead worker's do."""
+    monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    store = PostgresStore(own_postgres.create_database())
+    ms = Mailstrom(loopback_config(dns_server, 25), store=store, worker="process")
+    try:
+        ms.start()
+        child = ms.worker
+        assert isinstance(child, WorkerProcess) and child.pid is not None
+        own_postgres.take_down()
+        os.kill(child.pid, signal.SIGSTOP)  # a child that does not stop
+        began = time.monotonic()
+        ms.stop(timeout=0.1)
+        took = time.monotonic() - began
+        assert not ms.worker_status.running
+        assert took < 5, f"stop() took {took:.1f} s"
     finally:
         store.close()

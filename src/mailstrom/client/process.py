@@ -54,6 +54,11 @@ _FORWARDED_LOGGERS = ("mailstrom", "mailstrom.attempts", "mailstrom.worker", "ma
 STOP_GRACE = 10.0
 """Seconds past the drain timeout that ``stop()`` waits for a worker to end: a child is
 then killed, a worker thread or task left to end by itself."""
+GIVE_BACK_WAIT = 2.0
+"""Seconds ``stop()`` waits for the give-back of what a child it could not stop cleanly
+had leased (a store call): one that takes longer (PostgreSQL down, its pool waiting for a
+connection for the store's timeout) goes on in the background, and its leases come back
+when they expire otherwise, as a dead worker's do."""
 RESULTS_WAITING = 10_000
 """How many results of a worker process wait here for a slow ``on_result`` at most (a
 few megabytes). Past it the reader waits for the callback to take some: the child then
@@ -504,7 +509,7 @@ class WorkerProcess:
             # than the pipe): it cannot read a stop frame, and has opened no store.
             self._kill(proc)
             if holder is not None:
-                self._give_back(holder)  # in case its spec went through just now
+                self._give_back_briefly(holder)  # in case its spec went through just now
                 given_back = True
         else:
             self._send("stop", timeout)
@@ -517,7 +522,7 @@ class WorkerProcess:
                 log.error("worker process %d did not stop; killing it", proc.pid)
                 self._kill(proc)
                 if holder is not None:
-                    self._give_back(holder)  # it had no time to give them back itself
+                    self._give_back_briefly(holder)  # it had no time to give them back itself
                     given_back = True
         if reader is not None and not own:
             # Unbounded: the child has exited, so only the frames it left in the pipe
@@ -528,7 +533,7 @@ class WorkerProcess:
                 # deliver: killed by someone else as it drained (the OOM killer, a
                 # kill -9 of a shutdown that seemed stuck). Due at once, as promised,
                 # not once its leases expire.
-                self._give_back(holder)
+                self._give_back_briefly(holder)
         with self._lock:
             if self._proc is proc and not own:
                 # Called from on_result, the child stays the current one until its
@@ -697,6 +702,20 @@ class WorkerProcess:
             # Until it answers: a child that hangs at start must not read as a healthy
             # one on its way (running False and no error is no state a caller can act on).
             self._error = f"{self._death}; started again, not answering yet"
+
+    def _give_back_briefly(self, holder: str) -> None:
+        """:meth:`_give_back`, waited for :data:`GIVE_BACK_WAIT` seconds at most: stop()
+        is bounded (``timeout + STOP_GRACE``), and a store that cannot be reached made it
+        wait for the store's own timeout (30 s for PostgreSQL's pool) on top."""
+        thread = threading.Thread(
+            target=self._give_back, args=(holder,), name="mailstrom-give-back", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had (pids.max): give back here
+            self._give_back(holder)
+            return
+        thread.join(GIVE_BACK_WAIT)
 
     def _give_back(self, holder: str) -> None:
         """Give back what a dead child had leased under ``holder``: due again now, not
