@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
 from mailstrom import Email
 from mailstrom.bounces import Report, ReportedRecipient, ReportKind, apply_report
+from mailstrom.bounds import EARLIEST_TIME, LATEST_TIME
 from mailstrom.config import Lane
 from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
 from mailstrom.message.attributes import QueueAttributes
@@ -23,6 +24,7 @@ from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.store import SUPPRESS_CHUNK
 from mailstrom.suppression import (
     BYPASSABLE,
+    MAX_TARGET,
     Suppression,
     SuppressionSource,
     match,
@@ -337,6 +339,49 @@ def test_an_entry_with_a_naive_time_is_refused_and_one_elsewhere_is_kept_in_utc(
     assert kept.created_at is not None and kept.created_at.utcoffset() == timedelta(0)
     assert kept.expires_at is not None and kept.expires_at.utcoffset() == timedelta(0)
     assert store.suppressions_for(["d@example.org"], now=NOW) == {"d@example.org": kept}
+
+
+FAR_PAST = datetime(1899, 12, 31, 23, 59, tzinfo=UTC)
+FAR_FUTURE = datetime(9999, 12, 31, 23, 59, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param({"expires_at": FAR_FUTURE}, id="expiry-9999"),
+        pytest.param({"expires_at": datetime(9000, 1, 1, tzinfo=UTC)}, id="expiry-9000"),
+        pytest.param({"created_at": FAR_PAST}, id="created-1899"),
+        pytest.param({"target": "a\x00b@example.org"}, id="nul-target"),
+        pytest.param({"target": "a\udc80@example.org"}, id="surrogate-target"),
+        pytest.param({"target": "a" * (MAX_TARGET + 1)}, id="long-target"),
+        pytest.param({"reply": "550 no\x00such user"}, id="nul-reply"),
+        pytest.param({"reply": "550 \udc80"}, id="surrogate-reply"),
+        pytest.param({"message_id": "0190\x00"}, id="nul-message-id"),
+    ],
+)
+def test_an_entry_no_store_keeps_as_given_is_refused_alike(
+    store: Store, bad: dict[str, Any]
+) -> None:
+    """Was: each store kept such an entry its own way. An expiry of 9999-12-31 (another
+    system's "never") or a creation before 1900 was kept by the memory store and read
+    back by SQL stores as no expiry and an unknown time (SQLite even for 9000-01-01); a
+    NUL was kept by the memory store and SQLite and refused by PostgreSQL, a lone
+    surrogate kept by the memory store alone, and a target past MAX_TARGET octets failed
+    PostgreSQL's index as a passing StoreError. Now every store refuses it, all or none,
+    before writing any."""
+    before = entry("a@example.org")
+    store.suppress([before])
+    damaged = dataclasses.replace(entry("c@example.org"), **bad)
+    with pytest.raises(InvalidArgument):
+        store.suppress([entry("a@example.org", reply="new"), damaged], keep_longer=True)
+    assert store.list_suppressions() == [before]
+    edge = [
+        dataclasses.replace(entry("d@example.org"), created_at=EARLIEST_TIME),
+        entry("e@example.org", expires_at=LATEST_TIME - timedelta(microseconds=1)),
+        entry("f" * (MAX_TARGET - len("@example.org")) + "@example.org"),
+    ]
+    assert store.suppress(edge) == 3
+    assert store.list_suppressions() == [before, *edge]
 
 
 class _Interleaved:

@@ -41,7 +41,7 @@ from mailstrom.status import (
 )
 from mailstrom.stores.clock import after, kept_time
 from mailstrom.stores.operator import ShapeRow, Suspension, comparable, filter_domain
-from mailstrom.suppression import Suppression
+from mailstrom.suppression import MAX_TARGET, Suppression
 
 if TYPE_CHECKING:
     # Only named in signatures: a worker, which neither enqueues (but for a bounce
@@ -218,6 +218,35 @@ def check_tls_host(host: str) -> None:
     (refused by PostgreSQL alone), a lone surrogate (by both SQL stores) or more than
     :data:`MAX_TLS_HOST` octets (a StoreError from PostgreSQL's index)."""
     check_key(host, "host", limit=MAX_TLS_HOST)
+
+
+def check_suppressions(entries: Sequence[Suppression]) -> None:
+    """InvalidArgument for an entry of :meth:`Store.suppress` that not every store keeps
+    as given, before a store writes any: a target that is no string of at most
+    :data:`~mailstrom.suppression.MAX_TARGET` octets without NUL or a lone surrogate
+    (:func:`~mailstrom.arguments.check_key`; a longer one failed PostgreSQL's index as a
+    passing StoreError), a reply or message id with a NUL (refused by PostgreSQL alone)
+    or a lone surrogate (kept by the memory store alone), or a time outside
+    :func:`~mailstrom.stores.clock.kept_time` (an expiry of 9999-12-31 or a creation
+    before 1900 was kept by the memory store and read back by the SQL stores as none:
+    no expiry, an unknown time). An unknown (None) source or creation time is left to
+    the stores, which refuse it (StoreRefusedData)."""
+    for entry in entries:
+        texts = f"{entry.reply}{entry.message_id or ''}"
+        if not (texts.isascii() and "\x00" not in texts):
+            for name in ("reply", "message_id"):
+                value = getattr(entry, name)
+                if value is not None and not comparable(value):
+                    raise InvalidArgument(
+                        f"{name}: {shown(value)} holds a NUL or a lone surrogate, which no"
+                        f" store keeps (the entry of {shown(entry.target)})",
+                        argument=name,
+                    )
+        check_key(entry.target, "target", limit=MAX_TARGET)
+        for name in ("created_at", "expires_at"):
+            when = getattr(entry, name)
+            if when is not None:
+                kept_time(when, name)
 
 
 def bounded_text(text: str, limit: int = MAX_REPLY_TEXT) -> str:

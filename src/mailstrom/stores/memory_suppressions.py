@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from mailstrom.arguments import row_limit
 from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, RecipientState
+from mailstrom.stores.base import check_suppressions
 from mailstrom.stores.clock import aware_utc
 from mailstrom.stores.memory_records import _Message, _Recipient, utc_attempt
 from mailstrom.suppression import Suppression
@@ -47,6 +48,7 @@ class MemorySuppressionsMixin:
                     f"memory store refused a value: the suppression of {entry.target!r}"
                     " has no known source or time"
                 )
+        check_suppressions(entries)
         kept = [_in_utc(entry) for entry in entries]  # a naive time refused before any is kept
         with self._lock:
             for entry in kept:

@@ -113,6 +113,7 @@ from mailstrom.stores.base import (
     check_pause_times,
     check_result_times,
     check_storable,
+    check_suppressions,
     check_tls_host,
     named_recipients,
     pause_reply,
@@ -2192,6 +2193,7 @@ class SQLiteStore:
         long: see Store.suppress); returns how many were given."""
         if not entries:
             return 0
+        check_suppressions(entries)
         with self._write() as conn:
             return sqlite_suppressions.insert_suppressions(conn, entries, keep_longer=keep_longer)
 

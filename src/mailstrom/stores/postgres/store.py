@@ -68,6 +68,7 @@ from mailstrom.stores.base import (
     check_pause_times,
     check_result_times,
     check_storable,
+    check_suppressions,
     check_tls_host,
     holder_range,
     lease_token,
@@ -1624,6 +1625,7 @@ class PostgresStore:
         still comes last, and wins), every write locks in the order of the primary key."""
         if not entries:
             return 0
+        check_suppressions(entries)
         given = len(entries)
         if keep_longer:
             entries = rows.longest_per_target(entries)
