@@ -339,6 +339,28 @@ def test_a_timed_suspension_ends_by_itself(store: Store) -> None:
     assert leased_addresses(lease_all(store, now=NOW + 2 * HOUR)) == ["a@example.org"]
 
 
+@pytest.mark.parametrize("lanes", [None, (("", 10),)], ids=["no-lanes", "lanes"])
+def test_the_first_lease_after_a_timed_suspension_ends_takes_its_recipients(
+    store: Store, lanes: tuple[tuple[str, int], ...] | None
+) -> None:
+    """Was: PostgreSQL keeps a suspended destination's recipients out of its due index,
+    and a lease that found other mail due at the suspension's end only noted that it had
+    ended: it left the longer-due recipients of that destination for the next lease
+    (limit to spare, oldest due not first), where the memory store and SQLite leased
+    them with the rest, oldest first, as they had been due since before."""
+    store.enqueue(message("a@example.org"), now=NOW)
+    store.suspend("example.org", now=NOW, until=NOW + HOUR)
+    store.enqueue(message("b@other.org"), now=NOW + MINUTE)
+    later = NOW + HOUR
+    assert store.suspensions(now=later) == []
+    lease = store.lease(now=later, limit=10, lease_for=LEASE_FOR, lanes=lanes)
+    assert leased_addresses(lease) == ["a@example.org", "b@other.org"]
+    assert store.lease(now=later, limit=10, lease_for=LEASE_FOR, lanes=lanes) is None
+    assert (
+        lease is not None and len(store.record(results_for(lease, RecipientState.DELIVERED))) == 2
+    )
+
+
 def test_mail_queued_held_or_released_during_a_suspension_waits_for_its_end(
     store: Store,
 ) -> None:

@@ -508,11 +508,12 @@ class PostgresStore:
         the suppression entries that apply to them; with ``lanes``, one statement for the
         named lanes and, when they had room left and nothing more due, one for the
         others. A timed suspension that has ended brings its recipients back into the due
-        indexes (:mod:`.aside`) before the lease after one whose rows said so, or, made
-        through this store, before a second try of a lease that found nothing; another
-        process's, which no lease saw, is brought back by :meth:`next_due` (the worker asks
-        it after each empty lease). Not fair yet: ``busy`` and ``per_destination`` are
-        taken and not heeded (the oldest due are leased whatever their destination)."""
+        indexes (:mod:`.aside`) before a second try of the lease whose rows said so (its
+        rows given back first, so that the recipients due longest still come first), or,
+        made through this store, of a lease that found nothing; another process's, which
+        no lease saw, is brought back by :meth:`next_due` (the worker asks it after each
+        empty lease). Not fair yet: ``busy`` and ``per_destination`` are taken and not
+        heeded (the oldest due are leased whatever their destination)."""
         del busy, per_destination
         if row_limit(limit) == 0:
             return None
@@ -522,9 +523,10 @@ class PostgresStore:
         if self._ended_seen:
             # The last lease saw a timed suspension ended: its recipients come back first.
             self._end_ended(now)
+        token = lease_token(holder)
         take = functools.partial(
             self._lease_as,
-            lease_token(holder),
+            token,
             now=now,
             limit=limit,
             lease_for=lease_for,
@@ -532,6 +534,16 @@ class PostgresStore:
             max_bytes=max_bytes,
         )
         found = take()
+        if found is not None and self._ended_seen and not found.failed:
+            # Its rows say a timed suspension has ended, its recipients still aside: due
+            # since before (perhaps before all of these), they belong in this lease, not
+            # the next. Given back, brought back and leased again, once per end.
+            try:
+                self._fetch("release_tokens", {"tokens": [token]})
+            except StoreError:
+                return found  # still held: the next lease brings them back first
+            self._end_ended(now)
+            found = take()
         ends = self._ends
         if found is None and ends and min(ends) <= now.astimezone(UTC):
             # Nothing else was due (so no row said so), and a suspension made here may have

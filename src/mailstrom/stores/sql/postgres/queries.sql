@@ -268,7 +268,7 @@ SELECT l.message_id, l.domain, l.address, l.position, l.attempts,
        -- Whether max_bytes left rows out: then nothing more is leased after these.
        (SELECT count(*) FROM due) > (SELECT count(*) FROM leased) AS cut,
        -- Whether a timed suspension has ended with its recipients still aside: the store
-       -- then brings them back (end_suspensions) for the next lease.
+       -- then gives these rows back, brings those back (end_suspensions) and leases again.
        EXISTS (SELECT 1 FROM suspensions WHERE until <= %(now)s) AS ended
 FROM screened l
 JOIN due d ON d.message_id = l.message_id AND d.address = l.address
