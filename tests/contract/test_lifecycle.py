@@ -162,6 +162,22 @@ def test_a_message_with_no_recipient_is_refused_alike(store: Store) -> None:
     assert store.recent() == []
 
 
+def test_a_message_with_no_data_is_refused_alike(store: Store) -> None:
+    """Was: a direct enqueue of a message of no octets (``prepare`` never makes one:
+    every message has a header) was queued by every store; the memory store then
+    leased it and had the worker send nothing as the message, where SQLite and
+    PostgreSQL failed its recipients at their lease as a "queue row unreadable" (data
+    that is empty is data lost). Every store refuses it, before writing anything."""
+    empty = message(data=b"")
+    with pytest.raises(InvalidArgument, match=r"^data: ") as raised:
+        store.enqueue(empty, now=NOW)
+    assert raised.value.argument == "data"
+    with pytest.raises(InvalidArgument, match=r"^data: "):
+        store.enqueue_many([message(), empty], now=NOW)
+    assert store.recent() == []
+    assert store.lease(now=NOW, limit=10, lease_for=LEASE_FOR) is None
+
+
 @pytest.mark.parametrize("bad", ["a\x00b", "a\udcffb"], ids=["nul", "surrogate"])
 @pytest.mark.parametrize(
     "field", ["recipients", "envelope_from", "header_message_id", "subject", "dkim_unsigned"]

@@ -82,7 +82,9 @@ def check_storable(messages: Iterable[PreparedMessage], *, now: datetime | None 
     naming no recipient (the facades raise NoRecipients): every store queued it, failed
     with nothing to deliver, and each purged it in its own way (SQLite never). And for
     an address, Message-ID, subject or unsigned reason with a NUL or a lone surrogate
-    (``prepare`` makes none): queued by some stores, refused by others.
+    (``prepare`` makes none): queued by some stores, refused by others. And for one of
+    no octets (``data``), which the SQL stores failed at its lease as an unreadable row
+    and the memory store had sent as it was.
 
     InvalidArgument too for a naive ``send_at``, ``expires_at`` or ``idempotency_until``
     (:class:`~mailstrom.message.attributes.QueueAttributes` built by hand), named: the
@@ -93,6 +95,13 @@ def check_storable(messages: Iterable[PreparedMessage], *, now: datetime | None 
         kept_time(now, "now")
     for message in messages:
         _check_recipients(message.recipients)
+        if not message.data:
+            # No store can tell it from data lost: SQLite and PostgreSQL failed its
+            # recipients at their lease as unreadable, the memory store sent nothing.
+            raise InvalidArgument(
+                "data: the message has no octets; give it at least its header",
+                argument="data",
+            )
         _check_texts(message)
         _check_times(message.attributes)
         if message.size > MAX_STORED_SIZE:
