@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from datetime import timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -67,6 +67,28 @@ def test_a_late_failure_at_a_naive_time_is_refused_and_one_elsewhere_shown_in_ut
     for when in (a.last_attempt_at, a.finished_at, a.history[-1].at):
         assert when == LATER and when.utcoffset() == timedelta(0), when
     assert store.purge(finished_before=LATER + LEASE_FOR) == 1
+
+
+@pytest.mark.parametrize(
+    "when",
+    [datetime(9500, 1, 1, tzinfo=UTC), datetime(1899, 12, 31, tzinfo=UTC)],
+    ids=["far", "long-ago"],
+)
+def test_a_late_failure_at_a_time_no_store_reads_back_is_refused_alike(
+    store: Store, when: datetime
+) -> None:
+    """Was: a late attempt past year 9000 (or before 1900) was refused by the memory
+    store (InvalidArgument), kept by PostgreSQL, and written by SQLite into a history
+    row it could not read again: the message's status raised UnreadableRow from then on.
+    Every store refuses it, changing nothing, as it refuses such a time in a result."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    with pytest.raises(InvalidArgument, match=r"^attempt\.at: "):
+        store.fail_late(mid, "a@example.org", replace(late(), at=when))
+    a = store.status(mid).recipient("a@example.org")
+    assert a.state is RecipientState.DELIVERED and len(a.history) == 1
+    with pytest.raises(InvalidArgument, match=r"^attempt\.at: "):
+        store.fail_late(mid, "nobody@example.org", replace(late(), at=when))
 
 
 def test_the_late_attempt_joins_the_history_as_given(store: Store) -> None:

@@ -2234,7 +2234,10 @@ class SQLiteStore:
             )
 
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
-        """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction."""
+        """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction.
+        A time outside kept_time is refused first: written, its history row could not be
+        read again (the message's status raised UnreadableRow)."""
+        kept_time(attempt.at, "attempt.at")
         with self._write() as conn:
             seq = self._seq(conn, message_id)
             if not comparable(address):

@@ -1693,6 +1693,7 @@ class PostgresStore:
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a recipient FAILED after the fact (see Store.fail_late); one transaction
         (two statements with events enabled)."""
+        kept_time(attempt.at, "attempt.at")  # as a result's: SQLite could not read it back
         if not comparable(message_id):
             raise UnknownMessage(message_id)
         if not comparable(address):
