@@ -574,6 +574,35 @@ def test_a_suspension_or_broken_tls_to_a_time_no_store_keeps_is_refused_alike(
 
 
 @pytest.mark.parametrize(
+    ("domain", "now", "argument"),
+    [
+        ("example.org", datetime(9500, 1, 1, tzinfo=UTC), "now"),
+        ("example.org", datetime(1800, 1, 1, tzinfo=UTC), "now"),
+        ("exa\x00mple.org", NOW, "domain"),
+        ("exa\udc80mple.org", NOW, "domain"),
+        ("x" * 1025, NOW, "domain"),
+        (None, NOW, "domain"),
+    ],
+    ids=["far-now", "long-ago-now", "nul", "surrogate", "long", "none"],
+)
+def test_a_suspension_no_store_keeps_as_given_is_refused_alike(
+    store: Store, domain: str, now: datetime, argument: str
+) -> None:
+    """Was: a suspension begun at a ``now`` past year 9000 was shown so by the memory
+    store and PostgreSQL and with no start (None) by SQLite; one of a domain with a NUL
+    was kept by the memory store and SQLite and refused by PostgreSQL, one with a lone
+    surrogate kept by the memory store alone, and one past PostgreSQL's index failed
+    there as a passing StoreError. Every store refuses them (InvalidArgument, naming
+    the argument), as it does a throttle's destination, and keeps nothing."""
+    with pytest.raises(InvalidArgument, match=rf"^{argument}: ") as raised:
+        store.suspend(domain, now=now, until=None)
+    assert raised.value.argument == argument
+    assert store.suspensions(now=NOW) == []
+    store.suspend("x" * 1024, now=NOW)  # as long a key as a throttle's
+    assert [s.domain for s in store.suspensions(now=NOW)] == ["x" * 1024]
+
+
+@pytest.mark.parametrize(
     "edges",
     [
         (MINUTE, timedelta(days=10**8)),

@@ -188,6 +188,19 @@ def check_destination(destination: str | None) -> None:
         check_key(destination, "destination", limit=MAX_SHAPING_KEY)
 
 
+def check_suspension(domain: str, now: datetime, until: datetime | None) -> datetime | None:
+    """InvalidArgument for a suspension (:meth:`Store.suspend`) that not every store
+    keeps as given, before a store writes anything: a ``domain`` no store can key
+    (:func:`check_destination`'s rule: a NUL was refused by PostgreSQL alone, a lone
+    surrogate kept by the memory store alone, more than :data:`MAX_SHAPING_KEY` octets
+    failed PostgreSQL's index), or a ``now`` or ``until`` outside
+    :func:`~mailstrom.stores.clock.kept_time` (SQLite read a start past year 9000 back as
+    none). Returns ``until`` in UTC (None stays None)."""
+    check_key(domain, "domain", limit=MAX_SHAPING_KEY)
+    kept_time(now, "now")
+    return None if until is None else kept_time(until, "until")
+
+
 def named_recipients(recipients: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """The (message id, address) pairs of a throttle's ``recipients`` that may name a
     stored recipient: a NUL or a lone surrogate in either (:func:`~.operator.comparable`)

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from mailstrom.arguments import row_limit
 from mailstrom.errors import UnknownMessage
 from mailstrom.status import DestinationThrottle, MessageStatus, QueueStats, RecipientState
-from mailstrom.stores.base import QueueFilter, with_throttles
-from mailstrom.stores.clock import before, kept_time
+from mailstrom.stores.base import QueueFilter, check_suspension, with_throttles
+from mailstrom.stores.clock import before
 from mailstrom.stores.memory_records import _PENDING, _Message, _Recipient
 from mailstrom.stores.operator import (
     ShapeRow,
@@ -220,7 +220,7 @@ class MemoryOperatorMixin:
 
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
         """Stop delivery to ``domain`` until ``until`` or resume."""
-        until = None if until is None else kept_time(until, "until")
+        until = check_suspension(domain, now, until)
         with self._lock:
             self._suspended[domain] = Suspension(domain=domain, suspended_at=now, until=until)
 

@@ -114,6 +114,7 @@ from mailstrom.stores.base import (
     check_result_times,
     check_storable,
     check_suppressions,
+    check_suspension,
     check_tls_host,
     named_recipients,
     pause_reply,
@@ -2047,7 +2048,7 @@ class SQLiteStore:
 
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
         """Stop delivery to ``domain`` until ``until`` or resume."""
-        until = None if until is None else kept_time(until, "until")
+        until = check_suspension(domain, now, until)
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO suspensions (domain, suspended_at, until) VALUES (?, ?, ?)"

@@ -69,6 +69,7 @@ from mailstrom.stores.base import (
     check_result_times,
     check_storable,
     check_suppressions,
+    check_suspension,
     check_tls_host,
     holder_range,
     lease_token,
@@ -1482,7 +1483,7 @@ class PostgresStore:
 
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
         """Stop delivery to ``domain`` until ``until`` or resume."""
-        until = None if until is None else kept_time(until, "until")
+        until = check_suspension(domain, now, until)
         self._fetch("suspend", {"domain": domain, "now": now, "until": until})
         if until is not None:
             self._ends |= {until}
