@@ -10,6 +10,7 @@ from before them (SQLite schema 13, PostgreSQL 14) upgrades."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sqlite3
 from contextlib import closing
 from datetime import timedelta
@@ -27,7 +28,7 @@ from mailstrom.stores.sqlite_schema import migrations as sqlite_migrations
 from tests.support.pg_tables import schema_at
 
 from .conftest import Backend
-from .support import LEASE_FOR, NOW, SECOND, lease_all, message, results_for
+from .support import LEASE_FOR, NOW, SECOND, at_once, lease_all, message, results_for
 
 
 def bounce() -> object:
@@ -255,6 +256,36 @@ def test_a_notice_another_store_object_queued_is_not_queued_twice(
     assert len(one.queue_notices(seen_one, {mid: [bounce()]}, now=NOW)) == 1  # type: ignore[list-item]
     assert two.queue_notices(seen_two, {mid: [bounce()]}, now=NOW) == []  # type: ignore[list-item]
     assert len(two.recent()) == 2
+
+
+def _queue_into(
+    into: list[list[str]], store: Store, owed: list[OwedNotice], notices: dict[str, list[object]]
+) -> None:
+    into.append(store.queue_notices(owed, notices, now=NOW))  # type: ignore[arg-type]
+
+
+def test_two_workers_queueing_the_same_notice_at_once_queue_it_once(
+    store_backend: Backend,
+) -> None:
+    """The race the sequential test above leaves out: both clear the same marks in the
+    same instant (each in its one transaction), and one notice is queued, not two nor
+    none, whichever store it is."""
+    stores = [store_backend.open() for _ in range(2)]
+    for _ in range(10):
+        mid = stores[0].enqueue(message("ann@example.org", "bob@example.org"), now=NOW)
+        stores[0].record(marked(results_for(lease_all(stores[0]), RecipientState.FAILED)))
+        seen = [s.owed_notices(message_ids=[mid]) for s in stores]
+        assert [len(owed) for owed in seen] == [2, 2]
+        queued: list[list[str]] = []
+        notices = {mid: [bounce()]}
+        at_once(
+            *(
+                functools.partial(_queue_into, queued, s, owed, notices)
+                for s, owed in zip(stores, seen, strict=True)
+            )
+        )
+        assert sorted(len(ids) for ids in queued) == [0, 1]
+        assert stores[1].owed_notices(message_ids=[mid]) == []
 
 
 @pytest.mark.parametrize(
