@@ -126,6 +126,22 @@ def test_listing_pages_in_target_order(store: Store) -> None:
     assert store.list_suppressions(limit=0) == []
 
 
+@pytest.mark.parametrize("after", ["a\x00", "a\udc80", "a" * (MAX_TARGET + 1), None])
+def test_a_page_after_a_target_no_store_can_compare_is_refused_alike(
+    store: Store, after: Any
+) -> None:
+    """Was: a page after a target with a NUL was listed by the memory store and SQLite
+    and refused by PostgreSQL (StoreRefusedData), one with a lone surrogate listed by the
+    memory store alone. Every store refuses such an ``after`` (InvalidArgument), as
+    ``Mailstrom.suppressions`` and ``mailstrom suppress list --after`` do."""
+    store.suppress([entry("a@example.org"), entry("b@example.org")])
+    with pytest.raises(InvalidArgument, match=r"^after: ") as raised:
+        store.list_suppressions(after=after)
+    assert raised.value.argument == "after"
+    longest = "a" * MAX_TARGET
+    assert [e.target for e in store.list_suppressions(after=longest)] == ["b@example.org"]
+
+
 def test_unsuppress_removes_and_counts_what_existed(store: Store) -> None:
     store.suppress([entry("bob@example.org"), entry("ann@example.org")])
     assert store.unsuppress(["bob@example.org", "bob@example.org", "nobody@example.org"]) == 1

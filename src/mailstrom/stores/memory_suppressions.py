@@ -10,13 +10,13 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from mailstrom.arguments import row_limit
+from mailstrom.arguments import check_key, row_limit
 from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores.base import check_suppressions
 from mailstrom.stores.clock import aware_utc
 from mailstrom.stores.memory_records import _Message, _Recipient, utc_attempt
-from mailstrom.suppression import Suppression
+from mailstrom.suppression import MAX_TARGET, Suppression
 
 
 class MemorySuppressionsMixin:
@@ -73,6 +73,7 @@ class MemorySuppressionsMixin:
         self, *, now: datetime | None = None, after: str = "", limit: int = 100
     ) -> list[Suppression]:
         """Entries after ``after`` in target order (only active ones with ``now``)."""
+        check_key(after, "after", limit=MAX_TARGET)
         with self._lock:
             entries = sorted(
                 (e for t, e in self._suppressions.items() if t > after),

@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from mailstrom.arguments import check_timeout, row_limit
+from mailstrom.arguments import check_key, check_timeout, row_limit
 from mailstrom.errors import (
     StoreAccessDenied,
     StoreCorrupt,
@@ -194,7 +194,7 @@ from mailstrom.stores.sqlite_schema import (
 )
 from mailstrom.stores.wakeup import CANCELLED, WakeupDirectory, beside
 from mailstrom.stores.watchers import Watchers
-from mailstrom.suppression import Suppression
+from mailstrom.suppression import MAX_TARGET, Suppression
 
 if TYPE_CHECKING:
     from mailstrom.message.prepared import PreparedMessage
@@ -2218,6 +2218,7 @@ class SQLiteStore:
         self, *, now: datetime | None = None, after: str = "", limit: int = 100
     ) -> list[Suppression]:
         """Entries after ``after`` in target order (only active ones with ``now``)."""
+        check_key(after, "after", limit=MAX_TARGET)
         with self._read() as conn:
             return sqlite_suppressions.page_suppressions(conn, now=now, after=after, limit=limit)
 

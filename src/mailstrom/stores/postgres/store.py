@@ -22,7 +22,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
-from mailstrom.arguments import check_timeout, row_limit, shown
+from mailstrom.arguments import check_key, check_timeout, row_limit, shown
 from mailstrom.errors import (
     InvalidArgument,
     StoreCorrupt,
@@ -141,7 +141,7 @@ from mailstrom.stores.side_rows import (
     readable_events,
 )
 from mailstrom.stores.watchers import Watchers
-from mailstrom.suppression import Suppression
+from mailstrom.suppression import MAX_TARGET, Suppression
 from mailstrom.tlsrpt.sessions import TLSSessions
 
 log = logging.getLogger(__name__)
@@ -1676,6 +1676,7 @@ class PostgresStore:
         self, *, now: datetime | None = None, after: str = "", limit: int = 100
     ) -> list[Suppression]:
         """Entries after ``after`` in target order (only active ones with ``now``)."""
+        check_key(after, "after", limit=MAX_TARGET)
         found = self._fetch(
             "list_suppressions", {"after": after, "now": now, "limit": row_limit(limit)}
         )
