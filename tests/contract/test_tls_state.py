@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import threading
 from datetime import date, timedelta
+from typing import Any
 
+import pytest
+
+from mailstrom.errors import InvalidArgument
 from mailstrom.mtasts import CachedPolicy, Mode, Policy
 from mailstrom.stores import Store
+from mailstrom.stores.base import MAX_REPORT_KEY
 from mailstrom.tlsrpt import PolicyType, TLSSessions
 from tests.contract.conftest import Backend
 from tests.contract.support import NOW, at_once
@@ -167,3 +172,23 @@ def test_one_of_two_store_objects_claiming_at_once_gets_a_report(store_backend: 
         lambda: won.append(second.claim_tls_report("k", now=NOW, until=until)),
     )
     assert sorted(won) == [False, True]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["tlsrpt-\x00", "tlsrpt-\udc80", "k" * (MAX_REPORT_KEY + 1), None],
+    ids=["nul", "surrogate", "long", "none"],
+)
+def test_a_report_key_no_store_can_keep_is_refused_alike(store: Store, key: Any) -> None:
+    """Was: a claim or hold of a key with a NUL was taken by the memory store and SQLite
+    and refused by PostgreSQL (StoreRefusedData), one with a lone surrogate taken by the
+    memory store alone, and one of thousands of octets failed PostgreSQL's index as a
+    passing StoreError. Every store refuses such a key (InvalidArgument, naming it)."""
+    later = NOW + timedelta(hours=1)
+    with pytest.raises(InvalidArgument, match=r"^key: "):
+        store.claim_tls_report(key, now=NOW, until=later)
+    with pytest.raises(InvalidArgument, match=r"^key: "):
+        store.hold_tls_report(key, until=later)
+    longest = "k" * MAX_REPORT_KEY
+    assert store.claim_tls_report(longest, now=NOW, until=later)
+    assert not store.claim_tls_report(longest, now=NOW, until=later)

@@ -242,6 +242,20 @@ def check_tls_host(host: str) -> None:
     check_key(host, "host", limit=MAX_TLS_HOST)
 
 
+MAX_REPORT_KEY = 1024
+"""Octets of a TLS report's claim key (:meth:`Store.claim_tls_report`): mailstrom's own
+are some 70 (``tlsrpt-post-<day>-<digest>``); PostgreSQL's index keeps no key of
+several thousand."""
+
+
+def check_report_key(key: str) -> None:
+    """InvalidArgument for a TLS report's ``key`` (:meth:`Store.claim_tls_report`,
+    :meth:`Store.hold_tls_report`) that not every store can key: no string, a NUL
+    (refused by PostgreSQL alone), a lone surrogate (kept by the memory store alone) or
+    more than :data:`MAX_REPORT_KEY` octets (a StoreError from PostgreSQL's index)."""
+    check_key(key, "key", limit=MAX_REPORT_KEY)
+
+
 def check_suppressions(entries: Sequence[Suppression]) -> None:
     """InvalidArgument for an entry of :meth:`Store.suppress` that not every store keeps
     as given, before a store writes any: a target that is no string of at most

@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import date, datetime
 
 from mailstrom.mtasts.policy import CachedPolicy
+from mailstrom.stores.base import check_report_key
 from mailstrom.stores.clock import aware_utc, kept_time
 from mailstrom.tlsrpt.sessions import TLSSessions
 
@@ -62,6 +63,7 @@ class MemoryTLSMixin:
 
     def claim_tls_report(self, key: str, *, now: datetime, until: datetime) -> bool:
         """Take ``key`` until ``until`` unless another holds it past ``now``."""
+        check_report_key(key)
         now, until = aware_utc(now, "now"), kept_time(until, "until")
         with self._tls_lock:
             claims = self._tls_report_claims
@@ -74,6 +76,7 @@ class MemoryTLSMixin:
 
     def hold_tls_report(self, key: str, *, until: datetime) -> None:
         """Hold ``key`` until ``until``."""
+        check_report_key(key)
         until = kept_time(until, "until")
         with self._tls_lock:
             self._tls_report_claims[key] = until

@@ -111,6 +111,7 @@ from mailstrom.stores.base import (
     WorkItem,
     check_destination,
     check_pause_times,
+    check_report_key,
     check_result_times,
     check_storable,
     check_suppressions,
@@ -2174,6 +2175,7 @@ class SQLiteStore:
         version 17; fsynced: a claim lost to a power failure posts a report twice)."""
         from mailstrom.stores import sqlite_tls
 
+        check_report_key(key)
         now, until = aware_utc(now, "now"), kept_time(until, "until")
         with self._write() as conn:
             return sqlite_tls.claim_report(conn, key, to_us(now), to_us(until))
@@ -2182,6 +2184,7 @@ class SQLiteStore:
         """Hold ``key`` until ``until`` (fsynced, as a claim)."""
         from mailstrom.stores import sqlite_tls
 
+        check_report_key(key)
         until = kept_time(until, "until")
         with self._write() as conn:
             sqlite_tls.hold_report(conn, key, to_us(until))

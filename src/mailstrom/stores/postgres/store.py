@@ -66,6 +66,7 @@ from mailstrom.stores.base import (
     byte_budget,
     check_destination,
     check_pause_times,
+    check_report_key,
     check_result_times,
     check_storable,
     check_suppressions,
@@ -1261,12 +1262,14 @@ class PostgresStore:
     def claim_tls_report(self, key: str, *, now: datetime, until: datetime) -> bool:
         """Take ``key`` until ``until`` unless another run holds it past ``now`` (schema
         version 18)."""
+        check_report_key(key)
         now, until = aware_utc(now, "now"), kept_time(until, "until")
         params = {"key": key, "now": now, "until": until}
         return bool(self._fetch("claim_tls_report", params))
 
     def hold_tls_report(self, key: str, *, until: datetime) -> None:
         """Hold ``key`` until ``until``."""
+        check_report_key(key)
         until = kept_time(until, "until")
         self._fetch_none("hold_tls_report", {"key": key, "until": until})
 
