@@ -202,6 +202,36 @@ def test_a_message_text_no_store_can_write_is_refused_alike(
     assert store.recent() == []
 
 
+@pytest.mark.parametrize("bad", ["a\x00b", "a\udcffb"], ids=["nul", "surrogate"])
+@pytest.mark.parametrize("field", ["idempotency_key", "priority", "tags", "metadata"])
+def test_a_queue_attribute_text_no_store_can_write_is_refused_alike(
+    store: Store, field: str, bad: str
+) -> None:
+    """Was: a message whose attributes were built by hand (``queue_attributes``, which
+    the facades use, refuses these characters) with a NUL in its idempotency key, lane,
+    a tag or its metadata was queued by the memory store and SQLite and refused by
+    PostgreSQL (StoreRefusedData); a lone surrogate in its idempotency key was queued
+    by the memory store alone, and elsewhere by both but PostgreSQL. Every store
+    refuses it (InvalidArgument naming the field) before writing anything."""
+    values: dict[str, object] = {
+        "idempotency_key": bad,
+        "priority": bad,
+        "tags": ("ok", bad),
+        "metadata": {"k": "v", bad: bad},
+    }
+    attributes = QueueAttributes(
+        **{field: values[field]},  # type: ignore[arg-type]
+        idempotency_until=NOW + SECOND if field == "idempotency_key" else None,
+    )
+    made = replace(message(), attributes=attributes)
+    with pytest.raises(InvalidArgument, match=rf"^{field}: ") as raised:
+        store.enqueue(made, now=NOW)
+    assert raised.value.argument == field
+    with pytest.raises(InvalidArgument, match=rf"^{field}: "):
+        store.enqueue_many([message(), made], now=NOW)
+    assert store.recent() == []
+
+
 FAR = datetime(9999, 12, 31, tzinfo=UTC)
 """Past :data:`~mailstrom.bounds.LATEST_TIME` (9000): no store reads it back."""
 LONG_AGO = datetime(1800, 1, 1, tzinfo=UTC)

@@ -134,15 +134,23 @@ def _check_recipients(recipients: Sequence[str]) -> None:
 
 
 def _check_texts(message: PreparedMessage) -> None:
-    """InvalidArgument for a text of ``message`` with a NUL (PostgreSQL refused it, the
-    others kept it) or a lone surrogate (the SQL stores refused it): ``prepare`` never
-    makes one, and only a message built by hand can hold them."""
+    """InvalidArgument for a text of ``message`` or of its attributes with a NUL
+    (PostgreSQL refused it, the others kept it) or a lone surrogate (the SQL stores
+    refused it): ``prepare`` never makes one, and only a message built by hand can hold
+    them."""
+    attributes = message.attributes
     texts: list[tuple[str, Sequence[str | None]]] = [
         ("recipients", message.recipients),
         ("envelope_from", [message.envelope_from]),
         ("header_message_id", [message.header_message_id]),
         ("subject", [message.subject]),
         ("dkim_unsigned", [message.dkim_unsigned]),
+        # Attributes built by hand (queue_attributes refuses these characters): a NUL
+        # was queued by the memory store and SQLite and refused by PostgreSQL.
+        ("idempotency_key", [attributes.idempotency_key]),
+        ("priority", [attributes.priority]),
+        ("tags", attributes.tags),
+        ("metadata", [*attributes.metadata, *attributes.metadata.values()]),
     ]
     for name, values in texts:
         for value in values:
