@@ -322,6 +322,18 @@ def test_owed_notices_hands_out_whole_messages_up_to_the_limit(store: Store) -> 
 # --- upgrading a database from before the marks ------------------------------------------
 
 
+def test_a_negative_limit_hands_out_no_marks_alike(store: Store) -> None:
+    """Was: ``owed_notices(limit=-1)`` handed out nothing from the memory store, every
+    mark from SQLite (a negative LIMIT is none there) and failed in PostgreSQL
+    (StoreRefusedData). A negative limit is 0 in every store, as for every other
+    listing (:func:`~mailstrom.arguments.row_limit`)."""
+    store.enqueue(message("ann@example.org"), now=NOW)
+    store.record(marked(results_for(lease_all(store), RecipientState.FAILED)))
+    assert store.owed_notices(limit=-1) == []
+    assert store.owed_notices(limit=0) == []
+    assert len(store.owed_notices(limit=1)) == 1
+
+
 def test_sqlite_at_schema_13_upgrades(tmp_path: Path) -> None:
     db = tmp_path / "queue.db"
     with closing(sqlite3.connect(db)) as conn, conn:

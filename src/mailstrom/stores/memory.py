@@ -397,7 +397,7 @@ class MemoryStore(
         self, *, message_ids: Sequence[str] | None = None, limit: int = MAX_OWED_MESSAGES
     ) -> list[OwedNotice]:
         """The marked recipients of messages done for this pass (see :class:`Store`)."""
-        row_limit(limit)
+        limit = row_limit(limit)  # a negative one is 0, as everywhere
         owed: list[OwedNotice] = []
         with self._lock:
             wanted = self._owed if message_ids is None else dict.fromkeys(message_ids)

@@ -1497,7 +1497,7 @@ class SQLiteStore:
     ) -> list[OwedNotice]:
         """The marked recipients of messages done for this pass (see :class:`Store`):
         one read, on the partial index of the marks."""
-        row_limit(limit)
+        limit = row_limit(limit)  # a negative one is 0, as everywhere
         with self._read() as conn:
             return sqlite_notices.owed_notices(conn, message_ids, limit)
 

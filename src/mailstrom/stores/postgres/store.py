@@ -823,7 +823,7 @@ class PostgresStore:
     ) -> list[OwedNotice]:
         """The marked recipients of messages done for this pass (see :class:`Store`): one
         statement, on the partial index of the marks."""
-        row_limit(limit)
+        limit = row_limit(limit)  # a negative one is 0, as everywhere
         wanted = None if message_ids is None else list(dict.fromkeys(message_ids))
         found = self._fetch("owed_notices", {"message_ids": wanted, "limit": limit})
         return [
