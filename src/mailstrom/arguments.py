@@ -95,6 +95,18 @@ def row_limit(value: int, argument: str = "limit") -> int:
     return max(value, 0)
 
 
+def row_after(value: int, argument: str = "after") -> int:
+    """``value`` as a store takes the id a page starts after (``read_events``): ids are
+    1 to :data:`MAX_INTEGER`, so one past either end asks the same as that end.
+    :class:`InvalidArgument` for what is no whole number: ``True`` was a StoreError from
+    PostgreSQL and an id of 1 to the others, a float compared as it was."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(
+            f"{argument}: expected a whole number, got {shown(value)}", argument=argument
+        )
+    return min(max(value, 0), MAX_INTEGER)
+
+
 def check_age(value: object, argument: str, *, signed: bool = False) -> timedelta:
     """``value`` when it is a :class:`~datetime.timedelta` from zero (from minus 100
     years when ``signed``) to 100 years (:data:`MAX_DURATION`): ages are subtracted from

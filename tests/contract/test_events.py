@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Any
 
+import pytest
+
+from mailstrom.errors import InvalidArgument
 from mailstrom.status import AttemptOutcome, RecipientState
 from mailstrom.stores import RecipientResult, Store
 from tests.contract.conftest import Backend
@@ -34,6 +38,20 @@ def test_an_after_past_any_event_id_reads_as_the_memory_store_does(store: Store)
     assert store.read_events(after=2**64) == []
     assert store.read_events(after=-(2**63) - 1) == events
     assert store.read_events(after=-(2**70)) == events
+
+
+@pytest.mark.parametrize("after", [True, 1.5, None, "0"], ids=["bool", "float", "none", "str"])
+def test_an_after_that_is_no_event_id_is_refused_alike(store: Store, after: Any) -> None:
+    """Was: ``read_events(after=True)`` was a StoreError (a passing trouble) from
+    PostgreSQL and an id of 1 to the others; ``after=1.5`` was compared as it was, or
+    its type an error, depending on the store. Every store refuses what is no whole
+    number (InvalidArgument, ``after``), as it does such a ``limit``."""
+    store.enable_events()
+    store.enqueue(message(), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    with pytest.raises(InvalidArgument, match=r"^after: ") as raised:
+        store.read_events(after=after)
+    assert raised.value.argument == "after"
 
 
 def test_an_event_per_recorded_result(store: Store) -> None:

@@ -9,7 +9,7 @@ import threading
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from mailstrom.arguments import row_limit
+from mailstrom.arguments import row_after, row_limit
 from mailstrom.status import Attempt, DeliveryEvent
 from mailstrom.stores.base import EventBatch
 from mailstrom.stores.clock import after
@@ -100,6 +100,7 @@ class MemoryEventsMixin:
 
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
         """Events with an id above ``after``, oldest first."""
+        after = row_after(after)
         with self._lock:
             found = [e.event for i, e in self._events.items() if i > after]
         return [_copy(event) for event in found[: row_limit(limit)]]

@@ -29,8 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from mailstrom.arguments import row_limit, shown
-from mailstrom.bounds import MAX_INTEGER
+from mailstrom.arguments import row_after, row_limit, shown
 from mailstrom.errors import UnreadableRow
 from mailstrom.policy.throttle import BucketState
 from mailstrom.status import DeliveryEvent, DestinationThrottle
@@ -145,7 +144,7 @@ def read_events_past_unreadable(
     limit = row_limit(limit)
     # Ids are 1 to a bigint's largest: an ``after`` past either end asks the same as that
     # end, which SQLite could not bind (StoreRefusedData, where the others answered).
-    after = min(max(after, 0), MAX_INTEGER)
+    after = row_after(after)
     events: list[DeliveryEvent] = []
     while len(events) < limit:
         wanted = limit - len(events)
