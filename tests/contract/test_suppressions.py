@@ -578,6 +578,21 @@ def test_a_quoted_local_part_is_suppressed_in_the_form_prepare_stores(store: Sto
     assert store.unsuppress(stored_forms('"john"@example.org')) == 1
 
 
+@pytest.mark.parametrize("limit", [True, 1.5, None, 2**63], ids=["bool", "float", "none", "huge"])
+def test_a_prune_limit_no_store_takes_is_refused_whatever_has_expired(
+    store: Store, limit: Any
+) -> None:
+    """Was: SQLite looked for expired entries before it looked at ``limit``: with none
+    expired it answered 0, and refused the same limit (InvalidArgument) once one had,
+    where the memory store and PostgreSQL refused it always."""
+    store.suppress([entry("a@example.org", expires_at=NOW + DAY)])
+    with pytest.raises(InvalidArgument, match=r"^limit: "):
+        store.prune_suppressions(expired_before=NOW, limit=limit)
+    with pytest.raises(InvalidArgument, match=r"^limit: "):
+        store.prune_suppressions(expired_before=NOW + 2 * DAY, limit=limit)
+    assert len(store.list_suppressions()) == 1
+
+
 def test_pruning_deletes_expired_entries_a_bounded_batch_at_a_time(store: Store) -> None:
     """Was: nothing deleted an entry once it expired; a list fed by ``suppress_for``
     grew for ever. Entries expired at or before the time go, soonest expired first and at

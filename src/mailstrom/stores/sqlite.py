@@ -2229,7 +2229,9 @@ class SQLiteStore:
         """Delete up to ``limit`` entries expired at or before ``expired_before`` in one
         write (not fsynced, as pruning events: an entry back after a crash applies to
         nobody); returns how many. A read on the index first: with nothing to delete, the
-        usual case, no write waits for the lock or takes it from others."""
+        usual case, no write waits for the lock or takes it from others. ``limit`` is
+        checked before it, so that it is refused whether or not anything has expired."""
+        limit = row_limit(limit)
         with self._read() as conn:
             if not sqlite_suppressions.any_expired(conn, expired_before=expired_before):
                 return 0
