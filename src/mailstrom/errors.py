@@ -8,6 +8,7 @@ later) and :class:`PermanentFailure` (give up now).
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -397,6 +398,41 @@ class SMTPTimeout(TemporaryFailure, TimeoutError):
 
 class SMTPConnectError(TemporaryFailure, ConnectionError):
     """A connection to the peer could not be made or was lost."""
+
+
+LOCAL_SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""Errors of a socket or file this host could not make (out of file descriptors, socket
+buffers or memory): the host's own trouble, whatever peer it was made for."""
+
+
+class LocalResourceShortage(TemporaryFailure):
+    """This host ran out of a resource (``LOCAL_SHORTAGE_ERRNOS``) before any server was
+    asked: deferred with 4.3.0 (RFC 3463: other or undefined mail system status), as
+    Postfix defers for a "local resource shortage", and held against no server: the
+    address is not remembered as unreachable, nor a DNS server blamed."""
+
+    def __init__(self, what: str, cause: OSError, *, host: str | None = None) -> None:
+        super().__init__(
+            f"local resource shortage: {what} failed on this host: "
+            f"{cause.strerror or cause} (no server was asked)",
+            enhanced="4.3.0",
+            host=host,
+        )
+
+
+def local_shortage(exc: BaseException) -> OSError | None:
+    """The error of this host's own resource shortage that ``exc`` is or carries (one of
+    ``LOCAL_SHORTAGE_ERRNOS``; dnspython keeps each server's error in ``errors``), or
+    None."""
+    if isinstance(exc, OSError):
+        return exc if exc.errno in LOCAL_SHORTAGE_ERRNOS else None
+    kwargs = getattr(exc, "kwargs", None)
+    errors = kwargs.get("errors") if isinstance(kwargs, dict) else None
+    for error in errors or ():
+        for part in error if isinstance(error, tuple) else (error,):
+            if isinstance(part, OSError) and part.errno in LOCAL_SHORTAGE_ERRNOS:
+                return part
+    return None
 
 
 class TLSRequiredError(TemporaryFailure):

@@ -4,14 +4,18 @@ cost and how the address limit meets the equal-preference shuffle (hardening fin
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections import Counter
 
+import dns.message
 import dns.name
+import dns.rdatatype
+import dns.resolver
 import pytest
 from tests.support.resolver import ScriptedResolver, hosts_in, make_router
 
 from mailstrom.config import DNSConfig
-from mailstrom.errors import TemporaryFailure
+from mailstrom.errors import LocalResourceShortage, TemporaryFailure
 from mailstrom.routing import Router
 from mailstrom.routing.lookup import lookup_route
 from mailstrom.routing.policy import RoutePolicy
@@ -249,3 +253,33 @@ async def test_a_domain_with_addresses_only_of_the_other_ip_version_is_deferred(
         with pytest.raises(TemporaryFailure, match="IPv4") as raised:
             await router.route(domain)
         assert raised.value.enhanced == "4.4.4"
+
+
+class _OutOfDescriptors(ScriptedResolver):
+    """Every query fails as dnspython tells a socket this host could not make: in the
+    list of each server's error, under "All nameservers failed to answer"."""
+
+    async def resolve(
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, **_: object
+    ) -> dns.resolver.Answer:
+        shortage = OSError(errno.EMFILE, "Too many open files")
+        raise dns.resolver.NoNameservers(
+            request=dns.message.make_query(qname, rdtype),
+            errors=[("127.0.0.1", False, 53, shortage, None)],
+        )
+
+
+async def test_a_lookup_out_of_descriptors_blames_this_host_not_the_dns_server() -> None:
+    """It said "Server 127.0.0.1 answered [Errno 24] Too many open files" (4.4.3): a DNS
+    server blamed for a socket this host could not make."""
+    with pytest.raises(LocalResourceShortage) as caught:
+        await lookup_route(
+            _OutOfDescriptors(),  # type: ignore[arg-type]
+            dns.name.from_text("example.org"),
+            policy=RoutePolicy(),
+        )
+    assert caught.value.enhanced == "4.3.0"
+    assert caught.value.text == (
+        "local resource shortage: DNS lookup of example.org. MX failed on this host: "
+        "Too many open files (no server was asked)"
+    )

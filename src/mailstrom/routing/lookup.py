@@ -35,7 +35,12 @@ from dns.rdtypes.ANY.MX import MX
 
 from mailstrom.dnsclock import Deadline, resolve_steadily
 from mailstrom.domains import literal_address
-from mailstrom.errors import PermanentFailure, TemporaryFailure
+from mailstrom.errors import (
+    LocalResourceShortage,
+    PermanentFailure,
+    TemporaryFailure,
+    local_shortage,
+)
 from mailstrom.routing.policy import RoutePolicy
 from mailstrom.routing.route import MXHost, Route
 
@@ -386,6 +391,12 @@ class _Resolution:
         except dns.exception.Timeout as exc:
             raise self.timed_out(f"{name} {rdtype.name}") from exc
         except (dns.exception.DNSException, OSError) as exc:
+            shortage = local_shortage(exc)
+            if shortage is not None:
+                # No query could be sent (no socket): no DNS server failed to answer.
+                raise LocalResourceShortage(
+                    f"DNS lookup of {name} {rdtype.name}", shortage
+                ) from exc
             # NoNameservers (SERVFAIL/REFUSED everywhere), no configuration, network errors.
             raise TemporaryFailure(
                 f"DNS lookup of {name} {rdtype.name} failed: {exc}", enhanced=_TEMPORARY_DNS
