@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,57 @@ def test_a_worker_out_of_descriptors_defers_once_and_delivers_when_they_return(
     assert ms.worker_status.error is None
     assert {ms.query_status(i).state for i in ids} == {RecipientState.DELIVERED}
     assert sorted(m.rcpt_tos[0] for m in mx.messages) == sorted(f"u@{d}" for d in domains)
+    store.close()
+
+
+def _sockets(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def test_a_worker_out_of_descriptors_holds_no_mx_address_unreachable(
+    mx: Any, smtp_server: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Its route known, no descriptor to open a connection with: that is this host's
+    shortage, told as such (4.3.0), not a server that cannot be reached. Taken for one,
+    the MX address was remembered as unreachable (5 minutes), and once descriptors
+    returned the mail of a domain with a backup MX host went to the backup instead."""
+    backup = smtp_server(host="127.0.0.2", port=mx.port, name="backup.test")
+    dns_server.a("backup.test", backup.host)
+    dns_server.mx("a.example", [(10, "mx.test")])
+    dns_server.mx("b.example", [(10, "mx.test"), (20, "backup.test")])
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    cfg = config(dns_server, mx.port, connection_idle=0)  # no connection kept to reuse
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        pid = _child(ms)
+        idle = _sockets(pid)
+        first = ms.send_email(hello("first@a.example"))
+        results.wait_count(1)  # the route is known from here on
+        deadline = time.monotonic() + 10
+        while _sockets(pid) > idle and time.monotonic() < deadline:
+            time.sleep(0.01)  # the connection's QUIT and close
+        _no_descriptor_left(pid)
+        short = ms.send_email(hello("u@a.example", 1))
+        results.wait_count(2)
+        r = ms.query_status(short).recipients[0]
+        assert r.state is RecipientState.DEFERRED
+        assert r.error is not None
+        assert r.error.startswith("local resource shortage: connecting to 127.0.0.1")
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        other = ms.send_email(hello("v@b.example", 2))
+        results.wait_count(3)
+        ms.retry(short)
+        results.wait_count(4)
+    finally:
+        ms.stop()
+    ids = [first, short, other]
+    assert {ms.query_status(i).state for i in ids} == {RecipientState.DELIVERED}
+    assert len(mx.messages) == len(ids)  # the primary, trusted as before
+    assert backup.messages == []
     store.close()
 
 

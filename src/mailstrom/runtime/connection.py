@@ -50,11 +50,13 @@ from mailstrom.config import Timeouts
 from mailstrom.domains import literal_address
 from mailstrom.errors import (
     DeliveryError,
+    LocalResourceShortage,
     SMTPConnectError,
     SMTPProtocolError,
     SMTPTimeout,
     TemporaryFailure,
     TLSRequiredError,
+    local_shortage,
 )
 from mailstrom.runtime.transactions import (
     Handler,
@@ -418,6 +420,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 f"connecting to {ip} port {port} timed out after {seconds:g}s", host=host
             ) from None
         except OSError as exc:
+            if local_shortage(exc) is not None:
+                what = f"connecting to {ip} port {port}"
+                raise LocalResourceShortage(what, exc, host=host) from exc
             raise SMTPConnectError(
                 f"cannot connect to {ip} port {port}: {exc.strerror or exc}", host=host
             ) from exc

@@ -29,7 +29,9 @@ again (Postfix's concurrency feedback). What a session never sent, as it broke o
 transaction ahead (a stall at one recipient's RCPT), was not tried: it goes back to the
 store due at once, no attempt counted, not deferred with that transaction's failure.
 An address that could not be reached goes after the others for a while
-(:mod:`mailstrom.runtime.unreachable`).
+(:mod:`mailstrom.runtime.unreachable`); a connection this host had no socket for
+(:class:`~mailstrom.errors.LocalResourceShortage`) is held against no address: the queue is
+deferred with it at once, as every other address would fail the same way.
 
 Traffic shaping (``runtime.shaper``) hooks in at four points: a destination whose rule
 allows fewer connections runs fewer sessions (and one whose slots are all taken by other
@@ -55,6 +57,7 @@ from typing import TYPE_CHECKING
 from mailstrom.config import Config
 from mailstrom.errors import (
     DeliveryError,
+    LocalResourceShortage,
     PermanentFailure,
     RequireTLSFailure,
     SMTPConnectError,
@@ -687,6 +690,12 @@ class Dispatcher:
                     unreachable.clear(ip)
                 except DeliveryError as exc:
                     exc.host = exc.host or host
+                    if isinstance(exc, LocalResourceShortage):
+                        # This host's trouble (no socket to be had), not the address's:
+                        # nothing is remembered against it, and the other addresses would
+                        # fail the same way.
+                        last_error, last_where = exc, Where(exc.host, ip, opener.port)
+                        break
                     if isinstance(exc, SMTPConnectError | SMTPTimeout):
                         # No session at all (no reply to go by): the next sessions try
                         # this address after the others (runtime.unreachable).
