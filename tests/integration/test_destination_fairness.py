@@ -57,22 +57,7 @@ def open_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Sto
     return PostgresStore(request.getfixturevalue("postgres_url"))
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "memory",
-        "sqlite",
-        pytest.param(
-            "postgres",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the PostgreSQL store does not heed a fair lease's busy and"
-                " per_destination yet: its leases take the oldest due whatever their"
-                " destination, so a slow destination's backlog fills the worker's leases",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])
 def test_a_slow_destination_backlog_does_not_hold_back_another_destination(
     kind: str,
     request: pytest.FixtureRequest,

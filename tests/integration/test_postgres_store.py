@@ -592,6 +592,42 @@ def test_the_lane_lease_reads_each_lane_from_its_index(postgres_url: str) -> Non
     assert "recipients_lane_due" in plan, plan
 
 
+@pytest.mark.parametrize("name", ["fair_lease_lanes", "fair_lease_other_lanes"])
+def test_a_fair_lease_seeks_other_destinations_in_their_index(postgres_url: str, name: str) -> None:
+    """A fair lease past a busy backlog (rolled back): the other destination's mail is
+    leased, and EXPLAIN ANALYZE shows the walk and the seeks in recipients_destination_due."""
+    from mailstrom.stores.fairness import Turns, fairness
+    from mailstrom.stores.postgres.sql import queries
+    from mailstrom.stores.postgres.store import _fair_params
+
+    with PostgresStore(postgres_url) as store:
+        store.enqueue_many([message(f"r{i}@big.example") for i in range(200)], now=T0)
+        store.enqueue(message("me@small.example"), now=T0 + timedelta(seconds=1))
+    fair = fairness(Turns(), ["big.example"], 6, 10)
+    assert fair is not None
+    params = {
+        "now": T0 + timedelta(seconds=2),
+        "limit": 10,
+        "token": "t",
+        "expires_at": T0 + LEASE,
+        "lanes": [""] if name == "fair_lease_lanes" else [],
+        "lane_limits": [10],
+        "max_bytes": None,
+        "first_always": True,
+        **_fair_params(fair),
+    }
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("SET enable_seqscan = off")
+        text = queries()[name].encode()
+        leased = [row[2] for row in conn.execute(text, params)]
+        conn.rollback()
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(row[0] for row in conn.execute(b"EXPLAIN ANALYZE " + text, params))
+        conn.rollback()
+    assert "recipients_destination_due" in plan, plan
+    assert leased == ["me@small.example"]
+
+
 @pytest.mark.parametrize(
     ("events", "marker"), [(False, b"SET state = res.state"), (True, b"COMMIT")], ids=str
 )

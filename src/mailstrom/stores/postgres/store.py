@@ -92,6 +92,7 @@ from mailstrom.stores.clock import (
 )
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.stores.dkim_column import dkim_to_column
+from mailstrom.stores.fairness import DESTINATIONS, Fairness, Turns, fairness
 from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
@@ -213,6 +214,8 @@ class PostgresStore:
         self._unanswered_leases = unanswered.UnansweredLeases()
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
+        self._turns = Turns()
+        """Where each lane's walk of destinations reached (:func:`_advance_turns`)."""
         self._ended_seen = False
         """Whether the last lease saw a timed suspension ended with its recipients still
         aside (:mod:`.aside`): the next one ends it first."""
@@ -268,6 +271,7 @@ class PostgresStore:
         self._listener = None
         self._watchers, self._cancel_watchers, self._watching = Watchers(), Watchers(), 0
         self._statistics = PlannerStatistics()
+        self._turns = Turns()
         self._beats = HolderBeats(self._beats.dead_after)
         self._notifier = Notifier(self._conninfo, lock_bound=self._lock_bound)
         # The parent's writes whose answers were lost are the parent's to write again.
@@ -514,9 +518,8 @@ class PostgresStore:
         rows given back first, so that the recipients due longest still come first), or,
         made through this store, of a lease that found nothing; another process's, which
         no lease saw, is brought back by :meth:`next_due` (the worker asks it after each
-        empty lease). Not fair yet: ``busy`` and ``per_destination`` are taken and not
-        heeded (the oldest due are leased whatever their destination)."""
-        del busy, per_destination
+        empty lease). Fair with ``busy`` and ``per_destination``: the statements of
+        queries.sql's _fair_due; a lease that asks no fairness runs the plain ones."""
         if row_limit(limit) == 0:
             return None
         if self._statistics.due():
@@ -534,6 +537,7 @@ class PostgresStore:
             lease_for=lease_for,
             lanes=lanes,
             max_bytes=max_bytes,
+            fair=fairness(self._turns, busy, per_destination, limit),
         )
         found = take()
         if found is not None and self._ended_seen and not found.failed:
@@ -566,6 +570,7 @@ class PostgresStore:
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None,
         max_bytes: int | None,
+        fair: Fairness | None,
     ) -> Lease | None:
         """The lease under ``token``: a call that fails leaves it to the next lease's
         give-back."""
@@ -580,6 +585,7 @@ class PostgresStore:
                 lease_for=lease_for,
                 lanes=lanes,
                 max_bytes=max_bytes,
+                fair=fair,
             )
         except BaseException:
             # It may have committed, its answer lost (or a second statement failed after
@@ -614,6 +620,7 @@ class PostgresStore:
         lease_for: timedelta,
         lanes: Sequence[tuple[str, int]] | None,
         max_bytes: int | None,
+        fair: Fairness | None,
     ) -> Lease | None:
         expires_at = after(now, lease_for)
         max_bytes = byte_budget(max_bytes)
@@ -625,8 +632,16 @@ class PostgresStore:
             "max_bytes": max_bytes,
             "first_always": True,
         }
-        if lanes is None:
+        names = ("lease_lanes", "lease_other_lanes")
+        if fair is not None:
+            names = ("fair_lease_lanes", "fair_lease_other_lanes")
+            params.update(_fair_params(fair))
+        if lanes is None and fair is None:
             found = rows.lease_rows(self._fetch_on(backends, "lease", params))
+        elif lanes is None:
+            # Every lane's earliest due, as the plain lease: the lanes none are named of.
+            params["lanes"] = []
+            found = rows.lease_rows(self._fetch_on(backends, names[1], params))
         else:
             # A lane named twice counts once, with its first number, as in the memory
             # store: the query's lateral read of each array element leased the same rows
@@ -640,7 +655,7 @@ class PostgresStore:
             # worker's lane caps grow with it) must not overflow the query's bigint and
             # fail every lease, retried for ever as a passing store error.
             params["lane_limits"] = [min(max(0, most), limit) for _, most in lanes]
-            found = rows.lease_rows(self._fetch_on(backends, "lease_lanes", params))
+            found = rows.lease_rows(self._fetch_on(backends, names[0], params))
             taken = Counter(row.lane for row in found)
             exhausted = len(found) < limit and all(
                 most > 0 and taken[lane] < most for lane, most in lanes
@@ -652,7 +667,9 @@ class PostgresStore:
                     sizes = {row.message_id: row.size for row in found}
                     params["max_bytes"] = max_bytes - sum(sizes.values())
                     params["first_always"] = False
-                found += rows.lease_rows(self._fetch_on(backends, "lease_other_lanes", params))
+                found += rows.lease_rows(self._fetch_on(backends, names[1], params))
+        if fair is not None:
+            _advance_turns(fair, found)
         if not found:
             return None
         if found[0].ended:
@@ -1772,6 +1789,38 @@ class PostgresStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_VISITS = DESTINATIONS * 4
+"""Destinations a fair lease's walk looks at per lane, those with nothing due included."""
+
+
+def _fair_params(fair: Fairness) -> dict[str, Any]:
+    """The parameters queries.sql's _fair_due binds for ``fair``."""
+    turns = sorted(fair.turns.items())
+    return {
+        "busy": sorted(fair.busy),
+        "share": fair.share,
+        "turn_lanes": [lane for lane, _ in turns],
+        "turn_after": [after for _, after in turns],
+        "destinations": DESTINATIONS,
+        "visits": _VISITS,
+    }
+
+
+def _advance_turns(fair: Fairness, found: Sequence[rows.LeaseRow]) -> None:
+    """Move each lane's turn (:attr:`Fairness.turns`) to the last domain a fair lease
+    took in it, in the walk's order from where the turn stood: the next lease's walk
+    starts after it. Advisory: the statement does not say where its walk stopped, so a
+    walk that took nothing leaves the turn where it was, and the domains the first read
+    took count as reached (the database's collation may also order names otherwise)."""
+    taken: dict[str, set[str]] = {}
+    for row in found:
+        taken.setdefault(row.lane, set()).add(row.domain)
+    for lane, domains in taken.items():
+        start = fair.turns.get(lane, "")
+        ahead = [domain for domain in domains if domain > start]
+        fair.turns[lane] = max(ahead or domains)
 
 
 _POOL_ERRORS = (PoolTimeout, PoolClosed, TooManyRequests)

@@ -159,6 +159,170 @@ WITH due AS MATERIALIZED (
 )
 -- include: _lease_rest
 
+-- name: fair_lease_lanes
+-- The lease of named lanes (as lease_lanes), fair between destinations
+-- (stores/fairness.py): see _fair_due.
+WITH RECURSIVE lanes_in AS (
+    SELECT l.lane, l.most, l.rank
+    FROM unnest(%(lanes)s::text[], %(lane_limits)s::bigint[]) WITH ORDINALITY
+         AS l(lane, most, rank)
+)
+-- include: _fair_due
+-- include: _lease_rest
+
+-- name: fair_lease_other_lanes
+-- The lease of lanes not named (as lease_other_lanes), fair between destinations (see
+-- _fair_due), and of every lane with none named: the lanes not named are
+-- found by a skip-scan of recipients_lane_due (one probe a lane), and each is read as a
+-- named lane of the whole limit, the earliest due of them all leased first.
+WITH RECURSIVE lane_walk (lane) AS (
+    SELECT (SELECT r.lane FROM recipients r
+            WHERE r.state IN ('queued', 'deferred') AND NOT r.aside
+            ORDER BY r.lane LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.lane FROM recipients r
+            WHERE r.state IN ('queued', 'deferred') AND NOT r.aside AND r.lane > w.lane
+            ORDER BY r.lane LIMIT 1)
+    FROM lane_walk w
+    WHERE w.lane IS NOT NULL
+), lanes_in AS (
+    -- From an array: read from the recursive CTE, the planner counted on 100 lanes,
+    -- priced the statement past jit_above_cost and compiled it (seconds a lease).
+    SELECT o.lane, %(limit)s::bigint AS most, 0::bigint AS rank
+    FROM unnest(ARRAY(SELECT w.lane FROM lane_walk w
+                      WHERE w.lane IS NOT NULL AND w.lane <> ALL (%(lanes)s::text[]))) AS o(lane)
+)
+-- include: _fair_due
+-- include: _lease_rest
+
+-- name: _fair_due
+-- The `due` CTE of a fair lease, after a `lanes_in` CTE (lane, most, rank) in a WITH
+-- RECURSIVE: no recipient at a busy domain, at most share of one domain in a lane. First
+-- each lane's `most` earliest due, locked, read as lease_lanes reads them; of those, the
+-- rows that pass are kept (the others stay unleased, unlocked at commit). When that read
+-- was full and left room, a skip-scan of recipients_destination_due (schema version 23)
+-- walks the lane's domains in name order from after the lane's turn (the domain the last
+-- fair lease of the store object reached; wrapping around), one probe a domain that also
+-- reads its earliest due, up to `destinations` domains with something due (at most
+-- `visits` domains in all), and takes, locked, each such domain's earliest due up to its
+-- share (its rows the first read kept counted) until the lane's room is used: a backlog
+-- at a busy domain is never walked past.
+, first AS MATERIALIZED (
+    SELECT l.lane, l.rank, d.*
+    FROM lanes_in l
+    CROSS JOIN LATERAL (
+        SELECT r.ctid AS row_id, r.domain,
+               GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at, r.seq, r.position
+        FROM recipients r
+        JOIN messages m ON m.id = r.message_id
+        WHERE r.lane = l.lane
+          AND r.state IN ('queued', 'deferred') AND NOT r.aside
+          AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+          AND NOT m.held
+          AND r.domain NOT IN (SELECT s.domain FROM suspensions s
+                               WHERE s.until IS NULL OR s.until > %(now)s)
+        ORDER BY GREATEST(r.next_attempt_at, r.lease_expires_at), r.seq, r.position
+        LIMIT l.most
+    ) d
+), kept AS MATERIALIZED (
+    -- Only these are locked: a busy backlog read again by every lease is not (a lock
+    -- writes to each row). Locked, each is checked again (READ COMMITTED rechecks the
+    -- locked row's new version): one changed since the read is left for the next lease.
+    SELECT r.lane, (SELECT l.rank FROM lanes_in l WHERE l.lane = r.lane LIMIT 1) AS rank,
+           r.domain, r.ctid AS row_id, r.message_id, r.address, r.seq, r.position,
+           GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+    FROM recipients r
+    JOIN messages m ON m.id = r.message_id
+    WHERE r.ctid = ANY (ARRAY(
+            SELECT f.row_id
+            FROM (SELECT f.row_id, row_number() OVER (PARTITION BY f.lane, f.domain
+                                                      ORDER BY f.due_at, f.seq, f.position) AS nth
+                  FROM first f
+                  WHERE f.domain <> ALL (%(busy)s::text[])) f
+            WHERE f.nth <= %(share)s))
+      AND r.state IN ('queued', 'deferred') AND NOT r.aside
+      AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+      AND NOT m.held
+    FOR UPDATE OF r SKIP LOCKED FOR SHARE OF m SKIP LOCKED
+), room AS MATERIALIZED (
+    SELECT l.lane, l.rank, l.most - (SELECT count(*) FROM kept k WHERE k.lane = l.lane) AS left,
+           coalesce((SELECT t.after
+                     FROM unnest(%(turn_lanes)s::text[], %(turn_after)s::text[]) AS t(lane, after)
+                     WHERE t.lane = l.lane LIMIT 1), '') AS after
+    FROM lanes_in l
+    WHERE (SELECT count(*) FROM first f WHERE f.lane = l.lane) >= l.most
+      AND (SELECT count(*) FROM kept k WHERE k.lane = l.lane) < l.most
+), walk (lane, domain, due_at, after, wrapped, visits, found) AS (
+    SELECT rm.lane, rm.after, NULL::timestamptz, rm.after, false, 0, 0
+    FROM room rm
+    UNION ALL
+    SELECT w.lane, n.domain, n.due_at, w.after, n.wrapped, w.visits + 1,
+           w.found + CASE WHEN n.due_at <= %(now)s THEN 1 ELSE 0 END
+    FROM walk w
+    CROSS JOIN LATERAL (
+        (SELECT r.domain, GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at,
+                w.wrapped AS wrapped
+         FROM recipients r
+         WHERE r.lane = w.lane AND r.state IN ('queued', 'deferred') AND NOT r.aside
+           AND r.domain > w.domain
+         ORDER BY r.domain, GREATEST(r.next_attempt_at, r.lease_expires_at)
+         LIMIT 1)
+        UNION ALL
+        (SELECT r.domain, GREATEST(r.next_attempt_at, r.lease_expires_at), true
+         FROM recipients r
+         WHERE NOT w.wrapped
+           AND r.lane = w.lane AND r.state IN ('queued', 'deferred') AND NOT r.aside
+         ORDER BY r.domain, GREATEST(r.next_attempt_at, r.lease_expires_at)
+         LIMIT 1)
+        LIMIT 1
+    ) n
+    WHERE w.visits < %(visits)s AND w.found < %(destinations)s
+      AND NOT (n.wrapped AND n.domain > w.after)
+), counts AS MATERIALIZED (
+    SELECT lane, domain, count(*) AS held FROM kept GROUP BY lane, domain
+), sought AS MATERIALIZED (
+    SELECT rm.rank, s.*
+    FROM room rm
+    CROSS JOIN LATERAL (
+        SELECT d.*
+        FROM walk w
+        CROSS JOIN LATERAL (
+            SELECT coalesce((SELECT c.held FROM counts c
+                             WHERE c.lane = w.lane AND c.domain = w.domain), 0) AS held
+        ) c
+        CROSS JOIN LATERAL (
+            SELECT r.ctid AS row_id, r.message_id, r.address, r.seq, r.position,
+                   GREATEST(r.next_attempt_at, r.lease_expires_at) AS due_at
+            FROM recipients r
+            JOIN messages m ON m.id = r.message_id
+            WHERE r.lane = w.lane AND r.domain >= w.domain AND r.domain <= w.domain
+              AND r.state IN ('queued', 'deferred') AND NOT r.aside
+              AND GREATEST(r.next_attempt_at, r.lease_expires_at) <= %(now)s
+              AND NOT m.held
+              AND r.domain NOT IN (SELECT s.domain FROM suspensions s
+                                   WHERE s.until IS NULL OR s.until > %(now)s)
+            -- The domain as a range, and the index's own order: with domain = (a value
+            -- to the planner) it dropped the domain from the order and walked
+            -- recipients_due in due order, a busy domain's backlog included.
+            ORDER BY r.lane, r.domain, GREATEST(r.next_attempt_at, r.lease_expires_at),
+                     r.seq, r.position
+            LIMIT c.held + LEAST(%(share)s - c.held, rm.left)
+            FOR UPDATE OF r SKIP LOCKED FOR SHARE OF m SKIP LOCKED
+        ) d
+        WHERE w.lane = rm.lane AND w.visits > 0 AND w.due_at <= %(now)s
+          AND w.domain <> ALL (%(busy)s::text[]) AND c.held < %(share)s
+          AND d.row_id NOT IN (SELECT k.row_id FROM kept k)
+        LIMIT rm.left
+    ) s
+), due AS MATERIALIZED (
+    SELECT row_id, message_id, address, rank, due_at, seq, position
+    FROM (SELECT row_id, message_id, address, rank, due_at, seq, position FROM kept
+          UNION ALL
+          SELECT row_id, message_id, address, rank, due_at, seq, position FROM sought) u
+    ORDER BY rank, due_at, seq, position
+    LIMIT %(limit)s
+)
+
 -- name: _lease_rest
 -- The rest of every lease query, after its `due` CTE (row_id, message_id, address,
 -- rank, due_at, seq, position; the rows locked). With max_bytes, only the rows of the
