@@ -1052,3 +1052,11 @@ def test_a_database_in_sql_ascii_reads_as_text(postgres_server: ThrowawayPostgre
             assert [r.address for r in item.recipients] == ["ä@example.org"]
     finally:
         postgres_server.drop_database(name)
+
+
+def test_the_store_s_connections_compile_nothing_with_jit(store: PostgresStore) -> None:
+    """A lease's estimated cost passes PostgreSQL's jit_above_cost on a deep backlog
+    (a fair lease's at about 250,000 due recipients), and compiling it took 7 to 12 s for
+    a statement that runs in 2 ms: the store's sessions have JIT off."""
+    with store._pool.connection() as conn:
+        assert conn.execute("SHOW jit").fetchone() == ("off",)
