@@ -143,6 +143,26 @@ def test_check_helo_ptr_lookup_failure_is_reported_not_taken_for_no_ptr(
     assert "could not be checked" in text
 
 
+def test_check_helo_lookups_answered_with_a_referral_are_failures_not_no_records(
+    mail_env: MailEnv,
+) -> None:
+    # A DNS server that does not resolve recursively answers with a referral, which
+    # says nothing of whether the records exist: the HELO name was reported as one
+    # "with no A or AAAA record", and an address as one without a PTR record.
+    cli = mail_env.cli
+    mail_env.dns.referral("client.test")
+    helo = cli.ok("check", "--json", "example.test").json()["helo"]
+    assert "no A or AAAA record" not in (helo["error"] or ""), helo
+    assert "A lookup failed" in (helo["error"] or ""), helo
+    assert "referral" in (helo["error"] or ""), helo
+
+    mail_env.dns.a("client.test", "127.0.0.1")
+    mail_env.dns.referral("1.0.0.127.in-addr.arpa")
+    helo = cli.ok("check", "--json", "example.test").json()["helo"]
+    assert helo["ptr"] == {}, helo  # not known: no empty list, which says there is none
+    assert "PTR lookup for 127.0.0.1 failed" in (helo["error"] or ""), helo
+
+
 def test_check_helo_name_that_is_an_address_literal(mail_env: MailEnv) -> None:
     # helo_name may be an address literal (RFC 5321 §4.1.3). It was looked up as a DNS
     # name ("[127.0.0.1]" A and AAAA), and reported as a name without addresses.

@@ -34,6 +34,7 @@ from mailstrom.config import Config, TLSPolicy
 from mailstrom.domains import a_label, literal_address, shown
 from mailstrom.errors import DeliveryError, PermanentFailure
 from mailstrom.routing import Route, Router, make_resolver
+from mailstrom.routing.lookup import REFERRAL, is_referral
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TLSVerifyError
 from mailstrom.tls.decide import Destination, TLSDecider
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
@@ -351,7 +352,12 @@ async def check_helo(config: Config) -> HeloReport:
         try:
             answer = await resolver.resolve(config.helo_name, rdtype)
             report.addresses.extend(r.to_text() for r in answer)
-        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+        except dns.resolver.NoAnswer as exc:
+            if is_referral(exc):  # says nothing of whether the records exist
+                problems.append(f"{rdtype} lookup failed: {REFERRAL}")
+                report.lookup_failed = True
+            continue
+        except dns.resolver.NXDOMAIN:
             continue
         except dns.exception.DNSException as exc:
             problems.append(f"{rdtype} lookup failed: {exc}")
@@ -364,7 +370,13 @@ async def check_helo(config: Config) -> HeloReport:
         try:
             answer = await resolver.resolve(dns.reversename.from_address(ip), "PTR")
             names = [r.to_text().rstrip(".").lower() for r in answer]
-        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+        except dns.resolver.NoAnswer as exc:
+            if is_referral(exc):
+                problems.append(f"PTR lookup for {ip} failed: {REFERRAL}")
+                report.lookup_failed = True
+                continue
+            names = []
+        except dns.resolver.NXDOMAIN:
             names = []
         except dns.exception.DNSException as exc:
             # Not "no PTR record": whether there is one is not known.
