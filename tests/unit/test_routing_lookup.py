@@ -283,3 +283,17 @@ async def test_a_lookup_out_of_descriptors_blames_this_host_not_the_dns_server()
         "local resource shortage: DNS lookup of example.org. MX failed on this host: "
         "Too many open files (no server was asked)"
     )
+
+
+async def test_a_tlsa_lookup_out_of_descriptors_is_this_hosts_shortage() -> None:
+    """DANE's TLSA lookup said "DANE: TLSA lookup of ... failed: ... Server 127.0.0.1
+    answered [Errno 24]" (4.7.5), which TLS reports then counted as the domain's
+    dnssec-invalid: a socket this host could not make."""
+    from mailstrom.tls.dane import lookup_tlsa
+
+    resolver = _OutOfDescriptors()
+    resolver.timeout = 2.0  # type: ignore[attr-defined]  # read by lookup_tlsa's reserve
+    with pytest.raises(LocalResourceShortage) as caught:
+        await lookup_tlsa(resolver, "mx.example.org")  # type: ignore[arg-type]
+    assert caught.value.enhanced == "4.3.0"
+    assert caught.value.text.startswith("local resource shortage: DANE: TLSA lookup of")

@@ -3,14 +3,22 @@ opened-connection path runs against real servers in tests/integration/test_tls_s
 
 from __future__ import annotations
 
+import errno
 from datetime import UTC, datetime
 
 import pytest
 
-from mailstrom.errors import DeliveryError, SMTPConnectError, TLSRequiredError
+from mailstrom.errors import (
+    DeliveryError,
+    LocalResourceShortage,
+    SMTPConnectError,
+    TemporaryFailure,
+    TLSRequiredError,
+)
 from mailstrom.runtime.connection import TLSVerifyError
 from mailstrom.stores import MemoryStore
 from mailstrom.tls.danematch import DaneMismatch
+from mailstrom.tls.decide import Destination
 from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
 from mailstrom.tlsrpt import PolicyType
 from mailstrom.tlsrpt.observer import SessionObserver
@@ -94,3 +102,20 @@ async def test_a_tlsa_rrset_is_one_policy_in_whatever_order_dns_gives_it() -> No
     assert entry["summary"]["total-failure-session-count"] == 3
     [detail] = entry["failure-details"]
     assert detail["failed-session-count"] == 3
+
+
+async def test_a_tlsa_lookup_this_host_had_no_socket_for_is_not_the_domains_dnssec() -> None:
+    # A TLSA lookup that failed for want of a file descriptor here was counted as the
+    # domain's dnssec-invalid in its next TLS report.
+    store = MemoryStore()
+    recorder = SessionRecorder(store, clock=lambda: NOW)
+    observe = SessionObserver(recorder)
+    destination = Destination(domain="example.org", mx_host="mx.example.org", mx_secure=True)
+    shortage = OSError(errno.EMFILE, "Too many open files")
+    observe.dane_failed(
+        destination, LocalResourceShortage("DANE: TLSA lookup", shortage, host="mx.example.org")
+    )
+    observe.dane_failed(destination, TemporaryFailure("SERVFAIL", host="mx.example.org"))
+    await recorder.flush()
+    counted = [(s.result_type, s.count) for s in store.tls_sessions(NOW.date())]
+    assert counted == [("dnssec-invalid", 1)]  # the SERVFAIL alone

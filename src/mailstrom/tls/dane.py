@@ -57,7 +57,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailstrom.config import Config
-from mailstrom.errors import ConfigError, TemporaryFailure
+from mailstrom.errors import ConfigError, LocalResourceShortage, TemporaryFailure, local_shortage
 from mailstrom.routing.lookup import REFERRAL, is_referral, is_referral_response
 from mailstrom.tls.decide import Destination
 from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
@@ -99,6 +99,11 @@ def tlsa_name(host: str, port: int = 25) -> str:
 
 
 def _failure(name: str, host: str, why: object, *, what: str = "TLSA") -> TemporaryFailure:
+    shortage = local_shortage(why) if isinstance(why, BaseException) else None
+    if shortage is not None:
+        # No query could be sent (no socket): this host's trouble, which TLS reports
+        # must not count against the domain's DNSSEC (on_failure's dnssec-invalid).
+        return LocalResourceShortage(f"DANE: {what} lookup of {name}", shortage, host=host)
     return TemporaryFailure(
         f"DANE: {what} lookup of {name} failed: {why}; not delivering to {host} without it",
         enhanced="4.7.5",
@@ -260,7 +265,7 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALo
     except dns.resolver.NXDOMAIN:
         return TLSALookup(host=host)
     except (dns.exception.DNSException, OSError) as exc:
-        if not _may_have_refused(exc):
+        if local_shortage(exc) is not None or not _may_have_refused(exc):
             raise _failure(name, host, exc) from exc
         return await _ask_again(resolver, name, host, deadline)
     return _found(host, answer, Malformed())

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mailstrom.errors import DaneRequired, DeliveryError
+from mailstrom.errors import DaneRequired, DeliveryError, LocalResourceShortage
 from mailstrom.mtasts.fetch import a_label
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
 from mailstrom.tlsrpt.recorder import SessionRecorder, classify
@@ -138,8 +138,8 @@ class SessionObserver:
         records up all the same): RFC 8460 §3 leaves its sessions out of the next report,
         as its connections are."""
         name = a_label(destination.domain)
-        if name is None or destination.tls_report:
-            return
+        if name is None or destination.tls_report or isinstance(error, LocalResourceShortage):
+            return  # (a lookup this host had no socket for says nothing of the domain's)
         if isinstance(error, DaneRequired):
             kind = ResultType.DANE_REQUIRED
             code = NO_USABLE_TLSA_CODE if error.unusable else NO_VALIDATED_TLSA_CODE
