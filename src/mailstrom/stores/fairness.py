@@ -18,17 +18,10 @@ the last lease of the store object stopped. A deep backlog is never walked past.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DESTINATIONS = 32
 """Destinations a fair lease looks at past its first read, per lane at most."""
-
-
-@dataclass(slots=True)
-class Turns:
-    """Where each lane's round of destinations stopped (a store object's, per lane)."""
-
-    after: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +34,12 @@ class Fairness:
 
 
 def fairness(
-    turns: Turns, busy: Collection[str], per_destination: int | None, limit: int
+    turns: dict[str, str], busy: Collection[str], per_destination: int | None, limit: int
 ) -> Fairness | None:
     """The fairness of a lease of ``limit`` with these arguments; None (a plain lease)
-    when they ask for none."""
+    when they ask for none. ``turns``: where each lane's round of destinations stopped
+    (a store object's, by lane), updated by the lease."""
     if not busy and (per_destination is None or per_destination >= limit):
         return None
     share = limit if per_destination is None else max(1, per_destination)
-    return Fairness(frozenset(busy), share, turns.after)
+    return Fairness(frozenset(busy), share, turns)

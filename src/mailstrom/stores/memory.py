@@ -45,7 +45,7 @@ from mailstrom.stores.base import (
 )
 from mailstrom.stores.clock import after, aware_utc, kept_time
 from mailstrom.stores.dkim_column import bounded_dkim
-from mailstrom.stores.fairness import Fairness, Turns, fairness
+from mailstrom.stores.fairness import Fairness, fairness
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import MemoryOperatorMixin
 from mailstrom.stores.memory_records import (
@@ -296,7 +296,7 @@ class MemoryStore(
                 if r.state in _PENDING and r.due_at() <= now and r.domain not in suspended
             ]
             due.sort(key=lambda t: t[:3])
-            fair = fairness(Turns(), busy, per_destination, limit)
+            fair = fairness({}, busy, per_destination, limit)
             if fair is not None:
                 due = _fair(due, fair)
             if lanes is not None:

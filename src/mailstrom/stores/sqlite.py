@@ -125,7 +125,7 @@ from mailstrom.stores.base import (
 )
 from mailstrom.stores.clock import aware_utc, kept_time
 from mailstrom.stores.dead_holders import HolderInfo, oldest_first
-from mailstrom.stores.fairness import Fairness, Turns, fairness
+from mailstrom.stores.fairness import Fairness, fairness
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import (
     ShapeRow,
@@ -608,7 +608,7 @@ class SQLiteStore:
         # process changes its working directory (a daemon's chdir("/")), and the store
         # would take its file for deleted, or a worker process open another queue.
         self._path = os.path.abspath(given)
-        self._turns = Turns()
+        self._turns: dict[str, str] = {}
         busy_timeout = check_timeout(busy_timeout, "busy_timeout")
         self._busy_timeout = busy_timeout
         # Checked here, not where a group commit's leader first waits with it: there it

@@ -614,14 +614,16 @@ def _mark_lanes(
             found += _fair_walk(conn, lane, now, limit - len(found), skip, skipped, fair)
             if len(found) >= limit:
                 break
-    for start in range(0, len(lanes), _LANES_PER_WALK) if fair is None else ():
-        group = lanes[start : start + _LANES_PER_WALK]
-        params: list[object] = []
-        for lane in group:
-            params += [*skipped, lane, now, limit]
-        if len(group) > 1:
-            params.append(limit)
-        found += [(due, rid) for rid, due in conn.execute(lanes_walk_sql(len(group), skip), params)]
+    else:
+        for start in range(0, len(lanes), _LANES_PER_WALK):
+            group = lanes[start : start + _LANES_PER_WALK]
+            params: list[object] = []
+            for lane in group:
+                params += [*skipped, lane, now, limit]
+            if len(group) > 1:
+                params.append(limit)
+            walk = conn.execute(lanes_walk_sql(len(group), skip), params)
+            found += [(due, rid) for rid, due in walk]
     if len(lanes) > _LANES_PER_WALK:
         found = sorted(found)[:limit]  # the groups' walks merged in due order
     if not found:

@@ -92,7 +92,7 @@ from mailstrom.stores.clock import (
 )
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.stores.dkim_column import dkim_to_column
-from mailstrom.stores.fairness import DESTINATIONS, Fairness, Turns, fairness
+from mailstrom.stores.fairness import DESTINATIONS, Fairness, fairness
 from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
@@ -214,7 +214,7 @@ class PostgresStore:
         self._unanswered_leases = unanswered.UnansweredLeases()
         self._queries = {name: text.encode() for name, text in queries().items()}
         self._statistics = PlannerStatistics()
-        self._turns = Turns()
+        self._turns: dict[str, str] = {}
         """Where each lane's walk of destinations reached (:func:`_advance_turns`)."""
         self._ended_seen = False
         """Whether the last lease saw a timed suspension ended with its recipients still
@@ -271,7 +271,7 @@ class PostgresStore:
         self._listener = None
         self._watchers, self._cancel_watchers, self._watching = Watchers(), Watchers(), 0
         self._statistics = PlannerStatistics()
-        self._turns = Turns()
+        self._turns = {}
         self._beats = HolderBeats(self._beats.dead_after)
         self._notifier = Notifier(self._conninfo, lock_bound=self._lock_bound)
         # The parent's writes whose answers were lost are the parent's to write again.
