@@ -596,14 +596,14 @@ def test_the_lane_lease_reads_each_lane_from_its_index(postgres_url: str) -> Non
 def test_a_fair_lease_seeks_other_destinations_in_their_index(postgres_url: str, name: str) -> None:
     """A fair lease past a busy backlog (rolled back): the other destination's mail is
     leased, and EXPLAIN ANALYZE shows the walk and the seeks in recipients_destination_due."""
-    from mailstrom.stores.fairness import Turns, fairness
+    from mailstrom.stores.fairness import fairness
     from mailstrom.stores.postgres.sql import queries
     from mailstrom.stores.postgres.store import _fair_params
 
     with PostgresStore(postgres_url) as store:
         store.enqueue_many([message(f"r{i}@big.example") for i in range(200)], now=T0)
         store.enqueue(message("me@small.example"), now=T0 + timedelta(seconds=1))
-    fair = fairness(Turns(), ["big.example"], 6, 10)
+    fair = fairness({}, ["big.example"], 6, 10)
     assert fair is not None
     params = {
         "now": T0 + timedelta(seconds=2),
