@@ -173,3 +173,55 @@ def test_stop_from_a_signal_handler_during_send_email_returns(
         """,
     )
     assert out == "handler stopped\nqueued True\nthen the store is closed\n"
+
+
+def test_stop_from_a_signal_handler_during_send_email_while_the_worker_waits_to_write(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The same while the worker thread waits for the write lock that the interrupted
+    send_email() holds (a lease, a record): stop() waited for that thread to end, which
+    it could not before the handler returned, until stop()'s bound. The worker now ends
+    once the write is done, and closes the store behind it."""
+    out = _run(
+        tmp_path,
+        config(dns_server, mx.port),
+        "thread",
+        """
+        from mailstrom.errors import StoreError
+        store = ms.store
+        begin = store._begin_immediate
+        worker_thread = ms._worker_thread
+
+        def waits_to_write():
+            frame = sys._current_frames().get(worker_thread.ident)
+            while frame is not None and frame.f_code.co_name != "_exclusive":
+                frame = frame.f_back
+            return frame is not None
+
+        def begin_interrupted(conn, deadline):  # under the write lock of send_email
+            if threading.current_thread() is threading.main_thread():
+                ms.worker.wake()  # it leases, and waits for this write to end
+                until = time.monotonic() + 10
+                while not waits_to_write() and time.monotonic() < until:
+                    time.sleep(0.005)
+                print("worker waits", waits_to_write(), flush=True)
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.01)  # the handler runs here, at once
+            begin(conn, deadline)
+
+        store._begin_immediate = begin_interrupted
+        message = Email(from_="a@sender.test", to=["b@example.org"], subject="s", text="t")
+        message_id = ms.send_email(message)
+        print("queued", len(message_id) > 0)
+        try:
+            ms.send_email(message)
+        except StoreError as exc:
+            print("then", exc)
+        worker_thread.join(10)
+        print("worker ended", not worker_thread.is_alive(), ms.worker_status.running)
+        """,
+    )
+    assert out == (
+        "worker waits True\nhandler stopped\nqueued True\nthen the store is closed\n"
+        "worker ended True False\n"
+    )

@@ -548,7 +548,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
         def queue() -> list[str]:  # off the loop, as in send_email
             prepared = self._prepare_batch(batch)
-            return self.store.enqueue_many(prepared, now=self._clock())
+            return self._store_for_new_mail().enqueue_many(prepared, now=self._clock())
 
         return await write_in_thread(queue)
 

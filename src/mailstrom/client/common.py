@@ -27,6 +27,7 @@ from mailstrom.errors import (
     InvalidMessageType,
     InvalidStoreURL,
     InvalidSuppression,
+    StoreError,
     WorkerError,
 )
 from mailstrom.message import Email, PreparedMessage, prepare
@@ -131,7 +132,7 @@ def reopens_as_itself(store: Store) -> bool:
     return getattr(reopen, "func", reopen) is type(store)
 
 
-def _in_a_call_on(store: Store) -> bool:
+def in_a_call_on(store: Store) -> bool:
     """Whether a frame of this thread, below the caller's, is one of a method of
     ``store``: a signal handler (whose frames come on top of the ones it interrupted)
     reached the caller in the middle of that call."""
@@ -290,6 +291,9 @@ class FacadeBase:
     _worker_ran = False
     """Whether the in-process worker in :attr:`worker` has been started."""
     _store_closed = False
+    _store_closing = False
+    """Whether a stop() left the store this facade opened to its worker thread to close
+    as it ends (see :meth:`Mailstrom.stop`): new mail is refused meanwhile."""
     _copied_queue = False
     """Whether this is a fork's copy of a queue in memory that the parent's worker
     delivers (see :meth:`Mailstrom._after_fork`)."""
@@ -337,7 +341,7 @@ class FacadeBase:
             self._store_closed = self._store_closed or closing
         if not closing:
             return
-        if not _in_a_call_on(self.store):
+        if not in_a_call_on(self.store):
             self.store.close()
             return
         # A signal handler's stop() (SIGTERM's) that interrupted this very thread in a
@@ -489,7 +493,13 @@ class FacadeBase:
         """Prepare ``message`` and queue it durably: the whole of ``send_email``, which
         the async facade runs in a thread."""
         prepared = self._prepare(message, envelope_from, envelope_to, dsn, **attributes)
-        return self.store.enqueue(prepared, now=self._clock())
+        return self._store_for_new_mail().enqueue(prepared, now=self._clock())
+
+    def _store_for_new_mail(self) -> Store:
+        """The store, to queue new mail in; StoreError once a stop() is closing it."""
+        if self._store_closing:
+            raise StoreError("the store is closed")
+        return self.store
 
 
 def facade_config(config: object) -> Config:

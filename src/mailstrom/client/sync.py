@@ -23,6 +23,7 @@ from mailstrom.client.common import (
     StoreArgument,
     SyncWorkerMode,
     batch_of,
+    in_a_call_on,
     stop_timeout,
     suppression_entry,
 )
@@ -282,8 +283,10 @@ class Mailstrom(FacadeBase, QueueOperations):
         Called from a signal handler (a SIGTERM handler) that interrupted a start() or
         stop() of the same thread, it returns at once: the stop() under way goes on, and
         the start() under way stops the worker once it has started (or failed to). One
-        that interrupted a call on the store (``send_email``'s write) stops the worker,
-        and the store this facade opened closes once that call has ended."""
+        that interrupted a call on the store (``send_email``'s write) asks the worker to
+        stop without waiting for it (it may wait for what that call holds): the worker
+        ends, and the store this facade opened closes, once the call has ended, and
+        ``send_email`` refuses new mail meanwhile."""
         timeout = stop_timeout(timeout)
         if self._on_worker_thread():
             self._stop(timeout)  # a stop() elsewhere may hold the lock, waiting for us
@@ -322,6 +325,16 @@ class Mailstrom(FacadeBase, QueueOperations):
                     worker.request_stop(drain_timeout=timeout)
                     self._stopped_from_within = True
                     self._stuck = self._worker_thread
+                elif thread is not None and in_a_call_on(self.store):
+                    # A signal handler's stop() (SIGTERM's) that interrupted this thread in
+                    # a call on the store, send_email's write: the worker may wait for
+                    # what that call holds (the write lock), so waiting for the worker was
+                    # a deadlock until the bound. It ends once the call is done, and
+                    # closes the store then (_run); meanwhile send_email refuses.
+                    worker.request_stop(drain_timeout=timeout)
+                    self._stuck = thread
+                    within = self._leave_store_to(thread)
+                    self._store_closing = within and self._owns_store
                 elif thread is not None:
                     try:
                         worker.request_stop(drain_timeout=timeout)
@@ -440,7 +453,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         :class:`~mailstrom.errors.InvalidMessage` is raised and none is queued.
         """
         prepared = self._prepare_batch(batch_of(messages))
-        return self.store.enqueue_many(prepared, now=self._clock())
+        return self._store_for_new_mail().enqueue_many(prepared, now=self._clock())
 
     def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history.
