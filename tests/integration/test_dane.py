@@ -248,6 +248,20 @@ async def test_a_referral_for_a_tlsa_or_the_aliass_own_record_is_a_failed_lookup
         await lookup_tlsa(resolver, "mx.test")
 
 
+async def test_a_tlsa_answer_truncated_over_tcp_too_is_a_failed_lookup(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A TLSA answer longer than a TCP message holds comes truncated (TC bit) over TCP
+    too, without its records: read as "no TLSA records", the host was used without DANE.
+    It is a failed lookup, and the host is not used."""
+    dns_server.a("mx.test", "192.0.2.25")
+    digests = [hashlib.sha256(str(i).encode()).digest() for i in range(2000)]
+    dns_server.tlsa(TLSA_OWNER, *((3, 1, 1, digest) for digest in digests))
+    with pytest.raises(TemporaryFailure, match="truncated"):
+        await lookup_tlsa(make_resolver(dns_server.dns_config), "mx.test")
+    assert dns_server.queries(TLSA_OWNER, "TLSA") == 2  # over UDP, then over TCP
+
+
 def test_validated_absence_of_tlsa_leaves_the_default(
     dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
 ) -> None:

@@ -231,6 +231,35 @@ async def test_a_referral_is_no_answer_and_is_temporary(
     assert names(await router.route("example.org")) == ["mx.example.org"]  # not cached
 
 
+def tcp_overflow(count: int) -> list[str]:
+    """``count`` distinct IPv4 addresses (192.0.2.0 onwards, within 192.0.0.0/8): 4,200
+    A records take 16 octets each, more than the 65,535 a TCP message holds."""
+    return [f"192.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(512, 512 + count)]
+
+
+async def test_an_answer_truncated_over_tcp_too_is_no_answer_and_is_temporary(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    """An answer truncated over UDP (the TC bit) is asked again over TCP, where it comes
+    whole; one truncated over TCP too (longer than a TCP message holds, or a broken
+    server) holds no records, and dnspython raised NoAnswer for it: taken for "no MX",
+    mail went to the domain's web server (the implicit MX); taken for "no address",
+    every recipient failed at once with 5.4.4. Both are failed lookups, as SERVFAIL."""
+    dns_server.mx("example.org", [(10, f"mx{i}.example.org") for i in range(3000)])
+    dns_server.a("example.org", "192.0.2.80")  # the web server, no mail host
+    with pytest.raises(TemporaryFailure, match="truncated") as info:
+        await router.route("example.org")
+    assert info.value.enhanced == "4.4.3"
+    assert dns_server.queries("example.org", "MX") == 2  # over UDP, then over TCP
+    dns_server.a("example.net", *tcp_overflow(4200))  # no MX: the domain is its host
+    with pytest.raises(TemporaryFailure, match="truncated") as info:
+        await router.route("example.net")
+    assert info.value.enhanced == "4.4.3"
+    assert dns_server.queries("example.net", "A") == 2
+    dns_server.a("example.net", "192.0.2.25")
+    assert names(await router.route("example.net")) == ["example.net"]  # not cached
+
+
 async def test_timeout_is_temporary_and_not_cached(
     dns_server: LoopbackDNS, clock: FakeClock
 ) -> None:

@@ -34,7 +34,7 @@ from mailstrom.config import Config, TLSPolicy
 from mailstrom.domains import a_label, literal_address, shown
 from mailstrom.errors import DeliveryError, PermanentFailure
 from mailstrom.routing import Route, Router, make_resolver
-from mailstrom.routing.lookup import REFERRAL, is_referral
+from mailstrom.routing.lookup import unanswered
 from mailstrom.runtime.connection import SMTPConnection, StartTLS, TLSVerifyError
 from mailstrom.tls.decide import Destination, TLSDecider
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
@@ -353,8 +353,8 @@ async def check_helo(config: Config) -> HeloReport:
             answer = await resolver.resolve(config.helo_name, rdtype)
             report.addresses.extend(r.to_text() for r in answer)
         except dns.resolver.NoAnswer as exc:
-            if is_referral(exc):  # says nothing of whether the records exist
-                problems.append(f"{rdtype} lookup failed: {REFERRAL}")
+            if (why := unanswered(exc)) is not None:  # says nothing of the records
+                problems.append(f"{rdtype} lookup failed: {why}")
                 report.lookup_failed = True
             continue
         except dns.resolver.NXDOMAIN:
@@ -371,8 +371,8 @@ async def check_helo(config: Config) -> HeloReport:
             answer = await resolver.resolve(dns.reversename.from_address(ip), "PTR")
             names = [r.to_text().rstrip(".").lower() for r in answer]
         except dns.resolver.NoAnswer as exc:
-            if is_referral(exc):
-                problems.append(f"PTR lookup for {ip} failed: {REFERRAL}")
+            if (why := unanswered(exc)) is not None:
+                problems.append(f"PTR lookup for {ip} failed: {why}")
                 report.lookup_failed = True
                 continue
             names = []

@@ -24,7 +24,7 @@ import dns.reversename
 
 from mailstrom.config import DNSConfig
 from mailstrom.dnsclock import Deadline
-from mailstrom.routing.lookup import REFERRAL, is_referral, localhost_addresses
+from mailstrom.routing.lookup import localhost_addresses, unanswered
 from mailstrom.routing.policy import RoutePolicy
 
 
@@ -89,8 +89,8 @@ class DNSResolver:
         except dns.resolver.NXDOMAIN:
             return Answer(name=name, rdtype=rdtype, outcome=Outcome.NXDOMAIN)
         except dns.resolver.NoAnswer as exc:
-            if is_referral(exc):  # no NODATA: a server that does not recurse
-                return Answer(name=name, rdtype=rdtype, outcome=Outcome.ERROR, error=REFERRAL)
+            if (why := unanswered(exc)) is not None:  # no NODATA: a referral, truncated
+                return Answer(name=name, rdtype=rdtype, outcome=Outcome.ERROR, error=why)
             return Answer(name=name, rdtype=rdtype, outcome=Outcome.NODATA)
         except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
             # A name DNS cannot hold (``_dmarc.`` before a 253-character domain, an

@@ -32,7 +32,7 @@ from mailstrom.errors import ConfigError
 from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
 from mailstrom.mtasts.policy import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy
-from mailstrom.routing.lookup import REFERRAL, is_referral
+from mailstrom.routing.lookup import unanswered
 from mailstrom.routing.policy import RoutePolicy
 
 if TYPE_CHECKING:
@@ -102,8 +102,8 @@ async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[
     try:
         answer = await resolver.resolve(qname, dns.rdatatype.TXT, search=False)
     except dns.resolver.NoAnswer as exc:
-        if is_referral(exc):  # no NODATA: a server that does not recurse
-            raise DNSTrouble(f"TXT lookup of {name} failed: {REFERRAL}") from exc
+        if (why := unanswered(exc)) is not None:  # no NODATA: a referral, truncated
+            raise DNSTrouble(f"TXT lookup of {name} failed: {why}") from exc
         return [], NO_RECORD_TTL
     except dns.resolver.NXDOMAIN:
         return [], NO_RECORD_TTL

@@ -36,7 +36,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailstrom._version import __version__
-from mailstrom.routing.lookup import REFERRAL, is_referral
+from mailstrom.routing.lookup import unanswered
 from mailstrom.routing.policy import RoutePolicy
 from mailstrom.safetext import safe_text
 
@@ -120,8 +120,8 @@ async def usable_addresses(
         try:
             answer = await resolver.resolve(dns.name.from_text(host), rdtype, search=False)
         except dns.resolver.NoAnswer as exc:
-            if is_referral(exc):  # no NODATA: a server that does not recurse
-                failed = failed or LookupError(REFERRAL)
+            if (why := unanswered(exc)) is not None:  # no NODATA: a referral, truncated
+                failed = failed or LookupError(why)
             continue
         except dns.resolver.NXDOMAIN:
             continue

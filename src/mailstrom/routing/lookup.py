@@ -173,6 +173,37 @@ REFERRAL = "the DNS server answered with a referral (it does not resolve recursi
 """What a lookup :func:`is_referral` tells of failed with."""
 
 
+TRUNCATED = (
+    "the DNS server's answer was truncated (TC bit) over TCP too: it holds some of the "
+    "records at most"
+)
+"""What a lookup :func:`unanswered` tells of a truncated answer failed with."""
+
+
+def unanswered(no_answer: dns.resolver.NoAnswer) -> str | None:
+    """Why the response dnspython raised ``no_answer`` for (NOERROR without the records
+    asked for) says nothing of whether the records exist: :data:`REFERRAL`
+    (:func:`is_referral`), :data:`TRUNCATED`, or None when it is NODATA, which may be
+    believed. Every lookup that reads NoAnswer as "no such records" asks this first
+    (routes, DANE's TLSA, MTA-STS's record and policy host, the command line's checks),
+    and fails as for SERVFAIL when it has a reason."""
+    return unanswered_response(no_answer.kwargs.get("response"))  # absent when by hand
+
+
+def unanswered_response(response: object) -> str | None:
+    """:func:`unanswered` of a response read without dnspython's NoAnswer.
+
+    A truncated answer (the TC bit) asked again over TCP is read whole there; one that
+    is truncated over TCP too (longer than the 64 KiB a TCP message holds, or a broken
+    server or middlebox) holds some of the records at most, and none as this server
+    truncates (RFC 2181 §9: ignore it). dnspython hands it on as it came, and read as
+    NODATA it made a domain one without MX records (mail went to its A record, the
+    implicit MX) or without addresses (every recipient failed with 5.4.4)."""
+    if isinstance(response, dns.message.Message) and response.flags & dns.flags.TC:
+        return TRUNCATED
+    return REFERRAL if is_referral_response(response) else None
+
+
 def is_referral(no_answer: dns.resolver.NoAnswer) -> bool:
     """Whether the response dnspython raised ``no_answer`` for (NOERROR without the
     records asked for) is a referral: NS records and no SOA in its authority section, not
@@ -183,8 +214,7 @@ def is_referral(no_answer: dns.resolver.NoAnswer) -> bool:
 
     dnspython raises NoAnswer for both; taken for NODATA, a referral made every domain
     one without MX records, then one without addresses: a permanent failure (5.4.4).
-    Every lookup that reads NoAnswer as "no such records" asks this first (DANE's TLSA,
-    MTA-STS's record and policy host), and fails as for SERVFAIL when it is one."""
+    Lookups ask :func:`unanswered`, which asks this."""
     return is_referral_response(no_answer.kwargs.get("response"))  # absent when by hand
 
 
@@ -382,9 +412,10 @@ class _Resolution:
             responses = exc.kwargs.get("responses") or {}
             return _Missing(nxdomain=True, ttl=negative_ttl(next(iter(responses.values()), None)))
         except dns.resolver.NoAnswer as exc:
-            if is_referral(exc):
+            why = unanswered(exc)
+            if why is not None:
                 raise TemporaryFailure(
-                    f"DNS lookup of {name} {rdtype.name} failed: {REFERRAL}",
+                    f"DNS lookup of {name} {rdtype.name} failed: {why}",
                     enhanced=_TEMPORARY_DNS,
                 ) from exc
             return _Missing(nxdomain=False, ttl=negative_ttl(exc.kwargs.get("response")))

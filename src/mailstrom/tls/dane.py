@@ -58,7 +58,7 @@ import dns.resolver
 
 from mailstrom.config import Config
 from mailstrom.errors import ConfigError, LocalResourceShortage, TemporaryFailure, local_shortage
-from mailstrom.routing.lookup import REFERRAL, is_referral, is_referral_response
+from mailstrom.routing.lookup import unanswered, unanswered_response
 from mailstrom.tls.decide import Destination
 from mailstrom.tls.requirement import PolicySource, TLSARecord, TLSMode, TLSRequirement
 from mailstrom.tls.tlsa_lenient import Malformed, ask_leniently
@@ -119,8 +119,8 @@ async def _ask(
     try:
         return await resolver.resolve(name, rdtype, search=False)
     except dns.resolver.NoAnswer as exc:
-        if is_referral(exc):  # no NODATA: a server that does not recurse
-            raise _failure(name, host, REFERRAL, what=dns.rdatatype.to_text(rdtype)) from exc
+        if (why := unanswered(exc)) is not None:  # no NODATA: a referral, truncated
+            raise _failure(name, host, why, what=dns.rdatatype.to_text(rdtype)) from exc
         return None
     except dns.resolver.NXDOMAIN:
         return None
@@ -228,8 +228,8 @@ async def _ask_again(
     except dns.exception.DNSException as exc:
         raise _failure(name, host, exc) from exc
     if answer.rrset is None and not malformed.count:
-        if is_referral_response(response):
-            raise _failure(name, host, REFERRAL)
+        if (why := unanswered_response(response)) is not None:
+            raise _failure(name, host, why)
         return TLSALookup(host=host)  # NODATA
     return _found(host, answer, malformed)
 
@@ -259,8 +259,8 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALo
                 name, dns.rdatatype.TLSA, search=False, lifetime=first_try
             )
     except dns.resolver.NoAnswer as exc:
-        if is_referral(exc):  # no NODATA: a server that does not recurse
-            raise _failure(name, host, REFERRAL) from exc
+        if (why := unanswered(exc)) is not None:  # no NODATA: a referral, truncated
+            raise _failure(name, host, why) from exc
         return TLSALookup(host=host)
     except dns.resolver.NXDOMAIN:
         return TLSALookup(host=host)
