@@ -22,6 +22,7 @@ import pytest
 
 from mailstrom.errors import PermanentFailure, TemporaryFailure
 from mailstrom.routing import Route, Router
+from mailstrom.routing.lookup import NEGATIVE_TTL
 from mailstrom.testing.dns import _TCPServer
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.deadline import Hang, hang_guard
@@ -275,15 +276,70 @@ async def test_timeout_is_temporary_and_not_cached(
     assert dns_server.queries("example.org", "MX") > asked
 
 
-async def test_one_host_failing_temporarily_leaves_the_others_uncached(
-    dns_server: LoopbackDNS, router: Router
+async def test_one_host_failing_temporarily_leaves_the_others_cached_briefly(
+    dns_server: LoopbackDNS, router: Router, clock: FakeClock
 ) -> None:
     dns_server.mx("example.org", [(10, "broken.example.org"), (20, "ok.example.org")])
     dns_server.servfail("broken.example.org")
     dns_server.a("ok.example.org", "127.0.0.1")
     assert names(await router.route("example.org")) == ["ok.example.org"]
     assert names(await router.route("example.org")) == ["ok.example.org"]
-    assert dns_server.queries("example.org", "MX") == 2  # incomplete, so asked again
+    assert dns_server.queries("example.org", "MX") == 1
+    dns_server.a("broken.example.org", "127.0.0.2")
+    clock.now += NEGATIVE_TTL  # incomplete: remembered no longer than a negative answer
+    assert names(await router.route("example.org")) == ["broken.example.org", "ok.example.org"]
+
+
+async def test_a_host_whose_aaaa_query_times_out_is_used_over_ipv4_and_cached_briefly(
+    dns_server: LoopbackDNS, clock: FakeClock
+) -> None:
+    """A server (or middlebox) that loses AAAA queries while it answers A queries: the
+    route holds the IPv4 addresses that answered, but was not cached, so every message
+    to the domain waited out the AAAA query again (dns.timeout, 10 s by default). It is
+    cached as briefly as a negative answer, then asked again whole, so that a host with
+    only IPv6 addresses is left out no longer than that."""
+    dns_server.mx("example.org", [(10, "mx6.example.org"), (20, "mx.example.org")])
+    dns_server.a("mx.example.org", "192.0.2.25")
+    dns_server.aaaa("mx.example.org", "2001:db8::25")
+    dns_server.aaaa("mx6.example.org", "2001:db8::6")  # its only address
+    dns_server.drop("mx.example.org", "AAAA")
+    dns_server.drop("mx6.example.org", "AAAA")
+    router = Router(replace(dns_server.dns_config, timeout=0.3), clock=clock)
+    route = await router.route("example.org")
+    assert [(h.name, h.addresses) for h in route.hosts] == [("mx.example.org", ("192.0.2.25",))]
+    asked = dns_server.query_counts()
+    assert router.cached("example.org") == route  # the next message waits for no query
+    assert await router.route("example.org") == route
+    assert dns_server.query_counts() == asked
+    clock.now += NEGATIVE_TTL - 1
+    assert router.cached("example.org") == route
+    for host in ("mx.example.org", "mx6.example.org"):  # the AAAA queries are answered
+        dns_server.delete(host)
+    dns_server.a("mx.example.org", "192.0.2.25")
+    dns_server.aaaa("mx.example.org", "2001:db8::25")
+    dns_server.aaaa("mx6.example.org", "2001:db8::6")
+    clock.now += 1
+    assert router.cached("example.org") is None
+    route = await router.route("example.org")
+    assert [(h.name, h.addresses) for h in route.hosts] == [
+        ("mx6.example.org", ("2001:db8::6",)),
+        ("mx.example.org", ("192.0.2.25", "2001:db8::25")),
+    ]
+    assert dns_server.queries("example.org", "MX") == 2
+
+
+async def test_an_implicit_mx_whose_aaaa_query_times_out_is_cached_briefly(
+    dns_server: LoopbackDNS, clock: FakeClock
+) -> None:
+    """As for an MX host: a domain without MX records whose AAAA query times out."""
+    dns_server.a("example.org", "192.0.2.25")
+    dns_server.drop("example.org", "AAAA")
+    router = Router(replace(dns_server.dns_config, timeout=0.3), clock=clock)
+    route = await router.route("example.org")
+    assert route.implicit and route.addresses == ("192.0.2.25",)
+    assert router.cached("example.org") == route
+    clock.now += NEGATIVE_TTL
+    assert router.cached("example.org") is None
 
 
 async def test_idn_domain_is_queried_as_a_label(dns_server: LoopbackDNS, router: Router) -> None:

@@ -17,7 +17,7 @@ from tests.support.resolver import ScriptedResolver, hosts_in, make_router
 from mailstrom.config import DNSConfig
 from mailstrom.errors import LocalResourceShortage, TemporaryFailure
 from mailstrom.routing import Router
-from mailstrom.routing.lookup import lookup_route
+from mailstrom.routing.lookup import NEGATIVE_TTL, lookup_route
 from mailstrom.routing.policy import RoutePolicy
 
 # --- hardening #6: bounded DNS work ---------------------------------------------------
@@ -120,15 +120,18 @@ async def test_the_deadline_holds_even_when_the_resolver_overruns_its_lifetime()
     assert info.value.enhanced == "4.4.3"
 
 
-async def test_a_route_cut_by_the_deadline_is_used_but_not_cached() -> None:
+async def test_a_route_cut_by_the_deadline_is_used_and_cached_briefly() -> None:
     """Hardening #6: hosts found before the budget ran out are tried; the route is
-    incomplete, so the next call looks again."""
+    incomplete, so it is remembered no longer than a negative answer (not at all, each
+    message to the domain spent the whole budget again), then looked up again."""
     resolver = ScriptedResolver(lifetime=10.0, seconds_per_query=4.0)
     resolver.mx("slow.test", [(p, f"mx{p}.slow.test") for p in range(1, 8)])
     resolver.a("mx1.slow.test", "192.0.2.1")  # the others have none: a second batch is due
     router = make_router(resolver)
     route = await router.route("slow.test")
     assert route.addresses == ("192.0.2.1",)
+    assert router.cached("slow.test") == route
+    resolver.clock.now += NEGATIVE_TTL
     await router.route("slow.test")
     assert len([q for q in resolver.queries if q.rdtype == "MX"]) == 2
 

@@ -48,7 +48,8 @@ NEGATIVE_TTL = 60.0
 """Seconds a nonexistent domain, a null MX or a domain without MX records is remembered
 at most; less when the zone says so (:func:`negative_ttl`). Short, so a domain whose
 owner fixes its DNS gets mail again soon; long enough that a burst of mail to one bad
-domain costs one lookup."""
+domain costs one lookup. An incomplete route (a query of it failed, :class:`Lookup`) is
+remembered no longer either."""
 
 MAX_TTL = 86_400.0
 """Seconds any route found through DNS is remembered at most, whatever TTL its answers
@@ -103,8 +104,16 @@ class Refusal:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Lookup:
-    """What one lookup found: a route or a refusal, cacheable for ``ttl`` seconds
-    (None: do not cache, because part of the answer was a temporary failure).
+    """What one lookup found: a route or a refusal, cacheable for ``ttl`` seconds (0:
+    not at all).
+
+    A route is incomplete when a query of it failed for now (a host's AAAA query timed
+    out while its A query answered, a host's SERVFAIL, the lookup's time spent before the
+    last hosts): it holds what was found and is cached for :data:`NEGATIVE_TTL` at most,
+    after which every query is asked again. Not cached at all, every message to the
+    domain waited out the failed query again (``dns.timeout``, 10 s by default); cached
+    longer, a host reachable only over the family that failed (an IPv6-only MX host)
+    would be left out of the route for that long.
 
     The route's hosts come in preference order and may hold more addresses than the
     policy's ``mx_address_limit``: shuffling equal preferences and cutting to the limit is
@@ -113,7 +122,7 @@ class Lookup:
 
     route: Route | None = None
     refusal: Refusal | None = None
-    ttl: float | None = None
+    ttl: float = 0.0
 
     def unwrap(self) -> Route:
         """The route, or raise the refusal."""
@@ -711,8 +720,8 @@ async def _mx_route(
     route = Route(
         domain=domain, hosts=tuple(hosts), implicit=False, secure=mx_secure, canonical=canonical
     )
-    # An incomplete route (a host's lookup failed) is used now but not remembered.
-    return Lookup(route=route, ttl=None if temporary else min(ttls))
+    # An incomplete route (a query failed) is used, and remembered briefly (Lookup).
+    return Lookup(route=route, ttl=min(ttls) if temporary is None else min([NEGATIVE_TTL, *ttls]))
 
 
 def _other_version(text: str, policy: RoutePolicy) -> TemporaryFailure:
@@ -756,8 +765,7 @@ async def _implicit(
         canonical=result.canonical,
     )
     route = Route(domain=domain, hosts=(host,), implicit=True, secure=result.secure)
-    if result.temporary is not None:
-        return Lookup(route=route, ttl=None)
-    # The absence of MX records is a negative answer: remember it only briefly.
+    # The absence of MX records is a negative answer: remember it only briefly, as long
+    # as a route one of whose address queries failed (Lookup) may be at most.
     ttl = no_mx_ttl if result.ttl is None else min(result.ttl, no_mx_ttl)
     return Lookup(route=route, ttl=ttl)

@@ -145,10 +145,12 @@ class Router:
     smallest TTL of the answers used, one day at most (``lookup.MAX_TTL``: a hostile zone's
     TTL of 2**31-1 s must not pin its route), measured with ``clock``, by the domain string as
     given (lower-cased if ASCII, see :func:`cache_key`) so that a cached route costs one
-    dict lookup; temporary failures are not cached. Concurrent calls for one domain share
-    one lookup. Hosts of equal MX preference, and each host's addresses of one family, are
-    shuffled with ``rng`` on every call, so load spreads over them even while the route is
-    cached.
+    dict lookup; temporary failures are not cached, and a route one of whose queries failed
+    (an AAAA query timed out) is cached for ``lookup.NEGATIVE_TTL`` (60 s) at most, then
+    looked up whole again (:class:`~mailstrom.routing.lookup.Lookup`). Concurrent calls
+    for one domain share one lookup. Hosts of equal MX preference, and each host's
+    addresses of one family, are shuffled with ``rng`` on every call, so load spreads over
+    them even while the route is cached.
 
     Every route holds at most ``mx_address_limit`` addresses (Postfix's
     ``smtp_mx_address_limit``), only of ``ip_version`` when given (4 or 6), and no
@@ -310,9 +312,9 @@ class Router:
         lookup = await lookup_route(
             self._resolver, qname, policy=self.policy, rng=self._rng, clock=self._clock
         )
-        ttl = None if lookup.ttl is None else min(lookup.ttl, MAX_TTL)
-        cacheable = ttl is not None and ttl > 0
-        expires = self._clock() + ttl if ttl is not None and ttl > 0 else -FOREVER
+        ttl = min(lookup.ttl, MAX_TTL)
+        cacheable = ttl > 0
+        expires = self._clock() + ttl if cacheable else -FOREVER
         entry = _prepare(
             lookup, canonical=canonical, expires=expires, limit=self.policy.mx_address_limit
         )

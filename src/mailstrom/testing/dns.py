@@ -47,7 +47,8 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
 * ``servfail(name)`` — every query for ``name`` gets SERVFAIL (``servfail(name, "CNAME")``:
   only the queries for that type).
 * ``drop(name)`` — queries for ``name`` are never answered (the client times out; give
-  it a small ``timeout``).
+  it a small ``timeout``); ``drop(name, "AAAA")``: only the queries for that type, as a
+  server or middlebox that loses AAAA queries does.
 * ``referral(name)`` — queries for ``name`` get a referral to the root servers (NOERROR,
   no answer, their NS records, neither AA nor RA), as a server that does not resolve
   recursively answers: no proof that ``name`` lacks the records (RFC 2308 §2.2).
@@ -172,6 +173,7 @@ class _Node:
     servfail: bool = False
     servfail_types: set[str] = field(default_factory=set)
     drop: bool = False
+    drop_types: set[str] = field(default_factory=set)
     referral: bool = False
     nxdomain: bool = False
     authenticated: bool = False
@@ -209,7 +211,7 @@ class _ZoneResolver:
                 if node is None or node.nxdomain:
                     reply.header.rcode = RCODE.NXDOMAIN
                     break
-                if node.drop:
+                if node.drop or qtype in node.drop_types:
                     # DNSHandler logs a DNSError and sends nothing: the client times out.
                     raise DNSError(f"dropping query for {name}")
                 if node.servfail or qtype in node.servfail_types:
@@ -609,10 +611,17 @@ class LoopbackDNS:
             else:
                 node.servfail_types.add(rtype.upper())
 
-    def drop(self, name: str) -> None:
-        """Never answer queries for ``name`` (the client times out)."""
+    def drop(self, name: str, rtype: str | None = None) -> None:
+        """Never answer queries for ``name`` (the client times out), or only those for
+        ``rtype`` (e.g. ``"AAAA"``, while the A queries are answered). Records set for
+        ``name`` afterwards end the first (as they end :meth:`servfail`), not the second;
+        :meth:`delete` ends both."""
         with self._zone.lock:
-            self._zone.nodes.setdefault(_key(name), _Node()).drop = True
+            node = self._zone.nodes.setdefault(_key(name), _Node())
+            if rtype is None:
+                node.drop = True
+            else:
+                node.drop_types.add(rtype.upper())
 
     def referral(self, name: str) -> None:
         """Answer queries for ``name`` with a referral to the root servers, as a server
