@@ -607,8 +607,10 @@ PARENT = textwrap.dedent(
     import sys
     from mailstrom import Config, Email, Mailstrom, Timeouts
     from mailstrom.stores import SQLiteStore
+    from mailstrom.client import process
     from mailstrom.config import DNSConfig
 
+    process.ORPHAN_DRAIN = 1.0  # the stuck delivery's drain, once its parent is gone
     port, dns_port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     config = Config(helo_name="client.test", smtp_port=port, allow_loopback=True,
                     dns=DNSConfig(nameservers=("127.0.0.1",), port=dns_port),
@@ -625,8 +627,9 @@ PARENT = textwrap.dedent(
 def test_a_worker_process_dies_with_its_parent(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path
 ) -> None:
-    """SIGKILL the application: its worker process notices at once, gives back what it
-    had not delivered (due now) and exits; nothing is left running or leased."""
+    """SIGKILL the application: its worker process notices at once, lets its delivery
+    drain (``ORPHAN_DRAIN``, 1 s here), gives back what it had not delivered (due now)
+    and exits; nothing is left running or leased."""
     mx.stall_on = "greeting"
     path = tmp_path / "q.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

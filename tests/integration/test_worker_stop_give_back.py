@@ -264,7 +264,7 @@ async def test_a_stop_at_once_waits_for_the_write_under_way(
 ) -> None:
     """A delivered result is being written (in a thread, as for PostgreSQL; the write
     waits for a lock held elsewhere) when the worker is told to stop at once
-    (``drain_timeout=0``: a worker process whose parent died). The stop cancelled the
+    (``drain_timeout=0``: a stop() with no time to drain). The stop cancelled the
     write at once and ``run`` returned with the result unrecorded: the process then
     exits, its write dies with it, and the delivered recipient, still leased, went out a
     second time when its lease expired. What the worker holds is written before it ends,

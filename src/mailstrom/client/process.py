@@ -59,6 +59,11 @@ GIVE_BACK_WAIT = 2.0
 had leased (a store call): one that takes longer (PostgreSQL down, its pool waiting for a
 connection for the store's timeout) goes on in the background, and its leases come back
 when they expire otherwise, as a dead worker's do."""
+ORPHAN_DRAIN = 30.0
+"""Seconds a worker process whose parent died (killed, or ended without ``stop()``) lets
+its deliveries in flight finish, as ``stop()`` would have by default, before it gives
+the rest back to the store and exits. It stopped at once, and a message whose content
+the server had taken went out a second time once its lease expired."""
 RESULTS_WAITING = 10_000
 """How many results of a worker process wait here for a slow ``on_result`` at most (a
 few megabytes). Past it the reader waits for the callback to take some: the child then
@@ -406,6 +411,7 @@ class WorkerProcess:
             log_levels=_log_levels(),
             forward_results=self._on_result is not None,
             holder=holder,
+            orphan_drain=ORPHAN_DRAIN,
         )
         # Pickled here, before any child exists: a failure is start()'s to raise.
         frame = io.BytesIO()

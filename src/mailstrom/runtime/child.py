@@ -21,8 +21,9 @@ ends the child with ``error`` instead.
 The child runs in a session of its own, so a Ctrl-C meant for the application does not
 cut its deliveries short: the parent stops it gracefully. If the parent dies, the child's
 control pipe reaches its end (or, should a process forked from the parent still hold that pipe,
-the child sees itself adopted by another parent) and it stops as if asked, giving back
-what it did not deliver. ``PR_SET_PDEATHSIG`` is not used: Linux sends it when the *thread*
+the child sees itself adopted by another parent) and it stops as if asked: its deliveries
+in flight get the spec's ``orphan_drain`` to finish, and it gives back what it did not
+deliver. ``PR_SET_PDEATHSIG`` is not used: Linux sends it when the *thread*
 that started the child ends, and a facade may well be started from a short-lived thread.
 """
 
@@ -236,12 +237,12 @@ def main() -> int:
             elif kind == "stop":
                 control.stop(payload)
                 return
-        control.stop(0)  # the parent is gone
+        control.stop(spec.orphan_drain)  # the parent is gone
 
     threading.Thread(target=read_control, name="mailstrom-child-control", daemon=True).start()
     threading.Thread(
         target=_watch_parent,
-        args=(parent, lambda: control.stop(0)),
+        args=(parent, lambda: control.stop(spec.orphan_drain)),
         name="mailstrom-child-parent",
         daemon=True,
     ).start()

@@ -67,6 +67,9 @@ class ChildSpec:
     """The child's worker's lease holder (``Worker(holder=...)``), fresh for each child:
     the parent gives back what a child it saw die had leased
     (:meth:`~mailstrom.stores.Store.release_holder`)."""
+    orphan_drain: float
+    """Seconds the child lets its deliveries in flight finish once its parent is gone
+    (:data:`mailstrom.client.process.ORPHAN_DRAIN`), before it gives the rest back."""
 
 
 def open_store(spec: ChildSpec) -> Store:

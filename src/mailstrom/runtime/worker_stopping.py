@@ -25,7 +25,7 @@ _FINAL_RECORD = 30.0
 
 _LAST_WRITE = 2.0
 """Seconds a stopping worker waits at least for the write of the results it holds,
-whatever the drain timeout (0: stop at once, as a worker process whose parent died does):
+whatever the drain timeout (0: stop at once):
 a write under way (in a thread, for PostgreSQL) cut off there left delivered recipients
 leased, to go out again when the lease expired. Bounded as the store's own waits on stop
 are (PostgreSQL's ``STOP_WAIT``): a store that hangs does not hold the exit."""

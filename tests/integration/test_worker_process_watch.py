@@ -1,0 +1,95 @@
+"""A facade's worker process whose parent died (runtime/child.py) lets its deliveries in
+flight finish before it exits.
+
+Every child is a real one, and delivers to a real loopback SMTP server.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import RecipientState, Timeouts
+from mailstrom.stores import SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.integration.test_worker_modes import ROOT, _gone, _wait_until, config
+
+PATIENT = Timeouts(connect=5, greeting=5, command=5, data_init=5, data_block=5, data_end=60)
+"""The child waits for a slow server's final reply well past the test's own waits."""
+
+
+@pytest.fixture
+def slow_mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
+    """A server that takes 3 s to answer the final dot."""
+    server = smtp_server()
+    server.data_delay = 3.0
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+# --- a child whose parent died ---------------------------------------------------------------
+
+PARENT = textwrap.dedent(
+    """
+    import pickle, sys
+    from mailstrom import Email, Mailstrom
+    from mailstrom.stores import SQLiteStore
+
+    with open(sys.argv[2], "rb") as f:
+        config = pickle.load(f)
+    ms = Mailstrom(config, store=SQLiteStore(sys.argv[1]), worker="process")
+    ms.start()
+    mid = ms.send_email(Email(from_="app@sender.test", to=["u@example.org"], subject="Hi",
+                              text="Hello"))
+    print(ms.worker.pid, mid, flush=True)
+    sys.stdin.readline()  # until killed
+    """
+)
+
+
+def test_a_worker_process_whose_parent_died_lets_its_deliveries_finish(
+    slow_mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The application killed while its worker process waited for a server's reply to
+    the final dot: the child stopped at once (a drain of 0 s) and cut that delivery
+    short, to be sent a second time once its lease expired. It drains as stop() does."""
+    path = tmp_path / "q.db"
+    settings = tmp_path / "config.pickle"
+    settings.write_bytes(pickle.dumps(config(dns_server, slow_mx.port, timeouts=PATIENT)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    with subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(path), str(settings)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+        start_new_session=True,
+    ) as parent:
+        assert parent.stdout is not None
+        child, mid = parent.stdout.readline().split()
+        try:
+            slow_mx.wait_for_received(1, timeout=15)  # its content is in: the reply waits
+            parent.kill()
+            parent.wait()
+            assert _wait_until(lambda: _gone(int(child)), 30), "the worker outlived its drain"
+        finally:
+            if not _gone(int(child)):
+                os.kill(int(child), signal.SIGKILL)
+    store = SQLiteStore(path)
+    try:
+        [recipient] = store.status(mid).recipients
+        assert recipient.state is RecipientState.DELIVERED, recipient
+        assert recipient.attempts == 1
+    finally:
+        store.close()
+    assert len(slow_mx.messages) == 1
