@@ -1,11 +1,14 @@
-"""A facade's worker process whose parent died (runtime/child.py) lets its deliveries in
-flight finish before it exits.
+"""A facade watches its worker process (client/process.py, runtime/child.py): a restarted
+child that hangs at start is killed and started again; one whose parent died lets its
+deliveries in flight finish before it exits.
 
-Every child is a real one, and delivers to a real loopback SMTP server.
+Every child is a real one (hung by a ``sitecustomize``: see ``stall_child``), and
+delivers to a real loopback SMTP server.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -17,14 +20,27 @@ from typing import Any
 
 import pytest
 
-from mailstrom import RecipientState, Timeouts
+from mailstrom import Mailstrom, RecipientState, Timeouts
+from mailstrom.client.process import WorkerProcess
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
-from tests.integration.test_worker_modes import ROOT, _gone, _wait_until, config
+from tests.integration import test_worker_modes, test_worker_process_lifecycle
+from tests.integration.test_worker_modes import ROOT, _gone, _wait_until, config, hello
+from tests.integration.test_worker_restart import _first_status
+
+mx = test_worker_modes.mx
+"""A server that answers everything (the same fixture: pytest finds it by this name)."""
+stall_child = test_worker_process_lifecycle.stall_child
+"""``stall_child(seconds)``: children started from now on hang that long at start."""
 
 PATIENT = Timeouts(connect=5, greeting=5, command=5, data_init=5, data_block=5, data_end=60)
 """The child waits for a slow server's final reply well past the test's own waits."""
+
+
+def _worker(ms: Mailstrom) -> WorkerProcess:
+    assert isinstance(ms.worker, WorkerProcess)
+    return ms.worker
 
 
 @pytest.fixture
@@ -35,6 +51,47 @@ def slow_mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
     dns_server.mx("example.org", [(10, "mx.test")])
     dns_server.a("mx.test", server.host)
     return server
+
+
+# --- a restarted child that hangs at start -------------------------------------------------
+
+
+def test_a_restarted_worker_process_that_hangs_at_start_is_killed_and_started_again(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    stall_child: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A child started again after a death hung before it answered (its store's open
+    blocked on a lock, a dead NFS mount; here a stuck import): nothing bounded it, no
+    restart came, and worker_status said "started again, not answering yet" for ever.
+    It has as long to answer as start() gave the first child."""
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    ms.start(timeout=10)  # a loaded machine takes seconds to start one
+    try:
+        old = _worker(ms).pid
+        assert old is not None
+        stall_child(60)  # the next child hangs (killed long before it would go on)
+        os.kill(old, signal.SIGKILL)
+
+        hung = _first_status(ms, lambda s: "no answer within" in (s.error or ""), 30)
+        assert hung.error == (
+            "worker process killed: no answer within 10 s of its start; starting it again in 2 s"
+        )
+        assert not hung.running and hung.dead
+        stall_child(0)  # the one after comes up
+        back = _first_status(ms, lambda s: s.running, 30)
+        assert back.restarts == 2 and back.error is None
+        mid = ms.send_email(hello("after@example.org"))
+        assert ms.wait(mid, timeout=30).state is RecipientState.DELIVERED
+    finally:
+        ms.stop()
+        store.close()
+    killing = [r for r in caplog.records if "killing it" in r.getMessage()]
+    assert killing and killing[0].levelno == logging.ERROR
+    assert "no answer within 10 s of its start" in killing[0].getMessage()
 
 
 # --- a child whose parent died ---------------------------------------------------------------

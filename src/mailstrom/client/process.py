@@ -338,6 +338,11 @@ class WorkerProcess:
         """How the last child that is to be started again died."""
         self._coming_back = False
         """A restarted child has not answered ``ready`` yet (its return is logged)."""
+        self._start_timeout = 30.0
+        """What :meth:`start` was given: a restarted child is killed (and started again
+        after the backoff) when it has not answered ``ready`` within as long."""
+        self._watch: _Watch | None = None
+        """The watch over the current child (see :meth:`_watch_over`)."""
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -349,7 +354,11 @@ class WorkerProcess:
         (:class:`~mailstrom.errors.StoreCorrupt`,
         :class:`~mailstrom.errors.StoreAccessDenied`), from the ``OSError`` when no process
         can be started (no fork, no descriptor left). After such a failure, after
-        :meth:`stop`, or once a child ended for good, it can be called again."""
+        :meth:`stop`, or once a child ended for good, it can be called again.
+
+        A child started again after a death has as long (``timeout``) to answer: one that
+        hangs at its start (its store's open blocked on a lock, a dead NFS mount) is
+        killed then, and started again after the backoff."""
         with self._lock:
             if self.pid is not None or self.restart_pending():
                 raise WorkerError("already started")
@@ -376,6 +385,7 @@ class WorkerProcess:
             self._runs = (_NOTHING_CARRIED, WorkerStatus(running=False))
             self._restarts = 0
             self._backoff = RestartBackoff()
+            self._start_timeout = timeout
             try:
                 self._spawn()
             except OSError as exc:  # no fork, no descriptor left, no interpreter file
@@ -399,9 +409,10 @@ class WorkerProcess:
                 # It died between its "ready" and now, unsupervised: judge it here.
                 self._judge(self._proc)
 
-    def _spawn(self) -> None:
+    def _spawn(self, *, start_within: float | None = None) -> None:
         """Start a child, whose reader hands it its spec; wait for neither (``_lock``
-        held)."""
+        held). With ``start_within``, a child that has not answered ``ready`` that many
+        seconds later is killed (see :meth:`_watch_over`)."""
         config = self.config
         holder = new_holder()
         spec = ChildSpec(
@@ -430,10 +441,11 @@ class WorkerProcess:
             self._proc, self._stdin = proc, proc.stdin
             _LIVE.add(self)
         self._holder = holder
+        watch = self._watch = _Watch(proc, start_within=start_within)
         handoff = _Handoff(RESULTS_WAITING) if self._on_result is not None else None
         self._reader = threading.Thread(
             target=self._read,
-            args=(proc, frame.getvalue(), handoff),
+            args=(proc, frame.getvalue(), handoff, watch),
             name="mailstrom-worker-reader",
             daemon=True,
         )
@@ -469,6 +481,17 @@ class WorkerProcess:
             self._proc, self._stdin = None, None
             self._stopped.set()
             raise OSError(errno.EAGAIN, f"no thread to follow the worker process: {exc}") from exc
+        if start_within is not None:
+            watcher = threading.Thread(
+                target=self._watch_over,
+                args=(watch,),
+                name="mailstrom-worker-watch",
+                daemon=True,
+            )
+            # No thread left: the child goes unwatched, as every child went before.
+            with contextlib.suppress(RuntimeError):
+                watcher.start()
+                watch.thread = watcher
 
     def wake(self) -> None:
         """Look for due work now (the store usually wakes the child by itself)."""
@@ -638,10 +661,14 @@ class WorkerProcess:
             said_stopped=self._said_stopped,
         )
         if verdict is ChildExit.DIED:
+            watch = self._watch
             how = describe_exit(proc.returncode)
             if proc.returncode == 0:
                 how = "gone without a word, its exit status unknown"
-            self._schedule_restart(f"worker process died ({how})", leased=self._holder)
+            death = f"worker process died ({how})"
+            if watch is not None and watch.proc is proc and watch.killed_for is not None:
+                death = f"worker process killed: {watch.killed_for}"
+            self._schedule_restart(death, leased=self._holder)
         elif verdict is ChildExit.STOPPED_OUTSIDE:
             by = self._stopped_by
             if proc.returncode < 0:
@@ -699,7 +726,7 @@ class WorkerProcess:
             if self._stopping:
                 return
             try:
-                self._spawn()
+                self._spawn(start_within=self._start_timeout)
             except OSError as exc:  # no fork: out of memory, out of processes
                 self._schedule_restart(f"worker process could not be started again ({exc})")
                 return
@@ -708,6 +735,28 @@ class WorkerProcess:
             # Until it answers: a child that hangs at start must not read as a healthy
             # one on its way (running False and no error is no state a caller can act on).
             self._error = f"{self._death}; started again, not answering yet"
+
+    def _watch_over(self, watch: _Watch) -> None:
+        """Kill the child of ``watch`` when it hangs at its start (no ``ready`` within
+        ``start_within`` seconds): its death is then judged as any other, and it is
+        started again after the backoff. Ends with the child's stream."""
+        limit = watch.start_within
+        if limit is not None and not watch.up.wait(limit):
+            self._kill_hung(
+                watch, f"no answer within {limit:g} s of its start", watch.hung_at_start
+            )
+
+    def _kill_hung(self, watch: _Watch, why: str, still: Callable[[], bool]) -> None:
+        """Kill the child of ``watch`` for ``why``, if it is still the current one, no
+        stop() came, and it ``still`` hangs (asked under ``_lock``)."""
+        with self._lock:
+            proc = watch.proc
+            if proc is not self._proc or self._stopping or watch.done.is_set() or not still():
+                return
+            watch.killed_for = why  # for _judge, which names it as the death
+            log.error("worker process %d: %s; killing it", proc.pid, why)
+            with contextlib.suppress(OSError):
+                proc.kill()  # its reader sees its end, and _judge starts another
 
     def _give_back_briefly(self, holder: str) -> None:
         """:meth:`_give_back`, waited for :data:`GIVE_BACK_WAIT` seconds at most: stop()
@@ -814,7 +863,13 @@ class WorkerProcess:
         with self._write_lock, contextlib.suppress(OSError, ValueError):
             os.write(stream.fileno(), frame.getvalue())
 
-    def _read(self, proc: subprocess.Popen[bytes], spec: bytes, handoff: _Handoff | None) -> None:
+    def _read(
+        self,
+        proc: subprocess.Popen[bytes],
+        spec: bytes,
+        handoff: _Handoff | None,
+        watch: _Watch,
+    ) -> None:
         stdin, stdout = proc.stdin, proc.stdout
         assert stdin is not None and stdout is not None
         followed = False
@@ -834,7 +889,7 @@ class WorkerProcess:
             while (frame := read_frame(stdout)) is not None:
                 kind, payload = frame
                 try:
-                    self._handle(kind, payload, handoff)
+                    self._handle(kind, payload, handoff, watch)
                 except Exception:
                     # A forwarded record the application's logging raises on (a filter,
                     # a handler): one frame is lost, not every later result and status.
@@ -851,6 +906,7 @@ class WorkerProcess:
                     proc.kill()
             stdout.close()
             proc.wait()
+            watch.end()  # nothing more to watch
             # Of no use now; and a fork must not take its number for ours. Unless stop()
             # closed it first: from a signal handler, it closes it and waits for this
             # thread while the thread it interrupted holds the lock (in wake()).
@@ -893,7 +949,7 @@ class WorkerProcess:
             self._stopped.set()
             self._ready.set()  # wake a start() still waiting: it sees the error
 
-    def _handle(self, kind: str, payload: Any, handoff: _Handoff | None = None) -> None:
+    def _handle(self, kind: str, payload: Any, handoff: _Handoff | None, watch: _Watch) -> None:
         if kind == "results":
             started = time.monotonic()
             self._busy = (self._busy[0], started)
@@ -921,6 +977,7 @@ class WorkerProcess:
             record.relativeCreated += (record.created - handled_at) * 1000
             logging.getLogger(record.name).handle(record)
         elif kind == "ready":
+            watch.up.set()
             self._came_up()
         elif kind == "error":
             self._error = str(payload)
@@ -969,6 +1026,34 @@ class WorkerProcess:
                 "" if self._restarts == 1 else "s",
             )
         self._ready.set()
+
+
+class _Watch:
+    """What :meth:`WorkerProcess._watch_over` knows of one child."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], *, start_within: float | None) -> None:
+        self.proc = proc
+        self.start_within = start_within
+        """Seconds it has to answer ``ready`` (None: start() waits for that itself)."""
+        self.up = threading.Event()
+        """Its ``ready`` came, or its stream ended: its start is over."""
+        self.done = threading.Event()
+        """Its stream ended: the watch is over."""
+        self.killed_for: str | None = None
+        """Why the watch killed it."""
+        self.thread: threading.Thread | None = None
+
+    def hung_at_start(self) -> bool:
+        return not self.up.is_set()
+
+    def end(self) -> None:
+        """The child's stream has ended: the watch ends too (waited for: no thread of
+        ours outlives its reader)."""
+        self.up.set()
+        self.done.set()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 class _Handoff:
