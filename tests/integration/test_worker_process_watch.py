@@ -1,9 +1,9 @@
 """A facade watches its worker process (client/process.py, runtime/child.py): a restarted
-child that hangs at start is killed and started again; one whose parent died lets its
-deliveries in flight finish before it exits.
+child that hangs at start, or one that freezes later, is killed and started again; one
+whose parent died lets its deliveries in flight finish before it exits.
 
-Every child is a real one (hung by a ``sitecustomize``: see ``stall_child``), and
-delivers to a real loopback SMTP server.
+Every child is a real one, hung by a ``sitecustomize`` (see ``stall_child``) or frozen by
+SIGSTOP, and delivers to a real loopback SMTP server.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mailstrom import Mailstrom, RecipientState, Timeouts
+from mailstrom.client import process
 from mailstrom.client.process import WorkerProcess
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -28,6 +30,7 @@ from tests.fixtures.smtp_server import ServerFactory
 from tests.integration import test_worker_modes, test_worker_process_lifecycle
 from tests.integration.test_worker_modes import ROOT, _gone, _wait_until, config, hello
 from tests.integration.test_worker_restart import _first_status
+from tests.support.delivery import Results
 
 mx = test_worker_modes.mx
 """A server that answers everything (the same fixture: pytest finds it by this name)."""
@@ -92,6 +95,75 @@ def test_a_restarted_worker_process_that_hangs_at_start_is_killed_and_started_ag
     killing = [r for r in caplog.records if "killing it" in r.getMessage()]
     assert killing and killing[0].levelno == logging.ERROR
     assert "no answer within 10 s of its start" in killing[0].getMessage()
+
+
+# --- a child that freezes ------------------------------------------------------------------
+
+
+def test_a_frozen_worker_process_is_killed_and_started_again(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A child whose loop stopped answering (SIGSTOP here; a callback stuck on its loop
+    alike) went unnoticed: worker_status said running while nothing was delivered."""
+    monkeypatch.setattr(process, "FROZEN_AFTER", 1.5)
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store, worker="process") as ms:
+        old = _worker(ms).pid
+        assert old is not None
+        os.kill(old, signal.SIGSTOP)
+
+        gap = _first_status(ms, lambda s: not s.running, 20)
+        assert gap.error == (
+            "worker process killed: no answer to its pings for 1.5 s (frozen: stopped, "
+            "or its event loop blocked); starting it again in 1 s"
+        )
+        assert _wait_until(lambda: _gone(old), 10)
+        mid = ms.send_email(hello("after@example.org"))
+        back = _first_status(ms, lambda s: s.running, 30)
+        assert back.restarts == 1 and back.error is None
+        assert ms.wait(mid, timeout=30).state is RecipientState.DELIVERED
+    store.close()
+    killing = [r for r in caplog.records if "killing it" in r.getMessage()]
+    assert killing and killing[0].levelno == logging.ERROR
+
+
+def test_a_worker_process_with_slow_deliveries_and_a_slow_log_handler_is_not_frozen(
+    slow_mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its loop answers while a delivery waits 3 s for the server, and while this process
+    takes 3 s over each of its log records (the child's answers wait in the pipe behind
+    them): twice the time a frozen child gets, and not killed."""
+    monkeypatch.setattr(process, "FROZEN_AFTER", 1.5)
+
+    class Slow(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            time.sleep(3)  # an application's handler that blocks (a remote log sink)
+
+    attempts = logging.getLogger("mailstrom.attempts")
+    handler, level = Slow(), attempts.level
+    attempts.addHandler(handler)
+    attempts.setLevel(logging.INFO)
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    cfg = config(dns_server, slow_mx.port, timeouts=PATIENT)
+    try:
+        with Mailstrom(cfg, store=store, on_result=results, worker="process") as ms:
+            pid = _worker(ms).pid
+            ms.send_email(hello("one@example.org"))
+            ms.send_email(hello("two@example.org", 1))
+            [first, second] = results.wait_count(2, timeout=40)
+            assert {first.state, second.state} == {RecipientState.DELIVERED}
+            status = ms.worker_status
+            assert status.running and status.restarts == 0 and status.error is None
+            assert _worker(ms).pid == pid
+    finally:
+        attempts.removeHandler(handler)
+        attempts.setLevel(level)
+        store.close()
 
 
 # --- a child whose parent died ---------------------------------------------------------------

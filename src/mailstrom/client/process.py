@@ -64,6 +64,17 @@ ORPHAN_DRAIN = 30.0
 its deliveries in flight finish, as ``stop()`` would have by default, before it gives
 the rest back to the store and exits. It stopped at once, and a message whose content
 the server had taken went out a second time once its lease expired."""
+FROZEN_AFTER = 60.0
+"""Seconds a worker process may leave the pings of its parent unanswered (every few
+seconds; its event loop answers them) before it is taken for frozen (stopped by SIGSTOP
+or its cgroup's freezer, its loop blocked by a call that does not return), killed and
+started again after the restart backoff. Slow deliveries do not count (the loop answers
+while they wait), nor the time this process spends on the child's frames (a slow
+``on_result``, a logging handler that blocks: the child waits for us then). Past the
+30 s an SQLite store waits at most for a write lock by default, the longest one of its
+calls blocks the loop."""
+_PING_EVERY = 5.0
+"""Seconds between pings at most (a quarter of :data:`FROZEN_AFTER` when that is less)."""
 RESULTS_WAITING = 10_000
 """How many results of a worker process wait here for a slow ``on_result`` at most (a
 few megabytes). Past it the reader waits for the callback to take some: the child then
@@ -306,8 +317,9 @@ class WorkerProcess:
         neither place (counters that would jump, or fall)."""
         self._counts = {state: 0 for state in RecipientState}
         self._busy: tuple[float, float | None] = (0.0, None)
-        """Seconds the readers have spent passing results on (``on_result``), and since
-        when the current batch is (None between batches): see :meth:`_wait_ended`."""
+        """Seconds the readers have spent handling frames (passing results on to
+        ``on_result``, log records to the application's handlers), and since when the
+        current one is (None between frames): see :meth:`_wait_ended`."""
         self._error: str | None = None
         self._reported_error = False
         """Whether the current child sent an ``error`` frame (it ended for good)."""
@@ -481,17 +493,16 @@ class WorkerProcess:
             self._proc, self._stdin = None, None
             self._stopped.set()
             raise OSError(errno.EAGAIN, f"no thread to follow the worker process: {exc}") from exc
-        if start_within is not None:
-            watcher = threading.Thread(
-                target=self._watch_over,
-                args=(watch,),
-                name="mailstrom-worker-watch",
-                daemon=True,
-            )
-            # No thread left: the child goes unwatched, as every child went before.
-            with contextlib.suppress(RuntimeError):
-                watcher.start()
-                watch.thread = watcher
+        watcher = threading.Thread(
+            target=self._watch_over,
+            args=(watch,),
+            name="mailstrom-worker-watch",
+            daemon=True,
+        )
+        # No thread left: the child goes unwatched, as every child went before.
+        with contextlib.suppress(RuntimeError):
+            watcher.start()
+            watch.thread = watcher
 
     def wake(self) -> None:
         """Look for due work now (the store usually wakes the child by itself)."""
@@ -575,7 +586,8 @@ class WorkerProcess:
 
     def _wait_ended(self, proc: subprocess.Popen[bytes], limit: float | None) -> None:
         """Wait for ``proc`` to exit, ``limit`` seconds at most (``TimeoutExpired``), not
-        counting the time the reader spends meanwhile passing results to ``on_result``.
+        counting the time the reader spends meanwhile on its frames (passing results to
+        ``on_result``, log records to the application's handlers).
 
         A slow callback (a webhook) leaves the child's frames in the pipe, and once the
         pipe is full the child waits to write its next results: it cannot end before the
@@ -599,8 +611,8 @@ class WorkerProcess:
                     raise
 
     def _busy_for(self) -> float:
-        """Seconds the readers have spent passing results to ``on_result`` so far (a
-        full hand-off waits for the callback), the current batch's included."""
+        """Seconds the readers have spent handling frames so far (a full hand-off waits
+        for ``on_result``), the current one's included."""
         total, since = self._busy
         return total if since is None else total + time.monotonic() - since
 
@@ -738,13 +750,38 @@ class WorkerProcess:
 
     def _watch_over(self, watch: _Watch) -> None:
         """Kill the child of ``watch`` when it hangs at its start (no ``ready`` within
-        ``start_within`` seconds): its death is then judged as any other, and it is
-        started again after the backoff. Ends with the child's stream."""
+        ``start_within`` seconds), or later leaves its pings unanswered for
+        :data:`FROZEN_AFTER` seconds: its death is then judged as any other, and it is
+        started again after the backoff. Ends with the child's stream, or at stop()
+        (which bounds the child's end itself)."""
         limit = watch.start_within
-        if limit is not None and not watch.up.wait(limit):
+        if not watch.up.wait(limit):
             self._kill_hung(
                 watch, f"no answer within {limit:g} s of its start", watch.hung_at_start
             )
+            return
+        every = min(_PING_EVERY, FROZEN_AFTER / 4)
+        last = time.monotonic()
+        watch.answered = (last, self._busy_for())
+
+        def frozen() -> bool:
+            at, busy = watch.answered
+            return time.monotonic() - at - (self._busy_for() - busy) >= FROZEN_AFTER
+
+        while not watch.done.wait(every) and not self._stopping:
+            now = time.monotonic()
+            if now - last > 2 * every:
+                # This process did not run meanwhile (stopped, suspended, starved): no
+                # ping went out, and the child's answers wait unread.
+                watch.answered = (now, self._busy_for())
+            last = now
+            self._send("ping", wait=False)
+            if frozen():
+                why = f"no answer to its pings for {FROZEN_AFTER:g} s"
+                self._kill_hung(
+                    watch, f"{why} (frozen: stopped, or its event loop blocked)", frozen
+                )
+                return
 
     def _kill_hung(self, watch: _Watch, why: str, still: Callable[[], bool]) -> None:
         """Kill the child of ``watch`` for ``why``, if it is still the current one, no
@@ -846,7 +883,9 @@ class WorkerProcess:
 
     # --- the pipes ---------------------------------------------------------------------------
 
-    def _send(self, kind: str, payload: Any = None) -> None:
+    def _send(self, kind: str, payload: Any = None, *, wait: bool = True) -> None:
+        """Send a frame to the current child; without ``wait``, not when another thread
+        is writing one (a ping is moot then)."""
         stream = self._stdin
         if stream is None or not self._spec_sent:
             # Before its spec the child reads nothing else: a wake is moot (it looks for
@@ -860,8 +899,13 @@ class WorkerProcess:
         # reads nothing (stopped by SIGSTOP, frozen) had wake() block the application for
         # ever once the pipe was full, and stop() behind it, past every bound it has: a
         # wake it cannot read is moot, and stop() kills what does not end.
-        with self._write_lock, contextlib.suppress(OSError, ValueError):
-            os.write(stream.fileno(), frame.getvalue())
+        if not self._write_lock.acquire(blocking=wait):
+            return
+        try:
+            with contextlib.suppress(OSError, ValueError):
+                os.write(stream.fileno(), frame.getvalue())
+        finally:
+            self._write_lock.release()
 
     def _read(
         self,
@@ -888,12 +932,16 @@ class WorkerProcess:
                     self._spec_sent = True
             while (frame := read_frame(stdout)) is not None:
                 kind, payload = frame
+                started = time.monotonic()
+                self._busy = (self._busy[0], started)
                 try:
                     self._handle(kind, payload, handoff, watch)
                 except Exception:
                     # A forwarded record the application's logging raises on (a filter,
                     # a handler): one frame is lost, not every later result and status.
                     log.exception("worker process: a %r frame could not be handled", kind)
+                finally:
+                    self._busy = (self._busy[0] + time.monotonic() - started, None)
             followed = True
         except Exception:
             log.exception("worker process: unreadable frame")
@@ -951,17 +999,14 @@ class WorkerProcess:
 
     def _handle(self, kind: str, payload: Any, handoff: _Handoff | None, watch: _Watch) -> None:
         if kind == "results":
-            started = time.monotonic()
-            self._busy = (self._busy[0], started)
-            try:
-                batch = [result_from_wire(wire) for wire in payload]
-                # Handed to the thread calling on_result: read here, a slow callback
-                # left the frames in the pipe, and the child's loop (every delivery of
-                # it) waited to write the next ones once a hundred or so piled up.
-                if handoff is None or not handoff.put(batch):
-                    self._pass_on(batch)
-            finally:
-                self._busy = (self._busy[0] + time.monotonic() - started, None)
+            batch = [result_from_wire(wire) for wire in payload]
+            # Handed to the thread calling on_result: read here, a slow callback left
+            # the frames in the pipe, and the child's loop (every delivery of it) waited
+            # to write the next ones once a hundred or so piled up.
+            if handoff is None or not handoff.put(batch):
+                self._pass_on(batch)
+        elif kind == "pong":
+            watch.answered = (time.monotonic(), self._busy_for())
         elif kind == "status":
             self._runs = (self._runs[0], payload)
         elif kind == "log":
@@ -1034,13 +1079,16 @@ class _Watch:
     def __init__(self, proc: subprocess.Popen[bytes], *, start_within: float | None) -> None:
         self.proc = proc
         self.start_within = start_within
-        """Seconds it has to answer ``ready`` (None: start() waits for that itself)."""
+        """Seconds it has to answer ``ready`` (None: start() bounds that itself)."""
         self.up = threading.Event()
         """Its ``ready`` came, or its stream ended: its start is over."""
         self.done = threading.Event()
         """Its stream ended: the watch is over."""
         self.killed_for: str | None = None
         """Why the watch killed it."""
+        self.answered = (0.0, 0.0)
+        """When it last answered a ping (a monotonic clock's time), and the readers'
+        :meth:`WorkerProcess._busy_for` then."""
         self.thread: threading.Thread | None = None
 
     def hung_at_start(self) -> bool:

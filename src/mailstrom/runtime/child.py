@@ -5,11 +5,13 @@ The parent runs this module (``python -c BOOT mailstrom.runtime.child ROOT IN OU
 descriptors these are, in length-prefixed pickled frames (both ends are
 mailstrom; nothing else writes there: not its standard output, where an interpreter's
 start-up, a library or a process it starts may write too). The parent sends a
-:class:`ChildSpec` first, then ``wake`` and ``stop`` frames; the child answers ``ready``,
-then ``results`` (batched per loop turn), ``log`` records at the levels the parent asked
-for, ``status`` snapshots, and ``stopped`` (with the name of the signal that stopped it,
-if one did) or ``error`` last (after ``cause``, the exception itself, when its store
-cannot be opened).
+:class:`ChildSpec` first, then ``wake``, ``ping`` and ``stop`` frames; the child answers
+``ready``, then ``results`` (batched per loop turn), ``log`` records at the levels the parent
+asked for, ``status`` snapshots, a ``pong`` for each ``ping`` (from the worker's event loop
+once it runs: a child whose loop is blocked, or that is stopped, answers none, and its
+parent kills it after :data:`~mailstrom.client.process.FROZEN_AFTER`), and ``stopped``
+(with the name of the signal that stopped it, if one did) or ``error`` last (after
+``cause``, the exception itself, when its store cannot be opened).
 
 The child opens its store itself. While the database does not answer it answers ``ready``
 all the same, with a status whose ``store_error`` says what it waits for, and keeps trying
@@ -149,8 +151,11 @@ class _Control:
     and the two writes below are ordered so that a stop racing :meth:`attach` still
     reaches the worker (each side writes its own attribute before reading the other's)."""
 
-    def __init__(self, opener: StoreOpener) -> None:
+    def __init__(self, opener: StoreOpener, outbox: _Outbox) -> None:
         self._opener = opener
+        self._outbox = outbox
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The worker's event loop while it runs: it answers the parent's pings."""
         self._worker: Worker | None = None
         self._stop_asked = False
         self._drain_timeout: float | None = 0.0
@@ -166,6 +171,19 @@ class _Control:
     def wake(self) -> None:
         if self._worker is not None:
             self._worker.wake()  # before, the worker leases as soon as it starts anyway
+
+    def ping(self) -> None:
+        """Answer the parent's ping from the worker's loop, or from here while there is
+        none (the store not open yet, the worker ended)."""
+        loop = self.loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._outbox.send, "pong")
+            except RuntimeError:  # closed meanwhile: the worker has ended
+                pass
+            else:
+                return
+        self._outbox.send("pong")
 
     def stop(self, drain_timeout: float | None) -> None:
         self._drain_timeout = drain_timeout
@@ -227,13 +245,15 @@ def main() -> int:
             outbox.send("ready")
 
     opener = StoreOpener(functools.partial(open_store, spec), on_change=waiting)
-    control = _Control(opener)
+    control = _Control(opener, outbox)
 
     def read_control() -> None:
         while (frame := read_frame(stdin)) is not None:
             kind, payload = frame
             if kind == "wake":
                 control.wake()
+            elif kind == "ping":
+                control.ping()
             elif kind == "stop":
                 control.stop(payload)
                 return
@@ -279,6 +299,8 @@ def _deliver(
     control.attach(worker)
 
     async def run() -> None:
+        control.loop = asyncio.get_running_loop()
+
         async def report() -> None:
             while True:
                 await asyncio.sleep(_STATUS_EVERY)  # a timer: periodic snapshots
@@ -298,6 +320,7 @@ def _deliver(
         try:
             await worker.run(on_started=started)
         finally:
+            control.loop = None
             if reporter is not None:
                 reporter.cancel()
 
