@@ -461,3 +461,43 @@ def test_an_expired_signature_whose_keys_are_all_gone_is_not_sent(
     assert by_rcpt["carol@modern.test"] == lasting.data
     assert_all_pass(lasting.data, dns_server)
     assert status[mids[1]].dkim == lasting.dkim_status
+
+
+def test_a_message_queued_before_its_subdomain_s_keys_were_removed_goes_out_signed_by_the_parent(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """Mail from news.sender.test was signed by that subdomain's keys; they were removed
+    (from dkim.keys and DNS) while it waited, the parent's kept. Signing at send_email
+    now takes the parent's keys (the most specific key domain that is a parent of the
+    From domain), but the worker looked only for keys of the signature's own d=, found
+    none, and sent the message with signatures no receiver could verify any more. It is
+    signed anew with the keys that would sign it now."""
+    mx = receivers[True]
+    store = MemoryStore()
+    subdomain = dual("news.sender.test")
+    publish(dns_server, subdomain)
+    message = Email(from_="news@news.sender.test", to=["bob@modern.test"], subject="N", text="n\n")
+    both = DKIMConfig(keys=(*CONFIG.keys, *subdomain.keys))
+    old = prepare(message, now=datetime.now(UTC), dkim=both)
+    assert [(s.domain, s.selector) for s in old.dkim] == [
+        ("news.sender.test", "rsa"),
+        ("news.sender.test", "ed"),
+    ]
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    for gone in subdomain.keys:
+        dns_server.delete(gone.dns_record().name)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=CONFIG)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    assert sent == [
+        ("sender.test", "rsa", "rsa-sha256"),
+        ("sender.test", "ed", "ed25519-sha256"),
+    ]
+    assert_all_pass(received.content, dns_server)
+    assert status.dkim is not None
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent

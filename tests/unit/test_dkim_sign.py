@@ -491,6 +491,40 @@ def test_a_signature_by_a_key_rotated_away_is_made_anew() -> None:
     assert resign_stale(stored, DKIMConfig(keys=(key("example.net", "n"),)), now=later) is None
 
 
+def test_a_signature_of_a_subdomain_whose_keys_were_removed_is_made_by_the_parent_s() -> None:
+    """Mail from news.example.com, signed by that subdomain's keys; they were removed
+    while it waited, example.com's kept. It was sent with the subdomain's signatures
+    (no key of d= itself configured: taken for another's), which fail once their
+    records are gone. It is signed as send_email would sign it now: by example.com's."""
+    later = NOW + timedelta(days=30)
+    news = dual("news.example.com")
+    stored = prepare(
+        email(from_="a@news.example.com"), now=NOW, dkim=DKIMConfig(keys=(*DKIM.keys, *news.keys))
+    ).data
+    assert [t["d"] for t in signature_tags(stored)] == ["news.example.com"] * 2
+    out = as_sent(stored, DKIM, now=later)
+    assert out is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
+        ("example.com", "rsa"),
+        ("example.com", "ed"),
+    ]
+    assert out.split(b"\r\nFrom: ", 1)[1] == stored.split(b"\r\nFrom: ", 1)[1]
+    assert resign_stale(out, DKIM, now=later) is None
+    # The subdomain's keys still there, or no key of it nor of a parent: as it is.
+    assert resign_stale(stored, DKIMConfig(keys=(*DKIM.keys, *news.keys)), now=later) is None
+    assert resign_stale(stored, dual("example.net"), now=later) is None
+    # A subdomain signature by the application's own key, below the parent's ones by
+    # keys configured now: no rotation, the message goes as it is.
+    raw = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=news.example.com; s=app1; c=relaxed/relaxed;"
+        b" h=from; bh=abc=; b=xyz=\r\n"
+        b"From: a@news.example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+    )
+    own = prepare(raw, now=NOW, dkim=DKIM).data
+    assert [t["d"] for t in signature_tags(own)] == ["example.com"] * 2 + ["news.example.com"]
+    assert resign_stale(own, DKIM, now=later) is None
+
+
 def test_the_application_s_own_signature_of_the_domain_is_no_rotation() -> None:
     """A raw message the application signed itself, with a selector of its own for the
     domain mailstrom signs too: its signature is below the ones ``sign()`` puts on top,

@@ -120,6 +120,12 @@ class DKIMConfig:
         has an RSA key: the signature every verifier checks (RFC 8301)."""
         return domain in self._rsa
 
+    def signing_domain(self, domain: str) -> str | None:
+        """The key domain whose keys sign mail from ``domain`` (a lower-case A-label):
+        ``domain`` itself when it has keys, else its most specific parent that has;
+        None when none has (:func:`signing_domain_for`)."""
+        return signing_domain_for(domain, self._by_domain)
+
     def keys_for(self, domains: Iterable[str]) -> tuple[DKIMKey, ...]:
         """The keys that sign mail from ``domains`` (lower-case A-labels, the From
         addresses' domains), without repeats; empty when none aligns."""

@@ -157,25 +157,29 @@ def resign_stale(
     data: bytes, dkim: DKIMConfig, *, now: datetime, before: timedelta = RESIGN_BEFORE
 ) -> tuple[bytes, DKIMStatus] | None:
     """``data`` (a message as stored: signed at ``send_email``) signed again now when a
-    signature :func:`sign` put on top of it, of a domain ``dkim`` has keys for, is stale:
+    signature :func:`sign` put on top of it, of a domain ``dkim`` signs for, is stale. The
+    keys that sign for a signature's ``d=`` are chosen as at ``send_email``: those of
+    ``d=`` itself, else of its most specific parent with keys (its own removed, a
+    parent's kept: :meth:`DKIMConfig.signing_domain`). A signature is stale when:
 
     - it expires (``x=``) before ``now + before``: no receiver may get a signature it must
       treat as invalid (RFC 6376 §3.5, §6.1.1), as a retry days later, a held message
       released or a long deferral would carry;
-    - or none of that domain's signatures is by one of its keys now: the keys were
-      rotated away while the message was queued (a scheduled one may wait for weeks), and
-      their DNS records, once removed, would fail the signatures when the new keys could
-      make valid ones. A domain with one signature by a key still configured keeps them
-      all (a valid one is enough; another may be the application's own), but for one
-      with an RSA key configured and no RSA signature by one: its RSA key rotated and its
-      Ed25519 key did not, and a receiver that verifies RSA alone would see it unsigned.
+    - or none of the signatures those keys sign for is by one of them now: the keys
+      were rotated away, or a subdomain's removed, while the message was queued (a
+      scheduled one may wait for weeks), and their DNS records, once removed, would
+      fail the signatures when the keys now configured could make valid ones. A domain
+      with one signature by a key still configured keeps them all (a valid one is
+      enough; another may be the application's own), but for one with an RSA key
+      configured and no RSA signature by one: its RSA key rotated and its Ed25519 key
+      did not, and a receiver that verifies RSA alone would see it unsigned.
 
     None when none is, and none has expired, the case of almost every message: its
     signatures name the keys configured and expire later.
 
-    All the signatures on top of a domain with a stale one go, and that domain's keys
-    now configured sign in their place, with ``dkim.expire``. Of the other signatures,
-    those whose ``x=`` has passed by ``now`` go too: every receiver treats them as invalid,
+    All the signatures on top that the keys of a stale one sign for go, and those keys
+    sign in their place, with ``dkim.expire``. Of the other signatures, those whose
+    ``x=`` has passed by ``now`` go too: every receiver treats them as invalid,
     and nothing can sign them anew when no key of their domain is configured any more
     (all removed while the message waited); one without ``x=``, or not expired yet, stays
     as it is, as its DNS record may still be published (a signature that fails counts
@@ -199,12 +203,15 @@ def resign_stale_top(
         return None
     deadline: int | None = None
     stamp: int | None = None
-    # (start, end, d=, s=, a=) of each field: signatures named only when signing anew.
-    fields: list[tuple[int, int, str | None, bytes | None, bytes | None]] = []
-    domains: list[str] = []  # those with a stale signature: all of theirs are made anew
-    current_keys: dict[str, None] = {}  # those with a signature by a key configured now
-    current_rsa: set[str] = set()  # those with an RSA signature by a key configured now
-    rotated: list[str] = []  # those with a signature by a key no longer configured
+    # (start, end, d=, its key domain, s=, a=) of each field: the key domain is the one
+    # whose keys sign mail of d= now (None: no key of ours would), as sign() at send_email
+    # would pick it; the signatures are named only when signing anew.
+    fields: list[tuple[int, int, str | None, str | None, bytes | None, bytes | None]] = []
+    # Key domains, each of them:
+    domains: list[str] = []  # with a stale signature: all of theirs are made anew
+    current_keys: dict[str, None] = {}  # with a signature by one of its keys configured now
+    current_rsa: set[str] = set()  # with an RSA signature by one of them
+    rotated: list[str] = []  # with a signature by a key no longer configured
     expired: set[int] = set()  # where a signature by no key configured now, x= past, is
     at = 0
     while data.startswith(_SIGNATURE, at):
@@ -217,8 +224,13 @@ def resign_stale_top(
             found, algorithm = _tag(data, b"d=", at, end), _tag(data, b"a=", at, end)
             selector, expiry = _tag(data, b"s=", at, end), _tag(data, b"x=", at, end)
         name = found.decode("ascii", "replace").lower() if found is not None else None
-        fields.append((at, end, name, selector, algorithm))
         current = dkim.selectors(name) if name is not None else frozenset()
+        # A d= without keys of its own now (a subdomain's keys removed, its parent's
+        # kept) is signed by its parent's: a signature of it is by no key configured now.
+        owner = name
+        if not current and name is not None:
+            owner = dkim.signing_domain(name)
+        fields.append((at, end, name, owner, selector, algorithm))
         if (
             current
             and name is not None
@@ -235,8 +247,8 @@ def resign_stale_top(
                     if int(expiry) <= deadline:
                         domains.append(name)
         else:  # by no key configured now
-            if current and name is not None and name not in rotated:
-                rotated.append(name)
+            if owner is not None and owner not in rotated:
+                rotated.append(owner)
             if expiry is not None and expiry.isdigit():
                 if stamp is None:
                     stamp = _seconds(now)
@@ -258,12 +270,12 @@ def resign_stale_top(
     ]
     if not domains and not expired:
         return None
-    kept = [field for field in fields if field[2] not in domains and field[0] not in expired]
+    kept = [field for field in fields if field[3] not in domains and field[0] not in expired]
     rest = b"".join(data[start:end] for start, end, *_ in kept) + data[at:]
     signed, signatures = (
         sign(rest, dkim.keys_for(domains), now=now, expire=dkim.expire) if domains else (rest, ())
     )
-    named = [s for s in (_named(n, sel, a) for _, _, n, sel, a in kept) if s is not None]
+    named = [s for s in (_named(n, sel, a) for _, _, n, _, sel, a in kept) if s is not None]
     ours = (*signatures, *(s for s in named if dkim.selectors(s.domain)))
     if ours or named:
         return signed, DKIMStatus(signatures=ours or tuple(named)), at
