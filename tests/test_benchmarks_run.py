@@ -28,6 +28,7 @@ RUNS = {
     ),
     "deliver": (["-n", "40", "--stores", "memory,sqlite", "--repeat", "1"], "sqlite"),
     "reasons": (["-n", "20", "--repeat", "1"], "greylisted"),
+    "dkim_stale": (["-n", "20", "--repeat", "1"], "app's own (worker)"),
     "route_cache": (["-n", "20", "--repeat", "1"], "one.test"),
     "mtasts": (["-n", "20", "--repeat", "1"], "enforce policy"),
     "stats": (["--recipients", "500", "--runs", "1"], "stats()"),
