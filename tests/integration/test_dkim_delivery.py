@@ -382,6 +382,47 @@ def test_a_message_queued_before_only_its_rsa_key_rotated_goes_out_rsa_signed_an
     assert_all_pass(received.content, dns_server)
 
 
+def test_a_message_queued_before_only_its_ed25519_key_rotated_goes_out_signed_anew(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """The Ed25519 key rotated while the message waited, the RSA key did not. The valid
+    RSA signature stopped the re-sign, so the message went out with an Ed25519 signature
+    whose record was gone: a failure at every receiver that verifies Ed25519 (and in its
+    DMARC reports), where the key now configured makes a valid one. Both are made anew,
+    the stale one dropped."""
+    mx = receivers[True]
+    store = MemoryStore()
+    old = prepare(text_message("bob@modern.test"), now=datetime.now(UTC), dkim=CONFIG)
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    [rsa] = [k for k in CONFIG.keys if k.algorithm is RSA]
+    new_ed = DKIMKey(
+        domain="sender.test",
+        selector="ed2027",
+        private_key=generate_private_key(ED25519),
+        algorithm=ED25519,
+    )
+    new = DKIMConfig(keys=(rsa, new_ed))
+    publish(dns_server, new)
+    for gone in CONFIG.keys:
+        if gone.algorithm is ED25519:
+            dns_server.delete(gone.dns_record().name)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=new)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    assert sent == [
+        ("sender.test", "rsa", "rsa-sha256"),
+        ("sender.test", "ed2027", "ed25519-sha256"),
+    ]
+    assert_all_pass(received.content, dns_server)
+    assert status.dkim is not None
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
+
+
 def test_a_message_signed_anew_is_signed_once_however_often_it_is_deferred(
     dns_server: LoopbackDNS, receivers: dict[bool, Any]
 ) -> None:

@@ -462,9 +462,16 @@ def test_a_signature_by_a_key_rotated_away_is_made_anew() -> None:
     same = DKIMConfig(keys=(key("example.com", "RSA", RSA), key("example.com", "Ed", ED25519)))
     assert resign_stale(stored, same, now=later) is None
     # Only the Ed25519 key rotated: the RSA signature is still by a key configured, and
-    # valid; one is enough, so the message goes as it is.
+    # valid, but the Ed25519 one fails wherever Ed25519 is verified while a key now
+    # configured makes a valid one: both are made anew.
     partly = DKIMConfig(keys=(key("example.com", "rsa", RSA), key("example.com", "ed2", ED25519)))
-    assert resign_stale(stored, partly, now=later) is None
+    out = as_sent(stored, partly, now=later)
+    assert out is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
+        ("example.com", "rsa"),
+        ("example.com", "ed2"),
+    ]
+    assert resign_stale(out, partly, now=later) is None
     # Only the RSA key rotated: the Ed25519 signature is valid, but a receiver that
     # verifies RSA alone would see none; both are made anew, by the keys now there.
     rsa_only = DKIMConfig(keys=(key("example.com", "rsa2", RSA), key("example.com", "ed", ED25519)))
@@ -549,6 +556,13 @@ def test_the_application_s_own_signature_of_the_domain_is_no_rotation() -> None:
         ("example.com", "app1"),
     ]
     assert resign_stale(stored, DKIM, now=NOW + timedelta(minutes=5)) is None
+    # Nor is its own Ed25519 signature, beside the current keys' of both algorithms.
+    ed = raw.replace(
+        b"a=rsa-sha256; d=example.com; s=app1", b"a=ed25519-sha256; d=example.com; s=app2"
+    )
+    own_ed = prepare(ed, now=NOW, dkim=DKIM).data
+    assert [t["s"] for t in signature_tags(own_ed)] == ["rsa", "ed", "app2"]
+    assert resign_stale(own_ed, DKIM, now=NOW + timedelta(minutes=5)) is None
 
 
 def test_an_absurd_expiry_in_a_stored_signature_is_no_error() -> None:

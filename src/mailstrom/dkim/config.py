@@ -41,8 +41,10 @@ class DKIMConfig:
     :class:`~mailstrom.errors.NoDKIMKey` when ``required`` is true.
 
     The worker signs a queued message again with these keys when no signature of a
-    domain they sign for is by one of them any more, or none of its RSA signatures is
-    while the domain has an RSA key (keys rotated while it waited), or its signature's
+    domain they sign for is by one of them any more, or none of an algorithm the domain
+    has a key of while one of that algorithm is by a key no longer configured, or none of
+    its RSA signatures is while the domain has an RSA key (keys rotated, or a
+    subdomain's removed, while it waited), or its signature's
     ``x=`` is about to pass (:func:`~mailstrom.dkim.signing.resign_stale`).
     """
 
@@ -62,7 +64,9 @@ class DKIMConfig:
     _selectors: dict[str, frozenset[str]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
-    _rsa: set[str] = field(init=False, repr=False, compare=False, default_factory=set)
+    _algorithms: dict[str, frozenset[str]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         given = self.keys
@@ -89,8 +93,7 @@ class DKIMConfig:
             self._by_domain[key.domain] = (*self._by_domain.get(key.domain, ()), key)
         for domain, found in self._by_domain.items():
             self._selectors[domain] = frozenset(k.selector.lower() for k in found)
-            if any(k.algorithm is DKIMAlgorithm.RSA_SHA256 for k in found):
-                self._rsa.add(domain)
+            self._algorithms[domain] = frozenset(k.algorithm.value for k in found)
             if all(k.algorithm is DKIMAlgorithm.ED25519_SHA256 for k in found):
                 # Said where it is configured, as a small RSA key is: the mail goes out
                 # signed, and only the DMARC reports of the receivers that drop it tell.
@@ -115,10 +118,15 @@ class DKIMConfig:
         signature of ``domain`` by another selector was made by a key rotated away."""
         return self._selectors.get(domain, frozenset())
 
+    def algorithms(self, domain: str) -> frozenset[str]:
+        """The ``a=`` values of the keys of ``domain`` (a lower-case A-label, the ``d=``
+        of a signature) itself; empty when it has none."""
+        return self._algorithms.get(domain, frozenset())
+
     def has_rsa(self, domain: str) -> bool:
         """Whether ``domain`` (a lower-case A-label, the ``d=`` of a signature) itself
         has an RSA key: the signature every verifier checks (RFC 8301)."""
-        return domain in self._rsa
+        return DKIMAlgorithm.RSA_SHA256.value in self.algorithms(domain)
 
     def signing_domain(self, domain: str) -> str | None:
         """The key domain whose keys sign mail from ``domain`` (a lower-case A-label):

@@ -170,9 +170,12 @@ def resign_stale(
       scheduled one may wait for weeks), and their DNS records, once removed, would
       fail the signatures when the keys now configured could make valid ones. A domain
       with one signature by a key still configured keeps them all (a valid one is
-      enough; another may be the application's own), but for one with an RSA key
-      configured and no RSA signature by one: its RSA key rotated and its Ed25519 key
-      did not, and a receiver that verifies RSA alone would see it unsigned.
+      enough; another may be the application's own), but for one whose signature of an
+      algorithm it has a key of is by a key no longer configured, none of that
+      algorithm by one configured now (that key rotated, the other algorithm's not: the
+      stale one fails wherever its algorithm is verified), and for one with an RSA key
+      configured and no RSA signature by one (a receiver that verifies RSA alone would
+      see it unsigned).
 
     None when none is, and none has expired, the case of almost every message: its
     signatures name the keys configured and expire later.
@@ -210,8 +213,9 @@ def resign_stale_top(
     # Key domains, each of them:
     domains: list[str] = []  # with a stale signature: all of theirs are made anew
     current_keys: dict[str, None] = {}  # with a signature by one of its keys configured now
-    current_rsa: set[str] = set()  # with an RSA signature by one of them
-    rotated: list[str] = []  # with a signature by a key no longer configured
+    current_by: set[tuple[str, bytes]] = set()  # and the a= (lower-case) of each such one
+    # With a signature by a key no longer configured, and its a=, in the order found:
+    rotated: dict[tuple[str, bytes | None], None] = {}
     expired: set[int] = set()  # where a signature by no key configured now, x= past, is
     at = 0
     while data.startswith(_SIGNATURE, at):
@@ -239,16 +243,16 @@ def resign_stale_top(
         ):
             if name not in domains:
                 current_keys[name] = None
-                if algorithm is not None and algorithm.lower() == _RSA:
-                    current_rsa.add(name)
+                if algorithm is not None:
+                    current_by.add((name, algorithm.lower()))
                 if expiry is not None and expiry.isdigit():
                     if deadline is None:
                         deadline = _seconds(now) + int(before.total_seconds())
                     if int(expiry) <= deadline:
                         domains.append(name)
         else:  # by no key configured now
-            if owner is not None and owner not in rotated:
-                rotated.append(owner)
+            if owner is not None:
+                rotated[owner, None if algorithm is None else algorithm.lower()] = None
             if expiry is not None and expiry.isdigit():
                 if stamp is None:
                     stamp = _seconds(now)
@@ -258,15 +262,27 @@ def resign_stale_top(
     # Rotated away only when no signature of the domain is by a key configured now: one
     # the application made with a selector of its own (a raw message signed before
     # send_email, below the signatures sign() put on top) is no rotation, and was stripped
-    # and made anew at every attempt. Or when none of its RSA signatures is while it has
-    # an RSA key: its RSA key rotated, its Ed25519 one not. Many receivers verify RSA
-    # alone (RFC 8301 obliges them to it, RFC 8463 to nothing), and the mail reached them
-    # with one failing signature: unsigned, to DMARC.
-    domains += [name for name in rotated if name not in current_keys and name not in domains]
+    # and made anew at every attempt. Or when one of an algorithm the domain has a key of
+    # is by a key no longer configured and none of that algorithm is by one configured
+    # now: that key rotated, the other algorithm's not. The valid one is enough to pass,
+    # but the stale one fails wherever its algorithm is verified (in DMARC reports too).
+    for name, algorithm in rotated:
+        if name not in domains and (
+            name not in current_keys
+            or (
+                algorithm is not None
+                and (name, algorithm) not in current_by
+                and algorithm.decode("ascii", "replace") in dkim.algorithms(name)
+            )
+        ):
+            domains.append(name)
+    # Or when none of its RSA signatures is while it has an RSA key (one added, say).
+    # Many receivers verify RSA alone (RFC 8301 obliges them to it, RFC 8463 to
+    # nothing), and the mail reached them with none: unsigned, to DMARC.
     domains += [
         name
         for name in current_keys
-        if name not in current_rsa and name not in domains and dkim.has_rsa(name)
+        if (name, _RSA) not in current_by and name not in domains and dkim.has_rsa(name)
     ]
     if not domains and not expired:
         return None
