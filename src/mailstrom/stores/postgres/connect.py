@@ -52,6 +52,7 @@ from mailstrom.message.chars import shorten
 from mailstrom.stores.clock import aware_utc
 from mailstrom.stores.forks import keep, not_shared, renew_after_fork
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound, bound_session
+from mailstrom.stores.postgres.reconnect import PromptPool
 from mailstrom.stores.url import escape_userinfo, redact_url
 
 KEEPALIVE = {
@@ -458,14 +459,15 @@ def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
     conn.prepare_threshold = params.prepare_threshold
 
 
-class LivePool(ConnectionPool[psycopg.Connection[Any]]):
+class LivePool(PromptPool):
     """A pool that never hands out a connection the server closed while it sat idle in
     the pool: a server restarted or failed over, an operator's ``pg_terminate_backend``,
     ``idle_session_timeout``. psycopg_pool finds such a connection broken only when the
     call using it fails, so every pooled connection cost a call, a ``send_email``
     among them, a StoreUnreachable from a server that answered. (psycopg_pool's own
     ``check`` would cost every call a round trip, and waits a second or more after each
-    connection found dead.)"""
+    connection found dead.) Nor does a caller wait out the backoff of its attempts to
+    reconnect (:class:`~mailstrom.stores.postgres.reconnect.PromptPool`)."""
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
         for _ in range(self.max_size):  # at most every pooled connection is dead
@@ -515,7 +517,10 @@ def connection_pool(
     half of it apart. psycopg_pool's own would back off for five minutes, leaving a
     worker without a connection for up to two and a half minutes after a long outage,
     longer than another worker, back sooner, waits before it takes this one for dead
-    (:mod:`~mailstrom.stores.postgres.holders`)."""
+    (:mod:`~mailstrom.stores.postgres.holders`). While callers wait for a connection
+    the attempts do not back off: one is made as a caller begins to wait, and then one
+    a second (:class:`~mailstrom.stores.postgres.reconnect.PromptPool`), so a call made
+    once the server is back is served at once."""
     conninfo, params = split_url(url)
     return LivePool(
         bounded(conninfo),
