@@ -142,8 +142,8 @@ def test_waiting_for_a_message_rides_out_a_postgresql_outage(
     was down (a restart, a failover), long before its timeout, where the worker it waits
     for rides the outage out. It looks again until its time is up, and so sees the
     message settle once the server is back."""
-    # Past the outage the pool reconnects at its next attempt, which back off (1 s,
-    # 2 s, 4 s): the cancel() that ends the test may wait for one, on a loaded host.
+    # Room for the reconnect after the outage (an attempt a second while a call waits,
+    # reconnect.py) and for PostgreSQL's start-up on a loaded host.
     store = PostgresStore(own_postgres.create_database(), timeout=10)
     ms = Mailstrom(loopback_config(dns_server, 25), store=store, worker=None)
     outcome: list[object] = []
@@ -175,8 +175,8 @@ async def test_an_async_wait_rides_out_a_postgresql_outage(
     own_postgres: ThrowawayPostgres, dns_server: LoopbackDNS
 ) -> None:
     """The same for AsyncMailstrom.wait."""
-    # Past the outage the pool reconnects at its next attempt, which back off (1 s,
-    # 2 s, 4 s): the cancel() that ends the test may wait for one, on a loaded host.
+    # Room for the reconnect after the outage (an attempt a second while a call waits,
+    # reconnect.py) and for PostgreSQL's start-up on a loaded host.
     store = PostgresStore(own_postgres.create_database(), timeout=10)
     ms = AsyncMailstrom(loopback_config(dns_server, 25), store=store, worker=None)
     try:
