@@ -33,6 +33,7 @@ RUNS = {
     "mtasts": (["-n", "20", "--repeat", "1"], "enforce policy"),
     "stats": (["--recipients", "500", "--runs", "1"], "stats()"),
     "queue_tools": (["--messages", "2000", "--runs", "1"], "queue --shape"),
+    "bulk_select": (["--messages", "200", "--size", "5000", "--runs", "1"], "retry --domain"),
     "status_read": (["--messages", "20", "--size", "100000", "--runs", "1"], "message_dkim"),
     "web": (["--messages", "2000", "--runs", "1"], "overview"),
     "web_indexes": (["--messages", "500", "--rounds", "1"], "lease+record"),

@@ -3,12 +3,14 @@ its count, bulk changes, purge by state, the queue's shape, suspended destinatio
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from mailstrom.bounds import MAX_INTEGER
 from mailstrom.errors import AmbiguousMessageId, InvalidArgument, UnknownMessage
+from mailstrom.message.attributes import QueueAttributes
 from mailstrom.status import RecipientState
 from mailstrom.stores import QueueFilter, Store
 from mailstrom.stores.operator import AGE_EDGES, PENDING_STATES
@@ -108,6 +110,38 @@ def test_the_pending_view_picks_the_newest_as_every_view_does(store: Store) -> N
         assert [m.id for m in store.query(now=later, where=where)] == [newest, stamped_later]
     every = [m.id for m in store.query(now=later, where=PENDING)]
     assert every == [newest, stamped_later, stepped_back]
+
+
+def test_select_ids_lists_the_ids_query_lists_in_its_order(store: Store) -> None:
+    """The bulk changes by filter (``cancel --domain x``, ``ms.cancel_many(QueueFilter(...))``)
+    choose their messages by ``select_ids``: for every filter the ids ``query`` lists, in
+    its order, and no more than its limit."""
+    delivered = store.enqueue(message("a@example.org"), now=NOW)
+    _settle(store, RecipientState.DELIVERED)
+    deferred = store.enqueue(message("b@example.org"), now=NOW + MINUTE)
+    _settle(store, RecipientState.DEFERRED, now=NOW + MINUTE)
+    tagged = dataclasses.replace(message("c@other.org"), attributes=QueueAttributes(tags=("news",)))
+    queued = store.enqueue(tagged, now=NOW + 2 * MINUTE)
+    held = store.enqueue(message("d@other.org"), now=NOW + 3 * MINUTE, hold=True)
+    later = NOW + 4 * MINUTE
+    for where, expected in (
+        (QueueFilter(), [held, queued, deferred, delivered]),
+        (QueueFilter(limit=2), [held, queued]),
+        (QueueFilter(limit=0), []),
+        (PENDING, [held, queued, deferred]),
+        (QueueFilter(states=PENDING_STATES, held=False), [queued, deferred]),
+        (QueueFilter(held=True), [held]),
+        (QueueFilter(state=RecipientState.QUEUED), [held, queued]),
+        (QueueFilter(states=frozenset({RecipientState.DELIVERED})), [delivered]),
+        (QueueFilter(states=frozenset()), []),
+        (QueueFilter(domain="OTHER.org"), [held, queued]),
+        (QueueFilter(states=PENDING_STATES, domain="example.org"), [deferred]),
+        (QueueFilter(tag="news"), [queued]),
+        (QueueFilter(older_than=150 * timedelta(seconds=1)), [deferred, delivered]),
+        (QueueFilter(states=PENDING_STATES, older_than=150 * timedelta(seconds=1)), [deferred]),
+    ):
+        assert [m.id for m in store.query(now=later, where=where)] == expected, where
+        assert store.select_ids(now=later, where=where) == expected, where
 
 
 # --- bulk changes --------------------------------------------------------------------------

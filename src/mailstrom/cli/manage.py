@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from mailstrom.cli.context import settings_from, store_from, utc_now
@@ -62,11 +62,21 @@ class _Action:
     (hold), or either."""
     apply: Callable[[Store, list[str], datetime], int]
     changes: Callable[[MessageStatus], bool]
-    """Whether :attr:`apply` would change the message (a dry run lists only those)."""
+    """Whether :attr:`apply` would change the message (a dry run of ids lists only those)."""
+    changing: Callable[[QueueFilter], QueueFilter] | None = None
+    """A filter narrowed to the messages :attr:`apply` would change, as :attr:`changes`
+    judges them (a dry run of filters lists only those); None: every message the
+    filters select (held or not, as :attr:`held` says)."""
 
 
 def _pending(m: MessageStatus) -> bool:
     return any(r.state in PENDING_STATES for r in m.recipients)
+
+
+def _pending_among(where: QueueFilter) -> QueueFilter:
+    """``where`` narrowed to pending messages, as :func:`_pending` judges them."""
+    states = PENDING_STATES if where.states is None else where.states & PENDING_STATES
+    return replace(where, states=states)
 
 
 _ACTIONS = (
@@ -103,6 +113,7 @@ _ACTIONS = (
         None,
         lambda store, ids, now: store.retry_many(ids, now=now),
         _pending,
+        _pending_among,
     ),
     _Action(
         "cancel",
@@ -114,6 +125,7 @@ _ACTIONS = (
         None,
         lambda store, ids, now: store.cancel_many(ids, now=now),
         _pending,
+        _pending_among,
     ),
 )
 
@@ -217,18 +229,14 @@ def bulk_command(args: argparse.Namespace) -> int:
             if args.ids or has_filters(args) or args.all or args.dry_run:
                 raise UsageError("--all-deferred takes no ids, filters, --all or --dry-run")
             return _retry_all_deferred(args, store, now)
-        ids, found = select_messages(
+        ids, where = select_messages(
             store, args, now=now, default_state="pending", held=action.held
         )
         if args.dry_run:
             # Ids are taken as given, held or not, finished or not, and filters select
             # finished mail too (--state any): list only those the command would change,
             # as it counts them (and as purge's dry run does).
-            if found is None:
-                found = [store.status(mid) for mid in ids]
-            ids = [m.id for m in found if action.changes(m)]
-        if args.dry_run:
-            return _dry_run(args, action.name, ids)
+            return _dry_run(args, action.name, _changing(store, action, ids, where, now))
         if action.name == "retry":
             return _retry(args, store, ids, now)
         changed = action.apply(store, ids, now) if ids else 0
@@ -240,6 +248,22 @@ def bulk_command(args: argparse.Namespace) -> int:
         if changed != len(ids):
             text += f" ({len(ids) - changed:,} already so)"
     return _report(args, data, text)
+
+
+def _changing(
+    store: Store, action: _Action, ids: list[str], where: QueueFilter | None, now: datetime
+) -> list[str]:
+    """The ``ids`` ``action`` would change: of ids given, those whose status it changes;
+    of those ``where`` selected, those the filter narrowed to what it changes finds too,
+    by ids alone as they were selected (the newest MAX_BULK selected that change are
+    among the newest MAX_BULK the narrowed filter finds)."""
+    if where is None:
+        return [mid for mid in ids if action.changes(store.status(mid))]
+    narrowed = where if action.changing is None else action.changing(where)
+    if narrowed == where:
+        return ids
+    changing = set(store.select_ids(now=now, where=narrowed))
+    return [mid for mid in ids if mid in changing]
 
 
 def _retry(args: argparse.Namespace, store: Store, ids: list[str], now: datetime) -> int:
@@ -472,13 +496,21 @@ def purge_command(args: argparse.Namespace) -> int:
             # Only what purge can delete: the newest MAX_BULK finished messages, too
             # recent to purge, filled the selection, and older ones were never purged.
             where = purge_candidates(where, before, state)
-            found = store.query(now=now, where=where)
-            ids = [m.id for m in found if _purgeable(m, state, cutoff)]
+            if args.dry_run:
+                # When each recipient finished is in the statuses alone.
+                found = store.query(now=now, where=where)
+                ids = [m.id for m in found if _purgeable(m, state, cutoff)]
+                selected = len(found)
+            else:
+                # Their ids alone: purge_many checks each as _purgeable does (final, in
+                # state, finished before the cutoff).
+                ids = store.select_ids(now=now, where=where)
+                selected = len(ids)
             # By age alone, purge deletes every message old enough, not only those listed;
             # by filters, only those selected.
-            more = len(found) >= MAX_BULK and not has_filters(args) and not args.all
+            more = selected >= MAX_BULK and not has_filters(args) and not args.all
             if not more:
-                note_left_out(store, where, len(found), now=now)
+                note_left_out(store, where, selected, now=now)
         if args.dry_run:
             return _dry_run(args, "purge", ids, more=more)
         # The flag says what it deletes, of ids as of filters (--state any included):

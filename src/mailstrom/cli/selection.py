@@ -20,7 +20,7 @@ from mailstrom.cli.parsing import duration_arg
 from mailstrom.cli.reading import stdin_buffer
 from mailstrom.errors import InvalidArgument
 from mailstrom.message.chars import shorten
-from mailstrom.status import MessageStatus, RecipientState
+from mailstrom.status import RecipientState
 from mailstrom.stores.base import MAX_FILTER_TEXT, QueueFilter, Store
 from mailstrom.stores.operator import PENDING_STATES, filter_domain
 
@@ -184,11 +184,12 @@ def select_messages(
     now: datetime,
     default_state: str,
     held: bool | None = None,
-) -> tuple[list[str], list[MessageStatus] | None]:
+) -> tuple[list[str], QueueFilter | None]:
     """The full ids a bulk command acts on: the ids given, or every message the filters
-    (or ``--all``) select, at most :data:`MAX_BULK`; with the statuses the filters found
-    them by (without their history), None for ids given. A usage error when the command
-    names nothing, or both ids and filters."""
+    (or ``--all``) select, at most :data:`MAX_BULK` (their ids alone: a status read
+    for each walked past its bytes in SQLite); with the filter that selected them, None
+    for ids given. A usage error when the command names nothing, or both ids and
+    filters."""
     ids = given_ids(args)
     filtered = has_filters(args) or args.all
     if args.ids and filtered:
@@ -198,9 +199,9 @@ def select_messages(
     if args.ids:
         return resolve_all(store, ids), None
     where = queue_filter(args, default_state=default_state, limit=MAX_BULK, held=held)
-    found = store.query(now=now, where=where)
-    note_left_out(store, where, len(found), now=now)
-    return [m.id for m in found], found
+    ids = store.select_ids(now=now, where=where)
+    note_left_out(store, where, len(ids), now=now)
+    return ids, where
 
 
 def note_left_out(store: Store, where: QueueFilter, selected: int, *, now: datetime) -> None:

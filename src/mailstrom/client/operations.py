@@ -159,7 +159,7 @@ def select(store: Store, messages: Messages, now: datetime) -> list[str]:
     purged meanwhile or mistyped was skipped in silence by the bulk write, which changed
     the others of the list."""
     if isinstance(messages, QueueFilter):
-        return [m.id for m in store.query(now=now, where=messages)]
+        return store.select_ids(now=now, where=messages)
     if isinstance(messages, str | bytes | bytearray) or not isinstance(messages, Iterable):
         messages = [messages]  # bytes are one (bad) id, not a sequence of ints
     return list(dict.fromkeys(store.resolve_id(m) for m in messages))

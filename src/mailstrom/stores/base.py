@@ -976,6 +976,13 @@ class Store(Protocol):
         its ``limit``, without attempt history."""
         ...
 
+    def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
+        """The ids of the messages :meth:`query` lists for ``where``, in its order, found
+        by the same conditions without reading the messages' statuses or bytes: what a
+        bulk change (``cancel --domain x``, ``ms.cancel_many(QueueFilter(...))``) acts
+        on."""
+        ...
+
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""
         ...

@@ -56,27 +56,37 @@ class MemoryOperatorMixin:
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without history."""
-        where = where or QueueFilter()
+        with self._lock:
+            return [self._listed(m) for m in self._matching(now, where or QueueFilter())]
+
+    def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
+        """The ids :meth:`query` lists for ``where``, in its order, without making their
+        statuses."""
+        with self._lock:
+            return [m.id for m in self._matching(now, where)]
+
+    def _matching(self, now: datetime, where: QueueFilter) -> list[_Message]:
+        """The newest ``where.limit`` messages matching ``where``, newest first (call
+        under the lock)."""
         domain = where.domain.lower() if where.domain is not None else None
         cutoff = before(now, where.older_than) if where.older_than is not None else None
-        found: list[MessageStatus] = []
-        with self._lock:
-            for m in self._newest_first():
-                if len(found) >= where.limit:
-                    break
-                if where.held is not None and m.held != where.held:
-                    continue
-                if cutoff is not None and not m.created_at < cutoff:
-                    continue
-                if domain is not None and all(r.domain != domain for r in m.recipients.values()):
-                    continue
-                if where.state is not None and m.state() is not where.state:
-                    continue
-                if where.tag is not None and where.tag not in m.prepared.attributes.tags:
-                    continue
-                if where.states is not None and m.state() not in where.states:
-                    continue
-                found.append(self._listed(m))
+        found: list[_Message] = []
+        for m in self._newest_first():
+            if len(found) >= where.limit:
+                break
+            if where.held is not None and m.held != where.held:
+                continue
+            if cutoff is not None and not m.created_at < cutoff:
+                continue
+            if domain is not None and all(r.domain != domain for r in m.recipients.values()):
+                continue
+            if where.state is not None and m.state() is not where.state:
+                continue
+            if where.tag is not None and where.tag not in m.prepared.attributes.tags:
+                continue
+            if where.states is not None and m.state() not in where.states:
+                continue
+            found.append(m)
         return found
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
@@ -120,7 +130,9 @@ class MemoryOperatorMixin:
 
     def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
         """How many messages match ``where``, at most ``cap``."""
-        return len(self.query(now=now, where=replace(where, limit=row_limit(cap, "cap"))))
+        where = replace(where, limit=row_limit(cap, "cap"))
+        with self._lock:
+            return len(self._matching(now, where))
 
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Make the listed messages' pending recipients due at ``now``."""

@@ -149,13 +149,12 @@ from mailstrom.stores.sqlite_operator import (
     cancel_seqs,
     count_matching,
     end_ended,
-    filter_sql,
     hold_seqs,
+    ids_of,
     ids_with_prefix,
     is_suspended,
     leased_pending,
-    pending_only,
-    pending_seqs,
+    matching_seqs,
     purge_seqs,
     purgeable_seqs,
     retry_seqs,
@@ -1688,26 +1687,27 @@ class SQLiteStore:
         where = where or QueueFilter()
         now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
         with self._read() as conn:
-            if pending_only(where):
-                # Newest first, in chunks that keep the bound parameters few.
-                seqs = pending_seqs(conn, now, where, where.limit)
-                listed = [
-                    message
-                    for chunk in chunks(seqs)
-                    for message in read_messages(
-                        conn,
-                        f"m.seq IN ({qmarks(len(chunk))})",
-                        list(chunk),
-                        len(chunk),
-                        history=False,
-                    )
-                ]
-            else:
-                found, values = filter_sql(now, where)
-                listed = read_messages(
-                    conn, " AND ".join(found) or "1", values, where.limit, history=False
+            # Newest first, in chunks that keep the bound parameters few.
+            listed = [
+                message
+                for chunk in chunks(matching_seqs(conn, now, where))
+                for message in read_messages(
+                    conn,
+                    f"m.seq IN ({qmarks(len(chunk))})",
+                    list(chunk),
+                    len(chunk),
+                    history=False,
                 )
+            ]
             return self._with_pauses(conn, listed)
+
+    def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
+        """The ids :meth:`query` lists for ``where``, in its order, from the indexes and
+        the start of each message's row (see
+        :func:`~mailstrom.stores.sqlite_operator.matching_seqs`)."""
+        now = aware_utc(now, "now")
+        with self._read() as conn:
+            return ids_of(conn, matching_seqs(conn, now, where))
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""

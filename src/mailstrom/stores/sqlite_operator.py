@@ -173,6 +173,35 @@ def pending_seqs(
     return [row[0] for row in rows]
 
 
+def matching_seqs(conn: sqlite3.Connection, now: datetime, where: QueueFilter) -> list[int]:
+    """The row numbers of the newest ``where.limit`` messages matching ``where``, newest
+    first (by enqueue time, then row number) as every view lists them: the pending index
+    drives a pending-only ``where`` (:func:`pending_seqs`), the newest-first index any
+    other. No column past a message's bytes is read (but a ``tag`` filter's): tags,
+    metadata and the other columns of schema version 5 lie after ``data``, and SQLite
+    reaches them only by walking its overflow pages."""
+    if pending_only(where):
+        return pending_seqs(conn, now, where, where.limit)
+    conditions, params = filter_sql(now, where)
+    rows = conn.execute(
+        f"SELECT m.seq FROM messages m WHERE {' AND '.join(conditions) or '1'}"
+        " ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
+        [*params, where.limit],
+    )
+    return [row[0] for row in rows]
+
+
+def ids_of(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[str]:
+    """The ids of the messages ``seqs`` numbers, in that order (by the row number: the
+    id is stored before the message's bytes)."""
+    ids: dict[int, str] = {}
+    for chunk in chunks(seqs):
+        ids.update(
+            conn.execute(f"SELECT seq, id FROM messages WHERE seq IN ({qmarks(len(chunk))})", chunk)
+        )
+    return [ids[seq] for seq in seqs if seq in ids]
+
+
 def count_matching(conn: sqlite3.Connection, now: datetime, where: QueueFilter, cap: int) -> int:
     """How many messages match ``where``, reading at most ``cap`` of them."""
     if pending_only(where):

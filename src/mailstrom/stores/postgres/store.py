@@ -168,6 +168,20 @@ def _state_values(where: QueueFilter) -> list[str] | None:
     return None if where.states is None else sorted(s.value for s in where.states)
 
 
+def _filter_params(now: datetime, where: QueueFilter) -> dict[str, object]:
+    """The parameters of ``_queue_filter`` (query, select_ids) for ``where`` at ``now``."""
+    now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
+    return {
+        "held": where.held,
+        "created_before": None if where.older_than is None else before(now, where.older_than),
+        "domain": None if where.domain is None else where.domain.lower(),
+        "state": None if where.state is None else where.state.value,
+        "limit": row_limit(where.limit),
+        "tag": where.tag,
+        "states": _state_values(where),
+    }
+
+
 class PostgresStore:
     """A durable queue in PostgreSQL, shared by any number of worker processes.
 
@@ -1043,19 +1057,14 @@ class PostgresStore:
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without attempt history."""
-        where = where or QueueFilter()
-        now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
-        params = {
-            "now": datetime.now(UTC),  # a pause lasts by the clock, as status() reads it
-            "held": where.held,
-            "created_before": None if where.older_than is None else before(now, where.older_than),
-            "domain": None if where.domain is None else where.domain.lower(),
-            "state": None if where.state is None else where.state.value,
-            "limit": row_limit(where.limit),
-            "tag": where.tag,
-            "states": _state_values(where),
-        }
+        params = _filter_params(now, where or QueueFilter())
+        params["now"] = datetime.now(UTC)  # a pause lasts by the clock, as status() reads it
         return _listed(self._fetch_dicts("query", params))
+
+    def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
+        """The ids :meth:`query` lists for ``where``, in its order (the same conditions),
+        without the messages' recipients."""
+        return [row[0] for row in self._fetch("select_ids", _filter_params(now, where))]
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""

@@ -817,17 +817,11 @@ LEFT JOIN attempts a ON a.message_id = r.message_id AND a.address = r.address
 WHERE m.id = %(id)s
 ORDER BY r.position, a.id;
 
--- name: query
--- Walks messages newest first (index messages_newest) and stops at the limit; each
--- condition is skipped when its parameter is NULL. The derived state mirrors
--- mailstrom.status.derive_message_state. Each pending recipient's pause (t_*) is read in
--- the same snapshot, as status reads it.
-WITH selected AS (
-    SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject,
-           m.held, m.seq, m.dkim, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,
-           m.idempotency_key
-    FROM messages m
-    WHERE (%(held)s::boolean IS NULL OR m.held = %(held)s::boolean)
+-- name: _queue_filter
+-- The conditions of a queue filter on messages m (query, select_ids); each is skipped
+-- when its parameter is NULL. The derived state mirrors
+-- mailstrom.status.derive_message_state.
+      (%(held)s::boolean IS NULL OR m.held = %(held)s::boolean)
       AND (%(created_before)s::timestamptz IS NULL
            OR m.created_at < %(created_before)s::timestamptz)
       AND (%(domain)s::text IS NULL OR EXISTS (
@@ -850,6 +844,18 @@ WITH selected AS (
                    ELSE 'failed'
                END
                FROM recipients r WHERE r.message_id = m.id) = ANY (%(states)s::text[]))
+
+-- name: query
+-- Walks messages newest first (index messages_newest) and stops at the limit (the
+-- conditions: _queue_filter). Each pending recipient's pause (t_*) is read in the same
+-- snapshot, as status reads it.
+WITH selected AS (
+    SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject,
+           m.held, m.seq, m.dkim, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,
+           m.idempotency_key
+    FROM messages m
+    WHERE
+-- include: _queue_filter
     ORDER BY m.created_at DESC, m.seq DESC
     LIMIT %(limit)s
 )
@@ -1116,6 +1122,15 @@ WITH pruned AS (
     RETURNING 1
 )
 SELECT count(*) FROM pruned;
+
+-- name: select_ids
+-- The ids query lists, in its order, and nothing else of the messages.
+SELECT m.id
+FROM messages m
+WHERE
+-- include: _queue_filter
+ORDER BY m.created_at DESC, m.seq DESC
+LIMIT %(limit)s;
 
 -- name: ids_with_prefix
 -- A range on the primary key; the left() test keeps the answer exact whatever the
