@@ -1127,8 +1127,9 @@ class Store(Protocol):
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """:meth:`retry` for each listed message; unknown ids are skipped. Returns how
         many recipients were rescheduled. Each message changes whole, but a long list may
-        be changed in several transactions (SQLite: 500 messages each, so that enqueues
-        and the workers' writes are not held up for the whole list); a failure may leave
+        be changed in several transactions (SQLite: 500 messages each; the memory store
+        500 per hold of its lock), so that enqueues and the workers' writes are not held
+        up for the whole list; a failure may leave
         the messages before it changed, and the call repeated changes the rest (as for
         :meth:`cancel_many`, :meth:`hold_many` and :meth:`purge_many`)."""
         ...

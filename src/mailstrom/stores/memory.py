@@ -559,28 +559,33 @@ class MemoryStore(
 
     def cancel(self, message_id: str, *, now: datetime) -> int:
         """Fail the message's pending recipients (leased ones too) as "cancelled"."""
-        leased = False
         with self._lock:
-            m = self._get(message_id)
-            changed = 0
-            for r in m.recipients.values():
-                if r.state in _PENDING:
-                    leased = leased or r.lease_token is not None
-                    r.state = RecipientState.FAILED
-                    r.error = "cancelled"
-                    # The reason must read "cancelled"; the history keeps earlier replies.
-                    r.reply = None
-                    r.uncertain = False
-                    r.reason_class = None
-                    r.next_attempt_at = None
-                    r.finished_at = now
-                    r.lease_token = r.lease_expires_at = None
-                    # The operator stopped it: no delay warning owed for it is sent.
-                    r.notice = None
-                    changed += 1
+            changed, leased = self._cancel(self._get(message_id), now)
         if leased:
             self._cancel_watchers.notify()
         return changed
+
+    @staticmethod
+    def _cancel(m: _Message, now: datetime) -> tuple[int, bool]:
+        """Fail ``m``'s pending recipients as "cancelled" (call under the lock); how
+        many, and whether one of them was leased."""
+        changed, leased = 0, False
+        for r in m.recipients.values():
+            if r.state in _PENDING:
+                leased = leased or r.lease_token is not None
+                r.state = RecipientState.FAILED
+                r.error = "cancelled"
+                # The reason must read "cancelled"; the history keeps earlier replies.
+                r.reply = None
+                r.uncertain = False
+                r.reason_class = None
+                r.next_attempt_at = None
+                r.finished_at = now
+                r.lease_token = r.lease_expires_at = None
+                # The operator stopped it: no delay warning owed for it is sent.
+                r.notice = None
+                changed += 1
+        return changed, leased
 
     def set_held(self, message_id: str, held: bool) -> None:
         """Hold (never leased) or release a message; a worker that leased it is told."""

@@ -6,28 +6,41 @@ purges, the queue's shape and suspended destinations, as
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from mailstrom.arguments import row_limit
-from mailstrom.errors import UnknownMessage
 from mailstrom.status import DestinationThrottle, MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, check_suspension, with_throttles
 from mailstrom.stores.clock import before
-from mailstrom.stores.memory_records import _PENDING, _Message, _Recipient
+from mailstrom.stores.memory_records import _PENDING, _Message
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
     age_edges,
     bucket_of,
     earliest,
+    listed_ids,
     normalize_prefix,
     pick_one,
     shape_rows,
 )
 from mailstrom.stores.watchers import Watchers
+
+BULK_BATCH = 500
+"""Listed messages a bulk change (``retry_many``, ``cancel_many``, ``hold_many``,
+``purge_many``) changes per hold of the store's lock at most, each message whole under
+one, as SQLite changes them per write transaction
+(:data:`~mailstrom.stores.sqlite_operator.BULK_BATCH`): held for the whole list, the
+worker, which calls the store on its event loop, and every ``send_email`` waited for
+the last of 100,000 messages."""
+_BATCH_PAUSE = 0.001
+"""Seconds the lock is left free between two batches: a thread waiting for it (the
+worker's loop) is woken at once, but the changing thread, still running, took it again
+before the waiter could."""
 
 
 class MemoryOperatorMixin:
@@ -50,7 +63,7 @@ class MemoryOperatorMixin:
 
         def _delete(self, message_ids: Sequence[str]) -> None: ...
 
-        def cancel(self, message_id: str, *, now: datetime) -> int: ...
+        def _cancel(self, m: _Message, now: datetime) -> tuple[int, bool]: ...
 
     # --- views of the queue ------------------------------------------------------------
 
@@ -134,43 +147,82 @@ class MemoryOperatorMixin:
         with self._lock:
             return len(self._matching(now, where))
 
+    def _in_batches(
+        self, message_ids: Sequence[str], change: Callable[[list[_Message]], None]
+    ) -> None:
+        """Call ``change`` under the lock with the listed messages that exist,
+        :data:`BULK_BATCH` listed ids (each once) per hold of the lock, leaving it free
+        for :data:`_BATCH_PAUSE` between two: the worker and an enqueue wait for one
+        batch, not for the whole list (as ``SQLiteStore._in_batches`` commits them).
+        Each message is changed whole under one hold; a failure leaves the batches
+        before it changed, and the same call again changes the rest."""
+        unique = listed_ids(message_ids)
+        for start in range(0, len(unique), BULK_BATCH):
+            if start:
+                time.sleep(_BATCH_PAUSE)
+            with self._lock:
+                batch = (self._messages.get(mid) for mid in unique[start : start + BULK_BATCH])
+                change([m for m in batch if m is not None])
+
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
-        """Make the listed messages' pending recipients due at ``now``."""
+        """Make the listed messages' pending recipients due at ``now`` (in batches:
+        :meth:`_in_batches`)."""
         changed = 0
-        with self._lock:
-            for r in self._recipients_of(message_ids):
-                if r.state in _PENDING:
-                    r.next_attempt_at = now
-                    changed += 1
-        if changed:
-            self._watchers.notify()
+
+        def batch(messages: list[_Message]) -> None:
+            nonlocal changed
+            for m in messages:
+                for r in m.recipients.values():
+                    if r.state in _PENDING:
+                        r.next_attempt_at = now
+                        changed += 1
+
+        try:
+            self._in_batches(message_ids, batch)
+        finally:
+            if changed:
+                self._watchers.notify()
         return changed
 
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
-        """Fail the listed messages' pending recipients as "cancelled"."""
-        changed = 0
-        for mid in dict.fromkeys(message_ids):
-            try:
-                changed += self.cancel(mid, now=now)
-            except UnknownMessage:
-                continue
+        """Fail the listed messages' pending recipients as "cancelled" (in batches:
+        :meth:`_in_batches`)."""
+        changed, leased = 0, False
+
+        def batch(messages: list[_Message]) -> None:
+            nonlocal changed, leased
+            for m in messages:
+                cancelled, was_leased = self._cancel(m, now)
+                changed += cancelled
+                leased = leased or was_leased
+
+        try:
+            self._in_batches(message_ids, batch)
+        finally:
+            if leased:
+                self._cancel_watchers.notify()
         return changed
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
-        """Hold or release the listed messages; returns how many changed."""
-        changed = 0
-        leased = False
-        with self._lock:
-            for mid in dict.fromkeys(message_ids):
-                m = self._messages.get(mid)
-                if m is not None and m.held != held:
+        """Hold or release the listed messages (in batches: :meth:`_in_batches`);
+        returns how many changed."""
+        changed, leased = 0, False
+
+        def batch(messages: list[_Message]) -> None:
+            nonlocal changed, leased
+            for m in messages:
+                if m.held != held:
                     m.held = held
                     changed += 1
                     leased = leased or (held and m.leased())
-        if changed and not held:
-            self._watchers.notify()
-        if leased:
-            self._cancel_watchers.notify()  # a worker gives back what it has not started
+
+        try:
+            self._in_batches(message_ids, batch)
+        finally:
+            if changed and not held:
+                self._watchers.notify()
+            if leased:
+                self._cancel_watchers.notify()  # a worker gives back what it has not started
         return changed
 
     def purge_many(
@@ -181,16 +233,17 @@ class MemoryOperatorMixin:
         state: RecipientState | None = None,
     ) -> int:
         """Delete the listed messages that are final (finished before the cutoff, in
-        ``state``)."""
-        with self._lock:
-            doomed = [
-                mid
-                for mid in dict.fromkeys(message_ids)
-                if mid in self._messages
-                and self._finished(self._messages[mid], finished_before, state)
-            ]
+        ``state``), in batches (:meth:`_in_batches`)."""
+        deleted = 0
+
+        def batch(messages: list[_Message]) -> None:
+            nonlocal deleted
+            doomed = [m.id for m in messages if self._finished(m, finished_before, state)]
             self._delete(doomed)
-        return len(doomed)
+            deleted += len(doomed)
+
+        self._in_batches(message_ids, batch)
+        return deleted
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
         """Delete finished messages in ``state`` finished before the cutoff."""
@@ -262,12 +315,3 @@ class MemoryOperatorMixin:
         """When the first timed suspension in force ends (call under the lock): work at
         that domain may become due then."""
         return earliest(*(s.until for s in self._suspended.values() if s.active(now)))
-
-    def _recipients_of(self, message_ids: Sequence[str]) -> list[_Recipient]:
-        """The recipients of the listed messages that exist (call under the lock)."""
-        found: list[_Recipient] = []
-        for mid in dict.fromkeys(message_ids):
-            m = self._messages.get(mid)
-            if m is not None:
-                found.extend(m.recipients.values())
-        return found
