@@ -79,6 +79,9 @@ class ReasonClass(StrEnum):
     """The two sides did not agree on SMTP: a command, syntax or extension refused."""
     SYSTEM = "system"
     """The receiving system has trouble of its own: busy, full or misconfigured."""
+    LOCAL = "local"
+    """This host's own trouble, before any server was asked: it ran out of file
+    descriptors, socket buffers or memory (a local resource shortage, 4.3.0)."""
     OTHER = "other"
     """None of the above, or a reply that says too little to tell."""
     EXPIRED = "expired"

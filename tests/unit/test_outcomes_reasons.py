@@ -4,6 +4,7 @@ never changing the outcome."""
 
 from __future__ import annotations
 
+import errno
 import random
 import time
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ import pytest
 from mailstrom.config import Config
 from mailstrom.errors import (
     DeliveryError,
+    LocalResourceShortage,
     PermanentFailure,
     SMTPConnectError,
     SMTPProtocolError,
@@ -20,6 +22,7 @@ from mailstrom.errors import (
     TemporaryFailure,
     TLSRequiredError,
 )
+from mailstrom.policy.reasons import advice_for
 from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
 from mailstrom.runtime.outcomes import Outcomes, Where, error_reason, over_recipient_limit
 from mailstrom.runtime.transactions import TransactionResult
@@ -184,6 +187,24 @@ def test_failures_without_a_transaction(
     [r] = outcomes.from_error(item("a@example.org"), error, time.monotonic(), Where())
     assert r.attempt.reason_class is expected
     assert error_reason(error, r.attempt.reply) is expected
+
+
+def test_a_local_resource_shortage_is_told_as_this_hosts_not_the_receivers(
+    outcomes: Outcomes,
+) -> None:
+    """4.3.0 without a reply was classed by its subject (X.3: "mail system status") as
+    ``system``, "the receiving system has trouble of its own": no receiving system was
+    asked; the shortage is this host's, and so is what to do about it."""
+    shortage = LocalResourceShortage(
+        "connecting to 192.0.2.1", OSError(errno.EMFILE, "Too many open files"), host="mx"
+    )
+    [r] = outcomes.from_error(item("a@example.org"), shortage, time.monotonic(), Where())
+    assert r.attempt.reason_class is not ReasonClass.SYSTEM
+    assert r.attempt.reason_class is ReasonClass("local")
+    advice = advice_for(r.attempt)
+    assert advice is not None
+    assert "this host" in advice.meaning and "receiving" not in advice.meaning
+    assert "ulimit -n" in advice.action
 
 
 def _rcpts(*replies: SMTPReply) -> TransactionResult:

@@ -71,9 +71,10 @@ def test_every_class_is_reachable_from_some_reply_or_fallback() -> None:
     reachable |= set(t.details.values()) | set(t.subjects.values()) | set(t.codes.values())
     reachable |= set(t.local.values()) | {ReasonClass.OTHER}
     # CONNECTION also comes from errors without a reply (runtime.outcomes); EXPIRED only
-    # from the message's own expiry and SUPPRESSED only from the worker's suppression
-    # check, never from a reply.
-    assert reachable | {ReasonClass.EXPIRED, ReasonClass.SUPPRESSED} == set(ReasonClass)
+    # from the message's own expiry, SUPPRESSED only from the worker's suppression check
+    # and LOCAL only from this host's own shortage (its error's type), never from a reply.
+    unreplied = {ReasonClass.EXPIRED, ReasonClass.SUPPRESSED, ReasonClass.LOCAL}
+    assert reachable | unreplied == set(ReasonClass)
 
 
 GOOD = """

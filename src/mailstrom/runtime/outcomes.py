@@ -22,6 +22,7 @@ from datetime import datetime
 from mailstrom.config import Config
 from mailstrom.errors import (
     DeliveryError,
+    LocalResourceShortage,
     PermanentFailure,
     RequireTLSFailure,
     SMTPConnectError,
@@ -42,6 +43,8 @@ from mailstrom.tls.requirement import TLSRequirement
 # Errors whose type says why, whatever reply they carry (a refused STARTTLS has one), most
 # specific first. The rest are classified by their reply, else their enhanced code.
 _BY_ERROR_TYPE: tuple[tuple[type[DeliveryError], ReasonClass], ...] = (
+    # 4.3.0 by its subject alone is "system", the receiver's trouble: this host's own.
+    (LocalResourceShortage, ReasonClass.LOCAL),
     (TLSHandshakeError, ReasonClass.TLS),  # and TLSVerifyError
     (TLSRequiredError, ReasonClass.TLS),
     (RequireTLSFailure, ReasonClass.TLS),
