@@ -409,7 +409,9 @@ class LocalResourceShortage(TemporaryFailure):
     """This host ran out of a resource (``LOCAL_SHORTAGE_ERRNOS``) before any server was
     asked: deferred with 4.3.0 (RFC 3463: other or undefined mail system status), as
     Postfix defers for a "local resource shortage", and held against no server: the
-    address is not remembered as unreachable, nor a DNS server blamed."""
+    address is not remembered as unreachable, nor a DNS server blamed. Nor against the
+    recipients: no attempt is counted (:attr:`~mailstrom.stores.RecipientResult.attempted`),
+    and they come back after ``retry.min_delay``."""
 
     def __init__(self, what: str, cause: OSError, *, host: str | None = None) -> None:
         super().__init__(

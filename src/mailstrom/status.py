@@ -81,7 +81,8 @@ class ReasonClass(StrEnum):
     """The receiving system has trouble of its own: busy, full or misconfigured."""
     LOCAL = "local"
     """This host's own trouble, before any server was asked: it ran out of file
-    descriptors, socket buffers or memory (a local resource shortage, 4.3.0)."""
+    descriptors, socket buffers or memory (a local resource shortage, 4.3.0). No attempt:
+    the recipient's ``attempts`` and history are left as they were."""
     OTHER = "other"
     """None of the above, or a reply that says too little to tell."""
     EXPIRED = "expired"

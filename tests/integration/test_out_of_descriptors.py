@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mailstrom import Mailstrom, RecipientState
+from mailstrom import Mailstrom, ReasonClass, RecipientState
 from mailstrom.client.process import WorkerProcess
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
@@ -86,7 +86,9 @@ def test_a_worker_out_of_descriptors_defers_once_and_delivers_when_they_return(
 ) -> None:
     """Many destinations and no descriptor to open a socket with (DNS queries, SMTP
     connections): each recipient is deferred once, with the reason, and the worker goes
-    on (no crash, no retry loop); once descriptors return, everything is delivered, once."""
+    on (no crash, no retry loop); once descriptors return, everything is delivered, once.
+    No server was asked: the deferral spends no attempt (it was counted as one, so a host
+    short of descriptors for a while used up its recipients' ``max_attempts``)."""
     domains = [f"d{i}.example" for i in range(20)]
     for domain in domains:
         dns_server.mx(domain, [(10, "mx.test")])
@@ -102,11 +104,12 @@ def test_a_worker_out_of_descriptors_defers_once_and_delivers_when_they_return(
         status = ms.worker_status
         assert status.running and status.error is None
         recipients = [ms.query_status(i).recipients[0] for i in ids]
-        assert {(r.state, r.attempts) for r in recipients} == {(RecipientState.DEFERRED, 1)}
+        assert {(r.state, r.attempts) for r in recipients} == {(RecipientState.DEFERRED, 0)}
         # This host's shortage, not a DNS server's answer ("Server ... answered [Errno 24]").
         for r in recipients:
             assert r.error is not None and r.error.startswith("local resource shortage: DNS")
             assert "Too many open files" in r.error and "answered" not in r.error
+            assert r.reason_class is ReasonClass.LOCAL and r.history == ()
         assert mx.messages == []
         _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return

@@ -629,10 +629,22 @@ def test_a_fair_lease_seeks_other_destinations_in_their_index(postgres_url: str,
 
 
 @pytest.mark.parametrize(
-    ("events", "marker"), [(False, b"SET state = res.state"), (True, b"COMMIT")], ids=str
+    ("events", "marker", "attempted"),
+    [
+        (False, b"SET state = res.state", True),
+        (True, b"COMMIT", True),
+        # A deferral that was no attempt (this host's shortage) has no history row to
+        # tell it recorded by: its state and time do.
+        (False, b"SET state = res.state", False),
+    ],
+    ids=str,
 )
 def test_a_record_whose_answer_was_lost_after_its_commit_is_recorded_when_written_again(
-    postgres_server: ThrowawayPostgres, postgres_url: str, events: bool, marker: bytes
+    postgres_server: ThrowawayPostgres,
+    postgres_url: str,
+    events: bool,
+    marker: bytes,
+    attempted: bool,
 ) -> None:
     """The connection broke after the server committed a record and before its answer
     came back (a network cut, a failover): the record raised StoreUnreachable, and the
@@ -656,6 +668,16 @@ def test_a_record_whose_answer_was_lost_after_its_commit_is_recorded_when_writte
                 for item in lease.items
                 for r in item.recipients
             ]
+            state = RecipientState.DELIVERED
+            if not attempted:
+                state = RecipientState.DEFERRED
+                short = Attempt(at=at, outcome=AttemptOutcome.TEMPORARY, error="shortage")
+                results = [
+                    replace(
+                        r, state=state, attempt=short, next_attempt_at=at + LEASE, attempted=False
+                    )
+                    for r in results
+                ]
             # The enqueue's NOTIFY ("...; COMMIT") goes from a thread of its own: sent
             # after the marker is set, its answer was the one lost, not the record's.
             deadline = time.monotonic() + 10
@@ -667,14 +689,11 @@ def test_a_record_whose_answer_was_lost_after_its_commit_is_recorded_when_writte
                 store.record(results)
             assert store.record(results) == results
             recipients = store.status(mid).recipients
-            assert [(r.state, r.attempts) for r in recipients] == [
-                (RecipientState.DELIVERED, 1),
-                (RecipientState.DELIVERED, 1),
-            ]
+            assert [(r.state, r.attempts) for r in recipients] == [(state, int(attempted))] * 2
     with psycopg.connect(postgres_url) as conn:
         (attempts,) = conn.execute("SELECT count(*) FROM attempts").fetchone() or (None,)
         (outbox,) = conn.execute("SELECT count(*) FROM events").fetchone() or (None,)
-    assert attempts == 2
+    assert attempts == (2 if attempted else 0)
     assert outbox == (2 if events else 0)
 
 

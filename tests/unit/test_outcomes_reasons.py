@@ -7,7 +7,8 @@ from __future__ import annotations
 import errno
 import random
 import time
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -23,6 +24,7 @@ from mailstrom.errors import (
     TLSRequiredError,
 )
 from mailstrom.policy.reasons import advice_for
+from mailstrom.policy.retry import RetryPolicy
 from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
 from mailstrom.runtime.outcomes import Outcomes, Where, error_reason, over_recipient_limit
 from mailstrom.runtime.transactions import TransactionResult
@@ -205,6 +207,56 @@ def test_a_local_resource_shortage_is_told_as_this_hosts_not_the_receivers(
     assert advice is not None
     assert "this host" in advice.meaning and "receiving" not in advice.meaning
     assert "ulimit -n" in advice.action
+
+
+def _tried(attempts: int, *, queued: datetime = NOW) -> WorkItem:
+    """An item of one recipient ``attempts`` attempts into its retries."""
+    work = item("a@example.org")
+    (r,) = work.recipients
+    return replace(work, recipients=(replace(r, attempts=attempts, created_at=queued),))
+
+
+SHORT_RETRIES = RetryPolicy(
+    min_delay=timedelta(minutes=1), max_delay=timedelta(hours=1), jitter=0.0, max_attempts=3
+)
+
+
+def test_a_local_resource_shortage_spends_no_attempt_and_comes_back_soon() -> None:
+    """Counted, a host out of file descriptors spent its recipients' ``max_attempts`` on
+    its own trouble (this one, at 2 of 3, failed for good), and each deferral grew the
+    destination's backoff. No server was asked: no attempt, due again after
+    ``min_delay``; a real failure at that point still ends it."""
+    config = Config(helo_name="client.test", retry=SHORT_RETRIES)
+    outcomes = Outcomes(config, clock=lambda: NOW, rng=random.Random(1))
+    shortage = LocalResourceShortage(
+        "connecting to 192.0.2.1", OSError(errno.EMFILE, "Too many open files"), host="mx"
+    )
+    [r] = outcomes.from_error(_tried(2), shortage, time.monotonic(), Where(host="mx"))
+    assert (r.state, r.attempted) == (RecipientState.DEFERRED, False)
+    assert r.next_attempt_at == NOW + timedelta(minutes=1)
+    assert r.attempt.error is not None and r.attempt.error.startswith("local resource")
+    [deep] = outcomes.from_error(_tried(1), shortage, time.monotonic(), Where())
+    assert deep.next_attempt_at == NOW + timedelta(minutes=1)  # not the 2nd retry's 2 min
+    refused = SMTPConnectError("cannot connect: Connection refused")
+    [real] = outcomes.from_error(_tried(2), refused, time.monotonic(), Where())
+    assert (real.state, real.attempted) == (RecipientState.FAILED, True)
+
+
+def test_a_local_resource_shortage_still_ends_at_max_age() -> None:
+    """``retry.max_age`` is what ends a recipient this host could never try."""
+    policy = replace(SHORT_RETRIES, max_age=timedelta(hours=2), max_attempts=None)
+    outcomes = Outcomes(
+        Config(helo_name="client.test", retry=policy), clock=lambda: NOW, rng=random.Random(1)
+    )
+    shortage = LocalResourceShortage("DNS lookup of a.example MX", OSError(errno.ENOBUFS, "x"))
+    old = _tried(0, queued=NOW - timedelta(hours=2))
+    [r] = outcomes.from_error(old, shortage, time.monotonic(), Where())
+    assert (r.state, r.attempted) == (RecipientState.FAILED, False)
+    assert r.attempt.reason_class is ReasonClass.LOCAL
+    near = _tried(0, queued=NOW - timedelta(hours=2) + timedelta(seconds=90))
+    [r] = outcomes.from_error(near, shortage, time.monotonic(), Where())
+    assert r.state is RecipientState.DEFERRED
+    assert r.next_attempt_at == NOW + timedelta(minutes=1)
 
 
 def _rcpts(*replies: SMTPReply) -> TransactionResult:

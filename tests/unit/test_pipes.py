@@ -102,6 +102,7 @@ def test_every_field_of_a_result_crosses_the_pipe() -> None:
         hard_bounce=True,
         notice='{"v":1}',
         relayed=True,  # of a delivery only: here every field is set, to see it cross
+        attempted=False,
         dkim=DKIMStatus(
             signatures=(
                 DKIMSignature(

@@ -110,6 +110,35 @@ def next_attempt(
     if policy.max_attempts is not None and attempts >= policy.max_attempts:
         return None
     when = now + backoff_delay(attempts=attempts, rng=rng, policy=policy)
+    return _within_max_age(when, queued_at=queued_at, now=now, policy=policy)
+
+
+def next_try_unattempted(
+    *, queued_at: datetime, now: datetime, rng: random.Random, policy: RetryPolicy
+) -> datetime | None:
+    """When to try again after a deferral that was no attempt at the destination (this
+    host ran out of file descriptors or memory before any server was asked), or None to
+    give up: soon, a first retry's delay (``min_delay``, with jitter) whatever the
+    attempts made before, as the destination's growing backoff is no measure of this
+    host's trouble; given up at ``policy.max_age`` as any, never by
+    ``policy.max_attempts``, which counts attempts.
+
+    >>> import random
+    >>> from datetime import UTC
+    >>> t = datetime(2024, 1, 1, tzinfo=UTC)
+    >>> next_try_unattempted(queued_at=t, now=t, rng=random.Random(0),
+    ...                      policy=RetryPolicy(jitter=0.0, max_attempts=1))
+    datetime.datetime(2024, 1, 1, 0, 5, tzinfo=datetime.timezone.utc)
+    """
+    when = now + backoff_delay(attempts=1, rng=rng, policy=policy)
+    return _within_max_age(when, queued_at=queued_at, now=now, policy=policy)
+
+
+def _within_max_age(
+    when: datetime, *, queued_at: datetime, now: datetime, policy: RetryPolicy
+) -> datetime | None:
+    """``when``, brought back to ``queued_at + policy.max_age`` when past it; None when
+    not even ``policy.min_delay`` is left before that end."""
     if policy.max_age is not None:
         end = queued_at + policy.max_age
         if when > end:

@@ -292,9 +292,9 @@ def _last_attempt_allowed(
     leased = next((r for r in item.recipients if r.address == result.address), None)
     if leased is None or result.next_attempt_at is None:
         return None
-    return last_attempt_by(
-        attempts=leased.attempts + 1, next_at=result.next_attempt_at, policy=config.retry
-    )
+    # A deferral that was no attempt (this host's shortage) counted none.
+    attempts = leased.attempts + 1 if result.attempted else leased.attempts
+    return last_attempt_by(attempts=attempts, next_at=result.next_attempt_at, policy=config.retry)
 
 
 def _crosses_delay(

@@ -32,6 +32,7 @@ from mailstrom.errors import (
 )
 from mailstrom.message.dsn import Notify
 from mailstrom.policy import Stage, classify, is_positive, next_attempt
+from mailstrom.policy.backoff import next_try_unattempted
 from mailstrom.policy.hardbounce import is_hard_bounce
 from mailstrom.policy.reasons import classify_local, classify_reply, table
 from mailstrom.runtime.connection import Abandoned, SMTPConnection, TLSHandshakeError
@@ -306,7 +307,9 @@ class Outcomes:
         where: Where,
         recipients: Sequence[LeasedRecipient] | None = None,
     ) -> list[RecipientResult]:
-        """The same failure for every recipient of ``item`` (or of ``recipients``)."""
+        """The same failure for every recipient of ``item`` (or of ``recipients``). A local
+        resource shortage was no attempt at the destination: its results say so
+        (:attr:`RecipientResult.attempted`), and are due again soon."""
         outcome = (
             AttemptOutcome.PERMANENT
             if isinstance(exc, PermanentFailure)
@@ -323,6 +326,7 @@ class Outcomes:
         reason = error_reason(exc, reply)
         hard = self._hard(outcome, exc.code, exc.enhanced, reply.text if reply else None)
         own = reply is not None and exc.reply is None
+        attempted = not isinstance(exc, LocalResourceShortage)
         return [
             self._result(
                 item,
@@ -335,6 +339,7 @@ class Outcomes:
                 reason=reason,
                 hard=hard,
                 own_reply=own,
+                attempted=attempted,
             )
             for r in (item.recipients if recipients is None else recipients)
         ]
@@ -394,6 +399,7 @@ class Outcomes:
         hard: bool = False,
         own_reply: bool = False,
         relayed: bool = False,
+        attempted: bool = True,
     ) -> RecipientResult:
         now = self._clock()
         # A peer's reply may be a megabyte (and a protocol error quotes one): cut here as
@@ -419,7 +425,7 @@ class Outcomes:
             reason_class=reason,
             tls_policy=where.tls_policy,
         )
-        state, next_at = self._decide(recipient, outcome, now)
+        state, next_at = self._decide(recipient, outcome, now, attempted)
         if next_at is not None and item.expires_at is not None and next_at > item.expires_at:
             # The next try would come after the message's expiry: it is made at the expiry
             # instead, where the recipient fails as "expired" without a connection.
@@ -439,22 +445,29 @@ class Outcomes:
             own_reply=own_reply,
             relayed=relayed,
             dkim=item.dkim,
+            attempted=attempted,
         )
 
     def _decide(
-        self, recipient: LeasedRecipient, outcome: AttemptOutcome, now: datetime
+        self, recipient: LeasedRecipient, outcome: AttemptOutcome, now: datetime, attempted: bool
     ) -> tuple[RecipientState, datetime | None]:
         if outcome is AttemptOutcome.DELIVERED:
             return RecipientState.DELIVERED, None
         if outcome is AttemptOutcome.PERMANENT:
             return RecipientState.FAILED, None
-        when = next_attempt(
-            attempts=recipient.attempts + 1,
-            queued_at=recipient.created_at,
-            now=now,
-            rng=self._rng,
-            policy=self._config.retry,
-        )
+        if not attempted:
+            # This host's trouble: no attempt spent, nor the destination's backoff grown.
+            when = next_try_unattempted(
+                queued_at=recipient.created_at, now=now, rng=self._rng, policy=self._config.retry
+            )
+        else:
+            when = next_attempt(
+                attempts=recipient.attempts + 1,
+                queued_at=recipient.created_at,
+                now=now,
+                rng=self._rng,
+                policy=self._config.retry,
+            )
         if when is None:
             return RecipientState.FAILED, None
         return RecipientState.DEFERRED, when

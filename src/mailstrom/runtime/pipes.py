@@ -116,6 +116,7 @@ def result_to_wire(r: RecipientResult) -> ResultWire:
         *(a.tls_cipher, reply, a.error, a.uncertain, reason),
         *(r.queued_at, r.size, r.envelope_from),
         *(a.tls_policy, r.own_reply, r.hard_bounce, r.notice, r.relayed, r.dkim),
+        r.attempted,
     )
 
 
@@ -124,6 +125,7 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
     (mx_host, ip, port, tls_version, tls_cipher, reply, error, uncertain, reason) = w[9:18]
     (queued_at, size, envelope_from) = w[18:21]
     (tls_policy, own_reply, hard_bounce, notice, relayed, dkim) = w[21:27]
+    attempted = w[27]
     smtp_reply = (
         None if reply is None else SMTPReply(code=reply[0], text=reply[1], enhanced=reply[2])
     )
@@ -142,6 +144,7 @@ def result_from_wire(w: ResultWire) -> RecipientResult:
         notice=notice,
         relayed=relayed,
         dkim=dkim,
+        attempted=attempted,
         attempt=Attempt(
             at=at,
             outcome=AttemptOutcome(outcome),

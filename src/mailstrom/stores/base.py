@@ -708,6 +708,12 @@ class RecipientResult:
     (:attr:`WorkItem.dkim`); None when it went as queued. The store records it as the
     message's DKIM status with the result, so that status shows the signatures a
     receiver last got."""
+    attempted: bool = True
+    """False for a result that was no attempt at the destination: this host could not
+    make one (a local resource shortage, :class:`~mailstrom.errors.LocalResourceShortage`:
+    no server was asked). The store records its state, reason and next attempt time as
+    any result's, but neither counts an attempt nor adds one to the history: a host out
+    of file descriptors for an hour must not spend its recipients' ``max_attempts``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -883,8 +889,10 @@ class Store(Protocol):
         """Record ``results`` (of any number of leases) in one transaction: set each
         recipient's state, clear its lease, count the attempt and append it to the history
         (reply text and error cut to :data:`MAX_REPLY_TEXT` octets, history to the last
-        :data:`MAX_HISTORY` attempts). A result whose recipient is no longer held under
-        its ``lease_token`` (taken over, cancelled, recorded already) is ignored. Returns
+        :data:`MAX_HISTORY` attempts); a result that was no attempt
+        (:attr:`RecipientResult.attempted` False) is neither counted nor in the history.
+        A result whose recipient is no longer held under its ``lease_token`` (taken over,
+        cancelled, recorded already) is ignored. Returns
         the results that were recorded, in order. A store may commit results without
         waiting for the disk (SQLite does): they survive any process crash, and a power
         failure at worst makes a recipient be delivered once more, never lost."""

@@ -368,7 +368,8 @@ class MemoryStore(
                 r = m.recipients.get(result.address) if m is not None else None
                 if r is None or r.lease_token != result.lease_token:
                     continue
-                r.attempts += 1
+                if result.attempted:  # not this host's own shortage: see RecipientResult
+                    r.attempts += 1
                 if r.first_attempt_at is None:
                     r.first_attempt_at = attempt.at
                 pending = result.state in _PENDING
@@ -377,6 +378,7 @@ class MemoryStore(
                     result.state,
                     next_attempt_at=(next_at or attempt.at) if pending else None,
                     uncertain=attempt.uncertain,
+                    attempted=result.attempted,
                 )
                 if result.notice is not None or not pending:
                     # One still on its way keeps a mark its result does not replace (a

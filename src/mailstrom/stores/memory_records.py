@@ -61,10 +61,12 @@ class _Recipient:
         *,
         next_attempt_at: datetime | None,
         uncertain: bool,
+        attempted: bool = True,
     ) -> None:
         """Make ``attempt`` this recipient's latest: now in ``state``, due again at
         ``next_attempt_at`` (None: final, finished at the attempt's time), with the
-        attempt's reply and where it went, its lease ended, its history bounded."""
+        attempt's reply and where it went, its lease ended, its history bounded (and left
+        as it is when it was no ``attempted`` one)."""
         self.state = state
         self.last_attempt_at = attempt.at
         self.next_attempt_at = next_attempt_at
@@ -77,8 +79,9 @@ class _Recipient:
         self.tls = attempt.tls
         self.uncertain = uncertain
         self.reason_class = attempt.reason_class
-        self.history.append(attempt)
-        del self.history[:-MAX_HISTORY]
+        if attempted:
+            self.history.append(attempt)
+            del self.history[:-MAX_HISTORY]
 
     def due_at(self) -> datetime:
         """When a pending recipient may next be leased: its next attempt, or its lease's

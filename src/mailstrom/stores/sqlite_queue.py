@@ -87,9 +87,10 @@ MESSAGE_STATE_SQL = """(
     END
     FROM recipients r WHERE r.message_seq = m.seq)"""
 _RECORD_CHUNK = 1000
-"""Results per statement when recording: 15 values each, well under SQLite's limit of
+"""Results per statement when recording: 17 values each, well under SQLite's limit of
 32,766 bound parameters."""
 _ROW16 = "(" + ",".join("?" * 16) + ")"
+_ROW17 = "(" + ",".join("?" * 17) + ")"
 HELD = 1
 """The bit of ``recipients.held`` that copies ``messages.held`` (the message is held)."""
 SET_ASIDE = 2
@@ -853,7 +854,7 @@ def _record_chunk(
         values += (
             *(rid, result.lease_token, result.state.value, at, next_at),
             *(at if final else None, *reply_cols, a.error, a.mx_host, a.ip),
-            *(a.tls, a.uncertain, reason, result.notice),
+            *(a.tls, a.uncertain, reason, result.notice, result.attempted),
         )
         history = (
             *(rid, at, a.outcome.value, a.duration, a.mx_host, a.ip, a.port),
@@ -865,9 +866,10 @@ def _record_chunk(
         return []
     updated = conn.execute(
         "WITH res (id, token, state, at, next_at, finished, code, enhanced, text, error,"
-        " mx_host, ip, tls, uncertain, reason_class, notice) AS (VALUES "
-        + ",".join([_ROW16] * len(by_rid))
-        + ") UPDATE recipients SET state = res.state, attempts = attempts + 1,"
+        " mx_host, ip, tls, uncertain, reason_class, notice, attempted) AS (VALUES "
+        + ",".join([_ROW17] * len(by_rid))
+        # A result that was no attempt (this host's shortage) counts none.
+        + ") UPDATE recipients SET state = res.state, attempts = attempts + res.attempted,"
         " first_attempt_at = coalesce(first_attempt_at, res.at),"
         " last_attempt_at = res.at, next_attempt_at = res.next_at,"
         " finished_at = res.finished, lease_token = NULL, lease_expires_at = NULL,"
@@ -884,8 +886,13 @@ def _record_chunk(
     ).fetchall()
     if not updated:
         return []
-    done = {rid for rid, _ in updated}
-    crowded = [(rid, rid, MAX_HISTORY - 1) for rid, attempts in updated if attempts > MAX_HISTORY]
+    # Only an attempt goes in the history: one that was none leaves it as it is.
+    done = {rid for rid, _ in updated if by_rid[rid][0].attempted}
+    crowded = [
+        (rid, rid, MAX_HISTORY - 1)
+        for rid, attempts in updated
+        if attempts > MAX_HISTORY and rid in done
+    ]
     if crowded:
         # Make room for the attempt about to be added: keep the newest ones.
         conn.executemany(
@@ -894,13 +901,15 @@ def _record_chunk(
             crowded,
         )
     kept = [entry for rid, entry in by_rid.items() if rid in done]
-    conn.execute(
-        "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
-        " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
-        " uncertain, reason_class, tls_policy) VALUES " + ",".join([_ROW16] * len(kept)),
-        [value for _, history in kept for value in history],
-    )
-    return [result for result, _ in kept]
+    if kept:
+        conn.execute(
+            "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, port,"
+            " tls_version, tls_cipher, reply_code, reply_enhanced, reply_text, error,"
+            " uncertain, reason_class, tls_policy) VALUES " + ",".join([_ROW16] * len(kept)),
+            [value for _, history in kept for value in history],
+        )
+    recorded = {rid for rid, _ in updated}
+    return [result for rid, (result, _) in by_rid.items() if rid in recorded]
 
 
 def _one_per_row(

@@ -156,6 +156,7 @@ def record_params(rs: Sequence[RecipientResult], unanswered: Sequence[bool]) -> 
         "tls_policies": [a.tls_policy for a in attempts],
         "unanswered": list(unanswered),
         "notices": [r.notice for r in rs],
+        "attempted": [r.attempted for r in rs],
     }
 
 

@@ -493,13 +493,15 @@ SELECT message_id, address FROM updated;
 -- name: record
 -- Results of any number of leases, one array element per result: a recipient is updated
 -- only while the lease named in its own element still holds it, and the attempt history
--- gets a row for exactly those. A recipient past the history bound loses its oldest
--- attempts (the DELETE sees the history before this statement's insert, so it keeps one
--- fewer than the bound). Returns the recorded (message_id, address, token, replayed)
--- rows: the results may hold one recipient twice, under a lease taken over and under the
--- lease holding it now, and only the latter is recorded. A result marked unanswered (a
--- call of this store object that wrote it failed: see postgres/unanswered.py) and found
--- recorded already, to the attempt (its state, its attempt's time and outcome), is
+-- gets a row for exactly those, but for a result that was no attempt (attempted false:
+-- this host's own shortage, no server asked), which counts none either. A recipient past
+-- the history bound loses its oldest attempts (the DELETE sees the history before this
+-- statement's insert, so it keeps one fewer than the bound). Returns the recorded
+-- (message_id, address, token, replayed) rows: the results may hold one recipient twice,
+-- under a lease taken over and under the lease holding it now, and only the latter is
+-- recorded. A result marked unanswered (a call of this store object that wrote it failed:
+-- see postgres/unanswered.py) and found recorded already, to the attempt (its state, its
+-- attempt's time and outcome; the state and time alone for one that was no attempt), is
 -- returned with replayed true and written nothing: the answer to the statement that
 -- recorded it was lost after its COMMIT (a network cut, a failover).
 WITH res AS (
@@ -513,14 +515,15 @@ WITH res AS (
                 %(reply_codes)s::integer[], %(reply_enhanced)s::text[],
                 %(reply_texts)s::text[], %(errors)s::text[], %(uncertain)s::boolean[],
                 %(reason_classes)s::text[], %(tls_policies)s::text[],
-                %(unanswered)s::boolean[], %(notices)s::text[])
+                %(unanswered)s::boolean[], %(notices)s::text[], %(attempted)s::boolean[])
          AS t(token, message_id, address, state, next_attempt_at, at, outcome, duration,
               mx_host, ip, port, tls_version, tls_cipher, reply_code, reply_enhanced,
-              reply_text, error, uncertain, reason_class, tls_policy, unanswered, notice)
+              reply_text, error, uncertain, reason_class, tls_policy, unanswered, notice,
+              attempted)
 ), updated AS (
     UPDATE recipients r
     SET state = res.state,
-        attempts = r.attempts + 1,
+        attempts = r.attempts + res.attempted::integer,
         first_attempt_at = COALESCE(r.first_attempt_at, res.at),
         last_attempt_at = res.at,
         next_attempt_at = CASE WHEN res.state IN ('queued', 'deferred')
@@ -545,7 +548,7 @@ WITH res AS (
     WHERE r.message_id = res.message_id
       AND r.address = res.address
       AND r.lease_token = res.token
-    RETURNING r.message_id, r.address, res.token, r.attempts
+    RETURNING r.message_id, r.address, res.token, r.attempts, res.attempted
 ), history AS (
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
                           tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
@@ -555,11 +558,13 @@ WITH res AS (
            res.reply_text, res.error, res.uncertain, res.reason_class, res.tls_policy
     FROM res
     JOIN updated USING (message_id, address, token)
+    WHERE res.attempted
     RETURNING 1
 ), trimmed AS (
     DELETE FROM attempts a
     USING updated u
     WHERE u.attempts > %(max_history)s
+      AND u.attempted
       AND a.message_id = u.message_id
       AND a.address = u.address
       AND a.id NOT IN (SELECT k.id FROM attempts k
@@ -576,9 +581,10 @@ WITH res AS (
       AND r.lease_token IS DISTINCT FROM res.token
       AND r.state = res.state
       AND r.last_attempt_at = res.at
-      AND EXISTS (SELECT 1 FROM attempts a
-                  WHERE a.message_id = res.message_id AND a.address = res.address
-                    AND a.at = res.at AND a.outcome = res.outcome)
+      AND (NOT res.attempted
+           OR EXISTS (SELECT 1 FROM attempts a
+                      WHERE a.message_id = res.message_id AND a.address = res.address
+                        AND a.at = res.at AND a.outcome = res.outcome))
 )
 SELECT message_id, address, token, false FROM updated
 UNION ALL
