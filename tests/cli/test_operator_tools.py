@@ -58,7 +58,7 @@ def test_bulk_commands_take_many_ids_stdin_and_filters(cli: CLI) -> None:
     c = send(cli, "c@other.test")
 
     assert cli.ok("hold", a[:20], b).out.strip() == "2 messages held"
-    assert cli.ok("hold", a).out.strip() == "0 messages held (1 already so)"
+    assert cli.ok("hold", a).out.strip() == "0 messages held (1 already held or finished)"
     stdin = f"{a}\n\n# a comment\n{b[:16]}\n".encode()
     assert cli.ok("release", "-", stdin=stdin).out.strip() == "2 messages released"
 
@@ -89,6 +89,24 @@ def test_bulk_commands_take_many_ids_stdin_and_filters(cli: CLI) -> None:
     assert both.code == 64
     too_long = cli("hold", "-", stdin=b"x" * 500 + b"\n")
     assert too_long.code == 65
+
+
+def test_hold_leaves_finished_messages_as_they_are(cli: CLI) -> None:
+    """A finished message (every recipient final) has nothing to keep from delivery:
+    ``hold`` marked it held all the same, said it changed it, and its status read held."""
+    finished, pending = send(cli, "a@example.test"), send(cli, "b@example.test")
+    assert cli.ok("cancel", finished).out.strip() == "1 recipient cancelled (1 message)"
+
+    dry = cli.ok("hold", finished, pending, "--dry-run").out.splitlines()
+    assert dry == [pending, "would hold 1 message (dry run: nothing changed)"]
+    assert cli.ok("hold", finished).out.strip() == "0 messages held (1 already held or finished)"
+    assert cli.ok("hold", "--state", "any", "--json").json() == {
+        "action": "hold",
+        "selected": 2,
+        "changed": 1,
+    }
+    assert cli.ok("status", "--json", finished).json()["held"] is False
+    assert cli.ok("status", "--json", pending).json()["held"] is True
 
 
 def test_a_domain_filter_given_with_u_labels_finds_the_stored_a_labels(cli: CLI) -> None:
@@ -171,7 +189,7 @@ def test_a_dry_run_of_ids_lists_only_what_the_command_changes(cli: CLI) -> None:
     cli.ok("hold", held)
     cli.ok("cancel", cancelled)
     expected = {
-        "hold": [free, cancelled],  # a finished message is held all the same
+        "hold": [free],  # a finished message has nothing to hold
         "release": [held],
         "retry": [held, free],  # a held message's recipients are due once released
         "cancel": [held, free],
@@ -181,7 +199,7 @@ def test_a_dry_run_of_ids_lists_only_what_the_command_changes(cli: CLI) -> None:
         assert (dry["selected"], dry["ids"]) == (len(changed), changed), command
     text = cli.ok("hold", held, "--dry-run").out.strip()
     assert text == "would hold 0 messages (dry run: nothing changed)"
-    assert cli.ok("hold", held).out.strip() == "0 messages held (1 already so)"
+    assert cli.ok("hold", held).out.strip() == "0 messages held (1 already held or finished)"
 
 
 def test_a_dry_run_of_filters_lists_only_what_the_command_changes(cli: CLI) -> None:
@@ -198,9 +216,9 @@ def test_a_dry_run_of_filters_lists_only_what_the_command_changes(cli: CLI) -> N
             assert (dry["selected"], dry["ids"]) == (len(wanted), wanted), (command, state)
         text = cli.ok(command, "--state", "failed", "--dry-run").out.strip()
         assert text == f"would {command} 0 messages (dry run: nothing changed)"
-    # What hold and release select by default they change; a finished message is held.
+    # What hold and release select by default they change; a finished message is not held.
     dry = cli.ok("hold", "--state", "any", "--dry-run", "--json").json()
-    assert dry["ids"] == [pending, cancelled]
+    assert dry["ids"] == [pending]
     assert cli.ok("cancel", "--state", "any").out.strip() == "1 recipient cancelled (2 messages)"
 
 

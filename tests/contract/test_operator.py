@@ -166,6 +166,33 @@ def test_bulk_hold_release_retry_cancel(store: Store) -> None:
     assert store.status(third).recipients[0].error == "cancelled"
 
 
+def test_holding_a_finished_message_changes_nothing(store: Store) -> None:
+    """A hold keeps pending recipients from being leased: a message with none (delivered,
+    failed, cancelled) has nothing to hold. It was marked held all the same and counted
+    as changed, and its status showed a finished message held."""
+    delivered = store.enqueue(message("a@example.org"), now=NOW)
+    _settle(store, RecipientState.DELIVERED)
+    cancelled = store.enqueue(message("b@example.org"), now=NOW)
+    assert store.cancel(cancelled, now=NOW) == 1
+    partly = store.enqueue(message("c@example.org", "d@example.org"), now=NOW)
+    _settle(store, RecipientState.DELIVERED, only=["c@example.org"])
+
+    assert store.hold_many([delivered, cancelled, partly], True) == 1
+    store.set_held(delivered, True)
+    assert [store.status(mid).held for mid in (delivered, cancelled, partly)] == [
+        False,
+        False,
+        True,
+    ]
+    assert [m.id for m in store.query(now=NOW, where=QueueFilter(held=True))] == [partly]
+    # A release still clears the flag of one that finished while held.
+    assert store.cancel(partly, now=NOW) == 1
+    assert store.status(partly).held
+    assert store.hold_many([partly], True) == 0
+    assert store.hold_many([partly], False) == 1
+    assert not store.status(partly).held
+
+
 def test_purge_listed_and_by_state(store: Store) -> None:
     delivered = store.enqueue(message("a@example.org"), now=NOW)
     failed = store.enqueue(message("b@example.org"), now=NOW)

@@ -67,6 +67,8 @@ class _Action:
     """A filter narrowed to the messages :attr:`apply` would change, as :attr:`changes`
     judges them (a dry run of filters lists only those); None: every message the
     filters select (held or not, as :attr:`held` says)."""
+    unchanged: str = "already so"
+    """What the report says of the selected messages it did not change."""
 
 
 def _pending(m: MessageStatus) -> bool:
@@ -84,12 +86,15 @@ _ACTIONS = (
         "hold",
         "keep messages from being delivered until released",
         "Keep messages from being delivered until released. Deliveries already in flight "
-        "finish. Filters select pending messages not held yet.",
+        "finish. A finished message (nothing pending) is left as it is. Filters select "
+        "pending messages not held yet.",
         "message",
         "held",
         False,
         lambda store, ids, now: store.hold_many(ids, True),
-        lambda m: not m.held,
+        lambda m: not m.held and _pending(m),
+        _pending_among,
+        "already held or finished",
     ),
     _Action(
         "release",
@@ -246,7 +251,7 @@ def bulk_command(args: argparse.Namespace) -> int:
     else:
         text = f"{plural(changed, 'message')} {action.done}"
         if changed != len(ids):
-            text += f" ({len(ids) - changed:,} already so)"
+            text += f" ({len(ids) - changed:,} {action.unchanged})"
     return _report(args, data, text)
 
 

@@ -1013,7 +1013,9 @@ class Store(Protocol):
 
     def set_held(self, message_id: str, held: bool) -> None:
         """Hold (not leased) or release a message. Holding one under a lease tells the
-        :meth:`watch_cancels` callbacks, as a cancel does."""
+        :meth:`watch_cancels` callbacks, as a cancel does. A hold keeps pending
+        recipients from leases: a message with none (finished) is left as it is, not
+        held."""
         ...
 
     def purge(self, *, finished_before: datetime) -> int:
@@ -1150,8 +1152,10 @@ class Store(Protocol):
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages (in batches, as :meth:`retry_many`);
         returns how many messages changed (those already so, and unknown ids, are not
-        counted). Holding one under a lease tells the :meth:`watch_cancels` callbacks,
-        as a cancel does."""
+        counted). A message with no pending recipient (finished) is not held, as for
+        :meth:`set_held`, nor counted; a release clears the flag of one that finished
+        while held. Holding one under a lease tells the :meth:`watch_cancels`
+        callbacks, as a cancel does."""
         ...
 
     def purge_many(

@@ -593,7 +593,7 @@ class MemoryStore(
         """Hold (never leased) or release a message; a worker that leased it is told."""
         with self._lock:
             m = self._get(message_id)
-            m.held = held
+            m.hold(held)
             leased = held and m.leased()
         if not held:
             self._watchers.notify()

@@ -211,8 +211,7 @@ class MemoryOperatorMixin:
         def batch(messages: list[_Message]) -> None:
             nonlocal changed, leased
             for m in messages:
-                if m.held != held:
-                    m.held = held
+                if m.hold(held):
                     changed += 1
                     leased = leased or (held and m.leased())
 

@@ -138,6 +138,14 @@ class _Message:
         """Whether a recipient is still to be delivered (queued or deferred)."""
         return any(r.state in _PENDING for r in self.recipients.values())
 
+    def hold(self, held: bool) -> bool:
+        """Hold or release the message; whether it changed. A hold keeps pending
+        recipients from leases: a message with none is not held."""
+        if self.held == held or (held and not self.pending()):
+            return False
+        self.held = held
+        return True
+
     def leased(self) -> bool:
         """Whether a pending recipient is under a lease (a worker may hold it)."""
         return any(

@@ -166,7 +166,6 @@ from mailstrom.stores.sqlite_operator import (
 from mailstrom.stores.sqlite_queue import (
     HELD_WAITING_SQL,
     PENDING_SQL,
-    SET_ASIDE,
     SUSPENDED_SQL,
     chunks,
     date_undated,
@@ -1624,11 +1623,7 @@ class SQLiteStore:
         """Hold (never leased) or release a message; a worker that leased it is told."""
         with self._write() as conn:
             seq = self._seq(conn, message_id)
-            conn.execute("UPDATE messages SET held = ? WHERE seq = ?", (held, seq))
-            conn.execute(
-                f"UPDATE recipients SET held = held & {SET_ASIDE} | ? WHERE message_seq = ?",
-                (held, seq),
-            )
+            hold_seqs(conn, [seq], held)
             leased = held and leased_pending(conn, [seq])
         if not held:
             self._notify()

@@ -306,15 +306,21 @@ def leased_pending(conn: sqlite3.Connection, seqs: Sequence[int]) -> bool:
 
 
 def hold_seqs(conn: sqlite3.Connection, seqs: Sequence[int], held: bool) -> int:
+    """Hold or release the listed messages; how many changed. A hold keeps pending
+    recipients from leases: a message with none (finished) is not held. Its recipients'
+    HELD bit follows the message's flag."""
     changed = 0
     for chunk in chunks(seqs):
         marks = qmarks(len(chunk))
         changed += conn.execute(
-            f"UPDATE messages SET held = ? WHERE seq IN ({marks}) AND held != ?",
-            [held, *chunk, held],
+            f"UPDATE messages SET held = ?1 WHERE seq IN ({marks}) AND held != ?1"
+            f" AND (NOT ?1 OR EXISTS (SELECT 1 FROM recipients r"
+            f" WHERE r.message_seq = messages.seq AND r.{PENDING_SQL}))",
+            [held, *chunk],
         ).rowcount
         conn.execute(
-            f"UPDATE recipients SET held = held & {SET_ASIDE} | ? WHERE message_seq IN ({marks})",
+            f"UPDATE recipients SET held = held & {SET_ASIDE} | ?1 WHERE message_seq IN"
+            f" (SELECT seq FROM messages WHERE seq IN ({marks}) AND held = ?1)",
             [held, *chunk],
         )
     return changed

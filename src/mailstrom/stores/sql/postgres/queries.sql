@@ -951,9 +951,17 @@ SELECT (SELECT count(*) FROM found) AS found,
 -- committed is waited for and seen, and a later one skips the rows until this commits.
 -- The pending recipients are set aside (schema version 20) while it is held; released,
 -- they are back unless their destination is suspended (its row locked FOR KEY SHARE
--- before, by lock_suspensions_of in the same transaction: see there).
-WITH changed AS (
-    UPDATE messages SET held = %(held)s WHERE id = %(id)s RETURNING 1
+-- before, by lock_suspensions_of in the same transaction: see there). A hold keeps
+-- pending recipients from leases: a message with none (finished) is not held.
+WITH found AS (
+    SELECT 1 FROM messages WHERE id = %(id)s
+), changed AS (
+    UPDATE messages m SET held = %(held)s
+    WHERE id = %(id)s
+      AND (NOT %(held)s OR EXISTS (SELECT 1 FROM recipients r
+                                   WHERE r.message_id = m.id
+                                     AND r.state IN ('queued', 'deferred')))
+    RETURNING 1
 ), locked AS (
     SELECT address, lease_token FROM recipients
     WHERE message_id = %(id)s AND state IN ('queued', 'deferred')
@@ -966,7 +974,7 @@ WITH changed AS (
     FROM locked l
     WHERE r.message_id = %(id)s AND r.address = l.address AND r.aside <> %(held)s
 )
-SELECT (SELECT count(*) FROM changed) AS found,
+SELECT (SELECT count(*) FROM found) AS found,
        (SELECT pg_notify('mailstrom_work', '')
         WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
@@ -1217,10 +1225,14 @@ SELECT (SELECT count(*) FROM cancelled) AS changed,
 
 -- name: hold_many
 -- As set_held: a worker that leased a message now held is told (judged from the rows as
--- locked), and the pending recipients are set aside or brought back.
+-- locked), and the pending recipients are set aside or brought back. A message with no
+-- pending recipient (finished) is not held.
 WITH changed AS (
-    UPDATE messages SET held = %(held)s
+    UPDATE messages m SET held = %(held)s
     WHERE id = ANY (%(ids)s::text[]) AND held <> %(held)s
+      AND (NOT %(held)s OR EXISTS (SELECT 1 FROM recipients r
+                                   WHERE r.message_id = m.id
+                                     AND r.state IN ('queued', 'deferred')))
     RETURNING id
 ), locked AS (
     SELECT message_id, address, lease_token FROM recipients
