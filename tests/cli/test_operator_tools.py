@@ -109,6 +109,31 @@ def test_hold_leaves_finished_messages_as_they_are(cli: CLI) -> None:
     assert cli.ok("status", "--json", pending).json()["held"] is True
 
 
+def test_ids_with_filters_or_all_are_a_usage_error_before_anything_is_read(cli: CLI) -> None:
+    """``purge ID --all`` resolved the ids first, so an unknown or ambiguous one exited 66
+    where every other command said 64 (usage); ``hold - --all`` read standard input first
+    (a bad line: 65). The usage message named every filter but --tag."""
+    unknown = "0" * 32
+    for command in ("hold", "release", "retry", "cancel", "purge"):
+        for extra in (["--all"], ["--tag", "t"], ["--state", "any"]):
+            result = cli(command, unknown, *extra)
+            assert result.code == 64, (command, extra, result.err)
+            assert result.err_lines == [
+                "mailstrom: give message ids or filters"
+                " (--state, --domain, --older-than, --tag, --all), not both"
+            ]
+        result = cli(command, "-", "--all", stdin=b"x" * 500 + b"\n")
+        assert result.code == 64, (command, result.err)
+    assert cli("purge", unknown, "--all", "--finished-before", "1d").code == 64
+    assert cli("retry", unknown, "--all-deferred").code == 64
+    nothing = cli("cancel")
+    assert nothing.code == 64
+    assert nothing.err_lines == [
+        "mailstrom: name messages: ids, '-' for ids on standard input, filters"
+        " (--state, --domain, --older-than, --tag), or --all"
+    ]
+
+
 def test_a_domain_filter_given_with_u_labels_finds_the_stored_a_labels(cli: CLI) -> None:
     # Recipients' domains are stored as A-labels (bücher.test is xn--bcher-kva.test).
     mid = send(cli, "a@bücher.test")

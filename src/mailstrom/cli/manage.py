@@ -2,7 +2,7 @@
 
 Each takes message ids (any unique prefix; ``-`` reads ids from standard input, one a
 line, as ``postsuper -`` does) or the filters of ``queue`` (``--state``, ``--domain``,
-``--older-than``, or ``--all``), prints how many it changed, and with ``--dry-run``
+``--older-than``, ``--tag``, or ``--all``), prints how many it changed, and with ``--dry-run``
 changes nothing and lists what it would change. Every id is resolved before anything
 changes, so a typo changes nothing.
 """
@@ -22,6 +22,7 @@ from mailstrom.cli.selection import (
     MAX_BULK,
     add_filter_options,
     add_id_arguments,
+    check_selection,
     given_ids,
     has_filters,
     note_left_out,
@@ -229,10 +230,15 @@ def _report(args: argparse.Namespace, data: dict[str, object], text: str) -> int
 def bulk_command(args: argparse.Namespace) -> int:
     action: _Action = args.action
     now = utc_now()
+    all_deferred = getattr(args, "all_deferred", False)
+    # Misuse is a usage error (64) whatever the ids, standard input or store say.
+    if all_deferred:
+        if args.ids or has_filters(args) or args.all or args.dry_run:
+            raise UsageError("--all-deferred takes no ids, filters, --all or --dry-run")
+    else:
+        check_selection(args)
     with store_from(settings_from(args), read_only=args.dry_run) as store:
-        if getattr(args, "all_deferred", False):
-            if args.ids or has_filters(args) or args.all or args.dry_run:
-                raise UsageError("--all-deferred takes no ids, filters, --all or --dry-run")
+        if all_deferred:
             return _retry_all_deferred(args, store, now)
         ids, where = select_messages(
             store, args, now=now, default_state="pending", held=action.held
@@ -474,25 +480,26 @@ def purge_command(args: argparse.Namespace) -> int:
     before: timedelta | None = args.before
     cutoff = now - before if before is not None else None
     state: RecipientState | None = args.purge_state
+    # As the other commands, before the ids are resolved: an unknown one with --all
+    # exited 66, a known one 64.
+    check_selection(args, required=False)
+    chosen = args.ids or has_filters(args) or args.all
+    if not chosen and cutoff is None:
+        raise UsageError(
+            "say what to purge: --delivered-before, --failed-before, "
+            "--finished-before, ids, filters or --all"
+        )
     with store_from(settings_from(args), read_only=args.dry_run) as store:
-        if not args.ids and not has_filters(args) and not args.all:
-            if cutoff is None:
-                raise UsageError(
-                    "say what to purge: --delivered-before, --failed-before, "
-                    "--finished-before, ids, filters or --all"
-                )
-            if not args.dry_run:
-                n = (
-                    store.purge(finished_before=cutoff)
-                    if state is None
-                    else store.purge_state(finished_before=cutoff, state=state)
-                )
-                return _purged(args, n)
+        if not chosen and cutoff is not None and not args.dry_run:
+            n = (
+                store.purge(finished_before=cutoff)
+                if state is None
+                else store.purge_state(finished_before=cutoff, state=state)
+            )
+            return _purged(args, n)
         more = False
         if args.ids:
             ids = resolve_all(store, given_ids(args))
-            if has_filters(args) or args.all:
-                raise UsageError("give message ids or filters (--state, --domain, ...), not both")
             if args.dry_run:
                 ids = [mid for mid in ids if _purgeable(store.status(mid), state, cutoff)]
         else:

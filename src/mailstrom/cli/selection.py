@@ -2,8 +2,8 @@
 input, and the filters ``queue`` takes. Shared by ``queue`` and the bulk commands
 (hold, release, retry, cancel, purge).
 
-New filters (tags, ...) are added in :func:`add_filter_options` and :func:`queue_filter`
-and then work for every one of those commands.
+New filters are added in :func:`add_filter_options`, :data:`FILTERS` and
+:func:`queue_filter`, and then work for every one of those commands.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def add_id_arguments(parser: argparse.ArgumentParser, *, what: str) -> None:
 
 def add_filter_options(parser: argparse.ArgumentParser, *, default_state: str) -> None:
     """The filters of ``queue``, also for the bulk commands. A new filter goes here and
-    into :func:`queue_filter` and :func:`has_filters`; every command that selects messages
+    into :data:`FILTERS` and :func:`queue_filter`; every command that selects messages
     then takes it."""
     parser.add_argument(
         "--state",
@@ -125,9 +125,28 @@ def queue_filter(
     )
 
 
+FILTERS = {"--state": "state", "--domain": "domain", "--older-than": "older_than", "--tag": "tag"}
+"""The filters of :func:`add_filter_options`, by option, with the attribute each sets."""
+_FILTER_NAMES = ", ".join(FILTERS)
+
+
 def has_filters(args: argparse.Namespace) -> bool:
-    given = (args.state, args.domain, args.tag, args.older_than)
-    return any(value is not None for value in given)
+    return any(getattr(args, dest) is not None for dest in FILTERS.values())
+
+
+def check_selection(args: argparse.Namespace, *, required: bool = True) -> None:
+    """A usage error (64) for ids given with filters or ``--all``, and (``required``)
+    for none of them. Checked before the store is opened or standard input read: ``purge
+    ID --all`` resolved the id first and exited 66 for an unknown one, where every other
+    command said 64."""
+    filtered = has_filters(args) or args.all
+    if args.ids and filtered:
+        raise UsageError(f"give message ids or filters ({_FILTER_NAMES}, --all), not both")
+    if required and not args.ids and not filtered:
+        raise UsageError(
+            f"name messages: ids, '-' for ids on standard input, filters ({_FILTER_NAMES}),"
+            " or --all"
+        )
 
 
 _BOM = b"\xef\xbb\xbf"
@@ -188,16 +207,10 @@ def select_messages(
     """The full ids a bulk command acts on: the ids given, or every message the filters
     (or ``--all``) select, at most :data:`MAX_BULK` (their ids alone: a status read
     for each walked past its bytes in SQLite); with the filter that selected them, None
-    for ids given. A usage error when the command names nothing, or both ids and
-    filters."""
-    ids = given_ids(args)
-    filtered = has_filters(args) or args.all
-    if args.ids and filtered:
-        raise UsageError("give message ids or filters (--state, --domain, --older-than, --all)")
-    if not args.ids and not filtered:
-        raise UsageError("name messages: ids, '-' for ids on standard input, filters, or --all")
+    for ids given. ``args`` passed :func:`check_selection` (before the store was
+    opened)."""
     if args.ids:
-        return resolve_all(store, ids), None
+        return resolve_all(store, given_ids(args)), None
     where = queue_filter(args, default_state=default_state, limit=MAX_BULK, held=held)
     ids = store.select_ids(now=now, where=where)
     note_left_out(store, where, len(ids), now=now)
