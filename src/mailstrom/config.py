@@ -71,6 +71,9 @@ over by another worker while on the wire, and sent twice."""
 MAX_HOOK_CONCURRENCY = 64
 """Hook requests in flight at once at most (``hook.concurrency``): each is a thread and a
 connection of its own while it lasts."""
+MAX_HOOK_RETRY = 86_400.0
+"""Seconds a failing hook's sender waits at most between requests (``hook.retry_min``,
+``hook.retry_max``): a day; the events wait in the outbox meanwhile."""
 MIN_SECRET = 16
 """Characters a shared secret (``hook.secret``, the dashboard's ``web.token``) has at
 least. 16 random ones are 64 bits as hex digits and 96 in base64, which neither the
@@ -403,10 +406,13 @@ retry_min=1.0, retry_max=300.0, concurrency=4)
         check_seconds(self.timeout, "hook.timeout", maximum=300)
         check_int(self.batch, "hook.batch", maximum=10_000)
         check_int(self.concurrency, "hook.concurrency", maximum=MAX_HOOK_CONCURRENCY)
-        check_seconds(self.retry_min, "hook.retry_min")
-        check_seconds(self.retry_max, "hook.retry_max")
+        check_seconds(self.retry_min, "hook.retry_min", maximum=MAX_HOOK_RETRY)
+        check_seconds(self.retry_max, "hook.retry_max", maximum=MAX_HOOK_RETRY)
         if self.retry_min > self.retry_max:
-            raise ConfigError("hook: expected 0 < retry_min <= retry_max")
+            raise ConfigError(
+                f"hook.retry_min: expected at most hook.retry_max ({self.retry_max:g} s),"
+                f" got {self.retry_min:g} s"
+            )
 
     def __repr__(self) -> str:
         return (

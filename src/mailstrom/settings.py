@@ -712,6 +712,8 @@ KEYS: dict[str, Parser] = {
     "hook.secret": _str,
     "hook.timeout": _seconds(0.001),
     "hook.batch": _int(1),
+    "hook.retry_min": _seconds(0.001),
+    "hook.retry_max": _seconds(0.001),
     "hook.concurrency": _int(1),
     "metrics.listen": _listen,
     "metrics.queue": _bool,

@@ -360,7 +360,8 @@ def test_tlsrpt_post_timeout_is_more_than_none(value: object) -> None:
 SECONDS_KEYS = [
     "connection_idle", "poll_interval", "dns.timeout", "timeouts.connect",
     "timeouts.greeting", "timeouts.command", "timeouts.data_init", "timeouts.data_block",
-    "timeouts.data_end", "hook.timeout", "mta_sts.timeout", "mta_sts.recheck",
+    "timeouts.data_end", "hook.timeout", "hook.retry_min", "hook.retry_max", "mta_sts.timeout",
+    "mta_sts.recheck",
 ]  # fmt: skip
 
 
@@ -395,6 +396,39 @@ def test_a_timeout_of_no_time_is_refused_in_either_form() -> None:
     for value in ("0", "0s", "0ms"):
         with pytest.raises(ConfigError, match=re.escape("timeouts.connect: expected")):
             load_settings(env={"MAILSTROM_TIMEOUTS_CONNECT": value}, search=False)
+
+
+HOOK = {"MAILSTROM_HOOK_URL": "https://hooks.example/in", "MAILSTROM_HOOK_SECRET": "s" * 16}
+
+
+def test_the_hooks_backoff_is_set_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    """HookConfig's retry_min and retry_max were no settings: a failing endpoint was
+    waited out from 1 s up to 5 min whatever the file or the environment said."""
+    path = tmp_path / "config.toml"
+    path.write_text('[hook]\nretry_min = "500ms"\nretry_max = "10m"\n')
+    hook = load_settings(config_path=path, env=HOOK).config.hook
+    assert hook is not None and (hook.retry_min, hook.retry_max) == (0.5, 600.0)
+    env = HOOK | {"MAILSTROM_HOOK_RETRY_MIN": "2", "MAILSTROM_HOOK_RETRY_MAX": "1h"}
+    hook = load_settings(env=env, search=False).config.hook
+    assert hook is not None and (hook.retry_min, hook.retry_max) == (2.0, 3600.0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        ({"RETRY_MIN": "0"}, "hook.retry_min: expected"),
+        ({"RETRY_MAX": "-1s"}, "hook.retry_max: expected"),
+        ({"RETRY_MAX": "2d"}, "hook.retry_max: expected"),
+        ({"RETRY_MIN": "10m"}, "hook.retry_min: expected at most hook.retry_max (300 s)"),
+        ({"RETRY_MIN": "1m", "RETRY_MAX": "30s"}, "hook.retry_min: expected at most"),
+    ],
+)
+def test_the_hooks_backoff_is_positive_bounded_and_in_order(
+    settings: dict[str, str], reason: str
+) -> None:
+    env = HOOK | {f"MAILSTROM_HOOK_{k}": v for k, v in settings.items()}
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        load_settings(env=env, search=False)
 
 
 def test_ascii_numbers_with_spaces_around_them_still_load() -> None:

@@ -159,7 +159,8 @@ def _nested() -> list[tuple[Callable[..., object], dict[str, object], str]]:
     cases += [(RelayConfig, {"host": "r.example", "port": v}, "relay.port") for v in (NAN, 0)]
     cases += [(HookConfig, {**hook, "timeout": v}, "hook.timeout") for v in (NAN, INF, 301)]
     cases += [(HookConfig, {**hook, "batch": v}, "hook.batch") for v in (NAN, 5.5, True)]
-    cases += [(HookConfig, {**hook, "retry_max": v}, "hook.retry_max") for v in (NAN, INF)]
+    cases += [(HookConfig, {**hook, "retry_max": v}, "hook.retry_max") for v in (NAN, INF, 86_401)]
+    cases += [(HookConfig, {**hook, "retry_min": v}, "hook.retry_min") for v in (0, 400)]
     concurrency = (0, 65, 2.0, True)
     cases += [(HookConfig, {**hook, "concurrency": v}, "hook.concurrency") for v in concurrency]
     cases += [(MTASTSConfig, {"port": v}, "mta_sts.port") for v in (NAN, 443.0)]
