@@ -25,7 +25,14 @@ BIDI_CONTROLS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 character class body: U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069 (cli.output
 shows them escaped)."""
 
-_UNSAFE = re.compile(f"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}\ud800-\udfff]")
+UNICODE_CONTROLS = f"\x7f-\x9f\u2028\u2029{BIDI_CONTROLS}"
+"""DEL, the C1 controls (U+009B is a CSI to some terminals), the line and paragraph
+separators and the bidirectional controls, as a character class body: what JSON written
+with ``ensure_ascii=False`` leaves as it is of the unsafe characters but lone surrogates
+(it escapes the C0 controls itself)."""
+
+_UNSAFE = re.compile(f"[\x00-\x08\x0a-\x1f{UNICODE_CONTROLS}\ud800-\udfff]")
+_JSON_UNSAFE = re.compile(f"[{UNICODE_CONTROLS}\ud800-\udfff]")
 _BIDI = re.compile(f"[{BIDI_CONTROLS}\ud800-\udfff]")
 
 
@@ -48,14 +55,15 @@ def escaped_json(text: str) -> str:
     """``text``, JSON written with ``ensure_ascii=False``, with each unsafe character that
     JSON leaves as it is (DEL, C1 controls such as U+009B, a CSI to some terminals, the
     line separators, the bidirectional ones, lone surrogates) as a ``\\uXXXX`` escape:
-    the same JSON value, shown as written.
+    the same JSON value, shown as written. A line break or tab in ``text`` is layout
+    (``json.dumps(..., indent=2)``) and stays: JSON writes those in strings as escapes.
 
     >>> escaped_json('"a\u202eb"')
     '"a\\\\u202eb"'
     """
     if text.isprintable():
         return text
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
 
 
 def safe_text(text: str) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import doctest
+import io
+import json
 import unicodedata
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mailstrom.safetext
-from mailstrom.cli.output import visible
+from mailstrom.cli.output import print_json, visible
 from mailstrom.safetext import escaped_json, is_safe, safe_decode, safe_text
 
 # The line separators, and Unicode's Bidi_Control property (PropList.txt): ALM, LRM, RLM,
@@ -56,3 +58,17 @@ def test_the_same_characters_as_the_cli_shows_as_escapes() -> None:
         c = chr(code)
         if c != "\t":
             assert (safe_text(c) != c) == (visible(c) != c), f"U+{code:04X}"
+
+
+def test_escaped_json_keeps_the_layout_of_indented_json() -> None:
+    """``print_json`` escapes what ``escaped_json`` does, by calling it, not by a second
+    copy of the set; ``escaped_json`` escaped C0 controls too, which JSON has only as
+    layout (indented), making it ``\\u000a`` outside any string: no JSON at all."""
+    value = {"a": ["x\u202ey\n\x1b\x9b\u2028", "\t"], "b": 1}
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    escaped = escaped_json(text)
+    assert json.loads(escaped) == value
+    assert "\n  " in escaped and "\\u202e" in escaped and "\\u009b" in escaped
+    out = io.StringIO()
+    print_json(value, out)
+    assert out.getvalue() == escaped + "\n"

@@ -33,22 +33,22 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
+from mailstrom.safetext import UNICODE_CONTROLS, escaped_json
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-# C0, DEL and C1 controls (ESC, CSI, OSC start terminal commands; CR, BS, VT rewrite
-# what is shown), the Unicode line and paragraph separators, and the bidirectional
-# controls that make text display in another order than it reads (CVE-2021-42574).
-_UNICODE_CONTROLS = r"\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+# C0 controls and UNICODE_CONTROLS: DEL and C1 (ESC, CSI, OSC start terminal commands;
+# CR, BS, VT rewrite what is shown), the Unicode line and paragraph separators, and the
+# bidirectional controls that make text display in another order than it reads
+# (CVE-2021-42574).
 # Lone surrogates: what surrogateescape makes of an octet that is not UTF-8 (U+DC80 to
 # U+DCFF), or text no encoder takes; written out raw they make the output invalid UTF-8.
 _SURROGATES = r"\ud800-\udfff"
-_CONTROL = re.compile(rf"[\x00-\x1f{_UNICODE_CONTROLS}{_SURROGATES}]")
+_CONTROL = re.compile(rf"[\x00-\x1f{UNICODE_CONTROLS}{_SURROGATES}]")
 _SURROGATE = re.compile(f"[{_SURROGATES}]")
-# What json.dumps(ensure_ascii=False) writes raw of _CONTROL (it escapes C0 itself).
-_JSON_UNESCAPED = re.compile(f"[{_UNICODE_CONTROLS}]")
-# The same but for tab, LF, and CR before LF: the layout of a message's lines.
-_CONTROL_BUT_LAYOUT = re.compile(rf"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f{_UNICODE_CONTROLS}]")
+# _CONTROL but for tab, LF, and CR before LF: the layout of a message's lines.
+_CONTROL_BUT_LAYOUT = re.compile(rf"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f{UNICODE_CONTROLS}]")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -137,9 +137,9 @@ def print_json_list(items: Iterable[Any], stream: TextIO | None = None) -> None:
 def _json_text(value: Any, stream: TextIO) -> str:
     """``value`` as :func:`print_json` writes it to ``stream``, without the line end."""
     text = json.dumps(to_jsonable(value), indent=2, ensure_ascii=False)
-    text = _SURROGATE.sub("\ufffd", text)
-    # These occur only inside strings (the rest is ASCII syntax), where escapes mean them.
-    text = _JSON_UNESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    # A lone surrogate becomes U+FFFD (escaped, it is one again to a parser); the other
+    # controls json leaves raw, only inside strings, become the escapes that mean them.
+    text = escaped_json(_SURROGATE.sub("\ufffd", text))
     return json_for(text, stream)
 
 
