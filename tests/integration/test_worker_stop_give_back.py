@@ -270,7 +270,9 @@ async def test_a_stop_at_once_waits_for_the_write_under_way(
     second time when its lease expired. What the worker holds is written before it ends,
     for a few seconds at most whatever the drain timeout."""
     mx = smtp_server()
-    mx.data_delay = 0.5  # the content is in; the reply comes once the lock is held
+    # The content is in; the reply comes once the lock is held (room for a loaded host:
+    # the lock must be taken before the reply lets the worker write).
+    mx.data_delay = 1.5  # (PATIENT: the worker waits for it)
     dns_server.mx("example.org", [(10, "mx.test")])
     dns_server.a("mx.test", mx.host)
     path = tmp_path / "q.db"
@@ -278,7 +280,7 @@ async def test_a_stop_at_once_waits_for_the_write_under_way(
     recorded: list[RecipientResult] = []
     try:
         mid = store.enqueue(prepare(hello("u@example.org")), now=datetime.now(UTC))
-        config = loopback_config(dns_server, mx.port, timeouts=FAST)
+        config = loopback_config(dns_server, mx.port, timeouts=PATIENT)
         worker = Worker(config, store, on_result=recorded.append)
         run = asyncio.create_task(worker.run())
         assert await _until(lambda: mx.received, 10)
@@ -308,7 +310,9 @@ async def test_a_stop_at_once_waits_for_the_write_under_way_on_postgres(
     from tests.support.pg_tables import small_message
 
     mx = smtp_server(starttls=False)
-    mx.data_delay = 0.5  # the content is in; the reply comes once the lock is held
+    # The content is in; the reply comes once the lock is held (room for a loaded host:
+    # the lock must be taken before the reply lets the worker write).
+    mx.data_delay = 1.5  # (PATIENT: the worker waits for it)
     dns_server.mx("example.org", [(10, "mx.test")])
     dns_server.a("mx.test", mx.host)
     recorded: list[RecipientResult] = []
@@ -317,11 +321,11 @@ async def test_a_stop_at_once_waits_for_the_write_under_way_on_postgres(
         psycopg.connect(postgres_url, autocommit=True) as watcher,
     ):
         mid = store.enqueue(small_message("a@example.org"), now=datetime.now(UTC))
-        config = loopback_config(dns_server, mx.port, poll_interval=60.0)
+        config = loopback_config(dns_server, mx.port, poll_interval=60.0, timeouts=PATIENT)
         worker = Worker(config, store, on_result=recorded.append)
+        holder = psycopg.connect(postgres_url)  # connected before: only the LOCK is timed
         run = asyncio.create_task(worker.run())
         assert await _until(lambda: mx.received, 10)
-        holder = psycopg.connect(postgres_url)
         try:
             holder.execute("LOCK TABLE recipients IN EXCLUSIVE MODE")
 
