@@ -566,12 +566,14 @@ def test_dkim_records_parse_or_say_why_briefly(text: str) -> None:
 
 
 def test_a_megabyte_dkim_key_is_no_match_and_quick() -> None:
-    started = time.monotonic()
+    # Work, counted as this thread's CPU time: 0.05 s of it took up to 1.2 s by the wall
+    # clock on a loaded host, waiting for a core.
+    started = time.thread_time()
     for p in ("A" * 1_000_000, base64.b64encode(os.urandom(750_000)).decode(), "!" * 1_000_000):
         assert published_matches("rsa", p, OURS) is False
         assert published_matches("ed25519", p, OURS) is False
     assert parse_tags(f"v=DKIM1; p={'A' * 1_000_000}")["p"]
-    assert time.monotonic() - started < 1.0
+    assert time.thread_time() - started < 1.0
     assert published_matches("ed25519", OURS.p, OURS)
     assert record_for(OURS).endswith(OURS.p)
 
