@@ -179,7 +179,7 @@ def authenticated(answer: dns.resolver.Answer) -> bool:
 
 
 REFERRAL = "the DNS server answered with a referral (it does not resolve recursively)"
-"""What a lookup :func:`is_referral` tells of failed with."""
+"""What a lookup :func:`unanswered` tells of a referral failed with."""
 
 
 TRUNCATED = (
@@ -192,7 +192,7 @@ TRUNCATED = (
 def unanswered(no_answer: dns.resolver.NoAnswer) -> str | None:
     """Why the response dnspython raised ``no_answer`` for (NOERROR without the records
     asked for) says nothing of whether the records exist: :data:`REFERRAL`
-    (:func:`is_referral`), :data:`TRUNCATED`, or None when it is NODATA, which may be
+    (:func:`is_referral_response`), :data:`TRUNCATED`, or None when it is NODATA, which may be
     believed. Every lookup that reads NoAnswer as "no such records" asks this first
     (routes, DANE's TLSA, MTA-STS's record and policy host, the command line's checks),
     and fails as for SERVFAIL when it has a reason."""
@@ -213,23 +213,16 @@ def unanswered_response(response: object) -> str | None:
     return REFERRAL if is_referral_response(response) else None
 
 
-def is_referral(no_answer: dns.resolver.NoAnswer) -> bool:
-    """Whether the response dnspython raised ``no_answer`` for (NOERROR without the
-    records asked for) is a referral: NS records and no SOA in its authority section, not
-    authoritative (RFC 2308 §2.2). A server that does not resolve recursively answers so
-    (Windows DNS with recursion off, an authoritative server asked about another zone):
-    "ask these servers", which says nothing of whether the records exist. NODATA carries
-    an SOA, or no NS records.
+def is_referral_response(response: object) -> bool:
+    """Whether ``response`` (NOERROR without the records asked for) is a referral: NS
+    records and no SOA in its authority section, not authoritative (RFC 2308 §2.2). A
+    server that does not resolve recursively answers so (Windows DNS with recursion off,
+    an authoritative server asked about another zone): "ask these servers", which says
+    nothing of whether the records exist. NODATA carries an SOA, or no NS records.
 
     dnspython raises NoAnswer for both; taken for NODATA, a referral made every domain
     one without MX records, then one without addresses: a permanent failure (5.4.4).
     Lookups ask :func:`unanswered`, which asks this."""
-    return is_referral_response(no_answer.kwargs.get("response"))  # absent when by hand
-
-
-def is_referral_response(response: object) -> bool:
-    """:func:`is_referral` of a response read without dnspython's NoAnswer (a NOERROR
-    response with no records for the question)."""
     if not isinstance(response, dns.message.Message) or response.flags & dns.flags.AA:
         return False
     types = {rrset.rdtype for rrset in response.authority}
