@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -164,6 +165,44 @@ def test_a_worker_process_with_slow_deliveries_and_a_slow_log_handler_is_not_fro
         attempts.removeHandler(handler)
         attempts.setLevel(level)
         store.close()
+
+
+def test_a_worker_process_waiting_for_a_write_lock_held_elsewhere_is_not_frozen(
+    slow_mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another program held the database's write lock for longer than FROZEN_AFTER while
+    the child waited to record a result: its SQLite calls run on its loop, which answered
+    no ping meanwhile, and the child was killed as frozen (and its delivery recorded by
+    nobody, to be sent again). A store that waits as it was told to is not stuck: the
+    child goes on by itself once the lock is free."""
+    monkeypatch.setattr(process, "FROZEN_AFTER", 1.5)
+    path = tmp_path / "q.db"
+    results = Results()
+    store = SQLiteStore(path, busy_timeout=60)
+    cfg = config(dns_server, slow_mx.port, timeouts=PATIENT)
+    try:
+        with Mailstrom(cfg, store=store, on_result=results, worker="process") as ms:
+            pid = _worker(ms).pid
+            mid = ms.send_email(hello("one@example.org"))
+            slow_mx.wait_for_received(1, timeout=15)  # the final reply comes in 3 s
+            holder = sqlite3.connect(path, isolation_level=None)
+            try:
+                holder.execute("BEGIN IMMEDIATE")
+                # The reply comes and the child waits for the lock, 4 s past the 1.5 s.
+                time.sleep(7)  # the lock held: nothing to wait on but the time
+                assert results.all == []  # its record is waiting for the lock
+                holder.execute("ROLLBACK")
+            finally:
+                holder.close()
+            [result] = results.wait_count(1, timeout=30)
+            assert result.state is RecipientState.DELIVERED
+            status = ms.worker_status
+            assert status.running and status.restarts == 0 and status.error is None
+            assert _worker(ms).pid == pid
+            assert ms.query_status(mid).recipients[0].attempts == 1
+    finally:
+        store.close()
+    assert len(slow_mx.messages) == 1
 
 
 # --- a child whose parent died ---------------------------------------------------------------

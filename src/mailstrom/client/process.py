@@ -70,9 +70,10 @@ seconds; its event loop answers them) before it is taken for frozen (stopped by 
 or its cgroup's freezer, its loop blocked by a call that does not return), killed and
 started again after the restart backoff. Slow deliveries do not count (the loop answers
 while they wait), nor the time this process spends on the child's frames (a slow
-``on_result``, a logging handler that blocks: the child waits for us then). Past the
-30 s an SQLite store waits at most for a write lock by default, the longest one of its
-calls blocks the loop."""
+``on_result``, a logging handler that blocks: the child waits for us then), nor a wait
+of its loop in a store call (a write lock another process holds, which an SQLite store
+waits for up to its ``busy_timeout``, longer than this if so set): its control thread
+answers meanwhile."""
 _PING_EVERY = 5.0
 """Seconds between pings at most (a quarter of :data:`FROZEN_AFTER` when that is less)."""
 RESULTS_WAITING = 10_000

@@ -8,7 +8,8 @@ start-up, a library or a process it starts may write too). The parent sends a
 :class:`ChildSpec` first, then ``wake``, ``ping`` and ``stop`` frames; the child answers
 ``ready``, then ``results`` (batched per loop turn), ``log`` records at the levels the parent
 asked for, ``status`` snapshots, a ``pong`` for each ``ping`` (from the worker's event loop
-once it runs: a child whose loop is blocked, or that is stopped, answers none, and its
+once it runs, or from the thread reading the pipe while that loop waits in a store call:
+a child whose loop is blocked elsewhere, or that is stopped, answers none, and its
 parent kills it after :data:`~mailstrom.client.process.FROZEN_AFTER`), and ``stopped``
 (with the name of the signal that stopped it, if one did) or ``error`` last (after
 ``cause``, the exception itself, when its store cannot be opened).
@@ -174,9 +175,14 @@ class _Control:
 
     def ping(self) -> None:
         """Answer the parent's ping from the worker's loop, or from here while there is
-        none (the store not open yet, the worker ended)."""
+        none (the store not open yet, the worker ended) or while the loop waits in a store
+        call (an SQLite write lock held elsewhere, for as long as ``busy_timeout`` says,
+        which may be longer than :data:`~mailstrom.client.process.FROZEN_AFTER`): it is
+        waiting, not frozen. A stopped child answers from no thread, nor one whose loop
+        is blocked anywhere else."""
         loop = self.loop
-        if loop is not None:
+        worker = self._worker
+        if loop is not None and not (worker is not None and worker.in_store_call):
             try:
                 loop.call_soon_threadsafe(self._outbox.send, "pong")
             except RuntimeError:  # closed meanwhile: the worker has ended

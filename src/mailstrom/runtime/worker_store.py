@@ -60,6 +60,13 @@ class WorkerStore:
 
     _closing: bool
 
+    in_store_call = False
+    """Whether the event loop is inside a store call made on it (memory, SQLite): a wait
+    the store itself bounds (SQLite's ``busy_timeout`` for a write lock held elsewhere),
+    with the GIL released. Read from other threads: a worker process answers its
+    parent's pings from its control thread meanwhile (:mod:`mailstrom.runtime.child`),
+    the loop being busy waiting, not frozen."""
+
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """A task of the worker beside the store loop ended: one of its loops (the
         heartbeat, fencing, the clock check, the look for dead workers, the reads of
@@ -85,7 +92,11 @@ class WorkerStore:
         SQLite: no thread hand-off, and no waiting for the GIL behind the loop's own
         work), else in a thread (PostgreSQL: a network round trip)."""
         if self._inline:
-            return method(*args, **kwargs)
+            self.in_store_call = True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.in_store_call = False
         return await asyncio.to_thread(method, *args, **kwargs)
 
     def _store_unusable(self, exc: StoreError) -> None:
