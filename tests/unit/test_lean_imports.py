@@ -55,6 +55,11 @@ WORKER_FEATURES = (
     "mailstrom.tlsrpt.deliver",
     "mailstrom.client.common",
     "mailstrom.client.process",
+    "mailstrom.client.process_frames",
+    "mailstrom.client.process_restart",
+    "mailstrom.client.process_start",
+    "mailstrom.client.process_watch",
+    "mailstrom.client.process_fork",
     "mailstrom.stores.memory",
     "mailstrom.stores.postgres",
     # Building and encoding messages: a worker sends stored bytes (it prepares a bounce

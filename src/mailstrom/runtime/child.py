@@ -1,7 +1,7 @@
 """A worker in a child process of the application (``Mailstrom(worker="process")``).
 
 The parent runs this module (``python -c BOOT mailstrom.runtime.child ROOT IN OUT``: see
-:data:`mailstrom.client.process._BOOT`) and talks to it over the two pipes whose
+:data:`mailstrom.client.process_start.BOOT`) and talks to it over the two pipes whose
 descriptors these are, in length-prefixed pickled frames (both ends are
 mailstrom; nothing else writes there: not its standard output, where an interpreter's
 start-up, a library or a process it starts may write too). The parent sends a
