@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
+import psycopg
 import pytest
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -20,6 +22,7 @@ from mailstrom import Email, Mailstrom, RecipientState
 from mailstrom.errors import StoreUnreachable
 from mailstrom.stores.postgres import PostgresStore, reconnect
 from mailstrom.stores.postgres.connect import LivePool, connection_pool
+from mailstrom.stores.postgres.listener import Listener
 from tests.contract.support import NOW, message
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.postgres import ThrowawayPostgres, _free_port
@@ -162,3 +165,96 @@ def test_callers_waiting_at_once_share_one_attempt_at_a_time(
         assert _attempts(pool) - made <= 1
     finally:
         pool.close()
+
+
+LISTEN_OUTAGE = 9.0
+"""Long enough for the listener's attempts to back off to 8 s apart: 0.5 s doubling from
+the connection's loss, the attempt at 7.5 s fails and the next is due at 15.5 s."""
+
+
+class _IdleStore(PostgresStore):
+    """Sets ``idle`` once the worker has asked when work comes due: its store loop then
+    waits for a wake-up (or its poll). A lease the outage failed would be retried within
+    seconds of the server's return, and find the mail without the listener's help."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.idle = threading.Event()
+
+    def next_due(self, *, now: datetime) -> datetime | None:
+        due = super().next_due(now=now)
+        self.idle.set()
+        return due
+
+
+def test_a_worker_hears_new_mail_soon_after_a_long_outage(
+    own_postgres: ThrowawayPostgres, smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """Mail queued by another process once the server is back goes out within about a
+    second, though the worker polls once a minute: the worker's store reaching the server
+    again (its look for dead workers waits through the outage, as one does through any
+    outage longer than a beat; ``dead_after=40s``: a beat every 5 s) brings the LISTEN
+    connection's next attempt forward. The worker waited out the listener's backoff
+    instead (8 s here, up to 30 s after a longer outage), deaf to the NOTIFY."""
+    receiver: Any = smtp_server()
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", receiver.host)
+    url = own_postgres.create_database() + "?dead_after=40s"
+    config = loopback_config(dns_server, receiver.port, poll_interval=60)
+    store, other = _IdleStore(url), PostgresStore(url)
+    results = Results()
+    ms = Mailstrom(config, store=store, on_result=results, worker="thread")
+    try:
+        ms.start()
+        assert store.idle.wait(10)
+        own_postgres.take_down()
+        time.sleep(LISTEN_OUTAGE)  # the outage under test, not synchronisation
+        own_postgres.bring_up()
+        Mailstrom(config, store=other, worker=None).send_email(
+            Email(from_="app@sender.test", to=["u@example.org"], subject="Hi", text="Hi")
+        )
+        [result] = results.wait_count(1, timeout=3)
+        assert result.state is RecipientState.DELIVERED
+    finally:
+        ms.stop(timeout=2)
+        store.close()
+        other.close()
+
+
+class _CountedListener(Listener):
+    """A listener that counts its failed attempts to connect."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, lambda _: None)
+        self.failures = 0
+        self._failed = threading.Condition()
+
+    def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
+        try:
+            return super()._connect()
+        except psycopg.Error:
+            with self._failed:
+                self.failures += 1
+                self._failed.notify_all()
+            raise
+
+    def wait_failures(self, count: int, timeout: float) -> bool:
+        with self._failed:
+            return self._failed.wait_for(lambda: self.failures >= count, timeout)
+
+
+def test_the_listener_tries_at_once_when_told_the_server_answers_and_stops_at_once() -> None:
+    """Backing off 4 s after a failure, the listener tries again as soon as it hears that
+    the server answers (``answered``: the store's pool made a connection), once; and
+    backing off 8 s after that, its thread ends as soon as it is stopped: one attempt at
+    a time, from its own thread, none left behind."""
+    listener = _CountedListener(f"postgresql://postgres@127.0.0.1:{_free_port()}/nothing")
+    listener.start()  # the first failure; then its thread's at 0, 0.5, 1.5 and 3.5 s
+    try:
+        assert listener.wait_failures(5, timeout=10)
+        listener.answered()
+        assert listener.wait_failures(6, timeout=2)  # not at the backoff's 4 s
+        assert listener.failures == 6
+    finally:
+        listener.stop(timeout=2)
+    assert not listener.alive

@@ -446,7 +446,12 @@ def read_committed(conn: psycopg.Connection[Any]) -> sql.Composed:
     ).format(pid=sql.Literal(conn.info.backend_pid))
 
 
-def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
+def _configure(
+    conn: psycopg.Connection[Any],
+    *,
+    params: StoreParams,
+    on_connect: Callable[[], None] | None,
+) -> None:
     not_shared(conn)
     unheard(conn)
     conn.adapters.register_dumper(datetime, _AwareText)
@@ -457,6 +462,8 @@ def _configure(conn: psycopg.Connection[Any], *, params: StoreParams) -> None:
     else:
         bound_session(conn, params.lock_bound, setup)  # the same round trip
     conn.prepare_threshold = params.prepare_threshold
+    if on_connect is not None:
+        on_connect()
 
 
 class LivePool(PromptPool):
@@ -505,6 +512,7 @@ def connection_pool(
     max_size: int,
     timeout: float,
     reconnect_within: float = RECONNECT_WITHIN,
+    on_connect: Callable[[], None] | None = None,
 ) -> ConnectionPool[psycopg.Connection[Any]]:
     """A pool (not yet open) of autocommit connections to ``url``: bounded in time, UTC,
     preparing statements as the URL's ``prepare_threshold`` says, waiting for a lock
@@ -520,14 +528,18 @@ def connection_pool(
     (:mod:`~mailstrom.stores.postgres.holders`). While callers wait for a connection
     the attempts do not back off: one is made as a caller begins to wait, and then one
     a second (:class:`~mailstrom.stores.postgres.reconnect.PromptPool`), so a call made
-    once the server is back is served at once."""
+    once the server is back is served at once.
+
+    ``on_connect`` is called (in the pool's thread) for every connection the pool makes:
+    the server answers, a long outage may be over (the store's LISTEN connection then
+    stops waiting out its backoff)."""
     conninfo, params = split_url(url)
     return LivePool(
         bounded(conninfo),
         min_size=min_size,
         max_size=max_size,
         kwargs={"autocommit": True},
-        configure=functools.partial(_configure, params=params),
+        configure=functools.partial(_configure, params=params, on_connect=on_connect),
         timeout=timeout,
         reconnect_timeout=reconnect_within,
         reconnect_failed=_reconnect_again,

@@ -35,6 +35,12 @@ class Listener:
     rather than waiting out a poll timeout.
     If the connection breaks, the thread reconnects with backoff and calls ``callback``
     once with None (notifications of any payload may have been lost meanwhile).
+
+    The backoff (0.5 s doubling to :data:`_RECONNECT_MAX`) spares a server that is down,
+    but it went on once the server was back: the worker deaf to new mail, found at its
+    next poll only, for up to that long. So :meth:`answered` (the store's pool made a
+    connection) cuts a wait short: the next attempt is made at once, by the thread as
+    always, one at a time.
     """
 
     def __init__(
@@ -49,6 +55,8 @@ class Listener:
         self._callback = callback
         self._stop_channel = f"mailstrom_stop_{uuid.uuid4().hex}"
         self._stopping = threading.Event()
+        self._woken = threading.Event()
+        """Ends a wait between two attempts: set by :meth:`stop` and :meth:`answered`."""
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._thread = threading.Thread(target=self._run, name="mailstrom-pg-listen", daemon=True)
 
@@ -85,6 +93,7 @@ class Listener:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self._woken.set()
         if self._thread.is_alive():
             try:
                 url = bounded(self._url, connect_timeout=2)
@@ -99,6 +108,11 @@ class Listener:
                 self._thread.join(timeout)
         elif self._conn is not None:
             self._conn.close()
+
+    def answered(self) -> None:
+        """The server answered another connection of this process (the store's pool made
+        one): if the thread waits to try again, it tries now. Cheap, from any thread."""
+        self._woken.set()
 
     @property
     def alive(self) -> bool:
@@ -122,11 +136,16 @@ class Listener:
         try:
             while not self._stopping.is_set():
                 if self._conn is None:
+                    # Cleared before the check and the attempt: a stop() or answered()
+                    # from now on ends the wait after a failure.
+                    self._woken.clear()
+                    if self._stopping.is_set():
+                        break
                     try:
                         self._conn = self._connect()
                     except psycopg.Error as exc:
                         log.warning("LISTEN reconnect failed (%s); retrying in %.1fs", exc, backoff)
-                        self._stopping.wait(backoff)
+                        self._woken.wait(backoff)
                         backoff = min(backoff * 2, _RECONNECT_MAX)
                         continue
                     backoff = 0.5

@@ -12,6 +12,7 @@ import logging
 import secrets
 import threading
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -254,6 +255,17 @@ class PostgresStore:
 
     def _new_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
         min_size, max_size = self._sizes
+        store = weakref.ref(self)  # the pool's threads keep no store nobody closed alive
+
+        def answered() -> None:
+            # The server answers again, perhaps after an outage: the listener, waiting
+            # out its backoff (up to 30 s), tries now; the worker hears new mail again
+            # as soon as its store calls work, not a poll later.
+            alive = store()
+            listener = None if alive is None else alive._listener
+            if listener is not None:
+                listener.answered()
+
         return connection_pool(
             self._url,
             name="mailstrom",
@@ -262,6 +274,7 @@ class PostgresStore:
             timeout=self._timeout,
             # Back within a beat: before another worker can take this one for dead.
             reconnect_within=self._beats.beat_every,
+            on_connect=answered,
         )
 
     @property
