@@ -411,7 +411,9 @@ class LocalResourceShortage(TemporaryFailure):
     Postfix defers for a "local resource shortage", and held against no server: the
     address is not remembered as unreachable, nor a DNS server blamed. Nor against the
     recipients: no attempt is counted (:attr:`~mailstrom.stores.RecipientResult.attempted`),
-    and they come back after ``retry.min_delay``."""
+    and they come back after ``retry.min_delay`` (a recipient the destination had already
+    failed in that round, another MX host refusing it say, is deferred with that failure
+    instead, an attempt counted)."""
 
     def __init__(self, what: str, cause: OSError, *, host: str | None = None) -> None:
         super().__init__(

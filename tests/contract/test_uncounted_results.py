@@ -116,3 +116,28 @@ def test_a_deferral_that_was_no_attempt_leaves_a_full_history_whole(store: Store
     assert r.history[0].at == NOW + (total - MAX_HISTORY) * SECOND
     assert r.history[-1].at == NOW + (total - 1) * SECOND
     assert r.error == SHORTAGE
+
+
+def test_one_record_of_a_round_mixing_attempts_and_a_shortage_counts_each_apart(
+    store: Store,
+) -> None:
+    """A round in which the destination answered for one recipient (deferred with its
+    reply) and this host's shortage stopped the other before any server was asked: one
+    record, each result counted as it says (the worker's dispatch makes such rounds)."""
+    mid = store.enqueue(message("tried@example.org", "new@example.org"), now=NOW)
+    lease = lease_all(store)
+    soon = NOW + 5 * 60 * SECOND
+    tried = results_for(
+        lease, RecipientState.DEFERRED, next_attempt_at=soon, only=["tried@example.org"]
+    )
+    short = [r for r in _shortage(lease, at=NOW, next_at=soon) if r.address == "new@example.org"]
+    assert len(store.record(tried + short)) == 2
+    st = store.status(mid)
+    tried_r, new_r = st.recipient("tried@example.org"), st.recipient("new@example.org")
+    assert (tried_r.state, tried_r.attempts) == (RecipientState.DEFERRED, 1)
+    assert tried_r.reply is not None and tried_r.reply.code == 451
+    assert tried_r.reason_class is not ReasonClass.LOCAL
+    assert [h.outcome for h in tried_r.history] == [AttemptOutcome.TEMPORARY]
+    assert (new_r.state, new_r.attempts, new_r.history) == (RecipientState.DEFERRED, 0, ())
+    assert new_r.error == SHORTAGE and new_r.reason_class is ReasonClass.LOCAL
+    assert tried_r.next_attempt_at == new_r.next_attempt_at == soon

@@ -31,7 +31,9 @@ store due at once, no attempt counted, not deferred with that transaction's fail
 An address that could not be reached goes after the others for a while
 (:mod:`mailstrom.runtime.unreachable`); a connection this host had no socket for
 (:class:`~mailstrom.errors.LocalResourceShortage`) is held against no address: the queue is
-deferred with it at once, as every other address would fail the same way.
+deferred with it at once, as every other address would fail the same way, no attempt
+counted; but an item the destination had already failed in that round (an address that
+refused it, a session that broke on it) is deferred with that failure, an attempt counted.
 
 Traffic shaping (``runtime.shaper``) hooks in at four points: a destination whose rule
 allows fewer connections runs fewer sessions (and one whose slots are all taken by other
@@ -143,6 +145,12 @@ class _Work:
     """What broke the last session it waited on with none of its commands on the wire,
     behind a transaction that was (None once a session wrote them): it was not tried, and
     goes back untried rather than be deferred with another's failure (see _give_up)."""
+    met: tuple[DeliveryError, Where] | None = None
+    """The last failure the destination gave it (a host that refused or could not be
+    reached while it waited, a session that broke on it), and where: a round that this
+    host's own shortage ends (:class:`~mailstrom.errors.LocalResourceShortage`) defers it
+    with that, an attempt counted, not as though no server had been asked (see
+    _fail_queue)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -648,6 +656,8 @@ class Dispatcher:
                 exc.host = exc.host or host
                 last_error = exc
                 last_where = Where(host=exc.host)  # no connection was made
+                if not isinstance(exc, LocalResourceShortage):
+                    _meet(dest.queue, exc, last_where)
                 if not isinstance(exc, RequireTLSFailure):
                     unasked = (last_error, last_where)
                 index += 1
@@ -708,6 +718,7 @@ class Dispatcher:
                     last_error = exc
                     last_where = Where(exc.host, ip, opener.port, tls_policy=need.label)
                     unasked = (last_error, last_where)
+                    _meet(dest.queue, exc, last_where)
                     if shape is not None and await self._throttled_connecting(
                         dest, shape, exc, last_where
                     ):
@@ -724,6 +735,7 @@ class Dispatcher:
                     host=host,
                 )
                 last_where = Where.of(conn, need)
+                _meet(dest.queue, last_error, last_where)
                 opener.release(key, conn)  # sound, and of use to other mail
                 index += 1
                 continue
@@ -775,6 +787,8 @@ class Dispatcher:
             # a new one. Each such round finishes an item, so the loop ends. Nor is a stale
             # idle connection a reason to give up the host.
             if not reused and not answered:
+                # The address failed the queue, as one that refused its greeting does.
+                _meet(dest.queue, broke, last_where)
                 index += 1
         if not dest.queue or self._leave_to_others(dest):
             return
@@ -782,18 +796,10 @@ class Dispatcher:
             # 5.7.30 only when no MX host offers REQUIRETLS: one that could not be asked
             # this time may, so the recipients wait for it (RFC 8689 §4.2.1).
             last_error, last_where = unasked
-        if isinstance(last_error, PermanentFailure) and not isinstance(
-            last_error, RequireTLSFailure
-        ):
+        if not isinstance(last_error, RequireTLSFailure):
             # A 5xx greeting refuses the connection, not the recipients: with every host
             # exhausted the mail is deferred, as Postfix does.
-            last_error = TemporaryFailure(
-                last_error.text,
-                code=last_error.code,
-                enhanced=last_error.enhanced,
-                host=last_error.host,
-                reply=last_error.reply,
-            )
+            last_error = _temporary(last_error)
         self._give_up(dest, last_error, last_where)
 
     @staticmethod
@@ -1029,6 +1035,7 @@ class Dispatcher:
                 else:
                     cut = True
                 if rest is not None:
+                    rest.met = (exc, where)  # its commands went: tried, and cut short
                     retry.append(rest)
                 continue
             closing = None if reused or answered else _refusal(result, shaping=shape is not None)
@@ -1546,11 +1553,23 @@ class Dispatcher:
         self._fail_queue(dest, error, where)
 
     def _fail_queue(self, dest: _Destination, error: DeliveryError, where: Where) -> None:
+        """Every item of the queue deferred (or failed) with ``error`` at ``where``; but
+        when that is this host's shortage, an item the destination gave a failure first
+        (``_Work.met``) gets that one, temporary, since some host was not asked: it was
+        tried, and spends an attempt. Only what met no server spends none."""
         now = time.monotonic()
         queue = dest.queue
+        local = isinstance(error, LocalResourceShortage)
         while queue:
             work = queue.popleft()
-            self._done(self._outcomes.from_error(work.item, error, work.started or now, where))
+            if local and work.met is not None:
+                met, at = work.met
+                failed = self._outcomes.from_error(
+                    work.item, _temporary(met), work.started or now, at
+                )
+            else:
+                failed = self._outcomes.from_error(work.item, error, work.started or now, where)
+            self._done(failed)
 
     def withdraw(self, lease_token: str) -> int:
         """Give back, through ``on_postpone`` and due at once, the work of the lease
@@ -1757,6 +1776,28 @@ def _refusal(result: TransactionResult, *, shaping: bool) -> tuple[str, SMTPRepl
         if reply is not None and reply.code == 421:
             return None if shaping and is_throttling(reply) else (what, reply)
     return None
+
+
+def _meet(queue: deque[_Work], error: DeliveryError, where: Where) -> None:
+    """Note on the work in ``queue`` that the destination failed it with ``error``
+    (``_Work.met``)."""
+    met = (error, where)
+    for work in queue:
+        work.met = met
+
+
+def _temporary(error: DeliveryError) -> DeliveryError:
+    """``error`` as a temporary failure: a permanent one (a 5xx greeting, a host without
+    REQUIRETLS) refuses a connection, not the recipients, when other hosts remain."""
+    if not isinstance(error, PermanentFailure):
+        return error
+    return TemporaryFailure(
+        error.text,
+        code=error.code,
+        enhanced=error.enhanced,
+        host=error.host,
+        reply=error.reply,
+    )
 
 
 def _of_family(ip: str, family: int) -> bool:
