@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mailstrom import AsyncMailstrom, Config, Email, RecipientState, Timeouts
+from mailstrom import AsyncMailstrom, Config, Email, RecipientState, Timeouts, TLSPolicy
 from mailstrom.errors import (
     DeliveryError,
     PermanentFailure,
@@ -977,6 +977,75 @@ async def test_a_refused_starttls_then_a_hang_up_is_the_refusal(dns_server: Loop
     assert status.reply is not None, status.error
     assert (status.reply.code, status.reply.enhanced) == (454, "4.7.0")
     assert status.reply.text == "TLS not available"
+
+
+async def refusing_tls_and_falling_silent(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """A peer that offers STARTTLS, refuses it when asked, then answers nothing more
+    (until the client hangs up)."""
+    writer.write(b"220 hostile.test ESMTP\r\n")
+    while line := await reader.readline():
+        if line[:8].upper() == b"STARTTLS":
+            writer.write(b"454 4.7.0 TLS not available\r\n")
+            await writer.drain()
+            await reader.read()
+            return
+        writer.write(b"250-hostile.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+        await writer.drain()
+
+
+async def test_a_refused_starttls_then_silence_keeps_the_refusal(dns_server: LoopbackDNS) -> None:
+    """Under opportunistic TLS a server that answers STARTTLS with "454 4.7.0" and then
+    answers nothing, as one that hangs up there: the recipient is deferred with that
+    reply, and the silence that followed said. The reason was only "did not reply to
+    MAIL within 2s", the refusal lost."""
+    status = (await status_through(dns_server, refusing_tls_and_falling_silent)).recipient(BOB)
+    assert status.state is RecipientState.DEFERRED
+    assert status.reply is not None, status.error
+    assert (status.reply.code, status.reply.enhanced) == (454, "4.7.0")
+    assert status.reply.text == "TLS not available"
+    assert status.reason_class is ReasonClass.CONNECTION  # the silence ended it
+
+
+async def test_a_connection_silent_after_its_starttls_was_refused_says_both() -> None:
+    """The timeout names the refusal before it and carries its reply (it said only "did
+    not reply to MAIL", the reply gone)."""
+    async with peer(refusing_tls_and_falling_silent) as port:
+        conn = await open_to(port)
+        try:
+            with pytest.raises(SMTPTimeout) as info:
+                async with asyncio.timeout(GIVE_UP):
+                    await send(conn)
+        finally:
+            await conn.close()
+    assert str(info.value) == (
+        "hostile.test refused STARTTLS (454 4.7.0 TLS not available), "
+        "then did not reply to MAIL within 0.5s"
+    )
+    reply = info.value.reply
+    assert reply is not None and (reply.code, reply.enhanced) == (454, "4.7.0")
+
+
+async def test_a_refused_starttls_then_silence_fails_the_connection_under_required_tls(
+    dns_server: LoopbackDNS,
+) -> None:
+    """Under required TLS the refusal ends the session at once, with the reply and the
+    policy: no command waits for the silence."""
+    dns_server.mx("hostile.example", [(10, "mx.hostile.test")])
+    dns_server.a("mx.hostile.test", "127.0.0.1")
+    results = Results()
+    async with peer(refusing_tls_and_falling_silent) as port:
+        config = loopback_config(dns_server, port, tls=TLSPolicy.REQUIRED)
+        async with AsyncMailstrom(config, store=MemoryStore(), on_result=results) as ms:
+            mid = await ms.send_email(hello(BOB))
+            await asyncio.to_thread(results.wait_count, 1)
+            status = (await ms.query_status(mid)).recipient(BOB)
+    assert status.state is RecipientState.DEFERRED
+    assert status.reply is not None, status.error
+    assert (status.reply.code, status.reply.enhanced) == (454, "4.7.0")
+    assert status.reason is not None and "refused STARTTLS" in status.reason, status.reason
+    assert "did not reply" not in status.reason
 
 
 async def test_a_connection_whose_starttls_was_refused_before_a_hang_up_says_so() -> None:

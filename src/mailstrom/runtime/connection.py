@@ -919,10 +919,21 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             if self._deadline != math.inf:
                 self._timer = self._loop.call_at(self._deadline, self._on_deadline)
             return
+        silent = f"did not {self._deadline_what} within {self._deadline_seconds:g}s"
+        refusal = self._tls_refusal
+        if refusal is None or refusal.reply is None:
+            self._abort(SMTPTimeout(f"{self.host} {silent}", host=self.host))
+            return
+        # Silent since it refused STARTTLS (opportunistic TLS went on without): that
+        # refusal was its last word, kept as the reply, as when it hangs up there.
+        reply = refusal.reply
         self._abort(
             SMTPTimeout(
-                f"{self.host} did not {self._deadline_what} within {self._deadline_seconds:g}s",
+                f"{self.host} refused STARTTLS ({reply}), then {silent}",
+                code=reply.code,
+                enhanced=reply.enhanced,
                 host=self.host,
+                reply=reply,
             )
         )
 
