@@ -310,6 +310,8 @@ class MessageStatus:
     header_message_id: str | None = None
     subject: str | None = None
     held: bool = False
+    """Held (``hold``): its pending recipients wait for a release. A message that finished
+    while held (its delivery in flight, or cancelled) is not: it waits for nothing."""
     dkim: DKIMStatus | None = None
     """Whether the message was DKIM-signed when queued, or as last signed anew by the
     worker (see :class:`DKIMStatus`); None when DKIM was not configured, or the message

@@ -84,7 +84,7 @@ class MemoryReadModel:
                     oldest = m
             busiest = sorted(deferred.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
             top_deferred = tuple(self._destination(d, messages) for d, _ in busiest)
-            held = sum(m.held and m.pending() for m in messages)
+            held = sum(m.waiting() for m in messages)
         return Overview(
             by_state=by_state,
             messages=len(messages),
@@ -204,7 +204,7 @@ def _matches(m: _Message, query: QueueQuery) -> bool:
     if view is QueueView.HELD:
         # Held and still waiting, as the overview (and stats()) count them: a message
         # cancelled or finished while held keeps its flag, and is no mail on hold.
-        if not (m.held and m.pending()):
+        if not m.waiting():
             return False
     elif view is QueueView.PENDING:
         if not any(s in _PENDING for s in states):

@@ -50,7 +50,7 @@ from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.row_checks import counted_state, shown_text, stored_octets
 from mailstrom.stores.sqlite import _file_uri, _no_shm, _wal_holds_frames
 from mailstrom.stores.sqlite_operator import active_suspensions
-from mailstrom.stores.sqlite_queue import HELD_WAITING_SQL, read_messages
+from mailstrom.stores.sqlite_queue import HAS_PENDING_SQL, HELD_WAITING_SQL, read_messages
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
 from mailstrom.stores.sqlite_shaping import paused_in, throttles
 
@@ -63,10 +63,7 @@ newest first (a page then needs few probes), never through its index."""
 _PENDING = "state IN ('queued', 'deferred')"
 _ANY_STATE = "state IN ('queued', 'deferred', 'delivered', 'failed')"
 """Spelled out so that the (state, domain) index serves a lookup by domain."""
-_HAS_PENDING = (
-    "EXISTS (SELECT 1 FROM recipients p WHERE p.message_seq = m.seq"
-    " AND p.state IN ('queued', 'deferred'))"
-)
+_HAS_PENDING = HAS_PENDING_SQL
 # The partial index's own condition is repeated: SQLite uses a partial index only for a
 # query whose WHERE clause contains it.
 _HAS_DEFERRED = (

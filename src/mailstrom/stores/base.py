@@ -757,6 +757,8 @@ class QueueFilter:
     older_than: timedelta | None = None
     """Messages enqueued more than this long before ``now``."""
     held: bool | None = None
+    """Messages held (True) or not (False), as :attr:`~mailstrom.status.MessageStatus.held`
+    says: one that finished while held is not."""
     limit: int = 100
     tag: str | None = None
     """Messages carrying this tag (exact, case-sensitive)."""
@@ -1154,8 +1156,9 @@ class Store(Protocol):
         returns how many messages changed (those already so, and unknown ids, are not
         counted). A message with no pending recipient (finished) is not held, as for
         :meth:`set_held`, nor counted; a release clears the flag of one that finished
-        while held. Holding one under a lease tells the :meth:`watch_cancels`
-        callbacks, as a cancel does."""
+        while held, uncounted (no mail waited for it: such a message is reported as not
+        held, by :meth:`status`, :meth:`query` and :meth:`stats`). Holding one under a
+        lease tells the :meth:`watch_cancels` callbacks, as a cancel does."""
         ...
 
     def purge_many(

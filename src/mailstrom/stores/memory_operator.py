@@ -87,7 +87,7 @@ class MemoryOperatorMixin:
         for m in self._newest_first():
             if len(found) >= where.limit:
                 break
-            if where.held is not None and m.held != where.held:
+            if where.held is not None and m.waiting() != where.held:
                 continue
             if cutoff is not None and not m.created_at < cutoff:
                 continue
@@ -127,7 +127,7 @@ class MemoryOperatorMixin:
                 by_state=by_state,
                 pending_by_domain=by_domain,
                 messages=len(self._messages),
-                held=sum(m.held and m.pending() for m in self._messages.values()),
+                held=sum(m.waiting() for m in self._messages.values()),
             )
 
     # --- operator tools ----------------------------------------------------------------

@@ -140,11 +140,17 @@ class _Message:
 
     def hold(self, held: bool) -> bool:
         """Hold or release the message; whether it changed. A hold keeps pending
-        recipients from leases: a message with none is not held."""
+        recipients from leases: a message with none is not held, and one that finished
+        while held was waiting for no release (its flag is cleared, uncounted)."""
         if self.held == held or (held and not self.pending()):
             return False
         self.held = held
-        return True
+        return held or self.pending()
+
+    def waiting(self) -> bool:
+        """Whether the message is held, as reported: flagged, with a pending recipient
+        (one that finished while held keeps its flag, and is no mail on hold)."""
+        return self.held and self.pending()
 
     def leased(self) -> bool:
         """Whether a pending recipient is under a lease (a worker may hold it)."""
@@ -164,7 +170,7 @@ class _Message:
             ),
             header_message_id=self.prepared.header_message_id,
             subject=self.prepared.subject,
-            held=self.held,
+            held=self.waiting(),
             dkim=self.dkim,
             tags=self.prepared.attributes.tags,
             metadata=dict(self.prepared.attributes.metadata),

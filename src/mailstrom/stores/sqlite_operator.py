@@ -28,6 +28,7 @@ from mailstrom.stores.operator import (
     shape_rows,
 )
 from mailstrom.stores.sqlite_queue import (
+    HAS_PENDING_SQL,
     MESSAGE_STATE_SQL,
     PENDING_SQL,
     SET_ASIDE,
@@ -82,8 +83,10 @@ def filter_sql(now: datetime, where: QueueFilter) -> tuple[list[str], list[objec
     conditions: list[str] = []
     params: list[object] = []
     if where.held is not None:
-        conditions.append("m.held = ?")
-        params.append(where.held)
+        # Held as reported: flagged with a pending recipient (one that finished while
+        # held keeps its flag, and is no mail on hold).
+        waiting = f"m.held = 1 AND {HAS_PENDING_SQL}"
+        conditions.append(waiting if where.held else f"NOT ({waiting})")
     if where.older_than is not None:
         conditions.append("m.created_at < ?")
         params.append(to_us(before(now, where.older_than)))
@@ -314,10 +317,13 @@ def hold_seqs(conn: sqlite3.Connection, seqs: Sequence[int], held: bool) -> int:
         marks = qmarks(len(chunk))
         changed += conn.execute(
             f"UPDATE messages SET held = ?1 WHERE seq IN ({marks}) AND held != ?1"
-            f" AND (NOT ?1 OR EXISTS (SELECT 1 FROM recipients r"
-            f" WHERE r.message_seq = messages.seq AND r.{PENDING_SQL}))",
+            f" AND EXISTS (SELECT 1 FROM recipients r"
+            f" WHERE r.message_seq = messages.seq AND r.{PENDING_SQL})",
             [held, *chunk],
         ).rowcount
+        if not held:
+            # Finished while held: the flag goes, uncounted (no mail waited for this).
+            conn.execute(f"UPDATE messages SET held = 0 WHERE seq IN ({marks}) AND held = 1", chunk)
         conn.execute(
             f"UPDATE recipients SET held = held & {SET_ASIDE} | ?1 WHERE message_seq IN"
             f" (SELECT seq FROM messages WHERE seq IN ({marks}) AND held = ?1)",

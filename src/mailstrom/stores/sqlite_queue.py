@@ -67,6 +67,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PENDING_SQL = "state IN ('queued', 'deferred')"
+HAS_PENDING_SQL = (
+    f"EXISTS (SELECT 1 FROM recipients p WHERE p.message_seq = m.seq AND p.{PENDING_SQL})"
+)
+"""Message ``m`` has a pending recipient (the partial index's condition spelled as it is,
+so that SQLite uses recipients_pending_message)."""
 HELD_WAITING_SQL = (
     "SELECT count(*) FROM messages m WHERE held = 1 AND EXISTS (SELECT 1 FROM recipients r"
     f" WHERE r.message_seq = m.seq AND r.{PENDING_SQL})"
@@ -1024,9 +1029,10 @@ def _message_status(
         recipient_from_row(r, tuple(attempt_from_row(a) for a in attempts.get(r[1], ())))
         for r in recipients.get(seq, [])
     )
+    state = derive_message_state([r.state for r in statuses])
     return MessageStatus(
         id=mid,
-        state=derive_message_state([r.state for r in statuses]),
+        state=state,
         # Checked as the worker checks them when it leases: what it sets aside for them
         # is unreadable here too, not a sender or size of the wrong kind in the status.
         envelope_from=checked_text(envelope_from, "envelope_from"),
@@ -1035,7 +1041,8 @@ def _message_status(
         recipients=statuses,
         header_message_id=shown_text(header_id, "header_message_id"),
         subject=shown_text(subject, "subject"),
-        held=bool(held),
+        # One that finished while held keeps its flag, and is no mail on hold.
+        held=bool(held) and not state.is_final,
         dkim=dkim_from_column(dkim),
         tags=tags_from(tags),
         metadata=metadata_from(metadata),

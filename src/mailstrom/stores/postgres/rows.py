@@ -525,16 +525,18 @@ def _message(rows: Sequence[Row]) -> MessageStatus:
             i += 1
         if first["address"] is not None:  # LEFT JOIN: a message without recipients
             recipients.append(_recipient(first, tuple(history)))
+    state = derive_message_state([r.state for r in recipients])
     return MessageStatus(
         id=head["id"],
-        state=derive_message_state([r.state for r in recipients]),
+        state=state,
         envelope_from=head["envelope_from"],
         created_at=head["created_at"],
         size=head["size"],
         recipients=tuple(recipients),
         header_message_id=head["header_message_id"],
         subject=head["subject"],
-        held=head["held"],
+        # One that finished while held keeps its flag, and is no mail on hold.
+        held=bool(head["held"]) and not state.is_final,
         dkim=dkim_from_column(head["dkim"]),
         tags=tags_from(head.get("tags")),
         metadata=metadata_from(head.get("metadata")),

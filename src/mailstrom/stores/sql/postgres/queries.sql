@@ -826,8 +826,15 @@ ORDER BY r.position, a.id;
 -- name: _queue_filter
 -- The conditions of a queue filter on messages m (query, select_ids); each is skipped
 -- when its parameter is NULL. The derived state mirrors
--- mailstrom.status.derive_message_state.
-      (%(held)s::boolean IS NULL OR m.held = %(held)s::boolean)
+-- mailstrom.status.derive_message_state. Held as reported: flagged with a pending
+-- recipient (one that finished while held keeps its flag, and is no mail on hold).
+      (%(held)s::boolean IS NULL
+       OR (%(held)s::boolean AND m.held AND EXISTS (
+               SELECT 1 FROM recipients r
+               WHERE r.message_id = m.id AND r.state IN ('queued', 'deferred')))
+       OR (NOT %(held)s::boolean AND NOT (m.held AND EXISTS (
+               SELECT 1 FROM recipients r
+               WHERE r.message_id = m.id AND r.state IN ('queued', 'deferred')))))
       AND (%(created_before)s::timestamptz IS NULL
            OR m.created_at < %(created_before)s::timestamptz)
       AND (%(domain)s::text IS NULL OR EXISTS (
@@ -1226,14 +1233,17 @@ SELECT (SELECT count(*) FROM cancelled) AS changed,
 -- name: hold_many
 -- As set_held: a worker that leased a message now held is told (judged from the rows as
 -- locked), and the pending recipients are set aside or brought back. A message with no
--- pending recipient (finished) is not held.
+-- pending recipient (finished) is not held; released, one that finished while held loses
+-- its flag uncounted (no mail waited for that release).
 WITH changed AS (
     UPDATE messages m SET held = %(held)s
     WHERE id = ANY (%(ids)s::text[]) AND held <> %(held)s
       AND (NOT %(held)s OR EXISTS (SELECT 1 FROM recipients r
                                    WHERE r.message_id = m.id
                                      AND r.state IN ('queued', 'deferred')))
-    RETURNING id
+    RETURNING id, EXISTS (SELECT 1 FROM recipients r
+                          WHERE r.message_id = m.id
+                            AND r.state IN ('queued', 'deferred')) AS waiting
 ), locked AS (
     SELECT message_id, address, lease_token FROM recipients
     WHERE message_id = ANY (%(ids)s::text[])
@@ -1247,9 +1257,9 @@ WITH changed AS (
     FROM locked l
     WHERE r.message_id = l.message_id AND r.address = l.address AND r.aside <> %(held)s
 )
-SELECT (SELECT count(*) FROM changed) AS changed,
+SELECT (SELECT count(*) FROM changed WHERE waiting) AS changed,
        (SELECT pg_notify('mailstrom_work', '')
-        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified,
+        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed WHERE waiting))::text AS notified,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
         WHERE %(held)s AND EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
           AND EXISTS (SELECT 1 FROM changed))::text AS told;
