@@ -565,6 +565,34 @@ def test_the_application_s_own_signature_of_the_domain_is_no_rotation() -> None:
     assert resign_stale(own_ed, DKIM, now=NOW + timedelta(minutes=5)) is None
 
 
+def test_the_application_s_own_signature_stays_when_ours_are_made_anew_for_x() -> None:
+    """The application's own signatures (a selector of its own of the domain mailstrom
+    signs, and one of a subdomain without keys) below ours: when ours are made anew
+    because their x= comes near, all the domain's signatures went, the application's
+    own too, which nothing of ours can make again."""
+    raw = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=app1; c=relaxed/relaxed;"
+        b" h=from; bh=abc=; b=xyz=\r\n"
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=shop.example.com; s=app2; c=relaxed/relaxed;"
+        b" h=from; bh=abc=; b=xyz=\r\n"
+        b"From: a@shop.example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+    )
+    stored = prepare(raw, now=NOW, dkim=EXPIRING).data
+    later = NOW + timedelta(days=2)
+    out = as_sent(stored, EXPIRING, now=later)
+    assert out is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
+        ("example.com", "rsa"),
+        ("example.com", "ed"),
+        ("example.com", "app1"),
+        ("shop.example.com", "app2"),
+    ]
+    app = raw[: raw.index(b"From:")]
+    assert out[out.index(app) :] == stored[stored.index(app) :]
+    assert {t["t"] for t in signature_tags(out)[:2]} == {str(int(later.timestamp()))}
+    assert resign_stale(out, EXPIRING, now=later) is None
+
+
 def test_an_absurd_expiry_in_a_stored_signature_is_no_error() -> None:
     stored = prepare(email(), now=NOW, dkim=EXPIRING).data
     later = NOW + timedelta(days=3)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from datetime import UTC, datetime, timedelta
 
 from mailstrom.dkim.canon import FIELD_END, relaxed_body, relaxed_header, split_fields
@@ -180,8 +180,11 @@ def resign_stale(
     None when none is, and none has expired, the case of almost every message: its
     signatures name the keys configured and expire later.
 
-    All the signatures on top that the keys of a stale one sign for go, and those keys
-    sign in their place, with ``dkim.expire``. Of the other signatures, those whose
+    The signatures on top that the keys of a stale one sign for go, and those keys sign
+    in their place, with ``dkim.expire``: those by these keys, and those by keys rotated
+    away. The application's own (a selector of its own beside a signature by a key
+    configured now, of its algorithm) stays as it came, as when nothing is signed anew.
+    Of the other signatures, those whose
     ``x=`` has passed by ``now`` go too: every receiver treats them as invalid,
     and nothing can sign them anew when no key of their domain is configured any more
     (all removed while the message waited); one without ``x=``, or not expired yet, stays
@@ -206,12 +209,13 @@ def resign_stale_top(
         return None
     deadline: int | None = None
     stamp: int | None = None
-    # (start, end, d=, its key domain, s=, a=) of each field: the key domain is the one
-    # whose keys sign mail of d= now (None: no key of ours would), as sign() at send_email
-    # would pick it; the signatures are named only when signing anew.
-    fields: list[tuple[int, int, str | None, str | None, bytes | None, bytes | None]] = []
+    # (start, end, d=, its key domain, s=, a=, by a key configured now) of each field: the
+    # key domain is the one whose keys sign mail of d= now (None: no key of ours would),
+    # as sign() at send_email would pick it; the signatures are named only when signing
+    # anew.
+    fields: list[tuple[int, int, str | None, str | None, bytes | None, bytes | None, bool]] = []
     # Key domains, each of them:
-    domains: list[str] = []  # with a stale signature: all of theirs are made anew
+    domains: list[str] = []  # with a stale signature: theirs are made anew
     current_keys: dict[str, None] = {}  # with a signature by one of its keys configured now
     current_by: set[tuple[str, bytes]] = set()  # and the a= (lower-case) of each such one
     # With a signature by a key no longer configured, and its a=, in the order found:
@@ -234,47 +238,36 @@ def resign_stale_top(
         owner = name
         if not current and name is not None:
             owner = dkim.signing_domain(name)
-        fields.append((at, end, name, owner, selector, algorithm))
+        if algorithm is not None:
+            algorithm = algorithm.lower()
         if (
             current
             and name is not None
             and selector is not None
             and selector.decode("ascii", "replace").lower() in current
         ):
-            if name not in domains:
-                current_keys[name] = None
-                if algorithm is not None:
-                    current_by.add((name, algorithm.lower()))
-                if expiry is not None and expiry.isdigit():
-                    if deadline is None:
-                        deadline = _seconds(now) + int(before.total_seconds())
-                    if int(expiry) <= deadline:
-                        domains.append(name)
+            fields.append((at, end, name, owner, selector, algorithm, True))
+            current_keys[name] = None
+            if algorithm is not None:
+                current_by.add((name, algorithm))
+            if name not in domains and expiry is not None and expiry.isdigit():
+                if deadline is None:
+                    deadline = _seconds(now) + int(before.total_seconds())
+                if int(expiry) <= deadline:
+                    domains.append(name)
         else:  # by no key configured now
+            fields.append((at, end, name, owner, selector, algorithm, False))
             if owner is not None:
-                rotated[owner, None if algorithm is None else algorithm.lower()] = None
+                rotated[owner, algorithm] = None
             if expiry is not None and expiry.isdigit():
                 if stamp is None:
                     stamp = _seconds(now)
                 if int(expiry) <= stamp:
                     expired.add(at)
         at = end
-    # Rotated away only when no signature of the domain is by a key configured now: one
-    # the application made with a selector of its own (a raw message signed before
-    # send_email, below the signatures sign() put on top) is no rotation, and was stripped
-    # and made anew at every attempt. Or when one of an algorithm the domain has a key of
-    # is by a key no longer configured and none of that algorithm is by one configured
-    # now: that key rotated, the other algorithm's not. The valid one is enough to pass,
-    # but the stale one fails wherever its algorithm is verified (in DMARC reports too).
+    # A key domain with a signature of ours by a key rotated away is signed anew.
     for name, algorithm in rotated:
-        if name not in domains and (
-            name not in current_keys
-            or (
-                algorithm is not None
-                and (name, algorithm) not in current_by
-                and algorithm.decode("ascii", "replace") in dkim.algorithms(name)
-            )
-        ):
+        if name not in domains and _stale(dkim, current_keys, current_by, name, algorithm):
             domains.append(name)
     # Or when none of its RSA signatures is while it has an RSA key (one added, say).
     # Many receivers verify RSA alone (RFC 8301 obliges them to it, RFC 8463 to
@@ -286,12 +279,23 @@ def resign_stale_top(
     ]
     if not domains and not expired:
         return None
-    kept = [field for field in fields if field[3] not in domains and field[0] not in expired]
+    # A domain's signatures by its keys go, and by keys rotated away; the application's
+    # own (beside one of ours by a key configured now, of its algorithm) stays as it came,
+    # as it stays when nothing is signed anew: re-signing for an x= near must not take it.
+    kept = [
+        field
+        for field in fields
+        if field[0] not in expired
+        and not (
+            field[3] in domains
+            and (field[6] or _stale(dkim, current_keys, current_by, field[3], field[5]))
+        )
+    ]
     rest = b"".join(data[start:end] for start, end, *_ in kept) + data[at:]
     signed, signatures = (
         sign(rest, dkim.keys_for(domains), now=now, expire=dkim.expire) if domains else (rest, ())
     )
-    named = [s for s in (_named(n, sel, a) for _, _, n, _, sel, a in kept) if s is not None]
+    named = [s for s in (_named(n, sel, a) for _, _, n, _, sel, a, _ in kept) if s is not None]
     ours = (*signatures, *(s for s in named if dkim.selectors(s.domain)))
     if ours or named:
         return signed, DKIMStatus(signatures=ours or tuple(named)), at
@@ -300,6 +304,34 @@ def resign_stale_top(
     if gone:
         reason += f" and no key of {', '.join(gone)} is configured now"
     return signed, DKIMStatus(reason=reason), at
+
+
+def _stale(
+    dkim: DKIMConfig,
+    current_keys: Container[str],
+    current_by: Container[tuple[str, bytes]],
+    owner: str | None,
+    algorithm: bytes | None,
+) -> bool:
+    """Whether a signature by no key configured now, of key domain ``owner`` (the key
+    domain signs it), is one of ours by a key rotated away, not the application's own:
+    ``current_keys`` are the key domains with a signature by a key configured now,
+    ``current_by`` those with the (lower-case) ``a=`` of each such one."""
+    # Rotated away only when no signature of the domain is by a key configured now: one
+    # the application made with a selector of its own (a raw message signed before
+    # send_email, below the signatures sign() put on top) is no rotation, and was
+    # stripped and made anew at every attempt. Or when it is of an algorithm the domain
+    # has a key of and none of that algorithm is by one configured now: that key rotated,
+    # the other algorithm's not. The valid one is enough to pass, but the stale one fails
+    # wherever its algorithm is verified (in DMARC reports too).
+    return owner is not None and (
+        owner not in current_keys
+        or (
+            algorithm is not None
+            and (owner, algorithm) not in current_by
+            and algorithm.decode("ascii", "replace") in dkim.algorithms(owner)
+        )
+    )
 
 
 def _named(
