@@ -542,3 +542,42 @@ def test_a_message_queued_before_its_subdomain_s_keys_were_removed_goes_out_sign
     assert_all_pass(received.content, dns_server)
     assert status.dkim is not None
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
+
+
+def test_a_parent_signed_message_goes_out_signed_by_the_subdomain_keys_added_since(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """Mail from news.sender.test was signed by the parent's keys (the subdomain had
+    none); while it waited, the parent's were removed (from dkim.keys and DNS) and the
+    subdomain's added. The worker found no key of the signatures' d= nor of a parent of
+    it, took them for someone else's, and sent the message with signatures no receiver
+    could verify any more, and none by the keys that sign its From domain now. It is
+    signed anew by those."""
+    mx = receivers[True]
+    store = MemoryStore()
+    message = Email(from_="news@news.sender.test", to=["bob@modern.test"], subject="N", text="n\n")
+    old = prepare(message, now=datetime.now(UTC), dkim=CONFIG)
+    assert [(s.domain, s.selector) for s in old.dkim] == [
+        ("sender.test", "rsa"),
+        ("sender.test", "ed"),
+    ]
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    subdomain = dual("news.sender.test")
+    publish(dns_server, subdomain)
+    for gone in CONFIG.keys:
+        dns_server.delete(gone.dns_record().name)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=subdomain)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    assert sent == [
+        ("news.sender.test", "rsa", "rsa-sha256"),
+        ("news.sender.test", "ed", "ed25519-sha256"),
+    ]
+    assert_all_pass(received.content, dns_server)
+    assert status.dkim is not None
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent

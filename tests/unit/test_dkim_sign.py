@@ -313,7 +313,8 @@ def test_the_size_limit_counts_the_signatures() -> None:
 
 # --- signing again as the message goes out ------------------------------------------------
 
-EXPIRING = dual("example.com", expire=timedelta(days=1))
+DAY = timedelta(days=1)
+EXPIRING = dual("example.com", expire=DAY)
 
 
 def as_sent(data: bytes, dkim: DKIMConfig, *, now: datetime) -> bytes | None:
@@ -530,6 +531,64 @@ def test_a_signature_of_a_subdomain_whose_keys_were_removed_is_made_by_the_paren
     own = prepare(raw, now=NOW, dkim=DKIM).data
     assert [t["d"] for t in signature_tags(own)] == ["example.com"] * 2 + ["news.example.com"]
     assert resign_stale(own, DKIM, now=later) is None
+
+
+def test_a_parent_s_signature_whose_keys_were_removed_is_made_by_the_subdomain_s() -> None:
+    """Mail from news.example.com, signed by example.com's keys (the subdomain had none);
+    they were removed while it waited and news.example.com's added. It was sent with the
+    parent's signatures (no key of d= nor of a parent of it: taken for another's), which
+    fail once their records are gone, and none by the keys that sign it now. It is
+    signed as send_email would sign it now: by news.example.com's."""
+    later = NOW + timedelta(days=30)
+    news = dual("news.example.com")
+    stored = prepare(email(from_="a@news.example.com"), now=NOW, dkim=DKIM).data
+    assert [t["d"] for t in signature_tags(stored)] == ["example.com"] * 2
+    out = as_sent(stored, news, now=later)
+    assert out is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
+        ("news.example.com", "rsa"),
+        ("news.example.com", "ed"),
+    ]
+    assert out.split(b"\r\nFrom: ", 1)[1] == stored.split(b"\r\nFrom: ", 1)[1]
+    assert resign_stale(out, news, now=later) is None
+    # The parent's keys kept beside the subdomain's: its signatures still verify.
+    assert resign_stale(stored, DKIMConfig(keys=(*DKIM.keys, *news.keys)), now=later) is None
+    # Mail from another subdomain, or with a From the subdomain's keys do not sign: no
+    # key configured now signs it; its signatures go as they are, while not expired (a
+    # record may still be published; one that fails counts as none, RFC 6376 §6.1).
+    shop = prepare(email(from_="a@shop.example.com"), now=NOW, dkim=DKIM).data
+    assert resign_stale(shop, news, now=later) is None
+    assert resign_stale(stored, dual("example.net"), now=later) is None
+    expiring = prepare(
+        email(from_="a@shop.example.com"), now=NOW, dkim=dual("example.com", expire=DAY)
+    ).data
+    found = resign_stale(expiring, news, now=NOW + 2 * DAY)
+    assert found is not None and b"DKIM-Signature" not in found[0]
+    assert found[1] == DKIMStatus(
+        reason="its signatures had expired (x=) and no key of example.com is configured now"
+    )
+    # The application's own signature of the parent, below ours by the subdomain's keys
+    # configured now: no rotation, and it stays when ours are made anew for their x=.
+    raw = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=app1; c=relaxed/relaxed;"
+        b" h=from; bh=abc=; b=xyz=\r\n"
+        b"From: a@news.example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+    )
+    own = prepare(raw, now=NOW, dkim=news).data
+    assert [t["d"] for t in signature_tags(own)] == ["news.example.com"] * 2 + ["example.com"]
+    assert resign_stale(own, news, now=later) is None
+    # Another subdomain's keys too: ours are by news.example.com's, so that is the app's.
+    shops = DKIMConfig(keys=(*news.keys, *dual("shop.example.com").keys))
+    assert resign_stale(own, shops, now=later) is None
+    news_expiring = dual("news.example.com", expire=DAY)
+    own = prepare(raw, now=NOW, dkim=news_expiring).data
+    out = as_sent(own, news_expiring, now=NOW + 2 * DAY)
+    assert out is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
+        ("news.example.com", "rsa"),
+        ("news.example.com", "ed"),
+        ("example.com", "app1"),
+    ]
 
 
 def test_the_application_s_own_signature_of_the_domain_is_no_rotation() -> None:

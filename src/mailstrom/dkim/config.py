@@ -44,7 +44,7 @@ class DKIMConfig:
     domain they sign for is by one of them any more, or none of an algorithm the domain
     has a key of while one of that algorithm is by a key no longer configured, or none of
     its RSA signatures is while the domain has an RSA key (keys rotated, or a
-    subdomain's removed, while it waited), or its signature's
+    subdomain's or a parent's removed, while it waited), or its signature's
     ``x=`` is about to pass (:func:`~mailstrom.dkim.signing.resign_stale`).
     """
 
@@ -65,6 +65,9 @@ class DKIMConfig:
         init=False, repr=False, compare=False, default_factory=dict
     )
     _algorithms: dict[str, frozenset[str]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    _below: dict[str, tuple[str, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
 
@@ -94,6 +97,11 @@ class DKIMConfig:
         for domain, found in self._by_domain.items():
             self._selectors[domain] = frozenset(k.selector.lower() for k in found)
             self._algorithms[domain] = frozenset(k.algorithm.value for k in found)
+            parent = domain.find(".")
+            while parent != -1:
+                above = domain[parent + 1 :]
+                self._below[above] = (*self._below.get(above, ()), domain)
+                parent = domain.find(".", parent + 1)
             if all(k.algorithm is DKIMAlgorithm.ED25519_SHA256 for k in found):
                 # Said where it is configured, as a small RSA key is: the mail goes out
                 # signed, and only the DMARC reports of the receivers that drop it tell.
@@ -133,6 +141,13 @@ class DKIMConfig:
         ``domain`` itself when it has keys, else its most specific parent that has;
         None when none has (:func:`signing_domain_for`)."""
         return signing_domain_for(domain, self._by_domain)
+
+    def domains_below(self, domain: str) -> tuple[str, ...]:
+        """The key domains below ``domain`` (a lower-case A-label, the ``d=`` of a
+        signature): ``news.example.com`` of ``example.com``; empty when none is. Mail
+        from one of them was signed by ``domain``'s keys while it had keys and they had
+        none (:func:`~mailstrom.dkim.signing.resign_stale`)."""
+        return self._below.get(domain, ())
 
     def keys_for(self, domains: Iterable[str]) -> tuple[DKIMKey, ...]:
         """The keys that sign mail from ``domains`` (lower-case A-labels, the From

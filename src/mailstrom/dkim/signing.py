@@ -160,7 +160,9 @@ def resign_stale(
     signature :func:`sign` put on top of it, of a domain ``dkim`` signs for, is stale. The
     keys that sign for a signature's ``d=`` are chosen as at ``send_email``: those of
     ``d=`` itself, else of its most specific parent with keys (its own removed, a
-    parent's kept: :meth:`DKIMConfig.signing_domain`). A signature is stale when:
+    parent's kept: :meth:`DKIMConfig.signing_domain`); of a ``d=`` without keys whose
+    subdomain has some, those that sign its From domain (a parent's removed, a
+    subdomain's added: :meth:`DKIMConfig.domains_below`). A signature is stale when:
 
     - it expires (``x=``) before ``now + before``: no receiver may get a signature it must
       treat as invalid (RFC 6376 §3.5, §6.1.1), as a retry days later, a held message
@@ -221,6 +223,7 @@ def resign_stale_top(
     # With a signature by a key no longer configured, and its a=, in the order found:
     rotated: dict[tuple[str, bytes | None], None] = {}
     expired: set[int] = set()  # where a signature by no key configured now, x= past, is
+    pending: list[int] = []  # fields of a d= without keys but with key domains below it
     at = 0
     while data.startswith(_SIGNATURE, at):
         made = _MADE.match(data, at)
@@ -238,6 +241,14 @@ def resign_stale_top(
         owner = name
         if not current and name is not None:
             owner = dkim.signing_domain(name)
+            below = dkim.domains_below(name)
+            if below:  # its key domain is the From's (see _own_pending), or none
+                for key_domain in below:
+                    if key_domain in current_keys:  # ours are on top: seen by now
+                        owner = None
+                        break
+                else:
+                    pending.append(len(fields))
         if algorithm is not None:
             algorithm = algorithm.lower()
         if (
@@ -257,7 +268,7 @@ def resign_stale_top(
                     domains.append(name)
         else:  # by no key configured now
             fields.append((at, end, name, owner, selector, algorithm, False))
-            if owner is not None:
+            if owner is not None and (not pending or pending[-1] != len(fields) - 1):
                 rotated[owner, algorithm] = None
             if expiry is not None and expiry.isdigit():
                 if stamp is None:
@@ -265,6 +276,8 @@ def resign_stale_top(
                 if int(expiry) <= stamp:
                     expired.add(at)
         at = end
+    if pending:
+        _own_pending(data, at, dkim, fields, pending, current_keys, rotated)
     # A key domain with a signature of ours by a key rotated away is signed anew.
     for name, algorithm in rotated:
         if name not in domains and _stale(dkim, current_keys, current_by, name, algorithm):
@@ -304,6 +317,47 @@ def resign_stale_top(
     if gone:
         reason += f" and no key of {', '.join(gone)} is configured now"
     return signed, DKIMStatus(reason=reason), at
+
+
+def _own_pending(
+    data: bytes,
+    at: int,
+    dkim: DKIMConfig,
+    fields: list[tuple[int, int, str | None, str | None, bytes | None, bytes | None, bool]],
+    pending: list[int],
+    current_keys: Container[str],
+    rotated: dict[tuple[str, bytes | None], None],
+) -> None:
+    """The key domain of each of the ``pending`` ``fields`` of :func:`resign_stale_top`:
+    signatures by no key configured now, of a ``d=`` without keys whose subdomains have
+    some. Mail from ``news.example.com`` was signed by ``example.com``'s keys while only
+    they were configured; theirs removed and ``news.example.com``'s added since, the keys
+    that sign it now are those (as :func:`sign` picks them at ``send_email``, by the From
+    domain), not none. Which subdomain's, the From field of ``data`` (its header after
+    the signature fields, from ``at``) says. But a message with a signature by a key of
+    a key domain below ``d=`` was signed by that domain's keys, not by ``d=``'s (the
+    most specific): its signature of ``d=`` is the application's own, and stays."""
+    froms: tuple[str, ...] | None = None
+    for index in pending:
+        start, end, name, owner, selector, algorithm, by_current = fields[index]
+        assert name is not None  # pending only with a d=
+        if any(key_domain in current_keys for key_domain in dkim.domains_below(name)):
+            owner = None
+        else:
+            if froms is None:
+                # Loaded here: a signature of a parent beside a subdomain with keys is rare.
+                from mailstrom.message.envelope import from_domains_of
+
+                blank = data.find(b"\r\n\r\n", at)
+                froms = from_domains_of(data[at : len(data) if blank == -1 else blank + 4])
+            suffix = "." + name
+            for domain in froms:
+                if domain == name or domain.endswith(suffix):
+                    owner = dkim.signing_domain(domain) or owner
+                    break
+        fields[index] = (start, end, name, owner, selector, algorithm, by_current)
+        if owner is not None:
+            rotated[owner, algorithm] = None
 
 
 def _stale(

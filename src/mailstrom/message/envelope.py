@@ -29,7 +29,7 @@ from mailstrom.message.addresses import (
     parse_mailbox,
 )
 from mailstrom.message.addrspec import ValidAddress
-from mailstrom.message.headers import Field, HeaderSection
+from mailstrom.message.headers import Field, HeaderSection, split_header_section
 
 DEFAULT_MAX_RECIPIENTS = 1000
 
@@ -333,7 +333,7 @@ def decide(
             count=len(recipients),
             limit=max_recipients,
         )
-    from_domains = tuple(dict.fromkeys(b.address.envelope.rpartition("@")[2] for b in from_boxes))
+    from_domains = domains_of(from_boxes)
     return Envelope(
         sender=sender,
         recipients=recipients,
@@ -341,6 +341,23 @@ def decide(
         smtputf8=sender_utf8 or any(address.smtputf8 for address in addresses),
         from_domains=from_domains,
     )
+
+
+def domains_of(boxes: Iterable[Mailbox]) -> tuple[str, ...]:
+    """The domains of ``boxes`` as their envelope forms have them (lower-case A-labels),
+    without repeats: of the From mailboxes, :attr:`Envelope.from_domains`."""
+    return tuple(dict.fromkeys(box.address.envelope.rpartition("@")[2] for box in boxes))
+
+
+def from_domains_of(head: bytes) -> tuple[str, ...]:
+    """The :attr:`Envelope.from_domains` of a prepared message whose header section is
+    ``head``, read back from its From field; empty when it has none that parses (it was
+    checked as it was prepared). What the DKIM keys that sign it are chosen by."""
+    try:
+        value = split_header_section(head).value("From")
+        return () if value is None else domains_of(mailboxes(parse_address_list("From", value)))
+    except InvalidMessage:
+        return ()
 
 
 def _responsible(
