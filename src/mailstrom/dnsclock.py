@@ -10,7 +10,9 @@ DANE's TLSA lookups, MTA-STS's, the command line's checks) ask again, in what is
 their deadline on the monotonic clock, when dnspython says so early; a real timeout
 leaves nothing, and is raised as before.
 
-A leaf module (it imports nothing of mailstrom), for synchronous and asyncio code alike:
+A leaf module (it imports nothing of mailstrom but the leaf
+:mod:`~mailstrom.dnsanswer`), for synchronous and asyncio code alike. Its resolver also
+takes an answer truncated over TCP too for no answer (:func:`~mailstrom.dnsanswer.whole`):
 
 >>> now = [100.0]
 >>> deadline = Deadline(102.0, clock=lambda: now[0])
@@ -30,6 +32,8 @@ from typing import Any, TypeVar
 
 import dns.asyncresolver
 import dns.resolver
+
+from mailstrom.dnsanswer import whole
 
 T = TypeVar("T")
 
@@ -94,7 +98,7 @@ class SteadyResolver(dns.asyncresolver.Resolver):
     async def resolve(self, *args: Any, **kwargs: Any) -> dns.resolver.Answer:
         ask = super().resolve
         if len(args) > _LIFETIME_AT:  # the lifetime given by position: as dnspython takes it
-            return await ask(*args, **kwargs)
+            return whole(await ask(*args, **kwargs))
         given = kwargs.pop("lifetime", None)
         lifetime = float(self.lifetime if given is None else given)
         # dnspython looks at the lifetime only between its rounds of queries, after a
@@ -102,7 +106,7 @@ class SteadyResolver(dns.asyncresolver.Resolver):
         timeout = asyncio.timeout(lifetime)
         try:
             async with timeout:
-                return await resolve_steadily(
+                answer = await resolve_steadily(
                     lambda left: ask(*args, **{**kwargs, "lifetime": left}),
                     lifetime,
                     Deadline.after(lifetime),
@@ -113,3 +117,5 @@ class SteadyResolver(dns.asyncresolver.Resolver):
             # What dnspython raises when the lifetime is spent, which callers expect.
             spent = dns.resolver.LifetimeTimeout(timeout=lifetime, errors=[])  # type: ignore[no-untyped-call]
             raise spent from exc
+        # Truncated over TCP too: some of the records at most, never the whole set.
+        return whole(answer)

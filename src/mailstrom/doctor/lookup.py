@@ -23,6 +23,7 @@ import dns.resolver
 import dns.reversename
 
 from mailstrom.config import DNSConfig
+from mailstrom.dnsanswer import whole
 from mailstrom.dnsclock import Deadline
 from mailstrom.routing.lookup import localhost_addresses, unanswered
 from mailstrom.routing.policy import RoutePolicy
@@ -114,7 +115,7 @@ class DNSResolver:
         deadline = Deadline.after(lifetime)
         while True:
             try:
-                return self._resolver.resolve(name, rdtype, search=False, lifetime=lifetime)
+                return whole(self._resolver.resolve(name, rdtype, search=False, lifetime=lifetime))
             except dns.resolver.LifetimeTimeout:
                 left = deadline.ask_again()
                 if left is None:

@@ -33,6 +33,8 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.MX import MX
 
+from mailstrom.dnsanswer import TRUNCATED as TRUNCATED  # re-exported
+from mailstrom.dnsanswer import is_truncated, whole
 from mailstrom.dnsclock import Deadline, resolve_steadily
 from mailstrom.domains import literal_address
 from mailstrom.errors import (
@@ -182,13 +184,6 @@ REFERRAL = "the DNS server answered with a referral (it does not resolve recursi
 """What a lookup :func:`unanswered` tells of a referral failed with."""
 
 
-TRUNCATED = (
-    "the DNS server's answer was truncated (TC bit) over TCP too: it holds some of the "
-    "records at most"
-)
-"""What a lookup :func:`unanswered` tells of a truncated answer failed with."""
-
-
 def unanswered(no_answer: dns.resolver.NoAnswer) -> str | None:
     """Why the response dnspython raised ``no_answer`` for (NOERROR without the records
     asked for) says nothing of whether the records exist: :data:`REFERRAL`
@@ -207,8 +202,9 @@ def unanswered_response(response: object) -> str | None:
     server or middlebox) holds some of the records at most, and none as this server
     truncates (RFC 2181 §9: ignore it). dnspython hands it on as it came, and read as
     NODATA it made a domain one without MX records (mail went to its A record, the
-    implicit MX) or without addresses (every recipient failed with 5.4.4)."""
-    if isinstance(response, dns.message.Message) and response.flags & dns.flags.TC:
+    implicit MX) or without addresses (every recipient failed with 5.4.4). One with
+    some of the records is raised as NoAnswer too (:func:`~mailstrom.dnsanswer.whole`)."""
+    if is_truncated(response):
         return TRUNCATED
     return REFERRAL if is_referral_response(response) else None
 
@@ -442,11 +438,12 @@ class _Resolution:
         again in what is left of the route's deadline when a wall clock step made
         dnspython give up early (:mod:`mailstrom.dnsclock`): its ``LifetimeTimeout``
         deferred the recipients of DNS that answered."""
-        return await resolve_steadily(
+        answer = await resolve_steadily(
             lambda left: self.resolver.resolve(name, rdtype, search=False, lifetime=left),
             lifetime,
             Deadline(self.deadline, clock=self.clock),
         )
+        return whole(answer)  # any resolver's: Router takes one given
 
     async def exchange_addresses(self, name: dns.name.Name) -> _Addresses:
         """The addresses of MX host ``name``: the one it spells when it is an IP address

@@ -65,6 +65,8 @@ Unicode names are stored as their A-label; every record method takes ``ttl=`` (d
 * Over TCP, one connection takes several queries, one after another or pipelined
   (RFC 7766 §6.2.1): up to 100, each within 5 s of the connection or of the answer
   before it; then the server closes it.
+* ``truncate(name, rtype, keep=1)`` — answer with the TC bit and the first ``keep``
+  records only, over TCP too (a broken server or middlebox).
 * Over UDP, an answer longer than 512 octets, or than the payload size an EDNS query
   offers, is sent truncated (TC bit, no records), as real servers send it: the client
   asks again over TCP, where it gets the whole answer.
@@ -177,6 +179,8 @@ class _Node:
     referral: bool = False
     nxdomain: bool = False
     authenticated: bool = False
+    truncated: dict[str, int] = field(default_factory=dict)
+    """Types answered with the TC bit and only this many of their records."""
 
 
 class _ZoneResolver:
@@ -227,7 +231,12 @@ class _ZoneResolver:
                     name = _key(node.cname)
                     secure = secure and (self.all_authenticated or name in self.authenticated)
                     continue
-                reply.add_answer(*node.records.get(qtype, []))
+                answer = node.records.get(qtype, [])
+                if qtype in node.truncated:
+                    # As a broken server or middlebox cuts it, over TCP too.
+                    answer = answer[: node.truncated[qtype]]
+                    reply.header.tc = 1
+                reply.add_answer(*answer)
                 break
             if reply.header.rcode == RCODE.NXDOMAIN or (
                 reply.header.rcode == RCODE.NOERROR
@@ -597,6 +606,16 @@ class LoopbackDNS:
             node.cname = _key(target)
             rdata = CNAME(_label(node.cname))
             node.records = {"CNAME": [RR(_label(key), QTYPE.CNAME, rdata=rdata, ttl=ttl)]}
+
+    def truncate(self, name: str, rtype: str, *, keep: int = 1) -> None:
+        """Answer queries for ``name``'s ``rtype`` records with the TC bit set and only
+        the first ``keep`` of them, over UDP and TCP alike: a broken server or middlebox
+        that cuts an answer short over TCP too (the server itself truncates only an
+        answer longer than the transport holds, without records). Records set for
+        ``name`` afterwards leave it so."""
+        with self._zone.lock:
+            node = self._zone.nodes.setdefault(_key(name), _Node())
+            node.truncated[rtype.upper()] = keep
 
     def servfail(self, name: str, rtype: str | None = None) -> None:
         """Answer every query for ``name`` with SERVFAIL, or only those for ``rtype``

@@ -57,6 +57,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailstrom.config import Config
+from mailstrom.dnsanswer import TRUNCATED, is_truncated
 from mailstrom.errors import ConfigError, LocalResourceShortage, TemporaryFailure, local_shortage
 from mailstrom.routing.lookup import unanswered, unanswered_response
 from mailstrom.tls.decide import Destination
@@ -218,6 +219,8 @@ async def _ask_again(
         response, malformed = await ask_leniently(resolver, qname, deadline)
     except (OSError, ValueError) as exc:
         raise _failure(name, host, exc) from exc
+    if is_truncated(response):  # some of the records at most, as dnspython's (whole())
+        raise _failure(name, host, TRUNCATED)
     rcode = response.rcode()
     if rcode == dns.rcode.NXDOMAIN:
         return TLSALookup(host=host)
