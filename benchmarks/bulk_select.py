@@ -4,12 +4,13 @@
 them to the domain chosen.
 
 The store is filled through its API (``enqueue_many``, batches of 500, one recipient
-each, a tag and a metadata entry each: SQLite reaches those columns, stored after the
-message's bytes, only by walking its overflow pages). Each command runs as the real
-``mailstrom`` in a subprocess (``main()`` of ``mailstrom.cli.main``, as ``python -m
-mailstrom`` calls it); the table shows, medians of ``--runs``, its wall time, its peak
-RSS (``ru_maxrss``) and the octets it read through ``read()`` (``rchar`` of
-``/proc/self/io`` as it ends: SQLite's page reads, from the page cache or the disk).
+each, a tag and a metadata entry each: until schema version 20 SQLite reached those
+columns, stored after the message's bytes, only by walking its overflow pages). Each
+command runs as the real ``mailstrom`` in a subprocess (``main()`` of
+``mailstrom.cli.main``, as ``python -m mailstrom`` calls it); the table shows, medians
+of ``--runs``, its wall time, its peak RSS (``ru_maxrss``) and the octets it read
+through ``read()`` (``rchar`` of ``/proc/self/io`` as it ends: SQLite's page reads, from
+the page cache or the disk).
 
     .venv/bin/python benchmarks/bulk_select.py [--messages 20000] [--size 50000] [--runs 3]
 
@@ -56,7 +57,7 @@ def fill(path: Path, messages: int, size: int) -> float:
     store = SQLiteStore(path)
     body = b"Subject: report\r\nFrom: app@example.com\r\n\r\n"
     body += b"x" * max(size - len(body) - 2, 0) + b"\r\n"
-    # As an application tags its mail: the columns that hold these lie after the bytes.
+    # As an application tags its mail: the columns that held these lay after the bytes.
     attributes = QueueAttributes(tags=("report",), metadata={"account": "42"})
     now = datetime.now(UTC)
     try:

@@ -75,7 +75,8 @@ def main() -> None:
         # The layout not taken: the same rows with the outcome as a column after data.
         with sqlite3.connect(path) as conn:
             conn.execute(
-                "CREATE TABLE messages_column AS SELECT m.*, d.dkim FROM messages m"
+                "CREATE TABLE messages_column AS SELECT m.*, x.data, d.dkim FROM messages m"
+                " JOIN message_data x ON x.seq = m.seq"
                 " JOIN message_dkim d ON d.message_seq = m.seq"
             )
         conn.close()

@@ -238,10 +238,16 @@ def copies_of_a_finished_message(path: Path, count: int, *, state: RecipientStat
     with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
-            " INSERT INTO messages (id, envelope_from, created_at, size, data)"
-            " SELECT printf('%s-%07d', ?, i), envelope_from, created_at, size, data"
+            " INSERT INTO messages (id, envelope_from, created_at, size)"
+            " SELECT printf('%s-%07d', ?, i), envelope_from, created_at, size"
             " FROM n, messages WHERE id = ?",
             (count - 1, state.value, first),
+        )
+        conn.execute(
+            "INSERT INTO message_data (seq, data) SELECT m.seq, d.data FROM messages m,"
+            " message_data d WHERE m.id LIKE ? || '-%'"
+            " AND d.seq = (SELECT seq FROM messages WHERE id = ?)",
+            (state.value, first),
         )
         conn.execute(
             "INSERT INTO recipients (message_seq, position, address, domain, state, attempts,"

@@ -136,12 +136,15 @@ SQLITE: dict[str, Damage] = {
     "envelope_from a number": Damage(
         "UPDATE messages SET envelope_from = 42 WHERE id = ?", ATTEMPTED
     ),
-    "data empty": Damage("UPDATE messages SET data = X'' WHERE id = ?", SET_ASIDE),
-    "data text": Damage("UPDATE messages SET data = CAST(data AS TEXT) WHERE id = ?", SET_ASIDE),
-    "data truncated": Damage(
-        "UPDATE messages SET data = substr(data, 1, 20) WHERE id = ?", SET_ASIDE
+    "data empty": Damage(f"UPDATE message_data SET data = X'' WHERE seq = {SEQ}", SET_ASIDE),
+    "data text": Damage(
+        f"UPDATE message_data SET data = CAST(data AS TEXT) WHERE seq = {SEQ}", SET_ASIDE
     ),
-    "data a number": Damage("UPDATE messages SET data = 5 WHERE id = ?", SET_ASIDE),
+    "data truncated": Damage(
+        f"UPDATE message_data SET data = substr(data, 1, 20) WHERE seq = {SEQ}", SET_ASIDE
+    ),
+    "data a number": Damage(f"UPDATE message_data SET data = 5 WHERE seq = {SEQ}", SET_ASIDE),
+    "data row missing": Damage(f"DELETE FROM message_data WHERE seq = {SEQ}", SET_ASIDE),
     "message row missing": Damage("DELETE FROM messages WHERE id = ?", SET_ASIDE),
     # Text that is not UTF-8 (another tool, an older version, bit rot): SQLite stores the
     # octets as they are; reading one such value failed every read of its table.
@@ -176,7 +179,8 @@ SQLITE: dict[str, Damage] = {
         SET_ASIDE,
     ),
     "data text not UTF-8": Damage(
-        "UPDATE messages SET data = CAST(data || X'ff' AS TEXT), size = size + 1 WHERE id = ?",
+        "UPDATE message_data SET data = CAST(substr(data, 1, length(data) - 1) || X'ff' AS TEXT)"
+        f" WHERE seq = {SEQ}",
         SET_ASIDE,
     ),
 }
@@ -757,7 +761,7 @@ def test_sqlite_message_data_that_is_no_octets_is_unreadable(
         victim = store.enqueue(message(VICTIM), now=datetime.now(UTC))
         damage_sqlite(
             sqlite_path,
-            Damage(f"UPDATE messages SET data = {data} WHERE seq = {SEQ}", SET_ASIDE),
+            Damage(f"UPDATE message_data SET data = {data} WHERE seq = {SEQ}", SET_ASIDE),
             victim,
         )
         model = open_read_model(store, cache_seconds=0)

@@ -1,5 +1,6 @@
-"""Which columns of ``messages`` a SQLite store's statements read, as SQLite's authorizer
-reports them (once per statement prepared, before it runs).
+"""Which columns of ``messages`` (and of ``message_data``, the messages' bytes) a SQLite
+store's statements read, as SQLite's authorizer reports them (once per statement
+prepared, before it runs).
 
 In another process (the ``mailstrom`` command): run ``python -m tests.support.column_reads
 ARGS...`` (the command line of ``mailstrom``) with :data:`FILE_VARIABLE` naming a file; each
@@ -13,30 +14,36 @@ import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from mailstrom.stores.sqlite import SQLiteStore
 
 FILE_VARIABLE = "TEST_COLUMN_READS"
 
 
-def columns_past_data(path: Path) -> list[str]:
-    """The columns of ``messages`` stored after ``data`` (the message's bytes), which SQLite
-    reaches only by walking the blob's overflow pages, and ``data`` itself."""
-    with sqlite3.connect(path) as conn:
-        names = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
-    return names[names.index("data") :]
+BYTES = "message_data."
+"""How a read of ``message_data`` is reported: its column's name after this."""
+
+
+def reads_of_bytes(read: set[str]) -> set[str]:
+    """The reads among ``read`` that reach a message's bytes: ``message_data.data``
+    (schema version 20; before it, ``messages.data`` and every column stored after it,
+    which SQLite reached only by walking the bytes' overflow pages). A purge's cascade
+    reads ``message_data.seq``, its key, to delete the row."""
+    return read & {BYTES + "data"}
 
 
 @contextmanager
 def column_reads(report: Callable[[str], None]) -> Iterator[None]:
     """Every SQLite store connection opened inside reports each column of ``messages``
-    its statements read to ``report``."""
+    its statements read to ``report``, and each of ``message_data`` after :data:`BYTES`."""
     connect = SQLiteStore._connect
 
     def authorizer(action: int, table: str | None, column: str | None, *_: object) -> int:
-        if action == sqlite3.SQLITE_READ and table == "messages" and column:
-            report(column)
+        if action == sqlite3.SQLITE_READ and column:
+            if table == "messages":
+                report(column)
+            elif table == "message_data":
+                report(BYTES + column)
         return sqlite3.SQLITE_OK
 
     def watched(self: SQLiteStore) -> sqlite3.Connection:

@@ -435,7 +435,9 @@ class SQLiteReadModel:
         with self._read() as conn:
             if limit is None:
                 row = conn.execute(
-                    "SELECT data FROM messages WHERE id = ?", (message_id,)
+                    "SELECT d.data FROM messages m LEFT JOIN message_data d ON d.seq = m.seq"
+                    " WHERE m.id = ?",
+                    (message_id,),
                 ).fetchone()
                 if row is None:
                     raise UnknownMessage(message_id)
@@ -444,14 +446,16 @@ class SQLiteReadModel:
             # A blob handle reads the pages asked for, of a TEXT too (its octets), and
             # knows their number (length() counts a TEXT's characters).
             row = conn.execute(
-                "SELECT seq, typeof(data) FROM messages WHERE id = ?", (message_id,)
+                "SELECT m.seq, typeof(d.data) FROM messages m"
+                " LEFT JOIN message_data d ON d.seq = m.seq WHERE m.id = ?",
+                (message_id,),
             ).fetchone()
             if row is None:
                 raise UnknownMessage(message_id)
             seq, kind = row
             if kind not in ("blob", "text"):  # which no blob handle opens
                 raise UnreadableRow(f"the message data is {kind}, not octets")
-            with conn.blobopen("messages", "data", seq, readonly=True) as blob:
+            with conn.blobopen("message_data", "data", seq, readonly=True) as blob:
                 return blob.read(max(0, min(limit, len(blob))))
 
 

@@ -2037,7 +2037,11 @@ class SQLiteStore:
         if not comparable(message_id):
             raise UnknownMessage(message_id)
         with self._read() as conn:
-            row = conn.execute("SELECT data FROM messages WHERE id = ?", (message_id,)).fetchone()
+            row = conn.execute(
+                "SELECT d.data FROM messages m LEFT JOIN message_data d ON d.seq = m.seq"
+                " WHERE m.id = ?",
+                (message_id,),
+            ).fetchone()
         if row is None:
             raise UnknownMessage(message_id)
         return stored_octets(row[0])

@@ -180,9 +180,7 @@ def matching_seqs(conn: sqlite3.Connection, now: datetime, where: QueueFilter) -
     """The row numbers of the newest ``where.limit`` messages matching ``where``, newest
     first (by enqueue time, then row number) as every view lists them: the pending index
     drives a pending-only ``where`` (:func:`pending_seqs`), the newest-first index any
-    other. No column past a message's bytes is read (but a ``tag`` filter's): tags,
-    metadata and the other columns of schema version 5 lie after ``data``, and SQLite
-    reaches them only by walking its overflow pages."""
+    other. No message's bytes are read: they lie in ``message_data`` (schema version 20)."""
     if pending_only(where):
         return pending_seqs(conn, now, where, where.limit)
     conditions, params = filter_sql(now, where)
@@ -195,8 +193,7 @@ def matching_seqs(conn: sqlite3.Connection, now: datetime, where: QueueFilter) -
 
 
 def ids_of(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[str]:
-    """The ids of the messages ``seqs`` numbers, in that order (by the row number: the
-    id is stored before the message's bytes)."""
+    """The ids of the messages ``seqs`` numbers, in that order (by the row number)."""
     ids: dict[int, str] = {}
     for chunk in chunks(seqs):
         ids.update(
