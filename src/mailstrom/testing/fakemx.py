@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from mailstrom.config import Config, Timeouts
 from mailstrom.message.addresses import parse_mailbox
+from mailstrom.testing._replies import _Rules
 from mailstrom.testing.dns import LoopbackDNS
 from mailstrom.testing.outbox import capture_active
 from mailstrom.testing.smtp import (
@@ -41,7 +42,6 @@ from mailstrom.testing.smtp import (
     ReceivingServer,
     Repeated,
     Rule,
-    _Rules,
     contexts_for,
     start_receiving_server,
 )
