@@ -785,6 +785,32 @@ def test_a_failed_wait_says_how_far_each_connection_got() -> None:
     assert "'421 4.3.2 Go away'" in fourth and "closed" in fourth
 
 
+def test_a_failed_wait_reads_a_multiline_reply_as_one() -> None:
+    # Only a reply's first line was noted, so a multi-line one ("220-" then "220 ") left
+    # the next reply read as its continuation, and out of what a failed wait says: the
+    # EHLO after such a greeting, the RSET after such a refusal of MAIL.
+    server_context, _ = tls_contexts("mx.test", "127.0.0.1")
+    with start_receiving_server(server_context) as mx:
+        mx.greeting = "220-mx.test ESMTP\n220 Welcome"
+        client = smtplib.SMTP("127.0.0.1", mx.port, timeout=10)
+        client.ehlo("one.test")
+        client.close()  # no QUIT: the last three exchanges shown are these
+        mx.greeting = None
+        mx.mail_reply = "550-5.7.1 Sender refused\r\n550 5.7.1 See the policy"
+        client = smtplib.SMTP("127.0.0.1", mx.port, timeout=10)
+        client.ehlo("two.test")
+        assert client.mail("app@shop.test")[0] == 550
+        assert client.rset()[0] == 250
+        client.close()
+        with pytest.raises(AssertionError) as failed:
+            mx.wait_for_received(1, timeout=0.05)
+    first, second = str(failed.value).split("; connection ")[1:]
+    assert "greeting '220-mx.test ESMTP', 'EHLO one.test' answered '250-mx.test'" in first
+    assert "unanswered" not in first
+    assert "'MAIL FROM:<app@shop.test>' answered '550-5.7.1 Sender refused'" in second
+    assert "'RSET' answered '250 OK'" in second
+
+
 def test_a_failed_wait_bounds_what_it_says_of_connections() -> None:
     server_context, _ = tls_contexts("mx.test", "127.0.0.1")
     with start_receiving_server(server_context) as mx:

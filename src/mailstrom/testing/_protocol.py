@@ -234,9 +234,12 @@ class _SMTP(SMTP):
         await super().push(status)
 
     def _answered(self, status: str | bytes) -> None:
+        # Every line: a scripted reply may have several ("220-...\n220 ..."), and with its
+        # first alone noted, the next reply was taken for the rest of it, and left out.
         if self._conversation is not None:
-            line = status if isinstance(status, str) else status.decode("utf-8", "replace")
-            self._conversation.answered(line.partition("\n")[0].rstrip("\r"))
+            text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+            for line in text.rstrip("\r\n").split("\n"):
+                self._conversation.answered(line.rstrip("\r"))
 
     async def smtp_MAIL(self, arg: str) -> None:
         fixture = self._fixture
