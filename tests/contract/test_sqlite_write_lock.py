@@ -22,6 +22,7 @@ from mailstrom.errors import StoreLocked
 from mailstrom.status import RecipientState
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.sqlite_operator import BULK_BATCH
+from tests.support.sqlite_copies import copies_of_a_message
 from tests.support.stopped_writer import stopped_writer
 
 from .support import LEASE_FOR, NOW, lease_all, message, results_for
@@ -235,28 +236,7 @@ def copies_of_a_finished_message(path: Path, count: int, *, state: RecipientStat
         store.record(results_for(lease_all(store), state))
     finally:
         store.close()
-    with closing(sqlite3.connect(path)) as conn, conn:
-        conn.execute(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
-            " INSERT INTO messages (id, envelope_from, created_at, size)"
-            " SELECT printf('%s-%07d', ?, i), envelope_from, created_at, size"
-            " FROM n, messages WHERE id = ?",
-            (count - 1, state.value, first),
-        )
-        conn.execute(
-            "INSERT INTO message_data (seq, data) SELECT m.seq, d.data FROM messages m,"
-            " message_data d WHERE m.id LIKE ? || '-%'"
-            " AND d.seq = (SELECT seq FROM messages WHERE id = ?)",
-            (state.value, first),
-        )
-        conn.execute(
-            "INSERT INTO recipients (message_seq, position, address, domain, state, attempts,"
-            " last_attempt_at, finished_at) SELECT m.seq, r.position, r.address, r.domain,"
-            " r.state, r.attempts, r.last_attempt_at, r.finished_at FROM messages m"
-            " JOIN recipients r ON r.message_seq = (SELECT seq FROM messages WHERE id = ?)"
-            " WHERE m.id LIKE ? || '-%'",
-            (first, state.value),
-        )
+    copies_of_a_message(path, first, count - 1)
 
 
 def write_lock_held(path: Path) -> bool:

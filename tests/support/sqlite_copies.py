@@ -16,9 +16,9 @@ def _columns(conn: sqlite3.Connection, table: str, *, but: tuple[str, ...]) -> l
 def copies_of_a_message(path: Path, message_id: str, count: int) -> list[str]:
     """Add ``count`` copies of the message ``message_id`` of the SQLite store at ``path``
     (closed meanwhile), each column of it and of its recipients as the store wrote it
-    (pending, held, cancelled, delivered...; not its rows of other tables, such as its
-    attempts), and return their ids, oldest first: each is newer than the message copied,
-    as the store orders messages by ``seq`` after ``created_at``."""
+    (pending, held, cancelled, delivered...) and its bytes (not its rows of other tables,
+    such as its attempts), and return their ids, oldest first: each is newer than the
+    message copied, as the store orders messages by ``seq`` after ``created_at``."""
     with closing(sqlite3.connect(path)) as conn, conn:
         message_columns = ", ".join(_columns(conn, "messages", but=("seq", "id")))
         recipients = _columns(conn, "recipients", but=("id", "message_seq"))
@@ -36,6 +36,11 @@ def copies_of_a_message(path: Path, message_id: str, count: int) -> list[str]:
             f" SELECT m.seq, {', '.join(f'r.{name}' for name in recipients)}"
             " FROM messages m, recipients r WHERE m.seq > ? AND r.message_seq = ?"
             " ORDER BY m.seq, r.position",
+            (last, seq),
+        )
+        conn.execute(  # the bytes lie in a table of their own (schema version 20)
+            "INSERT INTO message_data (seq, data) SELECT m.seq, d.data"
+            " FROM messages m, message_data d WHERE m.seq > ? AND d.seq = ?",
             (last, seq),
         )
         made = conn.execute("SELECT id FROM messages WHERE seq > ? ORDER BY seq", (last,))
