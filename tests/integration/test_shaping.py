@@ -25,7 +25,7 @@ from mailstrom.runtime.dispatch import Dispatcher
 from mailstrom.runtime.outcomes import Outcomes
 from mailstrom.runtime.shaper import Shaper
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
-from mailstrom.stores.base import RecipientResult, WorkItem
+from mailstrom.stores.base import Lease, RecipientResult, WorkItem
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.testing import smtp as smtp_testing
 from tests.fixtures.dns_server import LoopbackDNS
@@ -33,6 +33,7 @@ from tests.integration.test_hostile_peers import peer
 from tests.support.delivery import FakeClock, Results, loopback_config
 from tests.support.scripted import NOW, work_item
 from tests.support.skew import eventually
+from tests.support.waiting import eventually as eventually_sync
 
 DELIVERED = RecipientState.DELIVERED
 DEFERRED = RecipientState.DEFERRED
@@ -55,9 +56,17 @@ class ObservedStore(MemoryStore):
 
     def __init__(self) -> None:
         super().__init__()
+        self.leased = 0
         self.settled = 0
         self.postponed = 0
         self.changed = threading.Condition()
+
+    def lease(self, **kwargs: Any) -> Lease | None:
+        lease = super().lease(**kwargs)
+        if lease is not None:
+            with self.changed:
+                self.leased += sum(len(item.recipients) for item in lease.items)
+        return lease
 
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
         recorded = super().record(results)
@@ -80,6 +89,21 @@ class ObservedStore(MemoryStore):
     def wait_settled(self, count: int, timeout: float = 15.0) -> None:
         with self.changed:
             assert self.changed.wait_for(lambda: self.settled >= count, timeout)
+
+    def wait_placed(self, count: int, ms: Mailstrom, timeout: float = 15.0) -> None:
+        """Until ``count`` recipients were leased and each leased one is recorded, given
+        back (postponed) or held by the worker's dispatcher: none is on its way between
+        (screened, or being written back)."""
+
+        def placed() -> bool:
+            with self.changed:
+                before = (self.leased, self.settled)
+            in_flight = ms.worker_status.in_flight
+            with self.changed:  # nothing moved while in_flight was read
+                leased, settled = self.leased, self.settled
+            return leased >= count and (leased, settled) == before and settled + in_flight == leased
+
+        assert eventually_sync(placed, timeout), (self.leased, self.settled)
 
 
 def start(config: Any, store: Store, results: Results) -> Mailstrom:
@@ -431,8 +455,7 @@ def test_the_rate_horizon_counts_every_domain_of_a_rule(
         ms.send_emails([hello(f"first@{d}") for d in domains])
         results.wait_final({f"first@{d}" for d in domains})
         ms.send_emails([hello(f"r{i}@{d}") for d in domains for i in range(30)])
-        store.wait_settled(4 + 60)
-        time.sleep(1.0)  # every lease of them submitted
+        store.wait_placed(4 + 120, ms)
         kept = 120 - store.postponed
     finally:
         ms.stop(timeout=5)
