@@ -69,8 +69,10 @@ def test_wait_returns_once_delivered_or_deferred_past_the_timeout(
         slow = ms.send_email(hello("slow@example.org"))
         ms.wait(slow, timeout=10)
         before = time.monotonic()
-        assert ms.wait(slow, timeout=1.0).state is RecipientState.DEFERRED  # next retry > 1 s
-        assert time.monotonic() - before < 1.0
+        # The next retry is minutes away: returned at once, not when the timeout is up
+        # (the room below it is a loaded host's).
+        assert ms.wait(slow, timeout=5.0).state is RecipientState.DEFERRED
+        assert time.monotonic() - before < 4.0
         with pytest.raises(UnknownMessage):
             ms.wait("0" * 32, timeout=1)
 
