@@ -86,7 +86,8 @@ def test_a_flood_of_idle_connections_takes_few_threads_and_a_scrape_gets_through
         started = time.monotonic()
         with urllib.request.urlopen(f"{patient.url}/healthz", timeout=5) as answer:
             assert answer.status == 200
-        assert time.monotonic() - started < 1.0  # long before any deadline (30 s)
+        # Long before any deadline (30 s; urlopen's 5 s): the room is a loaded host's.
+        assert time.monotonic() - started < 4.0
         most = max(most, len(_handlers_since(before)))
     finally:
         for sock in clients:
