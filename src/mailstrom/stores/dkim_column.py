@@ -4,9 +4,10 @@ Every store records it at enqueue cut to the same bounds (:func:`bounded_dkim`).
 stores write it as compact JSON text, ``{"signed": [[domain, selector, algorithm], ...]}``
 or ``{"unsigned": reason}`` (migration 0004): PostgreSQL in the nullable column
 ``messages.dkim`` (``data`` is TOASTed out of line, so a later column costs nothing to
-read), SQLite in the table ``message_dkim`` keyed by the message's rowid (a column after
-``messages.data`` would be read by walking the message's overflow pages;
-``benchmarks/status_read.py``). No value means no DKIM outcome: DKIM was not configured,
+read), SQLite in the table ``message_dkim`` keyed by the message's rowid (made when a
+column added to ``messages`` came after ``data`` and was read by walking the message's
+overflow pages, ``benchmarks/status_read.py``; schema 20 moved the bytes to
+``message_data``). No value means no DKIM outcome: DKIM was not configured,
 or the message was queued before migration 0004.
 """
 
