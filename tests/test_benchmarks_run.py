@@ -46,6 +46,7 @@ RUNS = {
     "smtp_cpu": (["-n", "200", "--repeat", "1", "--worker-messages", "50"], "session (sans-IO)"),
     "startup": (["--runs", "1"], "worker built"),
     "page_size": (["--count", "30", "--rounds", "1"], "WAL B/enq"),
+    "memory_listing": (["--messages", "3000", "--seconds", "0.1"], "dashboard destinations"),
 }
 
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 
 from mailstrom.status import MessageStatus, RecipientState
-from mailstrom.stores import MemoryStore, QueueFilter
+from mailstrom.stores import MemoryStore, QueueFilter, memory_operator
 
 from .support import NOW, message
 
@@ -47,10 +47,14 @@ def queue_for(name: str) -> tuple[MemoryStore, list[str]]:
 
 
 @pytest.mark.parametrize("name", sorted(BULK))
-def test_a_large_bulk_change_lets_others_in_between_its_batches(name: str) -> None:
+def test_a_large_bulk_change_lets_others_in_between_its_batches(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Looks at the queue, each under one hold of the lock, while the change runs: some
     see it part done (a batch changed, the next not yet), where one hold for the whole
     list let a look in only before or after it; the total is the same."""
+    # A listing walks a batch per hold too (test_memory_listing_lock.py): one for all.
+    monkeypatch.setattr(memory_operator, "WALK_BATCH", 4 * COUNT)
     store, ids = queue_for(name)
     seen: list[int] = []
     looking, stop = threading.Event(), threading.Event()

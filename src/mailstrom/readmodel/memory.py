@@ -1,7 +1,8 @@
 """The dashboard's queries on a :class:`~mailstrom.stores.memory.MemoryStore`.
 
 A memory store lives in one process, so this read model reads its dictionaries directly
-(under the store's lock) and scans them: the memory store holds test-sized queues. It
+and scans them, a batch of messages per hold of the store's lock (``MemoryStore._walk``):
+``send_email`` and the worker wait for one batch, not for the whole queue. It
 answers exactly as the SQL read models do (the contract suite checks it).
 """
 
@@ -28,9 +29,9 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
-from mailstrom.status import DestinationThrottle, RecipientState
+from mailstrom.status import DestinationThrottle, MessageStatus, ReasonClass, RecipientState
 from mailstrom.stores.memory import MemoryStore
-from mailstrom.stores.memory_records import _Message, _Recipient
+from mailstrom.stores.memory_records import _Message
 from mailstrom.stores.operator import Suspension, filter_domain
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
@@ -48,11 +49,6 @@ class MemoryReadModel:
         models' do. Idempotent."""
         self._closed = True
 
-    def _messages(self) -> list[_Message]:
-        # Callers hold the store's lock.
-        self._check_open()
-        return list(self._store._messages.values())
-
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(CLOSED)
@@ -61,67 +57,44 @@ class MemoryReadModel:
         """See :meth:`ReadModel.overview`."""
         check_count(top, "top")
         now = check_aware(now, "now")
+        self._check_open()
         by_state = dict.fromkeys(RecipientState, 0)
         start, starts = throughput_window(now)
         end = starts[-1] + BUCKET
         counts: dict[tuple[int, str], int] = {}
-        deferred: dict[str, list[_Recipient]] = {}
+        tallies: dict[str, _Tally] = {}
         oldest: _Message | None = None
-        with self._store._lock:
-            messages = self._messages()
-            for m in messages:
+        messages = held = 0
+
+        def visit(batch: list[_Message]) -> bool:
+            nonlocal oldest, messages, held
+            messages += len(batch)
+            for m in batch:
                 for r in m.recipients.values():
                     by_state[r.state] += 1
-                    if r.state is RecipientState.DEFERRED:
-                        deferred.setdefault(r.domain, []).append(r)
                     for a in r.history:
                         if start <= a.at < end:
                             key = ((a.at - start) // BUCKET, a.outcome.value)
                             counts[key] = counts.get(key, 0) + 1
-                if any(r.state in _PENDING for r in m.recipients.values()) and (
-                    oldest is None or m.seq < oldest.seq
-                ):
+                if _tally(tallies, m, None) and (oldest is None or m.seq < oldest.seq):
                     oldest = m
-            busiest = sorted(deferred.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
-            top_deferred = tuple(self._destination(d, messages) for d, _ in busiest)
-            held = sum(m.waiting() for m in messages)
+                held += m.waiting()
+            return False
+
+        self._store._walk(visit, newest=None)
+        busiest = sorted(
+            (t for t in tallies.values() if t.deferred), key=lambda t: (-t.deferred, t.domain)
+        )
         return Overview(
             by_state=by_state,
-            messages=len(messages),
+            messages=messages,
             held=held,
             oldest_pending=None
             if oldest is None
             else OldestPending(id=oldest.id, created_at=oldest.created_at),
             throughput=fill_buckets(starts, counts),
-            top_deferred=top_deferred,
+            top_deferred=tuple(t.destination() for t in busiest[:top]),
             suspended=tuple(self.suspensions(now=now)),
-        )
-
-    @staticmethod
-    def _destination(domain: str, messages: list[_Message]) -> Destination:
-        """Counts and the newest deferred recipient's reply (by insertion order)."""
-        pending = deferred = 0
-        newest: tuple[tuple[int, int], _Recipient] | None = None
-        for m in messages:
-            for r in m.recipients.values():
-                if r.domain != domain or r.state not in _PENDING:
-                    continue
-                pending += 1
-                if r.state is RecipientState.DEFERRED:
-                    deferred += 1
-                    key = (m.seq, r.position)
-                    if newest is None or key > newest[0]:
-                        newest = (key, r)
-        if newest is None:
-            return Destination(domain=domain, pending=pending, deferred=deferred)
-        r = newest[1]
-        return Destination(
-            domain=domain,
-            pending=pending,
-            deferred=deferred,
-            last_reply=str(r.reply) if r.reply is not None else r.error,
-            reason_class=r.reason_class,
-            last_attempt_at=r.last_attempt_at,
         )
 
     def destinations(
@@ -137,16 +110,17 @@ class MemoryReadModel:
         check_count(offset, "offset")
         if now is not None:
             now = check_aware(now, "now")
+        self._check_open()
         wanted = None if domain is None else filter_domain(domain)
-        with self._store._lock:
-            messages = self._messages()
-            names = {
-                r.domain
-                for m in messages
-                for r in m.recipients.values()
-                if r.state in _PENDING and (wanted is None or r.domain == wanted)
-            }
-            found = [self._destination(d, messages) for d in names]
+        tallies: dict[str, _Tally] = {}
+
+        def visit(batch: list[_Message]) -> bool:
+            for m in batch:
+                _tally(tallies, m, wanted)
+            return False
+
+        self._store._walk(visit, newest=None)
+        found = [t.destination() for t in tallies.values()]
         found.sort(key=lambda d: (-d.pending, d.domain))
         page = found[offset : offset + limit]
         return page if now is None else with_suspensions(page, self.suspensions(now=now))
@@ -169,26 +143,33 @@ class MemoryReadModel:
         newest = query.order is SortOrder.NEWEST
         cutoff = None if query.older_than is None else now - query.older_than
         after = None if query.after is None else (query.after.created_at, query.after.seq)
-        with self._store._lock:
-            chosen = [
-                m
-                for m in self._messages()
-                if _matches(m, query)
-                and (cutoff is None or m.created_at < cutoff)
-                and (
-                    after is None
-                    or ((m.created_at, m.seq) < after if newest else (m.created_at, m.seq) > after)
-                )
-            ]
-            chosen.sort(key=lambda m: (m.created_at, m.seq), reverse=newest)
-            page = chosen[: query.limit]
-            # As the store's lists show them: with the pauses their status shows.
-            statuses = tuple(self._store._listed(m) for m in page)
+        self._check_open()
+        page: list[MessageStatus] = []
+        last: _Message | None = None
+        more = False
+
+        def visit(batch: list[_Message]) -> bool:
+            nonlocal last, more
+            for m in batch:
+                if not (_matches(m, query) and (cutoff is None or m.created_at < cutoff)):
+                    continue
+                if after is not None and not (
+                    (m.created_at, m.seq) < after if newest else (m.created_at, m.seq) > after
+                ):
+                    continue
+                if len(page) == query.limit:
+                    more = True
+                    return True
+                # As the store's lists show them: with the pauses their status shows.
+                page.append(self._store._listed(m))
+                last = m
+            return False
+
+        self._store._walk(visit, newest=newest)
         cursor = None
-        if len(chosen) > query.limit:
-            last = page[-1]
+        if more and last is not None:
             cursor = PageCursor(created_at=last.created_at, seq=last.seq)
-        return QueuePage(messages=statuses, next=cursor)
+        return QueuePage(messages=tuple(page), next=cursor)
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""
@@ -225,3 +206,54 @@ def _matches(m: _Message, query: QueueQuery) -> bool:
         if not low <= m.id <= high:
             return False
     return True
+
+
+class _Tally:
+    """A destination's pending and deferred recipients, and its newest deferred one's
+    reply (by queue order), as a walk of the messages counts them."""
+
+    __slots__ = ("deferred", "domain", "newest", "pending", "reply")
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.pending = self.deferred = 0
+        self.newest: tuple[int, int] | None = None
+        self.reply: tuple[str | None, ReasonClass | None, datetime | None] = (None, None, None)
+
+    def destination(self) -> Destination:
+        if self.newest is None:
+            return Destination(domain=self.domain, pending=self.pending, deferred=self.deferred)
+        reply, reason_class, last_attempt_at = self.reply
+        return Destination(
+            domain=self.domain,
+            pending=self.pending,
+            deferred=self.deferred,
+            last_reply=reply,
+            reason_class=reason_class,
+            last_attempt_at=last_attempt_at,
+        )
+
+
+def _tally(tallies: dict[str, _Tally], m: _Message, domain: str | None) -> bool:
+    """Count ``m``'s pending recipients (those at ``domain`` only, unless None) in their
+    destinations' tallies (call under the store's lock); whether it has any."""
+    found = False
+    for r in m.recipients.values():
+        if r.state not in _PENDING:
+            continue
+        found = True
+        if domain is not None and r.domain != domain:
+            continue
+        tally = tallies.get(r.domain)
+        if tally is None:
+            tally = tallies[r.domain] = _Tally(r.domain)
+        tally.pending += 1
+        if r.state is RecipientState.DEFERRED:
+            tally.deferred += 1
+            key = (m.seq, r.position)
+            if tally.newest is None or key > tally.newest:
+                tally.newest = key
+                # Read now, under the lock: the recipient may change after it.
+                last = str(r.reply) if r.reply is not None else r.error
+                tally.reply = (last, r.reason_class, r.last_attempt_at)
+    return found

@@ -174,6 +174,10 @@ class MemoryStore(
         self._closed = False
         self._messages: dict[str, _Message] = {}
         self._seq = itertools.count()
+        self._created_in_order = True
+        """Whether every message was queued at a time no earlier than the one before
+        it: the order of the lists is then the dict's, and a listing sorts nothing."""
+        self._last_created: datetime | None = None
         self._watchers = Watchers()
         self._cancel_watchers = Watchers()
         self._events_on = False
@@ -218,6 +222,10 @@ class MemoryStore(
                 # in memory starts no worker again, and mail queued now would get an id
                 # and never go. What is in it can still be read.
                 raise StoreError("the store is closed: nothing more can be queued in it")
+            if self._last_created is not None and now < self._last_created:
+                self._created_in_order = False  # a clock that went back: lists sort
+            else:
+                self._last_created = now
             for prepared in messages:
                 mid = new_message_id()
                 attrs = prepared.attributes
@@ -687,9 +695,6 @@ class MemoryStore(
             return self._messages[message_id]
         except (KeyError, TypeError):  # TypeError: unhashable, so no id (a list)
             raise UnknownMessage(message_id) from None
-
-    def _newest_first(self) -> list[_Message]:
-        return sorted(self._messages.values(), key=lambda m: (m.created_at, m.seq), reverse=True)
 
 
 def _utc(when: datetime | None) -> datetime | None:

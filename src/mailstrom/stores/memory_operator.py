@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from mailstrom.arguments import row_limit
 from mailstrom.status import DestinationThrottle, MessageStatus, QueueStats, RecipientState
@@ -41,6 +41,14 @@ _BATCH_PAUSE = 0.001
 """Seconds the lock is left free between two batches: a thread waiting for it (the
 worker's loop) is woken at once, but the changing thread, still running, took it again
 before the waiter could."""
+WALK_BATCH = 2000
+"""Messages a listing (``query``, ``recent``, ``stats``, the dashboard's views) judges per
+hold of the store's lock at most (:meth:`MemoryOperatorMixin._walk`). Sorted and walked
+whole under one hold, a listing of 100,000 messages kept every ``send_email`` and the
+worker waiting for it: up to 200 ms for a ``queue --domain`` matching nothing, 25 s for
+the dashboard's destinations (benchmarks/memory_listing.py)."""
+
+_T = TypeVar("_T")
 
 
 class MemoryOperatorMixin:
@@ -49,6 +57,7 @@ class MemoryOperatorMixin:
 
     _lock: threading.Lock
     _messages: dict[str, _Message]
+    _created_in_order: bool
     _watchers: Watchers
     _cancel_watchers: Watchers
     _suspended: dict[str, Suspension]
@@ -56,8 +65,6 @@ class MemoryOperatorMixin:
     if TYPE_CHECKING:  # the store's own, in memory.py
 
         def _get(self, message_id: str) -> _Message: ...
-
-        def _newest_first(self) -> list[_Message]: ...
 
         def _paused_in(self, m: _Message) -> dict[str, DestinationThrottle]: ...
 
@@ -69,66 +76,113 @@ class MemoryOperatorMixin:
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without history."""
-        with self._lock:
-            return [self._listed(m) for m in self._matching(now, where or QueueFilter())]
+        return self._matching(now, where or QueueFilter(), self._listed)
 
     def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
         """The ids :meth:`query` lists for ``where``, in its order, without making their
         statuses."""
-        with self._lock:
-            return [m.id for m in self._matching(now, where)]
+        return self._matching(now, where, _message_id)
 
-    def _matching(self, now: datetime, where: QueueFilter) -> list[_Message]:
-        """The newest ``where.limit`` messages matching ``where``, newest first (call
-        under the lock)."""
+    def _matching(
+        self, now: datetime, where: QueueFilter, take: Callable[[_Message], _T]
+    ) -> list[_T]:
+        """``take`` of each of the newest ``where.limit`` messages matching ``where``,
+        newest first, each judged and taken under the lock (:meth:`_walk`)."""
         domain = where.domain.lower() if where.domain is not None else None
         cutoff = before(now, where.older_than) if where.older_than is not None else None
-        found: list[_Message] = []
-        for m in self._newest_first():
-            if len(found) >= where.limit:
-                break
-            if where.held is not None and m.waiting() != where.held:
-                continue
-            if cutoff is not None and not m.created_at < cutoff:
-                continue
-            if domain is not None and all(r.domain != domain for r in m.recipients.values()):
-                continue
-            if where.state is not None and m.state() is not where.state:
-                continue
-            if where.tag is not None and where.tag not in m.prepared.attributes.tags:
-                continue
-            if where.states is not None and m.state() not in where.states:
-                continue
-            found.append(m)
+        found: list[_T] = []
+        if where.limit <= 0:
+            return found
+
+        def visit(batch: list[_Message]) -> bool:
+            for m in batch:
+                if where.held is not None and m.waiting() != where.held:
+                    continue
+                if cutoff is not None and not m.created_at < cutoff:
+                    continue
+                if domain is not None and all(r.domain != domain for r in m.recipients.values()):
+                    continue
+                if where.state is not None and m.state() is not where.state:
+                    continue
+                if where.tag is not None and where.tag not in m.prepared.attributes.tags:
+                    continue
+                if where.states is not None and m.state() not in where.states:
+                    continue
+                found.append(take(m))
+                if len(found) >= where.limit:
+                    return True
+            return False
+
+        self._walk(visit)
         return found
+
+    def _walk(self, visit: Callable[[list[_Message]], bool], *, newest: bool | None = True) -> None:
+        """Call ``visit`` with the store's messages in the order of the lists (created
+        time, then queue order: newest first, oldest first with ``newest`` False, in no
+        order with None), at most :data:`WALK_BATCH` of them per call, each call under
+        the lock, until it returns True. Only the list of messages is copied under the
+        lock (in order, unless the store's clock ever went back: then sorted outside
+        it, the keys never change), and the lock is left free
+        between two calls, as :meth:`_in_batches` leaves it: ``send_email`` and the
+        worker wait for one batch, not for the whole queue. A message purged meanwhile
+        is left out; one enqueued meanwhile is not seen (it came after the walk began)."""
+        with self._lock:
+            messages = list(self._messages.values())
+            in_order = self._created_in_order
+        if newest is not None:
+            if not in_order:
+                messages.sort(key=_created_order)
+            if newest:
+                messages.reverse()
+        current = self._messages
+        for start in range(0, len(messages), WALK_BATCH):
+            if start:
+                time.sleep(_BATCH_PAUSE)
+            with self._lock:
+                batch = [m for m in messages[start : start + WALK_BATCH] if current.get(m.id) is m]
+                if visit(batch):
+                    return
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""
         # A negative limit is none, as in every store (a slice's -1 dropped the oldest).
-        with self._lock:
-            newest = self._newest_first()[: row_limit(limit)]
-            return [self._listed(m) for m in newest]
+        wanted = row_limit(limit)
+        found: list[MessageStatus] = []
+
+        def visit(batch: list[_Message]) -> bool:
+            found.extend(self._listed(m) for m in batch[: wanted - len(found)])
+            return len(found) >= wanted
+
+        if wanted:
+            self._walk(visit)
+        return found
 
     def _listed(self, m: _Message) -> MessageStatus:
         """``m`` as a list shows it: without history, with the pauses its status shows."""
         return with_throttles(m.snapshot(with_history=False), self._paused_in(m))
 
     def stats(self) -> QueueStats:
-        """Counts of recipients by state and of pending recipients by domain."""
+        """Counts of recipients by state and of pending recipients by domain (in batches:
+        :meth:`_walk`)."""
         by_state = dict.fromkeys(RecipientState, 0)
         by_domain: dict[str, int] = {}
-        with self._lock:
-            for m in self._messages.values():
+        messages = held = 0
+
+        def visit(batch: list[_Message]) -> bool:
+            nonlocal messages, held
+            messages += len(batch)
+            for m in batch:
                 for r in m.recipients.values():
                     by_state[r.state] += 1
                     if r.state in _PENDING:
                         by_domain[r.domain] = by_domain.get(r.domain, 0) + 1
-            return QueueStats(
-                by_state=by_state,
-                pending_by_domain=by_domain,
-                messages=len(self._messages),
-                held=sum(m.waiting() for m in self._messages.values()),
-            )
+                held += m.waiting()
+            return False
+
+        self._walk(visit, newest=None)
+        return QueueStats(
+            by_state=by_state, pending_by_domain=by_domain, messages=messages, held=held
+        )
 
     # --- operator tools ----------------------------------------------------------------
 
@@ -144,8 +198,7 @@ class MemoryOperatorMixin:
     def count(self, *, now: datetime, where: QueueFilter, cap: int) -> int:
         """How many messages match ``where``, at most ``cap``."""
         where = replace(where, limit=row_limit(cap, "cap"))
-        with self._lock:
-            return len(self._matching(now, where))
+        return len(self._matching(now, where, _message_id))
 
     def _in_batches(
         self, message_ids: Sequence[str], change: Callable[[list[_Message]], None]
@@ -314,3 +367,12 @@ class MemoryOperatorMixin:
         """When the first timed suspension in force ends (call under the lock): work at
         that domain may become due then."""
         return earliest(*(s.until for s in self._suspended.values() if s.active(now)))
+
+
+def _message_id(m: _Message) -> str:
+    return m.id
+
+
+def _created_order(m: _Message) -> tuple[datetime, int]:
+    """The order of the lists: created time, then queue order."""
+    return m.created_at, m.seq

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -31,7 +31,9 @@ class MemorySuppressionsMixin:
 
         def _get(self, message_id: str) -> _Message: ...
 
-        def _newest_first(self) -> list[_Message]: ...
+        def _walk(
+            self, visit: Callable[[list[_Message]], bool], *, newest: bool | None = True
+        ) -> None: ...
 
         def _append_event(
             self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
@@ -118,12 +120,16 @@ class MemorySuppressionsMixin:
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first."""
-        with self._lock:
-            return [
-                m.id
-                for m in self._newest_first()
-                if m.prepared.header_message_id == header_message_id
-            ][: row_limit(limit)]
+        wanted = row_limit(limit)
+        found: list[str] = []
+
+        def visit(batch: list[_Message]) -> bool:
+            found.extend(m.id for m in batch if m.prepared.header_message_id == header_message_id)
+            return len(found) >= wanted
+
+        if wanted:
+            self._walk(visit)
+        return found[:wanted]
 
 
 def _in_utc(entry: Suppression) -> Suppression:
