@@ -3,7 +3,8 @@
 Pages walk the index ``messages_newest`` in keyset order and probe each message's
 recipients by primary key, stopping at the page's limit; PostgreSQL's planner drives the
 page from an index of the matching rows instead when a filter is selective (the held
-messages, recipients by state but delivered: migrations 0021 and 0022). Counts come from
+messages, recipients by state but delivered, delivered recipients by domain: migrations
+0021, 0022 and 0024). Counts come from
 the partial index of pending recipients.
 """
 
@@ -292,11 +293,15 @@ class PostgresReadModel:
             conditions.append(f"(m.created_at, m.seq) {'<' if newest else '>'} (%s, %s)")
             params += [query.after.created_at, query.after.seq]
         search = query.search
+        # A delivered message's recipients are all delivered: its domain's are a range
+        # of recipients_delivered_domain (migration 24), where every recipient of the
+        # domain was read (a sequential scan) for the few delivered ones.
+        delivered = " AND d.state = 'delivered'" if query.view is QueueView.DELIVERED else ""
         for domain in (query.domain, search and search.domain):
             if domain:
                 conditions.append(
                     "EXISTS (SELECT 1 FROM recipients d WHERE d.message_id = m.id"
-                    " AND d.domain = %s)"
+                    f" AND d.domain = %s{delivered})"
                 )
                 params.append(domain.lower())
         if search is not None and search.address is not None:

@@ -169,6 +169,38 @@ def _state_values(where: QueueFilter) -> list[str] | None:
     return None if where.states is None else sorted(s.value for s in where.states)
 
 
+_LISTS = ("query", "select_ids", "count")
+"""The queries of a queue filter (:meth:`PostgresStore.query`, ``select_ids``, ``count``)."""
+_AT_DOMAIN = "@delivered_domain"
+"""The name of their variant for a domain and the delivered state alone (:func:`_listing`)."""
+_DELIVERED_DOMAIN = (
+    b" EXISTS (SELECT 1 FROM recipients dd WHERE dd.message_id = m.id"
+    b" AND dd.domain = %(domain)s::text AND dd.state = 'delivered') AND"
+)
+
+
+def _delivered_at_domain(text: bytes) -> bytes:
+    """``text`` (a query of :data:`_LISTS`) led by a condition that holds for every
+    delivered message with a recipient at the filter's domain: the range of that domain
+    in the index recipients_delivered_domain (migration 24). The filter's own test of the
+    domain sits inside an OR with its NULL test, which PostgreSQL never makes a join of
+    (it pulls sub-selects up before it folds the parameters), so it probed every message
+    of the queue, newest first, for its recipients at the domain."""
+    head, where, tail = text.partition(b"WHERE")
+    assert where, "a queue filter's query has a WHERE"
+    return head + where + _DELIVERED_DOMAIN + tail
+
+
+def _listing(name: str, where: QueueFilter) -> str:
+    """The query ``name`` (one of :data:`_LISTS`) for ``where``: its variant led by the
+    delivered recipients of the domain when ``where`` has a domain and lists delivered
+    messages alone (a delivered message's recipients are all delivered)."""
+    states = effective_states(where.state, where.states)
+    if where.domain is not None and states is not None and states <= {RecipientState.DELIVERED}:
+        return name + _AT_DOMAIN
+    return name
+
+
 def _filter_params(now: datetime, where: QueueFilter) -> dict[str, object]:
     """The parameters of ``_queue_filter`` (query, select_ids) for ``where`` at ``now``."""
     now = aware_utc(now, "now")  # ages are reckoned from it: a naive one has none
@@ -228,6 +260,9 @@ class PostgresStore:
         self._unanswered = unanswered.UnansweredRecords()
         self._unanswered_leases = unanswered.UnansweredLeases()
         self._queries = {name: text.encode() for name, text in queries().items()}
+        self._queries.update(
+            {f"{name}{_AT_DOMAIN}": _delivered_at_domain(self._queries[name]) for name in _LISTS}
+        )
         self._statistics = PlannerStatistics()
         self._turns: dict[str, str] = {}
         """Where each lane's walk of destinations reached (:func:`_advance_turns`)."""
@@ -1070,14 +1105,16 @@ class PostgresStore:
 
     def query(self, *, now: datetime, where: QueueFilter | None = None) -> list[MessageStatus]:
         """Messages matching ``where``, newest first, without attempt history."""
-        params = _filter_params(now, where or QueueFilter())
+        where = where or QueueFilter()
+        params = _filter_params(now, where)
         params["now"] = datetime.now(UTC)  # a pause lasts by the clock, as status() reads it
-        return _listed(self._fetch_dicts("query", params))
+        return _listed(self._fetch_dicts(_listing("query", where), params))
 
     def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
         """The ids :meth:`query` lists for ``where``, in its order (the same conditions),
         without the messages' recipients."""
-        return [row[0] for row in self._fetch("select_ids", _filter_params(now, where))]
+        found = self._fetch(_listing("select_ids", where), _filter_params(now, where))
+        return [row[0] for row in found]
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""
@@ -1462,7 +1499,7 @@ class PostgresStore:
             "tag": where.tag,
             "cap": row_limit(cap, "cap"),  # past a bigint: InvalidArgument, not refused
         }
-        [(n,)] = self._fetch("count", params)
+        [(n,)] = self._fetch(_listing("count", where), params)
         return int(n)
 
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
