@@ -581,3 +581,43 @@ def test_a_parent_signed_message_goes_out_signed_by_the_subdomain_keys_added_sin
     assert_all_pass(received.content, dns_server)
     assert status.dkim is not None
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
+
+
+def test_a_message_from_two_subdomains_goes_out_signed_by_the_keys_of_each(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """Mail from news.sender.test and shop.sender.test (two From mailboxes, a Sender) was
+    signed by the parent's keys; while it waited, the parent's were removed and both
+    subdomains' added. send_email now signs it by the keys of each From domain; the
+    worker signed it anew by those of the first alone, and a receiver saw no signature
+    aligned with the second mailbox. It goes out signed as send_email would sign it."""
+    mx = receivers[True]
+    store = MemoryStore()
+    message = Email(
+        from_=["news@news.sender.test", "shop@shop.sender.test"],
+        sender="desk@sender.test",
+        to=["bob@modern.test"],
+        subject="N",
+        text="n\n",
+    )
+    old = prepare(message, now=datetime.now(UTC), dkim=CONFIG)
+    assert [s.domain for s in old.dkim] == ["sender.test"] * 2
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    subdomains = DKIMConfig(keys=(*dual("news.sender.test").keys, *dual("shop.sender.test").keys))
+    publish(dns_server, subdomains)
+    for gone in CONFIG.keys:
+        dns_server.delete(gone.dns_record().name)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=subdomains)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    now_signed = prepare(message, now=datetime.now(UTC), dkim=subdomains).dkim
+    assert sent == [(s.domain, s.selector, s.algorithm.value) for s in now_signed]
+    assert {d for d, _, _ in sent} == {"news.sender.test", "shop.sender.test"}
+    assert_all_pass(received.content, dns_server, signatures=4)
+    assert status.dkim is not None
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent

@@ -591,6 +591,52 @@ def test_a_parent_s_signature_whose_keys_were_removed_is_made_by_the_subdomain_s
     ]
 
 
+def test_a_message_from_several_domains_is_signed_anew_by_the_keys_of_each() -> None:
+    """Mail from news.example.com and shop.example.com (two From mailboxes, a Sender)
+    signed by example.com's keys; they were removed while it waited and both
+    subdomains' added. send_email now signs it by the keys of every From domain; the
+    worker signed it anew by those of the first From domain alone. And with
+    news.example.com's keys kept and only shop.example.com's added, the parent's
+    signature (ours, for the shop mailbox) was taken for the application's own."""
+    later = NOW + timedelta(days=30)
+    news, shop = dual("news.example.com"), dual("shop.example.com")
+    both = DKIMConfig(keys=(*news.keys, *shop.keys))
+    message = email(from_=["a@news.example.com", "b@shop.example.com"], sender="d@example.com")
+    now_signed = [(s.domain, s.selector) for s in prepare(message, now=later, dkim=both).dkim]
+    assert now_signed == [
+        ("news.example.com", "rsa"),
+        ("news.example.com", "ed"),
+        ("shop.example.com", "rsa"),
+        ("shop.example.com", "ed"),
+    ]
+    stored = prepare(message, now=NOW, dkim=DKIM).data
+    assert [t["d"] for t in signature_tags(stored)] == ["example.com"] * 2
+    out = as_sent(stored, both, now=later)
+    assert out is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(out)] == now_signed
+    assert out.split(b"\r\nFrom: ", 1)[1] == stored.split(b"\r\nFrom: ", 1)[1]
+    assert resign_stale(out, both, now=later) is None
+    # Signed by news.example.com's and example.com's (for the shop mailbox); the
+    # parent's removed since, shop.example.com's added: the parent's go, shop's sign.
+    first = prepare(message, now=NOW, dkim=DKIMConfig(keys=(*news.keys, *DKIM.keys))).data
+    assert [t["d"] for t in signature_tags(first)] == ["news.example.com"] * 2 + ["example.com"] * 2
+    out = as_sent(first, both, now=later)
+    assert out is not None
+    assert sorted((t["d"], t["s"]) for t in signature_tags(out)) == sorted(now_signed)
+    assert resign_stale(out, both, now=later) is None
+    # The application's own signature of the parent, below ours by the keys of both
+    # From domains configured now: no rotation.
+    raw = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=app1; c=relaxed/relaxed;"
+        b" h=from; bh=abc=; b=xyz=\r\n"
+        b"From: a@news.example.com, b@shop.example.com\r\nSender: d@example.com\r\n"
+        b"To: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+    )
+    own = prepare(raw, now=NOW, dkim=both).data
+    assert [t["d"] for t in signature_tags(own)][-1] == "example.com"
+    assert resign_stale(own, both, now=later) is None
+
+
 def test_the_application_s_own_signature_of_the_domain_is_no_rotation() -> None:
     """A raw message the application signed itself, with a selector of its own for the
     domain mailstrom signs too: its signature is below the ones ``sign()`` puts on top,

@@ -161,8 +161,9 @@ def resign_stale(
     keys that sign for a signature's ``d=`` are chosen as at ``send_email``: those of
     ``d=`` itself, else of its most specific parent with keys (its own removed, a
     parent's kept: :meth:`DKIMConfig.signing_domain`); of a ``d=`` without keys whose
-    subdomain has some, those that sign its From domain (a parent's removed, a
-    subdomain's added: :meth:`DKIMConfig.domains_below`). A signature is stale when:
+    subdomain has some, those that sign its From domains below it, each one's (a
+    parent's removed, subdomains' added: :meth:`DKIMConfig.domains_below`). A signature
+    is stale when:
 
     - it expires (``x=``) before ``now + before``: no receiver may get a signature it must
       treat as invalid (RFC 6376 §3.5, §6.1.1), as a retry days later, a held message
@@ -242,13 +243,13 @@ def resign_stale_top(
         if not current and name is not None:
             owner = dkim.signing_domain(name)
             below = dkim.domains_below(name)
-            if below:  # its key domain is the From's (see _own_pending), or none
-                for key_domain in below:
-                    if key_domain in current_keys:  # ours are on top: seen by now
-                        owner = None
-                        break
-                else:
-                    pending.append(len(fields))
+            # Its key domains are the From domains' (see _own_pending), or none. Ours are
+            # on top, seen by now: when each key domain below has one, it is the
+            # application's own, whatever the From domains.
+            if below and (owner is not None or any(k not in current_keys for k in below)):
+                pending.append(len(fields))
+            elif below:
+                owner = None
         if algorithm is not None:
             algorithm = algorithm.lower()
         if (
@@ -333,31 +334,39 @@ def _own_pending(
     some. Mail from ``news.example.com`` was signed by ``example.com``'s keys while only
     they were configured; theirs removed and ``news.example.com``'s added since, the keys
     that sign it now are those (as :func:`sign` picks them at ``send_email``, by the From
-    domain), not none. Which subdomain's, the From field of ``data`` (its header after
-    the signature fields, from ``at``) says. But a message with a signature by a key of
-    a key domain below ``d=`` was signed by that domain's keys, not by ``d=``'s (the
-    most specific): its signature of ``d=`` is the application's own, and stays."""
+    domains), not none. Which subdomains', the From field of ``data`` (its header after
+    the signature fields, from ``at``) says: the key domains of its domains below ``d=``
+    (a From of ``news.example.com`` and ``shop.example.com`` is signed by both's keys).
+    Those without a signature by a key configured now sign in its place. When every one
+    has such a signature, the one of ``d=`` is the application's own, and stays: ours of
+    those domains were made by their keys, not by ``d=``'s (the most specific)."""
     froms: tuple[str, ...] | None = None
     for index in pending:
         start, end, name, owner, selector, algorithm, by_current = fields[index]
         assert name is not None  # pending only with a d=
-        if any(key_domain in current_keys for key_domain in dkim.domains_below(name)):
-            owner = None
-        else:
-            if froms is None:
-                # Loaded here: a signature of a parent beside a subdomain with keys is rare.
-                from mailstrom.message.envelope import from_domains_of
+        if froms is None:
+            # Loaded here: a signature of a parent beside a subdomain with keys is rare.
+            from mailstrom.message.envelope import from_domains_of
 
-                blank = data.find(b"\r\n\r\n", at)
-                froms = from_domains_of(data[at : len(data) if blank == -1 else blank + 4])
-            suffix = "." + name
-            for domain in froms:
-                if domain == name or domain.endswith(suffix):
-                    owner = dkim.signing_domain(domain) or owner
-                    break
+            blank = data.find(b"\r\n\r\n", at)
+            froms = from_domains_of(data[at : len(data) if blank == -1 else blank + 4])
+        suffix = "." + name
+        unsigned: list[str] = []  # key domains of From domains under d=, none of ours on top
+        signed = False  # and whether one has one
+        for domain in froms:
+            if domain == name or domain.endswith(suffix):
+                key_domain = dkim.signing_domain(domain)
+                if key_domain is not None and key_domain in current_keys:
+                    signed = True
+                elif key_domain is not None and key_domain not in unsigned:
+                    unsigned.append(key_domain)
+        if unsigned:
+            owner = unsigned[0]
+        elif signed or any(k in current_keys for k in dkim.domains_below(name)):
+            owner = None
         fields[index] = (start, end, name, owner, selector, algorithm, by_current)
-        if owner is not None:
-            rotated[owner, algorithm] = None
+        for key_domain in unsigned or (() if owner is None else (owner,)):
+            rotated[key_domain, algorithm] = None
 
 
 def _stale(
