@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import dkim as dkimpy
 import pytest
 
 from mailstrom import Attachment, DKIMAlgorithm, DKIMSignature, DKIMStatus, Email, RecipientState
@@ -621,3 +622,53 @@ def test_a_message_from_two_subdomains_goes_out_signed_by_the_keys_of_each(
     assert_all_pass(received.content, dns_server, signatures=4)
     assert status.dkim is not None
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
+
+
+def test_the_application_s_own_signature_stays_when_the_domain_s_keys_rotated(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """A raw message the application signed itself (with dkimpy, a selector of its own
+    of the domain mailstrom signs), queued, then mailstrom's keys rotated. None of the
+    domain's signatures was by a key configured now, so the worker took the
+    application's for one of ours and stripped it; the receiver got ours, made anew,
+    and not the application's, which still verifies. It goes out with both."""
+    mx = receivers[True]
+    store = MemoryStore()
+    app = DKIMKey(domain="sender.test", selector="app1", private_key=generate_private_key(RSA))
+    publish(dns_server, DKIMConfig(keys=(app,)))
+    raw = (
+        b"From: app@sender.test\r\nTo: bob@modern.test\r\nSubject: A\r\n"
+        b"Date: Mon, 05 Jan 2026 12:00:00 +0000\r\nMessage-ID: <a1@sender.test>\r\n\r\n"
+        b"body\r\n"
+    )
+    field = dkimpy.sign(
+        raw,
+        b"app1",
+        b"sender.test",
+        app.private_key,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
+    )
+    old = prepare(field + raw, now=datetime.now(UTC), dkim=CONFIG)
+    assert [t["s"] for t in signature_tags(old.data)] == ["rsa", "ed", "app1"]
+    assert_all_pass(old.data, dns_server, signatures=3)
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    new = rotated()
+    publish(dns_server, new)
+    for gone in CONFIG.keys:
+        dns_server.delete(gone.dns_record().name)
+    results = Results()
+    with Mailstrom(
+        loopback_config(dns_server, mx.port, dkim=new), store=store, on_result=results
+    ) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    assert sent == [
+        ("sender.test", "rsa2027", "rsa-sha256"),
+        ("sender.test", "ed2027", "ed25519-sha256"),
+        ("sender.test", "app1", "rsa-sha256"),
+    ]
+    assert_all_pass(received.content, dns_server, signatures=3)

@@ -670,6 +670,44 @@ def test_the_application_s_own_signature_of_the_domain_is_no_rotation() -> None:
     assert resign_stale(own_ed, DKIM, now=NOW + timedelta(minutes=5)) is None
 
 
+def test_the_application_s_own_signature_of_a_rotated_domain_stays() -> None:
+    """The application signed a raw message with a selector of its own of the domain
+    mailstrom signs; mailstrom's keys of that domain were rotated while it waited. Every
+    signature of the domain was by a key not configured now, so the application's went
+    with ours, though nothing of ours can make it again. Ours are the fields one sign()
+    put on top (its layout, one t=); only those are made anew."""
+    later = NOW + timedelta(days=30)
+    rotated = DKIMConfig(keys=(key("example.com", "rsa2", RSA), key("example.com", "ed2", ED25519)))
+    for app in (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=app1; c=relaxed/relaxed;"
+        b" h=from; bh=abc=; b=xyz=\r\n",
+        # Made by mailstrom's own sign() too, a minute before send_email: another t=.
+        sign(
+            b"From: a@example.com\r\n\r\nbody\r\n",
+            [key("example.com", "app1", ED25519)],
+            now=NOW - timedelta(minutes=1),
+        )[0].split(b"From:")[0],
+    ):
+        raw = app + b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+        stored = prepare(raw, now=NOW, dkim=DKIM).data
+        assert [t["s"] for t in signature_tags(stored)] == ["rsa", "ed", "app1"]
+        out = as_sent(stored, rotated, now=later)
+        assert out is not None
+        assert [(t["d"], t["s"]) for t in signature_tags(out)] == [
+            ("example.com", "rsa2"),
+            ("example.com", "ed2"),
+            ("example.com", "app1"),
+        ]
+        assert out[out.index(app) :] == stored[stored.index(app) :]
+        assert resign_stale(out, rotated, now=later) is None
+    # Mailstrom did not sign it (no key of the domain then): the signatures on top are
+    # the application's, taken for ours as before (nothing tells them apart).
+    unsigned = prepare(raw, now=NOW, dkim=dual("example.net")).data
+    out = as_sent(unsigned, rotated, now=later)
+    assert out is not None
+    assert [t["s"] for t in signature_tags(out)] == ["rsa2", "ed2"]
+
+
 def test_the_application_s_own_signature_stays_when_ours_are_made_anew_for_x() -> None:
     """The application's own signatures (a selector of its own of the domain mailstrom
     signs, and one of a subdomain without keys) below ours: when ours are made anew

@@ -90,12 +90,12 @@ _FWS = b" \t\r\n"
 _MADE = re.compile(
     rb"DKIM-Signature: v=1; a=([a-z0-9-]{1,32}); c=relaxed/relaxed;[ \t\r\n]{1,3}"
     rb"d=([^; \t\r\n]{1,255});[ \t\r\n]{1,3}s=([^; \t\r\n]{1,255});[ \t\r\n]{1,3}"
-    rb"t=[0-9]{1,20};(?:[ \t\r\n]{1,3}x=([0-9]{1,20});)?"
+    rb"t=([0-9]{1,20});(?:[ \t\r\n]{1,3}x=([0-9]{1,20});)?"
     rb"[^\r]*(?:\r\n[ \t][^\r]*)*\r\n(?![ \t])"
 )
 """A whole field :func:`sign` made (its tags in its order, folded where it folds them):
-its ``a=``, ``d=``, ``s=`` and ``x=``, and where it ends, in one match. Other fields' tags are
-looked up one by one (:func:`_tag`)."""
+its ``a=``, ``d=``, ``s=``, ``t=`` and ``x=``, and where it ends, in one match. Other
+fields' tags are looked up one by one (:func:`_tag`)."""
 _VALUE = re.compile(rb"[ \t\r\n]*([^; \t\r\n]{1,255})")
 """A tag's value after its ``=``: up to the next ``;`` or FWS (``x=`` and ``d=`` hold
 none), at most 255 octets (a domain name's limit; int() refuses some thousand digits)."""
@@ -185,9 +185,13 @@ def resign_stale(
 
     The signatures on top that the keys of a stale one sign for go, and those keys sign
     in their place, with ``dkim.expire``: those by these keys, and those by keys rotated
-    away. The application's own (a selector of its own beside a signature by a key
-    configured now, of its algorithm) stays as it came, as when nothing is signed anew.
-    Of the other signatures, those whose
+    away. The application's own stays as it came, as when nothing is signed anew: one
+    below ours (the fields one ``sign()`` put on top at ``send_email``, in its layout, of
+    one ``t=``), even when every signature of its domain is by a key not configured now,
+    or a selector of its own beside a signature by a key configured now, of its
+    algorithm. (A message ``send_email`` did not sign has none of ours on top: its
+    signatures are all taken for ours, as is the application's own made by ``sign()``
+    in the same second as ours.) Of the other signatures, those whose
     ``x=`` has passed by ``now`` go too: every receiver treats them as invalid,
     and nothing can sign them anew when no key of their domain is configured any more
     (all removed while the message waited); one without ``x=``, or not expired yet, stays
@@ -225,13 +229,24 @@ def resign_stale_top(
     rotated: dict[tuple[str, bytes | None], None] = {}
     expired: set[int] = set()  # where a signature by no key configured now, x= past, is
     pending: list[int] = []  # fields of a d= without keys but with key domains below it
+    # Ours are the fields on top that one sign() made at send_email: its layout, one t=.
+    # Below them, the application's own (made before send_email) are never taken for
+    # ours rotated away. All are taken for ours when the top one is not sign()'s.
+    made_at: bytes | None = None  # the t= of the top field, when sign() made it
+    mine = True  # the field is one of ours
     at = 0
     while data.startswith(_SIGNATURE, at):
         made = _MADE.match(data, at)
-        if made is not None:  # sign()'s layout: its a=, d=, s=, x= and end in one match
-            algorithm, found, selector, expiry = made.groups()
+        if made is not None:  # sign()'s layout: its a=, d=, s=, t=, x= and end in one match
+            algorithm, found, selector, signed_at, expiry = made.groups()
             end = made.end()
+            if at == 0:
+                made_at = signed_at
+            elif made_at is not None and signed_at != made_at:
+                mine = False
         else:
+            if made_at is not None:
+                mine = False
             end = _field_end(data, at)
             found, algorithm = _tag(data, b"d=", at, end), _tag(data, b"a=", at, end)
             selector, expiry = _tag(data, b"s=", at, end), _tag(data, b"x=", at, end)
@@ -240,7 +255,7 @@ def resign_stale_top(
         # A d= without keys of its own now (a subdomain's keys removed, its parent's
         # kept) is signed by its parent's: a signature of it is by no key configured now.
         owner = name
-        if not current and name is not None:
+        if not current and name is not None and mine:
             owner = dkim.signing_domain(name)
             below = dkim.domains_below(name)
             # Its key domains are the From domains' (see _own_pending), or none. Ours are
@@ -268,6 +283,8 @@ def resign_stale_top(
                 if int(expiry) <= deadline:
                     domains.append(name)
         else:  # by no key configured now
+            if not mine:  # the application's own: stays, and is no key rotated away
+                owner = None
             fields.append((at, end, name, owner, selector, algorithm, False))
             if owner is not None and (not pending or pending[-1] != len(fields) - 1):
                 rotated[owner, algorithm] = None
