@@ -126,6 +126,31 @@ def test_a_newer_schema_migrated_by_another_process_meanwhile_is_corrupt(
     assert not worth_waiting(raised.value)
 
 
+def test_an_enqueue_a_newer_mailstroms_migration_broke_is_corrupt(db: Path) -> None:
+    """A rolling upgrade: a newer mailstrom migrated the queue under this running one and
+    moved a column that enqueue writes (as version 20 moved messages.data out). SQLite
+    says "table messages has no column named ...", which was a plain StoreError:
+    send_email failed as if for a passing trouble, to be retried for ever. It is
+    StoreCorrupt saying why, for every call from then on, and nothing is written."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message(), now=NOW)
+        with closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("ALTER TABLE messages RENAME COLUMN subject TO subject_text")
+            conn.execute("PRAGMA user_version = 9999")
+        with pytest.raises(StoreCorrupt) as raised:
+            store.enqueue(message(), now=NOW)
+        text = str(raised.value)
+        assert f"{db}: database schema version 9999 is newer" in text
+        assert "migrated it while this one had it open" in text
+        with pytest.raises(StoreCorrupt, match="9999"):
+            store.stats()
+    finally:
+        store.close()
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
+
+
 @pytest.mark.parametrize("table", ["users", "messages"])
 def test_another_programs_database_is_not_a_mailstrom_database(db: Path, table: str) -> None:
     """A store URL naming another program's SQLite file (an application's db.sqlite3):

@@ -42,8 +42,9 @@ worker delivers them at once instead of after ``lease_for``
 Errors: SQLite errors become :class:`StoreError` (try again later), except those that
 retrying cannot fix, which become :class:`StoreCorrupt`: a damaged file or one that is no
 database, a schema newer than this mailstrom knows (found at open, or by the worker's next
-lease or record once a newer mailstrom migrated the database meanwhile: every call fails
-from then on), a database file deleted or replaced while the store has it open, and its
+lease or record once a newer mailstrom migrated the database meanwhile, or by any
+statement of this one that its migration broke, an enqueue's say: every call fails from
+then on), a database file deleted or replaced while the store has it open, and its
 ``-shm`` file deleted meanwhile (found by the next write: the store then refuses every
 call, and leaves the WAL to the next process that opens the database rather than write it
 into the database by a stale index); "database is locked" is :class:`StoreLocked`.
@@ -950,14 +951,15 @@ class SQLiteStore:
     def _newer_schema_behind(
         self, exc: sqlite3.Error, conn: sqlite3.Connection | None
     ) -> StoreCorrupt | None:
-        """StoreCorrupt when ``exc`` is SQLite missing a table or column a statement of
-        this mailstrom names ("no such column") because a newer mailstrom changed the
-        schema since this store opened it: a call other than a lease or record (the
+        """StoreCorrupt when ``exc`` is SQLite refusing a statement of this mailstrom
+        (SQLITE_ERROR: "no such column", "table messages has no column named data", an
+        ON CONFLICT target gone...) because a newer mailstrom changed the schema since
+        this store opened it: a call other than a lease or record (an enqueue, the
         heartbeat's, a view's) finds it so, where it read as a passing trouble, retried
         for ever. Only read on such an error."""
         if conn is None or not isinstance(exc, sqlite3.OperationalError):
             return None
-        if not str(exc).startswith("no such "):
+        if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_ERROR:
             return None
         try:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
