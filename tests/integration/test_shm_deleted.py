@@ -121,3 +121,49 @@ def test_a_worker_whose_shm_was_deleted_stops_and_loses_nothing(
     store.close()
     assert _queued(path) == {first, *others}
     assert [list(m.rcpt_tos) for m in mx.messages] == [["first@example.org"]]
+
+
+# --- the -wal file alone ---------------------------------------------------------------------
+
+KILLED = textwrap.dedent(
+    """
+    import os, sys
+    from datetime import UTC, datetime
+    from mailstrom.errors import StoreCorrupt
+    from mailstrom.stores import SQLiteStore
+    from tests.contract.support import message
+
+    store = SQLiteStore(sys.argv[1])
+    print(store.enqueue(message("before@example.org"), now=datetime.now(UTC)))
+    os.unlink(sys.argv[1] + "-wal")
+    try:
+        print(store.enqueue(message("after@example.org"), now=datetime.now(UTC)))
+    except StoreCorrupt as exc:
+        print("refused:", exc)
+    sys.stdout.flush()
+    os._exit(0)  # killed: the store is never closed
+    """
+)
+
+
+def test_a_store_whose_wal_was_deleted_refuses_to_write_and_keeps_what_it_queued(
+    tmp_path: Path,
+) -> None:
+    """The -wal file alone deleted under a running store: its connections went on writing
+    to the deleted file, and send_email acknowledged mail that only that process's open
+    file held; killed before it closed the store, every message since the last
+    checkpoint (and those of before the deletion) was gone. The next write is refused,
+    naming the file, and what the deleted file held is written into the database."""
+    path = tmp_path / "q.db"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED, str(path)],
+        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    before, after = proc.stdout.decode().splitlines()
+    assert after.startswith("refused: "), after
+    assert f"-wal file {path}-wal was deleted" in after and "Stop every process" in after
+    assert _queued(path) == {before}

@@ -47,7 +47,9 @@ statement of this one that its migration broke, an enqueue's say: every call fai
 then on), a database file deleted or replaced while the store has it open, and its
 ``-shm`` file deleted meanwhile (found by the next write: the store then refuses every
 call, and leaves the WAL to the next process that opens the database rather than write it
-into the database by a stale index); "database is locked" is :class:`StoreLocked`.
+into the database by a stale index), or its ``-wal`` file (found by the next write too:
+the store refuses every call, and first writes what the deleted file held into the
+database); "database is locked" is :class:`StoreLocked`.
 
 ``read_only=True`` opens the file for reading only (``mode=ro``): no pragma that writes, no
 migration, so views work on a read-only mount. A WAL database whose ``-wal`` file does not
@@ -416,11 +418,11 @@ def _identity(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _shm_identity(shm: str) -> tuple[int, int] | None:
-    """(device, inode) of the ``-shm`` file ``shm``, None when there is none; OSError
-    when that cannot be told."""
+def _side_identity(side: str) -> tuple[int, int] | None:
+    """(device, inode) of the ``-shm`` or ``-wal`` file ``side``, None when there is none;
+    OSError when that cannot be told."""
     try:
-        st = os.stat(shm)
+        st = os.stat(side)
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
@@ -629,9 +631,13 @@ class SQLiteStore:
         """The schema version this mailstrom knows, and the database's once opened."""
         self._newer: str | None = None
         """Why every call fails, once a newer mailstrom migrated the database under this
-        store (see :meth:`_refuse_newer_schema`), or its ``-shm`` file was deleted or
-        replaced under it (see :meth:`_check_shm`)."""
+        store (see :meth:`_refuse_newer_schema`), or its ``-shm`` or ``-wal`` file was
+        deleted or replaced under it (see :meth:`_check_shm`, :meth:`_wal_gone`)."""
         self._shm_path = ""
+        self._wal_path = ""
+        self._wal: tuple[int, int] | None = None
+        """(device, inode) of the ``-wal`` file this process's connections write, once
+        known (see :meth:`_wal_gone`)."""
         self._held_back = False
         """Whether this process holds back its checkpoint (:meth:`_keep_from_checkpointing`)."""
         self._shm: tuple[int, int] | None = None
@@ -701,7 +707,9 @@ class SQLiteStore:
         self._file = _identity(self._path)  # checked on every checkout from now on
         # Named once: beside() resolves symlinks, a few system calls per write.
         self._shm_path = beside(self._path, "-shm")
-        self._shm = _shm_identity(self._shm_path)  # checked by every write (_check_shm)
+        self._shm = _side_identity(self._shm_path)  # checked by every write (_check_shm)
+        self._wal_path = beside(self._path, "-wal")
+        self._wal = _side_identity(self._wal_path)  # and so is this one (_wal_gone)
         self._process_lock = self._open_lock_file()
 
     def _open_lock_file(self) -> ProcessLock | None:
@@ -778,10 +786,17 @@ class SQLiteStore:
                 conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
         try:
             self._check_shm()
+            gone = self._wal_gone()
         except BaseException:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
+        if gone is not None:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._newer = gone
+            self._write_back_wal(conn)
+            raise StoreCorrupt(gone)
 
     def _create_private(self) -> bool:
         """Create a missing database file readable and writable by its owner only (0600);
@@ -910,8 +925,9 @@ class SQLiteStore:
                     first = not self._idle and self._out == 1
                 if first:
                     # No connection of this process is open: this one may make a new
-                    # -shm file, rightly (the last process to close removed it).
-                    self._shm = None
+                    # -shm and -wal file, rightly (the last process to close removed
+                    # them).
+                    self._shm = self._wal = None
                 conn = self._connect()
             yield conn
         except sqlite3.Error as exc:
@@ -980,7 +996,7 @@ class SQLiteStore:
         (:meth:`_begin_immediate`): the ``-shm`` file exists while this process has the
         database open."""
         try:
-            found = _shm_identity(self._shm_path)
+            found = _side_identity(self._shm_path)
         except OSError:
             return  # cannot be told: the write decides
         if self._shm is None and found is not None:
@@ -999,6 +1015,52 @@ class SQLiteStore:
         self._newer = why
         self._keep_from_checkpointing()
         raise StoreCorrupt(why)
+
+    def _wal_gone(self) -> str | None:
+        """Why this store must not write any more when the ``-wal`` file is no longer the
+        one its connections write (each holds it open): deleted (a clean-up of "stray"
+        files, ``rm queue.db-wal``), or replaced. Its connections went on writing to the
+        deleted file, which no other process can read: what ``send_email`` acknowledged
+        was then kept only by this process's open files, and lost with everything the
+        file held before when the process was killed before it closed the store. Else
+        None.
+
+        Called at the start of every write transaction (one ``stat``), inside it
+        (:meth:`_begin_immediate`): the ``-wal`` file exists while a connection of this
+        process has the database open in WAL mode."""
+        if self._read_only:
+            return None  # its writes are refused by SQLite (mode=ro)
+        try:
+            found = _side_identity(self._wal_path)
+        except OSError:
+            return None  # cannot be told: the write decides
+        if found is not None and self._wal is None:
+            self._wal = found
+        if found is not None and found == self._wal:
+            return None
+        return (
+            f"the -wal file {self._wal_path} was deleted (or replaced) while the database"
+            " was in use (it holds the transactions not written into the database yet):"
+            f" this process writes nothing more to {self._path}. Stop every process that"
+            " uses it, then start them again; never delete the -wal or -shm file of a"
+            " database in use"
+        )
+
+    def _write_back_wal(self, conn: sqlite3.Connection) -> None:
+        """Write what the deleted ``-wal`` file holds (this process still has it open)
+        into the database at once: the transactions it holds, acknowledged already, are
+        no longer lost with this process. Once all of them are, nothing of this process
+        writes the database again (:meth:`_keep_from_checkpointing`): its stale file
+        would go over the transactions of a process that opened the database since.
+        Else (another process reads an older snapshot) the rest is written when the
+        store is closed, as before."""
+        try:
+            busy, frames, written = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.error("cannot write the deleted -wal file of %s back: %s", self._path, exc)
+            return
+        if busy == 0 and frames == written:
+            self._keep_from_checkpointing()
 
     def _keep_from_checkpointing(self) -> None:
         """Keep this process from writing the WAL into the database by its stale index
