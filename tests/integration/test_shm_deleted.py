@@ -167,3 +167,32 @@ def test_a_store_whose_wal_was_deleted_refuses_to_write_and_keeps_what_it_queued
     assert after.startswith("refused: "), after
     assert f"-wal file {path}-wal was deleted" in after and "Stop every process" in after
     assert _queued(path) == {before}
+
+
+def test_a_worker_whose_wal_was_deleted_stops_and_loses_nothing(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The worker process and send_email's store both refuse their next write; the
+    worker ends (a command's worker exits 74) and the mail stays in the database."""
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path)
+    results = Results()
+    cfg = config(dns_server, mx.port, poll_interval=0.2)
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        first = ms.send_email(hello("first@example.org"))
+        results.wait_count(1)
+        held = store.enqueue(message("held@example.org"), now=datetime.now(UTC), hold=True)
+        os.unlink(f"{path}-wal")
+        with pytest.raises(StoreCorrupt, match="-wal file"):
+            ms.send_email(hello("after@example.org", 2))
+        assert ms.worker is not None
+        assert ms.worker.wait_stopped(10)  # its next lease
+    finally:
+        ms.stop()
+    error = ms.worker_status.error
+    assert error is not None and "-wal file" in error
+    store.close()
+    assert _queued(path) == {first, held}
+    assert [list(m.rcpt_tos) for m in mx.messages] == [["first@example.org"]]
