@@ -663,6 +663,7 @@ def test_the_application_s_own_signature_stays_when_the_domain_s_keys_rotated(
     ) as ms:
         results.wait_count(1)
         status = ms.query_status(mid)
+        recent = {m.id: m.dkim for m in ms.query_recent()}
     assert status.state is RecipientState.DELIVERED
     [received] = mx.wait_for_messages(1)
     sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
@@ -672,3 +673,8 @@ def test_the_application_s_own_signature_stays_when_the_domain_s_keys_rotated(
         ("sender.test", "app1", "rsa-sha256"),
     ]
     assert_all_pass(received.content, dns_server, signatures=3)
+    # The status names the signatures mailstrom made, not the application's own (of a
+    # domain mailstrom has keys for, by a selector that is not one of them).
+    assert status.dkim is not None
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent[:2]
+    assert recent[mid] == status.dkim

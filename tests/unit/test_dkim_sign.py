@@ -323,7 +323,7 @@ def as_sent(data: bytes, dkim: DKIMConfig, *, now: datetime) -> bytes | None:
     if found is None:
         return None
     out, status = found
-    ours = [t for t in signature_tags(out) if dkim.selectors(t["d"])]
+    ours = [t for t in signature_tags(out) if t["s"].lower() in dkim.selectors(t["d"])]
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.signatures] == [
         (t["d"], t["s"], t["a"]) for t in ours
     ]

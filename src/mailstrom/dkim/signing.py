@@ -197,8 +197,9 @@ def resign_stale(
     (all removed while the message waited); one without ``x=``, or not expired yet, stays
     as it is, as its DNS record may still be published (a signature that fails counts
     for no more than none at all, at DMARC). Returned with the bytes: the message's DKIM
-    status as sent, the signatures they carry of the domains ``dkim`` has keys for (those
-    made now, then those kept), as ``sign`` says it of those it makes; failing those, all
+    status as sent, the signatures they carry by the keys ``dkim`` has (their ``d=`` and
+    ``s=``: those made now, then those kept; not the application's own of such a domain,
+    by a selector of its own), as ``sign`` says it of those it makes; failing those, all
     the signatures kept, or why none is left.
     """
     found = resign_stale_top(data, dkim, now=now, before=before)
@@ -326,10 +327,18 @@ def resign_stale_top(
     signed, signatures = (
         sign(rest, dkim.keys_for(domains), now=now, expire=dkim.expire) if domains else (rest, ())
     )
-    named = [s for s in (_named(n, sel, a) for _, _, n, _, sel, a, _ in kept) if s is not None]
-    ours = (*signatures, *(s for s in named if dkim.selectors(s.domain)))
+    # Ours kept are those by a key configured now (its d= and s=): the application's own
+    # of the same domain, by a selector of its own, is kept but is not ours.
+    named: list[DKIMSignature] = []
+    ours = list(signatures)
+    for _, _, name, _, selector, algorithm, by_current in kept:
+        signature = _named(name, selector, algorithm)
+        if signature is not None:
+            named.append(signature)
+            if by_current:
+                ours.append(signature)
     if ours or named:
-        return signed, DKIMStatus(signatures=ours or tuple(named)), at
+        return signed, DKIMStatus(signatures=tuple(ours or named)), at
     gone = sorted({name for start, _, name, *_ in fields if start in expired and name})
     reason = "its signatures had expired (x=)"
     if gone:
