@@ -171,6 +171,23 @@ def test_defer_takes_a_count_of_at_least_one(fake_mx: FakeMX, times: object) -> 
         fake_mx.defer("a@example.org", times=times)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("times", [-1, 1.5, True, "2"])
+def test_repeated_says_what_is_wrong_with_its_count(fake_mx: FakeMX, times: object) -> None:
+    """Repeated(reply, times=-1, then=...) was refused, as it was set, as "an empty list
+    of replies": a list the test never wrote, while its count was what was wrong."""
+    server = fake_mx.server
+    with pytest.raises(ValueError, match=r"Repeated\(times=\.\.\.\) must be a whole number"):
+        server.rcpt_replies["a@example.org"] = smtp_kit.Repeated(
+            "451 4.7.1 Later",
+            times,  # type: ignore[arg-type]
+            "250 2.1.5 OK",
+        )
+    assert server.rcpt_replies == {}
+    # None deferred is a count too: the rule [then].
+    server.rcpt_replies["a@example.org"] = smtp_kit.Repeated("451 4.7.1 Later", 0, "250 2.1.5 OK")
+    assert [server.rcpt_rule("a@example.org") for _ in range(2)] == ["250 2.1.5 OK"] * 2
+
+
 def test_scripts_need_the_right_kind_of_reply(fake_mx: FakeMX) -> None:
     with pytest.raises(ValueError, match="4xx"):
         fake_mx.defer("a@example.org", "550 5.1.1 nope")

@@ -22,11 +22,18 @@ Rule = str | Sequence[str]
 class Repeated(Sequence[str]):
     """``reply`` ``times`` over, then ``then``: the rule ``[reply] * times + [then]`` in
     constant memory (``FakeMX.defer(address, times=n)`` builds one; the list took 8 MB
-    for a million, and failed for more). Read-only, as a rule in use should be."""
+    for a million, and failed for more); ``times`` is a whole number, 0 or more
+    (:class:`ValueError` otherwise). Read-only, as a rule in use should be."""
 
     __slots__ = ("reply", "then", "times")
 
     def __init__(self, reply: str, times: int, then: str) -> None:
+        # Checked here: a count below 0 made len() 0, refused where the rule was set as
+        # "an empty list of replies", a list the test never wrote.
+        if isinstance(times, bool) or not isinstance(times, int) or times < 0:
+            raise ValueError(
+                f"Repeated(times=...) must be a whole number of at least 0, got {times!r}"
+            )
         self.reply = reply
         self.times = times
         self.then = then
