@@ -304,6 +304,24 @@ def test_an_action_is_confirmed_then_posted_then_logged(
     assert "Hold: held" in after and f"/action/release/{mid}" in after
 
 
+def test_holding_a_finished_message_does_not_say_held(client: TestClient, store: Store) -> None:
+    """A message that finished between its page and the click (its Hold button shown
+    while it was pending, or a form posted again) is not held (set_held leaves a finished
+    message as it is), and its status says so; the notice said "Hold: held" all the same."""
+    mid = store.enqueue(message("a@one.example"), now=NOW)
+    confirm = client.get(f"/action/hold/{mid}")
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    done = client.post(
+        f"/action/hold/{mid}", data={"csrf": _csrf(confirm.text)}, follow_redirects=False
+    )
+    assert done.status_code == 303
+    assert not store.status(mid).held
+    after = client.get(done.headers["location"]).text
+    assert "Hold: held" not in after
+    assert "Hold: not held as it has finished" in after
+    assert f"/action/release/{mid}" not in after
+
+
 def test_a_post_without_the_csrf_token_changes_nothing(
     client: TestClient, store: Store, ids: dict[str, str]
 ) -> None:

@@ -143,8 +143,15 @@ def _recipients(n: int) -> str:
 
 
 def _hold(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
+    """Hold the message, and say whether it is held: one that finished meanwhile (its
+    page offered the hold while it was pending) is left as it is, not held."""
     store.set_held(message_id, True)
-    return "held"
+    try:
+        held = store.status(message_id).held
+    except (StoreError, UnknownMessage) as exc:  # as for a retry: the hold is done
+        log.warning("hold %s: done, but what became of it cannot be read: %s", message_id, exc)
+        return "held unless it had finished"
+    return "held" if held else "not held as it has finished"
 
 
 def _release(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
