@@ -477,6 +477,10 @@ class WorkerStatus:
     started_at: datetime | None = None
     error: str | None = None
     in_flight: int = 0
+    """Recipients the worker holds for delivery, leased and not yet reported: on the wire,
+    or queued for a session or a destination's rate (a few seconds of it; see
+    "Traffic shaping" in the guide). A stop gives back what waits for a rate at once,
+    and no longer counts it."""
     delivered: int = 0
     deferred: int = 0
     failed: int = 0

@@ -221,3 +221,32 @@ def test_a_worker_whose_standard_error_is_a_broken_pipe_keeps_its_exit_code(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_gives_back_what_the_rate_holds_without_waiting_for_it(
+    mail_env: MailEnv,
+) -> None:
+    """Was: the messages the worker queued for a destination's rate (one a second here)
+    counted as deliveries in flight, so SIGTERM's drain waited for the rate to send them
+    all, up to ``--drain-timeout``. They go back to the store at once, untried, each due
+    at its place in the rate's schedule."""
+    cli, mx = mail_env.cli, mail_env.mx
+    cli.env["MAILSTROM_SHAPING_RULES"] = "example.test messages_per_minute=60"
+    ids = [send(cli, "--text", f"Hi {i}") for i in range(6)]
+    proc = cli.popen("worker", "--no-live", "--drain-timeout", "60")
+    try:
+        mx.wait_for_messages(1, timeout=30)  # the rest waits for the rate
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - began
+    finally:
+        code, err = ended(proc)
+    assert code == 0, err
+    statuses = [cli.ok("status", "--json", i).json()["recipients"][0] for i in ids]
+    left = [s for s in statuses if s["state"] != "delivered"]
+    assert took < 3, f"SIGTERM waited {took:.1f} s for the rate: {len(left)} of 6 left"
+    assert len(mx.messages) == 6 - len(left) and len(left) >= 3, statuses
+    for rcpt in left:  # untried, each at its own place in the rate's schedule
+        assert rcpt["state"] == "queued" and rcpt["attempts"] == 0, rcpt
+    assert len({s["next_attempt_at"] for s in left}) == len(left), left

@@ -40,7 +40,10 @@ allows fewer connections runs fewer sessions (and one whose slots are all taken 
 domains of the same rule waits, parked, without holding a session); a new connection waits
 for the connection rate; each message waits for the message rate; and a throttling reply
 pauses the destination: its queue is given back to the store due at the end of the pause
-(``on_postpone``), as is every item that arrives for it while the pause lasts.
+(``on_postpone``), as is every item that arrives for it while the pause lasts. As the
+worker stops (:meth:`Dispatcher.drain`), what is queued for a rate goes back to the store,
+each message due at its place in the rate's schedule: it is not in flight, and the stop
+waits for no rate.
 """
 
 from __future__ import annotations
@@ -283,6 +286,8 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         """Set by :meth:`close`: no session starts from then on."""
+        self._draining = False
+        """Set by :meth:`drain`: no work waits for a destination's rate from then on."""
         self._resigned: ResignedMessages | None = None
         """The messages this worker signed anew as it sent them, made at first need."""
         self._relay_route: Route | None = None
@@ -1311,11 +1316,13 @@ class Dispatcher:
 
     async def _may_go_on(self, dest: _Destination, shape: Shape) -> bool:
         """Wait for the rate to allow the next message; False (queue given back) when the
-        destination is paused meanwhile."""
+        destination is paused meanwhile, or the worker stops (:meth:`drain`). True only
+        with work left in the queue (given back, or withdrawn, while it waited)."""
         assert self._shaper is not None
         if await self._shaper.wait_to_send(shape):
-            return True
-        self._held_back(dest, shape)
+            return bool(dest.queue)
+        if not self._held_back(dest, shape) and self._draining:
+            self._rate_back(shape, dest)
         return False
 
     async def _may_connect(self, dest: _Destination, shape: Shape) -> bool:
@@ -1331,8 +1338,31 @@ class Dispatcher:
             dest.connect_tokens = 0
         elif await self._shaper.wait_to_connect(shape):
             return True
-        self._held_back(dest, shape)
+        if not self._held_back(dest, shape) and self._draining:
+            self._rate_back(shape, dest)
         return False
+
+    def _rate_back(self, shape: Shape, dest: _Destination) -> None:
+        """The worker stops and ``dest``'s queue would wait for ``shape``'s rate: back to
+        the store, as :meth:`drain` gives it back."""
+        works = list(dest.queue)
+        dest.queue.clear()  # in place: its other sessions read it through their reference
+        self._give_back_by_rate(shape, works)
+
+    def _give_back_by_rate(self, shape: Shape, works: list[_Work]) -> None:
+        """Give ``works`` back, each due when ``shape``'s message rate would have let it
+        go (its place behind the higher lanes' and its own lane's before it, the next
+        whole second after), or at once under a connection rate alone: another worker
+        taking it all at once would only queue it in memory for the rate again."""
+        assert self._shaper is not None
+        if not shape.message_buckets:
+            self._give_back(works)
+            return
+        by_due: dict[datetime, list[_Work]] = {}
+        for ahead, work in enumerate(sorted(works, key=lambda w: w.rank)):  # stable
+            by_due.setdefault(self._shaper.place(shape, ahead), []).append(work)
+        for until, due in by_due.items():
+            self._give_back(due, until, until_what="the destination's rate lets it go")
 
     def _held_back(self, dest: _Destination, shape: Shape) -> bool:
         """If ``shape`` is paused, give the destination's queue back (due at the end of
@@ -1570,6 +1600,36 @@ class Dispatcher:
             else:
                 failed = self._outcomes.from_error(work.item, error, work.started or now, where)
             self._done(failed)
+
+    def drain(self) -> int:
+        """The worker stops: wait for no destination's rate from now on. Work queued for
+        a rate is no delivery in flight (the stop's drain waits for those): it goes back
+        to the store now, each message due when the rate would have let it go, and so
+        does what would wait for a rate later (a message a broken session puts back, a
+        new connection under a connection rate). The sessions finish what they sent.
+        Returns how many recipients went back now."""
+        self._draining = True
+        if self._shaper is None:
+            return 0
+        self._shaper.stop_waiting()
+        count = 0
+        for shape in self._shaper.rated():
+            works: list[_Work] = []
+            for key, queue in shape.queues.items():
+                works.extend(queue)
+                queue.clear()  # in place: its sessions read it through their reference
+                dest = self._destinations.get(key)
+                if (
+                    dest is not None
+                    and dest.queue is queue
+                    and dest.sessions == 0
+                    and not dest.parked
+                ):
+                    # A waiting one is skipped when its turn comes (its queue is empty).
+                    del self._destinations[key]
+            count += sum(len(work.item.recipients) for work in works)
+            self._give_back_by_rate(shape, works)
+        return count
 
     def withdraw(self, lease_token: str) -> int:
         """Give back, through ``on_postpone`` and due at once, the work of the lease

@@ -16,6 +16,7 @@ to one process, and a shared count would need expiry for a worker that died hold
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections import deque
@@ -185,6 +186,8 @@ class Shaper:
         self._shapes: dict[str, Shape] = {}
         self._pauses: dict[str, DestinationThrottle] = {}
         self._stale = _STALE + 2 * config.poll_interval
+        self._no_waiting = asyncio.Event()
+        """Set as the worker stops: no session waits for a rate from then on."""
         max_age = config.retry.max_age
         if max_age is not None and config.shaping.pause_max >= max_age:
             # Not refused: short-lived mail (a login code) may rather fail than wait.
@@ -312,6 +315,30 @@ class Shaper:
 
     # --- rates ----------------------------------------------------------------------------
 
+    def stop_waiting(self) -> None:
+        """The worker stops: a session waiting for a rate stops waiting, and none waits
+        from now on (:meth:`wait_to_send` and :meth:`wait_to_connect` say no unless a
+        token is at hand). What the rate holds back is not on the wire, and the
+        dispatcher gives it back (see ``Dispatcher.drain``)."""
+        self._no_waiting.set()
+
+    def rated(self) -> list[Shape]:
+        """The shapes under a message rate."""
+        return [shape for shape in self._shapes.values() if shape.message_buckets]
+
+    def place(self, shape: Shape, waiting: int) -> datetime:
+        """When the rate of ``shape`` (which has message rates) lets a message go that
+        finds ``waiting`` others ahead of it: the next whole second after, so that mail
+        given back at one go is written in a few calls."""
+        rate = min(bucket.rate for bucket in shape.message_buckets)
+        due = self._clock() + timedelta(seconds=min(waiting / rate, MAX_SECONDS))
+        return _whole_second(due)
+
+    async def _nap(self, seconds: float) -> None:
+        """Wait ``seconds`` for a rate, cut short when the worker stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_waiting.wait(), seconds)  # a rate, not a poll
+
     def spread(
         self, shape: Shape, waiting: int, rank: int = 0, *, latest: datetime | None = None
     ) -> datetime | None:
@@ -339,7 +366,7 @@ class Shaper:
         if booked is not None and booked > due:
             due = min(booked, end)
         # Whole seconds, so that one lease's overflow is given back in a few writes.
-        at = due.replace(microsecond=0) + timedelta(seconds=1)
+        at = _whole_second(due)
         if latest is None or at <= latest:
             if shape.booked_since is None or max(shape.booked.values(), default=now) <= now:
                 shape.booked_since = at  # a new schedule: nothing booked is still ahead
@@ -391,13 +418,16 @@ class Shaper:
 
     async def wait_to_send(self, shape: Shape) -> bool:
         """Wait until ``shape`` may send a message; False when it is paused (now or
-        meanwhile). Without message rates this returns at once."""
+        meanwhile), or when the worker stops (:meth:`stop_waiting`) and no token is at
+        hand. Without message rates this returns at once."""
         while True:
             if self.pause_of(shape) is not None:
                 return False
             self._lapse(shape)
             if not shape.message_buckets or shape.tokens > 0:
                 return True
+            if self._no_waiting.is_set():
+                return False
             grant = await self._take(shape.message_buckets, shape.want)
             if grant.granted:
                 shape.tokens += grant.granted
@@ -407,16 +437,24 @@ class Shaper:
                 shape.tokens_until = shape.sent_at + timedelta(seconds=lasts)
                 continue
             # Look at the pauses again at least every refresh interval while waiting.
-            await asyncio.sleep(min(grant.wait, self._settings.refresh))  # a rate, not a poll
+            await self._nap(min(grant.wait, self._settings.refresh))
 
     async def wait_to_connect(self, shape: Shape) -> bool:
-        """Wait until ``shape`` may open a new connection; False when it is paused."""
+        """Wait until ``shape`` may open a new connection; False when it is paused, or
+        when the worker stops (:meth:`stop_waiting`)."""
         while True:
             if self.pause_of(shape) is not None:
                 return False
             if not shape.connect_buckets:
                 return True
+            if self._no_waiting.is_set():
+                return False
             grant = await self._take(shape.connect_buckets, 1)
             if grant.granted:
                 return self.pause_of(shape) is None
-            await asyncio.sleep(min(grant.wait, self._settings.refresh))  # a rate, not a poll
+            await self._nap(min(grant.wait, self._settings.refresh))
+
+
+def _whole_second(due: datetime) -> datetime:
+    """The whole second after ``due``."""
+    return due.replace(microsecond=0) + timedelta(seconds=1)

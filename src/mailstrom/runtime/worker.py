@@ -552,6 +552,8 @@ class Worker(
             stopping.cancel()
             if store_loop.done():
                 store_loop.result()  # a fatal error: raise it here
+            # What waits for a destination's rate is not in flight: back to the store now.
+            dispatcher.drain()
             await self._drain(dispatcher, store_loop)
             failed = False
         except BaseException as exc:
