@@ -73,3 +73,40 @@ def test_a_stop_gives_back_what_the_rate_holds_and_does_not_wait_for_it(
     # Each at its place in the rate's schedule, a second apart, not all due at once.
     due = sorted(r.next_attempt_at for r in left if r.next_attempt_at is not None)
     assert len(set(due)) == len(due), due
+
+
+def test_a_stop_does_not_wait_for_a_connection_rate(
+    smtp_server: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """One message a connection, one connection a minute: the session waiting for the
+    next connection is woken by the stop, and its queue goes back untried, due at once
+    (a connection rate sets no place for a message), rather than hold the stop for
+    the minute, up to its whole drain timeout."""
+    mx = smtp_server(host="127.0.0.34")
+    dns_server.mx("fewconn.test", [(10, "mx.fewconn.test")])
+    dns_server.a("mx.fewconn.test", mx.host)
+    rule = DestinationRule(
+        match="fewconn.test", connections_per_minute=1, messages_per_connection=1
+    )
+    shaping = ShapingConfig(rules=(rule,), provider_defaults=False, refresh=30)
+    config = loopback_config(dns_server, mx.port, shaping=shaping, max_per_destination=1)
+    store = SQLiteStore(str(tmp_path / "queue.db"))
+    try:
+        ms = Mailstrom(config, store=store, worker="thread")
+        ms.start()
+        try:
+            ids = ms.send_emails([hello(f"r{i}@fewconn.test") for i in range(3)])
+            mx.wait_for_messages(1, timeout=15)  # the rest waits for a connection
+        finally:
+            began = time.monotonic()
+            ms.stop(timeout=20)
+            took = time.monotonic() - began
+        recipients = [store.status(i).recipients[0] for i in ids]
+    finally:
+        store.close()
+    assert took < 3, f"the stop waited {took:.1f} s for the connection rate"
+    assert len(mx.messages) == 1
+    left = [r for r in recipients if r.state is not RecipientState.DELIVERED]
+    assert len(left) == 2
+    for r in left:
+        assert r.state is RecipientState.QUEUED and r.attempts == 0, r
