@@ -92,8 +92,10 @@ async def run_until_signalled(
             )
             worker.request_stop(drain_timeout=drain)
         elif signals == 2:
-            # Once: a further cancel would cut short the give-back the worker still
-            # does after this one (what it leased and never attempted).
+            # No drain left, for what follows the cancel too (the last records' retries
+            # on a failing store). Once: a further cancel would cut short the give-back
+            # the worker still does after this one (what it leased and never attempted).
+            worker.request_stop(drain_timeout=0)
             task.cancel()
 
     # Removing the loop's handlers sets the defaults, not what was there before: put that

@@ -240,6 +240,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     when it was cancelled itself, the task or a worker process's stop in a thread. The
     next stop() waits for it, start() refuses until it has ended, and the store this
     facade opened is closed once a cancelled stop()'s has ended, not under it."""
+    _stopping_now = False
+    """A stop() holds the lifecycle lock: a later one tells the worker its timeout first."""
 
     def __init__(
         self,
@@ -379,8 +381,14 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         worker stopping, and the store this facade opened is closed once the worker has
         ended."""
         timeout = stop_timeout(timeout)
+        if self._stopping_now:
+            self._hurry_stop(timeout)  # then waits below for it, ending sooner
         async with self._lifecycle_async():
-            await self._stop(timeout)
+            self._stopping_now = True
+            try:
+                await self._stop(timeout)
+            finally:
+                self._stopping_now = False
 
     async def _stop(self, timeout: float | None) -> None:
         worker = self.worker

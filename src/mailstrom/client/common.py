@@ -415,6 +415,16 @@ class FacadeBase:
             )
         return "process"
 
+    def _hurry_stop(self, timeout: float | None) -> None:
+        """Tell the worker a stop() under way (another thread's, or one a signal handler
+        interrupted) is asked for again with ``timeout``: the shortest drain wins at
+        once, where this stop() would reach the worker only after that one's bound."""
+        worker = self.worker
+        if isinstance(worker, WorkerProcess):
+            worker.hurry(timeout)
+        elif isinstance(worker, Worker):
+            worker.request_stop(drain_timeout=timeout)
+
     @property
     def worker_status(self) -> WorkerStatus:
         """Whether the worker runs, what it did, and whether the store troubles it; a

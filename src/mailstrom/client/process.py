@@ -372,9 +372,6 @@ class WorkerProcess(FrameReading, Watching, ForkForgetting):
                 given_back = True
         else:
             self._send("stop", timeout)
-            with self._write_lock, contextlib.suppress(OSError):
-                assert proc.stdin is not None
-                proc.stdin.close()
             try:
                 self._wait_ended(proc, None if timeout is None else timeout + STOP_GRACE)
             except subprocess.TimeoutExpired:
@@ -383,6 +380,12 @@ class WorkerProcess(FrameReading, Watching, ForkForgetting):
                 if holder is not None:
                     self._give_back_briefly(holder)  # it had no time to give them back itself
                     given_back = True
+            finally:
+                # Open until the child has ended: a second, shorter stop (hurry) is sent
+                # on it meanwhile.
+                with self._write_lock, contextlib.suppress(OSError):
+                    assert proc.stdin is not None
+                    proc.stdin.close()
         if reader is not None and not own:
             # Unbounded: the child has exited, so only the frames it left in the pipe
             # remain, and each result among them reaches on_result before we return.
@@ -402,6 +405,12 @@ class WorkerProcess(FrameReading, Watching, ForkForgetting):
                 # grace read as delivering for good).
                 self._proc, self._stdin = None, None
             self._stopped.set()
+
+    def hurry(self, timeout: float | None) -> None:
+        """Tell the child stopping (a :meth:`stop` under way on another thread) a drain
+        timeout asked for since: the shorter one wins at once, a longer one extends
+        nothing (:meth:`Worker.request_stop <mailstrom.runtime.worker.Worker.request_stop>`)."""
+        self._send("stop", timeout)
 
     def _wait_ended(self, proc: subprocess.Popen[bytes], limit: float | None) -> None:
         """Wait for ``proc`` to exit, ``limit`` seconds at most (``TimeoutExpired``), not

@@ -291,6 +291,8 @@ class Mailstrom(FacadeBase, QueueOperations):
         if self._on_worker_thread():
             self._stop(timeout)  # a stop() elsewhere may hold the lock, waiting for us
             return
+        if self._under_way == "stop":
+            self._hurry_stop(timeout)  # then waits below for it, ending sooner
         with self._lifecycle:
             # Held by another thread, this waits; held here, a start() or stop() of this
             # very thread is under way, interrupted by the signal handler calling us, and

@@ -59,6 +59,7 @@ from mailstrom.runtime.pipes import (
 )
 from mailstrom.runtime.store_opening import StoreOpener
 from mailstrom.runtime.worker import Worker
+from mailstrom.runtime.worker_stopping import sooner_end
 from mailstrom.status import WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store
 
@@ -192,7 +193,8 @@ class _Control:
         self._outbox.send("pong")
 
     def stop(self, drain_timeout: float | None) -> None:
-        self._drain_timeout = drain_timeout
+        if not self._stop_asked or sooner_end(drain_timeout, self._drain_timeout):
+            self._drain_timeout = drain_timeout  # the shortest asked for (see request_stop)
         self._stop_asked = True
         worker = self._worker
         if worker is not None:
@@ -261,9 +263,10 @@ def main() -> int:
             elif kind == "ping":
                 control.ping()
             elif kind == "stop":
+                # Read on: a second, shorter stop (a second stop() of the parent) comes
+                # on this pipe, which the parent closes once this child has ended.
                 control.stop(payload)
-                return
-        control.stop(spec.orphan_drain)  # the parent is gone
+        control.stop(spec.orphan_drain)  # the parent is gone (after a stop: extends none)
 
     threading.Thread(target=read_control, name="mailstrom-child-control", daemon=True).start()
     threading.Thread(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import threading
@@ -282,6 +283,10 @@ class Worker(
         self._running = False
         self._stopping = False
         self._drain_timeout: float | None = None
+        """The shortest drain timeout a stop asked for (None: as long as it takes)."""
+        self._drain_until: float | None = None
+        """The soonest end of the drain a stop asked for, by ``time.monotonic()``."""
+        self._stop_asked = False
         self._retry_until = 0.0
         """Loop time after which a stopping worker stops retrying a failing write."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -292,6 +297,7 @@ class Worker(
         self._dispatcher: Dispatcher | None = None
         self._beating = False  # the heartbeat is extending leases
         self._beat_now = asyncio.Event()  # asks the heartbeat for a beat at once
+        self._stop_tightened = asyncio.Event()  # a stop asked for (again): see _drain
         self._confirming: asyncio.Future[None] | None = None  # see _may_start
         self._cancels_unchecked = False
         """Set (from any thread) by :meth:`check_leases` until a beat begins to ask the
@@ -411,10 +417,12 @@ class Worker(
     def request_stop(self, drain_timeout: float | None = None) -> None:
         """Stop leasing (thread-safe). In-flight deliveries get ``drain_timeout`` seconds
         to finish (None: as long as they take); what is unfinished then is given back to
-        the store, due at once, and ``run`` returns."""
-        self._drain_timeout = drain_timeout
+        the store, due at once, and ``run`` returns. Called again (an impatient second
+        stop), the shortest deadline asked for wins at once, the drain under way included;
+        a longer one extends nothing."""
+        self._tighten_stop(drain_timeout)
         self._stopping = True
-        self._call_soon(self._stop_now)
+        self._call_soon(functools.partial(self._stop_now, drain_timeout))
 
     def _call_soon(self, callback: Callable[[], None]) -> None:
         loop = self._loop
@@ -430,7 +438,14 @@ class Worker(
         if self._wake is not None:
             self._wake.set()
 
-    def _stop_now(self) -> None:
+    def _stop_now(self, drain_timeout: float | None = None) -> None:
+        # Again on the loop: a stop racing another from a second thread may have lost,
+        # and the last records' retries (loop time) shorten here.
+        self._tighten_stop(drain_timeout)
+        if self._closing and drain_timeout is not None:
+            now = asyncio.get_running_loop().time()
+            self._retry_until = min(self._retry_until, now + max(0.0, drain_timeout))
+        self._stop_tightened.set()
         if self._stop_event is not None:
             self._stop_event.set()
         if self._wake is not None:
@@ -467,6 +482,7 @@ class Worker(
         self._wake = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._beat_now = asyncio.Event()
+        self._stop_tightened = asyncio.Event()
         self._confirming = None
         self._cancels_unchecked = self._cancels_checking = False  # no lease is held yet
         if self._stopping:

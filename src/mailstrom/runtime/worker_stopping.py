@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from mailstrom.config import Config
 from mailstrom.errors import StoreError
@@ -38,6 +39,9 @@ class WorkerStopping(WorkerStore):
     _wake: asyncio.Event | None
     _closing: bool
     _drain_timeout: float | None
+    _drain_until: float | None
+    _stop_asked: bool
+    _stop_tightened: asyncio.Event
     _retry_until: float
     _pending: list[RecipientResult]
     _hooks: HookSender | None
@@ -46,32 +50,66 @@ class WorkerStopping(WorkerStore):
     _item_lanes: dict[tuple[str, str, str], str]
     _lane_load: dict[str, int]
 
+    def _tighten_stop(self, drain_timeout: float | None) -> None:
+        """Take in a stop's ``drain_timeout`` (from any thread; a signal handler's too, so
+        no lock): the first sets the drain's end, a later one only brings it closer. The
+        waits of the drain and of the last records under way see it at once
+        (:meth:`_stop_now` on the loop sets ``_stop_tightened``)."""
+        until = None if drain_timeout is None else time.monotonic() + max(0.0, drain_timeout)
+        first = not self._stop_asked
+        self._stop_asked = True
+        if first or sooner_end(until, self._drain_until):
+            self._drain_until = until
+        if first or sooner_end(drain_timeout, self._drain_timeout):
+            self._drain_timeout = drain_timeout
+
+    async def _until_tightened(self, waits: set[asyncio.Future[Any]], left: float | None) -> None:
+        """Wait ``left`` seconds at most for one of ``waits``, or for a stop that may have
+        brought the end closer (the caller works out ``left`` again)."""
+        self._stop_tightened.clear()
+        tightened: asyncio.Future[Any] = asyncio.create_task(self._stop_tightened.wait())
+        try:
+            await asyncio.wait(
+                {*waits, tightened}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            tightened.cancel()
+
     async def _drain(self, dispatcher: Dispatcher, store_loop: asyncio.Task[None]) -> None:
-        """Let deliveries in flight finish, up to the drain timeout (the store loop records
-        their results meanwhile)."""
+        """Let deliveries in flight finish, up to the soonest end a stop asked for (the
+        store loop records their results meanwhile)."""
         if dispatcher.idle.is_set():
             return
         idle = asyncio.create_task(dispatcher.idle.wait())
-        await asyncio.wait(
-            {idle, store_loop}, timeout=self._drain_timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        idle.cancel()
+        try:
+            while not (idle.done() or store_loop.done()):
+                until = self._drain_until
+                left = None if until is None else until - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                await self._until_tightened({idle, store_loop}, left)
+        finally:
+            idle.cancel()
 
     async def _finish_recording(self, store_loop: asyncio.Task[None]) -> None:
         """Let the store loop write what is pending, retrying a failing store for as long
-        as the drain timeout allows; what still cannot be written is reported, not hidden.
+        as the drain timeout allows (a later, shorter stop shortens it at once); what
+        still cannot be written is reported, not hidden.
         A write under way is waited for even past the drain timeout, up to
         ``_LAST_WRITE``: the results it holds were delivered."""
+        loop = asyncio.get_running_loop()
         retry_for = self._drain_timeout if self._drain_timeout is not None else _FINAL_RECORD
-        self._retry_until = asyncio.get_running_loop().time() + retry_for
+        began = loop.time()
+        self._retry_until = began + max(0.0, retry_for)
         self._closing = True
         if self._wake is not None:
             self._wake.set()
-        timeout = max(retry_for, _LAST_WRITE)
-        if not store_loop.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(store_loop), timeout=timeout)
-            store_loop.cancel()
+        while not store_loop.done():
+            left = max(self._retry_until, began + _LAST_WRITE) - loop.time()
+            if left <= 0:
+                break
+            await self._until_tightened({store_loop}, left)
+        store_loop.cancel()
         with contextlib.suppress(BaseException):
             await store_loop
         if self._pending:
@@ -119,3 +157,8 @@ class WorkerStopping(WorkerStore):
         self._items.clear()
         self._item_lanes.clear()
         self._lane_load.clear()
+
+
+def sooner_end(timeout: float | None, than: float | None) -> bool:
+    """Whether a drain bound of ``timeout`` ends before one of ``than`` (None: no end)."""
+    return timeout is not None and (than is None or timeout < than)
