@@ -19,6 +19,7 @@ from mailstrom.stores import Store
 from mailstrom.stores.base import QueueFilter
 
 from .support import NOW, SECOND, lease_all, message, results_for
+from .test_watch import Counter
 
 LATER = NOW + 10 * SECOND
 
@@ -90,3 +91,32 @@ def test_a_held_message_with_a_recipient_still_pending_stays_held(store: Store) 
     assert store.query(now=LATER, where=QueueFilter(held=False)) == []
     assert store.hold_many([mid], False) == 1
     assert store.status(mid).held is False
+
+
+@pytest.mark.parametrize("finish", FINISHES.values(), ids=FINISHES.keys())
+def test_releasing_a_held_message_that_finished_wakes_no_worker(
+    store: Store, finish: Callable[[Store, str], None]
+) -> None:
+    """A release wakes the workers for the mail that waited for it; a message that
+    finished while held waited for nothing. ``set_held(id, False)`` woke them all the same
+    (the in-process wake, SQLite's datagram, PostgreSQL's NOTIFY), each looking for work
+    that was not there."""
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    finish(store, mid)
+    waiting = store.enqueue(message("c@example.org"), now=NOW)
+    store.set_held(waiting, True)
+    woken = Counter()
+    stop = store.watch(woken)
+    try:
+        # A first witness: PostgreSQL's listener may still pass on the NOTIFYs of the
+        # writes above; they come before its own.
+        store.enqueue(message("d@example.org"), now=NOW)
+        assert woken.wait_for(1)
+        seen = woken.calls
+        store.set_held(mid, False)
+        assert store.hold_many([mid], False) == 0
+        store.set_held(waiting, False)  # the witness: its wake comes after any before it
+        assert woken.wait_for(seen + 1)
+    finally:
+        stop()
+    assert woken.calls == seen + 1

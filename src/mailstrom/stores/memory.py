@@ -601,9 +601,9 @@ class MemoryStore(
         """Hold (never leased) or release a message; a worker that leased it is told."""
         with self._lock:
             m = self._get(message_id)
-            m.hold(held)
+            changed = m.hold(held)
             leased = held and m.leased()
-        if not held:
+        if changed and not held:  # mail waited for this release (not one that finished)
             self._watchers.notify()
         if leased:
             self._cancel_watchers.notify()

@@ -1687,9 +1687,9 @@ class SQLiteStore:
         """Hold (never leased) or release a message; a worker that leased it is told."""
         with self._write() as conn:
             seq = self._seq(conn, message_id)
-            hold_seqs(conn, [seq], held)
+            changed = hold_seqs(conn, [seq], held)
             leased = held and leased_pending(conn, [seq])
-        if not held:
+        if changed and not held:  # mail waited for this release (not one that finished)
             self._notify()
         if leased:
             self._notify_cancelled()  # it gives back what it has not started

@@ -959,9 +959,11 @@ SELECT (SELECT count(*) FROM found) AS found,
 -- The pending recipients are set aside (schema version 20) while it is held; released,
 -- they are back unless their destination is suspended (its row locked FOR KEY SHARE
 -- before, by lock_suspensions_of in the same transaction: see there). A hold keeps
--- pending recipients from leases: a message with none (finished) is not held.
+-- pending recipients from leases: a message with none (finished) is not held. A release
+-- wakes the workers only for pending mail that was held: one that finished while held
+-- waited for nothing (its flag goes all the same).
 WITH found AS (
-    SELECT 1 FROM messages WHERE id = %(id)s
+    SELECT held FROM messages WHERE id = %(id)s
 ), changed AS (
     UPDATE messages m SET held = %(held)s
     WHERE id = %(id)s
@@ -983,7 +985,8 @@ WITH found AS (
 )
 SELECT (SELECT count(*) FROM found) AS found,
        (SELECT pg_notify('mailstrom_work', '')
-        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed))::text AS notified,
+        WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM found WHERE held)
+          AND EXISTS (SELECT 1 FROM locked))::text AS notified,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
         WHERE %(held)s AND EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
           AND EXISTS (SELECT 1 FROM changed))::text AS told;
