@@ -488,6 +488,12 @@ class WorkerStatus:
     store_error: str | None = None
     """The store's latest failure while it keeps failing (the worker retries with
     backoff and goes on by itself); None when the store answers."""
+    store_wait_since: datetime | None = None
+    """When the worker's event loop began the store call it still waits in (memory,
+    SQLite: a write lock held elsewhere is waited for up to ``busy_timeout``), None
+    when it waits in none. Meanwhile the loop does nothing else: a worker process's
+    status comes from its control thread then, every few seconds, and a long wait here
+    says why the numbers stand still. PostgreSQL's calls run beside the loop: None."""
     unrecorded: int = 0
     """Results held in memory because the store could not take them yet."""
     sessions: int = 0

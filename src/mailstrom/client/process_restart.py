@@ -204,6 +204,7 @@ def at_rest(status: WorkerStatus) -> WorkerStatus:
     return replace(
         status,
         stopping=False,
+        store_wait_since=None,
         in_flight=0,
         unrecorded=0,
         sessions=0,

@@ -190,6 +190,9 @@ class _Control:
                 pass
             else:
                 return
+        if loop is not None and worker is not None and worker.in_store_call:
+            # The loop's snapshots stop meanwhile: one from here says since when it waits.
+            self._outbox.send("status", worker.status)
         self._outbox.send("pong")
 
     def stop(self, drain_timeout: float | None) -> None:

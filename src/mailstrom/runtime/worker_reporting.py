@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from mailstrom.runtime.attemptlog import log_attempt
@@ -52,6 +52,7 @@ class WorkerReporting:
     _held_bytes: _HeldBytes
     _on_result: Callable[[RecipientResult], None] | None
     _cut_off: str | None
+    store_call_since: float | None
 
     @property
     def status(self) -> WorkerStatus:
@@ -67,6 +68,7 @@ class WorkerReporting:
             failed=c.failed,
             last_activity_at=c.last_activity_at,
             store_error=c.store_error,
+            store_wait_since=_since(self.store_call_since),
             unrecorded=len(self._pending),
             sessions=dispatcher.sessions if dispatcher is not None else 0,
             record_lag=c.record_lag,
@@ -115,3 +117,8 @@ def ends_the_program(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt | SystemExit) and (
         threading.current_thread() is threading.main_thread()
     )
+
+
+def _since(at: float | None) -> datetime | None:
+    """``at`` (``time.time()``) as an aware UTC time."""
+    return None if at is None else datetime.fromtimestamp(at, UTC)

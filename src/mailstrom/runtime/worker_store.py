@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -60,12 +61,18 @@ class WorkerStore:
 
     _closing: bool
 
-    in_store_call = False
-    """Whether the event loop is inside a store call made on it (memory, SQLite): a wait
-    the store itself bounds (SQLite's ``busy_timeout`` for a write lock held elsewhere),
-    with the GIL released. Read from other threads: a worker process answers its
-    parent's pings from its control thread meanwhile (:mod:`mailstrom.runtime.child`),
-    the loop being busy waiting, not frozen."""
+    store_call_since: float | None = None
+    """When (``time.time()``) the event loop entered the store call made on it that it is
+    still inside (memory, SQLite), None outside one: a wait the store itself bounds
+    (SQLite's ``busy_timeout`` for a write lock held elsewhere), with the GIL released.
+    Read from other threads: a worker process answers its parent's pings from its
+    control thread meanwhile (:mod:`mailstrom.runtime.child`), the loop being busy
+    waiting, not frozen, and the status says since when (``store_wait_since``)."""
+
+    @property
+    def in_store_call(self) -> bool:
+        """Whether the event loop is inside a store call made on it (see above)."""
+        return self.store_call_since is not None
 
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """A task of the worker beside the store loop ended: one of its loops (the
@@ -92,11 +99,11 @@ class WorkerStore:
         SQLite: no thread hand-off, and no waiting for the GIL behind the loop's own
         work), else in a thread (PostgreSQL: a network round trip)."""
         if self._inline:
-            self.in_store_call = True
+            self.store_call_since = time.time()
             try:
                 return method(*args, **kwargs)
             finally:
-                self.in_store_call = False
+                self.store_call_since = None
         return await asyncio.to_thread(method, *args, **kwargs)
 
     def _store_unusable(self, exc: StoreError) -> None:
