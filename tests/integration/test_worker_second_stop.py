@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mailstrom import Mailstrom
+from mailstrom import AsyncMailstrom, Mailstrom
 from mailstrom.message import prepare
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores import SQLiteStore
@@ -131,5 +131,38 @@ def test_a_second_stop_of_the_facade_reaches_the_worker(
     finally:
         if first.is_alive():
             ms.stop(0)
+        store.close()
+    assert took < 0.5 + SLACK, took
+
+
+async def test_a_second_stop_of_the_async_facade_reaches_the_worker_task(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The same for ``AsyncMailstrom`` with its worker in a task: the second ``stop()``
+    waited for the first's lock."""
+    mx = smtp_server(stall_on="dot")
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = AsyncMailstrom(
+        loopback_config(dns_server, mx.port, timeouts=PATIENT), store=store, worker="task"
+    )
+    first: asyncio.Task[None] | None = None
+    try:
+        await ms.start()
+        mid = await ms.send_email(hello("u@example.org"))
+        assert await _until(lambda: mx.received, 10)
+        first = asyncio.create_task(ms.stop(LONG))
+        await asyncio.sleep(0.3)  # the first stop is draining
+        began = time.monotonic()
+        await asyncio.wait_for(ms.stop(0.5), 0.5 + SLACK)
+        took = time.monotonic() - began
+        await asyncio.wait_for(first, SLACK)
+        assert not store.status(mid).is_final
+        assert _leased(store) == 0
+    finally:
+        if first is not None and not first.done():
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
         store.close()
     assert took < 0.5 + SLACK, took
