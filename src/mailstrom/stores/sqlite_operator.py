@@ -293,10 +293,13 @@ def cancel_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) ->
 
 def leased_pending(conn: sqlite3.Connection, seqs: Sequence[int]) -> bool:
     """Whether a pending recipient of the listed messages is under a lease (a worker may
-    hold it, to be told when it is cancelled)."""
+    hold it, to be told when it is cancelled). The listed messages' pending recipients are
+    read on the pending index by message (named: left to itself, the planner walked every
+    pending recipient on ``recipients_state_domain`` for each batch)."""
     for chunk in chunks(seqs):
         row = conn.execute(
-            f"SELECT 1 FROM recipients WHERE message_seq IN ({qmarks(len(chunk))})"
+            "SELECT 1 FROM recipients INDEXED BY recipients_pending_message"
+            f" WHERE message_seq IN ({qmarks(len(chunk))})"
             f" AND {PENDING_SQL} AND lease_token IS NOT NULL LIMIT 1",
             list(chunk),
         ).fetchone()
