@@ -349,7 +349,7 @@ def test_concurrent_enqueues_share_fsyncs_and_a_lone_one_never_waits(
     assert together <= 30, together
 
 
-@pytest.mark.parametrize("change", ["leased_pending", "retry_seqs"])
+@pytest.mark.parametrize("change", ["leased_pending", "retry_seqs", "cancel_seqs"])
 def test_a_bulk_change_reads_the_listed_messages_recipients_by_message(
     db: Path, change: str
 ) -> None:
