@@ -10,6 +10,7 @@ read gigabytes.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -78,8 +79,12 @@ Tags that are no JSON list in a text (a row changed by hand) are none, as
 and walked an object's values and a blob's JSON."""
 
 
-def filter_sql(now: datetime, where: QueueFilter) -> tuple[list[str], list[object]]:
-    """SQL conditions on ``messages m`` for ``where`` (the pending restriction aside)."""
+def filter_sql(
+    now: datetime, where: QueueFilter, *, led: bool = False
+) -> tuple[list[str], list[object]]:
+    """SQL conditions on ``messages m`` for ``where`` (the pending restriction aside);
+    ``led``: the messages come from the delivered recipients of the domain (see
+    :func:`delivered_at_domain`), where each message is otherwise probed for one there."""
     conditions: list[str] = []
     params: list[object] = []
     if where.held is not None:
@@ -90,7 +95,15 @@ def filter_sql(now: datetime, where: QueueFilter) -> tuple[list[str], list[objec
     if where.older_than is not None:
         conditions.append("m.created_at < ?")
         params.append(to_us(before(now, where.older_than)))
-    if where.domain is not None:
+    if where.domain is not None and led:
+        # A delivered message's recipients are all delivered: its messages are those of
+        # the domain's delivered range of recipients_state_domain.
+        conditions.append(
+            "m.seq IN (SELECT message_seq FROM recipients INDEXED BY recipients_state_domain"
+            " WHERE state = 'delivered' AND domain = ?)"
+        )
+        params.append(where.domain.lower())
+    elif where.domain is not None:
         conditions.append(
             "EXISTS (SELECT 1 FROM recipients r WHERE r.message_seq = m.seq AND r.domain = ?)"
         )
@@ -106,6 +119,31 @@ def filter_sql(now: datetime, where: QueueFilter) -> tuple[list[str], list[objec
             conditions.append(f"{MESSAGE_STATE_SQL} IN ({qmarks(len(states))})")
             params.extend(sorted(s.value for s in states))
     return conditions, params
+
+
+def delivered_at_domain(where: QueueFilter) -> bool:
+    """Whether ``where`` lists the delivered messages of a domain, which the domain's
+    delivered range of recipients_state_domain holds: walked newest first, the queue was
+    read whole for a domain with little delivered mail (250 ms at 200,000 messages)."""
+    states = effective_states(where.state, where.states)
+    return where.domain is not None and states == frozenset({RecipientState.DELIVERED})
+
+
+def few_delivered_at(conn: sqlite3.Connection, domain: str, limit: int) -> bool:
+    """Whether collecting and sorting the domain's delivered messages costs less than
+    walking the queue newest first for ``limit`` of them: ``n`` of them read ``n`` rows,
+    where a walk probes about ``limit * messages / n`` (as the SQLite read model
+    chooses). The count reads the index alone, and no further than that bound."""
+    (span,) = conn.execute(
+        "SELECT coalesce((SELECT max(seq) FROM messages) - (SELECT min(seq) FROM messages) + 1, 0)"
+    ).fetchone()
+    bound = math.isqrt((limit + 1) * int(span))
+    (n,) = conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM recipients INDEXED BY recipients_state_domain"
+        " WHERE state = 'delivered' AND domain = ? LIMIT ?)",
+        (domain.lower(), bound + 1),
+    ).fetchone()
+    return int(n) <= bound
 
 
 def pending_only(where: QueueFilter) -> bool:
@@ -183,7 +221,12 @@ def matching_seqs(conn: sqlite3.Connection, now: datetime, where: QueueFilter) -
     other. No message's bytes are read: they lie in ``message_data`` (schema version 20)."""
     if pending_only(where):
         return pending_seqs(conn, now, where, where.limit)
-    conditions, params = filter_sql(now, where)
+    led = (
+        delivered_at_domain(where)
+        and where.domain is not None
+        and few_delivered_at(conn, where.domain, where.limit)
+    )
+    conditions, params = filter_sql(now, where, led=led)
     rows = conn.execute(
         f"SELECT m.seq FROM messages m WHERE {' AND '.join(conditions) or '1'}"
         " ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
@@ -217,7 +260,8 @@ def count_matching(conn: sqlite3.Connection, now: datetime, where: QueueFilter, 
     )
     if states is not None and plain:
         return min(_count_in_states(conn, now, states), cap)
-    conditions, params = filter_sql(now, where)
+    # A count reads every match either way: led by the domain's, it reads no others.
+    conditions, params = filter_sql(now, where, led=delivered_at_domain(where))
     if not conditions:
         inner = "SELECT 1 FROM messages INDEXED BY messages_newest LIMIT ?"
     else:
