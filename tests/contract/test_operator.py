@@ -144,6 +144,33 @@ def test_select_ids_lists_the_ids_query_lists_in_its_order(store: Store) -> None
         assert store.select_ids(now=later, where=where) == expected, where
 
 
+def test_the_delivered_mail_of_a_domain(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    both = store.enqueue(message("a@example.org", "b@other.org"), now=NOW)
+    store.enqueue(message("c@example.org", "d@other.org"), now=NOW + MINUTE)  # deferred
+    store.enqueue(message("e@example.org"), now=NOW + 2 * MINUTE)  # failed
+    store.enqueue(message("f@other.org"), now=NOW + 3 * MINUTE)  # delivered, elsewhere
+    lease = lease_all(store)
+    delivered = ["a@example.org", "b@other.org", "c@example.org", "f@other.org"]
+    store.record(results_for(lease, RecipientState.DELIVERED, only=delivered))
+    store.record(
+        results_for(
+            lease, RecipientState.DEFERRED, next_attempt_at=NOW + HOUR, only=["d@other.org"]
+        )
+    )
+    store.record(results_for(lease, RecipientState.FAILED, only=["e@example.org"]))
+    where = QueueFilter(states=frozenset({RecipientState.DELIVERED}), domain="Example.ORG")
+    later = NOW + HOUR
+    # On SQLite, from the domain's delivered recipients and by walking the queue (a
+    # domain with much delivered mail).
+    from mailstrom.stores import sqlite_operator
+
+    for few in (True, False):
+        monkeypatch.setattr(sqlite_operator, "few_delivered_at", lambda *_, few=few: few)
+        assert [m.id for m in store.query(now=later, where=where)] == [both]
+        assert store.select_ids(now=later, where=where) == [both]
+        assert store.count(now=later, where=where, cap=100) == 1
+
+
 # --- bulk changes --------------------------------------------------------------------------
 
 
