@@ -192,7 +192,15 @@ class _Control:
                 return
         if loop is not None and worker is not None and worker.in_store_call:
             # The loop's snapshots stop meanwhile: one from here says since when it waits.
-            self._outbox.send("status", worker.status)
+            # Read beside the loop, which may have left the call since: a snapshot that
+            # fails so is skipped (the loop sends the next), never the pong, whose thread
+            # would end with it and the parent kill a child that only waited.
+            try:
+                status: WorkerStatus | None = worker.status
+            except Exception:
+                status = None
+            if status is not None:
+                self._outbox.send("status", status)
         self._outbox.send("pong")
 
     def stop(self, drain_timeout: float | None) -> None:
