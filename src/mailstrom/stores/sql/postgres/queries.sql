@@ -861,7 +861,10 @@ ORDER BY r.position, a.id;
 -- name: query
 -- Walks messages newest first (index messages_newest) and stops at the limit (the
 -- conditions: _queue_filter). Each pending recipient's pause (t_*) is read in the same
--- snapshot, as status reads it.
+-- snapshot, as status reads it. The recipients of each listed message are read by the
+-- primary key: a LATERAL sub-select with an ORDER BY is never pulled up into the join,
+-- where a misjudged list (a generic plan's, or one before a bulk load is analyzed) read
+-- every recipient of the queue, once (a hash join) or per listed message.
 WITH selected AS (
     SELECT m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject,
            m.held, m.seq, m.dkim, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,
@@ -881,7 +884,9 @@ SELECT s.id, s.envelope_from, s.created_at, s.size, s.header_message_id, s.subje
        t.destination AS t_destination, t.until AS t_until, t.strikes AS t_strikes,
        t.reply AS t_reply, t.since AS t_since
 FROM selected s
-LEFT JOIN recipients r ON r.message_id = s.id
+LEFT JOIN LATERAL (
+    SELECT * FROM recipients r WHERE r.message_id = s.id ORDER BY r.position
+) r ON true
 LEFT JOIN destination_throttles t
        ON t.destination = r.throttled_by AND r.state IN ('queued', 'deferred')
       AND t.until > %(now)s
