@@ -19,8 +19,7 @@ from mailstrom.readmodel.postgres import PostgresReadModel
 from mailstrom.status import RecipientState
 from mailstrom.stores import QueueFilter
 from mailstrom.stores.postgres import PostgresStore
-
-from .test_readmodel_cost import _rows_touched
+from tests.support.pg_plans import analyzed, listing_of, rows_touched, statements_run
 
 pytestmark = pytest.mark.postgres
 
@@ -86,22 +85,14 @@ def test_the_delivered_mail_of_a_domain_is_read_from_an_index(
     name: str, delivered: tuple[str, set[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, rare = delivered
-    seen: list[tuple[bytes, Any]] = []
-    execute = psycopg.Cursor.execute
-
-    def noting(cur: psycopg.Cursor[Any], query: Any, params: Any = None, **kw: Any) -> Any:
-        text = query if isinstance(query, bytes) else str(query).encode()
-        if b"FROM messages m" in text and b"rare.test" in repr(params).encode():
-            seen.append((text, params))
-        return execute(cur, query, params, **kw)
-
-    with PostgresStore(url, max_size=2) as store, monkeypatch.context() as patch:
-        patch.setattr(psycopg.Cursor, "execute", noting)
+    with (
+        PostgresStore(url, max_size=2) as store,
+        statements_run(monkeypatch, listing_of("rare.test")) as seen,
+    ):
         found = LISTINGS[name](store, url)
     assert found == ({str(RARE)} if name == "count" else rare)
     ((sql, params),) = seen
-    with psycopg.connect(url) as conn:
-        ((plan,),) = conn.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchall()
+    plan = analyzed(url, sql, params)
     text = repr(plan)
     assert "recipients_delivered_domain" in text, text
-    assert _rows_touched(plan[0]["Plan"]) < 100, text
+    assert rows_touched(plan[0]["Plan"]) < 100, text

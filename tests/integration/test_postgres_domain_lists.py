@@ -20,8 +20,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores import QueueFilter
 from mailstrom.stores.operator import PENDING_STATES
 from mailstrom.stores.postgres import PostgresStore
-
-from .test_readmodel_cost import _rows_touched
+from tests.support.pg_plans import analyzed, listing_of, rows_touched, statements_run
 
 pytestmark = pytest.mark.postgres
 
@@ -113,24 +112,16 @@ def test_the_mail_of_a_domain_is_read_from_its_indexes(
 ) -> None:
     url, found = queue
     listing, kind = LISTINGS[name]
-    seen: list[tuple[bytes, Any]] = []
-    execute = psycopg.Cursor.execute
-
-    def noting(cur: psycopg.Cursor[Any], query: Any, params: Any = None, **kw: Any) -> Any:
-        text = query if isinstance(query, bytes) else str(query).encode()
-        if b"FROM messages m" in text and b"rare.test" in repr(params).encode():
-            seen.append((text, params))
-        return execute(cur, query, params, **kw)
-
-    with PostgresStore(url, max_size=2) as store, monkeypatch.context() as patch:
-        patch.setattr(psycopg.Cursor, "execute", noting)
+    with (
+        PostgresStore(url, max_size=2) as store,
+        statements_run(monkeypatch, listing_of("rare.test")) as seen,
+    ):
         listed = listing(store)
     expected = found[kind]
     assert listed == ([str(len(expected))] if "count" in name else expected)
     ((sql, params),) = seen
-    with psycopg.connect(url) as conn:
-        ((plan,),) = conn.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchall()
+    plan = analyzed(url, sql, params)
     text = repr(plan)
     index = "recipients_failed_domain" if kind == "failed" else "recipients_pending_domain"
     assert index in text, text
-    assert _rows_touched(plan[0]["Plan"]) < 200, text
+    assert rows_touched(plan[0]["Plan"]) < 200, text

@@ -17,8 +17,7 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.stores import QueueFilter
 from mailstrom.stores.operator import PENDING_STATES
 from mailstrom.stores.postgres import PostgresStore
-
-from .test_readmodel_cost import _rows_touched
+from tests.support.pg_plans import rows_touched
 
 pytestmark = pytest.mark.postgres
 
@@ -96,4 +95,4 @@ def test_query_reads_the_recipients_of_the_listed_messages_alone(
     assert "recipients_pkey" in text, text
     # The page's messages and their recipients, and what the filter probes for them:
     # not the 20,000 recipients of the queue, once or per listed message.
-    assert _rows_touched(plan) < 5 * BULK // 10, text
+    assert rows_touched(plan) < 5 * BULK // 10, text

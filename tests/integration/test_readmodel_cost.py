@@ -22,6 +22,7 @@ from mailstrom.stores import Store
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.sqlite import SQLiteStore
 from tests.fixtures.postgres import ThrowawayPostgres
+from tests.support.pg_plans import analyzed, rows_touched, statements_run
 
 from ..contract.support import results_for
 
@@ -206,13 +207,6 @@ def test_a_view_matching_many_messages_walks_them(tmp_path: Path) -> None:
     assert big <= small + 5, (small, big)
 
 
-def _rows_touched(plan: dict[str, Any]) -> int:
-    """Rows every node of an EXPLAIN ANALYZE plan produced or filtered out, all loops."""
-    loops = plan.get("Actual Loops", 1)
-    own = (plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)) * loops
-    return own + sum(_rows_touched(child) for child in plan.get("Plans", ()))
-
-
 def _page_rows(
     url: str,
     messages: int,
@@ -228,16 +222,7 @@ def _page_rows(
         expected = setup(store)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(b"ANALYZE")
-    seen: list[tuple[bytes, Any]] = []
-    execute = psycopg.Cursor.execute
-
-    def noting(cur: psycopg.Cursor[Any], query: Any, params: Any = None, **kw: Any) -> Any:
-        if isinstance(query, bytes) and query.startswith(b"SELECT m.id, m.seq"):
-            seen.append((query, params))
-        return execute(cur, query, params, **kw)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(psycopg.Cursor, "execute", noting)
+    with statements_run(monkeypatch, _a_page) as seen:
         model = PostgresReadModel(url)
         try:
             page = model.queue_page(query, now=T0)
@@ -245,9 +230,12 @@ def _page_rows(
             model.close()
     assert {m.id for m in page.messages} == expected
     ((sql, params),) = seen
-    with psycopg.connect(url) as conn:
-        ((plan,),) = conn.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchall()
-    return _rows_touched(plan[0]["Plan"])
+    return rows_touched(analyzed(url, sql, params)[0]["Plan"])
+
+
+def _a_page(text: bytes, params: Any) -> bool:
+    """The read model's statement of a queue page."""
+    return text.startswith(b"SELECT m.id, m.seq")
 
 
 def _hold_first(held: int) -> Callable[[PostgresStore], set[str]]:

@@ -24,6 +24,7 @@ from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.sql import queries
 from mailstrom.stores.sqlite import SQLiteStore
 from mailstrom.stores.sqlite_schema import _statements, migrations
+from tests.support.pg_plans import rows_touched
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
@@ -101,13 +102,6 @@ def test_sqlite_next_due_and_lease_cost_the_same_whatever_is_suspended(tmp_path:
     assert full[1] <= empty[1] + 5, (empty, full)
 
 
-def _rows_touched(plan: dict[str, Any]) -> int:
-    """Rows every node of an EXPLAIN ANALYZE plan produced or filtered out, all loops."""
-    loops = plan.get("Actual Loops", 1)
-    own = (plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)) * loops
-    return own + sum(_rows_touched(child) for child in plan.get("Plans", ()))
-
-
 def _pg_costs(url: str) -> tuple[int, int]:
     """(rows next_due's plan touched, rows a lease's plan touched); the lease is rolled
     back."""
@@ -124,7 +118,7 @@ def _pg_costs(url: str) -> tuple[int, int]:
         for name in ("next_due", "lease"):
             sql = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queries()[name]
             ((plan,),) = conn.execute(sql.encode(), params).fetchall()
-            costs.append(_rows_touched(plan[0]["Plan"]))
+            costs.append(rows_touched(plan[0]["Plan"]))
             conn.rollback()
     return costs[0], costs[1]
 
