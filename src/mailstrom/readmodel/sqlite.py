@@ -15,7 +15,6 @@ The indexes used are created by migration 0011.
 from __future__ import annotations
 
 import logging
-import math
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -53,6 +52,7 @@ from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import HAS_PENDING_SQL, HELD_WAITING_SQL, read_messages
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
 from mailstrom.stores.sqlite_shaping import paused_in, throttles
+from mailstrom.stores.sqlite_walk import count_upto, walk_bound
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +196,9 @@ class SQLiteReadModel:
     def _count(
         self, conn: sqlite3.Connection, sql: str, params: tuple[object, ...], cap: int
     ) -> int:
-        """The rows ``sql`` selects, counted up to one past ``cap`` (all a plan needs to
-        know): counting them all read a million index entries for each page of a million
-        pending recipients."""
-        limit = cap + 1
-
-        def compute() -> int:
-            (n,) = conn.execute(f"SELECT count(*) FROM ({sql} LIMIT {limit})", params).fetchone()
-            return int(n)
-
-        return self._counts.get((sql, params, limit), compute)
+        """The rows ``sql`` selects, counted up to one past ``cap``
+        (:func:`~mailstrom.stores.sqlite_walk.count_upto`), reused a few seconds."""
+        return self._counts.get((sql, params, cap + 1), lambda: count_upto(conn, sql, params, cap))
 
     # --- the overview ---------------------------------------------------------------------
 
@@ -418,7 +411,7 @@ class SQLiteReadModel:
         if not any(f.members is not None for f in filters):
             return None
         # n * n <= (limit + 1) * messages, so no count needs to go further.
-        cap = min(SET_LIMIT, math.isqrt((limit + 1) * _messages_span(conn)))
+        cap = min(SET_LIMIT, walk_bound(conn, limit))
         best: tuple[int, _Filter] | None = None
         for f in filters:
             if f.members is None:
@@ -457,15 +450,6 @@ class SQLiteReadModel:
                 raise UnreadableRow(f"the message data is {kind}, not octets")
             with conn.blobopen("message_data", "data", seq, readonly=True) as blob:
                 return blob.read(max(0, min(limit, len(blob))))
-
-
-def _messages_span(conn: sqlite3.Connection) -> int:
-    """About how many messages the queue holds: the span of their insertion numbers, two
-    seeks of the primary key (a purge's gaps count, which only favours an index)."""
-    (span,) = conn.execute(
-        "SELECT coalesce((SELECT max(seq) FROM messages) - (SELECT min(seq) FROM messages) + 1, 0)"
-    ).fetchone()
-    return int(span)
 
 
 def _shown(value: object) -> str | None:

@@ -10,7 +10,6 @@ read gigabytes.
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -37,6 +36,7 @@ from mailstrom.stores.sqlite_queue import (
     qmarks,
 )
 from mailstrom.stores.sqlite_schema import shown_time, to_us
+from mailstrom.stores.sqlite_walk import count_upto, walk_bound
 
 # --- ids -----------------------------------------------------------------------------------
 
@@ -132,18 +132,18 @@ def delivered_at_domain(where: QueueFilter) -> bool:
 def few_delivered_at(conn: sqlite3.Connection, domain: str, limit: int) -> bool:
     """Whether collecting and sorting the domain's delivered messages costs less than
     walking the queue newest first for ``limit`` of them: ``n`` of them read ``n`` rows,
-    where a walk probes about ``limit * messages / n`` (as the SQLite read model
-    chooses). The count reads the index alone, and no further than that bound."""
-    (span,) = conn.execute(
-        "SELECT coalesce((SELECT max(seq) FROM messages) - (SELECT min(seq) FROM messages) + 1, 0)"
-    ).fetchone()
-    bound = math.isqrt((limit + 1) * int(span))
-    (n,) = conn.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM recipients INDEXED BY recipients_state_domain"
-        " WHERE state = 'delivered' AND domain = ? LIMIT ?)",
-        (domain.lower(), bound + 1),
-    ).fetchone()
-    return int(n) <= bound
+    where a walk probes about ``limit * messages / n`` (:mod:`~mailstrom.stores.sqlite_walk`,
+    as the SQLite read model chooses). The count reads the index alone, and no further
+    than that bound."""
+    bound = walk_bound(conn, limit)
+    n = count_upto(
+        conn,
+        "SELECT 1 FROM recipients INDEXED BY recipients_state_domain"
+        " WHERE state = 'delivered' AND domain = ?",
+        (domain.lower(),),
+        bound,
+    )
+    return n <= bound
 
 
 def pending_only(where: QueueFilter) -> bool:
