@@ -13,7 +13,7 @@ from mailstrom.errors import AmbiguousMessageId, InvalidArgument, UnknownMessage
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.status import RecipientState
 from mailstrom.stores import QueueFilter, Store
-from mailstrom.stores.operator import AGE_EDGES, PENDING_STATES
+from mailstrom.stores.operator import AGE_EDGES, FINISHED_STATES, PENDING_STATES
 
 from .support import LEASE_FOR, NOW, attempt, lease_all, leased_addresses, message, results_for
 
@@ -144,12 +144,13 @@ def test_select_ids_lists_the_ids_query_lists_in_its_order(store: Store) -> None
         assert store.select_ids(now=later, where=where) == expected, where
 
 
-def test_the_delivered_mail_of_a_domain(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_mail_of_a_domain_in_each_state(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     both = store.enqueue(message("a@example.org", "b@other.org"), now=NOW)
-    store.enqueue(message("c@example.org", "d@other.org"), now=NOW + MINUTE)  # deferred
-    store.enqueue(message("e@example.org"), now=NOW + 2 * MINUTE)  # failed
+    deferred = store.enqueue(message("c@example.org", "d@other.org"), now=NOW + MINUTE)
+    failed = store.enqueue(message("e@example.org"), now=NOW + 2 * MINUTE)
     store.enqueue(message("f@other.org"), now=NOW + 3 * MINUTE)  # delivered, elsewhere
-    lease = lease_all(store)
+    lease = lease_all(store, now=NOW + 3 * MINUTE)
+    queued = store.enqueue(message("g@other.org", "h@example.org"), now=NOW + 4 * MINUTE)
     delivered = ["a@example.org", "b@other.org", "c@example.org", "f@other.org"]
     store.record(results_for(lease, RecipientState.DELIVERED, only=delivered))
     store.record(
@@ -158,17 +159,30 @@ def test_the_delivered_mail_of_a_domain(store: Store, monkeypatch: pytest.Monkey
         )
     )
     store.record(results_for(lease, RecipientState.FAILED, only=["e@example.org"]))
-    where = QueueFilter(states=frozenset({RecipientState.DELIVERED}), domain="Example.ORG")
+    s = RecipientState
+    expected = {
+        frozenset({s.DELIVERED}): [both],
+        frozenset({s.FAILED}): [failed],
+        frozenset({s.DEFERRED}): [deferred],
+        frozenset({s.QUEUED}): [queued],
+        PENDING_STATES: [queued, deferred],
+        FINISHED_STATES: [failed, both],
+        frozenset({s.DELIVERED, s.DEFERRED}): [deferred, both],
+        None: [queued, failed, deferred, both],
+        frozenset(): [],
+    }
     later = NOW + HOUR
-    # On SQLite, from the domain's delivered recipients and by walking the queue (a
-    # domain with much delivered mail).
+    # On SQLite, from the domain's recipients and by walking the queue (a domain with
+    # much mail).
     from mailstrom.stores import sqlite_operator
 
     for few in (True, False):
-        monkeypatch.setattr(sqlite_operator, "few_delivered_at", lambda *_, few=few: few)
-        assert [m.id for m in store.query(now=later, where=where)] == [both]
-        assert store.select_ids(now=later, where=where) == [both]
-        assert store.count(now=later, where=where, cap=100) == 1
+        monkeypatch.setattr(sqlite_operator, "few_at_domain", lambda *_, few=few: few)
+        for states, ids in expected.items():
+            where = QueueFilter(states=states, domain="Example.ORG")
+            assert [m.id for m in store.query(now=later, where=where)] == ids, (few, states)
+            assert store.select_ids(now=later, where=where) == ids, (few, states)
+            assert store.count(now=later, where=where, cap=100) == len(ids), (few, states)
 
 
 # --- bulk changes --------------------------------------------------------------------------

@@ -411,6 +411,102 @@ def test_the_delivered_mail_of_a_domain_is_read_from_its_delivered_recipients(db
         assert "SCAN m" not in plan, plan
 
 
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        ({"failed"}, [1]),
+        ({"deferred"}, [3]),
+        ({"queued"}, [2]),
+        ({"queued", "deferred"}, [3, 2]),
+        ({"delivered", "failed"}, [4, 1]),
+        (None, [4, 3, 2, 1]),
+    ],
+)
+def test_the_mail_of_a_domain_in_any_state_is_read_from_its_recipients(
+    db: Path, states: set[str] | None, expected: list[int]
+) -> None:
+    """``queue --domain d`` in the failed, pending (queued, deferred) or any state
+    (query, select_ids, count), explained: the messages come from the domain's ranges of
+    recipients_state_domain in the states a recipient there may be in (any, for a pending
+    message), where the queue was walked newest first and each message probed."""
+    from mailstrom.stores import QueueFilter
+    from mailstrom.stores.sqlite_operator import count_matching, matching_seqs
+
+    store = SQLiteStore(db)
+    for _ in range(4):
+        store.enqueue(message("a@example.org", "b@example.net"), now=NOW)
+    for _ in range(10):  # more queued and deferred recipients than the domain holds
+        store.enqueue(message("c@example.com"), now=NOW)
+    store.close()
+    where = QueueFilter(
+        states=None if states is None else frozenset(states),  # type: ignore[arg-type]
+        domain="Example.ORG",
+    )
+    statements: list[str] = []
+    with closing(sqlite3.connect(db)) as conn, conn:
+        # 1 failed (delivered here), 2 queued, 3 deferred (delivered here), 4 delivered.
+        for seq, address, state in [
+            (1, "a@example.org", "delivered"),
+            (1, "b@example.net", "failed"),
+            (3, "a@example.org", "delivered"),
+            (3, "b@example.net", "deferred"),
+            (4, "a@example.org", "delivered"),
+            (4, "b@example.net", "delivered"),
+        ]:
+            final = state in ("delivered", "failed")
+            conn.execute(
+                "UPDATE recipients SET state = ?, finished_at = ?,"
+                " next_attempt_at = CASE WHEN ? THEN NULL ELSE next_attempt_at END"
+                " WHERE message_seq = ? AND address = ?",
+                (state, 1 if final else None, final, seq, address),
+            )
+        conn.execute("UPDATE recipients SET state = 'deferred' WHERE message_seq > 9")
+        conn.set_trace_callback(statements.append)
+        assert matching_seqs(conn, NOW, where) == expected
+        assert count_matching(conn, NOW, where, 100) == len(expected)
+        conn.set_trace_callback(None)
+        reads = [s for s in statements if s.startswith("SELECT") and "FROM messages" in s]
+        reads = [s for s in reads if "max(seq)" not in s]  # the span, by the primary key
+        plans = [
+            " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement))
+            for statement in reads
+        ]
+    assert len(plans) == 2, statements
+    for plan in plans:
+        assert "recipients_state_domain (state=? AND domain=?)" in plan, plan
+        assert "SCAN m" not in plan and "SCAN n" not in plan, plan
+
+
+def test_a_count_of_a_domains_deferred_mail_walks_the_few_deferred_recipients(
+    db: Path,
+) -> None:
+    """A count of the deferred mail at a domain with more recipients than the queue has
+    deferred ones walks the pending index (it probes the deferred recipients alone), not
+    the domain's recipients in every state (300 ms for 100,000 delivered where the walk
+    takes 10 ms)."""
+    from mailstrom.status import RecipientState
+    from mailstrom.stores import QueueFilter
+    from mailstrom.stores.sqlite_operator import count_matching
+
+    store = SQLiteStore(db)
+    for _ in range(5):
+        store.enqueue(message("a@example.org", "b@example.net"), now=NOW)
+    store.close()
+    where = QueueFilter(state=RecipientState.DEFERRED, domain="example.org")
+    statements: list[str] = []
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE recipients SET state = 'deferred' WHERE message_seq = 1")
+        conn.execute(
+            "UPDATE recipients SET state = 'delivered', finished_at = 1,"
+            " next_attempt_at = NULL WHERE message_seq > 1"
+        )
+        conn.set_trace_callback(statements.append)
+        assert count_matching(conn, NOW, where, 100) == 1
+        conn.set_trace_callback(None)
+    assert not [s for s in statements if "FROM messages m" in s], statements
+    assert "recipients_pending_message" in statements[-1], statements
+
+
 def test_a_lane_lease_walks_its_lane_of_the_due_index_without_sorting(db: Path) -> None:
     """The statements a lease by lanes really runs, each explained: the named lanes read
     their range of recipients_lane_due, and so does the one lane not named (found by

@@ -54,6 +54,25 @@ def effective_states(
     return frozenset({state}) if states is None else states & {state}
 
 
+_AT_DOMAIN: Mapping[RecipientState, frozenset[RecipientState]] = {
+    RecipientState.DELIVERED: frozenset({RecipientState.DELIVERED}),
+    RecipientState.FAILED: FINISHED_STATES,
+    RecipientState.QUEUED: frozenset(RecipientState),
+    RecipientState.DEFERRED: frozenset(RecipientState),
+}
+
+
+def states_at_domain(where: QueueFilter) -> frozenset[RecipientState]:
+    """The states a recipient at ``where.domain`` may be in when its message is in a
+    state ``where`` admits (:func:`mailstrom.status.derive_message_state`): a delivered
+    message's recipients are all delivered, a failed one has none pending, a pending
+    one's may be in any. A store's index of recipients by state and domain holds the
+    messages ``where`` may list in these states' ranges."""
+    states = effective_states(where.state, where.states)
+    admitted = frozenset(RecipientState) if states is None else states
+    return frozenset(s for state in admitted for s in _AT_DOMAIN[state])
+
+
 def purge_candidates(
     where: QueueFilter, older_than: timedelta | None, state: RecipientState | None
 ) -> QueueFilter:

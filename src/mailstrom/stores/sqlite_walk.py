@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+from collections.abc import Sequence
 
 
 def messages_span(conn: sqlite3.Connection) -> int:
@@ -30,9 +31,7 @@ def walk_bound(conn: sqlite3.Connection, limit: int) -> int:
     return math.isqrt((limit + 1) * messages_span(conn))
 
 
-def count_upto(
-    conn: sqlite3.Connection, sql: str, params: tuple[object, ...] | list[object], cap: int
-) -> int:
+def count_upto(conn: sqlite3.Connection, sql: str, params: Sequence[object], cap: int) -> int:
     """The rows ``sql`` selects, counted up to one past ``cap`` (all a choice needs to
     know): counted whole, a million pending recipients were read for each page."""
     (n,) = conn.execute(f"SELECT count(*) FROM ({sql} LIMIT {int(cap) + 1})", params).fetchone()

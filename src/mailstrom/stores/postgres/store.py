@@ -96,7 +96,6 @@ from mailstrom.stores.dkim_column import dkim_to_column
 from mailstrom.stores.fairness import DESTINATIONS, Fairness, fairness
 from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
-    FINISHED_STATES,
     MAX_CANDIDATES,
     PENDING_STATES,
     ShapeRow,
@@ -109,6 +108,7 @@ from mailstrom.stores.operator import (
     pick_one,
     prefix_upper_bound,
     shape_rows,
+    states_at_domain,
 )
 from mailstrom.stores.postgres import aside, rows, unanswered
 from mailstrom.stores.postgres.connect import (
@@ -179,15 +179,6 @@ _DOMAIN_RANGES: dict[str, tuple[frozenset[RecipientState], str]] = {
 }
 """The recipients of a domain by the partial index that holds them: its states, and the
 test of a recipient's state that reads the domain's range of that index."""
-_AT_DOMAIN: dict[RecipientState, frozenset[RecipientState]] = {
-    RecipientState.DELIVERED: frozenset({RecipientState.DELIVERED}),
-    RecipientState.FAILED: FINISHED_STATES,
-    RecipientState.QUEUED: frozenset(RecipientState),
-    RecipientState.DEFERRED: frozenset(RecipientState),
-}
-"""The states a recipient at the filter's domain may be in, by its message's derived
-state (:func:`mailstrom.status.derive_message_state`): a delivered message's are all
-delivered, a failed one has none pending, a pending one's may be in any."""
 
 
 def _at_domain(text: bytes, ranges: Sequence[str]) -> bytes:
@@ -230,15 +221,13 @@ def _domain_variants(queries: Mapping[str, bytes]) -> dict[str, bytes]:
 def _listing(name: str, where: QueueFilter, params: dict[str, object]) -> str:
     """The query ``name`` (one of :data:`_LISTS`) for ``where``: with a domain, its
     variant led by the domain's ranges of recipients in the states one there may have
-    in a message ``where`` admits (:data:`_AT_DOMAIN`). The domain of ``params`` moves
+    in a message ``where`` admits (:func:`states_at_domain`). The domain of ``params`` moves
     to that test: the filter's own is left to its NULL test, as it holds for every
     message of those states the variant's holds for (it read every recipient of the
     domain, at each listing, for a hashed sub-plan)."""
     if where.domain is None:
         return name
-    states = effective_states(where.state, where.states)
-    admitted = frozenset(RecipientState) if states is None else states
-    possible = frozenset(s for state in admitted for s in _AT_DOMAIN[state])
+    possible = states_at_domain(where)
     ranges = [r for r, (held, _) in _DOMAIN_RANGES.items() if held & possible]
     if not ranges:
         return name
