@@ -47,6 +47,7 @@ RUNS = {
     "startup": (["--runs", "1"], "worker built"),
     "page_size": (["--count", "30", "--rounds", "1"], "WAL B/enq"),
     "memory_listing": (["--messages", "3000", "--seconds", "0.1"], "dashboard destinations"),
+    "memory_lease": (["--messages", "3000", "--seconds", "0.05"], "purge_state"),
 }
 
 

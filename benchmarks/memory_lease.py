@@ -1,0 +1,133 @@
+"""What a worker's calls cost on a large memory store, and how long they keep
+``send_email`` waiting: µs per call of ``lease`` (plain, with lanes, fair), ``next_due``
+and the bulk calls (``shape``, ``retry_deferred``, ``release_holder``, ``purge``,
+``purge_state``), then the p50/p99/max latency of single enqueues while a second thread
+makes one of them in a loop. ``--messages`` queued (default 10,000 and 100,000), one
+recipient each over 1,000 domains, all due.
+
+    .venv/bin/python benchmarks/memory_lease.py [--messages 10000 100000] [--seconds 1]
+
+Prints figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mailstrom.message.attributes import QueueAttributes
+from mailstrom.message.prepared import PreparedMessage
+from mailstrom.status import RecipientState
+from mailstrom.stores.memory import MemoryStore
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+NOW = T0 + timedelta(days=1)
+LEASE = timedelta(minutes=5)
+LANES = [("transactional", 50), ("bulk", 50)]
+
+
+def _message(i: int) -> PreparedMessage:
+    return PreparedMessage(
+        data=b"Subject: x\r\n\r\nx\r\n",
+        envelope_from="app@example.com",
+        recipients=(f"user{i}@d{i % 1000}.test",),
+        attributes=QueueAttributes(priority="bulk" if i % 2 else "transactional"),
+    )
+
+
+def fill(messages: int) -> MemoryStore:
+    store = MemoryStore()
+    for start in range(0, messages, 5000):
+        batch = [_message(i) for i in range(start, min(messages, start + 5000))]
+        store.enqueue_many(batch, now=T0 + timedelta(seconds=start))
+    return store
+
+
+def calls(store: MemoryStore) -> dict[str, Callable[[], Any]]:
+    def leased(**kwargs: Any) -> Callable[[], Any]:
+        def call() -> None:
+            lease = store.lease(now=NOW, limit=100, lease_for=LEASE, **kwargs)
+            if lease is not None:
+                store.release(lease)  # the queue stays as it was
+
+        return call
+
+    return {
+        "lease 100 (+release)": leased(),
+        "lease 100 with lanes": leased(lanes=LANES),
+        "lease 100 fair": leased(busy=["d1.test"], per_destination=5),
+        "next_due": lambda: store.next_due(now=NOW),
+        "shape": lambda: store.shape(now=NOW, edges=[timedelta(hours=1)]),
+        "retry_deferred (none)": lambda: store.retry_deferred(now=NOW),
+        "release_holder (none)": lambda: store.release_holder("0123abcd"),
+        "purge (none)": lambda: store.purge(finished_before=T0),
+        "purge_state (none)": lambda: store.purge_state(
+            finished_before=T0, state=RecipientState.DELIVERED
+        ),
+    }
+
+
+def per_call(call: Callable[[], Any], seconds: float) -> float:
+    """µs one call takes (median of as many as ``seconds`` allows, at least 3)."""
+    took: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(took) < 3 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        call()
+        took.append(time.perf_counter() - t0)
+    return statistics.median(took) * 1e6
+
+
+def latencies(store: MemoryStore, seconds: float, call: Callable[[], Any]) -> list[float]:
+    """Seconds each single enqueue took while ``call`` ran in a loop in another thread."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            call()
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    took = []
+    end = time.perf_counter() + seconds
+    i = 10**9
+    try:
+        while time.perf_counter() < end:
+            message = _message(i)
+            t0 = time.perf_counter()
+            store.enqueue(message, now=NOW + timedelta(days=1))  # not due: leases unchanged
+            took.append(time.perf_counter() - t0)
+            i += 1
+            time.sleep(0.0005)  # an application's pace, not a tight loop
+    finally:
+        stop.set()
+        thread.join()
+    return sorted(took)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("--messages", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--seconds", type=float, default=1.0)
+    args = parser.parse_args()
+    for messages in args.messages:
+        store = fill(messages)
+        print(f"{messages:,} messages; µs per call, and enqueue latency (ms) meanwhile")
+        print(f"{'call':24} {'µs/call':>10} {'p50':>7} {'p99':>7} {'max':>7}")
+        for name, call in calls(store).items():
+            micros = per_call(call, args.seconds)
+            took = latencies(store, args.seconds, call)
+            p99 = took[min(len(took) - 1, int(len(took) * 0.99))]
+            print(
+                f"{name:24} {micros:10.0f} {statistics.median(took) * 1000:7.2f}"
+                f" {p99 * 1000:7.2f} {took[-1] * 1000:7.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
