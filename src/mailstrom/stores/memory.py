@@ -528,18 +528,24 @@ class MemoryStore(
     def release_holder(self, holder: str) -> int:
         """Give back every recipient leased under a token of ``holder``, due at once."""
         low, high = holder_range(holder)
-        with self._lock:
-            held = [
-                r
-                for m in self._messages.values()
-                for r in m.recipients.values()
-                if r.state in _PENDING and r.lease_token is not None and low <= r.lease_token < high
-            ]
-            for r in held:
-                r.lease_token = r.lease_expires_at = None
-        if held:
-            self._watchers.notify()
-        return len(held)
+        released = 0
+
+        def visit(batch: list[_Message]) -> bool:
+            nonlocal released
+            for m in batch:
+                for r in m.recipients.values():
+                    token = r.lease_token
+                    if r.state in _PENDING and token is not None and low <= token < high:
+                        r.lease_token = r.lease_expires_at = None
+                        released += 1
+            return False
+
+        try:
+            self._walk(visit, newest=None)  # a batch per hold of the lock
+        finally:
+            if released:
+                self._watchers.notify()
+        return released
 
     def retry(self, message_id: str, *, now: datetime) -> int:
         """Make the message's pending recipients due at ``now``; returns how many."""
@@ -557,14 +563,21 @@ class MemoryStore(
     def retry_deferred(self, *, now: datetime) -> int:
         """Make every DEFERRED recipient due at ``now``; returns how many."""
         changed = 0
-        with self._lock:
-            for m in self._messages.values():
+
+        def visit(batch: list[_Message]) -> bool:
+            nonlocal changed
+            for m in batch:
                 for r in m.recipients.values():
                     if r.state is RecipientState.DEFERRED:
                         r.next_attempt_at = now
                         changed += 1
-        if changed:
-            self._watchers.notify()
+            return False
+
+        try:
+            self._walk(visit, newest=None)  # a batch per hold of the lock
+        finally:
+            if changed:
+                self._watchers.notify()
         return changed
 
     def cancel(self, message_id: str, *, now: datetime) -> int:
@@ -610,17 +623,7 @@ class MemoryStore(
 
     def purge(self, *, finished_before: datetime) -> int:
         """Delete messages whose recipients all became final before ``finished_before``."""
-        with self._lock:
-            doomed = [
-                m.id
-                for m in self._messages.values()
-                if all(
-                    r.finished_at is not None and r.finished_at < finished_before
-                    for r in m.recipients.values()
-                )
-            ]
-            self._delete(doomed)
-        return len(doomed)
+        return self._purge_finished(finished_before, None)
 
     # --- reading ----------------------------------------------------------------------
 

@@ -42,11 +42,13 @@ _BATCH_PAUSE = 0.001
 worker's loop) is woken at once, but the changing thread, still running, took it again
 before the waiter could."""
 WALK_BATCH = 2000
-"""Messages a listing (``query``, ``recent``, ``stats``, the dashboard's views) judges per
-hold of the store's lock at most (:meth:`MemoryOperatorMixin._walk`). Sorted and walked
-whole under one hold, a listing of 100,000 messages kept every ``send_email`` and the
-worker waiting for it: up to 200 ms for a ``queue --domain`` matching nothing, 25 s for
-the dashboard's destinations (benchmarks/memory_listing.py)."""
+"""Messages a listing (``query``, ``recent``, ``stats``, the dashboard's views) or a call
+over the whole queue (``shape``, ``purge``, ``purge_state``, ``retry_deferred``,
+``release_holder``) judges per hold of the store's lock at most
+(:meth:`MemoryOperatorMixin._walk`). Sorted and walked whole under one hold, a listing of
+100,000 messages kept every ``send_email`` and the worker waiting for it: up to 200 ms
+for a ``queue --domain`` matching nothing, 25 s for the dashboard's destinations
+(benchmarks/memory_listing.py), 100-230 ms for a ``purge`` (benchmarks/memory_lease.py)."""
 
 _T = TypeVar("_T")
 
@@ -299,12 +301,24 @@ class MemoryOperatorMixin:
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
         """Delete finished messages in ``state`` finished before the cutoff."""
-        with self._lock:
-            doomed = [
-                m.id for m in self._messages.values() if self._finished(m, finished_before, state)
-            ]
+        return self._purge_finished(finished_before, state)
+
+    def _purge_finished(self, finished_before: datetime, state: RecipientState | None) -> int:
+        """Delete the messages finished before the cutoff (in ``state``; None: any), each
+        judged and deleted under the lock, a batch per hold of it (:meth:`_walk`): held
+        for the whole queue, ``send_email`` and the worker waited 100 ms and more at
+        100,000 messages (benchmarks/memory_lease.py)."""
+        deleted = 0
+
+        def visit(batch: list[_Message]) -> bool:
+            nonlocal deleted
+            doomed = [m.id for m in batch if self._finished(m, finished_before, state)]
             self._delete(doomed)
-        return len(doomed)
+            deleted += len(doomed)
+            return False
+
+        self._walk(visit, newest=None)
+        return deleted
 
     @staticmethod
     def _finished(m: _Message, before: datetime | None, state: RecipientState | None) -> bool:
@@ -321,13 +335,17 @@ class MemoryOperatorMixin:
         """Pending recipients per domain and message age, largest domain first."""
         edges = age_edges(edges)
         counts: dict[tuple[str, int], int] = {}
-        with self._lock:
-            for m in self._messages.values():
+
+        def visit(batch: list[_Message]) -> bool:
+            for m in batch:
                 bucket = bucket_of(now - m.created_at, edges)
                 for r in m.recipients.values():
                     if r.state in _PENDING:
                         key = (r.domain, bucket)
                         counts[key] = counts.get(key, 0) + 1
+            return False
+
+        self._walk(visit, newest=None)  # a batch per hold of the lock
         return shape_rows(counts, len(edges) + 1)
 
     def message_data(self, message_id: str) -> bytes:
