@@ -46,6 +46,7 @@ from mailstrom.stores.base import (
 from mailstrom.stores.clock import after, aware_utc, kept_time
 from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.fairness import Fairness, fairness
+from mailstrom.stores.memory_due import DueIndex
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import MemoryOperatorMixin
 from mailstrom.stores.memory_records import (
@@ -173,6 +174,7 @@ class MemoryStore(
         self._lock = threading.Lock()
         self._closed = False
         self._messages: dict[str, _Message] = {}
+        self._due = DueIndex(self._messages)
         self._seq = itertools.count()
         self._created_in_order = True
         """Whether every message was queued at a time no earlier than the one before
@@ -261,7 +263,7 @@ class MemoryStore(
                     )
                     for i, address in enumerate(prepared.recipients)
                 }
-                self._messages[mid] = _Message(
+                m = self._messages[mid] = _Message(
                     id=mid,
                     seq=next(self._seq),
                     prepared=prepared,
@@ -270,6 +272,7 @@ class MemoryStore(
                     recipients=recipients,
                     dkim=bounded_dkim(prepared.dkim_status),
                 )
+                self._due.push_message(m)
                 ids.append(mid)
         if ids and not hold:
             self._watchers.notify()
@@ -320,6 +323,7 @@ class MemoryStore(
             for _, _, _, m, r in due:
                 r.lease_token = token
                 r.lease_expires_at = expires_at
+                self._due.push(m, r)
                 groups.setdefault((m.id, r.domain), []).append(r)
                 owners[(m.id, r.domain)] = m
             items = []
@@ -388,6 +392,8 @@ class MemoryStore(
                     uncertain=attempt.uncertain,
                     attempted=result.attempted,
                 )
+                if pending and m is not None:
+                    self._due.push(m, r)
                 if result.notice is not None or not pending:
                     # One still on its way keeps a mark its result does not replace (a
                     # delay warning not queued yet: its message was not done).
@@ -512,16 +518,18 @@ class MemoryStore(
         until = kept_time(until, "until")
         with self._lock:
             held = self._still_held(lease)
-            for _, r in held:
+            for m, r in held:
                 r.lease_expires_at = until
+                self._due.push(m, r)
         return sum(not m.held for m, _ in held)
 
     def release(self, lease: Lease) -> None:
         """Give back the unrecorded recipients of ``lease``, due at once."""
         with self._lock:
             held = self._still_held(lease)
-            for _, r in held:
+            for m, r in held:
                 r.lease_token = r.lease_expires_at = None
+                self._due.push(m, r)
         if held:
             self._watchers.notify()
 
@@ -537,6 +545,7 @@ class MemoryStore(
                     token = r.lease_token
                     if r.state in _PENDING and token is not None and low <= token < high:
                         r.lease_token = r.lease_expires_at = None
+                        self._due.push(m, r)
                         released += 1
             return False
 
@@ -555,6 +564,7 @@ class MemoryStore(
             for r in m.recipients.values():
                 if r.state in _PENDING:
                     r.next_attempt_at = now
+                    self._due.push(m, r)
                     changed += 1
         if changed:
             self._watchers.notify()
@@ -570,6 +580,7 @@ class MemoryStore(
                 for r in m.recipients.values():
                     if r.state is RecipientState.DEFERRED:
                         r.next_attempt_at = now
+                        self._due.push(m, r)
                         changed += 1
             return False
 
@@ -616,6 +627,8 @@ class MemoryStore(
             m = self._get(message_id)
             changed = m.hold(held)
             leased = held and m.leased()
+            if changed and not held:
+                self._due.push_message(m)
         if changed and not held:  # mail waited for this release (not one that finished)
             self._watchers.notify()
         if leased:
@@ -636,17 +649,7 @@ class MemoryStore(
     def next_due(self, *, now: datetime) -> datetime | None:
         """When the earliest pending, unheld recipient becomes due, or None."""
         with self._lock:
-            suspended = self._suspended_domains(now)
-            due = min(
-                (
-                    r.due_at()
-                    for m in self._messages.values()
-                    if not m.held
-                    for r in m.recipients.values()
-                    if r.state in _PENDING and r.domain not in suspended
-                ),
-                default=None,
-            )
+            due = self._due.earliest(self._suspended_domains(now))
             return earliest(due, self._suspension_end(now))
 
     # --- misc -------------------------------------------------------------------------

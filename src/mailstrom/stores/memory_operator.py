@@ -16,6 +16,7 @@ from mailstrom.arguments import row_limit
 from mailstrom.status import DestinationThrottle, MessageStatus, QueueStats, RecipientState
 from mailstrom.stores.base import QueueFilter, check_suspension, with_throttles
 from mailstrom.stores.clock import before
+from mailstrom.stores.memory_due import DueIndex
 from mailstrom.stores.memory_records import _PENDING, _Message
 from mailstrom.stores.operator import (
     ShapeRow,
@@ -63,6 +64,7 @@ class MemoryOperatorMixin:
     _watchers: Watchers
     _cancel_watchers: Watchers
     _suspended: dict[str, Suspension]
+    _due: DueIndex
 
     if TYPE_CHECKING:  # the store's own, in memory.py
 
@@ -230,6 +232,7 @@ class MemoryOperatorMixin:
                 for r in m.recipients.values():
                     if r.state in _PENDING:
                         r.next_attempt_at = now
+                        self._due.push(m, r)
                         changed += 1
 
         try:
@@ -268,6 +271,8 @@ class MemoryOperatorMixin:
             for m in messages:
                 if m.hold(held):
                     changed += 1
+                    if not held:
+                        self._due.push_message(m)
                     leased = leased or (held and m.leased())
 
         try:

@@ -53,6 +53,8 @@ class _Recipient:
     throttled_by: str | None = None
     notice: str | None = None
     """What the notice owed its sender for its result says of it (the mark), or None."""
+    due_gen: int = 0
+    """The number of its current entry in the store's due index (memory_due.py)."""
 
     def take(
         self,

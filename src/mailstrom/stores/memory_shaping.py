@@ -24,6 +24,7 @@ from mailstrom.stores.base import (
     pause_reply,
 )
 from mailstrom.stores.clock import kept_time
+from mailstrom.stores.memory_due import DueIndex
 from mailstrom.stores.memory_records import _Message
 
 _FORGET_AFTER = timedelta(days=1)
@@ -37,6 +38,7 @@ class MemoryShapingMixin:
     _messages: dict[str, _Message]
     _throttles: dict[str, DestinationThrottle]
     _buckets: dict[str, BucketState]
+    _due: DueIndex
 
     def _paused_in(self, m: _Message) -> dict[str, DestinationThrottle]:
         """The message's postponed recipients whose pause still runs (under the lock)."""
@@ -111,6 +113,7 @@ class MemoryShapingMixin:
                     r.lease_token = r.lease_expires_at = None
                     r.next_attempt_at = until
                     r.throttled_by = destination
+                    self._due.push(m, r)
                     postponed += 1
         return postponed
 
