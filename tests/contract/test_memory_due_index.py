@@ -12,16 +12,19 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
-from mailstrom.stores import MemoryStore
+from mailstrom.stores import Lease, MemoryStore
+from mailstrom.stores.base import messages_within
+from mailstrom.stores.fairness import fairness
 from mailstrom.stores.memory_records import _PENDING, _Recipient
 
-from .support import NOW, results_for
+from .support import LEASE_FOR, NOW, results_for
 
 COUNT = 6000
 SECOND = timedelta(seconds=1)
@@ -67,6 +70,28 @@ def test_next_due_reads_the_earliest_recipient_not_every_one(looked_at: list[int
     assert looked_at[0] < 10, f"next_due read {looked_at[0]} due times for one answer"
 
 
+@pytest.mark.parametrize(
+    "how",
+    [
+        {},
+        {"lanes": [("transactional", 50), ("bulk", 50)]},
+        {"busy": ["d1.example.org"], "per_destination": 5},
+    ],
+    ids=["plain", "lanes", "fair"],
+)
+def test_a_lease_reads_what_it_takes_not_every_due_recipient(
+    how: dict[str, Any], looked_at: list[int]
+) -> None:
+    store = big_queue()
+    looked_at[0] = 0
+    lease = store.lease(now=NOW, limit=100, lease_for=LEASE_FOR, **how)
+    assert lease is not None
+    assert sum(len(item.recipients) for item in lease.items) == 100
+    # The recipients it takes (and files again at their lease's end), a few more of the
+    # fair lease's busy destination, not the 6,000 due.
+    assert looked_at[0] < 1000, f"a lease of 100 read {looked_at[0]} due times"
+
+
 # --- the whole scan the index replaced, as the oracle --------------------------------
 
 
@@ -93,8 +118,107 @@ def check_next_due(store: MemoryStore, now: datetime) -> None:
     assert found == want
 
 
+def scanned_lease(
+    store: MemoryStore,
+    *,
+    now: datetime,
+    limit: int,
+    lanes: Sequence[tuple[str, int]] | None,
+    busy: Sequence[str],
+    per_destination: int | None,
+    max_bytes: int | None,
+) -> list[tuple[str, str, list[str]]]:
+    """(message id, domain, addresses) of each item a lease takes, by the whole sort of
+    every due recipient it made before (call under the lock)."""
+    suspended = store._suspended_domains(now)
+    due = [
+        (r.due_at(), m.seq, r.position, m, r)
+        for m in store._messages.values()
+        if not m.held
+        for r in m.recipients.values()
+        if r.state in _PENDING and r.due_at() <= now and r.domain not in suspended
+    ]
+    due.sort(key=lambda t: t[:3])
+    fair = fairness({}, busy, per_destination, limit)
+    if fair is not None:
+        counts: dict[tuple[str, str], int] = {}
+        kept = []
+        for entry in due:
+            domain = entry[4].domain
+            if domain in fair.busy:
+                continue
+            key = (entry[3].prepared.attributes.priority or "", domain)
+            if counts.get(key, 0) < fair.share:
+                counts[key] = counts.get(key, 0) + 1
+                kept.append(entry)
+        due = kept
+    if lanes is not None:
+        per_lane: dict[str, list[Any]] = {}
+        for entry in due:
+            per_lane.setdefault(entry[3].prepared.attributes.priority or "", []).append(entry)
+        taken: list[Any] = []
+        exhausted = True
+        seen: set[str] = set()
+        for lane, most in lanes:
+            if lane in seen:
+                continue
+            seen.add(lane)
+            take = min(most, limit - len(taken))
+            if take <= 0:
+                exhausted = False
+                continue
+            found = per_lane.pop(lane, [])
+            exhausted = exhausted and len(found) < take
+            taken += found[:take]
+        if exhausted and len(taken) < limit:
+            rest = sorted((e for es in per_lane.values() for e in es), key=lambda t: t[:3])
+            taken += rest[: limit - len(taken)]
+        due = taken
+    due = due[:limit]
+    if max_bytes is not None:
+        sizes = {t[3].id: t[3].prepared.size for t in due}
+        within = set(messages_within(sizes.items(), max_bytes))
+        due = [t for t in due if t[3].id in within]
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for _, _, _, m, r in due:
+        groups.setdefault((m.id, r.domain), []).append(r)
+    return [
+        (mid, domain, [r.address for r in sorted(rs, key=lambda r: r.position)])
+        for (mid, domain), rs in groups.items()
+    ]
+
+
+def lease_checked(store: MemoryStore, *, now: datetime, **kwargs: Any) -> Lease | None:
+    """``store.lease(now=now, **kwargs)``, its items checked against :func:`scanned_lease`."""
+    with store._lock:
+        expected = scanned_lease(
+            store,
+            now=now,
+            limit=kwargs["limit"],
+            lanes=kwargs.get("lanes"),
+            busy=kwargs.get("busy", ()),
+            per_destination=kwargs.get("per_destination"),
+            max_bytes=kwargs.get("max_bytes"),
+        )
+    lease = store.lease(now=now, **kwargs)
+    found = [
+        (i.message_id, i.domain, [r.address for r in i.recipients])
+        for i in (lease.items if lease is not None else ())
+    ]
+    assert found == expected
+    return lease
+
+
 LANES = ["", "bulk", "transactional"]
 DOMAINS = ["a.test", "b.test", "c.test"]
+LEASE_LANES: list[list[tuple[str, int]] | None] = [
+    None,
+    [],
+    [("transactional", 2), ("bulk", 1)],
+    [("bulk", 3)],
+    [("transactional", 1), ("transactional", 3), ("", 2)],
+    [("transactional", 0), ("bulk", 2)],
+]
 
 
 def random_calls(rng: random.Random, store: MemoryStore, steps: int) -> Iterator[datetime]:
@@ -113,13 +237,15 @@ def random_calls(rng: random.Random, store: MemoryStore, steps: int) -> Iterator
             message = mail(sorted(set(recipients)), rng.choice(LANES) or None, send_at)
             ids.append(store.enqueue(message, now=now, hold=rng.random() < 0.1))
         elif step == 3:
-            lease = store.lease(
+            lease = lease_checked(
+                store,
                 now=now,
                 limit=rng.randint(1, 6),
                 lease_for=SECOND * rng.randint(1, 90),
-                lanes=[("transactional", 2), ("bulk", 1)] if rng.random() < 0.5 else None,
+                lanes=rng.choice(LEASE_LANES),
                 busy=[rng.choice(DOMAINS)] if rng.random() < 0.3 else (),
                 per_destination=rng.choice([None, 1, 2]),
+                max_bytes=rng.choice([None, None, 30, 60]),
             )
             if lease is not None:
                 leases.append(lease)

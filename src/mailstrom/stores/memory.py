@@ -8,12 +8,13 @@ contract suite in ``tests/contract`` runs unchanged against it), so code tested 
 from __future__ import annotations
 
 import functools
+import heapq
 import inspect
 import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -46,7 +47,7 @@ from mailstrom.stores.base import (
 from mailstrom.stores.clock import after, aware_utc, kept_time
 from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.fairness import Fairness, fairness
-from mailstrom.stores.memory_due import DueIndex
+from mailstrom.stores.memory_due import DueIndex, Entry
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import MemoryOperatorMixin
 from mailstrom.stores.memory_records import (
@@ -62,8 +63,6 @@ from mailstrom.stores.memory_tls import MemoryTLSMixin
 from mailstrom.stores.operator import Suspension, earliest
 from mailstrom.stores.watchers import Watchers
 from mailstrom.suppression import Suppression, lookup_targets
-
-_Due = tuple[datetime, int, int, "_Message", _Recipient]
 
 _Class = TypeVar("_Class", bound=type)
 
@@ -104,31 +103,35 @@ def _in_utc(method: Callable[..., Any], times: tuple[str, ...]) -> Callable[...,
     return in_utc
 
 
-def _fair(due: list[_Due], fair: Fairness) -> list[_Due]:
+def _fair(due: Iterable[Entry], fair: Fairness | None) -> Iterator[Entry]:
     """The due recipients (earliest first) a fair lease may take: none at a busy
     destination, at most ``fair.share`` of one destination in each lane."""
+    if fair is None:
+        yield from due
+        return
     counts: dict[tuple[str, str], int] = {}
-    kept = []
     for entry in due:
-        domain = entry[4].domain
+        domain = entry[5].domain
         if domain in fair.busy:
             continue
-        key = (entry[3].prepared.attributes.priority or "", domain)
+        key = (entry[4].prepared.attributes.priority or "", domain)
         held = counts.get(key, 0)
         if held < fair.share:
             counts[key] = held + 1
-            kept.append(entry)
-    return kept
+            yield entry
 
 
-def _by_lanes(due: list[_Due], lanes: Sequence[tuple[str, int]], limit: int) -> list[_Due]:
-    """The due recipients (earliest first) a lease with ``lanes`` takes: each named lane's
-    earliest, up to its (first) number, highest lane first; then, when every lane had room
-    left and nothing more due, those of lanes not named."""
-    per_lane: dict[str, list[_Due]] = {}
-    for entry in due:
-        per_lane.setdefault(entry[3].prepared.attributes.priority or "", []).append(entry)
-    taken: list[_Due] = []
+def _by_lanes(
+    lanes: Sequence[tuple[str, int]],
+    limit: int,
+    lane_due: Callable[[str], Iterator[Entry]],
+    others: Callable[[set[str]], Iterator[Entry]],
+) -> list[Entry]:
+    """The due recipients a lease with ``lanes`` takes: each named lane's earliest
+    (``lane_due``), up to its (first) number, highest lane first; then, when every lane
+    had room left and nothing more due, the earliest of the lanes not named
+    (``others``)."""
+    taken: list[Entry] = []
     exhausted = True
     seen: set[str] = set()
     for lane, most in lanes:
@@ -141,12 +144,11 @@ def _by_lanes(due: list[_Due], lanes: Sequence[tuple[str, int]], limit: int) -> 
         if take <= 0:
             exhausted = False
             continue
-        found = per_lane.pop(lane, [])
+        found = list(itertools.islice(lane_due(lane), take))
         exhausted = exhausted and len(found) < take
-        taken += found[:take]
+        taken += found
     if exhausted and len(taken) < limit:
-        rest = sorted((e for entries in per_lane.values() for e in entries), key=lambda t: t[:3])
-        taken += rest[: limit - len(taken)]
+        taken += itertools.islice(others(seen), limit - len(taken))
     return taken
 
 
@@ -298,29 +300,33 @@ class MemoryStore(
         token = lease_token(holder)
         expires_at = after(now, lease_for)
         with self._lock:
+            # Read off the due index, lane by lane, earliest first: what a whole sort of
+            # the due recipients would take, reading only as far as the lease takes.
             suspended = self._suspended_domains(now)
-            due = [
-                (r.due_at(), m.seq, r.position, m, r)
-                for m in self._messages.values()
-                if not m.held
-                for r in m.recipients.values()
-                if r.state in _PENDING and r.due_at() <= now and r.domain not in suspended
-            ]
-            due.sort(key=lambda t: t[:3])
+            self._due.unpark(suspended)
             fair = fairness({}, busy, per_destination, limit)
-            if fair is not None:
-                due = _fair(due, fair)
-            if lanes is not None:
-                due = _by_lanes(due, lanes, limit)
-            due = due[:limit]
+            read: list[Entry] = []
+
+            def lane_due(lane: str) -> Iterator[Entry]:
+                return _fair(self._due.due(lane, now, suspended, read), fair)
+
+            def others(named: set[str]) -> Iterator[Entry]:
+                return heapq.merge(*(lane_due(n) for n in self._due.lanes() if n not in named))
+
+            if lanes is None:
+                due = list(itertools.islice(others(set()), limit))
+            else:
+                due = _by_lanes(lanes, limit, lane_due, others)
             max_bytes = byte_budget(max_bytes)
             if max_bytes is not None:
-                sizes = {t[3].id: t[3].prepared.size for t in due}
+                sizes = {t[4].id: t[4].prepared.size for t in due}
                 kept = set(messages_within(sizes.items(), max_bytes))
-                due = [t for t in due if t[3].id in kept]
+                due = [t for t in due if t[4].id in kept]
+            leased = {id(t) for t in due}
+            self._due.restore([t for t in read if id(t) not in leased])
             groups: dict[tuple[str, str], list[_Recipient]] = {}
             owners: dict[tuple[str, str], _Message] = {}
-            for _, _, _, m, r in due:
+            for *_, m, r in due:
                 r.lease_token = token
                 r.lease_expires_at = expires_at
                 self._due.push(m, r)

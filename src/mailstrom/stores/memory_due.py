@@ -131,9 +131,18 @@ class DueIndex:
 
     def _sweep(self) -> None:
         """Drop every stale entry (amortized: once the heaps doubled)."""
+        messages = self._messages
         for heap in self._lanes.values():
-            # In place: a reader may hold the list (a push from _clean_top sweeps).
-            heap[:] = [e for e in heap if self._current(e[3], e[4], e[5])]
+            # In place: a reader may hold the list (a push from _clean_top sweeps). The
+            # test of _current inline, the number first: most stale entries fail it.
+            heap[:] = [
+                e
+                for e in heap
+                if e[3] == e[5].due_gen
+                and e[5].state in _PENDING
+                and not e[4].held
+                and messages.get(e[4].id) is e[4]
+            ]
             heapq.heapify(heap)
         for domain, parked in list(self._parked.items()):
             kept = [e for e in parked if self._current(e[3], e[4], e[5])]
