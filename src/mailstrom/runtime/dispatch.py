@@ -40,14 +40,10 @@ allows fewer connections runs fewer sessions (and one whose slots are all taken 
 domains of the same rule waits, parked, without holding a session); a new connection waits
 for the connection rate; each message waits for the message rate; and a throttling reply
 pauses the destination: its queue is given back to the store due at the end of the pause
-(``on_postpone``), as is every item that arrives for it while the pause lasts.
-
-As the worker stops (:meth:`Dispatcher.drain`), only the transactions submitted on a
-connection are in flight: the sessions finish them and start no other, and every queued
-item (waiting for a session, a connection slot, a connection being opened, a rate)
-leaves flight untried, back to the store due at once with the worker's leases (what a
-rate held at once, each message due at its place in the rate's schedule), so the stop
-waits neither for a slow destination's backlog nor for a rate.
+(``on_postpone``), as is every item that arrives for it while the pause lasts. As the
+worker stops (:meth:`Dispatcher.drain`), what is queued for a rate goes back to the store,
+each message due at its place in the rate's schedule: it is not in flight, and the stop
+waits for no rate.
 """
 
 from __future__ import annotations
@@ -291,8 +287,7 @@ class Dispatcher:
         self._closing = False
         """Set by :meth:`close`: no session starts from then on."""
         self._draining = False
-        """Set by :meth:`drain`: no work waits in a queue (for a session, a connection
-        slot, a rate) from then on, and no session starts a transaction."""
+        """Set by :meth:`drain`: no work waits for a destination's rate from then on."""
         self._resigned: ResignedMessages | None = None
         """The messages this worker signed anew as it sent them, made at first need."""
         self._relay_route: Route | None = None
@@ -424,9 +419,7 @@ class Dispatcher:
         return _Work(item=replace(item, recipients=rest))
 
     def _start_sessions(self, dest: _Destination) -> None:
-        if dest.parked or self._closing or self._draining:
-            if self._draining and dest.queue:
-                self._queue_back(dest)  # the worker stops: nothing more is started
+        if dest.parked or self._closing:
             return  # parked: started again when its shaping rule frees a connection slot
         max_connections = self._config.max_connections
         shared = dest.shared
@@ -652,11 +645,6 @@ class Dispatcher:
         # same machine would cost the same timeout again (a name matters only to TLS).
         unreached: set[str] = set()
         while dest.queue and index < len(targets):
-            if self._draining:
-                # The worker stops: what the session put back (cut, over the server's
-                # recipient limit) waits for no new connection (see drain).
-                self._queue_back(dest)
-                return
             if targets[index][1] in unreached:
                 index += 1
                 continue
@@ -955,7 +943,6 @@ class Dispatcher:
             while (
                 error is None
                 and queue
-                and not self._draining  # the worker stops: what is submitted finishes
                 and len(inflight) < _DEPTH
                 and conn.usable
                 and conn.messages_sent < cap
@@ -1407,7 +1394,11 @@ class Dispatcher:
         if until is not None:
             works = self._within_max_age(works, until, until_what)
         items = [work.item for work in works]
-        self._out_of_flight(items)
+        self.in_flight -= sum(len(item.recipients) for item in items)
+        if self.in_flight <= 0:
+            self.idle.set()
+        for item in items:
+            self._let_go(item.lease_token, len(item.recipients))
         if items and self._on_postpone is not None:
             when = until if until is not None else self._outcomes.now()
             expiring = [i for i in items if i.expires_at is not None and i.expires_at < when]
@@ -1418,14 +1409,6 @@ class Dispatcher:
                     self._on_postpone([item], _not_past_expiry(when, item), destination)
             if items:
                 self._on_postpone(items, when, destination)
-
-    def _out_of_flight(self, items: list[WorkItem]) -> None:
-        """``items`` leave this dispatcher without a result (given back)."""
-        self.in_flight -= sum(len(item.recipients) for item in items)
-        if self.in_flight <= 0:
-            self.idle.set()
-        for item in items:
-            self._let_go(item.lease_token, len(item.recipients))
 
     def _within_max_age(self, works: list[_Work], until: datetime, when: str) -> list[_Work]:
         """``works`` less those the retry policy gives up on before ``until`` (when
@@ -1450,7 +1433,10 @@ class Dispatcher:
         retries had ended and was attempted once more."""
         if not self._within_max_age([work], until, "the destination's rate lets it go"):
             return
-        self._out_of_flight([work.item])
+        self.in_flight -= len(work.item.recipients)
+        if self.in_flight <= 0:
+            self.idle.set()
+        self._let_go(work.item.lease_token, len(work.item.recipients))
         if not self._spread:
             asyncio.get_running_loop().call_soon(self._flush_spread)
         self._spread.setdefault(_not_past_expiry(until, work.item), []).append(work.item)
@@ -1616,52 +1602,34 @@ class Dispatcher:
             self._done(failed)
 
     def drain(self) -> int:
-        """The worker stops: no work waits here from now on, and no session starts a
-        transaction. Work queued for a session, a connection slot or a connection being
-        opened, or for a destination's rate, is no delivery in flight (the stop's drain
-        waits for those: the transactions submitted on a connection, pipelined ones
-        included): it leaves flight now, untried, and so does what would be queued later
-        (a message a broken session puts back, one leased meanwhile). What a rate held
-        goes back to the store at once, each message due when the rate would have let it
-        go; the rest, due at once, with the worker's leases (:meth:`_queue_back`). The
-        sessions finish what they sent. Returns how many recipients left flight now."""
+        """The worker stops: wait for no destination's rate from now on. Work queued for
+        a rate is no delivery in flight (the stop's drain waits for those): it goes back
+        to the store now, each message due when the rate would have let it go, and so
+        does what would wait for a rate later (a message a broken session puts back, a
+        new connection under a connection rate). The sessions finish what they sent.
+        Returns how many recipients went back now."""
         self._draining = True
+        if self._shaper is None:
+            return 0
+        self._shaper.stop_waiting()
         count = 0
-        if self._shaper is not None:
-            self._shaper.stop_waiting()
-            for shape in self._shaper.rated():
-                works: list[_Work] = []
-                for queue in shape.queues.values():
-                    works.extend(queue)
-                    queue.clear()  # in place: its sessions read it through their reference
-                count += sum(len(work.item.recipients) for work in works)
-                self._give_back_by_rate(shape, works)
-        queued = 0
-        for dest in list(self._destinations.values()):
-            if dest.queue:
-                queued += self._queue_back(dest)
-            elif dest.sessions == 0 and not dest.parked:
-                self._forget(dest)
-        if queued:
-            log.info("%d queued recipient(s) go back with their leases as the worker stops", queued)
-        return count + queued
-
-    def _queue_back(self, dest: _Destination) -> int:
-        """The worker stops (see :meth:`drain`): ``dest``'s queue leaves flight untried,
-        for the worker to give back with its leases (due at once, no attempt counted:
-        ``store.release``) once the transactions in flight are recorded, in the writes
-        the stop makes anyway. Returns how many recipients that is."""
-        items = [work.item for work in dest.queue]
-        dest.queue.clear()  # in place: its sessions read it through their reference
-        self._out_of_flight(items)
-        if dest.sessions == 0 and not dest.parked:
-            # A waiting one is skipped when its turn comes (its queue is empty).
-            self._forget(dest)
-        return sum(len(item.recipients) for item in items)
-
-    def _forget(self, dest: _Destination) -> None:
-        if self._destinations.get(dest.key) is dest:
-            del self._destinations[dest.key]
+        for shape in self._shaper.rated():
+            works: list[_Work] = []
+            for key, queue in shape.queues.items():
+                works.extend(queue)
+                queue.clear()  # in place: its sessions read it through their reference
+                dest = self._destinations.get(key)
+                if (
+                    dest is not None
+                    and dest.queue is queue
+                    and dest.sessions == 0
+                    and not dest.parked
+                ):
+                    # A waiting one is skipped when its turn comes (its queue is empty).
+                    del self._destinations[key]
+            count += sum(len(work.item.recipients) for work in works)
+            self._give_back_by_rate(shape, works)
+        return count
 
     def withdraw(self, lease_token: str) -> int:
         """Give back, through ``on_postpone`` and due at once, the work of the lease

@@ -415,10 +415,9 @@ class Worker(
         return stop
 
     def request_stop(self, drain_timeout: float | None = None) -> None:
-        """Stop leasing (thread-safe). In-flight deliveries (the transactions on the wire)
-        get ``drain_timeout`` seconds to finish (None: as long as they take); work queued in
-        memory starts no transaction (see ``Dispatcher.drain``); what is unfinished is given
-        back to the store, due at once, and ``run`` returns. Called again (an impatient second
+        """Stop leasing (thread-safe). In-flight deliveries get ``drain_timeout`` seconds
+        to finish (None: as long as they take); what is unfinished then is given back to
+        the store, due at once, and ``run`` returns. Called again (an impatient second
         stop), the shortest deadline asked for wins at once, the drain under way included;
         a longer one extends nothing."""
         self._tighten_stop(drain_timeout)
@@ -569,8 +568,7 @@ class Worker(
             stopping.cancel()
             if store_loop.done():
                 store_loop.result()  # a fatal error: raise it here
-            # What waits in a queue (for a session, a slot, a rate) is not in flight: it
-            # leaves flight now, given back with the leases (a rate's, at its place).
+            # What waits for a destination's rate is not in flight: back to the store now.
             dispatcher.drain()
             await self._drain(dispatcher, store_loop)
             failed = False
