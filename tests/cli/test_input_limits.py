@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,22 @@ def test_sendmail_takes_a_message_of_exactly_the_limit() -> None:
         read_message(io.BytesIO(message + b".x\n"), ignore_dots=False, limit=LIMIT)
     with pytest.raises(MessageTooLarge):
         read_message(io.BytesIO(message + b"y"), ignore_dots=True, limit=LIMIT)
+
+
+@pytest.mark.parametrize("ignore_dots", [True, False])
+def test_a_message_of_many_short_lines_takes_about_its_size_in_memory(ignore_dots: bool) -> None:
+    """Read up to a lone dot, each line was an object of its own: some 40 octets for one
+    of "a\r\n", so 35 MB of them took 1.5 GB before the message was even built."""
+    message = HEAD + b"a\r\n" * 300_000
+    stream = io.BytesIO(message + b".\r\n")
+    tracemalloc.start()
+    try:
+        got = read_message(stream, ignore_dots=ignore_dots, limit=len(message) + 10)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == (message if not ignore_dots else message + b".\r\n")
+    assert peak < 3 * len(message)
 
 
 def test_the_files_of_one_message_share_the_limit() -> None:
