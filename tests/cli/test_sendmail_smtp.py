@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 import threading
+import tracemalloc
 from email.message import EmailMessage
 from io import BytesIO
+from pathlib import Path
 
 from tests.cli.conftest import CLI, Result
 from tests.cli.test_sendmail_local import local_names
@@ -561,6 +563,40 @@ def test_a_dot_inside_a_long_line_of_a_too_large_message_does_not_end_data() -> 
     code, queued = run_script(script)
     assert queued == []
     assert code == 65
+
+
+def test_a_message_of_many_short_lines_takes_about_its_size_in_memory(tmp_path: Path) -> None:
+    """DATA was kept as a list of its lines, each an object of its own: some 40 octets
+    for one of "a\r\n", so that 35 MB of them (within the size limit) took 1.5 GB."""
+    from mailstrom.cli.sendmail_smtp import LineSource, Session
+
+    message = MESSAGE + b"a\r\n" * 300_000
+    script = tmp_path / "script"
+    script.write_bytes(
+        b"EHLO c\r\n" + transaction(b"a@example.test", [b"b@example.test"], message) + b"QUIT\r\n"
+    )
+    queued: list[bytes] = []
+
+    def queue(data: bytes, sender: str, recipients: list[str]) -> str:
+        queued.append(data)
+        return "id1"
+
+    with script.open("rb") as stream:
+        session = Session(
+            source=LineSource(stream.fileno(), timeout=60.0),
+            out=BytesIO(),
+            helo_name="h.test",
+            max_size=2 * len(message),
+            queue=queue,
+        )
+        tracemalloc.start()
+        try:
+            code = session.run()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert (code, queued) == (0, [message])
+    assert peak < 3 * len(message)
 
 
 def test_an_address_that_is_no_utf8_is_refused_not_mangled(cli: CLI) -> None:
