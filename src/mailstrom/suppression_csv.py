@@ -15,7 +15,8 @@ reply as text, instead of running it as a formula (OWASP's "CSV injection"), and
 still imports as it was exported.
 A line break inside a cell (a multi-line reply) reads as LF whether it is CRLF or CR, as
 in a file whose line ends were converted after the export.
-Input is hostile: its size, its number of rows, every line and every field are bounded,
+Input is hostile: its size, its number of rows (entries, and empty and comment rows
+apart), every line and every field are bounded,
 and the first bad row stops the import with :class:`~mailstrom.errors.InvalidSuppression`
 naming its line, before anything is written.
 """
@@ -44,7 +45,9 @@ MAX_INPUT = 64 * 1024 * 1024
 """Octets of CSV one import reads (about half a million entries with long replies)."""
 MAX_ROWS = 1_000_000
 """Entries one import takes, all written in one transaction (about 5 s on SQLite, 10 s on
-PostgreSQL, for a million; see docs/cli.md)."""
+PostgreSQL, for a million; see docs/cli.md); and empty and comment rows it reads besides,
+as many (room for a file of the most entries with an empty row after each, its line ends
+converted twice)."""
 _MAX_FIELD = MAX_REPLY * 4 + 2
 """The csv module's own limit per field: past it a row is refused while being read."""
 _MAX_MESSAGE_ID = 128
@@ -90,6 +93,7 @@ def parse_csv(
     ['bob@example.org', 'example.net']
     """
     entries: list[Suppression] = []
+    skipped = 0
     columns: tuple[str, ...] = COLUMNS
     previous = csv.field_size_limit(_MAX_FIELD)
     try:
@@ -98,6 +102,13 @@ def parse_csv(
             line = reader.line_num
             cells = [_line_breaks(c).strip() for c in row]
             if not any(cells) or _is_comment(cells[0]):
+                # Counted too: 64 MiB of "#" lines, none an entry, took four minutes to
+                # read (an exception per comment), and of empty lines one.
+                skipped += 1
+                if skipped > max_rows:
+                    raise InvalidSuppression(
+                        f"more than {max_rows} empty or comment rows", line=line
+                    )
                 continue
             if not entries and columns is COLUMNS and _is_header(cells):
                 columns = _header(cells, line)

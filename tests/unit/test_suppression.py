@@ -493,6 +493,17 @@ def test_rows_are_bounded() -> None:
         parse_csv(text, now=NOW, max_rows=10)
 
 
+@pytest.mark.parametrize("skipped", ["\n", "#\n", ",\n", '""\n', "# note, x\n"])
+def test_empty_and_comment_rows_are_bounded_too(skipped: str) -> None:
+    """Only entries were counted: 64 MiB of "#" lines, none an entry, took four minutes to
+    read and import nothing. As many as entries are taken: a file with an empty row after
+    each entry (line ends converted twice) imports whole."""
+    spaced = "".join(f"u{i}@example.org\n{skipped}" for i in range(10))
+    assert len(parse_csv(spaced, now=NOW, max_rows=10)) == 10
+    with pytest.raises(InvalidSuppression, match="line 11: more than 10 empty or comment rows"):
+        parse_csv(skipped * 11 + "bob@example.org\n", now=NOW, max_rows=10)
+
+
 def test_input_is_bounded_and_must_be_utf8() -> None:
     assert read_limited(io.BytesIO(b"\xef\xbb\xbfbob@example.org\n"), 100) == "bob@example.org\n"
     with pytest.raises(InvalidSuppression, match="larger than 10 octets"):
