@@ -234,6 +234,18 @@ def test_size_and_recipient_bounds(cli: CLI) -> None:
     assert replies(result)[-2].startswith("452 4.5.3 ")
 
 
+def test_a_size_in_digits_other_than_ascii_is_refused_not_a_crash(cli: CLI) -> None:
+    """RFC 1870's size-value is ASCII digits. "²" passed str.isdigit(), and int() raised
+    ValueError out of the session: no reply, exit 70 (an internal error); Arabic-Indic
+    digits were read as a number. Both are refused as SIZE=abc is; the session goes on."""
+    script = "EHLO c\r\nMAIL FROM:<a@example.test> SIZE=²\r\n"
+    script += "MAIL FROM:<a@example.test> SIZE=\u0661\u0660\u0660\r\n"
+    script += "MAIL FROM:<a@example.test> SIZE=100\r\nQUIT\r\n"
+    result = session(cli, script.encode())
+    assert result.code == 0, result.err
+    assert codes(result) == ["220", "250", "555", "555", "250", "221"]
+
+
 def test_too_many_errors_end_the_session(cli: CLI) -> None:
     result = session(cli, b"EHLO c\r\n" + b"BOGUS\r\n" * 30)
     assert codes(result)[-1] == "421"

@@ -294,7 +294,9 @@ class Session:
         for param in params:
             key, _, value = param.partition("=")
             key = key.upper()
-            if key == "SIZE" and value.isdigit() and len(value) <= 20:
+            # ASCII digits (RFC 1870's size-value): str.isdigit() alone also takes "²",
+            # which int() raises ValueError for, and Arabic-Indic digits, which it reads.
+            if key == "SIZE" and value.isascii() and value.isdigit() and len(value) <= 20:
                 if int(value) > self.max_size:
                     return self.error("552 5.3.4 Message size exceeds fixed limit")
             elif (key, value.upper()) not in _KNOWN_PARAMETERS:
