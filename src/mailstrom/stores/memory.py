@@ -313,17 +313,23 @@ class MemoryStore(
             def others(named: set[str]) -> Iterator[Entry]:
                 return heapq.merge(*(lane_due(n) for n in self._due.lanes() if n not in named))
 
-            if lanes is None:
-                due = list(itertools.islice(others(set()), limit))
-            else:
-                due = _by_lanes(lanes, limit, lane_due, others)
-            max_bytes = byte_budget(max_bytes)
-            if max_bytes is not None:
-                sizes = {t[4].id: t[4].prepared.size for t in due}
-                kept = set(messages_within(sizes.items(), max_bytes))
-                due = [t for t in due if t[4].id in kept]
-            leased = {id(t) for t in due}
-            self._due.restore([t for t in read if id(t) not in leased])
+            due: list[Entry] = []
+            try:
+                if lanes is None:
+                    chosen = list(itertools.islice(others(set()), limit))
+                else:
+                    chosen = _by_lanes(lanes, limit, lane_due, others)
+                max_bytes = byte_budget(max_bytes)
+                if max_bytes is not None:
+                    sizes = {t[4].id: t[4].prepared.size for t in chosen}
+                    kept = set(messages_within(sizes.items(), max_bytes))
+                    chosen = [t for t in chosen if t[4].id in kept]
+                due = chosen
+            finally:
+                # What was read and is not leased goes back, also when the lease failed
+                # (a caller's wrong argument): off the index, it was never leased again.
+                leased = {id(t) for t in due}
+                self._due.restore([t for t in read if id(t) not in leased])
             groups: dict[tuple[str, str], list[_Recipient]] = {}
             owners: dict[tuple[str, str], _Message] = {}
             for *_, m, r in due:
