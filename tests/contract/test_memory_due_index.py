@@ -93,6 +93,42 @@ def test_a_lease_reads_what_it_takes_not_every_due_recipient(
     assert looked_at[0] < 1000, f"a lease of 100 read {looked_at[0]} due times"
 
 
+def one_slow_destination() -> MemoryStore:
+    """A backlog of COUNT messages to one destination, queued before 200 to 50 others."""
+    store = MemoryStore()
+    store.enqueue_many(
+        [mail([f"u{i}@slow.example.org"]) for i in range(COUNT)], now=NOW - 2 * SECOND
+    )
+    store.enqueue_many(
+        [mail([f"u{i}@d{i % 50}.example.org"]) for i in range(200)], now=NOW - SECOND
+    )
+    return store
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"busy": ["slow.example.org"]},
+        {"per_destination": 5},
+        {"lanes": [("", 100)], "per_destination": 5},
+    ],
+    ids=["busy", "share", "lanes"],
+)
+def test_a_fair_lease_passes_a_backlog_it_takes_nothing_more_of(
+    how: dict[str, Any], looked_at: list[int]
+) -> None:
+    # The worker names the destination with a backlog waiting in it busy, and shares
+    # each lease out per destination: a lease read (and filed again) every due
+    # recipient of the backlog it left, 700-860 ms at 100,000 messages, more than the
+    # whole sort it replaced.
+    store = one_slow_destination()
+    looked_at[0] = 0
+    lease = store.lease(now=NOW, limit=100, lease_for=LEASE_FOR, **how)
+    assert lease is not None
+    assert sum(len(item.recipients) for item in lease.items) == 100
+    assert looked_at[0] < 1000, f"a lease of 100 read {looked_at[0]} due times"
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"max_bytes": "many"}, {"lanes": [("", 1), ("bulk", "2")]}],
@@ -238,8 +274,7 @@ def check_index(store: MemoryStore) -> None:
     other entry is current."""
     with store._lock:
         index = store._due
-        entries = [e for heap in index._lanes.values() for e in heap]
-        entries += [e for parked in index._parked.values() for e in parked]
+        entries = [e for dest in index._domains.values() for e in dest.entries]
         current = sorted(
             (id(e[5]), e[0])
             for e in entries
@@ -253,6 +288,24 @@ def check_index(store: MemoryStore) -> None:
             for r in m.recipients.values()
             if r.state in _PENDING
         )
+        # Each destination with a current entry is on its lane, no later than its first
+        # one, by one current head, unless its domain is parked for a suspension.
+        parked = {dest for dests in index._parked.values() for dest in dests}
+        heads = {}
+        for lane, lane_heads in index._lanes.items():
+            for head in lane_heads:
+                dest = head[5]
+                if dest.head == head[3]:
+                    assert dest.lane == lane and index._domains[lane, dest.domain] is dest
+                    assert dest not in heads, f"{dest.domain} has two current heads"
+                    heads[dest] = head
+        for dest in index._domains.values():
+            firsts = [e for e in dest.entries if e[3] == e[5].due_gen and e[5].state in _PENDING]
+            firsts = [e for e in firsts if not e[4].held and store._messages.get(e[4].id) is e[4]]
+            if not firsts or dest in parked:
+                continue
+            assert dest in heads, f"{dest.domain} has current entries and is on no lane"
+            assert heads[dest][:3] <= min(firsts)[:3]
     assert current == expected
 
 

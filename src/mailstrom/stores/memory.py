@@ -14,7 +14,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -46,7 +46,7 @@ from mailstrom.stores.base import (
 )
 from mailstrom.stores.clock import after, aware_utc, kept_time
 from mailstrom.stores.dkim_column import bounded_dkim
-from mailstrom.stores.fairness import Fairness, fairness
+from mailstrom.stores.fairness import fairness
 from mailstrom.stores.memory_due import DueIndex, Entry
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import MemoryOperatorMixin
@@ -101,24 +101,6 @@ def _in_utc(method: Callable[..., Any], times: tuple[str, ...]) -> Callable[...,
         return method(self, *args, **kwargs)
 
     return in_utc
-
-
-def _fair(due: Iterable[Entry], fair: Fairness | None) -> Iterator[Entry]:
-    """The due recipients (earliest first) a fair lease may take: none at a busy
-    destination, at most ``fair.share`` of one destination in each lane."""
-    if fair is None:
-        yield from due
-        return
-    counts: dict[tuple[str, str], int] = {}
-    for entry in due:
-        domain = entry[5].domain
-        if domain in fair.busy:
-            continue
-        key = (entry[4].prepared.attributes.priority or "", domain)
-        held = counts.get(key, 0)
-        if held < fair.share:
-            counts[key] = held + 1
-            yield entry
 
 
 def _by_lanes(
@@ -302,23 +284,18 @@ class MemoryStore(
         with self._lock:
             # Read off the due index, lane by lane, earliest first: what a whole sort of
             # the due recipients would take, reading only as far as the lease takes.
-            suspended = self._suspended_domains(now)
-            self._due.unpark(suspended)
             fair = fairness({}, busy, per_destination, limit)
-            read: list[Entry] = []
-
-            def lane_due(lane: str) -> Iterator[Entry]:
-                return _fair(self._due.due(lane, now, suspended, read), fair)
+            reading = self._due.read(now, self._suspended_domains(now), fair)
 
             def others(named: set[str]) -> Iterator[Entry]:
-                return heapq.merge(*(lane_due(n) for n in self._due.lanes() if n not in named))
+                return heapq.merge(*(reading.due(n) for n in self._due.lanes() if n not in named))
 
             due: list[Entry] = []
             try:
                 if lanes is None:
                     chosen = list(itertools.islice(others(set()), limit))
                 else:
-                    chosen = _by_lanes(lanes, limit, lane_due, others)
+                    chosen = _by_lanes(lanes, limit, reading.due, others)
                 max_bytes = byte_budget(max_bytes)
                 if max_bytes is not None:
                     sizes = {t[4].id: t[4].prepared.size for t in chosen}
@@ -328,8 +305,7 @@ class MemoryStore(
             finally:
                 # What was read and is not leased goes back, also when the lease failed
                 # (a caller's wrong argument): off the index, it was never leased again.
-                leased = {id(t) for t in due}
-                self._due.restore([t for t in read if id(t) not in leased])
+                reading.give_back(due)
             groups: dict[tuple[str, str], list[_Recipient]] = {}
             owners: dict[tuple[str, str], _Message] = {}
             for *_, m, r in due:
