@@ -678,3 +678,47 @@ def test_the_application_s_own_signature_stays_when_the_domain_s_keys_rotated(
     assert status.dkim is not None
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent[:2]
     assert recent[mid] == status.dkim
+
+
+def test_our_subdomain_signature_goes_when_its_keys_were_removed_beside_the_parent_s(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """Mail from news.sender.test and shop.sender.test was signed at send_email by the
+    keys of news.sender.test and of sender.test (shop's key domain), in one run of
+    fields on top. news.sender.test's keys were then removed (from dkim.keys and DNS)
+    while it waited. Its signatures were taken for the application's own, because the
+    parent that signs news.sender.test now had ours of each algorithm, and went out
+    failing. They are ours (made by one sign() with the parent's): they go, and the
+    parent's keys sign in their place."""
+    mx = receivers[True]
+    store = MemoryStore()
+    subdomain = dual("news.sender.test")
+    publish(dns_server, subdomain)
+    message = Email(
+        from_=["news@news.sender.test", "shop@shop.sender.test"],
+        sender="desk@sender.test",
+        to=["bob@modern.test"],
+        subject="N",
+        text="n\n",
+    )
+    both = DKIMConfig(keys=(*CONFIG.keys, *subdomain.keys))
+    old = prepare(message, now=datetime.now(UTC), dkim=both)
+    assert [s.domain for s in old.dkim] == ["news.sender.test"] * 2 + ["sender.test"] * 2
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    for gone in subdomain.keys:
+        dns_server.delete(gone.dns_record().name)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=CONFIG)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    assert sent == [
+        ("sender.test", "rsa", "rsa-sha256"),
+        ("sender.test", "ed", "ed25519-sha256"),
+    ]
+    assert_all_pass(received.content, dns_server)
+    assert status.dkim is not None
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent

@@ -43,9 +43,11 @@ class DKIMConfig:
     The worker signs a queued message again with these keys when no signature of a
     domain they sign for is by one of them any more, or none of an algorithm the domain
     has a key of while one of that algorithm is by a key no longer configured, or none of
-    its RSA signatures is while the domain has an RSA key (keys rotated, or a
-    subdomain's or a parent's removed, while it waited), or its signature's
-    ``x=`` is about to pass (:func:`~mailstrom.dkim.signing.resign_stale`).
+    its RSA signatures is while the domain has an RSA key, or one it made itself at
+    ``send_email`` is by a key no longer configured while the domain has one of its
+    algorithm (keys rotated, or a subdomain's or a parent's removed, while it waited),
+    or its signature's ``x=`` is about to pass
+    (:func:`~mailstrom.dkim.signing.resign_stale`).
     """
 
     keys: Sequence[DKIMKey] = ()

@@ -178,7 +178,10 @@ def resign_stale(
       algorithm by one configured now (that key rotated, the other algorithm's not: the
       stale one fails wherever its algorithm is verified), and for one with an RSA key
       configured and no RSA signature by one (a receiver that verifies RSA alone would
-      see it unsigned).
+      see it unsigned). One of ours (below) by a key no longer configured is stale
+      beside a valid one too, when its key domain has a key of its algorithm: nothing
+      says it is the application's own (a subdomain's keys removed, whose signatures
+      ``send_email`` made with the parent's for another From domain).
 
     None when none is, and none has expired, the case of almost every message: its
     signatures name the keys configured and expire later.
@@ -226,8 +229,9 @@ def resign_stale_top(
     domains: list[str] = []  # with a stale signature: theirs are made anew
     current_keys: dict[str, None] = {}  # with a signature by one of its keys configured now
     current_by: set[tuple[str, bytes]] = set()  # and the a= (lower-case) of each such one
-    # With a signature by a key no longer configured, and its a=, in the order found:
-    rotated: dict[tuple[str, bytes | None], None] = {}
+    # With a signature by a key no longer configured, and its a=, in the order found;
+    # True when one such is in ours_end (surely ours, not the application's own):
+    rotated: dict[tuple[str, bytes | None], bool] = {}
     expired: set[int] = set()  # where a signature by no key configured now, x= past, is
     pending: list[int] = []  # fields of a d= without keys but with key domains below it
     # Ours are the fields on top that one sign() made at send_email: its layout, one t=.
@@ -235,6 +239,7 @@ def resign_stale_top(
     # ours rotated away. All are taken for ours when the top one is not sign()'s.
     made_at: bytes | None = None  # the t= of the top field, when sign() made it
     mine = True  # the field is one of ours
+    ours_end = 0  # where that run of sign()'s fields ends: each before it is surely ours
     at = 0
     while data.startswith(_SIGNATURE, at):
         made = _MADE.match(data, at)
@@ -288,18 +293,24 @@ def resign_stale_top(
                 owner = None
             fields.append((at, end, name, owner, selector, algorithm, False))
             if owner is not None and (not pending or pending[-1] != len(fields) - 1):
-                rotated[owner, algorithm] = None
+                rotated[owner, algorithm] = rotated.get((owner, algorithm), False) or (
+                    mine and made_at is not None
+                )
             if expiry is not None and expiry.isdigit():
                 if stamp is None:
                     stamp = _seconds(now)
                 if int(expiry) <= stamp:
                     expired.add(at)
+        if mine and made_at is not None:
+            ours_end = end
         at = end
     if pending:
-        _own_pending(data, at, dkim, fields, pending, current_keys, rotated)
+        _own_pending(data, at, dkim, fields, pending, current_keys, rotated, ours_end)
     # A key domain with a signature of ours by a key rotated away is signed anew.
-    for name, algorithm in rotated:
-        if name not in domains and _stale(dkim, current_keys, current_by, name, algorithm):
+    for (name, algorithm), surely in rotated.items():
+        if name not in domains and _stale(
+            dkim, current_keys, current_by, name, algorithm, ours=surely
+        ):
             domains.append(name)
     # Or when none of its RSA signatures is while it has an RSA key (one added, say).
     # Many receivers verify RSA alone (RFC 8301 obliges them to it, RFC 8463 to
@@ -320,7 +331,12 @@ def resign_stale_top(
         if field[0] not in expired
         and not (
             field[3] in domains
-            and (field[6] or _stale(dkim, current_keys, current_by, field[3], field[5]))
+            and (
+                field[6]
+                or _stale(
+                    dkim, current_keys, current_by, field[3], field[5], ours=field[0] < ours_end
+                )
+            )
         )
     ]
     rest = b"".join(data[start:end] for start, end, *_ in kept) + data[at:]
@@ -353,7 +369,8 @@ def _own_pending(
     fields: list[tuple[int, int, str | None, str | None, bytes | None, bytes | None, bool]],
     pending: list[int],
     current_keys: Container[str],
-    rotated: dict[tuple[str, bytes | None], None],
+    rotated: dict[tuple[str, bytes | None], bool],
+    ours_end: int,
 ) -> None:
     """The key domain of each of the ``pending`` ``fields`` of :func:`resign_stale_top`:
     signatures by no key configured now, of a ``d=`` without keys whose subdomains have
@@ -392,7 +409,9 @@ def _own_pending(
             owner = None
         fields[index] = (start, end, name, owner, selector, algorithm, by_current)
         for key_domain in unsigned or (() if owner is None else (owner,)):
-            rotated[key_domain, algorithm] = None
+            rotated[key_domain, algorithm] = rotated.get((key_domain, algorithm), False) or (
+                start < ours_end
+            )
 
 
 def _stale(
@@ -401,11 +420,15 @@ def _stale(
     current_by: Container[tuple[str, bytes]],
     owner: str | None,
     algorithm: bytes | None,
+    *,
+    ours: bool,
 ) -> bool:
     """Whether a signature by no key configured now, of key domain ``owner`` (the key
     domain signs it), is one of ours by a key rotated away, not the application's own:
     ``current_keys`` are the key domains with a signature by a key configured now,
-    ``current_by`` those with the (lower-case) ``a=`` of each such one."""
+    ``current_by`` those with the (lower-case) ``a=`` of each such one; ``ours`` when the
+    signature is surely ours (in the run of fields one ``sign()`` put on top at
+    ``send_email``)."""
     # Rotated away only when no signature of the domain is by a key configured now: one
     # the application made with a selector of its own (a raw message signed before
     # send_email, below the signatures sign() put on top) is no rotation, and was
@@ -413,11 +436,14 @@ def _stale(
     # has a key of and none of that algorithm is by one configured now: that key rotated,
     # the other algorithm's not. The valid one is enough to pass, but the stale one fails
     # wherever its algorithm is verified (in DMARC reports too).
+    # One surely ours is rotated away beside a valid one of its algorithm too: a key of
+    # a subdomain removed, its parent's (which signed the message for another From
+    # domain) signing it now; or one of two keys of an algorithm removed.
     return owner is not None and (
         owner not in current_keys
         or (
             algorithm is not None
-            and (owner, algorithm) not in current_by
+            and (ours or (owner, algorithm) not in current_by)
             and algorithm.decode("ascii", "replace") in dkim.algorithms(owner)
         )
     )
