@@ -722,3 +722,46 @@ def test_our_subdomain_signature_goes_when_its_keys_were_removed_beside_the_pare
     assert_all_pass(received.content, dns_server)
     assert status.dkim is not None
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
+
+
+def test_a_message_whose_selector_now_names_a_key_of_another_algorithm_is_signed_anew(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """The message was signed by the domain's one key, RSA under ``rsa``; while it
+    waited, ``rsa`` was given to an Ed25519 key (record replaced) and the RSA key moved
+    to ``rsa2027``. The RSA signature by ``s=rsa`` was taken for one by a key configured
+    now (its d= and s= named one) and went out failing: no valid signature at all. A
+    key is its d=, s= and a=: the message is signed anew by the keys configured now."""
+    mx = receivers[True]
+    store = MemoryStore()
+    [rsa] = [k for k in CONFIG.keys if k.algorithm is RSA]
+    old = prepare(
+        text_message("bob@modern.test"), now=datetime.now(UTC), dkim=DKIMConfig(keys=(rsa,))
+    )
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    new = DKIMConfig(
+        keys=tuple(
+            DKIMKey(
+                domain="sender.test", selector=s, private_key=generate_private_key(a), algorithm=a
+            )
+            for s, a in (("rsa2027", RSA), ("rsa", ED25519))
+        )
+    )
+    for gone in CONFIG.keys:
+        dns_server.delete(gone.dns_record().name)
+    publish(dns_server, new)
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=new)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    assert sent == [
+        ("sender.test", "rsa2027", "rsa-sha256"),
+        ("sender.test", "rsa", "ed25519-sha256"),
+    ]
+    assert_all_pass(received.content, dns_server)
+    assert status.dkim is not None
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent

@@ -69,6 +69,9 @@ class DKIMConfig:
     _algorithms: dict[str, frozenset[str]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    _names: dict[str, frozenset[tuple[bytes, bytes]]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
     _below: dict[str, tuple[str, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -99,6 +102,10 @@ class DKIMConfig:
         for domain, found in self._by_domain.items():
             self._selectors[domain] = frozenset(k.selector.lower() for k in found)
             self._algorithms[domain] = frozenset(k.algorithm.value for k in found)
+            self._names[domain] = frozenset(
+                (k.selector.lower().encode("ascii"), k.algorithm.value.encode("ascii"))
+                for k in found
+            )
             parent = domain.find(".")
             while parent != -1:
                 above = domain[parent + 1 :]
@@ -127,6 +134,14 @@ class DKIMConfig:
         the ``d=`` of a signature) itself, not of a parent; empty when it has none. A
         signature of ``domain`` by another selector was made by a key rotated away."""
         return self._selectors.get(domain, frozenset())
+
+    def key_names(self, domain: str) -> frozenset[tuple[bytes, bytes]]:
+        """``(s=, a=)`` (ASCII octets, the selector lower-case) of each key of ``domain`` (a
+        lower-case A-label, the ``d=`` of a signature) itself; empty when it has none. A
+        signature of ``domain`` is by a key configured now only when its ``s=`` and
+        ``a=`` name one: a selector given to a key of another algorithm since publishes
+        that key, which the signature no longer verifies with."""
+        return self._names.get(domain, frozenset())
 
     def algorithms(self, domain: str) -> frozenset[str]:
         """The ``a=`` values of the keys of ``domain`` (a lower-case A-label, the ``d=``

@@ -257,7 +257,7 @@ def resign_stale_top(
             found, algorithm = _tag(data, b"d=", at, end), _tag(data, b"a=", at, end)
             selector, expiry = _tag(data, b"s=", at, end), _tag(data, b"x=", at, end)
         name = found.decode("ascii", "replace").lower() if found is not None else None
-        current = dkim.selectors(name) if name is not None else frozenset()
+        current = dkim.key_names(name) if name is not None else frozenset()
         # A d= without keys of its own now (a subdomain's keys removed, its parent's
         # kept) is signed by its parent's: a signature of it is by no key configured now.
         owner = name
@@ -277,7 +277,8 @@ def resign_stale_top(
             current
             and name is not None
             and selector is not None
-            and selector.decode("ascii", "replace").lower() in current
+            and algorithm is not None
+            and (selector.lower(), algorithm) in current
         ):
             fields.append((at, end, name, owner, selector, algorithm, True))
             current_keys[name] = None
