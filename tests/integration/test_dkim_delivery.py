@@ -765,3 +765,46 @@ def test_a_message_whose_selector_now_names_a_key_of_another_algorithm_is_signed
     assert_all_pass(received.content, dns_server)
     assert status.dkim is not None
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
+
+
+def test_a_message_send_email_left_unsigned_keeps_the_application_s_own_signature(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """A raw message from other.test, for which no key is configured, that the
+    application signed itself as sender.test (a selector of its own): send_email signs
+    nothing and its status says so. The worker took the application's signature for one
+    of ours whose key was rotated away (its d= is a domain with keys, its s= none of
+    theirs), stripped it and sent sender.test's signatures instead, and the status
+    turned to signed. Without a field sign() made on top none is ours: it goes as it
+    came."""
+    mx = receivers[True]
+    store = MemoryStore()
+    app = DKIMKey(domain="sender.test", selector="app1", private_key=generate_private_key(RSA))
+    publish(dns_server, DKIMConfig(keys=(app,)))
+    raw = (
+        b"From: app@other.test\r\nTo: bob@modern.test\r\nSubject: A\r\n"
+        b"Date: Mon, 05 Jan 2026 12:00:00 +0000\r\nMessage-ID: <a1@other.test>\r\n\r\n"
+        b"body\r\n"
+    )
+    field = dkimpy.sign(
+        raw,
+        b"app1",
+        b"sender.test",
+        app.private_key,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
+    )
+    queued = prepare(field + raw, now=datetime.now(UTC), dkim=CONFIG)
+    assert queued.dkim == ()
+    mid = store.enqueue(queued, now=datetime.now(UTC))
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=CONFIG)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    assert [(t["d"], t["s"]) for t in signature_tags(received.content)] == [("sender.test", "app1")]
+    assert_all_pass(received.content, dns_server, signatures=1)
+    assert status.dkim == queued.dkim_status
+    assert status.dkim is not None and not status.dkim.signed

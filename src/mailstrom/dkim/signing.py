@@ -192,9 +192,10 @@ def resign_stale(
     below ours (the fields one ``sign()`` put on top at ``send_email``, in its layout, of
     one ``t=``), even when every signature of its domain is by a key not configured now,
     or a selector of its own beside a signature by a key configured now, of its
-    algorithm. (A message ``send_email`` did not sign has none of ours on top: its
-    signatures are all taken for ours, as is the application's own made by ``sign()``
-    in the same second as ours.) Of the other signatures, those whose
+    algorithm. (A message ``send_email`` did not sign, no key aligning with its From
+    domains, has none of ours on top: none of its signatures is taken for ours, even
+    when keys of their ``d=`` are configured now. The application's own made by
+    ``sign()`` in the same second as ours is.) Of the other signatures, those whose
     ``x=`` has passed by ``now`` go too: every receiver treats them as invalid,
     and nothing can sign them anew when no key of their domain is configured any more
     (all removed while the message waited); one without ``x=``, or not expired yet, stays
@@ -229,17 +230,18 @@ def resign_stale_top(
     domains: list[str] = []  # with a stale signature: theirs are made anew
     current_keys: dict[str, None] = {}  # with a signature by one of its keys configured now
     current_by: set[tuple[str, bytes]] = set()  # and the a= (lower-case) of each such one
-    # With a signature by a key no longer configured, and its a=, in the order found;
-    # True when one such is in ours_end (surely ours, not the application's own):
-    rotated: dict[tuple[str, bytes | None], bool] = {}
+    # With a signature of ours by a key no longer configured, and its a=, in the order
+    # found:
+    rotated: dict[tuple[str, bytes | None], None] = {}
     expired: set[int] = set()  # where a signature by no key configured now, x= past, is
     pending: list[int] = []  # fields of a d= without keys but with key domains below it
     # Ours are the fields on top that one sign() made at send_email: its layout, one t=.
     # Below them, the application's own (made before send_email) are never taken for
-    # ours rotated away. All are taken for ours when the top one is not sign()'s.
+    # ours rotated away; none is ours when the top one is not sign()'s (send_email
+    # signed nothing: no key aligned with the From domains; sign() has put its fields
+    # in this layout since it first signed).
     made_at: bytes | None = None  # the t= of the top field, when sign() made it
     mine = True  # the field is one of ours
-    ours_end = 0  # where that run of sign()'s fields ends: each before it is surely ours
     at = 0
     while data.startswith(_SIGNATURE, at):
         made = _MADE.match(data, at)
@@ -251,8 +253,7 @@ def resign_stale_top(
             elif made_at is not None and signed_at != made_at:
                 mine = False
         else:
-            if made_at is not None:
-                mine = False
+            mine = False
             end = _field_end(data, at)
             found, algorithm = _tag(data, b"d=", at, end), _tag(data, b"a=", at, end)
             selector, expiry = _tag(data, b"s=", at, end), _tag(data, b"x=", at, end)
@@ -294,24 +295,18 @@ def resign_stale_top(
                 owner = None
             fields.append((at, end, name, owner, selector, algorithm, False))
             if owner is not None and (not pending or pending[-1] != len(fields) - 1):
-                rotated[owner, algorithm] = rotated.get((owner, algorithm), False) or (
-                    mine and made_at is not None
-                )
+                rotated[owner, algorithm] = None
             if expiry is not None and expiry.isdigit():
                 if stamp is None:
                     stamp = _seconds(now)
                 if int(expiry) <= stamp:
                     expired.add(at)
-        if mine and made_at is not None:
-            ours_end = end
         at = end
     if pending:
-        _own_pending(data, at, dkim, fields, pending, current_keys, rotated, ours_end)
+        _own_pending(data, at, dkim, fields, pending, current_keys, rotated)
     # A key domain with a signature of ours by a key rotated away is signed anew.
-    for (name, algorithm), surely in rotated.items():
-        if name not in domains and _stale(
-            dkim, current_keys, current_by, name, algorithm, ours=surely
-        ):
+    for name, algorithm in rotated:
+        if name not in domains and _stale(dkim, current_keys, name, algorithm):
             domains.append(name)
     # Or when none of its RSA signatures is while it has an RSA key (one added, say).
     # Many receivers verify RSA alone (RFC 8301 obliges them to it, RFC 8463 to
@@ -331,13 +326,7 @@ def resign_stale_top(
         for field in fields
         if field[0] not in expired
         and not (
-            field[3] in domains
-            and (
-                field[6]
-                or _stale(
-                    dkim, current_keys, current_by, field[3], field[5], ours=field[0] < ours_end
-                )
-            )
+            field[3] in domains and (field[6] or _stale(dkim, current_keys, field[3], field[5]))
         )
     ]
     rest = b"".join(data[start:end] for start, end, *_ in kept) + data[at:]
@@ -370,8 +359,7 @@ def _own_pending(
     fields: list[tuple[int, int, str | None, str | None, bytes | None, bytes | None, bool]],
     pending: list[int],
     current_keys: Container[str],
-    rotated: dict[tuple[str, bytes | None], bool],
-    ours_end: int,
+    rotated: dict[tuple[str, bytes | None], None],
 ) -> None:
     """The key domain of each of the ``pending`` ``fields`` of :func:`resign_stale_top`:
     signatures by no key configured now, of a ``d=`` without keys whose subdomains have
@@ -410,42 +398,30 @@ def _own_pending(
             owner = None
         fields[index] = (start, end, name, owner, selector, algorithm, by_current)
         for key_domain in unsigned or (() if owner is None else (owner,)):
-            rotated[key_domain, algorithm] = rotated.get((key_domain, algorithm), False) or (
-                start < ours_end
-            )
+            rotated[key_domain, algorithm] = None
 
 
 def _stale(
     dkim: DKIMConfig,
     current_keys: Container[str],
-    current_by: Container[tuple[str, bytes]],
     owner: str | None,
     algorithm: bytes | None,
-    *,
-    ours: bool,
 ) -> bool:
-    """Whether a signature by no key configured now, of key domain ``owner`` (the key
-    domain signs it), is one of ours by a key rotated away, not the application's own:
-    ``current_keys`` are the key domains with a signature by a key configured now,
-    ``current_by`` those with the (lower-case) ``a=`` of each such one; ``ours`` when the
-    signature is surely ours (in the run of fields one ``sign()`` put on top at
-    ``send_email``)."""
-    # Rotated away only when no signature of the domain is by a key configured now: one
-    # the application made with a selector of its own (a raw message signed before
-    # send_email, below the signatures sign() put on top) is no rotation, and was
-    # stripped and made anew at every attempt. Or when it is of an algorithm the domain
-    # has a key of and none of that algorithm is by one configured now: that key rotated,
-    # the other algorithm's not. The valid one is enough to pass, but the stale one fails
-    # wherever its algorithm is verified (in DMARC reports too).
-    # One surely ours is rotated away beside a valid one of its algorithm too: a key of
-    # a subdomain removed, its parent's (which signed the message for another From
-    # domain) signing it now; or one of two keys of an algorithm removed.
+    """Whether a signature of ours (made by ``sign()`` at ``send_email``) by no key
+    configured now, of key domain ``owner`` (the key domain signs it now), was made by
+    a key rotated away and is made anew: ``current_keys`` are the key domains with a
+    signature by a key configured now."""
+    # Rotated away when no signature of the domain is by a key configured now. Or when
+    # it is of an algorithm the domain has a key of: that key rotated (a selector of
+    # that algorithm replaced, a subdomain's keys removed and its parent's signing it
+    # now), the valid ones being enough to pass while the stale one fails wherever its
+    # algorithm is verified (in DMARC reports too). One of an algorithm the domain has
+    # no key of any more stays: its record may still be published, and nothing would
+    # sign in its place.
     return owner is not None and (
         owner not in current_keys
         or (
-            algorithm is not None
-            and (ours or (owner, algorithm) not in current_by)
-            and algorithm.decode("ascii", "replace") in dkim.algorithms(owner)
+            algorithm is not None and algorithm.decode("ascii", "replace") in dkim.algorithms(owner)
         )
     )
 
