@@ -750,6 +750,60 @@ def test_an_absurd_expiry_in_a_stored_signature_is_no_error() -> None:
     assert b"9" * 30 not in out
 
 
+def test_the_application_s_own_signatures_looked_at_are_bounded() -> None:
+    """A raw message may bring its own DKIM-Signature fields by the hundred (up to the
+    header section's limits), tag names packed in their values: each attempt looked at
+    every one, and a Python loop went over every "d=", "s=", "a=" and "x=" in each (some
+    0.2 s of the worker's event loop per attempt for 1 MiB of them). Below ours, 16 are
+    looked at; beyond them the fields go as they came, an expired one too (every
+    receiver counts it as none)."""
+    expired = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.net; s=x; x=2; b=AAAA\r\n"
+    packed = b"DKIM-Signature: " + b"ad=as=ax=aa=" * 80 + b"\r\n"
+    rest = b"From: shop@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+    later = NOW + timedelta(minutes=1)
+    stored = prepare(packed * 15 + expired + rest, now=NOW, dkim=DKIM).data
+    found = resign_stale(stored, DKIM, now=later)
+    assert found is not None and expired not in found[0]
+    after = stored.index(expired) + len(expired)
+    assert found[0].endswith(packed * 15 + stored[after:])
+    stored = prepare(packed * 16 + expired + rest, now=NOW, dkim=DKIM).data
+    assert resign_stale(stored, DKIM, now=later) is None
+    stored = prepare(packed * 900 + rest, now=NOW, dkim=DKIM).data
+    assert resign_stale(stored, DKIM, now=later) is None
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.net; s=x; x=2; b=AAAA\r\n",
+        b"DKIM-Signature:d=example.net;s=x;a=rsa-sha256;x=2\r\n",
+        b"DKIM-Signature: z=From:ad=y|To:as=z; h=ax=:aa=; d=\r\n\t example.net;\r\n"
+        b" s=\t\tx;   "
+        + b" " * 300
+        + b"a=rsa-sha256;\r\n"
+        + b"      " * 50
+        + b"\r\n x=2; b=AAAA\r\n",
+        b"DKIM-Signature: bh=ad=as=ax=aa=;" + b"ad=as=ax=aa=" * 40 + b";d=example.net; s=x;\r\n"
+        b" a=rsa-sha256; x=2\r\n",
+    ],
+)
+def test_the_tags_of_a_field_of_any_shape_are_found(field: bytes) -> None:
+    """Tags after FWS of any length, tag names inside other tags' values (which no colon
+    or semicolon precedes): found as RFC 6376 §3.2 writes them."""
+    stored = prepare(
+        field + b"From: shop@example.com\r\nTo: bob@example.org\r\n\r\nbody\r\n",
+        now=NOW,
+        dkim=DKIM,
+    ).data
+    found = resign_stale(stored, DKIMConfig(keys=(key("example.edu", "e"),)), now=NOW)
+    assert found is not None  # the field's x= is past: it goes, ours stay
+    assert field not in found[0]
+    assert [(s.domain, s.selector) for s in found[1].signatures] == [
+        ("example.com", "rsa"),
+        ("example.com", "ed"),
+    ]
+
+
 # --- what a worker keeps of a message it signed anew ---------------------------------------
 
 

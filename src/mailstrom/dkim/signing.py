@@ -99,6 +99,14 @@ fields' tags are looked up one by one (:func:`_tag`)."""
 _VALUE = re.compile(rb"[ \t\r\n]*([^; \t\r\n]{1,255})")
 """A tag's value after its ``=``: up to the next ``;`` or FWS (``x=`` and ``d=`` hold
 none), at most 255 octets (a domain name's limit; int() refuses some thousand digits)."""
+_TAG_AT = {name: re.compile(rb"[;:][ \t\r\n]*" + name) for name in (b"d=", b"s=", b"a=", b"x=")}
+"""Each tag :func:`_tag` looks up, where it begins a tag: after the colon or a semicolon
+and FWS. Searched when the first occurrence of its name is not the tag."""
+MAX_OTHER_SIGNATURES = 16
+"""Signature fields below ours (the application's own, or a message's that
+``send_email`` did not sign) looked at by :func:`resign_stale`; those further down go as
+they came. A raw message may bring hundreds (a thousand fields and 1 MiB of header is
+what ``prepare`` lets through), and every attempt would read each."""
 
 
 def sign(
@@ -195,8 +203,10 @@ def resign_stale(
     algorithm. (A message ``send_email`` did not sign, no key aligning with its From
     domains, has none of ours on top: none of its signatures is taken for ours, even
     when keys of their ``d=`` are configured now. The application's own made by
-    ``sign()`` in the same second as ours is.) Of the other signatures, those whose
-    ``x=`` has passed by ``now`` go too: every receiver treats them as invalid,
+    ``sign()`` in the same second as ours is.) Of the other signatures (the first
+    :data:`MAX_OTHER_SIGNATURES` below ours are looked at; further ones go as they
+    came), those whose ``x=`` has passed by ``now`` go too: every receiver treats them
+    as invalid,
     and nothing can sign them anew when no key of their domain is configured any more
     (all removed while the message waited); one without ``x=``, or not expired yet, stays
     as it is, as its DNS record may still be published (a signature that fails counts
@@ -242,6 +252,7 @@ def resign_stale_top(
     # in this layout since it first signed).
     made_at: bytes | None = None  # the t= of the top field, when sign() made it
     mine = True  # the field is one of ours
+    others = 0  # fields looked at that are not ours
     at = 0
     while data.startswith(_SIGNATURE, at):
         made = _MADE.match(data, at)
@@ -255,6 +266,11 @@ def resign_stale_top(
         else:
             mine = False
             end = _field_end(data, at)
+        if not mine:
+            if others == MAX_OTHER_SIGNATURES:
+                break  # the rest go as they came
+            others += 1
+        if made is None:
             found, algorithm = _tag(data, b"d=", at, end), _tag(data, b"a=", at, end)
             selector, expiry = _tag(data, b"s=", at, end), _tag(data, b"x=", at, end)
         name = found.decode("ascii", "replace").lower() if found is not None else None
@@ -449,20 +465,26 @@ def _field_end(data: bytes, start: int) -> int:
 
 def _tag(data: bytes, name: bytes, start: int, end: int) -> bytes | None:
     """The value of the tag ``name`` (``b"x="``) of the DKIM-Signature field
-    ``data[start:end]``, or None. Found by ``bytes.find`` and taken where only FWS lies
-    between it and the colon or semicolon before it: ``x=`` inside a base64 value
-    follows a letter or digit. (A regular expression starting with a character class
-    scanned the field some ten times slower; this runs for every signed message sent.)"""
+    ``data[start:end]``, or None. Taken where only FWS lies between it and the colon or
+    semicolon before it: ``x=`` inside a base64 value follows a letter or digit. The
+    first occurrence is looked at by ``bytes.find`` and a step or two back (a regular
+    expression starting with a character class scanned the field some ten times slower;
+    this runs for every signed message sent); when it is not the tag, the field is
+    searched by :data:`_TAG_AT` (in C: a loop over every occurrence took a hostile field
+    of names packed in values, or of long FWS, an octet at a time)."""
     at = data.find(name, start, end)
-    while at != -1:
-        before = at - 1
-        while before > start and data[before] in _FWS:
-            before -= 1
-        if data[before] in b";:":
-            value = _VALUE.match(data, at + len(name), end)
-            return None if value is None else value[1]
-        at = data.find(name, at + 1, end)
-    return None
+    if at == -1:
+        return None
+    before = at - 1
+    while before > start and data[before] in _FWS and before > at - 4:
+        before -= 1
+    if data[before] not in b";:":
+        found = _TAG_AT[name].search(data, start, end)
+        if found is None:
+            return None
+        at = found.end() - len(name)
+    value = _VALUE.match(data, at + len(name), end)
+    return None if value is None else value[1]
 
 
 def _seconds(when: datetime) -> int:
