@@ -179,17 +179,15 @@ def resign_stale(
     - or none of the signatures those keys sign for is by one of them now: the keys
       were rotated away, or a subdomain's removed, while the message was queued (a
       scheduled one may wait for weeks), and their DNS records, once removed, would
-      fail the signatures when the keys now configured could make valid ones. A domain
-      with one signature by a key still configured keeps them all (a valid one is
-      enough; another may be the application's own), but for one whose signature of an
-      algorithm it has a key of is by a key no longer configured, none of that
-      algorithm by one configured now (that key rotated, the other algorithm's not: the
-      stale one fails wherever its algorithm is verified), and for one with an RSA key
-      configured and no RSA signature by one (a receiver that verifies RSA alone would
-      see it unsigned). One of ours (below) by a key no longer configured is stale
-      beside a valid one too, when its key domain has a key of its algorithm: nothing
-      says it is the application's own (a subdomain's keys removed, whose signatures
-      ``send_email`` made with the parent's for another From domain).
+      fail the signatures when the keys now configured could make valid ones; or one
+      of ours is by a key no longer configured while its key domain has a key of its
+      algorithm, beside a valid one of that algorithm too (that key rotated, the
+      other's not; or a subdomain's keys removed, whose signatures ``send_email`` made
+      with the parent's for another From domain): the stale one fails wherever its
+      algorithm is verified. One of an algorithm the key domain has no key of any more
+      stays beside a valid one (its record may still be published). A key domain with
+      an RSA key configured and no RSA signature by one is signed anew too (a receiver
+      that verifies RSA alone would see it unsigned).
 
     None when none is, and none has expired, the case of almost every message: its
     signatures name the keys configured and expire later.
