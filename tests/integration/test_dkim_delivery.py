@@ -19,7 +19,7 @@ import pytest
 
 from mailstrom import Attachment, DKIMAlgorithm, DKIMSignature, DKIMStatus, Email, RecipientState
 from mailstrom.client import Mailstrom
-from mailstrom.dkim import DKIMConfig, DKIMKey, generate_private_key
+from mailstrom.dkim import DKIMConfig, DKIMKey, generate_private_key, sign
 from mailstrom.message import prepare
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.stores import MemoryStore, SQLiteStore
@@ -808,3 +808,37 @@ def test_a_message_send_email_left_unsigned_keeps_the_application_s_own_signatur
     assert_all_pass(received.content, dns_server, signatures=1)
     assert status.dkim == queued.dkim_status
     assert status.dkim is not None and not status.dkim.signed
+
+
+def test_a_message_s_own_field_in_our_layout_goes_as_it_came_and_verifies(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """A raw message from other.test (no key configured for it) that the application
+    signed as sender.test with mailstrom's own sign() (a selector of its own): its field
+    is in the layout the worker takes for ours, so the worker signed the message with
+    sender.test's keys, which send_email had not signed it with. prepare() gives the
+    field a second space, which its relaxed canonicalisation ignores: it goes as it
+    came, unsigned by us, and still verifies."""
+    mx = receivers[True]
+    store = MemoryStore()
+    app = DKIMKey(domain="sender.test", selector="app1", private_key=generate_private_key(RSA))
+    publish(dns_server, DKIMConfig(keys=(app,)))
+    raw = (
+        b"From: app@other.test\r\nTo: bob@modern.test\r\nSubject: A\r\n"
+        b"Date: Mon, 05 Jan 2026 12:00:00 +0000\r\nMessage-ID: <a2@other.test>\r\n\r\n"
+        b"body\r\n"
+    )
+    signed, _ = sign(raw, [app], now=datetime.now(UTC))
+    queued = prepare(signed, now=datetime.now(UTC), dkim=CONFIG)
+    assert queued.dkim == ()
+    mid = store.enqueue(queued, now=datetime.now(UTC))
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=CONFIG)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    assert [(t["d"], t["s"]) for t in signature_tags(received.content)] == [("sender.test", "app1")]
+    assert_all_pass(received.content, dns_server, signatures=1)
+    assert status.dkim == queued.dkim_status

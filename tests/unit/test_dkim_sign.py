@@ -19,7 +19,7 @@ from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.dkim import DKIMConfig
 from mailstrom.dkim.resigned import ResignedMessages
-from mailstrom.dkim.signing import resign_stale, sign
+from mailstrom.dkim.signing import resign_stale, sign, unlike_ours
 from mailstrom.errors import ConfigError, MessageTooLarge, NoDKIMKey
 from mailstrom.message import Email, downgrade_to_7bit, prepare
 from mailstrom.status import DKIMStatus
@@ -698,14 +698,18 @@ def test_the_application_s_own_signature_of_a_rotated_domain_stays() -> None:
             ("example.com", "ed2"),
             ("example.com", "app1"),
         ]
-        assert out[out.index(app) :] == stored[stored.index(app) :]
+        kept = unlike_ours(app)  # one in sign()'s layout is given a second space
+        assert out[out.index(kept) :] == stored[stored.index(kept) :]
         assert resign_stale(out, rotated, now=later) is None
     # Mailstrom did not sign it (no key of the domain then): the signatures on top are
-    # the application's, taken for ours as before (nothing tells them apart).
-    unsigned = prepare(raw, now=NOW, dkim=dual("example.net")).data
-    out = as_sent(unsigned, rotated, now=later)
-    assert out is not None
-    assert [t["s"] for t in signature_tags(out)] == ["rsa2", "ed2"]
+    # the application's, in sign()'s layout or not; none is ours, all go as they came.
+    for message in (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=app1; c=relaxed/relaxed;"
+        b" h=from; bh=abc=; b=xyz=\r\nFrom: a@example.com\r\nTo: b@example.org\r\n\r\nbody\r\n",
+        raw,
+    ):
+        unsigned = prepare(message, now=NOW, dkim=dual("example.net")).data
+        assert resign_stale(unsigned, rotated, now=later) is None
 
 
 def test_the_application_s_own_signature_stays_when_ours_are_made_anew_for_x() -> None:
@@ -802,6 +806,30 @@ def test_the_tags_of_a_field_of_any_shape_are_found(field: bytes) -> None:
         ("example.com", "rsa"),
         ("example.com", "ed"),
     ]
+
+
+@pytest.mark.parametrize("sender", ["other.test", "example.com"])
+def test_a_field_of_the_message_in_our_layout_is_not_taken_for_ours(sender: str) -> None:
+    """A raw message may bring a DKIM-Signature field written as sign() writes its own,
+    on top (send_email signed nothing: no key for other.test) or below ours with their
+    t= (guessed: the second of send_email), its d= another domain the configuration has
+    keys for and its s= none of them. The worker took it for ours, by a key rotated
+    away, and signed the message with that domain's keys, which send_email had refused
+    to sign it with. prepare() leaves no field of the message in that layout: one more
+    space after the colon, which the field's own relaxed canonicalisation ignores."""
+    other = dual("example.net")
+    dkim = DKIMConfig(keys=(*DKIM.keys, *other.keys))
+    forged = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.net; s=old;\r\n"
+        b" t=%d; h=from:to; bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=;\r\n b=AAAA\r\n"
+    ) % int(NOW.timestamp())
+    raw = forged + f"From: a@{sender}\r\nTo: bob@example.org\r\n\r\nbody\r\n".encode()
+    stored = prepare(raw, now=NOW, dkim=dkim)
+    assert [s.domain for s in stored.dkim] == (
+        [] if sender == "other.test" else ["example.com"] * 2
+    )
+    assert resign_stale(stored.data, dkim, now=NOW + timedelta(minutes=1)) is None
+    assert forged.replace(b": v=1;", b":  v=1;") in stored.data
 
 
 # --- what a worker keeps of a message it signed anew ---------------------------------------

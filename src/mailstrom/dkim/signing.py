@@ -96,6 +96,9 @@ _MADE = re.compile(
 """A whole field :func:`sign` made (its tags in its order, folded where it folds them):
 its ``a=``, ``d=``, ``s=``, ``t=`` and ``x=``, and where it ends, in one match. Other
 fields' tags are looked up one by one (:func:`_tag`)."""
+_MADE_START = re.compile(rb"DKIM-Signature: v=1; a=[a-z0-9-]{1,32}; c=relaxed/relaxed;")
+"""How each field :func:`sign` makes begins; :func:`unlike_ours` keeps a message's own
+from beginning so."""
 _VALUE = re.compile(rb"[ \t\r\n]*([^; \t\r\n]{1,255})")
 """A tag's value after its ``=``: up to the next ``;`` or FWS (``x=`` and ``d=`` hold
 none), at most 255 octets (a domain name's limit; int() refuses some thousand digits)."""
@@ -161,6 +164,21 @@ def sign(
     return b"".join(fields) + data, signatures
 
 
+def unlike_ours(data: bytes) -> bytes:
+    """``data`` (a message about to be signed, or sent unsigned, at ``send_email``) with
+    its top field, when a DKIM-Signature field begins as :func:`sign` begins its own
+    (:data:`_MADE_START`), given a second space after the colon: the worker takes the
+    fields on top in that layout, of one ``t=``, for ours (:func:`resign_stale`), and
+    one a message brought (an application's, or forged: the layout is no secret) would
+    have it sign the message with the keys of its ``d=``, any domain configured. The
+    field says ``c=relaxed/``: its own signature canonicalises the space away (RFC 6376
+    §3.4.2), as any relaxed one listing DKIM-Signature in ``h=`` does. Only the top
+    field: one below it that is not in the layout ends the run taken for ours."""
+    if data.startswith(_SIGNATURE) and _MADE_START.match(data):
+        return _SIGNATURE + b" " + data[len(_SIGNATURE) :]
+    return data
+
+
 def resign_stale(
     data: bytes, dkim: DKIMConfig, *, now: datetime, before: timedelta = RESIGN_BEFORE
 ) -> tuple[bytes, DKIMStatus] | None:
@@ -200,8 +218,9 @@ def resign_stale(
     or a selector of its own beside a signature by a key configured now, of its
     algorithm. (A message ``send_email`` did not sign, no key aligning with its From
     domains, has none of ours on top: none of its signatures is taken for ours, even
-    when keys of their ``d=`` are configured now. The application's own made by
-    ``sign()`` in the same second as ours is.) Of the other signatures (the first
+    when keys of their ``d=`` are configured now; ``prepare`` leaves no field of the
+    message's own on top in ``sign()``'s layout: :func:`unlike_ours`.) Of the other
+    signatures (the first
     :data:`MAX_OTHER_SIGNATURES` below ours are looked at; further ones go as they
     came), those whose ``x=`` has passed by ``now`` go too: every receiver treats them
     as invalid,

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from email.message import Message
 
 from mailstrom.dkim.config import DKIMConfig
-from mailstrom.dkim.signing import DKIMSignature, sign
+from mailstrom.dkim.signing import DKIMSignature, sign, unlike_ours
 from mailstrom.domains import dns_name, domain_name, is_public_name, shown
 from mailstrom.errors import (
     ForbiddenCharacter,
@@ -386,6 +386,8 @@ def _sign(
     they need SMTPUTF8, which implies 8BITMIME (RFC 6531 §3.1), and are signed as octets
     (RFC 8616 §4).
     """
+    # Signed or not, no field the message brought may pass for one of ours.
+    data = unlike_ours(data)
     keys = dkim.keys_for(envelope.from_domains)
     if not keys:
         if dkim.required:
