@@ -832,6 +832,29 @@ def test_a_field_of_the_message_in_our_layout_is_not_taken_for_ours(sender: str)
     assert forged.replace(b": v=1;", b":  v=1;") in stored.data
 
 
+@pytest.mark.parametrize("sender", ["other.test", "example.com"])
+@pytest.mark.parametrize("expiry", [b" x=1;", b""])
+def test_a_field_of_the_message_naming_one_of_our_keys_is_not_taken_for_ours(
+    sender: str, expiry: bytes
+) -> None:
+    """A raw message may bring a DKIM-Signature field naming one of our keys (its d=,
+    s= and a=), in any layout, with an x= past or no RSA signature beside it. The worker
+    took any such field for one of ours, signed the message anew for its domain (x=
+    near, or no RSA signature by a key configured), and so signed with example.net's
+    keys mail that send_email had not signed with them. Only ours (on top, made by
+    sign()) are made anew; the message's own go as they came (the expired one dropped)."""
+    other = dual("example.net")
+    dkim = DKIMConfig(keys=(*DKIM.keys, *other.keys))
+    forged = b"DKIM-Signature: v=1; d=example.net; s=ed; a=ed25519-sha256;%s b=AAAA\r\n" % expiry
+    raw = forged + f"From: a@{sender}\r\nTo: bob@example.org\r\n\r\nbody\r\n".encode()
+    stored = prepare(raw, now=NOW, dkim=dkim)
+    found = resign_stale(stored.data, dkim, now=NOW + timedelta(minutes=1))
+    if found is not None:
+        assert found[0] == stored.data.replace(forged, b"")
+    assert b"d=example.net; s=rsa" not in (stored.data if found is None else found[0])
+    assert (found is None) == (expiry == b"")
+
+
 # --- what a worker keeps of a message it signed anew ---------------------------------------
 
 
@@ -857,6 +880,37 @@ def test_a_message_signed_anew_is_sent_again_as_made_until_it_is_stale() -> None
         is None
     )
     assert len(resigned) == 1
+
+
+def test_ours_kept_beside_those_made_anew_are_made_anew_when_their_x_comes_near() -> None:
+    """A message signed by example.com and example.net: example.net's keys rotated, so
+    its signatures were made anew at the first attempt and example.com's kept, with
+    their t= of before. At a later attempt the worker asks of those bytes again; the
+    kept ones, no longer in one run with ours on top, must still count as ours: their x=
+    near, the message is signed anew, not sent with them about to expire."""
+    both = DKIMConfig(keys=(*DKIM.keys, *dual("example.net").keys), expire=DAY)
+    message = email(from_=["a@example.com", "b@example.net"], sender="a@example.com")
+    stored = prepare(message, now=NOW, dkim=both).data
+    rotated = DKIMConfig(
+        keys=(*DKIM.keys, key("example.net", "rsa2", RSA), key("example.net", "ed2", ED25519)),
+        expire=DAY,
+    )
+    resigned = ResignedMessages(rotated)
+    first_at = NOW + timedelta(hours=1)
+    first = resigned.sign("m1", stored, now=first_at)
+    assert first is not None
+    assert [(t["d"], t["s"]) for t in signature_tags(first[0])][:4] == [
+        ("example.net", "rsa2"),
+        ("example.net", "ed2"),
+        ("example.com", "rsa"),
+        ("example.com", "ed"),
+    ]
+    assert resigned.sign("m1", stored, now=first_at + timedelta(hours=1)) == first
+    # example.com's x= (a day after NOW) within RESIGN_BEFORE: all made anew.
+    near = NOW + DAY - timedelta(minutes=30)
+    again = resigned.sign("m1", stored, now=near)
+    assert again is not None and again != first
+    assert {t["t"] for t in signature_tags(again[0])[:4]} == {str(int(near.timestamp()))}
 
 
 def test_what_is_kept_is_bounded_and_taken_only_for_its_own_bytes() -> None:

@@ -39,9 +39,9 @@ class ResignedMessages:
     def __init__(self, dkim: DKIMConfig, *, size: int = KEPT) -> None:
         self._dkim = dkim
         self._size = size
-        self._kept: dict[str, tuple[bytes, bytes, DKIMStatus]] = {}
+        self._kept: dict[str, tuple[bytes, bytes, DKIMStatus, int]] = {}
         """By message id: (the fields replaced, those put in their place, the DKIM status
-        of the result), oldest first."""
+        of the result, the octets of ours on top of it), oldest first."""
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -54,21 +54,27 @@ class ResignedMessages:
         still good, else signed anew (and kept); None when ``data`` goes as it is."""
         kept = self._kept.pop(message_id, None)
         if kept is not None:
-            replaced, made, status = kept
+            replaced, made, status, ours = kept
             # The replaced fields hold their body hash and signature: other bytes under
             # this id (none should be) are not taken for the message signed.
             if data.startswith(replaced):
                 again = made + data[len(replaced) :]
-                if resign_stale_top(again, self._dkim, now=now) is None:
+                # Ours kept have their t= of before: told by where they are.
+                if resign_stale_top(again, self._dkim, now=now, ours=ours) is None:
                     self._kept[message_id] = kept  # the last used goes out last
                     return again, status
         found = resign_stale_top(data, self._dkim, now=now)
         if found is None:
             return None
-        signed, status, replaced_octets = found
+        signed, status, replaced_octets, ours_octets = found
         made_octets = len(signed) - (len(data) - replaced_octets)
         if replaced_octets + made_octets <= MAX_KEPT_OCTETS:
-            self._kept[message_id] = (data[:replaced_octets], signed[:made_octets], status)
+            self._kept[message_id] = (
+                data[:replaced_octets],
+                signed[:made_octets],
+                status,
+                ours_octets,
+            )
             if len(self._kept) > self._size:
                 del self._kept[next(iter(self._kept))]
         return signed, status

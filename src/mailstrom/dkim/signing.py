@@ -219,7 +219,9 @@ def resign_stale(
     algorithm. (A message ``send_email`` did not sign, no key aligning with its From
     domains, has none of ours on top: none of its signatures is taken for ours, even
     when keys of their ``d=`` are configured now; ``prepare`` leaves no field of the
-    message's own on top in ``sign()``'s layout: :func:`unlike_ours`.) Of the other
+    message's own on top in ``sign()``'s layout: :func:`unlike_ours`. One of the
+    message's naming a key configured now, its ``d=``, ``s=`` and ``a=``, is none of
+    ours either: anyone can write one.) Of the other
     signatures (the first
     :data:`MAX_OTHER_SIGNATURES` below ours are looked at; further ones go as they
     came), those whose ``x=`` has passed by ``now`` go too: every receiver treats them
@@ -238,12 +240,20 @@ def resign_stale(
 
 
 def resign_stale_top(
-    data: bytes, dkim: DKIMConfig, *, now: datetime, before: timedelta = RESIGN_BEFORE
-) -> tuple[bytes, DKIMStatus, int] | None:
+    data: bytes,
+    dkim: DKIMConfig,
+    *,
+    now: datetime,
+    before: timedelta = RESIGN_BEFORE,
+    ours: int | None = None,
+) -> tuple[bytes, DKIMStatus, int, int] | None:
     """:func:`resign_stale`, with how many octets at the start of ``data`` (the signature
     fields on top) the start of the bytes returned replaces: the rest, ``data[n:]``, ends
-    them unchanged. What a worker keeps to send the same bytes again
-    (:class:`~mailstrom.dkim.resigned.ResignedMessages`)."""
+    them unchanged; and how many octets at the start of the bytes returned are fields of
+    ours (those made now, then ours kept). What a worker keeps to send the same bytes
+    again (:class:`~mailstrom.dkim.resigned.ResignedMessages`), which asks of them again
+    with ``ours``: the fields in that many octets on top are ours, whatever their
+    ``t=`` (those kept were made before), and no other is."""
     if not data.startswith(_SIGNATURE):
         return None
     deadline: int | None = None
@@ -269,6 +279,7 @@ def resign_stale_top(
     # in this layout since it first signed).
     made_at: bytes | None = None  # the t= of the top field, when sign() made it
     mine = True  # the field is one of ours
+    ours_end = 0  # where the last of ours ends
     others = 0  # fields looked at that are not ours
     at = 0
     while data.startswith(_SIGNATURE, at):
@@ -283,7 +294,11 @@ def resign_stale_top(
         else:
             mine = False
             end = _field_end(data, at)
-        if not mine:
+        if ours is not None:
+            mine = at < ours
+        if mine:
+            ours_end = end
+        else:
             if others == MAX_OTHER_SIGNATURES:
                 break  # the rest go as they came
             others += 1
@@ -307,8 +322,12 @@ def resign_stale_top(
                 owner = None
         if algorithm is not None:
             algorithm = algorithm.lower()
+        # Only ours count as by a key configured now: a field the message brought naming
+        # one of our keys (any can write one) would have its domain signed anew (its
+        # x= near, no RSA signature beside it), though send_email did not sign for it.
         if (
-            current
+            mine
+            and current
             and name is not None
             and selector is not None
             and algorithm is not None
@@ -366,23 +385,26 @@ def resign_stale_top(
     signed, signatures = (
         sign(rest, dkim.keys_for(domains), now=now, expire=dkim.expire) if domains else (rest, ())
     )
+    # Ours kept come first among those kept, as on top of data.
+    mine_octets = len(signed) - len(rest)
+    mine_octets += sum(end - start for start, end, *_ in kept if start < ours_end)
     # Ours kept are those by a key configured now (its d= and s=): the application's own
     # of the same domain, by a selector of its own, is kept but is not ours.
     named: list[DKIMSignature] = []
-    ours = list(signatures)
+    ours_named = list(signatures)
     for _, _, name, _, selector, algorithm, by_current in kept:
         signature = _named(name, selector, algorithm)
         if signature is not None:
             named.append(signature)
             if by_current:
-                ours.append(signature)
-    if ours or named:
-        return signed, DKIMStatus(signatures=tuple(ours or named)), at
+                ours_named.append(signature)
+    if ours_named or named:
+        return signed, DKIMStatus(signatures=tuple(ours_named or named)), at, mine_octets
     gone = sorted({name for start, _, name, *_ in fields if start in expired and name})
     reason = "its signatures had expired (x=)"
     if gone:
         reason += f" and no key of {', '.join(gone)} is configured now"
-    return signed, DKIMStatus(reason=reason), at
+    return signed, DKIMStatus(reason=reason), at, mine_octets
 
 
 def _own_pending(
