@@ -842,3 +842,90 @@ def test_a_message_s_own_field_in_our_layout_goes_as_it_came_and_verifies(
     assert [(t["d"], t["s"]) for t in signature_tags(received.content)] == [("sender.test", "app1")]
     assert_all_pass(received.content, dns_server, signatures=1)
     assert status.dkim == queued.dkim_status
+
+
+@pytest.mark.parametrize(
+    ("address", "subdomain"),
+    [
+        ("news@NEWS.Sender.TEST", "news.sender.test"),
+        ("news@bücher.sender.test", "xn--bcher-kva.sender.test"),
+        ("news@XN--BCHER-KVA.sender.test", "xn--bcher-kva.sender.test"),
+    ],
+    ids=["upper case", "U-label", "A-label in upper case"],
+)
+def test_a_from_domain_in_any_case_or_as_a_u_label_is_signed_anew_by_its_keys(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any], address: str, subdomain: str
+) -> None:
+    """The worker reads the From domains back from the stored message to pick the keys
+    that sign it now (the parent's removed, the subdomain's added): in upper case, as a
+    U-label or an A-label in upper case, they are the key domain's, as at send_email."""
+    mx = receivers[True]
+    store = MemoryStore()
+    message = Email(from_=address, to=["bob@modern.test"], subject="N", text="n\n")
+    old = prepare(message, now=datetime.now(UTC), dkim=CONFIG)
+    assert [s.domain for s in old.dkim] == ["sender.test"] * 2
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    keys = dual(subdomain)
+    publish(dns_server, keys)
+    for gone in CONFIG.keys:
+        dns_server.delete(gone.dns_record().name)
+    results = Results()
+    with Mailstrom(
+        loopback_config(dns_server, mx.port, dkim=keys), store=store, on_result=results
+    ) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"]) for t in signature_tags(received.content)]
+    assert sent == [(subdomain, "rsa"), (subdomain, "ed")]
+    assert_all_pass(received.content, dns_server)
+
+
+def test_selectors_shared_by_two_domains_are_told_apart_by_domain(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """sender.test and shop.test sign with selectors of the same names (rsa, ed). A
+    message from both; shop.test's keys rotated while it waited (rsa and ed now name
+    other keys there, published anew). Only shop.test's signatures are made anew;
+    sender.test's, by the same selector names, stay and verify."""
+    mx = receivers[True]
+    store = MemoryStore()
+    shop = dual("shop.test")
+    publish(dns_server, shop)
+    message = Email(
+        from_=["a@sender.test", "b@shop.test"],
+        sender="a@sender.test",
+        to=["bob@modern.test"],
+        subject="S",
+        text="s\n",
+    )
+    old = prepare(message, now=datetime.now(UTC), dkim=DKIMConfig(keys=(*CONFIG.keys, *shop.keys)))
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    new_shop = DKIMConfig(
+        keys=tuple(
+            DKIMKey(
+                domain="shop.test", selector=s, private_key=generate_private_key(a), algorithm=a
+            )
+            for s, a in (("rsa2", RSA), ("ed2", ED25519))
+        )
+    )
+    for gone in shop.keys:
+        dns_server.delete(gone.dns_record().name)
+    publish(dns_server, new_shop)
+    results = Results()
+    config = loopback_config(
+        dns_server, mx.port, dkim=DKIMConfig(keys=(*CONFIG.keys, *new_shop.keys))
+    )
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    sent = [(t["d"], t["s"]) for t in signature_tags(received.content)]
+    assert sent == [
+        ("shop.test", "rsa2"),
+        ("shop.test", "ed2"),
+        ("sender.test", "rsa"),
+        ("sender.test", "ed"),
+    ]
+    assert_all_pass(received.content, dns_server, signatures=4)
