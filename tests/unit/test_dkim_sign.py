@@ -855,6 +855,18 @@ def test_a_field_of_the_message_naming_one_of_our_keys_is_not_taken_for_ours(
     assert (found is None) == (expiry == b"")
 
 
+def test_an_expired_signature_of_a_domain_with_keys_is_not_said_to_have_none() -> None:
+    """A message send_email left unsigned (no key for other.test) whose own signature,
+    of example.com (which has keys), had expired: it goes, and the status said "no key
+    of example.com is configured now", which is false; it names no such domain now."""
+    own = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=app1; x=2; h=from; b=AAAA\r\n"
+    raw = own + b"From: a@other.test\r\nTo: bob@example.org\r\n\r\nbody\r\n"
+    stored = prepare(raw, now=NOW, dkim=DKIM).data
+    found = resign_stale(stored, DKIM, now=NOW)
+    assert found is not None and own not in found[0]
+    assert found[1] == DKIMStatus(reason="its signatures had expired (x=)")
+
+
 # --- what a worker keeps of a message it signed anew ---------------------------------------
 
 

@@ -400,7 +400,15 @@ def resign_stale_top(
                 ours_named.append(signature)
     if ours_named or named:
         return signed, DKIMStatus(signatures=tuple(ours_named or named)), at, mine_octets
-    gone = sorted({name for start, _, name, *_ in fields if start in expired and name})
+    # Named only when it has no key now: one that has, whose expired signature was not
+    # ours (the message's own, of a domain mailstrom signs for too), is not gone.
+    gone = sorted(
+        {
+            name
+            for start, _, name, *_ in fields
+            if start in expired and name and not dkim.key_names(name)
+        }
+    )
     reason = "its signatures had expired (x=)"
     if gone:
         reason += f" and no key of {', '.join(gone)} is configured now"
