@@ -867,6 +867,21 @@ def test_an_expired_signature_of_a_domain_with_keys_is_not_said_to_have_none() -
     assert found[1] == DKIMStatus(reason="its signatures had expired (x=)")
 
 
+def test_a_field_in_our_layout_queued_without_dkim_is_not_taken_for_ours() -> None:
+    """Queued while DKIM was not configured, sent by a worker that has keys: a field the
+    raw message brought on top in sign()'s layout was taken for ours by a key rotated
+    away, and the message signed with its d='s keys. prepare() gives it the second
+    space whether or not it signs."""
+    forged = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; s=old;\r\n"
+        b" t=1; h=from:to; bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=;\r\n b=AAAA\r\n"
+    )
+    raw = forged + b"From: a@other.test\r\nTo: bob@example.org\r\n\r\nbody\r\n"
+    stored = prepare(raw, now=NOW).data
+    assert resign_stale(stored, DKIM, now=NOW) is None
+    assert stored.startswith(unlike_ours(forged))
+
+
 # --- what a worker keeps of a message it signed anew ---------------------------------------
 
 

@@ -165,9 +165,10 @@ def sign(
 
 
 def unlike_ours(data: bytes) -> bytes:
-    """``data`` (a message about to be signed, or sent unsigned, at ``send_email``) with
-    its top field, when a DKIM-Signature field begins as :func:`sign` begins its own
-    (:data:`_MADE_START`), given a second space after the colon: the worker takes the
+    """``data`` (a message as ``send_email`` queues it, signed or not, DKIM configured
+    or not: a worker may have keys when it sends it) with its top field, when a
+    DKIM-Signature field begins as :func:`sign` begins its own (:data:`_MADE_START`),
+    given a second space after the colon: the worker takes the
     fields on top in that layout, of one ``t=``, for ours (:func:`resign_stale`), and
     one a message brought (an application's, or forged: the layout is no secret) would
     have it sign the message with the keys of its ``d=``, any domain configured. The

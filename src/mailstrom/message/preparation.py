@@ -344,6 +344,9 @@ def _finish(
     subject: str | None,
 ) -> PreparedMessage:
     max_size = options.max_size
+    # Signed or not, DKIM configured or not (a worker may have keys when it sends it), no
+    # field the message brought passes for one of ours (dkim.signing.resign_stale).
+    data = unlike_ours(data)
     if len(data) > max_size:
         _too_large(len(data), max_size)
     check_line_lengths(data)
@@ -386,8 +389,6 @@ def _sign(
     they need SMTPUTF8, which implies 8BITMIME (RFC 6531 §3.1), and are signed as octets
     (RFC 8616 §4).
     """
-    # Signed or not, no field the message brought may pass for one of ours.
-    data = unlike_ours(data)
     keys = dkim.keys_for(envelope.from_domains)
     if not keys:
         if dkim.required:
