@@ -234,6 +234,23 @@ class StoreCorrupt(StoreError):
     command line exits 74) instead of retrying forever."""
 
 
+def newer_schema_advice(*, while_open: bool = False) -> str:
+    """What a :class:`StoreCorrupt` for a schema newer than this mailstrom knows tells
+    the reader to do (``while_open``: a newer mailstrom migrated it while this process
+    had the store open). A process runs the mailstrom it started with: the one installed
+    may be the newer one already (a rolling upgrade), and a restart is then what it
+    needs. Neither at open nor later can it tell which, so it says both."""
+    if while_open:
+        return (
+            " (a newer mailstrom migrated it while this one had it open); restart this"
+            " process, or upgrade mailstrom first where it is not the newer one yet"
+        )
+    return (
+        "; upgrade mailstrom, or restart this process if it is upgraded already (a"
+        " process runs the mailstrom it started with)"
+    )
+
+
 class StoreRefusedData(StoreError):
     """The store refused a value it was asked to write (a constraint, a number out of its
     range, text its encoding cannot hold): writing the same again will not help, other

@@ -115,6 +115,26 @@ def test_newer_schema_than_known_is_refused(postgres_url: str) -> None:
         PostgresStore(postgres_url)
 
 
+def test_a_newer_schema_advises_a_restart_as_well_as_an_upgrade(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    """It said only "upgrade mailstrom": a process running while another one migrated the
+    database runs the code it started with, and the mailstrom installed may be the new
+    one already (a restart is what it needs). At open, as under a store already open,
+    this mailstrom cannot tell which: it says both."""
+    store.enqueue(message("a@example.org"), now=T0)
+    migrated_by_a_newer_mailstrom(postgres_url)
+    with pytest.raises(StoreCorrupt, match="newer") as raised:
+        store.release_dead_holders("h1")
+    with pytest.raises(StoreCorrupt, match="while this one had it open") as again:
+        store.enqueue(message("b@example.org"), now=T0)
+    with pytest.raises(StoreCorrupt, match="newer") as at_open:
+        PostgresStore(postgres_url)
+    for error in (raised.value, again.value, at_open.value):
+        assert "upgrade mailstrom" in str(error)
+        assert "restart this process" in str(error)
+
+
 def migrated_by_a_newer_mailstrom(url: str, *statements: str) -> None:
     """What a newer mailstrom's migration does, from another session: ``statements``, then
     its version row."""

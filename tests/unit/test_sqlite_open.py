@@ -151,6 +151,47 @@ def test_an_enqueue_a_newer_mailstroms_migration_broke_is_corrupt(db: Path) -> N
         assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
 
 
+def test_a_newer_schema_advises_a_restart_as_well_as_an_upgrade(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newer schema said only "upgrade mailstrom". A process that was running while
+    another one migrated the file (a rolling upgrade) runs the code it started with: the
+    mailstrom installed may be the new one already, and a restart is what it needs. At
+    open, as under a store already open, this mailstrom cannot tell which: it says both."""
+    import mailstrom.stores.sqlite as sqlite_module
+
+    def advises_both(error: StoreCorrupt) -> None:
+        assert "upgrade mailstrom" in str(error)
+        assert "restart this process" in str(error)
+
+    store = SQLiteStore(db)
+    try:
+        with closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("PRAGMA user_version = 9999")
+        with pytest.raises(StoreCorrupt, match="while this one had it open") as raised:
+            store.lease(now=NOW, limit=10, lease_for=timedelta(minutes=5))
+        advises_both(raised.value)
+    finally:
+        store.close()
+    for read_only in (False, True):  # found at open
+        with pytest.raises(StoreCorrupt, match="newer") as raised:
+            SQLiteStore(db, read_only=read_only)
+        advises_both(raised.value)
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(f"PRAGMA user_version = {migrations()[-1][0] - 1}")
+    migrate = sqlite_module.migrate
+
+    def newer_first(conn: sqlite3.Connection) -> int:
+        with closing(sqlite3.connect(db)) as other, other:
+            other.execute("PRAGMA user_version = 9999")  # the other process won the lock
+        return migrate(conn)
+
+    monkeypatch.setattr(sqlite_module, "migrate", newer_first)
+    with pytest.raises(StoreCorrupt, match="newer") as raised:  # migrated as this one opened
+        SQLiteStore(db)
+    advises_both(raised.value)
+
+
 @pytest.mark.parametrize("table", ["users", "messages"])
 def test_another_programs_database_is_not_a_mailstrom_database(db: Path, table: str) -> None:
     """A store URL naming another program's SQLite file (an application's db.sqlite3):

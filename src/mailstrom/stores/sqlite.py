@@ -87,6 +87,7 @@ from mailstrom.errors import (
     StoreRefusedData,
     UnknownMessage,
     UnreadableRow,
+    newer_schema_advice,
 )
 from mailstrom.policy.throttle import TokenBucket, TokenGrant
 from mailstrom.status import (
@@ -487,10 +488,9 @@ def _check_schema(version: int, path: str, latest: int) -> None:
 
 def _newer_schema(version: int, path: str, latest: int, *, while_open: bool = False) -> str:
     """Why a store refuses a database whose schema is newer than this mailstrom knows."""
-    since = " (a newer mailstrom migrated it while this one had it open)" if while_open else ""
     return (
         f"{path}: database schema version {version} is newer than this mailstrom "
-        f"understands ({latest}){since}; upgrade mailstrom"
+        f"understands ({latest}){newer_schema_advice(while_open=while_open)}"
     )
 
 

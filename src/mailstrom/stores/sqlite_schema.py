@@ -19,7 +19,13 @@ from typing import Any
 
 from mailstrom.arguments import shown
 from mailstrom.bounds import EARLIEST_TIME, LATEST_TIME
-from mailstrom.errors import InvalidArgument, StoreCorrupt, StoreError, UnreadableRow
+from mailstrom.errors import (
+    InvalidArgument,
+    StoreCorrupt,
+    StoreError,
+    UnreadableRow,
+    newer_schema_advice,
+)
 from mailstrom.status import (
     Attempt,
     AttemptOutcome,
@@ -181,7 +187,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             (_, _, path) = conn.execute("PRAGMA database_list").fetchone()
             raise StoreCorrupt(
                 f"{path}: database schema version {version} is newer than this mailstrom "
-                f"understands ({latest}); upgrade mailstrom"
+                f"understands ({latest}){newer_schema_advice()}"
             )
         for number, script in available:
             if number > version:

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from mailstrom.errors import StoreAccessDenied, StoreCorrupt
+from mailstrom.errors import StoreAccessDenied, StoreCorrupt, newer_schema_advice
 from mailstrom.stores.postgres.connect import connect, split_url
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
 from mailstrom.stores.postgres.sql import Migration, migrations, translate_errors
@@ -71,10 +71,9 @@ def _check_not_newer(current: int, latest: int) -> None:
 
 def newer_schema(current: int, latest: int, *, while_open: bool = False) -> str:
     """Why a store refuses a database whose schema is newer than this mailstrom knows."""
-    since = " (a newer mailstrom migrated it while this one had it open)" if while_open else ""
     return (
         f"the database schema is at version {current}, newer than this mailstrom "
-        f"knows ({latest}){since}; upgrade mailstrom"
+        f"knows ({latest}){newer_schema_advice(while_open=while_open)}"
     )
 
 
