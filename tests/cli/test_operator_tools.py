@@ -110,6 +110,21 @@ def test_hold_leaves_finished_messages_as_they_are(cli: CLI) -> None:
     assert cli.ok("status", "--json", pending).json()["held"] is True
 
 
+def test_release_of_a_message_that_finished_while_held_says_it_is_not_held(cli: CLI) -> None:
+    """Held, then cancelled: the message finished while held, and is not held (nothing
+    waits for a release). ``release`` changed nothing and said "(1 already so)", as if
+    it had been released before; it says the message was not held or had finished."""
+    mid = send(cli, "a@example.test", "--hold")
+    assert cli.ok("cancel", mid).out.strip() == "1 recipient cancelled (1 message)"
+    assert cli.ok("status", "--json", mid).json()["held"] is False
+    assert cli.ok("release", mid, "--dry-run").out.splitlines() == [
+        "would release 0 messages (dry run: nothing changed)"
+    ]
+    out = cli.ok("release", mid).out.strip()
+    assert out == "0 messages released (1 not held or finished)"
+    assert cli.ok("release", "--state", "any").out.strip() == "0 messages released"
+
+
 def test_ids_with_filters_or_all_are_a_usage_error_before_anything_is_read(cli: CLI) -> None:
     """``purge ID --all`` resolved the ids first, so an unknown or ambiguous one exited 66
     where every other command said 64 (usage); ``hold - --all`` read standard input first

@@ -322,6 +322,28 @@ def test_holding_a_finished_message_does_not_say_held(client: TestClient, store:
     assert f"/action/release/{mid}" not in after
 
 
+def test_releasing_a_message_that_finished_while_held_does_not_say_released(
+    client: TestClient, store: Store
+) -> None:
+    """Held while its delivery was in flight, the message finished between its page
+    (which offered Release while it was held and pending) and the click: nothing waited
+    for the release, and the message is not held. The notice said "Release: released"."""
+    mid = store.enqueue(message("a@one.example"), now=NOW)
+    lease = lease_all(store)
+    store.set_held(mid, True)
+    confirm = client.get(f"/action/release/{mid}")
+    assert "Release message" in confirm.text
+    store.record(results_for(lease, RecipientState.DELIVERED))
+    done = client.post(
+        f"/action/release/{mid}", data={"csrf": _csrf(confirm.text)}, follow_redirects=False
+    )
+    assert done.status_code == 303
+    assert not store.status(mid).held
+    after = client.get(done.headers["location"]).text
+    assert "Release: released" not in after
+    assert "Release: not held as it has finished" in after
+
+
 def test_a_post_without_the_csrf_token_changes_nothing(
     client: TestClient, store: Store, ids: dict[str, str]
 ) -> None:

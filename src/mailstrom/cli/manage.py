@@ -106,6 +106,9 @@ _ACTIONS = (
         True,
         lambda store, ids, now: store.hold_many(ids, False),
         lambda m: m.held,
+        # Not held: never, released already, or finished while held (its delivery in
+        # flight, or cancelled), which waited for no release.
+        unchanged="not held or finished",
     ),
     _Action(
         "retry",

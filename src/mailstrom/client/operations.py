@@ -202,7 +202,8 @@ class QueueOperations(_Base):
         return self.store.hold_many(select(self.store, messages, self._clock()), True)
 
     def release(self, messages: Messages) -> int:
-        """Let held messages be delivered again; returns how many changed."""
+        """Let held messages be delivered again; returns how many changed (one that
+        finished while held is not held, and counts none)."""
         return self.store.hold_many(select(self.store, messages, self._clock()), False)
 
     def retry_many(self, messages: Messages) -> int:

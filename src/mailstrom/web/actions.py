@@ -142,21 +142,37 @@ def _recipients(n: int) -> str:
     return f"{n} recipient{'' if n == 1 else 's'}"
 
 
+def _finished(store: Store, message_id: str, action: str) -> bool | None:
+    """Whether the message has finished (no recipient pending), read after ``action`` on
+    it; None when that cannot be read (the action is done all the same, as for a retry)."""
+    try:
+        return store.status(message_id).state.is_final
+    except (StoreError, UnknownMessage) as exc:
+        log.warning(
+            "%s %s: done, but what became of it cannot be read: %s", action, message_id, exc
+        )
+        return None
+
+
 def _hold(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
     """Hold the message, and say whether it is held: one that finished meanwhile (its
     page offered the hold while it was pending) is left as it is, not held."""
     store.set_held(message_id, True)
-    try:
-        held = store.status(message_id).held
-    except (StoreError, UnknownMessage) as exc:  # as for a retry: the hold is done
-        log.warning("hold %s: done, but what became of it cannot be read: %s", message_id, exc)
+    finished = _finished(store, message_id, "hold")
+    if finished is None:
         return "held unless it had finished"
-    return "held" if held else "not held as it has finished"
+    return "not held as it has finished" if finished else "held"
 
 
 def _release(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
+    """Release the message, and say whether mail waited for it: one that finished while
+    held (its delivery in flight, its page offering the release meanwhile) is not held,
+    and nothing of it is delivered."""
     store.set_held(message_id, False)
-    return "released"
+    finished = _finished(store, message_id, "release")
+    if finished is None:
+        return "released unless it had finished"
+    return "not held as it has finished" if finished else "released"
 
 
 def _cancel(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
