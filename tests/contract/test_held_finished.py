@@ -72,6 +72,18 @@ def test_a_held_message_that_finished_is_not_held(
     assert store.status(mid).held is False
 
 
+@pytest.mark.parametrize("finish", FINISHES.values(), ids=FINISHES.keys())
+def test_a_held_message_that_finished_is_not_counted_held(
+    store: Store, finish: Callable[[Store, str], None]
+) -> None:
+    """``count`` (the total ``list --held`` and a bulk command's note give) judged the
+    stored flag in PostgreSQL where ``query`` and ``select_ids`` judge the message."""
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    finish(store, mid)
+    assert store.count(now=LATER, where=QueueFilter(held=True), cap=100) == 0
+    assert store.count(now=LATER, where=QueueFilter(held=False), cap=100) == 1
+
+
 def test_a_held_message_with_a_recipient_still_pending_stays_held(store: Store) -> None:
     mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
     lease = lease_all(store)

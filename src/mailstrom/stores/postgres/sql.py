@@ -78,11 +78,12 @@ def queries() -> dict[str, str]:
     parts = _QUERY_MARKER.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
     sections = {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-    return {
-        name: _INCLUDE_MARKER.sub(lambda m: sections[m.group(1)], body)
-        for name, body in sections.items()
-        if not name.startswith("_")
-    }
+
+    def expanded(body: str) -> str:
+        # A fragment may include another (_queue_filter includes _held_filter).
+        return _INCLUDE_MARKER.sub(lambda m: expanded(sections[m.group(1)]), body)
+
+    return {name: expanded(body) for name, body in sections.items() if not name.startswith("_")}
 
 
 _UNREACHABLE_STATES = ("08", "57P01", "57P02", "57P03", "57P05", "25P03", "53300")

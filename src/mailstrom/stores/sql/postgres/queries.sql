@@ -823,11 +823,10 @@ LEFT JOIN attempts a ON a.message_id = r.message_id AND a.address = r.address
 WHERE m.id = %(id)s
 ORDER BY r.position, a.id;
 
--- name: _queue_filter
--- The conditions of a queue filter on messages m (query, select_ids); each is skipped
--- when its parameter is NULL. The derived state mirrors
--- mailstrom.status.derive_message_state. Held as reported: flagged with a pending
--- recipient (one that finished while held keeps its flag, and is no mail on hold).
+-- name: _held_filter
+-- The held condition of a queue filter on messages m (_queue_filter, count), skipped
+-- when its parameter is NULL. Held as reported: flagged with a pending recipient (one
+-- that finished while held keeps its flag, and is no mail on hold).
       (%(held)s::boolean IS NULL
        OR (%(held)s::boolean AND m.held AND EXISTS (
                SELECT 1 FROM recipients r
@@ -835,6 +834,12 @@ ORDER BY r.position, a.id;
        OR (NOT %(held)s::boolean AND NOT (m.held AND EXISTS (
                SELECT 1 FROM recipients r
                WHERE r.message_id = m.id AND r.state IN ('queued', 'deferred')))))
+
+-- name: _queue_filter
+-- The conditions of a queue filter on messages m (query, select_ids); each is skipped
+-- when its parameter is NULL. The derived state mirrors
+-- mailstrom.status.derive_message_state.
+-- include: _held_filter
       AND (%(created_before)s::timestamptz IS NULL
            OR m.created_at < %(created_before)s::timestamptz)
       AND (%(domain)s::text IS NULL OR EXISTS (
@@ -1174,7 +1179,8 @@ LIMIT %(limit)s;
 SELECT count(*) FROM (
     SELECT 1
     FROM messages m
-    WHERE (%(held)s::boolean IS NULL OR m.held = %(held)s::boolean)
+    WHERE
+-- include: _held_filter
       AND (%(created_before)s::timestamptz IS NULL
            OR m.created_at < %(created_before)s::timestamptz)
       AND (%(domain)s::text IS NULL OR EXISTS (
