@@ -2,8 +2,9 @@
 that has no pending recipient left, is not held: a hold keeps pending recipients from
 leases, and a finished one has none (as ``set_held`` leaves a finished message unheld).
 Its status, the queue view's held filter, and a release, which counts the messages that
-were waiting for it, all say so; the stored flag is left for what reports it to judge, so
-that recording a result stays one statement.
+were waiting for it, all say so, judging the message (a flag and a pending recipient).
+SQLite also clears the stored flag as the message finishes, so that it leaves the held
+index (test_sqlite_store.py); a flag left from before is still judged as not held.
 
 It kept reporting held: ``mailstrom show`` said "delivered (held)", ``list --held``
 listed it (and ``held=False`` left it out), and ``release`` counted it as released."""

@@ -7,7 +7,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -32,6 +32,7 @@ from mailstrom.stores.sqlite_schema import from_us, migrations, to_us
 from tests.support.deadline import hang_guard
 
 from .support import LEASE_FOR, NOW, lease_all, message
+from .test_held_finished import FINISHES
 
 
 @pytest.fixture
@@ -370,10 +371,16 @@ def test_a_bulk_change_reads_the_listed_messages_recipients_by_message(
             getattr(sqlite_operator, change)(conn, seqs, NOW)
         conn.execute("ROLLBACK")
         conn.set_trace_callback(None)
-        [statement] = statements[1:-1]
-        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement))
-    assert "USING INDEX recipients_pending_message (message_seq=?)" in plan, plan
-    assert "recipients_state_domain" not in plan, plan
+        # A cancel also clears the flag of the held ones that finished (none here).
+        assert 1 <= len(statements[1:-1]) <= (2 if change == "cancel_seqs" else 1), statements
+        plans = [
+            " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement))
+            for statement in statements[1:-1]
+        ]
+    assert "USING INDEX recipients_pending_message (message_seq=?)" in plans[0], plans
+    for plan in plans:
+        assert "INDEX recipients_pending_message (message_seq=?)" in plan, plan
+        assert "recipients_state_domain" not in plan, plan
 
 
 def test_the_delivered_mail_of_a_domain_is_read_from_its_delivered_recipients(db: Path) -> None:
@@ -955,3 +962,47 @@ def test_an_interrupt_while_a_failed_commit_is_retried_one_by_one_fails_the_rest
     finally:
         follower.join(10)
         store.close()
+
+
+def _held_rows(db: Path) -> tuple[list[tuple[int]], list[tuple[int]]]:
+    """The messages in the held index, and the recipients whose held bit says their
+    message is held (bit 1), read past the store."""
+    with closing(sqlite3.connect(db)) as conn:
+        messages = conn.execute(
+            "SELECT seq FROM messages INDEXED BY messages_held WHERE held = 1"
+        ).fetchall()
+        recipients = conn.execute("SELECT id FROM recipients WHERE held & 1").fetchall()
+    return messages, recipients
+
+
+def _cancelled_in_bulk(store: SQLiteStore, mid: str) -> None:
+    store.set_held(mid, True)
+    assert store.cancel_many([mid], now=NOW + timedelta(seconds=1)) == 2
+
+
+@pytest.mark.parametrize(
+    "finish",
+    [*FINISHES.values(), _cancelled_in_bulk],
+    ids=[*FINISHES.keys(), "cancelled in bulk"],
+)
+def test_a_message_that_finished_while_held_leaves_the_held_index(
+    db: Path, finish: Callable[[SQLiteStore, str], None]
+) -> None:
+    """A message held while its delivery was in flight, or held and then cancelled, kept
+    its flag once every recipient was final, and with it its entry in messages_held
+    until it was purged: every held listing and count (the dashboard's Held view,
+    stats().held, list --held) read and stepped over it, as many of them as an operator
+    had held and cancelled. Its flag (and its recipients' copy of it) goes as it
+    finishes; a held message still pending keeps both."""
+    store = SQLiteStore(db)
+    try:
+        mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+        waiting = store.enqueue(message("c@example.org"), now=NOW, hold=True)
+        finish(store, mid)
+        assert store.status(mid).state.is_final
+        assert store.status(waiting).held
+        assert store.stats().held == 1
+    finally:
+        store.close()
+    messages, recipients = _held_rows(db)
+    assert len(messages) == 1 and len(recipients) == 1  # the waiting one's alone

@@ -35,6 +35,7 @@ from mailstrom.stores.sqlite_queue import (
     SET_ASIDE,
     chunks,
     qmarks,
+    unhold_finished,
 )
 from mailstrom.stores.sqlite_schema import shown_time, to_us
 from mailstrom.stores.sqlite_walk import count_upto, walk_bound
@@ -357,6 +358,7 @@ def cancel_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) ->
             f" WHERE message_seq IN ({qmarks(len(chunk))}) AND {PENDING_SQL}",
             [to_us(now), *chunk],
         ).rowcount
+    unhold_finished(conn, seqs)  # a held one has finished: it waits for no release
     return changed
 
 

@@ -891,16 +891,22 @@ def _record_chunk(
         " notice = CASE WHEN res.finished IS NULL"
         " THEN coalesce(res.notice, recipients.notice) ELSE res.notice END"
         " FROM res WHERE recipients.id = res.id AND recipients.lease_token = res.token"
-        " RETURNING recipients.id, recipients.attempts",
+        # The message of a recipient that finished while it was held (its HELD bit):
+        # it may have finished with it (see unhold_finished).
+        f" RETURNING recipients.id, recipients.attempts, CASE WHEN recipients.held & {HELD}"
+        " AND recipients.finished_at IS NOT NULL THEN recipients.message_seq END",
         values,
     ).fetchall()
     if not updated:
         return []
+    finished_held = {seq for _, _, seq in updated if seq is not None}
+    if finished_held:  # rare: held while its delivery was in flight
+        unhold_finished(conn, sorted(finished_held))
     # Only an attempt goes in the history: one that was none leaves it as it is.
-    done = {rid for rid, _ in updated if by_rid[rid][0].attempted}
+    done = {rid for rid, _, _ in updated if by_rid[rid][0].attempted}
     crowded = [
         (rid, rid, MAX_HISTORY - 1)
-        for rid, attempts in updated
+        for rid, attempts, _ in updated
         if attempts > MAX_HISTORY and rid in done
     ]
     if crowded:
@@ -918,8 +924,32 @@ def _record_chunk(
             " uncertain, reason_class, tls_policy) VALUES " + ",".join([_ROW16] * len(kept)),
             [value for _, history in kept for value in history],
         )
-    recorded = {rid for rid, _ in updated}
+    recorded = {rid for rid, _, _ in updated}
     return [result for rid, (result, _) in by_rid.items() if rid in recorded]
+
+
+def unhold_finished(conn: sqlite3.Connection, seqs: Sequence[int]) -> None:
+    """Clear the held flag of those of the listed messages that have finished (no
+    recipient pending: delivered or failed while held, in flight, or cancelled), and its
+    copy on their recipients. Such a message waits for no release and is reported as not
+    held; with its flag it stayed in messages_held until purged, stepped over by every
+    held listing and count. Called where a recipient of a held message becomes final."""
+    for chunk in chunks(seqs):
+        cleared = [
+            seq
+            for (seq,) in conn.execute(
+                f"UPDATE messages SET held = 0 WHERE seq IN ({qmarks(len(chunk))}) AND held = 1"
+                " AND NOT EXISTS (SELECT 1 FROM recipients p INDEXED BY recipients_pending_message"
+                f" WHERE p.message_seq = messages.seq AND p.{PENDING_SQL}) RETURNING seq",
+                chunk,
+            )
+        ]
+        if cleared:
+            conn.execute(
+                f"UPDATE recipients SET held = held & {SET_ASIDE} WHERE message_seq IN"
+                f" ({qmarks(len(cleared))}) AND held & {HELD}",
+                cleared,
+            )
 
 
 def _one_per_row(
