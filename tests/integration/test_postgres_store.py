@@ -8,7 +8,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -24,6 +24,7 @@ from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, Store
 from mailstrom.stores.postgres import PostgresStore, migrate
 from mailstrom.stores.postgres.sql import migrations
+from tests.contract.test_held_finished import FINISHES
 from tests.fixtures.postgres import ThrowawayPostgres, _free_port
 from tests.fixtures.tcp_proxy import TCPProxy
 
@@ -1099,3 +1100,38 @@ def test_the_store_s_connections_compile_nothing_with_jit(store: PostgresStore) 
     a statement that runs in 2 ms: the store's sessions have JIT off."""
     with store._pool.connection() as conn:
         assert conn.execute("SHOW jit").fetchone() == ("off",)
+
+
+def _cancelled_in_bulk(store: Store, mid: str) -> None:
+    store.set_held(mid, True)
+    assert store.cancel_many([mid], now=T0) == 2
+
+
+def _released_with_events(store: Store, mid: str) -> None:
+    """Delivered in flight, recorded in the transaction that writes the outbox rows."""
+    assert isinstance(store, PostgresStore)
+    store.enable_events()
+    FINISHES["delivered in flight"](store, mid)
+
+
+@pytest.mark.parametrize(
+    "finish",
+    [*FINISHES.values(), _cancelled_in_bulk, _released_with_events],
+    ids=[*FINISHES.keys(), "cancelled in bulk", "delivered in flight, events on"],
+)
+def test_a_message_that_finished_while_held_leaves_the_held_index(
+    postgres_url: str, store: PostgresStore, finish: Callable[[Store, str], None]
+) -> None:
+    """A message held while its delivery was in flight, or held and then cancelled, kept
+    its flag once every recipient was final, and with it its entry in messages_held
+    (schema version 21) until purged: the dashboard's Held view and every held count read
+    and stepped over it. The flag goes as the message finishes; a held message still
+    pending keeps it."""
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=T0)
+    waiting = store.enqueue(message("c@example.org"), now=T0, hold=True)
+    finish(store, mid)
+    assert store.status(mid).state.is_final
+    assert store.status(waiting).held
+    with psycopg.connect(postgres_url) as conn:
+        held = conn.execute("SELECT id FROM messages WHERE held").fetchall()
+    assert held == [(waiting,)]

@@ -170,6 +170,18 @@ def _state_values(where: QueueFilter) -> list[str] | None:
     return None if where.states is None else sorted(s.value for s in where.states)
 
 
+def _recorded(found: Sequence[Sequence[Any]], finished: set[str]) -> dict[unanswered.Key, bool]:
+    """The keys the ``record`` query's rows name, each with whether it was recorded
+    already (replayed); adds to ``finished`` the messages of recipients it made final
+    while aside (held, or at a suspended destination), which may have finished held."""
+    replayed: dict[unanswered.Key, bool] = {}
+    for message_id, address, token, again, finished_aside in found:
+        replayed[message_id, address, token] = again
+        if finished_aside:
+            finished.add(message_id)
+    return replayed
+
+
 _LISTS = ("query", "select_ids", "count")
 """The queries of a queue filter (:meth:`PostgresStore.query`, ``select_ids``, ``count``)."""
 _DOMAIN_RANGES: dict[str, tuple[frozenset[RecipientState], str]] = {
@@ -863,11 +875,13 @@ class PostgresStore:
         params = rows.record_params(once, marks)
         # A result carrying a DKIM outcome (its message signed anew as it went: rare) has
         # it written in the record's transaction; the others stay one statement.
+        finished: set[str] = set()  # messages that may have finished while held
         try:
             if self._events or any(r.dkim is not None for r in once):
-                replayed = self._record_in_transaction(params, keys, [r.dkim for r in once])
+                found = self._record_in_transaction(params, keys, [r.dkim for r in once])
             else:
-                replayed = {(m, a, t): again for m, a, t, again in self._fetch("record", params)}
+                found = self._fetch("record", params)
+            replayed = _recorded(found, finished)
             # A statement of the failed call may have been still running on the server,
             # and committed while this one waited for its row locks: this one's snapshot,
             # taken before, judged its rows not recorded yet. Asked again (nothing is
@@ -879,31 +893,44 @@ class PostgresStore:
             ]
             if unseen:
                 params = rows.record_params(unseen, [True] * len(unseen))
-                replayed.update(((m, a, t), y) for m, a, t, y in self._fetch("record", params))
+                replayed.update(_recorded(self._fetch("record", params), finished))
         except BaseException:
             self._unanswered.failed(keys)
             raise
         self._unanswered.answered(keys)
+        if finished:  # rare: held while its delivery was in flight
+            self._unhold_finished(sorted(finished))
         return [r for r, key in zip(once, keys, strict=True) if key in replayed]
+
+    def _unhold_finished(self, message_ids: list[str]) -> None:
+        """Clear the held flag of those of ``message_ids`` that finished while held, once
+        their record committed (see ``unhold_finished`` in queries.sql). The results are
+        recorded whatever becomes of this: a failure leaves the flag, which is judged
+        where it is reported (a flag with nothing pending is not held) and goes with a
+        release or the purge, and is only logged."""
+        try:
+            self._fetch("unhold_finished", {"ids": message_ids})
+        except StoreError as exc:
+            log.warning("held flag of finished messages left set: %s", exc)
 
     def _record_in_transaction(
         self,
         params: dict[str, Any],
         keys: list[unanswered.Key],
         dkims: Sequence[DKIMStatus | None],
-    ) -> dict[unanswered.Key, bool]:
+    ) -> list[tuple[Any, ...]]:
         """Record, then in the same transaction append the outbox rows of what was
         recorded (with events enabled) and write the DKIM outcomes the recorded results
         carry (``dkims``, one per key: a message signed anew as it went). Returns the
-        recorded keys, each with whether it was recorded already (by a call whose
-        transaction wrote its outbox row and outcome with it)."""
+        record's rows (see :func:`_recorded`): recorded already, by a call whose
+        transaction wrote its outbox row and outcome with it, or now."""
         with (
             self._translating("record"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
-            found = conn.execute(self._queries["record"], params)
-            replayed = {(m, a, t): again for m, a, t, again in found.fetchall()}
+            found = conn.execute(self._queries["record"], params).fetchall()
+            replayed = _recorded(found, set())
             written = [replayed.get(key) is False for key in keys]
             if self._events:
                 pairs = list(
@@ -927,7 +954,7 @@ class PostgresStore:
                         "dkims": [dkim_to_column(d) for d in outcomes.values()],
                     },
                 )
-        return replayed
+        return found
 
     def owed_notices(
         self, *, message_ids: Sequence[str] | None = None, limit: int = MAX_OWED_MESSAGES
@@ -1227,7 +1254,7 @@ class PostgresStore:
         """Fail the message's pending recipients with the reason "cancelled"."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
-        found, changed, told = self._fetch("cancel", {"id": message_id, "now": now})[0]
+        found, _, changed, told = self._fetch("cancel", {"id": message_id, "now": now})[0]
         if not found:
             raise UnknownMessage(message_id)
         self._told_cancelled(told)
@@ -1542,7 +1569,9 @@ class PostgresStore:
 
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Fail the listed messages' pending recipients as "cancelled"."""
-        changed, told = self._fetch("cancel_many", {"ids": listed_ids(message_ids), "now": now})[0]
+        _, changed, told = self._fetch("cancel_many", {"ids": listed_ids(message_ids), "now": now})[
+            0
+        ]
         self._told_cancelled(told)
         return int(changed)
 

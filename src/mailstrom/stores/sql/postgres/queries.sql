@@ -548,7 +548,10 @@ WITH res AS (
     WHERE r.message_id = res.message_id
       AND r.address = res.address
       AND r.lease_token = res.token
-    RETURNING r.message_id, r.address, res.token, r.attempts, res.attempted
+    RETURNING r.message_id, r.address, res.token, r.attempts, res.attempted,
+              -- Final, and aside (held, or at a suspended destination): its message may
+              -- have finished while held (see unhold_finished).
+              r.aside AND r.state IN ('delivered', 'failed') AS finished_aside
 ), history AS (
     INSERT INTO attempts (message_id, address, at, outcome, duration, mx_host, ip, port,
                           tls_version, tls_cipher, reply_code, reply_enhanced, reply_text,
@@ -586,9 +589,22 @@ WITH res AS (
                       WHERE a.message_id = res.message_id AND a.address = res.address
                         AND a.at = res.at AND a.outcome = res.outcome))
 )
-SELECT message_id, address, token, false FROM updated
+SELECT message_id, address, token, false, finished_aside FROM updated
 UNION ALL
-SELECT message_id, address, token, true FROM replayed;
+SELECT message_id, address, token, true, false FROM replayed;
+
+-- name: unhold_finished
+-- The held flag of those of the listed messages that have finished (no recipient
+-- pending: delivered or failed while held, their delivery in flight), cleared after the
+-- record that finished them committed. Such a message waits for no release and is
+-- reported as not held; with its flag it stayed in messages_held (schema version 21)
+-- until purged, read and stepped over by every held listing and count. A statement of its
+-- own: the record locks recipients before any message, and a hold or release locks the
+-- message first.
+UPDATE messages m SET held = false
+WHERE id = ANY (%(ids)s::text[]) AND held
+  AND NOT EXISTS (SELECT 1 FROM recipients r
+                  WHERE r.message_id = m.id AND r.state IN ('queued', 'deferred'));
 
 -- name: set_dkim
 -- The DKIM outcome of messages the worker signed anew as it sent them (a key rotated away,
@@ -932,6 +948,13 @@ SELECT (SELECT count(*) FROM rescheduled) AS changed,
 -- sent the cancelled mail.
 WITH found AS (
     SELECT 1 FROM messages WHERE id = %(id)s
+), unheld AS (
+    -- Every pending recipient is cancelled: a held message finishes, and waits for no
+    -- release (out of messages_held). Read before cancelled below, so that the message
+    -- row is locked before its recipients, as set_held and hold_many lock them: the other
+    -- way round, each could wait for the other.
+    UPDATE messages SET held = false WHERE id = %(id)s AND held
+    RETURNING 1
 ), locked AS (
     SELECT address, lease_token FROM recipients
     WHERE message_id = %(id)s AND state IN ('queued', 'deferred')
@@ -957,6 +980,7 @@ WITH found AS (
     RETURNING l.lease_token
 )
 SELECT (SELECT count(*) FROM found) AS found,
+       (SELECT count(*) FROM unheld) AS unheld,
        (SELECT count(*) FROM cancelled) AS changed,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
         WHERE EXISTS (SELECT 1 FROM cancelled WHERE lease_token IS NOT NULL))::text
@@ -1214,8 +1238,11 @@ SELECT (SELECT count(*) FROM rescheduled) AS changed,
 
 -- name: cancel_many
 -- As cancel: the lease, the last reply and the mark are cleared, and workers told of leased ones
--- (judged from the rows as locked).
-WITH locked AS (
+-- (judged from the rows as locked); the held ones finish, unheld, their rows locked first.
+WITH unheld AS (
+    UPDATE messages SET held = false WHERE id = ANY (%(ids)s::text[]) AND held
+    RETURNING 1
+), locked AS (
     SELECT message_id, address, lease_token FROM recipients
     WHERE message_id = ANY (%(ids)s::text[]) AND state IN ('queued', 'deferred')
     ORDER BY message_id, address
@@ -1239,7 +1266,8 @@ WITH locked AS (
       AND r.state IN ('queued', 'deferred')
     RETURNING l.lease_token
 )
-SELECT (SELECT count(*) FROM cancelled) AS changed,
+SELECT (SELECT count(*) FROM unheld) AS unheld,
+       (SELECT count(*) FROM cancelled) AS changed,
        (SELECT pg_notify('mailstrom_work', 'cancelled')
         WHERE EXISTS (SELECT 1 FROM cancelled WHERE lease_token IS NOT NULL))::text
            AS notified;
