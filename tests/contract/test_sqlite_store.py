@@ -19,7 +19,7 @@ import pytest
 import mailstrom.stores.sqlite as sqlite_module
 from mailstrom.errors import StoreCorrupt, StoreError
 from mailstrom.message.attributes import QueueAttributes
-from mailstrom.stores import SQLiteStore
+from mailstrom.stores import QueueFilter, SQLiteStore
 from mailstrom.stores import base as stores_base
 from mailstrom.stores.sqlite import _Enqueue
 from mailstrom.stores.sqlite_queue import (
@@ -1006,3 +1006,36 @@ def test_a_message_that_finished_while_held_leaves_the_held_index(
         store.close()
     messages, recipients = _held_rows(db)
     assert len(messages) == 1 and len(recipients) == 1  # the waiting one's alone
+
+
+def test_an_upgrade_takes_the_messages_that_finished_while_held_out_of_the_held_index(
+    db: Path,
+) -> None:
+    """Schema version 21: those that finished while held before this mailstrom (their
+    flag, and their recipients' copy, left set) lose them; a held message still pending
+    keeps them, and a set-aside bit (2) stays."""
+    store = SQLiteStore(db)
+    try:
+        done = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+        waiting = store.enqueue(message("c@example.org"), now=NOW, hold=True)
+        assert store.cancel(done, now=NOW) == 2
+    finally:
+        store.close()
+    with closing(sqlite3.connect(db)) as conn, conn:
+        # As an older mailstrom left it, version 20.
+        conn.execute("UPDATE messages SET held = 1")
+        conn.execute("UPDATE recipients SET held = 3")
+        conn.execute("PRAGMA user_version = 20")
+    messages, recipients = _held_rows(db)
+    assert len(messages) == 2 and len(recipients) == 3
+    SQLiteStore(db).close()
+    messages, recipients = _held_rows(db)
+    assert len(messages) == 1 and len(recipients) == 1
+    with closing(sqlite3.connect(db)) as conn:
+        bits = conn.execute("SELECT DISTINCT held FROM recipients ORDER BY held").fetchall()
+    assert bits == [(2,), (3,)]
+    store = SQLiteStore(db)
+    try:
+        assert [m.id for m in store.query(now=NOW, where=QueueFilter(held=True))] == [waiting]
+    finally:
+        store.close()

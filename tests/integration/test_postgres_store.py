@@ -1135,3 +1135,22 @@ def test_a_message_that_finished_while_held_leaves_the_held_index(
     with psycopg.connect(postgres_url) as conn:
         held = conn.execute("SELECT id FROM messages WHERE held").fetchall()
     assert held == [(waiting,)]
+
+
+def test_an_upgrade_takes_the_messages_that_finished_while_held_out_of_the_held_index(
+    postgres_url: str,
+) -> None:
+    """Schema version 26: those that finished while held before this mailstrom (their
+    flag left set) lose it; a held message still pending keeps it."""
+    with PostgresStore(postgres_url) as store:
+        done = store.enqueue(message("a@example.org", "b@example.org"), now=T0)
+        waiting = store.enqueue(message("c@example.org"), now=T0, hold=True)
+        assert store.cancel(done, now=T0) == 2
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE messages SET held = true")  # as an older mailstrom left it
+        conn.execute("DELETE FROM schema_version WHERE version = 26")
+    migrate(postgres_url)
+    with psycopg.connect(postgres_url) as conn:
+        held = conn.execute("SELECT id FROM messages WHERE held").fetchall()
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (26,)
+    assert held == [(waiting,)]
