@@ -600,11 +600,12 @@ SELECT message_id, address, token, true, false FROM replayed;
 -- reported as not held; with its flag it stayed in messages_held (schema version 21)
 -- until purged, read and stepped over by every held listing and count. A statement of its
 -- own: the record locks recipients before any message, and a hold or release locks the
--- message first.
+-- message first. Its rows are the messages cleared (a statement the store fetches).
 UPDATE messages m SET held = false
 WHERE id = ANY (%(ids)s::text[]) AND held
   AND NOT EXISTS (SELECT 1 FROM recipients r
-                  WHERE r.message_id = m.id AND r.state IN ('queued', 'deferred'));
+                  WHERE r.message_id = m.id AND r.state IN ('queued', 'deferred'))
+RETURNING id;
 
 -- name: set_dkim
 -- The DKIM outcome of messages the worker signed anew as it sent them (a key rotated away,
