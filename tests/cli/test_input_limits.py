@@ -17,7 +17,8 @@ import pytest
 from mailstrom.bounds import MAX_INTEGER
 from mailstrom.cli.reading import FileBudget, read_limited
 from mailstrom.cli.sendmail import SendmailArgs, build, read_message
-from mailstrom.errors import InvalidMessage, MessageTooLarge
+from mailstrom.errors import InvalidMessage, MessageTooLarge, TooManyRecipients
+from mailstrom.message.envelope import MAX_OTHER_MAILBOXES
 from tests.cli.conftest import CLI
 
 LIMIT = 1000
@@ -262,3 +263,56 @@ def test_deeply_nested_address_fields_are_refused_not_a_crash(shape: str, extrac
     args = SendmailArgs(extract=extract, recipients=[] if extract else ["bob@example.org"])
     with pytest.raises(InvalidMessage):
         build(data, args, default_domain="example.org")
+
+
+# --- address fields past the mailbox bound ----------------------------------------------
+
+NAMES = b",".join([b"r"] * 32_000)
+"""A Bcc value of 32,000 bare names, within the 64 KiB a field may hold."""
+
+
+def names_message(*, latin1: bool = False) -> bytes:
+    """1 MB of header: 16 Bcc fields of :data:`NAMES` (with ``latin1``, each behind a
+    display name in ISO-8859-1, which the charset of the message declares)."""
+    name = b"J\xf6rg <j@example.test>," if latin1 else b""
+    charset = b"Content-Type: text/plain; charset=iso-8859-1\n" if latin1 else b""
+    fields = b"".join(b"Bcc: " + name + NAMES + b"\n" for _ in range(16))
+    return b"From: a@example.test\nSubject: x\n" + charset + fields + b"\nbody\n"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("latin1", [False, True], ids=["utf-8", "iso-8859-1"])
+@pytest.mark.parametrize("extract", [False, True], ids=["args", "-t"])
+def test_address_fields_past_the_mailbox_bound_are_refused_at_the_first_field(
+    extract: bool, latin1: bool
+) -> None:
+    """Every bare name of a header section was parsed (by two parsers), qualified and,
+    with -t, collected before prepare() refused the message: 16 s for 1 MB of names
+    (22 s with -t). Counted as they are read, they are refused at the first field that
+    passes prepare()'s bound, with its error: the count says how many were read."""
+    args = SendmailArgs(extract=extract, recipients=[] if extract else ["bob@example.org"])
+    with pytest.raises(TooManyRecipients) as refused:
+        build(names_message(latin1=latin1), args, default_domain="host.example.test")
+    assert refused.value.count == 1 + 32_000  # From (or Jörg) and one Bcc field's names
+    assert refused.value.limit == 1000 + MAX_OTHER_MAILBOXES
+    assert "name more than 11240 mailboxes" in refused.value.reason
+
+
+def test_the_mailbox_bound_follows_max_recipients() -> None:
+    value = ", ".join(f"u{i}" for i in range(5500)).encode()
+    data = b"From: a@example.test\nTo: " + value + b"\nCc: " + value + b"\n\nbody\n"
+    args = SendmailArgs(recipients=["bob@example.org"])
+    build(data, args, default_domain="h.test", max_recipients=1000)  # within 11,240
+    with pytest.raises(TooManyRecipients) as refused:
+        build(data, args, default_domain="h.test", max_recipients=1)
+    assert (refused.value.count, refused.value.limit) == (11_001, 1 + MAX_OTHER_MAILBOXES)
+
+
+def test_sendmail_refuses_a_header_of_names_without_reading_them_all(cli: CLI) -> None:
+    cli.env["MAILSTROM_SENDMAIL_ORIGIN"] = "host.example.test"
+    cli.env["MAILSTROM_SENDMAIL_ALIASES"] = ""
+    # Well within the time it takes to read all (16 s, 22 s with -t, on an idle machine).
+    result = cli("sendmail", "-t", "-i", stdin=names_message(), timeout=12)
+    assert result.code == 65, result.err
+    assert "name more than 11240 mailboxes" in result.err
+    assert cli.queue_ids() == []

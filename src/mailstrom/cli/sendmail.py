@@ -43,6 +43,7 @@ from mailstrom.cli.exits import (
 )
 from mailstrom.cli.localnames import (
     REWRITTEN_HEADERS,
+    MailboxCount,
     address_field,
     aliases_path,
     default_origin,
@@ -59,14 +60,14 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.output import ReaderGone, end_with_reader
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
-from mailstrom.errors import ConfigError, InvalidAddress, InvalidMessage
+from mailstrom.errors import ConfigError, InvalidAddress, InvalidMessage, TooManyRecipients
 from mailstrom.message import mime
 from mailstrom.message.addresses import Mailbox, parse_local_address_list, parse_mailbox
 from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.message.encoding import MAX_LINE, encode_long_lines, fold_line, to_crlf
-from mailstrom.message.envelope import newest_block_end
+from mailstrom.message.envelope import DEFAULT_MAX_RECIPIENTS, newest_block_end
 from mailstrom.message.headers import HeaderSection, split_header_section
 from mailstrom.message.stdlib_addresses import address_pairs
 from mailstrom.message.words import unstructured_field
@@ -339,14 +340,17 @@ def build(
     *,
     default_domain: str,
     aliases: Mapping[str, Sequence[str]] | None = None,
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS,
 ) -> tuple[bytes, list[str]]:
     """The message bytes (with a From header added if missing, bare local names in its
     address fields given ``default_domain``, the origin) and the envelope recipients
     (bare names through ``aliases``, then given the origin; see
     :mod:`mailstrom.cli.localnames`). Empty ``data`` is a message of the From header
     alone, as Postfix's cleanup makes it (``-bs``: DATA ended at once); standard input
-    holding nothing is refused before, by :func:`_enqueue`."""
-    data = utf8_header_section(end_header_section(data), default_domain)
+    holding nothing is refused before, by :func:`_enqueue`. Address fields naming more
+    mailboxes than prepare() takes with ``max_recipients`` are refused as they are read
+    (:class:`~mailstrom.cli.localnames.MailboxCount`)."""
+    data = utf8_header_section(end_header_section(data), default_domain, max_recipients)
     # prepare()'s parser (which bounds the section first): what it reads, -t reads.
     section = split_header_section(data)
     resending = any(field.name in _RESENT_RECIPIENTS for field in section.fields)
@@ -368,11 +372,13 @@ def build(
             )
             line = f"{name}: " + from_field(args.full_name or "", address)
             data = line.encode("utf-8", "surrogateescape") + _newline(data) + data
+    # Qualified (and counted) first: -t then reads fields within the bound.
+    qualified = qualify_headers(data, default_domain, max_recipients=max_recipients)
+    data = encode_long_lines(fold_long_fields(qualified))
     recipients = [a for text in args.recipients for a in _argument_addresses(text, default_domain)]
     if args.extract:
         recipients = header_recipients(section) + recipients
     given, recipients = recipients, expand_all(recipients, aliases or {}, default_domain)
-    data = encode_long_lines(fold_long_fields(qualify_headers(data, default_domain)))
     if given and not recipients:
         # Every recipient given leads to what mailstrom does not deliver to: not a usage
         # error, a recipient that cannot be used (as an alias to a bad address is, 65).
@@ -408,7 +414,9 @@ def _user_name(field: str) -> str:
         ) from None
 
 
-def utf8_header_section(data: bytes, origin: str) -> bytes:
+def utf8_header_section(
+    data: bytes, origin: str, max_recipients: int = DEFAULT_MAX_RECIPIENTS
+) -> bytes:
     """``data`` with a header section that is not UTF-8 transcoded to UTF-8 from the
     charset its Content-Type declares, when the octets are text in that charset.
 
@@ -418,7 +426,8 @@ def utf8_header_section(data: bytes, origin: str) -> bytes:
     UTF-8, RFC 6532). In UTF-8 it reads the same and is what prepare() takes. Without a
     declared charset, or octets that are no text in it, nothing is guessed: the message
     is left for prepare() to refuse with its reason. Bare names in its address fields
-    get ``origin``, as :func:`~mailstrom.cli.localnames.qualify_headers` gives them."""
+    get ``origin``, as :func:`~mailstrom.cli.localnames.qualify_headers` gives them, and
+    their mailboxes are counted as it counts them (``max_recipients``)."""
     crlf = to_crlf(data)
     body = mime.body_start(crlf, 0, len(crlf))
     head = crlf[:body]
@@ -437,7 +446,8 @@ def utf8_header_section(data: bytes, origin: str) -> bytes:
         return data
     if _ASCII.decode(codec.name, "replace") != _ASCII.decode("ascii"):
         return data  # not a superset of ASCII (UTF-16...): field names would change
-    return _words_for_text(text, origin).encode("utf-8", "surrogateescape") + crlf[body:]
+    out = _words_for_text(text, origin, MailboxCount(max_recipients))
+    return out.encode("utf-8", "surrogateescape") + crlf[body:]
 
 
 _ASCII = bytes(range(128))
@@ -448,7 +458,7 @@ mail of old scripts never did. Keywords, a list of phrases, is encoded phrase by
 (:data:`~mailstrom.message.words.PHRASE_LIST_FIELDS`)."""
 
 
-def _words_for_text(head: str, origin: str) -> str:
+def _words_for_text(head: str, origin: str, counted: MailboxCount) -> str:
     """``head`` (a header section, CRLF lines) with each field of :data:`_TEXT_FIELDS`
     that is not ASCII written as encoded words, and the display names of each address
     field that is not ASCII too (the names of ``From: Jörg <shop@example.org>`` as raw
@@ -469,8 +479,12 @@ def _words_for_text(head: str, origin: str) -> str:
             text = value.replace("\r\n", "").strip(" \t")
             raw = unstructured_field(name.strip(), text, utf8=False)
         elif colon and name.strip().lower() in REWRITTEN_HEADERS and not raw.isascii():
-            with contextlib.suppress(InvalidMessage):  # prepare() refuses it, saying why
-                raw = address_field(name.strip(), value, origin)
+            try:
+                raw = address_field(name.strip(), value, origin, counted)
+            except TooManyRecipients:
+                raise
+            except InvalidMessage:
+                pass  # prepare() refuses it, saying why
         out.append(raw)
     return "\r\n".join(out)
 
@@ -675,6 +689,7 @@ def queue_message(settings: Settings, message: bytes, args: SendmailArgs, dsn: D
             args,
             default_domain=origin,
             aliases=read_aliases(path) if path else None,
+            max_recipients=settings.config.max_recipients,
         )
         now = utc_now()
         sender = envelope_sender(args.sender, origin)

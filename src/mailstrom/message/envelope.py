@@ -89,6 +89,18 @@ of address fields costs a minute of CPU. Postfix similarly stops reading an addr
 header after ``header_address_token_limit`` (10,240) tokens."""
 
 
+def too_many_mailboxes(count: int, max_recipients: int) -> TooManyRecipients:
+    """The error for address fields naming ``count`` mailboxes, past ``max_recipients`` +
+    :data:`MAX_OTHER_MAILBOXES`."""
+    limit = max_recipients + MAX_OTHER_MAILBOXES
+    return TooManyRecipients(
+        f"the address header fields name more than {limit} mailboxes; the limit is "
+        f"Config.max_recipients ({max_recipients}) + {MAX_OTHER_MAILBOXES}",
+        count=count,
+        limit=limit,
+    )
+
+
 def fields_from_section(
     section: HeaderSection,
     *,
@@ -232,13 +244,7 @@ class _AddressReader:
                 # Envelope forms have lower-case domains: a set de-duplicates as decide() does.
                 self.recipients.update(box.address.envelope for box in group.mailboxes)
         if self.mailbox_count > self.mailbox_limit:
-            raise TooManyRecipients(
-                f"the address header fields name more than {self.mailbox_limit} mailboxes; "
-                f"the limit is Config.max_recipients ({self.max_recipients}) + "
-                f"{MAX_OTHER_MAILBOXES}",
-                count=self.mailbox_count,
-                limit=self.mailbox_limit,
-            )
+            raise too_many_mailboxes(self.mailbox_count, self.max_recipients)
         if len(self.recipients) > self.max_recipients:
             prefix = "Resent-" if name.startswith("Resent-") else ""
             raise TooManyRecipients(
