@@ -14,19 +14,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.meanwhile import latencies
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import RecipientState
 from mailstrom.stores.memory import MemoryStore
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
-NOW = T0 + timedelta(days=1)
+DAY = timedelta(days=1)
+NOW = T0 + DAY
 LEASE = timedelta(minutes=5)
 LANES = [("transactional", 50), ("bulk", 50)]
 
@@ -83,33 +89,6 @@ def per_call(call: Callable[[], Any], seconds: float) -> float:
     return statistics.median(took) * 1e6
 
 
-def latencies(store: MemoryStore, seconds: float, call: Callable[[], Any]) -> list[float]:
-    """Seconds each single enqueue took while ``call`` ran in a loop in another thread."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            call()
-
-    thread = threading.Thread(target=loop)
-    thread.start()
-    took = []
-    end = time.perf_counter() + seconds
-    i = 10**9
-    try:
-        while time.perf_counter() < end:
-            message = _message(i)
-            t0 = time.perf_counter()
-            store.enqueue(message, now=NOW + timedelta(days=1))  # not due: leases unchanged
-            took.append(time.perf_counter() - t0)
-            i += 1
-            time.sleep(0.0005)  # an application's pace, not a tight loop
-    finally:
-        stop.set()
-        thread.join()
-    return sorted(took)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--messages", type=int, nargs="+", default=[10_000, 100_000])
@@ -121,12 +100,10 @@ def main() -> None:
         print(f"{'call':24} {'µs/call':>10} {'p50':>7} {'p99':>7} {'max':>7}")
         for name, call in calls(store).items():
             micros = per_call(call, args.seconds)
-            took = latencies(store, args.seconds, call)
-            p99 = took[min(len(took) - 1, int(len(took) * 0.99))]
-            print(
-                f"{name:24} {micros:10.0f} {statistics.median(took) * 1000:7.2f}"
-                f" {p99 * 1000:7.2f} {took[-1] * 1000:7.2f}"
-            )
+            # Not due in the day the calls lease at: their leases are unchanged.
+            took = latencies(store, args.seconds, call, message=_message, now=NOW + DAY)
+            p50, p99, most = took.ms()
+            print(f"{name:24} {micros:10.0f} {p50:7.2f} {p99:7.2f} {most:7.2f}")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
-import time
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.meanwhile import latencies
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import QueueQuery, QueueView
 from mailstrom.readmodel.memory import MemoryReadModel
@@ -68,41 +72,6 @@ def fill(messages: int, domains: int) -> MemoryStore:
     return store
 
 
-def latencies(store: MemoryStore, seconds: float, view: Callable[[], Any] | None) -> list[float]:
-    """Seconds each single enqueue took while ``view`` ran in a loop in another thread."""
-    stop = threading.Event()
-    listings: list[float] = []
-
-    def lister() -> None:
-        assert view is not None
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            view()
-            listings.append(time.perf_counter() - t0)
-
-    thread = threading.Thread(target=lister) if view is not None else None
-    if thread is not None:
-        thread.start()
-    took = []
-    end = time.perf_counter() + seconds
-    i = 10**9
-    try:
-        while time.perf_counter() < end:
-            message = _message(i, 1000)
-            t0 = time.perf_counter()
-            store.enqueue(message, now=T0 + timedelta(days=1))
-            took.append(time.perf_counter() - t0)
-            i += 1
-            time.sleep(0.0005)  # an application's pace, not a tight loop
-    finally:
-        stop.set()
-        if thread is not None:
-            thread.join()
-    if listings:
-        print(f"  ({len(listings)} listings, median {statistics.median(listings) * 1000:.1f} ms)")
-    return took
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -127,12 +96,12 @@ def main() -> None:
     print(f"{args.messages:,} messages; enqueue latency in ms while a thread lists")
     print(f"{'view':30} {'p50':>7} {'p99':>7} {'max':>7}")
     for name, view in views.items():
-        took = sorted(latencies(store, args.seconds, view))
-        p99 = took[min(len(took) - 1, int(len(took) * 0.99))]
-        print(
-            f"{name:30} {statistics.median(took) * 1000:7.2f} {p99 * 1000:7.2f}"
-            f" {took[-1] * 1000:7.2f}"
-        )
+        took = latencies(store, args.seconds, view, message=lambda i: _message(i, 1000), now=now)
+        if took.calls:
+            median = statistics.median(took.calls) * 1000
+            print(f"  ({len(took.calls)} listings, median {median:.1f} ms)")
+        p50, p99, most = took.ms()
+        print(f"{name:30} {p50:7.2f} {p99:7.2f} {most:7.2f}")
 
 
 if __name__ == "__main__":
