@@ -8,10 +8,12 @@ default, so every test stays fast.
 
 from __future__ import annotations
 
+import email
 import random
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from email import policy
 from email.headerregistry import BaseHeader
 
 import pytest
@@ -92,6 +94,38 @@ def test_address_fields_are_bounded_when_the_envelope_is_given(
             raw("From: a@example.com", *fields, UNPARSED), envelope_to=explicit, max_recipients=1
         )
     # From's mailbox counts too: 1 + 4 To mailboxes pass the limit of 1 + 3.
+    assert (caught.value.count, caught.value.limit) == (5, 4)
+
+
+def test_address_fields_of_an_email_message_are_counted_as_they_are_first_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An EmailMessage with 16 Bcc fields of 9,000 mailboxes each (a header section
+    within its bound) had every field parsed three times, 13 s, before it was refused
+    (HeaderTooLong, from writing it out); the mailboxes are now counted as the fields are
+    first read, and it is refused at the first field past the bound."""
+    many = ",".join(["a@b.co"] * 9000)
+    source = raw("From: a@example.com", "To: b@example.org", *[f"Bcc: {many}"] * 16)
+    message = email.message_from_bytes(source, policy=policy.default)
+    with pytest.raises(TooManyRecipients) as caught:
+        prepare(message, now=NOW)
+    # From, To and two Bcc fields were read: the second passes 1,000 + 10,240.
+    assert (caught.value.count, caught.value.limit) == (18002, 11240)
+    # The fields after it are not read: an unreadable one is not what refuses it.
+    monkeypatch.setattr(envelope, "MAX_OTHER_MAILBOXES", 3)
+    fields = [f"Bcc: user{i}@example.org" for i in range(5)]
+    explicit = ["x@example.net"]
+    within = email.message_from_bytes(
+        raw("From: a@example.com", *fields[:3]), policy=policy.default
+    )
+    assert prepare(within, envelope_to=explicit, max_recipients=1, now=NOW).recipients == (
+        "x@example.net",
+    )
+    past = email.message_from_bytes(
+        raw("From: a@example.com", *fields, UNPARSED), policy=policy.default
+    )
+    with pytest.raises(TooManyRecipients) as caught:
+        prepare(past, envelope_to=explicit, max_recipients=1, now=NOW)
     assert (caught.value.count, caught.value.limit) == (5, 4)
 
 

@@ -43,7 +43,6 @@ from mailstrom.cli.exits import (
 )
 from mailstrom.cli.localnames import (
     REWRITTEN_HEADERS,
-    MailboxCount,
     address_field,
     aliases_path,
     default_origin,
@@ -67,7 +66,7 @@ from mailstrom.message.bounds import MAX_HEADER_SECTION
 from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.message.encoding import MAX_LINE, encode_long_lines, fold_line, to_crlf
-from mailstrom.message.envelope import DEFAULT_MAX_RECIPIENTS, newest_block_end
+from mailstrom.message.envelope import DEFAULT_MAX_RECIPIENTS, MailboxCount, newest_block_end
 from mailstrom.message.headers import HeaderSection, split_header_section
 from mailstrom.message.stdlib_addresses import address_pairs
 from mailstrom.message.words import unstructured_field

@@ -101,6 +101,29 @@ def too_many_mailboxes(count: int, max_recipients: int) -> TooManyRecipients:
     )
 
 
+class MailboxCount:
+    """The mailboxes of one header section's address fields, counted as they are first
+    parsed, before prepare() reads them (sendmail's qualifying of bare names, an
+    EmailMessage's fields checked before it is written): past the bound prepare() holds
+    them to (``max_recipients`` + :data:`MAX_OTHER_MAILBOXES`) the message is refused with
+    its error at the field that passes it, before the rest are read. A header section of
+    1 MB holds half a million bare names, each read by two parsers at tens of µs: parsed
+    and qualified whole first, it was refused only after 16 seconds. Every address field
+    read counts, an older resent block's Resent-From too (which prepare() does not read;
+    real ones name a mailbox or two)."""
+
+    def __init__(self, max_recipients: int = DEFAULT_MAX_RECIPIENTS) -> None:
+        self.max_recipients = max_recipients
+        self.count = 0
+
+    def add(self, groups: Sequence[Group]) -> None:
+        """Count the mailboxes of one field's ``groups``; TooManyRecipients when the
+        fields read so far name too many."""
+        self.count += sum(len(group.mailboxes) for group in groups)
+        if self.count > self.max_recipients + MAX_OTHER_MAILBOXES:
+            raise too_many_mailboxes(self.count, self.max_recipients)
+
+
 def fields_from_section(
     section: HeaderSection,
     *,

@@ -160,7 +160,7 @@ def prepare(
             prepared = dataclasses.replace(prepared, require_tls=True)
         return prepared
     if isinstance(message, Message):
-        data = _serialise(message, options.max_size)
+        data = _serialise(message, options.max_size, options.max_recipients)
     elif isinstance(message, bytes | bytearray | memoryview):
         data = bytes(message)
     else:
@@ -465,7 +465,7 @@ def _too_large(size: int, limit: int) -> None:
     )
 
 
-def _serialise(message: Message, max_size: int) -> bytes:
+def _serialise(message: Message, max_size: int, max_recipients: int) -> bytes:
     """Serialise a stdlib message once, after :func:`check_entity_headers`, unless it is
     surely larger than ``max_size`` (:class:`MessageTooLarge`).
 
@@ -473,7 +473,7 @@ def _serialise(message: Message, max_size: int) -> bytes:
     on the bytes, by the same code as raw input, once they are known to hold the parts
     the tree does (:func:`~mailstrom.message.trees.check_written_tree`).
     """
-    utf8 = check_entity_headers(message)
+    utf8 = check_entity_headers(message, max_recipients=max_recipients)
     check_payloads(message)
     least = least_written_size(message)
     if least > max_size:

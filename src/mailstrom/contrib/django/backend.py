@@ -209,7 +209,7 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
     message = _with_a_label_domains(message)
     return prepare_for(
         config,
-        _serialised(message),
+        _serialised(message, config.max_recipients),
         # Django accepts lazy strings (gettext_lazy) for addresses and writes them as text.
         envelope_from=str(message.from_email),
         envelope_to=[str(address) for address in message.recipients()],
@@ -382,7 +382,7 @@ def _django_domain(domain: str) -> str | None:
         return None
 
 
-def _serialised(message: EmailMessage) -> bytes:
+def _serialised(message: EmailMessage, max_recipients: int) -> bytes:
     """:func:`smtp_bytes`, with what Django and the standard library raise for input they
     cannot serialise (an unknown charset, a lone surrogate...) turned into
     :class:`InvalidMessage`, so that ``fail_silently`` leaves out that message only. The
@@ -401,7 +401,7 @@ def _serialised(message: EmailMessage) -> bytes:
         # for any message (at MAILSTROM["message_id_domain"], else the From domain). One
         # the application gave in headers is kept.
         del built["Message-ID"]
-    check_entity_headers(built)
+    check_entity_headers(built, max_recipients=max_recipients)
     with _typed("Django cannot serialise the message"):
         _quote_unsendable_text(built)
         _fold_long_parameters(built)
