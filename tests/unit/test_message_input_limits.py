@@ -129,6 +129,23 @@ def test_address_fields_of_an_email_message_are_counted_as_they_are_first_read(
     assert (caught.value.count, caught.value.limit) == (5, 4)
 
 
+def test_explicit_envelope_addresses_are_counted_as_they_are_validated() -> None:
+    """An envelope_to list of 200,000 addresses had every one validated (2.4 s) before
+    the recipients were counted; the message is now refused at the first address past
+    max_recipients different ones, before the rest are read."""
+    message = Email(from_="a@example.com", to="b@example.org", text="Hi")
+    given = ["x@example.net", "X@EXAMPLE.NET", "x@Example.net", "y@example.net"]
+    # Repeats are one recipient: the domain without case, the local part exactly.
+    assert prepare(message, envelope_to=given, max_recipients=3, now=NOW).recipients == (
+        "x@example.net",
+        "X@example.net",
+        "y@example.net",
+    )
+    with pytest.raises(TooManyRecipients) as caught:
+        prepare(message, envelope_to=[*given, "z@example.net", "<not an address"], max_recipients=3)
+    assert (caught.value.count, caught.value.limit) == (4, 3)
+
+
 # --- #2 the address cache keeps only short values ---------------------------------------
 
 

@@ -300,6 +300,28 @@ def _explicit(envelope_to: object) -> Sequence[str]:
     return found
 
 
+def _explicit_addresses(envelope_to: object, max_recipients: int) -> list[ValidAddress]:
+    """The addresses of ``envelope_to``, each validated, and counted as it is: past
+    ``max_recipients`` different ones, :class:`TooManyRecipients` before the rest are
+    read (a list of 200,000 was validated whole, 2.4 s, before it was refused)."""
+    found: list[ValidAddress] = []
+    # Envelope forms have lower-case domains: a set de-duplicates as dedupe() does.
+    seen: set[str] = set()
+    for text in _explicit(envelope_to):
+        address = parse_mailbox("envelope_to", text).address
+        found.append(address)
+        seen.add(address.envelope)
+        if len(seen) > max_recipients:
+            raise TooManyRecipients(
+                f"envelope_to names more than {max_recipients} different addresses "
+                f"({len(seen)} before the rest are read); the limit is {max_recipients} "
+                "(Config.max_recipients)",
+                count=len(seen),
+                limit=max_recipients,
+            )
+    return found
+
+
 def decide(
     fields: AddressFields,
     *,
@@ -350,7 +372,7 @@ def decide(
             where = "To, Cc or Bcc"
         addresses = [box.address for box in boxes]
     else:
-        addresses = [parse_mailbox("envelope_to", a).address for a in _explicit(envelope_to)]
+        addresses = _explicit_addresses(envelope_to, max_recipients)
         where = "envelope_to"
     recipients = dedupe(address.envelope for address in addresses)
     if not recipients:
