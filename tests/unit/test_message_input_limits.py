@@ -146,6 +146,32 @@ def test_explicit_envelope_addresses_are_counted_as_they_are_validated() -> None
     assert (caught.value.count, caught.value.limit) == (4, 3)
 
 
+def test_email_recipients_are_counted_as_they_are_validated() -> None:
+    """An Email's To, Cc and Bcc lists (64 KiB each) were validated whole before the
+    recipients were counted; now it is refused at the first address past max_recipients
+    different ones. With an explicit envelope they are not recipients, not counted."""
+    to = ["x@example.net", "x@EXAMPLE.net"]
+    message = Email(from_="a@example.com", to=to, cc="y@example.net", text="Hi")
+    assert prepare(message, max_recipients=2, now=NOW).recipients == (
+        "x@example.net",
+        "y@example.net",
+    )
+    past = Email(
+        from_="a@example.com",
+        to=to,
+        cc=["y@example.net", "z@example.net", "<not an address"],
+        bcc="<nor this",
+        text="Hi",
+    )
+    with pytest.raises(TooManyRecipients) as caught:
+        prepare(past, max_recipients=2, now=NOW)
+    assert (caught.value.count, caught.value.limit) == (3, 2)
+    explicit = Email(from_="a@example.com", to=to, cc=["y@example.net", "z@example.net"], text="")
+    assert prepare(
+        explicit, envelope_to=["w@example.net"], max_recipients=1, now=NOW
+    ).recipients == ("w@example.net",)
+
+
 # --- #2 the address cache keeps only short values ---------------------------------------
 
 

@@ -21,7 +21,7 @@ from mailstrom.errors import (
 from mailstrom.message.addresses import Group, parse_address_list
 from mailstrom.message.chars import check_encodable, check_header_text, shorten
 from mailstrom.message.dsn import DSN
-from mailstrom.message.envelope import AddressFields
+from mailstrom.message.envelope import AddressFields, too_many_recipients
 from mailstrom.message.headers import MAX_FIELD, check_field_name, check_field_size
 from mailstrom.message.identification import check_message_id, check_msg_ids
 from mailstrom.message.provider import provider_fields
@@ -218,13 +218,15 @@ class Draft:
     """The Content-IDs (lower case, without angle brackets) the HTML names by ``cid:``."""
 
 
-def check(email: Email) -> Draft:
+def check(email: Email, *, max_recipients: int | None = None) -> Draft:
     """Validate every field of ``email`` once.
 
     Raises :class:`HeaderInjection` for CR/LF, :class:`ForbiddenCharacter` for other
     control characters and lone surrogates, :class:`InvalidAddress` for bad addresses,
     :class:`HeaderTooLong` for a field over the limit, :class:`InvalidAttachment` and
-    :class:`InvalidMessage` for the rest.
+    :class:`InvalidMessage` for the rest. With ``max_recipients`` (the envelope is read
+    from To, Cc and Bcc), those are counted as each address is read, and past it
+    :class:`TooManyRecipients` is raised before the rest are validated.
     """
     from_ = _groups("From", email.from_)
     sender = None if email.sender is None else _groups("Sender", email.sender)
@@ -234,13 +236,14 @@ def check(email: Email) -> Draft:
         author = _one_mailbox(from_)
         if author is not None and _one_mailbox(sender) == author:
             sender = None
+    counted = None if max_recipients is None else _Recipients(max_recipients)
     fields = AddressFields(
         from_=from_,
         sender=sender,
         reply_to=_groups("Reply-To", email.reply_to),
-        to=_groups("To", email.to),
-        cc=_groups("Cc", email.cc),
-        bcc=_groups("Bcc", email.bcc),
+        to=_groups("To", email.to, counted),
+        cc=_groups("Cc", email.cc, counted),
+        bcc=_groups("Bcc", email.bcc, counted),
     )
     subject = _text("Subject", email.subject)
     headers = tuple(_header(name, value) for name, value in _header_items(email.headers))
@@ -491,7 +494,26 @@ def _header_items(headers: object) -> Iterable[tuple[str, str]]:
         ) from None
 
 
-def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
+class _Recipients:
+    """The different envelope addresses To, Cc and Bcc name, counted as they are read."""
+
+    __slots__ = ("max_recipients", "seen")
+
+    def __init__(self, max_recipients: int) -> None:
+        self.max_recipients = max_recipients
+        self.seen: set[str] = set()
+
+    def add(self, groups: tuple[Group, ...]) -> None:
+        # Envelope forms have lower-case domains: a set de-duplicates as decide() does.
+        for group in groups:
+            self.seen.update(box.address.envelope for box in group.mailboxes)
+        if len(self.seen) > self.max_recipients:
+            raise too_many_recipients(len(self.seen), self.max_recipients)
+
+
+def _groups(
+    name: str, value: str | Sequence[str], counted: _Recipients | None = None
+) -> tuple[Group, ...]:
     if isinstance(value, str):
         values = [value]
     elif isinstance(value, list | tuple) or (
@@ -520,6 +542,8 @@ def _groups(name: str, value: str | Sequence[str]) -> tuple[Group, ...]:
         parsed = parse_address_list(name, item)
         if not parsed:
             raise InvalidAddress(f"empty address in {name}: {item!r}", address=item)
+        if counted is not None:
+            counted.add(parsed)
         out.extend(parsed)
     return tuple(out)
 

@@ -124,6 +124,19 @@ class MailboxCount:
             raise too_many_mailboxes(self.count, self.max_recipients)
 
 
+def too_many_recipients(count: int, max_recipients: int, prefix: str = "") -> TooManyRecipients:
+    """The error for recipient fields (``prefix`` + To, Cc and Bcc) counted as they are
+    read: ``count`` different addresses before the rest, past ``max_recipients``."""
+    return TooManyRecipients(
+        f"the message has more than {max_recipients} recipients: its "
+        f"{prefix}To, {prefix}Cc and {prefix}Bcc fields name {count} "
+        "different addresses before the rest are read; the limit is "
+        f"{max_recipients} (Config.max_recipients)",
+        count=count,
+        limit=max_recipients,
+    )
+
+
 def fields_from_section(
     section: HeaderSection,
     *,
@@ -270,14 +283,7 @@ class _AddressReader:
             raise too_many_mailboxes(self.mailbox_count, self.max_recipients)
         if len(self.recipients) > self.max_recipients:
             prefix = "Resent-" if name.startswith("Resent-") else ""
-            raise TooManyRecipients(
-                f"the message has more than {self.max_recipients} recipients: its "
-                f"{prefix}To, {prefix}Cc and {prefix}Bcc fields name {len(self.recipients)} "
-                "different addresses before the rest are read; the limit is "
-                f"{self.max_recipients} (Config.max_recipients)",
-                count=len(self.recipients),
-                limit=self.max_recipients,
-            )
+            raise too_many_recipients(len(self.recipients), self.max_recipients, prefix)
 
 
 def _explicit(envelope_to: object) -> Sequence[str]:

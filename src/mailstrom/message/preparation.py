@@ -201,7 +201,9 @@ def _prepare_email(
     now: datetime,
     id_domain: str | None,
 ) -> PreparedMessage:
-    draft = builder.check(email)
+    draft = builder.check(
+        email, max_recipients=options.max_recipients if envelope_to is None else None
+    )
     least = _least_size(draft)
     if least > options.max_size:
         # Refused before rendering, as raw input is before it is parsed: a 300 MB
