@@ -133,6 +133,8 @@ LONG = st.one_of(
     st.integers(900, 1100).map(lambda n: "x" * n),  # one word over the line limit
     st.integers(100, 3000).map(lambda n: "word " * n),  # folds into many lines
     st.integers(60_000, 70_000).map(lambda n: "y" * n),  # about MAX_FIELD
+    # Comments nested deeper than the stdlib's parser recurses, within the token bound.
+    st.integers(240, 490).map(lambda n: "(" * n + ")" * n),
 )
 SAFE = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=30)
 
@@ -602,6 +604,63 @@ def test_trees_near_the_bounds(big: tuple[str, int, Message]) -> None:
             return
         raise AssertionError(f"{count} {bound} were accepted")
     assert check(message), f"{count} {bound} were refused"
+
+
+def nested_comments(levels: int) -> str:
+    """A comment holding a comment ... ``levels`` deep: RFC 5322 §3.2.2 sets no bound."""
+    return "(" * levels + "x" + ")" * levels
+
+
+def comments_in_a_part_field() -> Message:
+    root = MIMEMultipart()
+    root["From"] = "a@example.com"
+    root["To"] = "b@example.org"
+    part = MIMEText("x")
+    part.replace_header("Content-Type", "text/plain " + nested_comments(400))
+    root.attach(part)
+    return root
+
+
+def comments_in_an_attached_address() -> Message:
+    # An attached message's field that our parser cannot read is carried, and so handed
+    # to the stdlib's.
+    inner = Message()
+    inner["From"] = "x@example.com " + nested_comments(400) + " <"
+    inner.set_payload("x")
+    root = MIMEMultipart()
+    root["From"] = "a@example.com"
+    root["To"] = "b@example.org"
+    root.attach(MIMEMessage(inner))
+    return root
+
+
+def in_a_deep_stack(depth: int, call: Callable[[], object]) -> object:
+    return call() if depth <= 0 else in_a_deep_stack(depth - 1, call)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [comments_in_a_part_field, comments_in_an_attached_address],
+    ids=["part-content-type", "attached-from"],
+)
+def test_a_field_nested_past_the_stdlibs_stack_is_refused(make: Callable[[], Message]) -> None:
+    """The stdlib's writer parses a structured field by recursion, a few frames per level
+    of comment nesting (a message parsed with compat32 from anyone's bytes holds what it
+    was sent): 400 levels, within the token bound, raised RecursionError from prepare()."""
+    with pytest.raises(InvalidMessage, match="nested too deep"):
+        prepare(make(), now=NOW)
+
+
+def test_a_deep_tree_prepared_in_a_deep_stack_is_refused_not_crashed() -> None:
+    """The writer also recurses a few frames per MIME level: a tree within MAX_DEPTH,
+    prepared where most of the stack is used, gets the typed error too."""
+    import sys
+
+    message = deep(MAX_DEPTH, "multipart")
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    with pytest.raises(InvalidMessage, match="nested too deep"):
+        in_a_deep_stack(sys.getrecursionlimit() - 250, lambda: prepare(message, now=NOW))
 
 
 def test_the_oracle_sees_an_injected_header_and_a_forged_part() -> None:

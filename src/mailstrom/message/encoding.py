@@ -689,7 +689,10 @@ def serialise(message: Message, *, utf8: bool) -> bytes:
     """Serialise a stdlib message with CRLF line endings (``email.policy.SMTP``).
 
     ``utf8`` writes non-ASCII headers as raw UTF-8 (RFC 6532) instead of RFC 2047 words.
-    Whatever the stdlib raises on a message it cannot write becomes :class:`InvalidMessage`.
+    Whatever the stdlib raises on a message it cannot write becomes :class:`InvalidMessage`,
+    RecursionError too: the writer recurses a few frames per MIME level, and its parser of
+    structured fields a few per level of comment nesting, which RFC 5322 does not bound (a
+    compat32 message parsed from anyone's bytes holds what it was sent).
     """
     out = io.BytesIO()
     generator: BytesGenerator[Any] = BytesGenerator(
@@ -703,4 +706,11 @@ def serialise(message: Message, *, utf8: bool) -> bytes:
         raise
     except (LookupError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise InvalidMessage(f"the EmailMessage cannot be serialised: {exc!r}") from exc
+    except RecursionError:
+        # Unwound by now (the writer's finally blocks put back each part's policy), and
+        # it wrote only to `out`: refusing is safe.
+        raise InvalidMessage(
+            "the EmailMessage cannot be serialised: its parts, or the comments in a header "
+            "field, are nested too deep for the stdlib's writer"
+        ) from None
     return out.getvalue()
