@@ -171,6 +171,29 @@ def test_lines_with_encoded_words_end_by_76_characters() -> None:
     assert message["X-Long-Field-Name-That-Eats-The-Line"] == ("Ärger " * 20).strip()
 
 
+def test_white_space_ending_a_field_after_an_encoded_word_keeps_its_line_short() -> None:
+    """White space that ends a field cannot fold away from the word before it (RFC 5322
+    §3.2.5): after an encoded word it stayed on the word's line, 79 characters and more
+    for "ü" and 52 spaces, past RFC 2047 §2's 76. It is encoded with the word now, and
+    reads back as given."""
+    cases = [
+        ("a@example.org", "Subject", "ü" + " " * 52),
+        ("a@example.org", "X-Note", "plain words then Grüße" + "\t  " * 30),
+        ("a@example.org", "X-Note", "ü" + " " * 2000),  # more than a line holds
+        ("jörg@example.org", "Subject", "=?utf-8?q?a?=" + " " * 70),  # UTF-8 headers
+    ]
+    for sender, name, value in cases:
+        if name == "Subject":
+            email = Email(from_=sender, to="b@example.org", text="x", subject=value)
+        else:
+            email = Email(from_=sender, to="b@example.org", text="x", headers={name: value})
+        data = prepare(email).data
+        lines = [line for line in header_lines(data) if b"=?" in line]
+        assert lines and max(map(len, lines)) <= 76, lines
+        assert max(map(len, header_lines(data))) <= MAX_LINE
+        assert parsed(data)[name] == value, (name, value)
+
+
 def test_a_word_that_fits_once_re_encoded_is_not_left_too_long() -> None:
     """A 75-character Q word after white space that starts a folded line was left as it
     was (a line of 77 characters and more, past RFC 2047 §2's 76) when the room left

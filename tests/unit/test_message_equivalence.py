@@ -383,6 +383,7 @@ def test_direct_rendering_matches_the_stdlib(
 @SETTINGS
 @given(subject=st.text(PRINTABLE, max_size=3000), value=st.text(PRINTABLE, max_size=500))
 @example(subject="=?" + " " * 77, value="")  # a literal "=?" on a long line: no encoded word
+@example(subject="ü" + " " * 52, value="😀" + " " * 60)  # white space after an encoded word
 def test_any_printable_text_survives_as_a_header(subject: str, value: str) -> None:
     """Leading, trailing and repeated white space and literal "=?" included: what a reader
     decodes is what was given (folding only adds line breaks, RFC 5322 §2.2.3)."""

@@ -249,6 +249,13 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
             pieces.append((space, token))
         space = ""
     if run:
+        if trailing and not phrases:
+            # Encoded with the last word: it may not fold away from it (see above), and
+            # left as it is it made the word's line longer than 76 characters (RFC 2047
+            # §2); decoders keep white space inside a word. Not in a phrase list, where
+            # it is CFWS around the last phrase, not part of it.
+            run.append(trailing)
+            trailing = ""
         _flush(pieces, run_space, run)
     # With no word the whole value is leading whitespace, which readers drop (the
     # stdlib strips it from the first line) and fold() drops before a first word.
