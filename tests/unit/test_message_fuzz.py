@@ -20,6 +20,7 @@ from email import policy
 from email.message import EmailMessage, Message
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -325,6 +326,23 @@ def test_prepare_raises_only_typed_errors_and_outputs_safe_bytes(
     message: Email | Message | bytes, options: dict[str, Any]
 ) -> None:
     event("accepted" if check(message, options) is not None else "rejected")
+
+
+@pytest.mark.parametrize(
+    "payload", [chr(0xD800), "x" + chr(0xDBFF), "é" + chr(0xDCFF), chr(0xDC00)]
+)
+@pytest.mark.parametrize("cte", [None, "base64", "quoted-printable"])
+def test_a_payload_the_stdlib_cannot_read_back_is_refused(payload: str, cte: str | None) -> None:
+    """Found by the property above: a str body holding a lone surrogate that carries no
+    octet (surrogateescape carries U+DC80-U+DCFF, and no other character beside it) made
+    the stdlib's get_payload() raise UnicodeEncodeError from prepare()."""
+    message = Message()
+    message["From"], message["To"] = "a@example.com", "b@example.org"
+    if cte is not None:
+        message["Content-Transfer-Encoding"] = cte
+    message.set_payload(payload)
+    with pytest.raises(InvalidMessage, match="surrogate"):
+        prepare(message, now=NOW)
 
 
 def test_the_property_accepts_good_input_of_every_kind() -> None:

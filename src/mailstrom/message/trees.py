@@ -47,7 +47,12 @@ from mailstrom.message.bounds import (
     too_many_fields,
     too_many_parts,
 )
-from mailstrom.message.chars import check_header_text, check_other_line_breaks, shorten
+from mailstrom.message.chars import (
+    check_header_text,
+    check_other_line_breaks,
+    describe,
+    shorten,
+)
 from mailstrom.message.encoding import has_bare_line_end
 from mailstrom.message.envelope import DEFAULT_MAX_RECIPIENTS, MailboxCount
 from mailstrom.message.headers import check_field_name, check_field_size
@@ -165,13 +170,25 @@ def check_payloads(message: Message) -> None:
       octets than it was given (see
       :func:`~mailstrom.message.encoding.check_binary_line_ends`, raw input's check);
     - a str with non-ASCII characters and no charset to encode them in
-      (``set_payload("hé")``): the stdlib's 'ascii' codec error read as a header's.
+      (``set_payload("hé")``): the stdlib's 'ascii' codec error read as a header's;
+    - a str holding a lone surrogate that carries no octet (surrogateescape carries
+      U+DC80-U+DCFF, and then only ASCII may stand beside them): the stdlib's
+      ``get_payload()`` raised UnicodeEncodeError reading it.
 
     ``message`` has been walked by :func:`check_entity_headers`, which bounds the tree."""
     for part in _entities(message):
         if part.is_multipart():
             continue
-        raw = part.get_payload()
+        try:
+            raw = part.get_payload()
+        except UnicodeEncodeError as exc:
+            char = describe(exc.object[exc.start])
+            raise InvalidMessage(
+                f"a {part.get_content_type()} part's body cannot be read: it holds lone "
+                f"surrogates, and {char} where only ASCII or an octet carried by "
+                "surrogateescape (U+DC80-U+DCFF) may stand; set it with set_content(text) "
+                "or set_payload(octets)"
+            ) from None
         if (
             isinstance(raw, str)
             and not raw.isascii()
