@@ -13,8 +13,12 @@ so was read whole at every lease (700 ms at 100,000 messages).
 
 Deletion is lazy: a push numbers the recipient's entry anew (``due_gen``), and an entry
 is current while its number is the recipient's, the recipient pending, its message
-queued and not held; others are dropped when they come to the top, or when the heaps
-have grown to twice what was current at the last sweep. A destination's place on its
+queued and not held; others are dropped when they come to the top, or swept once the
+heaps have grown to twice what was current at the last sweep. A sweep goes a few entries
+per push (:data:`SWEEP_STEP`), never the whole index at once (at 100,000 pending
+recipients that held the lock 74-125 ms): a large heap moves, from its end (what is left
+of it stays a heap), onto its destination's new one while both are read; only the lanes'
+heads, one per destination, are made anew at once. A destination's place on its
 lane (its head) is numbered too: one is current while its number is the destination's,
 and it is never later than the destination's first current entry. A suspended domain's
 destinations have no head while the suspension lasts.
@@ -56,6 +60,13 @@ _SWEEP_FLOOR = 1024
 """Entries the heaps may hold before stale ones are swept out (twice what was current
 at the last sweep, and at least this)."""
 
+SWEEP_STEP = 256
+"""Entries (or heads) a sweep looks at in one go (some 50 µs)."""
+
+_SWEEP_PACE = 4
+"""Entries a sweep looks at per push, on the whole: enough to end before the heaps grow
+much (each push files one), few enough that no call holds the lock long for it."""
+
 
 class DueIndex:
     """Pending recipients of unheld messages by due time, per lane and destination
@@ -73,6 +84,12 @@ class DueIndex:
         self._entries = 0
         """Items of all the heaps, heads included."""
         self._sweep_at = _SWEEP_FLOOR
+        self._sweeper: Iterator[int] | None = None
+        self._credit = 0
+        """Entries the sweep may look at before the next push (may be below 0)."""
+        self._moving: _Destination | None = None
+        """A destination whose heap the sweep is moving onto a new one: off ``_domains``
+        (pushes go to the new one), still on its lane, read like any other."""
 
     def push(self, m: _Message, r: _Recipient) -> None:
         """(Re)file ``r`` at its due time; its earlier entry, if any, goes stale."""
@@ -80,8 +97,11 @@ class DueIndex:
             return  # filed again when it is released (see push_message)
         r.due_gen += 1
         self._file((r.due_at(), m.seq, r.position, r.due_gen, m, r))
-        if self._entries > self._sweep_at:
-            self._sweep()
+        if self._sweeper is not None:
+            self._sweep_step()
+        elif self._entries > self._sweep_at:
+            self._sweeper = self._sweep()
+            self._sweep_step()
 
     def push_message(self, m: _Message) -> None:
         """File every pending recipient of ``m`` (one released from a hold)."""
@@ -165,7 +185,7 @@ class DueIndex:
             self._entries -= 1
             dest.head = 0
             if not entries:
-                del self._domains[lane, dest.domain]
+                self._forget(dest)
             elif dest.domain in suspended:
                 self._parked.setdefault(dest.domain, set()).add(dest)
             else:
@@ -188,8 +208,7 @@ class DueIndex:
             self._entries -= 1
         else:
             heapq.heappop(self._lanes[dest.lane])
-            del self._domains[dest.lane, dest.domain]
-            dest.head = 0
+            self._forget(dest)
             self._entries -= 2
         return first
 
@@ -208,8 +227,19 @@ class DueIndex:
         for dest in passed:
             if dest.entries and not dest.head:
                 self._place(dest, dest.entries[0])
-        if self._entries > self._sweep_at:
-            self._sweep()
+        # What this files the lease took off: a step of the sweep, as for a push.
+        if self._sweeper is not None:
+            self._sweep_step()
+        elif self._entries > self._sweep_at:
+            self._sweeper = self._sweep()
+            self._sweep_step()
+
+    def _forget(self, dest: _Destination) -> None:
+        """Take ``dest``, with no entries left, off the index (its head, if any, stale)."""
+        dest.head = 0
+        key = (dest.lane, dest.domain)
+        if self._domains.get(key) is dest:
+            del self._domains[key]
 
     def _clean(self, entries: list[Entry]) -> None:
         """Drop stale entries off the top of a destination's heap, and file again one
@@ -231,7 +261,9 @@ class DueIndex:
             return
         for domain in [d for d in self._parked if d not in suspended]:
             for dest in self._parked.pop(domain):
-                if dest.entries and self._domains.get((dest.lane, domain)) is dest:
+                if dest.entries and (
+                    self._domains.get((dest.lane, domain)) is dest or dest is self._moving
+                ):
                     self._place(dest, dest.entries[0])
 
     def _current(self, gen: int, m: _Message, r: _Recipient) -> bool:
@@ -242,38 +274,86 @@ class DueIndex:
             and self._messages.get(m.id) is m
         )
 
-    def _sweep(self) -> None:
-        """Drop every stale entry and head (amortized: once the heaps doubled)."""
+    def _kept(self, entries: Iterable[Entry]) -> list[Entry]:
+        """The current ones of ``entries`` (the test of _current inline, the number
+        first: most stale entries fail it)."""
         messages = self._messages
-        parked = {dest for dests in self._parked.values() for dest in dests}
-        self._lanes = {}
-        self._entries = 0
+        return [
+            e
+            for e in entries
+            if e[3] == e[5].due_gen
+            and e[5].state in _PENDING
+            and not e[4].held
+            and messages.get(e[4].id) is e[4]
+        ]
+
+    def _sweep_step(self) -> None:
+        """Go on with the sweep, :data:`_SWEEP_PACE` entries a push: a step of up to
+        :data:`SWEEP_STEP` every so many pushes."""
+        assert self._sweeper is not None
+        self._credit += _SWEEP_PACE
+        while self._credit > 0:
+            seen = next(self._sweeper, None)
+            if seen is None:
+                self._sweeper = None
+                self._credit = 0
+                self._sweep_at = max(_SWEEP_FLOOR, 2 * self._entries)
+                return
+            self._credit -= seen
+
+    def _sweep(self) -> Iterator[int]:
+        """Drop the stale entries, a few at a time (yields how many it looked at): each
+        destination's heap, then the lanes' stale heads (amortized: once the heaps
+        doubled). Whatever the others do in between (take, push, park), every heap
+        stays one, and every destination on its lane no later than its first entry."""
         for key, dest in list(self._domains.items()):
-            # The test of _current inline, the number first: most stale entries fail it.
-            kept = [
-                e
-                for e in dest.entries
-                if e[3] == e[5].due_gen
-                and e[5].state in _PENDING
-                and not e[4].held
-                and messages.get(e[4].id) is e[4]
-            ]
-            heapq.heapify(kept)
-            dest.entries = kept
-            dest.head = 0
-            if not kept:
-                del self._domains[key]
+            if self._domains.get(key) is not dest:
+                continue  # gone since
+            entries = dest.entries
+            looked = len(entries)
+            if looked <= SWEEP_STEP:
+                kept = self._kept(entries)
+                if len(kept) < looked:
+                    self._entries -= looked - len(kept)
+                    heapq.heapify(kept)
+                    dest.entries = kept  # its head, if earlier now, is put right when read
+                    if not kept:
+                        self._forget(dest)
+                yield looked
                 continue
-            self._entries += len(kept)
-            if dest not in parked:
-                self._place(dest, kept[0])
+            # A large one: its current entries move, a chunk at a time from its end (what
+            # is left of it stays a heap, on its lane), onto the destination's new one.
+            del self._domains[key]
+            self._moving = dest
+            while entries:  # unless a lease took them all meanwhile
+                chunk = entries[-SWEEP_STEP:]
+                del entries[-SWEEP_STEP:]
+                self._entries -= len(chunk)
+                if not entries:
+                    self._forget(dest)
+                for entry in self._kept(chunk):
+                    self._file(entry)
+                yield len(chunk)
+            self._moving = None
+        # Heads that lead no destination any more (one that led was replaced, taken off
+        # or set aside), dropped at once: as many as the lane has destinations, each a
+        # pointer, where their heaps hold the entries.
+        for lane, heads in list(self._lanes.items()):
+            fresh = [head for head in heads if head[5].head == head[3]]
+            looked = len(heads)
+            self._entries -= looked - len(fresh)
+            if fresh:
+                heapq.heapify(fresh)
+                heads[:] = fresh
+            else:
+                del self._lanes[lane]
+            yield looked
         for domain, dests in list(self._parked.items()):
             left = {dest for dest in dests if dest.entries}
             if left:
                 self._parked[domain] = left
             else:
                 del self._parked[domain]
-        self._sweep_at = max(_SWEEP_FLOOR, 2 * self._entries)
 
 
 class Reading:
@@ -296,23 +376,26 @@ class Reading:
         self._fair = fair
         self._taken: list[Entry] = []
         self._passed: list[_Destination] = []
-        self._counts: dict[_Destination, int] = {}
+        self._counts: dict[str, dict[str, int]] = {}
+        """Lane -> domain -> entries taken (a destination may be two while a sweep
+        moves its heap)."""
 
     def due(self, lane: str) -> Iterator[Entry]:
         """The lane's entries due at ``now`` a lease may take, earliest first, each taken
         off the index as it is read."""
-        index, fair, counts, now = self._index, self._fair, self._counts, self._now
+        index, fair, now = self._index, self._fair, self._now
+        counts = self._counts.setdefault(lane, {})
         while True:
             head = index._top(lane, self._suspended)
             if head is None or head[0] > now:
                 return
             if fair is not None:
                 dest = head[5]
-                held = counts.get(dest, 0)
+                held = counts.get(dest.domain, 0)
                 if dest.domain in fair.busy or held >= fair.share:
                     self._passed.append(index._pass(head))
                     continue
-                counts[dest] = held + 1
+                counts[dest.domain] = held + 1
             entry = index._take(head)
             self._taken.append(entry)
             yield entry
