@@ -6,13 +6,15 @@ serves its active queue's destinations round-robin for the same reason)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mailstrom import Email, Mailstrom
 from mailstrom.status import RecipientState
-from mailstrom.stores import MemoryStore, RecipientResult, SQLiteStore, Store
+from mailstrom.stores import Lease, MemoryStore, RecipientResult, SQLiteStore, Store
 from mailstrom.stores.postgres import PostgresStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
@@ -98,3 +100,54 @@ def test_a_slow_destination_backlog_does_not_hold_back_another_destination(
         f"small.example's message was delivered after {behind} of big.example's"
         f" {BIG - before} waiting"
     )
+
+
+class SlowBusyLease(PostgresStore):
+    """A PostgreSQL store whose leases that pass over busy destinations answer only once
+    everything leased before is recorded: as a slow lease does while the worker's
+    deliveries all end meanwhile."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.leased = 0
+        self.recorded = 0
+        self.cond = threading.Condition()
+
+    def record_and_lease(  # type: ignore[override]
+        self, results: Sequence[RecipientResult], **kwargs: Any
+    ) -> tuple[list[RecipientResult], Lease | None]:
+        if not results and kwargs.get("busy"):
+            with self.cond:
+                self.cond.wait_for(lambda: self.recorded >= self.leased, timeout=10)
+        recorded, lease = super().record_and_lease(results, **kwargs)
+        with self.cond:
+            self.recorded += len(recorded)
+            if lease is not None:
+                self.leased += sum(len(item.recipients) for item in lease.items)
+            self.cond.notify_all()
+        return recorded, lease
+
+
+def test_an_empty_lease_past_busy_destinations_leases_again_once_they_drain(
+    postgres_url: str, smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    # A lease that passed over the worker's busy destinations and found nothing else due
+    # answers after every delivery has ended: the work it passed over is leasable now, and
+    # the worker leases again rather than sleep out its poll_interval.
+    server = smtp_server()
+    dns_server.mx("big.example", [(10, "mx.big.test")])
+    dns_server.a("mx.big.test", server.host)
+    config = loopback_config(
+        dns_server, server.port, max_connections=8, max_per_destination=2, poll_interval=60
+    )
+    store = SlowBusyLease(postgres_url)
+    progress = Progress()
+    count = 400
+    with Mailstrom(config, store=store, worker="thread", on_result=progress) as ms:
+        ms.send_emails(news(n) for n in range(count))
+        with progress.cond:
+            progress.cond.wait_for(lambda: progress.big >= count, timeout=15)
+        delivered = progress.big
+        ms.stop(timeout=0)
+    store.close()
+    assert delivered == count, f"{delivered} of {count} delivered in 15 s (poll_interval 60 s)"

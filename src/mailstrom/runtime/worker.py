@@ -118,6 +118,9 @@ class _LeaseCall:
     now: datetime
     wakeups: int
     """:attr:`Worker._wakeups` when it asked: one since may be for work it did not see."""
+    ended: int
+    """:attr:`Worker._ended` when it asked: a delivery ended since may have freed a lane or
+    a destination it passed over."""
     max_bytes: int
     """The message data it may read (``Config.max_leased_bytes`` less what is held)."""
     busy: list[str]
@@ -349,6 +352,8 @@ class Worker(
         self._wakeups = 0
         """Wake-ups so far. One that comes while a lease runs (in a thread, for PostgreSQL)
         may be for work that lease did not see, so it keeps the next lease wanted."""
+        self._ended = 0
+        """Work items whose results came back (see :attr:`_LeaseCall.ended`)."""
         self._clock_reading: ClockReading | None = None
         """The latest comparison of our clock with the store server's (worker_clock.py);
         None for a store that shares our clock, or before the first check answered."""
@@ -735,6 +740,7 @@ class Worker(
                     lanes=lanes,
                     now=self._clock(),
                     wakeups=self._wakeups,
+                    ended=self._ended,
                     max_bytes=byte_room,
                     busy=dispatcher.busy(enough) if leasing else [],
                     per_destination=share,
@@ -841,7 +847,11 @@ class Worker(
         # Passed over busy destinations too: their due work waits for a delivery to end.
         self._capped = bool(call.busy) or any(most == 0 for _, most in call.lanes)
         if lease is None:
-            if self._wakeups == call.wakeups:  # else lease again: new work may have come
+            # Else lease again: new work may have come, or a delivery that ended while the
+            # store looked freed a lane or a busy destination the lease passed over (with
+            # every delivery ended meanwhile, no result to come would ask for a lease, and
+            # their due work waited for the poll).
+            if self._wakeups == call.wakeups and not (self._capped and self._ended != call.ended):
                 self._lease_wanted = False  # nothing due: wait for a wake-up or due time
             self._due_stale = True
             # The time the lease looked at, not the clock after it: work that came due
@@ -1024,6 +1034,7 @@ class Worker(
         if not self._pending and self._loop is not None:
             self._pending_since = self._loop.time()
         if results:
+            self._ended += 1
             if any(self._may_owe_notice(r) for r in results):
                 results = self._with_notices(results)
             first = results[0]
