@@ -97,11 +97,7 @@ class DueIndex:
             return  # filed again when it is released (see push_message)
         r.due_gen += 1
         self._file((r.due_at(), m.seq, r.position, r.due_gen, m, r))
-        if self._sweeper is not None:
-            self._sweep_step()
-        elif self._entries > self._sweep_at:
-            self._sweeper = self._sweep()
-            self._sweep_step()
+        self._sweep_on()
 
     def push_message(self, m: _Message) -> None:
         """File every pending recipient of ``m`` (one released from a hold)."""
@@ -227,7 +223,10 @@ class DueIndex:
         for dest in passed:
             if dest.entries and not dest.head:
                 self._place(dest, dest.entries[0])
-        # What this files the lease took off: a step of the sweep, as for a push.
+        self._sweep_on()  # what this files the lease took off: as for a push
+
+    def _sweep_on(self) -> None:
+        """A step of the sweep under way, or of one begun once the heaps have doubled."""
         if self._sweeper is not None:
             self._sweep_step()
         elif self._entries > self._sweep_at:
