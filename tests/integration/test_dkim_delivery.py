@@ -624,6 +624,26 @@ def test_a_message_from_two_subdomains_goes_out_signed_by_the_keys_of_each(
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
 
 
+def app_signed(from_domain: str, app: DKIMKey) -> tuple[bytes, bytes]:
+    """A raw message from ``app@from_domain``, and the DKIM-Signature field the
+    application made for it with dkimpy and ``app`` (its own selector, before
+    send_email)."""
+    raw = (
+        f"From: app@{from_domain}\r\nTo: bob@modern.test\r\nSubject: A\r\n"
+        f"Date: Mon, 05 Jan 2026 12:00:00 +0000\r\nMessage-ID: <a1@{from_domain}>\r\n\r\n"
+        "body\r\n"
+    ).encode("ascii")
+    field = dkimpy.sign(
+        raw,
+        app.selector.encode("ascii"),
+        app.domain.encode("ascii"),
+        app.private_key,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
+    )
+    return raw, field
+
+
 def test_the_application_s_own_signature_stays_when_the_domain_s_keys_rotated(
     dns_server: LoopbackDNS, receivers: dict[bool, Any]
 ) -> None:
@@ -636,19 +656,7 @@ def test_the_application_s_own_signature_stays_when_the_domain_s_keys_rotated(
     store = MemoryStore()
     app = DKIMKey(domain="sender.test", selector="app1", private_key=generate_private_key(RSA))
     publish(dns_server, DKIMConfig(keys=(app,)))
-    raw = (
-        b"From: app@sender.test\r\nTo: bob@modern.test\r\nSubject: A\r\n"
-        b"Date: Mon, 05 Jan 2026 12:00:00 +0000\r\nMessage-ID: <a1@sender.test>\r\n\r\n"
-        b"body\r\n"
-    )
-    field = dkimpy.sign(
-        raw,
-        b"app1",
-        b"sender.test",
-        app.private_key,
-        canonicalize=(b"relaxed", b"relaxed"),
-        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
-    )
+    raw, field = app_signed("sender.test", app)
     old = prepare(field + raw, now=datetime.now(UTC), dkim=CONFIG)
     assert [t["s"] for t in signature_tags(old.data)] == ["rsa", "ed", "app1"]
     assert_all_pass(old.data, dns_server, signatures=3)
@@ -781,19 +789,7 @@ def test_a_message_send_email_left_unsigned_keeps_the_application_s_own_signatur
     store = MemoryStore()
     app = DKIMKey(domain="sender.test", selector="app1", private_key=generate_private_key(RSA))
     publish(dns_server, DKIMConfig(keys=(app,)))
-    raw = (
-        b"From: app@other.test\r\nTo: bob@modern.test\r\nSubject: A\r\n"
-        b"Date: Mon, 05 Jan 2026 12:00:00 +0000\r\nMessage-ID: <a1@other.test>\r\n\r\n"
-        b"body\r\n"
-    )
-    field = dkimpy.sign(
-        raw,
-        b"app1",
-        b"sender.test",
-        app.private_key,
-        canonicalize=(b"relaxed", b"relaxed"),
-        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
-    )
+    raw, field = app_signed("other.test", app)
     queued = prepare(field + raw, now=datetime.now(UTC), dkim=CONFIG)
     assert queued.dkim == ()
     mid = store.enqueue(queued, now=datetime.now(UTC))
