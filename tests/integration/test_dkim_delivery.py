@@ -17,7 +17,15 @@ from typing import Any
 import dkim as dkimpy
 import pytest
 
-from mailstrom import Attachment, DKIMAlgorithm, DKIMSignature, DKIMStatus, Email, RecipientState
+from mailstrom import (
+    Attachment,
+    DKIMAlgorithm,
+    DKIMSignature,
+    DKIMStatus,
+    Email,
+    MessageStatus,
+    RecipientState,
+)
 from mailstrom.client import Mailstrom
 from mailstrom.dkim import DKIMConfig, DKIMKey, generate_private_key, sign
 from mailstrom.message import prepare
@@ -294,6 +302,21 @@ def test_a_retry_after_the_signature_expired_goes_out_signed_anew(
     assert all(int(t["x"]) < now for t in stored)
 
 
+def delivered_once(
+    dns_server: LoopbackDNS, mx: Any, store: MemoryStore, mid: str, dkim: DKIMConfig
+) -> tuple[MessageStatus, Any, list[tuple[str, str, str]]]:
+    """Deliver the queued message ``mid`` with ``dkim`` configured; its status (checked
+    delivered), the message the receiver got, and the (d=, s=, a=) of each signature on it."""
+    results = Results()
+    config = loopback_config(dns_server, mx.port, dkim=dkim)
+    with Mailstrom(config, store=store, on_result=results) as ms:
+        results.wait_count(1)
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED
+    [received] = mx.wait_for_messages(1)
+    return status, received, [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+
+
 def rotated(domain: str = "sender.test") -> DKIMConfig:
     """New keys of their own (not ``dual``'s) under new selectors: the rotation done."""
     return DKIMConfig(
@@ -407,14 +430,7 @@ def test_a_message_queued_before_only_its_ed25519_key_rotated_goes_out_signed_an
     for gone in CONFIG.keys:
         if gone.algorithm is ED25519:
             dns_server.delete(gone.dns_record().name)
-    results = Results()
-    config = loopback_config(dns_server, mx.port, dkim=new)
-    with Mailstrom(config, store=store, on_result=results) as ms:
-        results.wait_count(1)
-        status = ms.query_status(mid)
-    assert status.state is RecipientState.DELIVERED
-    [received] = mx.wait_for_messages(1)
-    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    status, received, sent = delivered_once(dns_server, mx, store, mid, new)
     assert sent == [
         ("sender.test", "rsa", "rsa-sha256"),
         ("sender.test", "ed2027", "ed25519-sha256"),
@@ -528,14 +544,7 @@ def test_a_message_queued_before_its_subdomain_s_keys_were_removed_goes_out_sign
     mid = store.enqueue(old, now=datetime.now(UTC))
     for gone in subdomain.keys:
         dns_server.delete(gone.dns_record().name)
-    results = Results()
-    config = loopback_config(dns_server, mx.port, dkim=CONFIG)
-    with Mailstrom(config, store=store, on_result=results) as ms:
-        results.wait_count(1)
-        status = ms.query_status(mid)
-    assert status.state is RecipientState.DELIVERED
-    [received] = mx.wait_for_messages(1)
-    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    status, received, sent = delivered_once(dns_server, mx, store, mid, CONFIG)
     assert sent == [
         ("sender.test", "rsa", "rsa-sha256"),
         ("sender.test", "ed", "ed25519-sha256"),
@@ -567,14 +576,7 @@ def test_a_parent_signed_message_goes_out_signed_by_the_subdomain_keys_added_sin
     publish(dns_server, subdomain)
     for gone in CONFIG.keys:
         dns_server.delete(gone.dns_record().name)
-    results = Results()
-    config = loopback_config(dns_server, mx.port, dkim=subdomain)
-    with Mailstrom(config, store=store, on_result=results) as ms:
-        results.wait_count(1)
-        status = ms.query_status(mid)
-    assert status.state is RecipientState.DELIVERED
-    [received] = mx.wait_for_messages(1)
-    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    status, received, sent = delivered_once(dns_server, mx, store, mid, subdomain)
     assert sent == [
         ("news.sender.test", "rsa", "rsa-sha256"),
         ("news.sender.test", "ed", "ed25519-sha256"),
@@ -608,14 +610,7 @@ def test_a_message_from_two_subdomains_goes_out_signed_by_the_keys_of_each(
     publish(dns_server, subdomains)
     for gone in CONFIG.keys:
         dns_server.delete(gone.dns_record().name)
-    results = Results()
-    config = loopback_config(dns_server, mx.port, dkim=subdomains)
-    with Mailstrom(config, store=store, on_result=results) as ms:
-        results.wait_count(1)
-        status = ms.query_status(mid)
-    assert status.state is RecipientState.DELIVERED
-    [received] = mx.wait_for_messages(1)
-    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    status, received, sent = delivered_once(dns_server, mx, store, mid, subdomains)
     now_signed = prepare(message, now=datetime.now(UTC), dkim=subdomains).dkim
     assert sent == [(s.domain, s.selector, s.algorithm.value) for s in now_signed]
     assert {d for d, _, _ in sent} == {"news.sender.test", "shop.sender.test"}
@@ -715,14 +710,7 @@ def test_our_subdomain_signature_goes_when_its_keys_were_removed_beside_the_pare
     mid = store.enqueue(old, now=datetime.now(UTC))
     for gone in subdomain.keys:
         dns_server.delete(gone.dns_record().name)
-    results = Results()
-    config = loopback_config(dns_server, mx.port, dkim=CONFIG)
-    with Mailstrom(config, store=store, on_result=results) as ms:
-        results.wait_count(1)
-        status = ms.query_status(mid)
-    assert status.state is RecipientState.DELIVERED
-    [received] = mx.wait_for_messages(1)
-    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    status, received, sent = delivered_once(dns_server, mx, store, mid, CONFIG)
     assert sent == [
         ("sender.test", "rsa", "rsa-sha256"),
         ("sender.test", "ed", "ed25519-sha256"),
@@ -758,14 +746,7 @@ def test_a_message_whose_selector_now_names_a_key_of_another_algorithm_is_signed
     for gone in CONFIG.keys:
         dns_server.delete(gone.dns_record().name)
     publish(dns_server, new)
-    results = Results()
-    config = loopback_config(dns_server, mx.port, dkim=new)
-    with Mailstrom(config, store=store, on_result=results) as ms:
-        results.wait_count(1)
-        status = ms.query_status(mid)
-    assert status.state is RecipientState.DELIVERED
-    [received] = mx.wait_for_messages(1)
-    sent = [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
+    status, received, sent = delivered_once(dns_server, mx, store, mid, new)
     assert sent == [
         ("sender.test", "rsa2027", "rsa-sha256"),
         ("sender.test", "rsa", "ed25519-sha256"),

@@ -103,13 +103,9 @@ def test_a_newer_schema_is_corrupt(db: Path) -> None:
             SQLiteStore(db, read_only=read_only)
 
 
-def test_a_newer_schema_migrated_by_another_process_meanwhile_is_corrupt(
-    db: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two versions starting on an older store at once (a rolling upgrade): the newer
-    one took the write lock first and migrated past this mailstrom. What this one's
-    migration then read under the lock was a plain StoreError, so a starting worker
-    waited for ever for a schema it can never understand, and no path was named."""
+def another_process_migrates_first(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next open's migration find the schema moved past this mailstrom under
+    the write lock, as when another process took the lock first and migrated."""
     import mailstrom.stores.sqlite as sqlite_module
 
     migrate = sqlite_module.migrate
@@ -120,6 +116,17 @@ def test_a_newer_schema_migrated_by_another_process_meanwhile_is_corrupt(
         return migrate(conn)
 
     monkeypatch.setattr(sqlite_module, "migrate", newer_first)
+
+
+def test_a_newer_schema_migrated_by_another_process_meanwhile_is_corrupt(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two versions starting on an older store at once (a rolling upgrade): the newer
+    one took the write lock first and migrated past this mailstrom. What this one's
+    migration then read under the lock was a plain StoreError, so a starting worker
+    waited for ever for a schema it can never understand, and no path was named."""
+
+    another_process_migrates_first(db, monkeypatch)
     with pytest.raises(StoreCorrupt, match="newer") as raised:
         SQLiteStore(db)
     assert str(db) in str(raised.value)
@@ -158,7 +165,6 @@ def test_a_newer_schema_advises_a_restart_as_well_as_an_upgrade(
     another one migrated the file (a rolling upgrade) runs the code it started with: the
     mailstrom installed may be the new one already, and a restart is what it needs. At
     open, as under a store already open, this mailstrom cannot tell which: it says both."""
-    import mailstrom.stores.sqlite as sqlite_module
 
     def advises_both(error: StoreCorrupt) -> None:
         assert "upgrade mailstrom" in str(error)
@@ -179,14 +185,7 @@ def test_a_newer_schema_advises_a_restart_as_well_as_an_upgrade(
         advises_both(raised.value)
     with closing(sqlite3.connect(db)) as conn, conn:
         conn.execute(f"PRAGMA user_version = {migrations()[-1][0] - 1}")
-    migrate = sqlite_module.migrate
-
-    def newer_first(conn: sqlite3.Connection) -> int:
-        with closing(sqlite3.connect(db)) as other, other:
-            other.execute("PRAGMA user_version = 9999")  # the other process won the lock
-        return migrate(conn)
-
-    monkeypatch.setattr(sqlite_module, "migrate", newer_first)
+    another_process_migrates_first(db, monkeypatch)
     with pytest.raises(StoreCorrupt, match="newer") as raised:  # migrated as this one opened
         SQLiteStore(db)
     advises_both(raised.value)
