@@ -1123,6 +1123,52 @@ def test_a_101_answer_to_a_hook_request_is_a_failure(raw_endpoint: RawEndpoint) 
     assert isinstance(failure, HTTPFailure) and failure.status == 101, failure
 
 
+@pytest.mark.parametrize(
+    ("status_line", "status"),
+    [
+        (b"HTTP/1.1 503 \x1b[2J\x1b[31mAll clear\x00\rfake: " + b"A" * 60_000, 503),
+        (b"HTTP/1.1 2OO \x1b[2J\x1b[31mAll clear\x00 " + b"A" * 60_000, None),
+    ],
+    ids=["reason", "bad-status-line"],
+)
+def test_the_endpoints_words_in_a_failure_are_made_safe_and_cut_short(
+    raw_endpoint: RawEndpoint,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    status_line: bytes,
+    status: int | None,
+) -> None:
+    """A failure quotes the endpoint's reason phrase (or the status line it could not
+    read), and the sender's warning the failure: it went there as sent, 60,000
+    characters of it, with the ESC sequences that clear and recolour the terminal of
+    whoever reads the log, a NUL and a CR to forge a line. It is quoted as the other
+    peers' words are (safetext), and cut short."""
+
+    def answer(wfile: Any, stop: threading.Event) -> None:
+        wfile.write(status_line + b"\r\nContent-Length: 0\r\n\r\n")
+
+    raw_endpoint.answer = answer
+    failure = post(raw_endpoint.url, b"{}", {}, 5.0)
+    assert failure is not None
+    if status is not None:
+        assert isinstance(failure, HTTPFailure) and failure.status == status, failure
+    assert failure.isprintable(), failure[:300]
+    assert "All clear" in failure
+    assert len(failure) < 300
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    _deferred_events(store, ["u0@example.org"])
+    hook = HookConfig(url=raw_endpoint.url, secret=SECRET, retry_min=0.05, retry_max=0.1)
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_failures >= 1)
+    finally:
+        store.close()
+    warnings = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert warnings, caplog.text
+    assert all(w.isprintable() and len(w) < 500 for w in warnings), warnings[0][:300]
+
+
 def _blackhole(host: str, port: int = 0) -> tuple[socket.socket, list[socket.socket]]:
     """A listener on ``host`` whose backlog is full, and the connections filling it: the
     kernel drops further SYNs, so connecting to it hangs as connecting to an address a

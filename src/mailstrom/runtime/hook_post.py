@@ -33,12 +33,16 @@ from types import TracebackType
 from typing import Any
 
 from mailstrom.domains import a_label
+from mailstrom.safetext import safe_text
 
 BODY_READ_LIMIT = 65536
 """Bytes of an answer's body read at most (then discarded): the status is the answer."""
 CONNECT_SHARE_MIN = 2.0
 """Seconds an address of the endpoint's host gets to connect at least (when the deadline
 leaves that much), however many addresses come after it."""
+MAX_QUOTED = 200
+"""Characters of the endpoint's own words (its reason phrase, a status line or header
+http.client could not read) a failure quotes at most: those run to 64 KiB."""
 _LEAST_TIMEOUT = 0.001
 """A positive socket timeout (0 would make the socket non-blocking): the deadline's
 timer shuts the socket down anyway."""
@@ -313,6 +317,15 @@ def retry_after(value: str | None, *, now: datetime | None = None) -> float | No
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+def _quoted(text: str) -> str:
+    """``text``, which may be the endpoint's (a reason phrase, a status line), made safe to
+    log (:func:`~mailstrom.safetext.safe_text`) and cut to :data:`MAX_QUOTED` characters.
+    The sender's warning quoted it as sent: 64 KiB a line, with the ESC sequences that
+    rewrite the terminal of whoever reads the log, and a CR or NUL to forge a line."""
+    text = safe_text(text)
+    return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + "..."
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None  # the 3xx then surfaces as an HTTPError: a failed request
@@ -371,10 +384,13 @@ def _exchange(
             if deadline.expired:
                 return late
             asked = retry_after(exc.headers.get("Retry-After"))
-            return HTTPFailure(exc.code, f"HTTP {exc.code} {exc.reason}", asked)
+            return HTTPFailure(exc.code, f"HTTP {exc.code} {_quoted(exc.reason)}", asked)
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
         if deadline.expired:
             return late
-        reason = getattr(exc, "reason", None) or exc
-        return f"{type(exc).__name__}: {reason}"
+        reason = str(getattr(exc, "reason", None) or exc)
+        # http.client's errors quote what the endpoint sent; the others are the socket's
+        # or TLS's own (never cut: one may quote the URL, which the sender hides).
+        shown = _quoted(reason) if isinstance(exc, http.client.HTTPException) else safe_text(reason)
+        return f"{type(exc).__name__}: {shown}"
     return None if 200 <= status < 300 else HTTPFailure(status, f"HTTP {status}")
