@@ -1292,6 +1292,40 @@ def test_a_413_with_retry_after_is_waited_out_not_given_up(
     assert not any("given up" in r.getMessage() for r in caplog.records)
 
 
+def test_retry_after_is_waited_out_when_a_request_beside_it_fails_without_one(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """Requests in flight together end in any order. One answered 429 with Retry-After,
+    and one beside it that failed later without (a 503, a reset) made the sender forget
+    the wait the endpoint asked for: it came back after its own backoff (0.3 s here, not
+    the 2 s asked). The longest wait any of them asked for is kept."""
+
+    def answer(n: int) -> int:
+        if n == 0:
+            return 429
+        if n == 1:
+            time.sleep(0.3)  # ends after the 429
+            return 503
+        return 200
+
+    endpoint.answer = answer
+    endpoint.headers = lambda n: {"Retry-After": "2"} if n == 0 else {}
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    _deferred_events(store, ["u0@example.org", "u1@example.org"], together=True)
+    hook = HookConfig(
+        url=endpoint.url, secret=SECRET, batch=1, concurrency=2, retry_min=0.05, retry_max=5.0
+    )
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 2)
+    finally:
+        store.close()
+    answered = [r.answered for r in endpoint.requests]
+    assert answered[:2] == [429, 503], answered
+    assert endpoint.requests[2].at - endpoint.requests[0].at >= 2.0
+
+
 def test_a_receiver_de_duplicating_on_id_gets_a_restarted_memory_stores_events(
     mx: Any, dns_server: LoopbackDNS, endpoint: Endpoint
 ) -> None:

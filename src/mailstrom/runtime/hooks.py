@@ -160,7 +160,8 @@ class HookSender:
         self._unreleased: list[EventBatch] = []
         """Batches the endpoint did not take that could not be given back yet."""
         self._retry_after: float | None = None
-        """Seconds the endpoint's last failed answer asked to wait (``Retry-After``)."""
+        """Seconds the endpoint's failed answers since the last wait asked to wait at
+        most (``Retry-After``)."""
 
     def wake(self) -> None:
         """New events may be in the outbox (called on the loop)."""
@@ -282,8 +283,8 @@ class HookSender:
             return False
 
     async def _back_off(self, wait: float) -> float:
-        """Wait about ``wait`` seconds (±20 %), or as long as the endpoint's last
-        ``Retry-After`` asked if that is longer (``retry_max`` at most), or until a stop;
+        """Wait about ``wait`` seconds (±20 %), or as long as the longest ``Retry-After``
+        since the last wait asked if that is longer (``retry_max`` at most), or until a stop;
         the next wait, doubled up to ``retry_max``. New events do not cut it short (the
         endpoint or the store is failing); a stop does."""
         pause = wait * self._rng.uniform(0.8, 1.2)
@@ -322,7 +323,10 @@ class HookSender:
                 failure.replace(self._hook.url, self._shown_url),  # an error quoting it
             )
         self._failing = True
-        self._retry_after = asked
+        if asked is not None:
+            # The longest any failed request asked for: one beside it that fails later
+            # without Retry-After (a 503, a reset) is no leave to come back sooner.
+            self._retry_after = max(asked, self._retry_after or 0.0)
         await self._release(batch)
         return False
 
