@@ -226,6 +226,15 @@ def test_a_clock_behind_takes_nothing_and_leaves_the_bucket_as_it_was(store: Sto
     assert store.take_tokens([bucket], want=1, now=ahead + 10 * SECOND).granted == 1
 
 
+def test_a_clock_set_back_from_a_year_ahead_takes_again_at_the_rate(store: Store) -> None:
+    # A stamp a year ahead (this host's clock before NTP set it back) refilled nothing
+    # until the year was over: the destination's mail expired in the queue.
+    bucket = TokenBucket(key="example.org messages/minute", rate=0.1, capacity=1.0)
+    assert store.take_tokens([bucket], want=1, now=NOW + timedelta(days=365)).granted == 1
+    assert store.take_tokens([bucket], want=1, now=NOW).granted == 0
+    assert store.take_tokens([bucket], want=1, now=NOW + 10 * SECOND).granted == 1
+
+
 def test_a_recipient_deferred_on_its_own_since_a_pause_does_not_show_the_next(
     store: Store,
 ) -> None:

@@ -136,6 +136,22 @@ def test_a_clock_behind_never_moves_the_stamp_back() -> None:
     assert states["k"].at == NOW + timedelta(seconds=659)  # the clock ahead's
 
 
+def test_a_clock_set_back_from_a_year_ahead_does_not_starve_the_bucket() -> None:
+    # A host whose clock jumped a year ahead (an RTC, a restored VM) took from the bucket,
+    # then NTP set it back: no refill until the clock caught up with the stamp, so no
+    # message went to the destination for a year and its mail expired in the queue.
+    bucket = TokenBucket.per_second("k", 0.1)
+    _, states = take_tokens([bucket], {}, want=1, now=NOW + timedelta(days=365))
+    granted = 0
+    for second in range(0, 2 * 3600, 10):
+        grant, new = take_tokens([bucket], states, want=1, now=NOW + timedelta(seconds=second))
+        granted += grant.granted
+        states = {**states, **new}
+    # Two hours at 6 a minute is 720; within an hour of being set back it sends at the rate.
+    assert 360 <= granted <= 721
+    assert states["k"].at <= NOW + timedelta(hours=2)
+
+
 @pytest.mark.parametrize(
     ("rate", "capacity", "named"),
     [

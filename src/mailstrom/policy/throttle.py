@@ -17,8 +17,10 @@ worker's pause was known) neither lengthens it nor counts as a repeat.
 **Token buckets** refill at ``rate`` tokens a second up to ``capacity``; a new bucket is
 full. Taking from several buckets at once (per minute and per hour) grants what all of
 them allow. A clock behind a bucket's stamp (another worker's host) refills nothing and
-never moves the stamp back. Stores keep the buckets' state so that every worker of one
-store draws from the same buckets (see docs/guide.md, "Traffic shaping").
+never moves the stamp back, unless the stamp is more than :data:`CLOCK_SET_BACK` ahead
+(a clock that was a year ahead and was set back). Stores keep the buckets' state so
+that every worker of one store draws from the same buckets (see docs/guide.md,
+"Traffic shaping").
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ RATE_LIMIT_CODES = frozenset({"4.7.28", "4.7.650", "4.7.651"})
 cause, and still ask for the whole destination to slow down."""
 MAX_THROTTLE_REPLY = 512
 """Characters of the throttling reply kept with a pause."""
+CLOCK_SET_BACK = timedelta(hours=1)
+"""How far a bucket's stamp may lie ahead of a worker's clock and still be another
+worker's clock ahead (kept, so that its skew is not refilled twice); a stamp further
+ahead was made by a clock since set back, and is moved to the worker's time. Six times
+the 10 minutes two PostgreSQL workers may differ by and both lease (each within
+``lease_for / 3`` of the server, 5 minutes by default); the SQLite and memory stores
+share one host's clock."""
 MAX_SHAPING_KEY = 1024
 """Octets of a paused destination or a bucket's key: a shaping rule's pattern or a
 recipient domain (at most 253) and the rate's name. Every store keys its pauses and
@@ -177,6 +186,11 @@ def take_tokens(
             elapsed = max(0.0, (now - state.at).total_seconds())
             level = min(bucket.capacity, state.tokens + elapsed * bucket.rate)
             at = max(state.at, now)
+            if state.at - now > CLOCK_SET_BACK:
+                # No worker's clock is this far ahead of another's that still leases; it
+                # is this host's own before it was set back (a year ahead: kept, the
+                # stamp refilled nothing for a year). The bucket goes on from now.
+                at = now
         levels[bucket.key], stamps[bucket.key] = level, at
     granted = max(0, min([want, *(math.floor(level + 1e-9) for level in levels.values())]))
     wait = 0.0
