@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailstrom.bounds import MAX_DURATION
 from mailstrom.errors import InvalidArgument
 from mailstrom.policy.throttle import (
+    CLOCK_SET_BACK,
     BucketState,
     TokenBucket,
     is_throttling,
@@ -150,6 +153,37 @@ def test_a_clock_set_back_from_a_year_ahead_does_not_starve_the_bucket() -> None
     # Two hours at 6 a minute is 720; within an hour of being set back it sends at the rate.
     assert 360 <= granted <= 721
     assert states["k"].at <= NOW + timedelta(hours=2)
+
+
+@given(
+    rate=st.floats(1 / 86_400, 1e6 / 60),
+    skews=st.lists(st.floats(0, CLOCK_SET_BACK.total_seconds()), min_size=1, max_size=3),
+    takes=st.lists(
+        st.tuples(st.integers(0, 2), st.floats(0, 100), st.integers(0, 5)), max_size=100
+    ),
+)
+def test_workers_whose_clocks_disagree_never_take_more_than_the_rate(
+    rate: float, skews: list[float], takes: list[tuple[int, float, int]]
+) -> None:
+    # Each worker reads its own clock, ``skew`` seconds ahead (up to CLOCK_SET_BACK): all
+    # together they get a full bucket and the rate over the time the clock furthest ahead
+    # has seen, however their takes interleave (a stamp moved back by a clock behind let
+    # the clock ahead refill for the skew on each take: 10 times a rate of 6 a minute).
+    bucket = TokenBucket.per_second("k", rate)
+    states: dict[str, BucketState] = {}
+    real, first, ahead = 0.0, None, 0.0
+    granted = 0
+    for worker, step, want in takes:
+        real += step
+        at = real + skews[worker % len(skews)]
+        first = at if first is None else first
+        ahead = max(ahead, at)
+        grant, new = take_tokens([bucket], states, want=want, now=NOW + timedelta(seconds=at))
+        states = {**states, **new}
+        granted += grant.granted
+        assert 0 <= grant.granted <= want
+        assert grant.wait >= 0 and (grant.wait > 0) == (grant.granted == 0 and want > 0)
+        assert granted <= bucket.capacity + rate * (ahead - first) + 1e-6
 
 
 @pytest.mark.parametrize(
