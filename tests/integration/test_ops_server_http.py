@@ -3,6 +3,7 @@ asked over raw sockets on loopback as a probe, a load balancer or a scraper woul
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -286,3 +287,26 @@ def test_a_name_resolving_to_ipv6_only_is_listened_on_there(tmp_path: Path) -> N
     url, status = proc.stdout.decode().splitlines()
     assert url.startswith("http://[::1]:"), url
     assert status.startswith("HTTP/1.0 200 "), status
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/openmetrics-text; version=1.0.0-rc1",
+        "application/openmetrics-text; version=v1",
+        "text/plain; version=x.y",
+    ],
+)
+def test_an_accept_with_a_version_that_is_no_number_gets_the_text_format(
+    server: OpsServer, accept: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """prometheus-client's negotiation compares the version's parts as numbers and
+    raised TypeError for one that is not (``1.0.0-rc1``): the scraper got a 500 and the
+    worker's log an error with a traceback, for each such request any client sent. An
+    Accept the server cannot read is disregarded (RFC 9110 §12.5.1): the text format."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        answer = client.get("/metrics", headers={"Accept": accept})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "mailstrom_worker_up 1.0" in answer.text.splitlines()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

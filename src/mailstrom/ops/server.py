@@ -213,7 +213,13 @@ class OpsServer:
             # The library's negotiation, as its own server has it: OpenMetrics for a
             # scraper that asks for it (Prometheus does, first), the text format otherwise;
             # gzipped for one that accepts gzip (Prometheus does), as that server does.
-            encoder, content_type = choose_encoder(request.get("Accept", ""))
+            try:
+                encoder, content_type = choose_encoder(request.get("Accept", ""))
+            except (TypeError, ValueError):
+                # It compares a version's parts as numbers, and raises for one that is not
+                # ("version=1.0.0-rc1"): a client's error, no 500 with a traceback logged.
+                # An Accept the server cannot read is disregarded (RFC 9110 §12.5.1).
+                encoder, content_type = choose_encoder("")
             body = encoder(registry)
             # What the answer was chosen by, for a cache between scraper and worker.
             headers = {"Vary": "Accept, Accept-Encoding"}
