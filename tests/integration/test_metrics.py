@@ -420,6 +420,42 @@ def test_healthz_is_503_while_the_worker_cannot_record(tmp_path: Path) -> None:
     store.close()
 
 
+def test_healthz_names_the_store_while_the_loop_waits_for_a_write_lock(tmp_path: Path) -> None:
+    """An SQLite call waits on the worker's loop for a write lock held elsewhere, up to
+    busy_timeout (30 s by default): /healthz said "loop": "not responding" beside a store
+    that was "ok", sending the operator after a frozen worker (a worker process's parent
+    knows it waits and does not kill it) rather than at whoever holds the lock."""
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path, busy_timeout=60)
+    config = Config(helo_name="client.test", poll_interval=0.05)
+    with Mailstrom(config, store=store, worker="thread") as ms:
+        worker = ms.worker
+        assert isinstance(worker, Worker)
+        health = HealthCheck(
+            status=lambda: ms.worker_status, responsive=worker.responsive, store=store
+        )
+        server = OpsServer("127.0.0.1", 0, snapshot=ms.metrics, health=health)
+        server.start()
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            assert healthz(server.url)[0] == 200
+            other.execute("BEGIN IMMEDIATE")  # the write lock, held
+            assert eventually(lambda: ms.worker_status.store_wait_since is not None, 10)
+            code, body = healthz(server.url)
+            assert code == 503, body
+            assert body["status"] == "fail"
+            assert body["worker"]["loop"] == "waiting for the store"
+            since = ms.worker_status.store_wait_since
+            assert since is not None
+            assert body["store"]["worker_waiting_since"] == since.isoformat()
+            other.execute("ROLLBACK")
+            assert eventually(lambda: healthz(server.url)[0] == 200, 10)
+        finally:
+            other.close()
+            server.close()
+    store.close()
+
+
 def test_health_checks_at_the_same_time_share_the_store_check(
     dns_server: LoopbackDNS, tmp_path: Path
 ) -> None:

@@ -88,10 +88,20 @@ class HealthCheck:
     def __call__(self) -> Health:
         status = self._status()
         loop_ok = status.running and self._responsive(LOOP_TIMEOUT)
+        waiting = None
+        if status.running and not loop_ok:
+            # The loop may wait in a store call (SQLite: a write lock held elsewhere, up to
+            # busy_timeout), which is the store's trouble, not a frozen loop; read after
+            # the wait, which it may have entered meanwhile.
+            waiting = self._status().store_wait_since
         store_error = self._ping_store()
+        if loop_ok or not status.running:
+            loop = "ok" if loop_ok else "stopped"
+        else:
+            loop = "not responding" if waiting is None else "waiting for the store"
         worker: dict[str, Any] = {
             "running": status.running,
-            "loop": "ok" if loop_ok else "not responding" if status.running else "stopped",
+            "loop": loop,
             "in_flight": status.in_flight,
             "sessions": status.sessions,
             "unrecorded": status.unrecorded,
@@ -111,6 +121,8 @@ class HealthCheck:
             store["error"] = store_error
         elif status.store_error is not None:
             store["worker_error"] = status.store_error  # failing for the worker, retried
+        if waiting is not None:
+            store["worker_waiting_since"] = waiting.isoformat()
         # The worker's own store calls failing is a failure too: the ping is a read, and
         # reads go on while writes fail (a write lock held elsewhere, a full disk, a
         # read-only database), so a worker that could neither lease nor record answered
