@@ -33,6 +33,7 @@ from mailstrom import (  # noqa: E402
     UnencodableHeader,
 )
 from mailstrom.contrib.django import EmailBackend, get_mailstrom  # noqa: E402
+from mailstrom.stores.sqlite import SQLiteStore  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
 from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer, ServerFactory  # noqa: E402
 from tests.support.django import (  # noqa: E402
@@ -841,3 +842,35 @@ def test_a_worker_process_started_from_a_short_lived_thread_keeps_running(
         mail.send_mail("two", "x", None, ["ann@example.org"])
         mx.wait_for_messages(2)
     assert not ms.worker_status.running  # leaving the settings stopped it
+
+
+def _delete_store(path: Path) -> None:
+    # As `rm mail.db*` does (the holders' lock directory stays).
+    for file in path.parent.glob(f"{path.name}*"):
+        if file.is_file():
+            file.unlink()
+
+
+def _replace_store(path: Path) -> None:
+    # As a restore from a backup does: another database moved over the path.
+    other = path.with_name("restored.db")
+    SQLiteStore(str(other)).close()
+    other.replace(path)
+
+
+@pytest.mark.parametrize("change", [_delete_store, _replace_store], ids=["deleted", "replaced"])
+def test_a_store_file_deleted_or_replaced_under_the_process_is_opened_again(
+    project: None, mx: ReceivingServer, tmp_path: Path, change: Callable[[Path], None]
+) -> None:
+    # The store refuses every call once its file is gone: the process kept that store,
+    # so every later send raised StoreCorrupt (or lost its mail failing silently).
+    assert mail.send_mail("one", "x", None, ["bob@example.org"]) == 1
+    mx.wait_for_messages(1)
+    change(tmp_path / "mail.db")
+    assert mail.send_mail("two", "x", None, ["ann@example.org"]) == 1
+    assert mail.send_mail("three", "x", None, ["carol@example.org"], **silently()) == 1
+    received = mx.wait_for_messages(3)
+    assert sorted(m.rcpt_tos for m in received[1:]) == [
+        ("ann@example.org",),
+        ("carol@example.org",),
+    ]

@@ -40,11 +40,18 @@ from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.message import BadHeaderError, EmailMessage
 from django.utils.functional import Promise
 
+from mailstrom.client import Mailstrom
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.contrib.django.conf import UNUSED_CREDENTIALS, UNUSED_TIMEOUT
-from mailstrom.contrib.django.shared import get_mailstrom
-from mailstrom.errors import HeaderInjection, InvalidAddress, InvalidMessage, MailstromError
+from mailstrom.contrib.django.shared import discard, get_mailstrom
+from mailstrom.errors import (
+    HeaderInjection,
+    InvalidAddress,
+    InvalidMessage,
+    MailstromError,
+    StoreCorrupt,
+)
 from mailstrom.message import PreparedMessage
 from mailstrom.message.addresses import Mailbox, mailboxes, parse_address_list, parse_mailbox
 from mailstrom.message.chars import (
@@ -119,7 +126,7 @@ class EmailBackend(BaseEmailBackend):
                     log.warning("a message was not queued (fail_silently): %s", exc)
             if not queued:
                 return 0
-            ids = ms.store.enqueue_many([prepared for _, prepared in queued], now=now)
+            ids = _enqueue(ms, [prepared for _, prepared in queued], now=now)
         except MailstromError as exc:
             if not self.fail_silently:
                 raise
@@ -128,6 +135,21 @@ class EmailBackend(BaseEmailBackend):
         for (message, _), message_id in zip(queued, ids, strict=True):
             message.mailstrom_id = message_id  # type: ignore[attr-defined]
         return len(ids)
+
+
+def _enqueue(ms: Mailstrom, prepared: list[PreparedMessage], *, now: datetime) -> list[str]:
+    """Queue ``prepared`` in the store of ``ms``; when that store refuses every call from
+    now on (StoreCorrupt: its database file deleted or replaced while open), in the store
+    the settings name, opened afresh, once. The process kept its facade, so each send
+    failed (or, failing silently, lost its mail) until the web server was restarted;
+    a store that still refuses once opened again (a damaged file) raises as before.
+    Nothing was written by the refused call: the store refuses before it writes."""
+    try:
+        return ms.store.enqueue_many(prepared, now=now)
+    except StoreCorrupt as exc:
+        log.warning("mailstrom's store refuses every call, opening it again: %s", exc)
+        discard(ms)
+    return get_mailstrom().store.enqueue_many(prepared, now=now)
 
 
 def _warn_unused(*, timeout: float | None, username: str | None, password: str | None) -> None:

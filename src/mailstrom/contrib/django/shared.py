@@ -21,7 +21,8 @@ Lifetimes, and why:
   the parent's facade belongs to the parent: the child never uses, stops or closes it
   (its worker thread did not survive the fork; its worker process and store connections
   are the parent's), and makes its own on its first send.
-- **Remade when the setting changes** (``override_settings(MAILSTROM=...)`` in tests).
+- **Remade when the setting changes** (``override_settings(MAILSTROM=...)`` in tests),
+  and when its store refuses every call (its file deleted or replaced: :func:`discard`).
 """
 
 from __future__ import annotations
@@ -193,6 +194,24 @@ def shutdown(timeout: float | None = STOP_TIMEOUT) -> None:
         running, _running = _running, None
     if running is not None:
         running.stop(timeout)
+
+
+def discard(ms: Mailstrom) -> None:
+    """Stop ``ms`` and close its store, if it is still the process's facade, so that the
+    next :func:`get_mailstrom` opens the store afresh. For a store that refuses every
+    call (:class:`~mailstrom.errors.StoreCorrupt`: its file deleted or replaced, a newer
+    mailstrom's schema), which a web process kept refusing until it was restarted. In
+    flight deliveries are not waited for: their results cannot be recorded in that store.
+    It is closed under the lock, before another thread's send can open the next one, so
+    that no connection of this process keeps a deleted ``-shm`` file's index mapped
+    beside the new one's."""
+    global _running
+    with _lock:
+        running = _running
+        if running is None or running.ms is not ms:
+            return  # another send discarded it already
+        _running = None
+        running.stop(0)
 
 
 def _forget_after_fork() -> None:
