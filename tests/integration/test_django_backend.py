@@ -30,6 +30,7 @@ from mailstrom import (  # noqa: E402
     InvalidAddress,
     InvalidMessage,
     RecipientState,
+    TooManyRecipients,
     UnencodableHeader,
 )
 from mailstrom.contrib.django import EmailBackend, get_mailstrom  # noqa: E402
@@ -874,3 +875,26 @@ def test_a_store_file_deleted_or_replaced_under_the_process_is_opened_again(
         ("ann@example.org",),
         ("carol@example.org",),
     ]
+
+
+@pytest.mark.parametrize(
+    ("attribute", "entries"),
+    [
+        # Past max_recipients different recipients (3 here).
+        ("to", [f"u{n}@faß.example" for n in range(4)]),
+        ("bcc", [f"u{n}@example.org" for n in range(4)]),
+        # Past max_recipients + 10,240 mailboxes in the headers Django writes, the same
+        # one over and over.
+        ("reply_to", ["help@example.org"] * (3 + 10_240 + 1)),
+    ],
+)
+def test_addresses_are_counted_as_they_are_read_and_refused_before_the_rest(
+    attribute: str, entries: list[str]
+) -> None:
+    # Every address was parsed (twice for a domain that is not ASCII) before prepare()
+    # refused the message: 40,000 in to took 4 s. The entry after the limit is never read.
+    message = mail.EmailMessage("Hi", "x", to=["bob@example.org"])
+    setattr(message, attribute, [*entries, "not an address"])
+    setting = {"store": "memory:", "worker": None, "max_recipients": 3}
+    with override_settings(MAILSTROM=setting), pytest.raises(TooManyRecipients):
+        EmailBackend().send_messages([message])
