@@ -27,6 +27,7 @@ from django.utils.functional import Promise, lazy  # noqa: E402
 
 from mailstrom import (  # noqa: E402
     HeaderInjection,
+    HeaderTooLong,
     InvalidAddress,
     InvalidMessage,
     RecipientState,
@@ -898,3 +899,14 @@ def test_addresses_are_counted_as_they_are_read_and_refused_before_the_rest(
     setting = {"store": "memory:", "worker": None, "max_recipients": 3}
     with override_settings(MAILSTROM=setting), pytest.raises(TooManyRecipients):
         EmailBackend().send_messages([message])
+
+
+def test_a_header_value_past_the_field_limit_is_refused_as_given() -> None:
+    # Django parsed and wrote a Cc given in headers whole before mailstrom refused the
+    # field it wrote (64,000 mailboxes: 7 s); the value as given is measured first now.
+    value = ",  ".join(f"u{n}@faß.example" for n in range(5_000))
+    message = mail.EmailMessage("Hi", "x", to=["bob@example.org"], headers={"Cc": value})
+    setting = {"store": "memory:", "worker": None}
+    with override_settings(MAILSTROM=setting), pytest.raises(HeaderTooLong) as refused:
+        EmailBackend().send_messages([message])
+    assert refused.value.size == len(f"Cc: {value}".encode())
