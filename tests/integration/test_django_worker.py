@@ -528,3 +528,56 @@ def test_a_forked_child_gets_its_own_worker_and_exits_without_stopping_the_paren
 
 class _ProjectEmailBackend(EmailBackend):
     """A project's own subclass of mailstrom's backend (for the system check's test)."""
+
+
+def _in_get_mailstrom(thread: threading.Thread) -> bool:
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code is shared.get_mailstrom.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_sends_at_once_wait_for_one_opening_of_the_store_not_each_their_own() -> None:
+    # A PostgreSQL server that holds the first connection without a word (as one behind
+    # a dropped route does, until connect_timeout) and drops the next ones. Opened under
+    # the lock, each send opened the store in turn: ten error reports sent at once during
+    # an outage waited up to ten connect_timeouts.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+    release = threading.Event()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if len(held) == 1:
+                release.wait(60)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    store = f"postgresql://mail@127.0.0.1:{port}/mail?connect_timeout=60"
+    with override_settings(MAILSTROM={"store": store, "worker": None}):
+        senders = [
+            threading.Thread(
+                target=mail.send_mail, args=("x", "x", None, ["bob@example.org"]), kwargs=silently()
+            )
+            for _ in range(4)
+        ]
+        senders[0].start()
+        while not held:  # the first send is connecting
+            threading.Event().wait(0.01)
+        for sender in senders[1:]:
+            sender.start()
+        while not all(_in_get_mailstrom(sender) for sender in senders[1:]):
+            threading.Event().wait(0.01)
+        release.set()
+        for sender in senders:
+            sender.join(60)
+    listener.close()
+    assert len(held) == 1

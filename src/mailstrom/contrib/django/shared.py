@@ -153,8 +153,21 @@ class _Running:
             self.store.close()
 
 
+class _Opening:
+    """An opening of the store under way, which the other sends wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        """Why it failed, raised in each send that waited for it."""
+
+
 _lock = threading.Lock()
 _running: _Running | None = None
+_opening: _Opening | None = None
+_generation = 0
+"""Counted up by each shutdown: a facade opened meanwhile, perhaps with the settings of
+before, is stopped rather than kept."""
 _inherited: list[_Running] = []
 """Facades a forked child got from its parent: kept, never used, so that no finaliser
 closes a store connection the parent still uses (SQLite forbids using one across fork)."""
@@ -172,26 +185,55 @@ def get_mailstrom() -> Mailstrom:
     Raises :class:`~django.core.exceptions.ImproperlyConfigured` for a bad
     ``settings.MAILSTROM`` (a store URL the store refuses included), and mailstrom's
     errors when the store cannot be opened (nothing is kept then; the next call tries
-    again). The worker is started on a thread of its own, and whether it starts does not
-    change what is queued: a failure is logged, tried again with a backoff, and in
+    again, and the calls that waited for that opening raise its error). The worker is
+    started on a thread of its own, and whether it starts does not change what is
+    queued: a failure is logged, tried again with a backoff, and in
     ``get_mailstrom().worker_status``.
+
+    One thread opens the store, outside the lock, and the others wait for it: opened
+    under the lock, each send opened it in turn when it could not be opened (a
+    PostgreSQL server down behind its 10 s connect_timeout, an SQLite file locked 30 s),
+    so the tenth of ten error reports sent at once waited 100 s.
     """
-    global _running
-    with _lock:
-        running = _running
-        if running is None:
-            running = _running = _Running(load(getattr(settings, SETTING, None)))
-        if running.to_start:
-            running.start_in_background()
-        return running.ms
+    global _running, _opening
+    while True:
+        with _lock:
+            running, opening, generation = _running, _opening, _generation
+            if running is not None:
+                if running.to_start:
+                    running.start_in_background()
+                return running.ms
+            mine = opening is None
+            if opening is None:
+                opening = _opening = _Opening()
+        if not mine:
+            opening.done.wait()
+            if opening.error is not None:
+                raise opening.error
+            continue  # take what it opened
+        try:
+            running = _Running(load(getattr(settings, SETTING, None)))
+        except BaseException as exc:
+            opening.error = exc
+            raise
+        finally:
+            with _lock:
+                _opening = None
+                kept = running is not None and generation == _generation
+                if kept:
+                    _running = running
+            opening.done.set()
+        if not kept:
+            running.stop(0)  # a shutdown came meanwhile; its worker was never started
 
 
 def shutdown(timeout: float | None = STOP_TIMEOUT) -> None:
     """Stop the process's worker, letting deliveries in flight finish within ``timeout``
     seconds, and close its store. The next send starts afresh. Called at exit."""
-    global _running
+    global _running, _generation
     with _lock:
         running, _running = _running, None
+        _generation += 1
     if running is not None:
         running.stop(timeout)
 
@@ -215,12 +257,14 @@ def discard(ms: Mailstrom) -> None:
 
 
 def _forget_after_fork() -> None:
-    global _lock, _running
-    # The lock may have been held by a thread that does not exist in the child.
+    global _lock, _running, _opening, _generation
+    # The lock may have been held by a thread that does not exist in the child, and an
+    # opening under way was another thread's, which would never tell the child's sends.
     _lock = threading.Lock()
     if _running is not None:
         _inherited.append(_running)
-    _running = None
+    _running = _opening = None
+    _generation += 1
 
 
 def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
