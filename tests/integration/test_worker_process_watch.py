@@ -261,3 +261,61 @@ def test_a_worker_process_whose_parent_died_lets_its_deliveries_finish(
     finally:
         store.close()
     assert len(slow_mx.messages) == 1
+
+
+# --- a child whose frames are garbled --------------------------------------------------------
+
+
+def test_a_worker_process_whose_frames_are_garbled_is_killed_and_started_again(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bytes in the frame pipe that are no frame (here written by the child itself, as a
+    C library writing to a descriptor number it no longer owns would): "garb" was read
+    as the length of a 1.7 GB frame, for which 1.7 GB were allocated, and every later
+    frame (results, status, pongs) went into it unseen until the child was taken for
+    frozen, FROZEN_AFTER later. Such a frame is refused at its length: the child is
+    killed at once, and started again."""
+    monkeypatch.setattr(process, "FROZEN_AFTER", 600.0)  # not what ends it here
+    trigger, garbled = tmp_path / "garble", tmp_path / "garbled"
+    test_worker_process_lifecycle._in_each_child(
+        tmp_path,
+        monkeypatch,
+        "garbling",
+        f"""
+        import os, threading, time
+        def garble():
+            while not os.path.exists({str(trigger)!r}):
+                time.sleep(0.05)  # a timer: the test says when, once start() returned
+            if not os.path.exists({str(garbled)!r}):  # the first child only
+                open({str(garbled)!r}, "w").close()
+                os.write(int(sys.orig_argv[-1]), b"garbage!")
+        threading.Thread(target=garble, daemon=True).start()
+        """,
+    )
+    results = Results()
+    store = SQLiteStore(tmp_path / "q.db")
+    cfg = config(dns_server, mx.port)
+    with Mailstrom(cfg, store=store, worker="process", on_result=results) as ms:
+        old = _worker(ms).pid
+        assert old is not None
+        trigger.touch()
+
+        gap = _first_status(ms, lambda s: not s.running, 30)
+        assert gap.error is not None
+        assert gap.error.startswith(
+            "worker process killed: its frames could not be read (a frame of 1734439522 bytes"
+        )
+        assert gap.error.endswith("; starting it again in 1 s")
+        assert _wait_until(lambda: _gone(old), 10)
+        back = _first_status(ms, lambda s: s.running, 30)
+        assert back.restarts == 1 and back.error is None
+        ms.send_email(hello("after@example.org"))
+        results.wait_final({"after@example.org"})
+        assert results.states() == {"after@example.org": RecipientState.DELIVERED}
+    store.close()
+    killing = [r for r in caplog.records if "can no longer be followed" in r.getMessage()]
+    assert killing and killing[0].levelno == logging.ERROR

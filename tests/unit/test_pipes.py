@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import pickle
 import sys
 from datetime import UTC, datetime
@@ -141,6 +142,40 @@ def test_a_cut_frame_reads_as_the_end() -> None:
     data = pickle.dumps(("status", None))
     stream = io.BytesIO(len(data).to_bytes(4, "big") + data[:-1])
     assert read_frame(stream) is None
+
+
+def test_a_garbled_length_is_refused_before_it_is_read() -> None:
+    # Text where a header should be ("garb" is 1.7 GB): read as a frame's length, it had
+    # 1.7 GB allocated for it and swallowed every later frame until the stream's end,
+    # which then read as a clean one.
+    read, write = os.pipe()
+    os.write(write, b"garbage! and more text")
+    os.close(write)
+    with open(read, "rb") as stream, pytest.raises(ValueError, match="1734439522 bytes"):
+        read_frame(stream)
+
+
+def test_a_large_batch_of_results_crosses_in_frames_the_reader_takes() -> None:
+    # A loop turn's results went in one frame, however many (``lease_batch`` has no
+    # upper bound): split, none comes near the largest frame a reader takes.
+    from mailstrom.runtime.child import RESULTS_PER_FRAME, _Outbox
+
+    result = RecipientResult(
+        message_id="m",
+        address="carol@example.org",
+        state=RecipientState.DELIVERED,
+        lease_token="t",
+        attempt=Attempt(at=AT, outcome=AttemptOutcome.DELIVERED),
+    )
+    stream = io.BytesIO()
+    outbox = _Outbox(stream)
+    outbox._results = [result] * (2 * RESULTS_PER_FRAME + 1)
+    outbox._flush()
+    stream.seek(0)
+    sizes = []
+    while (frame := read_frame(stream)) is not None:
+        sizes.append(len(frame[1]))
+    assert sizes == [RESULTS_PER_FRAME, RESULTS_PER_FRAME, 1]
 
 
 def _forwarded(record: logging.LogRecord) -> list[tuple[str, object]]:

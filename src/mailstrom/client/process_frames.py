@@ -96,8 +96,10 @@ class FrameReading(Restarting):
                 finally:
                     self._busy = (self._busy[0] + time.monotonic() - started, None)
             followed = True
-        except Exception:
+        except Exception as exc:
             log.exception("worker process: unreadable frame")
+            # Its death says why: a frame that cannot be read leaves the stream unfollowed.
+            watch.killed_for = f"its frames could not be read ({exc})"
         finally:
             if not followed:
                 # Nothing reads its pipe any more: left running, it would deliver

@@ -67,6 +67,10 @@ _STATUS_EVERY = 0.5
 """Seconds between status snapshots sent to the parent."""
 _PARENT_CHECK = 0.5
 """Seconds between looks at whether the parent is still there."""
+RESULTS_PER_FRAME = 1000
+"""Results sent in one frame at most: a loop turn may end many more (``lease_batch`` has
+no upper bound), and the parent reads no frame past
+:data:`~mailstrom.runtime.pipes.MAX_FRAME`."""
 
 
 class _Outbox:
@@ -90,8 +94,8 @@ class _Outbox:
 
     def _flush(self) -> None:
         batch, self._results = self._results, []
-        if batch:
-            self.send("results", [result_to_wire(r) for r in batch])
+        for at in range(0, len(batch), RESULTS_PER_FRAME):
+            self.send("results", [result_to_wire(r) for r in batch[at : at + RESULTS_PER_FRAME]])
 
 
 _ORIGIN = (

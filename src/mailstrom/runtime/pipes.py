@@ -21,6 +21,13 @@ from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientStat
 from mailstrom.stores.base import RecipientResult, Store
 
 _HEADER = struct.Struct("!I")
+MAX_FRAME = 256 * 1024 * 1024
+"""The largest frame read, in octets: far past any either end sends (a spec with a CA
+bundle, a batch of :data:`~mailstrom.runtime.child.RESULTS_PER_FRAME` results, a log
+record), and below the length any four octets of printable text make (512 MiB and up).
+A length past it is no frame of ours: bytes someone else wrote into the pipe. Read as
+one, it had that much allocated at once and swallowed every later frame, the stream no
+longer followed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +92,14 @@ def write_frame(stream: IO[bytes], kind: str, payload: Any = None) -> None:
 
 
 def read_frame(stream: IO[bytes]) -> tuple[str, Any] | None:
-    """The next frame, or None at the end of the stream."""
+    """The next frame, or None at the end of the stream; ``ValueError`` for a length
+    no frame has (past :data:`MAX_FRAME`)."""
     header = stream.read(_HEADER.size)
     if len(header) < _HEADER.size:
         return None
     (size,) = _HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise ValueError(f"a frame of {size} bytes, more than either end sends: garbled")
     data = stream.read(size)
     if len(data) < size:
         return None
