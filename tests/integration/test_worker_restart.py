@@ -390,6 +390,41 @@ def test_stop_is_bounded_while_the_dead_childs_leases_are_being_given_back(
         store.close()
 
 
+def test_start_after_a_stop_that_left_a_give_back_waiting_starts_one_child(
+    dns_server: LoopbackDNS, mx: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() returned (bounded) while the restart's give-back of the dead child's leases
+    still waited for the store: that thread starts nothing once stop() came, yet the
+    facade took it for a restart to come, and start() (or a with block) failed with
+    "already started" for as long as the store made it wait, nothing running. Started
+    now, and that thread starts no second child once its give-back ends."""
+    monkeypatch.setattr(process, "STOP_GRACE", 0.3)
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path, busy_timeout=4)
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    before = set(threading.enumerate())
+    ms.start()
+    try:
+        pid = _child(ms).pid
+        assert pid is not None
+        with write_lock_held(path):
+            os.kill(pid, signal.SIGKILL)
+            assert _wait_until(lambda: _child(ms).restart_pending(), 5)
+            ms.stop(timeout=0.1)
+            assert not _no_restart_pending(before)  # its give-back still waits
+            ms.start(timeout=30)
+        new = _child(ms).pid
+        assert new is not None and new != pid
+        # Ended: any child it was to start, it has started by now.
+        assert _wait_until(lambda: _no_restart_pending(before), 30)
+        assert _child(ms).pid == new and ms.worker_status.restarts == 0
+        mid = ms.send_email(hello("after@example.org"))
+        assert ms.wait(mid, timeout=30).state is RecipientState.DELIVERED
+    finally:
+        ms.stop()
+        store.close()
+
+
 def _exported(ms: Mailstrom) -> dict[str, float]:
     """The counters a scrape of the facade's own registry reads."""
     registry = CollectorRegistry()

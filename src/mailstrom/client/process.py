@@ -209,7 +209,11 @@ class WorkerProcess(FrameReading, Watching, ForkForgetting):
             self._stopping = False
             self._supervised = False
             self._coming_back = False
-            self._halt.clear()
+            # A new one, not the last run's cleared: that run's restart thread may still
+            # be giving back its dead child's leases (stop() bounds its wait for it), and
+            # must start no child of its own once it has.
+            self._halt = threading.Event()
+            self._supervisor = None
             # A new worker, with fresh counters (a restart's child goes on with them):
             # the last one's reader, joined above, passes on nothing more.
             self._counts = {state: 0 for state in RecipientState}
@@ -342,12 +346,13 @@ class WorkerProcess(FrameReading, Watching, ForkForgetting):
         past the grace)."""
         own = self.reading_on(threading.current_thread())  # called from on_result
         with self._lock:
+            pending = self.restart_pending()  # before _halt, which ends it
             self._stopping = True
             self._halt.set()
             proc, supervisor, holder = self._proc, self._supervisor, self._holder
             reader = self._reader
             running = proc is not None and proc.returncode is None
-            if self.restart_pending() and self._death is not None:
+            if pending and self._death is not None:
                 self._error = f"{self._death}; not started again: stop() came first"
             elif self._coming_back and not self._reported_error:
                 # Restarted, stopped before it answered: no trouble. One that said why

@@ -66,9 +66,11 @@ class Restarting:
         def _spawn(self, *, start_within: float | None = None) -> None: ...
 
     def restart_pending(self) -> bool:
-        """Whether a child that died is to be started again (its backoff not over)."""
+        """Whether a child that died is to be started again (its backoff not over). Not
+        once :meth:`stop` came: its thread starts nothing then, however long its
+        give-back of the dead child's leases still waits for the store."""
         supervisor = self._supervisor
-        return supervisor is not None and supervisor.is_alive()
+        return supervisor is not None and supervisor.is_alive() and not self._halt.is_set()
 
     def _judge(self, proc: subprocess.Popen[bytes] | None) -> None:
         """Act on the end of ``proc``, the current child (``_lock`` held)."""
@@ -119,7 +121,7 @@ class Restarting:
         self._proc, self._stdin = None, None  # its reader closed its pipes
         supervisor = threading.Thread(
             target=self._restart_after,
-            args=(delay, leased),
+            args=(delay, leased, self._halt),
             name="mailstrom-worker-supervisor",
             daemon=True,
         )
@@ -136,14 +138,17 @@ class Restarting:
         self._supervisor = supervisor
         log.error("%s", self._error)
 
-    def _restart_after(self, delay: float, leased: str | None) -> None:
+    def _restart_after(self, delay: float, leased: str | None, halt: threading.Event) -> None:
+        """Start another child ``delay`` seconds from now unless ``halt`` (its run's:
+        set by the stop() that ends that run, a later start() making a new one for its
+        own) is set first."""
         if leased is not None:
             # Here, not under _lock nor on the reader thread: it waits for the store.
             self._give_back(leased)
-        if self._halt.wait(delay):
+        if halt.wait(delay):
             return  # stop() came first
         with self._lock:
-            if self._stopping:
+            if self._stopping or halt.is_set():
                 return
             try:
                 self._spawn(start_within=self._start_timeout)
