@@ -1085,6 +1085,51 @@ def test_a_fork_while_another_thread_writes_to_the_child_can_stop_its_own(
         store.close()
 
 
+@pytest.mark.parametrize("event", ["_ready", "_stopped", "_halt"])
+def test_a_fork_while_another_thread_is_inside_an_event_of_the_worker_does_not_hang(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, event: str
+) -> None:
+    """A fork lets go of the worker process in the forked process by clearing and
+    setting the worker's events there: a fork while another thread was inside one of
+    them (a reader setting "ready", start() or wait_stopped() waking, a restart's
+    backoff ending) left that event's lock held there by no thread, and the forked
+    process hung in the fork hook, before os.fork() even returned."""
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = Mailstrom(config(dns_server, mx.port), store=store, worker="process")
+    ms.start()
+    held, release = threading.Event(), threading.Event()
+
+    def inside() -> None:  # a thread inside the event's set() or wait() at the fork
+        with getattr(_worker(ms), event)._cond:
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=inside)
+    thread.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the forked process
+            try:
+                ms.start()  # a worker process of its own
+                ms.stop(timeout=0)
+            finally:
+                os._exit(0)
+        try:
+            assert _wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 30), (
+                "the fork waits for a lock nobody there will release"
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    finally:
+        release.set()
+        thread.join(30)
+        ms.stop()
+        store.close()
+
+
 def test_wake_and_stop_do_not_wait_for_a_child_that_reads_nothing(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -41,11 +41,13 @@ class ForkForgetting:
         # number is freed). The same goes for _lock, and no supervisor thread exists here
         # to restart anything. So for _write_lock, which a wake() or stop() of another
         # thread may have held at the fork: this process's own stop() could not send its
-        # child "stop" (nor any wake() reach it), and waited for ever.
+        # child "stop" (nor any wake() reach it), and waited for ever. And for the events,
+        # whose locks a thread inside set() or wait() holds for a moment (a reader setting
+        # "ready", a restart's backoff ending): set or cleared here, this hook hung.
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()
         self._stopping = True
-        self._halt.set()
+        self._halt = _event(True)
         self._supervisor = None
         proc, self._proc, self._stdin = self._proc, None, None
         streams = () if proc is None else (proc.stdin, proc.stdout)
@@ -58,8 +60,16 @@ class ForkForgetting:
                         os.dup2(null, fd)
             finally:
                 os.close(null)
-        self._ready.clear()
-        self._stopped.set()
+        self._ready = _event(False)
+        self._stopped = _event(True)
+
+
+def _event(state: bool) -> threading.Event:
+    """A new event, set or not: an inherited one's lock may be held for good."""
+    event = threading.Event()
+    if state:
+        event.set()
+    return event
 
 
 def _forget_after_fork() -> None:
