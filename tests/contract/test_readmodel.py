@@ -289,6 +289,29 @@ def test_message_data_reads_only_the_first_octets_asked_for(model: ReadModel, qu
         model.message_data("0" * 32, limit=10)
 
 
+@pytest.mark.parametrize(
+    "limit", [-5, 2.5, True, MAX_SEQ + 1], ids=["negative", "float", "bool", "past-bigint"]
+)
+def test_a_data_limit_no_store_can_take_is_refused(
+    model: ReadModel, queue: Queue, limit: object
+) -> None:
+    """message_data(limit=-5) gave all but the last five octets on the memory store and
+    none on SQLite and PostgreSQL; 2.5 or True was a bare TypeError, a slice or a
+    StoreError ("function substring(bytea, integer, double precision) does not exist").
+    Each is an InvalidQuery, as the protocol says of a limit."""
+    with pytest.raises(InvalidQuery):
+        model.message_data(queue.deferred, limit=limit)  # type: ignore[arg-type]
+
+
+def test_a_data_limit_past_a_postgres_integer_reads_the_whole_message(
+    model: ReadModel, queue: Queue
+) -> None:
+    """PostgreSQL's substring() takes a 32-bit count: a limit of 2**31 or more failed
+    with a StoreError there, where the other stores gave the whole message."""
+    for limit in (2**31, 2**40, MAX_SEQ):
+        assert model.message_data(queue.deferred, limit=limit) == queue.data
+
+
 @pytest.mark.parametrize("odd", ["\x00", "\ud800"], ids=["nul", "lone-surrogate"])
 def test_text_no_store_can_hold_finds_nothing(model: ReadModel, queue: Queue, odd: str) -> None:
     """An id or domain with a NUL or a lone surrogate names nothing any store holds: the

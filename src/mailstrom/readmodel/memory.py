@@ -173,6 +173,8 @@ class MemoryReadModel:
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""
+        if limit is not None:
+            check_count(limit, "limit")  # a slice took -5 as all but the last five octets
         self._check_open()
         with self._store._lock:
             data = self._store._get(message_id).prepared.data

@@ -87,6 +87,9 @@ _STATUS_COLUMNS = (
 )
 
 
+_MAX_INTEGER = 2**31 - 1
+"""PostgreSQL's largest ``integer``."""
+
 # The store's own query (the list is short: no paging).
 _SUSPENSIONS = queries()["suspensions"].encode()
 _PAUSED_IN = queries()["paused_in"].encode()
@@ -361,6 +364,8 @@ class PostgresReadModel:
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""
+        if limit is not None:
+            check_count(limit, "limit")
         if not comparable(message_id):  # names nothing stored, as in the memory store
             raise UnknownMessage(message_id)
         with self._reading("reading a message") as conn:
@@ -370,9 +375,11 @@ class PostgresReadModel:
                 ).fetchone()
             else:
                 # A TOASTed value is fetched (and decompressed) only as far as the slice.
+                # substring() takes an integer count (a bigint one is no such function),
+                # and no bytea is longer than an integer counts (1 GB at most).
                 row = conn.execute(
                     b"SELECT substring(data FROM 1 FOR %s) FROM messages WHERE id = %s",
-                    (max(limit, 0), message_id),
+                    (min(limit, _MAX_INTEGER), message_id),
                 ).fetchone()
         if row is None:
             raise UnknownMessage(message_id)

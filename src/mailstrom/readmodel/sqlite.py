@@ -423,6 +423,8 @@ class SQLiteReadModel:
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""
+        if limit is not None:
+            check_count(limit, "limit")
         if not comparable(message_id):  # names nothing stored, as in the memory store
             raise UnknownMessage(message_id)
         with self._read() as conn:
@@ -449,7 +451,7 @@ class SQLiteReadModel:
             if kind not in ("blob", "text"):  # which no blob handle opens
                 raise UnreadableRow(f"the message data is {kind}, not octets")
             with conn.blobopen("message_data", "data", seq, readonly=True) as blob:
-                return blob.read(max(0, min(limit, len(blob))))
+                return blob.read(min(limit, len(blob)))
 
 
 def _shown(value: object) -> str | None:
