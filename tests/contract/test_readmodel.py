@@ -471,6 +471,34 @@ def test_a_page_size_that_is_no_whole_number_is_refused(limit: object) -> None:
         QueueQuery(limit=limit)  # type: ignore[arg-type]
 
 
+def test_a_view_and_order_given_by_name_list_as_the_members_do(
+    model: ReadModel, queue: Queue
+) -> None:
+    """QueueQuery(view="held") raised AttributeError on the memory store where SQLite and
+    PostgreSQL took it, and order="newest" was no SortOrder.NEWEST to any store, so it
+    listed the oldest first. A name is taken as its member, as the dashboard's URL gives
+    it."""
+    for view, order in itertools.product(QueueView, SortOrder):
+        assert _ids(model, view=view.value, order=order.value) == _ids(
+            model, view=view, order=order
+        ), (view, order)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"view": "bogus"}, {"view": 3}, {"order": "sideways"}, {"order": None}],
+    ids=["unknown-view", "view-number", "unknown-order", "no-order"],
+)
+def test_a_view_or_order_no_store_knows_is_refused(
+    model: ReadModel, queue: Queue, fields: dict[str, object]
+) -> None:
+    """An unknown view was a KeyError on PostgreSQL, an AttributeError on the memory store
+    and no filter at all on SQLite (every message of the queue listed as "bogus"); an
+    unknown order listed the oldest first everywhere. Each is an InvalidQuery."""
+    with pytest.raises(InvalidQuery):
+        model.queue_page(QueueQuery(**fields), now=NOW)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("seq", [-1, MAX_SEQ + 1], ids=["negative", "past-bigint"])
 def test_a_cursor_no_store_can_compare_is_refused(model: ReadModel, queue: Queue, seq: int) -> None:
     """Was: a PageCursor made directly (decode() checks its text) with a seq past a

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
-from mailstrom.arguments import shown
+from mailstrom.arguments import member_of, shown
 from mailstrom.bounds import MAX_DURATION
 from mailstrom.errors import MailstromError
 from mailstrom.status import DestinationThrottle, MessageStatus, ReasonClass, RecipientState
@@ -206,6 +206,16 @@ class QueueQuery:
     limit: int = 50
 
     def __post_init__(self) -> None:
+        # A member, or its name as the dashboard's URL gives it: each store compares the
+        # members by identity, so "newest" listed the oldest first, and an unknown view
+        # was a different error per store (on SQLite no filter at all).
+        view, order = member_of(QueueView, self.view), member_of(SortOrder, self.order)
+        if view is None:
+            raise InvalidQuery(f"no queue view {shown(self.view)}")
+        if order is None:
+            raise InvalidQuery(f"no queue order {shown(self.order)}")
+        object.__setattr__(self, "view", view)
+        object.__setattr__(self, "order", order)
         if self.domain:
             # As recipients' domains are stored (and QueueFilter.domain is taken): lower
             # case, U-labels as A-labels, no trailing dot.
