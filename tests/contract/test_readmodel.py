@@ -367,6 +367,28 @@ def test_an_age_no_clock_can_reach_is_refused(
     assert len(_ids(model, view=QueueView.ALL, older_than=timedelta(0))) == 5
 
 
+@pytest.mark.parametrize(
+    "now",
+    [datetime(1, 1, 1, 0, 30, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 30, tzinfo=UTC)],
+    ids=["first-hour", "last-minute"],
+)
+def test_a_now_no_view_can_reckon_from_is_refused(
+    model: ReadModel, queue: Queue, now: datetime
+) -> None:
+    """The overview's hour of throughput before a ``now`` in year 1, or its minute ending
+    past 9999, and a page's age before a ``now`` in year 1, were a bare OverflowError on
+    every store. Each is an InvalidQuery, as a naive ``now`` is."""
+    with pytest.raises(InvalidQuery):
+        model.overview(now=now)
+    with pytest.raises(InvalidQuery):
+        model.queue_page(
+            QueueQuery(view=QueueView.ALL, older_than=timedelta(days=1)),
+            now=datetime(1, 1, 1, 12, tzinfo=UTC),
+        )
+    assert model.overview(now=datetime(1, 1, 1, 1, tzinfo=UTC)).messages == 5
+    assert model.overview(now=datetime(9999, 12, 31, 23, 58, tzinfo=UTC)).messages == 5
+
+
 def test_a_page_lists_each_message_as_its_status_says_attributes_included(
     store: Store, model: ReadModel
 ) -> None:

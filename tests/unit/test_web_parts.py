@@ -143,10 +143,11 @@ def test_page_size_is_bounded() -> None:
 
 
 def test_the_throughput_window_is_an_hour_of_whole_minutes() -> None:
-    start, starts = throughput_window(NOW)
+    start, starts, end = throughput_window(NOW)
     assert len(starts) == 60
     assert starts[-1] == NOW.replace(second=0, microsecond=0)
     assert start == starts[-1] - timedelta(minutes=59)
+    assert end == starts[-1] + timedelta(minutes=1)
 
 
 def test_the_chart_scales_the_busiest_minute_to_full_height() -> None:

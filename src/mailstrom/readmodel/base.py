@@ -383,12 +383,29 @@ def with_suspensions(
     return [replace(d, suspension=by_domain.get(d.domain)) for d in found]
 
 
-def throughput_window(now: datetime) -> tuple[datetime, list[datetime]]:
-    """The start of the chart's window and each bucket's start: whole minutes, the last
-    bucket holding ``now``."""
+def throughput_window(now: datetime) -> tuple[datetime, list[datetime], datetime]:
+    """The start of the chart's window, each bucket's start (whole minutes, the last
+    bucket holding ``now``) and the window's end. :class:`InvalidQuery` for a ``now``
+    whose window leaves ``datetime``'s range (its first hour, its last minute), which was
+    a bare OverflowError."""
     last = now.replace(second=0, microsecond=0)
-    starts = [last - BUCKET * i for i in range(THROUGHPUT_BUCKETS - 1, -1, -1)]
-    return starts[0], starts
+    try:
+        starts = [last - BUCKET * i for i in range(THROUGHPUT_BUCKETS - 1, -1, -1)]
+        return starts[0], starts, last + BUCKET
+    except OverflowError:
+        raise InvalidQuery(f"no hour of throughput up to {shown(now)}") from None
+
+
+def queued_before(now: datetime, query: QueueQuery) -> datetime | None:
+    """The time a message of ``query``'s page was queued before (its ``older_than`` back
+    from ``now``), None for any. :class:`InvalidQuery` when that is before year 1, which
+    was a bare OverflowError."""
+    if query.older_than is None:
+        return None
+    try:
+        return now - query.older_than
+    except OverflowError:
+        raise InvalidQuery(f"{query.older_than} before {shown(now)} is no time") from None
 
 
 def fill_buckets(

@@ -26,6 +26,7 @@ from mailstrom.readmodel.base import (
     check_count,
     fill_buckets,
     id_range,
+    queued_before,
     throughput_window,
     with_suspensions,
 )
@@ -59,8 +60,7 @@ class MemoryReadModel:
         now = check_aware(now, "now")
         self._check_open()
         by_state = dict.fromkeys(RecipientState, 0)
-        start, starts = throughput_window(now)
-        end = starts[-1] + BUCKET
+        start, starts, end = throughput_window(now)
         counts: dict[tuple[int, str], int] = {}
         tallies: dict[str, _Tally] = {}
         oldest: _Message | None = None
@@ -141,7 +141,7 @@ class MemoryReadModel:
         """See :meth:`ReadModel.queue_page`."""
         now = check_aware(now, "now")
         newest = query.order is SortOrder.NEWEST
-        cutoff = None if query.older_than is None else now - query.older_than
+        cutoff = queued_before(now, query)
         after = None if query.after is None else (query.after.created_at, query.after.seq)
         self._check_open()
         page: list[MessageStatus] = []

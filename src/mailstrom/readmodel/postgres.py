@@ -35,6 +35,7 @@ from mailstrom.readmodel.base import (
     cursor_after,
     fill_buckets,
     id_range,
+    queued_before,
     throughput_window,
     with_suspensions,
 )
@@ -141,7 +142,7 @@ class PostgresReadModel:
         check_count(top, "top")
         now = check_aware(now, "now")
         by_state = dict.fromkeys(RecipientState, 0)
-        start, starts = throughput_window(now)
+        start, starts, end = throughput_window(now)
         with self._reading("overview", snapshot=True) as conn:
             for state, n in conn.execute(b"SELECT state, count(*) FROM recipients GROUP BY state"):
                 known = counted_state(state, n, log)
@@ -168,7 +169,7 @@ class PostgresReadModel:
                     b" WHERE at >= %(start)s AND at < %(end)s GROUP BY 1, 2",
                     {
                         "start": start,
-                        "end": starts[-1] + BUCKET,
+                        "end": end,
                         "width": BUCKET.total_seconds(),
                     },
                 )
@@ -288,9 +289,10 @@ class PostgresReadModel:
         now = check_aware(now, "now")
         conditions = [_VIEWS[query.view]]
         params: list[Any] = []
-        if query.older_than is not None:
+        cutoff = queued_before(now, query)
+        if cutoff is not None:
             conditions.append("m.created_at < %s")
-            params.append(now - query.older_than)
+            params.append(cutoff)
         newest = query.order is SortOrder.NEWEST
         if query.after is not None:
             conditions.append(f"(m.created_at, m.seq) {'<' if newest else '>'} (%s, %s)")

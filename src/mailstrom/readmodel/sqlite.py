@@ -38,6 +38,7 @@ from mailstrom.readmodel.base import (
     cursor_after,
     fill_buckets,
     id_range,
+    queued_before,
     throughput_window,
     with_suspensions,
 )
@@ -207,7 +208,7 @@ class SQLiteReadModel:
         check_count(top, "top")
         now = check_aware(now, "now")
         by_state = dict.fromkeys(RecipientState, 0)
-        start, starts = throughput_window(now)
+        start, starts, end = throughput_window(now)
         with self._read() as conn:
             for state, n in conn.execute("SELECT state, count(*) FROM recipients GROUP BY state"):
                 known = counted_state(state, n, log)
@@ -231,7 +232,7 @@ class SQLiteReadModel:
                 for i, outcome, n in conn.execute(
                     "SELECT (at - ?) / ?, outcome, count(*) FROM attempts"
                     " WHERE at >= ? AND at < ? GROUP BY 1, 2",
-                    (to_us(start), width, to_us(start), to_us(starts[-1] + BUCKET)),
+                    (to_us(start), width, to_us(start), to_us(end)),
                 )
             }
             busiest = conn.execute(
@@ -351,9 +352,10 @@ class SQLiteReadModel:
         filters = _filters(query)
         conditions: list[str] = []
         params: list[object] = []
-        if query.older_than is not None:
+        cutoff = queued_before(now, query)
+        if cutoff is not None:
             conditions.append("m.created_at < ?")
-            params.append(to_us(now - query.older_than))
+            params.append(to_us(cutoff))
         newest = query.order is SortOrder.NEWEST
         if query.after is not None:
             conditions.append(f"(m.created_at, m.seq) {'<' if newest else '>'} (?, ?)")
