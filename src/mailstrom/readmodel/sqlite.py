@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from mailstrom.errors import StoreError, UnknownMessage, UnreadableRow
+from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage, UnreadableRow
 from mailstrom.readmodel.base import (
     BUCKET,
     CLOSED,
@@ -48,7 +48,13 @@ from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.row_checks import counted_state, shown_text, stored_octets
-from mailstrom.stores.sqlite import _file_uri, _no_shm, _wal_holds_frames
+from mailstrom.stores.sqlite import (
+    _file_uri,
+    _latest_schema,
+    _newer_schema,
+    _no_shm,
+    _wal_holds_frames,
+)
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import HAS_PENDING_SQL, HELD_WAITING_SQL, read_messages
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
@@ -147,8 +153,11 @@ class SQLiteReadModel:
         except BaseException as exc:
             with self._lock:
                 self._out -= 1
+            newer = None if conn is None else _newer_schema_behind(exc, conn, self._path)
             if conn is not None:
                 conn.close()  # in an unknown state: never pooled again
+            if newer is not None:
+                raise newer from exc
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"SQLite error on {self._path}: {exc}") from exc
             raise
@@ -454,6 +463,27 @@ class SQLiteReadModel:
                 raise UnreadableRow(f"the message data is {kind}, not octets")
             with conn.blobopen("message_data", "data", seq, readonly=True) as blob:
                 return blob.read(min(limit, len(blob)))
+
+
+def _newer_schema_behind(
+    exc: BaseException, conn: sqlite3.Connection, path: str
+) -> StoreCorrupt | None:
+    """StoreCorrupt when ``exc`` is SQLite refusing a view's statement ("no such column")
+    because a newer mailstrom migrated the database since: no passing trouble, which the
+    dashboard showed as "try again later" for ever. As the store says it (its
+    ``_newer_schema_behind``); read only on such an error."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
+    if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_ERROR:
+        return None
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.Error:
+        return None
+    latest = _latest_schema()
+    if not isinstance(version, int) or version <= latest:
+        return None
+    return StoreCorrupt(_newer_schema(version, path, latest, while_open=True))
 
 
 def _shown(value: object) -> str | None:
