@@ -29,7 +29,9 @@ import gc
 import gzip
 import logging
 import os
+import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 
@@ -379,3 +381,47 @@ def test_a_media_type_is_trimmed_of_http_white_space_only(
     outcome, _ = asyncio.run(fetch(response, zone, server_context, client_tls_context))
     assert isinstance(outcome, PolicyError)
     assert "not text/plain" in outcome.reason
+
+
+def test_a_server_breaking_tls_after_the_handshake_is_a_fetch_error(
+    zone: LoopbackDNS, server_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
+) -> None:
+    """A record no key decrypts, sent after the answer's head: ssl.SSLError of a read after
+    the handshake is no httpx error (httpcore maps it only while connecting), and it left
+    fetch_policy as it was, past the worker's policy source, for any policy host to send."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_context.wrap_socket(conn, server_side=True) as tls:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += tls.recv(65536)
+            tls.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 500\r\n\r\n"
+            )
+            # Written past the TLS layer: an application data record of noise.
+            os.write(tls.fileno(), b"\x17\x03\x03\x00\x40" + b"\x5a" * 64)
+            with contextlib.suppress(OSError):
+                tls.recv(65536)  # until the client hangs up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    config = MTASTSConfig(
+        port=listener.getsockname()[1], tls_context=client_tls_context, timeout=10.0
+    )
+    try:
+        with pytest.raises(PolicyError) as caught:
+            asyncio.run(
+                fetch_policy(
+                    "example.org",
+                    resolver=make_resolver(zone.dns_config),
+                    config=config,
+                    route_policy=RoutePolicy(allow_loopback=True),
+                )
+            )
+    finally:
+        thread.join(10)
+        listener.close()
+    assert caught.value.result_type == ResultType.STS_POLICY_FETCH_ERROR
+    assert "TLS" in caught.value.reason

@@ -4,6 +4,8 @@ it into the sender's own network (SSRF)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -344,3 +346,49 @@ async def test_a_post_keeps_to_the_source_address_and_its_ip_version(
     assert (len(ipv4.requests), len(ipv6.requests)) == (0, 1)
     assert await post_report(REPORT, url, source_address="127.0.0.5", **options) is None  # type: ignore[arg-type]
     assert [r.client for r in ipv4.requests] == ["127.0.0.5"]
+
+
+@pytest.fixture
+def garbling_collector(server_tls_context: ssl.SSLContext) -> Iterator[int]:
+    """A collector that, once the handshake is done and the request read, sends a TLS
+    record no key decrypts (written past the TLS layer, straight to the socket)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_tls_context.wrap_socket(conn, server_side=True) as tls:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += tls.recv(65536)
+            # An application data record of TLS 1.2 and 1.3 whose 64 octets are noise.
+            os.write(tls.fileno(), b"\x17\x03\x03\x00\x40" + b"\x5a" * 64)
+            with contextlib.suppress(OSError):
+                tls.recv(65536)  # until the client hangs up
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    thread.join(10)
+    listener.close()
+
+
+async def test_a_collector_breaking_tls_after_the_handshake_fails_the_post(
+    garbling_collector: int,
+    client_tls_context: ssl.SSLContext,
+    resolver: dns.asyncresolver.Resolver,
+) -> None:
+    # ssl.SSLError of a record read after the handshake is no httpx error (httpcore maps
+    # it only while connecting): it left post_report, and post_reports, as it was, and one
+    # such collector ended `mailstrom tlsrpt --send` with a traceback, its record of what
+    # was sent not written and the other POSTs' outcomes lost.
+    problem = await post_report(
+        REPORT,
+        f"https://127.0.0.1:{garbling_collector}/tlsrpt",
+        resolver=resolver,
+        allow_loopback=True,
+        context=client_tls_context,
+        timeout=10 * DEADLINE,
+    )
+    assert problem is not None
+    assert not problem.permanent
+    assert "TLS" in problem

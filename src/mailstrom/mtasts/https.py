@@ -25,8 +25,8 @@ import asyncio
 import functools
 import ipaddress
 import ssl
-from collections.abc import Callable, Iterable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import dns.asyncresolver
@@ -297,7 +297,8 @@ def _closing_backend() -> Callable[[httpcore.AsyncNetworkBackend], httpcore.Asyn
     return Backend
 
 
-def stream_at(
+@asynccontextmanager
+async def stream_at(
     http: httpx.AsyncClient,
     method: str,
     *,
@@ -308,7 +309,7 @@ def stream_at(
     headers: dict[str, str],
     timeouts: httpx.Timeout,
     content: bytes | None = None,
-) -> AbstractAsyncContextManager[httpx.Response]:
+) -> AsyncIterator[httpx.Response]:
     """``http.stream(method, ...)`` to ``https://host:port/path``, made to ``ip``: the
     name (when ``host`` is one) goes in SNI, the ``Host`` header and the certificate
     check. ``path`` includes the query, if any.
@@ -317,20 +318,32 @@ def stream_at(
     the exchange with, taken just before this address is tried. An
     ``httpx.ConnectTimeout`` means nothing was sent and time is left for another address
     (:func:`connect_timed_out` says why this one failed); any other timeout it raises
-    (reading, writing) means that deadline is (as good as) reached."""
+    (reading, writing) means that deadline is (as good as) reached. TLS that breaks after
+    the handshake (a record no key decrypts, an alert) is an ``httpx.NetworkError``, in
+    the block too: the request may have been sent."""
+    import httpx
+
     url_host = f"[{ip}]" if ":" in ip else ip
     named = host != ip
     host_header = host if named else url_host
     if port != 443:
         host_header = f"{host_header}:{port}"
-    return http.stream(
-        method,
-        f"https://{url_host}:{port}{path}",
-        headers={"Host": host_header, "User-Agent": USER_AGENT, **headers},
-        content=content,
-        timeout=timeouts,
-        extensions={"sni_hostname": host} if named else {},
-    )
+    try:
+        async with http.stream(
+            method,
+            f"https://{url_host}:{port}{path}",
+            headers={"Host": host_header, "User-Agent": USER_AGENT, **headers},
+            content=content,
+            timeout=timeouts,
+            extensions={"sni_hostname": host} if named else {},
+        ) as response:
+            yield response
+    except ssl.SSLError as exc:
+        # httpcore maps ssl.SSLError to ConnectError during the handshake only; one that a
+        # later read or write raises (anyio lets all but an EOF out as they are) left the
+        # callers, who handle httpx's errors, as it was: the worker's delivery to the
+        # domain crashed at each attempt, and `mailstrom tlsrpt --send` ended mid-run.
+        raise httpx.NetworkError(f"TLS broken after the handshake: {exc}") from exc
 
 
 def verify_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
