@@ -18,6 +18,7 @@ from .support import LEASE_FOR, NOW, SECOND, lease_all, message, results_for
 
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 REPLY = "421 4.7.28 Too much unsolicited mail seen from your sending domain - gsmtp"
 
 
@@ -233,6 +234,32 @@ def test_a_clock_set_back_from_a_year_ahead_takes_again_at_the_rate(store: Store
     assert store.take_tokens([bucket], want=1, now=NOW + timedelta(days=365)).granted == 1
     assert store.take_tokens([bucket], want=1, now=NOW).granted == 0
     assert store.take_tokens([bucket], want=1, now=NOW + 10 * SECOND).granted == 1
+
+
+def test_a_pause_from_a_clock_set_back_from_a_year_ahead_is_over(store: Store) -> None:
+    # A pause recorded by a clock a year ahead (then set back by NTP) held the destination
+    # for a year: the worker gave its mail back due then, and it expired in the queue.
+    ahead = store.throttle(
+        "example.org", now=NOW + 365 * DAY, reply=REPLY, first=MINUTE, maximum=HOUR
+    )
+    assert store.throttles(now=NOW) == []
+    pause = _throttle(store, NOW, "example.org")  # the receiver throttles again: a new one
+    assert (pause.since, pause.until, pause.strikes) == (NOW, NOW + MINUTE, 1)
+    assert store.throttles(now=NOW) == [pause] != [ahead]
+    # Within the hour two workers' clocks may differ by, a pause ahead still holds.
+    near = _throttle(store, NOW + 59 * MINUTE, "example.com")
+    assert store.throttles(now=NOW) == [pause, near]
+
+
+def test_status_shows_no_pause_from_a_clock_set_back(store: Store) -> None:
+    now = datetime.now(UTC)
+    mid = store.enqueue(message("a@example.org"), now=now)
+    lease = lease_all(store, now=now)
+    ahead = now + 365 * DAY
+    store.throttle("example.org", now=ahead, reply=REPLY, first=HOUR, maximum=HOUR)
+    store.postpone(lease.items, until=now + MINUTE, destination="example.org")
+    assert store.status(mid).recipient("a@example.org").throttle is None
+    assert store.query(now=now)[0].recipient("a@example.org").throttle is None
 
 
 def test_a_recipient_deferred_on_its_own_since_a_pause_does_not_show_the_next(

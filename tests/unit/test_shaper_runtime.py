@@ -90,6 +90,27 @@ async def test_a_pause_holds_until_it_ends_and_reaches_other_workers() -> None:
     assert await mine.wait_to_send(shape)
 
 
+async def test_a_pause_from_a_clock_since_set_back_does_not_hold_the_destination() -> None:
+    # The worker's clock was a year ahead when it was throttled; NTP set it back. The
+    # pause (its own and the store's) held the destination for a year.
+    store = MemoryStore()
+    mine, clock = make(store=store)
+    theirs, _ = make(store=store)
+    shape = mine.for_route("example.org", ["mx.example.org"])
+    clock.now = NOW + timedelta(days=365)
+    await mine.throttled(shape, REPLY)
+    clock.now = NOW
+    await theirs.refresh()
+    assert theirs.paused() == []
+    assert mine.paused() == [] and mine.pause_of(shape) is None
+    await mine.refresh()
+    assert mine.pause_of(shape) is None and await mine.wait_to_send(shape)
+    # Throttled again: a pause of the first delay from now, not the year-ahead one.
+    pause = await mine.throttled(shape, REPLY)
+    assert (pause.since, pause.until, pause.strikes) == (NOW, NOW + timedelta(minutes=5), 1)
+    assert mine.pause_of(shape) == pause
+
+
 async def test_a_failing_store_still_pauses_this_worker() -> None:
     class FailingStore(MemoryStore):
         def throttle(self, *args: Any, **kwargs: Any) -> Any:

@@ -16,6 +16,7 @@ from mailstrom.policy.throttle import (
     TokenBucket,
     is_throttling,
     next_pause,
+    pause_runs,
     take_tokens,
 )
 from mailstrom.status import DestinationThrottle, SMTPReply
@@ -108,6 +109,35 @@ def test_repeats_stay_at_the_maximum_for_any_settings(
     last = DestinationThrottle(destination="d", until=NOW, strikes=strikes - 1, reply="", since=NOW)
     pause = next_pause(last, destination="d", now=NOW, first=first, maximum=maximum, reply="421")
     assert (pause.until - NOW, pause.strikes) == (maximum, strikes)
+
+
+def test_a_pause_from_a_clock_set_back_is_over_and_the_next_starts_anew() -> None:
+    # Recorded by a clock a year ahead, then set back by NTP: held, the destination got
+    # nothing for a year and its mail expired in the queue.
+    ahead = next_pause(
+        None,
+        destination="d",
+        now=NOW + timedelta(days=365),
+        first=MINUTE,
+        maximum=60 * MINUTE,
+        reply="421",
+    )
+    assert not pause_runs(ahead, NOW)
+    assert not pause_runs(ahead, NOW + timedelta(days=365) - CLOCK_SET_BACK - MINUTE)
+    assert pause_runs(ahead, NOW + timedelta(days=365) - CLOCK_SET_BACK)
+    again = next_pause(
+        ahead, destination="d", now=NOW, first=MINUTE, maximum=60 * MINUTE, reply="421"
+    )
+    assert (again.since, again.until, again.strikes) == (NOW, NOW + MINUTE, 1)
+    # Another worker's clock, ahead within the hour, still pauses (and counts a repeat).
+    near = next_pause(
+        None, destination="d", now=NOW + 59 * MINUTE, first=MINUTE, maximum=60 * MINUTE, reply="421"
+    )
+    assert pause_runs(near, NOW)
+    assert (
+        next_pause(near, destination="d", now=NOW, first=MINUTE, maximum=60 * MINUTE, reply="")
+        is near
+    )
 
 
 def test_bucket_refill_is_bounded_and_a_clock_behind_adds_nothing() -> None:

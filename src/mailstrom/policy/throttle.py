@@ -12,7 +12,9 @@ the destination.
 **Pauses** grow on repeats: the first lasts ``first``, each next one twice the last up to
 ``maximum``; a throttle that comes more than ``maximum`` after the end of the last pause
 starts over. A throttle reported while a pause runs (a connection made before another
-worker's pause was known) neither lengthens it nor counts as a repeat.
+worker's pause was known) neither lengthens it nor counts as a repeat. A pause that
+started more than :data:`CLOCK_SET_BACK` ahead of the clock was made by a clock since set
+back and is over (:func:`pause_runs`).
 
 **Token buckets** refill at ``rate`` tokens a second up to ``capacity``; a new bucket is
 full. Taking from several buckets at once (per minute and per hour) grants what all of
@@ -44,12 +46,13 @@ cause, and still ask for the whole destination to slow down."""
 MAX_THROTTLE_REPLY = 512
 """Characters of the throttling reply kept with a pause."""
 CLOCK_SET_BACK = timedelta(hours=1)
-"""How far a bucket's stamp may lie ahead of a worker's clock and still be another
-worker's clock ahead (kept, so that its skew is not refilled twice); a stamp further
-ahead was made by a clock since set back, and is moved to the worker's time. Six times
-the 10 minutes two PostgreSQL workers may differ by and both lease (each within
-``lease_for / 3`` of the server, 5 minutes by default); the SQLite and memory stores
-share one host's clock."""
+"""How far a bucket's stamp, or the start of a pause, may lie ahead of a worker's clock
+and still be another worker's clock ahead (a stamp is kept, so that its skew is not
+refilled twice); further ahead, it was made by a clock since set back: the stamp is moved
+to the worker's time, and the pause is over (:func:`pause_runs`). Six times the 10
+minutes two PostgreSQL workers may differ by and both lease (each within ``lease_for /
+3`` of the server, 5 minutes by default); the SQLite and memory stores share one host's
+clock. (The PostgreSQL store's pause queries say it again, as ``interval '1 hour'``.)"""
 MAX_SHAPING_KEY = 1024
 """Octets of a paused destination or a bucket's key: a shaping rule's pattern or a
 recipient domain (at most 253) and the rate's name. Every store keys its pauses and
@@ -80,6 +83,17 @@ def forget_before(now: datetime, maximum: timedelta, kept: timedelta) -> datetim
         return EARLIEST_TIME
 
 
+def pause_runs(pause: DestinationThrottle, now: datetime) -> bool:
+    """Whether ``pause`` holds its destination back at ``now``: it has not ended, and it
+    did not start more than :data:`CLOCK_SET_BACK` after ``now``. One that did was made by
+    a clock since set back (a host a year ahead, corrected by NTP): kept, it held the
+    destination for a year and its mail expired in the queue. It is over rather than cut
+    to some length: cut from each reader's clock, it would run on as long as it is read;
+    and a receiver still throttling says so at the next connection, which starts a pause
+    of its own over this one (:func:`next_pause`)."""
+    return pause.until > now and pause.since - now <= CLOCK_SET_BACK
+
+
 def next_pause(
     previous: DestinationThrottle | None,
     *,
@@ -90,6 +104,8 @@ def next_pause(
     reply: str,
 ) -> DestinationThrottle:
     """The pause a throttle at ``now`` starts, given the destination's ``previous`` one."""
+    if previous is not None and previous.since - now > CLOCK_SET_BACK:
+        previous = None  # made by a clock since set back: no pause, and no strike
     if previous is not None and previous.until > now:
         return previous
     strikes = 1

@@ -28,7 +28,7 @@ from mailstrom.bounds import MAX_DURATION, MAX_SECONDS
 from mailstrom.config import Config
 from mailstrom.errors import StoreError
 from mailstrom.policy.shaping import DestinationRule, RuleBook
-from mailstrom.policy.throttle import TokenBucket, TokenGrant, next_pause
+from mailstrom.policy.throttle import TokenBucket, TokenGrant, next_pause, pause_runs
 from mailstrom.runtime.socket_budget import SocketBudget
 from mailstrom.status import DestinationThrottle
 from mailstrom.stores.base import Store
@@ -245,7 +245,7 @@ class Shaper:
         pause = self._pauses.get(shape.key)
         if pause is None:
             return None
-        if pause.until <= self._clock():
+        if not pause_runs(pause, self._clock()):  # ended, or from a clock since set back
             del self._pauses[shape.key]
             return None
         shape.tokens = 0  # taken before the pause was known (see Shape.tokens)
@@ -254,7 +254,9 @@ class Shaper:
     def paused(self) -> list[DestinationThrottle]:
         """The pauses this worker knows of (its own and those read from the store)."""
         now = self._clock()
-        return sorted((p for p in self._pauses.values() if p.until > now), key=lambda p: p.until)
+        return sorted(
+            (p for p in self._pauses.values() if pause_runs(p, now)), key=lambda p: p.until
+        )
 
     async def throttled(
         self, shape: Shape, reply: str, recipients: Sequence[tuple[str, str]] = ()
@@ -286,7 +288,7 @@ class Shaper:
             )
         known = self._pauses.get(shape.key)
         shape.tokens = 0
-        if known is None or known.until < pause.until:
+        if known is None or not pause_runs(known, now) or known.until < pause.until:
             self._pauses[shape.key] = pause
             log.warning(
                 "destination %s throttled until %s (%d in a row): %s",
@@ -303,7 +305,7 @@ class Shaper:
             self._store.throttles, now=self._clock()
         )
         now = self._clock()
-        mine = {k: p for k, p in self._pauses.items() if p.until > now}
+        mine = {k: p for k, p in self._pauses.items() if pause_runs(p, now)}
         for pause in found:
             known = mine.get(pause.destination)
             if known is None or known.until < pause.until:

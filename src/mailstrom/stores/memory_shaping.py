@@ -13,6 +13,7 @@ from mailstrom.policy.throttle import (
     TokenGrant,
     forget_before,
     next_pause,
+    pause_runs,
     take_tokens,
 )
 from mailstrom.status import DestinationThrottle
@@ -46,7 +47,7 @@ class MemoryShapingMixin:
         paused = {}
         for r in m.recipients.values():
             pause = self._throttles.get(r.throttled_by) if r.throttled_by else None
-            if pause is not None and pause.until > now:
+            if pause is not None and pause_runs(pause, now):
                 paused[r.address] = pause
         return paused
 
@@ -90,7 +91,7 @@ class MemoryShapingMixin:
         """The destinations paused at ``now``, soonest end first."""
         with self._lock:
             return sorted(
-                (t for t in self._throttles.values() if t.until > now),
+                (t for t in self._throttles.values() if pause_runs(t, now)),
                 key=lambda t: (t.until, t.destination),
             )
 

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 from mailstrom.errors import UnreadableRow
 from mailstrom.policy.throttle import (
+    CLOCK_SET_BACK,
     TokenBucket,
     TokenGrant,
     forget_before,
@@ -70,10 +71,20 @@ def throttle(
     return pause
 
 
+_RUNS = "until > ? AND since <= ?"
+"""A pause that runs at a time (:func:`~mailstrom.policy.throttle.pause_runs`): it has not
+ended, and it did not start ahead of a clock since set back; with :func:`_runs_at`."""
+
+
+def _runs_at(now: datetime) -> tuple[int, int]:
+    """The parameters of :data:`_RUNS` at ``now`` (microseconds: no datetime overflows)."""
+    return to_us(now), to_us(now) + CLOCK_SET_BACK // timedelta(microseconds=1)
+
+
 def throttles(conn: sqlite3.Connection, *, now: datetime) -> list[DestinationThrottle]:
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM destination_throttles WHERE until > ? ORDER BY until, destination",
-        (to_us(now),),
+        f"SELECT {_COLUMNS} FROM destination_throttles WHERE {_RUNS} ORDER BY until, destination",
+        _runs_at(now),
     ).fetchall()
     return [pause for row in rows if (pause := _throttle_from_row(row)) is not None]
 
@@ -101,8 +112,8 @@ def paused_in(
             " FROM messages m CROSS JOIN recipients r ON r.message_seq = m.seq"
             " CROSS JOIN destination_throttles t ON t.destination = r.throttled_by"
             f" WHERE m.id IN ({','.join('?' * len(chunk))})"
-            " AND r.state IN ('queued', 'deferred') AND t.until > ?",
-            (*chunk, to_us(now)),
+            " AND r.state IN ('queued', 'deferred') AND t.until > ? AND t.since <= ?",
+            (*chunk, *_runs_at(now)),
         ).fetchall()
         for row in rows:
             if (pause := _throttle_from_row(row[2:])) is not None:

@@ -835,7 +835,7 @@ FROM messages m
 LEFT JOIN recipients r ON r.message_id = m.id
 LEFT JOIN destination_throttles t
        ON t.destination = r.throttled_by AND r.state IN ('queued', 'deferred')
-      AND t.until > %(now)s
+      AND t.until > %(now)s AND t.since <= %(now)s + interval '1 hour'
 LEFT JOIN attempts a ON a.message_id = r.message_id AND a.address = r.address
 WHERE m.id = %(id)s
 ORDER BY r.position, a.id;
@@ -911,7 +911,7 @@ LEFT JOIN LATERAL (
 ) r ON true
 LEFT JOIN destination_throttles t
        ON t.destination = r.throttled_by AND r.state IN ('queued', 'deferred')
-      AND t.until > %(now)s
+      AND t.until > %(now)s AND t.since <= %(now)s + interval '1 hour'
 ORDER BY s.created_at DESC, s.seq DESC, r.position;
 
 -- name: retry
@@ -1486,9 +1486,11 @@ SET until = EXCLUDED.until, strikes = EXCLUDED.strikes, reply = EXCLUDED.reply,
     since = EXCLUDED.since;
 
 -- name: throttles
+-- A pause that runs (policy.throttle.pause_runs): not ended, and not started more than
+-- CLOCK_SET_BACK (an hour) ahead, by a clock since set back. So in status and paused_in.
 SELECT destination, until, strikes, reply, since
 FROM destination_throttles
-WHERE until > %(now)s
+WHERE until > %(now)s AND since <= %(now)s + interval '1 hour'
 ORDER BY until, destination COLLATE "C";
 
 -- name: paused_in
@@ -1497,7 +1499,7 @@ FROM recipients r
 JOIN destination_throttles t ON t.destination = r.throttled_by
 WHERE r.message_id = ANY(%(ids)s::text[])
   AND r.state IN ('queued', 'deferred')
-  AND t.until > %(now)s;
+  AND t.until > %(now)s AND t.since <= %(now)s + interval '1 hour';
 
 -- name: postpone
 WITH postponed AS (
