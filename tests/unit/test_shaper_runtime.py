@@ -173,6 +173,31 @@ def test_mail_the_retry_policy_gives_up_on_books_no_place_in_the_schedule() -> N
     assert shaper.spread(shape, 10) == NOW + timedelta(seconds=12)
 
 
+async def test_a_schedule_booked_by_a_clock_since_set_back_is_dropped() -> None:
+    # Mail given back while the worker's clock was a year ahead booked the rate's places
+    # then; once NTP set the clock back, each next message was booked after them, a year
+    # ahead, and failed at once as expired (past retry.max_age).
+    rule = DestinationRule(match="example.org", messages_per_minute=60)
+    shaper, clock = make(rule)
+    shape = shaper.for_route("example.org", [])
+    clock.now = NOW + timedelta(days=365)
+    assert shaper.spread(shape, 10) == clock.now + timedelta(seconds=11)
+    clock.now = NOW
+    assert shaper.spread(shape, 10) == NOW + timedelta(seconds=11)
+    assert shaper.spread(shape, 10) == NOW + timedelta(seconds=12)
+    # Sent a year ahead only: the schedule still lapses once stale (sent_at was a year
+    # ahead, and a schedule with mail sent since it began never lapsed).
+    other, clock = make(rule)
+    shape = other.for_route("example.org", [])
+    clock.now = NOW + timedelta(days=365)
+    assert await other.wait_to_send(shape) and shape.take_local()
+    clock.now = NOW
+    booked = [other.spread(shape, 10) for _ in range(400)]
+    assert booked[-1] == NOW + timedelta(seconds=410)
+    clock.now = NOW + timedelta(minutes=5)  # the mail given back is gone from the store
+    assert other.spread(shape, 10) == clock.now + timedelta(seconds=11)
+
+
 async def test_a_schedule_of_mail_gone_from_the_store_lapses(tmp_path: Path) -> None:
     """The schedule of mail given back was never reset: a campaign cancelled once given
     back left it 80 minutes ahead at 120 a minute, and the next campaign's overflow was

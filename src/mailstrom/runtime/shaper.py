@@ -28,7 +28,13 @@ from mailstrom.bounds import MAX_DURATION, MAX_SECONDS
 from mailstrom.config import Config
 from mailstrom.errors import StoreError
 from mailstrom.policy.shaping import DestinationRule, RuleBook
-from mailstrom.policy.throttle import TokenBucket, TokenGrant, next_pause, pause_runs
+from mailstrom.policy.throttle import (
+    CLOCK_SET_BACK,
+    TokenBucket,
+    TokenGrant,
+    next_pause,
+    pause_runs,
+)
 from mailstrom.runtime.socket_budget import SocketBudget
 from mailstrom.status import DestinationThrottle
 from mailstrom.stores.base import Store
@@ -58,6 +64,7 @@ class Shape:
 
     __slots__ = (
         "booked",
+        "booked_at",
         "booked_since",
         "connect_buckets",
         "connections",
@@ -117,6 +124,8 @@ class Shape:
         tokens hold either way)."""
         self.booked_since: datetime | None = None
         """The first place booked in the current schedule (None without one)."""
+        self.booked_at: datetime | None = None
+        """When this worker last booked a place (see ``Shaper._clock_for``)."""
         self.sent_at: datetime | None = None
         """When this worker last took message tokens for this destination."""
         if rule is None:
@@ -336,6 +345,20 @@ class Shaper:
         due = self._clock() + timedelta(seconds=min(waiting / rate, MAX_SECONDS))
         return _whole_second(due)
 
+    def _clock_for(self, shape: Shape) -> datetime:
+        """The clock's time now, for the rate of ``shape``: what this worker stamped on
+        ``shape`` more than :data:`~mailstrom.policy.throttle.CLOCK_SET_BACK` ahead of it
+        (its schedule, its tokens) was stamped by the clock before it was set back (a
+        year ahead, corrected by NTP), and is dropped. Kept, each message given back was
+        booked after the places taken a year ahead, and failed at once as expired."""
+        now = self._clock()
+        made = max((t for t in (shape.booked_at, shape.sent_at) if t is not None), default=now)
+        if made - now > CLOCK_SET_BACK:
+            shape.booked.clear()
+            shape.booked_since = shape.booked_at = shape.sent_at = shape.tokens_until = None
+            shape.tokens = 0  # their lapse was a year ahead (see Shape.tokens)
+        return now
+
     async def _nap(self, seconds: float) -> None:
         """Wait ``seconds`` for a rate, cut short when the worker stops."""
         with contextlib.suppress(TimeoutError):
@@ -358,7 +381,7 @@ class Shaper:
         # those queued here and those given back before it. However slow the rate and
         # long the queue, the schedule ends within the longest duration the queue takes
         # (100 years): a timedelta past it overflows instead of waiting.
-        now = self._clock()
+        now = self._clock_for(shape)
         end = now + MAX_DURATION
         due = now + timedelta(seconds=min(waiting / rate, MAX_SECONDS))
         booked = max((at for lane, at in shape.booked.items() if lane <= rank), default=None)
@@ -373,6 +396,7 @@ class Shaper:
             if shape.booked_since is None or max(shape.booked.values(), default=now) <= now:
                 shape.booked_since = at  # a new schedule: nothing booked is still ahead
             shape.booked[rank] = min(due + timedelta(seconds=min(1 / rate, MAX_SECONDS)), end)
+            shape.booked_at = now
         return at
 
     def _stale_schedule(self, shape: Shape, rate: float, now: datetime) -> bool:
@@ -400,8 +424,9 @@ class Shaper:
 
     def _lapse(self, shape: Shape) -> None:
         """Drop the tokens ``shape`` holds if they have lapsed (see :attr:`Shape.tokens`)."""
+        now = self._clock_for(shape)
         until = shape.tokens_until
-        if shape.tokens > 0 and until is not None and self._clock() >= until:
+        if shape.tokens > 0 and until is not None and now >= until:
             shape.tokens = 0
 
     def take(self, shape: Shape) -> bool:
