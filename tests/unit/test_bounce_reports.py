@@ -1029,3 +1029,26 @@ def test_a_blank_line_before_the_returned_headers_loses_nothing(
     report = parse_report(report_with(body))
     assert report is not None and report.original_message_id is not None
     assert parse_report(report_with(nl + body)) == report
+
+
+@pytest.mark.parametrize("name", ["postfix-dsn-headers.eml", "arf-complaint.eml"])
+def test_a_report_whose_lines_end_with_a_cr_alone_reads_as_with_crlf(name: str) -> None:
+    """The parser ends a line at a CR alone too (old Mac software, or a gateway that
+    turned every CRLF into CR). Was: a folded address field kept the CR of its fold, made
+    U+FFFD ("\\ufffd  nosuchuser@receiver.test"), so the recipient matched nothing; and
+    a blank line before the returned headers was not seen as one, so the Message-ID and
+    Return-Path were read as the body."""
+    data = re.sub(rb"\r?\n", b"\r\n", sample(name))
+    for field in (b"Final-Recipient", b"Original-Recipient", b"X-Postfix-Sender"):
+        data = data.replace(field + b": rfc822;", field + b": rfc822;\r\n  ")
+    data = data.replace(b"Original-Rcpt-To: ", b"Original-Rcpt-To:\r\n\t")
+    data = data.replace(b"Original-Mail-From: ", b"Original-Mail-From:\r\n ")
+    head = b"Content-Type: text/rfc822-headers\r\n\r\n"
+    data = data.replace(head, head + b"\r\n")
+    with_crlf = parse_report(data)
+    assert with_crlf is not None and with_crlf.original_message_id is not None
+    assert with_crlf.recipients[0].final_recipient in (
+        "nosuchuser@receiver.test",
+        "carol@mailbox.test",
+    )
+    assert parse_report(data.replace(b"\r\n", b"\r")) == with_crlf

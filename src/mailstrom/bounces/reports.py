@@ -496,8 +496,10 @@ def _text_blocks(text: str, white: bool) -> list[Message]:
     return [parser.parsestr(b) for b in blocks]
 
 
-_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*\r?\n)+")
-"""Empty lines, or lines of only spaces and tabs, at the start of a text."""
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t]*(?:\r\n?|\n))+")
+"""Empty lines, or lines of only spaces and tabs, at the start of a text, however they
+end: a returned message's headers are read as the parser reads them, and it ends a line
+at a CR alone too."""
 _BLANK_LINES = re.compile(r"\n\n+")
 """What ends a block: one empty line or more (as the parser splits message/delivery-status)."""
 _BLANK_OR_WHITE_LINES = re.compile(r"\n(?:[ \t]*\n)+")
@@ -678,8 +680,9 @@ def _field(value: object, *, spaces: bool = False) -> str:
     return safe_text(" ".join(text.split())[:_MAX_FIELD])
 
 
-_FOLD = re.compile(r"\r?\n(?=[ \t])")
-"""A fold: the line break before the whitespace that continues a field."""
+_FOLD = re.compile(r"(?:\r\n?|\n)(?=[ \t])")
+"""A fold: the line break before the whitespace that continues a field; a CR alone too,
+where the parser ends a line (kept, it became U+FFFD inside the address)."""
 
 
 def _plain(value: object, *, spaces: bool = False) -> str:
