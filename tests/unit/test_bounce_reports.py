@@ -1052,3 +1052,30 @@ def test_a_report_whose_lines_end_with_a_cr_alone_reads_as_with_crlf(name: str) 
         "carol@mailbox.test",
     )
     assert parse_report(data.replace(b"\r\n", b"\r")) == with_crlf
+
+
+def test_a_template_whose_address_would_pass_254_octets_with_its_token_is_refused() -> None:
+    """A template is an address of its own length, and the token adds 36 octets to it.
+    Was: a template of 246 octets (a long domain) was queued, and every recipient's
+    envelope sender went out as 282 octets, past RFC 5321's 256-octet path
+    (§4.5.3.1.3), where a server may refuse MAIL FROM and fail the message."""
+    from mailstrom import Config, Email, Mailstrom
+    from mailstrom.message.addrspec import validate_address
+    from mailstrom.stores import MemoryStore
+
+    domain = ".".join(["a" * 63] * 3) + "." + "b" * 30 + ".example"
+    template = f"bounces+{{token}}@{domain}"
+    validate_address(template)  # 246 octets: an address in itself
+    with pytest.raises(InvalidAddress):
+        validate_address(verp_address(template, MID, "bob@example.org", key=KEY))
+    with pytest.raises(InvalidAddress, match="282 octets with its token; at most 254"):
+        check_verp_template(template)
+    fits = template.replace("b" * 30, "b" * 2)  # 254 octets with its token
+    check_verp_template(fits)
+    validate_address(verp_address(fits, MID, "bob@example.org", key=KEY))
+    email = Email(from_="app@sender.test", to=["bob@example.org"], subject="Hi", text="Hello")
+    store = MemoryStore()
+    with Mailstrom(Config(helo_name="mail.sender.test"), store=store, worker=None) as ms:
+        with pytest.raises(InvalidAddress, match="at most 254"):
+            ms.send_email(email, envelope_from=template)
+        assert ms.query_recent() == []

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from mailstrom.errors import InvalidAddress
+from mailstrom.message.addrspec import MAX_ADDRESS, MAX_LOCAL_PART
 from mailstrom.stores.base import Lease, WorkItem
 
 TOKEN_FIELD = "{token}"  # noqa: S105 (a placeholder, not a secret)
@@ -47,8 +48,8 @@ def is_verp_template(envelope_from: str) -> bool:
 
 def check_verp_template(envelope_from: str) -> None:
     """Raise :class:`~mailstrom.errors.InvalidAddress` unless ``envelope_from`` holds
-    ``{token}`` once, in its local part, not next to a hex digit, and that local part
-    stays within 64 octets once the token is in."""
+    ``{token}`` once, in its local part, not next to a hex digit, and once the token is
+    in, that local part stays within 64 octets and the address within 254."""
     local, at, _ = envelope_from.rpartition("@")
     if not at or envelope_from.count(TOKEN_FIELD) != 1 or TOKEN_FIELD not in local:
         raise InvalidAddress(
@@ -65,10 +66,21 @@ def check_verp_template(envelope_from: str) -> None:
             "on each side of {token} (bounces+{token}@example.com)",
             address=envelope_from,
         )
-    size = len(local.encode("utf-8")) - len(TOKEN_FIELD) + _TOKEN_LENGTH
-    if size > 64:
+    grows = _TOKEN_LENGTH - len(TOKEN_FIELD)
+    size = len(local.encode("utf-8")) + grows
+    if size > MAX_LOCAL_PART:
         raise InvalidAddress(
-            f"the VERP local part would be {size} octets with its token; at most 64",
+            f"the VERP local part would be {size} octets with its token; at most {MAX_LOCAL_PART}",
+            address=envelope_from,
+        )
+    # The template was validated as an address of its own length: with its token, one
+    # of a long domain could pass the 256 octets of an SMTP path (RFC 5321 §4.5.3.1.3),
+    # and every envelope sender made of it too.
+    size = len(envelope_from.encode("utf-8")) + grows
+    if size > MAX_ADDRESS:
+        raise InvalidAddress(
+            f"the VERP envelope sender would be {size} octets with its token; "
+            f"at most {MAX_ADDRESS}",
             address=envelope_from,
         )
 
