@@ -215,3 +215,37 @@ def test_a_client_cut_off_while_sending_a_form_is_no_error_in_the_log(
         answer.read()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"POST /login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n", 413),
+        (b"GET /login HTTP/1.1\r\n", 200),
+    ],
+    ids=["form", "page"],
+)
+def test_a_malformed_body_after_the_answer_closes_the_connection_without_an_error(
+    patient: int, caplog: pytest.LogCaptureFixture, head: bytes, status: int
+) -> None:
+    """A chunked form is refused (413) and a page answered before their bodies are read;
+    a malformed chunk sent after that made uvicorn answer a 400 on a connection whose
+    answer had gone out, which h11 refuses: "Fatal error: protocol.data_received() call
+    failed" and a traceback at ERROR level, for each connection a client opened so."""
+    caplog.set_level(logging.DEBUG)
+    with _connect(patient) as sock:
+        sock.sendall(head + b"Host: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        answer = sock.recv(4096)
+        assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+        sock.sendall(b"zz\r\n")  # no chunk size
+        while sock.recv(4096):  # the rest of the answer, until it hangs up
+            pass
+    # A round trip on another connection: the loop has read the first one's bytes.
+    with _connect(patient) as sock:
+        sock.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        assert reply.status == 200
+        reply.read()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

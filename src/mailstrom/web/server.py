@@ -174,7 +174,15 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
         def send_400_response(self, msg: str) -> None:
             """uvicorn's answer to a request it could not parse, with the headers every
             answer of the app carries (uvicorn's has only its type): it is a page a
-            browser shows too, framed by another site's page if nothing says otherwise."""
+            browser shows too, framed by another site's page if nothing says otherwise.
+
+            No answer when one has gone out already (the app answered before reading
+            the body, and what came of the body does not parse): h11 refuses a second
+            (LocalProtocolError, which asyncio logs with a traceback at ERROR level, as
+            often as a client likes); the connection is closed instead."""
+            if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                self.transport.close()
+                return
             headers = [
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"connection", b"close"),
