@@ -186,3 +186,55 @@ def test_an_operator_gets_in_after_the_deadline_with_every_place_held(hasty: Ser
     finally:
         for hog in hogs:
             hog.close()
+
+
+def _unread(served: Served, *, last: bytes = b"") -> socket.socket:
+    """A client with a tiny receive window that sends requests one by one, reading no
+    answer, until some of them wait in uvicorn's buffer, fewer than would pause its
+    writing; then ``last`` (a last request, say)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", served.port))
+    request = f"GET /login HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\n\r\n".encode()
+
+    def buffered() -> bool:
+        peer = served._peer(sock.getsockname())
+        return peer is not None and peer.transport.get_write_buffer_size() > 0
+
+    for _ in range(200):
+        sock.sendall(request)
+        if _until(lambda: served.ask(buffered), within=0.1):
+            break
+    else:
+        sock.close()
+        raise AssertionError("no answer ever waited in the server's buffer")
+    assert not served.paused(sock)
+    sock.sendall(last)
+    return sock
+
+
+@pytest.mark.parametrize(
+    "last",
+    [b"", b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"],
+    ids=["kept-alive", "closed-after-answer"],
+)
+def test_a_connection_closed_with_answers_not_read_is_gone_after_the_deadline(
+    tmp_path: Path, last: bytes
+) -> None:
+    """Closed by the server (its deadline for the next request, uvicorn's keep-alive
+    timer, a request saying "Connection: close") with answers still in uvicorn's buffer
+    and too few to pause its writing, a connection whose client read nothing stayed for
+    as long as the client kept it open: close() waits to send the rest, and the
+    connection limit no longer counted it. Five such clients held five sockets past a
+    limit of three, and more of them would run the process out of file descriptors."""
+    with served(tmp_path, request_timeout=0.5) as quick:
+        clients = []
+        try:
+            clients.extend(_unread(quick, last=last) for _ in range(LIMIT + 2))
+            assert _until(
+                lambda: all(quick.peer_of(client) is None for client in clients), within=6.0
+            ), "still open"
+            assert _operator_page(quick.port) == 200
+        finally:
+            for client in clients:
+                client.close()

@@ -21,6 +21,9 @@ what it lacks added:
   paused: its buffer is full) for ``request_timeout`` seconds at a time; then the
   connection is dropped. Without this, a client pipelining requests and reading
   nothing would keep its connection, and the app's ``send()``, for ever;
+- a connection closed with answers still to send (fewer than pause writing) is gone
+  ``request_timeout`` after its last answer or request at most: close() waits for the
+  client to read them, and one that never does kept the socket, uncounted by the limit;
 - headers are at most :data:`MAX_REQUEST_HEAD` bytes, answered 400 past it (h11 bounds
   only a head that has not all arrived: one that came in a single read went through,
   60 KB of it on loopback); bodies are refused past 16 KiB by the app
@@ -195,8 +198,9 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._await_request()  # a kept-alive connection: the next request's deadline
+            # Kept alive: the next request's deadline. Closed after the answer
+            # ("Connection: close"): how long the rest of the answer may take to be read.
+            self._await_request()
 
         @property
         def waiting_for_request(self) -> bool:
@@ -240,14 +244,12 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
         def _drop(self) -> None:
             """Hang up now. close() would first flush the write buffer, which a client
             that does not read never lets happen: the socket, and the app's send()
-            waiting on it, would stay; abort() discards the buffer."""
+            waiting on it, would stay; abort() discards the buffer (the same as close()
+            when it is empty)."""
             if self._write_deadline is not None:
                 self._write_deadline.cancel()
                 self._write_deadline = None
-            if self.writing_paused:
-                self.transport.abort()
-            else:
-                self.transport.close()
+            self.transport.abort()
 
         def _await_request(self) -> None:
             if self._deadline is not None:
@@ -257,7 +259,15 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
 
         def _request_overdue(self) -> None:
             self._deadline = None
-            if self.waiting_for_request:
+            if self.transport.is_closing():
+                # Closed (by uvicorn's keep-alive timer, after a "Connection: close"
+                # answer, on an error) with answers left in the buffer, below what
+                # pauses writing: close() waits for the client to read them, for ever if
+                # it never does, and the limit no longer counts the connection.
+                self.transport.abort()
+            elif self.waiting_for_request:
                 self._drop()
+            else:  # being answered: looked at again, so that a close after it is bounded
+                self._deadline = self.loop.call_later(request_timeout, self._request_overdue)
 
     return GuardedH11Protocol
