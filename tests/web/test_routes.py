@@ -521,6 +521,23 @@ def test_with_a_token_every_page_needs_it(store: Store, ids: dict[str, str]) -> 
         assert "s3cret-token-0123" not in right.headers.get("set-cookie", "")
 
 
+def test_a_head_request_without_a_session_is_answered_as_its_get(
+    store: Store, ids: dict[str, str]
+) -> None:
+    """RFC 9110 §9.3.2: HEAD is GET without the content. A page's GET without a session
+    is a 303 to the login form, its HEAD was a 401 (a monitor probing the page with HEAD
+    saw it refused, and a browser would not be sent to log in)."""
+    for client in _client(store, token="s3cret-token-0123"):
+        for path in ("/", "/queue?view=held", f"/action/hold/{ids['queued']}"):
+            get = client.get(path, follow_redirects=False)
+            head = client.head(path, follow_redirects=False)
+            assert (head.status_code, head.headers.get("location")) == (
+                get.status_code,
+                get.headers["location"],
+            )
+            assert head.content == b""
+
+
 def test_two_dashboards_on_one_host_keep_their_own_sessions(
     store: Store, ids: dict[str, str]
 ) -> None:

@@ -560,7 +560,7 @@ def create_app(
         ):
             if guessing:
                 guesses.failed(_client(request))  # a wrong bearer token is a guess too
-            if request.method == "GET":
+            if request.method in ("GET", "HEAD"):  # HEAD is answered as GET (RFC 9110 §9.3.2)
                 target = path + (f"?{request.url.query}" if request.url.query else "")
                 response = RedirectResponse(
                     "/login?" + urllib.parse.urlencode({"next": target}), 303
