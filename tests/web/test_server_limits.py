@@ -249,3 +249,32 @@ def test_a_malformed_body_after_the_answer_closes_the_connection_without_an_erro
         reply.read()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+    ],
+    ids=["h2c", "websocket"],
+)
+def test_a_request_to_switch_protocols_is_served_without_warnings(
+    patient: int, caplog: pytest.LogCaptureFixture, upgrade: bytes
+) -> None:
+    """``curl --http2`` asks every plain-HTTP request to switch to h2c; uvicorn logged two
+    warnings for each, the second telling to install a WebSocket library, which the
+    dashboard does without on purpose. The request is served over HTTP/1.1, as RFC 9110
+    §7.8 lets a server do, and the log says nothing of it."""
+    caplog.set_level(logging.DEBUG)
+    request = b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n" + upgrade + b"\r\n"
+    with _connect(patient) as sock:
+        sock.sendall(request)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        assert answer.status == 200
+        answer.read()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, [r.getMessage() for r in warnings]

@@ -196,6 +196,13 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
                 self.transport.write(self.conn.send(event) or b"")
             self.transport.close()
 
+        def _unsupported_upgrade_warning(self) -> None:
+            """Nothing to say of a request asking to switch protocols (``Upgrade: h2c``,
+            which ``curl --http2`` adds to every plain-HTTP request; a WebSocket): it is
+            answered over HTTP/1.1, as RFC 9110 §7.8 lets a server do. uvicorn warned
+            twice for each, the second time telling to install a WebSocket library,
+            which the dashboard does without on purpose (``ws="none"``)."""
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             # Kept alive: the next request's deadline. Closed after the answer
