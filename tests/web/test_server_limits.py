@@ -278,3 +278,31 @@ def test_a_request_to_switch_protocols_is_served_without_warnings(
         answer.read()
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not warnings, [r.getMessage() for r in warnings]
+
+
+def test_a_malformed_body_in_the_requests_own_packet_is_no_error_in_the_log(
+    patient: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Head and a malformed chunk in one packet: uvicorn answers 400 at once, before the
+    app, already started on the request, answers it (413 for a chunked form); h11
+    refused that second answer, and uvicorn logged "Exception in ASGI application" with
+    a traceback at ERROR level, as often as a client sent these 70 octets."""
+    caplog.set_level(logging.DEBUG)
+    with _connect(patient) as sock:
+        sock.sendall(
+            b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    # A round trip on another connection: the loop has run the app's task for the first.
+    with _connect(patient) as sock:
+        sock.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        assert reply.status == 200
+        reply.read()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

@@ -195,6 +195,12 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
             for event in (response, h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event) or b"")
             self.transport.close()
+            if self.cycle is not None and not self.cycle.response_complete:
+                # The app may be at the request already (its head came in the same read):
+                # its answer, a second one, goes nowhere, as after a hang-up; h11 refused
+                # it, and uvicorn logged "Exception in ASGI application" at ERROR level.
+                self.cycle.disconnected = True
+                self.cycle.message_event.set()
 
         def _unsupported_upgrade_warning(self) -> None:
             """Nothing to say of a request asking to switch protocols (``Upgrade: h2c``,
