@@ -25,7 +25,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.web import create_app
-from mailstrom.web.app import MAX_SHOWN_ATTEMPTS
+from mailstrom.web.app import MAX_SHOWN_ATTEMPTS, MAX_SHOWN_THROTTLES
 from mailstrom.web.security import GUESS_WINDOW, MAX_GUESSES, Guesses
 from tests.contract.support import LEASE_FOR, NOW, lease_all, message, results_for
 from tests.web.test_slow_readers import served
@@ -1412,3 +1412,28 @@ def test_a_message_page_shows_a_bounded_number_of_attempts(
     assert attempts.count(f"<td>{last}</td>") == len(recipients)  # each one's latest
     hidden = tries - each
     assert attempts.count(f"{hidden} earlier attempts not shown") == len(recipients)
+
+
+def test_the_destinations_page_lists_a_bounded_number_of_throttled_destinations(
+    client: TestClient, store: Store
+) -> None:
+    """Every destination a throttling reply paused was an item of the page, its reply
+    with it: recipients at 5,000 subdomains of one hostile domain, each answering "421
+    rate limited", made a page of 3.4 MB. It lists the ones whose pause ends soonest and
+    says how many more there are."""
+    count = MAX_SHOWN_THROTTLES + 7
+    for i in range(count):
+        store.throttle(
+            f"a{i}.evil.example",
+            now=NOW + timedelta(seconds=i),
+            reply="421 4.7.28 rate limited",
+            first=timedelta(hours=1),
+            maximum=timedelta(hours=4),
+        )
+    page = client.get("/destinations").text
+    section = re.search(r'<section id="throttled".*?</section>', page, re.S)
+    assert section is not None, page
+    assert section.group(0).count('class="tag throttled"') == MAX_SHOWN_THROTTLES
+    assert "<strong>a0.evil.example</strong>" in section.group(0)  # the soonest end
+    assert f"<strong>a{count - 1}.evil.example</strong>" not in section.group(0)
+    assert "7 more" in section.group(0) and "mailstrom queue --throttled" in section.group(0)

@@ -339,7 +339,8 @@ def create_app(
             domain=domain or "",
             actionable=actionable,
             suspensions=suspended,
-            throttles=throttled,
+            throttles=throttled[:MAX_SHOWN_THROTTLES],
+            more_throttles=max(0, len(throttled) - MAX_SHOWN_THROTTLES),
             suspended_domains={s.domain for s in suspended},
             next_offset=offset + size if len(found) > size else None,
             offset=offset,
@@ -781,6 +782,12 @@ def _safe_next(value: str | None) -> str:
         return "/"
     return value[:2000]
 
+
+MAX_SHOWN_THROTTLES = 100
+"""Throttled destinations the destinations page lists at most, soonest end first: each
+is a throttling reply's doing, and recipients at 5,000 subdomains of one hostile domain
+answering "421 rate limited" made a page of 3.4 MB (``mailstrom queue --throttled``
+lists them all)."""
 
 MAX_SHOWN_ATTEMPTS = 500
 """Attempt rows a message page shows at most, shared alike among its recipients: every
