@@ -1437,3 +1437,22 @@ def test_the_destinations_page_lists_a_bounded_number_of_throttled_destinations(
     assert "<strong>a0.evil.example</strong>" in section.group(0)  # the soonest end
     assert f"<strong>a{count - 1}.evil.example</strong>" not in section.group(0)
     assert "7 more" in section.group(0) and "mailstrom queue --throttled" in section.group(0)
+
+
+def test_the_attempts_budget_holds_for_more_recipients_than_it_has_rows(
+    client: TestClient, store: Store
+) -> None:
+    """Past MAX_SHOWN_ATTEMPTS recipients, those the budget leaves no row say how many
+    attempts they have, not "No attempt yet"."""
+    recipients = [f"user{i}@d{i % 7}.example" for i in range(MAX_SHOWN_ATTEMPTS + 20)]
+    mid = store.enqueue(message(*recipients), now=NOW)
+    store.record(
+        results_for(
+            lease_all(store), RecipientState.DEFERRED, next_attempt_at=NOW + timedelta(hours=1)
+        )
+    )
+    page = client.get(f"/message/{mid}").text
+    attempts = page.partition("<h2>Attempts</h2>")[2].partition("<h2>Headers</h2>")[0]
+    assert attempts.count('<td class="num">') == MAX_SHOWN_ATTEMPTS
+    assert attempts.count("1 attempt not shown") == 20
+    assert "No attempt yet" not in attempts

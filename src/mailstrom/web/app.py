@@ -797,9 +797,15 @@ rendering holding the server's event loop (every other request) for 2.4 s."""
 
 def _shown_attempts(status: MessageStatus) -> dict[str, tuple[Attempt, ...]]:
     """Each recipient's latest attempts, as many as its share of
-    :data:`MAX_SHOWN_ATTEMPTS` (one at least: the latest says the most)."""
-    each = max(1, MAX_SHOWN_ATTEMPTS // max(1, len(status.recipients)))
-    return {r.address: r.history[-each:] for r in status.recipients}
+    :data:`MAX_SHOWN_ATTEMPTS` (the first ones take what does not divide evenly; past
+    that many recipients, the later ones get none: their latest reply is in the table
+    of recipients)."""
+    each, extra = divmod(MAX_SHOWN_ATTEMPTS, max(1, len(status.recipients)))
+    shown: dict[str, tuple[Attempt, ...]] = {}
+    for i, r in enumerate(status.recipients):
+        share = each + 1 if i < extra else each
+        shown[r.address] = r.history[len(r.history) - share :] if share else ()
+    return shown
 
 
 MAX_FORM_BYTES = 16 * 1024
