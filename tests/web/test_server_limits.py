@@ -306,3 +306,30 @@ def test_a_malformed_body_in_the_requests_own_packet_is_no_error_in_the_log(
         reply.read()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+def test_a_head_request_with_a_malformed_body_gets_a_400_head_without_an_error(
+    patient: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An answer to HEAD has no content (RFC 9110 §9.3.2), and h11 refuses the text of
+    uvicorn's 400 for it ("Too much data for declared Content-Length"), which escaped as
+    "Fatal error: protocol.data_received() call failed" with a traceback at ERROR level
+    and no answer at all."""
+    caplog.set_level(logging.DEBUG)
+    with _connect(patient) as sock:
+        sock.sendall(
+            b"HEAD /login HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        )
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert answer.endswith(b"\r\n\r\n"), answer  # the head alone
+    with _connect(patient) as sock:
+        sock.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        assert reply.status == 200
+        reply.read()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

@@ -192,8 +192,13 @@ def _guarded_h11(max_connections: int, request_timeout: float) -> type[H11Protoc
                 *((name.lower().encode(), value.encode()) for name, value in _SECURITY_HEADERS),
             ]
             response = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
-            for event in (response, h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event) or b"")
+            try:
+                for event in (response, h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
+                    self.transport.write(self.conn.send(event) or b"")
+            except h11.LocalProtocolError:
+                # The request was a HEAD, whose answer has no content (h11 refuses it):
+                # the head, written already, is the whole answer.
+                pass
             self.transport.close()
             if self.cycle is not None and not self.cycle.response_complete:
                 # The app may be at the request already (its head came in the same read):
