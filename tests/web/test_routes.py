@@ -9,7 +9,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,8 @@ def ids(store: Store) -> dict[str, str]:
     return {"deferred": deferred, "queued": queued}
 
 
-def _client(store: Store, **options: object) -> Iterator[TestClient]:
-    app = create_app(store, clock=lambda: NOW + timedelta(minutes=1), **options)  # type: ignore[arg-type]
+def _client(store: Store, *, now: datetime = NOW, **options: object) -> Iterator[TestClient]:
+    app = create_app(store, clock=lambda: now + timedelta(minutes=1), **options)  # type: ignore[arg-type]
     with TestClient(app, base_url="http://127.0.0.1:8025") as client:
         yield client
 
@@ -191,17 +191,20 @@ def test_a_message_page_shows_a_throttled_destinations_pause(
     waits, queued and unattempted, for the pause's end. `mailstrom status` says so (a
     "throttled until" line, the pause's end as its next retry); the page showed it
     queued with no next attempt and no reply, as if nothing held it back."""
-    mid = any_store.enqueue(message("b@two.example"), now=NOW)
-    lease = lease_all(any_store)
+    # Pauses are read by the real clock (status()): one made at NOW, years ahead of
+    # it, would be taken for a clock since set back (policy.throttle.pause_runs).
+    now = datetime.now(UTC)
+    mid = any_store.enqueue(message("b@two.example"), now=now)
+    lease = lease_all(any_store, now=now)
     pause = any_store.throttle(
         "two.example",
-        now=NOW,
+        now=now,
         reply="421 4.7.28 Our system has detected an unusual rate",
         first=timedelta(hours=1),
         maximum=timedelta(hours=4),
     )
     any_store.postpone(lease.items, until=pause.until, destination="two.example")
-    for client in _client(any_store):
+    for client in _client(any_store, now=now):
         page = client.get(f"/message/{mid}").text
     row = re.search(r'<table id="recipients">.*?</table>', page, re.S)
     assert row is not None
@@ -245,20 +248,23 @@ def test_a_retried_throttled_recipient_shows_the_pauses_end_as_its_next_attempt(
     """A retry makes a throttled recipient due now, but the worker gives it back, due at
     its destination's pause's end (the retry says so): the page showed the retry's time
     as its next attempt beside "throttled until" a later time."""
-    mid = any_store.enqueue(message("b@two.example"), now=NOW)
-    lease = lease_all(any_store)
+    # Pauses are read by the real clock (status()): one made at NOW, years ahead of
+    # it, would be taken for a clock since set back (policy.throttle.pause_runs).
+    now = datetime.now(UTC)
+    mid = any_store.enqueue(message("b@two.example"), now=now)
+    lease = lease_all(any_store, now=now)
     pause = any_store.throttle(
         "two.example",
-        now=NOW,
+        now=now,
         reply="421 4.7.28 Our system has detected an unusual rate",
         first=timedelta(hours=1),
         maximum=timedelta(hours=4),
     )
     any_store.postpone(lease.items, until=pause.until, destination="two.example")
-    retried = NOW + timedelta(minutes=1)
+    retried = now + timedelta(minutes=1)
     any_store.retry(mid, now=retried)
     assert any_store.status(mid).recipients[0].throttle == pause
-    for client in _client(any_store):
+    for client in _client(any_store, now=now):
         page = client.get(f"/message/{mid}").text
     row = re.search(r'<table id="recipients">.*?</table>', page, re.S)
     assert row is not None
@@ -1261,12 +1267,15 @@ def test_retrying_mail_to_a_throttled_destination_says_it_waits_for_the_pause(
     after a throttling reply (421 4.7.28): the worker leases it and gives it back, due at
     the pause's end, as `mailstrom retry` says ("at a throttled destination, due once its
     pause ends") and the message's page shows ("throttled until")."""
-    mid = any_store.enqueue(message("x@one.example", "y@two.example"), now=NOW)
-    other = any_store.enqueue(message("z@two.example", "w@three.example"), now=NOW)
-    lease = lease_all(any_store)
+    # Pauses are read by the real clock (status()): one made at NOW, years ahead of
+    # it, would be taken for a clock since set back (policy.throttle.pause_runs).
+    now = datetime.now(UTC)
+    mid = any_store.enqueue(message("x@one.example", "y@two.example"), now=now)
+    other = any_store.enqueue(message("z@two.example", "w@three.example"), now=now)
+    lease = lease_all(any_store, now=now)
     pause = any_store.throttle(
         "two.example",
-        now=NOW,
+        now=now,
         reply="421 4.7.28 Our system has detected an unusual rate",
         first=timedelta(hours=1),
         maximum=timedelta(hours=4),
@@ -1277,12 +1286,12 @@ def test_retrying_mail_to_a_throttled_destination_says_it_waits_for_the_pause(
         results_for(
             lease,
             RecipientState.DEFERRED,
-            next_attempt_at=NOW + timedelta(hours=1),
+            next_attempt_at=now + timedelta(hours=1),
             only=["x@one.example", "w@three.example"],
         )
     )
-    any_store.suspend("three.example", now=NOW)
-    for client in _client(any_store):
+    any_store.suspend("three.example", now=now)
+    for client in _client(any_store, now=now):
         for target, notice in (
             (mid, "1 recipient due now, 1 due once the pause ends"),
             (other, "1 recipient due once resumed, 1 due once the pause ends"),
@@ -1290,7 +1299,7 @@ def test_retrying_mail_to_a_throttled_destination_says_it_waits_for_the_pause(
             token = _csrf(client.get(f"/action/retry/{target}").text)
             done = client.post(f"/action/retry/{target}", data={"csrf": token})
             assert f'id="done">Retry now: {notice}<' in done.text
-        any_store.suspend("one.example", now=NOW)
+        any_store.suspend("one.example", now=now)
         token = _csrf(client.get(f"/action/retry/{mid}").text)
         done = client.post(f"/action/retry/{mid}", data={"csrf": token})
         assert 'id="done">Retry now: 1 recipient due once resumed, 1 due once the pause ends<' in (
