@@ -21,7 +21,7 @@ from mailstrom.errors import (
 from mailstrom.message.addresses import Group, parse_address_list
 from mailstrom.message.chars import check_encodable, check_header_text, shorten
 from mailstrom.message.dsn import DSN
-from mailstrom.message.envelope import AddressFields, too_many_recipients
+from mailstrom.message.envelope import AddressFields, RecipientCount
 from mailstrom.message.headers import MAX_FIELD, check_field_name, check_field_size
 from mailstrom.message.identification import check_message_id, check_msg_ids
 from mailstrom.message.provider import provider_fields
@@ -236,7 +236,7 @@ def check(email: Email, *, max_recipients: int | None = None) -> Draft:
         author = _one_mailbox(from_)
         if author is not None and _one_mailbox(sender) == author:
             sender = None
-    counted = None if max_recipients is None else _Recipients(max_recipients)
+    counted = None if max_recipients is None else RecipientCount(max_recipients)
     fields = AddressFields(
         from_=from_,
         sender=sender,
@@ -494,25 +494,8 @@ def _header_items(headers: object) -> Iterable[tuple[str, str]]:
         ) from None
 
 
-class _Recipients:
-    """The different envelope addresses To, Cc and Bcc name, counted as they are read."""
-
-    __slots__ = ("max_recipients", "seen")
-
-    def __init__(self, max_recipients: int) -> None:
-        self.max_recipients = max_recipients
-        self.seen: set[str] = set()
-
-    def add(self, groups: tuple[Group, ...]) -> None:
-        # Envelope forms have lower-case domains: a set de-duplicates as decide() does.
-        for group in groups:
-            self.seen.update(box.address.envelope for box in group.mailboxes)
-        if len(self.seen) > self.max_recipients:
-            raise too_many_recipients(len(self.seen), self.max_recipients)
-
-
 def _groups(
-    name: str, value: str | Sequence[str], counted: _Recipients | None = None
+    name: str, value: str | Sequence[str], counted: RecipientCount | None = None
 ) -> tuple[Group, ...]:
     if isinstance(value, str):
         values = [value]

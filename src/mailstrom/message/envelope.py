@@ -119,14 +119,25 @@ class MailboxCount:
     def add(self, groups: Sequence[Group]) -> None:
         """Count the mailboxes of one field's ``groups``; TooManyRecipients when the
         fields read so far name too many."""
-        self.count += sum(len(group.mailboxes) for group in groups)
+        for group in groups:
+            self.count += len(group.mailboxes)
         if self.count > self.max_recipients + MAX_OTHER_MAILBOXES:
             raise too_many_mailboxes(self.count, self.max_recipients)
 
 
-def too_many_recipients(count: int, max_recipients: int, prefix: str = "") -> TooManyRecipients:
-    """The error for recipient fields (``prefix`` + To, Cc and Bcc) counted as they are
-    read: ``count`` different addresses before the rest, past ``max_recipients``."""
+def too_many_recipients(count: int, max_recipients: int, named_by: str = "To") -> TooManyRecipients:
+    """The error for recipients counted as they are read: ``count`` different addresses
+    before the rest, past ``max_recipients``, named by ``named_by``: "To" (To, Cc and
+    Bcc), "Resent-To" (Resent-To, Resent-Cc and Resent-Bcc) or "envelope_to"."""
+    if named_by == "envelope_to":
+        return TooManyRecipients(
+            f"envelope_to names more than {max_recipients} different addresses "
+            f"({count} before the rest are read); the limit is {max_recipients} "
+            "(Config.max_recipients)",
+            count=count,
+            limit=max_recipients,
+        )
+    prefix = named_by.removesuffix("To")
     return TooManyRecipients(
         f"the message has more than {max_recipients} recipients: its "
         f"{prefix}To, {prefix}Cc and {prefix}Bcc fields name {count} "
@@ -135,6 +146,35 @@ def too_many_recipients(count: int, max_recipients: int, prefix: str = "") -> To
         count=count,
         limit=max_recipients,
     )
+
+
+class RecipientCount:
+    """The different envelope addresses a message is to be sent to, counted as each field
+    or address is read: past ``max_recipients``, :class:`TooManyRecipients` before the
+    rest are validated. Envelope forms have lower-case domains, so a set de-duplicates
+    as :func:`decide` does."""
+
+    __slots__ = ("max_recipients", "seen")
+
+    def __init__(self, max_recipients: int) -> None:
+        self.max_recipients = max_recipients
+        self.seen: set[str] = set()
+
+    def add(self, groups: Iterable[Group], named_by: str = "To") -> None:
+        """Count the mailboxes of ``groups``, named by ``named_by`` (see
+        :func:`too_many_recipients`)."""
+        seen = self.seen
+        for group in groups:
+            for box in group.mailboxes:
+                seen.add(box.address.envelope)
+        if len(seen) > self.max_recipients:
+            raise too_many_recipients(len(seen), self.max_recipients, named_by)
+
+    def add_address(self, address: ValidAddress) -> None:
+        """Count one address of ``envelope_to``."""
+        self.seen.add(address.envelope)
+        if len(self.seen) > self.max_recipients:
+            raise too_many_recipients(len(self.seen), self.max_recipients, "envelope_to")
 
 
 def fields_from_section(
@@ -242,10 +282,8 @@ class _AddressReader:
 
     def __init__(self, section: HeaderSection, max_recipients: int) -> None:
         self.section = section
-        self.max_recipients = max_recipients
-        self.mailbox_limit = max_recipients + MAX_OTHER_MAILBOXES
-        self.mailbox_count = 0
-        self.recipients: set[str] = set()
+        self.mailboxes = MailboxCount(max_recipients)
+        self.recipients = RecipientCount(max_recipients)
 
     def groups(
         self, name: str, *, single: bool = False, first: bool = False, recipients: bool = False
@@ -270,20 +308,10 @@ class _AddressReader:
     def parse(self, name: str, value: str, *, recipients: bool) -> tuple[Group, ...]:
         """The groups of one ``name`` field's ``value``, counted (see :meth:`groups`)."""
         parsed = parse_address_list(name, value)
-        self._count(name, parsed, recipients=recipients)
+        self.mailboxes.add(parsed)
+        if recipients:
+            self.recipients.add(parsed, "Resent-To" if name.startswith("Resent-") else "To")
         return parsed
-
-    def _count(self, name: str, groups: tuple[Group, ...], *, recipients: bool) -> None:
-        for group in groups:
-            self.mailbox_count += len(group.mailboxes)
-            if recipients:
-                # Envelope forms have lower-case domains: a set de-duplicates as decide() does.
-                self.recipients.update(box.address.envelope for box in group.mailboxes)
-        if self.mailbox_count > self.mailbox_limit:
-            raise too_many_mailboxes(self.mailbox_count, self.max_recipients)
-        if len(self.recipients) > self.max_recipients:
-            prefix = "Resent-" if name.startswith("Resent-") else ""
-            raise too_many_recipients(len(self.recipients), self.max_recipients, prefix)
 
 
 def _explicit(envelope_to: object) -> Sequence[str]:
@@ -311,20 +339,11 @@ def _explicit_addresses(envelope_to: object, max_recipients: int) -> list[ValidA
     ``max_recipients`` different ones, :class:`TooManyRecipients` before the rest are
     read (a list of 200,000 was validated whole, 2.4 s, before it was refused)."""
     found: list[ValidAddress] = []
-    # Envelope forms have lower-case domains: a set de-duplicates as dedupe() does.
-    seen: set[str] = set()
+    counted = RecipientCount(max_recipients)
     for text in _explicit(envelope_to):
         address = parse_mailbox("envelope_to", text).address
         found.append(address)
-        seen.add(address.envelope)
-        if len(seen) > max_recipients:
-            raise TooManyRecipients(
-                f"envelope_to names more than {max_recipients} different addresses "
-                f"({len(seen)} before the rest are read); the limit is {max_recipients} "
-                "(Config.max_recipients)",
-                count=len(seen),
-                limit=max_recipients,
-            )
+        counted.add_address(address)
     return found
 
 
