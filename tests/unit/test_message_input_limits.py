@@ -172,6 +172,45 @@ def test_email_recipients_are_counted_as_they_are_validated() -> None:
     ).recipients == ("w@example.net",)
 
 
+def test_email_address_fields_have_the_mailbox_bound_of_raw_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An Email's From, Sender and Reply-To (and its To, Cc and Bcc beyond the different
+    recipients) were bounded only by 64 KiB a field: 11,302 mailboxes were accepted,
+    though prepare() refuses the bytes it made as raw input (more than 1,000 + 10,240).
+    Every address field's mailboxes are now counted as they are read, to the same bound."""
+    reply_to = [f"r@{i}.co" for i in range(5000)]  # 49 KB, within a field's 64 KiB
+    cc = ["c@b.co"] * 6300  # one recipient, 6,300 mailboxes
+    past = Email(
+        from_="a@example.com",
+        to="b@example.org",
+        reply_to=reply_to,
+        cc=[*cc, "<not an address"],
+        text="Hi",
+    )
+    with pytest.raises(TooManyRecipients) as caught:
+        prepare(past, now=NOW)
+    # Refused at the Cc address that passes the bound: the rest are not read.
+    assert (caught.value.count, caught.value.limit) == (11241, 11240)
+    within = Email(from_="a@example.com", to="b@example.org", reply_to=reply_to, text="Hi")
+    prepared = prepare(within, now=NOW)
+    assert prepare(prepared.data, now=NOW).recipients == ("b@example.org",)
+    # With an explicit envelope To, Cc and Bcc name no recipient, but are still mailboxes.
+    monkeypatch.setattr(envelope, "MAX_OTHER_MAILBOXES", 3)
+    explicit = ["x@example.net"]
+    to = [f"user{i}@example.org" for i in range(5)]
+    assert prepare(
+        Email(from_="a@example.com", to=to[:3], text=""), envelope_to=explicit, max_recipients=1
+    )
+    with pytest.raises(TooManyRecipients) as caught:
+        prepare(
+            Email(from_="a@example.com", to=to, bcc="<not an address", text=""),
+            envelope_to=explicit,
+            max_recipients=1,
+        )
+    assert (caught.value.count, caught.value.limit) == (5, 4)
+
+
 # --- #2 the address cache keeps only short values ---------------------------------------
 
 

@@ -21,7 +21,12 @@ from mailstrom.errors import (
 from mailstrom.message.addresses import Group, parse_address_list
 from mailstrom.message.chars import check_encodable, check_header_text, shorten
 from mailstrom.message.dsn import DSN
-from mailstrom.message.envelope import AddressFields, RecipientCount
+from mailstrom.message.envelope import (
+    DEFAULT_MAX_RECIPIENTS,
+    AddressFields,
+    MailboxCount,
+    RecipientCount,
+)
 from mailstrom.message.headers import MAX_FIELD, check_field_name, check_field_size
 from mailstrom.message.identification import check_message_id, check_msg_ids
 from mailstrom.message.provider import provider_fields
@@ -218,32 +223,40 @@ class Draft:
     """The Content-IDs (lower case, without angle brackets) the HTML names by ``cid:``."""
 
 
-def check(email: Email, *, max_recipients: int | None = None) -> Draft:
+def check(
+    email: Email,
+    *,
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+    recipients_from_headers: bool = True,
+) -> Draft:
     """Validate every field of ``email`` once.
 
     Raises :class:`HeaderInjection` for CR/LF, :class:`ForbiddenCharacter` for other
     control characters and lone surrogates, :class:`InvalidAddress` for bad addresses,
     :class:`HeaderTooLong` for a field over the limit, :class:`InvalidAttachment` and
-    :class:`InvalidMessage` for the rest. With ``max_recipients`` (the envelope is read
-    from To, Cc and Bcc), those are counted as each address is read, and past it
-    :class:`TooManyRecipients` is raised before the rest are validated.
+    :class:`InvalidMessage` for the rest. The mailboxes of the address fields are counted
+    as each address is read, as raw input's are (:class:`MailboxCount`), and so are the
+    different addresses of To, Cc and Bcc when the envelope is read from them
+    (``recipients_from_headers``): past either bound, :class:`TooManyRecipients` is
+    raised before the rest are validated.
     """
-    from_ = _groups("From", email.from_)
-    sender = None if email.sender is None else _groups("Sender", email.sender)
+    counted = MailboxCount(max_recipients)
+    from_ = _groups("From", email.from_, counted)
+    sender = None if email.sender is None else _groups("Sender", email.sender, counted)
     if sender is not None:
         # RFC 5322 §3.6.2: Sender SHOULD NOT be used when it would be identical to From
         # (the one author's mailbox): the envelope sender is that address either way.
         author = _one_mailbox(from_)
         if author is not None and _one_mailbox(sender) == author:
             sender = None
-    counted = None if max_recipients is None else RecipientCount(max_recipients)
+    recipients = RecipientCount(max_recipients) if recipients_from_headers else None
     fields = AddressFields(
         from_=from_,
         sender=sender,
-        reply_to=_groups("Reply-To", email.reply_to),
-        to=_groups("To", email.to, counted),
-        cc=_groups("Cc", email.cc, counted),
-        bcc=_groups("Bcc", email.bcc, counted),
+        reply_to=_groups("Reply-To", email.reply_to, counted),
+        to=_groups("To", email.to, counted, recipients),
+        cc=_groups("Cc", email.cc, counted, recipients),
+        bcc=_groups("Bcc", email.bcc, counted, recipients),
     )
     subject = _text("Subject", email.subject)
     headers = tuple(_header(name, value) for name, value in _header_items(email.headers))
@@ -495,7 +508,10 @@ def _header_items(headers: object) -> Iterable[tuple[str, str]]:
 
 
 def _groups(
-    name: str, value: str | Sequence[str], counted: RecipientCount | None = None
+    name: str,
+    value: str | Sequence[str],
+    counted: MailboxCount,
+    recipients: RecipientCount | None = None,
 ) -> tuple[Group, ...]:
     if isinstance(value, str):
         values = [value]
@@ -525,8 +541,11 @@ def _groups(
         parsed = parse_address_list(name, item)
         if not parsed:
             raise InvalidAddress(f"empty address in {name}: {item!r}", address=item)
-        if counted is not None:
-            counted.add(parsed)
+        # Counted as each is read, to raw input's bound: by 64 KiB a field alone, five
+        # fields named 25,000 mailboxes, in bytes that prepare() then refused as raw input.
+        counted.add(parsed)
+        if recipients is not None:
+            recipients.add(parsed)
         out.extend(parsed)
     return tuple(out)
 

@@ -202,7 +202,7 @@ def _prepare_email(
     id_domain: str | None,
 ) -> PreparedMessage:
     draft = builder.check(
-        email, max_recipients=options.max_recipients if envelope_to is None else None
+        email, max_recipients=options.max_recipients, recipients_from_headers=envelope_to is None
     )
     least = _least_size(draft)
     if least > options.max_size:
