@@ -450,6 +450,18 @@ def test_non_ascii_keywords_are_encoded_one_by_one(value: str) -> None:
     assert max(map(len, built.data.split(b"\r\n"))) <= 78
 
 
+@pytest.mark.parametrize("value", [", ".join(["www"] * 15), "ééé, " + ", ".join(["www"] * 10)])
+def test_a_keyword_breaks_onto_the_next_line_with_its_comma(value: str) -> None:
+    """The folder judged each keyword alone, then glued its comma after it, so a keyword
+    that just fit made its line one longer: "Keywords: www, ... www," was 79 characters
+    (RFC 5322 §2.1.1 prefers 78), and 77 with an encoded word on the line (RFC 2047 §2
+    allows 76). A keyword and its comma now go onto the next line together."""
+    built = prepare(Email(**BASE, text="t", headers={"Keywords": value}), now=NOW)  # type: ignore[arg-type]
+    assert _keywords(built.data) == [item.strip() for item in value.split(",")]
+    for line in built.data.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        assert len(line) <= (76 if b"=?" in line else 78), line
+
+
 def test_keywords_that_look_like_an_encoded_word_are_kept_literally() -> None:
     """Text that a reader would decode as an encoded word is encoded itself, so it reads
     back literally; split at its comma, neither half looked like one."""

@@ -292,8 +292,9 @@ def _flush(pieces: list[tuple[str, str]], space: str, run: list[str]) -> None:
 
 def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> str:
     """Join ``pieces`` after ``start``, breaking the line before a piece's whitespace when
-    the line would pass 78 characters. The first piece always gets one space after
-    ``start``; a piece given no whitespace is glued to the one before.
+    the line would pass 78 characters with it and the pieces glued to it. The first piece
+    always gets one space after ``start``; a piece given no whitespace is glued to the one
+    before.
 
     No line passes 998 octets (RFC 5322 §2.1.1) as long as each piece's text fits a line
     after one space (after ``start`` for the first): whitespace too long to go with its
@@ -318,14 +319,16 @@ def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> st
         word = "=?" in text
         if index == 0:
             space = " "
-        elif space and len(line) + len(space) + len(text) > (
-            _WORD_LINE if word or worded else FOLD_AT
-        ):
-            excess = len(space) + _octets(text) - MAX_LINE
-            if excess > 0:
-                line, space = _split_space(lines, line, space, excess)
-            lines.append(line)
-            line, worded = "", False
+        elif space:
+            # What is glued after it (a phrase list's comma) goes onto its line with it.
+            glued = index + 1 < len(pieces) and not pieces[index + 1][0]
+            unit = _unit(pieces, index, text) if glued else text
+            if len(line) + len(space) + len(unit) > (_WORD_LINE if word or worded else FOLD_AT):
+                excess = len(space) + _octets(unit) - MAX_LINE
+                if excess > 0:
+                    line, space = _split_space(lines, line, space, excess)
+                lines.append(line)
+                line, worded = "", False
         if word and len(line) + len(space) + len(text) > _WORD_LINE:
             split = _split_word(text, _WORD_LINE - len(line) - len(space))
             if split is not None:
@@ -351,6 +354,16 @@ def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> st
             line = rest[at : at + MAX_LINE]
     lines.append(line)
     return "\r\n".join(lines)
+
+
+def _unit(pieces: list[tuple[str, str]], index: int, text: str) -> str:
+    """``text``, of ``pieces[index]``, and that of the pieces glued after it (given no
+    white space: a phrase list's commas), which no fold may part from it: judged alone, a
+    keyword that just fit made its line one longer with its comma."""
+    end = index + 1
+    while end < len(pieces) and not pieces[end][0]:
+        end += 1
+    return text + "".join(glued for _, glued in pieces[index + 1 : end])
 
 
 def _split_word(text: str, room: int) -> list[str] | None:
