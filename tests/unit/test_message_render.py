@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, tzinfo
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser, Parser
@@ -206,6 +207,44 @@ def test_keyword_lines_keep_their_limits(words: list[str]) -> None:
     folded = unstructured_field("Keywords", ", ".join(words), utf8=False)
     for line in folded.split("\r\n"):
         assert len(line) <= (76 if "=?" in line else 78), line
+
+
+class _PlusTwo(tzinfo):
+    """UTC+2 written as the datetime docs teach (dateutil's and pytz's zones are such
+    Python classes); ``meanwhile`` runs once inside ``utcoffset()``, where a thread
+    switch can fall, as another thread that took the interpreter there would."""
+
+    def __init__(self) -> None:
+        self.meanwhile: Callable[[], object] | None = None
+
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            meanwhile()
+        return timedelta(hours=2)
+
+    def dst(self, dt: datetime | None) -> timedelta:
+        return timedelta(0)
+
+
+def test_a_date_remembered_meanwhile_is_not_another_messages() -> None:
+    """The renderer remembers the last Date it formatted, and read it twice: a message
+    prepared by another thread between the reads (a switch inside a Python zone's
+    utcoffset(), as the two are compared) gave this one its Date. Two threads preparing
+    messages of two dates, one in such a zone, wrote 28 wrong Dates in 100,000."""
+    first = _PlusTwo()
+    when = datetime(2024, 5, 6, 9, 8, 9, tzinfo=first)
+
+    def date_of(given: datetime) -> str | None:
+        data = prepare(Email(from_="a@example.com", to="b@example.org", date=given)).data
+        return parsed(data)["Date"]
+
+    assert date_of(when) == "Mon, 06 May 2024 09:08:09 +0200"
+    first.meanwhile = lambda: date_of(datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC))
+    # The same time in another zone object: compared with the remembered one, whose
+    # utcoffset() prepares the other message.
+    assert date_of(when.replace(tzinfo=_PlusTwo())) == "Mon, 06 May 2024 09:08:09 +0200"
+    assert first.meanwhile is None  # it did run in between
 
 
 def test_encoded_words_never_split_a_character() -> None:

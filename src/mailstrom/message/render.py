@@ -124,9 +124,12 @@ def _date(when: datetime) -> str:
     # 23:59:59.5 and the epoch shared a key. With the offset, equal keys format alike
     # (aware datetimes compare as instants, naive ones as wall times).
     key = (when.replace(microsecond=0), when.utcoffset())
-    if _last_date[0] != key:
-        _last_date = (key, format_date(when))
-    return _last_date[1]
+    # Read once: threads share it, and one may replace it between two reads (comparing
+    # the keys can run a Python zone's utcoffset()), giving this message its Date.
+    last = _last_date
+    if last[0] != key:
+        last = _last_date = (key, format_date(when))
+    return last[1]
 
 
 def _random_boundary() -> str:
