@@ -462,6 +462,22 @@ def test_a_keyword_breaks_onto_the_next_line_with_its_comma(value: str) -> None:
         assert len(line) <= (76 if b"=?" in line else 78), line
 
 
+def test_keywords_without_spaces_fold_after_their_commas() -> None:
+    """Keywords of tags joined by bare commas had no white space to fold at: 250 of them
+    (1,639 characters) were refused with LineTooLong, and any over 78 characters made one
+    long line, though the same text in another field is accepted. A line now breaks
+    after a comma where it must, which unfolds to a space that no keyword holds."""
+    tags = [f"tag{i}" for i in range(250)]
+    built = prepare(Email(**BASE, text="t", headers={"Keywords": ",".join(tags)}), now=NOW)  # type: ignore[arg-type]
+    assert _keywords(built.data) == tags
+    assert max(map(len, built.data.split(b"\r\n"))) <= 78
+    # Only where a line breaks: elsewhere the commas stay bare.
+    head = built.data.partition(b"\r\n\r\n")[0].decode("ascii")
+    [field] = [f for f in head.replace("\r\n ", "\0").split("\r\n") if f.startswith("Keywords")]
+    assert field.count(",\0") == field.count("\0") > 1
+    assert field.replace(",\0", ",") == "Keywords: " + ",".join(tags)
+
+
 def test_keywords_that_look_like_an_encoded_word_are_kept_literally() -> None:
     """Text that a reader would decode as an encoded word is encoded itself, so it reads
     back literally; split at its comma, neither half looked like one."""

@@ -198,13 +198,14 @@ def test_text_the_stdlib_reads_as_an_unclosed_encoded_word_reaches_it_literally(
 @given(
     st.lists(
         st.text("abcdefghijklmnopqrstuvwxyzéü€", min_size=1, max_size=9), min_size=2, max_size=40
-    )
+    ),
+    st.sampled_from([", ", ","]),
 )
-def test_keyword_lines_keep_their_limits(words: list[str]) -> None:
+def test_keyword_lines_keep_their_limits(words: list[str], comma: str) -> None:
     """A Keywords list of short words folds to lines of at most 78 characters, and of at
     most 76 where one holds an encoded word (RFC 2047 §2): a comma glued after a keyword
-    that just fit made its line one longer."""
-    folded = unstructured_field("Keywords", ", ".join(words), utf8=False)
+    that just fit made its line one longer, and bare commas left no place to fold."""
+    folded = unstructured_field("Keywords", comma.join(words), utf8=False)
     for line in folded.split("\r\n"):
         assert len(line) <= (76 if "=?" in line else 78), line
 

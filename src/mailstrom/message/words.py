@@ -61,6 +61,11 @@ _PLAIN_TEXT = re.compile(r"[\t -~]*")
 # text, and reads on to the next "?=", or to the end ("=??q?=41" is "A").
 _LOOKS_ENCODED = re.compile(r"=\?[^?]*\?[^?]*\?(?:[^?]*\?=|=[0-9A-Fa-f]{2})")
 MAX_LINE = 998
+FOLD_IF_NEEDED = "\0"
+"""The white space before a piece of :func:`fold` that has none, where its line may
+still break if it must: a phrase after a phrase list's bare comma, where CFWS may stand
+(RFC 5322 §3.2.2, §3.6.5). Without it, tags joined by bare commas made one line, refused
+past 998 octets; a break adds the one space that starts the next line."""
 _WORDS = re.compile(r"[ \t]+|[^ \t]+")
 _LIST_WORDS = re.compile(r"[ \t]+|,|[^ \t,]+")
 """:data:`_WORDS` of a phrase list (Keywords), its commas tokens of their own."""
@@ -246,7 +251,8 @@ def unstructured_field(name: str, value: str, *, utf8: bool) -> str:
             if run:
                 _flush(pieces, run_space, run)
                 run = []
-            pieces.append((space, token))
+            # A phrase after a bare comma may be folded before, if its line must break.
+            pieces.append((space or (FOLD_IF_NEEDED if phrases and pieces else ""), token))
         space = ""
     if run:
         if trailing and not phrases:
@@ -294,7 +300,7 @@ def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> st
     """Join ``pieces`` after ``start``, breaking the line before a piece's whitespace when
     the line would pass 78 characters with it and the pieces glued to it. The first piece
     always gets one space after ``start``; a piece given no whitespace is glued to the one
-    before.
+    before, one given :data:`FOLD_IF_NEEDED` too unless the line must break before it.
 
     No line passes 998 octets (RFC 5322 §2.1.1) as long as each piece's text fits a line
     after one space (after ``start`` for the first): whitespace too long to go with its
@@ -320,10 +326,15 @@ def fold(start: str, pieces: list[tuple[str, str]], *, trailing: str = "") -> st
         if index == 0:
             space = " "
         elif space:
+            optional = space == FOLD_IF_NEEDED
             # What is glued after it (a phrase list's comma) goes onto its line with it.
             glued = index + 1 < len(pieces) and not pieces[index + 1][0]
             unit = _unit(pieces, index, text) if glued else text
-            if len(line) + len(space) + len(unit) > (_WORD_LINE if word or worded else FOLD_AT):
+            limit = _WORD_LINE if word or worded else FOLD_AT
+            if len(line) + (0 if optional else len(space)) + len(unit) <= limit:
+                space = "" if optional else space
+            else:
+                space = " " if optional else space
                 excess = len(space) + _octets(unit) - MAX_LINE
                 if excess > 0:
                     line, space = _split_space(lines, line, space, excess)
