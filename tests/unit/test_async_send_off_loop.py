@@ -57,37 +57,72 @@ async def test_sending_prepares_and_queues_on_a_thread_other_than_the_loops() ->
         store.close()
 
 
+def _sending(ams: AsyncMailstrom, batch: bool) -> asyncio.Future[object]:
+    message = hello("bob@example.org")
+    return asyncio.ensure_future(ams.send_emails([message]) if batch else ams.send_email(message))
+
+
 @pytest.mark.parametrize("batch", [False, True])
-async def test_a_cancelled_send_raises_once_its_store_write_has_ended(batch: bool) -> None:
-    # The thread cannot be stopped: a CancelledError raised at once left it queuing the
-    # message behind the caller's back (and the async with exit closing the store under
-    # it). The cancel now takes effect once the write has ended, so the caller who sees it
-    # finds the queue as it will stay.
+def test_a_send_cancelled_before_its_store_write_queues_nothing(batch: bool) -> None:
+    # Cancelled (a timeout around it) while the thread still prepared the message (a
+    # large one's encoding and signing takes half a second), it waited for the thread to
+    # queue it: the caller, told it was cancelled, sent it again, and it went out twice.
+    # It now raises at once, and the thread drops the message before the store sees it.
     entered, release = threading.Event(), threading.Event()
 
-    def clock() -> datetime:  # read in the thread, before the store write
+    def clock() -> datetime:  # read in the thread where the message is prepared
         entered.set()
-        release.wait(10)
+        release.wait(30)
         return datetime(2026, 1, 1, tzinfo=UTC)
 
     store = MemoryStore()
     ams = AsyncMailstrom(
         Config(helo_name="mail.example.com"), store=store, clock=clock, worker=None
     )
-    try:
-        message = hello("bob@example.org")
-        sending = asyncio.ensure_future(
-            ams.send_emails([message]) if batch else ams.send_email(message)
-        )
+
+    async def cancel_while_preparing() -> bool:
+        sending = _sending(ams, batch)
         assert await asyncio.to_thread(entered.wait, 10)
         sending.cancel()
-        asyncio.get_running_loop().call_later(0.3, release.set)
+        try:
+            ended, _ = await asyncio.wait({sending}, timeout=10)  # (bounds the old wait)
+        finally:
+            release.set()
         with pytest.raises(asyncio.CancelledError):
             await sending
-        assert release.is_set()
-        assert len(store.recent(10)) == 1
+        return bool(ended)
+
+    try:
+        at_once = asyncio.run(cancel_while_preparing())  # which waits for the thread
+        assert store.recent(10) == []
+        assert at_once
     finally:
         release.set()
+        store.close()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_a_send_cancelled_in_its_store_write_raises_once_the_write_has_ended(
+    batch: bool,
+) -> None:
+    # The thread cannot be stopped: a CancelledError raised at once left it queuing the
+    # message behind the caller's back (and the async with exit closing the store under
+    # it). The cancel now takes effect once the write has ended, so the caller who sees it
+    # finds the queue as it will stay.
+    store = _GatedStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker=None)
+    try:
+        store.armed = True
+        sending = _sending(ams, batch)
+        assert await asyncio.to_thread(store.entered.wait, 10)
+        sending.cancel()
+        asyncio.get_running_loop().call_later(0.3, store.release.set)
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        assert store.release.is_set()
+        assert len(store.recent(10)) == 1
+    finally:
+        store.release.set()
         await ams.stop()
         store.close()
 

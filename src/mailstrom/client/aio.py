@@ -27,10 +27,12 @@ from mailstrom.client.common import (
 )
 from mailstrom.client.operations import (
     AsyncQueueOperations,
+    WriteStart,
     checked_filter,
     checked_page,
     resolve,
     write_in_thread,
+    write_unless_cancelled,
 )
 from mailstrom.client.process import STOP_GRACE, WorkerProcess
 from mailstrom.config import Config
@@ -526,39 +528,45 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         ``Config.idempotency_window`` returns the first message's id and queues nothing.
         ``dsn`` and a VERP ``envelope_from`` as for :meth:`Mailstrom.send_email`.
 
-        Cancelled while the thread writes, it raises CancelledError once the write has
-        ended: the message may then be queued (under an id the caller did not get); send
-        it again with the same ``idempotency_key`` to learn its id without a second copy.
+        Cancelled (a timeout around it) before the store write began, while the message
+        is validated, encoded and signed, it raises CancelledError at once and nothing
+        is queued. Cancelled during the write, it raises once the write has ended: the
+        message may then be queued (under an id the caller did not get); send it again
+        with the same ``idempotency_key`` to learn its id without a second copy.
         """
 
         # Validation, encoding and DKIM signing go to the thread with the store write: on
         # the loop they held every other coroutine (the "task" worker's deliveries too)
         # for as long as a large message takes, half a second for 20 MiB.
-        return await write_in_thread(
-            self._queue,
-            message,
-            envelope_from,
-            envelope_to,
-            dsn,
-            tags=tags,
-            metadata=metadata,
-            priority=priority,
-            send_at=send_at,
-            expires_at=expires_at,
-            max_age=max_age,
-            idempotency_key=idempotency_key,
+        return await write_unless_cancelled(
+            lambda start: self._queue(
+                message,
+                envelope_from,
+                envelope_to,
+                dsn,
+                begin=start.begin,
+                tags=tags,
+                metadata=metadata,
+                priority=priority,
+                send_at=send_at,
+                expires_at=expires_at,
+                max_age=max_age,
+                idempotency_key=idempotency_key,
+            )
         )
 
     async def send_emails(self, messages: Iterable[MessageInput]) -> list[str]:
         """Queue a batch in one store transaction; all or nothing (see
-        :meth:`Mailstrom.send_emails`)."""
+        :meth:`Mailstrom.send_emails`). Cancelled, as :meth:`send_email`: before the
+        store write began, nothing of the batch is queued."""
         batch = batch_of(messages)  # on the loop: a generator is the caller's to read
 
-        def queue() -> list[str]:  # off the loop, as in send_email
+        def queue(start: WriteStart) -> list[str]:  # off the loop, as in send_email
             prepared = self._prepare_batch(batch)
+            start.begin()
             return self._store_for_new_mail().enqueue_many(prepared, now=self._clock())
 
-        return await write_in_thread(queue)
+        return await write_unless_cancelled(queue)
 
     async def query_status(self, message_id: str) -> MessageStatus:
         """Where the message and each recipient stand, with attempt history."""

@@ -498,11 +498,15 @@ class FacadeBase:
         envelope_from: str | None,
         envelope_to: Sequence[str] | None,
         dsn: DSN | None = None,
+        *,
+        begin: Callable[[], None] = lambda: None,
         **attributes: Any,
     ) -> str:
         """Prepare ``message`` and queue it durably: the whole of ``send_email``, which
-        the async facade runs in a thread."""
+        the async facade runs in a thread (``begin`` is called between the two: see
+        :func:`~mailstrom.client.operations.write_unless_cancelled`)."""
         prepared = self._prepare(message, envelope_from, envelope_to, dsn, **attributes)
+        begin()
         return self._store_for_new_mail().enqueue(prepared, now=self._clock())
 
     def _store_for_new_mail(self) -> Store:

@@ -345,16 +345,74 @@ async def write_in_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        while not future.done():
-            try:
-                await asyncio.shield(future)
-            except asyncio.CancelledError:
-                continue  # a second cancel: still the same write to wait for
-            except Exception:
-                break
-        if not future.cancelled():
-            future.exception()  # retrieved: the caller's outcome is the cancellation
+        await _outlast(future)
         raise
+
+
+class _Abandoned(Exception):
+    """The caller was cancelled before the write began: nothing was written."""
+
+
+class WriteStart:
+    """Where a thread's work reaches the store (:func:`write_unless_cancelled`): the
+    write begins only if its caller still awaits it, so that a caller cancelled before
+    then is told so at once, and nothing it asked for is written."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._begun = False
+        self._abandoned = False
+
+    def begin(self) -> None:
+        """Called in the thread just before the write: raises when it is not to be."""
+        with self._lock:
+            if self._abandoned:
+                raise _Abandoned
+            self._begun = True
+
+    def abandon(self) -> bool:
+        """The caller is cancelled: True when the write had not begun (and never will)."""
+        with self._lock:
+            self._abandoned = not self._begun
+            return self._abandoned
+
+
+async def write_unless_cancelled(func: Callable[[WriteStart], _T]) -> _T:
+    """``func`` in a thread, which calls :meth:`WriteStart.begin` right before its store
+    write (after the work that may take long: a large message's encoding and signing).
+    Cancelled before then, it raises CancelledError at once and the write never happens;
+    cancelled once the write has begun, it waits for it as :func:`write_in_thread` does.
+    Waiting for the whole thread queued a message whose caller had been told it was
+    cancelled (a timeout around ``send_email``), and made that caller wait for it."""
+    start = WriteStart()
+    future = asyncio.ensure_future(asyncio.to_thread(func, start))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if start.abandon():
+            future.add_done_callback(_retrieved)  # it ends on _Abandoned, or its own error
+        else:
+            await _outlast(future)
+        raise
+
+
+async def _outlast(future: asyncio.Future[Any]) -> None:
+    """Wait for ``future`` (a thread's) to end, through further cancels; its outcome is
+    dropped (the caller's is the cancellation)."""
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            continue  # a second cancel: still the same write to wait for
+        except Exception:
+            break
+    _retrieved(future)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Read ``future``'s error so that asyncio does not log it as never retrieved."""
+    if future.done() and not future.cancelled():
+        future.exception()
 
 
 class AsyncQueueOperations(_Base):
