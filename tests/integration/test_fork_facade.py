@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState
-from mailstrom.errors import WorkerError
+from mailstrom.errors import StoreError, WorkerError
 from mailstrom.stores import MemoryStore, SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
@@ -139,5 +139,52 @@ def test_a_fork_does_not_deliver_its_copy_of_a_queue_in_memory_from_a_worker_tas
 
             said = in_fork(lambda: asyncio.run(start_here()))
             assert said.startswith("False this process was forked"), said
+        finally:
+            on(loop, ams.stop())
+
+
+def _hello() -> Email:
+    return Email(from_="app@sender.test", to=["u@example.org"], subject="s", text="hi")
+
+
+def test_a_fork_refuses_new_mail_for_its_copy_of_a_queue_in_memory(
+    dns_server: LoopbackDNS,
+) -> None:
+    """The fork's copy of the queue is delivered by no worker (the parent's does not see
+    it, and the fork may start none): send_email returned an id for mail that stayed
+    queued for good, its caller told nothing."""
+    config = loopback_config(dns_server, 9)
+    with Mailstrom(config, store=MemoryStore(), worker="thread") as ms:
+
+        def child() -> str:
+            said = []
+            for send in (lambda: ms.send_email(_hello()), lambda: ms.send_emails([_hello()])):
+                try:
+                    said.append(f"queued {send()}")
+                except StoreError as exc:
+                    said.append(str(exc))
+            return " / ".join(said)
+
+        said = in_fork(child)
+        assert said.count("this process was forked") == 2, said
+        assert ms.query_recent() == []
+
+
+def test_a_fork_refuses_new_mail_for_its_copy_of_a_queue_in_memory_of_a_worker_task(
+    dns_server: LoopbackDNS,
+) -> None:
+    ams = AsyncMailstrom(loopback_config(dns_server, 9), store=MemoryStore(), worker="task")
+    with loop_in_a_thread() as loop:
+        on(loop, ams.start())
+        try:
+
+            async def send_here() -> str:
+                try:
+                    return f"queued {await ams.send_email(_hello())}"
+                except StoreError as exc:
+                    return str(exc)
+
+            said = in_fork(lambda: asyncio.run(send_here()))
+            assert said.startswith("this process was forked"), said
         finally:
             on(loop, ams.stop())

@@ -510,9 +510,17 @@ class FacadeBase:
         return self._store_for_new_mail().enqueue(prepared, now=self._clock())
 
     def _store_for_new_mail(self) -> Store:
-        """The store, to queue new mail in; StoreError once a stop() is closing it."""
+        """The store, to queue new mail in; StoreError once a stop() is closing it, or
+        in a fork's copy of a queue in memory: no worker delivers that copy (the
+        parent's cannot see it, and none may start here), and mail queued in it stayed
+        queued for good, its sender given an id as if it would go."""
         if self._store_closing:
             raise StoreError("the store is closed")
+        if self._copied_queue:
+            raise StoreError(
+                "this process was forked from the one whose worker delivers this facade's"
+                " queue in memory: mail queued in this process's copy would never be sent"
+            )
         return self.store
 
 
