@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
 from tests.integration import test_worker_modes
 from tests.integration.test_worker_modes import config
 
@@ -224,4 +225,63 @@ def test_stop_from_a_signal_handler_during_send_email_while_the_worker_waits_to_
     assert out == (
         "worker waits True\nhandler stopped\nqueued True\nthen the store is closed\n"
         "worker ended True False\n"
+    )
+
+
+def test_stop_from_a_signal_handler_inside_send_emails_transaction_leaves_the_child_to_end(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The handler came once send_email's transaction had begun, holding the database's
+    write lock, while the worker process had a delivery in flight: asked to stop, the
+    child gives back what it leased, and so waits for that lock, which the interrupted
+    write cannot let go of before the handler returns. stop() waited for the child its
+    whole bound (stop(1) took 13 s), then killed it. It now returns at once; the child
+    ends once the write is done, and a later stop() waits for that."""
+    server = smtp_server(stall_on="dot")  # the first message stays in flight
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    out = _run(
+        tmp_path,
+        config(dns_server, server.port),
+        "process",
+        """
+        from mailstrom.errors import StoreError
+        message = Email(from_="a@sender.test", to=["b@example.org"], subject="s", text="t")
+        ms.send_email(message)
+        until = time.monotonic() + 10
+        while ms.worker_status.in_flight == 0 and time.monotonic() < until:
+            time.sleep(0.05)
+        print("in flight", ms.worker_status.in_flight)
+        import logging
+
+        class Killed(logging.Handler):
+            def emit(self, record):
+                if "did not stop" in record.getMessage():
+                    print("killed", flush=True)
+
+        logging.getLogger("mailstrom.worker").addHandler(Killed())
+        # A short drain (the old wait, its bound and a kill, ends before faulthandler).
+        signal.signal(signal.SIGUSR1, lambda *_: (ms.stop(1), print("handler stopped")))
+        store = ms.store
+        begin = store._begin_immediate
+
+        def begin_interrupted(conn, deadline):
+            begin(conn, deadline)  # the write lock is this transaction's from here
+            if threading.current_thread() is threading.main_thread():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.01)  # the handler runs here, at once
+
+        store._begin_immediate = begin_interrupted
+        message_id = ms.send_email(message)
+        print("queued", len(message_id) > 0)
+        try:
+            ms.send_email(message)
+        except StoreError as exc:
+            print("then", exc)
+        ms.stop(0)
+        print("stopped", ms.worker_status.running, ms.worker.pid)
+        """,
+    )
+    assert out == (
+        "in flight 1\nhandler stopped\nqueued True\nthen the store is closed\nstopped False None\n"
     )

@@ -313,7 +313,10 @@ class Mailstrom(FacadeBase, QueueOperations):
         within = False
         try:
             if isinstance(worker, WorkerProcess):
-                worker.stop(timeout)
+                if in_a_call_on(self.store):
+                    self._stop_behind_the_call(worker, timeout)
+                else:
+                    worker.stop(timeout)
             elif isinstance(worker, Worker):
                 thread, self._thread = self._thread, None
                 if thread is None and _alive(self._stuck):
@@ -361,6 +364,20 @@ class Mailstrom(FacadeBase, QueueOperations):
             if not within:
                 self._unwatch_store()
                 self._close_owned_store()
+
+    def _stop_behind_the_call(self, worker: WorkerProcess, timeout: float | None) -> None:
+        """Stop the worker process on a thread of its own: a signal handler's stop()
+        (SIGTERM's) interrupted this thread in a call on the store, send_email's write,
+        whose transaction holds the database's write lock. The child, stopping, writes
+        too (it gives back what it leased) and waited for that lock, which the call
+        cannot let go of before the handler returns: stop() lasted its whole bound (40 s
+        by default), then killed the child with its deliveries in flight. The stop now
+        ends once the call has (a later stop() waits for it, as two stops do)."""
+        stopper = threading.Thread(target=worker.stop, args=(timeout,), name="mailstrom-stop")
+        try:
+            stopper.start()
+        except RuntimeError:  # no thread left: here, as before
+            worker.stop(timeout)
 
     def _worker_thread_here(self) -> _WorkerThread | None:
         here = threading.current_thread()
