@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -215,3 +216,63 @@ async def test_stop_closes_its_store_off_the_loop_while_a_write_waits_for_the_lo
         assert [s.id for s in reopened.recent()] == [mid]
     finally:
         reopened.close()
+
+
+class _SpyStore(MemoryStore):
+    """A memory store that, once armed, notes the name of each public method called
+    (when it is called: a method may be looked up on the loop and called in a thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.called: list[str] = []
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+        if not object.__getattribute__(self, "armed"):
+            return attr
+
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            self.called.append(name)
+            return attr(*args, **kwargs)
+
+        return noted
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+def test_a_write_cancelled_while_it_waits_for_a_thread_is_not_made(write: str) -> None:
+    # Every thread of the loop's executor busy (the application's own blocking calls),
+    # a cancelled write (a timeout around it) waited for a thread to come free, and was
+    # then made all the same: the caller, told it was cancelled, found it done. It now
+    # raises at once, and the write never reaches the store.
+    store = _SpyStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker=None)
+    busy = threading.Event()
+
+    async def cancel_while_the_executor_is_busy() -> bool:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        mid = await ams.send_email(hello("bob@example.org"))
+        occupied = loop.run_in_executor(None, busy.wait, 30)
+        store.armed = True
+        writing = asyncio.ensure_future(WRITES[write](ams, mid))
+        await asyncio.sleep(0)  # it waits for the executor's thread
+        writing.cancel()
+        try:
+            ended, _ = await asyncio.wait({writing}, timeout=10)  # (bounds the old wait)
+        finally:
+            busy.set()
+        await occupied
+        with pytest.raises(asyncio.CancelledError):
+            await writing
+        return bool(ended)
+
+    try:
+        at_once = asyncio.run(cancel_while_the_executor_is_busy())  # waits for its threads
+        assert store.called == []
+        assert at_once
+    finally:
+        busy.set()
+        store.close()

@@ -30,6 +30,7 @@ from mailstrom.client.operations import (
     WriteStart,
     checked_filter,
     checked_page,
+    finish_in_thread,
     resolve,
     write_in_thread,
     write_unless_cancelled,
@@ -446,7 +447,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 # In a thread: closing a store waits for its writes under way, a SQLite
                 # one for a write waiting out its busy timeout, and the loop, held, could
                 # not run what would end that wait (the write then failed).
-                await write_in_thread(self._release_store)
+                await finish_in_thread(self._release_store)
 
     def _ended(self, ending: asyncio.Future[None]) -> None:
         """What a cancelled stop() left ending has ended: the store may go, in a thread

@@ -335,18 +335,33 @@ class QueueOperations(_Base):
 _T = TypeVar("_T")
 
 
-async def write_in_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-    """``asyncio.to_thread(func, ...)`` for a store write: cancelled, it still waits for
-    the thread (which cannot be stopped) before raising CancelledError. Raised at once, it
-    left the write going on behind the caller's back: a message queued (or held, purged,
-    cancelled...) after the caller was told it was cancelled, and perhaps written into a
-    store that ``stop()`` (the ``async with`` exit) had closed meanwhile."""
+async def finish_in_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """``asyncio.to_thread(func, ...)`` for work that must be done even when its caller
+    is cancelled (closing the store a stop() opened): cancelled, it still waits for the
+    thread (which cannot be stopped) before raising CancelledError."""
     future = asyncio.ensure_future(asyncio.to_thread(func, *args, **kwargs))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
         await _outlast(future)
         raise
+
+
+async def write_in_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """``asyncio.to_thread(func, ...)`` for a store write (see
+    :func:`write_unless_cancelled`): cancelled once the thread runs it, it waits for the
+    write before raising CancelledError. Raised at once, it left the write going on
+    behind the caller's back: a message held, purged or cancelled after the caller was
+    told it was cancelled, and perhaps written into a store that ``stop()`` (the ``async
+    with`` exit) had closed meanwhile. Cancelled while it still waits for a thread of
+    the loop's executor (all busy), it raises at once, and the write never happens:
+    waited for, it was made once a thread came free, behind the caller's back."""
+
+    def write(start: WriteStart) -> _T:
+        start.begin()
+        return func(*args, **kwargs)
+
+    return await write_unless_cancelled(write)
 
 
 class _Abandoned(Exception):
@@ -381,7 +396,7 @@ async def write_unless_cancelled(func: Callable[[WriteStart], _T]) -> _T:
     """``func`` in a thread, which calls :meth:`WriteStart.begin` right before its store
     write (after the work that may take long: a large message's encoding and signing).
     Cancelled before then, it raises CancelledError at once and the write never happens;
-    cancelled once the write has begun, it waits for it as :func:`write_in_thread` does.
+    cancelled once the write has begun, it waits for it as :func:`finish_in_thread` does.
     Waiting for the whole thread queued a message whose caller had been told it was
     cancelled (a timeout around ``send_email``), and made that caller wait for it."""
     start = WriteStart()
