@@ -906,3 +906,37 @@ def test_selectors_shared_by_two_domains_are_told_apart_by_domain(
         ("sender.test", "ed"),
     ]
     assert_all_pass(received.content, dns_server, signatures=4)
+
+
+@pytest.mark.parametrize("replaced", [RSA, ED25519], ids=["rsa", "ed25519"])
+def test_a_message_queued_before_a_key_was_replaced_under_its_selector_is_signed_anew(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any], replaced: DKIMAlgorithm
+) -> None:
+    """The operator replaced one private key in place: same domain, selector and
+    algorithm, the new public key published under the same name. A message queued before
+    and sent after carried the signature of the old key, which its name now publishes
+    no more: it failed at every receiver. It is signed anew by the keys configured now."""
+    mx = receivers[True]
+    store = MemoryStore()
+    old = prepare(text_message("bob@modern.test"), now=datetime.now(UTC), dkim=CONFIG)
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    new = DKIMConfig(
+        keys=tuple(
+            k
+            if k.algorithm is not replaced
+            else DKIMKey(
+                domain=k.domain,
+                selector=k.selector,
+                private_key=generate_private_key(k.algorithm),
+                algorithm=k.algorithm,
+            )
+            for k in CONFIG.keys
+        )
+    )
+    publish(dns_server, new)  # the old key's record replaced
+    status, received, sent = delivered_once(dns_server, mx, store, mid, new)
+    assert sent == [("sender.test", "rsa", "rsa-sha256"), ("sender.test", "ed", "ed25519-sha256")]
+    verdicts = verify_dkimpy(received.content, dns_server)
+    assert [v.result for v in verdicts] == ["pass", "pass"], verdicts
+    assert status.dkim is not None
+    assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent

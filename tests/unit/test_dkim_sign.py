@@ -17,7 +17,7 @@ from tests.support.dkim import ED25519, RSA, dual, key, signature_tags
 
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
-from mailstrom.dkim import DKIMConfig
+from mailstrom.dkim import DKIMConfig, DKIMKey, generate_private_key
 from mailstrom.dkim.resigned import ResignedMessages
 from mailstrom.dkim.signing import resign_stale, sign, unlike_ours
 from mailstrom.errors import ConfigError, MessageTooLarge, NoDKIMKey
@@ -497,6 +497,46 @@ def test_a_signature_by_a_key_rotated_away_is_made_anew() -> None:
     assert out.split(b"\r\nFrom: ", 1)[1] == stored.split(b"\r\nFrom: ", 1)[1]
     assert resign_stale(out, new, now=later) is None
     assert resign_stale(stored, DKIMConfig(keys=(key("example.net", "n"),)), now=later) is None
+
+
+def test_a_signature_by_a_key_replaced_under_its_selector_is_made_anew() -> None:
+    """A private key replaced in place (same d=, s= and a=, the new public key
+    published under that name): the signature the old key made is told by its key id
+    and made anew, with the other domain's; a message signed before signatures carried
+    a key id goes as it is, nothing telling which key made it."""
+    later = NOW + timedelta(hours=1)
+    stored = prepare(email(), now=NOW, dkim=DKIM).data
+    assert [t["mailstrom_key_id"] for t in signature_tags(stored)] == [
+        k.key_id() for k in DKIM.keys
+    ]
+    rsa, ed = DKIM.keys
+    replaced = DKIMConfig(
+        keys=(
+            rsa,
+            DKIMKey(
+                domain="example.com",
+                selector="ed",
+                private_key=generate_private_key(ED25519),
+                algorithm=ED25519,
+            ),
+        )
+    )
+    assert replaced.keys[1].key_id() != ed.key_id()
+    out = as_sent(stored, replaced, now=later)
+    assert out is not None
+    assert [(t["s"], t["mailstrom_key_id"]) for t in signature_tags(out)] == [
+        ("rsa", rsa.key_id()),
+        ("ed", replaced.keys[1].key_id()),
+    ]
+    assert out.split(b"\r\nFrom: ", 1)[1] == stored.split(b"\r\nFrom: ", 1)[1]
+    assert resign_stale(out, replaced, now=later) is None
+    before_key_ids = re.sub(rb"mailstrom_key_id=[^;]*;[ \t\r\n]*", b"", stored)
+    assert resign_stale(before_key_ids, DKIM, now=later) is None
+    assert b"mailstrom_key_id" not in before_key_ids
+    assert resign_stale(before_key_ids, replaced, now=later) is None
+    # Still taken for ours: a selector rotated away is seen as before.
+    rotated = DKIMConfig(keys=(rsa, key("example.com", "ed2", ED25519)))
+    assert resign_stale(before_key_ids, rotated, now=later) is not None
 
 
 def test_a_signature_of_a_subdomain_whose_keys_were_removed_is_made_by_the_parent_s() -> None:

@@ -46,8 +46,9 @@ class DKIMConfig:
     its RSA signatures is while the domain has an RSA key, or one it made itself at
     ``send_email`` is by a key no longer configured while the domain has one of its
     algorithm (keys rotated, or a subdomain's or a parent's removed, while it waited),
-    or its signature's ``x=`` is about to pass
-    (:func:`~mailstrom.dkim.signing.resign_stale`).
+    or one it made is by a key replaced since under the same selector and algorithm
+    (told by the key's fingerprint, ``mailstrom_key_id=``, in the signature), or its
+    signature's ``x=`` is about to pass (:func:`~mailstrom.dkim.signing.resign_stale`).
     """
 
     keys: Sequence[DKIMKey] = ()
@@ -75,6 +76,9 @@ class DKIMConfig:
     _below: dict[str, tuple[str, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    _key_ids: dict[tuple[str, bytes, bytes], bytes] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         given = self.keys
@@ -98,6 +102,9 @@ class DKIMConfig:
                     "names one key (in any case: DNS names ignore it)"
                 )
             seen.add(name)
+            selector = key.selector.lower().encode("ascii")
+            algorithm = key.algorithm.value.encode("ascii")
+            self._key_ids[key.domain, selector, algorithm] = key.key_id().encode("ascii")
             self._by_domain[key.domain] = (*self._by_domain.get(key.domain, ()), key)
         for domain, found in self._by_domain.items():
             self._selectors[domain] = frozenset(k.selector.lower() for k in found)
@@ -142,6 +149,13 @@ class DKIMConfig:
         ``a=`` name one: a selector given to a key of another algorithm since publishes
         that key, which the signature no longer verifies with."""
         return self._names.get(domain, frozenset())
+
+    def key_id(self, domain: str, selector: bytes, algorithm: bytes) -> bytes | None:
+        """The :meth:`DKIMKey.key_id` (ASCII octets) of the key of ``domain`` (a
+        lower-case A-label) named by ``selector`` (lower-case) and ``algorithm`` (the
+        ``s=`` and ``a=`` of a signature); None when no key is. A signature whose
+        ``mailstrom_key_id=`` differs was made by a key since replaced under that name."""
+        return self._key_ids.get((domain, selector, algorithm))
 
     def algorithms(self, domain: str) -> frozenset[str]:
         """The ``a=`` values of the keys of ``domain`` (a lower-case A-label, the ``d=``

@@ -156,6 +156,14 @@ class DKIMKey:
         """The raw signature of ``data`` (the canonicalised headers, RFC 6376 §3.7)."""
         return self._signer.sign(data)
 
+    def key_id(self) -> str:
+        """A short fingerprint of the public key (8 base64url characters of its SHA-256):
+        what :func:`~mailstrom.dkim.signing.sign` writes in the ``mailstrom_key_id=`` tag
+        of each signature, so that the worker can tell a key replaced under the same
+        selector (and algorithm) from the one that signed a queued message."""
+        digest = hashlib.sha256(self._signer.public).digest()[:6]
+        return base64.urlsafe_b64encode(digest).decode("ascii")
+
     def dns_record(self) -> DNSRecord:
         """The TXT record to publish for this key."""
         p = base64.b64encode(self._signer.public).decode("ascii")

@@ -2,7 +2,8 @@
 
 :func:`sign` makes one ``DKIM-Signature`` field per key, over the message as it will be
 sent: ``c=relaxed/relaxed``, no ``l=`` (a body length would let anyone append content),
-``t=`` always and ``x=`` when :attr:`DKIMConfig.expire` is set, counted from when the
+the signing key's fingerprint (``mailstrom_key_id=``, :meth:`DKIMKey.key_id`), ``t=``
+always and ``x=`` when :attr:`DKIMConfig.expire` is set, counted from when the
 message may first be sent (a message queued with ``send_at`` is signed at once but
 delivered later). The signed header fields are those of :data:`SIGNED_HEADERS` that the
 message has. Most are listed once more than they occur ("over-signed", RFC 6376 §8.15),
@@ -87,15 +88,21 @@ _SIGNATURE = b"DKIM-Signature:"
 _RSA = DKIMAlgorithm.RSA_SHA256.value.encode("ascii")
 """How :func:`sign` begins each field it puts in front."""
 _FWS = b" \t\r\n"
+_KEY_ID = "mailstrom_key_id"
+"""The tag :func:`sign` writes the signing key's fingerprint in (:meth:`DKIMKey.key_id`):
+receivers ignore a tag they do not know (RFC 6376 §3.2), and :func:`resign_stale` tells
+by it a signature by a key replaced since under the same selector and algorithm."""
 _MADE = re.compile(
     rb"DKIM-Signature: v=1; a=([a-z0-9-]{1,32}); c=relaxed/relaxed;[ \t\r\n]{1,3}"
     rb"d=([^; \t\r\n]{1,255});[ \t\r\n]{1,3}s=([^; \t\r\n]{1,255});[ \t\r\n]{1,3}"
+    rb"(?:mailstrom_key_id=([A-Za-z0-9_-]{8});[ \t\r\n]{1,3})?"
     rb"t=([0-9]{1,20});(?:[ \t\r\n]{1,3}x=([0-9]{1,20});)?"
     rb"[^\r]*(?:\r\n[ \t][^\r]*)*\r\n(?![ \t])"
 )
 """A whole field :func:`sign` made (its tags in its order, folded where it folds them):
-its ``a=``, ``d=``, ``s=``, ``t=`` and ``x=``, and where it ends, in one match. Other
-fields' tags are looked up one by one (:func:`_tag`)."""
+its ``a=``, ``d=``, ``s=``, key id (:data:`_KEY_ID`; absent from those made before it
+was written), ``t=`` and ``x=``, and where it ends, in one match. Other fields' tags are
+looked up one by one (:func:`_tag`)."""
 _MADE_START = re.compile(rb"DKIM-Signature: v=1; a=[a-z0-9-]{1,32}; c=relaxed/relaxed;")
 """How each field :func:`sign` makes begins; :func:`unlike_ours` keeps a message's own
 from beginning so."""
@@ -150,6 +157,7 @@ def sign(
             "c=relaxed/relaxed",
             f"d={key.domain}",
             f"s={key.selector}",
+            f"{_KEY_ID}={key.key_id()}",
             *tags,
         ]
         unsigned = _fold_tags(start, names, body_hash)
@@ -204,7 +212,10 @@ def resign_stale(
       other's not; or a subdomain's keys removed, whose signatures ``send_email`` made
       with the parent's for another From domain): the stale one fails wherever its
       algorithm is verified. One of an algorithm the key domain has no key of any more
-      stays beside a valid one (its record may still be published). A key domain with
+      stays beside a valid one (its record may still be published). One whose key id
+      (:data:`_KEY_ID`) is not that of the key its ``d=``, ``s=`` and ``a=`` name now is
+      by a key no longer configured: that key was replaced in place, the new public key
+      published under its name. A key domain with
       an RSA key configured and no RSA signature by one is signed anew too (a receiver
       that verifies RSA alone would see it unsigned).
 
@@ -286,7 +297,7 @@ def resign_stale_top(
     while data.startswith(_SIGNATURE, at):
         made = _MADE.match(data, at)
         if made is not None:  # sign()'s layout: its a=, d=, s=, t=, x= and end in one match
-            algorithm, found, selector, signed_at, expiry = made.groups()
+            algorithm, found, selector, key_id, signed_at, expiry = made.groups()
             end = made.end()
             if at == 0:
                 made_at = signed_at
@@ -295,6 +306,7 @@ def resign_stale_top(
         else:
             mine = False
             end = _field_end(data, at)
+            key_id = None
         if ours is not None:
             mine = at < ours
         if mine:
@@ -332,7 +344,11 @@ def resign_stale_top(
             and name is not None
             and selector is not None
             and algorithm is not None
-            and (selector.lower(), algorithm) in current
+            and (configured := dkim.key_id(name, selector.lower(), algorithm)) is not None
+            # A key replaced under its name (same selector and algorithm, the new public
+            # key published there) made a signature that name no longer verifies. One
+            # made before signatures carried the key id goes as it did: nothing tells.
+            and (key_id is None or key_id == configured)
         ):
             fields.append((at, end, name, owner, selector, algorithm, True))
             current_keys[name] = None
