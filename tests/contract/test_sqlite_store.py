@@ -29,6 +29,7 @@ from mailstrom.stores.sqlite_queue import (
     next_due_sql,
 )
 from mailstrom.stores.sqlite_schema import from_us, migrations, to_us
+from mailstrom.stores.sqlite_shaping import FORGET_SQL, THROTTLES_SQL
 from tests.support.deadline import hang_guard
 
 from .support import LEASE_FOR, NOW, lease_all, message
@@ -161,6 +162,23 @@ def test_several_lanes_merge_their_walks_and_sort_only_what_they_read(db: Path) 
     searches = [p for p in plan if p.startswith("SEARCH recipients USING INDEX")]
     assert len(searches) == 2 and all("recipients_lane_due (lane=?" in p for p in searches)
     assert not any(p.startswith("SCAN recipients") for p in plan)
+
+
+@pytest.mark.parametrize(
+    ("query", "binds", "seek"),
+    [(FORGET_SQL, [1], "(until<?)"), (THROTTLES_SQL, [1, 2], "(until>?)")],
+)
+def test_pauses_are_found_by_their_end_not_by_reading_them_all(
+    db: Path, query: str, binds: list[object], seek: str
+) -> None:
+    """Was: each throttle's cleanup and each worker's refresh read every pause kept (a
+    day after it ended), so recording 20,000 pauses of distinct destinations cost
+    O(N^2). Both now seek the pauses ending before, or after, a time."""
+    SQLiteStore(db).close()
+    with closing(sqlite3.connect(db)) as conn, conn:
+        plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, binds))
+    assert f"SEARCH destination_throttles USING INDEX destination_throttles_until {seek}" in plan
+    assert "SCAN destination_throttles" not in plan
 
 
 def test_pending_lanes_seek_from_lane_to_lane(db: Path) -> None:

@@ -614,6 +614,26 @@ def test_the_lane_lease_reads_each_lane_from_its_index(postgres_url: str) -> Non
     assert "recipients_lane_due" in plan, plan
 
 
+@pytest.mark.parametrize(
+    ("name", "params"), [("forget_throttles", {"before": T0}), ("throttles", {"now": T0})]
+)
+def test_pauses_are_found_by_their_end_not_by_reading_them_all(
+    postgres_url: str, name: str, params: dict[str, object]
+) -> None:
+    """Was: each throttle's cleanup and each worker's refresh read every pause kept (a
+    day after it ended): O(N^2) for N pauses of distinct destinations. EXPLAIN of both
+    (sequential scans priced out, as on a large table) seeks destination_throttles_until."""
+    from mailstrom.stores.postgres.sql import queries
+
+    PostgresStore(postgres_url).close()
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("SET enable_seqscan = off")
+        text = queries()[name].encode()
+        plan = "\n".join(row[0] for row in conn.execute(b"EXPLAIN " + text, params))
+        conn.rollback()
+    assert "destination_throttles_until" in plan, plan
+
+
 @pytest.mark.parametrize("name", ["fair_lease_lanes", "fair_lease_other_lanes"])
 def test_a_fair_lease_seeks_other_destinations_in_their_index(postgres_url: str, name: str) -> None:
     """A fair lease past a busy backlog (rolled back): the other destination's mail is
@@ -1158,5 +1178,5 @@ def test_an_upgrade_takes_the_messages_that_finished_while_held_out_of_the_held_
     migrate(postgres_url)
     with psycopg.connect(postgres_url) as conn:
         held = conn.execute("SELECT id FROM messages WHERE held").fetchall()
-        assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (26,)
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (27,)
     assert held == [(waiting,)]

@@ -43,6 +43,9 @@ def _throttle_from_row(row: tuple[str, object, object, str, object]) -> Destinat
 
 _COLUMNS = "destination, until, strikes, reply, since"
 
+FORGET_SQL = "DELETE FROM destination_throttles WHERE until < ?"
+"""Deletes the pauses that ended before the bound time (a throttle runs it each time)."""
+
 
 def throttle(
     conn: sqlite3.Connection,
@@ -55,7 +58,7 @@ def throttle(
 ) -> DestinationThrottle:
     """Start (or find) ``destination``'s pause; call inside a write transaction."""
     before = forget_before(now, maximum, _FORGET_AFTER)
-    conn.execute("DELETE FROM destination_throttles WHERE until < ?", (to_us(before),))
+    conn.execute(FORGET_SQL, (to_us(before),))
     row = conn.execute(
         f"SELECT {_COLUMNS} FROM destination_throttles WHERE destination = ?", (destination,)
     ).fetchone()
@@ -81,11 +84,14 @@ def _runs_at(now: datetime) -> tuple[int, int]:
     return to_us(now), to_us(now) + CLOCK_SET_BACK // timedelta(microseconds=1)
 
 
+THROTTLES_SQL = (
+    f"SELECT {_COLUMNS} FROM destination_throttles WHERE {_RUNS} ORDER BY until, destination"
+)
+"""The running pauses, which every worker reads each second (runtime/shaper.py)."""
+
+
 def throttles(conn: sqlite3.Connection, *, now: datetime) -> list[DestinationThrottle]:
-    rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM destination_throttles WHERE {_RUNS} ORDER BY until, destination",
-        _runs_at(now),
-    ).fetchall()
+    rows = conn.execute(THROTTLES_SQL, _runs_at(now)).fetchall()
     return [pause for row in rows if (pause := _throttle_from_row(row)) is not None]
 
 

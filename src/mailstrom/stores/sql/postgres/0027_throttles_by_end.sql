@@ -1,0 +1,12 @@
+-- mailstrom PostgreSQL schema, version 27: destination pauses by their end.
+--
+-- A pause is kept a day after it ends (it makes the next one longer), and a throttle
+-- deletes those past that as it records one (queries.sql: forget_throttles): the DELETE
+-- read every pause, so a sender to many small domains answering 421 paid for N pauses
+-- O(N^2), under each destination's shaping lock, and every worker's refresh each second
+-- (throttles) read the ended pauses along with the running ones. Both now seek a range
+-- of this index. Built in the migration's transaction: its SHARE lock holds only writes
+-- to this small table (throttles), for as long as reading it takes; leases and status
+-- reads of it go on.
+-- IF NOT EXISTS: a store set back a version by hand runs the latest again.
+CREATE INDEX IF NOT EXISTS destination_throttles_until ON destination_throttles (until);
