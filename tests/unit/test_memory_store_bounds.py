@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from datetime import timedelta
 
 from tests.contract.support import NOW, SECOND, lease_all, message, results_for
 
 from mailstrom.message.attributes import QueueAttributes
-from mailstrom.status import RecipientState
+from mailstrom.status import DestinationThrottle, RecipientState
 from mailstrom.stores import MemoryStore
 
 DAY = timedelta(days=1)
+HOUR = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
 
 
 def test_purging_messages_forgets_their_idempotency_keys() -> None:
@@ -31,3 +34,39 @@ def test_purging_messages_forgets_their_idempotency_keys() -> None:
     assert store.purge(finished_before=NOW + SECOND) == 4
     assert store.recent() == []
     assert store._keys == {}
+
+
+class _CountingPauses(dict[str, DestinationThrottle]):
+    """The memory store's pauses, counting the entries a walk over them visits."""
+
+    visited = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for key in super().__iter__():
+            self.visited += 1
+            yield key
+
+    def items(self) -> Iterator[tuple[str, DestinationThrottle]]:  # type: ignore[override]
+        for item in super().items():
+            self.visited += 1
+            yield item
+
+    def values(self) -> Iterator[DestinationThrottle]:  # type: ignore[override]
+        for value in super().values():
+            self.visited += 1
+            yield value
+
+
+def test_a_throttle_does_not_walk_every_pause_kept() -> None:
+    """Was: each throttle walked every pause kept (a day after it ends) for those to
+    forget, under the store's lock: O(N^2) for N pauses of distinct destinations (2,000
+    pauses, 1,999,000 visits). Those past their time are still forgotten."""
+    store = MemoryStore()
+    pauses = store._throttles = _CountingPauses()
+    for n in range(2000):
+        store.throttle(f"d{n}.example", now=NOW, reply="421 busy", first=MINUTE, maximum=HOUR)
+    assert pauses.visited < 100
+    later = NOW + 2 * DAY
+    store.throttle("late.example", now=later, reply="421 busy", first=MINUTE, maximum=HOUR)
+    assert list(dict(pauses)) == ["late.example"]
+    assert [p.destination for p in store.throttles(now=later)] == ["late.example"]

@@ -178,6 +178,7 @@ class MemoryStore(
         self._event_ids = itertools.count(time.time_ns() // 1000)
         self._suspended: dict[str, Suspension] = {}
         self._throttles: dict[str, DestinationThrottle] = {}
+        self._pause_ends: list[tuple[datetime, str]] = []
         self._buckets: dict[str, BucketState] = {}
         self._init_tls()
         self._tls_broken: dict[str, datetime] = {}

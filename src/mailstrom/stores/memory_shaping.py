@@ -3,6 +3,7 @@ until a pause ends, and the token buckets of rate limits."""
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,10 @@ class MemoryShapingMixin:
     _lock: threading.Lock
     _messages: dict[str, _Message]
     _throttles: dict[str, DestinationThrottle]
+    _pause_ends: list[tuple[datetime, str]]
+    """A heap of (end, destination) of each pause put in _throttles, the soonest first: a
+    throttle forgets the ended pauses from its top instead of walking every pause kept
+    (O(N^2) for N destinations). An entry whose pause was since replaced is stale."""
     _buckets: dict[str, BucketState]
     _due: DueIndex
 
@@ -74,8 +79,12 @@ class MemoryShapingMixin:
             # Pauses over for longer than the maximum count no more: kept, one per
             # destination ever throttled, they were never let go.
             before = forget_before(now, maximum, _FORGET_AFTER)
-            for ended in [d for d, t in self._throttles.items() if t.until < before]:
-                del self._throttles[ended]
+            ends = self._pause_ends
+            while ends and ends[0][0] < before:
+                ended = heapq.heappop(ends)[1]
+                kept = self._throttles.get(ended)
+                if kept is not None and kept.until < before:
+                    del self._throttles[ended]
             pause = next_pause(
                 self._throttles.get(destination),
                 destination=destination,
@@ -84,7 +93,9 @@ class MemoryShapingMixin:
                 maximum=maximum,
                 reply=reply,
             )
-            self._throttles[destination] = pause
+            if self._throttles.get(destination) is not pause:
+                self._throttles[destination] = pause
+                heapq.heappush(ends, (pause.until, destination))
             return pause
 
     def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
