@@ -318,6 +318,15 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"relay.{name}: expected a string, not {type(value).__name__}")
+            # AUTH sends both as UTF-8, and PLAIN separates them with NULs (RFC 4616 §2:
+            # neither may hold one). A lone surrogate (a variable that is not UTF-8)
+            # crashed every delivery; a NUL split them wrongly, and the relay refused
+            # each. Neither value is shown: the password is a secret.
+            if value is not None and ("\0" in value or not _utf8_encodable(value)):
+                raise ConfigError(
+                    f"relay.{name}: holds a NUL character or octets that are not UTF-8 "
+                    "(a lone surrogate); AUTH sends it as UTF-8"
+                )
         # AUTH PLAIN has no empty password (RFC 4616 §2): a username alone is a password
         # missing from the environment; a password alone would never be sent.
         if self.username and not self.password:

@@ -350,6 +350,40 @@ def test_relay_credentials_come_in_pairs(options: dict[str, str], named: str) ->
 
 
 @pytest.mark.parametrize(
+    ("username", "password", "named"),
+    [
+        ("app", "s3cret\udce9", "relay.password"),
+        ("app", "s3cret\0x", "relay.password"),
+        ("app\udce9", "s3cret", "relay.username"),
+        ("a\0pp", "s3cret", "relay.username"),
+    ],
+)
+def test_relay_credentials_must_go_as_utf8_without_nul(
+    username: str, password: str, named: str
+) -> None:
+    """AUTH sends the username and password as UTF-8, PLAIN with NULs between them (RFC
+    4616 §2). A password from a variable that is not UTF-8 (a lone surrogate) crashed
+    every delivery with UnicodeEncodeError ("internal error", deferred); one holding a
+    TOML "\\u0000" split the token at the wrong place, and the relay refused every
+    message (501). Both are refused where the relay is configured, the password unshown."""
+    from mailstrom import RelayConfig
+    from mailstrom.settings import load_settings
+
+    with pytest.raises(ConfigError, match=named) as caught:
+        RelayConfig(host="smtp.example.net", username=username, password=password)
+    assert "s3cret" not in str(caught.value)
+    env = {
+        "HOME": "/nonexistent",
+        "MAILSTROM_RELAY_HOST": "r.example",
+        "MAILSTROM_RELAY_USERNAME": username,
+        "MAILSTROM_RELAY_PASSWORD": password,
+    }
+    with pytest.raises(ConfigError, match=named) as caught:
+        load_settings(env=env, search=False)
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
     ("options", "named"),
     [
         ({"host": ""}, "relay.host"),
