@@ -172,6 +172,16 @@ def test_malformed_postgresql_url_is_a_bad_store_url(cli: CLI) -> None:
     assert option.err_lines[-1].startswith("mailstrom: argument --store: malformed store URL")
 
 
+def test_a_postgresql_url_that_is_not_utf8_is_a_bad_store_url(cli: CLI) -> None:
+    """A MAILSTROM_STORE set in Latin-1 reads with a lone surrogate, which libpq cannot
+    take: "internal error: UnicodeEncodeError" (70) in every command; now a bad store
+    URL (78), its password not shown."""
+    cli.env["MAILSTROM_STORE"] = "postgresql://app:s3cret\udce9@db.invalid/mail"
+    result = cli("queue")
+    assert_one_line_error(result, 78, "not UTF-8")
+    assert "s3cret" not in result.err
+
+
 def test_usage_errors_exit_64(cli: CLI) -> None:
     assert cli("frobnicate").code == 64
     assert cli("queue", "--older-than", "soon").code == 64

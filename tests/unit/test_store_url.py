@@ -67,6 +67,9 @@ def test_parse(url: str, kind: StoreKind, target: str) -> None:
         "postgresql://u@db:0/mail",
         "postgresql://u@db1:5432,db2:54x/mail",  # each host of libpq's multi-host form
         "postgresql://[::1]:70000/mail",
+        # Not UTF-8, as read from a MAILSTROM_STORE in Latin-1: libpq cannot take it.
+        "postgresql://u:pw\udce9@db/mail",
+        "postgresql://u@db/mail?application_name=\udce9",
     ],
 )
 def test_bad_urls_raise_invalid_store_url(url: str) -> None:

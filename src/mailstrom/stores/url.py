@@ -192,6 +192,14 @@ def parse_store_url(url: str) -> StoreURL:
     if sep and scheme in ("postgresql", "postgres"):
         if not rest:
             raise InvalidStoreURL(f"PostgreSQL URL without host or database: {_shown(url)}")
+        if not _utf8_encodable(text):
+            # libpq takes the URL as UTF-8: a MAILSTROM_STORE set from a shell that is
+            # not UTF-8 (a lone surrogate) raised UnicodeEncodeError, an internal error
+            # (70) in every command. A file name may hold one; a connection URL cannot.
+            raise InvalidStoreURL(
+                f"PostgreSQL URL holding octets that are not UTF-8: {_shown(url)}"
+                " (percent-encode them, as %E9)"
+            )
         _check_url_syntax(text)
         return StoreURL(kind=StoreKind.POSTGRES, target=text)
     if sep and scheme == "sqlite":
@@ -373,3 +381,11 @@ def _is_default_path(target: str) -> bool:
         return os.path.abspath(target) == str(default_store_path())
     except ConfigError:
         return False
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
