@@ -1049,8 +1049,10 @@ def load_settings(
     )
 
 
-_ERROR_KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)(?=[:\[])", re.ASCII)
-"""The setting an error names first (``retry.jitter: ...``, ``lanes[1]: ...``)."""
+_ERROR_KEY = re.compile(r"([a-z_]+(?:\.[a-z_]+)?)(?=[:\[ ])", re.ASCII)
+"""The setting an error names first (``retry.jitter: ...``, ``lanes[1]: ...``, and
+Config's ``helo_name 'x': ...`` or ``default_priority 'x' is not ...``, which the file or
+variable was missing from)."""
 
 
 def _with_source(exc: ConfigError, sources: Mapping[str, str]) -> ConfigError:

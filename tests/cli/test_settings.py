@@ -558,6 +558,34 @@ def test_a_bad_value_names_the_file_or_variable_it_came_from(tmp_path: Path) -> 
         load_settings(config_path=path, env={}, overrides={"smtp_port": "z"})
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('helo_name = "bad name"\n', "helo_name 'bad name'"),
+        ('default_priority = "urgent"\n', "default_priority 'urgent' is not"),
+        ('[retry]\nmin_delay = "2h"\nmax_delay = "1h"\n', "retry.min_delay must not"),
+    ],
+)
+def test_a_value_config_refuses_names_its_file_or_variable(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    """Config's own checks begin with the setting and a space, not a colon (``helo_name
+    'bad name': ...``): their errors named neither the file nor the variable, the one
+    thing that tells which of the two to mend."""
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(named)}.* \(in {re.escape(str(path))}\)$"):
+        load_settings(config_path=path, env={})
+    key = named.split(" ")[0]
+    value = text.splitlines()[-1].partition("= ")[2].strip('"')
+    if key == "retry.min_delay":
+        env = {"MAILSTROM_RETRY_MIN_DELAY": "2h", "MAILSTROM_RETRY_MAX_DELAY": "1h"}
+    else:
+        env = {env_name(key): value}
+    with pytest.raises(ConfigError, match=rf"\(from {env_name(key)}\)$"):
+        load_settings(env=env, search=False)
+
+
 def test_a_config_path_that_is_no_file_is_not_called_missing(tmp_path: Path) -> None:
     """``--config /etc/mailstrom`` (the directory) and ``--config <(make-config)`` (a
     pipe) were "config file not found", though the path was there to see."""
