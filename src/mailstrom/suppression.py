@@ -145,6 +145,13 @@ def normalize_target(text: str) -> str:
         )
     if "@" in local:
         raise InvalidSuppression(f"more than one @: {target!r}")
+    if domain.startswith("["):
+        # An address literal as prepare() stores it: bob@[IPv6:2001:DB8:0::1] is queued
+        # as bob@[IPv6:2001:db8::1], and an entry kept as typed never applied.
+        literal = _literal(domain)
+        if literal is None:
+            raise InvalidSuppression(f"not a valid address literal: {domain!r}")
+        return f"{local}{at}{literal}"
     if not domain.isascii():
         # Recipients are stored with A-label domains (prepare() writes
         # bob@xn--bcher-kva.example for bob@bücher.example) and entries are found by
@@ -223,10 +230,24 @@ def address_key(address: str) -> str:
             return _unquoted_form(address)
         except InvalidSuppression:
             pass  # stored data, not an address prepare() made: as written, it matches none
-    if address.isascii():
+    if address.isascii() and "[" not in address:
         return address.lower()
     local, at, domain = address.rpartition("@")
     return f"{_folded(local)}{at}{_domain_key(domain)}"
+
+
+def _literal(domain: str) -> str | None:
+    """``domain``, an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), as
+    ``prepare()`` stores a recipient's (email_validator writes an IPv6 address in its
+    shortest form), lower-cased; None when it is no valid literal."""
+    # Imported here: only an address literal needs the address checks.
+    from mailstrom.message.addrspec import validate_address
+
+    try:
+        envelope = validate_address(f"x@{domain}").envelope
+    except InvalidAddress:
+        return None
+    return envelope.rpartition("@")[2].lower()
 
 
 def _folded(text: str) -> str:
@@ -238,6 +259,8 @@ def _folded(text: str) -> str:
 
 
 def _domain_key(domain: str) -> str:
+    if domain.startswith("["):
+        return _literal(domain) or domain.lower()
     try:
         return a_label(domain)
     except ValueError:

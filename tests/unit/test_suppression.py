@@ -183,6 +183,36 @@ def test_an_entry_typed_decomposed_applies_to_the_recipient_prepare_stores() -> 
     assert stored_forms(decomposed) == ["j\u00f6rg@example.org", "jo\u0308rg@example.org"]
 
 
+@pytest.mark.parametrize(
+    "written",
+    [
+        "bob@[IPv6:2001:DB8:0::1]",
+        "bob@[ipv6:2001:0db8:0000::0001]",
+        "<Bob@[IPV6:2001:db8::1]>",
+    ],
+)
+def test_an_entry_for_an_ipv6_literal_applies_to_the_recipient_prepare_stores(
+    written: str,
+) -> None:
+    """prepare() stores an address literal's IPv6 address in its shortest form
+    (email_validator: bob@[IPv6:2001:db8::1]). An entry kept as typed, lower-cased
+    (bob@[ipv6:2001:db8:0::1]), was listed and never applied, and neither did its
+    domain's entry."""
+    stored = validate_address(written.strip("<>")).envelope
+    assert stored == ("Bob" if "Bob" in written else "bob") + "@[IPv6:2001:db8::1]"
+    own = entry(normalize_target(written))
+    domain = entry(normalize_target(written.strip("<>").rpartition("@")[2]))
+    assert match(stored, {own.target: own}) is own
+    assert match(stored, {domain.target: domain}) is domain
+    assert address_key(written.strip("<>")) == own.target
+
+
+def test_a_bad_ip_literal_is_refused() -> None:
+    for text in ("bob@[IPv6:2001:db8::g]", "[192.0.2.300]", "bob@[ 192.0.2.1 ]"):
+        with pytest.raises(InvalidSuppression):
+            normalize_target(text)
+
+
 def test_removing_a_u_label_target_reaches_the_form_earlier_builds_stored() -> None:
     assert stored_forms("<Bob@Bücher.example>") == [
         "bob@xn--bcher-kva.example",
