@@ -185,6 +185,7 @@ class MemoryStore(
         self._keys: dict[str, tuple[str, datetime]] = {}
         """Idempotency key -> (message id, until when it holds)."""
         self._suppressions: dict[str, Suppression] = {}
+        self._suppression_order: list[str] | None = None
         self._verp_key = secrets.token_bytes(VERP_KEY_SIZE)
         self._owed: dict[str, None] = {}
         """Ids of the messages with a recipient marked "notice owed", oldest mark first."""

@@ -3,6 +3,7 @@ a recipient failed late, and the messages that carry a Message-ID header."""
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import threading
 from collections.abc import Callable, Sequence
@@ -25,6 +26,10 @@ class MemorySuppressionsMixin:
     _lock: threading.Lock
     _events_on: bool
     _suppressions: dict[str, Suppression]
+    _suppression_order: list[str] | None
+    """The targets in order, for :meth:`list_suppressions`; None once a target came or
+    went, sorted again by the next listing. Sorted for each page, paging through 200,000
+    entries (``suppress export``) took 10 s, each page holding the lock for 75 ms."""
     _verp_key: bytes
 
     if TYPE_CHECKING:  # the store's own (memory.py) and the outbox's (memory_events.py)
@@ -57,13 +62,18 @@ class MemorySuppressionsMixin:
                 current = self._suppressions.get(entry.target)
                 if keep_longer and current is not None and current.outlasts(entry):
                     continue
+                if current is None:
+                    self._suppression_order = None
                 self._suppressions[entry.target] = entry
         return len(kept)
 
     def unsuppress(self, targets: Sequence[str]) -> int:
         """Remove the entries of ``targets``; returns how many existed."""
         with self._lock:
-            return sum(self._suppressions.pop(t, None) is not None for t in set(targets))
+            removed = sum(self._suppressions.pop(t, None) is not None for t in set(targets))
+            if removed:
+                self._suppression_order = None
+            return removed
 
     def suppressions_for(self, targets: Sequence[str], *, now: datetime) -> dict[str, Suppression]:
         """The entries of ``targets`` that apply at ``now``."""
@@ -76,14 +86,19 @@ class MemorySuppressionsMixin:
     ) -> list[Suppression]:
         """Entries after ``after`` in target order (only active ones with ``now``)."""
         check_key(after, "after", limit=MAX_TARGET)
+        wanted = row_limit(limit)
+        entries: list[Suppression] = []
         with self._lock:
-            entries = sorted(
-                (e for t, e in self._suppressions.items() if t > after),
-                key=lambda e: e.target,
-            )
-        if now is not None:
-            entries = [e for e in entries if e.active(now)]
-        return entries[: row_limit(limit)]
+            order = self._suppression_order
+            if order is None:
+                order = self._suppression_order = sorted(self._suppressions)
+            for i in range(bisect.bisect_right(order, after), len(order)):
+                if len(entries) >= wanted:
+                    break
+                entry = self._suppressions[order[i]]
+                if now is None or entry.active(now):
+                    entries.append(entry)
+        return entries
 
     def prune_suppressions(self, *, expired_before: datetime, limit: int) -> int:
         """Delete up to ``limit`` entries expired at or before ``expired_before``, soonest
@@ -99,6 +114,8 @@ class MemorySuppressionsMixin:
             doomed = heapq.nsmallest(limit, expired)
             for _, target in doomed:
                 del self._suppressions[target]
+            if doomed:
+                self._suppression_order = None
         return len(doomed)
 
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
