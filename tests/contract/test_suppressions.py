@@ -329,6 +329,42 @@ def test_an_entry_given_with_a_u_label_domain_screens_the_recipients_prepare_sto
     assert store.unsuppress([normalize_target("BÜCHER.example")]) == 1
 
 
+def test_an_entry_given_with_a_long_ipv6_literal_screens_the_recipient_prepare_stored(
+    store: Store,
+) -> None:
+    """prepare() stores bob@[IPv6:2001:DB8:0::1] as bob@[IPv6:2001:db8::1]: the entry
+    typed as the application wrote the recipient, and its domain's, find it in every
+    store's lease (PostgreSQL's join included)."""
+    prepared = prepare(
+        Email(
+            from_="app@example.com",
+            to=["bob@[IPv6:2001:DB8:0::1]", "ann@[IPv6:2001:0db8::2]", "cy@example.org"],
+            subject="s",
+            text="t",
+        )
+    )
+    store.enqueue(prepared, now=NOW)
+    store.suppress(
+        [
+            entry(normalize_target("Bob@[IPv6:2001:DB8:0::1]"), reply="own entry"),
+            entry(normalize_target("[IPV6:2001:DB8:0:0::2]"), source=SuppressionSource.MANUAL),
+        ]
+    )
+    lease = lease_all(store)
+    assert lease.suppressions is not None
+    screened = {
+        r.address: match(r.address, lease.suppressions)
+        for item in lease.items
+        for r in item.recipients
+    }
+    bob, ann, cy = prepared.recipients
+    assert {a: e and e.target for a, e in screened.items()} == {
+        bob: "bob@[ipv6:2001:db8::1]",
+        ann: "[ipv6:2001:db8::2]",
+        cy: None,
+    }
+
+
 def test_an_entry_with_a_naive_time_is_refused_and_one_elsewhere_is_kept_in_utc(
     store: Store,
 ) -> None:
