@@ -166,6 +166,21 @@ def normalize_target(text: str) -> str:
     return target
 
 
+def page_after(text: str) -> str:
+    """``text`` as where a listing of the entries starts (``after``): a whole target as
+    :func:`normalize_target` keeps it, other text (a prefix) stripped and lower-cased, as
+    every target is. Compared as given, "Bob@example.org" sorted before every lower-case
+    target and "bücher.example" after every ASCII one, and the page started elsewhere.
+
+    >>> page_after("Bob@Bücher.example"), page_after("B")
+    ('bob@xn--bcher-kva.example', 'b')
+    """
+    try:
+        return normalize_target(text)
+    except InvalidSuppression:
+        return text.strip().lower()
+
+
 def _unquoted_form(target: str) -> str:
     """``target``, an address whose local part starts with a quote, as ``prepare()``
     stores the recipient (:func:`~mailstrom.message.addrspec.validate_address`: quotes

@@ -147,6 +147,38 @@ def test_suppressions_pages_only_by_a_target_and_a_count(
     assert [e.target for e in ms.suppressions(after="\u00e9" * 100, limit=0)] == []
 
 
+async def test_suppressions_start_after_a_target_written_as_suppress_takes_it(
+    store: Store,
+) -> None:
+    """``after`` was compared as given: "Bob@Example.org" sorts before every lower-case
+    target, so the page started at the first entry, and "Bücher.example" after every
+    ASCII target, so its own entry came back. Taken as ``suppress`` and ``mailstrom
+    suppress list --after`` take a target, the page starts after that entry."""
+    ms = Mailstrom(Config(helo_name="mail.example.com"), store=store, worker=None)
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker=None)
+    for target in ("ann@example.org", "bob@example.org", "carol@example.org"):
+        ms.suppress(target)
+    ms.suppress("bücher.example")
+    ms.suppress("zed.example")
+    assert [e.target for e in ms.suppressions(after="Bob@Example.org")] == [
+        "carol@example.org",
+        "xn--bcher-kva.example",
+        "zed.example",
+    ]
+    assert [e.target for e in ms.suppressions(after=" Bücher.example ")] == ["zed.example"]
+    assert [e.target for e in await ams.suppressions(after="<BOB@example.org>")] == [
+        "carol@example.org",
+        "xn--bcher-kva.example",
+        "zed.example",
+    ]
+    # Text that is no target is a prefix, compared as the lower-case targets are.
+    assert [e.target for e in ms.suppressions(after="C")] == [
+        "carol@example.org",
+        "xn--bcher-kva.example",
+        "zed.example",
+    ]
+
+
 async def test_the_async_facade_checks_the_same_limits(store: Store) -> None:
 
     ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker=None)

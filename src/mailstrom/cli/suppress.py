@@ -19,7 +19,7 @@ from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError, exit_
 from mailstrom.cli.output import cell, echo, print_json, print_table
 from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg, path_arg
 from mailstrom.cli.reading import stdin_buffer
-from mailstrom.errors import InvalidArgument, InvalidSuppression, StoreError
+from mailstrom.errors import InvalidArgument, StoreError
 from mailstrom.message.chars import shorten
 from mailstrom.settings import MAX_INTEGER
 from mailstrom.stores.base import Store
@@ -29,6 +29,7 @@ from mailstrom.suppression import (
     SuppressionSource,
     check_reply,
     normalize_target,
+    page_after,
     stored_forms,
 )
 
@@ -138,11 +139,7 @@ def _after_arg(text: str) -> str:
     no UTF-8; a NUL) is a usage error: SQLite refused it, and the command exited 75, as
     if trying again later could help."""
     try:
-        after = normalize_target(text)
-    except InvalidSuppression:
-        after = text.strip().lower()
-    try:
-        return check_key(after, "--after", limit=MAX_TARGET)
+        return check_key(page_after(text), "--after", limit=MAX_TARGET)
     except InvalidArgument:
         raise argparse.ArgumentTypeError(
             f"expected a target of at most {MAX_TARGET} octets of text, got {shorten(text)}"

@@ -42,7 +42,7 @@ from mailstrom.stores.operator import (
     purge_candidates,
 )
 from mailstrom.stores.watchers import Watchers
-from mailstrom.suppression import MAX_TARGET
+from mailstrom.suppression import MAX_TARGET, page_after
 
 Messages = str | Iterable[str] | QueueFilter
 """Which messages a bulk method acts on: one id, several ids (full or unique prefixes), or
@@ -102,9 +102,12 @@ def checked_filter(where: object) -> QueueFilter | None:
 
 
 def checked_page(after: object, limit: object) -> tuple[str, int]:
-    """The arguments of ``suppressions()``: ``after`` a target (or ""), ``limit`` a
+    """The arguments of ``suppressions()``: ``after`` a target (or ""), taken as
+    ``suppress`` takes one (:func:`~mailstrom.suppression.page_after`), ``limit`` a
     count; InvalidArgument for anything else (a negative limit, None, a lone surrogate
     SQLite could not compare)."""
+    if isinstance(after, str):
+        after = page_after(after)
     return check_key(after, "after", limit=MAX_TARGET), check_limit(limit, "limit")
 
 
