@@ -53,7 +53,7 @@ from mailstrom.errors import (
     StoreCorrupt,
 )
 from mailstrom.message import PreparedMessage
-from mailstrom.message.addresses import Mailbox, mailboxes, parse_address_list, parse_mailbox
+from mailstrom.message.addresses import Group, Mailbox, mailboxes, parse_address_list, parse_mailbox
 from mailstrom.message.chars import (
     ASCII_LINE_BREAKS,
     OTHER_LINE_BREAKS,
@@ -63,11 +63,7 @@ from mailstrom.message.chars import (
     shorten,
 )
 from mailstrom.message.encoding import MAX_LINE
-from mailstrom.message.envelope import (
-    MAX_OTHER_MAILBOXES,
-    too_many_mailboxes,
-    too_many_recipients,
-)
+from mailstrom.message.envelope import MailboxCount, RecipientCount
 from mailstrom.message.headers import check_field_name, check_field_size
 from mailstrom.message.trees import check_entity_headers
 
@@ -254,26 +250,21 @@ def _prepare_message(message: EmailMessage, config: Config, *, now: datetime) ->
 class _AddressCount:
     """The addresses of a message counted as they are first read, and refused as
     prepare() refuses them, before the rest are read: past ``max_recipients`` different
-    envelope recipients (To, Cc and Bcc), or past ``max_recipients`` +
-    :data:`~mailstrom.message.envelope.MAX_OTHER_MAILBOXES` mailboxes in the headers
-    Django writes. Each is parsed at tens of µs, and again to write a domain that is not
-    ASCII: 40,000 entries in ``to`` were all read (4 s) before prepare() refused them."""
+    envelope recipients (To, Cc and Bcc), or past what
+    :class:`~mailstrom.message.envelope.MailboxCount` takes in the headers Django writes.
+    Each is parsed at tens of µs, and again to write a domain that is not ASCII: 40,000
+    entries in ``to`` were all read (4 s) before prepare() refused them."""
 
     def __init__(self, max_recipients: int) -> None:
-        self.max_recipients = max_recipients
-        self.recipients: set[str] = set()
-        self.in_headers = 0
+        self.recipients = RecipientCount(max_recipients)
+        self.in_headers = MailboxCount(max_recipients)
 
     def add(self, role: str, mailbox: Mailbox, *, in_header: bool) -> None:
+        groups = (Group(None, (mailbox,)),)
         if role in ("to", "cc", "bcc"):
-            # Envelope forms have lower-case domains: a set de-duplicates as prepare() does.
-            self.recipients.add(mailbox.address.envelope)
-            if len(self.recipients) > self.max_recipients:
-                raise too_many_recipients(len(self.recipients), self.max_recipients)
+            self.recipients.add(groups)
         if in_header:
-            self.in_headers += 1
-            if self.in_headers > self.max_recipients + MAX_OTHER_MAILBOXES:
-                raise too_many_mailboxes(self.in_headers, self.max_recipients)
+            self.in_headers.add(groups)
 
 
 def _with_filename_controls_as_underscores(message: EmailMessage) -> EmailMessage:
