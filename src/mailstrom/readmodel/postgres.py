@@ -18,7 +18,6 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import PoolTimeout
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.readmodel.base import (
@@ -45,12 +44,7 @@ from mailstrom.stores.base import reason_class_of, with_pauses
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.postgres.connect import ProcessPool, connection_pool
 from mailstrom.stores.postgres.locks import pool_lock_wait
-from mailstrom.stores.postgres.migrate import (
-    CURRENT_VERSION,
-    SCHEMA_MISSES,
-    latest_known,
-    newer_schema,
-)
+from mailstrom.stores.postgres.migrate import latest_known, newer_schema, newer_version_behind
 from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
 from mailstrom.stores.postgres.sql import queries, translate_errors
 from mailstrom.stores.postgres.store import pauses_by_message
@@ -163,20 +157,13 @@ class PostgresReadModel:
         """StoreCorrupt when ``exc`` is a view's statement missing a table or column
         because a newer mailstrom migrated the database since ("column ... does not
         exist"): no passing trouble, which the dashboard showed as "try again later" for
-        ever. As the store says it; the version is read only on such an error, on a
-        connection of its own (the failed one's transaction is aborted)."""
-        if not isinstance(exc.__cause__, SCHEMA_MISSES):
-            return None
-        try:
-            with self._pools.pool.connection() as conn:
-                row = conn.execute(CURRENT_VERSION.encode()).fetchone()
-        except (psycopg.Error, PoolTimeout):
-            return None
-        version = row[0] if row is not None else None
+        ever. As the store says it (see
+        :func:`~mailstrom.stores.postgres.migrate.newer_version_behind`)."""
         known = latest_known()
-        if not isinstance(version, int) or version <= known:
-            return None
-        return StoreCorrupt(newer_schema(version, known, while_open=True))
+        version = newer_version_behind(exc, self._pools.pool, known)
+        return (
+            None if version is None else StoreCorrupt(newer_schema(version, known, while_open=True))
+        )
 
     def close(self) -> None:
         """Close the pool. Idempotent."""

@@ -54,6 +54,7 @@ from mailstrom.stores.sqlite import (
     _newer_schema,
     _no_shm,
     _wal_holds_frames,
+    newer_version_behind,
 )
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import HAS_PENDING_SQL, HELD_WAITING_SQL, read_messages
@@ -470,20 +471,14 @@ def _newer_schema_behind(
 ) -> StoreCorrupt | None:
     """StoreCorrupt when ``exc`` is SQLite refusing a view's statement ("no such column")
     because a newer mailstrom migrated the database since: no passing trouble, which the
-    dashboard showed as "try again later" for ever. As the store says it (its
-    ``_newer_schema_behind``); read only on such an error."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return None
-    if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_ERROR:
-        return None
-    try:
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-    except sqlite3.Error:
-        return None
+    dashboard showed as "try again later" for ever. As the store says it."""
     latest = _latest_schema()
-    if not isinstance(version, int) or version <= latest:
-        return None
-    return StoreCorrupt(_newer_schema(version, path, latest, while_open=True))
+    version = newer_version_behind(exc, conn, latest)
+    return (
+        None
+        if version is None
+        else StoreCorrupt(_newer_schema(version, path, latest, while_open=True))
+    )
 
 
 def _shown(value: object) -> str | None:

@@ -476,6 +476,23 @@ _KINDS = {
 }
 
 
+def newer_version_behind(exc: BaseException, conn: sqlite3.Connection, latest: int) -> int | None:
+    """The schema version of ``conn``'s database when ``exc`` is SQLite refusing a
+    statement (SQLITE_ERROR: "no such column", "table messages has no column named
+    data", an ON CONFLICT target gone...) and that version is past ``latest``, which
+    this mailstrom knows: a newer mailstrom migrated it since. None otherwise; read only
+    on such an error."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
+    if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_ERROR:
+        return None
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+    except sqlite3.Error:
+        return None
+    return version if isinstance(version, int) and version > latest else None
+
+
 def _latest_schema() -> int:
     available = migrations()
     return available[-1][0] if available else 0
@@ -968,20 +985,12 @@ class SQLiteStore:
         self, exc: sqlite3.Error, conn: sqlite3.Connection | None
     ) -> StoreCorrupt | None:
         """StoreCorrupt when ``exc`` is SQLite refusing a statement of this mailstrom
-        (SQLITE_ERROR: "no such column", "table messages has no column named data", an
-        ON CONFLICT target gone...) because a newer mailstrom changed the schema since
-        this store opened it: a call other than a lease or record (an enqueue, the
-        heartbeat's, a view's) finds it so, where it read as a passing trouble, retried
-        for ever. Only read on such an error."""
-        if conn is None or not isinstance(exc, sqlite3.OperationalError):
-            return None
-        if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_ERROR:
-            return None
-        try:
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-        except sqlite3.Error:
-            return None
-        return self._schema_moved_on(version) if version > self._latest else None
+        because a newer mailstrom changed the schema since this store opened it (see
+        :func:`newer_version_behind`): a call other than a lease or record (an enqueue,
+        the heartbeat's, a view's) finds it so, where it read as a passing trouble,
+        retried for ever."""
+        version = None if conn is None else newer_version_behind(exc, conn, self._latest)
+        return None if version is None else self._schema_moved_on(version)
 
     def _check_shm(self) -> None:
         """StoreCorrupt, and for every call from now on, when the ``-shm`` file (SQLite's

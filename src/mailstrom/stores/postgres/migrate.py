@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from mailstrom.errors import StoreAccessDenied, StoreCorrupt, newer_schema_advice
 from mailstrom.stores.postgres.connect import connect, split_url
@@ -92,6 +93,22 @@ SCHEMA_MISSES = (
 under it (a column renamed or dropped by a newer mailstrom's migration)."""
 
 CURRENT_VERSION = "SELECT max(version) FROM schema_version"
+
+
+def newer_version_behind(exc: BaseException, pool: ConnectionPool, known: int) -> int | None:
+    """The schema's version when ``exc`` (a StoreError) is a statement missing a table
+    or column (:data:`SCHEMA_MISSES`) because a newer mailstrom migrated the database
+    past ``known`` since; None otherwise. Read only on such an error, on a connection of
+    ``pool``'s own (the failed one may be in an aborted transaction)."""
+    if not isinstance(exc.__cause__, SCHEMA_MISSES):
+        return None
+    try:
+        with pool.connection() as conn:
+            row = conn.execute(CURRENT_VERSION.encode()).fetchone()
+    except (psycopg.Error, PoolTimeout):
+        return None
+    version = row[0] if row is not None else None
+    return version if isinstance(version, int) and version > known else None
 
 
 def apply_migrations(

@@ -126,11 +126,10 @@ from mailstrom.stores.postgres.holders import (
 from mailstrom.stores.postgres.listener import Listener
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.migrate import (
-    CURRENT_VERSION,
-    SCHEMA_MISSES,
     latest_known,
     migrate,
     newer_schema,
+    newer_version_behind,
 )
 from mailstrom.stores.postgres.notifier import Notifier
 from mailstrom.stores.postgres.sql import CANCELLED, queries, translate_errors
@@ -419,19 +418,10 @@ class PostgresStore:
 
     def _newer_schema_behind(self, exc: StoreError) -> StoreCorrupt | None:
         """StoreCorrupt when ``exc`` is a statement of this mailstrom missing a table or
-        column and the schema is newer than this mailstrom knows (read only then, on a
-        connection of its own: the failed one may be in an aborted transaction)."""
-        if not isinstance(exc.__cause__, SCHEMA_MISSES):
-            return None
-        try:
-            with self._pool.connection() as conn:
-                row = conn.execute(CURRENT_VERSION).fetchone()
-        except (psycopg.Error, PoolTimeout):
-            return None
-        version = row[0] if row is not None else None
-        if not isinstance(version, int) or version <= self._known:
-            return None
-        return self._schema_moved_on(version)
+        column and the schema is newer than this mailstrom knows (see
+        :func:`~mailstrom.stores.postgres.migrate.newer_version_behind`)."""
+        version = newer_version_behind(exc, self._pool, self._known)
+        return None if version is None else self._schema_moved_on(version)
 
     def _refuse_newer_schema(self, version: object) -> None:
         """StoreCorrupt when ``version`` (the schema's, read with a holder's beat) is
