@@ -50,7 +50,14 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.mtasts import CachedPolicy, Mode, Policy
 from mailstrom.policy.throttle import TokenBucket
 from mailstrom.readmodel import open_read_model
-from mailstrom.readmodel.base import QueueQuery, QueueView, ReadModel, Search, SortOrder
+from mailstrom.readmodel.base import (
+    MessageSummary,
+    QueueQuery,
+    QueueView,
+    ReadModel,
+    Search,
+    SortOrder,
+)
 from mailstrom.status import AttemptOutcome, MessageStatus, RecipientState
 from mailstrom.stores import Lease, MemoryStore, RecipientResult, Store, open_store
 from mailstrom.stores.base import QueueFilter
@@ -938,11 +945,14 @@ class StoresAgree(RuleBasedStateMachine):
             "read model suspensions",
         )
 
-    def all_pages(self, name: str, model: ReadModel, query: QueueQuery) -> list[MessageStatus]:
-        found: list[MessageStatus] = []
+    def all_pages(self, name: str, model: ReadModel, query: QueueQuery) -> list[MessageSummary]:
+        found: list[MessageSummary] = []
         for _ in range(100):
             page = model.queue_page(query, now=self.now)
-            found += [self.status_view(m, self.index[name][m.id]) for m in page.messages]
+            for m in page.messages:
+                # Each summary is its message's whole status summarised.
+                assert m == MessageSummary.of(self.stores[name].status(m.id)), name
+                found.append(replace(m, id=str(self.index[name][m.id])))
             if page.next is None:
                 return found
             query = replace(query, after=page.next)

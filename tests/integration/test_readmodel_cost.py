@@ -13,12 +13,20 @@ import psycopg
 import pytest
 
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.readmodel import PageCursor, QueueQuery, QueueView, Search, SortOrder
+from mailstrom.readmodel import (
+    MessageSummary,
+    PageCursor,
+    QueueQuery,
+    QueueView,
+    Search,
+    SortOrder,
+    open_read_model,
+)
 from mailstrom.readmodel import sqlite as sqlite_model
 from mailstrom.readmodel.postgres import PostgresReadModel
 from mailstrom.readmodel.sqlite import SQLiteReadModel
-from mailstrom.status import RecipientState
-from mailstrom.stores import Store
+from mailstrom.status import RecipientState, RecipientStatus
+from mailstrom.stores import MemoryStore, Store
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.sqlite import SQLiteStore
 from tests.fixtures.postgres import ThrowawayPostgres
@@ -483,3 +491,57 @@ def test_the_delivered_mail_of_a_busy_domain_is_read_from_an_index(tmp_path: Pat
     small = _delivered_at_domain_steps(tmp_path / "small.db", 100)
     big = _delivered_at_domain_steps(tmp_path / "big.db", BACKLOG // 2)
     assert big <= small + 5, (small, big)
+
+
+def _wide_store(kind: str, tmp_path: Path, postgres_server: ThrowawayPostgres) -> Store:
+    if kind == "memory":
+        return MemoryStore()
+    return _spread_store(kind, tmp_path, postgres_server)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])
+def test_a_page_makes_no_status_per_recipient(
+    kind: str,
+    tmp_path: Path,
+    postgres_server: ThrowawayPostgres,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The queue page read every recipient of every message it listed, though it shows
+    one address, a count and one reason per message: a page of 100 messages of 1,000
+    recipients each made 100,000 recipient statuses (2.6 s on SQLite, 2.0 s in memory).
+    It reads a summary per message now, none of them."""
+    store = _wide_store(kind, tmp_path, postgres_server)
+    try:
+        store.enqueue_many(
+            [
+                PreparedMessage(
+                    data=b"Subject: x\r\n\r\nx\r\n",
+                    envelope_from="app@sender.test",
+                    recipients=tuple(f"r{j}@d{j % 7}.wide.test" for j in range(1000)),
+                )
+                for _ in range(100)
+            ],
+            now=T0,
+        )
+        model = open_read_model(store, cache_seconds=0)
+        made = 0
+        make = RecipientStatus.__init__
+
+        def counted(self: RecipientStatus, **fields: Any) -> None:
+            nonlocal made
+            made += 1
+            make(self, **fields)
+
+        monkeypatch.setattr(RecipientStatus, "__init__", counted)
+        try:
+            page = model.queue_page(QueueQuery(view=QueueView.ALL, limit=100), now=T0)
+        finally:
+            model.close()
+        assert (len(page.messages), made) == (100, 0)
+        monkeypatch.undo()
+        newest = page.messages[0]
+        assert newest == MessageSummary.of(store.status(newest.id))
+        assert (newest.recipients, newest.first_recipient) == (1000, "r0@d0.wide.test")
+    finally:
+        store.close()

@@ -129,6 +129,16 @@ def test_the_queue_shows_why_a_failed_message_failed(client: TestClient, store: 
     assert reply is not None and reply.group(1).startswith("550"), row.group(0)
 
 
+def test_the_queue_page_shows_the_first_recipient_and_how_many_more(
+    client: TestClient, store: Store
+) -> None:
+    mid = store.enqueue(message("first@many.example", "b@many.example", "c@x.example"), now=NOW)
+    page = client.get("/queue", params={"view": "all"}).text
+    row = re.search(rf"<tr>\s*<td><a href=\"/message/{mid}\".*?</tr>", page, re.S)
+    assert row is not None, page
+    assert "<td>first@many.example +2</td>" in row.group(0), row.group(0)
+
+
 def test_queue_pages_follow_the_next_link(client: TestClient, store: Store) -> None:
     made = [
         store.enqueue(message(f"r{i}@many.example"), now=NOW + timedelta(seconds=i))

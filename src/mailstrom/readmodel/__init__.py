@@ -11,6 +11,7 @@ from __future__ import annotations
 from mailstrom.readmodel.base import (
     Destination,
     InvalidQuery,
+    MessageSummary,
     OldestPending,
     Overview,
     PageCursor,
@@ -27,6 +28,7 @@ from mailstrom.stores.base import Store
 __all__ = [
     "Destination",
     "InvalidQuery",
+    "MessageSummary",
     "OldestPending",
     "Overview",
     "PageCursor",

@@ -20,7 +20,15 @@ from typing import Protocol
 from mailstrom.arguments import member_of, shown
 from mailstrom.bounds import MAX_DURATION
 from mailstrom.errors import MailstromError
-from mailstrom.status import DestinationThrottle, MessageStatus, ReasonClass, RecipientState
+from mailstrom.status import (
+    DestinationThrottle,
+    DKIMStatus,
+    MessageStatus,
+    ReasonClass,
+    RecipientState,
+    SMTPReply,
+    state_reason,
+)
 from mailstrom.stores.operator import Suspension, comparable, filter_address, filter_domain
 
 MAX_PAGE = 500
@@ -247,10 +255,118 @@ class QueueQuery:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class QueuePage:
-    """The messages of one page (without attempt history) and where the next one starts."""
+class MessageSummary:
+    """One message as the queue page lists it: the fields of its
+    :class:`~mailstrom.status.MessageStatus`, and of its recipients only what one line
+    shows. Read as an aggregate per message: reading each recipient's status cost 2.6 s
+    for a page of 100 messages of 1,000 recipients each."""
 
-    messages: tuple[MessageStatus, ...]
+    id: str
+    state: RecipientState
+    """As :attr:`MessageStatus.state` (from its recipients' states)."""
+    envelope_from: str
+    created_at: datetime
+    size: int
+    recipients: int
+    """How many recipients it has."""
+    first_recipient: str | None
+    """Its first recipient's address (None with no recipient at all)."""
+    reason: str | None
+    """The reason that explains its state (:func:`~mailstrom.status.state_reason`)."""
+    header_message_id: str | None = None
+    subject: str | None = None
+    held: bool = False
+    """As :attr:`MessageStatus.held`: flagged and not final."""
+    dkim: DKIMStatus | None = None
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    priority: str | None = None
+    send_at: datetime | None = None
+    expires_at: datetime | None = None
+    idempotency_key: str | None = None
+
+    @classmethod
+    def of(cls, status: MessageStatus) -> MessageSummary:
+        """The summary of a whole status (what each read model's summary must equal)."""
+        counts: dict[RecipientState, int] = {}
+        for r in status.recipients:
+            counts[r.state] = counts.get(r.state, 0) + 1
+        return summarise(
+            status,
+            flagged=status.held,
+            counts=counts,
+            first=status.recipients[0].address if status.recipients else None,
+            reason=state_reason(status.recipients),
+        )
+
+
+def summarise(
+    head: MessageStatus,
+    *,
+    flagged: bool,
+    counts: Mapping[RecipientState, int],
+    first: str | None,
+    reason: str | None,
+) -> MessageSummary:
+    """The summary of the message ``head`` (its recipients not read: its state and
+    ``held`` are not its own), held when ``flagged``, with its recipients counted by state
+    in ``counts``, its first address and its reason."""
+    state = state_from_counts(counts)
+    return MessageSummary(
+        id=head.id,
+        state=state,
+        envelope_from=head.envelope_from,
+        created_at=head.created_at,
+        size=head.size,
+        recipients=sum(counts.values()),
+        first_recipient=first,
+        reason=reason,
+        header_message_id=head.header_message_id,
+        subject=head.subject,
+        # One that finished while held keeps its flag, and is no mail on hold.
+        held=flagged and not state.is_final,
+        dkim=head.dkim,
+        tags=head.tags,
+        metadata=head.metadata,
+        priority=head.priority,
+        send_at=head.send_at,
+        expires_at=head.expires_at,
+        idempotency_key=head.idempotency_key,
+    )
+
+
+REASON_RANK = (
+    "CASE WHEN r.state IN ('queued', 'deferred') THEN 0 WHEN r.state = 'failed' THEN 1 ELSE 2 END"
+)
+"""The order :func:`~mailstrom.status.state_reason` looks for a reason in (then by
+position), for a SQL read model's ``ORDER BY`` over recipients ``r``."""
+
+
+def state_from_counts(counts: Mapping[RecipientState, int]) -> RecipientState:
+    """A message's state from its recipients counted by state, as
+    :func:`~mailstrom.status.derive_message_state` gives it from their list."""
+    if counts.get(RecipientState.QUEUED) or counts.get(RecipientState.DEFERRED):
+        if counts.get(RecipientState.DEFERRED):
+            return RecipientState.DEFERRED
+        return RecipientState.QUEUED
+    if counts.get(RecipientState.DELIVERED) and not counts.get(RecipientState.FAILED):
+        return RecipientState.DELIVERED
+    return RecipientState.FAILED
+
+
+def reason_of(reply: SMTPReply | None, error: str | None) -> str:
+    """A recipient's reason (:attr:`~mailstrom.status.RecipientStatus.reason`) from its
+    reply and error."""
+    if reply is not None:
+        return str(reply)
+    return error or ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueuePage:
+    """The messages of one page (summaries) and where the next one starts."""
+
+    messages: tuple[MessageSummary, ...]
     next: PageCursor | None = None
     """None on the last page."""
 

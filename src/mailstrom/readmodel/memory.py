@@ -8,6 +8,7 @@ answers exactly as the SQL read models do (the contract suite checks it).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 from mailstrom.errors import StoreError
@@ -15,6 +16,7 @@ from mailstrom.readmodel.base import (
     BUCKET,
     CLOSED,
     Destination,
+    MessageSummary,
     OldestPending,
     Overview,
     PageCursor,
@@ -27,10 +29,12 @@ from mailstrom.readmodel.base import (
     fill_buckets,
     id_range,
     queued_before,
+    reason_of,
+    summarise,
     throughput_window,
     with_suspensions,
 )
-from mailstrom.status import DestinationThrottle, MessageStatus, ReasonClass, RecipientState
+from mailstrom.status import DestinationThrottle, ReasonClass, RecipientState
 from mailstrom.stores.memory import MemoryStore
 from mailstrom.stores.memory_records import _Message
 from mailstrom.stores.operator import Suspension, filter_domain
@@ -144,7 +148,7 @@ class MemoryReadModel:
         cutoff = queued_before(now, query)
         after = None if query.after is None else (query.after.created_at, query.after.seq)
         self._check_open()
-        page: list[MessageStatus] = []
+        page: list[MessageSummary] = []
         last: _Message | None = None
         more = False
 
@@ -160,8 +164,7 @@ class MemoryReadModel:
                 if len(page) == query.limit:
                     more = True
                     return True
-                # As the store's lists show them: with the pauses their status shows.
-                page.append(self._store._listed(m))
+                page.append(_summary(m))
                 last = m
             return False
 
@@ -179,6 +182,31 @@ class MemoryReadModel:
         with self._store._lock:
             data = self._store._get(message_id).prepared.data
         return data if limit is None else data[:limit]
+
+
+def _summary(m: _Message) -> MessageSummary:
+    """``m`` as the queue page lists it (call under the store's lock), read from its
+    records: no recipient's status is made."""
+    counts: dict[RecipientState, int] = {}
+    # As state_reason() ranks them: pending, then failed, then delivered, each in order.
+    best: tuple[int, str] | None = None
+    for r in m.recipients.values():
+        counts[r.state] = counts.get(r.state, 0) + 1
+        reason = reason_of(r.reply, r.error)
+        rank = _RANK.get(r.state, 2)
+        if reason and (best is None or rank < best[0]):
+            best = (rank, reason)
+    first = next(iter(m.recipients.values()), None)
+    return summarise(
+        replace(m, recipients={}).snapshot(with_history=False),
+        flagged=m.held,
+        counts=counts,
+        first=None if first is None else first.address,
+        reason=None if best is None else best[1],
+    )
+
+
+_RANK = {RecipientState.QUEUED: 0, RecipientState.DEFERRED: 0, RecipientState.FAILED: 1}
 
 
 def _matches(m: _Message, query: QueueQuery) -> bool:

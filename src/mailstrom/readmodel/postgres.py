@@ -13,11 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage
 from mailstrom.readmodel.base import (
@@ -39,15 +38,15 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
+from mailstrom.readmodel.postgres_summary import summaries
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
-from mailstrom.stores.base import reason_class_of, with_pauses
+from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.postgres.connect import ProcessPool, connection_pool
 from mailstrom.stores.postgres.locks import pool_lock_wait
 from mailstrom.stores.postgres.migrate import latest_known, newer_schema, newer_version_behind
-from mailstrom.stores.postgres.rows import ReadableTimes, messages_from_rows
+from mailstrom.stores.postgres.rows import ReadableTimes
 from mailstrom.stores.postgres.sql import queries, translate_errors
-from mailstrom.stores.postgres.store import pauses_by_message
 from mailstrom.stores.row_checks import counted_state
 from mailstrom.stores.side_rows import pause_of
 
@@ -93,22 +92,11 @@ _AT_DOMAIN = {
     QueueView.FAILED: f"({_DELIVERED_AT} OR {_FAILED_AT})",
 }
 _ANY_AT = f"({_PENDING_AT} OR {_DELIVERED_AT} OR {_FAILED_AT})"
-_STATUS_COLUMNS = (
-    "m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject, m.held, m.dkim,"
-    " m.tags, m.metadata, m.priority, m.send_at, m.expires_at, m.idempotency_key,"
-    " r.address, r.state, r.attempts, r.reply_code, r.reply_enhanced, r.reply_text, r.error,"
-    " r.mx_host, r.ip, r.tls, r.uncertain, r.first_attempt_at, r.last_attempt_at,"
-    " r.next_attempt_at, r.reason_class, r.finished_at,"
-    " (r.lease_token IS NOT NULL AND r.state IN ('queued', 'deferred')) AS leased"
-)
-
-
 _MAX_INTEGER = 2**31 - 1
 """PostgreSQL's largest ``integer``."""
 
 # The store's own query (the list is short: no paging).
 _SUSPENSIONS = queries()["suspensions"].encode()
-_PAUSED_IN = queries()["paused_in"].encode()
 _THROTTLES = queries()["throttles"].encode()
 
 
@@ -367,34 +355,13 @@ class PostgresReadModel:
             more = len(rows) > query.limit
             rows = rows[: query.limit]
             ids = [row[0] for row in rows]
-            with conn.cursor(row_factory=dict_row) as cur:
-                found = {
-                    s.id: s
-                    for s in messages_from_rows(
-                        cur.execute(
-                            f"SELECT {_STATUS_COLUMNS} FROM messages m"
-                            " LEFT JOIN recipients r ON r.message_id = m.id"
-                            " WHERE m.id = ANY(%s) ORDER BY m.id, r.position".encode(),
-                            (ids,),
-                        ).fetchall()
-                    )
-                }
-            # With the destination pauses the store's status shows (the clock's now).
-            pending = [
-                s.id for s in found.values() if any(not r.state.is_final for r in s.recipients)
-            ]
-            paused = pauses_by_message(
-                conn.execute(_PAUSED_IN, {"ids": pending, "now": datetime.now(UTC)}).fetchall()
-                if pending
-                else []
-            )
+            found = summaries(conn, ids)
         cursor = None
         if more:
             _, seq, created, late = rows[-1]
             cursor = cursor_after(created, int(seq), late=bool(late), newest=newest)
-        # A message whose rows cannot be read is left out (messages_from_rows warns).
-        page = with_pauses([found[mid] for mid in ids if mid in found], paused)
-        return QueuePage(messages=tuple(page), next=cursor)
+        # A message whose rows cannot be read is left out (summaries() warns).
+        return QueuePage(messages=tuple(found[mid] for mid in ids if mid in found), next=cursor)
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage, UnreadableRow
 from mailstrom.readmodel.base import (
@@ -42,9 +42,10 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
+from mailstrom.readmodel.sqlite_summary import summaries
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.status import DestinationThrottle, RecipientState
-from mailstrom.stores.base import reason_class_of, with_pauses
+from mailstrom.stores.base import reason_class_of
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.row_checks import counted_state, shown_text, stored_octets
@@ -57,9 +58,9 @@ from mailstrom.stores.sqlite import (
     newer_version_behind,
 )
 from mailstrom.stores.sqlite_operator import active_suspensions
-from mailstrom.stores.sqlite_queue import HAS_PENDING_SQL, HELD_WAITING_SQL, read_messages
+from mailstrom.stores.sqlite_queue import HAS_PENDING_SQL, HELD_WAITING_SQL
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
-from mailstrom.stores.sqlite_shaping import paused_in, throttles
+from mailstrom.stores.sqlite_shaping import throttles
 from mailstrom.stores.sqlite_walk import count_upto, walk_bound
 
 log = logging.getLogger(__name__)
@@ -392,24 +393,15 @@ class SQLiteReadModel:
             ).fetchall()
             more = len(rows) > query.limit
             rows = rows[: query.limit]
-            seqs = [seq for seq, _, _ in rows]
-            marks = ",".join("?" * len(seqs))
-            found = {
-                status.id: status
-                for status in read_messages(
-                    conn, f"m.seq IN ({marks})", list(seqs), len(seqs), history=False
-                )
-            }
-            # With the destination pauses the store's status shows (the clock's now).
-            paused = paused_in(conn, list(found), now=datetime.now(UTC))
+            found = summaries(conn, [seq for seq, _, _ in rows])
         cursor = None
         if more:
             seq, created, _ = rows[-1]
             created_at, late = _page_time(created)
             cursor = cursor_after(created_at, seq, late=late, newest=newest)
-        # A message whose rows cannot be read is left out (read_messages warns).
-        page = with_pauses([found[mid] for _, _, mid in rows if mid in found], paused)
-        return QueuePage(messages=tuple(page), next=cursor)
+        # A message whose rows cannot be read is left out (summaries() warns).
+        page = tuple(found[seq] for seq, _, _ in rows if seq in found)
+        return QueuePage(messages=page, next=cursor)
 
     def _driver(
         self, conn: sqlite3.Connection, filters: list[_Filter], limit: int

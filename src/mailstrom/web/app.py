@@ -54,7 +54,7 @@ from mailstrom.readmodel import (
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.safetext import bidi_escaped
 from mailstrom.settings import parse_duration, parse_origin
-from mailstrom.status import Attempt, MessageStatus, RecipientState, state_reason
+from mailstrom.status import Attempt, MessageStatus, RecipientState
 from mailstrom.stores.base import Store
 from mailstrom.stores.clock import in_utc
 from mailstrom.stores.dead_holders import HolderInfo, live_workers
@@ -178,7 +178,6 @@ def create_app(
         undefined=jinja2.StrictUndefined,
         finalize=_shown_in_order,
     )
-    env.globals["state_reason"] = state_reason
     templates = Jinja2Templates(env=env)
 
     def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
