@@ -151,6 +151,7 @@ def good_zone(rsa_key: Path) -> dict[tuple[str, str], list[str] | str]:
         (HELO, "TXT"): ["v=spf1 a -all"],
         (DOMAIN, "TXT"): ["v=spf1 mx ip4:192.0.2.0/24 -all"],
         (DOMAIN, "MX"): ["10 mx.example.com"],
+        ("mx.example.com", "A"): ["192.0.2.25"],
         (f"s1._domainkey.{DOMAIN}", "TXT"): [record_for(public_key(rsa_key.read_bytes()))],
         (f"_dmarc.{DOMAIN}", "TXT"): ["v=DMARC1; p=reject; rua=mailto:d@example.com"],
     }
@@ -2052,6 +2053,7 @@ def test_bulk_sender_without_dkim_for_the_domain_fails(
     dns_server.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=reject; rua=mailto:d@example.com")
     dns_server.txt("s1._domainkey.example.org", record_for(public_key(rsa_key.read_bytes())))
     dns_server.mx(DOMAIN, [(10, "mx.example.com")])
+    dns_server.a("mx.example.com", "192.0.2.25")
     resolver = DNSResolver(dns_server.dns_config)
     dkim = (
         ()
@@ -2089,6 +2091,7 @@ def test_sending_domain_that_takes_no_mail_fails(
     dns_server.txt(f"s1._domainkey.{DOMAIN}", record_for(public_key(rsa_key.read_bytes())))
     if mail == "mx":
         dns_server.mx(DOMAIN, [(10, "mx.example.com")])
+        dns_server.a("mx.example.com", "192.0.2.25")
     elif mail == "address":
         dns_server.a(DOMAIN, "192.0.2.80")
     elif mail == "null mx":
@@ -2342,6 +2345,7 @@ def test_a_lookup_that_failed_for_now_leaves_dmarc_unknown_not_failed(
     # failed (exit 2: "receivers will reject or junk this mail") over a transient error.
     dns_server.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=reject; rua=mailto:d@example.com")
     dns_server.mx(DOMAIN, [(10, "mx.example.com")])
+    dns_server.a("mx.example.com", "192.0.2.25")
     dns_server.ptr(IP, HELO)
     dns_server.a(HELO, IP)
     dns_server.txt(HELO, "v=spf1 a -all")
@@ -2406,8 +2410,34 @@ def test_mx_records_naming_address_literals_alone_take_no_mail(dns_server: Loopb
     assert check.status is Status.FAIL, check.summary
     assert "address literal" in check.summary and "[192.0.2.25]" in check.summary, check
     dns_server.mx(DOMAIN, [(10, "[192.0.2.25]"), (20, "mx.example.com")])
+    dns_server.a("mx.example.com", "192.0.2.25")
     check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
     assert check.status is Status.PASS and "mx.example.com" in check.summary, check.summary
+
+
+def test_mx_hosts_without_any_address_take_no_mail(dns_server: LoopbackDNS) -> None:
+    """An MX host whose name has no A or AAAA record is no place mail can go: the router
+    finds no route (mail to the domain waits, then bounces) and the domain's mail gets no
+    bounces. The doctor passed it: "takes mail at mx.example.com"."""
+    from mailstrom.doctor.lookup import MOST_MX_HOSTS
+    from mailstrom.doctor.mx import check_mx
+    from mailstrom.errors import TemporaryFailure
+    from mailstrom.routing import Router
+
+    dns_server.mx(DOMAIN, [(10, "mx.example.com"), (20, "mx2.example.com")])
+    with pytest.raises(TemporaryFailure):
+        asyncio.run(Router(dns_server.dns_config).route(DOMAIN))
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.FAIL, check.summary
+    assert "no address" in check.summary and "mx2.example.com" in check.summary, check
+    assert check.fix is not None and "mx.example.com" in check.fix, check.fix
+    dns_server.a("mx2.example.com", "192.0.2.25")  # one host with an address is enough
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.PASS, check.summary
+    # Past the hosts looked up, one may have an address: a warning, not a verdict.
+    dns_server.mx(DOMAIN, [(i, f"mx{i}.none.example") for i in range(MOST_MX_HOSTS + 2)])
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.WARN and "2 others were not looked up" in check.summary
 
 
 @dataclass

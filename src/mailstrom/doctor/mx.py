@@ -76,13 +76,33 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
     if real:
         # A summary is one line: a few names, each cut short (DNS names run to 253).
         at = listed([piece(host) for host in real], 3)
-        refused = _only_refused(resolver, real, policy)
-        if refused:
+        unusable = _unusable(resolver, real, policy)
+        if unusable is not None:
+            refused, addressless = unusable
+            why = listed(
+                [
+                    *refused,
+                    *(f"{piece(host)}: no A or AAAA record" for host in addressless),
+                ],
+                3,
+            )
+            fix = f"publish MX records at {domain} naming the servers that take its mail"
+            if addressless:
+                fix += f", or publish the address of {piece(addressless[0])}"
+            unasked = len(set(map(normal_name, real))) - MOST_MX_HOSTS
+            if unasked > 0:  # the others may have one: no verdict on the domain
+                return check(
+                    Status.WARN,
+                    f"{domain}'s first {MOST_MX_HOSTS} MX hosts have no address senders "
+                    f"deliver to ({why}); its {unasked} others were not looked up",
+                    fix,
+                    *shown,
+                )
             return check(
                 Status.FAIL,
-                f"{domain}'s MX hosts ({at}) have only addresses senders do not deliver to "
-                f"({listed(refused, 3)}), so it takes no mail and its mail gets no bounces",
-                f"publish MX records at {domain} naming the servers that take its mail",
+                f"{domain}'s MX hosts ({at}) have no address senders deliver to "
+                f"({why}), so it takes no mail and its mail gets no bounces",
+                fix,
                 *shown,
             )
         return check(Status.PASS, f"{domain} takes mail at {at}", None, *shown)
@@ -111,14 +131,24 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
     )
 
 
-def _only_refused(resolver: Resolver, hosts: list[str], policy: RoutePolicy) -> list[str]:
-    """The refused addresses (``address (kind)``) of the first :data:`MOST_MX_HOSTS` of
-    ``hosts`` when none of them has an address the router delivers to and no lookup
-    failed, else ``[]``: the first host with a usable address ends the lookups."""
+def _unusable(
+    resolver: Resolver, hosts: list[str], policy: RoutePolicy
+) -> tuple[list[str], list[str]] | None:
+    """When none of the first :data:`MOST_MX_HOSTS` of ``hosts`` has an address the
+    router delivers to and no lookup failed: their refused addresses (``address
+    (kind)``) and the hosts with no address record at all; else None. The first host
+    with a usable address ends the lookups.
+
+    A host without addresses counts as much as one with refused ones: the router finds
+    no route through either (mail to the domain waits, then bounces), and a domain with
+    only such hosts passed as one that "takes mail"."""
     refused: list[str] = []
+    addressless: list[str] = []
     for host in list(dict.fromkeys(normal_name(h) for h in hosts))[:MOST_MX_HOSTS]:
         addresses = host_addresses(resolver, host, ("A", "AAAA"), policy)
         if addresses.kept or addresses.error is not None:
-            return []
+            return None
         refused.extend(addresses.refused)
-    return refused
+        if not addresses.refused:
+            addressless.append(host)
+    return refused, addressless
