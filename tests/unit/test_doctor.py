@@ -2440,6 +2440,25 @@ def test_mx_hosts_without_any_address_take_no_mail(dns_server: LoopbackDNS) -> N
     assert check.status is Status.WARN and "2 others were not looked up" in check.summary
 
 
+def test_mx_host_whose_address_lookup_failed_is_unknown_not_taking_mail(
+    dns_server: LoopbackDNS,
+) -> None:
+    """The address lookup of the only MX host failed (SERVFAIL): whether the domain takes
+    mail is not known now. The doctor passed it: "takes mail at mx.example.com"."""
+    from mailstrom.doctor.mx import check_mx
+
+    dns_server.mx(DOMAIN, [(10, "mx.example.com")])
+    dns_server.servfail("mx.example.com")
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.UNKNOWN, check.summary
+    assert "mx.example.com" in check.summary, check.summary
+    # Another host with an address takes the mail whatever the failed lookup would say.
+    dns_server.mx(DOMAIN, [(10, "mx.example.com"), (20, "mx2.example.com")])
+    dns_server.a("mx2.example.com", "192.0.2.25")
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.PASS, check.summary
+
+
 @dataclass
 class DualStackNetwork(FakeNetwork):
     """Routes from 192.0.2.10 over IPv4 and 2001:db8::10 over IPv6 (``v6`` None: no

@@ -77,8 +77,16 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
         # A summary is one line: a few names, each cut short (DNS names run to 253).
         at = listed([piece(host) for host in real], 3)
         unusable = _unusable(resolver, real, policy)
+        if unusable is not None and unusable[2] is not None:
+            return check(
+                Status.UNKNOWN,
+                f"temporary DNS error looking up the addresses of {domain}'s MX hosts "
+                f"({at}): {unusable[2]}",
+                None,
+                *shown,
+            )
         if unusable is not None:
-            refused, addressless = unusable
+            refused, addressless, _ = unusable
             why = listed(
                 [
                     *refused,
@@ -133,22 +141,26 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
 
 def _unusable(
     resolver: Resolver, hosts: list[str], policy: RoutePolicy
-) -> tuple[list[str], list[str]] | None:
+) -> tuple[list[str], list[str], str | None] | None:
     """When none of the first :data:`MOST_MX_HOSTS` of ``hosts`` has an address the
-    router delivers to and no lookup failed: their refused addresses (``address
-    (kind)``) and the hosts with no address record at all; else None. The first host
-    with a usable address ends the lookups.
+    router delivers to: their refused addresses (``address (kind)``), the hosts with no
+    address record at all, and the first lookup error, if one failed; else None. The
+    first host with a usable address ends the lookups.
 
     A host without addresses counts as much as one with refused ones: the router finds
     no route through either (mail to the domain waits, then bounces), and a domain with
-    only such hosts passed as one that "takes mail"."""
+    only such hosts passed as one that "takes mail". A failed lookup leaves it unknown:
+    it passed too."""
     refused: list[str] = []
     addressless: list[str] = []
+    error: str | None = None
     for host in list(dict.fromkeys(normal_name(h) for h in hosts))[:MOST_MX_HOSTS]:
         addresses = host_addresses(resolver, host, ("A", "AAAA"), policy)
-        if addresses.kept or addresses.error is not None:
+        if addresses.kept:
             return None
         refused.extend(addresses.refused)
-        if not addresses.refused:
+        if addresses.error is not None:
+            error = error or addresses.error
+        elif not addresses.refused:
             addressless.append(host)
-    return refused, addressless
+    return refused, addressless, error
