@@ -1665,6 +1665,29 @@ def test_dnsbl(zone: Zone, status: Status, words: str) -> None:
     assert words in check.summary
 
 
+@pytest.mark.parametrize(
+    ("code", "words", "advice"),
+    [
+        ("127.255.255.252", "not a name the list serves", "check the zone name"),
+        ("127.255.255.254", "relayed by public resolvers", "your own recursive resolver"),
+        ("127.255.255.255", "too many queries", "registered query service"),
+    ],
+)
+def test_dnsbl_error_codes_each_say_what_went_wrong(
+    dns_server: LoopbackDNS, code: str, words: str, advice: str
+) -> None:
+    """Spamhaus answers 127.255.255.252 for a query of a zone name it does not serve (a
+    typing error), .254 for one relayed by a public resolver and .255 for a querier over
+    its volume limit. All three said "does not answer queries relayed by public
+    resolvers", with the advice to use one's own resolver: for a mistyped zone or a rate
+    limit, advice that changes nothing."""
+    dns_server.a("10.2.0.192.bl.example", code)
+    check = check_dnsbl(DNSResolver(dns_server.dns_config), ip=IP, zone="bl.example")
+    assert check.status is Status.WARN, check.summary
+    assert words in check.summary and code in check.summary, check.summary
+    assert check.fix is not None and advice in check.fix, check.fix
+
+
 # --- outgoing address and port 25 --------------------------------------------------------
 
 

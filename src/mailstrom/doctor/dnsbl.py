@@ -60,13 +60,13 @@ def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
             shown,
         )
     listings = [c for c in loopback if not _no_listing(c)]
-    if not listings and any(c.startswith("127.255.255.") for c in loopback):
+    refusals = [c for c in loopback if c.startswith("127.255.255.")]
+    if not listings and refusals:
+        why, fix = _REFUSALS.get(refusals[0], _REFUSALS["127.255.255.254"])
         return check(
             Status.WARN,
-            f"{zone} refused the query ({listed(loopback)}): it does not answer queries "
-            "relayed by public resolvers",
-            "query from your own recursive resolver (not 8.8.8.8, 1.1.1.1 and the like), "
-            f"or use the list's registered query service; then run the doctor again ({zone})",
+            f"{zone} refused the query ({listed(loopback)}): {why}",
+            f"{fix}; then run the doctor again ({zone})",
             shown,
         )
     if not listings:
@@ -96,6 +96,28 @@ def check_dnsbl(resolver: Resolver, *, ip: str, zone: str) -> Check:
         + "; until then send through a relay",
         shown,
     )
+
+
+_REFUSALS = {
+    "127.255.255.252": (
+        "the zone asked is not a name the list serves (Spamhaus's answer to a typing error in it)",
+        "check the zone name (doctor.dnsbls, --dnsbl) against the list's documentation",
+    ),
+    "127.255.255.254": (
+        "it does not answer queries relayed by public resolvers",
+        "query from your own recursive resolver (not 8.8.8.8, 1.1.1.1 and the like), "
+        "or use the list's registered query service",
+    ),
+    "127.255.255.255": (
+        "your resolver sent it too many queries, over its free use limit",
+        "use the list's registered query service (for Spamhaus, its Data Query Service), "
+        "or a resolver of your own that sends fewer queries",
+    ),
+}
+"""Spamhaus's answers that refuse a query (its "return codes" for errors), each with
+what it means and what to do: an unknown 127.255.255.x is taken as the common .254.
+Each asks for something else; one piece of advice for all sent an operator with a
+mistyped zone or a rate limit to change resolvers, which changed nothing."""
 
 
 def _no_listing(code: str) -> bool:
