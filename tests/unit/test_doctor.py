@@ -1334,6 +1334,21 @@ def test_dmarc_parse() -> None:
             parse_dmarc(text)
 
 
+def test_dmarc_pct_0_applies_the_policy_to_no_failing_mail(dns_server: LoopbackDNS) -> None:
+    """With pct=0 receivers apply the policy to none of the failing mail (RFC 7489
+    §6.6.4: the next policy down instead, none for quarantine). The detail said "the
+    policy applies to part of failing mail only", as for pct=50."""
+    dns_server.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=quarantine; pct=0")
+    resolver = DNSResolver(dns_server.dns_config)
+    check = check_dmarc(resolver, domain=DOMAIN, spf_result="pass", dkim_domains=[DOMAIN])
+    [note] = [d for d in check.details if d.startswith("pct=")]
+    assert "none of" in note and "part of" not in note, note
+    assert "p=none" in note, note
+    dns_server.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=reject; pct=50")
+    check = check_dmarc(resolver, domain=DOMAIN, spf_result="pass", dkim_domains=[DOMAIN])
+    assert "pct=50: the policy applies to part of failing mail only" in check.details
+
+
 @pytest.mark.parametrize(
     "text",
     ["V=DMARC1; p=reject", "V = DMARC1 ;p=reject", "v\t=\tDMARC1\t;\tp\t=\treject\t;"],

@@ -325,7 +325,15 @@ def check_dmarc(
         )
     policy_domain = (found.name or f"_dmarc.{domain}").removeprefix("_dmarc.")
     details.extend(_unconsenting(resolver, policy_domain, record.rua))
-    if record.pct < 100:
+    if record.pct == 0 and policy != "none":
+        # RFC 7489 §6.6.4: mail not sampled gets the next policy down, and pct=0 samples
+        # none: a record that says quarantine is, to receivers, p=none.
+        lesser = "quarantine" if policy == "reject" else "none"
+        details.append(
+            f"pct=0: receivers apply p={policy} to none of the failing mail, but "
+            f"p={lesser} (RFC 7489 §6.6.4)"
+        )
+    elif record.pct < 100:
         details.append(f"pct={record.pct}: the policy applies to part of failing mail only")
 
     if not dkim_ok and spf_result is None:
