@@ -424,6 +424,10 @@ class Shaper:
 
     def _lapse(self, shape: Shape) -> None:
         """Drop the tokens ``shape`` holds if they have lapsed (see :attr:`Shape.tokens`)."""
+        if shape.booked_at is None and shape.sent_at is None and shape.tokens <= 0:
+            # Nothing a rate stamped (none without message rates, each message's case):
+            # no clock to read, twice per message.
+            return
         now = self._clock_for(shape)
         until = shape.tokens_until
         if shape.tokens > 0 and until is not None and now >= until:
