@@ -707,6 +707,8 @@ def test_an_attached_message_with_a_long_line_is_sent_encoded_inside(
         ({"timeout": 5}, "timeout=5"),
         ({"username": "app", "password": "s3cret"}, "username and password"),
         ({"password": "s3cret"}, "password"),
+        ({"host": "smtp.relay.example", "port": 587, "use_tls": True}, "host, port, use_tls"),
+        ({"use_ssl": False, "ssl_keyfile": "/k.pem"}, "use_ssl, ssl_keyfile"),
     ],
 )
 def test_smtp_options_the_backend_cannot_use_are_warned_of(
@@ -714,7 +716,9 @@ def test_smtp_options_the_backend_cannot_use_are_warned_of(
 ) -> None:
     """``get_connection(timeout=...)`` (``EMAIL_TIMEOUT`` for the SMTP backend) and
     ``send_mail(auth_user=..., auth_password=...)`` were accepted and ignored without a
-    word: a bound on the send that was not kept, a login that never happened."""
+    word: a bound on the send that was not kept, a login that never happened; and
+    ``get_connection(host=..., port=..., use_tls=...)``, which sent straight to each
+    recipient's MX server where the code named a relay."""
     with pytest.warns(UserWarning, match="mailstrom's EmailBackend does not use") as record:
         backend = EmailBackend(**options)  # type: ignore[arg-type]
     assert [named in str(warning.message) for warning in record] == [True]
@@ -724,6 +728,7 @@ def test_smtp_options_the_backend_cannot_use_are_warned_of(
     mx.wait_for_messages(1)
     # What Django passes when they are not given says nothing (a warning fails the test).
     EmailBackend(timeout=None, username=None, password=None)
+    EmailBackend(host=None, port=None, use_tls=None, use_ssl=None)  # type: ignore[call-arg]
     EmailBackend(username="", password="")
     if not HAS_MAILERS:  # Django 6.1 deprecates send_mail's connection arguments
         with pytest.warns(UserWarning, match="username and password"):

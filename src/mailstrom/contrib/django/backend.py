@@ -104,9 +104,10 @@ class EmailBackend(BaseEmailBackend):
         # backend that supports it keeps it itself, as Django's SMTP backend does. It comes
         # from get_connection(fail_silently=...) or a MAILERS entry's OPTIONS; the rest
         # (6.1's ``alias``) is the base class's.
+        relay = {name: kwargs.pop(name) for name in _SMTP_RELAY_OPTIONS if name in kwargs}
         super().__init__(**kwargs)
         self.fail_silently = fail_silently
-        _warn_unused(timeout=timeout, username=username, password=password)
+        _warn_unused(timeout=timeout, username=username, password=password, relay=relay)
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         messages = [m for m in email_messages if m.recipients()]
@@ -153,7 +154,20 @@ def _enqueue(ms: Mailstrom, prepared: list[PreparedMessage], *, now: datetime) -
     return get_mailstrom().store.enqueue_many(prepared, now=now)
 
 
-def _warn_unused(*, timeout: float | None, username: str | None, password: str | None) -> None:
+_SMTP_RELAY_OPTIONS = ("host", "port", "use_tls", "use_ssl", "ssl_keyfile", "ssl_certfile")
+"""What Django's SMTP backend takes to name the server it sends through (``get_connection(
+host=..., port=..., use_tls=...)``): the base class took them in its ``**kwargs`` and
+dropped them, so code written to send through a relay sent straight to each recipient's
+MX server without a word."""
+
+
+def _warn_unused(
+    *,
+    timeout: float | None,
+    username: str | None,
+    password: str | None,
+    relay: dict[str, object] | None = None,
+) -> None:
     """Warn of options of Django's SMTP backend given to this one, which cannot use them:
     ``send_mail(auth_user=..., auth_password=...)`` passes them, and a project moving from
     SMTP keeps them. They were accepted and ignored without a word, the password too. A
@@ -170,6 +184,14 @@ def _warn_unused(*, timeout: float | None, username: str | None, password: str |
         warnings.warn(
             f"mailstrom's EmailBackend does not use {' and '.join(given)} (send_mail's "
             f"auth_user, auth_password): {UNUSED_CREDENTIALS}",
+            stacklevel=3,
+        )
+    named = [name for name, value in (relay or {}).items() if value is not None]
+    if named:
+        # Names only: a key file's path says nothing the warning needs.
+        warnings.warn(
+            f"mailstrom's EmailBackend does not use {', '.join(named)} (Django's SMTP "
+            f"backend's server to send through): {UNUSED_CREDENTIALS}",
             stacklevel=3,
         )
 
