@@ -2626,3 +2626,29 @@ def test_mx_hosts_on_this_host_take_no_mail(zone: Zone, shown: str) -> None:
     assert check.status is Status.FAIL, check.summary
     assert shown in check.summary and "loopback" in check.summary, check.summary
     assert check_mx(FakeResolver(zone), domain=DOMAIN, allow_loopback=True).status is Status.PASS
+
+
+def test_mx_hosts_are_judged_and_named_in_preference_order(dns_server: LoopbackDNS) -> None:
+    """Senders try MX hosts lowest preference first (RFC 5321 §5.1), whatever order the
+    answer lists them in. The doctor took the first 5 in answer order: a domain whose
+    preferred hosts come last warned "first 5 MX hosts have no address" about its backups
+    (where the router delivers to the preferred ones), and named the backups first."""
+    from mailstrom.doctor.lookup import MOST_MX_HOSTS
+    from mailstrom.doctor.mx import check_mx
+    from mailstrom.routing import Router
+
+    backups = [(50 + i, f"backup{i}.none.example") for i in range(MOST_MX_HOSTS)]
+    dns_server.mx(DOMAIN, [*backups, (20, "mx-b.example.com"), (10, "mx-a.example.com")])
+    dns_server.a("mx-a.example.com", "192.0.2.25")
+    route = asyncio.run(Router(dns_server.dns_config).route(DOMAIN))
+    assert route.hosts[0].name == "mx-a.example.com"
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.PASS, check.summary
+    assert check.summary.endswith(
+        "mx-a.example.com, mx-b.example.com, backup0.none.example and 4 more"
+    ), check.summary
+    assert check.details[0] == f"MX {DOMAIN}: 10 mx-a.example.com", check.details
+    # Equal preferences are named by name, so that two runs report alike.
+    dns_server.mx(DOMAIN, [(10, "mx-c.example.com"), (10, "mx-a.example.com")])
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.summary.endswith("mx-a.example.com, mx-c.example.com"), check.summary

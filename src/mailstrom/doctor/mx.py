@@ -33,8 +33,9 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
     answer = resolver.lookup(domain, "MX")
     if answer.outcome is Outcome.ERROR:
         return check(Status.UNKNOWN, f"temporary DNS error: {answer.error}")
-    shown = capped([f"MX {domain}: {record}" for record in answer.records])
-    hosts = [record.partition(" ")[2].strip() for record in answer.records]
+    records = _by_preference(answer.records)
+    shown = capped([f"MX {domain}: {preference} {host}" for preference, host in records])
+    hosts = [host for _, host in records]
     null = any(host in ("", ".") for host in hosts)
     # An exchange written as an address literal ("[192.0.2.25]") names no host (RFC 5321
     # §5.1): the router skips it, as Postfix does, and bounces a domain left without one.
@@ -139,13 +140,22 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
     )
 
 
+def _by_preference(records: tuple[str, ...]) -> list[tuple[int, str]]:
+    """MX records (``preference exchange``) in the order senders try them: lowest
+    preference first (RFC 5321 §5.1), whatever order the answer lists them in. Equal
+    preferences, which senders try in random order, come by name, so that two runs over
+    the same answer look up the same hosts and report them alike."""
+    parsed = [(int(p), h.strip()) for p, _, h in (r.strip().partition(" ") for r in records)]
+    return sorted(parsed, key=lambda record: (record[0], normal_name(record[1])))
+
+
 def _unusable(
     resolver: Resolver, hosts: list[str], policy: RoutePolicy
 ) -> tuple[list[str], list[str], str | None] | None:
-    """When none of the first :data:`MOST_MX_HOSTS` of ``hosts`` has an address the
-    router delivers to: their refused addresses (``address (kind)``), the hosts with no
-    address record at all, and the first lookup error, if one failed; else None. The
-    first host with a usable address ends the lookups.
+    """When none of the first :data:`MOST_MX_HOSTS` of ``hosts`` (in the order senders
+    try them) has an address the router delivers to: their refused addresses (``address
+    (kind)``), the hosts with no address record at all, and the first lookup error, if
+    one failed; else None. The first host with a usable address ends the lookups.
 
     A host without addresses counts as much as one with refused ones: the router finds
     no route through either (mail to the domain waits, then bounces), and a domain with
