@@ -2652,3 +2652,27 @@ def test_mx_hosts_are_judged_and_named_in_preference_order(dns_server: LoopbackD
     dns_server.mx(DOMAIN, [(10, "mx-c.example.com"), (10, "mx-a.example.com")])
     check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
     assert check.summary.endswith("mx-a.example.com, mx-c.example.com"), check.summary
+
+
+def test_a_null_mx_beside_hosts_without_an_address_takes_no_mail(dns_server: LoopbackDNS) -> None:
+    """A null MX beside other MX records is a warning when those hosts take the mail;
+    when none of them has an address, the router finds no route (the null MX dropped, as
+    RFC 7505 §3 forbids the mix) and the domain takes no mail at all. The doctor warned
+    only of the mix: "senders deliver its mail to mx.example.com"."""
+    from mailstrom.doctor.mx import check_mx
+    from mailstrom.errors import TemporaryFailure
+    from mailstrom.routing import Router
+
+    dns_server.mx(DOMAIN, [(0, "."), (10, "mx.example.com")])
+    with pytest.raises(TemporaryFailure):
+        asyncio.run(Router(dns_server.dns_config).route(DOMAIN))
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.FAIL, check.summary
+    assert "no address" in check.summary and "null MX" in check.summary, check.summary
+    assert check.fix is not None and "remove the null MX" in check.fix, check.fix
+    dns_server.a("mx.example.com", "127.0.0.1")  # nor where the router does not deliver
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.FAIL and "loopback" in check.summary, check.summary
+    dns_server.servfail("mx.example.com")
+    check = check_mx(DNSResolver(dns_server.dns_config), domain=DOMAIN)
+    assert check.status is Status.UNKNOWN, check.summary

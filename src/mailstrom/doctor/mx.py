@@ -11,6 +11,8 @@ is the From address by default, so the From domain is the one asked about.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mailstrom.doctor.lookup import MOST_MX_HOSTS, Outcome, Resolver, host_addresses, normal_name
 from mailstrom.doctor.report import Check, Status, capped, listed, piece
 from mailstrom.routing.policy import RoutePolicy
@@ -41,20 +43,7 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
     # §5.1): the router skips it, as Postfix does, and bounces a domain left without one.
     literals = [host for host in hosts if host.startswith("[") and host.endswith("]")]
     real = [host for host in hosts if host not in ("", ".") and host not in literals]
-    if real and null:
-        # RFC 7505 §3: a domain with a null MX MUST NOT publish other MX records. Senders
-        # seeing both deliver to the real hosts (mailstrom's router drops the null MX),
-        # but a receiver checking the sender's domain may take it as "no mail here".
-        at = listed([piece(host) for host in real], 3)
-        return check(
-            Status.WARN,
-            f"{domain} publishes a null MX (RFC 7505) beside other MX records, which RFC "
-            f"7505 §3 forbids: senders deliver its mail to {at}, but receivers may read the "
-            "null MX as taking no mail and refuse mail from it",
-            f"remove the null MX of {domain}: its other MX records take its mail",
-            *shown,
-        )
-    if null:
+    if null and not real:
         return check(
             Status.FAIL,
             f"{domain} publishes a null MX (RFC 7505): it takes no mail, so its mail gets no "
@@ -78,6 +67,23 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
         # A summary is one line: a few names, each cut short (DNS names run to 253).
         at = listed([piece(host) for host in real], 3)
         unusable = _unusable(resolver, real, policy)
+        if unusable is None and null:
+            # RFC 7505 §3: a domain with a null MX MUST NOT publish other MX records.
+            # Senders seeing both deliver to the real hosts (mailstrom's router drops the
+            # null MX), but a receiver checking the sender's domain may take it as "no
+            # mail here".
+            return check(
+                Status.WARN,
+                f"{domain} publishes a null MX (RFC 7505) beside other MX records, which "
+                f"RFC 7505 §3 forbids: senders deliver its mail to {at}, but receivers may "
+                "read the null MX as taking no mail and refuse mail from it",
+                f"remove the null MX of {domain}: its other MX records take its mail",
+                *shown,
+            )
+        if null:
+            # The hosts beside it decide where mail goes, as the router drops the null MX;
+            # the verdict on them stands, and the forbidden mix is named with it.
+            check = _also_null(check, domain)
         if unusable is not None and unusable[2] is not None:
             return check(
                 Status.UNKNOWN,
@@ -138,6 +144,18 @@ def check_mx(resolver: Resolver, *, domain: str, allow_loopback: bool = False) -
         "bounces, and receivers that check the sender's domain refuse it (Domain not found)",
         f"publish MX records at {domain} naming the servers that take its mail",
     )
+
+
+def _also_null(check: Callable[..., Check], domain: str) -> Callable[..., Check]:
+    """``check`` for a verdict on the MX hosts published beside a null MX: its summary
+    and fix also name the null MX, which RFC 7505 §3 forbids beside them."""
+
+    def with_null(status: Status, summary: str, fix: str | None = None, *details: str) -> Check:
+        summary += "; it also publishes a null MX (RFC 7505) beside them, which RFC 7505 §3 forbids"
+        remove = f"remove the null MX of {domain}"
+        return check(status, summary, f"{fix}; {remove}" if fix else remove, *details)
+
+    return with_null
 
 
 def _by_preference(records: tuple[str, ...]) -> list[tuple[int, str]]:
