@@ -54,7 +54,9 @@ def open_read_model(store: Store, *, cache_seconds: float = 5.0) -> ReadModel:
     if isinstance(store, SQLiteStore):
         from mailstrom.readmodel.sqlite import SQLiteReadModel
 
-        return SQLiteReadModel(store.path, cache_seconds=cache_seconds)
+        return SQLiteReadModel(
+            store.path, cache_seconds=cache_seconds, busy_timeout=store.busy_timeout
+        )
     if isinstance(store, MemoryStore):
         from mailstrom.readmodel.memory import MemoryReadModel
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
+from mailstrom.arguments import check_timeout
 from mailstrom.errors import StoreCorrupt, StoreError, UnknownMessage, UnreadableRow
 from mailstrom.readmodel.base import (
     BUCKET,
@@ -50,10 +51,12 @@ from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import Suspension, comparable, filter_domain
 from mailstrom.stores.row_checks import counted_state, shown_text, stored_octets
 from mailstrom.stores.sqlite import (
+    _MAX_BUSY_MS,
     _file_uri,
     _latest_schema,
     _newer_schema,
     _no_shm,
+    _store_error,
     _wal_holds_frames,
     newer_version_behind,
 )
@@ -108,12 +111,18 @@ class SQLiteReadModel:
     """A :class:`~mailstrom.readmodel.base.ReadModel` over the SQLite file at ``path``.
 
     ``cache_seconds`` is how long counts (the overview's, and those choosing a plan) are
-    reused.
+    reused. ``busy_timeout`` is how many seconds a read waits for a lock that keeps it
+    out (another connection's exclusive lock, a WAL being recovered) before it fails with
+    :class:`~mailstrom.errors.StoreLocked`; :func:`open_read_model` passes the store's,
+    so that a view waits as the store's own reads do.
     """
 
-    def __init__(self, path: str, *, cache_seconds: float = 5.0) -> None:
+    def __init__(
+        self, path: str, *, cache_seconds: float = 5.0, busy_timeout: float = 30.0
+    ) -> None:
         self._uri = _file_uri(path, "mode=ro")
         self._path = path
+        self._busy_timeout = check_timeout(busy_timeout, "busy_timeout")
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._out = 0
@@ -161,7 +170,8 @@ class SQLiteReadModel:
             if newer is not None:
                 raise newer from exc
             if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"SQLite error on {self._path}: {exc}") from exc
+                # As the store says it: "database is locked" is StoreLocked, with the wait.
+                raise _store_error(exc, self._path, self._busy_timeout) from exc
             raise
         with self._lock:
             self._out -= 1
@@ -191,9 +201,15 @@ class SQLiteReadModel:
             return self._open(_file_uri(self._path, "mode=ro&immutable=1")), False
         return conn, True
 
-    @staticmethod
-    def _open(uri: str) -> sqlite3.Connection:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    def _open(self, uri: str) -> sqlite3.Connection:
+        # The store's wait, not Python's default of 5 s, which no setting changed.
+        conn = sqlite3.connect(
+            uri,
+            uri=True,
+            timeout=min(self._busy_timeout, _MAX_BUSY_MS / 1000),
+            isolation_level=None,
+            check_same_thread=False,
+        )
         conn.text_factory = decode_text
         return conn
 

@@ -885,6 +885,12 @@ class SQLiteStore:
         return self._path
 
     @property
+    def busy_timeout(self) -> float:
+        """How many seconds a call waits for a lock another connection holds (see the
+        class docstring); the dashboard's read model waits as long."""
+        return self._busy_timeout
+
+    @property
     def url(self) -> str:
         """A store URL naming this file."""
         return "sqlite:///" + os.path.abspath(self._path)
