@@ -19,6 +19,7 @@ name is ever reused for another.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING
 
 import dns.asyncresolver
@@ -31,7 +32,7 @@ from mailstrom.config import MTASTSConfig
 from mailstrom.errors import ConfigError
 from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
-from mailstrom.mtasts.policy import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy
+from mailstrom.mtasts.policy import MAX_POLICY_SIZE, TOO_LARGE, Policy, PolicyError, parse_policy
 from mailstrom.routing.lookup import unanswered
 from mailstrom.routing.policy import RoutePolicy
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 FETCH_ERROR = "sts-policy-fetch-error"
 WEBPKI_INVALID = "sts-webpki-invalid"
+_NO_ADDRESS = "sts-fetch-no-address"
 
 
 class NotServed(PolicyError):
@@ -48,8 +50,8 @@ class NotServed(PolicyError):
     redirects are not followed): a fetch error at this address, which leaves the host's
     next address to fetch from."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason, result_type=FETCH_ERROR)
+    def __init__(self, reason: str, code: str) -> None:
+        super().__init__(reason, result_type=FETCH_ERROR, code=code)
 
 
 class DNSTrouble(Exception):
@@ -141,15 +143,20 @@ async def _get(
             location = response.headers.get("location", "")[:200]
             raise NotServed(
                 f"{ip}: redirects ({status}) to {location!r}; redirects are not followed "
-                "(RFC 8461 §3.3)"
+                "(RFC 8461 §3.3)",
+                "sts-fetch-http-redirect",
             )
         if status != 200:
-            raise NotServed(f"{ip}: answered HTTP {status}")
+            # One code per status: h11 takes three digits only, so there are at most 900.
+            raise NotServed(f"{ip}: answered HTTP {status}", f"sts-fetch-http-{status}")
         # Trimmed of HTTP's white space only (SP, HTAB): str.strip() would also take the
         # U+00A0 or U+0085 that a header's obs-text octets decode to.
         media = response.headers.get("content-type", "").split(";")[0].strip(" \t").lower()
         if media != "text/plain":
-            raise PolicyError(f"policy served as {media or 'no type'!r}, not text/plain")
+            raise PolicyError(
+                f"policy served as {media or 'no type'!r}, not text/plain",
+                code="sts-policy-not-text-plain",
+            )
         encoding = response.headers.get("content-encoding", "").strip(" \t").lower()
         if encoding not in ("", "identity"):
             # We asked for identity. Decoding is what would make the size limit useless: a
@@ -157,11 +164,12 @@ async def _get(
             raise PolicyError(
                 f"policy served with Content-Encoding {shorten(encoding, 40)} (identity asked)",
                 result_type=FETCH_ERROR,
+                code="sts-fetch-content-encoding",
             )
         async for chunk in response.aiter_raw():
             body += chunk
             if len(body) > MAX_POLICY_SIZE:
-                raise PolicyError(f"policy larger than {MAX_POLICY_SIZE} octets")
+                raise PolicyError(f"policy larger than {MAX_POLICY_SIZE} octets", code=TOO_LARGE)
     return bytes(body)
 
 
@@ -189,22 +197,24 @@ async def fetch_policy(
     host = f"mta-sts.{domain}"
     try:
         async with asyncio.timeout(config.timeout) as deadline:
-            last: str = "no address"
+            # The last address's failure is the fetch's: its reason, and its code, which
+            # leaves out what varies from one fetch to the next (address, time given).
+            last, code = "no address", _NO_ADDRESS
             try:
                 addresses = await https.usable_addresses(resolver, host, route_policy)
             except https.NoUsableAddress as exc:
-                raise PolicyError(str(exc), result_type=FETCH_ERROR) from exc
+                raise PolicyError(str(exc), result_type=FETCH_ERROR, code=_NO_ADDRESS) from exc
             for ip in addresses:
                 timeouts = https.timeouts_before(deadline)  # what is left, for this one
                 try:
                     return parse_policy(await _get(host, ip, config, timeouts, source_address))
                 except NotServed as exc:
-                    last = exc.reason
+                    last, code = exc.reason, exc.code
                 except httpx.ConnectTimeout:
                     # Connecting or the handshake stalled, and was ended well before the
                     # deadline (https.CONNECT_SHARE): the next address gets the time left,
                     # and the reason says what happened, not that the deadline passed.
-                    last = https.connect_timed_out(ip, timeouts)
+                    last, code = https.connect_timed_out(ip, timeouts), "sts-fetch-connect-timeout"
                 except httpx.TimeoutException:
                     # Reading (or writing) may take all the time left: the deadline is
                     # reached, and reported as such.
@@ -216,15 +226,34 @@ async def fetch_policy(
                             f"certificate of {host} not accepted: "
                             f"{verify.verify_message or verify}",
                             result_type=WEBPKI_INVALID,
+                            # OpenSSL's X509_V_ERR_* number: a small fixed set.
+                            code=f"sts-certificate-error-{verify.verify_code}",
                         ) from None
                     last = f"{ip}: {https.quoted(exc)}"
+                    code = "sts-fetch-tls-error" if _tls_error(exc) else "sts-fetch-connect-error"
                 except httpx.HTTPError as exc:
                     last = f"{ip}: {type(exc).__name__}: {https.quoted(exc)}"
+                    code = "sts-fetch-http-error"
             raise PolicyError(
-                f"cannot fetch https://{host}{WELL_KNOWN}: {last}", result_type=FETCH_ERROR
+                f"cannot fetch https://{host}{WELL_KNOWN}: {last}",
+                result_type=FETCH_ERROR,
+                code=code,
             )
     except TimeoutError:
         raise PolicyError(
             f"fetching https://{host}{WELL_KNOWN} took more than {config.timeout:g} s",
             result_type=FETCH_ERROR,
+            code="sts-fetch-timeout",
         ) from None
+
+
+def _tls_error(exc: BaseException) -> bool:
+    """Whether an httpx connect error was the TLS handshake's (not TCP's)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

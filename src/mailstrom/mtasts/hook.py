@@ -64,7 +64,7 @@ class MTASTSHook:
             PolicyType.STS if applied is not None else PolicyType.NO_POLICY,
             text,
             ResultType(error.result_type),
-            code=error.reason,
+            code=error.code,
         )
 
     async def requirement(

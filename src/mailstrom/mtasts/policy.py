@@ -46,6 +46,10 @@ publishing ``max_age: 0`` does not cost one HTTPS fetch per message."""
 
 REFRESH_AFTER = timedelta(days=1)
 """The longest a cached policy goes without a fetch while mail flows to its domain."""
+TOO_LARGE = "sts-policy-too-large"
+"""The ``failure-reason-code`` of a policy over :data:`MAX_POLICY_SIZE` (parsed or read)."""
+_SYNTAX = "sts-policy-syntax-error"
+_NO_MX = "sts-policy-no-mx"
 
 _RECORD_ID = re.compile(r"[A-Za-z0-9]{1,32}")  # fullmatch: "$" would let a final "\n" in
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -64,12 +68,20 @@ also take a no-break space, U+3000 and the like)."""
 
 class PolicyError(MailstromError, ValueError):
     """An MTA-STS record or policy that cannot be used; ``reason`` says why and
-    ``result_type`` is the RFC 8460 §4.3 failure type it is reported under."""
+    ``result_type`` is the RFC 8460 §4.3 failure type it is reported under, ``code`` its
+    ``failure-reason-code`` (the result type when not given).
 
-    def __init__(self, reason: str, *, result_type: str = "sts-policy-invalid") -> None:
+    The code is one short name per kind of failure: the reason quotes the peer's values,
+    addresses and the time a connection was given, and as the code each variant of one
+    failure was a failure detail of its own in a report, with its own count."""
+
+    def __init__(
+        self, reason: str, *, result_type: str = "sts-policy-invalid", code: str = ""
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.result_type = result_type
+        self.code = code or result_type
 
 
 class Mode(StrEnum):
@@ -188,7 +200,9 @@ def parse_sts_record(records: list[str]) -> str | None:
     if not sts:
         return None
     if len(sts) > 1:
-        raise PolicyError(f"{len(sts)} v=STSv1 TXT records (exactly one allowed)")
+        raise PolicyError(
+            f"{len(sts)} v=STSv1 TXT records (exactly one allowed)", code="sts-record-multiple"
+        )
     fields = [f.strip(_WSP) for f in sts[0].split(";")]
     policy_id: str | None = None
     for field in fields[1:]:
@@ -196,13 +210,19 @@ def parse_sts_record(records: list[str]) -> str | None:
             continue
         key, eq, value = field.partition("=")
         if not eq:
-            raise PolicyError(f"TXT record field without '=': {shorten(field, 40)}")
+            raise PolicyError(
+                f"TXT record field without '=': {shorten(field, 40)}",
+                code="sts-record-syntax-error",
+            )
         if key.strip(_WSP) == "id" and policy_id is None:
             policy_id = value.strip(_WSP)
     if policy_id is None:
-        raise PolicyError("TXT record has no id field")
+        raise PolicyError("TXT record has no id field", code="sts-record-no-id")
     if not _RECORD_ID.fullmatch(policy_id):
-        raise PolicyError(f"TXT record id {shorten(policy_id, 40)} is not 1-32 letters and digits")
+        raise PolicyError(
+            f"TXT record id {shorten(policy_id, 40)} is not 1-32 letters and digits",
+            code="sts-record-invalid-id",
+        )
     return policy_id
 
 
@@ -238,11 +258,13 @@ def parse_policy(body: bytes) -> Policy:
     can only take hosts away from the allowed set (a policy left with none is refused).
     """
     if len(body) > MAX_POLICY_SIZE:
-        raise PolicyError(f"policy larger than {MAX_POLICY_SIZE} octets")
+        raise PolicyError(f"policy larger than {MAX_POLICY_SIZE} octets", code=TOO_LARGE)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PolicyError(f"policy is not UTF-8: {exc.reason} at octet {exc.start}") from None
+        raise PolicyError(
+            f"policy is not UTF-8: {exc.reason} at octet {exc.start}", code="sts-policy-not-utf8"
+        ) from None
     # A BOM is no character of the grammar, and means nothing in UTF-8: Windows editors
     # write one, and it made the first key "\ufeffversion".
     text = text.removeprefix("\ufeff").replace("\r\n", "\n")
@@ -250,13 +272,18 @@ def parse_policy(body: bytes) -> Policy:
     if control is not None:
         # RFC 8461 §3.2 allows none in a value; and a NUL could not even be stored.
         where = text.count("\n", 0, control.start()) + 1
-        raise PolicyError(f"line {where} holds a control character (U+{ord(control[0]):04X})")
+        raise PolicyError(
+            f"line {where} holds a control character (U+{ord(control[0]):04X})",
+            code="sts-policy-control-character",
+        )
     fields: dict[str, str] = {}
     patterns: list[str] = []
     ignored: list[str] = []
     for number, raw in enumerate(text.split("\n"), start=1):
         if len(raw.encode()) > MAX_LINE:
-            raise PolicyError(f"line {number} longer than {MAX_LINE} octets")
+            raise PolicyError(
+                f"line {number} longer than {MAX_LINE} octets", code="sts-policy-line-too-long"
+            )
         line = raw.rstrip(_WSP)
         if not line:
             continue
@@ -265,13 +292,18 @@ def parse_policy(body: bytes) -> Policy:
         if colon and key != key.strip(_WSP) and _KEY.match(key.strip(_WSP)):
             raise PolicyError(
                 f"line {number} has white space before its key or colon, which RFC 8461 "
-                f"§3.2 does not allow: {shorten(line, 60)}"
+                f"§3.2 does not allow: {shorten(line, 60)}",
+                code=_SYNTAX,
             )
         if not colon or not _KEY.match(key):
-            raise PolicyError(f"line {number} is not 'key: value': {shorten(line, 60)}")
+            raise PolicyError(
+                f"line {number} is not 'key: value': {shorten(line, 60)}", code=_SYNTAX
+            )
         if key == "mx":
             if len(patterns) + len(ignored) >= MAX_MX_PATTERNS:
-                raise PolicyError(f"more than {MAX_MX_PATTERNS} mx lines")
+                raise PolicyError(
+                    f"more than {MAX_MX_PATTERNS} mx lines", code="sts-policy-too-many-mx"
+                )
             pattern = normalize_host(value)
             # ASCII before lower-casing: the KELVIN SIGN lower-cases to "k", and a pattern
             # is the name the text shows (RFC 8461 §3.2: a Domain, LDH labels).
@@ -287,16 +319,22 @@ def parse_policy(body: bytes) -> Policy:
     # Compared as they are, not folded: %s"STSv1" and %s"enforce" (see the docstring).
     version = fields.get("version")
     if version != "STSv1":
-        raise PolicyError(f"version is {_quote(version)}, not 'STSv1'")
+        raise PolicyError(
+            f"version is {_quote(version)}, not 'STSv1'", code="sts-policy-invalid-version"
+        )
     try:
         mode = Mode(fields.get("mode", ""))
     except ValueError:
         raise PolicyError(
-            f"mode is {_quote(fields.get('mode'))}, not enforce, testing or none"
+            f"mode is {_quote(fields.get('mode'))}, not enforce, testing or none",
+            code="sts-policy-invalid-mode",
         ) from None
     max_age_text = fields.get("max_age")
     if max_age_text is None or not _MAX_AGE.match(max_age_text):
-        raise PolicyError(f"max_age is {_quote(max_age_text)}, not 0 to 10 digits of seconds")
+        raise PolicyError(
+            f"max_age is {_quote(max_age_text)}, not 0 to 10 digits of seconds",
+            code="sts-policy-invalid-max-age",
+        )
     # Capped, not refused: a longer lifetime than the RFC's largest asks for more
     # protection, and refusing it left the domain with none at all.
     max_age = min(int(max_age_text), MAX_AGE_LIMIT)
@@ -304,9 +342,10 @@ def parse_policy(body: bytes) -> Policy:
         if ignored:
             raise PolicyError(
                 f"mode {mode} without any valid mx line ({len(ignored)} ignored, not a host "
-                f"name or *.name: {shorten(ignored[0], 60)})"
+                f"name or *.name: {shorten(ignored[0], 60)})",
+                code=_NO_MX,
             )
-        raise PolicyError(f"mode {mode} without any mx line")
+        raise PolicyError(f"mode {mode} without any mx line", code=_NO_MX)
     return Policy(
         mode=mode,
         mx=tuple(patterns),
