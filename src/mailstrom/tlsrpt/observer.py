@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 from mailstrom.errors import DaneRequired, DeliveryError, LocalResourceShortage
 from mailstrom.mtasts.fetch import a_label
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
-from mailstrom.tlsrpt.recorder import SessionRecorder, classify
-from mailstrom.tlsrpt.sessions import MAX_FIELD, PolicyType, ResultType
+from mailstrom.tlsrpt.recorder import SessionRecorder, classify, handshake_code
+from mailstrom.tlsrpt.sessions import PolicyType, ResultType
 
 if TYPE_CHECKING:
     from mailstrom.mtasts.hook import MTASTSHook
@@ -167,7 +167,7 @@ def _failure(
         # The handshake failed and the opener delivered in plaintext on a new connection.
         return classify(outcome.tls_fallback) or (
             ResultType.VALIDATION_FAILURE,
-            outcome.tls_fallback.text[:MAX_FIELD],
+            handshake_code(outcome.tls_fallback.__cause__),
         )
     if requirement.source is PolicySource.REMEMBERED:
         return ResultType.VALIDATION_FAILURE, REMEMBERED_CODE

@@ -49,16 +49,30 @@ _VERIFY_TYPES = {
 }
 
 
+_DANE_CODES = {
+    ResultType.TLSA_INVALID: "no-tlsa-record-matches",
+    ResultType.CERTIFICATE_HOST_MISMATCH: "dane-ta-certificate-host-mismatch",
+    ResultType.CERTIFICATE_EXPIRED: "dane-ta-certificate-expired",
+}
+"""The ``failure-reason-code`` of a chain DANE refused, per failure type."""
+UNCHECKABLE_NAME_CODE = "mx-name-not-checkable"
+"""The code of a host whose name no certificate can hold (the check cannot be made)."""
+
+
 def classify(error: DeliveryError) -> tuple[ResultType, str] | None:
     """The RFC 8460 failure type and reason code of a failed connection, or None when the
-    failure had nothing to do with TLS (refused, timed out before STARTTLS...)."""
+    failure had nothing to do with TLS (refused, timed out before STARTTLS...).
+
+    The code is one per kind of failure, never the error's text: that quotes the names
+    of the peer's certificate and the handshake timeout, and two failures of one kind
+    with other text were two failure details of the report (and two counters here)."""
     from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
     from mailstrom.tls.danematch import DaneMismatch
 
     if isinstance(error, TLSRequiredError):
         return ResultType.STARTTLS_NOT_SUPPORTED, ""
+    cause = error.__cause__
     if isinstance(error, TLSVerifyError):
-        cause = error.__cause__
         if isinstance(cause, DaneMismatch):
             # RFC 8460 §4.3.2.1: a chain that satisfies none of the TLSA records is the
             # DANE policy's "tlsa-invalid" (none of the records was found valid), not the
@@ -73,15 +87,36 @@ def classify(error: DeliveryError) -> tuple[ResultType, str] | None:
                 kind = ResultType.CERTIFICATE_EXPIRED
             else:
                 kind = ResultType.TLSA_INVALID
-            return kind, error.text[:MAX_FIELD]
+            return kind, _DANE_CODES[kind]
         if isinstance(cause, ssl.SSLCertVerificationError):
+            # OpenSSL's number and its fixed text for it (which names the MX host for a
+            # host name mismatch, the host the counter is kept for anyway).
             code = cause.verify_code
             kind = _VERIFY_TYPES.get(code, ResultType.VALIDATION_FAILURE)
             return kind, f"X509_V_ERR {code}: {cause.verify_message}"[:MAX_FIELD]
-        return ResultType.VALIDATION_FAILURE, error.text[:MAX_FIELD]
+        return ResultType.VALIDATION_FAILURE, UNCHECKABLE_NAME_CODE
     if isinstance(error, TLSHandshakeError):
-        return ResultType.VALIDATION_FAILURE, error.text[:MAX_FIELD]
+        return ResultType.VALIDATION_FAILURE, handshake_code(cause)
     return None
+
+
+def handshake_code(cause: BaseException | None) -> str:
+    """The ``failure-reason-code`` of a TLS handshake that failed for ``cause`` (the
+    :class:`~mailstrom.runtime.connection.TLSHandshakeError`'s): OpenSSL's reason
+    mnemonic when it gave one (a fixed set: ``WRONG_VERSION_NUMBER``...), else the kind
+    of failure."""
+    if isinstance(cause, TimeoutError):
+        return "tls-handshake-timeout"
+    if isinstance(cause, ssl.SSLError):
+        reason = getattr(cause, "reason", None)
+        if isinstance(reason, str) and reason.replace("_", "").isalnum() and len(reason) < 64:
+            return "tls-handshake-" + reason.lower().replace("_", "-")
+        return "tls-handshake-failed"
+    if isinstance(cause, OSError):
+        return "tls-handshake-connection-lost"
+    if cause is None:
+        return "tls-handshake-closed"
+    return "tls-handshake-failed"
 
 
 class SessionRecorder:
