@@ -319,3 +319,56 @@ def test_a_worker_process_whose_frames_are_garbled_is_killed_and_started_again(
     store.close()
     killing = [r for r in caplog.records if "can no longer be followed" in r.getMessage()]
     assert killing and killing[0].levelno == logging.ERROR
+
+
+# --- a child that closes its frame stream and goes on ----------------------------------------
+
+
+def test_a_worker_process_that_closes_its_frame_stream_is_killed_and_started_again(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A child whose frame pipe was closed under it (here pointed at /dev/null, as a
+    library daemonizing its descriptors would) went on running unseen: its reader, at
+    the end of the stream, waited for it without a bound, and only the frozen watch
+    killed it, FROZEN_AFTER later, as "frozen". It has a short grace to exit, then is
+    killed for what it did, and started again."""
+    monkeypatch.setattr(process, "FROZEN_AFTER", 600.0)  # not what ends it here
+    trigger, closed = tmp_path / "close", tmp_path / "closed"
+    test_worker_process_lifecycle._in_each_child(
+        tmp_path,
+        monkeypatch,
+        "closing",
+        f"""
+        import os, threading, time
+        def close_frames():
+            while not os.path.exists({str(trigger)!r}):
+                time.sleep(0.05)  # a timer: the test says when, once start() returned
+            if not os.path.exists({str(closed)!r}):  # the first child only
+                open({str(closed)!r}, "w").close()
+                os.dup2(os.open(os.devnull, os.O_WRONLY), int(sys.orig_argv[-1]))
+        threading.Thread(target=close_frames, daemon=True).start()
+        """,
+    )
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store, worker="process") as ms:
+        old = _worker(ms).pid
+        assert old is not None
+        trigger.touch()
+
+        gap = _first_status(ms, lambda s: not s.running, 30)  # catches a hang only
+        assert gap.error == (
+            "worker process killed: it closed its frame stream and went on running; "
+            "starting it again in 1 s"
+        )
+        assert _wait_until(lambda: _gone(old), 10)
+        back = _first_status(ms, lambda s: s.running, 30)
+        assert back.restarts == 1 and back.error is None
+        mid = ms.send_email(hello("after@example.org"))
+        assert ms.wait(mid, timeout=30).state is RecipientState.DELIVERED
+    store.close()
+    killing = [r for r in caplog.records if "frame stream" in r.getMessage()]
+    assert killing and killing[0].levelno == logging.ERROR

@@ -28,6 +28,13 @@ from mailstrom.stores.base import RecipientResult
 
 log = logging.getLogger("mailstrom.worker")
 
+STREAM_END_GRACE = 5.0
+"""Seconds a worker process has to exit once its frame stream has ended. A child's
+stream ends as it exits (the kernel closes the pipe after its interpreter has shut
+down), so one still running this long after has lost it (a library that closed or
+redirected the descriptor): it would deliver unseen while its status said running,
+until the frozen watch took it for frozen. It is killed then, and started again."""
+
 
 class FrameReading(Restarting):
     """The reader thread's work, and the thread it hands results to; mixed into
@@ -108,7 +115,19 @@ class FrameReading(Restarting):
                 with contextlib.suppress(OSError):
                     proc.kill()
             stdout.close()
-            proc.wait()
+            try:
+                proc.wait(STREAM_END_GRACE)
+            except subprocess.TimeoutExpired:
+                # Its death says why (see STREAM_END_GRACE); the frozen watch, still on,
+                # would have killed it only FROZEN_AFTER later, and called it frozen.
+                watch.killed_for = "it closed its frame stream and went on running"
+                log.error(
+                    "worker process %d closed its frame stream and went on running; killing it",
+                    proc.pid,
+                )
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                proc.wait()
             watch.end()  # nothing more to watch
             # Of no use now; and a fork must not take its number for ours. Unless stop()
             # closed it first: from a signal handler, it closes it and waits for this
