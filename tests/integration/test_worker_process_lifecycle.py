@@ -1399,3 +1399,50 @@ def test_a_fork_while_a_child_is_started_holds_none_of_its_pipes(
                 os.waitpid(pid, 0)
         ms.stop()
         store.close()
+
+
+async def test_an_async_stop_awaited_from_on_result_returns(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """on_result, on its own thread, waited for the async facade's stop() on the loop:
+    that stop() runs in an executor thread, not on_result's, and waited for the reader
+    without a bound, which waited for on_result to take the child's last results. Both
+    waited for ever. The wait for on_result is bounded by stop()'s own once it takes
+    nothing meanwhile."""
+    monkeypatch.setattr(process, "STOP_GRACE", 1.0)
+    loop = asyncio.get_running_loop()
+    store = SQLiteStore(tmp_path / "q.db")
+    called: list[str] = []
+    outcome: list[str] = []
+    done = threading.Event()
+
+    def on_result(result: Any) -> None:
+        called.append(result.address)
+        if len(called) > 1:
+            return
+        stopping = asyncio.run_coroutine_threadsafe(ms.stop(timeout=1), loop)
+        try:
+            stopping.result(timeout=60)  # catches a hang only: it takes about 2 s
+            outcome.append("returned")
+        except BaseException as exc:  # reported to the test
+            outcome.append(repr(exc))
+        done.set()
+
+    ms = AsyncMailstrom(
+        config(dns_server, mx.port), store=store, worker="process", on_result=on_result
+    )
+    await ms.start()
+    pid = ms.worker.pid  # type: ignore[union-attr]
+    assert pid is not None
+    await ms.send_email(hello("first@example.org"))
+    assert await loop.run_in_executor(None, done.wait, 90)
+    assert outcome == ["returned"]
+    assert _gone(pid)
+    assert not ms.worker_status.running
+    store.close()
+    waiting = [r for r in caplog.records if "on_result has taken nothing" in r.getMessage()]
+    assert waiting and waiting[0].levelno == logging.ERROR

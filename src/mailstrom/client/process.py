@@ -339,7 +339,10 @@ class WorkerProcess(FrameReading, Watching, ForkForgetting):
         backoff is cancelled; no child is started after this began.
 
         It returns once every result the child sent has reached ``on_result``, however
-        long the callback takes over them: none is passed on after stop() returned.
+        long the callback takes over them as long as it goes on taking them: none is
+        passed on after stop() returned. One that takes none for ``timeout`` plus
+        :data:`STOP_GRACE` seconds (it may be waiting for this stop(), awaited from it on
+        an event loop) gets the rest after stop() returned, on its own thread.
         Called from ``on_result`` itself, it returns once the child has exited, and the
         results still in the pipe follow on that thread after the callback returns (a
         child with more to send than the pipe holds cannot exit meanwhile: it is killed
@@ -391,10 +394,14 @@ class WorkerProcess(FrameReading, Watching, ForkForgetting):
                 with self._write_lock, contextlib.suppress(OSError):
                     assert proc.stdin is not None
                     proc.stdin.close()
+        lingering = False
         if reader is not None and not own:
-            # Unbounded: the child has exited, so only the frames it left in the pipe
-            # remain, and each result among them reaches on_result before we return.
-            reader.join()
+            # The child has exited, so only the frames it left in the pipe remain, and
+            # each result among them reaches on_result before we return, unless the
+            # callback takes none for as long as stop() is bounded (see _join_reader).
+            lingering = not self._join_reader(
+                reader, None if timeout is None else timeout + STOP_GRACE
+            )
             if running and holder is not None and not given_back and not self._said_stopped:
                 # It ended without its clean end, which gives back what it did not
                 # deliver: killed by someone else as it drained (the OOM killer, a
@@ -402,9 +409,10 @@ class WorkerProcess(FrameReading, Watching, ForkForgetting):
                 # not once its leases expire.
                 self._give_back_briefly(holder)
         with self._lock:
-            if self._proc is proc and not own:
-                # Called from on_result, the child stays the current one until its
-                # reader (this thread, once the callback returns) reaches its end: that
+            if self._proc is proc and not own and not lingering:
+                # Called from on_result (or leaving its reader to it), the child stays
+                # the current one until its reader (this thread, or the one stop() left
+                # to on_result, once the callback returns) reaches its end: that
                 # end puts its last snapshot at rest, deliveries in flight and all, and
                 # comes after the snapshots still in the pipe (a child killed past the
                 # grace read as delivering for good).

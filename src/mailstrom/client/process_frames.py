@@ -67,6 +67,35 @@ class FrameReading(Restarting):
         or the thread it hands them to (where ``on_result`` runs)."""
         return thread is self._reader or (thread is self._passer and thread is not None)
 
+    def _join_reader(self, reader: threading.Thread, limit: float | None) -> bool:
+        """Wait for ``reader`` to end, for ever without ``limit``; with it, for as long
+        as ``on_result`` goes on taking results: False once it took none for ``limit``
+        seconds (the reader then ends by itself, after stop() returned).
+
+        on_result may wait for this very stop() from its thread (an async facade's stop
+        awaited there, its executor thread the one here; an application's thread the
+        callback joins): identities tell nothing then, and each waited for the other for
+        ever. A callback that is merely slow (a webhook) keeps taking results, and every
+        one still reaches it before stop() returns."""
+        if limit is None:
+            reader.join()
+            return True
+        passed = sum(self._counts.values())
+        while True:
+            reader.join(limit)
+            if not reader.is_alive():
+                return True
+            now = sum(self._counts.values())  # counted as each is handed to on_result
+            if now == passed:
+                log.error(
+                    "on_result has taken nothing for %g s: stop() returns without waiting"
+                    " for it (is it waiting for this stop()?); the results left follow"
+                    " once it returns",
+                    limit,
+                )
+                return False
+            passed = now
+
     def _read(
         self,
         proc: subprocess.Popen[bytes],
