@@ -147,6 +147,11 @@ class FrameReading(Restarting):
             try:
                 proc.wait(STREAM_END_GRACE)
             except subprocess.TimeoutExpired:
+                if self._stopping:
+                    # Told to stop: its end may take longer (a slow interpreter shutdown
+                    # on a busy host), and stop() bounds it and kills it past its grace.
+                    proc.wait()
+            if proc.returncode is None:
                 # Its death says why (see STREAM_END_GRACE); the frozen watch, still on,
                 # would have killed it only FROZEN_AFTER later, and called it frozen.
                 watch.killed_for = "it closed its frame stream and went on running"
