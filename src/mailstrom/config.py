@@ -33,7 +33,7 @@ from mailstrom.domains import (
     is_public_name,
 )
 from mailstrom.errors import ConfigError
-from mailstrom.message.chars import shorten
+from mailstrom.message.chars import shorten, utf8_encodable
 from mailstrom.policy.hardbounce import DEFAULT_SUPPRESS_ON, check_codes
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import ShapingConfig
@@ -322,7 +322,7 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
             # neither may hold one). A lone surrogate (a variable that is not UTF-8)
             # crashed every delivery; a NUL split them wrongly, and the relay refused
             # each. Neither value is shown: the password is a secret.
-            if value is not None and ("\0" in value or not _utf8_encodable(value)):
+            if value is not None and ("\0" in value or not utf8_encodable(value)):
                 raise ConfigError(
                     f"relay.{name}: holds a NUL character or octets that are not UTF-8 "
                     "(a lone surrogate); AUTH sends it as UTF-8"
@@ -399,7 +399,7 @@ retry_min=1.0, retry_max=300.0, concurrency=4)
                 "hook.secret: required with hook.url, a non-empty string (receivers check "
                 "signatures)"
             )
-        if not _utf8_encodable(self.secret):
+        if not utf8_encodable(self.secret):
             # The HMAC key is its UTF-8 (webhooks.sign): an octet that is not UTF-8, as
             # read from the environment (a lone surrogate), raised in every request.
             raise ConfigError(
@@ -429,14 +429,6 @@ retry_min=1.0, retry_max=300.0, concurrency=4)
             f"batch={self.batch!r}, retry_min={self.retry_min!r}, retry_max={self.retry_max!r}, "
             f"concurrency={self.concurrency!r})"
         )
-
-
-def _utf8_encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_hook_url(url: object, where: str = "hook.url") -> None:

@@ -117,6 +117,16 @@ def check_header_octets(where: str, line: bytes) -> None:
         )
 
 
+def utf8_encodable(text: str) -> bool:
+    """Whether ``text`` has a UTF-8 form (holds no lone surrogate, which an environment
+    variable or a file name read from a Latin-1 shell does)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_encodable(where: str, text: str) -> None:
     """Raise :class:`ForbiddenCharacter` if ``text`` holds a lone surrogate (no UTF-8 form)."""
     if text.isascii():

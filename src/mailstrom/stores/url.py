@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mailstrom.errors import ConfigError, InvalidStoreURL, StoreAccessDenied, StoreError
-from mailstrom.message.chars import shorten
+from mailstrom.message.chars import shorten, utf8_encodable
 from mailstrom.stores.base import Store
 
 # The user name runs to the first ":", "?", "#" and "@" included, and the password on to
@@ -192,7 +192,7 @@ def parse_store_url(url: str) -> StoreURL:
     if sep and scheme in ("postgresql", "postgres"):
         if not rest:
             raise InvalidStoreURL(f"PostgreSQL URL without host or database: {_shown(url)}")
-        if not _utf8_encodable(text):
+        if not utf8_encodable(text):
             # libpq takes the URL as UTF-8: a MAILSTROM_STORE set from a shell that is
             # not UTF-8 (a lone surrogate) raised UnicodeEncodeError, an internal error
             # (70) in every command. A file name may hold one; a connection URL cannot.
@@ -381,11 +381,3 @@ def _is_default_path(target: str) -> bool:
         return os.path.abspath(target) == str(default_store_path())
     except ConfigError:
         return False
-
-
-def _utf8_encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
