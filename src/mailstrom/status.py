@@ -149,9 +149,7 @@ class Attempt:
     @property
     def reason(self) -> str:
         """Human-readable reason: the reply if any, else the local error."""
-        if self.reply is not None:
-            return str(self.reply)
-        return self.error or ""
+        return reason_of(self.reply, self.error)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,9 +219,7 @@ class RecipientStatus:
     @property
     def reason(self) -> str:
         """Why the recipient is where it is: the last reply, else the last local error."""
-        if self.reply is not None:
-            return str(self.reply)
-        return self.error or ""
+        return reason_of(self.reply, self.error)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,6 +263,14 @@ class DKIMStatus:
         if self.reason is not None:
             return f"unsigned: {self.reason}"
         return "signed: " + ", ".join(str(s) for s in self.signatures)
+
+
+def reason_of(reply: SMTPReply | None, error: str | None) -> str:
+    """A reason as one line: the reply if any, else the local error (an attempt's, a
+    recipient's, or a read model's of the two columns)."""
+    if reply is not None:
+        return str(reply)
+    return error or ""
 
 
 def derive_message_state(states: Sequence[RecipientState]) -> RecipientState:

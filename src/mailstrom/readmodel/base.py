@@ -26,7 +26,7 @@ from mailstrom.status import (
     MessageStatus,
     ReasonClass,
     RecipientState,
-    SMTPReply,
+    derive_message_state,
     state_reason,
 )
 from mailstrom.stores.operator import Suspension, comparable, filter_address, filter_domain
@@ -311,7 +311,7 @@ def summarise(
     """The summary of the message ``head`` (its recipients not read: its state and
     ``held`` are not its own), held when ``flagged``, with its recipients counted by state
     in ``counts``, its first address and its reason."""
-    state = state_from_counts(counts)
+    state = derive_message_state([state for state, n in counts.items() if n])
     return MessageSummary(
         id=head.id,
         state=state,
@@ -340,26 +340,6 @@ REASON_RANK = (
 )
 """The order :func:`~mailstrom.status.state_reason` looks for a reason in (then by
 position), for a SQL read model's ``ORDER BY`` over recipients ``r``."""
-
-
-def state_from_counts(counts: Mapping[RecipientState, int]) -> RecipientState:
-    """A message's state from its recipients counted by state, as
-    :func:`~mailstrom.status.derive_message_state` gives it from their list."""
-    if counts.get(RecipientState.QUEUED) or counts.get(RecipientState.DEFERRED):
-        if counts.get(RecipientState.DEFERRED):
-            return RecipientState.DEFERRED
-        return RecipientState.QUEUED
-    if counts.get(RecipientState.DELIVERED) and not counts.get(RecipientState.FAILED):
-        return RecipientState.DELIVERED
-    return RecipientState.FAILED
-
-
-def reason_of(reply: SMTPReply | None, error: str | None) -> str:
-    """A recipient's reason (:attr:`~mailstrom.status.RecipientStatus.reason`) from its
-    reply and error."""
-    if reply is not None:
-        return str(reply)
-    return error or ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

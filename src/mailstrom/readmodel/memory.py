@@ -29,12 +29,11 @@ from mailstrom.readmodel.base import (
     fill_buckets,
     id_range,
     queued_before,
-    reason_of,
     summarise,
     throughput_window,
     with_suspensions,
 )
-from mailstrom.status import DestinationThrottle, ReasonClass, RecipientState
+from mailstrom.status import DestinationThrottle, ReasonClass, RecipientState, reason_of
 from mailstrom.stores.memory import MemoryStore
 from mailstrom.stores.memory_records import _Message
 from mailstrom.stores.operator import Suspension, filter_domain

@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from mailstrom.readmodel.base import REASON_RANK, MessageSummary, reason_of, summarise
-from mailstrom.status import RecipientState, SMTPReply
+from mailstrom.readmodel.base import REASON_RANK, MessageSummary, summarise
+from mailstrom.status import RecipientState, SMTPReply, reason_of
 from mailstrom.stores.postgres.rows import messages_from_rows
 from mailstrom.stores.row_checks import UNREADABLE
 

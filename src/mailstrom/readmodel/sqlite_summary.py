@@ -9,8 +9,8 @@ import sqlite3
 from typing import Any
 
 from mailstrom.errors import UnreadableRow
-from mailstrom.readmodel.base import REASON_RANK, MessageSummary, reason_of, summarise
-from mailstrom.status import RecipientState
+from mailstrom.readmodel.base import REASON_RANK, MessageSummary, summarise
+from mailstrom.status import RecipientState, reason_of
 from mailstrom.stores.row_checks import UNREADABLE, shown_text
 from mailstrom.stores.sqlite_queue import _message_status
 from mailstrom.stores.sqlite_schema import reply_from
