@@ -60,6 +60,7 @@ from mailstrom.errors import ConfigError
 from mailstrom.message.chars import shorten
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import DestinationRule, ShapingConfig
+from mailstrom.settings_paths import anchor_paths
 from mailstrom.stores.url import default_store_url, redact_url
 from mailstrom.tls.table import PolicyTable
 
@@ -836,9 +837,10 @@ def _not_a_config_file(path: Path) -> str:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The file's settings by dotted key; ConfigError when it cannot be read, is larger
-    than :data:`MAX_CONFIG_FILE_SIZE`, is not UTF-8 (a byte order mark first is dropped)
-    or not TOML, or has unknown keys."""
+    """The file's settings by dotted key, relative paths made absolute against the file's
+    directory (:mod:`mailstrom.settings_paths`); ConfigError when it cannot be read, is
+    larger than :data:`MAX_CONFIG_FILE_SIZE`, is not UTF-8 (a byte order mark first is
+    dropped) or not TOML, or has unknown keys."""
     document = _parse_toml(_read_config_text(path), path)
     flat: dict[str, Any] = {}
 
@@ -858,6 +860,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     for key in flat:
         if key not in KEYS:
             raise ConfigError(f"{path}: unknown setting {_quoted(key)}{_meant(key)}")
+    anchor_paths(flat, path)
     return flat
 
 

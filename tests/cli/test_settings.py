@@ -64,7 +64,8 @@ def test_defaults_without_file_or_env(tmp_path: Path) -> None:
 def test_file_values_map_onto_config(config_file: Path) -> None:
     s = load_settings(config_path=config_file, env={})
     c = s.config
-    assert s.store_url == "sqlite:///from-file.db"
+    # A relative path in a file is relative to the file's directory.
+    assert s.store_url == f"sqlite:///{config_file.parent}/from-file.db"
     assert (c.helo_name, c.smtp_port, c.tls) == ("file.example", 2500, TLSPolicy.REQUIRED)
     assert c.dns.nameservers == ("192.0.2.1", "192.0.2.2")
     assert c.dns.port == 5300
@@ -87,7 +88,7 @@ def test_precedence_file_then_env_then_options(config_file: Path) -> None:
     assert s.config.dns.nameservers == ("127.0.0.1",)
     assert s.config.dns.port == 5300  # only in the file
     assert s.config.tls is TLSPolicy.REQUIRED
-    assert s.store_url == "sqlite:///from-file.db"
+    assert s.store_url == f"sqlite:///{config_file.parent}/from-file.db"
 
 
 def test_none_override_does_not_mask_lower_layers(config_file: Path) -> None:

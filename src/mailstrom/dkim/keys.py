@@ -208,7 +208,7 @@ def _refuse_pem_text(path: str | os.PathLike[str], label: str) -> None:
     """Refuse a key pasted as text where a path belongs (a TOML string, an environment
     variable read in Python): the error for the "file" it names would show the whole
     private key, in logs and on terminals."""
-    kind = _key_text(os.fspath(path))
+    kind = key_text(os.fspath(path))
     if kind is not None:
         raise ConfigError(
             f"{label}: private_key holds {kind}, not a file path; put the key in a file "
@@ -229,7 +229,7 @@ _MIN_RAW_BASE64 = 44
 """Characters of base64 the shortest key takes: a raw Ed25519 seed's 32 octets."""
 
 
-def _key_text(name: str) -> str | None:
+def key_text(name: str) -> str | None:
     """What private key ``name`` holds instead of naming a file: ``"PEM text"`` (also
     with its first line missing), ``"a key in base64"`` (its DER, or a raw Ed25519 key:
     how secret stores and environment variables often hold one), or None. Such a name
@@ -332,7 +332,7 @@ def read_key_file(
     descriptor, before a single octet is read.
     """
     name = os.fspath(path)
-    kind = _key_text(name)
+    kind = key_text(name)
     if kind is not None:  # its own errors would show it
         raise ConfigError(
             f"the key file's name holds {kind}, not a file path; put the key in a file "
