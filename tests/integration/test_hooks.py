@@ -1111,6 +1111,48 @@ def test_interim_1xx_answers_before_the_final_one_are_skipped(
     assert post(raw_endpoint.url, b"{}", {"Content-Type": "application/json"}, 5.0) is None
 
 
+@pytest.mark.parametrize(
+    ("status", "header"),
+    [
+        (200, b"".join(b"X-Trace-%d: a\r\n" % i for i in range(150))),
+        (204, b"X-Long: " + b"a" * 70_000 + b"\r\n"),
+        (503, b"".join(b"X-Trace-%d: a\r\n" % i for i in range(150))),
+    ],
+    ids=["200-many-lines", "204-long-line", "503-many-lines"],
+)
+def test_an_answer_whose_header_http_client_cannot_read_is_its_status(
+    raw_endpoint: RawEndpoint, tmp_path: Path, status: int, header: bytes
+) -> None:
+    """http.client reads at most 100 header lines of 64 KiB: past that it raised, the
+    request failed although the endpoint had answered 200, and the batch it took went
+    again, for ever. The status line is the endpoint's answer; the header is dropped
+    (http.client's own limits, which are the whole process's, left as they are)."""
+    import http.client
+
+    def answer(wfile: Any, stop: threading.Event) -> None:
+        wfile.write(b"HTTP/1.1 %d Answer\r\n" % status + header + b"Content-Length: 0\r\n\r\n")
+
+    raw_endpoint.answer = answer
+    failure = post(raw_endpoint.url, b"{}", {"Content-Type": "application/json"}, 5.0)
+    if status < 300:
+        assert failure is None, failure
+    else:
+        assert isinstance(failure, HTTPFailure) and failure.status == status, failure
+    assert http.client._MAXHEADERS == 100  # type: ignore[attr-defined]
+    if status >= 300:
+        return
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    _deferred_events(store, ["u0@example.org", "u1@example.org"])
+    hook = HookConfig(url=raw_endpoint.url, secret=SECRET, retry_min=0.05, retry_max=0.1)
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 2)
+    finally:
+        store.close()
+    assert (metrics.hook_events_sent, metrics.hook_failures) == (2, 0)
+
+
 def test_a_101_answer_to_a_hook_request_is_a_failure(raw_endpoint: RawEndpoint) -> None:
     """101 (Switching Protocols) ends HTTP on the connection: no interim answer to skip."""
 

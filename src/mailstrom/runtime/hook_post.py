@@ -152,6 +152,24 @@ class _FinalResponse(http.client.HTTPResponse):
                 return read
             http.client.parse_headers(self.fp)  # the interim answer's header, dropped
 
+    def begin(self) -> None:
+        """The answer's status line and header; a header http.client cannot read (more
+        than 100 lines, or a line of more than 64 KiB: its limits, the whole process's)
+        dropped. The status line is the endpoint's answer: http.client raised, the
+        request failed though the endpoint had answered 200, and the batch it took went
+        again, for ever. Its body is not read then (its length is in that header)."""
+        try:
+            super().begin()
+        except http.client.HTTPException:
+            # Only once the status line has been read (its version set), not for one
+            # the endpoint broke off or sent garbled.
+            if self.version not in (10, 11) or self.headers is not None:
+                raise
+            self.headers = self.msg = http.client.HTTPMessage()
+            self.chunked = False
+            self.length = 0
+            self.will_close = True
+
 
 class _DeadlineConnection(http.client.HTTPConnection):
     """An HTTP connection whose socket comes from a :class:`_Deadline`, and which reads
