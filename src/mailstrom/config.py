@@ -375,7 +375,7 @@ class HookConfig:
     secret (at least :data:`MIN_SECRET` characters) never appears in ``repr``.
 
     >>> HookConfig(url="https://app.example/mail-events", secret="whsec-0123456789abcdef")
-    HookConfig(url='https://app.example/mail-events', secret='***', timeout=10.0, batch=100, \
+    HookConfig(url='https://app.example/…', secret='***', timeout=10.0, batch=100, \
 retry_min=1.0, retry_max=300.0, concurrency=4)
     """
 
@@ -496,26 +496,39 @@ def _url_parts(url: str) -> tuple[str, str, str, str, str, str, str, str, str]:
 
 
 def shown_hook_url(url: str) -> str:
-    """``url`` as logs and messages show it: the user information of its authority
-    (``user:password@``, RFC 3986 §3.2.1) as ``***@``, each query value (``?token=...``)
-    and the fragment as ``***``. Logs are read by more people than the configuration, and
-    an endpoint's credentials often travel in its query. Never raises, also for a string
-    that is no URL.
+    """``url`` as logs and messages show it: its origin, the user information of its
+    authority (``user:password@``, RFC 3986 §3.2.1) as ``***@``, and anything after it
+    (path, query, fragment) as ``/…``. Logs are read by more people than the
+    configuration, and an endpoint's credentials often travel in its query, or in its
+    path (``/T000/B000/XXXX``, as Slack-style URLs carry their token). Never raises,
+    also for a string that is no URL (then cut at its first ``/``, ``?`` or ``#``).
 
-    >>> shown_hook_url("https://u:pw@app.example/events?token=s3cret&v=2#x")
-    'https://***@app.example/events?token=***&v=***#***'
-    >>> shown_hook_url("https://app.example/events")
-    'https://app.example/events'
+    >>> shown_hook_url("https://u:pw@app.example:8443/T000/B000/XXXX?token=s3cret#x")
+    'https://***@app.example:8443/…'
+    >>> shown_hook_url("https://app.example/")
+    'https://app.example/'
     """
-    scheme, sep, authority, slash, path, mark, query, hash_, fragment = _url_parts(url)
+    rest = url_rest(url)
+    scheme, sep, authority = url[: len(url) - len(rest)].rpartition("://")
     if "@" in authority:
         authority = "***@" + authority.rpartition("@")[2]
-    if query:
-        query = "&".join(
-            f"{key}={'***' if value else ''}" if eq else ("***" if key else "")
-            for key, eq, value in (part.partition("=") for part in query.split("&"))
-        )
-    return f"{scheme}{sep}{authority}{slash}{path}{mark}{query}{hash_}{'***' if fragment else ''}"
+    return f"{scheme}{sep}{authority}{'/…' if rest.strip('/') else rest}"
+
+
+_ORIGIN = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*")
+"""A URL's scheme and authority (RFC 3986 §3), as ``urlsplit`` cuts them."""
+
+
+def url_rest(url: str) -> str:
+    """What follows the scheme and authority of ``url`` (path, query, fragment), which
+    :func:`shown_hook_url` does not show; never raises.
+
+    >>> url_rest("https://app.example:8443/T000/XXXX?v=2")
+    '/T000/XXXX?v=2'
+    """
+    found = _ORIGIN.match(url)
+    assert found is not None  # every part of the pattern may be empty
+    return url[found.end() :]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
+from mailstrom.config import url_rest
 from mailstrom.domains import a_label
 from mailstrom.safetext import safe_text
 
@@ -365,12 +366,31 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> str 
             _ascii_url(url), data=body, headers=headers, method="POST"
         )
     except ValueError as exc:  # a URL urllib cannot read: a failed request, as any
-        return f"ValueError: {exc}"
+        return _hide_target(f"ValueError: {exc}", url)
     with _Deadline(timeout) as deadline:
         opener = urllib.request.build_opener(
             _NoRedirects(), _HTTPHandler(deadline), _HTTPSHandler(deadline)
         )
-        return _exchange(opener, request, deadline, timeout)
+        failure = _exchange(opener, request, deadline, timeout)
+    return None if failure is None else _hide_target(failure, url, request.full_url)
+
+
+def _hide_target(failure: str, *urls: str) -> str:
+    """``failure`` with what each of ``urls`` has after its origin (its path and query,
+    and its path alone) as ``/…``, as :func:`~mailstrom.config.shown_hook_url` shows it:
+    an error, or the endpoint's words, may quote the request's target, and a hook URL's
+    token may be there (``/T000/B000/XXXX``), for everyone who reads the log to see."""
+    quoted: set[str] = set()
+    for url in urls:
+        target = url_rest(url).partition("#")[0]
+        quoted.update((target, target.partition("?")[0]))
+    text = str(failure)
+    for part in sorted(quoted, key=len, reverse=True):
+        if part.strip("/"):
+            text = text.replace(part, "/…")
+    if isinstance(failure, HTTPFailure):
+        return HTTPFailure(failure.status, text, failure.retry_after)
+    return text
 
 
 def _exchange(

@@ -133,7 +133,8 @@ class HookSender:
     ) -> None:
         self._hook = hook
         self._shown_url = shown_hook_url(hook.url)
-        """The URL as log lines show it: credentials in its query are not for them."""
+        """The URL as log lines show it: its origin (credentials in its path or query
+        are not for them)."""
         self._store = store
         self._store_call = store_call
         self._clock = clock
@@ -320,7 +321,7 @@ class HookSender:
             log.warning(
                 "hook: POST to %s failed (%s); retrying with backoff",
                 self._shown_url,
-                failure.replace(self._hook.url, self._shown_url),  # an error quoting it
+                failure,  # post() shows no more of the URL than _shown_url does
             )
         self._failing = True
         if asked is not None:
