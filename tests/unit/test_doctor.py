@@ -1626,6 +1626,67 @@ def test_dmarc_bulk_fix_changes_the_policy_in_effect(
     assert fixed in (check.fix or ""), check.fix
 
 
+@pytest.mark.parametrize(
+    ("domain", "record", "fixed"),
+    [
+        (
+            DOMAIN,
+            "v=DMARC1; p=quarantine; pct=0; rua=mailto:d@example.com",
+            "v=DMARC1; p=quarantine; rua=mailto:d@example.com",
+        ),
+        (DOMAIN, "v=DMARC1; p=quarantine; t=y", "v=DMARC1; p=quarantine"),
+        (DOMAIN, "v=DMARC1; p=QUARANTINE; T=Y; pct=0; t=n", "v=DMARC1; p=QUARANTINE"),
+        # A From on a subdomain is governed by the organizational record's sp=.
+        (
+            "news.example.com",
+            "v=DMARC1; p=reject; sp=quarantine; pct=0",
+            "v=DMARC1; p=reject; sp=quarantine",
+        ),
+    ],
+)
+def test_dmarc_quarantine_sampling_no_mail_is_no_enforcement_for_bulk_senders(
+    domain: str, record: str, fixed: str
+) -> None:
+    """``p=quarantine`` with ``pct=0`` (or DMARCbis's ``t=y``) samples no failing mail:
+    receivers apply the next policy down, none (RFC 7489 §6.6.4). For a bulk sender that
+    is p=none's case, which gets a warning and a fix; it passed without one."""
+    resolver = FakeResolver({("_dmarc.example.com", "TXT"): [record]})
+    check = check_dmarc(
+        resolver, domain=domain, spf_result="pass", dkim_domains=[DOMAIN], bulk=True
+    )
+    assert check.status is Status.WARN, check
+    assert "asks receivers to do nothing with mail that fails" in check.summary
+    assert f'"{fixed}"' in (check.fix or ""), check.fix
+    # Not a bulk sender: no warning, as for p=none.
+    quiet = check_dmarc(resolver, domain=domain, spf_result="pass", dkim_domains=[DOMAIN])
+    assert quiet.status is Status.PASS, quiet
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=DMARC1; p=reject; pct=0",  # quarantine to receivers: still enforced
+        "v=DMARC1; p=reject; t=y",
+        "v=DMARC1; p=quarantine; pct=1",
+        "v=DMARC1; p=quarantine; t=n",
+        "v=DMARC1; p=quarantine; t=maybe",  # no valid t=: not testing
+    ],
+)
+def test_dmarc_enforcing_record_gets_no_bulk_warning(record: str) -> None:
+    resolver = FakeResolver({("_dmarc.example.com", "TXT"): [record]})
+    check = check_dmarc(
+        resolver, domain=DOMAIN, spf_result="pass", dkim_domains=[DOMAIN], bulk=True
+    )
+    assert check.status is Status.PASS, check
+
+
+def test_dmarc_testing_flag_is_described() -> None:
+    resolver = FakeResolver({("_dmarc.example.com", "TXT"): ["v=DMARC1; p=reject; t=y"]})
+    check = check_dmarc(resolver, domain=DOMAIN, spf_result="pass", dkim_domains=[DOMAIN])
+    [note] = [d for d in check.details if d.startswith("t=y")]
+    assert "p=quarantine" in note, note
+
+
 # --- blocklists --------------------------------------------------------------------------
 
 

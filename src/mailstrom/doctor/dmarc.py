@@ -45,8 +45,19 @@ class DMARCRecord:
     adkim: str = "r"
     aspf: str = "r"
     pct: int = 100
+    testing: bool = False
+    """``t=y`` (DMARCbis): the policy is being tested, for receivers the same as ``pct=0``
+    of RFC 7489 (§6.6.4: the next policy down). Any other ``t=`` value is ``t=n``."""
     rua: tuple[str, ...] = ()
     ruf: tuple[str, ...] = ()
+
+    def applied(self, policy: str) -> str:
+        """What receivers do with failing mail under ``policy`` (this record's ``p=`` or
+        ``sp=``): with ``pct=0`` or ``t=y`` none of it is sampled, and it gets the next
+        policy down (RFC 7489 §6.6.4), so ``quarantine`` is ``none`` to them."""
+        if policy == "none" or (self.pct > 0 and not self.testing):
+            return policy
+        return "quarantine" if policy == "reject" else "none"
 
 
 def is_dmarc(text: str) -> bool:
@@ -99,6 +110,7 @@ def _record(tags: dict[str, str]) -> DMARCRecord:
         adkim=choice("adkim", ("r", "s"), "r"),
         aspf=choice("aspf", ("r", "s"), "r"),
         pct=int(pct_text),
+        testing=tags.get("t", "n").lower() == "y",
         rua=_uris(tags.get("rua")),
         ruf=_uris(tags.get("ruf")),
     )
@@ -296,7 +308,8 @@ def check_dmarc(
         *shown,
         f"policy for {domain}: p={policy}"
         + (f" (sp= of {found.name})" if at_org and record.sp else "")
-        + f", adkim={record.adkim}, aspf={record.aspf}, pct={record.pct}",
+        + f", adkim={record.adkim}, aspf={record.aspf}, pct={record.pct}"
+        + (", t=y" if record.testing else ""),
         "SPF: not checked (no outgoing address to judge)"
         if spf_result is None
         else f"SPF: {spf_result}, " + ("aligned" if spf_ok else "does not count for DMARC"),
@@ -328,13 +341,17 @@ def check_dmarc(
     if record.pct == 0 and policy != "none":
         # RFC 7489 §6.6.4: mail not sampled gets the next policy down, and pct=0 samples
         # none: a record that says quarantine is, to receivers, p=none.
-        lesser = "quarantine" if policy == "reject" else "none"
         details.append(
             f"pct=0: receivers apply p={policy} to none of the failing mail, but "
-            f"p={lesser} (RFC 7489 §6.6.4)"
+            f"p={record.applied(policy)} (RFC 7489 §6.6.4)"
         )
     elif record.pct < 100:
         details.append(f"pct={record.pct}: the policy applies to part of failing mail only")
+    if record.testing and policy != "none":
+        details.append(
+            f"t=y: the policy is being tested (DMARCbis): receivers apply p={policy} to none "
+            f"of the failing mail, but p={record.applied(policy)}, as for pct=0"
+        )
 
     if not dkim_ok and spf_result is None:
         # DMARC then passes or fails by SPF alone, for an address not known here (a
@@ -392,12 +409,26 @@ def check_dmarc(
     elif not dkim_ok:
         problems.append("passes by SPF alone, which forwarding breaks")
         fixes.append(f"sign with a DKIM key for d={domain} and publish it (see the dkim check)")
+    tag = "sp" if at_org and record.sp else "p"
     if policy == "none" and bulk:
-        tag = "sp" if at_org and record.sp else "p"
         problems.append(f"{tag}=none asks receivers to do nothing with mail that fails")
         fixes.append(
             f"once the reports show your mail passes, publish at {found.name}: "
             f'"{_with_policy(published, tag, "quarantine")}"'
+        )
+    elif record.applied(policy) == "none" and bulk:
+        # p=quarantine with pct=0 or t=y samples no failing mail: receivers apply the
+        # next policy down, none (RFC 7489 §6.6.4), so it enforces no more than p=none.
+        testing = " and ".join(
+            [*(["pct=0"] if record.pct == 0 else []), *(["t=y"] if record.testing else [])]
+        )
+        problems.append(
+            f"{tag}={policy} with {testing} asks receivers to do nothing with mail that "
+            "fails, as p=none does (RFC 7489 §6.6.4)"
+        )
+        fixes.append(
+            f"once the reports show your mail passes, publish at {found.name}: "
+            f'"{_without_testing(published)}"'
         )
     verdict = f"mail From {domain} would pass DMARC (p={policy})"
     if problems:
@@ -456,3 +487,12 @@ def _with_policy(record: str, tag: str, policy: str) -> str:
         count=1,
         flags=re.IGNORECASE,
     )
+
+
+def _without_testing(record: str) -> str:
+    """``record`` without its ``pct=`` and ``t=`` tags (every one of a name: the first
+    is the one read, and a later one would take its place): what is left applies its
+    policy to all failing mail (``pct=100``, ``t=n``, the defaults)."""
+    version, *parts = record.split(";")
+    kept = [p for p in parts if p.partition("=")[0].strip(_WSP).lower() not in ("pct", "t")]
+    return ";".join([version, *kept])
