@@ -255,6 +255,32 @@ def test_tlsrpt_posts_nothing_to_this_host_without_allow_loopback(
     assert collector.requests == []
 
 
+def test_tlsrpt_mails_nothing_to_this_host_or_its_network_without_allow_loopback(
+    mail_env: MailEnv,
+) -> None:
+    # A mailto: rua is the policy domain's choice as an https: one is: an address whose
+    # domain routes to a private network (or is a literal of one) had the report queued,
+    # and the worker delivered it there, into the operator's own network.
+    seed(mail_env.workdir)
+    del mail_env.cli.env["MAILSTROM_ALLOW_LOOPBACK"]
+    mail_env.dns.mx("inside.test", [(10, "mx.inside.test")])
+    mail_env.dns.a("mx.inside.test", "10.1.2.3")
+    mail_env.dns.txt(
+        "_smtp._tls.example.test",
+        "v=TLSRPTv1; rua=mailto:tls@inside.test,mailto:tls@[192.168.1.1],mailto:tls@example.test",
+    )
+    result = mail_env.cli("tlsrpt", "--date", DAY.isoformat(), "--send", "--json")
+    assert result.code == 0, result.err
+    [mine, _] = result.json()["domains"]
+    assert [d["ok"] for d in mine["sent"]] == [False, False, False]
+    assert [d["permanent"] for d in mine["sent"]] == [True, True, True]
+    details = [d["detail"] for d in mine["sent"]]
+    assert "10.1.2.3 (private)" in details[0], details
+    assert "192.168.1.1 (private)" in details[1], details
+    assert "127.0.0.1 (loopback" in details[2], details
+    assert mail_env.cli.ok("queue", "--json", "--state", "any").json() == []
+
+
 def test_tlsrpt_posts_to_a_named_collector_at_the_address_its_dns_gives(
     mail_env: MailEnv, https_server: HTTPSFactory
 ) -> None:

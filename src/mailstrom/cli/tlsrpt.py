@@ -3,7 +3,8 @@
 For every policy domain with counted sessions on the day, the domain's ``_smtp._tls`` TXT
 record is looked up; a domain that publishes one with a ``rua`` gets its report written as
 a JSON file and, with ``--send``, sent: ``mailto:`` addresses get a queued message (the
-worker delivers it, DKIM-signed when signing is configured), ``https:`` URLs a POST
+worker delivers it, DKIM-signed when signing is configured; not for an address whose
+domain routes to this host or a private network, as for a POST), ``https:`` URLs a POST
 (:func:`~mailstrom.tlsrpt.deliver.post_reports`: through the same resolver as the TXT
 lookups, never to this host or a private network unless ``allow_loopback``; eight at a
 time, each within ``--post-timeout``, after every report is written and mailed).
@@ -33,7 +34,7 @@ from mailstrom.cli.parsing import Subparsers, path_arg, setting_arg
 from mailstrom.config import Config
 from mailstrom.errors import MailstromError
 from mailstrom.mtasts.fetch import DNSTrouble, require_httpx, txt_records
-from mailstrom.routing import make_resolver
+from mailstrom.routing import Router, make_resolver
 from mailstrom.settings import KEYS
 from mailstrom.stores.base import Store
 
@@ -300,6 +301,8 @@ async def _report_day(job: _Job) -> _Outcome:
         by_domain.setdefault(session.policy_domain, []).append(session)
     domains = sorted(by_domain)
     resolver = make_resolver(job.config.dns)
+    # The worker's routes, for the domains of mailto: addresses (see _queue).
+    router = Router.for_config(job.config, resolver=resolver)
     rua = await _rua(resolver, domains) if domains else {}
     results: list[DomainReport] = []
     posts: list[_Post] = []
@@ -342,7 +345,7 @@ async def _report_day(job: _Job) -> _Outcome:
                     detail = "sent by an earlier run; not sent again"
                     entry.sent.append(Delivery(uri=uri, ok=True, detail=detail))
                 elif uri.lower().startswith("mailto:"):
-                    entry.sent.append(_queue(job, report, uri))
+                    entry.sent.append(await _queue(job, report, uri, router))
                 else:
                     # Its place is kept; the POST is made below, with the day's others.
                     posts.append(_Post(entry=entry, slot=len(entry.sent), report=report, uri=uri))
@@ -396,18 +399,27 @@ def _write(path: Path, data: bytes) -> None:
         raise
 
 
-def _queue(job: _Job, report: Report, uri: str) -> Delivery:
-    """The report queued as mail to the address of the ``mailto:`` ``uri``."""
+async def _queue(job: _Job, report: Report, uri: str, router: Router) -> Delivery:
+    """The report queued as mail to the address of the ``mailto:`` ``uri``, unless its
+    domain routes to an address a POST is refused
+    (:func:`~mailstrom.tlsrpt.deliver.mail_refusal`): the URI is the policy domain's
+    choice, as an https one is. Through a relay, the relay's routes count, not ours."""
     from mailstrom.client.common import prepare_for
     from mailstrom.message.addrspec import validate_address
-    from mailstrom.tlsrpt.deliver import report_message
+    from mailstrom.tlsrpt.deliver import mail_refusal, report_message
     from mailstrom.tlsrpt.report import mailto_address
 
     try:
         to = mailto_address(uri)
-        validate_address(to)
+        address = validate_address(to)
     except MailstromError as exc:  # the policy domain's URI, which no rerun mends
         return Delivery(uri=uri, ok=False, detail=str(exc), permanent=True)
+    if job.config.relay is None:
+        refusal = await mail_refusal(
+            address.envelope.rpartition("@")[2], router, allow_loopback=job.config.allow_loopback
+        )
+        if refusal is not None:
+            return Delivery(uri=uri, ok=False, detail=str(refusal), permanent=refusal.permanent)
     try:
         msg = report_message(report, sender=job.sender, to=to, submitter=job.reporter.submitter)
         now = utc_now()

@@ -18,10 +18,12 @@ from email.utils import formatdate, make_msgid
 import dns.asyncresolver
 
 from mailstrom.domains import ldh_domain_name
+from mailstrom.errors import PermanentFailure, TemporaryFailure
 from mailstrom.message.addresses import parse_mailbox
 from mailstrom.message.addrspec import validate_address
 from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
+from mailstrom.routing import RoutePolicy, Router
 from mailstrom.tlsrpt.report import MEDIA_TYPE, Report
 
 POST_TIMEOUT = 30.0
@@ -94,6 +96,30 @@ def report_message(report: Report, *, sender: str, to: str, submitter: str) -> E
     msg.set_type("multipart/report")
     msg.set_param("report-type", "tlsrpt")
     return msg
+
+
+async def mail_refusal(domain: str, router: Router, *, allow_loopback: bool) -> PostProblem | None:
+    """Why a report is not to be mailed to an address at ``domain`` (a ``mailto:`` URI's,
+    which the policy domain's DNS chose), or None: the route the worker's ``router``
+    finds for it holds an address a POST would be refused (:func:`post_report`: this
+    host, its link, a private network or another that is not globally reachable, unless
+    ``allow_loopback``), or it has none (for good), or its lookup failed (for now). The
+    worker delivers to MX hosts on a private network, as internal relays are; but such
+    a host, for a domain that is not the operator's, is the operator's own network
+    reached by a remote domain's choice."""
+    try:
+        route = await router.route(domain)
+    except PermanentFailure as exc:
+        return PostProblem(f"not queued: {exc}", permanent=True)
+    except TemporaryFailure as exc:
+        return PostProblem(f"not queued: {exc}")
+    policy = RoutePolicy(allow_loopback=allow_loopback, refuse_private=True)
+    refused = [f"{ip} ({kind})" for ip in route.addresses if (kind := policy.refused(ip))]
+    if not refused:
+        return None
+    more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+    text = f"not queued: {domain} routes mail to refused addresses: {', '.join(refused[:3])}{more}"
+    return PostProblem(text, permanent=True)
 
 
 async def post_report(
