@@ -215,6 +215,50 @@ def test_tlsrpt_writes_and_sends_reports(mail_env: MailEnv, https_server: HTTPSF
     assert json.loads(gzip.decompress(attachment.get_content())) == document
 
 
+@pytest.mark.parametrize(
+    ("options", "submitter"),
+    [
+        (["--contact", "tls@Reports.Example.org"], "reports.example.org"),
+        (["--contact", "https://help.test/", "--from", "TLS <tls@org.test>"], "org.test"),
+        # No From with a domain: the HELO name, as before.
+        (["--contact", "https://help.test/"], "client.test"),
+    ],
+)
+def test_tlsrpt_names_the_reporting_domain_not_the_helo_name(
+    mail_env: MailEnv, https_server: HTTPSFactory, options: list[str], submitter: str
+) -> None:
+    # RFC 8460 §5.3: the file name starts with the reporting organization's domain, the
+    # one TLS-Report-Submitter names and its DKIM signature's d= is of: the From's. It
+    # was the HELO name (client.test), one host's, whatever the From said.
+    seed(mail_env.workdir)
+    collector = https_server(names=("127.0.0.1",))
+    collector.routes["/tlsrpt"] = Answer(status=200)
+    mail_env.dns.txt(
+        "_smtp._tls.example.test",
+        f"v=TLSRPTv1; rua=mailto:tls@example.test,https://127.0.0.1:{collector.port}/tlsrpt",
+    )
+    out = mail_env.workdir / "reports"
+    out.mkdir()
+    result = mail_env.cli(
+        "tlsrpt", "--date", DAY.isoformat(), "--out", str(out), "--send", *options, "--json"
+    )
+    [mine, _] = result.json()["domains"]
+    [written] = out.glob("*.json")
+    assert written.name.startswith(f"{submitter}!example.test!"), written.name
+    document = json.loads(written.read_bytes())
+    assert document["report-id"].endswith(f"@{submitter}")
+    if "--from" not in options and "@" not in options[1]:
+        return  # no mail: the contact is no address to send it from
+    assert mine["sent"][0]["ok"], mine
+    mail_env.cli.ok("worker", "--once")
+    [received] = mail_env.mx.wait_for_messages(1)
+    parsed = message_from_bytes(received.content, policy=policy.default)
+    assert parsed["TLS-Report-Submitter"] == submitter
+    assert f"Submitter: {submitter} " in parsed["Subject"]
+    [attachment] = list(parsed.iter_attachments())
+    assert attachment.get_filename() == written.name + ".gz"
+
+
 def test_tlsrpt_failed_post_exits_75(mail_env: MailEnv, https_server: HTTPSFactory) -> None:
     seed(mail_env.workdir)
     collector = https_server(names=("127.0.0.1",))

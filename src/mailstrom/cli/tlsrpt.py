@@ -94,7 +94,8 @@ def register(sub: Subparsers, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--organization",
         type=setting_arg("tlsrpt.organization", "--organization"),
-        help="organization-name (tlsrpt.organization, else the HELO name)",
+        help="organization-name (tlsrpt.organization, else the domain of the From of "
+        "mailed reports, else the HELO name)",
     )
     p.add_argument(
         "--contact",
@@ -230,14 +231,14 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
     config = settings.config
     values = settings.values
     day = _day(args.date)
-    submitter = config.helo_name
-    contact = args.contact or values.get("tlsrpt.contact") or f"postmaster@{submitter}"
+    contact = args.contact or values.get("tlsrpt.contact") or f"postmaster@{config.helo_name}"
+    sender = args.sender or values.get("tlsrpt.from") or contact
+    submitter = _reporting_domain(sender) or config.helo_name
     reporter = Reporter(
         organization=args.organization or values.get("tlsrpt.organization") or submitter,
         contact=contact,
         submitter=submitter,
     )
-    sender = args.sender or values.get("tlsrpt.from") or contact
     post_timeout = _post_timeout(args.post_timeout, values)
     out = Path(args.out)
     try:
@@ -277,6 +278,21 @@ def tlsrpt_command(args: argparse.Namespace) -> int:
         not d.ok and not d.permanent for r in results for d in r.sent
     )
     return EX_TEMPFAIL if failed else EX_OK
+
+
+def _reporting_domain(sender: str) -> str | None:
+    """The reporting organization's domain: that of the report mail's From (``sender``),
+    whose DKIM key signs it, or None when it is no mailbox or its domain an address
+    literal. RFC 8460 §5.3 names the submitter by it in the file name, the subject and
+    ``TLS-Report-Submitter``, and a receiver checks it against the signature's ``d=``:
+    the HELO name is one host's, often under another domain than the From's."""
+    from mailstrom.message.addresses import parse_mailbox
+
+    try:
+        domain = parse_mailbox("From", sender).address.envelope.rpartition("@")[2]
+    except MailstromError:
+        return None
+    return None if domain.startswith("[") else domain
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
