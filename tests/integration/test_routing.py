@@ -351,6 +351,31 @@ async def test_idn_domain_is_queried_as_a_label(dns_server: LoopbackDNS, router:
     assert dns_server.queries("xn--bcher-kva.example", "MX") == 1
 
 
+@pytest.mark.parametrize(
+    ("written", "why"),
+    [
+        ("exa\\mple.org", "backslash"),
+        ("ex\\097mple.org", "backslash"),
+        ("\\097.example.org", "backslash"),
+        ("@", "root"),
+    ],
+)
+async def test_master_file_syntax_in_a_domain_is_refused_not_read_as_another_name(
+    dns_server: LoopbackDNS, router: Router, written: str, why: str
+) -> None:
+    """A backslash is no character of a domain (RFC 5321 §4.1.2), but dnspython reads it
+    as a master-file escape: ``exa\\mple.org`` and ``ex\\097mple.org`` were routed to
+    example.org's MX hosts, ``Route.domain`` saying example.org; and ``@`` as the origin,
+    the root zone, whose MX and address records were asked for."""
+    dns_server.mx("example.org", [(10, "mx.example.org")])
+    dns_server.a("mx.example.org", "127.0.0.1")
+    dns_server.mx("a.example.org", [(10, "mx.example.org")])
+    with pytest.raises(PermanentFailure, match=why) as info:
+        await router.route(written)
+    assert info.value.enhanced == "5.1.2"
+    assert dns_server.query_counts() == {}
+
+
 async def test_unicode_spellings_that_lower_alike_are_not_one_cache_entry(
     dns_server: LoopbackDNS, router: Router
 ) -> None:

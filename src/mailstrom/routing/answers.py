@@ -50,13 +50,21 @@ def localhost_addresses(name: dns.name.Name | str) -> tuple[str, ...] | None:
 def to_qname(domain: str) -> dns.name.Name:
     """The absolute DNS name for ``domain``; Unicode (IDN) labels become A-labels.
 
-    Raises PermanentFailure (5.1.2) for text that is no valid domain name.
+    Raises PermanentFailure (5.1.2) for text that is no valid domain name, and for the
+    master-file syntax dnspython reads in it: a backslash, no character of a domain (RFC
+    5321 §4.1.2), is an escape there, so that ``exa\\mple.org`` and ``ex\\097mple.org``
+    named example.org, and ``@`` alone is the origin, the root.
     """
     text = domain.strip().rstrip(".")
     try:
         if not text:
             raise ValueError("empty domain")
-        return dns.name.from_text(text).canonicalize()
+        if "\\" in text:
+            raise ValueError("a backslash is no character of a domain name")
+        name = dns.name.from_text(text)
+        if name == dns.name.root:
+            raise ValueError("the root is no domain")
+        return name.canonicalize()
     except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
         raise PermanentFailure(
             f"invalid recipient domain {domain!r}: {exc}", enhanced="5.1.2"
