@@ -1475,3 +1475,30 @@ def test_the_attempts_budget_holds_for_more_recipients_than_it_has_rows(
     assert attempts.count('<td class="num">') == MAX_SHOWN_ATTEMPTS
     assert attempts.count("1 attempt not shown") == 20
     assert "No attempt yet" not in attempts
+
+
+def test_a_recipient_whose_share_exceeds_its_history_shows_all_of_it(
+    client: TestClient, store: Store
+) -> None:
+    """A recipient's share of the attempts budget was taken from the end of its history
+    as ``history[len - share:]``: with a share larger than its history but not twice as
+    large, that start was negative and counted from the end, so 100 recipients of 3
+    attempts each (a share of 5) showed 2 of them, with "1 earlier attempt not shown"."""
+    recipients = [f"user{i}@d{i % 7}.example" for i in range(100)]
+    mid = store.enqueue(message(*recipients), now=NOW)
+    tries = 3
+    for k in range(tries):
+        at = NOW + timedelta(hours=k)
+        store.record(
+            results_for(
+                lease_all(store, now=at),
+                RecipientState.DEFERRED,
+                at=at,
+                next_attempt_at=at + timedelta(minutes=30),
+            )
+        )
+    assert tries < MAX_SHOWN_ATTEMPTS // len(recipients) < 2 * tries
+    page = client.get(f"/message/{mid}").text
+    attempts = page.partition("<h2>Attempts</h2>")[2].partition("<h2>Headers</h2>")[0]
+    assert attempts.count('<td class="num">') == tries * len(recipients)
+    assert "not shown" not in attempts

@@ -803,7 +803,8 @@ def _shown_attempts(status: MessageStatus) -> dict[str, tuple[Attempt, ...]]:
     shown: dict[str, tuple[Attempt, ...]] = {}
     for i, r in enumerate(status.recipients):
         share = each + 1 if i < extra else each
-        shown[r.address] = r.history[len(r.history) - share :] if share else ()
+        # Clamped: a share past the history's length counted from its end (history[-2:]).
+        shown[r.address] = r.history[max(0, len(r.history) - share) :] if share else ()
     return shown
 
 
