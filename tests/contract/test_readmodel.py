@@ -25,8 +25,8 @@ from mailstrom.readmodel import (
     SortOrder,
     open_read_model,
 )
-from mailstrom.readmodel.base import MAX_SEQ
-from mailstrom.status import ReasonClass, RecipientState
+from mailstrom.readmodel.base import MAX_SEQ, attempt_shares
+from mailstrom.status import MessageStatus, ReasonClass, RecipientState
 from mailstrom.stores import MemoryStore, Store
 
 from .conftest import Backend
@@ -659,6 +659,7 @@ def test_a_closed_read_model_refuses_every_view_with_a_store_error(
         lambda: model.suspensions(now=NOW),
         lambda: model.throttles(now=NOW),
         lambda: model.message_data(queue.deferred),
+        lambda: model.message_status(queue.deferred, attempts=10),
     ):
         with pytest.raises(StoreError, match="closed") as raised:
             call()
@@ -757,3 +758,58 @@ def test_a_message_changing_state_between_pages_moves_no_other(
         after = page.next
     assert seen == [queue.held, queue.queued, queue.failed, queue.delivered, queue.deferred]
     assert _ids(model, view=QueueView.DELIVERED) == [queue.delivered, queue.deferred]
+
+
+def _tried(store: Store, tries: dict[str, int]) -> str:
+    """A message to each address of ``tries``, deferred that many times (an hour apart)."""
+    mid = store.enqueue(message(*tries), now=START)
+    for k in range(max(tries.values())):
+        at = START + timedelta(hours=k)
+        lease = lease_all(store, now=at)
+        wanted = [a for a, n in tries.items() if n > k]
+        store.record(
+            results_for(
+                lease,
+                RecipientState.DEFERRED,
+                at=at,
+                next_attempt_at=at + timedelta(minutes=30),
+                only=wanted,
+            )
+        )
+    return mid
+
+
+def _without_history(status: MessageStatus) -> MessageStatus:
+    return replace(status, recipients=tuple(replace(r, history=()) for r in status.recipients))
+
+
+@pytest.mark.parametrize("budget", [0, 1, 4, 6, 9, 100])
+def test_a_message_status_holds_each_recipients_share_of_its_latest_attempts(
+    model: ReadModel, store: Store, budget: int
+) -> None:
+    """The dashboard's page of a message read every attempt of every recipient (the
+    store's status) to show a few hundred: 30,000 for 1,000 recipients tried 30 times
+    each. The read model's status is the store's with each recipient's latest attempts,
+    as many as its share of the page's (the first ones take what does not divide), and
+    how many its history holds."""
+    tries = {"a@one.example": 0, "b@two.example": 2, "c@one.example": 7, "d@two.example": 3}
+    mid = _tried(store, tries)
+    whole = store.status(mid)
+    found = model.message_status(mid, attempts=budget)
+    assert _without_history(found.status) == _without_history(whole)
+    assert found.kept == tuple(len(r.history) for r in whole.recipients) == (0, 2, 7, 3)
+    shares = attempt_shares(len(tries), budget)
+    for r, full, share in zip(found.status.recipients, whole.recipients, shares, strict=True):
+        assert r.history == full.history[max(0, len(full.history) - share) :]
+        assert len(r.history) == min(share, len(full.history))
+    assert sum(len(r.history) for r in found.status.recipients) <= budget
+
+
+def test_a_message_status_of_a_message_not_stored_is_unknown(
+    model: ReadModel, queue: Queue
+) -> None:
+    for mid in ("0" * 32, "a\x00b", "\ud800"):
+        with pytest.raises(UnknownMessage):
+            model.message_status(mid, attempts=10)
+    with pytest.raises(InvalidQuery):
+        model.message_status(queue.deferred, attempts=-1)

@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 from mailstrom.domains import a_label
 from mailstrom.errors import StoreError
 from mailstrom.loopback import names_loopback
+from mailstrom.readmodel.memory import MemoryReadModel
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.stores.dead_holders import HolderInfo
@@ -722,10 +723,11 @@ def test_a_method_a_page_does_not_take_is_a_405_saying_which_it_takes(
     assert {m.strip() for m in page.headers["allow"].split(",")} == allowed
 
 
-class _BrokenStatus(MemoryStore):
-    """A store whose status() fails in a way no store promises (a bug, a driver's error)."""
+class _BrokenStatus(MemoryReadModel):
+    """A read model whose message_status() fails in a way no read model promises (a bug,
+    a driver's error)."""
 
-    def status(self, message_id: str) -> Any:
+    def message_status(self, message_id: str, *, attempts: int) -> Any:
         raise RuntimeError("a fault nobody foresaw")
 
 
@@ -735,7 +737,8 @@ def test_an_unexpected_error_is_a_page_with_the_security_headers(
     """An exception past the dashboard's checks reached Starlette's own 500 page, made
     outside the middleware that adds the headers: a bare "Internal Server Error" with no
     Content-Security-Policy, X-Frame-Options nor no-store."""
-    app = create_app(_BrokenStatus(), clock=lambda: NOW)
+    store = MemoryStore()
+    app = create_app(store, read_model=_BrokenStatus(store), clock=lambda: NOW)
     with TestClient(app, base_url="http://127.0.0.1:8025", raise_server_exceptions=False) as c:
         page = c.get("/message/" + "a" * 32)
     assert page.status_code == 500

@@ -11,6 +11,7 @@ from __future__ import annotations
 from mailstrom.readmodel.base import (
     Destination,
     InvalidQuery,
+    MessageDetail,
     MessageSummary,
     OldestPending,
     Overview,
@@ -28,6 +29,7 @@ from mailstrom.stores.base import Store
 __all__ = [
     "Destination",
     "InvalidQuery",
+    "MessageDetail",
     "MessageSummary",
     "OldestPending",
     "Overview",

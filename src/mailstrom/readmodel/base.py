@@ -11,7 +11,7 @@ contract suite (``tests/contract/test_readmodel.py``) runs over all three.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -21,6 +21,7 @@ from mailstrom.arguments import member_of, shown
 from mailstrom.bounds import MAX_DURATION
 from mailstrom.errors import MailstromError
 from mailstrom.status import (
+    Attempt,
     DestinationThrottle,
     DKIMStatus,
     MessageStatus,
@@ -416,6 +417,52 @@ class Overview:
     """The suspended destinations at ``now``, by domain."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageDetail:
+    """One message as its dashboard page shows it (:meth:`ReadModel.message_status`)."""
+
+    status: MessageStatus
+    """As :meth:`~mailstrom.stores.base.Store.status` gives it, except that each
+    recipient's :attr:`~mailstrom.status.RecipientStatus.history` holds only its latest
+    attempts, as many as its share of the page's budget (:func:`attempt_shares`)."""
+    kept: tuple[int, ...]
+    """How many attempts each recipient's whole history holds (the latest
+    ``MAX_HISTORY``), in the order of ``status.recipients``: the page says how many it
+    does not show."""
+
+
+def attempt_shares(recipients: int, budget: int) -> list[int]:
+    """How many of its latest attempts each of ``recipients`` recipients (in their
+    order) shows of a page's ``budget`` of attempt rows: alike, the first ones taking
+    what does not divide evenly; past ``budget`` recipients, the later ones none.
+
+    >>> attempt_shares(3, 8)
+    [3, 3, 2]
+    >>> attempt_shares(4, 2)
+    [1, 1, 0, 0]
+    """
+    each, extra = divmod(budget, max(1, recipients))
+    return [each + 1 if i < extra else each for i in range(recipients)]
+
+
+def latest(history: Sequence[Attempt], share: int) -> tuple[Attempt, ...]:
+    """The last ``share`` entries of ``history`` (all of it when it holds fewer)."""
+    return tuple(history[max(0, len(history) - share) :]) if share else ()
+
+
+def detail(
+    status: MessageStatus, histories: Sequence[tuple[Attempt, ...]], kept: Sequence[int]
+) -> MessageDetail:
+    """``status`` (read without history) with each recipient's ``histories`` entry as
+    its history, and its ``kept`` count (both in the order of its recipients)."""
+    recipients = tuple(
+        replace(r, history=h) for r, h in zip(status.recipients, histories, strict=True)
+    )
+    if len(kept) != len(recipients):
+        raise ValueError(f"{len(kept)} history counts for {len(recipients)} recipients")
+    return MessageDetail(status=replace(status, recipients=recipients), kept=tuple(kept))
+
+
 class ReadModel(Protocol):
     """The dashboard's queries over one store. Safe to share between threads.
 
@@ -455,6 +502,16 @@ class ReadModel(Protocol):
     def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
         """The destinations a throttling reply paused, the pause running at ``now``,
         soonest end first (as :meth:`~mailstrom.stores.base.Store.throttles`)."""
+        ...
+
+    def message_status(self, message_id: str, *, attempts: int) -> MessageDetail:
+        """The message's status, as :meth:`~mailstrom.stores.base.Store.status` gives it
+        (pauses by the clock, as there), with each recipient's latest attempts only: as
+        many as its share of ``attempts`` (:func:`attempt_shares`), the rest counted
+        (:attr:`MessageDetail.kept`), never read. A message to 1,000 recipients tried 30
+        times each was 30,000 attempts read for a page that shows 500.
+        :class:`~mailstrom.errors.UnreadableRow` for a message whose rows (those read)
+        cannot be read back, as the store's status raises it."""
         ...
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:

@@ -16,6 +16,7 @@ from mailstrom.readmodel.base import (
     BUCKET,
     CLOSED,
     Destination,
+    MessageDetail,
     MessageSummary,
     OldestPending,
     Overview,
@@ -24,16 +25,20 @@ from mailstrom.readmodel.base import (
     QueueQuery,
     QueueView,
     SortOrder,
+    attempt_shares,
     check_aware,
     check_count,
+    detail,
     fill_buckets,
     id_range,
+    latest,
     queued_before,
     summarise,
     throughput_window,
     with_suspensions,
 )
 from mailstrom.status import DestinationThrottle, ReasonClass, RecipientState, reason_of
+from mailstrom.stores.base import with_throttles
 from mailstrom.stores.memory import MemoryStore
 from mailstrom.stores.memory_records import _Message
 from mailstrom.stores.operator import Suspension, filter_domain
@@ -172,6 +177,19 @@ class MemoryReadModel:
         if more and last is not None:
             cursor = PageCursor(created_at=last.created_at, seq=last.seq)
         return QueuePage(messages=tuple(page), next=cursor)
+
+    def message_status(self, message_id: str, *, attempts: int) -> MessageDetail:
+        """See :meth:`ReadModel.message_status`."""
+        check_count(attempts, "attempts")
+        self._check_open()
+        with self._store._lock:
+            m = self._store._get(message_id)
+            status = with_throttles(m.snapshot(with_history=False), self._store._paused_in(m))
+            records = list(m.recipients.values())
+            shares = attempt_shares(len(records), attempts)
+            histories = [latest(r.history, k) for r, k in zip(records, shares, strict=True)]
+            kept = [len(r.history) for r in records]
+        return detail(status, histories, kept)
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""

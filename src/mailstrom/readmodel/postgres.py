@@ -23,6 +23,7 @@ from mailstrom.readmodel.base import (
     BUCKET,
     CLOSED,
     Destination,
+    MessageDetail,
     OldestPending,
     Overview,
     QueuePage,
@@ -38,6 +39,7 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
+from mailstrom.readmodel.postgres_message import message_detail
 from mailstrom.readmodel.postgres_summary import summaries
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
@@ -362,6 +364,14 @@ class PostgresReadModel:
             cursor = cursor_after(created, int(seq), late=bool(late), newest=newest)
         # A message whose rows cannot be read is left out (summaries() warns).
         return QueuePage(messages=tuple(found[mid] for mid in ids if mid in found), next=cursor)
+
+    def message_status(self, message_id: str, *, attempts: int) -> MessageDetail:
+        """See :meth:`ReadModel.message_status`."""
+        check_count(attempts, "attempts")
+        if not comparable(message_id):  # names nothing stored, as in the memory store
+            raise UnknownMessage(message_id)
+        with self._reading("reading a message's status") as conn:
+            return message_detail(conn, message_id, attempts)
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""

@@ -28,6 +28,7 @@ from mailstrom.readmodel.base import (
     BUCKET,
     CLOSED,
     Destination,
+    MessageDetail,
     OldestPending,
     Overview,
     QueuePage,
@@ -43,6 +44,7 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
+from mailstrom.readmodel.sqlite_message import message_detail
 from mailstrom.readmodel.sqlite_summary import summaries
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.status import DestinationThrottle, RecipientState
@@ -440,6 +442,14 @@ class SQLiteReadModel:
             if n <= cap and (best is None or n < best[0]):
                 best = (n, f)
         return None if best is None else best[1]
+
+    def message_status(self, message_id: str, *, attempts: int) -> MessageDetail:
+        """See :meth:`ReadModel.message_status`."""
+        check_count(attempts, "attempts")
+        if not comparable(message_id):  # names nothing stored, as in the memory store
+            raise UnknownMessage(message_id)
+        with self._read() as conn:
+            return message_detail(conn, message_id, attempts)
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""

@@ -993,6 +993,13 @@ def _rid(conn: sqlite3.Connection, result: RecipientResult) -> int | None:
 
 # --- reading -------------------------------------------------------------------------------
 
+ATTEMPT_COLUMNS = (
+    "a.recipient_id, a.at, a.outcome, a.duration, a.mx_host, a.ip, a.port, a.tls_version,"
+    " a.tls_cipher, a.reply_code, a.reply_enhanced, a.reply_text, a.error, a.uncertain,"
+    " a.reason_class, a.tls_policy"
+)
+"""An attempt's columns of ``attempts a``, as :func:`attempt_from_row` reads them."""
+
 
 def read_messages(
     conn: sqlite3.Connection,
@@ -1031,10 +1038,7 @@ def read_messages(
             recipients.setdefault(row[0], []).append(row)
         if history:
             for row in conn.execute(
-                "SELECT a.recipient_id, a.at, a.outcome, a.duration, a.mx_host, a.ip,"
-                " a.port, a.tls_version, a.tls_cipher, a.reply_code, a.reply_enhanced,"
-                " a.reply_text, a.error, a.uncertain, a.reason_class, a.tls_policy"
-                " FROM attempts a"
+                f"SELECT {ATTEMPT_COLUMNS} FROM attempts a"
                 " JOIN recipients r ON r.id = a.recipient_id"
                 f" WHERE r.message_seq IN ({marks}) ORDER BY a.id",
                 chunk,
