@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
@@ -22,7 +23,7 @@ from mailstrom.domains import a_label
 from mailstrom.errors import StoreError
 from mailstrom.loopback import names_loopback
 from mailstrom.readmodel.memory import MemoryReadModel
-from mailstrom.status import RecipientState
+from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.web import create_app
@@ -1339,8 +1340,8 @@ def test_a_suspension_from_a_clock_in_a_zone_with_summer_time_lasts_its_length(
 
 
 class _StatusFailsAfterRetry(MemoryStore):
-    """A store whose first read after a retry fails, as one whose connection drops (or a
-    lock times out) between the two calls does."""
+    """A store whose first read of a status after a retry (its read model's) fails, as
+    one whose connection drops (or a lock times out) between the two calls does."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1351,11 +1352,17 @@ class _StatusFailsAfterRetry(MemoryStore):
         self.fail_next_read = True
         return done
 
-    def status(self, message_id: str) -> Any:
-        if self.fail_next_read:
-            self.fail_next_read = False
+
+class _FailingAfterRetry(MemoryReadModel):
+    def __init__(self, store: _StatusFailsAfterRetry) -> None:
+        super().__init__(store)
+        self.store = store
+
+    def message_status(self, message_id: str, *, attempts: int) -> Any:
+        if self.store.fail_next_read:
+            self.store.fail_next_read = False
             raise StoreError("the connection was lost")
-        return super().status(message_id)
+        return super().message_status(message_id, attempts=attempts)
 
 
 def test_a_retry_done_whose_outcome_cannot_be_read_says_it_was_done(
@@ -1370,7 +1377,7 @@ def test_a_retry_done_whose_outcome_cannot_be_read_says_it_was_done(
     store.record(
         results_for(lease, RecipientState.DEFERRED, next_attempt_at=NOW + timedelta(hours=1))
     )
-    for client in _client(store):
+    for client in _client(store, read_model=_FailingAfterRetry(store)):
         token = _csrf(client.get(f"/action/retry/{mid}").text)
         with caplog.at_level(logging.WARNING, logger="mailstrom.web"):
             done = client.post(f"/action/retry/{mid}", data={"csrf": token})
@@ -1505,3 +1512,53 @@ def test_a_recipient_whose_share_exceeds_its_history_shows_all_of_it(
     attempts = page.partition("<h2>Attempts</h2>")[2].partition("<h2>Headers</h2>")[0]
     assert attempts.count('<td class="num">') == tries * len(recipients)
     assert "not shown" not in attempts
+
+
+def test_the_actions_on_a_message_read_none_of_its_attempts(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An action's confirmation page read the message's whole status (every attempt of
+    every recipient) to learn that it exists, and retry, hold and release read it again
+    to say what became of it: on SQLite, 0.5 s for a message to 1,000 recipients tried
+    30 times each, 30,000 attempts made for a page that shows none. They read its
+    recipients only, and say what they said."""
+    recipients = [f"user{i}@d{i % 3}.example" for i in range(40)]
+    mid = any_store.enqueue(message(*recipients), now=NOW)
+    for k in range(5):
+        at = NOW + timedelta(hours=k)
+        any_store.record(
+            results_for(
+                lease_all(any_store, now=at),
+                RecipientState.DEFERRED,
+                at=at,
+                next_attempt_at=at + timedelta(minutes=30),
+            )
+        )
+    any_store.suspend("d1.example", now=NOW)
+    made = 0
+    make = Attempt.__init__
+
+    def counted(self: Attempt, **fields: Any) -> None:
+        nonlocal made
+        made += 1
+        make(self, **fields)
+
+    said = []
+    for client in _client(any_store, now=NOW + timedelta(hours=5)):
+        for action in ("retry", "hold", "release", "retry", "cancel"):
+            with monkeypatch.context() as patch:
+                patch.setattr(Attempt, "__init__", counted)
+                token = _csrf(client.get(f"/action/{action}/{mid}").text)
+                done = client.post(
+                    f"/action/{action}/{mid}", data={"csrf": token}, follow_redirects=False
+                )
+            assert done.status_code == 303, done.text
+            said.append(urllib.parse.unquote(done.headers["location"].partition("done=")[2]))
+    assert made == 0
+    assert said == [
+        "Retry now: 27 recipients due now, 13 due once resumed",
+        "Hold: held",
+        "Release: released",
+        "Retry now: 27 recipients due now, 13 due once resumed",
+        "Cancel: 40 recipients cancelled",
+    ]

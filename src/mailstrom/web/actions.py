@@ -15,10 +15,16 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from mailstrom.errors import MailstromError, StoreError, UnknownMessage
+from mailstrom.status import MessageStatus
 from mailstrom.stores.base import Store
 from mailstrom.stores.operator import PENDING_STATES, count_recipients, normalize_domain
 
 log = logging.getLogger("mailstrom.web")
+
+StatusOf = Callable[[str], MessageStatus]
+"""A message's status without its attempts (the dashboard's read model's): what an action
+says of a message reads its recipients' states, never their history, which the store's
+``status()`` reads whole (30,000 attempts for 1,000 recipients tried 30 times each)."""
 
 
 class InvalidTarget(MailstromError, ValueError):
@@ -40,9 +46,9 @@ class Action:
     """The button's text."""
     question: str
     """The confirmation page's question; ``{target}`` names what it applies to."""
-    run: Callable[[Store, str, datetime, timedelta | None], str]
-    """Perform it on (store, message id or domain, now, chosen duration); returns what
-    happened."""
+    run: Callable[[Store, StatusOf, str, datetime, timedelta | None], str]
+    """Perform it on (store, a reader of a message's status, message id or domain, now,
+    chosen duration); returns what happened."""
     danger: bool = False
     durations: Mapping[str, tuple[str, timedelta | None]] = field(default_factory=dict)
     """The confirmation form's choice of how long (form value → label, duration); empty:
@@ -96,7 +102,9 @@ def stored_domain(text: str) -> str:
         raise InvalidTarget(f"not a domain name: {text[:80]!r}") from None
 
 
-def _retry(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
+def _retry(
+    store: Store, status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
+) -> str:
     """Make the message's pending recipients due, and say, as ``mailstrom retry`` does,
     which go now: no worker leases a held message's until it is released, nor those at a
     destination suspended now until it is resumed; those whose destination is paused
@@ -106,7 +114,7 @@ def _retry(store: Store, message_id: str, now: datetime, _: timedelta | None) ->
     503 of a queue that cannot be read, and the user took the retry for failed)."""
     n = store.retry(message_id, now=now)
     try:
-        status = store.status(message_id)
+        status = status_of(message_id)
         suspended = {s.domain for s in store.suspensions(now=now)}
     except (StoreError, UnknownMessage) as exc:
         log.warning("retry %s: done, but what became of it cannot be read: %s", message_id, exc)
@@ -142,11 +150,11 @@ def _recipients(n: int) -> str:
     return f"{n} recipient{'' if n == 1 else 's'}"
 
 
-def _finished(store: Store, message_id: str, action: str) -> bool | None:
+def _finished(status_of: StatusOf, message_id: str, action: str) -> bool | None:
     """Whether the message has finished (no recipient pending), read after ``action`` on
     it; None when that cannot be read (the action is done all the same, as for a retry)."""
     try:
-        return store.status(message_id).state.is_final
+        return status_of(message_id).state.is_final
     except (StoreError, UnknownMessage) as exc:
         log.warning(
             "%s %s: done, but what became of it cannot be read: %s", action, message_id, exc
@@ -154,33 +162,41 @@ def _finished(store: Store, message_id: str, action: str) -> bool | None:
         return None
 
 
-def _hold(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
+def _hold(
+    store: Store, status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
+) -> str:
     """Hold the message, and say whether it is held: one that finished meanwhile (its
     page offered the hold while it was pending) is left as it is, not held."""
     store.set_held(message_id, True)
-    finished = _finished(store, message_id, "hold")
+    finished = _finished(status_of, message_id, "hold")
     if finished is None:
         return "held unless it had finished"
     return "not held as it has finished" if finished else "held"
 
 
-def _release(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
+def _release(
+    store: Store, status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
+) -> str:
     """Release the message, and say whether mail waited for it: one that finished while
     held (its delivery in flight, its page offering the release meanwhile) is not held,
     and nothing of it is delivered."""
     store.set_held(message_id, False)
-    finished = _finished(store, message_id, "release")
+    finished = _finished(status_of, message_id, "release")
     if finished is None:
         return "released unless it had finished"
     return "not held as it has finished" if finished else "released"
 
 
-def _cancel(store: Store, message_id: str, now: datetime, _: timedelta | None) -> str:
+def _cancel(
+    store: Store, _status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
+) -> str:
     n = store.cancel(message_id, now=now)
     return f"{_recipients(n)} cancelled"
 
 
-def _suspend(store: Store, domain: str, now: datetime, duration: timedelta | None) -> str:
+def _suspend(
+    store: Store, _status_of: StatusOf, domain: str, now: datetime, duration: timedelta | None
+) -> str:
     if duration is None:
         store.suspend(domain, now=now)
         return "suspended until resumed"
@@ -188,7 +204,9 @@ def _suspend(store: Store, domain: str, now: datetime, duration: timedelta | Non
     return f"suspended for {duration // timedelta(hours=1)}h"
 
 
-def _resume(store: Store, domain: str, now: datetime, _: timedelta | None) -> str:
+def _resume(
+    store: Store, _status_of: StatusOf, domain: str, now: datetime, _: timedelta | None
+) -> str:
     return "resumed" if store.resume(domain, now=now) else "was not suspended"
 
 
