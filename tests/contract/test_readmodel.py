@@ -635,6 +635,8 @@ def test_a_message_with_no_recipients_is_listed_under_all_only(
     empty = store.enqueue(message(), now=NOW)
     _without_recipients(store_backend, store, empty)
     assert store.status(empty).state is RecipientState.FAILED
+    shown = model.message_status(empty, attempts=10)
+    assert (shown.status, shown.kept) == (store.status(empty), ())
     assert _ids(model, view=QueueView.DELIVERED) == [queue.delivered]
     assert _ids(model, view=QueueView.FAILED) == [queue.failed]
     assert empty in _ids(model, view=QueueView.ALL)

@@ -21,7 +21,7 @@ from mailstrom.stores.sqlite_shaping import paused_recipients
 _KEPT = (
     "SELECT r.id, (SELECT count(*) FROM attempts a WHERE a.recipient_id = r.id)"
     " FROM messages m JOIN recipients r ON r.message_seq = m.seq"
-    " WHERE m.id = ? ORDER BY r.position"
+    " WHERE m.id = ? ORDER BY r.position, r.id"
 )
 _LATEST = (
     f"SELECT {ATTEMPT_COLUMNS} FROM attempts a WHERE a.recipient_id = ? ORDER BY a.id DESC LIMIT ?"

@@ -1032,7 +1032,7 @@ def read_messages(
             " reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,"
             " last_attempt_at, next_attempt_at, reason_class, finished_at,"
             " lease_token IS NOT NULL AND state IN ('queued', 'deferred') FROM recipients"
-            f" WHERE message_seq IN ({marks}) ORDER BY message_seq, position",
+            f" WHERE message_seq IN ({marks}) ORDER BY message_seq, position, id",
             chunk,
         ):
             recipients.setdefault(row[0], []).append(row)
