@@ -102,6 +102,22 @@ def test_open_sqlite_relative_and_absolute(tmp_path: Path, monkeypatch: pytest.M
             store.close()
 
 
+def test_a_read_only_sqlite_store_waits_the_timeout_given(tmp_path: Path) -> None:
+    """A look-only command's wait (``timeout``) is a read-only SQLite store's wait for a
+    lock; a store that writes keeps its own busy_timeout whatever is given."""
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    writer = open_store(url, timeout=0.5)
+    reader = open_store(url, read_only=True, timeout=0.5)
+    try:
+        assert isinstance(writer, SQLiteStore)
+        assert isinstance(reader, SQLiteStore)
+        assert writer.busy_timeout == 30
+        assert reader.busy_timeout == 0.5
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_open_postgres_dispatches_to_postgres_store(monkeypatch: pytest.MonkeyPatch) -> None:
     if importlib.util.find_spec("mailstrom.stores.postgres") is None:
         pytest.skip("mailstrom.stores.postgres is not there yet")

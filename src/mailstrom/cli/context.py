@@ -137,16 +137,17 @@ def report(settings: Settings) -> Settings:
 
 
 READ_WAIT = 5.0
-"""Seconds a command that only looks waits for PostgreSQL: to open the store, and for a
-pooled connection per read. The store's own 30 s suit a worker, which has nothing better
-to do; with the server down, ``events --follow`` said so half a minute late, and a
-``status`` or ``queue`` sat silent as long before its exit 75."""
+"""Seconds a command that only looks waits for PostgreSQL (to open the store, and for a
+pooled connection per read) and for a lock on a SQLite store another connection holds.
+The store's own 30 s suit a worker, which has nothing better to do; with the server
+down, ``events --follow`` said so half a minute late, and a ``status`` or ``queue`` sat
+silent as long before its exit 75 (with a SQLite file held locked, too)."""
 
 
 def open_store(url: str, *, read_only: bool = False) -> Store:
     """The store ``url`` names; ``read_only`` for commands that only look (they then work
     on a read-only mount and never create, migrate or change the store, and wait
-    :data:`READ_WAIT` for PostgreSQL)."""
+    :data:`READ_WAIT` for the store)."""
     from mailstrom.stores.url import StoreKind, parse_store_url
     from mailstrom.stores.url import open_store as open_url
 

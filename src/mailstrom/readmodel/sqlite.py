@@ -172,8 +172,9 @@ class SQLiteReadModel:
             if newer is not None:
                 raise newer from exc
             if isinstance(exc, sqlite3.Error):
-                # As the store says it: "database is locked" is StoreLocked, with the wait.
-                raise _store_error(exc, self._path, self._busy_timeout) from exc
+                # As a read-only store says it: "database is locked" is StoreLocked, with
+                # the wait (for a read: no "write lock", no "nothing was written").
+                raise _store_error(exc, self._path, self._busy_timeout, reading=True) from exc
             raise
         with self._lock:
             self._out -= 1

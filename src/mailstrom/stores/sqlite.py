@@ -232,14 +232,17 @@ _LOW_SPACE = 1 << 20
 """Bytes free on a disk below which an I/O error there is taken for a full disk."""
 
 
-def _store_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> StoreError:
+def _store_error(
+    exc: sqlite3.Error, path: str, busy_timeout: float, *, reading: bool = False
+) -> StoreError:
     """The store error for a SQLite error on ``path``: StoreCorrupt when it is permanent,
-    StoreLocked when SQLite's wait for a lock (``busy_timeout``) ran out."""
+    StoreLocked when SQLite's wait for a lock (``busy_timeout``) ran out (``reading``: in
+    a store opened read-only, see :func:`_locked`)."""
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int) and code & 0xFF in _CORRUPT:
         return StoreCorrupt(f"{path} is damaged or is not a mailstrom database: {exc}")
     if isinstance(code, int) and code & 0xFF == sqlite3.SQLITE_BUSY:
-        return _locked(path, busy_timeout, sqlite_said=str(exc))
+        return _locked(path, busy_timeout, sqlite_said=str(exc), reading=reading)
     if code == sqlite3.SQLITE_IOERR_SHORT_READ and _wal_deleted(path):
         return StoreCorrupt(
             f"the -wal file {path}-wal was deleted while the database was in use (SQLite:"
@@ -275,9 +278,19 @@ def _store_error(exc: sqlite3.Error, path: str, busy_timeout: float) -> StoreErr
     return StoreError(f"SQLite error on {path}: {exc}")
 
 
-def _locked(path: str, busy_timeout: float, *, sqlite_said: str = "") -> StoreLocked:
-    """What a write says when it waited ``busy_timeout`` for the write lock in vain."""
+def _locked(
+    path: str, busy_timeout: float, *, sqlite_said: str = "", reading: bool = False
+) -> StoreLocked:
+    """What a write says when it waited ``busy_timeout`` for the write lock in vain; with
+    ``reading``, what a read-only store says when it could not read for as long (WAL
+    readers wait only for a connection holding the database exclusively, or for a
+    writer of a database another program turned back to a rollback journal)."""
     said = f" (SQLite: {sqlite_said})" if sqlite_said else ""
+    if reading:
+        return StoreLocked(
+            f"SQLite store {path}: waited {busy_timeout:g} s to read the database, locked"
+            f" all that time by another process or connection{said}; try again"
+        )
     return StoreLocked(
         f"SQLite store {path}: waited {busy_timeout:g} s for the database's write lock, held"
         f" all that time by another process or connection{said}; nothing was written, try"
@@ -854,12 +867,12 @@ class SQLiteStore:
             # disk with no room for it; without a -wal file (or with an empty one) every
             # committed transaction is in the main file, so reading it as immutable is exact.
             if not _no_shm(exc) or _wal_holds_frames(self._path):
-                raise _store_error(exc, self._path, self._busy_timeout) from exc
+                raise self._error(exc) from exc
             self._uri = _file_uri(self._path, "mode=ro&immutable=1")
             try:
                 version = self._probe()
             except sqlite3.Error as again:
-                raise _store_error(again, self._path, self._busy_timeout) from again
+                raise self._error(again) from again
         _check_schema(version, self._path, latest)
         if version < latest:
             raise StoreError(
@@ -878,6 +891,10 @@ class SQLiteStore:
         with self._pool_lock:
             self._idle.append(conn)
         return int(version)
+
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        """The store error for ``exc``, said as this store waits: to write, or to read."""
+        return _store_error(exc, self._path, self._busy_timeout, reading=self._read_only)
 
     @property
     def path(self) -> str:
@@ -955,7 +972,7 @@ class SQLiteStore:
             yield conn
         except sqlite3.Error as exc:
             newer = self._newer_schema_behind(exc, conn)
-            raise newer or _store_error(exc, self._path, self._busy_timeout) from exc
+            raise newer or self._error(exc) from exc
         except (UnicodeEncodeError, OverflowError) as exc:
             # Raised by the driver while binding a value (a lone surrogate, an integer
             # past 64 bits): the value is refused, the database is fine.

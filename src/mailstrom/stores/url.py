@@ -322,8 +322,9 @@ def open_store(url: str, *, read_only: bool = False, timeout: float | None = Non
 
     ``read_only`` opens a SQLite store for reading only (nothing created, migrated or
     written); other stores ignore it. ``timeout``, given, is a PostgreSQL store's wait
-    for the database when opening and for a pooled connection per call (its own
-    default otherwise); other stores ignore it.
+    for the database when opening and for a pooled connection per call, and a read-only
+    SQLite store's wait for a lock another connection holds (their own defaults
+    otherwise); the memory store ignores it.
 
     >>> store = open_store("sqlite:////var/lib/mailstrom/queue.db")  # doctest: +SKIP
     """
@@ -333,7 +334,11 @@ def open_store(url: str, *, read_only: bool = False, timeout: float | None = Non
 
         return MemoryStore()
     if parsed.kind is StoreKind.SQLITE:
-        return open_sqlite(parsed.target, read_only=read_only)
+        # A read-only store only waits to read, as long as a look-only command gives: with
+        # another connection holding the file locked, `status` sat silent for the
+        # writers' 30 s before its exit 75.
+        wait = timeout if read_only else None
+        return open_sqlite(parsed.target, read_only=read_only, busy_timeout=wait)
     postgres = postgres_module()
     if timeout is None:
         store: Store = postgres.PostgresStore(parsed.target)
@@ -342,14 +347,17 @@ def open_store(url: str, *, read_only: bool = False, timeout: float | None = Non
     return store
 
 
-def open_sqlite(path: str, *, read_only: bool = False) -> Store:
+def open_sqlite(path: str, *, read_only: bool = False, busy_timeout: float | None = None) -> Store:
     """The SQLite store in the file at ``path``, a path as it is (what a ``sqlite:`` URL or
-    a path object names), the directories of this user's default store created first."""
+    a path object names), the directories of this user's default store created first;
+    ``busy_timeout``, given, is its wait for a lock (the store's default otherwise)."""
     from mailstrom.stores.sqlite import SQLiteStore
 
     if not read_only and _is_default_path(path):
         make_private_parents(path)
-    return SQLiteStore(path, read_only=read_only)
+    if busy_timeout is None:
+        return SQLiteStore(path, read_only=read_only)
+    return SQLiteStore(path, read_only=read_only, busy_timeout=busy_timeout)
 
 
 POSTGRES_EXTRA = "pip install 'mailstrom[postgres]' (or 'mailstrom[postgres-binary]')"
