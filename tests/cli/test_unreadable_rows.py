@@ -3,6 +3,7 @@ it, or leave it out with a warning, and keep showing the rest (never a traceback
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 from tests.cli.conftest import CLI
@@ -40,3 +41,37 @@ def test_queue_lists_the_rest(cli: CLI) -> None:
         " 'yesterday', not a time in microseconds"
     ]
     assert "Traceback" not in result.err
+
+
+def strict_json(text: str) -> object:
+    """``text`` parsed as RFC 8259 JSON: Python's parser also takes NaN and Infinity,
+    which no other does (jq, JavaScript's JSON.parse)."""
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is no JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_an_infinite_duration_stays_json(cli: CLI) -> None:
+    """An attempt row whose duration is infinite (SQLite's REAL holds one; the store never
+    writes it) made ``status --json`` and ``show --json`` write ``"duration": Infinity``,
+    which jq refuses: the number is null now, the rest as it was."""
+    mid = send(cli, "bob@example.test")
+    conn = sqlite3.connect(cli.cwd / "queue.db", isolation_level=None)
+    (rid,) = conn.execute(
+        "SELECT r.id FROM recipients r JOIN messages m ON m.seq = r.message_seq WHERE m.id = ?",
+        (mid,),
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO attempts (recipient_id, at, outcome, duration)"
+        " VALUES (?, 1, 'temporary', 9e999)",
+        (rid,),
+    )
+    conn.close()
+    for command in ("status", "show"):
+        data = strict_json(cli.ok(command, "--json", mid).out)
+        assert isinstance(data, dict)
+        [attempt] = data["recipients"][0]["history"]
+        assert attempt["duration"] is None
+        assert attempt["outcome"] == "temporary"

@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -92,7 +93,8 @@ def is_tty(stream: TextIO | None = None) -> bool:
 
 
 def to_jsonable(value: Any) -> Any:
-    """Dataclasses, enums, datetimes and timedeltas → JSON-ready values (recursively)."""
+    """Dataclasses, enums, datetimes and timedeltas → JSON-ready values (recursively); a
+    float that is no number (NaN, infinite) → None."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
@@ -107,6 +109,10 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        # json writes them NaN and Infinity, which no JSON parser but Python's takes (jq,
+        # JSON.parse): a store row holding one (SQLite's REAL does) spoiled the whole text.
+        return None
     return value
 
 
