@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import pytest
+
 from tests.cli.conftest import CLI
 
 
@@ -75,3 +77,30 @@ def test_an_infinite_duration_stays_json(cli: CLI) -> None:
         [attempt] = data["recipients"][0]["history"]
         assert attempt["duration"] is None
         assert attempt["outcome"] == "temporary"
+
+
+@pytest.mark.parametrize(("value", "shown"), [("'abc'", "'abc'"), ("x'00'", "b'\\x00'")])
+def test_status_history_names_an_attempt_row_without_a_duration(
+    cli: CLI, value: str, shown: str
+) -> None:
+    """An attempt row changed by hand, a text or a blob where its duration goes, made
+    ``status --history`` an internal error (70, "Unknown format code 'f' for object of
+    type 'str'"): it names the row now (65), as for a message's own row."""
+    bad = send(cli, "bob@example.test")
+    conn = sqlite3.connect(cli.cwd / "queue.db", isolation_level=None)
+    (rid,) = conn.execute(
+        "SELECT r.id FROM recipients r JOIN messages m ON m.seq = r.message_seq WHERE m.id = ?",
+        (bad,),
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO attempts (recipient_id, at, outcome, duration)"
+        f" VALUES (?, 1, 'temporary', {value})",
+        (rid,),
+    )
+    conn.close()
+    result = cli("status", "--history", bad)
+    assert result.code == 65, result.err
+    assert result.err_lines == [
+        f"mailstrom: message {bad}: queue row unreadable: attempts.duration is {shown},"
+        " not a number of seconds"
+    ]

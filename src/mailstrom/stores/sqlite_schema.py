@@ -221,7 +221,7 @@ def attempt_from_row(row: Any) -> Attempt:
     return Attempt(
         at=time_at(at, "attempts.at"),
         outcome=AttemptOutcome(outcome),
-        duration=duration,
+        duration=_seconds(duration),
         mx_host=mx_host,
         ip=ip,
         port=port,
@@ -233,6 +233,15 @@ def attempt_from_row(row: Any) -> Attempt:
         reason_class=reason_class_of(reason_class),
         tls_policy=tls_policy,
     )
+
+
+def _seconds(value: object) -> float:
+    """An attempt's duration read back: UnreadableRow for what is no number (a text, a
+    blob put there by hand), which a printout formatting it as seconds failed on, an
+    internal error instead of the row named."""
+    if type(value) is not float and type(value) is not int:
+        raise UnreadableRow(f"attempts.duration is {shown(value)}, not a number of seconds")
+    return float(value)
 
 
 def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatus:
