@@ -104,3 +104,34 @@ def test_status_history_names_an_attempt_row_without_a_duration(
         f"mailstrom: message {bad}: queue row unreadable: attempts.duration is {shown},"
         " not a number of seconds"
     ]
+
+
+def test_status_history_shows_attempt_details_stored_as_blobs(cli: CLI) -> None:
+    """Blobs where an attempt's TLS version and cipher go (a row written by another tool:
+    SQLite keeps a blob in a TEXT column as it is) made ``status --history`` an internal
+    error (70, "sequence item 0: expected str instance, bytes found"). They are shown as
+    text, an octet that is not UTF-8 as U+FFFD, as the message's own shown columns are."""
+    mid = send(cli, "bob@example.test")
+    conn = sqlite3.connect(cli.cwd / "queue.db", isolation_level=None)
+    (rid,) = conn.execute(
+        "SELECT r.id FROM recipients r JOIN messages m ON m.seq = r.message_seq WHERE m.id = ?",
+        (mid,),
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO attempts (recipient_id, at, outcome, duration, mx_host, ip, tls_version,"
+        " tls_cipher, tls_policy) VALUES (?, 1, 'temporary', 1.5, CAST('mx.example.test' AS"
+        " BLOB), x'ff', CAST('TLSv1.3' AS BLOB), x'41ff', CAST('dane' AS BLOB))",
+        (rid,),
+    )
+    conn.execute("UPDATE recipients SET mx_host = x'6d78ff', ip = x'ff' WHERE id = ?", (rid,))
+    conn.close()
+    shown = cli.ok("status", "--history", mid).out
+    assert "TLSv1.3 A\ufffd" in shown
+    assert "mx.example.test" in shown
+    assert "mx\ufffd" in shown
+    assert "b'" not in shown  # no bytes' repr
+    [recipient] = cli.ok("status", "--json", mid).json()["recipients"]
+    assert recipient["mx_host"] == "mx\ufffd"
+    [attempt] = recipient["history"]
+    assert (attempt["tls_version"], attempt["tls_cipher"]) == ("TLSv1.3", "A\ufffd")
+    assert (attempt["mx_host"], attempt["tls_policy"]) == ("mx.example.test", "dane")

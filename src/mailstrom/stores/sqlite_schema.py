@@ -222,16 +222,18 @@ def attempt_from_row(row: Any) -> Attempt:
         at=time_at(at, "attempts.at"),
         outcome=AttemptOutcome(outcome),
         duration=_seconds(duration),
-        mx_host=mx_host,
-        ip=ip,
+        # Only shown, and a blob there (SQLite keeps one in a TEXT column as it is, from
+        # another tool) failed the history's printout: see row_checks.shown_text.
+        mx_host=shown_text(mx_host, "attempts.mx_host"),
+        ip=shown_text(ip, "attempts.ip"),
         port=port,
-        tls_version=tls_version,
-        tls_cipher=tls_cipher,
+        tls_version=shown_text(tls_version, "attempts.tls_version"),
+        tls_cipher=shown_text(tls_cipher, "attempts.tls_cipher"),
         reply=reply_from(code, shown_text(enhanced, "reply_enhanced"), shown_text(text, "reply")),
         error=shown_text(error, "error"),
         uncertain=bool(uncertain),
         reason_class=reason_class_of(reason_class),
-        tls_policy=tls_policy,
+        tls_policy=shown_text(tls_policy, "attempts.tls_policy"),
     )
 
 
@@ -257,8 +259,8 @@ def recipient_from_row(row: Any, history: tuple[Attempt, ...]) -> RecipientStatu
         # Replies and errors are only shown: see row_checks.shown_text.
         reply=reply_from(row[5], shown_text(row[6], "reply_enhanced"), shown_text(row[7], "reply")),
         error=shown_text(row[8], "error"),
-        mx_host=row[9],
-        ip=row[10],
+        mx_host=shown_text(row[9], "mx_host"),
+        ip=shown_text(row[10], "ip"),
         tls=bool(row[11]),
         uncertain=bool(row[12]),
         reason_class=reason_class_of(row[16]),
