@@ -342,6 +342,17 @@ def test_views_of_a_store_in_no_directory_say_so(cli: CLI, where: str, code: int
     assert_one_line_error(cli("hold", "--all"), code, "cannot create", where)
 
 
+def test_views_of_a_store_that_is_a_dangling_link_say_so(cli: CLI) -> None:
+    """A store path that is a symbolic link whose target is missing (its volume not
+    mounted): the views showed an empty queue (exit 0), and `status` said the message
+    did not exist, where every writer fails on it (never creating a file through the
+    link). The views say what is wrong too, 75: the volume may yet be mounted."""
+    (cli.cwd / "queue.db").symlink_to(cli.cwd / "unmounted" / "queue.db")
+    for args in (["queue"], ["queue", "--counts"], ["status", "0123456789abcdef"], ["events"]):
+        assert_one_line_error(cli(*args), 75, "cannot open", "queue.db", "unmounted/queue.db")
+    assert cli("send", "--from", "a@client.test", "--to", "b@x.test", "--text", "x").code == 75
+
+
 def test_a_worker_on_a_store_path_through_a_file_ends(cli: CLI) -> None:
     """Creating the store failed ENOTDIR, a StoreError worth waiting for: the worker
     tried again every 5 s for ever. It ends, 78, as on a directory it may not write."""

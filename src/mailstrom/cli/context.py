@@ -171,13 +171,19 @@ def not_created(path: str) -> bool:
     when it never can be as it is: unsearchable, or no directory (see
     :func:`~mailstrom.stores.url.path_error`). Read as "no file", such a path showed an
     empty queue, exit 0, where the queue was only out of sight, and ``status ID`` said
-    the message did not exist."""
+    the message did not exist. A symbolic link whose target is missing is a StoreError
+    too: no writer creates the store through it."""
     from mailstrom.errors import StoreError
     from mailstrom.stores.url import default_store_path, path_error
 
     try:
         os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):
+            # No writer creates the file through it (SQLiteStore opens mode=rw once its
+            # O_EXCL create found the name taken): every one fails on it, and the queue
+            # behind it (a volume not mounted yet) is out of sight, not empty.
+            raise StoreError(f"cannot open {path}: {_dangling(path)}") from None
         directory = os.path.dirname(os.path.abspath(path))
         try:
             default = os.path.abspath(path) == str(default_store_path())
@@ -191,6 +197,14 @@ def not_created(path: str) -> bool:
     except ValueError:  # a NUL in the path: for the store to refuse as it does
         return False
     return False
+
+
+def _dangling(link: str) -> str:
+    """What the symbolic link ``link``, whose target is missing, points at."""
+    try:
+        return f"a symbolic link to {os.readlink(link)}, which does not exist"
+    except OSError:  # replaced meanwhile
+        return "a symbolic link to nothing"
 
 
 def require_lasting_store(settings: Settings) -> None:
