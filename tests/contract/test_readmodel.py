@@ -344,6 +344,7 @@ def test_counts_no_store_can_take_are_refused(model: ReadModel, queue: Queue, nu
         lambda: model.destinations(limit=number),
         lambda: model.destinations(offset=number),
         lambda: model.overview(now=NOW, top=number),
+        lambda: model.throttles(now=NOW, limit=number),
     ):
         with pytest.raises(InvalidQuery):
             call()
@@ -538,6 +539,7 @@ def test_a_naive_time_is_refused(model: ReadModel, queue: Queue) -> None:
         lambda: model.destinations(now=naive),
         lambda: model.suspensions(now=naive),
         lambda: model.throttles(now=naive),
+        lambda: model.throttle_count(now=naive),
         lambda: model.queue_page(
             QueueQuery(view=QueueView.ALL, after=PageCursor(created_at=naive, seq=1)), now=NOW
         ),
@@ -660,6 +662,7 @@ def test_a_closed_read_model_refuses_every_view_with_a_store_error(
         lambda: model.destinations(),
         lambda: model.suspensions(now=NOW),
         lambda: model.throttles(now=NOW),
+        lambda: model.throttle_count(now=NOW),
         lambda: model.message_data(queue.deferred),
         lambda: model.message_status(queue.deferred, attempts=10),
     ):
@@ -815,3 +818,30 @@ def test_a_message_status_of_a_message_not_stored_is_unknown(
             model.message_status(mid, attempts=10)
     with pytest.raises(InvalidQuery):
         model.message_status(queue.deferred, attempts=-1)
+
+
+def test_the_first_running_pauses_and_how_many_run(model: ReadModel, store: Store) -> None:
+    """The destinations page lists the first pauses, soonest end first, and says how many
+    more run: the read model gives the first ``limit`` of the store's list and a count of
+    it, an ended pause (or one started ahead of a clock set back) in neither."""
+    for i, (start, pause) in enumerate([(-30, 1), (-20, 1), (-10, 5), (-5, 2), (-120, 1), (90, 1)]):
+        store.throttle(
+            f"d{i}.example",
+            now=NOW + timedelta(minutes=start),
+            reply="421 4.7.28 rate limited",
+            first=timedelta(minutes=pause) * 60,
+            maximum=timedelta(hours=6),
+        )
+    running = store.throttles(now=NOW)
+    assert [t.destination for t in running] == [
+        "d0.example",
+        "d1.example",
+        "d3.example",
+        "d2.example",
+    ]
+    assert model.throttles(now=NOW) == running
+    assert model.throttles(now=NOW, limit=2) == running[:2]
+    assert model.throttles(now=NOW, limit=0) == []
+    assert model.throttles(now=NOW, limit=MAX_SEQ) == running
+    assert model.throttle_count(now=NOW) == len(running)
+    assert model.throttle_count(now=NOW + timedelta(days=1)) == 0

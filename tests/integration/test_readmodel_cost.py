@@ -26,12 +26,12 @@ from mailstrom.readmodel import (
 from mailstrom.readmodel import sqlite as sqlite_model
 from mailstrom.readmodel.postgres import PostgresReadModel
 from mailstrom.readmodel.sqlite import SQLiteReadModel
-from mailstrom.status import Attempt, RecipientState, RecipientStatus
+from mailstrom.status import Attempt, DestinationThrottle, RecipientState, RecipientStatus
 from mailstrom.stores import MemoryStore, Store
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.sqlite import SQLiteStore
 from mailstrom.web import create_app
-from mailstrom.web.app import MAX_SHOWN_ATTEMPTS
+from mailstrom.web.app import MAX_SHOWN_ATTEMPTS, MAX_SHOWN_THROTTLES
 from tests.fixtures.postgres import ThrowawayPostgres
 from tests.support.pg_plans import analyzed, rows_touched, statements_run
 
@@ -609,3 +609,47 @@ def test_a_message_page_reads_only_the_attempts_it_shows(
     assert attempts.count(f"<td>{last}</td>") == MAX_SHOWN_ATTEMPTS  # each one's latest
     assert attempts.count(f"{tries - 1} earlier attempts not shown") == MAX_SHOWN_ATTEMPTS
     assert attempts.count(f'<p class="earlier">{tries} attempts not shown') == unshown
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_the_destinations_page_reads_only_the_pauses_it_shows(
+    kind: str,
+    tmp_path: Path,
+    postgres_server: ThrowawayPostgres,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The destinations page read every running pause to list the first hundred: a
+    pause per subdomain of a hostile domain, 20,000 of them, was 20,000 rows read for
+    each view of the page. It reads the ones it lists and counts the rest."""
+    store = _spread_store(kind, tmp_path, postgres_server)
+    count = MAX_SHOWN_THROTTLES * 10
+    try:
+        for i in range(count):
+            store.throttle(
+                f"a{i:04}.evil.test",
+                now=T0 + timedelta(seconds=i),
+                reply="421 4.7.28 rate limited",
+                first=timedelta(hours=1),
+                maximum=timedelta(hours=4),
+            )
+        made = 0
+        make = DestinationThrottle.__init__
+
+        def counted(self: DestinationThrottle, **fields: Any) -> None:
+            nonlocal made
+            made += 1
+            make(self, **fields)
+
+        app = create_app(store, clock=lambda: T0 + timedelta(minutes=30))
+        with TestClient(app, base_url="http://127.0.0.1:8025") as client:
+            monkeypatch.setattr(DestinationThrottle, "__init__", counted)
+            page = client.get("/destinations")
+            monkeypatch.undo()
+    finally:
+        store.close()
+    assert page.status_code == 200, page.text
+    assert made == MAX_SHOWN_THROTTLES
+    assert page.text.count('class="tag throttled"') == MAX_SHOWN_THROTTLES
+    assert "<strong>a0000.evil.test</strong>" in page.text  # the soonest end
+    assert f"<strong>a{MAX_SHOWN_THROTTLES:04}.evil.test</strong>" not in page.text
+    assert f"And {count - MAX_SHOWN_THROTTLES:,} more" in page.text

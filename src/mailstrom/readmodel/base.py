@@ -499,9 +499,15 @@ class ReadModel(Protocol):
         :meth:`~mailstrom.stores.base.Store.suspensions`; the list is small)."""
         ...
 
-    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+    def throttles(self, *, now: datetime, limit: int | None = None) -> list[DestinationThrottle]:
         """The destinations a throttling reply paused, the pause running at ``now``,
-        soonest end first (as :meth:`~mailstrom.stores.base.Store.throttles`)."""
+        soonest end first (as :meth:`~mailstrom.stores.base.Store.throttles`); the first
+        ``limit`` of them only, when given (a hostile domain makes thousands)."""
+        ...
+
+    def throttle_count(self, *, now: datetime) -> int:
+        """How many pauses run at ``now``: what :meth:`throttles` lists without a
+        ``limit``, counted without reading each."""
         ...
 
     def message_status(self, message_id: str, *, attempts: int) -> MessageDetail:

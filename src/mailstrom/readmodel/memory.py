@@ -8,10 +8,12 @@ answers exactly as the SQL read models do (the contract suite checks it).
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import replace
 from datetime import datetime
 
 from mailstrom.errors import StoreError
+from mailstrom.policy.throttle import pause_runs
 from mailstrom.readmodel.base import (
     BUCKET,
     CLOSED,
@@ -139,11 +141,27 @@ class MemoryReadModel:
         self._check_open()
         return self._store.suspensions(now=now)
 
-    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+    def throttles(self, *, now: datetime, limit: int | None = None) -> list[DestinationThrottle]:
         """See :meth:`ReadModel.throttles`."""
         now = check_aware(now, "now")
+        if limit is not None:
+            check_count(limit, "limit")
         self._check_open()
-        return self._store.throttles(now=now)
+        store = self._store
+        with store._lock:
+            running = [t for t in store._throttles.values() if pause_runs(t, now)]
+        # The first few of thousands without sorting them all (the store's throttles()).
+        if limit is None:
+            return sorted(running, key=_soonest_end)
+        return heapq.nsmallest(limit, running, key=_soonest_end)
+
+    def throttle_count(self, *, now: datetime) -> int:
+        """See :meth:`ReadModel.throttle_count`."""
+        now = check_aware(now, "now")
+        self._check_open()
+        store = self._store
+        with store._lock:
+            return sum(1 for t in store._throttles.values() if pause_runs(t, now))
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
         """See :meth:`ReadModel.queue_page`."""
@@ -304,3 +322,8 @@ def _tally(tallies: dict[str, _Tally], m: _Message, domain: str | None) -> bool:
                 last = str(r.reply) if r.reply is not None else r.error
                 tally.reply = (last, r.reason_class, r.last_attempt_at)
     return found
+
+
+def _soonest_end(pause: DestinationThrottle) -> tuple[datetime, str]:
+    """The order of the store's throttles(): the soonest end first, then by name."""
+    return pause.until, pause.destination

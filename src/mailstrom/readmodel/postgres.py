@@ -99,7 +99,10 @@ _MAX_INTEGER = 2**31 - 1
 
 # The store's own query (the list is short: no paging).
 _SUSPENSIONS = queries()["suspensions"].encode()
-_THROTTLES = queries()["throttles"].encode()
+# The store's own queries, the first few pauses and a count of them: a hostile domain's
+# subdomains make thousands, where the page shows a hundred.
+_THROTTLES = (queries()["throttles"].rstrip().rstrip(";") + " LIMIT %(limit)s").encode()
+_THROTTLE_COUNT = queries()["throttle_count"].encode()
 
 
 class PostgresReadModel:
@@ -293,12 +296,22 @@ class PostgresReadModel:
         with self._reading("suspensions") as conn:
             return self._suspensions(conn, now)
 
-    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+    def throttles(self, *, now: datetime, limit: int | None = None) -> list[DestinationThrottle]:
         """See :meth:`ReadModel.throttles`."""
         now = check_aware(now, "now")
+        if limit is not None:
+            check_count(limit, "limit")
         with self._reading("throttles") as conn:
-            found = conn.execute(_THROTTLES, {"now": now}).fetchall()
+            # LIMIT NULL is no limit.
+            found = conn.execute(_THROTTLES, {"now": now, "limit": limit}).fetchall()
         return [pause for row in found if (pause := pause_of(*row)) is not None]
+
+    def throttle_count(self, *, now: datetime) -> int:
+        """See :meth:`ReadModel.throttle_count`."""
+        now = check_aware(now, "now")
+        with self._reading("throttle_count") as conn:
+            row = conn.execute(_THROTTLE_COUNT, {"now": now}).fetchone()
+        return int(row[0]) if row is not None else 0
 
     @staticmethod
     def _suspensions(conn: psycopg.Connection[Any], now: datetime) -> list[Suspension]:

@@ -65,7 +65,7 @@ from mailstrom.stores.sqlite import (
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import HAS_PENDING_SQL, HELD_WAITING_SQL
 from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
-from mailstrom.stores.sqlite_shaping import throttles
+from mailstrom.stores.sqlite_shaping import throttle_count, throttles
 from mailstrom.stores.sqlite_walk import count_upto, walk_bound
 
 log = logging.getLogger(__name__)
@@ -368,11 +368,19 @@ class SQLiteReadModel:
         with self._read() as conn:
             return active_suspensions(conn, now)
 
-    def throttles(self, *, now: datetime) -> list[DestinationThrottle]:
+    def throttles(self, *, now: datetime, limit: int | None = None) -> list[DestinationThrottle]:
         """See :meth:`ReadModel.throttles`."""
         now = check_aware(now, "now")
+        if limit is not None:
+            check_count(limit, "limit")
         with self._read() as conn:
-            return throttles(conn, now=now)
+            return throttles(conn, now=now, limit=limit)
+
+    def throttle_count(self, *, now: datetime) -> int:
+        """See :meth:`ReadModel.throttle_count`."""
+        now = check_aware(now, "now")
+        with self._read() as conn:
+            return throttle_count(conn, now=now)
 
     # --- the queue ------------------------------------------------------------------------
 

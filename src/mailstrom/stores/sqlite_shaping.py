@@ -90,9 +90,24 @@ THROTTLES_SQL = (
 """The running pauses, which every worker reads each second (runtime/shaper.py)."""
 
 
-def throttles(conn: sqlite3.Connection, *, now: datetime) -> list[DestinationThrottle]:
-    rows = conn.execute(THROTTLES_SQL, _runs_at(now)).fetchall()
+def throttles(
+    conn: sqlite3.Connection, *, now: datetime, limit: int | None = None
+) -> list[DestinationThrottle]:
+    """The running pauses at ``now``, soonest end first; the first ``limit`` only, when
+    given (the dashboard's page shows a few of thousands)."""
+    if limit is None:
+        rows = conn.execute(THROTTLES_SQL, _runs_at(now)).fetchall()
+    else:
+        rows = conn.execute(f"{THROTTLES_SQL} LIMIT ?", (*_runs_at(now), limit)).fetchall()
     return [pause for row in rows if (pause := _throttle_from_row(row)) is not None]
+
+
+def throttle_count(conn: sqlite3.Connection, *, now: datetime) -> int:
+    """How many pauses run at ``now`` (unreadable ones too: the count says how many more
+    there are, never what a page lists)."""
+    sql = f"SELECT count(*) FROM destination_throttles WHERE {_RUNS}"
+    (count,) = conn.execute(sql, _runs_at(now)).fetchone()
+    return int(count)
 
 
 def paused_recipients(

@@ -326,8 +326,13 @@ def create_app(
         suspended = await run_in_threadpool(
             cache.get, "suspensions", lambda: model.suspensions(now=now)
         )
-        throttled = await run_in_threadpool(
-            cache.get, "throttles", lambda: model.throttles(now=now)
+        throttled, running = await run_in_threadpool(
+            cache.get,
+            "throttles",
+            lambda: (
+                model.throttles(now=now, limit=MAX_SHOWN_THROTTLES),
+                model.throttle_count(now=now),
+            ),
         )
         try:
             # A domain typed into the filter can be suspended even with nothing pending.
@@ -342,8 +347,8 @@ def create_app(
             domain=domain or "",
             actionable=actionable,
             suspensions=suspended,
-            throttles=throttled[:MAX_SHOWN_THROTTLES],
-            more_throttles=max(0, len(throttled) - MAX_SHOWN_THROTTLES),
+            throttles=throttled,
+            more_throttles=max(0, running - len(throttled)),
             suspended_domains={s.domain for s in suspended},
             next_offset=offset + size if len(found) > size else None,
             offset=offset,

@@ -1525,6 +1525,12 @@ FROM destination_throttles
 WHERE until > %(now)s AND since <= %(now)s + interval '1 hour'
 ORDER BY until, destination COLLATE "C";
 
+-- name: throttle_count
+-- The running pauses of throttles, counted (the dashboard lists the first few).
+SELECT count(*)
+FROM destination_throttles
+WHERE until > %(now)s AND since <= %(now)s + interval '1 hour';
+
 -- name: paused_in
 SELECT r.message_id, r.address, t.destination, t.until, t.strikes, t.reply, t.since
 FROM recipients r
