@@ -331,6 +331,17 @@ class Suppression:
         """Whether the entry applies at ``now``."""
         return self.expires_at is None or self.expires_at > now
 
+    def stands_against(self, other: Suppression) -> bool:
+        """Whether this entry, in the store, stays when a bounce's or a complaint's
+        ``other`` comes (``keep_longer``): an operator's entry in force at ``other``'s
+        time (its reason and end are the operator's choice, which no automatic entry
+        overrides), or one that :meth:`outlasts` it."""
+        if self.source is SuppressionSource.MANUAL and (
+            other.created_at is None or self.active(other.created_at)
+        ):
+            return True
+        return self.outlasts(other)
+
     def outlasts(self, other: Suppression) -> bool:
         """Whether this entry lasts at least as long as ``other`` (no end lasts longest):
         an entry in force that a bounce's or a complaint's would only shorten."""

@@ -723,3 +723,41 @@ def test_a_late_bounce_of_a_quoted_local_part_finds_and_suppresses_it(store: Sto
         ('"john doe"@example.org', SuppressionSource.ASYNC_BOUNCE),
         ("ann@example.org", SuppressionSource.ASYNC_BOUNCE),
     ]
+
+
+def test_a_bounce_or_complaint_leaves_an_operators_entry_in_force(store: Store) -> None:
+    """Was: an operator's entry with an end (``suppress add --expires``) or without one
+    was replaced by a hard bounce's or a complaint's that lasted longer: its reason, its
+    end and its source were lost, and an entry the operator can no longer tell from a
+    bounce's. An operator's entry in force stays; one that ran out is replaced."""
+    week = entry("a@example.org", source=SuppressionSource.MANUAL, reply="paused by ops")
+    week = dataclasses.replace(week, expires_at=NOW + 7 * DAY)
+    gone = entry("b@example.org", source=SuppressionSource.MANUAL, expires_at=NOW - DAY)
+    store.suppress([week, gone])
+    later = NOW + DAY
+    bounce = dataclasses.replace(entry("a@example.org", reply="550 gone"), created_at=later)
+    complaint = dataclasses.replace(bounce, source=SuppressionSource.COMPLAINT, reply="abuse")
+    store.suppress([bounce], keep_longer=True)
+    store.suppress([complaint], keep_longer=True)
+    store.suppress([dataclasses.replace(bounce, target="b@example.org")], keep_longer=True)
+    kept = {e.target: (e.source, e.reply, e.expires_at) for e in store.list_suppressions()}
+    assert kept == {
+        "a@example.org": (SuppressionSource.MANUAL, "paused by ops", NOW + 7 * DAY),
+        "b@example.org": (SuppressionSource.HARD_BOUNCE, "550 gone", None),
+    }
+
+
+def test_a_late_bounce_leaves_an_operators_entry_in_force(store: Store) -> None:
+    """The same for a report read by ``mailstrom bounce`` (apply_report): it fails the
+    recipient and leaves the operator's entry as it was."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    mine = entry("a@example.org", source=SuppressionSource.MANUAL, reply="on hold")
+    store.suppress([dataclasses.replace(mine, expires_at=NOW + 7 * DAY)])
+    apply_report(store, _bounce(mid), now=NOW + DAY)
+    [kept] = store.list_suppressions()
+    assert (kept.source, kept.reply, kept.expires_at) == (
+        SuppressionSource.MANUAL,
+        "on hold",
+        NOW + 7 * DAY,
+    )

@@ -297,15 +297,29 @@ def test_a_hard_bounce_does_not_shorten_an_entry_added_during_its_delivery(
         "asked to stop",
         None,
     )
-    # One that ends sooner than the hard bounce's is replaced, as before.
+    # An automatic one that ends sooner than the hard bounce's is replaced, as before.
     ms.unsuppress("carol@example.org")
     ms.send_email(hello("carol@example.org"))
     mx.wait_for_received(2)
-    ms.suppress("carol@example.org", "a day off", expires_at=clock() + timedelta(days=1))
+    day = clock() + timedelta(days=1)
+    ms.suppress("carol@example.org", "a day", source=SuppressionSource.COMPLAINT, expires_at=day)
     results.wait_count(2)
     entry = ms.suppressed("carol@example.org")
     assert entry is not None and entry.source is SuppressionSource.HARD_BOUNCE
     assert entry.expires_at == clock() + timedelta(days=30)
+    # An operator's stays, however soon it ends: its end is the operator's choice.
+    ms.unsuppress("carol@example.org")
+    ms.send_email(hello("carol@example.org"))
+    mx.wait_for_received(3)
+    ms.suppress("carol@example.org", "a day off", expires_at=day)
+    results.wait_count(3)
+    entry = ms.suppressed("carol@example.org")
+    assert entry is not None
+    assert (entry.source, entry.reply, entry.expires_at) == (
+        SuppressionSource.MANUAL,
+        "a day off",
+        day,
+    )
 
 
 def test_refusals_outside_the_configured_classes_do_not_suppress(

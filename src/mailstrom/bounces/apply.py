@@ -464,9 +464,10 @@ def _suppress(
         target = normalize_target(address)
     except InvalidSuppression:
         return None
-    # A bounce or complaint never shortens an entry in force: a complaint's (no end) or
-    # an operator's would otherwise give way to a bounce's suppress_for, for a message
-    # sent before it, and the address would get mail again when that ran out.
+    # A bounce or complaint never shortens an entry in force, nor replaces an operator's
+    # (its reason and end are the operator's): a complaint's (no end) or an operator's
+    # would otherwise give way to a bounce's suppress_for, for a message sent before
+    # it, and the address would get mail again when that ran out.
     entry = Suppression(
         target=target,
         source=source,
@@ -476,7 +477,7 @@ def _suppress(
         message_id=message.id,
     )
     current = store.suppressions_for([target], now=now).get(target)
-    if current is not None and (current.outlasts(entry) or _same_failure(current, entry)):
+    if current is not None and (current.stands_against(entry) or _same_failure(current, entry)):
         return current
     # Judged again by the write: another run (a complaint about the same address, a
     # worker's hard bounce) may have written a longer entry since the read above.

@@ -1260,8 +1260,9 @@ class Store(Protocol):
         (:func:`~mailstrom.suppression.normalize_target`). Returns how many were given.
 
         With ``keep_longer`` (the entries of bounces and complaints), an entry is not
-        written where its target's entry lasts at least as long
-        (:meth:`~mailstrom.suppression.Suppression.outlasts`; also the first of such
+        written where its target's entry is an operator's in force at the entry's time or
+        lasts at least as long
+        (:meth:`~mailstrom.suppression.Suppression.stands_against`; also the first of such
         entries within ``entries`` stays): decided in the write itself, so that of two
         writers at once (a bounce's entry of ``suppress_for`` and a complaint's without
         end) the longer entry stands whichever writes last."""

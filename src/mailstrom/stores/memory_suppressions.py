@@ -46,9 +46,10 @@ class MemorySuppressionsMixin:
 
     def suppress(self, entries: Sequence[Suppression], *, keep_longer: bool = False) -> int:
         """Add or replace entries, all or none (with ``keep_longer``, not one where the
-        target's entry lasts as long: see Store.suppress); returns how many were given. An
-        entry whose source or time is unknown (read back from a row that cannot be read)
-        is refused, as the durable stores' columns refuse it, rather than kept."""
+        target's entry is an operator's in force or lasts as long: see Store.suppress);
+        returns how many were given. An entry whose source or time is unknown (read back
+        from a row that cannot be read) is refused, as the durable stores' columns refuse
+        it, rather than kept."""
         for entry in entries:
             if entry.source is None or entry.created_at is None:
                 raise StoreRefusedData(
@@ -60,7 +61,7 @@ class MemorySuppressionsMixin:
         with self._lock:
             for entry in kept:
                 current = self._suppressions.get(entry.target)
-                if keep_longer and current is not None and current.outlasts(entry):
+                if keep_longer and current is not None and current.stands_against(entry):
                     continue
                 if current is None:
                     self._suppression_order = None

@@ -73,11 +73,13 @@ def _damaged_entry(row: Any, exc: Exception) -> Suppression:
 
 _OUTLASTED = (
     " WHERE NOT (suppressions.expires_at IS NULL OR (excluded.expires_at IS NOT NULL"
-    " AND suppressions.expires_at >= excluded.expires_at))"
+    " AND suppressions.expires_at >= excluded.expires_at)"
+    " OR (suppressions.source = 'manual' AND suppressions.expires_at > excluded.created_at))"
 )
-"""Replace a row only when it does not last as long as the new entry (Suppression.outlasts:
-no end lasts longest; an expiry that is no time, stored as text or a blob, sorts after
-every number and so does not expire, as :data:`_IN_FORCE` reads it)."""
+"""Replace a row only when it is no operator's entry in force at the new entry's time and
+does not last as long as it (Suppression.stands_against: no end lasts longest; an expiry
+that is no time, stored as text or a blob, sorts after every number and so does not
+expire, as :data:`_IN_FORCE` reads it)."""
 
 
 def insert_suppressions(

@@ -1639,7 +1639,9 @@ LIMIT %(limit)s;
 -- name: suppress
 -- Add or replace suppression entries given as parallel arrays (the newest entry for a
 -- target wins). With keep_longer, a row that lasts as long as the new entry stays
--- (Suppression.outlasts: no end lasts longest), judged on the row the conflict locked.
+-- (Suppression.outlasts: no end lasts longest), and so does an operator's entry in force
+-- at the new entry's time (Suppression.stands_against), judged on the row the conflict
+-- locked. An expiry out of range (changed by hand) does not expire, as in suppressions_for.
 INSERT INTO suppressions (target, source, reply, created_at, expires_at, message_id)
 SELECT DISTINCT ON (target) target, source, reply, created_at, expires_at, message_id
 FROM unnest(%(targets)s::text[], %(sources)s::text[], %(replies)s::text[],
@@ -1652,7 +1654,10 @@ SET source = excluded.source, reply = excluded.reply, created_at = excluded.crea
 WHERE NOT (%(keep_longer)s::boolean
            AND (suppressions.expires_at IS NULL
                 OR (excluded.expires_at IS NOT NULL
-                    AND suppressions.expires_at >= excluded.expires_at)));
+                    AND suppressions.expires_at >= excluded.expires_at)
+                OR (suppressions.source = 'manual'
+                    AND (suppressions.expires_at > excluded.created_at
+                         OR suppressions.expires_at < '1900-01-01Z'))));
 
 -- name: unsuppress
 WITH removed AS (
