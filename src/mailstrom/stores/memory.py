@@ -56,6 +56,7 @@ from mailstrom.stores.memory_records import (
     _Message,
     _Recipient,
     utc_attempt,
+    writes,
 )
 from mailstrom.stores.memory_shaping import MemoryShapingMixin
 from mailstrom.stores.memory_suppressions import MemorySuppressionsMixin
@@ -264,6 +265,7 @@ class MemoryStore(
             self._watchers.notify()
         return ids
 
+    @writes
     def lease(
         self,
         *,
@@ -357,6 +359,7 @@ class MemoryStore(
             }
         return Lease(token=token, expires_at=expires_at, items=tuple(items), suppressions=found)
 
+    @writes
     def record(self, results: Sequence[RecipientResult]) -> list[RecipientResult]:
         """Record results; those whose recipient its lease no longer holds are ignored."""
         recorded = []
@@ -435,6 +438,7 @@ class MemoryStore(
         m = self._messages.get(message_id)
         return -1 if m is None else m.seq
 
+    @writes
     def queue_notices(
         self,
         owed: Sequence[OwedNotice],
@@ -475,6 +479,7 @@ class MemoryStore(
                     held.append((m, r))
         return held
 
+    @writes
     def record_and_lease(
         self,
         results: Sequence[RecipientResult],
@@ -502,6 +507,7 @@ class MemoryStore(
             per_destination=per_destination,
         )
 
+    @writes
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``; how many,
         those of held messages left out (see :meth:`Store.extend`)."""
@@ -513,6 +519,7 @@ class MemoryStore(
                 self._due.push(m, r)
         return sum(not m.held for m, _ in held)
 
+    @writes
     def release(self, lease: Lease) -> None:
         """Give back the unrecorded recipients of ``lease``, due at once."""
         with self._lock:
@@ -523,6 +530,7 @@ class MemoryStore(
         if held:
             self._watchers.notify()
 
+    @writes
     def release_holder(self, holder: str) -> int:
         """Give back every recipient leased under a token of ``holder``, due at once."""
         low, high = holder_range(holder)
@@ -546,6 +554,7 @@ class MemoryStore(
                 self._watchers.notify()
         return released
 
+    @writes
     def retry(self, message_id: str, *, now: datetime) -> int:
         """Make the message's pending recipients due at ``now``; returns how many."""
         with self._lock:
@@ -560,6 +569,7 @@ class MemoryStore(
             self._watchers.notify()
         return changed
 
+    @writes
     def retry_deferred(self, *, now: datetime) -> int:
         """Make every DEFERRED recipient due at ``now``; returns how many."""
         changed = 0
@@ -581,6 +591,7 @@ class MemoryStore(
                 self._watchers.notify()
         return changed
 
+    @writes
     def cancel(self, message_id: str, *, now: datetime) -> int:
         """Fail the message's pending recipients (leased ones too) as "cancelled"."""
         with self._lock:
@@ -611,6 +622,7 @@ class MemoryStore(
                 changed += 1
         return changed, leased
 
+    @writes
     def set_held(self, message_id: str, held: bool) -> None:
         """Hold (never leased) or release a message; a worker that leased it is told."""
         with self._lock:
@@ -624,6 +636,7 @@ class MemoryStore(
         if leased:
             self._cancel_watchers.notify()
 
+    @writes
     def purge(self, *, finished_before: datetime) -> int:
         """Delete messages whose recipients all became final before ``finished_before``."""
         return self._purge_finished(finished_before, None)
@@ -646,6 +659,7 @@ class MemoryStore(
 
     # --- remembered broken TLS ----------------------------------------------------------
 
+    @writes
     def note_tls_broken(self, host: str, *, until: datetime, reason: str, now: datetime) -> None:
         """Remember ``host``'s broken TLS until ``until`` (the later of two is kept)."""
         check_tls_host(host)
@@ -672,8 +686,9 @@ class MemoryStore(
         return self._cancel_watchers.add(callback)
 
     def close(self) -> None:
-        """Refuse new mail from now on (as a closed durable store does; idempotent). What
-        it holds can still be read: there is nothing to release."""
+        """Refuse new mail and every other write from now on (StoreError, as a closed
+        durable store raises; idempotent: :func:`~mailstrom.stores.memory_records.writes`).
+        What it holds can still be read: there is nothing to release."""
         with self._lock:
             self._closed = True
 

@@ -13,7 +13,7 @@ from mailstrom.arguments import row_after, row_limit
 from mailstrom.status import Attempt, DeliveryEvent
 from mailstrom.stores.base import EventBatch
 from mailstrom.stores.clock import after
-from mailstrom.stores.memory_records import _Event, _Message, _Recipient
+from mailstrom.stores.memory_records import _Event, _Message, _Recipient, writes
 
 
 class MemoryEventsMixin:
@@ -60,6 +60,7 @@ class MemoryEventsMixin:
         """Record results into the outbox too, from now on."""
         self._events_on = True
 
+    @writes
     def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:
         """Lease up to ``limit`` unacknowledged, unleased events, oldest first."""
         if row_limit(limit) == 0:
@@ -78,6 +79,7 @@ class MemoryEventsMixin:
             return None
         return EventBatch(token=token, expires_at=expires_at, events=tuple(taken))
 
+    @writes
     def ack_events(self, batch: EventBatch, *, now: datetime) -> int:
         """Mark the batch's events sent (those it still holds)."""
         acked = 0
@@ -90,6 +92,7 @@ class MemoryEventsMixin:
                     acked += 1
         return acked
 
+    @writes
     def release_events(self, batch: EventBatch) -> None:
         """Give the batch's unacknowledged events back at once."""
         with self._lock:
@@ -115,6 +118,7 @@ class MemoryEventsMixin:
         with self._lock:
             return len(self._unsent)
 
+    @writes
     def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
         """Delete events acknowledged before ``sent_before`` (and, given ``unsent_before``,
         unacknowledged ones attempted before it)."""

@@ -17,7 +17,7 @@ from mailstrom.status import DestinationThrottle, MessageStatus, QueueStats, Rec
 from mailstrom.stores.base import QueueFilter, check_suspension, with_throttles
 from mailstrom.stores.clock import before
 from mailstrom.stores.memory_due import DueIndex
-from mailstrom.stores.memory_records import _PENDING, _Message
+from mailstrom.stores.memory_records import _PENDING, _Message, writes
 from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
@@ -221,6 +221,7 @@ class MemoryOperatorMixin:
                 batch = (self._messages.get(mid) for mid in unique[start : start + BULK_BATCH])
                 change([m for m in batch if m is not None])
 
+    @writes
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Make the listed messages' pending recipients due at ``now`` (in batches:
         :meth:`_in_batches`)."""
@@ -242,6 +243,7 @@ class MemoryOperatorMixin:
                 self._watchers.notify()
         return changed
 
+    @writes
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
         """Fail the listed messages' pending recipients as "cancelled" (in batches:
         :meth:`_in_batches`)."""
@@ -261,6 +263,7 @@ class MemoryOperatorMixin:
                 self._cancel_watchers.notify()
         return changed
 
+    @writes
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
         """Hold or release the listed messages (in batches: :meth:`_in_batches`);
         returns how many changed."""
@@ -284,6 +287,7 @@ class MemoryOperatorMixin:
                 self._cancel_watchers.notify()  # a worker gives back what it has not started
         return changed
 
+    @writes
     def purge_many(
         self,
         message_ids: Sequence[str],
@@ -304,6 +308,7 @@ class MemoryOperatorMixin:
         self._in_batches(message_ids, batch)
         return deleted
 
+    @writes
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
         """Delete finished messages in ``state`` finished before the cutoff."""
         return self._purge_finished(finished_before, state)
@@ -358,12 +363,14 @@ class MemoryOperatorMixin:
         with self._lock:
             return self._get(message_id).prepared.data
 
+    @writes
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
         """Stop delivery to ``domain`` until ``until`` or resume."""
         until = check_suspension(domain, now, until)
         with self._lock:
             self._suspended[domain] = Suspension(domain=domain, suspended_at=now, until=until)
 
+    @writes
     def resume(self, domain: str, *, now: datetime) -> bool:
         """End the suspension of ``domain``; False when none was in force at ``now``."""
         with self._lock:

@@ -7,9 +7,13 @@ sections (``memory_*.py``) and the memory read model, which reads them directly.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from mailstrom.errors import StoreError
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.status import (
     Attempt,
@@ -26,6 +30,27 @@ from mailstrom.stores.base import MAX_HISTORY, bounded_attempt
 from mailstrom.stores.clock import kept_time
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def writes(method: Callable[Concatenate[Any, _P], _R]) -> Callable[Concatenate[Any, _P], _R]:
+    """``method``, a write of the memory store, refused with StoreError once the store is
+    closed, as a closed durable store refuses it: kept after ``close()`` (a facade's
+    ``stop()`` closes the store it opened), a suppression, a hold, a cancel or a lease
+    went to a store no worker reads again, and the caller was told it was done. Reads
+    go on: what a closed memory store holds can still be looked at."""
+
+    @functools.wraps(method)
+    def checked(self: Any, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._closed:
+            raise StoreError(
+                f"the store is closed: nothing more can be written ({method.__name__})"
+            )
+        return method(self, *args, **kwargs)
+
+    return checked
 
 
 @dataclass(slots=True, kw_only=True)

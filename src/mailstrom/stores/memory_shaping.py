@@ -27,7 +27,7 @@ from mailstrom.stores.base import (
 )
 from mailstrom.stores.clock import kept_time
 from mailstrom.stores.memory_due import DueIndex
-from mailstrom.stores.memory_records import _Message
+from mailstrom.stores.memory_records import _Message, writes
 
 _FORGET_AFTER = timedelta(days=1)
 """As the durable stores: a pause over this long, and longer than the maximum, is deleted."""
@@ -56,6 +56,7 @@ class MemoryShapingMixin:
                 paused[r.address] = pause
         return paused
 
+    @writes
     def throttle(
         self,
         destination: str,
@@ -106,6 +107,7 @@ class MemoryShapingMixin:
                 key=lambda t: (t.until, t.destination),
             )
 
+    @writes
     def postpone(
         self, items: Sequence[WorkItem], *, until: datetime, destination: str | None = None
     ) -> int:
@@ -129,6 +131,7 @@ class MemoryShapingMixin:
                     postponed += 1
         return postponed
 
+    @writes
     def take_tokens(
         self, buckets: Sequence[TokenBucket], *, want: int, now: datetime
     ) -> TokenGrant:

@@ -16,7 +16,7 @@ from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores.base import check_suppressions
 from mailstrom.stores.clock import aware_utc
-from mailstrom.stores.memory_records import _Message, _Recipient, utc_attempt
+from mailstrom.stores.memory_records import _Message, _Recipient, utc_attempt, writes
 from mailstrom.suppression import MAX_TARGET, Suppression
 
 
@@ -44,6 +44,7 @@ class MemorySuppressionsMixin:
             self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
         ) -> None: ...
 
+    @writes
     def suppress(self, entries: Sequence[Suppression], *, keep_longer: bool = False) -> int:
         """Add or replace entries, all or none (with ``keep_longer``, not one where the
         target's entry is an operator's in force or lasts as long: see Store.suppress);
@@ -68,6 +69,7 @@ class MemorySuppressionsMixin:
                 self._suppressions[entry.target] = entry
         return len(kept)
 
+    @writes
     def unsuppress(self, targets: Sequence[str]) -> int:
         """Remove the entries of ``targets``; returns how many existed."""
         with self._lock:
@@ -101,6 +103,7 @@ class MemorySuppressionsMixin:
                     entries.append(entry)
         return entries
 
+    @writes
     def prune_suppressions(self, *, expired_before: datetime, limit: int) -> int:
         """Delete up to ``limit`` entries expired at or before ``expired_before``, soonest
         expired first; returns how many."""
@@ -119,6 +122,7 @@ class MemorySuppressionsMixin:
                 self._suppression_order = None
         return len(doomed)
 
+    @writes
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
         """Mark a recipient FAILED after the fact (see Store.fail_late)."""
         attempt, _ = utc_attempt(attempt)

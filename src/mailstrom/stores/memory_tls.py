@@ -11,6 +11,7 @@ from datetime import date, datetime
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.stores.base import check_report_key
 from mailstrom.stores.clock import aware_utc, kept_time
+from mailstrom.stores.memory_records import writes
 from mailstrom.tlsrpt.sessions import TLSSessions
 
 
@@ -33,11 +34,13 @@ class MemoryTLSMixin:
         with self._tls_lock:
             return self._mta_sts.get(domain.lower())
 
+    @writes
     def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
         """Cache ``cached`` for its domain, replacing what was there."""
         with self._tls_lock:
             self._mta_sts[cached.domain.lower()] = cached
 
+    @writes
     def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
         """Add ``sessions`` to the day's counters."""
         with self._tls_lock:
@@ -53,6 +56,7 @@ class MemoryTLSMixin:
         with self._tls_lock:
             return [s for s in self._tls_sessions.values() if s.day == day]
 
+    @writes
     def prune_tls_sessions(self, *, before: date) -> int:
         """Delete the counters of days before ``before``; returns how many."""
         with self._tls_lock:
@@ -61,6 +65,7 @@ class MemoryTLSMixin:
                 del self._tls_sessions[key]
         return len(doomed)
 
+    @writes
     def claim_tls_report(self, key: str, *, now: datetime, until: datetime) -> bool:
         """Take ``key`` until ``until`` unless another holds it past ``now``."""
         check_report_key(key)
@@ -74,6 +79,7 @@ class MemoryTLSMixin:
             claims[key] = until
             return True
 
+    @writes
     def hold_tls_report(self, key: str, *, until: datetime) -> None:
         """Hold ``key`` until ``until``."""
         check_report_key(key)
