@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +263,35 @@ def test_a_worker_prunes_entries_expired_long_ago_a_batch_a_write(
     mailstrom(store)
     assert eventually(lambda: len(store.list_suppressions(limit=10_000)) == 3, within=10)
     assert store.list_suppressions() == sorted(kept, key=lambda e: e.target)
+
+
+def test_a_worker_whose_clock_is_fast_prunes_nothing_still_in_force_in_postgres(
+    postgres_url: str, mailstrom: MakeMailstrom, clock: FakeClock
+) -> None:
+    """Was: a worker pruned by its own clock alone, and one 60 days fast (a host whose
+    time synchronisation failed, sharing the PostgreSQL queue with others) deleted every
+    entry that expired within 30 days of the true time, entries the other workers still
+    applied. It now prunes by the database server's clock where its own is ahead."""
+    real = datetime.now(UTC)
+    clock.advance(real + timedelta(days=60) - clock())
+
+    def made(target: str, expires_at: datetime) -> Suppression:
+        return Suppression(
+            target=target,
+            source=SuppressionSource.HARD_BOUNCE,
+            reply=NO_SUCH_USER,
+            created_at=real - timedelta(days=5),
+            expires_at=expires_at,
+        )
+
+    store = PostgresStore(postgres_url)
+    old = made("old@example.org", real - SUPPRESSION_KEPT - timedelta(days=1))
+    in_force = made("in-force@example.org", real + timedelta(days=10))
+    store.suppress([old, in_force])
+    mailstrom(store)
+    # Pruned in the same write as the other would be: once it has gone, pruning ran.
+    assert eventually(lambda: len(store.list_suppressions()) < 2, within=10)
+    assert store.list_suppressions() == [in_force]
 
 
 def test_hard_bounce_entries_expire_when_configured(

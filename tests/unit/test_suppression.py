@@ -18,8 +18,10 @@ from mailstrom.policy.hardbounce import (
 )
 from mailstrom.policy.reasons import classify_reply
 from mailstrom.runtime.suppressing import hard_bounce_entries
+from mailstrom.runtime.worker_screening import SUPPRESSION_KEPT, prune_before
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult
+from mailstrom.stores.clock import ClockReading
 from mailstrom.suppression import (
     Suppression,
     SuppressionSource,
@@ -572,3 +574,18 @@ def test_a_lane_may_bypass_bounces_only() -> None:
     del found["example.org"]
     assert match("bob@example.org", found, bypass=bounces) is None
     assert match("bob@example.org", found) is found["bob@example.org"]
+
+
+def test_a_worker_prunes_by_the_earlier_of_its_clock_and_the_store_servers() -> None:
+    """Pruning deletes for every worker: a clock ahead of the server's (beyond what the
+    round trip explains) prunes by the server's time; one behind, or no reading (memory,
+    SQLite: one host clock), by its own."""
+    now = datetime(2030, 1, 2, tzinfo=UTC)
+    ahead = ClockReading(skew=60 * 86400.0, uncertainty=2.0, server="db")
+    behind = ClockReading(skew=-3600.0, uncertainty=2.0, server="db")
+    unclear = ClockReading(skew=1.5, uncertainty=2.0, server="db")
+    own = now - SUPPRESSION_KEPT
+    assert prune_before(now, ahead) == own - timedelta(days=60) + timedelta(seconds=2)
+    assert prune_before(now, behind) == own
+    assert prune_before(now, unclear) == own
+    assert prune_before(now) == own

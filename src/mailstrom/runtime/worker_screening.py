@@ -32,6 +32,7 @@ from mailstrom.stores.base import (
     WorkItem,
     domain_of,
 )
+from mailstrom.stores.clock import ClockReading, ServerClock
 from mailstrom.suppression import Suppression, SuppressionSource, lookup_targets
 
 if TYPE_CHECKING:
@@ -63,6 +64,27 @@ its start."""
 PRUNE_BATCH = 1000
 """Entries one write of a pruning deletes at most: a short write, between which the
 worker's own leases and records (and other processes' writes) go on."""
+
+
+def prune_before(now: datetime, reading: ClockReading | None = None) -> datetime:
+    """Where a worker whose clock says ``now`` prunes expired entries (see
+    :meth:`~mailstrom.stores.base.Store.prune_suppressions`): :data:`SUPPRESSION_KEPT`
+    before the earlier of ``now`` and the latest time the store server's clock may say
+    (``reading``, of a store whose workers may run on other hosts). Pruning deletes for
+    every worker of the queue, so one whose clock is ahead by more than
+    SUPPRESSION_KEPT (a host whose time synchronisation failed) must not judge alone:
+    it deleted entries still in force. Memory and SQLite stores share the worker's
+    host clock, and have no other.
+
+    >>> from datetime import UTC
+    >>> now = datetime(2026, 3, 1, tzinfo=UTC)
+    >>> ahead = ClockReading(skew=60 * 86400.0, uncertainty=1.0, server="db")
+    >>> prune_before(now, ahead).isoformat()
+    '2025-12-01T00:00:01+00:00'
+    """
+    if reading is not None and reading.skew > reading.uncertainty:
+        now -= timedelta(seconds=reading.skew - reading.uncertainty)
+    return now - SUPPRESSION_KEPT
 
 
 class WorkerScreening(WorkerStore):
@@ -223,6 +245,8 @@ class WorkerScreening(WorkerStore):
             before = self._clock() - SUPPRESSION_KEPT
             pruned = 0
             try:
+                if isinstance(self.store, ServerClock):
+                    before = prune_before(self._clock(), await self._measured_clock(self.store))
                 while True:
                     count = await self._store_call(prune, expired_before=before, limit=PRUNE_BATCH)
                     pruned += count
@@ -240,6 +264,18 @@ class WorkerScreening(WorkerStore):
             if pruned:
                 log.info("pruned %d suppression entries expired before %s", pruned, before)
             await asyncio.sleep(PRUNE_EVERY)  # a timer, not synchronisation
+
+    async def _measured_clock(self, store: ServerClock) -> ClockReading:
+        """A reading of the worker's clock against the store server's, for pruning: a
+        clock check like the clock loop's (worker_clock.py), and counted as one when it
+        fails or works."""
+        try:
+            reading = await self._store_call(store.measure_clock, self._clock)
+        except StoreError as exc:
+            self._store_trouble("clock check", exc)
+            raise
+        self._store_fine("clock check")
+        return reading
 
     async def _send_owed(self, message_ids: list[str] | None) -> int:
         """Queue the notices owed by messages done for this pass (of ``message_ids``
