@@ -761,3 +761,17 @@ def test_a_late_bounce_leaves_an_operators_entry_in_force(store: Store) -> None:
         "on hold",
         NOW + 7 * DAY,
     )
+
+
+def test_of_duplicates_in_one_call_an_operators_entry_stands_in_every_store(
+    store: Store,
+) -> None:
+    """With ``keep_longer``, an operator's entry followed by a bounce's for the same
+    target in one call stays, as it would written one call after the other: PostgreSQL,
+    which picks one entry per target before its statement, kept the longer bounce's."""
+    mine = entry("a@example.org", source=SuppressionSource.MANUAL, reply="paused by ops")
+    mine = dataclasses.replace(mine, expires_at=NOW + 7 * DAY)
+    bounce = dataclasses.replace(entry("a@example.org", reply="550 gone"), created_at=NOW + DAY)
+    store.suppress([mine, bounce], keep_longer=True)
+    [kept] = store.list_suppressions()
+    assert (kept.source, kept.reply) == (SuppressionSource.MANUAL, "paused by ops")

@@ -402,13 +402,14 @@ def suppression_arrays(entries: Sequence[Suppression]) -> dict[str, list[Any]]:
 
 
 def longest_per_target(entries: Sequence[Suppression]) -> list[Suppression]:
-    """``entries`` with one per target: the first that lasts longest
-    (:meth:`~mailstrom.suppression.Suppression.outlasts`), as writing them one by one with
-    ``keep_longer`` leaves it (the memory and SQLite stores do)."""
+    """``entries`` with one per target: the one that stands against those after it
+    (:meth:`~mailstrom.suppression.Suppression.stands_against`: an operator's in force,
+    else the first that lasts longest), as writing them one by one with ``keep_longer``
+    leaves it (the memory and SQLite stores do)."""
     kept: dict[str, Suppression] = {}
     for entry in entries:
         current = kept.get(entry.target)
-        if current is None or not current.outlasts(entry):
+        if current is None or not current.stands_against(entry):
             kept[entry.target] = entry
     return list(kept.values())
 

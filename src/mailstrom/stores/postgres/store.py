@@ -1761,7 +1761,8 @@ class PostgresStore:
         :data:`SUPPRESS_CHUNK` of them, in target order; returns how many were given.
         With ``keep_longer`` (see Store.suppress) the statement leaves a row that lasts as
         long as it is, decided on the row it locked (so on the latest committed entry),
-        and of duplicates in ``entries`` the first that lasts longest is written.
+        and of duplicates in ``entries`` the one that stands against the others is
+        written (:func:`~mailstrom.stores.postgres.rows.longest_per_target`).
 
         An entry's row waits for a concurrent write of its target to commit: written in
         the callers' orders, two imports sharing targets locked them in different orders,
