@@ -81,11 +81,35 @@ def test_cancel_fails_pending_recipients_and_keeps_final_ones(store: Store) -> N
         assert len(r.history) == attempts
     assert st.recipient("b@example.org").history[0].reason_class is not None
 
-    # A worker still holding c records nothing, and nothing is leased again.
-    assert len(store.record(results_for(lease, RecipientState.DELIVERED))) == 0
+    # A worker still holding c records no deferral or failure, and nothing is leased again.
+    for state in (RecipientState.DEFERRED, RecipientState.FAILED):
+        ignored = results_for(lease, state, next_attempt_at=NOW + HOUR, only=["c@example.org"])
+        assert len(store.record(ignored)) == 0
     assert st == store.status(mid)
     assert store.lease(now=NOW + 2 * HOUR, limit=10, lease_for=LEASE_FOR) is None
     assert store.cancel(mid, now=cancelled_at) == 0
+
+
+def test_a_delivery_accepted_after_the_cancel_is_recorded(store: Store) -> None:
+    """A server that accepted a cancelled recipient (its transaction was on the wire when
+    the cancel came) delivered it: the result is recorded, not ignored as a deferral or
+    failure is, and the status says delivered (it said "cancelled", never attempted)."""
+    store.enable_events()
+    mid = store.enqueue(message("a@example.org", "b@example.org"), now=NOW)
+    lease = lease_all(store)
+    assert store.cancel(mid, now=NOW + SECOND) == 2
+    recorded = store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"]))
+    assert [r.address for r in recorded] == ["a@example.org"]
+    st = store.status(mid)
+    a, b = st.recipient("a@example.org"), st.recipient("b@example.org")
+    assert (a.state, a.error, a.attempts, len(a.history)) == (RecipientState.DELIVERED, None, 1, 1)
+    assert (b.state, b.error) == (RecipientState.FAILED, "cancelled")
+    assert st.state is RecipientState.FAILED  # b never went
+    events = store.read_events()
+    assert [(e.address, e.state) for e in events] == [("a@example.org", RecipientState.DELIVERED)]
+    # Recorded once: the same result again changes nothing.
+    assert store.record(results_for(lease, RecipientState.DELIVERED, only=["a@example.org"])) == []
+    assert store.status(mid) == st
 
 
 def test_set_held_and_held_counts(store: Store) -> None:

@@ -358,3 +358,34 @@ async def test_a_cancel_while_the_lease_writes_results_stops_its_other_mail(
     gone = store.status(second)
     assert gone.recipients[0].state is RecipientState.FAILED
     assert gone.recipients[0].attempts == 0
+
+
+async def test_a_message_cancelled_on_the_wire_and_accepted_reads_delivered(
+    dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Cancelled while its transaction is on the wire (the server holds the replies to
+    its envelope), the message is then accepted by the server: it went out. Its result
+    was ignored (the cancel had ended the lease), so the status said "failed:
+    cancelled", no attempt, of mail the recipient got."""
+    envelope_in = asyncio.Event()
+    go_on = asyncio.Event()
+    mails: list[bytes] = []
+    dns_server.mx("one.example", [(10, "mx.one.test")])
+    dns_server.a("mx.one.test", "127.0.0.1")
+    async with peer(holding_envelopes(mails, envelope_in, go_on)) as port:
+        config = loopback_config(dns_server, port, timeouts=SLOW, poll_interval=30)
+        ms = AsyncMailstrom(config, store=SQLiteStore(tmp_path / "queue.db"), worker=None)
+        mid = await ms.send_email(hello("a@one.example"))
+        async with AsyncMailstrom(config, store=ms.store) as running:
+            await asyncio.wait_for(envelope_in.wait(), 20)
+            assert await running.cancel(mid) == 1
+            go_on.set()
+            for _ in range(2000):  # only a hang waits this out
+                status = ms.store.status(mid)
+                if status.recipients[0].state is RecipientState.DELIVERED:
+                    break
+                await asyncio.sleep(0.01)
+        ms.store.close()
+    assert len(mails) == 1
+    r = status.recipients[0]
+    assert (r.state, r.error, r.attempts) == (RecipientState.DELIVERED, None, 1), r

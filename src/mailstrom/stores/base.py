@@ -894,7 +894,9 @@ class Store(Protocol):
         :data:`MAX_HISTORY` attempts); a result that was no attempt
         (:attr:`RecipientResult.attempted` False) is neither counted nor in the history.
         A result whose recipient is no longer held under its ``lease_token`` (taken over,
-        cancelled, recorded already) is ignored. Returns
+        cancelled, recorded already) is ignored, but for a delivery to a recipient
+        cancelled meanwhile (its transaction was on the wire): that mail went out, and is
+        recorded delivered. Returns
         the results that were recorded, in order. A store may commit results without
         waiting for the disk (SQLite does): they survive any process crash, and a power
         failure at worst makes a recipient be delivered once more, never lost."""

@@ -55,6 +55,7 @@ from mailstrom.stores.memory_records import (
     _Event,
     _Message,
     _Recipient,
+    accepted_after_cancel,
     utc_attempt,
     writes,
 )
@@ -371,7 +372,9 @@ class MemoryStore(
             for result, attempt, next_at in timed:
                 m = self._messages.get(result.message_id)
                 r = m.recipients.get(result.address) if m is not None else None
-                if r is None or r.lease_token != result.lease_token:
+                if r is None or not (
+                    r.lease_token == result.lease_token or accepted_after_cancel(r, result)
+                ):
                     continue
                 if result.attempted:  # not this host's own shortage: see RecipientResult
                     r.attempts += 1

@@ -26,7 +26,7 @@ from mailstrom.status import (
     SMTPReply,
     derive_message_state,
 )
-from mailstrom.stores.base import MAX_HISTORY, bounded_attempt
+from mailstrom.stores.base import MAX_HISTORY, RecipientResult, bounded_attempt
 from mailstrom.stores.clock import kept_time
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
@@ -220,3 +220,16 @@ def utc_attempt(
     if at is not attempt.at:
         attempt = replace(attempt, at=at)
     return attempt, None if next_at is None else kept_time(next_at, "next_attempt_at")
+
+
+def accepted_after_cancel(r: _Recipient, result: RecipientResult) -> bool:
+    """Whether ``result`` says a server accepted ``r`` after an operator cancelled it:
+    its transaction was on the wire when the cancel ended its lease. The mail went out,
+    so that is recorded, as the SQL stores do (a status saying "cancelled" of delivered
+    mail told the operator it never went); any other outcome leaves the cancel."""
+    return (
+        result.state is RecipientState.DELIVERED
+        and r.state is RecipientState.FAILED
+        and r.error == "cancelled"
+        and r.lease_token is None
+    )

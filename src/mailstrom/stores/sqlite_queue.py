@@ -890,7 +890,11 @@ def _record_chunk(
         # replaced (a delay warning not queued yet: its message was not done).
         " notice = CASE WHEN res.finished IS NULL"
         " THEN coalesce(res.notice, recipients.notice) ELSE res.notice END"
-        " FROM res WHERE recipients.id = res.id AND recipients.lease_token = res.token"
+        " FROM res WHERE recipients.id = res.id AND (recipients.lease_token = res.token"
+        # Accepted by a server after an operator cancelled it (its transaction was on
+        # the wire): the mail went out, and its status must not say it never did.
+        " OR (res.state = 'delivered' AND recipients.state = 'failed'"
+        " AND recipients.error = 'cancelled' AND recipients.lease_token IS NULL))"
         # The message of a recipient that finished while it was held (its HELD bit):
         # it may have finished with it (see unhold_finished).
         f" RETURNING recipients.id, recipients.attempts, CASE WHEN recipients.held & {HELD}"

@@ -547,7 +547,11 @@ WITH res AS (
     FROM res
     WHERE r.message_id = res.message_id
       AND r.address = res.address
-      AND r.lease_token = res.token
+      AND (r.lease_token = res.token
+           -- Accepted by a server after an operator cancelled it (its transaction was on
+           -- the wire): the mail went out, and its status must not say it never did.
+           OR (res.state = 'delivered' AND r.state = 'failed' AND r.error = 'cancelled'
+               AND r.lease_token IS NULL))
     RETURNING r.message_id, r.address, res.token, r.attempts, res.attempted,
               -- Final, and aside (held, or at a suspended destination): its message may
               -- have finished while held (see unhold_finished).
