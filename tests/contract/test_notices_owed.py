@@ -394,3 +394,21 @@ def test_postgres_at_schema_14_upgrades(postgres_url: str) -> None:
                 notice='{"about":"alice@example.org"}',
             )
         ]
+
+
+def test_a_purge_keeps_a_message_whose_notice_is_still_owed(store: Store) -> None:
+    """A failed message whose bounce notice is owed (its mark kept: the worker was
+    stopped between the record and the notice) is not purged by any purge, by age,
+    state or id: deleted, its sender was never told, the notice needing the message.
+    Once the notice is queued, the message goes."""
+    mid = store.enqueue(message("a@example.org"), now=NOW)
+    store.record(marked(results_for(lease_all(store), RecipientState.FAILED)))
+    later = NOW + timedelta(days=1)
+    assert store.purge(finished_before=later) == 0
+    assert store.purge_state(finished_before=later, state=RecipientState.FAILED) == 0
+    assert store.purge_many([mid], finished_before=later) == 0
+    assert store.purge_many([mid]) == 0
+    owed = store.owed_notices()
+    assert [o.message_id for o in owed] == [mid]
+    store.queue_notices(owed, {mid: [bounce()]}, now=NOW)  # type: ignore[list-item]
+    assert store.purge_many([mid], finished_before=later) == 1

@@ -335,6 +335,8 @@ class MemoryOperatorMixin:
         recipients = m.recipients.values()
         if any(r.finished_at is None for r in recipients):
             return False
+        if any(r.notice is not None for r in recipients):
+            return False  # its notice is still owed, and is made of the message
         if before is not None and not all(
             r.finished_at is not None and r.finished_at < before for r in recipients
         ):

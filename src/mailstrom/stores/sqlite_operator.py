@@ -410,7 +410,9 @@ def purge_seqs(
     state: RecipientState | None = None,
 ) -> int:
     """Delete the listed messages whose recipients are all final (finished before
-    ``before``, when given; in ``state``, delivered or failed, when given)."""
+    ``before``, when given; in ``state``, delivered or failed, when given) and owe no
+    notice (a mark left: the worker stopped before queuing it, and makes it of the
+    message; deleted, the sender was never told)."""
     cutoff = to_us(before) if before is not None else None
     wanted = None if state is None else state.value
     deleted = 0
@@ -419,7 +421,8 @@ def purge_seqs(
             f"DELETE FROM messages WHERE seq IN ({qmarks(len(chunk))}) AND seq IN ("
             "SELECT message_seq FROM recipients"
             f" WHERE message_seq IN ({qmarks(len(chunk))}) GROUP BY message_seq"
-            " HAVING count(finished_at) = count(*) AND (? IS NULL OR max(finished_at) < ?)"
+            " HAVING count(finished_at) = count(*) AND count(notice) = 0"
+            " AND (? IS NULL OR max(finished_at) < ?)"
             f" AND (? IS NULL OR {_FINISHED_STATE_SQL} = ?))",
             [*chunk, *chunk, cutoff, cutoff, wanted, wanted],
         ).rowcount
@@ -467,7 +470,8 @@ def purgeable_seqs(
         seq
         for (seq,) in conn.execute(
             "SELECT message_seq FROM recipients WHERE message_seq > ? GROUP BY message_seq"
-            " HAVING count(finished_at) = count(*) AND max(finished_at) < ?"
+            " HAVING count(finished_at) = count(*) AND count(notice) = 0"
+            " AND max(finished_at) < ?"
             f" AND (? IS NULL OR {_FINISHED_STATE_SQL} = ?)"
             " ORDER BY message_seq LIMIT ?",
             (after, cutoff, wanted, wanted, limit),

@@ -1063,13 +1063,16 @@ SELECT (SELECT count(*) FROM found) AS found,
           AND EXISTS (SELECT 1 FROM changed))::text AS told;
 
 -- name: purge
--- A message goes when none of its recipients is pending or finished at or after the cutoff.
+-- A message goes when none of its recipients is pending or finished at or after the cutoff,
+-- nor owes a notice (its mark left: the worker stopped before queuing it, and makes it of
+-- the message; deleted, the sender was never told).
 WITH purged AS (
     DELETE FROM messages m
     WHERE NOT EXISTS (
         SELECT 1 FROM recipients r
         WHERE r.message_id = m.id
           AND (r.state IN ('queued', 'deferred')
+               OR r.notice IS NOT NULL
                OR COALESCE(r.finished_at, r.last_attempt_at) IS NULL
                OR COALESCE(r.finished_at, r.last_attempt_at) >= %(finished_before)s))
     RETURNING 1
@@ -1353,6 +1356,7 @@ WITH purged AS (
         SELECT 1 FROM recipients r
         WHERE r.message_id = m.id
           AND (r.state IN ('queued', 'deferred')
+               OR r.notice IS NOT NULL
                OR r.finished_at IS NULL
                OR (%(finished_before)s::timestamptz IS NOT NULL
                    AND r.finished_at >= %(finished_before)s::timestamptz)))
@@ -1374,6 +1378,7 @@ WITH purged AS (
         SELECT 1 FROM recipients r
         WHERE r.message_id = m.id
           AND (r.state IN ('queued', 'deferred')
+               OR r.notice IS NOT NULL
                OR COALESCE(r.finished_at, r.last_attempt_at) IS NULL
                OR COALESCE(r.finished_at, r.last_attempt_at) >= %(finished_before)s))
       AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id)
