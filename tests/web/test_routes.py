@@ -363,6 +363,30 @@ def test_releasing_a_message_that_finished_while_held_does_not_say_released(
     assert "Release: not held as it has finished" in after
 
 
+@pytest.mark.parametrize(
+    ("action", "held_before", "said"),
+    [("release", True, "was not held"), ("hold", False, "already held")],
+)
+def test_a_hold_or_release_another_operator_made_first_says_it_changed_nothing(
+    client: TestClient, store: Store, action: str, held_before: bool, said: str
+) -> None:
+    """Two operators on the same page click Release (or Hold): the first releases the
+    message, the second's click changes nothing, and its notice said "Release: released"
+    all the same, as though it had."""
+    mid = store.enqueue(message("a@one.example"), now=NOW)
+    store.set_held(mid, held_before)
+    confirm = client.get(f"/action/{action}/{mid}")
+    store.set_held(mid, not held_before)  # the other operator's click
+    done = client.post(
+        f"/action/{action}/{mid}", data={"csrf": _csrf(confirm.text)}, follow_redirects=False
+    )
+    assert done.status_code == 303
+    assert store.status(mid).held is not held_before
+    after = client.get(done.headers["location"]).text
+    label = action.capitalize()
+    assert f"{label}: {said}" in after, after
+
+
 def test_a_post_without_the_csrf_token_changes_nothing(
     client: TestClient, store: Store, ids: dict[str, str]
 ) -> None:

@@ -152,10 +152,11 @@ def _recipients(n: int) -> str:
 
 def _finished(status_of: StatusOf, message_id: str, action: str) -> bool | None:
     """Whether the message has finished (no recipient pending), read after ``action`` on
-    it; None when that cannot be read (the action is done all the same, as for a retry)."""
+    it; None when that cannot be read (the action is done all the same, as for a retry).
+    UnknownMessage when there is no such message."""
     try:
         return status_of(message_id).state.is_final
-    except (StoreError, UnknownMessage) as exc:
+    except StoreError as exc:
         log.warning(
             "%s %s: done, but what became of it cannot be read: %s", action, message_id, exc
         )
@@ -165,26 +166,30 @@ def _finished(status_of: StatusOf, message_id: str, action: str) -> bool | None:
 def _hold(
     store: Store, status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
 ) -> str:
-    """Hold the message, and say whether it is held: one that finished meanwhile (its
-    page offered the hold while it was pending) is left as it is, not held."""
-    store.set_held(message_id, True)
-    finished = _finished(status_of, message_id, "hold")
+    """Hold the message, and say whether this click held it: one that finished meanwhile
+    (its page offered the hold while it was pending) is left as it is, not held, and one
+    another operator held meanwhile was held already."""
+    if store.hold_many([message_id], True):
+        return "held"
+    finished = _finished(status_of, message_id, "hold")  # UnknownMessage: it is gone
     if finished is None:
-        return "held unless it had finished"
-    return "not held as it has finished" if finished else "held"
+        return "already held or finished"
+    return "not held as it has finished" if finished else "already held"
 
 
 def _release(
     store: Store, status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
 ) -> str:
-    """Release the message, and say whether mail waited for it: one that finished while
-    held (its delivery in flight, its page offering the release meanwhile) is not held,
-    and nothing of it is delivered."""
-    store.set_held(message_id, False)
-    finished = _finished(status_of, message_id, "release")
+    """Release the message, and say whether this click released it: one that finished
+    while held (its delivery in flight, its page offering the release meanwhile) is not
+    held, and nothing of it is delivered; one another operator released meanwhile was
+    not held any more (the notice said "released" of a click that changed nothing)."""
+    if store.hold_many([message_id], False):
+        return "released"
+    finished = _finished(status_of, message_id, "release")  # UnknownMessage: it is gone
     if finished is None:
-        return "released unless it had finished"
-    return "not held as it has finished" if finished else "released"
+        return "not held or finished"
+    return "not held as it has finished" if finished else "was not held"
 
 
 def _cancel(
