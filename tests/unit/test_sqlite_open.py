@@ -824,3 +824,29 @@ def test_the_directories_beside_a_shared_queue_keep_its_group(tmp_path: Path) ->
     finally:
         unwatch()
         store.close()
+
+
+def test_a_wal_left_without_its_database_is_not_deleted_for_a_new_queue(
+    db: Path, tmp_path: Path
+) -> None:
+    """A crash leaves committed mail in the ``-wal`` file; the database file then moved or
+    deleted (``mv queue.db``, a restore that failed half-way), the next open made a new,
+    empty queue and SQLite deleted the ``-wal`` with the mail in it. A missing database
+    whose ``-wal`` holds frames is StoreCorrupt, and nothing is made or removed."""
+    store = SQLiteStore(db)
+    try:
+        store.enqueue(message(), now=NOW)
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        for name in ("queue.db-wal", "queue.db-lock"):  # as SIGKILL leaves them
+            shutil.copy(tmp_path / name, crashed / name)
+    finally:
+        store.close()
+    left = crashed / "queue.db-wal"
+    frames = left.read_bytes()
+    assert frames
+    for read_only in (False, True):
+        with pytest.raises(StoreCorrupt, match=r"-wal file .* no database file"):
+            SQLiteStore(crashed / "queue.db", read_only=read_only)
+    assert not (crashed / "queue.db").exists()
+    assert left.read_bytes() == frames

@@ -480,6 +480,26 @@ def _check_not_emptied(path: str) -> None:
         )
 
 
+def _check_wal_has_database(path: str) -> None:
+    """StoreCorrupt when ``path`` is missing but its ``-wal`` file holds frames: mail a
+    crash left there, committed but not yet in the database file, which was moved or
+    deleted since. Opened, a new empty queue was made in its place and SQLite deleted
+    that ``-wal`` as one of no database. (The ``-wal`` is looked at first: a process
+    making a new store creates its file before any ``-wal``, so one found meanwhile is
+    never taken for left behind.)"""
+    try:
+        if not _wal_holds_frames(path) or os.path.exists(path):
+            return
+    except OSError:
+        return  # a path through a file, say: opening it says what is wrong
+    raise StoreCorrupt(
+        f"the -wal file {path}-wal holds committed transactions but there is no database"
+        f" file {path}: it was moved or deleted after a crash, and the mail in the -wal"
+        " is only readable with it; put it back, or delete the -wal, -shm and -lock files"
+        " to start an empty queue"
+    )
+
+
 _KINDS = {
     stat.S_IFDIR: "a directory",
     stat.S_IFIFO: "a FIFO",
@@ -705,6 +725,7 @@ class SQLiteStore:
         if self._read_only:
             self._open_read_only(latest)
             return
+        _check_wal_has_database(self._path)
         if not self._create_private():
             _check_not_emptied(self._path)
         _check_regular(self._path)
@@ -854,6 +875,7 @@ class SQLiteStore:
         return True
 
     def _open_read_only(self, latest: int) -> None:
+        _check_wal_has_database(self._path)
         if not os.path.exists(self._path):
             raise StoreError(f"no mailstrom queue at {self._path}")
         _check_regular(self._path)
