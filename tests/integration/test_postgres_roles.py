@@ -122,6 +122,20 @@ def test_a_role_granted_nothing_is_refused_not_waited_for(owner_url: str) -> Non
         assert "GRANT" in str(raised.value)
 
 
+def test_a_search_path_naming_no_schema_is_refused_not_waited_for(postgres_url: str) -> None:
+    """A store URL whose ``options=-c search_path=...`` names a schema that does not exist
+    (a typo, one not made yet) left nowhere to create the tables in: a plain StoreError,
+    so a starting worker waited for it for ever, where a database that does not exist
+    exits 78. Nothing is created anywhere else meanwhile."""
+    url = postgres_url + "?options=-c%20search_path%3Dno_such_schema"
+    with pytest.raises(StoreAccessDenied, match="no_such_schema") as raised:
+        PostgresStore(url, timeout=5)
+    assert not worth_waiting(raised.value)
+    assert "CREATE SCHEMA" in str(raised.value)
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT to_regclass('public.schema_version')").fetchone() == (None,)
+
+
 def test_a_role_that_may_only_read_is_refused_its_writes(owner_url: str) -> None:
     with role_on(owner_url, granted=False) as url:
         with psycopg.connect(owner_url, autocommit=True) as conn:

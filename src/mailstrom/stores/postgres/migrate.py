@@ -136,6 +136,23 @@ def apply_migrations(
             f"this database role may not create ({exc.diag.message_primary or exc}): run "
             "`mailstrom db migrate` as the role that owns mailstrom's tables"
         ) from exc
+    except psycopg.errors.InvalidSchemaName as exc:
+        # No schema of the search_path exists (a typo in the URL's options, one not made
+        # yet): as permanent as a database that does not exist, not worth waiting for.
+        raise StoreAccessDenied(
+            f"no schema to create mailstrom's tables in: none of the search_path"
+            f" ({_search_path(conn)}) exists ({exc.diag.message_primary or exc}); CREATE"
+            " SCHEMA it, or fix the search_path in the store URL's options"
+        ) from exc
+
+
+def _search_path(conn: psycopg.Connection[Any]) -> str:
+    """The session's search_path, for a message; "unknown" when it cannot be read."""
+    try:
+        row = conn.execute("SHOW search_path").fetchone()
+    except psycopg.Error:
+        return "unknown"
+    return str(row[0]) if row else "unknown"
 
 
 def _migrate_locked(
