@@ -209,6 +209,27 @@ def test_another_programs_database_is_not_a_mailstrom_database(db: Path, table: 
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [(table,)]
 
 
+@pytest.mark.parametrize("version", [3, migrations()[-1][0], -1])
+def test_another_programs_versioned_database_is_not_a_mailstrom_database(
+    db: Path, version: int
+) -> None:
+    """Many programs number their own schema with ``PRAGMA user_version`` too. Such a file
+    (version 3) was made WAL, then failed with a passing StoreError ("no such table:
+    messages") retried for ever; at mailstrom's own version it opened as an empty queue
+    whose every call failed. A version without mailstrom's tables is StoreCorrupt, the
+    file left as it was (its journal mode too)."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute(f"PRAGMA user_version = {version:d}")
+    before = db.read_bytes()
+    for read_only in (True, False):
+        with pytest.raises(StoreCorrupt, match="not a mailstrom database") as raised:
+            SQLiteStore(db, read_only=read_only)
+        assert not worth_waiting(raised.value)
+    assert db.read_bytes() == before
+    assert not (db.parent / "queue.db-lock").exists()
+
+
 def test_a_busy_timeout_past_sqlites_range_still_waits(db: Path) -> None:
     """SQLite takes its busy timeout as a C int of milliseconds: 25 days or more wrapped
     to 0, so a store told to wait long did not wait at all for another program's lock;

@@ -140,6 +140,20 @@ def _statements(script: str) -> Iterator[str]:
         raise StoreError(f"incomplete SQL statement in migration: {buffer[:80]!r}")
 
 
+def latest_version() -> int:
+    """The schema version this mailstrom's migrations bring a database to."""
+    available = migrations()
+    return available[-1][0] if available else 0
+
+
+_FIRST_TABLE_NAMES = ("messages", "recipients", "attempts")
+"""The tables of the first migration, which no later one drops or renames."""
+_FIRST_TABLES = (
+    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN"
+    f" ({', '.join(repr(name) for name in _FIRST_TABLE_NAMES)})"
+)
+
+
 def schema_version(conn: sqlite3.Connection, path: str) -> int:
     """The schema version of the database on ``conn`` (which must be outside a
     transaction); StoreCorrupt when it is another program's database.
@@ -147,13 +161,23 @@ def schema_version(conn: sqlite3.Connection, path: str) -> int:
     A mailstrom database never holds anything at version 0: each migration commits its
     tables with its version. So a file at version 0 that holds tables, indexes or views
     is another program's (a store URL naming an application's own SQLite file):
-    migrating it would add mailstrom's tables to it and make it WAL. Both are read in
-    one snapshot, so a new file another process migrates meanwhile is not taken for one.
+    migrating it would add mailstrom's tables to it and make it WAL. At any other version
+    it holds the tables of the first migration: many programs number their own schema
+    with ``user_version`` too, and such a file was made WAL and then failed to migrate
+    ("no such table"), or opened at mailstrom's own number as a queue whose every call
+    failed. Both are read in one snapshot, so a new file another process migrates
+    meanwhile is not taken for one.
     """
     conn.execute("BEGIN")
     try:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        foreign = version == 0 and conn.execute("SELECT 1 FROM sqlite_master").fetchone()
+        if version == 0:
+            foreign = conn.execute("SELECT 1 FROM sqlite_master").fetchone() is not None
+        elif version <= latest_version():  # a newer mailstrom's tables are its own affair
+            (ours,) = conn.execute(_FIRST_TABLES).fetchone()
+            foreign = ours != len(_FIRST_TABLE_NAMES)
+        else:
+            foreign = False
     except BaseException:
         # The failure is what the caller must see (a -shm that cannot be made, say), not
         # a COMMIT of a transaction SQLite may have rolled back already.
@@ -166,6 +190,9 @@ def schema_version(conn: sqlite3.Connection, path: str) -> int:
         raise StoreCorrupt(
             f"{path} holds another program's tables and no mailstrom schema version:"
             " not a mailstrom database"
+            if version == 0
+            else f"{path} is at schema version {version} but lacks mailstrom's tables"
+            " (another program's own version number): not a mailstrom database"
         )
     return int(version)
 
