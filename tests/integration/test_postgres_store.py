@@ -117,6 +117,33 @@ def test_newer_schema_than_known_is_refused(postgres_url: str) -> None:
         PostgresStore(postgres_url)
 
 
+@pytest.mark.parametrize("versions", [["1", "1.1"], ["1", "2"]])
+def test_another_tools_schema_version_table_is_refused(
+    postgres_url: str, versions: list[str]
+) -> None:
+    """A database whose ``schema_version`` table is another tool's (Flyway before 5 keeps
+    its history under that name, its versions text): "1.1" escaped the store as a
+    ValueError, and "1", "2" were taken for mailstrom's versions, the migrations from 3
+    on then failing with a passing StoreError retried for ever. StoreCorrupt, saying
+    whose table is in the way, the database left as it was."""
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute(
+            "CREATE TABLE schema_version (installed_rank integer PRIMARY KEY,"
+            " version varchar(50), description varchar(200), script varchar(1000))"
+        )
+        for rank, version in enumerate(versions):
+            conn.execute(
+                "INSERT INTO schema_version VALUES (%s, %s, 'x', 'V.sql')", (rank, version)
+            )
+    with pytest.raises(StoreCorrupt, match="another program's") as raised:
+        PostgresStore(postgres_url, timeout=5)
+    assert "search_path" in str(raised.value)
+    with pytest.raises(StoreCorrupt, match="another program's"):
+        migrate(postgres_url)
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT to_regclass('messages')").fetchone() == (None,)
+
+
 def test_a_newer_schema_advises_a_restart_as_well_as_an_upgrade(
     postgres_url: str, store: PostgresStore
 ) -> None:

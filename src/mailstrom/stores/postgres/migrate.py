@@ -61,7 +61,30 @@ def _applied(conn: psycopg.Connection[Any], lock_bound: LockBound | None) -> set
         found = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()
         if not (found and found[0]):
             return None
+        _check_ours(conn)
         return {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
+
+
+_VERSION_COLUMNS = """
+SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = to_regclass('schema_version') AND attnum > 0 AND NOT attisdropped
+"""
+
+
+def _check_ours(conn: psycopg.Connection[Any]) -> None:
+    """StoreCorrupt when the ``schema_version`` table the search_path finds is not
+    mailstrom's (Flyway before version 5 keeps its history under that name, its versions
+    text): its "1.1" failed the open with a ValueError, and versions "1", "2" were taken
+    for mailstrom's, the migrations after them failing for ever in a passing StoreError."""
+    columns = dict(conn.execute(_VERSION_COLUMNS).fetchall())
+    if columns.get("version") == "integer" and columns.get("name") == "text":
+        return
+    raise StoreCorrupt(
+        "the schema_version table in this database's search_path is another program's"
+        f" (its columns: {', '.join(columns) or 'none'}), not mailstrom's: give mailstrom"
+        " a schema of its own (CREATE SCHEMA mailstrom, and"
+        " ?options=-c%20search_path%3Dmailstrom in the store URL)"
+    )
 
 
 def _check_not_newer(current: int, latest: int) -> None:
@@ -162,6 +185,7 @@ def _migrate_locked(
         _bound(conn, lock_bound)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         conn.execute(_CREATE_VERSION_TABLE)
+        _check_ours(conn)  # as in _applied: another program may have made it since
         applied = {int(v) for (v,) in conn.execute("SELECT version FROM schema_version")}
         current = max(applied, default=0)
         _check_not_newer(current, known[-1].version if known else 0)
