@@ -144,6 +144,19 @@ def test_another_tools_schema_version_table_is_refused(
         assert conn.execute("SELECT to_regclass('messages')").fetchone() == (None,)
 
 
+def test_another_programs_table_of_the_same_name_is_refused(postgres_url: str) -> None:
+    """An application's own ``messages`` table in the schema mailstrom would create its
+    tables in: migrating failed with "relation messages already exists", a plain
+    StoreError that a starting worker retried for ever. StoreCorrupt, naming the table."""
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("CREATE TABLE messages (id serial PRIMARY KEY, body text)")
+    with pytest.raises(StoreCorrupt, match="messages") as raised:
+        PostgresStore(postgres_url, timeout=5)
+    assert "search_path" in str(raised.value)
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT to_regclass('schema_version')").fetchone() == (None,)
+
+
 def test_a_newer_schema_advises_a_restart_as_well_as_an_upgrade(
     postgres_url: str, store: PostgresStore
 ) -> None:

@@ -159,6 +159,16 @@ def apply_migrations(
             f"this database role may not create ({exc.diag.message_primary or exc}): run "
             "`mailstrom db migrate` as the role that owns mailstrom's tables"
         ) from exc
+    except (psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject) as exc:
+        # A name a migration creates is taken by another program's table, index or type
+        # in the same schema (an application's own "messages"): migrations run under the
+        # lock, so it is no other mailstrom's, and no retry makes room for it.
+        raise StoreCorrupt(
+            f"cannot create mailstrom's tables: {exc.diag.message_primary or exc}, made by"
+            " another program (or by hand), not by mailstrom's migrations: give mailstrom a"
+            " schema of its own (CREATE SCHEMA mailstrom, and"
+            " ?options=-c%20search_path%3Dmailstrom in the store URL)"
+        ) from exc
     except psycopg.errors.InvalidSchemaName as exc:
         # No schema of the search_path exists (a typo in the URL's options, one not made
         # yet): as permanent as a database that does not exist, not worth waiting for.
