@@ -55,7 +55,6 @@ from mailstrom.stores.row_checks import counted_state, shown_text, stored_octets
 from mailstrom.stores.sqlite import (
     _MAX_BUSY_MS,
     _file_uri,
-    _latest_schema,
     _newer_schema,
     _no_shm,
     _store_error,
@@ -64,7 +63,14 @@ from mailstrom.stores.sqlite import (
 )
 from mailstrom.stores.sqlite_operator import active_suspensions
 from mailstrom.stores.sqlite_queue import HAS_PENDING_SQL, HELD_WAITING_SQL
-from mailstrom.stores.sqlite_schema import decode_text, from_us, reply_from, shown_time, to_us
+from mailstrom.stores.sqlite_schema import (
+    decode_text,
+    from_us,
+    latest_version,
+    reply_from,
+    shown_time,
+    to_us,
+)
 from mailstrom.stores.sqlite_shaping import throttle_count, throttles
 from mailstrom.stores.sqlite_walk import count_upto, walk_bound
 
@@ -499,7 +505,7 @@ def _newer_schema_behind(
     """StoreCorrupt when ``exc`` is SQLite refusing a view's statement ("no such column")
     because a newer mailstrom migrated the database since: no passing trouble, which the
     dashboard showed as "try again later" for ever. As the store says it."""
-    latest = _latest_schema()
+    latest = latest_version()
     version = newer_version_behind(exc, conn, latest)
     return (
         None

@@ -187,8 +187,8 @@ from mailstrom.stores.sqlite_queue import (
 )
 from mailstrom.stores.sqlite_schema import (
     decode_text,
+    latest_version,
     migrate,
-    migrations,
     opt_time_at,
     opt_us,
     schema_version,
@@ -526,11 +526,6 @@ def newer_version_behind(exc: BaseException, conn: sqlite3.Connection, latest: i
     return version if isinstance(version, int) and version > latest else None
 
 
-def _latest_schema() -> int:
-    available = migrations()
-    return available[-1][0] if available else 0
-
-
 def _check_schema(version: int, path: str, latest: int) -> None:
     if version > latest:
         raise StoreCorrupt(_newer_schema(version, path, latest))
@@ -677,7 +672,7 @@ class SQLiteStore:
         """Connections checked out (under ``_pool_lock``): statements under way."""
         self._closed = False
         self._closed_why = "the store is closed"
-        self._latest = _latest_schema()
+        self._latest = latest_version()
         """The schema version this mailstrom knows, and the database's once opened."""
         self._newer: str | None = None
         """Why every call fails, once a newer mailstrom migrated the database under this

@@ -140,8 +140,10 @@ def _statements(script: str) -> Iterator[str]:
         raise StoreError(f"incomplete SQL statement in migration: {buffer[:80]!r}")
 
 
+@functools.cache
 def latest_version() -> int:
-    """The schema version this mailstrom's migrations bring a database to."""
+    """The schema version this mailstrom's migrations bring a database to (read once: each
+    open asks, and reading the packaged files is not free)."""
     available = migrations()
     return available[-1][0] if available else 0
 
