@@ -820,6 +820,79 @@ def test_a_message_status_of_a_message_not_stored_is_unknown(
         model.message_status(queue.deferred, attempts=-1)
 
 
+def test_a_message_status_reads_its_recipients_a_page_at_a_time(
+    model: ReadModel, store: Store
+) -> None:
+    """The dashboard's page of a message listed every recipient, and a message may have
+    any number: 1,000 made a page of 819 KB. The read model reads a page of them by
+    position, says where the next starts, and none after the last (a last page that is
+    exactly full included)."""
+    addresses = [f"r{i}@d{i % 3}.example" for i in range(5)]
+    mid = store.enqueue(message(*addresses), now=START)
+    whole = store.status(mid).recipients
+    for size, sizes in ((2, [2, 2, 1]), (5, [5]), (1, [1] * 5), (6, [5])):
+        seen: list[str] = []
+        after, pages = -1, []
+        while True:
+            found = model.message_status(mid, attempts=10, after=after, recipients=size)
+            assert found.recipients == 5
+            assert len(found.kept) == len(found.status.recipients)
+            seen += [r.address for r in found.status.recipients]
+            pages.append(len(found.status.recipients))
+            if found.next_after is None:
+                break
+            after = found.next_after
+        assert (seen, pages) == (addresses, sizes)
+    everyone = model.message_status(mid, attempts=10)
+    assert (everyone.status.recipients, everyone.next_after) == (whole, None)
+    past = model.message_status(mid, attempts=10, after=4, recipients=2)
+    assert (past.status.recipients, past.next_after, past.recipients) == ((), None, 5)
+
+
+def test_a_page_of_recipients_keeps_the_whole_messages_state_and_hold(
+    model: ReadModel, store: Store
+) -> None:
+    """A page holding only delivered recipients, while a later one is still deferred:
+    the message's state and its hold (what the actions offer) are the whole message's,
+    not the page's, and its recipients are counted by state over all of them."""
+    mid = store.enqueue(message("a@one.example", "b@one.example", "c@two.example"), now=START)
+    lease = lease_all(store, now=START)
+    store.record(
+        results_for(
+            lease, RecipientState.DELIVERED, at=ATTEMPTED, only=["a@one.example", "b@one.example"]
+        )
+    )
+    store.record(
+        results_for(
+            lease,
+            RecipientState.DEFERRED,
+            at=ATTEMPTED,
+            next_attempt_at=NOW + timedelta(hours=1),
+            only=["c@two.example"],
+        )
+    )
+    store.set_held(mid, True)
+    whole = store.status(mid)
+    assert (whole.state, whole.held) == (RecipientState.DEFERRED, True)
+    found = model.message_status(mid, attempts=10, recipients=2)
+    assert [r.state for r in found.status.recipients] == [RecipientState.DELIVERED] * 2
+    assert (found.status.state, found.status.held) == (whole.state, whole.held)
+    assert found.by_state == {RecipientState.DELIVERED: 2, RecipientState.DEFERRED: 1}
+    assert (found.recipients, found.next_after) == (3, 1)
+    found_rest = model.message_status(mid, attempts=10, after=1, recipients=2)
+    rest = replace(whole, recipients=whole.recipients[2:])
+    assert _without_history(found_rest.status) == _without_history(rest)
+    assert found_rest.next_after is None
+
+
+@pytest.mark.parametrize(("after", "size"), [(-2, 2), (MAX_SEQ + 1, 2), (0, 0), (0, -1)])
+def test_a_page_of_recipients_no_store_can_read_is_refused(
+    model: ReadModel, queue: Queue, after: int, size: int
+) -> None:
+    with pytest.raises(InvalidQuery):
+        model.message_status(queue.deferred, attempts=10, after=after, recipients=size)
+
+
 def test_the_first_running_pauses_and_how_many_run(model: ReadModel, store: Store) -> None:
     """The destinations page lists the first pauses, soonest end first, and says how many
     more run: the read model gives the first ``limit`` of the store's list and a count of

@@ -31,7 +31,7 @@ from mailstrom.stores import MemoryStore, Store
 from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.sqlite import SQLiteStore
 from mailstrom.web import create_app
-from mailstrom.web.app import MAX_SHOWN_ATTEMPTS, MAX_SHOWN_THROTTLES
+from mailstrom.web.app import MAX_SHOWN_ATTEMPTS, MAX_SHOWN_THROTTLES, SHOWN_RECIPIENTS
 from tests.fixtures.postgres import ThrowawayPostgres
 from tests.support.pg_plans import analyzed, rows_touched, statements_run
 
@@ -550,6 +550,50 @@ def test_a_page_makes_no_status_per_recipient(
         store.close()
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])
+def test_a_message_page_makes_statuses_for_the_recipients_it_lists(
+    kind: str,
+    tmp_path: Path,
+    postgres_server: ThrowawayPostgres,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page of a message listed every recipient, and a message may have any number:
+    one to 1,000 made a status for each of the 1,000 and a page of 819 KB. It reads and
+    lists 200, a next link leading on to the rest."""
+    store = _wide_store(kind, tmp_path, postgres_server)
+    recipients = tuple(f"r{i}@d{i % 7}.wide.test" for i in range(1000))
+    try:
+        mid = store.enqueue(
+            PreparedMessage(
+                data=b"Subject: x\r\n\r\nx\r\n",
+                envelope_from="app@sender.test",
+                recipients=recipients,
+            ),
+            now=T0,
+        )
+        made: list[str] = []
+        make = RecipientStatus.__init__
+
+        def counted(self: RecipientStatus, **fields: Any) -> None:
+            made.append(fields["address"])
+            make(self, **fields)
+
+        app = create_app(store, clock=lambda: T0)
+        with TestClient(app, base_url="http://127.0.0.1:8025") as client:
+            monkeypatch.setattr(RecipientStatus, "__init__", counted)
+            page = client.get(f"/message/{mid}")
+            monkeypatch.undo()
+    finally:
+        store.close()
+    assert page.status_code == 200, page.text
+    # Each one made once as read, once more with its history (dataclasses.replace).
+    assert (len(set(made)), len(made) <= 2 * SHOWN_RECIPIENTS) == (SHOWN_RECIPIENTS, True)
+    assert page.text.count("@d") == SHOWN_RECIPIENTS * 2  # in the table and the attempts
+    assert "Recipients (1,000)" in page.text
+    assert f"/message/{mid}?after={SHOWN_RECIPIENTS - 1}" in page.text
+
+
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_a_message_page_reads_only_the_attempts_it_shows(
     kind: str,
@@ -603,12 +647,13 @@ def test_a_message_page_reads_only_the_attempts_it_shows(
     assert page.status_code == 200, page.text
     assert made == MAX_SHOWN_ATTEMPTS
     table, _, attempts = page.text.partition("<h2>Attempts</h2>")
-    assert table.count(f'<td class="num">{tries}</td>') == len(recipients)
+    # A page of the recipients, the attempts shared among them: 500 over 200 is 3 for
+    # the first 100, 2 for the others.
+    assert table.count(f'<td class="num">{tries}</td>') == SHOWN_RECIPIENTS
     last = (T0 + timedelta(hours=tries - 1)).strftime("%Y-%m-%d %H:%M:%S")
-    unshown = len(recipients) - MAX_SHOWN_ATTEMPTS
-    assert attempts.count(f"<td>{last}</td>") == MAX_SHOWN_ATTEMPTS  # each one's latest
-    assert attempts.count(f"{tries - 1} earlier attempts not shown") == MAX_SHOWN_ATTEMPTS
-    assert attempts.count(f'<p class="earlier">{tries} attempts not shown') == unshown
+    assert attempts.count(f"<td>{last}</td>") == SHOWN_RECIPIENTS  # each one's latest
+    assert attempts.count(f"{tries - 3} earlier attempts not shown") == 100
+    assert attempts.count(f"{tries - 2} earlier attempts not shown") == 100
 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -429,6 +429,12 @@ class MessageDetail:
     """How many attempts each recipient's whole history holds (the latest
     ``MAX_HISTORY``), in the order of ``status.recipients``: the page says how many it
     does not show."""
+    recipients: int = 0
+    """How many recipients the whole message has (``status.recipients`` may be a page)."""
+    by_state: Mapping[RecipientState, int] = field(default_factory=dict)
+    """All its recipients counted by state."""
+    next_after: int | None = None
+    """The ``after`` of the next page of recipients; None on the last page."""
 
 
 def attempt_shares(recipients: int, budget: int) -> list[int]:
@@ -450,17 +456,43 @@ def latest(history: Sequence[Attempt], share: int) -> tuple[Attempt, ...]:
     return tuple(history[max(0, len(history) - share) :]) if share else ()
 
 
+def check_recipient_page(after: int, recipients: int | None) -> None:
+    """:class:`InvalidQuery` unless ``after`` is -1 (from the first recipient) or a
+    position a store can compare, and ``recipients`` is None (all) or 1 to :data:`MAX_SEQ`."""
+    if after != -1:
+        check_count(after, "after")
+    if recipients is not None and check_count(recipients, "recipients") == 0:
+        raise InvalidQuery("a page of recipients holds at least one")
+
+
 def detail(
-    status: MessageStatus, histories: Sequence[tuple[Attempt, ...]], kept: Sequence[int]
+    status: MessageStatus,
+    histories: Sequence[tuple[Attempt, ...]],
+    kept: Sequence[int],
+    *,
+    flagged: bool,
+    counts: Mapping[RecipientState, int],
+    next_after: int | None,
 ) -> MessageDetail:
-    """``status`` (read without history) with each recipient's ``histories`` entry as
-    its history, and its ``kept`` count (both in the order of its recipients)."""
+    """``status`` (read without history, its recipients one page) with each recipient's
+    ``histories`` entry as its history, and its ``kept`` count (both in the order of its
+    recipients). Its state and ``held`` are the whole message's, from its recipients
+    counted by state in ``counts`` and its hold flag ``flagged``: not the page's, which
+    may hold only delivered recipients while a later one waits (the actions rely on them)."""
     recipients = tuple(
         replace(r, history=h) for r, h in zip(status.recipients, histories, strict=True)
     )
     if len(kept) != len(recipients):
         raise ValueError(f"{len(kept)} history counts for {len(recipients)} recipients")
-    return MessageDetail(status=replace(status, recipients=recipients), kept=tuple(kept))
+    state = derive_message_state([s for s, n in counts.items() if n])
+    whole = replace(status, recipients=recipients, state=state, held=flagged and not state.is_final)
+    return MessageDetail(
+        status=whole,
+        kept=tuple(kept),
+        recipients=sum(counts.values()),
+        by_state=dict(counts),
+        next_after=next_after,
+    )
 
 
 class ReadModel(Protocol):
@@ -510,12 +542,20 @@ class ReadModel(Protocol):
         ``limit``, counted without reading each."""
         ...
 
-    def message_status(self, message_id: str, *, attempts: int) -> MessageDetail:
+    def message_status(
+        self, message_id: str, *, attempts: int, after: int = -1, recipients: int | None = None
+    ) -> MessageDetail:
         """The message's status, as :meth:`~mailstrom.stores.base.Store.status` gives it
         (pauses by the clock, as there), with each recipient's latest attempts only: as
         many as its share of ``attempts`` (:func:`attempt_shares`), the rest counted
         (:attr:`MessageDetail.kept`), never read. A message to 1,000 recipients tried 30
         times each was 30,000 attempts read for a page that shows 500.
+
+        With ``recipients``, only a page of them: at most that many, those at positions
+        past ``after`` (-1: from the first), the next page's ``after`` in
+        :attr:`MessageDetail.next_after`; the state, ``held`` and counts stay the whole
+        message's. A message to 1,000 recipients made a page of 819 KB.
+        :class:`InvalidQuery` for an ``after`` below -1 or a ``recipients`` below 1.
         :class:`~mailstrom.errors.UnreadableRow` for a message whose rows (those read)
         cannot be read back, as the store's status raises it."""
         ...

@@ -30,6 +30,7 @@ from mailstrom.readmodel.base import (
     attempt_shares,
     check_aware,
     check_count,
+    check_recipient_page,
     detail,
     fill_buckets,
     id_range,
@@ -42,7 +43,7 @@ from mailstrom.readmodel.base import (
 from mailstrom.status import DestinationThrottle, ReasonClass, RecipientState, reason_of
 from mailstrom.stores.base import with_throttles
 from mailstrom.stores.memory import MemoryStore
-from mailstrom.stores.memory_records import _Message
+from mailstrom.stores.memory_records import _Message, _Recipient
 from mailstrom.stores.operator import Suspension, filter_domain
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
@@ -196,18 +197,43 @@ class MemoryReadModel:
             cursor = PageCursor(created_at=last.created_at, seq=last.seq)
         return QueuePage(messages=tuple(page), next=cursor)
 
-    def message_status(self, message_id: str, *, attempts: int) -> MessageDetail:
+    def message_status(
+        self, message_id: str, *, attempts: int, after: int = -1, recipients: int | None = None
+    ) -> MessageDetail:
         """See :meth:`ReadModel.message_status`."""
         check_count(attempts, "attempts")
+        check_recipient_page(after, recipients)
         self._check_open()
         with self._store._lock:
             m = self._store._get(message_id)
-            status = with_throttles(m.snapshot(with_history=False), self._store._paused_in(m))
-            records = list(m.recipients.values())
+            counts: dict[RecipientState, int] = {}
+            records: list[_Recipient] = []
+            more = False
+            # In position order (the order they were queued in): only the page's become
+            # statuses, one more tells whether a next page exists.
+            for r in m.recipients.values():
+                counts[r.state] = counts.get(r.state, 0) + 1
+                if r.position <= after or more:
+                    continue
+                if recipients is not None and len(records) == recipients:
+                    more = True
+                else:
+                    records.append(r)
+            page = {r.address: r for r in records}
+            head = replace(m, recipients=page)
+            status = with_throttles(head.snapshot(with_history=False), self._store._paused_in(head))
             shares = attempt_shares(len(records), attempts)
             histories = [latest(r.history, k) for r, k in zip(records, shares, strict=True)]
             kept = [len(r.history) for r in records]
-        return detail(status, histories, kept)
+            flagged = m.held
+        return detail(
+            status,
+            histories,
+            kept,
+            flagged=flagged,
+            counts=counts,
+            next_after=records[-1].position if more else None,
+        )
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""

@@ -32,6 +32,7 @@ from mailstrom.readmodel.base import (
     SortOrder,
     check_aware,
     check_count,
+    check_recipient_page,
     cursor_after,
     fill_buckets,
     id_range,
@@ -378,13 +379,16 @@ class PostgresReadModel:
         # A message whose rows cannot be read is left out (summaries() warns).
         return QueuePage(messages=tuple(found[mid] for mid in ids if mid in found), next=cursor)
 
-    def message_status(self, message_id: str, *, attempts: int) -> MessageDetail:
+    def message_status(
+        self, message_id: str, *, attempts: int, after: int = -1, recipients: int | None = None
+    ) -> MessageDetail:
         """See :meth:`ReadModel.message_status`."""
         check_count(attempts, "attempts")
+        check_recipient_page(after, recipients)
         if not comparable(message_id):  # names nothing stored, as in the memory store
             raise UnknownMessage(message_id)
         with self._reading("reading a message's status") as conn:
-            return message_detail(conn, message_id, attempts)
+            return message_detail(conn, message_id, attempts, after, recipients)
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""

@@ -1,6 +1,7 @@
-"""One message's page on SQLite: its status as the store reads it, without history, then
-each recipient's latest attempts by the index of attempts by recipient, as many as its
-share of the page's (see :meth:`~mailstrom.readmodel.base.ReadModel.message_status`)."""
+"""One message's page on SQLite: its row, its recipients counted by state, one page of
+its recipients (by position) and each one's latest attempts by the index of attempts by
+recipient, as many as its share of the page's (see
+:meth:`~mailstrom.readmodel.base.ReadModel.message_status`)."""
 
 from __future__ import annotations
 
@@ -8,42 +9,78 @@ import sqlite3
 from datetime import UTC, datetime
 
 from mailstrom.errors import UnknownMessage, UnreadableRow
-from mailstrom.readmodel.base import MessageDetail, attempt_shares, detail
-from mailstrom.status import Attempt
+from mailstrom.readmodel.base import MAX_SEQ, MessageDetail, attempt_shares, detail
+from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores.base import with_throttles
 from mailstrom.stores.row_checks import UNREADABLE
-from mailstrom.stores.sqlite_queue import ATTEMPT_COLUMNS, read_messages
+from mailstrom.stores.sqlite_queue import ATTEMPT_COLUMNS, _message_status
 from mailstrom.stores.sqlite_schema import attempt_from_row
-from mailstrom.stores.sqlite_shaping import paused_recipients
+from mailstrom.stores.sqlite_shaping import paused_among
 
-# Each recipient's history is at most MAX_HISTORY rows: counting them reads that many
-# entries of the index, no row.
-_KEPT = (
-    "SELECT r.id, (SELECT count(*) FROM attempts a WHERE a.recipient_id = r.id)"
-    " FROM messages m JOIN recipients r ON r.message_seq = m.seq"
-    " WHERE m.id = ? ORDER BY r.position, r.id"
+# The columns read_messages() reads.
+_HEAD = (
+    "SELECT m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id,"
+    " m.subject, m.held, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,"
+    " m.idempotency_key, (SELECT d.dkim FROM message_dkim d WHERE d.message_seq = m.seq)"
+    " FROM messages m WHERE m.id = ?"
+)
+# The columns read_messages() reads of a recipient, then its position and how many
+# attempts it has: its history is at most MAX_HISTORY rows, counted from the index, no row.
+# No index holds (message_seq, position): the message's recipients are found by their
+# index on message_seq and sorted, never every recipient turned into a status.
+_PAGE = (
+    "SELECT message_seq, id, address, state, attempts, reply_code, reply_enhanced,"
+    " reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,"
+    " last_attempt_at, next_attempt_at, reason_class, finished_at,"
+    " lease_token IS NOT NULL AND state IN ('queued', 'deferred'), position,"
+    " (SELECT count(*) FROM attempts a WHERE a.recipient_id = r.id)"
+    " FROM recipients r WHERE message_seq = ? AND position > ?"
+    " ORDER BY position, id LIMIT ?"
 )
 _LATEST = (
     f"SELECT {ATTEMPT_COLUMNS} FROM attempts a WHERE a.recipient_id = ? ORDER BY a.id DESC LIMIT ?"
 )
 
 
-def message_detail(conn: sqlite3.Connection, message_id: str, attempts: int) -> MessageDetail:
-    """The message's page (in the caller's transaction: one snapshot); UnknownMessage,
-    or UnreadableRow for rows that cannot be read back (those of the attempts shown
-    among them)."""
-    found = read_messages(conn, "m.id = ?", [message_id], 1, history=False, strict=True)
-    if not found:
+def message_detail(
+    conn: sqlite3.Connection, message_id: str, attempts: int, after: int, size: int | None
+) -> MessageDetail:
+    """The message's page of ``size`` recipients past position ``after`` (all of them for
+    None), in the caller's transaction (one snapshot); UnknownMessage, or UnreadableRow
+    for rows that cannot be read back (those of the recipients and attempts shown)."""
+    head = conn.execute(_HEAD, (message_id,)).fetchone()
+    if head is None:
         raise UnknownMessage(message_id)
-    # The clock's now, as the store's status() reads pauses.
-    status = with_throttles(found[0], paused_recipients(conn, message_id, now=datetime.now(UTC)))
-    counted = conn.execute(_KEPT, (message_id,)).fetchall()
-    shares = attempt_shares(len(counted), attempts)
+    seq = head[0]
+    # One more than the page: whether a next one exists.
+    limit = MAX_SEQ if size is None else size + 1
+    rows = conn.execute(_PAGE, (seq, after, limit)).fetchall()
+    more = size is not None and len(rows) > size
+    page = rows[:size] if more else rows
+    shares = attempt_shares(len(page), attempts)
     histories: list[tuple[Attempt, ...]] = []
     try:
-        for (rid, kept), share in zip(counted, shares, strict=True):
-            rows = conn.execute(_LATEST, (rid, share)).fetchall() if share and kept else []
-            histories.append(tuple(attempt_from_row(row) for row in reversed(rows)))
+        status = _message_status(head, {seq: [row[:-2] for row in page]}, {})
+        # ValueError for a state mailstrom never writes, as the status read raises it.
+        counts = {
+            RecipientState(state): int(n)
+            for state, n in conn.execute(
+                "SELECT state, count(*) FROM recipients WHERE message_seq = ? GROUP BY state",
+                (seq,),
+            )
+        }
+        for row, share in zip(page, shares, strict=True):
+            found = conn.execute(_LATEST, (row[1], share)).fetchall() if share and row[-1] else []
+            histories.append(tuple(attempt_from_row(a) for a in reversed(found)))
     except (UnreadableRow, ValueError, TypeError, OverflowError) as exc:
         raise UnreadableRow(f"message {message_id}: {UNREADABLE}: {exc}") from exc
-    return detail(status, histories, [int(kept) for _, kept in counted])
+    # The clock's now, as the store's status() reads pauses.
+    paused = paused_among(conn, [row[1] for row in page], now=datetime.now(UTC))
+    return detail(
+        with_throttles(status, paused),
+        histories,
+        [int(row[-1]) for row in page],
+        flagged=bool(head[7]),
+        counts=counts,
+        next_after=int(page[-1][-2]) if more else None,
+    )

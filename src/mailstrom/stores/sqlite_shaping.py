@@ -117,6 +117,29 @@ def paused_recipients(
     return paused_in(conn, [message_id], now=now).get(message_id, {})
 
 
+def paused_among(
+    conn: sqlite3.Connection, recipient_ids: Sequence[int], *, now: datetime
+) -> dict[str, DestinationThrottle]:
+    """Address → pause, for those of the recipients numbered ``recipient_ids`` (one
+    message's) that are pending and held back by a running pause: a page of a message's
+    recipients reads theirs only, not those of its other thousands."""
+    found: dict[str, DestinationThrottle] = {}
+    for start in range(0, len(recipient_ids), _IDS_PER_QUERY):
+        chunk = recipient_ids[start : start + _IDS_PER_QUERY]
+        rows = conn.execute(
+            f"SELECT r.address, {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))}"
+            " FROM recipients r CROSS JOIN destination_throttles t"
+            " ON t.destination = r.throttled_by"
+            f" WHERE r.id IN ({','.join('?' * len(chunk))})"
+            " AND r.state IN ('queued', 'deferred') AND t.until > ? AND t.since <= ?",
+            (*chunk, *_runs_at(now)),
+        ).fetchall()
+        for row in rows:
+            if (pause := _throttle_from_row(row[1:])) is not None:
+                found[row[0]] = pause
+    return found
+
+
 def paused_in(
     conn: sqlite3.Connection, message_ids: Sequence[str], *, now: datetime
 ) -> dict[str, dict[str, DestinationThrottle]]:

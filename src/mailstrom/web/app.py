@@ -256,10 +256,17 @@ def create_app(
             return problem(request, 404, "no such message")
         mid = mid.lower()
         show_body = request.query_params.get("body") == "1"
+        after_text = request.query_params.get("after")
+        if after_text is not None and not _DIGITS.fullmatch(after_text):
+            return problem(request, 400, "after must be a recipient's position (digits)")
+        after = -1 if after_text is None else int(after_text)
         try:
-            # The attempts the page shows and no more (see MAX_SHOWN_ATTEMPTS).
+            # The recipients and attempts the page shows and no more (see
+            # SHOWN_RECIPIENTS, MAX_SHOWN_ATTEMPTS).
             found = await run_in_threadpool(
-                lambda: model.message_status(mid, attempts=MAX_SHOWN_ATTEMPTS)
+                lambda: model.message_status(
+                    mid, attempts=MAX_SHOWN_ATTEMPTS, after=after, recipients=SHOWN_RECIPIENTS
+                )
             )
             status = found.status
             # What the page shows and no more: a message may be tens of megabytes.
@@ -294,6 +301,13 @@ def create_app(
             cut=cut,
             advice={r.address: advice_for(r) for r in status.recipients},
             kept=found.kept,
+            total=found.recipients,
+            next_url=(
+                None
+                if found.next_after is None
+                else f"/message/{mid}?" + urllib.parse.urlencode({"after": found.next_after})
+            ),
+            first_url=f"/message/{mid}" if after_text is not None else None,
             # As `mailstrom status` says it: a pending recipient's next attempt (its
             # send_at, its destination's pause's end, not before its suspended
             # destination's end); none while held.
@@ -803,6 +817,10 @@ is a throttling reply's doing, and recipients at 5,000 subdomains of one hostile
 answering "421 rate limited" made a page of 3.4 MB (``mailstrom queue --throttled``
 lists them all)."""
 
+SHOWN_RECIPIENTS = 200
+"""Recipients a message page lists at most, by position; a "next" link leads on. The
+recipients of a message have no upper bound: one to 1,000, each deferred once, made a
+page of 819 KB, every recipient read and made a status for it."""
 MAX_SHOWN_ATTEMPTS = 500
 """Attempt rows a message page shows at most, shared alike among its recipients, each
 one's latest (:func:`~mailstrom.readmodel.base.attempt_shares`; past that many
