@@ -53,14 +53,14 @@ def migrate(url: str) -> int | None:
         version: int = postgres_module().migrate(parsed.target)
         return version
     if parsed.kind is StoreKind.SQLITE:
-        import sqlite3
-        from contextlib import closing
+        from mailstrom.stores.sqlite_schema import latest_version
 
         # Migrates on open, as every worker does; opened as every command opens it, so
-        # that the default queue's private directories are made when missing.
+        # that the default queue's private directories are made when missing. An open
+        # that succeeds leaves the file at this mailstrom's version (it migrates or
+        # refuses): reading it again through a connection of its own let SQLite make a
+        # new empty file in place of one deleted meanwhile, and waited and failed raw
+        # behind a lock taken since.
         open_store(url).close()
-        # The SQLite store keeps its schema version in PRAGMA user_version.
-        with closing(sqlite3.connect(parsed.target)) as conn:
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-        return int(version)
+        return latest_version()
     return None
