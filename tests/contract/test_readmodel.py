@@ -918,3 +918,45 @@ def test_the_first_running_pauses_and_how_many_run(model: ReadModel, store: Stor
     assert model.throttles(now=NOW, limit=MAX_SEQ) == running
     assert model.throttle_count(now=NOW) == len(running)
     assert model.throttle_count(now=NOW + timedelta(days=1)) == 0
+
+
+def test_waiting_counts_a_messages_recipients_at_suspended_and_paused_destinations(
+    model: ReadModel, store: Store
+) -> None:
+    """What a retry says of a message, counted in the store as its status shows it: its
+    pending recipients at a suspended domain, and of the others those waiting for a
+    running pause of their destination (not one its worker deferred for itself)."""
+    # Pauses are read by the real clock, as message_status() reads them.
+    now = datetime.now(UTC)
+    addresses = ("a@one.example", "b@two.example", "c@three.example", "d@five.example")
+    mid = store.enqueue(message(*addresses, "e@Four.example"), now=now)
+    other = store.enqueue(message("f@three.example"), now=now)
+    lease = lease_all(store, now=now)
+    pause = store.throttle(
+        "three.example",
+        now=now,
+        reply="421 4.7.28 slow down",
+        first=timedelta(hours=1),
+        maximum=timedelta(hours=4),
+    )
+    at_three = [i for i in lease.items if i.domain == "three.example"]
+    store.postpone(at_three, until=pause.until, destination="three.example")
+    store.record(results_for(lease, RecipientState.DELIVERED, at=now, only=["a@one.example"]))
+    store.record(
+        results_for(
+            lease,
+            RecipientState.DEFERRED,
+            at=now,
+            next_attempt_at=pause.until + timedelta(hours=1),
+            only=["b@two.example", "d@five.example"],
+        )
+    )
+    shown = model.message_status(mid, attempts=0).status.recipients
+    assert [r.throttle is not None for r in shown] == [False, False, True, False, False]
+    assert model.waiting(mid, at=set()) == (0, 1)
+    assert model.waiting(mid, at={"two.example", "four.example"}) == (2, 1)
+    assert model.waiting(mid, at={"one.example", "three.example", "five.example"}) == (2, 0)
+    assert model.waiting(other, at={"two.example"}) == (0, 1)
+    for unknown in ("0" * 32, "a\x00b"):
+        with pytest.raises(UnknownMessage):
+            model.waiting(unknown, at=set())

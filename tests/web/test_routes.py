@@ -23,7 +23,7 @@ from mailstrom.domains import a_label
 from mailstrom.errors import StoreError
 from mailstrom.loopback import names_loopback
 from mailstrom.readmodel.memory import MemoryReadModel
-from mailstrom.status import Attempt, RecipientState
+from mailstrom.status import Attempt, RecipientState, RecipientStatus
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.stores.dead_holders import HolderInfo
 from mailstrom.web import create_app
@@ -1378,6 +1378,46 @@ def test_retrying_mail_to_a_throttled_destination_says_it_waits_for_the_pause(
         assert 'id="done">Retry now: 1 recipient due once resumed, 1 due once the pause ends<' in (
             done.text
         )
+
+
+def test_an_action_on_a_message_makes_no_status_per_recipient(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The confirmation pages and Retry, Hold and Release made a RecipientStatus for
+    every recipient of the message (100,000 per click for a message to 100,000), to read
+    its state, whether it is held, and how many recipients wait for a suspended
+    destination. They read counts: a few statuses per click, however many recipients."""
+    addresses = [f"r{i}@d{i % 4}.example" for i in range(200)]
+    mid = any_store.enqueue(message(*addresses), now=NOW)
+    any_store.suspend("d1.example", now=NOW)
+    built = 0
+    make = RecipientStatus.__init__
+
+    def counted(self: RecipientStatus, *args: Any, **kwargs: Any) -> None:
+        nonlocal built
+        built += 1
+        make(self, *args, **kwargs)
+
+    for client in _client(any_store):
+        monkeypatch.setattr(RecipientStatus, "__init__", counted)
+        clicks = 0
+        for name, notice in (
+            ("retry", "150 recipients due now, 50 due once resumed"),
+            ("release", "was not held"),
+            ("hold", "held"),
+            ("hold", "already held"),
+            ("retry", "200 recipients due once released"),
+            ("release", "released"),
+        ):
+            token = _csrf(client.get(f"/action/{name}/{mid}").text)
+            # Not on to the message's page, which shows a page of its recipients.
+            done = client.post(
+                f"/action/{name}/{mid}", data={"csrf": token}, follow_redirects=False
+            )
+            assert urllib.parse.unquote(done.headers["location"]).endswith(f": {notice}")
+            clicks += 1
+        monkeypatch.undo()
+        assert built <= 4 * clicks  # was 200 and more per click
 
 
 def test_a_suspension_from_a_clock_in_a_zone_with_summer_time_lasts_its_length(

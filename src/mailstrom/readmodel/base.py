@@ -11,7 +11,7 @@ contract suite (``tests/contract/test_readmodel.py``) runs over all three.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -558,6 +558,14 @@ class ReadModel(Protocol):
         :class:`InvalidQuery` for an ``after`` below -1 or a ``recipients`` below 1.
         :class:`~mailstrom.errors.UnreadableRow` for a message whose rows (those read)
         cannot be read back, as the store's status raises it."""
+        ...
+
+    def waiting(self, message_id: str, *, at: Collection[str]) -> tuple[int, int]:
+        """Of the message's pending recipients, how many are at one of the domains ``at``
+        (lower case: the suspended ones), and how many of the others wait for a running
+        pause of their destination (:attr:`~mailstrom.status.RecipientStatus.throttle`,
+        read by the clock as :meth:`message_status` reads it): what a retry says, counted
+        in the store, no recipient's status made (100,000 of them were made per click)."""
         ...
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:

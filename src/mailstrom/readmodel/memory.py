@@ -9,6 +9,7 @@ answers exactly as the SQL read models do (the contract suite checks it).
 from __future__ import annotations
 
 import heapq
+from collections.abc import Collection
 from dataclasses import replace
 from datetime import datetime
 
@@ -44,7 +45,7 @@ from mailstrom.status import DestinationThrottle, ReasonClass, RecipientState, r
 from mailstrom.stores.base import with_throttles
 from mailstrom.stores.memory import MemoryStore
 from mailstrom.stores.memory_records import _Message, _Recipient
-from mailstrom.stores.operator import Suspension, filter_domain
+from mailstrom.stores.operator import PENDING_STATES, Suspension, filter_domain
 
 _PENDING = (RecipientState.QUEUED, RecipientState.DEFERRED)
 
@@ -234,6 +235,24 @@ class MemoryReadModel:
             counts=counts,
             next_after=records[-1].position if more else None,
         )
+
+    def waiting(self, message_id: str, *, at: Collection[str]) -> tuple[int, int]:
+        """See :meth:`ReadModel.waiting`."""
+        self._check_open()
+        suspended = paused = 0
+        with self._store._lock:
+            m = self._store._get(message_id)
+            pauses = self._store._paused_in(m)
+            for r in m.recipients.values():
+                if r.state not in PENDING_STATES:
+                    continue
+                if r.domain.lower() in at:
+                    suspended += 1
+                elif (pause := pauses.get(r.address)) is not None and (
+                    r.next_attempt_at is None or r.next_attempt_at <= pause.until
+                ):
+                    paused += 1  # as with_throttles() shows it
+        return suspended, paused
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""

@@ -11,7 +11,7 @@ the partial index of pending recipients.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -40,7 +40,7 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
-from mailstrom.readmodel.postgres_message import message_detail
+from mailstrom.readmodel.postgres_message import message_detail, waiting
 from mailstrom.readmodel.postgres_summary import summaries
 from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
 from mailstrom.stores.base import reason_class_of
@@ -389,6 +389,13 @@ class PostgresReadModel:
             raise UnknownMessage(message_id)
         with self._reading("reading a message's status") as conn:
             return message_detail(conn, message_id, attempts, after, recipients)
+
+    def waiting(self, message_id: str, *, at: Collection[str]) -> tuple[int, int]:
+        """See :meth:`ReadModel.waiting`."""
+        if not comparable(message_id):  # names nothing stored, as in the memory store
+            raise UnknownMessage(message_id)
+        with self._reading("counting a message's waiting recipients") as conn:
+            return waiting(conn, message_id, at)
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""

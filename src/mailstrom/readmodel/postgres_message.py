@@ -5,6 +5,7 @@ its recipients counted by state (the ``status_latest`` query; see
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,13 +13,14 @@ import psycopg
 from psycopg.rows import dict_row
 
 from mailstrom.errors import UnknownMessage, UnreadableRow
+from mailstrom.policy.throttle import CLOCK_SET_BACK
 from mailstrom.readmodel.base import MAX_SEQ, MessageDetail, detail
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import with_throttles
 from mailstrom.stores.postgres.rows import messages_from_rows
 from mailstrom.stores.postgres.sql import queries
 from mailstrom.stores.postgres.store import _pauses_in
-from mailstrom.stores.row_checks import UNREADABLE
+from mailstrom.stores.row_checks import MAX_ATTEMPTS, UNREADABLE
 
 _STATUS_LATEST = queries()["status_latest"].encode()
 
@@ -65,3 +67,36 @@ def message_detail(
         counts=counts,
         next_after=int(firsts[-1]["r_position"]) if more else None,
     )
+
+
+# A pause is counted as the status statement and with_throttles() read it: running, its
+# row readable (pause_of), the recipient due within it.
+_WAITING = b"""
+SELECT count(*) FILTER (WHERE lower(r.domain) = ANY(%(at)s)),
+       count(*) FILTER (WHERE NOT lower(r.domain) = ANY(%(at)s) AND t.destination IS NOT NULL
+                        AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= t.until))
+FROM messages m
+JOIN recipients r ON r.message_id = m.id AND r.state IN ('queued', 'deferred')
+LEFT JOIN destination_throttles t
+       ON t.destination = r.throttled_by AND t.until > %(now)s AND t.since <= %(set_back)s
+      AND t.strikes BETWEEN 1 AND %(max)s
+WHERE m.id = %(id)s
+"""
+
+
+def waiting(conn: psycopg.Connection[Any], message_id: str, at: Collection[str]) -> tuple[int, int]:
+    """See :meth:`~mailstrom.readmodel.base.ReadModel.waiting`: counted in the store, in
+    the caller's transaction; UnknownMessage."""
+    if conn.execute(b"SELECT 1 FROM messages WHERE id = %s", (message_id,)).fetchone() is None:
+        raise UnknownMessage(message_id)
+    now = datetime.now(UTC)
+    params = {
+        "id": message_id,
+        "at": sorted(at),
+        "now": now,
+        "set_back": now + CLOCK_SET_BACK,
+        "max": MAX_ATTEMPTS,
+    }
+    row = conn.execute(_WAITING, params).fetchone()
+    assert row is not None  # an aggregate's one row
+    return int(row[0]), int(row[1])

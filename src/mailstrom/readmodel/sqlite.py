@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,7 +45,7 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
-from mailstrom.readmodel.sqlite_message import message_detail
+from mailstrom.readmodel.sqlite_message import message_detail, waiting
 from mailstrom.readmodel.sqlite_summary import summaries
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.status import DestinationThrottle, RecipientState
@@ -469,6 +469,13 @@ class SQLiteReadModel:
             raise UnknownMessage(message_id)
         with self._read() as conn:
             return message_detail(conn, message_id, attempts, after, recipients)
+
+    def waiting(self, message_id: str, *, at: Collection[str]) -> tuple[int, int]:
+        """See :meth:`ReadModel.waiting`."""
+        if not comparable(message_id):  # names nothing stored, as in the memory store
+            raise UnknownMessage(message_id)
+        with self._read() as conn:
+            return waiting(conn, message_id, at)
 
     def message_data(self, message_id: str, *, limit: int | None = None) -> bytes:
         """See :meth:`ReadModel.message_data`."""

@@ -5,17 +5,19 @@ recipient, as many as its share of the page's (see
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Collection
 from datetime import UTC, datetime
 
 from mailstrom.errors import UnknownMessage, UnreadableRow
 from mailstrom.readmodel.base import MAX_SEQ, MessageDetail, attempt_shares, detail
 from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores.base import with_throttles
-from mailstrom.stores.row_checks import UNREADABLE
+from mailstrom.stores.row_checks import MAX_ATTEMPTS, UNREADABLE
 from mailstrom.stores.sqlite_queue import ATTEMPT_COLUMNS, _message_status
 from mailstrom.stores.sqlite_schema import attempt_from_row
-from mailstrom.stores.sqlite_shaping import paused_among
+from mailstrom.stores.sqlite_shaping import paused_among, runs_at
 
 # The columns read_messages() reads.
 _HEAD = (
@@ -84,3 +86,30 @@ def message_detail(
         counts=counts,
         next_after=int(page[-1][-2]) if more else None,
     )
+
+
+# The domains given arrive as one JSON array (json_each): a list of thousands of
+# suspensions binds one parameter. A pause is counted as paused_among() and
+# with_throttles() read it: running, its row readable, the recipient due within it.
+_WAITING = (
+    "SELECT coalesce(sum(lower(r.domain) IN (SELECT value FROM json_each(?1))), 0),"
+    " coalesce(sum(lower(r.domain) NOT IN (SELECT value FROM json_each(?1))"
+    " AND t.destination IS NOT NULL"
+    " AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= t.until)), 0)"
+    " FROM recipients r LEFT JOIN destination_throttles t ON t.destination = r.throttled_by"
+    " AND t.until > ?2 AND t.since <= ?3 AND t.strikes BETWEEN 1 AND ?4"
+    " WHERE r.message_seq = ?5 AND r.state IN ('queued', 'deferred')"
+)
+
+
+def waiting(conn: sqlite3.Connection, message_id: str, at: Collection[str]) -> tuple[int, int]:
+    """See :meth:`~mailstrom.readmodel.base.ReadModel.waiting`: counted by the message's
+    recipients' index, in the caller's transaction; UnknownMessage."""
+    head = conn.execute("SELECT seq FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if head is None:
+        raise UnknownMessage(message_id)
+    until, since = runs_at(datetime.now(UTC))
+    row = conn.execute(
+        _WAITING, (json.dumps(sorted(at)), until, since, MAX_ATTEMPTS, head[0])
+    ).fetchone()
+    return int(row[0]), int(row[1])

@@ -76,10 +76,10 @@ def throttle(
 
 _RUNS = "until > ? AND since <= ?"
 """A pause that runs at a time (:func:`~mailstrom.policy.throttle.pause_runs`): it has not
-ended, and it did not start ahead of a clock since set back; with :func:`_runs_at`."""
+ended, and it did not start ahead of a clock since set back; with :func:`runs_at`."""
 
 
-def _runs_at(now: datetime) -> tuple[int, int]:
+def runs_at(now: datetime) -> tuple[int, int]:
     """The parameters of :data:`_RUNS` at ``now`` (microseconds: no datetime overflows)."""
     return to_us(now), to_us(now) + CLOCK_SET_BACK // timedelta(microseconds=1)
 
@@ -96,9 +96,9 @@ def throttles(
     """The running pauses at ``now``, soonest end first; the first ``limit`` only, when
     given (the dashboard's page shows a few of thousands)."""
     if limit is None:
-        rows = conn.execute(THROTTLES_SQL, _runs_at(now)).fetchall()
+        rows = conn.execute(THROTTLES_SQL, runs_at(now)).fetchall()
     else:
-        rows = conn.execute(f"{THROTTLES_SQL} LIMIT ?", (*_runs_at(now), limit)).fetchall()
+        rows = conn.execute(f"{THROTTLES_SQL} LIMIT ?", (*runs_at(now), limit)).fetchall()
     return [pause for row in rows if (pause := _throttle_from_row(row)) is not None]
 
 
@@ -106,7 +106,7 @@ def throttle_count(conn: sqlite3.Connection, *, now: datetime) -> int:
     """How many pauses run at ``now`` (unreadable ones too: the count says how many more
     there are, never what a page lists)."""
     sql = f"SELECT count(*) FROM destination_throttles WHERE {_RUNS}"
-    (count,) = conn.execute(sql, _runs_at(now)).fetchone()
+    (count,) = conn.execute(sql, runs_at(now)).fetchone()
     return int(count)
 
 
@@ -132,7 +132,7 @@ def paused_among(
             " ON t.destination = r.throttled_by"
             f" WHERE r.id IN ({','.join('?' * len(chunk))})"
             " AND r.state IN ('queued', 'deferred') AND t.until > ? AND t.since <= ?",
-            (*chunk, *_runs_at(now)),
+            (*chunk, *runs_at(now)),
         ).fetchall()
         for row in rows:
             if (pause := _throttle_from_row(row[1:])) is not None:
@@ -157,7 +157,7 @@ def paused_in(
             " CROSS JOIN destination_throttles t ON t.destination = r.throttled_by"
             f" WHERE m.id IN ({','.join('?' * len(chunk))})"
             " AND r.state IN ('queued', 'deferred') AND t.until > ? AND t.since <= ?",
-            (*chunk, *_runs_at(now)),
+            (*chunk, *runs_at(now)),
         ).fetchall()
         for row in rows:
             if (pause := _throttle_from_row(row[2:])) is not None:

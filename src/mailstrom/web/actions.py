@@ -15,16 +15,20 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from mailstrom.errors import MailstromError, StoreError, UnknownMessage
+from mailstrom.readmodel.base import ReadModel
 from mailstrom.status import MessageStatus
 from mailstrom.stores.base import Store
-from mailstrom.stores.operator import PENDING_STATES, count_recipients, normalize_domain
+from mailstrom.stores.operator import normalize_domain
 
 log = logging.getLogger("mailstrom.web")
 
-StatusOf = Callable[[str], MessageStatus]
-"""A message's status without its attempts (the dashboard's read model's): what an action
-says of a message reads its recipients' states, never their history, which the store's
-``status()`` reads whole (30,000 attempts for 1,000 recipients tried 30 times each)."""
+
+def status_of(model: ReadModel, message_id: str) -> MessageStatus:
+    """What an action says of a message: its whole state and ``held``, read from its
+    recipients counted by state with one recipient's status made, none of its attempts.
+    Every recipient's was made, per click: 100,000 for a message to 100,000; and the
+    store's ``status()`` reads each one's whole history besides."""
+    return model.message_status(message_id, attempts=0, recipients=1).status
 
 
 class InvalidTarget(MailstromError, ValueError):
@@ -46,9 +50,9 @@ class Action:
     """The button's text."""
     question: str
     """The confirmation page's question; ``{target}`` names what it applies to."""
-    run: Callable[[Store, StatusOf, str, datetime, timedelta | None], str]
-    """Perform it on (store, a reader of a message's status, message id or domain, now,
-    chosen duration); returns what happened."""
+    run: Callable[[Store, ReadModel, str, datetime, timedelta | None], str]
+    """Perform it on (store, its read model, message id or domain, now, chosen duration);
+    returns what happened."""
     danger: bool = False
     durations: Mapping[str, tuple[str, timedelta | None]] = field(default_factory=dict)
     """The confirmation form's choice of how long (form value → label, duration); empty:
@@ -103,7 +107,7 @@ def stored_domain(text: str) -> str:
 
 
 def _retry(
-    store: Store, status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
+    store: Store, model: ReadModel, message_id: str, now: datetime, _: timedelta | None
 ) -> str:
     """Make the message's pending recipients due, and say, as ``mailstrom retry`` does,
     which go now: no worker leases a held message's until it is released, nor those at a
@@ -114,25 +118,18 @@ def _retry(
     503 of a queue that cannot be read, and the user took the retry for failed)."""
     n = store.retry(message_id, now=now)
     try:
-        status = status_of(message_id)
+        held = status_of(model, message_id).held
         suspended = {s.domain for s in store.suspensions(now=now)}
+        # Counted in the store, after the retry: no worker takes these meanwhile, so
+        # none has gone.
+        paused, throttled = model.waiting(message_id, at=suspended) if not held else (0, 0)
     except (StoreError, UnknownMessage) as exc:
         log.warning("retry %s: done, but what became of it cannot be read: %s", message_id, exc)
         return f"{_recipients(n)} made due"
-    if status.held:
+    if held:
         return f"{_recipients(n)} due once released"
-    # Counted after the retry: no worker takes these meanwhile, so none has gone.
-    paused = min(count_recipients([status], PENDING_STATES, at=suspended), n)
-    throttled = min(
-        sum(
-            1
-            for r in status.recipients
-            if r.state in PENDING_STATES
-            and r.throttle is not None
-            and r.domain.lower() not in suspended
-        ),
-        n - paused,
-    )
+    paused = min(paused, n)
+    throttled = min(throttled, n - paused)
     groups = [
         (count, when)
         for count, when in (
@@ -150,12 +147,12 @@ def _recipients(n: int) -> str:
     return f"{n} recipient{'' if n == 1 else 's'}"
 
 
-def _finished(status_of: StatusOf, message_id: str, action: str) -> bool | None:
+def _finished(model: ReadModel, message_id: str, action: str) -> bool | None:
     """Whether the message has finished (no recipient pending), read after ``action`` on
     it; None when that cannot be read (the action is done all the same, as for a retry).
     UnknownMessage when there is no such message."""
     try:
-        return status_of(message_id).state.is_final
+        return status_of(model, message_id).state.is_final
     except StoreError as exc:
         log.warning(
             "%s %s: done, but what became of it cannot be read: %s", action, message_id, exc
@@ -164,21 +161,21 @@ def _finished(status_of: StatusOf, message_id: str, action: str) -> bool | None:
 
 
 def _hold(
-    store: Store, status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
+    store: Store, model: ReadModel, message_id: str, now: datetime, _: timedelta | None
 ) -> str:
     """Hold the message, and say whether this click held it: one that finished meanwhile
     (its page offered the hold while it was pending) is left as it is, not held, and one
     another operator held meanwhile was held already."""
     if store.hold_many([message_id], True):
         return "held"
-    finished = _finished(status_of, message_id, "hold")  # UnknownMessage: it is gone
+    finished = _finished(model, message_id, "hold")  # UnknownMessage: it is gone
     if finished is None:
         return "already held or finished"
     return "not held as it has finished" if finished else "already held"
 
 
 def _release(
-    store: Store, status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
+    store: Store, model: ReadModel, message_id: str, now: datetime, _: timedelta | None
 ) -> str:
     """Release the message, and say whether this click released it: one that finished
     while held (its delivery in flight, its page offering the release meanwhile) is not
@@ -186,21 +183,21 @@ def _release(
     not held any more (the notice said "released" of a click that changed nothing)."""
     if store.hold_many([message_id], False):
         return "released"
-    finished = _finished(status_of, message_id, "release")  # UnknownMessage: it is gone
+    finished = _finished(model, message_id, "release")  # UnknownMessage: it is gone
     if finished is None:
         return "not held or finished"
     return "not held as it has finished" if finished else "was not held"
 
 
 def _cancel(
-    store: Store, _status_of: StatusOf, message_id: str, now: datetime, _: timedelta | None
+    store: Store, _model: ReadModel, message_id: str, now: datetime, _: timedelta | None
 ) -> str:
     n = store.cancel(message_id, now=now)
     return f"{_recipients(n)} cancelled"
 
 
 def _suspend(
-    store: Store, _status_of: StatusOf, domain: str, now: datetime, duration: timedelta | None
+    store: Store, _model: ReadModel, domain: str, now: datetime, duration: timedelta | None
 ) -> str:
     if duration is None:
         store.suspend(domain, now=now)
@@ -210,7 +207,7 @@ def _suspend(
 
 
 def _resume(
-    store: Store, _status_of: StatusOf, domain: str, now: datetime, _: timedelta | None
+    store: Store, _model: ReadModel, domain: str, now: datetime, _: timedelta | None
 ) -> str:
     return "resumed" if store.resume(domain, now=now) else "was not suspended"
 

@@ -54,12 +54,18 @@ from mailstrom.readmodel import (
 from mailstrom.readmodel.ttl import TTLCache
 from mailstrom.safetext import bidi_escaped
 from mailstrom.settings import parse_duration, parse_origin
-from mailstrom.status import MessageStatus, RecipientState
+from mailstrom.status import RecipientState
 from mailstrom.stores.base import Store
 from mailstrom.stores.clock import in_utc
 from mailstrom.stores.dead_holders import HolderInfo, live_workers
 from mailstrom.stores.operator import Suspension, filter_domain, next_try
-from mailstrom.web.actions import ACTIONS, InvalidTarget, Target, destination_domain
+from mailstrom.web.actions import (
+    ACTIONS,
+    InvalidTarget,
+    Target,
+    destination_domain,
+    status_of,
+)
 from mailstrom.web.chart import throughput_chart
 from mailstrom.web.headers import MAX_BODY_BYTES, MAX_HEADER_BYTES, header_fields, shown_body
 from mailstrom.web.security import (
@@ -371,10 +377,6 @@ def create_app(
 
     # --- actions ------------------------------------------------------------------------
 
-    def status_of(message_id: str) -> MessageStatus:
-        """What the actions read of a message: its status, none of its attempts."""
-        return model.message_status(message_id, attempts=0).status
-
     def action_and_target(request: Request) -> tuple[Any, str] | Response:
         action = ACTIONS.get(request.path_params["name"])
         target = request.path_params["target"]
@@ -397,7 +399,7 @@ def create_app(
         if action.target is Target.MESSAGE:
             # As the message's own page: no question about a message that is not there.
             try:
-                await run_in_threadpool(status_of, target)
+                await run_in_threadpool(status_of, model, target)
             except UnknownMessage:
                 return problem(request, 404, f"no message {target} in the queue")
             except UnreadableRow:
@@ -438,9 +440,7 @@ def create_app(
                 return problem(request, 400, "choose one of the offered durations")
             duration = chosen[1]
         try:
-            outcome = await run_in_threadpool(
-                action.run, store, status_of, target, clock(), duration
-            )
+            outcome = await run_in_threadpool(action.run, store, model, target, clock(), duration)
         except UnknownMessage:
             return problem(request, 404, f"no message {target} in the queue")
         cache.clear()
