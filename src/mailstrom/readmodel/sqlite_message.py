@@ -15,26 +15,22 @@ from mailstrom.readmodel.base import MAX_SEQ, MessageDetail, attempt_shares, det
 from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores.base import with_throttles
 from mailstrom.stores.row_checks import MAX_ATTEMPTS, UNREADABLE
-from mailstrom.stores.sqlite_queue import ATTEMPT_COLUMNS, _message_status
+from mailstrom.stores.sqlite_queue import (
+    ATTEMPT_COLUMNS,
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
+    message_from_rows,
+)
 from mailstrom.stores.sqlite_schema import attempt_from_row
 from mailstrom.stores.sqlite_shaping import paused_among, runs_at
 
-# The columns read_messages() reads.
-_HEAD = (
-    "SELECT m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id,"
-    " m.subject, m.held, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,"
-    " m.idempotency_key, (SELECT d.dkim FROM message_dkim d WHERE d.message_seq = m.seq)"
-    " FROM messages m WHERE m.id = ?"
-)
-# The columns read_messages() reads of a recipient, then its position and how many
-# attempts it has: its history is at most MAX_HISTORY rows, counted from the index, no row.
-# No index holds (message_seq, position): the message's recipients are found by their
-# index on message_seq and sorted, never every recipient turned into a status.
+_HEAD = f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?"
+# A recipient's columns, then its position and how many attempts it has: its history is
+# at most MAX_HISTORY rows, counted from the index, no row. No index holds (message_seq,
+# position): the message's recipients are found by their index on message_seq and
+# sorted, never every recipient turned into a status.
 _PAGE = (
-    "SELECT message_seq, id, address, state, attempts, reply_code, reply_enhanced,"
-    " reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,"
-    " last_attempt_at, next_attempt_at, reason_class, finished_at,"
-    " lease_token IS NOT NULL AND state IN ('queued', 'deferred'), position,"
+    f"SELECT {RECIPIENT_COLUMNS}, position,"
     " (SELECT count(*) FROM attempts a WHERE a.recipient_id = r.id)"
     " FROM recipients r WHERE message_seq = ? AND position > ?"
     " ORDER BY position, id LIMIT ?"
@@ -62,7 +58,7 @@ def message_detail(
     shares = attempt_shares(len(page), attempts)
     histories: list[tuple[Attempt, ...]] = []
     try:
-        status = _message_status(head, {seq: [row[:-2] for row in page]}, {})
+        status = message_from_rows(head, {seq: [row[:-2] for row in page]}, {})
         # ValueError for a state mailstrom never writes, as the status read raises it.
         counts = {
             RecipientState(state): int(n)

@@ -12,7 +12,7 @@ from mailstrom.errors import UnreadableRow
 from mailstrom.readmodel.base import REASON_RANK, MessageSummary, summarise
 from mailstrom.status import RecipientState, reason_of
 from mailstrom.stores.row_checks import UNREADABLE, shown_text
-from mailstrom.stores.sqlite_queue import _message_status
+from mailstrom.stores.sqlite_queue import MESSAGE_COLUMNS, message_from_rows
 from mailstrom.stores.sqlite_schema import reply_from
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,7 @@ def summaries(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, MessageSum
     marks = ",".join("?" * len(seqs))
     # The columns read_messages() reads, then the first address.
     heads = conn.execute(
-        "SELECT m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id,"
-        " m.subject, m.held, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,"
-        " m.idempotency_key, (SELECT d.dkim FROM message_dkim d WHERE d.message_seq = m.seq),"
-        " (SELECT r.address FROM recipients r WHERE r.message_seq = m.seq"
+        f"SELECT {MESSAGE_COLUMNS}, (SELECT r.address FROM recipients r WHERE r.message_seq = m.seq"
         " ORDER BY r.position LIMIT 1)"
         f" FROM messages m WHERE m.seq IN ({marks})",
         seqs,
@@ -55,7 +52,7 @@ def _summary(conn: sqlite3.Connection, head: Any, counts: dict[Any, int]) -> Mes
     by_state = {RecipientState(state): n for state, n in counts.items()}
     return summarise(
         # The message's row read and checked as the store reads it, its recipients not.
-        _message_status(head[:-1], {}, {}),
+        message_from_rows(head[:-1], {}, {}),
         flagged=bool(held),
         counts=by_state,
         first=None if first is None else shown_text(first, "address") or "",

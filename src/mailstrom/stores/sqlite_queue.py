@@ -997,6 +997,19 @@ def _rid(conn: sqlite3.Connection, result: RecipientResult) -> int | None:
 
 # --- reading -------------------------------------------------------------------------------
 
+MESSAGE_COLUMNS = (
+    "m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id, m.subject,"
+    " m.held, m.tags, m.metadata, m.priority, m.send_at, m.expires_at, m.idempotency_key,"
+    " (SELECT d.dkim FROM message_dkim d WHERE d.message_seq = m.seq)"
+)
+"""A message's columns of ``messages m``, as :func:`message_from_rows` reads them."""
+RECIPIENT_COLUMNS = (
+    "message_seq, id, address, state, attempts, reply_code, reply_enhanced, reply_text,"
+    " error, mx_host, ip, tls, uncertain, first_attempt_at, last_attempt_at,"
+    " next_attempt_at, reason_class, finished_at,"
+    " lease_token IS NOT NULL AND state IN ('queued', 'deferred')"
+)
+"""A recipient's columns of ``recipients``, as :func:`recipient_from_row` reads them."""
 ATTEMPT_COLUMNS = (
     "a.recipient_id, a.at, a.outcome, a.duration, a.mx_host, a.ip, a.port, a.tls_version,"
     " a.tls_cipher, a.reply_code, a.reply_enhanced, a.reply_text, a.error, a.uncertain,"
@@ -1019,10 +1032,7 @@ def read_messages(
     ``strict`` (one message asked for by id) raises UnreadableRow."""
     # `condition` is built only from the constant fragments above; values are bound.
     messages = conn.execute(
-        "SELECT m.seq, m.id, m.envelope_from, m.created_at, m.size, m.header_message_id,"
-        " m.subject, m.held, m.tags, m.metadata, m.priority, m.send_at, m.expires_at,"
-        " m.idempotency_key, (SELECT d.dkim FROM message_dkim d WHERE d.message_seq = m.seq)"
-        f" FROM messages m WHERE {condition}"
+        f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE {condition}"
         " ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
         [*params, limit],
     ).fetchall()
@@ -1032,10 +1042,7 @@ def read_messages(
     for chunk in chunks(seqs):
         marks = qmarks(len(chunk))
         for row in conn.execute(
-            "SELECT message_seq, id, address, state, attempts, reply_code, reply_enhanced,"
-            " reply_text, error, mx_host, ip, tls, uncertain, first_attempt_at,"
-            " last_attempt_at, next_attempt_at, reason_class, finished_at,"
-            " lease_token IS NOT NULL AND state IN ('queued', 'deferred') FROM recipients"
+            f"SELECT {RECIPIENT_COLUMNS} FROM recipients"
             f" WHERE message_seq IN ({marks}) ORDER BY message_seq, position, id",
             chunk,
         ):
@@ -1051,7 +1058,7 @@ def read_messages(
     result = []
     for row in messages:
         try:
-            result.append(_message_status(row, recipients, attempts))
+            result.append(message_from_rows(row, recipients, attempts))
         except (UnreadableRow, ValueError, TypeError, OverflowError) as exc:
             problem = exc if isinstance(exc, UnreadableRow) else UnreadableRow(str(exc))
             if strict:
@@ -1060,7 +1067,7 @@ def read_messages(
     return result
 
 
-def _message_status(
+def message_from_rows(
     row: Any, recipients: dict[int, list[Any]], attempts: dict[int, list[Any]]
 ) -> MessageStatus:
     """One message's status from its row, its recipients' rows and their attempts' rows
