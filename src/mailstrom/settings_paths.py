@@ -75,7 +75,7 @@ def _anchored_store(value: Any, directory: str, config_file: Path) -> Any:
         return value  # refused, with its reason, where the store is opened
     if url.kind is not StoreKind.SQLITE or os.path.isabs(url.target):
         return value
-    anchored = os.path.normpath(os.path.join(directory, url.target))
+    anchored = _anchored(url.target, directory)
     if not os.path.exists(anchored) and os.path.isfile(url.target):
         raise ConfigError(
             f"store: {shorten(value)} in {config_file} is read relative to that file's"

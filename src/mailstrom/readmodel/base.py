@@ -312,7 +312,7 @@ def summarise(
     """The summary of the message ``head`` (its recipients not read: its state and
     ``held`` are not its own), held when ``flagged``, with its recipients counted by state
     in ``counts``, its first address and its reason."""
-    state = derive_message_state([state for state, n in counts.items() if n])
+    state, held = whole_state(counts, flagged)
     return MessageSummary(
         id=head.id,
         state=state,
@@ -324,8 +324,7 @@ def summarise(
         reason=reason,
         header_message_id=head.header_message_id,
         subject=head.subject,
-        # One that finished while held keeps its flag, and is no mail on hold.
-        held=flagged and not state.is_final,
+        held=held,
         dkim=head.dkim,
         tags=head.tags,
         metadata=head.metadata,
@@ -334,6 +333,14 @@ def summarise(
         expires_at=head.expires_at,
         idempotency_key=head.idempotency_key,
     )
+
+
+def whole_state(counts: Mapping[RecipientState, int], flagged: bool) -> tuple[RecipientState, bool]:
+    """A message's state and ``held`` from all its recipients counted by state and its
+    hold flag, when its recipients are not all read (a summary, a page of them)."""
+    state = derive_message_state([s for s, n in counts.items() if n])
+    # One that finished while held keeps its flag, and is no mail on hold.
+    return state, flagged and not state.is_final
 
 
 REASON_RANK = (
@@ -429,12 +436,15 @@ class MessageDetail:
     """How many attempts each recipient's whole history holds (the latest
     ``MAX_HISTORY``), in the order of ``status.recipients``: the page says how many it
     does not show."""
-    recipients: int = 0
-    """How many recipients the whole message has (``status.recipients`` may be a page)."""
     by_state: Mapping[RecipientState, int] = field(default_factory=dict)
     """All its recipients counted by state."""
     next_after: int | None = None
     """The ``after`` of the next page of recipients; None on the last page."""
+
+    @property
+    def recipients(self) -> int:
+        """How many recipients the whole message has (``status.recipients`` may be a page)."""
+        return sum(self.by_state.values())
 
 
 def attempt_shares(recipients: int, budget: int) -> list[int]:
@@ -451,11 +461,6 @@ def attempt_shares(recipients: int, budget: int) -> list[int]:
     return [each + 1 if i < extra else each for i in range(recipients)]
 
 
-def latest(history: Sequence[Attempt], share: int) -> tuple[Attempt, ...]:
-    """The last ``share`` entries of ``history`` (all of it when it holds fewer)."""
-    return tuple(history[max(0, len(history) - share) :]) if share else ()
-
-
 def check_recipient_page(after: int, recipients: int | None) -> None:
     """:class:`InvalidQuery` unless ``after`` is -1 (from the first recipient) or a
     position a store can compare, and ``recipients`` is None (all) or 1 to :data:`MAX_SEQ`."""
@@ -467,29 +472,29 @@ def check_recipient_page(after: int, recipients: int | None) -> None:
 
 def detail(
     status: MessageStatus,
-    histories: Sequence[tuple[Attempt, ...]],
+    histories: Sequence[tuple[Attempt, ...]] | None,
     kept: Sequence[int],
     *,
     flagged: bool,
     counts: Mapping[RecipientState, int],
     next_after: int | None,
 ) -> MessageDetail:
-    """``status`` (read without history, its recipients one page) with each recipient's
-    ``histories`` entry as its history, and its ``kept`` count (both in the order of its
+    """``status`` (its recipients one page) with each recipient's ``histories`` entry as
+    its history (None: those it holds), and its ``kept`` count (both in the order of its
     recipients). Its state and ``held`` are the whole message's, from its recipients
     counted by state in ``counts`` and its hold flag ``flagged``: not the page's, which
     may hold only delivered recipients while a later one waits (the actions rely on them)."""
-    recipients = tuple(
-        replace(r, history=h) for r, h in zip(status.recipients, histories, strict=True)
+    recipients = (
+        status.recipients
+        if histories is None
+        else tuple(replace(r, history=h) for r, h in zip(status.recipients, histories, strict=True))
     )
     if len(kept) != len(recipients):
         raise ValueError(f"{len(kept)} history counts for {len(recipients)} recipients")
-    state = derive_message_state([s for s, n in counts.items() if n])
-    whole = replace(status, recipients=recipients, state=state, held=flagged and not state.is_final)
+    state, held = whole_state(counts, flagged)
     return MessageDetail(
-        status=whole,
+        status=replace(status, recipients=recipients, state=state, held=held),
         kept=tuple(kept),
-        recipients=sum(counts.values()),
         by_state=dict(counts),
         next_after=next_after,
     )

@@ -8,13 +8,11 @@ answers exactly as the SQL read models do (the contract suite checks it).
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Collection
 from dataclasses import replace
 from datetime import datetime
 
 from mailstrom.errors import StoreError
-from mailstrom.policy.throttle import pause_runs
 from mailstrom.readmodel.base import (
     BUCKET,
     CLOSED,
@@ -35,7 +33,6 @@ from mailstrom.readmodel.base import (
     detail,
     fill_buckets,
     id_range,
-    latest,
     queued_before,
     summarise,
     throughput_window,
@@ -149,21 +146,13 @@ class MemoryReadModel:
         if limit is not None:
             check_count(limit, "limit")
         self._check_open()
-        store = self._store
-        with store._lock:
-            running = [t for t in store._throttles.values() if pause_runs(t, now)]
-        # The first few of thousands without sorting them all (the store's throttles()).
-        if limit is None:
-            return sorted(running, key=_soonest_end)
-        return heapq.nsmallest(limit, running, key=_soonest_end)
+        return self._store.throttles(now=now)[:limit]
 
     def throttle_count(self, *, now: datetime) -> int:
         """See :meth:`ReadModel.throttle_count`."""
         now = check_aware(now, "now")
         self._check_open()
-        store = self._store
-        with store._lock:
-            return sum(1 for t in store._throttles.values() if pause_runs(t, now))
+        return len(self._store.throttles(now=now))
 
     def queue_page(self, query: QueueQuery, *, now: datetime) -> QueuePage:
         """See :meth:`ReadModel.queue_page`."""
@@ -224,7 +213,9 @@ class MemoryReadModel:
             head = replace(m, recipients=page)
             status = with_throttles(head.snapshot(with_history=False), self._store._paused_in(head))
             shares = attempt_shares(len(records), attempts)
-            histories = [latest(r.history, k) for r, k in zip(records, shares, strict=True)]
+            histories = [
+                tuple(r.history[-k:]) if k else () for r, k in zip(records, shares, strict=True)
+            ]
             kept = [len(r.history) for r in records]
             flagged = m.held
         return detail(
@@ -367,8 +358,3 @@ def _tally(tallies: dict[str, _Tally], m: _Message, domain: str | None) -> bool:
                 last = str(r.reply) if r.reply is not None else r.error
                 tally.reply = (last, r.reason_class, r.last_attempt_at)
     return found
-
-
-def _soonest_end(pause: DestinationThrottle) -> tuple[datetime, str]:
-    """The order of the store's throttles(): the soonest end first, then by name."""
-    return pause.until, pause.destination

@@ -61,7 +61,7 @@ def message_detail(
     more = bool(firsts) and bool(firsts[-1]["r_more"])
     return detail(
         status,
-        [r.history for r in status.recipients],
+        None,  # the statement read each recipient's share of its attempts only
         [int(row["kept"]) for row in firsts],
         flagged=bool(read[0]["held"]),
         counts=counts,
@@ -75,12 +75,11 @@ _WAITING = b"""
 SELECT count(*) FILTER (WHERE lower(r.domain) = ANY(%(at)s)),
        count(*) FILTER (WHERE NOT lower(r.domain) = ANY(%(at)s) AND t.destination IS NOT NULL
                         AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= t.until))
-FROM messages m
-JOIN recipients r ON r.message_id = m.id AND r.state IN ('queued', 'deferred')
+FROM recipients r
 LEFT JOIN destination_throttles t
        ON t.destination = r.throttled_by AND t.until > %(now)s AND t.since <= %(set_back)s
       AND t.strikes BETWEEN 1 AND %(max)s
-WHERE m.id = %(id)s
+WHERE r.message_id = %(id)s AND r.state IN ('queued', 'deferred')
 """
 
 

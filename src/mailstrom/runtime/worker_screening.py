@@ -82,8 +82,8 @@ def prune_before(now: datetime, reading: ClockReading | None = None) -> datetime
     >>> prune_before(now, ahead).isoformat()
     '2025-12-01T00:00:01+00:00'
     """
-    if reading is not None and reading.skew > reading.uncertainty:
-        now -= timedelta(seconds=reading.skew - reading.uncertainty)
+    if reading is not None and reading.skew > 0:
+        now -= timedelta(seconds=reading.certain_skew)
     return now - SUPPRESSION_KEPT
 
 
@@ -242,11 +242,13 @@ class WorkerScreening(WorkerStore):
         if prune is None:
             return
         while True:
-            before = self._clock() - SUPPRESSION_KEPT
+            before = self._clock() - SUPPRESSION_KEPT  # what the warning below names
             pruned = 0
             try:
+                reading = None
                 if isinstance(self.store, ServerClock):
-                    before = prune_before(self._clock(), await self._measured_clock(self.store))
+                    reading = await self._measured_clock(self.store)
+                before = prune_before(self._clock(), reading)
                 while True:
                     count = await self._store_call(prune, expired_before=before, limit=PRUNE_BATCH)
                     pruned += count

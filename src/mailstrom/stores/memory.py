@@ -482,7 +482,6 @@ class MemoryStore(
                     held.append((m, r))
         return held
 
-    @writes
     def record_and_lease(
         self,
         results: Sequence[RecipientResult],

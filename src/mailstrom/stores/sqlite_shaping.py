@@ -95,10 +95,10 @@ def throttles(
 ) -> list[DestinationThrottle]:
     """The running pauses at ``now``, soonest end first; the first ``limit`` only, when
     given (the dashboard's page shows a few of thousands)."""
-    if limit is None:
-        rows = conn.execute(THROTTLES_SQL, runs_at(now)).fetchall()
-    else:
-        rows = conn.execute(f"{THROTTLES_SQL} LIMIT ?", (*runs_at(now), limit)).fetchall()
+    # LIMIT -1 is no limit to SQLite.
+    rows = conn.execute(
+        f"{THROTTLES_SQL} LIMIT ?", (*runs_at(now), -1 if limit is None else limit)
+    ).fetchall()
     return [pause for row in rows if (pause := _throttle_from_row(row)) is not None]
 
 
