@@ -5,7 +5,7 @@ the decisions themselves are :mod:`mailstrom.policy.throttle`'s."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 
 from mailstrom.errors import UnreadableRow
@@ -124,19 +124,8 @@ def paused_among(
     message's) that are pending and held back by a running pause: a page of a message's
     recipients reads theirs only, not those of its other thousands."""
     found: dict[str, DestinationThrottle] = {}
-    for start in range(0, len(recipient_ids), _IDS_PER_QUERY):
-        chunk = recipient_ids[start : start + _IDS_PER_QUERY]
-        rows = conn.execute(
-            f"SELECT r.address, {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))}"
-            " FROM recipients r CROSS JOIN destination_throttles t"
-            " ON t.destination = r.throttled_by"
-            f" WHERE r.id IN ({','.join('?' * len(chunk))})"
-            " AND r.state IN ('queued', 'deferred') AND t.until > ? AND t.since <= ?",
-            (*chunk, *runs_at(now)),
-        ).fetchall()
-        for row in rows:
-            if (pause := _throttle_from_row(row[1:])) is not None:
-                found[row[0]] = pause
+    for _, address, pause in _pauses_of(conn, "recipients r", "r.id", recipient_ids, now):
+        found[address] = pause
     return found
 
 
@@ -144,29 +133,43 @@ def paused_in(
     conn: sqlite3.Connection, message_ids: Sequence[str], *, now: datetime
 ) -> dict[str, dict[str, DestinationThrottle]]:
     """Message id → address → pause, for the pending recipients of ``message_ids`` held
-    back by a running pause (messages without one are left out); a list's messages are
-    looked up in chunks that keep the bound parameters few."""
+    back by a running pause (messages without one are left out)."""
     found: dict[str, dict[str, DestinationThrottle]] = {}
-    for start in range(0, len(message_ids), _IDS_PER_QUERY):
-        chunk = message_ids[start : start + _IDS_PER_QUERY]
-        # CROSS JOIN keeps this order: left to itself the planner read every pending
-        # recipient of the queue from the (state, domain) index for each list.
+    # CROSS JOIN keeps this order: left to itself the planner read every pending
+    # recipient of the queue from the (state, domain) index for each list.
+    recipients = "messages m CROSS JOIN recipients r ON r.message_seq = m.seq"
+    for mid, address, pause in _pauses_of(conn, recipients, "m.id", message_ids, now):
+        found.setdefault(str(mid), {})[address] = pause
+    return found
+
+
+def _pauses_of(
+    conn: sqlite3.Connection,
+    recipients: str,
+    key: str,
+    ids: Sequence[object],
+    now: datetime,
+) -> Iterator[tuple[object, str, DestinationThrottle]]:
+    """(``key``, address, pause) of each pending recipient of ``recipients`` (a FROM
+    clause naming them ``r``) whose ``key`` is one of ``ids`` and whose destination's
+    pause runs at ``now``; looked up in chunks that keep the bound parameters few."""
+    columns = ", ".join("t." + c.strip() for c in _COLUMNS.split(","))
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        chunk = ids[start : start + _IDS_PER_QUERY]
         rows = conn.execute(
-            f"SELECT m.id, r.address, {', '.join('t.' + c.strip() for c in _COLUMNS.split(','))}"
-            " FROM messages m CROSS JOIN recipients r ON r.message_seq = m.seq"
+            f"SELECT {key}, r.address, {columns} FROM {recipients}"
             " CROSS JOIN destination_throttles t ON t.destination = r.throttled_by"
-            f" WHERE m.id IN ({','.join('?' * len(chunk))})"
+            f" WHERE {key} IN ({','.join('?' * len(chunk))})"
             " AND r.state IN ('queued', 'deferred') AND t.until > ? AND t.since <= ?",
             (*chunk, *runs_at(now)),
         ).fetchall()
         for row in rows:
             if (pause := _throttle_from_row(row[2:])) is not None:
-                found.setdefault(row[0], {})[row[1]] = pause
-    return found
+                yield row[0], row[1], pause
 
 
 _IDS_PER_QUERY = 500
-"""Message ids bound in one query of :func:`paused_in` (SQLite allows 32,766 parameters)."""
+"""Ids bound in one query of :func:`_pauses_of` (SQLite allows 32,766 parameters)."""
 
 
 def mark(conn: sqlite3.Connection, recipients: Sequence[tuple[str, str]], destination: str) -> None:
