@@ -142,13 +142,11 @@ class WorkerClock(WorkerStore):
 
     async def _check_clock(self, measure: Callable[[Callable[[], datetime]], ClockReading]) -> None:
         try:
-            reading = await self._store_call(measure, self._clock)
-        except StoreError as exc:
+            reading = await self._read_clock(measure)
+        except StoreError:
             # Not a skew: a store that does not answer, handled like any other store call
             # (shown in store_error; the verdict stays what it was; asked again soon).
-            self._store_trouble("clock check", exc)
             return
-        self._store_fine("clock check")
         self._clock_reading = reading
         verdict = verdict_for(reading, self.config.lease_for, self._clock_verdict)
         previous, self._clock_verdict = self._clock_verdict, verdict

@@ -247,7 +247,7 @@ class WorkerScreening(WorkerStore):
             try:
                 reading = None
                 if isinstance(self.store, ServerClock):
-                    reading = await self._measured_clock(self.store)
+                    reading = await self._read_clock(self.store.measure_clock)
                 before = prune_before(self._clock(), reading)
                 while True:
                     count = await self._store_call(prune, expired_before=before, limit=PRUNE_BATCH)
@@ -266,18 +266,6 @@ class WorkerScreening(WorkerStore):
             if pruned:
                 log.info("pruned %d suppression entries expired before %s", pruned, before)
             await asyncio.sleep(PRUNE_EVERY)  # a timer, not synchronisation
-
-    async def _measured_clock(self, store: ServerClock) -> ClockReading:
-        """A reading of the worker's clock against the store server's, for pruning: a
-        clock check like the clock loop's (worker_clock.py), and counted as one when it
-        fails or works."""
-        try:
-            reading = await self._store_call(store.measure_clock, self._clock)
-        except StoreError as exc:
-            self._store_trouble("clock check", exc)
-            raise
-        self._store_fine("clock check")
-        return reading
 
     async def _send_owed(self, message_ids: list[str] | None) -> int:
         """Queue the notices owed by messages done for this pass (of ``message_ids``

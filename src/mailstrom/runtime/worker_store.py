@@ -12,11 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData
 from mailstrom.runtime.metrics import MetricsRecorder
 from mailstrom.stores.base import RecipientResult, Store, bare_result
+from mailstrom.stores.clock import ClockReading
 
 if TYPE_CHECKING:
     from mailstrom.runtime.worker_reporting import _Counters
@@ -49,6 +51,7 @@ class WorkerStore:
 
     store: Store
     metrics: MetricsRecorder
+    _clock: Callable[[], datetime]
     _inline: bool
     _counters: _Counters
     _wake: asyncio.Event | None
@@ -114,6 +117,20 @@ class WorkerStore:
             self._unusable = exc
             if self._wake is not None:
                 self._wake.set()
+
+    async def _read_clock(
+        self, measure: Callable[[Callable[[], datetime]], ClockReading]
+    ) -> ClockReading:
+        """This worker's clock read against the store server's (``measure``, the store's
+        ``measure_clock``), counted as a clock check: StoreError, counted as store
+        trouble, when the store does not answer."""
+        try:
+            reading = await self._store_call(measure, self._clock)
+        except StoreError as exc:
+            self._store_trouble("clock check", exc)
+            raise
+        self._store_fine("clock check")
+        return reading
 
     def _store_trouble(self, doing: str, exc: StoreError) -> None:
         self._store_unusable(exc)
