@@ -437,7 +437,7 @@ def check_hook_url(url: object, where: str = "hook.url") -> None:
     if not isinstance(url, str):
         raise ConfigError(f"{where}: expected a string, not {type(url).__name__}")
     shown = shown_hook_url(url)
-    if "@" in _url_parts(url)[2]:
+    if "@" in _origin(url)[2]:
         # urllib sends no credentials from a URL: it took "user:password@host" for
         # the host's name, every request failed, and the warning showed the password.
         raise ConfigError(
@@ -484,17 +484,6 @@ def _host_problem(host: str) -> str | None:
     return None
 
 
-def _url_parts(url: str) -> tuple[str, str, str, str, str, str, str, str, str]:
-    """``url`` cut at its delimiters as ``urlsplit`` cuts it (the authority ends at the
-    first ``/``, ``?`` or ``#``), without raising: scheme, ``://``, authority, ``/``,
-    path, ``?``, query, ``#``, fragment (a delimiter that is missing as "")."""
-    rest, hash_, fragment = url.partition("#")
-    rest, mark, query = rest.partition("?")
-    scheme, sep, rest = rest.partition("://") if "://" in rest else ("", "", rest)
-    authority, slash, path = rest.partition("/") if sep else ("", "", rest)
-    return scheme, sep, authority, slash, path, mark, query, hash_, fragment
-
-
 def shown_hook_url(url: str) -> str:
     """``url`` as logs and messages show it: its origin, the user information of its
     authority (``user:password@``, RFC 3986 §3.2.1) as ``***@``, and anything after it
@@ -508,8 +497,10 @@ def shown_hook_url(url: str) -> str:
     >>> shown_hook_url("https://app.example/")
     'https://app.example/'
     """
-    rest = url_rest(url)
-    scheme, sep, authority = url[: len(url) - len(rest)].rpartition("://")
+    scheme, sep, authority, rest = _origin(url)
+    if not sep:  # no URL: all that comes before its first "/", "?" or "#" is shown
+        authority = scheme + authority
+        scheme = ""
     if "@" in authority:
         authority = "***@" + authority.rpartition("@")[2]
     return f"{scheme}{sep}{authority}{'/…' if rest.strip('/') else rest}"
@@ -517,6 +508,15 @@ def shown_hook_url(url: str) -> str:
 
 _ORIGIN = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*")
 """A URL's scheme and authority (RFC 3986 §3), as ``urlsplit`` cuts them."""
+
+
+def _origin(url: str) -> tuple[str, str, str, str]:
+    """``url`` cut as ``urlsplit`` cuts it, without raising: its scheme, ``://``, its
+    authority (up to the first ``/``, ``?`` or ``#``), and the rest (:func:`url_rest`);
+    a string without ``://`` has no authority (all of its origin is the scheme part)."""
+    rest = url_rest(url)
+    scheme, sep, authority = url[: len(url) - len(rest)].partition("://")
+    return scheme, sep, authority, rest
 
 
 def url_rest(url: str) -> str:
