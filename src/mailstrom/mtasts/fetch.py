@@ -249,11 +249,4 @@ async def fetch_policy(
 
 def _tls_error(exc: BaseException) -> bool:
     """Whether an httpx connect error was the TLS handshake's (not TCP's)."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
-        if seen is None:
-            return False
-        if isinstance(seen, ssl.SSLError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return https.ssl_cause(exc, ssl.SSLError) is not None

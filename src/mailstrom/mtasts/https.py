@@ -27,7 +27,7 @@ import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -346,16 +346,24 @@ async def stream_at(
         raise httpx.NetworkError(f"TLS broken after the handshake: {exc}") from exc
 
 
-def verify_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The certificate verification error behind an httpx error, if that is what it is."""
+_SSLError = TypeVar("_SSLError", bound=ssl.SSLError)
+
+
+def ssl_cause(exc: BaseException, kind: type[_SSLError]) -> _SSLError | None:
+    """The ``kind`` of ssl error behind an httpx error, if that is what it is."""
     seen: BaseException | None = exc
     for _ in range(8):  # httpx wraps httpcore's error, which wraps ssl's
         if seen is None:
             return None
-        if isinstance(seen, ssl.SSLCertVerificationError):
+        if isinstance(seen, kind):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def verify_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind an httpx error, if that is what it is."""
+    return ssl_cause(exc, ssl.SSLCertVerificationError)
 
 
 MAX_QUOTED = 200
