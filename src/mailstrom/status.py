@@ -288,17 +288,20 @@ def derive_message_state(states: Sequence[RecipientState]) -> RecipientState:
     return RecipientState.FAILED
 
 
+def reason_rank(state: RecipientState) -> int:
+    """Where a recipient in ``state`` comes in the search for its message's reason
+    (:func:`state_reason`): pending first, then failed, then delivered."""
+    if not state.is_final:
+        return 0
+    return 2 if state is RecipientState.DELIVERED else 1
+
+
 def state_reason(recipients: Sequence[RecipientStatus]) -> str | None:
     """The recipients' reason that explains their message's state, for a one-line view:
     a pending recipient's (what holds the message back), else a failed one's (why it
     failed), a delivered one's last (a "250" explains nothing on a failed message)."""
-
-    def rank(r: RecipientStatus) -> int:
-        if not r.state.is_final:
-            return 0
-        return 2 if r.state is RecipientState.DELIVERED else 1
-
-    return next((r.reason for r in sorted(recipients, key=rank) if r.reason), None)
+    ranked = sorted(recipients, key=lambda r: reason_rank(r.state))
+    return next((r.reason for r in ranked if r.reason), None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -346,8 +346,8 @@ def whole_state(counts: Mapping[RecipientState, int], flagged: bool) -> tuple[Re
 REASON_RANK = (
     "CASE WHEN r.state IN ('queued', 'deferred') THEN 0 WHEN r.state = 'failed' THEN 1 ELSE 2 END"
 )
-"""The order :func:`~mailstrom.status.state_reason` looks for a reason in (then by
-position), for a SQL read model's ``ORDER BY`` over recipients ``r``."""
+""":func:`~mailstrom.status.reason_rank` in SQL (then by position), for a SQL read
+model's ``ORDER BY`` over recipients ``r``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -38,7 +38,13 @@ from mailstrom.readmodel.base import (
     throughput_window,
     with_suspensions,
 )
-from mailstrom.status import DestinationThrottle, ReasonClass, RecipientState, reason_of
+from mailstrom.status import (
+    DestinationThrottle,
+    ReasonClass,
+    RecipientState,
+    reason_of,
+    reason_rank,
+)
 from mailstrom.stores.base import with_throttles
 from mailstrom.stores.memory import MemoryStore
 from mailstrom.stores.memory_records import _Message, _Recipient
@@ -264,7 +270,7 @@ def _summary(m: _Message) -> MessageSummary:
     for r in m.recipients.values():
         counts[r.state] = counts.get(r.state, 0) + 1
         reason = reason_of(r.reply, r.error)
-        rank = _RANK.get(r.state, 2)
+        rank = reason_rank(r.state)
         if reason and (best is None or rank < best[0]):
             best = (rank, reason)
     first = next(iter(m.recipients.values()), None)
@@ -275,9 +281,6 @@ def _summary(m: _Message) -> MessageSummary:
         first=None if first is None else first.address,
         reason=None if best is None else best[1],
     )
-
-
-_RANK = {RecipientState.QUEUED: 0, RecipientState.DEFERRED: 0, RecipientState.FAILED: 1}
 
 
 def _matches(m: _Message, query: QueueQuery) -> bool:
