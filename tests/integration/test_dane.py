@@ -576,3 +576,25 @@ def test_an_mx_host_too_long_for_a_tlsa_name_is_not_held_back_by_dane(
     assert bob.history[-1].tls_policy == "opportunistic"
     mx.wait_for_messages(1)
     assert len(mx.messages) == 1
+
+
+def test_only_full_data_records_that_hold_no_der_mean_tls_required_unauthenticated(
+    dns_server: LoopbackDNS, receivers: Any, deliver: Any, tmp_path: Path
+) -> None:
+    """Full(0) records whose data is no DER certificate or key (cut short by a copy, the
+    PEM text instead of its DER, nothing at all) are malformed: unusable (RFC 7672 §2.2),
+    as a digest of the wrong size is. Used as records that authenticate, they had the
+    host deferred on every attempt, whatever certificate it showed."""
+    cert, key = self_signed("mx.test")
+    mx = receivers(server_context(tmp_path, cert, key))
+    spki = x509.load_pem_x509_certificate(cert).public_key()
+    spki_der = spki.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    pem_text = b"".join(cert.splitlines()[1:-1])  # the base64 of the certificate
+    signed_zone(dns_server, mx.host, (3, 1, 0, spki_der[:-4]), (2, 0, 0, pem_text))
+    bob = deliver(mx.port)
+    assert bob.state is RecipientState.DELIVERED, bob.reason
+    assert bob.history[-1].tls_policy == "required"
+    [received] = mx.wait_for_messages(1)
+    assert received.tls

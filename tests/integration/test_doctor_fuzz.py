@@ -619,8 +619,16 @@ def tlsa_records(draw: st.DrawFn, *, malformed: bool = True) -> tuple[int, int, 
 
 
 def well_formed(record: tuple[int, int, int, bytes]) -> bool:
-    """What dnspython parses: for matching types 1 and 2, data of a digest's length."""
-    *_, matching, data = record
+    """What the DANE lookup keeps: for matching types 1 and 2, data of a digest's length;
+    for the full data (0) of a certificate or key, one DER SEQUENCE filling it."""
+    _, selector, matching, data = record
+    if matching == 0 and selector in (0, 1):
+        if data[:1] != b"\x30" or len(data) < 2:
+            return False
+        if data[1] < 0x80:  # the short form of a length
+            return 2 + data[1] == len(data)
+        count = data[1] - 0x80
+        return 1 <= count <= 4 and 2 + count + int.from_bytes(data[2 : 2 + count]) == len(data)
     return len(data) == DIGEST_SIZES.get(matching, len(data))
 
 

@@ -120,11 +120,32 @@ def test_dane_ta_full_certificate_record_needs_no_anchor_in_the_chain() -> None:
 
 @pytest.mark.parametrize(
     ("matching", "size", "fits"),
-    [(1, 32, True), (1, 31, False), (1, 0, False), (2, 64, True), (2, 65, False), (0, 5, True)],
+    [(1, 32, True), (1, 31, False), (1, 0, False), (2, 64, True), (2, 65, False)],
 )
 def test_a_digest_must_have_its_matching_types_size(matching: int, size: int, fits: bool) -> None:
     # dnspython before 2.9.1 hands such records over; the DANE lookup sets them aside.
     assert record(3, 1, matching, bytes(size)).fits_matching_type is fits
+
+
+@pytest.mark.parametrize("selector", [0, 1])
+def test_full_data_must_be_one_der_structure(selector: int) -> None:
+    # RFC 6698 §2.1.2: a certificate or a SubjectPublicKeyInfo, a DER SEQUENCE both;
+    # dnspython reads any data, and the DANE lookup sets aside what is no such thing.
+    cert, _ = self_signed("mx.test")
+    whole = der(cert)
+    spki = (
+        x509.load_der_x509_certificate(whole)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    data = whole if selector == 0 else spki
+    assert record(3, selector, 0, data).fits_matching_type
+    assert record(3, selector, 0, b"\x30\x00").fits_matching_type  # fits, matches nothing
+    for malformed in (b"", data[:-1], data + b"\x00", b"\x02\x01\x05", b"MIIB", b"\x30\x85"):
+        assert not record(3, selector, 0, malformed).fits_matching_type
+    # Unknown parameters make a record unusable whatever its data: not malformed.
+    assert record(3, 2, 0, b"").fits_matching_type
+    assert record(3, 1, 3, b"").fits_matching_type
 
 
 def test_dane_ta_never_takes_the_servers_own_certificate_for_its_trust_anchor() -> None:

@@ -10,9 +10,10 @@ TLSA is looked up:
 * a validated answer with only unusable records → TLS is mandatory, unauthenticated
   (RFC 7672 §2.2: ``REQUIRED``);
 * malformed records (a SHA-256 or SHA-512 digest of the wrong length, which dnspython
-  2.9.1 and later refuse with the whole answer) are unusable too: the lookup asks again
-  and reads the answer without them (:mod:`mailstrom.tls.tlsa_lenient`; with an older
-  dnspython, which reads them, they are set aside from the answer), counting them in
+  2.9.1 and later refuse with the whole answer; full data that is no DER certificate or
+  key) are unusable too: the lookup asks again and reads the answer without those
+  dnspython refuses (:mod:`mailstrom.tls.tlsa_lenient`), and sets the others aside
+  (:attr:`~mailstrom.tls.requirement.TLSARecord.fits_matching_type`), counting them in
   :attr:`TLSALookup.malformed`; they are never matched, but they are published records,
   so an RRset of nothing else means ``REQUIRED`` as above, not "no TLSA records";
 * NXDOMAIN or no records, or an answer without the AD bit → DANE does not apply (None);
@@ -179,7 +180,8 @@ def _found(host: str, answer: dns.resolver.Answer, malformed: Malformed) -> TLSA
         for rdata in answer
     ]
     # dnspython before 2.9.1 reads a digest of the wrong size, which later versions refuse
-    # (ask_leniently then leaves it out): set it aside here just the same.
+    # (ask_leniently then leaves it out): set it aside here just the same. So too full
+    # data that is no DER certificate or key, which every version reads.
     fitting = [record for record in read if record.fits_matching_type]
     left_out = malformed.count + len(read) - len(fitting)
     # At most MAX_RECORDS are kept, the usable ones first: cut in the answer's order, a

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mailstrom.safetext import safe_text
-from mailstrom.tls.requirement import TLSARecord
+from mailstrom.tls.requirement import TLSARecord, der_element
 
 # cryptography is imported by the checks themselves, not with this module: its X.509
 # layer costs ~20 ms of start-up, and only a DANE destination needs it.
@@ -106,34 +106,14 @@ _TBS_FIELDS_BEFORE_SPKI = 5
 def _subject_public_key_info(tbs: bytes) -> bytes:
     """The DER octets of the subjectPublicKeyInfo of ``tbs``, a TBSCertificate: after the
     optional ``[0]`` version and five other fields (RFC 5280 §4.1)."""
-    offset, _ = _der_element(tbs, 0)
+    offset, _ = der_element(tbs, 0)
     if tbs[offset : offset + 1] == b"\xa0":  # [0] EXPLICIT version
-        offset = _der_element(tbs, offset)[1]
+        offset = der_element(tbs, offset)[1]
     for _ in range(_TBS_FIELDS_BEFORE_SPKI):
-        offset = _der_element(tbs, offset)[1]
+        offset = der_element(tbs, offset)[1]
     if tbs[offset : offset + 1] != b"\x30":
         raise ValueError("no SubjectPublicKeyInfo where RFC 5280 puts it")
-    return tbs[offset : _der_element(tbs, offset)[1]]
-
-
-def _der_element(data: bytes, offset: int) -> tuple[int, int]:
-    """Where the content of the DER element at ``offset`` (a one-octet tag, as all of a
-    TBSCertificate's are) starts, and where the element ends; ValueError when it does
-    not fit in ``data``."""
-    start = offset + 2
-    if start > len(data):
-        raise ValueError("DER element cut short")
-    length = data[offset + 1]
-    if length & 0x80:
-        count = length & 0x7F
-        if not 1 <= count <= 4 or start + count > len(data):
-            raise ValueError("DER length unreadable")
-        length = int.from_bytes(data[start : start + count], "big")
-        start += count
-    end = start + length
-    if end > len(data):
-        raise ValueError("DER element cut short")
-    return start, end
+    return tbs[offset : der_element(tbs, offset)[1]]
 
 
 def _digest(data: bytes, matching: int) -> bytes:

@@ -56,6 +56,38 @@ DIGEST_SIZES = {1: 32, 2: 64}
 """Data octets of TLSA matching types 1 (SHA-256) and 2 (SHA-512): RFC 6698 §2.1.3."""
 
 
+def der_element(data: bytes, offset: int) -> tuple[int, int]:
+    """Where the content of the DER element at ``offset`` (of a one-octet tag, as those of
+    certificates are) starts, and where the element ends; ValueError when it does not
+    fit in ``data``."""
+    start = offset + 2
+    if start > len(data):
+        raise ValueError("DER element cut short")
+    length = data[offset + 1]
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or start + count > len(data):
+            raise ValueError("DER length unreadable")
+        length = int.from_bytes(data[start : start + count], "big")
+        start += count
+    end = start + length
+    if end > len(data):
+        raise ValueError("DER element cut short")
+    return start, end
+
+
+def _one_der_sequence(data: bytes) -> bool:
+    """Whether ``data`` is one DER SEQUENCE and nothing else: the outside of a certificate
+    or a SubjectPublicKeyInfo. Not the empty data, a copy cut short or run on, nor the
+    base64 of a PEM file pasted in place of its DER."""
+    if data[:1] != b"\x30":
+        return False
+    try:
+        return der_element(data, 0)[1] == len(data)
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TLSARecord:
     """One TLSA record (RFC 6698 §2.1): usage, selector, matching type and data.
@@ -71,9 +103,17 @@ class TLSARecord:
 
     @property
     def fits_matching_type(self) -> bool:
-        """The data has the size its matching type gives a digest (RFC 6698 §2.1.3):
-        32 octets for SHA-256, 64 for SHA-512; any size for the full data (0)."""
-        return len(self.data) == DIGEST_SIZES.get(self.matching, len(self.data))
+        """The data is what its matching type holds (RFC 6698 §2.1.3): a digest of its
+        size, 32 octets for SHA-256 and 64 for SHA-512; for the full data (0) of a
+        certificate (selector 0) or a SubjectPublicKeyInfo (1), one DER SEQUENCE that
+        fills it, as both are (RFC 6698 §2.1.2). A record that does not fit is malformed:
+        unusable (RFC 7672 §2.2), as OpenSSL's and so Postfix's DANE hold it."""
+        size = DIGEST_SIZES.get(self.matching)
+        if size is not None:
+            return len(self.data) == size
+        if self.matching == 0 and self.selector in (0, 1):
+            return _one_der_sequence(self.data)
+        return True  # unknown parameters: unusable already, whatever the data
 
     @property
     def usable(self) -> bool:
