@@ -374,3 +374,83 @@ def test_a_dane_ta_chain_that_fails_only_for_expiry_says_so() -> None:
     assert not mismatch.expired
     assert kind is ResultType.TLSA_INVALID
     assert check_chain([expired, anchor], tlsa, host="mx.test", now=now - timedelta(days=2))
+
+
+def _private_ca(
+    *, critical: bool, key_usage: x509.KeyUsage | None
+) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA as private CA tools make them: ``openssl req -x509`` gives no
+    keyUsage, Easy-RSA a basicConstraints that is not critical."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Private CA")])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+    )
+    if key_usage is not None:
+        builder = builder.add_extension(key_usage, True)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER), key
+
+
+def _leaf_of(ca: bytes, ca_key: ec.EllipticCurvePrivateKey, name: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(x509.load_der_x509_certificate(ca).subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
+        .sign(ca_key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("critical", "key_usage"),
+    [(True, None), (False, _key_usage(cert_sign=True)), (False, None)],
+    ids=["openssl-req-x509", "easy-rsa", "neither"],
+)
+def test_dane_ta_takes_a_private_ca_as_openssl_does(
+    critical: bool, key_usage: x509.KeyUsage | None
+) -> None:
+    # A DANE-TA(2) anchor is the domain's own CA, held to RFC 5280 as OpenSSL holds it
+    # (and so Postfix and Exim): a CA is one whose basicConstraints say so, critical or
+    # not, and whose keyUsage, if it has one, allows signing certificates. Held to the
+    # Web PKI's profile, such a CA's hosts were deferred on every attempt.
+    ca, ca_key = _private_ca(critical=critical, key_usage=key_usage)
+    leaf = _leaf_of(ca, ca_key, "mx.test")
+    tlsa = [record(2, 0, 1, hashlib.sha256(ca).digest())]
+    assert check_chain([leaf, ca], tlsa, host="mx.test") == "DANE-TA 0 1"
+
+
+def test_dane_ta_refuses_a_ca_whose_key_usage_forbids_signing_certificates() -> None:
+    ca, ca_key = _private_ca(critical=True, key_usage=_key_usage(cert_sign=False))
+    leaf = _leaf_of(ca, ca_key, "mx.test")
+    with pytest.raises(DaneMismatch, match="does not verify"):
+        check_chain([leaf, ca], [record(2, 0, 1, hashlib.sha256(ca).digest())], host="mx.test")

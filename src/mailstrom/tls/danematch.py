@@ -24,10 +24,14 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailstrom.safetext import safe_text
 from mailstrom.tls.requirement import TLSARecord, der_element
+
+if TYPE_CHECKING:
+    from cryptography.x509 import Certificate, KeyUsage
+    from cryptography.x509.verification import Policy
 
 # cryptography is imported by the checks themselves, not with this module: its X.509
 # layer costs ~20 ms of start-up, and only a DANE destination needs it.
@@ -312,7 +316,18 @@ def _verify_to_anchor(
         ee_policy = ee_policy.require_present(
             x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
         )
-    policies = {"ca_policy": ExtensionPolicy.webpki_defaults_ca(), "ee_policy": ee_policy}
+    # Nor are the CAs, the anchor among them: they are held to RFC 5280 as OpenSSL holds
+    # them (and so Postfix and Exim, which DANE-TA domains test against). A CA is one
+    # whose basicConstraints assert cA (cryptography checks that, and the path length,
+    # itself), critical or not, and whose keyUsage, if it has one, allows signing
+    # certificates: ``openssl req -x509`` makes CAs without a keyUsage, Easy-RSA ones
+    # whose basicConstraints are not critical, and their hosts were never delivered to.
+    ca_policy = (
+        ExtensionPolicy.webpki_defaults_ca()
+        .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _signs_certificates)
+    )
+    policies = {"ca_policy": ca_policy, "ee_policy": ee_policy}
 
     def verifier_at(when: datetime) -> ServerVerifier | ClientVerifier:
         builder = (
@@ -353,6 +368,13 @@ def _verify_to_anchor(
             ) from None
         raise DaneMismatch(f"chain to the TLSA trust anchor does not verify: {exc}") from None
     return host
+
+
+def _signs_certificates(_policy: Policy, _ca: Certificate, usage: KeyUsage | None) -> None:
+    """Refuse a CA whose keyUsage does not allow signing certificates (RFC 5280
+    §4.2.1.3); one without a keyUsage may sign them, as OpenSSL has it."""
+    if usage is not None and not usage.key_cert_sign:
+        raise ValueError("the CA's keyUsage does not allow signing certificates (keyCertSign)")
 
 
 def _verifies_but_for_validity(
