@@ -643,3 +643,43 @@ def test_a_table_entry_keeps_a_requiretls_message_waiting_for_an_unfetched_polic
     assert status.state is RecipientState.DEFERRED
     assert "was not fetched" in status.reason
     assert mx.received == []
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["listed", "unlisted"])
+def test_a_tls_required_no_session_to_a_host_remembered_broken_counts_as_no_policy_found(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    smtp_server: Any,
+    client_tls_context: ssl.SSLContext,
+    listed: bool,
+) -> None:
+    # The testing policy applies to the first message, whose failed handshake makes the
+    # host's TLS remembered broken; the second carries TLS-Required: No, so the policy is
+    # not applied to its session (plaintext at once, for the remembered failure). That
+    # session was taken for the policy's, as the first message's decision was: not
+    # counted at all for a listed host, counted as "mx-not-listed" for another.
+    https.policy(policy("testing") if listed else policy("testing", "mx.other.example"))
+    mx = smtp_server(name="mx1.test", tls_broken=True)
+    store = MemoryStore()
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+        max_messages_per_connection=1,
+    )
+    results = Results()
+    with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
+        for n, headers in enumerate(({}, {"TLS-Required": "No"})):
+            ms.send_email(
+                Email(from_="app@sender.test", to=[BOB], subject=f"{n}", text="Hi", headers=headers)
+            )
+            mx.wait_for_messages(n + 1)
+    counters = store.tls_sessions(datetime.now(UTC).date())
+    by_type: dict[PolicyType, int] = {}
+    for c in counters:
+        by_type[c.policy_type] = by_type.get(c.policy_type, 0) + c.count
+    assert by_type == {PolicyType.STS: 1, PolicyType.NO_POLICY: 1}
+    assert [
+        (c.result_type, c.failure_code) for c in counters if c.policy_type is PolicyType.NO_POLICY
+    ] == [("validation-failure", "tls-handshake-failed-recently")]

@@ -138,11 +138,6 @@ class MTASTSHook:
         nothing else vouches for, rather than failing it for good."""
         return self._source.unknown(domain)
 
-    def applies_to(self, domain: str) -> bool:
-        """Whether the last decision for ``domain`` applied its policy (its sessions are
-        counted here, never as ``no-policy-found``)."""
-        return domain in self._applied
-
     def observe(
         self,
         domain: str,

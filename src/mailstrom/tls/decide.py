@@ -416,5 +416,8 @@ class TLSDecider:
                 source=PolicySource.REMEMBERED,
                 reason=f"TLS with {destination.mx_host} failed recently: plaintext "
                 f"({chosen.reason})",
+                # Which decision this replaces: TLS reports count the session under the
+                # policy that was applied to it, which only this requirement knows.
+                detail=chosen.source.value,
             )
         return chosen

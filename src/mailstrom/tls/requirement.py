@@ -45,7 +45,8 @@ class PolicySource(StrEnum):
     MTA_STS = "mta-sts"
     """The domain's MTA-STS policy (RFC 8461)."""
     REMEMBERED = "remembered"
-    """The host's TLS handshake failed recently: plaintext at once (opportunistic only)."""
+    """The host's TLS handshake failed recently: plaintext at once (opportunistic only).
+    ``detail`` is the source of the opportunistic requirement it replaces."""
     TLS_REQUIRED_NO = "tls-required-no"
     """The message carries ``TLS-Required: No`` (RFC 8689 §4): policies are ignored."""
     RELAY = "relay"

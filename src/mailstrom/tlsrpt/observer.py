@@ -103,13 +103,14 @@ class SessionObserver:
             return  # plaintext by the operator's choice: no TLS was attempted
         elif (
             source is PolicySource.REMEMBERED
+            and requirement.detail == PolicySource.MTA_STS
             and self._mta_sts is not None
-            and self._mta_sts.applies_to(domain)
         ):
             # MTA-STS testing with an unlisted MX whose TLS is remembered broken: a
             # session with the policy's failure, which the MTA-STS source counts. Only
             # that one: a session the policy was not applied to (TLS-Required: No skips
-            # it) is no-policy-found below, however earlier mail to the domain went.
+            # it) is no-policy-found below. Asked of the requirement, not of the source's
+            # last decision for the domain: that one may have been another message's.
             self._mta_sts.observe(domain, requirement, host, ip, error)
             return
         else:
