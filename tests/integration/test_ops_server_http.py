@@ -310,3 +310,19 @@ def test_an_accept_with_a_version_that_is_no_number_gets_the_text_format(
     assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert "mailstrom_worker_up 1.0" in answer.text.splitlines()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("host", [b"127.0.0.1 ", b"localhost\t", b"127.0.0.1:9466 \t "])
+def test_a_host_with_white_space_after_it_names_the_host_before_it(
+    server: OpsServer, host: bytes
+) -> None:
+    """RFC 9112 §5.1: a field line's value may be followed by optional white space, which
+    is not part of it. http.client keeps it in the value, and the loopback check took
+    ``127.0.0.1 `` for another host: 400 to a request that named this one."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 200 "), answer[:200]
+    assert b"mailstrom_worker_up 1.0" in answer

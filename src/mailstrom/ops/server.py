@@ -269,7 +269,9 @@ class OpsServer:
             do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
 
             def _answer(self) -> None:
-                hosts = self.headers.get_all("Host") or []
+                # Without the white space a field line's value may end with (RFC 9112
+                # §5.1), which http.client leaves in it: "127.0.0.1 " names this host.
+                hosts = [h.strip(" \t") for h in self.headers.get_all("Host") or []]
                 if len(hosts) > 1 or (not hosts and self.request_version >= "HTTP/1.1"):
                     # RFC 9112 §3.2: 400, not a guess at which one (a proxy may take
                     # another than the check below would).
