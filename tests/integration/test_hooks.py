@@ -1153,6 +1153,56 @@ def test_an_answer_whose_header_http_client_cannot_read_is_its_status(
     assert (metrics.hook_events_sent, metrics.hook_failures) == (2, 0)
 
 
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 103 Early Hints\r\n"
+        + b"".join(b"Link: </asset-%d.js>; rel=preload\r\n" % i for i in range(150))
+        + b"\r\n",
+        b"HTTP/1.1 102 Processing\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n",
+    ],
+    ids=["103-many-lines", "102-long-line"],
+)
+def test_an_interim_answer_whose_header_http_client_cannot_read_is_skipped(
+    raw_endpoint: RawEndpoint, tmp_path: Path, interim: bytes
+) -> None:
+    """An interim answer's header is dropped anyway; one past http.client's limits (a
+    CDN's 103 with more than 100 Link lines) raised, and the request failed although the
+    endpoint then answered 200: the batch it took was POSTed again, for ever."""
+
+    def answer(wfile: Any, stop: threading.Event) -> None:
+        wfile.write(interim + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    raw_endpoint.answer = answer
+    assert post(raw_endpoint.url, b"{}", {"Content-Type": "application/json"}, 5.0) is None
+    store = SQLiteStore(tmp_path / "q.db")
+    store.enable_events()
+    _deferred_events(store, ["u0@example.org", "u1@example.org"])
+    hook = HookConfig(url=raw_endpoint.url, secret=SECRET, retry_min=0.05, retry_max=0.1)
+    metrics = MetricsRecorder()
+    try:
+        _run_sender(store, hook, metrics, lambda: metrics.hook_events_sent >= 2)
+    finally:
+        store.close()
+    assert (metrics.hook_events_sent, metrics.hook_failures) == (2, 0)
+
+
+def test_interim_answers_that_never_end_fail_the_request_at_its_deadline(
+    raw_endpoint: RawEndpoint,
+) -> None:
+    """1xx answers, or one interim header, sent until the client gives up: the request
+    fails at its deadline, as one whose final answer never comes."""
+
+    def answer(wfile: Any, stop: threading.Event) -> None:
+        wfile.write(b"HTTP/1.1 102 Processing\r\n")
+        while not stop.wait(0.01):
+            wfile.write(b"X-Still: working\r\n\r\nHTTP/1.1 102 Processing\r\n")
+
+    raw_endpoint.answer = answer
+    failure = post(raw_endpoint.url, b"{}", {"Content-Type": "application/json"}, 0.5)
+    assert failure == "no complete answer within 0.5 s (hook.timeout)", failure
+
+
 def test_a_101_answer_to_a_hook_request_is_a_failure(raw_endpoint: RawEndpoint) -> None:
     """101 (Switching Protocols) ends HTTP on the connection: no interim answer to skip."""
 

@@ -44,6 +44,8 @@ leaves that much), however many addresses come after it."""
 MAX_QUOTED = 200
 """Characters of the endpoint's own words (its reason phrase, a status line or header
 http.client could not read) a failure quotes at most: those run to 64 KiB."""
+_PIECE = 65536
+"""Bytes of an interim answer's header line read at once (a longer line in pieces)."""
 _LEAST_TIMEOUT = 0.001
 """A positive socket timeout (0 would make the socket non-blocking): the deadline's
 timer shuts the socket down anyway."""
@@ -142,8 +144,8 @@ class _FinalResponse(http.client.HTTPResponse):
     expected or not. http.client skips only 100 (Continue): it took a 102 (Processing, from
     a server working on a long request) or a 103 (Early Hints, which proxies and CDNs send)
     for the answer, a failure, and the batch the endpoint then took with a 2xx went again,
-    every time. 101 (Switching Protocols) is final: HTTP ends on the connection. Each
-    interim header is bounded as any header is, and their number by the deadline."""
+    every time. 101 (Switching Protocols) is final: HTTP ends on the connection. Interim
+    headers are read past, never kept, and their size and number bounded by the deadline."""
 
     def _read_status(self) -> tuple[str, int, str]:
         while True:
@@ -151,7 +153,7 @@ class _FinalResponse(http.client.HTTPResponse):
             status = read[1]
             if not 100 <= status < 200 or status == http.client.SWITCHING_PROTOCOLS:
                 return read
-            http.client.parse_headers(self.fp)  # the interim answer's header, dropped
+            _skip_header(self.fp)
 
     def begin(self) -> None:
         """The answer's status line and header; a header http.client cannot read (more
@@ -170,6 +172,20 @@ class _FinalResponse(http.client.HTTPResponse):
             self.chunked = False
             self.length = 0
             self.will_close = True
+
+
+def _skip_header(fp: Any) -> None:
+    """Read past a header up to its empty line (or the end of the stream, which the next
+    status line's read reports), keeping none of it. Not http.client's parse_headers: it
+    keeps every line, so it raises past 100 lines or a line of 64 KiB, and an interim
+    answer's header (a CDN's 103 with more than 100 Link lines) failed the request that
+    the endpoint's final 200 then answered, for ever."""
+    line_starts = True
+    while True:
+        piece: bytes = fp.readline(_PIECE)
+        if not piece or (line_starts and piece in (b"\r\n", b"\n")):
+            return
+        line_starts = piece.endswith(b"\n")
 
 
 class _DeadlineConnection(http.client.HTTPConnection):
