@@ -286,3 +286,19 @@ def test_globally_reachable_addresses_beside_those_networks_are_kept(address: st
     """What the registries call globally reachable (PCP and TURN anycast inside
     192.0.0.0/24, AMT, AS112, ORCHIDv2) and the edges of each refused network."""
     assert RoutePolicy(refuse_private=True).refused(address) is None
+
+
+@pytest.mark.parametrize("allow_loopback", [False, True])
+@pytest.mark.parametrize("literal", ["[224.0.0.1]", "[240.0.0.1]", "[IPv6:ff02::1]"])
+def test_a_target_no_setting_allows_does_not_blame_allow_loopback(
+    literal: str, allow_loopback: bool
+) -> None:
+    """Multicast and reserved targets are refused whatever allow_loopback says, so the
+    failure must not say "allow_loopback is off": with it on, that was false, and with it
+    off it sent the operator to a setting that would not have helped."""
+    lookup = literal_lookup(literal, RoutePolicy(allow_loopback=allow_loopback))
+    assert lookup is not None
+    with pytest.raises(PermanentFailure) as info:
+        lookup.unwrap()
+    assert "allow_loopback" not in info.value.text
+    assert "no mail server" in info.value.text

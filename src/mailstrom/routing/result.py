@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailstrom.errors import PermanentFailure, TemporaryFailure
-from mailstrom.routing.policy import RoutePolicy
+from mailstrom.routing.policy import NEVER_A_SERVER, RoutePolicy
 from mailstrom.routing.route import Route
 
 NEGATIVE_TTL = 60.0
@@ -89,10 +89,15 @@ def _refused(domain: str, refused: list[tuple[str | None, str, str]]) -> Refusal
     server elsewhere. Retrying could only help a domain that repoints its MX, and the
     refusal is cached no longer than :data:`NEGATIVE_TTL`.
     """
+    # Only a kind that allow_loopback lifts makes it worth naming: multicast and reserved
+    # targets are refused with it on too, and "allow_loopback is off" was then false, or
+    # sent the operator to a setting that would not have helped.
+    liftable = any(kind not in NEVER_A_SERVER for _, _, kind in refused)
+    why = "allow_loopback is off" if liftable else "no mail server has such an address"
     return Refusal(
         text=(
             f"refusing to deliver to {domain}: every address it routes to is refused: "
-            f"{_named(refused)} (allow_loopback is off)"
+            f"{_named(refused)} ({why})"
         ),
         enhanced=_REFUSED_TARGET,
         host=refused[0][0] or domain,
