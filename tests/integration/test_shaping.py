@@ -205,6 +205,56 @@ def test_a_backup_mx_at_a_provider_does_not_put_the_domain_under_its_rule(
         store.close()
 
 
+@pytest.mark.parametrize(
+    ("greeting", "mail_reply"),
+    [
+        ("421 4.7.0 Too many connections", None),
+        (None, "421 4.7.28 Our system has detected an unusual rate of mail - gsmtp"),
+    ],
+    ids=["greeting", "mail"],
+)
+def test_a_421_from_a_backup_mx_outside_the_rule_does_not_pause_the_provider(
+    smtp_server: Any,
+    dns_server: LoopbackDNS,
+    tmp_path: Path,
+    greeting: str | None,
+    mail_reply: str | None,
+) -> None:
+    """A domain hosted at a provider whose backup MX is elsewhere (its own server, or one
+    its owner makes say anything): with the provider's host out of reach, the backup's
+    421 paused the provider's whole shape, and every domain hosted there (Gmail, each
+    Google Workspace domain) waited out a pause the provider never asked for; any
+    recipient domain could do so at will. A throttling reply pauses the rule only when
+    it comes from a host under the rule (or the domain's own rule)."""
+    own = smtp_server(host="127.0.0.42", greeting=greeting)
+    own.mail_reply = mail_reply
+    provider = smtp_server(host="127.0.0.43", port=own.port)
+    dns_server.mx("mixed.test", [(10, "mx1.provider.test"), (20, "backup.mixed.test")])
+    dns_server.a("mx1.provider.test", "127.0.0.41")  # nothing listens there: refused
+    dns_server.a("backup.mixed.test", own.host)
+    dns_server.mx("hosted.test", [(10, "mx2.provider.test")])
+    dns_server.a("mx2.provider.test", provider.host)
+    config = loopback_config(
+        dns_server, own.port, shaping=shaping(DestinationRule(match="*.provider.test"))
+    )
+    results = Results()
+    store = SQLiteStore(str(tmp_path / "queue.db"))
+    ms = start(config, store, results)
+    try:
+        ms.send_email(hello("a@mixed.test"))
+        results.wait_final({"a@mixed.test"})
+        assert own.connections == 1
+        assert [p.destination for p in ms.throttled_destinations()] == []
+        ms.send_email(hello("b@hosted.test"))
+        results.wait_for(
+            lambda rs: any(r.address == "b@hosted.test" and r.state is DELIVERED for r in rs)
+        )
+        assert provider.connections == 1
+    finally:
+        ms.stop(timeout=5)
+        store.close()
+
+
 def test_a_421_to_starttls_moves_on_to_the_next_host_without_a_pause(
     smtp_server: Any, dns_server: LoopbackDNS
 ) -> None:

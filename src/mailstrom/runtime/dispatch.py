@@ -586,8 +586,7 @@ class Dispatcher:
         if self._shaper is None:
             await self._deliver(dest, route, None, lane)
             return
-        name = self._relay_route.domain if self._relay_route is not None else dest.domain
-        shape = self._shaper.for_route(name, _preferred(route))
+        shape = self._shaper.for_route(self._shaped_name(dest), _preferred(route))
         if shape.message_buckets:
             shape.queues[dest.key] = dest.queue  # a rule found through the MX hosts
         if self._held_back(dest, shape):
@@ -606,6 +605,14 @@ class Dispatcher:
         finally:
             shape.connections -= 1
             self._unpark(shape)
+
+    def _shaped_name(self, dest: _Destination) -> str:
+        """The name ``dest`` is shaped by: its domain, or the relay's."""
+        return self._relay_route.domain if self._relay_route is not None else dest.domain
+
+    def _heeds(self, shape: Shape, dest: _Destination, host: str | None) -> bool:
+        """Whether a throttling reply of ``host`` pauses ``shape`` (see Shape.heeds)."""
+        return shape.heeds(self._shaped_name(dest), host)
 
     async def _deliver(
         self, dest: _Destination, route: Route, shape: Shape | None, lane: _Lane
@@ -926,6 +933,9 @@ class Dispatcher:
             cap = min(cap, shape.messages_per_connection)
         queue = dest.queue
         where = Where.of(conn, need)
+        # The shape this server's throttling replies pause: none when the server is a
+        # backup MX outside the rule, whose 421 is then a refusal as without shaping.
+        pausing = shape if shape is not None and self._heeds(shape, dest, conn.host) else None
         error: DeliveryError | None = None
         answered = False
         # The server said it takes no more messages on this connection (a 421 to MAIL
@@ -1013,24 +1023,24 @@ class Dispatcher:
                         continue
                     work.unsent = exc
                     unwritten = True
-                    if shape is not None:
-                        await self._throttled_session(shape, exc)
+                    if pausing is not None:
+                        await self._throttled_session(pausing, exc)
                     retry.append(work)
                     continue
                 work.unsent = None
                 before = answered_before(exc)  # cut by a 421 to RCPT, a hang-up, a timeout
                 rest = work if before is None else self._decide_refused(work, before, where)
                 inflight.popleft()
-                if rest is not None and shape is not None:
+                if rest is not None and pausing is not None:
                     if isinstance(exc, EnvelopeCut) and await self._throttled_cut(
-                        shape, rest, exc, where
+                        pausing, rest, exc, where
                     ):
                         cut = True
                         continue
                     # Not this transaction's own reply (a 421 4.7.28 to RSET, the session
                     # aborted by one): the destination is paused all the same, and the
                     # work goes back unattempted with the rest of its queue.
-                    await self._throttled_session(shape, exc)
+                    await self._throttled_session(pausing, exc)
                 if refused or (isinstance(exc, EnvelopeCut) and not (reused or answered)):
                     # A 421 to RCPT on a connection that took no message refuses the
                     # connection, as one to MAIL does (see below); a transaction cut by
@@ -1043,7 +1053,7 @@ class Dispatcher:
                     rest.met = (exc, where)  # its commands went: tried, and cut short
                     retry.append(rest)
                 continue
-            closing = None if reused or answered else _refusal(result, shaping=shape is not None)
+            closing = None if reused or answered else _refusal(result, shaping=pausing is not None)
             if closing is not None:
                 # RFC 5321 §3.8: a 421 to MAIL (to RCPT above, to DATA or the final dot) on
                 # a connection that took no message is the server refusing the connection
@@ -1093,8 +1103,8 @@ class Dispatcher:
                 else:
                     queue.appendleft(later)
             results = self._outcomes.from_transaction(work.item, result, work.started, where)
-            if shape is not None:
-                results = await self._heed_throttle(shape, work.item, result, results)
+            if pausing is not None:
+                results = await self._heed_throttle(pausing, work.item, result, results)
             inflight.popleft()  # kept until its results are out: see _report_cut_off
             self._done(results)
         if retry and self._lost:
@@ -1469,7 +1479,7 @@ class Dispatcher:
         at the end of the pause. Another 421 (to STARTTLS, AUTH) ends that session alone:
         the next address is tried, as after a failed TLS negotiation."""
         assert self._shaper is not None
-        if exc.code is None:
+        if exc.code is None or not self._heeds(shape, dest, exc.host):
             return False
         reply = exc.reply or SMTPReply(code=exc.code, enhanced=exc.enhanced, text=exc.text)
         if not is_throttling(reply, connecting=isinstance(exc, ServiceClosing)):

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from mailstrom.bounds import MAX_DURATION, MAX_SECONDS
 from mailstrom.config import Config
 from mailstrom.errors import StoreError
-from mailstrom.policy.shaping import DestinationRule, RuleBook
+from mailstrom.policy.shaping import DestinationRule, RuleBook, normalise_name
 from mailstrom.policy.throttle import (
     CLOCK_SET_BACK,
     TokenBucket,
@@ -158,6 +158,17 @@ class Shape:
     @property
     def messages_per_connection(self) -> int | None:
         return self.rule.messages_per_connection if self.rule is not None else None
+
+    def heeds(self, domain: str, host: str | None) -> bool:
+        """Whether a throttling reply of ``host``, met delivering to ``domain``, pauses
+        this shape: always without a rule or under the domain's own rule; under a rule
+        found through the domain's preferred MX hosts, only from a host of that rule. A
+        backup MX elsewhere (the domain's own server, or any its owner points at) does
+        not speak for the provider: heeded, its 421 paused every domain hosted there."""
+        rule = self.rule
+        if rule is None or host is None:
+            return True
+        return rule.matches(normalise_name(domain)) or rule.matches(normalise_name(host))
 
     def has_slot(self) -> bool:
         limit = self.max_connections
