@@ -349,6 +349,23 @@ def test_a_rate_bucket_that_cannot_be_read_is_full(
     assert side.store.take_tokens([bucket], want=1, now=now).granted == 0
 
 
+@pytest.mark.parametrize(
+    ("side", "damage"),
+    cases(["tokens = -1e300"], ["tokens = -1e300"]),
+    indirect=["side"],
+)
+def test_a_rate_bucket_read_back_below_empty_refills_from_empty(side: Side, damage: str) -> None:
+    """No take leaves a bucket below empty: one read back far below it (a dump restored,
+    a hand edit) gave its rate no token again, ever, and every message to the
+    destination waited in the queue until it expired (-inf reads as a full bucket)."""
+    now = datetime.now(UTC)
+    bucket = TokenBucket(key="victim.example messages/minute", rate=1.0, capacity=3.0)
+    assert side.store.take_tokens([bucket], want=3, now=now).granted == 3
+    side.run(f"UPDATE shaping_buckets SET {damage}")
+    later = now + timedelta(seconds=2)
+    assert side.store.take_tokens([bucket], want=5, now=later).granted == 2
+
+
 # --- hosts remembered with broken TLS ----------------------------------------------------------
 
 

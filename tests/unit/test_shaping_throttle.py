@@ -185,6 +185,20 @@ def test_a_clock_set_back_from_a_year_ahead_does_not_starve_the_bucket() -> None
     assert states["k"].at <= NOW + timedelta(hours=2)
 
 
+@pytest.mark.parametrize("tokens", [-1e300, -1e9, -5.0])
+def test_a_stored_bucket_below_empty_refills_from_empty(tokens: float) -> None:
+    # No take leaves a bucket below empty (a grant never passes its level): a row read
+    # back below it was written by no worker, and at -1e300 (where -inf reads as a full
+    # bucket) the destination's rate gave no token again, ever, its mail expiring.
+    bucket = TokenBucket.per_second("k", 0.1)
+    states = {"k": BucketState(tokens=tokens, at=NOW)}
+    grant, new = take_tokens([bucket], states, want=1, now=NOW)
+    assert (grant.granted, grant.wait) == (0, 10.0)
+    assert new["k"].tokens == 0.0
+    grant, _ = take_tokens([bucket], states, want=1, now=NOW + timedelta(seconds=10))
+    assert grant.granted == 1
+
+
 @given(
     rate=st.floats(1 / 86_400, 1e6 / 60),
     skews=st.lists(st.floats(0, CLOCK_SET_BACK.total_seconds()), min_size=1, max_size=3),

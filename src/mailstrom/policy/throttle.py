@@ -200,7 +200,9 @@ def take_tokens(
             # and leaves the stamp where it was: moved back, the next worker with a clock
             # ahead would refill for the skew again, every time.
             elapsed = max(0.0, (now - state.at).total_seconds())
-            level = min(bucket.capacity, state.tokens + elapsed * bucket.rate)
+            # From empty at least: no take leaves a bucket below it, and a row read back
+            # below it (-1e300) would give no token again, ever.
+            level = min(bucket.capacity, max(0.0, state.tokens) + elapsed * bucket.rate)
             at = max(state.at, now)
             if state.at - now > CLOCK_SET_BACK:
                 # No worker's clock is this far ahead of another's that still leases; it
