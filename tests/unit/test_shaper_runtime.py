@@ -4,6 +4,7 @@ store, rate tokens, and the schedule of mail given back for later."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -109,6 +110,35 @@ async def test_a_pause_from_a_clock_since_set_back_does_not_hold_the_destination
     pause = await mine.throttled(shape, REPLY)
     assert (pause.since, pause.until, pause.strikes) == (NOW, NOW + timedelta(minutes=5), 1)
     assert mine.pause_of(shape) == pause
+
+
+async def test_a_pause_read_back_longer_than_pause_max_ends_by_it(tmp_path: Path) -> None:
+    """No throttle writes a pause longer than ``pause_max`` (1 hour here): one read back
+    ending in the year 8000 (a dump restored, a hand edit) held the destination for good,
+    every message to it failing as expired, and a throttle meanwhile counted no repeat."""
+    store = SQLiteStore(tmp_path / "q.db")
+    try:
+        mine, _ = make(store=store)
+        theirs, clock = make(store=store)
+        shape = mine.for_route("example.org", [])
+        await mine.throttled(shape, REPLY)
+        far = datetime(8000, 1, 1, tzinfo=UTC)
+        micros = (far - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+        with sqlite3.connect(tmp_path / "q.db") as conn:
+            conn.execute("UPDATE destination_throttles SET until = ?", (micros,))
+        conn.close()
+        await theirs.refresh()
+        [pause] = theirs.paused()
+        assert pause.until == NOW + timedelta(hours=1)
+        clock.now = NOW + timedelta(hours=1)
+        await theirs.refresh()
+        assert theirs.paused() == []
+        # Throttled again: a repeat after the pause it ended at, twice the first delay.
+        again = await theirs.throttled(theirs.for_route("example.org", []), REPLY)
+        assert (again.since, again.strikes) == (clock.now, 2)
+        assert again.until == clock.now + timedelta(minutes=10)
+    finally:
+        store.close()
 
 
 async def test_a_failing_store_still_pauses_this_worker() -> None:

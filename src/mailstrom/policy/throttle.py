@@ -14,7 +14,8 @@ the destination.
 starts over. A throttle reported while a pause runs (a connection made before another
 worker's pause was known) neither lengthens it nor counts as a repeat. A pause that
 started more than :data:`CLOCK_SET_BACK` ahead of the clock was made by a clock since set
-back and is over (:func:`pause_runs`).
+back and is over (:func:`pause_runs`); one read back longer than ``maximum`` ends
+``maximum`` after it started (:func:`bounded`).
 
 **Token buckets** refill at ``rate`` tokens a second up to ``capacity``; a new bucket is
 full. Taking from several buckets at once (per minute and per hour) grants what all of
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from mailstrom.arguments import check_key, row_limit, shown
@@ -94,6 +95,17 @@ def pause_runs(pause: DestinationThrottle, now: datetime) -> bool:
     return pause.until > now and pause.since - now <= CLOCK_SET_BACK
 
 
+def bounded(pause: DestinationThrottle, maximum: timedelta) -> DestinationThrottle:
+    """``pause``, ending ``maximum`` after it started at the latest. No throttle writes a
+    longer one (:func:`next_pause`); read back longer (a dump restored, a hand edit: an
+    end in the year 8000), it held its destination for good, all its mail expiring."""
+    try:
+        end = pause.since + maximum
+    except OverflowError:  # a start near the last date a datetime holds: no end past it
+        return pause
+    return pause if pause.until <= end else replace(pause, until=end)
+
+
 def next_pause(
     previous: DestinationThrottle | None,
     *,
@@ -106,6 +118,8 @@ def next_pause(
     """The pause a throttle at ``now`` starts, given the destination's ``previous`` one."""
     if previous is not None and previous.since - now > CLOCK_SET_BACK:
         previous = None  # made by a clock since set back: no pause, and no strike
+    if previous is not None:
+        previous = bounded(previous, maximum)
     if previous is not None and previous.until > now:
         return previous
     strikes = 1

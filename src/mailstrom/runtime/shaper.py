@@ -32,6 +32,7 @@ from mailstrom.policy.throttle import (
     CLOCK_SET_BACK,
     TokenBucket,
     TokenGrant,
+    bounded,
     next_pause,
     pause_runs,
 )
@@ -327,6 +328,7 @@ class Shaper:
         now = self._clock()
         mine = {k: p for k, p in self._pauses.items() if pause_runs(p, now)}
         for pause in found:
+            pause = bounded(pause, self._settings.pause_max)
             known = mine.get(pause.destination)
             if known is None or known.until < pause.until:
                 mine[pause.destination] = pause
