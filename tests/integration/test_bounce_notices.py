@@ -913,3 +913,25 @@ async def test_notices_owed_by_many_messages_hold_one_message_at_a_time(
         assert per_recipient["Diagnostic-Code"] == f"smtp; {NO_SUCH_USER}"
         assert returned.get_content_type() == "text/rfc822-headers"
         assert b"Hello" not in notice.content
+
+
+def test_a_notice_about_many_recipients_is_not_held_to_the_message_size_limit(
+    mailstrom: Make, mx: Any, results: Results
+) -> None:
+    """The notice's report grows with each recipient it names (a line of the readable part
+    and a block of the delivery report, each holding the server's reply): one about 300
+    recipients of a 64 KiB-limit queue, refused with a 500-character reply each, was
+    about 450 KB, refused by prepare() as past the message size limit, and no notice was
+    sent at all."""
+    reply = "550 5.1.1 " + "mailbox unknown; " * 29
+    addresses = [f"user{i}@example.org" for i in range(300)]
+    for address in addresses:
+        mx.rcpt_replies[address] = reply
+    ms = mailstrom(bounce_notices=True, max_message_size=64 * 1024)
+    ms.send_email(hello(*addresses))
+    results.wait_count(301)  # 300 failures, then the notice delivered
+    [notice] = mx.wait_for_messages(1)
+    assert notice.rcpt_tos == ("app@sender.test",)
+    report = parse_report(notice.content)
+    assert report is not None and len(report.recipients) == 300
+    assert len(notice.content) > 64 * 1024 * 4 // 3 + 64 * 1024  # past the old bound

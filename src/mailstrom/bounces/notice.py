@@ -36,6 +36,11 @@ from mailstrom.status import AttemptOutcome
 MAX_RETURNED = 1024 * 1024
 """Octets of the original message returned whole for RET=FULL; past it, headers only."""
 _MAX_LINE = 900
+MAX_PER_RECIPIENT = 10 * (_MAX_LINE + 40)
+"""Octets a notice spends at most on each recipient it reports: its line in the readable
+part and its block of the delivery report, ten lines of at most ``_MAX_LINE`` ASCII
+characters after their field names. A notice grows with its recipients, not with the
+message it reports on alone (see :data:`MAX_RETURNED`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

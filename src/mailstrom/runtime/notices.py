@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from mailstrom.bounces.notice import (
+    MAX_PER_RECIPIENT,
     FailedRecipient,
     mailer_daemon_domain,
     render_notice,
@@ -378,8 +379,12 @@ class _Notice:
             raw,
             envelope_from="",
             envelope_to=[self.sender],
-            # The returned message may be in base64 (an 8-bit one): 4/3 of its size.
-            max_size=config.max_message_size * 4 // 3 + 64 * 1024,
+            # The returned message may be in base64 (an 8-bit one): 4/3 of its size. The
+            # report grows with each recipient it names (a server's reply each): a notice
+            # about 300 failures of a 64 KiB-limit queue passed the limit, and was lost.
+            max_size=config.max_message_size * 4 // 3
+            + 64 * 1024
+            + len(self.entries) * MAX_PER_RECIPIENT,
             max_recipients=1,
             now=self.now,
             id_domain=config.message_id_domain,
