@@ -18,10 +18,12 @@ run: ``MAILSTROM_FUZZ_EXAMPLES=5000 pytest --timeout=0 tests/unit/test_notice_fu
 from __future__ import annotations
 
 import base64
+import email.policy
 import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from email.parser import BytesParser
 from typing import Any
 from unittest import mock
 
@@ -448,3 +450,36 @@ def test_a_long_address_with_a_long_reply_stays_within_998_octets() -> None:
     address = "x" * 64 + "@" + "a" * 63 + "." + "b" * 63 + ".example"
     raw, [_] = one_notice(recipient=address, reply="550 5.1.1 " + "y" * 2000)
     assert f"\r\n<{address}>: 550 5.1.1 yyy".encode() in raw
+
+
+# RFC 3464 §2.2 and §2.3: the fields of each block in the order its grammar lists them,
+# the extension fields (X-...) after them.
+PER_MESSAGE = ["original-envelope-id", "reporting-mta", "dsn-gateway", "received-from-mta"]
+PER_MESSAGE += ["arrival-date"]
+PER_RECIPIENT = ["original-recipient", "final-recipient", "action", "status", "remote-mta"]
+PER_RECIPIENT += ["diagnostic-code", "last-attempt-date", "final-log-id", "will-retry-until"]
+
+
+def in_grammar_order(names: list[str], grammar: list[str]) -> bool:
+    ranks = [grammar.index(n) if n in grammar else len(grammar) for n in names]
+    return ranks == sorted(ranks)
+
+
+def test_the_delivery_report_fields_come_in_the_order_rfc_3464_gives() -> None:
+    # Was: Reporting-MTA, X-Mailstrom-Queue-ID, Original-Envelope-Id, Arrival-Date, where
+    # the per-message fields are [Original-Envelope-Id] Reporting-MTA ... [Arrival-Date]
+    # and then the extension fields.
+    _, [prepared] = one_notice(dsn=DSN(envid="order-42"))
+    notice = BytesParser(policy=email.policy.default).parsebytes(prepared)
+    assert notice.get_content_type() == "multipart/report"
+    assert notice.get_param("report-type") == "delivery-status"
+    [status] = [p for p in notice.walk() if p.get_content_type() == "message/delivery-status"]
+    per_message, *per_recipient = status.get_payload()
+    names = [name.lower() for name in per_message]
+    assert names[:3] == ["original-envelope-id", "reporting-mta", "arrival-date"]
+    assert in_grammar_order(names, PER_MESSAGE), names
+    assert per_message["Original-Envelope-Id"] == "order-42"
+    [block] = per_recipient
+    names = [name.lower() for name in block]
+    assert in_grammar_order(names, PER_RECIPIENT), names
+    assert block["Final-Recipient"] == "rfc822; bob@example.org"

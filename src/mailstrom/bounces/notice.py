@@ -221,14 +221,16 @@ def render_notice(
         "Content-Description: Delivery report",
         "Content-Type: message/delivery-status",
         "",
-        f"Reporting-MTA: dns; {reporting_mta}",
-        f"X-Mailstrom-Queue-ID: {message_id}",
+        # In the order of RFC 3464 §2.2's grammar: Original-Envelope-Id first, the
+        # extension fields last.
         *(
             # Decoded: xtext is the SMTP parameter's encoding, and RFC 3461 §4.4 limits the
             # value "prior to encoding as xtext" to printable ASCII so that a DSN can hold it.
             [f"Original-Envelope-Id: {_line(dsn.envid or message_id)}"] if dsn is not None else []
         ),
+        f"Reporting-MTA: dns; {reporting_mta}",
         f"Arrival-Date: {format_datetime(arrival)}",
+        f"X-Mailstrom-Queue-ID: {message_id}",
     ]
     for r in failed:
         lines += [
