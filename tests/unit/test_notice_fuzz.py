@@ -483,3 +483,56 @@ def test_the_delivery_report_fields_come_in_the_order_rfc_3464_gives() -> None:
     names = [name.lower() for name in block]
     assert in_grammar_order(names, PER_RECIPIENT), names
     assert block["Final-Recipient"] == "rfc822; bob@example.org"
+
+
+# Replies as a hostile server may send them: line breaks and fields of its own, controls,
+# octets that are no UTF-8 (read with surrogateescape), and far past the 998-octet line.
+HOSTILE_REPLIES = st.one_of(
+    st.text(max_size=300),
+    st.text(alphabet="\r\n\x00\x0b\x0c\x85\u2028:-X Status5.1\t", max_size=200),
+    st.binary(max_size=300).map(lambda b: b.decode("utf-8", "surrogateescape")),
+    st.integers(100, 10_000).map(lambda n: "\r\nAction: delivered\r\nX-Evil: 1" * n),
+)
+FIELDS = set(PER_RECIPIENT)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(replies=st.lists(HOSTILE_REPLIES, min_size=1, max_size=3), delayed=st.booleans())
+def test_a_hostile_reply_stays_inside_its_diagnostic_code(
+    replies: list[str], delayed: bool
+) -> None:
+    """Read back with the stdlib parser, the report has one block per recipient, each
+    with only the fields RFC 3464 names, its Action, and the reply in Diagnostic-Code."""
+    failed = [
+        notice_module.FailedRecipient(
+            address=f"u{i}@example.org",
+            status="4.0.0" if delayed else "5.1.1",
+            diagnostic="550 5.1.1 " + reply,
+            remote_mta="mx.example.org",
+            at=NOW,
+        )
+        for i, reply in enumerate(replies)
+    ]
+    raw = notice_module.render_notice(
+        reporting_mta="mx.client.test",
+        sender="app@sender.test",
+        message_id="0190f3a2c4e1b7d08a4f2c6e9b1d3f57",
+        original=PLAIN,
+        arrival=NOW,
+        failed=failed,
+        dsn=DSN(),
+        now=NOW,
+        delayed=delayed,
+        retry_until=NOW + timedelta(days=5) if delayed else None,
+    )
+    check_notice(raw)
+    notice = BytesParser(policy=email.policy.default).parsebytes(raw)
+    assert all(not part.defects for part in notice.walk())
+    [status] = [p for p in notice.walk() if p.get_content_type() == "message/delivery-status"]
+    _, *blocks = status.get_payload()
+    assert len(blocks) == len(failed)
+    for block in blocks:
+        names = [name.lower() for name in block]
+        assert len(names) == len(set(names)) and set(names) <= FIELDS, names
+        assert block["Action"] == ("delayed" if delayed else "failed")
+        assert block["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
