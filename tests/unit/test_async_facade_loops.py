@@ -6,6 +6,7 @@ run by a thread of its own."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from pathlib import Path
 
@@ -162,3 +163,42 @@ def test_stops_on_two_loops_in_two_threads_at_once_each_return() -> None:
         for loop in loops:
             loop.close()
         store.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_worker_task_whose_loop_was_closed_without_cancelling_it_is_not_running() -> None:
+    # loop.run_until_complete(...) then loop.close(), as sync code driving the facade
+    # does: unlike asyncio.run, close() cancels no task, and the worker task stays
+    # pending on a loop that will never run it. worker_status said running (no error),
+    # and start() on the next loop said "already started", for good: nothing delivered.
+    _start_on_a_loop_then_close_it_and_send_on_another()
+    gc.collect()  # the stranded task's coroutine ends here (its loop is closed), not later
+
+
+def _start_on_a_loop_then_close_it_and_send_on_another() -> None:
+    store = MemoryStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+    try:
+        _on_a_closed_loop_then_another(ams, store)
+    finally:
+        store.close()
+
+
+def _on_a_closed_loop_then_another(ams: AsyncMailstrom, store: MemoryStore) -> None:
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(ams.start())
+    loop.close()
+    status = ams.worker_status
+    assert not status.running and status.dead
+    assert "closed" in (status.error or "")
+
+    async def send_again() -> tuple[str, bool]:
+        async with ams:
+            message_id = await ams.send_email(
+                Email(from_="app@example.com", to=["bob@example.org"], text="x")
+            )
+            return message_id, ams.worker_status.running
+
+    message_id, running = asyncio.run(send_again())
+    assert running
+    assert [s.id for s in store.recent(10)] == [message_id]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -41,7 +42,7 @@ from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
 from mailstrom.routing import Router
 from mailstrom.runtime.worker import Worker, utc_now
-from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot
+from mailstrom.status import DestinationThrottle, MessageStatus, MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import QueueFilter, RecipientResult
 from mailstrom.suppression import Suppression, SuppressionSource, stored_forms
 
@@ -88,6 +89,18 @@ def _idle_elsewhere(task: asyncio.Future[None]) -> bool:
         and not loop.is_running()
         and not loop.is_closed()
     )
+
+
+def _stranded(task: asyncio.Future[None]) -> bool:
+    """Whether ``task`` is left pending on a loop that was closed: ``loop.close()`` (after
+    ``run_until_complete``; unlike ``asyncio.run``) cancels no task, and one left so never
+    runs again, and delivers nothing."""
+    return not task.done() and task.get_loop().is_closed()
+
+
+def _runs(task: asyncio.Future[None] | None) -> bool:
+    """Whether ``task`` (the worker's) may still run: neither done nor stranded."""
+    return task is not None and not task.done() and not _stranded(task)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -342,7 +355,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             return
         if worker is None:
             return
-        if self._task is not None and not self._task.done():
+        if _runs(self._task):
             raise AlreadyStarted("already started")
         worker = self._worker_to_start(worker)
         ready = asyncio.Event()
@@ -467,6 +480,21 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         self._unwatch_store()
         self._close_owned_store()
 
+    @property
+    def worker_status(self) -> WorkerStatus:
+        """See :attr:`FacadeBase.worker_status`; a worker task left pending on a loop that
+        was closed (see :func:`_stranded`) is dead, and says so: it said running, with no
+        error, while nothing delivered."""
+        status = super().worker_status
+        task = self._task
+        if status.running and task is not None and _stranded(task):
+            return dataclasses.replace(
+                status,
+                running=False,
+                error="the worker task's event loop was closed while it ran; start() again",
+            )
+        return status
+
     def _store_to_release(self) -> bool:
         """Whether :meth:`_release_store` has anything to do: a watch to end, or a
         store this facade opened still to close."""
@@ -475,8 +503,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     async def __aenter__(self) -> AsyncMailstrom:
         # A task that ended (cancelled as its loop closed, asyncio.run; or dead of an
-        # error worker_status reports) runs no worker any more.
-        started = (self._task is not None and not self._task.done()) or self._has_worker_process()
+        # error worker_status reports), or left on a closed loop, runs no worker any more.
+        started = _runs(self._task) or self._has_worker_process()
         try:
             await self.start()
         except AlreadyStarted:
