@@ -202,3 +202,52 @@ def _on_a_closed_loop_then_another(ams: AsyncMailstrom, store: MemoryStore) -> N
     message_id, running = asyncio.run(send_again())
     assert running
     assert [s.id for s in store.recent(10)] == [message_id]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_start_cancelled_on_a_loop_then_closed_does_not_refuse_every_later_start() -> None:
+    # start() cancelled while its worker task waits for the store (a timeout around it),
+    # then loop.close(): the task, cancelled, never ran again to end. Every start() on
+    # a later loop, and after a stop() too, said the worker "has not ended yet".
+    _cancel_a_start_then_close_its_loop_and_start_on_another()
+    gc.collect()  # as above: the stranded task's coroutine ends here
+
+
+def _cancel_a_start_then_close_its_loop_and_start_on_another() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowToStart(MemoryStore):
+        in_process = False  # its calls in a thread, as PostgreSQL's: the loop runs on
+
+        def last_event_id(self) -> int:
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)  # a store slow to answer as the worker starts
+            return super().last_event_id()
+
+    store = SlowToStart()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+
+    async def cancelled_start() -> None:
+        starting = asyncio.create_task(ams.start())
+        assert await asyncio.to_thread(entered.wait, 10)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(cancelled_start())
+    finally:
+        release.set()
+        loop.close()
+
+    async def start_stop_start() -> bool:
+        await ams.stop()
+        async with ams:
+            return ams.worker_status.running
+
+    try:
+        assert asyncio.run(start_stop_start())
+    finally:
+        store.close()

@@ -92,10 +92,11 @@ def _idle_elsewhere(task: asyncio.Future[None]) -> bool:
 
 
 def _stranded(task: asyncio.Future[None]) -> bool:
-    """Whether ``task`` is left pending on a loop that was closed: ``loop.close()`` (after
-    ``run_until_complete``; unlike ``asyncio.run``) cancels no task, and one left so never
-    runs again, and delivers nothing."""
-    return not task.done() and task.get_loop().is_closed()
+    """Whether ``task`` is a task left pending on a loop that was closed: ``loop.close()``
+    (after ``run_until_complete``; unlike ``asyncio.run``) cancels no task, nor ends one
+    cancelled already, and one left so never runs again, and delivers nothing. (Not an
+    executor's future: its thread, a worker process's stop, goes on without the loop.)"""
+    return isinstance(task, asyncio.Task) and not task.done() and task.get_loop().is_closed()
 
 
 def _runs(task: asyncio.Future[None] | None) -> bool:
@@ -320,12 +321,13 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         unless the facade opened its store itself (``stop()`` closed it): WorkerError
         then. Cancelled (a timeout around it), it leaves no worker running: a task it
         started is cancelled, a process it was starting is stopped once up; until that
-        has ended the next start() raises WorkerError, and stop() waits for it."""
+        has ended (or its loop was closed) the next start() raises WorkerError, and
+        stop() waits for it."""
         async with self._lifecycle_async():
             await self._start()
 
     async def _start(self) -> None:
-        if self._ending is not None and not self._ending.done():
+        if self._ending is not None and not self._ending.done() and not _stranded(self._ending):
             raise WorkerError(
                 "the worker of the last stop() or start(), which was cancelled, has not ended yet"
             )
