@@ -251,3 +251,51 @@ def _cancel_a_start_then_close_its_loop_and_start_on_another() -> None:
         assert asyncio.run(start_stop_start())
     finally:
         store.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_a_start_left_on_a_closed_loop_does_not_hold_every_later_stop() -> None:
+    # A loop run by a thread of its own, stopped and closed while a start() on it was
+    # still under way (a shutdown that gave up waiting for it): that start() never
+    # ended its turn at the lock start() and stop() share, and stop() on any other loop
+    # waited for it for ever.
+    _leave_a_start_on_a_closed_loop_then_stop_on_another()
+    gc.collect()  # as above: the stranded coroutines end here
+
+
+def _leave_a_start_on_a_closed_loop_then_stop_on_another() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowToStart(MemoryStore):
+        in_process = False  # its calls in a thread, as PostgreSQL's: the loop runs on
+
+        def last_event_id(self) -> int:
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)  # a store slow to answer as the worker starts
+            return super().last_event_id()
+
+    store = SlowToStart()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever, daemon=True)
+    runner.start()
+    try:
+        asyncio.run_coroutine_threadsafe(ams.start(), other)
+        assert entered.wait(10)
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join()
+        release.set()
+        other.close()
+
+    async def stop_then_start() -> bool:
+        await asyncio.wait_for(ams.stop(), 30)  # (only a hang outlasts it)
+        async with ams:
+            return ams.worker_status.running
+
+    try:
+        assert asyncio.run(stop_then_start())
+    finally:
+        store.close()

@@ -179,6 +179,11 @@ def _log_release_error(released: asyncio.Future[None]) -> None:
         log.error("the store could not be closed after a cancelled stop()", exc_info=error)
 
 
+STRANDED_LOOK = 1.0
+"""Seconds between a waiter's looks at whether the start() or stop() it waits for was
+left on a loop that was closed (nothing can tell it when another loop closes)."""
+
+
 class _LoopsLock:
     """An asyncio lock for any event loop, and several at once (each run by a thread of
     its own): :meth:`AsyncMailstrom.start` and :meth:`AsyncMailstrom.stop` one at a time.
@@ -188,49 +193,85 @@ class _LoopsLock:
     loop of another thread, the second of two raised RuntimeError ("bound to a different
     event loop"). Here each waiter waits on a future of its own loop; the lock is handed
     to the first in line (thread-safe), and a waiter cancelled once it was handed the
-    lock passes it on."""
+    lock passes it on.
+
+    Each turn (:meth:`turn`) is its own holder. A holder left on a loop that was closed
+    (``loop.close()`` with the start() or stop() still under way: a shutdown that gave up
+    waiting for it) never ends its turn: every later start() and stop(), on any loop,
+    waited for ever. Its turn is passed on then, and its own end, should its coroutine be
+    closed later (collected), releases nothing it no longer holds."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._held = False
-        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
+        self._holder: _Turn | None = None
+        self._waiters: deque[tuple[_Turn, asyncio.Future[None]]] = deque()
 
-    async def __aenter__(self) -> None:
-        loop = asyncio.get_running_loop()
+    def turn(self) -> _Turn:
+        """A turn to take with ``async with``."""
+        return _Turn(self)
+
+    async def acquire(self, turn: _Turn) -> None:
         with self._guard:
-            if not self._held:
-                self._held = True
+            self._pass_on_stranded()
+            if self._holder is None:
+                self._holder = turn
                 return
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._waiters.append((loop, waiter))
+            waiter: asyncio.Future[None] = turn.loop.create_future()
+            self._waiters.append((turn, waiter))
         try:
-            await waiter
+            while not waiter.done():
+                await asyncio.wait({waiter}, timeout=STRANDED_LOOK)
+                with self._guard:
+                    self._pass_on_stranded()
         except asyncio.CancelledError:
             with self._guard:
-                if (loop, waiter) in self._waiters:
-                    self._waiters.remove((loop, waiter))
+                if (turn, waiter) in self._waiters:
+                    self._waiters.remove((turn, waiter))
                     raise
-            self._release()  # handed over as it was cancelled: the next one's turn
+            self.release(turn)  # handed over as it was cancelled: the next one's turn
             raise
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._release()
+    def release(self, turn: _Turn) -> None:
+        with self._guard:
+            if self._holder is turn:
+                self._hand_on()
 
     def after_fork(self) -> None:
         """In a process forked from this one: its guard, which another thread may have
         held at the fork (only its holder's turn goes on here)."""
         self._guard = threading.Lock()
 
-    def _release(self) -> None:
-        with self._guard:
-            while self._waiters:
-                loop, waiter = self._waiters.popleft()
-                try:
-                    loop.call_soon_threadsafe(_end, waiter)
-                except RuntimeError:  # its loop is closed: nothing awaits it any more
-                    continue
-                return  # still held: by that waiter now
-            self._held = False
+    def _pass_on_stranded(self) -> None:
+        """Pass the lock on if its holder's loop was closed (``_guard`` held)."""
+        holder = self._holder
+        if holder is not None and holder.loop.is_closed():
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Hand the lock to the first waiter whose loop still runs (``_guard`` held)."""
+        while self._waiters:
+            turn, waiter = self._waiters.popleft()
+            try:
+                turn.loop.call_soon_threadsafe(_end, waiter)
+            except RuntimeError:  # its loop is closed: nothing awaits it any more
+                continue
+            self._holder = turn  # still held: by that waiter now
+            return
+        self._holder = None
+
+
+class _Turn:
+    """One start()'s or stop()'s turn at a :class:`_LoopsLock`, on the running loop."""
+
+    def __init__(self, lock: _LoopsLock) -> None:
+        self._lock = lock
+        self.loop = asyncio.get_running_loop()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire(self)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release(self)
 
 
 class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
@@ -306,13 +347,14 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         # A queue in memory is the parent's copy here: a worker of ours would send it again.
         self._copied_queue = getattr(self.store, "url", None) is None
 
-    def _lifecycle_async(self) -> _LoopsLock:
-        """Held by start() and stop(): one at a time, on whatever loops they are called
-        (made here, and again in a fork where another thread's loop held it)."""
+    def _lifecycle_async(self) -> _Turn:
+        """A turn at the lock start() and stop() hold: one at a time, on whatever loops
+        they are called (made here, and again in a fork where another thread's loop held
+        it)."""
         with self._lifecycle:
             if self._lifecycle_lock is None:
                 self._lifecycle_lock = _LoopsLock()
-            return self._lifecycle_lock
+            return self._lifecycle_lock.turn()
 
     async def start(self) -> None:
         """Start delivering (in a task on the running loop, or a worker process); raise
