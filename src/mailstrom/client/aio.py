@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
 import random
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TypeVar
 
 from mailstrom.arguments import check_limit
+from mailstrom.client.aio_loops import (
+    LoopsLock,
+    Turn,
+    cancel_on_its_loop,
+    followed_here,
+    idle_elsewhere,
+    running_loop,
+    runs,
+    stranded,
+)
 from mailstrom.client.common import (
     AlreadyStarted,
     AsyncWorkerMode,
@@ -51,67 +59,6 @@ log = logging.getLogger("mailstrom")
 _T = TypeVar("_T")
 
 
-def _followed_here(task: asyncio.Future[None]) -> asyncio.Future[None]:
-    """``task``, or when it belongs to another event loop (run by another thread) a
-    future of the running loop that ends (with None) as it ends: awaiting a task of
-    another loop raised ValueError ("belongs to a different loop"). The task's error is
-    logged where it ends (:func:`_log_death`)."""
-    here = asyncio.get_running_loop()
-    there = task.get_loop()
-    if there is here:
-        return task
-    follower: asyncio.Future[None] = here.create_future()
-
-    def tell(ended: asyncio.Future[None]) -> None:  # on the task's loop
-        with contextlib.suppress(RuntimeError):  # this loop closed meanwhile
-            here.call_soon_threadsafe(_end, follower)
-
-    try:
-        there.call_soon_threadsafe(task.add_done_callback, tell)
-    except RuntimeError:  # its loop is closed: nothing runs the task any more
-        follower.set_result(None)
-    return follower
-
-
-def _end(follower: asyncio.Future[None]) -> None:
-    if not follower.done():
-        follower.set_result(None)
-
-
-def _idle_elsewhere(task: asyncio.Future[None]) -> bool:
-    """Whether ``task`` (not done) is of another event loop that does not run now and is
-    not closed: nothing it was asked can happen before its owner runs it again, and a
-    stop() from here waited its whole bound for that."""
-    loop = task.get_loop()
-    return (
-        not task.done()
-        and loop is not _running_loop()
-        and not loop.is_running()
-        and not loop.is_closed()
-    )
-
-
-def _stranded(task: asyncio.Future[None]) -> bool:
-    """Whether ``task`` is a task left pending on a loop that was closed: ``loop.close()``
-    (after ``run_until_complete``; unlike ``asyncio.run``) cancels no task, nor ends one
-    cancelled already, and one left so never runs again, and delivers nothing. (Not an
-    executor's future: its thread, a worker process's stop, goes on without the loop.)"""
-    return isinstance(task, asyncio.Task) and not task.done() and task.get_loop().is_closed()
-
-
-def _runs(task: asyncio.Future[None] | None) -> bool:
-    """Whether ``task`` (the worker's) may still run: neither done nor stranded."""
-    return task is not None and not task.done() and not _stranded(task)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    """The event loop running in this thread, if any."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
 def _log_death(ready: asyncio.Event, task: asyncio.Future[None]) -> None:
     """Log the error a worker task that had started ended on, as a worker thread's is
     logged: its death was heard of only from worker_status, or from asyncio's "Task
@@ -120,16 +67,6 @@ def _log_death(ready: asyncio.Event, task: asyncio.Future[None]) -> None:
     error = None if task.cancelled() else task.exception()
     if error is not None and ready.is_set():
         log.error("mailstrom worker died", exc_info=error)
-
-
-def _cancel(task: asyncio.Future[None]) -> None:
-    """Cancel ``task`` from whatever loop runs here (thread-safe for another loop's)."""
-    there = task.get_loop()
-    if there is asyncio.get_running_loop():
-        task.cancel()
-        return
-    with contextlib.suppress(RuntimeError):  # its loop is closed: it runs no more
-        there.call_soon_threadsafe(task.cancel)
 
 
 class _UndoableStart:
@@ -179,101 +116,6 @@ def _log_release_error(released: asyncio.Future[None]) -> None:
         log.error("the store could not be closed after a cancelled stop()", exc_info=error)
 
 
-STRANDED_LOOK = 1.0
-"""Seconds between a waiter's looks at whether the start() or stop() it waits for was
-left on a loop that was closed (nothing can tell it when another loop closes)."""
-
-
-class _LoopsLock:
-    """An asyncio lock for any event loop, and several at once (each run by a thread of
-    its own): :meth:`AsyncMailstrom.start` and :meth:`AsyncMailstrom.stop` one at a time.
-
-    An :class:`asyncio.Lock` is bound to the first loop on which two callers meet: on
-    the next loop (``asyncio.run`` per step, a test framework's loop per test) or on a
-    loop of another thread, the second of two raised RuntimeError ("bound to a different
-    event loop"). Here each waiter waits on a future of its own loop; the lock is handed
-    to the first in line (thread-safe), and a waiter cancelled once it was handed the
-    lock passes it on.
-
-    Each turn (:meth:`turn`) is its own holder. A holder left on a loop that was closed
-    (``loop.close()`` with the start() or stop() still under way: a shutdown that gave up
-    waiting for it) never ends its turn: every later start() and stop(), on any loop,
-    waited for ever. Its turn is passed on then, and its own end, should its coroutine be
-    closed later (collected), releases nothing it no longer holds."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._holder: _Turn | None = None
-        self._waiters: deque[tuple[_Turn, asyncio.Future[None]]] = deque()
-
-    def turn(self) -> _Turn:
-        """A turn to take with ``async with``."""
-        return _Turn(self)
-
-    async def acquire(self, turn: _Turn) -> None:
-        with self._guard:
-            self._pass_on_stranded()
-            if self._holder is None:
-                self._holder = turn
-                return
-            waiter: asyncio.Future[None] = turn.loop.create_future()
-            self._waiters.append((turn, waiter))
-        try:
-            while not waiter.done():
-                await asyncio.wait({waiter}, timeout=STRANDED_LOOK)
-                with self._guard:
-                    self._pass_on_stranded()
-        except asyncio.CancelledError:
-            with self._guard:
-                if (turn, waiter) in self._waiters:
-                    self._waiters.remove((turn, waiter))
-                    raise
-            self.release(turn)  # handed over as it was cancelled: the next one's turn
-            raise
-
-    def release(self, turn: _Turn) -> None:
-        with self._guard:
-            if self._holder is turn:
-                self._hand_on()
-
-    def after_fork(self) -> None:
-        """In a process forked from this one: its guard, which another thread may have
-        held at the fork (only its holder's turn goes on here)."""
-        self._guard = threading.Lock()
-
-    def _pass_on_stranded(self) -> None:
-        """Pass the lock on if its holder's loop was closed (``_guard`` held)."""
-        holder = self._holder
-        if holder is not None and holder.loop.is_closed():
-            self._hand_on()
-
-    def _hand_on(self) -> None:
-        """Hand the lock to the first waiter whose loop still runs (``_guard`` held)."""
-        while self._waiters:
-            turn, waiter = self._waiters.popleft()
-            try:
-                turn.loop.call_soon_threadsafe(_end, waiter)
-            except RuntimeError:  # its loop is closed: nothing awaits it any more
-                continue
-            self._holder = turn  # still held: by that waiter now
-            return
-        self._holder = None
-
-
-class _Turn:
-    """One start()'s or stop()'s turn at a :class:`_LoopsLock`, on the running loop."""
-
-    def __init__(self, lock: _LoopsLock) -> None:
-        self._lock = lock
-        self.loop = asyncio.get_running_loop()
-
-    async def __aenter__(self) -> None:
-        await self._lock.acquire(self)
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._lock.release(self)
-
-
 class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     """Queue mail and deliver it on the running event loop.
 
@@ -292,7 +134,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     _task: asyncio.Task[None] | None = None
     _LOCAL = "task"
-    _lifecycle_lock: _LoopsLock | None = None
+    _lifecycle_lock: LoopsLock | None = None
     _ending: asyncio.Future[None] | None = None
     """What a :meth:`stop` left ending: the worker's task it gave up on (cancelled), or,
     when it was cancelled itself, the task or a worker process's stop in a thread. The
@@ -326,7 +168,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     def _after_fork(self) -> None:
         super()._after_fork()
-        here = _running_loop()  # the fork came from a thread running this loop
+        here = running_loop()  # the fork came from a thread running this loop
         if here is None:
             # Held by a start() or stop() on a loop of another thread (which does not
             # exist here), or bound to that loop: this process's own need a new one.
@@ -347,13 +189,13 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         # A queue in memory is the parent's copy here: a worker of ours would send it again.
         self._copied_queue = getattr(self.store, "url", None) is None
 
-    def _lifecycle_async(self) -> _Turn:
+    def _lifecycle_async(self) -> Turn:
         """A turn at the lock start() and stop() hold: one at a time, on whatever loops
         they are called (made here, and again in a fork where another thread's loop held
         it)."""
         with self._lifecycle:
             if self._lifecycle_lock is None:
-                self._lifecycle_lock = _LoopsLock()
+                self._lifecycle_lock = LoopsLock()
             return self._lifecycle_lock.turn()
 
     async def start(self) -> None:
@@ -369,7 +211,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             await self._start()
 
     async def _start(self) -> None:
-        if self._ending is not None and not self._ending.done() and not _stranded(self._ending):
+        if self._ending is not None and not self._ending.done() and not stranded(self._ending):
             raise WorkerError(
                 "the worker of the last stop() or start(), which was cancelled, has not ended yet"
             )
@@ -399,7 +241,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             return
         if worker is None:
             return
-        if _runs(self._task):
+        if runs(self._task):
             raise AlreadyStarted("already started")
         worker = self._worker_to_start(worker)
         ready = asyncio.Event()
@@ -463,13 +305,13 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     loop = asyncio.get_running_loop()
                     ending = loop.run_in_executor(None, worker.stop, timeout)
                 else:
-                    ending = _followed_here(ending)  # a cancelled stop()'s, of any loop
+                    ending = followed_here(ending)  # a cancelled stop()'s, of any loop
                 await asyncio.shield(ending)
             elif isinstance(worker, Worker):
                 task: asyncio.Future[None] | None = self._task
                 if task is None and ending is not None:
                     task = ending  # a worker task still ending since a cancelled stop()
-                if task is not None and _idle_elsewhere(task):
+                if task is not None and idle_elsewhere(task):
                     deferred = True  # the store stays open for the worker, still there
                     raise WorkerError(
                         "the worker task belongs to another event loop, which is not "
@@ -484,12 +326,12 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 # exception is not replaced by it.
                 if task is not None and not task.done():
                     worker.request_stop(drain_timeout=timeout)
-                    ending = _followed_here(task)
+                    ending = followed_here(task)
                     limit = None if timeout is None else timeout + STOP_GRACE
                     await asyncio.wait({ending}, timeout=limit)  # (raises nothing of it)
                     if not ending.done():
                         log.error("the worker task did not stop within %g s", limit)
-                        _cancel(task)
+                        cancel_on_its_loop(task)
                         self._ending = task  # no other worker starts while it lives
         except asyncio.CancelledError:
             if ending is not None and not ending.done():
@@ -526,12 +368,12 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     @property
     def worker_status(self) -> WorkerStatus:
-        """See :attr:`FacadeBase.worker_status`; a worker task left pending on a loop that
-        was closed (see :func:`_stranded`) is dead, and says so: it said running, with no
-        error, while nothing delivered."""
+        """See :attr:`FacadeBase.worker_status`; a worker task left pending on a loop
+        that was closed (see :func:`~mailstrom.client.aio_loops.stranded`) is dead, and
+        says so: it said running, with no error, while nothing delivered."""
         status = super().worker_status
         task = self._task
-        if status.running and task is not None and _stranded(task):
+        if status.running and task is not None and stranded(task):
             return dataclasses.replace(
                 status,
                 running=False,
@@ -548,7 +390,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     async def __aenter__(self) -> AsyncMailstrom:
         # A task that ended (cancelled as its loop closed, asyncio.run; or dead of an
         # error worker_status reports), or left on a closed loop, runs no worker any more.
-        started = _runs(self._task) or self._has_worker_process()
+        started = runs(self._task) or self._has_worker_process()
         try:
             await self.start()
         except AlreadyStarted:

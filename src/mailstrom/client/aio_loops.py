@@ -1,0 +1,177 @@
+"""Event loops as the asyncio facade meets them: several at once (each run by a thread of
+its own), one after another (``asyncio.run`` per step), and closed with work left on
+them. What :class:`~mailstrom.client.aio.AsyncMailstrom` needs to wait for, cancel or
+take turns with a task of whatever loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+
+
+def followed_here(task: asyncio.Future[None]) -> asyncio.Future[None]:
+    """``task``, or when it belongs to another event loop (run by another thread) a
+    future of the running loop that ends (with None) as it ends: awaiting a task of
+    another loop raised ValueError ("belongs to a different loop"). The task's error is
+    logged where it ends (``_log_death`` in :mod:`mailstrom.client.aio`)."""
+    here = asyncio.get_running_loop()
+    there = task.get_loop()
+    if there is here:
+        return task
+    follower: asyncio.Future[None] = here.create_future()
+
+    def tell(ended: asyncio.Future[None]) -> None:  # on the task's loop
+        with contextlib.suppress(RuntimeError):  # this loop closed meanwhile
+            here.call_soon_threadsafe(_end, follower)
+
+    try:
+        there.call_soon_threadsafe(task.add_done_callback, tell)
+    except RuntimeError:  # its loop is closed: nothing runs the task any more
+        follower.set_result(None)
+    return follower
+
+
+def _end(follower: asyncio.Future[None]) -> None:
+    if not follower.done():
+        follower.set_result(None)
+
+
+def idle_elsewhere(task: asyncio.Future[None]) -> bool:
+    """Whether ``task`` (not done) is of another event loop that does not run now and is
+    not closed: nothing it was asked can happen before its owner runs it again, and a
+    stop() from here waited its whole bound for that."""
+    loop = task.get_loop()
+    return (
+        not task.done()
+        and loop is not running_loop()
+        and not loop.is_running()
+        and not loop.is_closed()
+    )
+
+
+def stranded(task: asyncio.Future[None]) -> bool:
+    """Whether ``task`` is a task left pending on a loop that was closed: ``loop.close()``
+    (after ``run_until_complete``; unlike ``asyncio.run``) cancels no task, nor ends one
+    cancelled already, and one left so never runs again, and delivers nothing. (Not an
+    executor's future: its thread, a worker process's stop, goes on without the loop.)"""
+    return isinstance(task, asyncio.Task) and not task.done() and task.get_loop().is_closed()
+
+
+def runs(task: asyncio.Future[None] | None) -> bool:
+    """Whether ``task`` (the worker's) may still run: neither done nor stranded."""
+    return task is not None and not task.done() and not stranded(task)
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def cancel_on_its_loop(task: asyncio.Future[None]) -> None:
+    """Cancel ``task`` from whatever loop runs here (thread-safe for another loop's)."""
+    there = task.get_loop()
+    if there is asyncio.get_running_loop():
+        task.cancel()
+        return
+    with contextlib.suppress(RuntimeError):  # its loop is closed: it runs no more
+        there.call_soon_threadsafe(task.cancel)
+
+
+STRANDED_LOOK = 1.0
+"""Seconds between a waiter's looks at whether the start() or stop() it waits for was
+left on a loop that was closed (nothing can tell it when another loop closes)."""
+
+
+class LoopsLock:
+    """An asyncio lock for any event loop, and several at once (each run by a thread of
+    its own): :meth:`~mailstrom.AsyncMailstrom.start` and ``stop()`` one at a time.
+
+    An :class:`asyncio.Lock` is bound to the first loop on which two callers meet: on
+    the next loop (``asyncio.run`` per step, a test framework's loop per test) or on a
+    loop of another thread, the second of two raised RuntimeError ("bound to a different
+    event loop"). Here each waiter waits on a future of its own loop; the lock is handed
+    to the first in line (thread-safe), and a waiter cancelled once it was handed the
+    lock passes it on.
+
+    Each turn (:meth:`turn`) is its own holder. A holder left on a loop that was closed
+    (``loop.close()`` with the start() or stop() still under way: a shutdown that gave up
+    waiting for it) never ends its turn: every later start() and stop(), on any loop,
+    waited for ever. Its turn is passed on then, and its own end, should its coroutine be
+    closed later (collected), releases nothing it no longer holds."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._holder: Turn | None = None
+        self._waiters: deque[tuple[Turn, asyncio.Future[None]]] = deque()
+
+    def turn(self) -> Turn:
+        """A turn to take with ``async with``."""
+        return Turn(self)
+
+    async def acquire(self, turn: Turn) -> None:
+        with self._guard:
+            self._pass_onstranded()
+            if self._holder is None:
+                self._holder = turn
+                return
+            waiter: asyncio.Future[None] = turn.loop.create_future()
+            self._waiters.append((turn, waiter))
+        try:
+            while not waiter.done():
+                await asyncio.wait({waiter}, timeout=STRANDED_LOOK)
+                with self._guard:
+                    self._pass_onstranded()
+        except asyncio.CancelledError:
+            with self._guard:
+                if (turn, waiter) in self._waiters:
+                    self._waiters.remove((turn, waiter))
+                    raise
+            self.release(turn)  # handed over as it was cancelled: the next one's turn
+            raise
+
+    def release(self, turn: Turn) -> None:
+        with self._guard:
+            if self._holder is turn:
+                self._hand_on()
+
+    def after_fork(self) -> None:
+        """In a process forked from this one: its guard, which another thread may have
+        held at the fork (only its holder's turn goes on here)."""
+        self._guard = threading.Lock()
+
+    def _pass_onstranded(self) -> None:
+        """Pass the lock on if its holder's loop was closed (``_guard`` held)."""
+        holder = self._holder
+        if holder is not None and holder.loop.is_closed():
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Hand the lock to the first waiter whose loop still runs (``_guard`` held)."""
+        while self._waiters:
+            turn, waiter = self._waiters.popleft()
+            try:
+                turn.loop.call_soon_threadsafe(_end, waiter)
+            except RuntimeError:  # its loop is closed: nothing awaits it any more
+                continue
+            self._holder = turn  # still held: by that waiter now
+            return
+        self._holder = None
+
+
+class Turn:
+    """One start()'s or stop()'s turn at a :class:`LoopsLock`, on the running loop."""
+
+    def __init__(self, lock: LoopsLock) -> None:
+        self._lock = lock
+        self.loop = asyncio.get_running_loop()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire(self)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release(self)
