@@ -299,3 +299,25 @@ def _leave_a_start_on_a_closed_loop_then_stop_on_another() -> None:
         assert asyncio.run(stop_then_start())
     finally:
         store.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_worker_task_left_on_a_closed_loop_still_reads_as_ended_after_stop() -> None:
+    # stop() let go of the task, and the status was the worker's own again: running,
+    # as its end, which would have said otherwise, never ran.
+    _stop_a_worker_task_left_on_a_closed_loop()
+    gc.collect()  # as above: the stranded task's coroutine ends here
+
+
+def _stop_a_worker_task_left_on_a_closed_loop() -> None:
+    store = MemoryStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+    try:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(ams.start())
+        loop.close()
+        asyncio.run(ams.stop())
+        assert not ams.worker_status.running
+        assert not asyncio.run(ams.metrics()).worker.running
+    finally:
+        store.close()

@@ -133,6 +133,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     """
 
     _task: asyncio.Task[None] | None = None
+    _last_run: tuple[Worker, asyncio.Task[None]] | None = None
+    """The worker last started and its task, kept past stop(): see :attr:`worker_status`."""
     _LOCAL = "task"
     _lifecycle_lock: LoopsLock | None = None
     _ending: asyncio.Future[None] | None = None
@@ -246,6 +248,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         worker = self._worker_to_start(worker)
         ready = asyncio.Event()
         self._task = asyncio.create_task(worker.run(on_started=ready.set), name="mailstrom-worker")
+        self._last_run = (worker, self._task)
         self._task.add_done_callback(functools.partial(_log_death, ready))
         waiter = asyncio.create_task(ready.wait())
         try:
@@ -370,10 +373,11 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     def worker_status(self) -> WorkerStatus:
         """See :attr:`FacadeBase.worker_status`; a worker task left pending on a loop
         that was closed (see :func:`~mailstrom.client.aio_loops.stranded`) is dead, and
-        says so: it said running, with no error, while nothing delivered."""
+        says so: it said running, with no error, while nothing delivered (and again
+        after a stop(), or a start() cancelled as it came up)."""
         status = super().worker_status
-        task = self._task
-        if status.running and task is not None and stranded(task):
+        last = self._last_run
+        if status.running and last is not None and last[0] is self.worker and stranded(last[1]):
             return dataclasses.replace(
                 status,
                 running=False,
