@@ -1446,3 +1446,47 @@ async def test_an_async_stop_awaited_from_on_result_returns(
     store.close()
     waiting = [r for r in caplog.records if "on_result has taken nothing" in r.getMessage()]
     assert waiting and waiting[0].levelno == logging.ERROR
+
+
+def test_a_stop_cancelled_on_a_loop_then_closed_does_not_refuse_every_later_start(
+    tmp_path: Path, dns_server: LoopbackDNS
+) -> None:
+    # stop() of a worker process cancelled (a timeout around it) on a loop then closed
+    # with loop.close(): the stop went on in its thread and ended, but asyncio drops
+    # the outcome of a thread whose loop is closed, and its future stayed pending: every
+    # later start(), on any loop, said the worker "has not ended yet", for good.
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = AsyncMailstrom(config(dns_server, 25), store=store, worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+
+    async def cancelled_stop() -> None:
+        stopping = asyncio.create_task(ms.stop())
+        await asyncio.sleep(0)  # it is on its way: its thread asks the child to stop
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(ms.start())
+        loop.run_until_complete(cancelled_stop())
+    finally:
+        loop.close()
+    try:
+        assert worker.wait_stopped(30)
+
+        def starts() -> bool:
+            try:
+                asyncio.run(ms.start())
+            except WorkerError as exc:
+                if "has not ended yet" not in str(exc):
+                    raise
+                return False  # (the stop's thread returns just after the child ended)
+            return True
+
+        assert _wait_until(starts, 10)
+        assert ms.worker_status.running
+    finally:
+        asyncio.run(ms.stop())
+        store.close()

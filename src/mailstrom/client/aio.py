@@ -20,6 +20,7 @@ from mailstrom.client.aio_loops import (
     cancel_on_its_loop,
     followed_here,
     idle_elsewhere,
+    in_thread,
     running_loop,
     runs,
     stranded,
@@ -226,7 +227,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             # A future of the executor, not a task: a loop that ends (asyncio.run) cancels
             # its tasks, and a task that was to stop the process once up was cancelled
             # with it while the start went on in its thread: the process delivered on.
-            starting = asyncio.get_running_loop().run_in_executor(None, start.run)
+            starting = in_thread(start.run)
             try:
                 await asyncio.shield(starting)
             except asyncio.CancelledError:
@@ -235,8 +236,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 # it (the next start() refuses until then, stop() waits for it).
                 if start.give_up():
                     # It came up as this was cancelled: stopped in a thread of its own.
-                    loop = asyncio.get_running_loop()
-                    self._ending = loop.run_in_executor(None, worker.stop, 0)
+                    self._ending = in_thread(worker.stop, 0)
                 elif not (starting.done() and starting.exception() is not None):
                     self._ending = starting
                 raise
@@ -305,8 +305,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     # A future of the executor, not a task: a loop that ends (asyncio.run)
                     # cancels its tasks, and a task running it ended (releasing the
                     # store) while the stop went on in its thread.
-                    loop = asyncio.get_running_loop()
-                    ending = loop.run_in_executor(None, worker.stop, timeout)
+                    ending = in_thread(worker.stop, timeout)
                 else:
                     ending = followed_here(ending)  # a cancelled stop()'s, of any loop
                 await asyncio.shield(ending)

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import weakref
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 
 def followed_here(task: asyncio.Future[None]) -> asyncio.Future[None]:
@@ -52,11 +55,40 @@ def idle_elsewhere(task: asyncio.Future[None]) -> bool:
 
 
 def stranded(task: asyncio.Future[None]) -> bool:
-    """Whether ``task`` is a task left pending on a loop that was closed: ``loop.close()``
-    (after ``run_until_complete``; unlike ``asyncio.run``) cancels no task, nor ends one
-    cancelled already, and one left so never runs again, and delivers nothing. (Not an
-    executor's future: its thread, a worker process's stop, goes on without the loop.)"""
-    return isinstance(task, asyncio.Task) and not task.done() and task.get_loop().is_closed()
+    """Whether ``task`` is left pending on a loop that was closed, and will never end:
+    ``loop.close()`` (after ``run_until_complete``; unlike ``asyncio.run``) cancels no
+    task, nor ends one cancelled already, and one left so never runs again, and delivers
+    nothing. A future of :func:`in_thread` is so once its thread has ended (a worker
+    process's stop, which goes on without the loop): asyncio drops the outcome of a
+    thread whose loop was closed, and the future stayed pending for good."""
+    if task.done() or not task.get_loop().is_closed():
+        return False
+    if isinstance(task, asyncio.Task):
+        return True
+    ended = _THREAD_ENDS.get(task)
+    return ended is not None and ended.is_set()
+
+
+def in_thread(func: Callable[..., None], /, *args: Any) -> asyncio.Future[None]:
+    """``func(*args)`` in the running loop's executor (``run_in_executor``), a future
+    whose end :func:`stranded` knows of even once that loop is closed."""
+    ended = threading.Event()
+
+    def run() -> None:
+        try:
+            func(*args)
+        finally:
+            ended.set()
+
+    future = asyncio.get_running_loop().run_in_executor(None, run)
+    _THREAD_ENDS[future] = ended
+    return future
+
+
+_THREAD_ENDS: weakref.WeakKeyDictionary[asyncio.Future[None], threading.Event] = (
+    weakref.WeakKeyDictionary()
+)
+"""Whether the thread of each future of :func:`in_thread` has ended."""
 
 
 def runs(task: asyncio.Future[None] | None) -> bool:
