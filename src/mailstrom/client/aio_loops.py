@@ -147,7 +147,7 @@ class LoopsLock:
 
     async def acquire(self, turn: Turn) -> None:
         with self._guard:
-            self._pass_onstranded()
+            self._pass_on_stranded()
             if self._holder is None:
                 self._holder = turn
                 return
@@ -157,7 +157,7 @@ class LoopsLock:
             while not waiter.done():
                 await asyncio.wait({waiter}, timeout=STRANDED_LOOK)
                 with self._guard:
-                    self._pass_onstranded()
+                    self._pass_on_stranded()
         except asyncio.CancelledError:
             with self._guard:
                 if (turn, waiter) in self._waiters:
@@ -176,7 +176,7 @@ class LoopsLock:
         held at the fork (only its holder's turn goes on here)."""
         self._guard = threading.Lock()
 
-    def _pass_onstranded(self) -> None:
+    def _pass_on_stranded(self) -> None:
         """Pass the lock on if its holder's loop was closed (``_guard`` held)."""
         holder = self._holder
         if holder is not None and holder.loop.is_closed():
