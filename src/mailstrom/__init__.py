@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         MTASTSConfig,
         RelayConfig,
         RelayTLS,
+        RetentionConfig,
         Timeouts,
         TLSPolicy,
     )
@@ -158,6 +159,7 @@ __all__ = [
     "RelayConfig",
     "RelayTLS",
     "RequireTLSFailure",
+    "RetentionConfig",
     "RetryPolicy",
     "Return",
     "SMTPReply",
@@ -220,6 +222,7 @@ __getattr__, __dir__ = lazy_exports(
             "MTASTSConfig",
             "RelayConfig",
             "RelayTLS",
+            "RetentionConfig",
             "Timeouts",
             "TLSPolicy",
             "DEFAULT_LANES",

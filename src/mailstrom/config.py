@@ -586,6 +586,39 @@ def _rebuild_mta_sts(
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionConfig:
+    """How long finished messages are kept before a worker deletes them, as ``mailstrom
+    purge`` would: ``delivered`` for those all of whose recipients were delivered,
+    ``failed`` for the other finished ones (a recipient failed or was cancelled), each
+    counted from when the message's last recipient finished. None (the default) or zero
+    keeps them for ever. A message still owing its sender a notice is kept until the
+    notice is queued; pending and held mail is never deleted.
+
+    >>> RetentionConfig(delivered=timedelta(days=30)).failed is None
+    True
+    """
+
+    delivered: timedelta | None = None
+    failed: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("delivered", "failed"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            check_duration(value, f"retention.{name}", positive=False)
+            if value == timedelta(0):
+                # "0" is how the settings say "keep": a zero age is never "delete at
+                # once", which would lose mail an operator still wants to look at.
+                object.__setattr__(self, name, None)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any finished mail is ever deleted."""
+        return self.delivered is not None or self.failed is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Lane:
     """A priority lane: messages sent with ``priority=name``.
 
@@ -667,6 +700,7 @@ _NESTED: tuple[tuple[str, type], ...] = (
     ("retry", RetryPolicy),
     ("relay", RelayConfig),
     ("hook", HookConfig),
+    ("retention", RetentionConfig),
 )
 """Fields of :class:`Config` holding one of the dataclasses above (relay and hook: or None)."""
 
@@ -853,6 +887,10 @@ class Config:
     defers a recipient this long after queueing, to the senders that would get a bounce
     message (and for a DSN request, only when its NOTIFY includes DELAY or is left to the
     server); None (the default, as Postfix's ``delay_warning_time = 0``): never."""
+
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    """How long workers keep finished messages (see :class:`RetentionConfig`); by
+    default for ever, until ``mailstrom purge`` deletes them."""
 
     @property
     def outbox(self) -> bool:

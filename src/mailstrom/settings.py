@@ -47,6 +47,7 @@ from mailstrom.config import (
     MTASTSConfig,
     RelayConfig,
     RelayTLS,
+    RetentionConfig,
     Timeouts,
     TLSPolicy,
     check_ca_file,
@@ -759,6 +760,9 @@ KEYS: dict[str, Parser] = {
     "suppress_for": _suppress_for,
     "bounce_notices": _bool,
     "delay_warning": _optional(_duration),
+    # Workers delete finished mail this long after it finished; 0 or none: never.
+    "retention.delivered": _optional(_duration),
+    "retention.failed": _optional(_duration),
 }
 
 SECRET_KEYS = frozenset(["relay.password", "hook.secret", "web.token"])
@@ -947,7 +951,15 @@ def _parse_toml(text: str, path: Path) -> dict[str, Any]:
 
 
 _EMPTY_REFUSED = frozenset(
-    {"retry.max_age", "retry.max_attempts", "dkim.expire", "suppress_for", "delay_warning"}
+    {
+        "retry.max_age",
+        "retry.max_attempts",
+        "dkim.expire",
+        "suppress_for",
+        "delay_warning",
+        "retention.delivered",
+        "retention.failed",
+    }
 )
 """The limits that ``none`` turns off, whose parsers read an empty value as ``none`` too:
 an empty environment variable for one is refused (:func:`read_env`). A file's ``""`` is
@@ -1178,6 +1190,8 @@ def build_config(parsed: Mapping[str, Any]) -> Config:
         top["metrics_domains"] = tuple(domains)
     if shaping := section("shaping"):
         top["shaping"] = ShapingConfig(**shaping)
+    if retention := section("retention"):
+        top["retention"] = RetentionConfig(**retention)
     tls = section("tls")
     if "default" in tls and "tls" not in top:
         # [tls] default = ... is how a file with [tls.domains] names the global level

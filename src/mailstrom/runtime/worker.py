@@ -60,6 +60,7 @@ from mailstrom.runtime.worker_clock import ClockVerdict, WorkerClock, danger_ske
 from mailstrom.runtime.worker_destinations import WorkerDestinations
 from mailstrom.runtime.worker_reaping import WorkerReaping
 from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
+from mailstrom.runtime.worker_retention import WorkerRetention
 from mailstrom.runtime.worker_screening import RESCREEN_AFTER, WorkerScreening
 from mailstrom.runtime.worker_stopping import WorkerStopping
 from mailstrom.runtime.worker_store import WorkerStore, _Backoff
@@ -231,13 +232,14 @@ class Worker(
     WorkerStopping,
     WorkerClock,
     WorkerReaping,
+    WorkerRetention,
     WorkerStore,
 ):
     """Delivers everything due in ``store`` until stopped.
 
     Its parts beside the store loop live in ``worker_*.py``, mixed in over the state kept
     here: reporting, suppression and bounces, destinations, stopping, the clock check,
-    the look for dead workers' leases, store calls.
+    the look for dead workers' leases, the retention of finished mail, store calls.
 
     >>> worker = Worker(Config(), store)           # doctest: +SKIP
     >>> await worker.run()                         # doctest: +SKIP
@@ -533,7 +535,18 @@ class Worker(
         pauses = asyncio.create_task(self._pauses_loop(shaper), name="mailstrom-pauses")
         owed = asyncio.create_task(self._owed_loop(), name="mailstrom-notices")
         pruning = asyncio.create_task(self._prune_loop(), name="mailstrom-pruning")
-        loops = (heartbeat, fencing, clock_check, reaping, tls_memory, pauses, owed, pruning)
+        retention = asyncio.create_task(self._retention_loop(), name="mailstrom-retention")
+        loops = (
+            heartbeat,
+            fencing,
+            clock_check,
+            reaping,
+            tls_memory,
+            pauses,
+            owed,
+            pruning,
+            retention,
+        )
         for task in loops:
             task.add_done_callback(self._loop_ended)
         store_loop: asyncio.Task[None] | None = None
@@ -596,6 +609,7 @@ class Worker(
             pauses.cancel()
             owed.cancel()
             pruning.cancel()
+            retention.cancel()
             self._stopping = True
             try:
                 await asyncio.gather(*loops, return_exceptions=True)

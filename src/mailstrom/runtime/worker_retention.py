@@ -1,0 +1,135 @@
+"""Retention: a worker deletes finished messages older than ``Config.retention`` says,
+at its start and every :data:`RETAIN_EVERY` seconds, a bounded batch per store call, as
+``mailstrom purge`` would (a message owing its sender a notice, and pending or held
+mail, stay). Every worker of a queue may do it: two deleting at once each delete what
+the other has not, and count only their own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from mailstrom.bounds import MAX_DURATION
+from mailstrom.config import Config, RetentionConfig
+from mailstrom.errors import StoreError
+from mailstrom.runtime.worker_store import WorkerStore
+from mailstrom.status import RecipientState
+from mailstrom.stores.base import QueueFilter, Store
+from mailstrom.stores.clock import ClockReading, ServerClock
+from mailstrom.stores.operator import purge_candidates
+
+log = logging.getLogger("mailstrom.worker")
+
+RETAIN_EVERY = 600.0
+"""Seconds between a worker's deletions of finished mail past its retention; the first
+is at its start."""
+RETAIN_BATCH = 500
+"""Messages one store call of a deletion looks at and deletes at most: a short write,
+between which the worker's own leases and records (and other processes' writes) go on.
+A SQLite store's calls run on the worker's loop, and deleting 100,000 messages at once
+held it (and the store's write lock) for many seconds."""
+RETAIN_STEP = timedelta(minutes=1)
+"""How much further back the first batch after one mostly of messages that finished too
+recently to go starts looking (see :meth:`WorkerRetention._retain_state`)."""
+
+
+def retained(retention: RetentionConfig) -> list[tuple[RecipientState, timedelta]]:
+    """The finished states ``retention`` limits, each with its age: DELIVERED, and
+    FAILED (failed or cancelled, as ``purge`` counts them).
+
+    >>> retained(RetentionConfig(failed=timedelta(days=7)))
+    [(<RecipientState.FAILED: 'failed'>, datetime.timedelta(days=7))]
+    """
+    ages = (
+        (RecipientState.DELIVERED, retention.delivered),
+        (RecipientState.FAILED, retention.failed),
+    )
+    return [(state, age) for state, age in ages if age is not None]
+
+
+def store_now(now: datetime, reading: ClockReading | None = None) -> datetime:
+    """The earlier of ``now`` (the worker's clock) and the latest time the store server's
+    clock may say (``reading``): a worker whose clock runs ahead (its time
+    synchronisation failed) must not delete mail that is not yet old enough for the
+    others. Memory and SQLite stores share the worker's host clock."""
+    if reading is not None and reading.skew > 0:
+        return now - timedelta(seconds=reading.certain_skew)
+    return now
+
+
+def purge_batch(
+    store: Store, *, now: datetime, state: RecipientState, age: timedelta, skip: timedelta
+) -> tuple[int, int]:
+    """Delete what the store's purge takes of the :data:`RETAIN_BATCH` newest messages in
+    ``state`` queued more than ``age + skip`` before ``now`` (a message finished before
+    the cutoff was queued before it): those whose last recipient finished more than
+    ``age`` before ``now``. Returns how many were looked at and how many deleted."""
+    where = purge_candidates(QueueFilter(limit=RETAIN_BATCH), age + skip, state)
+    ids = store.select_ids(now=now, where=where)
+    if not ids:
+        return 0, 0
+    return len(ids), store.purge_many(ids, finished_before=now - age, state=state)
+
+
+class WorkerRetention(WorkerStore):
+    """The deletion of finished mail past its retention; mixed into :class:`Worker`."""
+
+    config: Config
+    _clock: Callable[[], datetime]
+    _checks_clock: bool
+
+    async def _retention_loop(self) -> None:
+        """Delete what ``config.retention`` no longer keeps, at once (a task started with
+        the worker) and then every :data:`RETAIN_EVERY` seconds; nothing, and no task
+        left, when it keeps everything. A store failure is logged and the next round
+        tries again."""
+        ages = retained(self.config.retention)
+        if not ages:
+            return
+        while True:
+            await self._retain_once(ages)
+            await asyncio.sleep(RETAIN_EVERY)  # a timer, not synchronisation
+
+    async def _retain_once(self, ages: list[tuple[RecipientState, timedelta]]) -> int:
+        """One round over each limited state; returns how many messages it deleted."""
+        deleted = 0
+        try:
+            reading = None
+            # A clock passed in unchecked is a test's: its time is the point of it.
+            if self._checks_clock and isinstance(self.store, ServerClock):
+                reading = await self._read_clock(self.store.measure_clock)
+            now = store_now(self._clock(), reading)
+            for state, age in ages:
+                deleted += await self._retain_state(now, state, age)
+        except StoreError as exc:
+            log.warning(
+                "finished messages past their retention not deleted (tried again in %g s): %s",
+                RETAIN_EVERY,
+                exc,
+            )
+        if deleted:
+            log.info("deleted %d finished messages past their retention", deleted)
+        return deleted
+
+    async def _retain_state(self, now: datetime, state: RecipientState, age: timedelta) -> int:
+        """Delete the messages in ``state`` past ``age``, batch after batch. The newest
+        candidates are the messages queued just before the cutoff, and those of them
+        that finished after it stay: when they are most of a batch (a busy queue whose
+        mail takes a while to finish), the next batch starts further back, by a step
+        that doubles, so that they do not hide the older mail behind them; what a step
+        passes over is deleted in a later round, when the cutoff has moved on."""
+        deleted, skip, step = 0, timedelta(0), RETAIN_STEP
+        while age + skip <= MAX_DURATION:
+            found, count = await self._store_call(
+                purge_batch, self.store, now=now, state=state, age=age, skip=skip
+            )
+            deleted += count
+            if found < RETAIN_BATCH:
+                break  # every candidate seen
+            if 2 * count < found:
+                skip, step = skip + step, 2 * step
+            # Let the rest of the worker run between two writes.
+            await asyncio.sleep(0)
+        return deleted

@@ -1,0 +1,95 @@
+"""A running worker applies ``Config.retention`` by itself, at its start: the old
+finished mail of a SQLite queue goes, the rest stays, with no purge run by anyone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom.config import Config, RetentionConfig
+from mailstrom.errors import StoreLocked
+from mailstrom.runtime.worker import Worker
+from mailstrom.runtime.worker_retention import retained
+from mailstrom.status import RecipientState
+from mailstrom.stores import SQLiteStore
+from mailstrom.stores.base import QueueFilter
+from tests.contract.test_retention import finished, present
+
+DAY = timedelta(days=1)
+
+
+class Watched(SQLiteStore):
+    """A SQLite store that says when a purge of listed messages has run (on the
+    worker's loop, where a SQLite store's calls run)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.purged = asyncio.Event()
+
+    def purge_many(self, message_ids: Sequence[str], **kw: Any) -> int:
+        try:
+            return super().purge_many(message_ids, **kw)
+        finally:
+            self.purged.set()
+
+
+async def test_a_worker_deletes_old_finished_mail_at_its_start(tmp_path: Path) -> None:
+    store = Watched(tmp_path / "queue.db")
+    now = datetime.now(UTC)
+    old = finished(store, RecipientState.DELIVERED, queued=now - 40 * DAY)
+    old_failed = finished(store, RecipientState.FAILED, queued=now - 40 * DAY)
+    young = finished(store, RecipientState.DELIVERED, queued=now - DAY)
+    config = Config(helo_name="mail.example.com", retention=RetentionConfig(delivered=30 * DAY))
+    worker = Worker(config, store)
+    running = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(store.purged.wait(), 60)  # the timeout only catches a hang
+    finally:
+        worker.request_stop()
+        await running
+        store.close()
+    reopened = SQLiteStore(tmp_path / "queue.db")
+    try:
+        assert not present(reopened, old)
+        assert present(reopened, old_failed)  # no age for failed mail: kept
+        assert present(reopened, young)
+    finally:
+        reopened.close()
+
+
+class FailingOnce(SQLiteStore):
+    """A SQLite store whose first look for candidates fails, as a locked or lost
+    database does."""
+
+    failed = False
+
+    def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
+        if not self.failed:
+            self.failed = True
+            raise StoreLocked("database is locked")
+        return super().select_ids(now=now, where=where)
+
+
+async def test_a_store_error_is_logged_and_the_next_round_deletes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FailingOnce(tmp_path / "queue.db")
+    now = datetime.now(UTC)
+    old = finished(store, RecipientState.FAILED, queued=now - 40 * DAY)
+    retention = RetentionConfig(failed=30 * DAY)
+    worker = Worker(Config(helo_name="mail.example.com", retention=retention), store)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailstrom.worker"):
+            assert await worker._retain_once(retained(retention)) == 0
+        assert "not deleted (tried again in 600 s): database is locked" in caplog.text
+        assert present(store, old)
+        assert await worker._retain_once(retained(retention)) == 1
+        assert not present(store, old)
+    finally:
+        store.close()
