@@ -128,15 +128,24 @@ def test_a_message_larger_than_every_store_holds_is_refused_alike(
 
 @pytest.mark.parametrize(
     ("first", "again"),
-    [("a@example.org", "a@example.org"), ("a@example.org", "a@EXAMPLE.Org")],
-    ids=["same", "domain-case"],
+    [
+        ("a@example.org", "a@example.org"),
+        ("a@example.org", "a@EXAMPLE.Org"),
+        ("a@bücher.example", "a@xn--bcher-kva.example"),
+        ('"a"@example.org', "a@example.org"),
+        ("Postmaster@example.org", "postmaster@example.org"),
+    ],
+    ids=["same", "domain-case", "u-label", "quoted", "role-name"],
 )
 def test_a_recipient_named_twice_is_refused_alike(store: Store, first: str, again: str) -> None:
     """A direct enqueue naming one recipient twice (domains compare case-insensitively,
     as a message's recipients are de-duplicated: PreparedMessage) was StoreRefusedData
     from a SQL store's key, and the memory store merged the two, or (for the domain's
     case) queued both, as the SQL stores did too: one mailbox got the message twice.
-    Every store refuses it, before writing anything; local parts stay case-sensitive."""
+    Every store refuses it, before writing anything; local parts stay case-sensitive.
+    Two spellings of one mailbox that prepare() writes alike (a U-label domain and its
+    A-labels, a needlessly quoted local part, a role name's case) were queued as two
+    recipients by every store and delivered twice; they are named twice too."""
     with pytest.raises(InvalidArgument, match=r"recipients: .* named twice") as raised:
         store.enqueue(message(first, "b@example.net", again), now=NOW)
     assert raised.value.argument == "recipients"

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 from mailstrom.arguments import check_age, check_key, check_limit, member_of, row_limit, shown
 from mailstrom.bounds import MAX_INTEGER
 from mailstrom.errors import InvalidArgument, StoreError, StoreRefusedData
-from mailstrom.message.addrspec import envelope_key
 from mailstrom.message.dsn import DSN
 from mailstrom.policy.throttle import MAX_SHAPING_KEY, TokenBucket, TokenGrant
 from mailstrom.status import (
@@ -40,7 +39,13 @@ from mailstrom.status import (
     RecipientState,
 )
 from mailstrom.stores.clock import after, kept_time
-from mailstrom.stores.operator import ShapeRow, Suspension, comparable, filter_domain
+from mailstrom.stores.operator import (
+    ShapeRow,
+    Suspension,
+    comparable,
+    filter_address,
+    filter_domain,
+)
 from mailstrom.suppression import MAX_TARGET, Suppression
 
 if TYPE_CHECKING:
@@ -74,8 +79,8 @@ def check_storable(messages: Iterable[PreparedMessage], *, now: datetime | None 
     as a passing trouble (StoreUnreachable) and was retried for ever.
 
     :class:`~mailstrom.errors.InvalidArgument` (``recipients``) for a message naming one
-    recipient twice (the domain compared case-insensitively, as a message's recipients
-    are de-duplicated: :class:`~mailstrom.message.prepared.PreparedMessage`), which only
+    recipient twice (compared in the form prepare() stores: the domain in lower-case
+    A-labels, a local part without needless quotes, a role name in lower case), which only
     a direct caller can give: a SQL store's key refused an exact repeat
     (StoreRefusedData), the memory store merged it, and a repeat with its domain in
     another case was queued twice by all three, to be delivered twice. Likewise for one
@@ -121,13 +126,16 @@ def _check_recipients(recipients: Sequence[str]) -> None:
         )
     if len(recipients) < 2:
         return
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     for address in recipients:
-        key = envelope_key(address)
+        # The stored form prepare() writes: two spellings of one mailbox (a U-label domain
+        # and its A-labels, '"a"@x' and 'a@x', 'Postmaster' and 'postmaster') are one
+        # recipient, which two rows would have had delivered twice.
+        key = filter_address(address)
         if key in seen:
             raise InvalidArgument(
-                f"recipients: {shown(address)} is named twice (a domain's case does not"
-                " tell two recipients apart); name each recipient once",
+                f"recipients: {shown(address)} is named twice (a domain's case or U-labels,"
+                " needless quotes do not tell two recipients apart); name each recipient once",
                 argument="recipients",
             )
         seen.add(key)
