@@ -344,17 +344,24 @@ class MessageStatus:
         """The status of ``address`` (domain compared case-insensitively; a U-label
         domain, ``bob@bücher.example``, finds the A-label form the envelope holds, and a
         local part is taken as the envelope writes it: in Unicode NFC, a role name such as
-        ``Postmaster`` in lower case, needless quotes dropped). KeyError for an address
-        not among them, and for what is no string (None, bytes), which names none."""
+        ``Postmaster`` in lower case, needless quotes dropped; a recipient queued by hand in
+        another spelling is found by it too). KeyError for an address not among them, and
+        for what is no string (None, bytes), which names none."""
         if not isinstance(address, str):
             raise KeyError(address)
         # Imported here: this module needs only the standard library to load.
         from mailstrom.stores.operator import filter_address
 
-        local, _, domain = filter_address(address).rpartition("@")
+        wanted = filter_address(address)
+        local, _, domain = wanted.rpartition("@")
         for r in self.recipients:
             r_local, _, r_domain = r.address.rpartition("@")
             if r_local == local and r_domain.lower() == domain:
+                return r
+        # A message handed to a store by hand keeps its recipients as written (a U-label
+        # domain, a quoted local part): found by the same stored form, not only by it.
+        for r in self.recipients:
+            if filter_address(r.address) == wanted:
                 return r
         raise KeyError(address)
 

@@ -94,3 +94,26 @@ def test_looking_up_what_is_no_address_is_a_key_error(address: object) -> None:
     )
     with pytest.raises(KeyError):
         status.recipient(address)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["bob@bücher.example", '"ann"@example.org', "Postmaster@example.net", "cy@Example.COM"],
+)
+def test_a_recipient_queued_as_written_is_found_as_written(address: str) -> None:
+    # A message handed to a store by hand keeps its recipients as written: the lookup put
+    # only the address asked for into the stored form, so the very address the message
+    # named (a U-label domain, a quoted local part, a role name's case) raised KeyError.
+    others = ("dan@example.org", "eve@xn--bcher-kva.example")
+    status = MessageStatus(
+        id="m1",
+        state=Q,
+        envelope_from="app@example.com",
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
+        size=1,
+        recipients=tuple(RecipientStatus(address=a, state=Q) for a in (*others, address)),
+    )
+    assert status.recipient(address) is status.recipients[-1]
+    assert status.recipient("eve@bücher.example") is status.recipients[1]
+    with pytest.raises(KeyError):
+        status.recipient("bob@xn--bcher-kva.example.org")
