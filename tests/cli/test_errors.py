@@ -67,6 +67,33 @@ def test_send_attaches_a_file_whose_name_is_not_utf8(cli: CLI) -> None:
     assert part.get_payload(decode=True) == b"menu\n"
 
 
+@pytest.mark.parametrize(
+    ("name", "sent"),
+    [
+        ("a\nb.txt", "a_b.txt"),
+        ("a\rb.txt", "a_b.txt"),
+        ("esc\x1b[31m.txt", "esc_[31m.txt"),
+        ("line\u2028sep.txt", "line_sep.txt"),
+        ("tab\tkept.txt", "tab\tkept.txt"),
+    ],
+)
+def test_send_attaches_a_file_whose_name_holds_a_control_character(
+    cli: CLI, name: str, sent: str
+) -> None:
+    # A name the file system takes (one saved from an upload, a script's typo) but no
+    # header may hold: the file was refused for its name alone, exit 65 ("attachment
+    # filename header value contains a CR or LF character").
+    (cli.cwd / name).write_bytes(b"menu\n")
+    queued = cli.ok(
+        "send", "--from", "a@client.test", "--to", "b@x.test", "--text", "x", "--attach", name
+    )
+    raw = cli.ok("show", "--raw", queued.out.strip()).out.encode()
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    [part] = list(message.iter_attachments())
+    assert part.get_filename() == sent
+    assert part.get_payload(decode=True) == b"menu\n"
+
+
 def test_send_text_and_html_files_lose_a_utf8_byte_order_mark(cli: CLI) -> None:
     # Notepad and PowerShell 5 write UTF-8 with a byte order mark: it is no text of the
     # body, and was sent as an invisible U+FEFF at the start of each part.

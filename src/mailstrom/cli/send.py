@@ -34,6 +34,7 @@ from mailstrom.cli.views import print_message, status_json
 from mailstrom.config import Config
 from mailstrom.errors import StoreError
 from mailstrom.message import Attachment, Email
+from mailstrom.message.chars import replace_controls
 from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.runtime.worker import Worker
@@ -322,6 +323,11 @@ def attachment(path: str, budget: FileBudget) -> Attachment:
     # surrogates, which no header can carry: the file was refused for its name. Sent with
     # U+FFFD for each such octet instead, as the file is otherwise what was asked for.
     filename = os.fsencode(Path(path).name).decode("utf-8", "replace")
+    # A name may hold any character but "/" and NUL, so a file named with a line break or
+    # an escape sequence (saved from an upload, a script's typo) was refused for its name
+    # alone, exit 65. Each such character is sent as "_", as mail clients save it: in a
+    # header it is an injection, in a saved file's name hostile to the reader's terminal.
+    filename = replace_controls(filename.replace("\r", "_").replace("\n", "_"), "_")
     return Attachment(filename=filename, content=content, content_type=content_type)
 
 
