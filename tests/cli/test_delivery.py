@@ -362,6 +362,33 @@ def test_send_raw_file_with_explicit_envelope(mail_env: MailEnv) -> None:
     assert b"To: someone@example.test" in received.content
 
 
+def test_send_raw_file_envelope_options_take_address_lists(cli: CLI) -> None:
+    # --to "a, b" is two recipients when the message is built from options, as for
+    # sendmail's arguments; with --file the same value was refused, exit 65 ("envelope_to
+    # must be exactly one address"), and a script's $RECIPIENTS worked for one mode only.
+    raw = b"From: a@client.test\r\nTo: someone@example.test\r\nSubject: raw\r\n\r\nbody\r\n"
+    result = cli.ok(
+        "send",
+        "--file",
+        "-",
+        "--to",
+        'bob@example.test, "Doe, Carol" <carol@example.test>',
+        "--cc",
+        "Team: dan@example.test, erin@example.test;",
+        "--bcc",
+        "fay@example.test,",
+        stdin=raw,
+    )
+    status = cli.ok("status", "--json", result.out.strip()).json()
+    assert [r["address"] for r in status["recipients"]] == [
+        "bob@example.test",
+        "carol@example.test",
+        "dan@example.test",
+        "erin@example.test",
+        "fay@example.test",
+    ]
+
+
 def test_worker_stops_gracefully_on_sigterm(mail_env: MailEnv) -> None:
     proc = mail_env.cli.popen("worker", "--no-live")
     try:

@@ -32,8 +32,9 @@ from mailstrom.cli.reading import FileBudget, stdin_buffer
 from mailstrom.cli.signals import EarlyStops, early_stops, handled_stop_signals
 from mailstrom.cli.views import print_message, status_json
 from mailstrom.config import Config
-from mailstrom.errors import StoreError
+from mailstrom.errors import InvalidMessage, StoreError
 from mailstrom.message import Attachment, Email
+from mailstrom.message.addresses import mailboxes, parse_address_list
 from mailstrom.message.chars import replace_controls
 from mailstrom.message.dsn import DSN
 from mailstrom.message.prepared import PreparedMessage
@@ -390,6 +391,22 @@ def build_email(args: argparse.Namespace, *, max_size: int) -> Email:
     )
 
 
+def envelope_addresses(values: list[str]) -> list[str]:
+    """The addresses of ``--to``, ``--cc`` and ``--bcc`` given with ``--file``, each an
+    address list as it is when the message is built from them ("a@x, Bob <b@y>", a
+    group): the envelope takes one address per entry, and a list was refused there. A
+    value that is no list of at least one mailbox is kept whole, for prepare() to refuse
+    with its reason (an empty group must not leave the envelope to the headers)."""
+    out: list[str] = []
+    for value in values:
+        try:
+            boxes = mailboxes(parse_address_list("envelope_to", value))
+        except InvalidMessage:
+            boxes = []
+        out.extend([box.address.written for box in boxes] or [value])
+    return out
+
+
 def one_reader_per_pipe(inputs: list[tuple[str, str | None]]) -> None:
     """UsageError when two of the ``(option, path)`` inputs are the same pipe or socket:
     standard input named as ``-`` and as ``/dev/stdin`` (or ``/dev/fd/0``), or one FIFO
@@ -443,7 +460,7 @@ def send_command(args: argparse.Namespace) -> int:
         given = [f"--{n.replace('_', '-')}" for n in _BUILDER_ONLY if getattr(args, n)]
         if given:
             raise UsageError(f"--file takes a complete message; drop {', '.join(given)}")
-        envelope_to = [*args.to, *args.cc, *args.bcc] or None
+        envelope_to = envelope_addresses([*args.to, *args.cc, *args.bcc]) or None
         prepared = prepare_for(
             settings.config,
             read_message(args.file, FileBudget(settings.config.max_message_size)),
