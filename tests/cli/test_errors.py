@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import email
 import email.policy
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,36 @@ def test_send_attaches_a_file_whose_name_holds_a_control_character(
     [part] = list(message.iter_attachments())
     assert part.get_filename() == sent
     assert part.get_payload(decode=True) == b"menu\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        # Saved as it arrived, with UTF-8 headers (RFC 6532): message/global may carry it.
+        (b"From: a@client.test\nSubject: Gr\xc3\xbc\xc3\x9fe\n\nbody\n", "message/global"),
+        # No message at all, only named like one.
+        (b"\x00\x01binary\xff\n", "application/octet-stream"),
+    ],
+)
+def test_send_attaches_an_eml_file_that_message_rfc822_cannot_carry(
+    cli: CLI, content: bytes, content_type: str
+) -> None:
+    # The type is guessed from the name (.eml: message/rfc822), which must be sent 7bit
+    # with 7-bit headers (RFC 2046 §5.2.1, RFC 6532 §3.7). Such a file was refused, exit
+    # 65, "attach it as message/global", which no option of send can do.
+    (cli.cwd / "saved.eml").write_bytes(content)
+    build = ["--from", "a@client.test", "--to", "b@x.test", "--text", "x"]
+    queued = cli.ok("send", *build, "--attach", "saved.eml")
+    raw = cli.ok("show", "--raw", queued.out.strip()).out.encode()
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    [part] = list(message.iter_attachments())
+    assert part.get_content_type() == content_type
+    assert part.get_filename() == "saved.eml"
+    assert part["Content-Transfer-Encoding"] == "base64"
+    # Read from the raw text: the stdlib parses any message/* part as a message, base64
+    # or not.
+    [body] = re.findall(rb'filename="saved.eml"\r?\n\r?\n(.*?)\r?\n--', raw, re.DOTALL)
+    assert base64.b64decode(body) == content
 
 
 def test_send_text_and_html_files_lose_a_utf8_byte_order_mark(cli: CLI) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import stat
 import sys
@@ -320,6 +321,7 @@ def attachment(path: str, budget: FileBudget) -> Attachment:
         # A compressed file (report.csv.gz) is sent as what it is: opaque bytes.
         content_type = "application/octet-stream"
     content = read_bytes(path, budget)
+    content_type = carried_type(content_type, content)
     # A name holding octets that are not UTF-8 (an old Latin-1 file name) has them as lone
     # surrogates, which no header can carry: the file was refused for its name. Sent with
     # U+FFFD for each such octet instead, as the file is otherwise what was asked for.
@@ -330,6 +332,26 @@ def attachment(path: str, budget: FileBudget) -> Attachment:
     # header it is an injection, in a saved file's name hostile to the reader's terminal.
     filename = replace_controls(filename.replace("\r", "_").replace("\n", "_"), "_")
     return Attachment(filename=filename, content=content, content_type=content_type)
+
+
+_HEADER_SECTION_END = re.compile(rb"\r?\n\r?\n")
+
+
+def carried_type(guessed: str, content: bytes) -> str:
+    """The type a file is attached as, for the type ``guessed`` from its name.
+
+    message/rfc822 (.eml, .mht) must be sent 7bit with 7-bit headers (RFC 2046 §5.2.1):
+    a saved message with UTF-8 headers (RFC 6532) was refused with advice to attach it
+    as message/global, which no option of ``send`` can do, and a file named so but
+    holding NUL octets is no message at all. The first is sent as message/global (which
+    may be base64-encoded, RFC 6532 §3.7), the second as opaque bytes; both as read."""
+    if guessed != "message/rfc822":
+        return guessed
+    if b"\0" in content:
+        return "application/octet-stream"
+    end = _HEADER_SECTION_END.search(content)
+    head = content if end is None else content[: end.start()]
+    return guessed if head.isascii() else "message/global"
 
 
 def headers(values: list[str]) -> dict[str, str]:
