@@ -430,6 +430,41 @@ def test_a_suspended_domain_is_not_leased_until_resumed(store: Store) -> None:
     assert leased_addresses(lease_all(store)) == ["a@example.org"]
 
 
+def test_extend_does_not_count_the_recipients_of_a_destination_suspended_since(
+    store: Store,
+) -> None:
+    """A worker's heartbeat gives back the work it has fewer of than it leased: a
+    suspended destination's recipients were counted, so a worker sent the rest of its
+    lease to a destination the operator had suspended. They are extended still (one may
+    be on the wire), not counted; a timed suspension counts until a lease or next_due
+    past its end has ended it."""
+    first = store.enqueue(message("a@example.org", "b@other.org"), now=NOW)
+    second = store.enqueue(message("c@example.org"), now=NOW)
+    lease = lease_all(store)
+    later = NOW + 10 * LEASE_FOR
+    store.suspend("example.org", now=NOW)
+    assert store.extend(lease, until=later) == 1
+    # Still extended: nothing of it is leased again meanwhile, once resumed.
+    assert store.resume("example.org", now=NOW) is True
+    assert store.lease(now=NOW + 2 * LEASE_FOR, limit=10, lease_for=LEASE_FOR) is None
+    assert store.extend(lease, until=later) == 3
+    store.suspend("example.org", now=NOW, until=NOW + HOUR)
+    assert store.extend(lease, until=later) == 1
+    assert store.next_due(now=NOW + HOUR) == later  # the suspension has ended there
+    assert store.extend(lease, until=later) == 3
+    # Given back, they wait unattempted for the suspension's end.
+    store.suspend("example.org", now=NOW)
+    store.release(lease)
+    assert leased_addresses(lease_all(store)) == ["b@other.org"]
+    for mid, address in ((first, "a@example.org"), (second, "c@example.org")):
+        waiting = store.status(mid).recipient(address)
+        assert (waiting.state, waiting.attempts, waiting.leased) == (
+            RecipientState.QUEUED,
+            0,
+            False,
+        )
+
+
 def test_a_timed_suspension_ends_by_itself(store: Store) -> None:
     store.enqueue(message("a@example.org"), now=NOW)
     store.suspend("example.org", now=NOW, until=NOW + HOUR)

@@ -111,6 +111,26 @@ def test_watch_cancels_fires_when_leased_mail_is_held_by_any_store_object(
     assert told.calls == 2
 
 
+def test_watch_cancels_fires_when_a_destination_of_leased_mail_is_suspended(
+    store_backend: Backend,
+) -> None:
+    """Suspending a destination a worker has leased mail of tells it as a cancel does,
+    also through another store object (another process), so that it gives back what it
+    has not started: it was told nothing, and sent to the suspended destination until
+    its next heartbeat."""
+    here = store_backend.open()
+    other = store_backend.open() if store_backend.durable else here
+    told = Counter()
+    stop = here.watch_cancels(told)
+    try:
+        here.enqueue(message("a@example.org"), now=NOW)
+        assert lease_all(here) is not None
+        other.suspend("example.org", now=NOW)
+        assert told.wait_for(1)
+    finally:
+        stop()
+
+
 def test_close_stops_every_watcher_and_refuses_new_ones(store_backend: Backend) -> None:
     """``close()`` releases the store's threads: the SQLite store left every wake-up
     listener of ``watch`` and ``watch_cancels`` running (its thread, its bound socket),

@@ -2,9 +2,10 @@
 one destination without touching its messages.
 
 The suspension lives in the store, so every worker of the queue (on every host, with
-PostgreSQL) honours it at its next lease: recipients at the domain are not attempted and
-no attempt is counted; they keep their state and schedule. ``queue --suspended`` lists
-the suspensions in force.
+PostgreSQL) honours it at once: recipients at the domain are not attempted and no attempt
+is counted; they keep their state and schedule. A worker that leased some of them is told
+and gives back what it has not started (``Store.watch_cancels``). ``queue --suspended``
+lists the suspensions in force.
 """
 
 from __future__ import annotations

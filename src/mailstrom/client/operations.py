@@ -275,7 +275,8 @@ class QueueOperations(_Base):
         """Stop delivery to ``domain`` for ``for_`` (up to 100 years), until ``until`` (a
         timezone-aware datetime, at most 100 years ahead), or until :meth:`resume`; its
         messages stay queued and no attempt is counted. Every worker of the store
-        honours it."""
+        honours it at once: what it leased of the domain and has not started goes back
+        unsent."""
         now = self._clock()
         self.store.suspend(
             normalize_domain(domain), now=now, until=suspension_end(now, for_, until)

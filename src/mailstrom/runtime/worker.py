@@ -379,9 +379,9 @@ class Worker(
 
     def check_leases(self) -> None:
         """Extend the leases now, as the heartbeat does (thread-safe): work of them that
-        was cancelled meanwhile is then given back, not started. Called when the store
-        says leased recipients were cancelled (``Store.watch_cancels``), by any process;
-        unasked, the heartbeat found it only at its next beat (every third of
+        was cancelled, held or suspended meanwhile is then given back, not started. Called
+        when the store says so of leased recipients (``Store.watch_cancels``), by any
+        process; unasked, the heartbeat found it only at its next beat (every third of
         ``lease_for``), and the work went out before. Until that beat has asked, no
         transaction starts (:meth:`_may_start`): set here, before the store's cancel
         returns (the store calls this from it), a session that started the cancelled
@@ -1190,8 +1190,9 @@ class Worker(
                     if held < state.unrecorded - state.writing:
                         # The lease expired (this process or the store stalled) and
                         # another worker took some of it over, or messages were
-                        # cancelled or held. (A write under way may have committed some of
-                        # it before this worker counted them: those are not missing.)
+                        # cancelled, held or suspended. (A write under way may have
+                        # committed some of it before this worker counted them: those are
+                        # not missing.)
                         self._withdraw(state.lease, f"has {held} of {state.unrecorded} left")
                     elif checking and held < state.unrecorded:
                         # Fewer held, no more than a write under way may have committed:
@@ -1278,9 +1279,9 @@ class Worker(
             self._fence(state, "may be given back: this worker was not seen for dead_after")
             return False
         if self._cancels_unchecked or self._cancels_checking:
-            # Mail was cancelled or held, perhaps of this lease: not started before the
-            # store has said what the lease still holds (see check_leases), in a beat
-            # asked for now unless one asks already.
+            # Mail was cancelled, held or suspended, perhaps of this lease: not started
+            # before the store has said what the lease still holds (see check_leases), in
+            # a beat asked for now unless one asks already.
             return self._confirmation(beat=self._cancels_unchecked)
         if state.screened_at is not None and wall - state.screened_at >= RESCREEN_AFTER:
             # Its work waited (for a connection, a rate, a lane): an entry added to the

@@ -961,8 +961,11 @@ class Store(Protocol):
         """Move the expiry of the lease's unrecorded recipients to ``until`` (a worker's
         heartbeat while deliveries take long). Recipients already taken over by another
         lease are left alone. Returns how many are still held, not counting those of
-        messages held since (:meth:`set_held`): the worker gives back what it has fewer of
-        and has not started, as it does what was cancelled, and lets the rest finish."""
+        messages held since (:meth:`set_held`) nor those of destinations suspended since
+        (:meth:`suspend`; a timed suspension counts until a :meth:`lease` or
+        :meth:`next_due` past its end has ended it): the worker gives back what it has
+        fewer of and has not started, as it does what was cancelled, and lets the rest
+        finish."""
         ...
 
     def release(self, lease: Lease) -> None:
@@ -1123,8 +1126,9 @@ class Store(Protocol):
         """Call ``callback`` (from any thread) when recipients under a lease were
         cancelled: through this store object, or through any process for stores that can
         tell (SQLite's wake-up sockets, PostgreSQL's NOTIFY); or held (:meth:`set_held`,
-        :meth:`hold_many`). A worker then checks its leases at once and gives back the
-        cancelled or held work it has not started sending.
+        :meth:`hold_many`); or their destination suspended (:meth:`suspend`). A worker
+        then checks its leases at once and gives back the cancelled, held or suspended
+        work it has not started sending.
         Returns a function that stops watching."""
         ...
 
@@ -1204,7 +1208,10 @@ class Store(Protocol):
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
         """Stop delivery to ``domain`` (lower case) until ``until`` or :meth:`resume`:
         :meth:`lease` hands out none of its recipients and :meth:`next_due` ignores them;
-        they keep their state and are not counted as attempted. Suspending again replaces
+        they keep their state and are not counted as attempted. Recipients a worker has
+        leased already are left out of :meth:`extend`'s count, and the
+        :meth:`watch_cancels` callbacks are told, so that the worker gives back what it
+        has not started (a transaction under way finishes). Suspending again replaces
         the end."""
         ...
 

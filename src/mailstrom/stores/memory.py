@@ -512,14 +512,15 @@ class MemoryStore(
     @writes
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``; how many,
-        those of held messages left out (see :meth:`Store.extend`)."""
+        those of held messages and suspended destinations left out (see
+        :meth:`Store.extend`)."""
         until = kept_time(until, "until")
         with self._lock:
             held = self._still_held(lease)
             for m, r in held:
                 r.lease_expires_at = until
                 self._due.push(m, r)
-        return sum(not m.held for m, _ in held)
+            return sum(not m.held and r.domain not in self._suspended for m, r in held)
 
     @writes
     def release(self, lease: Lease) -> None:

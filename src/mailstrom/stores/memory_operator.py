@@ -367,10 +367,14 @@ class MemoryOperatorMixin:
 
     @writes
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
-        """Stop delivery to ``domain`` until ``until`` or resume."""
+        """Stop delivery to ``domain`` until ``until`` or resume; the workers are told, so
+        that they give back what they leased of it and have not started."""
         until = check_suspension(domain, now, until)
         with self._lock:
             self._suspended[domain] = Suspension(domain=domain, suspended_at=now, until=until)
+        # Told whether or not a worker leased some of it: finding out would walk every
+        # message under the lock, and a worker told of nothing asks its leases once.
+        self._cancel_watchers.notify()
 
     @writes
     def resume(self, domain: str, *, now: datetime) -> bool:
@@ -390,10 +394,15 @@ class MemoryOperatorMixin:
             )
 
     def _suspended_domains(self, now: datetime) -> frozenset[str]:
-        """Domains suspended at ``now`` (call under the lock)."""
+        """Domains suspended at ``now`` (call under the lock, from a lease or next_due).
+        The timed suspensions that have ended by then are dropped, as the durable stores
+        delete their rows there: :meth:`extend` leaves out the recipients of every
+        suspension still kept."""
         if not self._suspended:
             return frozenset()
-        return frozenset(d for d, s in self._suspended.items() if s.active(now))
+        for domain in [d for d, s in self._suspended.items() if not s.active(now)]:
+            del self._suspended[domain]
+        return frozenset(self._suspended)
 
     def _suspension_end(self, now: datetime) -> datetime | None:
         """When the first timed suspension in force ends (call under the lock): work at

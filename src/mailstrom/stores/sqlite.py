@@ -1634,7 +1634,8 @@ class SQLiteStore:
 
     def extend(self, lease: Lease, *, until: datetime) -> int:
         """Move the expiry of the lease's unrecorded recipients to ``until``; how many,
-        those of held messages left out (see :meth:`Store.extend`)."""
+        those of held messages and suspended destinations left out (see
+        :meth:`Store.extend`)."""
         until = kept_time(until, "until")
         with self._write(fsync=False) as conn:
             extended = update_leased(conn, lease, [to_us(until)], "lease_expires_at = ?")
@@ -2160,7 +2161,8 @@ class SQLiteStore:
         return stored_octets(row[0])
 
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
-        """Stop delivery to ``domain`` until ``until`` or resume."""
+        """Stop delivery to ``domain`` until ``until`` or resume; a worker that leased
+        some of its recipients is told, as of a cancel."""
         until = check_suspension(domain, now, until)
         with self._write() as conn:
             conn.execute(
@@ -2169,7 +2171,9 @@ class SQLiteStore:
                 " until = excluded.until",
                 (domain, to_us(now), opt_us(until)),
             )
-            set_aside(conn, domain, True)
+            leased = set_aside(conn, domain, True)
+        if leased:
+            self._notify_cancelled()  # it gives back what it has not started
 
     def resume(self, domain: str, *, now: datetime) -> bool:
         """End the suspension of ``domain``; False when none was in force at ``now``;

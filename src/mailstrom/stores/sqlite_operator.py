@@ -562,19 +562,24 @@ def end_ended(conn: sqlite3.Connection, now: datetime) -> None:
     conn.execute("DELETE FROM suspensions WHERE until <= ?", (to_us(now),))
 
 
-def set_aside(conn: sqlite3.Connection, domain: str, aside: bool) -> None:
+def set_aside(conn: sqlite3.Connection, domain: str, aside: bool) -> bool:
     """Take the pending recipients of ``domain`` out of the due index (a suspension
     began) or bring them back (it ended); see
     :data:`~mailstrom.stores.sqlite_queue.SET_ASIDE`. Final rows are left as they are: no
-    row becomes pending again."""
+    row becomes pending again. Returns whether one it sets aside is under a lease: a
+    worker may hold it, and is told of the suspension (see Store.extend)."""
     if aside:
         change, which = f"held | {SET_ASIDE}", f"held & {SET_ASIDE} = 0"
     else:
         change, which = f"held & ~{SET_ASIDE}", f"held & {SET_ASIDE}"
-    conn.execute(
-        f"UPDATE recipients SET held = {change} WHERE {PENDING_SQL} AND domain = ? AND {which}",
-        (domain,),
-    )
+    where = f"{PENDING_SQL} AND domain = ? AND {which}"
+    leased = None
+    if aside:
+        leased = conn.execute(
+            f"SELECT 1 FROM recipients WHERE {where} AND lease_token IS NOT NULL LIMIT 1", (domain,)
+        ).fetchone()
+    conn.execute(f"UPDATE recipients SET held = {change} WHERE {where}", (domain,))
+    return leased is not None
 
 
 def is_suspended(conn: sqlite3.Connection, domain: str, now: datetime) -> bool:

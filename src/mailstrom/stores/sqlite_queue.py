@@ -786,13 +786,14 @@ def update_leased(
 
 
 def held_of_lease(conn: sqlite3.Connection, lease: Lease) -> int:
-    """How many of the recipients ``lease`` still holds belong to held messages."""
+    """How many of the recipients ``lease`` still holds belong to held messages or to
+    suspended destinations (:data:`HELD` or :data:`SET_ASIDE`)."""
     refs = [r.ref for item in lease.items for r in item.recipients if r.ref is not None]
     held = 0
     for chunk in chunks(refs):
         (count,) = conn.execute(
             f"SELECT count(*) FROM recipients WHERE id IN ({qmarks(len(chunk))})"
-            f" AND lease_token = ? AND held & {HELD}",
+            f" AND lease_token = ? AND held & {HELD | SET_ASIDE}",
             [*chunk, lease.token],
         ).fetchone()
         held += int(count)

@@ -1613,9 +1613,11 @@ class PostgresStore:
         return bytes(found[0][0])
 
     def suspend(self, domain: str, *, now: datetime, until: datetime | None = None) -> None:
-        """Stop delivery to ``domain`` until ``until`` or resume."""
+        """Stop delivery to ``domain`` until ``until`` or resume; a worker that leased
+        some of its recipients is told (NOTIFY), as of a cancel."""
         until = check_suspension(domain, now, until)
-        self._fetch("suspend", {"domain": domain, "now": now, "until": until})
+        [(_, _, told)] = self._fetch("suspend", {"domain": domain, "now": now, "until": until})
+        self._told_cancelled(told)
         if until is not None:
             self._ends |= {until}
 

@@ -668,8 +668,10 @@ WHERE r.message_id = c.message_id
   AND r.address = c.address;
 
 -- name: extend
--- Counted without the recipients of held messages (still extended): the worker gives
--- back what it has fewer of and has not started.
+-- Counted without the recipients of held messages nor those of suspended destinations
+-- (still extended: one may be on the wire): the worker gives back what it has fewer of
+-- and has not started. A timed suspension counts until a lease or next_due past its end
+-- deletes its row, as the other stores count it.
 WITH extended AS (
     UPDATE recipients r
     SET lease_expires_at = %(until)s
@@ -677,10 +679,11 @@ WITH extended AS (
     WHERE r.message_id = t.message_id
       AND r.address = t.address
       AND r.lease_token = %(token)s
-    RETURNING r.message_id
+    RETURNING r.message_id, r.domain
 )
 SELECT count(*) FROM extended e
-WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = e.message_id AND m.held);
+WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = e.message_id AND m.held)
+  AND NOT EXISTS (SELECT 1 FROM suspensions s WHERE s.domain = e.domain);
 
 -- name: release
 WITH released AS (
@@ -1424,7 +1427,10 @@ SELECT data FROM messages WHERE id = %(id)s;
 -- indexes, so that no lease or next_due walks past them. Locked in the order cancel and
 -- hold lock recipients. One queued as this runs may stay in the index (its enqueue read
 -- no suspension yet, and this statement's snapshot has no such row): the lease's filters
--- keep it waiting all the same, and resume finds nothing of it to bring back.
+-- keep it waiting all the same, and resume finds nothing of it to bring back. A worker
+-- that leased some of them is told, as of a cancel (judged from the rows as locked, as
+-- cancel judges): extend no longer counts them, and it gives back what it has not
+-- started.
 WITH suspended AS (
     INSERT INTO suspensions (domain, suspended_at, until)
     VALUES (%(domain)s, %(now)s, %(until)s)
@@ -1432,7 +1438,7 @@ WITH suspended AS (
                                        until = excluded.until
     RETURNING 1
 ), locked AS (
-    SELECT message_id, address FROM recipients
+    SELECT message_id, address, lease_token FROM recipients
     WHERE domain = %(domain)s AND state IN ('queued', 'deferred') AND NOT aside
     ORDER BY message_id, address
     FOR UPDATE
@@ -1442,7 +1448,9 @@ WITH suspended AS (
     WHERE r.message_id = l.message_id AND r.address = l.address AND NOT r.aside
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM suspended), (SELECT count(*) FROM set_aside);
+SELECT (SELECT count(*) FROM suspended), (SELECT count(*) FROM set_aside),
+       (SELECT pg_notify('mailstrom_work', 'cancelled')
+        WHERE EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL))::text AS told;
 
 -- name: lock_suspension
 -- The first statement of resume's transaction: its suspension locked (FOR UPDATE waits
