@@ -20,6 +20,9 @@ from hypothesis import strategies as st
 from mailstrom import Attachment, Email
 from mailstrom.dkim import DKIMConfig, DKIMKey
 from mailstrom.dkim.signing import resign_stale
+from mailstrom.doctor import DNSResolver, Status
+from mailstrom.doctor.dkim import DKIMKey as DoctorKey
+from mailstrom.doctor.dkim import judge_dkim
 from mailstrom.message import prepare
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.dkim import (
@@ -29,6 +32,7 @@ from tests.support.dkim import (
     publish,
     signature_tags,
     verify_dkimpy,
+    verify_mail_dkim,
 )
 
 DKIM = dual("example.com", expire=timedelta(days=3))
@@ -310,3 +314,29 @@ def test_an_expired_signature_made_anew_verifies(dns: LoopbackDNS) -> None:
         verdicts = verify_dkimpy(fresh, dns)
         assert [v.result for v in verdicts[:2]] == ["pass", "pass"], verdicts
         assert len(verdicts) == (3 if message is raw else 2)
+
+
+# --- what the doctor says of a published record --------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["g=foo; ", "g=; ", "g=ab*; ", "g=*; ", ""])
+def test_the_doctor_passes_a_record_only_when_mail_dkim_verifies_with_it(
+    dns_server: LoopbackDNS, granularity: str
+) -> None:
+    """A key record's ``g=`` (RFC 4871's granularity, dropped by RFC 6376) is still applied
+    by Mail::DKIM, SpamAssassin's verifier: to an identity with no local part, the ``i=``
+    our signatures leave out, only ``*`` matches. A record from an old generator with
+    another fails every signature there, and the doctor said it passes."""
+    config = DKIMConfig(keys=(dual("example.com").keys[0],))
+    record = config.keys[0].dns_record()
+    value = record.value.replace("p=", granularity + "p=")
+    dns_server.txt(record.name, value)
+    data = prepare(FIXED["text"], now=NOW, dkim=config).data  # type: ignore[arg-type]
+    [verdict] = verify_mail_dkim(data, dns_server)
+    key = config.keys[0]
+    pem = key.private_key
+    assert isinstance(pem, bytes)
+    doctor_key = DoctorKey(domain=key.domain, selector=key.selector, private_key=pem)
+    check = judge_dkim(DNSResolver(dns_server.dns_config), doctor_key).check
+    assert (verdict.result == "pass") == (check.status is Status.PASS), (verdict, check)
+    assert verify_dkimpy(data, dns_server)[0].result == "pass"

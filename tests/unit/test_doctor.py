@@ -1020,6 +1020,10 @@ def test_dkim_ed25519(tmp_path: Path) -> None:
         ("v=DKIM1; k=rsa; s=Email; p={p}", Status.FAIL, "s=Email excludes email"),
         ("v=DKIM1; k=rsa; s=tlsrpt:email; p={p}", Status.PASS, "published key matches"),
         ("v=DKIM1; k=rsa; s=*; p={p}", Status.PASS, "published key matches"),
+        # RFC 4871's g=: Mail::DKIM still fails a signature without i= unless it is *.
+        ("v=DKIM1; k=rsa; g=foo; p={p}", Status.FAIL, "g=foo limits the key"),
+        ("v=DKIM1; k=rsa; g=; p={p}", Status.FAIL, "g= limits the key"),
+        ("v=DKIM1; k=rsa; g= * ; p={p}", Status.PASS, "published key matches"),
         ("v=DKIM1; k=ed25519; p={p}", Status.FAIL, "k=ed25519"),
         ("v=DKIM1; k=rsa; p=", Status.FAIL, "revoked"),
         ("v=DKIM1; k=rsa p={p}", Status.FAIL, "no p= tag (is a ';' missing?)"),

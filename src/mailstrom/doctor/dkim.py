@@ -398,6 +398,15 @@ def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
     # TLSRPT report keys carry s=tlsrpt, RFC 8460 §3). Values are case-sensitive (§3.2).
     if services is not None and not {"*", "email"} & set(services.split(":")):
         return f"s={piece(services)} excludes email: verifiers of mail ignore the record"
+    granularity = tags.get("g")
+    # RFC 4871's g= (dropped by RFC 6376, which verifiers like dkimpy follow) is still
+    # applied by Mail::DKIM, SpamAssassin's verifier: our signatures carry no i=, so the
+    # identity has no local part, and only "*" matches it there.
+    if granularity is not None and granularity != "*":
+        return (
+            f"g={piece(granularity)} limits the key to some local parts (RFC 4871): "
+            "Mail::DKIM fails every signature without i=, as mailstrom's are"
+        )
     if p == "":
         return "p= is empty: the key is revoked"
     odd = _NOT_BASE64.search(p)
