@@ -347,7 +347,7 @@ def judge_dkim(resolver: Resolver, key: DKIMKey) -> Verdict:
         except ValueError as exc:
             problems.append(f"malformed record: {exc}")
             continue
-        problem = _record_problem(tags, ours)
+        problem = _record_problem(tags, ours) or _spaced_list(text)
         if problem is not None:
             problems.append(problem)
             continue
@@ -371,6 +371,22 @@ def judge_dkim(resolver: Resolver, key: DKIMKey) -> Verdict:
             Status.PASS, f"published key matches {key.source} ({_size(ours)})", None, shown
         )
     return result(Status.FAIL, listed(problems, 3, "; "), replace, shown)
+
+
+def _spaced_list(text: str) -> str | None:
+    """The problem of a record whose ``h=`` or ``s=`` list has white space inside it
+    (``h=sha1 : sha256``): RFC 6376 §3.6.1 allows FWS around its colons, but Mail::DKIM,
+    SpamAssassin's verifier, splits the list at the colons alone and then finds neither
+    ``sha256`` nor ``email`` in it, failing every signature. None when there is none."""
+    for part in text.split(";"):
+        name, _, value = part.partition("=")
+        name = name.strip(_FWS)
+        if name in ("h", "s") and any(c in value.strip(_FWS) for c in _FWS):
+            return (
+                f"{name}={piece(value.strip(_FWS))} has white space inside its list: "
+                f"Mail::DKIM then finds no {'sha256' if name == 'h' else 'email'} in it"
+            )
+    return None
 
 
 def _size(key: PublicKey) -> str:
