@@ -414,6 +414,13 @@ def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
     # TLSRPT report keys carry s=tlsrpt, RFC 8460 §3). Values are case-sensitive (§3.2).
     if services is not None and not {"*", "email"} & set(services.split(":")):
         return f"s={piece(services)} excludes email: verifiers of mail ignore the record"
+    # A list is RFC 6376's, but dkimpy (dkimpy-milter's verifier) compares s= whole with
+    # "*", "email" and "tlsrpt": with "tlsrpt:email" it finds no key, for every signature.
+    if services is not None and ":" in services:
+        return (
+            f"s={piece(services)} lists several services: dkimpy takes s= as one and "
+            "ignores the record (write s=email, or no s=)"
+        )
     granularity = tags.get("g")
     # RFC 4871's g= (dropped by RFC 6376, which verifiers like dkimpy follow) is still
     # applied by Mail::DKIM, SpamAssassin's verifier: our signatures carry no i=, so the
