@@ -325,6 +325,7 @@ def test_an_expired_signature_made_anew_verifies(dns: LoopbackDNS) -> None:
         *("g=foo; ", "g=; ", "g=ab*; ", "g=*; ", ""),
         *("h=sha1 : sha256; ", "s=email : tlsrpt; "),
         *("s=*:email; ", "s=tlsrpt:email; ", "s=email; "),
+        *("; ", "n=x ; ; "),
     ],
 )
 def test_the_doctor_passes_a_record_only_when_both_verifiers_verify_with_it(
@@ -335,8 +336,9 @@ def test_the_doctor_passes_a_record_only_when_both_verifiers_verify_with_it(
     our signatures leave out, only ``*`` matches. And FWS around the colons of its ``h=``
     or ``s=`` list, which RFC 6376 allows, makes Mail::DKIM find neither ``sha256`` nor
     ``email`` there (dkimpy neither for ``s=``); dkimpy takes an ``s=`` list of several
-    services as one unknown service. Such records fail every signature at those
-    receivers, and the doctor said they pass."""
+    services as one unknown service, and a record with an empty tag (``;;``) as invalid.
+    Such records fail every signature at those receivers, and the doctor said they
+    pass."""
     config = DKIMConfig(keys=(dual("example.com").keys[0],))
     record = config.keys[0].dns_record()
     dns_server.txt(record.name, record.value.replace("p=", tags + "p="))

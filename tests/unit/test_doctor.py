@@ -959,6 +959,11 @@ def test_dkim_tag_list() -> None:
     }
     with pytest.raises(ValueError, match="twice"):
         parse_tags("p=a; p=b")
+    assert parse_tags(" k=rsa; p=a; \r\n") == {"k": "rsa", "p": "a"}
+    # RFC 6376 §3.2: one ";" may end the list, none may stand empty; dkimpy fails them.
+    for text in ("k=rsa;; p=a", "; k=rsa; p=a", "k=rsa; p=a;;", "k=rsa; \t; p=a"):
+        with pytest.raises(ValueError, match="empty tag"):
+            parse_tags(text)
 
 
 def test_dkim_pass_and_mismatch(rsa_key: Path, tmp_path: Path) -> None:

@@ -88,12 +88,17 @@ record, even one whose p= is missing or misspelt (``P=``, tag names are case-sen
 def parse_tags(text: str) -> dict[str, str]:
     """A DKIM tag-list (RFC 6376 §3.2): ``v=DKIM1; k=rsa; p=MII…`` → {"v": "DKIM1", …}.
     Whitespace inside values (folded base64) is dropped; raises ValueError on a tag
-    without ``=``, a tag name of other characters than the grammar's, or a tag given
-    twice."""
+    without ``=``, a tag name of other characters than the grammar's, a tag given
+    twice, or an empty one (``;;``)."""
     tags: dict[str, str] = {}
-    for part in text.split(";"):
+    parts = text.strip(_FWS).split(";")
+    if parts[-1] == "":
+        parts.pop()  # one ";" may end the list
+    for part in parts:
         if not part.strip(_FWS):
-            continue
+            # tag-list = tag-spec *(";" tag-spec) [";"] (RFC 6376 §3.2): dkimpy finds a
+            # record with ";;" (or a leading ";") invalid, and fails every signature.
+            raise ValueError("an empty tag between semicolons")
         name, eq, value = part.partition("=")
         name = name.strip(_FWS)
         if not eq or not name:
