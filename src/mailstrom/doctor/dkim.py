@@ -76,6 +76,8 @@ _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _FWS_RUN = re.compile(r"[ \t\r\n]+")
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
 """A character p= may not hold once its FWS is gone (RFC 6376 §3.6.1: base64string)."""
+_PADDED = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+"""base64 as RFC 4648 §4 writes it: padding only at the end, at most two ``=``."""
 _P_TAG = re.compile(r"p[ \t\r\n]*=")
 """What makes a TXT record look like a key record: a ``p`` and its ``=``, with any folding
 white space between them that RFC 6376 §3.2 allows (a tab too: verifiers take it), not
@@ -443,6 +445,10 @@ def _record_problem(tags: dict[str, str], ours: PublicKey) -> str | None:
             f"p= holds {odd[0]!r}, which is no base64 (RFC 6376 §3.6.1): Mail::DKIM "
             "finds the key invalid"
         )
+    if not _PADDED.fullmatch(p) or len(p) % 4:
+        # Python's decoder ignores what follows the padding; OpenSSL's, which Mail::DKIM
+        # hands the key to, refuses it ("bad base64 decode").
+        return "p= is no well-formed base64: its '=' padding is misplaced or its length odd"
     if not published_matches(kind, p, ours):
         return "the published key is not the public half of the configured private key"
     return None
