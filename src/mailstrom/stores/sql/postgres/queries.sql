@@ -1082,8 +1082,10 @@ SELECT (SELECT count(*) FROM found) AS found,
 
 -- name: purge
 -- A message goes when none of its recipients is pending or finished at or after the cutoff,
--- nor owes a notice (its mark left: the worker stopped before queuing it, and makes it of
--- the message; deleted, the sender was never told).
+-- or final without a finish time (a row changed by hand: not known to have finished before
+-- it, as purge_many and the other stores judge), nor owes a notice (its mark left: the
+-- worker stopped before queuing it, and makes it of the message; deleted, the sender was
+-- never told).
 WITH purged AS (
     DELETE FROM messages m
     WHERE NOT EXISTS (
@@ -1091,8 +1093,8 @@ WITH purged AS (
         WHERE r.message_id = m.id
           AND (r.state IN ('queued', 'deferred')
                OR r.notice IS NOT NULL
-               OR COALESCE(r.finished_at, r.last_attempt_at) IS NULL
-               OR COALESCE(r.finished_at, r.last_attempt_at) >= %(finished_before)s))
+               OR r.finished_at IS NULL
+               OR r.finished_at >= %(finished_before)s))
     RETURNING 1
 )
 SELECT count(*) FROM purged;
@@ -1397,8 +1399,8 @@ WITH purged AS (
         WHERE r.message_id = m.id
           AND (r.state IN ('queued', 'deferred')
                OR r.notice IS NOT NULL
-               OR COALESCE(r.finished_at, r.last_attempt_at) IS NULL
-               OR COALESCE(r.finished_at, r.last_attempt_at) >= %(finished_before)s))
+               OR r.finished_at IS NULL
+               OR r.finished_at >= %(finished_before)s))
       AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id)
       AND %(state)s = CASE WHEN EXISTS (
         SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state = 'failed')
