@@ -258,6 +258,26 @@ def test_purge_listed_and_by_state(store: Store) -> None:
     assert store.purge_many([again, pending]) == 1
 
 
+@pytest.mark.parametrize("state", [None, RecipientState.FAILED])
+def test_a_purge_of_many_batches_deletes_exactly_the_old_finished_messages(
+    store: Store, state: RecipientState | None
+) -> None:
+    """A purge works through the queue a batch at a time (500 messages on SQLite and
+    PostgreSQL): over several, it deletes every message finished before the cutoff and
+    none pending or finished after it, wherever they fall among the batches."""
+    ids = store.enqueue_many([message(f"r{i}@example.org") for i in range(1_300)], now=NOW)
+    pending, recent, old = ids[::5], ids[1::5], [m for i, m in enumerate(ids) if i % 5 > 1]
+    assert store.cancel_many(old, now=NOW) == len(old)
+    assert store.cancel_many(recent, now=NOW + 2 * HOUR) == len(recent)
+    if state is None:
+        assert store.purge(finished_before=NOW + HOUR) == len(old)
+    else:
+        assert store.purge_state(finished_before=NOW + HOUR, state=RecipientState.DELIVERED) == 0
+        assert store.purge_state(finished_before=NOW + HOUR, state=state) == len(old)
+    left = set(store.select_ids(now=NOW + 3 * HOUR, where=QueueFilter(limit=2_000)))
+    assert left == {*pending, *recent}
+
+
 def test_a_status_says_when_each_recipient_became_final(store: Store) -> None:
     """A purge chooses by when recipients became final, which a status did not say: a
     dry run judged by the last attempt, and listed mail queued long ago and cancelled just

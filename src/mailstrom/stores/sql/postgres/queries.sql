@@ -1080,24 +1080,37 @@ SELECT (SELECT count(*) FROM found) AS found,
         WHERE %(held)s AND EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
           AND EXISTS (SELECT 1 FROM changed))::text AS told;
 
--- name: purge
--- A message goes when none of its recipients is pending or finished at or after the cutoff,
--- or final without a finish time (a row changed by hand: not known to have finished before
--- it, as purge_many and the other stores judge), nor owes a notice (its mark left: the
--- worker stopped before queuing it, and makes it of the message; deleted, the sender was
--- never told).
-WITH purged AS (
+-- name: purge_span
+-- purge and purge_state (a state given), over the next LIMIT messages by id after AFTER
+-- (a keyset walk, one short statement each: see PostgresStore.purge). A message goes when
+-- none of its recipients is pending or finished at or after the cutoff, or final without
+-- a finish time (a row changed by hand: not known to have finished before it, as
+-- purge_many and the other stores judge), nor owes a notice (its mark left: the worker
+-- stopped before queuing it, and makes it of the message; deleted, the sender was never
+-- told). With a state, only one whose derived state it is: delivered (every recipient
+-- delivered) or failed (every recipient final, one at least failed). Returns the last id
+-- looked at, how many were looked at and how many went.
+WITH span AS (
+    SELECT id FROM messages WHERE id > %(after)s ORDER BY id LIMIT %(limit)s
+), purged AS (
     DELETE FROM messages m
-    WHERE NOT EXISTS (
+    USING span
+    WHERE m.id = span.id
+      AND NOT EXISTS (
         SELECT 1 FROM recipients r
         WHERE r.message_id = m.id
           AND (r.state IN ('queued', 'deferred')
                OR r.notice IS NOT NULL
                OR r.finished_at IS NULL
                OR r.finished_at >= %(finished_before)s))
+      AND (%(state)s::text IS NULL
+           OR EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id)
+              AND %(state)s::text = CASE WHEN EXISTS (
+                SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state = 'failed')
+                THEN 'failed' ELSE 'delivered' END)
     RETURNING 1
 )
-SELECT count(*) FROM purged;
+SELECT (SELECT max(id) FROM span), (SELECT count(*) FROM span), (SELECT count(*) FROM purged);
 
 -- name: next_due
 -- Suspended destinations are left out; the end of a timed suspension counts as a due
@@ -1385,26 +1398,6 @@ WITH purged AS (
       AND (%(state)s::text IS NULL OR %(state)s::text = CASE WHEN EXISTS (
         SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state = 'failed')
         THEN 'failed' ELSE 'delivered' END)
-    RETURNING 1
-)
-SELECT count(*) FROM purged;
-
--- name: purge_state
--- As purge, for messages whose derived state is the one given: delivered (every
--- recipient delivered) or failed (every recipient final, one at least failed).
-WITH purged AS (
-    DELETE FROM messages m
-    WHERE NOT EXISTS (
-        SELECT 1 FROM recipients r
-        WHERE r.message_id = m.id
-          AND (r.state IN ('queued', 'deferred')
-               OR r.notice IS NOT NULL
-               OR r.finished_at IS NULL
-               OR r.finished_at >= %(finished_before)s))
-      AND EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id)
-      AND %(state)s = CASE WHEN EXISTS (
-        SELECT 1 FROM recipients r WHERE r.message_id = m.id AND r.state = 'failed')
-        THEN 'failed' ELSE 'delivered' END
     RETURNING 1
 )
 SELECT count(*) FROM purged;
