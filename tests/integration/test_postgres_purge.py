@@ -126,3 +126,17 @@ def test_a_purge_that_fails_keeps_what_it_deleted_and_goes_on_when_called_again(
             holder.rollback()
             assert store.purge(finished_before=LATER) == len(left)
     assert remaining(postgres_url) == set()
+
+
+def test_a_purge_of_a_long_list_fits_a_statement_timeout(postgres_url: str) -> None:
+    """purge_many (``mailstrom purge --domain``, up to 100,000 ids) was one DELETE of the
+    whole list, cancelled under a 400 ms ``statement_timeout`` and rolled back whole on
+    every run, as purge was; in lists of 500, each far inside it, it completes."""
+    total = 200 * PURGE_SPAN
+    finished_in_bulk(postgres_url, total)
+    listed = remaining(postgres_url)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET statement_timeout = 400')
+    with PostgresStore(postgres_url) as store:
+        assert store.purge_many(sorted(listed), finished_before=LATER) == total
+    assert remaining(postgres_url) == set()

@@ -1602,14 +1602,21 @@ class PostgresStore:
         state: RecipientState | None = None,
     ) -> int:
         """Delete the listed messages that are final (finished before the cutoff, in
-        ``state``)."""
-        params = {
-            "ids": listed_ids(message_ids),
+        ``state``), :data:`PURGE_SPAN` per statement, each its own transaction: the
+        100,000 a command lists in one DELETE were cancelled whole under a server's
+        ``statement_timeout`` on every run, as :meth:`purge` was. A failure keeps what
+        was deleted before it; the call repeated deletes the rest."""
+        ids = listed_ids(message_ids)
+        params: dict[str, Any] = {
             "finished_before": finished_before,
             "state": None if state is None else state.value,
         }
-        [(n,)] = self._fetch("purge_many", params)
-        return int(n)
+        deleted = 0
+        for start in range(0, len(ids), PURGE_SPAN):
+            chunk = ids[start : start + PURGE_SPAN]
+            [(n,)] = self._fetch("purge_many", {**params, "ids": chunk})
+            deleted += int(n)
+        return deleted
 
     def purge_state(self, *, finished_before: datetime, state: RecipientState) -> int:
         """Delete finished messages in ``state`` finished before the cutoff (in spans, as
@@ -1968,8 +1975,9 @@ replaces an entry of an earlier one, so the newest still wins)."""
 
 PURGE_SPAN = 500
 """Messages one statement of :meth:`PostgresStore.purge` looks at (and deletes at most),
-as SQLite's ``PURGE_BATCH``: a few milliseconds each, far inside any ``statement_timeout``
-a server sets, and a pending queue of millions is walked in as many short reads."""
+and listed ids one of ``purge_many`` takes, as SQLite's ``PURGE_BATCH``: a few
+milliseconds each, far inside any ``statement_timeout`` a server sets, and a pending
+queue of millions is walked in as many short reads."""
 
 _FORGET_THROTTLES = timedelta(days=1)
 """A pause that ended this long ago, and longer ago than the maximum pause, is deleted
