@@ -76,13 +76,11 @@ def test_a_symfony_dialogue_queues_the_message(cli: CLI) -> None:
 
 
 def test_two_messages_in_one_session_bare_lf_and_dot_stuffing(cli: CLI) -> None:
-    script = (
-        b"HELO client\n"
-        + transaction(b"a@example.test", [b"x@example.test"], b"Subject: one\n\n..leading dot\n")
-        + b"RSET\nNOOP\n"
-        + transaction(b"b@example.test", [b"y@example.test"], b"Subject: two\n\nsecond\n")
-        + b"QUIT\n"
-    )
+    # Bare LF throughout, as a person types the session: a client whose DATA ends with
+    # CRLF ends its data only at CRLF "." CRLF.
+    one = transaction(b"a@example.test", [b"x@example.test"], b"Subject: one\n\n..leading dot\n")
+    two = transaction(b"b@example.test", [b"y@example.test"], b"Subject: two\n\nsecond\n")
+    script = (b"HELO client\n" + one + b"RSET\nNOOP\n" + two + b"QUIT\n").replace(b"\r\n", b"\n")
     result = session(cli, script, "-oi", "-f", "ignored@example.test")
     assert result.code == 0, result.err
     queued = ["250", "250", "354", "250"]  # MAIL, RCPT, DATA, the end of data
@@ -729,3 +727,28 @@ def test_a_unicode_address_needs_smtputf8_on_mail(cli: CLI) -> None:
     assert [r["address"] for r in by_sender["jürgen@example.test"]["recipients"]] == [
         "bøb@example.test"
     ]
+
+
+def test_a_dot_line_after_a_bare_lf_does_not_end_data_of_a_crlf_client() -> None:
+    """A client speaking CRLF (every SMTP library: Symfony's stuffs a dot only after
+    CRLF) sent a body holding ``\\n.\\n``, text a web form can put there: that bare-LF dot
+    line ended DATA, and what followed it was read as commands, so a MAIL, RCPT and DATA
+    inside the body were obeyed and their message queued (SMTP smuggling, as
+    CVE-2023-51764). Such a client's data ends at CRLF "." CRLF only; the text is kept."""
+    injected = b"MAIL FROM:<evil@example.test>\nRCPT TO:<victim@example.test>\nDATA\n"
+    injected += b"Subject: forged\n\nx\r\n"
+    for dot in (b"\n.\n", b"\n.\r\n", b"\r\n.\n"):
+        body = b"Subject: hi\r\n\r\ntext" + dot + injected
+        stuffed = body.replace(b"\r\n.", b"\r\n..")  # as Symfony's client stuffs it
+        script = b"EHLO c\r\n" + transaction(b"a@example.test", [b"b@example.test"], stuffed)
+        code, queued = run_script(script + b"QUIT\r\n")
+        assert queued == [body], dot
+        assert code == 0, dot
+
+
+def test_a_client_speaking_bare_lf_still_ends_data_with_a_dot_line() -> None:
+    """A person typing the session in a terminal sends bare LF throughout (its DATA
+    command included): its "." line ends the data, and its dots are unstuffed."""
+    script = b"EHLO c\nMAIL FROM:<a@example.test>\nRCPT TO:<b@example.test>\nDATA\n"
+    script += b"Subject: typed\n\n..x\n.\nQUIT\n"
+    assert run_script(script) == (0, [b"Subject: typed\n\n.x\n"])

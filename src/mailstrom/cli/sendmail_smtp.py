@@ -179,6 +179,9 @@ class Session:
     transaction: _Transaction | None = None
     errors: int = 0
     junk: int = 0
+    crlf: bool = True
+    """The last command line ended with CRLF: the client speaks SMTP's line end, so its
+    data ends only at CRLF "." CRLF (see :meth:`_read_data`)."""
     code: int = EX_OK
     """The exit code: that of the last failure (a transaction that was not queued, a
     local failure at MAIL or RCPT, the session ended with 421), else 0."""
@@ -246,6 +249,7 @@ class Session:
                     return self.lost("inside a command line")
                 discarded += len(line)
             return self.error("500 5.5.2 Error: line too long")
+        self.crlf = line.endswith(b"\r\n")
         # Octets that are no UTF-8 are kept as surrogates, never replaced by U+FFFD: an
         # address holding them is refused at its MAIL or RCPT (501), not queued mangled.
         text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
@@ -381,12 +385,22 @@ class Session:
 
     def _read_data(self) -> bytes | None:
         """The message up to the line ``.``, unstuffed; None when it is larger than the
-        limit (read on to its end) or the input ends before that line."""
+        limit (read on to its end) or the input ends before that line.
+
+        A client whose DATA ended with CRLF starts lines only after CRLF (RFC 5321
+        §2.3.8): a bare LF inside its data is text, and so is a "." after one. Symfony's
+        client stuffs dots only after CRLF, so ``\n.\n`` in a body it sent ended the data
+        and what followed ran as commands: a second message of the body's choosing
+        (SMTP smuggling, CVE-2023-51764). A client speaking bare LF throughout (a person
+        at a terminal) ends lines, and its data, at LF."""
+        eol = b"\r\n" if self.crlf else b"\n"
         # One buffer, not a list of lines: each line an object of its own (some 40
         # octets for one of "a\r\n") made 35 MB of short lines take 1.5 GB.
         message = bytearray()
         size = 0
-        start = True  # the piece read begins a line (the one before ended one)
+        # The last octets read, to tell whether a piece begins a line: a CRLF may be
+        # split between two pieces of a too long line.
+        tail = eol
         while True:
             # Bounded as sendmail's read_until_dot() bounds it: a line over 998 octets is
             # read whole (build() encodes its body), never past the size limit.
@@ -397,8 +411,9 @@ class Session:
             # Only a whole line is the end of data or dot-stuffed: a piece of a longer
             # line that starts with a dot (".\r\n" at the end of a 64 KiB piece of a
             # too large message) is message text, never commands to read after it.
-            at_start, start = start, line.endswith(b"\n")
-            if at_start and line.rstrip(b"\r\n") == b"." and line.endswith(b"\n"):
+            at_start = tail.endswith(eol)
+            tail = (tail + line[-2:])[-2:]
+            if at_start and line in (b".\r\n", b"." + eol):
                 return bytes(message) if size >= 0 else None
             if size < 0:
                 continue  # too large already: read to the end, keep nothing
