@@ -752,3 +752,81 @@ def test_a_client_speaking_bare_lf_still_ends_data_with_a_dot_line() -> None:
     script = b"EHLO c\nMAIL FROM:<a@example.test>\nRCPT TO:<b@example.test>\nDATA\n"
     script += b"Subject: typed\n\n..x\n.\nQUIT\n"
     assert run_script(script) == (0, [b"Subject: typed\n\n.x\n"])
+
+
+def test_recipients_past_the_limit_are_refused_without_ending_the_session(cli: CLI) -> None:
+    """RFC 5321 §4.5.3.1.10: a client given 452 for too many recipients sends the rest in
+    another transaction. Each such 452 counted as an error, so the 20th ended the session
+    with 421, and the 1,000 recipients accepted lost their message (the stdlib's client
+    raised with nothing sent). Up to MAX_OVERSHOOT more are refused with 452, as Postfix's
+    smtpd_recipient_overshoot_limit allows, without counting as errors."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailstrom", "sendmail", "-bs"],
+        cwd=cli.cwd,
+        env=cli.env,
+        stdin=theirs.fileno(),
+        stdout=theirs.fileno(),
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    recipients = [f"r{n}@example.test" for n in range(1100)]
+    try:
+        client = smtplib.SMTP(timeout=60)
+        client.sock = ours
+        assert client.getreply()[0] == 220
+        client.ehlo("app.example.test")
+        refused = client.sendmail("app@example.test", recipients, MESSAGE)
+        assert sorted(refused) == sorted(recipients[1000:])
+        assert {reply[0] for reply in refused.values()} == {452}
+        client.quit()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        ours.close()
+    assert proc.returncode == 0, err
+    [queued] = cli.ok("queue", "--json").json()
+    assert len(queued["recipients"]) == 1000
+
+
+def test_recipients_past_the_overshoot_count_as_errors() -> None:
+    """The 452s past the limit are bounded: beyond MAX_OVERSHOOT of them they count as
+    errors, and the session ends with 421 as for any client that gets nowhere."""
+    from mailstrom.cli.sendmail_smtp import (
+        MAX_ERRORS,
+        MAX_OVERSHOOT,
+        MAX_RECIPIENTS,
+        LineSource,
+        Session,
+    )
+
+    count = MAX_RECIPIENTS + MAX_OVERSHOOT + 2 * MAX_ERRORS
+    rcpts = b"".join(b"RCPT TO:<r%d@example.test>\r\n" % n for n in range(count))
+    script = b"EHLO c\r\nMAIL FROM:<a@example.test>\r\n" + rcpts
+
+    read, write = os.pipe()
+    writer = threading.Thread(target=lambda: _feed(write, script))
+    writer.start()
+    try:
+        out = BytesIO()
+        session = Session(
+            source=LineSource(read, timeout=60.0),
+            out=out,
+            helo_name="h.test",
+            max_size=10_000,
+            queue=lambda data, sender, recipients: "id",
+        )
+        assert session.run() == 76
+    finally:
+        os.close(read)
+        writer.join()
+    lines = out.getvalue().split(b"\r\n")[:-1]
+    assert lines[-1].startswith(b"421 ")
+    assert sum(line.startswith(b"452 ") for line in lines) == MAX_OVERSHOOT + MAX_ERRORS
+
+
+def _feed(fd: int, data: bytes) -> None:
+    with contextlib.suppress(BrokenPipeError), open(fd, "wb") as pipe:
+        pipe.write(data)

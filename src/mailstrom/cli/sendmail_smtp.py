@@ -48,6 +48,10 @@ the session is ended with 421: a client streaming octets without a line end woul
 otherwise hold it, reading, for as long as it sends within :data:`READ_TIMEOUT`."""
 MAX_RECIPIENTS = 1000
 """RCPTs per transaction (Postfix's smtpd_recipient_limit): more get 452 4.5.3."""
+MAX_OVERSHOOT = 1000
+"""RCPTs past :data:`MAX_RECIPIENTS` in one transaction refused with 452 without counting
+as errors (Postfix's smtpd_recipient_overshoot_limit): a client sends them again in
+another transaction (RFC 5321 §4.5.3.1.10). Past these, each counts."""
 MAX_ERRORS = 20
 """Error replies in one session, since its last message queued, before it is ended with
 421 (Postfix's hard limit)."""
@@ -142,6 +146,8 @@ class _Transaction:
     utf8: bool = False
     """MAIL said SMTPUTF8: its addresses may be non-ASCII (RFC 6531)."""
     recipients: list[str] = field(default_factory=list)
+    overshoot: int = 0
+    """RCPTs refused for :data:`MAX_RECIPIENTS`."""
 
 
 Queue = Callable[[bytes, str, list[str]], str]
@@ -323,7 +329,13 @@ class Session:
         if params:
             return self.error(f"555 5.5.4 Unsupported option: {params[0][:64]}")
         if len(self.transaction.recipients) >= MAX_RECIPIENTS:
-            return self.error("452 4.5.3 Error: too many recipients")
+            # No error of the client's: counted as one, the 20th of these ended the
+            # session with 421, and the recipients taken lost their message.
+            self.transaction.overshoot += 1
+            if self.transaction.overshoot > MAX_OVERSHOOT:
+                return self.error("452 4.5.3 Error: too many recipients")
+            self.reply("452 4.5.3 Error: too many recipients")
+            return True
         bad = "501 5.1.3 Bad recipient address syntax"
         refusal = self._refusal(self.check_recipient, address, bad)
         if refusal or not (self.transaction.utf8 or address.isascii()):
