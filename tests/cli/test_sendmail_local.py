@@ -315,3 +315,25 @@ def test_recipients_whose_aliases_lead_only_to_programs_are_no_usage_error(cli: 
         assert "root" in result.err
         assert len(result.err_lines) == 1
     assert cli.queue_ids() == []
+
+
+def test_a_message_read_on_standard_input_gets_a_received_field_on_top(cli: CLI) -> None:
+    """RFC 5321 §4.4 (as Postfix's pickup does for its sendmail): where and when the
+    message came in, and from which local user; it had no trace at all."""
+    from email import policy
+    from email.parser import BytesParser
+    from email.utils import parsedate_to_datetime
+
+    local_names(cli, None)
+    cli.ok("sendmail", "-t", "-i", "-f", "root", "ops@example.test", stdin=CRON_MAIL)
+    [message] = cli.ok("queue", "--json").json()
+    raw = cli.ok("show", "--raw", message["id"]).out
+    assert raw.startswith("Received: by client.test (mailstrom, from userid "), raw[:200]
+    parsed = BytesParser(policy=policy.default).parsebytes(raw.encode())
+    [received] = parsed.get_all("Received")
+    assert not received.defects
+    text = " ".join(str(received).split())
+    head, _, date = text.partition(";")
+    assert head == f"by client.test (mailstrom, from userid {os.getuid()})"
+    assert parsedate_to_datetime(date.strip()).tzinfo is not None
+    assert "ops@example.test" not in text  # an argument recipient of -t may be a Bcc

@@ -5,6 +5,7 @@ as ``sendmail`` queues one, with the envelope of MAIL and RCPT."""
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fcntl
 import os
 import smtplib
@@ -16,9 +17,15 @@ import tracemalloc
 from email.message import EmailMessage
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tests.cli.conftest import CLI, Result
+from tests.cli.conftest import CLI, MailEnv, Result
+from tests.cli.test_dkim import dkim_config, publish
 from tests.cli.test_sendmail_local import local_names
+from tests.support.dkim import assert_all_pass, signature_tags
+
+if TYPE_CHECKING:
+    from mailstrom.cli.trace import SMTPArrival
 
 MESSAGE = b"From: app@example.test\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\nHello\r\n"
 
@@ -149,7 +156,7 @@ def run_script(script: bytes) -> tuple[int, list[bytes]]:
 
     queued: list[bytes] = []
 
-    def queue(data: bytes, sender: str, recipients: list[str]) -> str:
+    def queue(data: bytes, sender: str, recipients: list[str], arrival: SMTPArrival) -> str:
         queued.append(data)
         return f"id{len(queued)}"
 
@@ -368,7 +375,7 @@ def test_a_silent_client_times_out_with_421() -> None:
             out=out,
             helo_name="h.test",
             max_size=1000,
-            queue=lambda data, sender, recipients: "never",
+            queue=lambda data, sender, recipients, arrival: "never",
         )
         assert session.run() == 75  # EX_TEMPFAIL: the client may try again
     finally:
@@ -395,7 +402,7 @@ def stalled_session(script: bytes) -> tuple[int, bytes]:
             out=ReplySink(out_write, timeout=0.2),
             helo_name="h.test",
             max_size=10_000,
-            queue=lambda data, sender, recipients: "never",
+            queue=lambda data, sender, recipients, arrival: "never",
         )
         code = session.run()
         os.set_blocking(out_read, False)
@@ -587,7 +594,7 @@ def test_a_message_of_many_short_lines_takes_about_its_size_in_memory(tmp_path: 
     )
     queued: list[bytes] = []
 
-    def queue(data: bytes, sender: str, recipients: list[str]) -> str:
+    def queue(data: bytes, sender: str, recipients: list[str], arrival: SMTPArrival) -> str:
         queued.append(data)
         return "id1"
 
@@ -816,7 +823,7 @@ def test_recipients_past_the_overshoot_count_as_errors() -> None:
             out=out,
             helo_name="h.test",
             max_size=10_000,
-            queue=lambda data, sender, recipients: "id",
+            queue=lambda data, sender, recipients, arrival: "id",
         )
         assert session.run() == 76
     finally:
@@ -830,3 +837,120 @@ def test_recipients_past_the_overshoot_count_as_errors() -> None:
 def _feed(fd: int, data: bytes) -> None:
     with contextlib.suppress(BrokenPipeError), open(fd, "wb") as pipe:
         pipe.write(data)
+
+
+def received_fields(raw: str) -> tuple[list[str], EmailMessage]:
+    """The Received fields of the stored message ``raw`` as the stdlib reads them, which
+    must find no defect in any, and the message."""
+    from email import policy
+    from email.parser import BytesParser
+
+    data = raw.encode("utf-8")
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    message = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(message, EmailMessage)
+    fields = message.get_all("Received") or []
+    for value in fields:
+        assert not value.defects, (value, value.defects)
+    return [" ".join(str(value).split()) for value in fields], message
+
+
+def test_each_message_gets_one_received_field_on_top(cli: CLI) -> None:
+    """RFC 5321 §4.4: a server receiving a message MUST insert a Received field at the
+    beginning of its content; -bs inserted none, so nobody could tell where or when the
+    mail came in."""
+    one = transaction(b"a@example.test", [b"bob@example.test"], MESSAGE)
+    two = transaction(b"b@example.test", [b"bob@example.test", b"carol@example.test"], MESSAGE)
+    three = (
+        b"MAIL FROM:<c@example.test> SMTPUTF8\r\n"
+        + transaction(b"", [b"bob@example.test"], MESSAGE).partition(b"\r\n")[2]
+    )
+    script = b"EHLO app.example.test\r\n" + one + two + three + b"HELO [192.0.2.1]\r\n"
+    script += transaction(b"d@example.test", [b"bob@example.test"], MESSAGE) + b"QUIT\r\n"
+    result = session(cli, script)
+    assert result.code == 0, result.err
+    by_sender = {m["envelope_from"]: m["id"] for m in cli.ok("queue", "--json").json()}
+    expected = {
+        "a@example.test": "from app.example.test by client.test (mailstrom) with ESMTP "
+        "for <bob@example.test>;",
+        # Two recipients: neither is named (one may be a Bcc of the other).
+        "b@example.test": "from app.example.test by client.test (mailstrom) with ESMTP;",
+        "c@example.test": "from app.example.test by client.test (mailstrom) with UTF8SMTP "
+        "for <bob@example.test>;",
+        "d@example.test": "from [192.0.2.1] by client.test (mailstrom) with SMTP "
+        "for <bob@example.test>;",
+    }
+    for sender, start in expected.items():
+        raw = cli.ok("show", "--raw", by_sender[sender]).out
+        assert raw.startswith("Received: from "), raw[:200]
+        [received], message = received_fields(raw)
+        assert received.startswith(start), received
+        date = received.rpartition(";")[2].strip()
+        assert email.utils.parsedate_to_datetime(date).tzinfo is not None
+        assert message["Subject"] == "hi"
+
+
+def test_a_hostile_helo_name_cannot_break_the_received_field(cli: CLI) -> None:
+    hostile = [
+        b"a" * 500,
+        b"x)(y\\ z",
+        b"=?utf-8?q?=E2=80=AE?= evil",
+        b"host\rBcc: victim@example.test",
+        "h\u00f6st.example".encode(),
+        b"\xff\xfe",
+        b"two words",
+    ]
+    script = b""
+    for name in hostile:
+        script += b"EHLO " + name + b"\r\n"
+        script += transaction(b"s@example.test", [b"bob@example.test"], MESSAGE)
+    result = session(cli, script + b"QUIT\r\n")
+    assert result.code == 0, result.err
+    ids = [m["id"] for m in cli.ok("queue", "--json").json()]
+    assert len(ids) == len(hostile)
+    for queue_id in ids:
+        raw = cli.ok("show", "--raw", queue_id).out
+        [received], message = received_fields(raw)
+        assert received.startswith("from "), received
+        assert "by client.test (mailstrom) with ESMTP for <bob@example.test>;" in received
+        assert message["Bcc"] is None
+        assert len(received) < 400
+        assert received.isascii() and "=?" not in received
+
+
+def test_a_message_with_the_most_header_fields_is_refused_not_grown(cli: CLI) -> None:
+    """A message arriving with as many fields as a header section may hold (most of
+    them Received, a long path or a loop) is refused: the Received field added is
+    counted, never put on past the bound."""
+    from mailstrom.message.bounds import MAX_HEADER_FIELDS
+
+    hops = b"".join(
+        b"Received: from h%d.example.test by h%d.example.test; Mon, 7 Dec 2026 00:00:00 +0000\r\n"
+        % (i, i + 1)
+        for i in range(MAX_HEADER_FIELDS - 5)
+    )
+    whole = b"Date: Mon, 7 Dec 2026 00:00:00 +0000\r\nMessage-ID: <x@example.test>\r\n" + MESSAGE
+    script = b"EHLO c\r\n" + transaction(b"a@example.test", [b"bob@example.test"], hops + whole)
+    result = session(cli, script + b"QUIT\r\n")
+    assert codes(result)[-2] == "554", result.out
+    assert "1001 fields" in replies(result)[-2]
+    assert cli.queue_ids() == []
+
+
+def test_the_received_field_leaves_the_dkim_signature_whole(mail_env: MailEnv) -> None:
+    cli = mail_env.cli
+    cli.env["MAILSTROM_CONFIG"] = str(dkim_config(cli))
+    publish(mail_env)
+    message = MESSAGE.replace(b"app@example.test", b"app@client.test")
+    script = b"EHLO app.client.test\r\n"
+    script += transaction(b"app@client.test", [b"bob@example.test"], message) + b"QUIT\r\n"
+    result = session(cli, script)
+    assert result.code == 0, result.err
+    cli.ok("worker", "--once", "--no-live")
+    [delivered] = mail_env.mx.messages
+    content = delivered.content
+    head = content.partition(b"\r\n\r\n")[0]
+    assert head.count(b"\r\nReceived: from app.client.test\r\n\tby client.test") == 1, head
+    assert_all_pass(content, mail_env.dns)
+    signed = [tags["h"].lower().split(":") for tags in signature_tags(content)]
+    assert len(signed) == 2 and all("received" not in names for names in signed), signed

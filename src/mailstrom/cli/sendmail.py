@@ -59,6 +59,7 @@ from mailstrom.cli.localnames import (
 from mailstrom.cli.output import ReaderGone, end_with_reader
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.cli.reading import LineReadable, read_limited, read_until_dot, stdin_buffer
+from mailstrom.cli.trace import SMTPArrival, received_field
 from mailstrom.errors import ConfigError, InvalidAddress, InvalidMessage, TooManyRecipients
 from mailstrom.message import mime
 from mailstrom.message.addresses import Mailbox, parse_local_address_list, parse_mailbox
@@ -675,9 +676,21 @@ def _refuse_misplaced_options(recipients: Sequence[str]) -> None:
             )
 
 
-def queue_message(settings: Settings, message: bytes, args: SendmailArgs, dsn: DSN) -> str:
+def queue_message(
+    settings: Settings,
+    message: bytes,
+    args: SendmailArgs,
+    dsn: DSN,
+    *,
+    arrival: SMTPArrival | None = None,
+) -> str:
     """Build, prepare and queue ``message`` with the envelope of ``args`` (-f, the
-    recipients, -t); its id. Raises as sendmail fails (see :func:`main`)."""
+    recipients, -t); its id. Raises as sendmail fails (see :func:`main`).
+
+    A Received field goes on top (RFC 5321 §4.4): of the SMTP client of ``arrival``
+    (``-bs``), else of the invoking user. It is put there before prepare(), so that the
+    bounds on the header section count it: a message at the most fields is refused,
+    never queued past it."""
     from mailstrom.client.common import prepare_for
 
     origin = _origin(settings)
@@ -691,6 +704,19 @@ def queue_message(settings: Settings, message: bytes, args: SendmailArgs, dsn: D
             max_recipients=settings.config.max_recipients,
         )
         now = utc_now()
+        data = (
+            received_field(
+                by=settings.config.helo_name,
+                now=now,
+                newline=_newline(data),
+                arrival=arrival,
+                uid=os.getuid(),
+                # Named for -bs alone (one RCPT, its only reader): plain sendmail's one
+                # argument may be a blind recipient of a -t message.
+                recipients=[qualify(r, origin) for r in args.recipients] if arrival else (),
+            )
+            + data
+        )
         sender = envelope_sender(args.sender, origin)
         prepared = prepare_for(
             settings.config,
@@ -754,11 +780,11 @@ def _serve_smtp(args: SendmailArgs) -> int:
     settings = sendmail_settings()
     require_lasting_store(settings)
 
-    def queue(message: bytes, sender: str, recipients: list[str]) -> str:
+    def queue(message: bytes, sender: str, recipients: list[str], arrival: SMTPArrival) -> str:
         envelope = SendmailArgs(
             sender=sender, recipients=recipients, full_name=args.full_name, ignore_dots=True
         )
-        return queue_message(settings, message, envelope, dsn)
+        return queue_message(settings, message, envelope, dsn, arrival=arrival)
 
     # Each address is checked at its MAIL or RCPT as queue_message() reads it (build()
     # and prepare_for()), so that one bad RCPT is refused on its own, not the message.

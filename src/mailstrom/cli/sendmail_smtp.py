@@ -33,6 +33,7 @@ from mailstrom.cli.exits import (
     reason_for,
     say,
 )
+from mailstrom.cli.trace import SMTPArrival, protocol
 from mailstrom.errors import InvalidMessage, MessageTooLarge, StoreError
 from mailstrom.settings import Settings
 
@@ -150,9 +151,9 @@ class _Transaction:
     """RCPTs refused for :data:`MAX_RECIPIENTS`."""
 
 
-Queue = Callable[[bytes, str, list[str]], str]
-"""Queue a message (data, envelope sender, recipients) and return its id; raises as
-``sendmail`` fails."""
+Queue = Callable[[bytes, str, list[str], SMTPArrival], str]
+"""Queue a message (data, envelope sender, recipients, how it came: for its Received
+field) and return its id; raises as ``sendmail`` fails."""
 Check = Callable[[str], None]
 """Validate the address of a MAIL or RCPT as queueing it would: InvalidMessage if bad,
 :class:`Unusable` if well formed but going nowhere mail can be sent."""
@@ -182,6 +183,10 @@ class Session:
     check_sender: Check = _accept
     check_recipient: Check = _accept
     greeted: bool = False
+    client_name: str = ""
+    """The name the client gave in its last HELO or EHLO, for the Received field."""
+    extended: bool = False
+    """That greeting was EHLO."""
     transaction: _Transaction | None = None
     errors: int = 0
     junk: int = 0
@@ -274,6 +279,7 @@ class Session:
         if not arg:
             return self.error("501 5.5.4 Syntax: HELO hostname")
         self.greeted = True
+        self.client_name, self.extended = arg, extended
         self.transaction = None
         if not extended:
             self.reply(f"250 {self.helo_name}")
@@ -375,8 +381,10 @@ class Session:
                 return self.lost("inside DATA")
             self.code = EX_DATAERR  # as sendmail exits for a message over the limit
             return self.error("552 5.3.4 Error: message file too big")
+        used = protocol(extended=self.extended, utf8=transaction.utf8)
+        arrival = SMTPArrival(helo=self.client_name, protocol=used)
         try:
-            queue_id = self.queue(message, transaction.sender, transaction.recipients)
+            queue_id = self.queue(message, transaction.sender, transaction.recipients, arrival)
         except MessageTooLarge:
             self.code = EX_DATAERR
             return self.error("552 5.3.4 Error: message file too big")
