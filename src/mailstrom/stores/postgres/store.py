@@ -1574,25 +1574,58 @@ class PostgresStore:
         [(n,)] = self._fetch(_listing("count", where, params), params)
         return int(n)
 
+    def _in_spans(
+        self, ids: list[str], run: Callable[[list[str]], tuple[Any, ...]]
+    ) -> Iterator[tuple[Any, ...]]:
+        """The row ``run`` returns for each :data:`PURGE_SPAN` of ``ids`` in turn, each
+        its own transaction (as SQLite's ``_in_batches``): one statement over the 100,000
+        a command lists ran past a server's ``statement_timeout`` and was rolled back
+        whole, on every run. Each message is changed whole in one span; a failure leaves
+        the spans before it changed, and the same call again changes the rest."""
+        for start in range(0, len(ids), PURGE_SPAN):
+            yield run(ids[start : start + PURGE_SPAN])
+
     def retry_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
-        """Make the listed messages' pending recipients due at ``now``."""
-        changed, _ = self._fetch("retry_many", {"ids": listed_ids(message_ids), "now": now})[0]
-        return int(changed)
+        """Make the listed messages' pending recipients due at ``now`` (in spans:
+        :meth:`_in_spans`)."""
+        changed = 0
+        for n, _ in self._in_spans(
+            listed_ids(message_ids),
+            lambda span: self._fetch("retry_many", {"ids": span, "now": now})[0],
+        ):
+            changed += int(n)
+        return changed
 
     def cancel_many(self, message_ids: Sequence[str], *, now: datetime) -> int:
-        """Fail the listed messages' pending recipients as "cancelled"."""
-        _, changed, told = self._fetch("cancel_many", {"ids": listed_ids(message_ids), "now": now})[
-            0
-        ]
-        self._told_cancelled(told)
-        return int(changed)
+        """Fail the listed messages' pending recipients as "cancelled" (in spans:
+        :meth:`_in_spans`). This object's ``watch_cancels`` callbacks are told of the
+        spans that told, even when a later one fails: those cancels are committed."""
+        changed, told = 0, None
+        try:
+            for _, n, span_told in self._in_spans(
+                listed_ids(message_ids),
+                lambda span: self._fetch("cancel_many", {"ids": span, "now": now})[0],
+            ):
+                changed += int(n)
+                told = told or span_told
+        finally:
+            self._told_cancelled(told)
+        return changed
 
     def hold_many(self, message_ids: Sequence[str], held: bool) -> int:
-        """Hold or release the listed messages; returns how many changed."""
-        ids = listed_ids(message_ids)
-        changed, _, told = self._hold("hold_many", {"ids": ids, "held": held}, ids)
-        self._told_cancelled(told)
-        return int(changed)
+        """Hold or release the listed messages (in spans: :meth:`_in_spans`); returns
+        how many changed. Told as :meth:`cancel_many` tells."""
+        changed, told = 0, None
+        try:
+            for n, _, span_told in self._in_spans(
+                listed_ids(message_ids),
+                lambda span: self._hold("hold_many", {"ids": span, "held": held}, span),
+            ):
+                changed += int(n)
+                told = told or span_told
+        finally:
+            self._told_cancelled(told)
+        return changed
 
     def purge_many(
         self,
@@ -1606,15 +1639,15 @@ class PostgresStore:
         100,000 a command lists in one DELETE were cancelled whole under a server's
         ``statement_timeout`` on every run, as :meth:`purge` was. A failure keeps what
         was deleted before it; the call repeated deletes the rest."""
-        ids = listed_ids(message_ids)
         params: dict[str, Any] = {
             "finished_before": finished_before,
             "state": None if state is None else state.value,
         }
         deleted = 0
-        for start in range(0, len(ids), PURGE_SPAN):
-            chunk = ids[start : start + PURGE_SPAN]
-            [(n,)] = self._fetch("purge_many", {**params, "ids": chunk})
+        for (n,) in self._in_spans(
+            listed_ids(message_ids),
+            lambda span: self._fetch("purge_many", {**params, "ids": span})[0],
+        ):
             deleted += int(n)
         return deleted
 
@@ -1975,7 +2008,8 @@ replaces an entry of an earlier one, so the newest still wins)."""
 
 PURGE_SPAN = 500
 """Messages one statement of :meth:`PostgresStore.purge` looks at (and deletes at most),
-and listed ids one of ``purge_many`` takes, as SQLite's ``PURGE_BATCH``: a few
+and listed ids one statement of ``purge_many``, ``retry_many``, ``cancel_many`` or
+``hold_many`` takes, as SQLite's ``PURGE_BATCH`` and ``BULK_BATCH``: a few
 milliseconds each, far inside any ``statement_timeout`` a server sets, and a pending
 queue of millions is walked in as many short reads."""
 

@@ -1,0 +1,109 @@
+"""PostgreSQL bulk operator actions over the 100,000 messages a command lists: each must
+fit a server's ``statement_timeout``, as ``purge_many`` does (see test_postgres_purge)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from mailstrom.errors import StoreLocked
+from mailstrom.stores.postgres import PostgresStore, migrate
+from mailstrom.stores.postgres.store import PURGE_SPAN
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+LATER = T0 + timedelta(hours=1)
+
+
+def pending_in_bulk(url: str, count: int) -> list[str]:
+    """``count`` messages of one queued recipient due at T0, written by SQL (the store's
+    API takes minutes for a queue this size) and analysed; their ids, sorted."""
+    migrate(url)
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO messages (id, data, envelope_from, created_at, size)"
+            " SELECT md5(i::text), 'x', 's@example.org', %s, 1"
+            " FROM generate_series(1, %s) i",
+            (T0, count),
+        )
+        conn.execute(
+            "INSERT INTO recipients (message_id, address, seq, position, domain, state,"
+            " attempts, next_attempt_at)"
+            " SELECT md5(i::text), 'r@example.org', i, 0, 'example.org', 'queued', 0, %s"
+            " FROM generate_series(1, %s) i",
+            (T0, count),
+        )
+    # As autovacuum leaves a queue this size (it analyses a table a tenth of which changed).
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE messages, recipients")
+        return sorted(mid for (mid,) in conn.execute("SELECT id FROM messages"))
+
+
+def timed_out_at(url: str, ms: int) -> None:
+    """Every later connection to the fixture's database has ``statement_timeout = ms``."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET statement_timeout = {ms}')
+
+
+def states(url: str) -> dict[tuple[str, bool], int]:
+    """Recipients per (state, message held)."""
+    with psycopg.connect(url) as conn:
+        found = conn.execute(
+            "SELECT r.state, m.held, count(*) FROM recipients r"
+            " JOIN messages m ON m.id = r.message_id GROUP BY 1, 2"
+        ).fetchall()
+    return {(state, held): int(n) for state, held, n in found}
+
+
+@pytest.mark.parametrize("action", ["retry", "cancel", "hold", "release"])
+def test_a_bulk_action_over_a_long_list_fits_a_statement_timeout(
+    postgres_url: str, action: str
+) -> None:
+    """``mailstrom cancel --all`` (and retry, hold, release) lists up to 100,000 messages,
+    and each was one statement over the whole list: under a server's 400 ms
+    ``statement_timeout`` it was cancelled and rolled back whole on every run, so the
+    operator could never cancel (or hold) that queue. In lists of 500 it completes."""
+    total = 200 * PURGE_SPAN
+    ids = pending_in_bulk(postgres_url, total)
+    if action == "release":
+        with psycopg.connect(postgres_url) as conn:
+            conn.execute("UPDATE messages SET held = true")
+            conn.execute("UPDATE recipients SET aside = true")
+    timed_out_at(postgres_url, 400)
+    with PostgresStore(postgres_url) as store:
+        if action == "retry":
+            assert store.retry_many(ids, now=LATER) == total
+            with psycopg.connect(postgres_url) as conn:
+                [(due,)] = conn.execute(
+                    "SELECT count(*) FROM recipients WHERE next_attempt_at = %s", (LATER,)
+                ).fetchall()
+            assert due == total
+        elif action == "cancel":
+            assert store.cancel_many(ids, now=LATER) == total
+            assert states(postgres_url) == {("failed", False): total}
+        else:
+            held = action == "hold"
+            assert store.hold_many(ids, held) == total
+            assert states(postgres_url) == {("queued", held): total}
+
+
+def test_a_bulk_action_that_fails_keeps_what_it_changed_and_goes_on_when_called_again(
+    postgres_url: str,
+) -> None:
+    """A cancel stopped part way (here by a lock held on its last message's recipient)
+    keeps the spans it finished, and the same call again cancels the rest."""
+    total = 3 * PURGE_SPAN
+    ids = pending_in_bulk(postgres_url, total)
+    with psycopg.connect(postgres_url) as holder:
+        holder.execute("SELECT 1 FROM recipients WHERE message_id = %s FOR UPDATE", (ids[-1],))
+        with PostgresStore(postgres_url + "?lock_timeout=200ms") as store:
+            with pytest.raises(StoreLocked):
+                store.cancel_many(ids, now=LATER)
+            left = states(postgres_url)[("queued", False)]
+            assert 0 < left <= PURGE_SPAN
+            holder.rollback()
+            assert store.cancel_many(ids, now=LATER) == left
+    assert states(postgres_url) == {("failed", False): total}
