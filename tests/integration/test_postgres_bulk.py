@@ -107,3 +107,22 @@ def test_a_bulk_action_that_fails_keeps_what_it_changed_and_goes_on_when_called_
             holder.rollback()
             assert store.cancel_many(ids, now=LATER) == left
     assert states(postgres_url) == {("failed", False): total}
+
+
+def test_a_retry_of_every_deferred_recipient_fits_a_statement_timeout(postgres_url: str) -> None:
+    """``mailstrom retry --deferred`` was one UPDATE of every deferred recipient in the
+    queue: under a server's 400 ms ``statement_timeout`` it was cancelled and rolled back
+    whole on every run. Walked 500 messages per statement, it completes."""
+    total = 200 * PURGE_SPAN
+    pending_in_bulk(postgres_url, total)
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("UPDATE recipients SET state = 'deferred', next_attempt_at = %s", (LATER,))
+        conn.execute("ANALYZE recipients")  # as autovacuum does after a change this large
+    timed_out_at(postgres_url, 400)
+    with PostgresStore(postgres_url) as store:
+        assert store.retry_deferred(now=T0) == total
+    with psycopg.connect(postgres_url) as conn:
+        [(due,)] = conn.execute(
+            "SELECT count(*) FROM recipients WHERE next_attempt_at = %s", (T0,)
+        ).fetchall()
+    assert due == total

@@ -313,7 +313,7 @@ def _retry(args: argparse.Namespace, store: Store, ids: list[str], now: datetime
 
 
 def _retry_all_deferred(args: argparse.Namespace, store: Store, now: datetime) -> int:
-    """Make every deferred recipient due in one statement, and say, as :func:`_retry`
+    """Make every deferred recipient due in one call, and say, as :func:`_retry`
     does, which of them wait all the same: those of held messages (until released) and
     those at a destination suspended now (until resumed). Counted a moment before."""
     deferred = frozenset({RecipientState.DEFERRED})

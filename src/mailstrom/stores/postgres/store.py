@@ -1236,9 +1236,20 @@ class PostgresStore:
         return int(changed)
 
     def retry_deferred(self, *, now: datetime) -> int:
-        """Make every DEFERRED recipient due at ``now``; returns how many."""
-        changed, _ = self._fetch("retry_deferred", {"now": now})[0]
-        return int(changed)
+        """Make every DEFERRED recipient due at ``now``; returns how many. The queue is
+        walked :data:`PURGE_SPAN` messages (by id) per statement, each its own
+        transaction, as :meth:`purge` walks it: one UPDATE of every deferred recipient
+        ran for seconds and, under a server's ``statement_timeout``, was cancelled and
+        rolled back whole on every run. A failure keeps the spans before it; the call
+        repeated makes them due again with the rest."""
+        changed, after = 0, ""
+        params: dict[str, Any] = {"now": now, "limit": PURGE_SPAN}
+        while True:
+            [(last, seen, n, _)] = self._fetch("retry_deferred_span", {**params, "after": after})
+            changed += int(n)
+            if last is None or int(seen) < PURGE_SPAN:
+                return changed
+            after = str(last)
 
     def cancel(self, message_id: str, *, now: datetime) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
@@ -2008,8 +2019,8 @@ replaces an entry of an earlier one, so the newest still wins)."""
 
 PURGE_SPAN = 500
 """Messages one statement of :meth:`PostgresStore.purge` looks at (and deletes at most),
-and listed ids one statement of ``purge_many``, ``retry_many``, ``cancel_many`` or
-``hold_many`` takes, as SQLite's ``PURGE_BATCH`` and ``BULK_BATCH``: a few
+and of ``retry_deferred``, and listed ids one statement of ``purge_many``, ``retry_many``,
+``cancel_many`` or ``hold_many`` takes, as SQLite's ``PURGE_BATCH`` and ``BULK_BATCH``: a few
 milliseconds each, far inside any ``statement_timeout`` a server sets, and a pending
 queue of millions is walked in as many short reads."""
 

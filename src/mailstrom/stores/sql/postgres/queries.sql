@@ -982,14 +982,22 @@ SELECT (SELECT count(*) FROM found) AS found,
        (SELECT pg_notify('mailstrom_work', '')
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
--- name: retry_deferred
-WITH rescheduled AS (
-    UPDATE recipients
+-- name: retry_deferred_span
+-- retry_deferred over the next LIMIT messages by id after AFTER (a keyset walk, one short
+-- statement each, as purge_span: see PostgresStore.retry_deferred); each message's
+-- deferred recipients are made due together. Returns the last id looked at, how many were
+-- looked at and how many recipients were made due; workers are woken when any was.
+WITH span AS (
+    SELECT id FROM messages WHERE id > %(after)s ORDER BY id LIMIT %(limit)s
+), rescheduled AS (
+    UPDATE recipients r
     SET next_attempt_at = %(now)s
-    WHERE state = 'deferred'
+    FROM span
+    WHERE r.message_id = span.id AND r.state = 'deferred'
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM rescheduled) AS changed,
+SELECT (SELECT max(id) FROM span), (SELECT count(*) FROM span),
+       (SELECT count(*) FROM rescheduled),
        (SELECT pg_notify('mailstrom_work', '')
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
