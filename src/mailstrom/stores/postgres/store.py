@@ -1362,10 +1362,23 @@ class PostgresStore:
 
     def prune_events(self, *, sent_before: datetime, unsent_before: datetime | None = None) -> int:
         """Delete events acknowledged before ``sent_before`` (and, given ``unsent_before``,
-        unacknowledged ones attempted before it)."""
-        params = {"sent_before": sent_before, "unsent_before": unsent_before}
-        [(count,)] = self._fetch("prune_events", params)
-        return int(count)
+        unacknowledged ones attempted before it), walking the table :data:`EVENT_SPAN`
+        events (by id) per statement, each its own transaction: one DELETE of them all
+        took 0.6 s a million and, under a server's ``statement_timeout``, was cancelled
+        and rolled back whole on every run, so the table only grew. What a span deleted
+        stays deleted when a later one fails; the call repeated deletes the rest."""
+        pruned, after = 0, 0
+        params: dict[str, Any] = {
+            "sent_before": sent_before,
+            "unsent_before": unsent_before,
+            "limit": EVENT_SPAN,
+        }
+        while True:
+            [(last, seen, gone)] = self._fetch("prune_events_span", {**params, "after": after})
+            pruned += int(gone)
+            if last is None or int(seen) < EVENT_SPAN:
+                return pruned
+            after = int(last)
 
     # --- MTA-STS policies and TLS session counters (schema version 9) -------------------
 
@@ -2023,6 +2036,12 @@ and of ``retry_deferred``, and listed ids one statement of ``purge_many``, ``ret
 ``cancel_many`` or ``hold_many`` takes, as SQLite's ``PURGE_BATCH`` and ``BULK_BATCH``: a few
 milliseconds each, far inside any ``statement_timeout`` a server sets, and a pending
 queue of millions is walked in as many short reads."""
+
+EVENT_SPAN = 5_000
+"""Events one statement of :meth:`PostgresStore.prune_events` looks at (and deletes at
+most): a few milliseconds, far inside any ``statement_timeout``. An event's delete costs
+far less than a message's (0.6 s a million, against 1.7 s for 100,000 messages), so
+:data:`PURGE_SPAN` would only multiply round trips."""
 
 _FORGET_THROTTLES = timedelta(days=1)
 """A pause that ended this long ago, and longer ago than the maximum pause, is deleted

@@ -1253,14 +1253,21 @@ SELECT coalesce(max(id), 0) FROM events;
 -- A hook's backlog: the partial index events_unsent holds exactly these rows.
 SELECT count(*) FROM events WHERE sent_at IS NULL;
 
--- name: prune_events
-WITH pruned AS (
-    DELETE FROM events
-    WHERE sent_at < %(sent_before)s
-       OR (sent_at IS NULL AND at < %(unsent_before)s::timestamptz)
+-- name: prune_events_span
+-- prune_events over the next LIMIT events by id after AFTER (a keyset walk, one short
+-- statement each: see PostgresStore.prune_events). Returns the last id looked at, how
+-- many were looked at and how many went.
+WITH span AS (
+    SELECT id FROM events WHERE id > %(after)s ORDER BY id LIMIT %(limit)s
+), pruned AS (
+    DELETE FROM events e
+    USING span
+    WHERE e.id = span.id
+      AND (e.sent_at < %(sent_before)s
+           OR (e.sent_at IS NULL AND e.at < %(unsent_before)s::timestamptz))
     RETURNING 1
 )
-SELECT count(*) FROM pruned;
+SELECT (SELECT max(id) FROM span), (SELECT count(*) FROM span), (SELECT count(*) FROM pruned);
 
 -- name: select_ids
 -- The ids query lists, in its order, and nothing else of the messages.
