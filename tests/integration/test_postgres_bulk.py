@@ -131,6 +131,52 @@ def test_a_retry_of_every_deferred_recipient_fits_a_statement_timeout(postgres_u
     assert due == total
 
 
+def test_a_retry_of_deferred_recipients_among_finished_mail_makes_each_due_once(
+    postgres_url: str,
+) -> None:
+    """The walk goes by the deferred recipients' messages (the index of recipients by
+    state), not by every message kept: the deferred ones scattered among finished mail
+    over several spans, one message with two of them and a queued one, are each made due
+    once, and nothing else changes."""
+    total = 4 * PURGE_SPAN
+    ids = pending_in_bulk(postgres_url, total)
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute(
+            "UPDATE recipients SET state = CASE WHEN seq %% 3 = 0 THEN 'deferred'"
+            " ELSE 'delivered' END, next_attempt_at = CASE WHEN seq %% 3 = 0 THEN %s END",
+            (LATER,),
+        )
+        [(seq,)] = conn.execute(
+            "SELECT seq FROM recipients WHERE message_id = %s", (ids[0],)
+        ).fetchall()
+        conn.execute(
+            "INSERT INTO recipients (message_id, address, seq, position, domain, state,"
+            " attempts, next_attempt_at) VALUES"
+            " (%s, 'two@example.org', %s, 1, 'example.org', 'deferred', 1, %s),"
+            " (%s, 'queued@example.org', %s, 2, 'example.org', 'queued', 0, %s)",
+            (ids[0], seq, LATER, ids[0], seq, LATER),
+        )
+        [(deferred,)] = conn.execute(
+            "SELECT count(*) FROM recipients WHERE state = 'deferred'"
+        ).fetchall()
+    assert deferred > PURGE_SPAN  # more than one span of them
+    with PostgresStore(postgres_url) as store:
+        assert store.retry_deferred(now=T0) == deferred
+    with psycopg.connect(postgres_url) as conn:
+        found = dict(
+            conn.execute(
+                "SELECT state || ' ' || coalesce((next_attempt_at = %s)::text, 'none'),"
+                " count(*) FROM recipients GROUP BY 1",
+                (T0,),
+            ).fetchall()
+        )
+    assert found == {
+        "deferred true": deferred,
+        "delivered none": total - (deferred - 1),
+        "queued false": 1,
+    }
+
+
 def sent_events_in_bulk(url: str, count: int) -> None:
     """``count`` delivery events acknowledged at T0, written by SQL and analysed."""
     migrate(url)

@@ -1236,20 +1236,21 @@ class PostgresStore:
         return int(changed)
 
     def retry_deferred(self, *, now: datetime) -> int:
-        """Make every DEFERRED recipient due at ``now``; returns how many. The queue is
-        walked :data:`PURGE_SPAN` messages (by id) per statement, each its own
-        transaction, as :meth:`purge` walks it: one UPDATE of every deferred recipient
-        ran for seconds and, under a server's ``statement_timeout``, was cancelled and
-        rolled back whole on every run. A failure keeps the spans before it; the call
-        repeated makes them due again with the rest."""
-        changed, after = 0, ""
+        """Make every DEFERRED recipient due at ``now``; returns how many. They are
+        walked by message, :data:`PURGE_SPAN` messages (by seq) per statement, each its
+        own transaction, through the index of recipients by state (not every message
+        kept: a walk of the messages read the finished ones too). One UPDATE of every
+        deferred recipient ran for seconds and, under a server's ``statement_timeout``,
+        was cancelled and rolled back whole on every run. A failure keeps the spans
+        before it; the call repeated makes them due again with the rest."""
+        changed, after = 0, 0
         params: dict[str, Any] = {"now": now, "limit": PURGE_SPAN}
         while True:
             [(last, seen, n, _)] = self._fetch("retry_deferred_span", {**params, "after": after})
             changed += int(n)
             if last is None or int(seen) < PURGE_SPAN:
                 return changed
-            after = str(last)
+            after = int(last)
 
     def cancel(self, message_id: str, *, now: datetime) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""

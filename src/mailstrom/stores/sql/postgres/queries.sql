@@ -983,20 +983,24 @@ SELECT (SELECT count(*) FROM found) AS found,
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
 -- name: retry_deferred_span
--- retry_deferred over the next LIMIT messages by id after AFTER (a keyset walk, one short
--- statement each, as purge_span: see PostgresStore.retry_deferred); each message's
--- deferred recipients are made due together. Returns the last id looked at, how many were
--- looked at and how many recipients were made due; workers are woken when any was.
+-- retry_deferred over the deferred recipients of the next LIMIT messages by seq after
+-- AFTER (a keyset walk, one short statement each: see PostgresStore.retry_deferred),
+-- found through recipients_state_seq: the walk reads the deferred recipients alone, not
+-- every message the queue has kept. Each message's deferred recipients are made due
+-- together. Returns the last seq looked at, how many messages were looked at and how
+-- many recipients were made due; workers are woken when any was.
 WITH span AS (
-    SELECT id FROM messages WHERE id > %(after)s ORDER BY id LIMIT %(limit)s
+    SELECT DISTINCT seq FROM recipients
+    WHERE state = 'deferred' AND seq > %(after)s
+    ORDER BY seq LIMIT %(limit)s
 ), rescheduled AS (
     UPDATE recipients r
     SET next_attempt_at = %(now)s
     FROM span
-    WHERE r.message_id = span.id AND r.state = 'deferred'
+    WHERE r.seq = span.seq AND r.state = 'deferred'
     RETURNING 1
 )
-SELECT (SELECT max(id) FROM span), (SELECT count(*) FROM span),
+SELECT (SELECT max(seq) FROM span), (SELECT count(*) FROM span),
        (SELECT count(*) FROM rescheduled),
        (SELECT pg_notify('mailstrom_work', '')
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
