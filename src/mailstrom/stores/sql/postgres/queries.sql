@@ -450,6 +450,14 @@ WITH u AS (
     SELECT *
     FROM unnest(%(message_ids)s::text[], %(addresses)s::text[], %(errors)s::text[])
          AS u(message_id, address, error)
+), locked AS (
+    -- Locked first, in order (see _lease_locked).
+    SELECT r.message_id, r.address
+    FROM recipients r
+    JOIN u ON r.message_id = u.message_id AND r.address = u.address
+    WHERE r.lease_token = %(token)s
+    ORDER BY r.message_id, r.address
+    FOR NO KEY UPDATE OF r
 ), updated AS (
     UPDATE recipients r
     SET state = 'failed',
@@ -468,7 +476,8 @@ WITH u AS (
         lease_token = NULL,
         lease_expires_at = NULL
     FROM u
-    WHERE r.message_id = u.message_id AND r.address = u.address
+    JOIN locked l ON l.message_id = u.message_id AND l.address = u.address
+    WHERE r.message_id = l.message_id AND r.address = l.address
       AND r.lease_token = %(token)s
     RETURNING r.message_id, r.address, u.error
 ), history AS (
@@ -520,6 +529,17 @@ WITH res AS (
               mx_host, ip, port, tls_version, tls_cipher, reply_code, reply_enhanced,
               reply_text, error, uncertain, reason_class, tls_policy, unanswered, notice,
               attempted)
+), locked AS (
+    -- Every recipient named, locked in order before any is written (see _lease_locked):
+    -- once per result, so twice for one named twice (the UPDATE's join then meets the
+    -- same pair of rows twice, alike). The ids' ANY gives the planner an index
+    -- condition: without it, it hashed a scan of every recipient.
+    SELECT r.message_id, r.address
+    FROM res
+    JOIN recipients r ON r.message_id = res.message_id AND r.address = res.address
+    WHERE r.message_id = ANY (%(message_ids)s::text[])
+    ORDER BY r.message_id, r.address
+    FOR NO KEY UPDATE OF r
 ), updated AS (
     UPDATE recipients r
     SET state = res.state,
@@ -545,8 +565,9 @@ WITH res AS (
         notice = CASE WHEN res.state IN ('queued', 'deferred')
                       THEN COALESCE(res.notice, r.notice) ELSE res.notice END
     FROM res
-    WHERE r.message_id = res.message_id
-      AND r.address = res.address
+    JOIN locked l ON l.message_id = res.message_id AND l.address = res.address
+    WHERE r.message_id = l.message_id
+      AND r.address = l.address
       AND (r.lease_token = res.token
            -- Accepted by a server after an operator cancelled it (its transaction was on
            -- the wire): the mail went out, and its status must not say it never did.
@@ -667,18 +688,38 @@ FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS c(message_id, add
 WHERE r.message_id = c.message_id
   AND r.address = c.address;
 
+-- name: _lease_locked
+-- The body of a `locked` CTE: every recipient under the lease token (those the arrays
+-- name, and any the lease holds besides: the worker's own), locked in
+-- (message_id, address) order, the order in which suspend, cancel, hold and resume lock
+-- theirs. An UPDATE joined to an unnest writes its rows in whatever order the plan meets
+-- them (here, the lease's): a worker writing b@ then a@ while an operator locked a@ then
+-- b@ waited for each other, and PostgreSQL aborted one ("deadlock detected"), failing
+-- the operator's command or the worker's write. Found by the token alone (the partial
+-- index recipients_lease, a lease's rows): joined to the arrays, the planner read every
+-- recipient, or the arrays once per row. FOR NO KEY UPDATE is the lock the UPDATE takes.
+    SELECT message_id, address FROM recipients
+    WHERE lease_token = %(token)s
+    ORDER BY message_id, address
+    FOR NO KEY UPDATE
+
 -- name: extend
 -- Counted without the recipients of held messages nor those of suspended destinations
 -- (still extended: one may be on the wire): the worker gives back what it has fewer of
 -- and has not started. A timed suspension counts until a lease or next_due past its end
--- deletes its row, as the other stores count it.
-WITH extended AS (
+-- deletes its row, as the other stores count it. The rows are locked first, in the
+-- order of every write to many recipients (see _lease_locked).
+WITH locked AS (
+-- include: _lease_locked
+), extended AS (
     UPDATE recipients r
     SET lease_expires_at = %(until)s
-    FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
-    WHERE r.message_id = t.message_id
-      AND r.address = t.address
+    FROM locked l
+    WHERE r.message_id = l.message_id
+      AND r.address = l.address
       AND r.lease_token = %(token)s
+      AND (l.message_id, l.address) IN (
+          SELECT * FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]))
     RETURNING r.message_id, r.domain
 )
 SELECT count(*) FROM extended e
@@ -686,13 +727,18 @@ WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = e.message_id AND m.held)
   AND NOT EXISTS (SELECT 1 FROM suspensions s WHERE s.domain = e.domain);
 
 -- name: release
-WITH released AS (
+-- Locked first, in order, as extend.
+WITH locked AS (
+-- include: _lease_locked
+), released AS (
     UPDATE recipients r
     SET lease_token = NULL, lease_expires_at = NULL
-    FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
-    WHERE r.message_id = t.message_id
-      AND r.address = t.address
+    FROM locked l
+    WHERE r.message_id = l.message_id
+      AND r.address = l.address
       AND r.lease_token = %(token)s
+      AND (l.message_id, l.address) IN (
+          SELECT * FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]))
     RETURNING 1
 )
 SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
@@ -709,12 +755,20 @@ WHERE pid = ANY(%(pids)s::int[]) AND pid <> pg_backend_pid() AND state <> 'idle'
 -- name: release_tokens
 -- Every pending recipient still leased under one of the tokens of leases whose answer
 -- never came (see postgres/unanswered.py): given back, due at once (recipients_lease
--- finds them). Returns how many.
-WITH released AS (
-    UPDATE recipients
-    SET lease_token = NULL, lease_expires_at = NULL
+-- finds them). Returns how many. Locked first, in order (see _lease_locked).
+WITH locked AS (
+    SELECT message_id, address FROM recipients
     WHERE lease_token = ANY(%(tokens)s::text[])
       AND state IN ('queued', 'deferred')
+    ORDER BY message_id, address
+    FOR NO KEY UPDATE
+), released AS (
+    UPDATE recipients r
+    SET lease_token = NULL, lease_expires_at = NULL
+    FROM locked l
+    WHERE r.message_id = l.message_id AND r.address = l.address
+      AND r.lease_token = ANY(%(tokens)s::text[])
+      AND r.state IN ('queued', 'deferred')
     RETURNING 1
 )
 SELECT count(*) FROM released;
@@ -726,12 +780,22 @@ SELECT count(*) FROM released;
 -- (of the database's collation) then gives no range, but its partial WHERE makes it the
 -- rows under any lease, a few per worker, which the planner reads whole. Recorded
 -- recipients hold no token any more; only pending ones are given back (as by every store).
-WITH released AS (
-    UPDATE recipients
-    SET lease_token = NULL, lease_expires_at = NULL
+-- Locked first, in order (see _lease_locked).
+WITH locked AS (
+    SELECT message_id, address FROM recipients
     WHERE lease_token COLLATE "C" >= %(low)s
       AND lease_token COLLATE "C" < %(high)s
       AND state IN ('queued', 'deferred')
+    ORDER BY message_id, address
+    FOR NO KEY UPDATE
+), released AS (
+    UPDATE recipients r
+    SET lease_token = NULL, lease_expires_at = NULL
+    FROM locked l
+    WHERE r.message_id = l.message_id AND r.address = l.address
+      AND r.lease_token COLLATE "C" >= %(low)s
+      AND r.lease_token COLLATE "C" < %(high)s
+      AND r.state IN ('queued', 'deferred')
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM released) AS released,
@@ -771,7 +835,8 @@ SELECT seen_at, true, (SELECT max(version) FROM schema_version) FROM made;
 -- still leases is given back, due at once (the token range of release_holder, per holder).
 -- A concurrent reaper waits for the rows this one deletes and then finds them gone: each
 -- holder is reaped once. One row per holder: who it was, whether it had stopped, when it
--- was last seen, and how many recipients it gave back.
+-- was last seen, and how many recipients it gave back. The recipients are locked first,
+-- in order (see _lease_locked).
 WITH dead AS (
     DELETE FROM lease_holders
     WHERE (stopped
@@ -780,14 +845,23 @@ WITH dead AS (
                 - make_interval(secs => greatest(dead_after - %(judge)s::float8, 0)))
       AND holder IS DISTINCT FROM %(own)s
     RETURNING holder, host, pid, seen_at, stopped
+), locked AS (
+    SELECT r.message_id, r.address, dead.holder
+    FROM recipients r
+    JOIN dead ON r.lease_token COLLATE "C" >= dead.holder || '.'
+             AND r.lease_token COLLATE "C" < dead.holder || '/'
+    WHERE r.state IN ('queued', 'deferred')
+    ORDER BY r.message_id, r.address
+    FOR NO KEY UPDATE OF r
 ), released AS (
     UPDATE recipients r
     SET lease_token = NULL, lease_expires_at = NULL
-    FROM dead
-    WHERE r.lease_token COLLATE "C" >= dead.holder || '.'
-      AND r.lease_token COLLATE "C" < dead.holder || '/'
+    FROM locked l
+    WHERE r.message_id = l.message_id AND r.address = l.address
+      AND r.lease_token COLLATE "C" >= l.holder || '.'
+      AND r.lease_token COLLATE "C" < l.holder || '/'
       AND r.state IN ('queued', 'deferred')
-    RETURNING dead.holder
+    RETURNING l.holder
 ), notified AS (
     SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released)
 )
@@ -969,12 +1043,20 @@ LEFT JOIN destination_throttles t
 ORDER BY s.created_at DESC, s.seq DESC, r.position;
 
 -- name: retry
+-- The recipients are locked first, in order (see _lease_locked), as in retry_many.
 WITH found AS (
     SELECT 1 FROM messages WHERE id = %(id)s
-), rescheduled AS (
-    UPDATE recipients
-    SET next_attempt_at = %(now)s
+), locked AS (
+    SELECT address FROM recipients
     WHERE message_id = %(id)s AND state IN ('queued', 'deferred')
+    ORDER BY address
+    FOR NO KEY UPDATE
+), rescheduled AS (
+    UPDATE recipients r
+    SET next_attempt_at = %(now)s
+    FROM locked l
+    WHERE r.message_id = %(id)s AND r.address = l.address
+      AND r.state IN ('queued', 'deferred')
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM found) AS found,
@@ -987,17 +1069,24 @@ SELECT (SELECT count(*) FROM found) AS found,
 -- AFTER (a keyset walk, one short statement each: see PostgresStore.retry_deferred),
 -- found through recipients_state_seq: the walk reads the deferred recipients alone, not
 -- every message the queue has kept. Each message's deferred recipients are made due
--- together. Returns the last seq looked at, how many messages were looked at and how
--- many recipients were made due; workers are woken when any was.
+-- together, locked first in order, as in retry_many. Returns the last seq looked at, how
+-- many messages were looked at and how many recipients were made due; workers are woken
+-- when any was.
 WITH span AS (
     SELECT DISTINCT seq FROM recipients
     WHERE state = 'deferred' AND seq > %(after)s
     ORDER BY seq LIMIT %(limit)s
+), locked AS (
+    SELECT r.message_id, r.address FROM recipients r
+    JOIN span ON r.seq = span.seq
+    WHERE r.state = 'deferred'
+    ORDER BY r.message_id, r.address
+    FOR NO KEY UPDATE OF r
 ), rescheduled AS (
     UPDATE recipients r
     SET next_attempt_at = %(now)s
-    FROM span
-    WHERE r.seq = span.seq AND r.state = 'deferred'
+    FROM locked l
+    WHERE r.message_id = l.message_id AND r.address = l.address AND r.state = 'deferred'
     RETURNING 1
 )
 SELECT (SELECT max(seq) FROM span), (SELECT count(*) FROM span),
@@ -1153,9 +1242,19 @@ SELECT LEAST(
 -- name: date_undated
 -- Pending recipients without a due time (see next_due) made due now: nothing else is
 -- wrong with them, and the next lease delivers them. Those aside are dated once back.
-UPDATE recipients SET next_attempt_at = %(now)s
-WHERE state IN ('queued', 'deferred') AND NOT aside
-  AND GREATEST(next_attempt_at, lease_expires_at) IS NULL;
+-- Locked first, in order (see _lease_locked).
+WITH locked AS (
+    SELECT message_id, address FROM recipients
+    WHERE state IN ('queued', 'deferred') AND NOT aside
+      AND GREATEST(next_attempt_at, lease_expires_at) IS NULL
+    ORDER BY message_id, address
+    FOR NO KEY UPDATE
+)
+UPDATE recipients r SET next_attempt_at = %(now)s
+FROM locked l
+WHERE r.message_id = l.message_id AND r.address = l.address
+  AND r.state IN ('queued', 'deferred') AND NOT r.aside
+  AND GREATEST(r.next_attempt_at, r.lease_expires_at) IS NULL;
 
 -- name: stats
 SELECT 'state' AS kind, state AS key, count(*) AS n FROM recipients GROUP BY state
@@ -1318,10 +1417,19 @@ SELECT count(*) FROM (
 ) AS matching;
 
 -- name: retry_many
-WITH rescheduled AS (
-    UPDATE recipients
-    SET next_attempt_at = %(now)s
+-- Locked first, in the order the worker's writes and the other commands lock recipients
+-- (see _lease_locked): the UPDATE alone wrote them in the order of its plan's scan.
+WITH locked AS (
+    SELECT message_id, address FROM recipients
     WHERE message_id = ANY (%(ids)s::text[]) AND state IN ('queued', 'deferred')
+    ORDER BY message_id, address
+    FOR NO KEY UPDATE
+), rescheduled AS (
+    UPDATE recipients r
+    SET next_attempt_at = %(now)s
+    FROM locked l
+    WHERE r.message_id = l.message_id AND r.address = l.address
+      AND r.state IN ('queued', 'deferred')
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM rescheduled) AS changed,
@@ -1586,14 +1694,21 @@ WHERE r.message_id = ANY(%(ids)s::text[])
   AND t.until > %(now)s AND t.since <= %(now)s + interval '1 hour';
 
 -- name: postpone
-WITH postponed AS (
+-- Locked first, in order, as extend (the rows under the elements' tokens).
+WITH locked AS (
+    SELECT message_id, address FROM recipients
+    WHERE lease_token = ANY (%(tokens)s::text[])
+    ORDER BY message_id, address
+    FOR NO KEY UPDATE
+), postponed AS (
     UPDATE recipients r
     SET lease_token = NULL, lease_expires_at = NULL, next_attempt_at = %(until)s,
         throttled_by = %(destination)s
     FROM unnest(%(message_ids)s::text[], %(addresses)s::text[], %(tokens)s::text[])
         AS t(message_id, address, token)
-    WHERE r.message_id = t.message_id
-      AND r.address = t.address
+    JOIN locked l ON l.message_id = t.message_id AND l.address = t.address
+    WHERE r.message_id = l.message_id
+      AND r.address = l.address
       AND r.lease_token = t.token
     RETURNING 1
 )
@@ -1608,10 +1723,19 @@ SELECT * FROM unnest(%(keys)s::text[], %(tokens)s::float8[], %(ats)s::timestampt
 ON CONFLICT (key) DO UPDATE SET tokens = EXCLUDED.tokens, at = EXCLUDED.at;
 
 -- name: mark_throttled
+-- Locked first, in order (see _lease_locked).
+WITH locked AS (
+    SELECT r.message_id, r.address
+    FROM recipients r
+    JOIN unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
+      ON r.message_id = t.message_id AND r.address = t.address
+    ORDER BY r.message_id, r.address
+    FOR NO KEY UPDATE OF r
+)
 UPDATE recipients r
 SET throttled_by = %(destination)s
-FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]) AS t(message_id, address)
-WHERE r.message_id = t.message_id AND r.address = t.address;
+FROM locked l
+WHERE r.message_id = l.message_id AND r.address = l.address;
 -- name: mta_sts_policy
 SELECT domain, policy_id, mode, mx, max_age, policy_text, fetched_at, expires_at
 FROM mta_sts_policies WHERE domain = %(domain)s;
