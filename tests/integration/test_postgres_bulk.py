@@ -14,6 +14,7 @@ from mailstrom.status import RecipientState
 from mailstrom.stores.base import QueueFilter
 from mailstrom.stores.postgres import PostgresStore, migrate
 from mailstrom.stores.postgres.store import EVENT_SPAN, PURGE_SPAN
+from tests.support.pg_tables import messages_in_bulk
 
 pytestmark = pytest.mark.postgres
 
@@ -22,23 +23,8 @@ LATER = T0 + timedelta(hours=1)
 
 
 def pending_in_bulk(url: str, count: int) -> list[str]:
-    """``count`` messages of one queued recipient due at T0, written by SQL (the store's
-    API takes minutes for a queue this size) and analysed; their ids, sorted."""
-    migrate(url)
-    with psycopg.connect(url) as conn:
-        conn.execute(
-            "INSERT INTO messages (id, data, envelope_from, created_at, size)"
-            " SELECT md5(i::text), 'x', 's@example.org', %s, 1"
-            " FROM generate_series(1, %s) i",
-            (T0, count),
-        )
-        conn.execute(
-            "INSERT INTO recipients (message_id, address, seq, position, domain, state,"
-            " attempts, next_attempt_at)"
-            " SELECT md5(i::text), 'r@example.org', i, 0, 'example.org', 'queued', 0, %s"
-            " FROM generate_series(1, %s) i",
-            (T0, count),
-        )
+    """``count`` messages of one queued recipient due at T0, analysed; their ids, sorted."""
+    messages_in_bulk(url, count, at=T0)
     # As autovacuum leaves a queue this size (it analyses a table a tenth of which changed).
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE messages, recipients")

@@ -11,9 +11,9 @@ import pytest
 
 from mailstrom.errors import StoreLocked
 from mailstrom.status import RecipientState
-from mailstrom.stores.postgres import PostgresStore, migrate
+from mailstrom.stores.postgres import PostgresStore
 from mailstrom.stores.postgres.store import PURGE_SPAN
-from tests.support.pg_tables import small_message
+from tests.support.pg_tables import messages_in_bulk, small_message
 
 pytestmark = pytest.mark.postgres
 
@@ -64,23 +64,8 @@ def test_a_final_recipient_without_a_finish_time_keeps_its_message_as_purge_many
 
 
 def finished_in_bulk(url: str, count: int) -> None:
-    """``count`` messages of one recipient delivered at T0, written by SQL (the store's
-    API takes minutes for a queue this size)."""
-    migrate(url)
-    with psycopg.connect(url) as conn:
-        conn.execute(
-            "INSERT INTO messages (id, data, envelope_from, created_at, size)"
-            " SELECT md5(i::text), 'x', 's@example.org', %s, 1"
-            " FROM generate_series(1, %s) i",
-            (T0, count),
-        )
-        conn.execute(
-            "INSERT INTO recipients (message_id, address, seq, position, domain, state,"
-            " attempts, last_attempt_at, finished_at)"
-            " SELECT md5(i::text), 'r@example.org', i, 0, 'example.org', 'delivered', 1, %s, %s"
-            " FROM generate_series(1, %s) i",
-            (T0, T0, count),
-        )
+    """``count`` messages of one recipient delivered at T0."""
+    messages_in_bulk(url, count, at=T0, delivered=True)
 
 
 @pytest.mark.parametrize("state", [None, RecipientState.DELIVERED])

@@ -3,6 +3,8 @@ steer of PostgreSQL's statistics on the queue's tables."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import psycopg
 
 from mailstrom.message.prepared import PreparedMessage
@@ -54,3 +56,28 @@ def schema_at(url: str, version: int) -> None:
                     "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
                     (migration.version, migration.name),
                 )
+
+
+def messages_in_bulk(url: str, count: int, *, at: datetime, delivered: bool = False) -> None:
+    """``count`` messages of one recipient each at the migrated database ``url``, written by
+    SQL (the store's API takes minutes for a queue this size): queued and due at ``at``,
+    or delivered then. Their ids are ``md5`` of 1 to ``count``, their seqs 1 to ``count``."""
+    from mailstrom.stores.postgres import migrate
+
+    migrate(url)
+    state = "delivered" if delivered else "queued"
+    done = at if delivered else None
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO messages (id, data, envelope_from, created_at, size)"
+            " SELECT md5(i::text), 'x', 's@example.org', %s, 1"
+            " FROM generate_series(1, %s) i",
+            (at, count),
+        )
+        conn.execute(
+            "INSERT INTO recipients (message_id, address, seq, position, domain, state,"
+            " attempts, next_attempt_at, last_attempt_at, finished_at)"
+            " SELECT md5(i::text), 'r@example.org', i, 0, 'example.org', %s, %s, %s, %s, %s"
+            " FROM generate_series(1, %s) i",
+            (state, int(delivered), None if delivered else at, done, done, count),
+        )
