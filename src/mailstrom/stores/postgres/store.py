@@ -1632,7 +1632,9 @@ class PostgresStore:
                 lambda span: self._fetch("cancel_many", {"ids": span, "now": now})[0],
             ):
                 changed += int(n)
-                told = told or span_told
+                # '' (a NOTIFY sent) is falsy: `told or span_told` kept only the last
+                # span's answer, and a cancel in an earlier span was not told here.
+                told = span_told if span_told is not None else told
         finally:
             self._told_cancelled(told)
         return changed
@@ -1647,7 +1649,9 @@ class PostgresStore:
                 lambda span: self._hold("hold_many", {"ids": span, "held": held}, span),
             ):
                 changed += int(n)
-                told = told or span_told
+                # '' (a NOTIFY sent) is falsy: `told or span_told` kept only the last
+                # span's answer, and a cancel in an earlier span was not told here.
+                told = span_told if span_told is not None else told
         finally:
             self._told_cancelled(told)
         return changed
