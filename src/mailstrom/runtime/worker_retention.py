@@ -17,7 +17,7 @@ from mailstrom.errors import StoreError
 from mailstrom.runtime.worker_store import WorkerStore
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import QueueFilter, Store
-from mailstrom.stores.clock import ClockReading, ServerClock
+from mailstrom.stores.clock import ServerClock, store_now
 from mailstrom.stores.operator import purge_candidates
 
 log = logging.getLogger("mailstrom.worker")
@@ -47,16 +47,6 @@ def retained(retention: RetentionConfig) -> list[tuple[RecipientState, timedelta
         (RecipientState.FAILED, retention.failed),
     )
     return [(state, age) for state, age in ages if age is not None]
-
-
-def store_now(now: datetime, reading: ClockReading | None = None) -> datetime:
-    """The earlier of ``now`` (the worker's clock) and the latest time the store server's
-    clock may say (``reading``): a worker whose clock runs ahead (its time
-    synchronisation failed) must not delete mail that is not yet old enough for the
-    others. Memory and SQLite stores share the worker's host clock."""
-    if reading is not None and reading.skew > 0:
-        return now - timedelta(seconds=reading.certain_skew)
-    return now
 
 
 def purge_batch(

@@ -32,7 +32,7 @@ from mailstrom.stores.base import (
     WorkItem,
     domain_of,
 )
-from mailstrom.stores.clock import ClockReading, ServerClock
+from mailstrom.stores.clock import ClockReading, ServerClock, store_now
 from mailstrom.suppression import Suppression, SuppressionSource, lookup_targets
 
 if TYPE_CHECKING:
@@ -82,9 +82,7 @@ def prune_before(now: datetime, reading: ClockReading | None = None) -> datetime
     >>> prune_before(now, ahead).isoformat()
     '2025-12-01T00:00:01+00:00'
     """
-    if reading is not None and reading.skew > 0:
-        now -= timedelta(seconds=reading.certain_skew)
-    return now - SUPPRESSION_KEPT
+    return store_now(now, reading) - SUPPRESSION_KEPT
 
 
 class WorkerScreening(WorkerStore):

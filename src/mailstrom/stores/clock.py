@@ -166,3 +166,14 @@ def aware_utc(when: datetime, argument: str) -> datetime:
             argument=argument,
         )
     return when.astimezone(UTC)
+
+
+def store_now(now: datetime, reading: ClockReading | None = None) -> datetime:
+    """The earlier of ``now`` (the worker's clock) and the latest time the store server's
+    clock may say (``reading``): a worker whose clock runs ahead (its time
+    synchronisation failed) must not delete mail that is not yet old enough for the
+    others, nor prune entries still in force. Memory and SQLite stores share the worker's
+    host clock."""
+    if reading is not None and reading.skew > 0:
+        return now - timedelta(seconds=reading.certain_skew)
+    return now
