@@ -116,7 +116,7 @@ async def _suspend_while_leased(
             await asyncio.to_thread(operator.suspend, "slow.example", now=datetime.now(UTC))
             # The worker gives back what it leased and has not started (told at once in
             # this process, by a datagram or a NOTIFY from elsewhere).
-            await _logged(caplog, "not yet started given back", 10)
+            assert await _logged(caplog, "not yet started given back", 10)
             go_on.set()
             for _ in range(2000):  # the status is a snapshot: only a hang waits this out
                 if not running.worker_status.in_flight:

@@ -234,7 +234,8 @@ def note_left_out(store: Store, where: QueueFilter, selected: int, *, now: datet
         # statement_timeout, and its cancel stopped the command itself, on every run.
         say(
             f"mailstrom: note: only the newest {selected:,} messages the filters match were"
-            f" selected (at most {MAX_BULK:,} a run); the others were not counted ({exc})"
+            f" selected (at most {MAX_BULK:,} a run); whether more match was not counted"
+            f" ({exc})"
         )
         return
     if total > selected:
