@@ -86,6 +86,7 @@ from mailstrom.runtime.socket_budget import SocketBudget
 from mailstrom.runtime.transactions import (
     EnvelopeCut,
     TransactionResult,
+    Withdrawn,
     answered_before,
     failure,
     was_written,
@@ -262,6 +263,9 @@ class Dispatcher:
         self._held: dict[str, int] = {}
         """Recipients handed to :meth:`submit` per lease token, not yet reported or given
         back."""
+        self._on_wire: dict[SMTPConnection, _InFlight] = {}
+        """The transactions submitted on each connection a session sends on, for
+        :meth:`withdraw` to take back those whose content has not gone."""
         self._router = router
         self._outcomes = outcomes
         self._on_done = on_done
@@ -755,6 +759,7 @@ class Dispatcher:
             inflight: _InFlight = deque()
             retry: list[_Work] = []
             took = _Took()
+            self._on_wire[conn] = inflight
             try:
                 broke, answered = await self._stream(
                     dest, conn, reused, need, lane, inflight, retry, shape, took
@@ -773,6 +778,7 @@ class Dispatcher:
                 raise
             finally:
                 dest.connected -= 1
+                del self._on_wire[conn]
             if answered:
                 self._recover(dest, shape)
             if shape is not None and self._held_back(dest, shape):
@@ -1011,6 +1017,12 @@ class Dispatcher:
                 # outcome once cancelled). Not shielded: the extra loop turn split the
                 # pipelined writes of the transactions behind it.
                 result = await future
+            except Withdrawn:
+                # Taken back before its content went (see withdraw): back to the store
+                # untried, and the session goes on with the rest.
+                inflight.popleft()
+                self._give_back([work])
+                continue
             except DeliveryError as exc:
                 exc.host = exc.host or conn.host
                 error = error or exc
@@ -1643,11 +1655,13 @@ class Dispatcher:
 
     def withdraw(self, lease_token: str) -> int:
         """Give back, through ``on_postpone`` and due at once, the work of the lease
-        ``lease_token`` that no session has started, and from now on what of it a broken
-        session, or a server's limit of recipients per transaction, would queue again;
-        returns how many recipients went back now. The worker does this when its lease
-        was taken over, so that what another worker now delivers is not sent twice (the
-        store gives back only what the lease still holds)."""
+        ``lease_token`` that no session has started (queued here, or handed to a
+        connection with none of its commands written: its session gives that back), and
+        from now on what of it a broken session, or a server's limit of recipients per
+        transaction, would queue again; returns how many recipients go back. The worker
+        does this when its lease was taken over, so that what another worker now
+        delivers is not sent twice, and when mail of it was cancelled, held or suspended
+        (the store gives back only what the lease still holds)."""
         withdrawn: list[_Work] = []
         for key, dest in list(self._destinations.items()):
             if not any(work.item.lease_token == lease_token for work in dest.queue):
@@ -1662,9 +1676,17 @@ class Dispatcher:
                 # A waiting one is skipped when its turn comes (its queue is empty).
                 del self._destinations[key]
         self._give_back(withdrawn)
+        taken = 0
+        for conn, inflight in self._on_wire.items():
+            for work, future in inflight:
+                # Handed to a connection, its content not gone: taken back there (its
+                # session gives it back). Pipelined behind another, it went out after
+                # the cancel that withdrew it had returned.
+                if work.item.lease_token == lease_token and conn.withdraw(future):
+                    taken += len(work.item.recipients)
         if lease_token in self._held:  # some of it is on the wire
             self._lost.add(lease_token)
-        return sum(len(work.item.recipients) for work in withdrawn)
+        return sum(len(work.item.recipients) for work in withdrawn) + taken
 
     def queued(self, lease_token: str) -> list[WorkItem]:
         """The work of the lease ``lease_token`` waiting in the queues (no session has

@@ -78,6 +78,13 @@ class EnvelopeCut(TemporaryFailure):
         self.answered = answered
 
 
+class Withdrawn(TemporaryFailure):
+    """The worker took a queued transaction back before any of its commands went (its
+    lease was cancelled, held, suspended or taken over meanwhile, see
+    :meth:`TransactionsMixin.withdraw`): nothing was sent, and it goes back to the store
+    untried."""
+
+
 def answered_before(exc: BaseException) -> TransactionResult | None:
     """The replies a transaction had when ``exc`` ended it before its content was sent
     (the ``answered`` of an :class:`EnvelopeCut`, or of the error a lost or timed-out
@@ -414,6 +421,24 @@ class TransactionsMixin:
         )
         self._continue()
         return future
+
+    def withdraw(self, future: asyncio.Future[TransactionResult]) -> bool:
+        """Take back the transaction that ``future`` is for if none of its commands went
+        on the wire yet (queued behind another: with PIPELINING its envelope leaves with
+        the content of the one before); its future then fails with :class:`Withdrawn`.
+        Returns whether it was taken back. One whose commands went goes on as it would
+        (the work under way finishes, as the store's cancel, hold and suspend say)."""
+        for txn in self._queued:
+            if txn.future is future:
+                self._queued.remove(txn)
+                self.messages_sent -= 1  # not this connection's after all (its cap)
+                if txn.reset:
+                    self._needs_reset = True  # the RSET it carried goes with the next
+                txn.settle(
+                    Withdrawn(f"taken back before any of it went to {self.host}", host=self.host)
+                )
+                return True
+        return False
 
     def _start_queued(self) -> bytes:
         """The commands of queued transactions that may go on the wire now."""
