@@ -459,3 +459,43 @@ def test_a_peer_that_stops_reading_the_contents_tail_gets_the_data_block_timeout
             await conn.close()
 
     run("asyncio", client)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_peer_that_stops_reading_is_not_looked_at_hundreds_of_times_a_second(
+    loop: str, peer: Callable[[Script], ThreadPeer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a final dot waits in the write buffer the connection looks, now and then,
+    whether it has gone. Was: every 5 ms however long the peer had taken nothing, so a
+    peer that answered 354 and stopped reading woke the worker 190 times in a
+    ``data_block`` of one second (36,000 times in the default 3 minutes), per connection.
+    Looks without progress now come ever further apart."""
+    ended = threading.Event()
+    looks = 0
+    look = SMTPConnection._on_dot_check
+
+    def counted(conn: SMTPConnection) -> None:
+        nonlocal looks
+        looks += 1
+        look(conn)
+
+    monkeypatch.setattr(SMTPConnection, "_on_dot_check", counted)
+
+    def script(p: Peer) -> None:
+        p.hello()
+        p.envelope()
+        ended.wait(WAIT)  # reads nothing more
+
+    server = peer(script)
+
+    async def client() -> None:
+        conn = await open_to(server.port, timeouts=replace(TIMEOUTS, data_block=1.0, data_end=5))
+        try:
+            with pytest.raises(SMTPTimeout, match=r"did not take the message within 1s"):
+                await asyncio.wait_for(submit(conn, BIG), WAIT)
+        finally:
+            ended.set()
+            await conn.close()
+
+    run(loop, client)
+    assert 0 < looks <= 30
