@@ -101,6 +101,16 @@ def test_send_attaches_a_file_whose_name_holds_a_control_character(
     [
         # Saved as it arrived, with UTF-8 headers (RFC 6532): message/global may carry it.
         (b"From: a@client.test\nSubject: Gr\xc3\xbc\xc3\x9fe\n\nbody\n", "message/global"),
+        # Its own headers ASCII, but a part's UTF-8 (a file name written raw, RFC 6532):
+        # the downgrade re-encodes bodies, never headers, so message/rfc822 cannot carry it.
+        (
+            b"From: a@client.test\nMIME-Version: 1.0\n"
+            b'Content-Type: multipart/mixed; boundary="b"\n\n--b\n'
+            b"Content-Type: text/plain\n\nbody\n--b\n"
+            b"Content-Type: text/plain\nContent-Disposition: attachment;\n"
+            b' filename="Gr\xc3\xbc\xc3\x9fe.txt"\n\nhi\n--b--\n',
+            "message/global",
+        ),
         # No message at all, only named like one.
         (b"\x00\x01binary\xff\n", "application/octet-stream"),
     ],
@@ -124,6 +134,24 @@ def test_send_attaches_an_eml_file_that_message_rfc822_cannot_carry(
     # or not.
     [body] = re.findall(rb'filename="saved.eml"\r?\n\r?\n(.*?)\r?\n--', raw, re.DOTALL)
     assert base64.b64decode(body) == content
+
+
+def test_send_attaches_an_eml_file_with_only_8bit_bodies_as_message_rfc822(cli: CLI) -> None:
+    # Its 8-bit body is re-encoded as it is sent: message/rfc822 carries it, unlike a
+    # message with an 8-bit header section, its own or a part's (above).
+    content = (
+        b"From: a@client.test\nSubject: Hi\nContent-Type: text/plain; charset=utf-8\n\n"
+        b"Gr\xc3\xbc\xc3\x9fe\n"
+    )
+    (cli.cwd / "saved.eml").write_bytes(content)
+    build = ["--from", "a@client.test", "--to", "b@x.test", "--text", "x"]
+    queued = cli.ok("send", *build, "--attach", "saved.eml")
+    raw = cli.ok("show", "--raw", queued.out.strip()).out.encode()
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    [part] = list(message.iter_attachments())
+    assert part.get_content_type() == "message/rfc822"
+    [inner] = part.iter_parts()
+    assert inner.get_content().splitlines() == ["Grüße"]
 
 
 def test_send_text_and_html_files_lose_a_utf8_byte_order_mark(cli: CLI) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import re
 import signal
 import stat
 import sys
@@ -334,24 +333,23 @@ def attachment(path: str, budget: FileBudget) -> Attachment:
     return Attachment(filename=filename, content=content, content_type=content_type)
 
 
-_HEADER_SECTION_END = re.compile(rb"\r?\n\r?\n")
-
-
 def carried_type(guessed: str, content: bytes) -> str:
     """The type a file is attached as, for the type ``guessed`` from its name.
 
     message/rfc822 (.eml, .mht) must be sent 7bit with 7-bit headers (RFC 2046 §5.2.1):
-    a saved message with UTF-8 headers (RFC 6532) was refused with advice to attach it
-    as message/global, which no option of ``send`` can do, and a file named so but
-    holding NUL octets is no message at all. The first is sent as message/global (which
-    may be base64-encoded, RFC 6532 §3.7), the second as opaque bytes; both as read."""
+    a saved message with UTF-8 headers (RFC 6532), its own or a part's, was refused with
+    advice to attach it as message/global, which no option of ``send`` can do, and a
+    file named so but holding NUL octets is no message at all. The first is sent as
+    message/global (which may be base64-encoded, RFC 6532 §3.7), the second as opaque
+    bytes; both as read. Which headers are 8-bit is judged on the message as the
+    renderer sends it (its 8-bit bodies re-encoded), so the two cannot disagree."""
     if guessed != "message/rfc822":
         return guessed
     if b"\0" in content:
         return "application/octet-stream"
-    end = _HEADER_SECTION_END.search(content)
-    head = content if end is None else content[: end.start()]
-    return guessed if head.isascii() else "message/global"
+    from mailstrom.message.render import attached_message  # as prepare_for: send only
+
+    return guessed if attached_message(content).isascii() else "message/global"
 
 
 def headers(values: list[str]) -> dict[str, str]:

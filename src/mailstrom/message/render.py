@@ -339,13 +339,20 @@ def _base64(data: bytes) -> bytes:
     return b"\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76)) + b"\r\n"
 
 
+def attached_message(content: bytes) -> bytes:
+    """``content``, a message attached as message/rfc822, as it is sent: CRLF line ends,
+    its 8-bit bodies re-encoded (the downgrade). It is 7-bit unless a header section in
+    it, its own or a part's, is 8-bit (RFC 6532), which only message/global may carry.
+
+    A message saved as it arrived may have lines over 998 octets (a one-line HTML body,
+    an unfolded Subject), which it may not be sent with: each such body is encoded and
+    each such header line folded, as for sendmail input; the content reads the same."""
+    return downgrade_to_7bit(encode_long_lines(to_crlf(content)))
+
+
 def _attached_message(part: Part) -> bytes:
-    # A message saved as it arrived may have lines over 998 octets (a one-line HTML
-    # body, an unfolded Subject), which it may not be sent with: each such body is
-    # encoded and each such header line folded, as for sendmail input; the content reads
-    # the same.
     check_binary_line_ends(part.content)
-    content = downgrade_to_7bit(encode_long_lines(to_crlf(part.content)))
+    content = attached_message(part.content)
     if b"\0" in content:
         raise ForbiddenCharacter(
             f"attachment {shorten(part.filename)} (message/rfc822) holds a NUL octet, which "
