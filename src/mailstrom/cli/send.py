@@ -531,6 +531,31 @@ def _queue_and_report(
     early: EarlyStops | None,
 ) -> int:
     message_id = store.enqueue(prepared, now=now, hold=args.hold)
+    if not args.json:
+        # First, before anything else can fail: the id finds or cancels the mail.
+        print(message_id, flush=True)
+    try:
+        return _report(args, config, store, message_id, early)
+    except BaseException:
+        # The store failing as the message is read back, the worker of --wait crashing,
+        # a Ctrl-C: --json printed nothing, and the exit code said nothing was queued
+        # (65 for a row read back wrong); the mail went out all the same, its id lost.
+        if args.json:
+            with contextlib.suppress(OSError, ValueError):
+                print_json({"id": message_id})
+        say(f"mailstrom: message {message_id} is queued; what came after it failed")
+        raise
+
+
+def _report(
+    args: argparse.Namespace,
+    config: Config,
+    store: Store,
+    message_id: str,
+    early: EarlyStops | None,
+) -> int:
+    """Print what ``send`` says of the message queued as ``message_id`` (the id itself
+    already, without --json) and return the exit code."""
     if not args.wait:
         if args.json:
             # What the store holds under the id: a repeat of an idempotency key queues
@@ -545,11 +570,7 @@ def _queue_and_report(
                     "dkim": [str(signature) for signature in signatures],
                 }
             )
-        else:
-            print(message_id)
         return EX_OK
-    if not args.json:
-        print(message_id, flush=True)
     asyncio.run(deliver_and_wait(config, store, message_id, wait_for=args.timeout, stops=early))
     status = store.status(message_id)
     if args.json:
