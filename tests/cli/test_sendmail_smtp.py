@@ -503,6 +503,22 @@ def test_an_endless_command_line_ends_the_session(cli: CLI) -> None:
     assert replies(result)[-1].startswith("421 4.7.0 client.test ")
 
 
+def test_a_quoted_pair_in_a_path_is_part_of_its_quoted_string(cli: CLI) -> None:
+    """RFC 5321 §4.1.2: a quoted string may hold a quoted pair (``\\"``, ``\\\\``). The
+    path's end was looked for by toggling at every DQUOTE, so ``"a\\"b"@...`` seemed to
+    end inside its quotes: 501 5.5.4 "Syntax", for an address sendmail's arguments and
+    ``send --to`` take."""
+    quoted = [b'"a\\"b"@example.test', b'"a\\\\"@example.test']
+    script = b"EHLO c\r\n" + transaction(b'"s\\"x"@example.test', quoted, MESSAGE)
+    result = session(cli, script + b"QUIT\r\n")
+    assert result.code == 0, result.out
+    assert codes(result) == ["220", "250", "250", "250", "250", "354", "250", "221"]
+    [queued] = cli.ok("queue", "--json").json()
+    assert queued["envelope_from"] == '"s\\"x"@example.test'
+    addresses = [r["address"] for r in queued["recipients"]]
+    assert addresses == ['"a\\"b"@example.test', '"a\\\\"@example.test']
+
+
 def test_a_bad_recipient_or_sender_is_refused_at_its_command(cli: CLI) -> None:
     """Each address is validated when it is given, as the queueing path validates it: a
     bad RCPT gets its own 501 5.1.3 and the others still get the message; a bad MAIL

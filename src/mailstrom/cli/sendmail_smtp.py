@@ -495,9 +495,14 @@ def _path(arg: str, prefix: str) -> tuple[str, list[str]] | None:
     if not rest.startswith("<"):
         return None
     quoted = False
+    escaped = False  # the character after a backslash in a quoted string (RFC 5321 §4.1.2)
     end = -1
     for i, char in enumerate(rest[1:], 1):
-        if char == '"':
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
             quoted = not quoted
         elif char == ">" and not quoted:
             end = i
