@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -16,9 +17,10 @@ from mailstrom.runtime.worker import Worker
 from mailstrom.runtime.worker_retention import retained
 from mailstrom.status import RecipientState
 from mailstrom.stores import Store
+from mailstrom.stores.operator import IdPage
 
 from .conftest import Backend
-from .support import NOW, lease_all, message, results_for
+from .support import LEASE_FOR, NOW, lease_all, message, results_for
 
 DAY = timedelta(days=1)
 LATER = NOW + 40 * DAY
@@ -111,7 +113,7 @@ async def test_recent_finishes_at_the_cutoff_do_not_hide_older_mail(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The newest candidates (queued just before the cutoff) finished after it and stay;
-    when they fill a batch, the batches after it look further back, and the old mail
+    when they fill a batch, the batches after it go on below them, and the old mail
     behind them still goes in the same round."""
     monkeypatch.setattr(worker_retention, "RETAIN_BATCH", 2)
     cutoff = LATER - 30 * DAY
@@ -129,6 +131,44 @@ async def test_recent_finishes_at_the_cutoff_do_not_hide_older_mail(
     assert await worker(store, retention)._retain_once(retained(retention)) == 3
     assert not any(present(store, mid) for mid in old)
     assert all(present(store, mid) for mid in recent)
+
+
+def finished_together(store: Store, n: int, *, queued: datetime, done: datetime) -> list[str]:
+    """``n`` messages queued at once at ``queued`` (one enqueue time, as a bulk import
+    gives them) and delivered at ``done``."""
+    mids = store.enqueue_many([message(f"u{i}@example.org") for i in range(n)], now=queued)
+    lease = store.lease(now=done, limit=n, lease_for=LEASE_FOR)
+    assert lease is not None
+    store.record(results_for(lease, RecipientState.DELIVERED, at=done))
+    return mids
+
+
+async def test_a_round_deletes_old_mail_behind_many_recent_finishes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,000 messages past retention by 2.5 days behind 600 queued after them but
+    finished an hour ago (more than a batch): one round deletes the 1,000 and keeps the
+    600. Stepping back by time from a batch of the recent ones, the round passed over
+    the old mail, which went only some 9 hours later."""
+    cutoff = LATER - DAY
+    old = finished_together(store, 1000, queued=cutoff - 2.5 * DAY, done=cutoff - 2.5 * DAY)
+    recent = finished_together(store, 600, queued=cutoff - 2 * DAY, done=LATER - timedelta(hours=1))
+    listed: list[str] = []
+    select_page = store.select_page
+
+    def counted(**kw: Any) -> IdPage:
+        page = select_page(**kw)
+        listed.extend(page.ids)
+        return page
+
+    monkeypatch.setattr(store, "select_page", counted)
+    retention = RetentionConfig(delivered=DAY)
+    assert await worker(store, retention)._retain_once(retained(retention)) == 1000
+    # Each candidate looked at once, in batches of at most RETAIN_BATCH.
+    assert sorted(listed) == sorted(old + recent)
+    assert not any(present(store, mid) for mid in old[:: len(old) // 50])
+    assert all(present(store, mid) for mid in recent[:: len(recent) // 50])
+    assert await worker(store, retention)._retain_once(retained(retention)) == 0
 
 
 async def test_a_worker_clock_ahead_of_the_server_deletes_nothing_early(

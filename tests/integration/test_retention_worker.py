@@ -19,6 +19,7 @@ from mailstrom.runtime.worker_retention import retained
 from mailstrom.status import RecipientState
 from mailstrom.stores import SQLiteStore
 from mailstrom.stores.base import QueueFilter
+from mailstrom.stores.operator import IdPage, ListingKey
 from tests.contract.test_retention import finished, present
 
 DAY = timedelta(days=1)
@@ -69,11 +70,13 @@ class FailingOnce(SQLiteStore):
 
     failed = False
 
-    def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
+    def select_page(
+        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+    ) -> IdPage:
         if not self.failed:
             self.failed = True
             raise StoreLocked("database is locked")
-        return super().select_ids(now=now, where=where)
+        return super().select_page(now=now, where=where, after=after)
 
 
 async def test_a_store_error_is_logged_and_the_next_round_deletes(

@@ -11,14 +11,13 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from mailstrom.bounds import MAX_DURATION
 from mailstrom.config import Config, RetentionConfig
 from mailstrom.errors import StoreError
 from mailstrom.runtime.worker_store import WorkerStore
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import QueueFilter, Store
 from mailstrom.stores.clock import ServerClock, store_now
-from mailstrom.stores.operator import purge_candidates
+from mailstrom.stores.operator import ListingKey, purge_candidates
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -30,9 +29,6 @@ RETAIN_BATCH = 500
 between which the worker's own leases and records (and other processes' writes) go on.
 A SQLite store's calls run on the worker's loop, and deleting 100,000 messages at once
 held it (and the store's write lock) for many seconds."""
-RETAIN_STEP = timedelta(minutes=1)
-"""How much further back the first batch after one mostly of messages that finished too
-recently to go starts looking (see :meth:`WorkerRetention._retain_state`)."""
 
 
 def retained(retention: RetentionConfig) -> list[tuple[RecipientState, timedelta]]:
@@ -50,17 +46,24 @@ def retained(retention: RetentionConfig) -> list[tuple[RecipientState, timedelta
 
 
 def purge_batch(
-    store: Store, *, now: datetime, state: RecipientState, age: timedelta, skip: timedelta
-) -> tuple[int, int]:
-    """Delete what the store's purge takes of the :data:`RETAIN_BATCH` newest messages in
-    ``state`` queued more than ``age + skip`` before ``now`` (a message finished before
-    the cutoff was queued before it): those whose last recipient finished more than
-    ``age`` before ``now``. Returns how many were looked at and how many deleted."""
-    where = purge_candidates(QueueFilter(limit=RETAIN_BATCH), age + skip, state)
-    ids = store.select_ids(now=now, where=where)
-    if not ids:
-        return 0, 0
-    return len(ids), store.purge_many(ids, finished_before=now - age, state=state)
+    store: Store,
+    *,
+    now: datetime,
+    state: RecipientState,
+    age: timedelta,
+    after: ListingKey | None,
+) -> tuple[int, ListingKey | None]:
+    """Delete what the store's purge takes of the next :data:`RETAIN_BATCH` messages in
+    ``state`` queued more than ``age`` before ``now`` (a message finished before the
+    cutoff was queued before it), newest first from below ``after``: those whose last
+    recipient finished more than ``age`` before ``now``. Returns how many it deleted,
+    and where the next batch starts (None: none is left)."""
+    where = purge_candidates(QueueFilter(limit=RETAIN_BATCH), age, state)
+    page = store.select_page(now=now, where=where, after=after)
+    if not page.ids:
+        return 0, None
+    deleted = store.purge_many(page.ids, finished_before=now - age, state=state)
+    return deleted, page.last if len(page.ids) >= RETAIN_BATCH else None
 
 
 class WorkerRetention(WorkerStore):
@@ -104,22 +107,19 @@ class WorkerRetention(WorkerStore):
         return deleted
 
     async def _retain_state(self, now: datetime, state: RecipientState, age: timedelta) -> int:
-        """Delete the messages in ``state`` past ``age``, batch after batch. The newest
-        candidates are the messages queued just before the cutoff, and those of them
-        that finished after it stay: when they are most of a batch (a busy queue whose
-        mail takes a while to finish), the next batch starts further back, by a step
-        that doubles, so that they do not hide the older mail behind them; what a step
-        passes over is deleted in a later round, when the cutoff has moved on."""
-        deleted, skip, step = 0, timedelta(0), RETAIN_STEP
-        while age + skip <= MAX_DURATION:
-            found, count = await self._store_call(
-                purge_batch, self.store, now=now, state=state, age=age, skip=skip
+        """Delete the messages in ``state`` past ``age``, batch after batch, each batch
+        going on below the last message of the one before (a keyset walk of the
+        candidates, newest first). The newest candidates are the messages queued just
+        before the cutoff, and those of them that finished after it stay: walked past,
+        not looked at again, they hide none of the older mail behind them, and the
+        round looks at each candidate once."""
+        deleted, after = 0, None
+        while True:
+            count, after = await self._store_call(
+                purge_batch, self.store, now=now, state=state, age=age, after=after
             )
             deleted += count
-            if found < RETAIN_BATCH:
-                break  # every candidate seen
-            if 2 * count < found:
-                skip, step = skip + step, 2 * step
+            if after is None:
+                return deleted  # every candidate seen
             # Let the rest of the worker run between two writes.
             await asyncio.sleep(0)
-        return deleted

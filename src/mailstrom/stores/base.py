@@ -40,6 +40,8 @@ from mailstrom.status import (
 )
 from mailstrom.stores.clock import after, kept_time
 from mailstrom.stores.operator import (
+    IdPage,
+    ListingKey,
     ShapeRow,
     Suspension,
     comparable,
@@ -1004,6 +1006,16 @@ class Store(Protocol):
         by the same conditions without reading the messages' statuses or bytes: what a
         bulk change (``cancel --domain x``, ``ms.cancel_many(QueueFilter(...))``) acts
         on."""
+        ...
+
+    def select_page(
+        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+    ) -> IdPage:
+        """:meth:`select_ids` from after ``after`` (the :attr:`IdPage.last` of the page
+        before, from this store) on: the next ``where.limit`` ids in the same order,
+        with where the last of them stands. Pages walk the listing in bounded steps,
+        each message listed once however many share an enqueue time, and a message
+        deleted meanwhile (the last of the page before, too) moves nothing."""
         ...
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:

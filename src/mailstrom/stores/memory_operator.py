@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -19,11 +20,14 @@ from mailstrom.stores.clock import before
 from mailstrom.stores.memory_due import DueIndex
 from mailstrom.stores.memory_records import _PENDING, _Message, writes
 from mailstrom.stores.operator import (
+    IdPage,
+    ListingKey,
     ShapeRow,
     Suspension,
     age_edges,
     bucket_of,
     earliest,
+    foreign_place,
     listed_ids,
     normalize_prefix,
     pick_one,
@@ -85,13 +89,27 @@ class MemoryOperatorMixin:
     def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
         """The ids :meth:`query` lists for ``where``, in its order, without making their
         statuses."""
-        return self._matching(now, where, _message_id)
+        return self.select_page(now=now, where=where).ids
+
+    def select_page(
+        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+    ) -> IdPage:
+        """The ids :meth:`select_ids` lists for ``where`` after ``after`` on, with where the
+        last of them stands (its created time and queue order)."""
+        found = self._matching(now, where, _placed, after=after)
+        return IdPage(ids=[mid for mid, _ in found], last=found[-1][1] if found else None)
 
     def _matching(
-        self, now: datetime, where: QueueFilter, take: Callable[[_Message], _T]
+        self,
+        now: datetime,
+        where: QueueFilter,
+        take: Callable[[_Message], _T],
+        *,
+        after: ListingKey | None = None,
     ) -> list[_T]:
-        """``take`` of each of the newest ``where.limit`` messages matching ``where``,
-        newest first, each judged and taken under the lock (:meth:`_walk`)."""
+        """``take`` of each of the newest ``where.limit`` messages matching ``where``
+        (below ``after`` in that order, given one), newest first, each judged and taken
+        under the lock (:meth:`_walk`)."""
         domain = where.domain.lower() if where.domain is not None else None
         cutoff = before(now, where.older_than) if where.older_than is not None else None
         found: list[_T] = []
@@ -117,13 +135,20 @@ class MemoryOperatorMixin:
                     return True
             return False
 
-        self._walk(visit)
+        self._walk(visit, below=after)
         return found
 
-    def _walk(self, visit: Callable[[list[_Message]], bool], *, newest: bool | None = True) -> None:
+    def _walk(
+        self,
+        visit: Callable[[list[_Message]], bool],
+        *,
+        newest: bool | None = True,
+        below: ListingKey | None = None,
+    ) -> None:
         """Call ``visit`` with the store's messages in the order of the lists (created
         time, then queue order: newest first, oldest first with ``newest`` False, in no
-        order with None), at most :data:`WALK_BATCH` of them per call, each call under
+        order with None; with ``below``, only those before that place in it, found by
+        bisection), at most :data:`WALK_BATCH` of them per call, each call under
         the lock, until it returns True. Only the list of messages is copied under the
         lock (in order, unless the store's clock ever went back: then sorted outside
         it, the keys never change), and the lock is left free
@@ -136,6 +161,8 @@ class MemoryOperatorMixin:
         if newest is not None:
             if not in_order:
                 messages.sort(key=_created_order)
+            if below is not None:
+                messages = messages[: bisect_left(messages, _place(below), key=_created_order)]
             if newest:
                 messages.reverse()
         current = self._messages
@@ -417,3 +444,16 @@ def _message_id(m: _Message) -> str:
 def _created_order(m: _Message) -> tuple[datetime, int]:
     """The order of the lists: created time, then queue order."""
     return m.created_at, m.seq
+
+
+def _placed(m: _Message) -> tuple[str, ListingKey]:
+    """``m``'s id and its place in the order of the lists."""
+    return m.id, ListingKey(m.created_at, m.seq)
+
+
+def _place(key: ListingKey) -> tuple[datetime, int]:
+    """``key`` as :func:`_created_order` makes it; InvalidArgument for a key this store
+    never gave (another store's)."""
+    if not isinstance(key.created, datetime):
+        raise foreign_place(key)
+    return key.created, key.seq

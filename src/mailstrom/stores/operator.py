@@ -89,6 +89,35 @@ def purge_candidates(
     return replace(where, states=states, older_than=age)
 
 
+@dataclass(frozen=True, slots=True)
+class ListingKey:
+    """Where a message stands in the order every listing takes (newest first: by enqueue
+    time, then by the store's own queue order), as the store that listed it gave it: a
+    page of :meth:`~mailstrom.stores.base.Store.select_page` goes on after it. Opaque,
+    and the store's own: ``created`` is its enqueue time as that store holds it,
+    ``seq`` its place in that store's queue order. It stays valid when the message it
+    came from is deleted."""
+
+    created: object
+    seq: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdPage:
+    """A page of ids :meth:`~mailstrom.stores.base.Store.select_page` lists, and where
+    the last of them stands (None for an empty page)."""
+
+    ids: list[str]
+    last: ListingKey | None
+
+
+def foreign_place(key: ListingKey) -> InvalidArgument:
+    """The error for ``key`` passed to a store that never gave it (another store's)."""
+    return InvalidArgument(
+        f"after: not a place in this store's lists: {shown(key)}", argument="after"
+    )
+
+
 def normalize_prefix(prefix: str) -> str:
     """``prefix`` lower-cased, or :class:`UnknownMessage` when it cannot start any id
     (not a string of 1 to 32 hex digits)."""

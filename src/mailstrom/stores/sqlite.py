@@ -132,6 +132,8 @@ from mailstrom.stores.dead_holders import HolderInfo, oldest_first
 from mailstrom.stores.fairness import Fairness, fairness
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
 from mailstrom.stores.operator import (
+    IdPage,
+    ListingKey,
     ShapeRow,
     Suspension,
     age_edges,
@@ -159,6 +161,7 @@ from mailstrom.stores.sqlite_operator import (
     is_suspended,
     leased_pending,
     matching_seqs,
+    place_of,
     purge_seqs,
     purgeable_seqs,
     retry_seqs,
@@ -1814,9 +1817,18 @@ class SQLiteStore:
         """The ids :meth:`query` lists for ``where``, in its order, from the indexes and
         the start of each message's row (see
         :func:`~mailstrom.stores.sqlite_operator.matching_seqs`)."""
+        return self.select_page(now=now, where=where).ids
+
+    def select_page(
+        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+    ) -> IdPage:
+        """The ids :meth:`select_ids` lists for ``where`` after ``after`` on, with where the
+        last of them stands (its ``created_at`` as stored, and its row number)."""
         now = aware_utc(now, "now")
         with self._read() as conn:
-            return ids_of(conn, matching_seqs(conn, now, where))
+            seqs = matching_seqs(conn, now, where, after=after)
+            last = place_of(conn, seqs[-1]) if seqs else None
+            return IdPage(ids=ids_of(conn, seqs), last=last)
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""

@@ -20,9 +20,11 @@ from mailstrom.stores.clock import before
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
     PENDING_STATES,
+    ListingKey,
     ShapeRow,
     Suspension,
     effective_states,
+    foreign_place,
     listed_ids,
     prefix_upper_bound,
     shape_rows,
@@ -82,11 +84,16 @@ and walked an object's values and a blob's JSON."""
 
 
 def filter_sql(
-    now: datetime, where: QueueFilter, *, led: Sequence[str] = ()
+    now: datetime,
+    where: QueueFilter,
+    *,
+    led: Sequence[str] = (),
+    after: ListingKey | None = None,
 ) -> tuple[list[str], list[object]]:
     """SQL conditions on ``messages m`` for ``where``; ``led``: the messages come from
     the domain's recipients in these states (see :func:`lead_states`), where each
-    message is otherwise probed for a recipient there."""
+    message is otherwise probed for a recipient there; ``after``: below that place in
+    the lists' order (:func:`below_sql`)."""
     conditions: list[str] = []
     params: list[object] = []
     if where.held is not None:
@@ -94,9 +101,18 @@ def filter_sql(
         # held keeps its flag, and is no mail on hold).
         waiting = f"m.held = 1 AND {HAS_PENDING_SQL}"
         conditions.append(waiting if where.held else f"NOT ({waiting})")
-    if where.older_than is not None:
+    cutoff = None if where.older_than is None else to_us(before(now, where.older_than))
+    below, start = below_sql("m", after)
+    if below:
+        conditions.append(below)
+        params += start
+    # Below a place older than the cutoff, the cutoff holds already. Left beside it, it
+    # was the range SQLite walked messages_newest by, from the cutoff down past every
+    # row the pages before had read: a walk's pages cost more and more (the 41st of a
+    # retention round over 20,000 messages six times the first).
+    if cutoff is not None and not (start and type(start[0]) is int and start[0] < cutoff):
         conditions.append("m.created_at < ?")
-        params.append(to_us(before(now, where.older_than)))
+        params.append(cutoff)
     if where.domain is not None and led:
         conditions.append(f"m.seq IN ({_at_domain_sql(len(led))})")
         params += [*led, where.domain.lower()]
@@ -203,45 +219,79 @@ def _pending_walk(now: datetime, where: QueueFilter) -> tuple[str, list[object]]
 
 
 def pending_seqs(
-    conn: sqlite3.Connection, now: datetime, where: QueueFilter, limit: int
+    conn: sqlite3.Connection,
+    now: datetime,
+    where: QueueFilter,
+    limit: int,
+    *,
+    after: ListingKey | None = None,
 ) -> list[int]:
     """The newest ``limit`` pending messages matching ``where``, newest first as every
     view orders them (by enqueue time, then row number): the ``messages_newest`` index is
     walked from the newest message down, each message looked up in the pending index,
     stopping at the limit; no message row is read. (Ordered by row number alone, a
     message stamped later than the ones queued after it, the clock stepped back, was
-    left out of the newest ``limit``, not of the other views.)"""
+    left out of the newest ``limit``, not of the other views.) With ``after``, the walk
+    starts below that place (:func:`below_sql`)."""
     sql, params = _pending_walk(now, where)
+    below, start = below_sql("n", after)
+    tail = f" AND {below}" if below else ""
     rows = conn.execute(
         "SELECT n.seq FROM messages n INDEXED BY messages_newest"
-        f" WHERE EXISTS ({sql} AND r.message_seq = n.seq)"
+        f" WHERE EXISTS ({sql} AND r.message_seq = n.seq){tail}"
         " ORDER BY n.created_at DESC, n.seq DESC LIMIT ?",
-        [*params, limit],
+        [*params, *start, limit],
     )
     return [row[0] for row in rows]
 
 
-def matching_seqs(conn: sqlite3.Connection, now: datetime, where: QueueFilter) -> list[int]:
-    """The row numbers of the newest ``where.limit`` messages matching ``where``, newest
-    first (by enqueue time, then row number) as every view lists them: the domain's
-    recipients lead a ``where`` with a domain that has fewer of them than a walk would
-    probe (:func:`lead_states`, :func:`~mailstrom.stores.sqlite_walk.walk_bound`); else
-    the pending index drives a pending-only ``where`` (:func:`pending_seqs`), the
-    newest-first index any other. No message's bytes are read: they lie in
-    ``message_data`` (schema version 20)."""
+def below_sql(table: str, after: ListingKey | None) -> tuple[str, list[object]]:
+    """The condition that ``table``'s message stands below ``after`` in the lists' order
+    (newest first), and its parameters; nothing without ``after``. A range of
+    ``messages_newest`` (created_at, seq), which the walk starts from: the next page
+    reads none of the rows the pages before it did, however many share a time."""
+    if after is None:
+        return "", []
+    # What this store holds in created_at: a datetime (another store's key) was bound
+    # as text, which sorts above every integer, and listed the whole queue again.
+    if not isinstance(after.created, int | float | str | bytes) or type(after.seq) is not int:
+        raise foreign_place(after)
+    return f"({table}.created_at, {table}.seq) < (?, ?)", [after.created, after.seq]
+
+
+def matching_seqs(
+    conn: sqlite3.Connection,
+    now: datetime,
+    where: QueueFilter,
+    *,
+    after: ListingKey | None = None,
+) -> list[int]:
+    """The row numbers of the newest ``where.limit`` messages matching ``where`` (below
+    ``after``, given one), newest first (by enqueue time, then row number) as every view
+    lists them: the domain's recipients lead a ``where`` with a domain that has fewer of
+    them than a walk would probe (:func:`lead_states`,
+    :func:`~mailstrom.stores.sqlite_walk.walk_bound`); else the pending index drives a
+    pending-only ``where`` (:func:`pending_seqs`), the newest-first index any other. No
+    message's bytes are read: they lie in ``message_data`` (schema version 20)."""
     led = lead_states(where)
     bound = walk_bound(conn, where.limit) if led else 0
     if where.domain is not None and led and not few_at_domain(conn, where.domain, led, bound):
         led = []
     if not led and pending_only(where):
-        return pending_seqs(conn, now, where, where.limit)
-    conditions, params = filter_sql(now, where, led=led)
+        return pending_seqs(conn, now, where, where.limit, after=after)
+    conditions, params = filter_sql(now, where, led=led, after=after)
     rows = conn.execute(
         f"SELECT m.seq FROM messages m WHERE {' AND '.join(conditions) or '1'}"
         " ORDER BY m.created_at DESC, m.seq DESC LIMIT ?",
         [*params, where.limit],
     )
     return [row[0] for row in rows]
+
+
+def place_of(conn: sqlite3.Connection, seq: int) -> ListingKey | None:
+    """Where the message ``seq`` numbers stands in the lists' order (None: not stored)."""
+    row = conn.execute("SELECT created_at FROM messages WHERE seq = ?", (seq,)).fetchone()
+    return None if row is None else ListingKey(row[0], seq)
 
 
 def ids_of(conn: sqlite3.Connection, seqs: Sequence[int]) -> list[str]:

@@ -98,11 +98,14 @@ from mailstrom.stores.forks import keep, renew_after_fork
 from mailstrom.stores.operator import (
     MAX_CANDIDATES,
     PENDING_STATES,
+    IdPage,
+    ListingKey,
     ShapeRow,
     Suspension,
     age_edges,
     comparable,
     effective_states,
+    foreign_place,
     listed_ids,
     normalize_prefix,
     pick_one,
@@ -1162,9 +1165,23 @@ class PostgresStore:
     def select_ids(self, *, now: datetime, where: QueueFilter) -> list[str]:
         """The ids :meth:`query` lists for ``where``, in its order (the same conditions),
         without the messages' recipients."""
+        return self.select_page(now=now, where=where).ids
+
+    def select_page(
+        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+    ) -> IdPage:
+        """The ids :meth:`select_ids` lists for ``where`` after ``after`` on, with where the
+        last of them stands (its ``created_at`` and ``seq``)."""
         params = _filter_params(now, where)
+        if after is None:
+            params["after_created"] = params["after_seq"] = None
+        elif isinstance(after.created, datetime) and type(after.seq) is int:
+            params["after_created"], params["after_seq"] = after.created, after.seq
+        else:
+            raise foreign_place(after)
         found = self._fetch(_listing("select_ids", where, params), params)
-        return [row[0] for row in found]
+        last = ListingKey(found[-1][1], int(found[-1][2])) if found else None
+        return IdPage(ids=[row[0] for row in found], last=last)
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:
         """The ``limit`` most recently enqueued messages, newest first."""

@@ -1373,11 +1373,15 @@ WITH span AS (
 SELECT (SELECT max(id) FROM span), (SELECT count(*) FROM span), (SELECT count(*) FROM pruned);
 
 -- name: select_ids
--- The ids query lists, in its order, and nothing else of the messages.
-SELECT m.id
+-- The ids query lists, in its order, each with its place in it (select_page): with a
+-- place given (after_created, after_seq), only those below it, a range of
+-- messages_newest that the walk starts from.
+SELECT m.id, m.created_at, m.seq
 FROM messages m
 WHERE
 -- include: _queue_filter
+      AND (%(after_created)s::timestamptz IS NULL
+           OR (m.created_at, m.seq) < (%(after_created)s::timestamptz, %(after_seq)s::bigint))
 ORDER BY m.created_at DESC, m.seq DESC
 LIMIT %(limit)s;
 

@@ -1,0 +1,101 @@
+"""Contract: :meth:`Store.select_page` walks what ``select_ids`` lists in pages, each
+going on below the last message of the one before: every message once, in the same
+order, however many share an enqueue time and whatever was deleted meanwhile."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import pytest
+
+from mailstrom.errors import InvalidArgument
+from mailstrom.status import RecipientState
+from mailstrom.stores import QueueFilter, Store
+from mailstrom.stores.operator import PENDING_STATES, ListingKey
+
+from .support import NOW, lease_all, message, results_for
+
+SECOND = timedelta(seconds=1)
+LATER = NOW + timedelta(hours=1)
+DELIVERED = frozenset({RecipientState.DELIVERED})
+
+
+def walked(store: Store, where: QueueFilter) -> list[str]:
+    """Every id ``select_page`` lists for ``where``, page after page."""
+    ids: list[str] = []
+    after: ListingKey | None = None
+    for _ in range(100):  # only catches a walk that goes round for ever
+        page = store.select_page(now=LATER, where=where, after=after)
+        ids += page.ids
+        if len(page.ids) < where.limit:
+            return ids
+        assert page.last is not None
+        after = page.last
+    raise AssertionError("the walk never ended")
+
+
+def fill(store: Store) -> None:
+    """Delivered and pending mail at two domains, five messages sharing one enqueue
+    time, and one stamped before the message queued ahead of it (a clock that went
+    back)."""
+    store.enqueue(message("a@example.org"), now=NOW + 2 * SECOND)
+    store.enqueue(message("b@other.org"), now=NOW)
+    store.enqueue_many(
+        [message(f"c{i}@example.org" if i % 2 else f"c{i}@other.org") for i in range(5)],
+        now=NOW + SECOND,
+    )
+    lease = lease_all(store, now=NOW + 3 * SECOND)
+    store.record(
+        results_for(
+            lease,
+            RecipientState.DELIVERED,
+            at=NOW + 3 * SECOND,
+            only=["a@example.org", "c0@other.org", "c1@example.org", "c2@other.org"],
+        )
+    )
+    store.enqueue_many([message(f"d{i}@example.org") for i in range(3)], now=NOW + 4 * SECOND)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        QueueFilter(limit=2),
+        QueueFilter(limit=3, states=PENDING_STATES),
+        QueueFilter(limit=2, domain="example.org"),
+        QueueFilter(limit=2, states=DELIVERED, older_than=30 * timedelta(minutes=1)),
+        QueueFilter(limit=1, states=DELIVERED, domain="other.org"),
+    ],
+    ids=["all", "pending", "domain", "purge candidates", "domain delivered"],
+)
+def test_pages_list_every_message_once_in_the_order_of_select_ids(
+    store: Store, where: QueueFilter
+) -> None:
+    fill(store)
+    whole = store.select_ids(now=LATER, where=dataclasses.replace(where, limit=1000))
+    assert whole, "the filter matches some mail"
+    assert walked(store, where) == whole
+
+
+def test_a_page_goes_on_after_its_last_message_is_deleted(store: Store) -> None:
+    """A purge deletes the messages of the page before: the next page starts below the
+    last of them all the same, and lists none twice."""
+    fill(store)
+    where = QueueFilter(limit=2, states=DELIVERED)
+    first = store.select_page(now=LATER, where=where)
+    assert len(first.ids) == 2
+    assert store.purge_many(first.ids) == 2
+    rest = store.select_page(now=LATER, where=where, after=first.last)
+    assert rest.ids and not set(rest.ids) & set(first.ids)
+    assert rest.ids == store.select_ids(now=LATER, where=where)
+
+
+def test_an_empty_page_has_no_last_place(store: Store) -> None:
+    page = store.select_page(now=LATER, where=QueueFilter())
+    assert page.ids == [] and page.last is None
+
+
+def test_a_place_no_store_gave_is_refused(store: Store) -> None:
+    fill(store)
+    with pytest.raises(InvalidArgument):
+        store.select_page(now=LATER, where=QueueFilter(), after=ListingKey(object(), 1))
