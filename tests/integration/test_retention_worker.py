@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,18 +27,19 @@ DAY = timedelta(days=1)
 
 
 class Watched(SQLiteStore):
-    """A SQLite store that says when a purge of listed messages has run (on the
-    worker's loop, where a SQLite store's calls run)."""
+    """A SQLite store that says when a purge of listed messages has run (in the thread
+    a retention round calls it from, to the loop that made the store)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.purged = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
 
     def purge_many(self, message_ids: Sequence[str], **kw: Any) -> int:
         try:
             return super().purge_many(message_ids, **kw)
         finally:
-            self.purged.set()
+            self._loop.call_soon_threadsafe(self.purged.set)
 
 
 async def test_a_worker_deletes_old_finished_mail_at_its_start(tmp_path: Path) -> None:
@@ -95,4 +97,48 @@ async def test_a_store_error_is_logged_and_the_next_round_deletes(
         assert await worker._retain_once(retained(retention)) == 1
         assert not present(store, old)
     finally:
+        store.close()
+
+
+class ReadWatched(SQLiteStore):
+    """A SQLite store whose look for candidates returns only once the worker's loop has
+    run while it reads (its task sets ``loop_ran``): a look made on the loop held it,
+    and waits in vain."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reading = threading.Event()
+        self.loop_ran = threading.Event()
+
+    def select_page(
+        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+    ) -> IdPage:
+        self.reading.set()
+        # The timeout only ends the wait of a look made on the loop.
+        if not self.loop_ran.wait(10):
+            raise AssertionError("the worker's loop stood still while the round read")
+        return super().select_page(now=now, where=where, after=after)
+
+
+async def test_a_round_reads_off_the_worker_loop(tmp_path: Path) -> None:
+    """A round's reads walk every finished message older than the cutoff that it keeps
+    (0.3 s for 100,000 failed messages under a delivered retention): off the worker's
+    loop, its deliveries go on meanwhile."""
+    store = ReadWatched(tmp_path / "queue.db")
+    now = datetime.now(UTC)
+    old = finished(store, RecipientState.DELIVERED, queued=now - 40 * DAY)
+    retention = RetentionConfig(delivered=30 * DAY)
+    worker = Worker(Config(helo_name="mail.example.com", retention=retention), store)
+
+    async def the_loop_runs() -> None:
+        await asyncio.to_thread(store.reading.wait, 10)
+        store.loop_ran.set()
+
+    try:
+        running = asyncio.create_task(the_loop_runs())
+        assert await worker._retain_once(retained(retention)) == 1
+        await running
+        assert not present(store, old)
+    finally:
+        store.loop_ran.set()
         store.close()
