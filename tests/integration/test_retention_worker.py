@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from mailstrom.config import Config, RetentionConfig
-from mailstrom.errors import StoreLocked
+from mailstrom.errors import StoreError, StoreLocked
+from mailstrom.runtime import worker_retention
 from mailstrom.runtime.worker import Worker
 from mailstrom.runtime.worker_retention import retained
 from mailstrom.status import RecipientState
@@ -141,4 +142,39 @@ async def test_a_round_reads_off_the_worker_loop(tmp_path: Path) -> None:
         assert not present(store, old)
     finally:
         store.loop_ran.set()
+        store.close()
+
+
+class DeliveredWalkFails(SQLiteStore):
+    """A SQLite store whose look for delivered candidates fails from its second batch
+    on, as a PostgreSQL walk past many kept messages does under a ``statement_timeout``
+    every round."""
+
+    def select_page(
+        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+    ) -> IdPage:
+        if where.states == {RecipientState.DELIVERED} and after is not None:
+            raise StoreError("canceling statement due to statement timeout")
+        return super().select_page(now=now, where=where, after=after)
+
+
+async def test_a_store_error_in_one_state_keeps_the_others_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delivered walk fails part way: what it deleted counts, and the failed mail
+    past its retention still goes in the same round."""
+    monkeypatch.setattr(worker_retention, "RETAIN_BATCH", 1)
+    store = DeliveredWalkFails(tmp_path / "queue.db")
+    now = datetime.now(UTC)
+    delivered = [finished(store, RecipientState.DELIVERED, queued=now - 40 * DAY) for _ in "ab"]
+    old_failed = finished(store, RecipientState.FAILED, queued=now - 40 * DAY)
+    retention = RetentionConfig(delivered=30 * DAY, failed=30 * DAY)
+    worker = Worker(Config(helo_name="mail.example.com", retention=retention), store)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailstrom.worker"):
+            assert await worker._retain_once(retained(retention)) == 2
+        assert "delivered messages past their retention not deleted" in caplog.text
+        assert sum(present(store, mid) for mid in delivered) == 1
+        assert not present(store, old_failed)
+    finally:
         store.close()

@@ -93,15 +93,12 @@ class WorkerRetention(WorkerStore):
             # A clock passed in unchecked is a test's: its time is the point of it.
             if self._checks_clock and isinstance(self.store, ServerClock):
                 reading = await self._read_clock(self.store.measure_clock)
-            now = store_now(self._clock(), reading)
-            for state, age in ages:
-                deleted += await self._retain_state(now, state, age)
         except StoreError as exc:
-            log.warning(
-                "finished messages past their retention not deleted (tried again in %g s): %s",
-                RETAIN_EVERY,
-                exc,
-            )
+            _not_deleted("finished", exc)
+            return 0
+        now = store_now(self._clock(), reading)
+        for state, age in ages:
+            deleted += await self._retain_state(now, state, age)
         if deleted:
             log.info("deleted %d finished messages past their retention", deleted)
         return deleted
@@ -115,15 +112,33 @@ class WorkerRetention(WorkerStore):
         round looks at each candidate once."""
         deleted, after = 0, None
         while True:
-            # In a thread even for a store called on the loop (memory, SQLite): a
-            # batch's look for candidates walks every finished message older than the
-            # cutoff that the round keeps, and on the loop it held the worker's
-            # deliveries 0.3 s per 100,000 of them (failed mail under a delivered
-            # retention, say), every round. The rest of the worker runs meanwhile, and
-            # between two batches.
-            count, after = await asyncio.to_thread(
-                purge_batch, self.store, now=now, state=state, age=age, after=after
-            )
+            try:
+                # In a thread even for a store called on the loop (memory, SQLite): a
+                # batch's look for candidates walks every finished message older than
+                # the cutoff that the round keeps, and on the loop it held the worker's
+                # deliveries 0.3 s per 100,000 of them (failed mail under a delivered
+                # retention, say), every round. The rest of the worker runs meanwhile,
+                # and between two batches.
+                count, after = await asyncio.to_thread(
+                    purge_batch, self.store, now=now, state=state, age=age, after=after
+                )
+            except StoreError as exc:
+                # The end of this state's walk only: what it deleted counts, and the
+                # next state's goes on. Ending the round, a walk that failed every
+                # round (on PostgreSQL, one a statement_timeout cancelled as it read
+                # past many kept messages) kept the states after it from ever going.
+                _not_deleted(state.value, exc)
+                return deleted
             deleted += count
             if after is None:
                 return deleted  # every candidate seen
+
+
+def _not_deleted(what: str, exc: StoreError) -> None:
+    """Log that the ``what`` messages past their retention were not (all) deleted."""
+    log.warning(
+        "%s messages past their retention not deleted (tried again in %g s): %s",
+        what,
+        RETAIN_EVERY,
+        exc,
+    )
