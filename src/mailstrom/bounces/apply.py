@@ -137,6 +137,8 @@ class _Matcher:
     by_address: dict[str, list[tuple[MessageStatus, RecipientStatus]]] | None = None
     """The recipients of ``candidates`` by :func:`address_key`, made at the first
     :meth:`find` (every candidate is known by then)."""
+    digests: dict[str, list[tuple[str, RecipientStatus]]] = field(default_factory=dict)
+    """Each recipient's digest, by message id, made at the first token of its message."""
 
     def load(self, message_id: str) -> MessageStatus | None:
         if message_id not in self.loaded:
@@ -155,10 +157,17 @@ class _Matcher:
             message = self.load(message_id)
             if message is None:
                 continue
+            if message.id not in self.digests:
+                # Once per message: made again for each token, ten tokens of one message
+                # (all with its id, which every recipient sees) cost ten digests of each
+                # of its recipients.
+                self.digests[message.id] = [
+                    (address_digest(message.id, r.address, key=key), r) for r in message.recipients
+                ]
             self.tokens += [
                 (message, r)
-                for r in message.recipients
-                if hmac.compare_digest(address_digest(message.id, r.address, key=key), digest)
+                for made, r in self.digests[message.id]
+                if hmac.compare_digest(made, digest)
             ]
             if not is_verp_template(message.envelope_from):
                 self.consider(message)  # its other recipients, by address (no token needed)
