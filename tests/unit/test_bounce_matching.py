@@ -7,11 +7,16 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from tests.contract.support import NOW, lease_all, message, results_for
 
 from mailstrom.bounces import Report, ReportedRecipient, ReportKind, apply_report, recipient_token
 from mailstrom.bounces import apply as applying
 from mailstrom.bounces.apply import BounceAction
+from mailstrom.bounces.verp import check_verp_template, is_verp_template, verp_address
+from mailstrom.errors import InvalidAddress
+from mailstrom.message.addrspec import validate_address
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore
 
@@ -164,3 +169,62 @@ def test_each_recipient_of_a_verp_message_is_digested_once_per_report(
     [outcome] = apply_report(store, report, now=NOW)
     assert (outcome.action, outcome.address) == (BounceAction.FAILED, "user7@example.org")
     assert digests <= len(recipients), digests
+
+
+_LOCAL_CHARS = st.sampled_from(list("abcXYZ0129+=-._!#$%&'*/?^`{|}~ä "))
+
+
+def _address(local: str, domain: str) -> str | None:
+    """``local@domain`` as prepare() would store it (quoted when it must be), or None when
+    no address has that local part."""
+    quoted = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    for candidate in (local, quoted):
+        try:
+            return validate_address(f"{candidate}@{domain}").envelope
+        except InvalidAddress:
+            continue
+    return None
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    before=st.text(_LOCAL_CHARS, max_size=8),
+    after=st.text(_LOCAL_CHARS, max_size=8),
+    locals_=st.lists(st.text(_LOCAL_CHARS, min_size=1, max_size=12), min_size=1, max_size=4),
+    domain=st.sampled_from(["example.org", "Bücher.example", "EXAMPLE.net"]),
+    spelled=st.sampled_from([str, str.upper, str.lower]),
+    pick=st.integers(0, 3),
+)
+def test_a_verp_address_names_its_own_recipient_however_it_is_spelled(
+    before: str,
+    after: str,
+    locals_: list[str],
+    domain: str,
+    spelled: Callable[[str], str],
+    pick: int,
+) -> None:
+    """Round trip: the envelope sender a recipient's copy went with, given back as the
+    address a bounce reached (as sent, or case-folded by the receiving MTA), fails that
+    recipient and no other, whatever its local part (quoted, ``+``, ``=``, upper case,
+    UTF-8) and the template's, even when the report names the address it was forwarded
+    to."""
+    template = _address(f"{before}{{token}}{after}", "sender.test")
+    assume(template is not None and is_verp_template(template))
+    assert template is not None
+    try:
+        check_verp_template(template)
+    except InvalidAddress:
+        assume(False)
+    addresses = list(dict.fromkeys(a for a in (_address(p, domain) for p in locals_) if a))
+    assume(addresses)
+    store = MemoryStore()
+    mid = store.enqueue(message(*addresses, envelope_from=template), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    recipients = [r.address for r in store.status(mid).recipients]
+    bounced = recipients[pick % len(recipients)]
+    sent_as = verp_address(template, mid, bounced, key=store.verp_key())
+    report = Report(kind=ReportKind.DSN, recipients=(failed("bob@forwarded.example"),))
+    [outcome] = apply_report(store, report, now=NOW, envelope_recipient=spelled(sent_as))
+    assert (outcome.action, outcome.address) == (BounceAction.FAILED, bounced), sent_as
+    states = {r.address: r.state for r in store.status(mid).recipients}
+    assert [a for a, s in states.items() if s is RecipientState.FAILED] == [bounced]
