@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import email.message
 import hashlib
 import quopri
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailstrom.bounces import ReportKind, parse_report
-from mailstrom.bounces.reports import MAX_CONTENT_TYPE, MAX_DEPTH
+from mailstrom.bounces.reports import MAX_CONTENT_TYPE, MAX_CONTENT_TYPES, MAX_DEPTH
 from mailstrom.bounces.verp import (
     check_verp_template,
     find_tokens,
@@ -1079,3 +1080,37 @@ def test_a_template_whose_address_would_pass_254_octets_with_its_token_is_refuse
         with pytest.raises(InvalidAddress, match="at most 254"):
             ms.send_email(email, envelope_from=template)
         assert ms.query_recent() == []
+
+
+def test_the_content_type_fields_of_a_report_are_bounded_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each Content-Type field is bounded (MAX_CONTENT_TYPE), but a report may hold
+    thousands. Was: ten megabytes of parts, each a multipart whose boundary parameter is
+    4,000 characters of semicolons in quotes (each read by the standard library in time
+    quadratic in its length), took 24 s of CPU to parse. The fields past a total bound
+    are cut off with the rest of the report, as lines past MAX_LINES are: the report's
+    own parts come first and still read. Counted here (the characters of parameters the
+    standard library reads), not timed."""
+    read = 0
+    real = email.message._parseparam  # type: ignore[attr-defined]
+
+    def counting(text: str) -> list[str]:
+        nonlocal read
+        read += len(text)
+        result: list[str] = real(text)
+        return result
+
+    monkeypatch.setattr(email.message, "_parseparam", counting)
+    boundary = b"--84C842307B3.1796054555/mx.receiver.test"
+    sibling = b'%s\r\nContent-Type: multipart/mixed; boundary="%s"\r\n\r\nx\r\n' % (
+        boundary,
+        b";" * (MAX_CONTENT_TYPE - 60),
+    )
+    data = sample("postfix-dsn-headers.eml").replace(
+        boundary + b"--", sibling * 2_000 + boundary + b"--"
+    )
+    report = parse_report(data)
+    assert report is not None and report.recipients[0].status == "5.1.1"
+    assert report.original_message_id == "<sample-1@sender.test>"
+    assert read <= 2 * MAX_CONTENT_TYPES, read

@@ -5,8 +5,9 @@ come from every kind of MTA, and a report whose returned message is cut short or
 still says what failed, since its ``message/delivery-status`` part comes before the
 returned message. Everything is bounded: the octets read (:data:`MAX_REPORT`, by the
 caller), the lines parsed (:data:`MAX_LINES`), the length of a Content-Type field
-(:data:`MAX_CONTENT_TYPE`), how deep its MIME parts nest (:data:`MAX_DEPTH`), the
-recipients taken from one report and the length of every field kept.
+(:data:`MAX_CONTENT_TYPE`) and of them all (:data:`MAX_CONTENT_TYPES`), how deep its MIME
+parts nest (:data:`MAX_DEPTH`), the recipients taken from one report and the length of
+every field kept.
 
 qmail sends neither, but bounces in its own plain-text format (QSBMF), read as a DSN.
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import Message
 from enum import StrEnum
+from typing import TypeVar
 
 from mailstrom.errors import InvalidReport
 from mailstrom.message.mime import MAX_DEPTH as MAX_MESSAGE_DEPTH
@@ -49,6 +51,12 @@ longer one is refused. The standard library reads such a field's parameters (the
 its boundary, :func:`parse_report` the report type) in time quadratic in its length,
 however few lines it takes: one field of ten megabytes took minutes. A real one, RFC 2231
 parameters of a long file name included, takes a few hundred."""
+MAX_CONTENT_TYPES = 64 * 1024
+"""Characters of all the Content-Type fields of a report together; the fields past them
+are cut off with the rest of the report, as lines past :data:`MAX_LINES` are. Each is
+read in time quadratic in its length (see :data:`MAX_CONTENT_TYPE`), and ten megabytes of
+parts, each a multipart with a field of 4,000 characters, took 24 s. A report's own
+parts come first and take a few hundred; what is cut is the returned message's."""
 MAX_DEPTH = MAX_MESSAGE_DEPTH + 2
 """Deepest MIME nesting read: a returned message may nest as deep as any mail sent
 (:data:`mailstrom.message.mime.MAX_DEPTH`) below the report's own two levels
@@ -125,7 +133,7 @@ def parse_report(data: bytes) -> Report | None:
     its report type needs, or one nested deeper than :data:`MAX_DEPTH` or with a
     Content-Type field longer than :data:`MAX_CONTENT_TYPE`."""
     data = _first_lines(data)
-    _check_content_types(data)
+    data = _bounded_content_types(data)
     message = _parse(data)
     if message.get_content_type() != "multipart/report":
         return _qmail(message, _addresses(message))
@@ -200,6 +208,8 @@ class _Part(Message):
         super().attach(payload)
 
 
+_Text = TypeVar("_Text", bytes, str)
+
 _LINE_END = re.compile(rb"\r\n?|\n")
 """Where the parser ends a line: CRLF, CR or LF."""
 
@@ -222,16 +232,17 @@ def _first_lines(data: bytes) -> bytes:
 
 # A Content-Type field wherever the parser may meet one (a report's headers, a returned
 # message's parts): the field line and its continuation lines (RFC 5322 §2.2.3), after
-# the line end before it (see _check_content_types).
+# the line end before it (see _bounded_content_types).
 _CONTENT_TYPE_BYTES = re.compile(
     rb"[\r\n](content-type:[^\r\n]*(?:(?:\r\n?|\n)[ \t][^\r\n]*)*)", re.IGNORECASE
 )
 _CONTENT_TYPE_TEXT = re.compile(_CONTENT_TYPE_BYTES.pattern.decode(), _CONTENT_TYPE_BYTES.flags)
 
 
-def _check_content_types(text: bytes | str) -> None:
-    """InvalidReport for the first Content-Type field of ``text`` (the octets of a report,
-    or a part's decoded text) over :data:`MAX_CONTENT_TYPE`. A field starts a line, and
+def _bounded_content_types(text: _Text) -> _Text:
+    """``text`` (the octets of a report, or a part's decoded text) up to the line of the
+    Content-Type field that takes them all past :data:`MAX_CONTENT_TYPES`; InvalidReport
+    for a field before it over :data:`MAX_CONTENT_TYPE`. A field starts a line, and
     the parser ends a line at a CR alone too: MULTILINE's ``^`` sees a line start only
     after an LF, so a field after a CR went unchecked, and was parsed in quadratic time
     (hours for ten megabytes). The line end the pattern starts with (one is put first)
@@ -241,12 +252,18 @@ def _check_content_types(text: bytes | str) -> None:
         if isinstance(text, bytes)
         else _CONTENT_TYPE_TEXT.finditer("\n" + text)
     )
+    total = 0
     for field in fields:
-        if field.end(1) - field.start(1) > MAX_CONTENT_TYPE:
+        size = field.end(1) - field.start(1)
+        if size > MAX_CONTENT_TYPE:
             raise InvalidReport(
-                f"a Content-Type field of {field.end(1) - field.start(1)} characters; "
-                f"at most {MAX_CONTENT_TYPE}"
+                f"a Content-Type field of {size} characters; at most {MAX_CONTENT_TYPE}"
             )
+        total += size
+        if total > MAX_CONTENT_TYPES:
+            # Cut after the line end before the field (positions count the one put first).
+            return text[: field.start(1) - 1]
+    return text
 
 
 def _parse(data: bytes) -> Message:
@@ -485,7 +502,7 @@ def _text_blocks(text: str, white: bool) -> list[Message]:
     # Blank lines first would make the first block one without fields (see _blocks),
     # the fields that follow them its body.
     text = _LEADING_BLANK_LINES.sub("", _lf_lines(text))
-    _check_content_types(text)  # a decoded part is new text
+    text = _bounded_content_types(text)  # a decoded part is new text
     # Read with the depth guard (_Part): a block that says it is multipart is parsed as
     # MIME, one recursion per level, and a few thousand levels (no blank line needed
     # between them) exhausted the stack (RecursionError, exit 70) where the report's own
