@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -17,7 +18,7 @@ from mailstrom.bounces.apply import BounceAction
 from mailstrom.bounces.verp import check_verp_template, is_verp_template, verp_address
 from mailstrom.errors import InvalidAddress
 from mailstrom.message.addrspec import validate_address
-from mailstrom.status import RecipientState
+from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores import MemoryStore
 
 
@@ -228,3 +229,36 @@ def test_a_verp_address_names_its_own_recipient_however_it_is_spelled(
     assert (outcome.action, outcome.address) == (BounceAction.FAILED, bounced), sent_as
     states = {r.address: r.state for r in store.status(mid).recipients}
     assert [a for a, s in states.items() if s is RecipientState.FAILED] == [bounced]
+
+
+class _PurgedMeanwhile(MemoryStore):
+    """A store whose finished messages another process (a worker's retention, ``mailstrom
+    purge``) deletes between a report's reading of a message and its write."""
+
+    def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
+        self.purge(finished_before=NOW + timedelta(days=1))
+        return super().fail_late(message_id, address, attempt)
+
+
+def test_a_bounce_about_a_message_purged_meanwhile_is_unmatched_not_an_error() -> None:
+    """Was: the write raised UnknownMessage out of apply_report, the outcomes of the
+    report's other recipients with it (``mailstrom bounce`` printed only "unknown message
+    id" and exited 66), where a message purged before the report was read leaves its
+    recipients unmatched."""
+    store = _PurgedMeanwhile()
+    first = store.enqueue(message("bob@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    report = Report(
+        kind=ReportKind.DSN,
+        recipients=(failed("bob@example.org"), failed("carol@example.org")),
+        envelope_id=first,
+    )
+    bob, carol = apply_report(store, report, now=NOW)
+    assert (bob.action, bob.address, bob.message_id) == (
+        BounceAction.UNMATCHED,
+        "bob@example.org",
+        first,
+    )
+    assert "purged" in bob.reason
+    assert bob.suppressed is None and store.list_suppressions() == []
+    assert (carol.action, carol.address) == (BounceAction.UNMATCHED, "carol@example.org")

@@ -398,7 +398,18 @@ def _apply_one(
         error=reason,
         reason_class=_reason_class(entry),
     )
-    changed = store.fail_late(message.id, recipient.address, attempt)
+    try:
+        changed = store.fail_late(message.id, recipient.address, attempt)
+    except UnknownMessage:
+        # Purged since it was read (a worker's retention, `mailstrom purge`): as if it
+        # had been before, and the outcomes of the report's other recipients still come.
+        return BounceOutcome(
+            action=BounceAction.UNMATCHED,
+            address=recipient.address,
+            message_id=message.id,
+            status=entry.status,
+            reason="not applied: its message was purged from the store meanwhile",
+        )
     suppressed = None
     # A failure a mailstrom worker decided itself (its notices, which a VERP sender gets
     # at this very address, give the reason as an X-Mailstrom diagnostic with Status
