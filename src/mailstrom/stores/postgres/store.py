@@ -922,6 +922,11 @@ class PostgresStore:
             self._pool.connection() as conn,
             conn.transaction(),
         ):
+            resigned = sorted(
+                {m for (m, _, _), d in zip(keys, dkims, strict=True) if d is not None}
+            )
+            if resigned:  # the message rows first, as the operator's actions lock them
+                conn.execute(self._queries["lock_messages"], {"message_ids": resigned})
             found = conn.execute(self._queries["record"], params).fetchall()
             replayed = _recorded(found, set())
             written = [replayed.get(key) is False for key in keys]
@@ -1290,11 +1295,13 @@ class PostgresStore:
 
     def _hold(self, name: str, params: dict[str, Any], ids: Sequence[str]) -> tuple[Any, ...]:
         """The row of ``set_held`` or ``hold_many``; a release first locks the suspensions
-        of its destinations, in the same transaction (:func:`.aside.lock_for_release`)."""
-        if params["held"]:
-            return self._fetch(name, params)[0]
+        of its destinations, in the same transaction (:func:`.aside.lock_for_release`).
+        The messages are locked before their recipients, in id order (``lock_messages``):
+        set_held's statement locked the recipients first."""
         with self._translating(name), self._pool.connection() as conn, conn.transaction():
-            aside.lock_for_release(conn, self._queries, ids)
+            if not params["held"]:
+                aside.lock_for_release(conn, self._queries, ids)
+            conn.execute(self._queries["lock_messages"], {"message_ids": sorted(ids)})
             row: tuple[Any, ...] = conn.execute(self._queries[name], params).fetchall()[0]
         return row
 

@@ -632,6 +632,18 @@ WHERE id = ANY (%(ids)s::text[]) AND held
                   WHERE r.message_id = m.id AND r.state IN ('queued', 'deferred'))
 RETURNING id;
 
+-- name: lock_messages
+-- The listed message rows, locked in id order before their recipients: first in every
+-- transaction that writes both (cancel and cancel_many write the message first in their
+-- statement). A record carrying DKIM outcomes wrote the messages after their recipients
+-- (set_dkim), and set_held locked the recipients before the message, while cancel and
+-- hold_many went the other way: each waited for a row the other held, and PostgreSQL
+-- aborted one ("deadlock detected"). FOR NO KEY UPDATE is the lock their UPDATE takes.
+SELECT id FROM messages
+WHERE id = ANY (%(message_ids)s::text[])
+ORDER BY id
+FOR NO KEY UPDATE;
+
 -- name: set_dkim
 -- The DKIM outcome of messages the worker signed anew as it sent them (a key rotated away,
 -- an x= about to pass), in place of the one recorded at enqueue: status then names the
