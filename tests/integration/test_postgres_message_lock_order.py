@@ -114,3 +114,44 @@ def test_set_held_and_another_operator_action_lock_in_one_order(
         third.commit()
         acting.result(timeout=30)
         holding.result(timeout=30)
+
+
+def test_cancel_many_locks_the_messages_in_id_order(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    """cancel_many wrote the held messages in the order its scan met them, which is
+    where their rows lie, not their ids' order, while a record carrying DKIM outcomes
+    locks them in id order. Two messages held in flight, the later held first (its row
+    version now lies before the other's), recorded and cancelled at once: the record
+    waits for the first message behind a third session (FOR SHARE), the cancel takes
+    the second and waits for the first too; the third lets go, and the record, first in
+    line, then asks for the second."""
+    made = [
+        store.enqueue(
+            PreparedMessage(
+                data=b"Subject: x\r\n\r\nx\r\n",
+                envelope_from="app@sender.test",
+                recipients=(f"{name}@big.test",),
+            ),
+            now=T0,
+        )
+        for name in "ab"
+    ]
+    first, second = sorted(made)
+    lease = store.lease(now=T0, limit=10, lease_for=LEASE, holder="0123abcd")
+    assert lease is not None
+    store.set_held(second, True)
+    store.set_held(first, True)
+    with psycopg.connect(postgres_url, autocommit=True) as look:
+        rows = look.execute("SELECT id FROM messages ORDER BY ctid").fetchall()
+        assert [m for (m,) in rows] == [second, first]
+    results = [replace(r, dkim=RESIGNED) for r in deferred(lease)]
+    with psycopg.connect(postgres_url) as third, ThreadPoolExecutor(2) as pool:
+        third.execute("SELECT 1 FROM messages WHERE id = %s FOR SHARE", (first,))
+        writing = pool.submit(store.record, results)
+        waiting(postgres_url, 1)  # waits for the first message, first in line
+        acting = pool.submit(store.cancel_many, [first, second], now=T0)
+        waiting(postgres_url, 2)  # the cancel too: it holds the second
+        third.commit()
+        writing.result(timeout=30)
+        acting.result(timeout=30)

@@ -1295,11 +1295,17 @@ class PostgresStore:
 
     def _hold(self, name: str, params: dict[str, Any], ids: Sequence[str]) -> tuple[Any, ...]:
         """The row of ``set_held`` or ``hold_many``; a release first locks the suspensions
-        of its destinations, in the same transaction (:func:`.aside.lock_for_release`).
-        The messages are locked before their recipients, in id order (``lock_messages``):
-        set_held's statement locked the recipients first."""
+        of its destinations, in the same transaction (:func:`.aside.lock_for_release`)."""
+        return self._messages_first(name, params, ids, release=not params["held"])
+
+    def _messages_first(
+        self, name: str, params: dict[str, Any], ids: Sequence[str], *, release: bool = False
+    ) -> tuple[Any, ...]:
+        """The first row of query ``name``, run after locking the messages ``ids`` in id
+        order (``lock_messages``), in one transaction: set_held's statement locked the
+        recipients first, and cancel_many's the messages in the order of their rows."""
         with self._translating(name), self._pool.connection() as conn, conn.transaction():
-            if not params["held"]:
+            if release:
                 aside.lock_for_release(conn, self._queries, ids)
             conn.execute(self._queries["lock_messages"], {"message_ids": sorted(ids)})
             row: tuple[Any, ...] = conn.execute(self._queries[name], params).fetchall()[0]
@@ -1653,7 +1659,7 @@ class PostgresStore:
         try:
             for _, n, span_told in self._in_spans(
                 listed_ids(message_ids),
-                lambda span: self._fetch("cancel_many", {"ids": span, "now": now})[0],
+                lambda span: self._messages_first("cancel_many", {"ids": span, "now": now}, span),
             ):
                 changed += int(n)
                 # '' (a NOTIFY sent) is falsy: `told or span_told` kept only the last

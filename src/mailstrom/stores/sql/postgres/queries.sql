@@ -634,11 +634,14 @@ RETURNING id;
 
 -- name: lock_messages
 -- The listed message rows, locked in id order before their recipients: first in every
--- transaction that writes both (cancel and cancel_many write the message first in their
+-- transaction that writes both (cancel, of one message, writes it first in its
 -- statement). A record carrying DKIM outcomes wrote the messages after their recipients
 -- (set_dkim), and set_held locked the recipients before the message, while cancel and
 -- hold_many went the other way: each waited for a row the other held, and PostgreSQL
--- aborted one ("deadlock detected"). FOR NO KEY UPDATE is the lock their UPDATE takes.
+-- aborted one ("deadlock detected"). Several messages in id order: an UPDATE meets them
+-- in the order of its scan (where their rows lie, for a sequential or bitmap scan),
+-- which two transactions need not share. FOR NO KEY UPDATE is the lock their UPDATE
+-- takes.
 SELECT id FROM messages
 WHERE id = ANY (%(message_ids)s::text[])
 ORDER BY id
