@@ -155,3 +155,37 @@ def test_cancel_many_locks_the_messages_in_id_order(
         third.commit()
         writing.result(timeout=30)
         acting.result(timeout=30)
+
+
+def test_a_hold_of_finished_messages_and_their_purge_do_not_wait_in_a_cycle(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    """A hold of finished messages writes none of them (nothing pending to hold), and
+    must lock none: a purge deletes them in the order its scan meets them (where their
+    rows lie), not in id order. A third session holds the first FOR KEY SHARE, which the
+    purge's delete waits for and a lock for an update passes."""
+    made = [
+        store.enqueue(
+            PreparedMessage(
+                data=b"Subject: x\r\n\r\nx\r\n",
+                envelope_from="app@sender.test",
+                recipients=(f"{name}@big.test",),
+            ),
+            now=T0,
+        )
+        for name in "ab"
+    ]
+    first, second = sorted(made)
+    with psycopg.connect(postgres_url, autocommit=True) as setup:
+        setup.execute("UPDATE messages SET held = held WHERE id = %s", (first,))
+    for mid in made:
+        store.cancel(mid, now=T0)
+    with psycopg.connect(postgres_url) as third, ThreadPoolExecutor(2) as pool:
+        third.execute("SELECT 1 FROM messages WHERE id = %s FOR KEY SHARE", (first,))
+        purging = pool.submit(store.purge_many, [first, second], finished_before=T0 + LEASE)
+        waiting(postgres_url, 1)  # deleted the second, waits for the first
+        # Locking the first (passing the KEY SHARE) and then the second, which the
+        # purge holds, it would wait for the purge, which waits for the first.
+        assert pool.submit(store.hold_many, [first, second], True).result(timeout=30) == 0
+        third.commit()
+        assert purging.result(timeout=30) == 2

@@ -926,7 +926,9 @@ class PostgresStore:
                 {m for (m, _, _), d in zip(keys, dkims, strict=True) if d is not None}
             )
             if resigned:  # the message rows first, as the operator's actions lock them
-                conn.execute(self._queries["lock_messages"], {"message_ids": resigned})
+                conn.execute(
+                    self._queries["lock_messages"], {"message_ids": resigned, "pending": False}
+                )
             found = conn.execute(self._queries["record"], params).fetchall()
             replayed = _recorded(found, set())
             written = [replayed.get(key) is False for key in keys]
@@ -1301,13 +1303,16 @@ class PostgresStore:
     def _messages_first(
         self, name: str, params: dict[str, Any], ids: Sequence[str], *, release: bool = False
     ) -> tuple[Any, ...]:
-        """The first row of query ``name``, run after locking the messages ``ids`` in id
-        order (``lock_messages``), in one transaction: set_held's statement locked the
-        recipients first, and cancel_many's the messages in the order of their rows."""
+        """The first row of query ``name``, run after locking those of the messages ``ids``
+        with a pending recipient in id order (``lock_messages``), in one transaction:
+        set_held's statement locked the recipients first, and cancel_many's the messages
+        in the order of their rows."""
         with self._translating(name), self._pool.connection() as conn, conn.transaction():
             if release:
                 aside.lock_for_release(conn, self._queries, ids)
-            conn.execute(self._queries["lock_messages"], {"message_ids": sorted(ids)})
+            conn.execute(
+                self._queries["lock_messages"], {"message_ids": sorted(ids), "pending": True}
+            )
             row: tuple[Any, ...] = conn.execute(self._queries[name], params).fetchall()[0]
         return row
 

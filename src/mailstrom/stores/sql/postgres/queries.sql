@@ -641,11 +641,17 @@ RETURNING id;
 -- aborted one ("deadlock detected"). Several messages in id order: an UPDATE meets them
 -- in the order of its scan (where their rows lie, for a sequential or bitmap scan),
 -- which two transactions need not share. FOR NO KEY UPDATE is the lock their UPDATE
--- takes.
-SELECT id FROM messages
+-- takes. With PENDING, only those with a pending recipient (the operator's actions,
+-- which lock no recipient of the others and write none of them but to clear a held
+-- flag left): a hold of finished messages locked them, in id order, and a purge that
+-- deleted them in its scan's order waited for it in a cycle.
+SELECT id FROM messages m
 WHERE id = ANY (%(message_ids)s::text[])
+  AND (NOT %(pending)s
+       OR EXISTS (SELECT 1 FROM recipients r
+                  WHERE r.message_id = m.id AND r.state IN ('queued', 'deferred')))
 ORDER BY id
-FOR NO KEY UPDATE;
+FOR NO KEY UPDATE OF m;
 
 -- name: set_dkim
 -- The DKIM outcome of messages the worker signed anew as it sent them (a key rotated away,
