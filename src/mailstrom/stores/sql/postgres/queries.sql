@@ -624,7 +624,8 @@ SELECT message_id, address, token, true, false FROM replayed;
 -- record that finished them committed. Such a message waits for no release and is
 -- reported as not held; with its flag it stayed in messages_held (schema version 21)
 -- until purged, read and stepped over by every held listing and count. A statement of its
--- own: the record locks recipients before any message, and a hold or release locks the
+-- own, after the record committed: the record locks the recipients and (but for one
+-- carrying DKIM outcomes, see lock_messages) no message, and a hold or release locks the
 -- message first. Its rows are the messages cleared (a statement the store fetches).
 UPDATE messages m SET held = false
 WHERE id = ANY (%(ids)s::text[]) AND held
