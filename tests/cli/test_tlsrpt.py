@@ -122,6 +122,21 @@ def test_check_domain_without_mta_sts(mail_env: MailEnv) -> None:
     assert "no _mta-sts TXT record" in mail_env.cli.ok("check", "example.test").out
 
 
+def test_check_domain_whose_mta_sts_records_are_none_of_sts(mail_env: MailEnv) -> None:
+    # No ";" after the version: the record is not an STSv1 one (RFC 8461 §3.1), and the
+    # worker applies no policy. check printed "policy: id None, mode None, max_age None".
+    mail_env.dns.txt("_mta-sts.example.test", "v=STSv1 id=20300101")
+    report = mail_env.cli.ok("check", "--json", "example.test").json()
+    assert (report["mta_sts"]["records"], report["mta_sts"]["policy_id"]) == (
+        ["v=STSv1 id=20300101"],
+        None,
+    )
+    text = mail_env.cli.ok("check", "example.test").out
+    assert "TXT:         v=STSv1 id=20300101" in text
+    assert "none is a v=STSv1 record: the domain publishes no policy" in text
+    assert "id None" not in text
+
+
 def seed(workdir: Path) -> None:
     store = SQLiteStore(workdir / "queue.db")
     try:

@@ -153,6 +153,11 @@ def print_mta_sts(sts: MTASTSReport) -> None:
         kind = f" ({sts.result_type})" if sts.result_type else ""
         echo(f"  problem{kind}: {sts.error}")
         return
+    if sts.policy_id is None:
+        # TXT records at the name, but none begins "v=STSv1;" (RFC 8461 §3.1 discards
+        # them): the worker applies no policy, and there is none to describe.
+        echo("  none is a v=STSv1 record: the domain publishes no policy")
+        return
     echo(f"  policy:      id {sts.policy_id}, mode {sts.mode}, max_age {sts.max_age}")
     for pattern in sts.mx:
         echo(f"  mx:          {pattern}")
