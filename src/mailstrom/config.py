@@ -456,11 +456,18 @@ def check_hook_url(url: object, where: str = "hook.url") -> None:
         raise ConfigError(f"{where}: {exc}: {shown!r}") from None
     if not parts.hostname or any(c.isspace() or not c.isprintable() for c in url):
         raise ConfigError(f"{where}: expected a host and no white space: {shown!r}")
-    problem = _host_problem(parts.hostname)
+    # The host as urllib connects to it: percent-decoded. A control character, a space or
+    # a delimiter ("%2F", "%3A") decoded there failed every request.
+    host = urllib.parse.unquote(parts.hostname)
+    if any(c.isspace() or not c.isprintable() for c in host) or any(
+        host.count(c) > parts.hostname.count(c) for c in ":/?#@[]\\"
+    ):
+        raise ConfigError(f"{where}: expected a host and no white space: {shown!r}")
+    problem = _host_problem(host)
     if problem is not None:
         # The sender's socket looks the host up by its IDNA form, which such a name
         # has not: every request failed and the batch was retried for ever.
-        raise ConfigError(f"{where}: host {shorten(parts.hostname, 80)} {problem}")
+        raise ConfigError(f"{where}: host {shorten(host, 80)} {problem}")
 
 
 def _host_problem(host: str) -> str | None:

@@ -636,6 +636,44 @@ def test_a_hook_url_whose_host_is_not_ascii_goes_to_that_host_not_another(
     ]
 
 
+@pytest.mark.parametrize(
+    ("quoted", "a_labels"),
+    [("stra%C3%9Fe.test", "xn--strae-oqa.test"), ("%CF%82.test", "xn--3xa.test")],
+)
+def test_a_hook_url_whose_host_is_percent_encoded_goes_to_that_host_not_another(
+    endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, quoted: str, a_labels: str
+) -> None:
+    """A host written percent-encoded, as JavaScript's ``encodeURI()`` writes an IRI's:
+    urllib decodes it, and the socket module and http.client then wrote it in IDNA 2003,
+    so the signed events went to strasse.test (or xn--4xa.test), a host someone else may own."""
+    port = int(endpoint.url.split(":")[2].split("/")[0])
+    looked_up: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        # The name the system's resolver is asked for: the socket module's "idna" form.
+        looked_up.append(host.encode("idna").decode() if isinstance(host, str) else host)
+        return real_getaddrinfo("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    url = f"http://{quoted}:{port}/mail-events"
+    HookConfig(url=url, secret=SECRET)
+    assert post(url, b"{}", {}, 5.0) is None
+    assert looked_up == [a_labels]
+    assert [r.host for r in endpoint.requests] == [f"{a_labels}:{port}"]
+
+
+@pytest.mark.parametrize("host", ["app%00x.test", "app%20x.test", "%FF.test", "a%2Fb.test"])
+def test_a_hook_url_whose_percent_encoded_host_no_lookup_finds_is_refused(host: str) -> None:
+    # urllib decodes the host: a control character, a space or an octet that is not UTF-8
+    # made every request fail (InvalidURL, or a name nobody has), retried for ever, while
+    # HookConfig took the URL.
+    with pytest.raises(ConfigError, match=r"hook\.url"):
+        HookConfig(url=f"https://{host}/x", secret=SECRET)
+
+
 @pytest.mark.parametrize("host", ["\u2603.test", "\u0661\u0662\u0663.test"])
 def test_a_hook_url_whose_host_has_no_idna_2008_form_is_refused_at_configuration(
     host: str,

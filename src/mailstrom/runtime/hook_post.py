@@ -288,20 +288,14 @@ def _ascii_url(url: str) -> str:
     "ss" and drops a zero-width joiner: ``https://straße.example/`` went to
     strasse.example, another domain, with every event. ValueError for a host that has no
     IDNA 2008 form, which ``HookConfig`` refuses."""
-    if url.isascii():
+    parts = urllib.parse.urlsplit(url)
+    netloc = _ascii_netloc(parts.netloc)
+    if url.isascii() and netloc == parts.netloc:
         return url
 
     def quoted(text: str) -> str:
         return _NOT_ASCII.sub(lambda m: urllib.parse.quote(m.group(), safe=""), text)
 
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if not netloc.isascii():
-        # No IPv6 literal (all ASCII), so the first ":" after the user information,
-        # which HookConfig refuses anyway, starts the port.
-        userinfo, at, host_port = netloc.rpartition("@")
-        host, colon, port = host_port.partition(":")
-        netloc = userinfo + at + a_label(host) + colon + port
     return urllib.parse.urlunsplit(
         parts._replace(
             netloc=netloc,
@@ -310,6 +304,24 @@ def _ascii_url(url: str) -> str:
             fragment=quoted(parts.fragment),
         )
     )
+
+
+def _ascii_netloc(netloc: str) -> str:
+    """``netloc`` with its host name as :func:`_ascii_url` writes it. urllib percent-decodes
+    the host before it connects: ``stra%C3%9Fe.example`` (JavaScript's ``encodeURI()``
+    writes an IRI's host so) went to strasse.example as ``straße.example`` would. The name
+    is decoded here and its A-labels written instead, quoted so that urllib's decoding
+    gives them back as they are."""
+    # An IPv6 literal (its zone's "%25" included) is kept as it is; past it, the first
+    # ":" after the user information, which HookConfig refuses anyway, starts the port.
+    userinfo, at, host_port = netloc.rpartition("@")
+    if host_port.startswith("["):
+        return netloc
+    host, colon, port = host_port.partition(":")
+    if host.isascii() and "%" not in host:
+        return netloc
+    name = urllib.parse.quote(a_label(urllib.parse.unquote(host)), safe="")
+    return userinfo + at + name + colon + port
 
 
 class HTTPFailure(str):
