@@ -573,6 +573,41 @@ def test_an_unexpected_error_while_sending_does_not_end_the_sender(
     assert any(r.getMessage() == "hook: sending a batch failed" for r in caplog.records)
 
 
+class _LeaseFailsOnce(SQLiteStore):
+    """A store whose first lease of outbox events fails with what is no StoreError: a
+    thread that could not be started for a store call, a bug."""
+
+    failed = False
+
+    def lease_events(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("can't start new thread")
+        return super().lease_events(*args, **kwargs)
+
+
+def test_an_unexpected_error_while_leasing_does_not_end_the_sender(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    endpoint: Endpoint,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The sender task ended on it, unwatched, and said nothing: every event after it
+    # stayed in the outbox while delivery went on, until the worker was restarted.
+    store = _LeaseFailsOnce(tmp_path / "q.db")
+    results = Results()
+    config = hook_config(dns_server, mx.port, endpoint.url, timeout=1.0)
+    with Mailstrom(config, store=store, worker="thread", on_result=results) as ms:
+        ms.send_email(hello("u0@example.org"))
+        results.wait_count(1)
+        endpoint.wait_for(lambda _: len(endpoint.acked_ids()) == 1, timeout=15)
+        failures = ms.metrics().worker.metrics.hook_failures
+    store.close()
+    assert store.failed and failures == 1
+    assert any(r.getMessage().startswith("hook: the sender failed") for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     "url", ["http://[::1/hook", "http://h.test:99999/x", "http://h.test:port/x", "http://a b/x"]
 )

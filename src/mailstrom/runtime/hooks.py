@@ -179,7 +179,21 @@ class HookSender:
     async def run(self) -> None:
         sending: set[asyncio.Task[bool]] = set()
         try:
-            await self._lease_and_send(sending)
+            wait = self._hook.retry_min
+            while True:
+                try:
+                    await self._lease_and_send(sending)
+                    break
+                except Exception:
+                    # A bug, or no thread to be had for a store call: the task ended on
+                    # it, unwatched and saying nothing, and every event after it stayed
+                    # in the outbox while the worker went on delivering. As for a
+                    # request (_send_batch): said, counted, and waited out.
+                    log.exception("hook: the sender failed; going on with backoff")
+                    self._metrics.hook_failures += 1
+                    if self._stopping:
+                        break
+                    wait = await self._back_off(wait)
             # The requests in flight end within hook.timeout (and POST_GRACE), and are
             # acknowledged: left, their events would go again once their lease ran out.
             if sending:
