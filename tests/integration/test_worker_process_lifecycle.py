@@ -29,8 +29,16 @@ from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import StoreError, WorkerError
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
 from tests.integration import test_worker_modes
-from tests.integration.test_worker_modes import _gone, _wait_until, config, hello
+from tests.integration.test_worker_modes import (
+    _gone,
+    _recorded_once,
+    _slow_mx,
+    _wait_until,
+    config,
+    hello,
+)
 from tests.support.delivery import Results
 
 mx = test_worker_modes.mx
@@ -1490,3 +1498,36 @@ def test_a_stop_cancelled_on_a_loop_then_closed_does_not_refuse_every_later_star
     finally:
         asyncio.run(ms.stop())
         store.close()
+
+
+def test_a_stop_after_one_cancelled_on_a_loop_then_closed_waits_for_the_worker_process(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # stop() of a worker process still draining a delivery, cancelled (a timeout around
+    # it) on a loop then closed with loop.close(): the next stop(), on another loop,
+    # followed the first one's thread through its loop, closed, and so returned at once
+    # with the child still delivering, and closed the store under the thread stopping it.
+    slow = _slow_mx(smtp_server, dns_server)
+    path = tmp_path / "q.db"
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=path, worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+
+    async def send_then_cancel_a_stop() -> None:
+        await ms.start()
+        await ms.send_email(hello("bob@example.org"))
+        assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+        stopping = asyncio.create_task(ms.stop(timeout=30))
+        await asyncio.sleep(0)  # it is on its way: its thread asks the child to stop
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(send_then_cancel_a_stop())
+    finally:
+        loop.close()
+    asyncio.run(asyncio.wait_for(ms.stop(), 60))  # (only a hang outlasts it)
+    assert worker.wait_stopped(0)
+    assert _recorded_once(path)

@@ -25,10 +25,18 @@ def followed_here(task: asyncio.Future[None]) -> asyncio.Future[None]:
         return task
     follower: asyncio.Future[None] = here.create_future()
 
-    def tell(ended: asyncio.Future[None]) -> None:  # on the task's loop
+    def tell(*_: object) -> None:  # on the task's loop, or the thread's
         with contextlib.suppress(RuntimeError):  # this loop closed meanwhile
             here.call_soon_threadsafe(_end, follower)
 
+    thread = _THREAD_ENDS.get(task)
+    if thread is not None:
+        # Followed to its thread's end, not through its loop: once that loop is closed
+        # (loop.close() after a stop() it cancelled) the thread goes on, a worker
+        # process's stop with it, and its future never ends. Taken for ended then, the
+        # next stop() returned at once and closed the store under the draining child.
+        thread.call_at_end(tell)
+        return follower
     try:
         there.call_soon_threadsafe(task.add_done_callback, tell)
     except RuntimeError:  # its loop is closed: nothing runs the task any more
@@ -65,30 +73,58 @@ def stranded(task: asyncio.Future[None]) -> bool:
         return False
     if isinstance(task, asyncio.Task):
         return True
-    ended = _THREAD_ENDS.get(task)
-    return ended is not None and ended.is_set()
+    thread = _THREAD_ENDS.get(task)
+    return thread is not None and thread.ended()
 
 
 def in_thread(func: Callable[..., None], /, *args: Any) -> asyncio.Future[None]:
     """``func(*args)`` in the running loop's executor (``run_in_executor``), a future
-    whose end :func:`stranded` knows of even once that loop is closed."""
-    ended = threading.Event()
+    whose end :func:`stranded` and :func:`followed_here` know of even once that loop is
+    closed."""
+    thread = _ThreadEnd()
 
     def run() -> None:
         try:
             func(*args)
         finally:
-            ended.set()
+            thread.end()
 
     future = asyncio.get_running_loop().run_in_executor(None, run)
-    _THREAD_ENDS[future] = ended
+    _THREAD_ENDS[future] = thread
     return future
 
 
-_THREAD_ENDS: weakref.WeakKeyDictionary[asyncio.Future[None], threading.Event] = (
+class _ThreadEnd:
+    """The end of a thread of :func:`in_thread`, told to whoever asked, on that thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ended = False
+        self._calls: list[Callable[[], None]] = []
+
+    def ended(self) -> bool:
+        return self._ended
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+            calls, self._calls = self._calls, []
+        for call in calls:
+            call()
+
+    def call_at_end(self, call: Callable[[], None]) -> None:
+        """``call()`` once the thread has ended: at once if it has."""
+        with self._lock:
+            if not self._ended:
+                self._calls.append(call)
+                return
+        call()
+
+
+_THREAD_ENDS: weakref.WeakKeyDictionary[asyncio.Future[None], _ThreadEnd] = (
     weakref.WeakKeyDictionary()
 )
-"""Whether the thread of each future of :func:`in_thread` has ended."""
+"""The thread of each future of :func:`in_thread`."""
 
 
 def runs(task: asyncio.Future[None] | None) -> bool:
