@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -1531,3 +1532,45 @@ def test_a_stop_after_one_cancelled_on_a_loop_then_closed_waits_for_the_worker_p
     asyncio.run(asyncio.wait_for(ms.stop(), 60))  # (only a hang outlasts it)
     assert worker.wait_stopped(0)
     assert _recorded_once(path)
+
+
+def test_a_start_after_a_stop_left_on_a_closed_loop_waits_for_that_stop(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # A loop run by a thread of its own, stopped and closed while a stop() on it waited
+    # for the worker process to drain (a shutdown that gave up waiting for it): its turn
+    # at the lock start() and stop() share was handed on at once, the stop going on in
+    # its thread. A start() on another loop then said "already started" of the child
+    # that stop was ending, and nothing delivered once it had ended.
+    slow = _slow_mx(smtp_server, dns_server)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=store, worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever, daemon=True)
+    runner.start()
+    try:
+        asyncio.run_coroutine_threadsafe(ms.start(), other).result(timeout=60)
+        asyncio.run(ms.send_email(hello("bob@example.org")))
+        assert _wait_until(lambda: len(slow.received) == 1, 10)
+        asyncio.run_coroutine_threadsafe(ms.stop(timeout=30), other)
+        # Set in the step that hands the child's stop to a thread, before the loop stops.
+        assert _wait_until(lambda: ms._stopping_now, 10)
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join()
+        other.close()
+
+    async def start_again() -> bool:
+        async with asyncio.timeout(60):  # (only a hang outlasts it)
+            await ms.start()
+        return ms.worker_status.running
+
+    try:
+        assert asyncio.run(start_again())
+        assert _recorded_once(tmp_path / "q.db")
+    finally:
+        asyncio.run(ms.stop())
+        store.close()
+    gc.collect()  # the stop() left on the closed loop ends here, not in a later test

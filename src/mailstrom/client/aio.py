@@ -210,10 +210,10 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         started is cancelled, a process it was starting is stopped once up; until that
         has ended (or its loop was closed) the next start() raises WorkerError, and
         stop() waits for it."""
-        async with self._lifecycle_async():
-            await self._start()
+        async with self._lifecycle_async() as turn:
+            await self._start(turn)
 
-    async def _start(self) -> None:
+    async def _start(self, turn: Turn) -> None:
         if self._ending is not None and not self._ending.done() and not stranded(self._ending):
             raise WorkerError(
                 "the worker of the last stop() or start(), which was cancelled, has not ended yet"
@@ -227,7 +227,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             # A future of the executor, not a task: a loop that ends (asyncio.run) cancels
             # its tasks, and a task that was to stop the process once up was cancelled
             # with it while the start went on in its thread: the process delivered on.
-            starting = in_thread(start.run)
+            starting = turn.in_thread(start.run)
             try:
                 await asyncio.shield(starting)
             except asyncio.CancelledError:
@@ -288,14 +288,14 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         timeout = stop_timeout(timeout)
         if self._stopping_now:
             self._hurry_stop(timeout)  # then waits below for it, ending sooner
-        async with self._lifecycle_async():
+        async with self._lifecycle_async() as turn:
             self._stopping_now = True
             try:
-                await self._stop(timeout)
+                await self._stop(timeout, turn)
             finally:
                 self._stopping_now = False
 
-    async def _stop(self, timeout: float | None) -> None:
+    async def _stop(self, timeout: float | None, turn: Turn) -> None:
         worker = self.worker
         ending = self._ending if self._ending is not None and not self._ending.done() else None
         deferred = False
@@ -305,7 +305,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     # A future of the executor, not a task: a loop that ends (asyncio.run)
                     # cancels its tasks, and a task running it ended (releasing the
                     # store) while the stop went on in its thread.
-                    ending = in_thread(worker.stop, timeout)
+                    ending = turn.in_thread(worker.stop, timeout)
                 else:
                     ending = followed_here(ending)  # a cancelled stop()'s, of any loop
                 await asyncio.shield(ending)

@@ -169,8 +169,9 @@ class LoopsLock:
     Each turn (:meth:`turn`) is its own holder. A holder left on a loop that was closed
     (``loop.close()`` with the start() or stop() still under way: a shutdown that gave up
     waiting for it) never ends its turn: every later start() and stop(), on any loop,
-    waited for ever. Its turn is passed on then, and its own end, should its coroutine be
-    closed later (collected), releases nothing it no longer holds."""
+    waited for ever. Its turn is passed on then, once the thread it waited for (a worker
+    process's start or stop, :meth:`Turn.in_thread`) has ended, and its own end, should
+    its coroutine be closed later (collected), releases nothing it no longer holds."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
@@ -213,9 +214,10 @@ class LoopsLock:
         self._guard = threading.Lock()
 
     def _pass_on_stranded(self) -> None:
-        """Pass the lock on if its holder's loop was closed (``_guard`` held)."""
+        """Pass the lock on if its holder's loop was closed and nothing it started goes
+        on in a thread (``_guard`` held)."""
         holder = self._holder
-        if holder is not None and holder.loop.is_closed():
+        if holder is not None and holder.loop.is_closed() and not holder.in_a_thread():
             self._hand_on()
 
     def _hand_on(self) -> None:
@@ -237,9 +239,25 @@ class Turn:
     def __init__(self, lock: LoopsLock) -> None:
         self._lock = lock
         self.loop = asyncio.get_running_loop()
+        self._threads: list[asyncio.Future[None]] = []
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> Turn:
         await self._lock.acquire(self)
+        return self
+
+    def in_thread(self, func: Callable[..., None], /, *args: Any) -> asyncio.Future[None]:
+        """:func:`in_thread`, which this turn holds the lock for even once its loop is
+        closed: handed on meanwhile, the next stop() went on beside a worker process's
+        stop still under way, and start() said "already started" of the child it was
+        ending (nothing delivered once it had)."""
+        future = in_thread(func, *args)
+        self._threads.append(future)
+        return future
+
+    def in_a_thread(self) -> bool:
+        """Whether a thread of :meth:`in_thread` goes on (its future pending, and not
+        :func:`stranded`)."""
+        return any(not f.done() and not stranded(f) for f in self._threads)
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._lock.release(self)
