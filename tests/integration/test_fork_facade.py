@@ -188,3 +188,60 @@ def test_a_fork_refuses_new_mail_for_its_copy_of_a_queue_in_memory_of_a_worker_t
             assert said.startswith("this process was forked"), said
         finally:
             on(loop, ams.stop())
+
+
+def test_a_fork_from_a_loop_can_start_while_a_start_on_another_thread_held_the_lock(
+    dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Forked from a thread running an event loop, while a start() on a loop of another
+    thread holds the lock that start() and stop() share: that thread, and its loop, do
+    not exist in the fork, whose own start() and stop() must not wait for its turn (nor
+    hand one to a waiter of a loop that is not there)."""
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowToStart(SQLiteStore):
+        in_process = False  # its calls in a thread, as PostgreSQL's: the loop runs on
+
+        def last_event_id(self) -> int:
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)  # a store slow to answer as the worker starts
+            return super().last_event_id()
+
+    store = SlowToStart(tmp_path / "q.db")
+    ams = AsyncMailstrom(loopback_config(dns_server, 9), store=store, worker="task")
+
+    async def start_and_stop() -> str:
+        async with asyncio.timeout(20):  # (only a hang outlasts it)
+            await ams.start()
+            running = ams.worker_status.running
+            await ams.stop()
+        return f"running {running}"
+
+    def in_a_thread_of_the_fork() -> str:
+        said: list[str] = []
+
+        def run() -> None:
+            try:
+                said.append(asyncio.run(start_and_stop()))
+            except BaseException as exc:
+                said.append(f"{type(exc).__name__}: {exc}")
+
+        runner = threading.Thread(target=run)
+        runner.start()
+        runner.join(60)
+        return said[0] if said else "hung"
+
+    async def fork_here() -> str:  # from the thread running this loop
+        return in_fork(in_a_thread_of_the_fork)
+
+    with loop_in_a_thread() as loop:
+        starting = asyncio.run_coroutine_threadsafe(ams.start(), loop)
+        try:
+            assert entered.wait(10)
+            assert asyncio.run(fork_here()) == "running True"
+        finally:
+            release.set()
+            starting.result(timeout=60)
+            on(loop, ams.stop())
+    store.close()
