@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -1574,3 +1575,33 @@ def test_a_start_after_a_stop_left_on_a_closed_loop_waits_for_that_stop(
         asyncio.run(ms.stop())
         store.close()
     gc.collect()  # the stop() left on the closed loop ends here, not in a later test
+
+
+async def test_a_stop_after_a_cancelled_one_holds_the_worker_process_to_its_own_timeout(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # stop(timeout=60) cancelled (a timeout around it) with a delivery in flight, then
+    # stop(timeout=0): the second one only waited for the first one's stop, the child
+    # draining for as long as the first had asked (the delivery ran to its end, 8 s
+    # here, up to 60 s and the grace), where a worker task is told the shorter timeout.
+    slow = _slow_mx(smtp_server, dns_server)
+    slow.data_delay = 8.0
+    timeouts = dataclasses.replace(test_worker_modes.FAST, data_end=30)
+    path = tmp_path / "q.db"
+    ms = AsyncMailstrom(
+        config(dns_server, slow.port, timeouts=timeouts), store=path, worker="process"
+    )
+    await ms.start()
+    await ms.send_email(hello("bob@example.org"))
+    assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await ms.stop(timeout=60)
+    await ms.stop(timeout=0)
+    store = SQLiteStore(path)
+    try:
+        [message] = store.recent()
+    finally:
+        store.close()
+    # Given back undelivered at once, as stop(timeout=0) asks, not waited for.
+    assert message.recipients[0].state is not RecipientState.DELIVERED

@@ -284,7 +284,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         once the worker has ended, on the worker task's loop or any other (but one that
         does not run then: WorkerError, and nothing is stopped). Cancelled, it leaves the
         worker stopping, and the store this facade opened is closed once the worker has
-        ended."""
+        ended; the next stop() waits for that, its own timeout winning when shorter."""
         timeout = stop_timeout(timeout)
         if self._stopping_now:
             self._hurry_stop(timeout)  # then waits below for it, ending sooner
@@ -307,7 +307,11 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     # store) while the stop went on in its thread.
                     ending = turn.in_thread(worker.stop, timeout)
                 else:
-                    ending = followed_here(ending)  # a cancelled stop()'s, of any loop
+                    # A cancelled stop()'s, of any loop, still draining for as long as it
+                    # asked: a shorter timeout wins at once, as for a stop() under way
+                    # (the worker task's is told it below).
+                    worker.hurry(timeout)
+                    ending = followed_here(ending)
                 await asyncio.shield(ending)
             elif isinstance(worker, Worker):
                 task: asyncio.Future[None] | None = self._task
