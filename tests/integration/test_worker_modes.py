@@ -1489,3 +1489,55 @@ def test_a_worker_process_heeds_logging_disable(
         logging.disable(logging.NOTSET)
         store.close()
     assert [r.getMessage() for r in caplog.records if r.levelno <= logging.WARNING] == []
+
+
+def test_a_stop_cancelled_on_a_loop_then_closed_leaves_the_worker_task_of_another_loop(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """stop() from one loop of a worker task on a loop another thread runs, cancelled (a
+    timeout around it) as the worker drained, then its loop closed (loop.close()): what
+    it left ending was its own loop's follower of that task, which nothing ends once its
+    loop is closed. Every later start(), on any loop, said the worker "has not ended
+    yet", for good, though it had."""
+    slow = _slow_mx(smtp_server, dns_server)
+    store = MemoryStore()
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=store, worker="task")
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever, daemon=True)
+    runner.start()
+    try:
+        asyncio.run_coroutine_threadsafe(ms.start(), other).result(timeout=30)
+        worker = ms.worker
+        assert worker is not None
+        asyncio.run(ms.send_email(hello("bob@example.org")))
+        assert _wait_until(lambda: len(slow.received) == 1, 10)
+
+        async def cancelled_stop() -> None:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await ms.stop(timeout=5)
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(cancelled_stop())
+        finally:
+            loop.close()
+        assert worker.wait_stopped(10)
+
+        def starts() -> bool:
+            try:
+                asyncio.run_coroutine_threadsafe(ms.start(), other).result(timeout=30)
+            except WorkerError as exc:
+                if "has not ended yet" not in str(exc):
+                    raise
+                return False  # (the task ends just after its worker)
+            return True
+
+        assert _wait_until(starts, 10)
+        assert ms.worker_status.running
+    finally:
+        asyncio.run_coroutine_threadsafe(ms.stop(), other).result(timeout=60)
+        other.call_soon_threadsafe(other.stop)
+        runner.join()
+        other.close()
+        store.close()

@@ -17,6 +17,7 @@ from mailstrom.arguments import check_limit
 from mailstrom.client.aio_loops import (
     LoopsLock,
     Turn,
+    call_when_done,
     cancel_on_its_loop,
     followed_here,
     idle_elsewhere,
@@ -297,6 +298,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     async def _stop(self, timeout: float | None, turn: Turn) -> None:
         worker = self.worker
+        # What ends: the worker task or a worker process's stop in a thread, of whatever
+        # loop, never this loop's follower of it (see the cancellation below).
         ending = self._ending if self._ending is not None and not self._ending.done() else None
         deferred = False
         try:
@@ -311,8 +314,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     # asked: a shorter timeout wins at once, as for a stop() under way
                     # (the worker task's is told it below).
                     worker.hurry(timeout)
-                    ending = followed_here(ending)
-                await asyncio.shield(ending)
+                await asyncio.shield(followed_here(ending))
             elif isinstance(worker, Worker):
                 task: asyncio.Future[None] | None = self._task
                 if task is None and ending is not None:
@@ -332,20 +334,23 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 # exception is not replaced by it.
                 if task is not None and not task.done():
                     worker.request_stop(drain_timeout=timeout)
-                    ending = followed_here(task)
+                    ending = task
+                    followed = followed_here(task)
                     limit = None if timeout is None else timeout + STOP_GRACE
-                    await asyncio.wait({ending}, timeout=limit)  # (raises nothing of it)
-                    if not ending.done():
+                    await asyncio.wait({followed}, timeout=limit)  # (raises nothing of it)
+                    if not followed.done():
                         log.error("the worker task did not stop within %g s", limit)
                         cancel_on_its_loop(task)
                         self._ending = task  # no other worker starts while it lives
         except asyncio.CancelledError:
             if ending is not None and not ending.done():
                 # Not under the worker still stopping: the store goes once it has ended.
+                # Told on its own loop: a follower of it on this one never ended once
+                # this loop was closed, and every later start() refused for good.
                 deferred = True
                 if self._ending is not ending:
                     self._ending = ending
-                    ending.add_done_callback(self._ended)
+                    call_when_done(ending, self._ended)
             raise
         finally:
             if not deferred and self._store_to_release():

@@ -150,6 +150,20 @@ def cancel_on_its_loop(task: asyncio.Future[None]) -> None:
         there.call_soon_threadsafe(task.cancel)
 
 
+def call_when_done(
+    future: asyncio.Future[None], callback: Callable[[asyncio.Future[None]], None]
+) -> None:
+    """``future.add_done_callback(callback)`` from whatever loop runs here (thread-safe
+    for another loop's): ``callback`` runs on the future's own loop; never once that
+    loop is closed."""
+    there = future.get_loop()
+    if there is running_loop():
+        future.add_done_callback(callback)
+        return
+    with contextlib.suppress(RuntimeError):  # its loop is closed: it ends no more
+        there.call_soon_threadsafe(future.add_done_callback, callback)
+
+
 STRANDED_LOOK = 1.0
 """Seconds between a waiter's looks at whether the start() or stop() it waits for was
 left on a loop that was closed (nothing can tell it when another loop closes)."""
