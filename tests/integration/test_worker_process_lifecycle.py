@@ -36,6 +36,7 @@ from tests.integration import test_worker_modes
 from tests.integration.test_worker_modes import (
     _gone,
     _recorded_once,
+    _refuses_as_closed,
     _slow_mx,
     _wait_until,
     config,
@@ -1605,3 +1606,34 @@ async def test_a_stop_after_a_cancelled_one_holds_the_worker_process_to_its_own_
         store.close()
     # Given back undelivered at once, as stop(timeout=0) asks, not waited for.
     assert message.recipients[0].state is not RecipientState.DELIVERED
+
+
+def test_a_stop_cancelled_on_a_loop_then_closed_closes_the_store_once_the_worker_ended(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # A cancelled stop() leaves the worker process stopping and the store the facade
+    # opened to be closed once it has ended: by a callback on the loop of the stop's
+    # thread, which never ran once that loop was closed (loop.close()). The store (its
+    # connection, its wake-up watch) stayed open until the process ended.
+    slow = _slow_mx(smtp_server, dns_server)
+    path = tmp_path / "q.db"
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=path, worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+
+    async def send_then_cancel_a_stop() -> None:
+        await ms.start()
+        await ms.send_email(hello("bob@example.org"))
+        assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await ms.stop(timeout=30)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(send_then_cancel_a_stop())
+    finally:
+        loop.close()
+    assert worker.wait_stopped(30)
+    assert _wait_until(lambda: _refuses_as_closed(ms.store), 10)
+    assert _recorded_once(path)

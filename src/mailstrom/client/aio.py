@@ -17,6 +17,7 @@ from mailstrom.arguments import check_limit
 from mailstrom.client.aio_loops import (
     LoopsLock,
     Turn,
+    at_thread_end,
     call_when_done,
     cancel_on_its_loop,
     followed_here,
@@ -351,6 +352,9 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 if self._ending is not ending:
                     self._ending = ending
                     call_when_done(ending, self._ended)
+                    # A worker process's stop: the store goes at its thread's end too,
+                    # as _ended never runs once the future's loop is closed.
+                    at_thread_end(ending, self._release_store_after_cancel)
             raise
         finally:
             if not deferred and self._store_to_release():
@@ -372,6 +376,14 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             self._release_store()
             return
         released.add_done_callback(_log_release_error)
+
+    def _release_store_after_cancel(self) -> None:
+        """:meth:`_release_store` as a worker process's stop, which a cancelled stop()
+        left going on, ends in its thread: its error logged, as nobody awaits it."""
+        try:
+            self._release_store()
+        except Exception:
+            log.exception("the store could not be closed after a cancelled stop()")
 
     def _release_store(self) -> None:
         self._unwatch_store()

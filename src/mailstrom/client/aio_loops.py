@@ -94,6 +94,14 @@ def in_thread(func: Callable[..., None], /, *args: Any) -> asyncio.Future[None]:
     return future
 
 
+def at_thread_end(future: asyncio.Future[None], call: Callable[[], None]) -> None:
+    """``call()`` on the thread of ``future`` (one of :func:`in_thread`) as it ends,
+    whatever became of its loop meanwhile; nothing for another future."""
+    thread = _THREAD_ENDS.get(future)
+    if thread is not None:
+        thread.call_at_end(call)
+
+
 class _ThreadEnd:
     """The end of a thread of :func:`in_thread`, told to whoever asked, on that thread."""
 
