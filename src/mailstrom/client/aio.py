@@ -23,7 +23,6 @@ from mailstrom.client.aio_loops import (
     followed_here,
     idle_elsewhere,
     in_thread,
-    running_loop,
     runs,
     stranded,
 )
@@ -173,16 +172,14 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     def _after_fork(self) -> None:
         super()._after_fork()
-        here = running_loop()  # the fork came from a thread running this loop
-        if here is None:
-            # Held by a start() or stop() on a loop of another thread (which does not
-            # exist here), or bound to that loop: this process's own need a new one.
-            self._lifecycle_lock = None
-        elif self._lifecycle_lock is not None:
-            self._lifecycle_lock.after_fork()
+        # No loop of the parent runs here: asyncio tells of none in a forked process (it
+        # keeps the process of each running loop), even on the thread that forked. The
+        # lock, perhaps held by a start() or stop() of such a loop, with waiters of
+        # others, is made anew for this process's own.
+        self._lifecycle_lock = None
         running = [t for t in (self._task, self._ending) if t is not None and not t.done()]
-        if not running or any(t.get_loop() is here for t in running):
-            return  # none, or the fork came from the worker's own loop, which goes on here
+        if not running:
+            return
         # The parent's loop runs in a thread that does not exist here: its worker task
         # never runs again. Its copy said running, start() said "already started", and
         # stop() waited for it in vain. As a worker thread's fork does, it lets go of it;
@@ -196,8 +193,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
 
     def _lifecycle_async(self) -> Turn:
         """A turn at the lock start() and stop() hold: one at a time, on whatever loops
-        they are called (made here, and again in a fork where another thread's loop held
-        it)."""
+        they are called (made here, and again in a fork)."""
         with self._lifecycle:
             if self._lifecycle_lock is None:
                 self._lifecycle_lock = LoopsLock()

@@ -230,11 +230,6 @@ class LoopsLock:
             if self._holder is turn:
                 self._hand_on()
 
-    def after_fork(self) -> None:
-        """In a process forked from this one: its guard, which another thread may have
-        held at the fork (only its holder's turn goes on here)."""
-        self._guard = threading.Lock()
-
     def _pass_on_stranded(self) -> None:
         """Pass the lock on if its holder's loop was closed and nothing it started goes
         on in a thread (``_guard`` held)."""
