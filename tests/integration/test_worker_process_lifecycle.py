@@ -1637,3 +1637,41 @@ def test_a_stop_cancelled_on_a_loop_then_closed_closes_the_store_once_the_worker
     assert worker.wait_stopped(30)
     assert _wait_until(lambda: _refuses_as_closed(ms.store), 10)
     assert _recorded_once(path)
+
+
+async def test_a_stop_cancelled_behind_a_cancelled_start_closes_the_store_once_it_ended(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An `async with` given up as its worker process came up: the start() is cancelled,
+    # then the stop() it does on the way out, which waits for that start, is cancelled
+    # too (a second timeout, a shutdown). The store the facade opened was to be closed
+    # once the process the start left had ended; only a stop() of its own was watched
+    # so, and the store stayed open until this process ended.
+    gate = tmp_path / "go"
+    _in_each_child(
+        tmp_path,
+        monkeypatch,
+        "gate",
+        f"""
+        import os, time
+        for _ in range(3000):  # until the test lets it go on (30 s at most)
+            if os.path.exists({str(gate)!r}):
+                break
+            time.sleep(0.01)
+        """,
+    )
+    ms = AsyncMailstrom(config(dns_server, mx.port), store=tmp_path / "q.db", worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+    try:
+        for step in (ms.start(), ms.stop()):
+            task = asyncio.create_task(step)
+            assert await asyncio.to_thread(_wait_until, lambda: worker.pid is not None, 10)
+            await asyncio.sleep(0.1)  # (it waits for the child, or for that start)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        gate.touch()
+    assert await asyncio.to_thread(worker.wait_stopped, 30)
+    assert await asyncio.to_thread(_wait_until, lambda: _refuses_as_closed(ms.store), 10)

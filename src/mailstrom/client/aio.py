@@ -144,6 +144,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     when it was cancelled itself, the task or a worker process's stop in a thread. The
     next stop() waits for it, start() refuses until it has ended, and the store this
     facade opened is closed once a cancelled stop()'s has ended, not under it."""
+    _releases_after: asyncio.Future[None] | None = None
+    """The :attr:`_ending` whose end closes the store this facade opened (see _stop)."""
     _stopping_now = False
     """A stop() holds the lifecycle lock: a later one tells the worker its timeout first."""
 
@@ -345,8 +347,11 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 # Told on its own loop: a follower of it on this one never ended once
                 # this loop was closed, and every later start() refused for good.
                 deferred = True
-                if self._ending is not ending:
-                    self._ending = ending
+                self._ending = ending
+                # Once per ending: the cancelled start() an `async with` stops on its
+                # way out left one too, and that stop(), cancelled, left the store open.
+                if self._releases_after is not ending:
+                    self._releases_after = ending
                     call_when_done(ending, self._ended)
                     # A worker process's stop: the store goes at its thread's end too,
                     # as _ended never runs once the future's loop is closed.
