@@ -1675,3 +1675,47 @@ async def test_a_stop_cancelled_behind_a_cancelled_start_closes_the_store_once_i
         gate.touch()
     assert await asyncio.to_thread(worker.wait_stopped, 30)
     assert await asyncio.to_thread(_wait_until, lambda: _refuses_as_closed(ms.store), 10)
+
+
+def test_a_stop_cancelled_on_a_loop_left_idle_does_not_hold_back_a_start_on_another(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # stop() of a worker process cancelled (a timeout around it) on a loop that is then
+    # left idle, not closed (run_until_complete per step): its thread ended, but asyncio
+    # tells a future of it so only as that loop runs again. Until then every start() on
+    # another loop said the worker "has not ended yet".
+    slow = _slow_mx(smtp_server, dns_server)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=store, worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+
+    async def send_then_cancel_a_stop() -> None:
+        await ms.start()
+        await ms.send_email(hello("bob@example.org"))
+        assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await ms.stop(timeout=30)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(send_then_cancel_a_stop())
+        assert worker.wait_stopped(30)
+
+        def starts() -> bool:
+            try:
+                asyncio.run(ms.start())
+            except WorkerError as exc:
+                if "has not ended yet" not in str(exc):
+                    raise
+                return False  # (the stop's thread returns just after the child ended)
+            return True
+
+        assert _wait_until(starts, 10)
+        assert ms.worker_status.running
+        asyncio.run(ms.stop())
+    finally:
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        store.close()

@@ -23,6 +23,7 @@ from mailstrom.client.aio_loops import (
     followed_here,
     idle_elsewhere,
     in_thread,
+    over,
     runs,
     stranded,
 )
@@ -214,7 +215,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             await self._start(turn)
 
     async def _start(self, turn: Turn) -> None:
-        if self._ending is not None and not self._ending.done() and not stranded(self._ending):
+        if not over(self._ending):
             raise WorkerError(
                 "the worker of the last stop() or start(), which was cancelled, has not ended yet"
             )
@@ -299,7 +300,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         worker = self.worker
         # What ends: the worker task or a worker process's stop in a thread, of whatever
         # loop, never this loop's follower of it (see the cancellation below).
-        ending = self._ending if self._ending is not None and not self._ending.done() else None
+        ending = None if over(self._ending) else self._ending
         deferred = False
         try:
             if isinstance(worker, WorkerProcess):

@@ -77,6 +77,16 @@ def stranded(task: asyncio.Future[None]) -> bool:
     return thread is not None and thread.ended()
 
 
+def over(task: asyncio.Future[None] | None) -> bool:
+    """Whether ``task`` (None included) has ended, or never will (:func:`stranded`): a
+    future of :func:`in_thread` once its thread has, as asyncio tells its end only when
+    its loop runs (a loop left idle, ``run_until_complete`` per step, may not for long)."""
+    if task is None or task.done() or stranded(task):
+        return True
+    thread = _THREAD_ENDS.get(task)
+    return thread is not None and thread.ended()
+
+
 def in_thread(func: Callable[..., None], /, *args: Any) -> asyncio.Future[None]:
     """``func(*args)`` in the running loop's executor (``run_in_executor``), a future
     whose end :func:`stranded` and :func:`followed_here` know of even once that loop is
