@@ -8,11 +8,13 @@ any column after ``target``: a file of one address or domain a line is a valid i
 A row whose first cell starts with ``#`` and is no target (``# note``, ``#note``, ``###``)
 is a comment; ``#team@example.org`` is an address (``#`` is atext, RFC 5322 §3.2.3), so
 every target an export writes imports again.
-A cell an export writes that starts with ``=``, ``+``, ``-``, ``@``, TAB, CR or NUL (after
-any ``'``) gets a ``'`` in front, and an import takes one such ``'`` off again: a
-spreadsheet opening the file shows ``=cmd|'/c'!a0@example.org`` (a valid address) or a
-reply as text, instead of running it as a formula (OWASP's "CSV injection"), and the file
-still imports as it was exported.
+A cell an export writes that starts with ``=``, ``+``, ``-``, ``@``, NUL or white space
+(after any ``'``), or ends with white space, gets a ``'`` in front, and an import takes one
+such ``'`` off again: a spreadsheet opening the file shows ``=cmd|'/c'!a0@example.org`` (a
+valid address) or a reply as text, instead of running it as a formula (OWASP's "CSV
+injection"); a reply or message id keeps the white space at its ends behind that ``'``,
+every other cell is stripped of it (``bob@example.org, manual``); and the file still
+imports as it was exported.
 A line break inside a cell (a multi-line reply) reads as LF whether it is CRLF or CR, as
 in a file whose line ends were converted after the export.
 Input is hostile: its size, its number of rows (entries, and empty and comment rows
@@ -51,14 +53,17 @@ converted twice)."""
 _MAX_FIELD = MAX_REPLY * 4 + 2
 """The csv module's own limit per field: past it a row is refused while being read."""
 _MAX_MESSAGE_ID = 128
+_TEXTS = frozenset({"reply", "message_id"})
+"""The columns whose white space at either end is their own (an export marks it)."""
 _MAX_LINE = 2 * len(COLUMNS) * _MAX_FIELD
 """Characters of one line: room for a row of fields of the largest size, every character a
 doubled quote. A row of millions of cells ("a,a,a,...", 64 MiB) is refused before the csv
 module makes its list of cells, which took up to 3.5 GB with their copies."""
 # What makes a spreadsheet read a cell as a formula (OWASP, CSV injection; ASVS 5.0 1.2.10),
 # after the quotes an export adds: "'=x" is written "''=x", so that taking one quote off
-# gives back any cell, one that started with quotes included.
-_FORMULA = re.compile("'*[=+\\-@\t\r\0]")
+# gives back any cell, one that started with quotes included. White space first too (\s:
+# what str.strip() takes off a cell read), for the same ' to keep it.
+_FORMULA = re.compile("'*[=+\\-@\0\\s]")
 
 
 class Readable(Protocol):
@@ -100,7 +105,8 @@ def parse_csv(
         reader = csv.reader(_lines(text), strict=True)
         for row in _rows(reader):
             line = reader.line_num
-            cells = [_line_breaks(c).strip() for c in row]
+            raw = [_line_breaks(c) for c in row]
+            cells = [c.strip() for c in raw]
             if not any(cells) or _is_comment(cells[0]):
                 # Counted too: 64 MiB of "#" lines, none an entry, took four minutes to
                 # read (an exception per comment), and of empty lines one.
@@ -120,8 +126,13 @@ def parse_csv(
                     f"{len(cells)} columns, expected at most {len(columns)}", line=line
                 )
             # Unquoted here, in at most six cells: a quote never makes a row blank, a
-            # comment or a header.
-            fields = dict(zip(columns, map(_unquoted, cells), strict=False))
+            # comment or a header. Only free text keeps its white space: a target,
+            # source or time has none of its own ("'bob@example.org " by hand is the
+            # address "'bob@example.org").
+            fields = {
+                name: _unquoted(r if name in _TEXTS else c)
+                for name, r, c in zip(columns, raw, cells, strict=False)
+            }
             entries.append(_entry(fields, line=line, now=now, source=source))
     finally:
         csv.field_size_limit(previous)
@@ -140,13 +151,21 @@ def _line_breaks(cell: str) -> str:
 
 def _quoted(cell: str) -> str:
     """``cell`` as an export writes it: with a ``'`` in front when a spreadsheet would
-    take it for a formula."""
-    return "'" + cell if _FORMULA.match(cell) else cell
+    take it for a formula, or when it starts or ends with white space, which an import
+    strips off a cell without one (a server's reply "550 5.1.1 user unknown ", kept so
+    by the worker, came back without its last character)."""
+    return "'" + cell if _FORMULA.match(cell) or cell[-1:].isspace() else cell
 
 
 def _unquoted(cell: str) -> str:
-    """``cell`` as :func:`_quoted` was given it."""
-    return cell[1:] if cell.startswith("'") and _FORMULA.match(cell, 1) else cell
+    """``cell``, as read, as :func:`_quoted` was given it: without the ``'`` in front and
+    as it is, or stripped of white space when it has no such ``'`` (a file written by
+    hand, ``bob@example.org, manual``)."""
+    if cell.startswith("'"):
+        rest = cell[1:]
+        if _FORMULA.match(rest) or rest[-1:].isspace():
+            return rest
+    return cell.strip()
 
 
 def _lines(text: str) -> Iterator[str]:

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from mailstrom.client.common import suppression_entry
 from mailstrom.errors import InvalidSuppression
 from mailstrom.safetext import is_safe
+from mailstrom.smtp.replies import ReplyParser
 from mailstrom.stores import open_store
 from mailstrom.stores.base import Store
 from mailstrom.suppression import (
@@ -394,3 +395,57 @@ def test_a_blank_row_of_many_commas_is_skipped_and_one_with_a_late_cell_refused(
     with pytest.raises(InvalidSuppression, match="101 columns") as info:
         parse_csv("bob@example.org\n" + "," * 100 + "x\n", now=NOW)
     assert info.value.line == 2
+
+
+def _reply(raw: bytes) -> str:
+    parser = ReplyParser()
+    parser.feed(raw)
+    reply = parser.next_reply()
+    assert reply is not None
+    return str(reply)
+
+
+# What the worker keeps as a hard bounce's reply (str of the parsed reply): a server's
+# text as it came, white space at its end included, and an operator's note.
+SPACED = [
+    _reply(b"550 5.1.1 user unknown \r\n"),
+    _reply(b"550 5.1.1 user unknown\t\r\n"),
+    _reply(b"550-5.1.1 user unknown\r\n550 5.1.1\r\n"),
+    "  indented note",
+    "\nstarts with a line break",
+    "' a quote, then a space",
+    "'trailing space after a quote ",
+    " ",
+]
+
+
+@pytest.mark.parametrize("reply", SPACED)
+def test_a_reply_with_white_space_at_an_end_imports_as_it_was_exported(
+    store: Store, reply: str
+) -> None:
+    """Every cell was stripped on import: the reply the worker kept for a server's
+    "550 5.1.1 user unknown " (or a multi-line reply whose last line has no text) came
+    back without its last character, and an export imported into a new store was not
+    the list it was taken from. Such a cell is written after a ' now, as a formula is."""
+    target = f"spaced{SPACED.index(reply)}@example.org"
+    entry = Suppression(
+        target=target,
+        source=SuppressionSource.HARD_BOUNCE,
+        reply=check_reply(reply),
+        created_at=NOW,
+        message_id="0190f3a2c4e1b7d08a4f2c6e9b1d3f57",
+    )
+    store.suppress([entry])
+    kept = [e for e in store.list_suppressions(after="spaced") if e.target == target]
+    assert kept == [entry]
+    exported = io.StringIO()
+    write_csv(kept, exported)
+    assert parse_csv(exported.getvalue(), now=NOW) == kept
+
+
+def test_a_target_starting_with_a_quote_is_kept_whatever_white_space_follows() -> None:
+    """``'bob@example.org`` is an address (``'`` is atext) of its own: a line of a file
+    written by hand with a space after it is that address, not ``bob@example.org``."""
+    entries = parse_csv("'bob@example.org \n'carol@example.org\t,manual, note \n", now=NOW)
+    assert [e.target for e in entries] == ["'bob@example.org", "'carol@example.org"]
+    assert entries[1].reply == "note"
