@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.header import Header
 from email.message import EmailMessage, Message
+from email.mime.application import MIMEApplication
 from email.mime.base import MIMEBase
 from email.mime.message import MIMEMessage
 from email.mime.multipart import MIMEMultipart
@@ -1475,3 +1476,43 @@ def test_a_non_ascii_header_object_is_written_as_it_holds_its_value() -> None:
     assert parts[0].get_filename() == "=?utf-8?q?a?=é"
     assert parts[1].get_content() == b"b"
     assert b"\r\n\r\nforged" not in prepared.data
+
+
+OUTLOOK_ID = "<BN6PR11MB1234567890ABCDEF1234567890ABCDEF@BN6PR11MB1234.namprd11.prod.outlook.com>"
+"""A msg-id as Outlook makes them: 83 characters, longer than a folded line holds."""
+
+
+@pytest.mark.parametrize("kind", ["EmailMessage", "MIMEText"])
+def test_a_long_ascii_word_of_a_stdlib_message_is_never_made_an_encoded_word(kind: str) -> None:
+    """The stdlib's folder wraps an ASCII word too long for a 78-character line by making
+    it RFC 2047 words: an Outlook msg-id in In-Reply-To or References, a List-Unsubscribe
+    URL with its token, a part's Content-ID arrived as ``=?utf-8?q?=3CBN6PR11...?=``,
+    which RFC 2047 §5 forbids there (no thread, no unsubscribe link, a broken cid:
+    image), and a long URL in a Subject as words of 77 characters (§2 allows 75). Such a
+    word now stays as it is, on a line of its own."""
+    unsubscribe = "<https://example.com/unsubscribe?token=" + "a1b2c3d4" * 12 + ">"
+    subject = "Report ready: https://example.com/reports/2024/05/06/" + "x" * 60
+    message: Message = EmailMessage() if kind == "EmailMessage" else MIMEMultipart()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message["Subject"] = subject
+    message["In-Reply-To"] = OUTLOOK_ID
+    message["References"] = "<first@example.org> " + OUTLOOK_ID
+    message["List-Unsubscribe"] = unsubscribe
+    if isinstance(message, EmailMessage):
+        message.set_content("x")
+        message.add_attachment(b"\x89PNG", "image", "png", filename="a.png", cid=OUTLOOK_ID)
+    else:
+        message.attach(MIMEText("x"))
+        image = MIMEApplication(b"\x89PNG")
+        image["Content-ID"] = OUTLOOK_ID
+        message.attach(image)
+    prepared = prepare(message, now=NOW)
+    assert b"=?" not in prepared.data
+    assert max(map(len, prepared.data.split(b"\r\n"))) <= 998
+    read = parsed(prepared.data)
+    assert str(read["Subject"]) == subject
+    assert str(read["In-Reply-To"]) == OUTLOOK_ID
+    assert str(read["References"]) == "<first@example.org> " + OUTLOOK_ID
+    assert str(read["List-Unsubscribe"]) == unsubscribe
+    assert [str(part["Content-ID"]) for part in read.iter_parts()][1] == OUTLOOK_ID

@@ -607,14 +607,14 @@ class _SMTPPolicy(EmailPolicy):
         return super().fold_binary(name, self._encoded(name, value))
 
     def _own_fold(self, name: str, value: Any) -> str | None:
-        """The folded field (with its line end) when it is non-ASCII unstructured text or
-        an address list that UTF-8 can write and our parser reads; else None, for the
-        stdlib's folder."""
+        """The folded field (with its line end) when it is non-ASCII unstructured text,
+        ASCII text with a word too long for a line, or an address list that UTF-8 can
+        write and our parser reads; else None, for the stdlib's folder."""
         if isinstance(value, Header):
             return None
         text = str(value)  # a header object: its decoded text
         if text.isascii():
-            return self._long_address_list(name, value)
+            return self._long_address_list(name, value) or self._long_word(name, value)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # undecodable octets (surrogates): the stdlib's way
@@ -652,6 +652,34 @@ class _SMTPPolicy(EmailPolicy):
         except MailstromError:
             return None
         folded = format_address_field(name, groups, utf8=self.utf8)
+        return folded.replace("\r\n", self.linesep) + self.linesep
+
+    def _long_word(self, name: str, value: Any) -> str | None:
+        """An ASCII unstructured field (Subject, In-Reply-To, List-Unsubscribe, an ``X-``
+        field...) with a word longer than a folded line holds, folded as the builder
+        folds it (the word kept as it is, on a line of its own); else None.
+
+        The stdlib's folder wraps such a word by making it RFC 2047 words, of up to 77
+        characters where RFC 2047 §2 allows 75, and in msg-id and URI fields, where §5
+        allows none: an Outlook msg-id (83 characters) in In-Reply-To named no message,
+        a List-Unsubscribe URL with its token no link. A raw value (compat32) is written
+        as it is unless a line of it is too long; then it is read as the stdlib reads it
+        (encoded words decoded) before it is folded."""
+        factory = self.header_factory
+        kind = factory.registry.get(name.lower(), factory.default_class)  # type: ignore[attr-defined]
+        if not issubclass(kind, UnstructuredHeader):
+            return None
+        text = str(value)
+        # What fits after the white space that starts a folded line is never encoded.
+        room = (self.max_line_length or sys.maxsize) - 1
+        if max(map(len, text.split()), default=0) <= room:
+            return None
+        if not isinstance(value, BaseHeader):
+            lines = text.splitlines()
+            if not self._refolds(name, lines):
+                return None
+            text = str(factory(name, "".join(lines)))
+        folded = extra_field(name, text, utf8=self.utf8)
         return folded.replace("\r\n", self.linesep) + self.linesep
 
     def _refolds(self, name: str, lines: list[str]) -> bool:
