@@ -1516,3 +1516,34 @@ def test_a_long_ascii_word_of_a_stdlib_message_is_never_made_an_encoded_word(kin
     assert str(read["References"]) == "<first@example.org> " + OUTLOOK_ID
     assert str(read["List-Unsubscribe"]) == unsubscribe
     assert [str(part["Content-ID"]) for part in read.iter_parts()][1] == OUTLOOK_ID
+
+
+@pytest.mark.parametrize("kind", ["MIMEText", "MIMEMultipart", "Message", "shift_jis"])
+def test_a_long_line_the_stdlib_wrote_for_a_message_tree_is_encoded(kind: str) -> None:
+    """``MIMEText(html, "html")`` with minified HTML on one line (5,426 octets here) is
+    written by the stdlib as 7bit, past RFC 5322's 998 octets, and prepare() refused it
+    with LineTooLong ("encode the body"), a body the application did not encode, while
+    smtplib sends it and ``mailstrom sendmail`` encodes the same bytes. Such a body is now
+    encoded quoted-printable, as for sendmail, and reads the same."""
+    html = "<html><body>" + "<p>hello world</p>" * 300 + "</body></html>"
+    message: Message
+    if kind == "MIMEText":
+        message, text = MIMEText(html, "html"), html
+    elif kind == "MIMEMultipart":
+        message, text = MIMEMultipart("alternative"), html
+        message.attach(MIMEText("hello"))
+        message.attach(MIMEText(html, "html"))
+    elif kind == "Message":
+        message, text = Message(), html
+        message.set_payload(html)
+    else:  # written as 7bit ISO-2022-JP by the stdlib
+        text = "長い行" * 400
+        message = MIMEText(text, "plain", "shift_jis")
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    prepared = prepare(message, now=NOW)
+    assert max(map(len, prepared.data.split(b"\r\n"))) <= 998
+    read = parsed(prepared.data)
+    body = read.get_body(("html", "plain"))
+    assert body is not None
+    assert body.get_content().replace("\r\n", "\n").rstrip("\n") == text

@@ -44,6 +44,7 @@ from mailstrom.message.encoding import (
     bare_line_ends,
     check_line_lengths,
     downgrade_to_7bit,
+    encode_long_lines,
     serialise,
     to_crlf,
 )
@@ -490,7 +491,10 @@ def _serialise(message: Message, max_size: int, max_recipients: int) -> bytes:
     # raw UTF-8 headers (RFC 6532) and will need SMTPUTF8.
     data = to_crlf(serialise(message, utf8=utf8))
     check_written_tree(message, data)
-    return data
+    # The stdlib writes a text part as 7bit or 8bit whatever its lines' length
+    # (MIMEText(html, "html") with minified HTML on one line): such a body is encoded as
+    # sendmail's input is, not refused with advice to encode what the caller did not.
+    return encode_long_lines(data)
 
 
 def _new_message_id(domain: str) -> str:
