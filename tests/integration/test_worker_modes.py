@@ -39,7 +39,7 @@ from mailstrom.errors import InvalidArgument, StoreError, WorkerError
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from tests.fixtures.dns_server import LoopbackDNS
-from tests.fixtures.smtp_server import ServerFactory
+from tests.fixtures.smtp_server import ServerFactory, start_receiving_server
 from tests.support.delivery import FakeClock, Results, loopback_config
 from tests.support.threads import refuse_thread
 
@@ -111,6 +111,38 @@ def test_a_worker_process_trusts_no_more_cas_than_the_context_it_was_given(
     assert state is RecipientState.DEFERRED
     assert mx.messages == []
     store.close()
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_a_worker_process_keeps_the_tls_versions_of_the_context_it_was_given(
+    dns_server: LoopbackDNS, tmp_path: Path, tls_ca: trustme.CA, worker: str
+) -> None:
+    """The child rebuilt the context from its CAs and checks alone: a context that asked
+    for TLS 1.3 at least (or refused some protocol by its options, or checked strictly)
+    got Python's defaults in the worker process, which took TLS 1.2 from a server that
+    offers no more. Both modes must refuse it, the message stays queued."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("mx.test").configure_cert(server_context)
+    server_context.maximum_version = ssl.TLSVersion.TLSv1_2
+    server = start_receiving_server(server_context)
+    try:
+        dns_server.mx("example.org", [(10, "mx.test")])
+        dns_server.a("mx.test", server.host)
+        modern = ssl.create_default_context()
+        tls_ca.configure_trust(modern)
+        modern.minimum_version = ssl.TLSVersion.TLSv1_3
+        results = Results()
+        store = SQLiteStore(tmp_path / "q.db")
+        cfg = config(dns_server, server.port, tls="verify", tls_context=modern)
+        with Mailstrom(cfg, store=store, on_result=results, worker=worker) as ms:
+            message_id = ms.send_email(hello("u@example.org"))
+            results.wait_count(1)
+            status = ms.query_status(message_id)
+        store.close()
+    finally:
+        server.stop()
+    assert status.state is RecipientState.DEFERRED
+    assert server.messages == []
 
 
 def test_a_worker_process_delivers_from_the_store_a_relative_url_named(

@@ -35,12 +35,19 @@ class TLSContextSpec:
     """What a child needs to rebuild ``Config.tls_context``: an :class:`ssl.SSLContext`
     cannot cross a process boundary, so what it trusts and its checks are sent instead
     (:func:`~mailstrom.config.portable_trust`): the child trusts the system's CAs only
-    if the parent's context does."""
+    if the parent's context does. The protocol versions, options, verification flags and
+    ciphers cross too: without them the child took Python's defaults, and a context asking
+    for TLS 1.3 at least delivered over TLS 1.2 from a worker process."""
 
     system: bool
     ca_der: tuple[bytes, ...]
     check_hostname: bool
     verify_mode: int
+    minimum_version: int
+    maximum_version: int
+    options: int
+    verify_flags: int
+    ciphers: tuple[str, ...]
 
     @classmethod
     def of(cls, context: ssl.SSLContext) -> TLSContextSpec:
@@ -50,12 +57,25 @@ class TLSContextSpec:
             ca_der=cas,
             check_hostname=context.check_hostname,
             verify_mode=int(context.verify_mode),
+            minimum_version=int(context.minimum_version),
+            maximum_version=int(context.maximum_version),
+            options=int(context.options),
+            verify_flags=int(context.verify_flags),
+            ciphers=tuple(cipher["name"] for cipher in context.get_ciphers()),
         )
 
     def build(self) -> ssl.SSLContext:
         context = trusting(self.system, self.ca_der)
         context.check_hostname = self.check_hostname
         context.verify_mode = ssl.VerifyMode(self.verify_mode)
+        context.minimum_version = ssl.TLSVersion(self.minimum_version)
+        context.maximum_version = ssl.TLSVersion(self.maximum_version)
+        context.options = ssl.Options(self.options)
+        context.verify_flags = ssl.VerifyFlags(self.verify_flags)
+        if self.ciphers:
+            # The names OpenSSL enabled in the parent (its TLS 1.3 suites are not set by
+            # this call, and are ignored in the list).
+            context.set_ciphers(":".join(self.ciphers))
         return context
 
 
