@@ -144,3 +144,25 @@ def test_broken_tls_is_never_remembered_into_plaintext_under_verify(
     assert ms.query_status(mid).recipient("a@example.org").state is RecipientState.DEFERRED
     assert store.tls_broken(now=FakeClock()()) == {}
     assert mx.messages == []
+
+
+def test_a_server_demanding_starttls_defers_the_plaintext_after_a_failed_handshake(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    """The opportunistic fallback to plaintext met "530 Must issue a STARTTLS command
+    first" (RFC 3207 §4): that refuses this session, not the mail, which the server takes
+    over TLS. It bounced, and so did every message to the host while its TLS was
+    remembered broken (one handshake that timed out made it so for an hour)."""
+    mx = smtp_server(tls_broken=True, require_starttls=True)
+    route(dns_server, "example.org", "mx.test", mx.host)
+    ms = mailstrom(mx.port, max_messages_per_connection=1)
+    first = ms.send_email(hello("a@example.org"))
+    results.wait_final({"a@example.org"})
+    # The host is now remembered broken: this one goes in plaintext at once.
+    second = ms.send_email(hello("b@example.org"))
+    results.wait_final({"b@example.org"})
+    for mid, address in ((first, "a@example.org"), (second, "b@example.org")):
+        status = ms.query_status(mid).recipient(address)
+        assert status.state is RecipientState.DEFERRED, status.reason
+        assert status.reply is not None and status.reply.code == 530
+    assert mx.messages == []

@@ -39,7 +39,7 @@ from mailstrom.runtime.connection import Abandoned, SMTPConnection, TLSHandshake
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem, bounded_text
-from mailstrom.tls.requirement import TLSRequirement
+from mailstrom.tls.requirement import PolicySource, TLSRequirement
 
 # Errors whose type says why, whatever reply they carry (a refused STARTTLS has one), most
 # specific first. The rest are classified by their reply, else their enhanced code.
@@ -157,10 +157,23 @@ def _uncertain_reason(cause: DeliveryError | None) -> tuple[str, ReasonClass]:
     return "connection lost after the final dot; delivery uncertain", ReasonClass.CONNECTION
 
 
+_STARTTLS_FIRST = 530
+"""The reply of a server that takes commands only after STARTTLS (RFC 3207 §4)."""
+
+
 class Where:
     """Where an attempt went, for the history (a connection's or just a host's)."""
 
-    __slots__ = ("dsn", "host", "ip", "port", "tls_cipher", "tls_policy", "tls_version")
+    __slots__ = (
+        "dsn",
+        "host",
+        "ip",
+        "port",
+        "tls_cipher",
+        "tls_policy",
+        "tls_skipped",
+        "tls_version",
+    )
 
     def __init__(
         self,
@@ -171,6 +184,7 @@ class Where:
         tls_cipher: str | None = None,
         tls_policy: str | None = None,
         dsn: bool = True,
+        tls_skipped: bool = False,
     ) -> None:
         self.host = host
         self.ip = ip
@@ -181,6 +195,9 @@ class Where:
         self.dsn = dsn
         """Whether the server offers DSN (RFC 3461), so that a message's request went with
         it; True where no connection says otherwise (no notice of ours is then owed)."""
+        self.tls_skipped = tls_skipped
+        """The connection is in plaintext because the host's TLS handshake failed (now,
+        or recently: remembered), not by policy: see :func:`_outcome`."""
 
     @classmethod
     def of(cls, conn: SMTPConnection, requirement: TLSRequirement | None = None) -> Where:
@@ -193,6 +210,8 @@ class Where:
             conn.tls_cipher,
             requirement.label if requirement is not None else None,
             "DSN" in conn.extensions,
+            conn.tls_fallback is not None
+            or (requirement is not None and requirement.source is PolicySource.REMEMBERED),
         )
 
 
@@ -217,7 +236,7 @@ class Outcomes:
         """Results for every recipient of ``item`` from one transaction's replies."""
         if result.mail is None or not is_positive(result.mail, stage=Stage.MAIL):
             reply = result.mail
-            outcome = _outcome(reply, Stage.MAIL)
+            outcome = _outcome(reply, Stage.MAIL, where)
             refused = _reason(reply)
             return [
                 self._result(item, r, outcome, started, where, reply=reply, reason=refused)
@@ -231,7 +250,7 @@ class Outcomes:
             if is_positive(reply, stage=Stage.RCPT):
                 accepted.append(recipient)
             else:
-                outcome = classify(reply, stage=Stage.RCPT)
+                outcome = _outcome(reply, Stage.RCPT, where)
                 results.append(
                     self._result(
                         item,
@@ -273,7 +292,7 @@ class Outcomes:
             decisive, stage = result.data, Stage.DATA
         else:
             decisive = result.final
-        outcome = _outcome(decisive, stage)
+        outcome = _outcome(decisive, stage, where)
         # A 250 to the final dot is the common case: classified never, not once per result.
         reason = None if outcome is AttemptOutcome.DELIVERED else _reason(decisive)
         # A refusal after DATA names one recipient only when the transaction had one.
@@ -473,8 +492,13 @@ class Outcomes:
         return RecipientState.DEFERRED, when
 
 
-def _outcome(reply: SMTPReply | None, stage: Stage) -> AttemptOutcome:
+def _outcome(reply: SMTPReply | None, stage: Stage, where: Where) -> AttemptOutcome:
     if reply is None:
+        return AttemptOutcome.TEMPORARY
+    if reply.code == _STARTTLS_FIRST and where.tls_skipped:
+        # RFC 3207 §4: the server takes mail over TLS only. Our plaintext stands in for a
+        # handshake that failed, perhaps for a moment (a timeout): this session is refused,
+        # not the mail, which goes over TLS once the handshake is tried again.
         return AttemptOutcome.TEMPORARY
     return classify(reply, stage=stage)
 
