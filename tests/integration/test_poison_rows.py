@@ -887,6 +887,32 @@ def test_sqlite_a_destination_not_utf8_is_shown_with_a_replacement_character(
         store.close()
 
 
+def test_sqlite_a_suspension_not_utf8_leaves_the_pages_that_link_it_up(
+    sqlite_path: Path,
+) -> None:
+    """The overview and the destinations page link each suspended destination by its
+    domain as read from its row. One holding octets that are not UTF-8 came back as a
+    lone surrogate, which Jinja's ``urlencode`` cannot encode: both pages answered 500
+    as a whole for that one row. The link carries the octets as stored."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    store = SQLiteStore(sqlite_path)
+    try:
+        store.suspend("example.org", now=datetime.now(UTC))
+        conn = sqlite3.connect(sqlite_path, isolation_level=None)
+        conn.execute(f"UPDATE suspensions SET domain = {NOT_UTF8} || domain")
+        conn.close()
+        with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
+            for path in ("/", "/destinations"):
+                page = client.get(path)
+                assert page.status_code == 200, path
+                assert "%FFexample.org" in page.text, path
+    finally:
+        store.close()
+
+
 def test_sqlite_queue_counts_show_a_domain_not_utf8_with_a_replacement_character(
     sqlite_path: Path,
 ) -> None:

@@ -184,6 +184,7 @@ def create_app(
         undefined=jinja2.StrictUndefined,
         finalize=_shown_in_order,
     )
+    env.filters["urlencode"] = _url_quoted
     templates = Jinja2Templates(env=env)
 
     def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
@@ -843,6 +844,19 @@ def _shown_in_order(value: Any) -> Any:
     if isinstance(value, str) and not hasattr(value, "__html__"):
         return bidi_escaped(value)
     return value
+
+
+def _url_quoted(value: object) -> str:
+    """Jinja's ``urlencode`` of one value (a domain in a link), taking lone surrogates
+    too: SQLite's octets that are not UTF-8 are read as such (a suspension's domain
+    changed by hand), which Jinja's cannot encode, and the whole page answered 500. The
+    link carries the octets as stored."""
+    text = str(value)
+    try:
+        octets = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no octet
+        octets = text.encode("utf-8", "backslashreplace")
+    return urllib.parse.quote(octets, safe="/")
 
 
 def _shown(text: str | None) -> str:
