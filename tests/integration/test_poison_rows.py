@@ -913,6 +913,40 @@ def test_sqlite_a_suspension_not_utf8_leaves_the_pages_that_link_it_up(
         store.close()
 
 
+def test_sqlite_a_position_that_is_no_number_is_an_unreadable_row_to_the_actions(
+    sqlite_path: Path,
+) -> None:
+    """A page of a message's recipients ends with the position the next page starts
+    after. One changed by hand to text was read with a bare int() outside the checks of
+    the rest of the row: a ValueError, so each action's page on the message (which reads
+    one recipient of it) answered 500, where the message's own page says that it cannot
+    be read and that cancelling it is what to do. It is an unreadable row now, and the
+    action's confirmation is shown."""
+    from starlette.testclient import TestClient
+
+    from mailstrom.web import create_app
+
+    store = SQLiteStore(sqlite_path)
+    try:
+        two = dataclasses.replace(message(VICTIM), recipients=(VICTIM, "good0@example.org"))
+        victim = store.enqueue(two, now=datetime.now(UTC))
+        damage_sqlite(
+            sqlite_path,
+            Damage(f"UPDATE recipients SET position = 'zz' WHERE message_seq = {SEQ}", LEFT),
+            victim,
+        )
+        model = open_read_model(store, cache_seconds=0)
+        try:
+            with pytest.raises(UnreadableRow):
+                model.message_status(victim, attempts=0, recipients=1)
+        finally:
+            model.close()
+        with TestClient(create_app(store), base_url="http://127.0.0.1:8025") as client:
+            assert client.get(f"/action/cancel/{victim}").status_code == 200
+    finally:
+        store.close()
+
+
 def test_sqlite_queue_counts_show_a_domain_not_utf8_with_a_replacement_character(
     sqlite_path: Path,
 ) -> None:

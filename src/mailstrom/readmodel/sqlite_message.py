@@ -70,6 +70,10 @@ def message_detail(
         for row, share in zip(page, shares, strict=True):
             found = conn.execute(_LATEST, (row[1], share)).fetchall() if share and row[-1] else []
             histories.append(tuple(attempt_from_row(a) for a in reversed(found)))
+        # Here, with the rest of the rows' checks: a position changed by hand to text was
+        # a bare ValueError, which the pages that read a message took for a failure of
+        # their own (500) rather than for the unreadable row they say what to do about.
+        next_after = int(page[-1][-2]) if more else None
     except (UnreadableRow, ValueError, TypeError, OverflowError) as exc:
         raise UnreadableRow(f"message {message_id}: {UNREADABLE}: {exc}") from exc
     # The clock's now, as the store's status() reads pauses.
@@ -80,7 +84,7 @@ def message_detail(
         [int(row[-1]) for row in page],
         flagged=bool(head[7]),
         counts=counts,
-        next_after=int(page[-1][-2]) if more else None,
+        next_after=next_after,
     )
 
 
