@@ -183,6 +183,15 @@ def test_bad_sts_records(records: list[str], reason: str) -> None:
         parse_sts_record(records)
 
 
+@pytest.mark.parametrize("stray", ["v=STSv1", "v=STSv1 ", " v=STSv1; id=b", "v=STSv1 id=b"])
+def test_records_not_starting_v_stsv1_semicolon_are_discarded(stray: str) -> None:
+    """RFC 8461 §3.1: of several _mta-sts records, those that do not begin with
+    "v=STSv1;" are discarded. A bare "v=STSv1" beside the real record made two STS
+    records, and the domain no policy at all."""
+    assert parse_sts_record([stray, "v=STSv1; id=abc;"]) == "abc"
+    assert parse_sts_record(["v=STSv1; id=abc;", stray]) == "abc"
+
+
 @pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2003"])
 def test_sts_records_are_trimmed_of_wsp_only(space: str) -> None:
     """RFC 8461 §3.1's delimiters are *WSP: str.strip() also took a no-break space, U+3000

@@ -51,6 +51,7 @@ TOO_LARGE = "sts-policy-too-large"
 _SYNTAX = "sts-policy-syntax-error"
 _NO_MX = "sts-policy-no-mx"
 
+_RECORD_START = re.compile(r"v=STSv1[ \t]*;")
 _RECORD_ID = re.compile(r"[A-Za-z0-9]{1,32}")  # fullmatch: "$" would let a final "\n" in
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -197,6 +198,11 @@ def parse_sts_record(records: list[str]) -> str | None:
     """
     # sts-field-delim is *WSP ";" *WSP: only SP and HTAB are trimmed (see _WSP).
     sts = [r for r in records if r.split(";", 1)[0].strip(_WSP) == "v=STSv1"]
+    if len(sts) > 1:
+        # §3.1: of several records, those not beginning with "v=STSv1;" are discarded
+        # (its delimiter may have WSP before the ";"). A bare "v=STSv1" beside the real
+        # record made two, and the domain no policy; alone, it stays a broken record.
+        sts = [r for r in sts if _RECORD_START.match(r)]
     if not sts:
         return None
     if len(sts) > 1:
