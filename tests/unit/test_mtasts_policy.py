@@ -116,9 +116,24 @@ def test_largest_max_age_is_accepted() -> None:
 def test_size_line_and_pattern_limits() -> None:
     with pytest.raises(PolicyError, match="larger"):
         parse_policy(GOOD + b"#" * MAX_POLICY_SIZE)
-    many = b"".join(b"mx: m%d.example\n" % i for i in range(MAX_MX_PATTERNS + 1))
-    with pytest.raises(PolicyError, match="more than"):
-        parse_policy(GOOD + many)
+
+
+def test_many_mx_lines_are_kept_not_refused() -> None:
+    """RFC 8461 §3.2 sets no number of mx lines, and parsers MUST accept a valid policy:
+    101 lines had the whole policy refused, leaving an enforce domain none. The 64 KiB
+    body bounds them; a repeated pattern is kept once."""
+    many = b"".join(b"mx: m%d.example\n" % i for i in range(150))
+    policy = parse_policy(GOOD + many)
+    assert policy.mode is Mode.ENFORCE and len(policy.mx) == 152
+    assert policy.allows("m149.example") and not policy.allows("m150.example")
+    repeated = parse_policy(GOOD + b"mx: mail.example.com\n" * 2_000)
+    assert repeated.mx == ("mail.example.com", "*.example.net")
+    shortest = b"version:STSv1\nmode:enforce\nmax_age:1\n"
+    full = shortest + b"".join(
+        b"mx:%s\n" % "".join(chr(97 + i // 26**k % 26) for k in range(3)).encode()
+        for i in range((MAX_POLICY_SIZE - len(shortest)) // 7)
+    )
+    assert len(parse_policy(full).mx) == (MAX_POLICY_SIZE - len(shortest)) // 7 <= MAX_MX_PATTERNS
 
 
 def test_long_lines_are_no_reason_to_refuse_a_policy() -> None:

@@ -14,7 +14,7 @@ Two texts come from a recipient domain that publishes MTA-STS:
 
   — :func:`parse_policy`.
 
-Everything here is hostile input: sizes and pattern counts are bounded, and
+Everything here is hostile input: its size is bounded (so the count of patterns is), and
 anything that does not follow the grammar raises :class:`PolicyError` with the reason, so the
 caller can log it and treat the domain as having no (new) policy.
 """
@@ -33,8 +33,9 @@ from mailstrom.message.chars import shorten
 MAX_POLICY_SIZE = 64 * 1024
 """Octets of a policy file read at most (RFC 8461 §3.3 lets senders bound it; 64 KiB is the
 size the RFC's examples and the major implementations use)."""
-MAX_MX_PATTERNS = 100
-"""``mx`` lines kept at most; no real policy lists more than a handful."""
+MAX_MX_PATTERNS = MAX_POLICY_SIZE // len("mx:a\n")
+"""``mx`` patterns a policy can hold at most: no bound of its own (RFC 8461 §3.2 sets
+none), only the one :data:`MAX_POLICY_SIZE` implies; a repeated pattern is kept once."""
 MAX_AGE_LIMIT = 31_557_600
 """The largest ``max_age`` RFC 8461 §3.2 allows (about one year), in seconds; a larger one
 (the grammar takes ten digits) is read as this."""
@@ -282,6 +283,7 @@ def parse_policy(body: bytes) -> Policy:
         )
     fields: dict[str, str] = {}
     patterns: list[str] = []
+    seen: set[str] = set()
     ignored: list[str] = []
     for number, raw in enumerate(text.split("\n"), start=1):
         # No bound of its own on a line: §3.2 sets none on an extension's value or the WSP
@@ -303,15 +305,15 @@ def parse_policy(body: bytes) -> Policy:
                 f"line {number} is not 'key: value': {shorten(line, 60)}", code=_SYNTAX
             )
         if key == "mx":
-            if len(patterns) + len(ignored) >= MAX_MX_PATTERNS:
-                raise PolicyError(
-                    f"more than {MAX_MX_PATTERNS} mx lines", code="sts-policy-too-many-mx"
-                )
+            # No count refused: §3.2 sets none, and refusing 101 lines left the domain
+            # with no policy. The body's size bounds them, and a repeat is kept once.
             pattern = normalize_host(value)
             # ASCII before lower-casing: the KELVIN SIGN lower-cases to "k", and a pattern
             # is the name the text shows (RFC 8461 §3.2: a Domain, LDH labels).
             if value.isascii() and _valid_pattern(pattern):
-                patterns.append(pattern)
+                if pattern not in seen:
+                    seen.add(pattern)
+                    patterns.append(pattern)
             else:
                 # Ignored, not fatal: it matches no host, so the policy allows fewer MX
                 # hosts than its author meant, never more. Refusing the whole policy for
