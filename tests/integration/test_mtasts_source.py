@@ -387,6 +387,40 @@ async def test_policy_is_refreshed_before_it_expires(
     assert await source.policy("example.org") is None  # expired, and no fetch works
 
 
+@pytest.mark.parametrize("record", [None, "v=STSv1; id=a;|v=STSv1; id=b;"])
+async def test_policy_is_refreshed_before_it_expires_without_its_record(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, record: str | None
+) -> None:
+    """RFC 8461 §3.3: senders SHOULD refresh cached policies before they expire, and §8.3
+    withdraws a policy with mode none, not by removing the record, which §10.2 says an
+    attacker who blocks DNS can suppress. With the record gone (or unusable), the cached
+    policy was applied but never refreshed, so it lapsed at max_age though the policy
+    host still served it."""
+    clock = Clock()
+    store = MemoryStore()
+    source = make_source(zone, https, client_tls_context, clock, store)
+    first = await source.policy("example.org")
+    assert first is not None
+    if record is None:
+        zone.delete("_mta-sts.example.org")
+    else:
+        zone.txt("_mta-sts.example.org", *record.split("|"))
+    clock.now += timedelta(hours=11)
+    assert await source.policy("example.org") == first
+    assert https.count() == 1
+    clock.now += timedelta(hours=2)
+    again = await source.policy("example.org")
+    assert https.count() == 2
+    assert again is not None and again.fetched_at == clock.now and again.policy_id == "one"
+    assert store.mta_sts_policy("example.org") == again
+    clock.now += timedelta(hours=20)  # past the first fetch's max_age
+    assert await source.policy("example.org") is not None
+    # A policy host that answers no more lets the policy lapse at its max_age.
+    https.stop()
+    clock.now += timedelta(days=2)
+    assert await source.policy("example.org") is None
+
+
 async def test_a_record_reached_through_a_cname_is_remembered_no_longer_than_the_cname(
     zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
 ) -> None:

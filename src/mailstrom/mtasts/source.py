@@ -9,8 +9,9 @@ with the policy cached in the store (shared by every worker):
 * a new id, no cached policy, or an aged-out one → fetch over HTTPS, cache and apply it;
   when the fetch fails, the cached policy stays and applies while it is fresh (an attacker
   who blocks the fetch cannot remove a policy), else the domain has none for now;
-* no TXT record, or a DNS failure → the cached policy while it is fresh (a policy is
-  withdrawn with ``mode: none``, not by removing the record), else none.
+* no TXT record, or an unusable one → the cached policy while it is fresh, refreshed under
+  its id as above (a policy is withdrawn with ``mode: none``, not by removing the record:
+  RFC 8461 §8.3), else none; a DNS failure → the cached policy while it is fresh.
 
 Each answer is remembered by this worker for ``MTASTSConfig.recheck`` seconds (never longer
 than the TXT record's TTL), and concurrent calls for one domain share one lookup, so a
@@ -166,7 +167,6 @@ class PolicySource:
         recheck = self._settings.recheck
         try:
             records, ttl = await txt_records(self._resolver, f"_mta-sts.{domain}")
-            policy_id = parse_sts_record(records)
         except DNSTrouble as exc:
             log.info("MTA-STS record of %s not looked up: %s", domain, exc)
             cached = await self._cached(domain)
@@ -178,15 +178,21 @@ class PolicySource:
                 unknown=f"its _mta-sts record was not looked up: {exc}",
             )
             return fresh
+        unusable: PolicyError | None = None
+        try:
+            policy_id = parse_sts_record(records)
         except PolicyError as exc:
-            cached = await self._cached(domain)
-            fresh = cached if cached is not None and cached.fresh(self._clock()) else None
-            self._failed(domain, exc, fresh)
-            self._remember(domain, fresh, min(recheck, _FAILURE_RECHECK))
-            return fresh
+            unusable, policy_id, ttl = exc, None, min(ttl, _FAILURE_RECHECK)
         cached = await self._cached(domain)
         now = self._clock()
         fresh = cached if cached is not None and cached.fresh(now) else None
+        if unusable is not None:
+            self._failed(domain, unusable, fresh)
+        if policy_id is None and fresh is not None and fresh.refresh_due(now):
+            # Refreshed under its id all the same (RFC 8461 §3.3): a policy is withdrawn
+            # with mode none (§8.3), and a record an attacker hides (§10.2) made a policy
+            # the domain still serves lapse at its max_age.
+            policy_id = fresh.policy_id
         same = fresh is not None and fresh.policy_id == policy_id
         if policy_id is None or (same and fresh is not None and not fresh.refresh_due(now)):
             self._remember(domain, fresh, min(recheck, ttl))
