@@ -146,15 +146,7 @@ def events_command(args: argparse.Namespace) -> int:
         created = patience.call(lambda: _created(settings.store_url))
         store = patience.call(lambda: open_store(settings.store_url, read_only=True))
         with contextlib.closing(store):
-            if args.after is None:
-                after = patience.call(store.last_event_id)
-                shown = patience.call(lambda: _last_events(store, after, limit))
-            else:
-                after = args.after
-                shown = patience.call(lambda: store.read_events(after=after, limit=limit))
-            for event in shown:
-                after = event.id
-                _print(event, as_json=args.json)
+            after = _listed(store, patience, args.after, limit, as_json=args.json)
             if args.follow and created:
                 _follow(store, after, patience, as_json=args.json)
         if args.follow:
@@ -163,24 +155,84 @@ def events_command(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _listed(
+    store: Store, patience: _Patience, after: int | None, limit: int, *, as_json: bool
+) -> int:
+    """Print the last ``limit`` events (``after`` None) or the first ``limit`` with an id
+    above ``after``, oldest first; return the id a follower carries on after.
+
+    Read and printed a page at a time: ``events --after 0 --limit 1000000`` (exporting
+    the outbox) read every event into one list, and without ``--after`` the last ones
+    were all kept, before the first line was written: 200,000 events held 275 MB. Each
+    page is one store call, tried again on its own (:class:`_Patience`): a retry never
+    prints again what was printed."""
+    if after is None:
+        last = patience.call(store.last_event_id)
+        start, skip, kept = patience.call(lambda: _last_events_start(store, last, limit))
+        if kept is not None:  # a page at most, read already: read once, as before
+            for event in kept:
+                _print(event, as_json=as_json)
+        else:
+            _print_pages(store, patience, start, limit, upto=last, skip=skip, as_json=as_json)
+        return last
+    return _print_pages(store, patience, after, limit, as_json=as_json)
+
+
+def _print_pages(
+    store: Store,
+    patience: _Patience,
+    after: int,
+    limit: int,
+    *,
+    upto: int | None = None,
+    skip: int = 0,
+    as_json: bool,
+) -> int:
+    """Print up to ``limit`` events with an id above ``after`` (and at most ``upto``),
+    after leaving out the first ``skip`` of them; return the id of the last printed, or
+    ``after``."""
+    while limit > 0:
+        size = min(_PAGE, skip + limit)
+        # A partial, not a lambda: a retry reads this page again, whatever comes after.
+        read = functools.partial(store.read_events, after=after, limit=size)
+        page = patience.call(read)
+        for event in page:
+            if upto is not None and event.id > upto:
+                return after
+            after = event.id
+            if skip:
+                skip -= 1
+                continue
+            _print(event, as_json=as_json)
+            limit -= 1
+            if limit == 0:
+                break
+        if len(page) < size:
+            break
+    return after
+
+
 _T = TypeVar("_T")
 
 _PAGE = 1000
-"""Events read at once while looking for the last ones."""
+"""Events read at once: while looking for the last ones, and while printing."""
 
 
-def _last_events(store: Store, last: int, limit: int) -> list[DeliveryEvent]:
-    """The last ``limit`` events up to the id ``last``, oldest first. Ids have gaps (a
-    prune deletes the events a hook sent, which need not be the oldest; PostgreSQL's
-    sequence skips the ids of rolled-back transactions), so the ``limit`` ids below the
-    last may hold fewer events: the range looked at is doubled until it holds ``limit``
-    or starts at the first id. Read a page at a time, keeping the last ``limit``."""
-    if limit == 0:
-        return []
-    span = limit
+def _last_events_start(
+    store: Store, last: int, limit: int
+) -> tuple[int, int, list[DeliveryEvent] | None]:
+    """Where the last ``limit`` events up to the id ``last`` begin: an id to read after,
+    and how many events after it come before them; and, when ``limit`` is a page at
+    most, those events themselves (read once: a row that cannot be read is warned of
+    once). Ids have gaps (a prune deletes the events a hook sent, which need not be the
+    oldest; PostgreSQL's sequence skips the ids of rolled-back transactions), so the
+    ``limit`` ids below the last may hold fewer events: the range looked at is doubled
+    until it holds ``limit`` or starts at the first id. Read a page at a time, keeping
+    a page at most."""
+    span = max(limit, 1)
     while True:
         start = max(0, last - span)
-        kept: collections.deque[DeliveryEvent] = collections.deque(maxlen=limit)
+        kept: collections.deque[DeliveryEvent] = collections.deque(maxlen=min(limit, _PAGE))
         found, after = 0, start
         while True:
             page = [e for e in store.read_events(after=after, limit=_PAGE) if e.id <= last]
@@ -190,7 +242,7 @@ def _last_events(store: Store, last: int, limit: int) -> list[DeliveryEvent]:
                 break
             after = page[-1].id
         if found >= limit or start == 0:
-            return list(kept)
+            return start, max(0, found - limit), list(kept) if limit <= _PAGE else None
         span *= 2
 
 
