@@ -11,6 +11,7 @@ from tests.contract.support import NOW, SECOND, lease_all, message, results_for
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.status import DestinationThrottle, RecipientState
 from mailstrom.stores import MemoryStore
+from mailstrom.stores.memory_records import _Event
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
@@ -70,3 +71,51 @@ def test_a_throttle_does_not_walk_every_pause_kept() -> None:
     store.throttle("late.example", now=later, reply="421 busy", first=MINUTE, maximum=HOUR)
     assert list(dict(pauses)) == ["late.example"]
     assert [p.destination for p in store.throttles(now=later)] == ["late.example"]
+
+
+class _CountingEvents(dict[int, _Event]):
+    """The memory store's event outbox, counting the entries a read touches."""
+
+    visited = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for key in super().__iter__():
+            self.visited += 1
+            yield key
+
+    def items(self) -> Iterator[tuple[int, _Event]]:  # type: ignore[override]
+        for item in super().items():
+            self.visited += 1
+            yield item
+
+    def values(self) -> Iterator[_Event]:  # type: ignore[override]
+        for value in super().values():
+            self.visited += 1
+            yield value
+
+    def __getitem__(self, key: int) -> _Event:
+        self.visited += 1
+        return super().__getitem__(key)
+
+
+def test_reading_events_touches_only_the_page_read() -> None:
+    """Was: each ``read_events`` walked every event kept, whatever its ``after`` and
+    ``limit`` (and ``last_event_id`` did too): paging through 2,000 events 10 at a time
+    visited 400,000 entries, quadratic in the outbox. A page is the same as before."""
+    store = MemoryStore()
+    store.enable_events()
+    store.enqueue(message(*(f"user{n}@example.org" for n in range(2000))), now=NOW)
+    store.record(
+        results_for(store.lease(now=NOW, limit=2000, lease_for=HOUR), RecipientState.FAILED)
+    )
+    everything = store.read_events(limit=5000)
+    assert len(everything) == 2000
+    events = store._events = _CountingEvents(store._events)
+    pages, after = [], 0
+    while page := store.read_events(after=after, limit=10):
+        pages.extend(page)
+        after = page[-1].id
+    assert pages == everything
+    assert store.read_events(after=everything[999].id - 1, limit=3) == everything[999:1002]
+    assert store.last_event_id() == everything[-1].id
+    assert events.visited < 5000

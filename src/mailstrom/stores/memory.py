@@ -171,6 +171,7 @@ class MemoryStore(
         self._events_on = False
         self._events: dict[int, _Event] = {}
         self._unsent: dict[int, _Event] = {}
+        self._event_order: list[int] = []
         # Numbered on from the clock (microseconds since 1970), not from 1: a process started
         # again starts a new memory store, and its events went to the same hook endpoint
         # with ids it already had, which a receiver that de-duplicates on the id (as the

@@ -3,6 +3,7 @@ events on), leased, acknowledged and pruned like the durable stores' ``events`` 
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import threading
@@ -28,6 +29,10 @@ class MemoryEventsMixin:
     ``mailstrom events`` until pruned), under the lock, in each lease and each idle poll:
     with a million kept, 75 ms of the loop every time, and a sender catching up after an
     outage leased a batch at a time."""
+    _event_order: list[int]
+    """The ids of :attr:`_events`, ascending: a read bisects it for its ``after``. Walking
+    ``_events`` instead cost every event kept per page (paging through 2,000 events 10 at
+    a time visited 406,000 entries)."""
     _event_ids: itertools.count[int]
 
     def _append_event(
@@ -35,6 +40,7 @@ class MemoryEventsMixin:
     ) -> None:
         """The outbox entry of a result just recorded (under the lock)."""
         event_id = next(self._event_ids)
+        self._event_order.append(event_id)  # ids only grow: the list stays sorted
         self._events[event_id] = self._unsent[event_id] = _Event(
             event=DeliveryEvent(
                 id=event_id,
@@ -104,14 +110,16 @@ class MemoryEventsMixin:
     def read_events(self, *, after: int = 0, limit: int = 100) -> list[DeliveryEvent]:
         """Events with an id above ``after``, oldest first."""
         after = row_after(after)
+        limit = row_limit(limit)
         with self._lock:
-            found = [e.event for i, e in self._events.items() if i > after]
-        return [_copy(event) for event in found[: row_limit(limit)]]
+            start = bisect.bisect_right(self._event_order, after)
+            found = [self._events[i].event for i in self._event_order[start : start + limit]]
+        return [_copy(event) for event in found]
 
     def last_event_id(self) -> int:
         """The highest event id so far (0 when none)."""
         with self._lock:
-            return max(self._events, default=0)
+            return self._event_order[-1] if self._event_order else 0
 
     def unsent_events(self) -> int:
         """How many events are not acknowledged yet."""
@@ -132,6 +140,8 @@ class MemoryEventsMixin:
             for i in doomed:
                 del self._events[i]
                 self._unsent.pop(i, None)
+            if doomed:
+                self._event_order = list(self._events)  # insertion order is id order
         return len(doomed)
 
 
