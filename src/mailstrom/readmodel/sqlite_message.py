@@ -9,6 +9,7 @@ import json
 import sqlite3
 from collections.abc import Collection
 from datetime import UTC, datetime
+from typing import Any
 
 from mailstrom.errors import UnknownMessage, UnreadableRow
 from mailstrom.readmodel.base import MAX_SEQ, MessageDetail, attempt_shares, detail
@@ -35,8 +36,18 @@ _PAGE = (
     " FROM recipients r WHERE message_seq = ? AND position > ?"
     " ORDER BY position, id LIMIT ?"
 )
+# The page's recipients' latest attempts, each as many as its share, in one statement: a
+# statement per recipient was 2,007 for a message to 2,000. The shares arrive as one JSON
+# array of [recipient id, share] (one parameter whatever the page); the attempts are
+# ranked on the index of attempts by recipient alone, and only those shown are read.
 _LATEST = (
-    f"SELECT {ATTEMPT_COLUMNS} FROM attempts a WHERE a.recipient_id = ? ORDER BY a.id DESC LIMIT ?"
+    "WITH wanted(rid, share) AS"
+    " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)),"
+    " ranked(id, rid, n) AS (SELECT id, recipient_id, row_number()"
+    " OVER (PARTITION BY recipient_id ORDER BY id DESC) FROM attempts"
+    " WHERE recipient_id IN (SELECT rid FROM wanted))"
+    f" SELECT {ATTEMPT_COLUMNS} FROM ranked k JOIN wanted w ON w.rid = k.rid"
+    " JOIN attempts a ON a.id = k.id WHERE k.n <= w.share ORDER BY a.id"
 )
 
 
@@ -67,9 +78,14 @@ def message_detail(
                 (seq,),
             )
         }
-        for row, share in zip(page, shares, strict=True):
-            found = conn.execute(_LATEST, (row[1], share)).fetchall() if share and row[-1] else []
-            histories.append(tuple(attempt_from_row(a) for a in reversed(found)))
+        wanted = [
+            [row[1], share] for row, share in zip(page, shares, strict=True) if share and row[-1]
+        ]
+        found: dict[int, list[Any]] = {}
+        if wanted:
+            for a in conn.execute(_LATEST, (json.dumps(wanted),)):
+                found.setdefault(a[0], []).append(a)
+        histories.extend(tuple(attempt_from_row(a) for a in found.get(row[1], ())) for row in page)
         # Here, with the rest of the rows' checks: a position changed by hand to text was
         # a bare ValueError, which the pages that read a message took for a failure of
         # their own (500) rather than for the unreadable row they say what to do about.
