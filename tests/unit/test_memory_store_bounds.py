@@ -1,4 +1,5 @@
-"""The memory store lets go of what its messages no longer need once they are purged."""
+"""The memory store lets go of what its messages no longer need once they are purged,
+and its reads touch what they return, not the whole store."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import dataclasses
 from collections.abc import Iterator
 from datetime import timedelta
 
+import pytest
 from tests.contract.support import NOW, SECOND, lease_all, message, results_for
 
 from mailstrom.message.attributes import QueueAttributes
+from mailstrom.readmodel import QueueQuery, QueueView, SortOrder
+from mailstrom.readmodel import memory as memory_model
+from mailstrom.readmodel.memory import MemoryReadModel
 from mailstrom.status import DestinationThrottle, RecipientState
 from mailstrom.stores import MemoryStore
-from mailstrom.stores.memory_records import _Event
+from mailstrom.stores.memory_records import _Event, _Message
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
@@ -119,3 +124,38 @@ def test_reading_events_touches_only_the_page_read() -> None:
     assert store.read_events(after=everything[999].id - 1, limit=3) == everything[999:1002]
     assert store.last_event_id() == everything[-1].id
     assert events.visited < 5000
+
+
+@pytest.mark.parametrize("order", [SortOrder.NEWEST, SortOrder.OLDEST])
+def test_a_queue_page_starts_at_its_cursor(
+    monkeypatch: pytest.MonkeyPatch, order: SortOrder
+) -> None:
+    """Was: the memory read model's page of the queue (the dashboard's) judged every
+    message from the start of the queue up to its cursor, and skipped those before it:
+    paging through 2,000 messages 10 at a time judged 201,199 of them. A page now starts
+    at its cursor, found by bisection, and the pages are the same."""
+    store = MemoryStore()
+    ids = [
+        store.enqueue(message(f"u{n}@example.org"), now=NOW + n % 7 * SECOND) for n in range(2000)
+    ]
+    judged = 0
+    matches = memory_model._matches
+
+    def counted(m: _Message, query: QueueQuery) -> bool:
+        nonlocal judged
+        judged += 1
+        return matches(m, query)
+
+    monkeypatch.setattr(memory_model, "_matches", counted)
+    model = MemoryReadModel(store)
+    seen: list[str] = []
+    query = QueueQuery(view=QueueView.ALL, order=order, limit=10)
+    while True:
+        page = model.queue_page(query, now=NOW + DAY)
+        seen += [m.id for m in page.messages]
+        if page.next is None:
+            break
+        query = dataclasses.replace(query, after=page.next)
+    by_place = sorted(range(2000), key=lambda n: (n % 7, n), reverse=order is SortOrder.NEWEST)
+    assert seen == [ids[n] for n in by_place]
+    assert judged < 5000

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -135,7 +135,7 @@ class MemoryOperatorMixin:
                     return True
             return False
 
-        self._walk(visit, below=after)
+        self._walk(visit, past=None if after is None else _place(after))
         return found
 
     def _walk(
@@ -143,13 +143,14 @@ class MemoryOperatorMixin:
         visit: Callable[[list[_Message]], bool],
         *,
         newest: bool | None = True,
-        below: ListingKey | None = None,
+        past: tuple[datetime, int] | None = None,
     ) -> None:
         """Call ``visit`` with the store's messages in the order of the lists (created
         time, then queue order: newest first, oldest first with ``newest`` False, in no
-        order with None; with ``below``, only those before that place in it, found by
-        bisection), at most :data:`WALK_BATCH` of them per call, each call under
-        the lock, until it returns True. Only the list of messages is copied under the
+        order with None; with ``past``, a place in that order (:func:`_created_order`),
+        only those after it in the walk's direction, found by bisection), at most
+        :data:`WALK_BATCH` of them per call, each call under the lock, until it returns
+        True. Only the list of messages is copied under the
         lock (in order, unless the store's clock ever went back: then sorted outside
         it, the keys never change), and the lock is left free
         between two calls, as :meth:`_in_batches` leaves it: ``send_email`` and the
@@ -161,8 +162,10 @@ class MemoryOperatorMixin:
         if newest is not None:
             if not in_order:
                 messages.sort(key=_created_order)
-            if below is not None:
-                messages = messages[: bisect_left(messages, _place(below), key=_created_order)]
+            if past is not None and newest:
+                messages = messages[: bisect_left(messages, past, key=_created_order)]
+            elif past is not None:
+                messages = messages[bisect_right(messages, past, key=_created_order) :]
             if newest:
                 messages.reverse()
         current = self._messages
