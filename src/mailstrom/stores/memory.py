@@ -160,6 +160,9 @@ class MemoryStore(
         self._lock = threading.Lock()
         self._closed = False
         self._messages: dict[str, _Message] = {}
+        self._by_header: dict[str, dict[str, _Message]] = {}
+        """Message-ID header -> the messages carrying it (by id): what a bounce report is
+        matched by, found without walking the store."""
         self._due = DueIndex(self._messages)
         self._seq = itertools.count()
         self._created_in_order = True
@@ -261,6 +264,8 @@ class MemoryStore(
                     recipients=recipients,
                     dkim=bounded_dkim(prepared.dkim_status),
                 )
+                if prepared.header_message_id is not None:
+                    self._by_header.setdefault(prepared.header_message_id, {})[mid] = m
                 self._due.push_message(m)
                 ids.append(mid)
         if ids and not hold:
@@ -701,7 +706,13 @@ class MemoryStore(
         stores' foreign keys do (call under the lock): a key left behind was kept for
         good, one per keyed message ever purged."""
         for mid in message_ids:
-            key = self._messages.pop(mid).prepared.attributes.idempotency_key
+            prepared = self._messages.pop(mid).prepared
+            header = prepared.header_message_id
+            if header is not None and (same := self._by_header.get(header)) is not None:
+                same.pop(mid, None)
+                if not same:
+                    del self._by_header[header]
+            key = prepared.attributes.idempotency_key
             if key is not None and self._keys.get(key, ("",))[0] == mid:
                 del self._keys[key]
 

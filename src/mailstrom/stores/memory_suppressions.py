@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -31,14 +31,11 @@ class MemorySuppressionsMixin:
     went, sorted again by the next listing. Sorted for each page, paging through 200,000
     entries (``suppress export``) took 10 s, each page holding the lock for 75 ms."""
     _verp_key: bytes
+    _by_header: dict[str, dict[str, _Message]]
 
     if TYPE_CHECKING:  # the store's own (memory.py) and the outbox's (memory_events.py)
 
         def _get(self, message_id: str) -> _Message: ...
-
-        def _walk(
-            self, visit: Callable[[list[_Message]], bool], *, newest: bool | None = True
-        ) -> None: ...
 
         def _append_event(
             self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
@@ -143,15 +140,12 @@ class MemorySuppressionsMixin:
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first."""
         wanted = row_limit(limit)
-        found: list[str] = []
-
-        def visit(batch: list[_Message]) -> bool:
-            found.extend(m.id for m in batch if m.prepared.header_message_id == header_message_id)
-            return len(found) >= wanted
-
-        if wanted:
-            self._walk(visit)
-        return found[:wanted]
+        if not isinstance(header_message_id, str):
+            return []  # no header is stored as anything else (nor hashes, for a list)
+        with self._lock:
+            same = list(self._by_header.get(header_message_id, {}).values())
+        same.sort(key=lambda m: (m.created_at, m.seq), reverse=True)  # the lists' order
+        return [m.id for m in same[:wanted]]
 
 
 def _in_utc(entry: Suppression) -> Suppression:
