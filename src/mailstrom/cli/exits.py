@@ -160,5 +160,14 @@ def reader_gone() -> int:
     """The reader of standard output went away (``mailq | head -1``, a closed ``less``):
     no error worth a message, nor a bug to report. Standard output is pointed at
     /dev/null, so that the interpreter's last flush does not fail again; EX_OK."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    discard_stdout()
     return EX_OK
+
+
+def discard_stdout() -> None:
+    """Point standard output at /dev/null: what is still buffered for it, and could not
+    be written, is written away rather than failing the interpreter's last flush (exit
+    120, after the command's own code and line)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)

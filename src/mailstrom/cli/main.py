@@ -21,6 +21,7 @@ try:
         EX_SOFTWARE,
         EX_USAGE,
         UsageError,
+        discard_stdout,
         fail,
         reader_gone,
         reason_for,
@@ -153,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from mailstrom.cli.output import ReaderGone, end_with_reader, outlive_readers, tolerant_stdout
+    from mailstrom.cli.output import (
+        OutputFailed,
+        ReaderGone,
+        end_with_reader,
+        outlive_readers,
+        tolerant_stdout,
+    )
 
     tolerant_stdout()
     if argv is None:
@@ -187,9 +194,16 @@ def _main(argv: list[str] | None) -> int:
     else:
         outlive_readers()
     try:
-        return handler(args)
+        code = handler(args)
+        # Here, not at the interpreter's exit: a write that fails is then the command's
+        # error, with its code, not a traceback Python prints and exit 120.
+        sys.stdout.flush()
+        return code
     except ReaderGone:  # `mailstrom queue | head -1`: the reader had what it wanted
         return reader_gone()
+    except OutputFailed as exc:  # `> file` on a full disk
+        discard_stdout()
+        return fail(exc)
     except BrokenPipeError as exc:
         return fail(exc)  # not its standard output's (a socket's): a failure
     except Exception as exc:

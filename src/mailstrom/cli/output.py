@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO
 
+from mailstrom.cli.exits import EX_CANTCREAT, CLIError
 from mailstrom.safetext import UNICODE_CONTROLS, escaped_json
 
 if TYPE_CHECKING:
@@ -217,19 +218,29 @@ class ReaderGone(BrokenPipeError):
     pipe elsewhere (a socket, standard error) is not taken for it."""
 
 
+class OutputFailed(CLIError):
+    """Standard output could not be written for another reason than its reader going (a
+    full disk under ``> file``, an I/O error): EX_CANTCREAT, as for an ``--out`` file."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(f"cannot write standard output: {exc.strerror or exc}", EX_CANTCREAT)
+
+
 class _ReaderMayGo(io.RawIOBase):
     """The descriptor ``fd``, written until its reader has gone (a pipe to a ``head``
     that exited, a logger restarted): from then on it is /dev/null, and what is written
     is lost, never the command's work nor its exit code; or, ``ends``, the write raises
-    :class:`ReaderGone`, which ends a listing."""
+    :class:`ReaderGone`, which ends a listing. ``output``: ``fd`` is standard output,
+    whose other write errors raise :class:`OutputFailed`."""
 
-    def __init__(self, stream: TextIO, fd: int, *, ends: bool = False) -> None:
+    def __init__(self, stream: TextIO, fd: int, *, ends: bool = False, output: bool = False):
         super().__init__()
         self._fd = fd
         # The stream whose descriptor this writes: collected, it would close it (the
         # /dev/null standing in for a closed standard output, which nothing else holds).
         self._stream = stream
         self._ends = ends
+        self._output = output
 
     def writable(self) -> bool:
         return True
@@ -250,6 +261,12 @@ class _ReaderMayGo(io.RawIOBase):
             os.dup2(null, self._fd)
             os.close(null)
             return memoryview(data).nbytes
+        except OSError as exc:
+            if not self._output:
+                raise
+            # `queue --json > q.json` on a full disk, `hold --all > log` after the hold
+            # was done: an OSError here was an "internal error" (70), a bug to report.
+            raise OutputFailed(exc) from None
 
 
 def outlive_readers() -> None:
@@ -258,7 +275,7 @@ def outlive_readers() -> None:
     printed ended the command as a listing read by ``head`` ends, exit 0, whether its
     work was done or not (``send --wait`` printed the id, then neither delivered nor
     said it had not). Now the line is lost and the command goes on to its own code."""
-    sys.stdout = _outliving(sys.stdout)
+    sys.stdout = _outliving(sys.stdout, output=True)
     sys.stderr = _outliving(sys.stderr)
 
 
@@ -268,11 +285,11 @@ def end_with_reader() -> None:
     command's does. Any BrokenPipeError ended a listing so, exit 0: with standard error
     a pipe whose reader had gone, the note that no worker runs ended ``queue`` before
     its table, an empty queue to its reader; one from a socket said it had worked."""
-    sys.stdout = _outliving(sys.stdout, ends=True)
+    sys.stdout = _outliving(sys.stdout, ends=True, output=True)
     sys.stderr = _outliving(sys.stderr)
 
 
-def _outliving(stream: TextIO, *, ends: bool = False) -> TextIO:
+def _outliving(stream: TextIO, *, ends: bool = False, output: bool = False) -> TextIO:
     if not isinstance(stream, io.TextIOWrapper):
         return stream
     try:
@@ -280,7 +297,7 @@ def _outliving(stream: TextIO, *, ends: bool = False) -> TextIO:
         stream.flush()
     except (OSError, ValueError):  # no descriptor (a test's capture), or already broken
         return stream
-    raw = _ReaderMayGo(stream, fd, ends=ends)
+    raw = _ReaderMayGo(stream, fd, ends=ends, output=output)
     # Buffered as it was: unbuffered (``python -u``) over the descriptor itself.
     binary: Any = io.BufferedWriter(raw) if isinstance(stream.buffer, io.BufferedWriter) else raw
     return io.TextIOWrapper(
