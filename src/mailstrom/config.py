@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import ipaddress
 import os
@@ -40,6 +39,9 @@ from mailstrom.policy.shaping import ShapingConfig
 from mailstrom.suppression import BYPASSABLE, SuppressionSource
 from mailstrom.tls.levels import TLSPolicy as TLSPolicy  # re-exported: its old home
 from mailstrom.tls.table import PolicyTable
+from mailstrom.tls_spec import TLSContextSpec
+from mailstrom.tls_spec import portable_trust as portable_trust  # re-exported: its old home
+from mailstrom.tls_spec import trusting as trusting  # re-exported: its old home
 
 
 class EventLoop(StrEnum):
@@ -173,41 +175,6 @@ def check_tls_context(value: object, where: str) -> None:
             f"{where}: the context does not check the certificate's host name "
             "(check_hostname is off); use ssl.create_default_context() and add your CAs"
         )
-
-
-def portable_trust(context: ssl.SSLContext) -> tuple[bool, tuple[bytes, ...]]:
-    """What a worker process needs to trust what ``context`` trusts (an SSLContext cannot
-    be pickled): whether it trusts the system's CAs, and the DER certificates of the other
-    CAs it holds. :func:`trusting` builds the context again.
-
-    A context holding every CA the system's default context loads trusts the system's;
-    one made from a CA file of its own (``create_default_context(cafile=...)``) trusts
-    that file's alone, and so does the one rebuilt from it. Where the system's CAs are
-    loaded only when a lookup needs them (a CA directory alone), none is held up front
-    and the system's are trusted as well, as they cannot be told apart."""
-    held = tuple(c for c in context.get_ca_certs(binary_form=True) if isinstance(c, bytes))
-    system = _system_cas()
-    return system.issubset(held), tuple(c for c in held if c not in system)
-
-
-def trusting(system: bool, cas: tuple[bytes, ...]) -> ssl.SSLContext:
-    """A verifying context trusting ``cas`` (DER), and the system's CAs if ``system``."""
-    if system:
-        context = ssl.create_default_context()
-        if cas:
-            context.load_verify_locations(cadata=b"".join(cas))
-        return context
-    if cas:
-        return ssl.create_default_context(cadata=b"".join(cas))
-    # create_default_context() loads the system's CAs when given none: a context trusting
-    # nothing stays one.
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-
-
-@functools.cache
-def _system_cas() -> frozenset[bytes]:
-    found = ssl.create_default_context().get_ca_certs(binary_form=True)
-    return frozenset(c for c in found if isinstance(c, bytes))
 
 
 def check_ca_file(value: object, where: str) -> None:
@@ -578,17 +545,15 @@ class MTASTSConfig:
         check_bool(self.report, "mta_sts.report")
 
     def __reduce__(self) -> tuple[object, ...]:
-        # An SSLContext cannot cross to a worker process: what it trusts does, and the
-        # other side builds a context trusting that (portable_trust).
+        # An SSLContext cannot cross to a worker process: what it trusts and its settings
+        # do (TLSContextSpec), and the other side builds the context again from them.
         options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tls_context"}
-        trust = None if self.tls_context is None else portable_trust(self.tls_context)
-        return (_rebuild_mta_sts, (options, trust))
+        spec = None if self.tls_context is None else TLSContextSpec.of(self.tls_context)
+        return (_rebuild_mta_sts, (options, spec))
 
 
-def _rebuild_mta_sts(
-    options: dict[str, object], trust: tuple[bool, tuple[bytes, ...]] | None
-) -> MTASTSConfig:
-    context = None if trust is None else trusting(*trust)
+def _rebuild_mta_sts(options: dict[str, object], spec: TLSContextSpec | None) -> MTASTSConfig:
+    context = None if spec is None else spec.build()
     return MTASTSConfig(tls_context=context, **options)  # type: ignore[arg-type]
 
 

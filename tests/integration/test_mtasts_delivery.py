@@ -683,3 +683,45 @@ def test_a_tls_required_no_session_to_a_host_remembered_broken_counts_as_no_poli
     assert [
         (c.result_type, c.failure_code) for c in counters if c.policy_type is PolicyType.NO_POLICY
     ] == [("validation-failure", "tls-handshake-failed-recently")]
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_a_worker_process_fetches_policies_with_the_tls_versions_it_was_given(
+    zone: LoopbackDNS,
+    tls_ca: trustme.CA,
+    smtp_server: Any,
+    client_tls_context: ssl.SSLContext,
+    tmp_path: Path,
+    worker: str,
+) -> None:
+    """``mta_sts.tls_context`` crossed to a worker process as its CAs alone: a context
+    asking for TLS 1.3 at least fetched, in the child, a policy a server offering TLS 1.2
+    only served, which the same context refuses in a worker thread. Here the policy would
+    name another MX: applied, it defers the message; refused, the message is delivered."""
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("mta-sts.example.org").configure_cert(server_context)
+    server_context.maximum_version = ssl.TLSVersion.TLSv1_2
+    https = HTTPSServer(server_context)
+    try:
+        https.policy(policy("enforce", "mail.example.net"))
+        modern = ssl.create_default_context()
+        tls_ca.configure_trust(modern)
+        modern.minimum_version = ssl.TLSVersion.TLSv1_3
+        mx = smtp_server(name="mx1.test")
+        config = loopback_config(
+            zone,
+            mx.port,
+            tls_context=client_tls_context,
+            mta_sts=MTASTSConfig(port=https.port, tls_context=modern, recheck=0),
+        )
+        store = SQLiteStore(tmp_path / "q.db")
+        results = Results()
+        with Mailstrom(config, store=store, on_result=results, worker=worker) as ms:  # type: ignore[arg-type]
+            mid = ms.send_email(Email(from_="app@sender.test", to=[BOB], subject="Hi", text="Hi"))
+            results.wait_final({BOB})
+            status = ms.query_status(mid).recipient(BOB)
+        store.close()
+    finally:
+        https.stop()
+    assert status.state is RecipientState.DELIVERED, status.reason
+    assert status.history[-1].tls_policy != "mta-sts enforce"

@@ -45,9 +45,10 @@ from mailstrom.client.process_watch import ChildWatch, Watching
 from mailstrom.client.supervision import RestartBackoff
 from mailstrom.config import Config
 from mailstrom.errors import WorkerError
-from mailstrom.runtime.pipes import ChildSpec, TLSContextSpec, write_frame
+from mailstrom.runtime.pipes import ChildSpec, write_frame
 from mailstrom.status import RecipientState, WorkerStatus
 from mailstrom.stores.base import RecipientResult, Store, new_holder
+from mailstrom.tls_spec import TLSContextSpec
 
 log = logging.getLogger("mailstrom.worker")
 

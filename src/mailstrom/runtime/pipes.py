@@ -11,14 +11,14 @@ database does not answer (see :mod:`mailstrom.runtime.store_opening`).
 from __future__ import annotations
 
 import pickle
-import ssl
 import struct
 from dataclasses import dataclass
 from typing import IO, Any
 
-from mailstrom.config import Config, portable_trust, trusting
+from mailstrom.config import Config
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, Store
+from mailstrom.tls_spec import TLSContextSpec
 
 _HEADER = struct.Struct("!I")
 MAX_FRAME = 256 * 1024 * 1024
@@ -28,55 +28,6 @@ record), and below the length any four octets of printable text make (512 MiB an
 A length past it is no frame of ours: bytes someone else wrote into the pipe. Read as
 one, it had that much allocated at once and swallowed every later frame, the stream no
 longer followed."""
-
-
-@dataclass(frozen=True, slots=True)
-class TLSContextSpec:
-    """What a child needs to rebuild ``Config.tls_context``: an :class:`ssl.SSLContext`
-    cannot cross a process boundary, so what it trusts and its checks are sent instead
-    (:func:`~mailstrom.config.portable_trust`): the child trusts the system's CAs only
-    if the parent's context does. The protocol versions, options, verification flags and
-    ciphers cross too: without them the child took Python's defaults, and a context asking
-    for TLS 1.3 at least delivered over TLS 1.2 from a worker process."""
-
-    system: bool
-    ca_der: tuple[bytes, ...]
-    check_hostname: bool
-    verify_mode: int
-    minimum_version: int
-    maximum_version: int
-    options: int
-    verify_flags: int
-    ciphers: tuple[str, ...]
-
-    @classmethod
-    def of(cls, context: ssl.SSLContext) -> TLSContextSpec:
-        system, cas = portable_trust(context)
-        return cls(
-            system=system,
-            ca_der=cas,
-            check_hostname=context.check_hostname,
-            verify_mode=int(context.verify_mode),
-            minimum_version=int(context.minimum_version),
-            maximum_version=int(context.maximum_version),
-            options=int(context.options),
-            verify_flags=int(context.verify_flags),
-            ciphers=tuple(cipher["name"] for cipher in context.get_ciphers()),
-        )
-
-    def build(self) -> ssl.SSLContext:
-        context = trusting(self.system, self.ca_der)
-        context.check_hostname = self.check_hostname
-        context.verify_mode = ssl.VerifyMode(self.verify_mode)
-        context.minimum_version = ssl.TLSVersion(self.minimum_version)
-        context.maximum_version = ssl.TLSVersion(self.maximum_version)
-        context.options = ssl.Options(self.options)
-        context.verify_flags = ssl.VerifyFlags(self.verify_flags)
-        if self.ciphers:
-            # The names OpenSSL enabled in the parent (its TLS 1.3 suites are not set by
-            # this call, and are ignored in the list).
-            context.set_ciphers(":".join(self.ciphers))
-        return context
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,96 @@
+"""What a worker process needs to build again a TLS context its parent was given: an
+:class:`ssl.SSLContext` cannot be pickled. Beside :mod:`mailstrom.config`, which pickles
+``MTASTSConfig.tls_context`` this way, and the worker-process frames
+(:mod:`mailstrom.runtime.pipes`), which send ``Config.tls_context``: both import it, and
+config may not import the runtime."""
+
+from __future__ import annotations
+
+import functools
+import ssl
+from dataclasses import dataclass
+
+
+def portable_trust(context: ssl.SSLContext) -> tuple[bool, tuple[bytes, ...]]:
+    """What a worker process needs to trust what ``context`` trusts (an SSLContext cannot
+    be pickled): whether it trusts the system's CAs, and the DER certificates of the other
+    CAs it holds. :func:`trusting` builds the context again.
+
+    A context holding every CA the system's default context loads trusts the system's;
+    one made from a CA file of its own (``create_default_context(cafile=...)``) trusts
+    that file's alone, and so does the one rebuilt from it. Where the system's CAs are
+    loaded only when a lookup needs them (a CA directory alone), none is held up front
+    and the system's are trusted as well, as they cannot be told apart."""
+    held = tuple(c for c in context.get_ca_certs(binary_form=True) if isinstance(c, bytes))
+    system = _system_cas()
+    return system.issubset(held), tuple(c for c in held if c not in system)
+
+
+def trusting(system: bool, cas: tuple[bytes, ...]) -> ssl.SSLContext:
+    """A verifying context trusting ``cas`` (DER), and the system's CAs if ``system``."""
+    if system:
+        context = ssl.create_default_context()
+        if cas:
+            context.load_verify_locations(cadata=b"".join(cas))
+        return context
+    if cas:
+        return ssl.create_default_context(cadata=b"".join(cas))
+    # create_default_context() loads the system's CAs when given none: a context trusting
+    # nothing stays one.
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+@functools.cache
+def _system_cas() -> frozenset[bytes]:
+    found = ssl.create_default_context().get_ca_certs(binary_form=True)
+    return frozenset(c for c in found if isinstance(c, bytes))
+
+
+@dataclass(frozen=True, slots=True)
+class TLSContextSpec:
+    """What a child needs to rebuild ``Config.tls_context`` or ``MTASTSConfig.tls_context``:
+    an :class:`ssl.SSLContext` cannot cross a process boundary, so what it trusts and its
+    checks are sent instead (:func:`portable_trust`): the child trusts the system's CAs
+    only if the parent's context does. The protocol versions, options, verification flags
+    and ciphers cross too: without them the child took Python's defaults, and a context
+    asking for TLS 1.3 at least delivered over TLS 1.2 (or fetched an MTA-STS policy over
+    it) from a worker process."""
+
+    system: bool
+    ca_der: tuple[bytes, ...]
+    check_hostname: bool
+    verify_mode: int
+    minimum_version: int
+    maximum_version: int
+    options: int
+    verify_flags: int
+    ciphers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, context: ssl.SSLContext) -> TLSContextSpec:
+        system, cas = portable_trust(context)
+        return cls(
+            system=system,
+            ca_der=cas,
+            check_hostname=context.check_hostname,
+            verify_mode=int(context.verify_mode),
+            minimum_version=int(context.minimum_version),
+            maximum_version=int(context.maximum_version),
+            options=int(context.options),
+            verify_flags=int(context.verify_flags),
+            ciphers=tuple(cipher["name"] for cipher in context.get_ciphers()),
+        )
+
+    def build(self) -> ssl.SSLContext:
+        context = trusting(self.system, self.ca_der)
+        context.check_hostname = self.check_hostname
+        context.verify_mode = ssl.VerifyMode(self.verify_mode)
+        context.minimum_version = ssl.TLSVersion(self.minimum_version)
+        context.maximum_version = ssl.TLSVersion(self.maximum_version)
+        context.options = ssl.Options(self.options)
+        context.verify_flags = ssl.VerifyFlags(self.verify_flags)
+        if self.ciphers:
+            # The names OpenSSL enabled in the parent (its TLS 1.3 suites are not set by
+            # this call, and are ignored in the list).
+            context.set_ciphers(":".join(self.ciphers))
+        return context
