@@ -125,6 +125,13 @@ class Abandoned(SMTPConnectError):
     peer or the network, which is what a reason built on this error says."""
 
 
+class STARTTLSRefused(TemporaryFailure):
+    """The server offered STARTTLS, refused it (``454``, or ``421`` closing the channel)
+    and ended the session there. Its own type for TLS reports: a session that failed to
+    get TLS, RFC 8460's ``starttls-not-supported``, which as a plain TemporaryFailure
+    counted as nothing."""
+
+
 class ServiceClosing(TemporaryFailure):
     """The server answered the greeting, EHLO or HELO with ``421``: it is closing the
     channel before any session could start (RFC 5321 §3.8), which says it takes no more
@@ -514,10 +521,16 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         reply = await self._request(self._session.starttls, "STARTTLS")
         if not reply.ok:
             if reply.closing:
-                raise failure(reply.reply, host=self.host, what="STARTTLS")
+                raise STARTTLSRefused(
+                    f"{self.host} refused STARTTLS: {reply.reply}",
+                    code=reply.reply.code,
+                    enhanced=reply.reply.enhanced,
+                    host=self.host,
+                    reply=reply.reply,
+                )
             if mode is StartTLS.OPPORTUNISTIC:
                 # Temporary whatever its code: it refuses this session, not the mail.
-                self._tls_refusal = TemporaryFailure(
+                self._tls_refusal = STARTTLSRefused(
                     f"{self.host} refused STARTTLS and closed the connection: {reply.reply}",
                     code=reply.reply.code,
                     enhanced=reply.reply.enhanced,

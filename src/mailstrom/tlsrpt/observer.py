@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from mailstrom.errors import DaneRequired, DeliveryError, LocalResourceShortage
 from mailstrom.mtasts.fetch import a_label
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
-from mailstrom.tlsrpt.recorder import SessionRecorder, classify, handshake_code
+from mailstrom.tlsrpt.recorder import REFUSED_CODE, SessionRecorder, classify, handshake_code
 from mailstrom.tlsrpt.sessions import PolicyType, ResultType
 
 if TYPE_CHECKING:
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 REMEMBERED_CODE = "tls-handshake-failed-recently"
 """The ``failure-reason-code`` of a session sent in plaintext at once because the host's
 TLS handshake failed recently (``tls.remember_broken``)."""
-REFUSED_CODE = "starttls-refused"
-"""The ``failure-reason-code`` of a server that offered STARTTLS and then refused it."""
 TLSA_LOOKUP_CODE = "tlsa-lookup-failed"
 """The ``failure-reason-code`` of a host not used because its TLSA lookup failed: one code
 for every such failure, as the lookup's own error names a port, a time taken, and would

@@ -55,6 +55,8 @@ _DANE_CODES = {
     ResultType.CERTIFICATE_EXPIRED: "dane-ta-certificate-expired",
 }
 """The ``failure-reason-code`` of a chain DANE refused, per failure type."""
+REFUSED_CODE = "starttls-refused"
+"""The ``failure-reason-code`` of a server that offered STARTTLS and then refused it."""
 UNCHECKABLE_NAME_CODE = "mx-name-not-checkable"
 """The code of a host whose name no certificate can hold (the check cannot be made)."""
 
@@ -66,11 +68,15 @@ def classify(error: DeliveryError) -> tuple[ResultType, str] | None:
     The code is one per kind of failure, never the error's text: that quotes the names
     of the peer's certificate and the handshake timeout, and two failures of one kind
     with other text were two failure details of the report (and two counters here)."""
-    from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
+    from mailstrom.runtime.connection import STARTTLSRefused, TLSHandshakeError, TLSVerifyError
     from mailstrom.tls.danematch import DaneMismatch
 
     if isinstance(error, TLSRequiredError):
         return ResultType.STARTTLS_NOT_SUPPORTED, ""
+    if isinstance(error, STARTTLSRefused):
+        # Refused and the session ended with it (a 421, or a hang-up after a 454): as
+        # much a session without TLS as one that went on in plaintext after the refusal.
+        return ResultType.STARTTLS_NOT_SUPPORTED, REFUSED_CODE
     cause = error.__cause__
     if isinstance(error, TLSVerifyError):
         if isinstance(cause, DaneMismatch):

@@ -1,0 +1,75 @@
+"""TLS sessions (RFC 8460) of connections that failed to open under opportunistic TLS:
+a STARTTLS refused (``454`` and a hang-up, or ``421``), and a handshake failure whose
+plaintext fallback connection failed too. Each is a failed TLS session of the MX, counted
+under ``no-policy-found``; they were counted as nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from mailstrom import Email, MessageStatus, RecipientState
+from mailstrom.client import Mailstrom
+from mailstrom.stores import MemoryStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.integration.test_hostile_peers import Handler, HangUp, peer, scripted
+from tests.support.delivery import Results, loopback_config
+
+BOB = "bob@tls.example"
+OFFERING = b"250-hostile.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+
+
+async def failures_through(
+    dns_server: LoopbackDNS, handler: Handler, **overrides: Any
+) -> dict[str, int]:
+    """Send one message to :data:`BOB`, whose one MX is ``handler``, with ``tlsrpt_record``
+    on, from a worker on a loop of its own (``overrides`` go to the config); once it is
+    deferred, the day's counters as ``{"result type (failure code)": count}``."""
+    dns_server.mx("tls.example", [(10, "mx.tls.test")])
+    dns_server.a("mx.tls.test", "127.0.0.1")
+    store = MemoryStore()
+
+    def send(port: int) -> MessageStatus:
+        results = Results()
+        config = loopback_config(dns_server, port, tlsrpt_record=True, **overrides)
+        with Mailstrom(config, store=store, on_result=results) as ms:
+            mid = ms.send_email(Email(from_="a@sender.test", to=[BOB], text="Hi"))
+            results.wait_count(1)
+            return ms.query_status(mid)
+
+    async with peer(handler) as port:
+        status = (await asyncio.to_thread(send, port)).recipient(BOB)
+    assert status.state is RecipientState.DEFERRED, status.reason
+    counted: dict[str, int] = {}
+    for c in store.tls_sessions(datetime.now(UTC).date()):
+        assert c.policy_domain == "tls.example" and c.policy_type.value == "no-policy-found"
+        key = f"{c.result_type or 'ok'} ({c.failure_code})"
+        counted[key] = counted.get(key, 0) + c.count
+    return counted
+
+
+def on_starttls(answer: bytes | HangUp) -> Handler:
+    return scripted(lambda line: answer if line[:8].upper() == b"STARTTLS" else None, ehlo=OFFERING)
+
+
+async def test_a_starttls_refused_with_a_hang_up_counts_as_starttls_not_supported(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A ``454`` to STARTTLS, then a hang-up: one session without TLS, refused. (Read
+    while the connection was still being opened, the hang-up failed it with the refusal,
+    which counted as nothing; read after, as here, the session counted as refused.)"""
+    handler = on_starttls(HangUp(b"454 4.7.0 TLS not available\r\n"))
+    counted = await failures_through(dns_server, handler)
+    assert counted == {"starttls-not-supported (starttls-refused)": 1}
+
+
+async def test_a_421_to_starttls_counts_as_starttls_not_supported(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A server that offers STARTTLS and answers it ``421`` gave the session no TLS, as
+    one answering ``454``; it failed the connection with a plain TemporaryFailure, which
+    counted as nothing (a report of that MX showed no failure at all)."""
+    handler = on_starttls(HangUp(b"421 4.7.0 TLS not available, closing\r\n"))
+    counted = await failures_through(dns_server, handler)
+    assert counted == {"starttls-not-supported (starttls-refused)": 1}
