@@ -378,6 +378,11 @@ class DeliveryError(MailstromError):
     its codes), which is what the recipients' status records.
     """
 
+    tls_fallback: DeliveryError | None = None
+    """The failed TLS handshake this error's plaintext connection was to replace
+    (opportunistic TLS), when that connection failed too; for TLS reports. A class
+    default: subclasses with an ``__init__`` of their own have it too."""
+
     def __init__(
         self,
         text: str,

@@ -6,6 +6,7 @@ under ``no-policy-found``; they were counted as nothing."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -73,3 +74,40 @@ async def test_a_421_to_starttls_counts_as_starttls_not_supported(
     handler = on_starttls(HangUp(b"421 4.7.0 TLS not available, closing\r\n"))
     counted = await failures_through(dns_server, handler)
     assert counted == {"starttls-not-supported (starttls-refused)": 1}
+
+
+def handshake_then_hang_up() -> Callable[..., object]:
+    """A peer whose first connection takes STARTTLS and answers the handshake with text
+    (the handshake fails), and whose next connection (the plaintext fallback) is closed
+    before its greeting."""
+    seen = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        seen += 1
+        if seen > 1:
+            return  # closed unanswered
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            if line[:8].upper() == b"STARTTLS":
+                writer.write(b"220 go ahead\r\n")
+                await writer.drain()
+                await reader.read(1)
+                writer.write(b"this is no TLS record at all\r\n" * 4)
+                await writer.drain()
+                await reader.read()
+                return
+            writer.write(OFFERING)
+            await writer.drain()
+
+    return handle
+
+
+async def test_a_failed_handshake_counts_when_its_plaintext_fallback_fails_too(
+    dns_server: LoopbackDNS,
+) -> None:
+    """The handshake failure was counted only with the plaintext connection that replaced
+    it: when that one failed to open, the failure lost said nothing of TLS."""
+    counted = await failures_through(dns_server, handshake_then_hang_up())  # type: ignore[arg-type]
+    [(key, count)] = counted.items()
+    assert key.startswith("validation-failure (tls-handshake-") and count == 1, counted

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailstrom.config import Config, RelayTLS
+from mailstrom.errors import DeliveryError
 from mailstrom.runtime.connection import (
     SMTPConnection,
     StartTLS,
@@ -231,7 +232,13 @@ class Opener:
                 self._on_tls_broken(host, exc.text)
             # A broken TLS stack on the peer must not stop mail: the same host again, in
             # plaintext, on a fresh connection.
-            conn = await self._open(host, ip, StartTLS.NEVER, ())
+            try:
+                conn = await self._open(host, ip, StartTLS.NEVER, ())
+            except DeliveryError as lost:
+                # The session is still the one whose handshake failed (TLS reports count
+                # it): this failure alone said nothing of TLS, and it went uncounted.
+                lost.tls_fallback = exc
+                raise
             conn.tls_fallback = exc
             return conn
 

@@ -63,11 +63,20 @@ UNCHECKABLE_NAME_CODE = "mx-name-not-checkable"
 
 def classify(error: DeliveryError) -> tuple[ResultType, str] | None:
     """The RFC 8460 failure type and reason code of a failed connection, or None when the
-    failure had nothing to do with TLS (refused, timed out before STARTTLS...).
+    failure had nothing to do with TLS (refused, timed out before STARTTLS...). A
+    plaintext connection opened in place of one whose handshake failed, which failed
+    too, is that handshake's failure (``tls_fallback``).
 
     The code is one per kind of failure, never the error's text: that quotes the names
     of the peer's certificate and the handshake timeout, and two failures of one kind
     with other text were two failure details of the report (and two counters here)."""
+    found = _classify(error)
+    if found is None and error.tls_fallback is not None:
+        return _classify(error.tls_fallback)
+    return found
+
+
+def _classify(error: DeliveryError) -> tuple[ResultType, str] | None:
     from mailstrom.runtime.connection import STARTTLSRefused, TLSHandshakeError, TLSVerifyError
     from mailstrom.tls.danematch import DaneMismatch
 
