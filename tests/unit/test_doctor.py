@@ -427,6 +427,24 @@ def test_spf_evaluation_has_a_time_limit_in_all() -> None:
     assert SPF_TIME_LIMIT == 20.0  # what RFC 7208 §4.6.4 lets receivers stop after
 
 
+@pytest.mark.timeout(20)  # the fault was CPU growing as the square of the record's length
+@pytest.mark.parametrize(
+    "term",
+    [
+        pytest.param("a:x." + "a" * 40_000 + "_", id="long-label"),
+        pytest.param("exists:%{d}" + ".a" * 20_000, id="many-labels"),
+    ],
+)
+def test_spf_evaluation_of_a_huge_term_is_linear_work(dns_server: LoopbackDNS, term: str) -> None:
+    # A record as long as a DNS answer holds: pyspf's toplabel pattern backtracked over
+    # the label (about 40 s of CPU here), and its expansion searched the whole term for a
+    # bad macro once per label (about 25 s); the doctor's time limits bound only its DNS.
+    dns_server.txt(DOMAIN, f"v=spf1 {term} -all")
+    spf, result = check_spf(DNSResolver(dns_server.dns_config), domain=DOMAIN, ip=IP, helo=HELO)
+    assert result in ("permerror", "fail"), spf.summary
+    assert spf.status is Status.FAIL
+
+
 @pytest.mark.timeout(20)  # the fault was a wait of the whole DNS timeout, here 60 s
 def test_spf_evaluation_time_limit_bounds_a_lookup_that_never_returns(
     dns_server: LoopbackDNS,

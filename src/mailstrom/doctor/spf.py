@@ -23,6 +23,7 @@ from typing import Any
 from mailstrom.doctor.extras import MissingExtra
 from mailstrom.doctor.lookup import Outcome, Resolver, lookup_within
 from mailstrom.doctor.report import Check, Status, capped, piece
+from mailstrom.doctor.spfexpand import check_domain_end, expanded
 from mailstrom.domains import literal_address
 
 # RFC 7208 §4.5 and §12: record = version terms *SP, version = "v=spf1" (a quoted ABNF
@@ -136,6 +137,15 @@ def _query(spf: Any) -> Any:
                 left = self._mailstrom_deadline - time.monotonic()
                 self.querytime = left if left > 0 else -1.0
             return super().dns(*args, **kwargs)
+
+        def expand_domain(self, arg: str) -> str:
+            # pyspf's own took CPU growing as the square of a label's length, and its
+            # expand as the square of a text's labels (mailstrom.doctor.spfexpand).
+            check_domain_end(spf, arg)
+            return self.expand(arg)
+
+        def expand(self, s: str, stripdot: bool = True) -> str:
+            return expanded(spf, self, s, stripdot)
 
         def check1(self, record: Any, domain: str, recursion: int) -> Any:
             levels: list[int] = self.__dict__.setdefault("_mailstrom_levels", [])
