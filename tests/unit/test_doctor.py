@@ -461,6 +461,22 @@ def test_spf_evaluation_time_limit_bounds_a_lookup_that_never_returns(
     assert result == "temperror", explanation
 
 
+def test_spf_evaluation_looks_up_no_explanation(dns_server: LoopbackDNS) -> None:
+    # pyspf looked up every exp= it read, at every level and before any mechanism, though
+    # RFC 7208 §6.2 makes the explanation a fail's text to the sender, which the doctor
+    # never shows: an exp= name whose server did not answer spent the evaluation's time,
+    # and the a: lookup after it was a temperror where receivers pass the mail.
+    dns_server.txt(DOMAIN, "v=spf1 a:mail.example.com -all exp=explain.example.com")
+    dns_server.a("mail.example.com", IP)
+    dns_server.drop("explain.example.com")
+    config = replace(dns_server.dns_config, timeout=60.0)
+    result, explanation = evaluate(
+        DNSResolver(config), ip=IP, sender=f"postmaster@{DOMAIN}", helo=HELO, time_limit=1.0
+    )
+    assert result == "pass", explanation
+    assert dns_server.queries("explain.example.com", "TXT") == 0
+
+
 @pytest.mark.timeout(20)  # the fault was a wait of the whole DNS timeout, here 60 s
 def test_spf_record_lookups_are_bounded_by_the_runs_budget(dns_server: LoopbackDNS) -> None:
     # The TXT lookups that read the domain's and the HELO name's records for the report

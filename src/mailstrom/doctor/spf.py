@@ -147,6 +147,14 @@ def _query(spf: Any) -> Any:
         def expand(self, s: str, stripdot: bool = True) -> str:
             return expanded(spf, self, s, stripdot)
 
+        def get_explanation(self, spec: str) -> None:
+            # An exp= names the text a receiver gives the sender of mail that fails (RFC
+            # 7208 §6.2), looked up then only; pyspf looks up every exp= it reads, at
+            # every level and before the mechanisms. The doctor shows no such text, and
+            # a slow exp= server spent the evaluation's time: a pass became a temperror.
+            # The domain-spec's syntax is still checked (expand_domain) before this.
+            return None
+
         def check1(self, record: Any, domain: str, recursion: int) -> Any:
             levels: list[int] = self.__dict__.setdefault("_mailstrom_levels", [])
             if recursion in levels:  # the redirect= of the record at this level, taken
@@ -261,7 +269,8 @@ def evaluate(
     """pyspf's verdict for mail from ``sender`` (``postmaster@HELO`` checks the HELO
     identity) sent by ``ip``: (result, explanation); result is one of pass, fail,
     softfail, neutral, none, permerror, temperror (also when the lookups took longer
-    than ``time_limit`` seconds in all). ``reverse``, when given, notes whether the
+    than ``time_limit`` seconds in all); the explanation is pyspf's own, never an
+    ``exp=`` text, which is not looked up. ``reverse``, when given, notes whether the
     address's PTR names were asked for, and may hide them."""
     spf = _pyspf()
     query = _query(spf)(i=ip, s=sender, h=helo, querytime=time_limit)
