@@ -20,6 +20,7 @@ from mailstrom.stores.base import Lease, RecipientResult
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_hostile_peers import Handler, peer
 from tests.support.delivery import loopback_config
+from tests.support.waiting import logged
 
 SLOW = Timeouts(connect=30, greeting=30, command=30, data_init=30, data_block=30, data_end=30)
 
@@ -296,16 +297,6 @@ class WritingSlowly(MemoryStore):
         return held
 
 
-async def _logged(caplog: pytest.LogCaptureFixture, text: str, within: float) -> bool:
-    """Whether a record holding ``text`` is logged within ``within`` seconds."""
-    until = asyncio.get_running_loop().time() + within
-    while not any(text in r.getMessage() for r in caplog.records):
-        if asyncio.get_running_loop().time() > until:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 async def test_a_cancel_while_the_lease_writes_results_stops_its_other_mail(
     dns_server: LoopbackDNS, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -345,7 +336,7 @@ async def test_a_cancel_while_the_lease_writes_results_stops_its_other_mail(
                 # says so once it gave the cancelled message back (its answer comes from
                 # a thread, which a number of loop turns did not wait for under load).
                 assert await asyncio.to_thread(store.extended.wait, 20)
-                assert await _logged(caplog, "not yet started given back", 20)
+                assert await logged(caplog, "not yet started given back", 20)
                 greet.set()
                 await asyncio.wait_for(ehlo_in.wait(), 20)
                 for _ in range(50):

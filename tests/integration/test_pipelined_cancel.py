@@ -17,6 +17,7 @@ from mailstrom.stores import MemoryStore
 from mailstrom.testing.smtp import ReceivingServer, ServerFactory
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.support.delivery import loopback_config
+from tests.support.waiting import logged
 
 SLOW = Timeouts(connect=30, greeting=30, command=30, data_init=30, data_block=30, data_end=30)
 MESSAGES = 6
@@ -63,15 +64,6 @@ def holding_first(mx: ReceivingServer) -> HoldingFirst:
     return holding
 
 
-async def _logged(caplog: pytest.LogCaptureFixture, text: str, within: float) -> bool:
-    until = asyncio.get_running_loop().time() + within
-    while not any(text in r.getMessage() for r in caplog.records):
-        if asyncio.get_running_loop().time() > until:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 @pytest.mark.parametrize("pipelining", [True, False])
 @pytest.mark.parametrize("action", ["cancel", "hold", "suspend"])
 async def test_transactions_queued_on_a_connection_do_not_go_once_stopped(
@@ -111,7 +103,7 @@ async def test_transactions_queued_on_a_connection_do_not_go_once_stopped(
                 assert await running.hold(ids[1:]) == MESSAGES - 1
             else:
                 await running.suspend("one.example")
-            assert await _logged(caplog, "not yet started given back", 20)
+            assert await logged(caplog, "not yet started given back", 20)
             holding.go_on.set()
             for mid in ids[:under_way]:
                 status = await running.wait(mid, timeout=20)

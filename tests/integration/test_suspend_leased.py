@@ -20,6 +20,7 @@ from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_engine import hello
 from tests.integration.test_hostile_peers import Handler, peer
 from tests.support.delivery import loopback_config
+from tests.support.waiting import logged
 
 SLOW = Timeouts(connect=30, greeting=30, command=30, data_init=30, data_block=30, data_end=30)
 MESSAGES = 20
@@ -79,16 +80,6 @@ def stores(kind: str, tmp_path: Path, postgres_url: str | None) -> Iterator[tupl
         store.close()
 
 
-async def _logged(caplog: pytest.LogCaptureFixture, text: str, within: float) -> bool:
-    """Whether a record holding ``text`` is logged within ``within`` seconds."""
-    until = asyncio.get_running_loop().time() + within
-    while not any(text in r.getMessage() for r in caplog.records):
-        if asyncio.get_running_loop().time() > until:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 async def _suspend_while_leased(
     dns: LoopbackDNS, caplog: pytest.LogCaptureFixture, store: Store, operator: Store
 ) -> None:
@@ -116,7 +107,7 @@ async def _suspend_while_leased(
             await asyncio.to_thread(operator.suspend, "slow.example", now=datetime.now(UTC))
             # The worker gives back what it leased and has not started (told at once in
             # this process, by a datagram or a NOTIFY from elsewhere).
-            assert await _logged(caplog, "not yet started given back", 10)
+            assert await logged(caplog, "not yet started given back", 10)
             go_on.set()
             for _ in range(2000):  # the status is a snapshot: only a hang waits this out
                 if not running.worker_status.in_flight:
