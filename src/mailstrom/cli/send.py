@@ -531,19 +531,21 @@ def _queue_and_report(
     early: EarlyStops | None,
 ) -> int:
     message_id = store.enqueue(prepared, now=now, hold=args.hold)
-    if not args.json:
-        # First, before anything else can fail: the id finds or cancels the mail.
-        print(message_id, flush=True)
     try:
+        if not args.json:
+            # First, before anything else can fail: the id finds or cancels the mail.
+            print(message_id, flush=True)
         return _report(args, config, store, message_id, early)
     except BaseException:
         # The store failing as the message is read back, the worker of --wait crashing,
-        # a Ctrl-C: --json printed nothing, and the exit code said nothing was queued
-        # (65 for a row read back wrong); the mail went out all the same, its id lost.
-        if args.json:
-            with contextlib.suppress(OSError, ValueError):
-                print_json({"id": message_id})
+        # a Ctrl-C, standard output on a full disk: --json printed nothing, and the exit
+        # code said nothing was queued (65 for a row read back wrong, 73 for the output);
+        # the mail went out all the same, its id lost. Said on standard error first,
+        # which a failing standard output cannot take with it.
         say(f"mailstrom: message {message_id} is queued; what came after it failed")
+        if args.json:
+            with contextlib.suppress(OSError, ValueError, CLIError):
+                print_json({"id": message_id})
         raise
 
 
