@@ -126,11 +126,12 @@ def parse_csv(
                     f"{len(cells)} columns, expected at most {len(columns)}", line=line
                 )
             # Unquoted here, in at most six cells: a quote never makes a row blank, a
-            # comment or a header. Only free text keeps its white space: a target,
-            # source or time has none of its own ("'bob@example.org " by hand is the
-            # address "'bob@example.org").
+            # comment or a header. Only free text keeps its white space, and only behind
+            # the ' an export puts first (it writes no other cell that starts with white
+            # space): a target, source or time has none of its own ("'bob@example.org "
+            # by hand is the address "'bob@example.org"), nor has ", '=x" by hand.
             fields = {
-                name: _unquoted(r if name in _TEXTS else c)
+                name: _unquoted(r if name in _TEXTS and r.startswith("'") else c)
                 for name, r, c in zip(columns, raw, cells, strict=False)
             }
             entries.append(_entry(fields, line=line, now=now, source=source))

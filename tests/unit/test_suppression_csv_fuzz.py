@@ -449,3 +449,12 @@ def test_a_target_starting_with_a_quote_is_kept_whatever_white_space_follows() -
     entries = parse_csv("'bob@example.org \n'carol@example.org\t,manual, note \n", now=NOW)
     assert [e.target for e in entries] == ["'bob@example.org", "'carol@example.org"]
     assert entries[1].reply == "note"
+
+
+def test_a_hand_written_reply_after_a_space_loses_its_formula_quote() -> None:
+    """Free text keeps its white space only behind the ``'`` an export puts first (an
+    export writes no cell that starts with white space otherwise): a file written by
+    hand with spaces after its commas, ``bob@example.org, manual, '=x``, has the reply
+    ``=x``, as before, not ``'=x``."""
+    [entry] = parse_csv("bob@example.org, manual, '=x \n", now=NOW)
+    assert entry.reply == "=x"
