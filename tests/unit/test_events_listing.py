@@ -72,3 +72,39 @@ def test_events_are_read_and_printed_a_page_at_a_time(
     assert max(asked for asked, _ in store.reads) <= PAGE
     # Printing began before the last read: the events were never all held at once.
     assert store.reads[-1][1] >= len(expected) - PAGE
+
+
+@pytest.mark.parametrize(
+    "pruned",
+    [
+        [11],  # one sent event, far from the oldest of the last 45
+        [11, 12, 13, 15, 16],  # several
+        [11, 90],  # and one of the last 45 itself: it is left out, the start stays
+    ],
+)
+def test_a_prune_between_the_two_reads_does_not_shift_the_last_events(
+    monkeypatch: pytest.MonkeyPatch, pruned: list[int]
+) -> None:
+    # More than a page is counted first, then read again to be printed: the second read
+    # left out as many events as the first had found before the wanted ones. A prune in
+    # between (it deletes the events a hook sent, which need not be the oldest) then
+    # cost the oldest wanted lines, one per pruned event: 44 printed for one prune,
+    # starting at #50 instead of #48.
+    monkeypatch.setattr(events, "_PAGE", PAGE)
+    out = io.StringIO()
+    store = _Outbox(out)
+    wanted = store.ids[-45:]
+    counted = events._last_events_start
+
+    def prune_once_counted(
+        outbox: _Outbox, last: int, limit: int
+    ) -> tuple[int, int, list[DeliveryEvent] | None]:
+        found = counted(outbox, last, limit)  # type: ignore[arg-type]
+        outbox.ids = [i for i in outbox.ids if i not in pruned]
+        return found
+
+    monkeypatch.setattr(events, "_last_events_start", prune_once_counted)
+    with contextlib.redirect_stdout(out):
+        _listed(store, _Patience(0, waiting=False), None, 45, as_json=False)  # type: ignore[arg-type]
+    printed = [int(line.split()[1][1:]) for line in out.getvalue().splitlines()]
+    assert printed == [i for i in wanted if i not in pruned]

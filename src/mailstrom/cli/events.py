@@ -222,19 +222,25 @@ def _last_events_start(
     store: Store, last: int, limit: int
 ) -> tuple[int, int, list[DeliveryEvent] | None]:
     """Where the last ``limit`` events up to the id ``last`` begin: an id to read after,
-    and how many events after it come before them; and, when ``limit`` is a page at
-    most, those events themselves (read once: a row that cannot be read is warned of
-    once). Ids have gaps (a prune deletes the events a hook sent, which need not be the
-    oldest; PostgreSQL's sequence skips the ids of rolled-back transactions), so the
-    ``limit`` ids below the last may hold fewer events: the range looked at is doubled
-    until it holds ``limit`` or starts at the first id. Read a page at a time, keeping
-    a page at most."""
+    and how many events after it (fewer than a page) come before them; and, when
+    ``limit`` is a page at most, those events themselves (read once: a row that cannot
+    be read is warned of once). Ids have gaps (a prune deletes the events a hook sent,
+    which need not be the oldest; PostgreSQL's sequence skips the ids of rolled-back
+    transactions), so the ``limit`` ids below the last may hold fewer events: the range
+    looked at is doubled until it holds ``limit`` or starts at the first id. Read a page
+    at a time, keeping a page at most and, per page, the id it was read after."""
     span = max(limit, 1)
     while True:
         start = max(0, last - span)
         kept: collections.deque[DeliveryEvent] = collections.deque(maxlen=min(limit, _PAGE))
+        # The id each page was read after, the n-th page holding events n*_PAGE on: the
+        # printing resumes at the page where the wanted events begin. Skipping them all
+        # by count from ``start`` shifted the window when a prune between the two reads
+        # removed events before it (45 asked, 44 printed, two late, for one prune).
+        page_starts: list[int] = []
         found, after = 0, start
         while True:
+            page_starts.append(after)
             page = [e for e in store.read_events(after=after, limit=_PAGE) if e.id <= last]
             kept.extend(page)
             found += len(page)
@@ -242,7 +248,10 @@ def _last_events_start(
                 break
             after = page[-1].id
         if found >= limit or start == 0:
-            return start, max(0, found - limit), list(kept) if limit <= _PAGE else None
+            skip = max(0, found - limit)
+            pages = skip // _PAGE
+            whole = list(kept) if limit <= _PAGE else None
+            return page_starts[pages], skip - pages * _PAGE, whole
         span *= 2
 
 
