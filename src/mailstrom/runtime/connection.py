@@ -78,15 +78,8 @@ _QUIT_TIMEOUT = 5.0
 """Longest wait for the reply to QUIT: politeness must not hold up a worker."""
 _CLOSE_TIMEOUT = 2.0
 _DOT_CHECK = 0.005
-"""Seconds between looks at a final dot still in the write buffer while the peer takes
-what is written: a connection lost after it left is uncertain, one lost before it left
-has delivered nothing."""
-_DOT_CHECK_MAX = 0.5
-"""Longest gap between two such looks: each look that finds the peer has taken nothing
-since the one before doubles the gap, up to this (and a quarter of ``data_block``, so
-that the wait for the reply still starts well before the content's deadline). Looked at
-every 5 ms, a peer that stopped reading woke the worker 200 times a second for as long
-as ``data_block`` (3 minutes), per connection."""
+"""Seconds between looks at a final dot still in the write buffer: a connection lost
+after it left is uncertain, one lost before it left has delivered nothing."""
 _TAKING = "take the message"
 """What the peer is waited for while content is still in this process, paused or not:
 to take it, each write within ``data_block`` (RFC 5321 §4.5.3.2.5)."""
@@ -294,9 +287,6 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         self._written = 0
         self._raw_transport: asyncio.Transport | None = None
         self._dot_timer: asyncio.TimerHandle | None = None
-        self._dot_gap = _DOT_CHECK  # until the next look (see _on_dot_check)
-        self._dot_gap_max = max(_DOT_CHECK, min(_DOT_CHECK_MAX, timeouts.data_block / 4))
-        self._dot_seen = 0  # octets still in this process at the last look
         # True while data_received hands replies out: the deadline is then moved once, when
         # they are all handled, not after each command the handlers write.
         self._receiving = False
@@ -852,20 +842,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
     def _watch_dots(self) -> None:
         """Check the final dots now, and again while one waits in a buffer: the transport
         says when its buffer falls below the low-water mark, never when it is empty."""
-        if self._dot_timer is not None or self._lost:
-            return
-        if self._check_dots():
-            self._dot_timer = self._loop.call_later(self._dot_gap, self._on_dot_check)
-        else:
-            self._dot_gap = _DOT_CHECK  # the next dot is looked at soon again
+        if self._dot_timer is None and not self._lost and self._check_dots():
+            self._dot_timer = self._loop.call_later(_DOT_CHECK, self._on_dot_check)
 
     def _on_dot_check(self) -> None:
         self._dot_timer = None
-        # A peer taking the content is looked at often, one that takes nothing ever less.
-        buffered = self._buffered()
-        taking = buffered < self._dot_seen
-        self._dot_seen = buffered
-        self._dot_gap = _DOT_CHECK if taking else min(self._dot_gap * 2, self._dot_gap_max)
         self._watch_dots()
         if self._dot_timer is None and self._deadline_what == _TAKING and not self._write_paused:
             self._arm_next()  # the final dot has gone: the wait for its reply starts now
