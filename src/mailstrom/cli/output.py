@@ -218,9 +218,11 @@ class ReaderGone(BrokenPipeError):
     pipe elsewhere (a socket, standard error) is not taken for it."""
 
 
-class OutputFailed(CLIError):
+class OutputFailed(CLIError, OSError):
     """Standard output could not be written for another reason than its reader going (a
-    full disk under ``> file``, an I/O error): EX_CANTCREAT, as for an ``--out`` file."""
+    full disk under ``> file``, an I/O error): EX_CANTCREAT, as for an ``--out`` file.
+    An OSError still, as it was: what only shows (the worker's live view, on a terminal
+    hung up: EIO) goes on without it, as it did, rather than ending with exit 73."""
 
     def __init__(self, exc: OSError) -> None:
         super().__init__(f"cannot write standard output: {exc.strerror or exc}", EX_CANTCREAT)
