@@ -1547,3 +1547,59 @@ def test_a_long_line_the_stdlib_wrote_for_a_message_tree_is_encoded(kind: str) -
     body = read.get_body(("html", "plain"))
     assert body is not None
     assert body.get_content().replace("\r\n", "\n").rstrip("\n") == text
+
+
+def _dkim_signed(text: str, field: str = "DKIM-Signature") -> Message:
+    message = MIMEText(text, "html")
+    message[field] = "v=1; a=rsa-sha256; d=example.com; s=s1; h=from; bh=YQ==; b=YQ=="
+    message["From"] = "a@example.com"
+    return message
+
+
+@pytest.mark.parametrize(
+    "kind", ["multipart/signed", "DKIM-Signature", "ARC-Message-Signature", "attached"]
+)
+def test_a_long_line_in_signed_content_of_a_message_tree_is_refused(kind: str) -> None:
+    """Follows the encoding of a stdlib tree's long lines: the signed part of a
+    multipart/signed (S/MIME, PGP/MIME: RFC 1847 §2.1, signed as it is) and the body of a
+    message with a DKIM-Signature (or ARC-Message-Signature) field, its own or an
+    attached one's (an abuse report), were re-encoded quoted-printable, so their
+    signature no longer verified. They are refused with LineTooLong, as before, saying
+    why; a line outside them is encoded."""
+    html = "<html><body>" + "<p>hello world</p>" * 300 + "</body></html>"
+    message: Message
+    if kind == "multipart/signed":
+        message = MIMEMultipart("signed", protocol="application/pkcs7-signature", micalg="sha-256")
+        message.attach(MIMEText(html, "html"))
+        message.attach(MIMEApplication(b"\x30\x80", "pkcs7-signature"))
+        message["From"] = "a@example.com"
+    elif kind.endswith("Signature"):
+        message = _dkim_signed(html, kind)
+    else:
+        message = MIMEMultipart()
+        message["From"] = "a@example.com"
+        message.attach(MIMEText(html, "html"))  # not signed: encoded, were it alone
+        message.attach(MIMEMessage(_dkim_signed(html)))
+    message["To"] = "b@example.org"
+    with pytest.raises(LineTooLong, match="signed") as caught:
+        prepare(message, now=NOW)
+    assert "octets long" in str(caught.value)
+
+
+def test_a_long_line_beside_a_multipart_signed_is_encoded() -> None:
+    """Only what is signed is kept as it is: a long line in a part beside a
+    multipart/signed, or in its signature part, is encoded as in any other tree."""
+    html = "<html><body>" + "<p>hello world</p>" * 300 + "</body></html>"
+    signed = MIMEMultipart("signed", protocol="application/pgp-signature", micalg="pgp-sha256")
+    signed.attach(MIMEText("signed text"))
+    signed.attach(MIMEText("-----BEGIN PGP SIGNATURE-----" + "A" * 1200, "pgp-signature"))
+    message = MIMEMultipart()
+    message["From"] = "a@example.com"
+    message["To"] = "b@example.org"
+    message.attach(signed)
+    message.attach(MIMEText(html, "html"))
+    prepared = prepare(message, now=NOW)
+    assert max(map(len, prepared.data.split(b"\r\n"))) <= 998
+    assert b"\r\n\r\nsigned text" in prepared.data
+    read = parsed(prepared.data)
+    assert read.get_body(("html",)).get_content().rstrip("\n") == html  # type: ignore[union-attr]

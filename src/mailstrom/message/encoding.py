@@ -380,7 +380,7 @@ def _has_field(head: bytes, key: bytes) -> bool:
     )
 
 
-def encode_long_lines(data: bytes) -> bytes:
+def encode_long_lines(data: bytes, *, keep_signed: bool = False) -> bytes:
     """``data`` with each body that has a line over 998 octets (RFC 5322 §2.1.1) encoded:
     quoted-printable for text, base64 otherwise, as a part that carries no encoding
     (7bit, 8bit, binary) may be, the message itself, a part of its multiparts or of a
@@ -393,7 +393,13 @@ def encode_long_lines(data: bytes) -> bytes:
     characters, and such a line of a multipart's preamble or epilogue, which readers
     ignore, is broken (:func:`_break_ignored`). The content is unchanged: a reader
     unfolds and decodes it. Anything else (a header line without white space to fold
-    at) is left as it was, for prepare() to judge."""
+    at) is left as it was, for prepare() to judge.
+
+    ``keep_signed`` raises :class:`LineTooLong` for such a line in signed content, which
+    must go as it was signed: the first part of a multipart/signed (RFC 1847 §2.1, its
+    header section included), and a message, the top one or an attached one, with a
+    DKIM-Signature or ARC-Message-Signature field (RFC 6376 §3.7, RFC 8617 §4.1.2: a hash
+    of its body and of header fields). Re-encoded, its signature no longer verifies."""
     if len(data) <= MAX_LINE:
         return data
     crlf = to_crlf(data)
@@ -406,9 +412,29 @@ def encode_long_lines(data: bytes) -> bytes:
     except InvalidMessage:
         return data  # prepare() refuses it with the reason
     pieces: list[bytes] = []
-    if not _message(mime.entity(crlf), depth=0, out=pieces):
+    if not _message(mime.entity(crlf), depth=0, out=pieces, keep_signed=keep_signed):
         return data
     return b"".join(pieces)
+
+
+_BODY_SIGNATURES = (b"dkim-signature", b"arc-message-signature")
+"""Header fields whose signature covers the message's body (RFC 6376, RFC 8617)."""
+
+
+def _refuse_signed(data: bytes, start: int, end: int, what: str) -> None:
+    """Raise :class:`LineTooLong` for the first line over :data:`MAX_LINE` octets in
+    ``data[start:end]``, signed content (``what``), if it has one."""
+    found = _LONG_LINE.search(data, start, end)
+    if found is None:
+        return
+    number = data.count(b"\r\n", 0, found.start()) + 1
+    stop = data.find(b"\r\n", found.start())
+    size = (len(data) if stop < 0 else stop) - found.start()
+    raise LineTooLong(
+        f"line {number} is {size} octets long; RFC 5322 §2.1.1 allows at most {MAX_LINE}, "
+        f"and it is in {what}, which cannot be re-encoded without breaking the signature; "
+        "encode it as quoted-printable or base64 before it is signed"
+    )
 
 
 _LONG_LINE = re.compile(rb"(?<![^\r\n])[^\r\n]{%d}" % (MAX_LINE + 1))
@@ -419,18 +445,21 @@ _FOLDED = 1
 _ENCODED = 2
 
 
-def _message(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
+def _message(item: mime.Entity, *, depth: int, out: list[bytes], keep_signed: bool) -> int:
     """:func:`_encode_entity` for a message (the top one, or one attached), which says
     ``MIME-Version: 1.0`` when a body in it was encoded: an encoding is read under MIME
     (RFC 2045 §4)."""
+    if keep_signed and any(_has_field(item.head, name) for name in _BODY_SIGNATURES):
+        what = "a message with a DKIM-Signature or ARC-Message-Signature field"
+        _refuse_signed(item.data, item.start, item.end, what)
     at = len(out)
-    done = _encode_entity(item, depth=depth, out=out)
+    done = _encode_entity(item, depth=depth, out=out, keep_signed=keep_signed)
     if done & _ENCODED and not _has_field(item.head, b"mime-version"):
         out[at] = _with_field(out[at], "MIME-Version", "1.0")
     return done
 
 
-def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
+def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes], keep_signed: bool) -> int:
     """Append the header section and the body of ``item`` to ``out``, header lines over
     :data:`MAX_LINE` folded and a body with such a line encoded where it may be; what was
     done (:data:`_FOLDED`, :data:`_ENCODED`, or 0)."""
@@ -439,6 +468,12 @@ def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
     done = _FOLDED if head != item.head else 0
     if _LONG_LINE.search(data, item.body, item.end) and depth < mime.MAX_DEPTH:
         found = mime.layout(item) if item.maintype == "multipart" else None
+        signed = keep_signed and item.content_type == "multipart/signed"
+        if signed and found is not None and found.parts:
+            # The second part is the signature, over the first as it is.
+            start, end = found.parts[0]
+            what = "the signed part of a multipart/signed (RFC 1847 §2.1)"
+            _refuse_signed(data, start, end, what)
         if found is not None:
             out.append(head)
             # Readers ignore the preamble and the epilogue (RFC 2046 §5.1.1), which no
@@ -452,7 +487,7 @@ def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
                     continue  # no part between two delimiter lines (see mime.layout)
                 out.append(data[position:start])  # the delimiter line
                 part = mime.entity(data, start, end, default=_part_default(item))
-                done |= _encode_entity(part, depth=depth + 1, out=out)
+                done |= _encode_entity(part, depth=depth + 1, out=out, keep_signed=keep_signed)
                 position = end
             if found.epilogue is None:
                 out.append(data[position : item.end])
@@ -463,7 +498,7 @@ def _encode_entity(item: mime.Entity, *, depth: int, out: list[bytes]) -> int:
         if item.nested:  # message/rfc822 (RFC 2046 §5.2.1 allows it no encoding itself)
             out.append(head)
             attached = mime.entity(data, item.body, item.end)
-            return done | _message(attached, depth=depth + 1, out=out)
+            return done | _message(attached, depth=depth + 1, out=out, keep_signed=keep_signed)
         # Two encodings named (repeated): which one holds is prepare()'s to say.
         leaf = item.maintype not in ("multipart", "message")
         if leaf and item.cte in _UNENCODED and not item.repeated:

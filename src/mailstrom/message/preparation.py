@@ -494,7 +494,9 @@ def _serialise(message: Message, max_size: int, max_recipients: int) -> bytes:
     # The stdlib writes a text part as 7bit or 8bit whatever its lines' length
     # (MIMEText(html, "html") with minified HTML on one line): such a body is encoded as
     # sendmail's input is, not refused with advice to encode what the caller did not.
-    return encode_long_lines(data)
+    # Signed content is refused instead: re-encoded, its signature would not verify, and
+    # only the caller can encode it before signing.
+    return encode_long_lines(data, keep_signed=True)
 
 
 def _new_message_id(domain: str) -> str:
