@@ -63,3 +63,38 @@ def test_a_message_page_reads_its_attempts_in_a_bounded_number_of_statements(db:
         f"r{n}@d{n % 7}.example" for n in range(1991, 1996)
     ]
     assert [len(r.history) for r in page.status.recipients] == [2, 2, 1, 1, 1]
+
+
+@pytest.mark.parametrize("pending", [False, True], ids=["any-state", "pending"])
+def test_a_page_deep_in_a_tie_costs_what_the_first_does(db: Path, pending: bool) -> None:
+    """Was: a page below a cursor was the row value ``(created_at, seq) < (?, ?)``,
+    which SQLite walks as ``created_at < ?`` alone (seq is the rowid): a page deep in
+    messages sharing one enqueue time stepped over every one the pages before had read
+    (with 3,000 of one ``enqueue_many``, the 30th page of 100 cost 8 to 12 times the
+    second). Now the rest of the tie and the older times are two ranges of the index."""
+    from mailstrom.stores import QueueFilter
+    from mailstrom.stores.operator import PENDING_STATES
+    from mailstrom.stores.sqlite_operator import matching_seqs
+
+    with closing(SQLiteStore(db)) as store:
+        store.enqueue_many([message(f"r{n}@example.org") for n in range(3000)], now=NOW)
+        where = QueueFilter(limit=100, states=PENDING_STATES if pending else None)
+        first = store.select_page(now=NOW, where=where)
+        deep = first
+        for _ in range(28):
+            deep = store.select_page(now=NOW, where=where, after=deep.last)
+        assert len(deep.ids) == 100
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    with closing(sqlite3.connect(db)) as conn:
+        conn.set_progress_handler(step, 10)
+        top = matching_seqs(conn, NOW, where, after=first.last)
+        top_steps, steps = steps, 0
+        below = matching_seqs(conn, NOW, where, after=deep.last)
+        assert len(top) == len(below) == 100
+        assert steps < 3 * top_steps, (steps, top_steps)
