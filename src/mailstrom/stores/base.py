@@ -1015,7 +1015,12 @@ class Store(Protocol):
         before, from this store) on: the next ``where.limit`` ids in the same order,
         with where the last of them stands. Pages walk the listing in bounded steps,
         each message listed once however many share an enqueue time, and a message
-        deleted meanwhile (the last of the page before, too) moves nothing."""
+        deleted meanwhile (the last of the page before, too) moves nothing. A place of
+        a kind this store never gives is refused with
+        :class:`~mailstrom.errors.InvalidArgument` (SQLite's in the memory store or
+        PostgreSQL, theirs in SQLite); one of its own kind is taken as a place in this
+        store's order whichever store gave it (the memory store's and PostgreSQL's are
+        of one kind, as are two databases' of one backend)."""
         ...
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:

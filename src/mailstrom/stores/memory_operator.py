@@ -95,7 +95,9 @@ class MemoryOperatorMixin:
         self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
     ) -> IdPage:
         """The ids :meth:`select_ids` lists for ``where`` after ``after`` on, with where the
-        last of them stands (its created time and queue order)."""
+        last of them stands (its created time and queue order). A place whose time is
+        no datetime (SQLite's) is refused; PostgreSQL's is of this store's kind and
+        taken as a place in this store's order."""
         found = self._matching(now, where, _placed, after=after)
         return IdPage(ids=[mid for mid, _ in found], last=found[-1][1] if found else None)
 
@@ -455,8 +457,9 @@ def _placed(m: _Message) -> tuple[str, ListingKey]:
 
 
 def _place(key: ListingKey) -> tuple[datetime, int]:
-    """``key`` as :func:`_created_order` makes it; InvalidArgument for a key this store
-    never gave (another store's)."""
+    """``key`` as :func:`_created_order` makes it; InvalidArgument for a key of a kind
+    this store never gives (SQLite's, whose time is an integer), not for PostgreSQL's,
+    which is of this kind (:func:`~mailstrom.stores.operator.foreign_place`)."""
     if not isinstance(key.created, datetime):
         raise foreign_place(key)
     return key.created, key.seq

@@ -94,9 +94,11 @@ class ListingKey:
     """Where a message stands in the order every listing takes (newest first: by enqueue
     time, then by the store's own queue order), as the store that listed it gave it: a
     page of :meth:`~mailstrom.stores.base.Store.select_page` goes on after it. Opaque,
-    and the store's own: ``created`` is its enqueue time as that store holds it,
-    ``seq`` its place in that store's queue order. It stays valid when the message it
-    came from is deleted."""
+    and meant for the store that gave it: ``created`` is its enqueue time as that store
+    holds it, ``seq`` its place in that store's queue order. It stays valid when the
+    message it came from is deleted. A store refuses only a key of a kind it never
+    gives (:func:`foreign_place`): another store's key of the same kind is taken as a
+    place in its own order, not told apart."""
 
     created: object
     seq: int
@@ -112,7 +114,11 @@ class IdPage:
 
 
 def foreign_place(key: ListingKey) -> InvalidArgument:
-    """The error for ``key`` passed to a store that never gave it (another store's)."""
+    """The error for ``key`` passed to a store that never gives a key of its kind: an
+    SQLite key (an integer time) in the memory store or PostgreSQL, or theirs (a
+    datetime) in SQLite. The memory store's and PostgreSQL's keys are of one kind, and
+    each store takes the other's (as any store takes another database's of its own
+    backend): no store can tell them from its own."""
     return InvalidArgument(
         f"after: not a place in this store's lists: {shown(key)}", argument="after"
     )

@@ -1178,7 +1178,9 @@ class PostgresStore:
         self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
     ) -> IdPage:
         """The ids :meth:`select_ids` lists for ``where`` after ``after`` on, with where the
-        last of them stands (its ``created_at`` and ``seq``)."""
+        last of them stands (its ``created_at`` and ``seq``). A place whose time is no
+        datetime (SQLite's) is refused; the memory store's is of this store's kind and
+        taken as a place in this store's order."""
         params = _filter_params(now, where)
         if after is None:
             params["after_created"] = params["after_seq"] = None
