@@ -99,3 +99,17 @@ def test_a_place_no_store_gave_is_refused(store: Store) -> None:
     fill(store)
     with pytest.raises(InvalidArgument):
         store.select_page(now=LATER, where=QueueFilter(), after=ListingKey(object(), 1))
+
+
+@pytest.mark.parametrize(
+    "place",
+    [ListingKey(NOW.replace(tzinfo=None), 1), ListingKey(NOW, "1")],  # type: ignore[arg-type]
+    ids=["naive time", "text seq"],
+)
+def test_a_place_of_a_kind_no_store_gives_is_refused(store: Store, place: ListingKey) -> None:
+    """Was: the memory store compared such a place with its own and raised a bare
+    TypeError ("can't compare offset-naive and offset-aware datetimes", "'<' not
+    supported between instances of 'int' and 'str'") where the others refuse it."""
+    fill(store)
+    with pytest.raises(InvalidArgument):
+        store.select_page(now=LATER, where=QueueFilter(), after=place)

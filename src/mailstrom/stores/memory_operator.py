@@ -459,7 +459,10 @@ def _placed(m: _Message) -> tuple[str, ListingKey]:
 def _place(key: ListingKey) -> tuple[datetime, int]:
     """``key`` as :func:`_created_order` makes it; InvalidArgument for a key of a kind
     this store never gives (SQLite's, whose time is an integer), not for PostgreSQL's,
-    which is of this kind (:func:`~mailstrom.stores.operator.foreign_place`)."""
-    if not isinstance(key.created, datetime):
+    which is of this kind (:func:`~mailstrom.stores.operator.foreign_place`). A naive
+    time or a seq that is no int is refused too: compared with this store's places, it
+    raised a bare TypeError."""
+    created = key.created
+    if not isinstance(created, datetime) or created.utcoffset() is None or type(key.seq) is not int:
         raise foreign_place(key)
-    return key.created, key.seq
+    return created, key.seq
