@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email
+from mailstrom.client.aio_loops import at_thread_end, in_thread, over, stranded
 from mailstrom.errors import WorkerError
 from mailstrom.runtime.worker import Worker
 from mailstrom.stores import MemoryStore
@@ -321,3 +322,24 @@ def _stop_a_worker_task_left_on_a_closed_loop() -> None:
         assert not asyncio.run(ams.metrics()).worker.running
     finally:
         store.close()
+
+
+def test_a_thread_reads_as_over_only_once_what_was_to_run_at_its_end_has_run() -> None:
+    # The end of a thread of in_thread() was said before the calls asked for at that end
+    # ran (the release of the store a cancelled stop() left among them): a start() in
+    # between saw the thread over, the store still open, started a worker, and had the
+    # store closed under it.
+    seen: list[tuple[bool, bool]] = []
+
+    async def main() -> None:
+        go = threading.Event()
+        future = in_thread(go.wait, 30)
+        later = in_thread(go.wait, 30)
+        at_thread_end(future, lambda: seen.append((over(future), stranded(future))))
+        at_thread_end(later, lambda: seen.append((over(later), stranded(later))))
+        go.set()
+        await asyncio.gather(future, later)
+        assert over(future) and over(later)
+
+    asyncio.run(main())
+    assert seen == [(False, False), (False, False)]

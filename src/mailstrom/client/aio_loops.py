@@ -124,11 +124,18 @@ class _ThreadEnd:
         return self._ended
 
     def end(self) -> None:
-        with self._lock:
-            self._ended = True
-            calls, self._calls = self._calls, []
-        for call in calls:
-            call()
+        """Run the calls asked for, then (and only then) say ended: said before them, a
+        start() in between saw the thread over while the store a cancelled stop() left
+        was still to close, started a worker, and had the store closed under it. Calls
+        asked for meanwhile run here too (they raise nothing)."""
+        while True:
+            with self._lock:
+                calls, self._calls = self._calls, []
+                self._ended = not calls
+            if not calls:
+                return
+            for call in calls:
+                call()
 
     def call_at_end(self, call: Callable[[], None]) -> None:
         """``call()`` once the thread has ended: at once if it has."""
