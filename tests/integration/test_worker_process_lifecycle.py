@@ -27,6 +27,7 @@ import trustme
 
 from mailstrom import AsyncMailstrom, Mailstrom, RecipientState
 from mailstrom.client import process, supervision
+from mailstrom.client.aio_loops import over
 from mailstrom.client.process import WorkerProcess
 from mailstrom.errors import StoreError, WorkerError
 from mailstrom.stores import SQLiteStore
@@ -1719,3 +1720,69 @@ def test_a_stop_cancelled_on_a_loop_left_idle_does_not_hold_back_a_start_on_anot
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
         store.close()
+
+
+def test_a_stop_cancelled_as_a_start_left_on_a_closed_loop_ends_closes_the_store_off_the_loop(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # start() cancelled as its worker process came up, on a loop then closed: the start
+    # went on in its thread. A stop() on another loop waits for that thread, and is
+    # cancelled once the thread has ended but before its loop heard so: the start's
+    # future, its loop closed, was never done, and the store the facade opened was
+    # closed at once, on the event loop (held for a SQLite checkpoint and fsync).
+    gate = tmp_path / "go"
+    _in_each_child(
+        tmp_path,
+        monkeypatch,
+        "gate",
+        f"""
+        import os, time
+        for _ in range(3000):  # until the test lets it go on (30 s at most)
+            if os.path.exists({str(gate)!r}):
+                break
+            time.sleep(0.01)
+        """,
+    )
+    ms = AsyncMailstrom(config(dns_server, mx.port), store=tmp_path / "q.db", worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+    closed_on: list[threading.Thread] = []
+    close = ms.store.close
+
+    def recording_close() -> None:
+        closed_on.append(threading.current_thread())
+        close()
+
+    ms.store.close = recording_close  # type: ignore[method-assign]
+
+    async def cancelled_start() -> None:
+        task = asyncio.create_task(ms.start())
+        assert await asyncio.to_thread(_wait_until, lambda: worker.pid is not None, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def cancelled_stop() -> threading.Thread:
+        task = asyncio.create_task(ms.stop())
+        await asyncio.sleep(0.1)  # it waits for the start's thread
+        gate.touch()
+        # The loop held (a blocking wait) until that thread has ended: its end is told
+        # to the stop() in a callback queued on this loop, which has not run yet.
+        assert _wait_until(lambda: over(ms._ending), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return threading.current_thread()
+
+    loop = asyncio.new_event_loop()
+    try:
+        try:
+            loop.run_until_complete(cancelled_start())
+        finally:
+            loop.close()
+        loop_thread = asyncio.run(cancelled_stop())
+    finally:
+        gate.touch()
+    assert worker.wait_stopped(30)
+    assert _wait_until(lambda: len(closed_on) == 1, 10)
+    assert closed_on[0] is not loop_thread

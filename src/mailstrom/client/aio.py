@@ -343,7 +343,10 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                         cancel_on_its_loop(task)
                         self._ending = task  # no other worker starts while it lives
         except asyncio.CancelledError:
-            if ending is not None and not ending.done():
+            # over(), not done(): a thread's future whose loop is closed is never done,
+            # even once its thread has ended, and the release was then run at once
+            # here, on the event loop.
+            if ending is not None and not over(ending):
                 # Not under the worker still stopping: the store goes once it has ended.
                 # Told on its own loop: a follower of it on this one never ended once
                 # this loop was closed, and every later start() refused for good.
@@ -355,8 +358,10 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     self._releases_after = ending
                     call_when_done(ending, self._ended)
                     # A worker process's stop: the store goes at its thread's end too,
-                    # as _ended never runs once the future's loop is closed.
-                    at_thread_end(ending, self._release_store_after_cancel)
+                    # as _ended never runs once the future's loop is closed; should that
+                    # thread have ended just now, below, in a thread as stop() does.
+                    if not at_thread_end(ending, self._release_store_after_cancel):
+                        deferred = False
             raise
         finally:
             if not deferred and self._store_to_release():

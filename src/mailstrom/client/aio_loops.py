@@ -104,16 +104,18 @@ def in_thread(func: Callable[..., None], /, *args: Any) -> asyncio.Future[None]:
     return future
 
 
-def at_thread_end(future: asyncio.Future[None], call: Callable[[], None]) -> None:
+def at_thread_end(future: asyncio.Future[None], call: Callable[[], None]) -> bool:
     """``call()`` on the thread of ``future`` (one of :func:`in_thread`) as it ends,
-    whatever became of its loop meanwhile; nothing for another future."""
+    whatever became of its loop meanwhile; nothing for another future. False, and
+    nothing called, when that thread has ended already: the caller may be an event
+    loop's thread, which ``call()`` is not to hold."""
     thread = _THREAD_ENDS.get(future)
-    if thread is not None:
-        thread.call_at_end(call)
+    return thread is None or thread.call_at_end(call, at_once=False)
 
 
 class _ThreadEnd:
-    """The end of a thread of :func:`in_thread`, told to whoever asked, on that thread."""
+    """The end of a thread of :func:`in_thread`, told to whoever asked: on that thread
+    as it ends, or on the asker's own once it has ended (see :meth:`call_at_end`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -137,13 +139,16 @@ class _ThreadEnd:
             for call in calls:
                 call()
 
-    def call_at_end(self, call: Callable[[], None]) -> None:
-        """``call()`` once the thread has ended: at once if it has."""
+    def call_at_end(self, call: Callable[[], None], *, at_once: bool = True) -> bool:
+        """``call()`` on the thread as it ends; True. Once it has ended: ``call()`` at
+        once here (False) or, unless ``at_once``, nothing (False)."""
         with self._lock:
             if not self._ended:
                 self._calls.append(call)
-                return
-        call()
+                return True
+        if at_once:
+            call()
+        return False
 
 
 _THREAD_ENDS: weakref.WeakKeyDictionary[asyncio.Future[None], _ThreadEnd] = (
