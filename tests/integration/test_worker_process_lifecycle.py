@@ -1786,3 +1786,45 @@ def test_a_stop_cancelled_as_a_start_left_on_a_closed_loop_ends_closes_the_store
     assert worker.wait_stopped(30)
     assert _wait_until(lambda: len(closed_on) == 1, 10)
     assert closed_on[0] is not loop_thread
+
+
+def test_a_start_after_a_stop_left_on_a_closed_loop_refuses_as_after_any_stop(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # A stop() on a loop stopped and closed as it waited for the worker process to
+    # drain: once its thread had ended, a start() on another loop found the store the
+    # facade opened still open and started a worker; the stranded stop()'s coroutine,
+    # collected later, closed the store under that worker ("the store is closed").
+    # The stop ends as one awaited to its end does: the store closed, start() refuses.
+    slow = _slow_mx(smtp_server, dns_server)
+    path = tmp_path / "q.db"
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=path, worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+    other = asyncio.new_event_loop()
+    runner = threading.Thread(target=other.run_forever, daemon=True)
+    runner.start()
+    try:
+        asyncio.run_coroutine_threadsafe(ms.start(), other).result(timeout=60)
+        asyncio.run(ms.send_email(hello("bob@example.org")))
+        assert _wait_until(lambda: len(slow.received) == 1, 10)
+        asyncio.run_coroutine_threadsafe(ms.stop(timeout=30), other)
+        assert _wait_until(lambda: ms._stopping_now, 10)
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        runner.join()
+        other.close()
+
+    async def start_again() -> None:
+        async with asyncio.timeout(60):  # (only a hang outlasts it)
+            await ms.start()
+
+    try:
+        with pytest.raises(WorkerError, match="closed the store"):
+            asyncio.run(start_again())
+        gc.collect()  # the stop() left on the closed loop ends here
+        assert worker.wait_stopped(0)
+        assert _refuses_as_closed(ms.store)
+        assert _recorded_once(path)
+    finally:
+        asyncio.run(ms.stop())

@@ -309,6 +309,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     # cancels its tasks, and a task running it ended (releasing the
                     # store) while the stop went on in its thread.
                     ending = turn.in_thread(worker.stop, timeout)
+                    at_thread_end(ending, functools.partial(self._end_stranded_stop, turn.loop))
                 else:
                     # A cancelled stop()'s, of any loop, still draining for as long as it
                     # asked: a shorter timeout wins at once, as for a stop() under way
@@ -363,12 +364,28 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     if not at_thread_end(ending, self._release_store_after_cancel):
                         deferred = False
             raise
+        except GeneratorExit:
+            # Closed, not run: collected once its loop was closed. Nothing may be
+            # awaited now, and the store is no longer this stop()'s to close: its turn
+            # passed on once its thread ended (which closed the store then, see
+            # _end_stranded_stop), and closed here it went under the next start()'s.
+            deferred = True
+            raise
         finally:
             if not deferred and self._store_to_release():
                 # In a thread: closing a store waits for its writes under way, a SQLite
                 # one for a write waiting out its busy timeout, and the loop, held, could
                 # not run what would end that wait (the write then failed).
                 await finish_in_thread(self._release_store)
+
+    def _end_stranded_stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """As a worker process's stop ends in its thread: a stop() whose loop no longer
+        runs it (closed or stopped meanwhile) ends as one awaited to its end does, the
+        store it opened closed, so that a start() after it refuses as after any stop()
+        (its turn passes on once that thread has ended); not left open for a start()
+        to use, then closed under it as that stop()'s coroutine was collected."""
+        if not loop.is_running():
+            self._release_store_after_cancel()
 
     def _ended(self, ending: asyncio.Future[None]) -> None:
         """What a cancelled stop() left ending has ended: the store may go, in a thread
