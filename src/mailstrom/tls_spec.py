@@ -46,6 +46,10 @@ def _system_cas() -> frozenset[bytes]:
     return frozenset(c for c in found if isinstance(c, bytes))
 
 
+# The verification flags that need CRLs loaded, which a child cannot be given.
+_CRL_CHECKS = ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_CRL_CHECK_CHAIN
+
+
 @dataclass(frozen=True, slots=True)
 class TLSContextSpec:
     """What a child needs to rebuild ``Config.tls_context`` or ``MTASTSConfig.tls_context``:
@@ -54,7 +58,12 @@ class TLSContextSpec:
     only if the parent's context does. The protocol versions, options, verification flags
     and ciphers cross too: without them the child took Python's defaults, and a context
     asking for TLS 1.3 at least delivered over TLS 1.2 (or fetched an MTA-STS policy over
-    it) from a worker process."""
+    it) from a worker process.
+
+    CRL checking stays in the parent's process only: the ssl module cannot list the CRLs
+    a context holds, so the child has none, and with ``VERIFY_CRL_CHECK_LEAF`` or
+    ``VERIFY_CRL_CHECK_CHAIN`` it would fail every verified handshake ("unable to get
+    certificate CRL"). Those two flags do not cross; a worker thread checks CRLs."""
 
     system: bool
     ca_der: tuple[bytes, ...]
@@ -77,7 +86,7 @@ class TLSContextSpec:
             minimum_version=int(context.minimum_version),
             maximum_version=int(context.maximum_version),
             options=int(context.options),
-            verify_flags=int(context.verify_flags),
+            verify_flags=int(context.verify_flags & ~_CRL_CHECKS),
             ciphers=tuple(cipher["name"] for cipher in context.get_ciphers()),
         )
 

@@ -1,0 +1,84 @@
+"""The TLS context a worker process builds again from its parent's (tls_spec.py). The
+handshakes run over memory BIOs: no socket, the rebuilt context meets a server context."""
+
+from __future__ import annotations
+
+import pickle
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from mailstrom.tls_spec import TLSContextSpec
+
+
+def crossed(context: ssl.SSLContext) -> ssl.SSLContext:
+    """``context`` as a worker process builds it: its spec, pickled, built again."""
+    spec = pickle.loads(pickle.dumps(TLSContextSpec.of(context)))
+    assert isinstance(spec, TLSContextSpec)
+    return spec.build()
+
+
+def handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> str | None:
+    """The protocol version ``client`` agrees with ``server`` for mx.test; raises the
+    client's or the server's :class:`ssl.SSLError` if they agree on none."""
+    to_client, from_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    to_server, from_server = ssl.MemoryBIO(), ssl.MemoryBIO()
+    ours = client.wrap_bio(to_client, from_client, server_hostname="mx.test")
+    theirs = server.wrap_bio(to_server, from_server, server_side=True)
+    done = {ours: False, theirs: False}
+    for _ in range(10):  # a handshake takes 2 or 3 flights: 10 only catch a loop
+        for end in (ours, theirs):
+            if not done[end]:
+                try:
+                    end.do_handshake()
+                    done[end] = True
+                except ssl.SSLWantReadError:
+                    pass
+        to_server.write(from_client.read())
+        to_client.write(from_server.read())
+        if all(done.values()):
+            return ours.version()
+    raise AssertionError("the handshake did not end")
+
+
+def serving(ca: trustme.CA) -> ssl.SSLContext:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.test").configure_cert(server)
+    return server
+
+
+def empty_crl(ca: trustme.CA) -> bytes:
+    """A CRL of ``ca`` revoking nothing, in PEM."""
+    certificate = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    now = datetime.now(UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(certificate.subject)
+        .last_update(now - timedelta(days=1))
+        .next_update(now + timedelta(days=30))
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_context_checking_crls_still_verifies_in_a_worker_process(tmp_path: Path) -> None:
+    """The CRL check flags crossed and the CRLs did not (the ssl module cannot list them):
+    every verified handshake in a worker process failed "unable to get certificate CRL"
+    where the parent's context verified the same server."""
+    ca = trustme.CA()
+    server = serving(ca)
+    parent = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+    crl = tmp_path / "crl.pem"  # cadata takes certificates only
+    crl.write_bytes(empty_crl(ca))
+    parent.load_verify_locations(crl)
+    parent.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
+    assert handshake(parent, server) is not None
+    child = crossed(parent)
+    assert handshake(child, server) is not None
+    assert child.verify_mode is ssl.CERT_REQUIRED
+    assert child.verify_flags & ssl.VERIFY_X509_STRICT  # the other flags still cross
