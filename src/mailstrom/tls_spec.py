@@ -55,10 +55,10 @@ class TLSContextSpec:
     """What a child needs to rebuild ``Config.tls_context`` or ``MTASTSConfig.tls_context``:
     an :class:`ssl.SSLContext` cannot cross a process boundary, so what it trusts and its
     checks are sent instead (:func:`portable_trust`): the child trusts the system's CAs
-    only if the parent's context does. The protocol versions, options, verification flags
-    and ciphers cross too: without them the child took Python's defaults, and a context
-    asking for TLS 1.3 at least delivered over TLS 1.2 (or fetched an MTA-STS policy over
-    it) from a worker process.
+    only if the parent's context does. The protocol versions, options, verification flags,
+    ciphers and OpenSSL security level cross too: without them the child took Python's
+    defaults, and a context asking for TLS 1.3 at least delivered over TLS 1.2 (or fetched
+    an MTA-STS policy over it) from a worker process.
 
     CRL checking stays in the parent's process only: the ssl module cannot list the CRLs
     a context holds, so the child has none, and with ``VERIFY_CRL_CHECK_LEAF`` or
@@ -74,6 +74,7 @@ class TLSContextSpec:
     options: int
     verify_flags: int
     ciphers: tuple[str, ...]
+    security_level: int
 
     @classmethod
     def of(cls, context: ssl.SSLContext) -> TLSContextSpec:
@@ -88,6 +89,7 @@ class TLSContextSpec:
             options=int(context.options),
             verify_flags=int(context.verify_flags & ~_CRL_CHECKS),
             ciphers=tuple(cipher["name"] for cipher in context.get_ciphers()),
+            security_level=context.security_level,
         )
 
     def build(self) -> ssl.SSLContext:
@@ -100,6 +102,10 @@ class TLSContextSpec:
         context.verify_flags = ssl.VerifyFlags(self.verify_flags)
         if self.ciphers:
             # The names OpenSSL enabled in the parent (its TLS 1.3 suites are not set by
-            # this call, and are ignored in the list).
-            context.set_ciphers(":".join(self.ciphers))
+            # this call, and are ignored in the list). The security level is set only in
+            # a cipher string and no name carries it: without it the child took level 2,
+            # which refuses the keys and signatures (so the TLS 1.0 and 1.1) that a parent
+            # lowered its level to accept.
+            names = ":".join(self.ciphers)
+            context.set_ciphers(f"{names}:@SECLEVEL={self.security_level}")
         return context

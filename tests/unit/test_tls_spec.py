@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pickle
 import ssl
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -82,3 +84,42 @@ def test_a_context_checking_crls_still_verifies_in_a_worker_process(tmp_path: Pa
     assert handshake(child, server) is not None
     assert child.verify_mode is ssl.CERT_REQUIRED
     assert child.verify_flags & ssl.VERIFY_X509_STRICT  # the other flags still cross
+
+
+def legacy(context: ssl.SSLContext, most: ssl.TLSVersion | None = None) -> None:
+    """Let ``context`` speak TLS 1.0 and 1.1 as the operator of an old MX asks: the
+    minimum version, and security level 0 for their MD5+SHA-1 signatures; and TLS ``most``
+    at most."""
+    with warnings.catch_warnings():  # TLS 1.0 and 1.1 are deprecated: we mean them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        if most is not None:
+            context.maximum_version = most
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_the_security_level_crosses_to_a_worker_process(level: int) -> None:
+    parent = ssl.create_default_context()
+    parent.set_ciphers(f"DEFAULT:@SECLEVEL={level}")
+    assert crossed(parent).security_level == level
+
+
+def test_a_context_lowered_to_reach_an_old_mx_reaches_it_from_a_worker_process() -> None:
+    """``@SECLEVEL=n`` is in no cipher name, so the child took level 2: a context given
+    TLS 1.0 at least and level 0 to reach an MX offering TLS 1.1 at most reached it in the
+    parent and failed "legacy sigalg disallowed" in a worker process."""
+    ca = trustme.CA()
+    server = serving(ca)
+    legacy(server, most=ssl.TLSVersion.TLSv1_1)
+    parent = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+    legacy(parent)
+    try:
+        reached = handshake(parent, server)
+    except ssl.SSLError as error:  # an OpenSSL built without TLS 1.1 at all
+        pytest.skip(f"this OpenSSL cannot speak TLS 1.1: {error}")
+    assert reached == "TLSv1.1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = crossed(parent)
+    assert handshake(child, server) == "TLSv1.1"
