@@ -473,6 +473,37 @@ def test_testing_mode_falls_back_to_plaintext_at_once_for_a_host_remembered_brok
     assert failures(store) == {"validation-failure": 2}
 
 
+def test_a_testing_policys_plaintext_for_a_host_remembered_broken_defers_a_530(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    """Under a testing policy, a server whose TLS handshake fails and that takes mail over
+    TLS only answers the plaintext fallback "530 Must issue a STARTTLS command first" (RFC
+    3207 §4). The first session's plaintext came from the opener's fallback and deferred;
+    the host is then remembered broken and the next session's fallback is plaintext from
+    the start, which the 530 rule did not count as TLS skipped: that message bounced."""
+    https.policy(policy("testing"))
+    mx = smtp_server(name="mx1.test", tls_broken=True, require_starttls=True)
+    config = loopback_config(
+        zone,
+        mx.port,
+        tls_context=client_tls_context,
+        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
+        max_messages_per_connection=1,
+    )
+    results = Results()
+    sent = []
+    with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
+        for address in ("a@example.org", "b@example.org"):
+            mid = ms.send_email(Email(from_="app@sender.test", to=[address], text="Hi"))
+            results.wait_final({address})
+            sent.append((ms.query_status(mid).recipient(address), address))
+    for status, address in sent:
+        assert status.state is RecipientState.DEFERRED, (address, status.reason)
+        assert status.reply is not None and status.reply.code == 530
+        assert status.history[-1].tls_policy == "mta-sts testing"
+    assert mx.messages == []
+
+
 def test_enforce_still_applies_when_the_tlsa_records_are_all_unusable(
     dns_server: LoopbackDNS,
     https: HTTPSServer,

@@ -161,10 +161,34 @@ async def test_remembered_broken_tls_turns_opportunistic_into_plaintext_only() -
     decider = TLSDecider(config(), broken=broken)
     need = await decider.requirement(DEST)
     assert need.mode is TLSMode.NONE and need.source is PolicySource.REMEMBERED
+    assert need.tls_failed
     strict = TLSDecider(config(tls=TLSPolicy.VERIFY), broken=broken)
     assert (await strict.requirement(DEST)).mode is TLSMode.VERIFY
     now[0] += 61
     assert (await decider.requirement(DEST)).mode is TLSMode.OPPORTUNISTIC
+
+
+def test_every_plaintext_chosen_for_failed_tls_says_so() -> None:
+    """A 530 (STARTTLS first) defers in a session that is plaintext because TLS failed:
+    remembered broken, or an MTA-STS testing fallback of either kind. The fallback to
+    plaintext for a host remembered broken kept the policy's source, and was missed."""
+    broken = BrokenTLS(60.0, clock=lambda: 100.0)
+    broken.note("mx.example.org", "handshake failed")
+    decider = TLSDecider(config(), broken=broken)
+    testing = TLSRequirement(
+        mode=TLSMode.VERIFY,
+        source=PolicySource.MTA_STS,
+        detail="testing",
+        fallback=TLSMode.OPPORTUNISTIC,
+    )
+    remembered = decider.fallback(testing, "mx.example.org", "handshake failed")
+    assert remembered.mode is TLSMode.NONE and remembered.tls_failed
+    assert remembered.source is PolicySource.MTA_STS
+    again = decider.fallback(testing, "mx.other.example", "handshake failed")
+    assert again.mode is TLSMode.OPPORTUNISTIC and not again.tls_failed
+    plain = TLSRequirement(mode=TLSMode.VERIFY, source=PolicySource.MTA_STS, fallback=TLSMode.NONE)
+    assert decider.fallback(plain, "mx.other.example", "certificate expired").tls_failed
+    assert not TLSRequirement(mode=TLSMode.NONE, source=PolicySource.DEFAULT).tls_failed
 
 
 async def test_a_relay_decides_alone() -> None:

@@ -39,7 +39,7 @@ from mailstrom.runtime.connection import Abandoned, SMTPConnection, TLSHandshake
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import Attempt, AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, RecipientResult, WorkItem, bounded_text
-from mailstrom.tls.requirement import PolicySource, TLSRequirement
+from mailstrom.tls.requirement import TLSRequirement
 
 # Errors whose type says why, whatever reply they carry (a refused STARTTLS has one), most
 # specific first. The rest are classified by their reply, else their enhanced code.
@@ -197,7 +197,8 @@ class Where:
         it; True where no connection says otherwise (no notice of ours is then owed)."""
         self.tls_skipped = tls_skipped
         """The connection is in plaintext because the host's TLS handshake failed (now,
-        or recently: remembered), not by policy: see :func:`_outcome`."""
+        or recently: remembered; under any policy source), not by policy: see
+        :func:`_outcome`."""
 
     @classmethod
     def of(cls, conn: SMTPConnection, requirement: TLSRequirement | None = None) -> Where:
@@ -210,8 +211,7 @@ class Where:
             conn.tls_cipher,
             requirement.label if requirement is not None else None,
             "DSN" in conn.extensions,
-            conn.tls_fallback is not None
-            or (requirement is not None and requirement.source is PolicySource.REMEMBERED),
+            conn.tls_fallback is not None or (requirement is not None and requirement.tls_failed),
         )
 
 

@@ -407,7 +407,9 @@ class TLSDecider:
         if mode is TLSMode.OPPORTUNISTIC and self.broken.broken(host):
             mode = TLSMode.NONE
             reason = f"TLS with {host} failed recently: plaintext ({reason})"
-        return replace(need, mode=mode, fallback=None, reason=reason)
+        return replace(
+            need, mode=mode, fallback=None, reason=reason, tls_failed=mode is TLSMode.NONE
+        )
 
     def _remembered(self, destination: Destination, chosen: TLSRequirement) -> TLSRequirement:
         if chosen.mode is TLSMode.OPPORTUNISTIC and self.broken.broken(destination.mx_host):
@@ -419,5 +421,6 @@ class TLSDecider:
                 # Which decision this replaces: TLS reports count the session under the
                 # policy that was applied to it, which only this requirement knows.
                 detail=chosen.source.value,
+                tls_failed=True,
             )
         return chosen

@@ -150,6 +150,10 @@ class TLSRequirement:
     fallback: TLSMode | None = None
     """The mode to connect in again, on a new connection, when a connection in ``mode``
     fails TLS (MTA-STS testing: try what enforce would ask, then deliver as before)."""
+    tls_failed: bool = False
+    """``mode`` is plaintext because TLS with the host failed, just now (the fallback of a
+    connection that failed it) or recently (remembered), whatever policy ``source`` is: a
+    server taking mail over TLS only refuses such a session, not the mail."""
     dane_names: tuple[str, ...] = ()
     """With ``mode`` DANE, the names a DANE-TA(2) certificate may be issued for (RFC 7672
     §3.2.2), the TLSA base domain first (it is the SNI name); empty means the MX host name
