@@ -1,6 +1,6 @@
 """TLS sessions (RFC 8460) of connections that failed to open under opportunistic TLS:
-a STARTTLS refused (``454`` and a hang-up, or ``421``), and a handshake failure whose
-plaintext fallback connection failed too. Each is a failed TLS session of the MX, counted
+a STARTTLS refused with ``421``, and a handshake failure whose plaintext fallback
+connection failed too. Each is a failed TLS session of the MX, counted
 under ``no-policy-found``; they were counted as nothing."""
 
 from __future__ import annotations
@@ -52,17 +52,6 @@ async def failures_through(
 
 def on_starttls(answer: bytes | HangUp) -> Handler:
     return scripted(lambda line: answer if line[:8].upper() == b"STARTTLS" else None, ehlo=OFFERING)
-
-
-async def test_a_starttls_refused_with_a_hang_up_counts_as_starttls_not_supported(
-    dns_server: LoopbackDNS,
-) -> None:
-    """A ``454`` to STARTTLS, then a hang-up: one session without TLS, refused. (Read
-    while the connection was still being opened, the hang-up failed it with the refusal,
-    which counted as nothing; read after, as here, the session counted as refused.)"""
-    handler = on_starttls(HangUp(b"454 4.7.0 TLS not available\r\n"))
-    counted = await failures_through(dns_server, handler)
-    assert counted == {"starttls-not-supported (starttls-refused)": 1}
 
 
 async def test_a_421_to_starttls_counts_as_starttls_not_supported(
