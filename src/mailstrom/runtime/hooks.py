@@ -180,7 +180,9 @@ class HookSender:
         sending: set[asyncio.Task[bool]] = set()
         try:
             wait = self._hook.retry_min
+            longest = timedelta(seconds=self._hook.retry_max)
             while True:
+                started = self._clock()
                 try:
                     await self._lease_and_send(sending)
                     break
@@ -193,6 +195,10 @@ class HookSender:
                     self._metrics.hook_failures += 1
                     if self._stopping:
                         break
+                    if self._clock() - started > longest:
+                        # It ran well for longer than the longest wait since the last
+                        # failure: a new failure, not the same one again, waited as a first.
+                        wait = self._hook.retry_min
                     wait = await self._back_off(wait)
             # The requests in flight end within hook.timeout (and POST_GRACE), and are
             # acknowledged: left, their events would go again once their lease ran out.
