@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 from contextlib import closing
 
 import pytest
 
 from tests.cli.conftest import CLI
+from tests.cli.test_output_errors import FULL, to_full_disk
 
 BUILD = ["send", "--from", "app@client.test", "--to", "bob@example.test", "--text", "x"]
 
@@ -59,7 +58,7 @@ def test_send_text_reports_the_queued_id_when_reading_it_back_fails(cli: CLI) ->
     assert f"mailstrom: message {queued} is queued" in result.err
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.skipif(not os.path.exists(FULL), reason="no /dev/full")
 @pytest.mark.parametrize("json_out", [[], ["--json"]], ids=["text", "json"])
 def test_send_to_a_full_disk_says_on_stderr_which_message_it_queued(
     cli: CLI, json_out: list[str]
@@ -68,18 +67,7 @@ def test_send_to_a_full_disk_says_on_stderr_which_message_it_queued(
     # a failed output file gives) read as nothing done, so a script sent it again.
     cli.ok(*BUILD)  # the store and its schema
     before = queued_ids(cli)
-    with open("/dev/full", "w") as out:
-        ran = subprocess.run(
-            [sys.executable, "-m", "mailstrom", *BUILD, *json_out],
-            cwd=cli.cwd,
-            env=cli.env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    ran = to_full_disk(cli, *BUILD, *json_out)
     [queued] = [i for i in queued_ids(cli) if i not in before]
     assert ran.returncode == 73, ran.stderr
     assert f"mailstrom: message {queued} is queued" in ran.stderr, ran.stderr

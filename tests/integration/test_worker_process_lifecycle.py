@@ -72,6 +72,36 @@ def _in_each_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, c
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), path) if p))
 
 
+def _gated_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A file whose creation lets worker children started from now on go on: until then
+    each waits at its start (30 s at most), as a child that is slow to come up."""
+    gate = tmp_path / "go"
+    _in_each_child(
+        tmp_path,
+        monkeypatch,
+        "gate",
+        f"""
+        import os, time
+        for _ in range(3000):  # until the test lets it go on (30 s at most)
+            if os.path.exists({str(gate)!r}):
+                break
+            time.sleep(0.01)
+        """,
+    )
+    return gate
+
+
+async def _a_stop_timed_out_while_delivering(ms: AsyncMailstrom, slow: Any) -> None:
+    """``ms`` started, one message on its way to ``slow`` (``_slow_mx``), and a
+    stop(timeout=30) given up after 0.2 s, the child still draining that delivery."""
+    await ms.start()
+    await ms.send_email(hello("bob@example.org"))
+    assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await ms.stop(timeout=30)
+
+
 @pytest.fixture
 def stall_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """``stall_child(seconds)``: worker children started from now on hang that long
@@ -1179,19 +1209,7 @@ async def test_an_async_start_that_is_cancelled_does_not_leave_its_process_runni
     shutdown) raised CancelledError, and the start went on in its thread: the process
     delivered behind a start() that never returned, and the next start() said "already
     started". It is now stopped once it is up, and the next start() begins afresh."""
-    gate = tmp_path / "go"
-    _in_each_child(
-        tmp_path,
-        monkeypatch,
-        "gate",
-        f"""
-        import os, time
-        for _ in range(3000):  # until the test lets it go on (30 s at most)
-            if os.path.exists({str(gate)!r}):
-                break
-            time.sleep(0.01)
-        """,
-    )
+    gate = _gated_children(tmp_path, monkeypatch)
     store = SQLiteStore(tmp_path / "q.db")
     ms = AsyncMailstrom(config(dns_server, mx.port), store=store, worker="process")
     worker = ms.worker
@@ -1225,19 +1243,7 @@ def test_an_async_start_given_up_as_asyncio_run_ends_leaves_no_process_running(
     the start went on in its thread, and the process delivered on after run() returned,
     behind a start() that had never returned (the next start() said "already
     started"). It is stopped before run() returns now."""
-    gate = tmp_path / "go"
-    _in_each_child(
-        tmp_path,
-        monkeypatch,
-        "gate",
-        f"""
-        import os, time
-        for _ in range(3000):  # until the test lets it go on (30 s at most)
-            if os.path.exists({str(gate)!r}):
-                break
-            time.sleep(0.01)
-        """,
-    )
+    gate = _gated_children(tmp_path, monkeypatch)
     store = SQLiteStore(tmp_path / "q.db")
     ms = AsyncMailstrom(config(dns_server, mx.port), store=store, worker="process")
     worker = ms.worker
@@ -1622,17 +1628,9 @@ def test_a_stop_cancelled_on_a_loop_then_closed_closes_the_store_once_the_worker
     worker = ms.worker
     assert isinstance(worker, WorkerProcess)
 
-    async def send_then_cancel_a_stop() -> None:
-        await ms.start()
-        await ms.send_email(hello("bob@example.org"))
-        assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await ms.stop(timeout=30)
-
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(send_then_cancel_a_stop())
+        loop.run_until_complete(_a_stop_timed_out_while_delivering(ms, slow))
     finally:
         loop.close()
     assert worker.wait_stopped(30)
@@ -1648,19 +1646,7 @@ async def test_a_stop_cancelled_behind_a_cancelled_start_closes_the_store_once_i
     # too (a second timeout, a shutdown). The store the facade opened was to be closed
     # once the process the start left had ended; only a stop() of its own was watched
     # so, and the store stayed open until this process ended.
-    gate = tmp_path / "go"
-    _in_each_child(
-        tmp_path,
-        monkeypatch,
-        "gate",
-        f"""
-        import os, time
-        for _ in range(3000):  # until the test lets it go on (30 s at most)
-            if os.path.exists({str(gate)!r}):
-                break
-            time.sleep(0.01)
-        """,
-    )
+    gate = _gated_children(tmp_path, monkeypatch)
     ms = AsyncMailstrom(config(dns_server, mx.port), store=tmp_path / "q.db", worker="process")
     worker = ms.worker
     assert isinstance(worker, WorkerProcess)
@@ -1691,17 +1677,9 @@ def test_a_stop_cancelled_on_a_loop_left_idle_does_not_hold_back_a_start_on_anot
     worker = ms.worker
     assert isinstance(worker, WorkerProcess)
 
-    async def send_then_cancel_a_stop() -> None:
-        await ms.start()
-        await ms.send_email(hello("bob@example.org"))
-        assert await asyncio.to_thread(_wait_until, lambda: len(slow.received) == 1, 10)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await ms.stop(timeout=30)
-
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(send_then_cancel_a_stop())
+        loop.run_until_complete(_a_stop_timed_out_while_delivering(ms, slow))
         assert worker.wait_stopped(30)
 
         def starts() -> bool:
@@ -1730,19 +1708,7 @@ def test_a_stop_cancelled_as_a_start_left_on_a_closed_loop_ends_closes_the_store
     # cancelled once the thread has ended but before its loop heard so: the start's
     # future, its loop closed, was never done, and the store the facade opened was
     # closed at once, on the event loop (held for a SQLite checkpoint and fsync).
-    gate = tmp_path / "go"
-    _in_each_child(
-        tmp_path,
-        monkeypatch,
-        "gate",
-        f"""
-        import os, time
-        for _ in range(3000):  # until the test lets it go on (30 s at most)
-            if os.path.exists({str(gate)!r}):
-                break
-            time.sleep(0.01)
-        """,
-    )
+    gate = _gated_children(tmp_path, monkeypatch)
     ms = AsyncMailstrom(config(dns_server, mx.port), store=tmp_path / "q.db", worker="process")
     worker = ms.worker
     assert isinstance(worker, WorkerProcess)
