@@ -602,3 +602,34 @@ async def test_the_fetch_keeps_to_the_source_address_and_its_ip_version(
     found = await source.policy("example.org")
     assert found is not None and found.policy.mode is Mode.ENFORCE
     assert [r.client for r in ipv4.requests] == ["127.0.0.5"]
+
+
+async def test_policy_is_refreshed_before_it_expires_while_its_record_cannot_be_looked_up(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext
+) -> None:
+    """RFC 8461 §3.3 asks senders to refresh a cached policy before it expires, and §10.2
+    names an attacker who blocks DNS. With the ``_mta-sts`` lookup failing (SERVFAIL), the
+    cached policy was applied but never refreshed, so it lapsed at its max_age although
+    the policy host still served it. It is refreshed under its id, as without a record;
+    a policy past its max_age is not applied (§5.1), whatever DNS does."""
+    clock = Clock()
+    store = MemoryStore()
+    source = make_source(zone, https, client_tls_context, clock, store)
+    first = await source.policy("example.org")
+    assert first is not None
+    zone.servfail("_mta-sts.example.org", "TXT")
+    clock.now += timedelta(hours=11)
+    assert await source.policy("example.org") == first
+    assert https.count() == 1
+    clock.now += timedelta(hours=2)
+    again = await source.policy("example.org")
+    assert https.count() == 2
+    assert again is not None and again.fetched_at == clock.now and again.policy_id == "one"
+    assert store.mta_sts_policy("example.org") == again
+    clock.now += timedelta(hours=20)  # past the first fetch's max_age
+    assert await source.policy("example.org") is not None
+    # A policy host that answers no more lets the policy lapse at its max_age.
+    https.stop()
+    clock.now += timedelta(days=2)
+    assert await source.policy("example.org") is None
+    assert source.unknown("example.org") is not None

@@ -9,9 +9,9 @@ with the policy cached in the store (shared by every worker):
 * a new id, no cached policy, or an aged-out one → fetch over HTTPS, cache and apply it;
   when the fetch fails, the cached policy stays and applies while it is fresh (an attacker
   who blocks the fetch cannot remove a policy), else the domain has none for now;
-* no TXT record, or an unusable one → the cached policy while it is fresh, refreshed under
-  its id as above (a policy is withdrawn with ``mode: none``, not by removing the record:
-  RFC 8461 §8.3), else none; a DNS failure → the cached policy while it is fresh.
+* no TXT record, an unusable one, or a DNS failure → the cached policy while it is fresh,
+  refreshed under its id as above (a policy is withdrawn with ``mode: none``, not by
+  removing the record: RFC 8461 §8.3), else none.
 
 Each answer is remembered by this worker for ``MTASTSConfig.recheck`` seconds (never longer
 than the TXT record's TTL), and concurrent calls for one domain share one lookup, so a
@@ -165,37 +165,34 @@ class PolicySource:
 
     async def _resolve(self, domain: str) -> CachedPolicy | None:
         recheck = self._settings.recheck
+        unusable: PolicyError | None = None
+        policy_id: str | None = None
+        not_looked_up: str | None = None
         try:
             records, ttl = await txt_records(self._resolver, f"_mta-sts.{domain}")
         except DNSTrouble as exc:
             log.info("MTA-STS record of %s not looked up: %s", domain, exc)
-            cached = await self._cached(domain)
-            fresh = cached if cached is not None and cached.fresh(self._clock()) else None
-            self._remember(
-                domain,
-                fresh,
-                min(recheck, _FAILURE_RECHECK),
-                unknown=f"its _mta-sts record was not looked up: {exc}",
-            )
-            return fresh
-        unusable: PolicyError | None = None
-        try:
-            policy_id = parse_sts_record(records)
-        except PolicyError as exc:
-            unusable, policy_id, ttl = exc, None, min(ttl, _FAILURE_RECHECK)
+            not_looked_up = f"its _mta-sts record was not looked up: {exc}"
+            ttl = _FAILURE_RECHECK
+        else:
+            try:
+                policy_id = parse_sts_record(records)
+            except PolicyError as exc:
+                unusable, ttl = exc, min(ttl, _FAILURE_RECHECK)
         cached = await self._cached(domain)
         now = self._clock()
+        # An expired policy is never applied (RFC 8461 §5.1), however its record went.
         fresh = cached if cached is not None and cached.fresh(now) else None
         if unusable is not None:
             self._failed(domain, unusable, fresh)
         if policy_id is None and fresh is not None and fresh.refresh_due(now):
             # Refreshed under its id all the same (RFC 8461 §3.3): a policy is withdrawn
-            # with mode none (§8.3), and a record an attacker hides (§10.2) made a policy
-            # the domain still serves lapse at its max_age.
+            # with mode none (§8.3), and an attacker who hides a record or makes its lookup
+            # fail (§10.2) made a policy the domain still serves lapse at its max_age.
             policy_id = fresh.policy_id
         same = fresh is not None and fresh.policy_id == policy_id
         if policy_id is None or (same and fresh is not None and not fresh.refresh_due(now)):
-            self._remember(domain, fresh, min(recheck, ttl))
+            self._remember(domain, fresh, min(recheck, ttl), unknown=not_looked_up)
             return fresh
         try:
             policy = await fetch_policy(
