@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -161,5 +161,41 @@ async def test_a_certificate_refused_is_counted_under_its_openssl_error(
             "result-type": "sts-webpki-invalid",
             "failed-session-count": 1,
             "failure-reason-code": "sts-certificate-error-20",
+        }
+    ]
+
+
+async def test_an_unusable_record_and_a_failed_refresh_are_one_failure(
+    zone: LoopbackDNS, https_server: HTTPSFactory, client_tls_context: ssl.SSLContext
+) -> None:
+    """A lookup that finds the record unusable, then fails to refresh the cached policy
+    under its id, is one failed policy discovery: it was counted twice, the record's
+    failure and the fetch's, so a report showed two failed sessions for one lookup (and
+    one when the refresh was not due yet). It is the record's, found first, counted at
+    every such lookup whether or not a refresh is due; the failed fetch is logged."""
+    https: HTTPSServer = https_server()
+    https.policy(POLICY)
+    clock = [NOW - timedelta(hours=13)]
+    store = MemoryStore()
+    recorder = SessionRecorder(store, clock=lambda: NOW)
+    mta_sts = MTASTSConfig(port=https.port, recheck=0, tls_context=client_tls_context)
+    config = Config(dns=zone.dns_config, allow_loopback=True, mta_sts=mta_sts)
+    hook = for_worker(config, store, recorder, store_call=_direct, clock=lambda: clock[0])
+    assert hook is not None
+    assert await hook.lists_mx_host(DESTINATION)  # fetched and cached, 13 hours ago
+    zone.txt("_mta-sts.example.org", "v=STSv1; id=one;", "v=STSv1; id=two;")
+    https.stop()
+    clock[0] = NOW  # past half the policy's max_age: a refresh is due, and fails
+    assert await hook.lists_mx_host(DESTINATION)  # the cached policy still applies
+    await recorder.flush()
+    report = build_report("example.org", NOW.date(), store.tls_sessions(NOW.date()), REPORTER)
+    (policy,) = report.document["policies"]
+    assert policy["policy"]["policy-type"] == "sts"
+    assert policy["summary"]["total-failure-session-count"] == 1, policy
+    assert policy["failure-details"] == [
+        {
+            "result-type": "sts-policy-invalid",
+            "failed-session-count": 1,
+            "failure-reason-code": "sts-record-multiple",
         }
     ]

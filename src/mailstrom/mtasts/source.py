@@ -16,7 +16,8 @@ with the policy cached in the store (shared by every worker):
 Each answer is remembered by this worker for ``MTASTSConfig.recheck`` seconds (never longer
 than the TXT record's TTL), and concurrent calls for one domain share one lookup, so a
 stream of mail to a domain costs one TXT query per recheck interval, not one per message.
-Failures are logged with their reason and passed to ``on_failure`` for TLS reports.
+Failures are logged with their reason and passed to ``on_failure`` for TLS reports, at
+most one per lookup: the first found.
 """
 
 from __future__ import annotations
@@ -149,10 +150,12 @@ class PolicySource:
             seconds = min(seconds, (value.look_again_at(now) - now).total_seconds())
         self._known[domain] = (self._monotonic() + max(seconds, 0.0), value, why)
 
-    def _failed(self, domain: str, error: PolicyError, applied: CachedPolicy | None) -> None:
+    def _failed(
+        self, domain: str, error: PolicyError, applied: CachedPolicy | None, *, report: bool = True
+    ) -> None:
         kept = f"; the cached policy (id {applied.policy_id}) still applies" if applied else ""
         log.warning("MTA-STS policy of %s ignored: %s%s", domain, error.reason, kept)
-        if self._on_failure is not None:
+        if self._on_failure is not None and report:
             self._on_failure(domain, error, applied)
 
     async def _cached(self, domain: str) -> CachedPolicy | None:
@@ -203,7 +206,10 @@ class PolicySource:
                 source_address=self._source_address,
             )
         except PolicyError as exc:
-            self._failed(domain, exc, fresh)
+            # One lookup is one failure in TLS reports: with the record unusable, that one
+            # was passed on already, and a refresh under the cached id failing too is only
+            # logged (else the count would depend on whether a refresh was due).
+            self._failed(domain, exc, fresh, report=unusable is None)
             # A refresh ahead of time is in no hurry: try again after ``recheck``.
             self._remember(
                 domain,
