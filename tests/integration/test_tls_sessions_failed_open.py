@@ -1,7 +1,8 @@
 """TLS sessions (RFC 8460) of connections that failed to open under opportunistic TLS:
 a STARTTLS refused with ``421``, and a handshake failure whose plaintext fallback
 connection failed too. Each is a failed TLS session of the MX, counted
-under ``no-policy-found``; they were counted as nothing."""
+under ``no-policy-found``; they were counted as nothing. Beside them, a ``454`` refusal
+followed by a hang-up, which comes back from opening and is counted as refused."""
 
 from __future__ import annotations
 
@@ -52,6 +53,18 @@ async def failures_through(
 
 def on_starttls(answer: bytes | HangUp) -> Handler:
     return scripted(lambda line: answer if line[:8].upper() == b"STARTTLS" else None, ehlo=OFFERING)
+
+
+async def test_a_454_to_starttls_then_a_hang_up_counts_once_as_starttls_not_supported(
+    dns_server: LoopbackDNS,
+) -> None:
+    """A ``454`` to STARTTLS, then a hang-up: one session without TLS, refused, counted
+    once. (The hang-up is read after the connection opened, so the session counts as
+    an opened plaintext one that was refused TLS; were it read before, opening would
+    fail with the refusal, also counted so. Either way not as nothing, nor twice.)"""
+    handler = on_starttls(HangUp(b"454 4.7.0 TLS not available\r\n"))
+    counted = await failures_through(dns_server, handler)
+    assert counted == {"starttls-not-supported (starttls-refused)": 1}
 
 
 async def test_a_421_to_starttls_counts_as_starttls_not_supported(
