@@ -403,3 +403,33 @@ def test_work_refused_at_the_first_mail_goes_on_to_the_next_mx_host(
     assert all(s.attempts == 1 for s in statuses)
     assert len(backup.messages) == COUNT
     assert refusing.connections == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+def test_a_connection_keeps_the_recipient_limit_its_server_showed(
+    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool
+) -> None:
+    # A server that takes one recipient a transaction (rcpt_limit = 1) answers 452 4.5.3
+    # to the others. Was: each later transaction named every recipient still left, to be
+    # refused again, so that 100 recipients cost 5,050 RCPT commands. The destination
+    # keeps the number the server took, and no later transaction names more: one RCPT a
+    # recipient, once the limit is known.
+    mx = smtp_server(pipelining=pipelining)
+    mx.rcpt_limit = 1
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(
+        dns_server, mx.port, retry=RetryPolicy(max_attempts=1), max_per_destination=1
+    )
+    to = [f"u{i}@example.org" for i in range(100)]
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(Email(from_="a@sender.test", to=to, subject="Hi", text="Hi"))
+        results.wait_final(set(to))
+        status = ms.query_status(mid)
+    assert status.state is RecipientState.DELIVERED, status
+    assert all(r.attempts == 1 for r in status.recipients)
+    assert sorted(a for m in mx.messages for a in m.rcpt_tos) == sorted(to)
+    assert mx.connections == 1
+    # The first transaction names all 100 (99 refused for the limit), then one each.
+    assert mx.commands.count("RCPT") == len(to) + len(to) - 1

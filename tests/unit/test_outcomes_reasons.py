@@ -26,7 +26,13 @@ from mailstrom.errors import (
 from mailstrom.policy.reasons import advice_for
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.runtime.connection import TLSHandshakeError, TLSVerifyError
-from mailstrom.runtime.outcomes import Outcomes, Where, error_reason, over_recipient_limit
+from mailstrom.runtime.outcomes import (
+    Outcomes,
+    Where,
+    error_reason,
+    over_recipient_limit,
+    recipients_taken,
+)
 from mailstrom.runtime.transactions import TransactionResult
 from mailstrom.status import AttemptOutcome, ReasonClass, RecipientState, SMTPReply
 from mailstrom.stores.base import LeasedRecipient, WorkItem
@@ -293,6 +299,19 @@ def test_a_limit_refusal_with_nothing_accepted_is_an_ordinary_refusal() -> None:
     limit = SMTPReply(code=452, enhanced="4.5.3", text="Too many recipients")
     assert over_recipient_limit(_rcpts(limit, limit)) == set()
     assert over_recipient_limit(_rcpts(limit)) == set()
+
+
+def test_the_limit_a_server_showed_is_what_it_took_before_refusing_the_rest() -> None:
+    limit = SMTPReply(code=452, enhanced="4.5.3", text="Too many recipients")
+    unknown = SMTPReply(code=550, enhanced="5.1.1", text="No such user")
+    bare = SMTPReply(code=552, text="Mailbox full")
+    assert recipients_taken(_rcpts(OK, unknown, OK, limit, limit)) == 2
+    assert recipients_taken(_rcpts(OK, limit)) == 1
+    # A bare 552 (a full mailbox, say) with an acceptance after it is no limit: the
+    # recipient goes in a later transaction, but later ones are not cut to one.
+    assert recipients_taken(_rcpts(OK, bare, OK)) is None
+    assert recipients_taken(_rcpts(limit, OK)) is None
+    assert recipients_taken(_rcpts(OK, OK)) is None
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,7 @@ from mailstrom.runtime.outcomes import (
     Where,
     at_connection_limit,
     over_recipient_limit,
+    recipients_taken,
     refused_before_cut,
 )
 from mailstrom.runtime.shaper import Shape, Shaper
@@ -211,6 +212,10 @@ class _Destination:
     moved: float = field(default_factory=time.monotonic)
     """When a session last took work from the queue (or the queue was made): a queue that
     has not moved for long waits behind a server that does not (see :meth:`Dispatcher.relieve`)."""
+    recipient_limit: int | None = None
+    """The fewest recipients one of its servers took in a transaction before it refused
+    the rest for its limit (RFC 5321 §4.5.3.1.10), once one did: no transaction names more
+    (see :meth:`Dispatcher._stream`). Kept while the queue lives."""
 
 
 @dataclass(slots=True)
@@ -995,6 +1000,13 @@ class Dispatcher:
                 dest.moved = now = time.monotonic()
                 if not work.started:
                     work.started = now
+                limit = dest.recipient_limit
+                if limit is not None and len(work.item.recipients) > limit:
+                    # Named past the server's limit, the rest would be refused for it
+                    # again in every transaction: with one a transaction, 100 recipients
+                    # cost 5,050 RCPTs. They go in the next transactions instead.
+                    later, work = _cap(work, limit)
+                    queue.appendleft(later)
                 try:
                     future = self._submit(conn, work, reset, where)
                 except DeliveryError as exc:
@@ -1106,6 +1118,10 @@ class Dispatcher:
                     took.answered = True
             over = over_recipient_limit(result)
             if over:
+                taken = recipients_taken(result)
+                if taken is not None:
+                    known = dest.recipient_limit
+                    dest.recipient_limit = taken if known is None else min(known, taken)
                 later, work, result = _split_off(work, result, over)
                 inflight[0] = (work, future)  # those over the limit are queued: not twice
                 if work.item.lease_token in self._lost:
@@ -1980,6 +1996,16 @@ def _split_off(
         replace(work, item=replace(item, recipients=later)),
         replace(work, item=replace(item, recipients=sent)),
         replace(result, rcpt=tuple((a, reply) for a, reply in result.rcpt if a not in over)),
+    )
+
+
+def _cap(work: _Work, limit: int) -> tuple[_Work, _Work]:
+    """``work`` past its first ``limit`` recipients, for a next transaction, and ``work``
+    with those only."""
+    item = work.item
+    return (
+        replace(work, item=replace(item, recipients=item.recipients[limit:])),
+        replace(work, item=replace(item, recipients=item.recipients[:limit])),
     )
 
 

@@ -91,6 +91,21 @@ def over_recipient_limit(result: TransactionResult) -> frozenset[str]:
     return over
 
 
+def recipients_taken(result: TransactionResult) -> int | None:
+    """How many recipients ``result``'s server took before it refused every one after them
+    for its limit of recipients: the most a later transaction to it should name. None
+    when the replies show no such limit (none refused for it, or one accepted after such
+    a refusal, which a bare 452 or 552 for a full disk or mailbox can be)."""
+    rcpt = result.rcpt
+    for index, (_, reply) in enumerate(rcpt):
+        if _limit_reached(reply):
+            if not all(_limit_reached(after) for _, after in rcpt[index:]):
+                return None
+            taken = sum(1 for _, before in rcpt[:index] if 200 <= before.code < 300)
+            return taken or None
+    return None
+
+
 def asks_success(item: WorkItem) -> bool:
     """Whether ``item``'s message asks to hear of its delivery (RFC 3461 NOTIFY=SUCCESS)."""
     dsn = item.dsn
