@@ -50,6 +50,12 @@ def _system_cas() -> frozenset[bytes]:
 _CRL_CHECKS = ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_CRL_CHECK_CHAIN
 
 
+def checks_crls(context: ssl.SSLContext | None) -> bool:
+    """Whether ``context`` checks certificates against CRLs, which no worker process can
+    do with it: the ssl module cannot list the CRLs a context holds, so none can cross."""
+    return context is not None and bool(context.verify_flags & _CRL_CHECKS)
+
+
 @dataclass(frozen=True, slots=True)
 class TLSContextSpec:
     """What a child needs to rebuild ``Config.tls_context`` or ``MTASTSConfig.tls_context``:
@@ -60,10 +66,10 @@ class TLSContextSpec:
     defaults, and a context asking for TLS 1.3 at least delivered over TLS 1.2 (or fetched
     an MTA-STS policy over it) from a worker process.
 
-    CRL checking stays in the parent's process only: the ssl module cannot list the CRLs
-    a context holds, so the child has none, and with ``VERIFY_CRL_CHECK_LEAF`` or
-    ``VERIFY_CRL_CHECK_CHAIN`` it would fail every verified handshake ("unable to get
-    certificate CRL"). Those two flags do not cross; a worker thread checks CRLs."""
+    A context checking CRLs (:func:`checks_crls`) has no spec: :meth:`of` raises
+    ValueError. Its CRLs cannot be listed, so the child would have none: with the flags it
+    failed every verified handshake ("unable to get certificate CRL"), and without them it
+    accepted revoked certificates. Such a context keeps the worker in its own process."""
 
     system: bool
     ca_der: tuple[bytes, ...]
@@ -78,6 +84,11 @@ class TLSContextSpec:
 
     @classmethod
     def of(cls, context: ssl.SSLContext) -> TLSContextSpec:
+        if checks_crls(context):
+            raise ValueError(
+                "a TLS context that checks CRLs cannot cross to a worker process: "
+                "the CRLs it holds cannot be read back from it"
+            )
         system, cas = portable_trust(context)
         return cls(
             system=system,
@@ -87,7 +98,7 @@ class TLSContextSpec:
             minimum_version=int(context.minimum_version),
             maximum_version=int(context.maximum_version),
             options=int(context.options),
-            verify_flags=int(context.verify_flags & ~_CRL_CHECKS),
+            verify_flags=int(context.verify_flags),
             ciphers=tuple(cipher["name"] for cipher in context.get_ciphers()),
             security_level=context.security_level,
         )

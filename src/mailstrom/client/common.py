@@ -50,6 +50,7 @@ from mailstrom.suppression import (
     match,
     normalize_target,
 )
+from mailstrom.tls_spec import checks_crls
 
 MessageInput = Email | EmailMessage | bytes
 """What ``send_email`` accepts."""
@@ -117,6 +118,16 @@ def sqlite_path(path: os.PathLike[str]) -> str:
     if text != text.strip():
         raise InvalidStoreURL(f"SQLite path begins or ends with whitespace: {shorten(text)}")
     return os.path.abspath(text)
+
+
+def crl_checking(config: Config) -> str | None:
+    """The name of the TLS context of ``config`` that checks CRLs, or None: a worker
+    process cannot be given its CRLs (:func:`~mailstrom.tls_spec.checks_crls`)."""
+    if checks_crls(config.tls_context):
+        return "tls_context"
+    if config.mta_sts is not None and checks_crls(config.mta_sts.tls_context):
+        return "mta_sts.tls_context"
+    return None
 
 
 def reopens_as_itself(store: Store) -> bool:
@@ -189,8 +200,8 @@ class FacadeBase:
     * ``"auto"`` (the default): a process for a store another process can open (SQLite,
       PostgreSQL), in this process otherwise (the memory store), or when a custom
       ``router``, ``clock`` or ``rng`` is given, or the store is of a subclass of the
-      application's (a child would open it as its base class), since those cannot cross
-      to a child, or
+      application's (a child would open it as its base class), or a TLS context checks
+      CRLs (their CRLs cannot be read back), since those cannot cross to a child, or
       when there is no interpreter to start (``sys.executable`` empty or None, a frozen
       program: see :func:`~mailstrom.client.process.no_interpreter`).
     """
@@ -249,7 +260,11 @@ class FacadeBase:
         store_url: str | None = getattr(self.store, "url", None)
         custom = router is not None or clock is not utc_now or rng is not None
         mode = self._mode(
-            worker, store_url=store_url, custom=custom, reopened=reopens_as_itself(self.store)
+            worker,
+            store_url=store_url,
+            custom=custom,
+            reopened=reopens_as_itself(self.store),
+            crls=crl_checking(self.config),
         )
         self.worker_mode: str | None = mode
         """Where this facade's worker runs ("process", "thread"/"task", or None)."""
@@ -391,7 +406,13 @@ class FacadeBase:
             unwatch()
 
     def _mode(
-        self, worker: WorkerMode, *, store_url: str | None, custom: bool, reopened: bool = True
+        self,
+        worker: WorkerMode,
+        *,
+        store_url: str | None,
+        custom: bool,
+        reopened: bool = True,
+        crls: str | None = None,
     ) -> str | None:
         if worker is None or worker == self._LOCAL:
             return worker
@@ -399,8 +420,9 @@ class FacadeBase:
             # A program without an interpreter to start (an empty sys.executable, a
             # frozen program) keeps delivery in this process, as for the memory store;
             # so does a store a child would open as another class (see reopens_as_itself).
-            child = store_url is not None and reopened and not custom and no_interpreter() is None
-            return "process" if child else self._LOCAL
+            # A context checking CRLs too: a child would have none of them (tls_spec.py).
+            child = store_url is not None and reopened and not custom and crls is None
+            return "process" if child and no_interpreter() is None else self._LOCAL
         if worker != "process":
             raise ConfigError(f"worker must be {self._LOCAL!r}, 'process', 'auto' or None")
         if store_url is None:
@@ -412,6 +434,13 @@ class FacadeBase:
             raise WorkerError(
                 "a custom router, clock or rng cannot be passed to a worker process; "
                 f"use worker={self._LOCAL!r}"
+            )
+        if crls is not None:
+            # Never a child checking less than a worker here would: it accepted revoked
+            # certificates (or, given the flags alone, refused every certificate).
+            raise WorkerError(
+                f"{crls} checks CRLs, which a worker process cannot be given (they cannot "
+                f"be read back from an ssl.SSLContext); use worker={self._LOCAL!r}"
             )
         return "process"
 
