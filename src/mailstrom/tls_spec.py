@@ -62,9 +62,9 @@ class TLSContextSpec:
     an :class:`ssl.SSLContext` cannot cross a process boundary, so what it trusts and its
     checks are sent instead (:func:`portable_trust`): the child trusts the system's CAs
     only if the parent's context does. The protocol versions, options, verification flags,
-    ciphers and OpenSSL security level cross too: without them the child took Python's
-    defaults, and a context asking for TLS 1.3 at least delivered over TLS 1.2 (or fetched
-    an MTA-STS policy over it) from a worker process.
+    host name checks, ciphers and OpenSSL security level cross too: without them the child
+    took Python's defaults, and a context asking for TLS 1.3 at least delivered over TLS
+    1.2 (or fetched an MTA-STS policy over it) from a worker process.
 
     A context checking CRLs (:func:`checks_crls`) has no spec: :meth:`of` raises
     ValueError. Its CRLs cannot be listed, so the child would have none: with the flags it
@@ -75,6 +75,10 @@ class TLSContextSpec:
     ca_der: tuple[bytes, ...]
     check_hostname: bool
     verify_mode: int
+    common_name: bool
+    """``hostname_checks_common_name``: without it the child took Python's default, and
+    matched a host name in the common name of a certificate without subjectAltName,
+    which a context set not to do (as RFC 6125 §6.4.4 asks) refused in the parent."""
     minimum_version: int
     maximum_version: int
     options: int
@@ -95,6 +99,7 @@ class TLSContextSpec:
             ca_der=cas,
             check_hostname=context.check_hostname,
             verify_mode=int(context.verify_mode),
+            common_name=context.hostname_checks_common_name,
             minimum_version=int(context.minimum_version),
             maximum_version=int(context.maximum_version),
             options=int(context.options),
@@ -107,6 +112,7 @@ class TLSContextSpec:
         context = trusting(self.system, self.ca_der)
         context.check_hostname = self.check_hostname
         context.verify_mode = ssl.VerifyMode(self.verify_mode)
+        context.hostname_checks_common_name = self.common_name
         context.minimum_version = ssl.TLSVersion(self.minimum_version)
         context.maximum_version = ssl.TLSVersion(self.maximum_version)
         context.options = ssl.Options(self.options)

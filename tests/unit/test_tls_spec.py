@@ -13,6 +13,7 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from mailstrom.tls_spec import TLSContextSpec
 
@@ -128,3 +129,57 @@ def test_a_context_lowered_to_reach_an_old_mx_reaches_it_from_a_worker_process()
         warnings.simplefilter("ignore", DeprecationWarning)
         child = crossed(parent)
     assert handshake(child, server) == "TLSv1.1"
+
+
+def named_in_its_subject_alone(ca: trustme.CA, tmp_path: Path) -> ssl.SSLContext:
+    """A server context whose certificate (from ``ca``) names mx.test in its subject's
+    common name, with no subjectAltName: what RFC 6125 §6.4.4 and the CA/Browser Forum
+    no longer accept, and OpenSSL still matches unless told not to."""
+    issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "mx.test")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    chain = tmp_path / "cn-only.pem"
+    chain.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(chain)
+    return server
+
+
+def test_a_context_refusing_common_names_refuses_them_in_a_worker_process(
+    tmp_path: Path,
+) -> None:
+    """``hostname_checks_common_name`` did not cross: a context set not to match a host
+    name in a certificate's common name refused such a certificate in the parent, and the
+    worker process's context, at Python's default, accepted it."""
+    ca = trustme.CA()
+    server = named_in_its_subject_alone(ca, tmp_path)
+    lenient = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+    assert handshake(lenient, server) is not None  # OpenSSL matches the CN by default
+    strict = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+    strict.hostname_checks_common_name = False
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(strict, server)
+    child = crossed(strict)
+    assert not child.hostname_checks_common_name
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(child, server)
+    assert crossed(lenient).hostname_checks_common_name
