@@ -56,6 +56,20 @@ def checks_crls(context: ssl.SSLContext | None) -> bool:
     return context is not None and bool(context.verify_flags & _CRL_CHECKS)
 
 
+def left_behind(context: ssl.SSLContext) -> str | None:
+    """What a worker process would lose of ``context`` that changes which certificates
+    it accepts, or None. Neither can be read back from an SSLContext: its CRLs, and the
+    CAs of a directory (``capath``), which OpenSSL loads only as a handshake needs them.
+    A verifying context holding no CA while the system's hold some is one of those
+    (or trusts nothing, as its child would): its child refused every certificate that
+    the directory's CAs let the parent accept."""
+    if checks_crls(context):
+        return "checks CRLs"
+    if context.verify_mode != ssl.CERT_NONE and not context.get_ca_certs() and _system_cas():
+        return "holds no CA certificate (a capath directory's load only when needed)"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class TLSContextSpec:
     """What a child needs to rebuild ``Config.tls_context`` or ``MTASTSConfig.tls_context``:

@@ -50,7 +50,7 @@ from mailstrom.suppression import (
     match,
     normalize_target,
 )
-from mailstrom.tls_spec import checks_crls
+from mailstrom.tls_spec import left_behind
 
 MessageInput = Email | EmailMessage | bytes
 """What ``send_email`` accepts."""
@@ -120,13 +120,16 @@ def sqlite_path(path: os.PathLike[str]) -> str:
     return os.path.abspath(text)
 
 
-def crl_checking(config: Config) -> str | None:
-    """The name of the TLS context of ``config`` that checks CRLs, or None: a worker
-    process cannot be given its CRLs (:func:`~mailstrom.tls_spec.checks_crls`)."""
-    if checks_crls(config.tls_context):
-        return "tls_context"
-    if config.mta_sts is not None and checks_crls(config.mta_sts.tls_context):
-        return "mta_sts.tls_context"
+def uncrossable_tls(config: Config) -> str | None:
+    """Which TLS context of ``config`` a worker process could not be given whole, and
+    why (:func:`~mailstrom.tls_spec.left_behind`), or None."""
+    given = [("tls_context", config.tls_context)]
+    if config.mta_sts is not None:
+        given.append(("mta_sts.tls_context", config.mta_sts.tls_context))
+    for name, context in given:
+        lost = None if context is None else left_behind(context)
+        if lost is not None:
+            return f"{name} {lost}"
     return None
 
 
@@ -201,7 +204,8 @@ class FacadeBase:
       PostgreSQL), in this process otherwise (the memory store), or when a custom
       ``router``, ``clock`` or ``rng`` is given, or the store is of a subclass of the
       application's (a child would open it as its base class), or a TLS context checks
-      CRLs (their CRLs cannot be read back), since those cannot cross to a child, or
+      CRLs or trusts a ``capath`` directory (neither can be read back), since those
+      cannot cross to a child, or
       when there is no interpreter to start (``sys.executable`` empty or None, a frozen
       program: see :func:`~mailstrom.client.process.no_interpreter`).
     """
@@ -264,7 +268,7 @@ class FacadeBase:
             store_url=store_url,
             custom=custom,
             reopened=reopens_as_itself(self.store),
-            crls=crl_checking(self.config),
+            tls_lost=uncrossable_tls(self.config),
         )
         self.worker_mode: str | None = mode
         """Where this facade's worker runs ("process", "thread"/"task", or None)."""
@@ -412,7 +416,7 @@ class FacadeBase:
         store_url: str | None,
         custom: bool,
         reopened: bool = True,
-        crls: str | None = None,
+        tls_lost: str | None = None,
     ) -> str | None:
         if worker is None or worker == self._LOCAL:
             return worker
@@ -420,8 +424,8 @@ class FacadeBase:
             # A program without an interpreter to start (an empty sys.executable, a
             # frozen program) keeps delivery in this process, as for the memory store;
             # so does a store a child would open as another class (see reopens_as_itself).
-            # A context checking CRLs too: a child would have none of them (tls_spec.py).
-            child = store_url is not None and reopened and not custom and crls is None
+            # A TLS context a child would not get whole too (its CRLs: tls_spec.py).
+            child = store_url is not None and reopened and not custom and tls_lost is None
             return "process" if child and no_interpreter() is None else self._LOCAL
         if worker != "process":
             raise ConfigError(f"worker must be {self._LOCAL!r}, 'process', 'auto' or None")
@@ -435,12 +439,12 @@ class FacadeBase:
                 "a custom router, clock or rng cannot be passed to a worker process; "
                 f"use worker={self._LOCAL!r}"
             )
-        if crls is not None:
-            # Never a child checking less than a worker here would: it accepted revoked
-            # certificates (or, given the flags alone, refused every certificate).
+        if tls_lost is not None:
+            # Never a child accepting other certificates than a worker here would: it
+            # accepted revoked ones, or refused those a capath directory's CAs sign.
             raise WorkerError(
-                f"{crls} checks CRLs, which a worker process cannot be given (they cannot "
-                f"be read back from an ssl.SSLContext); use worker={self._LOCAL!r}"
+                f"{tls_lost}: what it trusts cannot be read back from an ssl.SSLContext "
+                f"for a worker process; use worker={self._LOCAL!r}"
             )
         return "process"
 
