@@ -489,6 +489,8 @@ class WorkerStatus:
 
     running: bool
     started_at: datetime | None = None
+    """When the worker started: for a worker process, its first child since ``start()``
+    (its counters go on across restarts)."""
     error: str | None = None
     in_flight: int = 0
     """Recipients the worker holds for delivery, leased and not yet reported: on the wire,

@@ -467,3 +467,27 @@ def test_counters_go_on_across_a_restart_of_the_worker_process(
         new = _child(ms).pid
     assert new is not None and _wait_until(lambda: _gone(new), 15)
     store.close()
+
+
+def test_the_start_and_the_peak_of_leased_bytes_go_on_across_a_restart(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The counters go on across a restart, as a worker thread's do: ``started_at`` and
+    ``leased_bytes_peak`` ("since the worker started") became the new child's, so the
+    exported start time jumped to the restart under counters that had not started over,
+    and the peak fell to 0."""
+    store = SQLiteStore(tmp_path / "q.db")
+    with Mailstrom(config(dns_server, mx.port), store=store) as ms:
+        first = ms.send_email(hello("before@example.org"))
+        assert ms.wait(first, timeout=30).state is RecipientState.DELIVERED
+        assert _wait_until(lambda: ms.worker_status.leased_bytes_peak > 0, 15)
+        before = ms.worker_status
+        old = _child(ms).pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        _first_status(ms, _killed, 15)
+        after = _first_status(ms, lambda s: s.running and s.holder != before.holder, 30)
+    store.close()
+    assert after.restarts == 1
+    assert after.started_at == before.started_at
+    assert after.leased_bytes_peak == before.leased_bytes_peak

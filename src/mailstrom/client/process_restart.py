@@ -220,11 +220,15 @@ def at_rest(status: WorkerStatus) -> WorkerStatus:
 
 
 def added(carried: WorkerStatus, current: WorkerStatus) -> WorkerStatus:
-    """``current`` with the counts of ``carried`` (earlier children's) added to its own."""
+    """``current`` with the counts of ``carried`` (earlier children's) added to its own.
+    What is "since the worker started" goes on from the first child's, as the counters do:
+    the start time (exported beside them) and the peak of the bytes leased."""
     if carried is NOTHING_CARRIED:
         return current
     return replace(
         current,
+        started_at=carried.started_at or current.started_at,
+        leased_bytes_peak=max(carried.leased_bytes_peak, current.leased_bytes_peak),
         delivered=carried.delivered + current.delivered,
         deferred=carried.deferred + current.deferred,
         failed=carried.failed + current.failed,
