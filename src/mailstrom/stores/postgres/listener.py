@@ -15,7 +15,7 @@ from mailstrom.stores.forks import not_shared
 from mailstrom.stores.postgres.connect import bounded
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
 from mailstrom.stores.postgres.notifier import notify_statement
-from mailstrom.stores.postgres.sql import CHANNEL, translate_errors
+from mailstrom.stores.postgres.sql import channel_of, translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class Listener:
         self._lock_bound = lock_bound
         self._callback = callback
         self._stop_channel = f"mailstrom_stop_{uuid.uuid4().hex}"
+        self._channel = ""
+        """The queue's work channel, read from the server at each connect."""
         self._stopping = threading.Event()
         self._woken = threading.Event()
         """Ends a wait between two attempts: set by :meth:`stop` and :meth:`answered`."""
@@ -124,7 +126,8 @@ class Listener:
         conn = psycopg.connect(bounded(self._url), autocommit=True)
         not_shared(conn)
         try:
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            self._channel = channel_of(conn)
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._stop_channel)))
         except BaseException:
             conn.close()
@@ -154,7 +157,7 @@ class Listener:
                     for note in self._conn.notifies(timeout=_STOP_POLL):
                         if self._stopping.is_set():
                             break
-                        if note.channel == CHANNEL:
+                        if note.channel == self._channel:
                             self._notify(note.payload)
                 except psycopg.Error as exc:
                     log.warning("LISTEN connection lost: %s", exc)

@@ -29,7 +29,7 @@ from psycopg import sql
 from mailstrom.stores.forks import not_shared
 from mailstrom.stores.postgres.connect import bounded, unheard
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
-from mailstrom.stores.postgres.sql import CHANNEL
+from mailstrom.stores.postgres.sql import channel_of
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,14 @@ def notify_statement(channel: str, bound: sql.Composable | None) -> sql.Composed
 
 
 class Notifier:
-    """Sends ``NOTIFY mailstrom_work`` after :meth:`poke`, coalescing pokes that come
+    """Sends a NOTIFY on the queue's work channel after :meth:`poke`, coalescing pokes that come
     while a NOTIFY is under way. The thread and its connection start at the first poke."""
 
     def __init__(self, url: str, *, lock_bound: LockBound | None = DEFAULT_LOCK_BOUND) -> None:
         self._url = url
         self._lock_bound = lock_bound
-        self._statement = notify_statement(CHANNEL, None)
+        self._statement: sql.Composed | None = None
+        """The NOTIFY, made for each new connection (the channel is the queue's schema's)."""
         self._wanted = threading.Event()
         self._pending = False
         self._closed = False
@@ -130,12 +131,12 @@ class Notifier:
         """One NOTIFY; a broken connection is replaced once."""
         for attempt in (1, 2):
             try:
-                if self.connection is None:
+                if self.connection is None or self._statement is None:
                     self.connection = psycopg.connect(bounded(self._url), autocommit=True)
                     not_shared(self.connection)
                     unheard(self.connection)  # behind a pooler, it may be handed some
                     bound = self._lock_bound.local_on(self.connection) if self._lock_bound else None
-                    self._statement = notify_statement(CHANNEL, bound)
+                    self._statement = notify_statement(channel_of(self.connection), bound)
                 self.connection.execute(self._statement)
                 self.sent += 1
                 return

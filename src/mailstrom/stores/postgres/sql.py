@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from typing import Any
 
 import psycopg
 from psycopg_pool import PoolClosed
@@ -33,9 +34,19 @@ _QUERY_MARKER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _INCLUDE_MARKER = re.compile(r"^-- include: (\w+)[ \t]*$", re.MULTILINE)
 
 CHANNEL = "mailstrom_work"
-"""The NOTIFY channel on which work that may have become due is announced."""
+"""The NOTIFY channel on which work that may have become due is announced, for a queue in
+the schema ``public``; one in another schema has a channel of its own (:func:`channel_of`)."""
 CANCELLED = "cancelled"
-"""The payload of a NOTIFY on :data:`CHANNEL` that says leased recipients were cancelled."""
+"""The payload of a NOTIFY on the work channel that says leased recipients were cancelled."""
+
+
+def channel_of(conn: psycopg.Connection[Any]) -> str:
+    """The NOTIFY channel of the queue ``conn`` sees through its search_path: channels are
+    shared by the whole database, so each schema's queue has its own (``_channel`` in
+    ``queries.sql``, which the statements that NOTIFY use too)."""
+    for (channel,) in conn.execute(queries()["channel"]):
+        return str(channel)
+    raise psycopg.ProgrammingError("the query of the NOTIFY channel returned no row")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -763,7 +763,9 @@ WITH locked AS (
           SELECT * FROM unnest(%(message_ids)s::text[], %(addresses)s::text[]))
     RETURNING 1
 )
-SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released);
+SELECT pg_notify(
+-- include: _channel
+    , '') WHERE EXISTS (SELECT 1 FROM released);
 
 -- name: running_backends
 -- Those of the server processes a failed lease's statements were sent to that are still
@@ -821,7 +823,9 @@ WITH locked AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM released) AS released,
-       (SELECT pg_notify('mailstrom_work', '')
+       (SELECT pg_notify(
+-- include: _channel
+    , '')
         WHERE EXISTS (SELECT 1 FROM released))::text AS notified;
 
 -- name: beat_holder
@@ -885,7 +889,9 @@ WITH dead AS (
       AND r.state IN ('queued', 'deferred')
     RETURNING l.holder
 ), notified AS (
-    SELECT pg_notify('mailstrom_work', '') WHERE EXISTS (SELECT 1 FROM released)
+    SELECT pg_notify(
+-- include: _channel
+    , '') WHERE EXISTS (SELECT 1 FROM released)
 )
 SELECT d.holder, d.host, d.pid, d.seen_at, d.stopped,
        (SELECT count(*) FROM released x WHERE x.holder = d.holder) AS released,
@@ -1083,7 +1089,9 @@ WITH found AS (
 )
 SELECT (SELECT count(*) FROM found) AS found,
        (SELECT count(*) FROM rescheduled) AS changed,
-       (SELECT pg_notify('mailstrom_work', '')
+       (SELECT pg_notify(
+-- include: _channel
+    , '')
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
 -- name: retry_deferred_span
@@ -1113,7 +1121,9 @@ WITH span AS (
 )
 SELECT (SELECT max(seq) FROM span), (SELECT count(*) FROM span),
        (SELECT count(*) FROM rescheduled),
-       (SELECT pg_notify('mailstrom_work', '')
+       (SELECT pg_notify(
+-- include: _channel
+    , '')
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
 -- name: cancel
@@ -1160,7 +1170,9 @@ WITH found AS (
 SELECT (SELECT count(*) FROM found) AS found,
        (SELECT count(*) FROM unheld) AS unheld,
        (SELECT count(*) FROM cancelled) AS changed,
-       (SELECT pg_notify('mailstrom_work', 'cancelled')
+       (SELECT pg_notify(
+-- include: _channel
+    , 'cancelled')
         WHERE EXISTS (SELECT 1 FROM cancelled WHERE lease_token IS NOT NULL))::text
            AS notified;
 
@@ -1196,10 +1208,14 @@ WITH found AS (
     WHERE r.message_id = %(id)s AND r.address = l.address AND r.aside <> %(held)s
 )
 SELECT (SELECT count(*) FROM found) AS found,
-       (SELECT pg_notify('mailstrom_work', '')
+       (SELECT pg_notify(
+-- include: _channel
+    , '')
         WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM found WHERE held)
           AND EXISTS (SELECT 1 FROM locked))::text AS notified,
-       (SELECT pg_notify('mailstrom_work', 'cancelled')
+       (SELECT pg_notify(
+-- include: _channel
+    , 'cancelled')
         WHERE %(held)s AND EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
           AND EXISTS (SELECT 1 FROM changed))::text AS told;
 
@@ -1459,7 +1475,9 @@ WITH locked AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM rescheduled) AS changed,
-       (SELECT pg_notify('mailstrom_work', '')
+       (SELECT pg_notify(
+-- include: _channel
+    , '')
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
 -- name: cancel_many
@@ -1494,7 +1512,9 @@ WITH unheld AS (
 )
 SELECT (SELECT count(*) FROM unheld) AS unheld,
        (SELECT count(*) FROM cancelled) AS changed,
-       (SELECT pg_notify('mailstrom_work', 'cancelled')
+       (SELECT pg_notify(
+-- include: _channel
+    , 'cancelled')
         WHERE EXISTS (SELECT 1 FROM cancelled WHERE lease_token IS NOT NULL))::text
            AS notified;
 
@@ -1526,9 +1546,13 @@ WITH changed AS (
     WHERE r.message_id = l.message_id AND r.address = l.address AND r.aside <> %(held)s
 )
 SELECT (SELECT count(*) FROM changed WHERE waiting) AS changed,
-       (SELECT pg_notify('mailstrom_work', '')
+       (SELECT pg_notify(
+-- include: _channel
+    , '')
         WHERE NOT %(held)s AND EXISTS (SELECT 1 FROM changed WHERE waiting))::text AS notified,
-       (SELECT pg_notify('mailstrom_work', 'cancelled')
+       (SELECT pg_notify(
+-- include: _channel
+    , 'cancelled')
         WHERE %(held)s AND EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL)
           AND EXISTS (SELECT 1 FROM changed))::text AS told;
 
@@ -1597,7 +1621,9 @@ WITH suspended AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM suspended), (SELECT count(*) FROM set_aside),
-       (SELECT pg_notify('mailstrom_work', 'cancelled')
+       (SELECT pg_notify(
+-- include: _channel
+    , 'cancelled')
         WHERE EXISTS (SELECT 1 FROM locked WHERE lease_token IS NOT NULL))::text AS told;
 
 -- name: lock_suspension
@@ -1652,7 +1678,9 @@ WITH ended AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM back) AS back,
-       (SELECT pg_notify('mailstrom_work', '')
+       (SELECT pg_notify(
+-- include: _channel
+    , '')
         WHERE %(wake)s OR EXISTS (SELECT 1 FROM back))::text AS notified;
 
 -- name: lock_suspensions_of
@@ -1967,3 +1995,20 @@ SELECT key FROM verp_key WHERE id = 1;
 -- transaction), and schema-qualified, so that a function of the same name earlier in
 -- the search_path cannot stand in for it. See stores/clock.py.
 SELECT pg_catalog.clock_timestamp();
+
+-- name: _channel
+-- The NOTIFY channel of this queue. Channels are the database's, shared by every schema
+-- in it, so a queue in a schema of its own (the store URL's search_path) announces on a
+-- channel named after that schema's oid: on one name, two installs in two schemas woke
+-- each other's workers at every enqueue and stopped them at every cancel. A queue in
+-- public keeps the name it always had, which workers of older versions listen on.
+(SELECT CASE n.nspname WHEN 'public' THEN 'mailstrom_work'
+                       ELSE 'mailstrom_work_' || n.oid::text END
+   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.oid = 'messages'::pg_catalog.regclass)
+
+-- name: channel
+-- The NOTIFY channel of this queue (_channel), for the LISTEN and the enqueues' NOTIFY.
+SELECT
+-- include: _channel
+    AS channel;
