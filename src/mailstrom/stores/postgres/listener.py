@@ -15,7 +15,7 @@ from mailstrom.stores.forks import not_shared
 from mailstrom.stores.postgres.connect import bounded
 from mailstrom.stores.postgres.locks import DEFAULT_LOCK_BOUND, LockBound
 from mailstrom.stores.postgres.notifier import notify_statement
-from mailstrom.stores.postgres.sql import channel_of, translate_errors
+from mailstrom.stores.postgres.sql import channel_of, queries, translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class Listener:
         conn = psycopg.connect(bounded(self._url), autocommit=True)
         not_shared(conn)
         try:
+            conn.execute(queries()["listen_untimed"])
             self._channel = channel_of(conn)
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._stop_channel)))

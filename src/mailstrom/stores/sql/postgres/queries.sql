@@ -2012,3 +2012,12 @@ SELECT pg_catalog.clock_timestamp();
 SELECT
 -- include: _channel
     AS channel;
+
+-- name: listen_untimed
+-- The LISTEN connection waits idle between two NOTIFYs by design: a DBA's
+-- idle_session_timeout (for the database, the role, a managed service's default) ended it
+-- at every lull. Off for this session only; a server older than version 14, which has no
+-- such setting, changes nothing.
+SELECT pg_catalog.set_config(s.name, '0', false)
+FROM pg_catalog.pg_settings s
+WHERE s.name = 'idle_session_timeout';
