@@ -410,6 +410,15 @@ def reason_class_of(value: str | None) -> ReasonClass | None:
         return ReasonClass.OTHER
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """``text`` with its ASCII letters in lower case, as SQLite's ``lower()`` folds them
+    (the other letters as they are): how :meth:`Store.recipients_by_address` compares."""
+    return text.translate(_ASCII_LOWER)
+
+
 def domain_of(address: str) -> str:
     """The destination domain of ``address``: the part after the last "@", lower-cased
     (the key work items are grouped by)."""
@@ -664,6 +673,19 @@ class Lease:
     (:mod:`~mailstrom.stores.row_checks`), with their attempt history and outbox event
     written. The worker reports them like any other final failure (metrics, the attempt
     log, ``on_result``) and never records them again. A lease may hold only these."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecipientsFound:
+    """What :meth:`Store.recipients_by_address` reads of one message."""
+
+    message: MessageStatus
+    """The message as :meth:`Store.status` shows it, but with only the recipients asked
+    for (in their order), without history or destination pauses; its ``state`` is
+    theirs."""
+    single: bool
+    """Whether the message has one recipient only: that one is then in
+    ``message.recipients``, whether it was asked for or not."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1338,6 +1360,16 @@ class Store(Protocol):
         recipient (``address`` exactly as stored) or it is not DELIVERED: one no server
         has accepted (queued, deferred, in delivery) cannot have bounced after acceptance,
         and a failed one has failed already. Raises UnknownMessage for an unknown id."""
+        ...
+
+    def recipients_by_address(
+        self, message_id: str, addresses: Sequence[str] | None
+    ) -> RecipientsFound:
+        """The recipients of ``message_id`` whose address is one of ``addresses``, or
+        differs from one only in the case of ASCII letters (None: every recipient), found
+        by index: reading a report about one recipient of a message of 50,000 reads that
+        one, not the 50,000 with their histories (:meth:`status`). Raises UnknownMessage
+        for an unknown id."""
         ...
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:

@@ -8,7 +8,7 @@ sections (``memory_*.py``) and the memory read model, which reads them directly.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -185,16 +185,20 @@ class _Message:
             r.state in _PENDING and r.lease_token is not None for r in self.recipients.values()
         )
 
-    def snapshot(self, *, with_history: bool) -> MessageStatus:
+    def snapshot(
+        self, *, with_history: bool, chosen: Sequence[_Recipient] | None = None
+    ) -> MessageStatus:
+        """The message's status; with ``chosen``, with those recipients only (its state
+        theirs: :meth:`~mailstrom.stores.base.Store.recipients_by_address`)."""
+        taken = self.recipients.values() if chosen is None else chosen
+        shown = tuple(r.snapshot(with_history=with_history) for r in taken)
         return MessageStatus(
             id=self.id,
-            state=self.state(),
+            state=derive_message_state([r.state for r in shown]),
             envelope_from=self.prepared.envelope_from,
             created_at=self.created_at,
             size=self.prepared.size,
-            recipients=tuple(
-                r.snapshot(with_history=with_history) for r in self.recipients.values()
-            ),
+            recipients=shown,
             header_message_id=self.prepared.header_message_id,
             subject=self.prepared.subject,
             held=self.waiting(),

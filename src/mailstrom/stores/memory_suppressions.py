@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from mailstrom.arguments import check_key, row_limit
 from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, RecipientState
-from mailstrom.stores.base import check_suppressions
+from mailstrom.stores.base import RecipientsFound, ascii_lower, check_suppressions
 from mailstrom.stores.clock import aware_utc
 from mailstrom.stores.memory_records import _Message, _Recipient, utc_attempt, writes
 from mailstrom.suppression import MAX_TARGET, Suppression
@@ -136,6 +136,24 @@ class MemorySuppressionsMixin:
     def verp_key(self) -> bytes:
         """The store's VERP key (see Store.verp_key): made with the store."""
         return self._verp_key
+
+    def recipients_by_address(
+        self, message_id: str, addresses: Sequence[str] | None
+    ) -> RecipientsFound:
+        """The recipients of ``message_id`` named by ``addresses`` (see
+        Store.recipients_by_address), without history."""
+        wanted = None if addresses is None else {ascii_lower(a) for a in addresses}
+        with self._lock:
+            m = self._get(message_id)
+            single = len(m.recipients) == 1
+            chosen = [
+                r
+                for r in m.recipients.values()
+                if wanted is None or single or ascii_lower(r.address) in wanted
+            ]
+            return RecipientsFound(
+                message=m.snapshot(with_history=False, chosen=chosen), single=single
+            )
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first."""

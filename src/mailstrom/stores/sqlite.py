@@ -112,6 +112,7 @@ from mailstrom.stores.base import (
     OwedNotice,
     QueueFilter,
     RecipientResult,
+    RecipientsFound,
     WorkItem,
     check_destination,
     check_pause_times,
@@ -2393,6 +2394,14 @@ class SQLiteStore:
                     key = sqlite_suppressions.make_verp_key(conn)
             self._verp_key = key
         return self._verp_key
+
+    def recipients_by_address(
+        self, message_id: str, addresses: Sequence[str] | None
+    ) -> RecipientsFound:
+        """The recipients of ``message_id`` named by ``addresses`` (see
+        Store.recipients_by_address), without history; one read transaction."""
+        with self._read() as conn:
+            return sqlite_suppressions.recipients_by_address(conn, message_id, addresses)
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first (indexed)."""

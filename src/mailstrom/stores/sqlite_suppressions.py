@@ -14,11 +14,25 @@ from datetime import datetime
 from typing import Any
 
 from mailstrom.arguments import member_of, row_limit
-from mailstrom.errors import UnreadableRow
+from mailstrom.errors import UnknownMessage, UnreadableRow
 from mailstrom.status import Attempt
-from mailstrom.stores.base import MAX_HISTORY, VERP_KEY_SIZE, Lease, bounded_attempt
+from mailstrom.stores.base import (
+    MAX_HISTORY,
+    VERP_KEY_SIZE,
+    Lease,
+    RecipientsFound,
+    ascii_lower,
+    bounded_attempt,
+)
+from mailstrom.stores.operator import comparable
+from mailstrom.stores.row_checks import UNREADABLE
 from mailstrom.stores.side_rows import unreadable_side_row
-from mailstrom.stores.sqlite_queue import qmarks
+from mailstrom.stores.sqlite_queue import (
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
+    message_from_rows,
+    qmarks,
+)
 from mailstrom.stores.sqlite_schema import (
     READABLE_FROM,
     opt_time_at,
@@ -193,6 +207,53 @@ def page_suppressions(
 def _text_chunks(values: list[str]) -> list[list[str]]:
     """``values`` in lists short enough for one ``IN (...)`` each."""
     return [values[i : i + _IN_CHUNK] for i in range(0, len(values), _IN_CHUNK)]
+
+
+_NAMED_CHUNK = 500
+"""Addresses bound per statement of :func:`recipients_by_address`."""
+
+
+def recipients_by_address(
+    conn: sqlite3.Connection, message_id: str, addresses: Sequence[str] | None
+) -> RecipientsFound:
+    """The recipients of ``message_id`` named by ``addresses`` (see
+    Store.recipients_by_address): those of its rows in the (message_seq, address) index whose
+    address, ASCII letters folded, is one of them."""
+    if not comparable(message_id):
+        raise UnknownMessage(message_id)
+    row = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?", (message_id,)
+    ).fetchone()
+    if row is None:
+        raise UnknownMessage(message_id)
+    seq = row[0]
+    # Two rows at most: whether it has one recipient, without counting them all.
+    single = len(conn.execute(_FIRST_TWO, (seq,)).fetchall()) == 1
+    found: list[Any] = []
+    if addresses is None or single:
+        found = conn.execute(f"{_RECIPIENTS} ORDER BY position, id", (seq,)).fetchall()
+    else:
+        wanted = sorted({ascii_lower(a) for a in addresses if comparable(a)})
+        for start in range(0, len(wanted), _NAMED_CHUNK):
+            chunk = wanted[start : start + _NAMED_CHUNK]
+            # The addresses compared in the index alone (it holds the row id too): the
+            # rows of the others are never read.
+            found += conn.execute(
+                f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE id IN (SELECT id FROM"
+                " recipients WHERE message_seq = ?"
+                f" AND lower(address) IN ({qmarks(len(chunk))}))",
+                (seq, *chunk),
+            ).fetchall()
+        found.sort(key=lambda r: r[1])  # their ids: the message's order
+    try:
+        message = message_from_rows(row, {seq: found}, {})
+    except (UnreadableRow, ValueError, TypeError, OverflowError) as exc:
+        raise UnreadableRow(f"message {message_id}: {UNREADABLE}: {exc}") from exc
+    return RecipientsFound(message=message, single=single)
+
+
+_FIRST_TWO = "SELECT 1 FROM recipients WHERE message_seq = ? LIMIT 2"
+_RECIPIENTS = f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE message_seq = ?"
 
 
 def fail_recipient(

@@ -62,7 +62,9 @@ from mailstrom.stores.base import (
     OwedNotice,
     QueueFilter,
     RecipientResult,
+    RecipientsFound,
     WorkItem,
+    ascii_lower,
     bounded_attempt,
     byte_budget,
     check_destination,
@@ -2013,6 +2015,22 @@ class PostgresStore:
             else:
                 raise StoreError("the store's VERP key could not be read")
         return self._verp_key
+
+    def recipients_by_address(
+        self, message_id: str, addresses: Sequence[str] | None
+    ) -> RecipientsFound:
+        """The recipients of ``message_id`` named by ``addresses`` (see
+        Store.recipients_by_address), without history; one statement."""
+        if not comparable(message_id):
+            raise UnknownMessage(message_id)
+        wanted = None
+        if addresses is not None:
+            wanted = sorted({ascii_lower(a) for a in addresses if comparable(a)})
+        read = self._fetch_dicts("recipients_by_address", {"id": message_id, "addresses": wanted})
+        found = rows.messages_from_rows(read, strict=True)
+        if not found:
+            raise UnknownMessage(message_id)
+        return RecipientsFound(message=found[0], single=bool(read[0]["r_single"]))
 
     def message_ids_for_header(self, header_message_id: str, *, limit: int = 10) -> list[str]:
         """Ids of the messages with this Message-ID header, newest first (indexed)."""
