@@ -185,3 +185,31 @@ async def test_a_worker_clock_ahead_of_the_server_deletes_nothing_early(
     server_clock = store_backend.name == "postgres"
     assert deleted == (0 if server_clock else 1)
     assert present(store, mid) is server_clock
+
+
+async def test_a_round_finds_sparse_old_mail_in_bounded_steps(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three delivered messages past retention behind 60 failed ones that a delivered
+    retention keeps: each store call of the round looks at no more than RETAIN_EXAMINE
+    messages, and the round still deletes the three. Was: one call looked at every kept
+    message until it found a batch, which on PostgreSQL a statement_timeout cancelled at
+    each round (0.4 s per 100,000 kept messages), and the old mail was never deleted."""
+    monkeypatch.setattr(worker_retention, "RETAIN_BATCH", 2)
+    monkeypatch.setattr(worker_retention, "RETAIN_EXAMINE", 5, raising=False)
+    old = [finished(store, RecipientState.DELIVERED, queued=NOW + i * DAY) for i in range(3)]
+    mids = store.enqueue_many([message(f"f{i}@example.org") for i in range(60)], now=NOW + 5 * DAY)
+    store.record(results_for(lease_all(store, now=NOW + 5 * DAY), RecipientState.FAILED))
+    asked: list[int | None] = []
+    select_page = store.select_page
+
+    def counted(**kw: Any) -> IdPage:
+        asked.append(kw.get("examine"))
+        return select_page(**kw)
+
+    monkeypatch.setattr(store, "select_page", counted)
+    retention = RetentionConfig(delivered=30 * DAY)
+    assert await worker(store, retention)._retain_once(retained(retention)) == 3
+    assert asked and all(examine == 5 for examine in asked), asked
+    assert not any(present(store, mid) for mid in old)
+    assert all(present(store, mid) for mid in mids[::10])

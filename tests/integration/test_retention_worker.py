@@ -74,12 +74,17 @@ class FailingOnce(SQLiteStore):
     failed = False
 
     def select_page(
-        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+        self,
+        *,
+        now: datetime,
+        where: QueueFilter,
+        after: ListingKey | None = None,
+        examine: int | None = None,
     ) -> IdPage:
         if not self.failed:
             self.failed = True
             raise StoreLocked("database is locked")
-        return super().select_page(now=now, where=where, after=after)
+        return super().select_page(now=now, where=where, after=after, examine=examine)
 
 
 async def test_a_store_error_is_logged_and_the_next_round_deletes(
@@ -112,13 +117,18 @@ class ReadWatched(SQLiteStore):
         self.loop_ran = threading.Event()
 
     def select_page(
-        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+        self,
+        *,
+        now: datetime,
+        where: QueueFilter,
+        after: ListingKey | None = None,
+        examine: int | None = None,
     ) -> IdPage:
         self.reading.set()
         # The timeout only ends the wait of a look made on the loop.
         if not self.loop_ran.wait(10):
             raise AssertionError("the worker's loop stood still while the round read")
-        return super().select_page(now=now, where=where, after=after)
+        return super().select_page(now=now, where=where, after=after, examine=examine)
 
 
 async def test_a_round_reads_off_the_worker_loop(tmp_path: Path) -> None:
@@ -151,11 +161,16 @@ class DeliveredWalkFails(SQLiteStore):
     every round."""
 
     def select_page(
-        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+        self,
+        *,
+        now: datetime,
+        where: QueueFilter,
+        after: ListingKey | None = None,
+        examine: int | None = None,
     ) -> IdPage:
         if where.states == {RecipientState.DELIVERED} and after is not None:
             raise StoreError("canceling statement due to statement timeout")
-        return super().select_page(now=now, where=where, after=after)
+        return super().select_page(now=now, where=where, after=after, examine=examine)
 
 
 async def test_a_store_error_in_one_state_keeps_the_others_round(

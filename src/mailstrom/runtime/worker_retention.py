@@ -29,6 +29,12 @@ RETAIN_BATCH = 500
 between which the worker's own leases and records (and other processes' writes) go on.
 Deleting 100,000 messages at once held a SQLite store's write lock, and with it every
 write of the worker, for many seconds."""
+RETAIN_EXAMINE = 20 * RETAIN_BATCH
+"""Messages one store call looks at at most for its batch (``Store.select_page``'s
+``examine``): mail past its retention found sparse among many kept messages (a little
+failed mail behind a million delivered ones kept) is looked for in steps this long.
+Looked for in one step, on PostgreSQL a statement_timeout cancelled it at each round,
+and the walk never went past it."""
 
 
 def retained(retention: RetentionConfig) -> list[tuple[RecipientState, timedelta]]:
@@ -54,16 +60,17 @@ def purge_batch(
     after: ListingKey | None,
 ) -> tuple[int, ListingKey | None]:
     """Delete what the store's purge takes of the next :data:`RETAIN_BATCH` messages in
-    ``state`` queued more than ``age`` before ``now`` (a message finished before the
+    ``state`` queued more than ``age`` before ``now`` (among the next
+    :data:`RETAIN_EXAMINE` queued before then) (a message finished before the
     cutoff was queued before it), newest first from below ``after``: those whose last
     recipient finished more than ``age`` before ``now``. Returns how many it deleted,
     and where the next batch starts (None: none is left)."""
     where = purge_candidates(QueueFilter(limit=RETAIN_BATCH), age, state)
-    page = store.select_page(now=now, where=where, after=after)
-    if not page.ids:
-        return 0, None
-    deleted = store.purge_many(page.ids, finished_before=now - age, state=state)
-    return deleted, page.last if len(page.ids) >= RETAIN_BATCH else None
+    page = store.select_page(now=now, where=where, after=after, examine=RETAIN_EXAMINE)
+    deleted = 0
+    if page.ids:
+        deleted = store.purge_many(page.ids, finished_before=now - age, state=state)
+    return deleted, page.last
 
 
 class WorkerRetention(WorkerStore):

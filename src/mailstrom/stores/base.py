@@ -1031,7 +1031,12 @@ class Store(Protocol):
         ...
 
     def select_page(
-        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+        self,
+        *,
+        now: datetime,
+        where: QueueFilter,
+        after: ListingKey | None = None,
+        examine: int | None = None,
     ) -> IdPage:
         """:meth:`select_ids` from after ``after`` (the :attr:`IdPage.last` of the page
         before, from this store) on: the next ``where.limit`` ids in the same order,
@@ -1042,7 +1047,16 @@ class Store(Protocol):
         :class:`~mailstrom.errors.InvalidArgument` (SQLite's in the memory store or
         PostgreSQL, theirs in SQLite); one of its own kind is taken as a place in this
         store's order whichever store gave it (the memory store's and PostgreSQL's are
-        of one kind, as are two databases' of one backend)."""
+        of one kind, as are two databases' of one backend).
+
+        With ``examine`` (from 1), a walk that steps over many messages it does not list
+        goes in bounded steps: one call looks at no more than ``examine`` of the messages
+        ``where.older_than`` admits (below ``after``), so its page may hold fewer than
+        ``where.limit`` ids, or none, and its ``last`` is where the next page starts,
+        None only when no message is left below. PostgreSQL bounds its statement so
+        (a statement_timeout cancelled a look past a million kept messages at each try,
+        and the walk never went on), and the memory store its walk; SQLite, with no
+        statement time limit, may look at more to fill the page."""
         ...
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:

@@ -26,6 +26,7 @@ from mailstrom.stores.operator import (
     Suspension,
     age_edges,
     bucket_of,
+    check_examine,
     earliest,
     foreign_place,
     listed_ids,
@@ -92,14 +93,29 @@ class MemoryOperatorMixin:
         return self.select_page(now=now, where=where).ids
 
     def select_page(
-        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+        self,
+        *,
+        now: datetime,
+        where: QueueFilter,
+        after: ListingKey | None = None,
+        examine: int | None = None,
     ) -> IdPage:
         """The ids :meth:`select_ids` lists for ``where`` after ``after`` on, with where the
-        last of them stands (its created time and queue order). A place whose time is
-        no datetime (SQLite's) is refused; PostgreSQL's is of this store's kind and
-        taken as a place in this store's order."""
-        found = self._matching(now, where, _placed, after=after)
-        return IdPage(ids=[mid for mid, _ in found], last=found[-1][1] if found else None)
+        last of them stands (its created time and queue order); with ``examine``, from
+        no more than that many messages, and where the next page starts. A place whose
+        time is no datetime (SQLite's) is refused; PostgreSQL's is of this store's kind
+        and taken as a place in this store's order."""
+        if examine is None:
+            found = self._matching(now, where, _placed, after=after)
+            return IdPage(ids=[mid for mid, _ in found], last=found[-1][1] if found else None)
+        stop: list[ListingKey | None] = [None]
+        found = self._matching(
+            now, where, _placed, after=after, examine=check_examine(examine), stop=stop
+        )
+        ids = [mid for mid, _ in found]
+        if ids and len(ids) >= where.limit:
+            return IdPage(ids=ids, last=found[-1][1])
+        return IdPage(ids=ids, last=stop[0])
 
     def _matching(
         self,
@@ -108,21 +124,33 @@ class MemoryOperatorMixin:
         take: Callable[[_Message], _T],
         *,
         after: ListingKey | None = None,
+        examine: int | None = None,
+        stop: list[ListingKey | None] | None = None,
     ) -> list[_T]:
         """``take`` of each of the newest ``where.limit`` messages matching ``where``
         (below ``after`` in that order, given one), newest first, each judged and taken
-        under the lock (:meth:`_walk`)."""
+        under the lock (:meth:`_walk`). With ``examine``, looking at no more than that
+        many messages queued before the filter's cutoff: ``stop[0]`` is then set to the
+        place of the last one looked at when it looked at them all (more may follow)."""
         domain = where.domain.lower() if where.domain is not None else None
         cutoff = before(now, where.older_than) if where.older_than is not None else None
         found: list[_T] = []
         if where.limit <= 0:
             return found
+        examined = 0
 
         def visit(batch: list[_Message]) -> bool:
+            nonlocal examined
             for m in batch:
-                if where.held is not None and m.waiting() != where.held:
-                    continue
                 if cutoff is not None and not m.created_at < cutoff:
+                    continue
+                if examine is not None:
+                    if examined >= examine:
+                        return True
+                    examined += 1
+                    if stop is not None and examined == examine:
+                        stop[0] = ListingKey(m.created_at, m.seq)
+                if where.held is not None and m.waiting() != where.held:
                     continue
                 if domain is not None and all(r.domain != domain for r in m.recipients.values()):
                     continue

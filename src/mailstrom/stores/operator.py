@@ -16,6 +16,7 @@ from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from mailstrom.arguments import check_age, shown
+from mailstrom.bounds import MAX_INTEGER
 from mailstrom.domains import a_label
 from mailstrom.errors import AmbiguousMessageId, InvalidAddress, InvalidArgument, UnknownMessage
 from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
@@ -107,10 +108,22 @@ class ListingKey:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IdPage:
     """A page of ids :meth:`~mailstrom.stores.base.Store.select_page` lists, and where
-    the last of them stands (None for an empty page)."""
+    the last of them stands (None for an empty page); asked with ``examine``, where the
+    next page starts (None: nothing is left)."""
 
     ids: list[str]
     last: ListingKey | None
+
+
+def check_examine(value: object) -> int:
+    """``value``, the ``examine`` of :meth:`~mailstrom.stores.base.Store.select_page`:
+    a whole number from 1 (none at all would end every walk at once)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INTEGER:
+        raise InvalidArgument(
+            f"examine: expected a whole number from 1 to {MAX_INTEGER}, got {shown(value)}",
+            argument="examine",
+        )
+    return value
 
 
 def foreign_place(key: ListingKey) -> InvalidArgument:

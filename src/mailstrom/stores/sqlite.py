@@ -138,6 +138,7 @@ from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
     age_edges,
+    check_examine,
     comparable,
     earliest,
     listed_ids,
@@ -1821,14 +1822,25 @@ class SQLiteStore:
         return self.select_page(now=now, where=where).ids
 
     def select_page(
-        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+        self,
+        *,
+        now: datetime,
+        where: QueueFilter,
+        after: ListingKey | None = None,
+        examine: int | None = None,
     ) -> IdPage:
         """The ids :meth:`select_ids` lists for ``where`` after ``after`` on, with where the
-        last of them stands (its ``created_at`` as stored, and its row number)."""
+        last of them stands (its ``created_at`` as stored, and its row number). With
+        ``examine``, a page that is not full ends the walk: this store fills its pages,
+        looking at as many messages as it takes (no statement time limit cuts it)."""
+        if examine is not None:
+            check_examine(examine)
         now = aware_utc(now, "now")
         with self._read() as conn:
             seqs = matching_seqs(conn, now, where, after=after)
             last = place_of(conn, seqs[-1]) if seqs else None
+            if examine is not None and len(seqs) < where.limit:
+                last = None
             return IdPage(ids=ids_of(conn, seqs), last=last)
 
     def recent(self, limit: int = 20) -> list[MessageStatus]:

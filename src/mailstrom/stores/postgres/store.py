@@ -105,6 +105,7 @@ from mailstrom.stores.operator import (
     ShapeRow,
     Suspension,
     age_edges,
+    check_examine,
     comparable,
     effective_states,
     foreign_place,
@@ -263,6 +264,22 @@ def _filter_params(now: datetime, where: QueueFilter) -> dict[str, object]:
         "tag": where.tag,
         "states": _state_values(where),
     }
+
+
+def _window(found: Sequence[Any], limit: int, examine: int) -> IdPage:
+    """The page ``select_window`` answers with ``found``: the ids it lists, newest first,
+    and where the next page starts: the last of them when they fill the page, else the
+    oldest message it looked at, when it looked at all it was allowed (None: none is
+    left)."""
+    listed = sorted((r for r in found if r[0] is not None), key=lambda r: (r[1], r[2]))
+    listed.reverse()
+    ids = [row[0] for row in listed]
+    if ids and len(ids) >= limit:
+        return IdPage(ids=ids, last=ListingKey(listed[-1][1], int(listed[-1][2])))
+    end = next(r for r in found if r[0] is None)
+    if end[1] is None or int(end[3]) < examine or limit <= 0:
+        return IdPage(ids=ids, last=None)
+    return IdPage(ids=ids, last=ListingKey(end[1], int(end[2])))
 
 
 class PostgresStore:
@@ -1177,19 +1194,29 @@ class PostgresStore:
         return self.select_page(now=now, where=where).ids
 
     def select_page(
-        self, *, now: datetime, where: QueueFilter, after: ListingKey | None = None
+        self,
+        *,
+        now: datetime,
+        where: QueueFilter,
+        after: ListingKey | None = None,
+        examine: int | None = None,
     ) -> IdPage:
         """The ids :meth:`select_ids` lists for ``where`` after ``after`` on, with where the
-        last of them stands (its ``created_at`` and ``seq``). A place whose time is no
-        datetime (SQLite's) is refused; the memory store's is of this store's kind and
-        taken as a place in this store's order."""
+        last of them stands (its ``created_at`` and ``seq``); with ``examine``, from no
+        more than that many messages, in one statement (``select_window``). A place whose
+        time is no datetime (SQLite's) is refused; the memory store's is of this store's
+        kind and taken as a place in this store's order."""
         params = _filter_params(now, where)
+        if examine is not None:
+            params["examine"] = check_examine(examine)
         if after is None:
             params["after_created"] = params["after_seq"] = None
         elif isinstance(after.created, datetime) and type(after.seq) is int:
             params["after_created"], params["after_seq"] = after.created, after.seq
         else:
             raise foreign_place(after)
+        if examine is not None:
+            return _window(self._fetch("select_window", params), where.limit, examine)
         found = self._fetch(_listing("select_ids", where, params), params)
         last = ListingKey(found[-1][1], int(found[-1][2])) if found else None
         return IdPage(ids=[row[0] for row in found], last=last)

@@ -1423,6 +1423,40 @@ WHERE
 ORDER BY m.created_at DESC, m.seq DESC
 LIMIT %(limit)s;
 
+-- name: select_window
+-- select_ids looking at no more than %(examine)s messages: those queued before
+-- created_before (all when it is NULL) below the place given, newest first, a range of
+-- messages_newest read once (examined, materialized: named twice), and the ids among
+-- them the filter lists. A row with a NULL id closes the answer: the place of the
+-- oldest message looked at, and how many were. Sparse matches among many kept messages
+-- (a little failed mail past its retention behind a million delivered ones kept) were
+-- looked for in one statement, which a statement_timeout cancelled at each try.
+WITH examined AS (
+    SELECT m.id, m.created_at, m.seq, m.held, m.tags
+    FROM messages m
+    WHERE (%(created_before)s::timestamptz IS NULL
+           OR m.created_at < %(created_before)s::timestamptz)
+      AND (%(after_created)s::timestamptz IS NULL
+           OR (m.created_at, m.seq) < (%(after_created)s::timestamptz, %(after_seq)s::bigint))
+    ORDER BY m.created_at DESC, m.seq DESC
+    LIMIT %(examine)s
+), listed AS (
+    SELECT m.id, m.created_at, m.seq
+    FROM examined m
+    WHERE
+-- include: _queue_filter
+    ORDER BY m.created_at DESC, m.seq DESC
+    LIMIT %(limit)s
+)
+SELECT l.id, l.created_at, l.seq, NULL::bigint AS examined
+FROM listed l
+UNION ALL
+SELECT NULL, o.created_at, o.seq, (SELECT count(*) FROM examined)
+FROM (SELECT 1) one
+LEFT JOIN LATERAL (
+    SELECT e.created_at, e.seq FROM examined e ORDER BY e.created_at, e.seq LIMIT 1
+) o ON true;
+
 -- name: ids_with_prefix
 -- A range on the primary key; the left() test keeps the answer exact whatever the
 -- database's collation makes of the range.
