@@ -14,6 +14,7 @@ import itertools
 import secrets
 import threading
 import time
+from bisect import insort
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -49,7 +50,7 @@ from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.fairness import fairness
 from mailstrom.stores.memory_due import DueIndex, Entry
 from mailstrom.stores.memory_events import MemoryEventsMixin
-from mailstrom.stores.memory_operator import MemoryOperatorMixin
+from mailstrom.stores.memory_operator import WALK_BATCH, MemoryOperatorMixin, created_order
 from mailstrom.stores.memory_records import (
     _PENDING,
     _Event,
@@ -165,10 +166,15 @@ class MemoryStore(
         matched by, found without walking the store."""
         self._due = DueIndex(self._messages)
         self._seq = itertools.count()
-        self._created_in_order = True
-        """Whether every message was queued at a time no earlier than the one before
-        it: the order of the lists is then the dict's, and a listing sorts nothing."""
-        self._last_created: datetime | None = None
+        self._order: list[_Message] = []
+        """The messages in the order of the lists (created time, then queue order), and
+        those deleted since the list was last made again (not in ``_messages``): a page
+        of a listing is found in it by bisection, not by copying and sorting every
+        message for each page."""
+        self._deleted_in_order = 0
+        self._last_seq = -1
+        """The queue order of the last message queued: a walk sees none queued after it
+        began."""
         self._watchers = Watchers()
         self._cancel_watchers = Watchers()
         self._events_on = False
@@ -216,10 +222,6 @@ class MemoryStore(
                 # in memory starts no worker again, and mail queued now would get an id
                 # and never go. What is in it can still be read.
                 raise StoreError("the store is closed: nothing more can be queued in it")
-            if self._last_created is not None and now < self._last_created:
-                self._created_in_order = False  # a clock that went back: lists sort
-            else:
-                self._last_created = now
             for prepared in messages:
                 mid = new_message_id()
                 attrs = prepared.attributes
@@ -264,6 +266,9 @@ class MemoryStore(
                     recipients=recipients,
                     dkim=bounded_dkim(prepared.dkim_status),
                 )
+                # At the end unless the clock went back: a bisection and an append.
+                insort(self._order, m, key=created_order)
+                self._last_seq = m.seq
                 if prepared.header_message_id is not None:
                     self._by_header.setdefault(prepared.header_message_id, {})[mid] = m
                 self._due.push_message(m)
@@ -715,6 +720,13 @@ class MemoryStore(
             key = prepared.attributes.idempotency_key
             if key is not None and self._keys.get(key, ("",))[0] == mid:
                 del self._keys[key]
+        self._deleted_in_order += len(message_ids)
+        if self._deleted_in_order > len(self._messages) + WALK_BATCH:
+            # Made again once more were deleted than are left: a walk steps over fewer
+            # deleted messages than it lists, and the work is paid by the deletions.
+            live = self._messages
+            self._order = [m for m in self._order if live.get(m.id) is m]
+            self._deleted_in_order = 0
 
     def _get(self, message_id: str) -> _Message:
         try:
