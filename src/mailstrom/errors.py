@@ -428,7 +428,8 @@ buffers or memory): the host's own trouble, whatever peer it was made for."""
 
 
 class LocalResourceShortage(TemporaryFailure):
-    """This host ran out of a resource (``LOCAL_SHORTAGE_ERRNOS``) before any server was
+    """This host ran out of a resource (``LOCAL_SHORTAGE_ERRNOS``), or could not bind the
+    ``source_address`` it was given (not one of its addresses), before any server was
     asked: deferred with 4.3.0 (RFC 3463: other or undefined mail system status), as
     Postfix defers for a "local resource shortage", and held against no server: the
     address is not remembered as unreachable, nor a DNS server blamed. Nor against the

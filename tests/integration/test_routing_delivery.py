@@ -122,3 +122,31 @@ def test_an_address_literal_of_the_other_ip_version_says_so(
     assert bob.state is RecipientState.DEFERRED, bob
     assert "source_address" in bob.reason and "IPv4" in bob.reason, bob.reason
     assert bob.history[0].ip is None, bob.history
+
+
+def test_a_source_address_this_host_does_not_have_is_no_attempt(
+    smtp_server: Any, dns_server: LoopbackDNS
+) -> None:
+    """A ``source_address`` that is a well-formed IP address but not one of this host's
+    (moved to another machine, a typo for a neighbour) cannot be bound: this host's
+    trouble, as running out of sockets is. Was: every MX address was tried and failed
+    with "cannot connect to 127.0.0.1 port N: Cannot assign requested address", blaming
+    the server, remembering it as unreachable, and counting an attempt each round, so
+    that max_attempts bounced the mail for a local setting."""
+    first = smtp_server()
+    second = smtp_server(host="127.0.0.2", port=first.port)
+    dns_server.mx("example.org", [(10, "mx1.test"), (20, "mx2.test")])
+    dns_server.a("mx1.test", first.host)
+    dns_server.a("mx2.test", second.host)
+    # 192.0.2.0/24 is for documentation (RFC 5737): no host has it, so bind() fails.
+    config = loopback_config(dns_server, first.port, source_address="192.0.2.55")
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results) as ms:
+        mid = ms.send_email(Email(from_="app@sender.test", to=["bob@example.org"], text="Hi"))
+        results.wait_final({"bob@example.org"})
+        bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.DEFERRED, bob
+    assert bob.attempts == 0, bob
+    assert "source_address 192.0.2.55" in bob.reason, bob.reason
+    assert "local" in bob.reason, bob.reason
+    assert first.connections == second.connections == 0

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import math
 import ssl
@@ -427,8 +428,14 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                 f"connecting to {ip} port {port} timed out after {seconds:g}s", host=host
             ) from None
         except OSError as exc:
+            what = f"connecting to {ip} port {port}"
+            if source_address and exc.errno == errno.EADDRNOTAVAIL:
+                # source_address is not this host's (or its ports are all taken): every
+                # address fails the same way, and none is to blame. Without it this errno
+                # may be one IP version's trouble alone (no usable IPv6 source address).
+                what = f"{what} from source_address {source_address}"
+                raise LocalResourceShortage(what, exc, host=host) from exc
             if local_shortage(exc) is not None:
-                what = f"connecting to {ip} port {port}"
                 raise LocalResourceShortage(what, exc, host=host) from exc
             raise SMTPConnectError(
                 f"cannot connect to {ip} port {port}: {exc.strerror or exc}", host=host
