@@ -1372,6 +1372,28 @@ def test_refusing_greetings_move_on_then_defer(
     assert (cat.mx_host, cat.ip) == ("mx1.refusing.test", "127.0.0.11")
 
 
+def test_a_backup_that_cannot_be_reached_keeps_the_primary_s_reply(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
+) -> None:
+    """The primary MX host refuses with its greeting, the backup cannot be reached (no
+    listener there): the recipient is deferred with what the primary said, the one
+    thing a server said about this mail. Was: "cannot connect to 127.0.0.15 port N:
+    Connection refused", the backup's, which hid the primary's block-list reply from
+    the status, the logs and any bounce that followed."""
+    smtp_server(host="127.0.0.14", port=mx.port, greeting="554 5.7.1 Listed at a DNSBL")
+    dns_server.mx("backup-down.test", [(10, "mx1.backup-down.test"), (20, "mx2.backup-down.test")])
+    dns_server.a("mx1.backup-down.test", "127.0.0.14")
+    dns_server.a("mx2.backup-down.test", "127.0.0.15")  # nothing listens there
+    ms = mailstrom()
+    mid = ms.send_email(hello("ann@backup-down.test"))
+    results.wait_count(1)
+    ann = ms.query_status(mid).recipient("ann@backup-down.test")
+    assert ann.state is DEFERRED
+    assert ann.attempts == 1
+    assert ann.reply == SMTPReply(code=554, enhanced="5.7.1", text="Listed at a DNSBL"), ann
+    assert (ann.mx_host, ann.ip) == ("mx1.backup-down.test", "127.0.0.14")
+
+
 def test_a_refusal_is_recorded_as_the_server_s_reply(
     smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results, mx: Any
 ) -> None:

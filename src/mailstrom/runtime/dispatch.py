@@ -23,7 +23,8 @@ Failures follow the delivery rules: a connection that cannot be made, or a refus
 moves on to the next address; a connection that breaks before a transaction's final dot
 puts that item back for the next address, at most ``Config.mx_session_limit`` sessions
 per item (as Postfix's ``smtp_mx_session_limit``); once every address was tried the items
-left are deferred with the last error — unless other sessions of the destination are still
+left are deferred with the last error (a server's reply, not a later address that could
+not be reached and so said nothing) — unless other sessions of the destination are still
 connected, in which case the destination just runs with fewer sessions until mail goes
 again (Postfix's concurrency feedback). What a session never sent, as it broke on a
 transaction ahead (a stall at one recipient's RCPT), was not tried: it goes back to the
@@ -736,12 +737,17 @@ class Dispatcher:
                     if isinstance(exc, TLSHandshakeError | TLSRequiredError) and need.reason:
                         # Say which policy refused, not just what the peer did.
                         exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
-                    last_error = exc
-                    last_where = Where(exc.host, ip, opener.port, tls_policy=need.label)
-                    unasked = (last_error, last_where)
-                    _meet(dest.queue, exc, last_where)
+                    where = Where(exc.host, ip, opener.port, tls_policy=need.label)
+                    no_session = isinstance(exc, SMTPConnectError | SMTPTimeout)
+                    if not (no_session and last_error.reply is not None):
+                        # A host that could not be reached said nothing about this mail:
+                        # a reply an earlier host gave (a 554 greeting naming a block
+                        # list, a 451) stays the reason, not a backup's "refused".
+                        last_error, last_where = exc, where
+                        unasked = (last_error, last_where)
+                    _meet(dest.queue, exc, where)
                     if shape is not None and await self._throttled_connecting(
-                        dest, shape, exc, last_where
+                        dest, shape, exc, where
                     ):
                         return
                     index += 1
