@@ -89,4 +89,4 @@ async def test_a_route_failure_of_the_only_session_defers_the_queue(
         assert result.attempt.error is not None or result.attempt.reply is not None
     due = [r.next_attempt_at for r in done]
     assert all(d is not None and NOW + MIN <= d <= NOW + MIN * 1.2 for d in due), due
-    assert len(set(due)) > 1  # each its own jitter (the part below min_delay is clamped)
+    assert len(set(due)) > 1  # each its own jitter (none drawn below min_delay)

@@ -96,6 +96,20 @@ def test_jitter_moves_the_delay_within_its_fraction() -> None:
     assert len(delays) > 100  # actually spread, not constant
 
 
+@pytest.mark.parametrize(
+    ("attempts", "bound"), [(1, timedelta(minutes=5)), (9, timedelta(hours=1))]
+)
+def test_jitter_spreads_retries_at_the_bounds_too(attempts: int, bound: timedelta) -> None:
+    # A destination down defers its whole queue at one instant. Drawn past min_delay
+    # (the first retry) or max_delay (every retry once capped) and clamped back, half
+    # of them came back at exactly the bound, together again: no jitter at all for them.
+    rng = random.Random(3)
+    delays = [backoff_delay(attempts=attempts, rng=rng, policy=RetryPolicy()) for _ in range(1000)]
+    assert all(timedelta(minutes=5) <= d <= timedelta(hours=1) for d in delays)
+    assert sum(d == bound for d in delays) <= 10
+    assert len(set(delays)) > 900
+
+
 def test_next_attempt_is_now_plus_delay() -> None:
     now = T0 + timedelta(hours=2)
     when = next_attempt(attempts=2, queued_at=T0, now=now, rng=random.Random(), policy=NO_JITTER)

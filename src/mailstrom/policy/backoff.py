@@ -15,9 +15,11 @@ from mailstrom.policy.retry import RetryPolicy
 def backoff_delay(*, attempts: int, rng: random.Random, policy: RetryPolicy) -> timedelta:
     """The delay before the next attempt after ``attempts`` attempts (at least 1).
 
-    ``min_delay * multiplier ** (attempts - 1)``, capped at ``max_delay``, then moved by up
-    to ``±jitter`` of itself and clamped back into ``[min_delay, max_delay]``: the bounds
-    are promises to the operator, jitter only spreads retries inside them.
+    ``min_delay * multiplier ** (attempts - 1)``, capped at ``max_delay``, then drawn
+    uniformly from the part of ``±jitter`` of itself that lies in ``[min_delay,
+    max_delay]``: the bounds are promises to the operator, jitter only spreads retries
+    inside them (at ``min_delay``, the first retry, it can only lengthen the delay; at
+    ``max_delay`` only shorten it).
 
     >>> import random
     >>> backoff_delay(attempts=1, rng=random.Random(0), policy=RetryPolicy(jitter=0.0))
@@ -25,9 +27,11 @@ def backoff_delay(*, attempts: int, rng: random.Random, policy: RetryPolicy) -> 
     """
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, not {attempts}")
-    base = _base_seconds(attempts, policy)
-    spread = rng.uniform(-policy.jitter, policy.jitter)
-    return timedelta(seconds=_jittered(base, spread, policy))
+    shortest, longest = _jitter_range(_base_seconds(attempts, policy), policy)
+    # One draw, as before, so a seeded rng gives one schedule. Clamped: the float sum
+    # may pass the end by a rounding.
+    drawn = rng.uniform(shortest, longest)
+    return timedelta(seconds=min(max(drawn, shortest), longest))
 
 
 def _base_seconds(attempts: int, policy: RetryPolicy) -> float:
@@ -44,11 +48,15 @@ def _base_seconds(attempts: int, policy: RetryPolicy) -> float:
     return min(base, high)
 
 
-def _jittered(base: float, spread: float, policy: RetryPolicy) -> float:
-    """``base`` moved by ``spread`` of itself, clamped into ``[min_delay, max_delay]``."""
+def _jitter_range(base: float, policy: RetryPolicy) -> tuple[float, float]:
+    """The shortest and longest delay ``base`` may be moved to: ``±jitter`` of itself,
+    within ``[min_delay, max_delay]``. Drawn in the whole ``±jitter`` and clamped after,
+    the half of the draws past a bound all fell on it: of a queue deferred at one
+    instant, half came back together at exactly ``min_delay``, then at ``max_delay``."""
     low = policy.min_delay.total_seconds()
     high = policy.max_delay.total_seconds()
-    return min(max(base * (1.0 + spread), low), high)
+    # base lies in [low, high], so the range is never empty.
+    return max(base * (1.0 - policy.jitter), low), min(base * (1.0 + policy.jitter), high)
 
 
 _SUMMED = 1000
@@ -74,7 +82,7 @@ def last_attempt_by(*, attempts: int, next_at: datetime, policy: RetryPolicy) ->
     # the one due at ``next_at``, the last is attempt ``max_attempts``.
     first, last = attempts + 1, policy.max_attempts
     for n in range(first, min(last, first + _SUMMED)):
-        later += _jittered(_base_seconds(n, policy), policy.jitter, policy)
+        later += _jitter_range(_base_seconds(n, policy), policy)[1]
     # Past the delays added up (a count of thousands), each is at most max_delay.
     later += high * max(0, last - (first + _SUMMED))
     try:
