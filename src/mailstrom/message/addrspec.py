@@ -22,6 +22,7 @@ recipient at its domain):
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -132,6 +133,8 @@ def validate(local: str, domain: str) -> ValidAddress:
         # An address literal comes normalised ([IPv6:2001:db8::1]) and keeps its tag's
         # case: email-validator before 2.4 refuses [ipv6:...] when the address comes back.
         ascii_domain = ascii_domain.lower()
+        if ascii_domain.rpartition(".")[2].isdigit():
+            raise _invalid(address, _numeric_domain(normal, ascii_domain))
     header_domain = domain if domain.isascii() else unicode_domain if utf8 else ascii_domain
     return ValidAddress(
         envelope=f"{normal}@{ascii_domain}",
@@ -163,6 +166,23 @@ def _validate_email(address: str) -> ValidatedEmail:
         # reached is the router's question, answered by DNS at delivery time.
         globally_deliverable=False,
         test_environment=True,
+    )
+
+
+def _numeric_domain(local: str, domain: str) -> str:
+    """Why ``domain``, whose last label is all digits, names no host. No top-level domain
+    is all digits (RFC 1123 §2.1, RFC 3696 §2): email-validator takes one when it checks
+    syntax alone, and the worker then looked the name up and failed it as NXDOMAIN."""
+    try:
+        ip = ipaddress.IPv4Address(domain)
+    except ValueError:
+        return (
+            f"the domain's last label {domain.rpartition('.')[2]!r} is all digits, and no "
+            "top-level domain is (RFC 1123 §2.1, RFC 3696 §2)"
+        )
+    return (
+        f"{domain} is an IP address written as a domain name, which names no host; an "
+        f"address at an IP address is written with brackets: {local}@[{ip}] (RFC 5321 §4.1.3)"
     )
 
 
