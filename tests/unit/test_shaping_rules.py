@@ -57,6 +57,33 @@ def test_the_most_specific_rule_wins() -> None:
     assert rules.rule_for_name("mx.eu.example.com") is exact
 
 
+@pytest.mark.parametrize(
+    "pattern", ["Bücher.Example", "bücher.example.", "\uff22\u00dcCHER\uff0eexample"]
+)
+def test_a_rule_written_with_u_labels_governs_its_domain_as_queued(pattern: str) -> None:
+    """Recipients are queued with A-label domains (bob@bücher.example as
+    bob@xn--bcher-kva.example); a rule naming the domain in U-labels, as tls.domains,
+    metrics_domains and the suppression list take it, was refused ("given as A-labels")."""
+    rule = DestinationRule(match=pattern, max_connections=1)
+    assert rule.match == "xn--bcher-kva.example"
+    rules = book(rule)
+    assert rules.match("xn--bcher-kva.example", ()) is rule
+    wildcard = DestinationRule(match="*.Bücher.example", max_connections=2)
+    assert wildcard.match == "*.xn--bcher-kva.example"
+    assert book(wildcard).match("example.org", ("mx.xn--bcher-kva.example",)) is wildcard
+    with pytest.raises(InvalidShapingRule, match="two rules"):
+        ShapingConfig(rules=(rule, DestinationRule(match="xn--bcher-kva.example")))
+
+
+@pytest.mark.parametrize(
+    "pattern", ["bü cher.example", "*.bü*.example", "💩.example", "ü" * 64 + ".de"]
+)
+def test_a_bad_u_label_rule_raises_a_typed_error(pattern: str) -> None:
+    with pytest.raises(InvalidShapingRule) as caught:
+        DestinationRule(match=pattern)
+    assert caught.value.field == "match"
+
+
 def test_provider_defaults_cover_the_big_providers_and_user_rules_replace_them() -> None:
     shipped = {r.match for r in provider_rules()}
     assert {"*.google.com", "*.outlook.com", "*.yahoodns.net"} <= shipped

@@ -35,6 +35,7 @@ from importlib import resources
 from typing import Any
 
 from mailstrom.bounds import check_bool, check_duration, check_seconds, shown
+from mailstrom.domains import a_label
 from mailstrom.errors import ConfigError, InvalidShapingRule
 
 DATA_FILE = "destinations.toml"
@@ -72,11 +73,23 @@ def _check_pattern(pattern: Any) -> str:
         )
     text = normalise_name(pattern)
     wildcard = text.startswith("*.")
-    labels = (text[2:] if wildcard else text).split(".")
+    name = text[2:] if wildcard else text
+    if not name.isascii():
+        # Recipients are queued with A-label domains (bob@bücher.example as
+        # bob@xn--bcher-kva.example), and MX hosts come from DNS so: a rule kept in
+        # U-labels governed none of them. As tls.domains takes a name, by IDNA 2008 from
+        # the name as written (str.lower() can turn a sigma into another domain's).
+        written = pattern.strip().rstrip(".")
+        try:
+            name = a_label(written[2:] if wildcard else written)
+        except ValueError:
+            name = ""  # refused below, as any other name that is none
+        text = f"*.{name}" if wildcard else name
+    labels = name.split(".")
     if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise InvalidShapingRule(
             f"match: not a domain name or '*.suffix' pattern: {shown(pattern)} (a '*' may only "
-            "stand first, as '*.example.com'; internationalised names are given as A-labels)",
+            "stand first, as '*.example.com')",
             pattern=str(pattern),
             field="match",
         )
