@@ -359,6 +359,20 @@ def test_a_filter_domain_finds_recipients_however_the_domain_is_written(
     assert store.count(now=NOW, where=where, cap=100) == 1
 
 
+@pytest.mark.parametrize(
+    "domain", ["[IPv6:2001:DB8:0::1]", "[ipv6:2001:0db8::0001]", "[IPv6:2001:db8:0:0:0:0:0:1]"]
+)
+def test_a_filter_domain_finds_an_address_literal_however_it_is_written(
+    store: Store, domain: str
+) -> None:
+    # prepare() stores bob@[IPv6:2001:DB8:0::1] as bob@[ipv6:2001:db8::1], the address in
+    # its shortest form: a filter only lower-cased found nothing unless typed so.
+    mid = store.enqueue(message("bob@[ipv6:2001:db8::1]"), now=NOW)
+    where = QueueFilter(domain=domain)
+    assert [m.id for m in store.query(now=NOW, where=where)] == [mid]
+    assert store.count(now=NOW, where=where, cap=100) == 1
+
+
 def test_shape_counts_pending_recipients_by_domain_and_age(store: Store) -> None:
     now = NOW + 200 * MINUTE
     store.enqueue(message("a@example.org", "b@example.org", "c@other.org"), now=NOW)

@@ -231,8 +231,19 @@ def filter_domain(text: str) -> str:
     are stored: stripped, lower case, without a trailing dot (``example.org.``, the
     absolute form, as :func:`normalize_domain` and ``suspend`` take it), U-labels as
     A-labels (``bücher.example`` finds ``xn--bcher-kva.example``). A name with no A-label
-    form is kept as given: it finds nothing, or the caller's own check refuses it."""
-    value = text.strip().rstrip(".").lower()
+    form is kept as given: it finds nothing, or the caller's own check refuses it. An
+    address literal is taken as prepare() stores it (``[IPv6:2001:DB8:0::1]`` finds
+    ``[ipv6:2001:db8::1]``, its address in the shortest form)."""
+    written = text.strip().rstrip(".")
+    value = written.lower()
+    if value.startswith("["):
+        # Imported here: only a literal needs the address checks (and email-validator).
+        from mailstrom.message.addrspec import validate_address
+
+        try:
+            return validate_address(f"x@{written}").envelope.rpartition("@")[2].lower()
+        except InvalidAddress:
+            return value
     try:
         return a_label(value)
     except ValueError:
