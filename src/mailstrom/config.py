@@ -903,7 +903,9 @@ class Config:
         # As a recipient's domain is stored and counted (lower case, U-labels as
         # A-labels, no final dot): "Bücher.Example" or "example.org." matched none of
         # its recipients otherwise, and all their results counted as "other".
-        domains = tuple(d.strip().lower().removesuffix(".") for d in names)
+        # Lowered by a_label, not str.lower(), which makes a capital sigma before a
+        # hyphen or a digit the final sigma, a letter of another domain's name.
+        domains = tuple(d.strip().removesuffix(".") for d in names)
         if any(not d or any(c.isspace() for c in d) for d in domains):
             raise ConfigError(f"metrics_domains: expected domain names, got {domains!r}")
         try:

@@ -155,15 +155,26 @@ def normalize_target(text: str) -> str:
     if not domain.isascii():
         # Recipients are stored with A-label domains (prepare() writes
         # bob@xn--bcher-kva.example for bob@bücher.example) and entries are found by
-        # string: an entry kept as typed would be listed but never apply.
+        # string: an entry kept as typed would be listed but never apply. From the domain
+        # as written, which IDNA maps to lower case: folded by str.lower(), a capital
+        # sigma before a hyphen or a digit became a final sigma, another domain's letter.
         try:
-            domain = a_label(domain)
+            domain = a_label(_written_domain(text))
         except ValueError:
             raise InvalidSuppression(f"not a valid domain name: {domain!r}") from None
         target = f"{local}{at}{domain}"
         if len(target.encode("utf-8", "surrogatepass")) > MAX_TARGET:
             raise InvalidSuppression(f"longer than {MAX_TARGET} octets: {target[:40]!r}...")
     return target
+
+
+def _written_domain(text: str) -> str:
+    """The domain of ``text`` (an address or a domain, perhaps in angle brackets) as
+    written, not folded."""
+    written = text.strip()
+    if written.startswith("<") and written.endswith(">"):
+        written = written[1:-1].strip()
+    return written.rpartition("@")[2]
 
 
 def page_after(text: str) -> str:

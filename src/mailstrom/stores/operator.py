@@ -203,7 +203,9 @@ def normalize_domain(domain: str, *, stored: bool = False) -> str:
     its suspension can still be ended."""
     if not isinstance(domain, str):
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
-    text = domain.strip().rstrip(".").lower()
+    # Lowered by a_label below, as IDNA 2008 maps case: str.lower() writes a capital
+    # sigma before a hyphen or a digit as a final sigma, a letter of another domain.
+    text = domain.strip().rstrip(".")
     if not text or len(text.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     if any(c.isspace() or c in "@/\\[]<>\"'," for c in text) or not text.isprintable():
@@ -245,7 +247,7 @@ def filter_domain(text: str) -> str:
         except InvalidAddress:
             return value
     try:
-        return a_label(value)
+        return a_label(written)  # lowered by IDNA's case mapping, as normalize_domain's
     except ValueError:
         return value
 
