@@ -464,6 +464,15 @@ def test_a_suspended_domain_is_not_leased_until_resumed(store: Store) -> None:
     assert leased_addresses(lease_all(store)) == ["a@example.org"]
 
 
+def test_a_suspended_address_literal_is_not_leased(store: Store) -> None:
+    # The form the facade's suspend() keeps a literal destination in, as prepare()
+    # stores the recipient's domain.
+    store.enqueue(message("a@[ipv6:2001:db8::1]", "b@[192.0.2.1]", "c@other.org"), now=NOW)
+    store.suspend("[ipv6:2001:db8::1]", now=NOW)
+    store.suspend("[192.0.2.1]", now=NOW)
+    assert leased_addresses(lease_all(store)) == ["c@other.org"]
+
+
 def test_extend_does_not_count_the_recipients_of_a_destination_suspended_since(
     store: Store,
 ) -> None:

@@ -275,3 +275,30 @@ def test_ids_on_standard_input_may_begin_with_a_byte_order_mark() -> None:
     assert read_ids(io.BytesIO(b"\xef\xbb\xbf" + at_most + b"\r\n" + first.encode())) == [first]
     with pytest.raises(CLIError, match="line 1: too long"):
         read_ids(io.BytesIO(b"\xef\xbb\xbf" + at_most + b"x\n" + first.encode()))
+
+
+@pytest.mark.parametrize(
+    ("typed", "stored"),
+    [
+        ("[192.0.2.1]", "[192.0.2.1]"),
+        ("[IPv6:2001:DB8:0::1]", "[ipv6:2001:db8::1]"),
+        ("[ipv6:2001:db8::1]", "[ipv6:2001:db8::1]"),
+    ],
+)
+def test_an_address_literal_destination_can_be_suspended_and_resumed(
+    typed: str, stored: str
+) -> None:
+    """Mail to bob@[192.0.2.1] goes to that address, its own destination (RFC 5321
+    §4.1.3); suspend() refused it as "not a domain", so no operator could stop it."""
+    ms = Mailstrom(Config(helo_name="mail.example.com"), store=MemoryStore(), worker=None)
+    with ms:
+        ms.send_email(
+            Email(from_="a@example.com", to=["ann@example.org", f"bob@{stored}"], text="x")
+        )
+        ms.suspend(typed)
+        assert [s.domain for s in ms.suspensions()] == [stored]
+        lease = ms.store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=5))
+        assert lease is not None
+        assert [r.address for item in lease.items for r in item.recipients] == ["ann@example.org"]
+        assert ms.resume(typed) is True
+        assert ms.suspensions() == []

@@ -195,8 +195,9 @@ def prefix_upper_bound(prefix: str) -> str:
 def normalize_domain(domain: str, *, stored: bool = False) -> str:
     """A destination domain as stores key it: lower case, no trailing dot, U-labels as
     A-labels (recipients' domains are stored so: ``bücher.example`` is
-    ``xn--bcher-kva.example``); :class:`~mailstrom.errors.InvalidArgument` (a ValueError)
-    when it is no string, is empty, too long (or a label is), or not a plain domain.
+    ``xn--bcher-kva.example``), an address literal as :func:`stored_literal` makes it;
+    :class:`~mailstrom.errors.InvalidArgument` (a ValueError) when it is no string, is
+    empty, too long (or a label is), or not a plain domain or a valid literal.
 
     ``stored``: a name to look up among those stored (resume), whose labels may hold
     what a recipient's never does: an earlier version suspended ``*.example.org``, and
@@ -208,6 +209,13 @@ def normalize_domain(domain: str, *, stored: bool = False) -> str:
     text = domain.strip().rstrip(".")
     if not text or len(text.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
+    if text.startswith("["):
+        # Mail to bob@[192.0.2.1] goes to that address, a destination of its own (RFC
+        # 5321 §4.1.3), kept under the form prepare() stores the literal in.
+        literal = stored_literal(text)
+        if literal is None:
+            raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
+        return literal
     if any(c.isspace() or c in "@/\\[]<>\"'," for c in text) or not text.isprintable():
         raise InvalidArgument(f"not a domain: {shown(domain)}", argument="domain")
     try:
@@ -239,17 +247,24 @@ def filter_domain(text: str) -> str:
     written = text.strip().rstrip(".")
     value = written.lower()
     if value.startswith("["):
-        # Imported here: only a literal needs the address checks (and email-validator).
-        from mailstrom.message.addrspec import validate_address
-
-        try:
-            return validate_address(f"x@{written}").envelope.rpartition("@")[2].lower()
-        except InvalidAddress:
-            return value
+        return stored_literal(written) or value
     try:
         return a_label(written)  # lowered by IDNA's case mapping, as normalize_domain's
     except ValueError:
         return value
+
+
+def stored_literal(text: str) -> str | None:
+    """``text``, an address literal (``[IPv6:2001:DB8:0::1]``), as prepare() stores a
+    recipient's domain (``[ipv6:2001:db8::1]``: the address in its shortest form, the
+    whole lower-cased); None when it is no valid literal."""
+    # Imported here: only a literal needs the address checks (and email-validator).
+    from mailstrom.message.addrspec import validate_address
+
+    try:
+        return validate_address(f"x@{text}").envelope.rpartition("@")[2].lower()
+    except InvalidAddress:
+        return None
 
 
 def filter_address(text: str) -> str:
