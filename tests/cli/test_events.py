@@ -81,6 +81,26 @@ def test_events_list_and_follow(mail_env: MailEnv) -> None:
             follow.stderr.close()
 
 
+def test_a_cancelled_recipient_ends_in_the_events(mail_env: MailEnv) -> None:
+    """Was: ``mailstrom cancel`` wrote no event: a deferred recipient's last event said
+    deferred for ever, while ``mailstrom status`` said failed (cancelled). Now each
+    recipient the cancel fails has one ``failed`` event; a second cancel adds none."""
+    cli = mail_env.cli
+    cli.env["MAILSTROM_EVENTS"] = "1"
+    mail_env.mx.rcpt_replies["later@example.test"] = "451 4.7.1 Try again later"
+    deferred = send(mail_env, "later@example.test")
+    cli.ok("worker", "--once", "--no-live")
+    queued = send(mail_env, "never@example.test")
+    cli.ok("cancel", deferred, queued)
+    cli.ok("cancel", deferred, queued)
+
+    events = [json.loads(line) for line in cli.ok("events", "--json").out.splitlines()]
+    assert [(e["message_id"], e["type"], e["attempt"], e["error"]) for e in events] == [
+        (deferred, "deferred", 1, None),
+        *sorted([(deferred, "failed", 1, "cancelled"), (queued, "failed", 0, "cancelled")]),
+    ]
+
+
 def test_events_prune_keeps_unsent(mail_env: MailEnv) -> None:
     cli = mail_env.cli
     cli.env["MAILSTROM_EVENTS"] = "1"

@@ -273,3 +273,63 @@ def test_unsent_events_counts_what_no_sender_acknowledged(store: Store) -> None:
     assert store.unsent_events() == 2
     store.prune_events(sent_before=NOW + SECOND)
     assert store.unsent_events() == 2
+
+
+def test_a_cancel_writes_one_event_per_recipient_it_finished(store: Store) -> None:
+    """Was: ``cancel``/``cancel_many`` wrote no event, so a hook receiver or an events
+    reader never saw a cancelled recipient's end (it stayed queued or deferred for them
+    while the status said failed). Each recipient the cancel fails gets one ``failed``
+    event with the error "cancelled", at the cancel's time, its attempts as they were;
+    one finished before, or cancelled twice, gets none."""
+    store.enable_events()
+    first = store.enqueue(message("alice@example.org", "bob@example.org"), now=NOW)
+    lease = lease_all(store)
+    store.record(
+        results_for(lease, RecipientState.DELIVERED, only=["alice@example.org"])
+        + results_for(
+            lease, RecipientState.DEFERRED, only=["bob@example.org"], next_attempt_at=NOW + SECOND
+        )
+    )
+    second = store.enqueue(message("carol@example.org"), now=NOW)
+    third = store.enqueue(message("dave@example.org"), now=NOW)
+    recorded = store.last_event_id()
+    later = NOW + 10 * SECOND
+
+    assert store.cancel(first, now=later) == 1
+    assert store.cancel_many([second, third], now=later) == 2
+    assert store.cancel(first, now=later + SECOND) == 0
+    assert store.cancel_many([second, third], now=later + SECOND) == 0
+
+    events = store.read_events(after=recorded)
+    assert sorted((e.message_id, e.address, e.state, e.attempt) for e in events) == sorted(
+        [
+            (first, "bob@example.org", RecipientState.FAILED, 1),
+            (second, "carol@example.org", RecipientState.FAILED, 0),
+            (third, "dave@example.org", RecipientState.FAILED, 0),
+        ]
+    )
+    for e in events:
+        assert (e.error, e.reply, e.reason_class, e.at) == ("cancelled", None, None, later)
+        assert e.next_attempt_at is None
+    assert store.last_event_id() == events[-1].id
+
+
+def test_a_cancel_without_events_enabled_writes_none(store: Store) -> None:
+    mid = store.enqueue(message(), now=NOW)
+    assert store.cancel(mid, now=NOW) == 2
+    assert store.read_events() == []
+
+
+def test_a_delivery_that_wins_over_a_cancel_is_the_last_event(store: Store) -> None:
+    """A transaction on the wire when the cancel came: the server's acceptance is recorded
+    after the cancel's event, so a receiver keeping the highest id sees it delivered."""
+    store.enable_events()
+    store.enqueue(message("alice@example.org"), now=NOW)
+    lease = lease_all(store)
+    assert lease.items
+    store.cancel(lease.items[0].message_id, now=NOW)
+    store.record(results_for(lease, RecipientState.DELIVERED))
+    assert [(e.state, e.error) for e in store.read_events()] == [
+        (RecipientState.FAILED, "cancelled"),
+        (RecipientState.DELIVERED, None),
+    ]

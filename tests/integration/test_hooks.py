@@ -202,6 +202,63 @@ def test_endpoint_failing_at_first_gets_every_event_exactly_once(
     store.close()
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@pytest.mark.parametrize("worker", ["thread", None])
+def test_a_cancelled_recipient_reaches_the_endpoint_once(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    endpoint: Endpoint,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    kind: str,
+    worker: str | None,
+) -> None:
+    """Was: a cancel wrote no event, so the endpoint's last word on a deferred recipient
+    said deferred for ever while ``query_status`` said failed (cancelled). Each recipient
+    a cancel fails reaches it once, as ``failed`` with the error "cancelled", also from a
+    facade whose worker runs elsewhere; a finished recipient, or a second cancel, sends
+    nothing."""
+    mx.rcpt_replies["later@example.org"] = "451 4.7.1 Greylisted"
+    url = (
+        f"sqlite:///{tmp_path / 'q.db'}"
+        if kind == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    results = Results()
+    config = hook_config(dns_server, mx.port, endpoint.url)
+    with Mailstrom(config, store=url, worker="thread", on_result=results) as ms:
+        sent = ms.send_email(
+            Email(
+                from_="App <app@sender.test>",
+                to=["bob@example.org", "later@example.org"],
+                text="Hi",
+            )
+        )
+        results.wait_count(2)
+        endpoint.wait_for(lambda _: len(endpoint.acked_ids()) >= 2)
+    with Mailstrom(config, store=url, worker=worker) as ms:
+        queued = ms.send_email(
+            hello("never@example.org"), send_at=datetime.now(UTC) + timedelta(days=1)
+        )
+        assert ms.cancel(sent) == 1
+        assert ms.cancel_many([sent, queued]) == 1
+        assert ms.cancel(sent) == 0
+        if worker is None:  # no sender here: a worker with the hook sends them
+            with Mailstrom(config, store=url, worker="thread"):
+                endpoint.wait_for(lambda _: len(endpoint.acked_ids()) >= 4)
+        else:
+            endpoint.wait_for(lambda _: len(endpoint.acked_ids()) >= 4)
+        assert ms.query_status(sent).recipient("later@example.org").error == "cancelled"
+    events = [e for r in endpoint.requests if r.answered == 200 for e in r.events]
+    assert len({e["id"] for e in events}) == len(events) == 4
+    last = {(e["message_id"], e["recipient"]): e for e in sorted(events, key=lambda e: e["id"])}
+    assert {k: (e["type"], e["error"], e["attempt"]) for k, e in last.items()} == {
+        (sent, "bob@example.org"): ("delivered", None, 1),
+        (sent, "later@example.org"): ("failed", "cancelled", 1),
+        (queued, "never@example.org"): ("failed", "cancelled", 0),
+    }
+
+
 def test_no_hook_no_events(mx: Any, dns_server: LoopbackDNS, tmp_path: Path) -> None:
     """Without a hook (or the events setting) recording writes no outbox rows."""
     store = SQLiteStore(tmp_path / "q.db")

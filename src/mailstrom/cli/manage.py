@@ -240,7 +240,10 @@ def bulk_command(args: argparse.Namespace) -> int:
             raise UsageError("--all-deferred takes no ids, filters, --all or --dry-run")
     else:
         check_selection(args)
-    with store_from(settings_from(args), read_only=args.dry_run) as store:
+    settings = settings_from(args)
+    with store_from(settings, read_only=args.dry_run) as store:
+        if settings.config.outbox and not args.dry_run:
+            store.enable_events()  # cancelled recipients end for hooks and `events` too
         if all_deferred:
             return _retry_all_deferred(args, store, now)
         ids, where = select_messages(

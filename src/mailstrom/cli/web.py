@@ -105,6 +105,8 @@ def web_command(args: argparse.Namespace) -> int:
         # Opened to write (its actions change it), so never a memory store: one new in
         # this process is empty, no other process fills it, and every change ends here.
         with store_from(settings) as store:
+            if settings.config.outbox:
+                store.enable_events()  # a cancel's recipients end for hooks and `events` too
             app = create_app(
                 store,
                 token=settings.web_token,

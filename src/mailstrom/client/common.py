@@ -261,6 +261,11 @@ class FacadeBase:
     ) -> None:
         """Everything ``__init__`` does once the store is open: the worker, its mode."""
         self._clock = in_utc(clock)
+        if self.config.outbox:
+            # What this facade records itself (a cancel's failed recipients) reaches the
+            # hook and `mailstrom events` too, whether its worker runs here, in another
+            # process, or elsewhere.
+            self.store.enable_events()
         store_url: str | None = getattr(self.store, "url", None)
         custom = router is not None or clock is not utc_now or rng is not None
         mode = self._mode(

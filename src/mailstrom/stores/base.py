@@ -1076,7 +1076,9 @@ class Store(Protocol):
         """Fail the message's pending recipients with the reason "cancelled"; returns how
         many. Recipients under a lease are cancelled too; a later record for them is
         ignored. A cancelled recipient is owed no notice: a delay warning owed for it
-        (its mark, see :attr:`RecipientResult.notice`) is dropped."""
+        (its mark, see :attr:`RecipientResult.notice`) is dropped. With events enabled,
+        each recipient cancelled gets an event in the same transaction (state FAILED,
+        error "cancelled", ``at`` this ``now``, ``attempt`` its attempts so far)."""
         ...
 
     def set_held(self, message_id: str, held: bool) -> None:
@@ -1106,7 +1108,8 @@ class Store(Protocol):
         """From now on, :meth:`record` (and :meth:`record_and_lease`) also appends one
         :class:`~mailstrom.status.DeliveryEvent` per recorded result to the store's event
         outbox, in the same transaction as the result: an event exists if and only if its
-        result was committed. Until called, recording does no extra work."""
+        result was committed; so do :meth:`cancel` and :meth:`cancel_many`, one per
+        recipient they fail. Until called, recording does no extra work."""
         ...
 
     def lease_events(self, *, now: datetime, limit: int, lease_for: timedelta) -> EventBatch | None:

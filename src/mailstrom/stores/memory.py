@@ -413,7 +413,7 @@ class MemoryStore(
                 if self._events_on and m is not None:
                     reason = getattr(attempt, "reason_class", None)
                     reason = reason or getattr(result, "reason_class", None)
-                    self._append_event(m, r, attempt, reason)
+                    self._append_event(m, r, attempt.at, reason)
         return recorded
 
     def owed_notices(
@@ -614,10 +614,10 @@ class MemoryStore(
             self._cancel_watchers.notify()
         return changed
 
-    @staticmethod
-    def _cancel(m: _Message, now: datetime) -> tuple[int, bool]:
+    def _cancel(self, m: _Message, now: datetime) -> tuple[int, bool]:
         """Fail ``m``'s pending recipients as "cancelled" (call under the lock); how
-        many, and whether one of them was leased."""
+        many, and whether one of them was leased. With events on, each gets its event:
+        the end of a recipient a listener follows."""
         changed, leased = 0, False
         for r in m.recipients.values():
             if r.state in _PENDING:
@@ -634,6 +634,8 @@ class MemoryStore(
                 # The operator stopped it: no delay warning owed for it is sent.
                 r.notice = None
                 changed += 1
+                if self._events_on:
+                    self._append_event(m, r, now, None)
         return changed, leased
 
     @writes

@@ -11,7 +11,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from mailstrom.arguments import row_after, row_limit
-from mailstrom.status import Attempt, DeliveryEvent
+from mailstrom.status import DeliveryEvent
 from mailstrom.stores.base import EventBatch
 from mailstrom.stores.clock import after
 from mailstrom.stores.memory_records import _Event, _Message, _Recipient, writes
@@ -36,15 +36,15 @@ class MemoryEventsMixin:
     _event_ids: itertools.count[int]
 
     def _append_event(
-        self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
+        self, m: _Message, r: _Recipient, at: datetime, reason_class: str | None
     ) -> None:
-        """The outbox entry of a result just recorded (under the lock)."""
+        """The outbox entry of a result just recorded, or of a cancel (under the lock)."""
         event_id = next(self._event_ids)
         self._event_order.append(event_id)  # ids only grow: the list stays sorted
         self._events[event_id] = self._unsent[event_id] = _Event(
             event=DeliveryEvent(
                 id=event_id,
-                at=attempt.at,
+                at=at,
                 message_id=m.id,
                 address=r.address,
                 state=r.state,

@@ -319,7 +319,8 @@ class MemoryOperatorMixin:
 
         def batch(messages: list[_Message]) -> None:
             nonlocal changed, leased
-            for m in messages:
+            # In enqueue order, as the SQL stores cancel a batch (and write its events).
+            for m in sorted(messages, key=lambda m: m.seq):
                 cancelled, was_leased = self._cancel(m, now)
                 changed += cancelled
                 leased = leased or was_leased

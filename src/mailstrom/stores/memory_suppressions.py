@@ -38,7 +38,7 @@ class MemorySuppressionsMixin:
         def _get(self, message_id: str) -> _Message: ...
 
         def _append_event(
-            self, m: _Message, r: _Recipient, attempt: Attempt, reason_class: str | None
+            self, m: _Message, r: _Recipient, at: datetime, reason_class: str | None
         ) -> None: ...
 
     @writes
@@ -130,7 +130,7 @@ class MemorySuppressionsMixin:
                 return False  # only mail a server accepted can bounce after acceptance
             r.take(attempt, RecipientState.FAILED, next_attempt_at=None, uncertain=False)
             if self._events_on:
-                self._append_event(m, r, attempt, attempt.reason_class)
+                self._append_event(m, r, attempt.at, attempt.reason_class)
         return True
 
     def verp_key(self) -> bytes:

@@ -1733,10 +1733,18 @@ class SQLiteStore:
         with self._write() as conn:
             seq = self._seq(conn, message_id)
             leased = leased_pending(conn, [seq])
-            changed = cancel_seqs(conn, [seq], now)
+            changed = self._cancel_in(conn, [seq], now)
         if leased:
             self._notify_cancelled()
         return changed
+
+    def _cancel_in(self, conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) -> int:
+        """Cancel the listed messages' pending recipients in the caller's transaction, with
+        an event for each when events are on (a listener's end of them); how many."""
+        cancelled = cancel_seqs(conn, seqs, now)
+        if self._events and cancelled:
+            sqlite_events.append_cancel_events(conn, cancelled)
+        return len(cancelled)
 
     def set_held(self, message_id: str, held: bool) -> None:
         """Hold (never leased) or release a message; a worker that leased it is told."""
@@ -2112,7 +2120,7 @@ class SQLiteStore:
         def batch(conn: sqlite3.Connection, seqs: list[int]) -> None:
             nonlocal changed, leased
             leased = leased_pending(conn, seqs) or leased
-            changed += cancel_seqs(conn, seqs, now)
+            changed += self._cancel_in(conn, seqs, now)
 
         try:
             self._in_batches(message_ids, batch)

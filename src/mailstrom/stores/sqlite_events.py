@@ -51,14 +51,26 @@ def append_events(conn: sqlite3.Connection, recorded: Sequence[RecipientResult])
                 continue
             ref = int(row[0])
         refs.append(ref)
+    _insert_events(conn, refs, "r.last_attempt_at")
+
+
+def append_cancel_events(conn: sqlite3.Connection, refs: Sequence[int]) -> None:
+    """One event per recipient row in ``refs`` that a cancel just failed, at the cancel's
+    time (its ``finished_at``: one never attempted has no attempt time), so that a
+    listener following it sees its end."""
+    _insert_events(conn, refs, "r.finished_at")
+
+
+def _insert_events(conn: sqlite3.Connection, refs: Sequence[int], at: str) -> None:
+    """The events of the recipient rows ``refs``, in that order, copied from the rows;
+    ``at`` is the column the event's time comes from."""
     for start in range(0, len(refs), _CHUNK):
         chunk = refs[start : start + _CHUNK]
         conn.execute(
             "WITH picked (n, rid) AS (VALUES " + ",".join(["(?,?)"] * len(chunk)) + ")"
             " INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at,"
             " reply_code, reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,"
-            " uncertain, tags, metadata)"
-            " SELECT m.id, r.address, r.state, r.attempts, r.last_attempt_at,"
+            f" uncertain, tags, metadata) SELECT m.id, r.address, r.state, r.attempts, {at},"
             " r.next_attempt_at, r.reply_code, r.reply_enhanced, r.reply_text, r.error,"
             " r.reason_class, r.mx_host, r.ip, r.tls, r.uncertain, m.tags, m.metadata"
             " FROM picked JOIN recipients r ON r.id = picked.rid"

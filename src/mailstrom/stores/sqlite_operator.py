@@ -422,24 +422,29 @@ def retry_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) -> 
     return changed
 
 
-def cancel_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) -> int:
+def cancel_seqs(conn: sqlite3.Connection, seqs: Sequence[int], now: datetime) -> list[int]:
+    """Fail the listed messages' pending recipients as "cancelled"; the ids of their rows
+    (for their outbox events), in row order."""
     # The last reply is cleared so the reason reads "cancelled" (the history keeps it),
     # and the lease too, so a later record for these recipients is a no-op. A delay
     # warning owed for one (its mark) goes: the operator stopped the mail. The pending
     # index is named, as in leased_pending (recipients_state_domain walked them all).
-    changed = 0
+    cancelled: list[int] = []
     for chunk in chunks(seqs):
-        changed += conn.execute(
-            "UPDATE recipients INDEXED BY recipients_pending_message"
-            " SET state = 'failed', error = 'cancelled',"
-            " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL,"
-            " reason_class = NULL, uncertain = 0, next_attempt_at = NULL,"
-            " finished_at = ?, lease_token = NULL, lease_expires_at = NULL, notice = NULL"
-            f" WHERE message_seq IN ({qmarks(len(chunk))}) AND {PENDING_SQL}",
-            [to_us(now), *chunk],
-        ).rowcount
+        cancelled += (
+            rid
+            for (rid,) in conn.execute(
+                "UPDATE recipients INDEXED BY recipients_pending_message"
+                " SET state = 'failed', error = 'cancelled',"
+                " reply_code = NULL, reply_enhanced = NULL, reply_text = NULL,"
+                " reason_class = NULL, uncertain = 0, next_attempt_at = NULL,"
+                " finished_at = ?, lease_token = NULL, lease_expires_at = NULL, notice = NULL"
+                f" WHERE message_seq IN ({qmarks(len(chunk))}) AND {PENDING_SQL} RETURNING id",
+                [to_us(now), *chunk],
+            )
+        )
     unhold_finished(conn, seqs)  # a held one has finished: it waits for no release
-    return changed
+    return sorted(cancelled)
 
 
 def leased_pending(conn: sqlite3.Connection, seqs: Sequence[int]) -> bool:

@@ -1311,7 +1311,8 @@ class PostgresStore:
         """Fail the message's pending recipients with the reason "cancelled"."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
-        found, _, changed, told = self._fetch("cancel", {"id": message_id, "now": now})[0]
+        params = {"id": message_id, "now": now, "events": self._events}
+        found, _, changed, told = self._cancelling("cancel", params, None)
         if not found:
             raise UnknownMessage(message_id)
         self._told_cancelled(told)
@@ -1330,6 +1331,28 @@ class PostgresStore:
         """The row of ``set_held`` or ``hold_many``; a release first locks the suspensions
         of its destinations, in the same transaction (:func:`.aside.lock_for_release`)."""
         return self._messages_first(name, params, ids, release=not params["held"])
+
+    def _cancelling(
+        self, name: str, params: dict[str, Any], ids: Sequence[str] | None
+    ) -> tuple[Any, ...]:
+        """The first row of the cancel query ``name`` but its last two columns (the
+        recipients it cancelled), run after locking the messages ``ids`` (as
+        :meth:`_messages_first`; None: ``cancel``, which locks its own), with an outbox
+        event for each recipient cancelled when events are on, in the same transaction:
+        a listener following a recipient sees its end."""
+        with self._translating(name), self._pool.connection() as conn, conn.transaction():
+            if ids is not None:
+                conn.execute(
+                    self._queries["lock_messages"], {"message_ids": sorted(ids), "pending": True}
+                )
+            row: tuple[Any, ...] = conn.execute(self._queries[name], params).fetchall()[0]
+            *counts, message_ids, addresses = row
+            if message_ids:
+                conn.execute(
+                    self._queries["append_cancel_events"],
+                    {"message_ids": message_ids, "addresses": addresses},
+                )
+        return tuple(counts)
 
     def _messages_first(
         self, name: str, params: dict[str, Any], ids: Sequence[str], *, release: bool = False
@@ -1695,7 +1718,9 @@ class PostgresStore:
         try:
             for _, n, span_told in self._in_spans(
                 listed_ids(message_ids),
-                lambda span: self._messages_first("cancel_many", {"ids": span, "now": now}, span),
+                lambda span: self._cancelling(
+                    "cancel_many", {"ids": span, "now": now, "events": self._events}, span
+                ),
             ):
                 changed += int(n)
                 # '' (a NOTIFY sent) is falsy: `told or span_told` kept only the last

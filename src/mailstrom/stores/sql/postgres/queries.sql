@@ -1165,7 +1165,7 @@ WITH found AS (
     FROM locked l
     WHERE r.message_id = %(id)s AND r.address = l.address
       AND r.state IN ('queued', 'deferred')
-    RETURNING l.lease_token
+    RETURNING r.message_id, r.address, r.seq, r.position, l.lease_token
 )
 SELECT (SELECT count(*) FROM found) AS found,
        (SELECT count(*) FROM unheld) AS unheld,
@@ -1174,7 +1174,13 @@ SELECT (SELECT count(*) FROM found) AS found,
 -- include: _channel
     , 'cancelled')
         WHERE EXISTS (SELECT 1 FROM cancelled WHERE lease_token IS NOT NULL))::text
-           AS notified;
+           AS notified,
+       -- The recipients cancelled, for their outbox events (append_cancel_events), in
+       -- enqueue order as the other stores write them.
+       ARRAY(SELECT message_id FROM cancelled WHERE %(events)s ORDER BY seq, position)
+           AS message_ids,
+       ARRAY(SELECT address FROM cancelled WHERE %(events)s ORDER BY seq, position)
+           AS addresses;
 
 -- name: set_held
 -- A worker that leased a message now held is told, as of a cancel: it gives back what it
@@ -1323,6 +1329,24 @@ INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at, re
                     reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,
                     uncertain, tags, metadata)
 SELECT r.message_id, r.address, r.state, r.attempts, r.last_attempt_at, r.next_attempt_at,
+       r.reply_code, r.reply_enhanced, r.reply_text, r.error, r.reason_class, r.mx_host,
+       r.ip, r.tls, r.uncertain, m.tags, m.metadata
+FROM turn,
+     unnest(%(message_ids)s::text[], %(addresses)s::text[]) WITH ORDINALITY
+     AS t(message_id, address, n)
+JOIN recipients r ON r.message_id = t.message_id AND r.address = t.address
+JOIN messages m ON m.id = r.message_id
+ORDER BY t.n;
+
+-- name: append_cancel_events
+-- As append_events, for recipients a cancel just failed (in its transaction, after its
+-- statement): the event's time is the cancel's (finished_at), as one never attempted has
+-- no attempt time.
+WITH turn AS MATERIALIZED (SELECT pg_advisory_xact_lock(x'6d73746d6576656e'::bigint))
+INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at, reply_code,
+                    reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,
+                    uncertain, tags, metadata)
+SELECT r.message_id, r.address, r.state, r.attempts, r.finished_at, r.next_attempt_at,
        r.reply_code, r.reply_enhanced, r.reply_text, r.error, r.reason_class, r.mx_host,
        r.ip, r.tls, r.uncertain, m.tags, m.metadata
 FROM turn,
@@ -1542,7 +1566,7 @@ WITH unheld AS (
     FROM locked l
     WHERE r.message_id = l.message_id AND r.address = l.address
       AND r.state IN ('queued', 'deferred')
-    RETURNING l.lease_token
+    RETURNING r.message_id, r.address, r.seq, r.position, l.lease_token
 )
 SELECT (SELECT count(*) FROM unheld) AS unheld,
        (SELECT count(*) FROM cancelled) AS changed,
@@ -1550,7 +1574,11 @@ SELECT (SELECT count(*) FROM unheld) AS unheld,
 -- include: _channel
     , 'cancelled')
         WHERE EXISTS (SELECT 1 FROM cancelled WHERE lease_token IS NOT NULL))::text
-           AS notified;
+           AS notified,
+       ARRAY(SELECT message_id FROM cancelled WHERE %(events)s ORDER BY seq, position)
+           AS message_ids,
+       ARRAY(SELECT address FROM cancelled WHERE %(events)s ORDER BY seq, position)
+           AS addresses;
 
 -- name: hold_many
 -- As set_held: a worker that leased a message now held is told (judged from the rows as
