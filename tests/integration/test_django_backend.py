@@ -324,6 +324,14 @@ def with_attachment(filename: str, mimetype: str = "application/pdf") -> mail.Em
     return message
 
 
+def with_attached_message(content: str) -> mail.EmailMessage:
+    """A message forwarding ``content``, a mail the application received, as Django
+    attaches one: it parses it."""
+    message = mail.EmailMessage("Fwd", "x", to=["bob@example.org"])
+    message.attach("fwd.eml", content, "message/rfc822")
+    return message
+
+
 def with_alternative(mimetype: str) -> mail.EmailMessage:
     message = mail.EmailMultiAlternatives("Hi", "x", to=["bob@example.org"])
     message.attach_alternative("<p>x</p>", mimetype)
@@ -425,6 +433,18 @@ BAD_MESSAGES: dict[str, tuple[Callable[[], mail.EmailMessage], type[InvalidMessa
     ),
     "alternative appended with one item": (
         lambda: with_appended("alternatives", ("<p>x</p>",)),
+        InvalidMessage,
+    ),
+    # RecursionError from the standard library's parsers, which Django runs on these: it
+    # went past fail_silently, and was no InvalidMessage.
+    "attached message nested deeper than the parser recurses": (
+        lambda: with_attached_message("Content-Type: message/rfc822\n\n" * 2_000 + "\nhi\n"),
+        InvalidMessage,
+    ),
+    "address header with comments nested deeper than the parser recurses": (
+        lambda: mail.EmailMessage(
+            "Hi", "x", to=["bob@example.org"], headers={"Reply-To": "Zoë " + "(" * 3_000}
+        ),
         InvalidMessage,
     ),
 }

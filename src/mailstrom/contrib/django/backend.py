@@ -612,11 +612,16 @@ def _typed(what: str) -> Iterator[None]:
         email.errors.MessageError,
         TypeError,
         AttributeError,
+        RecursionError,
     ) as exc:
         # ValueError covers UnicodeError and Django's BadHeaderError; LookupError an
         # unknown ``encoding``; MessageError the email package's HeaderParseError;
         # TypeError and AttributeError a value of a type Django does not write (an
-        # attachment's content or type None, an alternative added as a plain tuple).
+        # attachment's content or type None, an alternative added as a plain tuple);
+        # RecursionError what the email package's parsers, which Django runs, raise for
+        # input nested past the stack: a message/rfc822 attachment (a received mail
+        # forwarded) 2,000 levels deep, or a Reply-To given in headers with 3,000 "(".
+        # The stack is unwound by now, so carrying on is safe.
         raise InvalidMessage(f"{what}: {type(exc).__name__}: {shorten(str(exc))}") from exc
 
 
