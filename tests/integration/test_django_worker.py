@@ -113,6 +113,28 @@ def test_mailstrom_worker_takes_the_cli_options(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "bad",
+    [["--drain-timeout", "nan"], ["--log-level", "loud"], ["--no-such-option"], ["extra"]],
+)
+def test_mailstrom_worker_exits_64_for_a_bad_command_line_as_the_cli_does(
+    tmp_path: Path, bad: list[str]
+) -> None:
+    # argparse's 2 was the exit code; `mailstrom worker` and docs/cli.md say 64 (EX_USAGE).
+    store = f"sqlite:///{tmp_path / 'mail.db'}"
+    cli = subprocess.run(
+        [sys.executable, "-m", "mailstrom", "--store", store, "worker", "--once", *bad],
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    done = manage({"store": store}, "mailstrom_worker", "--once", "--no-live", *bad)
+    assert done.returncode == cli.returncode == 64, (done.stderr, cli.stderr)
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
     ("setting", "code", "says"),
     [
         ({"smtp_prot": 25}, 78, "MAILSTROM: unknown setting 'smtp_prot'"),

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from mailstrom.cli.exits import EX_CONFIG, exit_code_for, reason_for
+from mailstrom.cli.exits import EX_CONFIG, EX_USAGE, exit_code_for, reason_for
 from mailstrom.cli.worker import add_worker_options, run_worker
 from mailstrom.contrib.django.conf import SETTING, load
 from mailstrom.stores.url import StoreKind, parse_store_url
@@ -32,6 +32,18 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         add_worker_options(parser)
+
+    def run_from_argv(self, argv: list[str]) -> None:
+        try:
+            super().run_from_argv(argv)
+        except SystemExit as exc:
+            # argparse exits 2 for a bad command line (an unknown option, a bad value),
+            # which a supervisor cannot tell from a worker's own failure; `mailstrom
+            # worker` exits 64 (EX_USAGE), as docs/cli.md says. No other exit here is 2:
+            # the worker's own codes are sysexits' (exit_code_for).
+            if exc.code == 2:
+                raise SystemExit(EX_USAGE) from None
+            raise
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
