@@ -8,11 +8,13 @@ import email.message
 import email.policy
 import re
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from email.header import decode_header, make_header
 from email.mime.base import MIMEBase
 from email.mime.image import MIMEImage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +36,7 @@ from mailstrom import (  # noqa: E402
     TooManyRecipients,
     UnencodableHeader,
 )
-from mailstrom.contrib.django import EmailBackend, get_mailstrom  # noqa: E402
+from mailstrom.contrib.django import EmailBackend, get_mailstrom, params  # noqa: E402
 from mailstrom.stores.sqlite import SQLiteStore  # noqa: E402
 from tests.fixtures.dns_server import LoopbackDNS  # noqa: E402
 from tests.fixtures.smtp_server import ReceivedMessage, ReceivingServer, ServerFactory  # noqa: E402
@@ -529,6 +531,29 @@ def test_a_long_attachment_filename_is_sent_folded_with_rfc_2231_continuations(
     assert attachment.get_filename() == filename
     assert attachment.get_content_disposition() == "attachment"
     assert attachment.get_content() == content
+
+
+def test_a_long_filename_is_split_with_one_percent_encoding_not_one_per_piece_tried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The standard library's SMTP policy split it by percent-encoding ever shorter
+    prefixes of what was left: 42,613 encodings for a name of 4,000 characters (0.3 s),
+    3 minutes for a message of 400 attachments named so; Django wrote it in 0.4 s."""
+    encodings = 0
+    real_quote = urllib.parse.quote
+
+    def counted(*args: Any, **kwargs: Any) -> str:
+        nonlocal encodings
+        encodings += 1
+        return real_quote(*args, **kwargs)
+
+    monkeypatch.setattr(urllib.parse, "quote", counted)
+    monkeypatch.setattr(params, "quote", counted)
+    message = mail.EmailMessage("Hi", "x", to=["bob@example.org"])
+    message.attach("é" * 4_000 + ".pdf", b"%PDF-", "application/pdf")
+    with override_settings(MAILSTROM={"store": "memory:", "worker": None}):
+        assert EmailBackend().send_messages([message]) == 1
+    assert encodings <= 10
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ from mailstrom.client import Mailstrom
 from mailstrom.client.common import prepare_for
 from mailstrom.config import Config
 from mailstrom.contrib.django.conf import UNUSED_CREDENTIALS, UNUSED_TIMEOUT
+from mailstrom.contrib.django.params import continued
 from mailstrom.contrib.django.shared import discard, get_mailstrom
 from mailstrom.errors import (
     HeaderInjection,
@@ -545,9 +546,10 @@ def _fold_long_parameters(built: Message) -> None:
 
     Django 5.2's compat32 writer folds only between parameters, so the filename of an
     attachment goes whole onto one line: about 110 CJK characters (9 octets each as
-    ``%E5%A0%B1``) were enough for a message no one could send. The standard library's
-    SMTP policy splits the parameter, as Django 6's writer does itself; every other
-    field, and each field that fits, is left as Django writes it.
+    ``%E5%A0%B1``) were enough for a message no one could send. Each parameter that does
+    not fit a line is split (:func:`.params.continued`), as Django 6's writer does
+    itself; every other parameter, field, and each field that fits, is left as Django
+    writes it.
 
     The Subject, folded only at white space by Django 5.2: one word of ~990 characters
     (an error report to ADMINS for a long URL path) was refused, and silently, since
@@ -587,12 +589,21 @@ def _afresh(part: Message, name: str, value: Any, *, top: bool) -> str | None:
         text = str(value)
         if text.isascii() and bad_header_octet(text.encode("ascii"), 0, len(text)) >= 0:
             return str(Header(text, "utf-8", header_name=name).encode())
-    if _too_long(part, name, value):
-        folded: str = email.policy.SMTP.fold(name, str(value))
-        # Unfolded (RFC 5322 §2.2.3: the line breaks taken out, white space kept, a
-        # quoted value's own too) and without the name.
-        return folded.partition(":")[2].replace("\r\n", "").strip(" ")
-    return None
+    if not _too_long(part, name, value):
+        return None
+    if name.lower() != "subject":
+        # Each parameter that does not fit a line in continuations of its own, which the
+        # writer folds between (see .params for why not the SMTP policy's folder).
+        return continued(str(value), _FITTING_PARAMETER)
+    folded: str = email.policy.SMTP.fold(name, str(value))
+    # Unfolded (RFC 5322 §2.2.3: the line breaks taken out, white space kept) and without
+    # the name.
+    return folded.partition(":")[2].replace("\r\n", "").strip(" ")
+
+
+_FITTING_PARAMETER = 76
+"""The longest parameter a Content-Type or Content-Disposition written afresh keeps as it
+was: with the fold's leading space and the ``;`` after it, its line stays within 78."""
 
 
 def _too_long(part: Message, name: str, value: Any) -> bool:

@@ -1,0 +1,79 @@
+"""A MIME field's long parameters written as RFC 2231 continuations, in linear time.
+
+The standard library's SMTP policy folds such a parameter too, but it finds each piece by
+percent-encoding ever shorter prefixes of what is left, one character less each time: a
+filename of 6,000 non-ASCII characters took 0.25 s, and a message of 400 such attachments
+3 minutes, where Django wrote it in under a second.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from urllib.parse import quote, unquote
+
+LINE = 74
+"""Octets of one continuation, its name (``filename*12*=``) included: with the fold's
+leading space and the ``;`` after it, its line stays within 78 octets."""
+
+
+_CHARACTER = re.compile(r"%[C-F][0-9A-F](?:%[89AB][0-9A-F])*|%[0-9A-F]{2}|[^%]")
+"""One character of percent-encoded UTF-8: a piece ends between two of them."""
+
+
+def split_params(value: str) -> list[str]:
+    """``value`` split at each ``;`` outside a quoted string, each piece stripped."""
+    pieces: list[str] = []
+    start, quoted, escaped = 0, False, False
+    for at, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ";" and not quoted:
+            pieces.append(value[start:at].strip())
+            start = at + 1
+    pieces.append(value[start:].strip())
+    return pieces
+
+
+def continued(value: str, longest: int) -> str:
+    """``value`` (a Content-Type or Content-Disposition field's value), with each parameter
+    longer than ``longest`` characters written as RFC 2231 continuations
+    (``filename*0*=utf-8''%E5%A0%B1...; filename*1*=...``) of its text in UTF-8, the
+    others as they were, in their order, each after ``; `` for the writer to fold at."""
+    written: list[str] = []
+    for index, param in enumerate(split_params(value)):
+        key, equals, raw = (piece.strip() for piece in param.partition("="))
+        # A continuation the application wrote itself (name*1=) is left as it was.
+        if index == 0 or not equals or len(param) <= longest or "*" in key.rstrip("*"):
+            written.append(param)
+            continue
+        language: str | None = ""
+        if key.endswith("*"):  # key*=charset'language'%XX... as compat32 writes it
+            key = key[:-1]
+            charset, language, encoded = email.utils.decode_rfc2231(raw)
+            # Strict: a name that does not decode is refused (typed), not sent altered.
+            text = unquote(encoded, encoding=charset or "us-ascii", errors="strict")
+        else:
+            text = email.utils.unquote(raw) if raw.startswith('"') else raw
+        written.extend(_pieces(key, text, language or ""))
+    return "; ".join(written)
+
+
+def _pieces(key: str, text: str, language: str) -> list[str]:
+    """``text`` as the continuations of ``key``, each whole characters of it."""
+    pieces: list[str] = []
+    current = f"{key}*0*=utf-8'{language}'"
+    fresh = True
+    # quote() keeps only letters, digits and "_.-~", all of them RFC 2231 attribute-chars.
+    for char in _CHARACTER.findall(quote(text, safe="")):
+        if len(current) + len(char) > LINE and not fresh:
+            pieces.append(current)
+            current = f"{key}*{len(pieces)}*="
+        current += char
+        fresh = False
+    pieces.append(current)
+    return pieces
