@@ -9,16 +9,9 @@ filename of 6,000 non-ASCII characters took 0.25 s, and a message of 400 such at
 from __future__ import annotations
 
 import email.utils
-import re
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
-LINE = 74
-"""Octets of one continuation, its name (``filename*12*=``) included: with the fold's
-leading space and the ``;`` after it, its line stays within 78 octets."""
-
-
-_CHARACTER = re.compile(r"%[C-F][0-9A-F](?:%[89AB][0-9A-F])*|%[0-9A-F]{2}|[^%]")
-"""One character of percent-encoded UTF-8: a piece ends between two of them."""
+from mailstrom.message.words import parameter
 
 
 def split_params(value: str) -> list[str]:
@@ -51,29 +44,13 @@ def continued(value: str, longest: int) -> str:
         if index == 0 or not equals or len(param) <= longest or "*" in key.rstrip("*"):
             written.append(param)
             continue
-        language: str | None = ""
         if key.endswith("*"):  # key*=charset'language'%XX... as compat32 writes it
             key = key[:-1]
-            charset, language, encoded = email.utils.decode_rfc2231(raw)
+            charset, _, encoded = email.utils.decode_rfc2231(raw)
             # Strict: a name that does not decode is refused (typed), not sent altered.
             text = unquote(encoded, encoding=charset or "us-ascii", errors="strict")
         else:
             text = email.utils.unquote(raw) if raw.startswith('"') else raw
-        written.extend(_pieces(key, text, language or ""))
+        # Split as the direct renderer splits its own (whole characters per section).
+        written.extend(parameter(key, text))
     return "; ".join(written)
-
-
-def _pieces(key: str, text: str, language: str) -> list[str]:
-    """``text`` as the continuations of ``key``, each whole characters of it."""
-    pieces: list[str] = []
-    current = f"{key}*0*=utf-8'{language}'"
-    fresh = True
-    # quote() keeps only letters, digits and "_.-~", all of them RFC 2231 attribute-chars.
-    for char in _CHARACTER.findall(quote(text, safe="")):
-        if len(current) + len(char) > LINE and not fresh:
-            pieces.append(current)
-            current = f"{key}*{len(pieces)}*="
-        current += char
-        fresh = False
-    pieces.append(current)
-    return pieces
