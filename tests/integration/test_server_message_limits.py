@@ -433,3 +433,37 @@ def test_a_connection_keeps_the_recipient_limit_its_server_showed(
     assert mx.connections == 1
     # The first transaction names all 100 (99 refused for the limit), then one each.
     assert mx.commands.count("RCPT") == len(to) + len(to) - 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "stepwise"])
+def test_a_bare_452_to_the_last_recipient_is_no_recipient_limit(
+    smtp_server: Any, dns_server: LoopbackDNS, pipelining: bool
+) -> None:
+    # RFC 5321 has 452 for "insufficient system storage" too: a server that refuses the
+    # last recipient of a transaction that way, with no enhanced code, shows no limit of
+    # recipients. Was: the destination kept a limit of one recipient (what was taken
+    # before the 452), so that the later 20-recipient messages went one recipient a
+    # transaction (84 MAIL commands for the 122 recipients here instead of 8). Only "too
+    # many recipients" (X.5.3, RFC 3463) is kept as a limit.
+    mx = smtp_server(pipelining=pipelining)
+    mx.rcpt_replies = {"full@example.org": "452 Insufficient system storage"}
+    dns_server.mx("example.org", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    config = loopback_config(
+        dns_server, mx.port, retry=RetryPolicy(max_attempts=1), max_per_destination=1
+    )
+    first = ["a@example.org", "full@example.org"]
+    later = [[f"u{k}_{i}@example.org" for i in range(20)] for k in range(6)]
+    store = MemoryStore()
+    with Mailstrom(config, store=store, worker=None) as queue_only:
+        queue_only.send_emails(
+            [Email(from_="a@sender.test", to=to, subject="Hi", text="Hi") for to in [first, *later]]
+        )
+    results = Results()
+    with Mailstrom(config, store=store, on_result=results):
+        results.wait_final({*first, *(a for to in later for a in to)})
+    assert results.states()["full@example.org"] is RecipientState.FAILED
+    # "a" alone, then "full" alone (put off from the first transaction, as it may have
+    # been refused for a limit), then each later message in one transaction.
+    assert sorted(len(m.rcpt_tos) for m in mx.messages) == [1] + [20] * len(later)
+    assert mx.commands.count("MAIL") == 2 + len(later)

@@ -314,6 +314,18 @@ def test_the_limit_a_server_showed_is_what_it_took_before_refusing_the_rest() ->
     assert recipients_taken(_rcpts(OK, OK)) is None
 
 
+def test_a_bare_452_or_552_last_shows_no_recipient_limit() -> None:
+    # Both are also a full disk or mailbox (RFC 5321 §4.2.3): the refused recipient goes
+    # in a later transaction, but only "too many recipients" (X.5.3) caps later ones.
+    storage = SMTPReply(code=452, text="Insufficient system storage")
+    full = SMTPReply(code=552, text="Mailbox full")
+    limit = SMTPReply(code=452, enhanced="4.5.3", text="Too many recipients")
+    assert over_recipient_limit(_rcpts(OK, storage)) == {"u1@example.org"}
+    assert recipients_taken(_rcpts(OK, storage)) is None
+    assert recipients_taken(_rcpts(OK, OK, full, full)) is None
+    assert recipients_taken(_rcpts(OK, storage, OK, limit)) == 2
+
+
 @pytest.mark.parametrize(
     ("notify", "offered", "uncertain", "owed"),
     [

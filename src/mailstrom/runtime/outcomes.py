@@ -94,11 +94,16 @@ def over_recipient_limit(result: TransactionResult) -> frozenset[str]:
 def recipients_taken(result: TransactionResult) -> int | None:
     """How many recipients ``result``'s server took before it refused every one after them
     for its limit of recipients: the most a later transaction to it should name. None
-    when the replies show no such limit (none refused for it, or one accepted after such
-    a refusal, which a bare 452 or 552 for a full disk or mailbox can be)."""
+    when the replies show no such limit: none refused with "too many recipients" in an
+    enhanced code (X.5.3, RFC 3463), or one accepted after such a refusal.
+
+    A bare 452 or 552 shows no limit, even last: it is also a full disk or mailbox (RFC
+    5321 §4.2.3), and kept as a limit it would cut every later transaction to this
+    destination to the recipients taken before it, however many the server takes.
+    """
     rcpt = result.rcpt
     for index, (_, reply) in enumerate(rcpt):
-        if _limit_reached(reply):
+        if reply.enhanced is not None and _limit_reached(reply):
             if not all(_limit_reached(after) for _, after in rcpt[index:]):
                 return None
             taken = sum(1 for _, before in rcpt[:index] if 200 <= before.code < 300)
