@@ -4,6 +4,7 @@ aiosmtpd (with trustme TLS) and a dnslib DNS server, both on loopback ephemeral 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import threading
@@ -38,6 +39,7 @@ from mailstrom.status import SMTPReply
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Lease, Store
 from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.tcp_proxy import TCPProxy
 from tests.support.delivery import LOOPS, FakeClock, Results
 
 DELIVERED = RecipientState.DELIVERED
@@ -1392,6 +1394,42 @@ def test_a_backup_that_cannot_be_reached_keeps_the_primary_s_reply(
     assert ann.attempts == 1
     assert ann.reply == SMTPReply(code=554, enhanced="5.7.1", text="Listed at a DNSBL"), ann
     assert (ann.mx_host, ann.ip) == ("mx1.backup-down.test", "127.0.0.14")
+
+
+def test_a_connection_limit_421_is_not_the_reason_when_the_reconnect_fails(
+    dns_server: LoopbackDNS,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    mx: Any,
+    clock: FakeClock,
+) -> None:
+    """The server takes two messages on a connection, answers the third's MAIL with its
+    421 for that limit and closes; it no longer listens (the proxy in front of it takes
+    one connection only), and the new connection for the third is refused. The third is
+    deferred with "cannot connect": the 421 said nothing against it. Was: deferred with
+    "421 4.7.0 Message limit of this connection reached", a reply given after other
+    mail went, in the status and any bounce."""
+    mx.messages_per_connection = 2
+    with contextlib.closing(TCPProxy((mx.host, mx.port), "127.0.0.16", accept=1)) as proxy:
+        dns_server.mx("limit-down.test", [(10, "mx1.limit-down.test")])
+        dns_server.a("mx1.limit-down.test", proxy.host)
+        store = MemoryStore()
+        to = [f"u{i}@limit-down.test" for i in range(3)]
+        with Mailstrom(
+            Config(helo_name="client.test", dns=dns_server.dns_config),
+            store=store,
+            clock=clock,
+            worker=None,
+        ) as queue_only:
+            ids = queue_only.send_emails([hello(address) for address in to])
+        ms = mailstrom(store, smtp_port=proxy.port, max_per_destination=1)
+        results.wait_count(len(to))
+        statuses = [ms.query_status(mid).recipients[0] for mid in ids]
+    [third] = [s for s in statuses if s.state is not DELIVERED]
+    assert third.state is DEFERRED and third.attempts == 1, third
+    assert third.reply is None, third
+    assert third.error is not None and "cannot connect" in third.error, third
+    assert len(mx.messages) == 2
 
 
 def test_a_refusal_is_recorded_as_the_server_s_reply(

@@ -157,6 +157,30 @@ def test_requiretls_not_offered_by_the_first_mx_goes_to_the_next(
     assert [list(m.rcpt_tos) for m in primary.messages] == [["ann@example.org"]]
 
 
+def test_a_host_without_requiretls_between_keeps_the_first_host_s_reply(
+    smtp_server: Any, dns_server: LoopbackDNS, mailstrom: MakeMailstrom, results: Results
+) -> None:
+    """The first MX host answers its greeting with a 451, the second offers no
+    REQUIRETLS (no reply to go by), the third cannot be reached: the message is deferred
+    with the 451, the one thing a server said against it. Was: "cannot connect", as the
+    second host's failure, having no reply, let the third's replace the 451."""
+    first = smtp_server(host="127.0.0.31", greeting="451 4.3.2 Try again later")
+    second = smtp_server(host="127.0.0.32", port=first.port)  # no REQUIRETLS
+    dns_server.mx("example.org", [(10, "mx1.test"), (20, "mx2.test"), (30, "mx3.test")])
+    dns_server.a("mx1.test", first.host)
+    dns_server.a("mx2.test", second.host)
+    dns_server.a("mx3.test", "127.0.0.33")  # nothing listens there
+    dns_server.authenticated(everything=True)
+    ms = mailstrom(first.port)
+    mid = ms.send_email(secured("bob@example.org"))
+    results.wait_count(1)
+    bob = ms.query_status(mid).recipient("bob@example.org")
+    assert bob.state is RecipientState.DEFERRED, bob
+    assert bob.reply is not None and (bob.reply.code, bob.reply.enhanced) == (451, "4.3.2"), bob
+    assert (bob.mx_host, bob.ip) == ("mx1.test", first.host)
+    assert second.connections == 1 and second.messages == []
+
+
 def test_requiretls_to_a_domain_whose_policy_is_none_fails_with_5_7_30(
     smtp_server: Any, route: Any, mailstrom: MakeMailstrom, results: Results
 ) -> None:

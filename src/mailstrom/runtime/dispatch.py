@@ -23,12 +23,13 @@ Failures follow the delivery rules: a connection that cannot be made, or a refus
 moves on to the next address; a connection that breaks before a transaction's final dot
 puts that item back for the next address, at most ``Config.mx_session_limit`` sessions
 per item (as Postfix's ``smtp_mx_session_limit``); once every address was tried the items
-left are deferred with the last error (a server's reply, not a later address that could
-not be reached and so said nothing) — unless other sessions of the destination are still
-connected, in which case the destination just runs with fewer sessions until mail goes
-again (Postfix's concurrency feedback). What a session never sent, as it broke on a
-transaction ahead (a stall at one recipient's RCPT), was not tried: it goes back to the
-store due at once, no attempt counted, not deferred with that transaction's failure.
+left are deferred with the last error (the last reply a server gave against the mail or
+a new connection, not a later address that could not be reached and so said nothing) —
+unless other sessions of the destination are still connected, in which case the
+destination just runs with fewer sessions until mail goes again (Postfix's concurrency
+feedback). What a session never sent, as it broke on a transaction ahead (a stall at one
+recipient's RCPT), was not tried: it goes back to the store due at once, no attempt
+counted, not deferred with that transaction's failure.
 An address that could not be reached goes after the others for a while
 (:mod:`mailstrom.runtime.unreachable`); a connection this host had no socket for
 (:class:`~mailstrom.errors.LocalResourceShortage`) is held against no address: the queue is
@@ -654,6 +655,12 @@ class Dispatcher:
         # The last failure that says nothing about REQUIRETLS (a host not reached, a
         # session that broke...): such a host may offer it (RFC 8689 §4.2.1).
         unasked: tuple[DeliveryError, Where] | None = None
+        # The last reply a server gave against this mail or this connection attempt (a
+        # 554 or 451 greeting, a 421 to a new connection's first MAIL): a host that then
+        # could not be reached said nothing, and does not replace it, whatever came
+        # between. Not a 421 that ended a connection after it took mail (its limit of
+        # messages per connection), nor one to a reused idle connection.
+        replied: tuple[DeliveryError, Where] | None = None
         index = 0
         opener = self._opener
         # The rule's own bound on sockets, besides the worker's (see runtime.opener).
@@ -738,13 +745,16 @@ class Dispatcher:
                         # Say which policy refused, not just what the peer did.
                         exc.text = f"{exc.text} (TLS policy {need.label}: {need.reason})"
                     where = Where(exc.host, ip, opener.port, tls_policy=need.label)
-                    no_session = isinstance(exc, SMTPConnectError | SMTPTimeout)
-                    if not (no_session and last_error.reply is not None):
+                    if exc.reply is not None:
+                        replied = (exc, where)
+                    if isinstance(exc, SMTPConnectError | SMTPTimeout) and replied:
                         # A host that could not be reached said nothing about this mail:
                         # a reply an earlier host gave (a 554 greeting naming a block
                         # list, a 451) stays the reason, not a backup's "refused".
+                        last_error, last_where = replied
+                    else:
                         last_error, last_where = exc, where
-                        unasked = (last_error, last_where)
+                    unasked = (last_error, last_where)
                     _meet(dest.queue, exc, where)
                     if shape is not None and await self._throttled_connecting(
                         dest, shape, exc, where
@@ -811,6 +821,8 @@ class Dispatcher:
             last_where = Where.of(conn, need)
             if not isinstance(broke, RequireTLSFailure):
                 unasked = (last_error, last_where)
+            if broke.reply is not None and not reused and not answered:
+                replied = (broke, last_where)  # the server refused this new connection
             # A connection that took messages before it ended (a server's limit of
             # messages per connection) says nothing against this address: the rest goes on
             # a new one. Each such round finishes an item, so the loop ends. Nor is a stale
