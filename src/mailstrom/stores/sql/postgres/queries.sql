@@ -1324,29 +1324,30 @@ WHERE held AND EXISTS (SELECT 1 FROM recipients r
 -- and held until this transaction has committed or rolled back: the event-writing
 -- transactions of all workers commit one after the other. The lock is taken last in its
 -- transaction and nothing is waited for while it is held, so it cannot deadlock.
-WITH turn AS MATERIALIZED (SELECT pg_advisory_xact_lock(x'6d73746d6576656e'::bigint))
-INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at, reply_code,
-                    reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,
-                    uncertain, tags, metadata)
+-- include: _event_insert
 SELECT r.message_id, r.address, r.state, r.attempts, r.last_attempt_at, r.next_attempt_at,
-       r.reply_code, r.reply_enhanced, r.reply_text, r.error, r.reason_class, r.mx_host,
-       r.ip, r.tls, r.uncertain, m.tags, m.metadata
-FROM turn,
-     unnest(%(message_ids)s::text[], %(addresses)s::text[]) WITH ORDINALITY
-     AS t(message_id, address, n)
-JOIN recipients r ON r.message_id = t.message_id AND r.address = t.address
-JOIN messages m ON m.id = r.message_id
+-- include: _event_rows
 ORDER BY t.n;
 
 -- name: append_cancel_events
 -- As append_events, for recipients a cancel just failed (in its transaction, after its
 -- statement): the event's time is the cancel's (finished_at), as one never attempted has
 -- no attempt time.
+-- include: _event_insert
+SELECT r.message_id, r.address, r.state, r.attempts, r.finished_at, r.next_attempt_at,
+-- include: _event_rows
+ORDER BY t.n;
+
+-- name: _event_insert
+-- The head of append_events and append_cancel_events: the id-order lock, then the insert.
 WITH turn AS MATERIALIZED (SELECT pg_advisory_xact_lock(x'6d73746d6576656e'::bigint))
 INSERT INTO events (message_id, address, state, attempt, at, next_attempt_at, reply_code,
                     reply_enhanced, reply_text, error, reason_class, mx_host, ip, tls,
                     uncertain, tags, metadata)
-SELECT r.message_id, r.address, r.state, r.attempts, r.finished_at, r.next_attempt_at,
+
+-- name: _event_rows
+-- The rest of their SELECT, after its first line (which says when the event was): the
+-- recipients named (the query orders them as given: ORDER BY t.n).
        r.reply_code, r.reply_enhanced, r.reply_text, r.error, r.reason_class, r.mx_host,
        r.ip, r.tls, r.uncertain, m.tags, m.metadata
 FROM turn,
@@ -1354,7 +1355,6 @@ FROM turn,
      AS t(message_id, address, n)
 JOIN recipients r ON r.message_id = t.message_id AND r.address = t.address
 JOIN messages m ON m.id = r.message_id
-ORDER BY t.n;
 
 -- name: lease_events
 -- Unsent events not under an unexpired lease, oldest first; rows another sender is
