@@ -41,6 +41,7 @@ from mailstrom.message.dsn import DSN, Notify, Return
 from mailstrom.message.prepared import PreparedMessage
 from mailstrom.runtime import notices as notices_module
 from mailstrom.runtime.notices import notices_owed, owed_notice
+from mailstrom.smtp.replies import MAX_TEXT
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, SMTPReply
 from mailstrom.stores.base import (
     LeasedRecipient,
@@ -450,6 +451,33 @@ def test_a_long_address_with_a_long_reply_stays_within_998_octets() -> None:
     address = "x" * 64 + "@" + "a" * 63 + "." + "b" * 63 + ".example"
     raw, [_] = one_notice(recipient=address, reply="550 5.1.1 " + "y" * 2000)
     assert f"\r\n<{address}>: 550 5.1.1 yyy".encode() in raw
+
+
+def test_a_mark_keeps_no_more_of_a_reply_than_the_notice_shows() -> None:
+    # Was: the whole reply in each recipient's mark, a 4,096-character one (what a
+    # session hands out) of emoji escaped to 49,103 octets of JSON: 49 MB of marks for
+    # a message of 1,000 recipients, kept in the store and read back 100 messages a look.
+    reply = SMTPReply(code=550, enhanced="5.1.1", text="\U0001f600" * (MAX_TEXT - 10))
+    case = {
+        "sender": "app@sender.test",
+        "recipients": ["bob@example.org"],
+        "config": Config(helo_name="mx.client.test", bounce_notices=True),
+        "original": PLAIN,
+        "dsn": None,
+        "delayed": False,
+        "diagnostics": [reply],
+        "remote_mtas": ["mx.example.org"],
+        "outcome": AttemptOutcome.PERMANENT,
+    }
+    results, items = worker_inputs(case)
+    [result] = results
+    mark = owed_notice(
+        result, items[(result.message_id, "example.org")], config=case["config"], verp_key=KEY
+    )
+    assert mark is not None
+    assert len(mark) <= 2 * 1024, len(mark)
+    [prepared] = made(results, items, case["config"])
+    assert b"\r\nDiagnostic-Code: smtp; 550 5.1.1 ????" in prepared.data
 
 
 # RFC 3464 §2.2 and §2.3: the fields of each block in the order its grammar lists them,

@@ -62,6 +62,14 @@ class FailedRecipient:
     (RFC 3464 §2.3.7: the date of the last attempt, an optional field)."""
 
 
+def shown_diagnostic(text: str) -> str:
+    """What a notice shows of a recipient's diagnostic ``text`` (a server's reply, or the
+    local reason): one line of printable ASCII, at most ``_MAX_LINE`` characters. A mark
+    "notice owed" keeps no more than this of it: a reply's 4,096 characters, each an
+    escape in the mark's JSON, made a mark of 49 KB for each recipient."""
+    return _line(text)
+
+
 def wants_notice(
     envelope_from: str,
     dsn: DSN | None,

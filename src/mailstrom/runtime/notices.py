@@ -29,6 +29,7 @@ from mailstrom.bounces.notice import (
     FailedRecipient,
     mailer_daemon_domain,
     render_notice,
+    shown_diagnostic,
     signable_by,
     status_of,
     wants_notice,
@@ -236,7 +237,9 @@ def _entry(result: RecipientResult, item: WorkItem, *, delayed: bool) -> FailedR
             delayed=delayed,
             expired=attempt.reason_class is ReasonClass.EXPIRED,
         ),
-        diagnostic=attempt.reason,
+        # Only what the notice will show of it: the mark is kept in the store with the
+        # recipient, and read back with those of up to MAX_OWED_MESSAGES messages.
+        diagnostic=shown_diagnostic(attempt.reason),
         own=result.own_reply,
         remote_mta=attempt.mx_host,
         at=_last_attempt(result, item),
