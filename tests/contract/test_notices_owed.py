@@ -97,6 +97,21 @@ def test_a_deferred_recipient_holds_no_notice_back(store: Store) -> None:
     assert store.owed_notices() == []
 
 
+def test_a_recipient_at_a_suspended_domain_holds_no_notice_back(store: Store) -> None:
+    """Was: ann's bounce waited for bob's first attempt, i.e. for as long as the operator
+    kept example.net suspended (no end given: until resumed). Postfix defers the
+    recipients of a deferred transport at once, and bounces the others."""
+    mid = store.enqueue(message("ann@example.org", "bob@example.net"), now=NOW)
+    store.suspend("example.net", now=NOW)
+    lease = lease_all(store)
+    assert [r.address for i in lease.items for r in i.recipients] == ["ann@example.org"]
+    store.record(marked(results_for(lease, RecipientState.FAILED)))
+    assert owed_of(store) == [("ann@example.org", '{"about":"ann@example.org"}')]
+    assert owed_of(store, message_ids=[mid]) == owed_of(store)
+    store.queue_notices(store.owed_notices(), {mid: []}, now=NOW)
+    assert store.owed_notices() == []
+
+
 def test_a_mark_on_any_result_but_only_with_a_notice(store: Store) -> None:
     """A deferral's delay warning and a delivery's "relayed" notice are owed in the store
     as a failure's bounce is: a worker killed after the record loses none."""

@@ -940,7 +940,8 @@ class Store(Protocol):
         """The recipients marked "notice owed" (see :attr:`RecipientResult.notice`) of up
         to ``limit`` messages (of ``message_ids`` only, when given) that are done for this
         pass: none of their recipients is leased or still queued for a first attempt. A
-        recipient deferred for a later retry does not hold the notice of the others back
+        recipient deferred for a later retry does not hold the notice of the others back,
+        nor does one queued at a suspended domain (it waits as long as the operator likes)
         (Postfix bounces a queue file's failed recipients once the file is done with, its
         deferred ones staying queued). All the marks of a message come together, ordered
         by message."""

@@ -435,7 +435,10 @@ class MemoryStore(
                     self._owed.pop(mid, None)  # purged, or its marks cleared
                     continue
                 if any(
-                    r.state is RecipientState.QUEUED or r.lease_token is not None
+                    # One of a suspended domain waits for its first attempt as long as
+                    # the operator likes: it holds no notice of the others back.
+                    (r.state is RecipientState.QUEUED and r.domain not in self._suspended)
+                    or r.lease_token is not None
                     for r in m.recipients.values()
                     if r.state in _PENDING
                 ):

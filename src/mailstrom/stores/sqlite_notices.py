@@ -15,10 +15,13 @@ _IN_CHUNK = 500
 _DONE = (
     " AND NOT EXISTS (SELECT 1 FROM recipients p WHERE p.message_seq = o.message_seq"
     " AND p.state IN ('queued', 'deferred')"
-    " AND (p.state = 'queued' OR p.lease_token IS NOT NULL))"
+    " AND (p.state = 'queued' AND p.domain NOT IN (SELECT domain FROM suspensions)"
+    " OR p.lease_token IS NOT NULL))"
 )
 """None of the message's recipients leased, nor queued for a first attempt (the
-partial index recipients_pending_message answers it)."""
+partial index recipients_pending_message answers it). One of a suspended domain waits
+for that attempt as long as the operator likes: it holds no notice of the others back (a
+suspension that ended but whose row is still there lets the notice go a little early)."""
 
 
 def owed_notices(

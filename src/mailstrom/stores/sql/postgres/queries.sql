@@ -669,8 +669,9 @@ WHERE messages.id = d.id AND messages.dkim IS DISTINCT FROM d.dkim;
 -- The recipients marked "notice owed" (the record of their result wrote the mark) of up
 -- to LIMIT messages (of message_ids only, when not NULL) none of whose recipients is
 -- leased or queued for a first attempt: one notice per message is made from them. A
--- recipient deferred for a later retry holds none back. Read on the partial index of
--- the marks, and recipients_pending_message for the rest of each message.
+-- recipient deferred for a later retry holds none back, nor one queued at a suspended
+-- domain (it waits for its first attempt as long as the operator likes). Read on the
+-- partial index of the marks, and recipients_pending_message for the rest of each message.
 WITH done AS (
     SELECT DISTINCT o.seq
     FROM recipients o
@@ -678,7 +679,9 @@ WITH done AS (
       AND (%(message_ids)s::text[] IS NULL OR o.message_id = ANY (%(message_ids)s::text[]))
       AND NOT EXISTS (SELECT 1 FROM recipients p
                       WHERE p.seq = o.seq AND p.state IN ('queued', 'deferred')
-                        AND (p.state = 'queued' OR p.lease_token IS NOT NULL))
+                        AND (p.state = 'queued'
+                             AND p.domain NOT IN (SELECT domain FROM suspensions)
+                             OR p.lease_token IS NOT NULL))
     ORDER BY o.seq
     LIMIT %(limit)s
 )
