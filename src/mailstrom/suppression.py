@@ -114,7 +114,9 @@ def normalize_target(text: str) -> str:
     if len(target.encode("utf-8", "surrogatepass")) > MAX_TARGET:
         raise InvalidSuppression(f"longer than {MAX_TARGET} octets: {target[:40]!r}...")
     if target.startswith('"'):
-        target = _unquoted_form(target)
+        # From the text as written, as a U-label domain below: lowered first, a capital
+        # sigma before a hyphen or a digit became a final sigma, another domain's letter.
+        target = _unquoted_form(_written(text))
         if target.startswith('"'):
             # Its local part needs its quotes (a space, an "@", a quoted-pair):
             # message.addrspec checked it as it checks a recipient, so the checks of
@@ -159,7 +161,7 @@ def normalize_target(text: str) -> str:
         # as written, which IDNA maps to lower case: folded by str.lower(), a capital
         # sigma before a hyphen or a digit became a final sigma, another domain's letter.
         try:
-            domain = a_label(_written_domain(text))
+            domain = a_label(_written(text).rpartition("@")[2])
         except ValueError:
             raise InvalidSuppression(f"not a valid domain name: {domain!r}") from None
         target = f"{local}{at}{domain}"
@@ -168,13 +170,13 @@ def normalize_target(text: str) -> str:
     return target
 
 
-def _written_domain(text: str) -> str:
-    """The domain of ``text`` (an address or a domain, perhaps in angle brackets) as
-    written, not folded."""
+def _written(text: str) -> str:
+    """``text`` (an address or a domain, perhaps in angle brackets) stripped and out of
+    its brackets, as written, not folded."""
     written = text.strip()
     if written.startswith("<") and written.endswith(">"):
         written = written[1:-1].strip()
-    return written.rpartition("@")[2]
+    return written
 
 
 def page_after(text: str) -> str:
@@ -210,8 +212,10 @@ def _unquoted_form(target: str) -> str:
 
 def stored_forms(text: str) -> list[str]:
     """The targets that taking ``text`` off the list deletes: :func:`normalize_target`'s
-    form and, when that changed a U-label domain, the lower-cased form as given, which
-    earlier builds stored (such an entry never applied; this way it can be removed).
+    form and, when they differ from it, the forms earlier builds stored, so that such an
+    entry (it never applied) can be removed: the lower-cased form as given, and the one
+    whose U-label domain was lower-cased before IDNA (a capital sigma before a hyphen or
+    a digit made a final sigma, another A-label).
 
     >>> stored_forms("bob@Bücher.example")
     ['bob@xn--bcher-kva.example', 'bob@bücher.example']
@@ -224,8 +228,11 @@ def stored_forms(text: str) -> list[str]:
         if isinstance(text, str) and "*" in text.rpartition("@")[2]:
             return [_typed(text)]
         raise
-    typed = _typed(text)
-    return [target] if typed == target else [target, typed]
+    try:
+        lowered = normalize_target(text.lower())
+    except InvalidSuppression:
+        lowered = target  # str.lower() made it no target: no earlier build stored one
+    return list(dict.fromkeys((target, lowered, _typed(text))))
 
 
 def _typed(text: str) -> str:
