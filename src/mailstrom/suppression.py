@@ -150,7 +150,7 @@ def normalize_target(text: str) -> str:
     if domain.startswith("["):
         # An address literal as prepare() stores it: bob@[IPv6:2001:DB8:0::1] is queued
         # as bob@[IPv6:2001:db8::1], and an entry kept as typed never applied.
-        literal = _literal(domain)
+        literal = stored_literal(domain)
         if literal is None:
             raise InvalidSuppression(f"not a valid address literal: {domain!r}")
         return f"{local}{at}{literal}"
@@ -269,11 +269,12 @@ def address_key(address: str) -> str:
     return f"{_folded(local)}{at}{_domain_key(domain)}"
 
 
-def _literal(domain: str) -> str | None:
-    """``domain``, an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``), as
-    ``prepare()`` stores a recipient's (email_validator writes an IPv6 address in its
-    shortest form), lower-cased; None when it is no valid literal."""
-    # Imported here: only an address literal needs the address checks.
+def stored_literal(domain: str) -> str | None:
+    """``domain``, an address literal (``[192.0.2.1]``, ``[IPv6:2001:DB8:0::1]``), as
+    ``prepare()`` stores a recipient's (``[ipv6:2001:db8::1]``: email_validator writes an
+    IPv6 address in its shortest form), lower-cased; None when it is no valid literal.
+    Suppression targets and destinations (:mod:`mailstrom.stores.operator`) both use it."""
+    # Imported here: only an address literal needs the address checks (email-validator).
     from mailstrom.message.addrspec import validate_address
 
     try:
@@ -293,7 +294,7 @@ def _folded(text: str) -> str:
 
 def _domain_key(domain: str) -> str:
     if domain.startswith("["):
-        return _literal(domain) or domain.lower()
+        return stored_literal(domain) or domain.lower()
     try:
         return a_label(domain)
     except ValueError:

@@ -20,6 +20,7 @@ from mailstrom.bounds import MAX_INTEGER
 from mailstrom.domains import a_label
 from mailstrom.errors import AmbiguousMessageId, InvalidAddress, InvalidArgument, UnknownMessage
 from mailstrom.status import MessageStatus, RecipientState, RecipientStatus
+from mailstrom.suppression import stored_literal
 
 if TYPE_CHECKING:  # base imports this module
     from mailstrom.stores.base import QueueFilter
@@ -195,7 +196,8 @@ def prefix_upper_bound(prefix: str) -> str:
 def normalize_domain(domain: str, *, stored: bool = False) -> str:
     """A destination domain as stores key it: lower case, no trailing dot, U-labels as
     A-labels (recipients' domains are stored so: ``bücher.example`` is
-    ``xn--bcher-kva.example``), an address literal as :func:`stored_literal` makes it;
+    ``xn--bcher-kva.example``), an address literal as
+    :func:`~mailstrom.suppression.stored_literal` makes it;
     :class:`~mailstrom.errors.InvalidArgument` (a ValueError) when it is no string, is
     empty, too long (or a label is), or not a plain domain or a valid literal.
 
@@ -252,19 +254,6 @@ def filter_domain(text: str) -> str:
         return a_label(written)  # lowered by IDNA's case mapping, as normalize_domain's
     except ValueError:
         return value
-
-
-def stored_literal(text: str) -> str | None:
-    """``text``, an address literal (``[IPv6:2001:DB8:0::1]``), as prepare() stores a
-    recipient's domain (``[ipv6:2001:db8::1]``: the address in its shortest form, the
-    whole lower-cased); None when it is no valid literal."""
-    # Imported here: only a literal needs the address checks (and email-validator).
-    from mailstrom.message.addrspec import validate_address
-
-    try:
-        return validate_address(f"x@{text}").envelope.rpartition("@")[2].lower()
-    except InvalidAddress:
-        return None
 
 
 def filter_address(text: str) -> str:
