@@ -116,3 +116,26 @@ def test_a_token_reads_its_recipient_or_every_one_when_rewritten(
         store, forwarded, now=NOW, envelope_recipient=f"bounces+{token}@sender.test"
     )
     assert (outcome.action, outcome.address) == (BounceAction.FAILED, "user9@example.org")
+
+
+@pytest.mark.parametrize(
+    ("stored", "reported"),
+    [
+        ("JÖRG@example.com", "jörg@example.com"),
+        ("ÉMILE@xn--bcher-kva.example", "émile@bücher.example"),
+    ],
+)
+def test_a_report_finds_a_recipient_whose_local_part_differs_in_unicode_case(
+    store: Store, stored: str, reported: str
+) -> None:
+    """Was: the store compares ASCII letters only, so a stored ``JÖRG@example.com``
+    reported as ``jörg@example.com`` came back unmatched; the suppression list's key
+    (full lower case) matched it before the read was narrowed."""
+    mid = store.enqueue(message(stored, "other@example.com"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    report = Report(kind=ReportKind.DSN, recipients=(failed(reported),), envelope_id=mid)
+
+    [outcome] = apply_report(store, report, now=NOW)
+
+    assert (outcome.action, outcome.address) == (BounceAction.FAILED, stored)
+    assert store.status(mid).recipients[1].state is RecipientState.DELIVERED

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -63,6 +63,7 @@ from mailstrom.status import (
     RecipientState,
     RecipientStatus,
     SMTPReply,
+    derive_message_state,
 )
 from mailstrom.stores.base import RecipientsFound, Store, storable_text
 from mailstrom.suppression import (
@@ -159,11 +160,30 @@ class _Matcher:
         report may name: 10 s for a report about messages of 50,000 recipients."""
         if message_id not in self.loaded:
             try:
-                self.loaded[message_id] = self.store.recipients_by_address(message_id, self.named)
+                self.loaded[message_id] = self._read_named(message_id)
             except UnknownMessage:
                 self.loaded[message_id] = None
         found = self.loaded[message_id]
         return None if found is None else found.message
+
+    def _read_named(self, message_id: str) -> RecipientsFound:
+        """The recipients the report names, compared as :func:`address_key` compares them.
+        The stores fold ASCII letters only (what their indexes can find), so a local part
+        that is not ASCII (``JÖRG@`` reported as ``jörg@``) is compared here, over every
+        recipient of the message (without history): the store's read missed it."""
+        if all(a.rpartition("@")[0].isascii() for a in self.named):
+            return self.store.recipients_by_address(message_id, self.named)
+        found = self.store.recipients_by_address(message_id, None)
+        if found.single:
+            return found
+        keys = {address_key(a) for a in self.named}
+        chosen = tuple(r for r in found.message.recipients if address_key(r.address) in keys)
+        message = replace(
+            found.message,
+            recipients=chosen,
+            state=derive_message_state([r.state for r in chosen]),
+        )
+        return RecipientsFound(message=message, single=False)
 
     def single(self, message: MessageStatus) -> bool:
         """Whether ``message`` (loaded) has one recipient only."""
