@@ -50,7 +50,14 @@ from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.fairness import fairness
 from mailstrom.stores.memory_due import DueIndex, Entry
 from mailstrom.stores.memory_events import MemoryEventsMixin
-from mailstrom.stores.memory_operator import WALK_BATCH, MemoryOperatorMixin, created_order
+from mailstrom.stores.memory_operator import (
+    WALK_BATCH,
+    MemoryOperatorMixin,
+    OrderKey,
+    created_place,
+    is_live,
+    order_key,
+)
 from mailstrom.stores.memory_records import (
     _PENDING,
     _Event,
@@ -166,11 +173,12 @@ class MemoryStore(
         matched by, found without walking the store."""
         self._due = DueIndex(self._messages)
         self._seq = itertools.count()
-        self._order: list[_Message] = []
-        """The messages in the order of the lists (created time, then queue order), and
-        those deleted since the list was last made again (not in ``_messages``): a page
-        of a listing is found in it by bisection, not by copying and sorting every
-        message for each page."""
+        self._order: list[OrderKey] = []
+        """The messages' places in the order of the lists (created time, then queue
+        order, then id), and those of messages deleted since the list was last made
+        again (not in ``_messages``): a page of a listing is found in it by bisection,
+        not by copying and sorting every message for each page. Keys, not the messages:
+        a deleted message kept here kept its body (1,500 purged of 1 MB freed nothing)."""
         self._deleted_in_order = 0
         self._last_seq = -1
         """The queue order of the last message queued: a walk sees none queued after it
@@ -267,7 +275,7 @@ class MemoryStore(
                     dkim=bounded_dkim(prepared.dkim_status),
                 )
                 # At the end unless the clock went back: a bisection and an append.
-                insort(self._order, m, key=created_order)
+                insort(self._order, order_key(m), key=created_place)
                 self._last_seq = m.seq
                 if prepared.header_message_id is not None:
                     self._by_header.setdefault(prepared.header_message_id, {})[mid] = m
@@ -730,7 +738,7 @@ class MemoryStore(
             # Made again once more were deleted than are left: a walk steps over fewer
             # deleted messages than it lists, and the work is paid by the deletions.
             live = self._messages
-            self._order = [m for m in self._order if live.get(m.id) is m]
+            self._order = [k for k in self._order if is_live(live, k)]
             self._deleted_in_order = 0
 
     def _get(self, message_id: str) -> _Message:

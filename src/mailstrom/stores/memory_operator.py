@@ -65,7 +65,7 @@ class MemoryOperatorMixin:
 
     _lock: threading.Lock
     _messages: dict[str, _Message]
-    _order: list[_Message]
+    _order: list[OrderKey]
     _last_seq: int
     _watchers: Watchers
     _cancel_watchers: Watchers
@@ -178,7 +178,7 @@ class MemoryOperatorMixin:
     ) -> None:
         """Call ``visit`` with the store's messages in the order of the lists (created
         time, then queue order: newest first, oldest first with ``newest`` False, in no
-        order with None; with ``past``, a place in that order (:func:`created_order`),
+        order with None; with ``past``, a place in that order (:func:`created_place`),
         only those after it in the walk's direction), at most :data:`WALK_BATCH` of them
         per call, each call under the lock, until it returns True. Each batch is found
         in the store's ordered list by bisection from where the one before ended, so a
@@ -196,21 +196,25 @@ class MemoryOperatorMixin:
             with self._lock:
                 order = self._order
                 if oldest_first:
-                    start = 0 if place is None else bisect_right(order, place, key=created_order)
+                    start = 0 if place is None else bisect_right(order, place, key=created_place)
                     chunk = order[start : start + WALK_BATCH]
                 else:
                     end = (
                         len(order)
                         if place is None
-                        else bisect_left(order, place, key=created_order)
+                        else bisect_left(order, place, key=created_place)
                     )
                     chunk = order[max(0, end - WALK_BATCH) : end]
                     chunk.reverse()
                 if not chunk:
                     return
-                place = created_order(chunk[-1])
+                place = created_place(chunk[-1])
                 current = self._messages
-                batch = [m for m in chunk if m.seq <= last_seq and current.get(m.id) is m]
+                batch = [
+                    m
+                    for _, seq, mid in chunk
+                    if seq <= last_seq and (m := current.get(mid)) is not None and m.seq == seq
+                ]
                 if visit(batch):
                     return
             time.sleep(_BATCH_PAUSE)
@@ -483,9 +487,25 @@ def _message_id(m: _Message) -> str:
     return m.id
 
 
-def created_order(m: _Message) -> tuple[datetime, int]:
+OrderKey = tuple[datetime, int, str]
+"""A message's place in the store's ordered list: created time, queue order, id."""
+
+
+def order_key(m: _Message) -> OrderKey:
+    """``m``'s entry in the store's ordered list."""
+    return m.created_at, m.seq, m.id
+
+
+def created_place(key: OrderKey) -> tuple[datetime, int]:
     """The order of the lists: created time, then queue order."""
-    return m.created_at, m.seq
+    return key[0], key[1]
+
+
+def is_live(messages: dict[str, _Message], key: OrderKey) -> bool:
+    """Whether the message ``key`` was made for is still in ``messages`` (an id queued
+    again is another message, with another queue order)."""
+    m = messages.get(key[2])
+    return m is not None and m.seq == key[1]
 
 
 def _placed(m: _Message) -> tuple[str, ListingKey]:
@@ -494,7 +514,7 @@ def _placed(m: _Message) -> tuple[str, ListingKey]:
 
 
 def _place(key: ListingKey) -> tuple[datetime, int]:
-    """``key`` as :func:`created_order` makes it; InvalidArgument for a key of a kind
+    """``key`` as :func:`created_place` makes it; InvalidArgument for a key of a kind
     this store never gives (SQLite's, whose time is an integer), not for PostgreSQL's,
     which is of this kind (:func:`~mailstrom.stores.operator.foreign_place`). A naive
     time or a seq that is no int is refused too: compared with this store's places, it
