@@ -139,3 +139,51 @@ def test_a_report_finds_a_recipient_whose_local_part_differs_in_unicode_case(
 
     assert (outcome.action, outcome.address) == (BounceAction.FAILED, stored)
     assert store.status(mid).recipients[1].state is RecipientState.DELIVERED
+
+
+def test_postgres_finds_a_named_recipient_in_the_key(postgres_url: str) -> None:
+    """Was: PostgreSQL folded the case of every recipient of the message to compare it
+    (no index condition): a bounce about one recipient of a message of 50,000 read the
+    50,000 rows. An address spelled as stored is now found in the (message_id, address)
+    key; the folded comparison is left for a recipient stored in another case."""
+    import psycopg
+    from psycopg import ClientCursor
+
+    from mailstrom.stores.postgres import PostgresStore
+    from mailstrom.stores.postgres.sql import queries
+
+    store = PostgresStore(postgres_url)
+    try:
+        mid = store.enqueue(message(*[f"user{n}@example.org" for n in range(3000)]), now=NOW)
+        ran: list[str] = []
+        real = store._fetch_dicts
+
+        def recording(name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+            ran.append(name)
+            return real(name, params)
+
+        store._fetch_dicts = recording  # type: ignore[method-assign]
+        named = ["User7@Example.org", "user7@example.org"]
+        found = store.recipients_by_address(mid, named)
+        assert [r.address for r in found.message.recipients] == ["user7@example.org"]
+        assert ran == ["recipients_by_exact_address"]
+        found = store.recipients_by_address(mid, ["USER8@EXAMPLE.ORG"])
+        assert [r.address for r in found.message.recipients] == ["user8@example.org"]
+        assert ran[1:] == ["recipients_by_exact_address", "recipients_by_address"]
+    finally:
+        store.close()
+
+    with psycopg.connect(postgres_url, autocommit=True, cursor_factory=ClientCursor) as conn:
+        conn.execute("ANALYZE recipients")
+        sql = conn.cursor().mogrify(
+            queries()["recipients_by_exact_address"], {"id": mid, "addresses": named}
+        )
+        [(plan,)] = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql).fetchall()
+
+    def recipient_rows(node: dict[str, Any]) -> int:
+        own = 0
+        if node.get("Relation Name") == "recipients":
+            own = node["Actual Rows"] + node.get("Rows Removed by Filter", 0)
+        return own + sum(recipient_rows(n) for n in node.get("Plans", ()))
+
+    assert recipient_rows(plan[0]["Plan"]) <= 10, plan

@@ -2061,6 +2061,27 @@ LEFT JOIN attempts a ON false
 WHERE m.id = %(id)s
 ORDER BY r.position;
 
+-- name: recipients_by_exact_address
+-- recipients_by_address for the addresses %(addresses)s exactly as stored (r_single as
+-- there): found in the (message_id, address) key, not by folding each recipient of the
+-- message (50,000 for a bounce about one of them). The caller falls back on
+-- recipients_by_address when some address is not found so.
+-- include: _status_columns
+     , s.single AS r_single
+FROM messages m
+CROSS JOIN LATERAL (
+    SELECT count(*) = 1 AS single
+    FROM (SELECT 1 FROM recipients c WHERE c.message_id = %(id)s
+          ORDER BY c.address LIMIT 2) c
+) s
+LEFT JOIN recipients r
+       ON r.message_id = m.id
+      AND r.address = ANY(%(addresses)s::text[])
+LEFT JOIN destination_throttles t ON false
+LEFT JOIN attempts a ON false
+WHERE m.id = %(id)s
+ORDER BY r.position;
+
 -- name: message_ids_for_header
 SELECT id FROM messages
 WHERE header_message_id = %(header_message_id)s
