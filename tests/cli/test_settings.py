@@ -689,3 +689,26 @@ def test_max_attempts_as_a_float_is_refused_zero_included(tmp_path: Path, text: 
     for off in ("0", '"none"', "false"):
         path.write_text(f"[retry]\nmax_attempts = {off}\n")
         assert load_settings(config_path=path, env={}).config.retry.max_attempts is None
+
+
+@pytest.mark.timeout(60)  # the fault was CPU growing as the square of the value's length
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        pytest.param("connection_idle", "1" * 200_000 + "x", id="digits-then-junk"),
+        pytest.param("lease_for", "1" + " " * 400_000 + "x", id="spaces-then-junk"),
+        pytest.param("timeouts.connect", "1" + " " * 400_000 + "x", id="seconds-spaces"),
+    ],
+)
+def test_a_long_time_value_in_a_file_is_refused_in_linear_time(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    # A file may hold 1 MiB. The number and duration patterns backtracked over a run of
+    # digits or spaces before a character they could not take, quadratically: a value of
+    # 20,000 digits took 11 s, and one filling the file would have taken hours.
+    section, _, name = key.rpartition(".")
+    path = tmp_path / "config.toml"
+    table = f"[{section}]\n" if section else ""
+    path.write_text(f'{table}{name} = "{value}"\n')
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_settings(config_path=path, env={}, search=False)
