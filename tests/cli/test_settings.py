@@ -712,3 +712,22 @@ def test_a_long_time_value_in_a_file_is_refused_in_linear_time(
     path.write_text(f'{table}{name} = "{value}"\n')
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_settings(config_path=path, env={}, search=False)
+
+
+@pytest.mark.timeout(60)  # the fault was CPU growing as the square of the value's length
+@pytest.mark.parametrize(
+    "store",
+    [
+        pytest.param("a" * 600_000, id="one-long-word"),
+        pytest.param("a://u:x/" * 80_000, id="many-schemes"),
+    ],
+)
+def test_a_long_store_in_a_file_is_looked_at_in_linear_time(tmp_path: Path, store: str) -> None:
+    # The file's store is searched for a password (to warn when others may read it) and
+    # hidden in every message that quotes it. The search tried a scheme at each letter of
+    # a word and read each "://" on to the line's end: 40,000 letters took 4 s, and a
+    # store filling the 1 MiB file held every command for minutes before any check.
+    path = tmp_path / "config.toml"
+    path.write_text(f'store = "{store}"\n')
+    settings = load_settings(config_path=path, env={}, search=False)
+    assert ":***@" not in repr(settings)
