@@ -42,6 +42,9 @@ def anchor_paths(flat: dict[str, Any], config_file: Path) -> None:
         for entry in keys:
             if isinstance(entry, dict) and _is_key_path(entry.get("private_key")):
                 entry["private_key"] = _anchored(entry["private_key"], directory)
+    elif isinstance(keys, str):
+        # The environment's form, which the file takes too: its paths are the file's.
+        flat["dkim.keys"] = ",".join(_anchored_key_entry(e, directory) for e in keys.split(","))
     if "store" in flat:
         flat["store"] = _anchored_store(flat["store"], directory, config_file)
 
@@ -50,6 +53,15 @@ def _anchored(value: Any, directory: str) -> Any:
     if not isinstance(value, str) or not value or "\0" in value or os.path.isabs(value):
         return value
     return os.path.normpath(os.path.join(directory, value))
+
+
+def _anchored_key_entry(text: str, directory: str) -> str:
+    """A ``domain:selector:path[:algorithm]`` entry with its path anchored; anything
+    else as it was, for the parser to refuse."""
+    parts = text.split(":")
+    if len(parts) in (3, 4) and _is_key_path(parts[2].strip()):
+        parts[2] = _anchored(parts[2].strip(), directory)
+    return ":".join(parts)
 
 
 def _is_key_path(value: Any) -> bool:

@@ -129,3 +129,32 @@ def test_a_pasted_key_is_still_refused_unshown(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="holds PEM text") as caught:
         load_settings(config_path=tmp_path / "config.toml", env={}, search=False)
     assert "MC4CAQ" not in str(caught.value)
+
+
+def test_a_dkim_key_in_the_environments_form_in_the_file_is_beside_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file also takes dkim.keys as the environment writes it (domain:selector:path);
+    # its path was read against the working directory, where every other path in the
+    # file is read against the file's: another directory's s1.pem, or none.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    key = conf / "s1.pem"
+    key.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key.chmod(0o600)
+    (conf / "config.toml").write_text('[dkim]\nkeys = "client.test:s1:s1.pem:ed25519-sha256"\n')
+    (tmp_path / "app").mkdir()
+    monkeypatch.chdir(tmp_path / "app")
+
+    s = load_settings(config_path=conf / "config.toml", env={}, search=False)
+
+    assert [str(k.private_key) for k in s.config.dkim.keys] == [str(key)]
