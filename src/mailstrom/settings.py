@@ -61,7 +61,7 @@ from mailstrom.errors import ConfigError
 from mailstrom.message.chars import shorten
 from mailstrom.policy.retry import RetryPolicy
 from mailstrom.policy.shaping import DestinationRule, ShapingConfig
-from mailstrom.settings_paths import anchor_paths
+from mailstrom.settings_paths import DKIM_KEY_FIELDS, anchor_paths
 from mailstrom.stores.url import default_store_url, redact_url
 from mailstrom.tls.table import PolicyTable
 
@@ -439,9 +439,6 @@ def _listen(key: str, value: Any) -> str:
     return text
 
 
-_DKIM_KEY_FIELDS = ("domain", "selector", "private_key", "algorithm")
-
-
 def _dkim_keys(key: str, value: Any) -> tuple[DKIMKey, ...]:
     """``[[dkim.keys]]`` tables, or in the environment ``domain:selector:path[:algorithm]``
     entries separated by commas; each key file is read and checked here (DKIMKey)."""
@@ -456,10 +453,10 @@ def _dkim_keys(key: str, value: Any) -> tuple[DKIMKey, ...]:
         where = f"{key}[{index}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a table with domain, selector, private_key")
-        unknown = sorted(set(entry) - set(_DKIM_KEY_FIELDS))
+        unknown = sorted(set(entry) - set(DKIM_KEY_FIELDS))
         if unknown:
             raise ConfigError(f"{where}: unknown setting {_quoted(unknown[0])}")
-        missing = [name for name in _DKIM_KEY_FIELDS[:3] if name not in entry]
+        missing = [name for name in DKIM_KEY_FIELDS[:3] if name not in entry]
         if missing:
             raise ConfigError(f"{where}: {missing[0]} is required")
         for name, item in entry.items():
@@ -485,7 +482,7 @@ def _dkim_key_entry(key: str, text: str) -> dict[str, str]:
             f"{key}: expected domain:selector:path[:algorithm] entries separated by commas, "
             f"got {_quoted(text.strip())}"
         )
-    return dict(zip(_DKIM_KEY_FIELDS, parts, strict=False))
+    return dict(zip(DKIM_KEY_FIELDS, parts, strict=False))
 
 
 def _shaping_rules(key: str, value: Any) -> tuple[DestinationRule, ...]:

@@ -38,13 +38,15 @@ def anchor_paths(flat: dict[str, Any], config_file: Path) -> None:
         if key in flat:
             flat[key] = _anchored(flat[key], directory)
     keys = flat.get("dkim.keys")
+    if isinstance(keys, str):
+        # The environment's form, which the file takes too: its paths are the file's. As
+        # tables, which the parser takes as well: an anchored path written back into the
+        # string would be split again at a ":" or "," in the file's directory.
+        keys = flat["dkim.keys"] = _key_tables(keys)
     if isinstance(keys, list):
         for entry in keys:
             if isinstance(entry, dict) and _is_key_path(entry.get("private_key")):
                 entry["private_key"] = _anchored(entry["private_key"], directory)
-    elif isinstance(keys, str):
-        # The environment's form, which the file takes too: its paths are the file's.
-        flat["dkim.keys"] = ",".join(_anchored_key_entry(e, directory) for e in keys.split(","))
     if "store" in flat:
         flat["store"] = _anchored_store(flat["store"], directory, config_file)
 
@@ -55,13 +57,19 @@ def _anchored(value: Any, directory: str) -> Any:
     return os.path.normpath(os.path.join(directory, value))
 
 
-def _anchored_key_entry(text: str, directory: str) -> str:
-    """A ``domain:selector:path[:algorithm]`` entry with its path anchored; anything
-    else as it was, for the parser to refuse."""
-    parts = text.split(":")
-    if len(parts) in (3, 4) and _is_key_path(parts[2].strip()):
-        parts[2] = _anchored(parts[2].strip(), directory)
-    return ":".join(parts)
+DKIM_KEY_FIELDS = ("domain", "selector", "private_key", "algorithm")
+"""The fields of a ``domain:selector:path[:algorithm]`` entry, as settings names them."""
+
+
+def _key_tables(text: str) -> str | list[dict[str, str]]:
+    """``domain:selector:path[:algorithm]`` entries separated by commas as the tables
+    ``[[dkim.keys]]`` gives; the text as it was when one is no such entry, for the
+    parser to refuse with its own words."""
+    entries = [[part.strip() for part in entry.split(":")] for entry in text.split(",")]
+    entries = [parts for parts in entries if parts != [""]]
+    if not all(len(parts) in (3, 4) and all(parts) for parts in entries):
+        return text
+    return [dict(zip(DKIM_KEY_FIELDS, parts, strict=False)) for parts in entries]
 
 
 def _is_key_path(value: Any) -> bool:

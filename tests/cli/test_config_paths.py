@@ -131,16 +131,18 @@ def test_a_pasted_key_is_still_refused_unshown(tmp_path: Path) -> None:
     assert "MC4CAQ" not in str(caught.value)
 
 
+@pytest.mark.parametrize("folder", ["etc", "a:b", "c,d"])
 def test_a_dkim_key_in_the_environments_form_in_the_file_is_beside_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str
 ) -> None:
     # The file also takes dkim.keys as the environment writes it (domain:selector:path);
     # its path was read against the working directory, where every other path in the
-    # file is read against the file's: another directory's s1.pem, or none.
+    # file is read against the file's: another directory's s1.pem, or none. A ":" or ","
+    # in the file's directory must not split the entry once it is anchored.
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    conf = tmp_path / "etc"
+    conf = tmp_path / folder
     conf.mkdir()
     key = conf / "s1.pem"
     key.write_bytes(
