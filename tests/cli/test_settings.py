@@ -720,6 +720,7 @@ def test_a_long_time_value_in_a_file_is_refused_in_linear_time(
     [
         pytest.param("a" * 600_000, id="one-long-word"),
         pytest.param("a://u:x/" * 80_000, id="many-schemes"),
+        pytest.param("a://u:x/" * 80_000 + " postgresql://u:s3cret@h/db", id="then-a-password"),
     ],
 )
 def test_a_long_store_in_a_file_is_looked_at_in_linear_time(tmp_path: Path, store: str) -> None:
@@ -730,4 +731,5 @@ def test_a_long_store_in_a_file_is_looked_at_in_linear_time(tmp_path: Path, stor
     path = tmp_path / "config.toml"
     path.write_text(f'store = "{store}"\n')
     settings = load_settings(config_path=path, env={}, search=False)
-    assert ":***@" not in repr(settings)
+    # What the timeout cannot see: the search still finds a password past them all.
+    assert "s3cret" not in repr(settings)
