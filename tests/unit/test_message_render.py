@@ -337,6 +337,19 @@ def test_long_non_ascii_filename_uses_rfc_2231_sections() -> None:
     assert next(parsed(data).iter_attachments()).get_filename() == name
 
 
+@pytest.mark.parametrize("name", ["filename", "x-a-parameter-with-a-long-name", "n" * 40])
+@pytest.mark.parametrize("value", ["報" * 200, "v" * 1200, "é" * 3])
+def test_a_parameter_s_pieces_fit_a_line_whatever_its_name(name: str, value: str) -> None:
+    """A piece's line (a leading space, the piece, its ";") within 78 octets: the sections
+    held 60 octets of value whatever the name, so a 30-character name made 97-octet
+    lines (the Django backend splits parameters Django writes with any name)."""
+    pieces = parameter(name, value)
+    assert all(len(f" {piece};") <= 78 for piece in pieces)
+    header = "Content-Type: application/x-test;" + ";".join(f"\r\n {p}" for p in pieces)
+    parsed = Parser(policy=policy.default).parsestr(header + "\r\n\r\nx")
+    assert parsed.get_param(name) == value
+
+
 def test_a_boundary_found_in_the_content_is_not_used() -> None:
     email = Email(
         from_="a@example.com", to="b@example.org", text="--=_taken\nmore\n", html="<p>x</p>"

@@ -462,16 +462,19 @@ def parameter(name: str, value: str) -> list[str]:
     many readers (the stdlib among them) decode ``"=?utf-8?q?x?="`` anyway, so the literal
     text would not reach them.
     """
-    if _PRINTABLE.fullmatch(value) and "=?" not in value and len(value) < 60:
+    # Octets of value a piece holds: 60, less for a long name, so that a piece's line
+    # (" name*12*=...;") stays within 78 octets.
+    room = min(60, max(12, 71 - len(name)))
+    if _PRINTABLE.fullmatch(value) and "=?" not in value and len(value) < room:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         return [f'{name}="{escaped}"']
     encoded = encode_rfc2231(value, "utf-8")
-    if len(encoded) < 60:
+    if len(encoded) < room:
         return [f"{name}*={encoded}"]
     sections: list[str] = []
     start = 0
     while start < len(encoded):
-        end = min(start + 60, len(encoded))
+        end = min(start + room, len(encoded))
         if end < len(encoded):
             # Never cut a %XX escape in two, nor a UTF-8 character (continuation octets
             # are 80-BF) across sections.

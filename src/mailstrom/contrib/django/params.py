@@ -36,7 +36,8 @@ def continued(value: str, longest: int) -> str:
     """``value`` (a Content-Type or Content-Disposition field's value), with each parameter
     longer than ``longest`` characters written as RFC 2231 continuations
     (``filename*0*=utf-8''%E5%A0%B1...; filename*1*=...``) of its text in UTF-8, the
-    others as they were, in their order, each after ``; `` for the writer to fold at."""
+    others as they were, in their order, each after ``; `` for the writer to fold at. A
+    language tag (``utf-8'en'...``) is not kept: the renderer's sections write none."""
     written: list[str] = []
     for index, param in enumerate(split_params(value)):
         key, equals, raw = (piece.strip() for piece in param.partition("="))

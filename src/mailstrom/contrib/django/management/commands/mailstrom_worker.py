@@ -39,8 +39,8 @@ class Command(BaseCommand):
         except SystemExit as exc:
             # argparse exits 2 for a bad command line (an unknown option, a bad value),
             # which a supervisor cannot tell from a worker's own failure; `mailstrom
-            # worker` exits 64 (EX_USAGE), as docs/cli.md says. No other exit here is 2:
-            # the worker's own codes are sysexits' (exit_code_for).
+            # worker` exits 64 (EX_USAGE), as docs/cli.md says. Nothing of mailstrom's exits 2
+            # here: the worker's own codes are sysexits' (exit_code_for).
             if exc.code == 2:
                 raise SystemExit(EX_USAGE) from None
             raise
