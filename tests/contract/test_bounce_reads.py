@@ -187,3 +187,36 @@ def test_postgres_finds_a_named_recipient_in_the_key(postgres_url: str) -> None:
         return own + sum(recipient_rows(n) for n in node.get("Plans", ()))
 
     assert recipient_rows(plan[0]["Plan"]) <= 10, plan
+
+
+@pytest.mark.parametrize("reported", ["bob@bücher.example", '"bob"@xn--bcher-kva.example'])
+def test_postgres_finds_a_name_written_unlike_any_recipient_in_the_key(
+    postgres_url: str, reported: str
+) -> None:
+    """A report names a recipient in a form no recipient is stored in (a U-label domain,
+    a quoted local part): its written form was asked for as well as the stored one, was
+    never found, and made PostgreSQL compare every recipient of the message."""
+    from mailstrom.stores.postgres import PostgresStore
+
+    store = PostgresStore(postgres_url)
+    try:
+        others = [f"user{n}@xn--bcher-kva.example" for n in range(50)]
+        mid = store.enqueue(message("bob@xn--bcher-kva.example", *others), now=NOW)
+        store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+        ran: list[str] = []
+        real = store._fetch_dicts
+
+        def recording(name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+            ran.append(name)
+            return real(name, params)
+
+        store._fetch_dicts = recording  # type: ignore[method-assign]
+        report = Report(kind=ReportKind.DSN, recipients=(failed(reported),), envelope_id=mid)
+        [outcome] = apply_report(store, report, now=NOW)
+        assert (outcome.action, outcome.address) == (
+            BounceAction.FAILED,
+            "bob@xn--bcher-kva.example",
+        )
+        assert "recipients_by_address" not in ran, ran
+    finally:
+        store.close()

@@ -152,7 +152,12 @@ class _Matcher:
         for entry in self.report.recipients:
             for address in (entry.original_recipient, entry.final_recipient):
                 if address:
-                    self.named += [address, address_key(address)]
+                    key = address_key(address)
+                    # As written too only where it may be stored so (an ASCII local part
+                    # in its own case): a U-label domain, a quoted local part or a
+                    # literal never is, and a name the store cannot find as given makes
+                    # PostgreSQL compare every recipient of the message.
+                    self.named += [address, key] if key == address.lower() else [key]
 
     def load(self, message_id: str) -> MessageStatus | None:
         """The message with the recipients the report names (all of them when it has

@@ -2073,9 +2073,10 @@ class PostgresStore:
     ) -> RecipientsFound:
         """The recipients of ``message_id`` named by ``addresses`` (see
         Store.recipients_by_address), without history. First the addresses as given, in
-        the (message_id, address) key; only when a folded one is not found so (a
-        recipient stored in another case), every recipient of the message is folded and
-        compared, and that second statement's result is the one returned."""
+        the (message_id, address) key; only when one is not found so (a recipient stored
+        in another case, or a name no recipient of this message has), every recipient of
+        the message is folded and compared, and that second statement's result is the one
+        returned."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
         if addresses is None:
