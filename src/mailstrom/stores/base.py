@@ -941,7 +941,8 @@ class Store(Protocol):
         to ``limit`` messages (of ``message_ids`` only, when given) that are done for this
         pass: none of their recipients is leased or still queued for a first attempt. A
         recipient deferred for a later retry does not hold the notice of the others back,
-        nor does one queued at a suspended domain (it waits as long as the operator likes)
+        nor does one queued at a suspended domain (it waits as long as the operator likes; a
+        suspension counts until a lease ends it, one whose end has just passed too)
         (Postfix bounces a queue file's failed recipients once the file is done with, its
         deferred ones staying queued). All the marks of a message come together, ordered
         by message."""
