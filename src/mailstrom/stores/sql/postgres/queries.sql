@@ -2036,12 +2036,10 @@ WITH msg AS (
 )
 SELECT (SELECT count(*) FROM msg), (SELECT count(*) FROM updated);
 
--- name: recipients_by_address
--- The recipients of message %(id)s whose address, its ASCII letters folded (as SQLite's
--- lower() folds them), is one of %(addresses)s: all of them when it is NULL, or when the
--- message has one recipient only (r_single, found from two rows of the key at most).
--- Without history or pauses (t and a stay empty): walked by the (message_id, address)
--- key, a bounce about one recipient of a message of 50,000 builds one.
+-- name: _named_recipients
+-- The head of recipients_by_address and recipients_by_exact_address: the message's
+-- columns, whether it has one recipient only (r_single: two rows of the key at most),
+-- and its recipients, joined on the condition each query adds.
 -- include: _status_columns
      , s.single AS r_single
 FROM messages m
@@ -2053,6 +2051,14 @@ CROSS JOIN LATERAL (
 ) s
 LEFT JOIN recipients r
        ON r.message_id = m.id
+
+-- name: recipients_by_address
+-- The recipients of message %(id)s whose address, its ASCII letters folded (as SQLite's
+-- lower() folds them), is one of %(addresses)s: all of them when it is NULL, or when the
+-- message has one recipient only (r_single, found from two rows of the key at most).
+-- Without history or pauses (t and a stay empty): walked by the (message_id, address)
+-- key, a bounce about one recipient of a message of 50,000 builds one.
+-- include: _named_recipients
       AND (%(addresses)s::text[] IS NULL OR s.single
            OR translate(r.address, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
               = ANY(%(addresses)s::text[]))
@@ -2066,16 +2072,7 @@ ORDER BY r.position;
 -- there): found in the (message_id, address) key, not by folding each recipient of the
 -- message (50,000 for a bounce about one of them). The caller falls back on
 -- recipients_by_address when some address is not found so.
--- include: _status_columns
-     , s.single AS r_single
-FROM messages m
-CROSS JOIN LATERAL (
-    SELECT count(*) = 1 AS single
-    FROM (SELECT 1 FROM recipients c WHERE c.message_id = %(id)s
-          ORDER BY c.address LIMIT 2) c
-) s
-LEFT JOIN recipients r
-       ON r.message_id = m.id
+-- include: _named_recipients
       AND r.address = ANY(%(addresses)s::text[])
 LEFT JOIN destination_throttles t ON false
 LEFT JOIN attempts a ON false
