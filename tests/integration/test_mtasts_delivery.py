@@ -16,7 +16,7 @@ import trustme
 
 from mailstrom import Email, RecipientState
 from mailstrom.client import Mailstrom
-from mailstrom.config import MTASTSConfig
+from mailstrom.config import Config, MTASTSConfig
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
 from mailstrom.tls.levels import TLSPolicy
@@ -67,6 +67,20 @@ def serve(
     return server
 
 
+def sts_config(
+    zone: LoopbackDNS, port: int, sts_port: int, context: ssl.SSLContext, **options: Any
+) -> Config:
+    """A loopback config delivering to ``port`` over ``context``, with MTA-STS policies
+    fetched from ``sts_port`` with it and looked up again at each message."""
+    return loopback_config(
+        zone,
+        port,
+        tls_context=context,
+        mta_sts=MTASTSConfig(port=sts_port, tls_context=context, recheck=0),
+        **options,
+    )
+
+
 def send(
     zone: LoopbackDNS,
     https: HTTPSServer,
@@ -79,13 +93,7 @@ def send(
 ) -> tuple[Any, Store]:
     """Send one message to BOB and wait for its first result; (recipient status, store)."""
     store = store if store is not None else MemoryStore()
-    config = loopback_config(
-        zone,
-        port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-        **options,
-    )
+    config = sts_config(zone, port, https.port, client_tls_context, **options)
     if dnssec:
         config = dataclasses.replace(config, dns=dataclasses.replace(config.dns, dnssec=True))
     results = Results()
@@ -211,12 +219,7 @@ def test_testing_mode_never_falls_back_for_a_requiretls_message(
     # REQUIRETLS offered, but the certificate does not name mail.example.net: without
     # the fallback of testing mode, the message has nowhere to go.
     mx = smtp_server(requiretls=True)
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-    )
+    config = sts_config(zone, mx.port, https.port, client_tls_context)
     results = Results()
     with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
         mid = ms.send_email(
@@ -378,12 +381,7 @@ def test_a_tls_report_goes_despite_the_rua_domains_failing_policy(
     reporter = Reporter(organization="Sender", contact="tls@sender.test", submitter="sender.test")
     report = build_report("example.org", datetime.now(UTC).date(), [], reporter)
     message = report_message(report, sender="tls@sender.test", to=BOB, submitter="sender.test")
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-    )
+    config = sts_config(zone, mx.port, https.port, client_tls_context)
     results = Results()
     with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
         mid = ms.send_email(message)
@@ -402,13 +400,7 @@ def test_testing_mode_counts_an_unlisted_mx_per_connection_not_per_message(
     https.policy(policy("testing", "mx.other.example"))
     mx = smtp_server(name="mx1.test")
     store = MemoryStore()
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-        connection_idle=30.0,
-    )
+    config = sts_config(zone, mx.port, https.port, client_tls_context, connection_idle=30.0)
     results = Results()
     with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
         for n in range(2):
@@ -426,12 +418,8 @@ def test_testing_mode_counts_an_unlisted_mx_remembered_broken_as_the_policys_fai
     https.policy(policy("testing", "mx.other.example"))
     mx = smtp_server(name="mx1.test", tls_broken=True)
     store = MemoryStore()
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-        max_messages_per_connection=1,
+    config = sts_config(
+        zone, mx.port, https.port, client_tls_context, max_messages_per_connection=1
     )
     results = Results()
     with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
@@ -457,12 +445,8 @@ def test_testing_mode_falls_back_to_plaintext_at_once_for_a_host_remembered_brok
     https.policy(policy("testing"))
     mx = smtp_server(name="mx1.test", tls_broken=True)
     store = MemoryStore()
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-        max_messages_per_connection=1,
+    config = sts_config(
+        zone, mx.port, https.port, client_tls_context, max_messages_per_connection=1
     )
     results = Results()
     with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
@@ -483,12 +467,8 @@ def test_a_testing_policys_plaintext_for_a_host_remembered_broken_defers_a_530(
     the start, which the 530 rule did not count as TLS skipped: that message bounced."""
     https.policy(policy("testing"))
     mx = smtp_server(name="mx1.test", tls_broken=True, require_starttls=True)
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-        max_messages_per_connection=1,
+    config = sts_config(
+        zone, mx.port, https.port, client_tls_context, max_messages_per_connection=1
     )
     results = Results()
     sent = []
@@ -539,12 +519,8 @@ def test_a_tls_required_no_session_counts_as_no_policy_found_beside_the_policys(
     # once the policy had applied to an earlier message of the domain.
     mx = smtp_server(name="mx1.test")
     store = MemoryStore()
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-        max_messages_per_connection=1,
+    config = sts_config(
+        zone, mx.port, https.port, client_tls_context, max_messages_per_connection=1
     )
     results = Results()
     with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:
@@ -580,12 +556,7 @@ def test_a_requiretls_message_waits_for_a_policy_that_could_not_be_fetched(
     mx = smtp_server(name="mx1.test", requiretls=True)
 
     def send_requiretls(https: HTTPSServer) -> Any:
-        config = loopback_config(
-            zone,
-            mx.port,
-            tls_context=client_tls_context,
-            mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-        )
+        config = sts_config(zone, mx.port, https.port, client_tls_context)
         results = Results()
         with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
             mid = ms.send_email(
@@ -625,12 +596,8 @@ def test_a_table_entry_keeps_the_mta_sts_policy_vouching_for_a_requiretls_mx(
     ``tls.domains`` entry for the domain (``verify``, stricter than the default), the
     policy was never asked, and the message failed for good (5.7.30)."""
     mx = smtp_server(name="mx1.test", requiretls=True)
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-        tls_domains={"example.org": "verify"},
+    config = sts_config(
+        zone, mx.port, https.port, client_tls_context, tls_domains={"example.org": "verify"}
     )
     results = Results()
     with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
@@ -657,12 +624,8 @@ def test_a_table_entry_keeps_a_requiretls_message_waiting_for_an_unfetched_polic
     down = https_server()
     down.policy(policy("enforce", "mx1.test"))
     down.stop()
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=down.port, tls_context=client_tls_context, recheck=0),
-        tls_domains={"example.org": "verify"},
+    config = sts_config(
+        zone, mx.port, down.port, client_tls_context, tls_domains={"example.org": "verify"}
     )
     results = Results()
     with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:
@@ -692,12 +655,8 @@ def test_a_tls_required_no_session_to_a_host_remembered_broken_counts_as_no_poli
     https.policy(policy("testing") if listed else policy("testing", "mx.other.example"))
     mx = smtp_server(name="mx1.test", tls_broken=True)
     store = MemoryStore()
-    config = loopback_config(
-        zone,
-        mx.port,
-        tls_context=client_tls_context,
-        mta_sts=MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0),
-        max_messages_per_connection=1,
+    config = sts_config(
+        zone, mx.port, https.port, client_tls_context, max_messages_per_connection=1
     )
     results = Results()
     with Mailstrom(config, store=store, on_result=results, worker="thread") as ms:

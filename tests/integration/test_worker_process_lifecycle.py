@@ -1543,19 +1543,9 @@ def test_a_stop_after_one_cancelled_on_a_loop_then_closed_waits_for_the_worker_p
     assert _recorded_once(path)
 
 
-def test_a_start_after_a_stop_left_on_a_closed_loop_waits_for_that_stop(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
-) -> None:
-    # A loop run by a thread of its own, stopped and closed while a stop() on it waited
-    # for the worker process to drain (a shutdown that gave up waiting for it): its turn
-    # at the lock start() and stop() share was handed on at once, the stop going on in
-    # its thread. A start() on another loop then said "already started" of the child
-    # that stop was ending, and nothing delivered once it had ended.
-    slow = _slow_mx(smtp_server, dns_server)
-    store = SQLiteStore(tmp_path / "q.db")
-    ms = AsyncMailstrom(config(dns_server, slow.port), store=store, worker="process")
-    worker = ms.worker
-    assert isinstance(worker, WorkerProcess)
+def _strand_a_stop(ms: AsyncMailstrom, slow: Any) -> None:
+    """Start ``ms`` on a loop of its own, have one message reach ``slow``, and leave a
+    stop() waiting for the worker process to drain on that loop, stopped and closed."""
     other = asyncio.new_event_loop()
     runner = threading.Thread(target=other.run_forever, daemon=True)
     runner.start()
@@ -1570,6 +1560,22 @@ def test_a_start_after_a_stop_left_on_a_closed_loop_waits_for_that_stop(
         other.call_soon_threadsafe(other.stop)
         runner.join()
         other.close()
+
+
+def test_a_start_after_a_stop_left_on_a_closed_loop_waits_for_that_stop(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    # A loop run by a thread of its own, stopped and closed while a stop() on it waited
+    # for the worker process to drain (a shutdown that gave up waiting for it): its turn
+    # at the lock start() and stop() share was handed on at once, the stop going on in
+    # its thread. A start() on another loop then said "already started" of the child
+    # that stop was ending, and nothing delivered once it had ended.
+    slow = _slow_mx(smtp_server, dns_server)
+    store = SQLiteStore(tmp_path / "q.db")
+    ms = AsyncMailstrom(config(dns_server, slow.port), store=store, worker="process")
+    worker = ms.worker
+    assert isinstance(worker, WorkerProcess)
+    _strand_a_stop(ms, slow)
 
     async def start_again() -> bool:
         async with asyncio.timeout(60):  # (only a hang outlasts it)
@@ -1767,19 +1773,7 @@ def test_a_start_after_a_stop_left_on_a_closed_loop_refuses_as_after_any_stop(
     ms = AsyncMailstrom(config(dns_server, slow.port), store=path, worker="process")
     worker = ms.worker
     assert isinstance(worker, WorkerProcess)
-    other = asyncio.new_event_loop()
-    runner = threading.Thread(target=other.run_forever, daemon=True)
-    runner.start()
-    try:
-        asyncio.run_coroutine_threadsafe(ms.start(), other).result(timeout=60)
-        asyncio.run(ms.send_email(hello("bob@example.org")))
-        assert _wait_until(lambda: len(slow.received) == 1, 10)
-        asyncio.run_coroutine_threadsafe(ms.stop(timeout=30), other)
-        assert _wait_until(lambda: ms._stopping_now, 10)
-    finally:
-        other.call_soon_threadsafe(other.stop)
-        runner.join()
-        other.close()
+    _strand_a_stop(ms, slow)
 
     async def start_again() -> None:
         async with asyncio.timeout(60):  # (only a hang outlasts it)
