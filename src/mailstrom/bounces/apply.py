@@ -179,6 +179,7 @@ class _Matcher:
         if all(a.rpartition("@")[0].isascii() for a in self.named):
             return self.store.recipients_by_address(message_id, self.named)
         found = self.store.recipients_by_address(message_id, None)
+        self.every[message_id] = found.message  # a token's fallback reads it no more
         if found.single:
             return found
         keys = {address_key(a) for a in self.named}
