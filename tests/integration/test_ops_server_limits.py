@@ -5,6 +5,7 @@ is refused. Small limits through parameters keep each test well under a second."
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import time
@@ -13,7 +14,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from mailstrom.ops.guarded_http import MAX_REQUEST_HEAD
+from mailstrom.ops.guarded_http import (
+    EVICTION_WAIT,
+    MAX_REQUEST_HEAD,
+    GuardedHTTPServer,
+    GuardedRequestHandler,
+)
 from mailstrom.ops.server import Health, OpsServer
 from mailstrom.runtime.metrics import QueueStatsCache
 from mailstrom.status import MetricsSnapshot, QueueStats, WorkerStatus
@@ -144,6 +150,94 @@ def test_close_hangs_up_on_open_connections_and_leaves_no_handler_thread() -> No
         assert hung_up(sock)
     handler.join(5)  # ends at once; otherwise it would wait out the 30 s deadline
     assert not handler.is_alive()
+
+
+class _Answering(GuardedRequestHandler):
+    """Answers "ok"; ``answered`` (when set) is waited on before the answer is written,
+    ``linger`` seconds slept after it (a thread not scheduled again for a while)."""
+
+    answered: threading.Event | None = None
+    linger = 0.0
+    arrived: threading.Semaphore | None = None
+
+    def do_GET(self) -> None:
+        if self.arrived is not None:
+            self.arrived.release()
+        if self.answered is not None:
+            self.answered.wait(10)
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    def finish(self) -> None:
+        super().finish()
+        time.sleep(self.linger)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answering() -> Iterator[Callable[[type[_Answering]], str]]:
+    """Serves a :class:`_Answering` subclass with two slots; yields its URL."""
+    servers: list[GuardedHTTPServer] = []
+
+    def serve(handler: type[_Answering]) -> str:
+        server = GuardedHTTPServer(("127.0.0.1", 0), handler, max_connections=2)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_slot_held_by_an_answer_already_read_is_waited_for_not_refused(
+    answering: Callable[[type[_Answering]], str],
+) -> None:
+    """A client that has read its answer may ask again before the thread that wrote it
+    ends (on a loaded host it waits for the CPU): the next request was closed unanswered
+    when every slot was held by such threads, as a scrape and a probe after it were."""
+
+    class Lingering(_Answering):
+        linger = 0.2
+
+    url = answering(Lingering)
+    for _ in range(5):
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            assert answer.read() == b"ok\n"
+
+
+def test_a_connection_past_every_slot_still_answering_is_closed_after_the_wait(
+    answering: Callable[[type[_Answering]], str],
+) -> None:
+    class Held(_Answering):
+        answered = threading.Event()
+        arrived = threading.Semaphore(0)
+
+    url = answering(Held)
+
+    def ask() -> None:
+        with urllib.request.urlopen(url, timeout=15) as answer:
+            answer.read()
+
+    held = [threading.Thread(target=ask) for _ in range(2)]
+    try:
+        for thread in held:
+            thread.start()
+        for _ in held:  # both in a slot, answering
+            assert Held.arrived.acquire(timeout=10)
+        started = time.monotonic()
+        with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+            urllib.request.urlopen(url, timeout=5)
+        assert EVICTION_WAIT * 0.9 <= time.monotonic() - started < EVICTION_WAIT + 2
+    finally:
+        Held.answered.set()
+        for thread in held:
+            thread.join(5)
 
 
 class _StuckStore(MemoryStore):

@@ -10,8 +10,11 @@ delivers the mail. Here:
   closes the one that has waited longest for its request to arrive (a client that is
   slow to send it is a slowloris or a dead peer; a scraper sends its request in one
   packet): a flood of idle connections cannot keep a scrape out, since the scrape's own
-  connection takes a slot at once. Only when every slot is answering a request is a new
-  connection closed unanswered.
+  connection takes a slot at once. When every slot is answering a request, a new
+  connection waits (at most :data:`EVICTION_WAIT`) for one to end, and is closed
+  unanswered only if none does: an answer takes milliseconds, but its thread may end
+  after its client has read it and asked again (a scraper that retries, a probe after a
+  scrape).
 - a request's head has ``request_timeout`` seconds *in total* to arrive (a timeout on
   each read alone lets a client reset it with every byte), and may be at most
   :data:`MAX_REQUEST_HEAD` bytes (431 otherwise). Bodies are never read: the server
@@ -52,9 +55,9 @@ MAX_REQUEST_HEAD = 16 * 1024
 server takes). A scrape's request is about 300 bytes; the stdlib alone accepts 100
 headers of 64 KiB each, 6.5 MB a thread."""
 EVICTION_WAIT = 1.0
-"""Seconds a new connection waits for the thread of the connection it displaced to end.
-A displaced thread's socket is shut down, so its read returns at once; this only bounds
-the wait should it not."""
+"""Seconds a new connection past the limit waits for a slot: for the thread of the
+connection it displaced to end (its socket is shut down, so its read returns at once),
+or, when none could be displaced, for a thread whose answer is written to end."""
 
 SECURITY_HEADERS = {
     # What the dashboard's answers say (mailstrom.web.security), for pages that are
@@ -164,13 +167,15 @@ class GuardedHTTPServer(ThreadingHTTPServer):
 
     def _take_slot(self, request: socket.socket) -> bool:
         """Count ``request`` in (the lock held), displacing the longest-waiting connection
-        when all slots are taken; False when every slot is answering a request."""
+        when all slots are taken; False when every slot is still answering a request
+        after :data:`EVICTION_WAIT`."""
         if self._handlers >= self.max_connections:
             oldest = next(iter(self._waiting), None)
-            if oldest is None:
-                return False
-            del self._waiting[oldest]
-            _hang_up(oldest)
+            if oldest is not None:
+                del self._waiting[oldest]
+                _hang_up(oldest)
+            # Not refused at once when none was waiting: a thread may still hold the slot
+            # of an answer its client has read already (it ends once it is scheduled).
             self._slots.wait_for(lambda: self._handlers < self.max_connections, EVICTION_WAIT)
             if self._handlers >= self.max_connections:
                 return False
