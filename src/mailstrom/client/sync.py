@@ -7,6 +7,7 @@ readiness handshake, so an error at start is raised in the caller's thread.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import random
@@ -17,6 +18,7 @@ from types import TracebackType
 
 from mailstrom.arguments import check_limit, check_timeout
 from mailstrom.client.common import (
+    _FACADES,
     AlreadyStarted,
     FacadeBase,
     MessageInput,
@@ -33,7 +35,7 @@ from mailstrom.client.operations import (
     checked_page,
     resolve,
 )
-from mailstrom.client.process import STOP_GRACE, WorkerProcess
+from mailstrom.client.process import ORPHAN_DRAIN, STOP_GRACE, WorkerProcess
 from mailstrom.config import Config
 from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
@@ -556,3 +558,26 @@ class Mailstrom(FacadeBase, QueueOperations):
         last target of a page to get the next)."""
         after, limit = checked_page(after, limit)
         return self.store.list_suppressions(now=self._clock(), after=after, limit=limit)
+
+
+def _stop_at_exit() -> None:
+    """Stop the worker threads still running as the interpreter exits (the program
+    returned from its main, or a SIGTERM handler raised SystemExit, without ``stop()``).
+    Being daemon threads, they were frozen mid-delivery: a message whose final dot the
+    server had taken stayed leased, unrecorded, and the next worker sent it again. Each
+    now drains as a worker process whose parent died does: its deliveries in flight get
+    :data:`~mailstrom.client.process.ORPHAN_DRAIN` seconds, the rest goes back to the
+    store. Several facades' workers drain side by side, not one after another."""
+    running = [f for f in list(_FACADES) if isinstance(f, Mailstrom) and f._worker_thread_runs()]
+    for facade in running:
+        facade._hurry_stop(ORPHAN_DRAIN)
+    for facade in running:
+        try:
+            facade.stop(ORPHAN_DRAIN)
+        except Exception:
+            log.exception("mailstrom: stopping the worker thread at exit failed")
+
+
+# Run after the program's non-daemon threads have ended (their mail is queued by then)
+# and before logging's own exit hook, registered earlier, closes the handlers.
+atexit.register(_stop_at_exit)
