@@ -1141,3 +1141,19 @@ async def test_a_better_host_without_addresses_is_looked_at_again_soon(
     clock.now += 61  # as long as a name found without addresses is remembered (NEGATIVE_TTL)
     route = await router.route("example.org")
     assert names(route) == ["new.example.org", "backup.example.org"]
+
+
+async def test_a_failure_says_which_mx_hosts_were_left_out_by_the_cap(
+    dns_server: LoopbackDNS, router: Router
+) -> None:
+    # Only the 10 best MX hosts are considered (twice mx_address_limit): a domain whose
+    # only host with an address is its 11th was deferred as "no MX host of example.org
+    # has an address", which is false, and named neither the hosts looked up nor the cap.
+    dns_server.mx("example.org", [(i, f"mx{i}.example.org") for i in range(11)])
+    dns_server.a("mx10.example.org", "127.0.0.1")
+    with pytest.raises(TemporaryFailure) as info:
+        await router.route("example.org")
+    text = str(info.value)
+    assert "mx0.example.org" in text
+    assert "1 more MX host" in text
+    assert "mx_address_limit" in text

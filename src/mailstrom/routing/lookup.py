@@ -25,6 +25,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from itertools import groupby
 
 import dns.asyncresolver
@@ -165,6 +166,7 @@ async def lookup_route(
         mx_secure=authenticated(answer),
         canonical=expanded_name([answer]),
         literals=list(literals),
+        left_out=len({r.exchange.canonicalize() for r in records}) - len(candidates),
     )
 
 
@@ -198,9 +200,11 @@ async def _mx_route(
     mx_secure: bool = False,
     canonical: str | None = None,
     literals: list[str] | None = None,
+    left_out: int = 0,
 ) -> Lookup:
     """The route through ``candidates``; ``literals`` are the MX hosts skipped as address
-    literals (:func:`literal_exchange`), named when no host is left."""
+    literals (:func:`literal_exchange`), named when no host is left, and so is the number
+    of hosts ``left_out`` by the cut to ``hosts_considered``."""
     policy = resolution.policy
     literals = literals or []
     hosts: list[MXHost] = []
@@ -255,34 +259,60 @@ async def _mx_route(
     if not hosts:
         if temporary is not None:
             raise temporary
+        # The hosts past the cut were never looked up: a failure that said only "no MX
+        # host has an address" was false of a domain whose 11th host has one.
+        cut = _cut(left_out, policy) if left_out else ""
         if literals and not addressless:
             # No host to wait for: every MX host is refused or no host name at all.
+            refusal = _no_host_names(domain, literals, refused)
             return Lookup(
-                refusal=_no_host_names(domain, literals, refused),
-                ttl=min([NEGATIVE_TTL, *ttls]),
+                refusal=replace(refusal, text=refusal.text + cut), ttl=min([NEGATIVE_TTL, *ttls])
             )
         if refused and not addressless:
-            return Lookup(refusal=_refused(domain, refused), ttl=min([NEGATIVE_TTL, *ttls]))
+            refusal = _refused(domain, refused)
+            return Lookup(
+                refusal=replace(refusal, text=refusal.text + cut), ttl=min([NEGATIVE_TTL, *ttls])
+            )
         # MX hosts without addresses are a temporary failure: it is usually a DNS change
         # in progress, and the retry policy's max_age bounds the wait. (Postfix bounces
         # here by default; this is its smtp_defer_if_no_mx_address_found = yes.) So is a
         # domain whose other hosts' addresses are refused: the next look may find one.
         if skipped:
-            raise _other_version(f"no MX host of {domain} has an", policy)
+            error = _other_version(f"no MX host of {domain} has an", policy)
+            raise TemporaryFailure(error.text + cut, enhanced=_NO_ROUTE)
+        none_for = ", ".join(addressless[:_NAMED_REFUSALS])
+        if len(addressless) > _NAMED_REFUSALS:
+            none_for += f" and {len(addressless) - _NAMED_REFUSALS} more"
         if refused:
             raise TemporaryFailure(
-                f"no MX host of {domain} has a usable address: none found for "
-                f"{', '.join(addressless[:_NAMED_REFUSALS])}"
-                f"{' and more' if len(addressless) > _NAMED_REFUSALS else ''}, "
-                f"and the others' are refused: {_named(refused)}",
+                f"no MX host of {domain} has a usable address: none found for {none_for}, "
+                f"and the others' are refused: {_named(refused)}{cut}",
                 enhanced=_NO_ROUTE,
             )
-        raise TemporaryFailure(f"no MX host of {domain} has an address", enhanced=_NO_ROUTE)
+        raise TemporaryFailure(
+            f"no MX host of {domain} has an address: none found for {none_for}{cut}",
+            enhanced=_NO_ROUTE,
+        )
     route = Route(
         domain=domain, hosts=tuple(hosts), implicit=False, secure=mx_secure, canonical=canonical
     )
     # An incomplete route (a query failed) is used, and remembered briefly (Lookup).
     return Lookup(route=route, ttl=min(ttls) if temporary is None else min([NEGATIVE_TTL, *ttls]))
+
+
+def _cut(left_out: int, policy: RoutePolicy) -> str:
+    """The words saying that ``left_out`` MX hosts, past the first ``hosts_considered``
+    by preference, were not looked up, and the setting that moves the cut."""
+    hosts = "host was" if left_out == 1 else "hosts were"
+    setting = (
+        "mx_host_limit"
+        if policy.mx_host_limit is not None
+        else f"twice mx_address_limit, which is {policy.mx_address_limit}"
+    )
+    return (
+        f"; {left_out} more MX {hosts} not looked up: at most {policy.hosts_considered} "
+        f"are considered, the first by preference ({setting})"
+    )
 
 
 async def _implicit(
