@@ -220,3 +220,22 @@ def test_postgres_finds_a_name_written_unlike_any_recipient_in_the_key(
         assert "recipients_by_address" not in ran, ran
     finally:
         store.close()
+
+
+def test_a_token_of_a_message_sent_without_verp_reads_no_other_recipient(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a message sent with VERP has tokens: one naming another message (its id is in
+    the Message-ID header every recipient sees, the digest made up) read every recipient
+    of it, 300 here, to digest each one, and a digest that happened to match would have
+    named that recipient."""
+    recipients = [f"user{n}@example.org" for n in range(300)]
+    mid = store.enqueue(message(*recipients), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    reads = counted_reads(store, monkeypatch)
+    forged = Report(kind=ReportKind.DSN, recipients=(failed("user9@forward.example"),))
+    [outcome] = apply_report(
+        store, forged, now=NOW, envelope_recipient=f"bounces+{mid}-0123456789@sender.test"
+    )
+    assert outcome.action is BounceAction.UNMATCHED
+    assert sum(reads) <= 1, reads

@@ -214,6 +214,11 @@ class _Matcher:
             message = self.load(message_id)
             if message is None:
                 continue
+            if not is_verp_template(message.envelope_from):
+                # The store made no token for it: a made-up one (its id is in the
+                # Message-ID header) read and digested every recipient, for nothing.
+                self.consider(message)  # its recipients, by address
+                continue
             matched = self.with_digest(message, digest, key, every=False)
             if not matched and not self.single(message):
                 # None of the recipients the report names: the token alone says which
@@ -224,8 +229,6 @@ class _Matcher:
                     continue
                 matched = self.with_digest(message, digest, key, every=True)
             self.tokens += [(message, r) for r in matched]
-            if not is_verp_template(message.envelope_from):
-                self.consider(message)  # its other recipients, by address (no token needed)
 
     def with_digest(
         self, message: MessageStatus, digest: str, key: bytes, *, every: bool
