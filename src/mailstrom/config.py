@@ -763,7 +763,8 @@ class Config:
     """Addresses one delivery attempt may try for a domain, over all its MX hosts, in
     order (Postfix's ``smtp_mx_address_limit``); an address several hosts share counts
     once. Bounds the DNS work per route too: only as many MX hosts are looked up as the
-    limit can use."""
+    limit can use, and at most twice the limit are considered (the best by preference;
+    a failure says how many were left out)."""
     event_loop: EventLoop = EventLoop.AUTO
     """The loop a worker started by mailstrom runs on: uvloop when installed (several
     times faster per message), or asyncio's own."""
