@@ -199,3 +199,43 @@ async def test_an_unusable_record_and_a_failed_refresh_are_one_failure(
             "failure-reason-code": "sts-record-multiple",
         }
     ]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+async def test_a_failed_record_lookup_is_a_policy_fetch_error(
+    zone: LoopbackDNS,
+    https_server: HTTPSFactory,
+    client_tls_context: ssl.SSLContext,
+    cached: bool,
+) -> None:
+    """RFC 8460 §4.3.2.2: a policy that could not be retrieved is an
+    ``sts-policy-fetch-error``. A ``_mta-sts`` lookup that failed (SERVFAIL: a broken
+    DNSSEC signature, an attacker who blocks DNS, RFC 8461 §10.2) was only logged, so the
+    day's report for the domain said nothing, though its policy went unseen (or was not
+    refreshed). It is counted once per lookup, under the cached policy when one applies."""
+    https: HTTPSServer = https_server()
+    https.policy(POLICY)
+    clock = [NOW - timedelta(hours=1)]
+    store = MemoryStore()
+    recorder = SessionRecorder(store, clock=lambda: NOW)
+    mta_sts = MTASTSConfig(port=https.port, recheck=0, tls_context=client_tls_context)
+    config = Config(dns=zone.dns_config, allow_loopback=True, mta_sts=mta_sts)
+    hook = for_worker(config, store, recorder, store_call=_direct, clock=lambda: clock[0])
+    assert hook is not None
+    if cached:
+        assert await hook.lists_mx_host(DESTINATION)  # fetched an hour ago, still fresh
+    zone.servfail("_mta-sts.example.org", "TXT")
+    clock[0] = NOW
+    assert await hook.lists_mx_host(DESTINATION) is cached
+    await recorder.flush()
+    report = build_report("example.org", NOW.date(), store.tls_sessions(NOW.date()), REPORTER)
+    (policy,) = report.document["policies"]
+    assert policy["policy"]["policy-type"] == ("sts" if cached else "no-policy-found")
+    assert policy["summary"]["total-failure-session-count"] == 1, policy
+    assert policy["failure-details"] == [
+        {
+            "result-type": "sts-policy-fetch-error",
+            "failed-session-count": 1,
+            "failure-reason-code": "sts-record-lookup-failed",
+        }
+    ]

@@ -33,7 +33,7 @@ import dns.asyncresolver
 
 from mailstrom.config import Config, MTASTSConfig
 from mailstrom.errors import StoreError
-from mailstrom.mtasts.fetch import DNSTrouble, a_label, fetch_policy, txt_records
+from mailstrom.mtasts.fetch import FETCH_ERROR, DNSTrouble, a_label, fetch_policy, txt_records
 from mailstrom.mtasts.https import route_policy_for
 from mailstrom.mtasts.policy import CachedPolicy, Mode, PolicyError, parse_sts_record
 from mailstrom.stores.base import Store
@@ -42,12 +42,15 @@ log = logging.getLogger("mailstrom.mtasts")
 
 StoreCall = Callable[..., Awaitable[Any]]
 FailureHook = Callable[[str, PolicyError, CachedPolicy | None], None]
-"""Called with (domain, error, policy applied anyway) when a record or policy is unusable."""
+"""Called with (domain, error, policy applied anyway) when a record or policy is unusable,
+or the record's lookup failed."""
 
 _FAILURE_RECHECK = 60.0
 """Seconds a worker waits before looking again after a lookup or fetch failed."""
 MAX_REMEMBERED = 10_000
 """Domains remembered at most per worker (beyond that the oldest answers are dropped)."""
+LOOKUP_FAILED = "sts-record-lookup-failed"
+"""The ``failure-reason-code`` of a ``_mta-sts`` lookup that failed (SERVFAIL, a timeout)."""
 
 
 async def _direct(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -174,8 +177,10 @@ class PolicySource:
         try:
             records, ttl = await txt_records(self._resolver, f"_mta-sts.{domain}")
         except DNSTrouble as exc:
-            log.info("MTA-STS record of %s not looked up: %s", domain, exc)
             not_looked_up = f"its _mta-sts record was not looked up: {exc}"
+            # A policy not retrieved (RFC 8460 §4.3.2.2), counted as a failed fetch is: the
+            # day's report then says why the policy went unseen, or was not refreshed.
+            unusable = PolicyError(str(exc), result_type=FETCH_ERROR, code=LOOKUP_FAILED)
             ttl = _FAILURE_RECHECK
         else:
             try:
@@ -206,9 +211,10 @@ class PolicySource:
                 source_address=self._source_address,
             )
         except PolicyError as exc:
-            # One lookup is one failure in TLS reports: with the record unusable, that one
-            # was passed on already, and a refresh under the cached id failing too is only
-            # logged (else the count would depend on whether a refresh was due).
+            # One lookup is one failure in TLS reports: with the record unusable (or not
+            # looked up), that one was passed on already, and a refresh under the cached id
+            # failing too is only logged (else the count would depend on whether a refresh
+            # was due).
             self._failed(domain, exc, fresh, report=unusable is None)
             # A refresh ahead of time is in no hurry: try again after ``recheck``.
             self._remember(
