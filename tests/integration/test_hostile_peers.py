@@ -1088,6 +1088,8 @@ async def test_huge_replies_to_pipelined_rcpts_are_each_kept_short() -> None:
     def answer(command: bytes) -> bytes | HangUp | None:
         if command[:4].upper() == b"RCPT":
             return huge
+        if command[:4].upper() == b"DATA":
+            return b"554 5.5.1 no valid recipients\r\n"  # RFC 2920 §3.1, not a 250
         if command[:4].upper() == b"QUIT":
             return HangUp(b"221 bye\r\n")
         return None
@@ -1132,3 +1134,71 @@ async def test_a_huge_ehlo_reply_leaves_the_connection_holding_little() -> None:
     held = sum(len(keyword) + len(params) for keyword, params in extensions.items())
     assert held < len(ehlo) // 10, held
     assert extensions["PIPELINING"] == "" and extensions["SIZE"] == "1000"
+
+
+# --- more replies than commands ---------------------------------------------------------
+
+
+def answering_the_dot_twice(second: bytes) -> Handler:
+    """A peer with PIPELINING that refuses RCPT for ``nobody`` and answers the final dot
+    twice, ``second`` the second time (as an LMTP server answers it once per recipient)."""
+
+    def answer(line: bytes) -> bytes | HangUp | None:
+        if line.startswith(b"RCPT") and b"<nobody@" in line:
+            return b"550 5.1.1 no such user\r\n"
+        return None
+
+    async def after_dot(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"250 2.0.0 queued\r\n" + second)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(PIPELINING)
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                await after_dot(writer)
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                reply = answer(line)
+                writer.write(b"250 ok\r\n" if reply is None else reply)
+            await writer.drain()
+
+    return handle
+
+
+@pytest.mark.parametrize("second", [b"250 2.0.0 queued again\r\n", b"550 5.1.1 user unknown\r\n"])
+async def test_a_surplus_reply_to_the_dot_decides_no_recipient_of_the_next_message(
+    second: bytes,
+) -> None:
+    """The next transaction's envelope leaves with the content before the reply to the
+    dot: a second reply to the dot was read as the reply to its MAIL, and every reply
+    after it one command early. Its bob, whom the server accepted, was refused with the
+    550 meant for nobody (or the whole message with a 550 to MAIL that was the dot's),
+    and failed for good. The shift shows at DATA (it got a 250); nothing the batch was
+    told before it is the server's word, so nothing of it is kept, and its recipients
+    are tried again."""
+    async with peer(answering_the_dot_twice(second)) as port:
+        conn = await open_to(port, starttls=StartTLS.NEVER)
+        submitted = [
+            conn.submit(
+                envelope_from="a@a.test",
+                recipients=recipients,
+                data=b"Subject: hi\r\n\r\nhello\r\n",
+                smtputf8=False,
+                eightbit=False,
+            )
+            for recipients in (["b@b.test"], ["nobody@b.test", "bob@b.test"])
+        ]
+        first, outcome = await asyncio.gather(*submitted, return_exceptions=True)
+        await conn.close()
+    assert isinstance(first, TransactionResult)
+    assert first.final is not None and first.final.code == 250
+    assert isinstance(outcome, SMTPProtocolError), outcome
+    assert answered_before(outcome) is None, answered_before(outcome)

@@ -747,7 +747,11 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                     return
         except DeliveryError as exc:  # the peer broke the protocol, or our write failed
             exc.host = exc.host or self.host
-            self._abort(exc)
+            # A reply that cannot answer its command may be one meant for another: a
+            # server that answered one command twice (the final dot, as LMTP does per
+            # recipient) shifts every reply after it by one. The replies taken before it
+            # are then not the server's word either, and none may decide a recipient.
+            self._abort(exc, shifted=isinstance(exc, SMTPProtocolError))
             return
         finally:
             self._receiving = False
@@ -972,7 +976,7 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
             host=self.host,
         )
 
-    def _abort(self, error: DeliveryError | None) -> None:
+    def _abort(self, error: DeliveryError | None, *, shifted: bool = False) -> None:
         """The session cannot go on: settle everything outstanding and drop the connection.
 
         ``error`` goes to whatever was waiting before its content was sent; a transaction
@@ -981,7 +985,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         its own copy of ``error`` keeping them (:func:`cut_short`), and one still queued
         behind them a copy saying that none of its commands went (:func:`not_written`).
         With ``error`` None (a 421, or 354 without recipients), transactions not yet
-        answered fail as "not usable".
+        answered fail as "not usable". With ``shifted`` (a reply that could not answer its
+        command), no reply an active transaction got decides it: ``error`` does.
         """
         if self._aborted:
             return
@@ -1006,6 +1011,8 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         for txn in active:
             if txn.data_reply is not None and txn.data_reply.code == 354 and not txn.dot_pending:
                 txn.settle(txn.result(uncertain=True, cause=error))
+            elif shifted:
+                txn.settle(error)
             elif txn.decided:
                 # Refused already (a pipelined MAIL, or every RCPT): the refusal stands,
                 # as it does without PIPELINING, where the transaction ended at it.
