@@ -1202,3 +1202,57 @@ async def test_a_surplus_reply_to_the_dot_decides_no_recipient_of_the_next_messa
     assert first.final is not None and first.final.code == 250
     assert isinstance(outcome, SMTPProtocolError), outcome
     assert answered_before(outcome) is None, answered_before(outcome)
+
+
+def answering_the_dot_and_a_half() -> Handler:
+    """A peer with PIPELINING that refuses RCPT for ``nobody`` and answers the final dot
+    with its reply and the start of a second one, whose end it sends with its reply to
+    the next command."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hostile.test ESMTP\r\n")
+        rest = b""
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(PIPELINING)
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n250 2.0.0 que")
+                rest = b"ued again\r\n"
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                refused = verb == b"RCPT" and b"<nobody@" in line
+                writer.write(rest + (b"550 5.1.1 no such user\r\n" if refused else b"250 ok\r\n"))
+                rest = b""
+            await writer.drain()
+
+    return handle
+
+
+async def test_the_start_of_a_reply_nobody_asked_for_ends_the_session() -> None:
+    """Octets left over once every reply owed is read are a reply too many, split across
+    reads: kept, they completed with the next read and answered the next message's MAIL,
+    every reply after it one command early, so that bob, accepted by the server, was
+    refused at DATA with the 550 meant for nobody. The session now ends there, before the
+    next message goes, which another connection takes."""
+    async with peer(answering_the_dot_and_a_half()) as port:
+        conn = await open_to(port, starttls=StartTLS.NEVER)
+        first = await send(conn)
+        assert first.final is not None and first.final.code == 250
+        await eventually(lambda: not conn.usable, "the session to end")
+        assert isinstance(conn.error, SMTPProtocolError)
+        assert "no command outstanding" in str(conn.error)
+        with pytest.raises(DeliveryError, match="not usable"):
+            await conn.send(
+                envelope_from="a@a.test",
+                recipients=["bob@b.test", "nobody@b.test"],
+                data=b"Subject: hi\r\n\r\nhello\r\n",
+                smtputf8=False,
+                eightbit=False,
+            )
+        await conn.close()

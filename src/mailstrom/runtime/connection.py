@@ -745,6 +745,13 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
                     # The session forgets the commands the server will never answer.
                     self._abort(None)
                     return
+            if not answerable and session.buffered:
+                # The start of a reply beyond those owed, split from its end: kept, it
+                # would complete with the next read and answer the next command sent.
+                raise SMTPProtocolError(
+                    f"reply with no command outstanding: {session.buffered} octets "
+                    "after the last reply owed"
+                )
         except DeliveryError as exc:  # the peer broke the protocol, or our write failed
             exc.host = exc.host or self.host
             # A reply that cannot answer its command may be one meant for another: a

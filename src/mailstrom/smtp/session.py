@@ -206,6 +206,11 @@ class ClientSession:
         return self._pending[0][0] if self._pending else None
 
     @property
+    def buffered(self) -> int:
+        """Octets received that are not part of a reply handed out yet (the start of one)."""
+        return self._parser.buffered
+
+    @property
     def extensions(self) -> Mapping[str, str]:
         """EHLO keywords → parameters, e.g. ``{"SIZE": "1000", "AUTH": "PLAIN LOGIN"}``."""
         return self._extensions_view
