@@ -2072,30 +2072,20 @@ class PostgresStore:
         self, message_id: str, addresses: Sequence[str] | None
     ) -> RecipientsFound:
         """The recipients of ``message_id`` named by ``addresses`` (see
-        Store.recipients_by_address), without history. First the addresses as given, in
-        the (message_id, address) key; only when one is not found so (a recipient stored
-        in another case, or a name no recipient of this message has), every recipient of
-        the message is folded and compared, and that second statement's result is the one
-        returned."""
+        Store.recipients_by_address), without history: one statement, which folds the
+        message's addresses in its key (a name found as written may have other cases
+        stored beside it, which the contract returns too)."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
         if addresses is None:
-            return self._recipients_found("recipients_by_address", message_id, None)
-        given = [a for a in addresses if comparable(a)]
-        wanted = {ascii_lower(a) for a in given}
-        exact = self._recipients_found(
-            "recipients_by_exact_address", message_id, sorted(set(given))
-        )
-        seen = {ascii_lower(r.address) for r in exact.message.recipients}
-        # A message of one recipient shows it whatever was asked for: found, it is all.
-        if bool(seen) if exact.single else wanted <= seen:
-            return exact
-        return self._recipients_found("recipients_by_address", message_id, sorted(wanted))
+            return self._recipients_found(message_id, None)
+        wanted = {ascii_lower(a) for a in addresses if comparable(a)}
+        return self._recipients_found(message_id, sorted(wanted))
 
-    def _recipients_found(
-        self, name: str, message_id: str, addresses: list[str] | None
-    ) -> RecipientsFound:
-        read = self._fetch_dicts(name, {"id": message_id, "addresses": addresses})
+    def _recipients_found(self, message_id: str, addresses: list[str] | None) -> RecipientsFound:
+        read = self._fetch_dicts(
+            "recipients_by_address", {"id": message_id, "addresses": addresses}
+        )
         found = rows.messages_from_rows(read, strict=True)
         if not found:
             raise UnknownMessage(message_id)

@@ -2036,10 +2036,13 @@ WITH msg AS (
 )
 SELECT (SELECT count(*) FROM msg), (SELECT count(*) FROM updated);
 
--- name: _named_recipients
--- The head of recipients_by_address and recipients_by_exact_address: the message's
--- columns, whether it has one recipient only (r_single: two rows of the key at most),
--- and its recipients, joined on the condition each query adds.
+-- name: recipients_by_address
+-- The recipients of message %(id)s whose address, its ASCII letters folded (as SQLite's
+-- lower() folds them), is one of %(addresses)s: all of them when it is NULL, or when the
+-- message has one recipient only (r_single: two rows of the key at most). Without
+-- history or pauses (t and a stay empty). Every address of the message is folded, as
+-- another case of a name asked for may be stored beside it, but in the (message_id,
+-- address) key (n); only the rows of those found are read, by that key (r).
 -- include: _status_columns
      , s.single AS r_single
 FROM messages m
@@ -2049,31 +2052,17 @@ CROSS JOIN LATERAL (
     FROM (SELECT 1 FROM recipients c WHERE c.message_id = %(id)s
           ORDER BY c.address LIMIT 2) c
 ) s
+CROSS JOIN LATERAL (
+    SELECT ARRAY(
+        SELECT k.address FROM recipients k
+        WHERE k.message_id = %(id)s
+          AND (%(addresses)s::text[] IS NULL OR s.single
+               OR translate(k.address, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ',
+                            'abcdefghijklmnopqrstuvwxyz') = ANY(%(addresses)s::text[]))
+    ) AS addresses
+) n
 LEFT JOIN recipients r
-       ON r.message_id = m.id
-
--- name: recipients_by_address
--- The recipients of message %(id)s whose address, its ASCII letters folded (as SQLite's
--- lower() folds them), is one of %(addresses)s: all of them when it is NULL, or when the
--- message has one recipient only (r_single, found from two rows of the key at most).
--- Without history or pauses (t and a stay empty): walked by the (message_id, address)
--- key, a bounce about one recipient of a message of 50,000 builds one.
--- include: _named_recipients
-      AND (%(addresses)s::text[] IS NULL OR s.single
-           OR translate(r.address, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
-              = ANY(%(addresses)s::text[]))
-LEFT JOIN destination_throttles t ON false
-LEFT JOIN attempts a ON false
-WHERE m.id = %(id)s
-ORDER BY r.position;
-
--- name: recipients_by_exact_address
--- recipients_by_address for the addresses %(addresses)s exactly as stored (r_single as
--- there): found in the (message_id, address) key, not by folding each recipient of the
--- message (50,000 for a bounce about one of them). The caller falls back on
--- recipients_by_address when some address is not found so.
--- include: _named_recipients
-      AND r.address = ANY(%(addresses)s::text[])
+       ON r.message_id = m.id AND r.address = ANY(n.addresses)
 LEFT JOIN destination_throttles t ON false
 LEFT JOIN attempts a ON false
 WHERE m.id = %(id)s
