@@ -940,3 +940,46 @@ def test_a_message_queued_before_a_key_was_replaced_under_its_selector_is_signed
     assert [v.result for v in verdicts] == ["pass", "pass"], verdicts
     assert status.dkim is not None
     assert [(s.domain, s.selector, s.algorithm.value) for s in status.dkim.signatures] == sent
+
+
+@pytest.mark.parametrize("eightbitmime", [True, False], ids=["8bitmime", "7bit-only"])
+def test_an_application_signed_8bit_body_keeps_its_signature_beside_ours(
+    mailstrom: tuple[Mailstrom, Results],
+    receivers: dict[bool, Any],
+    dns_server: LoopbackDNS,
+    eightbitmime: bool,
+) -> None:
+    """A raw message with an 8-bit body that the application signed itself (dkimpy, a
+    selector of its own), which send_email signs too. Its body was made 7-bit before
+    ours were made, which broke the application's signature at every receiver, those
+    offering 8BITMIME (almost all) too. Signed content goes as it came; where the worker
+    must make it 7-bit (no 8BITMIME) it signs ours anew over the bytes it sends."""
+    ms, results = mailstrom
+    app = DKIMKey(domain="sender.test", selector="app1", private_key=generate_private_key(RSA))
+    publish(dns_server, DKIMConfig(keys=(app,)))
+    domain = "modern.test" if eightbitmime else "old.test"
+    raw = (
+        f"From: app@sender.test\r\nTo: bob@{domain}\r\nSubject: A\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße  aus Köln \r\n"
+    ).encode()
+    field = dkimpy.sign(
+        raw,
+        b"app1",
+        b"sender.test",
+        app.private_key,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[b"from", b"to", b"subject"],
+    )
+    mid = ms.send_email(field + raw)
+    results.wait_count(1)
+    assert ms.query_status(mid).state is RecipientState.DELIVERED
+    [received] = receivers[eightbitmime].wait_for_messages(1)
+    assert [t["s"] for t in signature_tags(received.content)] == ["rsa", "ed", "app1"]
+    if eightbitmime:
+        assert_all_pass(received.content, dns_server, signatures=3)
+        assert "BODY=8BITMIME" in received.mail_options
+    else:
+        # Re-encoded, the application's own cannot verify; ours, made anew, do.
+        verdicts = verify_dkimpy(received.content, dns_server)
+        assert [v.result for v in verdicts] == ["pass", "pass", "fail"], verdicts

@@ -17,7 +17,9 @@ it.
 
 The caller (``prepare``) makes the body 7-bit first, so no server along the way has a
 reason to re-encode it; the signature then holds whether or not the receiver offers
-8BITMIME.
+8BITMIME. Not a body the message came signed with (its own signature would break):
+a worker that re-encodes it for a server without 8BITMIME signs ours anew
+(:func:`resign_stale_top` with ``downgraded``).
 """
 
 from __future__ import annotations
@@ -258,6 +260,7 @@ def resign_stale_top(
     now: datetime,
     before: timedelta = RESIGN_BEFORE,
     ours: int | None = None,
+    downgraded: bool = False,
 ) -> tuple[bytes, DKIMStatus, int, int] | None:
     """:func:`resign_stale`, with how many octets at the start of ``data`` (the signature
     fields on top) the start of the bytes returned replaces: the rest, ``data[n:]``, ends
@@ -265,7 +268,11 @@ def resign_stale_top(
     ours (those made now, then ours kept). What a worker keeps to send the same bytes
     again (:class:`~mailstrom.dkim.resigned.ResignedMessages`), which asks of them again
     with ``ours``: the fields in that many octets on top are ours, whatever their
-    ``t=`` (those kept were made before), and no other is."""
+    ``t=`` (those kept were made before), and no other is.
+
+    ``downgraded``: ``data`` is the worker's 7-bit downgrade of the message, whose body
+    no longer hashes as when ours were made. Every one of ours is stale: those of a
+    key domain with keys now are made anew over these bytes, the others go."""
     if not data.startswith(_SIGNATURE):
         return None
     deadline: int | None = None
@@ -373,6 +380,10 @@ def resign_stale_top(
         at = end
     if pending:
         _own_pending(data, at, dkim, fields, pending, current_keys, rotated)
+    if downgraded:
+        for start, _, _, owner, *_ in fields:
+            if start < ours_end and owner is not None and owner not in domains:
+                domains.append(owner)
     # A key domain with a signature of ours by a key rotated away is signed anew.
     for name, algorithm in rotated:
         if name not in domains and _stale(dkim, current_keys, name, algorithm):
@@ -394,6 +405,7 @@ def resign_stale_top(
         field
         for field in fields
         if field[0] not in expired
+        and not (downgraded and field[0] < ours_end)
         and not (
             field[3] in domains and (field[6] or _stale(dkim, current_keys, field[3], field[5]))
         )

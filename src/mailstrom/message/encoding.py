@@ -421,6 +421,14 @@ _BODY_SIGNATURES = (b"dkim-signature", b"arc-message-signature")
 """Header fields whose signature covers the message's body (RFC 6376, RFC 8617)."""
 
 
+def has_body_signature(data: bytes) -> bool:
+    """Whether the top header section of ``data`` (CRLF line ends) has a field whose
+    signature covers the body (:data:`_BODY_SIGNATURES`): a body that must go as it is."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[: end + 2]
+    return any(_has_field(head, name) for name in _BODY_SIGNATURES)
+
+
 def _refuse_signed(data: bytes, start: int, end: int, what: str) -> None:
     """Raise :class:`LineTooLong` for the first line over :data:`MAX_LINE` octets in
     ``data[start:end]``, signed content (``what``), if it has one."""

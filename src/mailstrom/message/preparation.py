@@ -45,6 +45,7 @@ from mailstrom.message.encoding import (
     check_line_lengths,
     downgrade_to_7bit,
     encode_long_lines,
+    has_body_signature,
     serialise,
     to_crlf,
 )
@@ -388,7 +389,10 @@ def _sign(
     An 8-bit body is made 7-bit first: a server without 8BITMIME would otherwise get it
     re-encoded by the worker, which changes the signed body and breaks every signature
     (RFC 6376 §5.3). A 7-bit body reaches every receiver exactly as signed, so the worker's
-    downgrade never applies to a signed message. UTF-8 header fields stay as they are:
+    downgrade never applies to a signed message. Not one the message came signed with
+    (the application's own DKIM or ARC signature): re-encoded here, that broke at every
+    receiver; it goes as it came, and a worker that must make it 7-bit for a server
+    without 8BITMIME signs ours anew over what it sends. UTF-8 header fields stay as they are:
     they need SMTPUTF8, which implies 8BITMIME (RFC 6531 §3.1), and are signed as octets
     (RFC 8616 §4).
     """
@@ -402,7 +406,7 @@ def _sign(
                 domains=envelope.from_domains,
             )
         return data, body, ()
-    if not body.isascii():
+    if not body.isascii() and not has_body_signature(data):
         data = downgrade_to_7bit(data)
         body = data[data.find(b"\r\n\r\n") :]
     signed, signatures = sign(data, keys, now=now, expire=dkim.expire, send_at=send_at)

@@ -1288,6 +1288,10 @@ class Dispatcher:
                     from mailstrom.message.encoding import downgrade_to_7bit
 
                     work.seven_bit = downgrade_to_7bit(data)
+                    if self._config.dkim is not None and work.seven_bit.startswith(
+                        b"DKIM-Signature:"
+                    ):
+                        self._resign_downgraded(work, self._config.dkim)
                 data, eightbit = work.seven_bit, False
             # RFC 3461 parameters go only to a server that offers DSN.
             dsn_mail, dsn_rcpt = dsn_params(item) if "DSN" in conn.extensions else (b"", ())
@@ -1339,6 +1343,25 @@ class Dispatcher:
             data, status = signed
             work.item = replace(item, data=data, dkim=status)
             work.seven_bit = None  # of the bytes before
+
+    def _resign_downgraded(self, work: _Work, dkim: DKIMConfig) -> None:
+        """Sign ``work``'s 7-bit downgrade anew with our keys: a message that came
+        signed by the application keeps its 8-bit body (see ``prepare``), and ours,
+        made over that body, would fail over the re-encoded one."""
+        from mailstrom.dkim.signing import resign_stale_top
+
+        assert work.seven_bit is not None
+        try:
+            found = resign_stale_top(
+                work.seven_bit, dkim, now=self._outcomes.now(), downgraded=True
+            )
+        except Exception:
+            # As in _resign_stale: a bug here must not hold the mail back.
+            log.exception("signing %s anew after the 7-bit downgrade failed", work.item.message_id)
+            return
+        if found is not None:
+            work.seven_bit = found[0]
+            work.item = replace(work.item, dkim=found[1])
 
     def _fail_utf8_recipients(self, conn: SMTPConnection, work: _Work, where: Where) -> None:
         """At ``conn``, a server without SMTPUTF8, fail the recipients of ``work`` whose own
