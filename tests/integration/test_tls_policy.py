@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -130,6 +131,32 @@ def test_broken_tls_is_remembered_one_connection_per_attempt_after_the_first(
     assert a.state is b.state is RecipientState.DELIVERED
     assert not a.tls and not b.tls
     assert b.history[-1].tls_policy == "none"
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_broken_tls_noted_by_a_clock_since_set_back_is_not_kept_for_the_step(
+    smtp_server: Any,
+    dns_server: LoopbackDNS,
+    mailstrom: MakeMailstrom,
+    results: Results,
+    tmp_path: Any,
+    kind: str,
+) -> None:
+    """A host's broken TLS noted while the clock was a day ahead (an hour's memory, the
+    default) ends a day and an hour after the clock was set right: every worker sharing
+    the store sent the host's mail in plaintext for that day, although it offers
+    STARTTLS."""
+    mx = smtp_server()
+    route(dns_server, "example.org", "mx.test", mx.host)
+    store: Store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "q.db")
+    ahead = FakeClock()() + timedelta(days=1)
+    store.note_tls_broken("mx.test", until=ahead + timedelta(hours=1), reason="x", now=ahead)
+    ms = mailstrom(mx.port, store=store)
+    mid = ms.send_email(hello("a@example.org"))
+    results.wait_final({"a@example.org"})
+    [received] = mx.wait_for_messages(1)
+    assert received.tls
+    assert ms.query_status(mid).recipient("a@example.org").history[-1].tls_policy != "none"
 
 
 def test_broken_tls_is_never_remembered_into_plaintext_under_verify(

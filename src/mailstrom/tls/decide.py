@@ -62,6 +62,7 @@ from typing import Protocol
 
 from mailstrom.config import Config, RelayTLS
 from mailstrom.errors import DaneRequired, RequireTLSFailure, TemporaryFailure
+from mailstrom.policy.throttle import CLOCK_SET_BACK
 from mailstrom.tls.levels import TLSPolicy
 from mailstrom.tls.requirement import PolicySource, TLSMode, TLSRequirement
 
@@ -159,11 +160,21 @@ class BrokenTLS:
 
     def load(self, remaining: dict[str, float]) -> None:
         """Add what the store knows, ``{host: seconds still to remember}`` (the later
-        time wins), and forget what expired."""
+        time wins), and forget what expired.
+
+        A note with more than ``remember_for`` and
+        :data:`~mailstrom.policy.throttle.CLOCK_SET_BACK` left was written by a clock
+        since set back (a host a day ahead, corrected by NTP), as a pause that starts that
+        far ahead is (:func:`~mailstrom.policy.throttle.pause_runs`): kept, the store's
+        entry sent the host's mail in plaintext for the whole step, and each read made it
+        whole again here. It is passed over; a handshake that still fails notes the host
+        anew. (A worker configured for over an hour less than the one that noted it
+        passes it over too, and pays one handshake for it.)"""
         now = self._clock()
+        longest = self.remember_for + CLOCK_SET_BACK.total_seconds()
         known = {h: u for h, u in self._until.items() if u > now}
         for host, seconds in remaining.items():
-            if seconds > 0:
+            if 0 < seconds <= longest:
                 known[host] = max(known.get(host, 0.0), now + seconds)
         self._until = known
 
