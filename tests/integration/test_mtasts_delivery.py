@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import trustme
 from mailstrom import Email, RecipientState
 from mailstrom.client import Mailstrom
 from mailstrom.config import Config, MTASTSConfig
+from mailstrom.mtasts.policy import CachedPolicy, parse_policy
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
 from mailstrom.tls.levels import TLSPolicy
@@ -284,6 +285,23 @@ def test_new_id_is_refetched_and_applied(
     again, _ = send(zone, https, mx.port, client_tls_context, store=store)
     assert again.state is RecipientState.DELIVERED
     assert https.count() == 2
+
+
+def test_a_policy_cached_by_a_clock_since_set_back_is_refreshed(
+    zone: LoopbackDNS, https: HTTPSServer, smtp_server: Any, client_tls_context: ssl.SSLContext
+) -> None:
+    """A policy fetched while the clock was a year ahead (corrected by NTP since) was
+    due for its refresh only a year and half its max_age on: the domain's new MX host,
+    listed in the policy it now serves under the same id, was refused all that time."""
+    https.policy(policy("enforce", "mx1.test"))
+    mx = smtp_server(name="mx1.test")
+    store = MemoryStore()
+    ahead = datetime.now(UTC) + timedelta(days=365)
+    old = parse_policy(policy("enforce", "mx.other.example").encode())
+    store.save_mta_sts_policy(CachedPolicy.of("example.org", "one", old, ahead))
+    status, _ = send(zone, https, mx.port, client_tls_context, store=store)
+    assert status.state is RecipientState.DELIVERED
+    assert https.count() == 1
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from enum import StrEnum
 
 from mailstrom.errors import MailstromError
 from mailstrom.message.chars import shorten
+from mailstrom.policy.throttle import CLOCK_SET_BACK
 
 MAX_POLICY_SIZE = 64 * 1024
 """Octets of a policy file read at most (RFC 8461 §3.3 lets senders bound it; 64 KiB is the
@@ -141,15 +142,21 @@ class CachedPolicy:
         lifetime (at most a day) has passed. RFC 8461 §10.2 asks senders to refresh before
         expiry, so that an attacker must block the fetch for the rest of the lifetime
         (not just at the moment it runs out) to make a sender forget the policy."""
-        return now >= self._refresh_at()
+        return now >= self._refresh_at(now)
 
     def look_again_at(self, now: datetime) -> datetime:
         """When a worker that remembers this policy must look at the domain again: when a
         refresh is due or, once that has passed (the refresh failed), when it expires."""
-        refresh = self._refresh_at()
+        refresh = self._refresh_at(now)
         return refresh if now < refresh else self.expires_at
 
-    def _refresh_at(self) -> datetime:
+    def _refresh_at(self, now: datetime) -> datetime:
+        if self.fetched_at - now > CLOCK_SET_BACK:
+            # Fetched by a clock since set back (a host a year ahead, corrected by NTP):
+            # its refresh lay as far ahead, and a policy changed under the same id (the
+            # domain's new MX host) went unseen all that time. Due now; until a fetch
+            # replaces it, it still applies, as a policy whose refresh failed does.
+            return now
         lifetime = self.expires_at - self.fetched_at
         return self.fetched_at + min(lifetime / 2, REFRESH_AFTER)
 
