@@ -498,3 +498,29 @@ def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.01)  # polling a status; nothing to wait on
     return predicate()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])
+def test_a_suppressed_recipient_counts_no_attempt_in_its_status_or_event(
+    mailstrom: MakeMailstrom, results: Results, tmp_path: Path, request: Any, kind: str
+) -> None:
+    """No server was asked for a recipient on the list: its status and its event say
+    0 attempts and an empty history, as a cancel's does, not 1."""
+    if kind == "memory":
+        store: Store = MemoryStore()
+    elif kind == "sqlite":
+        store = SQLiteStore(tmp_path / "q.db")
+    else:
+        store = PostgresStore(request.getfixturevalue("postgres_url"))
+    ms = mailstrom(store, events=True)
+    ms.suppress("nobody@example.org", "550 5.1.1 earlier bounce")
+    mid = ms.send_email(hello("nobody@example.org"))
+    results.wait_final({"nobody@example.org"})
+
+    nobody = ms.query_status(mid).recipient("nobody@example.org")
+    assert nobody.reason_class is ReasonClass.SUPPRESSED
+    [event] = [e for e in ms.store.read_events() if e.message_id == mid]
+    ms.stop(timeout=5)
+    store.close()  # before a PostgreSQL database asked for here is dropped
+    assert (nobody.attempts, nobody.history) == (0, ())
+    assert (event.state, event.attempt) == (FAILED, 0)

@@ -419,6 +419,7 @@ class Outcomes:
                 size=len(item.data),
                 envelope_from=item.envelope_from,
                 dkim=item.dkim,
+                attempted=False,  # no server was asked: see RecipientResult.attempted
             )
             for r in item.recipients
         ]

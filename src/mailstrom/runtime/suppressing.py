@@ -83,6 +83,7 @@ def _suppressed(
         queued_at=recipient.created_at,
         size=len(item.data),
         envelope_from=item.envelope_from,
+        attempted=False,  # no server was asked: see RecipientResult.attempted
     )
 
 

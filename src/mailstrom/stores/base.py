@@ -743,9 +743,12 @@ class RecipientResult:
     attempted: bool = True
     """False for a result that was no attempt at the destination: this host could not
     make one (a local resource shortage, :class:`~mailstrom.errors.LocalResourceShortage`:
-    no server was asked). The store records its state, reason and next attempt time as
-    any result's, but neither counts an attempt nor adds one to the history: a host out
-    of file descriptors for an hour must not spend its recipients' ``max_attempts``."""
+    no server was asked), or decided without one (a suppressed or expired recipient).
+    The store records its state, reason and next attempt time as any result's, but
+    neither counts an attempt nor adds one to the history: a host out of file
+    descriptors for an hour must not spend its recipients' ``max_attempts``, and a
+    recipient never tried must not read as tried once (``attempts`` 1 in its status and
+    its event, where a cancel of it says 0)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
