@@ -13,6 +13,7 @@ import pytest
 from tests.contract.support import NOW, SECOND, lease_all, message, results_for
 
 from mailstrom.message.attributes import QueueAttributes
+from mailstrom.message.prepared import PreparedMessage
 from mailstrom.readmodel import QueueQuery, QueueView, SortOrder
 from mailstrom.readmodel import memory as memory_model
 from mailstrom.readmodel.memory import MemoryReadModel
@@ -260,3 +261,48 @@ def test_a_message_id_header_is_looked_up_not_searched_for() -> None:
     )
     assert store.purge_many([ids[8]]) == 1
     assert store.message_ids_for_header("<m8@example.com>") == [ids[1008]]
+
+
+def _bodies() -> int:
+    """Prepared messages (bodies included) anything still holds."""
+    gc.collect()
+    return sum(isinstance(o, PreparedMessage) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("how", ["delivered", "cancelled"])
+def test_a_purge_leaves_nothing_of_its_messages_in_the_due_index(how: str) -> None:
+    """Was: the due index kept the entry each lease files at its end (and the one a
+    cancelled message had at its due time) until a lease or a sweep came to it: behind
+    one deferred recipient due earlier, 1,000 messages delivered (or cancelled) and
+    purged were all still held, bodies and all. A purge takes them off at once."""
+    store = MemoryStore()
+    store.enqueue(message("x@down.example"), now=NOW)
+    store.record(
+        results_for(
+            store.lease(now=NOW, limit=1, lease_for=HOUR),
+            RecipientState.DEFERRED,
+            next_attempt_at=NOW + MINUTE,
+        )
+    )
+    before = _bodies()
+    count = 1000
+    later = QueueAttributes(send_at=NOW + DAY)
+    store.enqueue_many(
+        [
+            dataclasses.replace(message(f"u{n}@d{n % 7}.example"), attributes=later)
+            if how == "cancelled"
+            else message(f"u{n}@d{n % 7}.example")
+            for n in range(count)
+        ],
+        now=NOW,
+    )
+    if how == "cancelled":
+        assert store.cancel_many([m.id for m in store.recent(count)], now=NOW) == count
+    else:
+        lease = store.lease(now=NOW, limit=count, lease_for=HOUR)
+        store.record(results_for(lease, RecipientState.DELIVERED))
+    assert store.purge(finished_before=NOW + SECOND) == count
+    assert store.next_due(now=NOW + SECOND) == NOW + MINUTE
+    assert store.lease(now=NOW + SECOND, limit=10, lease_for=HOUR) is None
+    assert _bodies() == before
+    assert store._due._entries <= 4

@@ -723,8 +723,11 @@ class MemoryStore(
         """Delete these messages, and the idempotency keys that name them, as the durable
         stores' foreign keys do (call under the lock): a key left behind was kept for
         good, one per keyed message ever purged."""
-        for mid in message_ids:
-            prepared = self._messages.pop(mid).prepared
+        gone = [self._messages.pop(mid) for mid in message_ids]
+        # After they are out of _messages: the index tells its entries of them by that.
+        self._due.drop(gone)
+        for m in gone:
+            mid, prepared = m.id, m.prepared
             header = prepared.header_message_id
             if header is not None and (same := self._by_header.get(header)) is not None:
                 same.pop(mid, None)

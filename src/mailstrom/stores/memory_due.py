@@ -104,6 +104,60 @@ class DueIndex:
         for r in m.recipients.values():
             self.push(m, r)
 
+    def drop(self, gone: Collection[_Message]) -> None:
+        """Take every entry of the ``gone`` messages (deleted from the store) off the
+        index, and every head that points at one. Left for a lease or a sweep to come
+        to, an entry filed at a lease's end, or at a time the message was cancelled
+        before, kept its message and body after the purge: behind one deferred
+        recipient due earlier, 1,000 messages delivered and purged were all still
+        held. The destinations filtered are those still holding an entry of theirs
+        (:attr:`_Recipient.filed`), the heads those of their lanes."""
+        lanes: set[str] = set()
+        keys: set[tuple[str, str]] = set()
+        for m in gone:
+            lane = m.prepared.attributes.priority or ""
+            lanes.add(lane)
+            keys.update((lane, r.domain) for r in m.recipients.values() if r.filed)
+        if not lanes:
+            return
+        moving = self._moving
+        dests = [self._domains.get(key) for key in keys]
+        if moving is not None and (moving.lane, moving.domain) in keys:
+            dests.append(moving)
+        messages = self._messages
+        for dest in dests:
+            if dest is None:
+                continue
+            entries = dest.entries
+            kept = [e for e in entries if messages.get(e[4].id) is e[4]]
+            if len(kept) < len(entries):
+                self._entries -= len(entries) - len(kept)
+                _unfile(entries, kept)
+                entries[:] = kept  # in place: a sweep moving this heap holds the list
+                heapq.heapify(entries)
+                if not entries:
+                    self._forget(dest)
+        replaced: list[_Destination] = []
+        for lane in lanes:
+            heads = self._lanes.get(lane)
+            if not heads:
+                continue
+            fresh = []
+            for head in heads:
+                first = head[4]
+                if messages.get(first[4].id) is first[4]:
+                    fresh.append(head)
+                elif head[5].head == head[3]:
+                    head[5].head = 0  # led by an entry gone: placed again below
+                    replaced.append(head[5])
+            if len(fresh) < len(heads):
+                self._entries -= len(heads) - len(fresh)
+                heapq.heapify(fresh)
+                heads[:] = fresh
+        for dest in replaced:
+            if dest.entries:
+                self._place(dest, dest.entries[0])
+
     def lanes(self) -> list[str]:
         return list(self._lanes)
 
@@ -131,6 +185,7 @@ class DueIndex:
         key = (lane, entry[5].domain)
         dest = self._domains.get(key)
         self._entries += 1
+        entry[5].filed += 1
         if dest is None:
             dest = self._domains[key] = _Destination(lane, key[1])
             dest.entries.append(entry)
@@ -194,6 +249,7 @@ class DueIndex:
         first, dest = head[4], head[5]
         entries = dest.entries
         heapq.heappop(entries)
+        first[5].filed -= 1
         if entries:
             after = entries[0]
             number = self._heads = self._heads + 1
@@ -248,6 +304,7 @@ class DueIndex:
             if not self._current(gen, m, r):
                 heapq.heappop(entries)
                 self._entries -= 1
+                r.filed -= 1
             elif due != r.due_at():
                 r.due_gen += 1
                 heapq.heapreplace(entries, (r.due_at(), m.seq, r.position, r.due_gen, m, r))
@@ -314,6 +371,7 @@ class DueIndex:
                 kept = self._kept(entries)
                 if len(kept) < looked:
                     self._entries -= looked - len(kept)
+                    _unfile(entries, kept)
                     heapq.heapify(kept)
                     dest.entries = kept  # its head, if earlier now, is put right when read
                     if not kept:
@@ -328,6 +386,7 @@ class DueIndex:
                 chunk = entries[-SWEEP_STEP:]
                 del entries[-SWEEP_STEP:]
                 self._entries -= len(chunk)
+                _unfile(chunk, ())
                 if not entries:
                     self._forget(dest)
                 for entry in self._kept(chunk):
@@ -353,6 +412,14 @@ class DueIndex:
                 self._parked[domain] = left
             else:
                 del self._parked[domain]
+
+
+def _unfile(entries: Collection[Entry], kept: Collection[Entry]) -> None:
+    """Count off their recipients the ``entries`` taken off a heap, but those ``kept``."""
+    for entry in entries:
+        entry[5].filed -= 1
+    for entry in kept:
+        entry[5].filed += 1
 
 
 class Reading:

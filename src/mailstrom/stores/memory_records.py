@@ -80,6 +80,9 @@ class _Recipient:
     """What the notice owed its sender for its result says of it (the mark), or None."""
     due_gen: int = 0
     """The number of its current entry in the store's due index (memory_due.py)."""
+    filed: int = 0
+    """How many entries of it, current or stale, the due index holds: those of a purged
+    message are taken off at its purge (:meth:`DueIndex.drop`)."""
 
     def take(
         self,
