@@ -306,3 +306,29 @@ def test_a_purge_leaves_nothing_of_its_messages_in_the_due_index(how: str) -> No
     assert store.lease(now=NOW + SECOND, limit=10, lease_for=HOUR) is None
     assert _bodies() == before
     assert store._due._entries <= 4
+
+
+def test_taking_owed_notices_a_batch_at_a_time_reads_each_batch() -> None:
+    """Was: each look for the notices owed sorted every marked message by queue order,
+    and the worker asks again at once while it gets a full batch (100 messages): 20,000
+    messages owing one cost 20,000 lookups a look, 2 million to queue them all,
+    quadratic in the backlog. The batches are the same, in queue order."""
+    store = MemoryStore()
+    count = 20_000
+    ids = store.enqueue_many([message(f"u{n}@example.org") for n in range(count)], now=NOW)
+    lease = store.lease(now=NOW, limit=count, lease_for=HOUR)
+    # Recorded newest first: the marks' order is not the queue's.
+    failed = [
+        dataclasses.replace(result, notice="failed")
+        for result in reversed(results_for(lease, RecipientState.FAILED))
+    ]
+    store.record(failed)
+    messages = store._messages = _CountingMessages(store._messages)
+    taken: list[str] = []
+    while owed := store.owed_notices():
+        assert len(owed) == 100
+        taken += [entry.message_id for entry in owed]
+        store.queue_notices(owed, {}, now=NOW)
+    assert taken == ids
+    assert store.owed_notices() == []
+    assert messages.visited < 5 * count, messages.visited
