@@ -21,6 +21,7 @@ from mailstrom.status import DestinationThrottle, RecipientState
 from mailstrom.stores import MemoryStore, QueueFilter
 from mailstrom.stores.memory_operator import WALK_BATCH
 from mailstrom.stores.memory_records import _Event, _Message
+from mailstrom.suppression import Suppression, SuppressionSource
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
@@ -332,3 +333,54 @@ def test_taking_owed_notices_a_batch_at_a_time_reads_each_batch() -> None:
     assert taken == ids
     assert store.owed_notices() == []
     assert messages.visited < 5 * count, messages.visited
+
+
+class _CountingSuppressions(dict[str, Suppression]):
+    """The memory store's suppression list, counting the entries a prune reads."""
+
+    visited = 0
+
+    def items(self) -> Iterator[tuple[str, Suppression]]:  # type: ignore[override]
+        for item in super().items():
+            self.visited += 1
+            yield item
+
+    def get(self, key: str, default: object = None) -> Any:
+        self.visited += 1
+        return super().get(key, default)
+
+
+def test_pruning_suppressions_a_batch_at_a_time_reads_each_batch() -> None:
+    """Was: each prune walked every entry kept for the expired ones, and the worker
+    prunes a batch (1,000) per call until one is short: 10,000 expired among 20,000
+    entries, pruned 100 at a time, read 1.5 million entries, quadratic in the list. The
+    same entries go, soonest expired first."""
+    store = MemoryStore()
+    count = 20_000
+    store.suppress(
+        [
+            Suppression(
+                target=f"u{n}@example.org",
+                source=SuppressionSource.HARD_BOUNCE,
+                reply="550 no such user",
+                created_at=NOW - DAY,
+                expires_at=NOW + (n % 2 * 2 - 1) * (1 + n % 97) * MINUTE,
+            )
+            for n in range(count)
+        ]
+    )
+    # A replaced and a removed entry: their old ends are stale in what a prune reads.
+    later = store.suppressions_for(["u2@example.org"], now=NOW - DAY)["u2@example.org"]
+    store.suppress([dataclasses.replace(later, expires_at=NOW + HOUR)])
+    assert store.unsuppress(["u4@example.org"]) == 1
+    ends = {t: e.expires_at for t, e in store._suppressions.items()}
+    entries = store._suppressions = _CountingSuppressions(store._suppressions)
+    assert store.prune_suppressions(expired_before=NOW, limit=100) == 100
+    expired = sorted((end, t) for t, end in ends.items() if end is not None and end <= NOW)
+    assert [t for _, t in expired[:100] if t not in entries] == [t for _, t in expired[:100]]
+    assert all(t in entries for _, t in expired[100:])
+    while store.prune_suppressions(expired_before=NOW, limit=100) == 100:
+        pass
+    assert sorted(entries) == sorted(t for t, end in ends.items() if end is not None and end > NOW)
+    assert "u2@example.org" in entries
+    assert entries.visited < 5 * count, entries.visited

@@ -206,6 +206,7 @@ class MemoryStore(
         """Idempotency key -> (message id, until when it holds)."""
         self._suppressions: dict[str, Suppression] = {}
         self._suppression_order: list[str] | None = None
+        self._expiries: list[tuple[datetime, str]] = []
         self._verp_key = secrets.token_bytes(VERP_KEY_SIZE)
         self._owed: dict[str, None] = {}
         """Ids of the messages with a recipient marked "notice owed" (or marked since
