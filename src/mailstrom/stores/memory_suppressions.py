@@ -38,9 +38,8 @@ class MemorySuppressionsMixin:
     what a prune deletes, read from its top. Walking every entry for each batch of a
     prune (the worker prunes a batch a call until one is short), pruning 10,000 expired
     among 20,000 entries 100 at a time read 1.5 million. One whose entry was replaced or
-    removed is
-    stale, dropped when read, or when they are made again (more than twice the entries
-    kept, and :data:`_EXPIRIES_FLOOR`)."""
+    removed is stale: dropped when read, or when the heap is made again (past twice the
+    entries kept plus :data:`_EXPIRIES_FLOOR`)."""
     _verp_key: bytes
     _by_header: dict[str, dict[str, _Message]]
 
