@@ -961,6 +961,13 @@ class SQLiteStore:
             if not self._read_only:  # connection settings; nothing is written
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
+                # SQLite built with SECURE_DELETE (Debian's, Ubuntu's) wrote every freed
+                # page again, as zeros: a purge put each deleted body into the WAL (and
+                # then the file), so a batch of 500 messages of 1 MB grew the WAL by
+                # 500 MB, and a disk near full had no room to purge. FAST zeroes only
+                # what costs no extra write: a deleted body stays in free pages until
+                # the next messages take them, as with SQLite built without it.
+                conn.execute("PRAGMA secure_delete=FAST")
         except BaseException:
             # A file that is no database fails here already ("file is not a database"):
             # the caller never gets this connection to pool or close.
