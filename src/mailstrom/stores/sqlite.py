@@ -226,6 +226,13 @@ _BATCH_PAUSE = 0.01
 twice the longest sleep of a process waiting for it (``sqlite_lock``), so that a waiter
 gets in."""
 
+_WAL_KEPT = 8 << 20
+"""Bytes of its ``-wal`` file SQLite keeps when it starts writing it from the start again
+(``journal_size_limit``): twice what it holds between two automatic checkpoints (1,000
+pages of 4 KiB), so that steady work never shrinks and regrows it. Unlimited, the file
+kept the length of the largest transaction since the store opened (a ``send_emails`` of
+10 messages of 2 MB: 20 MB) for as long as any process had it open."""
+
 # --- opening -------------------------------------------------------------------------------
 
 _CORRUPT = frozenset([sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB])
@@ -968,6 +975,7 @@ class SQLiteStore:
                 # what costs no extra write: a deleted body stays in free pages until
                 # the next messages take them, as with SQLite built without it.
                 conn.execute("PRAGMA secure_delete=FAST")
+                conn.execute(f"PRAGMA journal_size_limit={_WAL_KEPT:d}")
         except BaseException:
             # A file that is no database fails here already ("file is not a database"):
             # the caller never gets this connection to pool or close.
