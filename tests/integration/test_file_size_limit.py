@@ -138,3 +138,40 @@ def test_a_worker_past_the_file_size_limit_keeps_its_results_until_it_is_raised(
     assert [ms.query_status(i).state for i in ids] == [RecipientState.DELIVERED] * len(ids)
     assert sorted(m.rcpt_tos[0] for m in mx.messages) == [f"u{i}@example.org" for i in range(5)]
     store.close()
+
+
+PURGE_AT_THE_LIMIT = textwrap.dedent(
+    """
+    import json, os, resource, sys
+    from datetime import timedelta
+    from mailstrom.status import RecipientState
+    from mailstrom.stores import SQLiteStore
+    from tests.contract.support import NOW, lease_all, message, results_for
+
+    path = sys.argv[1]
+    store = SQLiteStore(path)
+    data = b"Subject: big\\r\\n\\r\\n" + b"x" * 1_000_000 + b"\\r\\n"
+    ids = [store.enqueue(message("to@example.org", data=data), now=NOW) for _ in range(20)]
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    # No file may grow from here on, as on a disk with no room left.
+    limit = max(os.path.getsize(path), os.path.getsize(path + "-wal"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    purged = store.purge_many(ids, finished_before=NOW + timedelta(days=1))
+    print(json.dumps({"purged": purged, "messages": store.stats().messages}))
+    """
+)
+
+
+def test_a_purge_frees_room_where_no_file_may_grow(tmp_path: Path) -> None:
+    """Deleting 20 MB of delivered mail needs no room the files do not have: where
+    SQLite zeroes freed pages (SECURE_DELETE, Debian's build), the purge wrote the 20 MB
+    to the WAL again and failed past the limit, so a full disk could not be purged."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PURGE_AT_THE_LIMIT, str(tmp_path / "q.db")],
+        env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout) == {"purged": 20, "messages": 0}
