@@ -162,7 +162,7 @@ def test_an_event_line_shows_the_reply_s_controls_as_escapes(
 def test_a_message_shown_on_a_terminal_keeps_its_lines_only() -> None:
     data = f"Subject: x\r\n\r\nhello\tworld\r\nover\rwrite {ESC}[2J\xe9\n".encode() + b"\xff\n"
     shown = visible_lines(data)
-    assert shown == (b"Subject: x\r\n\r\nhello\tworld\r\nover\\x0dwrite \\x1b[2J\xc3\xa9\n\\xff\n")
+    assert shown == "Subject: x\r\n\r\nhello\tworld\r\nover\\x0dwrite \\x1b[2J\xe9\n\\xff\n"
 
 
 SUBJECT_MESSAGE = (
@@ -348,3 +348,66 @@ def test_a_list_is_written_before_its_last_element_is_made() -> None:
 
     print_json_list(elements(), out)
     assert json.loads(out.getvalue()) == [{"first": 1}, {"second": 2}]
+
+
+EIGHT_BIT_BODY = (
+    b"From: a@client.test\r\nTo: b@example.test\r\nSubject: x\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    + "caf\u00e9 \u00db2J gone\r\n".encode()
+)
+"""A body whose "Û" is C3 9B in UTF-8: 0x9B, on its own, is the 8-bit CSI to a terminal
+that is not in UTF-8 mode (the Linux console, xterm in a Latin-1 locale)."""
+
+
+def _on_a_terminal(cli: CLI, env: dict[str, str], *args: str) -> bytes:
+    """What ``mailstrom ARGS`` writes to a pseudo-terminal."""
+    import os
+    import pty
+
+    screen, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", cli.module, *args],
+        cwd=cli.cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+    )
+    os.close(terminal)
+    shown = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(screen, 65536)
+            except OSError:  # EIO: the command has ended and closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(screen)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    return shown
+
+
+@pytest.mark.parametrize(
+    ("locale", "shown"),
+    [
+        ({"PYTHONIOENCODING": "iso-8859-1"}, "caf\u00e9 \u00db2J gone".encode("iso-8859-1")),
+        ({"PYTHONIOENCODING": "ascii"}, rb"caf\xe9 \xdb2J gone"),
+        ({"LC_ALL": "C", "PYTHONUTF8": "0"}, rb"caf\xe9 \xdb2J gone"),
+    ],
+)
+def test_a_message_shown_on_a_terminal_that_is_not_utf8(
+    cli: CLI, locale: dict[str, str], shown: bytes
+) -> None:
+    """`show` wrote a message to a terminal as UTF-8 whatever its locale: on one that is
+    not UTF-8 a "Û" (C3 9B) reached it as an 8-bit CSI, and "Û2J" cleared the screen.
+    The message is shown in the terminal's encoding, as every other line of text is:
+    what it cannot hold as an escape."""
+    message_id = cli.ok("send", "--file", "-", stdin=EIGHT_BIT_BODY).out.strip()
+    env = {k: v for k, v in cli.env.items() if k not in ("PYTHONIOENCODING", "LANG", "LC_ALL")}
+    out = _on_a_terminal(cli, env | locale, "show", message_id)
+    assert b"\x9b" not in out
+    assert shown in out

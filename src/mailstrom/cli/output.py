@@ -71,11 +71,13 @@ def visible(text: str) -> str:
     return _CONTROL.sub(_escape, text)
 
 
-def visible_lines(data: bytes) -> bytes:
+def visible_lines(data: bytes) -> str:
     """``data`` (a message) for a terminal: line breaks and tabs kept, other control
-    characters and octets that are not UTF-8 shown as escapes."""
+    characters and octets that are not UTF-8 shown as escapes. Text, for standard output
+    to encode as the terminal's locale has it: written as UTF-8 to one that is not (the
+    Linux console, xterm in a Latin-1 locale), a "Û" (C3 9B) was an 8-bit CSI there."""
     text = data.decode("utf-8", "backslashreplace")
-    return _CONTROL_BUT_LAYOUT.sub(_escape, text).encode("utf-8")
+    return _CONTROL_BUT_LAYOUT.sub(_escape, text)
 
 
 def echo(text: str, stream: TextIO | None = None) -> None:

@@ -536,8 +536,11 @@ def show_command(args: argparse.Namespace) -> int:
     if args.headers:
         data = header_section(data)
     if not args.raw and is_tty():
-        # On a terminal, not in a file: what the message holds is shown, never obeyed.
-        data = visible_lines(data)
+        # On a terminal, not in a file: what the message holds is shown, never obeyed,
+        # in the terminal's encoding (what it cannot hold as escapes), as every line is.
+        sys.stdout.write(visible_lines(data))
+        sys.stdout.flush()
+        return EX_OK
     out.write(data)
     out.flush()
     return EX_OK
