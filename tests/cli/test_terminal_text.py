@@ -411,3 +411,20 @@ def test_a_message_shown_on_a_terminal_that_is_not_utf8(
     out = _on_a_terminal(cli, env | locale, "show", message_id)
     assert b"\x9b" not in out
     assert shown in out
+
+
+def test_a_suppression_export_shown_on_a_terminal_that_is_not_utf8(cli: CLI) -> None:
+    """`suppress export` wrote its CSV as UTF-8 to a terminal whatever its locale: a
+    server's reply kept with a hard bounce ("Û" is C3 9B) reached a terminal that is not
+    UTF-8 as an 8-bit CSI, and "Û2J" cleared the screen. On a terminal the CSV is shown
+    in its encoding; into a file or a pipe it is still UTF-8, as import reads it."""
+    reply = "550 5.1.1 \u00db2J unknown"
+    cli.ok("suppress", "add", "--source", "hard_bounce", "--reason", reply, "bob@example.test")
+    env = {k: v for k, v in cli.env.items() if k not in ("PYTHONIOENCODING", "LANG", "LC_ALL")}
+    out = _on_a_terminal(cli, env | {"PYTHONIOENCODING": "iso-8859-1"}, "suppress", "export")
+    assert b"\x9b" not in out
+    assert reply.encode("iso-8859-1") in out
+    out = _on_a_terminal(cli, env | {"PYTHONIOENCODING": "ascii"}, "suppress", "export")
+    assert b"\x9b" not in out
+    assert rb"550 5.1.1 \xdb2J unknown" in out
+    assert reply in cli.ok("suppress", "export").out  # a pipe: UTF-8

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from mailstrom.arguments import check_key
 from mailstrom.cli.context import settings_from, store_from, utc_now
 from mailstrom.cli.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, CLIError, exit_code_for
-from mailstrom.cli.output import cell, echo, print_json, print_table
+from mailstrom.cli.output import cell, echo, is_tty, print_json, print_table
 from mailstrom.cli.parsing import ArgumentParser, Subparsers, count_arg, duration_arg, path_arg
 from mailstrom.cli.reading import stdin_buffer
 from mailstrom.errors import InvalidArgument, StoreError
@@ -379,11 +379,14 @@ def _take_mode(fd: int, st: os.stat_result | None) -> None:
 def _export_to_stdout(entries: Iterator[Suppression]) -> None:
     """The CSV on standard output in UTF-8, as import reads it and as a file is written,
     whatever the locale makes ``sys.stdout`` (Latin-1 under a Latin-1 locale, where a
-    target it has no letters for stopped the export halfway)."""
+    target it has no letters for stopped the export halfway). But on a terminal, which
+    shows it and imports nothing, in the terminal's own encoding, as every other line is
+    (what it cannot hold as escapes): in UTF-8, a reply's "Û" (C3 9B) reached one that
+    is not UTF-8 as an 8-bit CSI."""
     from mailstrom.suppression_csv import write_csv
 
     binary = getattr(sys.stdout, "buffer", None)
-    if binary is None:  # replaced by a text stream without one: it takes str
+    if binary is None or is_tty():  # a text stream without one takes str, as a terminal
         write_csv(entries, sys.stdout)
         return
     sys.stdout.flush()
