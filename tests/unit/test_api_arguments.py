@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from mailstrom import AsyncMailstrom, Config, Email, Mailstrom
+from mailstrom import AsyncMailstrom, Config, Email, Mailstrom, prepare
 from mailstrom.errors import (
     ConfigError,
     InvalidArgument,
+    InvalidMessage,
     InvalidMessageType,
     InvalidQueueAttribute,
     InvalidSuppression,
@@ -567,3 +568,26 @@ def test_a_batch_error_says_which_message_of_the_batch_it_is_about(tmp_path: Pat
     assert ms.count() == 0  # all or nothing, as before
     ms.stop()
     store.close()
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0.0, 1, None])
+def test_an_email_require_tls_that_is_no_bool_is_refused_not_read_as_true(
+    ms: Mailstrom, value: object
+) -> None:
+    """``Email(require_tls="false")`` (a setting read from the environment as text) was
+    read by its truth: the message was queued for REQUIRETLS, and every recipient whose
+    server does not offer it failed with 5.7.30. ``1`` asked for it as ``True`` does,
+    ``None`` for nothing. Only a bool says which, as ``DSN(orcpt=)`` is checked."""
+    before = ms.count()
+    email = Email(from_="a@example.com", to=["b@example.org"], text="x", require_tls=value)  # type: ignore[arg-type]
+    with pytest.raises(InvalidMessage) as raised:
+        ms.send_email(email)
+    assert "require_tls" in str(raised.value)
+    assert ms.count() == before
+
+
+def test_a_prepare_require_tls_that_is_no_bool_is_refused() -> None:
+    """``prepare(..., require_tls="false")`` marked the message for REQUIRETLS too."""
+    email = Email(from_="a@example.com", to=["b@example.org"], text="x")
+    with pytest.raises(InvalidMessage, match="require_tls"):
+        prepare(email, require_tls="false")  # type: ignore[arg-type]

@@ -240,6 +240,10 @@ def check(
     (``recipients_from_headers``): past either bound, :class:`TooManyRecipients` is
     raised before the rest are validated.
     """
+    if not isinstance(email.require_tls, bool):
+        # Read by its truth, "false" (a setting read as text) asked for REQUIRETLS, and
+        # each recipient whose server does not offer it failed with 5.7.30.
+        raise InvalidMessage(f"require_tls must be True or False, not {shown(email.require_tls)}")
     counted = MailboxCount(max_recipients)
     from_ = _groups("From", email.from_, counted)
     sender = None if email.sender is None else _groups("Sender", email.sender, counted)

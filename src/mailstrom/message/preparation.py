@@ -133,6 +133,9 @@ def prepare(
         now = now.replace(tzinfo=UTC)  # a naive time is taken as UTC, like Email.date
     if send_at is not None and send_at.tzinfo is None:
         send_at = send_at.replace(tzinfo=UTC)
+    if not isinstance(require_tls, bool):
+        # As Email.require_tls: read by its truth, "false" asked for REQUIRETLS.
+        raise InvalidMessage(f"require_tls must be True or False, not {shown(require_tls)}")
     if id_domain is not None:
         if not isinstance(id_domain, str):
             # As envelope_from and envelope_to are refused: the character check raised
