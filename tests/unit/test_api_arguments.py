@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mailstrom import AsyncMailstrom, Config, Email, Mailstrom, prepare
+from mailstrom import AsyncMailstrom, Attachment, Config, Email, Mailstrom, prepare
 from mailstrom.errors import (
     ConfigError,
     InvalidArgument,
@@ -591,3 +591,18 @@ def test_a_prepare_require_tls_that_is_no_bool_is_refused() -> None:
     email = Email(from_="a@example.com", to=["b@example.org"], text="x")
     with pytest.raises(InvalidMessage, match="require_tls"):
         prepare(email, require_tls="false")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0.0, 1, None])
+def test_an_attachment_inline_that_is_no_bool_is_refused_not_read_as_true(
+    ms: Mailstrom, value: object
+) -> None:
+    """``Attachment(inline="false")`` was read by its truth: the file went as
+    ``Content-Disposition: inline``, a PDF shown in the body by readers that render one
+    so. Only a bool says which, as ``Email(require_tls=)`` is checked."""
+    before = ms.count()
+    part = Attachment(filename="r.pdf", content=b"%PDF", inline=value)  # type: ignore[arg-type]
+    email = Email(from_="a@example.com", to=["b@example.org"], text="x", attachments=[part])
+    with pytest.raises(InvalidMessage, match="inline"):
+        ms.send_email(email)
+    assert ms.count() == before

@@ -604,6 +604,13 @@ def _part(attachment: object) -> Part:
             f"attachment {shorten(filename)} content must be bytes, not {type(content).__name__}",
             filename=filename,
         )
+    if not isinstance(attachment.inline, bool):
+        # Read by its truth, inline="false" sent the file as Content-Disposition inline.
+        raise InvalidAttachment(
+            f"attachment {shorten(filename)} inline must be True or False, "
+            f"not {shown(attachment.inline)}",
+            filename=filename,
+        )
     content_type, params = _content_type(attachment.content_type, filename)
     cid = None if attachment.content_id is None else _bracketed("Content-ID", attachment.content_id)
     if cid is not None and cid[1:5].lower() == "cid:":
@@ -619,7 +626,7 @@ def _part(attachment: object) -> Part:
         content=bytes(content),
         content_type=content_type,
         params=params,
-        inline=bool(attachment.inline),
+        inline=attachment.inline,
         content_id=cid,
     )
 
