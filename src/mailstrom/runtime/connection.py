@@ -992,8 +992,9 @@ class SMTPConnection(TransactionsMixin, asyncio.Protocol):
         its own copy of ``error`` keeping them (:func:`cut_short`), and one still queued
         behind them a copy saying that none of its commands went (:func:`not_written`).
         With ``error`` None (a 421, or 354 without recipients), transactions not yet
-        answered fail as "not usable". With ``shifted`` (a reply that could not answer its
-        command), no reply an active transaction got decides it: ``error`` does.
+        answered fail as "not usable". With ``shifted`` (the peer broke the reply protocol: a
+        reply that could not answer its command, or one malformed or past the limits), no
+        reply an active transaction got decides it: ``error`` does, and it is tried again.
         """
         if self._aborted:
             return
