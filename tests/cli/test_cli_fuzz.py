@@ -521,7 +521,7 @@ def command_lines(draw: Any, ids: dict[str, str]) -> list[str]:
             ),
             text_values([*DOMAINS, *ADDRESSES]).map(lambda d: [d]),
         ),
-        "db": st.tuples(st.just(["migrate"]), options([("--json", None)])),
+        "db": st.tuples(st.sampled_from([["migrate"], ["compact"]]), options([("--json", None)])),
         "dkim": st.tuples(
             st.just(["keygen"]),
             options(

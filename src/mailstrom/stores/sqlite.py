@@ -147,6 +147,7 @@ from mailstrom.stores.operator import (
 )
 from mailstrom.stores.row_checks import counted_state, made_due, shown_text, stored_octets
 from mailstrom.stores.side_rows import broken_until
+from mailstrom.stores.sqlite_compact import Compaction, bytes_on_disk, checkpoint, no_room
 from mailstrom.stores.sqlite_holders import HolderLocks
 from mailstrom.stores.sqlite_lock import ProcessLock
 from mailstrom.stores.sqlite_operator import (
@@ -1919,6 +1920,38 @@ class SQLiteStore:
                 return date_undated(conn, lanes, now=to_us(now))
 
         return made_due(update, log)
+
+    def compact(self) -> Compaction:
+        """Give back the space the file keeps from its largest backlog (see
+        :mod:`~mailstrom.stores.sqlite_compact`): checkpoint the WAL, VACUUM, checkpoint
+        again. Holds the write lock all the while: other writers (workers, enqueues) wait,
+        each for its own busy timeout. The lock is waited for ``busy_timeout`` at most,
+        then :class:`StoreLocked` (nothing changed); a disk without room for the copy is a
+        StoreError that says so, the store as it was."""
+        if self._read_only:
+            raise StoreError(f"SQLite store {self._path} is open read-only: nothing compacted")
+        deadline = time.monotonic() + self._busy_timeout
+        with self._exclusive(deadline), self._connection() as conn:
+            # As a write transaction's start checks (_begin_immediate): a VACUUM through a
+            # stale index, or into a deleted -wal file, would lose what others committed.
+            self._check_shm()
+            gone = self._wal_gone()
+            if gone is not None:
+                self._newer = gone
+                raise StoreCorrupt(gone)
+            before = bytes_on_disk(self._path)
+            conn.execute(f"PRAGMA busy_timeout={min(int(_left(deadline) * 1000), self._busy_ms)}")
+            try:
+                # The WAL written back and emptied first: VACUUM's copy then fills it
+                # from its start, not after what it held.
+                checkpoint(conn)
+                conn.execute("VACUUM")
+                done = checkpoint(conn)
+            except sqlite3.Error as exc:
+                raise no_room(exc, self._error(exc)) from exc
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        return Compaction(before=before, after=bytes_on_disk(self._path), checkpointed=done)
 
     def stats(self) -> QueueStats:
         """Counts of recipients by state and of pending recipients by domain."""
