@@ -155,7 +155,8 @@ class CachedPolicy:
             # Fetched by a clock since set back (a host a year ahead, corrected by NTP):
             # its refresh lay as far ahead, and a policy changed under the same id (the
             # domain's new MX host) went unseen all that time. Due now; until a fetch
-            # replaces it, it still applies, as a policy whose refresh failed does.
+            # replaces it, it still applies, to its expiry as that clock set it (when it
+            # was really fetched is not known, so no earlier one can be told).
             return now
         lifetime = self.expires_at - self.fetched_at
         return self.fetched_at + min(lifetime / 2, REFRESH_AFTER)
