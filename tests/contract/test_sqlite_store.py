@@ -31,6 +31,7 @@ from mailstrom.stores.sqlite_queue import (
 )
 from mailstrom.stores.sqlite_schema import from_us, migrations, to_us
 from mailstrom.stores.sqlite_shaping import FORGET_SQL, THROTTLES_SQL
+from mailstrom.stores.sqlite_tls import PRUNE_POLICIES_SQL
 from tests.support.deadline import hang_guard
 
 from .support import LEASE_FOR, NOW, lease_all, message
@@ -180,6 +181,17 @@ def test_pauses_are_found_by_their_end_not_by_reading_them_all(
         plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query, binds))
     assert f"SEARCH destination_throttles USING INDEX destination_throttles_until {seek}" in plan
     assert "SCAN destination_throttles" not in plan
+
+
+def test_expired_mta_sts_policies_are_found_by_their_expiry(db: Path) -> None:
+    """A batch of the pruning of expired MTA-STS policies seeks the oldest expiries: it
+    does not read every policy cached (one per recipient domain) for each batch."""
+    SQLiteStore(db).close()
+    with closing(sqlite3.connect(db)) as conn, conn:
+        query = "EXPLAIN QUERY PLAN " + PRUNE_POLICIES_SQL
+        plan = " ".join(row[3] for row in conn.execute(query, [1, 10]))
+    assert "USING INDEX mta_sts_policies_expiry (expires_at<?)" in plan, plan
+    assert "SCAN mta_sts_policies" not in plan, plan
 
 
 def test_pending_lanes_seek_from_lane_to_lane(db: Path) -> None:

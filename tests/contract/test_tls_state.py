@@ -192,3 +192,30 @@ def test_a_report_key_no_store_can_keep_is_refused_alike(store: Store, key: Any)
     longest = "k" * MAX_REPORT_KEY
     assert store.claim_tls_report(longest, now=NOW, until=later)
     assert not store.claim_tls_report(longest, now=NOW, until=later)
+
+
+def expiring(domain: str, expires_at: timedelta) -> CachedPolicy:
+    """A policy of ``domain`` fetched a day before it expires, ``expires_at`` after NOW."""
+    policy = Policy(mode=Mode.ENFORCE, mx=("mx1.example.org",), max_age=86400, text=TEXT)
+    return CachedPolicy.of(domain, "20300101", policy, NOW + expires_at - timedelta(days=1))
+
+
+def test_pruning_deletes_expired_policies_a_bounded_batch_at_a_time(store: Store) -> None:
+    """Was: an MTA-STS policy was kept for ever once fetched, expired or not: one row per
+    recipient domain that ever published one. Policies expired at or before the time go,
+    soonest expired first and at most ``limit`` a call; the others stay."""
+    for i, days in enumerate((-3, -2, -1, 1)):
+        store.save_mta_sts_policy(expiring(f"d{i}.example", timedelta(days=days)))
+    cutoff = NOW - timedelta(days=1)
+    assert store.prune_mta_sts_policies(expired_before=cutoff, limit=2) == 2
+    assert store.mta_sts_policy("d0.example") is None
+    assert store.mta_sts_policy("d1.example") is None
+    assert store.prune_mta_sts_policies(expired_before=cutoff, limit=2) == 1
+    assert store.prune_mta_sts_policies(expired_before=cutoff, limit=2) == 0
+    assert store.mta_sts_policy("d2.example") is None
+    assert store.mta_sts_policy("d3.example") is not None
+    assert store.prune_mta_sts_policies(expired_before=NOW + timedelta(days=2), limit=0) == 0
+    with pytest.raises(InvalidArgument):
+        store.prune_mta_sts_policies(expired_before=NOW.replace(tzinfo=None), limit=10)
+    with pytest.raises(InvalidArgument, match=r"^limit: "):
+        store.prune_mta_sts_policies(expired_before=cutoff, limit=True)

@@ -4,6 +4,8 @@ while the other recipients are delivered."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,7 +25,8 @@ from mailstrom import (
 )
 from mailstrom.client import AsyncMailstrom, Mailstrom
 from mailstrom.config import Lane
-from mailstrom.runtime.worker_screening import PRUNE_BATCH, SUPPRESSION_KEPT
+from mailstrom.mtasts import CachedPolicy, Mode, Policy
+from mailstrom.runtime.worker_screening import MTA_STS_KEPT, PRUNE_BATCH, SUPPRESSION_KEPT
 from mailstrom.stores import MemoryStore, SQLiteStore
 from mailstrom.stores.base import Store
 from mailstrom.stores.postgres import PostgresStore
@@ -263,6 +266,35 @@ def test_a_worker_prunes_entries_expired_long_ago_a_batch_a_write(
     mailstrom(store)
     assert eventually(lambda: len(store.list_suppressions(limit=10_000)) == 3, within=10)
     assert store.list_suppressions() == sorted(kept, key=lambda e: e.target)
+
+
+def test_a_worker_prunes_mta_sts_policies_expired_long_ago_a_batch_a_write(
+    mailstrom: MakeMailstrom, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Was: a cached MTA-STS policy was kept for ever, expired or not, one per recipient
+    domain that ever published one. A worker deletes those expired over MTA_STS_KEPT ago
+    at its start (here more than one write's worth), and keeps the rest."""
+    store = SQLiteStore(tmp_path / "queue.db")
+    text = "version: STSv1\nmode: enforce\nmx: mx.test\nmax_age: 86400"
+    policy = Policy(mode=Mode.ENFORCE, mx=("mx.test",), max_age=86400, text=text)
+
+    def cached(domain: str, expires_at: datetime) -> CachedPolicy:
+        return CachedPolicy.of(domain, "1", policy, expires_at - timedelta(days=1))
+
+    old = clock() - MTA_STS_KEPT - timedelta(seconds=1)
+    for i in range(PRUNE_BATCH + 5):
+        store.save_mta_sts_policy(cached(f"d{i:05d}.example", old))
+    kept = ["recent.example", "fresh.example"]
+    store.save_mta_sts_policy(cached(kept[0], clock() - MTA_STS_KEPT + timedelta(hours=1)))
+    store.save_mta_sts_policy(cached(kept[1], clock() + timedelta(days=1)))
+    mailstrom(store)
+
+    def count() -> int:
+        with contextlib.closing(sqlite3.connect(tmp_path / "queue.db")) as conn:
+            return int(conn.execute("SELECT count(*) FROM mta_sts_policies").fetchone()[0])
+
+    assert eventually(lambda: count() == 2, within=10)
+    assert [d for d in kept if store.mta_sts_policy(d) is not None] == kept
 
 
 def test_a_worker_whose_clock_is_fast_prunes_nothing_still_in_force_in_postgres(

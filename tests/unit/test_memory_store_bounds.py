@@ -14,6 +14,7 @@ from tests.contract.support import NOW, SECOND, lease_all, message, results_for
 
 from mailstrom.message.attributes import QueueAttributes
 from mailstrom.message.prepared import PreparedMessage
+from mailstrom.mtasts import CachedPolicy, Mode, Policy
 from mailstrom.readmodel import QueueQuery, QueueView, SortOrder
 from mailstrom.readmodel import memory as memory_model
 from mailstrom.readmodel.memory import MemoryReadModel
@@ -384,3 +385,46 @@ def test_pruning_suppressions_a_batch_at_a_time_reads_each_batch() -> None:
     assert sorted(entries) == sorted(t for t, end in ends.items() if end is not None and end > NOW)
     assert "u2@example.org" in entries
     assert entries.visited < 5 * count, entries.visited
+
+
+class _CountingPolicies(dict[str, CachedPolicy]):
+    """The memory store's MTA-STS policies, counting the ones a prune reads."""
+
+    visited = 0
+
+    def items(self) -> Iterator[tuple[str, CachedPolicy]]:  # type: ignore[override]
+        for item in super().items():
+            self.visited += 1
+            yield item
+
+    def values(self) -> Iterator[CachedPolicy]:  # type: ignore[override]
+        for _, value in self.items():
+            yield value
+
+    def get(self, key: str, default: object = None) -> Any:
+        self.visited += 1
+        return super().get(key, default)
+
+
+def test_pruning_mta_sts_policies_a_batch_at_a_time_reads_each_batch() -> None:
+    """Pruning expired MTA-STS policies 100 a call (the worker prunes batch after batch
+    until one is short) reads what it deletes and the replaced policies' old ends, not
+    every policy kept at each call; refreshes do not pile up ends for ever."""
+    store = MemoryStore()
+    policy = Policy(mode=Mode.TESTING, mx=("mx.example.org",), max_age=86400, text="x")
+    count = 2000
+
+    def save(n: int, expires_at: timedelta) -> None:
+        fetched = NOW + expires_at - DAY
+        store.save_mta_sts_policy(CachedPolicy.of(f"d{n}.example", "1", policy, fetched))
+
+    for n in range(count):
+        save(n, (n % 2 * 2 - 1) * (1 + n % 97) * MINUTE)
+    for _ in range(50):  # daily refreshes of one domain: their ends are made again
+        save(1, HOUR)
+    assert len(store._mta_sts_ends) <= 2 * count + 64
+    policies = store._mta_sts = _CountingPolicies(store._mta_sts)
+    while store.prune_mta_sts_policies(expired_before=NOW, limit=100) == 100:
+        pass
+    assert sorted(policies) == sorted(f"d{n}.example" for n in range(1, count, 2))
+    assert policies.visited < 3 * count, policies.visited

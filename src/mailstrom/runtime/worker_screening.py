@@ -58,11 +58,15 @@ transaction is about to start: one lookup per lease and minute at most."""
 SUPPRESSION_KEPT = timedelta(days=30)
 """How long an expired suppression entry is kept (``mailstrom suppress list --all`` shows
 it) before a worker deletes it."""
+MTA_STS_KEPT = timedelta(days=1)
+"""How long an expired MTA-STS policy is kept before a worker deletes it. An expired
+policy is never applied (RFC 8461 §5.1): the day is only a margin for clocks that
+disagree. Kept for ever, the cache held one policy per recipient domain ever seen."""
 PRUNE_EVERY = 6 * 3600.0
-"""Seconds between a worker's prunings of expired suppression entries; the first is at
-its start."""
+"""Seconds between a worker's prunings of expired suppression entries and MTA-STS
+policies; the first is at its start."""
 PRUNE_BATCH = 1000
-"""Entries one write of a pruning deletes at most: a short write, between which the
+"""Entries (or policies) one write of a pruning deletes at most: a short write, between which the
 worker's own leases and records (and other processes' writes) go on."""
 
 
@@ -234,36 +238,50 @@ class WorkerScreening(WorkerStore):
 
     async def _prune_loop(self) -> None:
         """Delete the suppression entries that expired over :data:`SUPPRESSION_KEPT`
-        ago, at once (a task started with the worker) and then every
-        :data:`PRUNE_EVERY` seconds."""
+        ago, and the MTA-STS policies that expired over :data:`MTA_STS_KEPT` ago, at
+        once (a task started with the worker) and then every :data:`PRUNE_EVERY`
+        seconds."""
         prune = getattr(self.store, "prune_suppressions", None)  # a store older than it
-        if prune is None:
+        prune_sts = getattr(self.store, "prune_mta_sts_policies", None)
+        if prune is None and prune_sts is None:
             return
         while True:
-            before = self._clock() - SUPPRESSION_KEPT  # what the warning below names
-            pruned = 0
             try:
                 reading = None
                 if isinstance(self.store, ServerClock):
                     reading = await self._read_clock(self.store.measure_clock)
-                before = prune_before(self._clock(), reading)
-                while True:
-                    count = await self._store_call(prune, expired_before=before, limit=PRUNE_BATCH)
-                    pruned += count
-                    if count < PRUNE_BATCH:
-                        break
-                    # A SQLite store's calls run on this loop: let the rest of the
-                    # worker run between two writes.
-                    await asyncio.sleep(0)
             except StoreError as exc:
-                log.warning(
-                    "expired suppression entries not pruned (tried again in %g s): %s",
-                    PRUNE_EVERY,
-                    exc,
-                )
-            if pruned:
-                log.info("pruned %d suppression entries expired before %s", pruned, before)
+                log.warning("nothing pruned (tried again in %g s): %s", PRUNE_EVERY, exc)
+            else:
+                # Both judged by the time prune_before explains (a host ahead is
+                # bounded by the store server's clock), each with its own margin.
+                if prune is not None:
+                    before = prune_before(self._clock(), reading)
+                    await self._prune_all(prune, before, "suppression entries")
+                if prune_sts is not None:
+                    before = store_now(self._clock(), reading) - MTA_STS_KEPT
+                    await self._prune_all(prune_sts, before, "MTA-STS policies")
             await asyncio.sleep(PRUNE_EVERY)  # a timer, not synchronisation
+
+    async def _prune_all(self, prune: Callable[..., int], before: datetime, what: str) -> int:
+        """Call ``prune`` for what expired at or before ``before``, :data:`PRUNE_BATCH`
+        rows a call, until a call deletes fewer; returns how many it deleted. A store failure
+        is logged, and the next round tries again."""
+        pruned = 0
+        try:
+            while True:
+                count = await self._store_call(prune, expired_before=before, limit=PRUNE_BATCH)
+                pruned += count
+                if count < PRUNE_BATCH:
+                    break
+                # A SQLite store's calls run on this loop: let the rest of the
+                # worker run between two writes.
+                await asyncio.sleep(0)
+        except StoreError as exc:
+            log.warning("expired %s not pruned (tried again in %g s): %s", what, PRUNE_EVERY, exc)
+        if pruned:
+            log.info("pruned %d %s expired before %s", pruned, what, before)
+        return pruned
 
     async def _send_owed(self, message_ids: list[str] | None) -> int:
         """Queue the notices owed by messages done for this pass (of ``message_ids``

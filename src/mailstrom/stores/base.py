@@ -1419,6 +1419,15 @@ class Store(Protocol):
         """Cache ``cached`` for its domain, replacing what was there."""
         ...
 
+    def prune_mta_sts_policies(self, *, expired_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` cached policies that expired at or before
+        ``expired_before`` (those soonest expired first), in one short write found by an
+        index on the expiry; returns how many. Call it again while it returns ``limit``
+        (the worker prunes so: ``MTA_STS_KEPT`` in
+        :mod:`~mailstrom.runtime.worker_screening`). A policy is looked up by domain, and
+        one per recipient domain that ever published one was otherwise kept for ever."""
+        ...
+
     def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
         """Add each counter of ``sessions`` to the stored counter with the same key
         (:meth:`TLSSessions.key`), in one transaction; concurrent adds never lose counts."""

@@ -3,11 +3,13 @@ TLS report claims (version 17 of SQLite, 18 of PostgreSQL)."""
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import date, datetime
 
+from mailstrom.arguments import row_limit
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.stores.base import check_report_key
 from mailstrom.stores.clock import aware_utc, kept_time
@@ -20,12 +22,16 @@ class MemoryTLSMixin:
 
     _tls_lock: threading.Lock
     _mta_sts: dict[str, CachedPolicy]
+    _mta_sts_ends: list[tuple[datetime, str]]
+    """A heap of (expiry, domain) of the policies, soonest first, for pruning: an entry
+    whose expiry is not its domain's policy's any more (replaced) is skipped."""
     _tls_sessions: dict[tuple[str, ...], TLSSessions]
     _tls_report_claims: dict[str, datetime]
 
     def _init_tls(self) -> None:
         self._tls_lock = threading.Lock()
         self._mta_sts = {}
+        self._mta_sts_ends = []
         self._tls_sessions = {}
         self._tls_report_claims = {}
 
@@ -37,8 +43,36 @@ class MemoryTLSMixin:
     @writes
     def save_mta_sts_policy(self, cached: CachedPolicy) -> None:
         """Cache ``cached`` for its domain, replacing what was there."""
+        domain = cached.domain.lower()
         with self._tls_lock:
-            self._mta_sts[cached.domain.lower()] = cached
+            self._mta_sts[domain] = cached
+            ends = self._mta_sts_ends
+            heapq.heappush(ends, (cached.expires_at, domain))
+            if len(ends) > 2 * len(self._mta_sts) + 64:
+                # The entries of replaced policies (a refresh each day for a year's
+                # max_age) would stay until their old expiry: made again from the
+                # policies kept, at a cost the pushes since have paid for.
+                ends[:] = [(c.expires_at, d) for d, c in self._mta_sts.items()]
+                heapq.heapify(ends)
+
+    @writes
+    def prune_mta_sts_policies(self, *, expired_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` policies expired at or before ``expired_before``,
+        soonest expired first; returns how many. Reads only the heap's expired end (and
+        the entries of policies replaced since), not every policy kept, batch after
+        batch."""
+        cutoff = aware_utc(expired_before, "expired_before")
+        limit = row_limit(limit)
+        deleted = 0
+        with self._tls_lock:
+            ends = self._mta_sts_ends
+            while ends and deleted < limit and ends[0][0] <= cutoff:
+                expires_at, domain = heapq.heappop(ends)
+                current = self._mta_sts.get(domain)
+                if current is not None and current.expires_at == expires_at:
+                    del self._mta_sts[domain]
+                    deleted += 1
+        return deleted
 
     @writes
     def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:

@@ -1496,6 +1496,16 @@ class PostgresStore:
             },
         )
 
+    def prune_mta_sts_policies(self, *, expired_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` policies expired at or before ``expired_before`` in one
+        statement (rows another session holds are left for the next call); how many."""
+        params = {
+            "expired_before": aware_utc(expired_before, "expired_before"),
+            "limit": row_limit(limit),
+        }
+        [(count,)] = self._fetch("prune_mta_sts_policies", params)
+        return int(count)
+
     def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
         """Add ``sessions`` to the day's counters, in one transaction, in key order: a
         counter's row waits for a concurrent add of it to commit, and two workers adding

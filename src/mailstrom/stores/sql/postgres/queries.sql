@@ -1859,6 +1859,21 @@ WHERE r.message_id = l.message_id AND r.address = l.address;
 SELECT domain, policy_id, mode, mx, max_age, policy_text, fetched_at, expires_at
 FROM mta_sts_policies WHERE domain = %(domain)s;
 
+-- name: prune_mta_sts_policies
+-- Policies expired at or before expired_before, soonest first, found on
+-- mta_sts_policies_expiry (schema version 28); a row another session is writing (a fresh
+-- fetch saving over it) is skipped and left for a later call.
+WITH doomed AS (
+    SELECT domain FROM mta_sts_policies
+    WHERE expires_at <= %(expired_before)s
+    ORDER BY expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), pruned AS (
+    DELETE FROM mta_sts_policies p USING doomed WHERE p.domain = doomed.domain RETURNING 1
+)
+SELECT count(*) FROM pruned;
+
 -- name: save_mta_sts_policy
 INSERT INTO mta_sts_policies (domain, policy_id, mode, mx, max_age, policy_text,
                               fetched_at, expires_at)
