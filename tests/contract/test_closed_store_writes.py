@@ -86,6 +86,9 @@ WRITES: dict[str, Write] = {
     "save_mta_sts_policy": lambda s, mid, lease: s.save_mta_sts_policy(
         CachedPolicy.of("example.org", "1", POLICY, NOW)
     ),
+    "prune_mta_sts_policies": lambda s, mid, lease: s.prune_mta_sts_policies(
+        expired_before=NOW + DAY, limit=10
+    ),
     "add_tls_sessions": lambda s, mid, lease: s.add_tls_sessions([SESSIONS]),
     "prune_tls_sessions": lambda s, mid, lease: s.prune_tls_sessions(before=NOW.date()),
     "claim_tls_report": lambda s, mid, lease: s.claim_tls_report(
