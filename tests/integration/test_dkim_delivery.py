@@ -983,3 +983,66 @@ def test_an_application_signed_8bit_body_keeps_its_signature_beside_ours(
         # Re-encoded, the application's own cannot verify; ours, made anew, do.
         verdicts = verify_dkimpy(received.content, dns_server)
         assert [v.result for v in verdicts] == ["pass", "pass", "fail"], verdicts
+
+
+def app_signed_8bit(from_: str, app: DKIMKey) -> bytes:
+    """A raw message from ``from_`` to bob@old.test with an 8-bit body, which the
+    application signed itself with ``app`` (dkimpy) before send_email."""
+    raw = (
+        f"From: {from_}\r\nSender: {from_.split(',')[0]}\r\nTo: bob@old.test\r\nSubject: A\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße  aus Köln \r\n"
+    ).encode()
+    field = dkimpy.sign(
+        raw,
+        app.selector.encode("ascii"),
+        app.domain.encode("ascii"),
+        app.private_key,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[b"from", b"to", b"subject"],
+    )
+    return field + raw
+
+
+def test_an_application_signed_8bit_body_of_two_domains_one_rotated_is_signed_anew_whole(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """An application-signed 8-bit body from two key domains, queued, then one domain's
+    keys rotated: the worker signs that one anew and keeps the other's (an older t=).
+    Made 7-bit for a server without 8BITMIME, the kept one was taken for the
+    application's own by its t= and went unchanged, failing its body hash there; every
+    one of ours is signed anew over the bytes sent."""
+    app = DKIMKey(domain="app.test", selector="app1", private_key=generate_private_key(RSA))
+    other = dual("other.test")
+    for config in (DKIMConfig(keys=(app,)), other):
+        publish(dns_server, config)
+    queued = DKIMConfig(keys=CONFIG.keys + other.keys)
+    data = app_signed_8bit("a@sender.test, b@other.test", app)
+    old = prepare(data, now=datetime.now(UTC) - timedelta(minutes=5), dkim=queued)
+    store = MemoryStore()
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    new = rotated()
+    publish(dns_server, new)
+    status, received, sent = delivered_once(
+        dns_server, receivers[False], store, mid, DKIMConfig(keys=new.keys + other.keys)
+    )
+    assert sorted(sent) == [
+        ("app.test", "app1", "rsa-sha256"),
+        ("other.test", "ed", "ed25519-sha256"),
+        ("other.test", "rsa", "rsa-sha256"),
+        ("sender.test", "ed2027", "ed25519-sha256"),
+        ("sender.test", "rsa2027", "rsa-sha256"),
+    ]
+    verdicts = {
+        (v.domain, v.algorithm): v.result for v in verify_dkimpy(received.content, dns_server)
+    }
+    # Re-encoded, the application's own cannot verify; every one of ours does.
+    assert verdicts.pop(("app.test", "rsa-sha256")) == "fail"
+    assert set(verdicts.values()) == {"pass"}, verdicts
+    assert status.dkim is not None
+    assert sorted((s.domain, s.selector) for s in status.dkim.signatures) == [
+        ("other.test", "ed"),
+        ("other.test", "rsa"),
+        ("sender.test", "ed2027"),
+        ("sender.test", "rsa2027"),
+    ]

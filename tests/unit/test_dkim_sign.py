@@ -932,7 +932,7 @@ def test_a_message_signed_anew_is_sent_again_as_made_until_it_is_stale() -> None
     resigned = ResignedMessages(EXPIRING)
     first_at = NOW + timedelta(days=2)
     first = resigned.sign("m1", stored, now=first_at)
-    assert first is not None and first == resign_stale(stored, EXPIRING, now=first_at)
+    assert first is not None and first[:2] == resign_stale(stored, EXPIRING, now=first_at)
     for later in (timedelta(minutes=5), timedelta(hours=22, minutes=59)):
         assert resigned.sign("m1", stored, now=first_at + later) == first
     # Within RESIGN_BEFORE of the x= made at the first: made anew, and kept in its place.
@@ -993,4 +993,4 @@ def test_what_is_kept_is_bounded_and_taken_only_for_its_own_bytes() -> None:
     assert m0 is not None and m0 != made[0]
     # Other bytes under a kept id are signed for themselves, not sent as the kept ones.
     other = resigned.sign("m2", stored[1], now=later)
-    assert other is not None and other == resign_stale(stored[1], rotated, now=later)
+    assert other is not None and other[:2] == resign_stale(stored[1], rotated, now=later)

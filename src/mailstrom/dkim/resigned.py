@@ -48,10 +48,13 @@ class ResignedMessages:
 
     def sign(
         self, message_id: str, data: bytes, *, now: datetime
-    ) -> tuple[bytes, DKIMStatus] | None:
+    ) -> tuple[bytes, DKIMStatus, int] | None:
         """What :func:`~mailstrom.dkim.signing.resign_stale` makes of ``data`` (the stored
         bytes of ``message_id``) now: the bytes made at an earlier attempt when they are
-        still good, else signed anew (and kept); None when ``data`` goes as it is."""
+        still good, else signed anew (and kept); None when ``data`` goes as it is. With
+        them, the octets of ours on top (``ours`` of
+        :func:`~mailstrom.dkim.signing.resign_stale_top`): ours kept keep their older
+        ``t=``, so their layout alone no longer tells them from the application's."""
         kept = self._kept.pop(message_id, None)
         if kept is not None:
             replaced, made, status, ours = kept
@@ -62,7 +65,7 @@ class ResignedMessages:
                 # Ours kept have their t= of before: told by where they are.
                 if resign_stale_top(again, self._dkim, now=now, ours=ours) is None:
                     self._kept[message_id] = kept  # the last used goes out last
-                    return again, status
+                    return again, status, ours
         found = resign_stale_top(data, self._dkim, now=now)
         if found is None:
             return None
@@ -77,4 +80,4 @@ class ResignedMessages:
             )
             if len(self._kept) > self._size:
                 del self._kept[next(iter(self._kept))]
-        return signed, status
+        return signed, status, ours_octets

@@ -147,6 +147,9 @@ class _Work:
     started: float = 0.0
     broken_sessions: int = 0
     seven_bit: bytes | None = None  # the 7-bit downgrade, made at most once
+    ours: int | None = None
+    """Octets of our signature fields on top of ``item.data`` once the worker signed it
+    anew (None: as queued, told by their layout; see resign_stale_top)."""
     rank: int = 0  # the item's lane, 0 the highest (see Dispatcher._rank)
     unsent: DeliveryError | None = None
     """What broke the last session it waited on with none of its commands on the wire,
@@ -1340,7 +1343,7 @@ class Dispatcher:
             log.exception("signing %s again failed; it goes as it was", item.message_id)
             return
         if signed is not None:
-            data, status = signed
+            data, status, work.ours = signed
             work.item = replace(item, data=data, dkim=status)
             work.seven_bit = None  # of the bytes before
 
@@ -1352,8 +1355,10 @@ class Dispatcher:
 
         assert work.seven_bit is not None
         try:
+            # Ours as _resign_stale left them: one of another key domain kept there
+            # has an older t= than those made, and is no longer told by its layout.
             found = resign_stale_top(
-                work.seven_bit, dkim, now=self._outcomes.now(), downgraded=True
+                work.seven_bit, dkim, now=self._outcomes.now(), ours=work.ours, downgraded=True
             )
         except Exception:
             # As in _resign_stale: a bug here must not hold the mail back.
