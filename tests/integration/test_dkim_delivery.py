@@ -1046,3 +1046,22 @@ def test_an_application_signed_8bit_body_of_two_domains_one_rotated_is_signed_an
         ("sender.test", "ed2027"),
         ("sender.test", "rsa2027"),
     ]
+
+
+def test_our_signatures_without_keys_now_go_from_an_8bit_body_made_7bit(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """An application-signed 8-bit body, queued signed by sender.test's keys, which are
+    all removed since (the worker has keys of another domain only). Made 7-bit for a
+    server without 8BITMIME, ours were kept, failing there, and the status still named
+    them; they go, and the status says why the message has none of ours."""
+    app = DKIMKey(domain="app.test", selector="app1", private_key=generate_private_key(RSA))
+    publish(dns_server, DKIMConfig(keys=(app,)))
+    old = prepare(app_signed_8bit("a@sender.test", app), now=datetime.now(UTC), dkim=CONFIG)
+    assert [t["s"] for t in signature_tags(old.data)] == ["rsa", "ed", "app1"]
+    store = MemoryStore()
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    status, _, sent = delivered_once(dns_server, receivers[False], store, mid, dual("other.test"))
+    assert sent == [("app.test", "app1", "rsa-sha256")]
+    assert status.dkim is not None and not status.dkim.signatures
+    assert status.dkim.reason is not None and "sender.test" in status.dkim.reason

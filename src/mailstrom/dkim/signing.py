@@ -272,7 +272,9 @@ def resign_stale_top(
 
     ``downgraded``: ``data`` is the worker's 7-bit downgrade of the message, whose body
     no longer hashes as when ours were made. Every one of ours is stale: those of a
-    key domain with keys now are made anew over these bytes, the others go."""
+    key domain with keys now are made anew over these bytes, the others go, also when
+    none is made. The status then names only those made now (any other signature was
+    made over the 8-bit body and fails), or says why none is left."""
     if not data.startswith(_SIGNATURE):
         return None
     deadline: int | None = None
@@ -396,7 +398,8 @@ def resign_stale_top(
         for name in current_keys
         if (name, _RSA) not in current_by and name not in domains and dkim.has_rsa(name)
     ]
-    if not domains and not expired:
+    # Ours over the 8-bit body fail: they go even when no key domain of theirs has keys.
+    if not domains and not expired and not (downgraded and ours_end):
         return None
     # A domain's signatures by its keys go, and by keys rotated away; the application's
     # own (beside one of ours by a key configured now, of its algorithm) stays as it came,
@@ -427,6 +430,13 @@ def resign_stale_top(
             named.append(signature)
             if by_current:
                 ours_named.append(signature)
+    if downgraded and ours_end:
+        if ours_named:
+            return signed, DKIMStatus(signatures=tuple(ours_named)), at, mine_octets
+        lost = sorted({name for start, _, name, *_ in fields if start < ours_end and name})
+        reason = "the 7-bit re-encoding for a server without 8BITMIME broke its signatures"
+        reason += f" and no key of {', '.join(lost)} is configured now" if lost else ""
+        return signed, DKIMStatus(reason=reason), at, mine_octets
     if ours_named or named:
         return signed, DKIMStatus(signatures=tuple(ours_named or named)), at, mine_octets
     # Named only when it has no key now: one that has, whose expired signature was not
