@@ -303,7 +303,7 @@ def test_a_retry_after_the_signature_expired_goes_out_signed_anew(
 
 
 def delivered_once(
-    dns_server: LoopbackDNS, mx: Any, store: MemoryStore, mid: str, dkim: DKIMConfig
+    dns_server: LoopbackDNS, mx: Any, store: MemoryStore, mid: str, dkim: DKIMConfig | None
 ) -> tuple[MessageStatus, Any, list[tuple[str, str, str]]]:
     """Deliver the queued message ``mid`` with ``dkim`` configured; its status (checked
     delivered), the message the receiver got, and the (d=, s=, a=) of each signature on it."""
@@ -1065,3 +1065,21 @@ def test_our_signatures_without_keys_now_go_from_an_8bit_body_made_7bit(
     assert sent == [("app.test", "app1", "rsa-sha256")]
     assert status.dkim is not None and not status.dkim.signatures
     assert status.dkim.reason is not None and "sender.test" in status.dkim.reason
+
+
+def test_a_worker_without_keys_drops_ours_from_an_8bit_body_made_7bit(
+    dns_server: LoopbackDNS, receivers: dict[bool, Any]
+) -> None:
+    """An application-signed 8-bit body signed by send_email where the keys are, sent by
+    a worker configured without DKIM to a server without 8BITMIME: ours, over the 8-bit
+    body, cannot be made anew there. They went out failing and the status named them;
+    they go, and the status says why."""
+    app = DKIMKey(domain="app.test", selector="app1", private_key=generate_private_key(RSA))
+    publish(dns_server, DKIMConfig(keys=(app,)))
+    old = prepare(app_signed_8bit("a@sender.test", app), now=datetime.now(UTC), dkim=CONFIG)
+    store = MemoryStore()
+    mid = store.enqueue(old, now=datetime.now(UTC))
+    status, _, sent = delivered_once(dns_server, receivers[False], store, mid, None)
+    assert sent == [("app.test", "app1", "rsa-sha256")]
+    assert status.dkim is not None and not status.dkim.signatures
+    assert status.dkim.reason is not None and "8BITMIME" in status.dkim.reason

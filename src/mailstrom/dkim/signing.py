@@ -18,8 +18,8 @@ it.
 The caller (``prepare``) makes the body 7-bit first, so no server along the way has a
 reason to re-encode it; the signature then holds whether or not the receiver offers
 8BITMIME. Not a body the message came signed with (its own signature would break):
-a worker that re-encodes it for a server without 8BITMIME signs ours anew
-(:func:`resign_stale_top` with ``downgraded``).
+a worker that re-encodes it for a server without 8BITMIME signs ours anew, or drops
+them without our keys (:func:`resign_stale_top` with ``downgraded``).
 """
 
 from __future__ import annotations
@@ -274,7 +274,8 @@ def resign_stale_top(
     no longer hashes as when ours were made. Every one of ours is stale: those of a
     key domain with keys now are made anew over these bytes, the others go, also when
     none is made. The status then names only those made now (any other signature was
-    made over the 8-bit body and fails), or says why none is left."""
+    made over the 8-bit body and fails), or says why none is left. None when it has none
+    of ours: a worker without keys (``dkim`` empty) asks too."""
     if not data.startswith(_SIGNATURE):
         return None
     deadline: int | None = None
@@ -399,7 +400,12 @@ def resign_stale_top(
         if (name, _RSA) not in current_by and name not in domains and dkim.has_rsa(name)
     ]
     # Ours over the 8-bit body fail: they go even when no key domain of theirs has keys.
-    if not domains and not expired and not (downgraded and ours_end):
+    # None of ours, the re-encoding changes nothing of ours (the rest was looked at as
+    # stored), and a worker without keys asks too.
+    if downgraded:
+        if not ours_end:
+            return None
+    elif not domains and not expired:
         return None
     # A domain's signatures by its keys go, and by keys rotated away; the application's
     # own (beside one of ours by a key configured now, of its algorithm) stays as it came,

@@ -395,9 +395,9 @@ def _sign(
     downgrade never applies to a signed message. Not one the message came signed with
     (the application's own DKIM or ARC signature): re-encoded here, that broke at every
     receiver; it goes as it came, and a worker that must make it 7-bit for a server
-    without 8BITMIME signs ours anew over what it sends. UTF-8 header fields stay as they are:
-    they need SMTPUTF8, which implies 8BITMIME (RFC 6531 §3.1), and are signed as octets
-    (RFC 8616 §4).
+    without 8BITMIME signs ours anew over what it sends (or drops them, without our
+    keys). UTF-8 header fields stay as they are: they need SMTPUTF8, which implies
+    8BITMIME (RFC 6531 §3.1), and are signed as octets (RFC 8616 §4).
     """
     keys = dkim.keys_for(envelope.from_domains)
     if not keys:

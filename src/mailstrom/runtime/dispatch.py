@@ -1291,10 +1291,13 @@ class Dispatcher:
                     from mailstrom.message.encoding import downgrade_to_7bit
 
                     work.seven_bit = downgrade_to_7bit(data)
-                    if self._config.dkim is not None and work.seven_bit.startswith(
-                        b"DKIM-Signature:"
-                    ):
-                        self._resign_downgraded(work, self._config.dkim)
+                    if work.seven_bit.startswith(b"DKIM-Signature:"):
+                        # Without keys here (signed where send_email ran), ours cannot
+                        # be made anew over these bytes: they go, as they would fail,
+                        # and the status says so.
+                        from mailstrom.dkim.config import DKIMConfig
+
+                        self._resign_downgraded(work, self._config.dkim or DKIMConfig(keys=()))
                 data, eightbit = work.seven_bit, False
             # RFC 3461 parameters go only to a server that offers DSN.
             dsn_mail, dsn_rcpt = dsn_params(item) if "DSN" in conn.extensions else (b"", ())
@@ -1350,7 +1353,8 @@ class Dispatcher:
     def _resign_downgraded(self, work: _Work, dkim: DKIMConfig) -> None:
         """Sign ``work``'s 7-bit downgrade anew with our keys: a message that came
         signed by the application keeps its 8-bit body (see ``prepare``), and ours,
-        made over that body, would fail over the re-encoded one."""
+        made over that body, would fail over the re-encoded one. With no keys (``dkim``
+        empty: a worker configured without them) ours go, and the status says so."""
         from mailstrom.dkim.signing import resign_stale_top
 
         assert work.seven_bit is not None
