@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TypeVar
 
-from mailstrom.arguments import check_limit
+from mailstrom.arguments import check_limit, check_timeout
 from mailstrom.client.aio_loops import (
     LoopsLock,
     Turn,
@@ -77,15 +77,16 @@ class _UndoableStart:
     its start() was given up (cancelled) meanwhile: it is not left delivering behind a
     start() that never returned, the next start() saying "already started"."""
 
-    def __init__(self, worker: WorkerProcess) -> None:
+    def __init__(self, worker: WorkerProcess, timeout: float) -> None:
         self._worker = worker
+        self._timeout = timeout
         self._lock = threading.Lock()
         self._started = False
         self._abandoned = False
 
     def run(self) -> None:
         try:
-            self._worker.start()
+            self._worker.start(self._timeout)
         except WorkerError:
             if self._given_up():
                 return  # nothing runs (its error is in worker_status)
@@ -202,19 +203,25 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                 self._lifecycle_lock = LoopsLock()
             return self._lifecycle_lock.turn()
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 30.0) -> None:
         """Start delivering (in a task on the running loop, or a worker process); raise
-        :class:`~mailstrom.errors.WorkerError` if the worker cannot start. After
+        :class:`~mailstrom.errors.WorkerError` if the worker cannot start, or has not
+        come up within ``timeout`` seconds (as :meth:`Mailstrom.start
+        <mailstrom.Mailstrom.start>`; the worker is then left to end as after a cancel,
+        below). After
         :meth:`stop`, or once the worker died on its own, this starts a new worker,
         unless the facade opened its store itself (``stop()`` closed it): WorkerError
         then. Cancelled (a timeout around it), it leaves no worker running: a task it
         started is cancelled, a process it was starting is stopped once up; until that
         has ended (or its loop was closed) the next start() raises WorkerError, and
         stop() waits for it."""
+        # Without it, code written for Mailstrom (``start(timeout=10)``) failed with a
+        # TypeError, and a worker task slow to come up was waited for without a bound.
+        timeout = check_timeout(timeout)
         async with self._lifecycle_async() as turn:
-            await self._start(turn)
+            await self._start(turn, timeout)
 
-    async def _start(self, turn: Turn) -> None:
+    async def _start(self, turn: Turn, timeout: float) -> None:
         if not over(self._ending):
             raise WorkerError(
                 "the worker of the last stop() or start(), which was cancelled, has not ended yet"
@@ -224,7 +231,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         if isinstance(worker, WorkerProcess):
             if self._has_worker_process():  # (one to be started again included)
                 raise AlreadyStarted("already started")
-            start = _UndoableStart(worker)
+            start = _UndoableStart(worker, timeout)
             # A future of the executor, not a task: a loop that ends (asyncio.run) cancels
             # its tasks, and a task that was to stop the process once up was cancelled
             # with it while the start went on in its thread: the process delivered on.
@@ -253,21 +260,26 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         self._task.add_done_callback(functools.partial(_log_death, ready))
         waiter = asyncio.create_task(ready.wait())
         try:
-            await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {self._task, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         except asyncio.CancelledError:
             self._give_up_starting()
             raise
         finally:
             waiter.cancel()
+        if not done:
+            self._give_up_starting()  # not left to come up behind a start() that failed
+            raise WorkerError(f"worker did not start within {timeout:g} s")
         if self._task.done():
             task, self._task = self._task, None
             exc = task.exception()
             raise WorkerError(f"worker failed to start: {exc}") from exc
 
     def _give_up_starting(self) -> None:
-        """start() was cancelled before its worker task came up: the task is not left to
-        come up behind it (delivering for a start() that never returned, and the next
-        start() saying "already started"). It is cancelled (nothing is in flight yet;
+        """start() was cancelled (or timed out) before its worker task came up: the task
+        is not left to come up behind it (delivering for a start() that never returned,
+        and the next start() saying "already started"). It is cancelled (nothing is in flight yet;
         what it leased still goes back) and, as the task a stop() gave up on, ends by
         itself: the next start() refuses while it lives, stop() waits for it."""
         task, self._task = self._task, None
