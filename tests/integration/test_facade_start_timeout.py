@@ -13,6 +13,7 @@ import pytest
 
 from mailstrom import AsyncMailstrom, Config, Email, Mailstrom, RecipientState
 from mailstrom.errors import InvalidArgument, WorkerError
+from mailstrom.runtime.worker import Worker
 from mailstrom.stores import MemoryStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
@@ -116,3 +117,59 @@ async def test_an_async_worker_process_takes_starts_timeout(tmp_path: Path) -> N
         assert ms.worker_status.running
     finally:
         await ms.stop()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_worker_given_up_at_start_reads_as_stopped_not_dead_on_both_facades(
+    mx: Any, dns_server: LoopbackDNS, kind: str
+) -> None:
+    """A worker that missed start()'s bound ends without an error on a thread (it is
+    asked to stop); a worker task was cancelled without being asked, and its
+    ``worker_status.error`` read "CancelledError: " for good, as a worker that died."""
+    store = _SlowToStart()
+    config: Config = loopback_config(dns_server, mx.port)
+    ms: Mailstrom | AsyncMailstrom
+    if kind == "sync":
+        ms = Mailstrom(config, store=store, worker="thread")
+    else:
+        ms = AsyncMailstrom(config, store=store, worker="task")
+    worker = ms.worker
+    assert isinstance(worker, Worker)
+    try:
+        with pytest.raises(WorkerError, match="did not start within"):
+            await _call(ms.start(timeout=0.2))
+        store.release.set()
+        assert await asyncio.to_thread(worker.wait_stopped, 30)
+        for _ in range(1000):  # the task (or thread) ends just after its worker
+            if not ms.worker_status.running:
+                break
+            await asyncio.sleep(0.01)
+        status = ms.worker_status
+        assert (status.running, status.error) == (False, None)
+    finally:
+        store.release.set()
+        await _call(ms.stop())
+    store.close()
+
+
+async def test_an_async_start_cancelled_leaves_a_worker_that_reads_as_stopped(
+    mx: Any, dns_server: LoopbackDNS
+) -> None:
+    """The same for a start() cancelled (a timeout around it) before its worker came up."""
+    store = _SlowToStart()
+    ms = AsyncMailstrom(loopback_config(dns_server, mx.port), store=store, worker="task")
+    worker = ms.worker
+    assert isinstance(worker, Worker)
+    try:
+        starting = asyncio.create_task(ms.start())
+        assert await asyncio.to_thread(store.entered.wait, 10)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        store.release.set()
+        assert await asyncio.to_thread(worker.wait_stopped, 30)
+        assert ms.worker_status.error is None
+    finally:
+        store.release.set()
+        await ms.stop()
+    store.close()

@@ -285,6 +285,12 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
         task, self._task = self._task, None
         if task is None or task.done():
             return
+        worker = self.worker
+        if isinstance(worker, Worker):
+            # Asked to stop first, as a worker thread that misses start()'s bound is: a
+            # cancel it was not told of read as its death, and worker_status.error said
+            # "CancelledError: " until the next start().
+            worker.request_stop(drain_timeout=0)
         task.cancel()
         self._ending = task
 
