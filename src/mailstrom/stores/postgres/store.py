@@ -171,8 +171,10 @@ def _wait(timeout: object) -> float:
 
 
 def _state_values(where: QueueFilter) -> list[str] | None:
-    """The ``states`` filter as the text array the queries take."""
-    return None if where.states is None else sorted(s.value for s in where.states)
+    """The states ``where`` admits (its ``states`` narrowed by its ``state``) as the
+    text array the queries take: one test of the derived state (``_in_states``)."""
+    states = effective_states(where.state, where.states)
+    return None if states is None else sorted(s.value for s in states)
 
 
 def _recorded(found: Sequence[Sequence[Any]], finished: set[str]) -> dict[unanswered.Key, bool]:
