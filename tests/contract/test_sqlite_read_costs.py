@@ -98,3 +98,39 @@ def test_a_page_deep_in_a_tie_costs_what_the_first_does(db: Path, pending: bool)
         below = matching_seqs(conn, NOW, where, after=deep.last)
         assert len(top) == len(below) == 100
         assert steps < 3 * top_steps, (steps, top_steps)
+
+
+def _delivered_walk_steps(db: Path, recipients: int) -> int:
+    """VM steps (of 10) of a retention walk's page over 6 delivered messages of
+    ``recipients`` recipients each, behind 2 failed ones of as many."""
+    from mailstrom.stores import QueueFilter
+    from mailstrom.stores.sqlite_operator import matching_seqs
+
+    with closing(SQLiteStore(db)) as store:
+        for n, outcome in enumerate([RecipientState.DELIVERED] * 6 + [RecipientState.FAILED] * 2):
+            many = [f"u{n}-{i}@example.org" for i in range(recipients)]
+            store.enqueue(message(*many), now=NOW - 2 * HOUR + n * timedelta(seconds=1))
+            lease = store.lease(now=NOW, limit=recipients, lease_for=HOUR)
+            assert lease is not None
+            store.record(results_for(lease, outcome))
+    where = QueueFilter(limit=100, states=frozenset({RecipientState.DELIVERED}), older_than=HOUR)
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    with closing(sqlite3.connect(db)) as conn:
+        conn.set_progress_handler(step, 10)
+        assert len(matching_seqs(conn, NOW, where)) == 6
+    return steps
+
+
+def test_a_walk_for_finished_mail_reads_no_more_of_big_messages(tmp_path: Path) -> None:
+    """Was: a message's state was worked out from every recipient of it, so a retention
+    walk's page over messages of 400 recipients cost 100 times one over messages of
+    one. Now a few probes of the pending and failed indexes tell it."""
+    small = _delivered_walk_steps(tmp_path / "small.db", 1)
+    big = _delivered_walk_steps(tmp_path / "big.db", 400)
+    assert big < 2 * small, (big, small)

@@ -32,7 +32,6 @@ from mailstrom.stores.operator import (
 )
 from mailstrom.stores.sqlite_queue import (
     HAS_PENDING_SQL,
-    MESSAGE_STATE_SQL,
     PENDING_SQL,
     SET_ASIDE,
     chunks,
@@ -40,6 +39,7 @@ from mailstrom.stores.sqlite_queue import (
     unhold_finished,
 )
 from mailstrom.stores.sqlite_schema import shown_time, to_us
+from mailstrom.stores.sqlite_states import in_states_sql
 from mailstrom.stores.sqlite_walk import count_upto, walk_bound
 
 # --- ids -----------------------------------------------------------------------------------
@@ -130,8 +130,7 @@ def filter_sql(
     elif states is not None and not states:
         conditions.append("0")
     elif states is not None:
-        conditions.append(f"{MESSAGE_STATE_SQL} IN ({qmarks(len(states))})")
-        params.extend(sorted(s.value for s in states))
+        conditions.append(in_states_sql(states))
     return conditions, params
 
 

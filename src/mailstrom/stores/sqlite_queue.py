@@ -82,15 +82,6 @@ and is no mail on hold."""
 # queries name the index (INDEXED BY) because without ANALYZE statistics the planner
 # prefers the state index and sorts every pending recipient.
 DUE_SQL = "max(next_attempt_at, coalesce(lease_expires_at, 0))"
-# Mirrors mailstrom.status.derive_message_state for the query filter.
-MESSAGE_STATE_SQL = """(
-    SELECT CASE
-        WHEN sum(r.state IN ('queued', 'deferred')) > 0 THEN
-            CASE WHEN sum(r.state = 'deferred') > 0 THEN 'deferred' ELSE 'queued' END
-        WHEN sum(r.state = 'delivered') = count(*) THEN 'delivered'
-        ELSE 'failed'
-    END
-    FROM recipients r WHERE r.message_seq = m.seq)"""
 _RECORD_CHUNK = 1000
 """Results per statement when recording: 17 values each, well under SQLite's limit of
 32,766 bound parameters."""
