@@ -14,7 +14,7 @@ from types import TracebackType
 import pytest
 
 from mailstrom.status import RecipientState
-from mailstrom.stores import MemoryStore, memory_operator
+from mailstrom.stores import MemoryStore, QueueFilter, memory_operator
 
 from .support import LEASE_FOR, NOW, message, results_for
 
@@ -82,3 +82,33 @@ def test_a_whole_queue_call_takes_the_lock_a_batch_at_a_time(name: str) -> None:
     store._lock = lock  # type: ignore[assignment]
     assert call(store) == COUNT
     assert lock.holds >= COUNT // memory_operator.WALK_BATCH, lock.holds
+
+
+def test_a_walk_by_state_reads_no_recipient_of_a_finished_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Was: each message a list by state looked at had its state worked out from every
+    recipient, under the lock: a retention walk's page over 6 messages of 400 delivered
+    recipients read 2,400 recipients' states (a batch of the walk's 2,000 messages of
+    50,000 held the lock for 10⁸). The message keeps counts of its recipients' states."""
+    from mailstrom.stores.memory_records import _Recipient
+
+    store = MemoryStore()
+    for n in range(6):
+        store.enqueue(message(*[f"u{n}-{i}@example.org" for i in range(400)]), now=NOW - 2 * HOUR)
+    while (lease := store.lease(now=NOW, limit=1000, lease_for=LEASE_FOR)) is not None:
+        store.record(results_for(lease, RecipientState.DELIVERED))
+    slot = _Recipient.__dict__["state"]
+    reads = 0
+
+    def read(r: _Recipient) -> RecipientState:
+        nonlocal reads
+        reads += 1
+        return slot.__get__(r)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(_Recipient, "state", property(read, slot.__set__))
+    delivered = frozenset({RecipientState.DELIVERED})
+    where = QueueFilter(limit=100, states=delivered, older_than=HOUR)
+    page = store.select_page(now=NOW, where=where, examine=10)
+    assert len(page.ids) == 6
+    assert reads <= 6, reads

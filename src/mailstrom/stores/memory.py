@@ -404,6 +404,7 @@ class MemoryStore(
                 if r.first_attempt_at is None:
                     r.first_attempt_at = attempt.at
                 pending = result.state in _PENDING
+                was = r.state
                 r.take(
                     attempt,
                     result.state,
@@ -411,6 +412,8 @@ class MemoryStore(
                     uncertain=attempt.uncertain,
                     attempted=result.attempted,
                 )
+                if m is not None:
+                    m.moved(was, r.state)
                 if pending and m is not None:
                     self._due.push(m, r)
                 if result.notice is not None or not pending:
@@ -670,6 +673,7 @@ class MemoryStore(
         for r in m.recipients.values():
             if r.state in _PENDING:
                 leased = leased or r.lease_token is not None
+                m.moved(r.state, RecipientState.FAILED)
                 r.state = RecipientState.FAILED
                 r.error = "cancelled"
                 # The reason must read "cancelled"; the history keeps earlier replies.

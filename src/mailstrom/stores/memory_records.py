@@ -160,13 +160,35 @@ class _Message:
     held: bool
     recipients: dict[str, _Recipient]
     dkim: DKIMStatus | None = None
+    counts: dict[RecipientState, int] = field(default_factory=dict)
+    """How many of its recipients are in each state, kept by :meth:`moved`: a list by
+    state tells each message's from them. Worked out from every recipient, under the
+    lock, a walk's batch of 2,000 messages of 50,000 recipients read 10⁸ of them."""
+
+    def __post_init__(self) -> None:
+        self.counts = dict.fromkeys(RecipientState, 0)
+        for r in self.recipients.values():
+            self.counts[r.state] += 1
+
+    def moved(self, was: RecipientState, now: RecipientState) -> None:
+        """Count a recipient of this message gone from state ``was`` to ``now``."""
+        self.counts[was] -= 1
+        self.counts[now] += 1
 
     def state(self) -> RecipientState:
-        return derive_message_state([r.state for r in self.recipients.values()])
+        """Its derived state (:func:`derive_message_state`), from :attr:`counts`."""
+        counts = self.counts
+        if counts[RecipientState.DEFERRED]:
+            return RecipientState.DEFERRED
+        if counts[RecipientState.QUEUED]:
+            return RecipientState.QUEUED
+        if counts[RecipientState.FAILED] or not self.recipients:
+            return RecipientState.FAILED
+        return RecipientState.DELIVERED
 
     def pending(self) -> bool:
         """Whether a recipient is still to be delivered (queued or deferred)."""
-        return any(r.state in _PENDING for r in self.recipients.values())
+        return bool(self.counts[RecipientState.QUEUED] or self.counts[RecipientState.DEFERRED])
 
     def hold(self, held: bool) -> bool:
         """Hold or release the message; whether it changed. A hold keeps pending

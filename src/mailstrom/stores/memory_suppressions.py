@@ -148,6 +148,7 @@ class MemorySuppressionsMixin:
             if r is None or r.state is not RecipientState.DELIVERED:
                 return False  # only mail a server accepted can bounce after acceptance
             r.take(attempt, RecipientState.FAILED, next_attempt_at=None, uncertain=False)
+            m.moved(RecipientState.DELIVERED, RecipientState.FAILED)
             if self._events_on:
                 self._append_event(m, r, attempt.at, attempt.reason_class)
         return True
