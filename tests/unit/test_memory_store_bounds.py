@@ -20,6 +20,7 @@ from mailstrom.readmodel import memory as memory_model
 from mailstrom.readmodel.memory import MemoryReadModel
 from mailstrom.status import DestinationThrottle, RecipientState
 from mailstrom.stores import MemoryStore, QueueFilter
+from mailstrom.stores.memory_due import _SWEEP_PACE, SWEEP_STEP
 from mailstrom.stores.memory_operator import WALK_BATCH
 from mailstrom.stores.memory_records import _Event, _Message
 from mailstrom.suppression import Suppression, SuppressionSource
@@ -276,7 +277,8 @@ def test_a_purge_leaves_nothing_of_its_messages_in_the_due_index(how: str) -> No
     """Was: the due index kept the entry each lease files at its end (and the one a
     cancelled message had at its due time) until a lease or a sweep came to it: behind
     one deferred recipient due earlier, 1,000 messages delivered (or cancelled) and
-    purged were all still held, bodies and all. A purge takes them off at once."""
+    purged were all still held, bodies and all. A purge that leaves them a large share
+    of the index sweeps them out."""
     store = MemoryStore()
     store.enqueue(message("x@down.example"), now=NOW)
     store.record(
@@ -428,3 +430,36 @@ def test_pruning_mta_sts_policies_a_batch_at_a_time_reads_each_batch() -> None:
         pass
     assert sorted(policies) == sorted(f"d{n}.example" for n in range(1, count, 2))
     assert policies.visited < 3 * count, policies.visited
+
+
+@pytest.mark.parametrize("domains", [1, 5000])
+def test_a_purge_batch_looks_at_its_own_entries_not_the_whole_queue(domains: int) -> None:
+    """Was: each purge batch filtered every destination its messages had entries in, and
+    every head of their lanes: 5,000 cancelled of 10,000 scheduled, purged 500 at a
+    time, looked at the whole heap (or every destination's head) per batch. The work of
+    a batch is now its own recipients' and a sweep's share paid for by its entries."""
+    store = MemoryStore()
+    later = QueueAttributes(send_at=NOW + DAY)
+    ids = store.enqueue_many(
+        [
+            dataclasses.replace(message(f"u{n}@d{n % domains}.example"), attributes=later)
+            for n in range(10_000)
+        ],
+        now=NOW,
+    )
+    doomed = ids[::2]
+    assert store.cancel_many(doomed, now=NOW) == len(doomed)
+    index = store._due
+    batch = 500
+    worst = 0
+    for start in range(0, len(doomed), batch):
+        before = index.looked
+        assert store.purge_many(doomed[start : start + batch]) == batch
+        worst = max(worst, index.looked - before)
+    # One entry a recipient, a sweep's pace per entry, and the step it may end past.
+    assert worst <= (1 + _SWEEP_PACE) * batch + SWEEP_STEP
+    # What is left of the purged messages: less than half the index (a sweep starts at
+    # a quarter, and is paid to end before half), taken off as a lease comes to it.
+    assert 0 <= 2 * index._gone < index._entries
+    assert store.lease(now=NOW + DAY, limit=10_000, lease_for=HOUR) is not None
+    assert index._gone == 0

@@ -82,7 +82,7 @@ class _Recipient:
     """The number of its current entry in the store's due index (memory_due.py)."""
     filed: int = 0
     """How many entries of it, current or stale, the due index holds: those of a purged
-    message are taken off at its purge (:meth:`DueIndex.drop`)."""
+    message are counted at its purge, and swept out (:meth:`DueIndex.drop`)."""
 
     def take(
         self,
