@@ -612,7 +612,9 @@ def _without_recipients(backend: Backend, store: Store, message_id: str) -> None
     """Take every recipient row of ``message_id`` away, as a store written before
     enqueue refused a message naming none may hold it."""
     if isinstance(store, MemoryStore):
-        store._messages[message_id].recipients.clear()
+        held = store._messages[message_id]
+        held.recipients.clear()
+        held.counts = dict.fromkeys(RecipientState, 0)  # as a message stored so has them
     elif backend.name == "sqlite":
         with closing(sqlite3.connect(backend.url.removeprefix("sqlite://"))) as conn, conn:
             conn.execute(
