@@ -109,10 +109,16 @@ async def test_start_refuses_a_timeout_it_cannot_wait_on_both_facades(kind: str)
 
 
 async def test_an_async_worker_process_takes_starts_timeout(tmp_path: Path) -> None:
+    """The bound reaches the process's start: a millisecond is shorter than any child
+    takes to answer (an interpreter to start, mailstrom to import), where the default
+    30 s would have let it come up."""
     ms = AsyncMailstrom(
         Config(helo_name="mail.example.com"), store=tmp_path / "q.db", worker="process"
     )
     try:
+        with pytest.raises(WorkerError, match=r"no answer within 0\.001 s"):
+            await ms.start(timeout=0.001)
+        assert not ms.worker_status.running
         await ms.start(timeout=60)
         assert ms.worker_status.running
     finally:

@@ -224,7 +224,8 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
     async def _start(self, turn: Turn, timeout: float) -> None:
         if not over(self._ending):
             raise WorkerError(
-                "the worker of the last stop() or start(), which was cancelled, has not ended yet"
+                "the worker of the last stop() or start(), which was cancelled or timed out,"
+                " has not ended yet"
             )
         self._check_startable()
         worker = self.worker
