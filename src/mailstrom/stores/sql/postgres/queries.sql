@@ -1016,26 +1016,27 @@ ORDER BY r.position, a.id;
 -- %(states)s (any, when NULL), from at most three probes of one recipient each of
 -- recipients_state_seq (schema 22) or recipients_pending_message (schema 10): a
 -- message with no pending or failed recipient has every one delivered (no store keeps
--- a message without one), and only a filter that admits one of queued and deferred
--- asks which a pending message is. Worked out from every recipient, as it was, a
+-- a message without one), and a pending one is deferred if one of its recipients is.
+-- Worked out from every recipient, as it was, a
 -- retention walk's statement over 5 messages of 2,000 recipients read 10,000 rows.
 -- Each probe is a sub-select with LIMIT 1, not an EXISTS, which the planner may hash
--- by reading every recipient in the state once.
-      AND (%(states)s::text[] IS NULL OR CASE
+-- by reading every recipient in the state once. The state is compared as text, as the
+-- aggregate was: a CASE of booleans is guessed to match half the messages, and a list
+-- by state and domain (queue --state failed --domain X) then walked every message
+-- newest first, probing each (1.4 s on 400,000), not from the domain's recipients.
+      AND (%(states)s::text[] IS NULL OR (CASE
                WHEN (SELECT 1 FROM recipients r
                      WHERE r.seq = m.seq AND r.state IN ('queued', 'deferred') LIMIT 1)
                     IS NOT NULL THEN
-                   %(states)s::text[] @> ARRAY['queued', 'deferred']
-                   OR (%(states)s::text[] && ARRAY['queued', 'deferred']
-                       AND CASE WHEN (SELECT 1 FROM recipients r
-                                      WHERE r.seq = m.seq AND r.state = 'deferred' LIMIT 1)
-                                     IS NOT NULL THEN 'deferred'
-                                ELSE 'queued' END = ANY (%(states)s::text[]))
+                   CASE WHEN (SELECT 1 FROM recipients r
+                              WHERE r.seq = m.seq AND r.state = 'deferred' LIMIT 1)
+                             IS NOT NULL THEN 'deferred'
+                        ELSE 'queued' END
                WHEN (SELECT 1 FROM recipients r
                      WHERE r.seq = m.seq AND r.state = 'failed' LIMIT 1) IS NOT NULL
-                   THEN 'failed' = ANY (%(states)s::text[])
-               ELSE 'delivered' = ANY (%(states)s::text[])
-           END)
+                   THEN 'failed'
+               ELSE 'delivered'
+           END) = ANY (%(states)s::text[]))
 
 -- name: _queue_filter
 -- The conditions of a queue filter on messages m (query, select_ids); each is skipped
