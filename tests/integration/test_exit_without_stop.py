@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from mailstrom import Mailstrom, RecipientState, Timeouts
-from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration import test_worker_modes
 from tests.integration.test_worker_modes import config
@@ -28,26 +27,73 @@ SLOW = Timeouts(connect=5, greeting=5, command=5, data_init=5, data_block=5, dat
 
 _HEAD = """\
 import faulthandler, pickle, sys
-faulthandler.dump_traceback_later(50, exit=True)
+faulthandler.dump_traceback_later(80, exit=True)
+"""
+_BODY = """\
 from mailstrom import Email, Mailstrom
+from mailstrom.stores import SQLiteStore
+
+class Threaded(SQLiteStore):
+    in_process = False  # hands each call to a thread, as PostgreSQLStore does
 
 cfg = pickle.loads(open(sys.argv[1], "rb").read())
-"""
-_PROGRAM = (
-    _HEAD
-    + """\
-ms = Mailstrom(cfg, store=sys.argv[2], worker="thread")
+store = sys.argv[2]
+if store.endswith(".threaded"):
+    store = Threaded(store.removesuffix(".threaded"))
+ms = Mailstrom(cfg, store=store, worker="thread")
 ms.start()
 for i in range(3):
     ms.send_email(Email(from_="a@sender.test", to=[f"u{i}@example.org"], text=str(i)))
 print("queued", flush=True)
 sys.stdin.readline()  # the test says when a final dot has reached the server
 """
-)
 
 
-def _program(body: str) -> str:
-    return _PROGRAM + textwrap.dedent(body)
+def _program(body: str, *, before: str = "") -> str:
+    return _HEAD + textwrap.dedent(before) + _BODY + textwrap.dedent(body)
+
+
+def _run(mx: Any, dns: LoopbackDNS, tmp_path: Path, program: str, store: str) -> str:
+    """Run ``program`` on ``store`` (a SQLite path, ``.threaded`` for one whose calls go
+    through threads, or a PostgreSQL URL) until a final dot has reached the server, let it
+    end, then deliver what is left with another worker: each message must arrive once.
+    Returns the program's output."""
+    mx.data_delay = 1.0  # the server holds its reply to each final dot
+    cfg = config(dns, mx.port, timeouts=SLOW, lease_for=timedelta(seconds=1))
+    path = tmp_path / "config.pickle"
+    path.write_bytes(pickle.dumps(cfg))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", program, str(path), store],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "queued\n"
+        assert eventually(lambda: len(mx.received) >= 1, within=30)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=90)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 0, err[-2000:]
+    assert "could not be recorded" not in err, err[-2000:]
+    # Another worker on the same queue, once any lease left behind has run out.
+    mx.data_delay = 0.0
+    with Mailstrom(cfg, store=store.removesuffix(".threaded"), worker="thread") as ms:
+        delivered = RecipientState.DELIVERED
+        assert eventually(lambda: all(s.state is delivered for s in ms.query()), within=30)
+    return out
+
+
+def _expect_each_once(mx: Any, *extra: str) -> None:
+    got = sorted(m.rcpt_tos[0] for m in mx.messages)
+    assert got == sorted(["u0@example.org", "u1@example.org", "u2@example.org", *extra])
 
 
 @pytest.mark.parametrize(
@@ -63,39 +109,23 @@ def test_exit_without_stop_records_what_the_server_took(
     """The program ends while the server holds its reply to a final dot it has taken.
     The worker thread, a daemon, was frozen there: the message stayed leased, and the
     next worker sent it a second time. It now drains at exit, as stop() would."""
-    mx.data_delay = 1.0  # the server holds its reply to each final dot
-    cfg = config(dns_server, mx.port, timeouts=SLOW, lease_for=timedelta(seconds=1))
-    path = tmp_path / "config.pickle"
-    path.write_bytes(pickle.dumps(cfg))
-    db = tmp_path / "q.db"
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", _program(ending), str(path), str(db)],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None and child.stdin is not None
-        assert child.stdout.readline() == "queued\n"
-        assert eventually(lambda: len(mx.received) >= 1, within=30)
-        child.stdin.write("\n")
-        child.stdin.flush()
-        _, err = child.communicate(timeout=60)
-    finally:
-        child.kill()
-        child.wait()
-    assert child.returncode == 0, err[-2000:]
-    # Another worker on the same queue, once any lease left behind has run out.
-    mx.data_delay = 0.0
-    store = SQLiteStore(db)
-    try:
-        with Mailstrom(cfg, store=store, worker="thread") as ms:
-            delivered = RecipientState.DELIVERED
-            assert eventually(lambda: all(s.state is delivered for s in ms.query()), within=30)
-    finally:
-        store.close()
-    got = sorted(m.rcpt_tos[0] for m in mx.messages)
-    assert got == ["u0@example.org", "u1@example.org", "u2@example.org"]
+    _run(mx, dns_server, tmp_path, _program(ending), str(tmp_path / "q.db"))
+    _expect_each_once(mx)
+
+
+def test_exit_drain_records_through_a_store_called_in_threads(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A store whose calls the worker hands to threads (as PostgreSQL's): at exit the
+    executor refused them ("cannot schedule new futures after shutdown"), the drain
+    recorded nothing, and the next worker sent the message again."""
+    _run(mx, dns_server, tmp_path, _program(""), str(tmp_path / "q.db.threaded"))
+    _expect_each_once(mx)
+
+
+@pytest.mark.postgres
+def test_exit_drain_records_in_postgresql(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, postgres_url: str
+) -> None:
+    _run(mx, dns_server, tmp_path, _program(""), postgres_url)
+    _expect_each_once(mx)

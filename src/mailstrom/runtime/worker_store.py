@@ -9,6 +9,8 @@ The base of the worker's other parts (``worker_*.py``), all mixed into
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -100,14 +102,28 @@ class WorkerStore:
     async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call the store: on this loop when its calls are short local work (memory,
         SQLite: no thread hand-off, and no waiting for the GIL behind the loop's own
-        work), else in a thread (PostgreSQL: a network round trip)."""
-        if self._inline:
-            self.store_call_since = time.time()
+        work), else in a thread (PostgreSQL: a network round trip).
+
+        On this loop too once the interpreter has begun to exit: its thread pools refuse
+        new work from then on, before the atexit hook that drains a worker thread runs.
+        The drain recorded nothing (the worker died of the refusal), and the next worker
+        sent the mail again. The refusal is known by its words only (CPython's flag is
+        private, and the main thread still counts as alive then); it comes before the
+        call is queued, so the call cannot run twice."""
+        if not self._inline:
+            call = functools.partial(contextvars.copy_context().run, method, *args, **kwargs)
             try:
-                return method(*args, **kwargs)
-            finally:
-                self.store_call_since = None
-        return await asyncio.to_thread(method, *args, **kwargs)
+                handed = asyncio.get_running_loop().run_in_executor(None, call)
+            except RuntimeError as exc:
+                if "cannot schedule new futures" not in str(exc):
+                    raise
+            else:
+                return await handed
+        self.store_call_since = time.time()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self.store_call_since = None
 
     def _store_unusable(self, exc: StoreError) -> None:
         """Have the store loop end the worker on ``exc`` when it is permanent
