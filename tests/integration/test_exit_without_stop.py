@@ -129,3 +129,20 @@ def test_exit_drain_records_in_postgresql(
 ) -> None:
     _run(mx, dns_server, tmp_path, _program(""), postgres_url)
     _expect_each_once(mx)
+
+
+def test_exit_drains_a_worker_whose_stop_was_interrupted(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The program's own stop() is cut short by a SIGTERM handler raising SystemExit:
+    its worker, left to end by itself, was skipped at exit and frozen mid-delivery."""
+    interrupted = """\
+        import signal
+        def handler(*args):
+            raise SystemExit(0)
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        ms.stop(30)
+    """
+    _run(mx, dns_server, tmp_path, _program(interrupted), str(tmp_path / "q.db"))
+    _expect_each_once(mx)

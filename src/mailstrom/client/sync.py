@@ -236,6 +236,12 @@ class Mailstrom(FacadeBase, QueueOperations):
         ended = isinstance(worker, Worker) and worker.wait_stopped(0)
         return self._thread is not None and not ended
 
+    def _worker_to_drain(self) -> bool:
+        """Whether a worker thread of this facade is to be drained at interpreter exit:
+        one that still delivers, or one a stop() of the program's left to end by itself
+        (interrupted by a SIGTERM handler's SystemExit): skipped, it was frozen there."""
+        return self._worker_thread_runs() or _alive(self._stuck)
+
     def _on_worker_thread(self) -> bool:
         """Whether this is the thread the worker hands its results on (``on_result``):
         the worker thread, or a worker process's reader. It cannot wait for itself, nor
@@ -562,13 +568,14 @@ class Mailstrom(FacadeBase, QueueOperations):
 
 def _stop_at_exit() -> None:
     """Stop the worker threads still running as the interpreter exits (the program
-    returned from its main, or a SIGTERM handler raised SystemExit, without ``stop()``).
+    returned from its main, or a SIGTERM handler raised SystemExit, without ``stop()``, or
+    during one it had called).
     Being daemon threads, they were frozen mid-delivery: a message whose final dot the
     server had taken stayed leased, unrecorded, and the next worker sent it again. Each
     now drains as a worker process whose parent died does: its deliveries in flight get
     :data:`~mailstrom.client.process.ORPHAN_DRAIN` seconds, the rest goes back to the
     store. Several facades' workers drain side by side, not one after another."""
-    running = [f for f in list(_FACADES) if isinstance(f, Mailstrom) and f._worker_thread_runs()]
+    running = [f for f in list(_FACADES) if isinstance(f, Mailstrom) and f._worker_to_drain()]
     for facade in running:
         facade._hurry_stop(ORPHAN_DRAIN)
     for facade in running:
