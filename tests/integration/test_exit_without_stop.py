@@ -146,3 +146,21 @@ def test_exit_drains_a_worker_whose_stop_was_interrupted(
     """
     _run(mx, dns_server, tmp_path, _program(interrupted), str(tmp_path / "q.db"))
     _expect_each_once(mx)
+
+
+def test_an_earlier_exit_hook_can_still_queue_mail(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """An application's atexit hook registered before mailstrom was imported runs after
+    the drain (last in, first out): it found the store closed. Its mail is queued, and
+    the next run delivers it."""
+    hook = """\
+        import atexit
+        def last_words():
+            ms.send_email(Email(from_="a@sender.test", to=["late@example.org"], text="bye"))
+            print("late mail queued", flush=True)
+        atexit.register(last_words)
+    """
+    out = _run(mx, dns_server, tmp_path, _program("", before=hook), str(tmp_path / "q.db"))
+    assert "late mail queued" in out
+    _expect_each_once(mx, "late@example.org")

@@ -236,12 +236,6 @@ class Mailstrom(FacadeBase, QueueOperations):
         ended = isinstance(worker, Worker) and worker.wait_stopped(0)
         return self._thread is not None and not ended
 
-    def _worker_to_drain(self) -> bool:
-        """Whether a worker thread of this facade is to be drained at interpreter exit:
-        one that still delivers, or one a stop() of the program's left to end by itself
-        (interrupted by a SIGTERM handler's SystemExit): skipped, it was frozen there."""
-        return self._worker_thread_runs() or _alive(self._stuck)
-
     def _on_worker_thread(self) -> bool:
         """Whether this is the thread the worker hands its results on (``on_result``):
         the worker thread, or a worker process's reader. It cannot wait for itself, nor
@@ -386,6 +380,25 @@ class Mailstrom(FacadeBase, QueueOperations):
             stopper.start()
         except RuntimeError:  # no thread left: here, as before
             worker.stop(timeout)
+
+    def _stop_worker_at_exit(self) -> _WorkerThread | None:
+        """Ask the worker thread still running at interpreter exit to stop, draining its
+        deliveries in flight: one this facade started, or one a stop() of the program's
+        left to end by itself (interrupted by a SIGTERM handler's SystemExit, or past
+        its bound). Returns that thread for :func:`_stop_at_exit` to wait for.
+
+        The store stays open (what the process's end does to it is enough): an atexit
+        hook of the application registered before this module was imported runs after
+        this one, and mail it queues is kept for the next run to deliver."""
+        if self._worker_thread_runs():
+            thread, self._thread = self._thread, None
+            self._stuck = thread
+        elif _alive(self._stuck):
+            thread = self._stuck
+        else:
+            return None
+        self._hurry_stop(ORPHAN_DRAIN)
+        return thread
 
     def _worker_thread_here(self) -> _WorkerThread | None:
         here = threading.current_thread()
@@ -569,20 +582,19 @@ class Mailstrom(FacadeBase, QueueOperations):
 def _stop_at_exit() -> None:
     """Stop the worker threads still running as the interpreter exits (the program
     returned from its main, or a SIGTERM handler raised SystemExit, without ``stop()``, or
-    during one it had called).
-    Being daemon threads, they were frozen mid-delivery: a message whose final dot the
-    server had taken stayed leased, unrecorded, and the next worker sent it again. Each
-    now drains as a worker process whose parent died does: its deliveries in flight get
-    :data:`~mailstrom.client.process.ORPHAN_DRAIN` seconds, the rest goes back to the
-    store. Several facades' workers drain side by side, not one after another."""
-    running = [f for f in list(_FACADES) if isinstance(f, Mailstrom) and f._worker_to_drain()]
-    for facade in running:
-        facade._hurry_stop(ORPHAN_DRAIN)
-    for facade in running:
-        try:
-            facade.stop(ORPHAN_DRAIN)
-        except Exception:
-            log.exception("mailstrom: stopping the worker thread at exit failed")
+    during one it had called). Being daemon threads, they were frozen mid-delivery: a
+    message whose final dot the server had taken stayed leased, unrecorded, and the next
+    worker sent it again. Each now drains as a worker process whose parent died does: its
+    deliveries in flight get :data:`~mailstrom.client.process.ORPHAN_DRAIN` seconds, the
+    rest goes back to the store. Several facades' workers drain side by side, not one
+    after another."""
+    draining = [f._stop_worker_at_exit() for f in list(_FACADES) if isinstance(f, Mailstrom)]
+    for thread in draining:
+        if thread is None:
+            continue
+        bound = ORPHAN_DRAIN + STOP_GRACE
+        if not thread.ended.wait(bound):
+            log.error("the worker thread did not stop at exit within %g s", bound)
 
 
 # Run after the program's non-daemon threads have ended (their mail is queued by then)
