@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 
 from mailstrom import Mailstrom, RecipientState, Timeouts
+from mailstrom.client import sync
+from mailstrom.client.process import ORPHAN_DRAIN, STOP_GRACE
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration import test_worker_modes
 from tests.integration.test_worker_modes import config
@@ -164,3 +167,36 @@ def test_an_earlier_exit_hook_can_still_queue_mail(
     out = _run(mx, dns_server, tmp_path, _program("", before=hook), str(tmp_path / "q.db"))
     assert "late mail queued" in out
     _expect_each_once(mx, "late@example.org")
+
+
+class _NeverEnds(threading.Event):
+    """The end of a worker thread stuck for good (in a store call that never returns):
+    each wait lasts its whole bound, on a clock of the test's own (``clock[0]``)."""
+
+    def __init__(self, clock: list[float]) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.clock[0] += timeout
+        return False
+
+
+def test_stuck_workers_share_one_bound_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three facades whose worker threads never end: each added ORPHAN_DRAIN +
+    STOP_GRACE (40 s) to the program's exit, 120 s in all. They now share one bound."""
+    clock = [0.0]
+    monkeypatch.setattr(sync, "monotonic", lambda: clock[0])
+    facades = [Mailstrom(store="memory:", worker="thread") for _ in range(3)]
+    try:
+        for facade in facades:
+            thread = sync._WorkerThread(lambda: None)
+            thread.ended = _NeverEnds(clock)
+            facade._thread = facade._worker_thread = thread
+        sync._stop_at_exit()
+    finally:
+        for facade in facades:
+            facade._thread = facade._stuck = None
+            facade.stop()
+    assert clock[0] <= ORPHAN_DRAIN + STOP_GRACE

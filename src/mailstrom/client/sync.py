@@ -14,6 +14,7 @@ import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from time import monotonic
 from types import TracebackType
 
 from mailstrom.arguments import check_limit, check_timeout
@@ -586,14 +587,16 @@ def _stop_at_exit() -> None:
     message whose final dot the server had taken stayed leased, unrecorded, and the next
     worker sent it again. Each now drains as a worker process whose parent died does: its
     deliveries in flight get :data:`~mailstrom.client.process.ORPHAN_DRAIN` seconds, the
-    rest goes back to the store. Several facades' workers drain side by side, not one
-    after another."""
+    rest goes back to the store. All drain side by side, within one bound
+    (ORPHAN_DRAIN + STOP_GRACE in all, not each: a worker stuck in a store call would
+    otherwise add it to the exit once per facade)."""
+    bound = ORPHAN_DRAIN + STOP_GRACE
+    deadline = monotonic() + bound
     draining = [f._stop_worker_at_exit() for f in list(_FACADES) if isinstance(f, Mailstrom)]
     for thread in draining:
         if thread is None:
             continue
-        bound = ORPHAN_DRAIN + STOP_GRACE
-        if not thread.ended.wait(bound):
+        if not thread.ended.wait(max(0.0, deadline - monotonic())):
             log.error("the worker thread did not stop at exit within %g s", bound)
 
 
