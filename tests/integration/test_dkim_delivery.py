@@ -1083,3 +1083,36 @@ def test_a_worker_without_keys_drops_ours_from_an_8bit_body_made_7bit(
     assert sent == [("app.test", "app1", "rsa-sha256")]
     assert status.dkim is not None and not status.dkim.signatures
     assert status.dkim.reason is not None and "8BITMIME" in status.dkim.reason
+
+
+def test_an_8bit_body_sent_as_queued_after_a_7bit_host_broke_records_the_status_sent(
+    dns_server: LoopbackDNS, smtp_server: Any
+) -> None:
+    """An application-signed 8-bit body, signed by send_email, sent by a worker without
+    keys to a domain whose first MX lacks 8BITMIME and breaks the session after MAIL,
+    its second offering 8BITMIME. The 7-bit bytes' status ("broke its signatures")
+    stayed on the work, so the 8-bit bytes that went next, ours intact, were recorded
+    with it; the status is of the bytes sent."""
+    app = DKIMKey(domain="app.test", selector="app1", private_key=generate_private_key(RSA))
+    publish(dns_server, DKIMConfig(keys=(app,)))
+    publish(dns_server, CONFIG)
+    old = smtp_server(host="127.0.0.1", eightbitmime=False, drop_on="mail")
+    modern = smtp_server(host="127.0.0.2", port=old.port)
+    dns_server.mx("old.test", [(10, "mx1.old.test"), (20, "mx2.old.test")])
+    dns_server.a("mx1.old.test", old.host)
+    dns_server.a("mx2.old.test", modern.host)
+    queued = prepare(app_signed_8bit("a@sender.test", app), now=datetime.now(UTC), dkim=CONFIG)
+    store = MemoryStore()
+    mid = store.enqueue(queued, now=datetime.now(UTC))
+    status, received, sent = delivered_once(dns_server, modern, store, mid, None)
+    assert "MAIL" in old.commands
+    assert "BODY=8BITMIME" in received.mail_options
+    assert received.content == queued.data
+    assert sent == [
+        ("sender.test", "rsa", "rsa-sha256"),
+        ("sender.test", "ed", "ed25519-sha256"),
+        ("app.test", "app1", "rsa-sha256"),
+    ]
+    assert_all_pass(received.content, dns_server, signatures=3)
+    assert status.dkim is not None and status.dkim.reason is None
+    assert status.dkim.signatures == queued.dkim

@@ -96,7 +96,7 @@ from mailstrom.runtime.transactions import (
 )
 from mailstrom.runtime.unreachable import UnreachableAddresses
 from mailstrom.smtp import encode_path
-from mailstrom.status import DestinationThrottle, RecipientState, SMTPReply
+from mailstrom.status import DestinationThrottle, DKIMStatus, RecipientState, SMTPReply
 from mailstrom.stores.base import RecipientResult, WorkItem
 from mailstrom.tls.decide import Destination, TLSDecider
 from mailstrom.tls.headers import tls_report, tls_required_no
@@ -147,6 +147,12 @@ class _Work:
     started: float = 0.0
     broken_sessions: int = 0
     seven_bit: bytes | None = None  # the 7-bit downgrade, made at most once
+    seven_bit_dkim: DKIMStatus | None = None
+    """The signatures of ``seven_bit`` when the worker signed it anew (None: those of
+    ``item.data``). Kept apart: the same work may go 8-bit on another connection next."""
+    dkim: DKIMStatus | None = None
+    """The signatures of ``item.data`` when the worker signed it anew (None: as queued);
+    ``item.dkim`` is set at each submit to those of the bytes sent."""
     ours: int | None = None
     """Octets of our signature fields on top of ``item.data`` once the worker signed it
     anew (None: as queued, told by their layout; see resign_stale_top)."""
@@ -1299,6 +1305,12 @@ class Dispatcher:
 
                         self._resign_downgraded(work, self._config.dkim or DKIMConfig(keys=()))
                 data, eightbit = work.seven_bit, False
+            # The result records the signatures of what this connection got.
+            dkim = work.dkim
+            if not eightbit and work.seven_bit_dkim is not None:
+                dkim = work.seven_bit_dkim
+            if item.dkim is not dkim:
+                item = work.item = replace(item, dkim=dkim)
             # RFC 3461 parameters go only to a server that offers DSN.
             dsn_mail, dsn_rcpt = dsn_params(item) if "DSN" in conn.extensions else (b"", ())
             return conn.submit(
@@ -1346,9 +1358,9 @@ class Dispatcher:
             log.exception("signing %s again failed; it goes as it was", item.message_id)
             return
         if signed is not None:
-            data, status, work.ours = signed
-            work.item = replace(item, data=data, dkim=status)
-            work.seven_bit = None  # of the bytes before
+            data, work.dkim, work.ours = signed
+            work.item = replace(item, data=data)
+            work.seven_bit = work.seven_bit_dkim = None  # of the bytes before
 
     def _resign_downgraded(self, work: _Work, dkim: DKIMConfig) -> None:
         """Sign ``work``'s 7-bit downgrade anew with our keys: a message that came
@@ -1369,8 +1381,7 @@ class Dispatcher:
             log.exception("signing %s anew after the 7-bit downgrade failed", work.item.message_id)
             return
         if found is not None:
-            work.seven_bit = found[0]
-            work.item = replace(work.item, dkim=found[1])
+            work.seven_bit, work.seven_bit_dkim = found[0], found[1]
 
     def _fail_utf8_recipients(self, conn: SMTPConnection, work: _Work, where: Where) -> None:
         """At ``conn``, a server without SMTPUTF8, fail the recipients of ``work`` whose own
