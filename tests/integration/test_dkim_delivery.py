@@ -1116,3 +1116,92 @@ def test_an_8bit_body_sent_as_queued_after_a_7bit_host_broke_records_the_status_
     assert_all_pass(received.content, dns_server, signatures=3)
     assert status.dkim is not None and status.dkim.reason is None
     assert status.dkim.signatures == queued.dkim
+
+
+def test_a_message_signed_anew_then_made_7bit_on_a_second_host_has_every_one_of_ours_anew(
+    dns_server: LoopbackDNS, smtp_server: Any
+) -> None:
+    """An application-signed 8-bit body from two key domains, queued, then one domain's
+    keys rotated, sent by a worker whose signatures expire within the hour. Its first MX
+    (8BITMIME) breaks the session after MAIL, the second lacks 8BITMIME. The second
+    submit signed the bytes the first had made again, told ours by their layout: the
+    other domain's, kept with their older t=, read as the application's, and went
+    unchanged over the 7-bit body, failing there. Every one of ours is made anew."""
+    app = DKIMKey(domain="app.test", selector="app1", private_key=generate_private_key(RSA))
+    other = dual("other.test")
+    new = rotated()
+    for config in (DKIMConfig(keys=(app,)), other, new):
+        publish(dns_server, config)
+    modern = smtp_server(host="127.0.0.1", drop_on="mail")
+    old = smtp_server(host="127.0.0.2", port=modern.port, eightbitmime=False)
+    dns_server.mx("old.test", [(10, "mx1.old.test"), (20, "mx2.old.test")])
+    dns_server.a("mx1.old.test", modern.host)
+    dns_server.a("mx2.old.test", old.host)
+    data = app_signed_8bit("a@sender.test, b@other.test", app)
+    queued = prepare(
+        data,
+        now=datetime.now(UTC) - timedelta(minutes=5),
+        dkim=DKIMConfig(keys=CONFIG.keys + other.keys),
+    )
+    store = MemoryStore()
+    mid = store.enqueue(queued, now=datetime.now(UTC))
+    worker = DKIMConfig(keys=new.keys + other.keys, expire=timedelta(minutes=30))
+    status, received, sent = delivered_once(dns_server, old, store, mid, worker)
+    assert "MAIL" in modern.commands
+    assert "BODY=8BITMIME" not in received.mail_options
+    assert sorted(sent) == [
+        ("app.test", "app1", "rsa-sha256"),
+        ("other.test", "ed", "ed25519-sha256"),
+        ("other.test", "rsa", "rsa-sha256"),
+        ("sender.test", "ed2027", "ed25519-sha256"),
+        ("sender.test", "rsa2027", "rsa-sha256"),
+    ]
+    verdicts = {
+        (v.domain, v.algorithm): v.result for v in verify_dkimpy(received.content, dns_server)
+    }
+    # Re-encoded, the application's own cannot verify; every one of ours does.
+    assert verdicts.pop(("app.test", "rsa-sha256")) == "fail"
+    assert set(verdicts.values()) == {"pass"}, verdicts
+    assert status.dkim is not None
+    assert sorted((s.domain, s.selector) for s in status.dkim.signatures) == [
+        ("other.test", "ed"),
+        ("other.test", "rsa"),
+        ("sender.test", "ed2027"),
+        ("sender.test", "rsa2027"),
+    ]
+
+
+def test_a_message_signed_anew_on_one_host_and_sent_on_another_is_signed_once(
+    dns_server: LoopbackDNS, smtp_server: Any
+) -> None:
+    """A message queued before a key rotation, whose first MX breaks the session after
+    MAIL and whose second defers it at DATA once. The second submit asked again of the
+    bytes the first had made, not of those stored, which dropped what the worker kept:
+    the retry signed anew, another t=. Both attempts send the bytes made at the first."""
+    first = smtp_server(host="127.0.0.1", drop_on="mail")
+    second = smtp_server(host="127.0.0.2", port=first.port)
+    second.data_reply = ["451 4.3.0 Try later", "250 2.0.0 OK"]
+    dns_server.mx("two.test", [(10, "mx1.two.test"), (20, "mx2.two.test")])
+    dns_server.a("mx1.two.test", first.host)
+    dns_server.a("mx2.two.test", second.host)
+    clock = FakeClock(datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3))
+    store = MemoryStore()
+    mid = store.enqueue(
+        prepare(text_message("bob@two.test"), now=clock(), dkim=CONFIG), now=clock()
+    )
+    new = rotated()
+    publish(dns_server, new)
+    results = Results()
+    config = loopback_config(dns_server, first.port, dkim=new)
+    with Mailstrom(config, store=store, clock=clock, on_result=results) as ms:
+        results.wait_count(1)
+        assert ms.query_status(mid).state is RecipientState.DEFERRED
+        clock.advance(timedelta(hours=1))
+        assert ms.retry(mid) == 1
+        results.wait_count(2)
+        assert ms.query_status(mid).state is RecipientState.DELIVERED
+    assert first.commands.count("MAIL") == 2
+    sent = [m.content for m in second.wait_for_received(2)]
+    assert sent[0] == sent[1]
+    assert {int(t["t"]) for t in signature_tags(sent[0])} == {int(clock().timestamp()) - 3600}
+    assert_all_pass(sent[0], dns_server)

@@ -153,6 +153,10 @@ class _Work:
     dkim: DKIMStatus | None = None
     """The signatures of ``item.data`` when the worker signed it anew (None: as queued);
     ``item.dkim`` is set at each submit to those of the bytes sent."""
+    queued: bytes | None = None
+    """``item.data`` as leased, once the worker signed it anew: a later submit signs
+    from these, as :class:`ResignedMessages` expects, not from the bytes it made, whose
+    layout no longer tells ours kept (their older ``t=``) from the application's."""
     ours: int | None = None
     """Octets of our signature fields on top of ``item.data`` once the worker signed it
     anew (None: as queued, told by their layout; see resign_stale_top)."""
@@ -1350,8 +1354,9 @@ class Dispatcher:
 
             resigned = self._resigned = ResignedMessages(dkim)
         item = work.item
+        queued = item.data if work.queued is None else work.queued
         try:
-            signed = resigned.sign(item.message_id, item.data, now=self._outcomes.now())
+            signed = resigned.sign(item.message_id, queued, now=self._outcomes.now())
         except Exception:
             # A bug here must not hold the mail back: an expired signature is no worse
             # than none, which is what receivers make of it.
@@ -1359,8 +1364,11 @@ class Dispatcher:
             return
         if signed is not None:
             data, work.dkim, work.ours = signed
-            work.item = replace(item, data=data)
-            work.seven_bit = work.seven_bit_dkim = None  # of the bytes before
+            work.queued = queued
+            # The bytes made at an earlier submit, still good, keep their 7-bit form.
+            if data != item.data:
+                work.item = replace(item, data=data)
+                work.seven_bit = work.seven_bit_dkim = None  # of the bytes before
 
     def _resign_downgraded(self, work: _Work, dkim: DKIMConfig) -> None:
         """Sign ``work``'s 7-bit downgrade anew with our keys: a message that came
