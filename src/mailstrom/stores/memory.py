@@ -49,6 +49,7 @@ from mailstrom.stores.clock import after, aware_utc, kept_time
 from mailstrom.stores.dkim_column import bounded_dkim
 from mailstrom.stores.fairness import fairness
 from mailstrom.stores.memory_due import DueIndex, Entry
+from mailstrom.stores.memory_ends import Ends
 from mailstrom.stores.memory_events import MemoryEventsMixin
 from mailstrom.stores.memory_operator import (
     WALK_BATCH,
@@ -206,7 +207,7 @@ class MemoryStore(
         """Idempotency key -> (message id, until when it holds)."""
         self._suppressions: dict[str, Suppression] = {}
         self._suppression_order: list[str] | None = None
-        self._expiries: list[tuple[datetime, str]] = []
+        self._expiries = Ends(_suppression_end, slack=1024)
         self._verp_key = secrets.token_bytes(VERP_KEY_SIZE)
         self._owed: dict[str, None] = {}
         """Ids of the messages with a recipient marked "notice owed" (or marked since
@@ -801,3 +802,7 @@ def _first_due(m: _Message) -> datetime:
     max_age and the delay warning count from there, as a lease says)."""
     send_at = m.prepared.attributes.send_at
     return m.created_at if send_at is None or send_at <= m.created_at else send_at
+
+
+def _suppression_end(entry: Suppression) -> datetime | None:
+    return entry.expires_at

@@ -4,7 +4,6 @@ a recipient failed late, and the messages that carry a Message-ID header."""
 from __future__ import annotations
 
 import bisect
-import heapq
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
@@ -16,11 +15,9 @@ from mailstrom.errors import StoreRefusedData
 from mailstrom.status import Attempt, RecipientState
 from mailstrom.stores.base import RecipientsFound, ascii_lower, check_suppressions
 from mailstrom.stores.clock import aware_utc
+from mailstrom.stores.memory_ends import Ends
 from mailstrom.stores.memory_records import _Message, _Recipient, utc_attempt, writes
 from mailstrom.suppression import MAX_TARGET, Suppression
-
-_EXPIRIES_FLOOR = 1024
-"""Stale entries :attr:`MemorySuppressionsMixin._expiries` may hold at any size."""
 
 
 class MemorySuppressionsMixin:
@@ -33,13 +30,10 @@ class MemorySuppressionsMixin:
     """The targets in order, for :meth:`list_suppressions`; None once a target came or
     went, sorted again by the next listing. Sorted for each page, paging through 200,000
     entries (``suppress export``) took 10 s, each page holding the lock for 75 ms."""
-    _expiries: list[tuple[datetime, str]]
-    """A heap of (expires_at, target) of each entry kept with an end, the soonest first:
-    what a prune deletes, read from its top. Walking every entry for each batch of a
-    prune (the worker prunes a batch a call until one is short), pruning 10,000 expired
-    among 20,000 entries 100 at a time read 1.5 million. One whose entry was replaced or
-    removed is stale: dropped when read, or when the heap is made again (past twice the
-    entries kept plus :data:`_EXPIRIES_FLOOR`)."""
+    _expiries: Ends[Suppression]
+    """The entries kept with an end, by it: what a prune deletes. Walking every entry
+    for each batch of a prune (the worker prunes a batch a call until one is short),
+    pruning 10,000 expired among 20,000 entries 100 at a time read 1.5 million."""
     _verp_key: bytes
     _by_header: dict[str, dict[str, _Message]]
 
@@ -74,15 +68,7 @@ class MemorySuppressionsMixin:
                 if current is None:
                     self._suppression_order = None
                 self._suppressions[entry.target] = entry
-                if entry.expires_at is not None:
-                    heapq.heappush(self._expiries, (entry.expires_at, entry.target))
-            if len(self._expiries) > 2 * len(self._suppressions) + _EXPIRIES_FLOOR:
-                self._expiries = [
-                    (e.expires_at, t)
-                    for t, e in self._suppressions.items()
-                    if e.expires_at is not None
-                ]
-                heapq.heapify(self._expiries)
+                self._expiries.added(entry.target, entry, self._suppressions)
         return len(kept)
 
     @writes
@@ -125,15 +111,8 @@ class MemorySuppressionsMixin:
         expired first; returns how many."""
         cutoff = aware_utc(expired_before, "expired_before")
         limit = row_limit(limit)
-        deleted = 0
         with self._lock:
-            ends = self._expiries
-            while ends and deleted < limit and ends[0][0] <= cutoff:
-                expires_at, target = heapq.heappop(ends)
-                current = self._suppressions.get(target)
-                if current is not None and current.expires_at == expires_at:
-                    del self._suppressions[target]
-                    deleted += 1
+            deleted = self._expiries.delete_ended(self._suppressions, cutoff, limit)
             if deleted:
                 self._suppression_order = None
         return deleted

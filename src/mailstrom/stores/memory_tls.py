@@ -3,7 +3,6 @@ TLS report claims (version 17 of SQLite, 18 of PostgreSQL)."""
 
 from __future__ import annotations
 
-import heapq
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
@@ -13,6 +12,7 @@ from mailstrom.arguments import row_limit
 from mailstrom.mtasts.policy import CachedPolicy
 from mailstrom.stores.base import check_report_key
 from mailstrom.stores.clock import aware_utc, kept_time
+from mailstrom.stores.memory_ends import Ends
 from mailstrom.stores.memory_records import writes
 from mailstrom.tlsrpt.sessions import TLSSessions
 
@@ -22,16 +22,17 @@ class MemoryTLSMixin:
 
     _tls_lock: threading.Lock
     _mta_sts: dict[str, CachedPolicy]
-    _mta_sts_ends: list[tuple[datetime, str]]
-    """A heap of (expiry, domain) of the policies, soonest first, for pruning: an entry
-    whose expiry is not its domain's policy's any more (replaced) is skipped."""
+    _mta_sts_ends: Ends[CachedPolicy]
+    """The policies by their expiry, for pruning."""
     _tls_sessions: dict[tuple[str, ...], TLSSessions]
     _tls_report_claims: dict[str, datetime]
 
     def _init_tls(self) -> None:
         self._tls_lock = threading.Lock()
         self._mta_sts = {}
-        self._mta_sts_ends = []
+        # The entries of replaced policies (a refresh each day for a year's max_age)
+        # would stay until their old expiry: a few beyond twice the policies kept.
+        self._mta_sts_ends = Ends(_expiry, slack=64)
         self._tls_sessions = {}
         self._tls_report_claims = {}
 
@@ -46,14 +47,7 @@ class MemoryTLSMixin:
         domain = cached.domain.lower()
         with self._tls_lock:
             self._mta_sts[domain] = cached
-            ends = self._mta_sts_ends
-            heapq.heappush(ends, (cached.expires_at, domain))
-            if len(ends) > 2 * len(self._mta_sts) + 64:
-                # The entries of replaced policies (a refresh each day for a year's
-                # max_age) would stay until their old expiry: made again from the
-                # policies kept, at a cost the pushes since have paid for.
-                ends[:] = [(c.expires_at, d) for d, c in self._mta_sts.items()]
-                heapq.heapify(ends)
+            self._mta_sts_ends.added(domain, cached, self._mta_sts)
 
     @writes
     def prune_mta_sts_policies(self, *, expired_before: datetime, limit: int) -> int:
@@ -63,16 +57,8 @@ class MemoryTLSMixin:
         batch."""
         cutoff = aware_utc(expired_before, "expired_before")
         limit = row_limit(limit)
-        deleted = 0
         with self._tls_lock:
-            ends = self._mta_sts_ends
-            while ends and deleted < limit and ends[0][0] <= cutoff:
-                expires_at, domain = heapq.heappop(ends)
-                current = self._mta_sts.get(domain)
-                if current is not None and current.expires_at == expires_at:
-                    del self._mta_sts[domain]
-                    deleted += 1
-        return deleted
+            return self._mta_sts_ends.delete_ended(self._mta_sts, cutoff, limit)
 
     @writes
     def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
@@ -120,3 +106,7 @@ class MemoryTLSMixin:
         until = kept_time(until, "until")
         with self._tls_lock:
             self._tls_report_claims[key] = until
+
+
+def _expiry(cached: CachedPolicy) -> datetime:
+    return cached.expires_at
