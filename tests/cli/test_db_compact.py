@@ -26,3 +26,12 @@ def test_compact_refuses_postgresql_and_memory_stores(cli: CLI) -> None:
     memory = cli("db", "compact", "--store", "memory:")
     assert memory.code == 64
     assert "nothing to compact: store memory: is not persistent" in memory.err
+
+
+def test_compact_of_a_path_with_no_queue_makes_none(cli: CLI, workdir: Path) -> None:
+    """A mistyped path was opened for writing: an empty queue was made there and the
+    command reported it compacted (exit 0)."""
+    typo = cli("db", "compact", "--store", "sqlite:///typo.db")
+    assert typo.code == 66
+    assert "no queue at sqlite:///typo.db" in typo.err
+    assert not (workdir / "typo.db").exists()

@@ -4,9 +4,10 @@ gives an SQLite store's free pages back to the disk."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from mailstrom.cli.context import settings_from
-from mailstrom.cli.exits import EX_OK, EX_USAGE, CLIError
+from mailstrom.cli.exits import EX_NOINPUT, EX_OK, EX_USAGE, CLIError
 from mailstrom.cli.output import print_json
 from mailstrom.cli.parsing import Subparsers
 from mailstrom.stores.url import redact_url
@@ -95,6 +96,9 @@ def compact_command(args: argparse.Namespace) -> int:
         )
     if parsed.kind is not StoreKind.SQLITE:
         raise CLIError(f"nothing to compact: store {redact_url(url)} is not persistent", EX_USAGE)
+    if not os.path.exists(parsed.target):
+        # Opened for writing, a mistyped path was made an empty queue and "compacted".
+        raise CLIError(f"nothing to compact: no queue at {redact_url(url)}", EX_NOINPUT)
     store = open_sqlite(parsed.target)
     try:
         assert isinstance(store, SQLiteStore)
