@@ -1501,12 +1501,7 @@ class PostgresStore:
     def prune_mta_sts_policies(self, *, expired_before: datetime, limit: int) -> int:
         """Delete up to ``limit`` policies expired at or before ``expired_before`` in one
         statement (rows another session holds are left for the next call); how many."""
-        params = {
-            "expired_before": aware_utc(expired_before, "expired_before"),
-            "limit": row_limit(limit),
-        }
-        [(count,)] = self._fetch("prune_mta_sts_policies", params)
-        return int(count)
+        return self._prune("prune_mta_sts_policies", expired_before, limit)
 
     def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
         """Add ``sessions`` to the day's counters, in one transaction, in key order: a
@@ -2011,11 +2006,16 @@ class PostgresStore:
     def prune_suppressions(self, *, expired_before: datetime, limit: int) -> int:
         """Delete up to ``limit`` entries expired at or before ``expired_before`` in one
         statement (rows another session holds are left for the next call); how many."""
+        return self._prune("prune_suppressions", expired_before, limit)
+
+    def _prune(self, query: str, expired_before: datetime, limit: int) -> int:
+        """Run ``query``, a prune of rows expired at or before ``expired_before``, at
+        most ``limit`` of them; how many it deleted."""
         params = {
             "expired_before": aware_utc(expired_before, "expired_before"),
             "limit": row_limit(limit),
         }
-        [(count,)] = self._fetch("prune_suppressions", params)
+        [(count,)] = self._fetch(query, params)
         return int(count)
 
     def fail_late(self, message_id: str, address: str, attempt: Attempt) -> bool:
