@@ -35,3 +35,7 @@ def test_compact_of_a_path_with_no_queue_makes_none(cli: CLI, workdir: Path) -> 
     assert typo.code == 66
     assert "no queue at sqlite:///typo.db" in typo.err
     assert not (workdir / "typo.db").exists()
+    (workdir / "empty.db").touch()
+    empty = cli("db", "compact", "--store", "sqlite:///empty.db")
+    assert empty.code == 66
+    assert (workdir / "empty.db").stat().st_size == 0

@@ -96,8 +96,9 @@ def compact_command(args: argparse.Namespace) -> int:
         )
     if parsed.kind is not StoreKind.SQLITE:
         raise CLIError(f"nothing to compact: store {redact_url(url)} is not persistent", EX_USAGE)
-    if not os.path.exists(parsed.target):
-        # Opened for writing, a mistyped path was made an empty queue and "compacted".
+    if not os.path.isfile(parsed.target) or os.path.getsize(parsed.target) == 0:
+        # Opened for writing, a mistyped path (or an empty file) was made an empty queue
+        # and "compacted".
         raise CLIError(f"nothing to compact: no queue at {redact_url(url)}", EX_NOINPUT)
     store = open_sqlite(parsed.target)
     try:
