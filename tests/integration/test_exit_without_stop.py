@@ -200,3 +200,59 @@ def test_stuck_workers_share_one_bound_at_exit(monkeypatch: pytest.MonkeyPatch) 
             facade._thread = facade._stuck = None
             facade.stop()
     assert clock[0] <= ORPHAN_DRAIN + STOP_GRACE
+
+
+_AFTER_MAIN = """\
+import faulthandler, threading
+faulthandler.dump_traceback_later(80, exit=True)
+main_returned = threading.Event()
+# Registered before concurrent.futures.thread is imported, so run after its exit hook:
+# set once the thread pools refuse new work.
+threading._register_atexit(main_returned.set)
+if {pool_exists}:  # a pool was used before (concurrent.futures.thread imported)
+    import concurrent.futures
+    concurrent.futures.ThreadPoolExecutor(1).submit(int).result()
+from datetime import timedelta
+from mailstrom import Config, Mailstrom
+from mailstrom.config import EventLoop, RetentionConfig
+from mailstrom.runtime import worker_retention
+
+walked = threading.Event()
+purge_batch = worker_retention.purge_batch
+def watched(*args, **kwargs):
+    try:
+        return purge_batch(*args, **kwargs)
+    finally:
+        walked.set()
+worker_retention.purge_batch = watched
+
+def serve():
+    main_returned.wait()
+    # asyncio's loop: importing uvloop imports concurrent.futures.thread, which a
+    # program that made no pool before cannot do now.
+    loop = EventLoop.AUTO if {pool_exists} else EventLoop.ASYNCIO
+    cfg = Config(retention=RetentionConfig(delivered=timedelta(days=7)), event_loop=loop)
+    ms = Mailstrom(cfg, store="memory:", worker="thread")
+    ms.start()
+    for _ in range(1200):  # bounds a hang only
+        if walked.wait(0.05) or not ms.worker_status.running:
+            break
+    print("walked", walked.is_set(), "error", ms.worker_status.error, flush=True)
+    ms.stop()
+
+threading.Thread(target=serve).start()
+"""
+
+
+@pytest.mark.parametrize("pool_exists", [True, False])
+def test_retention_runs_in_a_program_whose_main_returned(pool_exists: bool) -> None:
+    """A program whose main starts a serving thread and returns: from then on the thread
+    pools refuse new work (a pool made first raised "can't register atexit after
+    shutdown"), and the retention walk's hand-off to a thread killed the worker."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    program = _AFTER_MAIN.format(pool_exists=pool_exists)
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout == "walked True error None\n", done.stderr
+    assert done.returncode == 0, done.stderr

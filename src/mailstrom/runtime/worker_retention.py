@@ -126,7 +126,7 @@ class WorkerRetention(WorkerStore):
                 # deliveries 0.3 s per 100,000 of them (failed mail under a delivered
                 # retention, say), every round. The rest of the worker runs meanwhile,
                 # and between two batches.
-                count, after = await asyncio.to_thread(
+                count, after = await self._off_loop(
                     purge_batch, self.store, now=now, state=state, age=age, after=after
                 )
             except StoreError as exc:

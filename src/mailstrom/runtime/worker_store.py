@@ -33,6 +33,9 @@ _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 5.0
 """Bounds of the wait between retries of a failing store call."""
 
+_POOL_REFUSALS = ("cannot schedule new futures", "can't register atexit after shutdown")
+"""What CPython says when the thread pools refuse new work (see ``_off_loop``)."""
+
 
 class _Backoff:
     """Exponential waits between retries of a failing store call, reset on success."""
@@ -102,23 +105,33 @@ class WorkerStore:
     async def _store_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call the store: on this loop when its calls are short local work (memory,
         SQLite: no thread hand-off, and no waiting for the GIL behind the loop's own
-        work), else in a thread (PostgreSQL: a network round trip).
+        work), else in a thread (PostgreSQL: a network round trip; see
+        :meth:`_off_loop`)."""
+        if self._inline:
+            return self._on_loop(method, *args, **kwargs)
+        return await self._off_loop(method, *args, **kwargs)
 
-        On this loop too once the interpreter has begun to exit: its thread pools refuse
-        new work from then on, before the atexit hook that drains a worker thread runs.
-        The drain recorded nothing (the worker died of the refusal), and the next worker
-        sent the mail again. The refusal is known by its words only (CPython's flag is
-        private, and the main thread still counts as alive then); it comes before the
-        call is queued, so the call cannot run twice."""
-        if not self._inline:
-            call = functools.partial(contextvars.copy_context().run, method, *args, **kwargs)
-            try:
-                handed = asyncio.get_running_loop().run_in_executor(None, call)
-            except RuntimeError as exc:
-                if "cannot schedule new futures" not in str(exc):
-                    raise
-            else:
-                return await handed
+    async def _off_loop(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call ``method`` in a thread of the loop's pool, or on this loop when the
+        pools refuse new work: from the moment the main thread returns (CPython runs
+        their exit hook then, before it waits for the program's other threads), so all
+        the life of a program whose main starts a serving thread and returns, and at
+        exit, before the atexit hook that drains a worker thread. The refusal ended the
+        worker ("mailstrom worker died"), and a drain at exit recorded nothing (the
+        next worker sent the mail again). It is known by its words only (CPython's
+        flag is private): a pool refuses work, or the first pool's module cannot be
+        imported then. It comes before the call is queued, so the call cannot run
+        twice."""
+        call = functools.partial(contextvars.copy_context().run, method, *args, **kwargs)
+        try:
+            handed = asyncio.get_running_loop().run_in_executor(None, call)
+        except RuntimeError as exc:
+            if not any(words in str(exc) for words in _POOL_REFUSALS):
+                raise
+            return self._on_loop(method, *args, **kwargs)
+        return await handed
+
+    def _on_loop(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         self.store_call_since = time.time()
         try:
             return method(*args, **kwargs)
