@@ -151,6 +151,24 @@ def test_exit_drains_a_worker_whose_stop_was_interrupted(
     _expect_each_once(mx)
 
 
+def test_exit_drains_a_worker_another_thread_is_stopping(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The program returns while a daemon thread of its own is inside stop(): that stop
+    had taken the worker's thread and not yet given up on it, the exit skipped the
+    worker, and it was frozen mid-delivery with the stop."""
+    elsewhere = """\
+        import threading, time
+        threading.Thread(target=ms.stop, args=(30,), daemon=True).start()
+        for _ in range(6000):  # bounds a hang only
+            if ms._thread is None:  # that stop has the worker's thread
+                break
+            time.sleep(0.01)
+    """
+    _run(mx, dns_server, tmp_path, _program(elsewhere), str(tmp_path / "q.db"))
+    _expect_each_once(mx)
+
+
 def test_an_earlier_exit_hook_can_still_queue_mail(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path
 ) -> None:

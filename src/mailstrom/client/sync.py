@@ -324,6 +324,11 @@ class Mailstrom(FacadeBase, QueueOperations):
                 thread, self._thread = self._thread, None
                 if thread is None and _alive(self._stuck):
                     thread = self._stuck  # still ending since a stop(): wait for it again
+                elif thread is not None:
+                    # Ending from now on: the exit hook drains it too while this stop()
+                    # waits (one on a daemon thread, which the program's return leaves
+                    # behind). It skipped it, and the worker froze mid-delivery.
+                    self._stuck = thread
                 within = self._on_worker_thread()  # a stop() elsewhere may have its thread
                 if within:
                     # Called from on_result, on the worker's own thread, which cannot wait
@@ -384,9 +389,10 @@ class Mailstrom(FacadeBase, QueueOperations):
 
     def _stop_worker_at_exit(self) -> _WorkerThread | None:
         """Ask the worker thread still running at interpreter exit to stop, draining its
-        deliveries in flight: one this facade started, or one a stop() of the program's
+        deliveries in flight: one this facade started, one a stop() of the program's
         left to end by itself (interrupted by a SIGTERM handler's SystemExit, or past
-        its bound). Returns that thread for :func:`_stop_at_exit` to wait for.
+        its bound), or one a stop() on another thread still waits for. Returns that
+        thread for :func:`_stop_at_exit` to wait for.
 
         The store stays open (what the process's end does to it is enough): an atexit
         hook of the application registered before this module was imported runs after
