@@ -396,7 +396,10 @@ class Mailstrom(FacadeBase, QueueOperations):
 
         The store stays open (what the process's end does to it is enough): an atexit
         hook of the application registered before this module was imported runs after
-        this one, and mail it queues is kept for the next run to deliver."""
+        this one, and mail it queues is kept for the next run to deliver. Not when a
+        stop() of the program's was under way (interrupted, or waiting on another
+        thread): the store this facade opened is closed once the worker has ended, as
+        that stop() would have (see :meth:`_run`)."""
         if self._worker_thread_runs():
             thread, self._thread = self._thread, None
             self._stuck = thread
