@@ -212,7 +212,7 @@ def test_stuck_workers_share_one_bound_at_exit(monkeypatch: pytest.MonkeyPatch) 
             thread = sync._WorkerThread(lambda: None)
             thread.ended = _NeverEnds(clock)
             facade._thread = facade._worker_thread = thread
-        sync._stop_at_exit()
+        sync._stop_at_exit(facades)  # these only: not a worker another test left running
     finally:
         for facade in facades:
             facade._thread = facade._stuck = None

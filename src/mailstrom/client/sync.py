@@ -589,7 +589,7 @@ class Mailstrom(FacadeBase, QueueOperations):
         return self.store.list_suppressions(now=self._clock(), after=after, limit=limit)
 
 
-def _stop_at_exit() -> None:
+def _stop_at_exit(facades: Iterable[object] | None = None) -> None:
     """Stop the worker threads still running as the interpreter exits (the program
     returned from its main, or a SIGTERM handler raised SystemExit, without ``stop()``, or
     during one it had called). Being daemon threads, they were frozen mid-delivery: a
@@ -598,10 +598,14 @@ def _stop_at_exit() -> None:
     deliveries in flight get :data:`~mailstrom.client.process.ORPHAN_DRAIN` seconds, the
     rest goes back to the store. All drain side by side, within one bound
     (ORPHAN_DRAIN + STOP_GRACE in all, not each: a worker stuck in a store call would
-    otherwise add it to the exit once per facade)."""
+    otherwise add it to the exit once per facade).
+
+    ``facades``: those to walk instead of every facade of the process (a test's own, so
+    that a worker another test left running is not stopped and waited for)."""
     bound = ORPHAN_DRAIN + STOP_GRACE
     deadline = monotonic() + bound
-    draining = [f._stop_worker_at_exit() for f in list(_FACADES) if isinstance(f, Mailstrom)]
+    walked = list(_FACADES if facades is None else facades)
+    draining = [f._stop_worker_at_exit() for f in walked if isinstance(f, Mailstrom)]
     for thread in draining:
         if thread is None:
             continue
