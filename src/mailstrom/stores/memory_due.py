@@ -16,15 +16,17 @@ is current while its number is the recipient's, the recipient pending, its messa
 queued and not held; others are dropped when they come to the top, or swept once the
 heaps have grown to twice what was current at the last sweep. Entries of purged
 messages hold their bodies, so a purge counts them (:meth:`DueIndex.drop`): once they are
-a quarter of the heaps a sweep starts, and each purge pays it for what it adds to them.
-A sweep goes a few entries per push (:data:`SWEEP_STEP`), never the whole index at once
-(at 100,000 pending recipients that held the lock 74-125 ms): a large heap moves, from
-its end (what is left of it stays a heap), onto its destination's new one while both are
+a quarter of the heaps a sweep starts, each purge pays it for the recipients it deletes,
+and one that ends with them still a quarter (purged behind it) starts again. A sweep
+goes a few entries per push (:data:`SWEEP_STEP`), never the whole index at once (at
+100,000 pending recipients that held the lock 74-125 ms): a large heap moves, from its
+end (what is left of it stays a heap), onto its destination's new one while both are
 read; only the lanes' heads, one per destination, are made anew at once (one led by an
-entry of a purged message placed again). A destination's place on its lane (its head)
-is numbered too: one is current while its number is the destination's, and it is never
-later than the destination's first current entry. A suspended domain's destinations
-have no head while the suspension lasts.
+entry of a purged message placed again, past the stale entries atop its heap). A
+destination's place on its lane (its head) is numbered too: one is current while its
+number is the destination's, and it is never later than the destination's first
+current entry. A suspended domain's destinations have no head while the suspension
+lasts.
 """
 
 from __future__ import annotations
@@ -69,8 +71,11 @@ SWEEP_STEP = 256
 _SWEEP_PACE = 4
 """Entries a sweep looks at per push, on the whole: enough to end before the heaps grow
 much (each push files one), few enough that no call holds the lock long for it; and per
-entry of a purged message a purge leaves behind (the sweep begun once they are a
-quarter of the heaps ends before they are half)."""
+recipient a purge deletes. That does not bound the share of purged messages' entries
+while a sweep is under way: the heaps shrink as it takes other stale entries off, and
+what is purged in heaps it has passed stays until the next (the one it starts if they
+are a quarter of the heaps). A purge or a sweep that ends with none under way leaves
+them under a quarter."""
 
 
 class DueIndex:
@@ -118,25 +123,28 @@ class DueIndex:
         """Count the entries of the ``gone`` messages (deleted from the store) as stale,
         and sweep them out once they are a quarter of the heaps: an entry filed at a
         lease's end, or at a time the message was cancelled before, holds its message
-        and body. Each purge pays the sweep for the entries it adds, so its work is its
-        messages': filtering at each purge every destination they had entries in, and
-        every head of their lanes, a batch of 500 of 50,000 messages cancelled of
-        100,000 scheduled to one domain copied the whole heap (76 ms a batch, 4 s in
+        and body. Each purge pays the sweep for the recipients it deletes, so its work
+        is its messages': filtering at each purge every destination they had entries
+        in, and every head of their lanes, a batch of 500 of 50,000 messages cancelled
+        of 100,000 scheduled to one domain copied the whole heap (76 ms a batch, 4 s in
         all), and one message walked every head of its lane (100,000 destinations:
-        18 ms)."""
-        filed = 0
+        18 ms). Recipients with no entry left pay too: paid by entries only, a sweep
+        that had taken the later purges' entries off as stale (cancelled, delivered)
+        got nothing from them and stopped half done, holding what was purged before."""
+        filed = recipients = 0
         for m in gone:
             for r in m.recipients.values():
                 filed += r.filed
-            self.looked += len(m.recipients)
-        if not filed:
+            recipients += len(m.recipients)
+        self.looked += recipients
+        if not recipients:
             return
         self._gone += filed
         if self._sweeper is None:
-            if 4 * self._gone < self._entries:
+            if not self._gone or 4 * self._gone < self._entries:
                 return
             self._sweeper = self._sweep()
-        self._sweep_step(_SWEEP_PACE * filed)
+        self._sweep_step(_SWEEP_PACE * recipients)
 
     def lanes(self) -> list[str]:
         return list(self._lanes)
@@ -352,10 +360,24 @@ class DueIndex:
             self.looked += seen
 
     def _sweep(self) -> Iterator[int]:
+        """Sweep (:meth:`_sweep_pass`), and again while a quarter of the heaps are
+        entries of messages purged behind the pass (in heaps it had passed): ended,
+        they stayed until the next sweep, while the pass took other stale entries off
+        and the heaps shrank."""
+        while True:
+            looked = 0
+            for seen in self._sweep_pass():
+                looked += seen
+                yield seen
+            # A pass that looked at nothing (were the counts wrong) would go round for ever.
+            if not (looked and self._gone and 4 * self._gone >= self._entries):
+                return
+
+    def _sweep_pass(self) -> Iterator[int]:
         """Drop the stale entries, a few at a time (yields how many it looked at): each
-        destination's heap, then the lanes' stale heads (amortized: once the heaps
-        doubled). Whatever the others do in between (take, push, park), every heap
-        stays one, and every destination on its lane no later than its first entry."""
+        destination's heap, then the lanes' stale heads. Whatever the others do in
+        between (take, push, park), every heap stays one, and every destination on its
+        lane no later than its first entry."""
         for key, dest in list(self._domains.items()):
             if self._domains.get(key) is not dest:
                 continue  # gone since
@@ -413,7 +435,15 @@ class DueIndex:
             else:
                 del self._lanes[lane]
             for dest in replaced:
-                self._place(dest, dest.entries[0])
+                # Its first entry may be of a message purged since its heap was swept.
+                entries = dest.entries
+                before = len(entries)
+                self._clean(entries)
+                looked += before - len(entries)
+                if entries:
+                    self._place(dest, entries[0])
+                else:
+                    self._forget(dest)
             yield looked
         for domain, dests in list(self._parked.items()):
             left = {dest for dest in dests if dest.entries}
