@@ -23,6 +23,7 @@ from mailstrom.message.attributes import QueueAttributes
 from mailstrom.stores import QueueFilter, SQLiteStore
 from mailstrom.stores import base as stores_base
 from mailstrom.stores.sqlite import _Enqueue
+from mailstrom.stores.sqlite_policy_prune import PRUNE_POLICIES_SQL
 from mailstrom.stores.sqlite_queue import (
     PENDING_LANES_SQL,
     SUSPENDED_SQL,
@@ -31,7 +32,6 @@ from mailstrom.stores.sqlite_queue import (
 )
 from mailstrom.stores.sqlite_schema import from_us, migrations, to_us
 from mailstrom.stores.sqlite_shaping import FORGET_SQL, THROTTLES_SQL
-from mailstrom.stores.sqlite_tls import PRUNE_POLICIES_SQL
 from tests.support.deadline import hang_guard
 
 from .support import LEASE_FOR, NOW, lease_all, message

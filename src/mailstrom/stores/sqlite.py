@@ -2348,15 +2348,15 @@ class SQLiteStore:
         """Delete up to ``limit`` policies expired at or before ``expired_before`` in one
         write (not fsynced: a policy back after a crash is pruned again); how many. A read
         on the index first, as for suppressions: with nothing expired, no write."""
-        from mailstrom.stores import sqlite_tls
+        from mailstrom.stores import sqlite_policy_prune as prune
 
         cutoff = to_us(aware_utc(expired_before, "expired_before"))
         limit = row_limit(limit)
         with self._read() as conn:
-            if not sqlite_tls.any_expired_policy(conn, cutoff):
+            if not prune.any_expired_policy(conn, cutoff):
                 return 0
         with self._write(fsync=False) as conn:
-            return sqlite_tls.prune_policies(conn, cutoff, limit)
+            return prune.prune_policies(conn, cutoff, limit)
 
     def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
         """Add ``sessions`` to the day's counters, in one transaction."""
