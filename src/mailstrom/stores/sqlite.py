@@ -173,6 +173,7 @@ from mailstrom.stores.sqlite_operator import (
     shape_rows_sql,
     suspensions_at_lease,
 )
+from mailstrom.stores.sqlite_policy_prune import any_expired_policy, prune_policies
 from mailstrom.stores.sqlite_queue import (
     HELD_WAITING_SQL,
     PENDING_SQL,
@@ -2348,15 +2349,13 @@ class SQLiteStore:
         """Delete up to ``limit`` policies expired at or before ``expired_before`` in one
         write (not fsynced: a policy back after a crash is pruned again); how many. A read
         on the index first, as for suppressions: with nothing expired, no write."""
-        from mailstrom.stores import sqlite_policy_prune as prune
-
         cutoff = to_us(aware_utc(expired_before, "expired_before"))
         limit = row_limit(limit)
         with self._read() as conn:
-            if not prune.any_expired_policy(conn, cutoff):
+            if not any_expired_policy(conn, cutoff):
                 return 0
         with self._write(fsync=False) as conn:
-            return prune.prune_policies(conn, cutoff, limit)
+            return prune_policies(conn, cutoff, limit)
 
     def add_tls_sessions(self, sessions: Sequence[TLSSessions]) -> None:
         """Add ``sessions`` to the day's counters, in one transaction."""

@@ -1,6 +1,8 @@
 """Pruning expired MTA-STS policies from an SQLite store: plain SQL, apart from
 ``sqlite_tls`` so that a worker's prune, which runs whether or not MTA-STS is on, loads
-none of MTA-STS's modules (tests/unit/test_lean_imports.py)."""
+none of MTA-STS's modules (tests/unit/test_lean_imports.py). Imported with the store,
+not when a prune runs: a worker out of file descriptors could not import it then, and
+its pruning task died of the OSError."""
 
 from __future__ import annotations
 
