@@ -6,6 +6,7 @@ are the strings the stores write, so they must never change.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -279,13 +280,19 @@ def derive_message_state(states: Sequence[RecipientState]) -> RecipientState:
     Any recipient still pending → ``DEFERRED`` if one was deferred, else ``QUEUED``;
     all final → ``DELIVERED`` if all were delivered, else ``FAILED``.
     """
-    if any(not s.is_final for s in states):
-        if RecipientState.DEFERRED in states:
-            return RecipientState.DEFERRED
+    return state_of_counts(Counter(states))
+
+
+def state_of_counts(counts: Mapping[RecipientState, int]) -> RecipientState:
+    """:func:`derive_message_state` from how many recipients are in each state (the
+    memory store keeps these per message)."""
+    if counts.get(RecipientState.DEFERRED):
+        return RecipientState.DEFERRED
+    if counts.get(RecipientState.QUEUED):
         return RecipientState.QUEUED
-    if states and all(s is RecipientState.DELIVERED for s in states):
-        return RecipientState.DELIVERED
-    return RecipientState.FAILED
+    if counts.get(RecipientState.FAILED) or not any(counts.values()):
+        return RecipientState.FAILED
+    return RecipientState.DELIVERED
 
 
 def reason_rank(state: RecipientState) -> int:

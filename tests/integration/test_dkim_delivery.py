@@ -317,6 +317,33 @@ def delivered_once(
     return status, received, [(t["d"], t["s"], t["a"]) for t in signature_tags(received.content)]
 
 
+def _all_ours_anew_over_7bit(
+    dns_server: LoopbackDNS, status: MessageStatus, received: Any, sent: list[tuple[str, str, str]]
+) -> None:
+    """A message of the application's signature and ours (sender.test rotated, other.test
+    kept) went re-encoded to 7 bit: every one of ours verifies over it, anew."""
+    assert sorted(sent) == [
+        ("app.test", "app1", "rsa-sha256"),
+        ("other.test", "ed", "ed25519-sha256"),
+        ("other.test", "rsa", "rsa-sha256"),
+        ("sender.test", "ed2027", "ed25519-sha256"),
+        ("sender.test", "rsa2027", "rsa-sha256"),
+    ]
+    verdicts = {
+        (v.domain, v.algorithm): v.result for v in verify_dkimpy(received.content, dns_server)
+    }
+    # Re-encoded, the application's own cannot verify; every one of ours does.
+    assert verdicts.pop(("app.test", "rsa-sha256")) == "fail"
+    assert set(verdicts.values()) == {"pass"}, verdicts
+    assert status.dkim is not None
+    assert sorted((s.domain, s.selector) for s in status.dkim.signatures) == [
+        ("other.test", "ed"),
+        ("other.test", "rsa"),
+        ("sender.test", "ed2027"),
+        ("sender.test", "rsa2027"),
+    ]
+
+
 def rotated(domain: str = "sender.test") -> DKIMConfig:
     """New keys of their own (not ``dual``'s) under new selectors: the rotation done."""
     return DKIMConfig(
@@ -1026,26 +1053,7 @@ def test_an_application_signed_8bit_body_of_two_domains_one_rotated_is_signed_an
     status, received, sent = delivered_once(
         dns_server, receivers[False], store, mid, DKIMConfig(keys=new.keys + other.keys)
     )
-    assert sorted(sent) == [
-        ("app.test", "app1", "rsa-sha256"),
-        ("other.test", "ed", "ed25519-sha256"),
-        ("other.test", "rsa", "rsa-sha256"),
-        ("sender.test", "ed2027", "ed25519-sha256"),
-        ("sender.test", "rsa2027", "rsa-sha256"),
-    ]
-    verdicts = {
-        (v.domain, v.algorithm): v.result for v in verify_dkimpy(received.content, dns_server)
-    }
-    # Re-encoded, the application's own cannot verify; every one of ours does.
-    assert verdicts.pop(("app.test", "rsa-sha256")) == "fail"
-    assert set(verdicts.values()) == {"pass"}, verdicts
-    assert status.dkim is not None
-    assert sorted((s.domain, s.selector) for s in status.dkim.signatures) == [
-        ("other.test", "ed"),
-        ("other.test", "rsa"),
-        ("sender.test", "ed2027"),
-        ("sender.test", "rsa2027"),
-    ]
+    _all_ours_anew_over_7bit(dns_server, status, received, sent)
 
 
 def test_our_signatures_without_keys_now_go_from_an_8bit_body_made_7bit(
@@ -1149,26 +1157,7 @@ def test_a_message_signed_anew_then_made_7bit_on_a_second_host_has_every_one_of_
     status, received, sent = delivered_once(dns_server, old, store, mid, worker)
     assert "MAIL" in modern.commands
     assert "BODY=8BITMIME" not in received.mail_options
-    assert sorted(sent) == [
-        ("app.test", "app1", "rsa-sha256"),
-        ("other.test", "ed", "ed25519-sha256"),
-        ("other.test", "rsa", "rsa-sha256"),
-        ("sender.test", "ed2027", "ed25519-sha256"),
-        ("sender.test", "rsa2027", "rsa-sha256"),
-    ]
-    verdicts = {
-        (v.domain, v.algorithm): v.result for v in verify_dkimpy(received.content, dns_server)
-    }
-    # Re-encoded, the application's own cannot verify; every one of ours does.
-    assert verdicts.pop(("app.test", "rsa-sha256")) == "fail"
-    assert set(verdicts.values()) == {"pass"}, verdicts
-    assert status.dkim is not None
-    assert sorted((s.domain, s.selector) for s in status.dkim.signatures) == [
-        ("other.test", "ed"),
-        ("other.test", "rsa"),
-        ("sender.test", "ed2027"),
-        ("sender.test", "rsa2027"),
-    ]
+    _all_ours_anew_over_7bit(dns_server, status, received, sent)
 
 
 def test_a_message_signed_anew_on_one_host_and_sent_on_another_is_signed_once(

@@ -53,6 +53,13 @@ async def _call(result: Any) -> Any:
     return await result if asyncio.iscoroutine(result) else result
 
 
+def _facade(kind: str, config: Config, store: Any) -> Mailstrom | AsyncMailstrom:
+    """The sync facade with a worker thread, or the async one with a worker task."""
+    if kind == "sync":
+        return Mailstrom(config, store=store, worker="thread")
+    return AsyncMailstrom(config, store=store, worker="task")
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_a_worker_slow_to_come_up_misses_starts_timeout_on_both_facades(
     mx: Any, dns_server: LoopbackDNS, kind: str
@@ -63,11 +70,7 @@ async def test_a_worker_slow_to_come_up_misses_starts_timeout_on_both_facades(
     it, and the next start() delivers."""
     store = _SlowToStart()
     config: Config = loopback_config(dns_server, mx.port)
-    ms: Mailstrom | AsyncMailstrom
-    if kind == "sync":
-        ms = Mailstrom(config, store=store, worker="thread")
-    else:
-        ms = AsyncMailstrom(config, store=store, worker="task")
+    ms = _facade(kind, config, store)
     try:
         with pytest.raises(WorkerError, match=r"did not start within 0\.2 s"):
             await _call(ms.start(timeout=0.2))
@@ -94,11 +97,7 @@ async def test_a_worker_slow_to_come_up_misses_starts_timeout_on_both_facades(
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_start_refuses_a_timeout_it_cannot_wait_on_both_facades(kind: str) -> None:
-    ms: Mailstrom | AsyncMailstrom
-    if kind == "sync":
-        ms = Mailstrom(Config(helo_name="mail.example.com"), store="memory:", worker="thread")
-    else:
-        ms = AsyncMailstrom(Config(helo_name="mail.example.com"), store="memory:", worker="task")
+    ms = _facade(kind, Config(helo_name="mail.example.com"), "memory:")
     try:
         for bad in ("5", float("inf"), None):
             with pytest.raises(InvalidArgument, match="timeout"):
@@ -134,11 +133,7 @@ async def test_a_worker_given_up_at_start_reads_as_stopped_not_dead_on_both_faca
     ``worker_status.error`` read "CancelledError: " for good, as a worker that died."""
     store = _SlowToStart()
     config: Config = loopback_config(dns_server, mx.port)
-    ms: Mailstrom | AsyncMailstrom
-    if kind == "sync":
-        ms = Mailstrom(config, store=store, worker="thread")
-    else:
-        ms = AsyncMailstrom(config, store=store, worker="task")
+    ms = _facade(kind, config, store)
     worker = ms.worker
     assert isinstance(worker, Worker)
     try:

@@ -194,10 +194,12 @@ async def open_to(
     )
 
 
-async def send(conn: SMTPConnection) -> connection.TransactionResult:
+async def send(
+    conn: SMTPConnection, recipients: tuple[str, ...] = ("b@b.test",)
+) -> connection.TransactionResult:
     return await conn.send(
         envelope_from="a@a.test",
-        recipients=["b@b.test"],
+        recipients=list(recipients),
         data=b"Subject: hi\r\n\r\nhello\r\n",
         smtputf8=False,
         eightbit=False,
@@ -434,13 +436,7 @@ async def test_a_reply_that_came_before_its_command_was_sent_is_a_protocol_error
     async with peer(answering_twice(b"MAIL")) as port:
         conn = await open_to(port)
         with pytest.raises(SMTPProtocolError, match="before its command was sent"):
-            await conn.send(
-                envelope_from="a@a.test",
-                recipients=["bob@b.test", "nobody@b.test"],
-                data=b"Subject: hi\r\n\r\nhello\r\n",
-                smtputf8=False,
-                eightbit=False,
-            )
+            await send(conn, ("bob@b.test", "nobody@b.test"))
         await conn.close()
 
 
@@ -939,13 +935,7 @@ async def test_rcpt_replies_are_kept_when_the_session_ends_before_the_content(
         conn = await open_to(port, starttls=StartTLS.NEVER)
         try:
             with pytest.raises(SMTPTimeout if silent else SMTPConnectError) as info:
-                await conn.send(
-                    envelope_from="a@a.test",
-                    recipients=["nobody@b.test", "bob@b.test"],
-                    data=b"Subject: hi\r\n\r\nhello\r\n",
-                    smtputf8=False,
-                    eightbit=False,
-                )
+                await send(conn, ("nobody@b.test", "bob@b.test"))
         finally:
             await conn.close()
     assert conn.error is not None and str(info.value) == str(conn.error)
@@ -1238,8 +1228,8 @@ async def test_the_start_of_a_reply_nobody_asked_for_ends_the_session() -> None:
     """Octets left over once every reply owed is read are a reply too many, split across
     reads: kept, they completed with the next read and answered the next message's MAIL,
     every reply after it one command early, so that bob, accepted by the server, was
-    refused at DATA with the 550 meant for nobody. The session now ends there, before the
-    next message goes, which another connection takes."""
+    refused at DATA with the 550 meant for nobody. The session now ends there: the
+    connection is not used again, and the next message takes another."""
     async with peer(answering_the_dot_and_a_half()) as port:
         conn = await open_to(port, starttls=StartTLS.NEVER)
         first = await send(conn)
@@ -1248,11 +1238,5 @@ async def test_the_start_of_a_reply_nobody_asked_for_ends_the_session() -> None:
         assert isinstance(conn.error, SMTPProtocolError)
         assert "no command outstanding" in str(conn.error)
         with pytest.raises(DeliveryError, match="not usable"):
-            await conn.send(
-                envelope_from="a@a.test",
-                recipients=["bob@b.test", "nobody@b.test"],
-                data=b"Subject: hi\r\n\r\nhello\r\n",
-                smtputf8=False,
-                eightbit=False,
-            )
+            await send(conn, ("bob@b.test", "nobody@b.test"))
         await conn.close()

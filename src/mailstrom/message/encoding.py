@@ -425,7 +425,11 @@ def has_body_signature(data: bytes) -> bool:
     """Whether the top header section of ``data`` (CRLF line ends) has a field whose
     signature covers the body (:data:`_BODY_SIGNATURES`): a body that must go as it is."""
     end = data.find(b"\r\n\r\n")
-    head = data if end < 0 else data[: end + 2]
+    return _signs_body(data if end < 0 else data[: end + 2])
+
+
+def _signs_body(head: bytes) -> bool:
+    """Whether header section ``head`` has a field of :data:`_BODY_SIGNATURES`."""
     return any(_has_field(head, name) for name in _BODY_SIGNATURES)
 
 
@@ -457,7 +461,7 @@ def _message(item: mime.Entity, *, depth: int, out: list[bytes], keep_signed: bo
     """:func:`_encode_entity` for a message (the top one, or one attached), which says
     ``MIME-Version: 1.0`` when a body in it was encoded: an encoding is read under MIME
     (RFC 2045 §4)."""
-    if keep_signed and any(_has_field(item.head, name) for name in _BODY_SIGNATURES):
+    if keep_signed and _signs_body(item.head):
         what = "a message with a DKIM-Signature or ARC-Message-Signature field"
         _refuse_signed(item.data, item.start, item.end, what)
     at = len(out)

@@ -66,8 +66,8 @@ PRUNE_EVERY = 6 * 3600.0
 """Seconds between a worker's prunings of expired suppression entries and MTA-STS
 policies; the first is at its start."""
 PRUNE_BATCH = 1000
-"""Entries (or policies) one write of a pruning deletes at most: a short write, between which the
-worker's own leases and records (and other processes' writes) go on."""
+"""Entries (or policies) one write of a pruning deletes at most: a short write, between
+which the worker's own leases and records (and other processes' writes) go on."""
 
 
 def prune_before(now: datetime, reading: ClockReading | None = None) -> datetime:
@@ -263,10 +263,10 @@ class WorkerScreening(WorkerStore):
                     await self._prune_all(prune_sts, before, "MTA-STS policies")
             await asyncio.sleep(PRUNE_EVERY)  # a timer, not synchronisation
 
-    async def _prune_all(self, prune: Callable[..., int], before: datetime, what: str) -> int:
+    async def _prune_all(self, prune: Callable[..., int], before: datetime, what: str) -> None:
         """Call ``prune`` for what expired at or before ``before``, :data:`PRUNE_BATCH`
-        rows a call, until a call deletes fewer; returns how many it deleted. A store failure
-        is logged, and the next round tries again."""
+        rows a call, until a call deletes fewer, and log how many it deleted. A store
+        failure is logged, and the next round tries again."""
         pruned = 0
         try:
             while True:
@@ -281,7 +281,6 @@ class WorkerScreening(WorkerStore):
             log.warning("expired %s not pruned (tried again in %g s): %s", what, PRUNE_EVERY, exc)
         if pruned:
             log.info("pruned %d %s expired before %s", pruned, what, before)
-        return pruned
 
     async def _send_owed(self, message_ids: list[str] | None) -> int:
         """Queue the notices owed by messages done for this pass (of ``message_ids``

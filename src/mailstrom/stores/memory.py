@@ -18,6 +18,7 @@ from bisect import insort
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 from typing import Any, TypeVar
 
 from mailstrom.arguments import row_limit
@@ -207,7 +208,7 @@ class MemoryStore(
         """Idempotency key -> (message id, until when it holds)."""
         self._suppressions: dict[str, Suppression] = {}
         self._suppression_order: list[str] | None = None
-        self._expiries = Ends(_suppression_end, slack=1024)
+        self._expiries: Ends[Suppression] = Ends(attrgetter("expires_at"), slack=1024)
         self._verp_key = secrets.token_bytes(VERP_KEY_SIZE)
         self._owed: dict[str, None] = {}
         """Ids of the messages with a recipient marked "notice owed" (or marked since
@@ -802,7 +803,3 @@ def _first_due(m: _Message) -> datetime:
     max_age and the delay warning count from there, as a lease says)."""
     send_at = m.prepared.attributes.send_at
     return m.created_at if send_at is None or send_at <= m.created_at else send_at
-
-
-def _suppression_end(entry: Suppression) -> datetime | None:
-    return entry.expires_at

@@ -25,6 +25,7 @@ from mailstrom.status import (
     RecipientStatus,
     SMTPReply,
     derive_message_state,
+    state_of_counts,
 )
 from mailstrom.stores.base import MAX_HISTORY, RecipientResult, bounded_attempt
 from mailstrom.stores.clock import kept_time
@@ -177,14 +178,7 @@ class _Message:
 
     def state(self) -> RecipientState:
         """Its derived state (:func:`derive_message_state`), from :attr:`counts`."""
-        counts = self.counts
-        if counts[RecipientState.DEFERRED]:
-            return RecipientState.DEFERRED
-        if counts[RecipientState.QUEUED]:
-            return RecipientState.QUEUED
-        if counts[RecipientState.FAILED] or not self.recipients:
-            return RecipientState.FAILED
-        return RecipientState.DELIVERED
+        return state_of_counts(self.counts)
 
     def pending(self) -> bool:
         """Whether a recipient is still to be delivered (queued or deferred)."""

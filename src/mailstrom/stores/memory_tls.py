@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import date, datetime
+from operator import attrgetter
 
 from mailstrom.arguments import row_limit
 from mailstrom.mtasts.policy import CachedPolicy
@@ -32,7 +33,7 @@ class MemoryTLSMixin:
         self._mta_sts = {}
         # The entries of replaced policies (a refresh each day for a year's max_age)
         # would stay until their old expiry: a few beyond twice the policies kept.
-        self._mta_sts_ends = Ends(_expiry, slack=64)
+        self._mta_sts_ends = Ends(attrgetter("expires_at"), slack=64)
         self._tls_sessions = {}
         self._tls_report_claims = {}
 
@@ -106,7 +107,3 @@ class MemoryTLSMixin:
         until = kept_time(until, "until")
         with self._tls_lock:
             self._tls_report_claims[key] = until
-
-
-def _expiry(cached: CachedPolicy) -> datetime:
-    return cached.expires_at
