@@ -23,6 +23,7 @@ from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration.test_worker_modes import config, hello, mx
 from tests.support.delivery import Results
+from tests.support.open_files import open_sockets
 
 __all__ = ["mx"]  # the fixture, found by pytest under this name
 
@@ -37,14 +38,22 @@ def _child(ms: Mailstrom) -> int:
     return pid
 
 
-def _no_descriptor_left(pid: int) -> None:
-    """Let process ``pid`` open no file nor socket until one of those it holds now is
-    closed: a new descriptor takes the lowest free number, and Linux refuses it (EMFILE)
-    when that number is at the limit."""
-    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
-    lowest_free = min(set(range(len(held) + 1)) - held)
+def _no_descriptor_left(pid: int, spare: int = 0) -> None:
+    """Let process ``pid`` open ``spare`` more files or sockets and then none until one of
+    those it holds now is closed: a new descriptor takes the lowest free number, and Linux
+    refuses it (EMFILE) when that number is at the limit. Set again until the process held
+    the same descriptors before and after: one it closed meanwhile (a file read while it
+    starts) left a number under the limit free, a descriptor more than asked for."""
     _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+    deadline = time.monotonic() + 10
+    while True:
+        held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        free = sorted(set(range(len(held) + spare + 1)) - held)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (free[spare], hard))
+        time.sleep(0.05)
+        if {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")} == held:
+            return
+        assert time.monotonic() < deadline, "the process never held still"
 
 
 def test_a_worker_out_of_descriptors_stops_cleanly_and_records_what_it_delivered(
@@ -124,9 +133,39 @@ def test_a_worker_out_of_descriptors_defers_once_and_delivers_when_they_return(
     store.close()
 
 
-def _sockets(pid: int) -> int:
-    fds = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+def test_a_worker_with_one_descriptor_left_reads_the_dns_answer_it_asked_for(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """One descriptor left, and the worker's first lookup: its query's socket takes it,
+    and the answer is read (its record types were imported while files could be opened).
+    dnspython imported the MX class on the first MX answer; the import failed (EMFILE), the
+    unparsable reply was skipped, and the lookup waited out its budget: a DNS server's
+    timeout, an attempt spent, for a server that had answered."""
+    dns_server.mx("a.example", [(10, "mx.test")])
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    ms = Mailstrom(config(dns_server, mx.port), store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        pid = _child(ms)
+        _no_descriptor_left(pid, spare=1)
+        sent = ms.send_email(hello("u@a.example"))
+        results.wait_count(1)
+        r = ms.query_status(sent).recipients[0]
+        if r.state is not RecipientState.DELIVERED:
+            # A later step short of its descriptor (the connection's, which another took
+            # meanwhile) is this host's shortage, no attempt: never a server's timeout.
+            assert r.state is RecipientState.DEFERRED and r.attempts == 0
+            assert r.error is not None and r.error.startswith("local resource shortage: ")
+            _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+            ms.retry(sent)
+            results.wait_count(2)
+    finally:
+        ms.stop()
+    assert ms.query_status(sent).state is RecipientState.DELIVERED
+    assert [m.rcpt_tos for m in mx.messages] == [("u@a.example",)]
+    store.close()
 
 
 def test_a_worker_out_of_descriptors_holds_no_mx_address_unreachable(
@@ -147,11 +186,11 @@ def test_a_worker_out_of_descriptors_holds_no_mx_address_unreachable(
     ms.start()
     try:
         pid = _child(ms)
-        idle = _sockets(pid)
+        idle = open_sockets(pid)
         first = ms.send_email(hello("first@a.example"))
         results.wait_count(1)  # the route is known from here on
         deadline = time.monotonic() + 10
-        while _sockets(pid) > idle and time.monotonic() < deadline:
+        while open_sockets(pid) > idle and time.monotonic() < deadline:
             time.sleep(0.01)  # the connection's QUIT and close
         _no_descriptor_left(pid)
         short = ms.send_email(hello("u@a.example", 1))

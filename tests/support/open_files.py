@@ -20,14 +20,14 @@ def open_files_under(directory: Path) -> list[str]:
     return found
 
 
-def open_sockets() -> int:
-    """How many sockets this process holds open (Linux's /proc): a connection nobody
-    closed stays counted here until the garbage collector finds it."""
+def open_sockets(pid: int | str = "self") -> int:
+    """How many sockets process ``pid`` (this one by default) holds open (Linux's /proc):
+    a connection nobody closed stays counted here until the garbage collector finds it."""
     count = 0
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # the listing's own descriptor, closed by now
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed since the listing (the listing's own, or the process's)
             continue
         count += target.startswith("socket:")
     return count

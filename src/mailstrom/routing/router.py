@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, replace
 import dns.asyncresolver
 import dns.flags
 import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 
 from mailstrom.config import Config, DNSConfig
@@ -44,11 +47,24 @@ MAX_CACHED = 10_000
 """Domains remembered at most; beyond it expired entries, then the oldest, are dropped."""
 
 
+def _load_record_types() -> None:
+    """Import dnspython's class of every record type now, while files can be opened.
+
+    dnspython imports the class of a type when an answer first holds one, and a reply it
+    cannot parse is skipped while it waits for another: out of descriptors, the import
+    failed (EMFILE), and a lookup whose socket was opened with the last free descriptor
+    waited out its whole budget and was told as a DNS server's timeout, an attempt spent.
+    Once imported, a class is looked up in dnspython's table (no file opened)."""
+    for rdtype in dns.rdatatype.RdataType:
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, rdtype)  # type: ignore[no-untyped-call]
+
+
 def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
     """A dnspython async resolver as ``config`` says: its nameservers, or the system's
     (resolv.conf) when it names none, on its port. ``config.timeout`` becomes its ``lifetime``,
     which the router spends on each route as a whole (every query of one lookup), kept on
     the monotonic clock (:class:`~mailstrom.dnsclock.SteadyResolver`)."""
+    _load_record_types()
     try:
         resolver = SteadyResolver(configure=not config.nameservers)
     except dns.resolver.NoResolverConfiguration:
