@@ -867,6 +867,52 @@ async def test_a_refused_host_beside_one_without_an_address_is_a_temporary_failu
         await Router(dns_server.dns_config).route("half.test")
 
 
+async def test_refused_hosts_before_the_cut_are_no_proof_that_none_is_usable(
+    dns_server: LoopbackDNS,
+) -> None:
+    """Only the 10 best MX hosts are looked up (twice mx_address_limit). When all 10
+    resolve to refused addresses, the hosts past the cut were never looked up: here the
+    11th has a usable one. The domain was bounced with 5.4.4, "every address it routes
+    to is refused"; it is deferred now, naming the cut and the setting that moves it."""
+    refused = ["127.0.0.1", "0.0.0.0", "169.254.1.1"]
+    dns_server.mx("cut.test", [(i, f"mx{i}.cut.test") for i in range(12)])
+    for i in range(10):
+        dns_server.a(f"mx{i}.cut.test", refused[i % 3])
+    dns_server.a("mx10.cut.test", "192.0.2.10")
+    dns_server.a("mx11.cut.test", "192.0.2.11")
+    with pytest.raises(TemporaryFailure) as info:
+        await Router(dns_server.dns_config).route("cut.test")
+    assert info.value.enhanced == "4.4.4"
+    text = info.value.text
+    assert "127.0.0.1 (loopback, MX mx0.cut.test)" in text, text
+    assert "2 more MX hosts were not looked up" in text, text
+    assert "mx_address_limit" in text, text
+    assert dns_server.queries("mx10.cut.test", "A") == 0  # the cut itself is kept
+    # Once the operator moves the cut, the deferred mail has its route.
+    route = await Router(dns_server.dns_config, mx_host_limit=12).route("cut.test")
+    assert route.addresses == ("192.0.2.10", "192.0.2.11")
+    # No host left out: every MX host is refused, and that is for good, as before.
+    dns_server.mx("all.test", [(i, f"mx{i}.cut.test") for i in range(10)])
+    with pytest.raises(PermanentFailure):
+        await Router(dns_server.dns_config).route("all.test")
+
+
+async def test_address_literal_exchanges_before_the_cut_are_no_proof_either(
+    dns_server: LoopbackDNS,
+) -> None:
+    """MX hosts written as address literals are no hosts (RFC 5321 §5.1); beside 10
+    refused hosts, the one past the cut was never looked up: deferred, not bounced."""
+    hosts = [(i, f"mx{i}.lit.test") for i in range(11)]
+    dns_server.mx("lit.test", [(0, "[192.0.2.1]"), *hosts])
+    for i in range(10):
+        dns_server.a(f"mx{i}.lit.test", "127.0.0.1")
+    dns_server.a("mx10.lit.test", "192.0.2.10")
+    with pytest.raises(TemporaryFailure) as info:
+        await Router(dns_server.dns_config).route("lit.test")
+    assert "[192.0.2.1]" in info.value.text, info.value.text
+    assert "1 more MX host was not looked up" in info.value.text, info.value.text
+
+
 async def test_refused_addresses_are_dropped_and_others_kept(dns_server: LoopbackDNS) -> None:
     """Hardening #6: refused addresses leave the route; the host's and the other hosts'
     usable addresses stay, in order."""

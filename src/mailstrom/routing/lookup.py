@@ -25,7 +25,6 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from itertools import groupby
 
 import dns.asyncresolver
@@ -66,6 +65,7 @@ from mailstrom.routing.result import (
     _no_host_names,
     _other_version,
     _refused,
+    _refused_why,
 )
 from mailstrom.routing.route import MXHost, Route
 
@@ -262,17 +262,23 @@ async def _mx_route(
         # The hosts past the cut were never looked up: a failure that said only "no MX
         # host has an address" was false of a domain whose 11th host has one.
         cut = _cut(left_out, policy) if left_out else ""
-        if literals and not addressless:
+        if (literals or refused) and not addressless:
             # No host to wait for: every MX host is refused or no host name at all.
-            refusal = _no_host_names(domain, literals, refused)
-            return Lookup(
-                refusal=replace(refusal, text=refusal.text + cut), ttl=min([NEGATIVE_TTL, *ttls])
+            refusal = (
+                _no_host_names(domain, literals, refused) if literals else _refused(domain, refused)
             )
-        if refused and not addressless:
-            refusal = _refused(domain, refused)
-            return Lookup(
-                refusal=replace(refusal, text=refusal.text + cut), ttl=min([NEGATIVE_TTL, *ttls])
+            if not left_out:
+                return Lookup(refusal=refusal, ttl=min([NEGATIVE_TTL, *ttls]))
+            # But for the hosts past the cut, never looked up: one may have a usable
+            # address, so nothing is proven. A bounce lost mail that a larger cut (or
+            # another draw of equal preferences) would deliver.
+            text = (
+                refusal.text
+                if literals
+                else f"no MX host of {domain} looked up has a usable address: "
+                f"every address found is refused: {_refused_why(refused)}"
             )
+            raise TemporaryFailure(text + cut, enhanced=_NO_ROUTE)
         # MX hosts without addresses are a temporary failure: it is usually a DNS change
         # in progress, and the retry policy's max_age bounds the wait. (Postfix bounces
         # here by default; this is its smtp_defer_if_no_mx_address_found = yes.) So is a

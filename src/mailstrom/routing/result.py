@@ -89,19 +89,22 @@ def _refused(domain: str, refused: list[tuple[str | None, str, str]]) -> Refusal
     server elsewhere. Retrying could only help a domain that repoints its MX, and the
     refusal is cached no longer than :data:`NEGATIVE_TTL`.
     """
+    return Refusal(
+        text=f"refusing to deliver to {domain}: every address it routes to is refused: "
+        + _refused_why(refused),
+        enhanced=_REFUSED_TARGET,
+        host=refused[0][0] or domain,
+    )
+
+
+def _refused_why(refused: list[tuple[str | None, str, str]]) -> str:
+    """The first refused addresses (:func:`_named`) and why they are."""
     # Only a kind that allow_loopback lifts makes it worth naming: multicast and reserved
     # targets are refused with it on too, and "allow_loopback is off" was then false, or
     # sent the operator to a setting that would not have helped.
     liftable = any(kind not in NEVER_A_SERVER for _, _, kind in refused)
     why = "allow_loopback is off" if liftable else "no mail server has such an address"
-    return Refusal(
-        text=(
-            f"refusing to deliver to {domain}: every address it routes to is refused: "
-            f"{_named(refused)} ({why})"
-        ),
-        enhanced=_REFUSED_TARGET,
-        host=refused[0][0] or domain,
-    )
+    return f"{_named(refused)} ({why})"
 
 
 def _no_host_names(
