@@ -6,7 +6,6 @@ message) when the planner misjudged the list, as a prepared statement's generic 
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +16,7 @@ from mailstrom.message.prepared import PreparedMessage
 from mailstrom.stores import QueueFilter
 from mailstrom.stores.operator import PENDING_STATES
 from mailstrom.stores.postgres import PostgresStore
-from tests.support.pg_plans import rows_touched
+from tests.support.pg_plans import generic_plan, rows_touched
 
 pytestmark = pytest.mark.postgres
 
@@ -50,27 +49,6 @@ def queue(postgres_server: Any) -> str:
     return url
 
 
-def _generic_plan(url: str, sql: bytes, params: Any) -> dict[str, Any]:
-    """The plan PostgreSQL ran ``sql`` by as a prepared statement's generic plan (one
-    made without the parameters' values), as auto_explain reports it."""
-    notes: list[str] = []
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
-        for setting in (
-            "LOAD 'auto_explain'",
-            "SET auto_explain.log_min_duration = 0",
-            "SET auto_explain.log_analyze = on",
-            "SET auto_explain.log_format = json",
-            "SET auto_explain.log_level = notice",
-            "SET plan_cache_mode = force_generic_plan",
-        ):
-            conn.execute(setting)
-        conn.execute(sql, params, prepare=True).fetchall()
-    [note] = [n for n in notes if "Query Text" in n]
-    plan: dict[str, Any] = json.loads(note[note.index("{") :])["Plan"]
-    return plan
-
-
 @pytest.mark.parametrize("name", list(FILTERS))
 def test_query_reads_the_recipients_of_the_listed_messages_alone(
     name: str, queue: str, monkeypatch: pytest.MonkeyPatch
@@ -90,7 +68,7 @@ def test_query_reads_the_recipients_of_the_listed_messages_alone(
         listed = store.query(now=T0 + timedelta(days=1), where=where)
     assert len(listed) == where.limit
     ((sql, params),) = seen
-    plan = _generic_plan(queue, sql, params)
+    plan = generic_plan(queue, sql, params)
     text = repr(plan)
     assert "recipients_pkey" in text, text
     # The page's messages and their recipients, and what the filter probes for them:

@@ -1218,5 +1218,5 @@ def test_an_upgrade_takes_the_messages_that_finished_while_held_out_of_the_held_
     migrate(postgres_url)
     with psycopg.connect(postgres_url) as conn:
         held = conn.execute("SELECT id FROM messages WHERE held").fetchall()
-        assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (28,)
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (29,)
     assert held == [(waiting,)]

@@ -3,6 +3,7 @@ the store runs it, run again under EXPLAIN ANALYZE, and the rows its nodes touch
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -53,4 +54,25 @@ def analyzed(url: str, sql: bytes, params: Any) -> Any:
     """EXPLAIN (ANALYZE, FORMAT JSON) of ``sql`` with ``params``: its JSON plan."""
     with psycopg.connect(url) as conn:
         ((plan,),) = conn.execute(b"EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchall()
+    return plan
+
+
+def generic_plan(url: str, sql: bytes, params: Any) -> dict[str, Any]:
+    """The plan PostgreSQL ran ``sql`` by as a prepared statement's generic plan (one
+    made without the parameters' values), as auto_explain reports it."""
+    notes: list[str] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
+        for setting in (
+            "LOAD 'auto_explain'",
+            "SET auto_explain.log_min_duration = 0",
+            "SET auto_explain.log_analyze = on",
+            "SET auto_explain.log_format = json",
+            "SET auto_explain.log_level = notice",
+            "SET plan_cache_mode = force_generic_plan",
+        ):
+            conn.execute(setting)
+        conn.execute(sql, params, prepare=True).fetchall()
+    [note] = [n for n in notes if "Query Text" in n]
+    plan: dict[str, Any] = json.loads(note[note.index("{") :])["Plan"]
     return plan

@@ -2084,9 +2084,9 @@ class PostgresStore:
         self, message_id: str, addresses: Sequence[str] | None
     ) -> RecipientsFound:
         """The recipients of ``message_id`` named by ``addresses`` (see
-        Store.recipients_by_address), without history: one statement, which folds the
-        message's addresses in its key (a name found as written may have other cases
-        stored beside it, which the contract returns too)."""
+        Store.recipients_by_address), without history: one statement, which seeks each
+        name folded, in the key and in recipients_folded (a name found as written may
+        have other cases stored beside it, which the contract returns too)."""
         if not comparable(message_id):
             raise UnknownMessage(message_id)
         if addresses is None:
