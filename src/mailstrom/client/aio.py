@@ -47,7 +47,7 @@ from mailstrom.client.operations import (
     write_in_thread,
     write_unless_cancelled,
 )
-from mailstrom.client.process import STOP_GRACE, WorkerProcess
+from mailstrom.client.process import ORPHAN_DRAIN, STOP_GRACE, WorkerProcess
 from mailstrom.config import Config
 from mailstrom.errors import WorkerError
 from mailstrom.message.dsn import DSN
@@ -256,7 +256,11 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             raise AlreadyStarted("already started")
         worker = self._worker_to_start(worker)
         ready = asyncio.Event()
-        self._task = asyncio.create_task(worker.run(on_started=ready.set), name="mailstrom-worker")
+        # A program whose main returns without stop(): asyncio.run() cancels every task,
+        # the deliveries too, and a message whose final dot the server had taken went out
+        # again from the next worker. The worker drains instead, as a thread's at exit.
+        run = worker.run(on_started=ready.set, drain_if_cancelled=ORPHAN_DRAIN)
+        self._task = asyncio.create_task(run, name="mailstrom-worker")
         self._last_run = (worker, self._task)
         self._task.add_done_callback(functools.partial(_log_death, ready))
         waiter = asyncio.create_task(ready.wait())

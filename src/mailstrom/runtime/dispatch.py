@@ -88,6 +88,7 @@ from mailstrom.runtime.shaper import Shape, Shaper
 from mailstrom.runtime.socket_budget import SocketBudget
 from mailstrom.runtime.transactions import (
     EnvelopeCut,
+    Outcome,
     TransactionResult,
     Withdrawn,
     answered_before,
@@ -310,6 +311,11 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         """Set by :meth:`close`: no session starts from then on."""
+        self.hold_cancels = False
+        """Set by a worker that outlives a cancel no stop asked for (asyncio.run ending
+        around a worker task): a session awaiting a transaction's reply is cancelled by
+        such a cancel only once that reply is in (bounded by the worker's drain, whose
+        :meth:`close` cancels it for good), the server's acceptance recorded, not lost."""
         self._draining = False
         """Set by :meth:`drain`: no work waits for a destination's rate from then on."""
         self._resigned: ResignedMessages | None = None
@@ -1059,7 +1065,7 @@ class Dispatcher:
                 # still finds what it came to (_report_cut_off; the future keeps its
                 # outcome once cancelled). Not shielded: the extra loop turn split the
                 # pipelined writes of the transactions behind it.
-                result = await future
+                result = await self._reply(future)
             except Withdrawn:
                 # Taken back before its content went (see withdraw): back to the store
                 # untried, and the session goes on with the rest.
@@ -1864,6 +1870,35 @@ class Dispatcher:
     def prune(self) -> None:
         """Close connections idle for too long."""
         self._opener.prune()
+
+    def _still_open(self) -> bool:
+        return not self._closing
+
+    async def _reply(self, future: asyncio.Future[TransactionResult]) -> TransactionResult:
+        """What the transaction of ``future`` came to. With :attr:`hold_cancels`, a
+        cancel of the session that :meth:`close` did not make (asyncio.run ending around
+        the worker, which drains instead) waits for it and is then taken back: the
+        session goes on as during a stop's drain. Cut off there, the reply to a final dot
+        the server had taken was lost, and the content of the transaction pipelined
+        behind it went out as the session was dropped, both "uncertain", sent again."""
+        if not (self.hold_cancels and isinstance(future, Outcome)):
+            return await future
+        future.holds = self._still_open
+        try:
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            outcome = future.outcome
+            if outcome is None or self._closing or task is None or task.cancelling() != 1:
+                raise
+            task.uncancel()
+        if isinstance(outcome, BaseException):
+            raise outcome  # (outside the handler: not "during handling of" the cancel)
+        return outcome
+
+    def session_tasks(self) -> set[asyncio.Task[None]]:
+        """The sessions' tasks running now."""
+        return set(self._tasks)
 
     async def close(self) -> None:
         """Stop every session (their unfinished items get no result) and close connections."""

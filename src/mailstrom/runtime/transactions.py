@@ -239,6 +239,14 @@ class Outcome(asyncio.Future[TransactionResult]):
     without shielding every await, whose extra loop turn split pipelined writes."""
 
     outcome: TransactionResult | BaseException | None = None
+    holds: Callable[[], bool] | None = None
+    """Whether a cancel is refused now: the task awaiting it is then cancelled only once
+    it has settled (asyncio's Task.cancel falls back to that), its reply reported."""
+
+    def cancel(self, msg: object = None) -> bool:
+        if self.holds is not None and self.holds():
+            return False
+        return super().cancel(msg)
 
 
 class TransactionsMixin:

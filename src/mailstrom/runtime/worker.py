@@ -101,6 +101,9 @@ _STALLED_BACK_IN = timedelta(seconds=60)
 """How long work given back from behind a stalled destination stays in the store."""
 _RELIEF_EVERY = 1.0
 """Seconds between two looks for stalled destinations while the worker is full."""
+_CANCEL_GRACE = 10.0
+"""Seconds past ``drain_if_cancelled`` after which a worker that took the end of its
+event loop as a stop is cancelled for good (the last records, a hook's request)."""
 
 _CUT_OFF = "may be taken over: its worker is cut off"
 """Why a lease is fenced while its worker is cut off (worker_reaping.py)."""
@@ -458,6 +461,27 @@ class Worker(
         if self._wake is not None:
             self._wake.set()
 
+    def _outlive_cancel(self, drain: float | None) -> bool:
+        """Whether the worker's task, cancelled once by nobody who asked it to stop
+        (``asyncio.run()`` ending around it), takes that as a stop draining ``drain``
+        seconds (the caller allows it) rather than end mid-delivery."""
+        task = asyncio.current_task()
+        if drain is None or self._stopping or task is None or task.cancelling() != 1:
+            return False
+        task.uncancel()
+        log.warning(
+            "the event loop is ending with the worker running (no stop()): deliveries "
+            "in flight get %g s to finish",
+            drain,
+        )
+        self._tighten_stop(drain)
+        self._stopping = True
+        self._stop_now(drain)
+        # Never the exit held for ever: past the drain and a grace for the last records
+        # (a store that hangs), cancelled for good, as stop() cancels a task past its bound.
+        asyncio.get_running_loop().call_later(drain + _CANCEL_GRACE, task.cancel)
+        return True
+
     def responsive(self, timeout: float = 2.0) -> bool:
         """Whether the worker runs and its event loop answers within ``timeout`` seconds
         (thread-safe; for health checks from another thread). A loop stuck in a blocking
@@ -479,11 +503,19 @@ class Worker(
     # --- the loops ---------------------------------------------------------------------
 
     async def run(
-        self, *, once: bool = False, on_started: Callable[[], None] | None = None
+        self,
+        *,
+        once: bool = False,
+        on_started: Callable[[], None] | None = None,
+        drain_if_cancelled: float | None = None,
     ) -> None:
         """Deliver until :meth:`request_stop`; with ``once``, until nothing is due now.
 
-        ``on_started`` is called once the worker is set up and can take wake-ups.
+        ``on_started`` is called once the worker is set up and can take wake-ups. With
+        ``drain_if_cancelled``, a cancel no stop asked for (``asyncio.run()`` ending with
+        this worker's task still running, which cancels every task) is taken as a stop
+        with that drain timeout: a reply owed to a final dot is waited for and recorded,
+        what was not sent goes back to the store.
         """
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
@@ -519,6 +551,7 @@ class Worker(
             on_postpone=self._on_postpone,
             may_start=self._may_start,
         )
+        dispatcher.hold_cancels = drain_if_cancelled is not None
         reporting = None
         if tls_sessions is not None:
             reporting = asyncio.create_task(tls_sessions.run(), name="mailstrom-tlsrpt")
@@ -582,13 +615,34 @@ class Worker(
             if on_started is not None:
                 on_started()
             stopping = asyncio.create_task(self._stop_event.wait(), name="mailstrom-stop")
-            await asyncio.wait({store_loop, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            cut = False
+            try:
+                await asyncio.wait({store_loop, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                if not self._outlive_cancel(drain_if_cancelled):
+                    raise
+                # The same sweep cancelled the store loop and the heartbeat: without them
+                # nothing the drain brings in is recorded, nor a lease extended meanwhile.
+                cut = True
+                hit = {store_loop, heartbeat} - {t for t in (store_loop, heartbeat) if t.done()}
+                if hit:
+                    await asyncio.wait(hit, timeout=drain_if_cancelled)
+                if store_loop.cancelled():
+                    store_loop = asyncio.create_task(
+                        self._store_loop(dispatcher, once=once), name="mailstrom-store"
+                    )
+                if heartbeat.cancelled():
+                    heartbeat = asyncio.create_task(
+                        self._heartbeat_loop(), name="mailstrom-heartbeat"
+                    )
+                    heartbeat.add_done_callback(self._loop_ended)
+                    loops = (heartbeat, *loops[1:])
             stopping.cancel()
             if store_loop.done():
                 store_loop.result()  # a fatal error: raise it here
             # What waits for a destination's rate is not in flight: back to the store now.
             dispatcher.drain()
-            await self._drain(dispatcher, store_loop)
+            await self._drain(dispatcher, store_loop, cut=cut)
             failed = False
         except BaseException as exc:
             if not (isinstance(exc, asyncio.CancelledError) and self._stopping):

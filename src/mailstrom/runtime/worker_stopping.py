@@ -75,19 +75,26 @@ class WorkerStopping(WorkerStore):
         finally:
             tightened.cancel()
 
-    async def _drain(self, dispatcher: Dispatcher, store_loop: asyncio.Task[None]) -> None:
+    async def _drain(
+        self, dispatcher: Dispatcher, store_loop: asyncio.Task[None], *, cut: bool = False
+    ) -> None:
         """Let deliveries in flight finish, up to the soonest end a stop asked for (the
-        store loop records their results meanwhile)."""
+        store loop records their results meanwhile). ``cut``: the sessions were cancelled
+        (see :meth:`_outlive_cancel`), what they had not sent never counted off: the
+        drain ends with the last of them."""
         if dispatcher.idle.is_set():
             return
         idle = asyncio.create_task(dispatcher.idle.wait())
         try:
             while not (idle.done() or store_loop.done()):
+                sessions = dispatcher.session_tasks() if cut else set()
+                if cut and not sessions:
+                    break
                 until = self._drain_until
                 left = None if until is None else until - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                await self._until_tightened({idle, store_loop}, left)
+                await self._until_tightened({idle, store_loop, *sessions}, left)
         finally:
             idle.cancel()
 
@@ -126,8 +133,9 @@ class WorkerStopping(WorkerStore):
         sender, hook = self._hooks, self.config.hook
         assert sender is not None and hook is not None
         sender.stop(within=hook.timeout if flush else 0.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), timeout=2 * hook.timeout + 1)
+        if not task.done():  # (cancelled already by asyncio.run's end: shield raised that)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout=2 * hook.timeout + 1)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         self._hooks = None
