@@ -63,10 +63,9 @@ WORKER_FEATURES = (
     "mailstrom.stores.memory",
     "mailstrom.stores.postgres",
     # Building and encoding messages: a worker sends stored bytes (it prepares a bounce
-    # notice, or re-encodes for a server without 8BITMIME, only when one is needed).
-    "mailstrom.message.prepared",
-    "mailstrom.runtime.notices",
-    "mailstrom.bounces.notice",
+    # notice, or re-encodes for a server without 8BITMIME, only when one is needed). What
+    # writes a result's mark "notice owed" (runtime.notices, bounces.notice and the
+    # prepared message's type) comes with the worker: a result cannot wait for an import.
     "mailstrom.message.builder",
     "mailstrom.message.preparation",
     "mailstrom.message.trees",

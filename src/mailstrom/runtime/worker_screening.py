@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from mailstrom.config import Config
 from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData, UnknownMessage
+from mailstrom.runtime import notices as sender_notices
 from mailstrom.runtime.suppressing import (
     hard_bounce_entries,
     lease_targets,
@@ -176,14 +177,15 @@ class WorkerScreening(WorkerStore):
             item = next((i for i in held.items if i.domain == domain), None)
         if item is None:
             return results
-        # Loaded at the first result owing one: the notices' renderer and the message model.
-        from mailstrom.runtime.notices import owed_notice
-
+        # sender_notices is imported with the worker, not here at the first result owing
+        # a notice: out of file descriptors that import failed (EMFILE), and the result,
+        # a server's answer, was lost. The notices' renderer (the message model) still
+        # loads at the first notice made, which is made again later if that fails.
         marked = []
         for result in results:
             if result.notice is None and self._may_owe_notice(result):
                 try:
-                    notice = owed_notice(
+                    notice = sender_notices.owed_notice(
                         result,
                         item,
                         config=self.config,
@@ -339,10 +341,9 @@ class WorkerScreening(WorkerStore):
             data = await self._store_call(self.store.message_data, message_id)
         except UnknownMessage:
             return {}
-        # Loaded at the first notice: the notices' renderer and the message model.
-        from mailstrom.runtime.notices import notices_owed
-
-        return notices_owed(owed, {message_id: data}, config=self.config, now=self._clock())
+        return sender_notices.notices_owed(
+            owed, {message_id: data}, config=self.config, now=self._clock()
+        )
 
     async def _queue_one_by_one(
         self, by_message: dict[str, list[OwedNotice]], made: dict[str, list[PreparedMessage]]

@@ -1,0 +1,61 @@
+"""A worker process short of file descriptors at a step it takes for the first time: a
+module it loads only then (a bounce's mark, ...) must not make a server's answer, or the
+delivery it ended, be lost or told as something else.
+
+The limit is lowered on the worker's child process only, as in
+:mod:`tests.integration.test_out_of_descriptors`.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Any
+
+from mailstrom import Mailstrom, RecipientState
+from mailstrom.stores import SQLiteStore
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.integration.test_out_of_descriptors import _child, _no_descriptor_left
+from tests.integration.test_worker_modes import config, hello, mx
+from tests.support.delivery import Results
+
+__all__ = ["mx"]  # the fixture, found by pytest under this name
+
+
+def test_a_worker_out_of_descriptors_records_a_refusal_that_owes_a_bounce(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A connection kept and the route known, no descriptor left, and the server refuses
+    a recipient whose sender gets a bounce: the refusal is recorded (failed, one attempt)
+    and the bounce is sent once descriptors return. The worker loaded the module that
+    writes a bounce's mark at the first result owing one; the import failed (EMFILE), the
+    session was told as crashed, and the server's answer was never recorded: the recipient
+    stayed leased, to be sent again when the lease ran out."""
+    dns_server.mx("a.example", [(10, "mx.test")])
+    dns_server.mx("sender.test", [(10, "mx.test")])
+    mx.rcpt_replies["nobody@a.example"] = "550 5.1.1 No such user"
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    cfg = config(dns_server, mx.port, connection_idle=60, bounce_notices=True)
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        ms.send_email(hello("u@a.example"))
+        results.wait_count(1)  # a connection to reuse, and the route known
+        pid = _child(ms)
+        _no_descriptor_left(pid)
+        refused = ms.send_email(hello("nobody@a.example", 1))
+        results.wait_count(2)
+        r = ms.query_status(refused).recipients[0]
+        assert (r.state, r.attempts) == (RecipientState.FAILED, 1)
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+    finally:
+        ms.stop()
+    assert ms.worker_status.error is None
+    # The bounce, made by the next worker if this one could not load its renderer.
+    again = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    with again:
+        results.wait_count(3)
+    assert [m.rcpt_tos for m in mx.messages] == [("u@a.example",), ("app@sender.test",)]
+    store.close()
