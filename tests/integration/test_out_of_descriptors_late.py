@@ -59,3 +59,46 @@ def test_a_worker_out_of_descriptors_records_a_refusal_that_owes_a_bounce(
         results.wait_count(3)
     assert [m.rcpt_tos for m in mx.messages] == [("u@a.example",), ("app@sender.test",)]
     store.close()
+
+
+def test_a_worker_out_of_descriptors_defers_its_first_7bit_downgrade_as_a_shortage(
+    smtp_server: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A connection kept to a server without 8BITMIME, no descriptor left, and the first
+    8-bit message for it: the encoders it is re-encoded with load only then, and the
+    import failed (EMFILE). Told as a crash ("internal error: OSError"), an attempt
+    spent; it is this host's shortage (no attempt), and once descriptors return the
+    message goes, re-encoded."""
+    old = smtp_server(eightbitmime=False)
+    dns_server.a("mx.test", old.host)
+    dns_server.mx("a.example", [(10, "mx.test")])
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    cfg = config(dns_server, old.port, connection_idle=60)
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        ms.send_email(hello("u@a.example"))
+        results.wait_count(1)  # a connection to reuse, and the route known
+        pid = _child(ms)
+        _no_descriptor_left(pid)
+        sent = ms.send_email(
+            "From: app@sender.test\r\nTo: v@a.example\r\nSubject: 8bit\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße\r\n".encode()
+        )
+        results.wait_count(2)
+        r = ms.query_status(sent).recipients[0]
+        assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0)
+        assert r.error is not None and r.error.startswith("local resource shortage: ")
+        assert "Too many open files" in r.error
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        ms.retry(sent)
+        results.wait_count(3)
+    finally:
+        ms.stop()
+    assert ms.query_status(sent).state is RecipientState.DELIVERED
+    assert [m.rcpt_tos for m in old.messages] == [("u@a.example",), ("v@a.example",)]
+    assert max(old.messages[1].content) < 128
+    store.close()

@@ -71,6 +71,7 @@ from mailstrom.errors import (
     SMTPTimeout,
     TemporaryFailure,
     TLSRequiredError,
+    local_shortage,
 )
 from mailstrom.policy.throttle import is_throttling
 from mailstrom.routing import MXHost, Route, Router
@@ -1342,9 +1343,17 @@ class Dispatcher:
         except DeliveryError:
             raise
         except Exception as exc:
-            # A bug (say, in the 7-bit downgrade) fails this item alone, deferred.
-            log.exception("delivery of %s to %s crashed", item.message_id, item.domain)
-            error = TemporaryFailure(f"internal error: {type(exc).__name__}: {exc}")
+            shortage = local_shortage(exc)
+            if shortage is not None:
+                # Out of descriptors, the encoders loaded at the first 7-bit downgrade
+                # (EMFILE): this host's shortage, no attempt, not a crash.
+                error: TemporaryFailure = LocalResourceShortage(
+                    "preparing the message", shortage, host=conn.host
+                )
+            else:
+                # A bug (say, in the 7-bit downgrade) fails this item alone, deferred.
+                log.exception("delivery of %s to %s crashed", item.message_id, item.domain)
+                error = TemporaryFailure(f"internal error: {type(exc).__name__}: {exc}")
             self._done(self._outcomes.from_error(item, error, work.started, where))
             return None
 
