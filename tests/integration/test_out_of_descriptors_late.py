@@ -9,15 +9,19 @@ The limit is lowered on the worker's child process only, as in
 from __future__ import annotations
 
 import resource
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mailstrom import Mailstrom, RecipientState
+from mailstrom.message import prepare
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
+from tests.integration.test_dkim_delivery import rotated
 from tests.integration.test_out_of_descriptors import _child, _no_descriptor_left
 from tests.integration.test_worker_modes import config, hello, mx
 from tests.support.delivery import Results
+from tests.support.dkim import dual, publish, signature_tags
 
 __all__ = ["mx"]  # the fixture, found by pytest under this name
 
@@ -101,4 +105,46 @@ def test_a_worker_out_of_descriptors_defers_its_first_7bit_downgrade_as_a_shorta
     assert ms.query_status(sent).state is RecipientState.DELIVERED
     assert [m.rcpt_tos for m in old.messages] == [("u@a.example",), ("v@a.example",)]
     assert max(old.messages[1].content) < 128
+    store.close()
+
+
+def test_a_worker_out_of_descriptors_defers_its_first_dkim_resign_as_a_shortage(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """Keys rotated while a message waited, a connection kept, no descriptor left: the
+    worker signs the message anew, with a module it loads at the first message to sign
+    again; the import failed (EMFILE) outside any handler, the session was logged as
+    crashed, and the message it had in hand was left leased, no result recorded. It is
+    this host's shortage (no attempt), and the message goes, signed by the new keys, once
+    descriptors return."""
+    dns_server.mx("a.example", [(10, "mx.test")])
+    old, new = dual("sender.test"), rotated()
+    publish(dns_server, old)
+    publish(dns_server, new)
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    cfg = config(dns_server, mx.port, connection_idle=60, dkim=new, poll_interval=0.2)
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        store.enqueue(prepare(hello("u@a.example"), now=datetime.now(UTC)), now=datetime.now(UTC))
+        results.wait_count(1)  # a connection to reuse, and the route known; nothing signed
+        pid = _child(ms)
+        _no_descriptor_left(pid)
+        signed = prepare(hello("v@a.example", 1), now=datetime.now(UTC), dkim=old)
+        stale = store.enqueue(signed, now=datetime.now(UTC))
+        results.wait_count(2)
+        r = ms.query_status(stale).recipients[0]
+        assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0)
+        assert r.error is not None and r.error.startswith("local resource shortage: ")
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        ms.retry(stale)
+        results.wait_count(3)
+    finally:
+        ms.stop()
+    assert ms.query_status(stale).state is RecipientState.DELIVERED
+    received = mx.messages[-1]
+    assert received.rcpt_tos == ("v@a.example",)
+    assert [t["s"] for t in signature_tags(received.content)] == ["rsa2027", "ed2027"]
     store.close()

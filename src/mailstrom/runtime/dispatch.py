@@ -1296,11 +1296,14 @@ class Dispatcher:
         """Hand ``work`` to ``conn``; None when it was decided without the wire."""
         if work.item.smtputf8 and "SMTPUTF8" not in conn.extensions:
             self._fail_utf8_recipients(conn, work, where)
-        if self._config.dkim is not None and work.item.data.startswith(b"DKIM-Signature:"):
-            self._resign_stale(work, self._config.dkim)
         item = work.item
-        data, eightbit = item.data, item.eightbit
         try:
+            if self._config.dkim is not None and item.data.startswith(b"DKIM-Signature:"):
+                # In here: out of descriptors, loading the signer fails (EMFILE), and
+                # the session ended there with this item in hand, never recorded.
+                self._resign_stale(work, self._config.dkim)
+                item = work.item
+            data, eightbit = item.data, item.eightbit
             if eightbit and "8BITMIME" not in conn.extensions:
                 if work.seven_bit is None:
                     # Loaded here: the encoders (and the stdlib email package) are needed
@@ -1345,8 +1348,9 @@ class Dispatcher:
         except Exception as exc:
             shortage = local_shortage(exc)
             if shortage is not None:
-                # Out of descriptors, the encoders loaded at the first 7-bit downgrade
-                # (EMFILE): this host's shortage, no attempt, not a crash.
+                # Out of descriptors, a module loaded at its first use (the 7-bit
+                # downgrade's encoders, the DKIM signer) (EMFILE): this host's
+                # shortage, no attempt, not a crash.
                 error: TemporaryFailure = LocalResourceShortage(
                     "preparing the message", shortage, host=conn.host
                 )
