@@ -9,21 +9,34 @@ The limit is lowered on the worker's child process only, as in
 from __future__ import annotations
 
 import resource
+import ssl
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mailstrom import Mailstrom, RecipientState
 from mailstrom.message import prepare
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.https_server import HTTPSServer
 from tests.integration.test_dkim_delivery import rotated
+from tests.integration.test_mtasts_delivery import (
+    BOB,
+    failures,
+    https,
+    serve,
+    servers,
+    sts_config,
+    zone,
+)
 from tests.integration.test_out_of_descriptors import _child, _no_descriptor_left
 from tests.integration.test_worker_modes import config, hello, mx
 from tests.support.delivery import Results
 from tests.support.dkim import dual, publish, signature_tags
 
-__all__ = ["mx"]  # the fixture, found by pytest under this name
+__all__ = ["https", "mx", "servers", "zone"]  # the fixtures, found by pytest by these names
 
 
 def test_a_worker_out_of_descriptors_records_a_refusal_that_owes_a_bounce(
@@ -147,4 +160,58 @@ def test_a_worker_out_of_descriptors_defers_its_first_dkim_resign_as_a_shortage(
     received = mx.messages[-1]
     assert received.rcpt_tos == ("v@a.example",)
     assert [t["s"] for t in signature_tags(received.content)] == ["rsa2027", "ed2027"]
+    store.close()
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["policy cached", "none cached"])
+def test_a_worker_out_of_descriptors_reports_no_mta_sts_failure_of_its_own(
+    cached: bool,
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    servers: list[Any],
+    server_tls_context: ssl.SSLContext,
+    client_tls_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    """An MTA-STS domain's record looked up again at each message (``recheck = 0``), a
+    connection kept, no descriptor left: the record's lookup has no socket. That was
+    told as the domain's failure: an "sts-policy-fetch-error" in the day's TLS report to
+    the domain, and, no policy cached, the message went over the kept connection as if
+    the domain had none. It is this host's shortage: nothing reported, a cached policy
+    applied, and without one the message deferred (no attempt) until descriptors return."""
+    mx = serve(servers, server_tls_context)
+    record = "v=STSv1; id=one;"
+    if not cached:
+        zone.delete("_mta-sts.example.org")
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    cfg = sts_config(
+        zone, mx.port, https.port, client_tls_context, poll_interval=30, connection_idle=60
+    )
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        ms.send_email(hello(BOB))
+        results.wait_count(1)  # the route known, a connection kept (and the policy cached)
+        zone.txt("_mta-sts.example.org", record)
+        pid = _child(ms)
+        _no_descriptor_left(pid)
+        short = ms.send_email(hello(BOB, 1))
+        results.wait_count(2)
+        r = ms.query_status(short).recipients[0]
+        if cached:
+            assert (r.state, r.attempts) == (RecipientState.DELIVERED, 1)
+        else:
+            assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0)
+            assert r.error is not None
+            assert r.error.startswith("local resource shortage: MTA-STS: TXT lookup of _mta-sts.")
+            _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+            ms.retry(short)
+            results.wait_count(3)
+    finally:
+        ms.stop()
+    assert ms.query_status(short).state is RecipientState.DELIVERED
+    assert results.all[-1].attempt.tls_policy == "mta-sts enforce"
+    assert failures(store) == {}
     store.close()

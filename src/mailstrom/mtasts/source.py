@@ -32,7 +32,7 @@ from typing import Any
 import dns.asyncresolver
 
 from mailstrom.config import Config, MTASTSConfig
-from mailstrom.errors import StoreError
+from mailstrom.errors import LocalResourceShortage, StoreError, local_shortage
 from mailstrom.mtasts.fetch import FETCH_ERROR, DNSTrouble, a_label, fetch_policy, txt_records
 from mailstrom.mtasts.https import route_policy_for
 from mailstrom.mtasts.policy import CachedPolicy, Mode, PolicyError, parse_sts_record
@@ -174,9 +174,11 @@ class PolicySource:
         unusable: PolicyError | None = None
         policy_id: str | None = None
         not_looked_up: str | None = None
+        shortage: OSError | None = None
         try:
             records, ttl = await txt_records(self._resolver, f"_mta-sts.{domain}")
         except DNSTrouble as exc:
+            shortage = local_shortage(exc.__cause__) if exc.__cause__ is not None else None
             not_looked_up = f"its _mta-sts record was not looked up: {exc}"
             # A policy not retrieved (RFC 8460 §4.3.2.2), counted as a failed fetch is: the
             # day's report then says why the policy went unseen, or was not refreshed.
@@ -191,6 +193,14 @@ class PolicySource:
         now = self._clock()
         # An expired policy is never applied (RFC 8461 §5.1), however its record went.
         fresh = cached if cached is not None and cached.fresh(now) else None
+        if shortage is not None:
+            # No socket for the query (EMFILE): this host's trouble, not the domain's, so
+            # neither reported (a policy fetch error in its TLS report) nor remembered. A
+            # cached policy applies; without one the delivery waits (no attempt) rather
+            # than go as if the domain had none.
+            if fresh is None:
+                raise LocalResourceShortage(f"MTA-STS: TXT lookup of _mta-sts.{domain}", shortage)
+            return fresh
         if unusable is not None:
             self._failed(domain, unusable, fresh)
         if policy_id is None and fresh is not None and fresh.refresh_due(now):
