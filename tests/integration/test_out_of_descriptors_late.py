@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from mailstrom import Mailstrom, RecipientState
 from mailstrom.message import prepare
@@ -214,4 +215,52 @@ def test_a_worker_out_of_descriptors_reports_no_mta_sts_failure_of_its_own(
     assert ms.query_status(short).state is RecipientState.DELIVERED
     assert results.all[-1].attempt.tls_policy == "mta-sts enforce"
     assert failures(store) == {}
+    store.close()
+
+
+def test_a_worker_short_of_a_descriptor_for_the_system_cas_keeps_no_context_trusting_none(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first connection that checks a certificate against the system's CAs (no
+    ``tls_context``: here a ``verify`` domain) makes the context then, and its socket took
+    the last descriptor: ssl.create_default_context() could not open the CA file, said
+    nothing, and the context trusting no CA was kept for the process's life. Every
+    verified handshake failed from then on ("certificate of mx.test not accepted"), as
+    the server's fault, also once descriptors returned. It is this host's shortage (no
+    attempt), and the next connection reads the CAs."""
+    system_file = tmp_path / "system.pem"
+    tls_ca.cert_pem.write_to_path(str(system_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_file))  # the child's "system" CAs
+    dns_server.mx("a.example", [(10, "mx.test")])
+    dns_server.mx("b.example", [(10, "mx.test")])
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    cfg = config(dns_server, mx.port, connection_idle=0, tls_domains={"b.example": "verify"})
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        ms.send_email(hello("u@a.example"))  # opportunistic: no CA read
+        results.wait_count(1)
+        pid = _child(ms)
+        # One left, set again once the connection above is closed: the lookups take it
+        # one at a time, then the new connection's socket keeps it.
+        _no_descriptor_left(pid, spare=1)
+        verified = ms.send_email(hello("u@b.example", 1))
+        results.wait_count(2)
+        r = ms.query_status(verified).recipients[0]
+        if r.state is not RecipientState.DELIVERED:
+            assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0), r.error
+            assert r.error is not None and r.error.startswith("local resource shortage: ")
+            _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+            ms.retry(verified)
+            results.wait_count(3)
+    finally:
+        ms.stop()
+    assert ms.query_status(verified).state is RecipientState.DELIVERED
+    assert mx.messages[-1].rcpt_tos == ("u@b.example",) and mx.messages[-1].tls
     store.close()

@@ -39,6 +39,7 @@ from mailstrom._version import __version__
 from mailstrom.routing.lookup import unanswered
 from mailstrom.routing.policy import RoutePolicy
 from mailstrom.safetext import safe_text
+from mailstrom.tls.trust import verifying_context
 
 if TYPE_CHECKING:
     import httpcore
@@ -154,8 +155,9 @@ async def usable_addresses(
 @functools.cache
 def default_context(ca_file: str | None = None) -> ssl.SSLContext:
     """The context checking certificates against ``ca_file``, or the system's trust store
-    (as for SMTP), made once: loading a trust store takes milliseconds."""
-    return ssl.create_default_context(cafile=ca_file)
+    (as for SMTP), made once: loading a trust store takes milliseconds. Out of
+    descriptors, :class:`~mailstrom.errors.LocalResourceShortage` (none kept)."""
+    return verifying_context(ca_file)
 
 
 CONNECT_SHARE = 0.45

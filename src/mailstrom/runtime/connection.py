@@ -72,6 +72,7 @@ from mailstrom.smtp.session import State
 from mailstrom.status import SMTPReply
 from mailstrom.tls.danematch import DaneMismatch, match_chain
 from mailstrom.tls.requirement import TLSARecord
+from mailstrom.tls.trust import verifying_context
 
 _ENCODING_DER = 2
 """``_ssl.ENCODING_DER``: the form ``Certificate.public_bytes`` gives DER in."""
@@ -158,7 +159,9 @@ def _unverified_context() -> ssl.SSLContext:
 
 @functools.cache
 def _default_verify_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
+    # Kept once made: verifying_context raises (no context kept) where the system's CAs
+    # could not be read, which out of descriptors made a context trusting none.
+    return verifying_context()
 
 
 def _tls_context(mode: StartTLS, verify_with: ssl.SSLContext | None) -> ssl.SSLContext:
