@@ -41,7 +41,7 @@ __all__ = ["https", "mx", "servers", "zone"]  # the fixtures, found by pytest by
 
 
 def test_a_worker_out_of_descriptors_records_a_refusal_that_owes_a_bounce(
-    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A connection kept and the route known, no descriptor left, and the server refuses
     a recipient whose sender gets a bounce: the refusal is recorded (failed, one attempt)
@@ -77,6 +77,11 @@ def test_a_worker_out_of_descriptors_records_a_refusal_that_owes_a_bounce(
         results.wait_count(3)
     assert [m.rcpt_tos for m in mx.messages] == [("u@a.example",), ("app@sender.test",)]
     store.close()
+    # Its renderer not loaded (EMFILE) was this host's shortage, told as one: no bug's
+    # traceback at ERROR, which sent operators looking for one.
+    told = [r for r in caplog.records if r.getMessage().startswith("bounce messages")]
+    assert told and all(r.levelname == "WARNING" and not r.exc_text for r in told), told
+    assert all("Too many open files" in r.getMessage() for r in told), told
 
 
 def test_a_worker_out_of_descriptors_defers_its_first_7bit_downgrade_as_a_shortage(

@@ -16,7 +16,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from mailstrom.config import Config
-from mailstrom.errors import StoreCorrupt, StoreError, StoreRefusedData, UnknownMessage
+from mailstrom.errors import (
+    StoreCorrupt,
+    StoreError,
+    StoreRefusedData,
+    UnknownMessage,
+    local_shortage,
+)
 from mailstrom.runtime import notices as sender_notices
 from mailstrom.runtime.suppressing import (
     hard_bounce_entries,
@@ -302,12 +308,22 @@ class WorkerScreening(WorkerStore):
                     made |= await self._made_owed(message_id, entries)
                 except StoreError:
                     raise  # below: the marks stay, looked for again soon
-                except Exception:
-                    # A bug in the renderer: the marks stay, to be tried again, and the
-                    # worker goes on (the results are recorded).
-                    log.exception(
-                        "bounce messages could not be made (%d messages)", len(by_message)
-                    )
+                except Exception as exc:
+                    # The marks stay, to be tried again, and the worker goes on (the
+                    # results are recorded). Out of descriptors, the renderer's first load
+                    # fails (EMFILE): this host's shortage, not a bug to trace.
+                    shortage = local_shortage(exc)
+                    if shortage is not None:
+                        log.warning(
+                            "bounce messages could not be made now (%d messages): %s; "
+                            "made again at the next look",
+                            len(by_message),
+                            shortage,
+                        )
+                    else:
+                        log.exception(
+                            "bounce messages could not be made (%d messages)", len(by_message)
+                        )
                     return 0
             try:
                 queued = await self._store_call(
