@@ -92,25 +92,3 @@ def test_t_removes_an_unsigned_bcc_and_the_signature_holds(mail_env: MailEnv) ->
     for content in contents:
         assert b"hidden" not in content
         assert [v.result for v in verify_dkimpy(content, mail_env.dns)] == ["pass"]
-
-
-def test_signed_body_line_over_998_octets_is_refused_not_re_encoded(mail_env: MailEnv) -> None:
-    """A line over 998 octets must be re-encoded to go (RFC 5322 §2.1.1), which changes the
-    signed body: the message was queued (exit 0) and every receiver saw a body hash
-    mismatch. It is refused now (65) with the reason, as ``send_email`` refuses it."""
-    message = signed(HEAD + b"Subject: x\n\n" + b"x" * 1200 + b"\n")
-    result = mail_env.cli("sendmail", "-i", "bob@example.test", stdin=message)
-    assert result.code == 65, result.err
-    assert "is 1200 octets long" in result.err
-    assert "signature" in result.err
-    assert mail_env.cli.ok("queue", "--json").json() == []
-
-
-def test_signed_body_line_over_998_octets_is_refused_under_bs(mail_env: MailEnv) -> None:
-    message = signed((HEAD + b"Subject: x\n\n" + b"x" * 1200 + b"\n").replace(b"\n", b"\r\n"))
-    script = b"EHLO app.test\r\nMAIL FROM:<app@client.test>\r\nRCPT TO:<bob@example.test>\r\n"
-    script += b"DATA\r\n" + message + b".\r\nQUIT\r\n"
-    result = mail_env.cli("sendmail", "-bs", stdin=script)
-    [refusal] = [line for line in result.out.split("\r\n") if line.startswith("554 ")]
-    assert "is 1200 octets long" in refusal
-    assert mail_env.cli.ok("queue", "--json").json() == []

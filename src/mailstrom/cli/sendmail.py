@@ -374,9 +374,7 @@ def build(
             data = line.encode("utf-8", "surrogateescape") + _newline(data) + data
     # Qualified (and counted) first: -t then reads fields within the bound.
     qualified = qualify_headers(data, default_domain, max_recipients=max_recipients)
-    # Signed content with such a line is refused as send_email() refuses it: encoded, it
-    # went out with a signature that failed at every receiver (exit 0 all the same).
-    data = encode_long_lines(fold_long_fields(qualified), keep_signed=True)
+    data = encode_long_lines(fold_long_fields(qualified))
     recipients = [a for text in args.recipients for a in _argument_addresses(text, default_domain)]
     if args.extract:
         recipients = header_recipients(section) + recipients
