@@ -180,6 +180,37 @@ def test_postgres_seeks_the_named_recipients_in_their_folded_index(
     assert "recipients_folded" in repr(plan), plan
 
 
+@pytest.mark.parametrize("plan_of", [analyzed, generic_plan], ids=["custom", "generic"])
+def test_postgres_seeks_a_lower_case_name_in_the_key_however_common_it_is(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, plan_of: Callable[..., Any]
+) -> None:
+    """A name in lower case is sought in the primary key, by the message and the name.
+    Was: the name comes from unnest(), unknown when the statement is planned, so the
+    planner could take the index of addresses alone and filter by message: a bounce
+    about a name that 5,000 other messages hold read its 5,000 rows (and a million for a
+    name in a million messages)."""
+    import psycopg
+
+    from mailstrom.stores.postgres import PostgresStore
+
+    with PostgresStore(postgres_url) as store:
+        stored = [f"user{n}@example.org" for n in range(30000)]
+        mid = store.enqueue(message(*stored, "frequent@example.org"), now=NOW)
+        small = message("frequent@example.org", "other@example.org")
+        store.enqueue_many([small] * 5000, now=NOW)
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("ANALYZE recipients")
+        picked = statements_run(monkeypatch, lambda _, params: "addresses" in (params or {}))
+        with picked as seen:
+            found = store.recipients_by_address(mid, ["frequent@example.org"])
+    assert [r.address for r in found.message.recipients] == ["frequent@example.org"]
+    [(sql, params)] = seen
+    plan = plan_of(postgres_url, sql, params)
+    plan = plan[0]["Plan"] if isinstance(plan, list) else plan
+    touched = rows_touched(plan)
+    assert touched < 100, (touched, plan)
+
+
 @pytest.mark.parametrize("reported", ["bob@bücher.example", '"bob"@xn--bcher-kva.example'])
 def test_postgres_finds_a_name_written_unlike_any_recipient_in_the_key(
     postgres_url: str, reported: str
