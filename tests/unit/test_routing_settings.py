@@ -3,6 +3,9 @@ environment layers, and on their way into the Router."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,33 @@ def test_for_config_takes_the_policy_from_config() -> None:
     default = Router(DNSConfig())
     assert not default.policy.allow_loopback
     assert default.policy.mx_address_limit == 5
+
+
+APPLICATION_TYPE = textwrap.dedent(
+    """
+    import sys, types
+    import dns.rdata, dns.rdataclass, dns.rdatatype
+    from dns.rdtypes.txtbase import TXTBase
+    from mailstrom.config import DNSConfig
+    from mailstrom.routing.router import make_resolver
+
+    make_resolver(DNSConfig(nameservers=("127.0.0.1",)))
+    module = types.ModuleType("app_ta")
+    module.TA = type("TA", (TXTBase,), {})  # the application's own class of TA
+    dns.rdata.register_type(module, dns.rdatatype.TA, "TA", rdclass=dns.rdataclass.ANY)
+    rdata = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TA, '"hello"')
+    print(type(rdata).__name__)
+    """
+)
+
+
+def test_a_resolver_made_leaves_an_application_its_own_record_classes() -> None:
+    """Making a resolver imports dnspython's class of every record type (a worker out of
+    descriptors could not import one later), and enters nothing for a type dnspython has
+    no class of: an application's class registered for one afterwards applies. Was: the
+    types without a class were entered as generic for class IN, and an IN record of the
+    application's type no longer parsed (dnspython asked for the generic syntax)."""
+    ran = subprocess.run(
+        [sys.executable, "-c", APPLICATION_TYPE], capture_output=True, text=True, timeout=60
+    )
+    assert (ran.returncode, ran.stdout.strip()) == (0, "TA"), ran.stderr

@@ -16,8 +16,6 @@ import dns.asyncresolver
 import dns.flags
 import dns.name
 import dns.rdata
-import dns.rdataclass
-import dns.rdatatype
 import dns.resolver
 
 from mailstrom.config import Config, DNSConfig
@@ -54,9 +52,10 @@ def _load_record_types() -> None:
     cannot parse is skipped while it waits for another: out of descriptors, the import
     failed (EMFILE), and a lookup whose socket was opened with the last free descriptor
     waited out its whole budget and was told as a DNS server's timeout, an attempt spent.
-    Once imported, a class is looked up in dnspython's table (no file opened)."""
-    for rdtype in dns.rdatatype.RdataType:
-        dns.rdata.get_rdata_class(dns.rdataclass.IN, rdtype)  # type: ignore[no-untyped-call]
+    Once imported, a class is looked up in dnspython's table (no file opened). Dynamic
+    loading stays on, and no type without a class of dnspython's is entered as generic:
+    an application's own class registered later still applies."""
+    dns.rdata.load_all_types(disable_dynamic_load=False)  # type: ignore[no-untyped-call]
 
 
 def make_resolver(config: DNSConfig) -> dns.asyncresolver.Resolver:
