@@ -317,7 +317,7 @@ def _cut(left_out: int, policy: RoutePolicy) -> str:
     )
     return (
         f"; {left_out} more MX {hosts} not looked up: at most {policy.hosts_considered} "
-        f"are considered, the first by preference ({setting})"
+        f"are considered, the first by preference, drawn among equal ones ({setting})"
     )
 
 

@@ -257,8 +257,8 @@ class Router:
         (NXDOMAIN 5.1.2, null MX 556 5.1.10, no MX and no address 5.4.4, every address
         refused by the policy 5.4.4) and :class:`~mailstrom.errors.TemporaryFailure` when
         it cannot go there now (DNS server failure or timeout 4.4.3, MX hosts without
-        addresses, or refused ones while hosts past ``mx_host_limit`` were not looked up,
-        4.4.4).
+        addresses, or refused ones while MX hosts past the cut, ``hosts_considered``, were
+        not looked up, 4.4.4).
         """
         key = cache_key(domain)
         entry = self._cache.get(key)
