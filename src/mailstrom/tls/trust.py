@@ -23,8 +23,8 @@ def verifying_context(cafile: str | None = None) -> ssl.SSLContext:
     :class:`~mailstrom.errors.LocalResourceShortage` when this host could not open the CA
     file (out of descriptors, or memory), so that no context trusting none is kept.
 
-    A system CA file that is read and holds no certificate is no shortage: the context
-    trusts none, as before."""
+    A system CA file that is read and holds no certificate, or that cannot be read for
+    another reason, is no shortage: the context is returned as it was made, as before."""
     try:
         context = ssl.create_default_context(cafile=cafile)
     except OSError as exc:  # a cafile given: its reading failure is raised
@@ -39,8 +39,10 @@ def verifying_context(cafile: str | None = None) -> ssl.SSLContext:
             except ssl.SSLError:
                 pass  # read, and no certificate in it: nothing is trusted, as before
             except OSError as exc:
+                # Only a shortage is told: any other trouble (EACCES, EIO, the file gone
+                # meanwhile) left the context as create_default_context made it before,
+                # its CA directory still usable; raised, it crashed every verified session.
                 _raise_if_shortage(exc)
-                raise
     return context
 
 
