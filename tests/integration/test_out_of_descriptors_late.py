@@ -8,8 +8,11 @@ The limit is lowered on the worker's child process only, as in
 
 from __future__ import annotations
 
+import errno
+import logging
 import resource
 import ssl
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,11 @@ from tests.support.dkim import dual, publish, signature_tags
 __all__ = ["https", "mx", "servers", "zone"]  # the fixtures, found by pytest by these names
 
 
+def _told(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """What the worker logged of bounces it could not make."""
+    return [r for r in caplog.records if r.getMessage().startswith("bounce messages")]
+
+
 def test_a_worker_out_of_descriptors_records_a_refusal_that_owes_a_bounce(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -66,6 +74,11 @@ def test_a_worker_out_of_descriptors_records_a_refusal_that_owes_a_bounce(
         results.wait_count(2)
         r = ms.query_status(refused).recipients[0]
         assert (r.state, r.attempts) == (RecipientState.FAILED, 1)
+        # The worker tries to make the bounce once the result is recorded: descriptors
+        # return only after it told why it could not (below).
+        deadline = time.monotonic() + 30
+        while not _told(caplog) and time.monotonic() < deadline:
+            time.sleep(0.02)
         _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
     finally:
@@ -79,7 +92,7 @@ def test_a_worker_out_of_descriptors_records_a_refusal_that_owes_a_bounce(
     store.close()
     # Its renderer not loaded (EMFILE) was this host's shortage, told as one: no bug's
     # traceback at ERROR, which sent operators looking for one.
-    told = [r for r in caplog.records if r.getMessage().startswith("bounce messages")]
+    told = _told(caplog)
     assert told and all(r.levelname == "WARNING" and not r.exc_text for r in told), told
     assert all("Too many open files" in r.getMessage() for r in told), told
 
@@ -165,6 +178,49 @@ def test_a_worker_out_of_descriptors_defers_its_first_dkim_resign_as_a_shortage(
     assert ms.query_status(stale).state is RecipientState.DELIVERED
     received = mx.messages[-1]
     assert received.rcpt_tos == ("v@a.example",)
+    assert [t["s"] for t in signature_tags(received.content)] == ["rsa2027", "ed2027"]
+    store.close()
+
+
+def test_a_dkim_resign_short_of_descriptors_inside_the_signer_is_a_shortage_too(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signer loaded, a module it loads later failing for want of a descriptor
+    (EMFILE; made to fail here, in a worker thread): told as this host's shortage, no
+    attempt, and signed anew once it passes. Was: taken for a bug in the signer, logged
+    with a traceback, and the message went with the signature of a key rotated away."""
+    from mailstrom.dkim.resigned import ResignedMessages
+
+    dns_server.mx("a.example", [(10, "mx.test")])
+    old, new = dual("sender.test"), rotated()
+    publish(dns_server, old)
+    publish(dns_server, new)
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    cfg = config(dns_server, mx.port, dkim=new, poll_interval=0.2)
+    sign = ResignedMessages.sign
+    short = [True]
+
+    def sign_or_short(self: ResignedMessages, *args: Any, **kwargs: Any) -> Any:
+        if short[0]:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return sign(self, *args, **kwargs)
+
+    monkeypatch.setattr(ResignedMessages, "sign", sign_or_short)
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="thread")
+    with ms:
+        signed = prepare(hello("v@a.example", 1), now=datetime.now(UTC), dkim=old)
+        stale = store.enqueue(signed, now=datetime.now(UTC))
+        ms.wake()
+        results.wait_count(1)
+        r = ms.query_status(stale).recipients[0]
+        assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0)
+        assert r.error is not None and r.error.startswith("local resource shortage: ")
+        short[0] = False
+        ms.retry(stale)
+        results.wait_count(2)
+    assert ms.query_status(stale).state is RecipientState.DELIVERED
+    [received] = mx.messages
     assert [t["s"] for t in signature_tags(received.content)] == ["rsa2027", "ed2027"]
     store.close()
 
@@ -257,13 +313,14 @@ def test_a_worker_short_of_a_descriptor_for_the_system_cas_keeps_no_context_trus
         verified = ms.send_email(hello("u@b.example", 1))
         results.wait_count(2)
         r = ms.query_status(verified).recipients[0]
-        if r.state is not RecipientState.DELIVERED:
-            assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0), r.error
-            assert r.error is not None and r.error.startswith("local resource shortage: ")
-            _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
-            ms.retry(verified)
-            results.wait_count(3)
+        assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0), r.error
+        # The CA file's, not the socket's: that one the spare descriptor was kept for.
+        assert r.error is not None
+        assert r.error.startswith("local resource shortage: reading the CA certificates")
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        ms.retry(verified)
+        results.wait_count(3)
     finally:
         ms.stop()
     assert ms.query_status(verified).state is RecipientState.DELIVERED

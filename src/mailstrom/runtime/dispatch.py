@@ -1376,7 +1376,11 @@ class Dispatcher:
         queued = item.data if work.queued is None else work.queued
         try:
             signed = resigned.sign(item.message_id, queued, now=self._outcomes.now())
-        except Exception:
+        except Exception as exc:
+            if local_shortage(exc) is not None:
+                # Out of descriptors (a module the signer loads late, EMFILE): this
+                # host's shortage, told by _submit (no attempt), not a stale signature.
+                raise
             # A bug here must not hold the mail back: an expired signature is no worse
             # than none, which is what receivers make of it.
             log.exception("signing %s again failed; it goes as it was", item.message_id)
@@ -1403,7 +1407,9 @@ class Dispatcher:
             found = resign_stale_top(
                 work.seven_bit, dkim, now=self._outcomes.now(), ours=work.ours, downgraded=True
             )
-        except Exception:
+        except Exception as exc:
+            if local_shortage(exc) is not None:
+                raise  # as in _resign_stale
             # As in _resign_stale: a bug here must not hold the mail back.
             log.exception("signing %s anew after the 7-bit downgrade failed", work.item.message_id)
             return
