@@ -763,8 +763,13 @@ class Config:
     """Addresses one delivery attempt may try for a domain, over all its MX hosts, in
     order (Postfix's ``smtp_mx_address_limit``); an address several hosts share counts
     once. Bounds the DNS work per route too: only as many MX hosts are looked up as the
-    limit can use, and at most twice the limit are considered (the best by preference;
+    limit can use, and at most ``mx_host_limit`` are considered (the best by preference;
     a failure says how many were left out)."""
+    mx_host_limit: int | None = None
+    """MX hosts of a domain considered at most, the best by preference (equal ones drawn
+    at random); None: twice ``mx_address_limit``. Hosts are looked up only until the
+    route holds ``mx_address_limit`` addresses, so a larger cut costs DNS work only for
+    a domain whose better hosts have no usable address (a failure names the cut)."""
     event_loop: EventLoop = EventLoop.AUTO
     """The loop a worker started by mailstrom runs on: uvloop when installed (several
     times faster per message), or asyncio's own."""
@@ -944,6 +949,8 @@ class Config:
         check_port(self.smtp_port, "smtp_port")
         for name in _COUNT_FIELDS:
             check_int(getattr(self, name), name)
+        if self.mx_host_limit is not None:  # None: twice mx_address_limit
+            check_int(self.mx_host_limit, "mx_host_limit")
         for name in _SWITCH_FIELDS:
             check_bool(getattr(self, name), name)
         check_seconds(self.connection_idle, "connection_idle", positive=False)

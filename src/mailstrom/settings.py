@@ -675,6 +675,7 @@ KEYS: dict[str, Parser] = {
     "max_per_destination": _int(1),
     "max_messages_per_connection": _int(1),
     "mx_address_limit": _int(1),
+    "mx_host_limit": _int(1),
     "mx_session_limit": _int(1),
     "remember_unreachable": _duration,
     "connection_idle": _seconds(0),

@@ -20,6 +20,7 @@ import dns.query
 import dns.rcode
 import pytest
 
+from mailstrom.config import Config
 from mailstrom.errors import PermanentFailure, TemporaryFailure
 from mailstrom.routing import Route, Router
 from mailstrom.routing.lookup import NEGATIVE_TTL
@@ -922,6 +923,24 @@ async def test_which_equal_hosts_the_cut_keeps_is_drawn_so_none_is_refused_for_g
         assert route.addresses
     assert len(failures) < 40
     assert all("2 more MX hosts were not looked up" in text for text in failures), failures
+
+
+async def test_the_mx_host_cut_is_a_config_setting(dns_server: LoopbackDNS) -> None:
+    """The refusal of a domain whose 10 best MX hosts are refused names the setting that
+    moves the cut, and a Config user can set it: ``Config.mx_host_limit`` reaches the
+    Router of ``Router.for_config``, the router of the worker and the command line.
+    Was: only a Router made by hand took ``mx_host_limit``; Config had no such field."""
+    dns_server.mx("twelve.test", [(i, f"mx{i}.twelve.test") for i in range(12)])
+    for i in range(12):
+        dns_server.a(f"mx{i}.twelve.test", "127.0.0.1" if i != 10 else "192.0.2.10")
+    config = Config(helo_name="client.test", dns=dns_server.dns_config)
+    with pytest.raises(TemporaryFailure) as info:
+        await Router.for_config(config).route("twelve.test")
+    assert "mx_host_limit" in info.value.text, info.value.text
+    assert "twice mx_address_limit, which is 5" in info.value.text, info.value.text
+    router = Router.for_config(replace(config, mx_host_limit=12))
+    route = await router.route("twelve.test")
+    assert (names(route), route.addresses) == (["mx10.twelve.test"], ("192.0.2.10",))
 
 
 async def test_address_literal_exchanges_before_the_cut_are_no_proof_either(

@@ -114,6 +114,15 @@ def test_integer_limits_must_be_integers(name: str, value: object) -> None:
         Config(helo_name="mail.example.com", **{name: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", [NAN, INF, 12.0, True, "12", 0, -1, 2**63])
+def test_the_mx_host_limit_is_a_positive_integer_or_none(value: object) -> None:
+    """None (the default) considers twice ``mx_address_limit`` MX hosts; anything but a
+    whole number from 1 to the largest integer setting is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match="mx_host_limit"):
+        Config(helo_name="mail.example.com", mx_host_limit=value)  # type: ignore[arg-type]
+    assert Config(helo_name="mail.example.com", mx_host_limit=1).mx_host_limit == 1
+
+
 @pytest.mark.parametrize("name", ["poll_interval", "connection_idle"])
 @pytest.mark.parametrize("value", [NAN, INF, -1.0, True, "5", 1e300])
 def test_seconds_must_be_finite_numbers(name: str, value: object) -> None:

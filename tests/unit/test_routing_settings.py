@@ -22,9 +22,10 @@ def test_config_defaults_are_safe() -> None:
     assert config.allow_loopback is False
     assert config.mx_address_limit == 5
     assert config.mx_session_limit == 2
+    assert config.mx_host_limit is None  # twice mx_address_limit
 
 
-@pytest.mark.parametrize("name", ["mx_address_limit", "mx_session_limit"])
+@pytest.mark.parametrize("name", ["mx_address_limit", "mx_host_limit", "mx_session_limit"])
 def test_config_limits_must_be_positive(name: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Config(helo_name="mail.example.com", **{name: 0})  # type: ignore[arg-type]
@@ -35,6 +36,7 @@ def test_settings_from_environment() -> None:
         "MAILSTROM_ALLOW_LOOPBACK": "1",
         "MAILSTROM_MX_ADDRESS_LIMIT": "8",
         "MAILSTROM_MX_SESSION_LIMIT": "3",
+        "MAILSTROM_MX_HOST_LIMIT": "12",
     }
     config = load_settings(env=env, search=False).config
     assert (config.allow_loopback, config.mx_address_limit, config.mx_session_limit) == (
@@ -42,22 +44,26 @@ def test_settings_from_environment() -> None:
         8,
         3,
     )
+    assert config.mx_host_limit == 12
     assert env_name("allow_loopback") == "MAILSTROM_ALLOW_LOOPBACK"
     assert load_settings(env={}, search=False).config.allow_loopback is False
 
 
 def test_settings_from_toml(tmp_path: Path) -> None:
     path = tmp_path / "mailstrom.toml"
-    path.write_text("allow_loopback = true\nmx_address_limit = 2\n")
+    path.write_text("allow_loopback = true\nmx_address_limit = 2\nmx_host_limit = 12\n")
     config = load_settings(config_path=path, env={}).config
     assert config.allow_loopback is True
     assert config.mx_address_limit == 2
+    assert config.mx_host_limit == 12
+    assert Router.for_config(config).policy.hosts_considered == 12
 
 
 @pytest.mark.parametrize(
     ("name", "value"),
     [("MAILSTROM_ALLOW_LOOPBACK", "maybe"), ("MAILSTROM_MX_ADDRESS_LIMIT", "0"),
-     ("MAILSTROM_MX_SESSION_LIMIT", "-1")],
+     ("MAILSTROM_MX_SESSION_LIMIT", "-1"), ("MAILSTROM_MX_HOST_LIMIT", "0"),
+     ("MAILSTROM_MX_HOST_LIMIT", "none"), ("MAILSTROM_MX_HOST_LIMIT", "2.5")],
 )  # fmt: skip
 def test_bad_settings_name_the_key(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name.removeprefix("MAILSTROM_").lower()):
@@ -70,6 +76,9 @@ def test_for_config_takes_the_policy_from_config() -> None:
     )
     assert router.policy.allow_loopback
     assert router.policy.mx_address_limit == 3
+    assert router.policy.hosts_considered == 6  # no mx_host_limit: twice the address limit
+    config = Config(helo_name="client.test", mx_address_limit=3, mx_host_limit=20)
+    assert Router.for_config(config).policy.hosts_considered == 20
     default = Router(DNSConfig())
     assert not default.policy.allow_loopback
     assert default.policy.mx_address_limit == 5

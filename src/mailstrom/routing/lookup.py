@@ -310,11 +310,11 @@ def _cut(left_out: int, policy: RoutePolicy) -> str:
     """The words saying that ``left_out`` MX hosts, past the first ``hosts_considered``
     by preference, were not looked up, and the setting that moves the cut."""
     hosts = "host was" if left_out == 1 else "hosts were"
-    setting = (
-        "mx_host_limit"
-        if policy.mx_host_limit is not None
-        else f"twice mx_address_limit, which is {policy.mx_address_limit}"
-    )
+    # Named as Config names it: mx_host_limit alone moves the cut, where a larger
+    # mx_address_limit also lets each attempt try more addresses.
+    setting = "mx_host_limit"
+    if policy.mx_host_limit is None:
+        setting += f", by default twice mx_address_limit, which is {policy.mx_address_limit}"
     return (
         f"; {left_out} more MX {hosts} not looked up: at most {policy.hosts_considered} "
         f"are considered, the first by preference, drawn among equal ones ({setting})"

@@ -220,13 +220,15 @@ class Router:
         rng: random.Random | None = None,
     ) -> Router:
         """The router ``config`` asks for: its DNS settings, ``allow_loopback``,
-        ``mx_address_limit``, and the IP version of ``source_address`` (routes hold no
-        address of the other). This is how the worker and the command line build theirs."""
+        ``mx_address_limit``, ``mx_host_limit``, and the IP version of ``source_address``
+        (routes hold no address of the other). This is how the worker and the command
+        line build theirs."""
         source = config.source_address
         return cls(
             config.dns,
             allow_loopback=config.allow_loopback,
             mx_address_limit=config.mx_address_limit,
+            mx_host_limit=config.mx_host_limit,
             resolver=resolver,
             clock=clock,
             rng=rng,
