@@ -3,11 +3,11 @@ never kept trusting no CA when this host could not read them."""
 
 from __future__ import annotations
 
-import os
-import resource
+import json
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -70,40 +70,47 @@ def test_a_new_ca_file_in_the_environment_is_the_one_trusted(
     assert post(url, b"{}", {}, timeout=10.0) is None
 
 
-@contextmanager
-def _no_descriptor_left() -> Iterator[None]:
-    """This process opens no file or socket until the block ends (EMFILE)."""
+SHORT_THEN_BACK = textwrap.dedent(
+    """
+    import json, os, resource, sys
+    from mailstrom.runtime.hook_post import post
+
+    url = sys.argv[1]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     held = [int(fd) for fd in os.listdir("/proc/self/fd")]
-    # Low enough to fill cheaply; the descriptor numbers under it are taken below.
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(held) + 16, hard))
-    filler: list[int] = []
-    try:
-        while True:
-            try:
-                filler.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError:
-                break
-        yield
-    finally:
-        for fd in filler:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    filler = []
+    while True:  # every descriptor under the limit taken
+        try:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            break
+    short = post(url, b"{}", {}, timeout=10.0)
+    for fd in filler:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print(json.dumps([short, post(url, b"{}", {}, timeout=10.0)]))
+    """
+)
 
 
 def test_a_request_short_of_a_descriptor_for_the_cas_fails_and_the_next_trusts_them(
     https_server: Any, tls_ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Out of descriptors, the CA file cannot be read: the request fails as this host's
-    shortage (its batch is given back and sent again with backoff, as for any failure),
-    and no context trusting no CA is kept, so the next request, once descriptors are
-    back, checks the certificate against the CAs and succeeds."""
+    """Out of descriptors (in a process of its own: pytest and the server keep theirs),
+    the CA file cannot be read: the request fails as this host's shortage (its batch is
+    given back and sent again with backoff, as for any failure), and no context trusting
+    no CA is kept, so the next request, once descriptors are back, checks the certificate
+    against the CAs and succeeds."""
     _trusting(tls_ca, tmp_path / "ca.pem", monkeypatch)
     server = https_server(names=("localhost",))
     server.routes["/h"] = Answer(status=200)
     url = f"https://localhost:{server.port}/h"
-    with _no_descriptor_left():
-        short = post(url, b"{}", {}, timeout=10.0)
+    ran = subprocess.run(
+        [sys.executable, "-c", SHORT_THEN_BACK, url], capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stderr
+    short, back = json.loads(ran.stdout)
     assert short is not None and short.startswith("local resource shortage: "), short
-    assert post(url, b"{}", {}, timeout=10.0) is None
+    assert back is None
     assert server.count("/h") == 1
