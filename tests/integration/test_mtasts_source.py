@@ -4,17 +4,27 @@ ignore bad policy files with a logged reason."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
+import os
 import ssl
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+import mailstrom
 from mailstrom import Config
 from mailstrom.config import MTASTSConfig
+from mailstrom.errors import LocalResourceShortage
 from mailstrom.mtasts import CachedPolicy, Mode, PolicyError
+from mailstrom.mtasts import https as mtasts_https
 from mailstrom.mtasts.source import PolicySource
 from mailstrom.routing import make_resolver
 from mailstrom.stores import MemoryStore
@@ -633,3 +643,117 @@ async def test_policy_is_refreshed_before_it_expires_while_its_record_cannot_be_
     clock.now += timedelta(days=2)
     assert await source.policy("example.org") is None
     assert source.unknown("example.org") is not None
+
+
+def _short_of_descriptors(ca_file: str | None = None) -> ssl.SSLContext:
+    raise LocalResourceShortage(
+        "reading the CA certificates", OSError(errno.EMFILE, "Too many open files")
+    )
+
+
+async def test_a_fetch_short_of_descriptors_applies_a_fresh_cached_policy_and_tells_nothing(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    client_tls_context: ssl.SSLContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The system's CAs not read for want of a descriptor (EMFILE) when a refresh is
+    due: the shortage escaped the source, so the fresh cached policy was not applied,
+    where a TXT lookup short of descriptors applies it. It applies; nothing is reported
+    or remembered; with no policy cached the shortage is raised (the delivery waits)."""
+    clock = Clock()
+    store = MemoryStore()
+    cached = await make_source(zone, https, client_tls_context, clock, store).policy("example.org")
+    assert cached is not None
+    monkeypatch.setattr(mtasts_https, "default_context", _short_of_descriptors)
+    settings = MTASTSConfig(port=https.port, recheck=0)
+    config = Config(dns=zone.dns_config, allow_loopback=True, mta_sts=settings)
+    failures: list[Any] = []
+    for policy_store in (store, MemoryStore()):
+        source = PolicySource(
+            config,
+            policy_store,
+            resolver=make_resolver(config.dns),
+            clock=clock,
+            on_failure=lambda *a: failures.append(a),
+        )
+        clock.now = datetime(2030, 1, 1, 13, tzinfo=UTC)  # the cached one's refresh is due
+        if policy_store is store:
+            assert await source.policy("example.org") == cached
+        else:
+            with pytest.raises(LocalResourceShortage, match="Too many open files"):
+                await source.policy("example.org")
+        assert source.known("example.org") == (False, None)
+        assert source.unknown("example.org") is None
+    assert failures == []
+    assert https.count() == 1
+
+
+_SHORT_FETCH = """
+import asyncio, os, resource, sys
+from mailstrom.config import DNSConfig, MTASTSConfig
+from mailstrom.errors import LocalResourceShortage
+from mailstrom.mtasts.fetch import fetch_policy
+from mailstrom.mtasts.policy import PolicyError
+from mailstrom.routing import make_resolver
+from mailstrom.routing.policy import RoutePolicy
+import httpx, httpcore, anyio  # loaded while descriptors last
+
+async def main() -> None:
+    resolver = make_resolver(DNSConfig(nameservers=("127.0.0.1",), port=int(sys.argv[1])))
+    settings = MTASTSConfig(port=int(sys.argv[2]), timeout=5)
+    policy = RoutePolicy(allow_loopback=True)
+    try:  # a fetch first, which loads what one needs
+        await fetch_policy("example.org", resolver=resolver, config=settings, route_policy=policy)
+    except PolicyError:
+        pass
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    held = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        await fetch_policy("example.org", resolver=resolver, config=settings, route_policy=policy)
+    except LocalResourceShortage as exc:
+        print("shortage:", exc)
+    except PolicyError as exc:
+        print("policy error:", exc.code, exc.reason)
+
+asyncio.run(main())
+"""
+
+
+def test_a_fetch_with_no_descriptor_for_its_lookup_is_a_shortage_not_the_domains_failure(
+    zone: LoopbackDNS, https: HTTPSServer, tmp_path: Path
+) -> None:
+    """Out of descriptors, the policy host's address lookup has no socket: that was
+    "sts-fetch-no-address", counted against the domain and, with no policy cached,
+    remembered as none (mail then went as if the domain had no policy). It is this
+    host's shortage."""
+    script = tmp_path / "short.py"
+    script.write_text(_SHORT_FETCH)
+    done = subprocess.run(
+        [sys.executable, str(script), str(zone.port), str(https.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(mailstrom.__file__).parents[1])},
+    )
+    assert done.stdout.startswith("shortage: local resource shortage: MTA-STS: address lookup"), (
+        done.stdout + done.stderr
+    )
+
+
+def test_a_connection_with_no_socket_is_told_as_a_shortage() -> None:
+    """httpx says "All connection attempts failed" when no socket could be made (EMFILE),
+    the OSError its cause: this host's shortage, not the policy host's connect error."""
+    from mailstrom.mtasts.fetch import _raise_if_short
+
+    failed = httpx.ConnectError("All connection attempts failed")
+    failed.__cause__ = OSError(errno.EMFILE, "Too many open files")
+    with pytest.raises(LocalResourceShortage, match="Too many open files"):
+        _raise_if_short(failed, "MTA-STS: connecting to mta-sts.example.org at 192.0.2.1")
+    _raise_if_short(httpx.ConnectError("refused"), "not a shortage")  # nothing raised

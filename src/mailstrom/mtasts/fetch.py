@@ -29,7 +29,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailstrom.config import MTASTSConfig
-from mailstrom.errors import ConfigError
+from mailstrom.errors import ConfigError, LocalResourceShortage, local_shortage
 from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
 from mailstrom.mtasts.policy import MAX_POLICY_SIZE, TOO_LARGE, Policy, PolicyError, parse_policy
@@ -203,6 +203,7 @@ async def fetch_policy(
             try:
                 addresses = await https.usable_addresses(resolver, host, route_policy)
             except https.NoUsableAddress as exc:
+                _raise_if_short(exc, f"MTA-STS: address lookup of {host}")
                 raise PolicyError(str(exc), result_type=FETCH_ERROR, code=_NO_ADDRESS) from exc
             for ip in addresses:
                 timeouts = https.timeouts_before(deadline)  # what is left, for this one
@@ -229,6 +230,7 @@ async def fetch_policy(
                             # OpenSSL's X509_V_ERR_* number: a small fixed set.
                             code=f"sts-certificate-error-{verify.verify_code}",
                         ) from None
+                    _raise_if_short(exc, f"MTA-STS: connecting to {host} at {ip}")
                     last = f"{ip}: {https.quoted(exc)}"
                     code = "sts-fetch-tls-error" if _tls_error(exc) else "sts-fetch-connect-error"
                 except httpx.HTTPError as exc:
@@ -245,6 +247,23 @@ async def fetch_policy(
             result_type=FETCH_ERROR,
             code="sts-fetch-timeout",
         ) from None
+
+
+def _raise_if_short(exc: BaseException, what: str) -> None:
+    """Raise :class:`~mailstrom.errors.LocalResourceShortage` when ``exc`` came of this
+    host's shortage (no socket for the connection or the address lookup: EMFILE): that
+    is no fetch error of the domain's, to report or to remember as "no policy"."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        error = stack.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        shortage = local_shortage(error)
+        if shortage is not None:
+            raise LocalResourceShortage(what, shortage) from None
+        stack.extend(e for e in (error.__cause__, error.__context__) if e is not None)
 
 
 def _tls_error(exc: BaseException) -> bool:

@@ -220,6 +220,13 @@ class PolicySource:
                 route_policy=self._route_policy,
                 source_address=self._source_address,
             )
+        except LocalResourceShortage:
+            # No descriptor for the fetch (its CA file, socket or address lookup): as for
+            # the TXT lookup above, neither reported nor remembered; a fresh cached policy
+            # applies, and without one the delivery waits (no attempt).
+            if fresh is None:
+                raise
+            return fresh
         except PolicyError as exc:
             # One lookup is one failure in TLS reports: with the record unusable (or not
             # looked up), that one was passed on already, and a refresh under the cached id
