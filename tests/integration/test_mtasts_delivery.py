@@ -5,6 +5,7 @@ servers with chosen certificates."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,8 @@ import trustme
 from mailstrom import Email, RecipientState
 from mailstrom.client import Mailstrom
 from mailstrom.config import Config, MTASTSConfig
+from mailstrom.errors import LocalResourceShortage
+from mailstrom.mtasts import https as mtasts_https
 from mailstrom.mtasts.policy import CachedPolicy, parse_policy
 from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from mailstrom.testing.smtp import ReceivingServer, start_receiving_server
@@ -733,3 +736,42 @@ def test_a_worker_process_fetches_policies_with_the_tls_versions_it_was_given(
         https.stop()
     assert status.state is RecipientState.DELIVERED, status.reason
     assert status.history[-1].tls_policy != "mta-sts enforce"
+
+
+def test_a_policy_not_fetched_for_want_of_descriptors_is_asked_for_once_per_round(
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    servers: list[ReceivingServer],
+    server_tls_context: ssl.SSLContext,
+    client_tls_context: ssl.SSLContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The policy fetch short of a descriptor (the system's CAs not read: EMFILE) at the
+    first MX host: the delivery went on to the next MX host, which looked the record up
+    and fetched again, and so on for each. The shortage is this host's and the next MX
+    host would meet it too: the round ends there, deferred with no attempt."""
+    mx = serve(servers, server_tls_context)
+    zone.mx("example.org", [(10, "mx1.test"), (20, "mx2.test"), (30, "mx3.test")])
+    zone.a("mx2.test", "127.0.0.1")
+    zone.a("mx3.test", "127.0.0.1")
+
+    def short(ca_file: str | None = None) -> ssl.SSLContext:
+        raise LocalResourceShortage(
+            "reading the CA certificates", OSError(errno.EMFILE, "Too many open files")
+        )
+
+    monkeypatch.setattr(mtasts_https, "default_context", short)
+    config = sts_config(zone, mx.port, https.port, client_tls_context)
+    assert config.mta_sts is not None
+    config = dataclasses.replace(
+        config, mta_sts=dataclasses.replace(config.mta_sts, tls_context=None)
+    )
+    results = Results()
+    with Mailstrom(config, store=MemoryStore(), on_result=results, worker="thread") as ms:  # type: ignore[arg-type]
+        mid = ms.send_email(Email(from_="app@sender.test", to=[BOB], subject="Hi", text="Hello"))
+        results.wait_count(1)
+        status = ms.query_status(mid).recipient(BOB)
+    assert (status.state, status.attempts) == (RecipientState.DEFERRED, 0)
+    assert status.error is not None and status.error.startswith("local resource shortage: ")
+    assert zone.queries("_mta-sts.example.org", "TXT") == 1
+    assert https.count() == 0 and mx.messages == []

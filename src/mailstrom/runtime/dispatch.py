@@ -705,8 +705,12 @@ class Dispatcher:
                 exc.host = exc.host or host
                 last_error = exc
                 last_where = Where(host=exc.host)  # no connection was made
-                if not isinstance(exc, LocalResourceShortage):
-                    _meet(dest.queue, exc, last_where)
+                if isinstance(exc, LocalResourceShortage):
+                    # No descriptor for the lookup or the policy fetch: this host's, and
+                    # the next MX host would look up and fail again (as a connection
+                    # short of a socket below). Nothing is held against the queue.
+                    break
+                _meet(dest.queue, exc, last_where)
                 if not isinstance(exc, RequireTLSFailure):
                     unasked = (last_error, last_where)
                 index += 1
