@@ -5,6 +5,7 @@ it into the sender's own network (SSRF)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import ssl
@@ -16,6 +17,8 @@ from datetime import date
 import dns.asyncresolver
 import pytest
 
+from mailstrom.errors import LocalResourceShortage
+from mailstrom.mtasts import https as mtasts_https
 from mailstrom.routing import make_resolver
 from mailstrom.tlsrpt.deliver import post_report, post_reports
 from mailstrom.tlsrpt.report import Reporter, build_report
@@ -392,3 +395,31 @@ async def test_a_collector_breaking_tls_after_the_handshake_fails_the_post(
     assert problem is not None
     assert not problem.permanent
     assert "TLS" in problem
+
+
+async def test_a_post_short_of_descriptors_for_the_cas_fails_that_post_for_now(
+    https_server: HTTPSFactory,
+    resolver: dns.asyncresolver.Resolver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No ``context``: the system's CAs are read at the first POST, and without a
+    descriptor (EMFILE) that raised LocalResourceShortage out of post_reports, ending the
+    run before the reports already posted were noted (to be posted again). Each such
+    POST fails for now (not for good), to be tried again."""
+    collector = https_server()
+
+    def short(ca_file: str | None = None) -> ssl.SSLContext:
+        raise LocalResourceShortage(
+            "reading the CA certificates", OSError(errno.EMFILE, "Too many open files")
+        )
+
+    monkeypatch.setattr(mtasts_https, "default_context", short)
+    url = f"https://127.0.0.1:{collector.port}/tlsrpt"
+    problems = await post_reports(
+        [(REPORT, url), (REPORT, url)], resolver=resolver, allow_loopback=True
+    )
+    assert [str(p).startswith("not posted: local resource shortage: ") for p in problems] == [
+        True,
+        True,
+    ]
+    assert not any(p is not None and p.permanent for p in problems)

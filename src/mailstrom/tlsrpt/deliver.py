@@ -18,7 +18,7 @@ from email.utils import formatdate, make_msgid
 import dns.asyncresolver
 
 from mailstrom.domains import ldh_domain_name
-from mailstrom.errors import PermanentFailure, TemporaryFailure
+from mailstrom.errors import LocalResourceShortage, PermanentFailure, TemporaryFailure
 from mailstrom.message.addresses import parse_mailbox
 from mailstrom.message.addrspec import validate_address
 from mailstrom.message.chars import shorten
@@ -171,6 +171,11 @@ async def post_report(
             )
     except https.NoUsableAddress as exc:
         return PostProblem(f"not posted: {exc}", permanent=not exc.temporary)
+    except LocalResourceShortage as exc:
+        # The system's CAs not read for want of a descriptor (EMFILE): this report is not
+        # posted now, and is tried again later, as after a failed connection; let out,
+        # it ended the run before what was posted was noted, to be posted again.
+        return PostProblem(f"not posted: {exc}")
     except TimeoutError:
         text = f"no answer within {timeout:g} s (lookup, connection, request and answer head)"
         return PostProblem(text)
