@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio.base_events
 import errno
+import importlib
+import sys
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -161,3 +164,44 @@ def test_work_never_tried_in_the_round_still_counts_none(
     b = ms.query_status(second).recipient("b@one.test")
     assert (a.state, a.attempts) == (DELIVERED, 1)
     assert (b.state, b.attempts, b.reason_class) == (DEFERRED, 0, ReasonClass.LOCAL), b.error
+
+
+def test_a_first_mx_that_refused_counts_an_attempt_when_the_second_could_not_be_sent_to(
+    smtp_server: Any,
+    dns_server: LoopbackDNS,
+    start: Callable[..., tuple[Mailstrom, Results]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # mx1 refuses the connection by its greeting; mx2 has no 8BITMIME, and the encoders
+    # that make the message 7-bit cannot load for want of a descriptor (EMFILE). _submit
+    # deferred the recipient with "local resource shortage", no attempt: what mx1 said
+    # was lost, against the rule of _fail_queue (a recipient the destination failed
+    # first gets that failure, an attempt counted).
+    refusing = smtp_server(host="127.0.0.2", greeting="554 5.3.2 Not accepting mail here")
+    old = smtp_server(host="127.0.0.3", port=refusing.port, eightbitmime=False)
+    dns_server.mx("two.test", [(10, "mx1.test"), (20, "mx2.test")])
+    dns_server.a("mx1.test", refusing.host)
+    dns_server.a("mx2.test", old.host)
+    real = importlib.import_module("mailstrom.message.encoding")
+    unloadable = types.ModuleType(real.__name__)
+
+    def attribute(name: str) -> Any:
+        if name == "downgrade_to_7bit":
+            raise OSError(errno.EMFILE, "Too many open files")
+        return getattr(real, name)
+
+    unloadable.__getattr__ = attribute  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, real.__name__, unloadable)
+    ms, results = start(refusing.port)
+    mid = ms.send_email(
+        "From: app@sender.test\r\nTo: bob@two.test\r\nSubject: 8bit\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\nGrüße\r\n".encode()
+    )
+    results.wait_final({"bob@two.test"})
+    bob = ms.query_status(mid).recipient("bob@two.test")
+    assert (bob.state, bob.attempts) == (DEFERRED, 1), bob.error
+    assert bob.mx_host == "mx1.test"
+    assert bob.reply is not None and bob.reply.code == 554
+    assert bob.reason_class is not ReasonClass.LOCAL
+    assert old.connections == 1 and old.messages == []

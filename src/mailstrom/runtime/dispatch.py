@@ -1362,7 +1362,9 @@ class Dispatcher:
                 # A bug (say, in the 7-bit downgrade) fails this item alone, deferred.
                 log.exception("delivery of %s to %s crashed", item.message_id, item.domain)
                 error = TemporaryFailure(f"internal error: {type(exc).__name__}: {exc}")
-            self._done(self._outcomes.from_error(item, error, work.started, where))
+            # A shortage yields to what another MX host said of this item, as it does in
+            # _fail_queue: it was tried, and spends an attempt.
+            self._failed_with(work, error, where, time.monotonic())
             return None
 
     def _resign_stale(self, work: _Work, dkim: DKIMConfig) -> None:
@@ -1725,17 +1727,18 @@ class Dispatcher:
         tried, and spends an attempt. Only what met no server spends none."""
         now = time.monotonic()
         queue = dest.queue
-        local = isinstance(error, LocalResourceShortage)
         while queue:
-            work = queue.popleft()
-            if local and work.met is not None:
-                met, at = work.met
-                failed = self._outcomes.from_error(
-                    work.item, _temporary(met), work.started or now, at
-                )
-            else:
-                failed = self._outcomes.from_error(work.item, error, work.started or now, where)
-            self._done(failed)
+            self._failed_with(queue.popleft(), error, where, now)
+
+    def _failed_with(self, work: _Work, error: DeliveryError, where: Where, now: float) -> None:
+        """``work`` done with ``error`` at ``where``; but this host's shortage yields to
+        a failure the destination gave it first (see :meth:`_fail_queue`)."""
+        if isinstance(error, LocalResourceShortage) and work.met is not None:
+            met, at = work.met
+            failed = self._outcomes.from_error(work.item, _temporary(met), work.started or now, at)
+        else:
+            failed = self._outcomes.from_error(work.item, error, work.started or now, where)
+        self._done(failed)
 
     def drain(self) -> int:
         """The worker stops: wait for no destination's rate from now on. Work queued for
