@@ -295,7 +295,9 @@ class _HTTPHandler(urllib.request.HTTPHandler):
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def __init__(self, deadline: _Deadline) -> None:
-        super().__init__()
+        # Not HTTPSHandler.__init__: from Python 3.12 it makes a context of its own,
+        # the trust store loaded again for every request, which https_open never uses.
+        urllib.request.AbstractHTTPHandler.__init__(self)
         self._deadline = deadline
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
