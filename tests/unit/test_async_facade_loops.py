@@ -343,3 +343,25 @@ def test_a_thread_reads_as_over_only_once_what_was_to_run_at_its_end_has_run() -
 
     asyncio.run(main())
     assert seen == [(False, False), (False, False)]
+
+
+def test_a_worker_task_cancelled_alone_does_not_wait_for_loops_nobody_cancelled() -> None:
+    # Only the worker's task is cancelled (not asyncio.run()'s sweep of every task): its
+    # heartbeat and store loop, which nobody cancelled, never end. Waited for as if the
+    # same sweep had cut them, they held the task's end for the whole drain bound (30 s).
+    store = MemoryStore()
+    ams = AsyncMailstrom(Config(helo_name="mail.example.com"), store=store, worker="task")
+
+    async def main() -> None:
+        await ams.start()
+        task = ams._task
+        assert task is not None
+        task.cancel()
+        await asyncio.wait({task}, timeout=20)  # generous: it catches the 30 s hold only
+        assert task.done()
+        await ams.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()

@@ -470,8 +470,8 @@ class Worker(
             return False
         task.uncancel()
         log.warning(
-            "the event loop is ending with the worker running (no stop()): deliveries "
-            "in flight get %g s to finish",
+            "the worker task was cancelled with no stop() ending it (the event loop "
+            "ending?): deliveries in flight get %g s at most to finish",
             drain,
         )
         self._tighten_stop(drain)
@@ -624,7 +624,9 @@ class Worker(
                 # The same sweep cancelled the store loop and the heartbeat: without them
                 # nothing the drain brings in is recorded, nor a lease extended meanwhile.
                 cut = True
-                hit = {store_loop, heartbeat} - {t for t in (store_loop, heartbeat) if t.done()}
+                # Only those with a cancel pending: one nobody cancelled (the worker's task
+                # alone was) runs on, and waited for it held the drain its whole bound.
+                hit = {t for t in (store_loop, heartbeat) if not t.done() and t.cancelling()}
                 if hit:
                     await asyncio.wait(hit, timeout=drain_if_cancelled)
                 if store_loop.cancelled():
