@@ -296,6 +296,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
             # cancel it was not told of read as its death, and worker_status.error said
             # "CancelledError: " until the next start().
             worker.request_stop(drain_timeout=0)
+            worker.cut_short()
         task.cancel()
         self._ending = task
 
@@ -364,6 +365,7 @@ class AsyncMailstrom(FacadeBase, AsyncQueueOperations):
                     await asyncio.wait({followed}, timeout=limit)  # (raises nothing of it)
                     if not followed.done():
                         log.error("the worker task did not stop within %g s", limit)
+                        worker.cut_short()  # its end, not a cancel to drain through
                         cancel_on_its_loop(task)
                         self._ending = task  # no other worker starts while it lives
         except asyncio.CancelledError:

@@ -295,6 +295,9 @@ class Worker(
         self._drain_until: float | None = None
         """The soonest end of the drain a stop asked for, by ``time.monotonic()``."""
         self._stop_asked = False
+        self._cut_short = False
+        """Set by :meth:`cut_short`: the next cancel of the worker's task is its end."""
+        self._grace_cancel: asyncio.TimerHandle | None = None
         self._retry_until = 0.0
         """Loop time after which a stopping worker stops retrying a failing write."""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -461,12 +464,19 @@ class Worker(
         if self._wake is not None:
             self._wake.set()
 
+    def cut_short(self) -> None:
+        """The cancel about to be made of the worker's task (a stop() past its bound, a
+        start() given up) is its end, not one to outlive as :meth:`_outlive_cancel` does
+        (thread-safe: call it before that cancel, from any thread)."""
+        self._cut_short = True
+
     def _outlive_cancel(self, drain: float | None) -> bool:
-        """Whether the worker's task, cancelled once by nobody who asked it to stop
-        (``asyncio.run()`` ending around it), takes that as a stop draining ``drain``
-        seconds (the caller allows it) rather than end mid-delivery."""
+        """Whether the worker's task, cancelled once by nobody who meant it to end now
+        (``asyncio.run()`` ending around it, a stop() under way included, whose own cancel
+        past its bound is marked by :meth:`cut_short`), takes that as a stop draining
+        ``drain`` seconds at most (the caller allows it) rather than end mid-delivery."""
         task = asyncio.current_task()
-        if drain is None or self._stopping or task is None or task.cancelling() != 1:
+        if drain is None or self._cut_short or task is None or task.cancelling() != 1:
             return False
         task.uncancel()
         log.warning(
@@ -477,10 +487,18 @@ class Worker(
         self._tighten_stop(drain)
         self._stopping = True
         self._stop_now(drain)
-        # Never the exit held for ever: past the drain and a grace for the last records
-        # (a store that hangs), cancelled for good, as stop() cancels a task past its bound.
-        asyncio.get_running_loop().call_later(drain + _CANCEL_GRACE, task.cancel)
+        if self._grace_cancel is None:
+            # Never the exit held for ever: past the drain and a grace for the last
+            # records (a store that hangs), cancelled for good, as stop() cancels a task
+            # past its bound.
+            self._grace_cancel = asyncio.get_running_loop().call_later(
+                drain + _CANCEL_GRACE, self._cancel_for_good, task
+            )
         return True
+
+    def _cancel_for_good(self, task: asyncio.Task[None]) -> None:
+        self.cut_short()
+        task.cancel()
 
     def responsive(self, timeout: float = 2.0) -> bool:
         """Whether the worker runs and its event loop answers within ``timeout`` seconds
@@ -524,6 +542,8 @@ class Worker(
         self._stop_tightened = asyncio.Event()
         self._confirming = None
         self._cancels_unchecked = self._cancels_checking = False  # no lease is held yet
+        self._cut_short = False
+        self._grace_cancel = None
         if self._stopping:
             self._stop_event.set()
         self._running = True
@@ -616,35 +636,45 @@ class Worker(
                 on_started()
             stopping = asyncio.create_task(self._stop_event.wait(), name="mailstrom-stop")
             cut = False
-            try:
-                await asyncio.wait({store_loop, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                if not self._outlive_cancel(drain_if_cancelled):
-                    raise
-                # The same sweep cancelled the store loop and the heartbeat: without them
-                # nothing the drain brings in is recorded, nor a lease extended meanwhile.
-                cut = True
-                # Only those with a cancel pending: one nobody cancelled (the worker's task
-                # alone was) runs on, and waited for it held the drain its whole bound.
-                hit = {t for t in (store_loop, heartbeat) if not t.done() and t.cancelling()}
-                if hit:
-                    await asyncio.wait(hit, timeout=drain_if_cancelled)
-                if store_loop.cancelled():
-                    store_loop = asyncio.create_task(
-                        self._store_loop(dispatcher, once=once), name="mailstrom-store"
-                    )
-                if heartbeat.cancelled():
-                    heartbeat = asyncio.create_task(
-                        self._heartbeat_loop(), name="mailstrom-heartbeat"
-                    )
-                    heartbeat.add_done_callback(self._loop_ended)
-                    loops = (heartbeat, *loops[1:])
-            stopping.cancel()
-            if store_loop.done():
-                store_loop.result()  # a fatal error: raise it here
-            # What waits for a destination's rate is not in flight: back to the store now.
-            dispatcher.drain()
-            await self._drain(dispatcher, store_loop, cut=cut)
+            while True:
+                try:
+                    if not stopping.done():
+                        await asyncio.wait(
+                            {store_loop, stopping}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    stopping.cancel()
+                    if store_loop.done():
+                        store_loop.result()  # a fatal error: raise it here
+                    # What waits for a destination's rate is not in flight: back to the
+                    # store now.
+                    dispatcher.drain()
+                    await self._drain(dispatcher, store_loop, cut=cut)
+                    break
+                except asyncio.CancelledError:
+                    # Also in the drain of a stop() that was itself cancelled (a main that
+                    # gave up waiting for it, then returned): the reply owed was lost.
+                    if not self._outlive_cancel(drain_if_cancelled):
+                        raise
+                    # The same sweep cancelled the store loop and the heartbeat: without
+                    # them nothing the drain brings in is recorded, nor a lease extended
+                    # meanwhile. Only those with a cancel pending: one nobody cancelled
+                    # (the worker's task alone was) runs on, and waited for it held the
+                    # drain its whole bound.
+                    cut = True
+                    cutting = (store_loop, heartbeat)
+                    hit = {t for t in cutting if not t.done() and t.cancelling()}
+                    if hit:
+                        await asyncio.wait(hit, timeout=drain_if_cancelled)
+                    if store_loop.cancelled():
+                        store_loop = asyncio.create_task(
+                            self._store_loop(dispatcher, once=once), name="mailstrom-store"
+                        )
+                    if heartbeat.cancelled():
+                        heartbeat = asyncio.create_task(
+                            self._heartbeat_loop(), name="mailstrom-heartbeat"
+                        )
+                        heartbeat.add_done_callback(self._loop_ended)
+                        loops = (heartbeat, *loops[1:])
             failed = False
         except BaseException as exc:
             if not (isinstance(exc, asyncio.CancelledError) and self._stopping):
@@ -700,6 +730,8 @@ class Worker(
                         await asyncio.gather(reporting, return_exceptions=True)
                         await tls_sessions.flush()
                 finally:
+                    if self._grace_cancel is not None:
+                        self._grace_cancel.cancel()  # not a later run's task's end
                     self._running = False
                     self._stopped.set()
 
