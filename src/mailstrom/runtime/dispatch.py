@@ -313,10 +313,13 @@ class Dispatcher:
         self._closing = False
         """Set by :meth:`close`: no session starts from then on."""
         self.hold_cancels = False
-        """Set by a worker that outlives a cancel no stop asked for (asyncio.run ending
-        around a worker task): a session awaiting a transaction's reply is cancelled by
-        such a cancel only once that reply is in (bounded by the worker's drain, whose
-        :meth:`close` cancels it for good), the server's acceptance recorded, not lost."""
+        """Set, for its whole life, by a worker that may outlive a cancel nobody meant as
+        its end (a worker task, which asyncio.run ending cancels with every other task):
+        a session awaiting a transaction's reply is cancelled by a cancel other than
+        :meth:`close`'s only once that reply is in (bounded by the worker's drain, whose
+        :meth:`close` cancels it for good), the server's acceptance recorded, not lost.
+        On from the start, not from the worker's cancel: that sweep cancels the tasks in
+        no set order, the sessions often before the worker's."""
         self._draining = False
         """Set by :meth:`drain`: no work waits for a destination's rate from then on."""
         self._resigned: ResignedMessages | None = None
