@@ -4,6 +4,10 @@ included. A message whose final dot the server had taken must not be sent again.
 
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +73,62 @@ def test_task_worker_drains_when_the_loop_ends_without_stop(
     program = _PROGRAM.replace("{ending}", ending)
     exits._run(mx, dns_server, tmp_path, program, str(tmp_path / store))
     exits._expect_each_once(mx)
+
+
+_SLOW_WRITE = """\
+import asyncio, faulthandler, pickle, sys, time
+faulthandler.dump_traceback_later(80, exit=True)
+from mailstrom import AsyncMailstrom, Email
+from mailstrom.stores import SQLiteStore
+
+class Threaded(SQLiteStore):
+    in_process = False  # hands each call to a thread, as PostgreSQLStore does
+
+    def record_and_lease(self, results, **kwargs):
+        if results:
+            print("writing", flush=True)
+            time.sleep(1.0)  # the loop ends while the write runs in its thread
+        return super().record_and_lease(results, **kwargs)
+
+cfg = pickle.loads(open(sys.argv[1], "rb").read())
+reported = []
+
+async def main():
+    ms = AsyncMailstrom(cfg, store=Threaded(sys.argv[2]), worker="task", on_result=reported.append)
+    await ms.start()
+    for i in range(3):
+        await ms.send_email(Email(from_="a@sender.test", to=[f"u{i}@example.org"], text=str(i)))
+    await asyncio.to_thread(sys.stdin.readline)
+
+asyncio.run(main())
+print("reported", sorted(r.address for r in reported), flush=True)
+"""
+
+
+def test_a_write_under_way_as_the_loop_ends_is_not_written_again(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """asyncio.run() cancels the store loop while its write runs in a thread: the batch
+    went back to be written again though that write went on and committed, so the second
+    write found it taken ("3 of 3 results ignored") and on_result never heard of it."""
+    cfg = exits.config(dns_server, mx.port, timeouts=exits.SLOW)
+    path = tmp_path / "config.pickle"
+    path.write_bytes(pickle.dumps(cfg))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-c", _SLOW_WRITE, str(path), str(tmp_path / "q.db")]
+    child = subprocess.Popen(
+        args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"writing\n"
+        child.stdin.write(b"\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=90)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 0, err[-2000:]
+    assert b"ignored" not in err, err[-2000:]
+    got = out.decode().splitlines()[-1]
+    assert got.startswith("reported") and got.count("@") == len(mx.messages), out

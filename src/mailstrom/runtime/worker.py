@@ -101,6 +101,8 @@ _STALLED_BACK_IN = timedelta(seconds=60)
 """How long work given back from behind a stalled destination stays in the store."""
 _RELIEF_EVERY = 1.0
 """Seconds between two looks for stalled destinations while the worker is full."""
+_Written = tuple[list[RecipientResult], Lease | None]
+"""What ``record_and_lease`` returns."""
 _CANCEL_GRACE = 10.0
 """Seconds past ``drain_if_cancelled`` after which a worker that took the end of its
 event loop as a stop is cancelled for good (the last records, a hook's request)."""
@@ -297,6 +299,9 @@ class Worker(
         self._stop_asked = False
         self._cut_short = False
         """Set by :meth:`cut_short`: the next cancel of the worker's task is its end."""
+        self._cut_write: tuple[asyncio.Future[_Written], list[RecipientResult]] | None = None
+        """The store loop's write under way in a thread as a cancel ended the loop, and its
+        batch (see :meth:`_settle_cut_write`)."""
         self._grace_cancel: asyncio.TimerHandle | None = None
         self._retry_until = 0.0
         """Loop time after which a stopping worker stops retrying a failing write."""
@@ -665,6 +670,7 @@ class Worker(
                     hit = {t for t in cutting if not t.done() and t.cancelling()}
                     if hit:
                         await asyncio.wait(hit, timeout=drain_if_cancelled)
+                    await self._settle_cut_write(drain_if_cancelled)
                     if store_loop.cancelled():
                         store_loop = asyncio.create_task(
                             self._store_loop(dispatcher, once=once), name="mailstrom-store"
@@ -854,7 +860,7 @@ class Worker(
                         continue
                 self._writing(batch, 1)
                 try:
-                    recorded, lease = await self._store_call(
+                    recorded, lease = await self._kept_call(
                         self.store.record_and_lease,
                         batch,
                         now=call.now,
@@ -894,7 +900,14 @@ class Worker(
                     await self._sleep(backoff.take())
                     continue
                 except BaseException:
-                    self._unwritten(batch)
+                    cut, self._cut_call = self._cut_call, None
+                    if cut is not None and batch:
+                        # Cancelled (asyncio.run ending) while the write goes on in its
+                        # thread: written again, it would read as taken over, on_result
+                        # never called. See _settle_cut_write.
+                        self._cut_write = (cut, batch)
+                    else:
+                        self._unwritten(batch)
                     raise
                 backoff.reset()
                 self._store_fine(but=None if self._inline else "lease")
@@ -1201,6 +1214,27 @@ class Worker(
             state = leases.get(result.lease_token)
             if state is not None:
                 state.writing += delta
+
+    async def _settle_cut_write(self, timeout: float | None) -> None:
+        """What the write the store loop was cancelled in came to, waited for ``timeout``
+        seconds at most: its results, once written, are taken in as any write's are
+        (suppressions, ``on_result``, notices); put back to be written again when it
+        failed or still runs. It goes on in its thread, and a store loop started again
+        wrote the same batch beside it: taken over, for all the store could tell."""
+        cut, self._cut_write = self._cut_write, None
+        if cut is None:
+            return
+        handed, batch = cut
+        if not handed.done():
+            await asyncio.wait({handed}, timeout=timeout)
+        error = handed.exception() if handed.done() and not handed.cancelled() else None
+        if isinstance(error, RecordedNotLeased):
+            await self._after_record(batch, error.recorded)
+        elif not handed.done() or handed.cancelled() or error is not None:
+            self._unwritten(batch)
+        else:
+            recorded, _ = handed.result()  # (no lease: one runs beside a threaded write)
+            await self._after_record(batch, recorded)
 
     def _unwritten(self, batch: list[RecipientResult]) -> None:
         """``batch`` was not written: it waits for the next write, first in line."""

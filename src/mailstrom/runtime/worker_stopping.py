@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from mailstrom.config import Config
@@ -44,6 +45,7 @@ class WorkerStopping(WorkerStore):
     _stop_tightened: asyncio.Event
     _retry_until: float
     _pending: list[RecipientResult]
+    _settle_cut_write: Callable[[float | None], Awaitable[None]]
     _hooks: HookSender | None
     _leases: dict[str, _LeaseState]
     _items: dict[tuple[str, str, str], int]
@@ -119,6 +121,8 @@ class WorkerStopping(WorkerStore):
         store_loop.cancel()
         with contextlib.suppress(BaseException):
             await store_loop
+        # A write it was cancelled in, still in its thread: counted below unless written.
+        await self._settle_cut_write(0)
         if self._pending:
             log.error(
                 "%d results could not be recorded before stopping; those recipients are "

@@ -60,6 +60,8 @@ class WorkerStore:
     _inline: bool
     _counters: _Counters
     _wake: asyncio.Event | None
+    _cut_call: asyncio.Future[Any] | None = None
+    """The call of :meth:`_kept_call` last cancelled, still running or done."""
     _unusable: Exception | None = None
     """What a call beside the store loop's (a beat, an extension, a read of pauses) found:
     the store cannot be used and trying again will not help (a newer mailstrom migrated
@@ -122,14 +124,37 @@ class WorkerStore:
         flag is private): a pool refuses work, or the first pool's module cannot be
         imported then. It comes before the call is queued, so the call cannot run
         twice."""
+        handed = self._hand_off(method, *args, **kwargs)
+        if handed is None:
+            return self._on_loop(method, *args, **kwargs)
+        return await handed
+
+    def _hand_off(
+        self, method: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> asyncio.Future[T] | None:
+        """``method`` called in a thread of the loop's pool; None when the pools refuse
+        new work (see :meth:`_off_loop`)."""
         call = functools.partial(contextvars.copy_context().run, method, *args, **kwargs)
         try:
-            handed = asyncio.get_running_loop().run_in_executor(None, call)
+            return asyncio.get_running_loop().run_in_executor(None, call)
         except RuntimeError as exc:
             if not any(words in str(exc) for words in _POOL_REFUSALS):
                 raise
-            return self._on_loop(method, *args, **kwargs)
-        return await handed
+            return None
+
+    async def _kept_call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """:meth:`_store_call` for a write whose outcome must not be lost: cancelled while
+        it runs in its thread (which a cancel does not stop), the caller finds the call,
+        and what it comes to, in :attr:`_cut_call`."""
+        self._cut_call = None
+        handed = None if self._inline else self._hand_off(method, *args, **kwargs)
+        if handed is None:
+            return await self._store_call(method, *args, **kwargs)
+        try:
+            return await asyncio.shield(handed)
+        except asyncio.CancelledError:
+            self._cut_call = handed
+            raise
 
     def _on_loop(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         self.store_call_since = time.time()
