@@ -56,6 +56,12 @@ def _no_descriptor_left(pid: int, spare: int = 0) -> None:
         assert time.monotonic() < deadline, "the process never held still"
 
 
+def _descriptors_back(pid: int) -> None:
+    """Process ``pid`` may open files again, up to its hard limit."""
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def test_a_worker_out_of_descriptors_stops_cleanly_and_records_what_it_delivered(
     mx: Any, dns_server: LoopbackDNS, tmp_path: Path
 ) -> None:
@@ -120,8 +126,7 @@ def test_a_worker_out_of_descriptors_defers_once_and_delivers_when_they_return(
             assert "Too many open files" in r.error and "answered" not in r.error
             assert r.reason_class is ReasonClass.LOCAL and r.history == ()
         assert mx.messages == []
-        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        _descriptors_back(pid)
         for message_id in ids:
             ms.retry(message_id)
         results.wait_count(2 * len(ids))
@@ -157,8 +162,7 @@ def test_a_worker_with_one_descriptor_left_reads_the_dns_answer_it_asked_for(
             # meanwhile) is this host's shortage, no attempt: never a server's timeout.
             assert r.state is RecipientState.DEFERRED and r.attempts == 0
             assert r.error is not None and r.error.startswith("local resource shortage: ")
-            _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+            _descriptors_back(pid)
             ms.retry(sent)
             results.wait_count(2)
     finally:
@@ -199,8 +203,7 @@ def test_a_worker_out_of_descriptors_holds_no_mx_address_unreachable(
         assert r.state is RecipientState.DEFERRED
         assert r.error is not None
         assert r.error.startswith("local resource shortage: connecting to 127.0.0.1")
-        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        _descriptors_back(pid)
         other = ms.send_email(hello("v@b.example", 2))
         results.wait_count(3)
         ms.retry(short)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import resource
 import ssl
 import time
 from datetime import UTC, datetime
@@ -35,7 +34,11 @@ from tests.integration.test_mtasts_delivery import (
     sts_config,
     zone,
 )
-from tests.integration.test_out_of_descriptors import _child, _no_descriptor_left
+from tests.integration.test_out_of_descriptors import (
+    _child,
+    _descriptors_back,
+    _no_descriptor_left,
+)
 from tests.integration.test_worker_modes import config, hello, mx
 from tests.support.delivery import Results
 from tests.support.dkim import dual, publish, signature_tags
@@ -79,8 +82,7 @@ def test_a_worker_out_of_descriptors_records_a_refusal_that_owes_a_bounce(
         deadline = time.monotonic() + 30
         while not _told(caplog) and time.monotonic() < deadline:
             time.sleep(0.02)
-        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        _descriptors_back(pid)
     finally:
         ms.stop()
     assert ms.worker_status.error is None
@@ -128,8 +130,7 @@ def test_a_worker_out_of_descriptors_defers_its_first_7bit_downgrade_as_a_shorta
         assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0)
         assert r.error is not None and r.error.startswith("local resource shortage: ")
         assert "Too many open files" in r.error
-        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        _descriptors_back(pid)
         ms.retry(sent)
         results.wait_count(3)
     finally:
@@ -169,8 +170,7 @@ def test_a_worker_out_of_descriptors_defers_its_first_dkim_resign_as_a_shortage(
         r = ms.query_status(stale).recipients[0]
         assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0)
         assert r.error is not None and r.error.startswith("local resource shortage: ")
-        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        _descriptors_back(pid)
         ms.retry(stale)
         results.wait_count(3)
     finally:
@@ -267,8 +267,7 @@ def test_a_worker_out_of_descriptors_reports_no_mta_sts_failure_of_its_own(
             assert (r.state, r.attempts) == (RecipientState.DEFERRED, 0)
             assert r.error is not None
             assert r.error.startswith("local resource shortage: MTA-STS: TXT lookup of _mta-sts.")
-            _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+            _descriptors_back(pid)
             ms.retry(short)
             results.wait_count(3)
     finally:
@@ -317,8 +316,7 @@ def test_a_worker_short_of_a_descriptor_for_the_system_cas_keeps_no_context_trus
         # The CA file's, not the socket's: that one the spare descriptor was kept for.
         assert r.error is not None
         assert r.error.startswith("local resource shortage: reading the CA certificates")
-        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))  # descriptors return
+        _descriptors_back(pid)
         ms.retry(verified)
         results.wait_count(3)
     finally:
