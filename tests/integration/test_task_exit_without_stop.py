@@ -132,3 +132,71 @@ def test_a_write_under_way_as_the_loop_ends_is_not_written_again(
     assert b"ignored" not in err, err[-2000:]
     got = out.decode().splitlines()[-1]
     assert got.startswith("reported") and got.count("@") == len(mx.messages), out
+
+
+_CUT_WRITE = """\
+import asyncio, faulthandler, pickle, sys, threading, time
+faulthandler.dump_traceback_later(80, exit=True)
+from mailstrom import AsyncMailstrom, Email
+from mailstrom.errors import StoreUnreachable
+from mailstrom.stores import SQLiteStore
+
+writing = threading.Event()
+
+class Threaded(SQLiteStore):
+    in_process = False  # hands each call to a thread, as PostgreSQLStore does
+    failed = False
+
+    def record_and_lease(self, results, **kwargs):
+        if results and not Threaded.failed:
+            Threaded.failed = True
+            writing.set()
+            time.sleep(2.0)  # the worker is cancelled meanwhile
+            raise StoreUnreachable("connection lost mid-write")
+        return super().record_and_lease(results, **kwargs)
+
+    def release(self, lease):
+        print("released", flush=True)
+        return super().release(lease)
+
+cfg = pickle.loads(open(sys.argv[1], "rb").read())
+store = Threaded(sys.argv[2])
+
+async def main():
+    ms = AsyncMailstrom(cfg, store=store, worker="task")
+    await ms.start()
+    sent = await ms.send_email(Email(from_="a@sender.test", to=["u0@example.org"], text="0"))
+    await asyncio.to_thread(writing.wait)
+    worker, task = ms.worker, ms._task
+    worker.request_stop(30)  # a stop, then cut short while it waits for that write,
+    await asyncio.sleep(0.5)
+    worker.request_stop(0)  # as mailstrom worker's second signal does
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(2.0)  # the write has failed by now
+    [r] = store.status(sent).recipients
+    print("leased", r.leased, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_write_cut_off_by_the_workers_end_keeps_its_lease(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """The worker ended at once (a second signal, a stop() past its bound) while its last
+    write ran in a thread: the results in that write are unrecorded, so their lease is
+    kept to expire. Was: the cut write was left aside, the lease given back due at once,
+    and the delivered message, its write then failing, was sent again right away."""
+    cfg = exits.config(dns_server, mx.port, timeouts=exits.SLOW)
+    path = tmp_path / "config.pickle"
+    path.write_bytes(pickle.dumps(cfg))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-c", _CUT_WRITE, str(path), str(tmp_path / "q.db")]
+    ran = subprocess.run(args, env=env, capture_output=True, timeout=90)
+    out = ran.stdout.decode()
+    assert ran.returncode == 0, ran.stderr.decode()[-2000:]
+    assert "released" not in out, out
+    assert out.splitlines()[-1] == "leased True", out
+    assert b"never retrieved" not in ran.stderr, ran.stderr.decode()[-2000:]
+    assert [m.rcpt_tos for m in mx.messages] == [("u0@example.org",)]

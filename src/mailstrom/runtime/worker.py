@@ -670,17 +670,18 @@ class Worker(
                     hit = {t for t in cutting if not t.done() and t.cancelling()}
                     if hit:
                         await asyncio.wait(hit, timeout=drain_if_cancelled)
-                    await self._settle_cut_write(drain_if_cancelled)
-                    if store_loop.cancelled():
-                        store_loop = asyncio.create_task(
-                            self._store_loop(dispatcher, once=once), name="mailstrom-store"
-                        )
                     if heartbeat.cancelled():
+                        # First: leases are extended while the cut write is waited for.
                         heartbeat = asyncio.create_task(
                             self._heartbeat_loop(), name="mailstrom-heartbeat"
                         )
                         heartbeat.add_done_callback(self._loop_ended)
                         loops = (heartbeat, *loops[1:])
+                    await self._settle_cut_write(drain_if_cancelled)
+                    if store_loop.cancelled():
+                        store_loop = asyncio.create_task(
+                            self._store_loop(dispatcher, once=once), name="mailstrom-store"
+                        )
             failed = False
         except BaseException as exc:
             if not (isinstance(exc, asyncio.CancelledError) and self._stopping):
@@ -730,6 +731,10 @@ class Worker(
                     if store_loop is not None and not store_loop.done():
                         store_loop.cancel()  # it leases nothing behind the give-back
                         await asyncio.gather(store_loop, return_exceptions=True)
+                    # A write cut off in its thread and never settled (a step above was
+                    # cancelled): its results count as unrecorded, their leases kept, not
+                    # given back due at once while delivered mail may be in that write.
+                    self._put_back_cut_write()
                     await self._release_unfinished()
                     if reporting is not None and tls_sessions is not None:
                         reporting.cancel()
@@ -1221,12 +1226,14 @@ class Worker(
         (suppressions, ``on_result``, notices); put back to be written again when it
         failed or still runs. It goes on in its thread, and a store loop started again
         wrote the same batch beside it: taken over, for all the store could tell."""
-        cut, self._cut_write = self._cut_write, None
+        cut = self._cut_write
         if cut is None:
             return
         handed, batch = cut
         if not handed.done():
+            # Cancelled here, it stays in _cut_write, for _put_back_cut_write.
             await asyncio.wait({handed}, timeout=timeout)
+        self._cut_write = None
         error = handed.exception() if handed.done() and not handed.cancelled() else None
         if isinstance(error, RecordedNotLeased):
             await self._after_record(batch, error.recorded)
@@ -1235,6 +1242,15 @@ class Worker(
         else:
             recorded, _ = handed.result()  # (no lease: one runs beside a threaded write)
             await self._after_record(batch, recorded)
+
+    def _put_back_cut_write(self) -> None:
+        """The batch of a write cut off and never settled, back with what waits to be
+        written: counted as unrecorded, and its leases kept (they expire) rather than
+        given back. Its outcome is not looked at: a write that committed only costs its
+        leases' wait, one that failed lost nothing."""
+        cut, self._cut_write = self._cut_write, None
+        if cut is not None:
+            self._unwritten(cut[1])
 
     def _unwritten(self, batch: list[RecipientResult]) -> None:
         """``batch`` was not written: it waits for the next write, first in line."""

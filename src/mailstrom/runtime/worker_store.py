@@ -154,6 +154,9 @@ class WorkerStore:
             return await asyncio.shield(handed)
         except asyncio.CancelledError:
             self._cut_call = handed
+            # Its outcome is looked at when settled; one never settled logs no "Future
+            # exception was never retrieved" at the loop's end.
+            handed.add_done_callback(_looked_at)
             raise
 
     def _on_loop(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -246,3 +249,8 @@ class WorkerStore:
             except StoreError as exc:
                 return done, recorded, exc
         return len(batch), recorded, None
+
+
+def _looked_at(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
