@@ -593,6 +593,9 @@ class Worker(
         pauses = asyncio.create_task(self._pauses_loop(shaper), name="mailstrom-pauses")
         owed = asyncio.create_task(self._owed_loop(), name="mailstrom-notices")
         pruning = asyncio.create_task(self._prune_loop(), name="mailstrom-pruning")
+        idle_closing = asyncio.create_task(
+            self._idle_connections_loop(dispatcher), name="mailstrom-idle-connections"
+        )
         retention = asyncio.create_task(self._retention_loop(), name="mailstrom-retention")
         loops = (
             heartbeat,
@@ -604,6 +607,7 @@ class Worker(
             owed,
             pruning,
             retention,
+            idle_closing,
         )
         for task in loops:
             task.add_done_callback(self._loop_ended)
@@ -703,6 +707,7 @@ class Worker(
             owed.cancel()
             pruning.cancel()
             retention.cancel()
+            idle_closing.cancel()
             self._stopping = True
             try:
                 await asyncio.gather(*loops, return_exceptions=True)

@@ -19,10 +19,13 @@ from mailstrom.stores.base import WorkItem
 from mailstrom.tls.decide import BrokenTLS, Destination, PolicySourceHook, TLSDecider
 
 if TYPE_CHECKING:
+    from mailstrom.runtime.dispatch import Dispatcher
     from mailstrom.runtime.worker import _LeaseState
 
 log = logging.getLogger("mailstrom.worker")
 
+_IDLE_LOOK = 1.0
+"""Seconds between two looks for connections idle past ``connection_idle`` at most."""
 _TLS_REFRESH = 60.0
 """Seconds between reads of the hosts other workers found with broken TLS."""
 
@@ -190,6 +193,19 @@ class WorkerDestinations(WorkerStore):
             self._store_trouble("note_tls_broken", exc)  # this worker still remembers
         elif exc is not None:
             log.error("remembering broken TLS failed: %r", exc)
+
+    async def _idle_connections_loop(self, dispatcher: Dispatcher) -> None:
+        """Close the connections kept idle past ``connection_idle``, looked for every
+        second (or every ``connection_idle``, when shorter). Looked for only as work was
+        leased, they stayed open once the queue was empty: a connection to each
+        destination of the last burst, held for as long as nothing more came (the
+        server's own timeout, minutes, closed it at its end)."""
+        idle = self.config.connection_idle
+        if idle <= 0:
+            return  # none is kept: each is closed once its work is done
+        while True:
+            await asyncio.sleep(min(idle, _IDLE_LOOK))  # a timer, not synchronisation
+            dispatcher.prune()
 
     async def _tls_memory_loop(self, broken: BrokenTLS) -> None:
         """Read the hosts with broken TLS every worker noted, now and every minute."""
