@@ -138,22 +138,33 @@ _CUT_WRITE = """\
 import asyncio, faulthandler, pickle, sys, threading, time
 faulthandler.dump_traceback_later(80, exit=True)
 from mailstrom import AsyncMailstrom, Email
-from mailstrom.errors import StoreUnreachable
+from mailstrom.errors import StoreRefusedData, StoreUnreachable
 from mailstrom.stores import SQLiteStore
 
 writing = threading.Event()
+refused = sys.argv[3] == "refused"  # the batch refused, written one result at a time
 
 class Threaded(SQLiteStore):
     in_process = False  # hands each call to a thread, as PostgreSQLStore does
     failed = False
 
     def record_and_lease(self, results, **kwargs):
+        if results and refused:
+            raise StoreRefusedData("refused")
         if results and not Threaded.failed:
             Threaded.failed = True
             writing.set()
             time.sleep(2.0)  # the worker is cancelled meanwhile
             raise StoreUnreachable("connection lost mid-write")
         return super().record_and_lease(results, **kwargs)
+
+    def record(self, results, **kwargs):
+        if not Threaded.failed:
+            Threaded.failed = True
+            writing.set()
+            time.sleep(2.0)  # the worker is cancelled meanwhile
+            raise StoreUnreachable("connection lost mid-write")
+        return super().record(results, **kwargs)
 
     def release(self, lease):
         print("released", flush=True)
@@ -181,18 +192,21 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.parametrize("write", ["batch", "refused"])
 def test_a_write_cut_off_by_the_workers_end_keeps_its_lease(
-    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, write: str
 ) -> None:
     """The worker ended at once (a second signal, a stop() past its bound) while its last
     write ran in a thread: the results in that write are unrecorded, so their lease is
     kept to expire. Was: the cut write was left aside, the lease given back due at once,
-    and the delivered message, its write then failing, was sent again right away."""
+    and the delivered message, its write then failing, was sent again right away; the
+    same when the store had refused the batch and its results were being written one at
+    a time."""
     cfg = exits.config(dns_server, mx.port, timeouts=exits.SLOW)
     path = tmp_path / "config.pickle"
     path.write_bytes(pickle.dumps(cfg))
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    args = [sys.executable, "-c", _CUT_WRITE, str(path), str(tmp_path / "q.db")]
+    args = [sys.executable, "-c", _CUT_WRITE, str(path), str(tmp_path / "q.db"), write]
     ran = subprocess.run(args, env=env, capture_output=True, timeout=90)
     out = ran.stdout.decode()
     assert ran.returncode == 0, ran.stderr.decode()[-2000:]

@@ -547,6 +547,7 @@ class Worker(
         self._stop_tightened = asyncio.Event()
         self._confirming = None
         self._cancels_unchecked = self._cancels_checking = False  # no lease is held yet
+        self._cut_write = None  # (one an earlier run's last cancel left: its leases expire)
         self._cut_short = False
         self._grace_cancel = None
         if self._stopping:
@@ -1183,7 +1184,14 @@ class Worker(
         """Write a batch whose write the store refused, one result at a time (see
         :meth:`_record_apart`); what is not written waits for the next write. Returns the
         passing error that stopped the writing, if one did."""
-        done, recorded, trouble = await self._record_apart(batch)
+        try:
+            done, recorded, trouble = await self._record_apart(batch)
+        except BaseException:
+            # Cancelled mid-way (the worker's end): the batch waits as unrecorded, its
+            # leases kept to expire, not given back due at once with delivered mail in
+            # it. One written already only costs its lease's wait.
+            self._unwritten(batch)
+            raise
         self._unwritten(batch[done:])
         await self._after_record(batch[:done], recorded)
         if isinstance(trouble, StoreCorrupt):

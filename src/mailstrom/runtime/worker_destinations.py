@@ -26,6 +26,8 @@ log = logging.getLogger("mailstrom.worker")
 
 _IDLE_LOOK = 1.0
 """Seconds between two looks for connections idle past ``connection_idle`` at most."""
+_IDLE_LOOK_MIN = 0.05
+"""... and at least, whatever a tiny ``connection_idle`` asks."""
 _TLS_REFRESH = 60.0
 """Seconds between reads of the hosts other workers found with broken TLS."""
 
@@ -204,7 +206,8 @@ class WorkerDestinations(WorkerStore):
         if idle <= 0:
             return  # none is kept: each is closed once its work is done
         while True:
-            await asyncio.sleep(min(idle, _IDLE_LOOK))  # a timer, not synchronisation
+            # A timer, not synchronisation; never more often than 20 times a second.
+            await asyncio.sleep(max(_IDLE_LOOK_MIN, min(idle, _IDLE_LOOK)))
             dispatcher.prune()
 
     async def _tls_memory_loop(self, broken: BrokenTLS) -> None:
