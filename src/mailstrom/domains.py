@@ -16,6 +16,11 @@ import dns.name
 
 from mailstrom.message.chars import shorten
 
+IDNA = dns.name.IDNA_2008_Practical
+"""The codec every domain name is read with: IDNA 2008 with the UTS #46 mapping, named
+rather than left to dnspython's default, which is IDNA 2003 before dnspython 2.9 (there
+``Straße.de`` is ``strasse.de``, another domain)."""
+
 PRIVATE_SUFFIXES = frozenset({"localhost", "localdomain", "local", "internal", "lan", "invalid"})
 """Last labels of names that mean something only inside one host or network: localhost
 (RFC 6761 §6.3), mDNS's ``local`` (RFC 6762), ``internal`` (set aside for private use by
@@ -50,7 +55,7 @@ def dns_name(value: str) -> str:
     more than 63 octets, a name of more than 255 (RFC 1035 §2.3.4).
     """
     try:
-        name: str = dns.name.from_text(value.strip()).to_text(omit_final_dot=True)
+        name: str = dns.name.from_text(value.strip(), idna_codec=IDNA).to_text(omit_final_dot=True)
     except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
         raise ValueError(f"not a domain name: {shown(value)} ({exc})") from None
     return name
@@ -71,7 +76,9 @@ def a_label(name: str) -> str:
     if name.isascii():
         return name.lower()
     try:
-        text: str = dns.name.from_text(name, origin=None).to_text(omit_final_dot=True)
+        text: str = dns.name.from_text(name, origin=None, idna_codec=IDNA).to_text(
+            omit_final_dot=True
+        )
     except (dns.exception.DNSException, UnicodeError) as exc:
         raise ValueError(f"no A-label form for {shown(name)} ({exc})") from None
     return text.lower()

@@ -29,6 +29,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailstrom.config import MTASTSConfig
+from mailstrom.domains import IDNA
 from mailstrom.errors import ConfigError, LocalResourceShortage, local_shortage
 from mailstrom.message.chars import shorten
 from mailstrom.mtasts import https
@@ -81,7 +82,7 @@ def a_label(domain: str) -> str | None:
     if not text or text.startswith("["):
         return None
     try:
-        return dns.name.from_text(text).canonicalize().to_text(omit_final_dot=True)
+        return dns.name.from_text(text, idna_codec=IDNA).canonicalize().to_text(omit_final_dot=True)
     except (dns.exception.DNSException, UnicodeError, ValueError):
         return None
 
@@ -95,7 +96,7 @@ async def txt_records(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[
     whose MTA-STS a provider runs points ``_mta-sts`` at the provider's record, and a
     moved CNAME is a new policy id as much as a changed record is."""
     try:
-        qname = dns.name.from_text(name)
+        qname = dns.name.from_text(name, idna_codec=IDNA)
     except dns.name.NameTooLong:
         # "_mta-sts." (or "_smtp._tls.") before a long domain (245 characters or more)
         # makes a name over 255 octets: no such record can exist, and calling it a

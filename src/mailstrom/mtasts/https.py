@@ -36,6 +36,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailstrom._version import __version__
+from mailstrom.domains import IDNA
 from mailstrom.routing.lookup import unanswered
 from mailstrom.routing.policy import RoutePolicy
 from mailstrom.safetext import safe_text
@@ -119,7 +120,9 @@ async def usable_addresses(
         if len(found) >= MAX_ADDRESSES:
             break  # IPv4 filled every place: the IPv6 addresses would never be tried
         try:
-            answer = await resolver.resolve(dns.name.from_text(host), rdtype, search=False)
+            answer = await resolver.resolve(
+                dns.name.from_text(host, idna_codec=IDNA), rdtype, search=False
+            )
         except dns.resolver.NoAnswer as exc:
             if (why := unanswered(exc)) is not None:  # no NODATA: a referral, truncated
                 failed = failed or LookupError(why)

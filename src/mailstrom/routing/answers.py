@@ -23,6 +23,7 @@ import dns.resolver
 
 from mailstrom.dnsanswer import TRUNCATED as TRUNCATED  # re-exported
 from mailstrom.dnsanswer import is_truncated
+from mailstrom.domains import IDNA
 from mailstrom.errors import PermanentFailure
 
 LOCALHOST = dns.name.from_text("localhost.")
@@ -41,7 +42,7 @@ def localhost_addresses(name: dns.name.Name | str) -> tuple[str, ...] | None:
     """
     if isinstance(name, str):
         try:
-            name = dns.name.from_text(name)
+            name = dns.name.from_text(name, idna_codec=IDNA)
         except (dns.exception.DNSException, UnicodeError, ValueError):
             return None
     return LOOPBACK if name.is_subdomain(LOCALHOST) else None
@@ -61,7 +62,7 @@ def to_qname(domain: str) -> dns.name.Name:
             raise ValueError("empty domain")
         if "\\" in text:
             raise ValueError("a backslash is no character of a domain name")
-        name = dns.name.from_text(text)
+        name = dns.name.from_text(text, idna_codec=IDNA)
         if name == dns.name.root:
             raise ValueError("the root is no domain")
         return name.canonicalize()

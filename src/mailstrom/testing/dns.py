@@ -94,6 +94,7 @@ import dns.name
 import dns.reversename
 
 from mailstrom.config import DNSConfig
+from mailstrom.domains import IDNA
 from mailstrom.testing._extra import missing_extra
 
 try:
@@ -143,7 +144,7 @@ def _key(name: str) -> str:
     """The zone key of ``name``: lower-case A-label without the final dot."""
     if name in (".", ""):
         return ""
-    return dns.name.from_text(name).to_text(omit_final_dot=True).lower()
+    return dns.name.from_text(name, idna_codec=IDNA).to_text(omit_final_dot=True).lower()
 
 
 def _wire_key(label: DNSLabel) -> str:
@@ -157,7 +158,9 @@ def _wire_key(label: DNSLabel) -> str:
 def _label(key: str) -> DNSLabel:
     """The name ``key`` as dnslib is to put it on the wire: every label's exact octets
     (dnslib's own parsing of text mangles ``\\.``, ``\\DDD`` above 127 and the like)."""
-    return DNSLabel([bytes(label) for label in dns.name.from_text(key).labels if label])
+    return DNSLabel(
+        [bytes(label) for label in dns.name.from_text(key, idna_codec=IDNA).labels if label]
+    )
 
 
 def _character_strings(record: str | bytes | tuple[str, ...]) -> list[bytes]:
@@ -251,7 +254,7 @@ class _ZoneResolver:
     def _soa(self, name: str) -> list[RR]:
         """The SOA record of the closest zone set with :meth:`LoopbackDNS.soa` that holds
         ``name``, or none."""
-        owner = dns.name.from_text(name or ".")
+        owner = dns.name.from_text(name or ".", idna_codec=IDNA)
         while True:
             node = self.nodes.get(_key(owner.to_text()))
             if node is not None and "SOA" in node.records:

@@ -59,6 +59,7 @@ import dns.resolver
 
 from mailstrom.config import Config
 from mailstrom.dnsanswer import TRUNCATED, is_truncated
+from mailstrom.domains import IDNA
 from mailstrom.errors import ConfigError, LocalResourceShortage, TemporaryFailure, local_shortage
 from mailstrom.routing.lookup import unanswered, unanswered_response
 from mailstrom.tls.decide import Destination
@@ -216,7 +217,7 @@ async def _ask_again(
 ) -> TLSALookup:
     """The failure path of :func:`lookup_tlsa`: ask once more, reading the answer without
     its malformed records, by ``deadline`` (the event loop's clock)."""
-    qname = dns.name.from_text(name)
+    qname = dns.name.from_text(name, idna_codec=IDNA)
     try:
         response, malformed = await ask_leniently(resolver, qname, deadline)
     except (OSError, ValueError) as exc:
@@ -249,7 +250,7 @@ async def lookup_tlsa(resolver: dns.asyncresolver.Resolver, host: str) -> TLSALo
     reading that answer without its malformed records (:func:`_ask_again`)."""
     name = tlsa_name(host)
     try:
-        dns.name.from_text(name)
+        dns.name.from_text(name, idna_codec=IDNA)
     except dns.name.NameTooLong:
         # "_25._tcp." before a host of 245 octets or more makes a name over DNS's 255: no
         # TLSA records can exist there (NODATA, as for any host without them), and a
