@@ -348,9 +348,12 @@ async def check_helo(config: Config) -> HeloReport:
             f"{config.helo_name} is an address literal, not a host name: receivers expect "
             "a name that resolves to the address and is its PTR name"
         )
+    # The A-label, read with IDNA 2008 (domains.IDNA): a U-label handed to dnspython as
+    # text took its default codec, IDNA 2003 before 2.9 (mail.Straße.de: mail.strasse.de).
+    helo_qname = a_label(config.helo_name).rstrip(".") if literal is None else ""
     for rdtype in ("A", "AAAA") if literal is None else ():
         try:
-            answer = await resolver.resolve(config.helo_name, rdtype)
+            answer = await resolver.resolve(helo_qname, rdtype)
             report.addresses.extend(r.to_text() for r in answer)
         except dns.resolver.NoAnswer as exc:
             if (why := unanswered(exc)) is not None:  # says nothing of the records
