@@ -214,3 +214,64 @@ def test_a_write_cut_off_by_the_workers_end_keeps_its_lease(
     assert out.splitlines()[-1] == "leased True", out
     assert b"never retrieved" not in ran.stderr, ran.stderr.decode()[-2000:]
     assert [m.rcpt_tos for m in mx.messages] == [("u0@example.org",)]
+
+
+_REFUSED_HALF_WRITTEN = """\
+import asyncio, faulthandler, pickle, sys, threading, time
+faulthandler.dump_traceback_later(80, exit=True)
+from mailstrom import AsyncMailstrom, Email
+from mailstrom.errors import StoreRefusedData
+from mailstrom.stores import SQLiteStore
+
+writing = threading.Event()
+calls = []
+
+class Threaded(SQLiteStore):
+    in_process = False  # hands each call to a thread, as PostgreSQLStore does
+
+    def record_and_lease(self, results, **kwargs):
+        if results and not calls:
+            calls.append("refused")
+            raise StoreRefusedData("refused")  # written one result at a time, then
+        return super().record_and_lease(results, **kwargs)
+
+    def record(self, results, **kwargs):
+        calls.append("record")
+        if calls.count("record") == 2:
+            writing.set()
+            time.sleep(1.5)  # the loop ends meanwhile; this write commits after
+        return super().record(results, **kwargs)
+
+cfg = pickle.loads(open(sys.argv[1], "rb").read())
+store = Threaded(sys.argv[2])
+seen = []
+
+async def main():
+    ms = AsyncMailstrom(cfg, store=store, worker="task", on_result=lambda r: seen.append(r.address))
+    await ms.start()
+    to = ["u0@example.org", "u1@example.org"]
+    await ms.send_email(Email(from_="a@sender.test", to=to, text="0"))
+    await asyncio.to_thread(writing.wait)  # main returns: asyncio.run cancels the worker
+
+asyncio.run(main())
+print(sorted(seen), flush=True)
+"""
+
+
+def test_a_refused_batch_half_written_as_the_loop_ends_reports_what_was_written(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """A batch the store refused is written one result at a time; the loop ends after the
+    first is written: that one is taken in (on_result hears of it), the rest written by
+    the drain. Was (9b30cbeb): the whole batch went back, the written result was written
+    again and read as taken over ("1 of 2 results ignored"), on_result never called."""
+    cfg = exits.config(dns_server, mx.port, timeouts=exits.SLOW)
+    path = tmp_path / "config.pickle"
+    path.write_bytes(pickle.dumps(cfg))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-c", _REFUSED_HALF_WRITTEN, str(path), str(tmp_path / "q.db")]
+    ran = subprocess.run(args, env=env, capture_output=True, timeout=90)
+    assert ran.returncode == 0, ran.stderr.decode()[-2000:]
+    assert b"ignored" not in ran.stderr, ran.stderr.decode()[-2000:]
+    assert ran.stdout.decode().splitlines()[-1] == "['u0@example.org', 'u1@example.org']"
+    assert [m.rcpt_tos for m in mx.messages] == [("u0@example.org", "u1@example.org")]

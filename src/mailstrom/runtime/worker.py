@@ -63,7 +63,7 @@ from mailstrom.runtime.worker_reporting import WorkerReporting, _Counters
 from mailstrom.runtime.worker_retention import WorkerRetention
 from mailstrom.runtime.worker_screening import RESCREEN_AFTER, WorkerScreening
 from mailstrom.runtime.worker_stopping import WorkerStopping
-from mailstrom.runtime.worker_store import WorkerStore, _Backoff
+from mailstrom.runtime.worker_store import RecordProgress, WorkerStore, _Backoff
 from mailstrom.stores.base import (
     Lease,
     RecipientResult,
@@ -547,7 +547,7 @@ class Worker(
         self._stop_tightened = asyncio.Event()
         self._confirming = None
         self._cancels_unchecked = self._cancels_checking = False  # no lease is held yet
-        self._cut_write = None  # (one an earlier run's last cancel left: its leases expire)
+        self._put_back_cut_write()  # one an earlier run's last cancel left: unrecorded
         self._cut_short = False
         self._grace_cancel = None
         if self._stopping:
@@ -1184,13 +1184,16 @@ class Worker(
         """Write a batch whose write the store refused, one result at a time (see
         :meth:`_record_apart`); what is not written waits for the next write. Returns the
         passing error that stopped the writing, if one did."""
+        progress = RecordProgress()
         try:
-            done, recorded, trouble = await self._record_apart(batch)
+            done, recorded, trouble = await self._record_apart(batch, progress)
         except BaseException:
-            # Cancelled mid-way (the worker's end): the batch waits as unrecorded, its
-            # leases kept to expire, not given back due at once with delivered mail in
-            # it. One written already only costs its lease's wait.
-            self._unwritten(batch)
+            # Cancelled mid-way (the worker's end): what was written is taken in (its
+            # on_result), the rest waits as unrecorded, its leases kept to expire, not
+            # given back due at once with delivered mail in it. (A write still running
+            # in its thread may commit its result: that one then reads as taken over.)
+            self._unwritten(batch[progress.done :])
+            self._recorded(batch[: progress.done], progress.recorded)
             raise
         self._unwritten(batch[done:])
         await self._after_record(batch[:done], recorded)

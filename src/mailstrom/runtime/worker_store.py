@@ -14,6 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -218,7 +219,7 @@ class WorkerStore:
             c.store_errors = 0
 
     async def _record_apart(
-        self, batch: list[RecipientResult]
+        self, batch: list[RecipientResult], progress: RecordProgress | None = None
     ) -> tuple[int, list[RecipientResult], StoreError | None]:
         """Record, one at a time, a batch whose write the store refused, so that the
         result it refuses does not hold up the rest (nor the worker: it would be retried
@@ -228,8 +229,10 @@ class WorkerStore:
         Returns how many results of ``batch`` (from its start) were written, the results
         as recorded, and the error that stopped the writing early: a passing one (the rest
         wait for the next write) or :class:`StoreCorrupt` when the store refuses even a
-        bare result."""
-        recorded: list[RecipientResult] = []
+        bare result. ``progress``, when given, follows the writing as it goes (what a
+        caller cancelled mid-way finds written)."""
+        progress = RecordProgress() if progress is None else progress
+        recorded = progress.recorded
         for done, result in enumerate(batch):
             try:
                 try:
@@ -248,7 +251,17 @@ class WorkerStore:
                 return done, recorded, StoreCorrupt(f"the store refuses even a bare result: {exc}")
             except StoreError as exc:
                 return done, recorded, exc
+            progress.done = done + 1
         return len(batch), recorded, None
+
+
+@dataclass(slots=True)
+class RecordProgress:
+    """How far :meth:`WorkerStore._record_apart` got: results of its batch written (from
+    its start), and those results as recorded."""
+
+    done: int = 0
+    recorded: list[RecipientResult] = field(default_factory=list)
 
 
 def _looked_at(future: asyncio.Future[Any]) -> None:
