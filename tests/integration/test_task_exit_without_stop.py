@@ -76,8 +76,9 @@ def test_task_worker_drains_when_the_loop_ends_without_stop(
 
 
 _SLOW_WRITE = """\
-import asyncio, faulthandler, pickle, sys, time
+import asyncio, faulthandler, logging, pickle, sys, time
 faulthandler.dump_traceback_later(80, exit=True)
+logging.basicConfig(level=logging.WARNING)  # "results ignored" reaches stderr
 from mailstrom import AsyncMailstrom, Email
 from mailstrom.stores import SQLiteStore
 
@@ -217,11 +218,14 @@ def test_a_write_cut_off_by_the_workers_end_keeps_its_lease(
 
 
 _REFUSED_HALF_WRITTEN = """\
-import asyncio, faulthandler, pickle, sys, threading, time
+import asyncio, faulthandler, logging, pickle, sys, threading, time
 faulthandler.dump_traceback_later(80, exit=True)
+logging.basicConfig(level=logging.WARNING)  # "results ignored" reaches stderr
 from mailstrom import AsyncMailstrom, Email
-from mailstrom.errors import StoreRefusedData
+from mailstrom.errors import StoreRefusedData, StoreUnreachable
 from mailstrom.stores import SQLiteStore
+
+slow = int(sys.argv[3])  # the one-at-a-time write the loop ends in: 1st or 2nd
 
 writing = threading.Event()
 calls = []
@@ -237,9 +241,10 @@ class Threaded(SQLiteStore):
 
     def record(self, results, **kwargs):
         calls.append("record")
-        if calls.count("record") == 2:
+        if calls.count("record") == slow:
             writing.set()
-            time.sleep(1.5)  # the loop ends meanwhile; this write commits after
+            time.sleep(1.5)  # the loop ends meanwhile
+            raise StoreUnreachable("connection lost mid-write")  # written by the drain
         return super().record(results, **kwargs)
 
 cfg = pickle.loads(open(sys.argv[1], "rb").read())
@@ -258,18 +263,28 @@ print(sorted(seen), flush=True)
 """
 
 
+@pytest.mark.parametrize("slow", [1, 2], ids=["none-written", "one-written"])
 def test_a_refused_batch_half_written_as_the_loop_ends_reports_what_was_written(
-    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, slow: int
 ) -> None:
-    """A batch the store refused is written one result at a time; the loop ends after the
-    first is written: that one is taken in (on_result hears of it), the rest written by
-    the drain. Was (9b30cbeb): the whole batch went back, the written result was written
-    again and read as taken over ("1 of 2 results ignored"), on_result never called."""
+    """A batch the store refused is written one result at a time; the loop ends while one
+    is being written: what was written before is taken in (on_result hears of it), the
+    rest written by the drain. Was (9b30cbeb): the whole batch went back, a written result
+    was written again and read as taken over ("1 of 2 results ignored"), on_result never
+    called; and a first version of the fix crashed the worker when nothing was written
+    yet (min() of an empty batch), the delivered mail left leased."""
     cfg = exits.config(dns_server, mx.port, timeouts=exits.SLOW)
     path = tmp_path / "config.pickle"
     path.write_bytes(pickle.dumps(cfg))
     env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
-    args = [sys.executable, "-c", _REFUSED_HALF_WRITTEN, str(path), str(tmp_path / "q.db")]
+    args = [
+        sys.executable,
+        "-c",
+        _REFUSED_HALF_WRITTEN,
+        str(path),
+        str(tmp_path / "q.db"),
+        str(slow),
+    ]
     ran = subprocess.run(args, env=env, capture_output=True, timeout=90)
     assert ran.returncode == 0, ran.stderr.decode()[-2000:]
     assert b"ignored" not in ran.stderr, ran.stderr.decode()[-2000:]

@@ -1193,7 +1193,8 @@ class Worker(
             # given back due at once with delivered mail in it. (A write still running
             # in its thread may commit its result: that one then reads as taken over.)
             self._unwritten(batch[progress.done :])
-            self._recorded(batch[: progress.done], progress.recorded)
+            if progress.done:  # taken in as any write is (suppressions, on_result, notices)
+                await self._after_record(batch[: progress.done], progress.recorded)
             raise
         self._unwritten(batch[done:])
         await self._after_record(batch[:done], recorded)
@@ -1262,8 +1263,9 @@ class Worker(
     def _put_back_cut_write(self) -> None:
         """The batch of a write cut off and never settled, back with what waits to be
         written: counted as unrecorded, and its leases kept (they expire) rather than
-        given back. Its outcome is not looked at: a write that committed only costs its
-        leases' wait, one that failed lost nothing."""
+        given back. Its outcome is not looked at: one that failed lost nothing; one that
+        committed is written again by a later write and read as taken over (no
+        on_result for it), where giving its leases back could have sent the mail again."""
         cut, self._cut_write = self._cut_write, None
         if cut is not None:
             self._unwritten(cut[1])
