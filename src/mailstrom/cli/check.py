@@ -348,12 +348,13 @@ async def check_helo(config: Config) -> HeloReport:
             f"{config.helo_name} is an address literal, not a host name: receivers expect "
             "a name that resolves to the address and is its PTR name"
         )
-    # The A-label, read with IDNA 2008 (domains.IDNA): a U-label handed to dnspython as
-    # text took its default codec, IDNA 2003 before 2.9 (mail.Straße.de: mail.strasse.de).
-    helo_qname = a_label(config.helo_name).rstrip(".") if literal is None else ""
+    # The A-label, which EHLO sends for a U-label HELO name and all a PTR record can name:
+    # looked up as such (read with domains.IDNA), not as text, which dnspython read with
+    # its default codec, IDNA 2003 before 2.9 (mail.Straße.de: mail.strasse.de).
+    wanted = a_label(config.helo_name).rstrip(".")
     for rdtype in ("A", "AAAA") if literal is None else ():
         try:
-            answer = await resolver.resolve(helo_qname, rdtype)
+            answer = await resolver.resolve(wanted, rdtype)
             report.addresses.extend(r.to_text() for r in answer)
         except dns.resolver.NoAnswer as exc:
             if (why := unanswered(exc)) is not None:  # says nothing of the records
@@ -367,8 +368,6 @@ async def check_helo(config: Config) -> HeloReport:
             report.lookup_failed = True
     if not report.addresses and not problems:
         problems.append(f"{config.helo_name} has no A or AAAA record")
-    # PTR records name the A-label, which is what EHLO sends for a U-label HELO name.
-    wanted = a_label(config.helo_name).rstrip(".")
     for ip in report.addresses[:MAX_HELO_PTR_LOOKUPS]:
         try:
             answer = await resolver.resolve(dns.reversename.from_address(ip), "PTR")

@@ -253,18 +253,17 @@ async def fetch_policy(
 def _raise_if_short(exc: BaseException, what: str) -> None:
     """Raise :class:`~mailstrom.errors.LocalResourceShortage` when ``exc`` came of this
     host's shortage (no socket for the connection or the address lookup: EMFILE): that
-    is no fetch error of the domain's, to report or to remember as "no policy"."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        error = stack.pop()
-        if id(error) in seen:
-            continue
-        seen.add(id(error))
-        shortage = local_shortage(error)
+    is no fetch error of the domain's, to report or to remember as "no policy". The
+    chain is walked as :func:`https.ssl_cause` walks it (httpx wraps httpcore's error,
+    which wraps the OSError)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return
+        shortage = local_shortage(seen)
         if shortage is not None:
             raise LocalResourceShortage(what, shortage) from None
-        stack.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+        seen = seen.__cause__ or seen.__context__
 
 
 def _tls_error(exc: BaseException) -> bool:
