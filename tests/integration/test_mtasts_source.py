@@ -25,6 +25,7 @@ from mailstrom.config import MTASTSConfig
 from mailstrom.errors import LocalResourceShortage
 from mailstrom.mtasts import CachedPolicy, Mode, PolicyError
 from mailstrom.mtasts import https as mtasts_https
+from mailstrom.mtasts.policy import parse_policy
 from mailstrom.mtasts.source import PolicySource
 from mailstrom.routing import make_resolver
 from mailstrom.stores import MemoryStore
@@ -395,6 +396,63 @@ async def test_policy_is_refreshed_before_it_expires(
     assert await source.policy("example.org") == again
     clock.now += timedelta(hours=12)
     assert await source.policy("example.org") is None  # expired, and no fetch works
+
+
+async def test_a_policy_cached_by_a_clock_since_set_back_lapses_its_max_age_after_now(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    """A policy fetched while the clock was a year ahead (set back since) was really
+    fetched before now, so its max_age (a day) lets it apply a day from now at most. While
+    its refresh failed, it applied until the expiry the wrong clock gave it: a year on."""
+    store = MemoryStore()
+    ahead = CachedPolicy.of(
+        "example.org", "one", parse_policy(POLICY.encode()), clock.now + timedelta(days=365)
+    )
+    store.save_mta_sts_policy(ahead)
+    https.stop()
+    source = make_source(zone, https, client_tls_context, clock, store)
+    kept = await source.policy("example.org")
+    assert kept is not None and kept.policy == ahead.policy  # applies: the refresh failed
+    assert kept.expires_at == clock.now + timedelta(days=1)
+    assert store.mta_sts_policy("example.org") == kept  # so for every worker, and restarts
+    clock.now += timedelta(hours=23)
+    assert await source.policy("example.org") == kept
+    clock.now += timedelta(hours=1)
+    restarted = make_source(zone, https, client_tls_context, clock, store)
+    assert await restarted.policy("example.org") is None
+    assert await source.policy("example.org") is None
+
+
+async def test_a_set_back_policy_kept_is_not_saved_over_one_another_worker_fetched(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    """The rebased policy is saved only over the row it came from: another worker whose
+    fetch succeeded while this one's failed saved the newer policy, which stays."""
+    store = MemoryStore()
+    policy = parse_policy(POLICY.encode())
+    ahead = CachedPolicy.of("example.org", "one", policy, clock.now + timedelta(days=365))
+    store.save_mta_sts_policy(ahead)
+    newer = CachedPolicy.of("example.org", "two", policy, clock.now)
+    reads = 0
+
+    async def store_call(method: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        if method == store.mta_sts_policy:
+            reads += 1
+            if reads == 2:  # after this worker's fetch failed
+                store.save_mta_sts_policy(newer)
+        return method(*args, **kwargs)
+
+    https.stop()
+    settings = MTASTSConfig(port=https.port, tls_context=client_tls_context, recheck=0)
+    config = Config(dns=zone.dns_config, allow_loopback=True, mta_sts=settings)
+    source = PolicySource(
+        config, store, resolver=make_resolver(config.dns), clock=clock, store_call=store_call
+    )
+    kept = await source.policy("example.org")
+    assert kept is not None and kept.expires_at == clock.now + timedelta(days=1)
+    assert store.mta_sts_policy("example.org") == newer
+    assert reads == 2
 
 
 @pytest.mark.parametrize("record", [None, "v=STSv1; id=a;|v=STSv1; id=b;"])

@@ -150,13 +150,23 @@ class CachedPolicy:
         refresh = self._refresh_at(now)
         return refresh if now < refresh else self.expires_at
 
+    def rebased(self, now: datetime) -> CachedPolicy:
+        """This policy as fetched at ``now`` when a clock since set back fetched it (more
+        than :data:`CLOCK_SET_BACK` ahead of ``now``), else itself. When it was really
+        fetched is not known, but not after ``now``: so it expires its lifetime after
+        ``now`` at the latest. As that clock stamped it, it applied as far past its
+        ``max_age`` as the clock had been ahead (a year) while its refresh failed."""
+        if self.fetched_at - now <= CLOCK_SET_BACK:
+            return self
+        lifetime = self.expires_at - self.fetched_at
+        return dataclasses.replace(self, fetched_at=now, expires_at=now + lifetime)
+
     def _refresh_at(self, now: datetime) -> datetime:
         if self.fetched_at - now > CLOCK_SET_BACK:
             # Fetched by a clock since set back (a host a year ahead, corrected by NTP):
             # its refresh lay as far ahead, and a policy changed under the same id (the
-            # domain's new MX host) went unseen all that time. Due now; until a fetch
-            # replaces it, it still applies, to its expiry as that clock set it (when it
-            # was really fetched is not known, so no earlier one can be told).
+            # domain's new MX host) went unseen all that time. Due now; when it fails,
+            # the policy is kept rebased (see rebased()).
             return now
         lifetime = self.expires_at - self.fetched_at
         return self.fetched_at + min(lifetime / 2, REFRESH_AFTER)

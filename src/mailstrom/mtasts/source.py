@@ -169,6 +169,25 @@ class PolicySource:
             return None
         return found
 
+    async def _rebased(
+        self, domain: str, kept: CachedPolicy | None, now: datetime
+    ) -> CachedPolicy | None:
+        """``kept``, whose refresh failed at ``now``, as :meth:`CachedPolicy.rebased` has
+        it, and cached so for every worker: kept as a clock since set back stamped it, it
+        applied to that clock's expiry (a year past its max_age) while every refresh
+        failed."""
+        rebased = None if kept is None else kept.rebased(now)
+        if rebased is None or rebased is kept:
+            return kept
+        # Only over the row it came from: another worker whose fetch succeeded meanwhile
+        # saved a newer policy, which this older one must not replace.
+        if await self._cached(domain) == kept:
+            try:
+                await self._store_call(self._store.save_mta_sts_policy, rebased)
+            except StoreError as exc:
+                log.warning("MTA-STS policy of %s not cached: %s", domain, exc)
+        return rebased
+
     async def _resolve(self, domain: str) -> CachedPolicy | None:
         recheck = self._settings.recheck
         unusable: PolicyError | None = None
@@ -233,6 +252,7 @@ class PolicySource:
             # failing too is only logged (else the count would depend on whether a refresh
             # was due).
             self._failed(domain, exc, fresh, report=unusable is None)
+            fresh = await self._rebased(domain, fresh, now)
             # A refresh ahead of time is in no hurry: try again after ``recheck``.
             self._remember(
                 domain,
