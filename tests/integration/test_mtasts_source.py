@@ -28,7 +28,7 @@ from mailstrom.mtasts import https as mtasts_https
 from mailstrom.mtasts.policy import parse_policy
 from mailstrom.mtasts.source import PolicySource
 from mailstrom.routing import make_resolver
-from mailstrom.stores import MemoryStore
+from mailstrom.stores import MemoryStore, SQLiteStore, Store
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.https_server import Answer, HTTPSFactory, HTTPSServer
 from tests.support.loopback_only import loopback_only
@@ -61,7 +61,7 @@ def make_source(
     https: HTTPSServer,
     context: ssl.SSLContext,
     clock: Clock,
-    store: MemoryStore,
+    store: Store,
     failures: list[tuple[str, PolicyError, CachedPolicy | None]] | None = None,
     recheck_seconds: float = 0,
     *,
@@ -398,13 +398,19 @@ async def test_policy_is_refreshed_before_it_expires(
     assert await source.policy("example.org") is None  # expired, and no fetch works
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_a_policy_cached_by_a_clock_since_set_back_lapses_its_max_age_after_now(
-    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+    zone: LoopbackDNS,
+    https: HTTPSServer,
+    client_tls_context: ssl.SSLContext,
+    clock: Clock,
+    tmp_path: Path,
+    kind: str,
 ) -> None:
     """A policy fetched while the clock was a year ahead (set back since) was really
     fetched before now, so its max_age (a day) lets it apply a day from now at most. While
     its refresh failed, it applied until the expiry the wrong clock gave it: a year on."""
-    store = MemoryStore()
+    store: Store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "q.db")
     ahead = CachedPolicy.of(
         "example.org", "one", parse_policy(POLICY.encode()), clock.now + timedelta(days=365)
     )
@@ -414,13 +420,17 @@ async def test_a_policy_cached_by_a_clock_since_set_back_lapses_its_max_age_afte
     kept = await source.policy("example.org")
     assert kept is not None and kept.policy == ahead.policy  # applies: the refresh failed
     assert kept.expires_at == clock.now + timedelta(days=1)
-    assert store.mta_sts_policy("example.org") == kept  # so for every worker, and restarts
+    assert store.mta_sts_policy("example.org") == kept  # so for every worker
     clock.now += timedelta(hours=23)
     assert await source.policy("example.org") == kept
     clock.now += timedelta(hours=1)
-    restarted = make_source(zone, https, client_tls_context, clock, store)
-    assert await restarted.policy("example.org") is None
     assert await source.policy("example.org") is None
+    # A worker started now (on the same database) finds it expired too.
+    reopened = store if kind == "memory" else SQLiteStore(tmp_path / "q.db")
+    restarted = make_source(zone, https, client_tls_context, clock, reopened)
+    assert await restarted.policy("example.org") is None
+    for each in {id(store): store, id(reopened): reopened}.values():
+        each.close()
 
 
 async def test_a_set_back_policy_kept_is_not_saved_over_one_another_worker_fetched(
