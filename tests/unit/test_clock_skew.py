@@ -10,6 +10,9 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import ServerFactory
+from tests.support.delivery import loopback_config
 from tests.support.skew import ClockedMemoryStore, SkewedClock, eventually
 
 from mailstrom import Config
@@ -19,6 +22,7 @@ from mailstrom.runtime.worker import Worker
 from mailstrom.runtime.worker_clock import WARN_SKEW, ClockVerdict, lease_margin, verdict_for
 from mailstrom.status import RecipientState
 from mailstrom.stores import MemoryStore
+from mailstrom.stores.base import Lease
 from mailstrom.stores.clock import ClockReading, ServerClock, reading_between
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
@@ -191,6 +195,93 @@ async def test_a_clock_hovering_at_the_threshold_pauses_once(
         worker.request_stop()
         await asyncio.wait_for(task, timeout=5)
     assert [level for level, _ in clock_lines(caplog)] == [logging.ERROR, logging.WARNING]
+
+
+async def test_a_clock_stepped_between_checks_is_checked_before_the_next_lease(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """NTP steps the host's clock an hour ahead a moment after a check. With the default
+    lease the next timed check is a minute away; until then every lease another worker
+    holds looked expired to this one, which took the recipient over while the other was
+    delivering it and sent it a second time."""
+    mx = smtp_server(starttls=False)
+    dns_server.mx("example.test", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = ClockedMemoryStore()
+    store.enqueue(message(), now=datetime.now(UTC))
+    # Another worker, in step, is delivering it under the default 15-minute lease.
+    other = store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=15))
+    assert other is not None
+    clock = SkewedClock(0.0)
+    worker = Worker(
+        loopback_config(dns_server, mx.port, poll_interval=0.01),
+        store,
+        clock=clock,
+        check_clock=True,
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: store.checks >= 1, "the first check")
+        clock.set(3600.0)
+        worker.wake()
+        await eventually(
+            lambda: worker.status.paused is not None or bool(mx.received),
+            "the worker to pause or to take the message over",
+        )
+        assert mx.received == []
+        assert worker.status.paused is not None
+        assert worker.status.paused.startswith("clock: 3600.0 s ahead of")
+        assert store.extend(other, until=datetime.now(UTC) + timedelta(minutes=15)) == 1
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=5)
+
+
+class ExtendsSeen(ClockedMemoryStore):
+    """Keeps the ``until`` of every extension the worker's heartbeat asks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.untils: list[datetime] = []
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        self.untils.append(until)
+        return super().extend(lease, until=until)
+
+
+async def test_a_clock_stepped_back_is_checked_before_the_next_beat(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """NTP steps the host's clock ten minutes back while the worker delivers. Its next
+    beat extended the lease to its own ``now + lease_for`` by the margin of the last
+    check (none): five minutes by the server's clock, and another worker took the
+    recipient over then, while this one was still delivering it."""
+    mx = smtp_server(starttls=False)
+    mx.data_delay = 1.5
+    dns_server.mx("example.test", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = ExtendsSeen()
+    store.enqueue(message(), now=datetime.now(UTC))
+    clock = SkewedClock(0.0)
+    worker = Worker(
+        loopback_config(dns_server, mx.port, poll_interval=0.01),
+        store,
+        clock=clock,
+        check_clock=True,
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.to_thread(mx.wait_for_received, 1)  # the reply is 1.5 s away
+        clock.set(-600.0)
+        worker.check_leases()  # a beat now, not in five minutes
+        await eventually(lambda: bool(store.untils), "the beat")
+        [until] = store.untils
+        assert until >= datetime.now(UTC) + timedelta(minutes=14)
+        later = datetime.now(UTC) + timedelta(minutes=6)
+        assert store.lease(now=later, limit=10, lease_for=timedelta(minutes=15)) is None
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=10)
 
 
 async def test_a_failing_check_is_store_trouble_not_skew(

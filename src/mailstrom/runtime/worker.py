@@ -825,6 +825,9 @@ class Worker(
                     and not self._stopping
                     and not self._leasing_paused
                 )
+                if leasing and self._clock_stepped():
+                    await self._check_clock_if_stepped()
+                    continue  # the verdict may pause leasing now
                 if leasing and loop.time() < not_before:
                     if not self._pending:
                         await self._sleep(not_before - loop.time())  # a record cuts it short
@@ -1318,6 +1321,7 @@ class Worker(
             with self._cancels_lock:
                 checking = self._cancels_checking = self._cancels_unchecked
                 self._cancels_unchecked = False
+            await self._check_clock_if_stepped()  # the margin must be the clock's of now
             beat = loop.time()
             until = self._clock() + lease_for + lease_margin(self._clock_reading)
             self._beating = True

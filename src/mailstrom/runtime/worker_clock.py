@@ -15,7 +15,10 @@ from :data:`WARN_SKEW` it warns.
 
 The check is one round trip (:meth:`ServerClock.measure_clock`) at start, before the first
 lease, and then every :data:`CHECK_EVERY` seconds (at most ``lease_for / 3``): nothing per
-message. Stores that share the worker's clock (memory, SQLite) are not asked.
+message. A clock stepped between two checks (NTP, an operator, a VM resumed) is checked
+again before the next lease and the next beat, once it parts by :data:`STEP` from the
+event loop's monotonic clock (:meth:`WorkerClock._check_clock_if_stepped`). Stores that
+share the worker's clock (memory, SQLite) are not asked.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ CHECK_EVERY = 60.0
 """Seconds between two checks of a worker whose clock is fine (at most ``lease_for / 3``):
 a clock that jumps (a VM resumed from suspend) is caught within a minute, at the cost of
 one round trip a minute."""
+STEP = 1.0
+"""Seconds by which the worker's clock may part from the event loop's monotonic one since
+the last check before it is checked again ahead of a lease or a beat. Left to the next
+timed check, a clock stepped an hour ahead leased every live lease of the other workers
+as expired (and one stepped back stamped its own leases expired) for up to a minute: the
+mail went out twice. NTP slews a clock by half a millisecond a second at most, far
+inside this between two checks; a step is not."""
 
 
 class ClockVerdict(Enum):
@@ -108,6 +118,8 @@ class WorkerClock(WorkerStore):
     _clock_reading: ClockReading | None
     _clock_verdict: ClockVerdict
     _clock_checked: asyncio.Event | None
+    _clock_seen: tuple[datetime, float] | None = None
+    """This worker's clock and the loop's when the last check began (None before one)."""
     _wake: asyncio.Event | None
     _lease_wanted: bool
     _due_stale: bool
@@ -140,7 +152,26 @@ class WorkerClock(WorkerStore):
             return self.config.poll_interval
         return min(CHECK_EVERY, danger_skew(self.config.lease_for))
 
+    def _clock_stepped(self) -> bool:
+        """Whether this worker's clock has moved :data:`STEP` apart from the loop's since
+        the last check began: stepped, or the host was suspended."""
+        seen = self._clock_seen
+        if seen is None:
+            return False
+        wall, loop_time = seen
+        moved = (self._clock() - wall).total_seconds()
+        return abs(moved - (asyncio.get_running_loop().time() - loop_time)) > STEP
+
+    async def _check_clock_if_stepped(self) -> None:
+        """Check the clock now when it was stepped since the last check: before a lease
+        or a beat trusts it (see :data:`STEP`)."""
+        store = self.store
+        if self._clock_stepped() and isinstance(store, ServerClock):
+            await self._check_clock(store.measure_clock)
+
     async def _check_clock(self, measure: Callable[[Callable[[], datetime]], ClockReading]) -> None:
+        # Also when the check fails: a step is checked for once, not at every lease.
+        self._clock_seen = (self._clock(), asyncio.get_running_loop().time())
         try:
             reading = await self._read_clock(measure)
         except StoreError:
