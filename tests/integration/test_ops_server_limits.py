@@ -134,6 +134,23 @@ def test_a_request_head_past_the_limit_is_a_431(patient: OpsServer) -> None:
     assert f"over {MAX_REQUEST_HEAD} bytes".encode() in answer
 
 
+def test_a_header_folded_over_lines_is_a_400_not_echoed_into_the_answer(
+    patient: OpsServer,
+) -> None:
+    """RFC 9112 §5.2: a server refuses obs-fold or unfolds it. The stdlib kept the line
+    break in the value, prometheus-client put the Accept's version into Content-Type,
+    and the answer's head carried a folded field the client had written."""
+    accept = b"Accept: application/openmetrics-text; version=2.0.0\r\n\tX-Injected: yes\r\n"
+    with _connect(patient) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n" + accept + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert b"X-Injected" not in head, head
+    assert answer.startswith(b"HTTP/1.0 400 "), answer[:100]
+
+
 def test_close_hangs_up_on_open_connections_and_leaves_no_handler_thread() -> None:
     """A worker stopping (or a test ending) closes its server: a client half-way through
     its request must not keep a connection and a thread of a closed server until the

@@ -238,6 +238,12 @@ class GuardedRequestHandler(BaseHTTPRequestHandler):
         if self.request_version < "HTTP/1.0":
             # An explicit HTTP/0.x, which the stdlib answers without a status line.
             return self._refuse("HTTP/1.0 or HTTP/1.1 only")
+        if any("\r" in value or "\n" in value for value in self.headers.values()):
+            # A field folded over lines (obs-fold): the stdlib keeps the line break and
+            # what follows in the value, and an answer that echoes it (prometheus-client
+            # puts the Accept's version into Content-Type) wrote a folded field of its
+            # own. RFC 9112 §5.2 has a server refuse it or unfold it; no client sends it.
+            return self._refuse("a header field folded over lines (obs-fold)")
         if not self.server.request_arrived(self.connection):
             self.close_connection = True
             return False
