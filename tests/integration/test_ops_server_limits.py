@@ -151,6 +151,29 @@ def test_a_header_folded_over_lines_is_a_400_not_echoed_into_the_answer(
     assert answer.startswith(b"HTTP/1.0 400 "), answer[:100]
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"X-A : b",  # white space before the colon: RFC 9112 §5.1 has it answered 400
+        b"no field at all",
+    ],
+)
+def test_a_malformed_header_line_is_a_400_not_a_hiding_place_for_a_second_host(
+    patient: OpsServer, line: bytes
+) -> None:
+    """The stdlib's parser took a malformed line and every line after it for a body:
+    the Host behind it went unseen, and a request naming two hosts was answered with
+    the metrics (RFC 9112 §3.2: 400), the very request the one-Host check refuses."""
+    head = b"Host: 127.0.0.1\r\n" + line + b"\r\nHost: rebound.example\r\n"
+    with _connect(patient) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n" + head + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 400 "), answer[:100]
+    assert b"mailstrom_worker_up" not in answer
+
+
 def test_close_hangs_up_on_open_connections_and_leaves_no_handler_thread() -> None:
     """A worker stopping (or a test ending) closes its server: a client half-way through
     its request must not keep a connection and a thread of a closed server until the
