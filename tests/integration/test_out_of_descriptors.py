@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -17,11 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import trustme
+
 from mailstrom import Mailstrom, ReasonClass, RecipientState
 from mailstrom.client.process import WorkerProcess
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
+from tests.fixtures.smtp_server import start_receiving_server
 from tests.integration.test_worker_modes import config, hello, mx
+from tests.support.certs import hashed_ca_directory
 from tests.support.delivery import Results
 from tests.support.open_files import open_sockets
 
@@ -214,6 +221,60 @@ def test_a_worker_out_of_descriptors_holds_no_mx_address_unreachable(
     assert {ms.query_status(i).state for i in ids} == {RecipientState.DELIVERED}
     assert len(mx.messages) == len(ids)  # the primary, trusted as before
     assert backup.messages == []
+    store.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+def test_a_worker_out_of_descriptors_verifies_with_a_ca_of_the_system_directory(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The system's CAs in a directory (``SSL_CERT_DIR``), and a verified delivery to a
+    server whose CA no handshake has needed yet, the connection's socket taking the last
+    descriptor: delivered. OpenSSL opened the CA's file only during the handshake, and out
+    of descriptors failed it as "unable to get local issuer certificate": the server's
+    certificate refused, an attempt counted, for this host's shortage."""
+    other = trustme.CA()
+    directory = hashed_ca_directory(tmp_path / "cas", tls_ca, other)
+    monkeypatch.setenv(ssl.get_default_verify_paths().openssl_capath_env, str(directory))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    other.issue_cert("other.test").configure_cert(context)
+    second = start_receiving_server(context, host="127.0.0.2", port=mx.port, name="other.test")
+    dns_server.a("other.test", second.host)
+    dns_server.mx("a.example", [(10, "mx.test")])
+    dns_server.mx("b.example", [(10, "other.test")])
+    store = SQLiteStore(tmp_path / "q.db")
+    results = Results()
+    cfg = config(dns_server, mx.port, tls="verify", connection_idle=0)
+    ms = Mailstrom(cfg, store=store, on_result=results, worker="process")
+    ms.start()
+    try:
+        pid = _child(ms)
+        idle = open_sockets(pid)
+        first = ms.send_email(hello("first@a.example"))  # the verifying context made
+        results.wait_count(1)
+        deadline = time.monotonic() + 10
+        while open_sockets(pid) > idle and time.monotonic() < deadline:
+            time.sleep(0.01)  # the connection's QUIT and close
+        _no_descriptor_left(pid, spare=1)  # DNS's sockets, then the connection's
+        short = ms.send_email(hello("u@b.example", 1))
+        results.wait_count(2)
+        r = ms.query_status(short).recipients[0]
+        if r.state is not RecipientState.DELIVERED:
+            # Short of a descriptor for a lookup or the connection: this host's, no attempt.
+            assert r.state is RecipientState.DEFERRED and r.attempts == 0, r.error
+            assert r.error is not None and r.error.startswith("local resource shortage: ")
+            _descriptors_back(pid)
+            ms.retry(short)
+            results.wait_count(3)
+    finally:
+        ms.stop()
+        second.stop()
+    assert {ms.query_status(i).state for i in (first, short)} == {RecipientState.DELIVERED}
+    assert [m.tls for m in second.messages] == [True]
     store.close()
 
 

@@ -1,10 +1,12 @@
 """Certificates for DANE tests, made with ``cryptography``: self-signed ones (expired or
-not), ones ``cryptography`` cannot read, and TLSA record data for any certificate."""
+not), ones ``cryptography`` cannot read, and TLSA record data for any certificate; and a
+CA directory as OpenSSL reads one (``capath``)."""
 
 from __future__ import annotations
 
 import hashlib
 import ssl
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -133,3 +135,24 @@ def spki_sha256(pem: bytes) -> bytes:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).digest()
+
+
+def hashed_ca_directory(directory: Path, *cas: trustme.CA) -> Path:
+    """``directory`` holding ``cas`` as OpenSSL looks them up (``openssl rehash``): each
+    named by its subject's hash, which the openssl command computes."""
+    directory.mkdir()
+    for n, ca in enumerate(cas):
+        pem = directory / f"ca{n}.pem"
+        ca.cert_pem.write_to_path(str(pem))
+        found = subprocess.run(
+            ["openssl", "x509", "-hash", "-noout", "-in", str(pem)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        number = 0  # the next free one when subjects share a hash, as openssl rehash does
+        while (directory / f"{found.stdout.strip()}.{number}").exists():
+            number += 1
+        (directory / f"{found.stdout.strip()}.{number}").symlink_to(pem.name)
+    return directory

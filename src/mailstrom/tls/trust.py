@@ -7,10 +7,18 @@ OpenSSL's default) and says nothing when it cannot: out of file descriptors (EMF
 returns a context that trusts no CA. A caller that keeps its context (made once, at the
 first verified connection) then failed every verified handshake of the process, as the
 server's certificate, long after the descriptors returned.
+
+The system's CA directory (``SSL_CERT_DIR``, or OpenSSL's default) is read into the context
+when it is made, not left to OpenSSL, which opens a file of it only when a handshake needs
+that CA: out of descriptors then, the open failed unseen, and the handshake failed as
+"unable to get local issuer certificate", the server's certificate blamed for this host's
+shortage (an attempt counted, a permanent failure under a policy that says so).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import ssl
 
 from mailstrom.errors import LocalResourceShortage, local_shortage
@@ -43,7 +51,44 @@ def verifying_context(cafile: str | None = None) -> ssl.SSLContext:
                 # meanwhile) left the context as create_default_context made it before,
                 # its CA directory still usable; raised, it crashed every verified session.
                 _raise_if_shortage(exc)
+    if cafile is None:
+        _load_ca_directories(context)
     return context
+
+
+_HASHED_NAME = re.compile(r"[0-9a-f]{8}\.[0-9]+")
+"""How a CA directory names a certificate file (``openssl rehash``, ``c_rehash``): its
+subject's hash and a number. OpenSSL looks up no other name there."""
+
+_MAX_DIRECTORY_FILES = 10_000
+"""Certificate files read from one CA directory; any beyond are left to OpenSSL's lookup
+during the handshake, as before, so that a huge directory cannot hold up the worker."""
+
+
+def _load_ca_directories(context: ssl.SSLContext) -> None:
+    """Load into ``context`` the certificate files of the CA directories it trusts by
+    OpenSSL's defaults, so that no handshake needs a descriptor to verify a certificate.
+    A directory or file OpenSSL could not use either (missing, not PEM, unreadable) is
+    passed over, as its lookup passes over it; a shortage is raised, as for the CA file."""
+    paths = ssl.get_default_verify_paths()
+    listed = os.environ.get(paths.openssl_capath_env)  # OpenSSL's rule: set, even empty, wins
+    for directory in (paths.openssl_capath if listed is None else listed).split(os.pathsep):
+        if not directory:
+            continue
+        try:
+            with os.scandir(directory) as entries:
+                # Regular files only: a FIFO or device named so would hold the read for ever.
+                names = sorted(
+                    e.name for e in entries if _HASHED_NAME.fullmatch(e.name) and e.is_file()
+                )
+        except OSError as exc:
+            _raise_if_shortage(exc)
+            continue
+        for name in names[:_MAX_DIRECTORY_FILES]:
+            try:
+                context.load_verify_locations(cafile=os.path.join(directory, name))
+            except OSError as exc:  # ssl.SSLError too: no certificate in it
+                _raise_if_shortage(exc)
 
 
 def _raise_if_shortage(exc: OSError) -> None:
