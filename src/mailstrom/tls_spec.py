@@ -10,6 +10,8 @@ import functools
 import ssl
 from dataclasses import dataclass
 
+from mailstrom.tls.trust import verifying_context
+
 
 def portable_trust(context: ssl.SSLContext) -> tuple[bool, tuple[bytes, ...]]:
     """What a worker process needs to trust what ``context`` trusts (an SSLContext cannot
@@ -27,9 +29,13 @@ def portable_trust(context: ssl.SSLContext) -> tuple[bool, tuple[bytes, ...]]:
 
 
 def trusting(system: bool, cas: tuple[bytes, ...]) -> ssl.SSLContext:
-    """A verifying context trusting ``cas`` (DER), and the system's CAs if ``system``."""
+    """A verifying context trusting ``cas`` (DER), and the system's CAs if ``system``.
+    Those as :func:`~mailstrom.tls.trust.verifying_context` loads them, the CA directory's
+    too: left to OpenSSL, a CA of it was read only during a handshake, which out of
+    descriptors failed as the server's certificate. A shortage now is raised
+    (:class:`~mailstrom.errors.LocalResourceShortage`)."""
     if system:
-        context = ssl.create_default_context()
+        context = verifying_context()
         if cas:
             context.load_verify_locations(cadata=b"".join(cas))
         return context

@@ -47,8 +47,12 @@ HANDSHAKE_WITHOUT_DESCRIPTORS = textwrap.dedent(
     """
     import encodings.idna, json, os, resource, ssl, sys
     from mailstrom.tls.trust import verifying_context
+    from mailstrom.tls_spec import TLSContextSpec
 
-    client = verifying_context()
+    if sys.argv[2] == "rebuilt":  # as a worker process rebuilds a context of the system's
+        client = TLSContextSpec.of(ssl.create_default_context()).build()
+    else:
+        client = verifying_context()
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(sys.argv[1])
     lowest_free = os.dup(0)
@@ -84,19 +88,21 @@ HANDSHAKE_WITHOUT_DESCRIPTORS = textwrap.dedent(
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+@pytest.mark.parametrize("context", ["verifying", "rebuilt"])
 def test_a_ca_of_the_system_directory_verifies_a_certificate_out_of_descriptors(
-    tmp_path: Path,
+    tmp_path: Path, context: str
 ) -> None:
     """A CA that ``SSL_CERT_DIR`` holds, first needed while this host has no descriptor
-    left: the certificate it signed is verified. OpenSSL opened the directory's file only
-    then, and could not: "unable to get local issuer certificate", the server's
-    certificate blamed for this host's shortage."""
+    left: the certificate it signed is verified, by the context of the system's CAs and
+    by a worker process's copy of an application's context that trusts them. OpenSSL
+    opened the directory's file only then, and could not: "unable to get local issuer
+    certificate", the server's certificate blamed for this host's shortage."""
     ca = trustme.CA()
     directory = hashed_ca_directory(tmp_path / "cas", trustme.CA(), ca)
     chain = tmp_path / "server.pem"
     ca.issue_cert("mx.test").private_key_and_cert_chain_pem.write_to_path(str(chain))
     proc = subprocess.run(
-        [sys.executable, "-c", HANDSHAKE_WITHOUT_DESCRIPTORS, str(chain)],
+        [sys.executable, "-c", HANDSHAKE_WITHOUT_DESCRIPTORS, str(chain), context],
         env=os.environ
         | {
             "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
