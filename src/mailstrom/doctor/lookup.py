@@ -25,7 +25,6 @@ import dns.reversename
 from mailstrom.config import DNSConfig
 from mailstrom.dnsanswer import whole
 from mailstrom.dnsclock import Deadline
-from mailstrom.domains import IDNA
 from mailstrom.routing.lookup import localhost_addresses, unanswered
 from mailstrom.routing.policy import RoutePolicy
 
@@ -298,8 +297,3 @@ def same_address(a: str, b: str) -> bool:
         return ipaddress.ip_address(a) == ipaddress.ip_address(b)
     except ValueError:
         return False
-
-
-def as_name(text: str) -> str:
-    """``text`` checked as a DNS name and returned in its normal form."""
-    return normal_name(dns.name.from_text(text, idna_codec=IDNA).to_text())
