@@ -433,6 +433,36 @@ async def test_a_policy_cached_by_a_clock_since_set_back_lapses_its_max_age_afte
         each.close()
 
 
+async def test_a_set_back_policy_whose_refresh_failed_is_fetched_again_after_recheck(
+    zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
+) -> None:
+    """Kept with its expiry bounded once its refresh failed, a policy a clock since set
+    back fetched is still due for one: the next ``recheck`` fetches it again (the domain's
+    new MX host, under the same id), not half its lifetime (12 hours) later."""
+    store = MemoryStore()
+    policy = parse_policy(POLICY.encode())
+    store.save_mta_sts_policy(
+        CachedPolicy.of("example.org", "one", policy, clock.now + timedelta(days=365))
+    )
+    https.policy(POLICY, status=503)
+    source = make_source(
+        zone, https, client_tls_context, clock, store, recheck_seconds=300, one_clock=True
+    )
+    kept = await source.policy("example.org")
+    assert kept is not None and kept.expires_at == clock.now + timedelta(days=1)
+    assert https.count() == 1
+    # A second failure moves the expiry no further.
+    clock.now += timedelta(seconds=301)
+    assert await source.policy("example.org") == kept
+    assert https.count() == 2 and store.mta_sts_policy("example.org") == kept
+    https.policy(POLICY.replace("mx: mx1.test", "mx: mx2.test"))
+    clock.now += timedelta(seconds=301)
+    again = await source.policy("example.org")
+    assert https.count() == 3
+    assert again is not None and again.fetched_at == clock.now
+    assert again.policy.allows("mx2.test") and not again.policy.allows("mx1.test")
+
+
 async def test_a_set_back_policy_kept_is_not_saved_over_one_another_worker_fetched(
     zone: LoopbackDNS, https: HTTPSServer, client_tls_context: ssl.SSLContext, clock: Clock
 ) -> None:

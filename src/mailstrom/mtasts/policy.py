@@ -151,22 +151,26 @@ class CachedPolicy:
         return refresh if now < refresh else self.expires_at
 
     def rebased(self, now: datetime) -> CachedPolicy:
-        """This policy as fetched at ``now`` when a clock since set back fetched it (more
-        than :data:`CLOCK_SET_BACK` ahead of ``now``), else itself. When it was really
-        fetched is not known, but not after ``now``: so it expires its lifetime after
-        ``now`` at the latest. As that clock stamped it, it applied as far past its
-        ``max_age`` as the clock had been ahead (a year) while its refresh failed."""
+        """This policy, when a clock since set back fetched it (more than
+        :data:`CLOCK_SET_BACK` ahead of ``now``), expiring its lifetime after ``now`` at the
+        latest, else itself. When it was really fetched is not known, but not after
+        ``now``; as that clock stamped it, it applied as far past its ``max_age`` as the
+        clock had been ahead (a year) while its refresh failed. Its ``fetched_at`` stays
+        as stamped, so its refresh stays due (every ``recheck``, as for any policy whose
+        refresh failed), and a later call, at a later ``now``, moves the expiry no further."""
         if self.fetched_at - now <= CLOCK_SET_BACK:
             return self
-        lifetime = self.expires_at - self.fetched_at
-        return dataclasses.replace(self, fetched_at=now, expires_at=now + lifetime)
+        latest = now + timedelta(seconds=max(self.policy.max_age, MIN_CACHE))
+        if self.expires_at <= latest:
+            return self
+        return dataclasses.replace(self, expires_at=latest)
 
     def _refresh_at(self, now: datetime) -> datetime:
         if self.fetched_at - now > CLOCK_SET_BACK:
             # Fetched by a clock since set back (a host a year ahead, corrected by NTP):
             # its refresh lay as far ahead, and a policy changed under the same id (the
-            # domain's new MX host) went unseen all that time. Due now; when it fails,
-            # the policy is kept rebased (see rebased()).
+            # domain's new MX host) went unseen all that time. Due now, until a fetch
+            # replaces it; while that fails, rebased() bounds its expiry.
             return now
         lifetime = self.expires_at - self.fetched_at
         return self.fetched_at + min(lifetime / 2, REFRESH_AFTER)

@@ -180,7 +180,9 @@ class PolicySource:
         if rebased is None or rebased is kept:
             return kept
         # Only over the row it came from: another worker whose fetch succeeded meanwhile
-        # saved a newer policy, which this older one must not replace.
+        # saved a newer policy, which this older one must not replace. (Read, then written:
+        # one saved in between is replaced, but this one's refresh is due, so the next
+        # look at the domain fetches it again.)
         if await self._cached(domain) == kept:
             try:
                 await self._store_call(self._store.save_mta_sts_policy, rebased)
