@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from tests.fixtures.dns_server import LoopbackDNS
@@ -235,6 +238,119 @@ async def test_a_clock_stepped_between_checks_is_checked_before_the_next_lease(
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, timeout=5)
+
+
+class FailsOnce(ClockedMemoryStore):
+    """Its next clock check fails once ``fail_next`` is set (a pooled connection gone
+    stale), then the checks answer again."""
+
+    fail_next = False
+
+    def measure_clock(self, clock: Callable[[], datetime]) -> ClockReading:
+        if self.fail_next:
+            self.fail_next = False
+            self.checks += 1
+            raise StoreError("connection reset")
+        return super().measure_clock(clock)
+
+
+async def test_a_clock_stepped_whose_check_fails_is_not_trusted_with_a_lease(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """The check a step calls for fails once. The step was forgotten with it, and the next
+    lease trusted the clock an hour ahead: it took over the recipient another worker was
+    delivering, and sent it a second time. Now no lease comes before a check succeeds."""
+    mx = smtp_server(starttls=False)
+    dns_server.mx("example.test", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = FailsOnce()
+    store.enqueue(message(), now=datetime.now(UTC))
+    other = store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=15))
+    assert other is not None
+    clock = SkewedClock(0.0)
+    worker = Worker(
+        loopback_config(dns_server, mx.port, poll_interval=0.01),
+        store,
+        clock=clock,
+        check_clock=True,
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: store.checks >= 1, "the first check")
+        checks = store.checks
+        store.fail_next = True
+        clock.set(3600.0)
+        worker.wake()
+        await eventually(
+            lambda: worker.status.paused is not None or bool(mx.received),
+            "the worker to pause or to take the message over",
+        )
+        assert mx.received == []
+        assert worker.status.paused is not None
+        assert store.checks >= checks + 2  # the failed one, and one that answered
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=5)
+
+
+class HangingCheck(ClockedMemoryStore):
+    """Called off the event loop, as PostgreSQL is; its clock check hangs once ``hang``
+    is set, until ``release``."""
+
+    in_process = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = False
+        self.release = threading.Event()
+
+    def measure_clock(self, clock: Callable[[], datetime]) -> ClockReading:
+        if self.hang:
+            self.release.wait(20)
+        return super().measure_clock(clock)
+
+
+class FencesSeen(Worker):
+    """Keeps why each lease was fenced, and when (the loop's time)."""
+
+    fences: list[tuple[float, str]]
+
+    def _fence(self, state: Any, why: str) -> None:
+        self.fences.append((asyncio.get_running_loop().time(), why))
+        super()._fence(state, why)
+
+
+async def test_a_beat_whose_clock_check_hangs_is_fenced(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """A step calls for a check before the beat, and that check hangs (a half-open
+    connection after the host resumed). It ran before the beat counted as under way, so
+    the fencing, which acts only while a beat fails or is under way, never fenced the
+    lease as it ran out: another worker could take it over while this one went on."""
+    mx = smtp_server(starttls=False)
+    mx.data_delay = 6
+    dns_server.mx("example.test", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = HangingCheck()
+    store.enqueue(message(), now=datetime.now(UTC))
+    clock = SkewedClock(0.0)
+    config = loopback_config(
+        dns_server, mx.port, poll_interval=0.01, lease_for=timedelta(seconds=3)
+    )
+    worker = FencesSeen(config, store, clock=clock, check_clock=True)
+    worker.fences = []
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.to_thread(mx.wait_for_received, 1)  # the reply is 6 s away
+        store.hang = True
+        clock.set(5.0)  # stepped: the next beat checks the clock first
+        worker.check_leases()
+        await eventually(lambda: bool(worker.fences), "the lease fenced", timeout=4)
+        assert worker.fences[0][1] == "could not be extended in time"
+    finally:
+        store.release.set()
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=15)
 
 
 class ExtendsSeen(ClockedMemoryStore):

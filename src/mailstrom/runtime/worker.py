@@ -825,8 +825,11 @@ class Worker(
                     and not self._stopping
                     and not self._leasing_paused
                 )
-                if leasing and self._clock_stepped():
-                    await self._check_clock_if_stepped()
+                if leasing and loop.time() >= not_before and self._clock_stepped():
+                    if not await self._check_clock_if_stepped():
+                        # The step stays seen, and no lease trusts the clock before a
+                        # check succeeds: tried again after the backoff, records meanwhile.
+                        not_before = loop.time() + lease_backoff.take()
                     continue  # the verdict may pause leasing now
                 if leasing and loop.time() < not_before:
                     if not self._pending:
@@ -1321,12 +1324,12 @@ class Worker(
             with self._cancels_lock:
                 checking = self._cancels_checking = self._cancels_unchecked
                 self._cancels_unchecked = False
-            await self._check_clock_if_stepped()  # the margin must be the clock's of now
-            beat = loop.time()
-            until = self._clock() + lease_for + lease_margin(self._clock_reading)
-            self._beating = True
+            self._beating = True  # from here on, a check or a call that hangs is fenced
             locked = False
             try:
+                await self._check_clock_if_stepped()  # the margin must be the clock's of now
+                beat = loop.time()
+                until = self._clock() + lease_for + lease_margin(self._clock_reading)
                 for state in list(self._leases.values()):
                     if locked:
                         # Each would fail as surely, after as long a wait (the whole busy

@@ -162,22 +162,28 @@ class WorkerClock(WorkerStore):
         moved = (self._clock() - wall).total_seconds()
         return abs(moved - (asyncio.get_running_loop().time() - loop_time)) > STEP
 
-    async def _check_clock_if_stepped(self) -> None:
+    async def _check_clock_if_stepped(self) -> bool:
         """Check the clock now when it was stepped since the last check: before a lease
-        or a beat trusts it (see :data:`STEP`)."""
+        or a beat trusts it (see :data:`STEP`). False when that check failed: the step
+        is still seen, until a check succeeds."""
         store = self.store
         if self._clock_stepped() and isinstance(store, ServerClock):
-            await self._check_clock(store.measure_clock)
+            return await self._check_clock(store.measure_clock)
+        return True
 
-    async def _check_clock(self, measure: Callable[[Callable[[], datetime]], ClockReading]) -> None:
-        # Also when the check fails: a step is checked for once, not at every lease.
-        self._clock_seen = (self._clock(), asyncio.get_running_loop().time())
+    async def _check_clock(self, measure: Callable[[Callable[[], datetime]], ClockReading]) -> bool:
+        """One check; False when the store did not answer."""
+        began = (self._clock(), asyncio.get_running_loop().time())
         try:
             reading = await self._read_clock(measure)
         except StoreError:
             # Not a skew: a store that does not answer, handled like any other store call
             # (shown in store_error; the verdict stays what it was; asked again soon).
-            return
+            # A step seen before stays seen: forgotten, the next lease trusted the clock
+            # stepped an hour ahead, which a failed check had not measured.
+            return False
+        # The clock as it was when the check that measured it began.
+        self._clock_seen = began
         self._clock_reading = reading
         verdict = verdict_for(reading, self.config.lease_for, self._clock_verdict)
         previous, self._clock_verdict = self._clock_verdict, verdict
@@ -190,6 +196,7 @@ class WorkerClock(WorkerStore):
             self._log_clock_change(previous, verdict, reading)
             if previous is ClockVerdict.STOP:
                 self._resume_leasing()
+        return True
 
     def _pause_reason(self, reading: ClockReading) -> str:
         limit = danger_skew(self.config.lease_for)
