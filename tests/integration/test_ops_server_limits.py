@@ -174,6 +174,21 @@ def test_a_malformed_header_line_is_a_400_not_a_hiding_place_for_a_second_host(
     assert b"mailstrom_worker_up" not in answer
 
 
+@pytest.mark.parametrize("content_type", [b"multipart/form-data", b"multipart/mixed; boundary=x"])
+def test_well_formed_fields_that_the_parser_finds_defects_in_are_answered(
+    patient: OpsServer, content_type: bytes
+) -> None:
+    """Every line a field: a multipart Content-Type with no body is a defect to the
+    stdlib's parser, not a malformed line, and was refused as one."""
+    head = b"Host: 127.0.0.1\r\nContent-Type: " + content_type + b"\r\n"
+    with _connect(patient) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 200 "), answer[:100]
+
+
 def test_close_hangs_up_on_open_connections_and_leaves_no_handler_thread() -> None:
     """A worker stopping (or a test ending) closes its server: a client half-way through
     its request must not keep a connection and a thread of a closed server until the
