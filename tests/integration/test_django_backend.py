@@ -193,6 +193,53 @@ def test_the_message_id_is_mailstroms_unless_the_application_gives_one(
     assert ids[("ann@example.org",)] == ["<order-1@shop.test>"]
 
 
+def test_a_message_id_set_by_a_subclass_message_method_is_kept(
+    project: None, mx: ReceivingServer
+) -> None:
+    """An ``EmailMessage`` subclass whose ``message()`` sets the Message-ID (to thread the
+    replies to it, as Django's SMTP backend sends it) had it dropped, and mailstrom's sent
+    in its place: the application's record of it named no mail. Only the one Django makes
+    at the host's name is mailstrom's to replace, also beside one a subclass appended."""
+
+    class Replaced(mail.EmailMessage):
+        def message(self, **kwargs: Any) -> Any:
+            built = super().message(**kwargs)
+            del built["Message-ID"]
+            built["Message-ID"] = "<order-7@shop.test>"
+            return built
+
+    class Appended(mail.EmailMessage):
+        def message(self, **kwargs: Any) -> Any:
+            built = super().message(**kwargs)
+            built["Message-ID"] = "<order-8@shop.test>"  # (beside Django's)
+            return built
+
+    class Untouched(mail.EmailMessage):
+        def message(self, **kwargs: Any) -> Any:
+            built = super().message(**kwargs)
+            built["X-Order"] = "9"
+            return built
+
+    messages = [
+        Replaced("Hi", "x", to=["ann@example.org"]),
+        Appended("Hi", "x", to=["bob@example.org"]),
+        Untouched("Hi", "x", to=["cy@example.org"]),
+    ]
+    assert EmailBackend().send_messages(messages) == 3
+    received = {m.rcpt_tos[0]: m for m in mx.wait_for_messages(3)}
+    ids = {
+        rcpt: email.message_from_bytes(m.content).get_all("Message-ID")
+        for rcpt, m in received.items()
+    }
+    assert ids["ann@example.org"] == ["<order-7@shop.test>"]
+    assert ids["bob@example.org"] == ["<order-8@shop.test>"]
+    [made] = ids["cy@example.org"]
+    assert re.fullmatch(r"<[0-9a-f]{32}@sender\.test>", made)
+    assert b"\r\nX-Order: 9\r\n" in received["cy@example.org"].content
+    status = get_mailstrom().query_status(messages[0].mailstrom_id)  # type: ignore[attr-defined]
+    assert status.header_message_id == "<order-7@shop.test>"
+
+
 def test_empty_addresses_are_left_out_as_django_leaves_them_out(
     project: None, mx: ReceivingServer
 ) -> None:

@@ -38,6 +38,7 @@ from typing import Any, cast
 import django
 from django.core.mail.backends.base import BaseEmailBackend
 from django.core.mail.message import BadHeaderError, EmailMessage
+from django.core.mail.utils import DNS_NAME
 from django.utils.functional import Promise
 
 from mailstrom.client import Mailstrom
@@ -472,13 +473,31 @@ def _serialised(message: EmailMessage, max_recipients: int) -> bytes:
         # id, an internal name), which leaks that name and which spam filters score, and
         # anew at each message() call, so no application knows it: mailstrom makes it, as
         # for any message (at MAILSTROM["message_id_domain"], else the From domain). One
-        # the application gave in headers is kept.
-        del built["Message-ID"]
+        # the application gave, in headers or set by its own message(), is kept.
+        _drop_djangos_message_id(built)
     check_entity_headers(built, max_recipients=max_recipients)
     with _typed("Django cannot serialise the message"):
         _quote_unsendable_text(built)
         _fold_long_parameters(built)
         return _as_bytes(built)
+
+
+def _drop_djangos_message_id(built: Message) -> None:
+    """Take out of ``built`` the Message-ID Django writes itself, ``make_msgid(
+    domain=DNS_NAME)``, and keep any other: one an ``EmailMessage`` subclass's
+    ``message()`` set (to thread the replies to it) was dropped too, and mailstrom's sent
+    in its place, so the application's record of it named no mail. A subclass that
+    added its own beside Django's (``msg["Message-ID"] = ...`` appends) sends its own."""
+    found = built.get_all("Message-ID", [])
+    django_made = re.compile(rf"<\d+\.\d+\.\d+@{re.escape(str(DNS_NAME))}>")
+    kept = [value for value in found if django_made.fullmatch(str(value).strip()) is None]
+    if len(kept) == len(found):
+        return
+    del built["Message-ID"]
+    for value in kept:
+        # As the email package adds it: Django's part would check and encode anew a
+        # value it took already (as in _fold_long_parameters).
+        Message.__setitem__(built, "Message-ID", value)
 
 
 _UNSENDABLE_DATA = re.compile(rf"\0|(?<![^\r\n])[^\r\n]{{{MAX_LINE + 1}}}")
