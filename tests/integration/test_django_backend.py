@@ -331,6 +331,25 @@ def test_header_injection_is_djangos_bad_header_error_too(project: None) -> None
     assert get_mailstrom().query_recent() == []
 
 
+def test_a_bad_header_error_django_raises_while_building_is_one_still(project: None) -> None:
+    """Django refuses a line break in a header an ``EmailMessage`` subclass's ``message()``
+    sets (an In-Reply-To taken from a form) with ``BadHeaderError``, which its own
+    backends let through: it came out as a bare ``InvalidMessage``, and the guard Django
+    documents (``except BadHeaderError:``) let a 500 through."""
+
+    class Reply(mail.EmailMessage):
+        def message(self, **kwargs: Any) -> Any:
+            built = super().message(**kwargs)
+            built["In-Reply-To"] = "<a@example.org>\nBcc: victim@example.org"
+            return built
+
+    with pytest.raises(BadHeaderError) as info:
+        Reply("Hi", "x", to=["bob@example.org"]).send()
+    assert isinstance(info.value, HeaderInjection)
+    assert info.value.header == "In-Reply-To"
+    assert get_mailstrom().query_recent() == []
+
+
 @pytest.mark.parametrize("line_break", ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
 def test_every_line_break_python_splits_at_is_a_header_injection(
     project: None, line_break: str

@@ -632,10 +632,22 @@ def _too_long(part: Message, name: str, value: Any) -> bool:
     return any(len(line.encode()) > MAX_LINE for line in written.splitlines())
 
 
+_BAD_HEADER_NAME = re.compile(r"for header '([^'\r\n]{1,200})'\)$")
+"""The header Django names in its ``BadHeaderError`` (``... for header 'In-Reply-To')``)."""
+
+
 @contextlib.contextmanager
 def _typed(what: str) -> Iterator[None]:
     try:
         yield
+    except BadHeaderError as exc:
+        # Django refused a line break in a header it was given to write, one the checks
+        # above do not see (a header an EmailMessage subclass's message() sets): raised
+        # as the InvalidMessage below, it went past the guard Django documents (``except
+        # BadHeaderError:`` around send_mail), which catches it from Django's backends.
+        found = _BAD_HEADER_NAME.search(str(exc))
+        header = found.group(1) if found is not None else ""
+        raise HeaderInjection(f"{what}: {shorten(str(exc))}", header=header) from exc
     except (
         ValueError,
         LookupError,
@@ -644,10 +656,10 @@ def _typed(what: str) -> Iterator[None]:
         AttributeError,
         RecursionError,
     ) as exc:
-        # ValueError covers UnicodeError and Django's BadHeaderError; LookupError an
-        # unknown ``encoding``; MessageError the email package's HeaderParseError;
-        # TypeError and AttributeError a value of a type Django does not write (an
-        # attachment's content or type None, an alternative added as a plain tuple);
+        # ValueError covers UnicodeError; LookupError an unknown ``encoding``;
+        # MessageError the email package's HeaderParseError; TypeError and
+        # AttributeError a value of a type Django does not write (an attachment's
+        # content or type None, an alternative added as a plain tuple);
         # RecursionError what the email package's parsers, which Django runs, raise for
         # input nested past the stack: a message/rfc822 attachment (a received mail
         # forwarded) 2,000 levels deep, or a Reply-To given in headers with 3,000 "(".
