@@ -25,6 +25,7 @@ configure()
 from django.core import mail  # noqa: E402  (Django must be configured first)
 from django.core.mail import BadHeaderError  # noqa: E402
 from django.test import override_settings  # noqa: E402
+from django.test.utils import setup_test_environment, teardown_test_environment  # noqa: E402
 from django.utils.functional import Promise, lazy  # noqa: E402
 
 from mailstrom import (  # noqa: E402
@@ -918,6 +919,23 @@ def test_a_lazy_header_name_is_sent_as_django_sends_it(project: None, mx: Receiv
     )
     with pytest.raises(BadHeaderError):
         injected.send()
+
+
+def test_a_django_test_run_sends_to_the_outbox_and_queues_nothing(
+    project: None, mx: ReceivingServer
+) -> None:
+    """Django's test runner replaces the backend with its in-memory one (as docs/django.md
+    says): the project's tests see ``mail.outbox``, and nothing reaches the store."""
+    setup_test_environment()
+    try:
+        assert mail.send_mail("Hi", "x", None, ["bob@example.org"]) == 1
+        assert [m.to for m in mail.outbox] == [["bob@example.org"]]
+    finally:
+        teardown_test_environment()
+    assert get_mailstrom().query_recent() == []
+    assert mail.send_mail("Hi", "x", None, ["ann@example.org"]) == 1
+    [received] = mx.wait_for_messages(1)
+    assert received.rcpt_tos == ("ann@example.org",)
 
 
 def test_messages_without_recipients_are_skipped_as_django_skips_them(project: None) -> None:

@@ -102,6 +102,23 @@ def test_mailstrom_worker_once_delivers_what_the_backend_queued_without_a_worker
     assert {"worker started", "worker stopped"} <= {e["event"] for e in events}
 
 
+def test_sendtestemail_queues_through_the_backend_and_the_worker_delivers_it(
+    dns_server: LoopbackDNS, mx: ReceivingServer, tmp_path: Path
+) -> None:
+    """``manage.py sendtestemail``, Django's own check of a project's mail, goes through
+    the backend: queued by one process, delivered by the worker of another."""
+    setting = mailstrom_setting(dns_server, mx, tmp_path, worker=None)
+    sent = manage(setting, "sendtestemail", "bob@example.org")
+    assert sent.returncode == 0, sent.stderr
+    assert mx.messages == []
+    done = manage(setting, "mailstrom_worker", "--once", "--no-live")
+    assert done.returncode == 0, done.stderr
+    [received] = mx.wait_for_messages(1)
+    assert received.mail_from == "site@sender.test"
+    assert received.rcpt_tos == ("bob@example.org",)
+    assert b"\r\nSubject: Test email from " in received.content
+
+
 def test_mailstrom_worker_takes_the_cli_options(tmp_path: Path) -> None:
     shown = manage({"store": "memory:"}, "mailstrom_worker", "--help")
     assert shown.returncode == 0
