@@ -722,9 +722,22 @@ class Worker(
                     unwatch()
                 if unwatch_cancels is not None:
                     unwatch_cancels()
-                await dispatcher.close()
-                if store_loop is not None:
-                    await self._finish_recording(store_loop)
+                while True:
+                    try:
+                        await dispatcher.close()
+                        if store_loop is not None:
+                            await self._finish_recording(store_loop)
+                        break
+                    except asyncio.CancelledError:
+                        # The loop's end reached a stop's last records (a main that gave
+                        # up waiting for stop(), then returned): the results still to
+                        # write were dropped, unlogged, their leases kept, and the next
+                        # worker sent the mail again. Outlived as in the drain above.
+                        if store_loop is None or not self._outlive_cancel(drain_if_cancelled):
+                            raise
+                        store_loop = await self._store_loop_after_sweep(
+                            store_loop, dispatcher, once=once, drain=drain_if_cancelled
+                        )
                 if hooks is not None:
                     await self._stop_hooks(hooks, flush=not failed)
                 if self._postponing:
@@ -936,6 +949,24 @@ class Worker(
             # waiting for its expiry (as when the loop stopped in a call with a lease).
             if beside is not None and not beside[0].cancel() and not beside[0].cancelled():
                 beside[0].exception()  # ended meanwhile: its outcome goes with it
+
+    async def _store_loop_after_sweep(
+        self,
+        store_loop: asyncio.Task[None],
+        dispatcher: Dispatcher,
+        *,
+        once: bool,
+        drain: float | None,
+    ) -> asyncio.Task[None]:
+        """The store loop once the worker outlived a cancel in its last records: the same
+        sweep (``asyncio.run()`` ending) cancelled it, and nothing would write what is
+        pending. Waited for, its write cut off settled, and started again."""
+        if not store_loop.done() and store_loop.cancelling():
+            await asyncio.wait({store_loop}, timeout=drain)
+        await self._settle_cut_write(drain)
+        if not store_loop.cancelled():
+            return store_loop
+        return asyncio.create_task(self._store_loop(dispatcher, once=once), name="mailstrom-store")
 
     async def _owed_once_more(self) -> None:
         """Before the store loop ends: notices owed whose queueing failed are asked for

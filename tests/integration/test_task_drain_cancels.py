@@ -1,0 +1,113 @@
+"""The task worker's drain when ``asyncio.run()`` ends around it (see
+test_task_exit_without_stop.py): cancels that come late, and writes that fail for a
+while meanwhile."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailstrom import Mailstrom, RecipientState
+from tests.fixtures.dns_server import LoopbackDNS
+from tests.integration import test_exit_without_stop as exits
+from tests.integration import test_worker_modes
+from tests.support.waiting import eventually
+
+mx = test_worker_modes.mx
+
+_LOCKED_WRITES = """\
+import asyncio, faulthandler, pickle, sys, threading
+faulthandler.dump_traceback_later(80, exit=True)
+from mailstrom import AsyncMailstrom, Email
+from mailstrom.errors import StoreLocked
+from mailstrom.stores import SQLiteStore
+
+locked = threading.Event()
+
+class Locked(SQLiteStore):
+    in_process = sys.argv[3] == "inline"  # or calls in threads, as PostgreSQL's
+
+    def record_and_lease(self, results, **kwargs):
+        if results and locked.is_set():
+            raise StoreLocked("database is locked")  # another process writes meanwhile
+        return super().record_and_lease(results, **kwargs)
+
+cfg = pickle.loads(open(sys.argv[1], "rb").read())
+reported = []
+
+async def main():
+    ms = AsyncMailstrom(
+        cfg, store=Locked(sys.argv[2]), worker="task", on_result=reported.append
+    )
+    await ms.start()
+    locked.set()
+    for i in range(3):
+        await ms.send_email(Email(from_="a@sender.test", to=[f"u{i}@example.org"], text=str(i)))
+    print("queued", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)  # every message is at the server
+    {ending}
+    threading.Timer(1.0, locked.clear).start()  # the lock is let go soon after
+
+asyncio.run(main())
+print("reported", sorted(r.address for r in reported), flush=True)
+"""
+
+_GIVE_UP_STOP = """try:
+        await asyncio.wait_for(ms.stop(timeout=30), 0.5)
+    except TimeoutError:
+        print("stop() given up", flush=True)"""
+
+
+@pytest.mark.parametrize("calls", ["inline", "threaded"])
+@pytest.mark.parametrize("ending", ["pass", _GIVE_UP_STOP], ids=["return", "stop-given-up"])
+def test_results_whose_write_fails_for_a_while_are_written_by_the_drain(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, ending: str, calls: str
+) -> None:
+    """Every message went out while the store refused the writes of their results (a
+    lock held elsewhere); main returns, perhaps after giving up on a stop() that was
+    retrying those writes, and the lock is let go a second later. The drain keeps
+    trying and records them. Was, after a stop() given up: asyncio.run's cancel reached
+    the stop's last records, the results were dropped unlogged, their lease kept, and
+    the next worker sent every message again."""
+    cfg = test_worker_modes.config(
+        dns_server, mx.port, timeouts=exits.SLOW, lease_for=timedelta(seconds=1)
+    )
+    path = tmp_path / "config.pickle"
+    path.write_bytes(pickle.dumps(cfg))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    program = _LOCKED_WRITES.replace("{ending}", ending)
+    store = str(tmp_path / "q.db")
+    child = subprocess.Popen(
+        [sys.executable, "-c", program, str(path), store, calls],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "queued\n"
+        assert eventually(lambda: len(mx.messages) >= 3, within=30)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=90)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 0, err[-2000:]
+    last = out.splitlines()[-1]
+    assert last == "reported ['u0@example.org', 'u1@example.org', 'u2@example.org']", (
+        out + err[-2000:]
+    )
+    with Mailstrom(cfg, store=store, worker="thread") as ms:
+        delivered = RecipientState.DELIVERED
+        assert eventually(lambda: all(s.state is delivered for s in ms.query()), within=30)
+    exits._expect_each_once(mx)
