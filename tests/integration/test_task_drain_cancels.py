@@ -4,6 +4,8 @@ while meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -14,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from mailstrom import Mailstrom, RecipientState
+from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration import test_exit_without_stop as exits
-from tests.integration import test_worker_modes
+from tests.integration import test_hooks, test_worker_modes
 from tests.support.waiting import eventually
 
 mx = test_worker_modes.mx
+endpoint = test_hooks.endpoint
 
 _LOCKED_WRITES = """\
 import asyncio, faulthandler, pickle, sys, threading
@@ -111,3 +114,30 @@ def test_results_whose_write_fails_for_a_while_are_written_by_the_drain(
         delivered = RecipientState.DELIVERED
         assert eventually(lambda: all(s.state is delivered for s in ms.query()), within=30)
     exits._expect_each_once(mx)
+
+
+@pytest.mark.parametrize("ending", ["return", "stop-given-up"])
+def test_the_hook_hears_of_what_the_drain_recorded(
+    mx: Any, dns_server: LoopbackDNS, endpoint: test_hooks.Endpoint, tmp_path: Path, ending: str
+) -> None:
+    """main returns while the server holds its reply to a final dot: the drain records
+    the delivery, and the hook sender posts its event before the program ends, as after
+    a stop(). Was: asyncio.run's sweep had cancelled the hook sender too, and the event
+    waited in the outbox until some later worker ran (never, for a program run once)."""
+    hooked = test_hooks.hook_config(dns_server, mx.port, endpoint.url)
+    cfg = dataclasses.replace(hooked, timeouts=exits.SLOW, poll_interval=30)
+    ms = AsyncMailstrom(cfg, store=tmp_path / "q.db", worker="task")
+    mx.data_delay = 1.0  # the server holds its reply to the final dot
+
+    async def main() -> None:
+        await ms.start()
+        await ms.send_email(Email(from_="a@sender.test", to=["u0@example.org"], text="0"))
+        await asyncio.to_thread(eventually, lambda: len(mx.received) >= 1, 30)
+        if ending == "stop-given-up":
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ms.stop(timeout=30), 0.2)
+
+    asyncio.run(main())
+    sent = [(e["recipient"], e["type"]) for r in endpoint.requests for e in r.events]
+    assert sent == [("u0@example.org", "delivered")]
+    assert [m.rcpt_tos for m in mx.messages] == [("u0@example.org",)]

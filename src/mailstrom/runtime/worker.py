@@ -687,6 +687,7 @@ class Worker(
                         store_loop = asyncio.create_task(
                             self._store_loop(dispatcher, once=once), name="mailstrom-store"
                         )
+                    hooks = await self._hook_sender_after_sweep(hooks, drain_if_cancelled)
             failed = False
         except BaseException as exc:
             if not (isinstance(exc, asyncio.CancelledError) and self._stopping):
@@ -738,6 +739,7 @@ class Worker(
                         store_loop = await self._store_loop_after_sweep(
                             store_loop, dispatcher, once=once, drain=drain_if_cancelled
                         )
+                        hooks = await self._hook_sender_after_sweep(hooks, drain_if_cancelled)
                 if hooks is not None:
                     await self._stop_hooks(hooks, flush=not failed)
                 if self._postponing:
@@ -967,6 +969,21 @@ class Worker(
         if not store_loop.cancelled():
             return store_loop
         return asyncio.create_task(self._store_loop(dispatcher, once=once), name="mailstrom-store")
+
+    async def _hook_sender_after_sweep(
+        self, hooks: asyncio.Task[None] | None, drain: float | None
+    ) -> asyncio.Task[None] | None:
+        """The hook sender's task once the worker outlived a cancel: the same sweep
+        cancelled it, and the events of what the drain records waited in the outbox for
+        some later worker (none, for a program run once) where a stop() posts them.
+        Waited for, and started again."""
+        if hooks is None or self._hooks is None:
+            return hooks
+        if not hooks.done() and hooks.cancelling():
+            await asyncio.wait({hooks}, timeout=drain)
+        if not hooks.cancelled():
+            return hooks
+        return asyncio.create_task(self._hooks.run(), name="mailstrom-hooks")
 
     async def _owed_once_more(self) -> None:
         """Before the store loop ends: notices owed whose queueing failed are asked for
