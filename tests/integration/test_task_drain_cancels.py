@@ -20,6 +20,7 @@ from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration import test_exit_without_stop as exits
 from tests.integration import test_hooks, test_worker_modes
+from tests.integration import test_task_exit_without_stop as task_exits
 from tests.support.waiting import eventually
 
 mx = test_worker_modes.mx
@@ -141,3 +142,21 @@ def test_the_hook_hears_of_what_the_drain_recorded(
     sent = [(e["recipient"], e["type"]) for r in endpoint.requests for e in r.events]
     assert sent == [("u0@example.org", "delivered")]
     assert [m.rcpt_tos for m in mx.messages] == [("u0@example.org",)]
+
+
+_CANCEL_ALL = """for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.cancel()  # and asyncio.run() cancels them again"""
+
+
+@pytest.mark.parametrize("store", ["q.db", "q.db.threaded"])
+def test_a_worker_cancelled_twice_as_the_loop_ends_still_drains(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path, store: str
+) -> None:
+    """main cancels the tasks left itself, then returns, while the server holds its reply
+    to a final dot: asyncio.run() cancels them all again. The second cancel reached the
+    worker as it took the first as a stop (or found two pending, which it did not take
+    as one), the delivery was cut off, and the next worker sent that message again."""
+    program = task_exits._PROGRAM.replace("{ending}", _CANCEL_ALL)
+    exits._run(mx, dns_server, tmp_path, program, str(tmp_path / store))
+    exits._expect_each_once(mx)

@@ -1920,9 +1920,10 @@ class Dispatcher:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             outcome = future.outcome
-            if outcome is None or self._closing or task is None or task.cancelling() != 1:
+            if outcome is None or self._closing or task is None or not task.cancelling():
                 raise
-            task.uncancel()
+            while task.uncancel():  # each cancel pending (see Worker._outlive_cancel)
+                pass
         if isinstance(outcome, BaseException):
             raise outcome  # (outside the handler: not "during handling of" the cancel)
         return outcome

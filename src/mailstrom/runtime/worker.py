@@ -476,23 +476,27 @@ class Worker(
         self._cut_short = True
 
     def _outlive_cancel(self, drain: float | None) -> bool:
-        """Whether the worker's task, cancelled once by nobody who meant it to end now
+        """Whether the worker's task, cancelled by nobody who meant it to end now
         (``asyncio.run()`` ending around it, a stop() under way included, whose own cancel
         past its bound is marked by :meth:`cut_short`), takes that as a stop draining
         ``drain`` seconds at most (the caller allows it) rather than end mid-delivery."""
         task = asyncio.current_task()
-        if drain is None or self._cut_short or task is None or task.cancelling() != 1:
+        if drain is None or self._cut_short or task is None or not task.cancelling():
             return False
-        task.uncancel()
-        log.warning(
-            "the worker task was cancelled with no stop() ending it (the event loop "
-            "ending?): deliveries in flight get %g s at most to finish",
-            drain,
-        )
+        # Every cancel pending, not one only: a main that cancels the tasks left itself
+        # and returns has asyncio.run() cancel them again, and the worker, cancelled
+        # twice, ended mid-delivery (the mail whose reply it lost went out again).
+        while task.uncancel():
+            pass
         self._tighten_stop(drain)
         self._stopping = True
         self._stop_now(drain)
         if self._grace_cancel is None:
+            log.warning(
+                "the worker task was cancelled with no stop() ending it (the event loop "
+                "ending?): deliveries in flight get %g s at most to finish",
+                drain,
+            )
             # Never the exit held for ever: past the drain and a grace for the last
             # records (a store that hangs), cancelled for good, as stop() cancels a task
             # past its bound.
@@ -645,9 +649,23 @@ class Worker(
             if on_started is not None:
                 on_started()
             stopping = asyncio.create_task(self._stop_event.wait(), name="mailstrom-stop")
-            cut = False
+            cut = revive = False
             while True:
                 try:
+                    if revive:
+                        # The same sweep cancelled the store loop and the heartbeat:
+                        # without them nothing the drain brings in is recorded, nor a
+                        # lease extended meanwhile. Here, not in the handler below: a
+                        # second cancel (a main that cancelled the tasks left, then
+                        # asyncio.run's own) reached the handler's waits and ended the
+                        # worker mid-delivery.
+                        heartbeat = await self._heartbeat_after_sweep(heartbeat, drain_if_cancelled)
+                        loops = (heartbeat, *loops[1:])
+                        store_loop = await self._store_loop_after_sweep(
+                            store_loop, dispatcher, once=once, drain=drain_if_cancelled
+                        )
+                        hooks = await self._hook_sender_after_sweep(hooks, drain_if_cancelled)
+                        revive = False
                     if not stopping.done():
                         await asyncio.wait(
                             {store_loop, stopping}, return_when=asyncio.FIRST_COMPLETED
@@ -665,29 +683,7 @@ class Worker(
                     # gave up waiting for it, then returned): the reply owed was lost.
                     if not self._outlive_cancel(drain_if_cancelled):
                         raise
-                    # The same sweep cancelled the store loop and the heartbeat: without
-                    # them nothing the drain brings in is recorded, nor a lease extended
-                    # meanwhile. Only those with a cancel pending: one nobody cancelled
-                    # (the worker's task alone was) runs on, and waited for it held the
-                    # drain its whole bound.
-                    cut = True
-                    cutting = (store_loop, heartbeat)
-                    hit = {t for t in cutting if not t.done() and t.cancelling()}
-                    if hit:
-                        await asyncio.wait(hit, timeout=drain_if_cancelled)
-                    if heartbeat.cancelled():
-                        # First: leases are extended while the cut write is waited for.
-                        heartbeat = asyncio.create_task(
-                            self._heartbeat_loop(), name="mailstrom-heartbeat"
-                        )
-                        heartbeat.add_done_callback(self._loop_ended)
-                        loops = (heartbeat, *loops[1:])
-                    await self._settle_cut_write(drain_if_cancelled)
-                    if store_loop.cancelled():
-                        store_loop = asyncio.create_task(
-                            self._store_loop(dispatcher, once=once), name="mailstrom-store"
-                        )
-                    hooks = await self._hook_sender_after_sweep(hooks, drain_if_cancelled)
+                    cut = revive = True
             failed = False
         except BaseException as exc:
             if not (isinstance(exc, asyncio.CancelledError) and self._stopping):
@@ -723,8 +719,15 @@ class Worker(
                     unwatch()
                 if unwatch_cancels is not None:
                     unwatch_cancels()
+                revive = False
                 while True:
                     try:
+                        if revive and store_loop is not None:
+                            store_loop = await self._store_loop_after_sweep(
+                                store_loop, dispatcher, once=once, drain=drain_if_cancelled
+                            )
+                            hooks = await self._hook_sender_after_sweep(hooks, drain_if_cancelled)
+                            revive = False
                         await dispatcher.close()
                         if store_loop is not None:
                             await self._finish_recording(store_loop)
@@ -736,10 +739,7 @@ class Worker(
                         # worker sent the mail again. Outlived as in the drain above.
                         if store_loop is None or not self._outlive_cancel(drain_if_cancelled):
                             raise
-                        store_loop = await self._store_loop_after_sweep(
-                            store_loop, dispatcher, once=once, drain=drain_if_cancelled
-                        )
-                        hooks = await self._hook_sender_after_sweep(hooks, drain_if_cancelled)
+                        revive = True
                 if hooks is not None:
                     await self._stop_hooks(hooks, flush=not failed)
                 if self._postponing:
@@ -951,6 +951,22 @@ class Worker(
             # waiting for its expiry (as when the loop stopped in a call with a lease).
             if beside is not None and not beside[0].cancel() and not beside[0].cancelled():
                 beside[0].exception()  # ended meanwhile: its outcome goes with it
+
+    async def _heartbeat_after_sweep(
+        self, heartbeat: asyncio.Task[None], drain: float | None
+    ) -> asyncio.Task[None]:
+        """The heartbeat once the worker outlived a cancel (see
+        :meth:`_store_loop_after_sweep`), before the store loop: leases are extended while
+        a write cut off is waited for. Only one with a cancel pending is waited for: one
+        nobody cancelled (the worker's task alone was) runs on, and waited for it held
+        the drain its whole bound."""
+        if not heartbeat.done() and heartbeat.cancelling():
+            await asyncio.wait({heartbeat}, timeout=drain)
+        if not heartbeat.cancelled():
+            return heartbeat
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
+        heartbeat.add_done_callback(self._loop_ended)
+        return heartbeat
 
     async def _store_loop_after_sweep(
         self,
