@@ -293,6 +293,88 @@ async def test_a_clock_stepped_whose_check_fails_is_not_trusted_with_a_lease(
         await asyncio.wait_for(task, timeout=5)
 
 
+async def test_a_step_seen_after_a_first_check_that_failed_is_checked_before_a_lease(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """The database is not up yet when the worker starts (its first check fails), and
+    chrony then steps the clock an hour ahead: with no check answered, no step was looked
+    for, and the next lease took over the recipient another worker was delivering."""
+    mx = smtp_server(starttls=False)
+    dns_server.mx("example.test", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = ClockedMemoryStore()
+    store.failing = True
+    store.enqueue(message(), now=datetime.now(UTC))
+    other = store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=15))
+    assert other is not None
+    clock = SkewedClock(0.0)
+    worker = Worker(
+        loopback_config(dns_server, mx.port, poll_interval=2),
+        store,
+        clock=clock,
+        check_clock=True,
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: store.checks >= 1, "the first check")
+        store.failing = False
+        clock.set(3600.0)
+        worker.wake()
+        await eventually(
+            lambda: worker.status.paused is not None or bool(mx.received),
+            "the worker to pause or to take the message over",
+        )
+        assert mx.received == []
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=5)
+
+
+class FailsOnceExtendsSeen(FailsOnce):
+    """As :class:`FailsOnce`, keeping the ``until`` of every extension asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.untils: list[datetime] = []
+
+    def extend(self, lease: Lease, *, until: datetime) -> int:
+        self.untils.append(until)
+        return super().extend(lease, until=until)
+
+
+async def test_a_beat_whose_step_check_fails_extends_by_the_clock_before_the_step(
+    smtp_server: ServerFactory, dns_server: LoopbackDNS
+) -> None:
+    """The clock steps an hour back, and the check before the beat fails (a pooled
+    connection gone stale) while the extension goes through: extended by the stepped
+    clock, the lease ended 45 minutes before the server's now, for another worker to
+    take over while this one delivered it."""
+    mx = smtp_server(starttls=False)
+    mx.data_delay = 1.5
+    dns_server.mx("example.test", [(10, "mx.test")])
+    dns_server.a("mx.test", mx.host)
+    store = FailsOnceExtendsSeen()
+    store.enqueue(message(), now=datetime.now(UTC))
+    clock = SkewedClock(0.0)
+    worker = Worker(
+        loopback_config(dns_server, mx.port, poll_interval=0.01),
+        store,
+        clock=clock,
+        check_clock=True,
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.to_thread(mx.wait_for_received, 1)  # the reply is 1.5 s away
+        store.fail_next = True
+        clock.set(-3600.0)
+        worker.check_leases()
+        await eventually(lambda: bool(store.untils), "the beat")
+        assert store.untils[0] >= datetime.now(UTC) + timedelta(minutes=14)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=10)
+
+
 class HangingCheck(ClockedMemoryStore):
     """Called off the event loop, as PostgreSQL is; its clock check hangs once ``hang``
     is set, until ``release``."""

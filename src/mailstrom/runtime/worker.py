@@ -1393,7 +1393,7 @@ class Worker(
             try:
                 await self._check_clock_if_stepped()  # the margin must be the clock's of now
                 beat = loop.time()
-                until = self._clock() + lease_for + lease_margin(self._clock_reading)
+                until = self._clock_for_leases() + lease_for + lease_margin(self._clock_reading)
                 for state in list(self._leases.values()):
                     if locked:
                         # Each would fail as surely, after as long a wait (the whole busy

@@ -162,6 +162,19 @@ class WorkerClock(WorkerStore):
         moved = (self._clock() - wall).total_seconds()
         return abs(moved - (asyncio.get_running_loop().time() - loop_time)) > STEP
 
+    def _clock_for_leases(self) -> datetime:
+        """The time a beat extends leases from: this worker's clock, or while a step it
+        has seen is not yet checked (the check failed), the later of that and the clock
+        of the last check moved on by the loop's. Stepped back an hour, the clock alone
+        extended leases to 45 minutes before the server's now, and another worker took
+        them over; a later end only holds a lease longer."""
+        now = self._clock()
+        seen = self._clock_seen
+        if seen is None or not self._clock_stepped():
+            return now
+        wall, at = seen
+        return max(now, wall + timedelta(seconds=asyncio.get_running_loop().time() - at))
+
     async def _check_clock_if_stepped(self) -> bool:
         """Check the clock now when it was stepped since the last check: before a lease
         or a beat trusts it (see :data:`STEP`). False when that check failed: the step
@@ -180,7 +193,11 @@ class WorkerClock(WorkerStore):
             # Not a skew: a store that does not answer, handled like any other store call
             # (shown in store_error; the verdict stays what it was; asked again soon).
             # A step seen before stays seen: forgotten, the next lease trusted the clock
-            # stepped an hour ahead, which a failed check had not measured.
+            # stepped an hour ahead, which a failed check had not measured. Before any
+            # check answered, steps are looked for from this one (a database not up yet
+            # at boot, and chrony stepping the clock meanwhile).
+            if self._clock_seen is None:
+                self._clock_seen = began
             return False
         # The clock as it was when the check that measured it began.
         self._clock_seen = began
