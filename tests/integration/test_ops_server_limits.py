@@ -156,6 +156,9 @@ def test_a_header_folded_over_lines_is_a_400_not_echoed_into_the_answer(
     [
         b"X-A : b",  # white space before the colon: RFC 9112 §5.1 has it answered 400
         b"no field at all",
+        # A multipart Content-Type, then the line that ends its parts: the body the
+        # parser takes is empty, the Host behind it unseen all the same.
+        b"Content-Type: multipart/mixed; boundary=x\r\n--x--",
     ],
 )
 def test_a_malformed_header_line_is_a_400_not_a_hiding_place_for_a_second_host(

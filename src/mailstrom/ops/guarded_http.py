@@ -33,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from email.errors import MissingHeaderBodySeparatorDefect
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -244,11 +245,12 @@ class GuardedRequestHandler(BaseHTTPRequestHandler):
             # puts the Accept's version into Content-Type) wrote a folded field of its
             # own. RFC 9112 §5.2 has a server refuse it or unfold it; no client sends it.
             return self._refuse("a header field folded over lines (obs-fold)")
-        if self.headers.get_payload():
+        if any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in self.headers.defects):
             # A line that is no field ("X-A : b", RFC 9112 §5.1: 400; "junk"): the stdlib's
             # parser takes it and every line after it for a body, unseen: a second Host
             # behind it passed the one-Host check, which a proxy in front may route by.
-            # (Not its defects: a multipart Content-Type without a body is one too.)
+            # (That defect only: a multipart Content-Type without a body is one too, and
+            # the body taken can be empty, a "--x--" line ending a multipart one.)
             return self._refuse("a malformed header field line")
         if not self.server.request_arrived(self.connection):
             self.close_connection = True
