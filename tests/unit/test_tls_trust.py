@@ -18,6 +18,7 @@ import pytest
 import trustme
 from tests.support.certs import hashed_ca_directory
 
+from mailstrom.tls import trust
 from mailstrom.tls.trust import verifying_context
 
 ROOT = Path(__file__).parents[2]
@@ -114,3 +115,20 @@ def test_a_ca_of_the_system_directory_verifies_a_certificate_out_of_descriptors(
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert json.loads(proc.stdout) == "verified"
+
+
+def test_the_files_read_from_ca_directories_are_bounded_all_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound on certificate files read when the context is made (on the event loop)
+    is one for every directory ``SSL_CERT_DIR`` names, not one per directory: eight
+    directories were eight times the time."""
+    first = hashed_ca_directory(tmp_path / "one", *(trustme.CA() for _ in range(3)))
+    second = hashed_ca_directory(tmp_path / "two", *(trustme.CA() for _ in range(3)))
+    variable = ssl.get_default_verify_paths().openssl_capath_env
+    monkeypatch.setenv(variable, "")  # set and empty: no directory at all
+    none = verifying_context().cert_store_stats()["x509_ca"]
+    monkeypatch.setenv(variable, os.pathsep.join([str(first), str(second)]))
+    assert verifying_context().cert_store_stats()["x509_ca"] == none + 6
+    monkeypatch.setattr(trust, "_MAX_DIRECTORY_FILES", 4)
+    assert verifying_context().cert_store_stats()["x509_ca"] == none + 4

@@ -64,9 +64,13 @@ _HASHED_NAME = re.compile(r"[0-9a-f]{8}\.[0-9]+")
 subject's hash and a number. OpenSSL looks up no other name there."""
 
 _MAX_DIRECTORY_FILES = 1_000
-"""Certificate files read from one CA directory; any beyond are left to OpenSSL's lookup
-during the handshake, as before. The context is made on the worker's event loop, once per
-process: 1,000 files take about half a second there (Debian's has 290 entries, 45 ms)."""
+"""Certificate files read from the CA directories, all of them together; any beyond are
+left to OpenSSL's lookup during the handshake, as before. The context is made on the
+worker's event loop, once per process: 1,000 files take about half a second there
+(Debian's directory has 290 entries, 45 ms)."""
+
+_MAX_DIRECTORY_ENTRIES = 20_000
+"""Entries of one directory looked at, so that listing a huge one is bounded too."""
 
 
 def _load_ca_directories(context: ssl.SSLContext) -> None:
@@ -76,19 +80,25 @@ def _load_ca_directories(context: ssl.SSLContext) -> None:
     passed over, as its lookup passes over it; a shortage is raised, as for the CA file."""
     paths = ssl.get_default_verify_paths()
     listed = os.environ.get(paths.openssl_capath_env)  # OpenSSL's rule: set, even empty, wins
+    left = _MAX_DIRECTORY_FILES
     for directory in (paths.openssl_capath if listed is None else listed).split(os.pathsep):
-        if not directory:
+        if not directory or left <= 0:
             continue
+        names: list[str] = []
         try:
             with os.scandir(directory) as entries:
-                # Regular files only: a FIFO or device named so would hold the read for ever.
-                names = sorted(
-                    e.name for e in entries if _HASHED_NAME.fullmatch(e.name) and e.is_file()
-                )
+                for seen, entry in enumerate(entries):
+                    if seen >= _MAX_DIRECTORY_ENTRIES or len(names) >= left:
+                        break
+                    # Regular files only: a FIFO or device named so would hold the read
+                    # for ever.
+                    if _HASHED_NAME.fullmatch(entry.name) and entry.is_file():
+                        names.append(entry.name)
         except OSError as exc:
             _raise_if_shortage(exc)
             continue
-        for name in names[:_MAX_DIRECTORY_FILES]:
+        left -= len(names)
+        for name in sorted(names):
             try:
                 context.load_verify_locations(cafile=os.path.join(directory, name))
             except OSError as exc:  # ssl.SSLError too: no certificate in it
