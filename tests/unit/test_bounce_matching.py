@@ -262,3 +262,41 @@ def test_a_bounce_about_a_message_purged_meanwhile_is_unmatched_not_an_error() -
     assert "purged" in bob.reason
     assert bob.suppressed is None and store.list_suppressions() == []
     assert (carol.action, carol.address) == (BounceAction.UNMATCHED, "carol@example.org")
+
+
+@pytest.mark.parametrize("status", ["2.0.0", "2.1.5"])
+def test_a_failed_block_with_a_success_status_undoes_no_delivery(status: str) -> None:
+    """RFC 3463 §3.1: a 2.X.X status "is reporting a positive delivery action". Was: a
+    block saying ``Action: failed`` with such a status (``250 2.0.0 ok`` relayed as its
+    diagnostic) marked the recipient its server had accepted failed, classed as a
+    mailbox problem. The report contradicts itself and says nothing final: ignored, as a
+    ``delivered`` block is. A failed block with a 4.X.X status (retries ran out) still
+    fails the recipient."""
+    store = MemoryStore()
+    mid = store.enqueue(message("bob@example.org", "carol@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+
+    def block(address: str, status: str) -> ReportedRecipient:
+        return ReportedRecipient(
+            final_recipient=address,
+            action="failed",
+            status=status,
+            diagnostic="250 2.0.0 ok",
+            diagnostic_type="smtp",
+        )
+
+    report = Report(
+        kind=ReportKind.DSN,
+        recipients=(block("bob@example.org", status), block("carol@example.org", "4.4.7")),
+        envelope_id=mid,
+    )
+    bob, carol = apply_report(store, report, now=NOW)
+    assert (bob.action, bob.status) == (BounceAction.IGNORED, status)
+    assert f"success status {status}" in bob.reason
+    assert carol.action is BounceAction.FAILED
+    states = {r.address: r.state for r in store.status(mid).recipients}
+    assert states == {
+        "bob@example.org": RecipientState.DELIVERED,
+        "carol@example.org": RecipientState.FAILED,
+    }
+    assert store.list_suppressions() == []

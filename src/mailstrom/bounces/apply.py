@@ -32,9 +32,9 @@ yet recorded), or deferred after an uncertain attempt (the connection lost after
 dot: the server may have accepted it, and the worker tries again), is reported as in
 flight, to be applied again later (``mailstrom bounce`` exits 75, so the MTA that pipes
 it tries again). A DSN block that
-says nothing final (``delayed``, ``delivered``, ``relayed``, ``expanded``) is ignored
-whatever the recipient's state: the worker's own delay warning about a recipient it still
-retries reaches a VERP sender's address too.
+says nothing final (``delayed``, ``delivered``, ``relayed``, ``expanded``, or ``failed``
+with a success status, 2.X.X) is ignored whatever the recipient's state: the worker's
+own delay warning about a recipient it still retries reaches a VERP sender's address too.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ class BounceAction(StrEnum):
     COMPLAINT = "complaint"
     """A complaint: the address was suppressed; its delivery state stays."""
     IGNORED = "ignored"
-    """The report says nothing final (``delayed``, ``delivered``, ``relayed``), or is a
+    """The report says nothing final (``delayed``, ``delivered``, ``relayed``, or
+    ``failed`` with a success status), or is a
     feedback report that is no complaint (``not-spam``, ``auth-failure``, ``other``)."""
     UNMATCHED = "unmatched"
     """No queued message and recipient fit the report, or the recipient it names has not
@@ -368,7 +369,7 @@ def apply_report(
             )
             continue
         message, recipient = match
-        if report.kind is ReportKind.DSN and entry.action != "failed":
+        if report.kind is ReportKind.DSN and (entry.action != "failed" or _success(entry)):
             # Before the state: a delay warning (the worker's own, which a VERP sender
             # gets at this very address) is about a recipient no server has accepted yet.
             outcomes.append(_nothing_final(entry, message, recipient))
@@ -386,14 +387,27 @@ def _nothing_final(
     entry: ReportedRecipient, message: MessageStatus, recipient: RecipientStatus
 ) -> BounceOutcome:
     """A DSN block that is no failure (``delayed``, ``delivered``, ``relayed``,
-    ``expanded``): nothing to record, whatever the recipient's state."""
+    ``expanded``, or a ``failed`` one whose status is a success): nothing to record,
+    whatever the recipient's state."""
+    said = f"action {entry.action or 'missing'}"
+    if _success(entry):
+        said += f" with the success status {entry.status}"
     return BounceOutcome(
         action=BounceAction.IGNORED,
         address=recipient.address,
         message_id=message.id,
         status=entry.status,
-        reason=f"action {entry.action or 'missing'}: nothing final to record",
+        reason=f"{said}: nothing final to record",
     )
+
+
+def _success(entry: ReportedRecipient) -> bool:
+    """Whether the block's Status is of the success class: 2.X.X "is reporting a positive
+    delivery action" (RFC 3463 §3.1), whatever its Action says. Read as a failure, such a
+    block (``Action: failed``, ``Status: 2.0.0``) failed a recipient its server had
+    accepted, classed as a mailbox problem: a report contradicting itself undid a
+    delivery."""
+    return (entry.status or "").startswith("2.")
 
 
 def _not_accepted(
