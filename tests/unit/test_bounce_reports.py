@@ -1000,6 +1000,25 @@ def test_a_template_is_checked_as_it_is_sent(template: str, why: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "template", ["bounces+{token}\udcff@sender.test", "bounces+{token}@sender\udcff.test"]
+)
+def test_a_template_with_a_lone_surrogate_is_a_typed_error(template: str) -> None:
+    """A template's octets were counted with a strict UTF-8 encoding: a lone surrogate
+    (a string decoded with "surrogateescape") raised UnicodeEncodeError, where the same
+    envelope sender without {token} is refused as ForbiddenCharacter, and nothing is
+    queued."""
+    from mailstrom import Config, Email, Mailstrom
+    from mailstrom.errors import ForbiddenCharacter
+    from mailstrom.stores import MemoryStore
+
+    email = Email(from_="app@sender.test", to=["bob@example.org"], subject="Hi", text="Hello")
+    with Mailstrom(Config(helo_name="mail.sender.test"), store=MemoryStore(), worker=None) as ms:
+        with pytest.raises(ForbiddenCharacter, match="lone surrogate"):
+            ms.send_email(email, envelope_from=template)
+        assert ms.query_recent() == []
+
+
+@pytest.mark.parametrize(
     ("name", "part_type"),
     [
         ("postfix-dsn-headers.eml", b"text/rfc822-headers"),
