@@ -300,3 +300,57 @@ def test_a_failed_block_with_a_success_status_undoes_no_delivery(status: str) ->
         "carol@example.org": RecipientState.FAILED,
     }
     assert store.list_suppressions() == []
+
+
+def test_a_report_built_by_the_application_is_held_to_the_parsers_bounds() -> None:
+    """``Report`` is public: an application may build one from its provider's webhook.
+    Was: ``apply_report`` stored its texts as given, while ``parse_report`` makes each
+    one line of at most 1,000 safe characters: an escape sequence and a line break
+    reached a recipient's reason and MX host and a suppression's reply (and every view
+    of them), and a reporting MTA of 5,000 characters made a reply the suppression
+    list's own export could not import again (past 2,048 characters)."""
+    from io import StringIO
+
+    from mailstrom.safetext import is_safe
+    from mailstrom.suppression_csv import parse_csv, write_csv
+
+    store = MemoryStore()
+    mid = store.enqueue(message("bob@example.org", "carol@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    mta = "mx.example.org\x1b[2J\r\nX-Injected: 1 " + "m" * 5000
+    complaint = Report(
+        kind=ReportKind.COMPLAINT,
+        recipients=(ReportedRecipient(final_recipient="bob@example.org"),),
+        envelope_id=mid,
+        reporting_mta=mta,
+        feedback_type="abuse",
+    )
+    bounce = Report(
+        kind=ReportKind.DSN,
+        recipients=(
+            ReportedRecipient(
+                final_recipient="carol@example.org",
+                action="failed",
+                status="5.1.1",
+                diagnostic="550 5.1.1 \x1b[31mgone\r\nX-Injected: 1",
+                diagnostic_type="smtp",
+                remote_mta="mx\n\x1b" * 1000,
+            ),
+        ),
+        envelope_id=mid,
+        reporting_mta=mta,
+    )
+    [bob] = apply_report(store, complaint, now=NOW)
+    [carol] = apply_report(store, bounce, now=NOW)
+    assert (bob.action, carol.action) == (BounceAction.COMPLAINT, BounceAction.FAILED)
+    entries = store.list_suppressions()
+    texts = [e.reply for e in entries]
+    texts += [text for r in store.status(mid).recipients for text in (r.error, r.mx_host) if text]
+    assert any(mta[:14] in text for text in texts)
+    for text in texts:
+        assert is_safe(text), text[:60]
+        assert len(text) <= 2048
+    stream = StringIO()
+    write_csv(entries, stream)
+    again = parse_csv(stream.getvalue(), now=NOW)
+    assert [e.reply for e in again] == [e.reply for e in entries]

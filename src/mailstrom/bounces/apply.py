@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from mailstrom.bounces.reports import Report, ReportedRecipient, ReportKind
+from mailstrom.bounces.reports import Report, ReportedRecipient, ReportKind, kept_texts
 from mailstrom.bounces.verp import (
     address_digest,
     find_tokens,
@@ -340,8 +340,15 @@ def apply_report(
     mailstrom worker reports for a reason of its own (an ``X-Mailstrom`` diagnostic) does
     not suppress: that worker applied ``suppress_on`` to it already; nor is a VERP address
     (a bounce notice's recipient, :func:`~mailstrom.bounces.verp.is_verp_address`) ever
-    suppressed.
+    suppressed. Every text of ``report`` that is kept or shown is held to the bounds
+    :func:`~mailstrom.bounces.parse_report` keeps (one safe line of at most 1,000
+    characters) first, whoever built it.
     """
+    # A Report may be built by the application too: its texts reach the store (a
+    # recipient's reason and MX host, a suppression's reply) and every view of them, and
+    # were kept as given, escape sequences, line breaks and all, and as long (a reply
+    # past MAX_REPLY, which the suppression list's export could not import again).
+    report = kept_texts(report)
     matcher = _Matcher(store=store, report=report)
     matcher.add_tokens([envelope_recipient or "", *report.envelope_senders])
     envelope_id = (report.envelope_id or "").lower()

@@ -25,7 +25,7 @@ import itertools
 import re
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import Message
 from enum import StrEnum
@@ -146,6 +146,36 @@ def parse_report(data: bytes) -> Report | None:
     if report_type == "feedback-report":
         return _arf(_parts(message), _addresses(message))
     return None  # a read receipt (disposition-notification) or another kind
+
+
+def kept_texts(report: Report) -> Report:
+    """``report`` with each text a store keeps or a view shows (the reporting and remote
+    MTAs, the action, status, diagnostic and feedback type) as :func:`parse_report`
+    makes it: one line of at most 1,000 characters, without control characters (see
+    :func:`_field`). Unchanged for a parsed report; one an application builds itself
+    (from a provider's webhook) is held to the same bounds before it is applied."""
+
+    def text(value: str | None) -> str | None:
+        return None if value is None else _field(value) or None
+
+    recipients = tuple(
+        replace(
+            r,
+            action=_field(r.action),
+            status=text(r.status),
+            diagnostic=text(r.diagnostic),
+            diagnostic_type=text(r.diagnostic_type),
+            diagnostic_status=text(r.diagnostic_status),
+            remote_mta=text(r.remote_mta),
+        )
+        for r in report.recipients
+    )
+    return replace(
+        report,
+        recipients=recipients,
+        reporting_mta=text(report.reporting_mta),
+        feedback_type=text(report.feedback_type),
+    )
 
 
 _EXTENDED_REPORT_TYPE = re.compile(r"report-type\*(?:([0-9]{1,3})(\*?))?", re.IGNORECASE)
