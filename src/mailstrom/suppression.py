@@ -354,11 +354,17 @@ class Suppression:
         """Whether this entry, in the store, stays when a bounce's or a complaint's
         ``other`` comes (``keep_longer``): an operator's entry in force at ``other``'s
         time (its reason and end are the operator's choice, which no automatic entry
-        overrides), or one that :meth:`outlasts` it."""
+        overrides), or one that :meth:`outlasts` it, unless it is a bounce's
+        (:data:`BYPASSABLE`) and ``other``, a complaint's, lasts as long."""
         if self.source is SuppressionSource.MANUAL and (
             other.created_at is None or self.active(other.created_at)
         ):
             return True
+        if self.source in BYPASSABLE and other.source not in BYPASSABLE and other.outlasts(self):
+            # A complaint as long as a bounce's entry (both without end, the default)
+            # takes its place: kept, the bounce's let a lane that sends past bounces
+            # (bypass_suppression) go on mailing the address that complained.
+            return False
         return self.outlasts(other)
 
     def outlasts(self, other: Suppression) -> bool:

@@ -697,6 +697,53 @@ def test_a_lane_that_bypasses_bounces_is_sent_past_them_and_only_them(store: Sto
     }
 
 
+def test_a_complaint_takes_the_place_of_a_bounces_entry_as_long(store: Store) -> None:
+    """The password reset of the test above went out past the address's hard bounce (no
+    end, the default), and its reader complained. Was: the complaint's entry, also
+    without end, did not outlast the bounce's, which was kept (``keep_longer``), so the
+    lane that sends past bounces went on mailing the address that complained, whose
+    complaint should stop every lane. It now takes the bounce's place, from a report
+    (``apply_report``), from an entry written alone or with the bounce's in one call,
+    and whichever came first; a bounce still never replaces a complaint."""
+    later = NOW + DAY
+    complaint = dataclasses.replace(
+        entry("a@example.org", source=SuppressionSource.COMPLAINT, reply="abuse"),
+        created_at=later,
+    )
+    store.suppress([entry("a@example.org"), entry("b@example.org")], keep_longer=True)
+    store.suppress([complaint], keep_longer=True)
+    store.suppress(
+        [entry("c@example.org"), dataclasses.replace(complaint, target="c@example.org")],
+        keep_longer=True,
+    )
+    store.suppress([dataclasses.replace(complaint, target="d@example.org")], keep_longer=True)
+    store.suppress([entry("d@example.org"), entry("b@example.org")], keep_longer=True)
+    mid = store.enqueue(message("e@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    [failed] = _bounce(mid).recipients
+    bounce = dataclasses.replace(
+        _bounce(mid), recipients=(dataclasses.replace(failed, final_recipient="e@example.org"),)
+    )
+    [outcome] = apply_report(store, bounce, now=later)
+    assert outcome.suppressed is not None
+    assert outcome.suppressed.source is SuppressionSource.ASYNC_BOUNCE
+    arf = Report(kind=ReportKind.COMPLAINT, recipients=(), envelope_id=mid, feedback_type="abuse")
+    [outcome] = apply_report(store, arf, now=later + DAY)
+    assert outcome.suppressed is not None
+    assert outcome.suppressed.source is SuppressionSource.COMPLAINT
+    kept = {e.target: e.source for e in store.list_suppressions()}
+    assert kept == {
+        "a@example.org": SuppressionSource.COMPLAINT,
+        "b@example.org": SuppressionSource.HARD_BOUNCE,
+        "c@example.org": SuppressionSource.COMPLAINT,
+        "d@example.org": SuppressionSource.COMPLAINT,
+        "e@example.org": SuppressionSource.COMPLAINT,
+    }
+    found = store.suppressions_for([f"{t}@example.org" for t in "acde"], now=later + DAY)
+    for target in "acde":
+        assert match(f"{target}@example.org", found, bypass=BYPASSABLE) is not None
+
+
 def test_a_late_bounce_of_a_quoted_local_part_finds_and_suppresses_it(store: Store) -> None:
     """A report naming ``"John Doe"@example.org`` (or needlessly quoted ``"ann"@...``)
     finds the recipient prepare() queued and puts it on the list in the same form."""

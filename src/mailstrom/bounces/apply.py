@@ -336,9 +336,11 @@ def apply_report(
     worker's own hard bounces); a complaint (feedback type ``abuse``, ``fraud`` or
     ``virus``, or none) always suppresses, with no end, and other feedback reports change
     nothing. An entry in force for the address that lasts at least as long (a complaint's,
-    an operator's) is kept as it is: a report never shortens a suppression. A failure a
-    mailstrom worker reports for a reason of its own (an ``X-Mailstrom`` diagnostic) does
-    not suppress: that worker applied ``suppress_on`` to it already; nor is a VERP address
+    an operator's) is kept as it is: a report never shortens a suppression (a complaint
+    takes the place of a bounce's entry as long as its own, which a lane may send past).
+    A failure a mailstrom worker reports for a reason of its own (an ``X-Mailstrom``
+    diagnostic) does not suppress: that worker applied ``suppress_on`` to it already;
+    nor is a VERP address
     (a bounce notice's recipient, :func:`~mailstrom.bounces.verp.is_verp_address`) ever
     suppressed. Every text of ``report`` that is kept or shown is held to the bounds
     :func:`~mailstrom.bounces.parse_report` keeps (one safe line of at most 1,000

@@ -1339,7 +1339,7 @@ class Store(Protocol):
 
         With ``keep_longer`` (the entries of bounces and complaints), an entry is not
         written where its target's entry is an operator's in force at the entry's time or
-        lasts at least as long
+        lasts at least as long, but for a bounce's that a complaint's lasts as long as
         (:meth:`~mailstrom.suppression.Suppression.stands_against`; also the first of such
         entries within ``entries`` stays): decided in the write itself, so that of two
         writers at once (a bounce's entry of ``suppress_for`` and a complaint's without

@@ -41,7 +41,7 @@ from mailstrom.stores.sqlite_schema import (
     time_at,
     to_us,
 )
-from mailstrom.suppression import Suppression, SuppressionSource, lookup_targets
+from mailstrom.suppression import BYPASSABLE, Suppression, SuppressionSource, lookup_targets
 
 _IN_CHUNK = 500
 """Targets per ``IN (...)`` list, well under SQLite's limit on bound parameters."""
@@ -85,15 +85,20 @@ def _damaged_entry(row: Any, exc: Exception) -> Suppression:
     )
 
 
+_BOUNCES = ", ".join(f"'{source.value}'" for source in sorted(BYPASSABLE))
 _OUTLASTED = (
-    " WHERE NOT (suppressions.expires_at IS NULL OR (excluded.expires_at IS NOT NULL"
-    " AND suppressions.expires_at >= excluded.expires_at)"
+    " WHERE NOT (((suppressions.expires_at IS NULL OR (excluded.expires_at IS NOT NULL"
+    " AND suppressions.expires_at >= excluded.expires_at))"
+    f" AND NOT (suppressions.source IN ({_BOUNCES}) AND excluded.source NOT IN ({_BOUNCES})"
+    " AND (excluded.expires_at IS NULL OR (suppressions.expires_at IS NOT NULL"
+    " AND excluded.expires_at >= suppressions.expires_at))))"
     " OR (suppressions.source = 'manual' AND suppressions.expires_at > excluded.created_at))"
 )
 """Replace a row only when it is no operator's entry in force at the new entry's time and
-does not last as long as it (Suppression.stands_against: no end lasts longest; an expiry
-that is no time, stored as text or a blob, sorts after every number and so does not
-expire, as :data:`_IN_FORCE` reads it)."""
+does not last as long as it, or is a bounce's that the new entry, a complaint's, lasts as
+long as (Suppression.stands_against: no end lasts longest; an expiry that is no time,
+stored as text or a blob, sorts after every number and so does not expire, as
+:data:`_IN_FORCE` reads it)."""
 
 
 def insert_suppressions(

@@ -1948,9 +1948,10 @@ LIMIT %(limit)s;
 -- name: suppress
 -- Add or replace suppression entries given as parallel arrays (the newest entry for a
 -- target wins). With keep_longer, a row that lasts as long as the new entry stays
--- (Suppression.outlasts: no end lasts longest), and so does an operator's entry in force
--- at the new entry's time (Suppression.stands_against), judged on the row the conflict
--- locked. An expiry out of range (changed by hand) does not expire, as in suppressions_for.
+-- (Suppression.outlasts: no end lasts longest), but a bounce's that a complaint's lasts
+-- as long as, and so does an operator's entry in force at the new entry's time
+-- (Suppression.stands_against), judged on the row the conflict locked. An expiry out of
+-- range (changed by hand) does not expire, as in suppressions_for.
 INSERT INTO suppressions (target, source, reply, created_at, expires_at, message_id)
 SELECT DISTINCT ON (target) target, source, reply, created_at, expires_at, message_id
 FROM unnest(%(targets)s::text[], %(sources)s::text[], %(replies)s::text[],
@@ -1961,9 +1962,14 @@ ON CONFLICT (target) DO UPDATE
 SET source = excluded.source, reply = excluded.reply, created_at = excluded.created_at,
     expires_at = excluded.expires_at, message_id = excluded.message_id
 WHERE NOT (%(keep_longer)s::boolean
-           AND (suppressions.expires_at IS NULL
-                OR (excluded.expires_at IS NOT NULL
-                    AND suppressions.expires_at >= excluded.expires_at)
+           AND (((suppressions.expires_at IS NULL
+                  OR (excluded.expires_at IS NOT NULL
+                      AND suppressions.expires_at >= excluded.expires_at))
+                 AND NOT (suppressions.source IN ('hard_bounce', 'async_bounce')
+                          AND excluded.source NOT IN ('hard_bounce', 'async_bounce')
+                          AND (excluded.expires_at IS NULL
+                               OR (suppressions.expires_at IS NOT NULL
+                                   AND excluded.expires_at >= suppressions.expires_at))))
                 OR (suppressions.source = 'manual'
                     AND (suppressions.expires_at > excluded.created_at
                          OR suppressions.expires_at < '1900-01-01Z'))));
