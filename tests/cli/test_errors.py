@@ -269,6 +269,25 @@ def test_a_postgresql_url_that_is_not_utf8_is_a_bad_store_url(cli: CLI) -> None:
     assert "s3cret" not in result.err
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:s3cret%FF@127.0.0.1:1/mail",
+        "postgresql://app@127.0.0.1:1/mail?password=s3cret%E9",
+        "postgresql://app:s3cret@127.0.0.1:1/m%E9il",
+    ],
+)
+def test_a_percent_escape_that_is_not_utf8_is_a_bad_store_url(cli: CLI, url: str) -> None:
+    """libpq decodes "%FF" to that octet and psycopg reads its values as UTF-8: every
+    command ended in "internal error: UnicodeDecodeError" (70), and a worker died of it;
+    now a bad store URL (78), its password not shown."""
+    cli.env["MAILSTROM_STORE"] = url
+    for command in (["queue"], ["worker", "--once", "--no-live"]):
+        result = cli(*command)
+        assert_one_line_error(result, 78, "percent-escape that is not UTF-8")
+        assert "s3cret" not in result.err
+
+
 def test_usage_errors_exit_64(cli: CLI) -> None:
     assert cli("frobnicate").code == 64
     assert cli("queue", "--older-than", "soon").code == 64

@@ -253,6 +253,14 @@ def check_conninfo(conninfo: str) -> None:
         raise InvalidStoreURL(
             f"PostgreSQL URL libpq cannot parse {shorten(shown)}{detail}"
         ) from None
+    except UnicodeDecodeError:
+        # libpq decodes a percent-escape to any octet ("%FF" in a password), and psycopg
+        # reads every value back as UTF-8: a bare UnicodeDecodeError, an internal error
+        # (70) in every command and a worker that died of it, for a mistake in the URL.
+        raise InvalidStoreURL(
+            f"PostgreSQL URL with a percent-escape that is not UTF-8: "
+            f"{shorten(redact_url(conninfo))} (libpq's values are UTF-8 text)"
+        ) from None
     for host in str(params.get("host") or "").split(","):
         _check_host(host, conninfo)
     for port in str(params.get("port") or "").split(","):
