@@ -224,7 +224,16 @@ class InvalidMetadata(InvalidQueueAttribute):
 
 class StoreError(MailstromError):
     """The store failed: by default a passing trouble (database locked or unreachable, a
-    connection lost) that is worth trying again later."""
+    connection lost) that is worth trying again later. Its text shows every password of
+    a URL or connection string it quotes as ``***``."""
+
+    def __str__(self) -> str:
+        # A driver's message may quote the connection string, and this text goes to
+        # many places (log lines, worker_status, /healthz, the dashboard, a caller's own
+        # logs): hidden here once, rather than by each of them, some of which did not.
+        from mailstrom.stores.url import redact_url  # here: url.py imports this module
+
+        return redact_url(super().__str__())
 
 
 class StoreCorrupt(StoreError):

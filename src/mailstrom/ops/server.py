@@ -39,6 +39,7 @@ from mailstrom.ops.guarded_http import (
 )
 from mailstrom.status import MetricsSnapshot, WorkerStatus
 from mailstrom.stores.base import Store
+from mailstrom.stores.url import redact_url
 
 if TYPE_CHECKING:
     from mailstrom.ops.sources import StoreWait
@@ -171,7 +172,9 @@ class _Ping:
             # recipients of a timed suspension that has ended).
             store.suspensions(now=datetime.now(UTC))
         except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            # Not only StoreError (whose text is redacted already): a driver's own error
+            # that escaped the store may quote its connection string too.
+            self.error = redact_url(f"{type(exc).__name__}: {exc}")
         finally:
             self.done.set()
 

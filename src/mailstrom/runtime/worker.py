@@ -75,6 +75,7 @@ from mailstrom.stores.base import (
     new_holder,
 )
 from mailstrom.stores.clock import ClockReading, in_utc
+from mailstrom.stores.url import redact_url
 from mailstrom.suppression import Suppression
 
 if TYPE_CHECKING:
@@ -691,7 +692,8 @@ class Worker(
                 # stop() past its bound, the command's second signal), no error: the
                 # worker read as dead of "CancelledError", where a worker process a stop
                 # killed reads as stopped.
-                self._counters.error = f"{type(exc).__name__}: {exc}"
+                # Any error, a driver's quoting its connection string among them.
+                self._counters.error = redact_url(f"{type(exc).__name__}: {exc}")
             raise
         finally:
             for screening in self._screenings:
