@@ -447,7 +447,10 @@ def _dkim_keys(key: str, value: Any) -> tuple[DKIMKey, ...]:
     if isinstance(value, str):
         value = [_dkim_key_entry(key, entry) for entry in value.split(",") if entry.strip()]
     if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected [[dkim.keys]] tables, got {_quoted(value)}")
+        # A single [dkim.keys] table is not quoted: its private_key may be the key
+        # itself rather than its path.
+        got = "one [dkim.keys] table" if isinstance(value, dict) else _quoted(value)
+        raise ConfigError(f"{key}: expected [[dkim.keys]] tables, got {got}")
     keys: list[DKIMKey] = []
     for index, entry in enumerate(value):
         where = f"{key}[{index}]"
@@ -480,9 +483,20 @@ def _dkim_key_entry(key: str, text: str) -> dict[str, str]:
     if len(parts) not in (3, 4) or not all(parts):
         raise ConfigError(
             f"{key}: expected domain:selector:path[:algorithm] entries separated by commas, "
-            f"got {_quoted(text.strip())}"
+            f"got {_quoted_unless_key(text.strip(), *parts)}"
         )
     return dict(zip(DKIM_KEY_FIELDS, parts, strict=False))
+
+
+def _quoted_unless_key(text: str, *parts: str) -> str:
+    """``text`` quoted, unless it or one of its ``parts`` is a private key rather than a
+    key file's path: a key put where the entry belongs (``MAILSTROM_DKIM_KEYS`` set to
+    the key a secret store holds, or with its selector missing) was quoted whole in the
+    error, an Ed25519 seed's 44 characters all of it, a PEM key's last line."""
+    from mailstrom.dkim.keys import key_text  # here: settings without DKIM never load it
+
+    held = next(filter(None, map(key_text, (text, *parts))), None)
+    return _quoted(text) if held is None else f"an entry holding {held} (not shown)"
 
 
 def _shaping_rules(key: str, value: Any) -> tuple[DestinationRule, ...]:

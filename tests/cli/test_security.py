@@ -366,3 +366,38 @@ def test_a_config_file_anyone_can_write_is_warned_about(
         f"mailstrom: warning: {config} can be changed by any user (mode {file_mode:04o}), "
         "who could then choose the store and the relay; chmod o-w it"
     ]
+
+
+_SEED = "YRx8cpQlwYMiqUa0L7U2w7veO+9bUHb1DVTFrsLNEU4="
+"""An Ed25519 private key's seed in base64, as a secret store or dkimpy's dknewkey holds it."""
+
+
+@pytest.mark.parametrize("form", ["base64", "pem"])
+@pytest.mark.parametrize("prefix", ["", "example.org:"])  # alone, or the selector missing
+def test_a_dkim_key_in_a_malformed_entry_is_not_shown(cli: CLI, form: str, prefix: str) -> None:
+    """MAILSTROM_DKIM_KEYS set to the private key itself, or with a field missing: the
+    error quoted the entry, the whole of an Ed25519 seed, a PEM key's start and end."""
+    from tests.support.dkim import ED25519, pem
+
+    key = _SEED if form == "base64" else pem(ED25519).decode()
+    cli.env["MAILSTROM_DKIM_KEYS"] = prefix + key
+    result = cli("queue")
+    assert result.code == 78, result.err
+    assert "expected domain:selector:path" in result.err
+    assert "not shown" in result.err
+    material = [line for line in key.splitlines() if line and "-----" not in line]
+    assert material and all(line[-12:] not in result.err for line in material)
+
+
+def test_a_single_dkim_keys_table_is_not_quoted(cli: CLI) -> None:
+    """``[dkim.keys]`` written for ``[[dkim.keys]]``: the error quoted the table, its
+    private_key with it, which may be the key itself."""
+    config = cli.cwd / "c.toml"
+    config.write_text(
+        f'[dkim.keys]\ndomain = "example.org"\nselector = "s1"\nprivate_key = "{_SEED}"\n'
+    )
+    config.chmod(0o600)
+    result = cli("--config", str(config), "queue")
+    assert result.code == 78, result.err
+    assert "expected [[dkim.keys]] tables, got one [dkim.keys] table" in result.err
+    assert _SEED not in result.err
