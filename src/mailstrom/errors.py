@@ -235,6 +235,11 @@ class StoreError(MailstromError):
 
         return redact_url(super().__str__())
 
+    def __repr__(self) -> str:
+        from mailstrom.stores.url import redact_url
+
+        return redact_url(super().__repr__())
+
 
 class StoreCorrupt(StoreError):
     """The store cannot be used and trying again will not help: its file is damaged or

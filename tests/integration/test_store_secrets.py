@@ -145,3 +145,21 @@ def test_the_dashboard_shows_no_store_password(caplog: pytest.LogCaptureFixture)
     assert html.escape(SHOWN) in page.text
     assert "overview failed" in caplog.text
     assert SECRET not in caplog.text
+
+
+def test_a_store_error_in_an_application_s_own_log_shows_no_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a caller of the facade gets: its text, its repr, and its traceback as the
+    application's own logging formats it."""
+    error = StoreUnreachable(f"connection lost: {URL}")
+    assert str(error) == f"connection lost: {SHOWN}"
+    assert repr(error) == f"StoreUnreachable('connection lost: {SHOWN}')"
+    log = logging.getLogger("app")
+    with caplog.at_level(logging.ERROR, logger="app"):
+        try:
+            raise error
+        except StoreUnreachable as exc:
+            log.exception("sending failed: %r", exc)
+    assert SHOWN in caplog.text
+    assert SECRET not in caplog.text
