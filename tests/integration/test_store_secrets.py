@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,44 @@ def test_a_store_error_in_an_application_s_own_log_shows_no_password(
             log.exception("sending failed: %r", exc)
     assert SHOWN in caplog.text
     assert SECRET not in caplog.text
+
+
+class _QuotingFileStore(SQLiteStore):
+    """A store that fails in a worker process, with an error that quotes its URL and is
+    no StoreError (a driver's own), once the file ``trigger`` exists."""
+
+    def __init__(self, path: Path, trigger: Path) -> None:
+        super().__init__(path)
+        self._trigger = trigger
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_QuotingFileStore, (self._path, self._trigger))
+
+    def next_due(self, *, now: datetime) -> datetime | None:
+        if self._trigger.exists():
+            raise RuntimeError(f"cannot connect to {URL}")
+        return super().next_due(now=now)
+
+
+def test_the_error_a_worker_process_died_of_shows_no_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process sends its parent the error it died of, which the parent's
+    worker_status().error showed as it was."""
+    # The worker process unpickles the store: it imports this module, as the tests do.
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [root, os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
+    trigger = tmp_path / "fail"
+    store = _QuotingFileStore(tmp_path / "q.db", trigger)
+    config = Config(helo_name="client.test", poll_interval=0.05)
+    try:
+        with Mailstrom(config, store=store, worker="process") as ms:
+            trigger.touch()
+            assert eventually(lambda: ms.worker_status.error is not None, 20)
+            error = ms.worker_status.error
+            trigger.unlink()
+            assert error is not None and SHOWN in error, error
+            assert SECRET not in error
+    finally:
+        store.close()

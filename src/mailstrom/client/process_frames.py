@@ -25,6 +25,7 @@ from mailstrom.runtime.pipes import read_frame, result_from_wire
 from mailstrom.runtime.worker_reporting import ends_the_program
 from mailstrom.status import RecipientState
 from mailstrom.stores.base import RecipientResult
+from mailstrom.stores.url import redact_url
 
 log = logging.getLogger("mailstrom.worker")
 
@@ -233,7 +234,9 @@ class FrameReading(Restarting):
             watch.up.set()
             self._came_up()
         elif kind == "error":
-            self._error = str(payload)
+            # The child's last words, whatever raised them: a driver's error may quote
+            # its connection string.
+            self._error = redact_url(str(payload))
             self._reported_error = True
         elif kind == "cause":
             self._cause = payload
