@@ -236,6 +236,15 @@ def _relay_host_problem(host: str) -> str | None:
     return None
 
 
+def _shown_host(host: object) -> str:
+    """A relay host refused, as its error quotes it: what comes before its last ``@`` as
+    ``***`` (``user:password@smtp.example.net``, credentials written as some tools take
+    them, was quoted whole), cut to 80 characters."""
+    if isinstance(host, str) and "@" in host:
+        host = "***@" + host.rpartition("@")[2]
+    return f"{host!r:.80}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayConfig:
     """Send everything through one smarthost instead of MX lookup.
@@ -277,10 +286,12 @@ username='app', password='***', verify=True, allow_plaintext_auth=False)
             or any(c.isspace() or not c.isprintable() for c in self.host)
         ):
             # Each delivery would look the name up and fail: every message deferred.
-            raise ConfigError(f"relay.host: expected a host name or address, got {self.host!r:.80}")
+            raise ConfigError(
+                f"relay.host: expected a host name or address, got {_shown_host(self.host)}"
+            )
         problem = _relay_host_problem(self.host)
         if problem is not None:
-            raise ConfigError(f"relay.host: {problem}, got {self.host!r:.80}")
+            raise ConfigError(f"relay.host: {problem}, got {_shown_host(self.host)}")
         for name in ("username", "password"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

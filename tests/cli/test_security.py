@@ -401,3 +401,17 @@ def test_a_single_dkim_keys_table_is_not_quoted(cli: CLI) -> None:
     assert result.code == 78, result.err
     assert "expected [[dkim.keys]] tables, got one [dkim.keys] table" in result.err
     assert _SEED not in result.err
+
+
+@pytest.mark.parametrize(
+    "host", [f"app:{SECRET}@smtp.example.net", f"app:{SECRET} x@smtp.example.net"]
+)
+def test_credentials_written_into_the_relay_host_are_not_shown(cli: CLI, host: str) -> None:
+    """``user:password@host``, as some tools take a relay: refused (the credentials go
+    in relay.username and relay.password), with the password quoted in the error."""
+    cli.env["MAILSTROM_RELAY_HOST"] = host
+    result = cli("queue")
+    assert result.code == 78, result.err
+    assert "relay.host" in result.err
+    assert "'***@smtp.example.net'" in result.err
+    assert SECRET not in result.err
