@@ -17,6 +17,10 @@ from typing import Any
 import pytest
 
 from mailstrom import AsyncMailstrom, Email, Mailstrom, RecipientState
+from mailstrom.client import aio
+from mailstrom.errors import StoreLocked
+from mailstrom.runtime import worker as worker_module
+from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.integration import test_exit_without_stop as exits
 from tests.integration import test_hooks, test_worker_modes
@@ -160,3 +164,58 @@ def test_a_worker_cancelled_twice_as_the_loop_ends_still_drains(
     program = task_exits._PROGRAM.replace("{ending}", _CANCEL_ALL)
     exits._run(mx, dns_server, tmp_path, program, str(tmp_path / store))
     exits._expect_each_once(mx)
+
+
+_CANCEL_ALL_TWICE = """for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.cancel()
+            task.cancel()  # two pending at once, and asyncio.run() cancels them again"""
+
+
+def test_a_worker_cancelled_twice_at_once_as_the_loop_ends_still_drains(
+    mx: Any, dns_server: LoopbackDNS, tmp_path: Path
+) -> None:
+    """As above, with two cancels pending at once when the worker and its sessions see
+    them: only one was taken as a stop, and two ended the delivery mid-way."""
+    program = task_exits._PROGRAM.replace("{ending}", _CANCEL_ALL_TWICE)
+    exits._run(mx, dns_server, tmp_path, program, str(tmp_path / "q.db"))
+    exits._expect_each_once(mx)
+
+
+class _LockedForResults(SQLiteStore):
+    """Refuses every write of results, as a lock held elsewhere for ever would."""
+
+    def record_and_lease(self, results: Any, **kwargs: Any) -> Any:
+        if results:
+            raise StoreLocked("database is locked")
+        return super().record_and_lease(results, **kwargs)
+
+
+def test_a_drain_cut_short_leaves_no_hook_sender_running(
+    mx: Any,
+    dns_server: LoopbackDNS,
+    endpoint: test_hooks.Endpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """main returns with a result unwritten (the store refuses it): the drain started
+    the hook sender again, and the grace cancel ended the worker in its last records,
+    before it stopped the hooks. That sender was left pending when asyncio.run() returned (it
+    waits only for the tasks it cancelled), polling the outbox of a worker that had
+    ended."""
+    monkeypatch.setattr(aio, "ORPHAN_DRAIN", 1.0)
+    monkeypatch.setattr(worker_module, "_CANCEL_GRACE", 0.2)
+    hooked = test_hooks.hook_config(dns_server, mx.port, endpoint.url)
+    cfg = dataclasses.replace(hooked, timeouts=exits.SLOW, poll_interval=30)
+    ms = AsyncMailstrom(cfg, store=_LockedForResults(tmp_path / "q.db"), worker="task")
+
+    async def main() -> None:
+        await ms.start()
+        await ms.send_email(Email(from_="a@sender.test", to=["u0@example.org"], text="0"))
+        await asyncio.to_thread(eventually, lambda: len(mx.messages) >= 1, 30)
+
+    with asyncio.Runner() as runner:  # as asyncio.run(), keeping the loop to look at
+        runner.run(main())
+        loop = runner.get_loop()
+    left = sorted(t.get_name() for t in asyncio.all_tasks(loop) if not t.done())
+    assert left == []
