@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailstrom import Attachment, Email
-from mailstrom.dkim import DKIMConfig, DKIMKey
+from mailstrom.dkim import DKIMConfig, DKIMKey, generate_private_key
 from mailstrom.dkim.signing import resign_stale
 from mailstrom.doctor import DNSResolver, Status
 from mailstrom.doctor.dkim import DKIMKey as DoctorKey
@@ -118,6 +118,20 @@ EDGES = {
     "repeated List-Unsubscribe, signed bottom-up": (
         _HEAD + b"List-Unsubscribe: <mailto:u@example.com>\r\n"
         b"List-Unsubscribe: <https://example.com/u>\r\n\r\nbody\r\n"
+    ),
+    # prepare() makes a lone CR or LF a CRLF before it signs: the bytes signed are those
+    # sent, whichever line end a receiver would have made of them.
+    "lone CR and LF in the body": _HEAD + b"\r\na\rb\nc\r\nd\r",
+    "white space before the colons": (
+        b"From : shop@example.com\r\nTo\t: bob@example.org\r\nSubject \t:x\r\n\r\nbody\r\n"
+    ),
+    "RFC 2047 subject": _HEAD.replace(b"edges", b"=?utf-8?q?Gr=C3=BC=C3=9Fe?= =?utf-8?b?w7w=?=")
+    + b"\r\nbody\r\n",
+    "two Received fields, not signed": (
+        b"Received: from a.example.org by b.example.org; Mon, 1 Jan 2035 00:00:00 +0000\r\n"
+        b"Received: from c.example.org\r\n by a.example.org; Mon, 1 Jan 2035 00:00:00 +0000\r\n"
+        + _HEAD
+        + b"\r\nbody\r\n"
     ),
     "long 8-bit lines": Email(
         from_="shop@example.com", to="bob@example.org", subject="s", text="Grüße " * 400
@@ -314,6 +328,21 @@ def test_an_expired_signature_made_anew_verifies(dns: LoopbackDNS) -> None:
         verdicts = verify_dkimpy(fresh, dns)
         assert [v.result for v in verdicts[:2]] == ["pass", "pass"], verdicts
         assert len(verdicts) == (3 if message is raw else 2)
+
+
+@pytest.mark.parametrize("bits", [1024, 4096])
+def test_rsa_keys_of_every_accepted_size_sign_what_verifiers_verify(
+    dns_server: LoopbackDNS, bits: int
+) -> None:
+    """The smallest RSA key accepted (RFC 8301 §3.2's 1024 bits, which dkimpy's default
+    minimum takes) and the largest (4096: its record spans four TXT strings)."""
+    key = DKIMKey(
+        domain="example.com", selector=f"r{bits}", private_key=generate_private_key(bits=bits)
+    )
+    config = DKIMConfig(keys=(key,))
+    publish(dns_server, config)
+    data = prepare(FIXED["html+attachments+provider headers"], now=NOW, dkim=config).data  # type: ignore[arg-type]
+    assert_all_pass(data, dns_server, signatures=1)
 
 
 # --- what the doctor says of a published record --------------------------------------------
