@@ -29,6 +29,7 @@ RUNS = {
     "deliver": (["-n", "40", "--stores", "memory,sqlite", "--repeat", "1"], "sqlite"),
     "reasons": (["-n", "20", "--repeat", "1"], "greylisted"),
     "dkim_stale": (["-n", "20", "--repeat", "1"], "app's own (worker)"),
+    "dkim_canon": (["--mib", "0.05", "--runs", "1"], "tab-separated"),
     "route_cache": (["-n", "20", "--repeat", "1"], "one.test"),
     "mtasts": (["-n", "20", "--repeat", "1"], "enforce policy"),
     "stats": (["--recipients", "500", "--runs", "1"], "stats()"),
