@@ -57,7 +57,7 @@ from mailstrom.doctor.dmarc import (
 )
 from mailstrom.doctor.dnsbl import check_dnsbl, query_name
 from mailstrom.doctor.fcrdns import check_fcrdns
-from mailstrom.doctor.lookup import normal_name
+from mailstrom.doctor.lookup import normal_name, reverse_name
 from mailstrom.doctor.mx import check_mx
 from mailstrom.doctor.outgoing import (
     Target,
@@ -797,6 +797,26 @@ def test_spf_macro_reversal_in_any_case(dns_server: LoopbackDNS, record: str) ->
     result, _ = evaluate(resolver, ip=IP, sender=f"postmaster@{DOMAIN}", helo=HELO)
     assert result == "pass"
     assert dns_server.queries("10.2.0.192.list.example.net", "A") == 1
+
+
+def test_spf_macro_expansion_past_a_names_length_is_truncated_on_the_left(
+    dns_server: LoopbackDNS,
+) -> None:
+    # RFC 7208 §7.3: an expansion over 253 characters "is truncated to fit, by removing
+    # successive domain labels" on the left. pyspf removes one: for an IPv6 address (32
+    # one-character labels) of a long domain, 257 characters were left, no name DNS can
+    # hold, and the exists: never matched: the doctor failed an address receivers pass.
+    domain = ".".join(["a" * 60, "b" * 60, "c" * 56, "example"])  # 186 characters
+    ip = "2001:db8::25"
+    dns_server.txt(domain, "v=spf1 exists:%{ir}.%{v}._spf.%{d} -all")
+    nibbles = reverse_name(ip).removesuffix(".ip6.arpa")  # 63 characters, 32 labels
+    expansion = f"{nibbles}.ip6._spf.{domain}"
+    assert len(expansion) == 259
+    dns_server.a(expansion[6:], "127.0.0.2")  # three labels fewer: 253 characters
+    resolver = DNSResolver(dns_server.dns_config)
+    result, explanation = evaluate(resolver, ip=ip, sender=f"postmaster@{domain}", helo=HELO)
+    assert result == "pass", explanation
+    assert dns_server.queries(expansion[6:], "A") == 1
 
 
 def test_spf_redirect_counts_against_the_lookup_limit_only_when_followed(

@@ -12,7 +12,9 @@ text is whatever a record's publisher wrote, up to the 64 KiB a DNS answer holds
 
 The doctor's time limits bound its DNS, not this CPU: one such record (the domain's, or
 one it includes) held a run for minutes. :class:`~mailstrom.doctor.spf` evaluates with
-these functions in place of pyspf's own, which give the same results and errors.
+these functions in place of pyspf's own, which give the same results and errors, but for
+an expansion longer than a domain name: it is truncated as RFC 7208 §7.3 says
+(:func:`_fitted`), where pyspf removes one label only.
 """
 
 from __future__ import annotations
@@ -94,6 +96,25 @@ def expanded(spf: Any, query: Any, text: str, stripdot: bool) -> str:
     result = "".join(pieces)
     if stripdot and result.endswith("."):
         result = result[:-1]
-    if "." in result and len(result) > 253:  # pyspf drops the first label only
-        result = result[result.index(".") + 1 :]
+    if "." in result and len(result) > MOST_NAME:
+        result = _fitted(result)
     return result
+
+
+MOST_NAME = 253
+"""Characters of a domain name in text form at most (RFC 7208 §7.3)."""
+
+
+def _fitted(name: str) -> str:
+    """``name`` truncated on the left to fit :data:`MOST_NAME` characters, "by removing
+    successive domain labels (and their following dots)" (RFC 7208 §7.3); the last label
+    alone when it is longer (a name no lookup finds).
+
+    pyspf removes one label only: an expansion still too long was no name DNS can hold,
+    its lookup found nothing, and ``exists:%{ir}.%{v}._spf.%{d}`` failed an IPv6 address
+    of a long domain that receivers which truncate as the RFC says pass. The labels go
+    in one search from the end, not one at a time (a 64 KiB text holds some 30,000)."""
+    cut = name.find(".", len(name) - MOST_NAME - 1)
+    if cut == -1:
+        cut = name.rfind(".")
+    return name[cut + 1 :]
