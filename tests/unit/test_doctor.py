@@ -985,6 +985,34 @@ def test_fcrdns_looks_up_at_most_ten_ptr_names() -> None:
     assert ptr.details[-1].endswith("40 more names, not looked at")
 
 
+def test_fcrdns_summaries_quote_a_few_ptr_names_cut_short(dns_server: LoopbackDNS) -> None:
+    # Whoever holds the address block names its PTR names: ten of 250 characters made
+    # each summary of the ptr and helo checks (one line of the report's table) a line of
+    # over 2,500 characters. The details list the names looked at, whole.
+    names = [
+        ".".join([f"h{i}" + "a" * 57, "b" * 60, "c" * 60, "d" * 60, "example"]) for i in range(10)
+    ]
+    dns_server.ptr(IP, *names)
+    for name in names:
+        dns_server.a(name, IP)
+    dns_server.a(HELO, IP)
+    resolver = DNSResolver(dns_server.dns_config)
+    ptr, helo = check_fcrdns(resolver, ip=IP, helo=HELO)
+    assert (ptr.status, helo.status) == (Status.PASS, Status.WARN)
+    for name in names:
+        dns_server.a(name, "198.51.100.7")
+    unconfirmed, _ = check_fcrdns(resolver, ip=IP, helo=HELO)
+    assert unconfirmed.status is Status.FAIL
+    for name in names:
+        dns_server.servfail(name)
+    failed, _ = check_fcrdns(resolver, ip=IP, helo=HELO)
+    assert failed.status is Status.UNKNOWN
+    for check in (ptr, helo, unconfirmed, failed):
+        assert len(check.summary) < 1000, (check.name, check.summary)  # as the fuzz test asks
+        assert "and 7 more" in check.summary, check.summary
+    assert sorted(ptr.details) == sorted(f"PTR 10.2.0.192.in-addr.arpa: {n}" for n in names)
+
+
 def test_names_keep_an_escaped_final_dot() -> None:
     # A PTR name's text form escapes a dot inside a label; stripping it made another
     # name (``mail\\`` is not even one), whose lookup failed as a "temporary" error.

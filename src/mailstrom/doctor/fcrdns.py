@@ -17,7 +17,7 @@ from mailstrom.doctor.lookup import (
     reverse_name,
     same_address,
 )
-from mailstrom.doctor.report import Check, Status, capped, listed
+from mailstrom.doctor.report import Check, Status, capped, listed, piece
 from mailstrom.domains import literal_address
 
 MAX_PTR_NAMES = 10
@@ -71,6 +71,10 @@ def check_fcrdns(resolver: Resolver, *, ip: str, helo: str) -> list[Check]:
     details = tuple(f"PTR {rname}: {n}" for n in names) + (
         (f"PTR {rname}: {unchecked} more names, not looked at",) if unchecked else ()
     )
+    # A summary is one line: a few names, each cut short (DNS names run to 253, and ten
+    # of them made a line of 2,500 characters). The details list them whole.
+    some = listed([piece(n) for n in names], 3)
+    confirmed = listed([piece(n) for n in forward.confirmed], 3)
 
     if ptr.outcome is Outcome.ERROR:
         ptr_check = Check(
@@ -93,7 +97,7 @@ def check_fcrdns(resolver: Resolver, *, ip: str, helo: str) -> list[Check]:
             name="ptr",
             subject=ip,
             status=Status.PASS,
-            summary=f"{ip} → {', '.join(forward.confirmed)} → {ip}: forward-confirmed",
+            summary=f"{ip} → {confirmed} → {ip}: forward-confirmed",
             details=details,
         )
     elif forward.error is not None:
@@ -101,7 +105,7 @@ def check_fcrdns(resolver: Resolver, *, ip: str, helo: str) -> list[Check]:
             name="ptr",
             subject=ip,
             status=Status.UNKNOWN,
-            summary=f"temporary DNS error confirming {', '.join(names)}: {forward.error}",
+            summary=f"temporary DNS error confirming {some}: {forward.error}",
             details=details,
         )
     else:
@@ -109,7 +113,7 @@ def check_fcrdns(resolver: Resolver, *, ip: str, helo: str) -> list[Check]:
             name="ptr",
             subject=ip,
             status=Status.FAIL,
-            summary=f"the PTR name {', '.join(names)} does not resolve back to {ip}",
+            summary=f"the PTR name {some} does not resolve back to {ip}",
             details=details,
             fix=f"publish {rtype} record {names[0]} → {ip}",
         )
@@ -160,7 +164,7 @@ def _check_helo(resolver: Resolver, *, ip: str, helo: str, ptr_names: list[str])
             *shown,
         )
     if helo not in ptr_names:
-        ptr = ", ".join(ptr_names) or "no confirmed PTR name"
+        ptr = listed([piece(n) for n in ptr_names], 3) or "no confirmed PTR name"
         return check(
             Status.WARN,
             f"{helo} resolves to {ip}, but the address's PTR names {ptr}",
