@@ -14,6 +14,7 @@ version here knows.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -624,3 +625,27 @@ def test_a_suspension_whose_domain_is_not_utf8_stops_no_lease(side: Side) -> Non
     lease = store.lease(now=now, limit=10, lease_for=timedelta(minutes=5))
     assert lease is not None
     assert [(item.message_id, item.domain) for item in lease.items] == [(mid, "good.example")]
+
+
+@pytest.mark.parametrize(
+    ("side", "damage"),
+    cases(["-9000000000000000000"], ["'1850-01-01 00:00+00'"]),
+    indirect=["side"],
+)
+def test_an_operators_entry_whose_expiry_is_no_time_stays_against_a_bounce(
+    side: Side, damage: str
+) -> None:
+    """An operator's entry whose expiry was changed by hand to before any time a store
+    keeps reads back as in force without end, in both stores; a bounce's entry written
+    over it (``keep_longer``) replaced it in SQLite, which judged that expiry past,
+    while PostgreSQL kept it."""
+    now = datetime.now(UTC)
+    manual = Suppression(
+        target=VICTIM, source=SuppressionSource.MANUAL, reply="unsubscribed", created_at=now
+    )
+    side.store.suppress([manual])
+    damage_entry(side, VICTIM, "expires_at", damage)
+    bounce = dataclasses.replace(entry(VICTIM, now), created_at=now)
+    side.store.suppress([bounce], keep_longer=True)
+    found = side.store.suppressions_for([VICTIM], now=now)[VICTIM]
+    assert (found.source, found.reply) == (SuppressionSource.MANUAL, "unsubscribed")

@@ -92,13 +92,14 @@ _OUTLASTED = (
     f" AND NOT (suppressions.source IN ({_BOUNCES}) AND excluded.source NOT IN ({_BOUNCES})"
     " AND (excluded.expires_at IS NULL OR (suppressions.expires_at IS NOT NULL"
     " AND excluded.expires_at >= suppressions.expires_at))))"
-    " OR (suppressions.source = 'manual' AND suppressions.expires_at > excluded.created_at))"
+    " OR (suppressions.source = 'manual' AND (suppressions.expires_at > excluded.created_at"
+    f" OR suppressions.expires_at < {READABLE_FROM})))"
 )
 """Replace a row only when it is no operator's entry in force at the new entry's time and
 does not last as long as it, or is a bounce's that the new entry, a complaint's, lasts as
 long as (Suppression.stands_against: no end lasts longest; an expiry that is no time,
 stored as text or a blob, sorts after every number and so does not expire, as
-:data:`_IN_FORCE` reads it)."""
+:data:`_IN_FORCE` reads it; nor does one before any time, as there and in PostgreSQL)."""
 
 
 def insert_suppressions(
