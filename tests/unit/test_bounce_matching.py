@@ -354,3 +354,26 @@ def test_a_report_built_by_the_application_is_held_to_the_parsers_bounds() -> No
     write_csv(entries, stream)
     again = parse_csv(stream.getvalue(), now=NOW)
     assert [e.reply for e in again] == [e.reply for e in entries]
+
+
+def test_an_action_of_an_application_built_report_is_read_case_blind() -> None:
+    """RFC 3464 action values are case-insensitive and ``parse_report`` lower-cases
+    them; an application's ``Report`` saying ``Failed`` was ignored as "nothing final"."""
+    store = MemoryStore()
+    mid = store.enqueue(message("bob@example.org"), now=NOW)
+    store.record(results_for(lease_all(store), RecipientState.DELIVERED))
+    report = Report(
+        kind=ReportKind.DSN,
+        recipients=(
+            ReportedRecipient(
+                final_recipient="bob@example.org",
+                action="Failed",
+                status="5.1.1",
+                diagnostic="550 5.1.1 gone",
+                diagnostic_type="smtp",
+            ),
+        ),
+        envelope_id=mid,
+    )
+    [bob] = apply_report(store, report, now=NOW)
+    assert bob.action is BounceAction.FAILED

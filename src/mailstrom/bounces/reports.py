@@ -161,7 +161,7 @@ def kept_texts(report: Report) -> Report:
     recipients = tuple(
         replace(
             r,
-            action=_field(r.action),
+            action=_field(r.action).lower(),  # as parse_report reads Action
             status=text(r.status),
             diagnostic=text(r.diagnostic),
             diagnostic_type=text(r.diagnostic_type),
