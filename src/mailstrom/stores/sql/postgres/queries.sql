@@ -1109,6 +1109,54 @@ SELECT (SELECT count(*) FROM found) AS found,
     , '')
         WHERE EXISTS (SELECT 1 FROM rescheduled))::text AS notified;
 
+-- name: retime_ahead_span
+-- retime_ahead over the pending recipients of the next LIMIT messages by seq after AFTER
+-- (a keyset walk on recipients_pending_seq, one short statement each: see
+-- PostgresStore.retime_ahead). Those a clock since set back stamped ahead (due past
+-- AHEAD, the slack's end, and last tried past it too, or never tried and due no later
+-- than their message was queued: no send_at) get their next attempt from NOW (the
+-- backoff they were given, or none) and NOW as their last attempt (base.retimed_due).
+-- Locked first, in order (see _lease_locked), and checked again as they are written.
+-- Returns the last seq looked at, how many messages were looked at and how many
+-- recipients were re-timed; workers are woken when any was.
+WITH span AS (
+    SELECT DISTINCT seq FROM recipients
+    WHERE state IN ('queued', 'deferred') AND seq > %(after)s
+    ORDER BY seq LIMIT %(limit)s
+), locked AS (
+    SELECT r.message_id, r.address FROM recipients r
+    JOIN span ON r.seq = span.seq
+    JOIN messages m ON m.id = r.message_id
+    WHERE r.state IN ('queued', 'deferred')
+      AND r.next_attempt_at > %(ahead)s
+      AND (r.last_attempt_at > %(ahead)s
+           OR (r.last_attempt_at IS NULL AND r.next_attempt_at <= m.created_at))
+    ORDER BY r.message_id, r.address
+    FOR NO KEY UPDATE OF r
+), retimed AS (
+    UPDATE recipients r
+    SET next_attempt_at = CASE WHEN r.last_attempt_at IS NULL THEN %(now)s
+            ELSE LEAST(r.next_attempt_at,
+                       %(now)s + GREATEST(r.next_attempt_at - r.last_attempt_at, interval '0'))
+            END,
+        first_attempt_at = CASE WHEN r.first_attempt_at > %(now)s THEN %(now)s
+            ELSE r.first_attempt_at END,
+        last_attempt_at = CASE WHEN r.last_attempt_at IS NULL THEN NULL ELSE %(now)s END
+    FROM locked l, messages m
+    WHERE r.message_id = l.message_id AND r.address = l.address AND m.id = r.message_id
+      AND r.state IN ('queued', 'deferred')
+      AND r.next_attempt_at > %(ahead)s
+      AND (r.last_attempt_at > %(ahead)s
+           OR (r.last_attempt_at IS NULL AND r.next_attempt_at <= m.created_at))
+    RETURNING 1
+)
+SELECT (SELECT max(seq) FROM span), (SELECT count(*) FROM span),
+       (SELECT count(*) FROM retimed),
+       (SELECT pg_notify(
+-- include: _channel
+    , '')
+        WHERE EXISTS (SELECT 1 FROM retimed))::text AS notified;
+
 -- name: retry_deferred_span
 -- retry_deferred over the deferred recipients of the next LIMIT messages by seq after
 -- AFTER (a keyset walk, one short statement each: see PostgresStore.retry_deferred),
