@@ -533,3 +533,28 @@ def test_a_warning_that_cannot_be_written_does_not_stop_the_queueing(
     )
     assert proc.returncode == 0
     assert len(cli.queue_ids()) == 1
+
+
+@pytest.mark.parametrize("args", [["-i", "bob@example.test"], ["bob@example.test"], ["-bs"]])
+def test_a_standard_input_that_cannot_be_read_is_no_input_not_a_bug(
+    cli: CLI, args: list[str]
+) -> None:
+    """Standard input open for writing only (a daemon's fd 0 reused for its log): the
+    read's EBADF was an "internal error" (70), which says mailstrom has a bug, where
+    the caller gave it no input it could read (66, as for a closed one)."""
+    _origin(cli)
+    with open(cli.cwd / "log", "wb") as write_only:
+        proc = subprocess.run(
+            [sys.executable, "-m", cli.module, "sendmail", *args],
+            cwd=cli.cwd,
+            env=cli.env,
+            stdin=write_only,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 66, err
+    assert "cannot read" in err and "Bad file descriptor" in err, err
+    assert "internal error" not in err
+    assert cli.queue_ids() == []

@@ -9,10 +9,12 @@ the error (and exit code 65) of any message over the limit.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import select
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 if TYPE_CHECKING:
@@ -89,6 +91,23 @@ def too_large(source: str, limit: int) -> MessageTooLarge:
     )
 
 
+@contextlib.contextmanager
+def _reading(source: str) -> Iterator[None]:
+    """CLIError with EX_NOINPUT for a read of ``source`` that fails: standard input open
+    for writing only (EBADF), a terminal hung up (EIO), a socket reset. It was an
+    "internal error" (70), which tells a caller to report a bug in mailstrom rather
+    than look at what it gave as input."""
+    try:
+        yield
+    except OSError as exc:
+        raise unreadable(source, exc) from None
+
+
+def unreadable(source: str, exc: OSError) -> CLIError:
+    """The error for ``source`` that cannot be read (EX_NOINPUT, as for a closed one)."""
+    return CLIError(f"cannot read {source}: {exc.strerror or exc}", EX_NOINPUT)
+
+
 _PIECE = 1 << 20
 """Octets asked for in one read: a read sets aside a buffer of the size asked for before
 anything arrives, so ``read(limit + 1)`` with a limit set high to mean "none" (100 GB)
@@ -101,7 +120,8 @@ def read_limited(stream: Readable, limit: int, *, source: str) -> bytes:
     pieces: list[bytes] = []
     size = 0
     while size <= limit:
-        piece = stream.read(min(limit + 1 - size, _PIECE))
+        with _reading(source):
+            piece = stream.read(min(limit + 1 - size, _PIECE))
         if not piece:
             break
         pieces.append(piece)
@@ -126,7 +146,8 @@ def read_until_dot(stream: LineReadable, limit: int, *, source: str) -> bytes:
     # for one of "a\r\n") made 35 MB of short lines take 1.5 GB, and seconds to free.
     data = bytearray()
     while True:
-        line = stream.readline(max(limit - len(data) + 1, _DOT_LINE))
+        with _reading(source):
+            line = stream.readline(max(limit - len(data) + 1, _DOT_LINE))
         if not line or line.rstrip(b"\r\n") == b".":
             return bytes(data)
         if len(data) + len(line) > limit:

@@ -33,6 +33,7 @@ from mailstrom.cli.exits import (
     reason_for,
     say,
 )
+from mailstrom.cli.reading import unreadable
 from mailstrom.cli.trace import SMTPArrival, protocol
 from mailstrom.errors import InvalidMessage, MessageTooLarge, StoreError
 from mailstrom.settings import Settings
@@ -109,6 +110,10 @@ class LineSource:
                 # A client on a socket that closed it with replies unread: gone, as at
                 # the end of input (it was an "internal error", 70).
                 data = b""
+            except OSError as exc:
+                # Input open for writing only, a terminal hung up: no client, and no
+                # bug of mailstrom's (it was an "internal error", 70).
+                raise unreadable("standard input", exc) from None
             if not data:
                 self.eof = True
             self._buffer += data
