@@ -364,6 +364,27 @@ def test_a_client_that_resets_the_socket_is_a_client_gone(cli: CLI) -> None:
         assert b"internal error" not in err
 
 
+def test_an_output_that_cannot_be_written_is_exit_73_not_a_bug(cli: CLI) -> None:
+    """Standard output open for reading only (or a full disk under ``> file``): the
+    write of the greeting raised EBADF, reported as an internal error (70, "a bug in
+    mailstrom"); it is 73, as any command's standard output that cannot be written."""
+    with open(os.devnull, "rb") as read_only:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mailstrom", "sendmail", "-bs"],
+            cwd=cli.cwd,
+            env=cli.env,
+            input=b"EHLO c\r\n" + transaction(b"a@example.test", [b"b@example.test"], MESSAGE),
+            stdout=read_only,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 73, err
+    assert "cannot write standard output" in err and "internal error" not in err
+    assert cli.queue_ids() == []
+
+
 def test_a_silent_client_times_out_with_421() -> None:
     from mailstrom.cli.sendmail_smtp import LineSource, Session
 

@@ -33,6 +33,7 @@ from mailstrom.cli.exits import (
     reason_for,
     say,
 )
+from mailstrom.cli.output import OutputFailed
 from mailstrom.cli.reading import unreadable
 from mailstrom.cli.trace import SMTPArrival, protocol
 from mailstrom.errors import InvalidMessage, MessageTooLarge, StoreError
@@ -135,7 +136,15 @@ class ReplySink:
             _, ready, _ = select.select([], [self._fd], [], self._timeout)
             if not ready:
                 raise _Stalled
-            view = view[os.write(self._fd, view[:_ATOMIC]) :]
+            try:
+                view = view[os.write(self._fd, view[:_ATOMIC]) :]
+            except (BrokenPipeError, ConnectionResetError):
+                raise  # the client gone: Session.run() knows it
+            except OSError as exc:
+                # Output open for reading only, a full disk under ``> file``: no bug of
+                # mailstrom's (it was an "internal error", 70); 73 as for any command's
+                # standard output that cannot be written.
+                raise OutputFailed(exc) from None
 
     def flush(self) -> None:
         pass
