@@ -337,3 +337,22 @@ def test_a_message_read_on_standard_input_gets_a_received_field_on_top(cli: CLI)
     assert head == f"by client.test (mailstrom, from userid {os.getuid()})"
     assert parsedate_to_datetime(date.strip()).tzinfo is not None
     assert "ops@example.test" not in text  # an argument recipient of -t may be a Bcc
+
+
+@pytest.mark.parametrize("blank", [b"\r\n", b"\n"])
+def test_header_like_lines_of_the_body_are_not_given_the_origin(cli: CLI, blank: bytes) -> None:
+    """Header fields ending in LF and the empty line after them in CRLF (a script's
+    ``printf 'Subject: x\\n'`` before a body from a Windows file): the empty line was
+    looked for as LF LF or CRLF CRLF only, so the body, up to its first empty line, was
+    read as header fields, and its ``To: admin`` and ``Cc: root (The admin)`` lines
+    rewritten with the origin. The body goes as it was given."""
+    local_names(cli, None)
+    body = b"Forwarded:\nTo: admin\nCc: root (The admin)\n\nend\n"
+    message = b"Subject: forwarded\nTo: root\n" + blank + body
+    cli.ok("sendmail", "-t", "-i", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    assert [r["address"] for r in queued["recipients"]] == ["root@host.example.test"]
+    raw = cli.ok("show", "--raw", queued["id"]).out.replace("\r\n", "\n")
+    head, _, sent_body = raw.partition("\n\n")
+    assert "To: root@host.example.test" in head.splitlines()
+    assert sent_body == body.decode()

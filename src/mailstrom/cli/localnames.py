@@ -16,6 +16,7 @@ names only, recursively (a bounded depth, loops stopped; a name after a backslas
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -356,9 +357,14 @@ def _header_end(data: bytes) -> int:
     """Where the header section ends (the start of its empty line), or the data's end."""
     if data.startswith((b"\r\n", b"\n")):
         return 0
-    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
-    ends = [i + 2 for i in (crlf,) if i >= 0] + [i + 1 for i in (lf,) if i >= 0]
-    return min(ends) if ends else len(data)
+    # The first empty line, whatever the line ends around it: LF CRLF (fields ending
+    # in LF, the empty line in CRLF) was neither CRLF CRLF nor LF LF, and the body up
+    # to its own first empty line was rewritten as header fields.
+    found = _EMPTY_LINE.search(data)
+    return len(data) if found is None else found.start() + 1
+
+
+_EMPTY_LINE = re.compile(rb"\n\r?\n")
 
 
 def aliases_path(configured: str | None) -> str | None:
