@@ -239,6 +239,35 @@ def test_size_and_recipient_bounds(cli: CLI) -> None:
     assert replies(result)[-2].startswith("452 4.5.3 ")
 
 
+def test_recipients_past_max_recipients_get_452_and_go_in_the_next_transaction(
+    cli: CLI,
+) -> None:
+    """With ``max_recipients`` below the session's own bound, each RCPT past it got 250,
+    and the message was then refused whole at the end of DATA (554, a permanent failure
+    for every recipient, those within the limit too). Past the setting, RCPT is 452
+    (RFC 5321 §4.5.3.1.10): the client sends the rest in another transaction."""
+    cli.env["MAILSTROM_MAX_RECIPIENTS"] = "2"
+    first = [b"r1@example.test", b"r2@example.test", b"r3@example.test"]
+    script = (
+        b"EHLO c\r\n"
+        + transaction(b"a@example.test", first, MESSAGE)
+        + transaction(b"a@example.test", first[2:], MESSAGE)
+        + b"QUIT\r\n"
+    )
+    result = session(cli, script)
+    assert codes(result) == [
+        *["220", "250", "250", "250", "250", "452", "354", "250"],
+        *["250", "250", "354", "250", "221"],
+    ], result.out
+    assert result.code == 0, result.err
+    queued = cli.ok("queue", "--json").json()
+    assert sorted(r["address"] for m in queued for r in m["recipients"]) == [
+        "r1@example.test",
+        "r2@example.test",
+        "r3@example.test",
+    ]
+
+
 def test_a_size_in_digits_other_than_ascii_is_refused_not_a_crash(cli: CLI) -> None:
     """RFC 1870's size-value is ASCII digits. "²" passed str.isdigit(), and int() raised
     ValueError out of the session: no reply, exit 70 (an internal error); Arabic-Indic

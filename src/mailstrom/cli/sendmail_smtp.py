@@ -50,9 +50,10 @@ MAX_DISCARDED = 8 * MAX_COMMAND_LINE
 the session is ended with 421: a client streaming octets without a line end would
 otherwise hold it, reading, for as long as it sends within :data:`READ_TIMEOUT`."""
 MAX_RECIPIENTS = 1000
-"""RCPTs per transaction (Postfix's smtpd_recipient_limit): more get 452 4.5.3."""
+"""RCPTs per transaction (Postfix's smtpd_recipient_limit) at most, and never more than
+``max_recipients`` takes: more get 452 4.5.3."""
 MAX_OVERSHOOT = 1000
-"""RCPTs past :data:`MAX_RECIPIENTS` in one transaction refused with 452 without counting
+"""RCPTs past the recipient limit in one transaction refused with 452 without counting
 as errors (Postfix's smtpd_recipient_overshoot_limit): a client sends them again in
 another transaction (RFC 5321 §4.5.3.1.10). Past these, each counts."""
 MAX_ERRORS = 20
@@ -162,7 +163,7 @@ class _Transaction:
     """MAIL said SMTPUTF8: its addresses may be non-ASCII (RFC 6531)."""
     recipients: list[str] = field(default_factory=list)
     overshoot: int = 0
-    """RCPTs refused for :data:`MAX_RECIPIENTS`."""
+    """RCPTs refused for the recipient limit (:attr:`Session.max_recipients`)."""
 
 
 Queue = Callable[[bytes, str, list[str], SMTPArrival], str]
@@ -196,6 +197,9 @@ class Session:
     queue: Queue
     check_sender: Check = _accept
     check_recipient: Check = _accept
+    max_recipients: int = MAX_RECIPIENTS
+    """RCPTs taken per transaction: :data:`MAX_RECIPIENTS`, or the ``max_recipients``
+    setting when lower (past it prepare() refuses the whole message)."""
     greeted: bool = False
     client_name: str = ""
     """The name the client gave in its last HELO or EHLO, for the Received field."""
@@ -348,7 +352,7 @@ class Session:
         address, params = parsed
         if params:
             return self.error(f"555 5.5.4 Unsupported option: {params[0][:64]}")
-        if len(self.transaction.recipients) >= MAX_RECIPIENTS:
+        if len(self.transaction.recipients) >= self.max_recipients:
             # No error of the client's: counted as one, the 20th of these ended the
             # session with 421, and the recipients taken lost their message.
             self.transaction.overshoot += 1
@@ -554,5 +558,9 @@ def serve(
         queue=queue,
         check_sender=check_sender,
         check_recipient=check_recipient,
+        # Past max_recipients the message was refused whole at the end of DATA (554,
+        # for good), after each RCPT had been taken: 452 tells the client to send the
+        # rest in another transaction (RFC 5321 §4.5.3.1.10).
+        max_recipients=min(MAX_RECIPIENTS, settings.config.max_recipients),
     )
     return session.run()
