@@ -119,10 +119,10 @@ Other modes (-bd, -bi, -bt, -bv, -q...) are refused.
 Accepted and ignored, for compatibility: -odb -odi -oem -oee -om -o* -v -U -G -n
 -m, and -A -B -C -d -e -X -L -O -h -p with their value (-Am, -d0.1, -e m).
 
-exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input,
-70 internal error, 74 store damaged (retrying will not help), 75 store unavailable
-(try again) or -bs timed out, 76 -bs session ended for protocol errors, 78 bad
-configuration.
+exit codes: 0 queued, 64 usage, 65 bad message or address, 66 no input (none, or
+unreadable), 70 internal error, 73 -bs output cannot be written, 74 store damaged
+(retrying will not help), 75 store unavailable (try again) or -bs timed out, 76 -bs
+session ended for protocol errors, 78 bad configuration.
 """
 
 _FLAGS = frozenset("timnvUG")
