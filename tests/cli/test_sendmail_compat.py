@@ -558,3 +558,62 @@ def test_a_standard_input_that_cannot_be_read_is_no_input_not_a_bug(
     assert "cannot read" in err and "Bad file descriptor" in err, err
     assert "internal error" not in err
     assert cli.queue_ids() == []
+
+
+# What PHP's mail($to, $subject, $message, $headers) writes to "sendmail -t -i": its own
+# To and Subject, then the caller's headers, here those of the PHP manual's HTML example.
+PHP_MAIL = (
+    b"To: johny@example.test, sally@example.test\r\n"
+    b"Subject: Birthday Reminders for August\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-type: text/html; charset=iso-8859-1\r\n"
+    b"To: Mary <mary@example.test>, Kelly <kelly@example.test>\r\n"
+    b"From: Birthday Reminder <birthday@example.test>\r\n"
+    b"Cc: birthdayarchive@example.test\r\n"
+    b"Bcc: birthdaycheck@example.test\r\n"
+    b"\r\n"
+    b"<html><body>Birthdays</body></html>\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "to"),
+    [
+        (
+            PHP_MAIL,
+            "To: johny@example.test, sally@example.test,\n"
+            " Mary <mary@example.test>, Kelly <kelly@example.test>",
+        ),
+        # mail('', ...) with the To in the headers: an empty To, then the caller's.
+        (b"To: \nSubject: x\nTo: bob@example.test\nCc: a@example.test\n\nhi\n", None),
+        # mail($to, ...) with the same To in the headers again.
+        (b"To: bob@example.test\nSubject: x\nTo:  bob@example.test\n\nhi\n", None),
+    ],
+)
+def test_a_repeated_to_field_is_merged_not_refused(
+    cli: CLI, message: bytes, to: str | None
+) -> None:
+    """PHP's mail() writes a To field and then the caller's headers, which often hold one
+    of their own (the PHP manual's HTML example does): Postfix sends both fields on, and
+    mailstrom refused the message (exit 65, "2 To header fields"), so mail() returned
+    false and the mail was lost. The repeated To (or Cc, Reply-To) is merged into one
+    field naming every address, an empty or identical one dropped."""
+    _origin(cli)
+    cli.ok("sendmail", "-t", "-i", stdin=message)
+    [queued] = cli.ok("queue", "--json").json()
+    recipients = [r["address"] for r in queued["recipients"]]
+    raw = cli.ok("show", "--raw", queued["id"]).out.replace("\r\n", "\n")
+    head = raw.partition("\n\n")[0]
+    parsed = email.message_from_string(raw, policy=email.policy.default)
+    assert len(parsed.get_all("To") or []) == 1, head
+    if message is PHP_MAIL:
+        assert recipients == [
+            *("johny@example.test", "sally@example.test", "mary@example.test"),
+            *("kelly@example.test", "birthdayarchive@example.test"),
+            "birthdaycheck@example.test",
+        ]
+        assert to in head
+        assert "Bcc" not in head
+    else:
+        assert recipients[0] == "bob@example.test"
+        assert "To: bob@example.test\n" in head

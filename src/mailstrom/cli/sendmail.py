@@ -68,7 +68,7 @@ from mailstrom.message.chars import check_header_text, shorten
 from mailstrom.message.dsn import DSN
 from mailstrom.message.encoding import MAX_LINE, encode_long_lines, fold_line, to_crlf
 from mailstrom.message.envelope import DEFAULT_MAX_RECIPIENTS, MailboxCount, newest_block_end
-from mailstrom.message.headers import HeaderSection, split_header_section
+from mailstrom.message.headers import Field, HeaderSection, split_header_section
 from mailstrom.message.stdlib_addresses import address_pairs
 from mailstrom.message.words import unstructured_field
 from mailstrom.settings import (
@@ -374,7 +374,7 @@ def build(
             data = line.encode("utf-8", "surrogateescape") + _newline(data) + data
     # Qualified (and counted) first: -t then reads fields within the bound.
     qualified = qualify_headers(data, default_domain, max_recipients=max_recipients)
-    data = encode_long_lines(fold_long_fields(qualified))
+    data = encode_long_lines(fold_long_fields(merge_repeated_fields(qualified)))
     recipients = [a for text in args.recipients for a in _argument_addresses(text, default_domain)]
     if args.extract:
         recipients = header_recipients(section) + recipients
@@ -487,6 +487,58 @@ def _words_for_text(head: str, origin: str, counted: MailboxCount) -> str:
                 pass  # prepare() refuses it, saying why
         out.append(raw)
     return "\r\n".join(out)
+
+
+_MERGED_FIELDS = frozenset({"to", "cc", "reply-to"})
+"""Address-list fields RFC 5322 §3.6 allows once whose repeats add to each other."""
+
+
+def merge_repeated_fields(data: bytes) -> bytes:
+    """``data`` with the To, Cc and Reply-To fields each written once: a repeated one's
+    addresses joined to the first's (an empty one, or one the same as before, dropped).
+
+    PHP's mail() writes ``To:`` from its first argument and then the caller's headers,
+    which often hold a To of their own (as the PHP manual's HTML example does), or an
+    empty first argument gives ``To:`` alone: Postfix and Sendmail send both fields on,
+    and prepare() refused the message (exit 65, two To fields; mail() returned false).
+    One field naming every address is what RFC 5322 §3.6 allows; -t has read both."""
+    try:
+        section = split_header_section(to_crlf(data))
+    except InvalidMessage:
+        return data  # prepare() refuses it with the reason
+    names = [f.name for f in section.fields if f.name in _MERGED_FIELDS]
+    if len(names) == len(set(names)):
+        return data
+    fields: list[Field] = []
+    first: dict[str, int] = {}
+    seen: dict[str, set[bytes]] = {}
+    for f in section.fields:
+        if f.name not in _MERGED_FIELDS:
+            fields.append(f)
+            continue
+        rest = f.lines[0].partition(b":")[2]
+        key = b" ".join(b"".join((rest, *f.lines[1:])).split())
+        known = seen.setdefault(f.name, set())
+        if f.name not in first:
+            first[f.name] = len(fields)
+            fields.append(f)
+            known.update([key] if key else [])
+            continue
+        if not key or key in known:
+            continue  # an empty field, or the same addresses again: nothing to add
+        kept = fields[first[f.name]]
+        value = rest.lstrip(b" \t")
+        added = ([b" " + value] if value else []) + list(f.lines[1:])
+        if known:
+            # The added addresses start a line of their own: no line grows by them.
+            lines = [*kept.lines[:-1], kept.lines[-1] + b",", *added]
+        else:
+            # The first was empty: it takes this one's addresses.
+            name = kept.lines[0].partition(b":")[0]
+            lines = [name + b":" + (added[0] if value else b""), *added[1 if value else 0 :]]
+        fields[first[f.name]] = dataclasses.replace(kept, lines=tuple(lines))
+        known.add(key)
+    return dataclasses.replace(section, fields=tuple(fields)).rewrite(drop=(), add=())
 
 
 def fold_long_fields(data: bytes) -> bytes:
