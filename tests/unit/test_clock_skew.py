@@ -6,9 +6,10 @@ real one (tests/support/skew.py; PostgreSQL: tests/integration/test_postgres_clo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +33,26 @@ from mailstrom.stores.clock import ClockReading, ServerClock, reading_between
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 SHORT_LEASE = timedelta(seconds=30)
 """A third of it, 10 s, is the skew from which a worker stops leasing."""
+
+
+@pytest.fixture
+def mx(smtp_server: ServerFactory, dns_server: LoopbackDNS) -> Any:
+    """A loopback SMTP server, the MX host of example.test."""
+    server = smtp_server(starttls=False)
+    dns_server.mx("example.test", [(10, "mx.test")])
+    dns_server.a("mx.test", server.host)
+    return server
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Worker, *, stop_within: float) -> AsyncIterator[None]:
+    """``worker`` running for the block, then stopped (within ``stop_within`` seconds)."""
+    task = asyncio.create_task(worker.run())
+    try:
+        yield
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, timeout=stop_within)
 
 
 def seconds(n: float) -> timedelta:
@@ -160,15 +181,11 @@ async def test_each_change_is_logged_once_and_the_worker_resumes_by_itself(
     store = ClockedMemoryStore()
     clock = SkewedClock(-45.0)
     worker = worker_for(store, clock)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=5):
         await eventually(lambda: store.checks >= 5, "five checks")  # paused: one per poll
         assert worker.status.paused is not None
         clock.set(0.0)
         await eventually(lambda: worker.status.paused is None, "the pause to end")
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=5)
     assert [level for level, _ in clock_lines(caplog)] == [logging.ERROR, logging.WARNING]
     assert "45.0 s behind the test server" in clock_lines(caplog)[0][1]
     assert clock_lines(caplog)[1][1].endswith(": leasing again")
@@ -185,8 +202,7 @@ async def test_a_clock_hovering_at_the_threshold_pauses_once(
     store = ClockedMemoryStore()
     clock = SkewedClock(10.5)
     worker = worker_for(store, clock)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=5):
         await eventually(lambda: worker.status.paused is not None, "the pause")
         for skew in (9.7, 10.2, 9.5, 10.1, 9.3):
             checks = store.checks
@@ -195,22 +211,16 @@ async def test_a_clock_hovering_at_the_threshold_pauses_once(
             assert worker.status.paused is not None, skew
         clock.set(8.5)
         await eventually(lambda: worker.status.paused is None, "the pause to end")
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=5)
     assert [level for level, _ in clock_lines(caplog)] == [logging.ERROR, logging.WARNING]
 
 
 async def test_a_clock_stepped_between_checks_is_checked_before_the_next_lease(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS
+    mx: Any, dns_server: LoopbackDNS
 ) -> None:
     """NTP steps the host's clock an hour ahead a moment after a check. With the default
     lease the next timed check is a minute away; until then every lease another worker
     holds looked expired to this one, which took the recipient over while the other was
     delivering it and sent it a second time."""
-    mx = smtp_server(starttls=False)
-    dns_server.mx("example.test", [(10, "mx.test")])
-    dns_server.a("mx.test", mx.host)
     store = ClockedMemoryStore()
     store.enqueue(message(), now=datetime.now(UTC))
     # Another worker, in step, is delivering it under the default 15-minute lease.
@@ -223,8 +233,7 @@ async def test_a_clock_stepped_between_checks_is_checked_before_the_next_lease(
         clock=clock,
         check_clock=True,
     )
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=5):
         await eventually(lambda: store.checks >= 1, "the first check")
         clock.set(3600.0)
         worker.wake()
@@ -236,9 +245,6 @@ async def test_a_clock_stepped_between_checks_is_checked_before_the_next_lease(
         assert worker.status.paused is not None
         assert worker.status.paused.startswith("clock: 3600.0 s ahead of")
         assert store.extend(other, until=datetime.now(UTC) + timedelta(minutes=15)) == 1
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=5)
 
 
 class FailsOnce(ClockedMemoryStore):
@@ -256,14 +262,11 @@ class FailsOnce(ClockedMemoryStore):
 
 
 async def test_a_clock_stepped_whose_check_fails_is_not_trusted_with_a_lease(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS
+    mx: Any, dns_server: LoopbackDNS
 ) -> None:
     """The check a step calls for fails once. The step was forgotten with it, and the next
     lease trusted the clock an hour ahead: it took over the recipient another worker was
     delivering, and sent it a second time. Now no lease comes before a check succeeds."""
-    mx = smtp_server(starttls=False)
-    dns_server.mx("example.test", [(10, "mx.test")])
-    dns_server.a("mx.test", mx.host)
     store = FailsOnce()
     store.enqueue(message(), now=datetime.now(UTC))
     other = store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=15))
@@ -275,8 +278,7 @@ async def test_a_clock_stepped_whose_check_fails_is_not_trusted_with_a_lease(
         clock=clock,
         check_clock=True,
     )
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=5):
         await eventually(lambda: store.checks >= 1, "the first check")
         checks = store.checks
         store.fail_next = True
@@ -289,20 +291,14 @@ async def test_a_clock_stepped_whose_check_fails_is_not_trusted_with_a_lease(
         assert mx.received == []
         assert worker.status.paused is not None
         assert store.checks >= checks + 2  # the failed one, and one that answered
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=5)
 
 
 async def test_a_step_seen_after_a_first_check_that_failed_is_checked_before_a_lease(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS
+    mx: Any, dns_server: LoopbackDNS
 ) -> None:
     """The database is not up yet when the worker starts (its first check fails), and
     chrony then steps the clock an hour ahead: with no check answered, no step was looked
     for, and the next lease took over the recipient another worker was delivering."""
-    mx = smtp_server(starttls=False)
-    dns_server.mx("example.test", [(10, "mx.test")])
-    dns_server.a("mx.test", mx.host)
     store = ClockedMemoryStore()
     store.failing = True
     store.enqueue(message(), now=datetime.now(UTC))
@@ -315,8 +311,7 @@ async def test_a_step_seen_after_a_first_check_that_failed_is_checked_before_a_l
         clock=clock,
         check_clock=True,
     )
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=5):
         await eventually(lambda: store.checks >= 1, "the first check")
         store.failing = False
         clock.set(3600.0)
@@ -326,9 +321,6 @@ async def test_a_step_seen_after_a_first_check_that_failed_is_checked_before_a_l
             "the worker to pause or to take the message over",
         )
         assert mx.received == []
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=5)
 
 
 class FailsOnceExtendsSeen(FailsOnce):
@@ -344,16 +336,13 @@ class FailsOnceExtendsSeen(FailsOnce):
 
 
 async def test_a_beat_whose_step_check_fails_extends_by_the_clock_before_the_step(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS
+    mx: Any, dns_server: LoopbackDNS
 ) -> None:
     """The clock steps an hour back, and the check before the beat fails (a pooled
     connection gone stale) while the extension goes through: extended by the stepped
     clock, the lease ended 45 minutes before the server's now, for another worker to
     take over while this one delivered it."""
-    mx = smtp_server(starttls=False)
     mx.data_delay = 1.5
-    dns_server.mx("example.test", [(10, "mx.test")])
-    dns_server.a("mx.test", mx.host)
     store = FailsOnceExtendsSeen()
     store.enqueue(message(), now=datetime.now(UTC))
     clock = SkewedClock(0.0)
@@ -363,17 +352,13 @@ async def test_a_beat_whose_step_check_fails_extends_by_the_clock_before_the_ste
         clock=clock,
         check_clock=True,
     )
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=10):
         await asyncio.to_thread(mx.wait_for_received, 1)  # the reply is 1.5 s away
         store.fail_next = True
         clock.set(-3600.0)
         worker.check_leases()
         await eventually(lambda: bool(store.untils), "the beat")
         assert store.untils[0] >= datetime.now(UTC) + timedelta(minutes=14)
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=10)
 
 
 class HangingCheck(ClockedMemoryStore):
@@ -403,17 +388,12 @@ class FencesSeen(Worker):
         super()._fence(state, why)
 
 
-async def test_a_beat_whose_clock_check_hangs_is_fenced(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS
-) -> None:
+async def test_a_beat_whose_clock_check_hangs_is_fenced(mx: Any, dns_server: LoopbackDNS) -> None:
     """A step calls for a check before the beat, and that check hangs (a half-open
     connection after the host resumed). It ran before the beat counted as under way, so
     the fencing, which acts only while a beat fails or is under way, never fenced the
     lease as it ran out: another worker could take it over while this one went on."""
-    mx = smtp_server(starttls=False)
     mx.data_delay = 6
-    dns_server.mx("example.test", [(10, "mx.test")])
-    dns_server.a("mx.test", mx.host)
     store = HangingCheck()
     store.enqueue(message(), now=datetime.now(UTC))
     clock = SkewedClock(0.0)
@@ -437,16 +417,13 @@ async def test_a_beat_whose_clock_check_hangs_is_fenced(
 
 
 async def test_a_retry_stamped_before_the_clock_was_set_back_goes_within_its_backoff(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS
+    mx: Any, dns_server: LoopbackDNS
 ) -> None:
     """The server defers the first attempt; the retry is due two seconds on. Then the
     host's clock is set back an hour: by the new clock the retry was due an hour and two
     seconds on, and it waited that long (on a store of this host's, which no clock check
     asks). Re-timed once the worker sees the step, it goes out within its backoff."""
-    mx = smtp_server(starttls=False)
     mx.rcpt_replies["b@example.test"] = ["451 4.3.0 Try again later", "250 2.1.5 OK"]
-    dns_server.mx("example.test", [(10, "mx.test")])
-    dns_server.a("mx.test", mx.host)
     store = MemoryStore()
     mid = store.enqueue(message(), now=datetime.now(UTC))
     clock = SkewedClock(0.0)
@@ -455,16 +432,12 @@ async def test_a_retry_stamped_before_the_clock_was_set_back_goes_within_its_bac
     config = loopback_config(dns_server, mx.port, poll_interval=0.1, retry=retry)
     worker = Worker(config, store, clock=clock)
     loop = asyncio.get_running_loop()
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=5):
         await eventually(lambda: store.status(mid).recipients[0].attempts == 1, "the deferral")
         deferred_at = loop.time()
         clock.set(-3600.0)
         await eventually(lambda: bool(mx.received), "the retry", timeout=15)
         assert loop.time() - deferred_at < backoff.total_seconds() + 3
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=5)
     [recipient] = store.status(mid).recipients
     assert (recipient.state, recipient.attempts) == (RecipientState.DELIVERED, 2)
 
@@ -482,16 +455,13 @@ class ExtendsSeen(ClockedMemoryStore):
 
 
 async def test_a_clock_stepped_back_is_checked_before_the_next_beat(
-    smtp_server: ServerFactory, dns_server: LoopbackDNS
+    mx: Any, dns_server: LoopbackDNS
 ) -> None:
     """NTP steps the host's clock ten minutes back while the worker delivers. Its next
     beat extended the lease to its own ``now + lease_for`` by the margin of the last
     check (none): five minutes by the server's clock, and another worker took the
     recipient over then, while this one was still delivering it."""
-    mx = smtp_server(starttls=False)
     mx.data_delay = 1.5
-    dns_server.mx("example.test", [(10, "mx.test")])
-    dns_server.a("mx.test", mx.host)
     store = ExtendsSeen()
     store.enqueue(message(), now=datetime.now(UTC))
     clock = SkewedClock(0.0)
@@ -501,8 +471,7 @@ async def test_a_clock_stepped_back_is_checked_before_the_next_beat(
         clock=clock,
         check_clock=True,
     )
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=10):
         await asyncio.to_thread(mx.wait_for_received, 1)  # the reply is 1.5 s away
         clock.set(-600.0)
         worker.check_leases()  # a beat now, not in five minutes
@@ -510,9 +479,6 @@ async def test_a_clock_stepped_back_is_checked_before_the_next_beat(
         [until] = store.untils
         # By the server's clock: the whole lease_for, as for a worker in step.
         assert until >= datetime.now(UTC) + timedelta(minutes=14)
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=10)
 
 
 async def test_a_failing_check_is_store_trouble_not_skew(
@@ -521,17 +487,13 @@ async def test_a_failing_check_is_store_trouble_not_skew(
     store = ClockedMemoryStore()
     store.failing = True
     worker = worker_for(store, SkewedClock(45.0))
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=5):
         await eventually(lambda: store.checks >= 3, "three checks")
         status = worker.status
         assert (status.paused, status.clock_skew) == (None, None)
         assert status.metrics.store_errors >= 3  # counted as the store's, like any call
         store.failing = False
         await eventually(lambda: worker.status.paused is not None, "the check to answer")
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=5)
     assert "store failing (clock check): connection to the test server lost" in caplog.text
     assert [level for level, _ in clock_lines(caplog)] == [logging.ERROR]
 
@@ -562,14 +524,10 @@ async def test_a_stopped_worker_is_not_exported_as_paused() -> None:
 
     store = ClockedMemoryStore()
     worker = worker_for(store, SkewedClock(45.0))
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(worker, stop_within=5):
         await eventually(lambda: worker.status.paused is not None, "the pause")
-        running = registry_for(lambda: MetricsSnapshot(worker=worker.status))
-        assert running.get_sample_value("mailstrom_leasing_paused") == 1
-    finally:
-        worker.request_stop()
-        await asyncio.wait_for(task, timeout=5)
+        live = registry_for(lambda: MetricsSnapshot(worker=worker.status))
+        assert live.get_sample_value("mailstrom_leasing_paused") == 1
     assert worker.status.paused is not None  # kept: why the last run took nothing
     stopped = registry_for(lambda: MetricsSnapshot(worker=worker.status))
     assert stopped.get_sample_value("mailstrom_worker_up") == 0
