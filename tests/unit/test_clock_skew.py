@@ -323,18 +323,6 @@ async def test_a_step_seen_after_a_first_check_that_failed_is_checked_before_a_l
         assert mx.received == []
 
 
-class FailsOnceExtendsSeen(FailsOnce):
-    """As :class:`FailsOnce`, keeping the ``until`` of every extension asked for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.untils: list[datetime] = []
-
-    def extend(self, lease: Lease, *, until: datetime) -> int:
-        self.untils.append(until)
-        return super().extend(lease, until=until)
-
-
 async def test_a_beat_whose_step_check_fails_extends_by_the_clock_before_the_step(
     mx: Any, dns_server: LoopbackDNS
 ) -> None:
@@ -343,7 +331,7 @@ async def test_a_beat_whose_step_check_fails_extends_by_the_clock_before_the_ste
     clock, the lease ended 45 minutes before the server's now, for another worker to
     take over while this one delivered it."""
     mx.data_delay = 1.5
-    store = FailsOnceExtendsSeen()
+    store = ExtendsSeen()
     store.enqueue(message(), now=datetime.now(UTC))
     clock = SkewedClock(0.0)
     worker = Worker(
@@ -442,7 +430,7 @@ async def test_a_retry_stamped_before_the_clock_was_set_back_goes_within_its_bac
     assert (recipient.state, recipient.attempts) == (RecipientState.DELIVERED, 2)
 
 
-class ExtendsSeen(ClockedMemoryStore):
+class ExtendsSeen(FailsOnce):
     """Keeps the ``until`` of every extension the worker's heartbeat asks for."""
 
     def __init__(self) -> None:
