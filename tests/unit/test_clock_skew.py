@@ -22,7 +22,6 @@ from tests.support.skew import ClockedMemoryStore, SkewedClock, eventually
 from mailstrom import Config
 from mailstrom.errors import StoreError, StoreLocked
 from mailstrom.message.prepared import PreparedMessage
-from mailstrom.policy.retry import RetryPolicy
 from mailstrom.runtime.worker import Worker
 from mailstrom.runtime.worker_clock import WARN_SKEW, ClockVerdict, lease_margin, verdict_for
 from mailstrom.status import RecipientState
@@ -402,32 +401,6 @@ async def test_a_beat_whose_clock_check_hangs_is_fenced(mx: Any, dns_server: Loo
         store.release.set()
         worker.request_stop()
         await asyncio.wait_for(task, timeout=15)
-
-
-async def test_a_retry_stamped_before_the_clock_was_set_back_goes_within_its_backoff(
-    mx: Any, dns_server: LoopbackDNS
-) -> None:
-    """The server defers the first attempt; the retry is due two seconds on. Then the
-    host's clock is set back an hour: by the new clock the retry was due an hour and two
-    seconds on, and it waited that long (on a store of this host's, which no clock check
-    asks). Re-timed once the worker sees the step, it goes out within its backoff."""
-    mx.rcpt_replies["b@example.test"] = ["451 4.3.0 Try again later", "250 2.1.5 OK"]
-    store = MemoryStore()
-    mid = store.enqueue(message(), now=datetime.now(UTC))
-    clock = SkewedClock(0.0)
-    backoff = seconds(2)
-    retry = RetryPolicy(min_delay=backoff, max_delay=backoff, jitter=0.0)
-    config = loopback_config(dns_server, mx.port, poll_interval=0.1, retry=retry)
-    worker = Worker(config, store, clock=clock)
-    loop = asyncio.get_running_loop()
-    async with running(worker, stop_within=5):
-        await eventually(lambda: store.status(mid).recipients[0].attempts == 1, "the deferral")
-        deferred_at = loop.time()
-        clock.set(-3600.0)
-        await eventually(lambda: bool(mx.received), "the retry", timeout=15)
-        assert loop.time() - deferred_at < backoff.total_seconds() + 3
-    [recipient] = store.status(mid).recipients
-    assert (recipient.state, recipient.attempts) == (RecipientState.DELIVERED, 2)
 
 
 class ExtendsSeen(FailsOnce):

@@ -856,9 +856,6 @@ class Worker(
                         # check succeeds: tried again after the backoff, records meanwhile.
                         not_before = loop.time() + lease_backoff.take()
                     continue  # the verdict may pause leasing now
-                if leasing and self._clock_set_back():
-                    await self._retime_ahead()
-                    continue  # the clock may have stepped again meanwhile
                 if leasing and loop.time() < not_before:
                     if not self._pending:
                         await self._sleep(not_before - loop.time())  # a record cuts it short

@@ -19,10 +19,6 @@ message. A clock stepped between two checks (NTP, an operator, a VM resumed) is 
 again before the next lease and the next beat, once it parts by :data:`STEP` from the
 event loop's monotonic clock (:meth:`WorkerClock._check_clock_if_stepped`). Stores that
 share the worker's clock (memory, SQLite) are not asked.
-
-With every store, a clock set back leaves the queue's times stamped ahead of it: the
-worker has the store re-time them (:meth:`WorkerClock._retime_ahead`) at start and once
-its clock has fallen :data:`SET_BACK` behind the loop's.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 
 from mailstrom.config import Config
-from mailstrom.errors import StoreCorrupt, StoreError
+from mailstrom.errors import StoreError
 from mailstrom.runtime.worker_store import WorkerStore
 from mailstrom.stores.clock import ClockReading, ServerClock
 
@@ -56,13 +52,6 @@ timed check, a clock stepped an hour ahead leased every live lease of the other 
 as expired (and one stepped back stamped its own leases expired) for up to a minute: the
 mail went out twice. NTP slews a clock by half a millisecond a second at most, far
 inside this between two checks; a step is not."""
-
-SET_BACK = 5.0
-"""Seconds by which the worker's clock may fall behind the event loop's monotonic clock
-since the queue was last re-timed before it is re-timed again
-(:meth:`WorkerClock._retime_ahead`): far above what NTP slews, and a step of less only
-makes a retry later by that much (the stores leave anything within
-:data:`~mailstrom.stores.base.RETIME_SLACK` alone anyway)."""
 
 
 class ClockVerdict(Enum):
@@ -131,8 +120,6 @@ class WorkerClock(WorkerStore):
     _clock_checked: asyncio.Event | None
     _clock_seen: tuple[datetime, float] | None = None
     """This worker's clock and the loop's when the last check began (None before one)."""
-    _retimed_seen: tuple[datetime, float] | None = None
-    """This worker's clock and the loop's when the queue was last re-timed (None before)."""
     _wake: asyncio.Event | None
     _lease_wanted: bool
     _due_stale: bool
@@ -169,54 +156,11 @@ class WorkerClock(WorkerStore):
         """Whether this worker's clock has moved :data:`STEP` apart from the loop's since
         the last check began: stepped, or the host was suspended."""
         seen = self._clock_seen
-        return seen is not None and abs(self._parted_since(seen)) > STEP
-
-    def _parted_since(self, seen: tuple[datetime, float]) -> float:
-        """Seconds this worker's clock has moved ahead of the loop's monotonic one since
-        ``seen`` (this clock's reading and the loop's then); negative: set back."""
+        if seen is None:
+            return False
         wall, loop_time = seen
         moved = (self._clock() - wall).total_seconds()
-        return moved - (asyncio.get_running_loop().time() - loop_time)
-
-    def _clock_set_back(self) -> bool:
-        """Whether the queue's times may have been stamped ahead of this worker's clock:
-        at start (the host's clock may have been set back while no worker ran), and
-        once the clock has gone :data:`SET_BACK` behind the loop's since the last time
-        they were re-timed (:meth:`_retime_ahead`). Every store: a store on this host
-        (memory, SQLite) shares the clock that stamped them."""
-        seen = self._retimed_seen
-        return seen is None or self._parted_since(seen) < -SET_BACK
-
-    async def _retime_ahead(self) -> None:
-        """Have the store re-time the retries (and mail queued) its clock since set back
-        stamped ahead (:meth:`~mailstrom.stores.base.Store.retime_ahead`): each waited
-        the step's length on top of its backoff (an hour set back: a retry due in a
-        minute went out after 61). Called by the store loop before a lease, never while
-        leasing is paused (a clock too far from the server's would move the retries of
-        the workers in step). Off the loop even for a store on it: it walks the whole
-        queue, a batch at a time."""
-        now = self._clock()
-        self._retimed_seen = (now, asyncio.get_running_loop().time())
-        try:
-            retimed = await self._off_loop(self.store.retime_ahead, now=now)
-        except StoreCorrupt:
-            raise
-        except StoreError as exc:
-            # Left for the next step back or start: a store that does not answer now
-            # does not make every turn of the store loop walk the queue again.
-            self._store_trouble("retime", exc)
-            return
-        self._store_fine("retime")
-        if retimed:
-            log.warning(
-                "%d recipients were due further ahead than this worker's clock allows (a"
-                " clock set back since they were stamped): their retries now count from"
-                " %s",
-                retimed,
-                now.isoformat(timespec="seconds"),
-            )
-            self._due_stale = True
-            self._lease_wanted = True
+        return abs(moved - (asyncio.get_running_loop().time() - loop_time)) > STEP
 
     def _clock_for_leases(self) -> datetime:
         """The time a beat extends leases from: this worker's clock, or while a step it
