@@ -49,7 +49,6 @@ WRITES: dict[str, Write] = {
     "release": lambda s, mid, lease: s.release(lease),
     "retry": lambda s, mid, lease: s.retry(mid, now=NOW),
     "retry_deferred": lambda s, mid, lease: s.retry_deferred(now=NOW),
-    "retime_ahead": lambda s, mid, lease: s.retime_ahead(now=NOW - DAY),
     "cancel": lambda s, mid, lease: s.cancel(mid, now=NOW),
     "set_held": lambda s, mid, lease: s.set_held(mid, True),
     "purge": lambda s, mid, lease: s.purge(finished_before=NOW + DAY),

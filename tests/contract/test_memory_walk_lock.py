@@ -1,9 +1,8 @@
 """The memory store's whole-queue calls (``purge``, ``purge_state``, ``retry_deferred``,
-``retime_ahead``, ``release_holder``, ``shape``) take its lock a batch of messages at a
-time, as its listings do (``test_memory_listing_lock.py``): each held it while it went
-through every message, so with 100,000 queued each ``send_email`` and the worker waited
-100 ms and more (benchmarks/memory_lease.py). Counted, not timed: the holds of the lock
-each call takes."""
+``release_holder``, ``shape``) take its lock a batch of messages at a time, as its
+listings do (``test_memory_listing_lock.py``): each held it while it went through every
+message, so with 100,000 queued each ``send_email`` and the worker waited 100 ms and more
+(benchmarks/memory_lease.py). Counted, not timed: the holds of the lock each call takes."""
 
 from __future__ import annotations
 
@@ -67,7 +66,6 @@ CALLS: dict[str, tuple[RecipientState | None, Callable[[MemoryStore], object]]] 
         lambda s: s.purge_state(finished_before=NOW + HOUR, state=RecipientState.FAILED),
     ),
     "retry_deferred": (RecipientState.DEFERRED, lambda s: s.retry_deferred(now=NOW)),
-    "retime_ahead": (RecipientState.DEFERRED, lambda s: s.retime_ahead(now=NOW - HOUR)),
     "release_holder": (None, lambda s: s.release_holder(HOLDER)),
     "shape": (None, lambda s: sum(row.total for row in s.shape(now=NOW, edges=[HOUR]))),
 }

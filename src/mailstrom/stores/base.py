@@ -188,37 +188,6 @@ def check_result_times(results: Iterable[RecipientResult]) -> None:
             kept_time(result.next_attempt_at, "next_attempt_at")
 
 
-RETIME_SLACK = timedelta(minutes=1)
-"""How far ahead of ``now`` a recipient's own stamp (its last attempt, or its message's
-enqueue time) may lie before :meth:`Store.retime_ahead` takes it for the work of a clock
-since set back: well past any skew a synchronised clock shows (the worker warns from 30 s,
-:data:`~mailstrom.runtime.worker_clock.WARN_SKEW`)."""
-RETIME_BATCH = 1000
-"""Recipients :meth:`Store.retime_ahead` looks at per transaction, at most: a queue of
-millions is walked in as many short ones, none holding SQLite's write lock long."""
-
-
-def retimed_due(
-    next_at: datetime, last_at: datetime | None, created_at: datetime, now: datetime
-) -> datetime | None:
-    """A pending recipient's next attempt re-timed from ``now`` when the clock that
-    stamped it has since been set back (:meth:`Store.retime_ahead`), or None when it
-    was not stamped ahead. Only one due more than :data:`RETIME_SLACK` after ``now`` is
-    looked at (one due sooner waits no longer than that): one whose last attempt lies
-    past the slack too gets the backoff it was given (next attempt less last, never
-    below 0) counted from ``now``; one never tried, due no later than its message was
-    queued, is due at ``now``. A ``send_at`` (due after its message was queued) is the
-    caller's own time and is left alone. Never later than ``next_at``."""
-    ahead = now + RETIME_SLACK
-    if next_at <= ahead:
-        return None
-    if last_at is not None:
-        if last_at <= ahead:
-            return None
-        return min(next_at, now + max(next_at - last_at, timedelta(0)))
-    return now if next_at <= created_at else None
-
-
 def pause_reply(reply: str) -> str:
     """A throttling ``reply`` as every store keeps it with a pause: NUL and lone
     surrogates as U+FFFD (:func:`storable_text`), as recorded replies are kept. The
@@ -1048,24 +1017,6 @@ class Store(Protocol):
         >>> store.release_holder("5f3a9c01d2e4b6a7")   # doctest: +SKIP
         3
         """
-        ...
-
-    def retime_ahead(self, *, now: datetime) -> int:
-        """Re-time every pending recipient whose times a clock since set back stamped
-        ahead of ``now`` (:func:`retimed_due`, read per recipient): its next attempt
-        becomes ``now`` plus the backoff it was given, and its last attempt (and a first
-        one as late) ``now``; never a later time than it had, and a ``send_at`` is never
-        moved. Without it, a retry due in a minute when the clock was set back an hour
-        waited an hour and a minute. Returns how many were re-timed, and wakes the
-        workers as :meth:`retry` does when any was.
-
-        In transactions of at most :data:`RETIME_BATCH` recipients, each checked again
-        as it is written: idempotent (a re-timed recipient's stamps are ``now``), safe
-        beside other callers and workers, and a call cut short keeps what it did. Leases
-        are left alone: one whose expiry lies past ``now + lease_for`` may be another
-        worker's with a longer ``lease_for``, and shortened it would be taken over while
-        delivered; a live holder's next beat stamps it by its own clock anew, and the
-        look for dead holders gives back those of a holder that died."""
         ...
 
     def status(self, message_id: str) -> MessageStatus:

@@ -29,7 +29,6 @@ from mailstrom.status import DestinationThrottle, MessageStatus, RecipientState
 from mailstrom.stores.base import (
     MAX_OWED_MESSAGES,
     MAX_TLS_BROKEN,
-    RETIME_SLACK,
     VERP_KEY_SIZE,
     Lease,
     LeasedRecipient,
@@ -45,7 +44,6 @@ from mailstrom.stores.base import (
     messages_within,
     new_message_id,
     record_then_lease,
-    retimed_due,
     with_throttles,
 )
 from mailstrom.stores.clock import after, aware_utc, kept_time
@@ -622,40 +620,6 @@ class MemoryStore(
             if released:
                 self._watchers.notify()
         return released
-
-    @writes
-    def retime_ahead(self, *, now: datetime) -> int:
-        """Re-time the pending recipients a clock since set back stamped ahead of
-        ``now`` (see :meth:`Store.retime_ahead`); how many."""
-        after(now, RETIME_SLACK, "now")
-        changed = 0
-
-        def visit(batch: list[_Message]) -> bool:
-            nonlocal changed
-            for m in batch:
-                if not m.pending():
-                    continue
-                for r in m.recipients.values():
-                    if r.state not in _PENDING or r.next_attempt_at is None:
-                        continue
-                    due = retimed_due(r.next_attempt_at, r.last_attempt_at, m.created_at, now)
-                    if due is None:
-                        continue
-                    r.next_attempt_at = due
-                    if r.last_attempt_at is not None:
-                        r.last_attempt_at = now
-                    if r.first_attempt_at is not None and r.first_attempt_at > now:
-                        r.first_attempt_at = now
-                    self._due.push(m, r)
-                    changed += 1
-            return False
-
-        try:
-            self._walk(visit, newest=None)  # a batch per hold of the lock
-        finally:
-            if changed:
-                self._watchers.notify()
-        return changed
 
     @writes
     def retry(self, message_id: str, *, now: datetime) -> int:

@@ -107,8 +107,6 @@ from mailstrom.stores import (
 from mailstrom.stores.base import (
     MAX_OWED_MESSAGES,
     MAX_TLS_BROKEN,
-    RETIME_BATCH,
-    RETIME_SLACK,
     EventBatch,
     Lease,
     OwedNotice,
@@ -130,7 +128,7 @@ from mailstrom.stores.base import (
     with_pauses,
     with_throttles,
 )
-from mailstrom.stores.clock import after, aware_utc, kept_time
+from mailstrom.stores.clock import aware_utc, kept_time
 from mailstrom.stores.dead_holders import HolderInfo, oldest_first
 from mailstrom.stores.fairness import Fairness, fairness
 from mailstrom.stores.forks import hold_when_idle, keep, renew_after_fork
@@ -192,8 +190,6 @@ from mailstrom.stores.sqlite_queue import (
     read_messages,
     record_rows,
     release_holder_rows,
-    retime_rows,
-    stamped_ahead,
     update_leased,
 )
 from mailstrom.stores.sqlite_schema import (
@@ -1683,31 +1679,6 @@ class SQLiteStore:
         if released:
             self._notify()
         return released
-
-    def retime_ahead(self, *, now: datetime) -> int:
-        """Re-time the pending recipients a clock since set back stamped ahead of
-        ``now`` (see :meth:`Store.retime_ahead`): found a span of messages at a time in
-        a read, without the write lock, and written :data:`RETIME_BATCH` at most per
-        write transaction, each checked again. Durable as :meth:`release`: lost to a
-        power failure, they are only found again at the next call. How many."""
-        now = kept_time(now, "now")
-        ahead, now_us = to_us(after(now, RETIME_SLACK, "now")), to_us(now)
-        changed, past = 0, -(2**63)
-        try:
-            while True:
-                with self._read() as conn:
-                    last, found = stamped_ahead(conn, past, ahead)
-                if last is None:
-                    return changed
-                for start in range(0, len(found), RETIME_BATCH):
-                    with self._write(fsync=False) as conn:
-                        batch = found[start : start + RETIME_BATCH]
-                        changed += retime_rows(conn, batch, now_us, ahead)
-                    time.sleep(_BATCH_PAUSE)
-                past = last
-        finally:
-            if changed:
-                self._notify()
 
     reap_every = 60.0
     """Seconds between a worker's looks for dead holders: a directory listing a minute."""

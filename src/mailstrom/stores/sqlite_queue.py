@@ -806,60 +806,6 @@ def release_holder_rows(conn: sqlite3.Connection, holder: str) -> int:
     ).rowcount
 
 
-RETIME_SPAN = 500
-"""Messages with pending recipients one read of :func:`stamped_ahead` looks at."""
-
-
-def _stamped_ahead_sql(table: str) -> str:
-    """:func:`~mailstrom.stores.base.retimed_due`'s test of a pending row of ``table``
-    (two parameters: the slack's end, twice)."""
-    return (
-        f"{table}.next_attempt_at > ? AND ({table}.last_attempt_at > ?"
-        f" OR ({table}.last_attempt_at IS NULL AND {table}.next_attempt_at <="
-        f" (SELECT created_at FROM messages m WHERE m.seq = {table}.message_seq)))"
-    )
-
-
-def stamped_ahead(conn: sqlite3.Connection, past: int, ahead: int) -> tuple[int | None, list[int]]:
-    """The pending recipients a clock since set back stamped ahead (past ``ahead``) of
-    the next :data:`RETIME_SPAN` messages numbered above ``past`` that have pending
-    recipients, walked on recipients_pending_message: the last message looked at (None
-    when none was left) and the recipients' ids."""
-    (last,) = conn.execute(
-        "SELECT max(message_seq) FROM (SELECT DISTINCT message_seq FROM recipients"
-        f" INDEXED BY recipients_pending_message WHERE {PENDING_SQL} AND message_seq > ?"
-        " ORDER BY message_seq LIMIT ?)",
-        (past, RETIME_SPAN),
-    ).fetchone()
-    if last is None:
-        return None, []
-    found = conn.execute(
-        "SELECT r.id FROM recipients r INDEXED BY recipients_pending_message"
-        f" WHERE r.{PENDING_SQL} AND r.message_seq > ? AND r.message_seq <= ?"
-        f" AND {_stamped_ahead_sql('r')}",
-        (past, last, ahead, ahead),
-    )
-    return int(last), [int(row_id) for (row_id,) in found]
-
-
-def retime_rows(conn: sqlite3.Connection, ids: Sequence[int], now: int, ahead: int) -> int:
-    """Re-time the listed recipients from ``now`` in the caller's write transaction, each
-    checked again (a worker may have recorded it, another call re-timed it since it was
-    read): :func:`~mailstrom.stores.base.retimed_due` in SQL. How many."""
-    changed = 0
-    for chunk in chunks(ids):
-        changed += conn.execute(
-            "UPDATE recipients SET next_attempt_at = CASE WHEN last_attempt_at IS NULL THEN ?"
-            " ELSE min(next_attempt_at, ? + max(next_attempt_at - last_attempt_at, 0)) END,"
-            " first_attempt_at = min(first_attempt_at, ?),"
-            " last_attempt_at = CASE WHEN last_attempt_at IS NULL THEN NULL ELSE ? END"
-            f" WHERE id IN ({qmarks(len(chunk))}) AND {PENDING_SQL}"
-            f" AND {_stamped_ahead_sql('recipients')}",
-            [now, now, now, now, *chunk, ahead, ahead],
-        ).rowcount
-    return changed
-
-
 def leased_by_holder(conn: sqlite3.Connection, holders: Sequence[str]) -> dict[str, int]:
     """How many pending recipients each of ``holders`` leases now: one walk of the pending
     recipients (as :func:`release_holder_rows`), counted by the part of each token before

@@ -56,7 +56,6 @@ from mailstrom.stores.base import (
     MAX_HISTORY,
     MAX_OWED_MESSAGES,
     MAX_TLS_BROKEN,
-    RETIME_SLACK,
     VERP_KEY_SIZE,
     EventBatch,
     Lease,
@@ -1309,28 +1308,6 @@ class PostgresStore:
             if last is None or int(seen) < PURGE_SPAN:
                 return changed
             after = int(last)
-
-    def retime_ahead(self, *, now: datetime) -> int:
-        """Re-time the pending recipients a clock since set back stamped ahead of
-        ``now`` (see :meth:`Store.retime_ahead`), walked as :meth:`retry_deferred` walks
-        them, :data:`PURGE_SPAN` messages per statement. ``now`` is the caller's clock,
-        the clock that stamps every attempt and enqueue (the server's is never asked):
-        a worker runs it only while its clock is within a third of ``lease_for`` of the
-        server's (runtime/worker_clock.py), so it brings a retry another worker stamped
-        forward by no more than that. How many."""
-        now = kept_time(now, "now")
-        params: dict[str, Any] = {
-            "now": now,
-            "ahead": after(now, RETIME_SLACK, "now"),
-            "limit": PURGE_SPAN,
-        }
-        changed, past = 0, 0
-        while True:
-            [(last, seen, n, _)] = self._fetch("retime_ahead_span", {**params, "after": past})
-            changed += int(n)
-            if last is None or int(seen) < PURGE_SPAN:
-                return changed
-            past = int(last)
 
     def cancel(self, message_id: str, *, now: datetime) -> int:
         """Fail the message's pending recipients with the reason "cancelled"."""
