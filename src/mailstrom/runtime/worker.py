@@ -751,14 +751,6 @@ class Worker(
                 # signal: stop at once): what was leased and never attempted goes back,
                 # due at once, rather than wait for its lease to expire.
                 try:
-                    if hooks is not None and not hooks.done():
-                        # A hook sender the drain started again, when the stop was cut
-                        # short before _stop_hooks: asyncio.run() waits only for the tasks
-                        # it cancelled, and this one went on polling the outbox (a later
-                        # run on this worker started a second, posting events twice).
-                        hooks.cancel()
-                        await asyncio.gather(hooks, return_exceptions=True)
-                        self._hooks = None
                     if store_loop is not None and not store_loop.done():
                         store_loop.cancel()  # it leases nothing behind the give-back
                         await asyncio.gather(store_loop, return_exceptions=True)
@@ -767,6 +759,15 @@ class Worker(
                     # given back due at once while delivered mail may be in that write.
                     self._put_back_cut_write()
                     await self._release_unfinished()
+                    if hooks is not None and not hooks.done():
+                        # A hook sender the drain started again, when the stop was cut
+                        # short before _stop_hooks: asyncio.run() waits only for the tasks
+                        # it cancelled, and this one went on polling the outbox (a later
+                        # run on this worker started a second, posting events twice).
+                        # After the give-back, which a cancel in this wait must not skip.
+                        hooks.cancel()
+                        await asyncio.gather(hooks, return_exceptions=True)
+                        self._hooks = None
                     if reporting is not None and tls_sessions is not None:
                         reporting.cancel()
                         await asyncio.gather(reporting, return_exceptions=True)
