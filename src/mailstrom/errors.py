@@ -236,9 +236,12 @@ class StoreError(MailstromError):
         return redact_url(super().__str__())
 
     def __repr__(self) -> str:
+        # Each argument redacted before repr() escapes it: redacted after, a password
+        # quoted in a message holding both quote marks was written \'sec ret\' and kept.
         from mailstrom.stores.url import redact_url
 
-        return redact_url(super().__repr__())
+        shown = (repr(redact_url(a)) if isinstance(a, str) else repr(a) for a in self.args)
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 class StoreCorrupt(StoreError):

@@ -166,6 +166,15 @@ def test_a_store_error_in_an_application_s_own_log_shows_no_password(
     assert SECRET not in caplog.text
 
 
+def test_a_store_error_s_repr_hides_a_password_quoted_beside_both_quote_marks() -> None:
+    """repr() escapes a text that holds both ' and ": redacted after that, a libpq
+    ``password='...'`` was no longer recognised and showed."""
+    error = StoreUnreachable("""host "db" conninfo password='sec ret' dbname=x""")
+    assert "sec ret" not in str(error)
+    assert "sec ret" not in repr(error)
+    assert repr(error).startswith("StoreUnreachable(")
+
+
 class _QuotingFileStore(SQLiteStore):
     """A store that fails in a worker process, with an error that quotes its URL and is
     no StoreError (a driver's own), once the file ``trigger`` exists."""
