@@ -45,6 +45,9 @@ _REASON_CLASS = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _OUTCOME_LABELS = {outcome: outcome.value for outcome in AttemptOutcome}
 _STATE_LABELS = {state: state.value for state in RecipientState}
 K = TypeVar("K")
+READ_WAIT = 3.0
+"""Seconds a caller of :class:`QueueStatsCache` waits for the store to give the queue's
+counts before it takes the last reading (as ``/healthz`` waits for its store check)."""
 QueueReading = tuple[QueueStats | None, datetime | None, int | None]
 """One reading of :class:`QueueStatsCache`: the queue's counts, when they were read, and
 how many workers run on the store."""
@@ -151,15 +154,30 @@ class QueueStatsCache:
     timeout, a minute) then holds the one reader, not every scrape behind it, which
     took every thread of the metrics server and refused ``/healthz`` with them.
 
+    Nor does the reader wait longer than ``wait`` seconds: the read goes on in a thread of
+    its own, and past that the reader too takes the last reading. A PostgreSQL server that
+    is down held each read for the pool's whole timeout (30 s), and so every scrape that
+    read, past Prometheus' own timeout (10 s) through the outage. The next read begins
+    ``max_age`` seconds after the last one ended, so a store that fails is not asked again
+    at every scrape, each of which had the pool try to reconnect.
+
     With ``hook_backlog`` (a worker with a hook) each reading also counts the events its
     outbox has not sent (:attr:`QueueStats.unsent_events`, an index read as long as the
     backlog); without, it stays None: with ``events`` on alone no hook sends them, and they
     are no backlog.
     """
 
-    def __init__(self, store: Store, *, max_age: float = 5.0, hook_backlog: bool = False) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_age: float = 5.0,
+        hook_backlog: bool = False,
+        wait: float = READ_WAIT,
+    ) -> None:
         self._store = store
         self._max_age = max_age
+        self._wait = wait
         self._hook_backlog = hook_backlog
         self._lock = threading.Lock()
         # The counts with their time and the workers, one value set once all are read: a
@@ -191,14 +209,35 @@ class QueueStatsCache:
             return
         if not self._lock.acquire(blocking=False):
             return  # another caller reads: take the last reading
+        done = threading.Event()
+
+        def read() -> None:
+            try:
+                if time.monotonic() - self._read_mono >= self._max_age:  # not read meanwhile
+                    self._read()
+            finally:
+                # Released by the reading thread, not the caller (a Lock may be): no
+                # other read begins while this one hangs.
+                self._lock.release()
+                done.set()
+
         try:
-            if time.monotonic() - self._read_mono >= self._max_age:  # not read meanwhile
-                self._read()
-        finally:
+            # A daemon thread: a read hanging on a dead database must not hold up exit.
+            threading.Thread(target=read, name="mailstrom-queue-stats", daemon=True).start()
+        except BaseException:
             self._lock.release()
+            raise
+        done.wait(self._wait)
 
     def _read(self) -> None:
-        self._read_mono = time.monotonic()
+        try:
+            self._do_read()
+        finally:
+            # From the end of the read: one that failed after the pool's whole timeout
+            # counts as recent, not as due again at once.
+            self._read_mono = time.monotonic()
+
+    def _do_read(self) -> None:
         try:
             stats = self._store.stats()
             if self._hook_backlog:
