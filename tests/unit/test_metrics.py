@@ -12,12 +12,13 @@ from types import FrameType
 from typing import Any
 
 import pytest
+from tests.support.threads import refuse_thread
 
 from mailstrom import Email, Mailstrom
 from mailstrom.config import Config, HookConfig
 from mailstrom.errors import ConfigError
 from mailstrom.ops.server import parse_listen
-from mailstrom.runtime.metrics import MAX_REASON_CLASSES, MetricsRecorder
+from mailstrom.runtime.metrics import MAX_REASON_CLASSES, READER, MetricsRecorder, QueueStatsCache
 from mailstrom.settings import load_settings
 from mailstrom.status import Attempt, AttemptOutcome, RecipientState, WorkerStatus
 from mailstrom.stores import MemoryStore
@@ -306,6 +307,18 @@ def test_a_snapshot_never_has_the_queue_counts_of_one_reading_and_the_workers_of
         reader.join(10)
     snap = ms.metrics()
     assert snap.queue is not None and snap.workers == 1
+
+
+def test_the_queue_is_counted_when_no_thread_can_be_started_to_count_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The counts are read on a thread of their own, so that a store that does not answer
+    holds no scrape past a few seconds; where no thread can be started (a pids limit)
+    they are read by the caller, rather than every scrape failing."""
+    store = MemoryStore()
+    refuse_thread(monkeypatch, READER)
+    stats, read_at = QueueStatsCache(store).get()
+    assert stats is not None and stats.messages == 0 and read_at is not None
 
 
 def test_every_exported_family_is_in_the_guides_table_and_every_one_there_is_exported() -> None:

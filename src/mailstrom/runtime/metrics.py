@@ -48,6 +48,8 @@ K = TypeVar("K")
 READ_WAIT = 3.0
 """Seconds a caller of :class:`QueueStatsCache` waits for the store to give the queue's
 counts before it takes the last reading (as ``/healthz`` waits for its store check)."""
+READER = "mailstrom-queue-stats"
+"""The name of the thread that reads the queue's counts for :class:`QueueStatsCache`."""
 QueueReading = tuple[QueueStats | None, datetime | None, int | None]
 """One reading of :class:`QueueStatsCache`: the queue's counts, when they were read, and
 how many workers run on the store."""
@@ -221,9 +223,15 @@ class QueueStatsCache:
                 self._lock.release()
                 done.set()
 
+        # A daemon thread: a read hanging on a dead database must not hold up exit.
+        reader = threading.Thread(target=read, name=READER, daemon=True)
         try:
-            # A daemon thread: a read hanging on a dead database must not hold up exit.
-            threading.Thread(target=read, name="mailstrom-queue-stats", daemon=True).start()
+            reader.start()
+        except RuntimeError:
+            # No thread to be had (a container's pids limit reached): the counts are
+            # still read, here and unbounded, rather than every scrape failing.
+            read()
+            return
         except BaseException:
             self._lock.release()
             raise
