@@ -71,7 +71,7 @@ def test_a_scrape_answers_within_seconds_while_postgres_is_down(
         # max_age of the failure does not ask the store again.
         assert eventually(lambda: cache.error is not None, within=POOL_WAIT + 5)
         took, samples = _timed_scrape(server.url)
-        assert took < 1.0, f"the scrape took {took:.1f} s"
+        assert took < 2.0, f"the scrape took {took:.1f} s"  # not the 3 s of a read
         assert value(samples, "mailstrom_worker_up") == 1
         assert not any(name.startswith("mailstrom_queue_messages") for name, _ in samples)
     finally:
