@@ -26,7 +26,8 @@ pytestmark = pytest.mark.postgres
 POOL_WAIT = 6.0
 """The store's pool timeout here: longer than a scrape may take, shorter than the
 default 30 s, so that the failed read ends within the test."""
-MAX_AGE = 1.0
+MAX_AGE = 3.0
+"""Long enough that a stalled machine does not start a new read before the second scrape."""
 ANSWERED_WITHIN = 4.5
 """The longest a scrape may take: the 3 s the cache waits for the store, and some."""
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
+import time
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -404,3 +407,50 @@ def test_the_exporter_says_whether_the_worker_drains(status: WorkerStatus, drain
     registry = registry_for(lambda: MetricsSnapshot(worker=status))
     assert registry.get_sample_value("mailstrom_worker_draining") == draining
     assert registry.get_sample_value("mailstrom_worker_up") == int(status.running)
+
+
+class _SlowStats(MemoryStore):
+    """Its counts take ``delay`` seconds; ``fail`` makes them raise instead."""
+
+    delay = 0.0
+    fail: Exception | None = None
+
+    def stats(self) -> Any:
+        time.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        return super().stats()
+
+
+def test_an_error_that_is_no_store_error_is_told_and_the_counts_left_out() -> None:
+    """The counts are read in a thread of their own: an error there that is no
+    StoreError (a driver's own, a bug) went to threading.excepthook at every read, and
+    the last good counts stayed, with no error, for as long as it lasted."""
+    store = _SlowStats()
+    cache = QueueStatsCache(store, max_age=0)
+    assert cache.get()[0] is not None
+    store.fail = ValueError("the driver broke")
+    assert cache.get() == (None, None)
+    assert cache.error == "ValueError: the driver broke"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
+def test_a_process_forked_while_the_counts_are_read_reads_them_itself() -> None:
+    """The caller waits a while for the read and then takes the last reading, the read
+    going on in its thread. A process forked meanwhile (gunicorn --preload) kept the
+    lock that read held, with no thread to release it: the child never read the queue
+    again. Now the child, where that thread is not alive, reads for itself."""
+    store = _SlowStats()
+    store.delay = 1.0
+    cache = QueueStatsCache(store, max_age=0, wait=0.05)
+    assert cache.get() == (None, None)  # the read goes on in its thread
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:  # the child: counts within a few reads, or exit 1
+        try:
+            ok = any(cache.get()[0] is not None or time.sleep(0.2) for _ in range(25))
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

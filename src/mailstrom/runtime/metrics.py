@@ -30,6 +30,7 @@ from mailstrom.status import (
 )
 from mailstrom.stores.base import RecipientResult, Store, domain_of
 from mailstrom.stores.dead_holders import live_workers
+from mailstrom.stores.url import redact_url
 
 ATTEMPT_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 """Bucket bounds of the attempt-duration histogram: a loopback delivery takes
@@ -182,6 +183,8 @@ class QueueStatsCache:
         self._wait = wait
         self._hook_backlog = hook_backlog
         self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._inline = False
         # The counts with their time and the workers, one value set once all are read: a
         # caller that does not wait for the reader sees the last reading or the new one,
         # never half of each (the new counts beside the last reading's workers).
@@ -209,37 +212,51 @@ class QueueStatsCache:
     def _refresh(self) -> None:
         if time.monotonic() - self._read_mono < self._max_age:
             return
-        if not self._lock.acquire(blocking=False):
-            return  # another caller reads: take the last reading
-        done = threading.Event()
-
-        def read() -> None:
+        # The read under way is its thread, not a lock handed from the caller to it: a
+        # process forked meanwhile (gunicorn --preload) kept that lock held for good,
+        # with nobody to release it, and never read the queue again; and an interrupt in
+        # Thread.start() released it twice, two reads at once. The lock here is held for
+        # no read, only to look at the one under way and start the next.
+        with self._lock:
+            if self._reader_busy():
+                return  # another caller's read: take the last reading
+            if time.monotonic() - self._read_mono < self._max_age:
+                return  # read meanwhile
+            # A daemon thread: a read hanging on a dead database must not hold up exit.
+            reader = threading.Thread(target=self._read, name=READER, daemon=True)
+            self._reader = reader
             try:
-                if time.monotonic() - self._read_mono >= self._max_age:  # not read meanwhile
-                    self._read()
+                reader.start()
+                started = True
+            except RuntimeError:
+                # No thread to be had (a container's pids limit reached): the counts
+                # are still read, here and unbounded, rather than every scrape failing.
+                self._reader = None
+                self._inline = True
+                started = False
+        if not started:
+            try:
+                self._read()
             finally:
-                # Released by the reading thread, not the caller (a Lock may be): no
-                # other read begins while this one hangs.
-                self._lock.release()
-                done.set()
-
-        # A daemon thread: a read hanging on a dead database must not hold up exit.
-        reader = threading.Thread(target=read, name=READER, daemon=True)
-        try:
-            reader.start()
-        except RuntimeError:
-            # No thread to be had (a container's pids limit reached): the counts are
-            # still read, here and unbounded, rather than every scrape failing.
-            read()
+                self._inline = False
             return
-        except BaseException:
-            self._lock.release()
-            raise
-        done.wait(self._wait)
+        reader.join(self._wait)
+
+    def _reader_busy(self) -> bool:
+        """Whether a read is under way (in its thread, or inline). A thread of the parent
+        is no longer alive in a forked child, which reads for itself."""
+        reader = self._reader
+        return self._inline or (reader is not None and reader.is_alive())
 
     def _read(self) -> None:
         try:
             self._do_read()
+        except Exception as exc:
+            # Not a StoreError (a driver's own, a bug): in the reading thread it went to
+            # threading.excepthook at every read, and the last good counts stayed
+            # exported with no error, for as long as it lasted.
+            self._reading = (None, None, None)
+            self.error = redact_url(f"{type(exc).__name__}: {exc}")
         finally:
             # From the end of the read: one that failed after the pool's whole timeout
             # counts as recent, not as due again at once.
