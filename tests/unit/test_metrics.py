@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -410,28 +412,41 @@ def test_the_exporter_says_whether_the_worker_drains(status: WorkerStatus, drain
 
 
 class _SlowStats(MemoryStore):
-    """Its counts take ``delay`` seconds; ``fail`` makes them raise instead."""
+    """Its first count waits for ``go``; ``fail`` makes counts raise instead."""
 
-    delay = 0.0
     fail: Exception | None = None
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+        self.calls = 0
+
     def stats(self) -> Any:
-        time.sleep(self.delay)
+        self.calls += 1
+        if self.calls == 1:
+            self.go.wait(10)
         if self.fail is not None:
             raise self.fail
         return super().stats()
 
 
-def test_an_error_that_is_no_store_error_is_told_and_the_counts_left_out() -> None:
+def test_an_error_that_is_no_store_error_is_told_and_the_counts_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The counts are read in a thread of their own: an error there that is no
     StoreError (a driver's own, a bug) went to threading.excepthook at every read, and
     the last good counts stayed, with no error, for as long as it lasted."""
     store = _SlowStats()
+    store.go.set()
     cache = QueueStatsCache(store, max_age=0)
     assert cache.get()[0] is not None
     store.fail = ValueError("the driver broke")
-    assert cache.get() == (None, None)
+    with caplog.at_level(logging.WARNING, logger="mailstrom.metrics"):
+        assert cache.get() == (None, None)
+        assert cache.get() == (None, None)
     assert cache.error == "ValueError: the driver broke"
+    said = [r for r in caplog.records if "reading the queue's counts failed" in r.message]
+    assert len(said) == 1 and said[0].exc_info is not None  # once, with its traceback
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
@@ -441,16 +456,34 @@ def test_a_process_forked_while_the_counts_are_read_reads_them_itself() -> None:
     lock that read held, with no thread to release it: the child never read the queue
     again. Now the child, where that thread is not alive, reads for itself."""
     store = _SlowStats()
-    store.delay = 1.0
     cache = QueueStatsCache(store, max_age=0, wait=0.05)
-    assert cache.get() == (None, None)  # the read goes on in its thread
+    assert cache.get() == (None, None)  # the read waits for go, in its thread
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
         pid = os.fork()
-    if pid == 0:  # the child: counts within a few reads, or exit 1
+    if pid == 0:  # the child: counts within a few reads (its first count is its own), or 1
         try:
             ok = any(cache.get()[0] is not None or time.sleep(0.2) for _ in range(25))
         finally:
             os._exit(0 if ok else 1)
+    store.go.set()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
+def test_a_process_forked_while_a_read_is_being_started_reads_all_the_same() -> None:
+    """Another thread holds the cache's lock for the moment it takes to start a read when
+    the process forks: the child's copy of the lock was held for good, and its every
+    reading waited for it, or gave nothing, for the life of the process."""
+    store = _SlowStats()
+    store.go.set()
+    cache = QueueStatsCache(store, max_age=0)
+    with cache._lock, warnings.catch_warnings():  # as that thread holds it
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(5)  # a child that waits for the lock is killed, not left hanging
+            os._exit(0 if cache.get()[0] is not None else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

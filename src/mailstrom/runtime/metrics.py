@@ -9,12 +9,15 @@ where they are made, so a hostile or chatty peer cannot grow the number of serie
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 import threading
 import time
+import weakref
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -46,6 +49,7 @@ _REASON_CLASS = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _OUTCOME_LABELS = {outcome: outcome.value for outcome in AttemptOutcome}
 _STATE_LABELS = {state: state.value for state in RecipientState}
 K = TypeVar("K")
+log = logging.getLogger("mailstrom.metrics")
 READ_WAIT = 3.0
 """Seconds a caller of :class:`QueueStatsCache` waits for the store to give the queue's
 counts before it takes the last reading (as ``/healthz`` waits for its store check)."""
@@ -184,7 +188,9 @@ class QueueStatsCache:
         self._hook_backlog = hook_backlog
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
-        self._inline = False
+        if hasattr(os, "register_at_fork"):
+            renew = weakref.WeakMethod(self._after_fork)
+            os.register_at_fork(after_in_child=lambda: _call_if_alive(renew))
         # The counts with their time and the workers, one value set once all are read: a
         # caller that does not wait for the reader sees the last reading or the new one,
         # never half of each (the new counts beside the last reading's workers).
@@ -215,38 +221,37 @@ class QueueStatsCache:
         # The read under way is its thread, not a lock handed from the caller to it: a
         # process forked meanwhile (gunicorn --preload) kept that lock held for good,
         # with nobody to release it, and never read the queue again; and an interrupt in
-        # Thread.start() released it twice, two reads at once. The lock here is held for
-        # no read, only to look at the one under way and start the next.
-        with self._lock:
-            if self._reader_busy():
+        # Thread.start() released it twice, two reads at once. The lock here is held only
+        # to look at the read under way and start the next (renewed in a forked child),
+        # and never waited for: whoever holds it is starting a read, or finding one.
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            reader = self._reader
+            if reader is not None and reader.is_alive():
                 return  # another caller's read: take the last reading
             if time.monotonic() - self._read_mono < self._max_age:
                 return  # read meanwhile
             # A daemon thread: a read hanging on a dead database must not hold up exit.
-            reader = threading.Thread(target=self._read, name=READER, daemon=True)
-            self._reader = reader
+            reader = self._reader = threading.Thread(target=self._read, name=READER, daemon=True)
             try:
                 reader.start()
-                started = True
             except RuntimeError:
                 # No thread to be had (a container's pids limit reached): the counts
-                # are still read, here and unbounded, rather than every scrape failing.
+                # are still read, here, under the lock, and unbounded, rather than every
+                # scrape failing (a caller meanwhile takes the last reading).
                 self._reader = None
-                self._inline = True
-                started = False
-        if not started:
-            try:
                 self._read()
-            finally:
-                self._inline = False
-            return
+                return
+        finally:
+            self._lock.release()
         reader.join(self._wait)
 
-    def _reader_busy(self) -> bool:
-        """Whether a read is under way (in its thread, or inline). A thread of the parent
-        is no longer alive in a forked child, which reads for itself."""
-        reader = self._reader
-        return self._inline or (reader is not None and reader.is_alive())
+    def _after_fork(self) -> None:
+        """In a forked child: no read of the parent's goes on here, and the lock may
+        have been copied held."""
+        self._lock = threading.Lock()
+        self._reader = None
 
     def _read(self) -> None:
         try:
@@ -256,7 +261,10 @@ class QueueStatsCache:
             # threading.excepthook at every read, and the last good counts stayed
             # exported with no error, for as long as it lasted.
             self._reading = (None, None, None)
-            self.error = redact_url(f"{type(exc).__name__}: {exc}")
+            error = redact_url(f"{type(exc).__name__}: {exc}")
+            if error != self.error:  # a bug, not an outage: said, once while it lasts
+                log.warning("reading the queue's counts failed: %s", error, exc_info=True)
+            self.error = error
         finally:
             # From the end of the read: one that failed after the pool's whole timeout
             # counts as recent, not as due again at once.
@@ -278,6 +286,13 @@ class QueueStatsCache:
         live = live_workers(self._store)
         self._reading = (stats, read_at, None if live is None else len(live))
         self.error = None
+
+
+def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    """``method`` called unless its object is gone (a fork handler outlives it)."""
+    bound = method()
+    if bound is not None:
+        bound()
 
 
 def add_metrics(a: WorkerMetrics, b: WorkerMetrics) -> WorkerMetrics:
