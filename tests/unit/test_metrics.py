@@ -419,11 +419,13 @@ class _SlowStats(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.go = threading.Event()
+        self.entered = threading.Event()
         self.calls = 0
 
     def stats(self) -> Any:
         self.calls += 1
         if self.calls == 1:
+            self.entered.set()
             self.go.wait(10)
         if self.fail is not None:
             raise self.fail
@@ -440,11 +442,11 @@ def test_an_error_that_is_no_store_error_is_told_and_the_counts_left_out(
     store.go.set()
     cache = QueueStatsCache(store, max_age=0)
     assert cache.get()[0] is not None
-    store.fail = ValueError("the driver broke")
     with caplog.at_level(logging.WARNING, logger="mailstrom.metrics"):
-        assert cache.get() == (None, None)
-        assert cache.get() == (None, None)
-    assert cache.error == "ValueError: the driver broke"
+        for n in range(3):  # the same fault, in words that differ at each read
+            store.fail = ValueError(f"the driver broke on row {n}")
+            assert cache.get() == (None, None)
+    assert cache.error == "ValueError: the driver broke on row 2"
     said = [r for r in caplog.records if "reading the queue's counts failed" in r.message]
     assert len(said) == 1 and said[0].exc_info is not None  # once, with its traceback
 
@@ -458,6 +460,7 @@ def test_a_process_forked_while_the_counts_are_read_reads_them_itself() -> None:
     store = _SlowStats()
     cache = QueueStatsCache(store, max_age=0, wait=0.05)
     assert cache.get() == (None, None)  # the read waits for go, in its thread
+    assert store.entered.wait(10)  # there, whatever the machine's load
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
         pid = os.fork()

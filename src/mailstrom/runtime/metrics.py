@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -188,9 +188,8 @@ class QueueStatsCache:
         self._hook_backlog = hook_backlog
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
-        if hasattr(os, "register_at_fork"):
-            renew = weakref.WeakMethod(self._after_fork)
-            os.register_at_fork(after_in_child=lambda: _call_if_alive(renew))
+        self._failed_with: type[Exception] | None = None
+        _CACHES.add(self)  # renewed in a forked child (see _renew_after_fork)
         # The counts with their time and the workers, one value set once all are read: a
         # caller that does not wait for the reader sees the last reading or the new one,
         # never half of each (the new counts beside the last reading's workers).
@@ -262,9 +261,12 @@ class QueueStatsCache:
             # exported with no error, for as long as it lasted.
             self._reading = (None, None, None)
             error = redact_url(f"{type(exc).__name__}: {exc}")
-            if error != self.error:  # a bug, not an outage: said, once while it lasts
+            if type(exc) is not self._failed_with:  # a bug, not an outage: said once
                 log.warning("reading the queue's counts failed: %s", error, exc_info=True)
+            self._failed_with = type(exc)
             self.error = error
+        else:
+            self._failed_with = None
         finally:
             # From the end of the read: one that failed after the pool's whole timeout
             # counts as recent, not as due again at once.
@@ -288,11 +290,18 @@ class QueueStatsCache:
         self.error = None
 
 
-def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
-    """``method`` called unless its object is gone (a fork handler outlives it)."""
-    bound = method()
-    if bound is not None:
-        bound()
+_CACHES: weakref.WeakSet[QueueStatsCache] = weakref.WeakSet()
+"""Every live :class:`QueueStatsCache`: one fork handler for all of them, since a handler
+can never be removed (one per cache kept each cache's for the life of the process)."""
+
+
+def _renew_after_fork() -> None:
+    for cache in list(_CACHES):
+        cache._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_after_fork)
 
 
 def add_metrics(a: WorkerMetrics, b: WorkerMetrics) -> WorkerMetrics:
