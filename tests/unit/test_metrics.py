@@ -21,7 +21,7 @@ from tests.support.threads import refuse_thread
 
 from mailstrom import Email, Mailstrom
 from mailstrom.config import Config, HookConfig
-from mailstrom.errors import ConfigError
+from mailstrom.errors import ConfigError, StoreError
 from mailstrom.ops.server import parse_listen
 from mailstrom.runtime.metrics import MAX_REASON_CLASSES, READER, MetricsRecorder, QueueStatsCache
 from mailstrom.settings import load_settings
@@ -446,6 +446,10 @@ def test_an_error_that_is_no_store_error_is_told_and_the_counts_left_out(
         for n in range(3):  # the same fault, in words that differ at each read
             store.fail = ValueError(f"the driver broke on row {n}")
             assert cache.get() == (None, None)
+            store.fail = StoreError("the pool timed out")  # a flaky outage between
+            assert cache.get() == (None, None)
+        store.fail = ValueError("the driver broke on row 2")
+        assert cache.get() == (None, None)
     assert cache.error == "ValueError: the driver broke on row 2"
     said = [r for r in caplog.records if "reading the queue's counts failed" in r.message]
     assert len(said) == 1 and said[0].exc_info is not None  # once, with its traceback

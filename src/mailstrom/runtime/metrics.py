@@ -265,8 +265,6 @@ class QueueStatsCache:
                 log.warning("reading the queue's counts failed: %s", error, exc_info=True)
             self._failed_with = type(exc)
             self.error = error
-        else:
-            self._failed_with = None
         finally:
             # From the end of the read: one that failed after the pool's whole timeout
             # counts as recent, not as due again at once.
@@ -288,6 +286,9 @@ class QueueStatsCache:
         live = live_workers(self._store)
         self._reading = (stats, read_at, None if live is None else len(live))
         self.error = None
+        # Only counts read end a fault: a store error between two of its reads (a flaky
+        # outage) did, and each of them logged its traceback again.
+        self._failed_with = None
 
 
 _CACHES: weakref.WeakSet[QueueStatsCache] = weakref.WeakSet()
