@@ -62,6 +62,16 @@ def _connect(server: OpsServer) -> socket.socket:
     return connect(server.port)
 
 
+def _exchange(server: OpsServer, request: bytes) -> bytes:
+    """What ``server`` answers to ``request``, read until it hangs up."""
+    with _connect(server) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
 def _handlers_since(before: set[threading.Thread]) -> set[threading.Thread]:
     """The server's handler threads started since ``before`` was taken, still running
     (the stdlib names each "Thread-N (process_request_thread)"). Not every thread of the
@@ -141,11 +151,7 @@ def test_a_header_folded_over_lines_is_a_400_not_echoed_into_the_answer(
     break in the value, prometheus-client put the Accept's version into Content-Type,
     and the answer's head carried a folded field the client had written."""
     accept = b"Accept: application/openmetrics-text; version=2.0.0\r\n\tX-Injected: yes\r\n"
-    with _connect(patient) as sock:
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n" + accept + b"\r\n")
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+    answer = _exchange(patient, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n" + accept + b"\r\n")
     head = answer.partition(b"\r\n\r\n")[0]
     assert b"X-Injected" not in head, head
     assert answer.startswith(b"HTTP/1.0 400 "), answer[:100]
@@ -168,11 +174,7 @@ def test_a_malformed_header_line_is_a_400_not_a_hiding_place_for_a_second_host(
     the Host behind it went unseen, and a request naming two hosts was answered with
     the metrics (RFC 9112 §3.2: 400), the very request the one-Host check refuses."""
     head = b"Host: 127.0.0.1\r\n" + line + b"\r\nHost: rebound.example\r\n"
-    with _connect(patient) as sock:
-        sock.sendall(b"GET /metrics HTTP/1.1\r\n" + head + b"\r\n")
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+    answer = _exchange(patient, b"GET /metrics HTTP/1.1\r\n" + head + b"\r\n")
     assert answer.startswith(b"HTTP/1.0 400 "), answer[:100]
     assert b"mailstrom_worker_up" not in answer
 
@@ -184,11 +186,7 @@ def test_well_formed_fields_that_the_parser_finds_defects_in_are_answered(
     """Every line a field: a multipart Content-Type with no body is a defect to the
     stdlib's parser, not a malformed line, and was refused as one."""
     head = b"Host: 127.0.0.1\r\nContent-Type: " + content_type + b"\r\n"
-    with _connect(patient) as sock:
-        sock.sendall(b"GET /metrics HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n")
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+    answer = _exchange(patient, b"GET /metrics HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.0 200 "), answer[:100]
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import ssl
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from mailstrom.errors import WorkerError
 from mailstrom.stores import SQLiteStore
 from tests.fixtures.dns_server import LoopbackDNS
 from tests.fixtures.smtp_server import ServerFactory
+from tests.support.certs import hashed_ca_directory
 from tests.support.delivery import Results, loopback_config
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
@@ -27,18 +27,7 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no open
 def trusting_a_directory(ca: trustme.CA, directory: Path) -> ssl.SSLContext:
     """A context trusting ``ca`` through a capath directory, named as OpenSSL looks it up
     (its subject's hash, which the openssl command computes)."""
-    directory.mkdir()
-    pem = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(pem))
-    found = subprocess.run(
-        ["openssl", "x509", "-hash", "-noout", "-in", str(pem)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    (directory / f"{found.stdout.strip()}.0").symlink_to(pem)
-    context = ssl.create_default_context(capath=str(directory))
+    context = ssl.create_default_context(capath=str(hashed_ca_directory(directory, ca)))
     if not ssl.create_default_context().get_ca_certs():
         pytest.skip("this system's CAs load from a directory too: none is held up front")
     return context

@@ -54,6 +54,31 @@ async def running(worker: Worker, *, stop_within: float) -> AsyncIterator[None]:
         await asyncio.wait_for(task, timeout=stop_within)
 
 
+def held_by_another(store: MemoryStore) -> Lease:
+    """A message in ``store`` that another worker, in step, is delivering under the
+    default 15-minute lease."""
+    store.enqueue(message(), now=datetime.now(UTC))
+    other = store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=15))
+    assert other is not None
+    return other
+
+
+def checking_worker(
+    dns: LoopbackDNS, mx: Any, store: MemoryStore, clock: SkewedClock, poll_interval: float = 0.01
+) -> Worker:
+    """A worker delivering to ``mx`` that checks its clock against ``store``'s."""
+    config = loopback_config(dns, mx.port, poll_interval=poll_interval)
+    return Worker(config, store, clock=clock, check_clock=True)
+
+
+async def paused_or_taken_over(worker: Worker, mx: Any) -> None:
+    """Until the worker has paused its leasing, or the server got the message."""
+    await eventually(
+        lambda: worker.status.paused is not None or bool(mx.received),
+        "the worker to pause or to take the message over",
+    )
+
+
 def seconds(n: float) -> timedelta:
     return timedelta(seconds=n)
 
@@ -221,25 +246,14 @@ async def test_a_clock_stepped_between_checks_is_checked_before_the_next_lease(
     holds looked expired to this one, which took the recipient over while the other was
     delivering it and sent it a second time."""
     store = ClockedMemoryStore()
-    store.enqueue(message(), now=datetime.now(UTC))
-    # Another worker, in step, is delivering it under the default 15-minute lease.
-    other = store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=15))
-    assert other is not None
+    other = held_by_another(store)
     clock = SkewedClock(0.0)
-    worker = Worker(
-        loopback_config(dns_server, mx.port, poll_interval=0.01),
-        store,
-        clock=clock,
-        check_clock=True,
-    )
+    worker = checking_worker(dns_server, mx, store, clock)
     async with running(worker, stop_within=5):
         await eventually(lambda: store.checks >= 1, "the first check")
         clock.set(3600.0)
         worker.wake()
-        await eventually(
-            lambda: worker.status.paused is not None or bool(mx.received),
-            "the worker to pause or to take the message over",
-        )
+        await paused_or_taken_over(worker, mx)
         assert mx.received == []
         assert worker.status.paused is not None
         assert worker.status.paused.startswith("clock: 3600.0 s ahead of")
@@ -267,26 +281,16 @@ async def test_a_clock_stepped_whose_check_fails_is_not_trusted_with_a_lease(
     lease trusted the clock an hour ahead: it took over the recipient another worker was
     delivering, and sent it a second time. Now no lease comes before a check succeeds."""
     store = FailsOnce()
-    store.enqueue(message(), now=datetime.now(UTC))
-    other = store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=15))
-    assert other is not None
+    held_by_another(store)
     clock = SkewedClock(0.0)
-    worker = Worker(
-        loopback_config(dns_server, mx.port, poll_interval=0.01),
-        store,
-        clock=clock,
-        check_clock=True,
-    )
+    worker = checking_worker(dns_server, mx, store, clock)
     async with running(worker, stop_within=5):
         await eventually(lambda: store.checks >= 1, "the first check")
         checks = store.checks
         store.fail_next = True
         clock.set(3600.0)
         worker.wake()
-        await eventually(
-            lambda: worker.status.paused is not None or bool(mx.received),
-            "the worker to pause or to take the message over",
-        )
+        await paused_or_taken_over(worker, mx)
         assert mx.received == []
         assert worker.status.paused is not None
         assert store.checks >= checks + 2  # the failed one, and one that answered
@@ -300,25 +304,15 @@ async def test_a_step_seen_after_a_first_check_that_failed_is_checked_before_a_l
     for, and the next lease took over the recipient another worker was delivering."""
     store = ClockedMemoryStore()
     store.failing = True
-    store.enqueue(message(), now=datetime.now(UTC))
-    other = store.lease(now=datetime.now(UTC), limit=10, lease_for=timedelta(minutes=15))
-    assert other is not None
+    held_by_another(store)
     clock = SkewedClock(0.0)
-    worker = Worker(
-        loopback_config(dns_server, mx.port, poll_interval=2),
-        store,
-        clock=clock,
-        check_clock=True,
-    )
+    worker = checking_worker(dns_server, mx, store, clock, poll_interval=2)
     async with running(worker, stop_within=5):
         await eventually(lambda: store.checks >= 1, "the first check")
         store.failing = False
         clock.set(3600.0)
         worker.wake()
-        await eventually(
-            lambda: worker.status.paused is not None or bool(mx.received),
-            "the worker to pause or to take the message over",
-        )
+        await paused_or_taken_over(worker, mx)
         assert mx.received == []
 
 
@@ -333,12 +327,7 @@ async def test_a_beat_whose_step_check_fails_extends_by_the_clock_before_the_ste
     store = ExtendsSeen()
     store.enqueue(message(), now=datetime.now(UTC))
     clock = SkewedClock(0.0)
-    worker = Worker(
-        loopback_config(dns_server, mx.port, poll_interval=0.01),
-        store,
-        clock=clock,
-        check_clock=True,
-    )
+    worker = checking_worker(dns_server, mx, store, clock)
     async with running(worker, stop_within=10):
         await asyncio.to_thread(mx.wait_for_received, 1)  # the reply is 1.5 s away
         store.fail_next = True
@@ -426,12 +415,7 @@ async def test_a_clock_stepped_back_is_checked_before_the_next_beat(
     store = ExtendsSeen()
     store.enqueue(message(), now=datetime.now(UTC))
     clock = SkewedClock(0.0)
-    worker = Worker(
-        loopback_config(dns_server, mx.port, poll_interval=0.01),
-        store,
-        clock=clock,
-        check_clock=True,
-    )
+    worker = checking_worker(dns_server, mx, store, clock)
     async with running(worker, stop_within=10):
         await asyncio.to_thread(mx.wait_for_received, 1)  # the reply is 1.5 s away
         clock.set(-600.0)
