@@ -231,6 +231,16 @@ class _LeaseState:
         self.messages.clear()
 
 
+async def _swept(task: asyncio.Task[None], drain: float | None) -> bool:
+    """Whether ``task`` was cancelled by the sweep the worker outlived (``asyncio.run()``
+    ending around it), and must be started again. One whose cancel is still pending is
+    waited for (``drain`` seconds at most); one nobody cancelled (the worker's task alone
+    was) runs on, and waited for, it held the drain its whole bound."""
+    if not task.done() and task.cancelling():
+        await asyncio.wait({task}, timeout=drain)
+    return task.cancelled()
+
+
 class Worker(
     WorkerReporting,
     WorkerScreening,
@@ -966,14 +976,9 @@ class Worker(
     async def _heartbeat_after_sweep(
         self, heartbeat: asyncio.Task[None], drain: float | None
     ) -> asyncio.Task[None]:
-        """The heartbeat once the worker outlived a cancel (see
-        :meth:`_store_loop_after_sweep`), before the store loop: leases are extended while
-        a write cut off is waited for. Only one with a cancel pending is waited for: one
-        nobody cancelled (the worker's task alone was) runs on, and waited for it held
-        the drain its whole bound."""
-        if not heartbeat.done() and heartbeat.cancelling():
-            await asyncio.wait({heartbeat}, timeout=drain)
-        if not heartbeat.cancelled():
+        """The heartbeat once the worker outlived a cancel (:func:`_swept`), started again
+        before the store loop: leases are extended while a write cut off is waited for."""
+        if not await _swept(heartbeat, drain):
             return heartbeat
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="mailstrom-heartbeat")
         heartbeat.add_done_callback(self._loop_ended)
@@ -987,28 +992,22 @@ class Worker(
         once: bool,
         drain: float | None,
     ) -> asyncio.Task[None]:
-        """The store loop once the worker outlived a cancel in its last records: the same
-        sweep (``asyncio.run()`` ending) cancelled it, and nothing would write what is
-        pending. Waited for, its write cut off settled, and started again."""
-        if not store_loop.done() and store_loop.cancelling():
-            await asyncio.wait({store_loop}, timeout=drain)
+        """The store loop once the worker outlived a cancel in its last records
+        (:func:`_swept`): nothing else writes what is pending. Its write cut off is
+        settled before it starts again."""
+        swept = await _swept(store_loop, drain)
         await self._settle_cut_write(drain)
-        if not store_loop.cancelled():
+        if not swept:
             return store_loop
         return asyncio.create_task(self._store_loop(dispatcher, once=once), name="mailstrom-store")
 
     async def _hook_sender_after_sweep(
         self, hooks: asyncio.Task[None] | None, drain: float | None
     ) -> asyncio.Task[None] | None:
-        """The hook sender's task once the worker outlived a cancel: the same sweep
-        cancelled it, and the events of what the drain records waited in the outbox for
-        some later worker (none, for a program run once) where a stop() posts them.
-        Waited for, and started again."""
-        if hooks is None or self._hooks is None:
-            return hooks
-        if not hooks.done() and hooks.cancelling():
-            await asyncio.wait({hooks}, timeout=drain)
-        if not hooks.cancelled():
+        """The hook sender's task once the worker outlived a cancel (:func:`_swept`): the
+        events of what the drain records waited in the outbox for some later worker (none,
+        for a program run once) where a stop() posts them."""
+        if hooks is None or self._hooks is None or not await _swept(hooks, drain):
             return hooks
         return asyncio.create_task(self._hooks.run(), name="mailstrom-hooks")
 
